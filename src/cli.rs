@@ -1,0 +1,4 @@
+//! The `vdrep` command line (stub).
+pub fn main() -> i32 {
+    0
+}

@@ -1,0 +1,1 @@
+//! FUSE passthrough file system over the folder it is mounted on (stub).

@@ -1,0 +1,21 @@
+//! vdrep — virtual-disk replicator.
+//!
+//! A FUSE mount over a VM disk folder records every write to a disk image in
+//! per-disk dirty-block bitmaps; `cut` seals a cycle of every disk at one
+//! instant and materialises it as a change log (`.hrl`) that brings a copy of
+//! the disk from the previous cut to this one.
+//!
+//! Module map (one concern each):
+//! - [`tracking`]: dirty-block bitmaps, cycles, copy-before-write, cuts.
+//! - [`hrl`]: the versioned `.hrl` change-log format (write, verify, apply).
+//! - [`fs`]: the FUSE passthrough file system that feeds [`tracking`].
+//! - [`daemon`]: mount lifecycle (open the folder, mount over it, shut down cleanly).
+//! - [`control`]: the local control socket between the CLI and a running mount.
+//! - [`cli`]: the `vdrep` command line.
+
+pub mod cli;
+pub mod control;
+pub mod daemon;
+pub mod fs;
+pub mod hrl;
+pub mod tracking;
