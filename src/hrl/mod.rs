@@ -80,3 +80,15 @@ impl HrlWriter {
         todo!("hrl helper")
     }
 }
+
+pub mod cli {
+    //! Temporary CLI stub until the hrl module lands.
+    #[derive(clap::Subcommand, Debug)]
+    pub enum HrlCmd {
+        /// Print a log.
+        Dump { file: std::path::PathBuf },
+    }
+    pub fn run(_cmd: HrlCmd) -> i32 {
+        1
+    }
+}

@@ -1,0 +1,292 @@
+//! Persisted tracking state under `<folder>/.vdrep/`, reached only through
+//! the folder's pre-mount descriptor (never through the mount itself).
+//!
+//! Layout:
+//! - `mount.json`: `{clean, cut_seq, pid}`. `clean=false` is written (and
+//!   fsynced) when a mount starts and `clean=true` only after a clean
+//!   shutdown saved every bitmap; finding `false` at the next mount means the
+//!   previous daemon died and no bitmap can be trusted.
+//! - `disks/<folder>/meta.json`: identity, name, last sealed cycle and the
+//!   disk's size, inode and mtime at the last clean shutdown, and its state.
+//! - `disks/<folder>/bitmap`: the unsealed cycle's dirty bitmap, saved at a
+//!   clean shutdown (magic `VDREPBM1`, block size, bit count, xxh3-64, words).
+//! - `disks/<folder>/<cycle>.hrl`: sealed change logs.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Whether a disk's tracked changes can be trusted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", content = "reason")]
+pub enum DiskState {
+    Normal,
+    /// The bitmap or logs cannot be trusted; only a resync makes a replica
+    /// equal again. The string says why.
+    ResyncRequired(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MountMeta {
+    pub clean: bool,
+    pub cut_seq: u64,
+    pub pid: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskMeta {
+    pub id: String,
+    pub name: String,
+    pub folder: String,
+    pub block_size: u32,
+    /// Last cycle sealed into a log (the base of the next log).
+    pub cycle: u64,
+    /// Disk size at `cycle`.
+    pub size: u64,
+    pub state: DiskState,
+    /// Identity of the backing file at the last clean shutdown.
+    pub ino: u64,
+    pub shutdown_size: u64,
+    pub shutdown_mtime_ns: i64,
+}
+
+fn cpath(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+/// Handle on the state folder.
+pub struct StateDir {
+    root: OwnedFd,
+    /// How the state folder is seen by users (through the mount).
+    pub display: PathBuf,
+}
+
+impl StateDir {
+    /// Create `.vdrep/disks` under `root` if missing.
+    pub fn open(root: OwnedFd, display_root: &Path) -> io::Result<Self> {
+        let s = StateDir {
+            root,
+            display: display_root.join(super::STATE_DIR),
+        };
+        s.mkdir(Path::new(super::STATE_DIR))?;
+        s.mkdir(&Path::new(super::STATE_DIR).join("disks"))?;
+        Ok(s)
+    }
+
+    pub fn root_fd(&self) -> &OwnedFd {
+        &self.root
+    }
+
+    fn rel(p: &Path) -> PathBuf {
+        Path::new(super::STATE_DIR).join(p)
+    }
+
+    pub fn mkdir(&self, rel_to_root: &Path) -> io::Result<()> {
+        let c = cpath(rel_to_root)?;
+        // SAFETY: valid dirfd and NUL-terminated path.
+        let r = unsafe { libc::mkdirat(self.root.as_raw_fd(), c.as_ptr(), 0o700) };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EEXIST) {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Open a file relative to the folder root.
+    pub fn openat(&self, rel_to_root: &Path, flags: i32, mode: u32) -> io::Result<File> {
+        let c = cpath(rel_to_root)?;
+        // SAFETY: valid dirfd and NUL-terminated path; the fd is owned below.
+        let fd = unsafe {
+            libc::openat(
+                self.root.as_raw_fd(),
+                c.as_ptr(),
+                flags | libc::O_CLOEXEC,
+                mode as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd was just returned by openat and is owned by nobody else.
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+
+    /// Read a state file (path relative to `.vdrep/`); `None` if absent.
+    pub fn read(&self, rel: &Path) -> io::Result<Option<Vec<u8>>> {
+        match self.openat(&Self::rel(rel), libc::O_RDONLY | libc::O_NOFOLLOW, 0) {
+            Ok(mut f) => {
+                let mut v = Vec::new();
+                f.read_to_end(&mut v)?;
+                Ok(Some(v))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Durably replace a state file: temp file, fsync, rename, fsync dir.
+    pub fn write_atomic(&self, rel: &Path, data: &[u8]) -> io::Result<()> {
+        let full = Self::rel(rel);
+        let parent = full.parent().unwrap_or(Path::new(super::STATE_DIR));
+        let name = full
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = parent.join(format!(".{name}.tmp"));
+        {
+            let mut f = self.openat(
+                &tmp,
+                libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW,
+                0o600,
+            )?;
+            f.write_all(data)?;
+            f.sync_all()?;
+        }
+        let (ct, cf) = (cpath(&tmp)?, cpath(&full)?);
+        let fd = self.root.as_raw_fd();
+        // SAFETY: valid dirfd and NUL-terminated paths.
+        if unsafe { libc::renameat(fd, ct.as_ptr(), fd, cf.as_ptr()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.fsync_dir(parent)
+    }
+
+    pub fn fsync_dir(&self, rel_to_root: &Path) -> io::Result<()> {
+        let d = self.openat(rel_to_root, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        d.sync_all()
+    }
+
+    pub fn remove(&self, rel: &Path) -> io::Result<()> {
+        let c = cpath(&Self::rel(rel))?;
+        // SAFETY: valid dirfd and NUL-terminated path.
+        if unsafe { libc::unlinkat(self.root.as_raw_fd(), c.as_ptr(), 0) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::NotFound {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Names of the per-disk state folders.
+    pub fn disk_folders(&self) -> io::Result<Vec<String>> {
+        let d = self.openat(
+            &Self::rel(Path::new("disks")),
+            libc::O_RDONLY | libc::O_DIRECTORY,
+            0,
+        )?;
+        list_dir(d)
+            .map(|v| v.into_iter().filter(|n| !n.starts_with('.')).collect())
+    }
+
+    pub fn read_json<T: for<'de> Deserialize<'de>>(&self, rel: &Path) -> io::Result<Option<T>> {
+        match self.read(rel)? {
+            None => Ok(None),
+            Some(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: {e}", self.display.join(rel).display()),
+                )
+            }),
+        }
+    }
+
+    pub fn write_json<T: Serialize>(&self, rel: &Path, v: &T) -> io::Result<()> {
+        let b = serde_json::to_vec_pretty(v).map_err(io::Error::other)?;
+        self.write_atomic(rel, &b)
+    }
+
+    /// The `.hrl` path of `cycle` for a disk folder, relative to the root.
+    pub fn log_rel(folder: &str, cycle: u64) -> PathBuf {
+        Self::rel(&PathBuf::from(format!("disks/{folder}/{cycle:010}.hrl")))
+    }
+}
+
+/// List a directory's entry names (without `.` and `..`).
+pub fn list_dir(dir: File) -> io::Result<Vec<String>> {
+    let fd: OwnedFd = dir.into();
+    let mut d = nix::dir::Dir::from_fd(fd).map_err(io::Error::from)?;
+    let mut out = Vec::new();
+    for e in d.iter() {
+        let e = e.map_err(io::Error::from)?;
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n != "." && n != ".." {
+            out.push(n);
+        }
+    }
+    Ok(out)
+}
+
+const BM_MAGIC: &[u8; 8] = b"VDREPBM1";
+
+pub fn encode_bitmap(block_size: u32, nbits: u64, words: &[u64]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(28 + words.len() * 8);
+    v.extend_from_slice(BM_MAGIC);
+    v.extend_from_slice(&block_size.to_le_bytes());
+    v.extend_from_slice(&nbits.to_le_bytes());
+    let mut body = Vec::with_capacity(words.len() * 8);
+    for w in words {
+        body.extend_from_slice(&w.to_le_bytes());
+    }
+    v.extend_from_slice(&bitmap_sum(&v[8..20], &body).to_le_bytes());
+    v.extend_from_slice(&body);
+    v
+}
+
+fn bitmap_sum(fields: &[u8], body: &[u8]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(fields);
+    h.update(body);
+    h.digest()
+}
+
+/// Decode a saved bitmap; `None` if it is damaged or for another block size.
+pub fn decode_bitmap(b: &[u8], block_size: u32) -> Option<(u64, Vec<u64>)> {
+    if b.len() < 28 || &b[..8] != BM_MAGIC {
+        return None;
+    }
+    let bs = u32::from_le_bytes(b[8..12].try_into().ok()?);
+    let nbits = u64::from_le_bytes(b[12..20].try_into().ok()?);
+    let sum = u64::from_le_bytes(b[20..28].try_into().ok()?);
+    let body = &b[28..];
+    if bs != block_size || body.len() as u64 != nbits.div_ceil(64) * 8 {
+        return None;
+    }
+    if bitmap_sum(&b[8..20], body) != sum {
+        return None;
+    }
+    Some((
+        nbits,
+        body.chunks_exact(8)
+            .filter_map(|c| c.try_into().ok().map(u64::from_le_bytes))
+            .collect(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmap_file_roundtrip_and_damage() {
+        let words = vec![1u64, 0, u64::MAX];
+        let enc = encode_bitmap(4096, 150, &words);
+        assert_eq!(decode_bitmap(&enc, 4096), Some((150, words)));
+        assert_eq!(decode_bitmap(&enc, 512), None);
+        for i in 0..enc.len() {
+            let mut bad = enc.clone();
+            bad[i] ^= 0x40;
+            if let Some((n, w)) = decode_bitmap(&bad, 4096) {
+                panic!("corruption at byte {i} not detected: {n} {w:?}");
+            }
+        }
+        assert_eq!(decode_bitmap(&enc[..enc.len() - 1], 4096), None);
+    }
+}
