@@ -191,15 +191,3 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     }
     s
 }
-
-pub mod cli {
-    //! Temporary CLI stub until the hrl module lands.
-    #[derive(clap::Subcommand, Debug)]
-    pub enum HrlCmd {
-        /// Print a log.
-        Dump { file: std::path::PathBuf },
-    }
-    pub fn run(_cmd: HrlCmd) -> i32 {
-        1
-    }
-}
