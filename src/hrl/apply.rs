@@ -307,7 +307,7 @@ fn zero_range(img: &File, offset: u64, len: u64, punch: &mut bool) -> std::io::R
             Err(e) => return Err(e.into()),
         }
     }
-    const ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
     let mut done = 0u64;
     while done < len {
         let n = (len - done).min(ZEROS.len() as u64) as usize;

@@ -57,7 +57,7 @@
 //! final name is always complete.
 //!
 //! Reading is streaming ([`HrlReader`]): memory is bounded by the 1 MiB record
-//! cap. The structure parsers in [`format`] work on byte slices (sans-IO) and
+//! cap. The structure parsers in [`format`](mod@format) work on byte slices (sans-IO) and
 //! are fuzzed (`fuzz/fuzz_targets/hrl_parse.rs`).
 //!
 //! [`apply()`] verifies the whole log before touching the image, checks that the
