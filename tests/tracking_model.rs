@@ -1,0 +1,367 @@
+//! Tracking against a reference model, without FUSE: the tracker's write
+//! path is driven directly, cuts are taken, and the sealed logs are applied
+//! to a copy of the disk as of its first cut. After each log the copy must
+//! equal the model at that cut, byte for byte.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use vdrep::hrl::{self, ApplyOptions};
+use vdrep::tracking::{TrackConfig, TrackedDisk, Tracker};
+
+fn open_root(dir: &Path) -> OwnedFd {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .open(dir)
+        .unwrap();
+    f.into()
+}
+
+use std::os::unix::fs::OpenOptionsExt;
+
+fn tracker(dir: &Path, bs: u32) -> Tracker {
+    let cfg = TrackConfig {
+        block_size: bs,
+        ..TrackConfig::default()
+    };
+    Tracker::open(open_root(dir), dir, cfg).unwrap()
+}
+
+fn apply_all(logs: &[PathBuf], image: &Path) {
+    for l in logs {
+        hrl::apply(l, image, &ApplyOptions::default())
+            .unwrap_or_else(|e| panic!("apply {}: {e}", l.display()));
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write { off: u64, len: usize, byte: u8 },
+    Truncate(u64),
+    Punch { off: u64, len: u64 },
+    ZeroRange { off: u64, len: u64 },
+    Cut,
+}
+
+const MAXSZ: u64 = 96 * 1024;
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0..MAXSZ, 1usize..20000, any::<u8>()).prop_map(|(off, len, byte)| Op::Write { off, len, byte }),
+        1 => (0..MAXSZ).prop_map(Op::Truncate),
+        1 => (0..MAXSZ, 1..30000u64).prop_map(|(off, len)| Op::Punch { off, len }),
+        1 => (0..MAXSZ, 1..30000u64).prop_map(|(off, len)| Op::ZeroRange { off, len }),
+        2 => Just(Op::Cut),
+    ]
+}
+
+fn model_apply(m: &mut Vec<u8>, op: &Op) {
+    match *op {
+        Op::Write { off, len, byte } => {
+            let end = off as usize + len;
+            if m.len() < end {
+                m.resize(end, 0);
+            }
+            m[off as usize..end].fill(byte);
+        }
+        Op::Truncate(n) => m.resize(n as usize, 0),
+        Op::Punch { off, len } | Op::ZeroRange { off, len } => {
+            let s = (off as usize).min(m.len());
+            let e = ((off + len) as usize).min(m.len());
+            m[s..e].fill(0);
+        }
+        Op::Cut => {}
+    }
+}
+
+fn run_model(ops: &[Op], bs: u32, initial: &[u8]) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(dir.join("disk.img"), initial).unwrap();
+    let base = dir.join("base.copy");
+    std::fs::copy(dir.join("disk.img"), &base).unwrap();
+    let t = tracker(dir, bs);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("disk.img"))
+        .unwrap();
+    let disk: Arc<TrackedDisk> = t.attach(Path::new("disk.img"), &file).unwrap().unwrap();
+    let mut model = initial.to_vec();
+    let mut snapshots: Vec<(PathBuf, Vec<u8>)> = Vec::new();
+    for op in ops.iter().chain(std::iter::once(&Op::Cut)) {
+        match *op {
+            Op::Write { off, len, byte } => {
+                let n = disk.write_at(&file, off, &vec![byte; len]).unwrap();
+                assert_eq!(n, len);
+            }
+            Op::Truncate(n) => disk.set_len(&file, n).unwrap(),
+            Op::Punch { off, len } => disk
+                .fallocate(
+                    &file,
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    off,
+                    len,
+                )
+                .unwrap(),
+            Op::ZeroRange { off, len } => disk
+                .fallocate(
+                    &file,
+                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                    off,
+                    len,
+                )
+                .unwrap(),
+            Op::Cut => {
+                let r = t.cut().unwrap();
+                assert_eq!(r.disks.len(), 1);
+                let e = &r.disks[0];
+                assert!(e.error.is_none(), "{e:?}");
+                snapshots.push((e.log.clone().unwrap(), model.clone()));
+            }
+        }
+        model_apply(&mut model, op);
+    }
+    // The live disk equals the model.
+    assert_eq!(std::fs::read(dir.join("disk.img")).unwrap(), model);
+    // Each log takes the copy from one cut to the next.
+    for (log, want) in &snapshots {
+        apply_all(std::slice::from_ref(log), &base);
+        let got = std::fs::read(&base).unwrap();
+        assert_eq!(got.len(), want.len(), "length after {}", log.display());
+        if got != *want {
+            let i = got.iter().zip(want.iter()).position(|(a, b)| a != b).unwrap();
+            panic!("copy differs from the model at byte {i} after {}", log.display());
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+    #[test]
+    fn logs_reproduce_every_cut(ops in proptest::collection::vec(op(), 0..40),
+                                bs in prop_oneof![Just(512u32), Just(4096u32)],
+                                init_len in 0usize..70000) {
+        let initial: Vec<u8> = (0..init_len).map(|i| (i * 7 + 3) as u8).collect();
+        run_model(&ops, bs, &initial);
+    }
+}
+
+/// Writes during the materialisation of a cut land in the next cycle and
+/// do not leak into the sealed one (copy-before-write), with a disk large
+/// enough that materialisation takes a while.
+#[test]
+fn copy_before_write_keeps_sealed_cycle_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let size = 64 << 20;
+    std::fs::write(dir.join("big.raw"), vec![0u8; size]).unwrap();
+    std::fs::copy(dir.join("big.raw"), dir.join("base")).unwrap();
+    let t = Arc::new(tracker(dir, 4096));
+    let file = Arc::new(
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dir.join("big.raw"))
+            .unwrap(),
+    );
+    let disk = t.attach(Path::new("big.raw"), &file).unwrap().unwrap();
+    // Cycle 1: every block holds 0x11.
+    for b in 0..(size / 4096) as u64 {
+        disk.write_at(&file, b * 4096, &[0x11; 4096]).unwrap();
+    }
+    // The writer starts only once the cut instant has passed (the log's
+    // temporary file exists), so every one of its writes belongs to cycle 2,
+    // and it races with the materialisation of cycle 1.
+    let stop = Arc::new(AtomicBool::new(false));
+    let overwrites = Arc::new(AtomicU64::new(0));
+    let state = dir.join(".vdrep/disks");
+    let h = {
+        let (disk, file, stop, n) = (disk.clone(), file.clone(), stop.clone(), overwrites.clone());
+        std::thread::spawn(move || {
+            let tmp_exists = || {
+                std::fs::read_dir(&state).unwrap().flatten().any(|d| {
+                    std::fs::read_dir(d.path())
+                        .unwrap()
+                        .flatten()
+                        .any(|f| f.file_name().to_string_lossy().ends_with(".tmp"))
+                })
+            };
+            while !tmp_exists() {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::hint::spin_loop();
+            }
+            let mut b = 1u64;
+            while !stop.load(Ordering::Relaxed) {
+                disk.write_at(&file, (b % (size as u64 / 4096)) * 4096, &[0x22; 4096]).unwrap();
+                b = b.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) >> 1;
+                n.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let r1 = t.cut().unwrap();
+    let during = overwrites.load(Ordering::Relaxed);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    stop.store(true, Ordering::Relaxed);
+    h.join().unwrap();
+    let r2 = t.cut().unwrap();
+    assert!(during > 0, "the writer never overlapped the materialisation");
+    let base = dir.join("base");
+    apply_all(&[r1.disks[0].log.clone().unwrap()], &base);
+    let after1 = std::fs::read(&base).unwrap();
+    if let Some(i) = after1.iter().position(|&x| x != 0x11) {
+        panic!("cycle 1 holds a write made after its cut (byte {i}); {during} writes overlapped");
+    }
+    apply_all(&[r2.disks[0].log.clone().unwrap()], &base);
+    assert!(std::fs::read(&base).unwrap() == std::fs::read(dir.join("big.raw")).unwrap());
+}
+
+/// Several writer threads on two disks (one VM) while cuts are taken every
+/// few ms. Each block carries (writer, sequence number), so the state of a
+/// copy tells exactly which writes it holds. Every cut must be one instant
+/// across both disks: each writer's included writes form a prefix, and no
+/// write that finished before another included write started is missing.
+#[test]
+fn concurrent_writers_cuts_are_one_instant_across_disks() {
+    const BS: usize = 4096;
+    const BLOCKS: u64 = 512; // per writer partition
+    const WRITERS: usize = 3; // writers 0,1 -> disk a; writer 2 -> disk b
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let disk_size = BLOCKS * 2 * BS as u64;
+    for n in ["a.img", "b.img"] {
+        std::fs::write(dir.join(n), vec![0u8; disk_size as usize]).unwrap();
+        std::fs::copy(dir.join(n), dir.join(format!("{n}.copy"))).unwrap();
+    }
+    let t = Arc::new(tracker(dir, BS as u32));
+    let open = |n: &str| {
+        Arc::new(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(dir.join(n))
+                .unwrap(),
+        )
+    };
+    let (fa, fb) = (open("a.img"), open("b.img"));
+    let da = t.attach(Path::new("a.img"), &fa).unwrap().unwrap();
+    let db = t.attach(Path::new("b.img"), &fb).unwrap().unwrap();
+    let ticket = Arc::new(AtomicU64::new(1));
+    let stop = Arc::new(AtomicBool::new(false));
+    // (block index within the writer's partition, start ticket, end ticket)
+    type Log = Vec<(u64, u64, u64)>;
+    let mut handles = Vec::new();
+    for w in 0..WRITERS {
+        let (disk, file) = if w < 2 {
+            (da.clone(), fa.clone())
+        } else {
+            (db.clone(), fb.clone())
+        };
+        let (ticket, stop) = (ticket.clone(), stop.clone());
+        handles.push(std::thread::spawn(move || -> Log {
+            let mut log = Vec::new();
+            let mut x = 0x9e3779b97f4a7c15u64 ^ w as u64;
+            let part = (w % 2) as u64 * BLOCKS;
+            let mut seq = 0u64;
+            while !stop.load(Ordering::Relaxed) && seq < 40_000 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let blk = x % BLOCKS;
+                let mut buf = vec![0u8; BS];
+                for c in buf.chunks_mut(24) {
+                    let mut v = [0u8; 24];
+                    v[..8].copy_from_slice(&(w as u64 + 1).to_le_bytes());
+                    v[8..16].copy_from_slice(&(seq + 1).to_le_bytes());
+                    v[16..24].copy_from_slice(&blk.to_le_bytes());
+                    let n = c.len();
+                    c.copy_from_slice(&v[..n]);
+                }
+                let s = ticket.fetch_add(1, Ordering::SeqCst);
+                disk.write_at(&file, (part + blk) * BS as u64, &buf).unwrap();
+                let e = ticket.fetch_add(1, Ordering::SeqCst);
+                log.push((blk, s, e));
+                seq += 1;
+            }
+            log
+        }));
+    }
+    let mut cuts = Vec::new();
+    for _ in 0..40 {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let r = t.cut().unwrap();
+        let logs: Vec<PathBuf> = r.disks.iter().map(|d| d.log.clone().unwrap()).collect();
+        cuts.push(logs);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let wlogs: Vec<Log> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(wlogs.iter().all(|l| l.len() > 50), "writers made too little progress");
+    let copies = [dir.join("a.img.copy"), dir.join("b.img.copy")];
+    let mut prev_k = [0usize; WRITERS];
+    for (ci, logs) in cuts.iter().enumerate() {
+        // disks are reported sorted by name: a.img, b.img
+        for (l, c) in logs.iter().zip(copies.iter()) {
+            apply_all(std::slice::from_ref(l), c);
+        }
+        let imgs = [std::fs::read(&copies[0]).unwrap(), std::fs::read(&copies[1]).unwrap()];
+        let mut k = [0usize; WRITERS];
+        for w in 0..WRITERS {
+            let img = &imgs[if w < 2 { 0 } else { 1 }];
+            let part = (w % 2) as u64 * BLOCKS;
+            // Expected content from the prefix of w's writes that the copy holds.
+            let mut maxseq = 0u64;
+            let mut seen = vec![0u64; BLOCKS as usize];
+            for b in 0..BLOCKS {
+                let o = ((part + b) as usize) * BS;
+                let blk = &img[o..o + BS];
+                let who = u64::from_le_bytes(blk[..8].try_into().unwrap());
+                let seq = u64::from_le_bytes(blk[8..16].try_into().unwrap());
+                if who == 0 {
+                    assert!(blk.iter().all(|&x| x == 0), "cut {ci}: block {b} torn");
+                    continue;
+                }
+                assert_eq!(who, w as u64 + 1, "cut {ci}: block of another writer");
+                for c in blk.chunks(24) {
+                    assert_eq!(c[..c.len().min(16)], blk[..c.len().min(16)], "cut {ci}: torn block");
+                }
+                seen[b as usize] = seq;
+                maxseq = maxseq.max(seq);
+            }
+            k[w] = maxseq as usize;
+            // The copy equals exactly the first k writes of w.
+            let mut want = vec![0u64; BLOCKS as usize];
+            for (i, (blk, _, _)) in wlogs[w][..k[w]].iter().enumerate() {
+                want[*blk as usize] = i as u64 + 1;
+            }
+            assert_eq!(seen, want, "cut {ci}: writer {w} is not a prefix of its writes");
+            assert!(k[w] >= prev_k[w], "cut {ci}: writer {w} went back in time");
+        }
+        // One instant: an excluded write that ended before an included write
+        // started is a violation.
+        for t_ in 0..WRITERS {
+            let Some(&(_, _, excl_end)) = wlogs[t_].get(k[t_]) else { continue };
+            for u in 0..WRITERS {
+                if k[u] == 0 {
+                    continue;
+                }
+                let (_, incl_start, _) = wlogs[u][k[u] - 1];
+                assert!(
+                    !(excl_end < incl_start),
+                    "cut {ci}: writer {t_}'s write #{} finished before writer {u}'s write #{} started, \
+                     yet only the later one is in the cut",
+                    k[t_] + 1,
+                    k[u]
+                );
+            }
+        }
+        prev_k = k;
+    }
+    let _ = File::open(dir); // keep tmp alive to here
+}
