@@ -1,17 +1,48 @@
-//! FUSE passthrough file system over the folder it is mounted on (stub until
-//! the fs module lands).
+//! The FUSE passthrough file system mounted over a VM disk folder.
+//!
+//! This module owns everything between `/dev/fuse` and the backing folder:
+//! opening the folder before mounting over it ([`mount`]), the inode table
+//! (`inode`), open file/directory handles (`handle`), fd-relative system
+//! calls (`sys`) and the request handlers (`ops`). Every write, truncate and
+//! fallocate that reaches a regular file goes through the disk returned by
+//! [`Tracker::attach`], so the tracking module sees every change.
+//!
+//! Nothing below the mountpoint is ever reached by path (that would re-enter
+//! this mount): all access is relative to per-inode `O_PATH` descriptors or
+//! through `/proc/self/fd/N`.
+
+mod handle;
+mod inode;
+mod ops;
+mod sys;
+
+use std::ffi::CString;
 use std::io;
-use std::path::Path;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::tracking::Tracker;
+use fuser::{Config, MountOption, Session, SessionACL};
 
+use crate::tracking::{TrackedDisk, Tracker, STATE_DIR};
+
+use handle::Handles;
+use inode::InodeTable;
+
+/// Mount-time options of the passthrough file system.
 #[derive(Debug, Clone)]
 pub struct FsOptions {
+    /// FUSE worker threads (each with its own cloned `/dev/fuse` fd).
     pub n_threads: usize,
+    /// Let the kernel cache writes (`FUSE_WRITEBACK_CACHE`).
     pub writeback_cache: bool,
+    /// Largest single WRITE request, in bytes.
     pub max_write: u32,
+    /// Mount with `allow_other` (VMs run as other users).
     pub allow_other: bool,
+    /// `fsname=` shown in the mount table.
     pub fsname: String,
 }
 
@@ -22,19 +53,151 @@ impl Default for FsOptions {
             writeback_cache: true,
             max_write: 1 << 20,
             allow_other: true,
-            fsname: "vdrep".into(),
+            fsname: "vdrep".to_string(),
         }
     }
 }
 
-pub struct VdrepFs;
-impl fuser::Filesystem for VdrepFs {}
+/// The passthrough file system (implements [`fuser::Filesystem`]).
+pub struct VdrepFs {
+    inodes: InodeTable,
+    handles: Handles,
+    tracker: Option<Arc<Tracker>>,
+    /// Real path of the backing root folder, to compute tracker paths.
+    root_path: PathBuf,
+    opts: FsOptions,
+    entry_ttl: Duration,
+    attr_ttl: Duration,
+}
 
-pub fn mount(
+impl std::fmt::Debug for VdrepFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VdrepFs")
+            .field("root_path", &self.root_path)
+            .field("opts", &self.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VdrepFs {
+    /// A file system serving the folder behind `root_fd` (an `O_PATH` or
+    /// ordinary descriptor of a directory, opened before mounting). With
+    /// `tracker == None` nothing is tracked (tests, plain passthrough).
+    pub fn new(
+        root_fd: OwnedFd,
+        tracker: Option<Arc<Tracker>>,
+        opts: &FsOptions,
+    ) -> io::Result<Self> {
+        let st = sys::fstat(root_fd.as_raw_fd())?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+            return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
+        }
+        let root_path = sys::fd_path(root_fd.as_raw_fd())?;
+        // ~1 s: the kernel owns size/mtime under the writeback cache, and
+        // nothing but this mount changes the backing files.
+        let (entry_ttl, attr_ttl) = (Duration::from_secs(1), Duration::from_secs(1));
+        Ok(VdrepFs {
+            inodes: InodeTable::new(root_fd, &st),
+            handles: Handles::new(),
+            tracker,
+            root_path,
+            opts: opts.clone(),
+            entry_ttl,
+            attr_ttl,
+        })
+    }
+
+    /// Number of inodes the kernel currently references (root included).
+    #[doc(hidden)]
+    pub fn inode_count(&self) -> usize {
+        self.inodes.len()
+    }
+
+    /// Number of open file handles.
+    #[doc(hidden)]
+    pub fn open_file_count(&self) -> usize {
+        self.handles.open_files()
+    }
+
+    /// Path of the object behind `fd` relative to the mount root, or `None`
+    /// if it is outside the root or deleted.
+    fn rel_path(&self, fd: i32) -> Option<PathBuf> {
+        let p = sys::fd_path(fd).ok()?;
+        if p.as_os_str().as_bytes().ends_with(b" (deleted)") {
+            return None;
+        }
+        p.strip_prefix(&self.root_path).ok().map(Path::to_path_buf)
+    }
+
+    /// Path of `name` in the directory behind `dir_fd`, relative to the root.
+    fn rel_child(&self, dir_fd: i32, name: &std::ffi::OsStr) -> Option<PathBuf> {
+        self.rel_path(dir_fd).map(|p| p.join(name))
+    }
+
+    fn is_state_path(rel: &Path) -> bool {
+        rel.components()
+            .next()
+            .is_some_and(|c| c.as_os_str() == STATE_DIR)
+    }
+
+    /// Attach the regular file behind `inode_fd` (open as `file`) to the
+    /// tracker, unless untracked or under the state folder.
+    fn attach(&self, inode_fd: i32, file: &std::fs::File) -> io::Result<Option<Arc<TrackedDisk>>> {
+        let Some(tracker) = &self.tracker else {
+            return Ok(None);
+        };
+        let Some(rel) = self.rel_path(inode_fd) else {
+            return Ok(None);
+        };
+        if rel.as_os_str().is_empty() || Self::is_state_path(&rel) {
+            return Ok(None);
+        }
+        tracker.attach(&rel, file)
+    }
+}
+
+/// The `fuser` session configuration for `opts`.
+fn session_config(opts: &FsOptions) -> Config {
+    let mut c = Config::default();
+    c.mount_options = vec![
+        MountOption::FSName(opts.fsname.clone()),
+        MountOption::Subtype("vdrep".to_string()),
+        MountOption::DefaultPermissions,
+    ];
+    c.acl = if opts.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    c.n_threads = Some(opts.n_threads.max(1));
+    c.clone_fd = true;
+    c
+}
+
+fn open_root(dir: &Path) -> io::Result<OwnedFd> {
+    let c = CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    sys::openat(libc::AT_FDCWD, &c, libc::O_PATH | libc::O_DIRECTORY, 0)
+}
+
+/// Open `dir` (`O_PATH | O_DIRECTORY`, before mounting), then mount the FS
+/// over `dir` itself. The caller runs the returned session (`run`/`spawn`).
+pub fn mount(dir: &Path, tracker: Arc<Tracker>, opts: &FsOptions) -> io::Result<Session<VdrepFs>> {
+    mount_inner(dir, Some(tracker), opts)
+}
+
+/// Like [`mount`] without a tracker: a plain passthrough (for tests).
+#[doc(hidden)]
+pub fn mount_untracked(dir: &Path, opts: &FsOptions) -> io::Result<Session<VdrepFs>> {
+    mount_inner(dir, None, opts)
+}
+
+fn mount_inner(
     dir: &Path,
-    tracker: Arc<Tracker>,
+    tracker: Option<Arc<Tracker>>,
     opts: &FsOptions,
-) -> io::Result<fuser::Session<VdrepFs>> {
-    let _ = (dir, tracker, opts);
-    Err(io::Error::other("fs not merged yet"))
+) -> io::Result<Session<VdrepFs>> {
+    let root = open_root(dir)?;
+    let fs = VdrepFs::new(root, tracker, opts)?;
+    Session::new(fs, dir, &session_config(opts))
 }

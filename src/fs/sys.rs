@@ -1,0 +1,361 @@
+//! Thin, fd-relative system-call wrappers used by the passthrough file system.
+//!
+//! Everything here works relative to a directory or inode descriptor, or via
+//! the `/proc/self/fd/N` magic link, never through a path below the
+//! mountpoint (which would re-enter our own FUSE mount and deadlock).
+
+use std::alloc::{self, Layout};
+use std::ffi::{CString, OsStr};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+
+/// Turn a `-1` return into the current `errno`.
+pub(crate) fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// A C string for a single path component (or a link target).
+pub(crate) fn cstr(name: &OsStr) -> io::Result<CString> {
+    CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// `/proc/self/fd/N`: opening it reaches the real file behind `fd`.
+pub(crate) fn proc_path(fd: RawFd) -> CString {
+    // A formatted integer never contains a NUL byte.
+    CString::new(format!("/proc/self/fd/{fd}")).unwrap_or_default()
+}
+
+/// `openat(dirfd, name, flags, mode)` with `O_CLOEXEC`.
+pub(crate) fn openat(dirfd: RawFd, name: &CString, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall with a valid C string.
+    let fd = cvt(unsafe {
+        libc::openat(
+            dirfd,
+            name.as_ptr(),
+            flags | libc::O_CLOEXEC,
+            mode as libc::c_uint,
+        )
+    })?;
+    // SAFETY: fd was just returned by openat and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reopen the file behind `fd` (typically `O_PATH`) with `flags`.
+pub(crate) fn reopen(fd: RawFd, flags: i32) -> io::Result<File> {
+    let p = proc_path(fd);
+    let fd = openat(libc::AT_FDCWD, &p, flags & !libc::O_NOFOLLOW, 0)?;
+    Ok(File::from(fd))
+}
+
+/// `fstatat(fd, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW)`: works on `O_PATH`.
+pub(crate) fn fstat(fd: RawFd) -> io::Result<libc::stat> {
+    // SAFETY: zeroed stat is a valid out-buffer.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointers, empty C string literal.
+    cvt(unsafe {
+        libc::fstatat(
+            fd,
+            c"".as_ptr(),
+            &mut st,
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    Ok(st)
+}
+
+/// `fstatat(dirfd, name, AT_SYMLINK_NOFOLLOW)`.
+pub(crate) fn fstatat(dirfd: RawFd, name: &CString) -> io::Result<libc::stat> {
+    // SAFETY: zeroed stat is a valid out-buffer.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointers.
+    cvt(unsafe { libc::fstatat(dirfd, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) })?;
+    Ok(st)
+}
+
+/// `readlink` of the magic link of `fd`: the real path of the open file.
+pub(crate) fn fd_path(fd: RawFd) -> io::Result<PathBuf> {
+    std::fs::read_link(format!("/proc/self/fd/{fd}"))
+}
+
+/// `readlinkat(fd, "")` on an `O_PATH` descriptor of a symlink.
+pub(crate) fn readlink_fd(fd: RawFd) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+    // SAFETY: buffer is valid for buf.len() bytes.
+    let n = cvt_size(unsafe {
+        libc::readlinkat(fd, c"".as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+    })?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// `fchownat(dirfd, name, uid, gid, AT_SYMLINK_NOFOLLOW [| AT_EMPTY_PATH])`.
+/// `u32::MAX` leaves the id unchanged.
+pub(crate) fn chown_at(dirfd: RawFd, name: Option<&CString>, uid: u32, gid: u32) -> io::Result<()> {
+    let (p, flags) = match name {
+        Some(n) => (n.as_ptr(), libc::AT_SYMLINK_NOFOLLOW),
+        None => (
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        ),
+    };
+    // SAFETY: valid C strings.
+    cvt(unsafe { libc::fchownat(dirfd, p, uid, gid, flags) })?;
+    Ok(())
+}
+
+/// `chmod` through the magic link (fchmod does not work on `O_PATH`).
+pub(crate) fn chmod_fd(fd: RawFd, mode: u32) -> io::Result<()> {
+    let p = proc_path(fd);
+    // SAFETY: valid C string.
+    cvt(unsafe { libc::chmod(p.as_ptr(), mode as libc::mode_t) })?;
+    Ok(())
+}
+
+/// `fchmodat(dirfd, name, mode)`.
+pub(crate) fn chmod_at(dirfd: RawFd, name: &CString, mode: u32) -> io::Result<()> {
+    // SAFETY: valid C string.
+    cvt(unsafe { libc::fchmodat(dirfd, name.as_ptr(), mode as libc::mode_t, 0) })?;
+    Ok(())
+}
+
+/// Fix up ownership and mode of a node just created at `dirfd/name`.
+pub(crate) fn set_owner_mode(
+    dirfd: RawFd,
+    name: &CString,
+    uid: u32,
+    gid: u32,
+    mode: Option<u32>,
+) -> io::Result<()> {
+    chown_at(dirfd, Some(name), uid, gid)?;
+    if let Some(m) = mode {
+        chmod_at(dirfd, name, m & 0o7777)?;
+    }
+    Ok(())
+}
+
+/// `utimensat` through the magic link of `fd` (or `futimens` on an open file).
+pub(crate) fn utimens(fd: RawFd, open_file: bool, times: &[libc::timespec; 2]) -> io::Result<()> {
+    if open_file {
+        // SAFETY: valid pointer to two timespecs.
+        cvt(unsafe { libc::futimens(fd, times.as_ptr()) })?;
+    } else {
+        let p = proc_path(fd);
+        // SAFETY: valid pointers.
+        cvt(unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), times.as_ptr(), 0) })?;
+    }
+    Ok(())
+}
+
+/// `fallocate(2)` directly on a descriptor.
+pub(crate) fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: plain syscall.
+    cvt(unsafe { libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) })?;
+    Ok(())
+}
+
+/// `lseek(2)` (used for `SEEK_DATA`/`SEEK_HOLE`).
+pub(crate) fn lseek(fd: RawFd, offset: i64, whence: i32) -> io::Result<i64> {
+    // SAFETY: plain syscall.
+    let r = unsafe { libc::lseek(fd, offset as libc::off_t, whence) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// `fstatvfs` (works on `O_PATH`).
+pub(crate) fn fstatvfs(fd: RawFd) -> io::Result<libc::statvfs> {
+    // SAFETY: zeroed statvfs is a valid out-buffer.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer.
+    cvt(unsafe { libc::fstatvfs(fd, &mut st) })?;
+    Ok(st)
+}
+
+/// Extended attributes, through the `/proc/self/fd/N` path of an inode fd.
+pub(crate) mod xattr {
+    use super::*;
+
+    /// Returns the value's full size and (when `size > 0`) the value.
+    pub(crate) fn get(fd: RawFd, name: &CString, size: usize) -> io::Result<(usize, Vec<u8>)> {
+        let p = proc_path(fd);
+        let mut buf = vec![0u8; size];
+        // SAFETY: buffer valid for `size` bytes (null allowed when size == 0).
+        let n = cvt_size(unsafe {
+            libc::getxattr(
+                p.as_ptr(),
+                name.as_ptr(),
+                if size == 0 {
+                    std::ptr::null_mut()
+                } else {
+                    buf.as_mut_ptr().cast()
+                },
+                size,
+            )
+        })?;
+        buf.truncate(n.min(size));
+        Ok((n, buf))
+    }
+
+    pub(crate) fn list(fd: RawFd, size: usize) -> io::Result<(usize, Vec<u8>)> {
+        let p = proc_path(fd);
+        let mut buf = vec![0u8; size];
+        // SAFETY: buffer valid for `size` bytes (null allowed when size == 0).
+        let n = cvt_size(unsafe {
+            libc::listxattr(
+                p.as_ptr(),
+                if size == 0 {
+                    std::ptr::null_mut()
+                } else {
+                    buf.as_mut_ptr().cast()
+                },
+                size,
+            )
+        })?;
+        buf.truncate(n.min(size));
+        Ok((n, buf))
+    }
+
+    pub(crate) fn set(fd: RawFd, name: &CString, value: &[u8], flags: i32) -> io::Result<()> {
+        let p = proc_path(fd);
+        // SAFETY: valid pointers and length.
+        cvt(unsafe {
+            libc::setxattr(
+                p.as_ptr(),
+                name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                flags,
+            )
+        })?;
+        Ok(())
+    }
+
+    pub(crate) fn remove(fd: RawFd, name: &CString) -> io::Result<()> {
+        let p = proc_path(fd);
+        // SAFETY: valid C strings.
+        cvt(unsafe { libc::removexattr(p.as_ptr(), name.as_ptr()) })?;
+        Ok(())
+    }
+}
+
+/// Read the whole of a directory (opened from an `O_PATH` fd) as
+/// `(name, d_type, d_ino)` triples, excluding `.` and `..`.
+pub(crate) fn read_dir_all(fd: RawFd) -> io::Result<Vec<(Vec<u8>, u8, u64)>> {
+    let dfd = openat(
+        fd,
+        &CString::from(c"."),
+        libc::O_RDONLY | libc::O_DIRECTORY,
+        0,
+    )?;
+    // SAFETY: fdopendir takes ownership of the descriptor on success.
+    let dir = unsafe { libc::fdopendir(dfd.as_raw_fd()) };
+    if dir.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    std::mem::forget(dfd);
+    let mut out = Vec::new();
+    loop {
+        // SAFETY: errno is thread-local; reset so end-of-stream is distinguishable.
+        unsafe { *libc::__errno_location() = 0 };
+        // SAFETY: dir is a valid DIR*.
+        let ent = unsafe { libc::readdir64(dir) };
+        if ent.is_null() {
+            let err = io::Error::last_os_error();
+            // SAFETY: dir is valid and closed exactly once.
+            unsafe { libc::closedir(dir) };
+            if err.raw_os_error().unwrap_or(0) != 0 {
+                return Err(err);
+            }
+            return Ok(out);
+        }
+        // SAFETY: ent points to a valid dirent64 until the next readdir call.
+        let (name, ty, ino) = unsafe {
+            let e = &*ent;
+            let name = std::ffi::CStr::from_ptr(e.d_name.as_ptr())
+                .to_bytes()
+                .to_vec();
+            (name, e.d_type, e.d_ino)
+        };
+        if name == b"." || name == b".." {
+            continue;
+        }
+        out.push((name, ty, ino));
+    }
+}
+
+/// A heap buffer aligned for `O_DIRECT` I/O.
+pub(crate) struct AlignedBuf {
+    ptr: *mut u8,
+    cap: usize,
+}
+
+// SAFETY: the buffer is plain owned memory.
+unsafe impl Send for AlignedBuf {}
+
+/// Alignment used for `O_DIRECT` buffers.
+pub(crate) const DIO_ALIGN: usize = 4096;
+
+impl AlignedBuf {
+    pub(crate) const fn empty() -> Self {
+        AlignedBuf {
+            ptr: std::ptr::null_mut(),
+            cap: 0,
+        }
+    }
+
+    /// A zero-initialised aligned slice of at least `len` bytes (reused).
+    pub(crate) fn get(&mut self, len: usize) -> io::Result<&mut [u8]> {
+        if len > self.cap {
+            self.free();
+            let cap = len.div_ceil(DIO_ALIGN).max(1) * DIO_ALIGN;
+            let layout = Layout::from_size_align(cap, DIO_ALIGN)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            // SAFETY: layout has non-zero size.
+            let ptr = unsafe { alloc::alloc_zeroed(layout) };
+            if ptr.is_null() {
+                return Err(io::Error::from_raw_os_error(libc::ENOMEM));
+            }
+            self.ptr = ptr;
+            self.cap = cap;
+        }
+        if len == 0 {
+            return Ok(&mut []);
+        }
+        // SAFETY: ptr is valid for cap >= len initialised bytes.
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr, len) })
+    }
+
+    fn free(&mut self) {
+        if !self.ptr.is_null() {
+            if let Ok(layout) = Layout::from_size_align(self.cap, DIO_ALIGN) {
+                // SAFETY: allocated with this exact layout.
+                unsafe { alloc::dealloc(self.ptr, layout) };
+            }
+            self.ptr = std::ptr::null_mut();
+            self.cap = 0;
+        }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        self.free();
+    }
+}
