@@ -1,0 +1,164 @@
+//! Shared helpers for tests that use a real `vdrep mount` (root + /dev/fuse).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Once;
+
+pub fn vdrep_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_vdrep"))
+}
+
+/// Why FUSE tests cannot run here, if they cannot.
+pub fn fuse_unavailable() -> Option<String> {
+    if !Path::new("/dev/fuse").exists() {
+        return Some("/dev/fuse is absent".into());
+    }
+    if !nix::unistd::geteuid().is_root() {
+        return Some("not root (mounting over a folder needs root)".into());
+    }
+    None
+}
+
+macro_rules! require_fuse {
+    () => {
+        if let Some(why) = mountutil::fuse_unavailable() {
+            println!("SKIP: {why}");
+            return;
+        }
+    };
+}
+pub(crate) use require_fuse;
+
+static RUN_DIR: Once = Once::new();
+
+/// All tests of a binary share one control-socket folder of their own.
+pub fn setup() {
+    RUN_DIR.call_once(|| {
+        let d = std::env::temp_dir().join(format!("vdrep-test-run-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        // SAFETY: set once, before any test spawns the binary or uses the socket.
+        unsafe { std::env::set_var("VDREP_RUN_DIR", &d) };
+    });
+}
+
+pub fn vdrep(args: &[&str]) -> Output {
+    setup();
+    Command::new(vdrep_bin())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running vdrep {args:?}: {e}"))
+}
+
+pub fn vdrep_ok(args: &[&str]) -> String {
+    let o = vdrep(args);
+    assert!(
+        o.status.success(),
+        "vdrep {args:?} failed ({}): {}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A folder with vdrep mounted over it; unmounted (lazily if needed) on drop.
+pub struct Mounted {
+    pub dir: PathBuf,
+    pub mounted: bool,
+}
+
+impl Mounted {
+    pub fn new(dir: &Path, extra: &[&str]) -> Mounted {
+        let mut args = vec!["mount", dir.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        vdrep_ok(&args);
+        Mounted {
+            dir: dir.to_path_buf(),
+            mounted: true,
+        }
+    }
+
+    pub fn cut(&self) -> Vec<PathBuf> {
+        vdrep_ok(&["cut", self.dir.to_str().unwrap()])
+            .lines()
+            .map(PathBuf::from)
+            .collect()
+    }
+
+    pub fn status_json(&self) -> serde_json::Value {
+        serde_json::from_str(&vdrep_ok(&["status", "--json", self.dir.to_str().unwrap()])).unwrap()
+    }
+
+    pub fn umount(&mut self) {
+        vdrep_ok(&["umount", self.dir.to_str().unwrap()]);
+        self.mounted = false;
+    }
+
+    pub fn daemon_pid(&self) -> i32 {
+        let o = vdrep(&["status", self.dir.to_str().unwrap()]);
+        let s = String::from_utf8_lossy(&o.stdout);
+        let i = s.find("daemon pid ").unwrap() + "daemon pid ".len();
+        s[i..].split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.mounted {
+            let d = self.dir.to_str().unwrap().to_string();
+            let o = vdrep(&["umount", &d]);
+            if !o.status.success() {
+                let _ = vdrep(&["umount", "--lazy", &d]);
+            }
+        }
+    }
+}
+
+pub fn is_mountpoint(dir: &Path) -> bool {
+    let m = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let d = std::fs::canonicalize(dir).unwrap_or(dir.to_path_buf());
+    m.lines().any(|l| l.split(' ').nth(4) == d.to_str())
+}
+
+pub fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let o = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Apply logs in order to `image` with the CLI.
+pub fn apply(logs: &[PathBuf], image: &Path) {
+    for l in logs {
+        vdrep_ok(&["hrl", "apply", l.to_str().unwrap(), image.to_str().unwrap()]);
+    }
+}
+
+/// The log of `disk` (file name) among the paths a cut printed.
+pub fn log_for(logs: &[PathBuf], disk: &str) -> PathBuf {
+    logs.iter()
+        .find(|p| {
+            p.parent()
+                .and_then(|d| d.file_name())
+                .map(|n| n.to_string_lossy().starts_with(&format!("{disk}-")))
+                .unwrap_or(false)
+        })
+        .unwrap_or_else(|| panic!("no log for {disk} in {logs:?}"))
+        .clone()
+}
