@@ -1,0 +1,247 @@
+#!/usr/bin/env bash
+# Build a tiny test VM (kernel + busybox initramfs) from Debian packages only.
+#
+#   scripts/build-tiny-vm.sh [OUTDIR]      (default: <repo>/.vm)
+#
+# Produces OUTDIR/vmlinuz and OUTDIR/initramfs.cpio.gz. The guest's /init reads
+# vdrep.mode=write|check|stress (and vdrep.tag=STRING) from the kernel command
+# line, works on /dev/vda (virtio-blk), prints "VDREP-GUEST: ..." marker lines
+# on the serial console and powers off. See scripts/vm-run.sh to boot it.
+#
+# Needs: apt-get (with working sources), dpkg-deb, busybox-static, cpio, gzip,
+# kmod (depmod). Idempotent: does nothing if OUTDIR is complete and current.
+# Set FORCE=1 to rebuild.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUTDIR="${1:-$REPO/.vm}"
+FORCE="${FORCE:-0}"
+# Bump when the initramfs content/layout changes, so caches get rebuilt.
+INIT_VERSION=4
+
+log() { printf '[build-tiny-vm] %s\n' "$*" >&2; }
+die() { printf '[build-tiny-vm] ERROR: %s\n' "$*" >&2; exit 1; }
+
+mkdir -p "$OUTDIR"
+OUTDIR="$(cd "$OUTDIR" && pwd)"
+STAMP="$OUTDIR/.complete"
+SELF_HASH="$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-16)"
+
+if [[ "$FORCE" != 1 && -f "$STAMP" && -s "$OUTDIR/vmlinuz" && -s "$OUTDIR/initramfs.cpio.gz" ]] \
+   && grep -qx "script=$SELF_HASH" "$STAMP" && grep -qx "init=$INIT_VERSION" "$STAMP"; then
+    log "up to date: $OUTDIR ($(grep '^kernel=' "$STAMP"))"
+    exit 0
+fi
+
+for tool in apt-get apt-cache dpkg-deb cpio gzip depmod; do
+    command -v "$tool" >/dev/null 2>&1 || [[ -x "/sbin/$tool" ]] \
+        || die "missing '$tool' (apt-get install dpkg cpio gzip kmod)"
+done
+DEPMOD="$(command -v depmod || echo /sbin/depmod)"
+
+BUSYBOX=""
+for cand in /bin/busybox /usr/bin/busybox; do
+    # busybox-static ships a static /bin/busybox; reject a dynamic one.
+    if [[ -x "$cand" ]] && ! ldd "$cand" >/dev/null 2>&1; then BUSYBOX="$cand"; break; fi
+done
+[[ -n "$BUSYBOX" ]] || die "no static busybox found (apt-get install busybox-static)"
+
+WORK="$OUTDIR/work"
+CACHE="$OUTDIR/cache"
+mkdir -p "$WORK" "$CACHE"
+
+# 1. Kernel package: resolve the real versioned package behind linux-image-amd64.
+KPKG="${KERNEL_PKG:-$(apt-cache depends linux-image-amd64 2>/dev/null \
+    | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')}"
+[[ -n "$KPKG" ]] || die "cannot resolve linux-image-amd64 (run apt-get update?)"
+DEB="$(ls "$CACHE"/"${KPKG}"_*.deb 2>/dev/null | head -1 || true)"
+if [[ -z "$DEB" ]]; then
+    log "downloading $KPKG"
+    (cd "$CACHE" && apt-get download -q "$KPKG" 2>&1 | grep -v 'unsandboxed' >&2 || true)
+    DEB="$(ls "$CACHE"/"${KPKG}"_*.deb 2>/dev/null | head -1 || true)"
+    [[ -n "$DEB" ]] || die "apt-get download $KPKG failed"
+fi
+log "kernel package: $(basename "$DEB")"
+
+KROOT="$WORK/kernel"
+rm -rf "$KROOT"
+mkdir -p "$KROOT"
+dpkg-deb -x "$DEB" "$KROOT"
+KVER="$(ls "$KROOT/lib/modules" | head -1)"
+[[ -n "$KVER" && -f "$KROOT/boot/vmlinuz-$KVER" ]] || die "no kernel image in $DEB"
+MODDIR="$KROOT/lib/modules/$KVER"
+[[ -f "$MODDIR/modules.dep" ]] || "$DEPMOD" -b "$KROOT" "$KVER"
+
+# 2. Modules: virtio-blk over PCI, ext4 (also mounts ext2), crc32c for ext4.
+WANTED=(virtio_pci virtio_blk crc32c_generic ext4)
+declare -A SEEN=()
+ORDER=()
+modpath() { # module name -> relative path from modules.dep (or empty if builtin/absent)
+    local n="$1" alt="${1//_/-}"
+    awk -F: -v a="/$n.ko" -v b="/$alt.ko" '{p=$1; sub(/\.(xz|zst|gz)$/, "", p)}
+        (substr(p, length(p)-length(a)+1) == a || substr(p, length(p)-length(b)+1) == b) {print $1; exit}' \
+        "$MODDIR/modules.dep"
+}
+add_mod() { # add a module path and its dependencies, dependencies first
+    local rel="$1" dep
+    [[ -n "${SEEN[$rel]:-}" ]] && return 0
+    SEEN[$rel]=1
+    for dep in $(awk -F: -v m="$rel" '$1 == m {print $2; exit}' "$MODDIR/modules.dep"); do
+        add_mod "$dep"
+    done
+    ORDER+=("$rel")
+}
+for m in "${WANTED[@]}"; do
+    rel="$(modpath "$m")"
+    if [[ -z "$rel" ]]; then
+        if grep -q "/${m}.ko" "$MODDIR/modules.builtin" 2>/dev/null; then
+            log "module $m is built in"
+        else
+            log "warning: module $m not found in $KVER"
+        fi
+        continue
+    fi
+    add_mod "$rel"
+done
+
+# 3. Initramfs tree.
+ROOT="$WORK/initramfs"
+rm -rf "$ROOT"
+mkdir -p "$ROOT"/{bin,sbin,dev,proc,sys,mnt,tmp,etc,lib/modules}
+cp "$BUSYBOX" "$ROOT/bin/busybox"
+for applet in $("$BUSYBOX" --list); do
+    [[ "$applet" == busybox ]] && continue
+    ln -sf busybox "$ROOT/bin/$applet"
+done
+for s in modprobe insmod poweroff mke2fs; do ln -sf ../bin/busybox "$ROOT/sbin/$s"; done
+: > "$ROOT/etc/modules.order"
+for rel in "${ORDER[@]}"; do
+    src="$MODDIR/$rel"
+    base="$(basename "$rel")"
+    case "$base" in
+        *.ko.xz)  xz -dc "$src" > "$ROOT/lib/modules/${base%.xz}"; base="${base%.xz}" ;;
+        *.ko.zst) zstd -qdc "$src" > "$ROOT/lib/modules/${base%.zst}"; base="${base%.zst}" ;;
+        *.ko.gz)  gzip -dc "$src" > "$ROOT/lib/modules/${base%.gz}"; base="${base%.gz}" ;;
+        *)        cp "$src" "$ROOT/lib/modules/$base" ;;
+    esac
+    echo "$base" >> "$ROOT/etc/modules.order"
+done
+log "modules: $(tr '\n' ' ' < "$ROOT/etc/modules.order")"
+
+cat > "$ROOT/init" <<'INIT'
+#!/bin/sh
+# vdrep tiny test guest. Markers: lines starting with "VDREP-GUEST: ".
+export PATH=/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+exec </dev/console >/dev/console 2>&1
+
+say() { echo "VDREP-GUEST: $*"; }
+finish() { sync; say "POWEROFF"; poweroff -f; sleep 5; }
+fail() { say "$*"; finish; }
+
+for m in $(cat /etc/modules.order); do
+    insmod "/lib/modules/$m" 2>/dev/null || true
+done
+
+MODE=""; TAG=""; COUNT=256; MB=1
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        vdrep.mode=*)  MODE="${arg#vdrep.mode=}" ;;
+        vdrep.tag=*)   TAG="${arg#vdrep.tag=}" ;;
+        vdrep.count=*) COUNT="${arg#vdrep.count=}" ;;
+        vdrep.mb=*)    MB="${arg#vdrep.mb=}" ;;
+    esac
+done
+say "BOOTED mode=$MODE tag=$TAG uptime=$(cut -d' ' -f1 /proc/uptime)s kernel=$(uname -r)"
+
+if [ "$MODE" = probe ]; then say "PROBE OK"; finish; fi
+
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+[ -b /dev/vda ] || fail "ERROR no /dev/vda (virtio disk not found)"
+
+# Deterministic content: MB MiB of 4 KiB records, each with a header line
+# naming the tag and the record number, then pseudo-random hex from a
+# Park-Miller generator seeded by the tag. Every 4 KiB block is unique.
+gen_proof() {
+    seed=$((0x$(printf '%s' "$TAG" | sha256sum | cut -c1-7)))
+    awk -v tag="$TAG" -v seed="$seed" -v blocks=$((MB * 256)) 'BEGIN {
+        x = seed % 2147483646 + 1
+        for (b = 0; b < blocks; b++) {
+            printf "%-63s\n", "vdrep-proof tag=" tag " block=" b
+            for (k = 0; k < 504; k++) { x = (x * 16807) % 2147483647; printf "%08x", x }
+        }
+    }'
+}
+
+mount_disk() { mount -t ext4 /dev/vda /mnt 2>/dev/null; }
+
+case "$MODE" in
+write)
+    [ -n "$TAG" ] || fail "ERROR vdrep.tag is empty"
+    if mount_disk; then
+        say "INFO reusing existing file system on /dev/vda"
+    else
+        say "INFO no file system on /dev/vda, running mke2fs"
+        mke2fs -q /dev/vda >/dev/null 2>&1 || mke2fs /dev/vda || fail "ERROR mke2fs failed"
+        mount_disk || fail "ERROR mount after mke2fs failed"
+    fi
+    gen_proof > /mnt/vdrep-proof.txt || fail "ERROR writing proof file"
+    H=$(sha256sum /mnt/vdrep-proof.txt | cut -d' ' -f1)
+    echo "$H" > /mnt/vdrep-proof.sha256
+    echo "$TAG" > /mnt/vdrep-proof.tag
+    sync
+    umount /mnt || fail "ERROR umount failed"
+    sync
+    say "WROTE $H"
+    ;;
+check)
+    mount -o ro -t ext4 /dev/vda /mnt 2>/dev/null || fail "CHECK FAIL cannot mount /dev/vda"
+    if [ ! -f /mnt/vdrep-proof.txt ]; then umount /mnt; fail "CHECK FAIL no /vdrep-proof.txt"; fi
+    H=$(sha256sum /mnt/vdrep-proof.txt | cut -d' ' -f1)
+    STORED=$(cat /mnt/vdrep-proof.sha256 2>/dev/null)
+    FTAG=$(cat /mnt/vdrep-proof.tag 2>/dev/null)
+    umount /mnt
+    if [ -n "$TAG" ] && [ "$FTAG" != "$TAG" ]; then fail "CHECK FAIL tag mismatch: disk has '$FTAG', expected '$TAG'"; fi
+    [ "$H" = "$STORED" ] || fail "CHECK FAIL hash $H != stored $STORED"
+    if [ -n "$TAG" ]; then
+        E=$(gen_proof | sha256sum | cut -d' ' -f1)
+        [ "$H" = "$E" ] || fail "CHECK FAIL content hash $H != expected $E"
+    fi
+    say "CHECK OK $H"
+    ;;
+stress)
+    # Raw random 4 KiB writes over the whole disk (destroys any file system).
+    SECTORS=$(cat /sys/block/vda/size)
+    BLOCKS=$((SECTORS / 8))
+    [ "$BLOCKS" -gt 0 ] || fail "ERROR empty disk"
+    n=0
+    while [ $n -lt "$COUNT" ]; do
+        off=$(( $(od -An -N4 -tu4 /dev/urandom) % BLOCKS ))
+        dd if=/dev/urandom of=/dev/vda bs=4096 seek=$off count=1 conv=notrunc,fsync 2>/dev/null \
+            || fail "ERROR dd write at block $off failed"
+        n=$((n+1))
+    done
+    sync
+    H=$(sha256sum /dev/vda | cut -d' ' -f1)
+    say "STRESS DONE n=$COUNT disk-sha256=$H"
+    ;;
+*)
+    say "ERROR unknown vdrep.mode='$MODE' (write|check|stress)"
+    ;;
+esac
+finish
+INIT
+chmod 755 "$ROOT/init"
+
+# 4. Pack.
+log "packing initramfs"
+(cd "$ROOT" && find . -print0 | sort -z | cpio --null -o -H newc --quiet) | gzip -9n > "$OUTDIR/initramfs.cpio.gz.tmp"
+mv "$OUTDIR/initramfs.cpio.gz.tmp" "$OUTDIR/initramfs.cpio.gz"
+cp "$KROOT/boot/vmlinuz-$KVER" "$OUTDIR/vmlinuz"
+rm -rf "$WORK"
+printf 'kernel=%s\npackage=%s\nscript=%s\ninit=%s\nmodules=%s\n' "$KVER" "$(basename "$DEB")" \
+    "$SELF_HASH" "$INIT_VERSION" "${ORDER[*]##*/}" > "$STAMP"
+log "done: $OUTDIR/vmlinuz ($KVER), $OUTDIR/initramfs.cpio.gz ($(du -h "$OUTDIR/initramfs.cpio.gz" | cut -f1))"

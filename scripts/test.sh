@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Run vdrep's tests: `cargo build` (so the vdrep binary exists for the
+# integration tests), then `cargo test --all-targets --no-fail-fast`.
+# Extra arguments are passed to `cargo test` (e.g. scripts/test.sh --test vm_guest).
+# On a clean machine run `bash .ci/run` (as root) once: it installs the
+# prerequisites (FUSE, QEMU, fio, ...) and builds the tiny test VM.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+REPO="$(pwd)"
+# shellcheck source=scripts/lib.sh
+. "$REPO/scripts/lib.sh"
+
+command -v cargo >/dev/null || { echo "test.sh: cargo not found (install Rust with rustup)" >&2; exit 2; }
+missing="$(vdrep_missing_prereqs | tr '\n' ' ')"
+if [[ -n "${missing// /}" ]]; then
+    echo "test.sh: missing packages: $missing" >&2
+    echo "test.sh: tests that need them will fail or print SKIP; install with: sudo bash .ci/run  (or apt-get install $missing)" >&2
+fi
+[[ -e /dev/fuse ]] || echo "test.sh: warning: /dev/fuse is missing; FUSE mount tests cannot work" >&2
+[[ "$(id -u)" == 0 ]] || echo "test.sh: note: not root; FUSE mounts need fusermount3 (setuid) or root" >&2
+
+START="$(date +%s)"
+LOG="$REPO/target/test-output.log"
+mkdir -p "$REPO/target"
+
+echo "==> cargo build"
+cargo build
+
+echo "==> cargo test --all-targets --no-fail-fast $*"
+set +e
+cargo test --all-targets --no-fail-fast "$@" 2>&1 | tee "$LOG"
+rc=${PIPESTATUS[0]}
+set -e
+
+# Closing summary.
+python3 - "$LOG" "$rc" "$(( $(date +%s) - START ))" <<'PY' || true
+import re, sys
+log, rc, secs = open(sys.argv[1], errors="replace").read(), int(sys.argv[2]), sys.argv[3]
+tot = {"passed": 0, "failed": 0, "ignored": 0}
+for m in re.finditer(r"test result: \w+\. (\d+) passed; (\d+) failed; (\d+) ignored", log):
+    for k, v in zip(("passed", "failed", "ignored"), m.groups()):
+        tot[k] += int(v)
+failed = sorted(set(re.findall(r"^test (\S+) \.\.\. FAILED", log, re.M)))
+skips = sorted(set(re.findall(r"^SKIP: .*$", log, re.M)))
+suites = len(re.findall(r"^\s+Running ", log, re.M)) + len(re.findall(r"^\s+Doc-tests ", log, re.M))
+print("\n==================== test summary ====================")
+print(f"suites: {suites}  passed: {tot['passed']}  failed: {tot['failed']}  ignored: {tot['ignored']}  time: {secs}s")
+for s in skips:
+    print(s)
+for f in failed:
+    print(f"FAILED: {f}")
+print("RESULT: " + ("PASS" if rc == 0 else f"FAIL (cargo test exit {rc})"))
+PY
+exit "$rc"

@@ -1,0 +1,158 @@
+//! Shared helpers for integration tests: the tiny test VM and the `vdrep` binary.
+//!
+//! Use from a test crate with `mod common;`. The VM is built once per test
+//! process by `scripts/build-tiny-vm.sh` (cached in `<repo>/.vm`, or in
+//! `$VDREP_VM_DIR`) and booted by `scripts/vm-run.sh`.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+/// Guest modes understood by the tiny VM's `/init`.
+pub const MODE_WRITE: &str = "write";
+pub const MODE_CHECK: &str = "check";
+pub const MODE_STRESS: &str = "stress";
+
+/// Path of the `vdrep` binary built by cargo for this test run.
+pub fn vdrep_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_vdrep"))
+}
+
+/// Root of the repository (where `scripts/` lives).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Folder holding `vmlinuz` and `initramfs.cpio.gz`.
+pub fn vm_dir() -> PathBuf {
+    std::env::var_os("VDREP_VM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".vm"))
+}
+
+fn in_path(prog: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|d| d.join(prog).is_file()))
+        .unwrap_or(false)
+}
+
+/// `None` if VM tests can run here, else the reason to skip them.
+pub fn vm_skip_reason() -> Option<String> {
+    if !in_path("qemu-system-x86_64") {
+        return Some("qemu-system-x86_64 not installed (apt-get install qemu-system-x86)".into());
+    }
+    None
+}
+
+/// Print `SKIP: ...` and return true if VM tests cannot run on this machine.
+pub fn skip_without_vm(test: &str) -> bool {
+    match vm_skip_reason() {
+        Some(why) => {
+            eprintln!("SKIP: {test}: {why}");
+            true
+        }
+        None => false,
+    }
+}
+
+/// Build the tiny VM once per test process (the script itself is cached too).
+pub fn ensure_vm() -> Result<PathBuf, String> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = vm_dir();
+            let out = Command::new(repo_root().join("scripts/build-tiny-vm.sh"))
+                .arg(&dir)
+                .output()
+                .map_err(|e| format!("cannot run build-tiny-vm.sh: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "build-tiny-vm.sh failed ({}):\n{}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            Ok(dir)
+        })
+        .clone()
+}
+
+/// Make a fixed-size VHD (`qemu-img create -f vpc -o subformat=fixed`).
+pub fn make_vhd(path: &Path, size_mib: u64) -> Result<(), String> {
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "vpc", "-o", "subformat=fixed"])
+        .arg(path)
+        .arg(format!("{size_mib}M"))
+        .output()
+        .map_err(|e| format!("cannot run qemu-img: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "qemu-img create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Boot the tiny VM on `disk` and wait for its verdict.
+///
+/// `mode` is `write`, `check` or `stress`; `tag` is the proof-file tag (no
+/// spaces; `-` for none); `format` is qemu's `format=` (`vpc`, `raw`);
+/// `cache` is qemu's `cache=` (`none`, `writeback`). Returns the serial log
+/// if the expected marker line appeared, otherwise an error with the log.
+/// Boots are serialized within a test process (TCG is CPU-heavy).
+pub fn vm_boot(
+    disk: &Path,
+    mode: &str,
+    tag: &str,
+    format: &str,
+    cache: &str,
+) -> Result<String, String> {
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let vm = ensure_vm()?;
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let log = tempfile::Builder::new()
+        .prefix("vdrep-vm-")
+        .suffix(".log")
+        .tempfile()
+        .map_err(|e| format!("tempfile: {e}"))?;
+    let timeout = std::env::var("VM_TIMEOUT").unwrap_or_else(|_| "240".into());
+    let started = std::time::Instant::now();
+    let out = Command::new(repo_root().join("scripts/vm-run.sh"))
+        .arg(disk)
+        .args([mode, tag, format, cache])
+        .env("VM_DIR", &vm)
+        .env("VM_LOG", log.path())
+        .env("VM_QUIET", "1")
+        .env("VM_TIMEOUT", &timeout)
+        .output()
+        .map_err(|e| format!("cannot run vm-run.sh: {e}"))?;
+    let serial = std::fs::read_to_string(log.path()).unwrap_or_default();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!(
+        "vm_boot {mode} {tag} on {} ({format}, cache={cache}): {} in {:.1}s",
+        disk.display(),
+        out.status,
+        started.elapsed().as_secs_f64()
+    );
+    if out.status.success() {
+        Ok(serial)
+    } else {
+        Err(format!(
+            "vm-run.sh {mode} failed ({}):\n{stderr}\n--- serial log ---\n{serial}",
+            out.status
+        ))
+    }
+}
+
+/// The value after a marker, e.g. `marker_value(log, "WROTE")` is the sha256
+/// from `VDREP-GUEST: WROTE <sha256>`.
+pub fn marker_value(serial: &str, marker: &str) -> Option<String> {
+    let needle = format!("VDREP-GUEST: {marker} ");
+    serial.lines().rev().find_map(|line| {
+        line.find(&needle)
+            .map(|i| line[i + needle.len()..].trim().to_string())
+    })
+}

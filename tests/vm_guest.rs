@@ -1,0 +1,59 @@
+//! Boots the tiny test VM on plain VHDs (no vdrep in the path): the baseline
+//! that the same runs over a `vdrep mount` are compared with.
+mod common;
+
+use common::*;
+use std::path::Path;
+
+fn write_then_check(dir: &Path, cache: &str) {
+    let disk = dir.join(format!("disk-{cache}.vhd"));
+    make_vhd(&disk, 64).expect("make vhd");
+    let tag = format!("plain-{cache}");
+
+    let wrote = vm_boot(&disk, MODE_WRITE, &tag, "vpc", cache).unwrap_or_else(|e| panic!("{e}"));
+    let hash = marker_value(&wrote, "WROTE").expect("WROTE marker");
+    assert_eq!(hash.len(), 64, "sha256 in {wrote}");
+
+    let checked = vm_boot(&disk, MODE_CHECK, &tag, "vpc", cache).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        marker_value(&checked, "CHECK OK").as_deref(),
+        Some(hash.as_str())
+    );
+
+    // A plain copy of the image carries the file system and the proof file.
+    let copy = dir.join(format!("copy-{cache}.vhd"));
+    std::fs::copy(&disk, &copy).expect("copy vhd");
+    let checked = vm_boot(&copy, MODE_CHECK, &tag, "vpc", cache).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        marker_value(&checked, "CHECK OK").as_deref(),
+        Some(hash.as_str())
+    );
+
+    // The check must really check: a wrong tag fails.
+    let wrong = vm_boot(&copy, MODE_CHECK, "some-other-tag", "vpc", cache);
+    let err = wrong.expect_err("check with the wrong tag must fail");
+    assert!(err.contains("CHECK FAIL"), "{err}");
+}
+
+#[test]
+fn vm_plain_vhd_cache_none() {
+    if skip_without_vm("vm_plain_vhd_cache_none") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_then_check(dir.path(), "none");
+}
+
+#[test]
+fn vm_plain_vhd_cache_writeback() {
+    if skip_without_vm("vm_plain_vhd_cache_writeback") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_then_check(dir.path(), "writeback");
+}
+
+#[test]
+fn vdrep_binary_is_built() {
+    assert!(vdrep_bin().exists(), "{}", vdrep_bin().display());
+}
