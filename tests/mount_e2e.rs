@@ -36,7 +36,19 @@ fn qemu_io_and_fio_through_the_mount_are_reproduced_by_logs() {
     let vm = tmp.path().join("vm");
     std::fs::create_dir(&vm).unwrap();
     let disk = vm.join("disk.vhd");
-    run("qemu-img", &["create", "-q", "-f", "vpc", "-o", "subformat=fixed", disk.to_str().unwrap(), "64M"]);
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vpc",
+            "-o",
+            "subformat=fixed",
+            disk.to_str().unwrap(),
+            "64M",
+        ],
+    );
     let mut m = Mounted::new(&vm, &[]);
     let base0 = tmp.path().join("base0.vhd");
     std::fs::copy(&disk, &base0).unwrap();
@@ -52,20 +64,43 @@ fn qemu_io_and_fio_through_the_mount_are_reproduced_by_logs() {
     run(
         "fio",
         &[
-            "--name=verify", &format!("--filename={}", data.display()), "--size=16M",
-            "--rw=randwrite", "--bs=4k", "--ioengine=psync", "--direct=1",
-            "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--randseed=7",
+            "--name=verify",
+            &format!("--filename={}", data.display()),
+            "--size=16M",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--ioengine=psync",
+            "--direct=1",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+            "--randseed=7",
         ],
     );
     let c2 = m.cut();
     assert_eq!(c2.len(), 2, "{c2:?}");
-    qemu_io(&disk, &["write -P 0x77 7M 1M", "write -P 0x01 100k 3k", "write -z 1M 32k"]);
+    qemu_io(
+        &disk,
+        &[
+            "write -P 0x77 7M 1M",
+            "write -P 0x01 100k 3k",
+            "write -z 1M 32k",
+        ],
+    );
     run(
         "fio",
         &[
-            "--name=verify2", &format!("--filename={}", data.display()), "--size=16M",
-            "--rw=randrw", "--bs=16k", "--ioengine=psync", "--verify=md5",
-            "--verify_fatal=1", "--do_verify=1", "--randseed=9", "--end_fsync=1",
+            "--name=verify2",
+            &format!("--filename={}", data.display()),
+            "--size=16M",
+            "--rw=randrw",
+            "--bs=16k",
+            "--ioengine=psync",
+            "--verify=md5",
+            "--verify_fatal=1",
+            "--do_verify=1",
+            "--randseed=9",
+            "--end_fsync=1",
         ],
     );
     let c3 = m.cut();
@@ -74,14 +109,41 @@ fn qemu_io_and_fio_through_the_mount_are_reproduced_by_logs() {
     // data.img was created through the mount after cut 1: its base is empty.
     let data_copy = tmp.path().join("data.copy");
     std::fs::write(&data_copy, b"").unwrap();
-    apply(&[log_for(&c2, "data.img"), log_for(&c3, "data.img")], &data_copy);
-    run("cmp", &[data_copy.to_str().unwrap(), data.to_str().unwrap()]);
+    apply(
+        &[log_for(&c2, "data.img"), log_for(&c3, "data.img")],
+        &data_copy,
+    );
+    run(
+        "cmp",
+        &[data_copy.to_str().unwrap(), data.to_str().unwrap()],
+    );
 
-    apply(&[log_for(&c1, "disk.vhd"), log_for(&c2, "disk.vhd"), log_for(&c3, "disk.vhd")], &base0);
-    apply(&[log_for(&c2, "disk.vhd"), log_for(&c3, "disk.vhd")], &base1);
+    apply(
+        &[
+            log_for(&c1, "disk.vhd"),
+            log_for(&c2, "disk.vhd"),
+            log_for(&c3, "disk.vhd"),
+        ],
+        &base0,
+    );
+    apply(
+        &[log_for(&c2, "disk.vhd"), log_for(&c3, "disk.vhd")],
+        &base1,
+    );
     for b in [&base0, &base1] {
         run("cmp", &[b.to_str().unwrap(), disk.to_str().unwrap()]);
-        let out = run("qemu-img", &["compare", "-f", "vpc", "-F", "vpc", b.to_str().unwrap(), disk.to_str().unwrap()]);
+        let out = run(
+            "qemu-img",
+            &[
+                "compare",
+                "-f",
+                "vpc",
+                "-F",
+                "vpc",
+                b.to_str().unwrap(),
+                disk.to_str().unwrap(),
+            ],
+        );
         assert!(out.contains("identical"), "{out}");
     }
     m.umount();
@@ -179,7 +241,11 @@ fn concurrent_writer(direct: bool) {
     }
     stop.store(true, Ordering::SeqCst);
     let blocks = h.join().unwrap();
-    assert!(blocks.len() > 100, "writer made too little progress: {}", blocks.len());
+    assert!(
+        blocks.len() > 100,
+        "writer made too little progress: {}",
+        blocks.len()
+    );
     let mut prev = 0u64;
     for (i, (log, before, after)) in cuts.iter().enumerate() {
         apply(std::slice::from_ref(log), &copy);
@@ -194,11 +260,18 @@ fn concurrent_writer(direct: bool) {
                 assert!(blk.iter().all(|&x| x == 0), "cut {i}: torn block {b}");
                 continue;
             }
-            assert_eq!(blk, &stamp(1, seq, b as u64)[..], "cut {i}: torn or misplaced block {b}");
+            assert_eq!(
+                blk,
+                &stamp(1, seq, b as u64)[..],
+                "cut {i}: torn or misplaced block {b}"
+            );
             seen[b] = seq;
             maxseq = maxseq.max(seq);
         }
-        assert!(maxseq <= *after, "cut {i}: holds write {maxseq}, started after the cut returned ({after})");
+        assert!(
+            maxseq <= *after,
+            "cut {i}: holds write {maxseq}, started after the cut returned ({after})"
+        );
         // Every write acknowledged before the cut was requested is present:
         // for each block, the last write to it with seq <= before must be
         // there (or a later one).
@@ -207,7 +280,12 @@ fn concurrent_writer(direct: bool) {
             last_before[*blk as usize] = s as u64 + 1;
         }
         for b in 0..BLOCKS as usize {
-            assert!(seen[b] >= last_before[b], "cut {i}: block {b} lost acknowledged write {} (has {})", last_before[b], seen[b]);
+            assert!(
+                seen[b] >= last_before[b],
+                "cut {i}: block {b} lost acknowledged write {} (has {})",
+                last_before[b],
+                seen[b]
+            );
         }
         if direct {
             // O_DIRECT: the cut is exactly a prefix of the writes.
@@ -233,12 +311,19 @@ fn kill9_then_remount_marks_resync_required() {
     std::fs::write(vm.join("k.img"), vec![0u8; 4 << 20]).unwrap();
     let mut m = Mounted::new(&vm, &[]);
     {
-        let f = OpenOptions::new().write(true).open(vm.join("k.img")).unwrap();
+        let f = OpenOptions::new()
+            .write(true)
+            .open(vm.join("k.img"))
+            .unwrap();
         f.write_all_at(&[0xabu8; 65536], 1 << 20).unwrap();
         f.sync_all().unwrap();
     }
     let pid = m.daemon_pid();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     for _ in 0..100 {
         if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
             break;
@@ -251,7 +336,10 @@ fn kill9_then_remount_marks_resync_required() {
     assert!(!is_mountpoint(&vm));
     let back = std::fs::read(vm.join("k.img")).unwrap();
     assert_eq!(back.len(), 4 << 20);
-    assert!(back[1 << 20..(1 << 20) + 65536].iter().all(|&b| b == 0xab), "fsynced data lost");
+    assert!(
+        back[1 << 20..(1 << 20) + 65536].iter().all(|&b| b == 0xab),
+        "fsynced data lost"
+    );
     m = Mounted::new(&vm, &[]);
     let st = m.status_json();
     assert_eq!(st["previous_stop_clean"], false);
@@ -294,7 +382,13 @@ fn clean_remount_keeps_tracking() {
         .unwrap();
     let logs = m.cut();
     apply(&logs, &copy);
-    run("cmp", &[copy.to_str().unwrap(), vm.join("sub/r.raw").to_str().unwrap()]);
+    run(
+        "cmp",
+        &[
+            copy.to_str().unwrap(),
+            vm.join("sub/r.raw").to_str().unwrap(),
+        ],
+    );
     // A change behind vdrep's back while unmounted is noticed.
     m.umount();
     std::fs::OpenOptions::new()
@@ -333,13 +427,29 @@ fn corrupt_and_truncated_logs_are_refused_by_the_cli() {
     let bad = tmp.path().join("bad.hrl");
     let try_apply = |bytes: &[u8], what: &str| {
         std::fs::write(&bad, bytes).unwrap();
-        let o = vdrep(&["hrl", "apply", bad.to_str().unwrap(), copy.to_str().unwrap()]);
+        let o = vdrep(&[
+            "hrl",
+            "apply",
+            bad.to_str().unwrap(),
+            copy.to_str().unwrap(),
+        ]);
         assert!(!o.status.success(), "{what}: a damaged log was applied");
-        assert!(!String::from_utf8_lossy(&o.stderr).is_empty(), "{what}: no error message");
+        assert!(
+            !String::from_utf8_lossy(&o.stderr).is_empty(),
+            "{what}: no error message"
+        );
         assert_eq!(std::fs::read(&copy).unwrap(), orig, "{what}: image changed");
         assert!(!PathBuf::from(format!("{}.vdrep-state", copy.display())).exists());
     };
-    for pos in [0, 9, 40, 100, good.len() / 2, good.len() - 30, good.len() - 1] {
+    for pos in [
+        0,
+        9,
+        40,
+        100,
+        good.len() / 2,
+        good.len() - 30,
+        good.len() - 1,
+    ] {
         let mut b = good.clone();
         b[pos] ^= 0x10;
         try_apply(&b, &format!("flip at {pos}"));
@@ -351,7 +461,10 @@ fn corrupt_and_truncated_logs_are_refused_by_the_cli() {
     assert!(!o.status.success());
     // The intact log still applies.
     apply(&[log], &copy);
-    run("cmp", &[copy.to_str().unwrap(), vm.join("c.img").to_str().unwrap()]);
+    run(
+        "cmp",
+        &[copy.to_str().unwrap(), vm.join("c.img").to_str().unwrap()],
+    );
 }
 
 /// Unmount refuses while a file is open, then succeeds once it is closed.
@@ -365,7 +478,11 @@ fn umount_busy_is_reported() {
     let f = std::fs::File::create(vm.join("open.img")).unwrap();
     let o = vdrep(&["umount", vm.to_str().unwrap()]);
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("busy"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("busy"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert!(is_mountpoint(&vm));
     drop(f);
     m.umount();

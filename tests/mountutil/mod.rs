@@ -99,7 +99,12 @@ impl Mounted {
         let o = vdrep(&["status", self.dir.to_str().unwrap()]);
         let s = String::from_utf8_lossy(&o.stdout);
         let i = s.find("daemon pid ").unwrap() + "daemon pid ".len();
-        s[i..].split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+        s[i..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
     }
 }
 
