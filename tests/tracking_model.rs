@@ -395,3 +395,126 @@ fn concurrent_writers_cuts_are_one_instant_across_disks() {
     }
     let _ = File::open(dir); // keep tmp alive to here
 }
+
+/// Initial replication: a whole-disk cycle is streamed as of its cut while a
+/// writer keeps going; the stream is interrupted (a "network" failure) and
+/// resumed from where it stopped with a new cut; after the next delta log
+/// the copy equals the live disk.
+#[test]
+fn initial_copy_streams_as_of_cut_and_resumes_after_interruption() {
+    use std::collections::HashMap;
+    use vdrep::tracking::CutSelect;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let size: usize = 8 << 20;
+    let init: Vec<u8> = (0..size).map(|i| (i / 4096 * 31 + i % 7) as u8).collect();
+    std::fs::write(dir.join("v.img"), &init).unwrap();
+    let t = Arc::new(tracker(dir, 4096));
+    let file = Arc::new(
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dir.join("v.img"))
+            .unwrap(),
+    );
+    let disk = t.attach(Path::new("v.img"), &file).unwrap().unwrap();
+    // A hole in the middle (read as zeros, not read at all by the stream).
+    disk.fallocate(
+        &file,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        5 << 20,
+        1 << 20,
+    )
+    .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let h = {
+        let (disk, file, stop) = (disk.clone(), file.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut x = 88172645463325252u64;
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let off = (x % (size as u64 - 10_000)) & !511;
+                disk.write_at(&file, off, &[(n % 251) as u8 + 1; 3000])
+                    .unwrap();
+                n += 1;
+                if n % 64 == 0 {
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+            }
+        })
+    };
+    let replica = dir.join("replica");
+    let rf = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&replica)
+        .unwrap();
+    let write_sink = |off: u64, data: &[u8]| -> Result<(), String> {
+        if data.iter().all(|&b| b == 0) {
+            // zero range: extend/punch like a receiver would
+            let end = off + data.len() as u64;
+            if rf.metadata().unwrap().len() < end {
+                rf.set_len(end).unwrap();
+            }
+            rf.write_all_at(data, off).unwrap();
+        } else {
+            rf.write_all_at(data, off).unwrap();
+        }
+        Ok(())
+    };
+    use std::os::unix::fs::FileExt;
+    // First attempt dies at 3 MiB.
+    let s1 = t
+        .seal(&CutSelect {
+            disks: Some(vec!["v.img".into()]),
+            full_from: HashMap::from([("v.img".to_string(), 0)]),
+        })
+        .unwrap();
+    assert_eq!(s1.cycles.len(), 1);
+    let sc1 = s1.cycles.into_iter().next().unwrap();
+    assert_eq!(sc1.full_from, Some(0));
+    let mut reached = 0u64;
+    let r = sc1.stream(0, &mut |off, data| {
+        if off >= 3 << 20 {
+            return Err("network down".into());
+        }
+        write_sink(off, data)?;
+        reached = off + data.len() as u64;
+        Ok(())
+    });
+    assert!(r.is_err());
+    assert_eq!(reached, 3 << 20);
+    t.finish(sc1, false).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    // Resume: everything from 3 MiB, plus whatever changed before it.
+    let s2 = t
+        .seal(&CutSelect {
+            disks: Some(vec!["v.img".into()]),
+            full_from: HashMap::from([("v.img".to_string(), reached)]),
+        })
+        .unwrap();
+    let sc2 = s2.cycles.into_iter().next().unwrap();
+    let size2 = sc2.header.disk_size;
+    sc2.stream(0, &mut |off, data| write_sink(off, data))
+        .unwrap();
+    rf.set_len(size2).unwrap();
+    t.finish(sc2, true).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    stop.store(true, Ordering::Relaxed);
+    h.join().unwrap();
+    let c = t.cut().unwrap();
+    assert_eq!(
+        c.disks[0].base_cycle, s2.cycle,
+        "the delta continues from the resumed copy"
+    );
+    apply_all(&[c.disks[0].log.clone().unwrap()], &replica);
+    assert!(
+        std::fs::read(&replica).unwrap() == std::fs::read(dir.join("v.img")).unwrap(),
+        "replica differs from the disk after initial copy + resume + delta"
+    );
+}

@@ -48,6 +48,10 @@ pub const STATE_DIR: &str = ".vdrep";
 /// Largest run handed to the log writer at once.
 const CHUNK_BYTES: u64 = 1 << 20;
 
+/// Copy-before-write memory cap per sealed cycle: past it the cycle is
+/// abandoned (its bits go back to the live bitmap) rather than eat RAM.
+const MAX_SAVED_BYTES: u64 = 512 << 20;
+
 /// Options that decide what is tracked and how finely.
 #[derive(Debug, Clone)]
 pub struct TrackConfig {
@@ -522,119 +526,233 @@ impl Tracker {
     /// why). Call after flushing the kernel's write-back cache (the daemon
     /// does `syncfs` on the mount first).
     pub fn cut(&self) -> Result<CutReport, TrackError> {
+        let sealed = self.seal(&CutSelect::default())?;
+        let mut entries = sealed.skipped;
+        for sc in sealed.cycles {
+            entries.push(self.write_log(sc));
+        }
+        entries.sort_by(|a, b| a.disk.cmp(&b.disk));
+        Ok(CutReport {
+            cycle: sealed.cycle,
+            cut_unix_ns: sealed.cut_unix_ns,
+            disks: entries,
+        })
+    }
+
+    /// Seal the selected disks at one instant (the cut lock is held only to
+    /// swap bitmaps). Each returned [`SealedCycle`] must be handed back to
+    /// [`Tracker::finish`] (or [`Tracker::write_log`]) once streamed.
+    pub fn seal(&self, select: &CutSelect) -> Result<Sealed, TrackError> {
         let mut mm = self.cut_serial.lock();
         let cycle = mm.cut_seq + 1;
         let cut_ns = now_ns();
-        let mut work = Vec::new();
-        let mut entries = Vec::new();
+        let mut cycles = Vec::new();
+        let mut skipped = Vec::new();
         {
             let _instant = self.shared.cut_lock.write();
             let disks = self.disks.lock();
             let mut names: Vec<&String> = disks.keys().collect();
             names.sort();
             for name in names {
+                if let Some(sel) = &select.disks {
+                    if !sel.iter().any(|s| s == name) {
+                        continue;
+                    }
+                }
                 let d = &disks[name];
                 let meta = d.meta.lock().clone();
+                let skip = |why: String| CutEntry {
+                    disk: name.clone(),
+                    cycle,
+                    base_cycle: meta.cycle,
+                    log: None,
+                    dirty_blocks: d.dirty.read().count(),
+                    log_bytes: 0,
+                    error: Some(why),
+                };
                 if let DiskState::ResyncRequired(why) = &meta.state {
-                    entries.push(CutEntry {
-                        disk: name.clone(),
-                        cycle,
-                        base_cycle: meta.cycle,
-                        log: None,
-                        dirty_blocks: d.dirty.read().count(),
-                        log_bytes: 0,
-                        error: Some(format!("resync required: {why}")),
-                    });
+                    skipped.push(skip(format!("resync required: {why}")));
+                    continue;
+                }
+                if d.sealing.lock().is_some() {
+                    skipped.push(skip(
+                        "the previous cycle of this disk is still being written or shipped".into(),
+                    ));
                     continue;
                 }
                 let size = match d.reader.metadata() {
                     Ok(m) => m.len(),
                     Err(e) => {
-                        entries.push(CutEntry {
-                            disk: name.clone(),
-                            cycle,
-                            base_cycle: meta.cycle,
-                            log: None,
-                            dirty_blocks: 0,
-                            log_bytes: 0,
-                            error: Some(format!("cannot stat the disk: {e}")),
-                        });
+                        skipped.push(skip(format!("cannot stat the disk: {e}")));
                         continue;
                     }
                 };
                 let bs = self.shared.block_size;
-                let sealed =
-                    std::mem::replace(&mut *d.dirty.write(), Bitmap::new(size.div_ceil(bs)));
+                let nblocks = size.div_ceil(bs);
+                let sealed = std::mem::replace(&mut *d.dirty.write(), Bitmap::new(nblocks));
+                let full_from = select.full_from.get(name).copied();
+                if let Some(from) = full_from {
+                    if from / bs < nblocks {
+                        sealed.set_range(from / bs, nblocks - 1);
+                    }
+                }
                 let s = Arc::new(Sealing {
                     dirty: sealed,
                     size,
-                    state: Mutex::new(SealState::default()),
+                    state: Mutex::new(SealState {
+                        captured: Bitmap::new(nblocks),
+                        ..SealState::default()
+                    }),
                 });
                 *d.sealing.lock() = Some(s.clone());
-                work.push((name.clone(), d.clone(), s, meta));
-            }
-        }
-        for (name, d, s, meta) in work {
-            let header = HrlHeader {
-                disk_id: d.id,
-                disk_name: name.clone(),
-                cycle,
-                base_cycle: meta.cycle,
-                block_size: self.shared.block_size as u32,
-                base_size: meta.size,
-                disk_size: s.size,
-                cut_unix_ns: cut_ns,
-            };
-            let rel = StateDir::log_rel(&meta.folder, cycle);
-            let dirty_blocks = s.dirty.count();
-            let result = d.materialize(&self.state, &rel, &header, &s);
-            *d.sealing.lock() = None;
-            match result {
-                Ok(bytes) => {
-                    let m = {
-                        let mut m = d.meta.lock();
-                        m.cycle = cycle;
-                        m.size = s.size;
-                        m.clone()
-                    };
-                    let saved = self.save_meta(&m);
-                    entries.push(CutEntry {
-                        disk: name,
+                cycles.push(SealedCycle {
+                    header: HrlHeader {
+                        disk_id: d.id,
+                        disk_name: name.clone(),
                         cycle,
                         base_cycle: meta.cycle,
-                        log: Some(self.root_path.join(&rel)),
-                        dirty_blocks,
-                        log_bytes: bytes,
-                        error: saved
-                            .err()
-                            .map(|e| format!("log written but state not saved: {e}")),
-                    });
-                }
-                Err(e) => {
-                    // Keep every change for the next cut: same base, union of bits.
-                    d.dirty.write().merge_from(&s.dirty);
-                    tracing::error!(disk = %name, "cut {cycle}: {e}; changes kept for the next cut");
-                    entries.push(CutEntry {
-                        disk: name,
-                        cycle,
-                        base_cycle: meta.cycle,
-                        log: None,
-                        dirty_blocks,
-                        log_bytes: 0,
-                        error: Some(format!("{e}; changes kept for the next cut")),
-                    });
-                }
+                        block_size: bs as u32,
+                        base_size: meta.size,
+                        disk_size: size,
+                        cut_unix_ns: cut_ns,
+                    },
+                    folder: meta.folder.clone(),
+                    full_from,
+                    disk: d.clone(),
+                    sealing: s,
+                });
             }
         }
         mm.cut_seq = cycle;
         self.state
             .write_json(Path::new("mount.json"), &*mm)
             .map_err(|e| io_state(&self.root_path.join(STATE_DIR), e))?;
-        Ok(CutReport {
+        Ok(Sealed {
             cycle,
             cut_unix_ns: cut_ns,
-            disks: entries,
+            cycles,
+            skipped,
         })
+    }
+
+    /// Record the outcome of a sealed cycle. On success the disk's base moves
+    /// to this cycle; on failure every sealed bit goes back into the live
+    /// bitmap so the next cycle (same base) still carries all changes.
+    pub fn finish(&self, sc: SealedCycle, ok: bool) -> Result<(), TrackError> {
+        let d = &sc.disk;
+        *d.sealing.lock() = None;
+        if !ok {
+            d.dirty.write().merge_from(&sc.sealing.dirty);
+            return Ok(());
+        }
+        let m = {
+            let mut m = d.meta.lock();
+            m.cycle = sc.header.cycle;
+            m.size = sc.header.disk_size;
+            m.clone()
+        };
+        self.save_meta(&m)
+            .map_err(|e| io_state(&self.root_path.join(STATE_DIR), e))
+    }
+
+    /// Write a sealed cycle as a `.hrl` in the disk's state folder.
+    pub fn write_log(&self, sc: SealedCycle) -> CutEntry {
+        let rel = StateDir::log_rel(&sc.folder, sc.header.cycle);
+        let shown = self.root_path.join(&rel);
+        let real = PathBuf::from(format!(
+            "/proc/self/fd/{}/{}",
+            self.state.root_fd().as_raw_fd(),
+            rel.display()
+        ));
+        let dirty_blocks = sc.dirty_blocks();
+        let mut entry = CutEntry {
+            disk: sc.header.disk_name.clone(),
+            cycle: sc.header.cycle,
+            base_cycle: sc.header.base_cycle,
+            log: None,
+            dirty_blocks,
+            log_bytes: 0,
+            error: None,
+        };
+        let result = (|| -> Result<u64, String> {
+            let mut w = HrlWriter::create(&real, &sc.header)
+                .map_err(|e| format!("cannot create {}: {e}", shown.display()))?;
+            sc.stream(0, &mut |off, data| {
+                w.append(off, data)
+                    .map_err(|e| format!("writing {}: {e}", shown.display()))
+            })?;
+            let sum = w
+                .finish()
+                .map_err(|e| format!("sealing {}: {e}", shown.display()))?;
+            Ok(sum.file_bytes)
+        })();
+        match result {
+            Ok(bytes) => {
+                entry.log = Some(shown);
+                entry.log_bytes = bytes;
+                if let Err(e) = self.finish(sc, true) {
+                    entry.error = Some(format!("log written but state not saved: {e}"));
+                }
+            }
+            Err(e) => {
+                tracing::error!(disk = %entry.disk, "cut {}: {e}; changes kept for the next cut", entry.cycle);
+                entry.error = Some(format!("{e}; changes kept for the next cut"));
+                let _ = self.finish(sc, false);
+            }
+        }
+        entry
+    }
+
+    /// Sealed logs of `disk` still in its state folder, oldest first.
+    pub fn pending_logs(&self, disk: &str) -> Vec<(u64, PathBuf)> {
+        let folder = match self.disks.lock().get(disk) {
+            Some(d) => d.meta.lock().folder.clone(),
+            None => return Vec::new(),
+        };
+        let dir = Path::new(STATE_DIR).join("disks").join(&folder);
+        let Ok(d) = self
+            .state
+            .openat(&dir, libc::O_RDONLY | libc::O_DIRECTORY, 0)
+        else {
+            return Vec::new();
+        };
+        let mut v: Vec<(u64, PathBuf)> = state::list_dir(d)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|n| {
+                let c = n.strip_suffix(".hrl")?.parse::<u64>().ok()?;
+                Some((c, self.root_path.join(&dir).join(n)))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// A path under the folder as the daemon itself must open it (through
+    /// the pre-mount descriptor, never through the mount).
+    pub fn private_path(&self, shown: &Path) -> Option<PathBuf> {
+        let rel = shown.strip_prefix(&self.root_path).ok()?;
+        Some(PathBuf::from(format!(
+            "/proc/self/fd/{}/{}",
+            self.state.root_fd().as_raw_fd(),
+            rel.display()
+        )))
+    }
+
+    /// Names of the tracked disks.
+    pub fn disk_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.disks.lock().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Identity of a tracked disk (id, size, block size, state).
+    pub fn disk_info(&self, name: &str) -> Option<(String, u64, u32, DiskState)> {
+        let disks = self.disks.lock();
+        let d = disks.get(name)?;
+        let m = d.meta.lock();
+        let size = d.reader.metadata().map(|x| x.len()).unwrap_or(m.size);
+        Some((m.id.clone(), size, m.block_size, m.state.clone()))
     }
 
     pub fn status(&self) -> TrackerStatus {
@@ -694,13 +812,75 @@ impl Tracker {
     }
 }
 
+/// Which disks a cut seals, and which are sealed whole (initial copy).
+#[derive(Debug, Clone, Default)]
+pub struct CutSelect {
+    /// Only these disks (all if `None`).
+    pub disks: Option<Vec<String>>,
+    /// Disk name -> offset: every block from that offset to the end is part
+    /// of the sealed cycle (initial replication, or its resumption: blocks
+    /// before the offset reached the replica earlier, and their later
+    /// changes are in the live bitmap, which is sealed too).
+    pub full_from: HashMap<String, u64>,
+}
+
+/// The outcome of [`Tracker::seal`].
+pub struct Sealed {
+    pub cycle: u64,
+    pub cut_unix_ns: u64,
+    pub cycles: Vec<SealedCycle>,
+    /// Disks that were selected but not sealed, with the reason.
+    pub skipped: Vec<CutEntry>,
+}
+
+/// One disk's sealed cycle: readable as of the cut while the VM writes on.
+pub struct SealedCycle {
+    pub header: HrlHeader,
+    /// Set when the cycle covers every block from this offset on.
+    pub full_from: Option<u64>,
+    folder: String,
+    disk: Arc<TrackedDisk>,
+    sealing: Arc<Sealing>,
+}
+
+impl SealedCycle {
+    pub fn dirty_blocks(&self) -> u64 {
+        self.sealing.dirty.count()
+    }
+
+    /// Bytes of disk the cycle covers.
+    pub fn dirty_bytes(&self) -> u64 {
+        let bs = u64::from(self.header.block_size);
+        let nblocks = self.sealing.size.div_ceil(bs);
+        self.sealing
+            .dirty
+            .runs(nblocks)
+            .iter()
+            .map(|&(s, n)| ((s + n) * bs).min(self.sealing.size) - s * bs)
+            .sum()
+    }
+
+    /// Feed `sink` with the content as of the cut of every block of the
+    /// cycle at or after `from`, in ascending order, in runs of at most
+    /// 1 MiB. Ranges that were holes at the cut are passed as zeros without
+    /// reading them.
+    pub fn stream(
+        &self,
+        from: u64,
+        sink: &mut dyn FnMut(u64, &[u8]) -> Result<(), String>,
+    ) -> Result<(), String> {
+        self.disk.stream_sealed(&self.sealing, from, sink)
+    }
+}
+
 #[derive(Default)]
 struct SealState {
     /// Blocks whose as-of-cut content is already accounted for (saved below
     /// or already read into the log).
-    captured: HashMap<u64, ()>,
+    captured: Bitmap,
     /// Pre-images saved by writers, consumed by the materialiser.
     saved: HashMap<u64, Vec<u8>>,
+    saved_bytes: u64,
     /// A copy-before-write read failed: this cycle cannot be materialised.
     failed: Option<String>,
 }
@@ -770,12 +950,12 @@ impl TrackedDisk {
         }
         let mut b = first;
         while b <= last {
-            if !s.dirty.get(b) || st.captured.contains_key(&b) {
+            if !s.dirty.get(b) || st.captured.get(b) {
                 b += 1;
                 continue;
             }
             let mut e = b;
-            while e < last && s.dirty.get(e + 1) && !st.captured.contains_key(&(e + 1)) {
+            while e < last && s.dirty.get(e + 1) && !st.captured.get(e + 1) {
                 e += 1;
             }
             let mut buf = vec![0u8; ((e - b + 1) * bs) as usize];
@@ -783,10 +963,18 @@ impl TrackedDisk {
                 st.failed = Some(format!("copy-before-write read failed: {err}"));
                 return;
             }
+            st.captured.set_range(b, e);
+            st.saved_bytes += buf.len() as u64;
             for (i, chunk) in buf.chunks(bs as usize).enumerate() {
-                let blk = b + i as u64;
-                st.captured.insert(blk, ());
-                st.saved.insert(blk, chunk.to_vec());
+                st.saved.insert(b + i as u64, chunk.to_vec());
+            }
+            if st.saved_bytes > MAX_SAVED_BYTES {
+                st.failed = Some(format!(
+                    "more than {} MiB changed while the cycle was being read; it will be retried",
+                    MAX_SAVED_BYTES >> 20
+                ));
+                st.saved.clear();
+                return;
             }
             b = e + 1;
         }
@@ -874,32 +1062,36 @@ impl TrackedDisk {
         res
     }
 
-    /// Stream the sealed cycle into a log at `rel`; returns the log size.
-    fn materialize(
+    /// Is `[off, off+len)` entirely a hole of the backing file right now?
+    fn is_hole(&self, off: u64, len: u64) -> bool {
+        // SAFETY: valid fd; lseek has no memory effects.
+        let r =
+            unsafe { libc::lseek(self.reader.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
+        if r < 0 {
+            // ENXIO: no data at or after `off`.
+            return io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+        }
+        r as u64 >= off + len
+    }
+
+    fn stream_sealed(
         &self,
-        state: &StateDir,
-        rel: &Path,
-        header: &HrlHeader,
         s: &Sealing,
-    ) -> Result<u64, String> {
+        from: u64,
+        sink: &mut dyn FnMut(u64, &[u8]) -> Result<(), String>,
+    ) -> Result<(), String> {
         let bs = self.bs();
-        let final_path = state.display.parent().unwrap_or(Path::new("/")).join(rel);
-        // The writer needs a real path; reach it through /proc and the root fd.
-        let real = PathBuf::from(format!(
-            "/proc/self/fd/{}/{}",
-            state.root_fd().as_raw_fd(),
-            rel.display()
-        ));
-        let mut w = HrlWriter::create(&real, header)
-            .map_err(|e| format!("cannot create {}: {e}", final_path.display()))?;
         let nblocks = s.size.div_ceil(bs);
         let per_chunk = (CHUNK_BYTES / bs).max(1);
+        let first_block = from / bs;
+        let mut buf = Vec::new();
         for (start, count) in s.dirty.runs(nblocks) {
             let end = start + count;
-            let mut b = start;
+            let mut b = start.max(first_block);
             while b < end {
                 let ce = (b + per_chunk).min(end);
-                let mut buf = vec![0u8; ((ce - b) * bs) as usize];
+                buf.clear();
+                buf.resize(((ce - b) * bs) as usize, 0);
                 {
                     let mut st = s.state.lock();
                     if let Some(f) = &st.failed {
@@ -909,41 +1101,40 @@ impl TrackedDisk {
                     while i < ce {
                         let o = ((i - b) * bs) as usize;
                         if let Some(saved) = st.saved.remove(&i) {
+                            st.saved_bytes -= saved.len() as u64;
                             buf[o..o + saved.len()].copy_from_slice(&saved);
                             i += 1;
                             continue;
                         }
-                        if st.captured.contains_key(&i) {
+                        if st.captured.get(i) {
                             i += 1;
                             continue;
                         }
                         let mut j = i;
                         while j + 1 < ce
-                            && !st.captured.contains_key(&(j + 1))
+                            && !st.captured.get(j + 1)
                             && !st.saved.contains_key(&(j + 1))
                         {
                             j += 1;
                         }
                         let oe = ((j + 1 - b) * bs) as usize;
-                        read_full_at(&self.reader, &mut buf[o..oe], i * bs)
-                            .map_err(|e| format!("reading the disk at block {i}: {e}"))?;
-                        for k in i..=j {
-                            st.captured.insert(k, ());
+                        // Uncaptured blocks are unchanged since the cut (a
+                        // writer captures under this lock before writing).
+                        if !self.is_hole(i * bs, (j + 1 - i) * bs) {
+                            read_full_at(&self.reader, &mut buf[o..oe], i * bs)
+                                .map_err(|e| format!("reading the disk at block {i}: {e}"))?;
                         }
+                        st.captured.set_range(i, j);
                         i = j + 1;
                     }
                 }
                 let off = b * bs;
                 let len = (ce * bs).min(s.size) - off;
-                w.append(off, &buf[..len as usize])
-                    .map_err(|e| format!("writing {}: {e}", final_path.display()))?;
+                sink(off, &buf[..len as usize])?;
                 b = ce;
             }
         }
-        let sum = w
-            .finish()
-            .map_err(|e| format!("sealing {}: {e}", final_path.display()))?;
-        Ok(sum.file_bytes)
+        Ok(())
     }
 
     pub fn name(&self) -> String {
