@@ -591,13 +591,18 @@ impl Tracker {
                 let nblocks = size.div_ceil(bs);
                 let sealed = std::mem::replace(&mut *d.dirty.write(), Bitmap::new(nblocks));
                 let full_from = select.full_from.get(name).copied();
+                // What really changed, to give back if the cycle fails (the
+                // artificial whole-disk range is the caller's to resume).
+                let mut real_changes = None;
                 if let Some(from) = full_from {
+                    real_changes = Bitmap::from_words(sealed.len(), &sealed.to_words());
                     if from / bs < nblocks {
                         sealed.set_range(from / bs, nblocks - 1);
                     }
                 }
                 let s = Arc::new(Sealing {
                     dirty: sealed,
+                    real_changes,
                     size,
                     state: Mutex::new(SealState {
                         captured: Bitmap::new(nblocks),
@@ -642,7 +647,12 @@ impl Tracker {
         let d = &sc.disk;
         *d.sealing.lock() = None;
         if !ok {
-            d.dirty.write().merge_from(&sc.sealing.dirty);
+            let give_back = sc
+                .sealing
+                .real_changes
+                .as_ref()
+                .unwrap_or(&sc.sealing.dirty);
+            d.dirty.write().merge_from(give_back);
             return Ok(());
         }
         let m = {
@@ -888,6 +898,8 @@ struct SealState {
 /// A sealed cycle being written into its log.
 struct Sealing {
     dirty: Bitmap,
+    /// For whole-disk cycles: the bits that were really dirty at the cut.
+    real_changes: Option<Bitmap>,
     /// Disk size at the cut.
     size: u64,
     state: Mutex<SealState>,
