@@ -19,3 +19,5 @@ pub mod daemon;
 pub mod fs;
 pub mod hrl;
 pub mod tracking;
+pub mod transport;
+pub mod wire;

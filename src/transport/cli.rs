@@ -1,0 +1,42 @@
+//! `vdrep keys init`: create a site identity (see [`super::keys`]).
+
+use std::path::PathBuf;
+
+/// Create this site's identity: NAME.crt (give it to peers, who pass it with
+/// --trust) and NAME.key (private, mode 0600).
+#[derive(Debug, clap::Args)]
+pub struct KeysInitArgs {
+    /// Site name: certificate CN and file name (letters, digits, '.', '_', '-').
+    #[arg(long)]
+    pub name: String,
+    /// Directory to write NAME.crt and NAME.key to (created, mode 0700, if missing).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace an existing NAME.key (peers trusting the old certificate must
+    /// be given the new one).
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Run `vdrep keys init`: print the two paths and the certificate's SHA-256
+/// fingerprint; exit status 0 on success, 1 on failure (reason on stderr).
+pub fn run_keys_init(a: &KeysInitArgs) -> i32 {
+    let (crt, key) = match super::keys::init(&a.name, &a.out, a.force) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("vdrep keys init: {e}");
+            return 1;
+        }
+    };
+    let fp = match super::keys::load_cert(&crt) {
+        Ok(der) => super::Fingerprint::of_der(&der),
+        Err(e) => {
+            eprintln!("vdrep keys init: {e}");
+            return 1;
+        }
+    };
+    println!("certificate: {}", crt.display());
+    println!("private key: {}", key.display());
+    println!("fingerprint (SHA-256): {fp}");
+    0
+}

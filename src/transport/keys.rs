@@ -1,0 +1,559 @@
+//! Site identity: a self-signed certificate and its private key.
+//!
+//! `vdrep keys init --name SITE --out KEYDIR` ([`init`]) writes
+//! `KEYDIR/SITE.crt` (X.509, PEM, CN and DNS SAN = SITE, ECDSA P-256 with
+//! SHA-256, valid for 10 years from yesterday) and `KEYDIR/SITE.key`
+//! (PKCS#8 PEM, mode 0600). The key is written to a fresh temporary file
+//! created with mode 0600 (never readable by others, not even briefly),
+//! fsynced, then published under its final name with `link(2)`, which fails
+//! rather than replace an existing key; with `force` it is published with
+//! `rename(2)` instead. The certificate is published after the key, by
+//! rename, so a visible certificate always has its key beside it.
+//!
+//! [`Identity`] is a loaded certificate + key pair (checked to belong
+//! together); peers recognise each other by the certificate's SHA-256
+//! [`Fingerprint`] (see [`super::trust`]).
+
+use super::TransportError;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::fmt;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Longest site name accepted by [`init`] and in `Hello`.
+pub const MAX_SITE_NAME: usize = 64;
+
+/// SHA-256 of a certificate's DER encoding: how vdrep names and pins peers.
+///
+/// Displayed like `openssl x509 -noout -fingerprint -sha256`: upper-case hex
+/// byte pairs separated by colons, so an operator can compare the two.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Fingerprint(pub [u8; 32]);
+
+impl Fingerprint {
+    /// Fingerprint of a DER-encoded certificate.
+    pub fn of_der(der: &[u8]) -> Self {
+        let d = ring::digest::digest(&ring::digest::SHA256, der);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(d.as_ref());
+        Fingerprint(out)
+    }
+
+    /// Lower-case hex without separators (64 characters), e.g. for file or
+    /// directory names.
+    pub fn to_hex(&self) -> String {
+        let mut s = String::with_capacity(64);
+        for b in self.0 {
+            s.push_str(&format!("{b:02x}"));
+        }
+        s
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, b) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(":")?;
+            }
+            write!(f, "{b:02X}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fingerprint({self})")
+    }
+}
+
+/// Check a site name: 1..=64 characters from `A-Z a-z 0-9 . _ -`, not
+/// starting with `.` or `-`. Site names become file names (`SITE.crt`) and
+/// certificate common names.
+pub fn check_site_name(name: &str) -> Result<&str, String> {
+    if name.is_empty() {
+        return Err("the site name is empty".into());
+    }
+    if name.len() > MAX_SITE_NAME {
+        return Err(format!(
+            "the site name is {} bytes long; at most {MAX_SITE_NAME} are allowed",
+            name.len()
+        ));
+    }
+    if name.starts_with('.') || name.starts_with('-') {
+        return Err(format!(
+            "site name {name:?} starts with '.' or '-'; start it with a letter or digit"
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "site name {:?} contains {c:?}; use only letters, digits, '.', '_' and '-'",
+            name.escape_debug().to_string()
+        ));
+    }
+    Ok(name)
+}
+
+/// A site's own certificate and private key, loaded and checked to belong
+/// together. `Debug` never prints the key.
+pub struct Identity {
+    /// The certificate's common name (the site name given to `keys init`).
+    pub name: String,
+    pub cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+    pub fingerprint: Fingerprint,
+    /// Where the certificate was read from (empty for in-memory identities).
+    pub cert_path: PathBuf,
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("name", &self.name)
+            .field("fingerprint", &self.fingerprint)
+            .field("cert_path", &self.cert_path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Identity {
+            name: self.name.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone_key(),
+            fingerprint: self.fingerprint,
+            cert_path: self.cert_path.clone(),
+        }
+    }
+}
+
+impl Identity {
+    /// Build an identity from DER bytes, checking that the key is usable and
+    /// matches the certificate.
+    pub fn from_der(
+        cert: CertificateDer<'static>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Self, TransportError> {
+        Self::build(cert, key, Path::new(""), Path::new(""))
+    }
+
+    fn build(
+        cert: CertificateDer<'static>,
+        key: PrivateKeyDer<'static>,
+        cert_path: &Path,
+        key_path: &Path,
+    ) -> Result<Self, TransportError> {
+        let provider = super::provider();
+        rustls::sign::CertifiedKey::from_der(vec![cert.clone()], key.clone_key(), &provider)
+            .map_err(|e| TransportError::Identity {
+                path: key_path.to_path_buf(),
+                what: format!(
+                    "the private key cannot be used with certificate {} ({e}); \
+                     use the .key written together with that .crt by `vdrep keys init`",
+                    cert_path.display()
+                ),
+            })?;
+        let fingerprint = Fingerprint::of_der(&cert);
+        let name = subject_cn(&cert).unwrap_or_default();
+        Ok(Identity {
+            name,
+            cert,
+            key,
+            fingerprint,
+            cert_path: cert_path.to_path_buf(),
+        })
+    }
+
+    /// Load `CERT` and `KEY` (PEM). The key file must not be readable or
+    /// writable by group or others.
+    pub fn load(cert_path: &Path, key_path: &Path) -> Result<Self, TransportError> {
+        let cert = load_cert(cert_path)?;
+        let meta = std::fs::metadata(key_path).map_err(|e| TransportError::Identity {
+            path: key_path.to_path_buf(),
+            what: format!("cannot read the private key: {e}"),
+        })?;
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(TransportError::Identity {
+                path: key_path.to_path_buf(),
+                what: format!(
+                    "the private key is accessible by other users (mode {:o}); \
+                     run `chmod 600 {}`",
+                    mode & 0o7777,
+                    key_path.display()
+                ),
+            });
+        }
+        let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| TransportError::Identity {
+            path: key_path.to_path_buf(),
+            what: format!("not a PEM private key: {e}"),
+        })?;
+        Self::build(cert, key, cert_path, key_path)
+    }
+
+    /// Load the identity in `KEYDIR`: `KEYDIR/NAME.crt` + `KEYDIR/NAME.key`
+    /// for the given name, or, with `name == None`, the only `*.key` in the
+    /// directory that has a `.crt` beside it.
+    pub fn from_dir(keydir: &Path, name: Option<&str>) -> Result<Self, TransportError> {
+        let name = match name {
+            Some(n) => n.to_string(),
+            None => {
+                let rd = std::fs::read_dir(keydir).map_err(|e| TransportError::Identity {
+                    path: keydir.to_path_buf(),
+                    what: format!("cannot list the key directory: {e}"),
+                })?;
+                let mut names: Vec<String> = Vec::new();
+                for ent in rd.flatten() {
+                    let p = ent.path();
+                    if p.extension().is_some_and(|x| x == "key") && p.with_extension("crt").exists()
+                    {
+                        if let Some(stem) = p.file_stem().and_then(|s| s.to_str()) {
+                            names.push(stem.to_string());
+                        }
+                    }
+                }
+                names.sort();
+                match names.len() {
+                    0 => {
+                        return Err(TransportError::Identity {
+                            path: keydir.to_path_buf(),
+                            what: "no identity here (no NAME.key with a NAME.crt); \
+                                   create one with `vdrep keys init --name SITE --out DIR`"
+                                .into(),
+                        })
+                    }
+                    1 => names.remove(0),
+                    _ => {
+                        return Err(TransportError::Identity {
+                            path: keydir.to_path_buf(),
+                            what: format!(
+                                "several identities here ({}); keep one per key directory",
+                                names.join(", ")
+                            ),
+                        })
+                    }
+                }
+            }
+        };
+        Self::load(
+            &keydir.join(format!("{name}.crt")),
+            &keydir.join(format!("{name}.key")),
+        )
+    }
+
+    /// The private key (for building TLS configurations).
+    pub fn key(&self) -> PrivateKeyDer<'static> {
+        self.key.clone_key()
+    }
+
+    /// Generate an identity in memory (tests, tools): same parameters as
+    /// [`init`], nothing written.
+    pub fn generate(name: &str) -> Result<Self, TransportError> {
+        let (cert_pem, key_pem) = generate_pem(name)?;
+        let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| {
+            TransportError::Identity {
+                path: PathBuf::new(),
+                what: format!("generated certificate does not parse: {e}"),
+            }
+        })?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| {
+            TransportError::Identity {
+                path: PathBuf::new(),
+                what: format!("generated key does not parse: {e}"),
+            }
+        })?;
+        Self::from_der(cert, key)
+    }
+}
+
+/// Read one PEM certificate (the first one in the file).
+pub fn load_cert(path: &Path) -> Result<CertificateDer<'static>, TransportError> {
+    CertificateDer::from_pem_file(path).map_err(|e| TransportError::Identity {
+        path: path.to_path_buf(),
+        what: format!("not a PEM certificate: {e}"),
+    })
+}
+
+/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian
+/// calendar.
+fn civil_from_days(z: i64) -> (i32, u8, u8) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    (y as i32, m as u8, d as u8)
+}
+
+fn generate_pem(name: &str) -> Result<(String, String), TransportError> {
+    let gen_err = |what: String| TransportError::Identity {
+        path: PathBuf::new(),
+        what,
+    };
+    check_site_name(name).map_err(gen_err)?;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| gen_err(format!("cannot generate a P-256 key: {e}")))?;
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()])
+        .map_err(|e| gen_err(format!("bad certificate name {name:?}: {e}")))?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    // From yesterday (tolerates a peer clock a little behind) for 10 years.
+    let (y, m, d) = civil_from_days(now / 86_400 - 1);
+    params.not_before = rcgen::date_time_ymd(y, m, d);
+    params.not_after = rcgen::date_time_ymd(y + 10, m, d.min(28));
+    let mut serial = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut serial)
+        .map_err(|_| gen_err("no randomness for the serial number".into()))?;
+    serial[0] &= 0x7f;
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| gen_err(format!("cannot sign the certificate: {e}")))?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Write `bytes` to a new temporary file in `dir` created with `mode`,
+/// fsync it and return its path.
+fn write_temp(dir: &Path, stem: &str, bytes: &[u8], mode: u32) -> std::io::Result<PathBuf> {
+    let mut rnd = [0u8; 8];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut rnd);
+    let tmp = dir.join(format!(".{stem}.{}.tmp", u64::from_le_bytes(rnd)));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)?;
+    let res = f.write_all(bytes).and_then(|_| f.sync_all());
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(tmp)
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Create a site identity: `OUTDIR/NAME.crt` and `OUTDIR/NAME.key` (see the
+/// module doc). Refuses to replace an existing `NAME.key` unless `force`.
+/// Creates `OUTDIR` (mode 0700) if it does not exist.
+pub fn init(name: &str, outdir: &Path, force: bool) -> Result<(PathBuf, PathBuf), TransportError> {
+    let io_err = |path: &Path, what: &str, e: std::io::Error| TransportError::Identity {
+        path: path.to_path_buf(),
+        what: format!("{what}: {e}"),
+    };
+    check_site_name(name).map_err(|what| TransportError::Identity {
+        path: outdir.to_path_buf(),
+        what,
+    })?;
+    if !outdir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(outdir)
+            .map_err(|e| io_err(outdir, "cannot create the key directory", e))?;
+    }
+    let crt_path = outdir.join(format!("{name}.crt"));
+    let key_path = outdir.join(format!("{name}.key"));
+    if !force && std::fs::symlink_metadata(&key_path).is_ok() {
+        return Err(TransportError::Identity {
+            path: key_path,
+            what: "a private key already exists; refusing to replace it \
+                   (peers that trust its certificate would be locked out). \
+                   Pass --force to replace it"
+                .into(),
+        });
+    }
+    let (cert_pem, key_pem) = generate_pem(name)?;
+
+    let key_tmp = write_temp(outdir, &format!("{name}.key"), key_pem.as_bytes(), 0o600)
+        .map_err(|e| io_err(outdir, "cannot write the private key", e))?;
+    let published = if force {
+        std::fs::rename(&key_tmp, &key_path)
+    } else {
+        std::fs::hard_link(&key_tmp, &key_path).and_then(|_| std::fs::remove_file(&key_tmp))
+    };
+    if let Err(e) = published {
+        let _ = std::fs::remove_file(&key_tmp);
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            return Err(TransportError::Identity {
+                path: key_path,
+                what: "a private key appeared while generating; refusing to replace it \
+                       (pass --force to replace it)"
+                    .into(),
+            });
+        }
+        return Err(io_err(&key_path, "cannot publish the private key", e));
+    }
+    let crt_tmp = write_temp(outdir, &format!("{name}.crt"), cert_pem.as_bytes(), 0o644)
+        .map_err(|e| io_err(outdir, "cannot write the certificate", e))?;
+    if let Err(e) = std::fs::rename(&crt_tmp, &crt_path) {
+        let _ = std::fs::remove_file(&crt_tmp);
+        return Err(io_err(&crt_path, "cannot publish the certificate", e));
+    }
+    sync_dir(outdir);
+    Ok((crt_path, key_path))
+}
+
+// ---------------------------------------------------------------------------
+// Minimal DER reading: just enough to find a certificate's subject CN for
+// messages. Never panics; gives up (None) on anything unexpected.
+
+fn der_tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let tag = *b.first()?;
+    if tag & 0x1f == 0x1f {
+        return None;
+    }
+    let l0 = *b.get(1)?;
+    let (len, hdr) = if l0 < 0x80 {
+        (l0 as usize, 2usize)
+    } else {
+        let n = (l0 & 0x7f) as usize;
+        if n == 0 || n > 4 {
+            return None;
+        }
+        let mut len = 0usize;
+        for i in 0..n {
+            len = (len << 8) | *b.get(2 + i)? as usize;
+        }
+        (len, 2 + n)
+    };
+    let end = hdr.checked_add(len)?;
+    let content = b.get(hdr..end)?;
+    Some((tag, content, b.get(end..)?))
+}
+
+/// The subject common name of a DER certificate, with control characters
+/// escaped (safe to print). `None` if there is none or the DER is odd.
+pub fn subject_cn(cert_der: &[u8]) -> Option<String> {
+    let (t, cert, _) = der_tlv(cert_der)?;
+    if t != 0x30 {
+        return None;
+    }
+    let (t, tbs, _) = der_tlv(cert)?;
+    if t != 0x30 {
+        return None;
+    }
+    let mut rest = tbs;
+    let (t, _, r) = der_tlv(rest)?;
+    if t == 0xa0 {
+        rest = r; // explicit version
+        let (_, _, r) = der_tlv(rest)?; // serial
+        rest = r;
+    } else {
+        rest = r; // that was the serial
+    }
+    for _ in 0..3 {
+        // signature algorithm, issuer, validity
+        let (_, _, r) = der_tlv(rest)?;
+        rest = r;
+    }
+    let (t, mut subject, _) = der_tlv(rest)?;
+    if t != 0x30 {
+        return None;
+    }
+    while !subject.is_empty() {
+        let (t, mut set, r) = der_tlv(subject)?;
+        subject = r;
+        if t != 0x31 {
+            return None;
+        }
+        while !set.is_empty() {
+            let (t, atv, r) = der_tlv(set)?;
+            set = r;
+            if t != 0x30 {
+                return None;
+            }
+            let (t, oid, r) = der_tlv(atv)?;
+            if t == 0x06 && oid == [0x55, 0x04, 0x03] {
+                let (vt, v, _) = der_tlv(r)?;
+                let s = match vt {
+                    0x1e => {
+                        let units: Vec<u16> = v
+                            .chunks_exact(2)
+                            .map(|c| u16::from_be_bytes([c[0], c[1]]))
+                            .collect();
+                        String::from_utf16_lossy(&units)
+                    }
+                    _ => String::from_utf8_lossy(v).into_owned(),
+                };
+                let s: String = s.chars().take(128).collect();
+                return Some(s.escape_debug().to_string());
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    }
+
+    #[test]
+    fn site_names() {
+        for ok in ["a", "site-a", "A.b_c-1", "x".repeat(64).as_str()] {
+            assert!(check_site_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            ".a",
+            "-a",
+            "a/b",
+            "a b",
+            "a\0",
+            "é",
+            "x".repeat(65).as_str(),
+        ] {
+            assert!(check_site_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn generated_identity_has_cn_and_fingerprint() {
+        let id = Identity::generate("site-a").unwrap();
+        assert_eq!(id.name, "site-a");
+        assert_eq!(id.fingerprint, Fingerprint::of_der(&id.cert));
+        assert_eq!(id.fingerprint.to_string().len(), 95);
+        assert_eq!(id.fingerprint.to_hex().len(), 64);
+        assert!(!format!("{id:?}").contains("PRIVATE"));
+    }
+
+    #[test]
+    fn subject_cn_survives_garbage() {
+        let id = Identity::generate("x").unwrap();
+        let der = id.cert.as_ref();
+        for cut in 0..der.len() {
+            let _ = subject_cn(&der[..cut]);
+        }
+        assert_eq!(subject_cn(b""), None);
+        assert_eq!(subject_cn(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);
+    }
+}

@@ -1,0 +1,441 @@
+//! Site identity, trust and the QUIC transport between sender and receiver.
+//!
+//! Owns everything below the wire protocol ([`crate::wire`]):
+//! - [`keys`]: site identities (`vdrep keys init`), certificate fingerprints.
+//! - [`trust`]: pinned-certificate trust and the rustls verifiers.
+//! - this module: QUIC endpoints over mutual TLS 1.3 ([`server`], [`client`],
+//!   [`connect`], [`accept`]), the peer's identity on a connection
+//!   ([`peer_identity`]) and readable explanations of refusals
+//!   ([`explain_connection_error`]).
+//! - [`rate`]: the token bucket behind `--max-rate`.
+//! - [`cli`]: `vdrep keys init`.
+//!
+//! # Security properties
+//! TLS 1.3 only (ring provider), ALPN [`ALPN`] required on both sides, client
+//! authentication mandatory, peers accepted only by pinned certificate (see
+//! [`trust`]). Session resumption and tickets are disabled, so every
+//! connection runs a full handshake against the *current* trust store (a
+//! removed peer cannot come back with an old ticket), and there is no 0-RTT.
+//! There is no plaintext mode.
+//!
+//! # When a peer is refused
+//! TLS 1.3 lets the client finish its side of the handshake before the server
+//! has checked the client's certificate, so on the client [`connect`] may
+//! succeed and the refusal arrives as the connection being closed, surfacing
+//! on the first stream operation (normally reading the answer to `Hello`).
+//! Turn the `quinn::ConnectionError` found there into a sentence with
+//! [`explain_connection_error`]. On the server, [`accept`] returns
+//! [`TransportError::Refused`], whose text is
+//! `refused connection from ADDR: certificate FP (CN=NAME) is not trusted; add it with --trust`
+//! (and logs it at WARN).
+//!
+//! # Throughput tuning
+//! quinn's defaults are sized for the web. [`Tuning::default`] raises the
+//! per-stream and per-connection receive windows and the send window to tens
+//! of MiB and asks the kernel for large UDP socket buffers (best effort:
+//! Linux caps them at `net.core.rmem_max`/`wmem_max`; the granted sizes are
+//! logged at DEBUG). Keep-alive every 5 s and a 30 s idle timeout make a
+//! dead peer visible as `ConnectionError::TimedOut`.
+
+pub mod cli;
+pub mod keys;
+pub mod rate;
+pub mod trust;
+
+pub use keys::{init, Fingerprint, Identity};
+pub use rate::RateLimiter;
+pub use trust::{TrustStore, TrustedPeer};
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The ALPN protocol identifier both sides require.
+pub const ALPN: &[u8] = b"vdrep/1";
+
+/// The crypto provider used everywhere: rustls's `ring` provider.
+pub fn provider() -> rustls::crypto::CryptoProvider {
+    rustls::crypto::ring::default_provider()
+}
+
+/// Errors setting up or using the transport. Each says what failed and what
+/// to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// A key or certificate file (or key directory) is missing or unusable.
+    #[error("{}: {what}", path.display())]
+    Identity { path: PathBuf, what: String },
+    /// The TLS or QUIC configuration could not be built (a bug or an
+    /// unusable key type).
+    #[error("cannot configure TLS/QUIC: {0}")]
+    Config(String),
+    /// The UDP socket could not be set up.
+    #[error("cannot use UDP address {addr}: {source}; check that the address is local and the port is free")]
+    Socket {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Connecting failed before any packet was sent (bad address, endpoint
+    /// stopping).
+    #[error("cannot connect to {addr}: {what}")]
+    Connect { addr: SocketAddr, what: String },
+    /// The handshake or the connection failed; the text explains which side
+    /// refused whom, or that the peer is unreachable.
+    #[error("{0}")]
+    Connection(String),
+    /// The server refused an incoming connection (the peer's certificate is
+    /// not trusted, it sent none, or the handshake failed).
+    #[error("refused connection from {addr}: {reason}")]
+    Refused { addr: SocketAddr, reason: String },
+}
+
+/// Transport parameters and socket sizes.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// Flow-control window of one stream (bytes).
+    pub stream_receive_window: u32,
+    /// Flow-control window of a whole connection (bytes).
+    pub receive_window: u32,
+    /// Bytes the sender may have unacknowledged in flight on a connection.
+    pub send_window: u64,
+    /// Requested `SO_RCVBUF` / `SO_SNDBUF` (bytes, best effort).
+    pub socket_buffer: usize,
+    /// PING interval keeping the connection (and NAT bindings) alive.
+    pub keep_alive: Duration,
+    /// A connection with no packet from the peer for this long is dead.
+    pub idle_timeout: Duration,
+    /// Concurrent bidirectional / unidirectional streams the peer may open.
+    pub max_streams: u32,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            stream_receive_window: 32 << 20,
+            receive_window: 64 << 20,
+            send_window: 64 << 20,
+            socket_buffer: 8 << 20,
+            keep_alive: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+            max_streams: 64,
+        }
+    }
+}
+
+impl Tuning {
+    fn transport_config(&self) -> Result<quinn::TransportConfig, TransportError> {
+        let mut t = quinn::TransportConfig::default();
+        t.stream_receive_window(quinn::VarInt::from_u32(self.stream_receive_window));
+        t.receive_window(quinn::VarInt::from_u32(self.receive_window));
+        t.send_window(self.send_window);
+        t.keep_alive_interval(Some(self.keep_alive));
+        t.max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(self.idle_timeout)
+                .map_err(|e| TransportError::Config(format!("idle timeout: {e}")))?,
+        ));
+        t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(self.max_streams));
+        t.max_concurrent_uni_streams(quinn::VarInt::from_u32(self.max_streams));
+        Ok(t)
+    }
+}
+
+fn tls_err(e: rustls::Error) -> TransportError {
+    TransportError::Config(e.to_string())
+}
+
+fn server_crypto(
+    id: &Identity,
+    trust: &TrustStore,
+) -> Result<quinn::crypto::rustls::QuicServerConfig, TransportError> {
+    let verifier = Arc::new(trust::PinnedClientVerifier::new(trust.clone()));
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![id.cert.clone()], id.key())
+        .map_err(tls_err)?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+    cfg.max_early_data_size = 0;
+    quinn::crypto::rustls::QuicServerConfig::try_from(cfg)
+        .map_err(|e| TransportError::Config(e.to_string()))
+}
+
+fn client_crypto(
+    id: &Identity,
+    trust: &TrustStore,
+) -> Result<quinn::crypto::rustls::QuicClientConfig, TransportError> {
+    let verifier = Arc::new(trust::PinnedServerVerifier::new(trust.clone()));
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(vec![id.cert.clone()], id.key())
+        .map_err(tls_err)?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.resumption = rustls::client::Resumption::disabled();
+    cfg.enable_early_data = false;
+    quinn::crypto::rustls::QuicClientConfig::try_from(cfg)
+        .map_err(|e| TransportError::Config(e.to_string()))
+}
+
+/// Bind a UDP socket with large buffers (best effort).
+fn bind_socket(addr: SocketAddr, tuning: &Tuning) -> Result<std::net::UdpSocket, TransportError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock_err = |source| TransportError::Socket { addr, source };
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+        .map_err(sock_err)?;
+    if addr.is_ipv6() {
+        // Accept IPv4-mapped peers on [::] too (best effort).
+        let _ = sock.set_only_v6(false);
+    }
+    let _ = sock.set_recv_buffer_size(tuning.socket_buffer);
+    let _ = sock.set_send_buffer_size(tuning.socket_buffer);
+    tracing::debug!(
+        %addr,
+        rcvbuf = sock.recv_buffer_size().unwrap_or(0),
+        sndbuf = sock.send_buffer_size().unwrap_or(0),
+        "UDP socket buffers (the kernel reports twice the usable size)"
+    );
+    sock.bind(&addr.into()).map_err(sock_err)?;
+    Ok(sock.into())
+}
+
+fn endpoint_on(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    tuning: &Tuning,
+) -> Result<quinn::Endpoint, TransportError> {
+    let sock = bind_socket(addr, tuning)?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        sock,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| TransportError::Socket { addr, source })
+}
+
+/// A server endpoint on `listen` presenting `id` and accepting clients whose
+/// certificate is in `trust`. Must be called inside a tokio runtime.
+pub fn server(
+    listen: SocketAddr,
+    id: &Identity,
+    trust: &TrustStore,
+) -> Result<quinn::Endpoint, TransportError> {
+    server_tuned(listen, id, trust, &Tuning::default())
+}
+
+/// [`server`] with explicit tuning.
+pub fn server_tuned(
+    listen: SocketAddr,
+    id: &Identity,
+    trust: &TrustStore,
+    tuning: &Tuning,
+) -> Result<quinn::Endpoint, TransportError> {
+    let crypto = server_crypto(id, trust)?;
+    let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    sc.transport_config(Arc::new(tuning.transport_config()?));
+    endpoint_on(listen, Some(sc), tuning)
+}
+
+/// A client endpoint (ephemeral port on the unspecified IPv4 address)
+/// presenting `id` and accepting servers whose certificate is in `trust`.
+/// Must be called inside a tokio runtime.
+pub fn client(id: &Identity, trust: &TrustStore) -> Result<quinn::Endpoint, TransportError> {
+    client_tuned(id, trust, &Tuning::default(), None)
+}
+
+/// [`client`] with explicit tuning and, optionally, a local address to bind
+/// (use `[::]:0` to reach IPv6 servers).
+pub fn client_tuned(
+    id: &Identity,
+    trust: &TrustStore,
+    tuning: &Tuning,
+    bind: Option<SocketAddr>,
+) -> Result<quinn::Endpoint, TransportError> {
+    let crypto = client_crypto(id, trust)?;
+    let mut cc = quinn::ClientConfig::new(Arc::new(crypto));
+    cc.transport_config(Arc::new(tuning.transport_config()?));
+    let bind = bind.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let mut ep = endpoint_on(bind, None, tuning)?;
+    ep.set_default_client_config(cc);
+    Ok(ep)
+}
+
+/// Connect to a server. `server_name` is sent as SNI only: the server is
+/// authenticated by its pinned certificate, not by name. See the module doc
+/// on refusals that arrive after this returns.
+pub async fn connect(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    server_name: &str,
+) -> Result<quinn::Connection, TransportError> {
+    let sni = if server_name.is_empty() {
+        "vdrep"
+    } else {
+        server_name
+    };
+    let connecting = endpoint
+        .connect(addr, sni)
+        .map_err(|e| TransportError::Connect {
+            addr,
+            what: e.to_string(),
+        })?;
+    connecting
+        .await
+        .map_err(|e| TransportError::Connection(explain_connection_error(&e, addr)))
+}
+
+/// Complete the handshake of an incoming connection and return it with the
+/// client's identity. A refusal is logged at WARN and returned as
+/// [`TransportError::Refused`].
+pub async fn accept(
+    incoming: quinn::Incoming,
+) -> Result<(quinn::Connection, PeerIdentity), TransportError> {
+    let addr = incoming.remote_address();
+    let refused = |reason: String| {
+        tracing::warn!("refused connection from {addr}: {reason}");
+        TransportError::Refused { addr, reason }
+    };
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => return Err(refused(server_side_reason(&e))),
+    };
+    match peer_identity(&conn) {
+        Some(p) => Ok((conn, p)),
+        None => {
+            conn.close(quinn::VarInt::from_u32(1), b"no client certificate");
+            Err(refused("the peer presented no certificate".into()))
+        }
+    }
+}
+
+/// Who is at the other end of an authenticated connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// SHA-256 of the peer's certificate: the stable key to map a sender to
+    /// its namespace.
+    pub fingerprint: Fingerprint,
+    /// The certificate's subject CN (the peer's site name), escaped.
+    pub cn: String,
+}
+
+/// The identity of the peer of a connection (its end-entity certificate
+/// was pinned by our trust store during the handshake).
+pub fn peer_identity(conn: &quinn::Connection) -> Option<PeerIdentity> {
+    let any = conn.peer_identity()?;
+    let certs = any
+        .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    let cert = certs.first()?;
+    Some(PeerIdentity {
+        fingerprint: Fingerprint::of_der(cert),
+        cn: keys::subject_cn(cert).unwrap_or_default(),
+    })
+}
+
+const CRYPTO_ERROR_BASE: u64 = 0x100;
+
+fn tls_alert(code: quinn::TransportErrorCode) -> Option<u8> {
+    let c = u64::from(code);
+    if (CRYPTO_ERROR_BASE..CRYPTO_ERROR_BASE + 0x100).contains(&c) {
+        Some((c - CRYPTO_ERROR_BASE) as u8)
+    } else {
+        None
+    }
+}
+
+fn alert_name(a: u8) -> String {
+    format!("{:?}", rustls::AlertDescription::from(a))
+}
+
+fn clean_reason(r: &str) -> String {
+    let r = r.strip_prefix("other error: ").unwrap_or(r);
+    let r = r.strip_prefix("invalid peer certificate: ").unwrap_or(r);
+    r.to_string()
+}
+
+fn server_side_reason(e: &quinn::ConnectionError) -> String {
+    match e {
+        quinn::ConnectionError::TransportError(te) if tls_alert(te.code).is_some() => {
+            let reason = clean_reason(&te.reason);
+            if reason.contains("is not trusted") {
+                format!("{reason}; add it with --trust")
+            } else if te.reason.contains("no certificates") {
+                "the peer presented no certificate (client authentication is mandatory)".into()
+            } else {
+                format!("TLS handshake failed: {reason}")
+            }
+        }
+        quinn::ConnectionError::ConnectionClosed(cc) if tls_alert(cc.error_code).is_some() => {
+            let reason = clean_reason(&String::from_utf8_lossy(&cc.reason));
+            if reason.contains("is not trusted") {
+                format!(
+                    "the peer refused our certificate ({reason}); give its operator our \
+                     .crt file so they can add it with --trust"
+                )
+            } else {
+                format!("the peer aborted the TLS handshake: {reason}")
+            }
+        }
+        other => format!("handshake failed: {other}"),
+    }
+}
+
+/// One sentence saying why a connection to/from `peer` failed or ended,
+/// naming which side refused whom and what to do.
+pub fn explain_connection_error(e: &quinn::ConnectionError, peer: SocketAddr) -> String {
+    use quinn::ConnectionError as E;
+    match e {
+        // We refused the peer (our verifier failed) or our TLS stack failed.
+        E::TransportError(te) if tls_alert(te.code).is_some() => {
+            let reason = clean_reason(&te.reason);
+            if reason.contains("is not trusted") {
+                format!(
+                    "refused {peer}: its {reason}; \
+                     if this is the right peer, add its certificate with --trust"
+                )
+            } else {
+                format!("TLS handshake with {peer} failed: {reason}")
+            }
+        }
+        // The peer closed the connection with a TLS alert: it refused us.
+        E::ConnectionClosed(cc) if tls_alert(cc.error_code).is_some() => {
+            let alert = tls_alert(cc.error_code).map(alert_name).unwrap_or_default();
+            let reason = clean_reason(&String::from_utf8_lossy(&cc.reason));
+            if reason.contains("is not trusted") || reason.contains("no certificates") {
+                format!(
+                    "{peer} refused our certificate ({reason}); give its operator our \
+                     .crt file so they can add it with --trust"
+                )
+            } else if reason.to_ascii_lowercase().contains("alpn")
+                || alert == "NoApplicationProtocol"
+            {
+                format!("{peer} does not speak the vdrep protocol (TLS alert {alert}: {reason})")
+            } else {
+                format!("{peer} refused the TLS handshake (alert {alert}): {reason}")
+            }
+        }
+        E::TimedOut => format!(
+            "no answer from {peer} (timed out): is the receiver running and is UDP to it allowed?"
+        ),
+        E::ConnectionClosed(cc) => format!(
+            "{peer} closed the connection: {} (code {})",
+            String::from_utf8_lossy(&cc.reason),
+            cc.error_code
+        ),
+        E::ApplicationClosed(ac) => format!(
+            "{peer} closed the connection: {} (code {})",
+            String::from_utf8_lossy(&ac.reason),
+            ac.error_code
+        ),
+        E::Reset => format!("{peer} reset the connection (it restarted or forgot it)"),
+        E::LocallyClosed => format!("the connection to {peer} was closed locally"),
+        other => format!("connection with {peer} failed: {other}"),
+    }
+}
