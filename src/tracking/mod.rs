@@ -467,6 +467,7 @@ impl Tracker {
             dirty: RwLock::new(bitmap),
             sealing: Mutex::new(None),
             meta: Mutex::new(meta.clone()),
+            full_copy_pending: false.into(),
         });
         self.save_meta(&meta)?;
         tracing::info!(disk = %key, state = ?meta.state, cycle = meta.cycle, "tracking disk");
@@ -646,6 +647,13 @@ impl Tracker {
     pub fn finish(&self, sc: SealedCycle, ok: bool) -> Result<(), TrackError> {
         let d = &sc.disk;
         *d.sealing.lock() = None;
+        let was_resync = d.full_copy_pending.swap(false, std::sync::atomic::Ordering::SeqCst);
+        if !ok && was_resync {
+            let mut m = d.meta.lock();
+            m.state = DiskState::ResyncRequired("an earlier full copy did not finish".into());
+            let m = m.clone();
+            let _ = self.save_meta(&m);
+        }
         if !ok {
             let give_back = sc
                 .sealing
@@ -747,6 +755,41 @@ impl Tracker {
             self.state.root_fd().as_raw_fd(),
             rel.display()
         )))
+    }
+
+    /// A file in the state folder, as the daemon opens it (not through the mount).
+    pub fn state_file(&self, name: &str) -> PathBuf {
+        PathBuf::from(format!(
+            "/proc/self/fd/{}/{STATE_DIR}/{name}",
+            self.state.root_fd().as_raw_fd()
+        ))
+    }
+
+    /// The cycle the disk's next log will start from.
+    pub fn disk_base_cycle(&self, name: &str) -> Option<u64> {
+        Some(self.disks.lock().get(name)?.meta.lock().cycle)
+    }
+
+    /// Like [`Tracker::seal`], for whole-disk copies: a disk that needs a
+    /// resync is sealed too when its copy starts at offset 0 (a full copy is
+    /// a resync), and returns to Normal once that copy is finished.
+    pub fn seal_for_copy(&self, select: &CutSelect) -> Result<Sealed, TrackError> {
+        {
+            let disks = self.disks.lock();
+            for (name, from) in &select.full_from {
+                if *from == 0 {
+                    if let Some(d) = disks.get(name) {
+                        let mut m = d.meta.lock();
+                        if let DiskState::ResyncRequired(why) = &m.state {
+                            tracing::info!(disk = %name, "full copy replaces the resync ({why})");
+                            m.state = DiskState::Normal;
+                            d.full_copy_pending.store(true, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    }
+                }
+            }
+        }
+        self.seal(select)
     }
 
     /// Names of the tracked disks.
@@ -916,6 +959,8 @@ pub struct TrackedDisk {
     dirty: RwLock<Bitmap>,
     sealing: Mutex<Option<Arc<Sealing>>>,
     meta: Mutex<DiskMeta>,
+    /// A full copy is replacing a resync: back to ResyncRequired if it fails.
+    full_copy_pending: std::sync::atomic::AtomicBool,
 }
 
 fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {

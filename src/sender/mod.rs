@@ -1,0 +1,967 @@
+//! The sender: protection of VMs at the primary site.
+//!
+//! Runs inside the mount daemon. A protected VM is a named set of tracked
+//! disks replicated to one receiver. Its worker (one tokio task per VM):
+//!
+//! 1. connects over QUIC + mutual TLS and says `Hello`;
+//! 2. opens every disk (`OpenDisk` → `DiskState`) and decides, from the
+//!    replica's cycle and the sealed logs still on disk, whether the VM needs
+//!    an **initial copy** (one whole-disk cycle of every disk sealed at one
+//!    instant and streamed as of that instant, resumable from the receiver's
+//!    `resume_offset`) or can continue with **delta** logs;
+//! 3. ships sealed logs oldest first, deletes each only after the receiver
+//!    acknowledged it applied and durable, and commits a recovery point
+//!    (`PointCommit`) once every disk of the VM reached the same cycle;
+//! 4. then cuts every interval (or continuously: as soon as the previous
+//!    cycle is acknowledged) and repeats.
+//!
+//! Errors: recoverable ones (network, receiver disk full, busy) put the VM in
+//! `Warning` and retry after 1, 2, 4, 8, 10 minutes, then every 30 minutes
+//! (scaled by `VDREP_RETRY_SCALE` so tests run in seconds); unrecoverable ones
+//! (refused certificate, invalid replica state, bad name) put it in
+//! `Critical` with the reason and stop until the administrator protects it
+//! again.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, Notify};
+
+use crate::hrl::Encoding;
+use crate::tracking::{CutSelect, DiskState as TrackState, Tracker};
+use crate::transport::{self, keys::Identity, rate::RateLimiter, trust::TrustStore};
+use crate::wire::{self, Msg};
+
+/// What `vdrep protect` asks for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProtectSpec {
+    pub vm: String,
+    /// Receiver address, `HOST:PORT`.
+    pub to: String,
+    /// Certificates of the receiver(s) we trust.
+    pub trust: Vec<PathBuf>,
+    /// Seconds between cuts; 0 = continuous.
+    pub every_secs: u64,
+    /// Disk paths relative to the mounted folder.
+    pub disks: Vec<String>,
+    /// Bandwidth cap in bytes per second (0 = none).
+    #[serde(default)]
+    pub max_rate: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmState {
+    InitialReplication,
+    Normal,
+    Warning,
+    Critical,
+    ResyncRequired,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmStatus {
+    pub vm: String,
+    pub to: String,
+    pub state: VmState,
+    pub disks: Vec<String>,
+    /// Cycle of the newest recovery point at the receiver.
+    pub last_point: Option<u64>,
+    pub last_point_unix_ns: Option<u64>,
+    /// Now minus the cut time of the newest point, seconds (the RPO).
+    pub lag_secs: Option<f64>,
+    /// Bytes not yet at the receiver (dirty blocks + sealed logs).
+    pub bytes_pending: u64,
+    /// Initial copy progress: bytes done / total.
+    pub initial_done: u64,
+    pub initial_total: u64,
+    pub throughput_bps: f64,
+    pub bytes_sent: u64,
+    pub last_error: Option<String>,
+    pub next_retry_unix: Option<u64>,
+    pub every_secs: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("{0}")]
+    Retry(String),
+    #[error("{0}")]
+    Fatal(String),
+}
+
+fn retry(e: impl ToString) -> SendError {
+    SendError::Retry(e.to_string())
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Delay before retry number `n` (0-based): 1, 2, 4, 8, 10 min, then 30 min.
+pub fn backoff(n: u32, scale: f64) -> Duration {
+    let mins = match n {
+        0 => 1.0,
+        1 => 2.0,
+        2 => 4.0,
+        3 => 8.0,
+        4 => 10.0,
+        _ => 30.0,
+    };
+    Duration::from_secs_f64(mins * 60.0 * scale)
+}
+
+struct Vm {
+    spec: ProtectSpec,
+    status: Mutex<VmStatus>,
+    wake: Notify,
+    /// `vdrep sync` callers: answered once a point at or after the cycle
+    /// they asked for is committed.
+    waiters: Mutex<Vec<(u64, oneshot::Sender<Result<u64, String>>)>>,
+    /// A sync was requested: cut now.
+    sync_requested: std::sync::atomic::AtomicBool,
+    /// Cycle of an interrupted whole-disk copy per disk (for resuming).
+    copy_cycle: Mutex<HashMap<String, u64>>,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+/// All protected VMs of one mount.
+pub struct Replicator {
+    tracker: Arc<Tracker>,
+    mount_dir: PathBuf,
+    identity: Option<Arc<Identity>>,
+    site: String,
+    rt: tokio::runtime::Runtime,
+    vms: Mutex<HashMap<String, Arc<Vm>>>,
+    retry_scale: f64,
+}
+
+const PROTECT_DIR: &str = "protect";
+
+impl Replicator {
+    /// `keys`: the mount's identity folder (`vdrep mount --keys`).
+    pub fn new(tracker: Arc<Tracker>, mount_dir: &Path, keys: Option<&Path>) -> Result<Arc<Self>, String> {
+        let identity = match keys {
+            Some(k) => Some(Arc::new(
+                Identity::from_dir(k, None).map_err(|e| e.to_string())?,
+            )),
+            None => None,
+        };
+        let site = identity
+            .as_ref()
+            .map(|i| i.name.clone())
+            .unwrap_or_default();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("vdrep-send")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the replication runtime: {e}"))?;
+        let retry_scale = std::env::var("VDREP_RETRY_SCALE")
+            .ok()
+            .and_then(|s| s.parse::<f64>().ok())
+            .filter(|s| *s > 0.0)
+            .unwrap_or(1.0);
+        let r = Arc::new(Replicator {
+            tracker,
+            mount_dir: mount_dir.to_path_buf(),
+            identity,
+            site,
+            rt,
+            vms: Mutex::new(HashMap::new()),
+            retry_scale,
+        });
+        // Resume every VM protected before.
+        for spec in r.saved_specs() {
+            if let Err(e) = r.start(spec.clone()) {
+                tracing::error!(vm = %spec.vm, "cannot resume protection: {e}");
+            }
+        }
+        Ok(r)
+    }
+
+    fn saved_specs(&self) -> Vec<ProtectSpec> {
+        let dir = self.tracker.state_file(PROTECT_DIR);
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        rd.flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+            .filter_map(|e| {
+                let b = std::fs::read(e.path()).ok()?;
+                serde_json::from_slice(&b).ok()
+            })
+            .collect()
+    }
+
+    /// Check prerequisites, persist the spec and start replicating.
+    pub fn protect(self: &Arc<Self>, spec: ProtectSpec) -> Result<(), String> {
+        wire::safe_component(&spec.vm).map_err(|e| format!("VM name: {e}"))?;
+        if self.identity.is_none() {
+            return Err(format!(
+                "{} was mounted without an identity: remount with `vdrep mount {} --keys KEYDIR` (make one with `vdrep keys init`)",
+                self.mount_dir.display(),
+                self.mount_dir.display()
+            ));
+        }
+        if spec.disks.is_empty() {
+            return Err("name at least one disk to protect".into());
+        }
+        let names = self.tracker.disk_names();
+        for d in &spec.disks {
+            if !names.contains(d) {
+                return Err(format!(
+                    "{d} is not a tracked disk under {} (tracked: {})",
+                    self.mount_dir.display(),
+                    if names.is_empty() { "none".to_string() } else { names.join(", ") }
+                ));
+            }
+        }
+        for (vm, other) in self.vms.lock().iter() {
+            if vm != &spec.vm {
+                if let Some(d) = other.spec.disks.iter().find(|d| spec.disks.contains(d)) {
+                    return Err(format!("{d} is already protected as part of VM {vm}"));
+                }
+            }
+        }
+        if spec.trust.is_empty() {
+            return Err("name the receiver's certificate with --trust".into());
+        }
+        // Reachable and trusted: say Hello once.
+        let probe = self.rt.block_on(async {
+            let (conn, _) = self.connect(&spec).await?;
+            conn.close(0u32.into(), b"probe done");
+            Ok::<(), SendError>(())
+        });
+        if let Err(e) = probe {
+            return Err(format!("receiver {} is not usable: {e}", spec.to));
+        }
+        let path = self.tracker.state_file(PROTECT_DIR);
+        std::fs::create_dir_all(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let b = serde_json::to_vec_pretty(&spec).map_err(|e| e.to_string())?;
+        let f = path.join(format!("{}.json", spec.vm));
+        let tmp = path.join(format!(".{}.json.tmp", spec.vm));
+        std::fs::write(&tmp, b)
+            .and_then(|_| std::fs::rename(&tmp, &f))
+            .map_err(|e| format!("saving {}: {e}", f.display()))?;
+        self.start(spec)
+    }
+
+    pub fn unprotect(&self, vm: &str) -> Result<(), String> {
+        let Some(v) = self.vms.lock().remove(vm) else {
+            return Err(format!("VM {vm} is not protected here"));
+        };
+        v.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        v.wake.notify_one();
+        let _ = std::fs::remove_file(self.tracker.state_file(PROTECT_DIR).join(format!("{vm}.json")));
+        Ok(())
+    }
+
+    fn start(self: &Arc<Self>, spec: ProtectSpec) -> Result<(), String> {
+        if let Some(old) = self.vms.lock().remove(&spec.vm) {
+            old.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            old.wake.notify_one();
+        }
+        let vm = Arc::new(Vm {
+            status: Mutex::new(VmStatus {
+                vm: spec.vm.clone(),
+                to: spec.to.clone(),
+                state: VmState::InitialReplication,
+                disks: spec.disks.clone(),
+                last_point: None,
+                last_point_unix_ns: None,
+                lag_secs: None,
+                bytes_pending: 0,
+                initial_done: 0,
+                initial_total: 0,
+                throughput_bps: 0.0,
+                bytes_sent: 0,
+                last_error: None,
+                next_retry_unix: None,
+                every_secs: spec.every_secs,
+            }),
+            spec,
+            wake: Notify::new(),
+            waiters: Mutex::new(Vec::new()),
+            sync_requested: false.into(),
+            copy_cycle: Mutex::new(HashMap::new()),
+            stop: false.into(),
+        });
+        self.vms.lock().insert(vm.spec.vm.clone(), vm.clone());
+        let me = self.clone();
+        self.rt.spawn(async move { me.worker(vm).await });
+        Ok(())
+    }
+
+    pub fn status(&self) -> Vec<VmStatus> {
+        let vms: Vec<Arc<Vm>> = self.vms.lock().values().cloned().collect();
+        let tstat = self.tracker.status();
+        let mut out: Vec<VmStatus> = vms
+            .iter()
+            .map(|v| {
+                let mut s = v.status.lock().clone();
+                let dirty: u64 = tstat
+                    .disks
+                    .iter()
+                    .filter(|d| v.spec.disks.contains(&d.name))
+                    .map(|d| d.dirty_bytes)
+                    .sum();
+                let logs: u64 = v
+                    .spec
+                    .disks
+                    .iter()
+                    .flat_map(|d| self.tracker.pending_logs(d))
+                    .filter_map(|(_, p)| self.tracker.private_path(&p))
+                    .filter_map(|p| std::fs::metadata(p).ok())
+                    .map(|m| m.len())
+                    .sum();
+                s.bytes_pending = dirty + logs;
+                if let Some(t) = s.last_point_unix_ns {
+                    s.lag_secs = Some(now_ns().saturating_sub(t) as f64 / 1e9);
+                }
+                s
+            })
+            .collect();
+        out.sort_by(|a, b| a.vm.cmp(&b.vm));
+        out
+    }
+
+    /// Cut now and wait until the receiver has durably applied a point at
+    /// least that new (or `timeout` passes, or the VM is Critical).
+    pub fn sync(&self, vm: &str, timeout: Duration) -> Result<u64, String> {
+        let v = self
+            .vms
+            .lock()
+            .get(vm)
+            .cloned()
+            .ok_or_else(|| format!("VM {vm} is not protected here"))?;
+        if v.status.lock().state == VmState::Critical {
+            return Err(format!(
+                "VM {vm} is Critical: {}",
+                v.status.lock().last_error.clone().unwrap_or_default()
+            ));
+        }
+        let (tx, rx) = oneshot::channel();
+        // Any point sealed after this moment will do.
+        let want = self.tracker.status().cut_seq + 1;
+        v.waiters.lock().push((want, tx));
+        v.sync_requested.store(true, std::sync::atomic::Ordering::SeqCst);
+        v.wake.notify_one();
+        self.rt.block_on(async {
+            match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err(format!("replication of {vm} stopped")),
+                Err(_) => {
+                    let s = v.status.lock().clone();
+                    Err(format!(
+                        "timed out after {:?} waiting for {vm} to reach the receiver (state {:?}{})",
+                        timeout,
+                        s.state,
+                        s.last_error.map(|e| format!(": {e}")).unwrap_or_default()
+                    ))
+                }
+            }
+        })
+    }
+
+    pub fn vm_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.vms.lock().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    async fn connect(&self, spec: &ProtectSpec) -> Result<(quinn::Connection, quinn::Endpoint), SendError> {
+        let id = self
+            .identity
+            .as_ref()
+            .ok_or_else(|| SendError::Fatal("no identity (mount with --keys)".into()))?;
+        let trust = TrustStore::from_files(&spec.trust).map_err(|e| SendError::Fatal(e.to_string()))?;
+        let addr: SocketAddr = tokio::net::lookup_host(&spec.to)
+            .await
+            .map_err(|e| retry(format!("cannot resolve {}: {e}", spec.to)))?
+            .next()
+            .ok_or_else(|| retry(format!("{} resolves to no address", spec.to)))?;
+        let ep = transport::client(id, &trust).map_err(|e| retry(e.to_string()))?;
+        let conn = transport::connect(&ep, addr, "vdrep")
+            .await
+            .map_err(|e| classify_transport(&e.to_string()))?;
+        let (mut tx, mut rx) = conn.open_bi().await.map_err(|e| {
+            classify_transport(&transport::explain_connection_error(&e, addr))
+        })?;
+        let hello = Msg::Hello(wire::Hello {
+            protocol_version: wire::PROTOCOL_VERSION,
+            site_name: self.site.clone(),
+            software_version: env!("CARGO_PKG_VERSION").into(),
+        });
+        wire::write_msg(&mut tx, &hello).await.map_err(|e| stream_err(&e, addr))?;
+        match wire::read_msg(&mut rx).await.map_err(|e| stream_err(&e, addr))? {
+            Some(Msg::HelloOk(_)) => Ok((conn, ep)),
+            Some(Msg::Error(e)) => Err(msg_err(&e)),
+            other => Err(SendError::Fatal(format!("unexpected answer to Hello: {other:?}"))),
+        }
+    }
+
+    async fn worker(self: Arc<Self>, vm: Arc<Vm>) {
+        let mut failures = 0u32;
+        loop {
+            if vm.stop.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            let r = self.session(&vm).await;
+            if vm.stop.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            match r {
+                Ok(()) => return,
+                Err(SendError::Retry(e)) => {
+                    let d = backoff(failures, self.retry_scale);
+                    failures += 1;
+                    tracing::warn!(vm = %vm.spec.vm, "replication interrupted: {e}; retry in {d:?}");
+                    {
+                        let mut s = vm.status.lock();
+                        s.state = if s.state == VmState::ResyncRequired { s.state } else { VmState::Warning };
+                        s.last_error = Some(e);
+                        s.next_retry_unix = Some(now_ns() / 1_000_000_000 + d.as_secs());
+                    }
+                    // A `sync` request retries at once.
+                    let _ = tokio::time::timeout(d, vm.wake.notified()).await;
+                    vm.status.lock().next_retry_unix = None;
+                }
+                Err(SendError::Fatal(e)) => {
+                    tracing::error!(vm = %vm.spec.vm, "replication stopped (Critical): {e}");
+                    {
+                        let mut s = vm.status.lock();
+                        s.state = VmState::Critical;
+                        s.last_error = Some(e.clone());
+                    }
+                    for (_, w) in vm.waiters.lock().drain(..) {
+                        let _ = w.send(Err(format!("VM {} is Critical: {e}", vm.spec.vm)));
+                    }
+                    return;
+                }
+            }
+            if failures > 0 && vm.status.lock().state == VmState::Normal {
+                failures = 0;
+            }
+        }
+    }
+
+    fn disk_id(&self, name: &str) -> Result<([u8; 16], u64, u32, TrackState), SendError> {
+        let (id, size, bs, st) = self
+            .tracker
+            .disk_info(name)
+            .ok_or_else(|| SendError::Fatal(format!("disk {name} is no longer tracked (deleted or renamed?)")))?;
+        let mut out = [0u8; 16];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = u8::from_str_radix(id.get(2 * i..2 * i + 2).unwrap_or("00"), 16).unwrap_or(0);
+        }
+        Ok((out, size, bs, st))
+    }
+
+    /// One connected session: sync up, then cut and ship until an error.
+    async fn session(&self, vm: &Arc<Vm>) -> Result<(), SendError> {
+        let spec = &vm.spec;
+        let (conn, _ep) = self.connect(spec).await?;
+        let addr = conn.remote_address();
+        let limiter = (spec.max_rate > 0).then(|| RateLimiter::new(spec.max_rate));
+        // Where is each replica?
+        let mut replica: HashMap<String, wire::DiskState> = HashMap::new();
+        let mut need_initial = false;
+        for d in &spec.disks {
+            let (id, size, bs, st) = self.disk_id(d)?;
+            let (mut tx, mut rx) = conn.open_bi().await.map_err(|e| conn_err(&e, addr))?;
+            let kind = if d.to_ascii_lowercase().ends_with(".vhd") { wire::DiskKind::Vhd } else { wire::DiskKind::Raw };
+            wire::write_msg(&mut tx, &Msg::OpenDisk(wire::OpenDisk {
+                vm: spec.vm.clone(),
+                disk_name: d.clone(),
+                disk_id: id,
+                block_size: bs,
+                disk_size: size,
+                kind,
+            }))
+            .await
+            .map_err(|e| stream_err(&e, addr))?;
+            let ds = match wire::read_msg(&mut rx).await.map_err(|e| stream_err(&e, addr))? {
+                Some(Msg::DiskState(s)) => s,
+                Some(Msg::Error(e)) => return Err(msg_err(&e)),
+                other => return Err(SendError::Fatal(format!("unexpected answer to OpenDisk: {other:?}"))),
+            };
+            // Can the sealed logs on disk bring the replica up to date?
+            let base = self.tracker.disk_base_cycle(d).unwrap_or(0);
+            let logs = self.tracker.pending_logs(d);
+            let continuous = if ds.replica_cycle == 0 {
+                false
+            } else if ds.replica_cycle == base {
+                true
+            } else {
+                logs.iter().any(|(c, p)| *c > ds.replica_cycle && log_base(&self.tracker, p) == Some(ds.replica_cycle))
+                    || logs.iter().any(|(c, _)| *c == ds.replica_cycle)
+            };
+            if !matches!(st, TrackState::Normal) || !continuous {
+                need_initial = true;
+            }
+            replica.insert(d.clone(), ds);
+        }
+        if need_initial {
+            vm.status.lock().state = VmState::InitialReplication;
+            self.initial_copy(vm, &conn, &replica, limiter.as_ref()).await?;
+        } else {
+            self.ship_pending(vm, &conn, &replica, limiter.as_ref()).await?;
+        }
+        {
+            let mut s = vm.status.lock();
+            s.state = VmState::Normal;
+            s.last_error = None;
+        }
+        // Steady state: cut, ship, commit.
+        loop {
+            if vm.stop.load(std::sync::atomic::Ordering::SeqCst) {
+                conn.close(0u32.into(), b"unprotected");
+                return Ok(());
+            }
+            let synced = vm.sync_requested.swap(false, std::sync::atomic::Ordering::SeqCst);
+            if !synced && spec.every_secs > 0 {
+                let _ = tokio::time::timeout(Duration::from_secs(spec.every_secs), vm.wake.notified()).await;
+                if vm.stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
+            } else if !synced {
+                // Continuous: next cycle as soon as this one is acknowledged,
+                // but don't spin on an idle disk.
+                let dirty: u64 = self.tracker.status().disks.iter().filter(|d| spec.disks.contains(&d.name)).map(|d| d.dirty_blocks).sum();
+                if dirty == 0 && vm.waiters.lock().is_empty() {
+                    let _ = tokio::time::timeout(Duration::from_millis(200), vm.wake.notified()).await;
+                    continue;
+                }
+            }
+            self.cut_and_ship(vm, &conn, limiter.as_ref()).await?;
+        }
+    }
+
+    /// Flush the kernel cache, seal the VM's disks at one instant, write
+    /// their logs and ship them.
+    async fn cut_and_ship(&self, vm: &Arc<Vm>, conn: &quinn::Connection, limiter: Option<&RateLimiter>) -> Result<(), SendError> {
+        let spec = vm.spec.clone();
+        let tracker = self.tracker.clone();
+        let dir = self.mount_dir.clone();
+        let entries = tokio::task::spawn_blocking(move || -> Result<Vec<crate::tracking::CutEntry>, String> {
+            if let Ok(d) = std::fs::File::open(&dir) {
+                let _ = nix::unistd::syncfs(&d);
+            }
+            let sealed = tracker
+                .seal(&CutSelect { disks: Some(spec.disks.clone()), ..Default::default() })
+                .map_err(|e| e.to_string())?;
+            let mut out = sealed.skipped;
+            for sc in sealed.cycles {
+                out.push(tracker.write_log(sc));
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| retry(format!("cut task failed: {e}")))?
+        .map_err(retry)?;
+        if let Some(e) = entries.iter().find(|e| e.log.is_none()) {
+            if e.error.as_deref().is_some_and(|x| x.starts_with("resync required")) {
+                vm.status.lock().state = VmState::ResyncRequired;
+                return Err(retry(format!("{}: {}", e.disk, e.error.clone().unwrap_or_default())));
+            }
+        }
+        let replica: HashMap<String, wire::DiskState> = HashMap::new();
+        self.ship_pending(vm, conn, &replica, limiter).await
+    }
+
+    /// Ship every sealed log of the VM's disks, oldest cycle first, and
+    /// commit each cycle that every disk reached.
+    async fn ship_pending(
+        &self,
+        vm: &Arc<Vm>,
+        conn: &quinn::Connection,
+        replica: &HashMap<String, wire::DiskState>,
+        limiter: Option<&RateLimiter>,
+    ) -> Result<(), SendError> {
+        let spec = &vm.spec;
+        let mut by_cycle: std::collections::BTreeMap<u64, Vec<(String, PathBuf)>> = Default::default();
+        for d in &spec.disks {
+            let at = replica.get(d).map(|s| s.replica_cycle).unwrap_or(0);
+            for (c, p) in self.tracker.pending_logs(d) {
+                if at != 0 && c <= at {
+                    // Already applied there: drop it.
+                    if let Some(pp) = self.tracker.private_path(&p) {
+                        let _ = std::fs::remove_file(pp);
+                    }
+                    continue;
+                }
+                by_cycle.entry(c).or_default().push((d.clone(), p));
+            }
+        }
+        for (cycle, logs) in by_cycle {
+            let mut acked = Vec::new();
+            for (d, p) in &logs {
+                let (id, ..) = self.disk_id(d)?;
+                self.send_log(vm, conn, id, p, limiter).await?;
+                if let Some(pp) = self.tracker.private_path(p) {
+                    let _ = std::fs::remove_file(pp);
+                }
+                acked.push(wire::DiskCycle { disk_id: id, cycle });
+            }
+            if acked.len() == spec.disks.len() {
+                let cut_ns = logs.first().and_then(|(_, p)| log_cut_ns(&self.tracker, p));
+                self.commit_point(vm, conn, cycle, acked, cut_ns).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn commit_point(&self, vm: &Arc<Vm>, conn: &quinn::Connection, cycle: u64, disks: Vec<wire::DiskCycle>, cut_ns: Option<u64>) -> Result<(), SendError> {
+        let addr = conn.remote_address();
+        let (mut tx, mut rx) = conn.open_bi().await.map_err(|e| conn_err(&e, addr))?;
+        wire::write_msg(&mut tx, &Msg::PointCommit(wire::PointCommit { vm: vm.spec.vm.clone(), cycle, disks }))
+            .await
+            .map_err(|e| stream_err(&e, addr))?;
+        match wire::read_msg(&mut rx).await.map_err(|e| stream_err(&e, addr))? {
+            Some(Msg::PointAck(a)) if a.cycle == cycle => {}
+            Some(Msg::Error(e)) => return Err(msg_err(&e)),
+            other => return Err(SendError::Fatal(format!("unexpected answer to PointCommit: {other:?}"))),
+        }
+        {
+            let mut s = vm.status.lock();
+            s.last_point = Some(cycle);
+            s.last_point_unix_ns = cut_ns.or(Some(now_ns()));
+        }
+        let mut w = vm.waiters.lock();
+        let mut keep = Vec::new();
+        for (want, tx) in w.drain(..) {
+            if cycle >= want {
+                let _ = tx.send(Ok(cycle));
+            } else {
+                keep.push((want, tx));
+            }
+        }
+        *w = keep;
+        tracing::info!(vm = %vm.spec.vm, cycle, "recovery point committed at the receiver");
+        Ok(())
+    }
+
+    async fn send_log(&self, vm: &Arc<Vm>, conn: &quinn::Connection, id: [u8; 16], shown: &Path, limiter: Option<&RateLimiter>) -> Result<(), SendError> {
+        let addr = conn.remote_address();
+        let path = self
+            .tracker
+            .private_path(shown)
+            .ok_or_else(|| SendError::Fatal(format!("{} is outside the mount", shown.display())))?;
+        let (header, _) = crate::hrl::verify(&path).map_err(|e| {
+            SendError::Fatal(format!("sealed log {} is damaged: {e}; the disk needs a resync", shown.display()))
+        })?;
+        let mut file = std::fs::File::open(&path)
+            .map_err(|e| retry(format!("opening {}: {e}", shown.display())))?;
+        let total_len = file
+            .metadata()
+            .map_err(|e| retry(format!("{}: {e}", shown.display())))?
+            .len();
+        let (mut tx, mut rx) = conn.open_bi().await.map_err(|e| conn_err(&e, addr))?;
+        let t0 = Instant::now();
+        wire::write_msg(&mut tx, &Msg::LogBegin(wire::LogBegin {
+            disk_id: id,
+            disk_name: header.disk_name.clone(),
+            cycle: header.cycle,
+            base_cycle: header.base_cycle,
+            block_size: header.block_size,
+            base_size: header.base_size,
+            disk_size: header.disk_size,
+            cut_unix_ns: header.cut_unix_ns,
+            total_len,
+        }))
+        .await
+        .map_err(|e| stream_err(&e, addr))?;
+        let mut buf = Vec::new();
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        let mut off = 0u64;
+        let mut chunk = vec![0u8; 1 << 20];
+        while off < total_len {
+            let want = ((total_len - off) as usize).min(chunk.len());
+            tokio::task::block_in_place(|| std::io::Read::read_exact(&mut file, &mut chunk[..want]))
+                .map_err(|e| retry(format!("reading {}: {e}", shown.display())))?;
+            hasher.update(&chunk[..want]);
+            if let Some(l) = limiter {
+                l.take(want as u64).await;
+            }
+            wire::write_msg_buf(&mut tx, &Msg::LogChunk(wire::LogChunk {
+                disk_id: id,
+                cycle: header.cycle,
+                offset_in_log: off,
+                data: chunk[..want].to_vec(),
+            }), &mut buf)
+            .await
+            .map_err(|e| stream_err(&e, addr))?;
+            off += want as u64;
+        }
+        wire::write_msg(&mut tx, &Msg::LogEnd(wire::LogEnd {
+            disk_id: id,
+            cycle: header.cycle,
+            total_len,
+            log_checksum: hasher.digest128(),
+        }))
+        .await
+        .map_err(|e| stream_err(&e, addr))?;
+        loop {
+            match wire::read_msg(&mut rx).await.map_err(|e| stream_err(&e, addr))? {
+                Some(Msg::Ack(a)) if a.applied && a.cycle == header.cycle => break,
+                Some(Msg::Ack(_)) => continue,
+                Some(Msg::Error(e)) => return Err(msg_err(&e)),
+                other => return Err(SendError::Fatal(format!("unexpected answer to a log: {other:?}"))),
+            }
+        }
+        let bytes_len = total_len;
+        let secs = t0.elapsed().as_secs_f64().max(1e-6);
+        let mut s = vm.status.lock();
+        s.bytes_sent += bytes_len;
+        s.throughput_bps = bytes_len as f64 / secs;
+        Ok(())
+    }
+
+    /// Whole-disk cycle of every disk of the VM, sealed at one instant and
+    /// streamed disk after disk; resumes an interrupted copy of the same
+    /// cycle range from the receiver's `resume_offset`.
+    async fn initial_copy(
+        &self,
+        vm: &Arc<Vm>,
+        conn: &quinn::Connection,
+        replica: &HashMap<String, wire::DiskState>,
+        limiter: Option<&RateLimiter>,
+    ) -> Result<(), SendError> {
+        let spec = &vm.spec;
+        let mut full_from = HashMap::new();
+        {
+            let cc = vm.copy_cycle.lock();
+            for d in &spec.disks {
+                let ds = &replica[d];
+                let resume = match cc.get(d) {
+                    Some(c) if *c == ds.copy_cycle && ds.copy_cycle != 0 => ds.resume_offset,
+                    _ => 0,
+                };
+                full_from.insert(d.clone(), resume);
+            }
+        }
+        let tracker = self.tracker.clone();
+        let sel = CutSelect { disks: Some(spec.disks.clone()), full_from: full_from.clone() };
+        let dir = self.mount_dir.clone();
+        let sealed = tokio::task::spawn_blocking(move || {
+            if let Ok(d) = std::fs::File::open(&dir) {
+                let _ = nix::unistd::syncfs(&d);
+            }
+            tracker.seal_for_copy(&sel)
+        })
+        .await
+        .map_err(|e| retry(format!("cut task failed: {e}")))?
+        .map_err(|e| retry(e.to_string()))?;
+        if let Some(e) = sealed.skipped.first() {
+            return Err(retry(format!("{}: {}", e.disk, e.error.clone().unwrap_or_default())));
+        }
+        let cycle = sealed.cycle;
+        let cut_ns = sealed.cut_unix_ns;
+        {
+            let mut s = vm.status.lock();
+            s.initial_total = sealed.cycles.iter().map(|c| c.dirty_bytes()).sum();
+            s.initial_done = 0;
+        }
+        let mut cycles: Vec<_> = sealed.cycles.into_iter().map(Some).collect();
+        let mut done = Vec::new();
+        for i in 0..cycles.len() {
+            let Some(sc) = cycles[i].take() else { continue };
+            let name = sc.header.disk_name.clone();
+            let start = sc.full_from.unwrap_or(0);
+            vm.copy_cycle.lock().insert(name.clone(), cycle);
+            let id = sc.header.disk_id;
+            let (back, r) = self.stream_initial(vm, conn, sc, start, limiter).await;
+            let t = self.tracker.clone();
+            let ok = r.is_ok();
+            let mut rest: Vec<_> = back.into_iter().collect();
+            if !ok {
+                rest.extend(cycles.iter_mut().filter_map(|c| c.take()));
+            }
+            tokio::task::spawn_blocking(move || {
+                for sc in rest {
+                    if let Err(e) = t.finish(sc, ok) {
+                        tracing::error!("{e}");
+                    }
+                }
+            })
+            .await
+            .map_err(|e| retry(e.to_string()))?;
+            r?;
+            vm.copy_cycle.lock().remove(&name);
+            done.push(wire::DiskCycle { disk_id: id, cycle });
+        }
+        // Old logs are superseded by the copy.
+        for d in &spec.disks {
+            for (c, p) in self.tracker.pending_logs(d) {
+                if c <= cycle {
+                    if let Some(pp) = self.tracker.private_path(&p) {
+                        let _ = std::fs::remove_file(pp);
+                    }
+                }
+            }
+        }
+        self.commit_point(vm, conn, cycle, done, Some(cut_ns)).await
+    }
+
+    /// Stream one whole-disk cycle; hands the sealed cycle back with the
+    /// outcome (the caller finishes it either way).
+    async fn stream_initial(
+        &self,
+        vm: &Arc<Vm>,
+        conn: &quinn::Connection,
+        sc: crate::tracking::SealedCycle,
+        start: u64,
+        limiter: Option<&RateLimiter>,
+    ) -> (Option<crate::tracking::SealedCycle>, Result<(), SendError>) {
+        let addr = conn.remote_address();
+        let id = sc.header.disk_id;
+        let (cycle, disk_size, name) = (sc.header.cycle, sc.header.disk_size, sc.header.disk_name.clone());
+        let (mut tx, mut rx) = match conn.open_bi().await {
+            Ok(s) => s,
+            Err(e) => return (Some(sc), Err(conn_err(&e, addr))),
+        };
+        if let Err(e) = wire::write_msg(&mut tx, &Msg::InitialBegin(wire::InitialBegin {
+            disk_id: id,
+            cycle,
+            disk_size,
+            start_offset: start,
+        }))
+        .await
+        {
+            return (Some(sc), Err(stream_err(&e, addr)));
+        }
+        // The sealed cycle is read by a blocking thread (it takes locks and
+        // preads); chunks come over a small channel so memory stays bounded.
+        // Blocks below `start` are in the cycle only if they changed since
+        // the interrupted copy.
+        let (ctx, mut crx) = tokio::sync::mpsc::channel::<(u64, Vec<u8>)>(8);
+        let reader = tokio::task::spawn_blocking(move || {
+            let r = sc.stream(0, &mut |off, data| {
+                ctx.blocking_send((off, data.to_vec()))
+                    .map_err(|_| "the network side stopped".to_string())
+            });
+            (sc, r)
+        });
+        let net = async {
+            let mut buf = Vec::new();
+            let t0 = Instant::now();
+            let mut sent = 0u64;
+            while let Some((off, data)) = crx.recv().await {
+                let len = data.len() as u64;
+                let (encoding, payload) = if data.iter().all(|&b| b == 0) {
+                    (Encoding::Zero, Vec::new())
+                } else {
+                    let c = lz4_flex::block::compress(&data);
+                    if c.len() <= data.len() - data.len() / 8 {
+                        (Encoding::Lz4, c)
+                    } else {
+                        (Encoding::Raw, data)
+                    }
+                };
+                if let Some(l) = limiter {
+                    l.take(payload.len().max(64) as u64).await;
+                }
+                let plen = payload.len() as u64;
+                wire::write_msg_buf(&mut tx, &Msg::InitialChunk(wire::InitialChunk {
+                    disk_id: id,
+                    offset: off,
+                    length: len as u32,
+                    encoding,
+                    data: payload,
+                }), &mut buf)
+                .await
+                .map_err(|e| stream_err(&e, addr))?;
+                sent += plen;
+                let mut s = vm.status.lock();
+                s.initial_done += len;
+                s.bytes_sent += plen;
+                s.throughput_bps = sent as f64 / t0.elapsed().as_secs_f64().max(1e-6);
+            }
+            Ok::<(), SendError>(())
+        }
+        .await;
+        drop(crx);
+        let (sc, read) = match reader.await {
+            Ok(x) => x,
+            Err(e) => return (None, Err(retry(format!("the disk reader failed: {e}")))),
+        };
+        if let Err(e) = net {
+            return (Some(sc), Err(e));
+        }
+        if let Err(e) = read {
+            return (Some(sc), Err(retry(format!("reading {name} as of its cut: {e}"))));
+        }
+        let end = async {
+            wire::write_msg(&mut tx, &Msg::InitialEnd(wire::InitialEnd { disk_id: id, cycle, disk_size }))
+                .await
+                .map_err(|e| stream_err(&e, addr))?;
+            loop {
+                match wire::read_msg(&mut rx).await.map_err(|e| stream_err(&e, addr))? {
+                    Some(Msg::Ack(a)) if a.applied => return Ok(()),
+                    Some(Msg::Ack(_)) => continue,
+                    Some(Msg::Error(e)) => return Err(msg_err(&e)),
+                    other => {
+                        return Err(SendError::Fatal(format!(
+                            "unexpected answer to an initial copy: {other:?}"
+                        )))
+                    }
+                }
+            }
+        }
+        .await;
+        (Some(sc), end)
+    }
+}
+
+
+
+fn log_base(t: &Tracker, shown: &Path) -> Option<u64> {
+    let p = t.private_path(shown)?;
+    let mut r = crate::hrl::HrlReader::open(&p).ok()?;
+    let _ = &mut r;
+    Some(r.header().base_cycle)
+}
+
+fn log_cut_ns(t: &Tracker, shown: &Path) -> Option<u64> {
+    let p = t.private_path(shown)?;
+    let r = crate::hrl::HrlReader::open(&p).ok()?;
+    Some(r.header().cut_unix_ns)
+}
+
+fn classify_transport(msg: &str) -> SendError {
+    let l = msg.to_lowercase();
+    if l.contains("not trusted") || l.contains("certificate") || l.contains("refused") && l.contains("trust") {
+        SendError::Fatal(format!("authentication failed: {msg}"))
+    } else {
+        SendError::Retry(msg.to_string())
+    }
+}
+
+fn conn_err(e: &quinn::ConnectionError, addr: SocketAddr) -> SendError {
+    classify_transport(&transport::explain_connection_error(e, addr))
+}
+
+fn stream_err(e: &wire::WireError, addr: SocketAddr) -> SendError {
+    match e.connection_error() {
+        Some(c) => conn_err(c, addr),
+        None if e.is_transport() => SendError::Retry(e.to_string()),
+        None => SendError::Fatal(e.to_string()),
+    }
+}
+
+fn msg_err(e: &wire::ErrorMsg) -> SendError {
+    let m = format!("receiver: {} ({:?})", e.message, e.code);
+    if e.retryable {
+        SendError::Retry(m)
+    } else {
+        SendError::Fatal(m)
+    }
+}
