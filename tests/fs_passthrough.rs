@@ -678,6 +678,25 @@ fn new_nodes_get_caller_owner_and_umask() {
         .status()
         .unwrap();
     assert!(!st.success());
+    // Writing or truncating a set-user-ID file as its (non-root) owner
+    // drops the bit, as on a native file system.
+    for (name, cmd) in [
+        ("suid-w", "echo more >> {}"),
+        ("suid-t", "truncate -s 1 {}"),
+    ] {
+        let p = m.p(name);
+        fs::write(&p, b"#!/bin/sh\n").unwrap();
+        std::os::unix::fs::chown(&p, Some(4321), Some(8765)).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o4755)).unwrap();
+        let st = Command::new("setpriv")
+            .args(["--reuid=4321", "--regid=8765", "--clear-groups", "sh", "-c"])
+            .arg(cmd.replace("{}", &p.display().to_string()))
+            .status()
+            .unwrap();
+        assert!(st.success(), "{name}");
+        let mode = fs::metadata(&p).unwrap().mode() & 0o7777;
+        assert_eq!(mode, 0o755, "{name}: set-user-ID bit kept");
+    }
     m.unmount();
     let md = fs::metadata(m.p("u.txt")).unwrap();
     assert_eq!((md.uid(), md.gid()), (4321, 8765));
