@@ -709,6 +709,8 @@ fn umount_command_works() {
         return;
     };
     fs::write(m.p("new"), b"n").unwrap();
+    // Mounting again over the same folder is refused (no self-stacking).
+    assert!(mount_untracked(m.path(), &FsOptions::default()).is_err());
     let st = Command::new("umount").arg(m.path()).status().unwrap();
     assert!(st.success());
     if let Some(s) = m.sess.take() {

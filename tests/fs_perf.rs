@@ -148,3 +148,28 @@ fn fio_fuse_vs_native() {
     }
     sess.umount_and_join().expect("unmount");
 }
+
+/// Keep a mount over `$VDREP_DIR` for `$VDREP_SECS` seconds (manual
+/// experiments: run fio/perf against it from another shell).
+#[test]
+#[ignore]
+fn hold_mount() {
+    let Ok(dir) = std::env::var("VDREP_DIR") else {
+        println!("SKIP: VDREP_DIR not set");
+        return;
+    };
+    let secs: u64 = std::env::var("VDREP_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let mut opts = FsOptions::default();
+    if std::env::var("NO_WB").is_ok() {
+        opts.writeback_cache = false;
+    }
+    let sess = mount_untracked(Path::new(&dir), &opts)
+        .expect("mount")
+        .spawn()
+        .expect("spawn");
+    std::thread::sleep(std::time::Duration::from_secs(secs));
+    sess.umount_and_join().expect("unmount");
+}

@@ -195,11 +195,39 @@ pub fn mount_untracked(dir: &Path, opts: &FsOptions) -> io::Result<Session<Vdrep
     mount_inner(dir, None, opts)
 }
 
+/// Whether `dir` is already the top of a mount of ours (same `fsname`).
+/// Mounting again would stack the FS on itself (double tracking, and
+/// unmounting by path would hit the wrong layer).
+fn already_mounted(dir: &Path, fsname: &str) -> bool {
+    let Ok(canon) = dir.canonicalize() else {
+        return false;
+    };
+    let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = canon.to_string_lossy();
+    mi.lines().any(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        let Some(sep) = f.iter().position(|x| *x == "-") else {
+            return false;
+        };
+        f.get(4) == Some(&want.as_ref())
+            && f.get(sep + 1).is_some_and(|t| t.starts_with("fuse"))
+            && f.get(sep + 2) == Some(&fsname)
+    })
+}
+
 fn mount_inner(
     dir: &Path,
     tracker: Option<Arc<Tracker>>,
     opts: &FsOptions,
 ) -> io::Result<Session<VdrepFs>> {
+    if already_mounted(dir, &opts.fsname) {
+        return Err(io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            format!("{} is already a {} mount", dir.display(), opts.fsname),
+        ));
+    }
     let root = open_root(dir)?;
     let fs = VdrepFs::new(root, tracker, opts)?;
     Session::new(fs, dir, &session_config(opts))
