@@ -166,6 +166,9 @@ fn hold_mount() {
     if std::env::var("NO_WB").is_ok() {
         opts.writeback_cache = false;
     }
+    if let Ok(n) = std::env::var("THREADS") {
+        opts.n_threads = n.parse().unwrap_or(4);
+    }
     let sess = mount_untracked(Path::new(&dir), &opts)
         .expect("mount")
         .spawn()
