@@ -743,3 +743,47 @@ fn works_without_writeback_cache() {
     m.unmount();
     assert_eq!(fs::read(m.p("w")).unwrap().len(), data.len() + 4);
 }
+
+/// Descriptors of this process that point below `dir` (the FS's inode and
+/// handle fds; the test opens none of its own while counting).
+fn fds_under(dir: &Path) -> usize {
+    fs::read_dir("/proc/self/fd")
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| fs::read_link(e.path()).ok())
+                .filter(|t| t.starts_with(dir))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn forget_closes_inode_fds() {
+    let Some(mut m) = mount(|d| {
+        for i in 0..300 {
+            fs::write(d.join(format!("f{i}")), b"x").unwrap();
+        }
+    }) else {
+        return;
+    };
+    for i in 0..300 {
+        fs::metadata(m.p(&format!("f{i}"))).unwrap();
+    }
+    let held = fds_under(m.path());
+    assert!(held >= 300, "one O_PATH fd per looked-up inode, got {held}");
+    // Make the kernel drop its dentries/inodes: it sends FORGET for each.
+    fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    let mut left = held;
+    for _ in 0..50 {
+        left = fds_under(m.path());
+        if left < 10 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(left < 10, "fds not closed after forget: {held} -> {left}");
+    // Still fully usable afterwards.
+    assert_eq!(fs::read(m.p("f7")).unwrap(), b"x");
+    m.unmount();
+    assert_eq!(fds_under(m.path()), 0, "all fds closed after unmount");
+}
