@@ -787,3 +787,30 @@ fn forget_closes_inode_fds() {
     m.unmount();
     assert_eq!(fds_under(m.path()), 0, "all fds closed after unmount");
 }
+
+#[test]
+fn state_dir_files_are_never_cached() {
+    let mut backing: Option<File> = None;
+    let Some(mut m) = mount(|d| {
+        fs::create_dir(d.join(".vdrep")).unwrap();
+        fs::write(d.join(".vdrep/state"), b"one").unwrap();
+        backing = Some(
+            OpenOptions::new()
+                .write(true)
+                .open(d.join(".vdrep/state"))
+                .unwrap(),
+        );
+    }) else {
+        return;
+    };
+    let backing = backing.unwrap();
+    assert!(fs::read_dir(m.path())
+        .unwrap()
+        .any(|e| e.unwrap().file_name() == ".vdrep"));
+    assert_eq!(fs::read(m.p(".vdrep/state")).unwrap(), b"one");
+    // The daemon rewrites its state through its own descriptor.
+    backing.write_all_at(b"two", 0).unwrap();
+    assert_eq!(fs::read(m.p(".vdrep/state")).unwrap(), b"two");
+    drop(backing);
+    m.unmount();
+}

@@ -146,16 +146,25 @@ impl VdrepFs {
     /// Attach the regular file behind `inode_fd` (open as `file`) to the
     /// tracker, unless untracked or under the state folder.
     fn attach(&self, inode_fd: i32, file: &std::fs::File) -> io::Result<Option<Arc<TrackedDisk>>> {
-        let Some(tracker) = &self.tracker else {
-            return Ok(None);
-        };
-        let Some(rel) = self.rel_path(inode_fd) else {
-            return Ok(None);
-        };
-        if rel.as_os_str().is_empty() || Self::is_state_path(&rel) {
+        if self.tracker.is_none() {
             return Ok(None);
         }
-        tracker.attach(&rel, file)
+        self.attach_rel(self.rel_path(inode_fd).as_deref(), file)
+    }
+
+    /// [`attach`](Self::attach) with the relative path already known.
+    fn attach_rel(
+        &self,
+        rel: Option<&Path>,
+        file: &std::fs::File,
+    ) -> io::Result<Option<Arc<TrackedDisk>>> {
+        let (Some(tracker), Some(rel)) = (&self.tracker, rel) else {
+            return Ok(None);
+        };
+        if rel.as_os_str().is_empty() || Self::is_state_path(rel) {
+            return Ok(None);
+        }
+        tracker.attach(rel, file)
     }
 }
 

@@ -387,8 +387,17 @@ impl VdrepFs {
 
     fn finish_open(&self, inode: &Inode, file: File, bflags: i32) -> io::Result<(u64, FopenFlags)> {
         let writable = bflags & libc::O_ACCMODE != libc::O_RDONLY;
-        let disk = if writable && inode.fmt == libc::S_IFREG {
-            self.attach(inode.raw(), &file)?
+        let regular = inode.fmt == libc::S_IFREG;
+        let rel = if regular {
+            self.rel_path(inode.raw())
+        } else {
+            None
+        };
+        // The daemon writes its state files behind the mount (through its
+        // own descriptors), so they are never cached by the kernel.
+        let state = rel.as_deref().is_some_and(VdrepFs::is_state_path);
+        let disk = if writable && regular && !state {
+            self.attach_rel(rel.as_deref(), &file)?
         } else {
             None
         };
@@ -398,6 +407,8 @@ impl VdrepFs {
             .add_file(OpenFile::new(inode.ino, file, bflags, disk));
         let fopen = if direct {
             FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
+        } else if state {
+            FopenFlags::FOPEN_DIRECT_IO
         } else if self.opts.writeback_cache {
             // Only we change the backing files (the folder is hidden under
             // the mount), so cached pages stay valid across opens.
