@@ -814,3 +814,61 @@ fn state_dir_files_are_never_cached() {
     drop(backing);
     m.unmount();
 }
+
+#[test]
+fn concurrent_direct_and_buffered_writers() {
+    let Some(mut m) = mount(|_| {}) else { return };
+    let p = m.p("shared.raw");
+    let region = 1usize << 20;
+    let n = 8;
+    File::create(&p)
+        .unwrap()
+        .set_len((region * n) as u64)
+        .unwrap();
+    let handles: Vec<_> = (0..n)
+        .map(|t| {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                let mut oo = OpenOptions::new();
+                oo.read(true).write(true);
+                if t % 2 == 0 {
+                    oo.custom_flags(libc::O_DIRECT);
+                }
+                let f = oo.open(&p).unwrap();
+                let layout = std::alloc::Layout::from_size_align(4096, 4096).unwrap();
+                // SAFETY: non-zero layout, freed below.
+                let ptr = unsafe { std::alloc::alloc(layout) };
+                // SAFETY: valid for 4096 bytes.
+                let buf = unsafe { std::slice::from_raw_parts_mut(ptr, 4096) };
+                let data = pattern(region, t as u8);
+                let base = (t * region) as u64;
+                // Write the region's 4 KiB blocks in a scrambled order.
+                let blocks = region / 4096;
+                for i in 0..blocks {
+                    let b = (i * 97) % blocks;
+                    buf.copy_from_slice(&data[b * 4096..(b + 1) * 4096]);
+                    f.write_all_at(buf, base + (b * 4096) as u64).unwrap();
+                }
+                for b in 0..blocks {
+                    f.read_exact_at(buf, base + (b * 4096) as u64).unwrap();
+                    assert_eq!(&buf[..], &data[b * 4096..(b + 1) * 4096], "thread {t}");
+                }
+                f.sync_all().unwrap();
+                // SAFETY: allocated above with this layout.
+                unsafe { std::alloc::dealloc(ptr, layout) };
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    m.unmount();
+    let got = fs::read(&p).unwrap();
+    for t in 0..n {
+        assert_eq!(
+            &got[t * region..(t + 1) * region],
+            &pattern(region, t as u8)[..],
+            "region {t}"
+        );
+    }
+}
