@@ -678,6 +678,25 @@ fn new_nodes_get_caller_owner_and_umask() {
         .status()
         .unwrap();
     assert!(!st.success());
+    // Writing or truncating a set-user-ID file as its (non-root) owner
+    // drops the bit, as on a native file system.
+    for (name, cmd) in [
+        ("suid-w", "echo more >> {}"),
+        ("suid-t", "truncate -s 1 {}"),
+    ] {
+        let p = m.p(name);
+        fs::write(&p, b"#!/bin/sh\n").unwrap();
+        std::os::unix::fs::chown(&p, Some(4321), Some(8765)).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o4755)).unwrap();
+        let st = Command::new("setpriv")
+            .args(["--reuid=4321", "--regid=8765", "--clear-groups", "sh", "-c"])
+            .arg(cmd.replace("{}", &p.display().to_string()))
+            .status()
+            .unwrap();
+        assert!(st.success(), "{name}");
+        let mode = fs::metadata(&p).unwrap().mode() & 0o7777;
+        assert_eq!(mode, 0o755, "{name}: set-user-ID bit kept");
+    }
     m.unmount();
     let md = fs::metadata(m.p("u.txt")).unwrap();
     assert_eq!((md.uid(), md.gid()), (4321, 8765));
@@ -690,6 +709,8 @@ fn umount_command_works() {
         return;
     };
     fs::write(m.p("new"), b"n").unwrap();
+    // Mounting again over the same folder is refused (no self-stacking).
+    assert!(mount_untracked(m.path(), &FsOptions::default()).is_err());
     let st = Command::new("umount").arg(m.path()).status().unwrap();
     assert!(st.success());
     if let Some(s) = m.sess.take() {
@@ -721,4 +742,133 @@ fn works_without_writeback_cache() {
     assert_eq!(&got[data.len()..], b"tail");
     m.unmount();
     assert_eq!(fs::read(m.p("w")).unwrap().len(), data.len() + 4);
+}
+
+/// Descriptors of this process that point below `dir` (the FS's inode and
+/// handle fds; the test opens none of its own while counting).
+fn fds_under(dir: &Path) -> usize {
+    fs::read_dir("/proc/self/fd")
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| fs::read_link(e.path()).ok())
+                .filter(|t| t.starts_with(dir))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn forget_closes_inode_fds() {
+    let Some(mut m) = mount(|d| {
+        for i in 0..300 {
+            fs::write(d.join(format!("f{i}")), b"x").unwrap();
+        }
+    }) else {
+        return;
+    };
+    for i in 0..300 {
+        fs::metadata(m.p(&format!("f{i}"))).unwrap();
+    }
+    let held = fds_under(m.path());
+    assert!(held >= 300, "one O_PATH fd per looked-up inode, got {held}");
+    // Make the kernel drop its dentries/inodes: it sends FORGET for each.
+    fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    let mut left = held;
+    for _ in 0..50 {
+        left = fds_under(m.path());
+        if left < 10 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(left < 10, "fds not closed after forget: {held} -> {left}");
+    // Still fully usable afterwards.
+    assert_eq!(fs::read(m.p("f7")).unwrap(), b"x");
+    m.unmount();
+    assert_eq!(fds_under(m.path()), 0, "all fds closed after unmount");
+}
+
+#[test]
+fn state_dir_files_are_never_cached() {
+    let mut backing: Option<File> = None;
+    let Some(mut m) = mount(|d| {
+        fs::create_dir(d.join(".vdrep")).unwrap();
+        fs::write(d.join(".vdrep/state"), b"one").unwrap();
+        backing = Some(
+            OpenOptions::new()
+                .write(true)
+                .open(d.join(".vdrep/state"))
+                .unwrap(),
+        );
+    }) else {
+        return;
+    };
+    let backing = backing.unwrap();
+    assert!(fs::read_dir(m.path())
+        .unwrap()
+        .any(|e| e.unwrap().file_name() == ".vdrep"));
+    assert_eq!(fs::read(m.p(".vdrep/state")).unwrap(), b"one");
+    // The daemon rewrites its state through its own descriptor.
+    backing.write_all_at(b"two", 0).unwrap();
+    assert_eq!(fs::read(m.p(".vdrep/state")).unwrap(), b"two");
+    drop(backing);
+    m.unmount();
+}
+
+#[test]
+fn concurrent_direct_and_buffered_writers() {
+    let Some(mut m) = mount(|_| {}) else { return };
+    let p = m.p("shared.raw");
+    let region = 1usize << 20;
+    let n = 8;
+    File::create(&p)
+        .unwrap()
+        .set_len((region * n) as u64)
+        .unwrap();
+    let handles: Vec<_> = (0..n)
+        .map(|t| {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                let mut oo = OpenOptions::new();
+                oo.read(true).write(true);
+                if t % 2 == 0 {
+                    oo.custom_flags(libc::O_DIRECT);
+                }
+                let f = oo.open(&p).unwrap();
+                let layout = std::alloc::Layout::from_size_align(4096, 4096).unwrap();
+                // SAFETY: non-zero layout, freed below.
+                let ptr = unsafe { std::alloc::alloc(layout) };
+                // SAFETY: valid for 4096 bytes.
+                let buf = unsafe { std::slice::from_raw_parts_mut(ptr, 4096) };
+                let data = pattern(region, t as u8);
+                let base = (t * region) as u64;
+                // Write the region's 4 KiB blocks in a scrambled order.
+                let blocks = region / 4096;
+                for i in 0..blocks {
+                    let b = (i * 97) % blocks;
+                    buf.copy_from_slice(&data[b * 4096..(b + 1) * 4096]);
+                    f.write_all_at(buf, base + (b * 4096) as u64).unwrap();
+                }
+                for b in 0..blocks {
+                    f.read_exact_at(buf, base + (b * 4096) as u64).unwrap();
+                    assert_eq!(&buf[..], &data[b * 4096..(b + 1) * 4096], "thread {t}");
+                }
+                f.sync_all().unwrap();
+                // SAFETY: allocated above with this layout.
+                unsafe { std::alloc::dealloc(ptr, layout) };
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    m.unmount();
+    let got = fs::read(&p).unwrap();
+    for t in 0..n {
+        assert_eq!(
+            &got[t * region..(t + 1) * region],
+            &pattern(region, t as u8)[..],
+            "region {t}"
+        );
+    }
 }

@@ -11,6 +11,7 @@
 //! this mount): all access is relative to per-inode `O_PATH` descriptors or
 //! through `/proc/self/fd/N`.
 
+mod dio;
 mod handle;
 mod inode;
 mod ops;
@@ -62,6 +63,7 @@ impl Default for FsOptions {
 pub struct VdrepFs {
     inodes: InodeTable,
     handles: Handles,
+    dio: dio::DirectPool,
     tracker: Option<Arc<Tracker>>,
     /// Real path of the backing root folder, to compute tracker paths.
     root_path: PathBuf,
@@ -99,6 +101,7 @@ impl VdrepFs {
         Ok(VdrepFs {
             inodes: InodeTable::new(root_fd, &st),
             handles: Handles::new(),
+            dio: dio::DirectPool::new(),
             tracker,
             root_path,
             opts: opts.clone(),
@@ -143,16 +146,25 @@ impl VdrepFs {
     /// Attach the regular file behind `inode_fd` (open as `file`) to the
     /// tracker, unless untracked or under the state folder.
     fn attach(&self, inode_fd: i32, file: &std::fs::File) -> io::Result<Option<Arc<TrackedDisk>>> {
-        let Some(tracker) = &self.tracker else {
-            return Ok(None);
-        };
-        let Some(rel) = self.rel_path(inode_fd) else {
-            return Ok(None);
-        };
-        if rel.as_os_str().is_empty() || Self::is_state_path(&rel) {
+        if self.tracker.is_none() {
             return Ok(None);
         }
-        tracker.attach(&rel, file)
+        self.attach_rel(self.rel_path(inode_fd).as_deref(), file)
+    }
+
+    /// [`attach`](Self::attach) with the relative path already known.
+    fn attach_rel(
+        &self,
+        rel: Option<&Path>,
+        file: &std::fs::File,
+    ) -> io::Result<Option<Arc<TrackedDisk>>> {
+        let (Some(tracker), Some(rel)) = (&self.tracker, rel) else {
+            return Ok(None);
+        };
+        if rel.as_os_str().is_empty() || Self::is_state_path(rel) {
+            return Ok(None);
+        }
+        tracker.attach(rel, file)
     }
 }
 
@@ -192,12 +204,110 @@ pub fn mount_untracked(dir: &Path, opts: &FsOptions) -> io::Result<Session<Vdrep
     mount_inner(dir, None, opts)
 }
 
+/// Whether `dir` is already the top of a mount of ours (same `fsname`).
+/// Mounting again would stack the FS on itself (double tracking, and
+/// unmounting by path would hit the wrong layer).
+fn already_mounted(dir: &Path, fsname: &str) -> bool {
+    let Ok(canon) = dir.canonicalize() else {
+        return false;
+    };
+    let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = canon.to_string_lossy();
+    mi.lines().any(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        let Some(sep) = f.iter().position(|x| *x == "-") else {
+            return false;
+        };
+        f.get(4) == Some(&want.as_ref())
+            && f.get(sep + 1).is_some_and(|t| t.starts_with("fuse"))
+            && f.get(sep + 2) == Some(&fsname)
+    })
+}
+
 fn mount_inner(
     dir: &Path,
     tracker: Option<Arc<Tracker>>,
     opts: &FsOptions,
 ) -> io::Result<Session<VdrepFs>> {
+    if already_mounted(dir, &opts.fsname) {
+        return Err(io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            format!("{} is already a {} mount", dir.display(), opts.fsname),
+        ));
+    }
     let root = open_root(dir)?;
     let fs = VdrepFs::new(root, tracker, opts)?;
     Session::new(fs, dir, &session_config(opts))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsStr;
+
+    fn fs_over(dir: &Path) -> VdrepFs {
+        let root = open_root(dir).expect("open root");
+        VdrepFs::new(root, None, &FsOptions::default()).expect("new")
+    }
+
+    #[test]
+    fn rel_paths_follow_renames_and_skip_state_dir() {
+        let d = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(d.path().join("vm1")).expect("mkdir");
+        std::fs::write(d.path().join("vm1/disk.vhd"), b"x").expect("write");
+        let fs = fs_over(d.path());
+        let root = fs.inodes.get(inode::ROOT_INO).expect("root");
+        let vm1 = fs.do_lookup(&root, OsStr::new("vm1")).expect("lookup");
+        let vm1 = fs.inodes.get(vm1.ino.0).expect("vm1 inode");
+        let disk = fs
+            .do_lookup(&vm1, OsStr::new("disk.vhd"))
+            .expect("lookup disk");
+        let disk = fs.inodes.get(disk.ino.0).expect("disk inode");
+        assert_eq!(
+            fs.rel_path(disk.raw()).as_deref(),
+            Some(Path::new("vm1/disk.vhd"))
+        );
+        assert_eq!(fs.rel_path(root.raw()).as_deref(), Some(Path::new("")));
+        std::fs::rename(d.path().join("vm1"), d.path().join("vm2")).expect("rename");
+        assert_eq!(
+            fs.rel_path(disk.raw()).as_deref(),
+            Some(Path::new("vm2/disk.vhd"))
+        );
+        assert_eq!(
+            fs.rel_child(vm1.raw(), OsStr::new("new.img")).as_deref(),
+            Some(Path::new("vm2/new.img"))
+        );
+        assert!(VdrepFs::is_state_path(Path::new(".vdrep/state.json")));
+        assert!(!VdrepFs::is_state_path(Path::new("vm/.vdrep")));
+        std::fs::remove_file(d.path().join("vm2/disk.vhd")).expect("unlink");
+        assert_eq!(fs.rel_path(disk.raw()), None, "deleted files have no path");
+    }
+
+    #[test]
+    fn hard_links_share_an_inode_and_forget_frees_it() {
+        let d = tempfile::tempdir().expect("tempdir");
+        std::fs::write(d.path().join("a"), b"x").expect("write");
+        std::fs::hard_link(d.path().join("a"), d.path().join("b")).expect("link");
+        let fs = fs_over(d.path());
+        let root = fs.inodes.get(inode::ROOT_INO).expect("root");
+        let a = fs.do_lookup(&root, OsStr::new("a")).expect("a");
+        let b = fs.do_lookup(&root, OsStr::new("b")).expect("b");
+        assert_eq!(a.ino, b.ino);
+        assert_eq!(fs.inode_count(), 2);
+        fs.inodes.forget(a.ino.0, 1);
+        assert!(fs.inodes.get(a.ino.0).is_some(), "one lookup left");
+        fs.inodes.forget(a.ino.0, 1);
+        assert!(fs.inodes.get(a.ino.0).is_none());
+        assert_eq!(fs.inode_count(), 1);
+        fs.inodes.forget(inode::ROOT_INO, 1_000);
+        assert!(
+            fs.inodes.get(inode::ROOT_INO).is_some(),
+            "root is never forgotten"
+        );
+        // A new lookup gets a fresh, never reused number.
+        let a2 = fs.do_lookup(&root, OsStr::new("a")).expect("a again");
+        assert!(a2.ino.0 > a.ino.0);
+    }
 }

@@ -199,6 +199,66 @@ fn write_full(disk: Option<&TrackedDisk>, f: &File, data: &[u8], offset: u64) ->
     Ok(done)
 }
 
+/// Serve a READ on `h` (any thread): O_DIRECT handles read aligned requests
+/// into an aligned buffer, everything else goes through the buffered fd.
+pub(crate) fn serve_read(h: &OpenFile, offset: u64, size: usize, reply: ReplyData) {
+    let mut reply = Some(reply);
+    if h.direct && is_aligned(offset, size) {
+        // On EINVAL (the backing fs wants a larger alignment) fall back to
+        // the buffered twin.
+        DIO_BUF.with(|b| {
+            let mut b = b.borrow_mut();
+            let r = b.get(size).and_then(|buf| {
+                let n = read_full(&h.file, buf, offset)?;
+                Ok(&buf[..n])
+            });
+            match r {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => {
+                    if let Some(r) = reply.take() {
+                        r.error(Errno::from(e));
+                    }
+                }
+                Ok(data) => {
+                    if let Some(r) = reply.take() {
+                        r.data(data);
+                    }
+                }
+            }
+        });
+    }
+    let Some(reply) = reply else { return };
+    let f = tri!(h.buffered(), reply);
+    READ_BUF.with(|b| {
+        let mut b = b.borrow_mut();
+        if b.len() < size {
+            b.resize(size, 0);
+        }
+        match read_full(f, &mut b[..size], offset) {
+            Ok(n) => reply.data(&b[..n]),
+            Err(e) => reply.error(Errno::from(e)),
+        }
+    });
+}
+
+/// Write `data` at `offset` through `h` (and its tracked disk, if any).
+pub(crate) fn write_handle(h: &OpenFile, offset: u64, data: &[u8]) -> io::Result<usize> {
+    let disk = h.disk.as_deref();
+    if h.direct && is_aligned(offset, data.len()) {
+        let r = DIO_BUF.with(|b| {
+            let mut b = b.borrow_mut();
+            let buf = b.get(data.len())?;
+            buf.copy_from_slice(data);
+            write_full(disk, &h.file, buf, offset)
+        });
+        match r {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            r => return r,
+        }
+    }
+    write_full(disk, h.buffered()?, data, offset)
+}
+
 impl VdrepFs {
     fn inode(&self, ino: INodeNo) -> io::Result<Arc<Inode>> {
         self.inodes.get(ino.0).ok_or_else(estale)
@@ -209,7 +269,7 @@ impl VdrepFs {
     }
 
     /// Look `name` up in `parent`, counting one kernel reference.
-    fn do_lookup(&self, parent: &Inode, name: &OsStr) -> io::Result<FileAttr> {
+    pub(super) fn do_lookup(&self, parent: &Inode, name: &OsStr) -> io::Result<FileAttr> {
         let fd = if parent.ino == ROOT_INO && name.as_bytes() == b".." {
             parent.fd.try_clone()?
         } else {
@@ -327,8 +387,17 @@ impl VdrepFs {
 
     fn finish_open(&self, inode: &Inode, file: File, bflags: i32) -> io::Result<(u64, FopenFlags)> {
         let writable = bflags & libc::O_ACCMODE != libc::O_RDONLY;
-        let disk = if writable && inode.fmt == libc::S_IFREG {
-            self.attach(inode.raw(), &file)?
+        let regular = inode.fmt == libc::S_IFREG;
+        let rel = if regular {
+            self.rel_path(inode.raw())
+        } else {
+            None
+        };
+        // The daemon writes its state files behind the mount (through its
+        // own descriptors), so they are never cached by the kernel.
+        let state = rel.as_deref().is_some_and(VdrepFs::is_state_path);
+        let disk = if writable && regular && !state {
+            self.attach_rel(rel.as_deref(), &file)?
         } else {
             None
         };
@@ -338,6 +407,8 @@ impl VdrepFs {
             .add_file(OpenFile::new(inode.ino, file, bflags, disk));
         let fopen = if direct {
             FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
+        } else if state {
+            FopenFlags::FOPEN_DIRECT_IO
         } else if self.opts.writeback_cache {
             // Only we change the backing files (the folder is hidden under
             // the mount), so cached pages stay valid across opens.
@@ -346,66 +417,6 @@ impl VdrepFs {
             FopenFlags::empty()
         };
         Ok((fh, fopen))
-    }
-
-    fn do_read(&self, fh: FileHandle, offset: u64, size: u32, reply: ReplyData) {
-        let h = tri!(self.open_file(fh), reply);
-        let size = size as usize;
-        let mut reply = Some(reply);
-        if h.direct && is_aligned(offset, size) {
-            // O_DIRECT needs an aligned buffer; on EINVAL (the backing fs
-            // wants a larger alignment) fall back to the buffered twin.
-            DIO_BUF.with(|b| {
-                let mut b = b.borrow_mut();
-                let r = b.get(size).and_then(|buf| {
-                    let n = read_full(&h.file, buf, offset)?;
-                    Ok(&buf[..n])
-                });
-                match r {
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-                    Err(e) => {
-                        if let Some(r) = reply.take() {
-                            r.error(Errno::from(e));
-                        }
-                    }
-                    Ok(data) => {
-                        if let Some(r) = reply.take() {
-                            r.data(data);
-                        }
-                    }
-                }
-            });
-        }
-        let Some(reply) = reply else { return };
-        let f = tri!(h.buffered(), reply);
-        READ_BUF.with(|b| {
-            let mut b = b.borrow_mut();
-            if b.len() < size {
-                b.resize(size, 0);
-            }
-            match read_full(f, &mut b[..size], offset) {
-                Ok(n) => reply.data(&b[..n]),
-                Err(e) => reply.error(Errno::from(e)),
-            }
-        });
-    }
-
-    fn do_write(&self, fh: FileHandle, offset: u64, data: &[u8]) -> io::Result<usize> {
-        let h = self.open_file(fh)?;
-        let disk = h.disk.as_deref();
-        if h.direct && is_aligned(offset, data.len()) {
-            let r = DIO_BUF.with(|b| {
-                let mut b = b.borrow_mut();
-                let buf = b.get(data.len())?;
-                buf.copy_from_slice(data);
-                write_full(disk, &h.file, buf, offset)
-            });
-            match r {
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-                r => return r,
-            }
-        }
-        write_full(disk, h.buffered()?, data, offset)
     }
 
     fn load_dir(&self, inode: &Inode) -> io::Result<Vec<DirEnt>> {
@@ -793,7 +804,14 @@ impl Filesystem for VdrepFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.do_read(fh, offset, size, reply);
+        let h = tri!(self.open_file(fh), reply);
+        if h.direct {
+            // Direct reads block on the device: serve them from the pool so
+            // the queue depth is not capped by the FUSE worker count.
+            self.dio.read(h, offset, size as usize, reply);
+        } else {
+            serve_read(&h, offset, size as usize, reply);
+        }
     }
 
     fn write(
@@ -815,7 +833,12 @@ impl Filesystem for VdrepFs {
                 }
             }
         }
-        let n = tri!(self.do_write(fh, offset, data), reply);
+        let h = tri!(self.open_file(fh), reply);
+        if h.direct {
+            self.dio.write(h, offset, data, reply);
+            return;
+        }
+        let n = tri!(write_handle(&h, offset, data), reply);
         reply.written(n as u32);
     }
 
