@@ -567,7 +567,9 @@ impl VdrepFs {
             libc::renameat2(p.raw(), c.as_ptr(), np.raw(), nc.as_ptr(), flags.bits())
         })?;
         if let (Some(t), Some(from), Some(to)) = (&self.tracker, from, to) {
-            if !flags.contains(RenameFlags::RENAME_EXCHANGE) {
+            if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+                t.on_exchange(&from, &to);
+            } else {
                 t.on_rename(&from, &to);
             }
         }

@@ -514,6 +514,27 @@ impl Tracker {
         }
     }
 
+    /// `a` and `b` were swapped (RENAME_EXCHANGE). Neither path holds the
+    /// same disk any more: both (and any disks below them) are detached and
+    /// start a new identity when next opened, which forces a full copy
+    /// instead of applying logs to the wrong replica.
+    pub fn on_exchange(&self, a: &Path, b: &Path) {
+        let mut disks = self.disks.lock();
+        for p in [a, b] {
+            let ps = p.to_string_lossy().into_owned();
+            let hit: Vec<String> = disks
+                .keys()
+                .filter(|k| *k == &ps || k.starts_with(&format!("{ps}/")))
+                .cloned()
+                .collect();
+            for k in hit {
+                if let Some(d) = disks.remove(&k) {
+                    d.detach("swapped with another file (RENAME_EXCHANGE)");
+                }
+            }
+        }
+    }
+
     /// The file at `rel` was unlinked.
     pub fn on_unlink(&self, rel: &Path) {
         let key = rel.to_string_lossy().into_owned();
