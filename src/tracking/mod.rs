@@ -261,6 +261,7 @@ impl Tracker {
         for folder in state.disk_folders().map_err(|e| io_state(&state_path, e))? {
             let rel = PathBuf::from(format!("disks/{folder}/meta.json"));
             match state.read_json::<DiskMeta>(&rel) {
+                Ok(Some(m)) if m.detached => {}
                 Ok(Some(mut m)) => {
                     if !previous_stop_clean && m.state == DiskState::Normal {
                         m.state = DiskState::ResyncRequired(format!(
@@ -395,7 +396,9 @@ impl Tracker {
                 return Ok(Some(d.clone()));
             }
             // Another file now lives at this path: the old disk is gone.
-            disks.remove(&key);
+            if let Some(old) = disks.remove(&key) {
+                self.save_detached(old.detach("replaced by another file"));
+            }
         }
         let bs = self.shared.block_size;
         let reader = reopen_ro(file)?;
@@ -448,6 +451,7 @@ impl Tracker {
                     ino: md.ino(),
                     shutdown_size: 0,
                     shutdown_mtime_ns: 0,
+                    detached: false,
                 };
                 (m, None)
             }
@@ -475,6 +479,12 @@ impl Tracker {
         Ok(Some(disk))
     }
 
+    fn save_detached(&self, m: DiskMeta) {
+        if let Err(e) = self.save_meta(&m) {
+            tracing::warn!(disk = %m.name, "cannot record that the disk is gone: {e}");
+        }
+    }
+
     fn save_meta(&self, m: &DiskMeta) -> io::Result<()> {
         self.state
             .write_json(&PathBuf::from(format!("disks/{}/meta.json", m.folder)), m)
@@ -487,7 +497,7 @@ impl Tracker {
         let mut disks = self.disks.lock();
         // Whatever was at `to` has been replaced.
         if let Some(old) = disks.remove(&to_s) {
-            old.detach("replaced by a rename");
+            self.save_detached(old.detach("replaced by a rename"));
         }
         let moved: Vec<String> = disks
             .keys()
@@ -508,7 +518,7 @@ impl Tracker {
                     }
                     disks.insert(new_key, d);
                 } else {
-                    d.detach("renamed to a name that is not tracked");
+                    self.save_detached(d.detach("renamed to a name that is not tracked"));
                 }
             }
         }
@@ -529,7 +539,7 @@ impl Tracker {
                 .collect();
             for k in hit {
                 if let Some(d) = disks.remove(&k) {
-                    d.detach("swapped with another file (RENAME_EXCHANGE)");
+                    self.save_detached(d.detach("swapped with another file (RENAME_EXCHANGE)"));
                 }
             }
         }
@@ -539,7 +549,7 @@ impl Tracker {
     pub fn on_unlink(&self, rel: &Path) {
         let key = rel.to_string_lossy().into_owned();
         if let Some(d) = self.disks.lock().remove(&key) {
-            d.detach("deleted");
+            self.save_detached(d.detach("deleted"));
         }
     }
 
@@ -1008,8 +1018,11 @@ impl TrackedDisk {
         (offset / bs, (offset + len - 1) / bs)
     }
 
-    fn detach(&self, why: &str) {
-        tracing::info!(disk = %self.meta.lock().name, "no longer tracked: {why}");
+    fn detach(&self, why: &str) -> DiskMeta {
+        let mut m = self.meta.lock();
+        tracing::info!(disk = %m.name, "no longer tracked: {why}");
+        m.detached = true;
+        m.clone()
     }
 
     /// Save the as-of-cut content of sealed blocks about to change.

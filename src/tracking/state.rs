@@ -52,6 +52,9 @@ pub struct DiskMeta {
     pub ino: u64,
     pub shutdown_size: u64,
     pub shutdown_mtime_ns: i64,
+    /// The file was deleted, replaced or swapped: this identity is over.
+    #[serde(default)]
+    pub detached: bool,
 }
 
 fn cpath(p: &Path) -> io::Result<CString> {
