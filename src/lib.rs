@@ -18,4 +18,5 @@ pub mod control;
 pub mod daemon;
 pub mod fs;
 pub mod hrl;
+pub mod replica;
 pub mod tracking;
