@@ -758,6 +758,10 @@ fn disk_full_is_retryable_and_harmless() {
     let e = site.apply(VM, &ID, 2).unwrap_err();
     assert!(e.retryable(), "{e}");
     assert!(matches!(e, StoreError::NoSpace { .. }), "{e}");
+    assert!(
+        e.to_string().contains("applying cycle 2 to the replica"),
+        "the failure must come from writing the replica (rollback path): {e}"
+    );
     let st = site.disk_state(VM, &ID).unwrap();
     assert_eq!((st.cycle, st.applying), (Some(1), None), "rolled back");
     assert!(read_replica(&store) == m1, "replica intact at cycle 1");
@@ -800,4 +804,113 @@ fn disk_full_is_retryable_and_harmless() {
     std::fs::remove_file(&filler).unwrap();
     site.apply(VM, &ID, 3).unwrap();
     assert!(read_replica(&store) == disk);
+}
+
+#[test]
+fn points_need_every_disk_and_age_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let site = store.site(SITE).unwrap();
+    let a = [0xa; 16];
+    let b = [0xb; 16];
+    let mut rng = Rng(5);
+    let mut disks = vec![vec![0u8; 256 << 10], vec![0u8; 128 << 10]];
+    // The second disk is a VHD source: replicated byte for byte.
+    for ((id, name), d) in [(a, "a.raw"), (b, "b.vhd")]
+        .into_iter()
+        .zip(disks.iter_mut())
+    {
+        rng.fill(d);
+        let i = DiskInfo {
+            disk_id: id,
+            name: name.into(),
+            size: d.len() as u64,
+            block_size: BS as u32,
+        };
+        site.begin_initial(VM, &i).unwrap();
+        site.write_initial(VM, &id, 0, InitialData::Data(d))
+            .unwrap();
+        site.finish_initial(VM, &id, 1, 1).unwrap();
+    }
+    assert!(site.replica_path(VM, &a).unwrap().ends_with("a.vhd"));
+    assert!(site.replica_path(VM, &b).unwrap().ends_with("b.vhd"));
+    assert_eq!(
+        std::fs::read(site.replica_path(VM, &b).unwrap()).unwrap(),
+        disks[1],
+        "byte for byte, no footer"
+    );
+    site.commit_point(VM, 1, &[a, b], Consistency::App)
+        .unwrap()
+        .unwrap();
+    let mut models = vec![disks.clone()];
+    let log_for = |id: [u8; 16], d: &mut Vec<u8>, rng: &mut Rng, cycle: u64| {
+        let dirty = random_writes(rng, d, 5);
+        let lp = logs.path().join(format!("{}-{cycle}.hrl", id[0]));
+        make_log(&lp, id, cycle - 1, cycle, d.len() as u64, d, &dirty);
+        lp
+    };
+    for cycle in 2..=3u64 {
+        let la = log_for(a, &mut disks[0], &mut rng, cycle);
+        let lb = log_for(b, &mut disks[1], &mut rng, cycle);
+        site.store_log(VM, &a, std::fs::File::open(&la).unwrap())
+            .unwrap();
+        site.apply(VM, &a, cycle).unwrap();
+        // b has not reached the cycle: no point yet.
+        assert_eq!(
+            site.commit_point(VM, cycle, &[a, b], Consistency::Crash)
+                .unwrap(),
+            None
+        );
+        site.store_log(VM, &b, std::fs::File::open(&lb).unwrap())
+            .unwrap();
+        site.apply(VM, &b, cycle).unwrap();
+        models.push(disks.clone());
+        if cycle == 3 {
+            // Committed late, after both moved on: still consistent via history.
+            let lb4 = log_for(b, &mut disks[1], &mut rng, 4);
+            site.store_log(VM, &b, std::fs::File::open(&lb4).unwrap())
+                .unwrap();
+            site.apply(VM, &b, 4).unwrap();
+        }
+        let pt = site
+            .commit_point(VM, cycle, &[a, b], Consistency::Crash)
+            .unwrap()
+            .unwrap();
+        assert_eq!(pt.cycle, cycle);
+    }
+    let pts = site.points(VM).unwrap();
+    assert_eq!(pts.iter().map(|p| p.cycle).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(pts[0].consistency, Consistency::App);
+    for (k, m) in models.iter().enumerate() {
+        let c = k as u64 + 1;
+        for (id, want) in [(a, &m[0]), (b, &m[1])] {
+            let r = site.read_point(VM, &id, c).unwrap();
+            let mut buf = vec![0u8; want.len()];
+            r.read_at(&mut buf, 0).unwrap();
+            assert!(buf == *want, "disk {} point {c}", id[0]);
+        }
+    }
+    // Age retention: the logs' cut times are in 2023, so a day's age keeps
+    // only the newest point; a century keeps all.
+    let keep_all = RetentionPolicy {
+        keep_last: None,
+        max_age: Some(std::time::Duration::from_secs(100 * 365 * 86400)),
+    };
+    assert!(site.prune(VM, &keep_all).unwrap().dropped_points.is_empty());
+    let day = RetentionPolicy {
+        keep_last: None,
+        max_age: Some(std::time::Duration::from_secs(86400)),
+    };
+    let rep = site.prune(VM, &day).unwrap();
+    assert_eq!(rep.dropped_points, [1, 2]);
+    assert!(rep.freed_bytes > 0);
+    assert!(site.read_point(VM, &a, 1).is_err());
+    let r = site.read_point(VM, &b, 3).unwrap();
+    let mut buf = vec![0u8; models[2][1].len()];
+    r.read_at(&mut buf, 0).unwrap();
+    assert!(
+        buf == models[2][1],
+        "b at point 3 after prune (b is at cycle 4)"
+    );
 }

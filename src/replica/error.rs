@@ -3,23 +3,39 @@
 use crate::hrl::HrlError;
 use std::path::{Path, PathBuf};
 
-/// Where an error happened: site / vm / disk, for messages.
+/// Where an error happened: site / vm / disk, for messages (boxed to keep
+/// errors small).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Ctx {
-    pub site: String,
-    pub vm: String,
-    /// The disk's id (32 hex digits) and, when known, its name.
-    pub disk: String,
+pub struct Ctx(Box<[String; 3]>);
+
+impl Ctx {
+    /// `disk` is the disk's id (32 hex digits); empty parts are left out.
+    pub fn new(site: &str, vm: &str, disk: &str) -> Ctx {
+        Ctx(Box::new([
+            site.to_string(),
+            vm.to_string(),
+            disk.to_string(),
+        ]))
+    }
+    pub fn site(&self) -> &str {
+        &self.0[0]
+    }
+    pub fn vm(&self) -> &str {
+        &self.0[1]
+    }
+    pub fn disk(&self) -> &str {
+        &self.0[2]
+    }
 }
 
 impl std::fmt::Display for Ctx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "site {:?}", self.site)?;
-        if !self.vm.is_empty() {
-            write!(f, " vm {:?}", self.vm)?;
+        write!(f, "site {:?}", self.site())?;
+        if !self.vm().is_empty() {
+            write!(f, " vm {:?}", self.vm())?;
         }
-        if !self.disk.is_empty() {
-            write!(f, " disk {}", self.disk)?;
+        if !self.disk().is_empty() {
+            write!(f, " disk {}", self.disk())?;
         }
         Ok(())
     }

@@ -308,10 +308,7 @@ impl Store {
     /// The namespace of site `name` (validated; created if needed).
     pub fn site(&self, name: &str) -> Result<Site<'_>> {
         validate_name("site", name)?;
-        let ctx = Ctx {
-            site: name.to_string(),
-            ..Ctx::default()
-        };
+        let ctx = Ctx::new(name, "", "");
         let dir = ensure_dir(&ctx, &self.root, &self.sites, name, true)?;
         check_inside(&ctx, &self.sites, &dir)?;
         Ok(Site {
@@ -339,7 +336,13 @@ impl Store {
             if validate_name("site", &site).is_err() {
                 continue;
             }
-            let s = self.site(&site)?;
+            let s = match self.site(&site) {
+                Ok(s) => s,
+                Err(e) => {
+                    report.errors.push(e.to_string());
+                    continue;
+                }
+            };
             for vm in list_dir(&s.dir.join("vms")) {
                 if validate_name("vm", &vm).is_err() {
                     continue;
@@ -403,11 +406,7 @@ impl Site<'_> {
     }
 
     fn ctx(&self, vm: &str, disk: &str) -> Ctx {
-        Ctx {
-            site: self.name.clone(),
-            vm: vm.to_string(),
-            disk: disk.to_string(),
-        }
+        Ctx::new(&self.name, vm, disk)
     }
 
     fn vm_dir(&self, vm: &str, create: bool) -> Result<PathBuf> {
@@ -1077,7 +1076,7 @@ impl Site<'_> {
         let h = r.header().clone();
         r.finish()
             .map_err(|e| hrl_err(&p.ctx, &self.store.root, "verifying a log", cycle, e))?;
-        let want = parse_hex_id(&p.ctx.disk).unwrap_or_default();
+        let want = parse_hex_id(p.ctx.disk()).unwrap_or_default();
         if h.disk_id != want || h.cycle != cycle {
             return Err(StoreError::IdentityMismatch {
                 ctx: p.ctx.clone(),

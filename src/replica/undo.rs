@@ -168,6 +168,9 @@ impl UndoLayer {
         rd.seek(SeekFrom::Start(pos)).map_err(io)?;
         let mut fb = [0u8; format::TRAILER_LEN];
         loop {
+            if pos > len {
+                return Err(corrupt(path, len, "not sealed (truncated record)"));
+            }
             let want = format::RECORD_HEADER_LEN.min((len - pos) as usize);
             if want < 4 {
                 return Err(corrupt(path, pos, "not sealed (truncated)"));
