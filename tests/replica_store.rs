@@ -110,6 +110,43 @@ fn read_replica(store: &Store) -> Vec<u8> {
     v
 }
 
+/// `qemu-img` agrees: the replica is a VHD of exactly the model's size and
+/// content. Skipped (with a message) when qemu-img is missing.
+fn qemu_compare(model: &[u8], replica: &Path, tmp: &Path) {
+    let raw = tmp.join("model.raw");
+    std::fs::write(&raw, model).unwrap();
+    let info = match Command::new("qemu-img")
+        .args(["info", "-f", "vpc", "--output=json"])
+        .arg(replica)
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => {
+            println!("SKIP qemu-img checks: {e}");
+            return;
+        }
+    };
+    assert!(
+        info.status.success(),
+        "{}",
+        String::from_utf8_lossy(&info.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(v["virtual-size"].as_u64(), Some(model.len() as u64), "{v}");
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "vpc"])
+        .arg(&raw)
+        .arg(replica)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img compare: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn random_writes(rng: &mut Rng, disk: &mut [u8], n: usize) -> BTreeSet<u64> {
     let blocks = disk.len() as u64 / BS;
     let mut dirty = BTreeSet::new();
@@ -250,6 +287,7 @@ fn chain_resend_out_of_order_and_identity() {
         r.read_at(&mut buf, 0).unwrap();
         assert!(buf == *m, "point {c}");
     }
+    qemu_compare(&disk, &site.replica_path(VM, &ID).unwrap(), logs.path());
     let pts = site.points(VM).unwrap();
     assert_eq!(pts.len(), 7);
     assert!(pts[..6].iter().all(|p| p.bytes > 0) && pts[6].bytes == 0);
@@ -912,5 +950,86 @@ fn points_need_every_disk_and_age_retention() {
     assert!(
         buf == models[2][1],
         "b at point 3 after prune (b is at cycle 4)"
+    );
+}
+
+#[test]
+fn store_is_send_and_sync() {
+    fn f<T: Send + Sync>() {}
+    f::<Store>();
+}
+
+/// Figures (not a timed test): `cargo test --test replica_store -- --ignored --nocapture perf`.
+#[test]
+#[ignore]
+fn perf_store_apply_read_point() {
+    use std::time::Instant;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let size = 1u64 << 30;
+    let site = store.site(SITE).unwrap();
+    let t = Instant::now();
+    site.begin_initial(VM, &info(size)).unwrap();
+    let mut rng = Rng(3);
+    let mut chunk = vec![0u8; 1 << 20];
+    for i in 0..(size >> 20) {
+        rng.fill(&mut chunk);
+        site.write_initial(VM, &ID, i << 20, InitialData::Data(&chunk))
+            .unwrap();
+    }
+    site.finish_initial(VM, &ID, 1, 0).unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    println!("initial 1 GiB: {secs:.2} s, {:.0} MiB/s", 1024.0 / secs);
+    site.commit_point(VM, 1, &[ID], Consistency::Crash).unwrap();
+    // 1% of the 4 KiB blocks, random.
+    let blocks = size / BS;
+    let mut dirty = BTreeSet::new();
+    while dirty.len() < (blocks / 100) as usize {
+        dirty.insert(rng.below(blocks));
+    }
+    let lp = dir.path().join("2.hrl");
+    let h = HrlHeader {
+        disk_id: ID,
+        disk_name: "disk0.img".into(),
+        cycle: 2,
+        base_cycle: 1,
+        block_size: BS as u32,
+        base_size: size,
+        disk_size: size,
+        cut_unix_ns: 0,
+    };
+    let mut w = HrlWriter::create(&lp, &h).unwrap();
+    let mut blk = vec![0u8; BS as usize];
+    for &b in &dirty {
+        rng.fill(&mut blk);
+        w.append(b * BS, &blk).unwrap();
+    }
+    let sum = w.finish().unwrap();
+    let t = Instant::now();
+    site.store_log(VM, &ID, std::fs::File::open(&lp).unwrap())
+        .unwrap();
+    let t_store = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let out = site.apply(VM, &ID, 2).unwrap();
+    let t_apply = t.elapsed().as_secs_f64();
+    println!(
+        "delta 1% of 4 KiB blocks ({} blocks, log {} MiB): store_log {t_store:.3} s, apply {t_apply:.3} s, {out:?}",
+        dirty.len(),
+        sum.file_bytes >> 20
+    );
+    site.commit_point(VM, 2, &[ID], Consistency::Crash).unwrap();
+    let t = Instant::now();
+    let r = site.read_point(VM, &ID, 1).unwrap();
+    let t_open = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut buf = vec![0u8; 1 << 20];
+    for i in 0..(size >> 20) {
+        r.read_at(&mut buf, i << 20).unwrap();
+    }
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "read_point(1): open {:.1} ms, full read {secs:.2} s ({:.0} MiB/s)",
+        t_open * 1000.0,
+        1024.0 / secs
     );
 }
