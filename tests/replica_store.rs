@@ -77,13 +77,16 @@ fn info(size: u64) -> DiskInfo {
         name: "disk0.img".into(),
         size,
         block_size: BS as u32,
+        cycle: 1,
     }
 }
 
 /// Initial copy of `data` as cycle `cycle`.
 fn initial(store: &Store, data: &[u8], cycle: u64) {
     let site = store.site(SITE).unwrap();
-    let st = site.begin_initial(VM, &info(data.len() as u64)).unwrap();
+    let mut i = info(data.len() as u64);
+    i.cycle = cycle;
+    let st = site.begin_initial(VM, &i).unwrap();
     assert_eq!(st.resume_offset, 0);
     for (i, c) in data.chunks(64 << 10).enumerate() {
         let off = (i * (64 << 10)) as u64;
@@ -687,6 +690,8 @@ fn initial_copy_resumes_after_crash() {
     let site = store.site(SITE).unwrap();
     let st = site.begin_initial(VM, &info(160 << 20)).unwrap();
     assert_eq!(st.resume_offset, 64 << 20, "resumes at the durable mark");
+    let e = site.finish_initial(VM, &ID, 2, 0).unwrap_err();
+    assert!(matches!(e, StoreError::IdentityMismatch { .. }), "{e}");
     let chunk = vec![0x5au8; 1 << 20];
     for i in (st.resume_offset >> 20)..160 {
         if i % 16 == 0 {
@@ -700,6 +705,33 @@ fn initial_copy_resumes_after_crash() {
         let want = if i % 16 == 0 { 0x5a } else { 0 };
         assert!(c.iter().all(|&b| b == want), "MiB {i}");
     }
+    drop(store);
+    // A copy of another cut (or size) does not resume: it restarts at 0.
+    let dir2 = tempfile::tempdir().unwrap();
+    let store = Store::open(dir2.path()).unwrap();
+    let site = store.site(SITE).unwrap();
+    site.begin_initial(VM, &info(128 << 20)).unwrap();
+    site.write_initial(VM, &ID, 0, InitialData::Zeroes(80 << 20))
+        .unwrap();
+    assert_eq!(
+        site.begin_initial(VM, &info(128 << 20))
+            .unwrap()
+            .resume_offset,
+        80 << 20
+    );
+    let mut other_cut = info(128 << 20);
+    other_cut.cycle = 2;
+    assert_eq!(site.begin_initial(VM, &other_cut).unwrap().resume_offset, 0);
+    assert_eq!(site.begin_initial(VM, &other_cut).unwrap().resume_offset, 0);
+    site.write_initial(VM, &ID, 0, InitialData::Zeroes(80 << 20))
+        .unwrap();
+    assert_eq!(
+        site.begin_initial(VM, &info(96 << 20))
+            .unwrap()
+            .resume_offset,
+        0,
+        "other size"
+    );
 }
 
 // ---------------------------------------------------------------------
@@ -865,6 +897,7 @@ fn points_need_every_disk_and_age_retention() {
             name: name.into(),
             size: d.len() as u64,
             block_size: BS as u32,
+            cycle: 1,
         };
         site.begin_initial(VM, &i).unwrap();
         site.write_initial(VM, &id, 0, InitialData::Data(d))

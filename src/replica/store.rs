@@ -38,6 +38,9 @@ pub struct DiskInfo {
     pub size: u64,
     /// Tracking block size.
     pub block_size: u32,
+    /// The cut the initial copy reads the disk as of. An interrupted copy
+    /// resumes only for the same cut (and size); another cut restarts it.
+    pub cycle: u64,
 }
 
 /// Where an initial copy (re)starts.
@@ -75,6 +78,9 @@ pub struct DiskState {
     /// Set while an initial copy runs: everything below is durable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initial_offset: Option<u64>,
+    /// The cut the running initial copy is taken at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_cycle: Option<u64>,
     /// The cut the replica is at; `None` before the first initial copy finished.
     pub cycle: Option<u64>,
     /// Time of that cut (ns since the Unix epoch; 0 if unknown).
@@ -521,7 +527,7 @@ impl Site<'_> {
 
     /// Start (or resume) the initial copy of a disk of VM `vm`. Returns the
     /// offset to resume from: 0 for a new disk, the durable progress of an
-    /// interrupted copy of the same size. On a disk that is already
+    /// interrupted copy of the same cut and size. On a disk that is already
     /// replicated this starts a full re-copy (a resync): its history and the
     /// VM's recovery points are dropped.
     pub fn begin_initial(&self, vm: &str, info: &DiskInfo) -> Result<InitialState> {
@@ -545,7 +551,7 @@ impl Site<'_> {
                 });
             }
             if let Some(off) = st.initial_offset {
-                if st.size == info.size {
+                if st.size == info.size && st.initial_cycle == Some(info.cycle) {
                     let off = off.min(info.size);
                     return Ok(InitialState { resume_offset: off });
                 }
@@ -569,6 +575,7 @@ impl Site<'_> {
                 .map(|o| o.vhd_time)
                 .unwrap_or_else(vhd_timestamp_now),
             initial_offset: Some(0),
+            initial_cycle: Some(info.cycle),
             cycle: None,
             cycle_time_ns: 0,
             applying: None,
@@ -702,6 +709,15 @@ impl Site<'_> {
                 ),
             });
         };
+        if st.initial_cycle.is_some_and(|c| c != cycle) {
+            return Err(StoreError::IdentityMismatch {
+                ctx: p.ctx.clone(),
+                what: format!(
+                    "the initial copy was started as of cycle {:?} but is finished as cycle {cycle}: restart it (begin_initial) with the cycle it is read at",
+                    st.initial_cycle
+                ),
+            });
+        }
         let (mut target, progress) = match rt.initial.take() {
             Some(s) => (s.target, s.progress),
             None => (self.open_replica(&p, &st, false)?, durable),
@@ -716,6 +732,7 @@ impl Site<'_> {
         })();
         res.map_err(|e| self.io(&p.ctx, "finishing the initial copy", &rpath, e))?;
         st.initial_offset = None;
+        st.initial_cycle = None;
         st.cycle = Some(cycle);
         st.cycle_time_ns = cut_unix_ns;
         st.applying = None;
