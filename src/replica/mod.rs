@@ -1,0 +1,107 @@
+//! The receiver's replica store: durable logs, replicas, undo history and
+//! recovery points, under one directory (`vdrep receive --store DIR`).
+//!
+//! The receiver server (network code lives elsewhere) drives it through a
+//! small litestream-like API — [`Store::open`], [`Store::site`],
+//! [`Store::recover`], then per site [`Site::begin_initial`] /
+//! [`Site::write_initial`] / [`Site::finish_initial`], [`Site::store_log`] /
+//! [`Site::apply`], [`Site::commit_point`] / [`Site::points`] /
+//! [`Site::read_point`] / [`Site::prune`]. Tests use it in-process.
+//!
+//! # On-disk layout
+//!
+//! ```text
+//! DIR/.lock                                 flock: one receiver per store
+//! DIR/sites/<site>/                         one namespace per sending site
+//!   vms/<vm>/points.json                    the VM's recovery points
+//!   vms/<vm>/disks/<disk_id hex>/
+//!     state.json                            DiskState (atomic rewrite)
+//!     <name>.vhd | <name>                   the replica (see ReplicaFormat)
+//!     incoming/<cycle>.hrl                  durable, verified, not yet applied logs
+//!     incoming/<cycle>.<n>.hrl.tmp          a log being received
+//!     undo/<base>-<cycle>.undo              pre-images of what log <cycle> overwrote
+//! ```
+//!
+//! Names from a peer (site, vm, disk file name) pass [`validate_name`]
+//! (no `/`, `\`, NUL, control characters, `.`/`..`, leading dot, > 255
+//! bytes, reserved names); disk directories are the disk id in hex. Every
+//! directory on the way is created one component at a time and checked to
+//! be a real directory (never a symlink), the resolved disk directory is
+//! checked to lie inside the resolved site namespace, and files are opened
+//! with `O_NOFOLLOW`. A refused name writes nothing.
+//!
+//! # Crash safety
+//!
+//! Every state file is replaced atomically (temp file, fsync, rename, fsync
+//! of the directory). The chain for a delta:
+//!
+//! 1. [`Site::store_log`] streams the log to `incoming/<cycle>.<n>.hrl.tmp`,
+//!    fsyncs it, verifies it completely (every record checksum, the seal),
+//!    renames it to `incoming/<cycle>.hrl` and fsyncs the directory. Only
+//!    then is it *durable* (the sender may be told so).
+//! 2. [`Site::apply`] verifies the log again, writes the undo record (the
+//!    current content of every range the log will write) and publishes it
+//!    durably, then marks `applying: cycle` in the state (fsync), writes the
+//!    records into the replica, fsyncs the replica, then sets `cycle` and
+//!    clears `applying` (fsync), and finally deletes the log.
+//!
+//! A crash before `applying` is durable leaves the replica untouched (an
+//! orphan undo record is deleted by recovery). A crash after it leaves the
+//! replica somewhere between the two cycles with both the log and the undo
+//! record durable: [`Store::recover`] (and [`Site::apply`] itself) **roll
+//! forward** by re-applying the log, which is idempotent because a log holds
+//! absolute content and the length is set first. If the log were missing
+//! the undo record rolls the replica back instead. An apply that fails in
+//! process (e.g. `ENOSPC` writing into a sparse replica) rolls back at once
+//! from the undo record, so the replica stays at its previous point and the
+//! same log applies once space is freed. A log whose cycle is not above the
+//! replica's is a resend: acknowledged, never applied twice.
+//!
+//! Crash tests kill the process at each step through [`crash_point`]
+//! (`VDREP_CRASH_AT=<step>`); they test process crashes (kill -9), whose
+//! written data the kernel keeps; the fsyncs are what extends the argument
+//! to power loss.
+//!
+//! # Recovery points
+//!
+//! The replica is always the newest point. Undo records are the history:
+//! point `k` of a disk is the replica overlaid by the undo records of every
+//! later cycle, oldest first ([`PointReader`]), so a point costs only the
+//! blocks the next log changed. [`Site::commit_point`] records a VM point
+//! only when every disk of the VM reached the cycle (crash-consistent across
+//! disks). [`Site::prune`] drops the oldest points and their undo records
+//! (by count and age); thinning (one per hour, …) would need merging undo
+//! records and is not done yet.
+
+mod error;
+mod names;
+mod store;
+mod target;
+mod undo;
+
+pub use error::{Ctx, StoreError};
+pub use names::{validate_name, MAX_NAME_LEN};
+pub use store::{
+    ApplyOutcome, Consistency, DiskInfo, DiskState, InitialData, InitialState, Point, PruneReport,
+    RecoveryReport, RetentionPolicy, Site, Store, StoreOutcome, INITIAL_SYNC_EVERY,
+};
+pub use target::{
+    open_target, vhd_fixed_footer, vhd_geometry, FixedVhd, RawFile, ReplicaFormat, ReplicaTarget,
+    VHD_FOOTER_LEN,
+};
+pub use undo::PointReader;
+
+/// Test hook: if the environment variable `VDREP_CRASH_AT` equals `step`,
+/// abort the process on the spot (as `kill -9` would: no destructors, no
+/// flush of user-space buffers). Steps: `log-tmp-synced`, `log-renamed`,
+/// `undo-written`, `state-applying`, `replica-half`, `replica-synced`,
+/// `state-applied`, `log-removed`, `initial-progress`.
+#[doc(hidden)]
+pub fn crash_point(step: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let at = AT.get_or_init(|| std::env::var("VDREP_CRASH_AT").ok());
+    if at.as_deref() == Some(step) {
+        eprintln!("vdrep: VDREP_CRASH_AT={step}: aborting");
+        std::process::abort();
+    }
+}

@@ -1,0 +1,1528 @@
+//! The store: namespaces, disk state, initial copy, logs, apply, points.
+
+use super::crash_point;
+use super::error::{hrl_err, io_err, Ctx, StoreError};
+use super::names::{check_inside, ensure_dir, validate_name};
+use super::target::{open_target, vhd_timestamp_now, ReplicaFormat, ReplicaTarget};
+use super::undo::{self, PointReader, UndoLayer};
+use crate::hrl::format::{self, ParseError};
+use crate::hrl::{HrlHeader, HrlReader};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// During an initial copy, progress is made durable (replica fsynced, then
+/// the resume offset recorded) every this many bytes, and at the end.
+pub const INITIAL_SYNC_EVERY: u64 = 64 << 20;
+
+const STATE: &str = "state.json";
+const POINTS: &str = "points.json";
+const INCOMING: &str = "incoming";
+const UNDO: &str = "undo";
+
+/// What the sender says about a disk when starting its initial copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// The disk's stable identity (as in its logs).
+    pub disk_id: [u8; 16],
+    /// The source disk's file name (one component: `disk0.img`, `a.vhd`).
+    pub name: String,
+    /// The disk's size in bytes.
+    pub size: u64,
+    /// Tracking block size.
+    pub block_size: u32,
+    /// The cut the initial copy reads the disk as of. An interrupted copy
+    /// resumes only for the same cut (and size); another cut restarts it.
+    pub cycle: u64,
+}
+
+/// Where an initial copy (re)starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InitialState {
+    /// Everything below this offset is already in the replica (durably).
+    pub resume_offset: u64,
+}
+
+/// One piece of an initial copy.
+#[derive(Debug, Clone, Copy)]
+pub enum InitialData<'a> {
+    Data(&'a [u8]),
+    /// This many zero bytes (holes, all-zero blocks).
+    Zeroes(u64),
+}
+
+/// The state of one replica, `state.json` in its directory.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DiskState {
+    pub version: u32,
+    /// 32 hex digits.
+    pub disk_id: String,
+    /// The source disk's file name.
+    pub name: String,
+    /// The replica's file name in the disk directory.
+    pub replica_file: String,
+    pub format: ReplicaFormat,
+    /// Virtual size at `cycle` (or the size being copied during an initial copy).
+    pub size: u64,
+    pub block_size: u32,
+    /// VHD unique id (hex) and time stamp, stable for the replica's life.
+    pub vhd_id: String,
+    pub vhd_time: u32,
+    /// Set while an initial copy runs: everything below is durable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_offset: Option<u64>,
+    /// The cut the running initial copy is taken at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_cycle: Option<u64>,
+    /// The cut the replica is at; `None` before the first initial copy finished.
+    pub cycle: Option<u64>,
+    /// Time of that cut (ns since the Unix epoch; 0 if unknown).
+    #[serde(default)]
+    pub cycle_time_ns: u64,
+    /// Set while the log leading to this cycle is being written into the replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applying: Option<u64>,
+}
+
+impl DiskState {
+    fn id_bytes(&self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = self
+                .vhd_id
+                .get(2 * i..2 * i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .unwrap_or(0);
+        }
+        out
+    }
+}
+
+/// What [`Site::store_log`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreOutcome {
+    /// The log is durable in `incoming/` (acknowledge it as durable).
+    Stored {
+        cycle: u64,
+        base_cycle: u64,
+        bytes: u64,
+    },
+    /// The same log was already durable: nothing done.
+    AlreadyStored { cycle: u64 },
+    /// The replica is already at or past this cycle: a resend; acknowledge
+    /// it as applied, nothing was written.
+    AlreadyApplied { cycle: u64, replica_cycle: u64 },
+}
+
+/// What [`Site::apply`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApplyOutcome {
+    Applied {
+        cycle: u64,
+        /// Disk bytes written.
+        bytes: u64,
+        /// Size of the undo record kept as history.
+        undo_bytes: u64,
+        /// An interrupted apply of this log was completed.
+        rolled_forward: bool,
+    },
+    /// The replica is already at or past this cycle (resend).
+    AlreadyApplied { cycle: u64, replica_cycle: u64 },
+}
+
+/// Crash-consistent (one cut) or application-consistent (the guest was
+/// quiesced for the cut).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Consistency {
+    Crash,
+    App,
+}
+
+/// A VM recovery point.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Point {
+    pub cycle: u64,
+    /// Time of the cut, ns since the Unix epoch.
+    pub time_unix_ns: u64,
+    /// Bytes of history that keep this point reachable (the undo records
+    /// of the next cycle); 0 for the newest point.
+    #[serde(default)]
+    pub bytes: u64,
+    pub consistency: Consistency,
+    /// The disks (hex ids) of the point.
+    pub disks: Vec<String>,
+}
+
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct PointsFile {
+    points: Vec<Point>,
+}
+
+/// Which points [`Site::prune`] keeps. A point is dropped if it is beyond
+/// the newest `keep_last` or older than `max_age`; the newest point is
+/// always kept. Only the oldest points are dropped (the history stays a chain).
+#[derive(Debug, Clone, Default)]
+pub struct RetentionPolicy {
+    pub keep_last: Option<usize>,
+    pub max_age: Option<std::time::Duration>,
+}
+
+/// What [`Site::prune`] dropped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PruneReport {
+    pub dropped_points: Vec<u64>,
+    pub freed_bytes: u64,
+}
+
+/// What [`Store::recover`] did, one line per action.
+#[derive(Debug, Clone, Default)]
+pub struct RecoveryReport {
+    pub actions: Vec<String>,
+    /// Disks that could not be recovered (with the reason); the rest are fine.
+    pub errors: Vec<String>,
+}
+
+#[derive(Default)]
+struct Runtime {
+    initial: Option<InitialSession>,
+}
+
+struct InitialSession {
+    target: Box<dyn ReplicaTarget>,
+    progress: u64,
+    unsynced: u64,
+}
+
+/// A replica store rooted at one directory. Thread-safe; one process per
+/// store (an exclusive `flock` on `DIR/.lock`).
+pub struct Store {
+    root: PathBuf,
+    sites: PathBuf,
+    _lock: nix::fcntl::Flock<File>,
+    locks: Mutex<HashMap<PathBuf, Arc<Mutex<Runtime>>>>,
+    tmp_seq: AtomicU64,
+}
+
+/// One sending site's namespace in a [`Store`].
+pub struct Site<'a> {
+    store: &'a Store,
+    name: String,
+    dir: PathBuf,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn random_id() -> [u8; 16] {
+    let mut b = [0u8; 16];
+    let ok = File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_ok();
+    if !ok {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        b = xxhash_rust::xxh3::xxh3_128(
+            &[
+                t.to_le_bytes(),
+                u128::from(std::process::id()).to_le_bytes(),
+            ]
+            .concat(),
+        )
+        .to_le_bytes();
+    }
+    b
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn create_nofollow(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+fn open_nofollow(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+impl Store {
+    /// Open (creating if needed) the store at `dir` and lock it. Call
+    /// [`Store::recover`] once before serving.
+    pub fn open(dir: &Path) -> Result<Store> {
+        let ctx = Ctx::default();
+        std::fs::create_dir_all(dir)
+            .map_err(|e| io_err(&ctx, dir, "creating the store", dir, e))?;
+        let root = std::fs::canonicalize(dir)
+            .map_err(|e| io_err(&ctx, dir, "opening the store", dir, e))?;
+        let lock_path = root.join(".lock");
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&lock_path)
+            .map_err(|e| io_err(&ctx, &root, "opening the store lock", &lock_path, e))?;
+        let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|_| StoreError::Locked {
+                path: lock_path.clone(),
+            })?;
+        let _ = lock.set_len(0);
+        let _ = lock.write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0);
+        let sites = ensure_dir(&ctx, &root, &root, "sites", true)?;
+        Ok(Store {
+            root,
+            sites,
+            _lock: lock,
+            locks: Mutex::new(HashMap::new()),
+            tmp_seq: AtomicU64::new(0),
+        })
+    }
+
+    /// The store's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The namespace of site `name` (validated; created if needed).
+    pub fn site(&self, name: &str) -> Result<Site<'_>> {
+        validate_name("site", name)?;
+        let ctx = Ctx::new(name, "", "");
+        let dir = ensure_dir(&ctx, &self.root, &self.sites, name, true)?;
+        check_inside(&ctx, &self.sites, &dir)?;
+        Ok(Site {
+            store: self,
+            name: name.to_string(),
+            dir,
+        })
+    }
+
+    fn runtime(&self, key: &Path) -> Arc<Mutex<Runtime>> {
+        self.locks
+            .lock()
+            .entry(key.to_path_buf())
+            .or_default()
+            .clone()
+    }
+
+    /// Bring every disk to a clean state after a crash: remove temp files,
+    /// roll interrupted applies forward, delete orphan undo records and
+    /// applied logs, then apply the durable logs that chain onto each
+    /// replica. Errors on one disk are reported and do not stop the others.
+    pub fn recover(&self) -> Result<RecoveryReport> {
+        let mut report = RecoveryReport::default();
+        for site in list_dir(&self.sites) {
+            if validate_name("site", &site).is_err() {
+                continue;
+            }
+            let s = match self.site(&site) {
+                Ok(s) => s,
+                Err(e) => {
+                    report.errors.push(e.to_string());
+                    continue;
+                }
+            };
+            for vm in list_dir(&s.dir.join("vms")) {
+                if validate_name("vm", &vm).is_err() {
+                    continue;
+                }
+                for d in list_dir(&s.dir.join("vms").join(&vm).join("disks")) {
+                    let Some(id) = parse_hex_id(&d) else { continue };
+                    if let Err(e) = s.recover_disk(&vm, id, &mut report) {
+                        report.errors.push(e.to_string());
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+}
+
+fn list_dir(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    v.sort();
+    v
+}
+
+fn parse_hex_id(s: &str) -> Option<[u8; 16]> {
+    if s.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Paths of one disk.
+struct DiskPaths {
+    ctx: Ctx,
+    dir: PathBuf,
+    incoming: PathBuf,
+    undo: PathBuf,
+}
+
+impl DiskPaths {
+    fn state(&self) -> PathBuf {
+        self.dir.join(STATE)
+    }
+    fn log(&self, cycle: u64) -> PathBuf {
+        self.incoming.join(format!("{cycle}.hrl"))
+    }
+}
+
+impl Site<'_> {
+    /// The site's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn ctx(&self, vm: &str, disk: &str) -> Ctx {
+        Ctx::new(&self.name, vm, disk)
+    }
+
+    fn vm_dir(&self, vm: &str, create: bool) -> Result<PathBuf> {
+        validate_name("vm", vm)?;
+        let ctx = self.ctx(vm, "");
+        let vms = ensure_dir(&ctx, &self.store.root, &self.dir, "vms", create)?;
+        let d = ensure_dir(&ctx, &self.store.root, &vms, vm, create)?;
+        check_inside(&ctx, &self.dir, &d)?;
+        Ok(d)
+    }
+
+    fn disk(&self, vm: &str, disk_id: &[u8; 16], create: bool) -> Result<DiskPaths> {
+        let idh = hex(disk_id);
+        let ctx = self.ctx(vm, &idh);
+        let vmd = self.vm_dir(vm, create)?;
+        let root = &self.store.root;
+        let disks = ensure_dir(&ctx, root, &vmd, "disks", create)?;
+        let dir = ensure_dir(&ctx, root, &disks, &idh, create)?;
+        let incoming = ensure_dir(&ctx, root, &dir, INCOMING, true)?;
+        let undo = ensure_dir(&ctx, root, &dir, UNDO, true)?;
+        check_inside(&ctx, &self.dir, &dir)?;
+        Ok(DiskPaths {
+            ctx,
+            dir,
+            incoming,
+            undo,
+        })
+    }
+
+    fn io(&self, ctx: &Ctx, doing: &str, path: &Path, e: std::io::Error) -> StoreError {
+        io_err(ctx, &self.store.root, doing, path, e)
+    }
+
+    fn read_state(&self, p: &DiskPaths) -> Result<Option<DiskState>> {
+        let path = p.state();
+        let bytes = match open_nofollow(&path).and_then(|mut f| {
+            let mut v = Vec::new();
+            f.read_to_end(&mut v).map(|_| v)
+        }) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.io(&p.ctx, "reading the replica state", &path, e)),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| StoreError::BadState {
+                path,
+                what: e.to_string(),
+            })
+    }
+
+    fn state_or_unknown(&self, p: &DiskPaths) -> Result<DiskState> {
+        self.read_state(p)?.ok_or_else(|| StoreError::NotReady {
+            ctx: p.ctx.clone(),
+            what: "this disk is unknown to the receiver: start its initial replication".into(),
+        })
+    }
+
+    fn write_json<T: serde::Serialize>(
+        &self,
+        ctx: &Ctx,
+        dir: &Path,
+        name: &str,
+        v: &T,
+    ) -> Result<()> {
+        let path = dir.join(name);
+        let tmp = dir.join(format!("{name}.tmp"));
+        let json = serde_json::to_vec_pretty(v).map_err(|e| StoreError::BadState {
+            path: path.clone(),
+            what: e.to_string(),
+        })?;
+        let res = (|| {
+            let mut f = create_nofollow(&tmp)?;
+            f.write_all(&json)?;
+            f.write_all(b"\n")?;
+            f.sync_all()?;
+            drop(f);
+            std::fs::rename(&tmp, &path)?;
+            sync_dir(dir)
+        })();
+        if let Err(e) = res {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(self.io(ctx, &format!("writing {name}"), &path, e));
+        }
+        Ok(())
+    }
+
+    fn write_state(&self, p: &DiskPaths, st: &DiskState) -> Result<()> {
+        self.write_json(&p.ctx, &p.dir, STATE, st)
+    }
+
+    fn open_replica(
+        &self,
+        p: &DiskPaths,
+        st: &DiskState,
+        create: bool,
+    ) -> Result<Box<dyn ReplicaTarget>> {
+        let path = p.dir.join(&st.replica_file);
+        open_target(
+            &path,
+            st.format,
+            st.size,
+            st.id_bytes(),
+            st.vhd_time,
+            create,
+        )
+        .map_err(|e| self.io(&p.ctx, "opening the replica", &path, e))
+    }
+
+    // ---------------------------------------------------------------
+    // Initial replication
+
+    /// Start (or resume) the initial copy of a disk of VM `vm`. Returns the
+    /// offset to resume from: 0 for a new disk, the durable progress of an
+    /// interrupted copy of the same cut and size. On a disk that is already
+    /// replicated this starts a full re-copy (a resync): its history and the
+    /// VM's recovery points are dropped.
+    pub fn begin_initial(&self, vm: &str, info: &DiskInfo) -> Result<InitialState> {
+        validate_name("vm", vm)?;
+        validate_name("disk", &info.name)?;
+        let (format, replica_file) = ReplicaFormat::for_source(&info.name);
+        validate_name("replica file", &replica_file)?;
+        let p = self.disk(vm, &info.disk_id, true)?;
+        let rt = self.store.runtime(&p.dir);
+        let mut rt = rt.lock();
+        rt.initial = None;
+        let old = self.read_state(&p)?;
+        if let Some(st) = &old {
+            if st.name != info.name {
+                return Err(StoreError::IdentityMismatch {
+                    ctx: p.ctx.clone(),
+                    what: format!(
+                        "disk {} is replicated here as {:?}, the sender now calls it {:?}; use a new disk id or remove the old replica",
+                        st.disk_id, st.name, info.name
+                    ),
+                });
+            }
+            if let Some(off) = st.initial_offset {
+                if st.size == info.size && st.initial_cycle == Some(info.cycle) {
+                    let off = off.min(info.size);
+                    return Ok(InitialState { resume_offset: off });
+                }
+            }
+        }
+        let resync = matches!(&old, Some(st) if st.cycle.is_some());
+        let st = DiskState {
+            version: 1,
+            disk_id: hex(&info.disk_id),
+            name: info.name.clone(),
+            replica_file: replica_file.clone(),
+            format,
+            size: info.size,
+            block_size: info.block_size,
+            vhd_id: old
+                .as_ref()
+                .map(|o| o.vhd_id.clone())
+                .unwrap_or_else(|| hex(&random_id())),
+            vhd_time: old
+                .as_ref()
+                .map(|o| o.vhd_time)
+                .unwrap_or_else(vhd_timestamp_now),
+            initial_offset: Some(0),
+            initial_cycle: Some(info.cycle),
+            cycle: None,
+            cycle_time_ns: 0,
+            applying: None,
+        };
+        if resync {
+            // History cannot chain through a full re-copy.
+            let vmd = self.vm_dir(vm, false)?;
+            self.write_json(&p.ctx, &vmd, POINTS, &PointsFile::default())?;
+            for f in list_dir(&p.undo) {
+                let _ = std::fs::remove_file(p.undo.join(f));
+            }
+            for f in list_dir(&p.incoming) {
+                let _ = std::fs::remove_file(p.incoming.join(f));
+            }
+        }
+        // The replica's content is rewritten from 0; fix its size first.
+        let mut t = self.open_replica(&p, &st, true)?;
+        t.set_len(info.size).and_then(|()| t.flush()).map_err(|e| {
+            self.io(
+                &p.ctx,
+                "creating the replica",
+                &p.dir.join(&replica_file),
+                e,
+            )
+        })?;
+        self.write_state(&p, &st)?;
+        Ok(InitialState { resume_offset: 0 })
+    }
+
+    /// Write one piece of the initial copy at `offset`. Pieces should come
+    /// in ascending order; a gap before `offset` is zeroed. Progress is made
+    /// durable every [`INITIAL_SYNC_EVERY`] bytes.
+    pub fn write_initial(
+        &self,
+        vm: &str,
+        disk_id: &[u8; 16],
+        offset: u64,
+        data: InitialData<'_>,
+    ) -> Result<()> {
+        let p = self.disk(vm, disk_id, false)?;
+        let rt = self.store.runtime(&p.dir);
+        let mut rt = rt.lock();
+        let st = self.state_or_unknown(&p)?;
+        let Some(durable) = st.initial_offset else {
+            return Err(StoreError::NotReady {
+                ctx: p.ctx.clone(),
+                what: "no initial copy is in progress for this disk: call begin_initial first"
+                    .into(),
+            });
+        };
+        if rt.initial.is_none() {
+            rt.initial = Some(InitialSession {
+                target: self.open_replica(&p, &st, false)?,
+                progress: durable,
+                unsynced: 0,
+            });
+        }
+        let rpath = p.dir.join(&st.replica_file);
+        let Some(s) = rt.initial.as_mut() else {
+            return Ok(());
+        };
+        let len = match data {
+            InitialData::Data(d) => d.len() as u64,
+            InitialData::Zeroes(n) => n,
+        };
+        let end = offset.saturating_add(len);
+        if end > st.size {
+            return Err(StoreError::IdentityMismatch {
+                ctx: p.ctx.clone(),
+                what: format!(
+                    "initial data at offset {offset} ({len} bytes) runs past the disk size {}: restart the initial copy with the right size",
+                    st.size
+                ),
+            });
+        }
+        let res = (|| {
+            if offset > s.progress {
+                s.target.write_zeroes(s.progress, offset - s.progress)?;
+            }
+            match data {
+                InitialData::Data(d) => s.target.write_at(d, offset),
+                InitialData::Zeroes(n) => s.target.write_zeroes(offset, n),
+            }
+        })();
+        if let Err(e) = res {
+            rt.initial = None;
+            return Err(self.io(&p.ctx, "writing the initial copy", &rpath, e));
+        }
+        if end > s.progress {
+            s.unsynced += end - s.progress;
+            s.progress = end;
+        }
+        if s.unsynced >= INITIAL_SYNC_EVERY {
+            let progress = s.progress;
+            if let Err(e) = s.target.flush() {
+                rt.initial = None;
+                return Err(self.io(&p.ctx, "syncing the initial copy", &rpath, e));
+            }
+            s.unsynced = 0;
+            let mut st = st;
+            st.initial_offset = Some(progress);
+            self.write_state(&p, &st)?;
+            crash_point("initial-progress");
+        }
+        Ok(())
+    }
+
+    /// End the initial copy: the replica is the disk as of cut `cycle`
+    /// (taken at `cut_unix_ns`, 0 if unknown). Bytes not written since the
+    /// copy began (a tail of holes) are zeroed. Idempotent.
+    pub fn finish_initial(
+        &self,
+        vm: &str,
+        disk_id: &[u8; 16],
+        cycle: u64,
+        cut_unix_ns: u64,
+    ) -> Result<()> {
+        let p = self.disk(vm, disk_id, false)?;
+        let rt = self.store.runtime(&p.dir);
+        let mut rt = rt.lock();
+        let mut st = self.state_or_unknown(&p)?;
+        let Some(durable) = st.initial_offset else {
+            if st.cycle == Some(cycle) {
+                return Ok(());
+            }
+            return Err(StoreError::NotReady {
+                ctx: p.ctx.clone(),
+                what: format!(
+                    "no initial copy is in progress (the replica is at cycle {:?}): cannot finish one at cycle {cycle}",
+                    st.cycle
+                ),
+            });
+        };
+        if st.initial_cycle.is_some_and(|c| c != cycle) {
+            return Err(StoreError::IdentityMismatch {
+                ctx: p.ctx.clone(),
+                what: format!(
+                    "the initial copy was started as of cycle {:?} but is finished as cycle {cycle}: restart it (begin_initial) with the cycle it is read at",
+                    st.initial_cycle
+                ),
+            });
+        }
+        let (mut target, progress) = match rt.initial.take() {
+            Some(s) => (s.target, s.progress),
+            None => (self.open_replica(&p, &st, false)?, durable),
+        };
+        let rpath = p.dir.join(&st.replica_file);
+        let res = (|| {
+            if progress < st.size {
+                target.write_zeroes(progress, st.size - progress)?;
+            }
+            target.set_len(st.size)?;
+            target.flush()
+        })();
+        res.map_err(|e| self.io(&p.ctx, "finishing the initial copy", &rpath, e))?;
+        st.initial_offset = None;
+        st.initial_cycle = None;
+        st.cycle = Some(cycle);
+        st.cycle_time_ns = cut_unix_ns;
+        st.applying = None;
+        self.write_state(&p, &st)?;
+        // Logs up to this cycle are covered by the copy.
+        for (c, name) in self.incoming_logs(&p) {
+            if c <= cycle {
+                let _ = std::fs::remove_file(p.incoming.join(name));
+            }
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------
+    // Delta replication
+
+    /// `(cycle, file name)` of the durable logs in `incoming/`, ascending.
+    fn incoming_logs(&self, p: &DiskPaths) -> Vec<(u64, String)> {
+        let mut v: Vec<(u64, String)> = list_dir(&p.incoming)
+            .into_iter()
+            .filter_map(|n| {
+                let c = n.strip_suffix(".hrl")?.parse().ok()?;
+                Some((c, n))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// `(base, cycle, file name)` of the undo records, ascending by cycle.
+    fn undo_records(&self, p: &DiskPaths) -> Vec<(u64, u64, String)> {
+        let mut v: Vec<(u64, u64, String)> = list_dir(&p.undo)
+            .into_iter()
+            .filter_map(|n| {
+                let (b, c) = undo::parse_undo_name(&n)?;
+                Some((b, c, n))
+            })
+            .collect();
+        v.sort_by_key(|x| (x.1, x.0));
+        v
+    }
+
+    /// Receive a log for disk `disk_id` of `vm` from `src` and make it
+    /// durable in `incoming/` (streamed to a temp file, fsynced, verified
+    /// completely, renamed, directory fsynced). A log the replica already
+    /// holds is recognised from its header and acknowledged without being
+    /// stored (the rest of `src` is not read).
+    pub fn store_log<R: Read>(
+        &self,
+        vm: &str,
+        disk_id: &[u8; 16],
+        mut src: R,
+    ) -> Result<StoreOutcome> {
+        let p = self.disk(vm, disk_id, false)?;
+        let rlabel = p.incoming.join("<received>");
+        // Header first: it says which cycle this is.
+        let mut head = Vec::new();
+        let mut want = format::HEADER_FIXED_LEN;
+        let header: HrlHeader = loop {
+            let have = head.len();
+            head.resize(want, 0);
+            if let Err(e) = src.read_exact(&mut head[have..]) {
+                return Err(if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    StoreError::CorruptLog {
+                        ctx: p.ctx.clone(),
+                        cycle: 0,
+                        source: crate::hrl::HrlError::Corrupt {
+                            path: rlabel,
+                            offset: have as u64,
+                            what: "the log ends inside its header".into(),
+                        },
+                    }
+                } else {
+                    self.io(&p.ctx, "receiving a log", &rlabel, e)
+                });
+            }
+            match format::parse_header(&head) {
+                Ok((h, _)) => break h,
+                Err(ParseError::Short { need }) if need > head.len() => want = need,
+                Err(ParseError::Short { .. }) => unreachable_short(&p.ctx, &rlabel)?,
+                Err(ParseError::Bad { at, what }) => {
+                    return Err(StoreError::CorruptLog {
+                        ctx: p.ctx.clone(),
+                        cycle: 0,
+                        source: crate::hrl::HrlError::Corrupt {
+                            path: rlabel,
+                            offset: at as u64,
+                            what,
+                        },
+                    })
+                }
+            }
+        };
+        let cycle = header.cycle;
+        if header.disk_id != *disk_id {
+            return Err(StoreError::IdentityMismatch {
+                ctx: p.ctx.clone(),
+                what: format!(
+                    "the log for cycle {cycle} is for disk {} ({}), not this disk: the sender mixed up its disks",
+                    hex(&header.disk_id),
+                    header.disk_name
+                ),
+            });
+        }
+        if let Some(done) = self.check_log_fits(&p, &header)? {
+            return Ok(done);
+        }
+        // Stream the rest to a temp file (no lock held: may take long).
+        let n = self.store.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = p
+            .incoming
+            .join(format!("{cycle}.{}-{n}.hrl.tmp", std::process::id()));
+        let fin = p.log(cycle);
+        let res = (|| -> Result<u64> {
+            let mut f =
+                create_nofollow(&tmp).map_err(|e| self.io(&p.ctx, "storing a log", &tmp, e))?;
+            f.write_all(&head)
+                .map_err(|e| self.io(&p.ctx, "storing a log", &tmp, e))?;
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let k = match src.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(k) => k,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(self.io(&p.ctx, "receiving a log", &tmp, e)),
+                };
+                f.write_all(&buf[..k])
+                    .map_err(|e| self.io(&p.ctx, "storing a log", &tmp, e))?;
+            }
+            f.sync_all()
+                .map_err(|e| self.io(&p.ctx, "storing a log", &tmp, e))?;
+            crash_point("log-tmp-synced");
+            let len = f
+                .metadata()
+                .map_err(|e| self.io(&p.ctx, "storing a log", &tmp, e))?
+                .len();
+            f.seek(SeekFrom::Start(0))
+                .map_err(|e| self.io(&p.ctx, "storing a log", &tmp, e))?;
+            let r = HrlReader::new(BufReader::with_capacity(256 << 10, &f), len, &tmp)
+                .map_err(|e| hrl_err(&p.ctx, &self.store.root, "verifying a log", cycle, e))?;
+            r.finish()
+                .map_err(|e| hrl_err(&p.ctx, &self.store.root, "verifying a log", cycle, e))?;
+            Ok(len)
+        })();
+        let len = match res {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        let rt = self.store.runtime(&p.dir);
+        let _g = rt.lock();
+        // Re-check under the lock: an apply may have moved on meanwhile.
+        let again = self.check_log_fits(&p, &header);
+        let done = match again {
+            Ok(Some(done)) => Some(done),
+            Ok(None) => None,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        if let Some(done) = done {
+            let _ = std::fs::remove_file(&tmp);
+            return Ok(done);
+        }
+        if fin.exists() {
+            let same = same_trailer(&fin, &tmp).unwrap_or(false);
+            if same {
+                let _ = std::fs::remove_file(&tmp);
+                return Ok(StoreOutcome::AlreadyStored { cycle });
+            }
+            let st = self.read_state(&p)?;
+            if st.and_then(|s| s.applying) == Some(cycle) {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(StoreError::IdentityMismatch {
+                    ctx: p.ctx.clone(),
+                    what: format!(
+                        "a different log for cycle {cycle} is being applied; the sender's log changed after it was sent: resync the disk"
+                    ),
+                });
+            }
+        }
+        if let Err(e) = std::fs::rename(&tmp, &fin) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(self.io(&p.ctx, "storing a log", &fin, e));
+        }
+        crash_point("log-renamed");
+        sync_dir(&p.incoming).map_err(|e| self.io(&p.ctx, "storing a log", &p.incoming, e))?;
+        Ok(StoreOutcome::Stored {
+            cycle,
+            base_cycle: header.base_cycle,
+            bytes: len,
+        })
+    }
+
+    /// Decide from the state whether a log with `h` is a resend (returns the
+    /// outcome), storable (None) or out of order (error).
+    fn check_log_fits(&self, p: &DiskPaths, h: &HrlHeader) -> Result<Option<StoreOutcome>> {
+        let st = self.state_or_unknown(p)?;
+        let Some(rc) = st.cycle else {
+            return Ok(None); // initial copy running: keep the log for later
+        };
+        if st.applying == Some(h.cycle) {
+            return Ok(Some(StoreOutcome::AlreadyStored { cycle: h.cycle }));
+        }
+        if h.cycle <= rc {
+            return Ok(Some(StoreOutcome::AlreadyApplied {
+                cycle: h.cycle,
+                replica_cycle: rc,
+            }));
+        }
+        if h.base_cycle < rc {
+            return Err(StoreError::OutOfOrder {
+                ctx: p.ctx.clone(),
+                cycle: h.cycle,
+                base_cycle: h.base_cycle,
+                replica_cycle: rc,
+                applying: st.applying,
+                what: "the log starts before the replica's cycle and ends after it: the chains diverged; resync the disk".into(),
+            });
+        }
+        Ok(None)
+    }
+
+    /// Apply the durable log of `cycle` to the replica, at most once and
+    /// crash-atomically (see the module documentation). A cycle the replica
+    /// already has is acknowledged as [`ApplyOutcome::AlreadyApplied`]. On
+    /// a failure while writing the replica (disk full…) the replica is
+    /// rolled back to its previous cycle and the error says whether to retry.
+    pub fn apply(&self, vm: &str, disk_id: &[u8; 16], cycle: u64) -> Result<ApplyOutcome> {
+        let p = self.disk(vm, disk_id, false)?;
+        let rt = self.store.runtime(&p.dir);
+        let _g = rt.lock();
+        self.apply_locked(&p, cycle)
+    }
+
+    fn apply_locked(&self, p: &DiskPaths, cycle: u64) -> Result<ApplyOutcome> {
+        let mut st = self.state_or_unknown(p)?;
+        let Some(rc) = st.cycle.filter(|_| st.initial_offset.is_none()) else {
+            return Err(StoreError::NotReady {
+                ctx: p.ctx.clone(),
+                what: format!(
+                    "cannot apply cycle {cycle}: the initial copy of this disk has not finished"
+                ),
+            });
+        };
+        if let Some(a) = st.applying {
+            let out = self.roll_forward(p, &mut st, a)?;
+            if a == cycle {
+                return Ok(out);
+            }
+        }
+        let rc = st.cycle.unwrap_or(rc);
+        if cycle <= rc {
+            let _ = std::fs::remove_file(p.log(cycle));
+            return Ok(ApplyOutcome::AlreadyApplied {
+                cycle,
+                replica_cycle: rc,
+            });
+        }
+        let logp = p.log(cycle);
+        let log = match open_nofollow(&logp) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::NotReady {
+                    ctx: p.ctx.clone(),
+                    what: format!(
+                        "no durable log for cycle {cycle} (the replica is at cycle {rc}): send (store) the log before applying it"
+                    ),
+                })
+            }
+            Err(e) => return Err(self.io(&p.ctx, "opening a log", &logp, e)),
+        };
+        let header = self.verify_log(p, &log, &logp, cycle)?;
+        if header.base_cycle != rc {
+            return Err(StoreError::OutOfOrder {
+                ctx: p.ctx.clone(),
+                cycle,
+                base_cycle: header.base_cycle,
+                replica_cycle: rc,
+                applying: None,
+                what: format!(
+                    "logs must be applied in order: apply cycle(s) after {rc} first, or resync the disk if they are lost"
+                ),
+            });
+        }
+        if header.base_size != st.size {
+            return Err(StoreError::OutOfOrder {
+                ctx: p.ctx.clone(),
+                cycle,
+                base_cycle: header.base_cycle,
+                replica_cycle: rc,
+                applying: None,
+                what: format!(
+                    "the log starts from a disk of {} bytes but the replica is {} bytes: resync the disk",
+                    header.base_size, st.size
+                ),
+            });
+        }
+        // 1. Undo record (pre-images), durable before anything changes.
+        let target = self.open_replica(p, &st, false)?;
+        let undop = p.undo.join(undo::undo_name(rc, cycle));
+        let undo_bytes = undo::write_undo(&undop, &log, &logp, target.as_ref(), st.cycle_time_ns)
+            .map_err(|e| {
+            hrl_err(
+                &p.ctx,
+                &self.store.root,
+                "saving pre-images (undo record)",
+                cycle,
+                e,
+            )
+        })?;
+        crash_point("undo-written");
+        // 2. Mark applying.
+        st.applying = Some(cycle);
+        if let Err(e) = self.write_state(p, &st) {
+            let _ = std::fs::remove_file(&undop);
+            return Err(e);
+        }
+        crash_point("state-applying");
+        // 3. Write; on failure roll back from the undo record.
+        let mut target = target;
+        match self.write_records(p, &log, &logp, &header, target.as_mut()) {
+            Ok(bytes) => {
+                self.finish_apply(p, &mut st, &header)?;
+                Ok(ApplyOutcome::Applied {
+                    cycle,
+                    bytes,
+                    undo_bytes,
+                    rolled_forward: false,
+                })
+            }
+            Err(e) => {
+                let restored = undo::apply_undo(&undop, target.as_mut()).is_ok();
+                if restored {
+                    st.applying = None;
+                    if self.write_state(p, &st).is_ok() {
+                        let _ = std::fs::remove_file(&undop);
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn verify_log(&self, p: &DiskPaths, log: &File, logp: &Path, cycle: u64) -> Result<HrlHeader> {
+        let len = log
+            .metadata()
+            .map_err(|e| self.io(&p.ctx, "reading a log", logp, e))?
+            .len();
+        let mut lf = log;
+        lf.seek(SeekFrom::Start(0))
+            .map_err(|e| self.io(&p.ctx, "reading a log", logp, e))?;
+        let r = HrlReader::new(BufReader::with_capacity(256 << 10, lf), len, logp)
+            .map_err(|e| hrl_err(&p.ctx, &self.store.root, "verifying a log", cycle, e))?;
+        let h = r.header().clone();
+        r.finish()
+            .map_err(|e| hrl_err(&p.ctx, &self.store.root, "verifying a log", cycle, e))?;
+        let want = parse_hex_id(p.ctx.disk()).unwrap_or_default();
+        if h.disk_id != want || h.cycle != cycle {
+            return Err(StoreError::IdentityMismatch {
+                ctx: p.ctx.clone(),
+                what: format!(
+                    "{} holds cycle {} of disk {}: it is not this disk's log for cycle {cycle}; delete it and resend",
+                    logp.display(),
+                    h.cycle,
+                    hex(&h.disk_id)
+                ),
+            });
+        }
+        Ok(h)
+    }
+
+    /// Set the length, write every record, fsync. Returns disk bytes written.
+    fn write_records(
+        &self,
+        p: &DiskPaths,
+        log: &File,
+        logp: &Path,
+        h: &HrlHeader,
+        target: &mut dyn ReplicaTarget,
+    ) -> Result<u64> {
+        let rpath = p.dir.join("<replica>");
+        let cycle = h.cycle;
+        let tio = |e| {
+            self.io(
+                &p.ctx,
+                &format!("applying cycle {cycle} to the replica"),
+                &rpath,
+                e,
+            )
+        };
+        target.set_len(h.disk_size).map_err(tio)?;
+        let len = log
+            .metadata()
+            .map_err(|e| self.io(&p.ctx, "reading a log", logp, e))?
+            .len();
+        let mut lf = log;
+        lf.seek(SeekFrom::Start(0))
+            .map_err(|e| self.io(&p.ctx, "reading a log", logp, e))?;
+        let herr = |e| hrl_err(&p.ctx, &self.store.root, "reading a log", cycle, e);
+        let mut r =
+            HrlReader::new(BufReader::with_capacity(256 << 10, lf), len, logp).map_err(herr)?;
+        let mut bytes = 0u64;
+        let mut n = 0u64;
+        while let Some(rec) = r.next_record().map_err(herr)? {
+            match rec.data {
+                Some(d) => target.write_at(d, rec.offset).map_err(tio)?,
+                None => target
+                    .write_zeroes(rec.offset, u64::from(rec.length))
+                    .map_err(tio)?,
+            }
+            bytes += u64::from(rec.length);
+            n += 1;
+            if n == 2 {
+                crash_point("replica-half");
+            }
+        }
+        target.flush().map_err(tio)?;
+        crash_point("replica-synced");
+        Ok(bytes)
+    }
+
+    fn finish_apply(&self, p: &DiskPaths, st: &mut DiskState, h: &HrlHeader) -> Result<()> {
+        st.cycle = Some(h.cycle);
+        st.size = h.disk_size;
+        st.cycle_time_ns = h.cut_unix_ns;
+        st.applying = None;
+        self.write_state(p, st)?;
+        crash_point("state-applied");
+        let _ = std::fs::remove_file(p.log(h.cycle));
+        let _ = sync_dir(&p.incoming);
+        crash_point("log-removed");
+        Ok(())
+    }
+
+    /// Complete an interrupted apply of `cycle` (state says `applying`).
+    fn roll_forward(&self, p: &DiskPaths, st: &mut DiskState, cycle: u64) -> Result<ApplyOutcome> {
+        let base = st.cycle.unwrap_or(0);
+        let undop = p.undo.join(undo::undo_name(base, cycle));
+        let logp = p.log(cycle);
+        let mut target = self.open_replica(p, st, false)?;
+        match open_nofollow(&logp) {
+            Ok(log) => {
+                let header = self.verify_log(p, &log, &logp, cycle)?;
+                let bytes = self.write_records(p, &log, &logp, &header, target.as_mut())?;
+                self.finish_apply(p, st, &header)?;
+                let undo_bytes = std::fs::metadata(&undop).map(|m| m.len()).unwrap_or(0);
+                Ok(ApplyOutcome::Applied {
+                    cycle,
+                    bytes,
+                    undo_bytes,
+                    rolled_forward: true,
+                })
+            }
+            Err(_) => {
+                // No log to roll forward with: roll back to the base.
+                undo::apply_undo(&undop, target.as_mut()).map_err(|e| {
+                    hrl_err(
+                        &p.ctx,
+                        &self.store.root,
+                        "rolling back an interrupted apply",
+                        cycle,
+                        e,
+                    )
+                })?;
+                st.applying = None;
+                self.write_state(p, st)?;
+                let _ = std::fs::remove_file(&undop);
+                Err(StoreError::NotReady {
+                    ctx: p.ctx.clone(),
+                    what: format!(
+                        "the log of interrupted cycle {cycle} was lost; the replica was rolled back to cycle {base}: resend cycle {cycle}"
+                    ),
+                })
+            }
+        }
+    }
+
+    fn recover_disk(&self, vm: &str, id: [u8; 16], rep: &mut RecoveryReport) -> Result<()> {
+        let p = self.disk(vm, &id, false)?;
+        let rt = self.store.runtime(&p.dir);
+        let mut rt = rt.lock();
+        rt.initial = None;
+        let what = format!("site {} vm {} disk {}", self.name, vm, hex(&id));
+        for d in [&p.dir, &p.incoming, &p.undo] {
+            for f in list_dir(d) {
+                if f.ends_with(".tmp") {
+                    let _ = std::fs::remove_file(d.join(&f));
+                    rep.actions.push(format!("{what}: removed temp file {f}"));
+                }
+            }
+        }
+        let Some(mut st) = self.read_state(&p)? else {
+            return Ok(());
+        };
+        let Some(mut rc) = st.cycle.filter(|_| st.initial_offset.is_none()) else {
+            return Ok(()); // initial copy: resumes from its durable offset
+        };
+        if let Some(a) = st.applying {
+            self.roll_forward(&p, &mut st, a)?;
+            rep.actions.push(format!(
+                "{what}: rolled forward the interrupted apply of cycle {a}"
+            ));
+            rc = st.cycle.unwrap_or(rc);
+        }
+        for (_, c, n) in self.undo_records(&p) {
+            if c > rc {
+                let _ = std::fs::remove_file(p.undo.join(&n));
+                rep.actions
+                    .push(format!("{what}: removed orphan undo record {n}"));
+            }
+        }
+        for (c, n) in self.incoming_logs(&p) {
+            if c <= rc {
+                let _ = std::fs::remove_file(p.incoming.join(&n));
+                rep.actions.push(format!("{what}: removed applied log {n}"));
+            }
+        }
+        // Apply the durable logs that chain on.
+        loop {
+            let next = self.incoming_logs(&p).into_iter().find(|(c, _)| *c > rc);
+            let Some((c, _)) = next else { break };
+            match self.apply_locked(&p, c) {
+                Ok(_) => {
+                    rep.actions
+                        .push(format!("{what}: applied durable log of cycle {c}"));
+                    rc = c;
+                }
+                Err(e) => {
+                    rep.errors.push(e.to_string());
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The state of a disk (for status displays and tests).
+    pub fn disk_state(&self, vm: &str, disk_id: &[u8; 16]) -> Result<DiskState> {
+        let p = self.disk(vm, disk_id, false)?;
+        self.state_or_unknown(&p)
+    }
+
+    /// Path of a disk's replica file (for tools and tests; read it only
+    /// while no apply runs).
+    pub fn replica_path(&self, vm: &str, disk_id: &[u8; 16]) -> Result<PathBuf> {
+        let p = self.disk(vm, disk_id, false)?;
+        let st = self.state_or_unknown(&p)?;
+        Ok(p.dir.join(st.replica_file))
+    }
+
+    // ---------------------------------------------------------------
+    // Recovery points
+
+    fn read_points(&self, vm: &str) -> Result<PointsFile> {
+        let vmd = self.vm_dir(vm, false)?;
+        let path = vmd.join(POINTS);
+        match open_nofollow(&path).and_then(|mut f| {
+            let mut v = Vec::new();
+            f.read_to_end(&mut v).map(|_| v)
+        }) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| StoreError::BadState {
+                path,
+                what: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(PointsFile::default()),
+            Err(e) => Err(self.io(&self.ctx(vm, ""), "reading points.json", &path, e)),
+        }
+    }
+
+    /// Record a recovery point of `vm` at `cycle` over `disk_ids` if every
+    /// one of them reached it. Returns `None` when some disk is still below
+    /// `cycle` (call again once it got there). Idempotent.
+    pub fn commit_point(
+        &self,
+        vm: &str,
+        cycle: u64,
+        disk_ids: &[[u8; 16]],
+        consistency: Consistency,
+    ) -> Result<Option<Point>> {
+        let vmd = self.vm_dir(vm, false)?;
+        let rt = self.store.runtime(&vmd);
+        let _g = rt.lock();
+        let mut time = 0;
+        for id in disk_ids {
+            let p = self.disk(vm, id, false)?;
+            let st = self.state_or_unknown(&p)?;
+            let Some(rc) = st.cycle.filter(|_| st.initial_offset.is_none()) else {
+                return Ok(None);
+            };
+            if rc < cycle || st.applying.is_some() && rc == cycle {
+                return Ok(None);
+            }
+            if rc == cycle {
+                time = time.max(st.cycle_time_ns);
+            } else {
+                let rec = self
+                    .undo_records(&p)
+                    .into_iter()
+                    .find(|(b, _, _)| *b == cycle);
+                let Some((_, _, n)) = rec else {
+                    return Err(StoreError::NoSuchPoint {
+                        ctx: p.ctx.clone(),
+                        cycle,
+                        what: format!("this disk went from an earlier cycle past {cycle} (replica at {rc}): no consistent point can be made there"),
+                    });
+                };
+                let l = UndoLayer::open(&p.undo.join(n))
+                    .map_err(|e| hrl_err(&p.ctx, &self.store.root, "reading history", cycle, e))?;
+                time = time.max(l.header.cut_unix_ns);
+            }
+        }
+        let mut pf = self.read_points(vm)?;
+        if let Some(pt) = pf.points.iter().find(|pt| pt.cycle == cycle) {
+            return Ok(Some(pt.clone()));
+        }
+        let mut disks: Vec<String> = disk_ids.iter().map(|d| hex(d)).collect();
+        disks.sort();
+        let pt = Point {
+            cycle,
+            time_unix_ns: time,
+            bytes: 0,
+            consistency,
+            disks,
+        };
+        pf.points.push(pt.clone());
+        pf.points.sort_by_key(|p| p.cycle);
+        self.write_json(&self.ctx(vm, ""), &vmd, POINTS, &pf)?;
+        Ok(Some(pt))
+    }
+
+    /// The recovery points of `vm`, oldest first, with the bytes of history
+    /// each one costs.
+    pub fn points(&self, vm: &str) -> Result<Vec<Point>> {
+        let mut pf = self.read_points(vm)?;
+        for pt in &mut pf.points {
+            let mut bytes = 0;
+            for d in &pt.disks {
+                let Some(id) = parse_hex_id(d) else { continue };
+                let Ok(p) = self.disk(vm, &id, false) else {
+                    continue;
+                };
+                for (b, _, n) in self.undo_records(&p) {
+                    if b == pt.cycle {
+                        bytes += std::fs::metadata(p.undo.join(n))
+                            .map(|m| m.len())
+                            .unwrap_or(0);
+                    }
+                }
+            }
+            pt.bytes = bytes;
+        }
+        Ok(pf.points)
+    }
+
+    /// A reader presenting disk `disk_id` of `vm` as of recovery point
+    /// `cycle` (replica + undo overlays; nothing is copied).
+    pub fn read_point(&self, vm: &str, disk_id: &[u8; 16], cycle: u64) -> Result<PointReader> {
+        let p = self.disk(vm, disk_id, false)?;
+        let idh = hex(disk_id);
+        let pf = self.read_points(vm)?;
+        if !pf
+            .points
+            .iter()
+            .any(|pt| pt.cycle == cycle && pt.disks.contains(&idh))
+        {
+            return Err(StoreError::NoSuchPoint {
+                ctx: p.ctx.clone(),
+                cycle,
+                what: "it was never committed for this disk or was pruned; list the points with `vdrep points`".into(),
+            });
+        }
+        let rt = self.store.runtime(&p.dir);
+        let _g = rt.lock();
+        let st = self.state_or_unknown(&p)?;
+        let rc = st.cycle.unwrap_or(0);
+        if st.applying.is_some() || st.initial_offset.is_some() || rc < cycle {
+            return Err(StoreError::NotReady {
+                ctx: p.ctx.clone(),
+                what: format!(
+                    "the replica is not at a stable cycle at or after {cycle}: run recovery first"
+                ),
+            });
+        }
+        let mut layers = Vec::new();
+        let mut expect = cycle;
+        for (b, c, n) in self.undo_records(&p) {
+            if c <= cycle || c > rc {
+                continue;
+            }
+            if b != expect {
+                return Err(StoreError::NoSuchPoint {
+                    ctx: p.ctx.clone(),
+                    cycle,
+                    what: format!(
+                        "the history has a gap at cycle {expect} (next undo record is {n})"
+                    ),
+                });
+            }
+            let l = UndoLayer::open(&p.undo.join(&n))
+                .map_err(|e| hrl_err(&p.ctx, &self.store.root, "reading history", cycle, e))?;
+            layers.push(l);
+            expect = c;
+        }
+        if expect != rc {
+            return Err(StoreError::NoSuchPoint {
+                ctx: p.ctx.clone(),
+                cycle,
+                what: format!("the history stops at cycle {expect}, the replica is at {rc}"),
+            });
+        }
+        let replica = self.open_replica(&p, &st, false)?;
+        Ok(PointReader::new(cycle, layers, replica))
+    }
+
+    /// Drop the oldest recovery points of `vm` by `keep` and the undo
+    /// records only they needed.
+    pub fn prune(&self, vm: &str, keep: &RetentionPolicy) -> Result<PruneReport> {
+        let vmd = self.vm_dir(vm, false)?;
+        let rt = self.store.runtime(&vmd);
+        let _g = rt.lock();
+        let mut pf = self.read_points(vm)?;
+        let n = pf.points.len();
+        let mut first_kept = 0usize;
+        if let Some(k) = keep.keep_last {
+            first_kept = first_kept.max(n.saturating_sub(k.max(1)));
+        }
+        if let Some(age) = keep.max_age {
+            let limit = now_ns().saturating_sub(age.as_nanos() as u64);
+            let i = pf
+                .points
+                .iter()
+                .position(|p| p.time_unix_ns >= limit)
+                .unwrap_or(n);
+            first_kept = first_kept.max(i.min(n.saturating_sub(1)));
+        }
+        let mut report = PruneReport::default();
+        if n == 0 {
+            return Ok(report);
+        }
+        let dropped: Vec<Point> = pf.points.drain(..first_kept).collect();
+        report.dropped_points = dropped.iter().map(|p| p.cycle).collect();
+        let oldest = pf.points.first().map(|p| p.cycle).unwrap_or(0);
+        if !dropped.is_empty() {
+            self.write_json(&self.ctx(vm, ""), &vmd, POINTS, &pf)?;
+        }
+        // Undo records ending at or before the oldest kept point serve no point.
+        for d in list_dir(&vmd.join("disks")) {
+            let Some(id) = parse_hex_id(&d) else { continue };
+            let p = self.disk(vm, &id, false)?;
+            let drt = self.store.runtime(&p.dir);
+            let _dg = drt.lock();
+            for (_, c, name) in self.undo_records(&p) {
+                if c <= oldest {
+                    let f = p.undo.join(&name);
+                    report.freed_bytes += std::fs::metadata(&f).map(|m| m.len()).unwrap_or(0);
+                    let _ = std::fs::remove_file(f);
+                }
+            }
+            let _ = sync_dir(&p.undo);
+        }
+        Ok(report)
+    }
+}
+
+fn unreachable_short(ctx: &Ctx, label: &Path) -> Result<()> {
+    Err(StoreError::CorruptLog {
+        ctx: ctx.clone(),
+        cycle: 0,
+        source: crate::hrl::HrlError::Corrupt {
+            path: label.to_path_buf(),
+            offset: 0,
+            what: "the header does not parse".into(),
+        },
+    })
+}
+
+/// True if two sealed logs end with the same trailer (which carries the
+/// xxh3-128 of everything before it).
+fn same_trailer(a: &Path, b: &Path) -> std::io::Result<bool> {
+    let tail = |p: &Path| -> std::io::Result<Vec<u8>> {
+        let f = open_nofollow(p)?;
+        let len = f.metadata()?.len();
+        let n = (format::TRAILER_LEN as u64).min(len);
+        let mut v = vec![0u8; n as usize];
+        f.read_exact_at(&mut v, len - n)?;
+        Ok(v)
+    };
+    Ok(tail(a)? == tail(b)?)
+}

@@ -1,0 +1,413 @@
+//! Replica files: the [`ReplicaTarget`] trait and its implementations.
+//!
+//! A target presents the *virtual* disk (what the source disk holds) whatever
+//! the container: [`RawFile`] is the disk byte for byte (VHD sources, which
+//! already are VHDs, replicate this way), [`FixedVhd`] is a raw source kept
+//! as a fixed VHD (the data followed by a 512-byte footer).
+//!
+//! TODO(vhd): `vdrep::vhd` (fixed and dynamic VHDs, written in parallel) is
+//! not on this branch yet. [`FixedVhd`] is a minimal stand-in that writes a
+//! spec-conformant fixed-disk footer; once `vdrep::vhd` lands, implement
+//! [`ReplicaTarget`] for `vhd::Vhd` (its `read_at`/`write_at`/`write_zeroes`/
+//! `resize`/`flush` map one to one) and switch [`open_target`] — the only
+//! place that picks the implementation — to it (dynamic VHDs for sparse
+//! disks).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+/// How the replica file stores the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicaFormat {
+    /// Byte for byte (the source is a VHD already, or another format kept as is).
+    Raw,
+    /// A raw source (`.img`, `.raw`) kept as a VHD.
+    VhdOfRaw,
+}
+
+impl ReplicaFormat {
+    /// The format and replica file name for a source disk file name:
+    /// `x.img` / `x.raw` → (`VhdOfRaw`, `x.vhd`); anything else (notably
+    /// `x.vhd`) → (`Raw`, same name).
+    pub fn for_source(name: &str) -> (ReplicaFormat, String) {
+        let lower = name.to_ascii_lowercase();
+        for ext in [".img", ".raw"] {
+            if lower.len() > ext.len() && lower.ends_with(ext) {
+                let stem = &name[..name.len() - ext.len()];
+                return (ReplicaFormat::VhdOfRaw, format!("{stem}.vhd"));
+            }
+        }
+        (ReplicaFormat::Raw, name.to_string())
+    }
+}
+
+/// A replica of one virtual disk: random access to the disk's bytes.
+/// Offsets and lengths are those of the virtual disk.
+pub trait ReplicaTarget: Send {
+    /// Virtual disk size in bytes.
+    fn len(&self) -> u64;
+    /// True for a zero-length disk.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Fill `buf` from `offset`; bytes at or past [`len`](Self::len) read as zeros.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Write `data` at `offset` (must lie within [`len`](Self::len)).
+    fn write_at(&mut self, data: &[u8], offset: u64) -> io::Result<()>;
+    /// Make `len` bytes at `offset` read as zeros (holes where possible).
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()>;
+    /// Resize the virtual disk (new bytes read as zeros).
+    fn set_len(&mut self, len: u64) -> io::Result<()>;
+    /// Make everything written so far durable (fsync; container metadata
+    /// included).
+    fn flush(&mut self) -> io::Result<()>;
+}
+
+fn out_of_range(offset: u64, len: u64, size: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("write of {len} bytes at offset {offset} runs past the disk size {size}"),
+    )
+}
+
+/// Read into `buf` from `file` at `offset`, zero-filling past `limit`
+/// (the end of the data) and at end of file.
+fn read_limited(file: &File, buf: &mut [u8], offset: u64, limit: u64) -> io::Result<()> {
+    let avail = limit.saturating_sub(offset).min(buf.len() as u64) as usize;
+    let mut done = 0;
+    while done < avail {
+        match file.read_at(&mut buf[done..avail], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf[done..].fill(0);
+    Ok(())
+}
+
+/// Punch a hole, or write zeros where the file system cannot.
+pub(crate) fn zero_file_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    if len == 0 {
+        return Ok(());
+    }
+    let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    match fallocate(file, flags, offset as libc::off_t, len as libc::off_t) {
+        Ok(()) => return Ok(()),
+        Err(nix::errno::Errno::EOPNOTSUPP)
+        | Err(nix::errno::Errno::ENOSYS)
+        | Err(nix::errno::Errno::EINVAL) => {}
+        Err(e) => return Err(e.into()),
+    }
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(ZEROS.len() as u64) as usize;
+        file.write_all_at(&ZEROS[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// The disk byte for byte in a regular file.
+pub struct RawFile {
+    file: File,
+    len: u64,
+}
+
+impl RawFile {
+    /// Open (or create, empty) the file at `path`; the disk size is the file size.
+    pub fn open(path: &Path, create: bool) -> io::Result<RawFile> {
+        let file = open_file(path, create)?;
+        let len = file.metadata()?.len();
+        Ok(RawFile { file, len })
+    }
+}
+
+fn open_file(path: &Path, create: bool) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
+    Ok(file)
+}
+
+impl ReplicaTarget for RawFile {
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        read_limited(&self.file, buf, offset, self.len)
+    }
+    fn write_at(&mut self, data: &[u8], offset: u64) -> io::Result<()> {
+        if offset.saturating_add(data.len() as u64) > self.len {
+            return Err(out_of_range(offset, data.len() as u64, self.len));
+        }
+        self.file.write_all_at(data, offset)
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        if offset.saturating_add(len) > self.len {
+            return Err(out_of_range(offset, len, self.len));
+        }
+        zero_file_range(&self.file, offset, len)
+    }
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)?;
+        self.len = len;
+        Ok(())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.sync_all()
+    }
+}
+
+/// Size of a VHD footer.
+pub const VHD_FOOTER_LEN: u64 = 512;
+
+/// A fixed VHD: the disk's bytes, then a 512-byte footer (stand-in until
+/// `vdrep::vhd` lands, see the module TODO). The footer is rewritten on
+/// every [`set_len`](ReplicaTarget::set_len) and [`flush`](ReplicaTarget::flush),
+/// so a file left with a stale footer by a crash is repaired by the next
+/// apply (which always sets the length and flushes).
+pub struct FixedVhd {
+    file: File,
+    len: u64,
+    unique_id: [u8; 16],
+    timestamp: u32,
+}
+
+impl FixedVhd {
+    /// Open (or create) the VHD at `path` holding a disk of `virtual_size`
+    /// bytes (the caller's record, not the footer, is authoritative).
+    pub fn open(
+        path: &Path,
+        virtual_size: u64,
+        unique_id: [u8; 16],
+        timestamp: u32,
+        create: bool,
+    ) -> io::Result<FixedVhd> {
+        let file = open_file(path, create)?;
+        let mut v = FixedVhd {
+            file,
+            len: virtual_size,
+            unique_id,
+            timestamp,
+        };
+        if create && v.file.metadata()?.len() != virtual_size + VHD_FOOTER_LEN {
+            v.set_len(virtual_size)?;
+        }
+        Ok(v)
+    }
+
+    fn write_footer(&self) -> io::Result<()> {
+        let f = vhd_fixed_footer(self.len, self.timestamp, self.unique_id);
+        self.file.write_all_at(&f, self.len)
+    }
+}
+
+impl ReplicaTarget for FixedVhd {
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        read_limited(&self.file, buf, offset, self.len)
+    }
+    fn write_at(&mut self, data: &[u8], offset: u64) -> io::Result<()> {
+        if offset.saturating_add(data.len() as u64) > self.len {
+            return Err(out_of_range(offset, data.len() as u64, self.len));
+        }
+        self.file.write_all_at(data, offset)
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        if offset.saturating_add(len) > self.len {
+            return Err(out_of_range(offset, len, self.len));
+        }
+        zero_file_range(&self.file, offset, len)
+    }
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        let old = self.len;
+        if len > old {
+            // Grow: the old footer becomes disk data that must read as zeros.
+            self.file.set_len(len + VHD_FOOTER_LEN)?;
+            zero_file_range(&self.file, old, VHD_FOOTER_LEN.min(len - old))?;
+        } else {
+            self.file.set_len(len + VHD_FOOTER_LEN)?;
+        }
+        self.len = len;
+        self.write_footer()
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.write_footer()?;
+        self.file.sync_all()
+    }
+}
+
+/// The spec's CHS geometry for `size` bytes: (cylinders, heads, sectors/track).
+pub fn vhd_geometry(size: u64) -> (u16, u8, u8) {
+    let mut total = size / 512;
+    if total > 65535 * 16 * 255 {
+        total = 65535 * 16 * 255;
+    }
+    let (spt, heads, cth);
+    if total >= 65535 * 16 * 63 {
+        spt = 255;
+        heads = 16;
+        cth = total / spt;
+    } else {
+        let mut s = 17;
+        let mut c = total / s;
+        let mut h = c.div_ceil(1024);
+        if h < 4 {
+            h = 4;
+        }
+        if c >= h * 1024 || h > 16 {
+            s = 31;
+            h = 16;
+            c = total / s;
+        }
+        if c >= h * 1024 {
+            s = 63;
+            h = 16;
+            c = total / s;
+        }
+        spt = s;
+        heads = h;
+        cth = c;
+    }
+    ((cth / heads) as u16, heads as u8, spt as u8)
+}
+
+/// A fixed-disk VHD footer (spec v1.0, big-endian) for a disk of `size`
+/// bytes. Creator application `qem2` makes QEMU size the disk by "current
+/// size" (exactly `size`) rather than by the rounded-down geometry.
+pub fn vhd_fixed_footer(size: u64, timestamp: u32, unique_id: [u8; 16]) -> [u8; 512] {
+    let mut b = [0u8; 512];
+    b[0..8].copy_from_slice(b"conectix");
+    b[8..12].copy_from_slice(&2u32.to_be_bytes()); // features: reserved bit
+    b[12..16].copy_from_slice(&0x0001_0000u32.to_be_bytes()); // version 1.0
+    b[16..24].copy_from_slice(&u64::MAX.to_be_bytes()); // data offset: none (fixed)
+    b[24..28].copy_from_slice(&timestamp.to_be_bytes());
+    b[28..32].copy_from_slice(b"qem2");
+    b[32..36].copy_from_slice(&0x0001_0000u32.to_be_bytes()); // creator version
+    b[36..40].copy_from_slice(b"Wi2k"); // creator host OS
+    b[40..48].copy_from_slice(&size.to_be_bytes()); // original size
+    b[48..56].copy_from_slice(&size.to_be_bytes()); // current size
+    let (c, h, s) = vhd_geometry(size);
+    b[56..58].copy_from_slice(&c.to_be_bytes());
+    b[58] = h;
+    b[59] = s;
+    b[60..64].copy_from_slice(&2u32.to_be_bytes()); // disk type: fixed
+    b[68..84].copy_from_slice(&unique_id);
+    // b[84] saved state = 0; rest reserved zeros.
+    let sum: u32 = b.iter().fold(0u32, |a, &x| a.wrapping_add(u32::from(x)));
+    b[64..68].copy_from_slice(&(!sum).to_be_bytes());
+    b
+}
+
+/// Seconds since 2000-01-01 00:00:00 UTC (the VHD time stamp).
+pub fn vhd_timestamp_now() -> u32 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    now.saturating_sub(946_684_800) as u32
+}
+
+/// Open the replica file `path` of `format` holding `size` bytes — the one
+/// place that picks a [`ReplicaTarget`] implementation (see the module TODO).
+pub fn open_target(
+    path: &Path,
+    format: ReplicaFormat,
+    size: u64,
+    vhd_id: [u8; 16],
+    vhd_time: u32,
+    create: bool,
+) -> io::Result<Box<dyn ReplicaTarget>> {
+    Ok(match format {
+        ReplicaFormat::Raw => {
+            let mut f = RawFile::open(path, create)?;
+            if create && f.len() != size {
+                f.set_len(size)?;
+            }
+            // The state's size is authoritative (a crash may have left the
+            // file at another length; the next apply sets it).
+            f.len = size;
+            Box::new(f)
+        }
+        ReplicaFormat::VhdOfRaw => Box::new(FixedVhd::open(path, size, vhd_id, vhd_time, create)?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_formats() {
+        assert_eq!(
+            ReplicaFormat::for_source("disk0.img"),
+            (ReplicaFormat::VhdOfRaw, "disk0.vhd".into())
+        );
+        assert_eq!(
+            ReplicaFormat::for_source("d.RAW"),
+            (ReplicaFormat::VhdOfRaw, "d.vhd".into())
+        );
+        assert_eq!(
+            ReplicaFormat::for_source("d.vhd"),
+            (ReplicaFormat::Raw, "d.vhd".into())
+        );
+        assert_eq!(
+            ReplicaFormat::for_source(".img").0,
+            ReplicaFormat::Raw,
+            "no stem"
+        );
+    }
+
+    #[test]
+    fn footer_checksum_and_geometry() {
+        let f = vhd_fixed_footer(10 << 20, 12345, [9; 16]);
+        let sum: u32 = f
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !(64..68).contains(i))
+            .fold(0u32, |a, (_, &x)| a.wrapping_add(u32::from(x)));
+        assert_eq!(u32::from_be_bytes([f[64], f[65], f[66], f[67]]), !sum);
+        // 10 MiB: 20480 sectors -> spt 17, heads 4, cyl 301 (spec algorithm).
+        assert_eq!(vhd_geometry(10 << 20), (301, 4, 17));
+        assert_eq!(vhd_geometry(u64::MAX / 2), (65535, 16, 255));
+    }
+
+    #[test]
+    fn fixed_vhd_grow_shrink() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.vhd");
+        let mut v = FixedVhd::open(&p, 4096, [1; 16], 7, true).unwrap();
+        v.write_at(&[0xaa; 4096], 0).unwrap();
+        v.flush().unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 4096 + 512);
+        v.set_len(8192).unwrap();
+        let mut b = vec![1u8; 4096];
+        v.read_at(&mut b, 4096).unwrap();
+        assert!(b.iter().all(|&x| x == 0), "grown area reads zeros");
+        v.set_len(1024).unwrap();
+        v.flush().unwrap();
+        let all = std::fs::read(&p).unwrap();
+        assert_eq!(all.len(), 1024 + 512);
+        assert_eq!(&all[1024..1032], b"conectix");
+    }
+}

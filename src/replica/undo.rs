@@ -1,0 +1,370 @@
+//! Undo records (pre-images) and the point-in-time overlay reader.
+//!
+//! An undo record is written in the `.hrl` format itself (checksums, LZ4,
+//! ZERO records, sealed trailer, published by rename after fsync) with an
+//! inverted meaning: for the log that took the disk from `base_cycle` to
+//! `cycle`, the undo record `undo/<base_cycle>-<cycle>.undo` holds the
+//! content *as of `base_cycle`* of every range that log wrote (clipped to
+//! the size at `base_cycle`), plus the range cut off if the log shrank the
+//! disk. Its header carries `cycle`/`base_cycle` of the log, `disk_size` =
+//! the size at `base_cycle` (what undoing restores), `base_size` = the size
+//! at `cycle`, and `cut_unix_ns` = the time of `base_cycle`'s cut.
+
+use super::target::ReplicaTarget;
+use crate::hrl::format::{self, Frame, ParseError};
+use crate::hrl::{HrlError, HrlHeader, HrlReader, HrlWriter};
+use std::fs::File;
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// `<base>-<cycle>.undo`.
+pub(crate) fn undo_name(base_cycle: u64, cycle: u64) -> String {
+    format!("{base_cycle}-{cycle}.undo")
+}
+
+/// Parse `<base>-<cycle>.undo`.
+pub(crate) fn parse_undo_name(name: &str) -> Option<(u64, u64)> {
+    let stem = name.strip_suffix(".undo")?;
+    let (a, b) = stem.split_once('-')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+/// Write the undo record for the log `log` (already verified) about to be
+/// applied to `target` (at the log's base). `base_time_ns` is the cut time
+/// of the base cycle.
+pub(crate) fn write_undo(
+    path: &Path,
+    log: &File,
+    log_label: &Path,
+    target: &dyn ReplicaTarget,
+    base_time_ns: u64,
+) -> Result<u64, HrlError> {
+    let len = log.metadata().map_err(|e| HrlError::Io {
+        path: log_label.to_path_buf(),
+        source: e,
+    })?;
+    let mut lf = log;
+    lf.seek(SeekFrom::Start(0)).map_err(|e| HrlError::Io {
+        path: log_label.to_path_buf(),
+        source: e,
+    })?;
+    let mut r = HrlReader::new(
+        BufReader::with_capacity(256 << 10, lf),
+        len.len(),
+        log_label,
+    )?;
+    let h = r.header().clone();
+    let uh = HrlHeader {
+        disk_id: h.disk_id,
+        disk_name: h.disk_name.clone(),
+        cycle: h.cycle,
+        base_cycle: h.base_cycle,
+        block_size: h.block_size,
+        base_size: h.disk_size,
+        disk_size: h.base_size,
+        cut_unix_ns: base_time_ns,
+    };
+    let mut w = HrlWriter::create(path, &uh)?;
+    let old = h.base_size;
+    let mut buf = Vec::new();
+    let io = |e| HrlError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    while let Some(rec) = r.next_record()? {
+        let start = rec.offset;
+        let end = (rec.offset + u64::from(rec.length)).min(old);
+        if start >= end {
+            continue;
+        }
+        buf.resize((end - start) as usize, 0);
+        target.read_at(&mut buf, start).map_err(io)?;
+        w.append(start, &buf)?;
+    }
+    // A shrinking log cuts [disk_size, base_size) off: keep it.
+    let mut off = h.disk_size;
+    while off < old {
+        let n = (old - off).min(1 << 20);
+        buf.resize(n as usize, 0);
+        target.read_at(&mut buf, off).map_err(io)?;
+        w.append(off, &buf)?;
+        off += n;
+    }
+    Ok(w.finish()?.file_bytes)
+}
+
+/// Restore the pre-images of an undo record into `target` and give it the
+/// size of the undo's base (used to roll back a failed apply).
+pub(crate) fn apply_undo(path: &Path, target: &mut dyn ReplicaTarget) -> Result<(), HrlError> {
+    let r = HrlReader::open(path)?;
+    let h = r.header().clone();
+    r.finish()?; // verify first
+    let io = |e| HrlError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let mut r = HrlReader::open(path)?;
+    if target.len() < h.disk_size {
+        target.set_len(h.disk_size).map_err(io)?;
+    }
+    while let Some(rec) = r.next_record()? {
+        match rec.data {
+            Some(d) => target.write_at(d, rec.offset).map_err(io)?,
+            None => target
+                .write_zeroes(rec.offset, u64::from(rec.length))
+                .map_err(io)?,
+        }
+    }
+    target.set_len(h.disk_size).map_err(io)?;
+    target.flush().map_err(io)?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    offset: u64,
+    length: u64,
+    /// File offset of the record header.
+    at: u64,
+}
+
+/// One undo record, indexed for random reads (payloads are checked when read).
+pub(crate) struct UndoLayer {
+    file: File,
+    path: PathBuf,
+    pub header: HrlHeader,
+    entries: Vec<Entry>,
+}
+
+fn corrupt(path: &Path, at: u64, what: impl Into<String>) -> HrlError {
+    HrlError::Corrupt {
+        path: path.to_path_buf(),
+        offset: at,
+        what: what.into(),
+    }
+}
+
+impl UndoLayer {
+    /// Index the undo record at `path`: reads the header and every record
+    /// header (skipping payloads), and checks the trailer.
+    pub fn open(path: &Path) -> Result<UndoLayer, HrlError> {
+        let io = |e| HrlError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        };
+        let file = File::open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        let mut head =
+            vec![0u8; (format::HEADER_FIXED_LEN + format::MAX_NAME_LEN + 8).min(len as usize)];
+        file.read_exact_at(&mut head, 0).map_err(io)?;
+        let (header, hlen) = format::parse_header(&head).map_err(|e| match e {
+            ParseError::Short { .. } => corrupt(path, 0, "truncated header"),
+            ParseError::Bad { at, what } => corrupt(path, at as u64, what),
+        })?;
+        let mut entries = Vec::new();
+        let mut pos = hlen as u64;
+        let mut rd = BufReader::with_capacity(64 << 10, &file);
+        rd.seek(SeekFrom::Start(pos)).map_err(io)?;
+        let mut fb = [0u8; format::TRAILER_LEN];
+        loop {
+            if pos > len {
+                return Err(corrupt(path, len, "not sealed (truncated record)"));
+            }
+            let want = format::RECORD_HEADER_LEN.min((len - pos) as usize);
+            if want < 4 {
+                return Err(corrupt(path, pos, "not sealed (truncated)"));
+            }
+            rd.read_exact(&mut fb[..want]).map_err(io)?;
+            let mut n = want;
+            let frame = loop {
+                match format::parse_frame(&fb[..n]) {
+                    Ok(f) => break f,
+                    Err(ParseError::Short { need }) if need > n && pos + need as u64 <= len => {
+                        rd.read_exact(&mut fb[n..need]).map_err(io)?;
+                        n = need;
+                    }
+                    Err(ParseError::Short { .. }) => {
+                        return Err(corrupt(path, pos, "not sealed (truncated)"))
+                    }
+                    Err(ParseError::Bad { at, what }) => {
+                        return Err(corrupt(path, pos + at as u64, what))
+                    }
+                }
+            };
+            match frame {
+                Frame::Record(rh) => {
+                    entries.push(Entry {
+                        offset: rh.offset,
+                        length: u64::from(rh.length),
+                        at: pos,
+                    });
+                    pos += format::RECORD_HEADER_LEN as u64 + u64::from(rh.stored_len);
+                    rd.seek_relative(i64::from(rh.stored_len)).map_err(io)?;
+                }
+                Frame::Trailer(t) => {
+                    if pos + format::TRAILER_LEN as u64 != len
+                        || t.record_count != entries.len() as u64
+                    {
+                        return Err(corrupt(path, pos, "trailer does not match the records"));
+                    }
+                    break;
+                }
+            }
+        }
+        Ok(UndoLayer {
+            file,
+            path: path.to_path_buf(),
+            header,
+            entries,
+        })
+    }
+
+    /// Decode entry `i` into `out` (the disk bytes it covers).
+    fn record(&self, i: usize, out: &mut Vec<u8>) -> io::Result<()> {
+        let e = self.entries[i];
+        let mut hb = [0u8; format::RECORD_HEADER_LEN];
+        self.file.read_exact_at(&mut hb, e.at)?;
+        let bad = |what: String| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: damaged undo record at byte {}: {what}",
+                    self.path.display(),
+                    e.at
+                ),
+            )
+        };
+        let rh = match format::parse_frame(&hb) {
+            Ok(Frame::Record(rh)) => rh,
+            Ok(Frame::Trailer(_)) => return Err(bad("record expected".into())),
+            Err(e) => return Err(bad(format!("{e:?}"))),
+        };
+        let mut payload = vec![0u8; rh.stored_len as usize];
+        self.file
+            .read_exact_at(&mut payload, e.at + format::RECORD_HEADER_LEN as u64)?;
+        let mut decoded = Vec::new();
+        rh.check_payload(&payload, &mut decoded)
+            .map_err(|e| bad(format!("{e:?}")))?;
+        match rh.encoding {
+            format::Encoding::Raw => *out = payload,
+            format::Encoding::Lz4 => *out = decoded,
+            format::Encoding::Zero => {
+                out.clear();
+                out.resize(rh.length as usize, 0);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads a disk as of a recovery point: the replica overlaid with the undo
+/// records of every later cycle. Where several undo records cover a byte,
+/// the oldest one (the first later log that wrote the byte) holds its
+/// content at the point; bytes no later log wrote come from the replica.
+/// Nothing is copied: opening costs one pass over the undo records'
+/// record headers.
+///
+/// A reader is consistent while no apply runs on the disk (the receiver
+/// must not apply to a disk while a point of it is exposed — TODO for
+/// failover: pin the disk or snapshot the replica first).
+pub struct PointReader {
+    /// Oldest first: layer 0 is the undo of the log right after the point.
+    layers: Vec<UndoLayer>,
+    replica: Box<dyn ReplicaTarget>,
+    size: u64,
+    cycle: u64,
+    cache: parking_lot::Mutex<Option<(usize, usize, Vec<u8>)>>,
+}
+
+impl PointReader {
+    pub(crate) fn new(
+        cycle: u64,
+        layers: Vec<UndoLayer>,
+        replica: Box<dyn ReplicaTarget>,
+    ) -> PointReader {
+        let size = layers
+            .first()
+            .map(|l| l.header.disk_size)
+            .unwrap_or_else(|| replica.len());
+        PointReader {
+            layers,
+            replica,
+            size,
+            cycle,
+            cache: parking_lot::Mutex::new(None),
+        }
+    }
+
+    /// Size of the disk at the point.
+    pub fn len(&self) -> u64 {
+        self.size
+    }
+
+    /// True for an empty disk.
+    pub fn is_empty(&self) -> bool {
+        self.size == 0
+    }
+
+    /// The point's cycle.
+    pub fn cycle(&self) -> u64 {
+        self.cycle
+    }
+
+    /// Fill `buf` with the disk's bytes at `offset` as of the point; bytes
+    /// past the end read as zeros.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let avail = self.size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        buf[avail..].fill(0);
+        self.fill(&mut buf[..avail], offset, 0)
+    }
+
+    fn fill(&self, buf: &mut [u8], off: u64, idx: usize) -> io::Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let Some(layer) = self.layers.get(idx) else {
+            return self.replica.read_at(buf, off);
+        };
+        let end = off + buf.len() as u64;
+        let mut i = layer
+            .entries
+            .partition_point(|e| e.offset + e.length <= off);
+        let mut pos = off;
+        while pos < end {
+            let e = match layer.entries.get(i) {
+                Some(e) if e.offset < end => *e,
+                _ => {
+                    return self.fill(&mut buf[(pos - off) as usize..], pos, idx + 1);
+                }
+            };
+            if e.offset > pos {
+                self.fill(
+                    &mut buf[(pos - off) as usize..(e.offset - off) as usize],
+                    pos,
+                    idx + 1,
+                )?;
+                pos = e.offset;
+            }
+            let stop = end.min(e.offset + e.length);
+            {
+                let mut cache = self.cache.lock();
+                let hit = matches!(&*cache, Some((l, j, _)) if *l == idx && *j == i);
+                if !hit {
+                    let mut data = Vec::new();
+                    layer.record(i, &mut data)?;
+                    *cache = Some((idx, i, data));
+                }
+                if let Some((_, _, data)) = &*cache {
+                    let from = (pos - e.offset) as usize;
+                    let to = (stop - e.offset) as usize;
+                    buf[(pos - off) as usize..(stop - off) as usize]
+                        .copy_from_slice(&data[from..to]);
+                }
+            }
+            pos = stop;
+            i += 1;
+        }
+        Ok(())
+    }
+}
