@@ -5,7 +5,9 @@ mod common;
 use common::*;
 use std::path::Path;
 
-fn write_then_check(dir: &Path, cache: &str) {
+/// Write, check; with `thorough`, also check a `cp` copy and that a wrong
+/// tag fails (the checks of the copy are the same whatever the cache mode).
+fn write_then_check(dir: &Path, cache: &str, thorough: bool) {
     let disk = dir.join(format!("disk-{cache}.vhd"));
     make_vhd(&disk, 64).expect("make vhd");
     let tag = format!("plain-{cache}");
@@ -20,6 +22,9 @@ fn write_then_check(dir: &Path, cache: &str) {
         Some(hash.as_str())
     );
 
+    if !thorough {
+        return;
+    }
     // A plain copy of the image carries the file system and the proof file.
     let copy = dir.join(format!("copy-{cache}.vhd"));
     std::fs::copy(&disk, &copy).expect("copy vhd");
@@ -41,7 +46,7 @@ fn vm_plain_vhd_cache_none() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    write_then_check(dir.path(), "none");
+    write_then_check(dir.path(), "none", true);
 }
 
 #[test]
@@ -50,7 +55,7 @@ fn vm_plain_vhd_cache_writeback() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    write_then_check(dir.path(), "writeback");
+    write_then_check(dir.path(), "writeback", false);
 }
 
 #[test]

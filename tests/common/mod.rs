@@ -19,6 +19,24 @@ pub fn vdrep_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vdrep"))
 }
 
+/// Run `vdrep ARGS...`; stdout on success, else an error with stderr.
+pub fn vdrep(args: &[&str]) -> Result<String, String> {
+    let out = Command::new(vdrep_bin())
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", vdrep_bin().display()))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "vdrep {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
 /// Root of the repository (where `scripts/` lives).
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
