@@ -62,3 +62,33 @@ fn vm_plain_vhd_cache_writeback() {
 fn vdrep_binary_is_built() {
     assert!(vdrep_bin().exists(), "{}", vdrep_bin().display());
 }
+
+#[test]
+fn fuse_mountpoint_detection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    assert!(!is_fuse_mountpoint(dir.path()));
+    assert!(!is_fuse_mountpoint(Path::new("/")));
+
+    // Positive case with bindfs, when it and /dev/fuse are available.
+    let src = tempfile::tempdir().expect("tempdir");
+    let mounted = std::process::Command::new("bindfs")
+        .arg(src.path())
+        .arg(dir.path())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !mounted {
+        eprintln!("SKIP: fuse_mountpoint_detection positive case: bindfs mount failed");
+        return;
+    }
+    let seen = is_fuse_mountpoint(dir.path());
+    let _ = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(dir.path())
+        .status();
+    assert!(
+        seen,
+        "bindfs mount at {} not detected",
+        dir.path().display()
+    );
+}
