@@ -14,6 +14,8 @@
 #   JOBS="seq-write-1m-psync ..."     subset of job names (default: all)
 #   NO_BUILD=1         do not run `cargo build --release` (use existing binary)
 #   VDREP=path         vdrep binary (default target/release/vdrep)
+#   REPORT_FROM=dir    only re-make the report from an earlier run's raw fio
+#                      output folder (printed at the end of each run)
 #
 # Output: a table on stdout and bench-results/writepath-<UTC time>.{json,md}.
 set -euo pipefail
@@ -35,13 +37,13 @@ die() { printf '[bench] ERROR: %s\n' "$*" >&2; exit 1; }
 for tool in fio python3 findmnt; do
     command -v "$tool" >/dev/null || die "missing $tool (apt-get install fio python3 util-linux)"
 done
-mapfile -t ALL_JOBS < <(cd "$JOBDIR" && ls -1 ./*.fio | sed 's|^\./||; s|\.fio$||' | sort)
+mapfile -t ALL_JOBS < <(find "$JOBDIR" -maxdepth 1 -name '*.fio' -printf '%f\n' | sed 's|\.fio$||' | sort)
 read -r -a SEL_JOBS <<<"${JOBS:-${ALL_JOBS[*]}}"
 [[ "${#SEL_JOBS[@]}" -gt 0 ]] || die "no jobs in $JOBDIR"
 
 DATA="$BENCH_ROOT/data"        # the "VM disk folder"
 BINDMNT="$BENCH_ROOT/bindfs"   # bindfs view of DATA
-RAW="$BENCH_ROOT/raw-$STAMP"   # fio JSON outputs
+RAW="${REPORT_FROM:-$BENCH_ROOT/raw-$STAMP}"   # fio JSON outputs
 mkdir -p "$DATA" "$BINDMNT" "$RAW" "$RESULTS_DIR"
 
 cleanup() {
@@ -65,6 +67,7 @@ drop_caches() {
     fi
 }
 
+if [[ -z "${REPORT_FROM:-}" ]]; then
 # --- build -----------------------------------------------------------------
 if [[ " $TARGETS " == *" vdrep "* && "${NO_BUILD:-0}" != 1 ]]; then
     say "cargo build --release"
@@ -129,6 +132,8 @@ for target in $TARGETS; do
     done
     teardown_target "$target"
 done
+
+fi # REPORT_FROM
 
 # --- report ----------------------------------------------------------------
 python3 - "$RAW" "$RESULTS_DIR/writepath-$STAMP" "$SIZE" "$RUNTIME" "$RUNS" "$TARGETS" "${SEL_JOBS[*]}" <<'PY'

@@ -54,11 +54,14 @@ mkdir -p "$WORK" "$CACHE"
 KPKG="${KERNEL_PKG:-$(apt-cache depends linux-image-amd64 2>/dev/null \
     | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')}"
 [[ -n "$KPKG" ]] || die "cannot resolve linux-image-amd64 (run apt-get update?)"
-DEB="$(ls "$CACHE"/"${KPKG}"_*.deb 2>/dev/null | head -1 || true)"
+find_deb() { find "$CACHE" -maxdepth 1 -name "${KPKG}_*.deb" | sort | tail -1; }
+DEB="$(find_deb)"
 if [[ -z "$DEB" ]]; then
     log "downloading $KPKG"
-    (cd "$CACHE" && apt-get download -q "$KPKG" 2>&1 | grep -v 'unsandboxed' >&2 || true)
-    DEB="$(ls "$CACHE"/"${KPKG}"_*.deb 2>/dev/null | head -1 || true)"
+    if ! (cd "$CACHE" && apt-get download -q "$KPKG" >&2 2>"$CACHE/apt-download.err"); then
+        grep -v unsandboxed "$CACHE/apt-download.err" >&2 || true
+    fi
+    DEB="$(find_deb)"
     [[ -n "$DEB" ]] || die "apt-get download $KPKG failed"
 fi
 log "kernel package: $(basename "$DEB")"
@@ -67,7 +70,7 @@ KROOT="$WORK/kernel"
 rm -rf "$KROOT"
 mkdir -p "$KROOT"
 dpkg-deb -x "$DEB" "$KROOT"
-KVER="$(ls "$KROOT/lib/modules" | head -1)"
+KVER="$(find "$KROOT/lib/modules" -mindepth 1 -maxdepth 1 -printf '%f\n' | head -1)"
 [[ -n "$KVER" && -f "$KROOT/boot/vmlinuz-$KVER" ]] || die "no kernel image in $DEB"
 MODDIR="$KROOT/lib/modules/$KVER"
 [[ -f "$MODDIR/modules.dep" ]] || "$DEPMOD" -b "$KROOT" "$KVER"
@@ -83,10 +86,11 @@ modpath() { # module name -> relative path from modules.dep (or empty if builtin
         "$MODDIR/modules.dep"
 }
 add_mod() { # add a module path and its dependencies, dependencies first
-    local rel="$1" dep
+    local rel="$1" dep deps=()
     [[ -n "${SEEN[$rel]:-}" ]] && return 0
     SEEN[$rel]=1
-    for dep in $(awk -F: -v m="$rel" '$1 == m {print $2; exit}' "$MODDIR/modules.dep"); do
+    read -r -a deps < <(awk -F: -v m="$rel" '$1 == m {print $2; exit}' "$MODDIR/modules.dep") || true
+    for dep in "${deps[@]}"; do
         add_mod "$dep"
     done
     ORDER+=("$rel")

@@ -18,7 +18,7 @@
 #
 # Environment: DEMO_DIR (default: a new /var/tmp/vdrep-demo.XXXXXX, kept),
 # DISK_MB=256, NO_INSTALL=1, NO_BUILD=1, NO_VM=1 (use qemu-io writes instead of the VM),
-# VDREP=path (binary; default target/release/vdrep).
+# VDREP=path (binary; default target/release/vdrep), VM_QUIET=0 (show the VM console).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO="$(pwd)"
@@ -35,6 +35,7 @@ TAG1="demo-1-$(date +%s)"
 TAG2="demo-2-$(date +%s)"
 USE_VM=1
 STEP=0
+export VM_QUIET="${VM_QUIET:-1}"   # vm-run.sh: summary lines only (VM_QUIET=0 shows the serial console)
 
 step() { STEP=$((STEP + 1)); printf '\n\033[1m== step %d: %s\033[0m\n' "$STEP" "$*"; }
 info() { printf '   %s\n' "$*"; }
@@ -67,7 +68,7 @@ cut_cycle() {
 
 guest_write() { # TAG PATTERN OFFSET LEN
     if [[ "$USE_VM" == 1 ]]; then
-        run scripts/vm-run.sh "$SITE_A/$DISK_NAME" write "$1" vpc none >/dev/null || die "VM write failed"
+        run scripts/vm-run.sh "$SITE_A/$DISK_NAME" write "$1" vpc none || die "VM write failed"
     else
         run qemu-io -f vpc -c "write -P $2 $3 $4" "$SITE_A/$DISK_NAME" || die "qemu-io write failed"
     fi
@@ -146,7 +147,7 @@ run qemu-img compare -f vpc -F vpc "$SITE_A/$DISK_NAME" "$SITE_B/$DISK_NAME" || 
 
 step "failover: start the VM from the site-B replica (test failover; orchestration not yet implemented)"
 if [[ "$USE_VM" == 1 ]]; then
-    run scripts/vm-run.sh "$SITE_B/$DISK_NAME" check "$TAG2" vpc none >/dev/null || die "replica did not boot/check"
+    run scripts/vm-run.sh "$SITE_B/$DISK_NAME" check "$TAG2" vpc none || die "replica did not boot/check"
 else
     run qemu-io -f vpc -r -c "read -P 0x5a 1M 64k" -c "read -P 0xa5 8M 128k" "$SITE_B/$DISK_NAME" || die "replica data check failed"
 fi

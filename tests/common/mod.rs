@@ -19,6 +19,24 @@ pub fn vdrep_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vdrep"))
 }
 
+/// Run `vdrep ARGS...`; stdout on success, else an error with stderr.
+pub fn vdrep(args: &[&str]) -> Result<String, String> {
+    let out = Command::new(vdrep_bin())
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", vdrep_bin().display()))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "vdrep {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
 /// Root of the repository (where `scripts/` lives).
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -155,4 +173,106 @@ pub fn marker_value(serial: &str, marker: &str) -> Option<String> {
         line.find(&needle)
             .map(|i| line[i + needle.len()..].trim().to_string())
     })
+}
+
+/// `qemu-img compare -f FMT -F FMT a b`: Ok if the guest-visible contents match.
+pub fn qemu_img_compare(a: &Path, b: &Path, format: &str) -> Result<(), String> {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", format, "-F", format])
+        .arg(a)
+        .arg(b)
+        .output()
+        .map_err(|e| format!("cannot run qemu-img: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "qemu-img compare {} {}: {}{}",
+            a.display(),
+            b.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Is `dir` itself the mount point of a FUSE file system?
+pub fn is_fuse_mountpoint(dir: &Path) -> bool {
+    let Ok(dir) = dir.canonicalize() else {
+        return false;
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    // mountinfo: id parent maj:min root mountpoint opts ... - fstype source superopts
+    info.lines().any(|line| {
+        let mut halves = line.splitn(2, " - ");
+        let (left, right) = (halves.next().unwrap_or(""), halves.next().unwrap_or(""));
+        let mountpoint = left.split(' ').nth(4).unwrap_or("");
+        let mountpoint = mountpoint.replace("\\040", " ");
+        Path::new(&mountpoint) == dir && right.starts_with("fuse")
+    })
+}
+
+/// A `vdrep mount DIR` that is unmounted (`vdrep umount DIR`) when dropped.
+pub struct VdrepMount {
+    dir: PathBuf,
+    mounted: bool,
+}
+
+impl VdrepMount {
+    pub fn new(dir: &Path) -> Result<Self, String> {
+        let dir = dir.to_path_buf();
+        vdrep(&["mount", &dir.to_string_lossy()])?;
+        if !is_fuse_mountpoint(&dir) {
+            return Err(format!(
+                "vdrep mount returned but {} is not a FUSE mount",
+                dir.display()
+            ));
+        }
+        Ok(VdrepMount { dir, mounted: true })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `vdrep cut DIR`: the sealed log paths, one per printed line.
+    pub fn cut(&self) -> Result<Vec<PathBuf>, String> {
+        let out = vdrep(&["cut", &self.dir.to_string_lossy()])?;
+        Ok(out
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let p = PathBuf::from(l);
+                if p.is_absolute() {
+                    p
+                } else {
+                    self.dir.join(p)
+                }
+            })
+            .collect())
+    }
+
+    /// Unmount now and report errors (drop only best-effort unmounts).
+    pub fn unmount(mut self) -> Result<(), String> {
+        self.mounted = false;
+        vdrep(&["umount", &self.dir.to_string_lossy()]).map(|_| ())
+    }
+}
+
+impl Drop for VdrepMount {
+    fn drop(&mut self) {
+        if !self.mounted {
+            return;
+        }
+        if vdrep(&["umount", &self.dir.to_string_lossy()]).is_err() && is_fuse_mountpoint(&self.dir)
+        {
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg(&self.dir)
+                .status();
+        }
+    }
 }
