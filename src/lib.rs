@@ -19,3 +19,4 @@ pub mod daemon;
 pub mod fs;
 pub mod hrl;
 pub mod tracking;
+pub mod vhd;
