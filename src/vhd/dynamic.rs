@@ -530,10 +530,15 @@ impl Dynamic {
         if self.is_full(file, path, idx, entry)? {
             return Ok(());
         }
-        let mut block = vec![0u8; self.block_size as usize];
-        self.read_block(file, path, idx, entry, 0, &mut block)?;
-        file.write_all_at(&block, self.block_data(entry))
-            .map_err(io_err(path))?;
+        let chunk = self.block_size.min(1 << 20);
+        let mut buf = vec![0u8; chunk as usize];
+        let mut k = 0;
+        while k < self.block_size {
+            self.read_block(file, path, idx, entry, k, &mut buf)?;
+            file.write_all_at(&buf, self.block_data(entry) + k)
+                .map_err(io_err(path))?;
+            k += chunk;
+        }
         file.sync_data().map_err(io_err(path))?;
         file.write_all_at(
             &vec![0xffu8; self.bitmap_size as usize],
@@ -592,7 +597,6 @@ impl Dynamic {
         offset: u64,
         len: u64,
     ) -> Result<(), VhdError> {
-        let zeros = vec![0u8; (1u64 << 20).min(len).min(self.block_size) as usize];
         let mut pos = offset;
         let end = offset + len;
         while pos < end {
@@ -602,13 +606,7 @@ impl Dynamic {
             if let Some(&e) = self.bat.get(idx) {
                 if e != UNALLOCATED {
                     self.make_full(file, path, idx, e)?;
-                    let mut k = 0;
-                    while k < n {
-                        let m = (n - k).min(zeros.len() as u64);
-                        file.write_all_at(&zeros[..m as usize], self.block_data(e) + within + k)
-                            .map_err(io_err(path))?;
-                        k += m;
-                    }
+                    write_zeros_at(file, path, self.block_data(e) + within, n)?;
                 }
             }
             pos += n;
@@ -639,16 +637,20 @@ impl Dynamic {
                     format!("no room for block {idx}: offset {pos} is beyond what a BAT entry can address"),
                 )
             })?;
+        // Bitmap: every sector present (as QEMU writes it).
+        file.write_all_at(&vec![0xffu8; self.bitmap_size as usize], pos)
+            .map_err(io_err(path))?;
         // Bytes of the new block that lie below the current end of file may
-        // hold stale data (old footer, blocks orphaned by a crash): write
-        // them explicitly. Beyond the end of file the block is a hole that
-        // reads as zeros once the footer after it extends the file.
-        let must_cover = self.file_len.saturating_sub(pos).min(total);
-        let piece_end = self.bitmap_size + within + piece.len() as u64;
-        let mut buf = vec![0u8; must_cover.max(piece_end) as usize];
-        buf[..self.bitmap_size as usize].fill(0xff);
-        buf[(self.bitmap_size + within) as usize..piece_end as usize].copy_from_slice(piece);
-        file.write_all_at(&buf, pos).map_err(io_err(path))?;
+        // hold stale data (old footer, blocks orphaned by a crash): zero
+        // them. Beyond the end of file the block is a hole that reads as
+        // zeros once the footer after it extends the file.
+        let data = pos + self.bitmap_size;
+        let stale_end = self.file_len.min(pos + total);
+        if stale_end > data {
+            write_zeros_at(file, path, data, stale_end - data)?;
+        }
+        file.write_all_at(piece, data + within)
+            .map_err(io_err(path))?;
         file.write_all_at(&footer.encode(), pos + total)
             .map_err(io_err(path))?;
         self.next_free = pos + total;
@@ -795,6 +797,19 @@ impl Dynamic {
         }
         Ok(())
     }
+}
+
+/// Write `len` zero bytes at `offset`, 1 MiB at a time.
+fn write_zeros_at(file: &File, path: &Path, offset: u64, len: u64) -> Result<(), VhdError> {
+    let zeros = vec![0u8; len.min(1 << 20) as usize];
+    let mut k = 0;
+    while k < len {
+        let m = (len - k).min(zeros.len() as u64);
+        file.write_all_at(&zeros[..m as usize], offset + k)
+            .map_err(io_err(path))?;
+        k += m;
+    }
+    Ok(())
 }
 
 /// Bit `i` of a sector bitmap (most significant bit of byte 0 is sector 0).

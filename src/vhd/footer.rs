@@ -58,7 +58,7 @@ pub struct FormatError {
 }
 
 impl FormatError {
-    pub(crate) fn new(offset: u64, what: impl Into<String>) -> Self {
+    pub fn new(offset: u64, what: impl Into<String>) -> Self {
         FormatError {
             offset,
             what: what.into(),

@@ -35,10 +35,10 @@
 //! or `qemu`, and current size otherwise; QEMU before 10.0 did the opposite:
 //! current size only for `win `, `qem2`, `d2v `, `CTXS` and `tap\0`, CHS
 //! for everything else. Both use current size when the geometry is the
-//! maximum 65535/16/255. The spec's geometry algorithm rounds *down* (10 MiB
-//! + 512 bytes is 301/4/17 = 10,479,616 bytes by CHS), and `qemu-img create
-//! -f vpc` without `force_size` rounds the requested size *up* to a CHS
-//! product instead (10 MiB becomes 10,514,432 bytes). Replicas must have
+//! maximum 65535/16/255. The spec's geometry algorithm rounds *down*
+//! (10,486,272 bytes is 301/4/17 = 10,479,616 bytes by CHS), and
+//! `qemu-img create -f vpc` without `force_size` rounds the requested size
+//! *up* to a CHS product instead (10 MiB becomes 10,514,432 bytes). Replicas must have
 //! the source's exact size, so vdrep writes creator application `qem2`
 //! (what QEMU writes with `force_size=on`) with the spec's geometry: every
 //! QEMU version, Hyper-V and Windows then see `current_size` exactly. A
@@ -495,6 +495,59 @@ pub fn probe(path: &Path) -> Result<Option<VhdInfo>, VhdError> {
         return Ok(None);
     }
     Vhd::open(path, false).map(|v| Some(v.info()))
+}
+
+/// Validate a whole VHD image held in memory the way [`Vhd::open`]
+/// validates a file: trailing footer (or, for dynamic disks, the copy at
+/// offset 0), the fixed disk's length, the dynamic header, BAT and block
+/// layout. Sans-IO twin of `open`, used by the fuzz target and tests.
+pub fn check_image_bytes(bytes: &[u8]) -> Result<VhdKind, footer::FormatError> {
+    use footer::FormatError;
+    let len = bytes.len();
+    if len < FOOTER_SIZE {
+        return Err(FormatError::new(0, "shorter than a VHD footer"));
+    }
+    let tail_at = len - FOOTER_SIZE;
+    let (f, trailing) = match Footer::parse(&bytes[tail_at..]) {
+        Ok(f) => (f, true),
+        Err(e) => match Footer::parse(bytes) {
+            Ok(f) if f.disk_type == footer::DISK_TYPE_DYNAMIC => (f, false),
+            _ => {
+                return Err(FormatError::new(tail_at as u64 + e.offset, e.what));
+            }
+        },
+    };
+    match f.disk_type {
+        footer::DISK_TYPE_FIXED => {
+            if f.current_size != tail_at as u64 {
+                return Err(FormatError::new(tail_at as u64 + 48, "fixed size mismatch"));
+            }
+            Ok(VhdKind::Fixed)
+        }
+        footer::DISK_TYPE_DYNAMIC => {
+            let off = usize::try_from(f.data_offset)
+                .ok()
+                .filter(|o| {
+                    o.checked_add(dynamic::HEADER_SIZE)
+                        .is_some_and(|e| e <= len)
+                })
+                .ok_or_else(|| FormatError::new(48, "no room for the dynamic header"))?;
+            let h = dynamic::DynHeader::parse(&bytes[off..])
+                .map_err(|e| FormatError::new(off as u64 + e.offset, e.what))?;
+            let t = usize::try_from(h.table_offset)
+                .ok()
+                .filter(|&t| t <= len)
+                .ok_or_else(|| FormatError::new(off as u64 + 16, "BAT beyond the file"))?;
+            let bat = dynamic::parse_bat(&bytes[t..], h.max_table_entries)
+                .map_err(|e| FormatError::new(t as u64 + e.offset, e.what))?;
+            dynamic::check_layout(&f, &h, &bat, len as u64, trailing)?;
+            Ok(VhdKind::Dynamic)
+        }
+        other => Err(FormatError::new(
+            tail_at as u64 + 60,
+            format!("unsupported disk type {other}"),
+        )),
+    }
 }
 
 #[cfg(test)]
