@@ -229,3 +229,26 @@ proptest! {
         exercise(&dir, &b)?;
     }
 }
+
+/// A header claiming the largest BAT in a 16 KiB file is refused before
+/// anything is allocated for it.
+#[test]
+fn huge_bat_claim_is_refused_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = fixture(false);
+    b[512 + 28..512 + 32].copy_from_slice(&(1u32 << 24).to_be_bytes());
+    fix_checksums(&mut b);
+    assert!(check_image_bytes(&b).is_err());
+    let p = write_tmp(&dir, "big.vhd", &b);
+    let e = Vhd::open(&p, false).unwrap_err();
+    assert!(
+        e.to_string().contains("runs past the end of the file"),
+        "{e}"
+    );
+    // One more than the cap is refused by the header parser itself.
+    b[512 + 28..512 + 32].copy_from_slice(&((1u32 << 24) + 1).to_be_bytes());
+    fix_checksums(&mut b);
+    let p = write_tmp(&dir, "bigger.vhd", &b);
+    let e = Vhd::open(&p, false).unwrap_err();
+    assert!(e.to_string().contains("BAT entries"), "{e}");
+}

@@ -363,3 +363,109 @@ fn creator_app_decides_qemu_size() {
     }
     assert_eq!(differ, 2, "vpc and qemu creators are sized by CHS");
 }
+
+/// Our geometry algorithm agrees with QEMU's implementation of the spec's
+/// algorithm: for images `qemu-img create` sizes by CHS (size rounded up
+/// to a CHS product), the geometry of that size is the one QEMU stored.
+#[test]
+fn geometry_matches_qemu() {
+    use vdrep::vhd::footer::{Footer, Geometry};
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sizes = [
+        "1M", "10M", "100M", "1000M", "1G", "40G", "126G", "130G", "2000G",
+    ];
+    for size in sizes {
+        let vp = dir.path().join(format!("g-{size}.vhd"));
+        let (ok, out) = run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "vpc",
+                "-o",
+                "subformat=dynamic",
+                p(&vp),
+                size,
+            ],
+        );
+        assert!(ok, "{out}");
+        let bytes = std::fs::read(&vp).unwrap();
+        let f = Footer::parse(&bytes[bytes.len() - 512..]).unwrap();
+        assert_eq!(&f.creator_app, b"qemu");
+        assert_eq!(Geometry::for_size(f.current_size), f.geometry, "{size}");
+        let v = Vhd::open(&vp, false).unwrap();
+        assert_eq!(v.virtual_size(), qemu_info(&vp).1, "{size}");
+    }
+}
+
+/// QEMU allocating the first block of a fresh vdrep dynamic VHD (it puts
+/// it right after the BAT, inside the room vdrep reserves for BAT growth).
+#[test]
+fn qemu_writes_fresh_vdrep_dynamic() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let vp = dir.path().join("fresh.vhd");
+    let rp = dir.path().join("fresh.raw");
+    let size = 12 * MIB + 512;
+    drop(Vhd::create(&vp, VhdKind::Dynamic, size).unwrap());
+    std::fs::File::create(&rp).unwrap().set_len(size).unwrap();
+    for (img, fmt) in [(&vp, "vpc"), (&rp, "raw")] {
+        let (ok, out) = run(
+            "qemu-io",
+            &["-f", fmt, "-c", "write -P 0x3c 3M 100k", p(img)],
+        );
+        assert!(ok, "{out}");
+    }
+    let mut v = Vhd::open(&vp, true).unwrap();
+    self_compare(&v, &rp);
+    let raw = std::fs::OpenOptions::new().write(true).open(&rp).unwrap();
+    let data = pattern(5 * MIB as usize, 3);
+    v.write_at(&data, MIB).unwrap();
+    raw.write_all_at(&data, MIB).unwrap();
+    v.resize(40 * MIB).unwrap();
+    raw.set_len(40 * MIB).unwrap();
+    v.write_at(&data, 33 * MIB).unwrap();
+    raw.write_all_at(&data, 33 * MIB).unwrap();
+    v.flush().unwrap();
+    drop(v);
+    qemu_compare(&vp, &rp);
+    assert_eq!(qemu_info(&vp).1, 40 * MIB);
+}
+
+/// After a crash that orphaned a block (written, BAT not yet updated), a
+/// writable open repairs the tail so QEMU's next allocation, which lands
+/// right after the last referenced block, reads zeros, not the orphan.
+#[test]
+fn crash_orphans_do_not_leak_into_qemu_blocks() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let vp = dir.path().join("live.vhd");
+    let cp = dir.path().join("crash.vhd");
+    let rp = dir.path().join("crash.raw");
+    let size = 12 * MIB;
+    let mut v = Vhd::create(&vp, VhdKind::Dynamic, size).unwrap();
+    let flushed = pattern(4096, 1);
+    v.write_at(&flushed, 0).unwrap();
+    v.flush().unwrap();
+    v.write_at(&pattern(2 * MIB as usize, 2), 4 * MIB).unwrap();
+    std::fs::copy(&vp, &cp).unwrap(); // the file as a crash would leave it
+    drop(v);
+    let raw = std::fs::File::create(&rp).unwrap();
+    raw.set_len(size).unwrap();
+    raw.write_all_at(&flushed, 0).unwrap();
+    drop(Vhd::open(&cp, true).unwrap()); // recovery: repairs the tail
+    for (img, fmt) in [(&cp, "vpc"), (&rp, "raw")] {
+        let (ok, out) = run("qemu-io", &["-f", fmt, "-c", "write -P 0x11 8M 4k", p(img)]);
+        assert!(ok, "{out}");
+    }
+    qemu_compare(&cp, &rp);
+    self_compare(&Vhd::open(&cp, false).unwrap(), &rp);
+}

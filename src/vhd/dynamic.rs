@@ -8,11 +8,21 @@
 //! 512          dynamic header (1024), table offset = 1536
 //! 1536         BAT: max_table_entries big-endian u32 sector numbers,
 //!              0xFFFFFFFF = unallocated, padded to 512 bytes
-//! ...          reserved room for the BAT to grow (sparse, never read)
+//! ...          room for the BAT to grow: vdrep puts its first block
+//!              after it (a hole, never read)
 //! next_free    data blocks: sector bitmap (padded to 512) + block data,
 //!              placed so the block data is 4 KiB aligned
-//! end - 512    footer
+//! end - 512    footer, always right after the last block (or the BAT)
 //! ```
+//!
+//! The trailing footer always sits at the end of the last block or, with
+//! no block, of the BAT, and nothing follows it: QEMU puts a new block where
+//! it computes that end to be and relies on the file reading as zeros
+//! beyond it (it writes only the bitmap and the guest's data of a new
+//! block). A new empty disk is therefore `footer copy + header + BAT +
+//! footer`, like one `qemu-img create` makes. Blocks orphaned by a crash
+//! (written, BAT not yet updated) are cut off when the image is next
+//! opened writable.
 //!
 //! The parsers here ([`DynHeader::parse`], [`parse_bat`], [`check_layout`])
 //! are sans-IO, never panic and bound every allocation by the caps below
@@ -290,9 +300,6 @@ pub fn check_layout(
     if let Some(&(s, _)) = starts.last() {
         next_free = next_free.max(s + total);
     }
-    if trailing_footer {
-        next_free = next_free.max(limit);
-    }
     Ok(next_free)
 }
 
@@ -316,6 +323,23 @@ pub(crate) struct Dynamic {
     bitmap_state: Vec<AtomicU8>,
     /// Footer copy and header must be rewritten (resize).
     meta_dirty: bool,
+    /// The first block vdrep allocates goes at or after this offset, so
+    /// the BAT can grow in place.
+    room_end: u64,
+    /// Some block is (or was, since open) allocated.
+    has_blocks: bool,
+}
+
+/// End of the room vdrep leaves for the BAT to grow: enough entries for
+/// 16x the disk's size, at least 64 GiB, at most 2040 GiB.
+fn bat_room_end(table_offset: u64, size: u64, block_size: u32) -> u64 {
+    let room_size = size
+        .saturating_mul(16)
+        .clamp(MIN_BAT_ROOM_SIZE, super::footer::MAX_VIRTUAL_SIZE);
+    let entries = room_size
+        .div_ceil(u64::from(block_size))
+        .min(u64::from(MAX_BAT_ENTRIES));
+    table_offset.saturating_add(round_up(entries * 4, 512))
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> VhdError + '_ {
@@ -331,16 +355,11 @@ impl Dynamic {
     pub(crate) fn create(file: &File, path: &Path, footer: &Footer) -> Result<Dynamic, VhdError> {
         let bs = u64::from(DEFAULT_BLOCK_SIZE);
         let entries = footer.current_size.div_ceil(bs);
-        let room_size = footer
-            .current_size
-            .saturating_mul(16)
-            .clamp(MIN_BAT_ROOM_SIZE, super::footer::MAX_VIRTUAL_SIZE);
-        let room_entries = room_size.div_ceil(bs).max(entries);
         let entries =
             u32::try_from(entries).map_err(|_| VhdError::invalid(path, "disk too large"))?;
         let header = DynHeader::new(entries, DEFAULT_BLOCK_SIZE);
         let bat_end = TABLE_OFFSET + header.bat_bytes();
-        let next_free = TABLE_OFFSET + round_up(room_entries * 4, 512);
+        let next_free = bat_end;
         let mut head = Vec::with_capacity(bat_end as usize);
         head.extend_from_slice(&footer.encode());
         head.extend_from_slice(&header.encode());
@@ -350,6 +369,8 @@ impl Dynamic {
             .map_err(io_err(path))?;
         Ok(Dynamic {
             header_offset: FOOTER_SIZE as u64,
+            room_end: bat_room_end(TABLE_OFFSET, footer.current_size, DEFAULT_BLOCK_SIZE),
+            has_blocks: false,
             bat: vec![UNALLOCATED; entries as usize],
             bitmap_state: (0..entries).map(|_| AtomicU8::new(STATE_FULL)).collect(),
             dirty: None,
@@ -405,6 +426,8 @@ impl Dynamic {
             .map_err(|e| corrupt(path, 0, e))?;
         Ok(Dynamic {
             header_offset: off,
+            room_end: bat_room_end(header.table_offset, footer.current_size, header.block_size),
+            has_blocks: bat.iter().any(|&e| e != UNALLOCATED),
             bitmap_state: bat.iter().map(|_| AtomicU8::new(STATE_UNKNOWN)).collect(),
             bat,
             dirty: None,
@@ -625,6 +648,9 @@ impl Dynamic {
     ) -> Result<(), VhdError> {
         let total = self.bitmap_size + self.block_size;
         let mut pos = self.next_free;
+        if !self.has_blocks {
+            pos = pos.max(self.room_end);
+        }
         if self.block_size >= DATA_ALIGN {
             pos = round_up(pos + self.bitmap_size, DATA_ALIGN) - self.bitmap_size;
         }
@@ -656,6 +682,7 @@ impl Dynamic {
         self.next_free = pos + total;
         self.file_len = self.file_len.max(self.next_free + FOOTER_SIZE as u64);
         self.bat[idx] = sector;
+        self.has_blocks = true;
         self.bitmap_state[idx].store(STATE_FULL, Ordering::Relaxed);
         self.mark_dirty(idx, idx + 1);
         Ok(())
@@ -716,7 +743,9 @@ impl Dynamic {
     }
 
     pub(crate) fn needs_flush(&self) -> bool {
-        self.dirty.is_some() || self.meta_dirty
+        self.dirty.is_some()
+            || self.meta_dirty
+            || self.file_len != self.next_free + FOOTER_SIZE as u64
     }
 
     /// Change the disk's size to `new_size` (footer already updated by the
@@ -760,8 +789,9 @@ impl Dynamic {
                 .filter(|&&e| e != UNALLOCATED)
                 .map(|&e| u64::from(e) * 512)
                 .min()
-                .unwrap_or(self.next_free);
-            let room = first_block.saturating_sub(self.header.table_offset) / 4;
+                .unwrap_or(u64::MAX);
+            let room = (first_block.saturating_sub(self.header.table_offset) / 4)
+                .min(u64::from(MAX_BAT_ENTRIES));
             if needed > room {
                 return Err(VhdError::invalid(
                     path,

@@ -60,9 +60,13 @@
 //! entries, then (after another sync when header or size changed) the
 //! header and footers, and syncs again. A crash therefore never leaves a BAT
 //! entry pointing at unwritten data; at worst blocks written after the last
-//! flush are orphaned (their space is reused or left unused). If the
-//! trailing footer itself is lost, [`Vhd::open`] falls back to the footer
-//! copy at offset 0 and the next flush rewrites it.
+//! flush are orphaned. If the trailing footer itself is lost, [`Vhd::open`]
+//! falls back to the footer copy at offset 0. Opening such an image
+//! writable repairs it at once: the footer goes back right after the last
+//! block the BAT references and orphaned blocks are cut off, so QEMU (which
+//! allocates new blocks there and relies on the space reading as zeros)
+//! never sees stale bytes. Open a replica writable with vdrep after a crash
+//! before handing it to QEMU.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -295,7 +299,18 @@ impl Vhd {
                 fixed::check(path, &footer, len)?;
                 None
             }
-            footer::DISK_TYPE_DYNAMIC => Some(Dynamic::open(&file, path, &footer, len, trailing)?),
+            footer::DISK_TYPE_DYNAMIC => {
+                let mut d = Dynamic::open(&file, path, &footer, len, trailing)?;
+                if writable && d.needs_flush() {
+                    // Crash leftovers: a lost trailing footer or blocks
+                    // written after the last flush. Put the footer back
+                    // right after the last block and cut the rest, so QEMU
+                    // never allocates over stale bytes.
+                    tracing::info!(path = %path.display(), "repairing VHD tail after an unclean close");
+                    d.flush(&file, path, &footer)?;
+                }
+                Some(d)
+            }
             other => {
                 return Err(VhdError::Unsupported {
                     path: path.to_path_buf(),
@@ -407,10 +422,10 @@ impl Vhd {
 
     /// Change the virtual size (a non-zero multiple of 512, at most
     /// 2040 GiB). Growing adds zeros; shrinking drops the tail. Fixed disks
-    /// move the footer; dynamic disks grow the BAT into the room vdrep
-    /// leaves after it (room for at least 64 GiB, or 16× the creation size)
-    /// and fail with [`VhdError::InvalidInput`] when there is none. Durable
-    /// on return.
+    /// move the footer; dynamic disks grow the BAT in place: freely while
+    /// no block is allocated, else up to the first block (vdrep puts its
+    /// first block after room for 16× the size, at least 64 GiB), and fail
+    /// with [`VhdError::InvalidInput`] beyond that. Durable on return.
     pub fn resize(&mut self, new_size: u64) -> Result<(), VhdError> {
         self.check_writable()?;
         check_new_size(&self.path, new_size)?;
