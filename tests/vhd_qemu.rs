@@ -469,3 +469,36 @@ fn crash_orphans_do_not_leak_into_qemu_blocks() {
     qemu_compare(&cp, &rp);
     self_compare(&Vhd::open(&cp, false).unwrap(), &rp);
 }
+
+/// The largest size (2040 GiB) works for both kinds and QEMU accepts it;
+/// one sector more is refused.
+#[test]
+fn max_size_images() {
+    use vdrep::vhd::footer::MAX_VIRTUAL_SIZE;
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for kind in [VhdKind::Dynamic, VhdKind::Fixed] {
+        let vp = dir.path().join(format!("max-{kind:?}.vhd"));
+        let mut v = Vhd::create(&vp, kind, MAX_VIRTUAL_SIZE).unwrap();
+        v.write_at(&[0x21; 4096], MAX_VIRTUAL_SIZE - 4096).unwrap();
+        v.flush().unwrap();
+        drop(v);
+        assert_eq!(qemu_info(&vp).1, MAX_VIRTUAL_SIZE);
+        let off = (MAX_VIRTUAL_SIZE - 4096).to_string();
+        let (ok, out) = run(
+            "qemu-io",
+            &[
+                "-f",
+                "vpc",
+                "-c",
+                &format!("read -P 0x21 {off} 4096"),
+                p(&vp),
+            ],
+        );
+        assert!(ok && !out.contains("Pattern verification failed"), "{out}");
+        std::fs::remove_file(&vp).unwrap();
+        assert!(Vhd::create(&vp, kind, MAX_VIRTUAL_SIZE + 512).is_err());
+    }
+}

@@ -716,6 +716,10 @@ impl Dynamic {
             for e in &self.bat[lo..hi] {
                 b.extend_from_slice(&e.to_be_bytes());
             }
+            if hi == self.bat.len() {
+                // Padding of the last BAT sector: unallocated, as created.
+                b.resize(round_up(b.len() as u64, 512) as usize, 0xff);
+            }
             file.write_all_at(&b, self.header.table_offset + lo as u64 * 4)
                 .map_err(io_err(path))?;
         }
@@ -790,7 +794,13 @@ impl Dynamic {
                 .map(|&e| u64::from(e) * 512)
                 .min()
                 .unwrap_or(u64::MAX);
-            let room = (first_block.saturating_sub(self.header.table_offset) / 4)
+            // Nor may the BAT run into a dynamic header placed after it.
+            let limit = if self.header_offset > self.header.table_offset {
+                first_block.min(self.header_offset)
+            } else {
+                first_block
+            };
+            let room = (limit.saturating_sub(self.header.table_offset) / 4)
                 .min(u64::from(MAX_BAT_ENTRIES));
             if needed > room {
                 return Err(VhdError::invalid(

@@ -436,13 +436,18 @@ impl Vhd {
         let mut footer = self.footer.clone();
         footer.set_size(new_size);
         match &mut self.dynamic {
-            None => fixed::resize(&self.file, &self.path, old, &footer)?,
+            None => {
+                fixed::resize(&self.file, &self.path, old, &footer)?;
+                self.footer = footer;
+            }
             Some(d) => {
                 d.resize(&self.file, &self.path, old, new_size)?;
-                d.flush(&self.file, &self.path, &footer)?;
+                // From here the in-memory BAT has the new size; a failed
+                // flush is retried by the next one, with the new footer.
+                self.footer = footer;
+                d.flush(&self.file, &self.path, &self.footer)?;
             }
         }
-        self.footer = footer;
         Ok(())
     }
 
@@ -679,6 +684,42 @@ mod tests {
         let mut v = Vhd::open(&p, true).unwrap();
         let err = v.resize(footer::MAX_VIRTUAL_SIZE).err();
         assert!(err.is_none() || matches!(err, Some(VhdError::InvalidInput { .. })));
+    }
+
+    #[test]
+    fn dynamic_bat_growth_room() {
+        let d = tmp();
+        let gib = 1u64 << 30;
+        // No block yet: the BAT can grow to the format's limit.
+        let p = d.path().join("empty.vhd");
+        let mut v = Vhd::create(&p, VhdKind::Dynamic, gib).unwrap();
+        v.resize(footer::MAX_VIRTUAL_SIZE).unwrap();
+        v.write_at(&[1], footer::MAX_VIRTUAL_SIZE - 1).unwrap();
+        v.resize(gib).unwrap();
+        drop(v);
+        assert_eq!(Vhd::open(&p, false).unwrap().virtual_size(), gib);
+        // With a block: room for 64 GiB (16 x 1 GiB < 64 GiB minimum), plus
+        // the slack that 4 KiB-aligning the first block's data adds: the
+        // first block sits at 134656, room for 33280 entries (65 GiB).
+        let p = d.path().join("used.vhd");
+        let mut v = Vhd::create(&p, VhdKind::Dynamic, gib).unwrap();
+        v.write_at(&[2u8; 512], 0).unwrap();
+        v.resize(65 * gib).unwrap();
+        let e = v.resize(65 * gib + (2 << 20)).unwrap_err();
+        assert!(
+            matches!(&e, VhdError::InvalidInput { what, .. } if what.contains("room for 33280")),
+            "{e}"
+        );
+        // The failed grow changed nothing.
+        assert_eq!(v.virtual_size(), 65 * gib);
+        v.write_at(&[3u8; 512], 64 * gib - 512).unwrap();
+        drop(v);
+        let v = Vhd::open(&p, false).unwrap();
+        let mut b = [0u8; 512];
+        v.read_at(&mut b, 0).unwrap();
+        assert_eq!(b, [2u8; 512]);
+        v.read_at(&mut b, 64 * gib - 512).unwrap();
+        assert_eq!(b, [3u8; 512]);
     }
 
     #[test]
