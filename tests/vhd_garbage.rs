@@ -252,3 +252,20 @@ fn huge_bat_claim_is_refused_before_allocating() {
     let e = Vhd::open(&p, false).unwrap_err();
     assert!(e.to_string().contains("BAT entries"), "{e}");
 }
+
+/// A damaged footer copy at offset 0 (QEMU reads that one first) is
+/// rewritten from the trailing footer by a writable open.
+#[test]
+fn damaged_footer_copy_is_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = fixture(false);
+    b[0..8].copy_from_slice(b"garbage!");
+    assert_eq!(check_image_bytes(&b).unwrap(), VhdKind::Dynamic);
+    let p = write_tmp(&dir, "c.vhd", &b);
+    drop(Vhd::open(&p, false).unwrap());
+    assert_eq!(&std::fs::read(&p).unwrap()[0..8], b"garbage!");
+    drop(Vhd::open(&p, true).unwrap());
+    let fixed = std::fs::read(&p).unwrap();
+    assert_eq!(fixed[..512], fixed[fixed.len() - 512..]);
+    assert_eq!(fixed.len(), b.len());
+}

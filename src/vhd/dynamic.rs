@@ -746,6 +746,11 @@ impl Dynamic {
         Ok(())
     }
 
+    /// Have the next flush rewrite header and footer copy (repair).
+    pub(crate) fn mark_meta_dirty(&mut self) {
+        self.meta_dirty = true;
+    }
+
     pub(crate) fn needs_flush(&self) -> bool {
         self.dirty.is_some()
             || self.meta_dirty

@@ -301,9 +301,17 @@ impl Vhd {
             }
             footer::DISK_TYPE_DYNAMIC => {
                 let mut d = Dynamic::open(&file, path, &footer, len, trailing)?;
+                // QEMU reads the copy at offset 0 first: keep it identical.
+                let mut head = [0u8; FOOTER_SIZE];
+                file.read_exact_at(&mut head, 0)
+                    .map_err(|e| VhdError::io(path, e))?;
+                if trailing && head != tail {
+                    d.mark_meta_dirty();
+                }
                 if writable && d.needs_flush() {
-                    // Crash leftovers: a lost trailing footer or blocks
-                    // written after the last flush. Put the footer back
+                    // Crash leftovers: a lost trailing footer or footer
+                    // copy, or blocks written after the last flush. Put
+                    // the footer back
                     // right after the last block and cut the rest, so QEMU
                     // never allocates over stale bytes.
                     tracing::info!(path = %path.display(), "repairing VHD tail after an unclean close");
