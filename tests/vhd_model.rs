@@ -231,3 +231,75 @@ fn lost_trailing_footer_is_repaired() {
     v.read_at(&mut b, 5 * MIB).unwrap();
     assert_eq!(b, [8u8; 10]);
 }
+
+/// Child of `flush_writes_data_before_bat` (run under strace).
+#[test]
+#[ignore]
+fn io_order_child() {
+    let Ok(path) = std::env::var("VDREP_VHD_IO_ORDER_PATH") else {
+        return;
+    };
+    let mut v = Vhd::open(std::path::Path::new(&path), true).unwrap();
+    v.write_at(&[0x5a; 65536], 3 * MIB).unwrap();
+    v.flush().unwrap();
+}
+
+/// The system calls of an allocating write + flush, as strace sees them:
+/// the block data is written and synced before the BAT entry is written,
+/// and the BAT is synced before flush returns.
+#[test]
+fn flush_writes_data_before_bat() {
+    use std::process::Command;
+    if Command::new("strace").arg("-V").output().is_err() {
+        println!("SKIP: strace not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o.vhd");
+    drop(Vhd::create(&path, VhdKind::Dynamic, 8 * MIB).unwrap());
+    let log = dir.path().join("strace.log");
+    let out = Command::new("strace")
+        .args(["-f", "-e", "trace=pwrite64,fdatasync,fsync,ftruncate", "-o"])
+        .arg(&log)
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", "io_order_child", "--ignored", "--test-threads=1"])
+        .env("VDREP_VHD_IO_ORDER_PATH", &path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    // (kind, offset): kind 'w' = pwrite64 at offset, 's' = sync.
+    let mut events: Vec<(char, u64)> = Vec::new();
+    for line in text.lines() {
+        if line.contains("pwrite64(") {
+            let args = line.rsplit_once(')').unwrap().0;
+            let off: u64 = args.rsplit(", ").next().unwrap().trim().parse().unwrap();
+            events.push(('w', off));
+        } else if line.contains("fdatasync(") || line.contains("fsync(") {
+            events.push(('s', 0));
+        }
+    }
+    let bat = events
+        .iter()
+        .position(|e| *e == ('w', 1536))
+        .unwrap_or_else(|| panic!("no BAT write in {events:?}"));
+    // Bitmap, data and footer writes of the new block (all past the BAT),
+    // then a sync, then the BAT.
+    let last_data = events[..bat]
+        .iter()
+        .rposition(|e| e.0 == 'w')
+        .unwrap_or_else(|| panic!("no data write before the BAT: {events:?}"));
+    assert!(events[..bat]
+        .iter()
+        .filter(|e| e.0 == 'w')
+        .all(|e| e.1 > 2048));
+    assert!(
+        events[last_data..bat].iter().any(|e| e.0 == 's'),
+        "no sync between data and BAT: {events:?}"
+    );
+    assert_eq!(events.last().unwrap().0, 's', "{events:?}");
+}
