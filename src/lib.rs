@@ -22,4 +22,5 @@ pub mod replica;
 pub mod sender;
 pub mod tracking;
 pub mod transport;
+pub mod vhd;
 pub mod wire;
