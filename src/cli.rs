@@ -23,6 +23,13 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum KeysCmd {
+    /// Make a site identity: KEYDIR/SITE.crt (hand it to peers) and
+    /// KEYDIR/SITE.key (private, mode 0600).
+    Init(crate::transport::cli::KeysInitArgs),
+}
+
+#[derive(Subcommand, Debug)]
 pub enum Cmd {
     /// Mount vdrep over DIR itself and track writes to the disk images in it.
     ///
@@ -47,6 +54,10 @@ pub enum Cmd {
         /// Disable the kernel write-back cache (every write goes straight to vdrep).
         #[arg(long)]
         no_writeback_cache: bool,
+        /// This site's identity folder (made by `vdrep keys init`), needed to
+        /// replicate the disks with `vdrep protect`.
+        #[arg(long)]
+        keys: Option<PathBuf>,
     },
     /// Unmount DIR cleanly (saves the dirty bitmaps so tracking survives).
     Umount {
@@ -63,11 +74,69 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Show the tracked disks under DIR: state, cycle, dirty blocks.
+    /// Show tracked disks and protected VMs: state, last recovery point, lag
+    /// (RPO), bytes pending, throughput, last error, next retry. Without DIR,
+    /// every running mount.
     Status {
-        dir: PathBuf,
+        dir: Option<PathBuf>,
         #[arg(long)]
         json: bool,
+    },
+    /// Site identities for replication.
+    Keys {
+        #[command(subcommand)]
+        cmd: KeysCmd,
+    },
+    /// Run the receiver at the secondary site (foreground; logs to stderr).
+    Receive {
+        /// Address to listen on, e.g. 0.0.0.0:7700.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Replica store folder (one namespace per sending site).
+        #[arg(long)]
+        store: PathBuf,
+        /// This site's identity folder (`vdrep keys init`).
+        #[arg(long)]
+        keys: PathBuf,
+        /// Certificate of a sending site to accept (repeatable).
+        #[arg(long = "trust", required = true)]
+        trust: Vec<PathBuf>,
+    },
+    /// Protect a VM: replicate its disks (files under a `vdrep mount`) to a
+    /// receiver. Checks prerequisites and starts initial replication.
+    Protect {
+        /// VM name (one path component).
+        name: String,
+        /// Receiver address HOST:PORT.
+        #[arg(long)]
+        to: String,
+        /// The receiver's certificate (repeatable).
+        #[arg(long = "trust", required = true)]
+        trust: Vec<PathBuf>,
+        /// Replication interval: 30s, 5m, 15m, any N[s|m|h], or `continuous`.
+        #[arg(long, default_value = "5m")]
+        every: String,
+        /// Bandwidth cap, bytes/s with optional K/M/G suffix (e.g. 50M).
+        #[arg(long)]
+        max_rate: Option<String>,
+        /// The VM's disk files (all under the same vdrep mount).
+        #[arg(required = true)]
+        disks: Vec<PathBuf>,
+    },
+    /// Stop protecting a VM (its replica stays at the receiver).
+    Unprotect {
+        name: String,
+        /// The mounted folder holding the VM's disks (default: search all mounts).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Force a cut now and wait until the receiver durably applied it.
+    /// TARGET is a VM name or a mounted folder (all its VMs).
+    Sync {
+        target: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
     },
     /// Inspect, verify and apply change logs (.hrl).
     Hrl {
@@ -113,6 +182,7 @@ pub fn run(cmd: Cmd) -> i32 {
             patterns,
             threads,
             no_writeback_cache,
+            keys,
         } => {
             let mut track = TrackConfig {
                 block_size,
@@ -126,11 +196,20 @@ pub fn run(cmd: Cmd) -> i32 {
                 writeback_cache: !no_writeback_cache,
                 ..FsOptions::default()
             };
+            let keys = match keys.map(|k| std::fs::canonicalize(&k).map_err(|e| (k, e))) {
+                None => None,
+                Some(Ok(k)) => Some(k),
+                Some(Err((k, e))) => {
+                    eprintln!("vdrep: --keys {}: {e}", k.display());
+                    return 2;
+                }
+            };
             daemon::mount(MountOptions {
                 dir,
                 foreground,
                 track,
                 fs,
+                keys,
             })
         }
         Cmd::Umount { dir, lazy } => umount(dir, lazy),
@@ -180,52 +259,55 @@ pub fn run(cmd: Cmd) -> i32 {
                 }
             }
         },
-        Cmd::Status { dir, json } => match control::call(&dir, &Request::Status) {
-            Err(e) => control_err(e),
-            Ok(r) => {
-                let Some(st) = r.status else {
-                    eprintln!("vdrep: {}", r.error.unwrap_or_default());
-                    return 1;
-                };
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&st).unwrap_or_default());
-                    return 0;
+        Cmd::Status { dir, json } => status(dir, json),
+        Cmd::Keys {
+            cmd: KeysCmd::Init(a),
+        } => crate::transport::cli::run_keys_init(&a),
+        Cmd::Receive {
+            listen,
+            store,
+            keys,
+            trust,
+        } => {
+            init_cli_logging();
+            match crate::receiver::run(&crate::receiver::ReceiveOptions {
+                listen,
+                store,
+                keys,
+                trust,
+            }) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("vdrep: receive: {e}");
+                    1
                 }
-                println!(
-                    "{}  (daemon pid {}, last cut {}{})",
-                    st.root.display(),
-                    r.pid.unwrap_or(0),
-                    st.cut_seq,
-                    if st.previous_stop_clean {
-                        ""
-                    } else {
-                        ", previous stop was NOT clean"
-                    }
-                );
-                println!(
-                    "{:<40} {:<16} {:>8} {:>12} {:>12}",
-                    "DISK", "STATE", "CYCLE", "SIZE", "DIRTY"
-                );
-                for d in &st.disks {
-                    let (state, why) = match &d.state {
-                        DiskState::Normal => ("Normal", None),
-                        DiskState::ResyncRequired(w) => ("ResyncRequired", Some(w)),
-                    };
-                    println!(
-                        "{:<40} {:<16} {:>8} {:>12} {:>12}",
-                        d.name,
-                        state,
-                        d.cycle,
-                        human(d.size),
-                        human(d.dirty_bytes)
-                    );
-                    if let Some(w) = why {
-                        println!("    reason: {w}");
-                    }
-                }
-                0
             }
-        },
+        }
+        Cmd::Protect {
+            name,
+            to,
+            trust,
+            every,
+            max_rate,
+            disks,
+        } => protect(name, to, trust, every, max_rate, disks),
+        Cmd::Unprotect { name, dir } => {
+            let mounts = match dir {
+                Some(d) => vec![d],
+                None => control::running_mounts(),
+            };
+            for m in mounts {
+                if let Ok(r) = control::call(&m, &Request::Unprotect { vm: name.clone() }) {
+                    if r.ok {
+                        println!("{name}: no longer protected (the replica stays at the receiver)");
+                        return 0;
+                    }
+                }
+            }
+            eprintln!("vdrep: VM {name} is not protected by any running mount");
+            2
+        }
+        Cmd::Sync { target, timeout } => sync(&target, timeout),
         Cmd::Hrl { cmd } => crate::hrl::cli::run(cmd),
     }
 }
@@ -269,4 +351,290 @@ fn umount(dir: PathBuf, lazy: bool) -> i32 {
         }
         Err(e) => control_err(e),
     }
+}
+
+fn init_cli_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VDREP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// `30s`, `5m`, `15m`, `1h`, `90` (seconds) or `continuous` (0).
+pub fn parse_interval(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    if s.eq_ignore_ascii_case("continuous") {
+        return Ok(0);
+    }
+    let (num, mult) = match s.chars().last() {
+        Some('s') => (&s[..s.len() - 1], 1),
+        Some('m') => (&s[..s.len() - 1], 60),
+        Some('h') => (&s[..s.len() - 1], 3600),
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not an interval (try 30s, 5m, 15m or continuous)"))?;
+    if n == 0 {
+        return Err("an interval of 0 is `continuous`".into());
+    }
+    Ok(n * mult)
+}
+
+/// `50M`, `1G`, `800K`, `12345` (bytes per second).
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M') => (&s[..s.len() - 1], 1 << 20),
+        Some('G') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a rate (try 50M for 50 MiB/s)"))?;
+    if n <= 0.0 {
+        return Err("the rate must be positive".into());
+    }
+    Ok((n * mult as f64) as u64)
+}
+
+fn protect(
+    name: String,
+    to: String,
+    trust: Vec<PathBuf>,
+    every: String,
+    max_rate: Option<String>,
+    disks: Vec<PathBuf>,
+) -> i32 {
+    let every_secs = match parse_interval(&every) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("vdrep: --every: {e}");
+            return 2;
+        }
+    };
+    let max_rate = match max_rate.as_deref().map(parse_rate).transpose() {
+        Ok(v) => v.unwrap_or(0),
+        Err(e) => {
+            eprintln!("vdrep: --max-rate: {e}");
+            return 2;
+        }
+    };
+    let mut mount: Option<PathBuf> = None;
+    let mut rels = Vec::new();
+    for d in &disks {
+        let Some((m, rel)) = control::mount_of(d) else {
+            eprintln!(
+                "vdrep: {} is not under a running vdrep mount (mount its folder with `vdrep mount DIR --keys KEYDIR`)",
+                d.display()
+            );
+            return 2;
+        };
+        if mount.as_ref().is_some_and(|x| x != &m) {
+            eprintln!("vdrep: the disks of one VM must be under the same vdrep mount");
+            return 2;
+        }
+        mount = Some(m);
+        rels.push(rel.to_string_lossy().into_owned());
+    }
+    let Some(mount) = mount else {
+        eprintln!("vdrep: name at least one disk");
+        return 2;
+    };
+    let mut trust_abs = Vec::new();
+    for t in &trust {
+        match std::fs::canonicalize(t) {
+            Ok(p) => trust_abs.push(p),
+            Err(e) => {
+                eprintln!("vdrep: --trust {}: {e}", t.display());
+                return 2;
+            }
+        }
+    }
+    let spec = crate::sender::ProtectSpec {
+        vm: name.clone(),
+        to,
+        trust: trust_abs,
+        every_secs,
+        disks: rels,
+        max_rate,
+    };
+    match control::call(&mount, &Request::Protect { spec }) {
+        Err(e) => control_err(e),
+        Ok(r) if r.ok => {
+            println!(
+                "{name}: protected ({} disk(s) under {}); initial replication started — watch it with `vdrep status {}`",
+                disks.len(),
+                mount.display(),
+                mount.display()
+            );
+            0
+        }
+        Ok(r) => {
+            eprintln!(
+                "vdrep: cannot protect {name}: {}",
+                r.error.unwrap_or_default()
+            );
+            1
+        }
+    }
+}
+
+fn sync(target: &str, timeout: u64) -> i32 {
+    let p = std::path::Path::new(target);
+    let (mounts, vm) = if p.is_dir() {
+        (vec![p.to_path_buf()], None)
+    } else {
+        // A VM name: find the mount protecting it.
+        let found: Vec<PathBuf> = control::running_mounts()
+            .into_iter()
+            .filter(|m| {
+                control::call(m, &Request::Status)
+                    .ok()
+                    .and_then(|r| r.replication)
+                    .is_some_and(|v| v.iter().any(|s| s.vm == target))
+            })
+            .collect();
+        if found.is_empty() {
+            eprintln!("vdrep: no running mount protects a VM named {target}");
+            return 2;
+        }
+        (found, Some(target.to_string()))
+    };
+    for m in mounts {
+        let req = Request::Sync {
+            vm: vm.clone(),
+            timeout_secs: timeout,
+        };
+        match control::call(&m, &req) {
+            Err(e) => return control_err(e),
+            Ok(r) if !r.ok => {
+                eprintln!("vdrep: sync failed: {}", r.error.unwrap_or_default());
+                return 1;
+            }
+            Ok(r) => {
+                for (vm, c) in r.synced.unwrap_or_default() {
+                    println!("{vm}: recovery point {c} applied at the receiver");
+                }
+            }
+        }
+    }
+    0
+}
+
+fn status(dir: Option<PathBuf>, json: bool) -> i32 {
+    let mounts = match dir {
+        Some(d) => vec![d],
+        None => control::running_mounts(),
+    };
+    if mounts.is_empty() {
+        eprintln!("vdrep: no vdrep mount is running");
+        return 2;
+    }
+    let mut all = Vec::new();
+    for m in &mounts {
+        match control::call(m, &Request::Status) {
+            Err(e) => return control_err(e),
+            Ok(r) => all.push(r),
+        }
+    }
+    if json {
+        let v: Vec<serde_json::Value> = all
+            .iter()
+            .map(|r| {
+                let mut v = serde_json::to_value(&r.status).unwrap_or_default();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("pid".into(), r.pid.into());
+                    o.insert(
+                        "replication".into(),
+                        serde_json::to_value(&r.replication).unwrap_or_default(),
+                    );
+                }
+                v
+            })
+            .collect();
+        let out = if v.len() == 1 {
+            v.into_iter().next().unwrap_or_default()
+        } else {
+            serde_json::Value::Array(v)
+        };
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+        return 0;
+    }
+    for r in all {
+        let Some(st) = r.status else { continue };
+        println!(
+            "{}  (daemon pid {}, last cut {}{})",
+            st.root.display(),
+            r.pid.unwrap_or(0),
+            st.cut_seq,
+            if st.previous_stop_clean {
+                ""
+            } else {
+                ", previous stop was NOT clean"
+            }
+        );
+        println!(
+            "{:<40} {:<16} {:>8} {:>12} {:>12}",
+            "DISK", "STATE", "CYCLE", "SIZE", "DIRTY"
+        );
+        for d in &st.disks {
+            let (state, why) = match &d.state {
+                DiskState::Normal => ("Normal", None),
+                DiskState::ResyncRequired(w) => ("ResyncRequired", Some(w)),
+            };
+            println!(
+                "{:<40} {:<16} {:>8} {:>12} {:>12}",
+                d.name,
+                state,
+                d.cycle,
+                human(d.size),
+                human(d.dirty_bytes)
+            );
+            if let Some(w) = why {
+                println!("    reason: {w}");
+            }
+        }
+        for v in r.replication.unwrap_or_default() {
+            println!(
+                "VM {} -> {}  {:?}  every {}  point {}  lag {}  pending {}  rate {}/s{}",
+                v.vm,
+                v.to,
+                v.state,
+                if v.every_secs == 0 {
+                    "continuous".to_string()
+                } else {
+                    format!("{}s", v.every_secs)
+                },
+                v.last_point.map_or("-".into(), |c| c.to_string()),
+                v.lag_secs.map_or("-".into(), |l| format!("{l:.1}s")),
+                human(v.bytes_pending),
+                human(v.throughput_bps as u64),
+                if v.state == crate::sender::VmState::InitialReplication && v.initial_total > 0 {
+                    format!(
+                        "  initial {:.0}% ({} of {})",
+                        100.0 * v.initial_done as f64 / v.initial_total as f64,
+                        human(v.initial_done),
+                        human(v.initial_total)
+                    )
+                } else {
+                    String::new()
+                }
+            );
+            if let Some(e) = v.last_error {
+                println!("    last error: {e}");
+            }
+            if let Some(t) = v.next_retry_unix {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                println!("    next retry in {}s", t.saturating_sub(now));
+            }
+        }
+    }
+    0
 }

@@ -25,6 +25,18 @@ pub enum Request {
     Shutdown {
         lazy: bool,
     },
+    /// Start protecting a VM (checks prerequisites first).
+    Protect {
+        spec: crate::sender::ProtectSpec,
+    },
+    Unprotect {
+        vm: String,
+    },
+    /// Cut now and wait until the receiver applied it (all VMs if `None`).
+    Sync {
+        vm: Option<String>,
+        timeout_secs: u64,
+    },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -38,6 +50,11 @@ pub struct Response {
     pub status: Option<TrackerStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<Vec<crate::sender::VmStatus>>,
+    /// VM -> recovery point reached by a sync.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synced: Option<Vec<(String, u64)>>,
 }
 
 impl Response {
@@ -126,6 +143,40 @@ pub fn call(dir: &Path, req: &Request) -> Result<Response, ControlError> {
         dir: d,
         msg: e.to_string(),
     })
+}
+
+/// Canonical folders of every running mount (one per live control socket).
+pub fn running_mounts() -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(run_dir()) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "sock") {
+            if let Ok(s) = std::fs::read_to_string(p.with_extension("dir")) {
+                let dir = PathBuf::from(s.trim_end());
+                if socket_path(&dir) == p && UnixStream::connect(&p).is_ok() {
+                    out.push(dir);
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The running mount that contains `path` (a file or folder under it).
+pub fn mount_of(path: &Path) -> Option<(PathBuf, PathBuf)> {
+    let canon = std::fs::canonicalize(path).ok()?;
+    let mut cur = canon.as_path();
+    loop {
+        if socket_path(cur).exists() {
+            let rel = canon.strip_prefix(cur).ok()?.to_path_buf();
+            return Some((cur.to_path_buf(), rel));
+        }
+        cur = cur.parent()?;
+    }
 }
 
 /// Read one request line from a connection (bounded to 64 KiB).

@@ -24,6 +24,8 @@ pub struct MountOptions {
     pub foreground: bool,
     pub track: TrackConfig,
     pub fs: FsOptions,
+    /// Identity folder (`vdrep keys init`) for replication.
+    pub keys: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -231,12 +233,24 @@ fn serve_inner(
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock).map_err(ioe(dir, "cannot bind the control socket"))?;
     let _ = std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600));
+    let _ = std::fs::write(sock.with_extension("dir"), format!("{}\n", dir.display()));
+    let replicator =
+        match crate::sender::Replicator::new(tracker.clone(), dir, opts.keys.as_deref()) {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(DaemonError::Msg(format!(
+                    "cannot start replication for {}: {e}",
+                    dir.display()
+                )))
+            }
+        };
     {
         let tracker = tracker.clone();
         let dir = dir.to_path_buf();
+        let rep = replicator.clone();
         std::thread::Builder::new()
             .name("vdrep-control".into())
-            .spawn(move || control_loop(listener, tracker, dir))
+            .spawn(move || control_loop(listener, tracker, rep, dir))
             .map_err(ioe(dir_static(), "cannot start the control thread"))?;
     }
     {
@@ -264,6 +278,7 @@ fn serve_inner(
     tracing::info!("FUSE session over {} ended", dir.display());
     let saved = tracker.shutdown_clean();
     let _ = std::fs::remove_file(&sock);
+    let _ = std::fs::remove_file(sock.with_extension("dir"));
     run.map_err(ioe(dir, "FUSE session failed"))?;
     saved?;
     tracing::info!("tracking state saved; clean stop");
@@ -284,17 +299,23 @@ pub fn unmount(dir: &Path, lazy: bool) -> io::Result<()> {
     nix::mount::umount2(dir, flags).map_err(io::Error::from)
 }
 
-fn control_loop(listener: UnixListener, tracker: Arc<Tracker>, dir: PathBuf) {
+fn control_loop(
+    listener: UnixListener,
+    tracker: Arc<Tracker>,
+    rep: Arc<crate::sender::Replicator>,
+    dir: PathBuf,
+) {
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         let tracker = tracker.clone();
+        let rep = rep.clone();
         let dir = dir.clone();
         let _ = std::thread::Builder::new()
             .name("vdrep-ctl-conn".into())
             .spawn(move || {
                 let resp = match control::read_request(&conn) {
                     Err(e) => Response::err(format!("bad request: {e}")),
-                    Ok(req) => handle(&req, &tracker, &dir),
+                    Ok(req) => handle(&req, &tracker, &rep, &dir),
                 };
                 let _ = control::write_response(&conn, &resp);
             });
@@ -308,14 +329,56 @@ fn flush_kernel_cache(dir: &Path) -> io::Result<()> {
     nix::unistd::syncfs(&d).map_err(io::Error::from)
 }
 
-fn handle(req: &Request, tracker: &Tracker, dir: &Path) -> Response {
+fn handle(
+    req: &Request,
+    tracker: &Tracker,
+    rep: &Arc<crate::sender::Replicator>,
+    dir: &Path,
+) -> Response {
     match req {
         Request::Status => Response {
             ok: true,
             status: Some(tracker.status()),
             pid: Some(std::process::id()),
+            replication: Some(rep.status()),
             ..Default::default()
         },
+        Request::Protect { spec } => match rep.protect(spec.clone()) {
+            Ok(()) => Response {
+                ok: true,
+                ..Default::default()
+            },
+            Err(e) => Response::err(e),
+        },
+        Request::Unprotect { vm } => match rep.unprotect(vm) {
+            Ok(()) => Response {
+                ok: true,
+                ..Default::default()
+            },
+            Err(e) => Response::err(e),
+        },
+        Request::Sync { vm, timeout_secs } => {
+            let vms = match vm {
+                Some(v) => vec![v.clone()],
+                None => rep.vm_names(),
+            };
+            if vms.is_empty() {
+                return Response::err(format!("no VM is protected under {}", dir.display()));
+            }
+            let t = std::time::Duration::from_secs(*timeout_secs);
+            let mut synced = Vec::new();
+            for v in vms {
+                match rep.sync(&v, t) {
+                    Ok(c) => synced.push((v, c)),
+                    Err(e) => return Response::err(e),
+                }
+            }
+            Response {
+                ok: true,
+                synced: Some(synced),
+                ..Default::default()
+            }
+        }
         Request::Cut => {
             if let Err(e) = flush_kernel_cache(dir) {
                 return Response::err(format!(

@@ -18,6 +18,7 @@ pub mod control;
 pub mod daemon;
 pub mod fs;
 pub mod hrl;
+pub mod receiver;
 pub mod replica;
 pub mod sender;
 pub mod tracking;

@@ -147,7 +147,11 @@ const PROTECT_DIR: &str = "protect";
 
 impl Replicator {
     /// `keys`: the mount's identity folder (`vdrep mount --keys`).
-    pub fn new(tracker: Arc<Tracker>, mount_dir: &Path, keys: Option<&Path>) -> Result<Arc<Self>, String> {
+    pub fn new(
+        tracker: Arc<Tracker>,
+        mount_dir: &Path,
+        keys: Option<&Path>,
+    ) -> Result<Arc<Self>, String> {
         let identity = match keys {
             Some(k) => Some(Arc::new(
                 Identity::from_dir(k, None).map_err(|e| e.to_string())?,
@@ -220,7 +224,11 @@ impl Replicator {
                 return Err(format!(
                     "{d} is not a tracked disk under {} (tracked: {})",
                     self.mount_dir.display(),
-                    if names.is_empty() { "none".to_string() } else { names.join(", ") }
+                    if names.is_empty() {
+                        "none".to_string()
+                    } else {
+                        names.join(", ")
+                    }
                 ));
             }
         }
@@ -260,7 +268,11 @@ impl Replicator {
         };
         v.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         v.wake.notify_one();
-        let _ = std::fs::remove_file(self.tracker.state_file(PROTECT_DIR).join(format!("{vm}.json")));
+        let _ = std::fs::remove_file(
+            self.tracker
+                .state_file(PROTECT_DIR)
+                .join(format!("{vm}.json")),
+        );
         Ok(())
     }
 
@@ -352,7 +364,8 @@ impl Replicator {
         // Any point sealed after this moment will do.
         let want = self.tracker.status().cut_seq + 1;
         v.waiters.lock().push((want, tx));
-        v.sync_requested.store(true, std::sync::atomic::Ordering::SeqCst);
+        v.sync_requested
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         v.wake.notify_one();
         self.rt.block_on(async {
             match tokio::time::timeout(timeout, rx).await {
@@ -377,12 +390,16 @@ impl Replicator {
         v
     }
 
-    async fn connect(&self, spec: &ProtectSpec) -> Result<(quinn::Connection, quinn::Endpoint), SendError> {
+    async fn connect(
+        &self,
+        spec: &ProtectSpec,
+    ) -> Result<(quinn::Connection, quinn::Endpoint), SendError> {
         let id = self
             .identity
             .as_ref()
             .ok_or_else(|| SendError::Fatal("no identity (mount with --keys)".into()))?;
-        let trust = TrustStore::from_files(&spec.trust).map_err(|e| SendError::Fatal(e.to_string()))?;
+        let trust =
+            TrustStore::from_files(&spec.trust).map_err(|e| SendError::Fatal(e.to_string()))?;
         let addr: SocketAddr = tokio::net::lookup_host(&spec.to)
             .await
             .map_err(|e| retry(format!("cannot resolve {}: {e}", spec.to)))?
@@ -392,19 +409,27 @@ impl Replicator {
         let conn = transport::connect(&ep, addr, "vdrep")
             .await
             .map_err(|e| classify_transport(&e.to_string()))?;
-        let (mut tx, mut rx) = conn.open_bi().await.map_err(|e| {
-            classify_transport(&transport::explain_connection_error(&e, addr))
-        })?;
+        let (mut tx, mut rx) = conn
+            .open_bi()
+            .await
+            .map_err(|e| classify_transport(&transport::explain_connection_error(&e, addr)))?;
         let hello = Msg::Hello(wire::Hello {
             protocol_version: wire::PROTOCOL_VERSION,
             site_name: self.site.clone(),
             software_version: env!("CARGO_PKG_VERSION").into(),
         });
-        wire::write_msg(&mut tx, &hello).await.map_err(|e| stream_err(&e, addr))?;
-        match wire::read_msg(&mut rx).await.map_err(|e| stream_err(&e, addr))? {
+        wire::write_msg(&mut tx, &hello)
+            .await
+            .map_err(|e| stream_err(&e, addr))?;
+        match wire::read_msg(&mut rx)
+            .await
+            .map_err(|e| stream_err(&e, addr))?
+        {
             Some(Msg::HelloOk(_)) => Ok((conn, ep)),
             Some(Msg::Error(e)) => Err(msg_err(&e)),
-            other => Err(SendError::Fatal(format!("unexpected answer to Hello: {other:?}"))),
+            other => Err(SendError::Fatal(format!(
+                "unexpected answer to Hello: {other:?}"
+            ))),
         }
     }
 
@@ -426,7 +451,11 @@ impl Replicator {
                     tracing::warn!(vm = %vm.spec.vm, "replication interrupted: {e}; retry in {d:?}");
                     {
                         let mut s = vm.status.lock();
-                        s.state = if s.state == VmState::ResyncRequired { s.state } else { VmState::Warning };
+                        s.state = if s.state == VmState::ResyncRequired {
+                            s.state
+                        } else {
+                            VmState::Warning
+                        };
                         s.last_error = Some(e);
                         s.next_retry_unix = Some(now_ns() / 1_000_000_000 + d.as_secs());
                     }
@@ -454,10 +483,11 @@ impl Replicator {
     }
 
     fn disk_id(&self, name: &str) -> Result<([u8; 16], u64, u32, TrackState), SendError> {
-        let (id, size, bs, st) = self
-            .tracker
-            .disk_info(name)
-            .ok_or_else(|| SendError::Fatal(format!("disk {name} is no longer tracked (deleted or renamed?)")))?;
+        let (id, size, bs, st) = self.tracker.disk_info(name).ok_or_else(|| {
+            SendError::Fatal(format!(
+                "disk {name} is no longer tracked (deleted or renamed?)"
+            ))
+        })?;
         let mut out = [0u8; 16];
         for (i, o) in out.iter_mut().enumerate() {
             *o = u8::from_str_radix(id.get(2 * i..2 * i + 2).unwrap_or("00"), 16).unwrap_or(0);
@@ -477,21 +507,35 @@ impl Replicator {
         for d in &spec.disks {
             let (id, size, bs, st) = self.disk_id(d)?;
             let (mut tx, mut rx) = conn.open_bi().await.map_err(|e| conn_err(&e, addr))?;
-            let kind = if d.to_ascii_lowercase().ends_with(".vhd") { wire::DiskKind::Vhd } else { wire::DiskKind::Raw };
-            wire::write_msg(&mut tx, &Msg::OpenDisk(wire::OpenDisk {
-                vm: spec.vm.clone(),
-                disk_name: d.clone(),
-                disk_id: id,
-                block_size: bs,
-                disk_size: size,
-                kind,
-            }))
+            let kind = if d.to_ascii_lowercase().ends_with(".vhd") {
+                wire::DiskKind::Vhd
+            } else {
+                wire::DiskKind::Raw
+            };
+            wire::write_msg(
+                &mut tx,
+                &Msg::OpenDisk(wire::OpenDisk {
+                    vm: spec.vm.clone(),
+                    disk_name: d.clone(),
+                    disk_id: id,
+                    block_size: bs,
+                    disk_size: size,
+                    kind,
+                }),
+            )
             .await
             .map_err(|e| stream_err(&e, addr))?;
-            let ds = match wire::read_msg(&mut rx).await.map_err(|e| stream_err(&e, addr))? {
+            let ds = match wire::read_msg(&mut rx)
+                .await
+                .map_err(|e| stream_err(&e, addr))?
+            {
                 Some(Msg::DiskState(s)) => s,
                 Some(Msg::Error(e)) => return Err(msg_err(&e)),
-                other => return Err(SendError::Fatal(format!("unexpected answer to OpenDisk: {other:?}"))),
+                other => {
+                    return Err(SendError::Fatal(format!(
+                        "unexpected answer to OpenDisk: {other:?}"
+                    )))
+                }
             };
             // Can the sealed logs on disk bring the replica up to date?
             let base = self.tracker.disk_base_cycle(d).unwrap_or(0);
@@ -501,8 +545,9 @@ impl Replicator {
             } else if ds.replica_cycle == base {
                 true
             } else {
-                logs.iter().any(|(c, p)| *c > ds.replica_cycle && log_base(&self.tracker, p) == Some(ds.replica_cycle))
-                    || logs.iter().any(|(c, _)| *c == ds.replica_cycle)
+                logs.iter().any(|(c, p)| {
+                    *c > ds.replica_cycle && log_base(&self.tracker, p) == Some(ds.replica_cycle)
+                }) || logs.iter().any(|(c, _)| *c == ds.replica_cycle)
             };
             if !matches!(st, TrackState::Normal) || !continuous {
                 need_initial = true;
@@ -511,9 +556,11 @@ impl Replicator {
         }
         if need_initial {
             vm.status.lock().state = VmState::InitialReplication;
-            self.initial_copy(vm, &conn, &replica, limiter.as_ref()).await?;
+            self.initial_copy(vm, &conn, &replica, limiter.as_ref())
+                .await?;
         } else {
-            self.ship_pending(vm, &conn, &replica, limiter.as_ref()).await?;
+            self.ship_pending(vm, &conn, &replica, limiter.as_ref())
+                .await?;
         }
         {
             let mut s = vm.status.lock();
@@ -526,18 +573,30 @@ impl Replicator {
                 conn.close(0u32.into(), b"unprotected");
                 return Ok(());
             }
-            let synced = vm.sync_requested.swap(false, std::sync::atomic::Ordering::SeqCst);
+            let synced = vm
+                .sync_requested
+                .swap(false, std::sync::atomic::Ordering::SeqCst);
             if !synced && spec.every_secs > 0 {
-                let _ = tokio::time::timeout(Duration::from_secs(spec.every_secs), vm.wake.notified()).await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(spec.every_secs), vm.wake.notified())
+                        .await;
                 if vm.stop.load(std::sync::atomic::Ordering::SeqCst) {
                     continue;
                 }
             } else if !synced {
                 // Continuous: next cycle as soon as this one is acknowledged,
                 // but don't spin on an idle disk.
-                let dirty: u64 = self.tracker.status().disks.iter().filter(|d| spec.disks.contains(&d.name)).map(|d| d.dirty_blocks).sum();
+                let dirty: u64 = self
+                    .tracker
+                    .status()
+                    .disks
+                    .iter()
+                    .filter(|d| spec.disks.contains(&d.name))
+                    .map(|d| d.dirty_blocks)
+                    .sum();
                 if dirty == 0 && vm.waiters.lock().is_empty() {
-                    let _ = tokio::time::timeout(Duration::from_millis(200), vm.wake.notified()).await;
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(200), vm.wake.notified()).await;
                     continue;
                 }
             }
@@ -547,30 +606,47 @@ impl Replicator {
 
     /// Flush the kernel cache, seal the VM's disks at one instant, write
     /// their logs and ship them.
-    async fn cut_and_ship(&self, vm: &Arc<Vm>, conn: &quinn::Connection, limiter: Option<&RateLimiter>) -> Result<(), SendError> {
+    async fn cut_and_ship(
+        &self,
+        vm: &Arc<Vm>,
+        conn: &quinn::Connection,
+        limiter: Option<&RateLimiter>,
+    ) -> Result<(), SendError> {
         let spec = vm.spec.clone();
         let tracker = self.tracker.clone();
         let dir = self.mount_dir.clone();
-        let entries = tokio::task::spawn_blocking(move || -> Result<Vec<crate::tracking::CutEntry>, String> {
-            if let Ok(d) = std::fs::File::open(&dir) {
-                let _ = nix::unistd::syncfs(&d);
-            }
-            let sealed = tracker
-                .seal(&CutSelect { disks: Some(spec.disks.clone()), ..Default::default() })
-                .map_err(|e| e.to_string())?;
-            let mut out = sealed.skipped;
-            for sc in sealed.cycles {
-                out.push(tracker.write_log(sc));
-            }
-            Ok(out)
-        })
+        let entries = tokio::task::spawn_blocking(
+            move || -> Result<Vec<crate::tracking::CutEntry>, String> {
+                if let Ok(d) = std::fs::File::open(&dir) {
+                    let _ = nix::unistd::syncfs(&d);
+                }
+                let sealed = tracker
+                    .seal(&CutSelect {
+                        disks: Some(spec.disks.clone()),
+                        ..Default::default()
+                    })
+                    .map_err(|e| e.to_string())?;
+                let mut out = sealed.skipped;
+                for sc in sealed.cycles {
+                    out.push(tracker.write_log(sc));
+                }
+                Ok(out)
+            },
+        )
         .await
         .map_err(|e| retry(format!("cut task failed: {e}")))?
         .map_err(retry)?;
         if let Some(e) = entries.iter().find(|e| e.log.is_none()) {
-            if e.error.as_deref().is_some_and(|x| x.starts_with("resync required")) {
+            if e.error
+                .as_deref()
+                .is_some_and(|x| x.starts_with("resync required"))
+            {
                 vm.status.lock().state = VmState::ResyncRequired;
-                return Err(retry(format!("{}: {}", e.disk, e.error.clone().unwrap_or_default())));
+                return Err(retry(format!(
+                    "{}: {}",
+                    e.disk,
+                    e.error.clone().unwrap_or_default()
+                )));
             }
         }
         let replica: HashMap<String, wire::DiskState> = HashMap::new();
@@ -587,7 +663,8 @@ impl Replicator {
         limiter: Option<&RateLimiter>,
     ) -> Result<(), SendError> {
         let spec = &vm.spec;
-        let mut by_cycle: std::collections::BTreeMap<u64, Vec<(String, PathBuf)>> = Default::default();
+        let mut by_cycle: std::collections::BTreeMap<u64, Vec<(String, PathBuf)>> =
+            Default::default();
         for d in &spec.disks {
             let at = replica.get(d).map(|s| s.replica_cycle).unwrap_or(0);
             for (c, p) in self.tracker.pending_logs(d) {
@@ -619,16 +696,37 @@ impl Replicator {
         Ok(())
     }
 
-    async fn commit_point(&self, vm: &Arc<Vm>, conn: &quinn::Connection, cycle: u64, disks: Vec<wire::DiskCycle>, cut_ns: Option<u64>) -> Result<(), SendError> {
+    async fn commit_point(
+        &self,
+        vm: &Arc<Vm>,
+        conn: &quinn::Connection,
+        cycle: u64,
+        disks: Vec<wire::DiskCycle>,
+        cut_ns: Option<u64>,
+    ) -> Result<(), SendError> {
         let addr = conn.remote_address();
         let (mut tx, mut rx) = conn.open_bi().await.map_err(|e| conn_err(&e, addr))?;
-        wire::write_msg(&mut tx, &Msg::PointCommit(wire::PointCommit { vm: vm.spec.vm.clone(), cycle, disks }))
+        wire::write_msg(
+            &mut tx,
+            &Msg::PointCommit(wire::PointCommit {
+                vm: vm.spec.vm.clone(),
+                cycle,
+                disks,
+            }),
+        )
+        .await
+        .map_err(|e| stream_err(&e, addr))?;
+        match wire::read_msg(&mut rx)
             .await
-            .map_err(|e| stream_err(&e, addr))?;
-        match wire::read_msg(&mut rx).await.map_err(|e| stream_err(&e, addr))? {
+            .map_err(|e| stream_err(&e, addr))?
+        {
             Some(Msg::PointAck(a)) if a.cycle == cycle => {}
             Some(Msg::Error(e)) => return Err(msg_err(&e)),
-            other => return Err(SendError::Fatal(format!("unexpected answer to PointCommit: {other:?}"))),
+            other => {
+                return Err(SendError::Fatal(format!(
+                    "unexpected answer to PointCommit: {other:?}"
+                )))
+            }
         }
         {
             let mut s = vm.status.lock();
@@ -649,14 +747,24 @@ impl Replicator {
         Ok(())
     }
 
-    async fn send_log(&self, vm: &Arc<Vm>, conn: &quinn::Connection, id: [u8; 16], shown: &Path, limiter: Option<&RateLimiter>) -> Result<(), SendError> {
+    async fn send_log(
+        &self,
+        vm: &Arc<Vm>,
+        conn: &quinn::Connection,
+        id: [u8; 16],
+        shown: &Path,
+        limiter: Option<&RateLimiter>,
+    ) -> Result<(), SendError> {
         let addr = conn.remote_address();
         let path = self
             .tracker
             .private_path(shown)
             .ok_or_else(|| SendError::Fatal(format!("{} is outside the mount", shown.display())))?;
         let (header, _) = crate::hrl::verify(&path).map_err(|e| {
-            SendError::Fatal(format!("sealed log {} is damaged: {e}; the disk needs a resync", shown.display()))
+            SendError::Fatal(format!(
+                "sealed log {} is damaged: {e}; the disk needs a resync",
+                shown.display()
+            ))
         })?;
         let mut file = std::fs::File::open(&path)
             .map_err(|e| retry(format!("opening {}: {e}", shown.display())))?;
@@ -666,17 +774,20 @@ impl Replicator {
             .len();
         let (mut tx, mut rx) = conn.open_bi().await.map_err(|e| conn_err(&e, addr))?;
         let t0 = Instant::now();
-        wire::write_msg(&mut tx, &Msg::LogBegin(wire::LogBegin {
-            disk_id: id,
-            disk_name: header.disk_name.clone(),
-            cycle: header.cycle,
-            base_cycle: header.base_cycle,
-            block_size: header.block_size,
-            base_size: header.base_size,
-            disk_size: header.disk_size,
-            cut_unix_ns: header.cut_unix_ns,
-            total_len,
-        }))
+        wire::write_msg(
+            &mut tx,
+            &Msg::LogBegin(wire::LogBegin {
+                disk_id: id,
+                disk_name: header.disk_name.clone(),
+                cycle: header.cycle,
+                base_cycle: header.base_cycle,
+                block_size: header.block_size,
+                base_size: header.base_size,
+                disk_size: header.disk_size,
+                cut_unix_ns: header.cut_unix_ns,
+                total_len,
+            }),
+        )
         .await
         .map_err(|e| stream_err(&e, addr))?;
         let mut buf = Vec::new();
@@ -685,36 +796,52 @@ impl Replicator {
         let mut chunk = vec![0u8; 1 << 20];
         while off < total_len {
             let want = ((total_len - off) as usize).min(chunk.len());
-            tokio::task::block_in_place(|| std::io::Read::read_exact(&mut file, &mut chunk[..want]))
-                .map_err(|e| retry(format!("reading {}: {e}", shown.display())))?;
+            tokio::task::block_in_place(|| {
+                std::io::Read::read_exact(&mut file, &mut chunk[..want])
+            })
+            .map_err(|e| retry(format!("reading {}: {e}", shown.display())))?;
             hasher.update(&chunk[..want]);
             if let Some(l) = limiter {
                 l.take(want as u64).await;
             }
-            wire::write_msg_buf(&mut tx, &Msg::LogChunk(wire::LogChunk {
-                disk_id: id,
-                cycle: header.cycle,
-                offset_in_log: off,
-                data: chunk[..want].to_vec(),
-            }), &mut buf)
+            wire::write_msg_buf(
+                &mut tx,
+                &Msg::LogChunk(wire::LogChunk {
+                    disk_id: id,
+                    cycle: header.cycle,
+                    offset_in_log: off,
+                    data: chunk[..want].to_vec(),
+                }),
+                &mut buf,
+            )
             .await
             .map_err(|e| stream_err(&e, addr))?;
             off += want as u64;
         }
-        wire::write_msg(&mut tx, &Msg::LogEnd(wire::LogEnd {
-            disk_id: id,
-            cycle: header.cycle,
-            total_len,
-            log_checksum: hasher.digest128(),
-        }))
+        wire::write_msg(
+            &mut tx,
+            &Msg::LogEnd(wire::LogEnd {
+                disk_id: id,
+                cycle: header.cycle,
+                total_len,
+                log_checksum: hasher.digest128(),
+            }),
+        )
         .await
         .map_err(|e| stream_err(&e, addr))?;
         loop {
-            match wire::read_msg(&mut rx).await.map_err(|e| stream_err(&e, addr))? {
+            match wire::read_msg(&mut rx)
+                .await
+                .map_err(|e| stream_err(&e, addr))?
+            {
                 Some(Msg::Ack(a)) if a.applied && a.cycle == header.cycle => break,
                 Some(Msg::Ack(_)) => continue,
                 Some(Msg::Error(e)) => return Err(msg_err(&e)),
-                other => return Err(SendError::Fatal(format!("unexpected answer to a log: {other:?}"))),
+                other => {
+                    return Err(SendError::Fatal(format!(
+                        "unexpected answer to a log: {other:?}"
+                    )))
+                }
             }
         }
         let bytes_len = total_len;
@@ -749,7 +876,10 @@ impl Replicator {
             }
         }
         let tracker = self.tracker.clone();
-        let sel = CutSelect { disks: Some(spec.disks.clone()), full_from: full_from.clone() };
+        let sel = CutSelect {
+            disks: Some(spec.disks.clone()),
+            full_from: full_from.clone(),
+        };
         let dir = self.mount_dir.clone();
         let sealed = tokio::task::spawn_blocking(move || {
             if let Ok(d) = std::fs::File::open(&dir) {
@@ -761,7 +891,11 @@ impl Replicator {
         .map_err(|e| retry(format!("cut task failed: {e}")))?
         .map_err(|e| retry(e.to_string()))?;
         if let Some(e) = sealed.skipped.first() {
-            return Err(retry(format!("{}: {}", e.disk, e.error.clone().unwrap_or_default())));
+            return Err(retry(format!(
+                "{}: {}",
+                e.disk,
+                e.error.clone().unwrap_or_default()
+            )));
         }
         let cycle = sealed.cycle;
         let cut_ns = sealed.cut_unix_ns;
@@ -823,17 +957,24 @@ impl Replicator {
     ) -> (Option<crate::tracking::SealedCycle>, Result<(), SendError>) {
         let addr = conn.remote_address();
         let id = sc.header.disk_id;
-        let (cycle, disk_size, name) = (sc.header.cycle, sc.header.disk_size, sc.header.disk_name.clone());
+        let (cycle, disk_size, name) = (
+            sc.header.cycle,
+            sc.header.disk_size,
+            sc.header.disk_name.clone(),
+        );
         let (mut tx, mut rx) = match conn.open_bi().await {
             Ok(s) => s,
             Err(e) => return (Some(sc), Err(conn_err(&e, addr))),
         };
-        if let Err(e) = wire::write_msg(&mut tx, &Msg::InitialBegin(wire::InitialBegin {
-            disk_id: id,
-            cycle,
-            disk_size,
-            start_offset: start,
-        }))
+        if let Err(e) = wire::write_msg(
+            &mut tx,
+            &Msg::InitialBegin(wire::InitialBegin {
+                disk_id: id,
+                cycle,
+                disk_size,
+                start_offset: start,
+            }),
+        )
         .await
         {
             return (Some(sc), Err(stream_err(&e, addr)));
@@ -870,13 +1011,17 @@ impl Replicator {
                     l.take(payload.len().max(64) as u64).await;
                 }
                 let plen = payload.len() as u64;
-                wire::write_msg_buf(&mut tx, &Msg::InitialChunk(wire::InitialChunk {
-                    disk_id: id,
-                    offset: off,
-                    length: len as u32,
-                    encoding,
-                    data: payload,
-                }), &mut buf)
+                wire::write_msg_buf(
+                    &mut tx,
+                    &Msg::InitialChunk(wire::InitialChunk {
+                        disk_id: id,
+                        offset: off,
+                        length: len as u32,
+                        encoding,
+                        data: payload,
+                    }),
+                    &mut buf,
+                )
                 .await
                 .map_err(|e| stream_err(&e, addr))?;
                 sent += plen;
@@ -897,14 +1042,27 @@ impl Replicator {
             return (Some(sc), Err(e));
         }
         if let Err(e) = read {
-            return (Some(sc), Err(retry(format!("reading {name} as of its cut: {e}"))));
+            return (
+                Some(sc),
+                Err(retry(format!("reading {name} as of its cut: {e}"))),
+            );
         }
         let end = async {
-            wire::write_msg(&mut tx, &Msg::InitialEnd(wire::InitialEnd { disk_id: id, cycle, disk_size }))
-                .await
-                .map_err(|e| stream_err(&e, addr))?;
+            wire::write_msg(
+                &mut tx,
+                &Msg::InitialEnd(wire::InitialEnd {
+                    disk_id: id,
+                    cycle,
+                    disk_size,
+                }),
+            )
+            .await
+            .map_err(|e| stream_err(&e, addr))?;
             loop {
-                match wire::read_msg(&mut rx).await.map_err(|e| stream_err(&e, addr))? {
+                match wire::read_msg(&mut rx)
+                    .await
+                    .map_err(|e| stream_err(&e, addr))?
+                {
                     Some(Msg::Ack(a)) if a.applied => return Ok(()),
                     Some(Msg::Ack(_)) => continue,
                     Some(Msg::Error(e)) => return Err(msg_err(&e)),
@@ -921,8 +1079,6 @@ impl Replicator {
     }
 }
 
-
-
 fn log_base(t: &Tracker, shown: &Path) -> Option<u64> {
     let p = t.private_path(shown)?;
     let mut r = crate::hrl::HrlReader::open(&p).ok()?;
@@ -938,7 +1094,10 @@ fn log_cut_ns(t: &Tracker, shown: &Path) -> Option<u64> {
 
 fn classify_transport(msg: &str) -> SendError {
     let l = msg.to_lowercase();
-    if l.contains("not trusted") || l.contains("certificate") || l.contains("refused") && l.contains("trust") {
+    if l.contains("not trusted")
+        || l.contains("certificate")
+        || l.contains("refused") && l.contains("trust")
+    {
         SendError::Fatal(format!("authentication failed: {msg}"))
     } else {
         SendError::Retry(msg.to_string())

@@ -678,7 +678,9 @@ impl Tracker {
     pub fn finish(&self, sc: SealedCycle, ok: bool) -> Result<(), TrackError> {
         let d = &sc.disk;
         *d.sealing.lock() = None;
-        let was_resync = d.full_copy_pending.swap(false, std::sync::atomic::Ordering::SeqCst);
+        let was_resync = d
+            .full_copy_pending
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
         if !ok && was_resync {
             let mut m = d.meta.lock();
             m.state = DiskState::ResyncRequired("an earlier full copy did not finish".into());
@@ -814,7 +816,8 @@ impl Tracker {
                         if let DiskState::ResyncRequired(why) = &m.state {
                             tracing::info!(disk = %name, "full copy replaces the resync ({why})");
                             m.state = DiskState::Normal;
-                            d.full_copy_pending.store(true, std::sync::atomic::Ordering::SeqCst);
+                            d.full_copy_pending
+                                .store(true, std::sync::atomic::Ordering::SeqCst);
                         }
                     }
                 }

@@ -1,0 +1,597 @@
+//! The receiver: the secondary site's server.
+//!
+//! Accepts QUIC connections (mutual TLS 1.3, pinned certificates), maps each
+//! sender to its own namespace in the replica store by the **certificate's
+//! name** (what the sender says in `Hello` is only logged), and serves the
+//! wire protocol ([`crate::wire`]) one bidirectional stream per operation:
+//! `OpenDisk`, an initial copy, one log, or a point commit. Logs are stored
+//! durably before anything is applied ([`crate::replica`]); an `Ack` with
+//! `applied` is sent only after the replica was written and fsynced.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::replica::{self, StoreError};
+use crate::transport::{self, keys::Identity, trust::TrustStore};
+use crate::wire::{self, ErrorCode, Msg};
+
+#[derive(Debug, Clone)]
+pub struct ReceiveOptions {
+    pub listen: SocketAddr,
+    pub store: PathBuf,
+    pub keys: PathBuf,
+    pub trust: Vec<PathBuf>,
+}
+
+struct Session {
+    site: String,
+    hello: AtomicBool,
+    /// disk id -> (vm, OpenDisk) announced on this connection.
+    disks: Mutex<HashMap<[u8; 16], (String, wire::OpenDisk)>>,
+}
+
+/// Run the receiver until killed. Prints `listening on ADDR` once ready.
+pub fn run(opts: &ReceiveOptions) -> Result<(), String> {
+    let id = Identity::from_dir(&opts.keys, None).map_err(|e| e.to_string())?;
+    let trust = TrustStore::from_files(&opts.trust).map_err(|e| e.to_string())?;
+    let store = Arc::new(replica::Store::open(&opts.store).map_err(|e| e.to_string())?);
+    match store.recover() {
+        Ok(r) => tracing::info!("store {} recovered: {r:?}", opts.store.display()),
+        Err(e) => {
+            return Err(format!(
+                "recovering the store {}: {e}",
+                opts.store.display()
+            ))
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("vdrep-recv")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    rt.block_on(async {
+        let ep = transport::server(opts.listen, &id, &trust).map_err(|e| e.to_string())?;
+        let local = ep.local_addr().map_err(|e| e.to_string())?;
+        println!(
+            "listening on {local} as {} (certificate {})",
+            id.name,
+            id.fingerprint.to_hex()
+        );
+        tracing::info!(
+            "receiver listening on {local}, store {}",
+            opts.store.display()
+        );
+        while let Some(inc) = ep.accept().await {
+            let store = store.clone();
+            let me = id.name.clone();
+            tokio::spawn(async move {
+                if let Ok((conn, peer)) = transport::accept(inc).await {
+                    handle_conn(conn, peer, store, me).await;
+                }
+            });
+        }
+        Ok(())
+    })
+}
+
+async fn handle_conn(
+    conn: quinn::Connection,
+    peer: transport::PeerIdentity,
+    store: Arc<replica::Store>,
+    me: String,
+) {
+    let addr = conn.remote_address();
+    let site = match transport::keys::check_site_name(&peer.cn) {
+        Ok(s) => s.to_string(),
+        Err(why) => {
+            tracing::warn!(
+                "refusing {addr}: certificate name {:?} is not a usable site name: {why}",
+                peer.cn
+            );
+            conn.close(2u32.into(), b"certificate name is not a valid site name");
+            return;
+        }
+    };
+    tracing::info!(%addr, %site, fingerprint = %peer.fingerprint.to_hex(), "sender connected");
+    let sess = Arc::new(Session {
+        site,
+        hello: AtomicBool::new(false),
+        disks: Mutex::new(HashMap::new()),
+    });
+    loop {
+        match conn.accept_bi().await {
+            Ok((tx, rx)) => {
+                let (sess, store, me) = (sess.clone(), store.clone(), me.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = handle_stream(&sess, &store, &me, tx, rx).await {
+                        tracing::warn!(site = %sess.site, "stream ended: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::info!(%addr, "connection closed: {e}");
+                return;
+            }
+        }
+    }
+}
+
+fn code_of(e: &StoreError) -> ErrorCode {
+    match e {
+        StoreError::InvalidName { .. } | StoreError::Escape { .. } => ErrorCode::InvalidName,
+        StoreError::NoSpace { .. } => ErrorCode::NoSpace,
+        StoreError::Io { .. } => ErrorCode::Io,
+        StoreError::OutOfOrder { .. }
+        | StoreError::IdentityMismatch { .. }
+        | StoreError::BadState { .. } => ErrorCode::InvalidState,
+        StoreError::CorruptLog { .. } => ErrorCode::Checksum,
+        StoreError::NotReady { .. } | StoreError::NoSuchPoint { .. } => ErrorCode::NotFound,
+        StoreError::Locked { .. } => ErrorCode::Busy,
+    }
+}
+
+fn store_err(e: StoreError) -> Msg {
+    tracing::warn!("{e}");
+    Msg::Error(wire::ErrorMsg {
+        code: code_of(&e),
+        retryable: e.retryable(),
+        message: e.to_string(),
+    })
+}
+
+fn proto_err(code: ErrorCode, message: impl Into<String>, retryable: bool) -> Msg {
+    Msg::Error(wire::ErrorMsg {
+        code,
+        message: message.into(),
+        retryable,
+    })
+}
+
+/// The last path component of a disk name (the store keeps one component).
+fn store_name(disk_name: &str) -> &str {
+    disk_name.rsplit('/').next().unwrap_or(disk_name)
+}
+
+fn disk_of(sess: &Session, id: &[u8; 16]) -> Option<(String, wire::OpenDisk)> {
+    sess.disks.lock().get(id).cloned()
+}
+
+async fn handle_stream(
+    sess: &Session,
+    store: &replica::Store,
+    me: &str,
+    mut tx: quinn::SendStream,
+    mut rx: quinn::RecvStream,
+) -> Result<(), String> {
+    let Some(first) = wire::read_msg(&mut rx).await.map_err(|e| e.to_string())? else {
+        return Ok(());
+    };
+    if !matches!(first, Msg::Hello(_)) && !sess.hello.load(Ordering::SeqCst) {
+        let m = proto_err(ErrorCode::Protocol, "say Hello first", false);
+        return wire::write_msg(&mut tx, &m)
+            .await
+            .map_err(|e| e.to_string());
+    }
+    let reply = match first {
+        Msg::Hello(h) => {
+            if h.protocol_version != wire::PROTOCOL_VERSION {
+                proto_err(
+                    ErrorCode::Version,
+                    format!(
+                        "protocol version {} is not supported (this receiver speaks {}): run the same vdrep version on both sites",
+                        h.protocol_version,
+                        wire::PROTOCOL_VERSION
+                    ),
+                    false,
+                )
+            } else {
+                if h.site_name != sess.site {
+                    tracing::info!(site = %sess.site, "sender calls itself {:?}; its certificate says {:?}", h.site_name, sess.site);
+                }
+                sess.hello.store(true, Ordering::SeqCst);
+                Msg::HelloOk(wire::HelloOk {
+                    protocol_version: wire::PROTOCOL_VERSION,
+                    site_name: me.to_string(),
+                    software_version: env!("CARGO_PKG_VERSION").into(),
+                })
+            }
+        }
+        Msg::OpenDisk(o) => open_disk(sess, store, o),
+        Msg::InitialBegin(b) => initial(sess, store, b, &mut rx).await,
+        Msg::LogBegin(l) => {
+            return log(sess, store, l, &mut tx, &mut rx).await;
+        }
+        Msg::PointCommit(p) => point(sess, store, p),
+        other => proto_err(
+            ErrorCode::Protocol,
+            format!("unexpected {} to start a stream", other.name()),
+            false,
+        ),
+    };
+    wire::write_msg(&mut tx, &reply)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = tx.finish();
+    Ok(())
+}
+
+fn open_disk(sess: &Session, store: &replica::Store, o: wire::OpenDisk) -> Msg {
+    if let Err(e) = wire::safe_component(&o.vm).and_then(|_| wire::safe_name(&o.disk_name)) {
+        return proto_err(ErrorCode::InvalidName, e.to_string(), false);
+    }
+    let r = tokio::task::block_in_place(|| {
+        let site = store.site(&sess.site)?;
+        match site.disk_state(&o.vm, &o.disk_id) {
+            Ok(st) => Ok(Some(st)),
+            Err(StoreError::NotReady { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    });
+    let st = match r {
+        Ok(s) => s,
+        Err(e) => return store_err(e),
+    };
+    sess.disks
+        .lock()
+        .insert(o.disk_id, (o.vm.clone(), o.clone()));
+    let (replica_cycle, replica_size, copy_cycle, resume_offset) = match &st {
+        Some(s) if s.applying.is_none() => (
+            s.cycle.unwrap_or(0),
+            s.size,
+            s.initial_cycle.unwrap_or(0),
+            s.initial_offset.unwrap_or(0),
+        ),
+        Some(s) => (0, s.size, 0, 0),
+        None => (0, 0, 0, 0),
+    };
+    Msg::DiskState(wire::DiskState {
+        disk_id: o.disk_id,
+        replica_cycle,
+        replica_size,
+        copy_cycle,
+        resume_offset,
+    })
+}
+
+async fn initial(
+    sess: &Session,
+    store: &replica::Store,
+    b: wire::InitialBegin,
+    rx: &mut quinn::RecvStream,
+) -> Msg {
+    let Some((vm, od)) = disk_of(sess, &b.disk_id) else {
+        return proto_err(
+            ErrorCode::Protocol,
+            "InitialBegin for a disk not opened with OpenDisk",
+            false,
+        );
+    };
+    let r = tokio::task::block_in_place(|| {
+        let site = store.site(&sess.site)?;
+        // A resumed copy continues the store's interrupted copy (its cut is
+        // the one the store knows); blocks below the offset that changed
+        // since then are part of this stream.
+        let info_cycle = if b.start_offset > 0 {
+            site.disk_state(&vm, &b.disk_id)
+                .ok()
+                .and_then(|s| s.initial_cycle)
+                .unwrap_or(b.cycle)
+        } else {
+            b.cycle
+        };
+        site.begin_initial(
+            &vm,
+            &replica::DiskInfo {
+                disk_id: b.disk_id,
+                name: store_name(&od.disk_name).to_string(),
+                size: b.disk_size,
+                block_size: od.block_size,
+                cycle: info_cycle,
+            },
+        )
+    });
+    let resume = match r {
+        Ok(s) => s.resume_offset,
+        Err(e) => return store_err(e),
+    };
+    if resume != b.start_offset {
+        return proto_err(
+            ErrorCode::InvalidState,
+            format!(
+                "the initial copy can resume at {resume}, not {}; it restarts from the beginning",
+                b.start_offset
+            ),
+            true,
+        );
+    }
+    let mut lz = Vec::new();
+    loop {
+        let m = match wire::read_msg(rx).await {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                return proto_err(
+                    ErrorCode::Protocol,
+                    "stream ended inside an initial copy",
+                    true,
+                )
+            }
+            Err(e) => return proto_err(ErrorCode::Protocol, e.to_string(), true),
+        };
+        match m {
+            Msg::InitialChunk(c) if c.disk_id == b.disk_id => {
+                let r = tokio::task::block_in_place(|| {
+                    let site = store.site(&sess.site)?;
+                    match c.encoding {
+                        crate::hrl::Encoding::Zero => site.write_initial(
+                            &vm,
+                            &c.disk_id,
+                            c.offset,
+                            replica::InitialData::Zeroes(u64::from(c.length)),
+                        ),
+                        crate::hrl::Encoding::Raw => site.write_initial(
+                            &vm,
+                            &c.disk_id,
+                            c.offset,
+                            replica::InitialData::Data(&c.data),
+                        ),
+                        crate::hrl::Encoding::Lz4 => {
+                            lz.resize(c.length as usize, 0);
+                            match lz4_flex::block::decompress_into(&c.data, &mut lz) {
+                                Ok(n) if n == c.length as usize => {}
+                                _ => {
+                                    return Err(StoreError::BadState {
+                                        path: PathBuf::from(format!("{vm}/{}", od.disk_name)),
+                                        what: format!(
+                                            "the lz4 chunk at offset {} does not decompress to its length",
+                                            c.offset
+                                        ),
+                                    })
+                                }
+                            }
+                            site.write_initial(
+                                &vm,
+                                &c.disk_id,
+                                c.offset,
+                                replica::InitialData::Data(&lz),
+                            )
+                        }
+                    }
+                });
+                if let Err(e) = r {
+                    return store_err(e);
+                }
+            }
+            Msg::InitialEnd(e) if e.disk_id == b.disk_id => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(0);
+                let r = tokio::task::block_in_place(|| {
+                    store
+                        .site(&sess.site)?
+                        .finish_initial(&vm, &e.disk_id, e.cycle, now)
+                });
+                return match r {
+                    Ok(()) => Msg::Ack(wire::Ack {
+                        disk_id: e.disk_id,
+                        cycle: e.cycle,
+                        durable: true,
+                        applied: true,
+                    }),
+                    Err(e) => store_err(e),
+                };
+            }
+            other => {
+                return proto_err(
+                    ErrorCode::Protocol,
+                    format!("unexpected {} inside an initial copy", other.name()),
+                    false,
+                )
+            }
+        }
+    }
+}
+
+/// Feeds `store_log` (blocking) from the network side.
+struct ChanReader {
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChanReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.cur.len() {
+            match self.rx.blocking_recv() {
+                Some(v) => {
+                    self.cur = v;
+                    self.pos = 0;
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len() - self.pos);
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+async fn log(
+    sess: &Session,
+    store: &replica::Store,
+    l: wire::LogBegin,
+    tx: &mut quinn::SendStream,
+    rx: &mut quinn::RecvStream,
+) -> Result<(), String> {
+    let Some((vm, _od)) = disk_of(sess, &l.disk_id) else {
+        let m = proto_err(
+            ErrorCode::Protocol,
+            "LogBegin for a disk not opened with OpenDisk",
+            false,
+        );
+        return wire::write_msg(tx, &m).await.map_err(|e| e.to_string());
+    };
+    let (ctx, crx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let site_name = sess.site.clone();
+    let vm2 = vm.clone();
+    let id = l.disk_id;
+    // The store reads the log from the channel on a blocking thread.
+    let store_ptr: &replica::Store = store;
+    let outcome = std::thread::scope(|scope| {
+        let h = scope.spawn(move || {
+            let site = store_ptr.site(&site_name)?;
+            site.store_log(
+                &vm2,
+                &id,
+                ChanReader {
+                    rx: crx,
+                    cur: Vec::new(),
+                    pos: 0,
+                },
+            )
+        });
+        let net = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(async {
+                let mut expect = 0u64;
+                let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+                let mut ctx = Some(ctx);
+                loop {
+                    match wire::read_msg(rx).await {
+                        Ok(Some(Msg::LogChunk(c)))
+                            if c.disk_id == l.disk_id && c.cycle == l.cycle =>
+                        {
+                            if c.offset_in_log != expect {
+                                return Err(format!(
+                                    "log chunk at {} where {expect} was expected",
+                                    c.offset_in_log
+                                ));
+                            }
+                            expect += c.data.len() as u64;
+                            hasher.update(&c.data);
+                            if let Some(s) = &ctx {
+                                if s.send(c.data).await.is_err() {
+                                    // The store has what it needs (a resend).
+                                    ctx = None;
+                                }
+                            }
+                        }
+                        Ok(Some(Msg::LogEnd(e))) if e.disk_id == l.disk_id => {
+                            if e.total_len != expect || e.total_len != l.total_len {
+                                return Err(format!(
+                                    "log of {} bytes announced, {expect} received",
+                                    l.total_len
+                                ));
+                            }
+                            if e.log_checksum != hasher.digest128() {
+                                return Err(
+                                    "log checksum mismatch: the log was damaged in transit".into(),
+                                );
+                            }
+                            return Ok(());
+                        }
+                        Ok(Some(other)) => {
+                            return Err(format!("unexpected {} inside a log", other.name()))
+                        }
+                        Ok(None) => return Err("stream ended inside a log".into()),
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
+            })
+        });
+        let stored = h.join().unwrap_or_else(|_| {
+            Err(StoreError::BadState {
+                path: PathBuf::from("<store_log>"),
+                what: "the store thread panicked".into(),
+            })
+        });
+        (net, stored)
+    });
+    let (net, stored) = outcome;
+    if let Err(e) = net {
+        let m = proto_err(ErrorCode::Protocol, e, true);
+        return wire::write_msg(tx, &m).await.map_err(|e| e.to_string());
+    }
+    let applied_now = match stored {
+        Err(e) => {
+            return wire::write_msg(tx, &store_err(e))
+                .await
+                .map_err(|e| e.to_string())
+        }
+        Ok(replica::StoreOutcome::AlreadyApplied { .. }) => true,
+        Ok(_) => false,
+    };
+    if !applied_now {
+        wire::write_msg(
+            tx,
+            &Msg::Ack(wire::Ack {
+                disk_id: l.disk_id,
+                cycle: l.cycle,
+                durable: true,
+                applied: false,
+            }),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let r =
+            tokio::task::block_in_place(|| store.site(&sess.site)?.apply(&vm, &l.disk_id, l.cycle));
+        if let Err(e) = r {
+            return wire::write_msg(tx, &store_err(e))
+                .await
+                .map_err(|e| e.to_string());
+        }
+    }
+    wire::write_msg(
+        tx,
+        &Msg::Ack(wire::Ack {
+            disk_id: l.disk_id,
+            cycle: l.cycle,
+            durable: true,
+            applied: true,
+        }),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let _ = tx.finish();
+    Ok(())
+}
+
+fn point(sess: &Session, store: &replica::Store, p: wire::PointCommit) -> Msg {
+    let ids: Vec<[u8; 16]> = p.disks.iter().map(|d| d.disk_id).collect();
+    let r = tokio::task::block_in_place(|| {
+        store
+            .site(&sess.site)?
+            .commit_point(&p.vm, p.cycle, &ids, replica::Consistency::Crash)
+    });
+    match r {
+        Ok(Some(_)) => Msg::PointAck(wire::PointAck {
+            vm: p.vm,
+            cycle: p.cycle,
+        }),
+        Ok(None) => proto_err(
+            ErrorCode::InvalidState,
+            format!("not every disk of {} reached cycle {}", p.vm, p.cycle),
+            true,
+        ),
+        Err(e) => store_err(e),
+    }
+}
+
+/// Where a replica of `vm`'s disk lives (for tools and tests).
+pub fn replica_path(
+    store: &Path,
+    site: &str,
+    vm: &str,
+    disk_id: &[u8; 16],
+) -> Result<PathBuf, String> {
+    let s = replica::Store::open(store).map_err(|e| e.to_string())?;
+    let site = s.site(site).map_err(|e| e.to_string())?;
+    site.replica_path(vm, disk_id).map_err(|e| e.to_string())
+}
