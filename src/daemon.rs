@@ -277,6 +277,12 @@ fn serve_inner(
     let run = session.run();
     tracing::info!("FUSE session over {} ended", dir.display());
     let saved = tracker.shutdown_clean();
+    let t0 = std::time::Instant::now();
+    while IN_FLIGHT.load(std::sync::atomic::Ordering::SeqCst) > 0
+        && t0.elapsed() < std::time::Duration::from_secs(5)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     let _ = std::fs::remove_file(&sock);
     let _ = std::fs::remove_file(sock.with_extension("dir"));
     run.map_err(ioe(dir, "FUSE session failed"))?;
@@ -299,6 +305,10 @@ pub fn unmount(dir: &Path, lazy: bool) -> io::Result<()> {
     nix::mount::umount2(dir, flags).map_err(io::Error::from)
 }
 
+/// Control requests being answered; the daemon waits for them at exit so
+/// that `vdrep umount` gets its answer.
+static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 fn control_loop(
     listener: UnixListener,
     tracker: Arc<Tracker>,
@@ -313,11 +323,13 @@ fn control_loop(
         let _ = std::thread::Builder::new()
             .name("vdrep-ctl-conn".into())
             .spawn(move || {
+                IN_FLIGHT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let resp = match control::read_request(&conn) {
                     Err(e) => Response::err(format!("bad request: {e}")),
                     Ok(req) => handle(&req, &tracker, &rep, &dir),
                 };
                 let _ = control::write_response(&conn, &resp);
+                IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             });
     }
 }

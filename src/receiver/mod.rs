@@ -297,10 +297,22 @@ async fn initial(
             },
         )
     });
-    let resume = match r {
+    let mut resume = match r {
         Ok(s) => s.resume_offset,
         Err(e) => return store_err(e),
     };
+    if b.start_offset > 0 && resume == b.start_offset {
+        // Continue the interrupted copy as part of this newer cut.
+        let r = tokio::task::block_in_place(|| {
+            store
+                .site(&sess.site)?
+                .rebase_initial(&vm, &b.disk_id, b.cycle)
+        });
+        match r {
+            Ok(off) => resume = off,
+            Err(e) => return store_err(e),
+        }
+    }
     if resume != b.start_offset {
         return proto_err(
             ErrorCode::InvalidState,

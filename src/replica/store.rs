@@ -683,6 +683,28 @@ impl Site<'_> {
         Ok(())
     }
 
+    /// Move an interrupted initial copy to a newer cut: the sender resumes
+    /// at the durable offset with a copy taken at `new_cycle` that also
+    /// carries every block below the offset that changed since the old cut,
+    /// so the finished replica is the disk as of `new_cycle`. Returns the
+    /// durable offset the copy continues from.
+    pub fn rebase_initial(&self, vm: &str, disk_id: &[u8; 16], new_cycle: u64) -> Result<u64> {
+        let p = self.disk(vm, disk_id, false)?;
+        let rt = self.store.runtime(&p.dir);
+        let mut rt = rt.lock();
+        let mut st = self.state_or_unknown(&p)?;
+        let Some(off) = st.initial_offset else {
+            return Err(StoreError::NotReady {
+                ctx: p.ctx.clone(),
+                what: "no initial copy is in progress for this disk: nothing to resume".into(),
+            });
+        };
+        rt.initial = None;
+        st.initial_cycle = Some(new_cycle);
+        self.write_state(&p, &st)?;
+        Ok(off)
+    }
+
     /// End the initial copy: the replica is the disk as of cut `cycle`
     /// (taken at `cut_unix_ns`, 0 if unknown). Bytes not written since the
     /// copy began (a tail of holes) are zeroed. Idempotent.

@@ -405,7 +405,14 @@ impl Replicator {
             .map_err(|e| retry(format!("cannot resolve {}: {e}", spec.to)))?
             .next()
             .ok_or_else(|| retry(format!("{} resolves to no address", spec.to)))?;
-        let ep = transport::client(id, &trust).map_err(|e| retry(e.to_string()))?;
+        // Notice a dead receiver within seconds, not the default 30 s.
+        let tuning = transport::Tuning {
+            keep_alive: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(5),
+            ..transport::Tuning::default()
+        };
+        let ep =
+            transport::client_tuned(id, &trust, &tuning, None).map_err(|e| retry(e.to_string()))?;
         let conn = transport::connect(&ep, addr, "vdrep")
             .await
             .map_err(|e| classify_transport(&e.to_string()))?;
@@ -1039,7 +1046,7 @@ impl Replicator {
             Err(e) => return (None, Err(retry(format!("the disk reader failed: {e}")))),
         };
         if let Err(e) = net {
-            return (Some(sc), Err(e));
+            return (Some(sc), Err(why_stopped(&mut rx, e).await));
         }
         if let Err(e) = read {
             return (
@@ -1090,6 +1097,15 @@ fn log_cut_ns(t: &Tracker, shown: &Path) -> Option<u64> {
     let p = t.private_path(shown)?;
     let r = crate::hrl::HrlReader::open(&p).ok()?;
     Some(r.header().cut_unix_ns)
+}
+
+/// A write failed (often because the receiver answered with an error and
+/// stopped the stream): prefer the receiver's own explanation if it sent one.
+async fn why_stopped(rx: &mut quinn::RecvStream, fallback: SendError) -> SendError {
+    match tokio::time::timeout(Duration::from_secs(2), wire::read_msg(rx)).await {
+        Ok(Ok(Some(Msg::Error(e)))) => msg_err(&e),
+        _ => fallback,
+    }
 }
 
 fn classify_transport(msg: &str) -> SendError {

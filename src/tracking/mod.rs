@@ -884,7 +884,13 @@ impl Tracker {
                 m.shutdown_size = md.len();
                 m.shutdown_mtime_ns = md.mtime() * 1_000_000_000 + md.mtime_nsec();
             }
-            let bm = d.dirty.read();
+            // Bits of a cycle still being written or shipped are not yet
+            // anywhere safe: save them with the live ones.
+            let mut bm = Bitmap::from_words(d.dirty.read().len(), &d.dirty.read().to_words())
+                .unwrap_or_default();
+            if let Some(s) = d.sealing.lock().as_ref() {
+                bm.merge_from(s.real_changes.as_ref().unwrap_or(&s.dirty));
+            }
             let enc = state::encode_bitmap(m.block_size, bm.len(), &bm.to_words());
             self.state
                 .write_atomic(&PathBuf::from(format!("disks/{}/bitmap", m.folder)), &enc)
