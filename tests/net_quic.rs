@@ -567,3 +567,85 @@ async fn transfer_64_mib_of_initial_chunks() {
     client.close(0u32.into(), b"done");
     assert_eq!(receiver.await.unwrap(), expect.digest());
 }
+
+/// A UDP relay between a client and a server that can be told to drop
+/// everything (a cable pulled out).
+async fn relay(server: SocketAddr) -> (SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let front = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let back = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    back.connect(server).await.unwrap();
+    let addr = front.local_addr().unwrap();
+    let cut = Arc::new(AtomicBool::new(false));
+    let client_addr = Arc::new(tokio::sync::Mutex::new(None::<SocketAddr>));
+    {
+        let (front, back, cut, client_addr) = (
+            front.clone(),
+            back.clone(),
+            cut.clone(),
+            client_addr.clone(),
+        );
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = front.recv_from(&mut buf).await {
+                *client_addr.lock().await = Some(from);
+                if !cut.load(Ordering::SeqCst) {
+                    let _ = back.send(&buf[..n]).await;
+                }
+            }
+        });
+    }
+    {
+        let cut = cut.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok(n) = back.recv(&mut buf).await {
+                let to = *client_addr.lock().await;
+                if let (false, Some(to)) = (cut.load(Ordering::SeqCst), to) {
+                    let _ = front.send_to(&buf[..n], to).await;
+                }
+            }
+        });
+    }
+    (addr, cut)
+}
+
+#[tokio::test]
+async fn dead_peer_is_noticed_by_the_idle_timeout() {
+    let (a, b) = ids();
+    let tuning = transport::Tuning {
+        keep_alive: Duration::from_millis(200),
+        idle_timeout: Duration::from_millis(1500),
+        ..Default::default()
+    };
+    let server = transport::server_tuned(localhost(), &b, &trusting(&[&a]), &tuning).unwrap();
+    let (via, cut) = relay(server.local_addr().unwrap()).await;
+    let srv = server.clone();
+    let accept = tokio::spawn(async move {
+        let inc = srv.accept().await.unwrap();
+        transport::accept(inc).await.unwrap().0
+    });
+    let client = transport::client_tuned(&a, &trusting(&[&b]), &tuning, None).unwrap();
+    let conn = transport::connect(&client, via, "site-b").await.unwrap();
+    let sconn = accept.await.unwrap();
+
+    // Idle but alive: keep-alives hold the connection open past the timeout.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert!(conn.close_reason().is_none());
+    assert!(sconn.close_reason().is_none());
+
+    // Pull the cable: both sides notice within the idle timeout.
+    cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    let t = std::time::Instant::now();
+    let e = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .expect("client noticed the dead peer");
+    assert!(matches!(e, quinn::ConnectionError::TimedOut), "{e:?}");
+    let e2 = tokio::time::timeout(Duration::from_secs(5), sconn.closed())
+        .await
+        .expect("server noticed the dead peer");
+    assert!(matches!(e2, quinn::ConnectionError::TimedOut), "{e2:?}");
+    let msg = transport::explain_connection_error(&e, via);
+    println!("after {:?}: {msg}", t.elapsed());
+    assert!(msg.contains("timed out"), "{msg}");
+}

@@ -267,6 +267,36 @@ pub fn client_tuned(
     Ok(ep)
 }
 
+/// The endpoint constructors under one name, for callers that prefer
+/// `transport::Endpoint::server(..)`: they return plain `quinn::Endpoint`s.
+#[derive(Debug, Clone, Copy)]
+pub struct Endpoint;
+
+impl Endpoint {
+    /// See [`server`].
+    pub fn server(
+        listen: SocketAddr,
+        id: &Identity,
+        trust: &TrustStore,
+    ) -> Result<quinn::Endpoint, TransportError> {
+        server(listen, id, trust)
+    }
+
+    /// See [`client`].
+    pub fn client(id: &Identity, trust: &TrustStore) -> Result<quinn::Endpoint, TransportError> {
+        client(id, trust)
+    }
+
+    /// See [`connect`].
+    pub async fn connect(
+        endpoint: &quinn::Endpoint,
+        addr: SocketAddr,
+        server_name: &str,
+    ) -> Result<quinn::Connection, TransportError> {
+        connect(endpoint, addr, server_name).await
+    }
+}
+
 /// Connect to a server. `server_name` is sent as SNI only: the server is
 /// authenticated by its pinned certificate, not by name. See the module doc
 /// on refusals that arrive after this returns.
@@ -422,7 +452,7 @@ pub fn explain_connection_error(e: &quinn::ConnectionError, peer: SocketAddr) ->
             }
         }
         E::TimedOut => format!(
-            "no answer from {peer} (timed out): is the receiver running and is UDP to it allowed?"
+            "no answer from {peer} (timed out): the peer is down, or UDP between the sites is blocked"
         ),
         E::ConnectionClosed(cc) => format!(
             "{peer} closed the connection: {} (code {})",
