@@ -244,14 +244,18 @@ async fn pair() -> (
     quinn::Connection,
 ) {
     let (a, b) = ids();
-    let server = transport::server(localhost(), &b, &trusting(&[&a])).unwrap();
+    let mut tuning = transport::Tuning::default();
+    if let Ok(v) = std::env::var("VDREP_TEST_MTU") {
+        tuning.max_udp_payload = v.parse().unwrap();
+    }
+    let server = transport::server_tuned(localhost(), &b, &trusting(&[&a]), &tuning).unwrap();
     let addr = server.local_addr().unwrap();
     let srv = server.clone();
     let accept = tokio::spawn(async move {
         let inc = srv.accept().await.unwrap();
         transport::accept(inc).await.unwrap().0
     });
-    let client = transport::client(&a, &trusting(&[&b])).unwrap();
+    let client = transport::client_tuned(&a, &trusting(&[&b]), &tuning, None).unwrap();
     let cconn = transport::connect(&client, addr, "site-b").await.unwrap();
     let sconn = accept.await.unwrap();
     (client, cconn, server, sconn)

@@ -108,6 +108,11 @@ pub struct Tuning {
     pub idle_timeout: Duration,
     /// Concurrent bidirectional / unidirectional streams the peer may open.
     pub max_streams: u32,
+    /// Largest UDP payload to use and accept (1200..=65527). Path MTU
+    /// discovery searches up to it and backs off on black holes, so a value
+    /// above the path's MTU costs only a few lost probes; it helps on
+    /// loopback and jumbo-frame links. Receive buffers grow with it.
+    pub max_udp_payload: u16,
 }
 
 impl Default for Tuning {
@@ -120,6 +125,7 @@ impl Default for Tuning {
             keep_alive: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
             max_streams: 64,
+            max_udp_payload: 1472,
         }
     }
 }
@@ -137,6 +143,9 @@ impl Tuning {
         ));
         t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(self.max_streams));
         t.max_concurrent_uni_streams(quinn::VarInt::from_u32(self.max_streams));
+        let mut mtu = quinn::MtuDiscoveryConfig::default();
+        mtu.upper_bound(self.max_udp_payload.max(1200));
+        t.mtu_discovery_config(Some(mtu));
         Ok(t)
     }
 }
@@ -195,12 +204,18 @@ fn bind_socket(addr: SocketAddr, tuning: &Tuning) -> Result<std::net::UdpSocket,
     }
     let _ = sock.set_recv_buffer_size(tuning.socket_buffer);
     let _ = sock.set_send_buffer_size(tuning.socket_buffer);
-    tracing::debug!(
-        %addr,
-        rcvbuf = sock.recv_buffer_size().unwrap_or(0),
-        sndbuf = sock.send_buffer_size().unwrap_or(0),
-        "UDP socket buffers (the kernel reports twice the usable size)"
-    );
+    let rcv = sock.recv_buffer_size().unwrap_or(0);
+    let snd = sock.send_buffer_size().unwrap_or(0);
+    tracing::debug!(%addr, rcvbuf = rcv, sndbuf = snd, "UDP socket buffers");
+    // Linux reports twice the usable size; less than asked means the
+    // sysctl caps were hit.
+    if rcv < tuning.socket_buffer || snd < tuning.socket_buffer {
+        tracing::info!(
+            "UDP socket buffers on {addr} are {rcv}/{snd} bytes (asked {}): raise \
+             net.core.rmem_max and net.core.wmem_max for full throughput on fast or long links",
+            tuning.socket_buffer
+        );
+    }
     sock.bind(&addr.into()).map_err(sock_err)?;
     Ok(sock.into())
 }
@@ -211,13 +226,12 @@ fn endpoint_on(
     tuning: &Tuning,
 ) -> Result<quinn::Endpoint, TransportError> {
     let sock = bind_socket(addr, tuning)?;
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        server,
-        sock,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .map_err(|source| TransportError::Socket { addr, source })
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(tuning.max_udp_payload.clamp(1200, 65_527))
+        .map_err(|e| TransportError::Config(format!("max UDP payload: {e}")))?;
+    quinn::Endpoint::new(config, server, sock, Arc::new(quinn::TokioRuntime))
+        .map_err(|source| TransportError::Socket { addr, source })
 }
 
 /// A server endpoint on `listen` presenting `id` and accepting clients whose
