@@ -449,8 +449,8 @@ async fn refusal_surfaces_through_read_msg() {
     .await;
     let explained = match err {
         Ok(e) => {
-            let ce = e.connection_error().expect("a connection error").clone();
-            transport::explain_connection_error(&ce, addr)
+            assert!(e.connection_error().is_some(), "{e:?}");
+            e.explain(addr)
         }
         Err(other) => other,
     };

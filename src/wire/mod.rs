@@ -154,6 +154,16 @@ impl WireError {
         }
     }
 
+    /// One sentence for an operator: connection failures are explained with
+    /// [`crate::transport::explain_connection_error`] (who refused whom,
+    /// timeouts), anything else is this error's text.
+    pub fn explain(&self, peer: std::net::SocketAddr) -> String {
+        match self.connection_error() {
+            Some(e) => crate::transport::explain_connection_error(e, peer),
+            None => self.to_string(),
+        }
+    }
+
     /// True for errors of the channel (worth retrying on a new connection),
     /// false for errors in what the peer said.
     pub fn is_transport(&self) -> bool {
