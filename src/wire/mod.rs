@@ -466,6 +466,9 @@ impl Msg {
 }
 
 impl ErrorMsg {
+    /// An error message; the text is cut to [`MAX_ERROR_MESSAGE`] bytes and
+    /// control characters other than newline and tab become `?` (the peer
+    /// prints it on a terminal).
     pub fn new(code: ErrorCode, retryable: bool, message: impl Into<String>) -> Self {
         let mut message: String = message.into();
         if message.len() > MAX_ERROR_MESSAGE {
@@ -475,7 +478,16 @@ impl ErrorMsg {
             }
             message.truncate(cut);
         }
-        message.retain(|c| c != '\0');
+        let message = message
+            .chars()
+            .map(|c| {
+                if c.is_control() && c != '\n' && c != '\t' {
+                    '?'
+                } else {
+                    c
+                }
+            })
+            .collect();
         ErrorMsg {
             code,
             message,
