@@ -474,7 +474,12 @@ fn noise(n: usize, seed: u64) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfer_64_mib_of_initial_chunks() {
     const CHUNK: usize = 1 << 20;
-    const TOTAL: usize = 64 << 20;
+    // VDREP_TEST_MIB scales the transfer for manual throughput checks.
+    let mib: usize = std::env::var("VDREP_TEST_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    let total: usize = mib << 20;
     let (_ce, client, _se, server) = pair().await;
     let id = [3u8; 16];
     let data = noise(CHUNK, 42);
@@ -526,13 +531,13 @@ async fn transfer_64_mib_of_initial_chunks() {
         &Msg::InitialBegin(wire::InitialBegin {
             disk_id: id,
             cycle: 1,
-            disk_size: TOTAL as u64,
+            disk_size: total as u64,
             start_offset: 0,
         }),
     )
     .await
     .unwrap();
-    for i in 0..TOTAL / CHUNK {
+    for i in 0..total / CHUNK {
         let chunk = wire::InitialChunk {
             disk_id: id,
             offset: (i * CHUNK) as u64,
@@ -550,7 +555,7 @@ async fn transfer_64_mib_of_initial_chunks() {
         &Msg::InitialEnd(wire::InitialEnd {
             disk_id: id,
             cycle: 1,
-            disk_size: TOTAL as u64,
+            disk_size: total as u64,
         }),
     )
     .await
@@ -561,9 +566,9 @@ async fn transfer_64_mib_of_initial_chunks() {
     assert!(matches!(ack, Msg::Ack(wire::Ack { applied: true, .. })));
     let stats = client.stats();
     println!(
-        "64 MiB of 1 MiB InitialChunks over QUIC/127.0.0.1: {secs:.2} s, {:.0} MiB/s \
+        "{mib} MiB of 1 MiB InitialChunks over QUIC/127.0.0.1: {secs:.2} s, {:.0} MiB/s \
          ({} UDP datagrams sent, {} lost packets, rtt {:?})",
-        64.0 / secs,
+        mib as f64 / secs,
         stats.udp_tx.datagrams,
         stats.path.lost_packets,
         client.rtt()
