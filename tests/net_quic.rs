@@ -658,3 +658,22 @@ async fn dead_peer_is_noticed_by_the_idle_timeout() {
     println!("after {:?}: {msg}", t.elapsed());
     assert!(msg.contains("timed out"), "{msg}");
 }
+
+#[tokio::test]
+async fn default_client_reaches_ipv6_and_ipv4_servers() {
+    let (a, b) = ids();
+    let Ok(server6) = transport::server("[::1]:0".parse().unwrap(), &b, &trusting(&[&a])) else {
+        println!("no IPv6 loopback here: skipped");
+        return;
+    };
+    let addr6 = server6.local_addr().unwrap();
+    let task = spawn_echo_server(server6);
+    let client = transport::client(&a, &trusting(&[&b])).unwrap();
+    let conn = transport::connect(&client, addr6, "site-b").await.unwrap();
+    let (mut s, mut r) = conn.open_bi().await.unwrap();
+    s.write_all(b"v6").await.unwrap();
+    s.finish().unwrap();
+    assert_eq!(r.read_to_end(10).await.unwrap(), b"v6");
+    conn.close(0u32.into(), b"done");
+    assert_eq!(task.await.unwrap().unwrap().cn, "site-a");
+}

@@ -63,6 +63,9 @@ pub fn provider() -> rustls::crypto::CryptoProvider {
 /// to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
+    /// An identity could not be generated (bad site name, no randomness).
+    #[error("cannot create the identity: {0}")]
+    KeyGen(String),
     /// A key or certificate file (or key directory) is missing or unusable.
     #[error("{}: {what}", path.display())]
     Identity { path: PathBuf, what: String },
@@ -257,15 +260,14 @@ pub fn server_tuned(
     endpoint_on(listen, Some(sc), tuning)
 }
 
-/// A client endpoint (ephemeral port on the unspecified IPv4 address)
-/// presenting `id` and accepting servers whose certificate is in `trust`.
+/// A client endpoint (ephemeral port, dual-stack `[::]` where IPv6 is
+/// available, else `0.0.0.0`) presenting `id` and accepting servers whose certificate is in `trust`.
 /// Must be called inside a tokio runtime.
 pub fn client(id: &Identity, trust: &TrustStore) -> Result<quinn::Endpoint, TransportError> {
     client_tuned(id, trust, &Tuning::default(), None)
 }
 
-/// [`client`] with explicit tuning and, optionally, a local address to bind
-/// (use `[::]:0` to reach IPv6 servers).
+/// [`client`] with explicit tuning and, optionally, a local address to bind.
 pub fn client_tuned(
     id: &Identity,
     trust: &TrustStore,
@@ -275,8 +277,13 @@ pub fn client_tuned(
     let crypto = client_crypto(id, trust)?;
     let mut cc = quinn::ClientConfig::new(Arc::new(crypto));
     cc.transport_config(Arc::new(tuning.transport_config()?));
-    let bind = bind.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let mut ep = endpoint_on(bind, None, tuning)?;
+    let mut ep = match bind {
+        Some(addr) => endpoint_on(addr, None, tuning)?,
+        // Dual-stack [::]:0 reaches IPv4 and IPv6 receivers; fall back to
+        // 0.0.0.0:0 where IPv6 is disabled.
+        None => endpoint_on(SocketAddr::from(([0u16; 8], 0)), None, tuning)
+            .or_else(|_| endpoint_on(SocketAddr::from(([0, 0, 0, 0], 0)), None, tuning))?,
+    };
     ep.set_default_client_config(cc);
     Ok(ep)
 }
