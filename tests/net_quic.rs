@@ -237,6 +237,8 @@ use vdrep::hrl::Encoding;
 use vdrep::wire::{self, Msg};
 
 /// A connected (client, server) pair of QUIC connections with mutual trust.
+/// For manual experiments: VDREP_TEST_MTU sets `Tuning::max_udp_payload`,
+/// VDREP_TEST_BIND the client's local address.
 async fn pair() -> (
     quinn::Endpoint,
     quinn::Connection,
@@ -255,7 +257,10 @@ async fn pair() -> (
         let inc = srv.accept().await.unwrap();
         transport::accept(inc).await.unwrap().0
     });
-    let client = transport::client_tuned(&a, &trusting(&[&b]), &tuning, None).unwrap();
+    let bind = std::env::var("VDREP_TEST_BIND")
+        .ok()
+        .map(|v| v.parse().unwrap());
+    let client = transport::client_tuned(&a, &trusting(&[&b]), &tuning, bind).unwrap();
     let cconn = transport::connect(&client, addr, "site-b").await.unwrap();
     let sconn = accept.await.unwrap();
     (client, cconn, server, sconn)
@@ -567,9 +572,10 @@ async fn transfer_64_mib_of_initial_chunks() {
     let stats = client.stats();
     println!(
         "{mib} MiB of 1 MiB InitialChunks over QUIC/127.0.0.1: {secs:.2} s, {:.0} MiB/s \
-         ({} UDP datagrams sent, {} lost packets, rtt {:?})",
+         ({} UDP datagrams sent, mtu {}, {} lost packets, rtt {:?})",
         mib as f64 / secs,
         stats.udp_tx.datagrams,
+        stats.path.current_mtu,
         stats.path.lost_packets,
         client.rtt()
     );
