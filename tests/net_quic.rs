@@ -424,7 +424,7 @@ async fn oversized_and_truncated_frames_over_a_stream() {
 }
 
 #[tokio::test]
-async fn refusal_surfaces_through_read_msg() {
+async fn refusal_surfaces_through_client_hello() {
     let (a, b) = ids();
     let stranger = Identity::generate("stranger").unwrap();
     let server = transport::server(localhost(), &b, &trusting(&[&a])).unwrap();
@@ -440,25 +440,13 @@ async fn refusal_surfaces_through_read_msg() {
             return;
         }
     };
-    let hello = one_of_each().remove(0);
-    let err = async {
-        let (mut s, mut r) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        wire::write_msg(&mut s, &hello)
-            .await
-            .map_err(|e| e.to_string())?;
-        match wire::read_msg(&mut r).await {
-            Ok(m) => Err(format!("unexpected answer {m:?}")),
-            Err(e) => Ok(e),
-        }
-    }
-    .await;
-    let explained = match err {
-        Ok(e) => {
-            assert!(e.connection_error().is_some(), "{e:?}");
-            e.explain(addr)
-        }
-        Err(other) => other,
+    let e = match wire::client_hello(&conn, "stranger").await {
+        Ok(_) => panic!("an untrusted client got HelloOk"),
+        Err(e) => e,
     };
+    assert!(e.connection_error().is_some(), "{e:?}");
+    let explained = e.explain(addr);
+    println!("client_hello: {explained}");
     assert!(explained.contains("refused our certificate"), "{explained}");
     let _ = task.await;
 }
@@ -682,4 +670,52 @@ async fn default_client_reaches_ipv6_and_ipv4_servers() {
     assert_eq!(r.read_to_end(10).await.unwrap(), b"v6");
     conn.close(0u32.into(), b"done");
     assert_eq!(task.await.unwrap().unwrap().cn, "site-a");
+}
+
+#[tokio::test]
+async fn hello_exchange_and_version_mismatch() {
+    let (_ce, client, _se, server) = pair().await;
+    let srv = tokio::spawn(async move {
+        let first = wire::accept_hello(&server, "site-b")
+            .await
+            .map(|(_, _, h)| h);
+        let second = wire::accept_hello(&server, "site-b")
+            .await
+            .map(|(_, _, h)| h);
+        let _ = tokio::time::timeout(Duration::from_secs(5), server.closed()).await;
+        (first, second)
+    });
+    let (_s, _r, ok) = wire::client_hello(&client, "site-a").await.unwrap();
+    assert_eq!(ok.site_name, "site-b");
+    assert_eq!(ok.protocol_version, wire::PROTOCOL_VERSION);
+
+    // A sender from the future.
+    let (mut s, mut r) = client.open_bi().await.unwrap();
+    let hello = Msg::Hello(wire::Hello {
+        protocol_version: 99,
+        site_name: "site-a".into(),
+        software_version: "9.9".into(),
+    });
+    wire::write_msg(&mut s, &hello).await.unwrap();
+    let e = wire::expect(&mut r, "HelloOk", |m| match m {
+        Msg::HelloOk(h) => Ok(h),
+        m => Err(m),
+    })
+    .await
+    .unwrap_err();
+    println!("sender sees: {e}");
+    assert!(
+        matches!(&e, wire::WireError::Peer { code: wire::ErrorCode::Version, retryable: false, message } if message.contains("version 1, this sender 99")),
+        "{e:?}"
+    );
+    client.close(0u32.into(), b"done");
+    let (first, second) = srv.await.unwrap();
+    assert_eq!(first.unwrap().site_name, "site-a");
+    assert!(matches!(
+        second,
+        Err(wire::WireError::Version {
+            ours: 1,
+            theirs: 99
+        })
+    ));
 }

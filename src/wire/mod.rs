@@ -91,7 +91,9 @@ mod io;
 mod names;
 
 pub use codec::{decode, encode, MsgType};
-pub use io::{read_msg, write_msg, write_msg_buf};
+pub use io::{
+    accept_hello, client_hello, expect, read_msg, write_msg, write_msg_buf, write_msg_limited,
+};
 pub use names::{safe_component, safe_name, MAX_COMPONENT, MAX_NAME};
 
 /// Protocol version spoken by this build (in `Hello`).
@@ -138,6 +140,25 @@ pub enum WireError {
     /// Writing to a stream failed.
     #[error("writing a message failed: {0}")]
     Write(#[from] quinn::WriteError),
+    /// The peer answered with an `Error` message.
+    #[error("the peer refused: {message} (error {code:?}{})", if *retryable { ", will retry" } else { "" })]
+    Peer {
+        code: ErrorCode,
+        message: String,
+        retryable: bool,
+    },
+    /// The peer sent a message that does not belong here.
+    #[error("protocol error: expected {expected}, the peer sent {got}")]
+    Unexpected {
+        expected: &'static str,
+        got: &'static str,
+    },
+    /// The stream ended where a message was expected.
+    #[error("the peer closed the stream where {expected} was expected")]
+    Ended { expected: &'static str },
+    /// The peers speak different protocol versions.
+    #[error("protocol version mismatch: this side speaks {ours}, the peer {theirs}; upgrade the older side")]
+    Version { ours: u16, theirs: u16 },
     /// The stream ended in the middle of a frame.
     #[error("the stream ended in the middle of a message ({got} of {need} bytes)")]
     Truncated { got: usize, need: usize },
