@@ -24,7 +24,8 @@
 //! succeed and the refusal arrives as the connection being closed, surfacing
 //! on the first stream operation (normally reading the answer to `Hello`).
 //! Turn the `quinn::ConnectionError` found there into a sentence with
-//! [`explain_connection_error`]. On the server, [`accept`] returns
+//! [`explain_connection_error`] (or [`crate::wire::WireError::explain`];
+//! [`crate::wire::client_hello`] is the usual place it shows). On the server, [`accept`] returns
 //! [`TransportError::Refused`], whose text is
 //! `refused connection from ADDR: certificate FP (CN=NAME) is not trusted; add it with --trust`
 //! (and logs it at WARN).
@@ -33,9 +34,18 @@
 //! quinn's defaults are sized for the web. [`Tuning::default`] raises the
 //! per-stream and per-connection receive windows and the send window to tens
 //! of MiB and asks the kernel for large UDP socket buffers (best effort:
-//! Linux caps them at `net.core.rmem_max`/`wmem_max`; the granted sizes are
-//! logged at DEBUG). Keep-alive every 5 s and a 30 s idle timeout make a
-//! dead peer visible as `ConnectionError::TimedOut`.
+//! Linux caps them at `net.core.rmem_max`/`wmem_max`; smaller grants are
+//! logged at INFO with the sysctls to raise). Keep-alive every 5 s and a
+//! 30 s idle timeout make a dead peer visible as `ConnectionError::TimedOut`.
+//! All of it is adjustable through [`Tuning`] ([`server_tuned`],
+//! [`client_tuned`]). Measured on this project's 2-core shared machine
+//! (client and server in one process, one stream, 1 MiB `InitialChunk`s,
+//! incompressible data): 160–235 MiB/s in a release build, 85–190 MiB/s in
+//! the test profile; the CPU (AEAD + quinn per-packet work at a 1472-byte
+//! path MTU) is the limit, not the windows.
+//!
+//! The client endpoint binds dual-stack `[::]:0` where possible, so one
+//! endpoint reaches IPv4 and IPv6 receivers.
 
 pub mod cli;
 pub mod keys;
