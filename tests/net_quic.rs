@@ -719,3 +719,73 @@ async fn hello_exchange_and_version_mismatch() {
         })
     ));
 }
+
+/// Presents a given certificate but signs with another key: an impostor
+/// who copied a trusted peer's .crt but has not its private key.
+#[derive(Debug)]
+struct StolenCert(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for StolenCert {
+    fn resolve(
+        &self,
+        _hints: &[&[u8]],
+        _schemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+#[tokio::test]
+async fn trusted_certificate_without_its_key_is_refused() {
+    let (a, b) = ids();
+    let impostor = Identity::generate("site-a").unwrap();
+    let server = transport::server(localhost(), &b, &trusting(&[&a])).unwrap();
+    let addr = server.local_addr().unwrap();
+    let task = spawn_echo_server(server);
+
+    // a's certificate, impostor's key.
+    let provider = transport::provider();
+    let key = provider
+        .key_provider
+        .load_private_key(impostor.key())
+        .unwrap();
+    let stolen = rustls::sign::CertifiedKey::new(vec![a.cert.clone()], key);
+    let verifier = Arc::new(transport::trust::PinnedServerVerifier::new(trusting(&[&b])));
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(Arc::new(StolenCert(Arc::new(stolen))));
+    cfg.alpn_protocols = vec![transport::ALPN.to_vec()];
+    let qc = quinn::crypto::rustls::QuicClientConfig::try_from(cfg).unwrap();
+    let mut client = quinn::Endpoint::client(localhost()).unwrap();
+    client.set_default_client_config(quinn::ClientConfig::new(Arc::new(qc)));
+
+    let outcome = match client.connect(addr, "site-b").unwrap().await {
+        Err(e) => transport::explain_connection_error(&e, addr),
+        Ok(conn) => {
+            let (mut s, mut r) = conn.open_bi().await.unwrap();
+            let _ = s.write_all(b"ping").await;
+            let _ = s.finish();
+            assert!(
+                r.read_to_end(100).await.is_err(),
+                "the impostor got an answer"
+            );
+            transport::explain_connection_error(&conn.closed().await, addr)
+        }
+    };
+    println!("impostor sees: {outcome}");
+    assert!(outcome.contains("refused"), "{outcome}");
+    let srv = task.await.unwrap().unwrap_err().to_string();
+    println!("server says: {srv}");
+    assert!(srv.starts_with("refused connection from"), "{srv}");
+    assert!(
+        srv.contains("did not prove it holds its private key"),
+        "{srv}"
+    );
+    assert!(srv.contains(&a.fingerprint.to_string()), "{srv}");
+}

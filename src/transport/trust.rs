@@ -133,7 +133,27 @@ fn verify13(
     // verify_*_cert step already matched against the pins; check again so
     // this method is safe on its own.
     check_pinned(trust, cert)?;
-    rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
+    rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms()).map_err(|e| {
+        rustls::Error::Other(rustls::OtherError(Arc::new(NoProof {
+            fingerprint: Fingerprint::of_der(cert),
+            cn: subject_cn(cert).unwrap_or_else(|| "?".into()),
+            why: e.to_string(),
+        })))
+    })
+}
+
+/// Why a pinned certificate was refused anyway: the peer's handshake
+/// signature does not verify with it (a copied certificate without its key,
+/// or a key file that does not match).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "certificate {fingerprint} (CN={cn}) is trusted, but the peer did not prove it holds \
+     its private key (handshake signature: {why}); an impostor, or a mismatched key file"
+)]
+pub struct NoProof {
+    pub fingerprint: Fingerprint,
+    pub cn: String,
+    pub why: String,
 }
 
 fn refuse_tls12() -> rustls::Error {
