@@ -789,3 +789,44 @@ async fn trusted_certificate_without_its_key_is_refused() {
     );
     assert!(srv.contains(&a.fingerprint.to_string()), "{srv}");
 }
+
+#[tokio::test]
+async fn trust_reload_admits_a_new_peer_and_alpn_is_required() {
+    let (a, b) = ids();
+    let server = transport::server(localhost(), &b, &TrustStore::new()).unwrap();
+    let addr = server.local_addr().unwrap();
+    transport::reload_server(&server, &b, &trusting(&[&a]), &transport::Tuning::default()).unwrap();
+    let task = spawn_echo_server(server);
+    let client = transport::client(&a, &trusting(&[&b])).unwrap();
+    let conn = transport::connect(&client, addr, "site-b").await.unwrap();
+    let (mut s, mut r) = conn.open_bi().await.unwrap();
+    s.write_all(b"hi").await.unwrap();
+    s.finish().unwrap();
+    assert_eq!(r.read_to_end(10).await.unwrap(), b"hi");
+    conn.close(0u32.into(), b"done");
+    assert_eq!(task.await.unwrap().unwrap().fingerprint, a.fingerprint);
+
+    // A client speaking another ALPN is refused during the handshake.
+    let server = transport::server(localhost(), &b, &trusting(&[&a])).unwrap();
+    let addr = server.local_addr().unwrap();
+    let task = spawn_echo_server(server);
+    let verifier = Arc::new(transport::trust::PinnedServerVerifier::new(trusting(&[&b])));
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(transport::provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(vec![a.cert.clone()], a.key())
+        .unwrap();
+    cfg.alpn_protocols = vec![b"h3".to_vec()];
+    let qc = quinn::crypto::rustls::QuicClientConfig::try_from(cfg).unwrap();
+    let mut other = quinn::Endpoint::client(localhost()).unwrap();
+    other.set_default_client_config(quinn::ClientConfig::new(Arc::new(qc)));
+    let e = other.connect(addr, "site-b").unwrap().await.unwrap_err();
+    let msg = transport::explain_connection_error(&e, addr);
+    println!("h3 client sees: {msg}");
+    assert!(msg.contains("does not speak the vdrep protocol"), "{msg}");
+    let srv = task.await.unwrap().unwrap_err().to_string();
+    println!("server says: {srv}");
+    assert!(srv.starts_with("refused connection from"), "{srv}");
+}

@@ -272,6 +272,22 @@ pub fn server_tuned(
     endpoint_on(listen, Some(sc), tuning)
 }
 
+/// Replace a running server endpoint's identity and trust store (e.g. after
+/// `--trust` files changed): new connections use them, established ones are
+/// not touched.
+pub fn reload_server(
+    endpoint: &quinn::Endpoint,
+    id: &Identity,
+    trust: &TrustStore,
+    tuning: &Tuning,
+) -> Result<(), TransportError> {
+    let crypto = server_crypto(id, trust)?;
+    let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    sc.transport_config(Arc::new(tuning.transport_config()?));
+    endpoint.set_server_config(Some(sc));
+    Ok(())
+}
+
 /// A client endpoint (ephemeral port, dual-stack `[::]` where IPv6 is
 /// available, else `0.0.0.0`) presenting `id` and accepting servers whose certificate is in `trust`.
 /// Must be called inside a tokio runtime.
