@@ -259,10 +259,7 @@ fn umount(dir: PathBuf, lazy: bool) -> i32 {
                     0
                 }
                 Err(e) => {
-                    eprintln!(
-                        "vdrep: {} is not mounted by a running vdrep: {e}",
-                        dir.display()
-                    );
+                    eprintln!("vdrep: {} is not mounted by a running vdrep: {e}", dir.display());
                     2
                 }
             }

@@ -22,9 +22,7 @@ pub enum Request {
     Cut,
     Status,
     /// Unmount (lazily if `lazy`) and stop after saving state.
-    Shutdown {
-        lazy: bool,
-    },
+    Shutdown { lazy: bool },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -218,10 +218,8 @@ fn serve_inner(
             dir.display()
         );
     }
-    let session = crate::fs::mount(dir, tracker.clone(), &opts.fs).map_err(ioe(
-        dir,
-        "cannot mount the FUSE file system over the folder",
-    ))?;
+    let session = crate::fs::mount(dir, tracker.clone(), &opts.fs)
+        .map_err(ioe(dir, "cannot mount the FUSE file system over the folder"))?;
 
     // Control socket.
     let sock = control::socket_path(dir);
@@ -358,3 +356,4 @@ pub fn wait_pid_gone(pid: u32, timeout: std::time::Duration) -> bool {
     }
     false
 }
+

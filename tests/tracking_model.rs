@@ -135,15 +135,8 @@ fn run_model(ops: &[Op], bs: u32, initial: &[u8]) {
         let got = std::fs::read(&base).unwrap();
         assert_eq!(got.len(), want.len(), "length after {}", log.display());
         if got != *want {
-            let i = got
-                .iter()
-                .zip(want.iter())
-                .position(|(a, b)| a != b)
-                .unwrap();
-            panic!(
-                "copy differs from the model at byte {i} after {}",
-                log.display()
-            );
+            let i = got.iter().zip(want.iter()).position(|(a, b)| a != b).unwrap();
+            panic!("copy differs from the model at byte {i} after {}", log.display());
         }
     }
 }
@@ -207,12 +200,8 @@ fn copy_before_write_keeps_sealed_cycle_exact() {
             }
             let mut b = 1u64;
             while !stop.load(Ordering::Relaxed) {
-                disk.write_at(&file, (b % (size as u64 / 4096)) * 4096, &[0x22; 4096])
-                    .unwrap();
-                b = b
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407)
-                    >> 1;
+                disk.write_at(&file, (b % (size as u64 / 4096)) * 4096, &[0x22; 4096]).unwrap();
+                b = b.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) >> 1;
                 n.fetch_add(1, Ordering::Relaxed);
             }
         })
@@ -223,10 +212,7 @@ fn copy_before_write_keeps_sealed_cycle_exact() {
     stop.store(true, Ordering::Relaxed);
     h.join().unwrap();
     let r2 = t.cut().unwrap();
-    assert!(
-        during > 0,
-        "the writer never overlapped the materialisation"
-    );
+    assert!(during > 0, "the writer never overlapped the materialisation");
     let base = dir.join("base");
     apply_all(&[r1.disks[0].log.clone().unwrap()], &base);
     let after1 = std::fs::read(&base).unwrap();
@@ -299,8 +285,7 @@ fn concurrent_writers_cuts_are_one_instant_across_disks() {
                     c.copy_from_slice(&v[..n]);
                 }
                 let s = ticket.fetch_add(1, Ordering::SeqCst);
-                disk.write_at(&file, (part + blk) * BS as u64, &buf)
-                    .unwrap();
+                disk.write_at(&file, (part + blk) * BS as u64, &buf).unwrap();
                 let e = ticket.fetch_add(1, Ordering::SeqCst);
                 log.push((blk, s, e));
                 seq += 1;
@@ -317,10 +302,7 @@ fn concurrent_writers_cuts_are_one_instant_across_disks() {
     }
     stop.store(true, Ordering::Relaxed);
     let wlogs: Vec<Log> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    assert!(
-        wlogs.iter().all(|l| l.len() > 50),
-        "writers made too little progress"
-    );
+    assert!(wlogs.iter().all(|l| l.len() > 50), "writers made too little progress");
     let copies = [dir.join("a.img.copy"), dir.join("b.img.copy")];
     let mut prev_k = [0usize; WRITERS];
     for (ci, logs) in cuts.iter().enumerate() {
@@ -328,10 +310,7 @@ fn concurrent_writers_cuts_are_one_instant_across_disks() {
         for (l, c) in logs.iter().zip(copies.iter()) {
             apply_all(std::slice::from_ref(l), c);
         }
-        let imgs = [
-            std::fs::read(&copies[0]).unwrap(),
-            std::fs::read(&copies[1]).unwrap(),
-        ];
+        let imgs = [std::fs::read(&copies[0]).unwrap(), std::fs::read(&copies[1]).unwrap()];
         let mut k = [0usize; WRITERS];
         for w in 0..WRITERS {
             let img = &imgs[if w < 2 { 0 } else { 1 }];
@@ -350,11 +329,7 @@ fn concurrent_writers_cuts_are_one_instant_across_disks() {
                 }
                 assert_eq!(who, w as u64 + 1, "cut {ci}: block of another writer");
                 for c in blk.chunks(24) {
-                    assert_eq!(
-                        c[..c.len().min(16)],
-                        blk[..c.len().min(16)],
-                        "cut {ci}: torn block"
-                    );
+                    assert_eq!(c[..c.len().min(16)], blk[..c.len().min(16)], "cut {ci}: torn block");
                 }
                 seen[b as usize] = seq;
                 maxseq = maxseq.max(seq);
@@ -365,18 +340,13 @@ fn concurrent_writers_cuts_are_one_instant_across_disks() {
             for (i, (blk, _, _)) in wlogs[w][..k[w]].iter().enumerate() {
                 want[*blk as usize] = i as u64 + 1;
             }
-            assert_eq!(
-                seen, want,
-                "cut {ci}: writer {w} is not a prefix of its writes"
-            );
+            assert_eq!(seen, want, "cut {ci}: writer {w} is not a prefix of its writes");
             assert!(k[w] >= prev_k[w], "cut {ci}: writer {w} went back in time");
         }
         // One instant: an excluded write that ended before an included write
         // started is a violation.
         for t_ in 0..WRITERS {
-            let Some(&(_, _, excl_end)) = wlogs[t_].get(k[t_]) else {
-                continue;
-            };
+            let Some(&(_, _, excl_end)) = wlogs[t_].get(k[t_]) else { continue };
             for u in 0..WRITERS {
                 if k[u] == 0 {
                     continue;

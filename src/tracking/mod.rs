@@ -254,7 +254,10 @@ impl Tracker {
         let previous_stop_clean = mm.as_ref().is_none_or(|m| m.clean);
         let cut_seq = mm.as_ref().map_or(0, |m| m.cut_seq);
         let mut known = HashMap::new();
-        for folder in state.disk_folders().map_err(|e| io_state(&state_path, e))? {
+        for folder in state
+            .disk_folders()
+            .map_err(|e| io_state(&state_path, e))?
+        {
             let rel = PathBuf::from(format!("disks/{folder}/meta.json"));
             match state.read_json::<DiskMeta>(&rel) {
                 Ok(Some(mut m)) => {
@@ -355,10 +358,7 @@ impl Tracker {
                 if md.is_dir() && depth < 8 {
                     stack.push((rel, depth + 1));
                 } else if md.is_file() && self.is_disk_name(&rel) {
-                    match self
-                        .state
-                        .openat(&rel, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
-                    {
+                    match self.state.openat(&rel, libc::O_RDONLY | libc::O_NOFOLLOW, 0) {
                         Ok(f) => {
                             if let Err(e) = self.attach(&rel, &f) {
                                 tracing::warn!("cannot track {}: {e}", rel.display());
@@ -563,8 +563,10 @@ impl Tracker {
                     }
                 };
                 let bs = self.shared.block_size;
-                let sealed =
-                    std::mem::replace(&mut *d.dirty.write(), Bitmap::new(size.div_ceil(bs)));
+                let sealed = std::mem::replace(
+                    &mut *d.dirty.write(),
+                    Bitmap::new(size.div_ceil(bs)),
+                );
                 let s = Arc::new(Sealing {
                     dirty: sealed,
                     size,
@@ -605,9 +607,7 @@ impl Tracker {
                         log: Some(self.root_path.join(&rel)),
                         dirty_blocks,
                         log_bytes: bytes,
-                        error: saved
-                            .err()
-                            .map(|e| format!("log written but state not saved: {e}")),
+                        error: saved.err().map(|e| format!("log written but state not saved: {e}")),
                     });
                 }
                 Err(e) => {
@@ -856,12 +856,7 @@ impl TrackedDisk {
         }
         // SAFETY: valid fd; kernel validates the arguments.
         let r = unsafe {
-            libc::fallocate(
-                file.as_raw_fd(),
-                mode,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
+            libc::fallocate(file.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t)
         };
         let res = if r == 0 {
             Ok(())

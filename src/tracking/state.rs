@@ -182,7 +182,8 @@ impl StateDir {
             libc::O_RDONLY | libc::O_DIRECTORY,
             0,
         )?;
-        list_dir(d).map(|v| v.into_iter().filter(|n| !n.starts_with('.')).collect())
+        list_dir(d)
+            .map(|v| v.into_iter().filter(|n| !n.starts_with('.')).collect())
     }
 
     pub fn read_json<T: for<'de> Deserialize<'de>>(&self, rel: &Path) -> io::Result<Option<T>> {
