@@ -152,13 +152,21 @@ impl Identity {
     ) -> Result<Self, TransportError> {
         let provider = super::provider();
         rustls::sign::CertifiedKey::from_der(vec![cert.clone()], key.clone_key(), &provider)
-            .map_err(|e| TransportError::Identity {
-                path: key_path.to_path_buf(),
-                what: format!(
-                    "the private key cannot be used with certificate {} ({e}); \
-                     use the .key written together with that .crt by `vdrep keys init`",
-                    cert_path.display()
-                ),
+            .map_err(|e| {
+                if key_path.as_os_str().is_empty() {
+                    TransportError::KeyGen(format!(
+                        "the private key cannot be used with the certificate: {e}"
+                    ))
+                } else {
+                    TransportError::Identity {
+                        path: key_path.to_path_buf(),
+                        what: format!(
+                            "the private key cannot be used with certificate {} ({e}); \
+                             use the .key written together with that .crt by `vdrep keys init`",
+                            cert_path.display()
+                        ),
+                    }
+                }
             })?;
         let fingerprint = Fingerprint::of_der(&cert);
         let name = subject_cn(&cert).unwrap_or_default();
@@ -258,17 +266,10 @@ impl Identity {
     pub fn generate(name: &str) -> Result<Self, TransportError> {
         let (cert_pem, key_pem) = generate_pem(name)?;
         let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| {
-            TransportError::Identity {
-                path: PathBuf::new(),
-                what: format!("generated certificate does not parse: {e}"),
-            }
+            TransportError::KeyGen(format!("generated certificate does not parse: {e}"))
         })?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| {
-            TransportError::Identity {
-                path: PathBuf::new(),
-                what: format!("generated key does not parse: {e}"),
-            }
-        })?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|e| TransportError::KeyGen(format!("generated key does not parse: {e}")))?;
         Self::from_der(cert, key)
     }
 }
@@ -298,10 +299,7 @@ fn civil_from_days(z: i64) -> (i32, u8, u8) {
 }
 
 fn generate_pem(name: &str) -> Result<(String, String), TransportError> {
-    let gen_err = |what: String| TransportError::Identity {
-        path: PathBuf::new(),
-        what,
-    };
+    let gen_err = TransportError::KeyGen;
     check_site_name(name).map_err(gen_err)?;
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(|e| gen_err(format!("cannot generate a P-256 key: {e}")))?;

@@ -1,8 +1,9 @@
 //! Bandwidth limit (`--max-rate`): an async token bucket.
 //!
 //! Tokens are bytes. The bucket fills at `bytes_per_sec` and holds at most
-//! 100 ms worth (at least 64 KiB), so after an idle period a sender may burst
-//! that much and no more. It starts empty. [`RateLimiter::take`] may drive
+//! 250 ms worth (at least 64 KiB), so after an idle period a sender may burst
+//! that much and no more (and a sender delayed by a busy machine may catch
+//! up that much). It starts empty. [`RateLimiter::take`] may drive
 //! the bucket negative (a request larger than the bucket is never refused):
 //! the caller then sleeps until the debt is repaid, so over any interval the
 //! bytes granted are `rate × interval + burst`, whatever the request sizes
@@ -31,7 +32,7 @@ impl RateLimiter {
         let rate = bytes_per_sec as f64;
         RateLimiter {
             rate,
-            capacity: (rate / 10.0).max(65_536.0),
+            capacity: (rate / 4.0).max(65_536.0),
             bucket: Mutex::new(Bucket {
                 tokens: 0.0,
                 last: Instant::now(),

@@ -106,12 +106,10 @@ pub struct NotTrusted {
     pub cn: String,
 }
 
-fn check_pinned(
-    trust: &TrustStore,
-    end_entity: &CertificateDer<'_>,
-    intermediates: &[CertificateDer<'_>],
-) -> Result<(), rustls::Error> {
-    if trust.get(end_entity).is_some() && intermediates.is_empty() {
+/// The pin is on the end-entity certificate alone: any other certificates
+/// the peer sends are ignored (they cannot make an unpinned one trusted).
+fn check_pinned(trust: &TrustStore, end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+    if trust.get(end_entity).is_some() {
         return Ok(());
     }
     let fingerprint = Fingerprint::of_der(end_entity);
@@ -134,8 +132,28 @@ fn verify13(
     // The signature is checked against the presented certificate, which the
     // verify_*_cert step already matched against the pins; check again so
     // this method is safe on its own.
-    check_pinned(trust, cert, &[])?;
-    rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
+    check_pinned(trust, cert)?;
+    rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms()).map_err(|e| {
+        rustls::Error::Other(rustls::OtherError(Arc::new(NoProof {
+            fingerprint: Fingerprint::of_der(cert),
+            cn: subject_cn(cert).unwrap_or_else(|| "?".into()),
+            why: e.to_string(),
+        })))
+    })
+}
+
+/// Why a pinned certificate was refused anyway: the peer's handshake
+/// signature does not verify with it (a copied certificate without its key,
+/// or a key file that does not match).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "certificate {fingerprint} (CN={cn}) is trusted, but the peer did not prove it holds \
+     its private key (handshake signature: {why}); an impostor, or a mismatched key file"
+)]
+pub struct NoProof {
+    pub fingerprint: Fingerprint,
+    pub cn: String,
+    pub why: String,
 }
 
 fn refuse_tls12() -> rustls::Error {
@@ -158,12 +176,12 @@ impl ServerCertVerifier for PinnedServerVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
+        _intermediates: &[CertificateDer<'_>],
         _server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        check_pinned(&self.trust, end_entity, intermediates)?;
+        check_pinned(&self.trust, end_entity)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -219,10 +237,10 @@ impl ClientCertVerifier for PinnedClientVerifier {
     fn verify_client_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
+        _intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        check_pinned(&self.trust, end_entity, intermediates)?;
+        check_pinned(&self.trust, end_entity)?;
         Ok(ClientCertVerified::assertion())
     }
 

@@ -624,10 +624,17 @@ pub(crate) fn validate(msg: &Msg) -> Result<(), WireError> {
             )?;
         }
         Msg::Error(e) => {
-            if e.message.len() > MAX_ERROR_MESSAGE || e.message.contains('\0') {
+            if e.message.len() > MAX_ERROR_MESSAGE
+                || e.message
+                    .chars()
+                    .any(|c| c.is_control() && c != '\n' && c != '\t')
+            {
                 return Err(malformed(
                     name,
-                    format!("message longer than {MAX_ERROR_MESSAGE} bytes or contains NUL"),
+                    format!(
+                        "message longer than {MAX_ERROR_MESSAGE} bytes or with control \
+                         characters other than newline and tab (use ErrorMsg::new)"
+                    ),
                 ));
             }
         }
@@ -818,6 +825,23 @@ mod tests {
         let n = buf.len();
         buf[n - 1] = 2;
         assert!(decode(&buf).is_err());
+    }
+
+    #[test]
+    fn error_text_is_made_printable_and_capped() {
+        let e = ErrorMsg::new(ErrorCode::NoSpace, true, "\u{1b}[31mdisk\u{0} full\nretry");
+        assert_eq!(e.message, "?[31mdisk? full\nretry");
+        let long = ErrorMsg::new(ErrorCode::Io, false, "é".repeat(5000));
+        assert!(long.message.len() <= MAX_ERROR_MESSAGE);
+        let mut buf = Vec::new();
+        encode(&Msg::Error(long.clone()), &mut buf).unwrap();
+        assert_eq!(decode(&buf).unwrap().unwrap().0, Msg::Error(long));
+        let raw = Msg::Error(ErrorMsg {
+            code: ErrorCode::Io,
+            message: "\u{1b}]0;pwned\u{7}".into(),
+            retryable: false,
+        });
+        assert!(encode(&raw, &mut Vec::new()).is_err());
     }
 
     #[test]

@@ -91,7 +91,9 @@ mod io;
 mod names;
 
 pub use codec::{decode, encode, MsgType};
-pub use io::{read_msg, write_msg, write_msg_buf};
+pub use io::{
+    accept_hello, client_hello, expect, read_msg, write_msg, write_msg_buf, write_msg_limited,
+};
 pub use names::{safe_component, safe_name, MAX_COMPONENT, MAX_NAME};
 
 /// Protocol version spoken by this build (in `Hello`).
@@ -138,6 +140,25 @@ pub enum WireError {
     /// Writing to a stream failed.
     #[error("writing a message failed: {0}")]
     Write(#[from] quinn::WriteError),
+    /// The peer answered with an `Error` message.
+    #[error("the peer refused: {message} (error {code:?}{})", if *retryable { ", will retry" } else { "" })]
+    Peer {
+        code: ErrorCode,
+        message: String,
+        retryable: bool,
+    },
+    /// The peer sent a message that does not belong here.
+    #[error("protocol error: expected {expected}, the peer sent {got}")]
+    Unexpected {
+        expected: &'static str,
+        got: &'static str,
+    },
+    /// The stream ended where a message was expected.
+    #[error("the peer closed the stream where {expected} was expected")]
+    Ended { expected: &'static str },
+    /// The peers speak different protocol versions.
+    #[error("protocol version mismatch: this side speaks {ours}, the peer {theirs}; upgrade the older side")]
+    Version { ours: u16, theirs: u16 },
     /// The stream ended in the middle of a frame.
     #[error("the stream ended in the middle of a message ({got} of {need} bytes)")]
     Truncated { got: usize, need: usize },
@@ -151,6 +172,16 @@ impl WireError {
             WireError::Read(quinn::ReadError::ConnectionLost(e)) => Some(e),
             WireError::Write(quinn::WriteError::ConnectionLost(e)) => Some(e),
             _ => None,
+        }
+    }
+
+    /// One sentence for an operator: connection failures are explained with
+    /// [`crate::transport::explain_connection_error`] (who refused whom,
+    /// timeouts), anything else is this error's text.
+    pub fn explain(&self, peer: std::net::SocketAddr) -> String {
+        match self.connection_error() {
+            Some(e) => crate::transport::explain_connection_error(e, peer),
+            None => self.to_string(),
         }
     }
 
@@ -456,6 +487,9 @@ impl Msg {
 }
 
 impl ErrorMsg {
+    /// An error message; the text is cut to [`MAX_ERROR_MESSAGE`] bytes and
+    /// control characters other than newline and tab become `?` (the peer
+    /// prints it on a terminal).
     pub fn new(code: ErrorCode, retryable: bool, message: impl Into<String>) -> Self {
         let mut message: String = message.into();
         if message.len() > MAX_ERROR_MESSAGE {
@@ -465,7 +499,16 @@ impl ErrorMsg {
             }
             message.truncate(cut);
         }
-        message.retain(|c| c != '\0');
+        let message = message
+            .chars()
+            .map(|c| {
+                if c.is_control() && c != '\n' && c != '\t' {
+                    '?'
+                } else {
+                    c
+                }
+            })
+            .collect();
         ErrorMsg {
             code,
             message,
