@@ -118,13 +118,16 @@ pub fn backoff(n: u32, scale: f64) -> Duration {
     Duration::from_secs_f64(mins * 60.0 * scale)
 }
 
+/// A `vdrep sync` caller: the cycle it needs and where to answer.
+type SyncWaiter = (u64, oneshot::Sender<Result<u64, String>>);
+
 struct Vm {
     spec: ProtectSpec,
     status: Mutex<VmStatus>,
     wake: Notify,
     /// `vdrep sync` callers: answered once a point at or after the cycle
     /// they asked for is committed.
-    waiters: Mutex<Vec<(u64, oneshot::Sender<Result<u64, String>>)>>,
+    waiters: Mutex<Vec<SyncWaiter>>,
     /// A sync was requested: cut now.
     sync_requested: std::sync::atomic::AtomicBool,
     /// Cycle of an interrupted whole-disk copy per disk (for resuming).

@@ -905,6 +905,9 @@ impl Tracker {
     }
 }
 
+/// Receives a sealed cycle's content: `(disk offset, bytes as of the cut)`.
+pub type CycleSink<'a> = dyn FnMut(u64, &[u8]) -> Result<(), String> + 'a;
+
 /// Which disks a cut seals, and which are sealed whole (initial copy).
 #[derive(Debug, Clone, Default)]
 pub struct CutSelect {
@@ -960,7 +963,7 @@ impl SealedCycle {
     pub fn stream(
         &self,
         from: u64,
-        sink: &mut dyn FnMut(u64, &[u8]) -> Result<(), String>,
+        sink: &mut CycleSink<'_>,
     ) -> Result<(), String> {
         self.disk.stream_sealed(&self.sealing, from, sink)
     }
@@ -1178,7 +1181,7 @@ impl TrackedDisk {
         &self,
         s: &Sealing,
         from: u64,
-        sink: &mut dyn FnMut(u64, &[u8]) -> Result<(), String>,
+        sink: &mut CycleSink<'_>,
     ) -> Result<(), String> {
         let bs = self.bs();
         let nblocks = s.size.div_ceil(bs);
