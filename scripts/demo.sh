@@ -5,16 +5,14 @@
 #
 #  1. installs prerequisites (root + apt; NO_INSTALL=1 to skip)
 #  2. builds vdrep (release) and the tiny test VM
-#  3. site A: a 256 MiB fixed VHD, `vdrep mount` over its folder
-#  4. initial cut, then a base copy of the disk to site B (no writes in flight)
-#  5. the VM writes a proof file through the mount; cut
-#  6. more writes (a second proof file); cut
-#  7. "replication": the sealed .hrl logs are applied to the site-B copy with
-#     `vdrep hrl apply` (QUIC transport is not implemented yet: this is the
-#     step that `vdrep protect/receive/sync` will replace)
-#  8. qemu-img compare site A vs site B
-#  9. "failover": boot the VM from the site-B replica in check mode
-# 10. unmount
+#  3. a key pair per site; `vdrep receive` at site B (127.0.0.1, mutual TLS)
+#  4. site A: a 256 MiB fixed VHD, `vdrep mount --keys` over its folder
+#  5. `vdrep protect vm1 --every continuous`: initial copy over QUIC
+#  6. the VM writes a proof file through the mount; `vdrep sync`
+#  7. more writes (a second proof file); `vdrep sync`
+#  8. qemu-img compare site A vs the site-B replica
+#  9. test failover: boot the VM from a copy of the replica in check mode
+# 10. unmount, stop the receiver
 #
 # Environment: DEMO_DIR (default: a new /var/tmp/vdrep-demo.XXXXXX, kept),
 # DISK_MB=256, NO_INSTALL=1, NO_BUILD=1, NO_VM=1 (use qemu-io writes instead of the VM),
@@ -43,7 +41,9 @@ run()  { printf '   $'; printf ' %q' "$@"; printf '\n'; "$@"; }
 die()  { printf '\n\033[31mdemo: FAILED at step %d: %s\033[0m\n' "$STEP" "$*" >&2; exit 1; }
 
 is_mounted() { [[ "$(findmnt -n -o FSTYPE --mountpoint "$1" 2>/dev/null | tail -1)" == fuse* ]]; }
+RECV_PID=""
 cleanup() {
+    [[ -n "$RECV_PID" ]] && kill "$RECV_PID" 2>/dev/null || true
     if is_mounted "$SITE_A"; then
         info "cleanup: unmounting $SITE_A"
         "$VDREP" umount "$SITE_A" 2>/dev/null || fusermount3 -u "$SITE_A" 2>/dev/null || umount -l "$SITE_A" || true
@@ -52,44 +52,12 @@ cleanup() {
 trap cleanup EXIT
 
 # --- site-A side ------------------------------------------------------------
-# Seal a cycle: `cut_cycle ARRAY` stores the sealed log paths in ARRAY.
-cut_cycle() {
-    local -n logs_out="$1"
-    local out p
-    logs_out=()
-    printf '   $ %s cut %s\n' "$VDREP" "$SITE_A"
-    out="$("$VDREP" cut "$SITE_A")" || die "vdrep cut failed"
-    while IFS= read -r p; do
-        [[ -n "$p" ]] || continue
-        [[ "$p" == /* || -e "$p" ]] || p="$SITE_A/$p"
-        logs_out+=("$p")
-    done <<<"$out"
-}
-
 guest_write() { # TAG PATTERN OFFSET LEN
     if [[ "$USE_VM" == 1 ]]; then
         run scripts/vm-run.sh "$SITE_A/$DISK_NAME" write "$1" vpc none || die "VM write failed"
     else
         run qemu-io -f vpc -c "write -P $2 $3 $4" "$SITE_A/$DISK_NAME" || die "qemu-io write failed"
     fi
-}
-
-# --- transport: today a local copy of sealed logs; later QUIC -------------
-# Ship the sealed logs of one cycle to site B. Replace with
-# `vdrep sync`/`vdrep receive` when the QUIC transport lands.
-ship_logs() { # LOG...
-    mkdir -p "$SITE_B/incoming"
-    local l
-    for l in "$@"; do run cp "$l" "$SITE_B/incoming/"; done
-}
-
-# --- site-B side ------------------------------------------------------------
-apply_logs() { # LOG... (basenames in $SITE_B/incoming), in cut order
-    local l
-    for l in "$@"; do
-        run "$VDREP" hrl apply "$SITE_B/incoming/$(basename "$l")" "$SITE_B/$DISK_NAME" \
-            || die "vdrep hrl apply $(basename "$l") failed"
-    done
 }
 
 # =============================================================================
@@ -113,43 +81,56 @@ elif ! scripts/build-tiny-vm.sh; then
 fi
 info "guest writes via: $([[ $USE_VM == 1 ]] && echo "the tiny VM (ext2 file system + proof file)" || echo "qemu-io")"
 
-step "site A: a ${DISK_MB} MiB fixed VHD, then vdrep mount over its folder"
-mkdir -p "$SITE_A" "$SITE_B"
+step "identities: one key pair per site (mutual TLS, pinned certificates)"
+mkdir -p "$SITE_A" "$SITE_B" "$DEMO_DIR/keys-a" "$DEMO_DIR/keys-b"
 info "demo folder: $DEMO_DIR"
+run "$VDREP" keys init --name site-a --out "$DEMO_DIR/keys-a" >/dev/null
+run "$VDREP" keys init --name site-b --out "$DEMO_DIR/keys-b" >/dev/null
+
+step "site B: start the receiver on 127.0.0.1 (replica store in $SITE_B)"
+RECV_LOG="$DEMO_DIR/receiver.log"
+"$VDREP" receive --listen 127.0.0.1:0 --store "$SITE_B" --keys "$DEMO_DIR/keys-b" \
+    --trust "$DEMO_DIR/keys-a/site-a.crt" >"$DEMO_DIR/receiver.out" 2>"$RECV_LOG" &
+RECV_PID=$!
+for _ in $(seq 50); do grep -q '^listening on' "$DEMO_DIR/receiver.out" 2>/dev/null && break; sleep 0.1; done
+RECV_ADDR="$(sed -n 's/^listening on \([^ ]*\).*/\1/p' "$DEMO_DIR/receiver.out")"
+[[ -n "$RECV_ADDR" ]] || die "the receiver did not start (see $RECV_LOG)"
+info "receiver listening on $RECV_ADDR (pid $RECV_PID)"
+
+step "site A: a ${DISK_MB} MiB fixed VHD, then vdrep mount over its folder"
 run qemu-img create -q -f vpc -o subformat=fixed "$SITE_A/$DISK_NAME" "${DISK_MB}M"
-run "$VDREP" mount "$SITE_A" || die "vdrep mount failed"
+run "$VDREP" mount "$SITE_A" --keys "$DEMO_DIR/keys-a" || die "vdrep mount failed"
 is_mounted "$SITE_A" || die "vdrep mount returned but $SITE_A is not a FUSE mount"
 info "mounted: $(findmnt -n -o SOURCE,FSTYPE --mountpoint "$SITE_A" | tail -1)"
 
-step "initial cut, then a base copy to site B (initial replication)"
-cut_cycle LOGS0
-info "cut 0 sealed ${#LOGS0[@]} log(s): ${LOGS0[*]:-none}"
-run cp --sparse=always "$SITE_A/$DISK_NAME" "$SITE_B/$DISK_NAME"
+step "protect the VM: continuous replication to site B (initial copy starts now)"
+run "$VDREP" protect vm1 --to "$RECV_ADDR" --trust "$DEMO_DIR/keys-b/site-b.crt" \
+    --every continuous "$SITE_A/$DISK_NAME" || die "vdrep protect failed"
 
-step "guest writes (tag $TAG1), then cut 1"
+step "the guest writes a proof file (tag $TAG1) while replication runs"
 guest_write "$TAG1" 0x5a 1M 64k
-cut_cycle LOGS1
-info "cut 1 sealed ${#LOGS1[@]} log(s): ${LOGS1[*]:-none}"
-[[ ${#LOGS1[@]} -gt 0 ]] || die "cut 1 printed no logs"
 
-step "more guest writes (tag $TAG2), then cut 2"
+step "vdrep sync: cut now and wait until site B has durably applied it"
+run "$VDREP" sync vm1 || die "vdrep sync failed"
+run "$VDREP" status "$SITE_A"
+
+step "more guest writes (tag $TAG2), then sync again"
 guest_write "$TAG2" 0xa5 8M 128k
-cut_cycle LOGS2
-info "cut 2 sealed ${#LOGS2[@]} log(s): ${LOGS2[*]:-none}"
-[[ ${#LOGS2[@]} -gt 0 ]] || die "cut 2 printed no logs"
+run "$VDREP" sync vm1 || die "vdrep sync failed"
 
-step "replicate: ship the sealed logs to site B and apply them (QUIC transport: not yet implemented)"
-ship_logs "${LOGS1[@]}" "${LOGS2[@]}"
-apply_logs "${LOGS1[@]}" "${LOGS2[@]}"
-
+REPLICA="$(find "$SITE_B/sites/site-a/vms/vm1/disks" -name "$DISK_NAME" | head -1)"
+[[ -n "$REPLICA" ]] || die "no replica of $DISK_NAME in $SITE_B"
 step "compare site A with the site-B replica"
-run qemu-img compare -f vpc -F vpc "$SITE_A/$DISK_NAME" "$SITE_B/$DISK_NAME" || die "replica differs from the source"
+info "replica: $REPLICA"
+run qemu-img compare -f vpc -F vpc "$SITE_A/$DISK_NAME" "$REPLICA" || die "replica differs from the source"
+info "recovery points at site B: $(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["points"]))' "$(dirname "$(dirname "$(dirname "$REPLICA")")")/points.json")"
 
-step "failover: start the VM from the site-B replica (test failover; orchestration not yet implemented)"
+step "test failover: boot the VM at site B from a throw-away copy of the replica"
+run cp --sparse=always "$REPLICA" "$DEMO_DIR/failover-test.vhd"
 if [[ "$USE_VM" == 1 ]]; then
-    run scripts/vm-run.sh "$SITE_B/$DISK_NAME" check "$TAG2" vpc none || die "replica did not boot/check"
+    run scripts/vm-run.sh "$DEMO_DIR/failover-test.vhd" check "$TAG2" vpc none || die "replica did not boot/check"
 else
-    run qemu-io -f vpc -r -c "read -P 0x5a 1M 64k" -c "read -P 0xa5 8M 128k" "$SITE_B/$DISK_NAME" || die "replica data check failed"
+    run qemu-io -f vpc -r -c "read -P 0x5a 1M 64k" -c "read -P 0xa5 8M 128k" "$DEMO_DIR/failover-test.vhd" || die "replica data check failed"
 fi
 
 step "unmount site A"

@@ -11,6 +11,12 @@
 //! - [`fs`]: the FUSE passthrough file system that feeds [`tracking`].
 //! - [`daemon`]: mount lifecycle (open the folder, mount over it, shut down cleanly).
 //! - [`control`]: the local control socket between the CLI and a running mount.
+//! - [`sender`]: protected VMs at the primary: initial copy, deltas, points, retries.
+//! - [`receiver`]: the secondary site's QUIC server in front of [`replica`].
+//! - [`replica`]: the replica store (namespaces, durable logs, undo history).
+//! - [`vhd`]: the VHD disk format (fixed and dynamic).
+//! - [`transport`]: site identities, pinned-certificate mutual TLS over QUIC.
+//! - [`wire`]: the replication protocol's messages and sans-IO codec.
 //! - [`cli`]: the `vdrep` command line.
 
 pub mod cli;
