@@ -1004,7 +1004,9 @@ impl Replicator {
         let net = async {
             let mut buf = Vec::new();
             let t0 = Instant::now();
+            let mut last_log = Instant::now();
             let mut sent = 0u64;
+            let mut disk_done = 0u64;
             while let Some((off, data)) = crx.recv().await {
                 let len = data.len() as u64;
                 let (encoding, payload) = if data.iter().all(|&b| b == 0) {
@@ -1035,10 +1037,33 @@ impl Replicator {
                 .await
                 .map_err(|e| stream_err(&e, addr))?;
                 sent += plen;
+                disk_done += len;
                 let mut s = vm.status.lock();
                 s.initial_done += len;
                 s.bytes_sent += plen;
                 s.throughput_bps = sent as f64 / t0.elapsed().as_secs_f64().max(1e-6);
+                if last_log.elapsed() >= Duration::from_secs(5) {
+                    last_log = Instant::now();
+                    // ETA from disk bytes covered (zeros and lz4 make the
+                    // wire rate a poor guide).
+                    let disk_rate = disk_done as f64 / t0.elapsed().as_secs_f64().max(1e-6);
+                    let eta = if disk_rate > 0.0 {
+                        format!(
+                            "{:.0}s",
+                            s.initial_total.saturating_sub(s.initial_done) as f64 / disk_rate
+                        )
+                    } else {
+                        "?".into()
+                    };
+                    tracing::info!(
+                        vm = %vm.spec.vm,
+                        "initial copy: {} of {} MiB ({:.0}%), {:.1} MiB/s on the wire, ETA {eta}",
+                        s.initial_done >> 20,
+                        s.initial_total >> 20,
+                        100.0 * s.initial_done as f64 / s.initial_total.max(1) as f64,
+                        s.throughput_bps / 1048576.0
+                    );
+                }
             }
             Ok::<(), SendError>(())
         }

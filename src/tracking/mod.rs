@@ -960,11 +960,7 @@ impl SealedCycle {
     /// cycle at or after `from`, in ascending order, in runs of at most
     /// 1 MiB. Ranges that were holes at the cut are passed as zeros without
     /// reading them.
-    pub fn stream(
-        &self,
-        from: u64,
-        sink: &mut CycleSink<'_>,
-    ) -> Result<(), String> {
+    pub fn stream(&self, from: u64, sink: &mut CycleSink<'_>) -> Result<(), String> {
         self.disk.stream_sealed(&self.sealing, from, sink)
     }
 }
