@@ -509,7 +509,17 @@ fn sync(target: &str, timeout: u64) -> i32 {
             vm: vm.clone(),
             timeout_secs: timeout,
         };
-        match control::call(&m, &req) {
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+            let (done, m, vm) = (done.clone(), m.clone(), vm.clone());
+            std::thread::spawn(move || progress_bar(&m, vm.as_deref(), &done))
+        });
+        let res = control::call(&m, &req);
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(b) = bar {
+            let _ = b.join();
+        }
+        match res {
             Err(e) => return control_err(e),
             Ok(r) if !r.ok => {
                 eprintln!("vdrep: sync failed: {}", r.error.unwrap_or_default());
@@ -637,4 +647,61 @@ fn status(dir: Option<PathBuf>, json: bool) -> i32 {
         }
     }
     0
+}
+
+/// While a sync waits: one line on stderr with the state of each VM and,
+/// during an initial copy, a bar with bytes, rate and ETA.
+fn progress_bar(dir: &std::path::Path, vm: Option<&str>, done: &std::sync::atomic::AtomicBool) {
+    use std::io::Write;
+    let t0 = std::time::Instant::now();
+    let mut drew = false;
+    while !done.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(250));
+        if t0.elapsed() < Duration::from_millis(500) {
+            continue;
+        }
+        let Ok(r) = control::call(dir, &Request::Status) else {
+            continue;
+        };
+        let mut line = String::new();
+        for v in r.replication.unwrap_or_default() {
+            if vm.is_some_and(|n| n != v.vm) {
+                continue;
+            }
+            if v.state == crate::sender::VmState::InitialReplication && v.initial_total > 0 {
+                let f = v.initial_done as f64 / v.initial_total as f64;
+                let w = 24;
+                let fill = ((f * w as f64) as usize).min(w);
+                let rate = v.initial_done as f64 / t0.elapsed().as_secs_f64().max(0.1);
+                let eta = v.initial_total.saturating_sub(v.initial_done) as f64 / rate.max(1.0);
+                line += &format!(
+                    "{} initial [{}{}] {:>3.0}% {}/{} {}/s ETA {:.0}s  ",
+                    v.vm,
+                    "=".repeat(fill),
+                    " ".repeat(w - fill),
+                    f * 100.0,
+                    human(v.initial_done),
+                    human(v.initial_total),
+                    human(rate as u64),
+                    eta
+                );
+            } else {
+                line += &format!(
+                    "{} {:?} pending {}{}  ",
+                    v.vm,
+                    v.state,
+                    human(v.bytes_pending),
+                    v.last_error.map(|e| format!(" ({e})")).unwrap_or_default()
+                );
+            }
+        }
+        let width = 120;
+        let line: String = line.chars().take(width).collect();
+        eprint!("\r{line:<width$}");
+        let _ = std::io::stderr().flush();
+        drew = true;
+    }
+    if drew {
+        eprint!("\r{:<120}\r", "");
+    }
 }
