@@ -659,3 +659,34 @@ fn sender_killed_during_delta_converges() {
     same(&site.p("vm/d.img"), "raw", &site.replica("d.vhd"));
     m.umount();
 }
+
+/// A clean unmount in the middle of the initial copy: after the remount the
+/// copy resumes from the receiver's durable offset instead of starting over.
+#[test]
+fn clean_restart_during_initial_copy_resumes() {
+    require_fuse!();
+    let site = Site::new();
+    random_file(&site.p("vm/c.img"), 192 << 20, 13);
+    std::env::set_var("VDREP_RETRY_SCALE", "0.005");
+    let mut m = site.mount();
+    let _r = Receiver::start(&site, "127.0.0.1:0", &site.p("store"));
+    protect_with(&site, &_r, "1h", &["c.img"], &["--max-rate", "48M"]);
+    std::thread::sleep(Duration::from_millis(2300));
+    m.umount();
+    let mut m = site.mount();
+    sync_ok(&site);
+    same(&site.p("vm/c.img"), "raw", &site.replica("c.vhd"));
+    let sent = m.status_json()["replication"][0]["bytes_sent"]
+        .as_u64()
+        .unwrap();
+    println!(
+        "after the restart: {} MiB sent for a 192 MiB disk",
+        sent >> 20
+    );
+    assert!(
+        sent < 170 << 20,
+        "{} MiB sent after the restart: the copy started over",
+        sent >> 20
+    );
+    m.umount();
+}

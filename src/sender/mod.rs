@@ -265,6 +265,34 @@ impl Replicator {
         self.start(spec)
     }
 
+    /// Cut of each disk's interrupted whole-disk copy, kept across restarts:
+    /// after a clean restart the saved bitmap holds every change since that
+    /// cut, so the copy resumes from the receiver's offset.
+    fn copy_cycles_path(&self, vm: &str) -> PathBuf {
+        self.tracker
+            .state_file(PROTECT_DIR)
+            .join(format!("{vm}.copy.json"))
+    }
+
+    fn load_copy_cycles(&self, vm: &str) -> HashMap<String, u64> {
+        if !self.tracker.previous_stop_clean() {
+            return HashMap::new();
+        }
+        std::fs::read(self.copy_cycles_path(vm))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    fn save_copy_cycles(&self, vm: &Vm) {
+        let path = self.copy_cycles_path(&vm.spec.vm);
+        let tmp = path.with_extension("tmp");
+        let b = serde_json::to_vec(&*vm.copy_cycle.lock()).unwrap_or_default();
+        if let Err(e) = std::fs::write(&tmp, b).and_then(|_| std::fs::rename(&tmp, &path)) {
+            tracing::warn!(vm = %vm.spec.vm, "cannot save copy progress {}: {e}", path.display());
+        }
+    }
+
     pub fn unprotect(&self, vm: &str) -> Result<(), String> {
         let Some(v) = self.vms.lock().remove(vm) else {
             return Err(format!("VM {vm} is not protected here"));
@@ -284,6 +312,7 @@ impl Replicator {
             old.stop.store(true, std::sync::atomic::Ordering::SeqCst);
             old.wake.notify_one();
         }
+        let spec_vm = spec.vm.clone();
         let vm = Arc::new(Vm {
             status: Mutex::new(VmStatus {
                 vm: spec.vm.clone(),
@@ -306,7 +335,7 @@ impl Replicator {
             wake: Notify::new(),
             waiters: Mutex::new(Vec::new()),
             sync_requested: false.into(),
-            copy_cycle: Mutex::new(HashMap::new()),
+            copy_cycle: Mutex::new(self.load_copy_cycles(&spec_vm)),
             stop: false.into(),
         });
         self.vms.lock().insert(vm.spec.vm.clone(), vm.clone());
@@ -921,6 +950,7 @@ impl Replicator {
             let name = sc.header.disk_name.clone();
             let start = sc.full_from.unwrap_or(0);
             vm.copy_cycle.lock().insert(name.clone(), cycle);
+            self.save_copy_cycles(vm);
             let id = sc.header.disk_id;
             let (back, r) = self.stream_initial(vm, conn, sc, start, limiter).await;
             let t = self.tracker.clone();
@@ -940,6 +970,7 @@ impl Replicator {
             .map_err(|e| retry(e.to_string()))?;
             r?;
             vm.copy_cycle.lock().remove(&name);
+            self.save_copy_cycles(vm);
             done.push(wire::DiskCycle { disk_id: id, cycle });
         }
         // Old logs are superseded by the copy.
