@@ -465,6 +465,9 @@ fn protect(
     match control::call(&mount, &Request::Protect { spec }) {
         Err(e) => control_err(e),
         Ok(r) if r.ok => {
+            for w in &r.warnings {
+                eprintln!("vdrep: warning: {w}");
+            }
             println!(
                 "{name}: protected ({} disk(s) under {}); initial replication started — watch it with `vdrep status {}`",
                 disks.len(),

@@ -52,6 +52,9 @@ pub struct Response {
     pub pid: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replication: Option<Vec<crate::sender::VmStatus>>,
+    /// Things the operator should know although the request succeeded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// VM -> recovery point reached by a sync.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub synced: Option<Vec<(String, u64)>>,

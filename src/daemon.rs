@@ -356,8 +356,9 @@ fn handle(
             ..Default::default()
         },
         Request::Protect { spec } => match rep.protect(spec.clone()) {
-            Ok(()) => Response {
+            Ok(warnings) => Response {
                 ok: true,
+                warnings,
                 ..Default::default()
             },
             Err(e) => Response::err(e),

@@ -278,6 +278,7 @@ fn one_of_each() -> Vec<Msg> {
             protocol_version: wire::PROTOCOL_VERSION,
             site_name: "site-b".into(),
             software_version: "0.1.0".into(),
+            store_free: 123 << 30,
         }),
         Msg::Error(wire::ErrorMsg::new(
             wire::ErrorCode::NoSpace,

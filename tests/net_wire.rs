@@ -66,11 +66,14 @@ fn msg() -> impl Strategy<Value = Msg> {
             site_name: s,
             software_version: sw
         })),
-        (any::<u16>(), site(), "[ -~]{0,64}").prop_map(|(v, s, sw)| Msg::HelloOk(HelloOk {
-            protocol_version: v,
-            site_name: s,
-            software_version: sw
-        })),
+        (any::<u16>(), site(), "[ -~]{0,64}", any::<u64>()).prop_map(|(v, s, sw, f)| {
+            Msg::HelloOk(HelloOk {
+                protocol_version: v,
+                site_name: s,
+                software_version: sw,
+                store_free: f,
+            })
+        }),
         (any::<u16>(), any::<bool>(), "[^\0]{0,200}")
             .prop_map(|(c, r, m)| Msg::Error(ErrorMsg::new(ErrorCode::from_code(c), r, m))),
         (

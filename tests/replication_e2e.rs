@@ -541,7 +541,24 @@ fn receiver_disk_full_is_retried_until_space_is_freed() {
     std::env::set_var("VDREP_RETRY_SCALE", "0.005");
     let mut m = site.mount();
     let r = Receiver::start(&site, "127.0.0.1:0", &store);
-    protect(&site, &r, "1h", &["f.img"]);
+    // Enabling protection warns that the store looks too small.
+    let o = vdrep(&[
+        "protect",
+        "vm1",
+        "--to",
+        &r.addr,
+        "--trust",
+        &site.s("kb/site-b.crt"),
+        "--every",
+        "1h",
+        &site.s("vm/f.img"),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let warn = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        warn.contains("may run out of space"),
+        "no space warning: {warn}"
+    );
     let o = sync(&site, 4);
     assert!(
         !o.status.success(),

@@ -200,6 +200,7 @@ async fn handle_stream(
                     protocol_version: wire::PROTOCOL_VERSION,
                     site_name: me.to_string(),
                     software_version: env!("CARGO_PKG_VERSION").into(),
+                    store_free: free_bytes(store.root()),
                 })
             }
         }
@@ -606,4 +607,11 @@ pub fn replica_path(
     let s = replica::Store::open(store).map_err(|e| e.to_string())?;
     let site = s.site(site).map_err(|e| e.to_string())?;
     site.replica_path(vm, disk_id).map_err(|e| e.to_string())
+}
+
+/// Bytes available to us in the store's file system (0 if unknown).
+fn free_bytes(dir: &Path) -> u64 {
+    nix::sys::statvfs::statvfs(dir)
+        .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+        .unwrap_or(0)
 }

@@ -208,8 +208,9 @@ impl Replicator {
             .collect()
     }
 
-    /// Check prerequisites, persist the spec and start replicating.
-    pub fn protect(self: &Arc<Self>, spec: ProtectSpec) -> Result<(), String> {
+    /// Check prerequisites, persist the spec and start replicating. Returns
+    /// warnings (e.g. the receiver may be short of space).
+    pub fn protect(self: &Arc<Self>, spec: ProtectSpec) -> Result<Vec<String>, String> {
         wire::safe_component(&spec.vm).map_err(|e| format!("VM name: {e}"))?;
         if self.identity.is_none() {
             return Err(format!(
@@ -247,12 +248,28 @@ impl Replicator {
         }
         // Reachable and trusted: say Hello once.
         let probe = self.rt.block_on(async {
-            let (conn, _) = self.connect(&spec).await?;
+            let (conn, _, hello) = self.connect_hello(&spec).await?;
             conn.close(0u32.into(), b"probe done");
-            Ok::<(), SendError>(())
+            Ok::<wire::HelloOk, SendError>(hello)
         });
-        if let Err(e) = probe {
-            return Err(format!("receiver {} is not usable: {e}", spec.to));
+        let hello = match probe {
+            Ok(h) => h,
+            Err(e) => return Err(format!("receiver {} is not usable: {e}", spec.to)),
+        };
+        let spec_name = spec.vm.clone();
+        let need: u64 = spec
+            .disks
+            .iter()
+            .filter_map(|d| self.tracker.disk_info(d))
+            .map(|(_, size, _, _)| size)
+            .sum();
+        let mut warnings = Vec::new();
+        if hello.store_free > 0 && hello.store_free < need {
+            warnings.push(format!(
+                "the receiver's store has {} MiB free, the disks are {} MiB: the initial copy may run out of space (it fits only if the disks are sparse enough)",
+                hello.store_free >> 20,
+                need >> 20
+            ));
         }
         let path = self.tracker.state_file(PROTECT_DIR);
         std::fs::create_dir_all(&path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -262,7 +279,11 @@ impl Replicator {
         std::fs::write(&tmp, b)
             .and_then(|_| std::fs::rename(&tmp, &f))
             .map_err(|e| format!("saving {}: {e}", f.display()))?;
-        self.start(spec)
+        self.start(spec)?;
+        for w in &warnings {
+            tracing::warn!(vm = %spec_name, "{w}");
+        }
+        Ok(warnings)
     }
 
     /// Cut of each disk's interrupted whole-disk copy, kept across restarts:
@@ -426,6 +447,13 @@ impl Replicator {
         &self,
         spec: &ProtectSpec,
     ) -> Result<(quinn::Connection, quinn::Endpoint), SendError> {
+        self.connect_hello(spec).await.map(|(c, e, _)| (c, e))
+    }
+
+    async fn connect_hello(
+        &self,
+        spec: &ProtectSpec,
+    ) -> Result<(quinn::Connection, quinn::Endpoint, wire::HelloOk), SendError> {
         let id = self
             .identity
             .as_ref()
@@ -464,7 +492,7 @@ impl Replicator {
             .await
             .map_err(|e| stream_err(&e, addr))?
         {
-            Some(Msg::HelloOk(_)) => Ok((conn, ep)),
+            Some(Msg::HelloOk(h)) => Ok((conn, ep, h)),
             Some(Msg::Error(e)) => Err(msg_err(&e)),
             other => Err(SendError::Fatal(format!(
                 "unexpected answer to Hello: {other:?}"

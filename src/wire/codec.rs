@@ -143,6 +143,7 @@ fn encode_payload(msg: &Msg, o: &mut Vec<u8>) {
             put_u16(o, h.protocol_version);
             put_str(o, &h.site_name);
             put_str(o, &h.software_version);
+            put_u64(o, h.store_free);
         }
         Msg::Error(e) => {
             put_u16(o, e.code.code());
@@ -395,6 +396,7 @@ pub(crate) fn decode_body(frame: &[u8]) -> Result<Msg, WireError> {
             protocol_version: r.u16("protocol_version")?,
             site_name: r.str(crate::transport::keys::MAX_SITE_NAME, "site_name")?,
             software_version: r.str(MAX_SOFTWARE_VERSION, "software_version")?,
+            store_free: r.u64("store_free")?,
         }),
         MsgType::Error => Msg::Error(ErrorMsg {
             code: ErrorCode::from_code(r.u16("code")?),

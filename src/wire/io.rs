@@ -175,6 +175,7 @@ pub async fn accept_hello(
         protocol_version: super::PROTOCOL_VERSION,
         site_name: site_name.to_string(),
         software_version: env!("CARGO_PKG_VERSION").to_string(),
+        store_free: 0,
     });
     write_msg(&mut send, &ok).await?;
     Ok((send, recv, hello))

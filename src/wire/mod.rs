@@ -26,7 +26,7 @@
 //! | type | message | payload |
 //! |------|---------|---------|
 //! | 0x01 | [`Hello`] | `version:u16 site:str(64) software:str(64)` |
-//! | 0x02 | [`HelloOk`] | same fields, the receiver's |
+//! | 0x02 | [`HelloOk`] | same fields, the receiver's, then `store_free:u64` |
 //! | 0x03 | [`ErrorMsg`] | `code:u16 retryable:bool message:str(4096)` |
 //! | 0x10 | [`OpenDisk`] | `vm:str disk_name:str disk_id:id block_size:u32 disk_size:u64 kind:u8` |
 //! | 0x11 | [`DiskState`] | `disk_id:id replica_cycle:u64 replica_size:u64 copy_cycle:u64 resume_offset:u64` |
@@ -300,6 +300,9 @@ pub struct HelloOk {
     pub protocol_version: u16,
     pub site_name: String,
     pub software_version: String,
+    /// Bytes free in the receiver's store (0 if unknown), so that enabling
+    /// protection can warn before an initial copy runs out of space.
+    pub store_free: u64,
 }
 
 /// A refusal or failure, answering any request.
