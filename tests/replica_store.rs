@@ -397,7 +397,7 @@ fn step_strategy() -> impl Strategy<Value = Step> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
     #[test]
-    fn every_point_reads_back(blocks in 4u64..24, steps in proptest::collection::vec(step_strategy(), 1..10), keep in 1usize..6) {
+    fn every_point_reads_back(blocks in 4u64..24, steps in proptest::collection::vec(step_strategy(), 1..10), keep in 1usize..6, thin in 1u64..4) {
         let dir = tempfile::tempdir().unwrap();
         let logs = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("s")).unwrap();
@@ -446,7 +446,23 @@ proptest! {
         };
         check(&models)?;
         prop_assert_eq!(read_replica(&store), disk.clone());
-        let rep = site.prune(VM, &RetentionPolicy { keep_last: Some(keep), max_age: None }).unwrap();
+        let undo = site.replica_path(VM, &ID).unwrap().parent().unwrap().join("undo");
+        // Thin out: of all points (older than 0 s), keep the newest of each
+        // `thin`-second interval; undo records are merged across the others.
+        let thin_policy = RetentionPolicy {
+            thin_after: Some(std::time::Duration::ZERO),
+            thin_every: Some(std::time::Duration::from_secs(thin)),
+            ..Default::default()
+        };
+        let rep = site.prune(VM, &thin_policy).unwrap();
+        let models: Vec<(u64, Vec<u8>)> = models
+            .into_iter()
+            .filter(|(c, _)| !rep.dropped_points.contains(c))
+            .collect();
+        prop_assert_eq!(rep.merged as usize, rep.dropped_points.iter().filter(|&&c| c > 10).count());
+        check(&models)?;
+        prop_assert_eq!(std::fs::read_dir(&undo).unwrap().count(), models.len() - 1);
+        let rep = site.prune(VM, &RetentionPolicy { keep_last: Some(keep), ..Default::default() }).unwrap();
         let kept = models.len().min(keep);
         prop_assert_eq!(rep.dropped_points.len(), models.len() - kept);
         let (gone, left) = models.split_at(models.len() - kept);
@@ -457,8 +473,8 @@ proptest! {
         check(left)?;
         prop_assert_eq!(site.points(VM).unwrap().len(), kept);
         // Only the undo records the kept points need remain.
-        let undo = site.replica_path(VM, &ID).unwrap().parent().unwrap().join("undo");
-        prop_assert_eq!(std::fs::read_dir(undo).unwrap().count(), kept - 1);
+        prop_assert_eq!(std::fs::read_dir(&undo).unwrap().count(), kept - 1);
+        prop_assert_eq!(read_replica(&store), disk);
     }
 }
 
@@ -967,11 +983,13 @@ fn points_need_every_disk_and_age_retention() {
     let keep_all = RetentionPolicy {
         keep_last: None,
         max_age: Some(std::time::Duration::from_secs(100 * 365 * 86400)),
+        ..Default::default()
     };
     assert!(site.prune(VM, &keep_all).unwrap().dropped_points.is_empty());
     let day = RetentionPolicy {
         keep_last: None,
         max_age: Some(std::time::Duration::from_secs(86400)),
+        ..Default::default()
     };
     let rep = site.prune(VM, &day).unwrap();
     assert_eq!(rep.dropped_points, [1, 2]);

@@ -70,8 +70,9 @@
 //! blocks the next log changed. [`Site::commit_point`] records a VM point
 //! only when every disk of the VM reached the cycle (crash-consistent across
 //! disks). [`Site::prune`] drops the oldest points and their undo records
-//! (by count and age); thinning (one per hour, …) would need merging undo
-//! records and is not done yet.
+//! (by count and age) and thins older points out (one per interval),
+//! merging the two undo records around each dropped point into one (where
+//! both hold a pre-image of a byte, the older one wins).
 
 mod error;
 mod names;
@@ -95,7 +96,7 @@ pub use undo::PointReader;
 /// abort the process on the spot (as `kill -9` would: no destructors, no
 /// flush of user-space buffers). Steps: `log-tmp-synced`, `log-renamed`,
 /// `undo-written`, `state-applying`, `replica-half`, `replica-synced`,
-/// `state-applied`, `log-removed`, `initial-progress`.
+/// `state-applied`, `log-removed`, `initial-progress`, `undo-merged`.
 #[doc(hidden)]
 pub fn crash_point(step: &str) {
     static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
