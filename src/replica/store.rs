@@ -1486,10 +1486,10 @@ impl Site<'_> {
             let limit = now.saturating_sub(after.as_nanos() as u64);
             let every = (every.as_nanos() as u64).max(1);
             // Keep the newest point of each interval (points are oldest first).
-            for i in 0..n.saturating_sub(1) {
-                let (p, q) = (&pf.points[i], &pf.points[i + 1]);
+            for (f, w) in keep_flags.iter_mut().zip(pf.points.windows(2)) {
+                let (p, q) = (&w[0], &w[1]);
                 if p.time_unix_ns < limit && p.time_unix_ns / every == q.time_unix_ns / every {
-                    keep_flags[i] = false;
+                    *f = false;
                 }
             }
         }
