@@ -28,7 +28,9 @@
 //! directory on the way is created one component at a time and checked to
 //! be a real directory (never a symlink), the resolved disk directory is
 //! checked to lie inside the resolved site namespace, and files are opened
-//! with `O_NOFOLLOW`. A refused name writes nothing.
+//! with `O_NOFOLLOW`. A refused name writes nothing. (This defends against
+//! what a *peer* can say; the store directory itself must not be writable
+//! by other local users — a new store is created mode 0700.)
 //!
 //! # Crash safety
 //!
@@ -56,6 +58,10 @@
 //! from the undo record, so the replica stays at its previous point and the
 //! same log applies once space is freed. A log whose cycle is not above the
 //! replica's is a resend: acknowledged, never applied twice.
+//!
+//! History merges ([`Site::prune`]) publish the merged undo record before
+//! deleting the two it replaces, and point chains never jump over a point,
+//! so a crash mid-prune leaves only redundant records (removed next time).
 //!
 //! Crash tests kill the process at each step through [`crash_point`]
 //! (`VDREP_CRASH_AT=<step>`); they test process crashes (kill -9), whose

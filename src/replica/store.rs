@@ -284,8 +284,14 @@ impl Store {
     /// [`Store::recover`] once before serving.
     pub fn open(dir: &Path) -> Result<Store> {
         let ctx = Ctx::default();
+        let fresh = !dir.exists();
         std::fs::create_dir_all(dir)
             .map_err(|e| io_err(&ctx, dir, "creating the store", dir, e))?;
+        if fresh {
+            // Replicas are VM disks: private to the receiver.
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        }
         let root = std::fs::canonicalize(dir)
             .map_err(|e| io_err(&ctx, dir, "opening the store", dir, e))?;
         let lock_path = root.join(".lock");
