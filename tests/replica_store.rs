@@ -397,7 +397,7 @@ fn step_strategy() -> impl Strategy<Value = Step> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
     #[test]
-    fn every_point_reads_back(blocks in 4u64..24, steps in proptest::collection::vec(step_strategy(), 1..10), keep in 1usize..6) {
+    fn every_point_reads_back(blocks in 4u64..24, steps in proptest::collection::vec(step_strategy(), 1..10), keep in 1usize..6, thin in 1u64..4) {
         let dir = tempfile::tempdir().unwrap();
         let logs = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("s")).unwrap();
@@ -446,7 +446,23 @@ proptest! {
         };
         check(&models)?;
         prop_assert_eq!(read_replica(&store), disk.clone());
-        let rep = site.prune(VM, &RetentionPolicy { keep_last: Some(keep), max_age: None }).unwrap();
+        let undo = site.replica_path(VM, &ID).unwrap().parent().unwrap().join("undo");
+        // Thin out: of all points (older than 0 s), keep the newest of each
+        // `thin`-second interval; undo records are merged across the others.
+        let thin_policy = RetentionPolicy {
+            thin_after: Some(std::time::Duration::ZERO),
+            thin_every: Some(std::time::Duration::from_secs(thin)),
+            ..Default::default()
+        };
+        let rep = site.prune(VM, &thin_policy).unwrap();
+        let models: Vec<(u64, Vec<u8>)> = models
+            .into_iter()
+            .filter(|(c, _)| !rep.dropped_points.contains(c))
+            .collect();
+        prop_assert_eq!(rep.merged as usize, rep.dropped_points.iter().filter(|&&c| c > 10).count());
+        check(&models)?;
+        prop_assert_eq!(std::fs::read_dir(&undo).unwrap().count(), models.len() - 1);
+        let rep = site.prune(VM, &RetentionPolicy { keep_last: Some(keep), ..Default::default() }).unwrap();
         let kept = models.len().min(keep);
         prop_assert_eq!(rep.dropped_points.len(), models.len() - kept);
         let (gone, left) = models.split_at(models.len() - kept);
@@ -457,8 +473,8 @@ proptest! {
         check(left)?;
         prop_assert_eq!(site.points(VM).unwrap().len(), kept);
         // Only the undo records the kept points need remain.
-        let undo = site.replica_path(VM, &ID).unwrap().parent().unwrap().join("undo");
-        prop_assert_eq!(std::fs::read_dir(undo).unwrap().count(), kept - 1);
+        prop_assert_eq!(std::fs::read_dir(&undo).unwrap().count(), kept - 1);
+        prop_assert_eq!(read_replica(&store), disk);
     }
 }
 
@@ -967,11 +983,13 @@ fn points_need_every_disk_and_age_retention() {
     let keep_all = RetentionPolicy {
         keep_last: None,
         max_age: Some(std::time::Duration::from_secs(100 * 365 * 86400)),
+        ..Default::default()
     };
     assert!(site.prune(VM, &keep_all).unwrap().dropped_points.is_empty());
     let day = RetentionPolicy {
         keep_last: None,
         max_age: Some(std::time::Duration::from_secs(86400)),
+        ..Default::default()
     };
     let rep = site.prune(VM, &day).unwrap();
     assert_eq!(rep.dropped_points, [1, 2]);
@@ -1065,4 +1083,100 @@ fn perf_store_apply_read_point() {
         t_open * 1000.0,
         1024.0 / secs
     );
+}
+
+/// Child entry point for the prune crash test. Does nothing normally.
+#[test]
+fn child_prune() {
+    let Ok(root) = std::env::var("VDREP_TEST_PRUNE") else {
+        return;
+    };
+    let store = Store::open(Path::new(&root)).unwrap();
+    store.site(SITE).unwrap().prune(VM, &thin_all()).unwrap();
+}
+
+/// Keep the newest point of each 1000 s: the test's points (1 s apart)
+/// collapse into one, except point 1 (time 0).
+fn thin_all() -> RetentionPolicy {
+    RetentionPolicy {
+        thin_after: Some(std::time::Duration::ZERO),
+        thin_every: Some(std::time::Duration::from_secs(1000)),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn crash_while_merging_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let mut rng = Rng(77);
+    let mut disk = vec![0u8; 256 << 10];
+    rng.fill(&mut disk);
+    let mut models = vec![disk.clone()];
+    {
+        let store = Store::open(&root).unwrap();
+        initial(&store, &disk, 1);
+        let site = store.site(SITE).unwrap();
+        site.commit_point(VM, 1, &[ID], Consistency::Crash)
+            .unwrap()
+            .unwrap();
+        for cycle in 2..=6u64 {
+            let old = disk.len() as u64;
+            let dirty = random_writes(&mut rng, &mut disk, 20);
+            let lp = dir.path().join(format!("{cycle}.hrl"));
+            make_log(&lp, ID, cycle - 1, cycle, old, &disk, &dirty);
+            site.store_log(VM, &ID, std::fs::File::open(&lp).unwrap())
+                .unwrap();
+            site.apply(VM, &ID, cycle).unwrap();
+            site.commit_point(VM, cycle, &[ID], Consistency::Crash)
+                .unwrap()
+                .unwrap();
+            models.push(disk.clone());
+        }
+    }
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_prune", "--nocapture"])
+        .env("VDREP_TEST_PRUNE", &root)
+        .env("VDREP_CRASH_AT", "undo-merged")
+        .stderr(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGABRT),
+        "crashed mid-merge"
+    );
+    let store = Store::open(&root).unwrap();
+    store.recover().unwrap();
+    let site = store.site(SITE).unwrap();
+    let kept: Vec<u64> = site.points(VM).unwrap().iter().map(|p| p.cycle).collect();
+    assert_eq!(kept, [1, 6]);
+    let undo = site
+        .replica_path(VM, &ID)
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("undo");
+    let n_before = std::fs::read_dir(&undo).unwrap().count();
+    assert_eq!(n_before, 6, "5 records + 1 merged one, redundant");
+    let check = |site: &vdrep::replica::Site<'_>| {
+        for c in [1u64, 6] {
+            let m = &models[c as usize - 1];
+            let r = site.read_point(VM, &ID, c).unwrap();
+            let mut buf = vec![0u8; m.len()];
+            r.read_at(&mut buf, 0).unwrap();
+            assert!(buf == *m, "point {c}");
+        }
+    };
+    check(&site);
+    let rep = site.prune(VM, &thin_all()).unwrap();
+    assert_eq!(rep.merged, 3);
+    assert_eq!(
+        std::fs::read_dir(&undo).unwrap().count(),
+        1,
+        "one merged record 1-6"
+    );
+    check(&site);
+    assert!(read_replica(&store) == models[5]);
 }

@@ -28,7 +28,9 @@
 //! directory on the way is created one component at a time and checked to
 //! be a real directory (never a symlink), the resolved disk directory is
 //! checked to lie inside the resolved site namespace, and files are opened
-//! with `O_NOFOLLOW`. A refused name writes nothing.
+//! with `O_NOFOLLOW`. A refused name writes nothing. (This defends against
+//! what a *peer* can say; the store directory itself must not be writable
+//! by other local users — a new store is created mode 0700.)
 //!
 //! # Crash safety
 //!
@@ -57,6 +59,10 @@
 //! same log applies once space is freed. A log whose cycle is not above the
 //! replica's is a resend: acknowledged, never applied twice.
 //!
+//! History merges ([`Site::prune`]) publish the merged undo record before
+//! deleting the two it replaces, and point chains never jump over a point,
+//! so a crash mid-prune leaves only redundant records (removed next time).
+//!
 //! Crash tests kill the process at each step through [`crash_point`]
 //! (`VDREP_CRASH_AT=<step>`); they test process crashes (kill -9), whose
 //! written data the kernel keeps; the fsyncs are what extends the argument
@@ -70,8 +76,9 @@
 //! blocks the next log changed. [`Site::commit_point`] records a VM point
 //! only when every disk of the VM reached the cycle (crash-consistent across
 //! disks). [`Site::prune`] drops the oldest points and their undo records
-//! (by count and age); thinning (one per hour, …) would need merging undo
-//! records and is not done yet.
+//! (by count and age) and thins older points out (one per interval),
+//! merging the two undo records around each dropped point into one (where
+//! both hold a pre-image of a byte, the older one wins).
 
 mod error;
 mod names;
@@ -95,7 +102,7 @@ pub use undo::PointReader;
 /// abort the process on the spot (as `kill -9` would: no destructors, no
 /// flush of user-space buffers). Steps: `log-tmp-synced`, `log-renamed`,
 /// `undo-written`, `state-applying`, `replica-half`, `replica-synced`,
-/// `state-applied`, `log-removed`, `initial-progress`.
+/// `state-applied`, `log-removed`, `initial-progress`, `undo-merged`.
 #[doc(hidden)]
 pub fn crash_point(step: &str) {
     static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();

@@ -167,19 +167,26 @@ struct PointsFile {
 }
 
 /// Which points [`Site::prune`] keeps. A point is dropped if it is beyond
-/// the newest `keep_last` or older than `max_age`; the newest point is
-/// always kept. Only the oldest points are dropped (the history stays a chain).
+/// the newest `keep_last` or older than `max_age`; of the points older than
+/// `thin_after`, only the newest of each `thin_every` interval is kept (e.g.
+/// every point for 2 h, then one per hour: `thin_after` 2 h, `thin_every`
+/// 1 h, `max_age` 72 h). The newest point is always kept.
 #[derive(Debug, Clone, Default)]
 pub struct RetentionPolicy {
     pub keep_last: Option<usize>,
     pub max_age: Option<std::time::Duration>,
+    pub thin_after: Option<std::time::Duration>,
+    pub thin_every: Option<std::time::Duration>,
 }
 
 /// What [`Site::prune`] dropped.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PruneReport {
     pub dropped_points: Vec<u64>,
+    /// Bytes of undo records deleted, less the merged records written.
     pub freed_bytes: u64,
+    /// Undo records merged over thinned-out points.
+    pub merged: u64,
 }
 
 /// What [`Store::recover`] did, one line per action.
@@ -277,8 +284,14 @@ impl Store {
     /// [`Store::recover`] once before serving.
     pub fn open(dir: &Path) -> Result<Store> {
         let ctx = Ctx::default();
+        let fresh = !dir.exists();
         std::fs::create_dir_all(dir)
             .map_err(|e| io_err(&ctx, dir, "creating the store", dir, e))?;
+        if fresh {
+            // Replicas are VM disks: private to the receiver.
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        }
         let root = std::fs::canonicalize(dir)
             .map_err(|e| io_err(&ctx, dir, "opening the store", dir, e))?;
         let lock_path = root.join(".lock");
@@ -1442,76 +1455,138 @@ impl Site<'_> {
                 ),
             });
         }
+        let cycles: Vec<u64> = pf.points.iter().map(|p| p.cycle).collect();
+        let links = chain(&self.undo_records(&p), cycle, rc, &cycles).map_err(|at| {
+            StoreError::NoSuchPoint {
+                ctx: p.ctx.clone(),
+                cycle,
+                what: format!(
+                    "the history has a gap at cycle {at} (the replica is at {rc}); the point cannot be rebuilt"
+                ),
+            }
+        })?;
         let mut layers = Vec::new();
-        let mut expect = cycle;
-        for (b, c, n) in self.undo_records(&p) {
-            if c <= cycle || c > rc {
-                continue;
-            }
-            if b != expect {
-                return Err(StoreError::NoSuchPoint {
-                    ctx: p.ctx.clone(),
-                    cycle,
-                    what: format!(
-                        "the history has a gap at cycle {expect} (next undo record is {n})"
-                    ),
-                });
-            }
+        for (_, _, n) in links {
             let l = UndoLayer::open(&p.undo.join(&n))
                 .map_err(|e| hrl_err(&p.ctx, &self.store.root, "reading history", cycle, e))?;
             layers.push(l);
-            expect = c;
-        }
-        if expect != rc {
-            return Err(StoreError::NoSuchPoint {
-                ctx: p.ctx.clone(),
-                cycle,
-                what: format!("the history stops at cycle {expect}, the replica is at {rc}"),
-            });
         }
         let replica = self.open_replica(&p, &st, false)?;
         Ok(PointReader::new(cycle, layers, replica))
     }
 
-    /// Drop the oldest recovery points of `vm` by `keep` and the undo
-    /// records only they needed.
+    /// Apply the retention policy `keep` to the points of `vm`: drop the
+    /// oldest points, thin out older ones (merging the undo records across
+    /// each dropped point), and delete every undo record no remaining point
+    /// needs.
+    ///
+    /// Crash-safe: `points.json` is rewritten first; merged records are
+    /// published (fsync, rename) before the records they replace are
+    /// deleted, and a point's chain of records never jumps over another
+    /// point, so a crash leaves at worst redundant records, which the next
+    /// prune deletes.
     pub fn prune(&self, vm: &str, keep: &RetentionPolicy) -> Result<PruneReport> {
         let vmd = self.vm_dir(vm, false)?;
         let rt = self.store.runtime(&vmd);
         let _g = rt.lock();
         let mut pf = self.read_points(vm)?;
-        let n = pf.points.len();
-        let mut first_kept = 0usize;
-        if let Some(k) = keep.keep_last {
-            first_kept = first_kept.max(n.saturating_sub(k.max(1)));
-        }
-        if let Some(age) = keep.max_age {
-            let limit = now_ns().saturating_sub(age.as_nanos() as u64);
-            let i = pf
-                .points
-                .iter()
-                .position(|p| p.time_unix_ns >= limit)
-                .unwrap_or(n);
-            first_kept = first_kept.max(i.min(n.saturating_sub(1)));
-        }
         let mut report = PruneReport::default();
+        let n = pf.points.len();
         if n == 0 {
             return Ok(report);
         }
-        let dropped: Vec<Point> = pf.points.drain(..first_kept).collect();
-        report.dropped_points = dropped.iter().map(|p| p.cycle).collect();
-        let oldest = pf.points.first().map(|p| p.cycle).unwrap_or(0);
-        if !dropped.is_empty() {
+        let now = now_ns();
+        let mut keep_flags = vec![true; n];
+        if let Some(k) = keep.keep_last {
+            for f in keep_flags.iter_mut().take(n.saturating_sub(k.max(1))) {
+                *f = false;
+            }
+        }
+        if let Some(age) = keep.max_age {
+            let limit = now.saturating_sub(age.as_nanos() as u64);
+            for (f, p) in keep_flags.iter_mut().zip(&pf.points) {
+                if p.time_unix_ns < limit {
+                    *f = false;
+                }
+            }
+        }
+        if let (Some(after), Some(every)) = (keep.thin_after, keep.thin_every) {
+            let limit = now.saturating_sub(after.as_nanos() as u64);
+            let every = (every.as_nanos() as u64).max(1);
+            // Keep the newest point of each interval (points are oldest first).
+            for (f, w) in keep_flags.iter_mut().zip(pf.points.windows(2)) {
+                let (p, q) = (&w[0], &w[1]);
+                if p.time_unix_ns < limit && p.time_unix_ns / every == q.time_unix_ns / every {
+                    *f = false;
+                }
+            }
+        }
+        keep_flags[n - 1] = true;
+        let all = std::mem::take(&mut pf.points);
+        for (p, k) in all.into_iter().zip(keep_flags) {
+            if k {
+                pf.points.push(p);
+            } else {
+                report.dropped_points.push(p.cycle);
+            }
+        }
+        if !report.dropped_points.is_empty() {
             self.write_json(&self.ctx(vm, ""), &vmd, POINTS, &pf)?;
         }
-        // Undo records ending at or before the oldest kept point serve no point.
+        let cycles: Vec<u64> = pf.points.iter().map(|p| p.cycle).collect();
+        let (Some(&oldest), Some(&newest)) = (cycles.first(), cycles.last()) else {
+            return Ok(report);
+        };
         for d in list_dir(&vmd.join("disks")) {
             let Some(id) = parse_hex_id(&d) else { continue };
             let p = self.disk(vm, &id, false)?;
             let drt = self.store.runtime(&p.dir);
             let _dg = drt.lock();
-            for (_, c, name) in self.undo_records(&p) {
-                if c <= oldest {
+            let Some(st) = self.read_state(&p)? else {
+                continue;
+            };
+            let Some(rc) = st
+                .cycle
+                .filter(|_| st.initial_offset.is_none() && st.applying.is_none())
+            else {
+                continue;
+            };
+            if rc < oldest {
+                continue;
+            }
+            // Merge across every boundary of the oldest point's chain that is
+            // no longer a point (and lies below the newest point: a cycle
+            // above it may still be committed).
+            let Ok(mut links) = chain(&self.undo_records(&p), oldest, rc, &cycles) else {
+                continue; // a gap: leave this disk's history alone
+            };
+            let mut i = 0;
+            while i + 1 < links.len() {
+                let (a, k, na) = links[i].clone();
+                let (_, c, nb) = links[i + 1].clone();
+                if cycles.contains(&k) || k >= newest {
+                    i += 1;
+                    continue;
+                }
+                let out = p.undo.join(undo::undo_name(a, c));
+                let bytes = undo::merge_undo(&p.undo.join(&na), &p.undo.join(&nb), &out)
+                    .map_err(|e| hrl_err(&p.ctx, &self.store.root, "merging history", k, e))?;
+                crash_point("undo-merged");
+                report.freed_bytes = report.freed_bytes.saturating_sub(bytes);
+                report.merged += 1;
+                links[i] = (a, c, undo::undo_name(a, c));
+                links.remove(i + 1);
+            }
+            // Keep only what some point's chain uses.
+            let recs = self.undo_records(&p);
+            let mut needed = std::collections::HashSet::new();
+            for &pc in &cycles {
+                if let Ok(ch) = chain(&recs, pc.min(rc), rc, &cycles) {
+                    needed.extend(ch.into_iter().map(|x| x.2));
+                }
+            }
+            for (_, _, name) in recs {
+                if !needed.contains(&name) {
                     let f = p.undo.join(&name);
                     report.freed_bytes += std::fs::metadata(&f).map(|m| m.len()).unwrap_or(0);
                     let _ = std::fs::remove_file(f);
@@ -1521,6 +1596,40 @@ impl Site<'_> {
         }
         Ok(report)
     }
+}
+
+/// The undo records that take the replica at `rc` back to `from`, oldest
+/// first: from `from`, repeatedly the record starting there that reaches
+/// furthest without passing over a point in `points`. `Err(cycle)` names
+/// where the history has a gap.
+fn chain(
+    recs: &[(u64, u64, String)],
+    from: u64,
+    rc: u64,
+    points: &[u64],
+) -> std::result::Result<Vec<(u64, u64, String)>, u64> {
+    let mut out = Vec::new();
+    let mut at = from;
+    while at < rc {
+        let next_point = points
+            .iter()
+            .copied()
+            .filter(|&p| p > at)
+            .min()
+            .unwrap_or(u64::MAX);
+        let best = recs
+            .iter()
+            .filter(|(b, c, _)| *b == at && *c <= rc && *c <= next_point)
+            .max_by_key(|(_, c, _)| *c);
+        match best {
+            Some(r) => {
+                out.push(r.clone());
+                at = r.1;
+            }
+            None => return Err(at),
+        }
+    }
+    Ok(out)
 }
 
 fn unreachable_short(ctx: &Ctx, label: &Path) -> Result<()> {

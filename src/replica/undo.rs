@@ -368,3 +368,128 @@ impl PointReader {
         Ok(())
     }
 }
+
+/// One record read from a log, owned.
+struct Piece {
+    offset: u64,
+    /// `None`: zeros.
+    data: Option<Vec<u8>>,
+    length: u64,
+}
+
+impl Piece {
+    fn end(&self) -> u64 {
+        self.offset + self.length
+    }
+    /// Drop the bytes before `at`.
+    fn cut_front(&mut self, at: u64) {
+        if at <= self.offset {
+            return;
+        }
+        let k = (at - self.offset).min(self.length);
+        if let Some(d) = &mut self.data {
+            d.drain(..k as usize);
+        }
+        self.offset += k;
+        self.length -= k;
+    }
+}
+
+fn next_piece<R: Read>(r: &mut HrlReader<R>) -> Result<Option<Piece>, HrlError> {
+    Ok(r.next_record()?.map(|rec| Piece {
+        offset: rec.offset,
+        data: rec.data.map(|d| d.to_vec()),
+        length: u64::from(rec.length),
+    }))
+}
+
+fn emit(w: &mut HrlWriter, offset: u64, data: Option<&[u8]>, len: u64) -> Result<(), HrlError> {
+    match data {
+        Some(d) => w.append(offset, d),
+        None => {
+            let z = vec![0u8; len as usize];
+            w.append(offset, &z)
+        }
+    }
+}
+
+/// Merge two consecutive undo records, `older` (a→b) and `newer` (b→c),
+/// into one (a→c) published at `out`: where both cover a byte, the older
+/// pre-image wins (it is the content at a); bytes only the newer covers
+/// keep its pre-image (the content at b, equal to the content at a since
+/// the a→b log did not write them), clipped to the size at a. Streams both
+/// inputs; nothing is published unless both are intact.
+pub(crate) fn merge_undo(older: &Path, newer: &Path, out: &Path) -> Result<u64, HrlError> {
+    let mut a = HrlReader::open(older)?;
+    let mut b = HrlReader::open(newer)?;
+    let (ha, hb) = (a.header().clone(), b.header().clone());
+    if ha.cycle != hb.base_cycle || ha.disk_id != hb.disk_id {
+        return Err(HrlError::Mismatch(format!(
+            "{} and {} are not consecutive undo records of one disk",
+            older.display(),
+            newer.display()
+        )));
+    }
+    let limit = ha.disk_size;
+    let mh = HrlHeader {
+        disk_id: ha.disk_id,
+        disk_name: ha.disk_name.clone(),
+        cycle: hb.cycle,
+        base_cycle: ha.base_cycle,
+        block_size: ha.block_size,
+        base_size: hb.base_size,
+        disk_size: ha.disk_size,
+        cut_unix_ns: ha.cut_unix_ns,
+    };
+    let mut w = HrlWriter::create(out, &mh)?;
+    let mut pa = next_piece(&mut a)?;
+    let mut pb = next_piece(&mut b)?;
+    let mut a_end = 0u64; // end of the last older record emitted
+    loop {
+        // Drop what of the newer piece the older records already covered.
+        if let Some(p) = &mut pb {
+            p.cut_front(a_end);
+            if p.length == 0 || p.offset >= limit {
+                pb = next_piece(&mut b)?;
+                continue;
+            }
+        }
+        let take_older = match (&pa, &pb) {
+            (None, None) => break,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (Some(x), Some(p)) => x.offset <= p.offset,
+        };
+        if take_older {
+            if let Some(x) = pa.take() {
+                emit(&mut w, x.offset, x.data.as_deref(), x.length)?;
+                a_end = x.end();
+            }
+            pa = next_piece(&mut a)?;
+        } else if let Some(p) = pb.as_mut() {
+            let next_a = pa.as_ref().map_or(u64::MAX, |x| x.offset);
+            let stop = next_a.min(p.end()).min(limit);
+            let n = stop.saturating_sub(p.offset);
+            if n == 0 {
+                // Cannot happen (the older record would have been taken);
+                // never spin.
+                return Err(HrlError::InvalidInput {
+                    path: newer.to_path_buf(),
+                    what: "undo merge made no progress".into(),
+                });
+            }
+            emit(
+                &mut w,
+                p.offset,
+                p.data.as_ref().map(|d| &d[..n as usize]),
+                n,
+            )?;
+            p.cut_front(stop);
+            if p.length == 0 || stop == limit {
+                pb = next_piece(&mut b)?;
+            }
+        }
+    }
+    // Both inputs were read to their seals by next_record returning None.
+    Ok(w.finish()?.file_bytes)
+}
