@@ -5,13 +5,11 @@
 //! already are VHDs, replicate this way), [`FixedVhd`] is a raw source kept
 //! as a fixed VHD (the data followed by a 512-byte footer).
 //!
-//! TODO(vhd): `vdrep::vhd` (fixed and dynamic VHDs, written in parallel) is
-//! not on this branch yet. [`FixedVhd`] is a minimal stand-in that writes a
-//! spec-conformant fixed-disk footer; once `vdrep::vhd` lands, implement
-//! [`ReplicaTarget`] for `vhd::Vhd` (its `read_at`/`write_at`/`write_zeroes`/
-//! `resize`/`flush` map one to one) and switch [`open_target`] — the only
-//! place that picks the implementation — to it (dynamic VHDs for sparse
-//! disks).
+//! The footer and geometry come from [`crate::vhd`]. A fixed VHD of a sparse
+//! source stays sparse on disk (zero ranges are punched). Dynamic VHD
+//! replicas (`vhd::Vhd`, whose `read_at`/`write_at`/`write_zeroes`/`resize`/
+//! `flush` map one to one onto this trait) are not used yet: [`open_target`]
+//! is the one place that would pick them.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -179,8 +177,7 @@ impl ReplicaTarget for RawFile {
 /// Size of a VHD footer.
 pub const VHD_FOOTER_LEN: u64 = 512;
 
-/// A fixed VHD: the disk's bytes, then a 512-byte footer (stand-in until
-/// `vdrep::vhd` lands, see the module TODO). The footer is rewritten on
+/// A fixed VHD: the disk's bytes, then a 512-byte footer (its footer comes from [`crate::vhd`]). The footer is rewritten on
 /// every [`set_len`](ReplicaTarget::set_len) and [`flush`](ReplicaTarget::flush),
 /// so a file left with a stale footer by a crash is repaired by the next
 /// apply (which always sets the length and flushes).
@@ -259,64 +256,20 @@ impl ReplicaTarget for FixedVhd {
 
 /// The spec's CHS geometry for `size` bytes: (cylinders, heads, sectors/track).
 pub fn vhd_geometry(size: u64) -> (u16, u8, u8) {
-    let mut total = size / 512;
-    if total > 65535 * 16 * 255 {
-        total = 65535 * 16 * 255;
-    }
-    let (spt, heads, cth);
-    if total >= 65535 * 16 * 63 {
-        spt = 255;
-        heads = 16;
-        cth = total / spt;
-    } else {
-        let mut s = 17;
-        let mut c = total / s;
-        let mut h = c.div_ceil(1024);
-        if h < 4 {
-            h = 4;
-        }
-        if c >= h * 1024 || h > 16 {
-            s = 31;
-            h = 16;
-            c = total / s;
-        }
-        if c >= h * 1024 {
-            s = 63;
-            h = 16;
-            c = total / s;
-        }
-        spt = s;
-        heads = h;
-        cth = c;
-    }
-    ((cth / heads) as u16, heads as u8, spt as u8)
+    let g = crate::vhd::footer::Geometry::for_size(size);
+    (g.cylinders, g.heads, g.sectors_per_track)
 }
 
-/// A fixed-disk VHD footer (spec v1.0, big-endian) for a disk of `size`
-/// bytes. Creator application `qem2` makes QEMU size the disk by "current
-/// size" (exactly `size`) rather than by the rounded-down geometry.
+/// A fixed-disk VHD footer for a disk of `size` bytes, from [`crate::vhd`]
+/// (creator `qem2`: QEMU sizes the disk by its exact current size).
 pub fn vhd_fixed_footer(size: u64, timestamp: u32, unique_id: [u8; 16]) -> [u8; 512] {
-    let mut b = [0u8; 512];
-    b[0..8].copy_from_slice(b"conectix");
-    b[8..12].copy_from_slice(&2u32.to_be_bytes()); // features: reserved bit
-    b[12..16].copy_from_slice(&0x0001_0000u32.to_be_bytes()); // version 1.0
-    b[16..24].copy_from_slice(&u64::MAX.to_be_bytes()); // data offset: none (fixed)
-    b[24..28].copy_from_slice(&timestamp.to_be_bytes());
-    b[28..32].copy_from_slice(b"qem2");
-    b[32..36].copy_from_slice(&0x0001_0000u32.to_be_bytes()); // creator version
-    b[36..40].copy_from_slice(b"Wi2k"); // creator host OS
-    b[40..48].copy_from_slice(&size.to_be_bytes()); // original size
-    b[48..56].copy_from_slice(&size.to_be_bytes()); // current size
-    let (c, h, s) = vhd_geometry(size);
-    b[56..58].copy_from_slice(&c.to_be_bytes());
-    b[58] = h;
-    b[59] = s;
-    b[60..64].copy_from_slice(&2u32.to_be_bytes()); // disk type: fixed
-    b[68..84].copy_from_slice(&unique_id);
-    // b[84] saved state = 0; rest reserved zeros.
-    let sum: u32 = b.iter().fold(0u32, |a, &x| a.wrapping_add(u32::from(x)));
-    b[64..68].copy_from_slice(&(!sum).to_be_bytes());
-    b
+    crate::vhd::footer::Footer::new(
+        crate::vhd::footer::DISK_TYPE_FIXED,
+        size,
+        timestamp,
+        unique_id,
+    )
+    .encode()
 }
 
 /// Seconds since 2000-01-01 00:00:00 UTC (the VHD time stamp).
@@ -329,7 +282,7 @@ pub fn vhd_timestamp_now() -> u32 {
 }
 
 /// Open the replica file `path` of `format` holding `size` bytes — the one
-/// place that picks a [`ReplicaTarget`] implementation (see the module TODO).
+/// place that picks a [`ReplicaTarget`] implementation.
 pub fn open_target(
     path: &Path,
     format: ReplicaFormat,
