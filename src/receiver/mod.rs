@@ -542,17 +542,9 @@ async fn log(
         Ok(_) => false,
     };
     if !applied_now {
-        wire::write_msg(
-            tx,
-            &Msg::Ack(wire::Ack {
-                disk_id: l.disk_id,
-                cycle: l.cycle,
-                durable: true,
-                applied: false,
-            }),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        wire::write_msg(tx, &durable_ack(&l, false))
+            .await
+            .map_err(|e| e.to_string())?;
         let r =
             tokio::task::block_in_place(|| store.site(&sess.site)?.apply(&vm, &l.disk_id, l.cycle));
         if let Err(e) = r {
@@ -561,19 +553,21 @@ async fn log(
                 .map_err(|e| e.to_string());
         }
     }
-    wire::write_msg(
-        tx,
-        &Msg::Ack(wire::Ack {
-            disk_id: l.disk_id,
-            cycle: l.cycle,
-            durable: true,
-            applied: true,
-        }),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    wire::write_msg(tx, &durable_ack(&l, true))
+        .await
+        .map_err(|e| e.to_string())?;
     let _ = tx.finish();
     Ok(())
+}
+
+/// The log is durable here; `applied` once it is also in the replica.
+fn durable_ack(l: &wire::LogBegin, applied: bool) -> Msg {
+    Msg::Ack(wire::Ack {
+        disk_id: l.disk_id,
+        cycle: l.cycle,
+        durable: true,
+        applied,
+    })
 }
 
 fn point(sess: &Session, store: &replica::Store, p: wire::PointCommit) -> Msg {
