@@ -144,6 +144,19 @@ fn protect_with(site: &Site, r: &Receiver, every: &str, disks: &[&str], extra: &
 
 /// Sync every VM of the site's mount (test binaries run in parallel and
 /// each protects a VM named vm1, so sync by folder, not by name).
+/// Wait until the initial copy has sent `bytes` (the receiver lags by at
+/// most the QUIC window, 64 MiB, and makes progress durable every 64 MiB).
+fn wait_initial_sent(m: &Mounted, bytes: u64) {
+    for _ in 0..600 {
+        let st = m.status_json();
+        if st["replication"][0]["initial_done"].as_u64().unwrap_or(0) >= bytes {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("the initial copy never reached {} MiB", bytes >> 20);
+}
+
 fn sync(site: &Site, timeout: u64) -> std::process::Output {
     vdrep(&["sync", &site.s("vm"), "--timeout", &timeout.to_string()])
 }
@@ -289,7 +302,8 @@ fn receiver_killed_during_initial_copy_and_delta_converges() {
     // 64 MiB/s: the kill lands mid-copy, after the receiver made the first
     // 64 MiB durable.
     protect_with(&site, &r, "1h", &["big.img"], &["--max-rate", "64M"]);
-    std::thread::sleep(Duration::from_millis(1700));
+    // 140 MiB sent: at least 76 MiB received, 64 MiB durable.
+    wait_initial_sent(&m, 140 << 20);
     r.kill9();
     r = Receiver::start(&site, &addr, &site.p("store"));
     sync_ok(&site);
@@ -688,7 +702,7 @@ fn clean_restart_during_initial_copy_resumes() {
     let mut m = site.mount();
     let _r = Receiver::start(&site, "127.0.0.1:0", &site.p("store"));
     protect_with(&site, &_r, "1h", &["c.img"], &["--max-rate", "48M"]);
-    std::thread::sleep(Duration::from_millis(2300));
+    wait_initial_sent(&m, 140 << 20);
     m.umount();
     let mut m = site.mount();
     sync_ok(&site);
