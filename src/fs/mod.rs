@@ -11,7 +11,6 @@
 //! this mount): all access is relative to per-inode `O_PATH` descriptors or
 //! through `/proc/self/fd/N`.
 
-mod dio;
 mod handle;
 mod inode;
 mod ops;
@@ -63,7 +62,6 @@ impl Default for FsOptions {
 pub struct VdrepFs {
     inodes: InodeTable,
     handles: Handles,
-    dio: dio::DirectPool,
     tracker: Option<Arc<Tracker>>,
     /// Real path of the backing root folder, to compute tracker paths.
     root_path: PathBuf,
@@ -101,7 +99,6 @@ impl VdrepFs {
         Ok(VdrepFs {
             inodes: InodeTable::new(root_fd, &st),
             handles: Handles::new(),
-            dio: dio::DirectPool::new(),
             tracker,
             root_path,
             opts: opts.clone(),
@@ -168,6 +165,15 @@ impl VdrepFs {
     }
 }
 
+/// Workers added to `FsOptions::n_threads`: `O_DIRECT` requests are served
+/// on the worker that read them and block on the device, so without extra
+/// workers the device queue depth would be capped at `n_threads`. A separate
+/// pool fed by the workers cost a thread hand-off per request (strace -c:
+/// ~3 futex + ~3 sched_yield per 4 KiB read with a crossbeam channel, ~2.6
+/// futex with a mutex/condvar queue) and reached about half the IOPS; see
+/// kernel-notes/writepath.md.
+pub(crate) const DIRECT_IO_WORKERS: usize = 16;
+
 /// The `fuser` session configuration for `opts`.
 fn session_config(opts: &FsOptions) -> Config {
     let mut c = Config::default();
@@ -181,7 +187,7 @@ fn session_config(opts: &FsOptions) -> Config {
     } else {
         SessionACL::Owner
     };
-    c.n_threads = Some(opts.n_threads.max(1));
+    c.n_threads = Some(opts.n_threads.max(1) + DIRECT_IO_WORKERS);
     c.clone_fd = true;
     c
 }

@@ -201,7 +201,7 @@ fn write_full(disk: Option<&TrackedDisk>, f: &File, data: &[u8], offset: u64) ->
 
 /// Serve a READ on `h` (any thread): O_DIRECT handles read aligned requests
 /// into an aligned buffer, everything else goes through the buffered fd.
-pub(crate) fn serve_read(h: &OpenFile, offset: u64, size: usize, reply: ReplyData) {
+fn serve_read(h: &OpenFile, offset: u64, size: usize, reply: ReplyData) {
     let mut reply = Some(reply);
     if h.direct && is_aligned(offset, size) {
         // On EINVAL (the backing fs wants a larger alignment) fall back to
@@ -242,7 +242,7 @@ pub(crate) fn serve_read(h: &OpenFile, offset: u64, size: usize, reply: ReplyDat
 }
 
 /// Write `data` at `offset` through `h` (and its tracked disk, if any).
-pub(crate) fn write_handle(h: &OpenFile, offset: u64, data: &[u8]) -> io::Result<usize> {
+fn write_handle(h: &OpenFile, offset: u64, data: &[u8]) -> io::Result<usize> {
     let disk = h.disk.as_deref();
     if h.direct && is_aligned(offset, data.len()) {
         let r = DIO_BUF.with(|b| {
@@ -806,14 +806,11 @@ impl Filesystem for VdrepFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        // Direct requests are served here too, on the worker that read them:
+        // the session has `DIRECT_IO_WORKERS` extra workers so the device
+        // queue depth is not capped by `n_threads`.
         let h = tri!(self.open_file(fh), reply);
-        if h.direct {
-            // Direct reads block on the device: serve them from the pool so
-            // the queue depth is not capped by the FUSE worker count.
-            self.dio.read(h, offset, size as usize, reply);
-        } else {
-            serve_read(&h, offset, size as usize, reply);
-        }
+        serve_read(&h, offset, size as usize, reply);
     }
 
     fn write(
@@ -836,10 +833,6 @@ impl Filesystem for VdrepFs {
             }
         }
         let h = tri!(self.open_file(fh), reply);
-        if h.direct {
-            self.dio.write(h, offset, data, reply);
-            return;
-        }
         let n = tri!(write_handle(&h, offset, data), reply);
         reply.written(n as u32);
     }
