@@ -27,6 +27,7 @@
 #   NO_BUILD=1   do not run `cargo build --release`
 #   VDREP=path   binary (default target/release/vdrep)
 #   KEEP=1       keep the run folder (replicas, logs) afterwards
+#   NO_INSTALL=1 do not apt-get install missing tools
 #
 # Output: tables on stdout and bench-results/replication-<UTC>.{md,json,tsv}.
 # Needs root (loop mount, drop_caches), rsync, fio, sysstat (pidstat), e2fsprogs.
@@ -64,8 +65,19 @@ now() { date +%s.%N; }
 elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2])-float(sys.argv[1]):.3f}')" "$1" "$2"; }
 
 [[ "$(id -u)" == 0 ]] || die "run as root (loop mount of the ext4 image, drop_caches)"
-for t in rsync fio python3 jq mkfs.ext4 findmnt pidstat qemu-img; do
-    command -v "$t" >/dev/null || die "missing $t (apt-get install rsync fio python3 jq e2fsprogs util-linux sysstat qemu-utils)"
+BENCH_PKGS="rsync fio python3 jq e2fsprogs util-linux sysstat qemu-utils fuse3"
+missing=()
+for t in rsync fio python3 jq mkfs.ext4 findmnt pidstat qemu-img fusermount3; do
+    command -v "$t" >/dev/null || missing+=("$t")
+done
+if [[ ${#missing[@]} -gt 0 && "${NO_INSTALL:-0}" != 1 ]] && command -v apt-get >/dev/null; then
+    say "missing ${missing[*]}: apt-get install $BENCH_PKGS"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $BENCH_PKGS >&2 \
+        || { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $BENCH_PKGS >&2; } \
+        || die "apt-get install failed"
+fi
+for t in rsync fio python3 jq mkfs.ext4 findmnt pidstat qemu-img fusermount3; do
+    command -v "$t" >/dev/null || die "missing $t (apt-get install $BENCH_PKGS)"
 done
 mkdir -p "$W" "$LOG" "$RESULTS_DIR" "$PRISTINE"
 : >"$RES"
