@@ -18,7 +18,7 @@
 #    Target: continuous p99 <= 5 s.
 #
 # Caches are dropped before every timed step (cold source, as for a real
-# initial copy). No assertions on time: the verdict column only reports.
+# initial copy; DROP_CACHES=0 keeps them). No assertions on time: the verdict column only reports.
 #
 # Environment:
 #   SIZE=2G  RUNS=3  CHANGE_PCT=1  FILL_PCT=20  RPO_SECS=60  RPO_RATE=50m
@@ -28,6 +28,9 @@
 #   VDREP=path   binary (default target/release/vdrep)
 #   KEEP=1       keep the run folder (replicas, logs) afterwards
 #   NO_INSTALL=1 do not apt-get install missing tools
+#   DROP_CACHES=0  keep the page cache between steps (warm source; default: drop)
+#   DIAG=1       strace -c -w the sender and receiver during the last delta round
+#                (that round is then left out of the medians)
 #
 # Output: tables on stdout and bench-results/replication-<UTC>.{md,json,tsv}.
 # Needs root (loop mount, drop_caches), rsync, fio, sysstat (pidstat), e2fsprogs.
@@ -112,7 +115,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true; }
+drop_caches() { sync; [[ "${DROP_CACHES:-1}" == 1 ]] && { echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true; }; return 0; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 cpu_secs() { # utime+stime of PID (and its threads) in seconds
     awk -v hz="$(getconf CLK_TCK)" '{ print ($14 + $15) / hz }' "/proc/$1/stat" 2>/dev/null || echo 0
@@ -298,9 +301,20 @@ PY
     sent0=$(vm_field bytes_sent)
     drop_caches
     cs0=$(cpu_secs "$SENDER_PID"); cr0=$(cpu_secs "$RECV_PID")
+    st_s="" st_r=""
+    if [[ "${DIAG:-0}" == 1 && "$run" == "$RUNS" ]]; then   # syscall profile of the last round (slows it down)
+        strace -f -c -w -o "$LOG/strace-delta-sender.txt" -p "$SENDER_PID" 2>/dev/null & st_s=$!
+        strace -f -c -w -o "$LOG/strace-delta-receiver.txt" -p "$RECV_PID" 2>/dev/null & st_r=$!
+        sleep 1
+    fi
     t0=$(now)
     "$VDREP" sync "$VM" >>"$LOG/sync.log" 2>&1 || die "vdrep sync failed (delta run $run)"
     t1=$(now)
+    if [[ -n "$st_s" ]]; then
+        kill -INT "$st_s" "$st_r" 2>/dev/null || true; wait "$st_s" "$st_r" 2>/dev/null || true
+        say "DIAG: syscall profiles (wall time) in $LOG/strace-delta-{sender,receiver}.txt; this round's time includes strace overhead"
+        rec delta vdrep "$run" straced 1
+    fi
     cs1=$(cpu_secs "$SENDER_PID"); cr1=$(cpu_secs "$RECV_PID")
     sent1=$(vm_field bytes_sent)
     rec delta vdrep "$run" secs "$(elapsed "$t0" "$t1")"
@@ -396,8 +410,11 @@ import collections, json, os, platform, statistics, subprocess, sys
 res, base, size, size_b, runs, pct, rpo_secs, rpo_rate, fill = sys.argv[1:10]
 size_b = int(size_b)
 d = collections.defaultdict(list)
-for line in open(res):
-    sec, subj, run, key, val = line.rstrip("\n").split("\t")
+lines = [l.rstrip("\n").split("\t") for l in open(res) if l.strip()]
+straced = {(s, su, r) for s, su, r, k, v in lines if k == "straced"}
+for sec, subj, run, key, val in lines:
+    if (sec, subj, run) in straced and key != "straced":
+        continue
     try:
         d[(sec, subj, key)].append(float(val))
     except ValueError:
@@ -420,7 +437,7 @@ def table(title, hdr, rows):
     for r in rows: out.append("| " + " | ".join(str(x) for x in r) + " |")
 out.append(f"# vdrep replication benchmark {js['meta']['utc']}\n")
 out.append(f"git {rev}, kernel {platform.release()}, {os.cpu_count()} CPUs, loopback 127.0.0.1, "
-           f"file {size}, caches dropped before each timed step, medians of {runs} runs.")
+           f"file {size}, {'caches dropped before each timed step' if os.environ.get('DROP_CACHES','1')=='1' else 'warm page cache (DROP_CACHES=0)'}, medians of {runs} runs.")
 if any(k[0] == "initial" for k in d):
     rows = []
     for kind in ("random", "ext4"):
