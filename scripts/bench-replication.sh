@@ -23,6 +23,7 @@
 # Environment:
 #   SIZE=2G  RUNS=3  CHANGE_PCT=1  FILL_PCT=20  RPO_SECS=60  RPO_RATE=50m
 #   SECTIONS="initial delta rpo"   subset to run
+#   RPO_MODES="30s continuous"     subset of --every modes for the RPO section
 #   BENCH_ROOT=/var/tmp/vdrep-rbench   work folder (needs ~6x SIZE free; not tmpfs)
 #   NO_BUILD=1   do not run `cargo build --release`
 #   VDREP=path   binary (default target/release/vdrep)
@@ -94,6 +95,8 @@ stop_receiver() {
 umount_src() {
     if is_fuse_mounted "$VSRC"; then
         "$VDREP" umount "$VSRC" >/dev/null 2>&1 || fusermount3 -u "$VSRC" 2>/dev/null || umount -l "$VSRC" || true
+        # keep the sender's log (cycle/point timings) with the run's logs
+        cat "$VSRC/.vdrep/daemon.log" >>"$LOG/sender.log" 2>/dev/null || true
     fi
 }
 cleanup() {
@@ -351,11 +354,11 @@ if ! is_fuse_mounted "$VSRC" || [[ -z "$RECV_PID" ]]; then
     protect 1h
     "$VDREP" sync "$VM" >>"$LOG/sync.log" 2>&1 || die "vdrep sync failed (rpo setup)"
 fi
-for mode in 30s continuous; do
+for mode in ${RPO_MODES:-30s continuous}; do
     say "rpo: --every $mode, fio $RPO_RATE random writes for ${RPO_SECS}s"
     protect "$mode"
     "$VDREP" sync "$VM" >>"$LOG/sync.log" 2>&1 || die "vdrep sync failed (rpo $mode)"
-    pidstat -u -h -p "$SENDER_PID,$RECV_PID" 1 >"$LOG/pidstat-rpo-$mode.txt" 2>&1 &
+    pidstat -u -d -h -p "$SENDER_PID,$RECV_PID" 1 >"$LOG/pidstat-rpo-$mode.txt" 2>&1 &
     PIDSTAT_PID=$!
     cs0=$(cpu_secs "$SENDER_PID"); cr0=$(cpu_secs "$RECV_PID"); sent0=$(vm_field bytes_sent)
     BENCH_FILE="$VSRC/disk.img" RATE="$RPO_RATE" RUNTIME="$RPO_SECS" \
