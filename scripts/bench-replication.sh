@@ -443,6 +443,9 @@ def table(title, hdr, rows):
 out.append(f"# vdrep replication benchmark {js['meta']['utc']}\n")
 out.append(f"git {rev}, kernel {platform.release()}, {os.cpu_count()} CPUs, loopback 127.0.0.1, "
            f"file {size}, {'caches dropped before each timed step' if os.environ.get('DROP_CACHES','1')=='1' else 'warm page cache (DROP_CACHES=0)'}, medians of {runs} runs.")
+bad = sorted({f"{k[0]} {k[1]}" for k in d if k[2] == "compare_failed"})
+if bad:
+    out.append(f"\n**WARNING: copy differs from its source: {', '.join(bad)}** (see the run log)")
 if any(k[0] == "initial" for k in d):
     rows = []
     for kind in ("random", "ext4"):
