@@ -4,6 +4,8 @@
 #   scripts/bench-replication.sh                 # SIZE=2G RUNS=3 RPO_SECS=60
 #   SIZE=512M RPO_SECS=20 scripts/bench-replication.sh   # quick run
 #
+# Takes ~4 min (2 GiB) on an idle 2-core host, ~8 min on a busy one.
+#
 # 1. initial replication of a SIZE random file and of a SIZE ext4 image ~20%
 #    full (mix of random and compressible files): vdrep (mount + protect + sync,
 #    timed from `protect` to `sync` success) vs `cp` + sync vs an rsync daemon
@@ -18,7 +20,9 @@
 #    Target: continuous p99 <= 5 s.
 #
 # Caches are dropped before every timed step (cold source, as for a real
-# initial copy; DROP_CACHES=0 keeps them). No assertions on time: the verdict column only reports.
+# initial copy; DROP_CACHES=0 keeps them). No assertions on time: the verdict
+# column only reports. `-I` is added to the issue's rsync delta command so
+# rsync's size+mtime quick check never skips a round.
 #
 # Environment:
 #   SIZE=2G  RUNS=3  CHANGE_PCT=1  FILL_PCT=20  RPO_SECS=60  RPO_RATE=50m
@@ -27,7 +31,8 @@
 #   BENCH_ROOT=/var/tmp/vdrep-rbench   work folder (needs ~6x SIZE free; not tmpfs)
 #   NO_BUILD=1   do not run `cargo build --release`
 #   VDREP=path   binary (default target/release/vdrep)
-#   KEEP=1       keep the run folder (replicas, logs) afterwards
+#   KEEP=1       also keep the disk copies and replicas (logs are always kept
+#                under BENCH_ROOT/run-<UTC>/log)
 #   NO_INSTALL=1 do not apt-get install missing tools
 #   DROP_CACHES=0  keep the page cache between steps (warm source; default: drop)
 #   DIAG=1       strace -c -w the sender and receiver during the last delta round
