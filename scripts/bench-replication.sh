@@ -1,0 +1,509 @@
+#!/usr/bin/env bash
+# Replication speed benchmark (issue 3, "Speed"), everything on 127.0.0.1:
+#
+#   scripts/bench-replication.sh                 # SIZE=2G RUNS=3 RPO_SECS=60
+#   SIZE=512M RPO_SECS=20 scripts/bench-replication.sh   # quick run
+#
+# Takes ~4 min (2 GiB) on an idle 2-core host, ~8 min on a busy one.
+#
+# 1. initial replication of a SIZE random file and of a SIZE ext4 image ~20%
+#    full (mix of random and compressible files): vdrep (mount + protect + sync,
+#    timed from `protect` to `sync` success) vs `cp` + sync vs an rsync daemon
+#    on 127.0.0.1 (`rsync -a --inplace`, then sync). Median of RUNS.
+# 2. delta after changing CHANGE_PCT% of the 4 KiB blocks of the random file
+#    (random blocks, random data): `vdrep sync` vs
+#    `rsync -I --inplace --no-whole-file -B4096` to the synced copy. RUNS rounds,
+#    each a fresh change set. Targets: time <= 1/20 of rsync's, bytes <= rsync's.
+# 3. RPO under a steady RPO_RATE random-write load (fio, 4k-64k, O_DIRECT,
+#    through the mount) for RPO_SECS per mode, `--every 30s` then
+#    `--every continuous`; lag_secs sampled every 0.5 s; p50/p99/max.
+#    Target: continuous p99 <= 5 s.
+#
+# Caches are dropped before every timed step (cold source, as for a real
+# initial copy; DROP_CACHES=0 keeps them). No assertions on time: the verdict
+# column only reports. `-I` is added to the issue's rsync delta command so
+# rsync's size+mtime quick check never skips a round.
+#
+# Environment:
+#   SIZE=2G  RUNS=3  CHANGE_PCT=1  FILL_PCT=20  RPO_SECS=60  RPO_RATE=50m
+#   SECTIONS="initial delta rpo"   subset to run
+#   RPO_MODES="30s continuous"     subset of --every modes for the RPO section
+#   BENCH_ROOT=/var/tmp/vdrep-rbench   work folder (needs ~6x SIZE free; not tmpfs)
+#   NO_BUILD=1   do not run `cargo build --release`
+#   VDREP=path   binary (default target/release/vdrep)
+#   KEEP=1       also keep the disk copies and replicas (logs are always kept
+#                under BENCH_ROOT/run-<UTC>/log)
+#   NO_INSTALL=1 do not apt-get install missing tools
+#   DROP_CACHES=0  keep the page cache between steps (warm source; default: drop)
+#   DIAG=1       strace -c -w the sender and receiver during the last delta round
+#                (that round is then left out of the medians)
+#
+# Output: tables on stdout and bench-results/replication-<UTC>.{md,json,tsv}.
+# Needs root (loop mount, drop_caches), rsync, fio, sysstat (pidstat), e2fsprogs.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SIZE="${SIZE:-2G}"
+RUNS="${RUNS:-3}"
+CHANGE_PCT="${CHANGE_PCT:-1}"
+FILL_PCT="${FILL_PCT:-20}"
+RPO_SECS="${RPO_SECS:-60}"
+RPO_RATE="${RPO_RATE:-50m}"
+SECTIONS="${SECTIONS:-initial delta rpo}"
+BENCH_ROOT="${BENCH_ROOT:-/var/tmp/vdrep-rbench}"
+VDREP="${VDREP:-$REPO/target/release/vdrep}"
+RESULTS_DIR="$REPO/bench-results"
+STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
+SIZE_BYTES="$(numfmt --from=iec "${SIZE%B}")"
+
+PRISTINE="$BENCH_ROOT/pristine-$SIZE_BYTES"   # reused across runs of the script
+W="$BENCH_ROOT/run-$STAMP"
+VSRC="$W/site-a"          # the vdrep-mounted "VM disk folder"
+KEYS_A="$W/keys-a" KEYS_B="$W/keys-b"
+CPDST="$W/cp-dst"
+RMOD="$W/rsyncd-mod"      # the rsync daemon module's folder
+RSRC="$W/rsync-src"       # source copy for the rsync delta
+RES="$W/results.tsv"      # section  subject  run  key  value
+LOG="$W/log"
+VM=benchvm
+
+say() { printf '[bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+die() { printf '[bench] ERROR: %s\n' "$*" >&2; exit 1; }
+rec() { printf '%s\t%s\t%s\t%s\t%s\n' "$@" >>"$RES"; }
+now() { date +%s.%N; }
+elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2])-float(sys.argv[1]):.3f}')" "$1" "$2"; }
+
+[[ "$(id -u)" == 0 ]] || die "run as root (loop mount of the ext4 image, drop_caches)"
+BENCH_PKGS="rsync fio python3 jq e2fsprogs util-linux sysstat qemu-utils fuse3"
+missing=()
+for t in rsync fio python3 jq mkfs.ext4 findmnt pidstat qemu-img fusermount3; do
+    command -v "$t" >/dev/null || missing+=("$t")
+done
+if [[ ${#missing[@]} -gt 0 && "${NO_INSTALL:-0}" != 1 ]] && command -v apt-get >/dev/null; then
+    say "missing ${missing[*]}: apt-get install $BENCH_PKGS"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $BENCH_PKGS >&2 \
+        || { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $BENCH_PKGS >&2; } \
+        || die "apt-get install failed"
+fi
+for t in rsync fio python3 jq mkfs.ext4 findmnt pidstat qemu-img fusermount3; do
+    command -v "$t" >/dev/null || die "missing $t (apt-get install $BENCH_PKGS)"
+done
+mkdir -p "$W" "$LOG" "$RESULTS_DIR" "$PRISTINE"
+: >"$RES"
+
+RECV_PID="" RSYNCD_PID="" LOOPMNT=""
+is_fuse_mounted() { [[ "$(findmnt -n -o FSTYPE --mountpoint "$1" 2>/dev/null | tail -1 || true)" == fuse* ]]; }
+stop_receiver() {
+    if [[ -n "$RECV_PID" ]]; then kill "$RECV_PID" 2>/dev/null || true; wait "$RECV_PID" 2>/dev/null || true; fi
+    RECV_PID=""
+}
+umount_src() {
+    if is_fuse_mounted "$VSRC"; then
+        "$VDREP" umount "$VSRC" >/dev/null 2>&1 || fusermount3 -u "$VSRC" 2>/dev/null || umount -l "$VSRC" || true
+        # keep the sender's log (cycle/point timings) with the run's logs
+        cat "$VSRC/.vdrep/daemon.log" >>"$LOG/sender.log" 2>/dev/null || true
+    fi
+}
+cleanup() {
+    local rc=$?
+    set +e
+    [[ -n "${SAMPLER_PID:-}" ]] && kill "$SAMPLER_PID" 2>/dev/null
+    [[ -n "${FIO_PID:-}" ]] && kill "$FIO_PID" 2>/dev/null
+    [[ -n "${PIDSTAT_PID:-}" ]] && kill "$PIDSTAT_PID" 2>/dev/null
+    umount_src
+    stop_receiver
+    [[ -n "$RSYNCD_PID" ]] && kill "$RSYNCD_PID" 2>/dev/null
+    [[ -n "$LOOPMNT" ]] && mountpoint -q "$LOOPMNT" && umount "$LOOPMNT"
+    if [[ "${KEEP:-0}" != 1 ]]; then
+        rm -rf "$W/site-a" "$W/cp-dst" "$W/rsyncd-mod" "$W/rsync-src" "$W"/store-*
+    fi
+    [[ $rc != 0 ]] && say "FAILED (rc $rc); logs in $LOG"
+    exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+drop_caches() { sync; [[ "${DROP_CACHES:-1}" == 1 ]] && { echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true; }; return 0; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+cpu_secs() { # utime+stime of PID (and its threads) in seconds
+    awk -v hz="$(getconf CLK_TCK)" '{ print ($14 + $15) / hz }' "/proc/$1/stat" 2>/dev/null || echo 0
+}
+status_json() { "$VDREP" status "$VSRC" --json; }
+vm_field() { status_json | jq -r --arg vm "$VM" ".replication[] | select(.vm == \$vm) | .$1"; }
+
+# --- build -----------------------------------------------------------------
+if [[ "${NO_BUILD:-0}" != 1 ]]; then
+    say "cargo build --release"
+    (cd "$REPO" && cargo build --release -q) || die "cargo build --release failed"
+fi
+[[ -x "$VDREP" ]] || die "no vdrep binary at $VDREP"
+
+# --- test data (cached in $PRISTINE) ---------------------------------------
+if [[ ! -f "$PRISTINE/random.ok" ]]; then
+    say "creating $PRISTINE/random.img ($SIZE of random data)"
+    head -c "$SIZE_BYTES" /dev/urandom >"$PRISTINE/random.img"
+    touch "$PRISTINE/random.ok"
+fi
+if [[ " $SECTIONS " == *" initial "* && ! -f "$PRISTINE/ext4.ok" ]]; then
+    say "creating $PRISTINE/ext4.img (ext4, $SIZE, ~$FILL_PCT% full: half random, half compressible files)"
+    rm -f "$PRISTINE/ext4.img"
+    truncate -s "$SIZE_BYTES" "$PRISTINE/ext4.img"
+    mkfs.ext4 -q -F "$PRISTINE/ext4.img"
+    LOOPMNT="$W/loop"; mkdir -p "$LOOPMNT"
+    mount -o loop "$PRISTINE/ext4.img" "$LOOPMNT"
+    python3 - "$LOOPMNT" "$((SIZE_BYTES * FILL_PCT / 100))" <<'PY'
+import os, random, sys
+root, total = sys.argv[1], int(sys.argv[2])
+rnd = random.Random(42)
+words = ("vdrep cycle cut block dirty replica receiver sender quic tls ack apply fsync "
+         "vm disk image kernel fuse write read error warning info debug sector extent").split()
+done, i = 0, 0
+os.makedirs(f"{root}/bin", exist_ok=True); os.makedirs(f"{root}/log", exist_ok=True)
+while done < total:
+    n = min(rnd.randint(64 << 10, 16 << 20), total - done)
+    if i % 2 == 0:   # incompressible (binaries, media, compressed archives)
+        with open(f"{root}/bin/blob{i:05d}", "wb") as f:
+            f.write(os.urandom(n))
+    else:            # compressible (logs, text): lz4 gets ~3-4x
+        lines, size = [], 0
+        while size < n:
+            l = f"2026-11-22T{rnd.randint(0,23):02d}:{rnd.randint(0,59):02d}:{rnd.randint(0,59):02d}.{rnd.randint(0,999999):06d} " \
+                f"{rnd.choice(words).upper()} {' '.join(rnd.choice(words) for _ in range(rnd.randint(4,12)))} id={rnd.randint(0,1<<32)}\n"
+            lines.append(l); size += len(l)
+        with open(f"{root}/log/log{i:05d}.txt", "w") as f:
+            f.write("".join(lines)[:n])
+    done += n; i += 1
+PY
+    umount "$LOOPMNT"; LOOPMNT=""
+    touch "$PRISTINE/ext4.ok"
+fi
+
+# --- helpers: receiver, mount, rsync daemon --------------------------------
+keys() {
+    [[ -f "$KEYS_A/site-a.crt" ]] && return 0
+    mkdir -p "$KEYS_A" "$KEYS_B"
+    "$VDREP" keys init --name site-a --out "$KEYS_A" >/dev/null
+    "$VDREP" keys init --name site-b --out "$KEYS_B" >/dev/null
+}
+start_receiver() { # STORE
+    stop_receiver
+    rm -rf "$1"; mkdir -p "$1"
+    "$VDREP" receive --listen 127.0.0.1:0 --store "$1" --keys "$KEYS_B" --trust "$KEYS_A/site-a.crt" \
+        >"$LOG/receiver.out" 2>>"$LOG/receiver.log" &
+    RECV_PID=$!
+    for _ in $(seq 100); do grep -q '^listening on' "$LOG/receiver.out" 2>/dev/null && break; sleep 0.1; done
+    RECV_ADDR="$(sed -n 's/^listening on \([^ ]*\).*/\1/p' "$LOG/receiver.out")"
+    [[ -n "$RECV_ADDR" ]] || die "receiver did not start (see $LOG/receiver.log)"
+}
+mount_src() {
+    "$VDREP" mount "$VSRC" --keys "$KEYS_A" || die "vdrep mount failed"
+    is_fuse_mounted "$VSRC" || die "vdrep mount returned but $VSRC is not a FUSE mount"
+    SENDER_PID="$(status_json | jq -r .pid)"
+}
+protect() { # EVERY
+    "$VDREP" protect "$VM" --to "$RECV_ADDR" --trust "$KEYS_B/site-b.crt" --every "$1" "$VSRC/disk.img" >>"$LOG/protect.log" 2>&1 \
+        || die "vdrep protect failed: $(tail -3 "$LOG/protect.log")"
+}
+start_rsyncd() {
+    [[ -n "$RSYNCD_PID" ]] && return 0
+    RSYNC_PORT="$(free_port)"
+    mkdir -p "$RMOD"
+    cat >"$W/rsyncd.conf" <<EOF
+use chroot = no
+uid = root
+gid = root
+log file = $LOG/rsyncd.log
+[mod]
+    path = $RMOD
+    read only = no
+EOF
+    rsync --daemon --no-detach --address=127.0.0.1 --port="$RSYNC_PORT" --config="$W/rsyncd.conf" &
+    RSYNCD_PID=$!
+    for _ in $(seq 50); do rsync "rsync://127.0.0.1:$RSYNC_PORT/" >/dev/null 2>&1 && return 0; sleep 0.1; done
+    die "rsync daemon did not start (see $LOG/rsyncd.log)"
+}
+rsync_bytes() { sed -n 's/^Total bytes sent: *//p' "$1" | tr -d ',' | head -1; }
+
+keys
+say "work folder $W; vdrep $("$VDREP" --version 2>/dev/null || echo '?'); SIZE=$SIZE RUNS=$RUNS"
+
+# =============================================================================
+# 1. initial replication
+if [[ " $SECTIONS " == *" initial "* ]]; then
+start_rsyncd
+for run in $(seq 1 "$RUNS"); do
+    for kind in random ext4; do
+        src="$PRISTINE/$kind.img"
+        # cp + sync
+        rm -rf "$CPDST"; mkdir -p "$CPDST"; drop_caches
+        t0=$(now); cp "$src" "$CPDST/disk.img"; sync -f "$CPDST/disk.img"; t1=$(now)
+        rec initial "$kind/cp" "$run" secs "$(elapsed "$t0" "$t1")"
+        rm -rf "$CPDST"
+        # rsync daemon + sync
+        rm -rf "${RMOD:?}"/*; drop_caches
+        t0=$(now)
+        rsync -a --inplace --stats "$src" "rsync://127.0.0.1:$RSYNC_PORT/mod/disk.img" >"$LOG/rsync-$kind-$run.out"
+        sync -f "$RMOD/disk.img"; t1=$(now)
+        rec initial "$kind/rsyncd" "$run" secs "$(elapsed "$t0" "$t1")"
+        rec initial "$kind/rsyncd" "$run" wire "$(rsync_bytes "$LOG/rsync-$kind-$run.out")"
+        # vdrep: fresh source folder, store and receiver each run
+        umount_src; rm -rf "$VSRC"; mkdir -p "$VSRC"
+        cp --sparse=always "$src" "$VSRC/disk.img"
+        start_receiver "$W/store-$kind"
+        mount_src
+        drop_caches
+        cs0=$(cpu_secs "$SENDER_PID"); cr0=$(cpu_secs "$RECV_PID")
+        t0=$(now)
+        protect 1h
+        "$VDREP" sync "$VM" >>"$LOG/sync.log" 2>&1 || die "vdrep sync failed (initial $kind run $run)"
+        t1=$(now)
+        cs1=$(cpu_secs "$SENDER_PID"); cr1=$(cpu_secs "$RECV_PID")
+        rec initial "$kind/vdrep" "$run" secs "$(elapsed "$t0" "$t1")"
+        rec initial "$kind/vdrep" "$run" wire "$(vm_field bytes_sent)"
+        rec initial "$kind/vdrep" "$run" cpu_sender "$(elapsed "$cs0" "$cs1")"
+        rec initial "$kind/vdrep" "$run" cpu_receiver "$(elapsed "$cr0" "$cr1")"
+        if [[ "$run" == 1 ]]; then   # correctness spot check (untimed)
+            rep="$(find "$W/store-$kind/sites/site-a/vms/$VM/disks" -name disk.vhd | head -1)"
+            if [[ -n "$rep" ]] && qemu-img compare -q -f raw -F vpc "$VSRC/disk.img" "$rep"; then
+                say "initial $kind: replica equals source"
+            else
+                say "WARNING: initial $kind: replica differs from source ($rep)"
+                rec initial "$kind/vdrep" "$run" compare_failed 1
+            fi
+        fi
+        umount_src; stop_receiver; rm -rf "$W/store-$kind"
+        say "initial $kind run $run/$RUNS: $(grep -P "^initial\t$kind/[^\t]*\t$run\tsecs" "$RES" | cut -f2,5 | tr '\t\n' '= ')"
+    done
+done
+rm -rf "${RMOD:?}"/*
+fi
+
+# =============================================================================
+# 2. delta
+if [[ " $SECTIONS " == *" delta "* ]]; then
+start_rsyncd
+say "delta: setting up (untimed initial copy of the random file)"
+umount_src; rm -rf "$VSRC" "$RSRC"; mkdir -p "$VSRC" "$RSRC"
+cp "$PRISTINE/random.img" "$VSRC/disk.img"
+cp "$PRISTINE/random.img" "$RSRC/disk.img"
+cp "$PRISTINE/random.img" "$RMOD/disk.img"
+start_receiver "$W/store-delta"
+mount_src
+protect 1h
+"$VDREP" sync "$VM" >>"$LOG/sync.log" 2>&1 || die "vdrep sync failed (delta setup)"
+for run in $(seq 1 "$RUNS"); do
+    # the same CHANGE_PCT% of random 4 KiB blocks (random data) in both sources
+    python3 - "$VSRC/disk.img" "$RSRC/disk.img" "$CHANGE_PCT" "$run" <<'PY'
+import os, random, sys
+a, b, pct, seed = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+nblk = os.path.getsize(a) // 4096
+rnd = random.Random(1000 + seed)
+blocks = rnd.sample(range(nblk), int(nblk * pct / 100))
+fa, fb = os.open(a, os.O_WRONLY), os.open(b, os.O_WRONLY)
+for blk in blocks:
+    d = os.urandom(4096)
+    os.pwrite(fa, d, blk * 4096); os.pwrite(fb, d, blk * 4096)
+os.fsync(fa); os.fsync(fb); os.close(fa); os.close(fb)
+print(f"changed {len(blocks)} of {nblk} blocks", file=sys.stderr)
+PY
+    sent0=$(vm_field bytes_sent)
+    drop_caches
+    cs0=$(cpu_secs "$SENDER_PID"); cr0=$(cpu_secs "$RECV_PID")
+    st_s="" st_r=""
+    if [[ "${DIAG:-0}" == 1 && "$run" == "$RUNS" ]]; then   # syscall profile of the last round (slows it down)
+        strace -f -c -w -o "$LOG/strace-delta-sender.txt" -p "$SENDER_PID" 2>/dev/null & st_s=$!
+        strace -f -c -w -o "$LOG/strace-delta-receiver.txt" -p "$RECV_PID" 2>/dev/null & st_r=$!
+        sleep 1
+    fi
+    t0=$(now)
+    "$VDREP" sync "$VM" >>"$LOG/sync.log" 2>&1 || die "vdrep sync failed (delta run $run)"
+    t1=$(now)
+    if [[ -n "$st_s" ]]; then
+        kill -INT "$st_s" "$st_r" 2>/dev/null || true; wait "$st_s" "$st_r" 2>/dev/null || true
+        say "DIAG: syscall profiles (wall time) in $LOG/strace-delta-{sender,receiver}.txt; this round's time includes strace overhead"
+        rec delta vdrep "$run" straced 1
+    fi
+    cs1=$(cpu_secs "$SENDER_PID"); cr1=$(cpu_secs "$RECV_PID")
+    sent1=$(vm_field bytes_sent)
+    rec delta vdrep "$run" secs "$(elapsed "$t0" "$t1")"
+    rec delta vdrep "$run" wire "$((sent1 - sent0))"
+    rec delta vdrep "$run" cpu_sender "$(elapsed "$cs0" "$cs1")"
+    rec delta vdrep "$run" cpu_receiver "$(elapsed "$cr0" "$cr1")"
+    drop_caches
+    t0=$(now)
+    # -I: always run the delta algorithm; rsync's quick check (size + mtime)
+    # can otherwise skip the file when a round follows the previous one quickly
+    rsync -I --inplace --no-whole-file -B4096 --stats "$RSRC/disk.img" "rsync://127.0.0.1:$RSYNC_PORT/mod/disk.img" >"$LOG/rsync-delta-$run.out"
+    sync -f "$RMOD/disk.img"; t1=$(now)
+    rec delta rsyncd "$run" secs "$(elapsed "$t0" "$t1")"
+    rec delta rsyncd "$run" wire "$(rsync_bytes "$LOG/rsync-delta-$run.out")"
+    say "delta run $run/$RUNS: $(grep -P "^delta\t[^\t]*\t$run\t(secs|wire)" "$RES" | cut -f2,4,5 | tr '\t\n' ' ;')"
+done
+rep="$(find "$W/store-delta/sites/site-a/vms/$VM/disks" -name disk.vhd | head -1)"
+if [[ -n "$rep" ]] && qemu-img compare -q -f raw -F vpc "$VSRC/disk.img" "$rep"; then
+    say "delta: replica equals source"
+else
+    say "WARNING: delta: replica differs from source"; rec delta vdrep 0 compare_failed 1
+fi
+cmp -s "$RSRC/disk.img" "$RMOD/disk.img" || { say "WARNING: delta: rsync copy differs from its source"; rec delta rsyncd 0 compare_failed 1; }
+rm -rf "$RSRC" "${RMOD:?}"/*
+fi
+
+# =============================================================================
+# 3. RPO under load
+if [[ " $SECTIONS " == *" rpo "* ]]; then
+if ! is_fuse_mounted "$VSRC" || [[ -z "$RECV_PID" ]]; then
+    say "rpo: setting up (untimed initial copy)"
+    umount_src; rm -rf "$VSRC"; mkdir -p "$VSRC"
+    cp "$PRISTINE/random.img" "$VSRC/disk.img"
+    start_receiver "$W/store-delta"
+    mount_src
+    protect 1h
+    "$VDREP" sync "$VM" >>"$LOG/sync.log" 2>&1 || die "vdrep sync failed (rpo setup)"
+fi
+for mode in ${RPO_MODES:-30s continuous}; do
+    say "rpo: --every $mode, fio $RPO_RATE random writes for ${RPO_SECS}s"
+    protect "$mode"
+    "$VDREP" sync "$VM" >>"$LOG/sync.log" 2>&1 || die "vdrep sync failed (rpo $mode)"
+    pidstat -u -d -h -p "$SENDER_PID,$RECV_PID" 1 >"$LOG/pidstat-rpo-$mode.txt" 2>&1 &
+    PIDSTAT_PID=$!
+    cs0=$(cpu_secs "$SENDER_PID"); cr0=$(cpu_secs "$RECV_PID"); sent0=$(vm_field bytes_sent)
+    BENCH_FILE="$VSRC/disk.img" RATE="$RPO_RATE" RUNTIME="$RPO_SECS" \
+        fio --output-format=json --output="$LOG/fio-rpo-$mode.json" "$REPO/benches/replication/rpo-load.fio" \
+        >/dev/null 2>"$LOG/fio-rpo-$mode.err" &
+    FIO_PID=$!
+    python3 - "$VDREP" "$VSRC" "$VM" "$RPO_SECS" >"$LOG/lag-$mode.tsv" <<'PY' &
+import json, subprocess, sys, time
+vdrep, d, vm, secs = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+t_end = time.time() + secs
+nxt = time.time()
+while time.time() < t_end:
+    try:
+        s = json.loads(subprocess.run([vdrep, "status", d, "--json"], capture_output=True, text=True, timeout=5).stdout)
+        v = [r for r in s.get("replication", []) if r["vm"] == vm][0]
+        lag = v.get("lag_secs")
+        print(f"{time.time():.2f}\t{'' if lag is None else f'{lag:.3f}'}\t{v.get('bytes_pending', 0)}\t{v.get('state')}", flush=True)
+    except Exception as e:
+        print(f"{time.time():.2f}\t\t\terror:{e}", flush=True)
+    nxt += 0.5
+    time.sleep(max(0.0, nxt - time.time()))
+PY
+    SAMPLER_PID=$!
+    wait "$FIO_PID" || say "warning: fio failed: $(tail -2 "$LOG/fio-rpo-$mode.err")"
+    FIO_PID=""
+    wait "$SAMPLER_PID" || true; SAMPLER_PID=""
+    cs1=$(cpu_secs "$SENDER_PID"); cr1=$(cpu_secs "$RECV_PID"); sent1=$(vm_field bytes_sent)
+    kill "$PIDSTAT_PID" 2>/dev/null || true; wait "$PIDSTAT_PID" 2>/dev/null || true; PIDSTAT_PID=""
+    while IFS=$'\t' read -r _ lag pend _; do
+        [[ -n "$lag" ]] && rec rpo "$mode" 1 lag "$lag"
+        [[ -n "$pend" ]] && rec rpo "$mode" 1 pending "$pend"
+    done <"$LOG/lag-$mode.tsv"
+    rec rpo "$mode" 1 samples "$(wc -l <"$LOG/lag-$mode.tsv")"
+    rec rpo "$mode" 1 fio_bw "$(jq '.jobs[0].write.bw_bytes' "$LOG/fio-rpo-$mode.json" 2>/dev/null || echo 0)"
+    rec rpo "$mode" 1 cpu_sender "$(elapsed "$cs0" "$cs1")"
+    rec rpo "$mode" 1 cpu_receiver "$(elapsed "$cr0" "$cr1")"
+    # bytes_sent restarts at 0 when `protect` restarts the VM's worker
+    rec rpo "$mode" 1 wire "$((sent1 >= sent0 ? sent1 - sent0 : sent1))"
+    # how long the backlog takes to drain once the load stops
+    t0=$(now)
+    "$VDREP" sync "$VM" >>"$LOG/sync.log" 2>&1 || say "warning: sync after rpo $mode failed"
+    rec rpo "$mode" 1 drain_secs "$(elapsed "$t0" "$(now)")"
+done
+fi
+umount_src; stop_receiver
+
+# =============================================================================
+# report
+cp "$RES" "$RESULTS_DIR/replication-$STAMP.tsv"
+python3 - "$RES" "$RESULTS_DIR/replication-$STAMP" "$SIZE" "$SIZE_BYTES" "$RUNS" "$CHANGE_PCT" "$RPO_SECS" "$RPO_RATE" "$FILL_PCT" <<'PY'
+import collections, json, os, platform, statistics, subprocess, sys
+res, base, size, size_b, runs, pct, rpo_secs, rpo_rate, fill = sys.argv[1:10]
+size_b = int(size_b)
+d = collections.defaultdict(list)
+lines = [l.rstrip("\n").split("\t") for l in open(res) if l.strip()]
+straced = {(s, su, r) for s, su, r, k, v in lines if k == "straced"}
+for sec, subj, run, key, val in lines:
+    if (sec, subj, run) in straced and key != "straced":
+        continue
+    try:
+        d[(sec, subj, key)].append(float(val))
+    except ValueError:
+        pass
+med = lambda sec, subj, key: statistics.median(d[(sec, subj, key)]) if d.get((sec, subj, key)) else None
+def pctl(xs, p):
+    if not xs: return None
+    xs = sorted(xs); k = (len(xs) - 1) * p / 100; f = int(k); c = min(f + 1, len(xs) - 1)
+    return xs[f] + (xs[c] - xs[f]) * (k - f)
+f1 = lambda v, n=2: "n/a" if v is None else f"{v:.{n}f}"
+mb = lambda v: "n/a" if v is None else f"{v/1e6:,.1f}"
+rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+out, js = [], {"meta": {"utc": os.path.basename(base).split("-", 1)[1], "git": rev, "kernel": platform.release(),
+        "cpus": os.cpu_count(), "size": size, "runs": int(runs), "change_pct": float(pct),
+        "rpo_secs": int(rpo_secs), "rpo_rate": rpo_rate}, "initial": {}, "delta": {}, "rpo": {}}
+def table(title, hdr, rows):
+    out.append(f"\n### {title}\n")
+    out.append("| " + " | ".join(hdr) + " |")
+    out.append("|" + "|".join("---" for _ in hdr) + "|")
+    for r in rows: out.append("| " + " | ".join(str(x) for x in r) + " |")
+out.append(f"# vdrep replication benchmark {js['meta']['utc']}\n")
+out.append(f"git {rev}, kernel {platform.release()}, {os.cpu_count()} CPUs, loopback 127.0.0.1, "
+           f"file {size}, {'caches dropped before each timed step' if os.environ.get('DROP_CACHES','1')=='1' else 'warm page cache (DROP_CACHES=0)'}, medians of {runs} runs.")
+bad = sorted({f"{k[0]} {k[1]}" for k in d if k[2] == "compare_failed"})
+if bad:
+    out.append(f"\n**WARNING: copy differs from its source: {', '.join(bad)}** (see the run log)")
+if any(k[0] == "initial" for k in d):
+    rows = []
+    for kind in ("random", "ext4"):
+        cp = med("initial", f"{kind}/cp", "secs"); rs = med("initial", f"{kind}/rsyncd", "secs")
+        for tool in ("cp", "rsyncd", "vdrep"):
+            s = med("initial", f"{kind}/{tool}", "secs")
+            if s is None: continue
+            w = med("initial", f"{kind}/{tool}", "wire")
+            cpu = (med("initial", f"{kind}/{tool}", "cpu_sender"), med("initial", f"{kind}/{tool}", "cpu_receiver"))
+            rows.append([f"{kind} {size}" + (f" ({fill}% full ext4)" if kind == "ext4" else ""), tool, f1(s),
+                         f"{size_b/1e6/s:,.0f}", "-" if w is None else mb(w),
+                         f1(s / cp) + "x" if cp else "n/a", f1(s / rs) + "x" if rs else "n/a",
+                         "-" if cpu[0] is None else f"{cpu[0]:.1f} / {cpu[1]:.1f}"])
+            js["initial"][f"{kind}/{tool}"] = {"secs": d[("initial", f"{kind}/{tool}", "secs")], "median_secs": s,
+                                               "wire_bytes": w, "cpu_sender_receiver": cpu}
+    table("1. Initial replication", ["image", "tool", "seconds", "MB/s (image size / time)", "MB on the wire",
+                                     "time vs cp", "time vs rsyncd", "vdrep CPU s sender / receiver"], rows)
+if any(k[0] == "delta" for k in d):
+    v, r = med("delta", "vdrep", "secs"), med("delta", "rsyncd", "secs")
+    vw, rw = med("delta", "vdrep", "wire"), med("delta", "rsyncd", "wire")
+    rows = [["rsyncd (-I --inplace --no-whole-file -B4096)", f1(r), mb(rw), "1.00x", "1.00x", "-", "-"],
+            ["vdrep sync", f1(v), mb(vw),
+             f"{v/r:.3f}x (1/{r/v:.0f})" if v and r else "n/a", f"{vw/rw:.2f}x" if vw and rw else "n/a",
+             ("PASS" if v and r and v <= r / 20 else "MISS") + " / " + ("PASS" if vw is not None and rw and vw <= rw else "MISS"),
+             f"{med('delta','vdrep','cpu_sender'):.2f} / {med('delta','vdrep','cpu_receiver'):.2f}"]]
+    js["delta"] = {"vdrep_secs": d[("delta", "vdrep", "secs")], "rsyncd_secs": d[("delta", "rsyncd", "secs")],
+                   "vdrep_wire": d[("delta", "vdrep", "wire")], "rsyncd_wire": d[("delta", "rsyncd", "wire")]}
+    table(f"2. Delta: {pct}% of the 4 KiB blocks of the {size} random file changed",
+          ["tool", "seconds", "MB on the wire", "time ratio (target <= 1/20)", "bytes ratio (target <= 1)",
+           "verdict time / bytes", "vdrep CPU s sender / receiver"], rows)
+if any(k[0] == "rpo" for k in d):
+    rows = []
+    for mode in ("30s", "continuous"):
+        lags = d.get(("rpo", mode, "lag"), [])
+        if not lags and not d.get(("rpo", mode, "samples")): continue
+        n = int(med("rpo", mode, "samples") or 0)
+        p50, p99, mx = pctl(lags, 50), pctl(lags, 99), (max(lags) if lags else None)
+        pend = d.get(("rpo", mode, "pending"), [])
+        bw = med("rpo", mode, "fio_bw")
+        verdict = ("PASS" if p99 is not None and p99 <= 5 else "MISS") if mode == "continuous" else "-"
+        rows.append([f"--every {mode}", f"{len(lags)}/{n}", f1(p50, 1), f1(p99, 1), f1(mx, 1),
+                     mb(pctl(pend, 50)), mb(max(pend) if pend else None), mb(bw),
+                     mb((med("rpo", mode, "wire") or 0) / int(rpo_secs)),
+                     f"{med('rpo', mode, 'cpu_sender')/int(rpo_secs)*100:.0f}% / {med('rpo', mode, 'cpu_receiver')/int(rpo_secs)*100:.0f}%",
+                     f1(med("rpo", mode, "drain_secs"), 1), verdict])
+        js["rpo"][mode] = {"p50": p50, "p99": p99, "max": mx, "samples": len(lags), "fio_bw": bw}
+    table(f"3. RPO under load: fio {rpo_rate}/s random writes 4k-64k O_DIRECT through the mount, {rpo_secs} s per mode, lag_secs sampled every 0.5 s",
+          ["mode", "samples with a point", "lag p50 s", "lag p99 s", "lag max s", "pending p50 MB", "pending max MB",
+           "fio MB/s achieved", "sent MB/s", "CPU sender / receiver", "drain s (sync after load)", "target p99 <= 5 s"], rows)
+text = "\n".join(out) + "\n"
+print(text)
+open(base + ".md", "w").write(text)
+json.dump(js, open(base + ".json", "w"), indent=2)
+print(f"results: {base}.md {base}.json {base}.tsv")
+PY
+say "done; logs in $LOG"
