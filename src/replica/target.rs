@@ -182,8 +182,9 @@ pub const VHD_FOOTER_LEN: u64 = 512;
 /// so a file left with a stale footer by a crash is repaired by the next
 /// apply (which always sets the length and flushes).
 pub struct FixedVhd {
-    file: File,
-    len: u64,
+    /// The data part: a raw file whose `len` is the virtual size (the
+    /// footer lies just past it).
+    raw: RawFile,
     unique_id: [u8; 16],
     timestamp: u32,
 }
@@ -199,58 +200,53 @@ impl FixedVhd {
         create: bool,
     ) -> io::Result<FixedVhd> {
         let file = open_file(path, create)?;
+        let file_len = file.metadata()?.len();
         let mut v = FixedVhd {
-            file,
-            len: virtual_size,
+            raw: RawFile {
+                file,
+                len: virtual_size,
+            },
             unique_id,
             timestamp,
         };
-        if create && v.file.metadata()?.len() != virtual_size + VHD_FOOTER_LEN {
+        if create && file_len != virtual_size + VHD_FOOTER_LEN {
             v.set_len(virtual_size)?;
         }
         Ok(v)
     }
 
     fn write_footer(&self) -> io::Result<()> {
-        let f = vhd_fixed_footer(self.len, self.timestamp, self.unique_id);
-        self.file.write_all_at(&f, self.len)
+        let f = vhd_fixed_footer(self.raw.len, self.timestamp, self.unique_id);
+        self.raw.file.write_all_at(&f, self.raw.len)
     }
 }
 
 impl ReplicaTarget for FixedVhd {
     fn len(&self) -> u64 {
-        self.len
+        self.raw.len
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        read_limited(&self.file, buf, offset, self.len)
+        self.raw.read_at(buf, offset)
     }
     fn write_at(&mut self, data: &[u8], offset: u64) -> io::Result<()> {
-        if offset.saturating_add(data.len() as u64) > self.len {
-            return Err(out_of_range(offset, data.len() as u64, self.len));
-        }
-        self.file.write_all_at(data, offset)
+        self.raw.write_at(data, offset)
     }
     fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
-        if offset.saturating_add(len) > self.len {
-            return Err(out_of_range(offset, len, self.len));
-        }
-        zero_file_range(&self.file, offset, len)
+        self.raw.write_zeroes(offset, len)
     }
     fn set_len(&mut self, len: u64) -> io::Result<()> {
-        let old = self.len;
+        let old = self.raw.len;
+        self.raw.file.set_len(len + VHD_FOOTER_LEN)?;
         if len > old {
             // Grow: the old footer becomes disk data that must read as zeros.
-            self.file.set_len(len + VHD_FOOTER_LEN)?;
-            zero_file_range(&self.file, old, VHD_FOOTER_LEN.min(len - old))?;
-        } else {
-            self.file.set_len(len + VHD_FOOTER_LEN)?;
+            zero_file_range(&self.raw.file, old, VHD_FOOTER_LEN.min(len - old))?;
         }
-        self.len = len;
+        self.raw.len = len;
         self.write_footer()
     }
     fn flush(&mut self) -> io::Result<()> {
         self.write_footer()?;
-        self.file.sync_all()
+        self.raw.file.sync_all()
     }
 }
 
