@@ -193,43 +193,37 @@ pub(crate) mod xattr {
     use super::*;
 
     /// Returns the value's full size and (when `size > 0`) the value.
-    pub(crate) fn get(fd: RawFd, name: &CString, size: usize) -> io::Result<(usize, Vec<u8>)> {
-        let p = proc_path(fd);
+    /// Run an xattr call that fills a caller buffer of `size` bytes (size 0
+    /// asks only for the needed length): returns (needed length, data).
+    fn sized(
+        size: usize,
+        call: impl FnOnce(*mut libc::c_void) -> isize,
+    ) -> io::Result<(usize, Vec<u8>)> {
         let mut buf = vec![0u8; size];
-        // SAFETY: buffer valid for `size` bytes (null allowed when size == 0).
-        let n = cvt_size(unsafe {
-            libc::getxattr(
-                p.as_ptr(),
-                name.as_ptr(),
-                if size == 0 {
-                    std::ptr::null_mut()
-                } else {
-                    buf.as_mut_ptr().cast()
-                },
-                size,
-            )
-        })?;
+        let ptr = if size == 0 {
+            std::ptr::null_mut()
+        } else {
+            buf.as_mut_ptr().cast()
+        };
+        let n = cvt_size(call(ptr))?;
         buf.truncate(n.min(size));
         Ok((n, buf))
     }
 
+    pub(crate) fn get(fd: RawFd, name: &CString, size: usize) -> io::Result<(usize, Vec<u8>)> {
+        let p = proc_path(fd);
+        // SAFETY: `sized` passes a buffer valid for `size` bytes, or null when size == 0.
+        sized(size, |buf| unsafe {
+            libc::getxattr(p.as_ptr(), name.as_ptr(), buf, size)
+        })
+    }
+
     pub(crate) fn list(fd: RawFd, size: usize) -> io::Result<(usize, Vec<u8>)> {
         let p = proc_path(fd);
-        let mut buf = vec![0u8; size];
-        // SAFETY: buffer valid for `size` bytes (null allowed when size == 0).
-        let n = cvt_size(unsafe {
-            libc::listxattr(
-                p.as_ptr(),
-                if size == 0 {
-                    std::ptr::null_mut()
-                } else {
-                    buf.as_mut_ptr().cast()
-                },
-                size,
-            )
-        })?;
-        buf.truncate(n.min(size));
-        Ok((n, buf))
+        // SAFETY: `sized` passes a buffer valid for `size` bytes, or null when size == 0.
+        sized(size, |buf| unsafe {
+            libc::listxattr(p.as_ptr(), buf.cast(), size)
+        })
     }
 
     pub(crate) fn set(fd: RawFd, name: &CString, value: &[u8], flags: i32) -> io::Result<()> {
