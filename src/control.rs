@@ -37,6 +37,26 @@ pub enum Request {
         vm: Option<String>,
         timeout_secs: u64,
     },
+    /// Fence (`on`) or unfence a protected VM's disks for a planned
+    /// failover; answers with what the failover needs ([`FenceReport`]).
+    Fence {
+        vm: String,
+        on: bool,
+    },
+}
+
+/// A fenced VM: its protection, this mount's identity and disks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FenceReport {
+    pub spec: crate::sender::ProtectSpec,
+    /// The mount's identity folder (`vdrep mount --keys`).
+    pub keys: Option<PathBuf>,
+    /// The mount's tracking block size.
+    pub block_size: u32,
+    /// Every disk tracked under the mount (not only the VM's).
+    pub mount_disks: Vec<String>,
+    /// The VM's disks: (name, id hex, last sealed cycle).
+    pub disks: Vec<(String, String, u64)>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -58,6 +78,8 @@ pub struct Response {
     /// VM -> recovery point reached by a sync.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub synced: Option<Vec<(String, u64)>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<FenceReport>,
 }
 
 impl Response {

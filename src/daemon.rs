@@ -408,6 +408,42 @@ fn handle(
                 Err(e) => Response::err(e),
             }
         }
+        Request::Fence { vm, on } => {
+            let Some(spec) = rep.spec(vm) else {
+                return Response::err(format!(
+                    "VM {vm} is not protected under {}",
+                    dir.display()
+                ));
+            };
+            let missing = tracker.fence(&spec.disks, *on);
+            if !missing.is_empty() && *on {
+                tracker.fence(&spec.disks, false);
+                return Response::err(format!(
+                    "cannot fence {vm}: disk(s) {} are not tracked under {}",
+                    missing.join(", "),
+                    dir.display()
+                ));
+            }
+            let disks = spec
+                .disks
+                .iter()
+                .filter_map(|d| {
+                    let (id, _, _, _) = tracker.disk_info(d)?;
+                    Some((d.clone(), id, tracker.disk_base_cycle(d).unwrap_or(0)))
+                })
+                .collect();
+            Response {
+                ok: true,
+                fence: Some(control::FenceReport {
+                    keys: rep.keys_dir(),
+                    block_size: tracker.block_size(),
+                    mount_disks: tracker.disk_names(),
+                    disks,
+                    spec,
+                }),
+                ..Default::default()
+            }
+        }
         Request::Shutdown { lazy } => match unmount(dir, *lazy) {
             Ok(()) => Response {
                 ok: true,

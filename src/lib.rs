@@ -26,6 +26,7 @@ pub mod fs;
 pub mod hrl;
 pub mod receiver;
 pub mod replica;
+pub mod roles;
 pub mod sender;
 pub mod tracking;
 pub mod transport;

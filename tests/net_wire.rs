@@ -180,6 +180,8 @@ fn msg() -> impl Strategy<Value = Msg> {
                     .collect(),
             })),
         (component(), any::<u64>()).prop_map(|(vm, cycle)| Msg::PointAck(PointAck { vm, cycle })),
+        ".{0,200}".prop_map(Msg::Admin),
+        ".{0,200}".prop_map(Msg::AdminOk),
     ]
 }
 

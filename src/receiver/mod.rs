@@ -31,6 +31,8 @@ pub struct ReceiveOptions {
 
 struct Session {
     site: String,
+    /// For site-to-site administration (failover, reverse).
+    roles: Arc<crate::roles::ReceiverCtx>,
     hello: AtomicBool,
     /// disk id -> (vm, OpenDisk) announced on this connection.
     disks: Mutex<HashMap<[u8; 16], (String, wire::OpenDisk)>>,
@@ -68,12 +70,22 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), String> {
             "receiver listening on {local}, store {}",
             opts.store.display()
         );
+        let roles = Arc::new(crate::roles::ReceiverCtx {
+            store: store.clone(),
+            keys: std::fs::canonicalize(&opts.keys).unwrap_or_else(|_| opts.keys.clone()),
+            trust: opts
+                .trust
+                .iter()
+                .map(|t| std::fs::canonicalize(t).unwrap_or_else(|_| t.clone()))
+                .collect(),
+        });
         while let Some(inc) = ep.accept().await {
             let store = store.clone();
             let me = id.name.clone();
+            let roles = roles.clone();
             tokio::spawn(async move {
                 if let Ok((conn, peer)) = transport::accept(inc).await {
-                    handle_conn(conn, peer, store, me).await;
+                    handle_conn(conn, peer, store, me, roles).await;
                 }
             });
         }
@@ -86,6 +98,7 @@ async fn handle_conn(
     peer: transport::PeerIdentity,
     store: Arc<replica::Store>,
     me: String,
+    roles: Arc<crate::roles::ReceiverCtx>,
 ) {
     let addr = conn.remote_address();
     let site = match transport::keys::check_site_name(&peer.cn) {
@@ -102,6 +115,7 @@ async fn handle_conn(
     tracing::info!(%addr, %site, fingerprint = %peer.fingerprint.to_hex(), "sender connected");
     let sess = Arc::new(Session {
         site,
+        roles,
         hello: AtomicBool::new(false),
         disks: Mutex::new(HashMap::new()),
     });
@@ -210,6 +224,7 @@ async fn handle_stream(
             return log(sess, store, l, &mut tx, &mut rx).await;
         }
         Msg::PointCommit(p) => point(sess, store, p),
+        Msg::Admin(body) => admin(sess, &body),
         other => proto_err(
             ErrorCode::Protocol,
             format!("unexpected {} to start a stream", other.name()),
@@ -223,12 +238,47 @@ async fn handle_stream(
     Ok(())
 }
 
+/// A site-to-site administrative request ([`crate::roles`]), for the
+/// requester's own namespace only.
+fn admin(sess: &Session, body: &str) -> Msg {
+    let req: crate::roles::AdminRequest = match serde_json::from_str(body) {
+        Ok(r) => r,
+        Err(e) => {
+            return proto_err(
+                ErrorCode::Protocol,
+                format!("unreadable administrative request: {e}"),
+                false,
+            )
+        }
+    };
+    tracing::info!(site = %sess.site, "administrative request: {req:?}");
+    let r = tokio::task::block_in_place(|| crate::roles::handle_admin(&sess.roles, &sess.site, req));
+    match r.and_then(|a| serde_json::to_string(&a).map_err(|e| e.to_string())) {
+        Ok(j) => Msg::AdminOk(j),
+        Err(e) => {
+            tracing::warn!(site = %sess.site, "administrative request failed: {e}");
+            proto_err(ErrorCode::InvalidState, e, false)
+        }
+    }
+}
+
 fn open_disk(sess: &Session, store: &replica::Store, o: wire::OpenDisk) -> Msg {
     if let Err(e) = wire::safe_component(&o.vm).and_then(|_| wire::safe_name(&o.disk_name)) {
         return proto_err(ErrorCode::InvalidName, e.to_string(), false);
     }
     let r = tokio::task::block_in_place(|| {
         let site = store.site(&sess.site)?;
+        if let Some(live) = site.live(&o.vm).ok().flatten() {
+            return Err(StoreError::NotReady {
+                ctx: replica::Ctx::new(&sess.site, &o.vm, &o.disk_name),
+                what: format!(
+                    "this VM failed over to this site (live at {} since cycle {}): replication towards here is over; once the old primary is back run `vdrep reverse {}` there",
+                    live.dir.display(),
+                    live.cycle,
+                    o.vm
+                ),
+            });
+        }
         match site.disk_state(&o.vm, &o.disk_id) {
             Ok(st) => Ok(Some(st)),
             Err(StoreError::NotReady { .. }) => Ok(None),

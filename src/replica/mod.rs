@@ -89,7 +89,8 @@ mod undo;
 pub use error::{Ctx, StoreError};
 pub use names::{validate_name, MAX_NAME_LEN};
 pub use store::{
-    ApplyOutcome, Consistency, DiskInfo, DiskState, InitialData, InitialState, Point, PruneReport,
+    AdoptDisk, ApplyOutcome, Consistency, DiskInfo, DiskState, InitialData, InitialState, LiveDisk,
+    LiveInfo, Point, PruneReport,
     RecoveryReport, RetentionPolicy, Site, Store, StoreOutcome, INITIAL_SYNC_EVERY,
 };
 pub use target::{

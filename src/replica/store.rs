@@ -3,7 +3,12 @@
 use super::crash_point;
 use super::error::{hrl_err, io_err, Ctx, StoreError};
 use super::names::{check_inside, ensure_dir, validate_name};
-use super::target::{open_target, vhd_timestamp_now, ReplicaFormat, ReplicaTarget};
+use super::target::{
+    open_target, vhd_timestamp_now, ReplicaFormat, ReplicaTarget, VHD_FOOTER_LEN,
+};
+
+mod roles;
+pub use roles::{AdoptDisk, LiveDisk, LiveInfo};
 use super::undo::{self, PointReader, UndoLayer};
 use crate::hrl::format::{self, ParseError};
 use crate::hrl::{HrlHeader, HrlReader};
@@ -89,6 +94,11 @@ pub struct DiskState {
     /// Set while the log leading to this cycle is being written into the replica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applying: Option<u64>,
+    /// The replica's content is not known to equal the source's (e.g. an
+    /// old primary adopted after an unplanned failover): the sender must
+    /// resync it by checksums before deltas can chain on. The reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub needs_resync: Option<String>,
 }
 
 impl DiskState {
@@ -592,6 +602,7 @@ impl Site<'_> {
             cycle: None,
             cycle_time_ns: 0,
             applying: None,
+            needs_resync: None,
         };
         if resync {
             // History cannot chain through a full re-copy.

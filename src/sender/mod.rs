@@ -138,6 +138,7 @@ struct Vm {
 /// All protected VMs of one mount.
 pub struct Replicator {
     tracker: Arc<Tracker>,
+    keys_dir: Option<PathBuf>,
     mount_dir: PathBuf,
     identity: Option<Arc<Identity>>,
     site: String,
@@ -178,6 +179,7 @@ impl Replicator {
             .unwrap_or(1.0);
         let r = Arc::new(Replicator {
             tracker,
+            keys_dir: keys.map(Path::to_path_buf),
             mount_dir: mount_dir.to_path_buf(),
             identity,
             site,
@@ -192,6 +194,16 @@ impl Replicator {
             }
         }
         Ok(r)
+    }
+
+    /// The mount's identity folder.
+    pub fn keys_dir(&self) -> Option<PathBuf> {
+        self.keys_dir.clone()
+    }
+
+    /// The protection of `vm`, if protected here.
+    pub fn spec(&self, vm: &str) -> Option<ProtectSpec> {
+        self.vms.lock().get(vm).map(|v| v.spec.clone())
     }
 
     fn saved_specs(&self) -> Vec<ProtectSpec> {

@@ -22,6 +22,7 @@
 //! "resync required" instead of trusting a stale bitmap.
 
 pub mod bitmap;
+pub mod seed;
 pub mod state;
 
 use std::collections::HashMap;
@@ -472,6 +473,7 @@ impl Tracker {
             sealing: Mutex::new(None),
             meta: Mutex::new(meta.clone()),
             full_copy_pending: false.into(),
+            fenced: false.into(),
         });
         self.save_meta(&meta)?;
         tracing::info!(disk = %key, state = ?meta.state, cycle = meta.cycle, "tracking disk");
@@ -827,6 +829,27 @@ impl Tracker {
     }
 
     /// Names of the tracked disks.
+    /// Fence (`on`) or unfence the named disks: while fenced, every write,
+    /// truncate or fallocate of them fails with `EROFS`, so nothing can
+    /// change after the last cycle of a planned failover. Returns the names
+    /// that are not tracked disks.
+    pub fn fence(&self, names: &[String], on: bool) -> Vec<String> {
+        let disks = self.disks.lock();
+        let mut missing = Vec::new();
+        for n in names {
+            match disks.get(n) {
+                Some(d) => d.fenced.store(on, std::sync::atomic::Ordering::SeqCst),
+                None => missing.push(n.clone()),
+            }
+        }
+        missing
+    }
+
+    /// The tracking block size in bytes.
+    pub fn block_size(&self) -> u32 {
+        self.shared.block_size as u32
+    }
+
     pub fn disk_names(&self) -> Vec<String> {
         let mut v: Vec<String> = self.disks.lock().keys().cloned().collect();
         v.sort();
@@ -1000,6 +1023,8 @@ pub struct TrackedDisk {
     meta: Mutex<DiskMeta>,
     /// A full copy is replacing a resync: back to ResyncRequired if it fails.
     full_copy_pending: std::sync::atomic::AtomicBool,
+    /// Fenced for a planned failover: every change fails with `EROFS`.
+    fenced: std::sync::atomic::AtomicBool,
 }
 
 fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
@@ -1092,9 +1117,22 @@ impl TrackedDisk {
         bm.set_range(first, last);
     }
 
+    /// Is the disk fenced (see [`Tracker::fence`])?
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn check_fence(&self) -> io::Result<()> {
+        if self.is_fenced() {
+            return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
+        Ok(())
+    }
+
     /// Write `data` at `offset` through `file` (the FS's open handle, which
     /// may be O_DIRECT) and record it. Returns bytes written.
     pub fn write_at(&self, file: &File, offset: u64, data: &[u8]) -> io::Result<usize> {
+        self.check_fence()?;
         if data.is_empty() {
             return file.write_at(data, offset);
         }
@@ -1109,6 +1147,7 @@ impl TrackedDisk {
 
     /// Truncate or extend to `len`.
     pub fn set_len(&self, file: &File, len: u64) -> io::Result<()> {
+        self.check_fence()?;
         let _cut = self.shared.cut_lock.read();
         let old = file.metadata()?.len();
         if len < old {
@@ -1125,6 +1164,7 @@ impl TrackedDisk {
 
     /// fallocate(2) with `mode` (incl. PUNCH_HOLE / ZERO_RANGE).
     pub fn fallocate(&self, file: &File, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+        self.check_fence()?;
         let _cut = self.shared.cut_lock.read();
         let size = file.metadata()?.len();
         let shifts = mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0;

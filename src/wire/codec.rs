@@ -27,6 +27,10 @@ pub enum MsgType {
     BlockHashReq = 0x40,
     /// Reserved for resync (issue 5).
     BlockHashes = 0x41,
+    /// A site-to-site administrative request (failover, reverse), JSON.
+    Admin = 0x50,
+    /// The JSON answer to an [`MsgType::Admin`] request.
+    AdminOk = 0x51,
 }
 
 impl MsgType {
@@ -49,6 +53,8 @@ impl MsgType {
             0x31 => PointAck,
             0x40 => BlockHashReq,
             0x41 => BlockHashes,
+            0x50 => Admin,
+            0x51 => AdminOk,
             _ => return None,
         })
     }
@@ -72,6 +78,8 @@ impl MsgType {
             PointAck => "PointAck",
             BlockHashReq => "BlockHashReq",
             BlockHashes => "BlockHashes",
+            Admin => "Admin",
+            AdminOk => "AdminOk",
         }
     }
 }
@@ -233,6 +241,7 @@ fn encode_payload(msg: &Msg, o: &mut Vec<u8>) {
             put_str(o, &p.vm);
             put_u64(o, p.cycle);
         }
+        Msg::Admin(s) | Msg::AdminOk(s) => put_str(o, s),
     }
 }
 
@@ -519,6 +528,8 @@ pub(crate) fn decode_body(frame: &[u8]) -> Result<Msg, WireError> {
             vm: r.str(MAX_NAME, "vm")?,
             cycle: r.u64("cycle")?,
         }),
+        MsgType::Admin => Msg::Admin(r.str(MAX_ADMIN, "request")?),
+        MsgType::AdminOk => Msg::AdminOk(r.str(MAX_ADMIN, "answer")?),
     };
     r.end()?;
     validate(&msg)?;
@@ -732,6 +743,14 @@ pub(crate) fn validate(msg: &Msg) -> Result<(), WireError> {
         }
         Msg::PointAck(p) => {
             safe_component(&p.vm)?;
+        }
+        Msg::Admin(s) | Msg::AdminOk(s) => {
+            if s.len() > MAX_ADMIN {
+                return Err(malformed(
+                    name,
+                    format!("{} bytes; at most {MAX_ADMIN} are allowed", s.len()),
+                ));
+            }
         }
     }
     Ok(())

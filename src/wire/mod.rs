@@ -110,6 +110,8 @@ pub const MAX_ERROR_MESSAGE: usize = 4096;
 pub const MAX_SOFTWARE_VERSION: usize = 64;
 /// Most disks in one `PointCommit`.
 pub const MAX_POINT_DISKS: usize = 4096;
+/// Largest administrative request or answer (JSON bytes).
+pub const MAX_ADMIN: usize = 60_000;
 
 /// A disk's identity (random, 16 bytes; the `.hrl` header's `disk_id`).
 pub type DiskId = [u8; 16];
@@ -460,6 +462,11 @@ pub enum Msg {
     Ack(Ack),
     PointCommit(PointCommit),
     PointAck(PointAck),
+    /// Site-to-site administration (failover, reverse replication): a JSON
+    /// request of [`crate::roles::AdminRequest`], at most [`MAX_ADMIN`] bytes.
+    Admin(String),
+    /// The JSON answer to [`Msg::Admin`].
+    AdminOk(String),
 }
 
 impl Msg {
@@ -485,6 +492,8 @@ impl Msg {
             Msg::Ack(_) => MsgType::Ack,
             Msg::PointCommit(_) => MsgType::PointCommit,
             Msg::PointAck(_) => MsgType::PointAck,
+            Msg::Admin(_) => MsgType::Admin,
+            Msg::AdminOk(_) => MsgType::AdminOk,
         }
     }
 }

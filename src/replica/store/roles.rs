@@ -1,0 +1,482 @@
+//! Role changes of a VM's replica in the store: **promote** (the replica
+//! leaves the store and becomes the VM's live disks, after a failover) and
+//! **adopt** (live disks enter the store as the replica of the other site,
+//! for reverse replication and failback).
+//!
+//! Both move files by `rename` (same file system), never copy: a failover
+//! costs the undo records rolled back, not the disk size. A promoted VM has
+//! `live.json` in its folder; while it is there the store refuses logs for
+//! the VM (it is no longer a replica here).
+
+use super::*;
+
+/// File in the VM folder while the VM is live at this site.
+const LIVE: &str = "live.json";
+/// File in the VM folder describing where adopted disks came from.
+const ORIGIN: &str = "origin.json";
+
+/// One live disk of a promoted VM.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LiveDisk {
+    /// 32 hex digits.
+    pub disk_id: String,
+    /// File name of the disk (as at the source).
+    pub name: String,
+    pub path: PathBuf,
+    pub size: u64,
+    pub block_size: u32,
+}
+
+/// A VM whose replica was promoted to live disks at this site.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LiveInfo {
+    /// Folder holding the live disks.
+    pub dir: PathBuf,
+    /// The recovery point the live disks started from.
+    pub cycle: u64,
+    pub time_unix_ns: u64,
+    pub disks: Vec<LiveDisk>,
+    /// Set by `vdrep failover --commit`: the history before it is gone.
+    #[serde(default)]
+    pub committed: bool,
+}
+
+/// A live disk entering the store (see [`Site::adopt`]).
+#[derive(Debug, Clone)]
+pub struct AdoptDisk {
+    pub disk_id: [u8; 16],
+    /// The source file name (one component).
+    pub name: String,
+    /// Where the file is now; it is moved into the store.
+    pub path: PathBuf,
+    pub block_size: u32,
+}
+
+impl Site<'_> {
+    /// The live state of `vm` if it was promoted here.
+    pub fn live(&self, vm: &str) -> Result<Option<LiveInfo>> {
+        let vmd = self.vm_dir(vm, false)?;
+        read_json_opt(&self.ctx(vm, ""), &self.store.root, &vmd.join(LIVE))
+    }
+
+    /// Where adopted disks of `vm` came from (opaque to the store).
+    pub fn origin(&self, vm: &str) -> Result<Option<serde_json::Value>> {
+        let vmd = self.vm_dir(vm, false)?;
+        read_json_opt(&self.ctx(vm, ""), &self.store.root, &vmd.join(ORIGIN))
+    }
+
+    /// The VM names with a folder in this namespace.
+    pub fn vms(&self) -> Vec<String> {
+        let mut v = list_dir(&self.dir.join("vms"));
+        v.retain(|n| validate_name("vm", n).is_ok());
+        v.sort();
+        v
+    }
+
+    /// Disk ids (hex) of `vm` known to the store.
+    fn disk_ids(&self, vm: &str) -> Result<Vec<[u8; 16]>> {
+        let vmd = self.vm_dir(vm, false)?;
+        let mut v: Vec<[u8; 16]> = list_dir(&vmd.join("disks"))
+            .iter()
+            .filter_map(|n| parse_hex_id(n))
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+
+    /// Make `vm`'s replica, as of recovery point `point` (newest if
+    /// `None`), the VM's live disks in `dest` (created if missing; on the
+    /// store's file system). Newer points are dropped: the replica is rolled
+    /// back through their undo records, newest first, crash-safely (each
+    /// step marks `applying`, so recovery finishes an interrupted one).
+    /// Raw sources get their raw file back (the VHD footer is cut off).
+    /// Idempotent: a promotion interrupted by a crash completes when called
+    /// again with the same `dest`. `names` maps a disk id (hex) to its path
+    /// relative to `dest` (default: the source file name).
+    pub fn promote(
+        &self,
+        vm: &str,
+        point: Option<u64>,
+        dest: &Path,
+        names: &HashMap<String, String>,
+    ) -> Result<LiveInfo> {
+        let vmd = self.vm_dir(vm, false)?;
+        let vctx = self.ctx(vm, "");
+        let vrt = self.store.runtime(&vmd);
+        let _vg = vrt.lock();
+        if let Some(live) = read_json_opt::<LiveInfo>(&vctx, &self.store.root, &vmd.join(LIVE))? {
+            if live.dir != dest || point.is_some_and(|p| p != live.cycle) {
+                return Err(StoreError::NotReady {
+                    ctx: vctx,
+                    what: format!(
+                        "the VM is already live at {} (from cycle {}); fail it back or commit first",
+                        live.dir.display(),
+                        live.cycle
+                    ),
+                });
+            }
+            self.move_out(vm, &live)?;
+            return Ok(live);
+        }
+        let mut pf = self.read_points(vm)?;
+        let pt = match point {
+            None => pf.points.last().cloned(),
+            Some(c) => pf.points.iter().find(|p| p.cycle == c).cloned(),
+        }
+        .ok_or_else(|| StoreError::NoSuchPoint {
+            ctx: vctx.clone(),
+            cycle: point.unwrap_or(0),
+            what: "no such recovery point; list them with `vdrep points`".into(),
+        })?;
+        let mut disks = Vec::new();
+        for id in self.disk_ids(vm)? {
+            if !pt.disks.contains(&hex(&id)) {
+                continue;
+            }
+            let p = self.disk(vm, &id, false)?;
+            let rt = self.store.runtime(&p.dir);
+            let _g = rt.lock();
+            let mut st = self.state_or_unknown(&p)?;
+            if st.initial_offset.is_some() || st.applying.is_some() {
+                return Err(StoreError::NotReady {
+                    ctx: p.ctx.clone(),
+                    what: "the replica is between cycles: restart the receiver (it recovers) and retry".into(),
+                });
+            }
+            // Logs not applied yet belong to the discarded future.
+            for (_, n) in self.incoming_logs(&p) {
+                let _ = std::fs::remove_file(p.incoming.join(n));
+            }
+            self.roll_back_to(&p, &mut st, pt.cycle)?;
+            let path = dest.join(names.get(&st.disk_id).unwrap_or(&st.name));
+            disks.push(LiveDisk {
+                disk_id: st.disk_id.clone(),
+                name: st.name.clone(),
+                path,
+                size: st.size,
+                block_size: st.block_size,
+            });
+        }
+        if disks.is_empty() {
+            return Err(StoreError::NotReady {
+                ctx: vctx,
+                what: "the VM has no replicated disks".into(),
+            });
+        }
+        pf.points.retain(|p| p.cycle <= pt.cycle);
+        self.write_json(&vctx, &vmd, POINTS, &pf)?;
+        std::fs::create_dir_all(dest)
+            .map_err(|e| self.io(&vctx, "creating the live folder", dest, e))?;
+        let live = LiveInfo {
+            dir: dest.to_path_buf(),
+            cycle: pt.cycle,
+            time_unix_ns: pt.time_unix_ns,
+            disks,
+            committed: false,
+        };
+        // Intent first: a crash below is finished by calling again.
+        self.write_json(&vctx, &vmd, LIVE, &live)?;
+        crash_point("promote-intent");
+        self.move_out(vm, &live)?;
+        Ok(live)
+    }
+
+    /// Roll `p`'s replica back to `cycle` through its undo records.
+    fn roll_back_to(&self, p: &DiskPaths, st: &mut DiskState, cycle: u64) -> Result<()> {
+        let mut recs = self.undo_records(p);
+        recs.sort_by_key(|r| std::cmp::Reverse(r.1));
+        let mut target: Option<Box<dyn ReplicaTarget>> = None;
+        for (b, c, n) in recs {
+            let rc = st.cycle.unwrap_or(0);
+            if c <= cycle || c != rc {
+                continue;
+            }
+            if target.is_none() {
+                target = Some(self.open_replica(p, st, false)?);
+            }
+            let Some(t) = target.as_mut() else { break };
+            // "Between b and c" (as during an apply): recovery without the
+            // log rolls back with this very record.
+            st.cycle = Some(b);
+            st.applying = Some(c);
+            self.write_state(p, st)?;
+            let undop = p.undo.join(&n);
+            undo::apply_undo(&undop, t.as_mut()).map_err(|e| {
+                hrl_err(&p.ctx, &self.store.root, "rolling back to a point", c, e)
+            })?;
+            let h = UndoLayer::open(&undop)
+                .map_err(|e| hrl_err(&p.ctx, &self.store.root, "rolling back", c, e))?;
+            st.size = h.header.disk_size;
+            st.cycle_time_ns = h.header.cut_unix_ns;
+            st.applying = None;
+            self.write_state(p, st)?;
+            let _ = std::fs::remove_file(&undop);
+            crash_point("rollback-step");
+            // The target's cached size follows the state.
+            target = None;
+        }
+        if st.cycle != Some(cycle) {
+            return Err(StoreError::NoSuchPoint {
+                ctx: p.ctx.clone(),
+                cycle,
+                what: format!(
+                    "the history of this disk does not reach back to it (the replica is at {:?})",
+                    st.cycle
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Move the replicas named in `live` to their live paths (skipping the
+    /// ones already moved).
+    fn move_out(&self, vm: &str, live: &LiveInfo) -> Result<()> {
+        for d in &live.disks {
+            let Some(id) = parse_hex_id(&d.disk_id) else {
+                continue;
+            };
+            let p = self.disk(vm, &id, false)?;
+            let st = self.state_or_unknown(&p)?;
+            let src = p.dir.join(&st.replica_file);
+            if !src.exists() && d.path.exists() {
+                continue; // moved before a crash
+            }
+            if d.path.exists() {
+                return Err(StoreError::NotReady {
+                    ctx: p.ctx.clone(),
+                    what: format!(
+                        "{} already exists: move it away before the failover (vdrep never overwrites a disk)",
+                        d.path.display()
+                    ),
+                });
+            }
+            if let Some(parent) = d.path.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| self.io(&p.ctx, "creating the live folder", parent, e))?;
+            }
+            if st.format == ReplicaFormat::VhdOfRaw {
+                // The raw disk is the VHD minus its footer.
+                let f = OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&src)
+                    .and_then(|f| f.set_len(st.size).and_then(|()| f.sync_all()))
+                    .map_err(|e| self.io(&p.ctx, "cutting the VHD footer", &src, e));
+                f?;
+            }
+            std::fs::rename(&src, &d.path).map_err(|e| {
+                let hint = if e.raw_os_error() == Some(libc::EXDEV) {
+                    " (the live folder must be on the store's file system)"
+                } else {
+                    ""
+                };
+                self.io(
+                    &p.ctx,
+                    &format!("moving the replica to the live folder{hint}"),
+                    &d.path,
+                    e,
+                )
+            })?;
+            if let Some(parent) = d.path.parent() {
+                let _ = sync_dir(parent);
+            }
+            let _ = sync_dir(&p.dir);
+        }
+        Ok(())
+    }
+
+    /// Make the failover of `vm` final: the history from before it is
+    /// deleted (it describes disks that no longer exist here).
+    pub fn commit_failover(&self, vm: &str) -> Result<LiveInfo> {
+        let vmd = self.vm_dir(vm, false)?;
+        let vctx = self.ctx(vm, "");
+        let vrt = self.store.runtime(&vmd);
+        let _vg = vrt.lock();
+        let Some(mut live) =
+            read_json_opt::<LiveInfo>(&vctx, &self.store.root, &vmd.join(LIVE))?
+        else {
+            return Err(StoreError::NotReady {
+                ctx: vctx,
+                what: "the VM is not failed over to this site: nothing to commit".into(),
+            });
+        };
+        for id in self.disk_ids(vm)? {
+            let p = self.disk(vm, &id, false)?;
+            for (_, _, n) in self.undo_records(&p) {
+                let _ = std::fs::remove_file(p.undo.join(n));
+            }
+        }
+        let mut pf = self.read_points(vm)?;
+        pf.points.retain(|p| p.cycle == live.cycle);
+        self.write_json(&vctx, &vmd, POINTS, &pf)?;
+        live.committed = true;
+        self.write_json(&vctx, &vmd, LIVE, &live)?;
+        Ok(live)
+    }
+
+    /// Take live disks into the store as `vm`'s replica at `cycle` (cut at
+    /// `cut_unix_ns`): each file is moved (renamed) into its disk folder;
+    /// a raw source gets a VHD footer. Earlier state, logs and history of
+    /// the VM are dropped, `live.json` is removed, and one recovery point
+    /// at `cycle` is recorded. `needs_resync` marks replicas whose content
+    /// is not known to equal the other site's (an old primary after an
+    /// unplanned failover): the sender then resyncs them by checksums.
+    /// `origin` is kept as is (where the disks came from, for failback).
+    pub fn adopt(
+        &self,
+        vm: &str,
+        cycle: u64,
+        cut_unix_ns: u64,
+        disks: &[AdoptDisk],
+        origin: &serde_json::Value,
+        needs_resync: Option<&str>,
+    ) -> Result<Point> {
+        let vmd = self.vm_dir(vm, true)?;
+        let vctx = self.ctx(vm, "");
+        let vrt = self.store.runtime(&vmd);
+        let _vg = vrt.lock();
+        self.write_json(&vctx, &vmd, ORIGIN, origin)?;
+        // Forget what this VM was here before.
+        for id in self.disk_ids(vm)? {
+            if disks.iter().any(|d| d.disk_id == id) {
+                continue;
+            }
+            let p = self.disk(vm, &id, false)?;
+            let _ = std::fs::remove_dir_all(&p.dir);
+        }
+        let mut ids = Vec::new();
+        for d in disks {
+            validate_name("disk", &d.name)?;
+            let (format, replica_file) = ReplicaFormat::for_source(&d.name);
+            validate_name("replica file", &replica_file)?;
+            let p = self.disk(vm, &d.disk_id, true)?;
+            let rt = self.store.runtime(&p.dir);
+            let mut rt = rt.lock();
+            rt.initial = None;
+            let old = self.read_state(&p)?;
+            for f in list_dir(&p.undo) {
+                let _ = std::fs::remove_file(p.undo.join(f));
+            }
+            for f in list_dir(&p.incoming) {
+                let _ = std::fs::remove_file(p.incoming.join(f));
+            }
+            let dst = p.dir.join(&replica_file);
+            let moved_before = !d.path.exists() && dst.exists();
+            if !moved_before {
+                let md = std::fs::symlink_metadata(&d.path)
+                    .map_err(|e| self.io(&p.ctx, "reading the disk to adopt", &d.path, e))?;
+                if !md.is_file() {
+                    return Err(StoreError::NotReady {
+                        ctx: p.ctx.clone(),
+                        what: format!("{} is not a regular file", d.path.display()),
+                    });
+                }
+                if let Some(o) = &old {
+                    if o.replica_file != replica_file {
+                        let _ = std::fs::remove_file(p.dir.join(&o.replica_file));
+                    }
+                }
+                std::fs::rename(&d.path, &dst).map_err(|e| {
+                    let hint = if e.raw_os_error() == Some(libc::EXDEV) {
+                        " (the store must be on the disk folder's file system)"
+                    } else {
+                        ""
+                    };
+                    self.io(&p.ctx, &format!("moving the disk into the store{hint}"), &dst, e)
+                })?;
+                let _ = sync_dir(&p.dir);
+                if let Some(parent) = d.path.parent() {
+                    let _ = sync_dir(parent);
+                }
+            }
+            crash_point("adopt-moved");
+            let size = match format {
+                ReplicaFormat::Raw => std::fs::metadata(&dst).map(|m| m.len()),
+                ReplicaFormat::VhdOfRaw => raw_len_of(&dst, moved_before),
+            }
+            .map_err(|e| self.io(&p.ctx, "reading the adopted disk's size", &dst, e))?;
+            let st = DiskState {
+                version: 1,
+                disk_id: hex(&d.disk_id),
+                name: d.name.clone(),
+                replica_file: replica_file.clone(),
+                format,
+                size,
+                block_size: d.block_size,
+                vhd_id: old
+                    .as_ref()
+                    .map(|o| o.vhd_id.clone())
+                    .unwrap_or_else(|| hex(&random_id())),
+                vhd_time: old
+                    .as_ref()
+                    .map(|o| o.vhd_time)
+                    .unwrap_or_else(vhd_timestamp_now),
+                initial_offset: None,
+                initial_cycle: None,
+                cycle: Some(cycle),
+                cycle_time_ns: cut_unix_ns,
+                applying: None,
+                needs_resync: needs_resync.map(str::to_string),
+            };
+            // Give a raw source its footer (sets the size, fsyncs).
+            let mut t = self.open_replica(&p, &st, false)?;
+            t.set_len(size)
+                .and_then(|()| t.flush())
+                .map_err(|e| self.io(&p.ctx, "finishing the adopted replica", &dst, e))?;
+            self.write_state(&p, &st)?;
+            ids.push(d.disk_id);
+        }
+        let _ = std::fs::remove_file(vmd.join(LIVE));
+        let mut hexes: Vec<String> = ids.iter().map(|d| hex(d)).collect();
+        hexes.sort();
+        let pt = Point {
+            cycle,
+            time_unix_ns: cut_unix_ns,
+            bytes: 0,
+            consistency: Consistency::Crash,
+            disks: hexes,
+        };
+        let pf = PointsFile {
+            points: vec![pt.clone()],
+        };
+        self.write_json(&vctx, &vmd, POINTS, &pf)?;
+        let _ = sync_dir(&vmd);
+        Ok(pt)
+    }
+}
+
+/// Length of the raw disk in `path`: the file's length, minus a VHD
+/// footer if one was already appended (`maybe_footer`: a retry after a
+/// crash between the move and the state update).
+fn raw_len_of(path: &Path, maybe_footer: bool) -> std::io::Result<u64> {
+    let f = open_nofollow(path)?;
+    let len = f.metadata()?.len();
+    if maybe_footer && len >= VHD_FOOTER_LEN {
+        let mut cookie = [0u8; 8];
+        f.read_exact_at(&mut cookie, len - VHD_FOOTER_LEN)?;
+        if &cookie == b"conectix" {
+            return Ok(len - VHD_FOOTER_LEN);
+        }
+    }
+    Ok(len)
+}
+
+fn read_json_opt<T: serde::de::DeserializeOwned>(
+    ctx: &Ctx,
+    root: &Path,
+    path: &Path,
+) -> Result<Option<T>> {
+    match open_nofollow(path).and_then(|mut f| {
+        let mut v = Vec::new();
+        f.read_to_end(&mut v).map(|_| v)
+    }) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| StoreError::BadState {
+                path: path.to_path_buf(),
+                what: e.to_string(),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(ctx, root, "reading", path, e)),
+    }
+}

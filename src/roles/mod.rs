@@ -1,0 +1,391 @@
+//! Role changes between the two sites: planned and unplanned failover,
+//! commit, reverse replication and failback.
+//!
+//! A VM is *active* at one site (its disks are live files under a tracking
+//! `vdrep mount`, protected towards the other site) and *replicated* at the
+//! other (a replica in the receiver's store). Changing roles never copies a
+//! disk: files move by `rename` between the tracking folder and the store
+//! ([`crate::replica::Site::adopt`], [`crate::replica::Site::promote`]), and
+//! the tracking state of the new live folder is seeded
+//! ([`crate::tracking::seed`]) with the cycle both sites hold, so the new
+//! direction ships only changes.
+//!
+//! **Planned failover** (`vdrep failover VM --planned`, at the active site,
+//! both sites up): fence the VM's disks (writes fail with `EROFS`), ship
+//! the last cycle, compare digests of every block with the replica, stop
+//! the mount, move the disks into the local store as the replica of the
+//! other site, then ask the other site ([`AdminRequest::Promote`], over the
+//! authenticated QUIC link) to make its replica live, mount it and protect
+//! it back. Failback is the same command at the other site.
+//!
+//! **Unplanned failover** (`--unplanned`, at the replica site, the active
+//! site gone): the chosen point becomes the live disks, tracked from that
+//! moment, not protected. **Reverse** (`vdrep reverse VM`, at the old
+//! active site once it is back): its disks enter its store marked
+//! `needs_resync` (they may hold writes the replica never got), and the new
+//! active site protects back; the sender resyncs by block checksums, which
+//! overwrites whatever differs.
+
+pub mod cli;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::replica::{self, LiveInfo, Store};
+use crate::sender::ProtectSpec;
+use crate::tracking::seed::{seed, SeedDisk};
+
+/// A request from one site to the other ([`crate::wire::Msg::Admin`]). The
+/// receiver answers for the namespace of the requesting site's
+/// certificate only.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum AdminRequest {
+    /// Where is `vm` live at the receiver (nothing changes)?
+    Live { vm: String },
+    /// Make the receiver's replica of `vm` (at `point`; newest if `None`)
+    /// the VM's live disks there, mount them and, with `reverse_to`,
+    /// protect them back to that receiver address.
+    Promote {
+        vm: String,
+        point: Option<u64>,
+        reverse_to: Option<String>,
+        every_secs: u64,
+        max_rate: u64,
+    },
+    /// Protect the live `vm` back to the receiver at `to`.
+    Reverse {
+        vm: String,
+        to: String,
+        every_secs: u64,
+        max_rate: u64,
+    },
+}
+
+/// The answer to an [`AdminRequest`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AdminReply {
+    /// The VM's live state at the answering site.
+    pub live: Option<LiveInfo>,
+    #[serde(default)]
+    pub warnings: Vec<String>,
+}
+
+/// Where adopted disks lived (kept in the store as `origin.json`), so a
+/// failback puts them back under the same mount, same names.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Origin {
+    /// The tracking folder.
+    pub dir: PathBuf,
+    /// Its identity folder (`vdrep mount --keys`).
+    pub keys: Option<PathBuf>,
+    pub block_size: u32,
+    /// disk id (hex) -> path relative to `dir`.
+    pub names: HashMap<String, String>,
+}
+
+/// What the receiver process knows that role changes need.
+#[derive(Clone)]
+pub struct ReceiverCtx {
+    pub store: std::sync::Arc<Store>,
+    /// The receiver's identity folder (used to mount promoted disks).
+    pub keys: PathBuf,
+    /// Certificates the receiver trusts (the reverse direction trusts the
+    /// same peers).
+    pub trust: Vec<PathBuf>,
+}
+
+/// Errors are strings: they travel to the other site and to the operator.
+pub type RoleResult<T> = Result<T, String>;
+
+fn lazy_err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// Serve an [`AdminRequest`] from `site` (the requester's namespace).
+pub fn handle_admin(ctx: &ReceiverCtx, site: &str, req: AdminRequest) -> RoleResult<AdminReply> {
+    let s = ctx.store.site(site).map_err(lazy_err)?;
+    match req {
+        AdminRequest::Live { vm } => Ok(AdminReply {
+            live: s.live(&vm).ok().flatten(),
+            warnings: Vec::new(),
+        }),
+        AdminRequest::Promote {
+            vm,
+            point,
+            reverse_to,
+            every_secs,
+            max_rate,
+        } => {
+            let reverse = reverse_to.map(|to| (to, every_secs, max_rate));
+            promote_local(ctx, site, &vm, point, reverse)
+        }
+        AdminRequest::Reverse {
+            vm,
+            to,
+            every_secs,
+            max_rate,
+        } => {
+            let Some(live) = s.live(&vm).map_err(lazy_err)? else {
+                return Err(format!(
+                    "{vm} is not live at this site: there is nothing to replicate back"
+                ));
+            };
+            let warnings = protect_live(ctx, &vm, &live, &to, every_secs, max_rate)?;
+            Ok(AdminReply {
+                live: Some(live),
+                warnings,
+            })
+        }
+    }
+}
+
+/// Is `dir` mounted by a running vdrep daemon?
+fn is_mounted(dir: &Path) -> bool {
+    crate::control::call(dir, &crate::control::Request::Status).is_ok()
+}
+
+/// Promote `vm` of namespace `site` to live disks here: the folder they
+/// lived in before (a failback) or `STORE/live/<site>/<vm>`; seed and mount
+/// it; with `reverse`, protect it back.
+pub fn promote_local(
+    ctx: &ReceiverCtx,
+    site: &str,
+    vm: &str,
+    point: Option<u64>,
+    reverse: Option<(String, u64, u64)>,
+) -> RoleResult<AdminReply> {
+    let s = ctx.store.site(site).map_err(lazy_err)?;
+    let origin: Option<Origin> = s
+        .origin(vm)
+        .map_err(lazy_err)?
+        .and_then(|v| serde_json::from_value(v).ok());
+    let dest = origin.as_ref().map(|o| o.dir.clone()).unwrap_or_else(|| {
+        ctx.store
+            .root()
+            .join("live")
+            .join(s.name())
+            .join(vm)
+    });
+    if is_mounted(&dest) && s.live(vm).map_err(lazy_err)?.is_none() {
+        return Err(format!(
+            "{} is mounted by vdrep already (the VM is active there?): unmount it first",
+            dest.display()
+        ));
+    }
+    let mut names = HashMap::new();
+    if let Some(o) = &origin {
+        for (id, rel) in &o.names {
+            crate::wire::safe_name(rel).map_err(|e| {
+                format!("origin.json of {vm} names a disk path that is not allowed: {e}")
+            })?;
+            names.insert(id.clone(), rel.clone());
+        }
+    }
+    let live = s.promote(vm, point, &dest, &names).map_err(lazy_err)?;
+    let block_size = live
+        .disks
+        .first()
+        .map(|d| d.block_size)
+        .unwrap_or(crate::tracking::TrackConfig::default().block_size);
+    if !is_mounted(&dest) {
+        let disks: Vec<SeedDisk> = live
+            .disks
+            .iter()
+            .filter_map(|d| {
+                Some(SeedDisk {
+                    name: rel_name(&live.dir, &d.path)?,
+                    id: parse_id(&d.disk_id)?,
+                    cycle: live.cycle,
+                    block_size: d.block_size,
+                })
+            })
+            .collect();
+        seed(&dest, &disks).map_err(lazy_err)?;
+        let keys = origin
+            .as_ref()
+            .and_then(|o| o.keys.clone())
+            .unwrap_or_else(|| ctx.keys.clone());
+        mount(&dest, &keys, block_size)?;
+    }
+    let mut warnings = Vec::new();
+    if let Some((to, every, rate)) = reverse {
+        warnings = protect_live(ctx, vm, &live, &to, every, rate)?;
+    }
+    Ok(AdminReply {
+        live: Some(live),
+        warnings,
+    })
+}
+
+fn rel_name(dir: &Path, p: &Path) -> Option<String> {
+    p.strip_prefix(dir)
+        .ok()
+        .and_then(|r| r.to_str())
+        .map(str::to_string)
+}
+
+pub(crate) fn parse_id(h: &str) -> Option<[u8; 16]> {
+    if h.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(h.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Run `vdrep mount DIR --keys KEYS` (returns once the mount is live).
+fn mount(dir: &Path, keys: &Path, block_size: u32) -> RoleResult<()> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the vdrep binary: {e}"))?;
+    let out = std::process::Command::new(exe)
+        .arg("mount")
+        .arg(dir)
+        .arg("--keys")
+        .arg(keys)
+        .arg("--block-size")
+        .arg(block_size.to_string())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run vdrep mount: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "vdrep mount {} failed: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// Protect the live disks of `vm` towards the receiver at `to`.
+fn protect_live(
+    ctx: &ReceiverCtx,
+    vm: &str,
+    live: &LiveInfo,
+    to: &str,
+    every_secs: u64,
+    max_rate: u64,
+) -> RoleResult<Vec<String>> {
+    let disks: Vec<String> = live
+        .disks
+        .iter()
+        .filter_map(|d| rel_name(&live.dir, &d.path))
+        .collect();
+    let spec = ProtectSpec {
+        vm: vm.to_string(),
+        to: to.to_string(),
+        trust: ctx.trust.clone(),
+        every_secs,
+        disks,
+        max_rate,
+    };
+    let r = crate::control::call(&live.dir, &crate::control::Request::Protect { spec })
+        .map_err(lazy_err)?;
+    if !r.ok {
+        return Err(format!(
+            "protecting {vm} back to {to}: {}",
+            r.error.unwrap_or_default()
+        ));
+    }
+    Ok(r.warnings)
+}
+
+/// Take disks that were live under `origin.dir` into `store` as the replica
+/// of `vm` for the namespace `site` (the other site's certificate name).
+pub fn adopt_local(
+    store: &Store,
+    site: &str,
+    vm: &str,
+    cycle: u64,
+    cut_unix_ns: u64,
+    origin: &Origin,
+    disks: &[(String, [u8; 16])],
+    needs_resync: Option<&str>,
+) -> RoleResult<replica::Point> {
+    let s = store.site(site).map_err(lazy_err)?;
+    let adopt: Vec<replica::AdoptDisk> = disks
+        .iter()
+        .map(|(rel, id)| replica::AdoptDisk {
+            disk_id: *id,
+            name: rel.rsplit('/').next().unwrap_or(rel).to_string(),
+            path: origin.dir.join(rel),
+            block_size: origin.block_size,
+        })
+        .collect();
+    let ov = serde_json::to_value(origin).map_err(lazy_err)?;
+    s.adopt(vm, cycle, cut_unix_ns, &adopt, &ov, needs_resync)
+        .map_err(lazy_err)
+}
+
+/// Send one [`AdminRequest`] to the receiver at `to` with this site's
+/// identity; returns the receiver's certificate name and its answer.
+pub fn admin_call(
+    keys: &Path,
+    to: &str,
+    trust: &[PathBuf],
+    req: &AdminRequest,
+) -> RoleResult<(String, AdminReply)> {
+    let id = crate::transport::keys::Identity::from_dir(keys, None).map_err(lazy_err)?;
+    let trust = crate::transport::trust::TrustStore::from_files(trust).map_err(lazy_err)?;
+    let body = serde_json::to_string(req).map_err(lazy_err)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    rt.block_on(async move {
+        use crate::wire::{self, Msg};
+        let addr: std::net::SocketAddr = tokio::net::lookup_host(to)
+            .await
+            .map_err(|e| format!("cannot resolve {to}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{to} resolves to no address"))?;
+        let ep = crate::transport::client(&id, &trust).map_err(lazy_err)?;
+        let conn = tokio::time::timeout(
+            Duration::from_secs(20),
+            crate::transport::connect(&ep, addr, "vdrep"),
+        )
+        .await
+        .map_err(|_| format!("{to}: no answer within 20 s"))?
+        .map_err(lazy_err)?;
+        let peer = crate::transport::peer_identity(&conn)
+            .ok_or_else(|| format!("{to}: the peer presented no certificate"))?;
+        let roundtrip = |m: Msg| {
+            let conn = conn.clone();
+            async move {
+                let (mut tx, mut rx) = conn.open_bi().await.map_err(|e| e.to_string())?;
+                wire::write_msg(&mut tx, &m).await.map_err(|e| e.to_string())?;
+                let _ = tx.finish();
+                wire::read_msg(&mut rx).await.map_err(|e| e.to_string())
+            }
+        };
+        let hello = Msg::Hello(wire::Hello {
+            protocol_version: wire::PROTOCOL_VERSION,
+            site_name: id.name.clone(),
+            software_version: env!("CARGO_PKG_VERSION").into(),
+        });
+        match roundtrip(hello).await? {
+            Some(Msg::HelloOk(_)) => {}
+            Some(Msg::Error(e)) => return Err(format!("{to}: {}", e.message)),
+            other => return Err(format!("{to}: unexpected answer to Hello: {other:?}")),
+        }
+        // Promotion mounts and may wait for a first contact: be patient.
+        let ans = tokio::time::timeout(Duration::from_secs(600), roundtrip(Msg::Admin(body)))
+            .await
+            .map_err(|_| format!("{to}: no answer to the request within 600 s"))??;
+        conn.close(0u32.into(), b"done");
+        match ans {
+            Some(Msg::AdminOk(j)) => {
+                let reply: AdminReply = serde_json::from_str(&j)
+                    .map_err(|e| format!("{to}: unreadable answer: {e}"))?;
+                Ok((peer.cn, reply))
+            }
+            Some(Msg::Error(e)) => Err(format!("{to} ({}): {}", peer.cn, e.message)),
+            other => Err(format!("{to}: unexpected answer: {other:?}")),
+        }
+    })
+}

@@ -1,0 +1,424 @@
+//! Planned failover, reverse replication and failback, and unplanned
+//! failover with reverse resync, between two "sites" on loopback: each
+//! site has a tracking folder, a receiver with its own store and its own
+//! identity. Real processes, real FUSE mounts, real QUIC, `qemu-img
+//! compare`. Needs root and /dev/fuse (CI has both).
+
+mod mountutil;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use mountutil::*;
+
+/// Two sites: A (`a/vm1` tracked, `a/store`, keys `ka`) and B (`b/store`,
+/// keys `kb`). Both stores are on the folders' file system (tempdir).
+struct Sites {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl Sites {
+    fn new() -> Sites {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        for d in ["ka", "kb", "a/vm1", "a/store", "b/store", "expect"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        for (n, d) in [("site-a", "ka"), ("site-b", "kb")] {
+            vdrep_ok(&[
+                "keys",
+                "init",
+                "--name",
+                n,
+                "--out",
+                root.join(d).to_str().unwrap(),
+            ]);
+        }
+        Sites { _tmp: tmp, root }
+    }
+    fn p(&self, s: &str) -> PathBuf {
+        self.root.join(s)
+    }
+    fn s(&self, s: &str) -> String {
+        self.p(s).to_str().unwrap().to_string()
+    }
+    /// B's live folder for vm1 after a failover.
+    fn b_live(&self) -> PathBuf {
+        self.p("b/store/live/site-a/vm1")
+    }
+}
+
+struct Receiver {
+    child: Child,
+    addr: String,
+}
+
+impl Receiver {
+    /// The receiver of site `me` ("a" or "b"), trusting the other site.
+    fn start(s: &Sites, me: &str) -> Receiver {
+        setup();
+        let (keys, trust) = if me == "a" {
+            ("ka", "kb/site-b.crt")
+        } else {
+            ("kb", "ka/site-a.crt")
+        };
+        let mut child = Command::new(vdrep_bin())
+            .args([
+                "receive",
+                "--listen",
+                "127.0.0.1:0",
+                "--store",
+                &s.s(&format!("{me}/store")),
+                "--keys",
+                &s.s(keys),
+                "--trust",
+                &s.s(trust),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .strip_prefix("listening on ")
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_else(|| panic!("receiver did not start: {line:?}"))
+            .to_string();
+        Receiver { child, addr }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Unmount whatever vdrep mounts are left under the test root.
+struct Cleanup(Vec<PathBuf>);
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            if is_mountpoint(d) {
+                let d = d.to_str().unwrap();
+                if !vdrep(&["umount", d]).status.success() {
+                    let _ = vdrep(&["umount", "--lazy", d]);
+                }
+            }
+        }
+    }
+}
+
+fn fill(path: &Path, size: u64, seed: u64) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    // Data in every 4th MiB, the rest sparse.
+    let mut x = seed | 1;
+    let mut buf = vec![0u8; 1 << 20];
+    for mb in (0..size >> 20).step_by(4) {
+        for c in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all_at(&buf, mb << 20).unwrap();
+    }
+}
+
+/// Write `n` 4 KiB blocks with byte `v` at spread offsets (through `f`).
+fn write_blocks(path: &Path, n: u64, v: u8, salt: u64) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    let blocks = f.metadata().unwrap().len() / 4096;
+    for i in 0..n {
+        let b = (i * 7919 + salt * 104729) % blocks;
+        f.write_all_at(&[v; 4096], b * 4096).unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+fn compare(a: &Path, fa: &str, b: &Path, fb: &str) {
+    let out = run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            fa,
+            "-F",
+            fb,
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+        ],
+    );
+    assert!(out.contains("identical"), "{} vs {}: {out}", a.display(), b.display());
+}
+
+fn status(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&vdrep_ok(&["status", "--json", dir.to_str().unwrap()])).unwrap()
+}
+
+fn bytes_sent(dir: &Path) -> u64 {
+    status(dir)["replication"][0]["bytes_sent"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+fn sync(dir: &Path) {
+    vdrep_ok(&["sync", dir.to_str().unwrap(), "--timeout", "180"]);
+}
+
+/// The replica file of `vm1`'s disk `name` in `store` for namespace `site`.
+fn replica(store: &Path, site: &str, name: &str) -> PathBuf {
+    let disks = store.join(format!("sites/{site}/vms/vm1/disks"));
+    for d in std::fs::read_dir(&disks).unwrap().flatten() {
+        let p = d.path().join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("no replica {name} under {}", disks.display());
+}
+
+fn copy(from: &Path, to: &Path) {
+    run(
+        "cp",
+        &["--sparse=always", from.to_str().unwrap(), to.to_str().unwrap()],
+    );
+}
+
+/// Planned failover A→B, writes at B replicate back to A, planned failback
+/// B→A, writes at A replicate to B again. At each step the active disks
+/// equal what was written and the other site's replica equals them; the
+/// round trip ships only the changed blocks.
+#[test]
+fn planned_failover_reverse_and_failback_ship_only_changes() {
+    require_fuse!();
+    let s = Sites::new();
+    std::env::set_var("VDREP_RETRY_SCALE", "0.002");
+    let size: u64 = 64 << 20;
+    fill(&s.p("a/vm1/disk0.img"), size, 1);
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vpc",
+            "-o",
+            "subformat=fixed",
+            &s.s("a/vm1/disk1.vhd"),
+            "32M",
+        ],
+    );
+    let _c = Cleanup(vec![s.p("a/vm1"), s.b_live()]);
+    let ra = Receiver::start(&s, "a");
+    let rb = Receiver::start(&s, "b");
+    vdrep_ok(&["mount", &s.s("a/vm1"), "--keys", &s.s("ka")]);
+    vdrep_ok(&[
+        "protect",
+        "vm1",
+        "--to",
+        &rb.addr,
+        "--trust",
+        &s.s("kb/site-b.crt"),
+        "--every",
+        "1h",
+        &s.s("a/vm1/disk0.img"),
+        &s.s("a/vm1/disk1.vhd"),
+    ]);
+    write_blocks(&s.p("a/vm1/disk0.img"), 100, 0x11, 1);
+    run(
+        "qemu-io",
+        &["-f", "vpc", "-c", "write -P 0x22 1M 256k", &s.s("a/vm1/disk1.vhd")],
+    );
+    sync(&s.p("a/vm1"));
+    // Writes after the last sync: the planned failover must ship them.
+    write_blocks(&s.p("a/vm1/disk0.img"), 50, 0x33, 2);
+    copy(&s.p("a/vm1/disk0.img"), &s.p("expect/disk0.img"));
+    copy(&s.p("a/vm1/disk1.vhd"), &s.p("expect/disk1.vhd"));
+
+    // 1. Planned failover A -> B, run at A.
+    let out = vdrep_ok(&[
+        "failover",
+        "vm1",
+        "--planned",
+        "--dir",
+        &s.s("a/vm1"),
+        "--store",
+        &s.s("a/store"),
+        "--reverse-to",
+        &ra.addr,
+    ]);
+    println!("{out}");
+    assert!(!is_mountpoint(&s.p("a/vm1")), "A's folder is still mounted");
+    assert!(!s.p("a/vm1/disk0.img").exists(), "A's disk was not moved into A's store");
+    let live = s.b_live();
+    assert!(is_mountpoint(&live), "B's live folder is not mounted");
+    compare(&live.join("disk0.img"), "raw", &s.p("expect/disk0.img"), "raw");
+    compare(&live.join("disk1.vhd"), "vpc", &s.p("expect/disk1.vhd"), "vpc");
+    // A's store holds the same bytes as B's live disks.
+    compare(
+        &live.join("disk0.img"),
+        "raw",
+        &replica(&s.p("a/store"), "site-b", "disk0.vhd"),
+        "vpc",
+    );
+    let st = status(&live);
+    assert_eq!(st["replication"][0]["vm"], "vm1", "{st}");
+    // Reverse replication starts from the shared point: no initial copy.
+    sync(&live);
+    let sent0 = bytes_sent(&live);
+    assert!(sent0 < 1 << 20, "reverse replication sent {sent0} bytes with nothing changed");
+
+    // 2. Writes at B replicate back to A: only those blocks.
+    write_blocks(&live.join("disk0.img"), 64, 0x44, 3);
+    sync(&live);
+    let sent1 = bytes_sent(&live) - sent0;
+    println!("reverse: 64 changed blocks (256 KiB) -> {sent1} bytes sent");
+    assert!(sent1 < 600 << 10, "{sent1} bytes sent for 256 KiB of changes");
+    compare(
+        &live.join("disk0.img"),
+        "raw",
+        &replica(&s.p("a/store"), "site-b", "disk0.vhd"),
+        "vpc",
+    );
+    copy(&live.join("disk0.img"), &s.p("expect/disk0.img"));
+
+    // 3. Planned failback B -> A, run at B.
+    let out = vdrep_ok(&[
+        "failover",
+        "vm1",
+        "--planned",
+        "--dir",
+        live.to_str().unwrap(),
+        "--store",
+        &s.s("b/store"),
+        "--reverse-to",
+        &rb.addr,
+    ]);
+    println!("{out}");
+    assert!(!is_mountpoint(&live));
+    assert!(is_mountpoint(&s.p("a/vm1")), "A's folder was not mounted again");
+    compare(&s.p("a/vm1/disk0.img"), "raw", &s.p("expect/disk0.img"), "raw");
+    compare(&s.p("a/vm1/disk1.vhd"), "vpc", &s.p("expect/disk1.vhd"), "vpc");
+    compare(
+        &s.p("a/vm1/disk0.img"),
+        "raw",
+        &replica(&s.p("b/store"), "site-a", "disk0.vhd"),
+        "vpc",
+    );
+
+    // 4. A is primary again and ships only changes.
+    sync(&s.p("a/vm1"));
+    let a0 = bytes_sent(&s.p("a/vm1"));
+    write_blocks(&s.p("a/vm1/disk0.img"), 32, 0x55, 4);
+    sync(&s.p("a/vm1"));
+    let a1 = bytes_sent(&s.p("a/vm1")) - a0;
+    println!("after failback: 32 changed blocks (128 KiB) -> {a1} bytes sent (initial {a0})");
+    assert!(a0 < 1 << 20, "A re-sent {a0} bytes after the failback");
+    assert!(a1 < 400 << 10, "{a1} bytes for 128 KiB of changes");
+    compare(
+        &s.p("a/vm1/disk0.img"),
+        "raw",
+        &replica(&s.p("b/store"), "site-a", "disk0.vhd"),
+        "vpc",
+    );
+    drop(ra);
+    drop(rb);
+}
+
+/// Unplanned failover to an older point while the old primary holds writes
+/// that were never shipped; after `vdrep reverse` the old primary's disks
+/// (now the replica) equal the new active disks.
+#[test]
+fn unplanned_failover_to_older_point_then_reverse_overwrites_unshipped_writes() {
+    require_fuse!();
+    let s = Sites::new();
+    std::env::set_var("VDREP_RETRY_SCALE", "0.002");
+    let size: u64 = 32 << 20;
+    fill(&s.p("a/vm1/disk0.img"), size, 7);
+    let _c = Cleanup(vec![s.p("a/vm1"), s.b_live()]);
+    let ra = Receiver::start(&s, "a");
+    let rb = Receiver::start(&s, "b");
+    vdrep_ok(&["mount", &s.s("a/vm1"), "--keys", &s.s("ka")]);
+    vdrep_ok(&[
+        "protect",
+        "vm1",
+        "--to",
+        &rb.addr,
+        "--trust",
+        &s.s("kb/site-b.crt"),
+        "--every",
+        "1h",
+        &s.s("a/vm1/disk0.img"),
+    ]);
+    sync(&s.p("a/vm1"));
+    write_blocks(&s.p("a/vm1/disk0.img"), 40, 0x61, 1);
+    sync(&s.p("a/vm1"));
+    // The point we fail over to.
+    let pts: serde_json::Value =
+        serde_json::from_str(&vdrep_ok(&["points", "vm1", "--store", &s.s("b/store"), "--json"]))
+            .unwrap();
+    let arr = pts.as_array().or_else(|| pts["points"].as_array()).unwrap().clone();
+    assert!(arr.len() >= 2, "{pts}");
+    let older = arr
+        .iter()
+        .map(|p| p["cycle"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    copy(&s.p("a/vm1/disk0.img"), &s.p("expect/disk0.img"));
+    write_blocks(&s.p("a/vm1/disk0.img"), 30, 0x62, 2);
+    sync(&s.p("a/vm1"));
+    // Never shipped: the primary "dies" with these.
+    write_blocks(&s.p("a/vm1/disk0.img"), 25, 0x63, 3);
+
+    let out = vdrep_ok(&[
+        "failover",
+        "vm1",
+        "--unplanned",
+        "--point",
+        &older.to_string(),
+        "--store",
+        &s.s("b/store"),
+    ]);
+    println!("{out}");
+    let live = s.b_live();
+    assert!(is_mountpoint(&live));
+    compare(&live.join("disk0.img"), "raw", &s.p("expect/disk0.img"), "raw");
+    // The new active site writes.
+    write_blocks(&live.join("disk0.img"), 20, 0x64, 4);
+
+    // The old primary is back: reverse.
+    let out = vdrep_ok(&[
+        "reverse",
+        "vm1",
+        "--dir",
+        &s.s("a/vm1"),
+        "--store",
+        &s.s("a/store"),
+        "--reverse-to",
+        &ra.addr,
+    ]);
+    println!("{out}");
+    sync(&live);
+    compare(
+        &live.join("disk0.img"),
+        "raw",
+        &replica(&s.p("a/store"), "site-b", "disk0.vhd"),
+        "vpc",
+    );
+    let sent = bytes_sent(&live);
+    println!("reverse resync after an unplanned failover: {sent} bytes sent");
+    assert!(sent < size / 4, "{sent} bytes: the reverse copied the whole disk");
+    // Commit makes it final.
+    vdrep_ok(&["failover", "vm1", "--commit", "--store", &s.s("b/store")]);
+    let _ = Duration::from_secs(0);
+}
