@@ -138,6 +138,24 @@ pub enum Cmd {
         #[arg(long, default_value_t = 600)]
         timeout: u64,
     },
+    /// List a VM's recovery points at the secondary site, newest first:
+    /// time, id, history bytes, consistency, pinned (exposed).
+    Points {
+        /// VM name.
+        name: String,
+        /// The receiver's store folder (`vdrep receive --store`).
+        #[arg(long)]
+        store: PathBuf,
+        /// The sending site (needed only if several sites replicate a VM of this name).
+        #[arg(long)]
+        site: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fail a VM over at the secondary site. `--test` exposes a recovery
+    /// point's disks as bootable VHD files (copy-on-write: the replica and
+    /// replication are untouched); `--cleanup` removes the test failover.
+    Failover(FailoverArgs),
     /// Inspect, verify and apply change logs (.hrl).
     Hrl {
         #[command(subcommand)]
@@ -145,7 +163,61 @@ pub enum Cmd {
     },
 }
 
-fn human(n: u64) -> String {
+/// `vdrep failover NAME --store DIR MODE ...`.
+#[derive(clap::Args, Debug)]
+pub struct FailoverArgs {
+    /// VM name.
+    pub name: String,
+    /// The receiver's store folder (`vdrep receive --store`).
+    #[arg(long)]
+    pub store: PathBuf,
+    /// The sending site (needed only if several sites replicate a VM of this name).
+    #[arg(long)]
+    pub site: Option<String>,
+    #[command(flatten)]
+    pub mode: FailoverMode,
+    /// With --test: the point to expose: `latest` (default), a point id
+    /// from `vdrep points`, a UTC time (2024-05-01T12:00:00Z: the newest
+    /// point at or before it), @UNIXSECS, or an age (-5m).
+    #[arg(long, requires = "test")]
+    pub point: Option<String>,
+    /// With --test: mount the VHD files here instead of STORE/failover/SITE/NAME.
+    #[arg(long, requires = "test")]
+    pub at: Option<PathBuf>,
+    /// With --test: also start QEMU on the exposed disks (KVM if usable, else TCG).
+    #[arg(long, requires = "test")]
+    pub boot: bool,
+    /// With --boot: a kernel to boot directly (else the disks' boot loader).
+    #[arg(long, requires = "boot")]
+    pub kernel: Option<PathBuf>,
+    /// With --boot and --kernel: its initrd.
+    #[arg(long, requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// With --boot and --kernel: the kernel command line.
+    #[arg(long, requires = "kernel")]
+    pub append: Option<String>,
+    /// With --boot: guest memory in MiB.
+    #[arg(long, default_value_t = 512, requires = "boot")]
+    pub memory: u32,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `vdrep failover` does (exactly one).
+#[derive(clap::Args, Debug)]
+#[group(required = true, multiple = false)]
+pub struct FailoverMode {
+    /// Test failover: expose a recovery point as VHD files (copy-on-write).
+    #[arg(long)]
+    pub test: bool,
+    /// Remove the VM's test failover (stops a --boot test VM, unmounts,
+    /// deletes the scratch overlay).
+    #[arg(long)]
+    pub cleanup: bool,
+}
+
+pub(crate) fn human(n: u64) -> String {
     const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
     let mut i = 0;
@@ -308,6 +380,13 @@ pub fn run(cmd: Cmd) -> i32 {
             2
         }
         Cmd::Sync { target, timeout } => sync(&target, timeout),
+        Cmd::Points {
+            name,
+            store,
+            site,
+            json,
+        } => crate::failover::cli::points(&name, &store, site, json),
+        Cmd::Failover(a) => crate::failover::cli::failover(a),
         Cmd::Hrl { cmd } => crate::hrl::cli::run(cmd),
     }
 }

@@ -22,6 +22,7 @@
 pub mod cli;
 pub mod control;
 pub mod daemon;
+pub mod failover;
 pub mod fs;
 pub mod hrl;
 pub mod receiver;

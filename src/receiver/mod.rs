@@ -8,6 +8,8 @@
 //! durably before anything is applied ([`crate::replica`]); an `Ack` with
 //! `applied` is sent only after the replica was written and fsynced.
 
+pub mod control;
+
 use std::collections::HashMap;
 use std::io::Read;
 use std::net::SocketAddr;
@@ -52,6 +54,12 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), String> {
             ))
         }
     }
+    for note in crate::failover::Views::clean_stale(&store) {
+        tracing::info!("{note}");
+    }
+    let views = Arc::new(crate::failover::Views::new());
+    control::start(store.clone(), views)
+        .map_err(|e| format!("cannot start the control socket: {e}"))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("vdrep-recv")
@@ -147,7 +155,7 @@ fn code_of(e: &StoreError) -> ErrorCode {
         | StoreError::BadState { .. } => ErrorCode::InvalidState,
         StoreError::CorruptLog { .. } => ErrorCode::Checksum,
         StoreError::NotReady { .. } | StoreError::NoSuchPoint { .. } => ErrorCode::NotFound,
-        StoreError::Locked { .. } => ErrorCode::Busy,
+        StoreError::Locked { .. } | StoreError::Busy { .. } => ErrorCode::Busy,
     }
 }
 

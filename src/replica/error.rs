@@ -115,6 +115,9 @@ pub enum StoreError {
     /// Another process holds the store.
     #[error("{path}: the store is in use by another vdrep process (pid in the lock file); stop it or use another --store")]
     Locked { path: PathBuf },
+    /// The operation must wait for something else on the disk to end.
+    #[error("{ctx}: busy: {what}")]
+    Busy { ctx: Ctx, what: String },
 }
 
 impl StoreError {
@@ -124,7 +127,7 @@ impl StoreError {
         match self {
             StoreError::NoSpace { .. } => true,
             StoreError::Io { retryable, .. } => *retryable,
-            StoreError::Locked { .. } => true,
+            StoreError::Locked { .. } | StoreError::Busy { .. } => true,
             _ => false,
         }
     }

@@ -6,10 +6,10 @@ use super::names::{check_inside, ensure_dir, validate_name};
 use super::target::{
     open_target, vhd_timestamp_now, ReplicaFormat, ReplicaTarget, VHD_FOOTER_LEN,
 };
+use super::undo::{self, PointReader, ReaderShared, UndoLayer};
 
 mod roles;
 pub use roles::{AdoptDisk, LiveDisk, LiveInfo};
-use super::undo::{self, PointReader, UndoLayer};
 use crate::hrl::format::{self, ParseError};
 use crate::hrl::{HrlHeader, HrlReader};
 use parking_lot::Mutex;
@@ -226,6 +226,12 @@ pub struct Store {
     _lock: nix::fcntl::Flock<File>,
     locks: Mutex<HashMap<PathBuf, Arc<Mutex<Runtime>>>>,
     tmp_seq: AtomicU64,
+    /// Open [`PointReader`]s per disk directory: an apply pushes its undo
+    /// layer into each before it writes the replica.
+    readers: Mutex<HashMap<PathBuf, Vec<std::sync::Weak<ReaderShared>>>>,
+    /// `(site, vm)` -> pinned point cycles (exposed by a test failover):
+    /// [`Site::prune`] never drops them.
+    pins: Mutex<HashMap<(String, String), Vec<u64>>>,
 }
 
 /// One sending site's namespace in a [`Store`].
@@ -326,6 +332,8 @@ impl Store {
             _lock: lock,
             locks: Mutex::new(HashMap::new()),
             tmp_seq: AtomicU64::new(0),
+            readers: Mutex::new(HashMap::new()),
+            pins: Mutex::new(HashMap::new()),
         })
     }
 
@@ -345,6 +353,53 @@ impl Store {
             name: name.to_string(),
             dir,
         })
+    }
+
+    /// Pin point `cycle` of `vm` of `site`: [`Site::prune`] keeps it until
+    /// it is unpinned (in memory: pins end with the process). Pins count.
+    pub fn pin(&self, site: &str, vm: &str, cycle: u64) {
+        self.pins
+            .lock()
+            .entry((site.to_string(), vm.to_string()))
+            .or_default()
+            .push(cycle);
+    }
+
+    /// Undo one [`Store::pin`].
+    pub fn unpin(&self, site: &str, vm: &str, cycle: u64) {
+        let mut g = self.pins.lock();
+        let key = (site.to_string(), vm.to_string());
+        if let Some(v) = g.get_mut(&key) {
+            if let Some(i) = v.iter().position(|&c| c == cycle) {
+                v.remove(i);
+            }
+            if v.is_empty() {
+                g.remove(&key);
+            }
+        }
+    }
+
+    /// The pinned points of `vm` of `site`.
+    pub fn pins(&self, site: &str, vm: &str) -> Vec<u64> {
+        self.pins
+            .lock()
+            .get(&(site.to_string(), vm.to_string()))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The live point readers of the disk in `dir` (dead ones forgotten).
+    fn live_readers(&self, dir: &Path) -> Vec<Arc<ReaderShared>> {
+        let mut g = self.readers.lock();
+        let Some(v) = g.get_mut(dir) else {
+            return Vec::new();
+        };
+        v.retain(|w| w.strong_count() > 0);
+        let out: Vec<_> = v.iter().filter_map(|w| w.upgrade()).collect();
+        if v.is_empty() {
+            g.remove(dir);
+        }
+        out
     }
 
     fn runtime(&self, key: &Path) -> Arc<Mutex<Runtime>> {
@@ -561,6 +616,12 @@ impl Site<'_> {
         let p = self.disk(vm, &info.disk_id, true)?;
         let rt = self.store.runtime(&p.dir);
         let mut rt = rt.lock();
+        if !self.store.live_readers(&p.dir).is_empty() {
+            return Err(StoreError::Busy {
+                ctx: p.ctx.clone(),
+                what: "a recovery point of this disk is exposed (test failover): a full copy would end its history; it waits until `vdrep failover NAME --cleanup` removes the view".into(),
+            });
+        }
         rt.initial = None;
         let old = self.read_state(&p)?;
         if let Some(st) = &old {
@@ -1094,6 +1155,28 @@ impl Site<'_> {
             )
         })?;
         crash_point("undo-written");
+        // Open point readers must not see the replica change under them:
+        // give each the new undo layer (newest last: older layers win)
+        // before anything is written. Each push waits for reads in progress.
+        let readers = self.store.live_readers(&p.dir);
+        if !readers.is_empty() {
+            let layer = match UndoLayer::open(&undop) {
+                Ok(l) => Arc::new(l),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&undop);
+                    return Err(hrl_err(
+                        &p.ctx,
+                        &self.store.root,
+                        "indexing the undo record for exposed points",
+                        cycle,
+                        e,
+                    ));
+                }
+            };
+            for r in &readers {
+                r.push(layer.clone());
+            }
+        }
         // 2. Mark applying.
         st.applying = Some(cycle);
         if let Err(e) = self.write_state(p, &st) {
@@ -1482,8 +1565,18 @@ impl Site<'_> {
                 .map_err(|e| hrl_err(&p.ctx, &self.store.root, "reading history", cycle, e))?;
             layers.push(l);
         }
-        let replica = self.open_replica(&p, &st, false)?;
-        Ok(PointReader::new(cycle, layers, replica))
+        let rpath = p.dir.join(&st.replica_file);
+        let replica =
+            open_nofollow(&rpath).map_err(|e| self.io(&p.ctx, "opening the replica", &rpath, e))?;
+        let size = layers.first().map_or(st.size, |l| l.header.disk_size);
+        let (reader, shared) = PointReader::new(cycle, size, layers, replica);
+        self.store
+            .readers
+            .lock()
+            .entry(p.dir.clone())
+            .or_default()
+            .push(Arc::downgrade(&shared));
+        Ok(reader)
     }
 
     /// Apply the retention policy `keep` to the points of `vm`: drop the
@@ -1533,6 +1626,12 @@ impl Site<'_> {
             }
         }
         keep_flags[n - 1] = true;
+        let pinned = self.store.pins(&self.name, vm);
+        for (f, p) in keep_flags.iter_mut().zip(&pf.points) {
+            if pinned.contains(&p.cycle) {
+                *f = true;
+            }
+        }
         let all = std::mem::take(&mut pf.points);
         for (p, k) in all.into_iter().zip(keep_flags) {
             if k {

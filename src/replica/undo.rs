@@ -17,6 +17,7 @@ use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// `<base>-<cycle>.undo`.
 pub(crate) fn undo_name(base_cycle: u64, cycle: u64) -> String {
@@ -258,6 +259,22 @@ impl UndoLayer {
     }
 }
 
+/// The part of a [`PointReader`] the store keeps a handle on: its undo
+/// layers, which an apply extends (under the write lock) before it writes
+/// the replica.
+pub(crate) struct ReaderShared {
+    /// Oldest first: layer 0 is the undo of the log right after the point.
+    layers: parking_lot::RwLock<Vec<Arc<UndoLayer>>>,
+}
+
+impl ReaderShared {
+    /// Add the undo record of an apply about to run as the newest layer.
+    /// Waits for reads in progress; later reads see the layer.
+    pub(crate) fn push(&self, layer: Arc<UndoLayer>) {
+        self.layers.write().push(layer);
+    }
+}
+
 /// Reads a disk as of a recovery point: the replica overlaid with the undo
 /// records of every later cycle. Where several undo records cover a byte,
 /// the oldest one (the first later log that wrote the byte) holds its
@@ -265,35 +282,45 @@ impl UndoLayer {
 /// Nothing is copied: opening costs one pass over the undo records'
 /// record headers.
 ///
-/// A reader is consistent while no apply runs on the disk (the receiver
-/// must not apply to a disk while a point of it is exposed — TODO for
-/// failover: pin the disk or snapshot the replica first).
+/// Consistent while applies run: the store registers every reader of a
+/// disk, and [`Site::apply`](super::Site::apply), once its undo record is
+/// durable and before it writes the replica, appends that record as the
+/// newest layer of every registered reader (older layers win, so the new
+/// one only supplies bytes no older layer covers, whose content at the
+/// point is the replica's before this apply). A read holds the layers'
+/// read lock across layers and replica, the push takes the write lock, so
+/// a read sees either the replica before the apply, or the new layer.
+/// Open descriptors keep undo records readable after prune deletes them.
 pub struct PointReader {
-    /// Oldest first: layer 0 is the undo of the log right after the point.
-    layers: Vec<UndoLayer>,
-    replica: Box<dyn ReplicaTarget>,
+    shared: Arc<ReaderShared>,
+    /// The replica file, read-only (its data starts at offset 0 for every
+    /// [`ReplicaFormat`](super::ReplicaFormat)).
+    replica: File,
     size: u64,
     cycle: u64,
-    cache: parking_lot::Mutex<Option<(usize, usize, Vec<u8>)>>,
+    cache: parking_lot::Mutex<Option<(usize, usize, Arc<Vec<u8>>)>>,
 }
 
 impl PointReader {
     pub(crate) fn new(
         cycle: u64,
+        size: u64,
         layers: Vec<UndoLayer>,
-        replica: Box<dyn ReplicaTarget>,
-    ) -> PointReader {
-        let size = layers
-            .first()
-            .map(|l| l.header.disk_size)
-            .unwrap_or_else(|| replica.len());
-        PointReader {
-            layers,
-            replica,
-            size,
-            cycle,
-            cache: parking_lot::Mutex::new(None),
-        }
+        replica: File,
+    ) -> (PointReader, Arc<ReaderShared>) {
+        let shared = Arc::new(ReaderShared {
+            layers: parking_lot::RwLock::new(layers.into_iter().map(Arc::new).collect()),
+        });
+        (
+            PointReader {
+                shared: shared.clone(),
+                replica,
+                size,
+                cycle,
+                cache: parking_lot::Mutex::new(None),
+            },
+            shared,
+        )
     }
 
     /// Size of the disk at the point.
@@ -311,20 +338,46 @@ impl PointReader {
         self.cycle
     }
 
+    /// Number of undo layers over the replica (grows while applies run).
+    pub fn layer_count(&self) -> usize {
+        self.shared.layers.read().len()
+    }
+
     /// Fill `buf` with the disk's bytes at `offset` as of the point; bytes
     /// past the end read as zeros.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let avail = self.size.saturating_sub(offset).min(buf.len() as u64) as usize;
         buf[avail..].fill(0);
-        self.fill(&mut buf[..avail], offset, 0)
+        let layers = self.shared.layers.read();
+        self.fill(&layers, &mut buf[..avail], offset, 0)
     }
 
-    fn fill(&self, buf: &mut [u8], off: u64, idx: usize) -> io::Result<()> {
+    fn read_replica(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.replica.read_at(&mut buf[done..], off + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        buf[done..].fill(0);
+        Ok(())
+    }
+
+    fn fill(
+        &self,
+        layers: &[Arc<UndoLayer>],
+        buf: &mut [u8],
+        off: u64,
+        idx: usize,
+    ) -> io::Result<()> {
         if buf.is_empty() {
             return Ok(());
         }
-        let Some(layer) = self.layers.get(idx) else {
-            return self.replica.read_at(buf, off);
+        let Some(layer) = layers.get(idx) else {
+            return self.read_replica(buf, off);
         };
         let end = off + buf.len() as u64;
         let mut i = layer
@@ -335,11 +388,12 @@ impl PointReader {
             let e = match layer.entries.get(i) {
                 Some(e) if e.offset < end => *e,
                 _ => {
-                    return self.fill(&mut buf[(pos - off) as usize..], pos, idx + 1);
+                    return self.fill(layers, &mut buf[(pos - off) as usize..], pos, idx + 1);
                 }
             };
             if e.offset > pos {
                 self.fill(
+                    layers,
                     &mut buf[(pos - off) as usize..(e.offset - off) as usize],
                     pos,
                     idx + 1,
@@ -347,21 +401,26 @@ impl PointReader {
                 pos = e.offset;
             }
             let stop = end.min(e.offset + e.length);
-            {
-                let mut cache = self.cache.lock();
-                let hit = matches!(&*cache, Some((l, j, _)) if *l == idx && *j == i);
-                if !hit {
-                    let mut data = Vec::new();
-                    layer.record(i, &mut data)?;
-                    *cache = Some((idx, i, data));
+            let data = {
+                let cache = self.cache.lock();
+                match &*cache {
+                    Some((l, j, d)) if *l == idx && *j == i => Some(d.clone()),
+                    _ => None,
                 }
-                if let Some((_, _, data)) = &*cache {
-                    let from = (pos - e.offset) as usize;
-                    let to = (stop - e.offset) as usize;
-                    buf[(pos - off) as usize..(stop - off) as usize]
-                        .copy_from_slice(&data[from..to]);
+            };
+            let data = match data {
+                Some(d) => d,
+                None => {
+                    let mut d = Vec::new();
+                    layer.record(i, &mut d)?;
+                    let d = Arc::new(d);
+                    *self.cache.lock() = Some((idx, i, d.clone()));
+                    d
                 }
-            }
+            };
+            let from = (pos - e.offset) as usize;
+            let to = (stop - e.offset) as usize;
+            buf[(pos - off) as usize..(stop - off) as usize].copy_from_slice(&data[from..to]);
             pos = stop;
             i += 1;
         }

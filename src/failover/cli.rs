@@ -1,0 +1,342 @@
+//! `vdrep points` and `vdrep failover` (client side: they ask the running
+//! receiver over its control socket, [`crate::receiver::control`]).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::cli::{human, FailoverArgs};
+use crate::receiver::control::{self, PointInfo, RecvControlError, Request};
+use crate::replica::{Consistency, Point};
+
+use super::{format_utc, PointSel, ViewInfo, QEMU_PID_FILE};
+
+fn recv_err(e: RecvControlError) -> i32 {
+    eprintln!("vdrep: {e}");
+    match e {
+        RecvControlError::NotRunning { .. } => 2,
+        _ => 1,
+    }
+}
+
+/// Read-only listing straight from the store (no receiver running):
+/// `points.json` plus the sizes of the undo records.
+fn points_offline(
+    store: &Path,
+    site: Option<String>,
+    vm: &str,
+) -> Result<(String, Vec<Point>), String> {
+    crate::replica::validate_name("vm", vm).map_err(|e| e.to_string())?;
+    let sites = store.join("sites");
+    let site = match site {
+        Some(s) => s,
+        None => {
+            let mut found: Vec<String> = std::fs::read_dir(&sites)
+                .map_err(|e| {
+                    format!(
+                        "reading {}: {e} (is {} a vdrep store?)",
+                        sites.display(),
+                        store.display()
+                    )
+                })?
+                .flatten()
+                .filter(|e| e.path().join("vms").join(vm).is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            match found.len() {
+                1 => found.remove(0),
+                0 => {
+                    return Err(format!(
+                        "no VM named {vm:?} in the store {}",
+                        store.display()
+                    ))
+                }
+                _ => {
+                    found.sort();
+                    return Err(format!(
+                        "VM {vm:?} is replicated here from several sites ({}): say which with --site",
+                        found.join(", ")
+                    ));
+                }
+            }
+        }
+    };
+    crate::replica::validate_name("site", &site).map_err(|e| e.to_string())?;
+    let vmd = sites.join(&site).join("vms").join(vm);
+    #[derive(serde::Deserialize)]
+    struct Pf {
+        points: Vec<Point>,
+    }
+    let path = vmd.join("points.json");
+    let mut pts = match std::fs::read(&path) {
+        Ok(b) => {
+            serde_json::from_slice::<Pf>(&b)
+                .map_err(|e| format!("{}: unreadable: {e}", path.display()))?
+                .points
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(format!("reading {}: {e}", path.display())),
+    };
+    for p in &mut pts {
+        p.bytes = 0;
+        for d in &p.disks {
+            let Ok(rd) = std::fs::read_dir(vmd.join("disks").join(d).join("undo")) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                let base = n
+                    .strip_suffix(".undo")
+                    .and_then(|s| s.split_once('-'))
+                    .and_then(|(b, _)| b.parse::<u64>().ok());
+                if base == Some(p.cycle) {
+                    p.bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
+                }
+            }
+        }
+    }
+    Ok((site, pts))
+}
+
+/// `vdrep points NAME --store DIR [--site S] [--json]`.
+pub fn points(vm: &str, store: &Path, site: Option<String>, json: bool) -> i32 {
+    let req = Request::Points {
+        site: site.clone(),
+        vm: vm.to_string(),
+    };
+    let (site, mut pts) = match control::call(store, &req) {
+        Ok(r) if r.ok => (r.site.unwrap_or_default(), r.points.unwrap_or_default()),
+        Ok(r) => {
+            eprintln!("vdrep: points of {vm}: {}", r.error.unwrap_or_default());
+            return 1;
+        }
+        Err(RecvControlError::NotRunning { .. }) => match points_offline(store, site, vm) {
+            Ok((s, p)) => (
+                s,
+                p.into_iter()
+                    .map(|point| PointInfo {
+                        point,
+                        pinned: false,
+                    })
+                    .collect(),
+            ),
+            Err(e) => {
+                eprintln!("vdrep: points of {vm}: {e}");
+                return 1;
+            }
+        },
+        Err(e) => return recv_err(e),
+    };
+    pts.sort_by(|a, b| b.point.cycle.cmp(&a.point.cycle));
+    if json {
+        let v = serde_json::json!({ "site": site, "vm": vm, "points": pts });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return 0;
+    }
+    if pts.is_empty() {
+        println!("{site}/{vm}: no recovery points yet");
+        return 0;
+    }
+    println!(
+        "{:<21} {:>10} {:>12} {:<12} {:<6} {}",
+        "TIME (UTC)", "ID", "CHANGED", "CONSISTENCY", "PINNED", "DISKS"
+    );
+    for p in &pts {
+        println!(
+            "{:<21} {:>10} {:>12} {:<12} {:<6} {}",
+            format_utc(p.point.time_unix_ns),
+            p.point.cycle,
+            if p.point.bytes == 0 {
+                "-".to_string()
+            } else {
+                human(p.point.bytes)
+            },
+            match p.point.consistency {
+                Consistency::Crash => "crash",
+                Consistency::App => "app",
+            },
+            if p.pinned { "yes" } else { "" },
+            p.point.disks.len()
+        );
+    }
+    0
+}
+
+/// `vdrep failover NAME --store DIR (--test [--point P] [--boot] | --cleanup)`.
+pub fn failover(a: FailoverArgs) -> i32 {
+    if a.mode.cleanup {
+        let req = Request::FailoverCleanup {
+            site: a.site.clone(),
+            vm: a.name.clone(),
+        };
+        return match control::call(&a.store, &req) {
+            Err(e) => recv_err(e),
+            Ok(r) if !r.ok => {
+                eprintln!(
+                    "vdrep: failover cleanup of {}: {}",
+                    a.name,
+                    r.error.unwrap_or_default()
+                );
+                1
+            }
+            Ok(r) => {
+                for w in &r.warnings {
+                    eprintln!("vdrep: {w}");
+                }
+                if let Some(v) = r.view {
+                    println!(
+                        "{}: test failover of point {} removed ({} written by the test VM discarded)",
+                        a.name,
+                        v.cycle,
+                        human(v.written_bytes)
+                    );
+                }
+                0
+            }
+        };
+    }
+    let sel = match a.point.as_deref().map(PointSel::parse).transpose() {
+        Ok(s) => s.unwrap_or(PointSel::Latest),
+        Err(e) => {
+            eprintln!("vdrep: --point: {e}");
+            return 2;
+        }
+    };
+    let at = match &a.at {
+        Some(p) if p.is_relative() => match std::env::current_dir() {
+            Ok(d) => Some(d.join(p)),
+            Err(e) => {
+                eprintln!("vdrep: --at {}: {e}", p.display());
+                return 2;
+            }
+        },
+        other => other.clone(),
+    };
+    let req = Request::FailoverTest {
+        site: a.site.clone(),
+        vm: a.name.clone(),
+        point: sel,
+        at,
+    };
+    let view = match control::call(&a.store, &req) {
+        Err(e) => return recv_err(e),
+        Ok(r) if !r.ok => {
+            eprintln!(
+                "vdrep: test failover of {}: {}",
+                a.name,
+                r.error.unwrap_or_default()
+            );
+            return 1;
+        }
+        Ok(r) => match r.view {
+            Some(v) => v,
+            None => {
+                eprintln!("vdrep: the receiver answered without the view");
+                return 1;
+            }
+        },
+    };
+    let mut boot = None;
+    if a.boot {
+        match boot_vm(&a, &view) {
+            Ok(b) => boot = Some(b),
+            Err(e) => {
+                eprintln!(
+                    "vdrep: the disks are exposed but the test VM did not start: {e}; remove the test failover with `vdrep failover {} --cleanup --store {}`",
+                    a.name,
+                    a.store.display()
+                );
+                return 1;
+            }
+        }
+    }
+    if a.json {
+        let mut v = serde_json::to_value(&view).unwrap_or_default();
+        if let (Some(o), Some((pid, log))) = (v.as_object_mut(), &boot) {
+            o.insert("qemu_pid".into(), (*pid).into());
+            o.insert("serial_log".into(), log.display().to_string().into());
+        }
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return 0;
+    }
+    eprintln!(
+        "{}: test failover of point {} ({} UTC); the VM's writes go to a scratch overlay",
+        a.name,
+        view.cycle,
+        format_utc(view.time_unix_ns)
+    );
+    for d in &view.disks {
+        println!("{}", d.path.display());
+    }
+    if let Some((pid, log)) = boot {
+        println!("qemu pid {pid}, serial console log {}", log.display());
+    }
+    eprintln!(
+        "remove it with: vdrep failover {} --cleanup --store {}",
+        a.name,
+        a.store.display()
+    );
+    0
+}
+
+fn kvm_usable() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+/// Start QEMU (daemonized) on the exposed disks; returns (pid, serial log).
+fn boot_vm(a: &FailoverArgs, view: &ViewInfo) -> Result<(u32, PathBuf), String> {
+    let pidf = view.scratch.join(QEMU_PID_FILE);
+    let log = view.scratch.join("serial.log");
+    let mut c = Command::new("qemu-system-x86_64");
+    if kvm_usable() {
+        // Falls back to TCG if KVM cannot start.
+        c.args(["-accel", "kvm", "-accel", "tcg"]);
+    } else {
+        c.args(["-accel", "tcg"]);
+    }
+    c.args([
+        "-m",
+        &a.memory.to_string(),
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+    ])
+    .args(["-name", &format!("vdrep-test-{}", view.vm)])
+    .arg("-serial")
+    .arg(format!("file:{}", log.display()))
+    .arg("-daemonize")
+    .arg("-pidfile")
+    .arg(&pidf);
+    if let Some(k) = &a.kernel {
+        c.arg("-kernel").arg(k);
+        if let Some(i) = &a.initrd {
+            c.arg("-initrd").arg(i);
+        }
+        if let Some(ap) = &a.append {
+            c.arg("-append").arg(ap);
+        }
+    }
+    for d in &view.disks {
+        let p = d.path.display().to_string().replace(',', ",,");
+        c.arg("-drive")
+            .arg(format!("file={p},format=vpc,if=virtio,cache=writeback"));
+    }
+    let out = c.stdin(Stdio::null()).output().map_err(|e| {
+        format!("cannot run qemu-system-x86_64: {e} (apt-get install qemu-system-x86)")
+    })?;
+    if !out.status.success() {
+        return Err(format!(
+            "qemu-system-x86_64 failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let pid = std::fs::read_to_string(&pidf)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .ok_or_else(|| format!("qemu started but wrote no pid to {}", pidf.display()))?;
+    Ok((pid, log))
+}

@@ -1,0 +1,463 @@
+//! The FUSE file system of one test failover: a flat folder with one
+//! read-write VHD file per disk of the exposed point.
+//!
+//! A file's bytes are the point's disk ([`PointReader`]) followed, for a
+//! raw source kept as a fixed VHD, by that VHD's 512-byte footer (for a VHD
+//! source the disk *is* the VHD file). Writes never reach the replica: they
+//! go copy-on-write to a sparse scratch file of the same length, 4 KiB
+//! blocks at a time, with an in-memory bitmap saying which blocks live
+//! there (a partial block is read, merged and written whole). Reads split
+//! the range into runs of overlay and base blocks and serve each run with
+//! one read.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+};
+
+use crate::replica::PointReader;
+
+/// Copy-on-write granularity of the scratch overlay.
+pub const OVERLAY_BLOCK: u64 = 4096;
+
+const ROOT: u64 = 1;
+const TTL: Duration = Duration::from_secs(1);
+const GEN: Generation = Generation(0);
+
+/// One exposed disk.
+pub struct ViewFile {
+    pub name: String,
+    reader: PointReader,
+    /// Footer appended after the disk (raw sources kept as fixed VHDs).
+    footer: Option<[u8; 512]>,
+    /// Length of the exposed file.
+    len: u64,
+    overlay: File,
+    /// One bit per [`OVERLAY_BLOCK`]: the block lives in `overlay`.
+    bits: Vec<AtomicU64>,
+    /// Serialises writers (read-modify-write of partial blocks).
+    wlock: parking_lot::Mutex<()>,
+    /// Bytes of blocks written to the overlay.
+    overlay_bytes: AtomicU64,
+}
+
+impl ViewFile {
+    /// `overlay` is an empty scratch file (sized here, sparse).
+    pub fn new(
+        name: String,
+        reader: PointReader,
+        footer: Option<[u8; 512]>,
+        overlay: File,
+    ) -> io::Result<ViewFile> {
+        let len = reader.len() + if footer.is_some() { 512 } else { 0 };
+        overlay.set_len(len)?;
+        let blocks = len.div_ceil(OVERLAY_BLOCK);
+        let words = blocks.div_ceil(64) as usize;
+        Ok(ViewFile {
+            name,
+            reader,
+            footer,
+            len,
+            overlay,
+            bits: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            wlock: parking_lot::Mutex::new(()),
+            overlay_bytes: AtomicU64::new(0),
+        })
+    }
+
+    /// Length of the exposed file.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True for an empty file.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes the test VM wrote (whole blocks) so far.
+    pub fn overlay_bytes(&self) -> u64 {
+        self.overlay_bytes.load(Ordering::Relaxed)
+    }
+
+    fn in_overlay(&self, block: u64) -> bool {
+        let w = &self.bits[(block / 64) as usize];
+        w.load(Ordering::Acquire) & (1 << (block % 64)) != 0
+    }
+
+    fn set_overlay(&self, block: u64) {
+        self.bits[(block / 64) as usize].fetch_or(1 << (block % 64), Ordering::Release);
+    }
+
+    /// The point's bytes (disk, then footer) without the overlay.
+    fn read_base(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        let disk = self.reader.len();
+        let n_disk = disk.saturating_sub(off).min(buf.len() as u64) as usize;
+        self.reader.read_at(&mut buf[..n_disk], off)?;
+        if n_disk < buf.len() {
+            let rest = &mut buf[n_disk..];
+            let foff = (off + n_disk as u64 - disk) as usize;
+            match &self.footer {
+                Some(f) if foff < f.len() => {
+                    let n = rest.len().min(f.len() - foff);
+                    rest[..n].copy_from_slice(&f[foff..foff + n]);
+                    rest[n..].fill(0);
+                }
+                _ => rest.fill(0),
+            }
+        }
+        Ok(())
+    }
+
+    fn read_overlay(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.overlay.read_at(&mut buf[done..], off + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        buf[done..].fill(0);
+        Ok(())
+    }
+
+    /// Read at `off` (clipped to the file; returns the bytes read).
+    pub fn read(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        let n = self.len.saturating_sub(off).min(buf.len() as u64) as usize;
+        let buf = &mut buf[..n];
+        let end = off + n as u64;
+        let mut pos = off;
+        while pos < end {
+            let b = pos / OVERLAY_BLOCK;
+            let ov = self.in_overlay(b);
+            // Extend the run while blocks are of the same kind.
+            let mut stop = ((b + 1) * OVERLAY_BLOCK).min(end);
+            while stop < end && self.in_overlay(stop / OVERLAY_BLOCK) == ov {
+                stop = (stop + OVERLAY_BLOCK).min(end);
+            }
+            let part = &mut buf[(pos - off) as usize..(stop - off) as usize];
+            if ov {
+                self.read_overlay(part, pos)?;
+            } else {
+                self.read_base(part, pos)?;
+            }
+            pos = stop;
+        }
+        Ok(n)
+    }
+
+    /// Write `data` at `off` into the overlay (never past the end).
+    pub fn write(&self, data: &[u8], off: u64) -> io::Result<usize> {
+        let end = off
+            .checked_add(data.len() as u64)
+            .filter(|&e| e <= self.len)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOSPC))?;
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let _g = self.wlock.lock();
+        let a = off / OVERLAY_BLOCK * OVERLAY_BLOCK;
+        let z = end.div_ceil(OVERLAY_BLOCK) * OVERLAY_BLOCK;
+        let z = z.min(self.len);
+        let mut buf = vec![0u8; (z - a) as usize];
+        // Partial head and tail blocks: current content first.
+        if off > a {
+            let hb = (OVERLAY_BLOCK.min(z - a)) as usize;
+            self.read(&mut buf[..hb], a)?;
+        }
+        let tail_start = (end - 1) / OVERLAY_BLOCK * OVERLAY_BLOCK;
+        if end < z && (tail_start > a || off == a) {
+            let t = (tail_start - a) as usize;
+            self.read(&mut buf[t..], tail_start)?;
+        }
+        buf[(off - a) as usize..(end - a) as usize].copy_from_slice(data);
+        self.overlay.write_all_at(&buf, a)?;
+        let mut fresh = 0u64;
+        for b in a / OVERLAY_BLOCK..z.div_ceil(OVERLAY_BLOCK) {
+            if !self.in_overlay(b) {
+                fresh += OVERLAY_BLOCK;
+                self.set_overlay(b);
+            }
+        }
+        self.overlay_bytes.fetch_add(fresh, Ordering::Relaxed);
+        Ok(data.len())
+    }
+}
+
+/// The file system: root folder + [`ViewFile`]s (inode 2 + index).
+pub struct ViewFs {
+    files: Arc<Vec<Arc<ViewFile>>>,
+    time: SystemTime,
+    uid: u32,
+    gid: u32,
+}
+
+impl ViewFs {
+    pub fn new(files: Arc<Vec<Arc<ViewFile>>>, time_unix_ns: u64) -> ViewFs {
+        ViewFs {
+            files,
+            time: UNIX_EPOCH + Duration::from_nanos(time_unix_ns),
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+        }
+    }
+
+    fn file(&self, ino: INodeNo) -> Option<&ViewFile> {
+        let i = ino.0.checked_sub(2)?;
+        self.files.get(usize::try_from(i).ok()?).map(|f| &**f)
+    }
+
+    fn attr(&self, ino: u64) -> Option<FileAttr> {
+        let (kind, perm, size, nlink) = if ino == ROOT {
+            (FileType::Directory, 0o755, 0, 2)
+        } else {
+            let f = self.file(INodeNo(ino))?;
+            (FileType::RegularFile, 0o644, f.len, 1)
+        };
+        Some(FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: self.time,
+            mtime: self.time,
+            ctime: self.time,
+            crtime: self.time,
+            kind,
+            perm,
+            nlink,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: OVERLAY_BLOCK as u32,
+            flags: 0,
+        })
+    }
+}
+
+fn enoent() -> Errno {
+    Errno::from_i32(libc::ENOENT)
+}
+
+impl Filesystem for ViewFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        if let Err(n) = config.set_max_write(1 << 20) {
+            let _ = config.set_max_write(n);
+        }
+        if let Err(n) = config.set_max_readahead(1 << 20) {
+            let _ = config.set_max_readahead(n);
+        }
+        for flag in (InitFlags::FUSE_ASYNC_READ
+            | InitFlags::FUSE_BIG_WRITES
+            | InitFlags::FUSE_MAX_PAGES
+            | InitFlags::FUSE_ASYNC_DIO
+            | InitFlags::FUSE_PARALLEL_DIROPS)
+            .iter()
+        {
+            let _ = config.add_capabilities(flag);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if parent.0 != ROOT {
+            return reply.error(enoent());
+        }
+        let Some(i) = self.files.iter().position(|f| OsStr::new(&f.name) == name) else {
+            return reply.error(enoent());
+        };
+        match self.attr(i as u64 + 2) {
+            Some(a) => reply.entry(&TTL, &a, GEN),
+            None => reply.error(enoent()),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.attr(ino.0) {
+            Some(a) => reply.attr(&TTL, &a),
+            None => reply.error(enoent()),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let Some(a) = self.attr(ino.0) else {
+            return reply.error(enoent());
+        };
+        // The disks of a test failover keep their size; other attribute
+        // changes are accepted and not kept.
+        if size.is_some_and(|s| s != a.size) {
+            return reply.error(Errno::from_i32(libc::EPERM));
+        }
+        reply.attr(&TTL, &a);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if self.file(ino).is_none() {
+            return reply.error(enoent());
+        }
+        let fopen = if flags.0 & libc::O_DIRECT != 0 {
+            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
+        } else {
+            // Only this file system changes the files: keep cached pages.
+            FopenFlags::FOPEN_KEEP_CACHE
+        };
+        reply.opened(FileHandle(0), fopen);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(f) = self.file(ino) else {
+            return reply.error(enoent());
+        };
+        let mut buf = vec![0u8; size as usize];
+        match f.read(&mut buf, offset) {
+            Ok(n) => reply.data(&buf[..n]),
+            Err(e) => {
+                tracing::warn!("failover view: reading {} at {offset}: {e}", f.name);
+                reply.error(Errno::from(e))
+            }
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let Some(f) = self.file(ino) else {
+            return reply.error(enoent());
+        };
+        match f.write(data, offset) {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(Errno::from(e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // The overlay is scratch: it does not outlive the test failover.
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if ino.0 != ROOT {
+            return reply.error(Errno::from_i32(libc::ENOTDIR));
+        }
+        reply.opened(FileHandle(0), FopenFlags::empty());
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        if ino.0 != ROOT {
+            return reply.error(Errno::from_i32(libc::ENOTDIR));
+        }
+        let mut entries: Vec<(u64, FileType, &str)> = vec![
+            (ROOT, FileType::Directory, "."),
+            (ROOT, FileType::Directory, ".."),
+        ];
+        for (i, f) in self.files.iter().enumerate() {
+            entries.push((i as u64 + 2, FileType::RegularFile, &f.name));
+        }
+        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(*ino), (i + 1) as u64, *kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let total: u64 = self.files.iter().map(|f| f.len.div_ceil(4096)).sum();
+        reply.statfs(total, 0, 0, self.files.len() as u64, 0, 4096, 255, 4096);
+    }
+}
