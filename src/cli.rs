@@ -156,6 +156,23 @@ pub enum Cmd {
     /// point's disks as bootable VHD files (copy-on-write: the replica and
     /// replication are untouched); `--cleanup` removes the test failover.
     Failover(FailoverArgs),
+    /// At the old primary, once it is back after an unplanned failover:
+    /// stop its copy of the VM, take its disks into this site's store as
+    /// the replica and have the now-active site replicate back (a checksum
+    /// resync first overwrites whatever this site wrote that never shipped).
+    Reverse {
+        /// VM name.
+        name: String,
+        /// The VM's tracking folder here (mounted, with the VM protected).
+        #[arg(long)]
+        dir: PathBuf,
+        /// This site's store (its receiver must be running).
+        #[arg(long)]
+        store: PathBuf,
+        /// This site's receiver address as the active site reaches it.
+        #[arg(long)]
+        reverse_to: String,
+    },
     /// Inspect, verify and apply change logs (.hrl).
     Hrl {
         #[command(subcommand)]
@@ -176,11 +193,22 @@ pub struct FailoverArgs {
     pub site: Option<String>,
     #[command(flatten)]
     pub mode: FailoverMode,
-    /// With --test: the point to expose: `latest` (default), a point id
-    /// from `vdrep points`, a UTC time (2024-05-01T12:00:00Z: the newest
-    /// point at or before it), @UNIXSECS, or an age (-5m).
-    #[arg(long, requires = "test")]
+    /// With --test or --unplanned: the point to use: `latest` (default), a
+    /// point id from `vdrep points`, a UTC time (2024-05-01T12:00:00Z: the
+    /// newest point at or before it), @UNIXSECS, or an age (-5m).
+    #[arg(long)]
     pub point: Option<String>,
+    /// With --planned: the VM's tracking folder at this (active) site
+    /// (default: the running mount that protects NAME).
+    #[arg(long, requires = "planned")]
+    pub dir: Option<PathBuf>,
+    /// With --planned: this site's receiver address as the other site
+    /// reaches it (HOST:PORT); the VM replicates back to it.
+    #[arg(long, requires = "planned")]
+    pub reverse_to: Option<String>,
+    /// With --planned: give up shipping the last cycle after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
     /// With --test: mount the VHD files here instead of STORE/failover/SITE/NAME.
     #[arg(long, requires = "test")]
     pub at: Option<PathBuf>,
@@ -215,6 +243,20 @@ pub struct FailoverMode {
     /// deletes the scratch overlay).
     #[arg(long)]
     pub cleanup: bool,
+    /// Planned failover, run at the ACTIVE site while both sites are up:
+    /// fence the VM's disks, ship the last cycle, verify every block, and
+    /// make the other site active, replicating back here (zero loss).
+    /// --store is this site's store (it takes the replica).
+    #[arg(long)]
+    pub planned: bool,
+    /// Unplanned failover, run at the REPLICA site when the active site is
+    /// gone: a recovery point (--point) becomes the VM's live disks here,
+    /// mounted and tracked; not protected until `vdrep reverse`.
+    #[arg(long)]
+    pub unplanned: bool,
+    /// Make a failover at this site final (its older points are dropped).
+    #[arg(long)]
+    pub commit: bool,
 }
 
 pub(crate) fn human(n: u64) -> String {
@@ -386,7 +428,16 @@ pub fn run(cmd: Cmd) -> i32 {
             site,
             json,
         } => crate::failover::cli::points(&name, &store, site, json),
+        Cmd::Failover(a) if a.mode.planned || a.mode.unplanned || a.mode.commit => {
+            crate::roles::cli::run_failover(a)
+        }
         Cmd::Failover(a) => crate::failover::cli::failover(a),
+        Cmd::Reverse {
+            name,
+            dir,
+            store,
+            reverse_to,
+        } => crate::roles::cli::run_reverse(&name, &dir, &store, &reverse_to),
         Cmd::Hrl { cmd } => crate::hrl::cli::run(cmd),
     }
 }

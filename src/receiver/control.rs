@@ -46,6 +46,27 @@ pub enum Request {
     FailoverCleanup { site: Option<String>, vm: String },
     /// The running test failovers.
     FailoverList,
+    /// Take live disks into the store as the replica of `site`'s VM
+    /// (planned failover / reverse at the old primary; see [`crate::roles`]).
+    Adopt {
+        site: String,
+        vm: String,
+        cycle: u64,
+        cut_unix_ns: u64,
+        origin: crate::roles::Origin,
+        /// (path relative to `origin.dir`, disk id)
+        disks: Vec<(String, [u8; 16])>,
+        needs_resync: Option<String>,
+    },
+    /// Unplanned failover: make `point` (newest if `None`) of the VM its
+    /// live disks here, mounted and tracked.
+    Promote {
+        site: Option<String>,
+        vm: String,
+        point: Option<u64>,
+    },
+    /// Make a failover final (drops the history from before it).
+    CommitFailover { site: Option<String>, vm: String },
 }
 
 /// One recovery point as listed by `vdrep points`.
@@ -77,6 +98,11 @@ pub struct Response {
     pub view: Option<ViewInfo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub views: Option<Vec<ViewInfo>>,
+    /// Where a failed-over VM is live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<replica::LiveInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub point: Option<Point>,
     /// Things the operator should know although the request succeeded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
@@ -164,11 +190,16 @@ pub fn call(store: &Path, req: &Request) -> Result<Response, RecvControlError> {
 pub struct Server {
     store: Arc<replica::Store>,
     views: Arc<Views>,
+    roles: Arc<crate::roles::ReceiverCtx>,
 }
 
 /// Bind the control socket of `store` and serve it on a background thread.
 /// Fails if another live receiver answers on it.
-pub fn start(store: Arc<replica::Store>, views: Arc<Views>) -> io::Result<PathBuf> {
+pub fn start(
+    store: Arc<replica::Store>,
+    views: Arc<Views>,
+    roles: Arc<crate::roles::ReceiverCtx>,
+) -> io::Result<PathBuf> {
     let root = store.root().to_path_buf();
     let sock = socket_path(&root);
     if let Some(p) = sock.parent() {
@@ -188,7 +219,11 @@ pub fn start(store: Arc<replica::Store>, views: Arc<Views>) -> io::Result<PathBu
     let listener = UnixListener::bind(&sock)?;
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
     let _ = std::fs::write(sock.with_extension("dir"), format!("{}\n", root.display()));
-    let srv = Arc::new(Server { store, views });
+    let srv = Arc::new(Server {
+        store,
+        views,
+        roles,
+    });
     std::thread::Builder::new()
         .name("vdrep-recv-ctl".into())
         .spawn(move || {
@@ -290,6 +325,69 @@ impl Server {
                 views: Some(self.views.list()),
                 ..Response::ok()
             },
+            Request::Adopt {
+                site,
+                vm,
+                cycle,
+                cut_unix_ns,
+                origin,
+                disks,
+                needs_resync,
+            } => match crate::roles::adopt_local(
+                &self.store,
+                &site,
+                &vm,
+                cycle,
+                cut_unix_ns,
+                &origin,
+                &disks,
+                needs_resync.as_deref(),
+            ) {
+                Ok(p) => Response {
+                    site: Some(site),
+                    point: Some(p),
+                    ..Response::ok()
+                },
+                Err(e) => Response::err(e),
+            },
+            Request::Promote { site, vm, point } => {
+                let site = match failover::resolve_site(&self.store, site.as_deref(), &vm) {
+                    Ok(s) => s,
+                    Err(e) => return Response::err(e),
+                };
+                if self.views.list().iter().any(|v| v.site == site && v.vm == vm) {
+                    return Response::err(format!(
+                        "{vm} has a test failover running: remove it first (`vdrep failover {vm} --cleanup`)"
+                    ));
+                }
+                match crate::roles::promote_local(&self.roles, &site, &vm, point, None) {
+                    Ok(a) => Response {
+                        site: Some(site),
+                        live: a.live,
+                        warnings: a.warnings,
+                        ..Response::ok()
+                    },
+                    Err(e) => Response::err(e),
+                }
+            }
+            Request::CommitFailover { site, vm } => {
+                let site = match failover::resolve_site(&self.store, site.as_deref(), &vm) {
+                    Ok(s) => s,
+                    Err(e) => return Response::err(e),
+                };
+                match self
+                    .store
+                    .site(&site)
+                    .and_then(|s| s.commit_failover(&vm))
+                {
+                    Ok(l) => Response {
+                        site: Some(site),
+                        live: Some(l),
+                        ..Response::ok()
+                    },
+                    Err(e) => Response::err(e),
+                }
+            }
         }
     }
 }

@@ -58,7 +58,16 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), String> {
         tracing::info!("{note}");
     }
     let views = Arc::new(crate::failover::Views::new());
-    control::start(store.clone(), views)
+    let roles = Arc::new(crate::roles::ReceiverCtx {
+        store: store.clone(),
+        keys: std::fs::canonicalize(&opts.keys).unwrap_or_else(|_| opts.keys.clone()),
+        trust: opts
+            .trust
+            .iter()
+            .map(|t| std::fs::canonicalize(t).unwrap_or_else(|_| t.clone()))
+            .collect(),
+    });
+    control::start(store.clone(), views, roles.clone())
         .map_err(|e| format!("cannot start the control socket: {e}"))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -78,15 +87,6 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), String> {
             "receiver listening on {local}, store {}",
             opts.store.display()
         );
-        let roles = Arc::new(crate::roles::ReceiverCtx {
-            store: store.clone(),
-            keys: std::fs::canonicalize(&opts.keys).unwrap_or_else(|_| opts.keys.clone()),
-            trust: opts
-                .trust
-                .iter()
-                .map(|t| std::fs::canonicalize(t).unwrap_or_else(|_| t.clone()))
-                .collect(),
-        });
         while let Some(inc) = ep.accept().await {
             let store = store.clone();
             let me = id.name.clone();
