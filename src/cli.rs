@@ -173,10 +173,40 @@ pub enum Cmd {
         #[arg(long)]
         reverse_to: String,
     },
+    /// Recovery plans: fail several VMs over in ordered groups.
+    Plan {
+        #[command(subcommand)]
+        cmd: PlanCmd,
+    },
     /// Inspect, verify and apply change logs (.hrl).
     Hrl {
         #[command(subcommand)]
         cmd: crate::hrl::cli::HrlCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PlanCmd {
+    /// Run a recovery plan (groups of VMs in order, with pre/post scripts;
+    /// format in `vdrep::roles::plan`): a test failover of every VM with
+    /// --test, an unplanned failover (newest point) with --unplanned.
+    Failover {
+        /// The plan file.
+        plan: PathBuf,
+        /// The receiver's store at this (secondary) site.
+        #[arg(long)]
+        store: PathBuf,
+        /// Test failover of every VM (copy-on-write; replication continues).
+        #[arg(long, conflicts_with = "unplanned", required_unless_present = "unplanned")]
+        test: bool,
+        /// Unplanned failover of every VM to its newest point.
+        #[arg(long)]
+        unplanned: bool,
+        /// Remove the test failovers of a plan's VMs instead.
+        #[arg(long, requires = "test")]
+        cleanup: bool,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -438,6 +468,31 @@ pub fn run(cmd: Cmd) -> i32 {
             store,
             reverse_to,
         } => crate::roles::cli::run_reverse(&name, &dir, &store, &reverse_to),
+        Cmd::Plan {
+            cmd:
+                PlanCmd::Failover {
+                    plan,
+                    store,
+                    test,
+                    unplanned: _,
+                    cleanup,
+                    json,
+                },
+        } => {
+            let mode = if cleanup {
+                "--cleanup"
+            } else if test {
+                "--test"
+            } else {
+                "--unplanned"
+            };
+            let args = vec![
+                mode.to_string(),
+                "--store".to_string(),
+                store.to_string_lossy().into_owned(),
+            ];
+            crate::roles::plan::cli(&plan, &args, mode.trim_start_matches('-'), json)
+        }
         Cmd::Hrl { cmd } => crate::hrl::cli::run(cmd),
     }
 }

@@ -438,3 +438,66 @@ fn unplanned_failover_to_older_point_then_reverse_overwrites_unshipped_writes() 
     vdrep_ok(&["failover", "vm1", "--commit", "--store", &s.s("b/store")]);
     let _ = Duration::from_secs(0);
 }
+
+/// A recovery plan runs its groups in order with their scripts, reports per
+/// VM, and stops before the next group when a VM of a group fails.
+#[test]
+fn recovery_plan_runs_groups_in_order_and_stops_after_a_failed_group() {
+    require_fuse!();
+    let s = Sites::new();
+    fill(&s.p("a/vm1/disk0.img"), 16 << 20, 3);
+    let _c = Cleanup(vec![s.p("a/vm1")]);
+    let rb = Receiver::start(&s, "b");
+    vdrep_ok(&["mount", &s.s("a/vm1"), "--keys", &s.s("ka")]);
+    vdrep_ok(&[
+        "protect",
+        "vm1",
+        "--to",
+        &rb.addr,
+        "--trust",
+        &s.s("kb/site-b.crt"),
+        "--every",
+        "1h",
+        &s.s("a/vm1/disk0.img"),
+    ]);
+    sync(&s.p("a/vm1"));
+    let trace = s.p("trace");
+    let plan = s.p("plan.txt");
+    std::fs::write(
+        &plan,
+        format!(
+            "# test plan\n[group first]\npre = echo pre-$VDREP_PLAN_GROUP-$VDREP_PLAN_MODE >> {t}\nvms = vm1\npost = echo post-$VDREP_PLAN_VMS >> {t}\n\n[group second]\nvms = ghost\n\n[group third]\npre = echo third >> {t}\nvms = vm1\n",
+            t = trace.display()
+        ),
+    )
+    .unwrap();
+    let o = vdrep(&[
+        "plan",
+        "failover",
+        plan.to_str().unwrap(),
+        "--test",
+        "--store",
+        &s.s("b/store"),
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    println!("{out}{err}");
+    assert!(!o.status.success(), "a plan with a failed VM must exit non-zero");
+    assert_eq!(
+        std::fs::read_to_string(&trace).unwrap(),
+        "pre-first-test\npost-vm1\n",
+        "scripts ran out of order or the third group ran"
+    );
+    assert!(out.contains("1/3 VMs"), "{out}");
+    assert!(out.contains("not run") && out.contains("third"), "{out}");
+    assert!(err.contains("ghost FAILED"), "{err}");
+    // vm1's test failover is up: its disk is exposed.
+    let exposed = out
+        .lines()
+        .find_map(|l| l.strip_prefix("vm1: "))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("no exposed path for vm1 in {out}"));
+    run("qemu-img", &["info", "-f", "vpc", exposed.to_str().unwrap()]);
+    vdrep_ok(&["failover", "vm1", "--cleanup", "--store", &s.s("b/store")]);
+    assert!(!exposed.exists());
+}

@@ -27,6 +27,7 @@
 //! overwrites whatever differs.
 
 pub mod cli;
+pub mod plan;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
