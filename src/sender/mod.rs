@@ -959,6 +959,7 @@ impl Replicator {
         let sel = CutSelect {
             disks: Some(spec.disks.clone()),
             full_from: full_from.clone(),
+            ..Default::default()
         };
         let dir = self.mount_dir.clone();
         let sealed = tokio::task::spawn_blocking(move || {
