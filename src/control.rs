@@ -37,6 +37,17 @@ pub enum Request {
         vm: Option<String>,
         timeout_secs: u64,
     },
+    /// Resync a VM's disks by checksums now; wait unless `background`.
+    Resync {
+        vm: String,
+        background: bool,
+        timeout_secs: u64,
+    },
+    /// Compare a VM's disks with the receiver's newest point (no data sent).
+    Verify {
+        vm: String,
+        timeout_secs: u64,
+    },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -58,6 +69,12 @@ pub struct Response {
     /// VM -> recovery point reached by a sync.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub synced: Option<Vec<(String, u64)>>,
+    /// What a finished resync did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync: Option<crate::sender::ResyncProgress>,
+    /// What a verify found, per disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<Vec<crate::sender::VerifyDisk>>,
 }
 
 impl Response {

@@ -1184,6 +1184,16 @@ impl SealedCycle {
         }
     }
 
+    /// Runs `(first block, count)` written between the disk's previous cut
+    /// and this one.
+    pub fn changed_runs(&self) -> Vec<(u64, u64)> {
+        let nblocks = self.sealing.size.div_ceil(u64::from(self.header.block_size));
+        match &self.sealing.real_changes {
+            Some(r) => r.runs(nblocks),
+            None => self.sealing.dirty.runs(nblocks),
+        }
+    }
+
     /// Blocks of the cycle (what [`SealedCycle::stream`] from 0 yields).
     pub fn blocks(&self) -> u64 {
         self.sealing.dirty.count()
