@@ -119,6 +119,15 @@ pub enum Cmd {
         /// Bandwidth cap, bytes/s with optional K/M/G suffix (e.g. 50M).
         #[arg(long)]
         max_rate: Option<String>,
+        /// Pending changes of a disk (in % of its size) above which it is
+        /// tracked bitmap-only and its changes are shipped as one cycle.
+        #[arg(long, default_value = "50%")]
+        resync_threshold: String,
+        /// When automatic resyncs run, local time: HH:MM-HH:MM (may wrap
+        /// midnight), +weekends for all of Saturday and Sunday, or `always`.
+        /// Default: 18:00-08:00+weekends.
+        #[arg(long)]
+        resync_window: Option<String>,
         /// The VM's disk files (all under the same vdrep mount).
         #[arg(required = true)]
         disks: Vec<PathBuf>,
@@ -177,6 +186,32 @@ pub enum Cmd {
     Plan {
         #[command(subcommand)]
         cmd: PlanCmd,
+    },
+    /// Resynchronize a VM's disks by checksums now: compare the digests of
+    /// every block with the receiver's newest point and ship only the
+    /// blocks that differ, as one recovery point (history is kept). Waits
+    /// until it is complete, with a progress bar on a terminal.
+    Resync {
+        name: String,
+        /// Only schedule it (it starts as soon as the VM's worker is free).
+        #[arg(long)]
+        background: bool,
+        /// Give up waiting after this many seconds (the resync goes on).
+        #[arg(long, default_value_t = 86400)]
+        timeout: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Online verify: ship pending changes, then compare the digests of the
+    /// source (as of a fresh cut) with the receiver's newest point without
+    /// shipping data. Prints the differing byte ranges; exit status 1 if
+    /// any differ, 0 if the replica is identical.
+    Verify {
+        name: String,
+        #[arg(long, default_value_t = 86400)]
+        timeout: u64,
+        #[arg(long)]
+        json: bool,
     },
     /// Inspect, verify and apply change logs (.hrl).
     Hrl {
@@ -433,8 +468,18 @@ pub fn run(cmd: Cmd) -> i32 {
             trust,
             every,
             max_rate,
+            resync_threshold,
+            resync_window,
             disks,
-        } => protect(name, to, trust, every, max_rate, disks),
+        } => protect(
+            name,
+            to,
+            trust,
+            every,
+            max_rate,
+            (resync_threshold, resync_window.unwrap_or_default()),
+            disks,
+        ),
         Cmd::Unprotect { name, dir } => {
             let mounts = match dir {
                 Some(d) => vec![d],
@@ -493,6 +538,17 @@ pub fn run(cmd: Cmd) -> i32 {
             ];
             crate::roles::plan::cli(&plan, &args, mode.trim_start_matches('-'), json)
         }
+        Cmd::Resync {
+            name,
+            background,
+            timeout,
+            json,
+        } => resync(&name, background, timeout, json),
+        Cmd::Verify {
+            name,
+            timeout,
+            json,
+        } => verify(&name, timeout, json),
         Cmd::Hrl { cmd } => crate::hrl::cli::run(cmd),
     }
 }
@@ -586,14 +642,46 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
     Ok((n * mult as f64) as u64)
 }
 
+/// `50%`, `50` or `0.5` (a fraction below 1) -> percent.
+pub fn parse_percent(s: &str) -> Result<f64, String> {
+    let t = s.trim();
+    let (num, pct) = match t.strip_suffix('%') {
+        Some(n) => (n, true),
+        None => (t, false),
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a percentage (try 50%)"))?;
+    let v = if !pct && v > 0.0 && v < 1.0 { v * 100.0 } else { v };
+    if !(v > 0.0 && v <= 1000.0) {
+        return Err(format!("{s:?} must be above 0% (and at most 1000%)"));
+    }
+    Ok(v)
+}
+
 fn protect(
     name: String,
     to: String,
     trust: Vec<PathBuf>,
     every: String,
     max_rate: Option<String>,
+    (threshold, window): (String, String),
     disks: Vec<PathBuf>,
 ) -> i32 {
+    let resync_threshold_pct = match parse_percent(&threshold) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("vdrep: --resync-threshold: {e}");
+            return 2;
+        }
+    };
+    if !window.is_empty() {
+        if let Err(e) = crate::resync::Window::parse(&window) {
+            eprintln!("vdrep: --resync-window: {e}");
+            return 2;
+        }
+    }
     let every_secs = match parse_interval(&every) {
         Ok(v) => v,
         Err(e) => {
@@ -646,6 +734,8 @@ fn protect(
         every_secs,
         disks: rels,
         max_rate,
+        resync_threshold_pct,
+        resync_window: window,
     };
     match control::call(&mount, &Request::Protect { spec }) {
         Err(e) => control_err(e),
@@ -721,6 +811,123 @@ fn sync(target: &str, timeout: u64) -> i32 {
         }
     }
     0
+}
+
+/// The running mount protecting VM `name`.
+fn mount_of_vm(name: &str) -> Option<PathBuf> {
+    control::running_mounts().into_iter().find(|m| {
+        control::call(m, &Request::Status)
+            .ok()
+            .and_then(|r| r.replication)
+            .is_some_and(|v| v.iter().any(|s| s.vm == name))
+    })
+}
+
+fn resync(name: &str, background: bool, timeout: u64, json: bool) -> i32 {
+    let Some(m) = mount_of_vm(name) else {
+        eprintln!("vdrep: no running mount protects a VM named {name}");
+        return 2;
+    };
+    let req = Request::Resync {
+        vm: name.to_string(),
+        background,
+        timeout_secs: timeout,
+    };
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let bar = (!background && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+        let (done, m, vm) = (done.clone(), m.clone(), name.to_string());
+        std::thread::spawn(move || progress_bar(&m, Some(&vm), &done))
+    });
+    let res = control::call(&m, &req);
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    if let Some(b) = bar {
+        let _ = b.join();
+    }
+    match res {
+        Err(e) => control_err(e),
+        Ok(r) if !r.ok => {
+            eprintln!("vdrep: resync failed: {}", r.error.unwrap_or_default());
+            1
+        }
+        Ok(r) => {
+            match (r.resync, json) {
+                (Some(p), true) => {
+                    println!("{}", serde_json::to_string_pretty(&p).unwrap_or_default())
+                }
+                (Some(p), false) => println!(
+                    "{name}: resync complete: {} blocks compared, {} differed and were sent{}",
+                    p.blocks_compared,
+                    p.blocks_sent,
+                    p.resumed_from
+                        .map(|o| format!(" (resumed at {})", human(o)))
+                        .unwrap_or_default()
+                ),
+                (None, _) => println!(
+                    "{name}: resync scheduled; watch it with `vdrep status`"
+                ),
+            }
+            0
+        }
+    }
+}
+
+fn verify(name: &str, timeout: u64, json: bool) -> i32 {
+    let Some(m) = mount_of_vm(name) else {
+        eprintln!("vdrep: no running mount protects a VM named {name}");
+        return 2;
+    };
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+        let (done, m, vm) = (done.clone(), m.clone(), name.to_string());
+        std::thread::spawn(move || progress_bar(&m, Some(&vm), &done))
+    });
+    let res = control::call(
+        &m,
+        &Request::Verify {
+            vm: name.to_string(),
+            timeout_secs: timeout,
+        },
+    );
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    if let Some(b) = bar {
+        let _ = b.join();
+    }
+    let disks = match res {
+        Err(e) => return control_err(e),
+        Ok(r) if !r.ok => {
+            eprintln!("vdrep: verify failed: {}", r.error.unwrap_or_default());
+            return 2;
+        }
+        Ok(r) => r.verify.unwrap_or_default(),
+    };
+    let bad = disks.iter().any(|d| !d.differ.is_empty());
+    if json {
+        println!("{}", serde_json::to_string_pretty(&disks).unwrap_or_default());
+    } else {
+        for d in &disks {
+            let bytes: u64 = d.differ.iter().map(|r| r.1).sum();
+            println!(
+                "{}: {} blocks compared with point {}: {}{}",
+                d.disk,
+                d.blocks_compared,
+                d.replica_cycle,
+                if d.differ.is_empty() {
+                    "identical".to_string()
+                } else {
+                    format!("{} range(s), {} differ", d.differ.len(), human(bytes))
+                },
+                if d.blocks_skipped > 0 {
+                    format!(" ({} blocks written since are on their way, not judged)", d.blocks_skipped)
+                } else {
+                    String::new()
+                }
+            );
+            for (off, len) in &d.differ {
+                println!("  differs: offset {off} length {len}");
+            }
+        }
+    }
+    i32::from(bad)
 }
 
 fn status(dir: Option<PathBuf>, json: bool) -> i32 {
@@ -822,6 +1029,20 @@ fn status(dir: Option<PathBuf>, json: bool) -> i32 {
                     String::new()
                 }
             );
+            if let Some(p) = &v.resync {
+                println!("    {}", resync_line(p));
+            } else if let Some(p) = &v.last_resync {
+                println!(
+                    "    last {}: {} of {} blocks compared, {} differed, {} sent",
+                    p.mode, p.blocks_compared, p.blocks_total, p.blocks_differ, p.blocks_sent
+                );
+            }
+            for w in &v.resync_pending {
+                println!("    resync required: {w} (window {})", v.resync_window);
+            }
+            for d in &v.bitmap_only {
+                println!("    {d}: bitmap-only (pending changes passed the threshold; shipped as one cycle when the receiver is reachable)");
+            }
             if let Some(e) = v.last_error {
                 println!("    last error: {e}");
             }
@@ -835,6 +1056,27 @@ fn status(dir: Option<PathBuf>, json: bool) -> i32 {
         }
     }
     0
+}
+
+/// `resync [=====     ] 42% 1234/5678 blocks, 3 differ, 350 MiB/s, ETA 4s`
+fn resync_line(p: &crate::sender::ResyncProgress) -> String {
+    let f = p.blocks_compared as f64 / p.blocks_total.max(1) as f64;
+    let w = 20;
+    let fill = ((f * w as f64) as usize).min(w);
+    format!(
+        "{} {} [{}{}] {:>3.0}% {}/{} blocks, {} differ, {} sent, {}/s, ETA {}",
+        p.mode,
+        p.disk,
+        "=".repeat(fill),
+        " ".repeat(w - fill),
+        f * 100.0,
+        p.blocks_compared,
+        p.blocks_total,
+        p.blocks_differ,
+        p.blocks_sent,
+        human(p.rate_bps as u64),
+        p.eta_secs.map_or("?".into(), |e| format!("{e:.0}s"))
+    )
 }
 
 /// While a sync waits: one line on stderr with the state of each VM and,
@@ -856,7 +1098,9 @@ fn progress_bar(dir: &std::path::Path, vm: Option<&str>, done: &std::sync::atomi
             if vm.is_some_and(|n| n != v.vm) {
                 continue;
             }
-            if v.state == crate::sender::VmState::InitialReplication && v.initial_total > 0 {
+            if let Some(p) = &v.resync {
+                line += &format!("{} {}  ", v.vm, resync_line(p));
+            } else if v.state == crate::sender::VmState::InitialReplication && v.initial_total > 0 {
                 let f = v.initial_done as f64 / v.initial_total as f64;
                 let w = 24;
                 let fill = ((f * w as f64) as usize).min(w);

@@ -43,6 +43,17 @@ pub enum Request {
         vm: String,
         on: bool,
     },
+    /// Resync a VM's disks by checksums now; wait unless `background`.
+    Resync {
+        vm: String,
+        background: bool,
+        timeout_secs: u64,
+    },
+    /// Compare a VM's disks with the receiver's newest point (no data sent).
+    Verify {
+        vm: String,
+        timeout_secs: u64,
+    },
 }
 
 /// A fenced VM: its protection, this mount's identity and disks.
@@ -80,6 +91,12 @@ pub struct Response {
     pub synced: Option<Vec<(String, u64)>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fence: Option<FenceReport>,
+    /// What a finished resync did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync: Option<crate::sender::ResyncProgress>,
+    /// What a verify found, per disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<Vec<crate::sender::VerifyDisk>>,
 }
 
 impl Response {

@@ -392,6 +392,32 @@ fn handle(
                 ..Default::default()
             }
         }
+        Request::Resync {
+            vm,
+            background,
+            timeout_secs,
+        } => match rep.resync_now(
+            vm,
+            !*background,
+            std::time::Duration::from_secs(*timeout_secs),
+        ) {
+            Ok(r) => Response {
+                ok: true,
+                resync: r,
+                ..Default::default()
+            },
+            Err(e) => Response::err(e),
+        },
+        Request::Verify { vm, timeout_secs } => {
+            match rep.verify(vm, std::time::Duration::from_secs(*timeout_secs)) {
+                Ok(v) => Response {
+                    ok: true,
+                    verify: Some(v),
+                    ..Default::default()
+                },
+                Err(e) => Response::err(e),
+            }
+        }
         Request::Cut => {
             if let Err(e) = flush_kernel_cache(dir) {
                 return Response::err(format!(

@@ -14,6 +14,7 @@
 //! - [`sender`]: protected VMs at the primary: initial copy, deltas, points, retries.
 //! - [`receiver`]: the secondary site's QUIC server in front of [`replica`].
 //! - [`replica`]: the replica store (namespaces, durable logs, undo history).
+//! - [`resync`]: checksum resync and online verify (digests, progress, window).
 //! - [`vhd`]: the VHD disk format (fixed and dynamic).
 //! - [`transport`]: site identities, pinned-certificate mutual TLS over QUIC.
 //! - [`wire`]: the replication protocol's messages and sans-IO codec.
@@ -28,6 +29,7 @@ pub mod hrl;
 pub mod receiver;
 pub mod replica;
 pub mod roles;
+pub mod resync;
 pub mod sender;
 pub mod tracking;
 pub mod transport;

@@ -299,6 +299,7 @@ fn one_of_each() -> Vec<Msg> {
             replica_size: 0,
             copy_cycle: 3,
             resume_offset: 1 << 20,
+            needs_resync: String::new(),
         }),
         Msg::InitialBegin(wire::InitialBegin {
             disk_id: id,

@@ -94,13 +94,64 @@ fn msg() -> impl Strategy<Value = Msg> {
                     kind: if vhd { DiskKind::Vhd } else { DiskKind::Raw },
                 })
             ),
-        (disk_id(), any::<u64>(), size(), any::<u64>(), size()).prop_map(|(d, rc, rs, cc, ro)| {
-            Msg::DiskState(DiskState {
+        (disk_id(), any::<u64>(), size(), any::<u64>(), size(), "[^\p{Cc}]{0,60}").prop_map(
+            |(d, rc, rs, cc, ro, why)| {
+                Msg::DiskState(DiskState {
+                    disk_id: d,
+                    replica_cycle: rc,
+                    replica_size: rs,
+                    copy_cycle: cc,
+                    resume_offset: ro,
+                    needs_resync: why,
+                })
+            }
+        ),
+        (
+            disk_id(),
+            any::<u64>(),
+            9u32..=20,
+            proptest::collection::vec((0u64..1000, 1u32..5000), 1..20)
+        )
+            .prop_map(|(d, rc, shift, gaps)| {
+                let bs = 1u64 << shift;
+                let mut at = 0u64;
+                let runs = gaps
+                    .into_iter()
+                    .map(|(gap, blocks)| {
+                        let r = HashRun {
+                            offset: (at + gap) * bs,
+                            blocks,
+                        };
+                        at += gap + u64::from(blocks);
+                        r
+                    })
+                    .collect();
+                Msg::BlockHashReq(BlockHashReq {
+                    disk_id: d,
+                    replica_cycle: rc,
+                    block_size: 1 << shift,
+                    runs,
+                })
+            }),
+        (
+            disk_id(),
+            any::<u64>(),
+            size(),
+            proptest::collection::vec(any::<u128>(), 1..300)
+        )
+            .prop_map(|(d, rc, rs, hashes)| Msg::BlockHashes(BlockHashes {
                 disk_id: d,
                 replica_cycle: rc,
                 replica_size: rs,
-                copy_cycle: cc,
-                resume_offset: ro,
+                hashes,
+            })),
+        (disk_id(), 0u64..u64::MAX, any::<u64>(), any::<u64>()).prop_map(|(d, rc, a, b)| {
+            Msg::ResyncEnd(ResyncEnd {
+                disk_id: d,
+                replica_cycle: rc,
+                cycle: rc + 1,
+                blocks_compared: a.max(b),
+                blocks_differ: a.min(b),
             })
         }),
         (disk_id(), any::<u64>(), size(), any::<u64>()).prop_map(|(d, c, s, o)| {
@@ -215,7 +266,7 @@ proptest! {
 
     #[test]
     fn decode_plausible_frames_never_panics(
-        ty in prop_oneof![Just(1u8), Just(2), Just(3), 0x10u8..=0x14, 0x20u8..=0x23, 0x30u8..=0x31, 0x40u8..=0x41, any::<u8>()],
+        ty in prop_oneof![Just(1u8), Just(2), Just(3), 0x10u8..=0x14, 0x20u8..=0x23, 0x30u8..=0x31, 0x40u8..=0x42, any::<u8>()],
         payload in proptest::collection::vec(any::<u8>(), 0..512),
         len_delta in -3i64..3,
     ) {
@@ -326,6 +377,87 @@ fn safe_name_refuses_the_classics() {
     }
     let e = safe_name("../x").unwrap_err().to_string();
     assert!(e.contains("..") && e.contains("escape"), "{e}");
+}
+
+/// Resync messages: every truncation of a valid frame asks for more bytes
+/// or is refused with a clear error; counts beyond the caps and runs that
+/// are unaligned, overlapping or empty are refused by both codecs.
+#[test]
+fn resync_messages_are_bounds_checked() {
+    let req = BlockHashReq {
+        disk_id: [3; 16],
+        replica_cycle: 7,
+        block_size: 4096,
+        runs: vec![
+            HashRun {
+                offset: 0,
+                blocks: 10,
+            },
+            HashRun {
+                offset: 40960,
+                blocks: 1,
+            },
+        ],
+    };
+    let mut buf = Vec::new();
+    encode(&Msg::BlockHashReq(req.clone()), &mut buf).unwrap();
+    // A frame whose length field is honest but whose payload is cut.
+    for cut in 6..buf.len() {
+        let mut f = buf[..cut].to_vec();
+        let l = (cut - 4) as u32;
+        f[..4].copy_from_slice(&l.to_le_bytes());
+        match decode(&f) {
+            Err(WireError::Malformed { msg, what }) => {
+                assert_eq!(msg, "BlockHashReq");
+                assert!(!what.is_empty());
+            }
+            other => panic!("truncated at {cut}: {other:?}"),
+        }
+    }
+    let bad = |r: BlockHashReq| encode(&Msg::BlockHashReq(r), &mut Vec::new()).is_err();
+    let mut r = req.clone();
+    r.runs[1].offset = 4096; // overlaps the first run
+    assert!(bad(r));
+    let mut r = req.clone();
+    r.runs[1].offset = 40961; // unaligned
+    assert!(bad(r));
+    let mut r = req.clone();
+    r.runs[0].blocks = 0;
+    assert!(bad(r));
+    let mut r = req.clone();
+    r.runs = vec![HashRun {
+        offset: 0,
+        blocks: MAX_HASHES as u32 + 1,
+    }];
+    assert!(bad(r));
+    let mut r = req.clone();
+    r.block_size = 3000;
+    assert!(bad(r));
+    // A digest count larger than the payload is refused, not allocated.
+    let mut f = vec![0u8; 4];
+    f.push(0x41);
+    f.extend_from_slice(&[1u8; 16]);
+    f.extend_from_slice(&1u64.to_le_bytes());
+    f.extend_from_slice(&1u64.to_le_bytes());
+    f.extend_from_slice(&(MAX_HASHES as u32).to_le_bytes());
+    let l = (f.len() - 4) as u32;
+    f[..4].copy_from_slice(&l.to_le_bytes());
+    assert!(matches!(decode(&f), Err(WireError::Malformed { .. })));
+    let hashes = BlockHashes {
+        disk_id: [1; 16],
+        replica_cycle: 1,
+        replica_size: 1 << 30,
+        hashes: vec![0; MAX_HASHES + 1],
+    };
+    assert!(encode(&Msg::BlockHashes(hashes), &mut Vec::new()).is_err());
+    let end = ResyncEnd {
+        disk_id: [1; 16],
+        replica_cycle: 5,
+        cycle: 5,
+        blocks_compared: 1,
+        blocks_differ: 0,
+    };
+    assert!(encode(&Msg::ResyncEnd(end), &mut Vec::new()).is_err());
 }
 
 #[test]

@@ -473,6 +473,7 @@ fn initial_copy_streams_as_of_cut_and_resumes_after_interruption() {
         .seal(&CutSelect {
             disks: Some(vec!["v.img".into()]),
             full_from: HashMap::from([("v.img".to_string(), 0)]),
+            ..Default::default()
         })
         .unwrap();
     assert_eq!(s1.cycles.len(), 1);
@@ -496,6 +497,7 @@ fn initial_copy_streams_as_of_cut_and_resumes_after_interruption() {
         .seal(&CutSelect {
             disks: Some(vec!["v.img".into()]),
             full_from: HashMap::from([("v.img".to_string(), reached)]),
+            ..Default::default()
         })
         .unwrap();
     let sc2 = s2.cycles.into_iter().next().unwrap();

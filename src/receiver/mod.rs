@@ -152,7 +152,8 @@ fn code_of(e: &StoreError) -> ErrorCode {
         StoreError::Io { .. } => ErrorCode::Io,
         StoreError::OutOfOrder { .. }
         | StoreError::IdentityMismatch { .. }
-        | StoreError::BadState { .. } => ErrorCode::InvalidState,
+        | StoreError::BadState { .. }
+        | StoreError::NeedsResync { .. } => ErrorCode::InvalidState,
         StoreError::CorruptLog { .. } => ErrorCode::Checksum,
         StoreError::NotReady { .. } | StoreError::NoSuchPoint { .. } => ErrorCode::NotFound,
         StoreError::Locked { .. } | StoreError::Busy { .. } => ErrorCode::Busy,
@@ -233,6 +234,9 @@ async fn handle_stream(
         }
         Msg::PointCommit(p) => point(sess, store, p),
         Msg::Admin(body) => admin(sess, &body),
+        Msg::BlockHashReq(_) | Msg::ResyncEnd(_) => {
+            return digests(sess, store, first, &mut tx, &mut rx).await;
+        }
         other => proto_err(
             ErrorCode::Protocol,
             format!("unexpected {} to start a stream", other.name()),
@@ -310,13 +314,144 @@ fn open_disk(sess: &Session, store: &replica::Store, o: wire::OpenDisk) -> Msg {
         Some(s) => (0, s.size, 0, 0),
         None => (0, 0, 0, 0),
     };
+    let needs_resync = st
+        .as_ref()
+        .and_then(|s| s.needs_resync.clone())
+        .map(|w| wire::ErrorMsg::new(ErrorCode::InvalidState, false, w).message)
+        .unwrap_or_default();
     Msg::DiskState(wire::DiskState {
         disk_id: o.disk_id,
         replica_cycle,
         replica_size,
         copy_cycle,
         resume_offset,
+        needs_resync,
     })
+}
+
+/// A checksum compare (resync or verify) of one disk: answer every
+/// `BlockHashReq` with the replica's digests, in order, and record a
+/// `ResyncEnd`. The stream ends when the sender finishes it.
+async fn digests(
+    sess: &Session,
+    store: &replica::Store,
+    first: Msg,
+    tx: &mut quinn::SendStream,
+    rx: &mut quinn::RecvStream,
+) -> Result<(), String> {
+    let mut next = Some(first);
+    let mut buf = Vec::new();
+    loop {
+        let m = match next.take() {
+            Some(m) => m,
+            None => match wire::read_msg(rx).await {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    let _ = tx.finish();
+                    return Ok(());
+                }
+                Err(e) => return Err(e.to_string()),
+            },
+        };
+        let reply = match m {
+            Msg::BlockHashReq(r) => match disk_of(sess, &r.disk_id) {
+                None => proto_err(
+                    ErrorCode::Protocol,
+                    "BlockHashReq for a disk not opened with OpenDisk",
+                    false,
+                ),
+                Some((vm, _)) => {
+                    let runs: Vec<(u64, u32)> =
+                        r.runs.iter().map(|x| (x.offset, x.blocks)).collect();
+                    let res = tokio::task::block_in_place(|| {
+                        store.site(&sess.site)?.block_hashes(
+                            &vm,
+                            &r.disk_id,
+                            r.replica_cycle,
+                            r.block_size,
+                            &runs,
+                        )
+                    });
+                    match res {
+                        Ok((replica_size, hashes)) => Msg::BlockHashes(wire::BlockHashes {
+                            disk_id: r.disk_id,
+                            replica_cycle: r.replica_cycle,
+                            replica_size,
+                            hashes,
+                        }),
+                        Err(e) => store_err(e),
+                    }
+                }
+            },
+            Msg::ResyncEnd(e) => match disk_of(sess, &e.disk_id) {
+                None => proto_err(
+                    ErrorCode::Protocol,
+                    "ResyncEnd for a disk not opened with OpenDisk",
+                    false,
+                ),
+                Some((vm, _)) => {
+                    tracing::info!(
+                        site = %sess.site, %vm,
+                        "resync compare done: {} of {} blocks differ; their log is cycle {}",
+                        e.blocks_differ, e.blocks_compared, e.cycle
+                    );
+                    let res = tokio::task::block_in_place(|| {
+                        store.site(&sess.site)?.resync_prepared(
+                            &vm,
+                            &e.disk_id,
+                            e.replica_cycle,
+                            e.cycle,
+                        )
+                    });
+                    match res {
+                        Ok(()) => Msg::Ack(wire::Ack {
+                            disk_id: e.disk_id,
+                            cycle: e.cycle,
+                            durable: false,
+                            applied: false,
+                        }),
+                        Err(e) => store_err(e),
+                    }
+                }
+            },
+            other => proto_err(
+                ErrorCode::Protocol,
+                format!("unexpected {} inside a checksum compare", other.name()),
+                false,
+            ),
+        };
+        let stop = matches!(reply, Msg::Error(_));
+        wire::write_msg_buf(tx, &reply, &mut buf)
+            .await
+            .map_err(|e| e.to_string())?;
+        if stop {
+            let _ = tx.finish();
+            return Ok(());
+        }
+    }
+}
+
+/// A log that cannot be applied in order (the chains diverged, a log was
+/// lost or damaged): the replica can only be healed by a checksum resync.
+/// Mark it so, and tell the sender (retryable: it resyncs right away).
+fn needs_resync_after(sess: &Session, store: &replica::Store, vm: &str, id: &[u8; 16], e: StoreError) -> Msg {
+    if !matches!(e, StoreError::OutOfOrder { .. }) {
+        return store_err(e);
+    }
+    let why = format!("a log could not be applied in order: {e}");
+    let r = tokio::task::block_in_place(|| {
+        store.site(&sess.site)?.set_needs_resync(vm, id, Some(&why))
+    });
+    if let Err(e2) = r {
+        tracing::error!("cannot mark the replica for resync: {e2}");
+        return store_err(e);
+    }
+    tracing::warn!(site = %sess.site, %vm, "{why}; the replica is marked for resync");
+    Msg::Error(wire::ErrorMsg::new(
+        ErrorCode::InvalidState,
+        true,
+        format!("the replica needs a resync: {why}"),
+    ))
 }
 
 async fn initial(
@@ -592,9 +727,8 @@ async fn log(
     }
     let applied_now = match stored {
         Err(e) => {
-            return wire::write_msg(tx, &store_err(e))
-                .await
-                .map_err(|e| e.to_string())
+            let m = needs_resync_after(sess, store, &vm, &l.disk_id, e);
+            return wire::write_msg(tx, &m).await.map_err(|e| e.to_string());
         }
         Ok(replica::StoreOutcome::AlreadyApplied { .. }) => true,
         Ok(_) => false,
@@ -606,9 +740,8 @@ async fn log(
         let r =
             tokio::task::block_in_place(|| store.site(&sess.site)?.apply(&vm, &l.disk_id, l.cycle));
         if let Err(e) = r {
-            return wire::write_msg(tx, &store_err(e))
-                .await
-                .map_err(|e| e.to_string());
+            let m = needs_resync_after(sess, store, &vm, &l.disk_id, e);
+            return wire::write_msg(tx, &m).await.map_err(|e| e.to_string());
         }
     }
     wire::write_msg(tx, &durable_ack(&l, true))

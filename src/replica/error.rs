@@ -91,6 +91,11 @@ pub enum StoreError {
         applying: Option<u64>,
         what: String,
     },
+    /// The replica cannot be trusted until a checksum resync heals it (set
+    /// by an adoption after failover, a damaged or out-of-order log, or by
+    /// hand): only the resync's own log is accepted.
+    #[error("{ctx}: the replica needs a resync ({why}); only the log announced by a completed checksum compare is accepted")]
+    NeedsResync { ctx: Ctx, why: String },
     /// The data is for another disk, or the disk's registration differs.
     #[error("{ctx}: identity mismatch: {what}")]
     IdentityMismatch { ctx: Ctx, what: String },
@@ -128,6 +133,7 @@ impl StoreError {
             StoreError::NoSpace { .. } => true,
             StoreError::Io { retryable, .. } => *retryable,
             StoreError::Locked { .. } | StoreError::Busy { .. } => true,
+            StoreError::NeedsResync { .. } => true,
             _ => false,
         }
     }

@@ -94,11 +94,14 @@ pub struct DiskState {
     /// Set while the log leading to this cycle is being written into the replica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applying: Option<u64>,
-    /// The replica's content is not known to equal the source's (e.g. an
-    /// old primary adopted after an unplanned failover): the sender must
-    /// resync it by checksums before deltas can chain on. The reason.
+    /// The replica cannot be trusted (the reason): the sender must resync it
+    /// by checksums; until then only the resync's log is accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub needs_resync: Option<String>,
+    /// The cycle whose log carries a completed resync (announced by the
+    /// sender after the compare); applying it clears `needs_resync`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync_cycle: Option<u64>,
 }
 
 impl DiskState {
@@ -664,6 +667,7 @@ impl Site<'_> {
             cycle_time_ns: 0,
             applying: None,
             needs_resync: None,
+            resync_cycle: None,
         };
         if resync {
             // History cannot chain through a full re-copy.
@@ -1053,6 +1057,14 @@ impl Site<'_> {
                 replica_cycle: rc,
             }));
         }
+        if let Some(why) = &st.needs_resync {
+            if st.resync_cycle != Some(h.cycle) {
+                return Err(StoreError::NeedsResync {
+                    ctx: p.ctx.clone(),
+                    why: why.clone(),
+                });
+            }
+        }
         if h.base_cycle < rc {
             return Err(StoreError::OutOfOrder {
                 ctx: p.ctx.clone(),
@@ -1292,6 +1304,10 @@ impl Site<'_> {
         st.size = h.disk_size;
         st.cycle_time_ns = h.cut_unix_ns;
         st.applying = None;
+        if st.resync_cycle == Some(h.cycle) {
+            st.resync_cycle = None;
+            st.needs_resync = None;
+        }
         self.write_state(p, st)?;
         crash_point("state-applied");
         let _ = std::fs::remove_file(p.log(h.cycle));
@@ -1400,6 +1416,129 @@ impl Site<'_> {
             }
         }
         Ok(())
+    }
+
+    // ---------------------------------------------------------------
+    // Resync
+
+    /// Mark the replica of a disk as untrusted (`Some(reason)`) or trusted
+    /// again (`None`). While marked, the receiver tells the sender so in
+    /// `DiskState` and accepts only a resync's log (see
+    /// [`Site::resync_prepared`]). For adopted replicas after an unplanned
+    /// failover, damaged or out-of-order logs, or by hand.
+    pub fn set_needs_resync(&self, vm: &str, disk_id: &[u8; 16], reason: Option<&str>) -> Result<()> {
+        let p = self.disk(vm, disk_id, false)?;
+        let rt = self.store.runtime(&p.dir);
+        let _g = rt.lock();
+        let mut st = self.state_or_unknown(&p)?;
+        st.needs_resync = reason.map(str::to_string);
+        st.resync_cycle = None;
+        self.write_state(&p, &st)
+    }
+
+    /// The sender compared the whole disk against the replica at
+    /// `replica_cycle`; the log of `cycle` carries every difference, and
+    /// applying it makes the replica trusted again.
+    pub fn resync_prepared(
+        &self,
+        vm: &str,
+        disk_id: &[u8; 16],
+        replica_cycle: u64,
+        cycle: u64,
+    ) -> Result<()> {
+        let p = self.disk(vm, disk_id, false)?;
+        let rt = self.store.runtime(&p.dir);
+        let _g = rt.lock();
+        let mut st = self.state_or_unknown(&p)?;
+        if st.cycle != Some(replica_cycle) || st.applying.is_some() {
+            return Err(StoreError::NotReady {
+                ctx: p.ctx.clone(),
+                what: format!(
+                    "the resync compared against cycle {replica_cycle} but the replica is at {:?}: compare again",
+                    st.cycle
+                ),
+            });
+        }
+        if st.needs_resync.is_some() {
+            st.resync_cycle = Some(cycle);
+            self.write_state(&p, &st)?;
+        }
+        Ok(())
+    }
+
+    /// Digests ([`crate::resync::block_digest`]) of the replica's blocks
+    /// in `runs` (`(offset, blocks)` of `block_size` bytes, ascending), at
+    /// `replica_cycle`, which must be the replica's stable cycle. Blocks at
+    /// or past the replica's end get [`crate::resync::MISSING`]; the last
+    /// block may be short. Returns the replica's size and the digests.
+    /// Hashes on every core; holds the disk's lock (no apply meanwhile).
+    pub fn block_hashes(
+        &self,
+        vm: &str,
+        disk_id: &[u8; 16],
+        replica_cycle: u64,
+        block_size: u32,
+        runs: &[(u64, u32)],
+    ) -> Result<(u64, Vec<u128>)> {
+        let p = self.disk(vm, disk_id, false)?;
+        let rt = self.store.runtime(&p.dir);
+        let _g = rt.lock();
+        let st = self.state_or_unknown(&p)?;
+        let stable = st.applying.is_none() && st.initial_offset.is_none();
+        if !stable || st.cycle != Some(replica_cycle) {
+            return Err(StoreError::NotReady {
+                ctx: p.ctx.clone(),
+                what: format!(
+                    "digests of cycle {replica_cycle} were asked for, but the replica is at {:?}{}: open the disk again and restart the compare",
+                    st.cycle,
+                    if stable { "" } else { " and not stable" }
+                ),
+            });
+        }
+        let target = self.open_replica(&p, &st, false)?;
+        let size = st.size;
+        let bs = u64::from(block_size);
+        let total: u64 = runs.iter().map(|r| u64::from(r.1)).sum();
+        let mut out = Vec::with_capacity(total as usize);
+        let rpath = p.dir.join(&st.replica_file);
+        let mut buf = Vec::new();
+        let threads = crate::resync::hash_threads();
+        // Read at most this much at once, whatever a run's length.
+        let piece = (crate::resync::BATCH_BYTES / bs).max(1) * bs;
+        for &(off, n) in runs {
+            let end = off.saturating_add(u64::from(n) * bs);
+            let mut at = off;
+            while at < end {
+                let stop = (at + piece).min(end);
+                if at >= size {
+                    out.extend(std::iter::repeat_n(
+                        crate::resync::MISSING,
+                        ((stop - at) / bs) as usize,
+                    ));
+                    at = stop;
+                    continue;
+                }
+                let have_end = stop.min(size);
+                buf.clear();
+                buf.resize((have_end - at) as usize, 0);
+                target.read_at(&mut buf, at).map_err(|e| {
+                    self.io(&p.ctx, "reading the replica for a resync", &rpath, e)
+                })?;
+                out.extend(crate::resync::digest_blocks(
+                    &buf,
+                    block_size as usize,
+                    threads,
+                ));
+                let got = (have_end - at).div_ceil(bs);
+                let want = (stop - at) / bs;
+                out.extend(std::iter::repeat_n(
+                    crate::resync::MISSING,
+                    want.saturating_sub(got) as usize,
+                ));
+                at = stop;
+            }
+        }
+        Ok((size, out))
     }
 
     /// The state of a disk (for status displays and tests).

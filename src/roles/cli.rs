@@ -165,7 +165,7 @@ pub fn planned(o: &Planned<'_>, say: &dyn Fn(&str)) -> RoleResult<PlannedReport>
         .ok_or_else(|| undo_fence("the sync reported no recovery point".into()))?;
     say(&format!("shipped the last cycle: recovery point {cycle} at {peer}"));
     // 2. Prove it: every block's digest equals the replica's.
-    let verified = verify_equal(&dir, vm).map_err(undo_fence)?;
+    let verified = verify_equal(&dir, vm, o.timeout).map_err(undo_fence)?;
     say(&format!(
         "verified: {verified} blocks of the source equal the replica at point {cycle}"
     ));
@@ -220,6 +220,7 @@ pub fn planned(o: &Planned<'_>, say: &dyn Fn(&str)) -> RoleResult<PlannedReport>
             reverse_to: Some(o.reverse_to.to_string()),
             every_secs: rep.spec.every_secs,
             max_rate: rep.spec.max_rate,
+            policy: super::ResyncPolicy::of(&rep.spec),
         },
     )
     .map_err(|e| {
@@ -242,9 +243,37 @@ pub fn planned(o: &Planned<'_>, say: &dyn Fn(&str)) -> RoleResult<PlannedReport>
 /// Compare every block of the VM's disks with the newest point at the
 /// receiver; the number of blocks compared, or an error naming the
 /// differing ranges.
-fn verify_equal(_dir: &Path, _vm: &str) -> RoleResult<u64> {
-    // MERGE-TODO(resync): call Request::Verify once the resync branch lands.
-    Ok(0)
+fn verify_equal(dir: &Path, vm: &str, timeout: Duration) -> RoleResult<u64> {
+    let r = call_ok(
+        dir,
+        &Request::Verify {
+            vm: vm.into(),
+            timeout_secs: timeout.as_secs(),
+        },
+    )?;
+    let disks = r
+        .verify
+        .ok_or_else(|| "the daemon answered without a verify report".to_string())?;
+    let mut blocks = 0;
+    for d in &disks {
+        if !d.differ.is_empty() {
+            return Err(format!(
+                "{}: the replica (point {}) differs from the source in {} range(s), first at byte {}: NOT failing over",
+                d.disk,
+                d.replica_cycle,
+                d.differ.len(),
+                d.differ[0].0
+            ));
+        }
+        if d.blocks_skipped > 0 {
+            return Err(format!(
+                "{}: {} blocks changed after the fence: NOT failing over",
+                d.disk, d.blocks_skipped
+            ));
+        }
+        blocks += d.blocks_compared;
+    }
+    Ok(blocks)
 }
 
 /// Unplanned failover at this (replica) site: `point` (newest if `None`) of
@@ -377,6 +406,7 @@ pub fn reverse(o: &Reverse<'_>, say: &dyn Fn(&str)) -> RoleResult<(String, crate
             to: o.reverse_to.to_string(),
             every_secs: rep.spec.every_secs,
             max_rate: rep.spec.max_rate,
+            policy: super::ResyncPolicy::of(&rep.spec),
         },
     )?;
     Ok((peer, ans.live.unwrap_or(live)))

@@ -56,6 +56,8 @@ pub enum AdminRequest {
         reverse_to: Option<String>,
         every_secs: u64,
         max_rate: u64,
+        #[serde(default)]
+        policy: ResyncPolicy,
     },
     /// Protect the live `vm` back to the receiver at `to`.
     Reverse {
@@ -63,7 +65,34 @@ pub enum AdminRequest {
         to: String,
         every_secs: u64,
         max_rate: u64,
+        #[serde(default)]
+        policy: ResyncPolicy,
     },
+}
+
+/// The resync settings a protection carries over to the other direction.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResyncPolicy {
+    pub threshold_pct: f64,
+    pub window: String,
+}
+
+impl Default for ResyncPolicy {
+    fn default() -> Self {
+        ResyncPolicy {
+            threshold_pct: crate::sender::default_threshold(),
+            window: String::new(),
+        }
+    }
+}
+
+impl ResyncPolicy {
+    pub fn of(spec: &ProtectSpec) -> Self {
+        ResyncPolicy {
+            threshold_pct: spec.resync_threshold_pct,
+            window: spec.resync_window.clone(),
+        }
+    }
 }
 
 /// The answer to an [`AdminRequest`].
@@ -120,8 +149,9 @@ pub fn handle_admin(ctx: &ReceiverCtx, site: &str, req: AdminRequest) -> RoleRes
             reverse_to,
             every_secs,
             max_rate,
+            policy,
         } => {
-            let reverse = reverse_to.map(|to| (to, every_secs, max_rate));
+            let reverse = reverse_to.map(|to| (to, every_secs, max_rate, policy));
             promote_local(ctx, site, &vm, point, reverse)
         }
         AdminRequest::Reverse {
@@ -129,13 +159,14 @@ pub fn handle_admin(ctx: &ReceiverCtx, site: &str, req: AdminRequest) -> RoleRes
             to,
             every_secs,
             max_rate,
+            policy,
         } => {
             let Some(live) = s.live(&vm).map_err(lazy_err)? else {
                 return Err(format!(
                     "{vm} is not live at this site: there is nothing to replicate back"
                 ));
             };
-            let warnings = protect_live(ctx, &vm, &live, &to, every_secs, max_rate)?;
+            let warnings = protect_live(ctx, &vm, &live, &to, every_secs, max_rate, &policy)?;
             Ok(AdminReply {
                 live: Some(live),
                 warnings,
@@ -157,7 +188,7 @@ pub fn promote_local(
     site: &str,
     vm: &str,
     point: Option<u64>,
-    reverse: Option<(String, u64, u64)>,
+    reverse: Option<(String, u64, u64, ResyncPolicy)>,
 ) -> RoleResult<AdminReply> {
     let s = ctx.store.site(site).map_err(lazy_err)?;
     let origin: Option<Origin> = s
@@ -213,8 +244,8 @@ pub fn promote_local(
         mount(&dest, &keys, block_size)?;
     }
     let mut warnings = Vec::new();
-    if let Some((to, every, rate)) = reverse {
-        warnings = protect_live(ctx, vm, &live, &to, every, rate)?;
+    if let Some((to, every, rate, policy)) = reverse {
+        warnings = protect_live(ctx, vm, &live, &to, every, rate, &policy)?;
     }
     Ok(AdminReply {
         live: Some(live),
@@ -271,6 +302,7 @@ fn protect_live(
     to: &str,
     every_secs: u64,
     max_rate: u64,
+    policy: &ResyncPolicy,
 ) -> RoleResult<Vec<String>> {
     let disks: Vec<String> = live
         .disks
@@ -284,6 +316,8 @@ fn protect_live(
         every_secs,
         disks,
         max_rate,
+        resync_threshold_pct: policy.threshold_pct,
+        resync_window: policy.window.clone(),
     };
     let r = crate::control::call(&live.dir, &crate::control::Request::Protect { spec })
         .map_err(lazy_err)?;

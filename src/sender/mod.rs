@@ -37,6 +37,14 @@ use crate::tracking::{CutSelect, DiskState as TrackState, Tracker};
 use crate::transport::{self, keys::Identity, rate::RateLimiter, trust::TrustStore};
 use crate::wire::{self, Msg};
 
+mod resync;
+
+pub use crate::resync::ResyncProgress;
+
+pub(crate) fn default_threshold() -> f64 {
+    50.0
+}
+
 /// What `vdrep protect` asks for.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProtectSpec {
@@ -52,6 +60,24 @@ pub struct ProtectSpec {
     /// Bandwidth cap in bytes per second (0 = none).
     #[serde(default)]
     pub max_rate: u64,
+    /// Pending changes of a disk (sealed logs + dirty blocks) above this
+    /// percentage of its size switch it to bitmap-only tracking.
+    #[serde(default = "default_threshold")]
+    pub resync_threshold_pct: f64,
+    /// When automatic resyncs may run ([`crate::resync::Window::parse`];
+    /// empty: the default, 18:00-08:00 and weekends).
+    #[serde(default)]
+    pub resync_window: String,
+}
+
+impl ProtectSpec {
+    /// The automatic-resync window.
+    pub fn window(&self) -> crate::resync::Window {
+        if self.resync_window.is_empty() {
+            return crate::resync::Window::default();
+        }
+        crate::resync::Window::parse(&self.resync_window).unwrap_or_default()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,7 +86,10 @@ pub enum VmState {
     Normal,
     Warning,
     Critical,
+    /// A disk needs a resync; it waits for the resync window (or `vdrep resync`).
     ResyncRequired,
+    /// A checksum resync is running.
+    Resynchronizing,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -84,12 +113,50 @@ pub struct VmStatus {
     pub last_error: Option<String>,
     pub next_retry_unix: Option<u64>,
     pub every_secs: u64,
+    /// The resync or verify running now.
+    #[serde(default)]
+    pub resync: Option<ResyncProgress>,
+    /// The last one that finished.
+    #[serde(default)]
+    pub last_resync: Option<ResyncProgress>,
+    /// Disks waiting for a resync, with the reason.
+    #[serde(default)]
+    pub resync_pending: Vec<String>,
+    /// Disks tracked bitmap-only (pending changes passed the threshold).
+    #[serde(default)]
+    pub bitmap_only: Vec<String>,
+    /// When automatic resyncs run.
+    #[serde(default)]
+    pub resync_window: String,
+}
+
+/// What `vdrep verify` found on one disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VerifyDisk {
+    pub disk: String,
+    /// The receiver's point the source was compared with.
+    pub replica_cycle: u64,
+    pub blocks_compared: u64,
+    /// Blocks written since that point (on their way; not judged).
+    pub blocks_skipped: u64,
+    /// Differing byte ranges `(offset, length)`, merged.
+    pub differ: Vec<(u64, u64)>,
+}
+
+/// A request the VM's worker runs between cycles.
+enum Job {
+    /// Resync every disk now; answer when done (None: `--background`).
+    Resync(Option<oneshot::Sender<Result<ResyncProgress, String>>>),
+    Verify(oneshot::Sender<Result<Vec<VerifyDisk>, String>>),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     #[error("{0}")]
     Retry(String),
+    /// Retry at once (a disk was just marked for resync).
+    #[error("{0}")]
+    Again(String),
     #[error("{0}")]
     Fatal(String),
 }
@@ -133,6 +200,9 @@ struct Vm {
     /// Cycle of an interrupted whole-disk copy per disk (for resuming).
     copy_cycle: Mutex<HashMap<String, u64>>,
     stop: std::sync::atomic::AtomicBool,
+    /// `vdrep resync` / `vdrep verify` requests, oldest first; a job stays
+    /// queued until it ran (a failed session leaves it for the next).
+    jobs: Mutex<std::collections::VecDeque<Job>>,
 }
 
 /// All protected VMs of one mount.
@@ -145,6 +215,9 @@ pub struct Replicator {
     rt: tokio::runtime::Runtime,
     vms: Mutex<HashMap<String, Arc<Vm>>>,
     retry_scale: f64,
+    /// This daemon's identity (random): resync progress it saved can be
+    /// resumed with its in-memory bitmap.
+    instance: String,
 }
 
 const PROTECT_DIR: &str = "protect";
@@ -186,6 +259,10 @@ impl Replicator {
             rt,
             vms: Mutex::new(HashMap::new()),
             retry_scale,
+            instance: format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&[
+                now_ns().to_le_bytes(),
+                u64::from(std::process::id()).to_le_bytes(),
+            ].concat())),
         });
         // Resume every VM protected before.
         for spec in r.saved_specs() {
@@ -257,6 +334,16 @@ impl Replicator {
         }
         if spec.trust.is_empty() {
             return Err("name the receiver's certificate with --trust".into());
+        }
+        if !(spec.resync_threshold_pct > 0.0 && spec.resync_threshold_pct <= 1000.0) {
+            return Err(format!(
+                "--resync-threshold {}% is out of range (give a percentage of the disk size, e.g. 50%)",
+                spec.resync_threshold_pct
+            ));
+        }
+        if !spec.resync_window.is_empty() {
+            crate::resync::Window::parse(&spec.resync_window)
+                .map_err(|e| format!("--resync-window: {e}"))?;
         }
         // Reachable and trusted: say Hello once.
         let probe = self.rt.block_on(async {
@@ -332,6 +419,9 @@ impl Replicator {
         };
         v.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         v.wake.notify_one();
+        for d in &v.spec.disks {
+            self.tracker.set_log_limit(d, None);
+        }
         let _ = std::fs::remove_file(
             self.tracker
                 .state_file(PROTECT_DIR)
@@ -363,6 +453,11 @@ impl Replicator {
                 last_error: None,
                 next_retry_unix: None,
                 every_secs: spec.every_secs,
+                resync: None,
+                last_resync: None,
+                resync_pending: Vec::new(),
+                bitmap_only: Vec::new(),
+                resync_window: spec.window().to_string(),
             }),
             spec,
             wake: Notify::new(),
@@ -370,7 +465,15 @@ impl Replicator {
             sync_requested: false.into(),
             copy_cycle: Mutex::new(self.load_copy_cycles(&spec_vm)),
             stop: false.into(),
+            jobs: Mutex::new(Default::default()),
         });
+        for d in &vm.spec.disks {
+            let limit = self
+                .tracker
+                .disk_info(d)
+                .map(|(_, size, ..)| (size as f64 * vm.spec.resync_threshold_pct / 100.0) as u64);
+            self.tracker.set_log_limit(d, limit);
+        }
         self.vms.lock().insert(vm.spec.vm.clone(), vm.clone());
         let me = self.clone();
         self.rt.spawn(async move { me.worker(vm).await });
@@ -400,6 +503,12 @@ impl Replicator {
                     .map(|m| m.len())
                     .sum();
                 s.bytes_pending = dirty + logs;
+                s.bitmap_only = tstat
+                    .disks
+                    .iter()
+                    .filter(|d| v.spec.disks.contains(&d.name) && d.bitmap_only)
+                    .map(|d| d.name.clone())
+                    .collect();
                 if let Some(t) = s.last_point_unix_ns {
                     s.lag_secs = Some(now_ns().saturating_sub(t) as f64 / 1e9);
                 }
@@ -445,6 +554,65 @@ impl Replicator {
                         s.last_error.map(|e| format!(": {e}")).unwrap_or_default()
                     ))
                 }
+            }
+        })
+    }
+
+    fn vm(&self, vm: &str) -> Result<Arc<Vm>, String> {
+        self.vms
+            .lock()
+            .get(vm)
+            .cloned()
+            .ok_or_else(|| format!("VM {vm} is not protected here"))
+    }
+
+    /// `vdrep resync NAME`: resync every disk of the VM by checksums now
+    /// (outside the window too). `wait`: return when it is complete (or
+    /// `timeout` passes); else only queue it.
+    pub fn resync_now(
+        &self,
+        vm: &str,
+        wait: bool,
+        timeout: Duration,
+    ) -> Result<Option<ResyncProgress>, String> {
+        let v = self.vm(vm)?;
+        if v.status.lock().state == VmState::Critical {
+            return Err(format!(
+                "VM {vm} is Critical: {}; protect it again first",
+                v.status.lock().last_error.clone().unwrap_or_default()
+            ));
+        }
+        if !wait {
+            v.jobs.lock().push_back(Job::Resync(None));
+            v.wake.notify_one();
+            return Ok(None);
+        }
+        let (tx, rx) = oneshot::channel();
+        v.jobs.lock().push_back(Job::Resync(Some(tx)));
+        v.wake.notify_one();
+        self.rt.block_on(async {
+            match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(r)) => r.map(Some),
+                Ok(Err(_)) => Err(format!("replication of {vm} stopped")),
+                Err(_) => Err(format!(
+                    "timed out after {timeout:?}; the resync of {vm} goes on (see `vdrep status`)"
+                )),
+            }
+        })
+    }
+
+    /// `vdrep verify NAME`: ship everything, then compare every disk with
+    /// the receiver's newest point by digests (no data shipped).
+    pub fn verify(&self, vm: &str, timeout: Duration) -> Result<Vec<VerifyDisk>, String> {
+        let v = self.vm(vm)?;
+        let (tx, rx) = oneshot::channel();
+        v.jobs.lock().push_back(Job::Verify(tx));
+        v.wake.notify_one();
+        self.rt.block_on(async {
+            match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err(format!("replication of {vm} stopped")),
+                Err(_) => Err(format!("timed out after {timeout:?} verifying {vm}")),
             }
         })
     }
@@ -514,6 +682,7 @@ impl Replicator {
 
     async fn worker(self: Arc<Self>, vm: Arc<Vm>) {
         let mut failures = 0u32;
+        let mut again = 0u32;
         loop {
             if vm.stop.load(std::sync::atomic::Ordering::SeqCst) {
                 return;
@@ -522,9 +691,22 @@ impl Replicator {
             if vm.stop.load(std::sync::atomic::Ordering::SeqCst) {
                 return;
             }
+            let r = match r {
+                Err(SendError::Again(e)) if again < 3 => {
+                    again += 1;
+                    tracing::info!(vm = %vm.spec.vm, "{e}; starting over at once");
+                    vm.status.lock().last_error = Some(e);
+                    continue;
+                }
+                Err(SendError::Again(e)) => Err(SendError::Retry(e)),
+                other => {
+                    again = 0;
+                    other
+                }
+            };
             match r {
                 Ok(()) => return,
-                Err(SendError::Retry(e)) => {
+                Err(SendError::Again(e)) | Err(SendError::Retry(e)) => {
                     let d = backoff(failures, self.retry_scale);
                     failures += 1;
                     tracing::warn!(vm = %vm.spec.vm, "replication interrupted: {e}; retry in {d:?}");
@@ -538,8 +720,22 @@ impl Replicator {
                         s.last_error = Some(e);
                         s.next_retry_unix = Some(now_ns() / 1_000_000_000 + d.as_secs());
                     }
-                    // A `sync` request retries at once.
-                    let _ = tokio::time::timeout(d, vm.wake.notified()).await;
+                    // A `sync` request retries at once. Meanwhile the 50%
+                    // rule is watched (changes pile up while the link is down).
+                    let until = Instant::now() + d;
+                    loop {
+                        let now = Instant::now();
+                        if now >= until {
+                            break;
+                        }
+                        let tick = (until - now).min(Duration::from_secs(1));
+                        if tokio::time::timeout(tick, vm.wake.notified()).await.is_ok() {
+                            break;
+                        }
+                        for disk in &vm.spec.disks {
+                            self.tracker.enforce_log_limit(disk);
+                        }
+                    }
                     vm.status.lock().next_retry_unix = None;
                 }
                 Err(SendError::Fatal(e)) => {
@@ -552,6 +748,18 @@ impl Replicator {
                     for (_, w) in vm.waiters.lock().drain(..) {
                         let _ = w.send(Err(format!("VM {} is Critical: {e}", vm.spec.vm)));
                     }
+                    for j in vm.jobs.lock().drain(..) {
+                        let why = format!("VM {} is Critical: {e}", vm.spec.vm);
+                        match j {
+                            Job::Resync(Some(tx)) => {
+                                let _ = tx.send(Err(why));
+                            }
+                            Job::Verify(tx) => {
+                                let _ = tx.send(Err(why));
+                            }
+                            Job::Resync(None) => {}
+                        }
+                    }
                     return;
                 }
             }
@@ -559,6 +767,14 @@ impl Replicator {
                 failures = 0;
             }
         }
+    }
+
+    /// The tracked disk with this identity.
+    fn disk_of_id(&self, id: &[u8; 16]) -> Option<String> {
+        self.tracker
+            .disk_names()
+            .into_iter()
+            .find(|n| self.disk_id(n).is_ok_and(|(i, ..)| &i == id))
     }
 
     fn disk_id(&self, name: &str) -> Result<([u8; 16], u64, u32, TrackState), SendError> {
@@ -574,17 +790,17 @@ impl Replicator {
         Ok((out, size, bs, st))
     }
 
-    /// One connected session: sync up, then cut and ship until an error.
-    async fn session(&self, vm: &Arc<Vm>) -> Result<(), SendError> {
+    /// `OpenDisk` every disk of the VM: where is each replica?
+    async fn open_disks(
+        &self,
+        vm: &Arc<Vm>,
+        conn: &quinn::Connection,
+    ) -> Result<HashMap<String, wire::DiskState>, SendError> {
         let spec = &vm.spec;
-        let (conn, _ep) = self.connect(spec).await?;
         let addr = conn.remote_address();
-        let limiter = (spec.max_rate > 0).then(|| RateLimiter::new(spec.max_rate));
-        // Where is each replica?
         let mut replica: HashMap<String, wire::DiskState> = HashMap::new();
-        let mut need_initial = false;
         for d in &spec.disks {
-            let (id, size, bs, st) = self.disk_id(d)?;
+            let (id, size, bs, _) = self.disk_id(d)?;
             let (mut tx, mut rx) = conn.open_bi().await.map_err(|e| conn_err(&e, addr))?;
             let kind = if d.to_ascii_lowercase().ends_with(".vhd") {
                 wire::DiskKind::Vhd
@@ -616,30 +832,119 @@ impl Replicator {
                     )))
                 }
             };
-            // Can the sealed logs on disk bring the replica up to date?
-            let base = self.tracker.disk_base_cycle(d).unwrap_or(0);
-            let logs = self.tracker.pending_logs(d);
-            let continuous = if ds.replica_cycle == 0 {
-                false
-            } else if ds.replica_cycle == base {
-                true
-            } else {
-                logs.iter().any(|(c, p)| {
-                    *c > ds.replica_cycle && log_base(&self.tracker, p) == Some(ds.replica_cycle)
-                }) || logs.iter().any(|(c, _)| *c == ds.replica_cycle)
-            };
-            if !matches!(st, TrackState::Normal) || !continuous {
-                need_initial = true;
-            }
             replica.insert(d.clone(), ds);
         }
+        Ok(replica)
+    }
+
+    /// Which disks need a resync, and why (empty reasons: none).
+    fn resync_reasons(&self, vm: &Vm, replica: &HashMap<String, wire::DiskState>) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for d in &vm.spec.disks {
+            let Some(ds) = replica.get(d) else { continue };
+            let Ok((id, _, _, st)) = self.disk_id(d) else {
+                continue;
+            };
+            let base = self.tracker.disk_base_cycle(d).unwrap_or(0);
+            let logs = self.tracker.pending_logs(d);
+            let continuous = ds.replica_cycle == base
+                || logs.iter().any(|(c, p)| {
+                    *c > ds.replica_cycle && log_base(&self.tracker, p) == Some(ds.replica_cycle)
+                })
+                || logs.iter().any(|(c, _)| *c == ds.replica_cycle);
+            let why = if let TrackState::ResyncRequired(w) = st {
+                Some(w)
+            } else if !ds.needs_resync.is_empty() && !continuous {
+                Some(format!("the receiver: {}", ds.needs_resync))
+            } else if !ds.needs_resync.is_empty()
+                && !logs
+                    .iter()
+                    .any(|(_, p)| log_base(&self.tracker, p) == Some(ds.replica_cycle))
+            {
+                // Nothing to offer but fresh changes: resync.
+                Some(format!("the receiver: {}", ds.needs_resync))
+            } else if resync::progress_path(self, &vm.spec.vm, &id).exists() {
+                Some("a resync was interrupted".into())
+            } else if !continuous {
+                Some(format!(
+                    "the changes since the replica's cycle {} are no longer all here (the sender is at cycle {base})",
+                    ds.replica_cycle
+                ))
+            } else {
+                None
+            };
+            if let Some(w) = why {
+                out.push((d.clone(), w));
+            }
+        }
+        out
+    }
+
+    /// One connected session: sync up, then cut and ship until an error.
+    async fn session(&self, vm: &Arc<Vm>) -> Result<(), SendError> {
+        let spec = &vm.spec;
+        let (conn, _ep) = self.connect(spec).await?;
+        let limiter = (spec.max_rate > 0).then(|| RateLimiter::new(spec.max_rate));
+        let mut replica = self.open_disks(vm, &conn).await?;
+        // No complete replica (or a copy under way): initial copy.
+        let need_initial = replica.values().any(|ds| ds.replica_cycle == 0);
         if need_initial {
             vm.status.lock().state = VmState::InitialReplication;
             self.initial_copy(vm, &conn, &replica, limiter.as_ref())
                 .await?;
         } else {
-            self.ship_pending(vm, &conn, &replica, limiter.as_ref())
-                .await?;
+            let mut resynced = false;
+            let mut reasons = self.resync_reasons(vm, &replica);
+            if !reasons.is_empty() {
+                // Automatic resyncs wait for the window; `vdrep resync`
+                // starts one at once.
+                let window = spec.window();
+                loop {
+                    if vm.stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        conn.close(0u32.into(), b"unprotected");
+                        return Ok(());
+                    }
+                    let manual = vm.jobs.lock().iter().any(|j| matches!(j, Job::Resync(_)));
+                    if manual || window.open_now() {
+                        break;
+                    }
+                    {
+                        let mut s = vm.status.lock();
+                        s.state = VmState::ResyncRequired;
+                        s.resync_pending = reasons.iter().map(|(d, w)| format!("{d}: {w}")).collect();
+                        s.last_error = Some(format!(
+                            "resync required; it runs in the resync window ({window}) or now with `vdrep resync {}`",
+                            spec.vm
+                        ));
+                    }
+                    let _ = tokio::time::timeout(Duration::from_secs(20), vm.wake.notified()).await;
+                    replica = self.open_disks(vm, &conn).await?;
+                    reasons = self.resync_reasons(vm, &replica);
+                    if reasons.is_empty() {
+                        break;
+                    }
+                }
+                if !reasons.is_empty() {
+                    {
+                        let mut s = vm.status.lock();
+                        s.resync_pending = reasons.iter().map(|(d, w)| format!("{d}: {w}")).collect();
+                    }
+                    for (d, w) in &reasons {
+                        tracing::info!(vm = %spec.vm, disk = %d, "checksum resync: {w}");
+                    }
+                    let rdisks: Vec<String> = reasons.into_iter().map(|(d, _)| d).collect();
+                    self.resync(vm, &conn, &replica, &rdisks, limiter.as_ref())
+                        .await?;
+                    resynced = true;
+                    vm.status.lock().resync_pending.clear();
+                    // A waiting `vdrep resync` is answered by this one.
+                    self.answer_resync_jobs(vm);
+                }
+            }
+            if !resynced {
+                self.ship_pending(vm, &conn, &replica, limiter.as_ref())
+                    .await?;
+            }
         }
         {
             let mut s = vm.status.lock();
@@ -655,6 +960,9 @@ impl Replicator {
             if vm.stop.load(std::sync::atomic::Ordering::SeqCst) {
                 conn.close(0u32.into(), b"unprotected");
                 return Ok(());
+            }
+            if self.run_jobs(vm, &conn, limiter.as_ref()).await? {
+                continue;
             }
             let synced = vm
                 .sync_requested
@@ -691,6 +999,143 @@ impl Replicator {
         }
     }
 
+    /// Answer every queued `vdrep resync` (a resync just finished).
+    fn answer_resync_jobs(&self, vm: &Vm) {
+        let done = vm.status.lock().last_resync.clone().unwrap_or_default();
+        let mut jobs = vm.jobs.lock();
+        let mut keep = std::collections::VecDeque::new();
+        for j in jobs.drain(..) {
+            match j {
+                Job::Resync(Some(tx)) => {
+                    let _ = tx.send(Ok(done.clone()));
+                }
+                Job::Resync(None) => {}
+                other => keep.push_back(other),
+            }
+        }
+        *jobs = keep;
+    }
+
+    /// Run the oldest queued job, if any (true if one ran).
+    async fn run_jobs(
+        &self,
+        vm: &Arc<Vm>,
+        conn: &quinn::Connection,
+        limiter: Option<&RateLimiter>,
+    ) -> Result<bool, SendError> {
+        let kind = match vm.jobs.lock().front() {
+            None => return Ok(false),
+            Some(Job::Resync(_)) => 0,
+            Some(Job::Verify(_)) => 1,
+        };
+        if kind == 0 {
+            // Everything shipped first, then every disk compared.
+            self.cut_and_ship(vm, conn, limiter).await?;
+            let replica = self.open_disks(vm, conn).await?;
+            let disks = vm.spec.disks.clone();
+            self.resync(vm, conn, &replica, &disks, limiter).await?;
+            vm.status.lock().state = VmState::Normal;
+            self.answer_resync_jobs(vm);
+        } else {
+            let r = self.verify_now(vm, conn, limiter).await;
+            let job = vm.jobs.lock().pop_front();
+            let r = match r {
+                Ok(v) => Ok(v),
+                Err(SendError::Fatal(e)) => Err(e),
+                Err(e) => {
+                    // Put it back for the next session.
+                    if let Some(j) = job {
+                        vm.jobs.lock().push_front(j);
+                    }
+                    return Err(e);
+                }
+            };
+            if let Some(Job::Verify(tx)) = job {
+                let _ = tx.send(r);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Ship everything, then compare every disk as of a fresh cut with the
+    /// receiver's newest point, without shipping data.
+    async fn verify_now(
+        &self,
+        vm: &Arc<Vm>,
+        conn: &quinn::Connection,
+        limiter: Option<&RateLimiter>,
+    ) -> Result<Vec<VerifyDisk>, SendError> {
+        self.cut_and_ship(vm, conn, limiter).await?;
+        let replica = self.open_disks(vm, conn).await?;
+        let spec = vm.spec.clone();
+        let tracker = self.tracker.clone();
+        let dir = self.mount_dir.clone();
+        let sel = CutSelect {
+            disks: Some(spec.disks.clone()),
+            full_from: spec.disks.iter().map(|d| (d.clone(), 0)).collect(),
+            ..Default::default()
+        };
+        let sealed = tokio::task::spawn_blocking(move || {
+            if let Ok(d) = std::fs::File::open(&dir) {
+                let _ = nix::unistd::syncfs(&d);
+            }
+            tracker.seal(&sel)
+        })
+        .await
+        .map_err(|e| retry(format!("cut task failed: {e}")))?
+        .map_err(|e| retry(e.to_string()))?;
+        if let Some(e) = sealed.skipped.first() {
+            return Err(SendError::Fatal(format!(
+                "cannot verify {}: {}",
+                e.disk,
+                e.error.clone().unwrap_or_default()
+            )));
+        }
+        let mut out = Vec::new();
+        let mut cycles = sealed.cycles;
+        let mut err = None;
+        while let Some(sc) = cycles.pop() {
+            if err.is_some() {
+                let _ = self.tracker.finish(sc, false);
+                continue;
+            }
+            let name = sc.header.disk_name.clone();
+            let bs = u64::from(sc.header.block_size);
+            let size = sc.header.disk_size;
+            let rc = replica.get(&name).map(|d| d.replica_cycle).unwrap_or(0);
+            let skip = sc.changed_runs();
+            let skipped: u64 = skip.iter().map(|r| r.1).sum();
+            let (back, r) = self
+                .compare(vm, conn, sc, rc, resync::Mode::Verify { skip }, None, None)
+                .await;
+            if let Some(sc) = back {
+                // Nothing shipped: the cut's changes stay for the next delta.
+                let _ = self.tracker.finish(sc, false);
+            }
+            match r {
+                Ok(c) => out.push(VerifyDisk {
+                    disk: name,
+                    replica_cycle: rc,
+                    blocks_compared: c.compared,
+                    blocks_skipped: skipped,
+                    differ: crate::resync::byte_ranges(&c.differ, bs, size),
+                }),
+                Err(e) => err = Some(e),
+            }
+        }
+        {
+            let mut s = vm.status.lock();
+            if let Some(r) = s.resync.take() {
+                s.last_resync = Some(r);
+            }
+        }
+        if let Some(e) = err {
+            return Err(e);
+        }
+        out.sort_by(|a, b| a.disk.cmp(&b.disk));
+        Ok(out)
+    }
+
     /// Flush the kernel cache, seal the VM's disks at one instant, write
     /// their logs and ship them.
     async fn cut_and_ship(
@@ -706,6 +1151,11 @@ impl Replicator {
             move || -> Result<Vec<crate::tracking::CutEntry>, String> {
                 if let Ok(d) = std::fs::File::open(&dir) {
                     let _ = nix::unistd::syncfs(&d);
+                }
+                // Bitmap-only disks are sealed too: this cycle ships all
+                // their changes at once.
+                for d in &spec.disks {
+                    tracker.enforce_log_limit(d);
                 }
                 let sealed = tracker
                     .seal(&CutSelect {
@@ -774,6 +1224,12 @@ impl Replicator {
                     let _ = std::fs::remove_file(pp);
                 }
                 acked.push(wire::DiskCycle { disk_id: id, cycle });
+            }
+            for (d, _) in &logs {
+                // Its changes are at the receiver: logs again.
+                if self.tracker.bitmap_only(d) && self.tracker.pending_logs(d).is_empty() {
+                    self.tracker.clear_bitmap_only(d);
+                }
             }
             if acked.len() == spec.disks.len() {
                 let cut_ns = logs.first().and_then(|(_, p)| log_cut_ns(&self.tracker, p));
@@ -853,10 +1309,12 @@ impl Replicator {
         let header = crate::hrl::HrlReader::open(&path)
             .map(|r| r.header().clone())
             .map_err(|e| {
-                SendError::Fatal(format!(
-                    "sealed log {} is damaged: {e}; the disk needs a resync",
-                    shown.display()
-                ))
+                let why = format!("sealed log {} is damaged: {e}", shown.display());
+                if let Some(d) = self.disk_of_id(&id) {
+                    self.tracker.require_resync(&d, &why);
+                }
+                let _ = std::fs::remove_file(&path);
+                SendError::Again(format!("{why}; the disk is resynced by checksums"))
             })?;
         let mut file = std::fs::File::open(&path)
             .map_err(|e| retry(format!("opening {}: {e}", shown.display())))?;
@@ -928,6 +1386,16 @@ impl Replicator {
             {
                 Some(Msg::Ack(a)) if a.applied && a.cycle == header.cycle => break,
                 Some(Msg::Ack(_)) => continue,
+                Some(Msg::Error(e))
+                    if e.code == wire::ErrorCode::InvalidState && e.message.contains("resync") =>
+                {
+                    // The receiver no longer trusts the replica: this log
+                    // cannot help; compare by checksums instead.
+                    if let Some(d) = self.disk_of_id(&id) {
+                        self.tracker.require_resync(&d, &format!("receiver: {}", e.message));
+                    }
+                    return Err(SendError::Again(format!("receiver: {}", e.message)));
+                }
                 Some(Msg::Error(e)) => return Err(msg_err(&e)),
                 other => {
                     return Err(SendError::Fatal(format!(
@@ -971,6 +1439,7 @@ impl Replicator {
         let sel = CutSelect {
             disks: Some(spec.disks.clone()),
             full_from: full_from.clone(),
+            ..Default::default()
         };
         let dir = self.mount_dir.clone();
         let sealed = tokio::task::spawn_blocking(move || {

@@ -117,6 +117,10 @@ pub struct DiskStatus {
     pub block_size: u32,
     pub dirty_blocks: u64,
     pub dirty_bytes: u64,
+    /// No logs are written for this disk until its changes are shipped as
+    /// one cycle (pending changes passed the protection's threshold).
+    #[serde(default)]
+    pub bitmap_only: bool,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -406,10 +410,13 @@ impl Tracker {
         let size = md.len();
         let known = self.known.lock().remove(&key);
         let cut_seq = self.cut_serial.lock().cut_seq;
-        let (meta, bitmap) = match known {
+        let (meta, bitmap, trusted) = match known {
             Some(mut m) if m.block_size as u64 == bs => {
                 let mut bm = None;
-                if m.state == DiskState::Normal {
+                // The saved bitmap is loaded whenever the previous stop was
+                // clean and the file unchanged, also for a disk that needs
+                // a resync: an interrupted resync resumes with it.
+                if self.previous_stop_clean {
                     let unchanged = m.ino == md.ino()
                         && m.shutdown_size == size
                         && m.shutdown_mtime_ns == md.mtime() * 1_000_000_000 + md.mtime_nsec();
@@ -431,7 +438,8 @@ impl Tracker {
                         }
                     }
                 }
-                (m, bm)
+                let trusted = bm.is_some();
+                (m, bm, trusted)
             }
             other => {
                 if let Some(m) = other {
@@ -453,8 +461,9 @@ impl Tracker {
                     shutdown_size: 0,
                     shutdown_mtime_ns: 0,
                     detached: false,
+                    bitmap_only: false,
                 };
-                (m, None)
+                (m, None, true)
             }
         };
         self.state
@@ -474,6 +483,8 @@ impl Tracker {
             meta: Mutex::new(meta.clone()),
             full_copy_pending: false.into(),
             fenced: false.into(),
+            bitmap_trusted: trusted.into(),
+            log_limit: Mutex::new(None),
         });
         self.save_meta(&meta)?;
         tracing::info!(disk = %key, state = ?meta.state, cycle = meta.cycle, "tracking disk");
@@ -560,7 +571,13 @@ impl Tracker {
     /// why). Call after flushing the kernel's write-back cache (the daemon
     /// does `syncfs` on the mount first).
     pub fn cut(&self) -> Result<CutReport, TrackError> {
-        let sealed = self.seal(&CutSelect::default())?;
+        for name in self.disk_names() {
+            self.enforce_log_limit(&name);
+        }
+        let sealed = self.seal(&CutSelect {
+            skip_bitmap_only: true,
+            ..CutSelect::default()
+        })?;
         let mut entries = sealed.skipped;
         for sc in sealed.cycles {
             entries.push(self.write_log(sc));
@@ -604,8 +621,17 @@ impl Tracker {
                     log_bytes: 0,
                     error: Some(why),
                 };
+                let resync = select.resync.iter().any(|r| r == name);
                 if let DiskState::ResyncRequired(why) = &meta.state {
-                    skipped.push(skip(format!("resync required: {why}")));
+                    if !resync {
+                        skipped.push(skip(format!("resync required: {why}")));
+                        continue;
+                    }
+                }
+                if meta.bitmap_only && select.skip_bitmap_only {
+                    skipped.push(skip(
+                        "bitmap-only: pending changes passed the threshold; they will be shipped as one cycle when the receiver is reachable".into(),
+                    ));
                     continue;
                 }
                 if d.sealing.lock().is_some() {
@@ -634,6 +660,16 @@ impl Tracker {
                         sealed.set_range(from / bs, nblocks - 1);
                     }
                 }
+                if let Some(extra) = select.extra.get(name) {
+                    if real_changes.is_none() {
+                        real_changes = Bitmap::from_words(sealed.len(), &sealed.to_words());
+                    }
+                    for &(first, n) in extra {
+                        if n > 0 && first < nblocks {
+                            sealed.set_range(first, (first + n - 1).min(nblocks - 1));
+                        }
+                    }
+                }
                 let s = Arc::new(Sealing {
                     dirty: sealed,
                     real_changes,
@@ -657,6 +693,7 @@ impl Tracker {
                     },
                     folder: meta.folder.clone(),
                     full_from,
+                    resync,
                     disk: d.clone(),
                     sealing: s,
                 });
@@ -680,6 +717,12 @@ impl Tracker {
     pub fn finish(&self, sc: SealedCycle, ok: bool) -> Result<(), TrackError> {
         let d = &sc.disk;
         *d.sealing.lock() = None;
+        if ok {
+            // The live bitmap started empty at this cut: it holds every
+            // write since.
+            d.bitmap_trusted
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         let was_resync = d
             .full_copy_pending
             .swap(false, std::sync::atomic::Ordering::SeqCst);
@@ -702,6 +745,12 @@ impl Tracker {
             let mut m = d.meta.lock();
             m.cycle = sc.header.cycle;
             m.size = sc.header.disk_size;
+            if sc.resync {
+                if let DiskState::ResyncRequired(why) = &m.state {
+                    tracing::info!(disk = %m.name, "resync done ({why} no longer applies)");
+                }
+                m.state = DiskState::Normal;
+            }
             m.clone()
         };
         self.save_meta(&m)
@@ -828,6 +877,165 @@ impl Tracker {
         self.seal(select)
     }
 
+    /// Where a sealed cycle's log goes: `(path to open, path shown)`.
+    pub fn log_paths(&self, sc: &SealedCycle) -> (PathBuf, PathBuf) {
+        let rel = StateDir::log_rel(&sc.folder, sc.header.cycle);
+        let real = PathBuf::from(format!(
+            "/proc/self/fd/{}/{}",
+            self.state.root_fd().as_raw_fd(),
+            rel.display()
+        ));
+        (real, self.root_path.join(&rel))
+    }
+
+    /// Does the disk's live bitmap hold every write since its last cut?
+    /// (False after an unclean stop or a lost bitmap.)
+    pub fn bitmap_trusted(&self, name: &str) -> bool {
+        self.disks.lock().get(name).is_some_and(|d| {
+            d.bitmap_trusted
+                .load(std::sync::atomic::Ordering::SeqCst)
+        })
+    }
+
+    /// Mark a disk "resync required" (a damaged log, a diverged chain).
+    pub fn require_resync(&self, name: &str, why: &str) {
+        let Some(d) = self.disks.lock().get(name).cloned() else {
+            return;
+        };
+        let m = {
+            let mut m = d.meta.lock();
+            m.state = DiskState::ResyncRequired(why.to_string());
+            m.clone()
+        };
+        tracing::warn!(disk = %name, "resync required: {why}");
+        if let Err(e) = self.save_meta(&m) {
+            tracing::error!(disk = %name, "cannot save that the disk needs a resync: {e}");
+        }
+    }
+
+    /// Pending changes of a disk above `limit` bytes (sealed logs + dirty
+    /// blocks) switch it to bitmap-only (None: no limit).
+    pub fn set_log_limit(&self, name: &str, limit: Option<u64>) {
+        if let Some(d) = self.disks.lock().get(name) {
+            *d.log_limit.lock() = limit;
+        }
+    }
+
+    /// Is the disk bitmap-only?
+    pub fn bitmap_only(&self, name: &str) -> bool {
+        self.disks
+            .lock()
+            .get(name)
+            .is_some_and(|d| d.meta.lock().bitmap_only)
+    }
+
+    /// Bytes of sealed logs of the disk not yet shipped.
+    pub fn pending_log_bytes(&self, name: &str) -> u64 {
+        self.pending_logs(name)
+            .iter()
+            .filter_map(|(_, p)| self.private_path(p))
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    /// The 50% rule: if the disk's pending changes passed its limit, fold
+    /// its sealed logs back into the bitmap (their blocks become dirty
+    /// again and the disk's base goes back to the oldest log's base), delete
+    /// them and mark the disk bitmap-only: no more logs for it until the
+    /// sender ships everything as one cycle. Returns what was done.
+    pub fn enforce_log_limit(&self, name: &str) -> Option<String> {
+        let d = self.disks.lock().get(name).cloned()?;
+        let limit = (*d.log_limit.lock())?;
+        if d.meta.lock().bitmap_only {
+            return None;
+        }
+        let pending = self.pending_log_bytes(name) + d.dirty.read().count() * self.shared.block_size;
+        if pending <= limit {
+            return None;
+        }
+        // No cut may run meanwhile (it would seal or write logs).
+        let _serial = self.cut_serial.lock();
+        if d.sealing.lock().is_some() {
+            return None; // a cycle is being written or shipped: next time
+        }
+        let logs = self.pending_logs(name);
+        let mut base: Option<(u64, u64)> = None;
+        for (_, shown) in &logs {
+            let Some(p) = self.private_path(shown) else { continue };
+            let mut r = match crate::hrl::HrlReader::open(&p) {
+                Ok(r) => r,
+                Err(e) => {
+                    // Its blocks cannot be recovered: only a resync helps.
+                    drop(_serial);
+                    self.require_resync(name, &format!("sealed log {} is damaged: {e}", shown.display()));
+                    return Some("a pending log is damaged: resync required".into());
+                }
+            };
+            if base.is_none() {
+                base = Some((r.header().base_cycle, r.header().base_size));
+            }
+            loop {
+                match r.next_record() {
+                    Ok(Some(rec)) => {
+                        if rec.length > 0 {
+                            let (f, l) = d.span(rec.offset, u64::from(rec.length));
+                            d.mark(f, l);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        drop(_serial);
+                        self.require_resync(name, &format!("sealed log {} is damaged: {e}", shown.display()));
+                        return Some("a pending log is damaged: resync required".into());
+                    }
+                }
+            }
+        }
+        let m = {
+            let mut m = d.meta.lock();
+            if let Some((c, size)) = base {
+                m.cycle = c;
+                m.size = size;
+            }
+            m.bitmap_only = true;
+            m.clone()
+        };
+        if let Err(e) = self.save_meta(&m) {
+            tracing::error!(disk = %name, "cannot save the bitmap-only state: {e}");
+        }
+        for (_, shown) in &logs {
+            if let Some(p) = self.private_path(shown) {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        let what = format!(
+            "{} MiB pending passed the limit of {} MiB: bitmap-only now ({} log(s) folded into the bitmap); the changes will be shipped as one cycle",
+            pending >> 20,
+            limit >> 20,
+            logs.len()
+        );
+        tracing::warn!(disk = %name, "{what}");
+        Some(what)
+    }
+
+    /// The disk's changes were shipped: back to writing logs.
+    pub fn clear_bitmap_only(&self, name: &str) {
+        let Some(d) = self.disks.lock().get(name).cloned() else {
+            return;
+        };
+        let m = {
+            let mut m = d.meta.lock();
+            if !m.bitmap_only {
+                return;
+            }
+            m.bitmap_only = false;
+            m.clone()
+        };
+        tracing::info!(disk = %name, "changes shipped: back to Normal (logs again)");
+        let _ = self.save_meta(&m);
+    }
+
     /// Names of the tracked disks.
     /// Fence (`on`) or unfence the named disks: while fenced, every write,
     /// truncate or fallocate of them fails with `EROFS`, so nothing can
@@ -882,6 +1090,7 @@ impl Tracker {
                     block_size: m.block_size,
                     dirty_blocks: dirty,
                     dirty_bytes: dirty * self.shared.block_size,
+                    bitmap_only: m.bitmap_only,
                 }
             })
             .collect();
@@ -941,6 +1150,14 @@ pub struct CutSelect {
     /// before the offset reached the replica earlier, and their later
     /// changes are in the live bitmap, which is sealed too).
     pub full_from: HashMap<String, u64>,
+    /// Disks sealed although they need a resync (this cycle is the
+    /// resync); they return to Normal when it finishes well.
+    pub resync: Vec<String>,
+    /// Disk name -> block runs `(first, count)` added to the sealed cycle
+    /// (a resumed resync re-reads the blocks it found different).
+    pub extra: HashMap<String, Vec<(u64, u64)>>,
+    /// Leave out bitmap-only disks (manual cuts: no logs for them).
+    pub skip_bitmap_only: bool,
 }
 
 /// The outcome of [`Tracker::seal`].
@@ -957,6 +1174,8 @@ pub struct SealedCycle {
     pub header: HrlHeader,
     /// Set when the cycle covers every block from this offset on.
     pub full_from: Option<u64>,
+    /// A resync's cycle: the disk returns to Normal when it finishes well.
+    pub resync: bool,
     folder: String,
     disk: Arc<TrackedDisk>,
     sealing: Arc<Sealing>,
@@ -977,6 +1196,30 @@ impl SealedCycle {
             .iter()
             .map(|&(s, n)| ((s + n) * bs).min(self.sealing.size) - s * bs)
             .sum()
+    }
+
+    /// Blocks written between the disk's previous cut and this one (for a
+    /// whole-disk cycle, the real changes within it).
+    pub fn changed_since_base(&self, block: u64) -> bool {
+        match &self.sealing.real_changes {
+            Some(r) => r.get(block),
+            None => self.sealing.dirty.get(block),
+        }
+    }
+
+    /// Runs `(first block, count)` written between the disk's previous cut
+    /// and this one.
+    pub fn changed_runs(&self) -> Vec<(u64, u64)> {
+        let nblocks = self.sealing.size.div_ceil(u64::from(self.header.block_size));
+        match &self.sealing.real_changes {
+            Some(r) => r.runs(nblocks),
+            None => self.sealing.dirty.runs(nblocks),
+        }
+    }
+
+    /// Blocks of the cycle (what [`SealedCycle::stream`] from 0 yields).
+    pub fn blocks(&self) -> u64 {
+        self.sealing.dirty.count()
     }
 
     /// Feed `sink` with the content as of the cut of every block of the
@@ -1025,6 +1268,12 @@ pub struct TrackedDisk {
     full_copy_pending: std::sync::atomic::AtomicBool,
     /// Fenced for a planned failover: every change fails with `EROFS`.
     fenced: std::sync::atomic::AtomicBool,
+    /// The live bitmap holds every write since the disk's last cut (false
+    /// after an unclean stop or a lost bitmap, until the next cut).
+    bitmap_trusted: std::sync::atomic::AtomicBool,
+    /// Pending changes (sealed logs + dirty bytes) above which the disk
+    /// goes bitmap-only (set by the protection).
+    log_limit: Mutex<Option<u64>>,
 }
 
 fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {

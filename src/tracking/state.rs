@@ -55,6 +55,11 @@ pub struct DiskMeta {
     /// The file was deleted, replaced or swapped: this identity is over.
     #[serde(default)]
     pub detached: bool,
+    /// Pending changes passed the protection's threshold: no logs are
+    /// written for this disk (its changes since `cycle` are all in the
+    /// bitmap) until the sender ships them as one cycle.
+    #[serde(default)]
+    pub bitmap_only: bool,
 }
 
 fn cpath(p: &Path) -> io::Result<CString> {

@@ -23,14 +23,13 @@ pub enum MsgType {
     Ack = 0x23,
     PointCommit = 0x30,
     PointAck = 0x31,
-    /// Reserved for resync (issue 5).
     BlockHashReq = 0x40,
-    /// Reserved for resync (issue 5).
     BlockHashes = 0x41,
     /// A site-to-site administrative request (failover, reverse), JSON.
     Admin = 0x50,
     /// The JSON answer to an [`MsgType::Admin`] request.
     AdminOk = 0x51,
+    ResyncEnd = 0x42,
 }
 
 impl MsgType {
@@ -55,6 +54,7 @@ impl MsgType {
             0x41 => BlockHashes,
             0x50 => Admin,
             0x51 => AdminOk,
+            0x42 => ResyncEnd,
             _ => return None,
         })
     }
@@ -80,6 +80,7 @@ impl MsgType {
             BlockHashes => "BlockHashes",
             Admin => "Admin",
             AdminOk => "AdminOk",
+            ResyncEnd => "ResyncEnd",
         }
     }
 }
@@ -172,6 +173,7 @@ fn encode_payload(msg: &Msg, o: &mut Vec<u8>) {
             put_u64(o, d.replica_size);
             put_u64(o, d.copy_cycle);
             put_u64(o, d.resume_offset);
+            put_str(o, &d.needs_resync);
         }
         Msg::InitialBegin(b) => {
             o.extend_from_slice(&b.disk_id);
@@ -242,6 +244,33 @@ fn encode_payload(msg: &Msg, o: &mut Vec<u8>) {
             put_u64(o, p.cycle);
         }
         Msg::Admin(s) | Msg::AdminOk(s) => put_str(o, s),
+        Msg::BlockHashReq(r) => {
+            o.extend_from_slice(&r.disk_id);
+            put_u64(o, r.replica_cycle);
+            put_u32(o, r.block_size);
+            put_u32(o, r.runs.len() as u32);
+            for run in &r.runs {
+                put_u64(o, run.offset);
+                put_u32(o, run.blocks);
+            }
+        }
+        Msg::BlockHashes(h) => {
+            o.extend_from_slice(&h.disk_id);
+            put_u64(o, h.replica_cycle);
+            put_u64(o, h.replica_size);
+            put_u32(o, h.hashes.len() as u32);
+            o.reserve(h.hashes.len() * 16);
+            for d in &h.hashes {
+                o.extend_from_slice(&d.to_le_bytes());
+            }
+        }
+        Msg::ResyncEnd(e) => {
+            o.extend_from_slice(&e.disk_id);
+            put_u64(o, e.replica_cycle);
+            put_u64(o, e.cycle);
+            put_u64(o, e.blocks_compared);
+            put_u64(o, e.blocks_differ);
+        }
     }
 }
 
@@ -395,7 +424,6 @@ pub(crate) fn decode_body(frame: &[u8]) -> Result<Msg, WireError> {
         msg: name,
     };
     let msg = match ty {
-        MsgType::BlockHashReq | MsgType::BlockHashes => return Err(WireError::Reserved(code)),
         MsgType::Hello => Msg::Hello(Hello {
             protocol_version: r.u16("protocol_version")?,
             site_name: r.str(crate::transport::keys::MAX_SITE_NAME, "site_name")?,
@@ -430,6 +458,7 @@ pub(crate) fn decode_body(frame: &[u8]) -> Result<Msg, WireError> {
             replica_size: r.u64("replica_size")?,
             copy_cycle: r.u64("copy_cycle")?,
             resume_offset: r.u64("resume_offset")?,
+            needs_resync: r.str(MAX_ERROR_MESSAGE, "needs_resync")?,
         }),
         MsgType::InitialBegin => Msg::InitialBegin(InitialBegin {
             disk_id: r.id("disk_id")?,
@@ -530,6 +559,70 @@ pub(crate) fn decode_body(frame: &[u8]) -> Result<Msg, WireError> {
         }),
         MsgType::Admin => Msg::Admin(r.str(MAX_ADMIN, "request")?),
         MsgType::AdminOk => Msg::AdminOk(r.str(MAX_ADMIN, "answer")?),
+        MsgType::BlockHashReq => {
+            let disk_id = r.id("disk_id")?;
+            let replica_cycle = r.u64("replica_cycle")?;
+            let block_size = r.u32("block_size")?;
+            let n = r.u32("run count")? as usize;
+            if n == 0 || n > MAX_HASH_RUNS {
+                return Err(malformed(
+                    name,
+                    format!("{n} runs; 1..={MAX_HASH_RUNS} are allowed"),
+                ));
+            }
+            // Each run is 12 bytes: refuse a count the payload cannot hold
+            // before allocating for it.
+            if n.saturating_mul(12) > payload.len().saturating_sub(r.pos) {
+                return Err(malformed(name, format!("{n} runs do not fit the payload")));
+            }
+            let mut runs = Vec::with_capacity(n);
+            for _ in 0..n {
+                runs.push(HashRun {
+                    offset: r.u64("run offset")?,
+                    blocks: r.u32("run blocks")?,
+                });
+            }
+            Msg::BlockHashReq(BlockHashReq {
+                disk_id,
+                replica_cycle,
+                block_size,
+                runs,
+            })
+        }
+        MsgType::BlockHashes => {
+            let disk_id = r.id("disk_id")?;
+            let replica_cycle = r.u64("replica_cycle")?;
+            let replica_size = r.u64("replica_size")?;
+            let n = r.u32("digest count")? as usize;
+            if n == 0 || n > MAX_HASHES {
+                return Err(malformed(
+                    name,
+                    format!("{n} digests; 1..={MAX_HASHES} are allowed"),
+                ));
+            }
+            let raw = r.take(n * 16, "digests")?;
+            let hashes = raw
+                .chunks_exact(16)
+                .map(|c| {
+                    let mut a = [0u8; 16];
+                    a.copy_from_slice(c);
+                    u128::from_le_bytes(a)
+                })
+                .collect();
+            Msg::BlockHashes(BlockHashes {
+                disk_id,
+                replica_cycle,
+                replica_size,
+                hashes,
+            })
+        }
+        MsgType::ResyncEnd => Msg::ResyncEnd(ResyncEnd {
+            disk_id: r.id("disk_id")?,
+            replica_cycle: r.u64("replica_cycle")?,
+            cycle: r.u64("cycle")?,
+            blocks_compared: r.u64("blocks_compared")?,
+            blocks_differ: r.u64("blocks_differ")?,
+        }),
     };
     r.end()?;
     validate(&msg)?;
@@ -660,6 +753,7 @@ pub(crate) fn validate(msg: &Msg) -> Result<(), WireError> {
         Msg::DiskState(d) => {
             check_size(name, "replica_size", d.replica_size)?;
             check_size(name, "resume_offset", d.resume_offset)?;
+            check_text(name, "needs_resync", &d.needs_resync, MAX_ERROR_MESSAGE)?;
         }
         Msg::InitialBegin(b) => {
             check_size(name, "disk_size", b.disk_size)?;
@@ -752,6 +846,77 @@ pub(crate) fn validate(msg: &Msg) -> Result<(), WireError> {
                 ));
             }
         }
+        Msg::BlockHashReq(r) => {
+            if !r.block_size.is_power_of_two()
+                || !(MIN_BLOCK_SIZE..=MAX_HASH_BLOCK).contains(&r.block_size)
+            {
+                return Err(malformed(
+                    name,
+                    format!(
+                        "block size {} is not a power of two in {MIN_BLOCK_SIZE}..={MAX_HASH_BLOCK}",
+                        r.block_size
+                    ),
+                ));
+            }
+            if r.runs.is_empty() || r.runs.len() > MAX_HASH_RUNS {
+                return Err(malformed(
+                    name,
+                    format!("{} runs; 1..={MAX_HASH_RUNS} are allowed", r.runs.len()),
+                ));
+            }
+            let bs = u64::from(r.block_size);
+            let mut prev_end = 0u64;
+            let mut total = 0u64;
+            for run in &r.runs {
+                if run.blocks == 0 || run.offset % bs != 0 || run.offset < prev_end {
+                    return Err(malformed(
+                        name,
+                        format!(
+                            "run at {} of {} blocks is empty, unaligned or not ascending",
+                            run.offset, run.blocks
+                        ),
+                    ));
+                }
+                total += u64::from(run.blocks);
+                let end = u64::from(run.blocks)
+                    .checked_mul(bs)
+                    .and_then(|l| run.offset.checked_add(l))
+                    .filter(|&e| e <= MAX_DISK_SIZE);
+                match end {
+                    Some(e) => prev_end = e,
+                    None => return Err(malformed(name, "a run reaches past 2^60")),
+                }
+            }
+            if total > MAX_HASHES as u64 {
+                return Err(malformed(
+                    name,
+                    format!("{total} blocks requested; at most {MAX_HASHES} are allowed"),
+                ));
+            }
+        }
+        Msg::BlockHashes(h) => {
+            check_size(name, "replica_size", h.replica_size)?;
+            if h.hashes.is_empty() || h.hashes.len() > MAX_HASHES {
+                return Err(malformed(
+                    name,
+                    format!("{} digests; 1..={MAX_HASHES} are allowed", h.hashes.len()),
+                ));
+            }
+        }
+        Msg::ResyncEnd(e) => {
+            if e.cycle <= e.replica_cycle {
+                return Err(malformed(
+                    name,
+                    format!(
+                        "cycle {} is not after replica_cycle {}",
+                        e.cycle, e.replica_cycle
+                    ),
+                ));
+            }
+            if e.blocks_differ > e.blocks_compared {
+                return Err(malformed(name, "more blocks differ than were compared"));
+            }
+        }
     }
     Ok(())
 }
@@ -779,10 +944,13 @@ mod tests {
             decode(&[1, 0, 0, 0, 0x7f]),
             Err(WireError::UnknownType(0x7f))
         ));
-        assert!(matches!(
-            decode(&[1, 0, 0, 0, 0x40]),
-            Err(WireError::Reserved(0x40))
-        ));
+        // Resync messages with an empty payload are malformed, not reserved.
+        for t in [0x40u8, 0x41, 0x42] {
+            assert!(matches!(
+                decode(&[1, 0, 0, 0, t]),
+                Err(WireError::Malformed { .. })
+            ));
+        }
     }
 
     #[test]

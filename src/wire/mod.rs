@@ -29,7 +29,7 @@
 //! | 0x02 | [`HelloOk`] | same fields, the receiver's, then `store_free:u64` |
 //! | 0x03 | [`ErrorMsg`] | `code:u16 retryable:bool message:str(4096)` |
 //! | 0x10 | [`OpenDisk`] | `vm:str disk_name:str disk_id:id block_size:u32 disk_size:u64 kind:u8` |
-//! | 0x11 | [`DiskState`] | `disk_id:id replica_cycle:u64 replica_size:u64 copy_cycle:u64 resume_offset:u64` |
+//! | 0x11 | [`DiskState`] | `disk_id:id replica_cycle:u64 replica_size:u64 copy_cycle:u64 resume_offset:u64 needs_resync:str(4096)` |
 //! | 0x12 | [`InitialBegin`] | `disk_id:id cycle:u64 disk_size:u64 start_offset:u64` |
 //! | 0x13 | [`InitialChunk`] | `disk_id:id offset:u64 length:u32 enc checksum:u64 data:bytes` |
 //! | 0x14 | [`InitialEnd`] | `disk_id:id cycle:u64 disk_size:u64` |
@@ -39,8 +39,9 @@
 //! | 0x23 | [`Ack`] | `disk_id:id cycle:u64 durable:bool applied:bool` |
 //! | 0x30 | [`PointCommit`] | `vm:str cycle:u64 n:u16 (disk_id:id cycle:u64)*n` |
 //! | 0x31 | [`PointAck`] | `vm:str cycle:u64` |
-//! | 0x40 | BlockHashReq | reserved for resync (issue 5): rejected as [`WireError::Reserved`] |
-//! | 0x41 | BlockHashes | reserved for resync (issue 5) |
+//! | 0x40 | [`BlockHashReq`] | `disk_id:id replica_cycle:u64 block_size:u32 n:u32 (offset:u64 blocks:u32)*n` |
+//! | 0x41 | [`BlockHashes`] | `disk_id:id replica_cycle:u64 replica_size:u64 n:u32 (digest:u128)*n` |
+//! | 0x42 | [`ResyncEnd`] | `disk_id:id replica_cycle:u64 cycle:u64 blocks_compared:u64 blocks_differ:u64` |
 //!
 //! `checksum` of a chunk is xxh3-64 over the chunk's fixed fields as encoded
 //! (everything between the type byte and the checksum) followed by `data`.
@@ -75,6 +76,21 @@
 //!    (resends after a crash are applied at most once).
 //! 5. `PointCommit { vm, cycle, disks }` once every disk of the VM has been
 //!    acknowledged at its cycle → `PointAck`: the recovery point exists.
+//! 6. Checksum resync and online verify (one stream per disk): the sender
+//!    sends `BlockHashReq`s (runs of `block_size` blocks, at most
+//!    [`MAX_HASHES`] blocks per request; several may be in flight) and the
+//!    receiver answers each, in order, with `BlockHashes`: the xxh3-128
+//!    digest of every requested block of its replica at `replica_cycle`
+//!    (the newest point; a block past `replica_size` gets digest 0, the last
+//!    block may be short). A request for another cycle than the replica's
+//!    is answered with `Error { InvalidState }`. A resync ends with
+//!    `ResyncEnd` (the whole disk was compared; the log of `cycle`, based on
+//!    `replica_cycle`, carries every block that differed) → `Ack { durable:
+//!    false, applied: false }`; that log is then sent as in 4. A verify
+//!    just closes the stream. `DiskState.needs_resync` (non-empty: the
+//!    reason) says the receiver no longer trusts the replica (adopted after
+//!    a failover, a damaged or out-of-order log): it then refuses every log
+//!    except the one announced by `ResyncEnd`.
 //!
 //! Any request may be answered by `Error { code, retryable, message }`.
 //!
@@ -112,6 +128,12 @@ pub const MAX_SOFTWARE_VERSION: usize = 64;
 pub const MAX_POINT_DISKS: usize = 4096;
 /// Largest administrative request or answer (JSON bytes).
 pub const MAX_ADMIN: usize = 60_000;
+/// Most blocks (digests) in one `BlockHashReq` / `BlockHashes`.
+pub const MAX_HASHES: usize = 1 << 18;
+/// Most runs in one `BlockHashReq`.
+pub const MAX_HASH_RUNS: usize = 1 << 16;
+/// Largest block size of a `BlockHashReq`.
+pub const MAX_HASH_BLOCK: u32 = 1 << 20;
 
 /// A disk's identity (random, 16 bytes; the `.hrl` header's `disk_id`).
 pub type DiskId = [u8; 16];
@@ -342,6 +364,57 @@ pub struct DiskState {
     pub copy_cycle: u64,
     /// Disk bytes of that copy durably stored (resume point).
     pub resume_offset: u64,
+    /// Non-empty: the receiver does not trust the replica (the reason); the
+    /// sender must resync it by checksums before any delta.
+    pub needs_resync: String,
+}
+
+/// A run of `blocks` blocks starting at disk offset `offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashRun {
+    /// A multiple of the request's block size.
+    pub offset: u64,
+    /// 1..=MAX_HASHES.
+    pub blocks: u32,
+}
+
+/// Ask for the digests of some blocks of the replica at `replica_cycle`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockHashReq {
+    pub disk_id: DiskId,
+    /// The replica's cycle the sender compares against.
+    pub replica_cycle: u64,
+    /// Power of two, 512..=MAX_HASH_BLOCK.
+    pub block_size: u32,
+    /// Ascending, non-overlapping; at most MAX_HASHES blocks in total.
+    pub runs: Vec<HashRun>,
+}
+
+impl BlockHashReq {
+    /// Blocks requested in total.
+    pub fn total_blocks(&self) -> u64 {
+        self.runs.iter().map(|r| u64::from(r.blocks)).sum()
+    }
+}
+
+/// The digests answering a [`BlockHashReq`], in request order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockHashes {
+    pub disk_id: DiskId,
+    pub replica_cycle: u64,
+    /// The replica's size (blocks at or past it have digest 0).
+    pub replica_size: u64,
+    pub hashes: Vec<u128>,
+}
+
+/// The whole disk was compared; the log of `cycle` heals the replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResyncEnd {
+    pub disk_id: DiskId,
+    pub replica_cycle: u64,
+    pub cycle: u64,
+    pub blocks_compared: u64,
+    pub blocks_differ: u64,
 }
 
 /// Start an initial copy of a disk as of cut `cycle`.
@@ -467,6 +540,9 @@ pub enum Msg {
     Admin(String),
     /// The JSON answer to [`Msg::Admin`].
     AdminOk(String),
+    BlockHashReq(BlockHashReq),
+    BlockHashes(BlockHashes),
+    ResyncEnd(ResyncEnd),
 }
 
 impl Msg {
@@ -494,6 +570,9 @@ impl Msg {
             Msg::PointAck(_) => MsgType::PointAck,
             Msg::Admin(_) => MsgType::Admin,
             Msg::AdminOk(_) => MsgType::AdminOk,
+            Msg::BlockHashReq(_) => MsgType::BlockHashReq,
+            Msg::BlockHashes(_) => MsgType::BlockHashes,
+            Msg::ResyncEnd(_) => MsgType::ResyncEnd,
         }
     }
 }

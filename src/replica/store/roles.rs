@@ -417,6 +417,7 @@ impl Site<'_> {
                 cycle_time_ns: cut_unix_ns,
                 applying: None,
                 needs_resync: needs_resync.map(str::to_string),
+                resync_cycle: None,
             };
             // Give a raw source its footer (sets the size, fsyncs).
             let mut t = self.open_replica(&p, &st, false)?;

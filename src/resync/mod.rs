@@ -1,0 +1,401 @@
+//! Checksum resync and online verify: the pieces that do not touch the
+//! network or the tracker (those live in [`crate::sender`] and
+//! [`crate::receiver`]).
+//!
+//! Source and replica are split into the disk's tracking blocks (4 KiB by
+//! default); each side computes the xxh3-128 digest of every block
+//! ([`block_digest`], all-zero blocks short-cut to a constant), in parallel
+//! on every core ([`digest_blocks`]). Digests travel in batches
+//! ([`BATCH_BYTES`] of disk per request), so memory stays bounded whatever
+//! the disk size; only the blocks whose digests differ are shipped, as one
+//! ordinary `.hrl` log (one cycle, applied with an undo record, so the
+//! receiver keeps its recovery history and the resync becomes a point).
+//!
+//! A resync that stops (network, receiver crash, clean restart of the
+//! mount) resumes from its [`Progress`]: the compare offset it reached and
+//! the blocks found different so far. The next attempt seals a new cut and
+//! re-reads only those blocks, the blocks written since the previous cut
+//! (the tracker's bitmap) and everything past the offset.
+//!
+//! The window for automatic resyncs is a [`Window`].
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::xxh3_128;
+
+/// Disk bytes covered by one digest request (and one local hashing batch).
+pub const BATCH_BYTES: u64 = 32 << 20;
+
+/// Digest of a block the replica does not have (past its end). Never the
+/// digest of real data in practice (xxh3-128 would have to produce 0).
+pub const MISSING: u128 = 0;
+
+/// Digest of one block: xxh3-128 of its bytes; all-zero blocks (holes) of
+/// a given length always get the same value, computed without hashing.
+pub fn block_digest(b: &[u8]) -> u128 {
+    if crate::hrl::format::is_all_zero(b) {
+        zero_digest(b.len())
+    } else {
+        xxh3_128(b)
+    }
+}
+
+/// Digest of `len` zero bytes (cached for the common block sizes).
+pub fn zero_digest(len: usize) -> u128 {
+    use std::sync::OnceLock;
+    static Z4K: OnceLock<u128> = OnceLock::new();
+    if len == 4096 {
+        return *Z4K.get_or_init(|| xxh3_128(&[0u8; 4096]));
+    }
+    xxh3_128(&vec![0u8; len])
+}
+
+/// Threads used for hashing: every core the process may use.
+pub fn hash_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 16)
+}
+
+/// Digests of the consecutive `bs`-byte blocks of `buf` (the last one may
+/// be short), computed on `threads` threads.
+pub fn digest_blocks(buf: &[u8], bs: usize, threads: usize) -> Vec<u128> {
+    let bs = bs.max(1);
+    let n = buf.len().div_ceil(bs);
+    let mut out = vec![0u128; n];
+    let threads = threads.clamp(1, n.max(1));
+    if threads == 1 || buf.len() < (1 << 20) {
+        for (o, b) in out.iter_mut().zip(buf.chunks(bs)) {
+            *o = block_digest(b);
+        }
+        return out;
+    }
+    let per = n.div_ceil(threads);
+    std::thread::scope(|s| {
+        for (i, outs) in out.chunks_mut(per).enumerate() {
+            let start = i * per * bs;
+            let end = (start + outs.len() * bs).min(buf.len());
+            let part = &buf[start..end];
+            s.spawn(move || {
+                for (o, b) in outs.iter_mut().zip(part.chunks(bs)) {
+                    *o = block_digest(b);
+                }
+            });
+        }
+    });
+    out
+}
+
+/// Indices where `ours` and `theirs` differ (missing digests count as
+/// different).
+pub fn differing(ours: &[u128], theirs: &[u128]) -> Vec<usize> {
+    ours.iter()
+        .enumerate()
+        .filter(|(i, d)| theirs.get(*i) != Some(d) || theirs.get(*i) == Some(&MISSING))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Block numbers (ascending) as merged runs `(first, count)`.
+pub fn runs_of(blocks: impl IntoIterator<Item = u64>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for b in blocks {
+        match out.last_mut() {
+            Some((s, n)) if *s + *n == b => *n += 1,
+            Some((s, n)) if b < *s + *n => {} // duplicate
+            _ => out.push((b, 1)),
+        }
+    }
+    out
+}
+
+/// Byte ranges `(offset, length)` of block runs, clipped to `size`.
+pub fn byte_ranges(runs: &[(u64, u64)], bs: u64, size: u64) -> Vec<(u64, u64)> {
+    runs.iter()
+        .filter_map(|&(s, n)| {
+            let a = s.saturating_mul(bs);
+            let e = (s + n).saturating_mul(bs).min(size.max(a));
+            (e > a).then_some((a, e - a))
+        })
+        .collect()
+}
+
+/// What a resync or verify is doing (shown by `vdrep status`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ResyncProgress {
+    /// `resync` or `verify`.
+    pub mode: String,
+    pub disk: String,
+    /// Blocks this pass will compare (after a resume: fewer than the disk).
+    pub blocks_total: u64,
+    pub blocks_compared: u64,
+    /// Blocks that differ (shipped by a resync).
+    pub blocks_differ: u64,
+    /// Blocks shipped to the receiver (set once the log went out).
+    pub blocks_sent: u64,
+    /// Digest bytes received from the receiver.
+    pub digest_bytes: u64,
+    /// Disk bytes compared per second.
+    pub rate_bps: f64,
+    pub eta_secs: Option<f64>,
+    /// Compare offset reached (disk bytes).
+    pub offset: u64,
+    /// This pass resumed an interrupted one (at `resumed_from`).
+    pub resumed_from: Option<u64>,
+    pub started_unix: u64,
+}
+
+/// Durable progress of an interrupted resync of one disk (JSON in the
+/// mount's state folder).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Progress {
+    pub disk: String,
+    /// Hex id of the disk.
+    pub disk_id: String,
+    pub block_size: u32,
+    /// The replica cycle the compare was made against.
+    pub replica_cycle: u64,
+    /// Every block below this offset was compared (as of some cut since
+    /// which the tracker's bitmap holds every write).
+    pub compared_to: u64,
+    /// Runs `(first block, count)` below `compared_to` found different.
+    pub differ: Vec<(u64, u64)>,
+    /// Identity of the daemon that wrote this (resuming across daemons
+    /// needs a bitmap saved by a clean stop).
+    pub daemon: String,
+}
+
+impl Progress {
+    pub fn load(path: &Path) -> Option<Progress> {
+        let b = std::fs::read(path).ok()?;
+        serde_json::from_slice(&b).ok()
+    }
+
+    /// Write atomically (temp file, fsync, rename).
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        use std::io::Write;
+        let tmp = path.with_extension("tmp");
+        let b = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&b)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)
+    }
+
+    pub fn differ_blocks(&self) -> u64 {
+        self.differ.iter().map(|r| r.1).sum()
+    }
+}
+
+/// When automatic resyncs may run: a daily local-time span (`18:00-08:00`,
+/// may wrap midnight), optionally on every hour of weekends, or always.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Window {
+    /// Minutes after local midnight.
+    pub start_min: u16,
+    pub end_min: u16,
+    /// Saturdays and Sundays are inside the window all day.
+    pub weekends: bool,
+}
+
+impl Default for Window {
+    /// Outside office hours: 18:00-08:00 on weekdays, all day on weekends.
+    fn default() -> Self {
+        Window {
+            start_min: 18 * 60,
+            end_min: 8 * 60,
+            weekends: true,
+        }
+    }
+}
+
+impl std::fmt::Display for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.start_min == self.end_min {
+            return write!(f, "always");
+        }
+        write!(
+            f,
+            "{:02}:{:02}-{:02}:{:02}{}",
+            self.start_min / 60,
+            self.start_min % 60,
+            self.end_min / 60,
+            self.end_min % 60,
+            if self.weekends { " and weekends" } else { "" }
+        )
+    }
+}
+
+impl Window {
+    /// `always`, `HH:MM-HH:MM` (every day) or `HH:MM-HH:MM+weekends`.
+    /// `office` is the default (18:00-08:00 and weekends).
+    pub fn parse(s: &str) -> Result<Window, String> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("always") || s.eq_ignore_ascii_case("any") {
+            return Ok(Window {
+                start_min: 0,
+                end_min: 0,
+                weekends: true,
+            });
+        }
+        if s.eq_ignore_ascii_case("default") || s.eq_ignore_ascii_case("off-hours") {
+            return Ok(Window::default());
+        }
+        let (span, weekends) = match s.strip_suffix("+weekends") {
+            Some(x) => (x, true),
+            None => (s, false),
+        };
+        let bad = || {
+            format!("{s:?} is not a window: use HH:MM-HH:MM (local time, may wrap midnight), add +weekends for all of Saturday and Sunday, or `always`")
+        };
+        let (a, b) = span.split_once('-').ok_or_else(bad)?;
+        let hm = |t: &str| -> Option<u16> {
+            let (h, m) = t.trim().split_once(':')?;
+            let (h, m): (u16, u16) = (h.parse().ok()?, m.parse().ok()?);
+            (h < 24 && m < 60).then_some(h * 60 + m)
+        };
+        let (start_min, end_min) = (hm(a).ok_or_else(bad)?, hm(b).ok_or_else(bad)?);
+        if start_min == end_min {
+            return Err(format!(
+                "{s:?}: start and end are equal; say `always` for no restriction"
+            ));
+        }
+        Ok(Window {
+            start_min,
+            end_min,
+            weekends,
+        })
+    }
+
+    /// Is local time (`minute` of the day, `weekday` 0 = Sunday) inside?
+    pub fn contains(&self, minute: u16, weekday: u8) -> bool {
+        if self.start_min == self.end_min {
+            return true;
+        }
+        if self.weekends && (weekday == 0 || weekday == 6) {
+            return true;
+        }
+        if self.start_min < self.end_min {
+            (self.start_min..self.end_min).contains(&minute)
+        } else {
+            minute >= self.start_min || minute < self.end_min
+        }
+    }
+
+    /// Inside the window now (local time)?
+    pub fn open_now(&self) -> bool {
+        let (m, wd) = local_minute_weekday();
+        self.contains(m, wd)
+    }
+}
+
+/// Local time: minute of the day and weekday (0 = Sunday).
+fn local_minute_weekday() -> (u16, u8) {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as libc::time_t)
+        .unwrap_or(0);
+    // SAFETY: `tm` is plain data, fully written by localtime_r on success.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointers to a time_t and a tm.
+    let ok = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };
+    if !ok {
+        return (0, 0);
+    }
+    (
+        (tm.tm_hour * 60 + tm.tm_min).clamp(0, 1439) as u16,
+        tm.tm_wday.clamp(0, 6) as u8,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn windows() {
+        let w = Window::default();
+        assert!(w.contains(18 * 60, 3));
+        assert!(w.contains(2 * 60, 3));
+        assert!(!w.contains(8 * 60, 3));
+        assert!(!w.contains(12 * 60, 1));
+        assert!(w.contains(12 * 60, 6));
+        assert!(w.contains(12 * 60, 0));
+        let d = Window::parse("09:30-10:00").unwrap();
+        assert!(d.contains(9 * 60 + 30, 6) && !d.contains(10 * 60, 2));
+        assert!(Window::parse("always").unwrap().contains(700, 3));
+        assert!(Window::parse("25:00-01:00").is_err());
+        assert!(Window::parse("10:00-10:00").is_err());
+        assert_eq!(
+            Window::parse("18:00-08:00+weekends").unwrap(),
+            Window::default()
+        );
+        assert_eq!(Window::default().to_string(), "18:00-08:00 and weekends");
+    }
+
+    #[test]
+    fn digests_parallel_equal_serial() {
+        let buf: Vec<u8> = (0..(3 << 20) + 1000).map(|i| (i * 7 % 251) as u8).collect();
+        let a = digest_blocks(&buf, 4096, 1);
+        let b = digest_blocks(&buf, 4096, 3);
+        assert_eq!(a, b);
+        assert_eq!(a.len(), buf.len().div_ceil(4096));
+        assert_eq!(block_digest(&[0u8; 4096]), xxh3_128(&[0u8; 4096]));
+        assert_eq!(block_digest(&[0u8; 100]), xxh3_128(&[0u8; 100]));
+    }
+
+    #[test]
+    fn runs_and_ranges() {
+        assert_eq!(runs_of([1, 2, 3, 7, 9, 10]), vec![(1, 3), (7, 1), (9, 2)]);
+        assert_eq!(
+            byte_ranges(&[(0, 2), (5, 1)], 4096, 5 * 4096 + 100),
+            vec![(0, 8192), (5 * 4096, 100)]
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Model: random source and replica that share most blocks; the
+        /// blocks the compare picks are exactly the blocks whose bytes
+        /// differ (including a size change at the end).
+        #[test]
+        fn compare_finds_exactly_the_differing_blocks(
+            nblocks in 1usize..300,
+            tail in 0usize..4096,
+            seed in any::<u64>(),
+            flips in proptest::collection::vec((any::<usize>(), any::<usize>(), 1u8..=255), 0..40),
+            shrink in 0usize..3,
+            threads in 1usize..4,
+        ) {
+            let bs = 4096usize;
+            let len = nblocks * bs + tail;
+            let mut x = seed | 1;
+            let src: Vec<u8> = (0..len).map(|i| {
+                if (i / bs) % 5 == 0 { return 0 } // some zero blocks
+                x ^= x << 13; x ^= x >> 7; x ^= x << 17; x as u8
+            }).collect();
+            let mut rep = src.clone();
+            for (b, at, v) in &flips {
+                let i = (b % nblocks) * bs + at % bs;
+                rep[i] ^= v;
+            }
+            rep.truncate(len.saturating_sub(shrink * bs));
+            let ours = digest_blocks(&src, bs, threads);
+            let mut theirs = digest_blocks(&rep, bs, 2);
+            // The receiver answers MISSING for blocks past its end.
+            theirs.resize(ours.len(), MISSING);
+            let got: Vec<usize> = differing(&ours, &theirs);
+            let want: Vec<usize> = (0..ours.len()).filter(|&k| {
+                let a = &src[k * bs..((k + 1) * bs).min(src.len())];
+                let e = ((k + 1) * bs).min(rep.len());
+                let b = if k * bs < rep.len() { &rep[k * bs..e] } else { &[][..] };
+                a != b
+            }).collect();
+            prop_assert_eq!(got, want);
+        }
+    }
+}

@@ -1,0 +1,558 @@
+//! Checksum resync and online verify, on the sender's side.
+//!
+//! A resync seals every disk of the VM at one instant (the disks to resync
+//! whole, the others as ordinary deltas), reads the resync disks **as of
+//! that cut** while the VM keeps writing, and compares the digest of every
+//! block with the receiver's digest of the same block of its newest point
+//! ([`crate::wire::BlockHashReq`] / [`crate::wire::BlockHashes`], batches of
+//! [`BATCH_BYTES`], two requests in flight, both sides hashing on every
+//! core). The blocks that differ go into an ordinary `.hrl` of that cycle
+//! (base: the replica's cycle) in the disk's state folder, which is shipped
+//! and applied like any log: with an undo record, so the receiver keeps its
+//! history and the resync becomes a recovery point.
+//!
+//! Progress is saved every few seconds; a resync that stops resumes from
+//! it (see [`crate::resync::Progress`]).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{conn_err, msg_err, now_ns, retry, stream_err, SendError, Vm, VmState};
+use crate::resync::{self, Progress, ResyncProgress, BATCH_BYTES};
+use crate::tracking::{CutSelect, SealedCycle};
+use crate::transport::rate::RateLimiter;
+use crate::wire::{self, Msg};
+
+/// Blocks read as of the cut, grouped for one digest request.
+#[derive(Default)]
+struct Batch {
+    /// `(first block, blocks, offset of its bytes in buf)`.
+    runs: Vec<(u64, u32, usize)>,
+    buf: Vec<u8>,
+    bs: u64,
+}
+
+impl Batch {
+    fn push(&mut self, off: u64, data: &[u8]) {
+        let first = off / self.bs;
+        let n = (data.len() as u64).div_ceil(self.bs) as u32;
+        let at = self.buf.len();
+        self.buf.extend_from_slice(data);
+        if let Some(last) = self.runs.last_mut() {
+            if last.0 + u64::from(last.1) == first
+                && u64::from(last.1) + u64::from(n) <= wire::MAX_HASHES as u64
+                && (at - last.2) as u64 == u64::from(last.1) * self.bs
+            {
+                last.1 += n;
+                return;
+            }
+        }
+        self.runs.push((first, n, at));
+    }
+    fn blocks(&self) -> u64 {
+        self.runs.iter().map(|r| u64::from(r.1)).sum()
+    }
+    fn full(&self) -> bool {
+        self.buf.len() as u64 >= BATCH_BYTES
+            || self.runs.len() >= 4096
+            || self.blocks() + (1 << 20) / self.bs.max(1) > wire::MAX_HASHES as u64
+    }
+    fn end(&self) -> u64 {
+        self.runs
+            .last()
+            .map(|r| r.0 * self.bs + (self.buf.len() - r.2) as u64)
+            .unwrap_or(0)
+    }
+}
+
+/// What a compare is for.
+pub(super) enum Mode {
+    /// Write the differing blocks into this log and announce it.
+    Resync { log: crate::hrl::HrlWriter },
+    /// Only report; blocks written since the previous cut are not judged
+    /// (they are on their way as the next delta).
+    Verify { skip: Vec<(u64, u64)> },
+}
+
+/// The outcome of one disk's compare.
+pub(super) struct Compared {
+    pub compared: u64,
+    /// Runs `(first block, count)` that differ.
+    pub differ: Vec<(u64, u64)>,
+}
+
+/// Where the resync progress of a disk is kept.
+pub(super) fn progress_path(r: &super::Replicator, vm: &str, disk_id: &[u8; 16]) -> PathBuf {
+    let id: String = disk_id.iter().map(|b| format!("{b:02x}")).collect();
+    r.tracker
+        .state_file(super::PROTECT_DIR)
+        .join(format!("{vm}.resync-{id}.json"))
+}
+
+fn in_runs(runs: &[(u64, u64)], b: u64) -> bool {
+    let i = runs.partition_point(|r| r.0 + r.1 <= b);
+    runs.get(i).is_some_and(|r| r.0 <= b)
+}
+
+impl super::Replicator {
+    /// Resync `rdisks` of the VM by checksums (see the module docs) and
+    /// ship the result as one cycle of every disk of the VM.
+    pub(super) async fn resync(
+        &self,
+        vm: &Arc<Vm>,
+        conn: &quinn::Connection,
+        replica: &HashMap<String, wire::DiskState>,
+        rdisks: &[String],
+        limiter: Option<&RateLimiter>,
+    ) -> Result<(), SendError> {
+        let spec = vm.spec.clone();
+        vm.status.lock().state = VmState::Resynchronizing;
+        // 1. Logs of the resync disks are superseded; the others ship first.
+        for d in rdisks {
+            for (_, p) in self.tracker.pending_logs(d) {
+                if let Some(pp) = self.tracker.private_path(&p) {
+                    let _ = std::fs::remove_file(pp);
+                }
+            }
+        }
+        self.ship_pending(vm, conn, replica, limiter).await?;
+        // 2. Where each resync disk stands (resume?).
+        let mut full_from = HashMap::new();
+        let mut extra = HashMap::new();
+        let mut prior: HashMap<String, Progress> = HashMap::new();
+        for d in rdisks {
+            let (id, _, bs, _) = self.disk_id(d)?;
+            let ds = replica
+                .get(d)
+                .ok_or_else(|| SendError::Fatal(format!("{d} was not opened at the receiver")))?;
+            let path = progress_path(self, &spec.vm, &id);
+            let p = Progress::load(&path).filter(|p| {
+                p.disk_id == hexid(&id)
+                    && p.block_size == bs
+                    && p.replica_cycle == ds.replica_cycle
+                    && (p.daemon == self.instance || self.tracker.bitmap_trusted(d))
+            });
+            match p {
+                Some(p) => {
+                    tracing::info!(vm = %spec.vm, disk = %d,
+                        "resuming the resync at {} MiB ({} block(s) found different so far)",
+                        p.compared_to >> 20, p.differ_blocks());
+                    full_from.insert(d.clone(), p.compared_to);
+                    extra.insert(d.clone(), p.differ.clone());
+                    prior.insert(d.clone(), p);
+                }
+                None => {
+                    let _ = std::fs::remove_file(&path);
+                    full_from.insert(d.clone(), 0);
+                }
+            }
+        }
+        // 3. One cut of every disk of the VM.
+        let tracker = self.tracker.clone();
+        let dir = self.mount_dir.clone();
+        let sel = CutSelect {
+            disks: Some(spec.disks.clone()),
+            full_from,
+            resync: rdisks.to_vec(),
+            extra,
+            skip_bitmap_only: false,
+        };
+        let sealed = tokio::task::spawn_blocking(move || {
+            if let Ok(d) = std::fs::File::open(&dir) {
+                let _ = nix::unistd::syncfs(&d);
+            }
+            tracker.seal(&sel)
+        })
+        .await
+        .map_err(|e| retry(format!("cut task failed: {e}")))?
+        .map_err(|e| retry(e.to_string()))?;
+        if let Some(e) = sealed.skipped.first() {
+            return Err(retry(format!(
+                "{}: {}",
+                e.disk,
+                e.error.clone().unwrap_or_default()
+            )));
+        }
+        let cycle = sealed.cycle;
+        let (mut rcycles, ocycles): (Vec<SealedCycle>, Vec<SealedCycle>) = sealed
+            .cycles
+            .into_iter()
+            .partition(|sc| rdisks.contains(&sc.header.disk_name));
+        // 4. The other disks: ordinary logs of this cut.
+        let t = self.tracker.clone();
+        tokio::task::spawn_blocking(move || {
+            for sc in ocycles {
+                let e = t.write_log(sc);
+                if let Some(err) = e.error {
+                    tracing::warn!(disk = %e.disk, "{err}");
+                }
+            }
+        })
+        .await
+        .map_err(|e| retry(format!("log task failed: {e}")))?;
+        // 5. The resync disks, one after the other.
+        let mut result = Ok(());
+        while let Some(sc) = rcycles.pop() {
+            if result.is_err() {
+                let _ = self.tracker.finish(sc, false);
+                continue;
+            }
+            let name = sc.header.disk_name.clone();
+            let ds = replica[&name].clone();
+            let r = self
+                .resync_one(vm, conn, sc, &ds, prior.remove(&name))
+                .await;
+            result = r;
+        }
+        result?;
+        // 6. Ship the cycle (and commit the point).
+        self.ship_pending(vm, conn, &HashMap::new(), limiter).await?;
+        let mut s = vm.status.lock();
+        if let Some(r) = s.resync.take() {
+            s.last_resync = Some(r);
+        }
+        tracing::info!(vm = %spec.vm, cycle, "resync complete");
+        Ok(())
+    }
+
+    /// Compare one sealed whole-disk cycle, write its log, announce it.
+    async fn resync_one(
+        &self,
+        vm: &Arc<Vm>,
+        conn: &quinn::Connection,
+        sc: SealedCycle,
+        ds: &wire::DiskState,
+        prior: Option<Progress>,
+    ) -> Result<(), SendError> {
+        let name = sc.header.disk_name.clone();
+        let id = sc.header.disk_id;
+        let cycle = sc.header.cycle;
+        let mut header = sc.header.clone();
+        header.base_cycle = ds.replica_cycle;
+        header.base_size = ds.replica_size;
+        let (log_real, _) = self.tracker.log_paths(&sc);
+        let log = match crate::hrl::HrlWriter::create(&log_real, &header) {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = self.tracker.finish(sc, false);
+                return Err(retry(format!("cannot create the resync log of {name}: {e}")));
+            }
+        };
+        let ppath = progress_path(self, &vm.spec.vm, &id);
+        let (sc, r) = self
+            .compare(
+                vm,
+                conn,
+                sc,
+                ds.replica_cycle,
+                Mode::Resync { log },
+                prior,
+                Some(ppath.clone()),
+            )
+            .await;
+        let Some(sc) = sc else {
+            return Err(r.err().unwrap_or_else(|| retry("the disk reader failed")));
+        };
+        match r {
+            Ok(c) => {
+                let differ: u64 = c.differ.iter().map(|r| r.1).sum();
+                tracing::info!(vm = %vm.spec.vm, disk = %name,
+                    "resync compare: {} of {} blocks differ", differ, c.compared);
+                let t = self.tracker.clone();
+                tokio::task::spawn_blocking(move || t.finish(sc, true))
+                    .await
+                    .map_err(|e| retry(e.to_string()))?
+                    .map_err(|e| retry(e.to_string()))?;
+                let _ = std::fs::remove_file(&ppath);
+                let _ = cycle;
+                Ok(())
+            }
+            Err(e) => {
+                let t = self.tracker.clone();
+                let _ = tokio::task::spawn_blocking(move || t.finish(sc, false)).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Stream `sc` from the start (its sealed blocks), compare each block
+    /// with the receiver's digest, and do what `mode` says with the ones
+    /// that differ. Hands the sealed cycle back (the caller finishes it).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn compare(
+        &self,
+        vm: &Arc<Vm>,
+        conn: &quinn::Connection,
+        sc: SealedCycle,
+        replica_cycle: u64,
+        mode: Mode,
+        prior: Option<Progress>,
+        progress_file: Option<PathBuf>,
+    ) -> (Option<SealedCycle>, Result<Compared, SendError>) {
+        let addr = conn.remote_address();
+        let id = sc.header.disk_id;
+        let name = sc.header.disk_name.clone();
+        let bs = u64::from(sc.header.block_size);
+        let cycle = sc.header.cycle;
+        let total = sc.blocks();
+        let is_resync = matches!(mode, Mode::Resync { .. });
+        {
+            let mut s = vm.status.lock();
+            s.resync = Some(ResyncProgress {
+                mode: if is_resync { "resync" } else { "verify" }.into(),
+                disk: name.clone(),
+                blocks_total: total,
+                resumed_from: prior.as_ref().map(|p| p.compared_to),
+                started_unix: now_ns() / 1_000_000_000,
+                ..Default::default()
+            });
+        }
+        let (mut tx, mut rx) = match conn.open_bi().await {
+            Ok(s) => s,
+            Err(e) => return (Some(sc), Err(conn_err(&e, addr))),
+        };
+        // Reader: the cycle as of its cut, in batches.
+        let (btx, mut brx) = tokio::sync::mpsc::channel::<Batch>(2);
+        let reader = tokio::task::spawn_blocking(move || {
+            let mut batch = Batch {
+                bs,
+                ..Default::default()
+            };
+            let r = sc.stream(0, &mut |off, data| {
+                batch.push(off, data);
+                if batch.full() {
+                    let b = std::mem::replace(
+                        &mut batch,
+                        Batch {
+                            bs,
+                            ..Default::default()
+                        },
+                    );
+                    btx.blocking_send(b)
+                        .map_err(|_| "the network side stopped".to_string())?;
+                }
+                Ok(())
+            });
+            let r = r.and_then(|()| {
+                if batch.runs.is_empty() {
+                    return Ok(());
+                }
+                btx.blocking_send(batch)
+                    .map_err(|_| "the network side stopped".to_string())
+            });
+            (sc, r)
+        });
+        type Hashed = tokio::task::JoinHandle<(Batch, Vec<u128>)>;
+        let (ptx, mut prx) = tokio::sync::mpsc::channel::<Hashed>(2);
+        let threads = resync::hash_threads();
+        let send_side = async {
+            let mut buf = Vec::new();
+            while let Some(b) = brx.recv().await {
+                let req = wire::BlockHashReq {
+                    disk_id: id,
+                    replica_cycle,
+                    block_size: bs as u32,
+                    runs: b
+                        .runs
+                        .iter()
+                        .map(|r| wire::HashRun {
+                            offset: r.0 * bs,
+                            blocks: r.1,
+                        })
+                        .collect(),
+                };
+                wire::write_msg_buf(&mut tx, &Msg::BlockHashReq(req), &mut buf)
+                    .await
+                    .map_err(|e| stream_err(&e, addr))?;
+                let h = tokio::task::spawn_blocking(move || {
+                    let d = resync::digest_blocks(&b.buf, bs as usize, threads);
+                    (b, d)
+                });
+                if ptx.send(h).await.is_err() {
+                    break;
+                }
+            }
+            drop(ptx);
+            Ok::<_, SendError>(())
+        };
+        let mut mode = mode;
+        let mut prior_rest: Vec<(u64, u64)> = prior.as_ref().map(|p| p.differ.clone()).unwrap_or_default();
+        let prior_to = prior.as_ref().map(|p| p.compared_to).unwrap_or(0);
+        let recv_side = async {
+            let t0 = Instant::now();
+            let mut last_save = Instant::now();
+            let mut compared = 0u64;
+            let mut digest_bytes = 0u64;
+            let mut differ: Vec<u64> = Vec::new();
+            let mut offset;
+            while let Some(h) = prx.recv().await {
+                let theirs = match wire::read_msg(&mut rx)
+                    .await
+                    .map_err(|e| stream_err(&e, addr))?
+                {
+                    Some(Msg::BlockHashes(h)) if h.replica_cycle == replica_cycle => h,
+                    Some(Msg::Error(e)) => return Err(msg_err(&e)),
+                    other => {
+                        return Err(SendError::Fatal(format!(
+                            "unexpected answer to BlockHashReq: {other:?}"
+                        )))
+                    }
+                };
+                let (b, ours) = h.await.map_err(|e| retry(format!("hashing failed: {e}")))?;
+                if theirs.hashes.len() != ours.len() {
+                    return Err(SendError::Fatal(format!(
+                        "the receiver sent {} digests for {} blocks",
+                        theirs.hashes.len(),
+                        ours.len()
+                    )));
+                }
+                digest_bytes += theirs.hashes.len() as u64 * 16;
+                let mut k = 0usize;
+                for &(first, n, at) in &b.runs {
+                    for j in 0..u64::from(n) {
+                        let blk = first + j;
+                        let same = ours[k] == theirs.hashes[k] && theirs.hashes[k] != resync::MISSING;
+                        k += 1;
+                        if same {
+                            continue;
+                        }
+                        match &mut mode {
+                            Mode::Verify { skip } => {
+                                if !in_runs(skip, blk) {
+                                    differ.push(blk);
+                                }
+                            }
+                            Mode::Resync { log } => {
+                                differ.push(blk);
+                                let s = at + (j * bs) as usize;
+                                let e = (s + bs as usize).min(b.buf.len());
+                                tokio::task::block_in_place(|| log.append(blk * bs, &b.buf[s..e]))
+                                    .map_err(|e| {
+                                        retry(format!("writing the resync log of {name}: {e}"))
+                                    })?;
+                            }
+                        }
+                    }
+                }
+                compared += b.blocks();
+                offset = b.end();
+                let secs = t0.elapsed().as_secs_f64().max(1e-6);
+                {
+                    let mut s = vm.status.lock();
+                    if let Some(p) = s.resync.as_mut() {
+                        p.blocks_compared = compared;
+                        p.blocks_differ = differ.len() as u64;
+                        p.digest_bytes = digest_bytes;
+                        p.offset = offset;
+                        p.rate_bps = (compared * bs) as f64 / secs;
+                        let left = total.saturating_sub(compared) * bs;
+                        p.eta_secs = (p.rate_bps > 0.0).then(|| left as f64 / p.rate_bps);
+                    }
+                }
+                if let Some(pf) = &progress_file {
+                    if last_save.elapsed() >= Duration::from_secs(2) {
+                        last_save = Instant::now();
+                        prior_rest.retain(|r| r.0 + r.1 > offset / bs);
+                        let mut all: Vec<u64> = differ.clone();
+                        for r in &prior_rest {
+                            all.extend((r.0..r.0 + r.1).filter(|b| *b >= offset.div_ceil(bs)));
+                        }
+                        all.sort_unstable();
+                        let p = Progress {
+                            disk: name.clone(),
+                            disk_id: hexid(&id),
+                            block_size: bs as u32,
+                            replica_cycle,
+                            compared_to: offset.max(prior_to),
+                            differ: resync::runs_of(all),
+                            daemon: self.instance.clone(),
+                        };
+                        if let Err(e) = tokio::task::block_in_place(|| p.save(pf)) {
+                            tracing::warn!("cannot save resync progress {}: {e}", pf.display());
+                        }
+                    }
+                }
+            }
+            Ok::<_, SendError>(Compared {
+                compared,
+                differ: resync::runs_of(differ),
+            })
+        };
+        let net = tokio::try_join!(send_side, recv_side);
+        drop(brx);
+        drop(prx);
+        let (sc, read) = match reader.await {
+            Ok(x) => x,
+            Err(e) => return (None, Err(retry(format!("the disk reader failed: {e}")))),
+        };
+        let compared = match net {
+            Ok((_, c)) => c,
+            Err(e) => return (Some(sc), Err(e)),
+        };
+        if let Err(e) = read {
+            return (
+                Some(sc),
+                Err(retry(format!("reading {name} as of its cut: {e}"))),
+            );
+        }
+        let differ_blocks: u64 = compared.differ.iter().map(|r| r.1).sum();
+        if let Mode::Resync { log } = mode {
+            let sealed = tokio::task::block_in_place(|| log.finish());
+            if let Err(e) = sealed {
+                return (
+                    Some(sc),
+                    Err(retry(format!("sealing the resync log of {name}: {e}"))),
+                );
+            }
+            let end = async {
+                wire::write_msg(
+                    &mut tx,
+                    &Msg::ResyncEnd(wire::ResyncEnd {
+                        disk_id: id,
+                        replica_cycle,
+                        cycle,
+                        blocks_compared: compared.compared,
+                        blocks_differ: differ_blocks,
+                    }),
+                )
+                .await
+                .map_err(|e| stream_err(&e, addr))?;
+                match wire::read_msg(&mut rx)
+                    .await
+                    .map_err(|e| stream_err(&e, addr))?
+                {
+                    Some(Msg::Ack(a)) if a.cycle == cycle => Ok(()),
+                    Some(Msg::Error(e)) => Err(msg_err(&e)),
+                    other => Err(SendError::Fatal(format!(
+                        "unexpected answer to ResyncEnd: {other:?}"
+                    ))),
+                }
+            }
+            .await;
+            if let Err(e) = end {
+                let (real, _) = self.tracker.log_paths(&sc);
+                let _ = std::fs::remove_file(real);
+                return (Some(sc), Err(e));
+            }
+        }
+        let _ = tx.finish();
+        {
+            let mut s = vm.status.lock();
+            if let Some(p) = s.resync.as_mut() {
+                p.blocks_compared = compared.compared;
+                p.blocks_differ = differ_blocks;
+                if is_resync {
+                    p.blocks_sent = differ_blocks;
+                }
+                p.eta_secs = Some(0.0);
+            }
+        }
+        (Some(sc), Ok(compared))
+    }
+}
+
+pub(super) fn hexid(id: &[u8; 16]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
