@@ -75,7 +75,9 @@ fn vm_boots_from_test_failover_and_after_planned_failover() {
         return;
     }
     if !Path::new("/dev/fuse").exists() {
-        eprintln!("SKIP: vm_boots_from_test_failover_and_after_planned_failover: /dev/fuse is absent");
+        eprintln!(
+            "SKIP: vm_boots_from_test_failover_and_after_planned_failover: /dev/fuse is absent"
+        );
         return;
     }
     std::env::set_var("VDREP_RETRY_SCALE", "0.002");
@@ -85,8 +87,22 @@ fn vm_boots_from_test_failover_and_after_planned_failover() {
         std::fs::create_dir_all(root.join(d)).expect("mkdir");
     }
     let s = |p: &str| root.join(p).to_string_lossy().into_owned();
-    ok(vdrep(&["keys", "init", "--name", "site-a", "--out", &s("ka")]));
-    ok(vdrep(&["keys", "init", "--name", "site-b", "--out", &s("kb")]));
+    ok(vdrep(&[
+        "keys",
+        "init",
+        "--name",
+        "site-a",
+        "--out",
+        &s("ka"),
+    ]));
+    ok(vdrep(&[
+        "keys",
+        "init",
+        "--name",
+        "site-b",
+        "--out",
+        &s("kb"),
+    ]));
     let disk = root.join("a/vm1/disk.vhd");
     make_vhd(&disk, 64).expect("make vhd");
     let live = root.join("b/store/live/site-a/vm1");
@@ -108,12 +124,19 @@ fn vm_boots_from_test_failover_and_after_planned_failover() {
     ok(vdrep(&["sync", &s("a/vm1"), "--timeout", "300"]));
 
     // 1. The guest writes its proof file on the primary and powers off.
-    let wrote = vm_boot(&disk, MODE_WRITE, "failover", "vpc", "none").unwrap_or_else(|e| panic!("{e}"));
+    let wrote =
+        vm_boot(&disk, MODE_WRITE, "failover", "vpc", "none").unwrap_or_else(|e| panic!("{e}"));
     let hash = marker_value(&wrote, "WROTE").expect("WROTE marker");
     ok(vdrep(&["sync", &s("a/vm1"), "--timeout", "300"]));
 
     // 2. Test failover at the secondary: boot the exposed point.
-    let out = ok(vdrep(&["failover", "vm1", "--test", "--store", &s("b/store")]));
+    let out = ok(vdrep(&[
+        "failover",
+        "vm1",
+        "--test",
+        "--store",
+        &s("b/store"),
+    ]));
     let exposed = out
         .lines()
         .map(str::trim)
@@ -121,13 +144,20 @@ fn vm_boots_from_test_failover_and_after_planned_failover() {
         .map(PathBuf::from)
         .find(|p| p.is_absolute())
         .unwrap_or_else(|| panic!("no exposed VHD path in: {out}"));
-    let checked = vm_boot(&exposed, MODE_CHECK, "failover", "vpc", "none").unwrap_or_else(|e| panic!("{e}"));
+    let checked =
+        vm_boot(&exposed, MODE_CHECK, "failover", "vpc", "none").unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         marker_value(&checked, "CHECK OK").as_deref(),
         Some(hash.as_str()),
         "test failover boot: {checked}"
     );
-    ok(vdrep(&["failover", "vm1", "--cleanup", "--store", &s("b/store")]));
+    ok(vdrep(&[
+        "failover",
+        "vm1",
+        "--cleanup",
+        "--store",
+        &s("b/store"),
+    ]));
 
     // 3. Planned failover (run at the primary); boot the live disk at B.
     ok(vdrep(&[
@@ -142,13 +172,22 @@ fn vm_boots_from_test_failover_and_after_planned_failover() {
         &ra.addr,
     ]));
     let live_disk = live.join("disk.vhd");
-    assert!(is_fuse_mountpoint(&live), "B's live folder is not a vdrep mount");
-    let checked = vm_boot(&live_disk, MODE_CHECK, "failover", "vpc", "none").unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        is_fuse_mountpoint(&live),
+        "B's live folder is not a vdrep mount"
+    );
+    let checked = vm_boot(&live_disk, MODE_CHECK, "failover", "vpc", "none")
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         marker_value(&checked, "CHECK OK").as_deref(),
         Some(hash.as_str()),
         "boot after planned failover: {checked}"
     );
     // The boot changed nothing that was not replicated back.
-    ok(vdrep(&["sync", &live.to_string_lossy(), "--timeout", "300"]));
+    ok(vdrep(&[
+        "sync",
+        &live.to_string_lossy(),
+        "--timeout",
+        "300",
+    ]));
 }

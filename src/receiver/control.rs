@@ -48,16 +48,7 @@ pub enum Request {
     FailoverList,
     /// Take live disks into the store as the replica of `site`'s VM
     /// (planned failover / reverse at the old primary; see [`crate::roles`]).
-    Adopt {
-        site: String,
-        vm: String,
-        cycle: u64,
-        cut_unix_ns: u64,
-        origin: crate::roles::Origin,
-        /// (path relative to `origin.dir`, disk id)
-        disks: Vec<(String, [u8; 16])>,
-        needs_resync: Option<String>,
-    },
+    Adopt(crate::roles::Adoption),
     /// Unplanned failover: make `point` (newest if `None`) of the VM its
     /// live disks here, mounted and tracked.
     Promote {
@@ -325,26 +316,9 @@ impl Server {
                 views: Some(self.views.list()),
                 ..Response::ok()
             },
-            Request::Adopt {
-                site,
-                vm,
-                cycle,
-                cut_unix_ns,
-                origin,
-                disks,
-                needs_resync,
-            } => match crate::roles::adopt_local(
-                &self.store,
-                &site,
-                &vm,
-                cycle,
-                cut_unix_ns,
-                &origin,
-                &disks,
-                needs_resync.as_deref(),
-            ) {
+            Request::Adopt(a) => match crate::roles::adopt_local(&self.store, &a) {
                 Ok(p) => Response {
-                    site: Some(site),
+                    site: Some(a.site),
                     point: Some(p),
                     ..Response::ok()
                 },
@@ -355,7 +329,12 @@ impl Server {
                     Ok(s) => s,
                     Err(e) => return Response::err(e),
                 };
-                if self.views.list().iter().any(|v| v.site == site && v.vm == vm) {
+                if self
+                    .views
+                    .list()
+                    .iter()
+                    .any(|v| v.site == site && v.vm == vm)
+                {
                     return Response::err(format!(
                         "{vm} has a test failover running: remove it first (`vdrep failover {vm} --cleanup`)"
                     ));
@@ -375,11 +354,7 @@ impl Server {
                     Ok(s) => s,
                     Err(e) => return Response::err(e),
                 };
-                match self
-                    .store
-                    .site(&site)
-                    .and_then(|s| s.commit_failover(&vm))
-                {
+                match self.store.site(&site).and_then(|s| s.commit_failover(&vm)) {
                     Ok(l) => Response {
                         site: Some(site),
                         live: Some(l),

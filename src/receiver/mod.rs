@@ -264,7 +264,8 @@ fn admin(sess: &Session, body: &str) -> Msg {
         }
     };
     tracing::info!(site = %sess.site, "administrative request: {req:?}");
-    let r = tokio::task::block_in_place(|| crate::roles::handle_admin(&sess.roles, &sess.site, req));
+    let r =
+        tokio::task::block_in_place(|| crate::roles::handle_admin(&sess.roles, &sess.site, req));
     match r.and_then(|a| serde_json::to_string(&a).map_err(|e| e.to_string())) {
         Ok(j) => Msg::AdminOk(j),
         Err(e) => {
@@ -434,7 +435,13 @@ async fn digests(
 /// A log that cannot be applied in order (the chains diverged, a log was
 /// lost or damaged): the replica can only be healed by a checksum resync.
 /// Mark it so, and tell the sender (retryable: it resyncs right away).
-fn needs_resync_after(sess: &Session, store: &replica::Store, vm: &str, id: &[u8; 16], e: StoreError) -> Msg {
+fn needs_resync_after(
+    sess: &Session,
+    store: &replica::Store,
+    vm: &str,
+    id: &[u8; 16],
+    e: StoreError,
+) -> Msg {
     if !matches!(e, StoreError::OutOfOrder { .. }) {
         return store_err(e);
     }

@@ -90,8 +90,8 @@ pub use error::{Ctx, StoreError};
 pub use names::{validate_name, MAX_NAME_LEN};
 pub use store::{
     AdoptDisk, ApplyOutcome, Consistency, DiskInfo, DiskState, InitialData, InitialState, LiveDisk,
-    LiveInfo, Point, PruneReport,
-    RecoveryReport, RetentionPolicy, Site, Store, StoreOutcome, INITIAL_SYNC_EVERY,
+    LiveInfo, Point, PruneReport, RecoveryReport, RetentionPolicy, Site, Store, StoreOutcome,
+    INITIAL_SYNC_EVERY,
 };
 pub use target::{
     open_target, vhd_fixed_footer, vhd_geometry, FixedVhd, RawFile, ReplicaFormat, ReplicaTarget,

@@ -3,16 +3,14 @@
 use super::crash_point;
 use super::error::{hrl_err, io_err, Ctx, StoreError};
 use super::names::{check_inside, ensure_dir, validate_name};
-use super::target::{
-    open_target, vhd_timestamp_now, ReplicaFormat, ReplicaTarget, VHD_FOOTER_LEN,
-};
+use super::target::{open_target, vhd_timestamp_now, ReplicaFormat, ReplicaTarget, VHD_FOOTER_LEN};
 use super::undo::{self, PointReader, ReaderShared, UndoLayer};
 
 mod roles;
-pub use roles::{AdoptDisk, LiveDisk, LiveInfo};
 use crate::hrl::format::{self, ParseError};
 use crate::hrl::{HrlHeader, HrlReader};
 use parking_lot::Mutex;
+pub use roles::{AdoptDisk, LiveDisk, LiveInfo};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
@@ -1426,7 +1424,12 @@ impl Site<'_> {
     /// `DiskState` and accepts only a resync's log (see
     /// [`Site::resync_prepared`]). For adopted replicas after an unplanned
     /// failover, damaged or out-of-order logs, or by hand.
-    pub fn set_needs_resync(&self, vm: &str, disk_id: &[u8; 16], reason: Option<&str>) -> Result<()> {
+    pub fn set_needs_resync(
+        &self,
+        vm: &str,
+        disk_id: &[u8; 16],
+        reason: Option<&str>,
+    ) -> Result<()> {
         let p = self.disk(vm, disk_id, false)?;
         let rt = self.store.runtime(&p.dir);
         let _g = rt.lock();
@@ -1521,9 +1524,9 @@ impl Site<'_> {
                 let have_end = stop.min(size);
                 buf.clear();
                 buf.resize((have_end - at) as usize, 0);
-                target.read_at(&mut buf, at).map_err(|e| {
-                    self.io(&p.ctx, "reading the replica for a resync", &rpath, e)
-                })?;
+                target
+                    .read_at(&mut buf, at)
+                    .map_err(|e| self.io(&p.ctx, "reading the replica for a resync", &rpath, e))?;
                 out.extend(crate::resync::digest_blocks(
                     &buf,
                     block_size as usize,

@@ -22,12 +22,7 @@ fn mount_of_vm(vm: &str, dir: Option<&Path>) -> RoleResult<PathBuf> {
     }
     for m in control::running_mounts() {
         if let Ok(r) = control::call(&m, &Request::Status) {
-            if r
-                .replication
-                .unwrap_or_default()
-                .iter()
-                .any(|s| s.vm == vm)
-            {
+            if r.replication.unwrap_or_default().iter().any(|s| s.vm == vm) {
                 return Ok(m);
             }
         }
@@ -54,10 +49,13 @@ fn rcall_ok(store: &Path, req: &rctl::Request) -> RoleResult<rctl::Response> {
 }
 
 fn fence(dir: &Path, vm: &str, on: bool) -> RoleResult<FenceReport> {
-    call_ok(dir, &Request::Fence {
-        vm: vm.to_string(),
-        on,
-    })?
+    call_ok(
+        dir,
+        &Request::Fence {
+            vm: vm.to_string(),
+            on,
+        },
+    )?
     .fence
     .ok_or_else(|| "the daemon answered without a fence report".to_string())
 }
@@ -130,7 +128,9 @@ pub fn planned(o: &Planned<'_>, say: &dyn Fn(&str)) -> RoleResult<PlannedReport>
             dir.display()
         )));
     };
-    say(&format!("fenced {vm}: writes to its disks now fail (EROFS)"));
+    say(&format!(
+        "fenced {vm}: writes to its disks now fail (EROFS)"
+    ));
     // The other site must be reachable and not already running the VM.
     let (peer, live) = admin_call(
         &keys,
@@ -163,7 +163,9 @@ pub fn planned(o: &Planned<'_>, say: &dyn Fn(&str)) -> RoleResult<PlannedReport>
         .find(|(v, _)| v == vm)
         .map(|(_, c)| c)
         .ok_or_else(|| undo_fence("the sync reported no recovery point".into()))?;
-    say(&format!("shipped the last cycle: recovery point {cycle} at {peer}"));
+    say(&format!(
+        "shipped the last cycle: recovery point {cycle} at {peer}"
+    ));
     // 2. Prove it: every block's digest equals the replica's.
     let verified = verify_equal(&dir, vm, o.timeout).map_err(undo_fence)?;
     say(&format!(
@@ -192,18 +194,21 @@ pub fn planned(o: &Planned<'_>, say: &dyn Fn(&str)) -> RoleResult<PlannedReport>
         .collect();
     rcall_ok(
         o.store,
-        &rctl::Request::Adopt {
+        &rctl::Request::Adopt(super::Adoption {
             site: peer.clone(),
             vm: vm.into(),
             cycle,
             cut_unix_ns: now_ns(),
-            origin: origin.clone(),
-            disks: disks.clone(),
+            origin,
+            disks,
             needs_resync: None,
-        },
+        }),
     )
     .map_err(|e| {
-        format!("{e}\n({vm} is stopped here: remount {} to make it active again)", dir.display())
+        format!(
+            "{e}\n({vm} is stopped here: remount {} to make it active again)",
+            dir.display()
+        )
     })?;
     say(&format!(
         "{vm}'s disks are now the replica of {peer} in {}",
@@ -323,7 +328,10 @@ pub struct Reverse<'a> {
 /// of `vm` into the local store (marked for a checksum resync: they may
 /// hold writes that never reached the other site) and ask the active site
 /// to replicate back. Returns the active site's name and live state.
-pub fn reverse(o: &Reverse<'_>, say: &dyn Fn(&str)) -> RoleResult<(String, crate::replica::LiveInfo)> {
+pub fn reverse(
+    o: &Reverse<'_>,
+    say: &dyn Fn(&str),
+) -> RoleResult<(String, crate::replica::LiveInfo)> {
     let vm = o.vm;
     let dir = std::fs::canonicalize(o.dir).unwrap_or_else(|_| o.dir.to_path_buf());
     let rep = fence(&dir, vm, true).map_err(|e| {
@@ -381,7 +389,7 @@ pub fn reverse(o: &Reverse<'_>, say: &dyn Fn(&str)) -> RoleResult<(String, crate
         .collect();
     rcall_ok(
         o.store,
-        &rctl::Request::Adopt {
+        &rctl::Request::Adopt(super::Adoption {
             site: peer.clone(),
             vm: vm.into(),
             cycle: live.cycle,
@@ -391,7 +399,7 @@ pub fn reverse(o: &Reverse<'_>, say: &dyn Fn(&str)) -> RoleResult<(String, crate
             needs_resync: Some(format!(
                 "old primary after an unplanned failover to {peer}: it may hold writes that never reached the replica"
             )),
-        },
+        }),
     )?;
     say(&format!(
         "{vm}'s disks are now the replica of {peer} in {} (to be resynced by checksums)",

@@ -195,13 +195,10 @@ pub fn promote_local(
         .origin(vm)
         .map_err(lazy_err)?
         .and_then(|v| serde_json::from_value(v).ok());
-    let dest = origin.as_ref().map(|o| o.dir.clone()).unwrap_or_else(|| {
-        ctx.store
-            .root()
-            .join("live")
-            .join(s.name())
-            .join(vm)
-    });
+    let dest = origin
+        .as_ref()
+        .map(|o| o.dir.clone())
+        .unwrap_or_else(|| ctx.store.root().join("live").join(s.name()).join(vm));
     if is_mounted(&dest) && s.live(vm).map_err(lazy_err)?.is_none() {
         return Err(format!(
             "{} is mounted by vdrep already (the VM is active there?): unmount it first",
@@ -330,31 +327,47 @@ fn protect_live(
     Ok(r.warnings)
 }
 
-/// Take disks that were live under `origin.dir` into `store` as the replica
-/// of `vm` for the namespace `site` (the other site's certificate name).
-pub fn adopt_local(
-    store: &Store,
-    site: &str,
-    vm: &str,
-    cycle: u64,
-    cut_unix_ns: u64,
-    origin: &Origin,
-    disks: &[(String, [u8; 16])],
-    needs_resync: Option<&str>,
-) -> RoleResult<replica::Point> {
-    let s = store.site(site).map_err(lazy_err)?;
-    let adopt: Vec<replica::AdoptDisk> = disks
+/// Disks that were live under `origin.dir`, to be taken into a store as
+/// the replica of `vm` for the namespace `site` (the other site's
+/// certificate name).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Adoption {
+    pub site: String,
+    pub vm: String,
+    /// The cycle both sites hold.
+    pub cycle: u64,
+    pub cut_unix_ns: u64,
+    pub origin: Origin,
+    /// (path relative to `origin.dir`, disk id)
+    pub disks: Vec<(String, [u8; 16])>,
+    /// Set when the disks may differ from the other site's (see
+    /// [`crate::replica::DiskState::needs_resync`]).
+    pub needs_resync: Option<String>,
+}
+
+/// Carry out an [`Adoption`] in `store` (the receiver's).
+pub fn adopt_local(store: &Store, a: &Adoption) -> RoleResult<replica::Point> {
+    let s = store.site(&a.site).map_err(lazy_err)?;
+    let adopt: Vec<replica::AdoptDisk> = a
+        .disks
         .iter()
         .map(|(rel, id)| replica::AdoptDisk {
             disk_id: *id,
             name: rel.rsplit('/').next().unwrap_or(rel).to_string(),
-            path: origin.dir.join(rel),
-            block_size: origin.block_size,
+            path: a.origin.dir.join(rel),
+            block_size: a.origin.block_size,
         })
         .collect();
-    let ov = serde_json::to_value(origin).map_err(lazy_err)?;
-    s.adopt(vm, cycle, cut_unix_ns, &adopt, &ov, needs_resync)
-        .map_err(lazy_err)
+    let ov = serde_json::to_value(&a.origin).map_err(lazy_err)?;
+    s.adopt(
+        &a.vm,
+        a.cycle,
+        a.cut_unix_ns,
+        &adopt,
+        &ov,
+        a.needs_resync.as_deref(),
+    )
+    .map_err(lazy_err)
 }
 
 /// Send one [`AdminRequest`] to the receiver at `to` with this site's
@@ -393,7 +406,9 @@ pub fn admin_call(
             let conn = conn.clone();
             async move {
                 let (mut tx, mut rx) = conn.open_bi().await.map_err(|e| e.to_string())?;
-                wire::write_msg(&mut tx, &m).await.map_err(|e| e.to_string())?;
+                wire::write_msg(&mut tx, &m)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 let _ = tx.finish();
                 wire::read_msg(&mut rx).await.map_err(|e| e.to_string())
             }

@@ -116,7 +116,12 @@ pub struct Step {
 
 /// Run `plan` with `failover_args` appended to `vdrep failover VM` (e.g.
 /// `--test --store S`). `mode` is for the scripts' environment.
-pub fn run(groups: &[Group], failover_args: &[String], mode: &str, log: &dyn Fn(&Step)) -> Vec<Step> {
+pub fn run(
+    groups: &[Group],
+    failover_args: &[String],
+    mode: &str,
+    log: &dyn Fn(&Step),
+) -> Vec<Step> {
     let exe = std::env::current_exe().unwrap_or_else(|_| "vdrep".into());
     let mut steps = Vec::new();
     for g in groups {
@@ -174,7 +179,9 @@ pub fn run(groups: &[Group], failover_args: &[String], mode: &str, log: &dyn Fn(
                 .args(failover_args)
                 .output();
             let (ok, output) = match out {
-                Ok(o) if o.status.success() => (true, String::from_utf8_lossy(&o.stdout).into_owned()),
+                Ok(o) if o.status.success() => {
+                    (true, String::from_utf8_lossy(&o.stdout).into_owned())
+                }
                 Ok(o) => (false, String::from_utf8_lossy(&o.stderr).into_owned()),
                 Err(e) => (false, format!("cannot run vdrep failover: {e}")),
             };
@@ -228,7 +235,11 @@ pub fn cli(plan: &Path, failover_args: &[String], mode: &str, json: bool) -> i32
                 s.what,
                 if s.ok { "ok" } else { "FAILED" },
                 s.seconds,
-                if s.ok { String::new() } else { format!(": {}", s.output) }
+                if s.ok {
+                    String::new()
+                } else {
+                    format!(": {}", s.output)
+                }
             );
         }
     });
@@ -244,8 +255,14 @@ pub fn cli(plan: &Path, failover_args: &[String], mode: &str, json: bool) -> i32
                 .unwrap_or_default()
         );
     } else {
-        println!("plan {}: {vms_ok}/{total} VMs failed over ({mode})", plan.display());
-        for s in steps.iter().filter(|s| s.ok && s.what != "pre" && s.what != "post") {
+        println!(
+            "plan {}: {vms_ok}/{total} VMs failed over ({mode})",
+            plan.display()
+        );
+        for s in steps
+            .iter()
+            .filter(|s| s.ok && s.what != "pre" && s.what != "post")
+        {
             for l in s.output.lines() {
                 println!("{}: {l}", s.what);
             }

@@ -208,7 +208,8 @@ impl super::Replicator {
         }
         result?;
         // 6. Ship the cycle (and commit the point).
-        self.ship_pending(vm, conn, &HashMap::new(), limiter).await?;
+        self.ship_pending(vm, conn, &HashMap::new(), limiter)
+            .await?;
         let mut s = vm.status.lock();
         if let Some(r) = s.resync.take() {
             s.last_resync = Some(r);
@@ -237,7 +238,9 @@ impl super::Replicator {
             Ok(w) => w,
             Err(e) => {
                 let _ = self.tracker.finish(sc, false);
-                return Err(retry(format!("cannot create the resync log of {name}: {e}")));
+                return Err(retry(format!(
+                    "cannot create the resync log of {name}: {e}"
+                )));
             }
         };
         let ppath = progress_path(self, &vm.spec.vm, &id);
@@ -378,7 +381,8 @@ impl super::Replicator {
             Ok::<_, SendError>(())
         };
         let mut mode = mode;
-        let mut prior_rest: Vec<(u64, u64)> = prior.as_ref().map(|p| p.differ.clone()).unwrap_or_default();
+        let mut prior_rest: Vec<(u64, u64)> =
+            prior.as_ref().map(|p| p.differ.clone()).unwrap_or_default();
         let prior_to = prior.as_ref().map(|p| p.compared_to).unwrap_or(0);
         let recv_side = async {
             let t0 = Instant::now();
@@ -413,7 +417,8 @@ impl super::Replicator {
                 for &(first, n, at) in &b.runs {
                     for j in 0..u64::from(n) {
                         let blk = first + j;
-                        let same = ours[k] == theirs.hashes[k] && theirs.hashes[k] != resync::MISSING;
+                        let same =
+                            ours[k] == theirs.hashes[k] && theirs.hashes[k] != resync::MISSING;
                         k += 1;
                         if same {
                             continue;

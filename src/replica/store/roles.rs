@@ -201,9 +201,8 @@ impl Site<'_> {
             st.applying = Some(c);
             self.write_state(p, st)?;
             let undop = p.undo.join(&n);
-            undo::apply_undo(&undop, t.as_mut()).map_err(|e| {
-                hrl_err(&p.ctx, &self.store.root, "rolling back to a point", c, e)
-            })?;
+            undo::apply_undo(&undop, t.as_mut())
+                .map_err(|e| hrl_err(&p.ctx, &self.store.root, "rolling back to a point", c, e))?;
             let h = UndoLayer::open(&undop)
                 .map_err(|e| hrl_err(&p.ctx, &self.store.root, "rolling back", c, e))?;
             st.size = h.header.disk_size;
@@ -292,8 +291,7 @@ impl Site<'_> {
         let vctx = self.ctx(vm, "");
         let vrt = self.store.runtime(&vmd);
         let _vg = vrt.lock();
-        let Some(mut live) =
-            read_json_opt::<LiveInfo>(&vctx, &self.store.root, &vmd.join(LIVE))?
+        let Some(mut live) = read_json_opt::<LiveInfo>(&vctx, &self.store.root, &vmd.join(LIVE))?
         else {
             return Err(StoreError::NotReady {
                 ctx: vctx,
@@ -382,7 +380,12 @@ impl Site<'_> {
                     } else {
                         ""
                     };
-                    self.io(&p.ctx, &format!("moving the disk into the store{hint}"), &dst, e)
+                    self.io(
+                        &p.ctx,
+                        &format!("moving the disk into the store{hint}"),
+                        &dst,
+                        e,
+                    )
                 })?;
                 let _ = sync_dir(&p.dir);
                 if let Some(parent) = d.path.parent() {
