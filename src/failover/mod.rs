@@ -262,6 +262,17 @@ fn detach(p: &Path) -> std::io::Result<()> {
     nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH).map_err(std::io::Error::from)
 }
 
+/// A process that exists and is not a zombie.
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(") ")
+                .map(|(_, r)| !r.starts_with('Z') && !r.starts_with('X'))
+        })
+        .unwrap_or(false)
+}
+
 /// Stop the test VM whose pid is in `scratch/qemu.pid`, if it still runs
 /// and uses this view (its command line names `mountpoint`).
 fn stop_test_vm(scratch: &Path, mountpoint: &Path, warnings: &mut Vec<String>) {
@@ -279,14 +290,12 @@ fn stop_test_vm(scratch: &Path, mountpoint: &Path, warnings: &mut Vec<String>) {
     let p = nix::unistd::Pid::from_raw(pid);
     let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGTERM);
     let t0 = std::time::Instant::now();
-    while std::path::Path::new(&format!("/proc/{pid}")).exists()
-        && t0.elapsed() < std::time::Duration::from_secs(5)
-    {
+    while alive(pid) && t0.elapsed() < std::time::Duration::from_secs(5) {
         // Reap it if it is our child (it is not, normally: the CLI started it).
         let _ = nix::sys::wait::waitpid(p, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+    if alive(pid) {
         let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
