@@ -126,7 +126,7 @@ pub fn points(vm: &str, store: &Path, site: Option<String>, json: bool) -> i32 {
         },
         Err(e) => return recv_err(e),
     };
-    pts.sort_by(|a, b| b.point.cycle.cmp(&a.point.cycle));
+    pts.sort_by_key(|p| std::cmp::Reverse(p.point.cycle));
     if json {
         let v = serde_json::json!({ "site": site, "vm": vm, "points": pts });
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
@@ -137,8 +137,8 @@ pub fn points(vm: &str, store: &Path, site: Option<String>, json: bool) -> i32 {
         return 0;
     }
     println!(
-        "{:<21} {:>10} {:>12} {:<12} {:<6} {}",
-        "TIME (UTC)", "ID", "CHANGED", "CONSISTENCY", "PINNED", "DISKS"
+        "{:<21} {:>10} {:>12} {:<12} {:<6} DISKS",
+        "TIME (UTC)", "ID", "CHANGED", "CONSISTENCY", "PINNED"
     );
     for p in &pts {
         println!(

@@ -612,13 +612,13 @@ fn read_state(scratch: &Path) -> Option<ViewInfo> {
 /// Remove a view no live session serves (stale mount, scratch, test VM).
 fn clean_one(store: &Store, info: &ViewInfo, notes: &mut Vec<String>) {
     stop_test_vm(&info.scratch, &info.mountpoint, notes);
-    if is_mountpoint(&info.mountpoint) || std::fs::metadata(&info.mountpoint).is_err() {
-        if detach(&info.mountpoint).is_ok() {
-            notes.push(format!(
-                "detached the dead view mount {}",
-                info.mountpoint.display()
-            ));
-        }
+    if (is_mountpoint(&info.mountpoint) || std::fs::metadata(&info.mountpoint).is_err())
+        && detach(&info.mountpoint).is_ok()
+    {
+        notes.push(format!(
+            "detached the dead view mount {}",
+            info.mountpoint.display()
+        ));
     }
     let _ = std::fs::remove_dir_all(&info.scratch);
     if info.mountpoint.starts_with(store.root().join(FAILOVER_DIR)) {
