@@ -293,6 +293,10 @@ pub struct FailoverArgs {
     /// With --boot and --kernel: the kernel command line.
     #[arg(long, requires = "kernel")]
     pub append: Option<String>,
+    /// With --boot: `kvm`, `tcg`, or `auto` (KVM if a probe boot under it
+    /// works, else TCG; the answer is cached in the run folder).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "tcg"], requires = "boot")]
+    pub accel: String,
     /// With --boot: guest memory in MiB.
     #[arg(long, default_value_t = 512, requires = "boot")]
     pub memory: u32,

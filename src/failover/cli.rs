@@ -126,7 +126,7 @@ pub fn points(vm: &str, store: &Path, site: Option<String>, json: bool) -> i32 {
         },
         Err(e) => return recv_err(e),
     };
-    pts.sort_by(|a, b| b.point.cycle.cmp(&a.point.cycle));
+    pts.sort_by_key(|p| std::cmp::Reverse(p.point.cycle));
     if json {
         let v = serde_json::json!({ "site": site, "vm": vm, "points": pts });
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
@@ -137,8 +137,8 @@ pub fn points(vm: &str, store: &Path, site: Option<String>, json: bool) -> i32 {
         return 0;
     }
     println!(
-        "{:<21} {:>10} {:>12} {:<12} {:<6} {}",
-        "TIME (UTC)", "ID", "CHANGED", "CONSISTENCY", "PINNED", "DISKS"
+        "{:<21} {:>10} {:>12} {:<12} {:<6} DISKS",
+        "TIME (UTC)", "ID", "CHANGED", "CONSISTENCY", "PINNED"
     );
     for p in &pts {
         println!(
@@ -278,12 +278,86 @@ pub fn failover(a: FailoverArgs) -> i32 {
     0
 }
 
-fn kvm_usable() -> bool {
-    std::fs::OpenOptions::new()
+/// Whether KVM really runs guest code here: `/dev/kvm` may open on hosts
+/// where guests then hang (broken nested virtualisation). The probe boots
+/// a 512-byte boot sector that writes to QEMU's `isa-debug-exit` port
+/// (exit status 3) under `-accel kvm` with a 10 s limit; the answer is
+/// cached per kernel and QEMU version in the run folder.
+fn kvm_works(scratch: &Path) -> bool {
+    if std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
-        .is_ok()
+        .is_err()
+    {
+        return false;
+    }
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let qv = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
+        .unwrap_or_default();
+    let key = xxhash_rust::xxh3::xxh3_64(format!("{release}|{qv}").as_bytes());
+    let cache = crate::control::run_dir().join(format!("kvm-probe-{key:016x}"));
+    if let Ok(s) = std::fs::read_to_string(&cache) {
+        return s.trim() == "kvm";
+    }
+    // mov al,1; out 0xf4,al; hlt; jmp $-1 ... 0x55 0xaa
+    let mut sector = vec![0u8; 512];
+    sector[..7].copy_from_slice(&[0xb0, 0x01, 0xe6, 0xf4, 0xf4, 0xeb, 0xfd]);
+    sector[510] = 0x55;
+    sector[511] = 0xaa;
+    let img = scratch.join("kvm-probe.img");
+    if std::fs::write(&img, &sector).is_err() {
+        return false;
+    }
+    let child = Command::new("qemu-system-x86_64")
+        .args([
+            "-accel",
+            "kvm",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-m",
+            "16",
+        ])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=ide", img.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let ok = match child {
+        Err(_) => false,
+        Ok(mut c) => {
+            let t0 = std::time::Instant::now();
+            loop {
+                match c.try_wait() {
+                    Ok(Some(st)) => break st.code() == Some(3),
+                    Ok(None) if t0.elapsed() < std::time::Duration::from_secs(10) => {
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                    }
+                    _ => {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        break false;
+                    }
+                }
+            }
+        }
+    };
+    let _ = std::fs::remove_file(&img);
+    let _ = std::fs::create_dir_all(crate::control::run_dir());
+    let _ = std::fs::write(&cache, if ok { "kvm\n" } else { "tcg\n" });
+    ok
 }
 
 /// Start QEMU (daemonized) on the exposed disks; returns (pid, serial log).
@@ -291,11 +365,16 @@ fn boot_vm(a: &FailoverArgs, view: &ViewInfo) -> Result<(u32, PathBuf), String> 
     let pidf = view.scratch.join(QEMU_PID_FILE);
     let log = view.scratch.join("serial.log");
     let mut c = Command::new("qemu-system-x86_64");
-    if kvm_usable() {
+    let kvm = match a.accel.as_str() {
+        "kvm" => true,
+        "tcg" => false,
+        _ => kvm_works(&view.scratch),
+    };
+    if kvm {
         // Falls back to TCG if KVM cannot start.
         c.args(["-accel", "kvm", "-accel", "tcg"]);
     } else {
-        c.args(["-accel", "tcg"]);
+        c.args(["-accel", "tcg", "-cpu", "max"]);
     }
     c.args([
         "-m",

@@ -262,6 +262,17 @@ fn detach(p: &Path) -> std::io::Result<()> {
     nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH).map_err(std::io::Error::from)
 }
 
+/// A process that exists and is not a zombie.
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(") ")
+                .map(|(_, r)| !r.starts_with('Z') && !r.starts_with('X'))
+        })
+        .unwrap_or(false)
+}
+
 /// Stop the test VM whose pid is in `scratch/qemu.pid`, if it still runs
 /// and uses this view (its command line names `mountpoint`).
 fn stop_test_vm(scratch: &Path, mountpoint: &Path, warnings: &mut Vec<String>) {
@@ -279,14 +290,12 @@ fn stop_test_vm(scratch: &Path, mountpoint: &Path, warnings: &mut Vec<String>) {
     let p = nix::unistd::Pid::from_raw(pid);
     let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGTERM);
     let t0 = std::time::Instant::now();
-    while std::path::Path::new(&format!("/proc/{pid}")).exists()
-        && t0.elapsed() < std::time::Duration::from_secs(5)
-    {
+    while alive(pid) && t0.elapsed() < std::time::Duration::from_secs(5) {
         // Reap it if it is our child (it is not, normally: the CLI started it).
         let _ = nix::sys::wait::waitpid(p, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+    if alive(pid) {
         let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
@@ -603,13 +612,13 @@ fn read_state(scratch: &Path) -> Option<ViewInfo> {
 /// Remove a view no live session serves (stale mount, scratch, test VM).
 fn clean_one(store: &Store, info: &ViewInfo, notes: &mut Vec<String>) {
     stop_test_vm(&info.scratch, &info.mountpoint, notes);
-    if is_mountpoint(&info.mountpoint) || std::fs::metadata(&info.mountpoint).is_err() {
-        if detach(&info.mountpoint).is_ok() {
-            notes.push(format!(
-                "detached the dead view mount {}",
-                info.mountpoint.display()
-            ));
-        }
+    if (is_mountpoint(&info.mountpoint) || std::fs::metadata(&info.mountpoint).is_err())
+        && detach(&info.mountpoint).is_ok()
+    {
+        notes.push(format!(
+            "detached the dead view mount {}",
+            info.mountpoint.display()
+        ));
     }
     let _ = std::fs::remove_dir_all(&info.scratch);
     if info.mountpoint.starts_with(store.root().join(FAILOVER_DIR)) {

@@ -259,6 +259,8 @@ impl UndoLayer {
     }
 }
 
+type CachedRecord = (usize, usize, Arc<Vec<u8>>);
+
 /// The part of a [`PointReader`] the store keeps a handle on: its undo
 /// layers, which an apply extends (under the write lock) before it writes
 /// the replica.
@@ -298,7 +300,8 @@ pub struct PointReader {
     replica: File,
     size: u64,
     cycle: u64,
-    cache: parking_lot::Mutex<Option<(usize, usize, Arc<Vec<u8>>)>>,
+    /// The last decoded record: (layer, entry, bytes).
+    cache: parking_lot::Mutex<Option<CachedRecord>>,
 }
 
 impl PointReader {
