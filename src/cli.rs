@@ -468,7 +468,11 @@ pub fn parse_percent(s: &str) -> Result<f64, String> {
         .trim()
         .parse()
         .map_err(|_| format!("{s:?} is not a percentage (try 50%)"))?;
-    let v = if !pct && v > 0.0 && v < 1.0 { v * 100.0 } else { v };
+    let v = if !pct && v > 0.0 && v < 1.0 {
+        v * 100.0
+    } else {
+        v
+    };
     if !(v > 0.0 && v <= 1000.0) {
         return Err(format!("{s:?} must be above 0% (and at most 1000%)"));
     }
@@ -677,9 +681,7 @@ fn resync(name: &str, background: bool, timeout: u64, json: bool) -> i32 {
                         .map(|o| format!(" (resumed at {})", human(o)))
                         .unwrap_or_default()
                 ),
-                (None, _) => println!(
-                    "{name}: resync scheduled; watch it with `vdrep status`"
-                ),
+                (None, _) => println!("{name}: resync scheduled; watch it with `vdrep status`"),
             }
             0
         }
@@ -717,7 +719,10 @@ fn verify(name: &str, timeout: u64, json: bool) -> i32 {
     };
     let bad = disks.iter().any(|d| !d.differ.is_empty());
     if json {
-        println!("{}", serde_json::to_string_pretty(&disks).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&disks).unwrap_or_default()
+        );
     } else {
         for d in &disks {
             let bytes: u64 = d.differ.iter().map(|r| r.1).sum();
@@ -732,7 +737,10 @@ fn verify(name: &str, timeout: u64, json: bool) -> i32 {
                     format!("{} range(s), {} differ", d.differ.len(), human(bytes))
                 },
                 if d.blocks_skipped > 0 {
-                    format!(" ({} blocks written since are on their way, not judged)", d.blocks_skipped)
+                    format!(
+                        " ({} blocks written since are on their way, not judged)",
+                        d.blocks_skipped
+                    )
                 } else {
                     String::new()
                 }

@@ -94,8 +94,15 @@ fn msg() -> impl Strategy<Value = Msg> {
                     kind: if vhd { DiskKind::Vhd } else { DiskKind::Raw },
                 })
             ),
-        (disk_id(), any::<u64>(), size(), any::<u64>(), size(), "[^\p{Cc}]{0,60}").prop_map(
-            |(d, rc, rs, cc, ro, why)| {
+        (
+            disk_id(),
+            any::<u64>(),
+            size(),
+            any::<u64>(),
+            size(),
+            "[a-zA-Z0-9 .:-]{0,60}"
+        )
+            .prop_map(|(d, rc, rs, cc, ro, why)| {
                 Msg::DiskState(DiskState {
                     disk_id: d,
                     replica_cycle: rc,
@@ -104,8 +111,7 @@ fn msg() -> impl Strategy<Value = Msg> {
                     resume_offset: ro,
                     needs_resync: why,
                 })
-            }
-        ),
+            }),
         (
             disk_id(),
             any::<u64>(),

@@ -376,7 +376,13 @@ async fn digests(
 /// A log that cannot be applied in order (the chains diverged, a log was
 /// lost or damaged): the replica can only be healed by a checksum resync.
 /// Mark it so, and tell the sender (retryable: it resyncs right away).
-fn needs_resync_after(sess: &Session, store: &replica::Store, vm: &str, id: &[u8; 16], e: StoreError) -> Msg {
+fn needs_resync_after(
+    sess: &Session,
+    store: &replica::Store,
+    vm: &str,
+    id: &[u8; 16],
+    e: StoreError,
+) -> Msg {
     if !matches!(e, StoreError::OutOfOrder { .. }) {
         return store_err(e);
     }

@@ -1338,7 +1338,12 @@ impl Site<'_> {
     /// `DiskState` and accepts only a resync's log (see
     /// [`Site::resync_prepared`]). For adopted replicas after an unplanned
     /// failover, damaged or out-of-order logs, or by hand.
-    pub fn set_needs_resync(&self, vm: &str, disk_id: &[u8; 16], reason: Option<&str>) -> Result<()> {
+    pub fn set_needs_resync(
+        &self,
+        vm: &str,
+        disk_id: &[u8; 16],
+        reason: Option<&str>,
+    ) -> Result<()> {
         let p = self.disk(vm, disk_id, false)?;
         let rt = self.store.runtime(&p.dir);
         let _g = rt.lock();
@@ -1433,9 +1438,9 @@ impl Site<'_> {
                 let have_end = stop.min(size);
                 buf.clear();
                 buf.resize((have_end - at) as usize, 0);
-                target.read_at(&mut buf, at).map_err(|e| {
-                    self.io(&p.ctx, "reading the replica for a resync", &rpath, e)
-                })?;
+                target
+                    .read_at(&mut buf, at)
+                    .map_err(|e| self.io(&p.ctx, "reading the replica for a resync", &rpath, e))?;
                 out.extend(crate::resync::digest_blocks(
                     &buf,
                     block_size as usize,

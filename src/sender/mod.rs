@@ -257,10 +257,16 @@ impl Replicator {
             rt,
             vms: Mutex::new(HashMap::new()),
             retry_scale,
-            instance: format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&[
-                now_ns().to_le_bytes(),
-                u64::from(std::process::id()).to_le_bytes(),
-            ].concat())),
+            instance: format!(
+                "{:032x}",
+                xxhash_rust::xxh3::xxh3_128(
+                    &[
+                        now_ns().to_le_bytes(),
+                        u64::from(std::process::id()).to_le_bytes(),
+                    ]
+                    .concat()
+                )
+            ),
         });
         // Resume every VM protected before.
         for spec in r.saved_specs() {
@@ -826,7 +832,11 @@ impl Replicator {
     }
 
     /// Which disks need a resync, and why (empty reasons: none).
-    fn resync_reasons(&self, vm: &Vm, replica: &HashMap<String, wire::DiskState>) -> Vec<(String, String)> {
+    fn resync_reasons(
+        &self,
+        vm: &Vm,
+        replica: &HashMap<String, wire::DiskState>,
+    ) -> Vec<(String, String)> {
         let mut out = Vec::new();
         for d in &vm.spec.disks {
             let Some(ds) = replica.get(d) else { continue };
@@ -899,7 +909,8 @@ impl Replicator {
                     {
                         let mut s = vm.status.lock();
                         s.state = VmState::ResyncRequired;
-                        s.resync_pending = reasons.iter().map(|(d, w)| format!("{d}: {w}")).collect();
+                        s.resync_pending =
+                            reasons.iter().map(|(d, w)| format!("{d}: {w}")).collect();
                         s.last_error = Some(format!(
                             "resync required; it runs in the resync window ({window}) or now with `vdrep resync {}`",
                             spec.vm
@@ -915,7 +926,8 @@ impl Replicator {
                 if !reasons.is_empty() {
                     {
                         let mut s = vm.status.lock();
-                        s.resync_pending = reasons.iter().map(|(d, w)| format!("{d}: {w}")).collect();
+                        s.resync_pending =
+                            reasons.iter().map(|(d, w)| format!("{d}: {w}")).collect();
                     }
                     for (d, w) in &reasons {
                         tracing::info!(vm = %spec.vm, disk = %d, "checksum resync: {w}");
@@ -1380,7 +1392,8 @@ impl Replicator {
                     // The receiver no longer trusts the replica: this log
                     // cannot help; compare by checksums instead.
                     if let Some(d) = self.disk_of_id(&id) {
-                        self.tracker.require_resync(&d, &format!("receiver: {}", e.message));
+                        self.tracker
+                            .require_resync(&d, &format!("receiver: {}", e.message));
                     }
                     return Err(SendError::Again(format!("receiver: {}", e.message)));
                 }

@@ -889,10 +889,10 @@ impl Tracker {
     /// Does the disk's live bitmap hold every write since its last cut?
     /// (False after an unclean stop or a lost bitmap.)
     pub fn bitmap_trusted(&self, name: &str) -> bool {
-        self.disks.lock().get(name).is_some_and(|d| {
-            d.bitmap_trusted
-                .load(std::sync::atomic::Ordering::SeqCst)
-        })
+        self.disks
+            .lock()
+            .get(name)
+            .is_some_and(|d| d.bitmap_trusted.load(std::sync::atomic::Ordering::SeqCst))
     }
 
     /// Mark a disk "resync required" (a damaged log, a diverged chain).
@@ -948,7 +948,8 @@ impl Tracker {
         if d.meta.lock().bitmap_only {
             return None;
         }
-        let pending = self.pending_log_bytes(name) + d.dirty.read().count() * self.shared.block_size;
+        let pending =
+            self.pending_log_bytes(name) + d.dirty.read().count() * self.shared.block_size;
         if pending <= limit {
             return None;
         }
@@ -960,13 +961,18 @@ impl Tracker {
         let logs = self.pending_logs(name);
         let mut base: Option<(u64, u64)> = None;
         for (_, shown) in &logs {
-            let Some(p) = self.private_path(shown) else { continue };
+            let Some(p) = self.private_path(shown) else {
+                continue;
+            };
             let mut r = match crate::hrl::HrlReader::open(&p) {
                 Ok(r) => r,
                 Err(e) => {
                     // Its blocks cannot be recovered: only a resync helps.
                     drop(_serial);
-                    self.require_resync(name, &format!("sealed log {} is damaged: {e}", shown.display()));
+                    self.require_resync(
+                        name,
+                        &format!("sealed log {} is damaged: {e}", shown.display()),
+                    );
                     return Some("a pending log is damaged: resync required".into());
                 }
             };
@@ -984,7 +990,10 @@ impl Tracker {
                     Ok(None) => break,
                     Err(e) => {
                         drop(_serial);
-                        self.require_resync(name, &format!("sealed log {} is damaged: {e}", shown.display()));
+                        self.require_resync(
+                            name,
+                            &format!("sealed log {} is damaged: {e}", shown.display()),
+                        );
                         return Some("a pending log is damaged: resync required".into());
                     }
                 }
@@ -1187,7 +1196,10 @@ impl SealedCycle {
     /// Runs `(first block, count)` written between the disk's previous cut
     /// and this one.
     pub fn changed_runs(&self) -> Vec<(u64, u64)> {
-        let nblocks = self.sealing.size.div_ceil(u64::from(self.header.block_size));
+        let nblocks = self
+            .sealing
+            .size
+            .div_ceil(u64::from(self.header.block_size));
         match &self.sealing.real_changes {
             Some(r) => r.runs(nblocks),
             None => self.sealing.dirty.runs(nblocks),
