@@ -100,7 +100,7 @@ fn msg() -> impl Strategy<Value = Msg> {
             size(),
             any::<u64>(),
             size(),
-            r"[^\p{Cc}]{0,60}"
+            "[a-zA-Z0-9 .:-]{0,60}"
         )
             .prop_map(|(d, rc, rs, cc, ro, why)| {
                 Msg::DiskState(DiskState {

@@ -91,6 +91,21 @@ pub(super) fn progress_path(r: &super::Replicator, vm: &str, disk_id: &[u8; 16])
         .join(format!("{vm}.resync-{id}.json"))
 }
 
+/// Progress is saved every 2 s or this many bytes of compare, whichever
+/// comes first.
+const SAVE_EVERY: u64 = 128 << 20;
+
+/// Test hook: `VDREP_TEST_RESYNC_PACE_MS` slows every compared batch down
+/// (so tests can interrupt a resync half-way).
+fn test_pace_ms() -> Option<u64> {
+    static PACE: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *PACE.get_or_init(|| {
+        std::env::var("VDREP_TEST_RESYNC_PACE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    })
+}
+
 fn in_runs(runs: &[(u64, u64)], b: u64) -> bool {
     let i = runs.partition_point(|r| r.0 + r.1 <= b);
     runs.get(i).is_some_and(|r| r.0 <= b)
@@ -387,6 +402,7 @@ impl super::Replicator {
         let recv_side = async {
             let t0 = Instant::now();
             let mut last_save = Instant::now();
+            let mut saved_at = 0u64;
             let mut compared = 0u64;
             let mut digest_bytes = 0u64;
             let mut differ: Vec<u64> = Vec::new();
@@ -456,9 +472,15 @@ impl super::Replicator {
                         p.eta_secs = (p.rate_bps > 0.0).then(|| left as f64 / p.rate_bps);
                     }
                 }
+                if let Some(ms) = test_pace_ms() {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
                 if let Some(pf) = &progress_file {
-                    if last_save.elapsed() >= Duration::from_secs(2) {
+                    if last_save.elapsed() >= Duration::from_secs(2)
+                        || offset >= saved_at + SAVE_EVERY
+                    {
                         last_save = Instant::now();
+                        saved_at = offset;
                         prior_rest.retain(|r| r.0 + r.1 > offset / bs);
                         let mut all: Vec<u64> = differ.clone();
                         for r in &prior_rest {
