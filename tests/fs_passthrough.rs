@@ -614,6 +614,14 @@ fn fsync_direct_io_and_mmap() {
         libc::munmap(a, 65536);
     }
     drop(f);
+    // The mapping's last file reference is dropped asynchronously (delayed
+    // fput, writeback of the mapped pages); under load an immediate
+    // unmount can still see the file busy (EBUSY, seen once in a full run
+    // with two builds in parallel). Flush and give the kernel a moment.
+    if let Ok(d) = fs::File::open(m.path()) {
+        let _ = nix::unistd::syncfs(&d);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
     m.unmount();
     assert_eq!(fs::read(m.p("s")).unwrap(), b"synced");
     let got = fs::read(&p).unwrap();
