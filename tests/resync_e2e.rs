@@ -403,9 +403,9 @@ fn resync_interrupted_by_receiver_crash_resumes() {
     let site = Site::new("rs-resume");
     random_file(&site.p("vm/k.img"), 256 << 20, 77);
     std::env::set_var("VDREP_RETRY_SCALE", "0.005");
-    // 32 MiB batches paced at 400 ms: the whole compare takes ~3 s.
+    // 8 MiB batches paced at 100 ms: the whole compare takes ~3 s.
     let mut m = site.mount_env(&[
-        ("VDREP_TEST_RESYNC_PACE_MS", "400"),
+        ("VDREP_TEST_RESYNC_PACE_MS", "100"),
         ("VDREP_RETRY_SCALE", "0.005"),
     ]);
     let mut r = Receiver::start(&site, "127.0.0.1:0");
@@ -506,4 +506,66 @@ fn unclean_stop_is_healed_by_checksum_resync() {
         assert!(points_after.contains(p), "point {p} lost: {points_after:?}");
     }
     m.umount();
+}
+
+/// The receiver distrusts a replica (as after an unplanned failover that
+/// adopted it): `OpenDisk` says so, the sender resyncs by checksums (not a
+/// full copy, not deltas), the flag is cleared by the resync's log, and the
+/// history is kept.
+#[test]
+fn receiver_side_needs_resync_leads_to_checksum_resync() {
+    require_fuse!();
+    let site = Site::new("rs-recv");
+    random_file(&site.p("vm/n.img"), 16 << 20, 8);
+    std::env::set_var("VDREP_RETRY_SCALE", "0.005");
+    let mut m = site.mount();
+    let mut r = Receiver::start(&site, "127.0.0.1:0");
+    let addr = r.addr.clone();
+    site.protect(&r, &["n.img"], &["--resync-window", "always"]);
+    site.sync_ok();
+    site.sync_ok();
+    let points_before = site.point_cycles();
+    r.kill9();
+    // Damage one block and mark the replica untrusted, as the failover
+    // code does, through the store API (the receiver is down: its lock is free).
+    let rep = site.replica("n.vhd");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&rep)
+        .unwrap()
+        .write_all_at(&[0xee; 100], 5 * 4096)
+        .unwrap();
+    {
+        let store = vdrep::replica::Store::open(&site.p("store")).unwrap();
+        let s = store.site("site-a").unwrap();
+        let id_hex = rep.parent().unwrap().file_name().unwrap().to_str().unwrap();
+        let mut id = [0u8; 16];
+        for (i, b) in id.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&id_hex[2 * i..2 * i + 2], 16).unwrap();
+        }
+        s.set_needs_resync(&site.vm, &id, Some("adopted after an unplanned failover"))
+            .unwrap();
+        assert!(s.disk_state(&site.vm, &id).unwrap().needs_resync.is_some());
+    }
+    let _r = Receiver::start(&site, &addr);
+    site.sync_ok();
+    let st = m.status_json();
+    let rs = &st["replication"][0]["last_resync"];
+    assert_eq!(rs["mode"], "resync", "{st}");
+    assert_eq!(rs["blocks_sent"], 1, "{st}");
+    same(&site.p("vm/n.img"), "raw", &rep);
+    let points_after = site.point_cycles();
+    for p in &points_before {
+        assert!(points_after.contains(p), "point {p} lost: {points_after:?}");
+    }
+    m.umount();
+    drop(_r);
+    let store = vdrep::replica::Store::open(&site.p("store")).unwrap();
+    let s = store.site("site-a").unwrap();
+    let id_hex = rep.parent().unwrap().file_name().unwrap().to_str().unwrap();
+    let mut id = [0u8; 16];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&id_hex[2 * i..2 * i + 2], 16).unwrap();
+    }
+    assert_eq!(s.disk_state(&site.vm, &id).unwrap().needs_resync, None);
 }

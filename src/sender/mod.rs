@@ -914,7 +914,10 @@ impl Replicator {
                         conn.close(0u32.into(), b"unprotected");
                         return Ok(());
                     }
-                    let manual = vm.jobs.lock().iter().any(|j| matches!(j, Job::Resync(_)));
+                    // `vdrep resync` and `vdrep sync` (which cannot finish
+                    // without it) start the resync outside the window too.
+                    let manual = vm.jobs.lock().iter().any(|j| matches!(j, Job::Resync(_)))
+                        || !vm.waiters.lock().is_empty();
                     if manual || window.open_now() {
                         break;
                     }

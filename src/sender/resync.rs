@@ -35,6 +35,14 @@ struct Batch {
 }
 
 impl Batch {
+    fn new(bs: u64) -> Batch {
+        Batch {
+            runs: Vec::new(),
+            buf: Vec::with_capacity((BATCH_BYTES + (1 << 20)) as usize),
+            bs,
+        }
+    }
+
     fn push(&mut self, off: u64, data: &[u8]) {
         let first = off / self.bs;
         let n = (data.len() as u64).div_ceil(self.bs) as u32;
@@ -70,7 +78,7 @@ impl Batch {
 /// What a compare is for.
 pub(super) enum Mode {
     /// Write the differing blocks into this log and announce it.
-    Resync { log: crate::hrl::HrlWriter },
+    Resync { log: Box<crate::hrl::HrlWriter> },
     /// Only report; blocks written since the previous cut are not judged
     /// (they are on their way as the next delta).
     Verify { skip: Vec<(u64, u64)> },
@@ -208,6 +216,7 @@ impl super::Replicator {
         .await
         .map_err(|e| retry(format!("log task failed: {e}")))?;
         // 5. The resync disks, one after the other.
+        let t_compare = Instant::now();
         let mut result = Ok(());
         while let Some(sc) = rcycles.pop() {
             if result.is_err() {
@@ -222,9 +231,14 @@ impl super::Replicator {
             result = r;
         }
         result?;
+        let compare_secs = t_compare.elapsed().as_secs_f64();
         // 6. Ship the cycle (and commit the point).
+        let t_ship = Instant::now();
         self.ship_pending(vm, conn, &HashMap::new(), limiter)
             .await?;
+        tracing::info!(vm = %spec.vm, cycle,
+            "resync timing: compare {compare_secs:.3}s, ship+apply+commit {:.3}s",
+            t_ship.elapsed().as_secs_f64());
         let mut s = vm.status.lock();
         if let Some(r) = s.resync.take() {
             s.last_resync = Some(r);
@@ -265,7 +279,7 @@ impl super::Replicator {
                 conn,
                 sc,
                 ds.replica_cycle,
-                Mode::Resync { log },
+                Mode::Resync { log: Box::new(log) },
                 prior,
                 Some(ppath.clone()),
             )
@@ -334,20 +348,11 @@ impl super::Replicator {
         // Reader: the cycle as of its cut, in batches.
         let (btx, mut brx) = tokio::sync::mpsc::channel::<Batch>(2);
         let reader = tokio::task::spawn_blocking(move || {
-            let mut batch = Batch {
-                bs,
-                ..Default::default()
-            };
+            let mut batch = Batch::new(bs);
             let r = sc.stream(0, &mut |off, data| {
                 batch.push(off, data);
                 if batch.full() {
-                    let b = std::mem::replace(
-                        &mut batch,
-                        Batch {
-                            bs,
-                            ..Default::default()
-                        },
-                    );
+                    let b = std::mem::replace(&mut batch, Batch::new(bs));
                     btx.blocking_send(b)
                         .map_err(|_| "the network side stopped".to_string())?;
                 }

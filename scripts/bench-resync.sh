@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# Checksum resync benchmark (issue 5, "Speed"), everything on 127.0.0.1:
+#
+#   scripts/bench-resync.sh                  # SIZE=2G RUNS=3 CHANGE_PCT=1
+#
+# A SIZE random disk is replicated (vdrep mount + protect + sync), then
+# CHANGE_PCT% of its 4 KiB blocks are changed behind vdrep's back (in the
+# replica: bytes flipped in random blocks, so only a checksum compare can
+# find them). Timed: `vdrep resync NAME` (compare both sides, ship the
+# differing blocks as one point) vs an rsync daemon on 127.0.0.1 fed with a
+# copy carrying the same damage: `rsync -I --inplace --no-whole-file -B4096`
+# and with rsync's default block size. Wire bytes: vdrep = digests received
+# + resync log sent; rsync = "Total bytes sent" + "Total bytes received".
+# Also: digest throughput (xxh3-128 of 4 KiB blocks) on 1 core and all cores
+# (`vdrep hash-bench`). Median of RUNS; caches are warm (both tools read the
+# same data; DROP_CACHES=1 drops them before each timed step). No time is
+# asserted.
+#
+# Environment: SIZE=2G RUNS=3 CHANGE_PCT=1 BENCH_ROOT=/var/tmp/vdrep-rsbench
+#   NO_BUILD=1 VDREP=target/release/vdrep KEEP=1 DROP_CACHES=0
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZE=${SIZE:-2G}
+RUNS=${RUNS:-3}
+CHANGE_PCT=${CHANGE_PCT:-1}
+BENCH_ROOT=${BENCH_ROOT:-/var/tmp/vdrep-rsbench}
+VDREP=${VDREP:-target/release/vdrep}
+RSYNC_PORT=${RSYNC_PORT:-18873}
+[ "$(id -u)" = 0 ] || { echo "needs root (FUSE mount)"; exit 2; }
+for t in rsync python3 jq qemu-img; do command -v "$t" >/dev/null || { echo "missing $t"; exit 2; }; done
+[ -n "${NO_BUILD:-}" ] || cargo build --release --quiet
+VDREP=$(realpath "$VDREP")
+W="$BENCH_ROOT/run-$(date -u +%Y%m%dT%H%M%SZ)"
+LOG="$W/log"
+mkdir -p "$W"/{ka,kb,vm,store,mod} "$LOG"
+export VDREP_RUN_DIR="$W/run" VDREP_RETRY_SCALE=0.01
+PIDS=()
+cleanup() {
+    "$VDREP" umount "$W/vm" >/dev/null 2>&1 || "$VDREP" umount --lazy "$W/vm" >/dev/null 2>&1 || true
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    if [ -z "${KEEP:-}" ]; then rm -rf "$W/vm" "$W/store" "$W/mod" "$W/src.img"; fi
+}
+trap cleanup EXIT
+drop() { [ "${DROP_CACHES:-0}" = 1 ] && { sync; echo 3 >/proc/sys/vm/drop_caches; } || true; }
+now() { date +%s.%N; }
+el() { python3 -c "print(f'{$2-$1:.3f}')"; }
+median() { sort -g | awk '{a[NR]=$1} END{print (NR%2)? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+
+"$VDREP" keys init --name site-a --out "$W/ka" >/dev/null
+"$VDREP" keys init --name site-b --out "$W/kb" >/dev/null
+echo "== making a $SIZE random disk"
+head -c "$SIZE" /dev/urandom >"$W/vm/disk.img"
+BYTES=$(stat -c %s "$W/vm/disk.img")
+BLOCKS=$((BYTES / 4096))
+NCHANGE=$((BLOCKS * CHANGE_PCT / 100))
+
+"$VDREP" receive --listen 127.0.0.1:0 --store "$W/store" --keys "$W/kb" --trust "$W/ka/site-a.crt" >"$LOG/recv.out" 2>"$LOG/recv.err" &
+PIDS+=($!)
+for _ in $(seq 50); do grep -q "listening on" "$LOG/recv.out" 2>/dev/null && break; sleep 0.1; done
+ADDR=$(sed -n 's/^listening on \([^ ]*\).*/\1/p' "$LOG/recv.out")
+"$VDREP" mount "$W/vm" --keys "$W/ka"
+"$VDREP" protect bench-rs --to "$ADDR" --trust "$W/kb/site-b.crt" --every 1h "$W/vm/disk.img" >/dev/null
+"$VDREP" sync "$W/vm" --timeout 1200 >/dev/null
+REPLICA=$(find "$W/store" -name disk.vhd | head -1)
+echo "== replicated; replica $REPLICA"
+
+# rsync daemon with a copy of the source as its module's target.
+cat >"$W/rsyncd.conf" <<CONF
+use chroot = no
+uid = root
+gid = root
+[mod]
+path = $W/mod
+read only = no
+CONF
+rsync --daemon --no-detach --address=127.0.0.1 --port="$RSYNC_PORT" --config="$W/rsyncd.conf" --log-file="$LOG/rsyncd.log" &
+PIDS+=($!)
+sleep 0.5
+cp "$W/vm/disk.img" "$W/src.img"   # source read by rsync (not through the mount)
+
+# Flip one byte in NCHANGE random distinct blocks of FILE (seeded).
+damage() {
+    python3 - "$1" "$NCHANGE" "$BLOCKS" "$2" <<'PY'
+import os, random, sys
+path, n, blocks, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+r = random.Random(seed)
+fd = os.open(path, os.O_RDWR)
+for b in r.sample(range(blocks), n):
+    at = b * 4096 + r.randrange(4096)
+    v = os.pread(fd, 1, at)
+    os.pwrite(fd, bytes([v[0] ^ 0xA5]), at)
+os.fsync(fd); os.close(fd)
+PY
+}
+
+echo "run,tool,secs,wire_bytes,blocks_sent" >"$LOG/results.csv"
+PREV_SENT=$("$VDREP" status "$W/vm" --json | jq '.replication[0].bytes_sent')
+for run in $(seq "$RUNS"); do
+    # vdrep: damage the replica, resync.
+    damage "$REPLICA" "$run"
+    drop
+    t0=$(now)
+    "$VDREP" resync bench-rs --json --timeout 1200 >"$LOG/resync-$run.json"
+    t1=$(now)
+    st=$("$VDREP" status "$W/vm" --json)
+    sent=$(jq '.replication[0].bytes_sent' <<<"$st")
+    dig=$(jq '.replication[0].last_resync.digest_bytes' <<<"$st")
+    prev=$PREV_SENT; PREV_SENT=$sent
+    nb=$(jq .blocks_sent "$LOG/resync-$run.json")
+    echo "$run,vdrep,$(el "$t0" "$t1"),$((sent - prev + dig)),$nb" >>"$LOG/results.csv"
+    # rsync -B4096 and default: the same kind of damage in its target copy.
+    for mode in b4096 default; do
+        cp "$W/src.img" "$W/mod/disk.img"
+        damage "$W/mod/disk.img" "$run"
+        drop
+        opt=(-I --inplace --no-whole-file --stats)
+        [ "$mode" = b4096 ] && opt+=(-B4096)
+        t0=$(now)
+        rsync "${opt[@]}" "$W/src.img" "rsync://127.0.0.1:$RSYNC_PORT/mod/disk.img" >"$LOG/rsync-$mode-$run.out"
+        t1=$(now)
+        s=$(sed -n 's/^Total bytes sent: *//p' "$LOG/rsync-$mode-$run.out" | tr -d ',')
+        r=$(sed -n 's/^Total bytes received: *//p' "$LOG/rsync-$mode-$run.out" | tr -d ',')
+        echo "$run,rsync-$mode,$(el "$t0" "$t1"),$((s + r)),-" >>"$LOG/results.csv"
+    done
+    cmp -s "$W/vm/disk.img" <(head -c "$BYTES" "$REPLICA") || echo "WARNING: run $run: replica differs from the source"
+done
+# The baseline "sent 23.6 MB" in the issue was the bytes written by the sender.
+
+echo "== digest throughput (xxh3-128, 4 KiB blocks, 512 MiB in memory)"
+head -c 512M "$W/vm/disk.img" >"$W/hb.bin"
+"$VDREP" hash-bench "$W/hb.bin" | tee "$LOG/hash.txt"
+rm -f "$W/hb.bin"
+
+echo "== results ($SIZE disk, $NCHANGE of $BLOCKS blocks changed = ${CHANGE_PCT}%, median of $RUNS)"
+printf "%-16s %10s %14s\n" tool secs wire_bytes
+for tool in vdrep rsync-b4096 rsync-default; do
+    s=$(awk -F, -v t="$tool" '$2==t{print $3}' "$LOG/results.csv" | median)
+    b=$(awk -F, -v t="$tool" '$2==t{print $4}' "$LOG/results.csv" | median)
+    printf "%-16s %10s %14s\n" "$tool" "$s" "$b"
+done
+echo "changed data: $((NCHANGE * 4096)) bytes; 1% of the disk: $((BYTES / 100)) bytes"
+echo "logs: $LOG"
