@@ -456,7 +456,8 @@ fn list_dir(dir: &Path) -> Vec<String> {
     v
 }
 
-fn parse_hex_id(s: &str) -> Option<[u8; 16]> {
+/// A disk id from its 32 hex digits.
+pub(crate) fn parse_hex_id(s: &str) -> Option<[u8; 16]> {
     if s.len() != 32 {
         return None;
     }
@@ -465,6 +466,33 @@ fn parse_hex_id(s: &str) -> Option<[u8; 16]> {
         *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
     }
     Some(out)
+}
+
+/// Read and parse a JSON state file; `None` if it does not exist.
+fn read_json_opt<T: serde::de::DeserializeOwned>(
+    ctx: &Ctx,
+    root: &Path,
+    path: &Path,
+) -> Result<Option<T>> {
+    match open_nofollow(path).and_then(|mut f| {
+        let mut v = Vec::new();
+        f.read_to_end(&mut v).map(|_| v)
+    }) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| StoreError::BadState {
+                path: path.to_path_buf(),
+                what: e.to_string(),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            Err(io_err(ctx, root, &format!("reading {name}"), path, e))
+        }
+    }
 }
 
 /// Paths of one disk.
@@ -526,21 +554,7 @@ impl Site<'_> {
     }
 
     fn read_state(&self, p: &DiskPaths) -> Result<Option<DiskState>> {
-        let path = p.state();
-        let bytes = match open_nofollow(&path).and_then(|mut f| {
-            let mut v = Vec::new();
-            f.read_to_end(&mut v).map(|_| v)
-        }) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(self.io(&p.ctx, "reading the replica state", &path, e)),
-        };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| StoreError::BadState {
-                path,
-                what: e.to_string(),
-            })
+        read_json_opt(&p.ctx, &self.store.root, &p.state())
     }
 
     fn state_or_unknown(&self, p: &DiskPaths) -> Result<DiskState> {
@@ -1563,18 +1577,10 @@ impl Site<'_> {
 
     fn read_points(&self, vm: &str) -> Result<PointsFile> {
         let vmd = self.vm_dir(vm, false)?;
-        let path = vmd.join(POINTS);
-        match open_nofollow(&path).and_then(|mut f| {
-            let mut v = Vec::new();
-            f.read_to_end(&mut v).map(|_| v)
-        }) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| StoreError::BadState {
-                path,
-                what: e.to_string(),
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(PointsFile::default()),
-            Err(e) => Err(self.io(&self.ctx(vm, ""), "reading points.json", &path, e)),
-        }
+        Ok(
+            read_json_opt(&self.ctx(vm, ""), &self.store.root, &vmd.join(POINTS))?
+                .unwrap_or_default(),
+        )
     }
 
     /// Record a recovery point of `vm` at `cycle` over `disk_ids` if every

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::{admin_call, parse_id, AdminRequest, Origin, RoleResult};
+use super::{admin_call, AdminRequest, Origin, RoleResult};
 use crate::control::{self, FenceReport, Request};
 use crate::receiver::control as rctl;
 
@@ -74,6 +74,36 @@ fn umount(dir: &Path) -> RoleResult<()> {
     Ok(())
 }
 
+/// Where the fenced VM's disks live, for the store that adopts them.
+fn origin_of(dir: &Path, keys: &Path, rep: &FenceReport) -> (Origin, Vec<(String, [u8; 16])>) {
+    let origin = Origin {
+        dir: dir.to_path_buf(),
+        keys: Some(keys.to_path_buf()),
+        block_size: rep.block_size,
+        names: rep
+            .disks
+            .iter()
+            .map(|(n, id, _)| (id.clone(), n.clone()))
+            .collect(),
+    };
+    let disks = rep
+        .disks
+        .iter()
+        .filter_map(|(n, id, _)| Some((n.clone(), crate::replica::parse_hex_id(id)?)))
+        .collect();
+    (origin, disks)
+}
+
+/// The mount's disks that belong to other VMs (a role change moves the
+/// whole folder, so there must be none).
+fn foreign_disks(rep: &FenceReport) -> Vec<&str> {
+    rep.mount_disks
+        .iter()
+        .filter(|d| !rep.spec.disks.contains(d))
+        .map(String::as_str)
+        .collect()
+}
+
 /// Options of a planned failover.
 pub struct Planned<'a> {
     pub vm: &'a str,
@@ -110,16 +140,12 @@ pub fn planned(o: &Planned<'_>, say: &dyn Fn(&str)) -> RoleResult<PlannedReport>
             Err(u) => format!("{e}\n(unfencing {vm} failed too: {u}; run `vdrep failover {vm} --planned` again or remount)"),
         }
     };
-    let others: Vec<&String> = rep
-        .mount_disks
-        .iter()
-        .filter(|d| !rep.spec.disks.contains(d))
-        .collect();
+    let others = foreign_disks(&rep);
     if !others.is_empty() {
         return Err(undo_fence(format!(
             "{} also holds disks of other VMs ({}): a planned failover moves the whole tracking folder; keep each VM in its own folder",
             dir.display(),
-            others.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            others.join(", ")
         )));
     }
     let Some(keys) = rep.keys.clone() else {
@@ -177,21 +203,7 @@ pub fn planned(o: &Planned<'_>, say: &dyn Fn(&str)) -> RoleResult<PlannedReport>
     umount(&dir).map_err(|e| {
         format!("{e}\n({vm} is fenced and unprotected; stop what holds {} open and run `vdrep umount {}`, then retry)", dir.display(), dir.display())
     })?;
-    let origin = Origin {
-        dir: dir.clone(),
-        keys: Some(keys.clone()),
-        block_size: rep.block_size,
-        names: rep
-            .disks
-            .iter()
-            .map(|(n, id, _)| (id.clone(), n.clone()))
-            .collect(),
-    };
-    let disks: Vec<(String, [u8; 16])> = rep
-        .disks
-        .iter()
-        .filter_map(|(n, id, _)| Some((n.clone(), parse_id(id)?)))
-        .collect();
+    let (origin, disks) = origin_of(&dir, &keys, &rep);
     rcall_ok(
         o.store,
         &rctl::Request::Adopt(super::Adoption {
@@ -358,35 +370,18 @@ pub fn reverse(
         )));
     };
     rcall_ok(o.store, &rctl::Request::Ping).map_err(unfence)?;
-    let others: Vec<&String> = rep
-        .mount_disks
-        .iter()
-        .filter(|d| !rep.spec.disks.contains(d))
-        .collect();
+    let others = foreign_disks(&rep);
     if !others.is_empty() {
         return Err(unfence(format!(
-            "{} also holds disks of other VMs: keep each VM in its own folder",
-            dir.display()
+            "{} also holds disks of other VMs ({}): keep each VM in its own folder",
+            dir.display(),
+            others.join(", ")
         )));
     }
     call_ok(&dir, &Request::Unprotect { vm: vm.into() })?;
     umount(&dir)?;
     say(&format!("stopped {vm} here ({} unmounted)", dir.display()));
-    let origin = Origin {
-        dir: dir.clone(),
-        keys: Some(keys.clone()),
-        block_size: rep.block_size,
-        names: rep
-            .disks
-            .iter()
-            .map(|(n, id, _)| (id.clone(), n.clone()))
-            .collect(),
-    };
-    let disks: Vec<(String, [u8; 16])> = rep
-        .disks
-        .iter()
-        .filter_map(|(n, id, _)| Some((n.clone(), parse_id(id)?)))
-        .collect();
+    let (origin, disks) = origin_of(&dir, &keys, &rep);
     rcall_ok(
         o.store,
         &rctl::Request::Adopt(super::Adoption {

@@ -227,7 +227,7 @@ pub fn promote_local(
             .filter_map(|d| {
                 Some(SeedDisk {
                     name: rel_name(&live.dir, &d.path)?,
-                    id: parse_id(&d.disk_id)?,
+                    id: replica::parse_hex_id(&d.disk_id)?,
                     cycle: live.cycle,
                     block_size: d.block_size,
                 })
@@ -255,17 +255,6 @@ fn rel_name(dir: &Path, p: &Path) -> Option<String> {
         .ok()
         .and_then(|r| r.to_str())
         .map(str::to_string)
-}
-
-pub(crate) fn parse_id(h: &str) -> Option<[u8; 16]> {
-    if h.len() != 32 {
-        return None;
-    }
-    let mut out = [0u8; 16];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(h.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
 }
 
 /// Run `vdrep mount DIR --keys KEYS` (returns once the mount is live).

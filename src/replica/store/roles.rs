@@ -464,23 +464,3 @@ fn raw_len_of(path: &Path, maybe_footer: bool) -> std::io::Result<u64> {
     }
     Ok(len)
 }
-
-fn read_json_opt<T: serde::de::DeserializeOwned>(
-    ctx: &Ctx,
-    root: &Path,
-    path: &Path,
-) -> Result<Option<T>> {
-    match open_nofollow(path).and_then(|mut f| {
-        let mut v = Vec::new();
-        f.read_to_end(&mut v).map(|_| v)
-    }) {
-        Ok(b) => serde_json::from_slice(&b)
-            .map(Some)
-            .map_err(|e| StoreError::BadState {
-                path: path.to_path_buf(),
-                what: e.to_string(),
-            }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io_err(ctx, root, "reading", path, e)),
-    }
-}
