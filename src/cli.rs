@@ -161,9 +161,11 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Fail a VM over at the secondary site. `--test` exposes a recovery
-    /// point's disks as bootable VHD files (copy-on-write: the replica and
-    /// replication are untouched); `--cleanup` removes the test failover.
+    /// Fail a VM over. `--test` (replica site) exposes a recovery point's
+    /// disks as bootable VHD files (copy-on-write: the replica and
+    /// replication are untouched), `--cleanup` removes it; `--planned`
+    /// (active site, both up), `--unplanned` (replica site, active site
+    /// gone) and `--commit` change which site runs the VM.
     Failover(FailoverArgs),
     /// At the old primary, once it is back after an unplanned failover:
     /// stop its copy of the VM, take its disks into this site's store as
