@@ -278,12 +278,38 @@ pub fn failover(a: FailoverArgs) -> i32 {
     0
 }
 
+/// A boot sector that goes real mode -> protected mode -> long mode
+/// (identity-mapped 2 MiB page) and then writes 1 to QEMU's
+/// `isa-debug-exit` port (QEMU exits with status 3). Assembled from:
+/// `cli; zero segs; A20 via 0x92; lgdt; CR0.PE; ljmp 08:pm32;`
+/// `pm32: zero 0x1000..0x4000; PML4->PDPT->PD(0x83); CR3; CR4.PAE;`
+/// `EFER.LME; CR0.PG; ljmp 18:lm64; lm64: out 0xf4,1; hlt` with a GDT
+/// {null, code32, data, code64}; padded with zeros and 0x55 0xaa.
+const KVM_PROBE_SECTOR: &[u8] = &[
+    0xfa, 0x31, 0xc0, 0x8e, 0xd8, 0x8e, 0xc0, 0x8e, 0xd0, 0xbc, 0x00, 0x7c, 0xe4, 0x92, 0x0c, 0x02,
+    0xe6, 0x92, 0x66, 0x0f, 0x01, 0x16, 0xb8, 0x7c, 0x0f, 0x20, 0xc0, 0x66, 0x83, 0xc8, 0x01, 0x0f,
+    0x22, 0xc0, 0x66, 0xea, 0x2a, 0x7c, 0x00, 0x00, 0x08, 0x00, 0x66, 0xb8, 0x10, 0x00, 0x8e, 0xd8,
+    0x8e, 0xc0, 0x8e, 0xd0, 0xbf, 0x00, 0x10, 0x00, 0x00, 0x31, 0xc0, 0xb9, 0x00, 0x0c, 0x00, 0x00,
+    0xf3, 0xab, 0xc7, 0x05, 0x00, 0x10, 0x00, 0x00, 0x03, 0x20, 0x00, 0x00, 0xc7, 0x05, 0x00, 0x20,
+    0x00, 0x00, 0x03, 0x30, 0x00, 0x00, 0xc7, 0x05, 0x00, 0x30, 0x00, 0x00, 0x83, 0x00, 0x00, 0x00,
+    0xb8, 0x00, 0x10, 0x00, 0x00, 0x0f, 0x22, 0xd8, 0x0f, 0x20, 0xe0, 0x83, 0xc8, 0x20, 0x0f, 0x22,
+    0xe0, 0xb9, 0x80, 0x00, 0x00, 0xc0, 0x0f, 0x32, 0x0d, 0x00, 0x01, 0x00, 0x00, 0x0f, 0x30, 0x0f,
+    0x20, 0xc0, 0x0d, 0x00, 0x00, 0x00, 0x80, 0x0f, 0x22, 0xc0, 0xea, 0x91, 0x7c, 0x00, 0x00, 0x18,
+    0x00, 0xb0, 0x01, 0xe6, 0xf4, 0xf4, 0xeb, 0xfd, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0xff, 0xff, 0x00, 0x00, 0x00, 0x9a, 0xcf, 0x00, 0xff, 0xff, 0x00, 0x00, 0x00, 0x92, 0xcf, 0x00,
+    0xff, 0xff, 0x00, 0x00, 0x00, 0x9a, 0xaf, 0x00, 0x1f, 0x00, 0x98, 0x7c, 0x00, 0x00,
+];
+
 /// Whether KVM really runs guest code here: `/dev/kvm` may open on hosts
-/// where guests then hang (broken nested virtualisation). The probe boots
-/// a 512-byte boot sector that writes to QEMU's `isa-debug-exit` port
-/// (exit status 3) under `-accel kvm` with a 10 s limit; the answer is
-/// cached per kernel and QEMU version in the run folder.
-fn kvm_works(scratch: &Path) -> bool {
+/// where guests then hang (broken nested virtualisation: on this project's
+/// CI hosts a boot sector runs fine under KVM, long mode too, yet a Linux
+/// kernel hangs after decompression). So the probe boots what will be
+/// booted when it can: with `--kernel`, that kernel without an initramfs
+/// under `-accel kvm` must reach its "Kernel panic" (no root file system)
+/// within 20 s; otherwise the long-mode boot sector above must exit
+/// within 10 s. The answer is cached per host kernel, QEMU version and
+/// guest kernel in the run folder.
+fn kvm_works(scratch: &Path, kernel: Option<&Path>) -> bool {
     if std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -304,60 +330,109 @@ fn kvm_works(scratch: &Path) -> bool {
                 .to_string()
         })
         .unwrap_or_default();
-    let key = xxhash_rust::xxh3::xxh3_64(format!("{release}|{qv}").as_bytes());
+    let guest = kernel
+        .and_then(|k| {
+            let m = std::fs::metadata(k).ok()?;
+            let mtime = m
+                .modified()
+                .ok()?
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()?;
+            Some(format!("{}|{}|{}", k.display(), m.len(), mtime.as_nanos()))
+        })
+        .unwrap_or_default();
+    let key = xxhash_rust::xxh3::xxh3_64(format!("{release}|{qv}|{guest}").as_bytes());
     let cache = crate::control::run_dir().join(format!("kvm-probe-{key:016x}"));
     if let Ok(s) = std::fs::read_to_string(&cache) {
         return s.trim() == "kvm";
     }
-    // mov al,1; out 0xf4,al; hlt; jmp $-1 ... 0x55 0xaa
-    let mut sector = vec![0u8; 512];
-    sector[..7].copy_from_slice(&[0xb0, 0x01, 0xe6, 0xf4, 0xf4, 0xeb, 0xfd]);
+    let ok = match kernel {
+        Some(k) => probe_kernel(scratch, k),
+        None => probe_sector(scratch),
+    };
+    let _ = std::fs::create_dir_all(crate::control::run_dir());
+    let _ = std::fs::write(&cache, if ok { "kvm\n" } else { "tcg\n" });
+    ok
+}
+
+/// Run `c` until it exits or `limit` passes (then kill it); the exit
+/// status, or None on timeout or spawn failure.
+fn run_limited(c: &mut Command, limit: std::time::Duration) -> Option<std::process::ExitStatus> {
+    let mut child = c
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let t0 = std::time::Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) => return Some(st),
+            Ok(None) if t0.elapsed() < limit => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+}
+
+fn probe_sector(scratch: &Path) -> bool {
+    let mut sector = KVM_PROBE_SECTOR.to_vec();
+    sector.resize(512, 0);
     sector[510] = 0x55;
     sector[511] = 0xaa;
     let img = scratch.join("kvm-probe.img");
     if std::fs::write(&img, &sector).is_err() {
         return false;
     }
-    let child = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel",
-            "kvm",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-m",
-            "16",
-        ])
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
-        .arg("-drive")
-        .arg(format!("file={},format=raw,if=ide", img.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
-    let ok = match child {
-        Err(_) => false,
-        Ok(mut c) => {
-            let t0 = std::time::Instant::now();
-            loop {
-                match c.try_wait() {
-                    Ok(Some(st)) => break st.code() == Some(3),
-                    Ok(None) if t0.elapsed() < std::time::Duration::from_secs(10) => {
-                        std::thread::sleep(std::time::Duration::from_millis(50));
-                    }
-                    _ => {
-                        let _ = c.kill();
-                        let _ = c.wait();
-                        break false;
-                    }
-                }
-            }
-        }
-    };
+    let st = run_limited(
+        Command::new("qemu-system-x86_64")
+            .args([
+                "-accel",
+                "kvm",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-m",
+                "16",
+            ])
+            .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+            .arg("-drive")
+            .arg(format!("file={},format=raw,if=ide", img.display())),
+        std::time::Duration::from_secs(10),
+    );
     let _ = std::fs::remove_file(&img);
-    let _ = std::fs::create_dir_all(crate::control::run_dir());
-    let _ = std::fs::write(&cache, if ok { "kvm\n" } else { "tcg\n" });
-    ok
+    st.is_some_and(|s| s.code() == Some(3))
+}
+
+fn probe_kernel(scratch: &Path, kernel: &Path) -> bool {
+    let log = scratch.join("kvm-probe.log");
+    let _ = std::fs::remove_file(&log);
+    run_limited(
+        Command::new("qemu-system-x86_64")
+            .args([
+                "-accel",
+                "kvm",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-m",
+                "128",
+            ])
+            .args(["-no-reboot", "-kernel"])
+            .arg(kernel)
+            .args(["-append", "console=ttyS0 panic=1 loglevel=1"])
+            .arg("-serial")
+            .arg(format!("file:{}", log.display())),
+        std::time::Duration::from_secs(20),
+    );
+    let out = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    out.contains("Kernel panic")
 }
 
 /// Start QEMU (daemonized) on the exposed disks; returns (pid, serial log).
@@ -368,7 +443,7 @@ fn boot_vm(a: &FailoverArgs, view: &ViewInfo) -> Result<(u32, PathBuf), String> 
     let kvm = match a.accel.as_str() {
         "kvm" => true,
         "tcg" => false,
-        _ => kvm_works(&view.scratch),
+        _ => kvm_works(&view.scratch, a.kernel.as_deref()),
     };
     if kvm {
         // Falls back to TCG if KVM cannot start.
