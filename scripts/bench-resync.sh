@@ -18,6 +18,8 @@
 #
 # Environment: SIZE=2G RUNS=3 CHANGE_PCT=1 BENCH_ROOT=/var/tmp/vdrep-rsbench
 #   NO_BUILD=1 VDREP=target/release/vdrep KEEP=1 DROP_CACHES=0
+#   SKIP_RSYNC=1 (vdrep only)  PERF=1 (perf record -a -g of each vdrep run
+#   into $LOG/perf-N.data; `perf report -i ... --comm vdrep`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE=${SIZE:-2G}
@@ -100,16 +102,23 @@ for run in $(seq "$RUNS"); do
     damage "$REPLICA" "$run"
     drop
     t0=$(now)
-    "$VDREP" resync bench-rs --json --timeout 1200 >"$LOG/resync-$run.json"
+    if [ -n "${PERF:-}" ]; then
+        perf record -q -F 1999 -a -g -o "$LOG/perf-$run.data" -- \
+            "$VDREP" resync bench-rs --json --timeout 1200 >"$LOG/resync-$run.json"
+    else
+        "$VDREP" resync bench-rs --json --timeout 1200 >"$LOG/resync-$run.json"
+    fi
     t1=$(now)
     st=$("$VDREP" status "$W/vm" --json)
     sent=$(jq '.replication[0].bytes_sent' <<<"$st")
     dig=$(jq '.replication[0].last_resync.digest_bytes' <<<"$st")
     prev=$PREV_SENT; PREV_SENT=$sent
     nb=$(jq .blocks_sent "$LOG/resync-$run.json")
+    ph=$(sed 's/\x1b\[[0-9;]*m//g' "$W/vm/.vdrep/daemon.log" | sed -n 's/.*resync timing: \(.*\) vm=.*/\1/p' | tail -1)
+    echo "run $run: vdrep $(el "$t0" "$t1") s ($ph); load $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "$run,vdrep,$(el "$t0" "$t1"),$((sent - prev + dig)),$nb" >>"$LOG/results.csv"
     # rsync -B4096 and default: the same kind of damage in its target copy.
-    for mode in b4096 default; do
+    for mode in $([ -n "${SKIP_RSYNC:-}" ] || echo b4096 default); do
         cp "$W/src.img" "$W/mod/disk.img"
         damage "$W/mod/disk.img" "$run"
         drop

@@ -342,6 +342,7 @@ async fn digests(
 ) -> Result<(), String> {
     let mut next = Some(first);
     let mut buf = Vec::new();
+    let mut cache = replica::DigestCache::default();
     loop {
         let m = match next.take() {
             Some(m) => m,
@@ -371,6 +372,7 @@ async fn digests(
                             r.replica_cycle,
                             r.block_size,
                             &runs,
+                            &mut cache,
                         )
                     });
                     match res {

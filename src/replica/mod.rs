@@ -89,6 +89,7 @@ mod undo;
 pub use error::{Ctx, StoreError};
 pub use names::{validate_name, MAX_NAME_LEN};
 pub(crate) use store::parse_hex_id;
+pub use store::DigestCache;
 pub use store::{
     AdoptDisk, ApplyOutcome, Consistency, DiskInfo, DiskState, InitialData, InitialState, LiveDisk,
     LiveInfo, Point, PruneReport, RecoveryReport, RetentionPolicy, Site, Store, StoreOutcome,

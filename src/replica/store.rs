@@ -495,7 +495,27 @@ fn read_json_opt<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// What [`Site::block_hashes`] keeps between the requests of one compare.
+#[derive(Default)]
+pub struct DigestCache {
+    buf: Vec<u8>,
+    open: Option<OpenReplica>,
+}
+
+struct OpenReplica {
+    site: String,
+    vm: String,
+    disk_id: [u8; 16],
+    paths: DiskPaths,
+    /// `state.json` as read when `target` was opened.
+    state_bytes: Vec<u8>,
+    size: u64,
+    rpath: PathBuf,
+    target: Box<dyn ReplicaTarget>,
+}
+
 /// Paths of one disk.
+#[derive(Clone)]
 struct DiskPaths {
     ctx: Ctx,
     dir: PathBuf,
@@ -1489,6 +1509,12 @@ impl Site<'_> {
     /// or past the replica's end get [`crate::resync::MISSING`]; the last
     /// block may be short. Returns the replica's size and the digests.
     /// Hashes on every core; holds the disk's lock (no apply meanwhile).
+    ///
+    /// `cache` is kept by the caller for the whole compare: the disk's
+    /// paths, its parsed state and the opened replica are reused as long
+    /// as `state.json` holds the same bytes (re-read, under the disk's
+    /// lock, on every call), and so is the read buffer (never zero-filled).
+    /// Pieces that are holes of the replica file (`SEEK_DATA`) are not read.
     pub fn block_hashes(
         &self,
         vm: &str,
@@ -1496,29 +1522,83 @@ impl Site<'_> {
         replica_cycle: u64,
         block_size: u32,
         runs: &[(u64, u32)],
+        cache: &mut DigestCache,
     ) -> Result<(u64, Vec<u128>)> {
-        let p = self.disk(vm, disk_id, false)?;
+        let same_disk = cache
+            .open
+            .as_ref()
+            .is_some_and(|c| c.site == self.name && c.vm == vm && c.disk_id == *disk_id);
+        if !same_disk {
+            cache.open = None;
+        }
+        let p = match cache.open.as_ref() {
+            Some(c) => c.paths.clone(),
+            None => self.disk(vm, disk_id, false)?,
+        };
         let rt = self.store.runtime(&p.dir);
         let _g = rt.lock();
-        let st = self.state_or_unknown(&p)?;
-        let stable = st.applying.is_none() && st.initial_offset.is_none();
-        if !stable || st.cycle != Some(replica_cycle) {
-            return Err(StoreError::NotReady {
-                ctx: p.ctx.clone(),
-                what: format!(
-                    "digests of cycle {replica_cycle} were asked for, but the replica is at {:?}{}: open the disk again and restart the compare",
-                    st.cycle,
-                    if stable { "" } else { " and not stable" }
-                ),
+        let raw = match open_nofollow(&p.state()).and_then(|mut f| {
+            let mut v = Vec::with_capacity(4096);
+            f.read_to_end(&mut v).map(|_| v)
+        }) {
+            Ok(b) => b,
+            Err(_) => {
+                // Let the ordinary reader say what is wrong.
+                cache.open = None;
+                self.state_or_unknown(&p)?;
+                return Err(StoreError::NotReady {
+                    ctx: p.ctx.clone(),
+                    what: "the replica's state changed while it was read: restart the compare"
+                        .into(),
+                });
+            }
+        };
+        if cache.open.as_ref().is_none_or(|c| c.state_bytes != raw) {
+            cache.open = None;
+            let st: DiskState = match serde_json::from_slice(&raw) {
+                Ok(st) => st,
+                Err(e) => {
+                    return Err(StoreError::BadState {
+                        path: p.state(),
+                        what: e.to_string(),
+                    })
+                }
+            };
+            let stable = st.applying.is_none() && st.initial_offset.is_none();
+            if !stable || st.cycle != Some(replica_cycle) {
+                return Err(StoreError::NotReady {
+                    ctx: p.ctx.clone(),
+                    what: format!(
+                        "digests of cycle {replica_cycle} were asked for, but the replica is at {:?}{}: open the disk again and restart the compare",
+                        st.cycle,
+                        if stable { "" } else { " and not stable" }
+                    ),
+                });
+            }
+            let target = self.open_replica(&p, &st, false)?;
+            cache.open = Some(OpenReplica {
+                site: self.name.clone(),
+                vm: vm.to_string(),
+                disk_id: *disk_id,
+                paths: p.clone(),
+                state_bytes: raw,
+                size: st.size,
+                rpath: p.dir.join(&st.replica_file),
+                target,
             });
         }
-        let target = self.open_replica(&p, &st, false)?;
-        let size = st.size;
+        let Some(open) = cache.open.as_ref() else {
+            return Err(StoreError::NotReady {
+                ctx: p.ctx.clone(),
+                what: "the replica could not be opened: restart the compare".into(),
+            });
+        };
+        let target = open.target.as_ref();
+        let size = open.size;
         let bs = u64::from(block_size);
         let total: u64 = runs.iter().map(|r| u64::from(r.1)).sum();
         let mut out = Vec::with_capacity(total as usize);
-        let rpath = p.dir.join(&st.replica_file);
-        let mut buf = Vec::new();
+        let buf = &mut cache.buf;
         let threads = crate::resync::hash_threads();
         // Read at most this much at once, whatever a run's length.
         let piece = (crate::resync::BATCH_BYTES / bs).max(1) * bs;
@@ -1536,16 +1616,30 @@ impl Site<'_> {
                     continue;
                 }
                 let have_end = stop.min(size);
-                buf.clear();
-                buf.resize((have_end - at) as usize, 0);
-                target
-                    .read_at(&mut buf, at)
-                    .map_err(|e| self.io(&p.ctx, "reading the replica for a resync", &rpath, e))?;
-                out.extend(crate::resync::digest_blocks(
-                    &buf,
-                    block_size as usize,
-                    threads,
-                ));
+                let len = (have_end - at) as usize;
+                if target.next_data(at).is_some_and(|d| d >= have_end) {
+                    // A hole: every block reads as zeros.
+                    let full = len / bs as usize;
+                    out.extend(std::iter::repeat_n(
+                        crate::resync::zero_digest(bs as usize),
+                        full,
+                    ));
+                    if len % bs as usize != 0 {
+                        out.push(crate::resync::zero_digest(len % bs as usize));
+                    }
+                } else {
+                    if buf.len() < len {
+                        buf.resize(len, 0);
+                    }
+                    target.read_at(&mut buf[..len], at).map_err(|e| {
+                        self.io(&p.ctx, "reading the replica for a resync", &open.rpath, e)
+                    })?;
+                    out.extend(crate::resync::digest_blocks(
+                        &buf[..len],
+                        block_size as usize,
+                        threads,
+                    ));
+                }
                 let got = (have_end - at).div_ceil(bs);
                 let want = (stop - at) / bs;
                 out.extend(std::iter::repeat_n(

@@ -62,6 +62,23 @@ pub trait ReplicaTarget: Send {
     /// Make everything written so far durable (fsync; container metadata
     /// included).
     fn flush(&mut self) -> io::Result<()>;
+    /// Where data starts at or after `offset` (`SEEK_DATA`; the disk's
+    /// length if only holes follow), or `None` if the file cannot tell.
+    fn next_data(&self, _offset: u64) -> Option<u64> {
+        None
+    }
+}
+
+/// `SEEK_DATA` on `file` from `offset`, clipped to `len`.
+fn seek_data(file: &File, offset: u64, len: u64) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: valid fd; lseek has no memory effects.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
+    if r < 0 {
+        // ENXIO: nothing but holes from `offset` on.
+        return (io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO)).then_some(len);
+    }
+    Some((r as u64).min(len))
 }
 
 fn out_of_range(offset: u64, len: u64, size: u64) -> io::Error {
@@ -170,7 +187,13 @@ impl ReplicaTarget for RawFile {
         Ok(())
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.file.sync_all()
+        // fdatasync: the data and every piece of metadata needed to read it
+        // back (size, block allocation) are durable; only timestamps may
+        // lag, and nothing reads them.
+        self.file.sync_data()
+    }
+    fn next_data(&self, offset: u64) -> Option<u64> {
+        seek_data(&self.file, offset, self.len)
     }
 }
 
@@ -246,7 +269,11 @@ impl ReplicaTarget for FixedVhd {
     }
     fn flush(&mut self) -> io::Result<()> {
         self.write_footer()?;
-        self.raw.file.sync_all()
+        // See RawFile::flush: fdatasync keeps size and allocation durable.
+        self.raw.file.sync_data()
+    }
+    fn next_data(&self, offset: u64) -> Option<u64> {
+        self.raw.next_data(offset)
     }
 }
 

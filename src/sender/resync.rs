@@ -25,53 +25,106 @@ use crate::tracking::{CutSelect, SealedCycle};
 use crate::transport::rate::RateLimiter;
 use crate::wire::{self, Msg};
 
-/// Blocks read as of the cut, grouped for one digest request.
-#[derive(Default)]
+/// Blocks read as of the cut, grouped for one digest request. The disk is
+/// read straight into `buf` (allocated and zeroed once, then recycled
+/// through the [`Filler`]'s pool): no intermediate copy, no zero-fill.
 struct Batch {
     /// `(first block, blocks, offset of its bytes in buf)`.
     runs: Vec<(u64, u32, usize)>,
     buf: Vec<u8>,
+    /// Bytes of `buf` in use.
+    used: usize,
     bs: u64,
 }
 
+/// Room in a batch buffer: the batch target plus the largest piece the
+/// tracker hands out (1 MiB).
+const BATCH_ROOM: usize = (BATCH_BYTES + (1 << 20)) as usize;
+
 impl Batch {
-    fn new(bs: u64) -> Batch {
+    fn new(bs: u64, buf: Option<Vec<u8>>) -> Batch {
+        let buf = match buf {
+            Some(b) if b.len() >= BATCH_ROOM => b,
+            _ => vec![0u8; BATCH_ROOM],
+        };
         Batch {
             runs: Vec::new(),
-            buf: Vec::with_capacity((BATCH_BYTES + (1 << 20)) as usize),
+            buf,
+            used: 0,
             bs,
         }
     }
 
-    fn push(&mut self, off: u64, data: &[u8]) {
+    /// Reserve `len` bytes for the disk bytes at `off`.
+    fn push(&mut self, off: u64, len: usize) -> &mut [u8] {
         let first = off / self.bs;
-        let n = (data.len() as u64).div_ceil(self.bs) as u32;
-        let at = self.buf.len();
-        self.buf.extend_from_slice(data);
-        if let Some(last) = self.runs.last_mut() {
-            if last.0 + u64::from(last.1) == first
-                && u64::from(last.1) + u64::from(n) <= wire::MAX_HASHES as u64
-                && (at - last.2) as u64 == u64::from(last.1) * self.bs
+        let n = (len as u64).div_ceil(self.bs) as u32;
+        let at = self.used;
+        if self.buf.len() < at + len {
+            self.buf.resize(at + len, 0);
+        }
+        self.used += len;
+        let merged = match self.runs.last_mut() {
+            Some(last)
+                if last.0 + u64::from(last.1) == first
+                    && u64::from(last.1) + u64::from(n) <= wire::MAX_HASHES as u64
+                    && (at - last.2) as u64 == u64::from(last.1) * self.bs =>
             {
                 last.1 += n;
-                return;
+                true
             }
+            _ => false,
+        };
+        if !merged {
+            self.runs.push((first, n, at));
         }
-        self.runs.push((first, n, at));
+        &mut self.buf[at..at + len]
+    }
+    fn data(&self) -> &[u8] {
+        &self.buf[..self.used]
     }
     fn blocks(&self) -> u64 {
         self.runs.iter().map(|r| u64::from(r.1)).sum()
     }
     fn full(&self) -> bool {
-        self.buf.len() as u64 >= BATCH_BYTES
+        self.used as u64 >= BATCH_BYTES
             || self.runs.len() >= 4096
             || self.blocks() + (1 << 20) / self.bs.max(1) > wire::MAX_HASHES as u64
     }
     fn end(&self) -> u64 {
         self.runs
             .last()
-            .map(|r| r.0 * self.bs + (self.buf.len() - r.2) as u64)
+            .map(|r| r.0 * self.bs + (self.used - r.2) as u64)
             .unwrap_or(0)
+    }
+}
+
+/// Fills batches from the sealed cycle ([`crate::tracking::CycleBuf`]) and
+/// hands each full one to the network side; buffers come back through
+/// `pool` once compared.
+struct Filler {
+    cur: Batch,
+    tx: tokio::sync::mpsc::Sender<Batch>,
+    pool: std::sync::mpsc::Receiver<Vec<u8>>,
+}
+
+impl Filler {
+    fn send_current(&mut self) -> Result<(), String> {
+        let buf = self.pool.try_recv().ok();
+        let bs = self.cur.bs;
+        let b = std::mem::replace(&mut self.cur, Batch::new(bs, buf));
+        self.tx
+            .blocking_send(b)
+            .map_err(|_| "the network side stopped".to_string())
+    }
+}
+
+impl crate::tracking::CycleBuf for Filler {
+    fn room(&mut self, off: u64, len: usize) -> Result<&mut [u8], String> {
+        if self.cur.full() {
+            self.send_current()?;
+        }
+        Ok(self.cur.push(off, len))
     }
 }
 
@@ -131,6 +184,7 @@ impl super::Replicator {
         limiter: Option<&RateLimiter>,
     ) -> Result<(), SendError> {
         let spec = vm.spec.clone();
+        let t_start = Instant::now();
         vm.status.lock().state = VmState::Resynchronizing;
         // 1. Logs of the resync disks are superseded; the others ship first.
         for d in rdisks {
@@ -217,6 +271,7 @@ impl super::Replicator {
         .map_err(|e| retry(format!("log task failed: {e}")))?;
         // 5. The resync disks, one after the other.
         let t_compare = Instant::now();
+        let prepare_secs = (t_compare - t_start).as_secs_f64();
         let mut result = Ok(());
         while let Some(sc) = rcycles.pop() {
             if result.is_err() {
@@ -237,7 +292,7 @@ impl super::Replicator {
         self.ship_pending(vm, conn, &HashMap::new(), limiter)
             .await?;
         tracing::info!(vm = %spec.vm, cycle,
-            "resync timing: compare {compare_secs:.3}s, ship+apply+commit {:.3}s",
+            "resync timing: prepare (ship pending, cut) {prepare_secs:.3}s, compare {compare_secs:.3}s, ship+apply+commit {:.3}s",
             t_ship.elapsed().as_secs_f64());
         let mut s = vm.status.lock();
         if let Some(r) = s.resync.take() {
@@ -347,23 +402,19 @@ impl super::Replicator {
         };
         // Reader: the cycle as of its cut, in batches.
         let (btx, mut brx) = tokio::sync::mpsc::channel::<Batch>(2);
+        let (pool_tx, pool_rx) = std::sync::mpsc::channel::<Vec<u8>>();
         let reader = tokio::task::spawn_blocking(move || {
-            let mut batch = Batch::new(bs);
-            let r = sc.stream(0, &mut |off, data| {
-                batch.push(off, data);
-                if batch.full() {
-                    let b = std::mem::replace(&mut batch, Batch::new(bs));
-                    btx.blocking_send(b)
-                        .map_err(|_| "the network side stopped".to_string())?;
-                }
-                Ok(())
-            });
+            let mut f = Filler {
+                cur: Batch::new(bs, None),
+                tx: btx,
+                pool: pool_rx,
+            };
+            let r = sc.stream_into(0, &mut f);
             let r = r.and_then(|()| {
-                if batch.runs.is_empty() {
+                if f.cur.runs.is_empty() {
                     return Ok(());
                 }
-                btx.blocking_send(batch)
-                    .map_err(|_| "the network side stopped".to_string())
+                f.send_current()
             });
             (sc, r)
         });
@@ -390,7 +441,7 @@ impl super::Replicator {
                     .await
                     .map_err(|e| stream_err(&e, addr))?;
                 let h = tokio::task::spawn_blocking(move || {
-                    let d = resync::digest_blocks(&b.buf, bs as usize, threads);
+                    let d = resync::digest_blocks(b.data(), bs as usize, threads);
                     (b, d)
                 });
                 if ptx.send(h).await.is_err() {
@@ -453,7 +504,7 @@ impl super::Replicator {
                             Mode::Resync { log } => {
                                 differ.push(blk);
                                 let s = at + (j * bs) as usize;
-                                let e = (s + bs as usize).min(b.buf.len());
+                                let e = (s + bs as usize).min(b.used);
                                 tokio::task::block_in_place(|| log.append(blk * bs, &b.buf[s..e]))
                                     .map_err(|e| {
                                         retry(format!("writing the resync log of {name}: {e}"))
@@ -464,6 +515,8 @@ impl super::Replicator {
                 }
                 compared += b.blocks();
                 offset = b.end();
+                // The buffer goes back to the reader (it may be gone).
+                let _ = pool_tx.send(b.buf);
                 let secs = t0.elapsed().as_secs_f64().max(1e-6);
                 {
                     let mut s = vm.status.lock();

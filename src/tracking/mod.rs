@@ -1149,6 +1149,45 @@ impl Tracker {
 /// Receives a sealed cycle's content: `(disk offset, bytes as of the cut)`.
 pub type CycleSink<'a> = dyn FnMut(u64, &[u8]) -> Result<(), String> + 'a;
 
+/// Destination of [`SealedCycle::stream_into`]: hands out the memory the
+/// next piece of the cycle is read into (no intermediate buffer, no
+/// zero-fill: the tracker writes every byte of the slice it gets).
+pub trait CycleBuf {
+    /// Room for the `len` bytes of the cycle at disk offset `off` (pieces
+    /// come in ascending order, at most 1 MiB each). Its content on entry
+    /// does not matter; it holds those bytes once the next call (or the
+    /// end of the stream) comes.
+    fn room(&mut self, off: u64, len: usize) -> Result<&mut [u8], String>;
+}
+
+/// [`CycleBuf`] over a [`CycleSink`]: one reused buffer, each piece passed
+/// on when the next one is asked for.
+struct SinkBuf<'s, 'a> {
+    sink: &'s mut CycleSink<'a>,
+    buf: Vec<u8>,
+    pending: Option<(u64, usize)>,
+}
+
+impl SinkBuf<'_, '_> {
+    fn flush(&mut self) -> Result<(), String> {
+        if let Some((off, len)) = self.pending.take() {
+            (self.sink)(off, &self.buf[..len])?;
+        }
+        Ok(())
+    }
+}
+
+impl CycleBuf for SinkBuf<'_, '_> {
+    fn room(&mut self, off: u64, len: usize) -> Result<&mut [u8], String> {
+        self.flush()?;
+        if self.buf.len() < len {
+            self.buf.resize(len, 0);
+        }
+        self.pending = Some((off, len));
+        Ok(&mut self.buf[..len])
+    }
+}
+
 /// Which disks a cut seals, and which are sealed whole (initial copy).
 #[derive(Debug, Clone, Default)]
 pub struct CutSelect {
@@ -1239,7 +1278,18 @@ impl SealedCycle {
     /// 1 MiB. Ranges that were holes at the cut are passed as zeros without
     /// reading them.
     pub fn stream(&self, from: u64, sink: &mut CycleSink<'_>) -> Result<(), String> {
-        self.disk.stream_sealed(&self.sealing, from, sink)
+        let mut out = SinkBuf {
+            sink,
+            buf: Vec::new(),
+            pending: None,
+        };
+        self.disk.stream_sealed(&self.sealing, from, &mut out)?;
+        out.flush()
+    }
+
+    /// [`SealedCycle::stream`] straight into the caller's memory.
+    pub fn stream_into(&self, from: u64, out: &mut dyn CycleBuf) -> Result<(), String> {
+        self.disk.stream_sealed(&self.sealing, from, out)
     }
 }
 
@@ -1474,24 +1524,19 @@ impl TrackedDisk {
         r as u64 >= off + len
     }
 
-    fn stream_sealed(
-        &self,
-        s: &Sealing,
-        from: u64,
-        sink: &mut CycleSink<'_>,
-    ) -> Result<(), String> {
+    fn stream_sealed(&self, s: &Sealing, from: u64, out: &mut dyn CycleBuf) -> Result<(), String> {
         let bs = self.bs();
         let nblocks = s.size.div_ceil(bs);
         let per_chunk = (CHUNK_BYTES / bs).max(1);
         let first_block = from / bs;
-        let mut buf = Vec::new();
         for (start, count) in s.dirty.runs(nblocks) {
             let end = start + count;
             let mut b = start.max(first_block);
             while b < end {
                 let ce = (b + per_chunk).min(end);
-                buf.clear();
-                buf.resize(((ce - b) * bs) as usize, 0);
+                let off = b * bs;
+                let len = ((ce * bs).min(s.size) - off) as usize;
+                let buf = out.room(off, len)?;
                 {
                     let mut st = s.state.lock();
                     if let Some(f) = &st.failed {
@@ -1500,13 +1545,18 @@ impl TrackedDisk {
                     let mut i = b;
                     while i < ce {
                         let o = ((i - b) * bs) as usize;
+                        let oe1 = (o + bs as usize).min(len);
                         if let Some(saved) = st.saved.remove(&i) {
                             st.saved_bytes -= saved.len() as u64;
-                            buf[o..o + saved.len()].copy_from_slice(&saved);
+                            let n = saved.len().min(oe1 - o);
+                            buf[o..o + n].copy_from_slice(&saved[..n]);
+                            buf[o + n..oe1].fill(0);
                             i += 1;
                             continue;
                         }
                         if st.captured.get(i) {
+                            // Already passed on by an earlier stream.
+                            buf[o..oe1].fill(0);
                             i += 1;
                             continue;
                         }
@@ -1517,20 +1567,21 @@ impl TrackedDisk {
                         {
                             j += 1;
                         }
-                        let oe = ((j + 1 - b) * bs) as usize;
+                        let oe = (((j + 1 - b) * bs) as usize).min(len);
                         // Uncaptured blocks are unchanged since the cut (a
                         // writer captures under this lock before writing).
-                        if !self.is_hole(i * bs, (j + 1 - i) * bs) {
-                            read_full_at(&self.reader, &mut buf[o..oe], i * bs)
+                        if self.is_hole(i * bs, (j + 1 - i) * bs) {
+                            buf[o..oe].fill(0);
+                        } else {
+                            let n = read_full_at(&self.reader, &mut buf[o..oe], i * bs)
                                 .map_err(|e| format!("reading the disk at block {i}: {e}"))?;
+                            // Past the file's end (shrunk since): zeros.
+                            buf[o + n..oe].fill(0);
                         }
                         st.captured.set_range(i, j);
                         i = j + 1;
                     }
                 }
-                let off = b * bs;
-                let len = (ce * bs).min(s.size) - off;
-                sink(off, &buf[..len as usize])?;
                 b = ce;
             }
         }
