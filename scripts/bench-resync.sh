@@ -97,10 +97,15 @@ PY
 
 echo "run,tool,secs,wire_bytes,blocks_sent" >"$LOG/results.csv"
 PREV_SENT=$("$VDREP" status "$W/vm" --json | jq '.replication[0].bytes_sent')
+RECV_PID=${PIDS[0]}
+MOUNT_PID=$(jq .pid "$W/vm/.vdrep/mount.json" 2>/dev/null || echo 0)
+# CPU seconds (user+system) a process used so far.
+cpu() { awk -v t="$(getconf CLK_TCK)" '{print ($14+$15)/t}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 for run in $(seq "$RUNS"); do
     # vdrep: damage the replica, resync.
     damage "$REPLICA" "$run"
     drop
+    c0s=$(cpu "$MOUNT_PID"); c0r=$(cpu "$RECV_PID")
     t0=$(now)
     if [ -n "${PERF:-}" ]; then
         perf record -q -F 1999 -a -g -o "$LOG/perf-$run.data" -- \
@@ -109,13 +114,14 @@ for run in $(seq "$RUNS"); do
         "$VDREP" resync bench-rs --json --timeout 1200 >"$LOG/resync-$run.json"
     fi
     t1=$(now)
+    cs=$(el "$c0s" "$(cpu "$MOUNT_PID")"); cr=$(el "$c0r" "$(cpu "$RECV_PID")")
     st=$("$VDREP" status "$W/vm" --json)
     sent=$(jq '.replication[0].bytes_sent' <<<"$st")
     dig=$(jq '.replication[0].last_resync.digest_bytes' <<<"$st")
     prev=$PREV_SENT; PREV_SENT=$sent
     nb=$(jq .blocks_sent "$LOG/resync-$run.json")
     ph=$(sed 's/\x1b\[[0-9;]*m//g' "$W/vm/.vdrep/daemon.log" | sed -n 's/.*resync timing: \(.*\) vm=.*/\1/p' | tail -1)
-    echo "run $run: vdrep $(el "$t0" "$t1") s ($ph); load $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "run $run: vdrep $(el "$t0" "$t1") s ($ph); CPU s sender $cs receiver $cr; load $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "$run,vdrep,$(el "$t0" "$t1"),$((sent - prev + dig)),$nb" >>"$LOG/results.csv"
     # rsync -B4096 and default: the same kind of damage in its target copy.
     for mode in $([ -n "${SKIP_RSYNC:-}" ] || echo b4096 default); do

@@ -461,6 +461,108 @@ fn resync_interrupted_by_receiver_crash_resumes() {
     m.umount();
 }
 
+/// Must-show 3 for the sender: kill -9 of the mount daemon in the middle
+/// of the compare. Writes made between the compare's cut and the kill are
+/// only in the durable touched-region map (the dirty bitmap died with the
+/// daemon); after the remount more is written. The automatic resync resumes
+/// at the saved offset, re-compares the found blocks and the touched
+/// regions (not the whole disk), and the replica ends byte-identical.
+#[test]
+fn resync_interrupted_by_mount_daemon_kill_resumes() {
+    require_fuse!();
+    let site = Site::new("rs-kill-mount");
+    random_file(&site.p("vm/k.img"), 256 << 20, 78);
+    std::env::set_var("VDREP_RETRY_SCALE", "0.005");
+    // 8 MiB batches paced at 100 ms: the whole compare takes ~3 s.
+    let mut m = site.mount_env(&[
+        ("VDREP_TEST_RESYNC_PACE_MS", "100"),
+        ("VDREP_RETRY_SCALE", "0.005"),
+    ]);
+    let r = Receiver::start(&site, "127.0.0.1:0");
+    site.protect(&r, &["k.img"], &["--resync-window", "always"]);
+    site.sync_ok();
+    let rep = site.replica("k.vhd");
+    // Damage 20 blocks of the replica, spread over the disk.
+    let f = std::fs::OpenOptions::new().write(true).open(&rep).unwrap();
+    for i in 0..20u64 {
+        f.write_all_at(&[0xab; 16], i * (12 << 20) + 4096 * 3)
+            .unwrap();
+    }
+    drop(f);
+    let write_block = |off: u64, v: u8| {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(site.p("vm/k.img"))
+            .unwrap();
+        f.write_all_at(&[v; 4096], off).unwrap();
+        f.sync_all().unwrap();
+    };
+    let offset_of = |m: &Mounted| {
+        m.status_json()["replication"][0]["resync"]["offset"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let vm = site.vm.clone();
+    let bg = std::thread::spawn(move || vdrep(&["resync", &vm, "--json", "--timeout", "120"]));
+    // Between the cut and the kill: a block the compare already passed,
+    // and one it has not reached yet.
+    let mut reached = 0;
+    for _ in 0..600 {
+        reached = offset_of(&m);
+        if reached >= 48 << 20 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(reached >= 48 << 20, "the resync never got to 48 MiB");
+    write_block(5 << 20, 0x51);
+    write_block((230 << 20) + 8192, 0x52);
+    // Kill once the progress at 128 MiB is saved and the compare went on.
+    for _ in 0..600 {
+        reached = offset_of(&m);
+        if reached >= 160 << 20 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(reached >= 160 << 20, "the resync never got to 160 MiB");
+    kill_daemon(&mut m, &site);
+    let _ = bg.join();
+    // Remount (unclean stop: resync required) and write more at once.
+    let mut m = site.mount();
+    write_block((30 << 20) + 4096, 0x53);
+    write_block(100 << 20, 0x54);
+    site.sync_ok();
+    let st = m.status_json();
+    let rs = &st["replication"][0]["last_resync"];
+    let total = 65536u64;
+    let compared = rs["blocks_compared"].as_u64().unwrap_or(0);
+    println!("resumed resync after kill -9 of the mount daemon: {compared} of {total} blocks compared: {rs}");
+    assert_eq!(rs["mode"], "resync", "{st}");
+    assert!(
+        rs["resumed_from"].as_u64().unwrap_or(0) >= 128 << 20,
+        "not resumed: {st}"
+    );
+    assert!(compared < total * 6 / 10, "the resync started over: {st}");
+    // 20 damaged blocks + the 4 blocks written since the cut (the one at
+    // 5 MiB is known from the touched-region map only).
+    assert_eq!(rs["blocks_sent"], 24, "{st}");
+    assert_eq!(st["disks"][0]["state"]["state"], "Normal", "{st}");
+    same(&site.p("vm/k.img"), "raw", &rep);
+    let (code, v) = site.verify();
+    assert_eq!(code, 0, "{v}");
+    // The touched-region map is gone with the resync.
+    let disks = site.p("vm/.vdrep/disks");
+    for d in std::fs::read_dir(&disks).unwrap().flatten() {
+        assert!(
+            !d.path().join("touched").exists(),
+            "{} left behind",
+            d.path().display()
+        );
+    }
+    m.umount();
+}
+
 /// Must-show 4: an unclean stop of the mount (kill -9 of the daemon) marks
 /// the disk resync required; after the remount an automatic resync (window
 /// `always`) compares by checksums (no full copy: little is sent), keeps the

@@ -174,8 +174,14 @@ pub struct Progress {
     /// Runs `(first block, count)` below `compared_to` found different.
     pub differ: Vec<(u64, u64)>,
     /// Identity of the daemon that wrote this (resuming across daemons
-    /// needs a bitmap saved by a clean stop).
+    /// needs a bitmap saved by a clean stop, or the touched-region map).
     pub daemon: String,
+    /// Epoch of the durable touched-region map
+    /// ([`crate::tracking::touched`]) started before the cut this progress
+    /// was made at: while that map is still the disk's, it holds every
+    /// region written since, even across a kill -9 of the daemon.
+    #[serde(default)]
+    pub touch_epoch: Option<u64>,
 }
 
 impl Progress {

@@ -205,24 +205,44 @@ impl super::Replicator {
                 .get(d)
                 .ok_or_else(|| SendError::Fatal(format!("{d} was not opened at the receiver")))?;
             let path = progress_path(self, &spec.vm, &id);
+            let touch = self.tracker.touch_epoch(d);
+            // Every write since the cut the progress was made at is known:
+            // this daemon's bitmap, a bitmap saved by a clean stop, or the
+            // durable touched-region map (kill -9 of the daemon).
+            let by_map = |p: &Progress| p.touch_epoch.is_some() && p.touch_epoch == touch;
             let p = Progress::load(&path).filter(|p| {
                 p.disk_id == hexid(&id)
                     && p.block_size == bs
                     && p.replica_cycle == ds.replica_cycle
-                    && (p.daemon == self.instance || self.tracker.bitmap_trusted(d))
+                    && (p.daemon == self.instance || self.tracker.bitmap_trusted(d) || by_map(p))
             });
             match p {
                 Some(p) => {
+                    let mut more = p.differ.clone();
+                    let touched = if by_map(&p) {
+                        self.tracker.touched_runs(d)
+                    } else {
+                        Vec::new()
+                    };
+                    let tblocks: u64 = touched.iter().map(|r| r.1).sum();
+                    more.extend(touched);
+                    more.sort_unstable();
                     tracing::info!(vm = %spec.vm, disk = %d,
-                        "resuming the resync at {} MiB ({} block(s) found different so far)",
-                        p.compared_to >> 20, p.differ_blocks());
+                        "resuming the resync at {} MiB ({} block(s) found different so far, {} block(s) of regions written since re-compared)",
+                        p.compared_to >> 20, p.differ_blocks(), tblocks);
                     full_from.insert(d.clone(), p.compared_to);
-                    extra.insert(d.clone(), p.differ.clone());
+                    extra.insert(d.clone(), more);
                     prior.insert(d.clone(), p);
                 }
                 None => {
                     let _ = std::fs::remove_file(&path);
                     full_from.insert(d.clone(), 0);
+                    // Record the regions written from before the cut on.
+                    tokio::task::block_in_place(|| self.tracker.touch_begin(d)).map_err(|e| {
+                        retry(format!(
+                            "cannot start the touched-region map of {d} (needed to resume the resync after a crash): {e}"
+                        ))
+                    })?;
                 }
             }
         }
@@ -353,6 +373,7 @@ impl super::Replicator {
                     .map_err(|e| retry(e.to_string()))?
                     .map_err(|e| retry(e.to_string()))?;
                 let _ = std::fs::remove_file(&ppath);
+                self.tracker.touch_end(&name);
                 let _ = cycle;
                 Ok(())
             }
@@ -455,6 +476,14 @@ impl super::Replicator {
         let mut prior_rest: Vec<(u64, u64)> =
             prior.as_ref().map(|p| p.differ.clone()).unwrap_or_default();
         let prior_to = prior.as_ref().map(|p| p.compared_to).unwrap_or(0);
+        // The map vouches for this progress only if it was started before
+        // the first cut of this resync (by this compare, or by the one
+        // whose progress is resumed).
+        let touch_epoch = match (is_resync, self.tracker.touch_epoch(&name), &prior) {
+            (false, _, _) => None,
+            (true, cur, None) => cur,
+            (true, cur, Some(p)) => cur.filter(|c| p.touch_epoch == Some(*c)),
+        };
         let recv_side = async {
             let t0 = Instant::now();
             let mut last_save = Instant::now();
@@ -553,6 +582,7 @@ impl super::Replicator {
                             compared_to: offset.max(prior_to),
                             differ: resync::runs_of(all),
                             daemon: self.instance.clone(),
+                            touch_epoch,
                         };
                         if let Err(e) = tokio::task::block_in_place(|| p.save(pf)) {
                             tracing::warn!("cannot save resync progress {}: {e}", pf.display());

@@ -24,6 +24,7 @@
 pub mod bitmap;
 pub mod seed;
 pub mod state;
+pub mod touched;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -150,6 +151,19 @@ pub struct Tracker {
     /// Serialises cuts and shutdown.
     cut_serial: Mutex<MountMeta>,
     previous_stop_clean: bool,
+}
+
+/// Where a disk's touched-region map lives (relative to the folder root).
+fn touch_rel(folder: &str) -> PathBuf {
+    Path::new(STATE_DIR)
+        .join("disks")
+        .join(folder)
+        .join("touched")
+}
+
+fn state_cpath(p: &Path) -> io::Result<std::ffi::CString> {
+    std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
 }
 
 fn io_state(path: &Path, source: io::Error) -> TrackError {
@@ -485,7 +499,30 @@ impl Tracker {
             fenced: false.into(),
             bitmap_trusted: trusted.into(),
             log_limit: Mutex::new(None),
+            touch: RwLock::new(None),
+            touch_active: false.into(),
         });
+        // A resync in progress keeps recording the regions written, from
+        // before the first write of this daemon on.
+        match self
+            .state
+            .openat(&touch_rel(&meta.folder), libc::O_RDWR | libc::O_NOFOLLOW, 0)
+        {
+            Ok(f) => match touched::TouchMap::load(f) {
+                Ok(Some(m)) => {
+                    tracing::info!(disk = %key, epoch = m.epoch,
+                        "a resync is in progress: recording the regions written");
+                    *disk.touch.write() = Some(m);
+                    disk.touch_active
+                        .store(true, std::sync::atomic::Ordering::Release);
+                }
+                Ok(None) => tracing::warn!(disk = %key,
+                    "ignoring a damaged touched-region map: an interrupted resync compares everything again"),
+                Err(e) => return Err(e),
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
         self.save_meta(&meta)?;
         tracing::info!(disk = %key, state = ?meta.state, cycle = meta.cycle, "tracking disk");
         disks.insert(key, disk.clone());
@@ -890,6 +927,84 @@ impl Tracker {
 
     /// Does the disk's live bitmap hold every write since its last cut?
     /// (False after an unclean stop or a lost bitmap.)
+    pub fn touch_epoch(&self, name: &str) -> Option<u64> {
+        let d = self.disks.lock().get(name).cloned()?;
+        let e = d.touch.read().as_ref().map(|m| m.epoch);
+        e
+    }
+
+    /// Start recording the regions of `name` written from now on (a resync
+    /// begins; call before its cut): a fresh, durable, empty map with a new
+    /// epoch replaces any older one. Returns the epoch.
+    pub fn touch_begin(&self, name: &str) -> io::Result<u64> {
+        let d = self.disks.lock().get(name).cloned().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("{name} is not tracked"))
+        })?;
+        let folder = d.meta.lock().folder.clone();
+        let size = d.reader.metadata()?.len();
+        let rel = touch_rel(&folder);
+        let tmp = rel.with_file_name(".touched.tmp");
+        let f = self.state.openat(
+            &tmp,
+            libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW,
+            0o600,
+        )?;
+        let epoch = loop {
+            let e = u64::from_le_bytes(random_id()[..8].try_into().unwrap_or([1; 8]));
+            if e != 0 {
+                break e;
+            }
+        };
+        let m = touched::TouchMap::create(f, size, epoch)?;
+        let (ct, cf) = (state_cpath(&tmp)?, state_cpath(&rel)?);
+        let fd = self.state.root_fd().as_raw_fd();
+        // SAFETY: valid dirfd and NUL-terminated paths.
+        if unsafe { libc::renameat(fd, ct.as_ptr(), fd, cf.as_ptr()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.state
+            .fsync_dir(rel.parent().unwrap_or(Path::new(STATE_DIR)))?;
+        let mut g = d.touch.write();
+        *g = Some(m);
+        d.touch_active
+            .store(true, std::sync::atomic::Ordering::Release);
+        Ok(epoch)
+    }
+
+    /// Block runs `(first, count)` of the regions written since the map of
+    /// the resync in progress was started (empty without one).
+    pub fn touched_runs(&self, name: &str) -> Vec<(u64, u64)> {
+        let Some(d) = self.disks.lock().get(name).cloned() else {
+            return Vec::new();
+        };
+        let r = d
+            .touch
+            .read()
+            .as_ref()
+            .map(|m| m.block_runs(self.shared.block_size))
+            .unwrap_or_default();
+        r
+    }
+
+    /// The resync of `name` is complete: stop recording, delete the map.
+    pub fn touch_end(&self, name: &str) {
+        let Some(d) = self.disks.lock().get(name).cloned() else {
+            return;
+        };
+        let folder = d.meta.lock().folder.clone();
+        let mut g = d.touch.write();
+        d.touch_active
+            .store(false, std::sync::atomic::Ordering::Release);
+        *g = None;
+        let rel = touch_rel(&folder);
+        if let Err(e) = self
+            .state
+            .remove(rel.strip_prefix(STATE_DIR).unwrap_or(&rel))
+        {
+            tracing::warn!(disk = %name, "cannot delete the touched-region map {}: {e}", rel.display());
+        }
+    }
+
     pub fn bitmap_trusted(&self, name: &str) -> bool {
         self.disks
             .lock()
@@ -1336,6 +1451,11 @@ pub struct TrackedDisk {
     /// Pending changes (sealed logs + dirty bytes) above which the disk
     /// goes bitmap-only (set by the protection).
     log_limit: Mutex<Option<u64>>,
+    /// Durable map of the regions written while a resync is in progress
+    /// ([`touched`]); `touch_active` says whether there is one (the only
+    /// cost of the map on the write path outside resyncs).
+    touch: RwLock<Option<touched::TouchMap>>,
+    touch_active: std::sync::atomic::AtomicBool,
 }
 
 fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
@@ -1428,6 +1548,30 @@ impl TrackedDisk {
         bm.set_range(first, last);
     }
 
+    /// Record blocks `first..=last` in the touched-region map, durably,
+    /// if a resync is in progress (before the change is made).
+    fn touch(&self, first: u64, last: u64) -> io::Result<()> {
+        if !self.touch_active.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
+        let bs = self.bs();
+        let (lo, hi) = (first * bs, last * bs + bs - 1);
+        if self.touch.read().as_ref().is_none_or(|m| m.covers(lo, hi)) {
+            return Ok(());
+        }
+        let mut g = self.touch.write();
+        let Some(m) = g.as_mut() else { return Ok(()) };
+        m.touch(lo, hi).map_err(|e| {
+            let name = self.meta.lock().name.clone();
+            tracing::error!(disk = %name,
+                "cannot record a write in the touched-region map of the resync in progress: {e}; the write is refused");
+            io::Error::new(
+                e.kind(),
+                format!("{name}: recording the write for the resync in progress failed: {e}"),
+            )
+        })
+    }
+
     /// Is the disk fenced (see [`Tracker::fence`])?
     pub fn is_fenced(&self) -> bool {
         self.fenced.load(std::sync::atomic::Ordering::SeqCst)
@@ -1449,6 +1593,7 @@ impl TrackedDisk {
         }
         let _cut = self.shared.cut_lock.read();
         let (first, last) = self.span(offset, data.len() as u64);
+        self.touch(first, last)?;
         self.preserve(first, last);
         let r = file.write_at(data, offset);
         // Marked whatever the outcome: an over-approximation is always safe.
@@ -1463,6 +1608,7 @@ impl TrackedDisk {
         let old = file.metadata()?.len();
         if len < old {
             let (first, last) = self.span(len, old - len);
+            self.touch(first, last)?;
             self.preserve(first, last);
             let r = file.set_len(len);
             self.mark(first, last);
@@ -1490,6 +1636,7 @@ impl TrackedDisk {
             None
         };
         if let Some((f, l)) = range {
+            self.touch(f, l)?;
             self.preserve(f, l);
         }
         // SAFETY: valid fd; kernel validates the arguments.
