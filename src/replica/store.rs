@@ -1627,6 +1627,13 @@ impl Site<'_> {
                     if len % bs as usize != 0 {
                         out.push(crate::resync::zero_digest(len % bs as usize));
                     }
+                } else if let Some(Ok(m)) = target.map(at, len) {
+                    // Hashed straight from the page cache (no copy).
+                    out.extend(crate::resync::digest_blocks(
+                        &m,
+                        block_size as usize,
+                        threads,
+                    ));
                 } else {
                     if buf.len() < len {
                         buf.resize(len, 0);

@@ -67,6 +67,87 @@ pub trait ReplicaTarget: Send {
     fn next_data(&self, _offset: u64) -> Option<u64> {
         None
     }
+    /// The disk bytes `offset..offset + len` mapped read-only, without
+    /// copying them (for hashing), when the format stores them as plain
+    /// file bytes; `None` otherwise. Only while nothing shrinks the file.
+    fn map(&self, _offset: u64, _len: usize) -> Option<io::Result<MappedRange>> {
+        None
+    }
+}
+
+/// A read-only shared mapping of part of a replica file (see
+/// [`ReplicaTarget::map`]); unmapped on drop.
+pub struct MappedRange {
+    base: *mut libc::c_void,
+    map_len: usize,
+    /// Offset of the first wanted byte inside the mapping.
+    skip: usize,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and owned; it may be used and dropped
+// from any thread.
+unsafe impl Send for MappedRange {}
+// SAFETY: as above: shared access only reads.
+unsafe impl Sync for MappedRange {}
+
+impl MappedRange {
+    fn new(file: &File, offset: u64, len: usize) -> io::Result<MappedRange> {
+        use std::os::fd::AsRawFd;
+        // The file must hold every mapped byte: a page past its end would
+        // fault (SIGBUS) when read.
+        if file.metadata()?.len() < offset + len as u64 || len == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "range past the end of the replica file",
+            ));
+        }
+        // SAFETY: sysconf has no memory effects.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+        let start = offset / page * page;
+        let skip = (offset - start) as usize;
+        let map_len = skip + len;
+        // SAFETY: a fresh read-only shared mapping of a valid fd; the
+        // kernel picks the address; failure is checked below.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                file.as_raw_fd(),
+                start as libc::off_t,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(MappedRange {
+            base,
+            map_len,
+            skip,
+            len,
+        })
+    }
+}
+
+impl std::ops::Deref for MappedRange {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `base..base + map_len` is mapped readable for our
+        // lifetime and the file holds every byte (checked at creation;
+        // replicas are only shrunk under the disk lock the reader holds).
+        unsafe { std::slice::from_raw_parts(self.base.cast::<u8>().add(self.skip), self.len) }
+    }
+}
+
+impl Drop for MappedRange {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what mmap returned.
+        unsafe {
+            libc::munmap(self.base, self.map_len);
+        }
+    }
 }
 
 /// `SEEK_DATA` on `file` from `offset`, clipped to `len`.
@@ -195,6 +276,12 @@ impl ReplicaTarget for RawFile {
     fn next_data(&self, offset: u64) -> Option<u64> {
         seek_data(&self.file, offset, self.len)
     }
+    fn map(&self, offset: u64, len: usize) -> Option<io::Result<MappedRange>> {
+        if offset.saturating_add(len as u64) > self.len {
+            return None;
+        }
+        Some(MappedRange::new(&self.file, offset, len))
+    }
 }
 
 /// Size of a VHD footer.
@@ -274,6 +361,9 @@ impl ReplicaTarget for FixedVhd {
     }
     fn next_data(&self, offset: u64) -> Option<u64> {
         self.raw.next_data(offset)
+    }
+    fn map(&self, offset: u64, len: usize) -> Option<io::Result<MappedRange>> {
+        self.raw.map(offset, len)
     }
 }
 
