@@ -34,6 +34,10 @@ struct Batch {
     buf: Vec<u8>,
     /// Bytes of `buf` in use.
     used: usize,
+    /// Digests of the blocks of `buf[..hashed]`, computed by the reader
+    /// right after each piece was read (while it is still in the cache).
+    digests: Vec<u128>,
+    hashed: usize,
     bs: u64,
 }
 
@@ -51,8 +55,19 @@ impl Batch {
             runs: Vec::new(),
             buf,
             used: 0,
+            digests: Vec::new(),
+            hashed: 0,
             bs,
         }
+    }
+
+    /// Hash what was read since the last call.
+    fn hash_new(&mut self) {
+        let bs = self.bs.max(1) as usize;
+        for b in self.buf[self.hashed..self.used].chunks(bs) {
+            self.digests.push(resync::block_digest(b));
+        }
+        self.hashed = self.used;
     }
 
     /// Reserve `len` bytes for the disk bytes at `off`.
@@ -79,9 +94,6 @@ impl Batch {
             self.runs.push((first, n, at));
         }
         &mut self.buf[at..at + len]
-    }
-    fn data(&self) -> &[u8] {
-        &self.buf[..self.used]
     }
     fn blocks(&self) -> u64 {
         self.runs.iter().map(|r| u64::from(r.1)).sum()
@@ -110,6 +122,7 @@ struct Filler {
 
 impl Filler {
     fn send_current(&mut self) -> Result<(), String> {
+        self.cur.hash_new();
         let buf = self.pool.try_recv().ok();
         let bs = self.cur.bs;
         let b = std::mem::replace(&mut self.cur, Batch::new(bs, buf));
@@ -123,6 +136,8 @@ impl crate::tracking::CycleBuf for Filler {
     fn room(&mut self, off: u64, len: usize) -> Result<&mut [u8], String> {
         if self.cur.full() {
             self.send_current()?;
+        } else {
+            self.cur.hash_new();
         }
         Ok(self.cur.push(off, len))
     }
@@ -439,9 +454,7 @@ impl super::Replicator {
             });
             (sc, r)
         });
-        type Hashed = tokio::task::JoinHandle<(Batch, Vec<u128>)>;
-        let (ptx, mut prx) = tokio::sync::mpsc::channel::<Hashed>(2);
-        let threads = resync::hash_threads();
+        let (ptx, mut prx) = tokio::sync::mpsc::channel::<Batch>(2);
         let send_side = async {
             let mut buf = Vec::new();
             while let Some(b) = brx.recv().await {
@@ -461,11 +474,7 @@ impl super::Replicator {
                 wire::write_msg_buf(&mut tx, &Msg::BlockHashReq(req), &mut buf)
                     .await
                     .map_err(|e| stream_err(&e, addr))?;
-                let h = tokio::task::spawn_blocking(move || {
-                    let d = resync::digest_blocks(b.data(), bs as usize, threads);
-                    (b, d)
-                });
-                if ptx.send(h).await.is_err() {
+                if ptx.send(b).await.is_err() {
                     break;
                 }
             }
@@ -492,7 +501,7 @@ impl super::Replicator {
             let mut digest_bytes = 0u64;
             let mut differ: Vec<u64> = Vec::new();
             let mut offset;
-            while let Some(h) = prx.recv().await {
+            while let Some(mut b) = prx.recv().await {
                 let theirs = match wire::read_msg(&mut rx)
                     .await
                     .map_err(|e| stream_err(&e, addr))?
@@ -505,7 +514,7 @@ impl super::Replicator {
                         )))
                     }
                 };
-                let (b, ours) = h.await.map_err(|e| retry(format!("hashing failed: {e}")))?;
+                let ours = std::mem::take(&mut b.digests);
                 if theirs.hashes.len() != ours.len() {
                     return Err(SendError::Fatal(format!(
                         "the receiver sent {} digests for {} blocks",
