@@ -12,10 +12,12 @@
 //! receiver keeps its recovery history and the resync becomes a point).
 //!
 //! A resync that stops (network, receiver crash, clean restart of the
-//! mount) resumes from its [`Progress`]: the compare offset it reached and
-//! the blocks found different so far. The next attempt seals a new cut and
-//! re-reads only those blocks, the blocks written since the previous cut
-//! (the tracker's bitmap) and everything past the offset.
+//! mount, kill -9 of the mount daemon) resumes from its [`Progress`]: the
+//! compare offset it reached and the blocks found different so far. The
+//! next attempt seals a new cut and re-reads only those blocks, the blocks
+//! written since the previous cut (the tracker's bitmap; after a kill -9,
+//! the regions of the durable touched-region map,
+//! [`crate::tracking::touched`]) and everything past the offset.
 //!
 //! The window for automatic resyncs is a [`Window`].
 

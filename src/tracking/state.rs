@@ -11,6 +11,9 @@
 //! - `disks/<folder>/bitmap`: the unsealed cycle's dirty bitmap, saved at a
 //!   clean shutdown (magic `VDREPBM1`, block size, bit count, xxh3-64, words).
 //! - `disks/<folder>/<cycle>.hrl`: sealed change logs.
+//! - `disks/<folder>/touched`: while a checksum resync of the disk is in
+//!   progress, the durable map of the regions written since its first cut
+//!   (see [`super::touched`]); deleted when the resync completes.
 
 use std::ffi::CString;
 use std::fs::File;
