@@ -518,10 +518,12 @@ impl Tracker {
                 }
                 Ok(None) => tracing::warn!(disk = %key,
                     "ignoring a damaged touched-region map: an interrupted resync compares everything again"),
-                Err(e) => return Err(e),
+                Err(e) => tracing::warn!(disk = %key,
+                    "cannot read the touched-region map ({e}): an interrupted resync compares everything again"),
             },
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+            Err(e) => tracing::warn!(disk = %key,
+                "cannot open the touched-region map ({e}): an interrupted resync compares everything again"),
         }
         self.save_meta(&meta)?;
         tracing::info!(disk = %key, state = ?meta.state, cycle = meta.cycle, "tracking disk");
@@ -925,8 +927,8 @@ impl Tracker {
         (real, self.root_path.join(&rel))
     }
 
-    /// Does the disk's live bitmap hold every write since its last cut?
-    /// (False after an unclean stop or a lost bitmap.)
+    /// Epoch of the touched-region map of `name` ([`touched`]): `Some`
+    /// while a resync of it is in progress.
     pub fn touch_epoch(&self, name: &str) -> Option<u64> {
         let d = self.disks.lock().get(name).cloned()?;
         let e = d.touch.read().as_ref().map(|m| m.epoch);
@@ -1005,6 +1007,8 @@ impl Tracker {
         }
     }
 
+    /// Does the disk's live bitmap hold every write since its last cut?
+    /// (False after an unclean stop or a lost bitmap.)
     pub fn bitmap_trusted(&self, name: &str) -> bool {
         self.disks
             .lock()
