@@ -1180,3 +1180,65 @@ fn crash_while_merging_history() {
     check(&site);
     assert!(read_replica(&store) == models[5]);
 }
+
+/// Digests for a checksum resync (`Site::block_hashes`): equal to hashing
+/// the replica's bytes, whole 8 MiB pieces that are holes of the replica
+/// file (skipped via `SEEK_DATA`) included, blocks past the end `MISSING`;
+/// the per-compare `DigestCache` sees an apply (the old cycle is refused,
+/// the new one hashes the new bytes).
+#[test]
+fn block_hashes_match_the_replica_holes_and_applies() {
+    use vdrep::resync::{block_digest, MISSING};
+    let dir = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let mut rng = Rng(11);
+    let size = 24usize << 20;
+    let mut disk = vec![0u8; size];
+    rng.fill(&mut disk[..3 << 20]);
+    rng.fill(&mut disk[20 << 20..(20 << 20) + 4096]);
+    initial(&store, &disk, 1);
+    let site = store.site(SITE).unwrap();
+    // The test means something only if 8..16 MiB is a hole of the file.
+    {
+        let f = std::fs::File::open(site.replica_path(VM, &ID).unwrap()).unwrap();
+        let d = nix::unistd::lseek(&f, 8 << 20, nix::unistd::Whence::SeekData);
+        assert!(
+            d.is_ok_and(|d| d >= 16 << 20),
+            "the zeros were not stored as a hole: {d:?}"
+        );
+    }
+    let want = |d: &[u8]| -> Vec<u128> {
+        let mut v: Vec<u128> = d.chunks(BS as usize).map(block_digest).collect();
+        v.extend([MISSING; 3]);
+        v
+    };
+    let nb = (size as u64 / BS) as u32;
+    let runs = vec![(0u64, nb + 3)];
+    let mut cache = vdrep::replica::DigestCache::default();
+    for _ in 0..2 {
+        let (sz, got) = site
+            .block_hashes(VM, &ID, 1, BS as u32, &runs, &mut cache)
+            .unwrap();
+        assert_eq!(sz, size as u64);
+        assert!(
+            got == want(&disk),
+            "digests differ from the replica's bytes"
+        );
+    }
+    // Cycle 2 writes a block inside the former hole.
+    rng.fill(&mut disk[(10 << 20) + 8192..(10 << 20) + 12288]);
+    let dirty: BTreeSet<u64> = [((10 << 20) + 8192) / BS].into_iter().collect();
+    let lp = logs.path().join("2.hrl");
+    make_log(&lp, ID, 1, 2, size as u64, &disk, &dirty);
+    site.store_log(VM, &ID, std::fs::File::open(&lp).unwrap())
+        .unwrap();
+    site.apply(VM, &ID, 2).unwrap();
+    assert!(site
+        .block_hashes(VM, &ID, 1, BS as u32, &runs, &mut cache)
+        .is_err());
+    let (_, got) = site
+        .block_hashes(VM, &ID, 2, BS as u32, &runs, &mut cache)
+        .unwrap();
+    assert!(got == want(&disk), "the cache missed the apply");
+}
