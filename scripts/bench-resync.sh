@@ -12,9 +12,9 @@
 # and with rsync's default block size. Wire bytes: vdrep = digests received
 # + resync log sent; rsync = "Total bytes sent" + "Total bytes received".
 # Also: digest throughput (xxh3-128 of 4 KiB blocks) on 1 core and all cores
-# (`vdrep hash-bench`). Median of RUNS; caches are warm (both tools read the
-# same data; DROP_CACHES=1 drops them before each timed step). No time is
-# asserted.
+# (`vdrep hash-bench`). Median of RUNS; caches are warm (each tool's inputs
+# are read right before its timed step; DROP_CACHES=1 drops them instead).
+# No time is asserted.
 #
 # Environment: SIZE=2G RUNS=3 CHANGE_PCT=1 BENCH_ROOT=/var/tmp/vdrep-rsbench
 #   NO_BUILD=1 VDREP=target/release/vdrep KEEP=1 DROP_CACHES=0
@@ -43,7 +43,14 @@ cleanup() {
     if [ -z "${KEEP:-}" ]; then rm -rf "$W/vm" "$W/store" "$W/mod" "$W/src.img"; fi
 }
 trap cleanup EXIT
-drop() { [ "${DROP_CACHES:-0}" = 1 ] && { sync; echo 3 >/proc/sys/vm/drop_caches; } || true; }
+# Caches: DROP_CACHES=1 drops them before each timed step; otherwise both
+# tools' inputs are read once right before their timed step (warm cache:
+# hosts running DAMON reclaim, `kdamond`, page out files that sat idle for
+# a few seconds, e.g. vdrep's disk during the rsync runs).
+drop() {
+    if [ "${DROP_CACHES:-0}" = 1 ]; then sync; echo 3 >/proc/sys/vm/drop_caches
+    else cat "$@" >/dev/null; fi
+}
 now() { date +%s.%N; }
 el() { python3 -c "print(f'{$2-$1:.3f}')"; }
 median() { sort -g | awk '{a[NR]=$1} END{print (NR%2)? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
@@ -104,7 +111,7 @@ cpu() { awk -v t="$(getconf CLK_TCK)" '{print ($14+$15)/t}' "/proc/$1/stat" 2>/d
 for run in $(seq "$RUNS"); do
     # vdrep: damage the replica, resync.
     damage "$REPLICA" "$run"
-    drop
+    drop "$W/vm/disk.img" "$REPLICA"
     c0s=$(cpu "$MOUNT_PID"); c0r=$(cpu "$RECV_PID")
     t0=$(now)
     if [ -n "${PERF:-}" ]; then
@@ -127,7 +134,7 @@ for run in $(seq "$RUNS"); do
     for mode in $([ -n "${SKIP_RSYNC:-}" ] || echo b4096 default); do
         cp "$W/src.img" "$W/mod/disk.img"
         damage "$W/mod/disk.img" "$run"
-        drop
+        drop "$W/src.img" "$W/mod/disk.img"
         opt=(-I --inplace --no-whole-file --stats)
         [ "$mode" = b4096 ] && opt+=(-B4096)
         t0=$(now)
