@@ -346,6 +346,7 @@ fn one_of_each() -> Vec<Msg> {
         Msg::PointCommit(wire::PointCommit {
             vm: "vm1".into(),
             cycle: 4,
+            app_consistent: true,
             disks: vec![wire::DiskCycle {
                 disk_id: id,
                 cycle: 4,

@@ -304,6 +304,8 @@ fn protect_live(
         max_rate,
         resync_threshold_pct: policy.threshold_pct,
         resync_window: policy.window.clone(),
+        // The primary's quiesce command need not work at this site.
+        app_hook: None,
     };
     let r = crate::control::call(&live.dir, &crate::control::Request::Protect { spec })
         .map_err(lazy_err)?;

@@ -690,6 +690,7 @@ impl Tracker {
                         base_size: meta.size,
                         disk_size: size,
                         cut_unix_ns: cut_ns,
+                        app_consistent: false,
                     },
                     folder: meta.folder.clone(),
                     full_from,
