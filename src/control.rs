@@ -54,6 +54,11 @@ pub enum Request {
         vm: String,
         timeout_secs: u64,
     },
+    /// A failover was committed: stop saving pre-images of these disks
+    /// (paths relative to the folder) and delete their journals.
+    DropPreimages {
+        disks: Vec<String>,
+    },
 }
 
 /// A fenced VM: its protection, this mount's identity and disks.

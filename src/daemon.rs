@@ -470,6 +470,21 @@ fn handle(
                 ..Default::default()
             }
         }
+        Request::DropPreimages { disks } => {
+            let missing = tracker.drop_preimages(disks);
+            if missing.is_empty() {
+                Response {
+                    ok: true,
+                    ..Default::default()
+                }
+            } else {
+                Response::err(format!(
+                    "disk(s) {} are not tracked under {}",
+                    missing.join(", "),
+                    dir.display()
+                ))
+            }
+        }
         Request::Shutdown { lazy } => match unmount(dir, *lazy) {
             Ok(()) => Response {
                 ok: true,

@@ -61,7 +61,7 @@ fn fence(dir: &Path, vm: &str, on: bool) -> RoleResult<FenceReport> {
 }
 
 /// Stop the tracking mount at `dir` cleanly (waits for the daemon to exit).
-fn umount(dir: &Path) -> RoleResult<()> {
+pub(super) fn umount(dir: &Path) -> RoleResult<()> {
     let r = call_ok(dir, &Request::Shutdown { lazy: false })?;
     if let Some(pid) = r.pid {
         if !crate::daemon::wait_pid_gone(pid, Duration::from_secs(120)) {
@@ -322,8 +322,26 @@ pub fn commit(store: &Path, site: Option<&str>, vm: &str) -> RoleResult<crate::r
             vm: vm.into(),
         },
     )?;
-    r.live
-        .ok_or_else(|| "the receiver did not say where the VM is live".to_string())
+    let live = r
+        .live
+        .ok_or_else(|| "the receiver did not say where the VM is live".to_string())?;
+    for w in super::drop_preimages(&live) {
+        say(&format!("warning: {w}"));
+    }
+    Ok(live)
+}
+
+/// Cancel the uncommitted failover of `vm` at this site.
+pub fn cancel(store: &Path, site: Option<&str>, vm: &str) -> RoleResult<super::CancelReport> {
+    let r = rcall_ok(
+        store,
+        &rctl::Request::CancelFailover {
+            site: site.map(str::to_string),
+            vm: vm.into(),
+        },
+    )?;
+    r.cancel
+        .ok_or_else(|| "the receiver answered without a report".to_string())
 }
 
 /// Options of `vdrep reverse`.
@@ -419,7 +437,7 @@ fn say(s: &str) {
     eprintln!("vdrep: {s}");
 }
 
-/// `vdrep failover NAME --planned | --unplanned | --commit`.
+/// `vdrep failover NAME --planned | --unplanned | --commit | --cancel`.
 pub fn run_failover(a: crate::cli::FailoverArgs) -> i32 {
     let vm = a.name.as_str();
     if a.mode.planned {
@@ -457,6 +475,28 @@ pub fn run_failover(a: crate::cli::FailoverArgs) -> i32 {
             }
             Err(e) => {
                 eprintln!("vdrep: planned failover of {vm} failed: {e}");
+                1
+            }
+        };
+    }
+    if a.mode.cancel {
+        return match cancel(&a.store, a.site.as_deref(), vm) {
+            Ok(r) => {
+                if a.json {
+                    println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                } else {
+                    println!(
+                        "{vm}: failover cancelled: {} written on the failed-over disks undone, {} stopped; the replica is back at its newest point {} with its {} recovery point(s) as before; replication from the original primary resumes (re-protect it there if it went Critical)",
+                        crate::cli::human(r.undone_bytes),
+                        r.dir.display(),
+                        r.points.last().map_or(r.cycle, |p| p.cycle),
+                        r.points.len()
+                    );
+                }
+                0
+            }
+            Err(e) => {
+                eprintln!("vdrep: cancel of the failover of {vm}: {e}");
                 1
             }
         };

@@ -22,6 +22,7 @@
 //! "resync required" instead of trusting a stale bitmap.
 
 pub mod bitmap;
+pub mod preimage;
 pub mod seed;
 pub mod state;
 
@@ -221,7 +222,8 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
     pi == p.len()
 }
 
-fn folder_name(rel: &str, id: &[u8; 16]) -> String {
+/// The state folder (under `.vdrep/disks/`) of disk `rel` with identity `id`.
+pub fn folder_name(rel: &str, id: &[u8; 16]) -> String {
     let base: String = rel
         .chars()
         .map(|c| {
@@ -485,6 +487,7 @@ impl Tracker {
             fenced: false.into(),
             bitmap_trusted: trusted.into(),
             log_limit: Mutex::new(None),
+            preimage: Mutex::new(self.open_preimage(&meta.folder, &key)),
         });
         self.save_meta(&meta)?;
         tracing::info!(disk = %key, state = ?meta.state, cycle = meta.cycle, "tracking disk");
@@ -1062,6 +1065,55 @@ impl Tracker {
         missing
     }
 
+    /// The armed pre-image journal of the disk in state folder `folder`.
+    fn open_preimage(&self, folder: &str, name: &str) -> Option<preimage::Journal> {
+        let rel = Path::new(STATE_DIR)
+            .join("disks")
+            .join(folder)
+            .join(preimage::FILE);
+        let f = match self
+            .state
+            .openat(&rel, libc::O_RDWR | libc::O_NOFOLLOW, 0)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::error!(disk = %name, "cannot open the pre-image journal: {e}; a cancel of the failover will be refused");
+                return None;
+            }
+        };
+        match preimage::Journal::open(f, self.shared.block_size) {
+            Ok(j) => {
+                tracing::info!(disk = %name, saved_bytes = j.bytes, "pre-image journal armed (the failover can be cancelled)");
+                Some(j)
+            }
+            Err(e) => {
+                tracing::error!(disk = %name, "damaged pre-image journal: {e}; a cancel of the failover will be refused");
+                None
+            }
+        }
+    }
+
+    /// Stop saving pre-images of the named disks and delete their journals
+    /// (the failover was committed). Returns the names not tracked.
+    pub fn drop_preimages(&self, names: &[String]) -> Vec<String> {
+        let disks = self.disks.lock();
+        let mut missing = Vec::new();
+        for n in names {
+            match disks.get(n) {
+                Some(d) => {
+                    *d.preimage.lock() = None;
+                    let folder = d.meta.lock().folder.clone();
+                    let _ = self
+                        .state
+                        .remove(&PathBuf::from(format!("disks/{folder}/{}", preimage::FILE)));
+                }
+                None => missing.push(n.clone()),
+            }
+        }
+        missing
+    }
+
     /// The tracking block size in bytes.
     pub fn block_size(&self) -> u32 {
         self.shared.block_size as u32
@@ -1286,6 +1338,9 @@ pub struct TrackedDisk {
     /// Pending changes (sealed logs + dirty bytes) above which the disk
     /// goes bitmap-only (set by the protection).
     log_limit: Mutex<Option<u64>>,
+    /// Armed by a promotion (see [`preimage`]): blocks are saved before
+    /// their first change, so that the failover can be cancelled.
+    preimage: Mutex<Option<preimage::Journal>>,
 }
 
 fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
@@ -1317,6 +1372,18 @@ impl TrackedDisk {
         tracing::info!(disk = %m.name, "no longer tracked: {why}");
         m.detached = true;
         m.clone()
+    }
+
+    /// Save the pre-failover content of blocks about to change for the
+    /// first time since a promotion (see [`preimage`]); an error fails the
+    /// change (it could not be undone by a cancel).
+    fn save_preimages(&self, first: u64, last: u64) -> io::Result<()> {
+        let mut j = self.preimage.lock();
+        let Some(j) = j.as_mut() else { return Ok(()) };
+        j.save(&self.reader, first, last).map_err(|e| {
+            tracing::error!(disk = %self.meta.lock().name, "cannot save pre-images for a failover cancel: {e}; the write fails");
+            io::Error::from_raw_os_error(libc::EIO)
+        })
     }
 
     /// Save the as-of-cut content of sealed blocks about to change.
@@ -1399,6 +1466,7 @@ impl TrackedDisk {
         }
         let _cut = self.shared.cut_lock.read();
         let (first, last) = self.span(offset, data.len() as u64);
+        self.save_preimages(first, last)?;
         self.preserve(first, last);
         let r = file.write_at(data, offset);
         // Marked whatever the outcome: an over-approximation is always safe.
@@ -1413,6 +1481,7 @@ impl TrackedDisk {
         let old = file.metadata()?.len();
         if len < old {
             let (first, last) = self.span(len, old - len);
+            self.save_preimages(first, last)?;
             self.preserve(first, last);
             let r = file.set_len(len);
             self.mark(first, last);
@@ -1440,6 +1509,7 @@ impl TrackedDisk {
             None
         };
         if let Some((f, l)) = range {
+            self.save_preimages(f, l)?;
             self.preserve(f, l);
         }
         // SAFETY: valid fd; kernel validates the arguments.
