@@ -527,7 +527,9 @@ pub fn run(cmd: Cmd) -> i32 {
             site,
             json,
         } => crate::failover::cli::points(&name, &store, site, json),
-        Cmd::Failover(a) if a.mode.planned || a.mode.unplanned || a.mode.commit || a.mode.cancel => {
+        Cmd::Failover(a)
+            if a.mode.planned || a.mode.unplanned || a.mode.commit || a.mode.cancel =>
+        {
             crate::roles::cli::run_failover(a)
         }
         Cmd::Failover(a) => crate::failover::cli::failover(a),

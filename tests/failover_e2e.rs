@@ -567,3 +567,197 @@ fn recovery_plan_runs_groups_in_order_and_stops_after_a_failed_group() {
     vdrep_ok(&["failover", "vm1", "--cleanup", "--store", &s.s("b/store")]);
     assert!(!exposed.exists());
 }
+
+fn sha256(p: &Path) -> String {
+    run("sha256sum", &[p.to_str().unwrap()])
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn points_json(store: &Path) -> serde_json::Value {
+    serde_json::from_str(&vdrep_ok(&[
+        "points",
+        "vm1",
+        "--store",
+        store.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap()
+}
+
+fn point_cycles(v: &serde_json::Value) -> Vec<u64> {
+    v.as_array()
+        .or_else(|| v["points"].as_array())
+        .unwrap()
+        .iter()
+        .map(|p| p["cycle"].as_u64().unwrap())
+        .collect()
+}
+
+/// Unplanned failover to an older point, writes (and a resize) on the
+/// promoted disks, cancel: the replica's bytes and its recovery points are
+/// exactly as before the failover, nothing is pinned, and replication from
+/// the original primary resumes and reaches the replica. A second failover
+/// that is committed can no longer be cancelled, and says what to do.
+#[test]
+fn unplanned_failover_cancel_restores_replica_and_points_then_primary_resumes() {
+    require_fuse!();
+    let s = Sites::new();
+    std::env::set_var("VDREP_RETRY_SCALE", "0.002");
+    fill(&s.p("a/vm1/disk0.img"), 32 << 20, 11);
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vpc",
+            "-o",
+            "subformat=fixed",
+            &s.s("a/vm1/disk1.vhd"),
+            "16M",
+        ],
+    );
+    let _c = Cleanup(vec![s.p("a/vm1"), s.b_live()]);
+    let rb = Receiver::start(&s, "b");
+    vdrep_ok(&["mount", &s.s("a/vm1"), "--keys", &s.s("ka")]);
+    vdrep_ok(&[
+        "protect",
+        "vm1",
+        "--to",
+        &rb.addr,
+        "--trust",
+        &s.s("kb/site-b.crt"),
+        "--every",
+        "1h",
+        &s.s("a/vm1/disk0.img"),
+        &s.s("a/vm1/disk1.vhd"),
+    ]);
+    sync(&s.p("a/vm1"));
+    for (i, v) in [0x71u8, 0x72, 0x73].into_iter().enumerate() {
+        write_blocks(&s.p("a/vm1/disk0.img"), 40, v, i as u64 + 1);
+        run(
+            "qemu-io",
+            &[
+                "-f",
+                "vpc",
+                "-c",
+                &format!("write -P {v} {}k 64k", 512 * i),
+                &s.s("a/vm1/disk1.vhd"),
+            ],
+        );
+        sync(&s.p("a/vm1"));
+    }
+    // The primary site goes away.
+    vdrep_ok(&["umount", &s.s("a/vm1")]);
+    let store = s.p("b/store");
+    let r0 = replica(&store, "site-a", "disk0.vhd");
+    let r1 = replica(&store, "site-a", "disk1.vhd");
+    let before = (sha256(&r0), sha256(&r1), points_json(&store));
+    let mut cycles = point_cycles(&before.2);
+    cycles.sort();
+    println!(
+        "before: disk0 replica {} disk1 replica {} points {cycles:?}",
+        before.0, before.1
+    );
+    assert!(cycles.len() >= 4, "{}", before.2);
+    let older = cycles[cycles.len() - 3];
+
+    // Unplanned failover to a point two cycles old (rolls back over two).
+    let out = vdrep_ok(&[
+        "failover",
+        "vm1",
+        "--unplanned",
+        "--point",
+        &older.to_string(),
+        "--store",
+        &s.s("b/store"),
+    ]);
+    println!("{out}");
+    let live = s.b_live();
+    assert!(is_mountpoint(&live));
+    // The failed-over VM writes, and grows a disk.
+    write_blocks(&live.join("disk0.img"), 60, 0x7a, 9);
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "vpc",
+            "-c",
+            "write -P 0x7b 4M 1M",
+            live.join("disk1.vhd").to_str().unwrap(),
+        ],
+    );
+    {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(live.join("disk0.img"))
+            .unwrap();
+        f.set_len((32 << 20) + (1 << 20)).unwrap();
+        f.write_all_at(&[0x7c; 4096], 32 << 20).unwrap();
+        f.sync_all().unwrap();
+    }
+
+    // Cancel.
+    let out = vdrep_ok(&["failover", "vm1", "--cancel", "--store", &s.s("b/store")]);
+    println!("{out}");
+    assert!(out.contains("cancelled"), "{out}");
+    assert!(!is_mountpoint(&live), "the live folder is still mounted");
+    assert!(!live.exists(), "the live folder was left behind");
+    let after = (sha256(&r0), sha256(&r1), points_json(&store));
+    println!(
+        "after cancel: disk0 replica {} disk1 replica {} points {:?}",
+        after.0,
+        after.1,
+        point_cycles(&after.2)
+    );
+    assert_eq!(after.0, before.0, "disk0's replica changed");
+    assert_eq!(after.1, before.1, "disk1's replica changed");
+    assert_eq!(after.2, before.2, "the recovery points changed");
+    assert!(
+        !after.2.to_string().contains("\"pinned\":true"),
+        "a point stayed pinned: {}",
+        after.2
+    );
+    // Every point is still readable as before: expose the oldest one.
+    vdrep_ok(&[
+        "failover",
+        "vm1",
+        "--test",
+        "--point",
+        &cycles[0].to_string(), // the oldest
+        "--store",
+        &s.s("b/store"),
+    ]);
+    vdrep_ok(&["failover", "vm1", "--cleanup", "--store", &s.s("b/store")]);
+
+    // The original primary comes back and replicates again.
+    vdrep_ok(&["mount", &s.s("a/vm1"), "--keys", &s.s("ka")]);
+    write_blocks(&s.p("a/vm1/disk0.img"), 30, 0x7d, 12);
+    sync(&s.p("a/vm1"));
+    compare(&s.p("a/vm1/disk0.img"), "raw", &r0, "vpc");
+    compare(&s.p("a/vm1/disk1.vhd"), "vpc", &r1, "vpc");
+    let n = point_cycles(&points_json(&store)).len();
+    assert_eq!(n, cycles.len() + 1, "the resumed cycle made no new point");
+    println!("primary resumed: {n} points, replica equals the primary");
+
+    // A committed failover cannot be cancelled.
+    vdrep_ok(&["umount", &s.s("a/vm1")]);
+    vdrep_ok(&["failover", "vm1", "--unplanned", "--store", &s.s("b/store")]);
+    vdrep_ok(&["failover", "vm1", "--commit", "--store", &s.s("b/store")]);
+    let o = vdrep(&["failover", "vm1", "--cancel", "--store", &s.s("b/store")]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    println!("{err}");
+    assert!(!o.status.success(), "a cancel after commit succeeded");
+    assert!(
+        err.contains("committed") && err.contains("--planned"),
+        "unclear refusal: {err}"
+    );
+    assert!(
+        is_mountpoint(&live),
+        "the refused cancel stopped the live disks"
+    );
+    drop(rb);
+}

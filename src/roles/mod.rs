@@ -312,8 +312,8 @@ pub fn cancel_local(ctx: &ReceiverCtx, site: &str, vm: &str) -> RoleResult<Cance
         ));
     }
     if is_mounted(&live.dir) {
-        let st = crate::control::call(&live.dir, &crate::control::Request::Status)
-            .map_err(lazy_err)?;
+        let st =
+            crate::control::call(&live.dir, &crate::control::Request::Status).map_err(lazy_err)?;
         if st
             .replication
             .unwrap_or_default()
@@ -350,8 +350,11 @@ pub fn cancel_local(ctx: &ReceiverCtx, site: &str, vm: &str) -> RoleResult<Cance
     }
     if is_mounted(&live.dir) {
         cli::umount(&live.dir).map_err(|e| {
-            format!("{e}
-(stop the VM running on {}'s disks, then run the cancel again)", vm)
+            format!(
+                "{e}
+(stop the VM running on {}'s disks, then run the cancel again)",
+                vm
+            )
         })?;
     }
     let mut undone = 0;

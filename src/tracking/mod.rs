@@ -1071,10 +1071,7 @@ impl Tracker {
             .join("disks")
             .join(folder)
             .join(preimage::FILE);
-        let f = match self
-            .state
-            .openat(&rel, libc::O_RDWR | libc::O_NOFOLLOW, 0)
-        {
+        let f = match self.state.openat(&rel, libc::O_RDWR | libc::O_NOFOLLOW, 0) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
             Err(e) => {

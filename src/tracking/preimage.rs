@@ -51,7 +51,9 @@ fn parse_header(h: &[u8]) -> io::Result<(u32, u64)> {
     }
     let v = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
     if v != VERSION {
-        return Err(bad(format!("pre-image journal version {v} is not supported")));
+        return Err(bad(format!(
+            "pre-image journal version {v} is not supported"
+        )));
     }
     let bs = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
     let mut o = [0u8; 8];

@@ -421,8 +421,9 @@ impl Site<'_> {
                         ),
                     });
                 }
-                std::fs::rename(&d.path, &dst)
-                    .map_err(|e| self.io(&p.ctx, "moving the live disk back into the store", &dst, e))?;
+                std::fs::rename(&d.path, &dst).map_err(|e| {
+                    self.io(&p.ctx, "moving the live disk back into the store", &dst, e)
+                })?;
                 let _ = sync_dir(&p.dir);
                 if let Some(parent) = d.path.parent() {
                     let _ = sync_dir(parent);
