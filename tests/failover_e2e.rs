@@ -761,3 +761,202 @@ fn unplanned_failover_cancel_restores_replica_and_points_then_primary_resumes() 
     );
     drop(rb);
 }
+
+/// The replica file of `vm`'s disk `name` in `store` for namespace `site`.
+fn replica_of(store: &Path, site: &str, vm: &str, name: &str) -> PathBuf {
+    let disks = store.join(format!("sites/{site}/vms/{vm}/disks"));
+    for d in std::fs::read_dir(&disks).unwrap().flatten() {
+        let p = d.path().join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("no replica {name} under {}", disks.display());
+}
+
+/// Writes 4 KiB blocks to `path` until told to stop; returns (writes that
+/// succeeded, errors).
+fn busy_writer(
+    path: PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(u64, Vec<String>)> {
+    std::thread::spawn(move || {
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let blocks = f.metadata().unwrap().len() / 4096;
+        let (mut ok, mut errs) = (0u64, Vec::new());
+        let mut i = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let buf = [(i % 251) as u8 + 1; 4096];
+            match f
+                .write_all_at(&buf, ((i * 131) % blocks) * 4096)
+                .and_then(|()| if i % 8 == 7 { f.sync_data() } else { Ok(()) })
+            {
+                Ok(()) => ok += 1,
+                Err(e) => errs.push(format!("write {i}: {e}")),
+            }
+            i += 1;
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        f.sync_all().unwrap();
+        (ok, errs)
+    })
+}
+
+/// Two VMs protected from ONE tracking folder; planned failover of vm1 and
+/// failback: vm2's writes are accepted throughout and keep replicating,
+/// vm1's disk round-trips byte-identically and only changes travel.
+#[test]
+fn planned_failover_of_one_vm_in_a_shared_folder_leaves_the_other_running() {
+    require_fuse!();
+    let s = Sites::new();
+    std::env::set_var("VDREP_RETRY_SCALE", "0.002");
+    let dir = s.p("a/vm1"); // the shared folder (think /var/lib/libvirt/images)
+    fill(&dir.join("disk0.img"), 32 << 20, 21);
+    fill(&dir.join("other.img"), 16 << 20, 22);
+    let _c = Cleanup(vec![dir.clone(), s.b_live()]);
+    let ra = Receiver::start(&s, "a");
+    let rb = Receiver::start(&s, "b");
+    vdrep_ok(&["mount", &s.s("a/vm1"), "--keys", &s.s("ka")]);
+    for (vm, disk) in [("vm1", "disk0.img"), ("vm2", "other.img")] {
+        vdrep_ok(&[
+            "protect",
+            vm,
+            "--to",
+            &rb.addr,
+            "--trust",
+            &s.s("kb/site-b.crt"),
+            "--every",
+            "1h",
+            dir.join(disk).to_str().unwrap(),
+        ]);
+    }
+    sync(&dir);
+    write_blocks(&dir.join("disk0.img"), 40, 0x81, 1);
+    sync(&dir);
+    // Not shipped yet: the planned failover must ship it.
+    write_blocks(&dir.join("disk0.img"), 30, 0x82, 2);
+    copy(&dir.join("disk0.img"), &s.p("expect/disk0.img"));
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let w = busy_writer(dir.join("other.img"), stop.clone());
+    std::thread::sleep(std::time::Duration::from_millis(200));
+
+    // 1. Planned failover of vm1 only.
+    let out = vdrep_ok(&[
+        "failover",
+        "vm1",
+        "--planned",
+        "--dir",
+        &s.s("a/vm1"),
+        "--store",
+        &s.s("a/store"),
+        "--reverse-to",
+        &ra.addr,
+    ]);
+    println!("{out}");
+    assert!(is_mountpoint(&dir), "the shared folder was unmounted");
+    // The kernel may show a cached entry for up to its 1 s TTL (writes to
+    // it already fail: the mount refuses to change a released disk).
+    let t0 = std::time::Instant::now();
+    while dir.join("disk0.img").exists() && t0.elapsed().as_secs() < 3 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(!dir.join("disk0.img").exists(), "vm1's disk is still at A");
+    assert!(dir.join("other.img").exists());
+    let live = s.b_live();
+    compare(
+        &live.join("disk0.img"),
+        "raw",
+        &s.p("expect/disk0.img"),
+        "raw",
+    );
+    // vm2 keeps replicating from the shared folder.
+    sync(&dir);
+    let st = status(&dir);
+    let vms: Vec<&str> = st["replication"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["vm"].as_str().unwrap())
+        .collect();
+    assert_eq!(vms, ["vm2"], "{st}");
+
+    // 2. vm1 runs at B and replicates back to A.
+    write_blocks(&live.join("disk0.img"), 25, 0x83, 3);
+    sync(&live);
+    copy(&live.join("disk0.img"), &s.p("expect/disk0.img"));
+
+    // 3. Planned failback, run at B, into the folder vm2 still runs from.
+    let out = vdrep_ok(&[
+        "failover",
+        "vm1",
+        "--planned",
+        "--dir",
+        live.to_str().unwrap(),
+        "--store",
+        &s.s("b/store"),
+        "--reverse-to",
+        &rb.addr,
+    ]);
+    println!("{out}");
+    assert!(!is_mountpoint(&live));
+    compare(
+        &dir.join("disk0.img"),
+        "raw",
+        &s.p("expect/disk0.img"),
+        "raw",
+    );
+    compare(
+        &dir.join("disk0.img"),
+        "raw",
+        &replica_of(&s.p("b/store"), "site-a", "vm1", "disk0.vhd"),
+        "vpc",
+    );
+
+    // 4. vm1 is primary at A again and ships only its changes.
+    sync(&dir);
+    let sent = |d: &Path, vm: &str| -> u64 {
+        status(d)["replication"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["vm"] == vm)
+            .and_then(|v| v["bytes_sent"].as_u64())
+            .unwrap_or(0)
+    };
+    let a0 = sent(&dir, "vm1");
+    write_blocks(&dir.join("disk0.img"), 16, 0x84, 4);
+    sync(&dir);
+    let a1 = sent(&dir, "vm1") - a0;
+    println!("vm1 after failback: 16 changed blocks (64 KiB) -> {a1} bytes sent (before: {a0})");
+    assert!(
+        a0 < 1 << 20,
+        "A re-sent {a0} bytes of vm1 after the failback"
+    );
+    assert!((64 << 10..128 << 10).contains(&a1), "{a1} bytes for 64 KiB");
+    compare(
+        &dir.join("disk0.img"),
+        "raw",
+        &replica_of(&s.p("b/store"), "site-a", "vm1", "disk0.vhd"),
+        "vpc",
+    );
+
+    // vm2 never noticed.
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (ok, errs) = w.join().unwrap();
+    println!(
+        "vm2: {ok} writes accepted during the round trip, {} failed",
+        errs.len()
+    );
+    assert!(errs.is_empty(), "vm2's writes failed: {errs:?}");
+    assert!(ok > 50, "vm2 wrote only {ok} times");
+    sync(&dir);
+    compare(
+        &dir.join("other.img"),
+        "raw",
+        &replica_of(&s.p("b/store"), "site-a", "vm2", "other.vhd"),
+        "vpc",
+    );
+    drop(ra);
+    drop(rb);
+}

@@ -140,14 +140,9 @@ pub fn planned(o: &Planned<'_>, say: &dyn Fn(&str)) -> RoleResult<PlannedReport>
             Err(u) => format!("{e}\n(unfencing {vm} failed too: {u}; run `vdrep failover {vm} --planned` again or remount)"),
         }
     };
-    let others = foreign_disks(&rep);
-    if !others.is_empty() {
-        return Err(undo_fence(format!(
-            "{} also holds disks of other VMs ({}): a planned failover moves the whole tracking folder; keep each VM in its own folder",
-            dir.display(),
-            others.join(", ")
-        )));
-    }
+    // Other VMs' disks in the folder keep running: only this VM's disks
+    // leave it (fenced per VM), the mount stays.
+    let shared = !foreign_disks(&rep).is_empty();
     let Some(keys) = rep.keys.clone() else {
         return Err(undo_fence(format!(
             "{} was mounted without --keys: cannot talk to the other site",
@@ -200,9 +195,30 @@ pub fn planned(o: &Planned<'_>, say: &dyn Fn(&str)) -> RoleResult<PlannedReport>
     // 3. Stop replicating and unmount, then take the disks into our store.
     let rep = fence(&dir, vm, true).map_err(undo_fence)?;
     call_ok(&dir, &Request::Unprotect { vm: vm.into() }).map_err(undo_fence)?;
-    umount(&dir).map_err(|e| {
-        format!("{e}\n({vm} is fenced and unprotected; stop what holds {} open and run `vdrep umount {}`, then retry)", dir.display(), dir.display())
-    })?;
+    let staged = if shared {
+        let to = o.store.join(".staging").join(vm);
+        call_ok(
+            &dir,
+            &Request::Release {
+                vm: vm.into(),
+                disks: rep.disks.iter().map(|(n, _, _)| n.clone()).collect(),
+                to: to.clone(),
+            },
+        )
+        .map_err(|e| {
+            format!("{e}\n({vm} is fenced and unprotected, the other VMs of {} keep running; shut {vm} down and retry `vdrep failover {vm} --planned`)", dir.display())
+        })?;
+        say(&format!(
+            "{vm}'s disks left {} (the other VMs there keep running)",
+            dir.display()
+        ));
+        Some(to)
+    } else {
+        umount(&dir).map_err(|e| {
+            format!("{e}\n({vm} is fenced and unprotected; stop what holds {} open and run `vdrep umount {}`, then retry)", dir.display(), dir.display())
+        })?;
+        None
+    };
     let (origin, disks) = origin_of(&dir, &keys, &rep);
     rcall_ok(
         o.store,
@@ -214,14 +230,23 @@ pub fn planned(o: &Planned<'_>, say: &dyn Fn(&str)) -> RoleResult<PlannedReport>
             origin,
             disks,
             needs_resync: None,
+            staged: staged.clone(),
         }),
     )
-    .map_err(|e| {
-        format!(
+    .map_err(|e| match &staged {
+        Some(st) => format!(
+            "{e}\n({vm} is stopped here; its disks are in {}: fix the cause and retry the adoption, or move them back into {} to make it active again)",
+            st.display(),
+            dir.display()
+        ),
+        None => format!(
             "{e}\n({vm} is stopped here: remount {} to make it active again)",
             dir.display()
-        )
+        ),
     })?;
+    if let Some(st) = &staged {
+        let _ = std::fs::remove_dir(st);
+    }
     say(&format!(
         "{vm}'s disks are now the replica of {peer} in {}",
         o.store.display()
@@ -412,6 +437,7 @@ pub fn reverse(
             needs_resync: Some(format!(
                 "old primary after an unplanned failover to {peer}: it may hold writes that never reached the replica"
             )),
+            staged: None,
         }),
     )?;
     say(&format!(

@@ -199,7 +199,10 @@ pub fn promote_local(
         .as_ref()
         .map(|o| o.dir.clone())
         .unwrap_or_else(|| ctx.store.root().join("live").join(s.name()).join(vm));
-    if is_mounted(&dest) && s.live(vm).map_err(lazy_err)?.is_none() {
+    // Failback into a folder that stays mounted for other VMs: the disks
+    // are staged next to the store, then the mount takes them in.
+    let into_mount = is_mounted(&dest) && s.live(vm).map_err(lazy_err)?.is_none();
+    if into_mount && origin.is_none() {
         return Err(format!(
             "{} is mounted by vdrep already (the VM is active there?): unmount it first",
             dest.display()
@@ -214,7 +217,38 @@ pub fn promote_local(
             names.insert(id.clone(), rel.clone());
         }
     }
-    let live = s.promote(vm, point, &dest, &names).map_err(lazy_err)?;
+    let live = if into_mount {
+        let staging = ctx.store.root().join(".staging").join(s.name()).join(vm);
+        let staged = s.promote(vm, point, &staging, &names).map_err(lazy_err)?;
+        let disks = staged
+            .disks
+            .iter()
+            .map(|d| {
+                Ok(crate::control::TakeDisk {
+                    from: d.path.clone(),
+                    name: rel_name(&staging, &d.path)
+                        .ok_or_else(|| format!("{} is not staged", d.path.display()))?,
+                    id: d.disk_id.clone(),
+                    cycle: staged.cycle,
+                })
+            })
+            .collect::<RoleResult<Vec<_>>>()?;
+        let r = crate::control::call(&dest, &crate::control::Request::Take { disks })
+            .map_err(lazy_err)?;
+        if !r.ok {
+            return Err(format!(
+                "the mount of {} did not take {vm}'s disks back: {} (they are in {}; the VM is live here from point {})",
+                dest.display(),
+                r.error.unwrap_or_default(),
+                staging.display(),
+                staged.cycle
+            ));
+        }
+        let _ = std::fs::remove_dir(&staging);
+        s.relocate_live(vm, &dest).map_err(lazy_err)?
+    } else {
+        s.promote(vm, point, &dest, &names).map_err(lazy_err)?
+    };
     let block_size = live
         .disks
         .first()
@@ -506,6 +540,10 @@ pub struct Adoption {
     /// Set when the disks may differ from the other site's (see
     /// [`crate::replica::DiskState::needs_resync`]).
     pub needs_resync: Option<String>,
+    /// Where the files are now if not under `origin.dir` (moved out of a
+    /// running mount that keeps serving other VMs): `staged/<file name>`.
+    #[serde(default)]
+    pub staged: Option<PathBuf>,
 }
 
 /// Carry out an [`Adoption`] in `store` (the receiver's).
@@ -517,7 +555,10 @@ pub fn adopt_local(store: &Store, a: &Adoption) -> RoleResult<replica::Point> {
         .map(|(rel, id)| replica::AdoptDisk {
             disk_id: *id,
             name: rel.rsplit('/').next().unwrap_or(rel).to_string(),
-            path: a.origin.dir.join(rel),
+            path: match &a.staged {
+                Some(st) => st.join(rel.rsplit('/').next().unwrap_or(rel)),
+                None => a.origin.dir.join(rel),
+            },
             block_size: a.origin.block_size,
         })
         .collect();

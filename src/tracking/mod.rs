@@ -151,6 +151,12 @@ pub struct Tracker {
     /// Serialises cuts and shutdown.
     cut_serial: Mutex<MountMeta>,
     previous_stop_clean: bool,
+    /// (dev, ino) of disks moved out of the folder by [`Tracker::release`]:
+    /// the FS refuses to change them (a cached dentry could still reach them).
+    released: Mutex<std::collections::HashSet<(u64, u64)>>,
+    /// Disks just taken in by [`Tracker::take`]: their seeded state is
+    /// trusted whatever the previous stop was.
+    taken: Mutex<std::collections::HashSet<String>>,
 }
 
 fn io_state(path: &Path, source: io::Error) -> TrackError {
@@ -303,6 +309,8 @@ impl Tracker {
             known: Mutex::new(known),
             cut_serial: Mutex::new(meta),
             previous_stop_clean,
+            released: Mutex::new(Default::default()),
+            taken: Mutex::new(Default::default()),
         };
         // Persist the resync-required marks right away.
         for m in t.known.lock().values() {
@@ -415,10 +423,11 @@ impl Tracker {
         let (meta, bitmap, trusted) = match known {
             Some(mut m) if m.block_size as u64 == bs => {
                 let mut bm = None;
+                let taken = self.taken.lock().remove(&key);
                 // The saved bitmap is loaded whenever the previous stop was
                 // clean and the file unchanged, also for a disk that needs
                 // a resync: an interrupted resync resumes with it.
-                if self.previous_stop_clean {
+                if self.previous_stop_clean || taken {
                     let unchanged = m.ino == md.ino()
                         && m.shutdown_size == size
                         && m.shutdown_mtime_ns == md.mtime() * 1_000_000_000 + md.mtime_nsec();
@@ -1063,6 +1072,197 @@ impl Tracker {
             }
         }
         missing
+    }
+
+    /// Was the file `file` moved out of the folder by [`Tracker::release`]?
+    pub fn is_released(&self, file: &File) -> bool {
+        file.metadata()
+            .is_ok_and(|m| self.released.lock().contains(&(m.dev(), m.ino())))
+    }
+
+    /// Move the named disks (one VM's, fenced, closed) out of the folder
+    /// into the folder `to` (same file system; created if missing) and stop
+    /// tracking them; the other disks of the folder are untouched. Returns
+    /// (name, new path) per disk. Nothing moves unless every disk can.
+    pub fn release(&self, names: &[String], to: &Path) -> Result<Vec<(String, PathBuf)>, String> {
+        let mut disks = self.disks.lock();
+        let mut plan = Vec::new();
+        for n in names {
+            let d = disks.get(n).ok_or_else(|| {
+                format!("{n} is not a tracked disk of {}", self.root_path.display())
+            })?;
+            if !d.is_fenced() {
+                return Err(format!("{n} is not fenced: fence its VM first"));
+            }
+            // The map holds one reference; an open handle holds another.
+            if Arc::strong_count(d) > 1 {
+                return Err(format!(
+                    "{n} is still open (is the VM running?): shut the VM down, then retry"
+                ));
+            }
+            let file = Path::new(n)
+                .file_name()
+                .ok_or_else(|| format!("{n}: no file name"))?;
+            let dst = to.join(file);
+            if dst.exists() || plan.iter().any(|(_, p)| p == &dst) {
+                return Err(format!(
+                    "{} already exists: move it away (vdrep never overwrites a disk)",
+                    dst.display()
+                ));
+            }
+            plan.push((n.clone(), dst));
+        }
+        std::fs::create_dir_all(to).map_err(|e| format!("creating {}: {e}", to.display()))?;
+        let mut done = Vec::new();
+        for (n, dst) in plan {
+            let (Ok(cs), Ok(cd)) = (
+                std::ffi::CString::new(n.as_bytes()),
+                std::ffi::CString::new(dst.as_os_str().as_encoded_bytes()),
+            ) else {
+                return Err(format!("{n}: path with a NUL byte"));
+            };
+            // SAFETY: valid dirfd and NUL-terminated paths.
+            let r = unsafe {
+                libc::renameat(
+                    self.state.root_fd().as_raw_fd(),
+                    cs.as_ptr(),
+                    libc::AT_FDCWD,
+                    cd.as_ptr(),
+                )
+            };
+            if r != 0 {
+                let e = io::Error::last_os_error();
+                let hint = if e.raw_os_error() == Some(libc::EXDEV) {
+                    " (the store must be on the folder's file system)"
+                } else {
+                    ""
+                };
+                return Err(format!(
+                    "moving {n} to {}: {e}{hint}; moved so far: {done:?}",
+                    dst.display()
+                ));
+            }
+            if let Some(d) = disks.remove(&n) {
+                self.released.lock().insert((d.dev, d.ino));
+                self.save_detached(d.detach("moved out of the folder (failover)"));
+            }
+            done.push((n, dst));
+        }
+        let _ = self.state.fsync_dir(Path::new("."));
+        if let Some(p) = to.to_str() {
+            let _ = File::open(p).and_then(|f| f.sync_all());
+        }
+        Ok(done)
+    }
+
+    /// Move the file `from` (same file system) into the folder as the disk
+    /// `rel` with identity `id`, tracked from `cycle` (the cycle the other
+    /// site's replica holds): the next log chains on it, so only changes
+    /// travel. Refuses to overwrite anything.
+    pub fn take(&self, from: &Path, rel: &str, id: [u8; 16], cycle: u64) -> Result<(), String> {
+        let relp = Path::new(rel);
+        if !self.is_disk_name(relp) || relp.is_absolute() || rel.split('/').any(|c| c == "..") {
+            return Err(format!("{rel} is not a disk name this mount tracks"));
+        }
+        if self.disks.lock().contains_key(rel)
+            || self
+                .state
+                .openat(relp, libc::O_PATH | libc::O_NOFOLLOW, 0)
+                .is_ok()
+        {
+            return Err(format!(
+                "{} already exists: move it away (vdrep never overwrites a disk)",
+                self.root_path.join(rel).display()
+            ));
+        }
+        let bs = self.shared.block_size;
+        let folder = folder_name(rel, &id);
+        let sdir = Path::new(STATE_DIR).join("disks").join(&folder);
+        let serr = |e: io::Error| format!("{}: {e}", self.root_path.join(&sdir).display());
+        self.state.mkdir(&sdir).map_err(serr)?;
+        if let Ok(d) = self
+            .state
+            .openat(&sdir, libc::O_RDONLY | libc::O_DIRECTORY, 0)
+        {
+            for n in state::list_dir(d).unwrap_or_default() {
+                if n.ends_with(".hrl") || n == "bitmap" || n == preimage::FILE {
+                    let _ = self
+                        .state
+                        .remove(&PathBuf::from(format!("disks/{folder}/{n}")));
+                }
+            }
+        }
+        let (Ok(cs), Ok(cd)) = (
+            std::ffi::CString::new(from.as_os_str().as_encoded_bytes()),
+            std::ffi::CString::new(rel.as_bytes()),
+        ) else {
+            return Err(format!("{rel}: path with a NUL byte"));
+        };
+        // SAFETY: valid dirfd and NUL-terminated paths.
+        let r = unsafe {
+            libc::renameat(
+                libc::AT_FDCWD,
+                cs.as_ptr(),
+                self.state.root_fd().as_raw_fd(),
+                cd.as_ptr(),
+            )
+        };
+        if r != 0 {
+            return Err(format!(
+                "moving {} into {}: {}",
+                from.display(),
+                self.root_path.join(rel).display(),
+                io::Error::last_os_error()
+            ));
+        }
+        let _ = self.state.fsync_dir(
+            relp.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new(".")),
+        );
+        let f = self
+            .state
+            .openat(relp, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
+            .map_err(|e| format!("{rel}: {e}"))?;
+        let md = f.metadata().map_err(|e| format!("{rel}: {e}"))?;
+        let nbits = md.len().div_ceil(bs);
+        self.state
+            .write_atomic(
+                &PathBuf::from(format!("disks/{folder}/bitmap")),
+                &state::encode_bitmap(bs as u32, nbits, &vec![0u64; nbits.div_ceil(64) as usize]),
+            )
+            .map_err(serr)?;
+        let m = DiskMeta {
+            id: hex(&id),
+            name: rel.to_string(),
+            folder,
+            block_size: bs as u32,
+            cycle,
+            size: md.len(),
+            state: DiskState::Normal,
+            ino: md.ino(),
+            shutdown_size: md.len(),
+            shutdown_mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+            detached: false,
+            bitmap_only: false,
+        };
+        self.save_meta(&m).map_err(serr)?;
+        {
+            let mut mm = self.cut_serial.lock();
+            if mm.cut_seq < cycle {
+                mm.cut_seq = cycle;
+                self.state
+                    .write_json(Path::new("mount.json"), &*mm)
+                    .map_err(serr)?;
+            }
+        }
+        self.released.lock().remove(&(md.dev(), md.ino()));
+        self.known.lock().insert(rel.to_string(), m);
+        self.taken.lock().insert(rel.to_string());
+        self.attach(relp, &f)
+            .map_err(|e| format!("tracking {rel}: {e}"))?;
+        tracing::info!(disk = %rel, cycle, "disk taken into the folder (failover)");
+        Ok(())
     }
 
     /// The armed pre-image journal of the disk in state folder `folder`.

@@ -196,6 +196,30 @@ impl Site<'_> {
         Ok(live)
     }
 
+    /// The live disks of `vm` were moved from the folder promotion put
+    /// them in to `dir` (same relative paths): record it.
+    pub fn relocate_live(&self, vm: &str, dir: &Path) -> Result<LiveInfo> {
+        let vmd = self.vm_dir(vm, false)?;
+        let vctx = self.ctx(vm, "");
+        let vrt = self.store.runtime(&vmd);
+        let _vg = vrt.lock();
+        let Some(mut live) = read_json_opt::<LiveInfo>(&vctx, &self.store.root, &vmd.join(LIVE))?
+        else {
+            return Err(StoreError::NotReady {
+                ctx: vctx,
+                what: "the VM is not live at this site".into(),
+            });
+        };
+        for d in &mut live.disks {
+            if let Ok(rel) = d.path.strip_prefix(&live.dir) {
+                d.path = dir.join(rel);
+            }
+        }
+        live.dir = dir.to_path_buf();
+        self.write_json(&vctx, &vmd, LIVE, &live)?;
+        Ok(live)
+    }
+
     /// Roll `p`'s replica back to `cycle` through its undo records.
     fn roll_back_to(&self, p: &DiskPaths, st: &mut DiskState, cycle: u64) -> Result<()> {
         let mut recs = self.undo_records(p);
