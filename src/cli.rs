@@ -344,6 +344,12 @@ pub struct FailoverMode {
     /// Make a failover at this site final (its older points are dropped).
     #[arg(long)]
     pub commit: bool,
+    /// Cancel an uncommitted unplanned failover at this site: stop the live
+    /// disks' mount, discard every write made on them since the failover,
+    /// and put the replica and all its recovery points back exactly as they
+    /// were; replication from the original primary resumes.
+    #[arg(long)]
+    pub cancel: bool,
 }
 
 pub(crate) fn human(n: u64) -> String {
@@ -536,7 +542,9 @@ pub fn run(cmd: Cmd) -> i32 {
             site,
             json,
         } => crate::failover::cli::points(&name, &store, site, json),
-        Cmd::Failover(a) if a.mode.planned || a.mode.unplanned || a.mode.commit => {
+        Cmd::Failover(a)
+            if a.mode.planned || a.mode.unplanned || a.mode.commit || a.mode.cancel =>
+        {
             crate::roles::cli::run_failover(a)
         }
         Cmd::Failover(a) => crate::failover::cli::failover(a),
