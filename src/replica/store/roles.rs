@@ -360,6 +360,7 @@ impl Site<'_> {
             base_size: h.disk_size,
             disk_size: now,
             cut_unix_ns: h.cut_unix_ns,
+            app_consistent: false,
         };
         let mut w = crate::hrl::HrlWriter::create(redop, &rh).map_err(herr)?;
         let mut buf = Vec::new();
