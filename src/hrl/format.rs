@@ -509,6 +509,28 @@ mod tests {
     }
 
     #[test]
+    fn app_flag_round_trips_and_unknown_flags_are_refused() {
+        let mut h = header();
+        h.app_consistent = true;
+        let b = encode_header(&h).unwrap();
+        assert_eq!(
+            u32::from_le_bytes(b[76..80].try_into().unwrap()),
+            HDR_FLAG_APP
+        );
+        assert!(parse_header(&b).unwrap().0.app_consistent);
+        // Another bit, with a correct header checksum: still refused.
+        let mut bad = b.clone();
+        bad[76] = 0b11;
+        let n = bad.len() - HEADER_SUM_LEN;
+        let sum = xxhash_rust::xxh3::xxh3_64(&bad[..n]);
+        bad[n..].copy_from_slice(&sum.to_le_bytes());
+        match parse_header(&bad) {
+            Err(ParseError::Bad { at: 76, what }) => assert!(what.contains("flags"), "{what}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn header_rejects_bad_fields() {
         let mut h = header();
         h.cycle = h.base_cycle;

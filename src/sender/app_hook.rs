@@ -174,7 +174,7 @@ mod tests {
             m.contains("exit status: 3") && m.contains("no agent"),
             "{m}"
         );
-        let e = run(&spec("sleep 30", 1), "freeze", "vm").unwrap_err();
+        let e = run(&spec("sleep 30; true", 1), "freeze", "vm").unwrap_err();
         assert!(matches!(e, HookError::Timeout { .. }), "{e}");
     }
 }
