@@ -1646,6 +1646,7 @@ impl Site<'_> {
             consistency,
             disks,
         };
+        crate::replica::crash_point("point-before-commit");
         pf.points.push(pt.clone());
         pf.points.sort_by_key(|p| p.cycle);
         self.write_json(&self.ctx(vm, ""), &vmd, POINTS, &pf)?;

@@ -982,9 +982,16 @@ impl Replicator {
                 }
             }
             if !resynced {
+                self.recommit_replica_point(vm, &conn, &replica).await?;
                 self.ship_pending(vm, &conn, &replica, limiter.as_ref())
                     .await?;
             }
+        }
+        if !vm.waiters.lock().is_empty() {
+            // A `vdrep sync` still waits: cut now rather than at the next
+            // scheduled cycle.
+            vm.sync_requested
+                .store(true, std::sync::atomic::Ordering::SeqCst);
         }
         {
             let mut s = vm.status.lock();
@@ -1273,6 +1280,45 @@ impl Replicator {
         }
         let replica: HashMap<String, wire::DiskState> = HashMap::new();
         self.ship_pending(vm, conn, &replica, limiter).await
+    }
+
+    /// Every disk of the VM reached cycle C at the receiver but the point
+    /// may be missing: the connection (or the receiver) died between the
+    /// last log's Ack and the PointAck. Commit it again (idempotent at the
+    /// receiver); marked crash-consistent, as the log that said otherwise
+    /// is gone. Answers a `vdrep sync` waiting for that cycle.
+    async fn recommit_replica_point(
+        &self,
+        vm: &Arc<Vm>,
+        conn: &quinn::Connection,
+        replica: &HashMap<String, wire::DiskState>,
+    ) -> Result<(), SendError> {
+        let spec = &vm.spec;
+        let Some(c) = spec
+            .disks
+            .first()
+            .and_then(|d| replica.get(d))
+            .map(|s| s.replica_cycle)
+        else {
+            return Ok(());
+        };
+        let same = spec
+            .disks
+            .iter()
+            .all(|d| replica.get(d).is_some_and(|s| s.replica_cycle == c));
+        if c == 0 || !same || vm.status.lock().last_point.is_some_and(|p| p >= c) {
+            return Ok(());
+        }
+        let disks = spec
+            .disks
+            .iter()
+            .filter_map(|d| replica.get(d))
+            .map(|s| wire::DiskCycle {
+                disk_id: s.disk_id,
+                cycle: c,
+            })
+            .collect();
+        self.commit_point(vm, conn, c, disks, None, false).await
     }
 
     /// Ship every sealed log of the VM's disks, oldest cycle first, and
