@@ -17,7 +17,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUTDIR="${1:-$REPO/.vm}"
 FORCE="${FORCE:-0}"
 # Bump when the initramfs content/layout changes, so caches get rebuilt.
-INIT_VERSION=4
+INIT_VERSION=5
 
 log() { printf '[build-tiny-vm] %s\n' "$*" >&2; }
 die() { printf '[build-tiny-vm] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -75,8 +75,9 @@ KVER="$(find "$KROOT/lib/modules" -mindepth 1 -maxdepth 1 -printf '%f\n' | head 
 MODDIR="$KROOT/lib/modules/$KVER"
 [[ -f "$MODDIR/modules.dep" ]] || "$DEPMOD" -b "$KROOT" "$KVER"
 
-# 2. Modules: virtio-blk over PCI, ext4 (also mounts ext2), crc32c for ext4.
-WANTED=(virtio_pci virtio_blk crc32c_generic ext4)
+# 2. Modules: virtio-blk over PCI, ext4 (also mounts ext2), crc32c for ext4,
+# virtio_console for the guest agent's virtio-serial port.
+WANTED=(virtio_pci virtio_blk crc32c_generic ext4 virtio_console)
 declare -A SEEN=()
 ORDER=()
 modpath() { # module name -> relative path from modules.dep (or empty if builtin/absent)
@@ -118,6 +119,30 @@ for applet in $("$BUSYBOX" --list); do
     ln -sf busybox "$ROOT/bin/$applet"
 done
 for s in modprobe insmod poweroff mke2fs; do ln -sf ../bin/busybox "$ROOT/sbin/$s"; done
+
+# QEMU guest agent (vdrep.mode=appwrite: application-consistent points).
+# The binary comes from Debian's qemu-guest-agent package; its shared
+# libraries are the host's (qemu-system-x86 on the host needs the same set).
+find_qga() { find "$CACHE" -maxdepth 1 -name 'qemu-guest-agent_*.deb' | sort | tail -1; }
+QGA_DEB="$(find_qga)"
+if [[ -z "$QGA_DEB" ]]; then
+    log "downloading qemu-guest-agent"
+    (cd "$CACHE" && apt-get download -q qemu-guest-agent >&2 2>"$CACHE/apt-download.err") \
+        || grep -v unsandboxed "$CACHE/apt-download.err" >&2 || true
+    QGA_DEB="$(find_qga)"
+    [[ -n "$QGA_DEB" ]] || die "apt-get download qemu-guest-agent failed"
+fi
+QGA_X="$WORK/qga"
+rm -rf "$QGA_X"
+dpkg-deb -x "$QGA_DEB" "$QGA_X"
+install -D -m 755 "$QGA_X/usr/sbin/qemu-ga" "$ROOT/usr/sbin/qemu-ga"
+ldd "$QGA_X/usr/sbin/qemu-ga" | awk '/=> \// {print $3} /^[ \t]*\/lib/ {print $1}' | while read -r lib; do
+    [[ -f "$lib" ]] || die "qemu-ga needs $lib, which this host lacks (apt-get install qemu-system-x86)"
+    install -D -m 755 "$(readlink -f "$lib")" "$ROOT$lib"
+done
+mkdir -p "$ROOT/var/run" "$ROOT/run" "$ROOT/lib64"
+[[ -e "$ROOT/lib64/ld-linux-x86-64.so.2" ]] || die "ld-linux-x86-64.so.2 not copied for qemu-ga"
+log "guest agent: $(basename "$QGA_DEB")"
 : > "$ROOT/etc/modules.order"
 for rel in "${ORDER[@]}"; do
     src="$MODDIR/$rel"
@@ -216,6 +241,34 @@ check)
     fi
     say "CHECK OK $H"
     ;;
+appwrite)
+    # /dev/vda holds an ext4 file system with a journal (made on the host).
+    # Start the QEMU guest agent on the org.qemu.guest_agent.0 port, then
+    # write files for vdrep.count seconds without syncing, so the host's
+    # crash-consistent cuts see a mounted, dirty file system and only the
+    # cuts taken under guest-fsfreeze-freeze see a clean one.
+    mount -t ext4 /dev/vda /mnt || fail "ERROR cannot mount the ext4 file system on /dev/vda"
+    PORT=""
+    for n in /sys/class/virtio-ports/*/name; do
+        [ "$(cat "$n" 2>/dev/null)" = org.qemu.guest_agent.0 ] && PORT="/dev/$(basename "$(dirname "$n")")"
+    done
+    [ -n "$PORT" ] || fail "ERROR no org.qemu.guest_agent.0 virtio-serial port"
+    /usr/sbin/qemu-ga -m virtio-serial -p "$PORT" -t /tmp -d -f /var/run/qemu-ga.pid || fail "ERROR qemu-ga did not start"
+    say "AGENT UP $PORT"
+    end=$(( $(cut -d. -f1 /proc/uptime) + COUNT ))
+    n=0
+    while [ "$(cut -d. -f1 /proc/uptime)" -lt "$end" ]; do
+        n=$((n+1))
+        d=/mnt/d$((n % 16))
+        mkdir -p "$d"
+        head -c 65536 /dev/urandom > "$d/f$((n % 64))"
+        echo "$n" > /mnt/last
+    done
+    kill "$(cat /var/run/qemu-ga.pid)" 2>/dev/null
+    umount /mnt || fail "ERROR umount failed"
+    sync
+    say "APPWRITE DONE n=$n"
+    ;;
 stress)
     # Raw random 4 KiB writes over the whole disk (destroys any file system).
     SECTORS=$(cat /sys/block/vda/size)
@@ -233,7 +286,7 @@ stress)
     say "STRESS DONE n=$COUNT disk-sha256=$H"
     ;;
 *)
-    say "ERROR unknown vdrep.mode='$MODE' (write|check|stress)"
+    say "ERROR unknown vdrep.mode='$MODE' (write|check|stress|appwrite)"
     ;;
 esac
 finish

@@ -5,13 +5,13 @@
 # Debian packages the tests, the demo, the benchmark and the tiny VM need.
 VDREP_APT_PACKAGES=(
     fuse3 qemu-system-x86 qemu-utils fio bindfs busybox-static cpio xz-utils zstd kmod
-    python3 util-linux gzip dpkg apt ca-certificates
+    python3 util-linux gzip dpkg apt ca-certificates e2fsprogs
 )
 # Commands checked by `vdrep_missing_prereqs` (command -> package).
 declare -A VDREP_PREREQ_CMDS=(
     [fusermount3]=fuse3 [qemu-system-x86_64]=qemu-system-x86 [qemu-img]=qemu-utils
     [qemu-io]=qemu-utils [fio]=fio [bindfs]=bindfs [cpio]=cpio [xz]=xz-utils [zstd]=zstd
-    [depmod]=kmod [python3]=python3 [findmnt]=util-linux
+    [depmod]=kmod [python3]=python3 [findmnt]=util-linux [mkfs.ext4]=e2fsprogs [dumpe2fs]=e2fsprogs
 )
 
 vdrep_log() { printf '%s\n' "$*" >&2; }

@@ -101,6 +101,8 @@ pub enum Cmd {
         /// Certificate of a sending site to accept (repeatable).
         #[arg(long = "trust", required = true)]
         trust: Vec<PathBuf>,
+        #[command(flatten)]
+        retention: RetentionArgs,
     },
     /// Protect a VM: replicate its disks (files under a `vdrep mount`) to a
     /// receiver. Checks prerequisites and starts initial replication.
@@ -128,6 +130,8 @@ pub enum Cmd {
         /// Default: 18:00-08:00+weekends.
         #[arg(long)]
         resync_window: Option<String>,
+        #[command(flatten)]
+        app: AppHookArgs,
         /// The VM's disk files (all under the same vdrep mount).
         #[arg(required = true)]
         disks: Vec<PathBuf>,
@@ -340,6 +344,12 @@ pub struct FailoverMode {
     /// Make a failover at this site final (its older points are dropped).
     #[arg(long)]
     pub commit: bool,
+    /// Cancel an uncommitted unplanned failover at this site: stop the live
+    /// disks' mount, discard every write made on them since the failover,
+    /// and put the replica and all its recovery points back exactly as they
+    /// were; replication from the original primary resumes.
+    #[arg(long)]
+    pub cancel: bool,
 }
 
 pub(crate) fn human(n: u64) -> String {
@@ -465,13 +475,23 @@ pub fn run(cmd: Cmd) -> i32 {
             store,
             keys,
             trust,
+            retention,
         } => {
             init_cli_logging();
+            let (retention, prune_every) = match retention.policy() {
+                Ok(v) => v,
+                Err(e) => {
+                    eprintln!("vdrep: receive: {e}");
+                    return 2;
+                }
+            };
             match crate::receiver::run(&crate::receiver::ReceiveOptions {
                 listen,
                 store,
                 keys,
                 trust,
+                retention,
+                prune_every,
             }) {
                 Ok(()) => 0,
                 Err(e) => {
@@ -488,14 +508,15 @@ pub fn run(cmd: Cmd) -> i32 {
             max_rate,
             resync_threshold,
             resync_window,
+            app,
             disks,
         } => protect(
             name,
             to,
             trust,
-            every,
-            max_rate,
+            (every, max_rate),
             (resync_threshold, resync_window.unwrap_or_default()),
+            app,
             disks,
         ),
         Cmd::Unprotect { name, dir } => {
@@ -521,7 +542,9 @@ pub fn run(cmd: Cmd) -> i32 {
             site,
             json,
         } => crate::failover::cli::points(&name, &store, site, json),
-        Cmd::Failover(a) if a.mode.planned || a.mode.unplanned || a.mode.commit => {
+        Cmd::Failover(a)
+            if a.mode.planned || a.mode.unplanned || a.mode.commit || a.mode.cancel =>
+        {
             crate::roles::cli::run_failover(a)
         }
         Cmd::Failover(a) => crate::failover::cli::failover(a),
@@ -623,6 +646,84 @@ fn init_cli_logging() {
 }
 
 /// `30s`, `5m`, `15m`, `1h`, `90` (seconds) or `continuous` (0).
+/// `vdrep protect`'s application-consistency hook.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AppHookArgs {
+    /// Application-consistent points: a command that quiesces the guest,
+    /// run as `CMD freeze VM` just before a cut and `CMD thaw VM` right
+    /// after (e.g. scripts/app-hook-virsh.sh, scripts/app-hook-qga.sh).
+    /// Points cut while it held the guest frozen are marked `app`.
+    #[arg(long, value_name = "CMD")]
+    pub app_hook: Option<String>,
+    /// Least time between application-consistent cuts (N[s|m|h], or
+    /// `continuous` for every cut). Default 1h.
+    #[arg(long, requires = "app_hook", value_name = "INTERVAL")]
+    pub app_every: Option<String>,
+    /// Time limit of one hook run; a freeze that takes longer is killed
+    /// and the cut is crash-consistent. Default 30s.
+    #[arg(long, requires = "app_hook", value_name = "INTERVAL")]
+    pub app_timeout: Option<String>,
+}
+
+/// `vdrep receive`'s retention of recovery points (per VM): every point
+/// for `--keep-all-for`, then one per `--then-one-per` (an
+/// application-consistent one where the interval has one) up to
+/// `--keep-for`; the newest point is always kept, and so are the points of
+/// a failover that is not committed and points exposed by a test failover.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RetentionArgs {
+    /// Keep every point this long (N[s|m|h|d]).
+    #[arg(long, default_value = "2h", value_name = "INTERVAL")]
+    pub keep_all_for: String,
+    /// Older points: keep one per this interval.
+    #[arg(long, default_value = "1h", value_name = "INTERVAL")]
+    pub then_one_per: String,
+    /// Drop points older than this (`forever`: never).
+    #[arg(long, default_value = "72h", value_name = "INTERVAL")]
+    pub keep_for: String,
+    /// Keep at most this many points per VM.
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<usize>,
+    /// How often to apply the policy (`never`: keep everything).
+    #[arg(long, default_value = "1m", value_name = "INTERVAL")]
+    pub prune_every: String,
+}
+
+impl RetentionArgs {
+    /// The policy and how often to apply it.
+    pub fn policy(
+        &self,
+    ) -> Result<(crate::replica::RetentionPolicy, Option<std::time::Duration>), String> {
+        let d = |flag: &str, v: &str| -> Result<std::time::Duration, String> {
+            parse_interval(v)
+                .map(std::time::Duration::from_secs)
+                .map_err(|e| format!("--{flag}: {e}"))
+        };
+        let max_age = if self.keep_for.eq_ignore_ascii_case("forever") {
+            None
+        } else {
+            Some(d("keep-for", &self.keep_for)?)
+        };
+        let prune_every = if self.prune_every.eq_ignore_ascii_case("never") {
+            None
+        } else {
+            Some(d("prune-every", &self.prune_every)?).filter(|x| !x.is_zero())
+        };
+        if self.keep_last == Some(0) {
+            return Err("--keep-last 0: the newest point is always kept; give 1 or more".into());
+        }
+        Ok((
+            crate::replica::RetentionPolicy {
+                keep_last: self.keep_last,
+                max_age,
+                thin_after: Some(d("keep-all-for", &self.keep_all_for)?),
+                thin_every: Some(d("then-one-per", &self.then_one_per)?),
+            },
+            prune_every,
+        ))
+    }
+}
+
 pub fn parse_interval(s: &str) -> Result<u64, String> {
     let s = s.trim();
     if s.eq_ignore_ascii_case("continuous") {
@@ -632,6 +733,7 @@ pub fn parse_interval(s: &str) -> Result<u64, String> {
         Some('s') => (&s[..s.len() - 1], 1),
         Some('m') => (&s[..s.len() - 1], 60),
         Some('h') => (&s[..s.len() - 1], 3600),
+        Some('d') => (&s[..s.len() - 1], 86400),
         _ => (s, 1),
     };
     let n: u64 = num
@@ -687,11 +789,50 @@ fn protect(
     name: String,
     to: String,
     trust: Vec<PathBuf>,
-    every: String,
-    max_rate: Option<String>,
+    (every, max_rate): (String, Option<String>),
     (threshold, window): (String, String),
+    AppHookArgs {
+        app_hook,
+        app_every,
+        app_timeout,
+    }: AppHookArgs,
     disks: Vec<PathBuf>,
 ) -> i32 {
+    let app_hook = match app_hook {
+        None => None,
+        Some(cmd) if cmd.trim().is_empty() => {
+            eprintln!("vdrep: --app-hook: give a command (e.g. scripts/app-hook-virsh.sh)");
+            return 2;
+        }
+        Some(cmd) => {
+            use crate::sender::app_hook as ah;
+            let every = app_every.as_deref().map(parse_interval).transpose();
+            let timeout = app_timeout.as_deref().map(parse_interval).transpose();
+            let every = match every {
+                Ok(v) => v.unwrap_or(ah::DEFAULT_EVERY_SECS),
+                Err(e) => {
+                    eprintln!("vdrep: --app-every: {e}");
+                    return 2;
+                }
+            };
+            let timeout_secs = match timeout {
+                Ok(Some(0)) => {
+                    eprintln!("vdrep: --app-timeout: give a time limit such as 30s");
+                    return 2;
+                }
+                Ok(v) => v.unwrap_or(ah::DEFAULT_TIMEOUT_SECS),
+                Err(e) => {
+                    eprintln!("vdrep: --app-timeout: {e}");
+                    return 2;
+                }
+            };
+            Some(ah::AppHookSpec {
+                cmd,
+                every_secs: every,
+                timeout_secs,
+            })
+        }
+    };
     let resync_threshold_pct = match parse_percent(&threshold) {
         Ok(v) => v,
         Err(e) => {
@@ -759,6 +900,7 @@ fn protect(
         max_rate,
         resync_threshold_pct,
         resync_window: window,
+        app_hook,
     };
     match control::call(&mount, &Request::Protect { spec }) {
         Err(e) => control_err(e),
@@ -1092,6 +1234,22 @@ fn status(dir: Option<PathBuf>, json: bool) -> i32 {
             }
             for w in &v.resync_pending {
                 println!("    resync required: {w} (window {})", v.resync_window);
+            }
+            if let Some(c) = v.last_app_point {
+                let age = v.last_app_point_unix_ns.map_or(String::new(), |t| {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_nanos() as u64)
+                        .unwrap_or(0);
+                    format!(", {:.0}s ago", now.saturating_sub(t) as f64 / 1e9)
+                });
+                let held = v
+                    .app_frozen_ms
+                    .map_or(String::new(), |ms| format!(", guest frozen {ms:.0} ms"));
+                println!("    last app-consistent point {c}{age}{held}");
+            }
+            if let Some(e) = &v.app_hook_error {
+                println!("    app hook failed (points are crash-consistent until it works): {e}");
             }
             for d in &v.bitmap_only {
                 println!("    {d}: bitmap-only (pending changes passed the threshold; shipped as one cycle when the receiver is reachable)");

@@ -54,6 +54,38 @@ pub enum Request {
         vm: String,
         timeout_secs: u64,
     },
+    /// Planned failover of one VM of a folder holding several: move the
+    /// fenced VM's disks (closed) out of the folder into `to` and stop
+    /// tracking them; the other VMs keep running.
+    Release {
+        vm: String,
+        /// The VM's disks (paths relative to the folder), all fenced.
+        disks: Vec<String>,
+        to: PathBuf,
+    },
+    /// Failback into a running mount: move each staged file into the
+    /// folder as a tracked disk seeded at `cycle`.
+    Take {
+        disks: Vec<TakeDisk>,
+    },
+    /// A failover was committed: stop saving pre-images of these disks
+    /// (paths relative to the folder) and delete their journals.
+    DropPreimages {
+        disks: Vec<String>,
+    },
+}
+
+/// One disk for [`Request::Take`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TakeDisk {
+    /// Where the file is now (same file system as the folder).
+    pub from: PathBuf,
+    /// Its path relative to the folder.
+    pub name: String,
+    /// Identity (hex).
+    pub id: String,
+    /// The cycle the other site's replica holds.
+    pub cycle: u64,
 }
 
 /// A fenced VM: its protection, this mount's identity and disks.
@@ -97,6 +129,9 @@ pub struct Response {
     /// What a verify found, per disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<Vec<crate::sender::VerifyDisk>>,
+    /// Disks moved out by [`Request::Release`]: (name, new path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub released: Option<Vec<(String, PathBuf)>>,
 }
 
 impl Response {

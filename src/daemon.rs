@@ -470,6 +470,56 @@ fn handle(
                 ..Default::default()
             }
         }
+        Request::Release { vm, disks, to } => {
+            if rep.spec(vm).is_some() {
+                return Response::err(format!(
+                    "{vm} is still protected: unprotect it before moving its disks out"
+                ));
+            }
+            if let Err(e) = flush_kernel_cache(dir) {
+                return Response::err(format!(
+                    "cannot flush the kernel cache of {}: {e}",
+                    dir.display()
+                ));
+            }
+            match tracker.release(disks, to) {
+                Ok(v) => Response {
+                    ok: true,
+                    released: Some(v),
+                    ..Default::default()
+                },
+                Err(e) => Response::err(e),
+            }
+        }
+        Request::Take { disks } => {
+            for d in disks {
+                let Some(id) = crate::replica::parse_hex_id(&d.id) else {
+                    return Response::err(format!("{}: bad disk id {}", d.name, d.id));
+                };
+                if let Err(e) = tracker.take(&d.from, &d.name, id, d.cycle) {
+                    return Response::err(e);
+                }
+            }
+            Response {
+                ok: true,
+                ..Default::default()
+            }
+        }
+        Request::DropPreimages { disks } => {
+            let missing = tracker.drop_preimages(disks);
+            if missing.is_empty() {
+                Response {
+                    ok: true,
+                    ..Default::default()
+                }
+            } else {
+                Response::err(format!(
+                    "disk(s) {} are not tracked under {}",
+                    missing.join(", "),
+                    dir.display()
+                ))
+            }
+        }
         Request::Shutdown { lazy } => match unmount(dir, *lazy) {
             Ok(()) => Response {
                 ok: true,

@@ -567,3 +567,396 @@ fn recovery_plan_runs_groups_in_order_and_stops_after_a_failed_group() {
     vdrep_ok(&["failover", "vm1", "--cleanup", "--store", &s.s("b/store")]);
     assert!(!exposed.exists());
 }
+
+fn sha256(p: &Path) -> String {
+    run("sha256sum", &[p.to_str().unwrap()])
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn points_json(store: &Path) -> serde_json::Value {
+    serde_json::from_str(&vdrep_ok(&[
+        "points",
+        "vm1",
+        "--store",
+        store.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap()
+}
+
+fn point_cycles(v: &serde_json::Value) -> Vec<u64> {
+    v.as_array()
+        .or_else(|| v["points"].as_array())
+        .unwrap()
+        .iter()
+        .map(|p| p["cycle"].as_u64().unwrap())
+        .collect()
+}
+
+/// Unplanned failover to an older point, writes (and a resize) on the
+/// promoted disks, cancel: the replica's bytes and its recovery points are
+/// exactly as before the failover, nothing is pinned, and replication from
+/// the original primary resumes and reaches the replica. A second failover
+/// that is committed can no longer be cancelled, and says what to do.
+#[test]
+fn unplanned_failover_cancel_restores_replica_and_points_then_primary_resumes() {
+    require_fuse!();
+    let s = Sites::new();
+    std::env::set_var("VDREP_RETRY_SCALE", "0.002");
+    fill(&s.p("a/vm1/disk0.img"), 32 << 20, 11);
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vpc",
+            "-o",
+            "subformat=fixed",
+            &s.s("a/vm1/disk1.vhd"),
+            "16M",
+        ],
+    );
+    let _c = Cleanup(vec![s.p("a/vm1"), s.b_live()]);
+    let rb = Receiver::start(&s, "b");
+    vdrep_ok(&["mount", &s.s("a/vm1"), "--keys", &s.s("ka")]);
+    vdrep_ok(&[
+        "protect",
+        "vm1",
+        "--to",
+        &rb.addr,
+        "--trust",
+        &s.s("kb/site-b.crt"),
+        "--every",
+        "1h",
+        &s.s("a/vm1/disk0.img"),
+        &s.s("a/vm1/disk1.vhd"),
+    ]);
+    sync(&s.p("a/vm1"));
+    for (i, v) in [0x71u8, 0x72, 0x73].into_iter().enumerate() {
+        write_blocks(&s.p("a/vm1/disk0.img"), 40, v, i as u64 + 1);
+        run(
+            "qemu-io",
+            &[
+                "-f",
+                "vpc",
+                "-c",
+                &format!("write -P {v} {}k 64k", 512 * i),
+                &s.s("a/vm1/disk1.vhd"),
+            ],
+        );
+        sync(&s.p("a/vm1"));
+    }
+    // The primary site goes away.
+    vdrep_ok(&["umount", &s.s("a/vm1")]);
+    let store = s.p("b/store");
+    let r0 = replica(&store, "site-a", "disk0.vhd");
+    let r1 = replica(&store, "site-a", "disk1.vhd");
+    let before = (sha256(&r0), sha256(&r1), points_json(&store));
+    let mut cycles = point_cycles(&before.2);
+    cycles.sort();
+    println!(
+        "before: disk0 replica {} disk1 replica {} points {cycles:?}",
+        before.0, before.1
+    );
+    assert!(cycles.len() >= 4, "{}", before.2);
+    let older = cycles[cycles.len() - 3];
+
+    // Unplanned failover to a point two cycles old (rolls back over two).
+    let out = vdrep_ok(&[
+        "failover",
+        "vm1",
+        "--unplanned",
+        "--point",
+        &older.to_string(),
+        "--store",
+        &s.s("b/store"),
+    ]);
+    println!("{out}");
+    let live = s.b_live();
+    assert!(is_mountpoint(&live));
+    // The failed-over VM writes, and grows a disk.
+    write_blocks(&live.join("disk0.img"), 60, 0x7a, 9);
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "vpc",
+            "-c",
+            "write -P 0x7b 4M 1M",
+            live.join("disk1.vhd").to_str().unwrap(),
+        ],
+    );
+    {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(live.join("disk0.img"))
+            .unwrap();
+        f.set_len((32 << 20) + (1 << 20)).unwrap();
+        f.write_all_at(&[0x7c; 4096], 32 << 20).unwrap();
+        f.sync_all().unwrap();
+    }
+
+    // Cancel.
+    let out = vdrep_ok(&["failover", "vm1", "--cancel", "--store", &s.s("b/store")]);
+    println!("{out}");
+    assert!(out.contains("cancelled"), "{out}");
+    assert!(!is_mountpoint(&live), "the live folder is still mounted");
+    assert!(!live.exists(), "the live folder was left behind");
+    let after = (sha256(&r0), sha256(&r1), points_json(&store));
+    println!(
+        "after cancel: disk0 replica {} disk1 replica {} points {:?}",
+        after.0,
+        after.1,
+        point_cycles(&after.2)
+    );
+    assert_eq!(after.0, before.0, "disk0's replica changed");
+    assert_eq!(after.1, before.1, "disk1's replica changed");
+    assert_eq!(after.2, before.2, "the recovery points changed");
+    assert!(
+        !after.2.to_string().contains("\"pinned\":true"),
+        "a point stayed pinned: {}",
+        after.2
+    );
+    // Every point is still readable as before: expose the oldest one.
+    vdrep_ok(&[
+        "failover",
+        "vm1",
+        "--test",
+        "--point",
+        &cycles[0].to_string(), // the oldest
+        "--store",
+        &s.s("b/store"),
+    ]);
+    vdrep_ok(&["failover", "vm1", "--cleanup", "--store", &s.s("b/store")]);
+
+    // The original primary comes back and replicates again.
+    vdrep_ok(&["mount", &s.s("a/vm1"), "--keys", &s.s("ka")]);
+    write_blocks(&s.p("a/vm1/disk0.img"), 30, 0x7d, 12);
+    sync(&s.p("a/vm1"));
+    compare(&s.p("a/vm1/disk0.img"), "raw", &r0, "vpc");
+    compare(&s.p("a/vm1/disk1.vhd"), "vpc", &r1, "vpc");
+    let n = point_cycles(&points_json(&store)).len();
+    assert_eq!(n, cycles.len() + 1, "the resumed cycle made no new point");
+    println!("primary resumed: {n} points, replica equals the primary");
+
+    // A committed failover cannot be cancelled.
+    vdrep_ok(&["umount", &s.s("a/vm1")]);
+    vdrep_ok(&["failover", "vm1", "--unplanned", "--store", &s.s("b/store")]);
+    vdrep_ok(&["failover", "vm1", "--commit", "--store", &s.s("b/store")]);
+    let o = vdrep(&["failover", "vm1", "--cancel", "--store", &s.s("b/store")]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    println!("{err}");
+    assert!(!o.status.success(), "a cancel after commit succeeded");
+    assert!(
+        err.contains("committed") && err.contains("--planned"),
+        "unclear refusal: {err}"
+    );
+    assert!(
+        is_mountpoint(&live),
+        "the refused cancel stopped the live disks"
+    );
+    drop(rb);
+}
+
+/// The replica file of `vm`'s disk `name` in `store` for namespace `site`.
+fn replica_of(store: &Path, site: &str, vm: &str, name: &str) -> PathBuf {
+    let disks = store.join(format!("sites/{site}/vms/{vm}/disks"));
+    for d in std::fs::read_dir(&disks).unwrap().flatten() {
+        let p = d.path().join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("no replica {name} under {}", disks.display());
+}
+
+/// Writes 4 KiB blocks to `path` until told to stop; returns (writes that
+/// succeeded, errors).
+fn busy_writer(
+    path: PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(u64, Vec<String>)> {
+    std::thread::spawn(move || {
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let blocks = f.metadata().unwrap().len() / 4096;
+        let (mut ok, mut errs) = (0u64, Vec::new());
+        let mut i = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let buf = [(i % 251) as u8 + 1; 4096];
+            match f
+                .write_all_at(&buf, ((i * 131) % blocks) * 4096)
+                .and_then(|()| if i % 8 == 7 { f.sync_data() } else { Ok(()) })
+            {
+                Ok(()) => ok += 1,
+                Err(e) => errs.push(format!("write {i}: {e}")),
+            }
+            i += 1;
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        f.sync_all().unwrap();
+        (ok, errs)
+    })
+}
+
+/// Two VMs protected from ONE tracking folder; planned failover of vm1 and
+/// failback: vm2's writes are accepted throughout and keep replicating,
+/// vm1's disk round-trips byte-identically and only changes travel.
+#[test]
+fn planned_failover_of_one_vm_in_a_shared_folder_leaves_the_other_running() {
+    require_fuse!();
+    let s = Sites::new();
+    std::env::set_var("VDREP_RETRY_SCALE", "0.002");
+    let dir = s.p("a/vm1"); // the shared folder (think /var/lib/libvirt/images)
+    fill(&dir.join("disk0.img"), 32 << 20, 21);
+    fill(&dir.join("other.img"), 16 << 20, 22);
+    let _c = Cleanup(vec![dir.clone(), s.b_live()]);
+    let ra = Receiver::start(&s, "a");
+    let rb = Receiver::start(&s, "b");
+    vdrep_ok(&["mount", &s.s("a/vm1"), "--keys", &s.s("ka")]);
+    for (vm, disk) in [("vm1", "disk0.img"), ("vm2", "other.img")] {
+        vdrep_ok(&[
+            "protect",
+            vm,
+            "--to",
+            &rb.addr,
+            "--trust",
+            &s.s("kb/site-b.crt"),
+            "--every",
+            "1h",
+            dir.join(disk).to_str().unwrap(),
+        ]);
+    }
+    sync(&dir);
+    write_blocks(&dir.join("disk0.img"), 40, 0x81, 1);
+    sync(&dir);
+    // Not shipped yet: the planned failover must ship it.
+    write_blocks(&dir.join("disk0.img"), 30, 0x82, 2);
+    copy(&dir.join("disk0.img"), &s.p("expect/disk0.img"));
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let w = busy_writer(dir.join("other.img"), stop.clone());
+    std::thread::sleep(std::time::Duration::from_millis(200));
+
+    // 1. Planned failover of vm1 only.
+    let out = vdrep_ok(&[
+        "failover",
+        "vm1",
+        "--planned",
+        "--dir",
+        &s.s("a/vm1"),
+        "--store",
+        &s.s("a/store"),
+        "--reverse-to",
+        &ra.addr,
+    ]);
+    println!("{out}");
+    assert!(is_mountpoint(&dir), "the shared folder was unmounted");
+    // The kernel may show a cached entry for up to its 1 s TTL (writes to
+    // it already fail: the mount refuses to change a released disk).
+    let t0 = std::time::Instant::now();
+    while dir.join("disk0.img").exists() && t0.elapsed().as_secs() < 3 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(!dir.join("disk0.img").exists(), "vm1's disk is still at A");
+    assert!(dir.join("other.img").exists());
+    let live = s.b_live();
+    compare(
+        &live.join("disk0.img"),
+        "raw",
+        &s.p("expect/disk0.img"),
+        "raw",
+    );
+    // vm2 keeps replicating from the shared folder.
+    sync(&dir);
+    let st = status(&dir);
+    let vms: Vec<&str> = st["replication"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["vm"].as_str().unwrap())
+        .collect();
+    assert_eq!(vms, ["vm2"], "{st}");
+
+    // 2. vm1 runs at B and replicates back to A.
+    write_blocks(&live.join("disk0.img"), 25, 0x83, 3);
+    sync(&live);
+    copy(&live.join("disk0.img"), &s.p("expect/disk0.img"));
+
+    // 3. Planned failback, run at B, into the folder vm2 still runs from.
+    let out = vdrep_ok(&[
+        "failover",
+        "vm1",
+        "--planned",
+        "--dir",
+        live.to_str().unwrap(),
+        "--store",
+        &s.s("b/store"),
+        "--reverse-to",
+        &rb.addr,
+    ]);
+    println!("{out}");
+    assert!(!is_mountpoint(&live));
+    compare(
+        &dir.join("disk0.img"),
+        "raw",
+        &s.p("expect/disk0.img"),
+        "raw",
+    );
+    compare(
+        &dir.join("disk0.img"),
+        "raw",
+        &replica_of(&s.p("b/store"), "site-a", "vm1", "disk0.vhd"),
+        "vpc",
+    );
+
+    // 4. vm1 is primary at A again and ships only its changes.
+    sync(&dir);
+    let sent = |d: &Path, vm: &str| -> u64 {
+        status(d)["replication"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["vm"] == vm)
+            .and_then(|v| v["bytes_sent"].as_u64())
+            .unwrap_or(0)
+    };
+    let a0 = sent(&dir, "vm1");
+    write_blocks(&dir.join("disk0.img"), 16, 0x84, 4);
+    sync(&dir);
+    let a1 = sent(&dir, "vm1") - a0;
+    println!("vm1 after failback: 16 changed blocks (64 KiB) -> {a1} bytes sent (before: {a0})");
+    assert!(
+        a0 < 1 << 20,
+        "A re-sent {a0} bytes of vm1 after the failback"
+    );
+    assert!((64 << 10..128 << 10).contains(&a1), "{a1} bytes for 64 KiB");
+    compare(
+        &dir.join("disk0.img"),
+        "raw",
+        &replica_of(&s.p("b/store"), "site-a", "vm1", "disk0.vhd"),
+        "vpc",
+    );
+
+    // vm2 never noticed.
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (ok, errs) = w.join().unwrap();
+    println!(
+        "vm2: {ok} writes accepted during the round trip, {} failed",
+        errs.len()
+    );
+    assert!(errs.is_empty(), "vm2's writes failed: {errs:?}");
+    assert!(ok > 50, "vm2 wrote only {ok} times");
+    sync(&dir);
+    compare(
+        &dir.join("other.img"),
+        "raw",
+        &replica_of(&s.p("b/store"), "site-a", "vm2", "other.vhd"),
+        "vpc",
+    );
+    drop(ra);
+    drop(rb);
+}

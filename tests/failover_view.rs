@@ -49,6 +49,7 @@ fn make_log(path: &Path, base: u64, cycle: u64, old_size: u64, new: &[u8], dirty
         base_size: old_size,
         disk_size: new.len() as u64,
         cut_unix_ns: 1_700_000_000_000_000_000 + cycle * 1_000_000_000,
+        app_consistent: false,
     };
     let mut w = HrlWriter::create(path, &h).unwrap();
     for &b in dirty {

@@ -36,6 +36,7 @@ fn header(base_cycle: u64, base_size: u64, disk_size: u64) -> HrlHeader {
         base_size,
         disk_size,
         cut_unix_ns: 1_763_790_000_000_000_000 + base_cycle,
+        app_consistent: false,
     }
 }
 

@@ -346,6 +346,7 @@ fn one_of_each() -> Vec<Msg> {
         Msg::PointCommit(wire::PointCommit {
             vm: "vm1".into(),
             cycle: 4,
+            app_consistent: true,
             disks: vec![wire::DiskCycle {
                 disk_id: id,
                 cycle: 4,
@@ -707,7 +708,7 @@ async fn hello_exchange_and_version_mismatch() {
     .unwrap_err();
     println!("sender sees: {e}");
     assert!(
-        matches!(&e, wire::WireError::Peer { code: wire::ErrorCode::Version, retryable: false, message } if message.contains("version 1, this sender 99")),
+        matches!(&e, wire::WireError::Peer { code: wire::ErrorCode::Version, retryable: false, message } if message.contains(&format!("version {}, this sender 99", wire::PROTOCOL_VERSION))),
         "{e:?}"
     );
     client.close(0u32.into(), b"done");
@@ -716,7 +717,7 @@ async fn hello_exchange_and_version_mismatch() {
     assert!(matches!(
         second,
         Err(wire::WireError::Version {
-            ours: 1,
+            ours: wire::PROTOCOL_VERSION,
             theirs: 99
         })
     ));

@@ -226,16 +226,20 @@ fn msg() -> impl Strategy<Value = Msg> {
         (
             component(),
             any::<u64>(),
+            any::<bool>(),
             proptest::collection::btree_map(disk_id(), any::<u64>(), 1..20)
         )
-            .prop_map(|(vm, cycle, m)| Msg::PointCommit(PointCommit {
-                vm,
-                cycle,
-                disks: m
-                    .into_iter()
-                    .map(|(disk_id, cycle)| DiskCycle { disk_id, cycle })
-                    .collect(),
-            })),
+            .prop_map(
+                |(vm, cycle, app_consistent, m)| Msg::PointCommit(PointCommit {
+                    vm,
+                    cycle,
+                    app_consistent,
+                    disks: m
+                        .into_iter()
+                        .map(|(disk_id, cycle)| DiskCycle { disk_id, cycle })
+                        .collect(),
+                })
+            ),
         (component(), any::<u64>()).prop_map(|(vm, cycle)| Msg::PointAck(PointAck { vm, cycle })),
         ".{0,200}".prop_map(Msg::Admin),
         ".{0,200}".prop_map(Msg::AdminOk),

@@ -58,6 +58,7 @@ fn make_log(
         base_size: old_size,
         disk_size: new.len() as u64,
         cut_unix_ns: 1_700_000_000_000_000_000 + cycle * 1_000_000_000,
+        app_consistent: false,
     };
     let mut w = HrlWriter::create(path, &h).unwrap();
     for &b in dirty {
@@ -384,14 +385,21 @@ fn path_escapes_are_refused() {
 struct Step {
     writes: Vec<(u64, u8)>,
     resize: Option<u64>,
+    /// Commit the point as application-consistent.
+    app: bool,
 }
 
 fn step_strategy() -> impl Strategy<Value = Step> {
     (
         proptest::collection::vec((0u64..24, any::<u8>()), 0..12),
         proptest::option::weighted(0.2, 4u64..24),
+        proptest::bool::weighted(0.3),
     )
-        .prop_map(|(writes, resize)| Step { writes, resize })
+        .prop_map(|(writes, resize, app)| Step {
+            writes,
+            resize,
+            app,
+        })
 }
 
 proptest! {
@@ -424,7 +432,8 @@ proptest! {
             make_log(&lp, ID, cycle - 1, cycle, old, &disk, &dirty);
             site.store_log(VM, &ID, std::fs::File::open(&lp).unwrap()).unwrap();
             site.apply(VM, &ID, cycle).unwrap();
-            site.commit_point(VM, cycle, &[ID], Consistency::Crash).unwrap().unwrap();
+            let c = if s.app { Consistency::App } else { Consistency::Crash };
+            site.commit_point(VM, cycle, &[ID], c).unwrap().unwrap();
             models.push((cycle, disk.clone()));
         }
         let check = |models: &[(u64, Vec<u8>)]| {
@@ -454,12 +463,33 @@ proptest! {
             thin_every: Some(std::time::Duration::from_secs(thin)),
             ..Default::default()
         };
+        let before = site.points(VM).unwrap();
         let rep = site.prune(VM, &thin_policy).unwrap();
         let models: Vec<(u64, Vec<u8>)> = models
             .into_iter()
             .filter(|(c, _)| !rep.dropped_points.contains(c))
             .collect();
-        prop_assert_eq!(rep.merged as usize, rep.dropped_points.iter().filter(|&&c| c > 10).count());
+        // One point per interval: the newest app-consistent one if the
+        // interval has one, else the newest (plus the newest point overall).
+        let kept: Vec<u64> = site.points(VM).unwrap().iter().map(|p| p.cycle).collect();
+        let slot = |p: &vdrep::replica::Point| p.time_unix_ns / (thin * 1_000_000_000);
+        let newest = before.last().unwrap().cycle;
+        for s in before.iter().map(slot).collect::<BTreeSet<_>>() {
+            let group: Vec<_> = before.iter().filter(|p| slot(p) == s).collect();
+            let want = group
+                .iter()
+                .rev()
+                .find(|p| p.consistency == Consistency::App)
+                .or(group.last())
+                .unwrap()
+                .cycle;
+            let k: Vec<u64> = group.iter().map(|p| p.cycle).filter(|c| kept.contains(c)).collect();
+            prop_assert!(k.contains(&want), "interval {}: kept {:?}, want {}", s, k, want);
+            prop_assert!(k.len() == 1 || k.len() == 2 && k.contains(&newest), "interval {}: kept {:?}", s, k);
+        }
+        // Every dropped point above the oldest kept one was merged over.
+        let oldest_kept = kept[0];
+        prop_assert_eq!(rep.merged as usize, rep.dropped_points.iter().filter(|&&c| c > oldest_kept).count());
         check(&models)?;
         prop_assert_eq!(std::fs::read_dir(&undo).unwrap().count(), models.len() - 1);
         let rep = site.prune(VM, &RetentionPolicy { keep_last: Some(keep), ..Default::default() }).unwrap();
@@ -1048,6 +1078,7 @@ fn perf_store_apply_read_point() {
         base_size: size,
         disk_size: size,
         cut_unix_ns: 0,
+        app_consistent: false,
     };
     let mut w = HrlWriter::create(&lp, &h).unwrap();
     let mut blk = vec![0u8; BS as usize];

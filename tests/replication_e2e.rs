@@ -79,6 +79,9 @@ struct Receiver {
 
 impl Receiver {
     fn start(site: &Site, addr: &str, store: &Path) -> Receiver {
+        Receiver::start_env(site, addr, store, &[])
+    }
+    fn start_env(site: &Site, addr: &str, store: &Path, env: &[(&str, &str)]) -> Receiver {
         setup();
         let mut child = Command::new(vdrep_bin())
             .args([
@@ -92,6 +95,7 @@ impl Receiver {
                 "--trust",
                 &site.s("ka/site-a.crt"),
             ])
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -718,6 +722,79 @@ fn clean_restart_during_initial_copy_resumes() {
         sent < 170 << 20,
         "{} MiB sent after the restart: the copy started over",
         sent >> 20
+    );
+    m.umount();
+}
+
+/// The receiver dies after it applied (and acknowledged) every log of a
+/// cycle but before it recorded the recovery point (`VDREP_CRASH_AT=
+/// point-before-commit`). The restarted receiver has the replica at that
+/// cycle and no point for it; the sender must commit the point again when
+/// it reconnects, so the waiting `vdrep sync` returns (with `--every 1h`
+/// nothing else would cut for an hour) and the point is listed.
+#[test]
+fn receiver_dying_between_ack_and_point_commit_loses_no_point() {
+    require_fuse!();
+    std::env::set_var("VDREP_RETRY_SCALE", "0.005");
+    let site = Site::new();
+    std::fs::File::create(site.p("vm/data.img"))
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let mut m = site.mount();
+    let mut r = Receiver::start(&site, "127.0.0.1:0", &site.p("store"));
+    let addr = r.addr.clone();
+    protect(&site, &r, "1h", &["data.img"]);
+    sync_ok(&site);
+    r.kill9();
+    let mut r = Receiver::start_env(
+        &site,
+        &addr,
+        &site.p("store"),
+        &[("VDREP_CRASH_AT", "point-before-commit")],
+    );
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(site.p("vm/data.img"))
+        .unwrap();
+    for i in 0..64u64 {
+        f.write_all_at(&[i as u8 + 1; 4096], i * 65536).unwrap();
+    }
+    drop(f);
+    let vmdir = site.s("vm");
+    let bg = std::thread::spawn(move || vdrep(&["sync", &vmdir, "--timeout", "90"]));
+    // The receiver aborts at the point commit.
+    let t0 = std::time::Instant::now();
+    while r.child.try_wait().unwrap().is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the receiver never reached the point commit"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _r = Receiver::start(&site, &addr, &site.p("store"));
+    let o = bg.join().unwrap();
+    assert!(
+        o.status.success(),
+        "sync: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    same(&site.p("vm/data.img"), "raw", &site.replica("data.vhd"));
+    let pts = vdrep_ok(&["points", "vm1", "--store", &site.s("store"), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&pts).unwrap();
+    // The cycle whose commit was lost is a point: no gap in the history.
+    let mut cycles: Vec<u64> = v["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["cycle"].as_u64().unwrap())
+        .collect();
+    cycles.sort();
+    assert!(cycles.len() >= 2, "{pts}");
+    assert!(
+        cycles.windows(2).all(|w| w[1] == w[0] + 1),
+        "a point is missing: {cycles:?}"
     );
     m.umount();
 }

@@ -155,7 +155,15 @@ impl VdrepFs {
         rel: Option<&Path>,
         file: &std::fs::File,
     ) -> io::Result<Option<Arc<TrackedDisk>>> {
-        let (Some(tracker), Some(rel)) = (&self.tracker, rel) else {
+        let Some(tracker) = &self.tracker else {
+            return Ok(None);
+        };
+        let Some(rel) = rel else {
+            // A disk moved into a store by a failover, still reachable
+            // through a cached entry: it must not change behind vdrep.
+            if tracker.is_released(file) {
+                return Err(io::Error::from_raw_os_error(libc::EROFS));
+            }
             return Ok(None);
         };
         if rel.as_os_str().is_empty() || Self::is_state_path(rel) {

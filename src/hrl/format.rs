@@ -14,6 +14,9 @@ pub const MAGIC: [u8; 8] = *b"VDHRL\0\r\n";
 pub const FORMAT_VERSION: u32 = 1;
 /// Length of the fixed part of the file header (before the disk name).
 pub const HEADER_FIXED_LEN: usize = 80;
+/// Header flag: the cut was taken while the guest was quiesced (an
+/// application-consistency hook froze it); every other bit must be 0.
+pub const HDR_FLAG_APP: u32 = 1;
 /// Length of the header checksum that follows the disk name.
 pub const HEADER_SUM_LEN: usize = 8;
 /// Longest disk name accepted, in bytes.
@@ -171,7 +174,8 @@ pub fn encode_header(h: &HrlHeader) -> Result<Vec<u8>, String> {
     b.extend_from_slice(&h.disk_size.to_le_bytes());
     b.extend_from_slice(&h.cut_unix_ns.to_le_bytes());
     b.extend_from_slice(&h.block_size.to_le_bytes());
-    b.extend_from_slice(&0u32.to_le_bytes()); // flags
+    let flags = if h.app_consistent { HDR_FLAG_APP } else { 0 };
+    b.extend_from_slice(&flags.to_le_bytes());
     b.extend_from_slice(name);
     let sum = xxhash_rust::xxh3::xxh3_64(&b);
     b.extend_from_slice(&sum.to_le_bytes());
@@ -226,7 +230,7 @@ pub fn parse_header(buf: &[u8]) -> Result<(HrlHeader, usize), ParseError> {
         ));
     }
     let flags = u32_at(buf, 76);
-    if flags != 0 {
+    if flags & !HDR_FLAG_APP != 0 {
         return Err(bad(76, format!("unknown header flags {flags:#x}")));
     }
     let disk_name = match std::str::from_utf8(&buf[HEADER_FIXED_LEN..HEADER_FIXED_LEN + name_len]) {
@@ -243,6 +247,7 @@ pub fn parse_header(buf: &[u8]) -> Result<(HrlHeader, usize), ParseError> {
         base_size: u64_at(buf, 48),
         disk_size: u64_at(buf, 56),
         cut_unix_ns: u64_at(buf, 64),
+        app_consistent: flags & HDR_FLAG_APP != 0,
         block_size: u32_at(buf, 72),
     };
     validate_header(&h).map_err(|(at, what)| bad(at, what))?;
@@ -478,6 +483,7 @@ mod tests {
             base_size: 1 << 20,
             disk_size: 2 << 20,
             cut_unix_ns: 1_700_000_000_000_000_000,
+            app_consistent: false,
         }
     }
 
@@ -499,6 +505,28 @@ mod tests {
                 Err(ParseError::Short { need }) => assert!(need > n),
                 other => panic!("prefix {n}: {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn app_flag_round_trips_and_unknown_flags_are_refused() {
+        let mut h = header();
+        h.app_consistent = true;
+        let b = encode_header(&h).unwrap();
+        assert_eq!(
+            u32::from_le_bytes(b[76..80].try_into().unwrap()),
+            HDR_FLAG_APP
+        );
+        assert!(parse_header(&b).unwrap().0.app_consistent);
+        // Another bit, with a correct header checksum: still refused.
+        let mut bad = b.clone();
+        bad[76] = 0b11;
+        let n = bad.len() - HEADER_SUM_LEN;
+        let sum = xxhash_rust::xxh3::xxh3_64(&bad[..n]);
+        bad[n..].copy_from_slice(&sum.to_le_bytes());
+        match parse_header(&bad) {
+            Err(ParseError::Bad { at: 76, what }) => assert!(what.contains("flags"), "{what}"),
+            other => panic!("{other:?}"),
         }
     }
 

@@ -20,7 +20,7 @@
 //!  56   8  disk_size        u64, disk size at cycle (<= 2^60)
 //!  64   8  cut_unix_ns      u64, time of the cut
 //!  72   4  block_size       u32, power of two in 512..=2^30
-//!  76   4  flags            u32 = 0 (reserved)
+//!  76   4  flags            u32: bit 0 = app-consistent cut, others 0
 //!  80   n  disk_name        UTF-8, path relative to the mounted folder
 //!  80+n 8  header checksum  xxh3-64 of bytes 0..80+n
 //!
@@ -161,6 +161,10 @@ pub struct HrlHeader {
     pub disk_size: u64,
     /// Wall-clock time of the cut, nanoseconds since the Unix epoch.
     pub cut_unix_ns: u64,
+    /// The cut was taken while the guest was quiesced (header flag bit 0,
+    /// [`format::HDR_FLAG_APP`]): an application-consistent point.
+    #[serde(default)]
+    pub app_consistent: bool,
 }
 
 /// What a finished log contains.

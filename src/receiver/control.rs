@@ -58,6 +58,9 @@ pub enum Request {
     },
     /// Make a failover final (drops the history from before it).
     CommitFailover { site: Option<String>, vm: String },
+    /// Cancel an uncommitted failover: the replica and its points come
+    /// back exactly as before it ([`crate::roles::cancel_local`]).
+    CancelFailover { site: Option<String>, vm: String },
 }
 
 /// One recovery point as listed by `vdrep points`.
@@ -94,6 +97,9 @@ pub struct Response {
     pub live: Option<replica::LiveInfo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub point: Option<Point>,
+    /// What a cancelled failover restored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel: Option<crate::roles::CancelReport>,
     /// Things the operator should know although the request succeeded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
@@ -344,6 +350,30 @@ impl Server {
                         site: Some(site),
                         live: a.live,
                         warnings: a.warnings,
+                        ..Response::ok()
+                    },
+                    Err(e) => Response::err(e),
+                }
+            }
+            Request::CancelFailover { site, vm } => {
+                let site = match failover::resolve_site(&self.store, site.as_deref(), &vm) {
+                    Ok(s) => s,
+                    Err(e) => return Response::err(e),
+                };
+                if self
+                    .views
+                    .list()
+                    .iter()
+                    .any(|v| v.site == site && v.vm == vm)
+                {
+                    return Response::err(format!(
+                        "{vm} has a test failover running: remove it first (`vdrep failover {vm} --cleanup`)"
+                    ));
+                }
+                match crate::roles::cancel_local(&self.roles, &site, &vm) {
+                    Ok(r) => Response {
+                        site: Some(site),
+                        cancel: Some(r),
                         ..Response::ok()
                     },
                     Err(e) => Response::err(e),

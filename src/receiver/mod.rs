@@ -29,6 +29,45 @@ pub struct ReceiveOptions {
     pub store: PathBuf,
     pub keys: PathBuf,
     pub trust: Vec<PathBuf>,
+    /// Which recovery points to keep ([`replica::Site::prune`]).
+    pub retention: replica::RetentionPolicy,
+    /// How often the retention policy is applied (`None`: never).
+    pub prune_every: Option<std::time::Duration>,
+}
+
+/// Apply `keep` to every VM of every site in `store`, except VMs failed
+/// over here and not yet committed (`vdrep failover --commit`): until then
+/// the failover may be cancelled and needs its history. Returns one line
+/// per VM that lost points.
+pub fn prune_all(store: &replica::Store, keep: &replica::RetentionPolicy) -> Vec<String> {
+    let mut out = Vec::new();
+    for name in store.site_names() {
+        let Ok(site) = store.site(&name) else {
+            continue;
+        };
+        for vm in site.vms() {
+            match site.live(&vm) {
+                Ok(Some(l)) if !l.committed => continue,
+                Err(e) => {
+                    out.push(format!("{name}/{vm}: not pruned: {e}"));
+                    continue;
+                }
+                _ => {}
+            }
+            match site.prune(&vm, keep) {
+                Ok(r) if r.dropped_points.is_empty() => {}
+                Ok(r) => out.push(format!(
+                    "{name}/{vm}: dropped {} point(s) ({:?}), freed {} bytes of history, {} record(s) merged",
+                    r.dropped_points.len(),
+                    r.dropped_points,
+                    r.freed_bytes,
+                    r.merged
+                )),
+                Err(e) => out.push(format!("{name}/{vm}: pruning failed: {e}")),
+            }
+        }
+    }
+    out
 }
 
 struct Session {
@@ -69,6 +108,19 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), String> {
     });
     control::start(store.clone(), views, roles.clone())
         .map_err(|e| format!("cannot start the control socket: {e}"))?;
+    if let Some(every) = opts.prune_every {
+        let store = store.clone();
+        let keep = opts.retention.clone();
+        std::thread::Builder::new()
+            .name("vdrep-prune".into())
+            .spawn(move || loop {
+                std::thread::sleep(every);
+                for line in prune_all(&store, &keep) {
+                    tracing::info!("retention: {line}");
+                }
+            })
+            .map_err(|e| format!("cannot start the retention thread: {e}"))?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("vdrep-recv")
@@ -773,9 +825,16 @@ fn durable_ack(l: &wire::LogBegin, applied: bool) -> Msg {
 fn point(sess: &Session, store: &replica::Store, p: wire::PointCommit) -> Msg {
     let ids: Vec<[u8; 16]> = p.disks.iter().map(|d| d.disk_id).collect();
     let r = tokio::task::block_in_place(|| {
-        store
-            .site(&sess.site)?
-            .commit_point(&p.vm, p.cycle, &ids, replica::Consistency::Crash)
+        store.site(&sess.site)?.commit_point(
+            &p.vm,
+            p.cycle,
+            &ids,
+            if p.app_consistent {
+                replica::Consistency::App
+            } else {
+                replica::Consistency::Crash
+            },
+        )
     });
     match r {
         Ok(Some(_)) => Msg::PointAck(wire::PointAck {

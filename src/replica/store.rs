@@ -343,6 +343,14 @@ impl Store {
         &self.root
     }
 
+    /// The sending sites that have a namespace here.
+    pub fn site_names(&self) -> Vec<String> {
+        list_dir(&self.sites)
+            .into_iter()
+            .filter(|n| validate_name("site", n).is_ok())
+            .collect()
+    }
+
     /// The namespace of site `name` (validated; created if needed).
     pub fn site(&self, name: &str) -> Result<Site<'_>> {
         validate_name("site", name)?;
@@ -1739,6 +1747,7 @@ impl Site<'_> {
             consistency,
             disks,
         };
+        crate::replica::crash_point("point-before-commit");
         pf.points.push(pt.clone());
         pf.points.sort_by_key(|p| p.cycle);
         self.write_json(&self.ctx(vm, ""), &vmd, POINTS, &pf)?;
@@ -1866,12 +1875,32 @@ impl Site<'_> {
         if let (Some(after), Some(every)) = (keep.thin_after, keep.thin_every) {
             let limit = now.saturating_sub(after.as_nanos() as u64);
             let every = (every.as_nanos() as u64).max(1);
-            // Keep the newest point of each interval (points are oldest first).
-            for (f, w) in keep_flags.iter_mut().zip(pf.points.windows(2)) {
-                let (p, q) = (&w[0], &w[1]);
-                if p.time_unix_ns < limit && p.time_unix_ns / every == q.time_unix_ns / every {
-                    *f = false;
+            // Of the points older than `limit` keep one per interval: the
+            // newest application-consistent one if the interval has one,
+            // else the newest (none if a newer point of the same interval
+            // is still young enough to be kept anyway). Points are oldest
+            // first.
+            let mut i = 0;
+            while i < n && pf.points[i].time_unix_ns < limit {
+                let slot = pf.points[i].time_unix_ns / every;
+                let mut j = i;
+                while j < n && pf.points[j].time_unix_ns / every == slot {
+                    j += 1;
                 }
+                // Points i..j share the interval; i..old are thinnable.
+                let old = (i..j)
+                    .find(|&k| pf.points[k].time_unix_ns >= limit)
+                    .unwrap_or(j);
+                let app = (i..old)
+                    .rev()
+                    .find(|&k| pf.points[k].consistency == Consistency::App);
+                let keep_one = app.or((old == j).then(|| j - 1));
+                for (k, f) in keep_flags.iter_mut().enumerate().take(old).skip(i) {
+                    if Some(k) != keep_one {
+                        *f = false;
+                    }
+                }
+                i = j;
             }
         }
         keep_flags[n - 1] = true;

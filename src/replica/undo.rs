@@ -65,6 +65,7 @@ pub(crate) fn write_undo(
         base_size: h.disk_size,
         disk_size: h.base_size,
         cut_unix_ns: base_time_ns,
+        app_consistent: false,
     };
     let mut w = HrlWriter::create(path, &uh)?;
     let old = h.base_size;
@@ -502,6 +503,7 @@ pub(crate) fn merge_undo(older: &Path, newer: &Path, out: &Path) -> Result<u64, 
         base_size: hb.base_size,
         disk_size: ha.disk_size,
         cut_unix_ns: ha.cut_unix_ns,
+        app_consistent: false,
     };
     let mut w = HrlWriter::create(out, &mh)?;
     let mut pa = next_piece(&mut a)?;

@@ -61,7 +61,7 @@ fn fence(dir: &Path, vm: &str, on: bool) -> RoleResult<FenceReport> {
 }
 
 /// Stop the tracking mount at `dir` cleanly (waits for the daemon to exit).
-fn umount(dir: &Path) -> RoleResult<()> {
+pub(super) fn umount(dir: &Path) -> RoleResult<()> {
     let r = call_ok(dir, &Request::Shutdown { lazy: false })?;
     if let Some(pid) = r.pid {
         if !crate::daemon::wait_pid_gone(pid, Duration::from_secs(120)) {
@@ -140,14 +140,9 @@ pub fn planned(o: &Planned<'_>, say: &dyn Fn(&str)) -> RoleResult<PlannedReport>
             Err(u) => format!("{e}\n(unfencing {vm} failed too: {u}; run `vdrep failover {vm} --planned` again or remount)"),
         }
     };
-    let others = foreign_disks(&rep);
-    if !others.is_empty() {
-        return Err(undo_fence(format!(
-            "{} also holds disks of other VMs ({}): a planned failover moves the whole tracking folder; keep each VM in its own folder",
-            dir.display(),
-            others.join(", ")
-        )));
-    }
+    // Other VMs' disks in the folder keep running: only this VM's disks
+    // leave it (fenced per VM), the mount stays.
+    let shared = !foreign_disks(&rep).is_empty();
     let Some(keys) = rep.keys.clone() else {
         return Err(undo_fence(format!(
             "{} was mounted without --keys: cannot talk to the other site",
@@ -200,9 +195,30 @@ pub fn planned(o: &Planned<'_>, say: &dyn Fn(&str)) -> RoleResult<PlannedReport>
     // 3. Stop replicating and unmount, then take the disks into our store.
     let rep = fence(&dir, vm, true).map_err(undo_fence)?;
     call_ok(&dir, &Request::Unprotect { vm: vm.into() }).map_err(undo_fence)?;
-    umount(&dir).map_err(|e| {
-        format!("{e}\n({vm} is fenced and unprotected; stop what holds {} open and run `vdrep umount {}`, then retry)", dir.display(), dir.display())
-    })?;
+    let staged = if shared {
+        let to = o.store.join(".staging").join(vm);
+        call_ok(
+            &dir,
+            &Request::Release {
+                vm: vm.into(),
+                disks: rep.disks.iter().map(|(n, _, _)| n.clone()).collect(),
+                to: to.clone(),
+            },
+        )
+        .map_err(|e| {
+            format!("{e}\n({vm} is fenced and unprotected, the other VMs of {} keep running; shut {vm} down and retry `vdrep failover {vm} --planned`)", dir.display())
+        })?;
+        say(&format!(
+            "{vm}'s disks left {} (the other VMs there keep running)",
+            dir.display()
+        ));
+        Some(to)
+    } else {
+        umount(&dir).map_err(|e| {
+            format!("{e}\n({vm} is fenced and unprotected; stop what holds {} open and run `vdrep umount {}`, then retry)", dir.display(), dir.display())
+        })?;
+        None
+    };
     let (origin, disks) = origin_of(&dir, &keys, &rep);
     rcall_ok(
         o.store,
@@ -214,14 +230,23 @@ pub fn planned(o: &Planned<'_>, say: &dyn Fn(&str)) -> RoleResult<PlannedReport>
             origin,
             disks,
             needs_resync: None,
+            staged: staged.clone(),
         }),
     )
-    .map_err(|e| {
-        format!(
+    .map_err(|e| match &staged {
+        Some(st) => format!(
+            "{e}\n({vm} is stopped here; its disks are in {}: fix the cause and retry the adoption, or move them back into {} to make it active again)",
+            st.display(),
+            dir.display()
+        ),
+        None => format!(
             "{e}\n({vm} is stopped here: remount {} to make it active again)",
             dir.display()
-        )
+        ),
     })?;
+    if let Some(st) = &staged {
+        let _ = std::fs::remove_dir(st);
+    }
     say(&format!(
         "{vm}'s disks are now the replica of {peer} in {}",
         o.store.display()
@@ -322,8 +347,26 @@ pub fn commit(store: &Path, site: Option<&str>, vm: &str) -> RoleResult<crate::r
             vm: vm.into(),
         },
     )?;
-    r.live
-        .ok_or_else(|| "the receiver did not say where the VM is live".to_string())
+    let live = r
+        .live
+        .ok_or_else(|| "the receiver did not say where the VM is live".to_string())?;
+    for w in super::drop_preimages(&live) {
+        say(&format!("warning: {w}"));
+    }
+    Ok(live)
+}
+
+/// Cancel the uncommitted failover of `vm` at this site.
+pub fn cancel(store: &Path, site: Option<&str>, vm: &str) -> RoleResult<super::CancelReport> {
+    let r = rcall_ok(
+        store,
+        &rctl::Request::CancelFailover {
+            site: site.map(str::to_string),
+            vm: vm.into(),
+        },
+    )?;
+    r.cancel
+        .ok_or_else(|| "the receiver answered without a report".to_string())
 }
 
 /// Options of `vdrep reverse`.
@@ -394,6 +437,7 @@ pub fn reverse(
             needs_resync: Some(format!(
                 "old primary after an unplanned failover to {peer}: it may hold writes that never reached the replica"
             )),
+            staged: None,
         }),
     )?;
     say(&format!(
@@ -419,7 +463,7 @@ fn say(s: &str) {
     eprintln!("vdrep: {s}");
 }
 
-/// `vdrep failover NAME --planned | --unplanned | --commit`.
+/// `vdrep failover NAME --planned | --unplanned | --commit | --cancel`.
 pub fn run_failover(a: crate::cli::FailoverArgs) -> i32 {
     let vm = a.name.as_str();
     if a.mode.planned {
@@ -457,6 +501,28 @@ pub fn run_failover(a: crate::cli::FailoverArgs) -> i32 {
             }
             Err(e) => {
                 eprintln!("vdrep: planned failover of {vm} failed: {e}");
+                1
+            }
+        };
+    }
+    if a.mode.cancel {
+        return match cancel(&a.store, a.site.as_deref(), vm) {
+            Ok(r) => {
+                if a.json {
+                    println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                } else {
+                    println!(
+                        "{vm}: failover cancelled: {} written on the failed-over disks undone, {} stopped; the replica is back at its newest point {} with its {} recovery point(s) as before; replication from the original primary resumes (re-protect it there if it went Critical)",
+                        crate::cli::human(r.undone_bytes),
+                        r.dir.display(),
+                        r.points.last().map_or(r.cycle, |p| p.cycle),
+                        r.points.len()
+                    );
+                }
+                0
+            }
+            Err(e) => {
+                eprintln!("vdrep: cancel of the failover of {vm}: {e}");
                 1
             }
         };

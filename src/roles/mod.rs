@@ -199,7 +199,10 @@ pub fn promote_local(
         .as_ref()
         .map(|o| o.dir.clone())
         .unwrap_or_else(|| ctx.store.root().join("live").join(s.name()).join(vm));
-    if is_mounted(&dest) && s.live(vm).map_err(lazy_err)?.is_none() {
+    // Failback into a folder that stays mounted for other VMs: the disks
+    // are staged next to the store, then the mount takes them in.
+    let into_mount = is_mounted(&dest) && s.live(vm).map_err(lazy_err)?.is_none();
+    if into_mount && origin.is_none() {
         return Err(format!(
             "{} is mounted by vdrep already (the VM is active there?): unmount it first",
             dest.display()
@@ -214,7 +217,38 @@ pub fn promote_local(
             names.insert(id.clone(), rel.clone());
         }
     }
-    let live = s.promote(vm, point, &dest, &names).map_err(lazy_err)?;
+    let live = if into_mount {
+        let staging = ctx.store.root().join(".staging").join(s.name()).join(vm);
+        let staged = s.promote(vm, point, &staging, &names).map_err(lazy_err)?;
+        let disks = staged
+            .disks
+            .iter()
+            .map(|d| {
+                Ok(crate::control::TakeDisk {
+                    from: d.path.clone(),
+                    name: rel_name(&staging, &d.path)
+                        .ok_or_else(|| format!("{} is not staged", d.path.display()))?,
+                    id: d.disk_id.clone(),
+                    cycle: staged.cycle,
+                })
+            })
+            .collect::<RoleResult<Vec<_>>>()?;
+        let r = crate::control::call(&dest, &crate::control::Request::Take { disks })
+            .map_err(lazy_err)?;
+        if !r.ok {
+            return Err(format!(
+                "the mount of {} did not take {vm}'s disks back: {} (they are in {}; the VM is live here from point {})",
+                dest.display(),
+                r.error.unwrap_or_default(),
+                staging.display(),
+                staged.cycle
+            ));
+        }
+        let _ = std::fs::remove_dir(&staging);
+        s.relocate_live(vm, &dest).map_err(lazy_err)?
+    } else {
+        s.promote(vm, point, &dest, &names).map_err(lazy_err)?
+    };
     let block_size = live
         .disks
         .first()
@@ -234,6 +268,11 @@ pub fn promote_local(
             })
             .collect();
         seed(&dest, &disks).map_err(lazy_err)?;
+        if reverse.is_none() {
+            // An unplanned failover can be cancelled until its commit:
+            // the mount saves what the VM overwrites.
+            arm_preimages(&dest, &disks)?;
+        }
         let keys = origin
             .as_ref()
             .and_then(|o| o.keys.clone())
@@ -248,6 +287,175 @@ pub fn promote_local(
         live: Some(live),
         warnings,
     })
+}
+
+/// The pre-image journal of a seeded disk of the live folder `dir`.
+fn preimage_path(dir: &Path, name: &str, id: &[u8; 16]) -> PathBuf {
+    dir.join(crate::tracking::STATE_DIR)
+        .join("disks")
+        .join(crate::tracking::folder_name(name, id))
+        .join(crate::tracking::preimage::FILE)
+}
+
+/// Arm the pre-image journals of freshly seeded live disks.
+fn arm_preimages(dir: &Path, disks: &[SeedDisk]) -> RoleResult<()> {
+    for d in disks {
+        let file = dir.join(&d.name);
+        let size = std::fs::metadata(&file)
+            .map_err(|e| format!("{}: {e}", file.display()))?
+            .len();
+        let j = preimage_path(dir, &d.name, &d.id);
+        crate::tracking::preimage::arm(&j, d.block_size, size).map_err(|e| {
+            format!(
+                "cannot create the pre-image journal {} (needed to cancel the failover): {e}",
+                j.display()
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// What a cancelled failover restored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CancelReport {
+    /// The live folder that was stopped.
+    pub dir: PathBuf,
+    /// The point the failover had started from.
+    pub cycle: u64,
+    /// Bytes of the failed-over VM's writes undone (pre-images restored).
+    pub undone_bytes: u64,
+    /// The VM's recovery points, as before the failover.
+    pub points: Vec<replica::Point>,
+}
+
+/// Cancel the uncommitted (unplanned) failover of `vm` of namespace `site`
+/// at this site: stop the live disks' mount, write back the pre-images of
+/// everything the VM changed since the promotion, and give the disks back
+/// to the store as the replica with its history exactly as before
+/// ([`crate::replica::Site::cancel_failover`]).
+pub fn cancel_local(ctx: &ReceiverCtx, site: &str, vm: &str) -> RoleResult<CancelReport> {
+    let s = ctx.store.site(site).map_err(lazy_err)?;
+    let Some(live) = s.live(vm).map_err(lazy_err)? else {
+        return Err(format!(
+            "{vm} is not failed over to this site: there is nothing to cancel"
+        ));
+    };
+    if live.committed {
+        return Err(format!(
+            "the failover of {vm} was committed (`--commit`): the recovery points from before it are gone, so it cannot be cancelled. To make the original primary active again, fail back with a planned failover: `vdrep reverse {vm}` at the old primary if it is not replicating from here yet, then `vdrep failover {vm} --planned --store STORE --reverse-to ADDR` here"
+        ));
+    }
+    if is_mounted(&live.dir) {
+        let st =
+            crate::control::call(&live.dir, &crate::control::Request::Status).map_err(lazy_err)?;
+        if st
+            .replication
+            .unwrap_or_default()
+            .iter()
+            .any(|r| r.vm == vm)
+        {
+            return Err(format!(
+                "{vm} is replicating from here back to the other site (a planned failover, or `vdrep reverse` ran): the other site holds its disks as the replica of this one, so cancelling here would lose them. Make the other site active again with a planned failover back: `vdrep failover {vm} --planned --store STORE --reverse-to ADDR` here (zero loss, ships only changes)"
+            ));
+        }
+    }
+    // Every disk must have its journal before anything changes.
+    let mut journals = Vec::new();
+    for d in &live.disks {
+        let (Some(rel), Some(id)) = (
+            rel_name(&live.dir, &d.path),
+            replica::parse_hex_id(&d.disk_id),
+        ) else {
+            return Err(format!(
+                "{} is not below the live folder {}: cannot find its pre-image journal; nothing was changed",
+                d.path.display(),
+                live.dir.display()
+            ));
+        };
+        let j = preimage_path(&live.dir, &rel, &id);
+        if !j.exists() {
+            return Err(format!(
+                "{}: no pre-image journal ({}): the writes made on it since the failover cannot be undone, so the cancel is refused (nothing was changed); commit the failover or fail back instead",
+                d.path.display(),
+                j.display()
+            ));
+        }
+        journals.push((j, d.path.clone(), rel, id));
+    }
+    if is_mounted(&live.dir) {
+        cli::umount(&live.dir).map_err(|e| {
+            format!(
+                "{e}
+(stop the VM running on {}'s disks, then run the cancel again)",
+                vm
+            )
+        })?;
+    }
+    let mut undone = 0;
+    for (j, disk, _, _) in &journals {
+        if !disk.exists() {
+            continue; // moved back by an interrupted cancel
+        }
+        let r = crate::tracking::preimage::restore(j, disk).map_err(|e| {
+            format!(
+                "undoing the writes on {} from {}: {e} (the disk stays live; fix the cause and run the cancel again)",
+                disk.display(),
+                j.display()
+            )
+        })?;
+        undone += r.bytes;
+    }
+    let points = s.cancel_failover(vm).map_err(lazy_err)?;
+    // The live folder's tracking state of these disks is over.
+    for (j, _, _, _) in &journals {
+        if let Some(folder) = j.parent() {
+            let _ = std::fs::remove_dir_all(folder);
+        }
+    }
+    let default_dir = ctx.store.root().join("live").join(s.name()).join(vm);
+    if live.dir == default_dir {
+        let _ = std::fs::remove_dir_all(live.dir.join(crate::tracking::STATE_DIR));
+        let _ = std::fs::remove_dir(&live.dir);
+    }
+    Ok(CancelReport {
+        dir: live.dir,
+        cycle: live.cycle,
+        undone_bytes: undone,
+        points,
+    })
+}
+
+/// After a commit: the live disks' pre-image journals are not needed any
+/// more (returns warnings).
+pub fn drop_preimages(live: &LiveInfo) -> Vec<String> {
+    let names: Vec<String> = live
+        .disks
+        .iter()
+        .filter_map(|d| rel_name(&live.dir, &d.path))
+        .collect();
+    if is_mounted(&live.dir) {
+        return match crate::control::call(
+            &live.dir,
+            &crate::control::Request::DropPreimages { disks: names },
+        ) {
+            Ok(r) if r.ok => Vec::new(),
+            Ok(r) => vec![format!(
+                "{}: could not stop saving pre-images: {}",
+                live.dir.display(),
+                r.error.unwrap_or_default()
+            )],
+            Err(e) => vec![format!("{e}")],
+        };
+    }
+    for d in &live.disks {
+        if let (Some(rel), Some(id)) = (
+            rel_name(&live.dir, &d.path),
+            replica::parse_hex_id(&d.disk_id),
+        ) {
+            let _ = std::fs::remove_file(preimage_path(&live.dir, &rel, &id));
+        }
+    }
+    Vec::new()
 }
 
 fn rel_name(dir: &Path, p: &Path) -> Option<String> {
@@ -304,6 +512,8 @@ fn protect_live(
         max_rate,
         resync_threshold_pct: policy.threshold_pct,
         resync_window: policy.window.clone(),
+        // The primary's quiesce command need not work at this site.
+        app_hook: None,
     };
     let r = crate::control::call(&live.dir, &crate::control::Request::Protect { spec })
         .map_err(lazy_err)?;
@@ -332,6 +542,10 @@ pub struct Adoption {
     /// Set when the disks may differ from the other site's (see
     /// [`crate::replica::DiskState::needs_resync`]).
     pub needs_resync: Option<String>,
+    /// Where the files are now if not under `origin.dir` (moved out of a
+    /// running mount that keeps serving other VMs): `staged/<file name>`.
+    #[serde(default)]
+    pub staged: Option<PathBuf>,
 }
 
 /// Carry out an [`Adoption`] in `store` (the receiver's).
@@ -343,7 +557,10 @@ pub fn adopt_local(store: &Store, a: &Adoption) -> RoleResult<replica::Point> {
         .map(|(rel, id)| replica::AdoptDisk {
             disk_id: *id,
             name: rel.rsplit('/').next().unwrap_or(rel).to_string(),
-            path: a.origin.dir.join(rel),
+            path: match &a.staged {
+                Some(st) => st.join(rel.rsplit('/').next().unwrap_or(rel)),
+                None => a.origin.dir.join(rel),
+            },
             block_size: a.origin.block_size,
         })
         .collect();

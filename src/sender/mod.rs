@@ -37,6 +37,7 @@ use crate::tracking::{CutSelect, DiskState as TrackState, Tracker};
 use crate::transport::{self, keys::Identity, rate::RateLimiter, trust::TrustStore};
 use crate::wire::{self, Msg};
 
+pub mod app_hook;
 mod resync;
 
 pub use crate::resync::ResyncProgress;
@@ -68,6 +69,10 @@ pub struct ProtectSpec {
     /// empty: the default, 18:00-08:00 and weekends).
     #[serde(default)]
     pub resync_window: String,
+    /// Application-consistency hook (`--app-hook`); none: every point is
+    /// crash-consistent.
+    #[serde(default)]
+    pub app_hook: Option<app_hook::AppHookSpec>,
 }
 
 impl ProtectSpec {
@@ -128,6 +133,19 @@ pub struct VmStatus {
     /// When automatic resyncs run.
     #[serde(default)]
     pub resync_window: String,
+    /// Cycle and cut time of the newest application-consistent point.
+    #[serde(default)]
+    pub last_app_point: Option<u64>,
+    #[serde(default)]
+    pub last_app_point_unix_ns: Option<u64>,
+    /// The last app hook failure (the cut was taken crash-consistent);
+    /// cleared by the next successful freeze.
+    #[serde(default)]
+    pub app_hook_error: Option<String>,
+    /// How long the guest stayed frozen for the last app-consistent cut,
+    /// milliseconds (freeze returned → thaw started).
+    #[serde(default)]
+    pub app_frozen_ms: Option<f64>,
 }
 
 /// What `vdrep verify` found on one disk.
@@ -203,6 +221,8 @@ struct Vm {
     /// `vdrep resync` / `vdrep verify` requests, oldest first; a job stays
     /// queued until it ran (a failed session leaves it for the next).
     jobs: Mutex<std::collections::VecDeque<Job>>,
+    /// When the app hook last ran (`--app-every` counts from there).
+    last_app_try: Mutex<Option<std::time::Instant>>,
 }
 
 /// All protected VMs of one mount.
@@ -464,6 +484,10 @@ impl Replicator {
                 resync_pending: Vec::new(),
                 bitmap_only: Vec::new(),
                 resync_window: spec.window().to_string(),
+                last_app_point: None,
+                last_app_point_unix_ns: None,
+                app_hook_error: None,
+                app_frozen_ms: None,
             }),
             spec,
             wake: Notify::new(),
@@ -472,6 +496,7 @@ impl Replicator {
             copy_cycle: Mutex::new(self.load_copy_cycles(&spec_vm)),
             stop: false.into(),
             jobs: Mutex::new(Default::default()),
+            last_app_try: Mutex::new(None),
         });
         for d in &vm.spec.disks {
             let limit = self
@@ -957,9 +982,16 @@ impl Replicator {
                 }
             }
             if !resynced {
+                self.recommit_replica_point(vm, &conn, &replica).await?;
                 self.ship_pending(vm, &conn, &replica, limiter.as_ref())
                     .await?;
             }
+        }
+        if !vm.waiters.lock().is_empty() {
+            // A `vdrep sync` still waits: cut now rather than at the next
+            // scheduled cycle.
+            vm.sync_requested
+                .store(true, std::sync::atomic::Ordering::SeqCst);
         }
         {
             let mut s = vm.status.lock();
@@ -1162,8 +1194,31 @@ impl Replicator {
         let spec = vm.spec.clone();
         let tracker = self.tracker.clone();
         let dir = self.mount_dir.clone();
-        let entries = tokio::task::spawn_blocking(
-            move || -> Result<Vec<crate::tracking::CutEntry>, String> {
+        // Due when `every` passed since the last attempt (failed or not:
+        // a broken hook must not stall every cut for its time limit).
+        let hook = spec.app_hook.clone().filter(|h| {
+            let mut last = vm.last_app_try.lock();
+            let due = last.is_none_or(|t: std::time::Instant| {
+                t.elapsed() >= Duration::from_secs(h.every_secs)
+            });
+            if due {
+                *last = Some(std::time::Instant::now());
+            }
+            due
+        });
+        let (entries, app) = tokio::task::spawn_blocking(
+            move || -> Result<(Vec<crate::tracking::CutEntry>, AppCut), String> {
+                // Quiesce the guest first: what it flushes must reach the
+                // mount (syncfs) before the cut.
+                let mut app = AppCut::default();
+                if let Some(h) = &hook {
+                    app.tried = true;
+                    match app_hook::run(h, "freeze", &spec.vm) {
+                        Ok(_) => app.frozen = true,
+                        Err(e) => app.error = Some(e.to_string()),
+                    }
+                }
+                let frozen_at = std::time::Instant::now();
                 if let Ok(d) = std::fs::File::open(&dir) {
                     let _ = nix::unistd::syncfs(&d);
                 }
@@ -1172,22 +1227,44 @@ impl Replicator {
                 for d in &spec.disks {
                     tracker.enforce_log_limit(d);
                 }
-                let sealed = tracker
-                    .seal(&CutSelect {
-                        disks: Some(spec.disks.clone()),
-                        ..Default::default()
-                    })
-                    .map_err(|e| e.to_string())?;
+                let sealed = tracker.seal(&CutSelect {
+                    disks: Some(spec.disks.clone()),
+                    ..Default::default()
+                });
+                // Thaw whenever freeze was started, also when it failed
+                // (part of the guest may be frozen) or the cut failed.
+                if let Some(h) = &hook {
+                    app.frozen_ms = Some(frozen_at.elapsed().as_secs_f64() * 1e3);
+                    if let Err(e) = app_hook::run(h, "thaw", &spec.vm) {
+                        tracing::error!(vm = %spec.vm, "{e}: the guest may still be frozen");
+                        app.error.get_or_insert(e.to_string());
+                    }
+                }
+                let sealed = sealed.map_err(|e| e.to_string())?;
                 let mut out = sealed.skipped;
-                for sc in sealed.cycles {
+                for mut sc in sealed.cycles {
+                    sc.header.app_consistent = app.frozen;
                     out.push(tracker.write_log(sc));
                 }
-                Ok(out)
+                Ok((out, app))
             },
         )
         .await
         .map_err(|e| retry(format!("cut task failed: {e}")))?
         .map_err(retry)?;
+        if app.tried {
+            let mut s = vm.status.lock();
+            match &app.error {
+                Some(e) => {
+                    tracing::warn!(vm = %vm.spec.vm, "{e}; this cut is crash-consistent only");
+                    s.app_hook_error = Some(e.clone());
+                }
+                None => s.app_hook_error = None,
+            }
+            if app.frozen {
+                s.app_frozen_ms = app.frozen_ms;
+            }
+        }
         if let Some(e) = entries.iter().find(|e| e.log.is_none()) {
             if e.error
                 .as_deref()
@@ -1203,6 +1280,45 @@ impl Replicator {
         }
         let replica: HashMap<String, wire::DiskState> = HashMap::new();
         self.ship_pending(vm, conn, &replica, limiter).await
+    }
+
+    /// Every disk of the VM reached cycle C at the receiver but the point
+    /// may be missing: the connection (or the receiver) died between the
+    /// last log's Ack and the PointAck. Commit it again (idempotent at the
+    /// receiver); marked crash-consistent, as the log that said otherwise
+    /// is gone. Answers a `vdrep sync` waiting for that cycle.
+    async fn recommit_replica_point(
+        &self,
+        vm: &Arc<Vm>,
+        conn: &quinn::Connection,
+        replica: &HashMap<String, wire::DiskState>,
+    ) -> Result<(), SendError> {
+        let spec = &vm.spec;
+        let Some(c) = spec
+            .disks
+            .first()
+            .and_then(|d| replica.get(d))
+            .map(|s| s.replica_cycle)
+        else {
+            return Ok(());
+        };
+        let same = spec
+            .disks
+            .iter()
+            .all(|d| replica.get(d).is_some_and(|s| s.replica_cycle == c));
+        if c == 0 || !same || vm.status.lock().last_point.is_some_and(|p| p >= c) {
+            return Ok(());
+        }
+        let disks = spec
+            .disks
+            .iter()
+            .filter_map(|d| replica.get(d))
+            .map(|s| wire::DiskCycle {
+                disk_id: s.disk_id,
+                cycle: c,
+            })
+            .collect();
+        self.commit_point(vm, conn, c, disks, None, false).await
     }
 
     /// Ship every sealed log of the VM's disks, oldest cycle first, and
@@ -1231,6 +1347,16 @@ impl Replicator {
             }
         }
         for (cycle, logs) in by_cycle {
+            // Read before shipping: a shipped log is deleted.
+            let headers: Vec<Option<crate::hrl::HrlHeader>> = logs
+                .iter()
+                .map(|(_, p)| log_header(&self.tracker, p))
+                .collect();
+            let cut_ns = headers.iter().flatten().map(|h| h.cut_unix_ns).next();
+            // App-consistent iff every disk's log of the cut says so.
+            let app = headers
+                .iter()
+                .all(|h| h.as_ref().is_some_and(|h| h.app_consistent));
             let mut acked = Vec::new();
             for (d, p) in &logs {
                 let (id, ..) = self.disk_id(d)?;
@@ -1247,8 +1373,8 @@ impl Replicator {
                 }
             }
             if acked.len() == spec.disks.len() {
-                let cut_ns = logs.first().and_then(|(_, p)| log_cut_ns(&self.tracker, p));
-                self.commit_point(vm, conn, cycle, acked, cut_ns).await?;
+                self.commit_point(vm, conn, cycle, acked, cut_ns, app)
+                    .await?;
             }
         }
         Ok(())
@@ -1261,6 +1387,7 @@ impl Replicator {
         cycle: u64,
         disks: Vec<wire::DiskCycle>,
         cut_ns: Option<u64>,
+        app_consistent: bool,
     ) -> Result<(), SendError> {
         let addr = conn.remote_address();
         let (mut tx, mut rx) = conn.open_bi().await.map_err(|e| conn_err(&e, addr))?;
@@ -1269,6 +1396,7 @@ impl Replicator {
             &Msg::PointCommit(wire::PointCommit {
                 vm: vm.spec.vm.clone(),
                 cycle,
+                app_consistent,
                 disks,
             }),
         )
@@ -1290,6 +1418,10 @@ impl Replicator {
             let mut s = vm.status.lock();
             s.last_point = Some(cycle);
             s.last_point_unix_ns = cut_ns.or(Some(now_ns()));
+            if app_consistent {
+                s.last_app_point = Some(cycle);
+                s.last_app_point_unix_ns = s.last_point_unix_ns;
+            }
         }
         let mut w = vm.waiters.lock();
         let mut keep = Vec::new();
@@ -1521,7 +1653,8 @@ impl Replicator {
                 }
             }
         }
-        self.commit_point(vm, conn, cycle, done, Some(cut_ns)).await
+        self.commit_point(vm, conn, cycle, done, Some(cut_ns), false)
+            .await
     }
 
     /// Stream one whole-disk cycle; hands the sealed cycle back with the
@@ -1700,10 +1833,19 @@ fn log_base(t: &Tracker, shown: &Path) -> Option<u64> {
     Some(r.header().base_cycle)
 }
 
-fn log_cut_ns(t: &Tracker, shown: &Path) -> Option<u64> {
+fn log_header(t: &Tracker, shown: &Path) -> Option<crate::hrl::HrlHeader> {
     let p = t.private_path(shown)?;
     let r = crate::hrl::HrlReader::open(&p).ok()?;
-    Some(r.header().cut_unix_ns)
+    Some(r.header().clone())
+}
+
+/// What the app hook did around one cut.
+#[derive(Default)]
+struct AppCut {
+    tried: bool,
+    frozen: bool,
+    frozen_ms: Option<f64>,
+    error: Option<String>,
 }
 
 /// A write failed (often because the receiver answered with an error and

@@ -22,6 +22,7 @@
 //! "resync required" instead of trusting a stale bitmap.
 
 pub mod bitmap;
+pub mod preimage;
 pub mod seed;
 pub mod state;
 pub mod touched;
@@ -151,6 +152,12 @@ pub struct Tracker {
     /// Serialises cuts and shutdown.
     cut_serial: Mutex<MountMeta>,
     previous_stop_clean: bool,
+    /// (dev, ino) of disks moved out of the folder by [`Tracker::release`]:
+    /// the FS refuses to change them (a cached dentry could still reach them).
+    released: Mutex<std::collections::HashSet<(u64, u64)>>,
+    /// Disks just taken in by [`Tracker::take`]: their seeded state is
+    /// trusted whatever the previous stop was.
+    taken: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Where a disk's touched-region map lives (relative to the folder root).
@@ -235,7 +242,8 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
     pi == p.len()
 }
 
-fn folder_name(rel: &str, id: &[u8; 16]) -> String {
+/// The state folder (under `.vdrep/disks/`) of disk `rel` with identity `id`.
+pub fn folder_name(rel: &str, id: &[u8; 16]) -> String {
     let base: String = rel
         .chars()
         .map(|c| {
@@ -315,6 +323,8 @@ impl Tracker {
             known: Mutex::new(known),
             cut_serial: Mutex::new(meta),
             previous_stop_clean,
+            released: Mutex::new(Default::default()),
+            taken: Mutex::new(Default::default()),
         };
         // Persist the resync-required marks right away.
         for m in t.known.lock().values() {
@@ -427,10 +437,11 @@ impl Tracker {
         let (meta, bitmap, trusted) = match known {
             Some(mut m) if m.block_size as u64 == bs => {
                 let mut bm = None;
+                let taken = self.taken.lock().remove(&key);
                 // The saved bitmap is loaded whenever the previous stop was
                 // clean and the file unchanged, also for a disk that needs
                 // a resync: an interrupted resync resumes with it.
-                if self.previous_stop_clean {
+                if self.previous_stop_clean || taken {
                     let unchanged = m.ino == md.ino()
                         && m.shutdown_size == size
                         && m.shutdown_mtime_ns == md.mtime() * 1_000_000_000 + md.mtime_nsec();
@@ -501,6 +512,7 @@ impl Tracker {
             log_limit: Mutex::new(None),
             touch: RwLock::new(None),
             touch_active: false.into(),
+            preimage: Mutex::new(self.open_preimage(&meta.folder, &key)),
         });
         // A resync in progress keeps recording the regions written, from
         // before the first write of this daemon on.
@@ -729,6 +741,7 @@ impl Tracker {
                         base_size: meta.size,
                         disk_size: size,
                         cut_unix_ns: cut_ns,
+                        app_consistent: false,
                     },
                     folder: meta.folder.clone(),
                     full_from,
@@ -1181,6 +1194,243 @@ impl Tracker {
         missing
     }
 
+    /// Was the file `file` moved out of the folder by [`Tracker::release`]?
+    pub fn is_released(&self, file: &File) -> bool {
+        file.metadata()
+            .is_ok_and(|m| self.released.lock().contains(&(m.dev(), m.ino())))
+    }
+
+    /// Move the named disks (one VM's, fenced, closed) out of the folder
+    /// into the folder `to` (same file system; created if missing) and stop
+    /// tracking them; the other disks of the folder are untouched. Returns
+    /// (name, new path) per disk. Nothing moves unless every disk can.
+    pub fn release(&self, names: &[String], to: &Path) -> Result<Vec<(String, PathBuf)>, String> {
+        let mut disks = self.disks.lock();
+        let mut plan = Vec::new();
+        for n in names {
+            let d = disks.get(n).ok_or_else(|| {
+                format!("{n} is not a tracked disk of {}", self.root_path.display())
+            })?;
+            if !d.is_fenced() {
+                return Err(format!("{n} is not fenced: fence its VM first"));
+            }
+            // The map holds one reference; an open handle holds another.
+            if Arc::strong_count(d) > 1 {
+                return Err(format!(
+                    "{n} is still open (is the VM running?): shut the VM down, then retry"
+                ));
+            }
+            let file = Path::new(n)
+                .file_name()
+                .ok_or_else(|| format!("{n}: no file name"))?;
+            let dst = to.join(file);
+            if dst.exists() || plan.iter().any(|(_, p)| p == &dst) {
+                return Err(format!(
+                    "{} already exists: move it away (vdrep never overwrites a disk)",
+                    dst.display()
+                ));
+            }
+            plan.push((n.clone(), dst));
+        }
+        std::fs::create_dir_all(to).map_err(|e| format!("creating {}: {e}", to.display()))?;
+        let mut done = Vec::new();
+        for (n, dst) in plan {
+            let (Ok(cs), Ok(cd)) = (
+                std::ffi::CString::new(n.as_bytes()),
+                std::ffi::CString::new(dst.as_os_str().as_encoded_bytes()),
+            ) else {
+                return Err(format!("{n}: path with a NUL byte"));
+            };
+            // SAFETY: valid dirfd and NUL-terminated paths.
+            let r = unsafe {
+                libc::renameat(
+                    self.state.root_fd().as_raw_fd(),
+                    cs.as_ptr(),
+                    libc::AT_FDCWD,
+                    cd.as_ptr(),
+                )
+            };
+            if r != 0 {
+                let e = io::Error::last_os_error();
+                let hint = if e.raw_os_error() == Some(libc::EXDEV) {
+                    " (the store must be on the folder's file system)"
+                } else {
+                    ""
+                };
+                return Err(format!(
+                    "moving {n} to {}: {e}{hint}; moved so far: {done:?}",
+                    dst.display()
+                ));
+            }
+            if let Some(d) = disks.remove(&n) {
+                self.released.lock().insert((d.dev, d.ino));
+                self.save_detached(d.detach("moved out of the folder (failover)"));
+            }
+            done.push((n, dst));
+        }
+        let _ = self.state.fsync_dir(Path::new("."));
+        if let Some(p) = to.to_str() {
+            let _ = File::open(p).and_then(|f| f.sync_all());
+        }
+        Ok(done)
+    }
+
+    /// Move the file `from` (same file system) into the folder as the disk
+    /// `rel` with identity `id`, tracked from `cycle` (the cycle the other
+    /// site's replica holds): the next log chains on it, so only changes
+    /// travel. Refuses to overwrite anything.
+    pub fn take(&self, from: &Path, rel: &str, id: [u8; 16], cycle: u64) -> Result<(), String> {
+        let relp = Path::new(rel);
+        if !self.is_disk_name(relp) || relp.is_absolute() || rel.split('/').any(|c| c == "..") {
+            return Err(format!("{rel} is not a disk name this mount tracks"));
+        }
+        if self.disks.lock().contains_key(rel)
+            || self
+                .state
+                .openat(relp, libc::O_PATH | libc::O_NOFOLLOW, 0)
+                .is_ok()
+        {
+            return Err(format!(
+                "{} already exists: move it away (vdrep never overwrites a disk)",
+                self.root_path.join(rel).display()
+            ));
+        }
+        let bs = self.shared.block_size;
+        let folder = folder_name(rel, &id);
+        let sdir = Path::new(STATE_DIR).join("disks").join(&folder);
+        let serr = |e: io::Error| format!("{}: {e}", self.root_path.join(&sdir).display());
+        self.state.mkdir(&sdir).map_err(serr)?;
+        if let Ok(d) = self
+            .state
+            .openat(&sdir, libc::O_RDONLY | libc::O_DIRECTORY, 0)
+        {
+            for n in state::list_dir(d).unwrap_or_default() {
+                if n.ends_with(".hrl") || n == "bitmap" || n == preimage::FILE {
+                    let _ = self
+                        .state
+                        .remove(&PathBuf::from(format!("disks/{folder}/{n}")));
+                }
+            }
+        }
+        let (Ok(cs), Ok(cd)) = (
+            std::ffi::CString::new(from.as_os_str().as_encoded_bytes()),
+            std::ffi::CString::new(rel.as_bytes()),
+        ) else {
+            return Err(format!("{rel}: path with a NUL byte"));
+        };
+        // SAFETY: valid dirfd and NUL-terminated paths.
+        let r = unsafe {
+            libc::renameat(
+                libc::AT_FDCWD,
+                cs.as_ptr(),
+                self.state.root_fd().as_raw_fd(),
+                cd.as_ptr(),
+            )
+        };
+        if r != 0 {
+            return Err(format!(
+                "moving {} into {}: {}",
+                from.display(),
+                self.root_path.join(rel).display(),
+                io::Error::last_os_error()
+            ));
+        }
+        let _ = self.state.fsync_dir(
+            relp.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new(".")),
+        );
+        let f = self
+            .state
+            .openat(relp, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
+            .map_err(|e| format!("{rel}: {e}"))?;
+        let md = f.metadata().map_err(|e| format!("{rel}: {e}"))?;
+        let nbits = md.len().div_ceil(bs);
+        self.state
+            .write_atomic(
+                &PathBuf::from(format!("disks/{folder}/bitmap")),
+                &state::encode_bitmap(bs as u32, nbits, &vec![0u64; nbits.div_ceil(64) as usize]),
+            )
+            .map_err(serr)?;
+        let m = DiskMeta {
+            id: hex(&id),
+            name: rel.to_string(),
+            folder,
+            block_size: bs as u32,
+            cycle,
+            size: md.len(),
+            state: DiskState::Normal,
+            ino: md.ino(),
+            shutdown_size: md.len(),
+            shutdown_mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+            detached: false,
+            bitmap_only: false,
+        };
+        self.save_meta(&m).map_err(serr)?;
+        {
+            let mut mm = self.cut_serial.lock();
+            if mm.cut_seq < cycle {
+                mm.cut_seq = cycle;
+                self.state
+                    .write_json(Path::new("mount.json"), &*mm)
+                    .map_err(serr)?;
+            }
+        }
+        self.released.lock().remove(&(md.dev(), md.ino()));
+        self.known.lock().insert(rel.to_string(), m);
+        self.taken.lock().insert(rel.to_string());
+        self.attach(relp, &f)
+            .map_err(|e| format!("tracking {rel}: {e}"))?;
+        tracing::info!(disk = %rel, cycle, "disk taken into the folder (failover)");
+        Ok(())
+    }
+
+    /// The armed pre-image journal of the disk in state folder `folder`.
+    fn open_preimage(&self, folder: &str, name: &str) -> Option<preimage::Journal> {
+        let rel = Path::new(STATE_DIR)
+            .join("disks")
+            .join(folder)
+            .join(preimage::FILE);
+        let f = match self.state.openat(&rel, libc::O_RDWR | libc::O_NOFOLLOW, 0) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::error!(disk = %name, "cannot open the pre-image journal: {e}; a cancel of the failover will be refused");
+                return None;
+            }
+        };
+        match preimage::Journal::open(f, self.shared.block_size) {
+            Ok(j) => {
+                tracing::info!(disk = %name, saved_bytes = j.bytes, "pre-image journal armed (the failover can be cancelled)");
+                Some(j)
+            }
+            Err(e) => {
+                tracing::error!(disk = %name, "damaged pre-image journal: {e}; a cancel of the failover will be refused");
+                None
+            }
+        }
+    }
+
+    /// Stop saving pre-images of the named disks and delete their journals
+    /// (the failover was committed). Returns the names not tracked.
+    pub fn drop_preimages(&self, names: &[String]) -> Vec<String> {
+        let disks = self.disks.lock();
+        let mut missing = Vec::new();
+        for n in names {
+            match disks.get(n) {
+                Some(d) => {
+                    *d.preimage.lock() = None;
+                    let folder = d.meta.lock().folder.clone();
+                    let _ = self
+                        .state
+                        .remove(&PathBuf::from(format!("disks/{folder}/{}", preimage::FILE)));
+                }
+                None => missing.push(n.clone()),
+            }
+        }
+        missing
+    }
+
     /// The tracking block size in bytes.
     pub fn block_size(&self) -> u32 {
         self.shared.block_size as u32
@@ -1460,6 +1710,9 @@ pub struct TrackedDisk {
     /// cost of the map on the write path outside resyncs).
     touch: RwLock<Option<touched::TouchMap>>,
     touch_active: std::sync::atomic::AtomicBool,
+    /// Armed by a promotion (see [`preimage`]): blocks are saved before
+    /// their first change, so that the failover can be cancelled.
+    preimage: Mutex<Option<preimage::Journal>>,
 }
 
 fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
@@ -1491,6 +1744,18 @@ impl TrackedDisk {
         tracing::info!(disk = %m.name, "no longer tracked: {why}");
         m.detached = true;
         m.clone()
+    }
+
+    /// Save the pre-failover content of blocks about to change for the
+    /// first time since a promotion (see [`preimage`]); an error fails the
+    /// change (it could not be undone by a cancel).
+    fn save_preimages(&self, first: u64, last: u64) -> io::Result<()> {
+        let mut j = self.preimage.lock();
+        let Some(j) = j.as_mut() else { return Ok(()) };
+        j.save(&self.reader, first, last).map_err(|e| {
+            tracing::error!(disk = %self.meta.lock().name, "cannot save pre-images for a failover cancel: {e}; the write fails");
+            io::Error::from_raw_os_error(libc::EIO)
+        })
     }
 
     /// Save the as-of-cut content of sealed blocks about to change.
@@ -1598,6 +1863,7 @@ impl TrackedDisk {
         let _cut = self.shared.cut_lock.read();
         let (first, last) = self.span(offset, data.len() as u64);
         self.touch(first, last)?;
+        self.save_preimages(first, last)?;
         self.preserve(first, last);
         let r = file.write_at(data, offset);
         // Marked whatever the outcome: an over-approximation is always safe.
@@ -1613,6 +1879,7 @@ impl TrackedDisk {
         if len < old {
             let (first, last) = self.span(len, old - len);
             self.touch(first, last)?;
+            self.save_preimages(first, last)?;
             self.preserve(first, last);
             let r = file.set_len(len);
             self.mark(first, last);
@@ -1641,6 +1908,7 @@ impl TrackedDisk {
         };
         if let Some((f, l)) = range {
             self.touch(f, l)?;
+            self.save_preimages(f, l)?;
             self.preserve(f, l);
         }
         // SAFETY: valid fd; kernel validates the arguments.

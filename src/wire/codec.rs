@@ -233,6 +233,7 @@ fn encode_payload(msg: &Msg, o: &mut Vec<u8>) {
         Msg::PointCommit(p) => {
             put_str(o, &p.vm);
             put_u64(o, p.cycle);
+            put_bool(o, p.app_consistent);
             put_u16(o, p.disks.len() as u16);
             for d in &p.disks {
                 o.extend_from_slice(&d.disk_id);
@@ -535,6 +536,7 @@ pub(crate) fn decode_body(frame: &[u8]) -> Result<Msg, WireError> {
         MsgType::PointCommit => {
             let vm = r.str(MAX_NAME, "vm")?;
             let cycle = r.u64("cycle")?;
+            let app_consistent = r.bool("app_consistent")?;
             let n = r.u16("disk count")? as usize;
             if n > MAX_POINT_DISKS {
                 return Err(malformed(
@@ -551,7 +553,12 @@ pub(crate) fn decode_body(frame: &[u8]) -> Result<Msg, WireError> {
                     cycle: r.u64("disk cycle")?,
                 });
             }
-            Msg::PointCommit(PointCommit { vm, cycle, disks })
+            Msg::PointCommit(PointCommit {
+                vm,
+                cycle,
+                app_consistent,
+                disks,
+            })
         }
         MsgType::PointAck => Msg::PointAck(PointAck {
             vm: r.str(MAX_NAME, "vm")?,

@@ -37,7 +37,7 @@
 //! | 0x21 | [`LogChunk`] | `disk_id:id cycle:u64 offset_in_log:u64 checksum:u64 data:bytes` |
 //! | 0x22 | [`LogEnd`] | `disk_id:id cycle:u64 total_len:u64 log_checksum:u128` |
 //! | 0x23 | [`Ack`] | `disk_id:id cycle:u64 durable:bool applied:bool` |
-//! | 0x30 | [`PointCommit`] | `vm:str cycle:u64 n:u16 (disk_id:id cycle:u64)*n` |
+//! | 0x30 | [`PointCommit`] | `vm:str cycle:u64 app_consistent:bool n:u16 (disk_id:id cycle:u64)*n` |
 //! | 0x31 | [`PointAck`] | `vm:str cycle:u64` |
 //! | 0x40 | [`BlockHashReq`] | `disk_id:id replica_cycle:u64 block_size:u32 n:u32 (offset:u64 blocks:u32)*n` |
 //! | 0x41 | [`BlockHashes`] | `disk_id:id replica_cycle:u64 replica_size:u64 n:u32 (digest:u128)*n` |
@@ -74,7 +74,7 @@
 //!    `Ack { durable: true, applied: true }` once applied and fsynced. A log
 //!    for a cycle already applied is answered with `applied: true` at once
 //!    (resends after a crash are applied at most once).
-//! 5. `PointCommit { vm, cycle, disks }` once every disk of the VM has been
+//! 5. `PointCommit { vm, cycle, app_consistent, disks }` once every disk of the VM has been
 //!    acknowledged at its cycle → `PointAck`: the recovery point exists.
 //! 6. Checksum resync and online verify (one stream per disk): the sender
 //!    sends `BlockHashReq`s (runs of `block_size` blocks, at most
@@ -113,7 +113,7 @@ pub use io::{
 pub use names::{safe_component, safe_name, MAX_COMPONENT, MAX_NAME};
 
 /// Protocol version spoken by this build (in `Hello`).
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest data payload of one chunk.
 pub const MAX_DATA: usize = 16 << 20;
 /// Largest value of a frame's length field (type byte + payload).
@@ -507,6 +507,9 @@ pub struct PointCommit {
     pub vm: String,
     /// The cut (shared by the VM's disks) naming the point.
     pub cycle: u64,
+    /// The guest was quiesced for the cut (an application-consistency
+    /// hook froze it): an application-consistent point.
+    pub app_consistent: bool,
     /// Distinct disks, 1..=MAX_POINT_DISKS.
     pub disks: Vec<DiskCycle>,
 }

@@ -14,6 +14,13 @@ use super::*;
 const LIVE: &str = "live.json";
 /// File in the VM folder describing where adopted disks came from.
 const ORIGIN: &str = "origin.json";
+/// Until a failover is committed: the VM's points as before it (VM folder)
+/// and each disk's state as before it (disk folder), for a cancel.
+const KEEP: &str = "pre-failover.json";
+/// Until commit: per disk, the undo records of the points a promotion
+/// rolled back over, and the redo records that replay them.
+const PARKED: &str = "parked-undo";
+const REDO: &str = "redo";
 
 /// One live disk of a promoted VM.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -119,6 +126,10 @@ impl Site<'_> {
             return Ok(live);
         }
         let mut pf = self.read_points(vm)?;
+        // What a cancel restores (kept until commit).
+        if !vmd.join(KEEP).exists() {
+            self.write_json(&vctx, &vmd, KEEP, &pf)?;
+        }
         let pt = match point {
             None => pf.points.last().cloned(),
             Some(c) => pf.points.iter().find(|p| p.cycle == c).cloned(),
@@ -143,9 +154,13 @@ impl Site<'_> {
                     what: "the replica is between cycles: restart the receiver (it recovers) and retry".into(),
                 });
             }
-            // Logs not applied yet belong to the discarded future.
+            // Logs not applied yet belong to the discarded future (they were
+            // never acknowledged: the sender ships them again after a cancel).
             for (_, n) in self.incoming_logs(&p) {
                 let _ = std::fs::remove_file(p.incoming.join(n));
+            }
+            if !p.dir.join(KEEP).exists() {
+                self.write_json(&p.ctx, &p.dir, KEEP, &st)?;
             }
             self.roll_back_to(&p, &mut st, pt.cycle)?;
             let path = dest.join(names.get(&st.disk_id).unwrap_or(&st.name));
@@ -181,6 +196,30 @@ impl Site<'_> {
         Ok(live)
     }
 
+    /// The live disks of `vm` were moved from the folder promotion put
+    /// them in to `dir` (same relative paths): record it.
+    pub fn relocate_live(&self, vm: &str, dir: &Path) -> Result<LiveInfo> {
+        let vmd = self.vm_dir(vm, false)?;
+        let vctx = self.ctx(vm, "");
+        let vrt = self.store.runtime(&vmd);
+        let _vg = vrt.lock();
+        let Some(mut live) = read_json_opt::<LiveInfo>(&vctx, &self.store.root, &vmd.join(LIVE))?
+        else {
+            return Err(StoreError::NotReady {
+                ctx: vctx,
+                what: "the VM is not live at this site".into(),
+            });
+        };
+        for d in &mut live.disks {
+            if let Ok(rel) = d.path.strip_prefix(&live.dir) {
+                d.path = dir.join(rel);
+            }
+        }
+        live.dir = dir.to_path_buf();
+        self.write_json(&vctx, &vmd, LIVE, &live)?;
+        Ok(live)
+    }
+
     /// Roll `p`'s replica back to `cycle` through its undo records.
     fn roll_back_to(&self, p: &DiskPaths, st: &mut DiskState, cycle: u64) -> Result<()> {
         let mut recs = self.undo_records(p);
@@ -201,6 +240,12 @@ impl Site<'_> {
             st.applying = Some(c);
             self.write_state(p, st)?;
             let undop = p.undo.join(&n);
+            // Keep the way forward again (for a cancel): the content as of
+            // `c` of what the undo record is about to overwrite.
+            let redop = p.dir.join(REDO).join(format!("{b}-{c}.redo"));
+            if !redop.exists() {
+                self.write_redo(p, &undop, t.as_ref(), &redop, c)?;
+            }
             undo::apply_undo(&undop, t.as_mut())
                 .map_err(|e| hrl_err(&p.ctx, &self.store.root, "rolling back to a point", c, e))?;
             let h = UndoLayer::open(&undop)
@@ -209,7 +254,10 @@ impl Site<'_> {
             st.cycle_time_ns = h.header.cut_unix_ns;
             st.applying = None;
             self.write_state(p, st)?;
-            let _ = std::fs::remove_file(&undop);
+            let parked = p.dir.join(PARKED);
+            std::fs::create_dir_all(&parked)
+                .and_then(|()| std::fs::rename(&undop, parked.join(&n)))
+                .map_err(|e| self.io(&p.ctx, "parking an undo record", &undop, e))?;
             crash_point("rollback-step");
             // The target's cached size follows the state.
             target = None;
@@ -284,6 +332,202 @@ impl Site<'_> {
         Ok(())
     }
 
+    /// Write the redo record of undo record `undop` (log `base -> cycle`)
+    /// from `t` (the replica at `cycle`): every range the undo restores and
+    /// whatever lies past the base's size, as of `cycle`.
+    fn write_redo(
+        &self,
+        p: &DiskPaths,
+        undop: &Path,
+        t: &dyn ReplicaTarget,
+        redop: &Path,
+        cycle: u64,
+    ) -> Result<()> {
+        let herr = |e| hrl_err(&p.ctx, &self.store.root, "saving a redo record", cycle, e);
+        let io = |e| self.io(&p.ctx, "saving a redo record", redop, e);
+        if let Some(d) = redop.parent() {
+            std::fs::create_dir_all(d).map_err(io)?;
+        }
+        let mut r = HrlReader::open(undop).map_err(herr)?;
+        let h = r.header().clone();
+        let now = t.len();
+        let rh = HrlHeader {
+            disk_id: h.disk_id,
+            disk_name: h.disk_name.clone(),
+            cycle: h.cycle,
+            base_cycle: h.base_cycle,
+            block_size: h.block_size,
+            base_size: h.disk_size,
+            disk_size: now,
+            cut_unix_ns: h.cut_unix_ns,
+            app_consistent: false,
+        };
+        let mut w = crate::hrl::HrlWriter::create(redop, &rh).map_err(herr)?;
+        let mut buf = Vec::new();
+        let mut end = 0u64;
+        while let Some(rec) = r.next_record().map_err(herr)? {
+            let a = rec.offset.max(end);
+            let b = (rec.offset + u64::from(rec.length)).min(now);
+            if a >= b {
+                continue;
+            }
+            buf.resize((b - a) as usize, 0);
+            t.read_at(&mut buf, a).map_err(io)?;
+            w.append(a, &buf).map_err(herr)?;
+            end = b;
+        }
+        // Growth of the log: cut off by the undo, put back by the redo.
+        let mut off = h.disk_size.max(end);
+        while off < now {
+            let n = (now - off).min(1 << 20);
+            buf.resize(n as usize, 0);
+            t.read_at(&mut buf, off).map_err(io)?;
+            w.append(off, &buf).map_err(herr)?;
+            off += n;
+        }
+        w.finish().map_err(herr)?;
+        Ok(())
+    }
+
+    /// Cancel the uncommitted failover of `vm`: its live disks (whose
+    /// writes since the promotion the caller has already undone, see
+    /// [`crate::tracking::preimage`]) move back into the store and replay
+    /// the points the promotion rolled back over, so that the replica, its
+    /// state and its recovery points are exactly as before the failover;
+    /// `live.json` goes and the store accepts the VM's logs again.
+    /// Idempotent: an interrupted cancel finishes when called again.
+    pub fn cancel_failover(&self, vm: &str) -> Result<Vec<Point>> {
+        let vmd = self.vm_dir(vm, false)?;
+        let vctx = self.ctx(vm, "");
+        let vrt = self.store.runtime(&vmd);
+        let _vg = vrt.lock();
+        let Some(live) = read_json_opt::<LiveInfo>(&vctx, &self.store.root, &vmd.join(LIVE))?
+        else {
+            return Err(StoreError::NotReady {
+                ctx: vctx,
+                what: "the VM is not failed over to this site: there is nothing to cancel".into(),
+            });
+        };
+        if live.committed {
+            return Err(StoreError::NotReady {
+                ctx: vctx,
+                what: "the failover was committed (the history from before it is gone): it cannot be cancelled; make the other site active again with a planned failover back".into(),
+            });
+        }
+        let Some(pf) = read_json_opt::<PointsFile>(&vctx, &self.store.root, &vmd.join(KEEP))?
+        else {
+            return Err(StoreError::NotReady {
+                ctx: vctx,
+                what: "no record of the recovery points from before the failover (promoted by an older vdrep?): it cannot be cancelled".into(),
+            });
+        };
+        for d in &live.disks {
+            let Some(id) = parse_hex_id(&d.disk_id) else {
+                continue;
+            };
+            let p = self.disk(vm, &id, false)?;
+            let rt = self.store.runtime(&p.dir);
+            let _g = rt.lock();
+            let keep: DiskState = read_json_opt(&p.ctx, &self.store.root, &p.dir.join(KEEP))?
+                .ok_or_else(|| StoreError::NotReady {
+                    ctx: p.ctx.clone(),
+                    what: "no record of this disk's state from before the failover: it cannot be cancelled".into(),
+                })?;
+            let mut st = self.state_or_unknown(&p)?;
+            let dst = p.dir.join(&st.replica_file);
+            if d.path.exists() {
+                if dst.exists() {
+                    return Err(StoreError::NotReady {
+                        ctx: p.ctx.clone(),
+                        what: format!(
+                            "both {} and the replica {} exist: move the one that is not the live disk away",
+                            d.path.display(),
+                            dst.display()
+                        ),
+                    });
+                }
+                std::fs::rename(&d.path, &dst).map_err(|e| {
+                    self.io(&p.ctx, "moving the live disk back into the store", &dst, e)
+                })?;
+                let _ = sync_dir(&p.dir);
+                if let Some(parent) = d.path.parent() {
+                    let _ = sync_dir(parent);
+                }
+            }
+            crash_point("cancel-moved");
+            {
+                // A raw source gets its VHD footer back (sets the size).
+                let mut t = self.open_replica(&p, &st, false)?;
+                t.set_len(st.size)
+                    .and_then(|()| t.flush())
+                    .map_err(|e| self.io(&p.ctx, "restoring the replica's footer", &dst, e))?;
+            }
+            // Replay the points rolled back over, oldest first.
+            let mut redos: Vec<(u64, u64, String)> = list_dir(&p.dir.join(REDO))
+                .into_iter()
+                .filter_map(|n| {
+                    let (b, c) = n.strip_suffix(".redo")?.split_once('-')?;
+                    Some((b.parse().ok()?, c.parse().ok()?, n))
+                })
+                .collect();
+            redos.sort_by_key(|r| r.1);
+            for (b, c, n) in redos {
+                let redop = p.dir.join(REDO).join(&n);
+                if st.cycle != Some(b) {
+                    if st.cycle >= Some(c) {
+                        let _ = std::fs::remove_file(&redop);
+                        continue;
+                    }
+                    return Err(StoreError::NotReady {
+                        ctx: p.ctx.clone(),
+                        what: format!(
+                            "the replica is at {:?}, the next redo record starts at {b}: cannot replay the points after the failover point",
+                            st.cycle
+                        ),
+                    });
+                }
+                let mut t = self.open_replica(&p, &st, false)?;
+                undo::apply_undo(&redop, t.as_mut())
+                    .map_err(|e| hrl_err(&p.ctx, &self.store.root, "replaying a point", c, e))?;
+                drop(t);
+                let h = HrlReader::open(&redop)
+                    .map_err(|e| hrl_err(&p.ctx, &self.store.root, "replaying a point", c, e))?
+                    .header()
+                    .clone();
+                st.size = h.disk_size;
+                st.cycle = Some(c);
+                self.write_state(&p, &st)?;
+                let _ = std::fs::remove_file(&redop);
+                crash_point("cancel-redo-step");
+            }
+            for n in list_dir(&p.dir.join(PARKED)) {
+                let from = p.dir.join(PARKED).join(&n);
+                std::fs::create_dir_all(&p.undo)
+                    .and_then(|()| std::fs::rename(&from, p.undo.join(&n)))
+                    .map_err(|e| self.io(&p.ctx, "restoring an undo record", &from, e))?;
+            }
+            self.write_state(&p, &keep)?;
+            let _ = std::fs::remove_dir(p.dir.join(PARKED));
+            let _ = std::fs::remove_dir(p.dir.join(REDO));
+            let _ = std::fs::remove_file(p.dir.join(KEEP));
+            let _ = sync_dir(&p.dir);
+        }
+        self.write_json(&vctx, &vmd, POINTS, &pf)?;
+        std::fs::remove_file(vmd.join(LIVE))
+            .map_err(|e| self.io(&vctx, "removing live.json", &vmd.join(LIVE), e))?;
+        let _ = std::fs::remove_file(vmd.join(KEEP));
+        let _ = sync_dir(&vmd);
+        Ok(pf.points)
+    }
+
+    /// Forget what a cancel would need (commit, adopt).
+    fn drop_failover_keep(&self, vmd: &Path, p: &DiskPaths) {
+        let _ = std::fs::remove_dir_all(p.dir.join(PARKED));
+        let _ = std::fs::remove_dir_all(p.dir.join(REDO));
+        let _ = std::fs::remove_file(p.dir.join(KEEP));
+        let _ = std::fs::remove_file(vmd.join(KEEP));
+    }
+
     /// Make the failover of `vm` final: the history from before it is
     /// deleted (it describes disks that no longer exist here).
     pub fn commit_failover(&self, vm: &str) -> Result<LiveInfo> {
@@ -303,6 +547,7 @@ impl Site<'_> {
             for (_, _, n) in self.undo_records(&p) {
                 let _ = std::fs::remove_file(p.undo.join(n));
             }
+            self.drop_failover_keep(&vmd, &p);
         }
         let mut pf = self.read_points(vm)?;
         pf.points.retain(|p| p.cycle == live.cycle);
@@ -358,6 +603,7 @@ impl Site<'_> {
             for f in list_dir(&p.incoming) {
                 let _ = std::fs::remove_file(p.incoming.join(f));
             }
+            self.drop_failover_keep(&vmd, &p);
             let dst = p.dir.join(&replica_file);
             let moved_before = !d.path.exists() && dst.exists();
             if !moved_before {
