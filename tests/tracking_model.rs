@@ -520,3 +520,39 @@ fn initial_copy_streams_as_of_cut_and_resumes_after_interruption() {
         "replica differs from the disk after initial copy + resume + delta"
     );
 }
+
+/// A cut whose cycle number cannot be saved (full or broken state folder)
+/// fails cleanly: nothing is lost and the next cut, once the folder is
+/// writable again, carries every change (before, the disk stayed "still
+/// being written or shipped" until the daemon restarted).
+#[test]
+fn cut_that_cannot_save_its_cycle_gives_everything_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(dir.join("d.raw"), vec![0u8; 1 << 20]).unwrap();
+    std::fs::copy(dir.join("d.raw"), dir.join("base")).unwrap();
+    let t = tracker(dir, 4096);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("d.raw"))
+        .unwrap();
+    let disk = t.attach(Path::new("d.raw"), &file).unwrap().unwrap();
+    disk.write_at(&file, 8192, &[0x33; 4096]).unwrap();
+    // The atomic write of mount.json goes through this temporary name.
+    let blocker = dir.join(".vdrep/.mount.json.tmp");
+    std::fs::create_dir_all(&blocker).unwrap();
+    assert!(
+        t.cut().is_err(),
+        "the cut must fail when mount.json cannot be written"
+    );
+    std::fs::remove_dir(&blocker).unwrap();
+    disk.write_at(&file, 65536, &[0x44; 4096]).unwrap();
+    let r = t.cut().unwrap();
+    let log = r.disks[0]
+        .log
+        .clone()
+        .unwrap_or_else(|| panic!("no log after the failed cut: {:?}", r.disks[0].error));
+    apply_all(&[log], &dir.join("base"));
+    assert!(std::fs::read(dir.join("base")).unwrap() == std::fs::read(dir.join("d.raw")).unwrap());
+}

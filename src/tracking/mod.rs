@@ -752,9 +752,17 @@ impl Tracker {
             }
         }
         mm.cut_seq = cycle;
-        self.state
-            .write_json(Path::new("mount.json"), &*mm)
-            .map_err(|e| io_state(&self.root_path.join(STATE_DIR), e))?;
+        if let Err(e) = self.state.write_json(Path::new("mount.json"), &*mm) {
+            // The cycle number is not durable, so no log may use it: undo
+            // the cut (every sealed bit back into its live bitmap), or the
+            // disks would stay "still being written" until a restart.
+            mm.cut_seq = cycle - 1;
+            drop(mm);
+            for sc in cycles {
+                let _ = self.finish(sc, false);
+            }
+            return Err(io_state(&self.root_path.join(STATE_DIR), e));
+        }
         Ok(Sealed {
             cycle,
             cut_unix_ns: cut_ns,
