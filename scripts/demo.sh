@@ -11,7 +11,8 @@
 #  6. the VM writes a proof file through the mount; `vdrep sync`
 #  7. more writes (a second proof file); `vdrep sync`
 #  8. qemu-img compare site A vs the site-B replica
-#  9. test failover: boot the VM from a copy of the replica in check mode
+#  9. `vdrep points`; `vdrep failover --test`: the newest point appears as a VHD
+#     (FUSE view, no copy); the VM boots from it in check mode; `--cleanup`
 # 10. unmount, stop the receiver
 #
 # Environment: DEMO_DIR (default: a new /var/tmp/vdrep-demo.XXXXXX, kept),
@@ -125,13 +126,25 @@ info "replica: $REPLICA"
 run qemu-img compare -f vpc -F vpc "$SITE_A/$DISK_NAME" "$REPLICA" || die "replica differs from the source"
 info "recovery points at site B: $(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["points"]))' "$(dirname "$(dirname "$(dirname "$REPLICA")")")/points.json")"
 
-step "test failover: boot the VM at site B from a throw-away copy of the replica"
-run cp --sparse=always "$REPLICA" "$DEMO_DIR/failover-test.vhd"
+step "site B: the recovery points of vm1"
+run "$VDREP" points vm1 --store "$SITE_B" || die "vdrep points failed"
+
+step "test failover at site B: expose the newest point as a VHD (no copy), boot the VM from it"
+T0="$(date +%s%N)"
+"$VDREP" failover vm1 --test --point latest --store "$SITE_B" --json >"$DEMO_DIR/failover.json" \
+    || die "vdrep failover --test failed"
+info "exposed in $(( ($(date +%s%N) - T0) / 1000000 )) ms"
+EXPOSED="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["disks"][0]["path"])' "$DEMO_DIR/failover.json")"
+info "exposed disk: $EXPOSED"
+BEFORE="$(sha256sum "$REPLICA" | cut -d' ' -f1)"
 if [[ "$USE_VM" == 1 ]]; then
-    run scripts/vm-run.sh "$DEMO_DIR/failover-test.vhd" check "$TAG2" vpc none || die "replica did not boot/check"
+    run scripts/vm-run.sh "$EXPOSED" check "$TAG2" vpc none || die "the replica did not boot/check"
 else
-    run qemu-io -f vpc -r -c "read -P 0x5a 1M 64k" -c "read -P 0xa5 8M 128k" "$DEMO_DIR/failover-test.vhd" || die "replica data check failed"
+    run qemu-io -f vpc -r -c "read -P 0x5a 1M 64k" -c "read -P 0xa5 8M 128k" "$EXPOSED" || die "replica data check failed"
 fi
+run "$VDREP" failover vm1 --cleanup --store "$SITE_B" || die "vdrep failover --cleanup failed"
+[[ "$(sha256sum "$REPLICA" | cut -d' ' -f1)" == "$BEFORE" ]] || die "the test failover changed the replica"
+info "the replica is unchanged by the test VM (copy-on-write overlay, removed by --cleanup)"
 
 step "unmount site A"
 run "$VDREP" umount "$SITE_A" || die "vdrep umount failed"
