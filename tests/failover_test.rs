@@ -539,6 +539,61 @@ impl Drop for Aligned {
     }
 }
 
+/// A writer thread: stamped 4 KiB direct-I/O writes to random blocks of
+/// `paths` (one VM's disks) until `stop`; returns (seq, disk, block) of
+/// every write. With `quiesce`, it behaves like a guest under fsfreeze:
+/// when `quiesce/freeze-req` appears it syncs, reports the last sequence
+/// number it wrote in `quiesce/frozen` and blocks until the request goes.
+fn stamp_writer(
+    paths: Vec<PathBuf>,
+    stop: Arc<AtomicBool>,
+    seed: u64,
+    quiesce: Option<PathBuf>,
+) -> std::thread::JoinHandle<Vec<(u64, usize, u64)>> {
+    std::thread::spawn(move || {
+        let files: Vec<std::fs::File> = paths
+            .iter()
+            .map(|p| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(p)
+                    .unwrap()
+            })
+            .collect();
+        let mut buf = Aligned::new();
+        let mut x = seed;
+        let mut log = Vec::new();
+        let mut seq = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            if let Some(q) = quiesce.as_ref().filter(|q| q.join("freeze-req").exists()) {
+                for f in &files {
+                    f.sync_all().unwrap();
+                }
+                std::fs::write(q.join("frozen.tmp"), seq.to_string()).unwrap();
+                std::fs::rename(q.join("frozen.tmp"), q.join("frozen")).unwrap();
+                while q.join("freeze-req").exists() && !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                continue;
+            }
+            seq += 1;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let d = (x % files.len() as u64) as usize;
+            let b = (x >> 8) % (DISK_BYTES / BLK as u64);
+            stamp(seq, d, b, buf.buf());
+            files[d].write_all_at(buf.buf(), b * BLK as u64).unwrap();
+            log.push((seq, d, b));
+            if seq % 8 == 0 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        log
+    })
+}
+
 /// Must-show 5: a writer stamps a sequence number in every 4 KiB block it
 /// writes (direct I/O, random blocks of 3 disks of one VM) while the VM
 /// replicates continuously; every one of the 30+ points is crash-consistent
@@ -562,41 +617,8 @@ fn every_point_is_crash_consistent_across_disks() {
     protect(&site, &r, "continuous", &nrefs);
     sync_ok(&site);
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let stop = stop.clone();
-        let paths: Vec<PathBuf> = names.iter().map(|n| site.p(&format!("vm/{n}"))).collect();
-        std::thread::spawn(move || {
-            let files: Vec<std::fs::File> = paths
-                .iter()
-                .map(|p| {
-                    std::fs::OpenOptions::new()
-                        .write(true)
-                        .custom_flags(libc::O_DIRECT)
-                        .open(p)
-                        .unwrap()
-                })
-                .collect();
-            let mut buf = Aligned::new();
-            let mut x = 0x9e37_79b9_7f4a_7c15u64;
-            let mut log = Vec::new();
-            let mut seq = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                seq += 1;
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let d = (x % DISKS as u64) as usize;
-                let b = (x >> 8) % (DISK_BYTES / BLK as u64);
-                stamp(seq, d, b, buf.buf());
-                files[d].write_all_at(buf.buf(), b * BLK as u64).unwrap();
-                log.push((seq, d, b));
-                if seq % 8 == 0 {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            }
-            log
-        })
-    };
+    let paths: Vec<PathBuf> = names.iter().map(|n| site.p(&format!("vm/{n}"))).collect();
+    let writer = stamp_writer(paths, stop.clone(), 0x9e37_79b9_7f4a_7c15, None);
     let t0 = Instant::now();
     while site.points().len() < 36 && t0.elapsed() < Duration::from_secs(240) {
         std::thread::sleep(Duration::from_millis(500));
@@ -637,32 +659,16 @@ fn every_point_is_crash_consistent_across_disks() {
     }
     // Every point through the store (the receiver stopped: the store is ours).
     drop(r);
-    let store = vdrep::replica::Store::open(&site.p("store")).unwrap();
-    let st = store.site("site-a").unwrap();
-    let points = st.points("vm1").unwrap();
-    assert_eq!(points.len(), pts.len());
+    let all = check_all_points(&site, &history, DISKS);
+    assert_eq!(all.len(), pts.len());
     let mut last = 0;
     let mut distinct = std::collections::BTreeSet::new();
-    for p in &points {
-        let mut disks = vec![Vec::new(); DISKS];
-        for idh in &p.disks {
-            let mut id = [0u8; 16];
-            for (i, o) in id.iter_mut().enumerate() {
-                *o = u8::from_str_radix(&idh[2 * i..2 * i + 2], 16).unwrap();
-            }
-            let name = st.disk_state("vm1", &id).unwrap().name;
-            let i: usize = name[1..name.len() - 4].parse().unwrap();
-            let rd = st.read_point("vm1", &id, p.cycle).unwrap();
-            let mut b = vec![0u8; DISK_BYTES as usize];
-            rd.read_at(&mut b, 0).unwrap();
-            disks[i] = b;
-        }
-        let s = check_consistent(&format!("point {}", p.cycle), &disks, &history);
+    for &(cycle, s, _, _) in &all {
         assert!(s >= last, "points go forward in time");
         last = s;
         distinct.insert(s);
-        if let Some(v) = via_view.get(&p.cycle) {
-            assert_eq!(*v, s, "the view and the reader agree on point {}", p.cycle);
+        if let Some(v) = via_view.get(&cycle) {
+            assert_eq!(*v, s, "the view and the reader agree on point {cycle}");
         }
     }
     assert_eq!(last, log.len() as u64, "the newest point holds every write");
@@ -671,7 +677,6 @@ fn every_point_is_crash_consistent_across_disks() {
         "points at {} distinct write counts",
         distinct.len()
     );
-    drop(store);
     m.umount();
 }
 
@@ -796,12 +801,13 @@ fn points_consistency(site: &Site) -> Vec<(u64, bool)> {
 fn check_all_points(
     site: &Site,
     history: &HashMap<(usize, u64), Vec<u64>>,
+    ndisks: usize,
 ) -> Vec<(u64, u64, bool, u64)> {
     let store = vdrep::replica::Store::open(&site.p("store")).unwrap();
     let st = store.site("site-a").unwrap();
     let mut out = Vec::new();
     for p in st.points("vm1").unwrap() {
-        let mut disks = vec![Vec::new(); APP_DISKS];
+        let mut disks = vec![Vec::new(); ndisks];
         for idh in &p.disks {
             let mut id = [0u8; 16];
             for (i, o) in id.iter_mut().enumerate() {
@@ -895,53 +901,8 @@ esac
     );
     sync_ok(&site);
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let stop = stop.clone();
-        let q = q.clone();
-        let paths: Vec<PathBuf> = names.iter().map(|n| site.p(&format!("vm/{n}"))).collect();
-        std::thread::spawn(move || {
-            let files: Vec<std::fs::File> = paths
-                .iter()
-                .map(|p| {
-                    std::fs::OpenOptions::new()
-                        .write(true)
-                        .custom_flags(libc::O_DIRECT)
-                        .open(p)
-                        .unwrap()
-                })
-                .collect();
-            let mut buf = Aligned::new();
-            let mut x = 0x2545_f491_4f6c_dd1du64;
-            let mut log = Vec::new();
-            let mut seq = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                if q.join("freeze-req").exists() {
-                    for f in &files {
-                        f.sync_all().unwrap();
-                    }
-                    std::fs::write(q.join("frozen.tmp"), seq.to_string()).unwrap();
-                    std::fs::rename(q.join("frozen.tmp"), q.join("frozen")).unwrap();
-                    while q.join("freeze-req").exists() && !stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                    continue;
-                }
-                seq += 1;
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let d = (x % APP_DISKS as u64) as usize;
-                let b = (x >> 8) % (DISK_BYTES / BLK as u64);
-                stamp(seq, d, b, buf.buf());
-                files[d].write_all_at(buf.buf(), b * BLK as u64).unwrap();
-                log.push((seq, d, b));
-                if seq % 8 == 0 {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            }
-            log
-        })
-    };
+    let paths: Vec<PathBuf> = names.iter().map(|n| site.p(&format!("vm/{n}"))).collect();
+    let writer = stamp_writer(paths, stop.clone(), 0x2545_f491_4f6c_dd1d, Some(q.clone()));
     let t0 = Instant::now();
     loop {
         let p = points_consistency(&site);
@@ -989,7 +950,7 @@ esac
     }
     let pts_cli = points_consistency(&site);
     drop(r);
-    let pts = check_all_points(&site, &history);
+    let pts = check_all_points(&site, &history, APP_DISKS);
     assert_eq!(
         pts.iter().map(|p| (p.0, p.2)).collect::<Vec<_>>(),
         pts_cli,
@@ -1119,7 +1080,7 @@ esac
     // still reads back: every point left is consistent, the app ones at
     // their freeze.
     drop(r);
-    let after = check_all_points(&site, &history);
+    let after = check_all_points(&site, &history, APP_DISKS);
     assert_eq!(after.len(), want.len() + 1);
     for p in &after {
         if let Some(old) = pts.iter().find(|o| o.0 == p.0) {

@@ -544,9 +544,13 @@ fn resync_interrupted_by_mount_daemon_kill_resumes() {
         "not resumed: {st}"
     );
     assert!(compared < total * 6 / 10, "the resync started over: {st}");
-    // 20 damaged blocks + the 4 blocks written since the cut (the one at
-    // 5 MiB is known from the touched-region map only).
-    assert_eq!(rs["blocks_sent"], 24, "{st}");
+    // 20 damaged blocks + the 2 written between the cut and the kill (the
+    // one at 5 MiB is known from the touched-region map only: without it
+    // the replica would keep the old block and `same` below fails) + the 2
+    // written after the remount if they landed before the resumed cut
+    // (else they ship as the next ordinary cycle).
+    let sent = rs["blocks_sent"].as_u64().unwrap_or(0);
+    assert!((22..=24).contains(&sent), "{sent} blocks sent: {st}");
     assert_eq!(st["disks"][0]["state"]["state"], "Normal", "{st}");
     same(&site.p("vm/k.img"), "raw", &rep);
     let (code, v) = site.verify();
