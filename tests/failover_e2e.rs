@@ -6,10 +6,8 @@
 
 mod mountutil;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 
 use mountutil::*;
 
@@ -21,6 +19,14 @@ struct Sites {
 }
 
 impl Sites {
+    /// `vdrep protect VM --every 1h DISK...` from site A to site B's receiver.
+    fn protect_to(&self, rb: &Receiver, vm: &str, disks: &[&str]) {
+        let trust = self.s("kb/site-b.crt");
+        let mut args = vec!["protect", vm, "--to", &rb.addr, "--trust", &trust];
+        args.extend(["--every", "1h"]);
+        args.extend_from_slice(disks);
+        vdrep_ok(&args);
+    }
     fn new() -> Sites {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().to_path_buf();
@@ -51,53 +57,22 @@ impl Sites {
     }
 }
 
-struct Receiver {
-    child: Child,
-    addr: String,
-}
-
 impl Receiver {
     /// The receiver of site `me` ("a" or "b"), trusting the other site.
     fn start(s: &Sites, me: &str) -> Receiver {
-        setup();
         let (keys, trust) = if me == "a" {
             ("ka", "kb/site-b.crt")
         } else {
             ("kb", "ka/site-a.crt")
         };
-        let mut child = Command::new(vdrep_bin())
-            .args([
-                "receive",
-                "--listen",
-                "127.0.0.1:0",
-                "--store",
-                &s.s(&format!("{me}/store")),
-                "--keys",
-                &s.s(keys),
-                "--trust",
-                &s.s(trust),
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .strip_prefix("listening on ")
-            .and_then(|r| r.split_whitespace().next())
-            .unwrap_or_else(|| panic!("receiver did not start: {line:?}"))
-            .to_string();
-        Receiver { child, addr }
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        Receiver::spawn(
+            "127.0.0.1:0",
+            &s.p(&format!("{me}/store")),
+            &s.p(keys),
+            &s.p(trust),
+            &[],
+            &[],
+        )
     }
 }
 
@@ -185,6 +160,23 @@ fn bytes_sent(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// A fixed VHD of `size` (qemu-img size syntax).
+fn fixed_vhd(path: &str, size: &str) {
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vpc",
+            "-o",
+            "subformat=fixed",
+            path,
+            size,
+        ],
+    );
+}
+
 fn sync(dir: &Path) {
     vdrep_ok(&["sync", dir.to_str().unwrap(), "--timeout", "180"]);
 }
@@ -223,35 +215,16 @@ fn planned_failover_reverse_and_failback_ship_only_changes() {
     std::env::set_var("VDREP_RETRY_SCALE", "0.002");
     let size: u64 = 64 << 20;
     fill(&s.p("a/vm1/disk0.img"), size, 1);
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vpc",
-            "-o",
-            "subformat=fixed",
-            &s.s("a/vm1/disk1.vhd"),
-            "32M",
-        ],
-    );
+    fixed_vhd(&s.s("a/vm1/disk1.vhd"), "32M");
     let _c = Cleanup(vec![s.p("a/vm1"), s.b_live()]);
     let ra = Receiver::start(&s, "a");
     let rb = Receiver::start(&s, "b");
     vdrep_ok(&["mount", &s.s("a/vm1"), "--keys", &s.s("ka")]);
-    vdrep_ok(&[
-        "protect",
+    s.protect_to(
+        &rb,
         "vm1",
-        "--to",
-        &rb.addr,
-        "--trust",
-        &s.s("kb/site-b.crt"),
-        "--every",
-        "1h",
-        &s.s("a/vm1/disk0.img"),
-        &s.s("a/vm1/disk1.vhd"),
-    ]);
+        &[&s.s("a/vm1/disk0.img"), &s.s("a/vm1/disk1.vhd")],
+    );
     write_blocks(&s.p("a/vm1/disk0.img"), 100, 0x11, 1);
     run(
         "qemu-io",
@@ -408,17 +381,7 @@ fn unplanned_failover_to_older_point_then_reverse_overwrites_unshipped_writes() 
     let ra = Receiver::start(&s, "a");
     let rb = Receiver::start(&s, "b");
     vdrep_ok(&["mount", &s.s("a/vm1"), "--keys", &s.s("ka")]);
-    vdrep_ok(&[
-        "protect",
-        "vm1",
-        "--to",
-        &rb.addr,
-        "--trust",
-        &s.s("kb/site-b.crt"),
-        "--every",
-        "1h",
-        &s.s("a/vm1/disk0.img"),
-    ]);
+    s.protect_to(&rb, "vm1", &[&s.s("a/vm1/disk0.img")]);
     sync(&s.p("a/vm1"));
     write_blocks(&s.p("a/vm1/disk0.img"), 40, 0x61, 1);
     sync(&s.p("a/vm1"));
@@ -509,17 +472,7 @@ fn recovery_plan_runs_groups_in_order_and_stops_after_a_failed_group() {
     let _c = Cleanup(vec![s.p("a/vm1")]);
     let rb = Receiver::start(&s, "b");
     vdrep_ok(&["mount", &s.s("a/vm1"), "--keys", &s.s("ka")]);
-    vdrep_ok(&[
-        "protect",
-        "vm1",
-        "--to",
-        &rb.addr,
-        "--trust",
-        &s.s("kb/site-b.crt"),
-        "--every",
-        "1h",
-        &s.s("a/vm1/disk0.img"),
-    ]);
+    s.protect_to(&rb, "vm1", &[&s.s("a/vm1/disk0.img")]);
     sync(&s.p("a/vm1"));
     let trace = s.p("trace");
     let plan = s.p("plan.txt");
@@ -607,34 +560,15 @@ fn unplanned_failover_cancel_restores_replica_and_points_then_primary_resumes() 
     let s = Sites::new();
     std::env::set_var("VDREP_RETRY_SCALE", "0.002");
     fill(&s.p("a/vm1/disk0.img"), 32 << 20, 11);
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vpc",
-            "-o",
-            "subformat=fixed",
-            &s.s("a/vm1/disk1.vhd"),
-            "16M",
-        ],
-    );
+    fixed_vhd(&s.s("a/vm1/disk1.vhd"), "16M");
     let _c = Cleanup(vec![s.p("a/vm1"), s.b_live()]);
     let rb = Receiver::start(&s, "b");
     vdrep_ok(&["mount", &s.s("a/vm1"), "--keys", &s.s("ka")]);
-    vdrep_ok(&[
-        "protect",
+    s.protect_to(
+        &rb,
         "vm1",
-        "--to",
-        &rb.addr,
-        "--trust",
-        &s.s("kb/site-b.crt"),
-        "--every",
-        "1h",
-        &s.s("a/vm1/disk0.img"),
-        &s.s("a/vm1/disk1.vhd"),
-    ]);
+        &[&s.s("a/vm1/disk0.img"), &s.s("a/vm1/disk1.vhd")],
+    );
     sync(&s.p("a/vm1"));
     for (i, v) in [0x71u8, 0x72, 0x73].into_iter().enumerate() {
         write_blocks(&s.p("a/vm1/disk0.img"), 40, v, i as u64 + 1);
@@ -818,17 +752,7 @@ fn planned_failover_of_one_vm_in_a_shared_folder_leaves_the_other_running() {
     let rb = Receiver::start(&s, "b");
     vdrep_ok(&["mount", &s.s("a/vm1"), "--keys", &s.s("ka")]);
     for (vm, disk) in [("vm1", "disk0.img"), ("vm2", "other.img")] {
-        vdrep_ok(&[
-            "protect",
-            vm,
-            "--to",
-            &rb.addr,
-            "--trust",
-            &s.s("kb/site-b.crt"),
-            "--every",
-            "1h",
-            dir.join(disk).to_str().unwrap(),
-        ]);
+        s.protect_to(&rb, vm, &[dir.join(disk).to_str().unwrap()]);
     }
     sync(&dir);
     write_blocks(&dir.join("disk0.img"), 40, 0x81, 1);

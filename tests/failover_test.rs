@@ -7,10 +7,9 @@
 mod mountutil;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -86,49 +85,19 @@ impl Site {
     }
 }
 
-struct Receiver {
-    child: Child,
-    addr: String,
-}
-
 impl Receiver {
     fn start(site: &Site, addr: &str) -> Receiver {
         Receiver::start_with(site, addr, &[])
     }
     fn start_with(site: &Site, addr: &str, extra: &[&str]) -> Receiver {
-        setup();
-        let mut child = Command::new(vdrep_bin())
-            .args(["receive", "--listen", addr, "--store"])
-            .arg(site.p("store"))
-            .arg("--keys")
-            .arg(site.p("kb"))
-            .arg("--trust")
-            .arg(site.p("ka/site-a.crt"))
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .strip_prefix("listening on ")
-            .and_then(|r| r.split_whitespace().next())
-            .unwrap_or_else(|| panic!("receiver did not start: {line:?}"))
-            .to_string();
-        Receiver { child, addr }
-    }
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        self.kill9();
+        Receiver::spawn(
+            addr,
+            &site.p("store"),
+            &site.p("kb"),
+            &site.p("ka/site-a.crt"),
+            extra,
+            &[],
+        )
     }
 }
 
@@ -680,13 +649,17 @@ fn every_point_is_crash_consistent_across_disks() {
     m.umount();
 }
 
-/// `failover --test --boot`: QEMU boots the tiny test VM (kernel +
-/// initramfs from scripts/build-tiny-vm.sh) on the exposed VHD, the guest
-/// makes a file system and writes a file on it; the replica does not
-/// change; `--cleanup` stops the VM if it still runs and removes the view.
-#[test]
-fn boot_test_vm_on_the_exposed_disk() {
-    require_fuse!();
+/// The tiny test VM from scripts/build-tiny-vm.sh.
+struct TinyVm {
+    kernel: PathBuf,
+    initrd: PathBuf,
+    /// scripts/vm-run.sh's KVM probe verdict for it ("kvm" or "tcg"), if
+    /// it ran (KVM can open yet hang a Linux guest on nested hosts).
+    probed: Option<String>,
+}
+
+/// The tiny VM, or None after printing why the test is skipped.
+fn tiny_vm() -> Option<TinyVm> {
     let vm = Path::new(env!("CARGO_MANIFEST_DIR")).join(".vm");
     let (kernel, initrd) = (vm.join("vmlinuz"), vm.join("initramfs.cpio.gz"));
     if !kernel.exists() || !initrd.exists() {
@@ -694,16 +667,32 @@ fn boot_test_vm_on_the_exposed_disk() {
             "SKIP: no test VM in {} (run scripts/build-tiny-vm.sh)",
             vm.display()
         );
-        return;
+        return None;
     }
-    // scripts/vm-run.sh's probe boots this very kernel: use its verdict
-    // (KVM can open yet hang a Linux guest on nested hosts).
-    let accel = std::fs::read_dir(&vm)
+    let probed = std::fs::read_dir(&vm)
         .unwrap()
         .flatten()
         .find(|e| e.file_name().to_string_lossy().starts_with(".kvm-probe-"))
         .and_then(|e| std::fs::read_to_string(e.path()).ok())
-        .map_or("auto".to_string(), |s| s.trim().to_string());
+        .map(|s| s.trim().to_string());
+    Some(TinyVm {
+        kernel,
+        initrd,
+        probed,
+    })
+}
+
+/// `failover --test --boot`: QEMU boots the tiny test VM (kernel +
+/// initramfs from scripts/build-tiny-vm.sh) on the exposed VHD, the guest
+/// makes a file system and writes a file on it; the replica does not
+/// change; `--cleanup` stops the VM if it still runs and removes the view.
+#[test]
+fn boot_test_vm_on_the_exposed_disk() {
+    require_fuse!();
+    let Some(tv) = tiny_vm() else { return };
+    let (kernel, initrd) = (tv.kernel, tv.initrd);
+    // Without scripts/vm-run.sh's verdict, vdrep's own probe decides.
+    let accel = tv.probed.unwrap_or_else(|| "auto".into());
     let site = Site::new();
     qemu(
         "qemu-img",
@@ -1091,20 +1080,6 @@ esac
     m.umount();
 }
 
-/// The accelerator for test boots: scripts/vm-run.sh's probe verdict for
-/// this kernel if it ran, else TCG (KVM can open yet hang a Linux guest on
-/// nested hosts).
-fn test_accel(vm: &Path) -> String {
-    std::fs::read_dir(vm)
-        .ok()
-        .into_iter()
-        .flatten()
-        .flatten()
-        .find(|e| e.file_name().to_string_lossy().starts_with(".kvm-probe-"))
-        .and_then(|e| std::fs::read_to_string(e.path()).ok())
-        .map_or("tcg".to_string(), |s| s.trim().to_string())
-}
-
 /// Issue 4, application-consistent points with a real guest: the tiny VM
 /// boots from an ext4 disk (journal) on the primary's mount and runs the
 /// QEMU guest agent on a virtio-serial port, then writes files without
@@ -1119,15 +1094,8 @@ fn test_accel(vm: &Path) -> String {
 #[test]
 fn app_points_with_a_real_guest_agent_hold_a_frozen_file_system() {
     require_fuse!();
-    let vm = Path::new(env!("CARGO_MANIFEST_DIR")).join(".vm");
-    let (kernel, initrd) = (vm.join("vmlinuz"), vm.join("initramfs.cpio.gz"));
-    if !kernel.exists() || !initrd.exists() {
-        println!(
-            "SKIP: no test VM in {} (run scripts/build-tiny-vm.sh)",
-            vm.display()
-        );
-        return;
-    }
+    let Some(tv) = tiny_vm() else { return };
+    let (kernel, initrd) = (tv.kernel, tv.initrd);
     let site = Site::new();
     let disk = site.p("vm/disk.img");
     std::fs::File::create(&disk)
@@ -1159,7 +1127,8 @@ fn app_points_with_a_real_guest_agent_hold_a_frozen_file_system() {
     );
     sync_ok(&site);
     let log = site.p("serial.log");
-    let accel = test_accel(&vm);
+    // QEMU is started here, not by vdrep: TCG unless KVM is known to work.
+    let accel = tv.probed.unwrap_or_else(|| "tcg".into());
     let mut guest = Command::new("qemu-system-x86_64")
         .args(["-accel", &accel, "-m", "256", "-display", "none", "-nodefaults"])
         .args(["-no-reboot", "-kernel"])

@@ -4,10 +4,9 @@
 
 mod mountutil;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,54 +71,19 @@ impl Site {
     }
 }
 
-struct Receiver {
-    child: Child,
-    addr: String,
-}
-
 impl Receiver {
     fn start(site: &Site, addr: &str, store: &Path) -> Receiver {
         Receiver::start_env(site, addr, store, &[])
     }
     fn start_env(site: &Site, addr: &str, store: &Path, env: &[(&str, &str)]) -> Receiver {
-        setup();
-        let mut child = Command::new(vdrep_bin())
-            .args([
-                "receive",
-                "--listen",
-                addr,
-                "--store",
-                store.to_str().unwrap(),
-                "--keys",
-                &site.s("kb"),
-                "--trust",
-                &site.s("ka/site-a.crt"),
-            ])
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .strip_prefix("listening on ")
-            .and_then(|r| r.split_whitespace().next())
-            .unwrap_or_else(|| panic!("receiver did not start: {line:?}"))
-            .to_string();
-        Receiver { child, addr }
-    }
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        self.kill9();
+        Receiver::spawn(
+            addr,
+            store,
+            &site.p("kb"),
+            &site.p("ka/site-a.crt"),
+            &[],
+            env,
+        )
     }
 }
 

@@ -6,10 +6,9 @@
 
 mod mountutil;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use mountutil::*;
@@ -140,50 +139,16 @@ impl Site {
     }
 }
 
-struct Receiver {
-    child: Child,
-    addr: String,
-}
-
 impl Receiver {
     fn start(site: &Site, addr: &str) -> Receiver {
-        setup();
-        let mut child = Command::new(vdrep_bin())
-            .args([
-                "receive",
-                "--listen",
-                addr,
-                "--store",
-                &site.s("store"),
-                "--keys",
-                &site.s("kb"),
-                "--trust",
-                &site.s("ka/site-a.crt"),
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .strip_prefix("listening on ")
-            .and_then(|r| r.split_whitespace().next())
-            .unwrap_or_else(|| panic!("receiver did not start: {line:?}"))
-            .to_string();
-        Receiver { child, addr }
-    }
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        self.kill9();
+        Receiver::spawn(
+            addr,
+            &site.p("store"),
+            &site.p("kb"),
+            &site.p("ka/site-a.crt"),
+            &[],
+            &[],
+        )
     }
 }
 

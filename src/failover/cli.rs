@@ -380,6 +380,22 @@ fn run_limited(c: &mut Command, limit: std::time::Duration) -> Option<std::proce
     }
 }
 
+/// `qemu-system-x86_64 -accel kvm` with no devices or display and `mem`
+/// MiB of RAM: the base of both probes.
+fn kvm_qemu(mem: &str) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args([
+        "-accel",
+        "kvm",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-m",
+        mem,
+    ]);
+    c
+}
+
 fn probe_sector(scratch: &Path) -> bool {
     let mut sector = KVM_PROBE_SECTOR.to_vec();
     sector.resize(512, 0);
@@ -390,16 +406,7 @@ fn probe_sector(scratch: &Path) -> bool {
         return false;
     }
     let st = run_limited(
-        Command::new("qemu-system-x86_64")
-            .args([
-                "-accel",
-                "kvm",
-                "-nodefaults",
-                "-display",
-                "none",
-                "-m",
-                "16",
-            ])
+        kvm_qemu("16")
             .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
             .arg("-drive")
             .arg(format!("file={},format=raw,if=ide", img.display())),
@@ -413,16 +420,7 @@ fn probe_kernel(scratch: &Path, kernel: &Path) -> bool {
     let log = scratch.join("kvm-probe.log");
     let _ = std::fs::remove_file(&log);
     run_limited(
-        Command::new("qemu-system-x86_64")
-            .args([
-                "-accel",
-                "kvm",
-                "-nodefaults",
-                "-display",
-                "none",
-                "-m",
-                "128",
-            ])
+        kvm_qemu("128")
             .args(["-no-reboot", "-kernel"])
             .arg(kernel)
             .args(["-append", "console=ttyS0 panic=1 loglevel=1"])

@@ -255,6 +255,19 @@ fn write_response(mut s: &UnixStream, resp: &Response) -> io::Result<()> {
 }
 
 impl Server {
+    /// A role change of `vm` is refused while a test failover of it runs.
+    fn refuse_if_test_failover(&self, site: &str, vm: &str) -> Option<Response> {
+        self.views
+            .list()
+            .iter()
+            .any(|v| v.site == site && v.vm == vm)
+            .then(|| {
+                Response::err(format!(
+                    "{vm} has a test failover running: remove it first (`vdrep failover {vm} --cleanup`)"
+                ))
+            })
+    }
+
     fn handle(&self, req: Request) -> Response {
         match req {
             Request::Ping => Response {
@@ -335,15 +348,8 @@ impl Server {
                     Ok(s) => s,
                     Err(e) => return Response::err(e),
                 };
-                if self
-                    .views
-                    .list()
-                    .iter()
-                    .any(|v| v.site == site && v.vm == vm)
-                {
-                    return Response::err(format!(
-                        "{vm} has a test failover running: remove it first (`vdrep failover {vm} --cleanup`)"
-                    ));
+                if let Some(r) = self.refuse_if_test_failover(&site, &vm) {
+                    return r;
                 }
                 match crate::roles::promote_local(&self.roles, &site, &vm, point, None) {
                     Ok(a) => Response {
@@ -360,15 +366,8 @@ impl Server {
                     Ok(s) => s,
                     Err(e) => return Response::err(e),
                 };
-                if self
-                    .views
-                    .list()
-                    .iter()
-                    .any(|v| v.site == site && v.vm == vm)
-                {
-                    return Response::err(format!(
-                        "{vm} has a test failover running: remove it first (`vdrep failover {vm} --cleanup`)"
-                    ));
+                if let Some(r) = self.refuse_if_test_failover(&site, &vm) {
+                    return r;
                 }
                 match crate::roles::cancel_local(&self.roles, &site, &vm) {
                     Ok(r) => Response {

@@ -167,3 +167,60 @@ pub fn log_for(logs: &[PathBuf], disk: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("no log for {disk} in {logs:?}"))
         .clone()
 }
+
+/// A `vdrep receive` child on loopback; killed (-9) when dropped.
+pub struct Receiver {
+    pub child: std::process::Child,
+    /// The address it listens on (from its "listening on" banner).
+    pub addr: String,
+}
+
+impl Receiver {
+    /// `vdrep receive --listen ADDR --store STORE --keys KEYS --trust TRUST`
+    /// plus `extra` arguments and `env`; returns once it listens.
+    pub fn spawn(
+        addr: &str,
+        store: &Path,
+        keys: &Path,
+        trust: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Receiver {
+        use std::io::BufRead;
+        setup();
+        let mut child = Command::new(vdrep_bin())
+            .args(["receive", "--listen", addr, "--store"])
+            .arg(store)
+            .arg("--keys")
+            .arg(keys)
+            .arg("--trust")
+            .arg(trust)
+            .args(extra)
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn vdrep receive");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("receiver stdout"))
+            .read_line(&mut line)
+            .expect("read the receiver's banner");
+        let addr = line
+            .strip_prefix("listening on ")
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_else(|| panic!("receiver did not start: {line:?}"))
+            .to_string();
+        Receiver { child, addr }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
