@@ -4,9 +4,11 @@
 #   scripts/build-tiny-vm.sh [OUTDIR]      (default: <repo>/.vm)
 #
 # Produces OUTDIR/vmlinuz and OUTDIR/initramfs.cpio.gz. The guest's /init reads
-# vdrep.mode=write|check|stress (and vdrep.tag=STRING) from the kernel command
-# line, works on /dev/vda (virtio-blk), prints "VDREP-GUEST: ..." marker lines
-# on the serial console and powers off. See scripts/vm-run.sh to boot it.
+# vdrep.mode=write|check|stress|appwrite (and vdrep.tag=STRING) from the kernel
+# command line, works on /dev/vda (virtio-blk), prints "VDREP-GUEST: ..." marker
+# lines on the serial console and powers off. See scripts/vm-run.sh to boot it.
+# appwrite also runs the QEMU guest agent (Debian's qemu-guest-agent binary with
+# the host's libraries) on the org.qemu.guest_agent.0 virtio-serial port.
 #
 # Needs: apt-get (with working sources), dpkg-deb, busybox-static, cpio, gzip,
 # kmod (depmod). Idempotent: does nothing if OUTDIR is complete and current.

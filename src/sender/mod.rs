@@ -1196,16 +1196,14 @@ impl Replicator {
         let dir = self.mount_dir.clone();
         // Due when `every` passed since the last attempt (failed or not:
         // a broken hook must not stall every cut for its time limit).
-        let hook = spec.app_hook.clone().filter(|h| {
+        let mut hook = None;
+        if let Some(h) = &spec.app_hook {
             let mut last = vm.last_app_try.lock();
-            let due = last.is_none_or(|t: std::time::Instant| {
-                t.elapsed() >= Duration::from_secs(h.every_secs)
-            });
-            if due {
+            if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(h.every_secs)) {
                 *last = Some(std::time::Instant::now());
+                hook = Some(h.clone());
             }
-            due
-        });
+        }
         let (entries, app) = tokio::task::spawn_blocking(
             move || -> Result<(Vec<crate::tracking::CutEntry>, AppCut), String> {
                 // Quiesce the guest first: what it flushes must reach the
