@@ -3,7 +3,8 @@
 #
 #   scripts/demo.sh
 #
-#  1. installs prerequisites (root + apt; NO_INSTALL=1 to skip)
+#  1. installs prerequisites (root + apt; NO_INSTALL=1 only checks them) and
+#     stops with the list of what is missing if anything still is
 #  2. builds vdrep (release) and the tiny test VM
 #  3. a key pair per site; `vdrep receive` at site B (127.0.0.1, mutual TLS)
 #  4. site A: a 256 MiB fixed VHD, `vdrep mount --keys` over its folder
@@ -16,8 +17,11 @@
 # 10. unmount, stop the receiver
 #
 # Environment: DEMO_DIR (default: a new /var/tmp/vdrep-demo.XXXXXX, kept),
-# DISK_MB=256, NO_INSTALL=1, NO_BUILD=1, NO_VM=1 (use qemu-io writes instead of the VM),
-# VDREP=path (binary; default target/release/vdrep), VM_QUIET=0 (show the VM console).
+# DISK_MB=256, NO_INSTALL=1, NO_BUILD=1, VDREP=path (binary; default
+# target/release/vdrep), VM_QUIET=0 (show the VM console).
+# Every step does what it announces or the demo stops with "demo: FAILED" and a
+# non-zero exit: the guest writes and the boot of the replica need QEMU and the
+# tiny VM, and there is no fallback that skips them.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO="$(pwd)"
@@ -27,12 +31,12 @@ REPO="$(pwd)"
 VDREP="${VDREP:-$REPO/target/release/vdrep}"
 DISK_MB="${DISK_MB:-256}"
 DEMO_DIR="${DEMO_DIR:-$(mktemp -d /var/tmp/vdrep-demo.XXXXXX)}"
+mkdir -p "$DEMO_DIR"
 SITE_A="$DEMO_DIR/site-a"       # the VM disk folder, mounted with vdrep
 SITE_B="$DEMO_DIR/site-b"       # the replica folder
 DISK_NAME="vm1.vhd"
 TAG1="demo-1-$(date +%s)"
 TAG2="demo-2-$(date +%s)"
-USE_VM=1
 STEP=0
 export VM_QUIET="${VM_QUIET:-1}"   # vm-run.sh: summary lines only (VM_QUIET=0 shows the serial console)
 
@@ -53,34 +57,31 @@ cleanup() {
 trap cleanup EXIT
 
 # --- site-A side ------------------------------------------------------------
-guest_write() { # TAG PATTERN OFFSET LEN
-    if [[ "$USE_VM" == 1 ]]; then
-        run scripts/vm-run.sh "$SITE_A/$DISK_NAME" write "$1" vpc none || die "VM write failed"
-    else
-        run qemu-io -f vpc -c "write -P $2 $3 $4" "$SITE_A/$DISK_NAME" || die "qemu-io write failed"
-    fi
+guest_write() { # TAG
+    run scripts/vm-run.sh "$SITE_A/$DISK_NAME" write "$1" vpc none || die "the VM could not write its proof file (tag $1)"
 }
 
 # =============================================================================
 step "prerequisites"
 if [[ "${NO_INSTALL:-0}" != 1 && -n "$(vdrep_missing_prereqs)" ]]; then
-    info "installing: ${VDREP_APT_PACKAGES[*]}"
-    vdrep_install_prereqs || die "cannot install prerequisites (run as root, or NO_INSTALL=1)"
-else
-    info "prerequisites present (missing: $(vdrep_missing_prereqs | tr '\n' ' ' || true))"
+    info "installing: ${VDREP_APT_PACKAGES[*]} ${VDREP_QEMU_PACKAGES[*]}"
+    vdrep_install_prereqs || die "prerequisites missing after the install: $(vdrep_missing_prereqs | tr '\n' ' ')(see above)"
 fi
-command -v cargo >/dev/null || die "cargo not found: install Rust with rustup (https://rustup.rs)"
+if [[ -z "${CARGO_HOME:-}" ]] && ! command -v cargo >/dev/null && [[ -f "$HOME/.cargo/env" ]]; then
+    # shellcheck source=/dev/null
+    . "$HOME/.cargo/env"
+fi
+if ! vdrep_prereq_report >"$DEMO_DIR/prereqs.txt"; then
+    cat "$DEMO_DIR/prereqs.txt"
+    die "prerequisites missing: $(vdrep_missing_prereqs | tr '\n' ' ')(run scripts/demo.sh as root without NO_INSTALL, or install them)"
+fi
+info "all prerequisites present ($(wc -l <"$DEMO_DIR/prereqs.txt") checked: scripts/check-prereqs.sh lists them)"
 
 step "build vdrep (release) and the tiny test VM"
 if [[ "${NO_BUILD:-0}" != 1 ]]; then run cargo build --release -q || die "cargo build --release failed"; fi
-[[ -x "$VDREP" ]] || die "no $VDREP"
-if [[ "${NO_VM:-0}" == 1 ]] || ! command -v qemu-system-x86_64 >/dev/null; then
-    USE_VM=0
-elif ! scripts/build-tiny-vm.sh; then
-    info "tiny VM build failed: falling back to qemu-io writes"
-    USE_VM=0
-fi
-info "guest writes via: $([[ $USE_VM == 1 ]] && echo "the tiny VM (ext2 file system + proof file)" || echo "qemu-io")"
+[[ -x "$VDREP" ]] || die "no $VDREP (build it with cargo build --release)"
+run scripts/build-tiny-vm.sh || die "building the tiny test VM failed (see above)"
+info "guest: the tiny VM (ext2 file system + proof file), booted under QEMU"
 
 step "identities: one key pair per site (mutual TLS, pinned certificates)"
 mkdir -p "$SITE_A" "$SITE_B" "$DEMO_DIR/keys-a" "$DEMO_DIR/keys-b"
@@ -109,14 +110,14 @@ run "$VDREP" protect vm1 --to "$RECV_ADDR" --trust "$DEMO_DIR/keys-b/site-b.crt"
     --every continuous "$SITE_A/$DISK_NAME" || die "vdrep protect failed"
 
 step "the guest writes a proof file (tag $TAG1) while replication runs"
-guest_write "$TAG1" 0x5a 1M 64k
+guest_write "$TAG1"
 
 step "vdrep sync: cut now and wait until site B has durably applied it"
 run "$VDREP" sync vm1 || die "vdrep sync failed"
 run "$VDREP" status "$SITE_A"
 
 step "more guest writes (tag $TAG2), then sync again"
-guest_write "$TAG2" 0xa5 8M 128k
+guest_write "$TAG2"
 run "$VDREP" sync vm1 || die "vdrep sync failed"
 
 REPLICA="$(find "$SITE_B/sites/site-a/vms/vm1/disks" -name "$DISK_NAME" | head -1)"
@@ -137,11 +138,7 @@ info "exposed in $(( ($(date +%s%N) - T0) / 1000000 )) ms"
 EXPOSED="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["disks"][0]["path"])' "$DEMO_DIR/failover.json")"
 info "exposed disk: $EXPOSED"
 BEFORE="$(sha256sum "$REPLICA" | cut -d' ' -f1)"
-if [[ "$USE_VM" == 1 ]]; then
-    run scripts/vm-run.sh "$EXPOSED" check "$TAG2" vpc none || die "the replica did not boot/check"
-else
-    run qemu-io -f vpc -r -c "read -P 0x5a 1M 64k" -c "read -P 0xa5 8M 128k" "$EXPOSED" || die "replica data check failed"
-fi
+run scripts/vm-run.sh "$EXPOSED" check "$TAG2" vpc none || die "the VM did not boot from the exposed point, or did not find proof file $TAG2"
 run "$VDREP" failover vm1 --cleanup --store "$SITE_B" || die "vdrep failover --cleanup failed"
 [[ "$(sha256sum "$REPLICA" | cut -d' ' -f1)" == "$BEFORE" ]] || die "the test failover changed the replica"
 info "the replica is unchanged by the test VM (copy-on-write overlay, removed by --cleanup)"

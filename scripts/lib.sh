@@ -2,66 +2,169 @@
 # Shared helpers for vdrep's scripts (.ci/run, scripts/demo.sh, scripts/test.sh).
 # Source it: . "$REPO/scripts/lib.sh"
 
-# Debian packages the tests, the demo, the benchmark and the tiny VM need.
+# Debian packages the tests, the demo, the benchmarks and the tiny VM need,
+# apart from QEMU (below), which must come from the suite qemu-utils came from.
 VDREP_APT_PACKAGES=(
-    fuse3 qemu-system-x86 qemu-utils fio bindfs busybox-static cpio xz-utils zstd kmod
+    fuse3 fio bindfs busybox-static cpio xz-utils zstd kmod strace
     python3 util-linux gzip dpkg apt ca-certificates e2fsprogs
 )
-# Commands checked by `vdrep_missing_prereqs` (command -> package).
-declare -A VDREP_PREREQ_CMDS=(
-    [fusermount3]=fuse3 [qemu-system-x86_64]=qemu-system-x86 [qemu-img]=qemu-utils
-    [qemu-io]=qemu-utils [fio]=fio [bindfs]=bindfs [cpio]=cpio [xz]=xz-utils [zstd]=zstd
-    [depmod]=kmod [python3]=python3 [findmnt]=util-linux [mkfs.ext4]=e2fsprogs [dumpe2fs]=e2fsprogs
+# Installed together, from one suite: the suite of an installed qemu-utils
+# (bookworm-backports on the Debian 12 images this project runs on), or the
+# default suite when qemu-utils is absent.
+VDREP_QEMU_PACKAGES=(qemu-system-x86 qemu-utils)
+
+# Every prerequisite, one per line: NAME|PACKAGE|HOW
+#   HOW = cmd:COMMAND (must be on PATH, or in /sbin, /usr/sbin)
+#         static:PATH (a statically linked executable)
+#         dev:PATH    (a character device)
+# `vdrep_prereq_report` prints each with its version or "missing".
+VDREP_PREREQS=(
+    "cargo|rustup (https://rustup.rs)|cmd:cargo"
+    "rustc|rustup (https://rustup.rs)|cmd:rustc"
+    "fusermount3|fuse3|cmd:fusermount3"
+    "/dev/fuse|kernel module fuse (modprobe fuse)|dev:/dev/fuse"
+    "qemu-system-x86_64|qemu-system-x86|cmd:qemu-system-x86_64"
+    "qemu-img|qemu-utils|cmd:qemu-img"
+    "qemu-io|qemu-utils|cmd:qemu-io"
+    "fio|fio|cmd:fio"
+    "bindfs|bindfs|cmd:bindfs"
+    "busybox (static)|busybox-static|static:/bin/busybox"
+    "cpio|cpio|cmd:cpio"
+    "xz|xz-utils|cmd:xz"
+    "zstd|zstd|cmd:zstd"
+    "depmod|kmod|cmd:depmod"
+    "strace|strace|cmd:strace"
+    "python3|python3|cmd:python3"
+    "findmnt|util-linux|cmd:findmnt"
+    "mkfs.ext4|e2fsprogs|cmd:mkfs.ext4"
+    "dumpe2fs|e2fsprogs|cmd:dumpe2fs"
+    "apt-get|apt|cmd:apt-get"
+    "dpkg-deb|dpkg|cmd:dpkg-deb"
 )
 
 vdrep_log() { printf '%s\n' "$*" >&2; }
 
-# Print the packages whose commands are missing (one per line, deduplicated).
-vdrep_missing_prereqs() {
-    local cmd
-    {
-        for cmd in "${!VDREP_PREREQ_CMDS[@]}"; do
-            command -v "$cmd" >/dev/null 2>&1 || [[ -x "/sbin/$cmd" || -x "/usr/sbin/$cmd" ]] \
-                || echo "${VDREP_PREREQ_CMDS[$cmd]}"
-        done
-        [[ -x /bin/busybox ]] && ! ldd /bin/busybox >/dev/null 2>&1 || echo busybox-static
-    } | sort -u
+_vdrep_which() { # COMMAND -> its path, or nothing
+    command -v "$1" 2>/dev/null && return 0
+    local d
+    for d in /sbin /usr/sbin; do [[ -x "$d/$1" ]] && { echo "$d/$1"; return 0; }; done
+    return 1
 }
 
-# apt-get install everything (root, Debian/Ubuntu). Safe to re-run.
-# qemu-system-x86 must come from the same suite as an already installed
-# qemu-utils: Debian 12 images may carry qemu-utils from bookworm-backports,
-# and installing bookworm's qemu-system-x86 would then remove qemu-utils.
-vdrep_install_prereqs() {
-    if [[ "$(id -u)" != 0 ]]; then
-        vdrep_log "not root: cannot apt-get install; missing: $(vdrep_missing_prereqs | tr '\n' ' ')"
-        return 1
-    fi
-    command -v apt-get >/dev/null || { vdrep_log "no apt-get: install by hand: ${VDREP_APT_PACKAGES[*]}"; return 1; }
-    export DEBIAN_FRONTEND=noninteractive
-    local qver target=()
+# Version of one prerequisite (NAME|PACKAGE|HOW), or nothing when it is missing.
+_vdrep_prereq_version() {
+    local pkg="$2" how="$3" path v
+    case "$how" in
+        cmd:*)
+            path="$(_vdrep_which "${how#cmd:}")" || return 1
+            case "${how#cmd:}" in
+                cargo|rustc) v="$("$path" --version 2>/dev/null | head -1)" ;;
+                *) v="$(dpkg-query -W -f='${Version}' "$pkg" 2>/dev/null || true)" ;;
+            esac
+            echo "${v:-present} ($path)" ;;
+        static:*)
+            path="${how#static:}"
+            [[ -x "$path" ]] || return 1
+            ldd "$path" >/dev/null 2>&1 && return 1   # dynamically linked: not the static build
+            v="$(dpkg-query -W -f='${Version}' "$pkg" 2>/dev/null || true)"
+            echo "${v:-present} ($path)" ;;
+        dev:*)
+            [[ -c "${how#dev:}" ]] || return 1
+            echo "present" ;;
+        *) return 1 ;;
+    esac
+}
+
+# Print one line per prerequisite: name, version or "missing", and the package
+# that provides it. Returns 1 if any is missing.
+vdrep_prereq_report() {
+    local line name pkg how v rc=0
+    for line in "${VDREP_PREREQS[@]}"; do
+        IFS='|' read -r name pkg how <<<"$line"
+        if v="$(_vdrep_prereq_version "$name" "$pkg" "$how")"; then
+            printf '  %-20s %s\n' "$name" "$v"
+        else
+            printf '  %-20s MISSING (install: %s)\n' "$name" "$pkg"
+            rc=1
+        fi
+    done
+    return "$rc"
+}
+
+# Print the packages whose prerequisites are missing (one per line, deduplicated).
+vdrep_missing_prereqs() {
+    local line name pkg how
+    for line in "${VDREP_PREREQS[@]}"; do
+        IFS='|' read -r name pkg how <<<"$line"
+        _vdrep_prereq_version "$name" "$pkg" "$how" >/dev/null || echo "$pkg"
+    done | sort -u
+}
+
+# The apt suite QEMU must be installed from: the suite of the installed
+# qemu-utils ("bookworm-backports" for a ~bpo12 version), else empty (default).
+vdrep_qemu_suite() {
+    local qver
     qver="$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)"
-    if [[ "$qver" == *bpo12* ]]; then
-        if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-            vdrep_log "qemu-utils $qver is from bookworm-backports: adding that suite so qemu-system-x86 matches"
-            cat > /etc/apt/sources.list.d/bookworm-backports.sources <<'SRC'
+    case "$qver" in
+        *bpo12*) echo bookworm-backports ;;
+        *bpo11*) echo bullseye-backports ;;
+        *) echo "" ;;
+    esac
+}
+
+# Make sure apt knows SUITE (a Debian backports suite).
+_vdrep_ensure_suite() {
+    local suite="$1"
+    if apt-cache policy 2>/dev/null | grep -q " $suite/main"; then return 0; fi
+    grep -rqs -- "$suite" /etc/apt/sources.list /etc/apt/sources.list.d/ && return 0
+    vdrep_log "adding the apt suite $suite (qemu-utils $(dpkg-query -W -f='${Version}' qemu-utils) comes from it)"
+    cat > "/etc/apt/sources.list.d/$suite.sources" <<SRC || return 1
 Types: deb
 URIs: http://deb.debian.org/debian
-Suites: bookworm-backports
+Suites: $suite
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
-        fi
-        target=(-t bookworm-backports)
+}
+
+# apt-get install everything (root, Debian). Safe to re-run. Every step is
+# checked: returns non-zero, with the reason on stderr, if any step fails or
+# if a prerequisite is still missing afterwards.
+vdrep_install_prereqs() {
+    if [[ "$(id -u)" != 0 ]]; then
+        vdrep_log "not root: cannot apt-get install; missing: $(vdrep_missing_prereqs | tr '\n' ' ')"
+        vdrep_log "fix: run as root (sudo), or install those packages by hand"
+        return 1
     fi
-    apt-get update -q
-    apt-get install -y -q --no-install-recommends "${VDREP_APT_PACKAGES[@]}"
-    if [[ ${#target[@]} -gt 0 ]]; then
-        apt-get install -y -q --no-install-recommends "${target[@]}" qemu-system-x86 qemu-utils
+    command -v apt-get >/dev/null || {
+        vdrep_log "no apt-get: install by hand: ${VDREP_APT_PACKAGES[*]} ${VDREP_QEMU_PACKAGES[*]}"
+        return 1
+    }
+    export DEBIAN_FRONTEND=noninteractive
+    local suite target=()
+    suite="$(vdrep_qemu_suite)"
+    if [[ -n "$suite" ]]; then
+        _vdrep_ensure_suite "$suite" || { vdrep_log "cannot add the apt suite $suite"; return 1; }
+        target=(-t "$suite")
     fi
-    # FUSE needs /dev/fuse; load the module if we can (harmless if built in).
-    [[ -e /dev/fuse ]] || modprobe fuse 2>/dev/null || true
-    [[ -e /dev/fuse ]] || vdrep_log "warning: /dev/fuse is missing: FUSE tests will fail or skip"
+    apt-get update -q || { vdrep_log "apt-get update failed: check /etc/apt/sources.list*"; return 1; }
+    apt-get install -y -q --no-install-recommends "${VDREP_APT_PACKAGES[@]}" || {
+        vdrep_log "apt-get install ${VDREP_APT_PACKAGES[*]} failed"
+        return 1
+    }
+    apt-get install -y -q --no-install-recommends "${target[@]}" "${VDREP_QEMU_PACKAGES[@]}" || {
+        vdrep_log "apt-get install ${target[*]} ${VDREP_QEMU_PACKAGES[*]} failed (qemu-utils suite: ${suite:-default})"
+        return 1
+    }
+    # FUSE needs /dev/fuse; load the module if it is not built in.
+    [[ -c /dev/fuse ]] || modprobe fuse 2>/dev/null || true
+    local report
+    if ! report="$(vdrep_prereq_report)"; then
+        vdrep_log "still missing after the install:"
+        grep MISSING <<<"$report" >&2
+        vdrep_log "(a package that apt reports as installed but whose command is missing: check PATH, or reinstall it with apt-get install --reinstall)"
+        return 1
+    fi
 }
 
 # Section headers with timing: vdrep_section "name" ... vdrep_section_end

@@ -4,6 +4,8 @@
 # Extra arguments are passed to `cargo test` (e.g. scripts/test.sh --test vm_guest).
 # On a clean machine run `bash .ci/run` (as root) once: it installs the
 # prerequisites (FUSE, QEMU, fio, ...) and builds the tiny test VM.
+# VDREP_STRICT=1 (set by .ci/run): a test that would skip a check because a
+# prerequisite is missing fails instead; on CI everything is installed.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO="$(pwd)"

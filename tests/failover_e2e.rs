@@ -5,6 +5,7 @@
 //! compare`. Needs root and /dev/fuse (CI has both).
 
 mod mountutil;
+mod skip;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

@@ -5,6 +5,7 @@
 //! and /dev/fuse (CI has both).
 
 mod mountutil;
+mod skip;
 
 use std::collections::HashMap;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -663,10 +664,10 @@ fn tiny_vm() -> Option<TinyVm> {
     let vm = Path::new(env!("CARGO_MANIFEST_DIR")).join(".vm");
     let (kernel, initrd) = (vm.join("vmlinuz"), vm.join("initramfs.cpio.gz"));
     if !kernel.exists() || !initrd.exists() {
-        println!(
+        skip::skip(&format!(
             "SKIP: no test VM in {} (run scripts/build-tiny-vm.sh)",
             vm.display()
-        );
+        ));
         return None;
     }
     let probed = std::fs::read_dir(&vm)

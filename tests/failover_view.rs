@@ -5,6 +5,7 @@
 //! the view never reach the replica). The view part needs root and
 //! /dev/fuse (CI has both).
 
+mod skip;
 use std::collections::BTreeSet;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -264,7 +265,7 @@ fn point_100_cycles_old_reads_correctly_directly_and_through_the_view() {
     }
     drop(r);
     if !fuse_usable() {
-        println!("SKIP view part: needs root and /dev/fuse");
+        skip::skip(&format!("SKIP view part: needs root and /dev/fuse"));
         return;
     }
     let replica = site.replica_path(VM, &ID).unwrap();

@@ -1,6 +1,7 @@
 //! Real FUSE mounts of the passthrough file system over a temporary folder.
 //! Skipped (with `SKIP: reason`) when `/dev/fuse` is missing or not root.
 
+mod skip;
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -66,7 +67,7 @@ fn is_mounted(p: &Path) -> bool {
 /// Mount over a fresh temp dir after `prepare` has populated it.
 fn mount_with(opts: FsOptions, prepare: impl FnOnce(&Path)) -> Option<Mounted> {
     if let Some(r) = skip_reason() {
-        println!("SKIP: {r}");
+        skip::skip(&format!("SKIP: {r}"));
         return None;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -641,7 +642,7 @@ fn new_nodes_get_caller_owner_and_umask() {
         return;
     };
     if Command::new("setpriv").arg("--version").output().is_err() {
-        println!("SKIP (part): setpriv missing");
+        skip::skip(&format!("SKIP (part): setpriv missing"));
         return;
     }
     let script = format!(

@@ -3,6 +3,7 @@
 //! damaged logs. Needs root and /dev/fuse (CI has both).
 
 mod mountutil;
+mod skip;
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};

@@ -3,6 +3,7 @@
 //! injection at every step of an apply (child processes killed), random
 //! kill -9, and a full receiver disk (tmpfs).
 
+mod skip;
 use proptest::prelude::*;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -126,7 +127,7 @@ fn qemu_compare(model: &[u8], replica: &Path, tmp: &Path) {
     {
         Ok(o) => o,
         Err(e) => {
-            println!("SKIP qemu-img checks: {e}");
+            skip::skip(&format!("SKIP qemu-img checks: {e}"));
             return;
         }
     };
@@ -818,9 +819,9 @@ fn disk_full_is_retryable_and_harmless() {
         nix::mount::MsFlags::empty(),
         Some("size=8m"),
     ) {
-        println!(
+        skip::skip(&format!(
             "SKIP disk_full_is_retryable_and_harmless: cannot mount a tmpfs ({e}); run as root"
-        );
+        ));
         return;
     }
     let _m = Tmpfs(mnt.clone());

@@ -5,6 +5,7 @@
 //! among all running mounts, and test binaries run in parallel).
 
 mod mountutil;
+mod skip;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

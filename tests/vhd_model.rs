@@ -2,6 +2,7 @@
 //! zeroing, reads, flushes, reopens and resizes must always read back what
 //! the model holds.
 
+mod skip;
 use proptest::prelude::*;
 use vdrep::vhd::{Vhd, VhdKind};
 
@@ -251,7 +252,7 @@ fn io_order_child() {
 fn flush_writes_data_before_bat() {
     use std::process::Command;
     if Command::new("strace").arg("-V").output().is_err() {
-        println!("SKIP: strace not installed");
+        skip::skip(&format!("SKIP: strace not installed"));
         return;
     }
     let dir = tempfile::tempdir().unwrap();

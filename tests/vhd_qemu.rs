@@ -2,6 +2,7 @@
 //! and VHDs made by QEMU read back with `vdrep::vhd`. Every test prints
 //! `SKIP:` and passes when `qemu-img` is not installed.
 
+mod skip;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
@@ -20,7 +21,7 @@ fn have_qemu() -> bool {
             .output()
             .is_ok_and(|o| o.status.success());
     if !ok {
-        println!("SKIP: qemu-img / qemu-io not installed");
+        skip::skip(&format!("SKIP: qemu-img / qemu-io not installed"));
     }
     ok
 }

@@ -7,6 +7,7 @@
 //! tracking mount) and finds the file again. Three boots (~20-40 s each).
 
 mod common;
+mod skip;
 
 use common::*;
 use std::io::{BufRead, BufReader};
@@ -75,9 +76,9 @@ fn vm_boots_from_test_failover_and_after_planned_failover() {
         return;
     }
     if !Path::new("/dev/fuse").exists() {
-        eprintln!(
+        skip::skip(&format!(
             "SKIP: vm_boots_from_test_failover_and_after_planned_failover: /dev/fuse is absent"
-        );
+        ));
         return;
     }
     std::env::set_var("VDREP_RETRY_SCALE", "0.002");

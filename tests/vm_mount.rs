@@ -15,6 +15,7 @@
 //!    byte compare), so a check boot of the disk would prove nothing more
 //!    than the identical replica's does, at the price of one more boot.
 mod common;
+mod skip;
 
 use common::*;
 use std::path::{Path, PathBuf};
@@ -24,7 +25,7 @@ fn skip(test: &str) -> bool {
         return true;
     }
     if !Path::new("/dev/fuse").exists() {
-        eprintln!("SKIP: {test}: /dev/fuse is absent");
+        skip::skip(&format!("SKIP: {test}: /dev/fuse is absent"));
         return true;
     }
     false

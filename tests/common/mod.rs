@@ -67,7 +67,7 @@ pub fn vm_skip_reason() -> Option<String> {
 pub fn skip_without_vm(test: &str) -> bool {
     match vm_skip_reason() {
         Some(why) => {
-            eprintln!("SKIP: {test}: {why}");
+            crate::skip::skip(&format!("SKIP: {test}: {why}"));
             true
         }
         None => false,

@@ -23,7 +23,7 @@ pub fn fuse_unavailable() -> Option<String> {
 macro_rules! require_fuse {
     () => {
         if let Some(why) = mountutil::fuse_unavailable() {
-            println!("SKIP: {why}");
+            crate::skip::skip(&format!("SKIP: {why}"));
             return;
         }
     };
