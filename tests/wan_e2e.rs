@@ -1,0 +1,161 @@
+//! Replication through an emulated WAN link (tests/wanlink): 100 Mbit/s,
+//! 50 ms round trip, 0.5 % random loss in each direction, between a real
+//! `vdrep mount` + `protect` and a real `vdrep receive`. The initial copy and
+//! the deltas after it converge and each replica equals its source. This is a
+//! correctness test: nothing here asserts a time (scripts/bench-wan.sh
+//! measures). Needs root and /dev/fuse (CI has both).
+
+mod mountutil;
+mod skip;
+mod wanlink;
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::Instant;
+
+use mountutil::*;
+use wanlink::{LinkParams, Relay};
+
+fn xorshift_fill(v: &mut [u8], seed: u64) {
+    let mut x = seed | 1;
+    for c in v.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let n = c.len();
+        c.copy_from_slice(&x.to_le_bytes()[..n]);
+    }
+}
+
+/// The replica of a raw disk is a fixed VHD: the disk's bytes plus a footer.
+fn assert_replica_equals(source: &Path, replica: &Path) {
+    let src = std::fs::read(source).unwrap();
+    let rep = std::fs::read(replica).unwrap();
+    assert!(rep.len() >= src.len(), "replica shorter than source");
+    let first_diff = src.iter().zip(&rep).position(|(a, b)| a != b);
+    assert!(
+        first_diff.is_none(),
+        "{} differs from {} at byte {first_diff:?}",
+        replica.display(),
+        source.display()
+    );
+}
+
+fn replica_of(store: &Path, name: &str) -> std::path::PathBuf {
+    let disks = store.join("sites/site-a/vms/vm1/disks");
+    for d in std::fs::read_dir(&disks).unwrap().flatten() {
+        let p = d.path().join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("no replica {name} under {}", disks.display());
+}
+
+#[test]
+fn replication_converges_through_a_lossy_long_link() {
+    require_fuse!();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    for d in ["ka", "kb", "vm", "store"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    let s = |p: &str| root.join(p).to_str().unwrap().to_string();
+    vdrep_ok(&["keys", "init", "--name", "site-a", "--out", &s("ka")]);
+    vdrep_ok(&["keys", "init", "--name", "site-b", "--out", &s("kb")]);
+    // Two raw disks with random content: nothing to skip or compress.
+    for (name, mib, seed) in [("a.img", 8usize, 11u64), ("b.img", 4, 12)] {
+        let mut v = vec![0u8; mib << 20];
+        xorshift_fill(&mut v, seed);
+        std::fs::write(root.join("vm").join(name), v).unwrap();
+    }
+    let rx = Receiver::spawn(
+        "127.0.0.1:0",
+        &root.join("store"),
+        &root.join("kb"),
+        &root.join("ka/site-a.crt"),
+        &[],
+        &[],
+    );
+    let link = LinkParams::symmetric(100.0, 50.0, 0.005);
+    let relay = Relay::start(
+        "127.0.0.1:0".parse().unwrap(),
+        rx.addr.parse().unwrap(),
+        link,
+        link,
+        0x5eed,
+    )
+    .unwrap();
+    let started = Instant::now();
+    let mut m = Mounted::new(&root.join("vm"), &["--keys", &s("ka")]);
+    vdrep_ok(&[
+        "protect",
+        "vm1",
+        "--to",
+        &relay.addr.to_string(),
+        "--trust",
+        &s("kb/site-b.crt"),
+        "--every",
+        "continuous",
+        &s("vm/a.img"),
+        &s("vm/b.img"),
+    ]);
+    vdrep_ok(&["sync", &s("vm"), "--timeout", "300"]);
+    println!(
+        "initial copy of 12 MiB synced after {:?}",
+        started.elapsed()
+    );
+
+    // Deltas: rounds of scattered 4 KiB writes through the mount, each
+    // followed by a sync, while continuous replication runs.
+    let fa = std::fs::OpenOptions::new()
+        .write(true)
+        .open(root.join("vm/a.img"))
+        .unwrap();
+    let fb = std::fs::OpenOptions::new()
+        .write(true)
+        .open(root.join("vm/b.img"))
+        .unwrap();
+    let mut x = 0x1234_5678u64;
+    let mut block = vec![0u8; 4096];
+    for round in 0..4u64 {
+        for i in 0..200u64 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            xorshift_fill(&mut block, x ^ (round << 32) ^ i);
+            let (f, blocks) = if i % 3 == 0 { (&fb, 1024) } else { (&fa, 2048) };
+            f.write_all_at(&block, (x >> 33) % blocks * 4096).unwrap();
+        }
+        fa.sync_all().unwrap();
+        fb.sync_all().unwrap();
+        vdrep_ok(&["sync", &s("vm"), "--timeout", "300"]);
+    }
+    println!(
+        "initial copy and 4 delta rounds synced after {:?}",
+        started.elapsed()
+    );
+    drop((fa, fb));
+    let st = m.status_json();
+    assert_eq!(st["replication"][0]["state"], "Normal", "{st}");
+    assert_replica_equals(
+        &root.join("vm/a.img"),
+        &replica_of(&root.join("store"), "a.vhd"),
+    );
+    assert_replica_equals(
+        &root.join("vm/b.img"),
+        &replica_of(&root.join("store"), "b.vhd"),
+    );
+    let fwd = &relay.fwd.stats;
+    let lost = fwd.lost_pkts.load(std::sync::atomic::Ordering::Relaxed);
+    let sent = fwd.in_pkts.load(std::sync::atomic::Ordering::Relaxed);
+    println!("{}", relay.stats_json(started.elapsed().as_secs_f64()));
+    // The link really was lossy and really carried the data (12 MiB + deltas).
+    assert!(sent > 9_000, "only {sent} packets went through the relay");
+    assert!(
+        lost > 0,
+        "the relay dropped no packet: the test did not test loss"
+    );
+    m.umount();
+    relay.stop();
+}
