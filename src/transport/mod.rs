@@ -48,6 +48,7 @@
 //! endpoint reaches IPv4 and IPv6 receivers.
 
 pub mod cli;
+pub mod congestion;
 pub mod keys;
 pub mod rate;
 pub mod trust;
@@ -128,6 +129,8 @@ pub struct Tuning {
     /// detection after early losses) and was slower. Receive buffers grow
     /// with it.
     pub max_udp_payload: u16,
+    /// Congestion controller ([`congestion::Congestion`]).
+    pub congestion: congestion::Congestion,
 }
 
 impl Default for Tuning {
@@ -141,6 +144,7 @@ impl Default for Tuning {
             idle_timeout: Duration::from_secs(30),
             max_streams: 64,
             max_udp_payload: 1472,
+            congestion: congestion::Congestion::from_env_or_default(),
         }
     }
 }
@@ -161,6 +165,7 @@ impl Tuning {
         let mut mtu = quinn::MtuDiscoveryConfig::default();
         mtu.upper_bound(self.max_udp_payload.max(1200));
         t.mtu_discovery_config(Some(mtu));
+        self.congestion.apply(&mut t);
         Ok(t)
     }
 }

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Replication over an emulated WAN (issue 14): initial copy, 1 % delta and
+# continuous RPO under churn through examples/wan_relay (delay, loss, rate
+# cap), per link and congestion controller, with PASS/MISS per target.
+#
+#   scripts/bench-wan.sh
+#   LINKS="100:50:0.005" CCS="bbr cubic" SECTIONS="initial" scripts/bench-wan.sh
+#
+# Environment (see benches/wan/bench_wan.py for all):
+#   LINKS="100:50:0 100:50:0.0005 100:50:0.005 1000:20:0.0005 10:150:0"
+#          rate_mbit:rtt_ms:loss (loss per direction, a fraction)
+#   CCS="bbr"            congestion controllers to compare (bbr cubic newreno)
+#   SECTIONS="initial delta rpo"  IDEAL_SECS=8 (initial copy size = link rate x this)
+#   RPO_SECS=30  CHURN_FRAC=0.333  DELTA_PCT=1  KEEP=1  NO_BUILD=1
+#   BENCH_ROOT=/var/tmp/vdrep-wanbench
+# Needs root (FUSE mount), fio, python3. Release build. Results in
+# bench-results/wan-<UTC>.{md,json}.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+[[ "$(id -u)" == 0 ]] || { echo "bench-wan: run as root (FUSE mount)" >&2; exit 1; }
+for t in fio python3 fusermount3; do
+    command -v "$t" >/dev/null || { echo "bench-wan: missing $t (run scripts/check-prereqs.sh)" >&2; exit 1; }
+done
+if [[ "${NO_BUILD:-0}" != 1 ]]; then
+    (cd "$REPO" && cargo build --release -q && cargo build --release -q --example wan_relay)
+fi
+exec python3 "$REPO/benches/wan/bench_wan.py"
