@@ -265,7 +265,7 @@ fn point_100_cycles_old_reads_correctly_directly_and_through_the_view() {
     }
     drop(r);
     if !fuse_usable() {
-        skip::skip(&format!("SKIP view part: needs root and /dev/fuse"));
+        skip::skip("SKIP view part: needs root and /dev/fuse");
         return;
     }
     let replica = site.replica_path(VM, &ID).unwrap();

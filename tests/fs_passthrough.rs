@@ -642,7 +642,7 @@ fn new_nodes_get_caller_owner_and_umask() {
         return;
     };
     if Command::new("setpriv").arg("--version").output().is_err() {
-        skip::skip(&format!("SKIP (part): setpriv missing"));
+        skip::skip("SKIP (part): setpriv missing");
         return;
     }
     let script = format!(

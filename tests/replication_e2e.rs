@@ -510,7 +510,7 @@ fn receiver_disk_full_is_retried_until_space_is_freed() {
         .unwrap()
         .success()
     {
-        skip::skip(&format!("SKIP: cannot mount a tmpfs"));
+        skip::skip("SKIP: cannot mount a tmpfs");
         return;
     }
     struct Unmount(PathBuf);

@@ -252,7 +252,7 @@ fn io_order_child() {
 fn flush_writes_data_before_bat() {
     use std::process::Command;
     if Command::new("strace").arg("-V").output().is_err() {
-        skip::skip(&format!("SKIP: strace not installed"));
+        skip::skip("SKIP: strace not installed");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -21,7 +21,7 @@ fn have_qemu() -> bool {
             .output()
             .is_ok_and(|o| o.status.success());
     if !ok {
-        skip::skip(&format!("SKIP: qemu-img / qemu-io not installed"));
+        skip::skip("SKIP: qemu-img / qemu-io not installed");
     }
     ok
 }

@@ -76,9 +76,9 @@ fn vm_boots_from_test_failover_and_after_planned_failover() {
         return;
     }
     if !Path::new("/dev/fuse").exists() {
-        skip::skip(&format!(
-            "SKIP: vm_boots_from_test_failover_and_after_planned_failover: /dev/fuse is absent"
-        ));
+        skip::skip(
+            "SKIP: vm_boots_from_test_failover_and_after_planned_failover: /dev/fuse is absent",
+        );
         return;
     }
     std::env::set_var("VDREP_RETRY_SCALE", "0.002");

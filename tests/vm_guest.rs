@@ -79,9 +79,7 @@ fn fuse_mountpoint_detection() {
         .map(|s| s.success())
         .unwrap_or(false);
     if !mounted {
-        skip::skip(&format!(
-            "SKIP: fuse_mountpoint_detection positive case: bindfs mount failed"
-        ));
+        skip::skip("SKIP: fuse_mountpoint_detection positive case: bindfs mount failed");
         return;
     }
     let seen = is_fuse_mountpoint(dir.path());
