@@ -3,8 +3,9 @@
 use super::crash_point;
 use super::error::{hrl_err, io_err, Ctx, StoreError};
 use super::names::{check_inside, ensure_dir, validate_name};
-use super::target::{open_target, vhd_timestamp_now, ReplicaFormat, ReplicaTarget, VHD_FOOTER_LEN};
+use super::target::{open_target, ReplicaFormat, ReplicaTarget, VHD_FOOTER_LEN};
 use super::undo::{self, PointReader, ReaderShared, UndoLayer};
+use crate::vhd::footer::vhd_timestamp_now;
 
 mod roles;
 use crate::hrl::format::{self, ParseError};
