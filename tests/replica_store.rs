@@ -87,7 +87,7 @@ fn both() -> [DirHarness; 2] {
 }
 
 #[test]
-fn suite_chain_resend_out_of_order_and_identity() {
+fn chain_resend_out_of_order_and_identity() {
     for h in both() {
         let disk = store_suite::chain_resend_out_of_order_and_identity(&h);
         let logs = tempfile::tempdir().unwrap();
@@ -102,26 +102,26 @@ fn suite_chain_resend_out_of_order_and_identity() {
 }
 
 #[test]
-fn suite_points_need_every_disk_and_age_retention() {
+fn points_need_every_disk_and_age_retention() {
     for h in both() {
         store_suite::points_need_every_disk_and_age_retention(&h);
     }
 }
 
 #[test]
-fn suite_block_hashes_match_the_replica_and_applies() {
+fn block_hashes_match_the_replica_holes_and_applies() {
     for h in both() {
         store_suite::block_hashes_match_the_replica_and_applies(&h);
     }
 }
 
 #[test]
-fn suite_crash_between_operations() {
+fn crash_between_operations() {
     store_suite::crash_between_operations(&|| Box::new(DirHarness::new(false)));
 }
 
 #[test]
-fn suite_transient_faults_converge() {
+fn transient_faults_converge() {
     for seed in [1, 2, 3, 0xdead_beef] {
         store_suite::transient_faults_converge(&DirHarness::new(false), seed);
     }
@@ -130,7 +130,7 @@ fn suite_transient_faults_converge() {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
     #[test]
-    fn suite_every_point_reads_back(blocks in 4u64..24, steps in proptest::collection::vec(store_suite::step_strategy(), 1..10), keep in 1usize..6, thin in 1u64..4, wrap in any::<bool>()) {
+    fn every_point_reads_back(blocks in 4u64..24, steps in proptest::collection::vec(store_suite::step_strategy(), 1..10), keep in 1usize..6, thin in 1u64..4, wrap in any::<bool>()) {
         store_suite::every_point_reads_back(&DirHarness::new(wrap), blocks, &steps, keep, thin)?;
     }
 }

@@ -1,6 +1,6 @@
 //! Failure injection for replica stores: [`FailStore`] wraps any
 //! [`ReplicaStore`] and fails chosen operations (mountpoint-s3's
-//! `FailureClient` model), and [`crash_point`] is the one hook for crash
+//! `FailureClient` model), and `crash_point` is the one hook for crash
 //! steps that lie *inside* a single store operation.
 //!
 //! # Two kinds of crash step (`VDREP_CRASH_AT=<step>`)
@@ -11,7 +11,7 @@
 //!   first such call aborts the process. The receiver wraps its store this
 //!   way; the store itself knows nothing of it.
 //! - **Inside one operation** (between two fsyncs of one apply, …): the
-//!   store calls [`crash_point`] at each step; it aborts the process when
+//!   store calls `crash_point` at each step; it aborts the process when
 //!   `VDREP_CRASH_AT` names that step. Steps: `log-tmp-synced`,
 //!   `log-renamed` (store_log); `undo-written`, `state-applying`,
 //!   `replica-half`, `replica-synced`, `state-applied` (apply);
@@ -44,8 +44,7 @@ pub const CRASH_AT_ENV: &str = "VDREP_CRASH_AT";
 
 /// The hook for crash steps inside one store operation (see the module
 /// documentation): aborts the process if `VDREP_CRASH_AT` equals `step`.
-#[doc(hidden)]
-pub fn crash_point(step: &str) {
+pub(crate) fn crash_point(step: &str) {
     static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let at = AT.get_or_init(|| std::env::var(CRASH_AT_ENV).ok());
     if at.as_deref() == Some(step) {

@@ -64,7 +64,7 @@
 //! so a crash mid-prune leaves only redundant records (removed next time).
 //!
 //! Crash tests kill the process at each step (`VDREP_CRASH_AT=<step>`:
-//! [`crash_point`] inside an operation, [`FailStore::from_env`] between
+//! `fault::crash_point` inside an operation, [`FailStore::from_env`] between
 //! operations); they test process crashes (kill -9), whose
 //! written data the kernel keeps; the fsyncs are what extends the argument
 //! to power loss.
@@ -91,7 +91,7 @@ mod undo;
 
 pub use api::{DigestCache, DiskRef, PointRead, ReplicaStore};
 pub use error::{Ctx, StoreError};
-pub use fault::{crash_point, FailStore, Fault, Injected, Op, Rule, Trigger, When, CRASH_AT_ENV};
+pub use fault::{FailStore, Fault, Injected, Op, Rule, Trigger, When, CRASH_AT_ENV};
 pub use names::{validate_name, MAX_NAME_LEN};
 pub(crate) use store::parse_hex_id;
 pub use store::{

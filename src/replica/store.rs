@@ -1470,7 +1470,7 @@ impl Site<'_> {
 
     /// Mark the replica of a disk as untrusted (`Some(reason)`) or trusted
     /// again (`None`). While marked, the receiver tells the sender so in
-    /// `ReplicaState` and accepts only a resync's log (see
+    /// the wire's `DiskState` and accepts only a resync's log (see
     /// [`Site::resync_prepared`]). For adopted replicas after an unplanned
     /// failover, damaged or out-of-order logs, or by hand.
     pub fn set_needs_resync(
