@@ -121,6 +121,13 @@ fn crash_between_operations() {
 }
 
 #[test]
+fn random_crashes_converge() {
+    for seed in 1..=12 {
+        store_suite::random_crashes_converge(&DirHarness::new(false), seed);
+    }
+}
+
+#[test]
 fn transient_faults_converge() {
     for seed in [1, 2, 3, 0xdead_beef] {
         store_suite::transient_faults_converge(&DirHarness::new(false), seed);

@@ -53,6 +53,15 @@ pub(crate) fn crash_point(step: &str) {
     }
 }
 
+/// Spread a seed over the generator's state (neighbouring seeds give
+/// unrelated sequences).
+fn splitmix64(seed: u64) -> u64 {
+    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// A [`ReplicaStore`] operation, as failure rules name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
@@ -199,7 +208,7 @@ impl FailStore {
             state: Mutex::new(State {
                 inner: Some(inner),
                 calls: vec![0; Op::ALL.len()],
-                rng: seed | 1,
+                rng: splitmix64(seed) | 1,
                 injected: Vec::new(),
             }),
         }

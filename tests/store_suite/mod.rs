@@ -8,7 +8,8 @@
 //! Suites: the consistency model of a chain of logs (resends, refusals,
 //! every point), recovery points over several disks with age retention,
 //! the point/thinning/prune property, block digests for resync, crashes
-//! between the operations of a delta, and seeded transient faults.
+//! between the operations of a delta (each step, and seeded schedules),
+//! and seeded transient faults.
 #![allow(dead_code)]
 
 use proptest::prelude::*;
@@ -868,4 +869,127 @@ pub fn transient_faults_converge(h: &dyn Harness, seed: u64) {
             "seed {seed}: point {c}"
         );
     }
+}
+
+/// One delta as the receiver runs it: store the log (then it may be
+/// acknowledged durable: `durable` is raised), apply it, commit the point.
+fn deliver(
+    store: &dyn ReplicaStore,
+    log: &Path,
+    cycle: u64,
+    durable: &mut u64,
+) -> Result<(), StoreError> {
+    store.store_log(DISK, &mut std::fs::File::open(log).unwrap())?;
+    *durable = (*durable).max(cycle);
+    store.apply(DISK, cycle)?;
+    let p = store.commit_point(SITE, VM, cycle, &[ID], Consistency::Crash)?;
+    assert_eq!(p.map(|p| p.cycle), Some(cycle), "all disks reached {cycle}");
+    Ok(())
+}
+
+/// Seeded crashes anywhere between the operations of a run of deltas: after
+/// each crash the store is reopened and recovered, no log acknowledged
+/// durable is lost, the replica is exactly the model of its cycle, and the
+/// sender (resending from the first cycle not committed) converges; every
+/// point reads back at the end.
+pub fn random_crashes_converge(h: &dyn Harness, seed: u64) {
+    const LAST: u64 = 8;
+    let logs = tempfile::tempdir().unwrap();
+    let mut rng = Rng(seed | 1);
+    let mut disk = vec![0u8; 256 << 10];
+    rng.fill(&mut disk[..100 << 10]);
+    {
+        let store = h.open();
+        initial(store.as_ref(), &disk, 1);
+        store
+            .commit_point(SITE, VM, 1, &[ID], Consistency::Crash)
+            .unwrap()
+            .unwrap();
+    }
+    let mut models = vec![disk.clone()];
+    for cycle in 2..=LAST {
+        let old = disk.len() as u64;
+        let dirty = random_writes(&mut rng, &mut disk, 12);
+        make_log(
+            &log_path(logs.path(), cycle),
+            ID,
+            cycle - 1,
+            cycle,
+            old,
+            &disk,
+            &dirty,
+        );
+        models.push(disk.clone());
+    }
+    let model = |c: u64| &models[c as usize - 1];
+    let rules: Vec<Rule> = [Op::StoreLog, Op::Apply, Op::CommitPoint]
+        .into_iter()
+        .flat_map(|op| {
+            [When::Before, When::After].map(|when| Rule {
+                op,
+                when,
+                trigger: Trigger::PerMillion(150_000),
+                fault: Fault::Crash,
+            })
+        })
+        .collect();
+    let mut durable = 1u64;
+    let mut crashes = 0u64;
+    let mut next = 2u64;
+    let mut seeds = Rng(seed ^ 0x5eed_5eed);
+    let mut fs = FailStore::new(h.open(), rules.clone(), seeds.next());
+    for _ in 0..500 {
+        if next > LAST {
+            break;
+        }
+        match deliver(&fs, &log_path(logs.path(), next), next, &mut durable) {
+            Ok(()) => {
+                assert!(
+                    read_point(&fs, DISK, next) == *model(next),
+                    "seed {seed}: point {next}"
+                );
+                next += 1;
+            }
+            Err(StoreError::Injected { crashed: true, .. }) => {
+                crashes += 1;
+                drop(fs);
+                let what = format!("seed {seed}, crash {crashes} delivering {next}");
+                let store = reopen(h, &what);
+                let at = store.replica_state(DISK).unwrap().cycle.unwrap_or(0);
+                assert!(
+                    at >= durable,
+                    "{what}: log {durable} was acknowledged durable, replica at {at}"
+                );
+                assert!(at <= next, "{what}: replica at {at}");
+                assert!(
+                    read_current(store.as_ref(), DISK) == *model(at),
+                    "{what}: replica at {at} differs from its model"
+                );
+                drop(store);
+                fs = FailStore::new(h.open(), rules.clone(), seeds.next());
+            }
+            Err(e) => panic!("seed {seed}: cycle {next}: {e}"),
+        }
+    }
+    assert_eq!(next, LAST + 1, "seed {seed}: did not converge");
+    drop(fs);
+    let store = reopen(h, "the end");
+    for c in 1..=LAST {
+        assert!(
+            read_point(store.as_ref(), DISK, c) == *model(c),
+            "seed {seed}: point {c}"
+        );
+    }
+    if let Some(n) = h.history_records(DISK) {
+        assert_eq!(
+            n as u64,
+            LAST - 1,
+            "seed {seed}: one history record per later point"
+        );
+    }
+    assert!(
+        crashes > 0,
+        "seed {seed}: no crash injected: the test proved nothing"
+    );
+    println!("seed {seed}: converged through {crashes} crash(es)");
 }
