@@ -100,7 +100,7 @@ pub use store::{
     INITIAL_SYNC_EVERY,
 };
 pub use target::{
-    open_target, vhd_fixed_footer, vhd_geometry, FixedVhd, MappedRange, RawFile, ReplicaFormat,
-    ReplicaTarget, VHD_FOOTER_LEN,
+    open_target, vhd_fixed_footer, FixedVhd, MappedRange, RawFile, ReplicaFormat, ReplicaTarget,
+    VHD_FOOTER_LEN,
 };
 pub use undo::PointReader;

@@ -319,12 +319,6 @@ impl ReplicaTarget for FixedVhd {
     }
 }
 
-/// The spec's CHS geometry for `size` bytes: (cylinders, heads, sectors/track).
-pub fn vhd_geometry(size: u64) -> (u16, u8, u8) {
-    let g = crate::vhd::footer::Geometry::for_size(size);
-    (g.cylinders, g.heads, g.sectors_per_track)
-}
-
 /// A fixed-disk VHD footer for a disk of `size` bytes, from [`crate::vhd`]
 /// (creator `qem2`: QEMU sizes the disk by its exact current size).
 pub fn vhd_fixed_footer(size: u64, timestamp: u32, unique_id: [u8; 16]) -> [u8; 512] {
@@ -397,8 +391,12 @@ mod tests {
             .fold(0u32, |a, (_, &x)| a.wrapping_add(u32::from(x)));
         assert_eq!(u32::from_be_bytes([f[64], f[65], f[66], f[67]]), !sum);
         // 10 MiB: 20480 sectors -> spt 17, heads 4, cyl 301 (spec algorithm).
-        assert_eq!(vhd_geometry(10 << 20), (301, 4, 17));
-        assert_eq!(vhd_geometry(u64::MAX / 2), (65535, 16, 255));
+        let chs = |size| {
+            let g = crate::vhd::footer::Geometry::for_size(size);
+            (g.cylinders, g.heads, g.sectors_per_track)
+        };
+        assert_eq!(chs(10 << 20), (301, 4, 17));
+        assert_eq!(chs(u64::MAX / 2), (65535, 16, 255));
     }
 
     #[test]

@@ -761,15 +761,8 @@ pub fn crash_between_operations(fresh: &dyn Fn() -> Box<dyn Harness>) {
             };
             let fs = FailStore::new(h.open(), vec![rule], 0);
             // What the receiver does for one delta, until the crash.
-            let mut durable = false;
-            let mut run = || -> Result<(), StoreError> {
-                fs.store_log(DISK, &mut std::fs::File::open(&log).unwrap())?;
-                durable = true;
-                fs.apply(DISK, 2)?;
-                fs.commit_point(SITE, VM, 2, &[ID], Consistency::Crash)?;
-                Ok(())
-            };
-            let r = run();
+            let mut durable = 1;
+            let r = deliver(&fs, &log, 2, &mut durable);
             assert!(
                 matches!(r, Err(StoreError::Injected { crashed: true, .. })),
                 "{what}: {r:?}"
@@ -784,7 +777,8 @@ pub fn crash_between_operations(fresh: &dyn Fn() -> Box<dyn Harness>) {
             );
             drop(fs);
             let store = reopen(h.as_ref(), &what);
-            check_after_crash(h.as_ref(), store.as_ref(), &log, &m1, &m2, durable, &what);
+            let acked = durable == 2;
+            check_after_crash(h.as_ref(), store.as_ref(), &log, &m1, &m2, acked, &what);
         }
     }
 }
