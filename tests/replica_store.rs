@@ -1,106 +1,145 @@
-//! Replica store: chains of logs against a reference model, resends,
-//! refusals, path escapes, recovery points (property test, prune), crash
-//! injection at every step of an apply (child processes killed), random
-//! kill -9, and a full receiver disk (tmpfs).
+//! Replica store: the store suite (`tests/store_suite/`: chains of logs
+//! against a reference model, points and retention, digests, crashes
+//! between operations, transient faults) run for the directory store, bare
+//! and wrapped in a pass-through `FailStore`; then what only the directory
+//! store has: path escapes, `qemu-img` on the replica, crash injection at
+//! every step of an apply (child processes killed), random kill -9, a full
+//! receiver disk (tmpfs), a crash mid-merge of history.
 
 mod skip;
+mod store_suite;
 use proptest::prelude::*;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use vdrep::hrl::{HrlHeader, HrlWriter};
+use std::sync::Arc;
+use store_suite::{
+    check_after_crash, crash_fixture, info, initial, make_log, random_writes, reopen, Harness, Rng,
+    BS, DISK, ID, SITE, VM,
+};
 use vdrep::replica::{
-    ApplyOutcome, Consistency, DiskInfo, InitialData, RetentionPolicy, Store, StoreError,
+    Consistency, DiskRef, FailStore, InitialData, ReplicaStore, RetentionPolicy, Store, StoreError,
     StoreOutcome,
 };
 
-const BS: u64 = 4096;
-const ID: [u8; 16] = [0x42; 16];
-const VM: &str = "vm1";
-const SITE: &str = "siteA";
+/// The directory store rooted at `root`; `wrap` puts it in a pass-through
+/// [`FailStore`] (no rules), which must change nothing.
+struct DirHarness {
+    root: PathBuf,
+    wrap: bool,
+    _dir: Option<tempfile::TempDir>,
+}
 
-/// Tiny deterministic PRNG (xorshift64*).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn fill(&mut self, b: &mut [u8]) {
-        for c in b.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
+impl DirHarness {
+    fn new(wrap: bool) -> DirHarness {
+        let dir = tempfile::tempdir().unwrap();
+        DirHarness {
+            root: dir.path().join("store"),
+            wrap,
+            _dir: Some(dir),
         }
     }
-}
-
-/// Write a log taking `old` (at `base`) to `new` (at `cycle`), containing
-/// the blocks in `dirty` (block indices) plus everything needed for size changes.
-fn make_log(
-    path: &Path,
-    id: [u8; 16],
-    base: u64,
-    cycle: u64,
-    old_size: u64,
-    new: &[u8],
-    dirty: &BTreeSet<u64>,
-) {
-    let h = HrlHeader {
-        disk_id: id,
-        disk_name: "disk0.img".into(),
-        cycle,
-        base_cycle: base,
-        block_size: BS as u32,
-        base_size: old_size,
-        disk_size: new.len() as u64,
-        cut_unix_ns: 1_700_000_000_000_000_000 + cycle * 1_000_000_000,
-        app_consistent: false,
-    };
-    let mut w = HrlWriter::create(path, &h).unwrap();
-    for &b in dirty {
-        let s = b * BS;
-        if s >= new.len() as u64 {
-            continue;
+    fn at(root: &Path) -> DirHarness {
+        DirHarness {
+            root: root.to_path_buf(),
+            wrap: false,
+            _dir: None,
         }
-        let e = (s + BS).min(new.len() as u64);
-        w.append(s, &new[s as usize..e as usize]).unwrap();
     }
-    w.finish().unwrap();
-}
-
-fn info(size: u64) -> DiskInfo {
-    DiskInfo {
-        disk_id: ID,
-        name: "disk0.img".into(),
-        size,
-        block_size: BS as u32,
-        cycle: 1,
+    fn disk_dir(&self, d: DiskRef<'_>) -> PathBuf {
+        let hex: String = d.disk_id.iter().map(|b| format!("{b:02x}")).collect();
+        self.root
+            .join("sites")
+            .join(d.site)
+            .join("vms")
+            .join(d.vm)
+            .join("disks")
+            .join(hex)
     }
 }
 
-/// Initial copy of `data` as cycle `cycle`.
-fn initial(store: &Store, data: &[u8], cycle: u64) {
-    let site = store.site(SITE).unwrap();
-    let mut i = info(data.len() as u64);
-    i.cycle = cycle;
-    let st = site.begin_initial(VM, &i).unwrap();
-    assert_eq!(st.resume_offset, 0);
-    for (i, c) in data.chunks(64 << 10).enumerate() {
-        let off = (i * (64 << 10)) as u64;
-        if c.iter().all(|&b| b == 0) {
-            site.write_initial(VM, &ID, off, InitialData::Zeroes(c.len() as u64))
-                .unwrap();
+impl Harness for DirHarness {
+    fn open(&self) -> Arc<dyn ReplicaStore> {
+        let s: Arc<dyn ReplicaStore> = Arc::new(Store::open(&self.root).unwrap());
+        if self.wrap {
+            Arc::new(FailStore::new(s, Vec::new(), 1))
         } else {
-            site.write_initial(VM, &ID, off, InitialData::Data(c))
-                .unwrap();
+            s
         }
     }
-    site.finish_initial(VM, &ID, cycle, 0).unwrap();
+    fn replica_file(&self, d: DiskRef<'_>) -> Option<PathBuf> {
+        let dir = self.disk_dir(d);
+        let st: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("state.json")).ok()?).ok()?;
+        Some(dir.join(st["replica_file"].as_str()?))
+    }
+    fn history_records(&self, d: DiskRef<'_>) -> Option<usize> {
+        Some(
+            std::fs::read_dir(self.disk_dir(d).join("undo"))
+                .ok()?
+                .count(),
+        )
+    }
+}
+
+fn both() -> [DirHarness; 2] {
+    [DirHarness::new(false), DirHarness::new(true)]
+}
+
+#[test]
+fn chain_resend_out_of_order_and_identity() {
+    for h in both() {
+        let disk = store_suite::chain_resend_out_of_order_and_identity(&h);
+        let logs = tempfile::tempdir().unwrap();
+        qemu_compare(&disk, &h.replica_file(DISK).unwrap(), logs.path());
+        let _held = h.open();
+        // A second process cannot open the same store.
+        assert!(matches!(
+            Store::open(&h.root),
+            Err(StoreError::Locked { .. })
+        ));
+    }
+}
+
+#[test]
+fn points_need_every_disk_and_age_retention() {
+    for h in both() {
+        store_suite::points_need_every_disk_and_age_retention(&h);
+    }
+}
+
+#[test]
+fn block_hashes_match_the_replica_holes_and_applies() {
+    for h in both() {
+        store_suite::block_hashes_match_the_replica_and_applies(&h);
+    }
+}
+
+#[test]
+fn crash_between_operations() {
+    store_suite::crash_between_operations(&|| Box::new(DirHarness::new(false)));
+}
+
+#[test]
+fn random_crashes_converge() {
+    for seed in 1..=12 {
+        store_suite::random_crashes_converge(&DirHarness::new(false), seed);
+    }
+}
+
+#[test]
+fn transient_faults_converge() {
+    for seed in [1, 2, 3, 0xdead_beef] {
+        store_suite::transient_faults_converge(&DirHarness::new(false), seed);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+    #[test]
+    fn every_point_reads_back(blocks in 4u64..24, steps in proptest::collection::vec(store_suite::step_strategy(), 1..10), keep in 1usize..6, thin in 1u64..4, wrap in any::<bool>()) {
+        store_suite::every_point_reads_back(&DirHarness::new(wrap), blocks, &steps, keep, thin)?;
+    }
 }
 
 fn read_replica(store: &Store) -> Vec<u8> {
@@ -150,157 +189,6 @@ fn qemu_compare(model: &[u8], replica: &Path, tmp: &Path) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn random_writes(rng: &mut Rng, disk: &mut [u8], n: usize) -> BTreeSet<u64> {
-    let blocks = disk.len() as u64 / BS;
-    let mut dirty = BTreeSet::new();
-    for _ in 0..n {
-        let b = rng.below(blocks);
-        let s = (b * BS) as usize;
-        match rng.below(4) {
-            0 => disk[s..s + BS as usize].fill(0),
-            1 => disk[s..s + BS as usize].fill(rng.below(256) as u8),
-            _ => rng.fill(&mut disk[s..s + BS as usize]),
-        }
-        dirty.insert(b);
-    }
-    dirty
-}
-
-#[test]
-fn chain_resend_out_of_order_and_identity() {
-    let dir = tempfile::tempdir().unwrap();
-    let logs = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("store")).unwrap();
-    let mut rng = Rng(7);
-    let mut disk = vec![0u8; 1 << 20];
-    rng.fill(&mut disk[..300_000]);
-    initial(&store, &disk, 1);
-    assert_eq!(read_replica(&store), disk);
-    let site = store.site(SITE).unwrap();
-    let mut models = vec![(1u64, disk.clone())];
-    for cycle in 2..=8u64 {
-        let old = disk.len() as u64;
-        let mut dirty = random_writes(&mut rng, &mut disk, 40);
-        if cycle == 5 {
-            disk.resize(3 << 19, 0); // grow
-            dirty.insert(disk.len() as u64 / BS - 1);
-            rng.fill(&mut disk[(3 << 19) - 4096..]);
-        }
-        if cycle == 7 {
-            disk.truncate(900 * 1024); // shrink
-        }
-        let lp = logs.path().join(format!("{cycle}.hrl"));
-        make_log(&lp, ID, cycle - 1, cycle, old, &disk, &dirty);
-        let out = site
-            .store_log(VM, &ID, std::fs::File::open(&lp).unwrap())
-            .unwrap();
-        assert!(
-            matches!(out, StoreOutcome::Stored { cycle: c, .. } if c == cycle),
-            "{out:?}"
-        );
-        // Same log again before apply: already durable.
-        let out = site
-            .store_log(VM, &ID, std::fs::File::open(&lp).unwrap())
-            .unwrap();
-        assert_eq!(out, StoreOutcome::AlreadyStored { cycle });
-        let out = site.apply(VM, &ID, cycle).unwrap();
-        assert!(matches!(out, ApplyOutcome::Applied { cycle: c, .. } if c == cycle));
-        assert_eq!(read_replica(&store), disk, "cycle {cycle}");
-        site.commit_point(VM, cycle, &[ID], Consistency::Crash)
-            .unwrap()
-            .unwrap();
-        models.push((cycle, disk.clone()));
-        // Resend of an applied log: acknowledged, nothing written.
-        let out = site
-            .store_log(VM, &ID, std::fs::File::open(&lp).unwrap())
-            .unwrap();
-        assert_eq!(
-            out,
-            StoreOutcome::AlreadyApplied {
-                cycle,
-                replica_cycle: cycle
-            }
-        );
-        assert_eq!(
-            site.apply(VM, &ID, cycle).unwrap(),
-            ApplyOutcome::AlreadyApplied {
-                cycle,
-                replica_cycle: cycle
-            }
-        );
-        assert_eq!(read_replica(&store), disk);
-    }
-    // Out of order: a log from base 10 to 11 while the replica is at 8.
-    let lp = logs.path().join("gap.hrl");
-    let mut d2 = disk.clone();
-    let dirty = random_writes(&mut rng, &mut d2, 3);
-    make_log(&lp, ID, 10, 11, disk.len() as u64, &d2, &dirty);
-    site.store_log(VM, &ID, std::fs::File::open(&lp).unwrap())
-        .unwrap();
-    let e = site.apply(VM, &ID, 11).unwrap_err();
-    assert!(matches!(e, StoreError::OutOfOrder { .. }), "{e}");
-    assert!(!e.retryable());
-    assert!(
-        e.to_string().contains("cycle 11") && e.to_string().contains("vm1"),
-        "{e}"
-    );
-    // Diverged chain: base 6 < replica 8 < cycle 9.
-    let lp = logs.path().join("div.hrl");
-    make_log(&lp, ID, 6, 9, disk.len() as u64, &d2, &dirty);
-    let e = site
-        .store_log(VM, &ID, std::fs::File::open(&lp).unwrap())
-        .unwrap_err();
-    assert!(
-        matches!(e, StoreError::OutOfOrder { .. }) && !e.retryable(),
-        "{e}"
-    );
-    // Wrong identity: log of another disk.
-    let lp = logs.path().join("other.hrl");
-    make_log(&lp, [9; 16], 8, 9, disk.len() as u64, &d2, &dirty);
-    let e = site
-        .store_log(VM, &ID, std::fs::File::open(&lp).unwrap())
-        .unwrap_err();
-    assert!(
-        matches!(e, StoreError::IdentityMismatch { .. }) && !e.retryable(),
-        "{e}"
-    );
-    // Damaged log.
-    make_log(&lp, ID, 8, 9, disk.len() as u64, &d2, &dirty);
-    let mut bytes = std::fs::read(&lp).unwrap();
-    let n = bytes.len();
-    bytes[n / 2] ^= 1;
-    let e = site.store_log(VM, &ID, &bytes[..]).unwrap_err();
-    assert!(matches!(e, StoreError::CorruptLog { .. }), "{e}");
-    // Unknown disk.
-    let e = site.apply(VM, &[1; 16], 2).unwrap_err();
-    assert!(matches!(e, StoreError::NotReady { .. }), "{e}");
-    assert_eq!(read_replica(&store), disk);
-    // Renamed disk under the same id.
-    let mut i = info(disk.len() as u64);
-    i.name = "other.img".into();
-    assert!(matches!(
-        site.begin_initial(VM, &i),
-        Err(StoreError::IdentityMismatch { .. })
-    ));
-    // Every point reads back.
-    for (c, m) in &models[1..] {
-        let r = site.read_point(VM, &ID, *c).unwrap();
-        assert_eq!(r.len(), m.len() as u64);
-        let mut buf = vec![0u8; m.len()];
-        r.read_at(&mut buf, 0).unwrap();
-        assert!(buf == *m, "point {c}");
-    }
-    qemu_compare(&disk, &site.replica_path(VM, &ID).unwrap(), logs.path());
-    let pts = site.points(VM).unwrap();
-    assert_eq!(pts.len(), 7);
-    assert!(pts[..6].iter().all(|p| p.bytes > 0) && pts[6].bytes == 0);
-    // A second process cannot open the same store.
-    assert!(matches!(
-        Store::open(&dir.path().join("store")),
-        Err(StoreError::Locked { .. })
-    ));
 }
 
 fn tree(dir: &Path) -> Vec<(PathBuf, u64)> {
@@ -381,134 +269,6 @@ fn path_escapes_are_refused() {
     assert_eq!(before, tree(dir.path()));
 }
 
-/// One step of the property test: writes (block, kind) then optional resize.
-#[derive(Debug, Clone)]
-struct Step {
-    writes: Vec<(u64, u8)>,
-    resize: Option<u64>,
-    /// Commit the point as application-consistent.
-    app: bool,
-}
-
-fn step_strategy() -> impl Strategy<Value = Step> {
-    (
-        proptest::collection::vec((0u64..24, any::<u8>()), 0..12),
-        proptest::option::weighted(0.2, 4u64..24),
-        proptest::bool::weighted(0.3),
-    )
-        .prop_map(|(writes, resize, app)| Step {
-            writes,
-            resize,
-            app,
-        })
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
-    #[test]
-    fn every_point_reads_back(blocks in 4u64..24, steps in proptest::collection::vec(step_strategy(), 1..10), keep in 1usize..6, thin in 1u64..4) {
-        let dir = tempfile::tempdir().unwrap();
-        let logs = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s")).unwrap();
-        let mut disk = vec![0u8; (blocks * BS) as usize];
-        for (i, b) in disk.iter_mut().enumerate() { *b = (i / 512) as u8 | 1; }
-        initial(&store, &disk, 10);
-        let site = store.site(SITE).unwrap();
-        site.commit_point(VM, 10, &[ID], Consistency::Crash).unwrap().unwrap();
-        let mut models = vec![(10u64, disk.clone())];
-        let mut rng = Rng(99);
-        for (k, s) in steps.iter().enumerate() {
-            let cycle = 11 + k as u64;
-            let old = disk.len() as u64;
-            let mut dirty = BTreeSet::new();
-            if let Some(nb) = s.resize { disk.resize((nb * BS) as usize, 0); }
-            let nblocks = disk.len() as u64 / BS;
-            for &(b, kind) in &s.writes {
-                let b = b % nblocks;
-                let r = (b * BS) as usize..((b + 1) * BS) as usize;
-                match kind % 3 { 0 => disk[r].fill(0), 1 => disk[r].fill(kind), _ => rng.fill(&mut disk[r]) }
-                dirty.insert(b);
-            }
-            let lp = logs.path().join(format!("{cycle}.hrl"));
-            make_log(&lp, ID, cycle - 1, cycle, old, &disk, &dirty);
-            site.store_log(VM, &ID, std::fs::File::open(&lp).unwrap()).unwrap();
-            site.apply(VM, &ID, cycle).unwrap();
-            let c = if s.app { Consistency::App } else { Consistency::Crash };
-            site.commit_point(VM, cycle, &[ID], c).unwrap().unwrap();
-            models.push((cycle, disk.clone()));
-        }
-        let check = |models: &[(u64, Vec<u8>)]| {
-            for (c, m) in models {
-                let r = site.read_point(VM, &ID, *c).unwrap();
-                prop_assert_eq!(r.len(), m.len() as u64);
-                let mut buf = vec![0xeeu8; m.len() + 100];
-                r.read_at(&mut buf, 0).unwrap();
-                prop_assert!(buf[..m.len()] == m[..], "point {}", c);
-                prop_assert!(buf[m.len()..].iter().all(|&b| b == 0));
-                // unaligned small reads
-                let mut small = [0u8; 777];
-                let off = (m.len() / 3) as u64;
-                r.read_at(&mut small, off).unwrap();
-                let end = (off as usize + 777).min(m.len());
-                prop_assert!(small[..end - off as usize] == m[off as usize..end]);
-            }
-            Ok(())
-        };
-        check(&models)?;
-        prop_assert_eq!(read_replica(&store), disk.clone());
-        let undo = site.replica_path(VM, &ID).unwrap().parent().unwrap().join("undo");
-        // Thin out: of all points (older than 0 s), keep the newest of each
-        // `thin`-second interval; undo records are merged across the others.
-        let thin_policy = RetentionPolicy {
-            thin_after: Some(std::time::Duration::ZERO),
-            thin_every: Some(std::time::Duration::from_secs(thin)),
-            ..Default::default()
-        };
-        let before = site.points(VM).unwrap();
-        let rep = site.prune(VM, &thin_policy).unwrap();
-        let models: Vec<(u64, Vec<u8>)> = models
-            .into_iter()
-            .filter(|(c, _)| !rep.dropped_points.contains(c))
-            .collect();
-        // One point per interval: the newest app-consistent one if the
-        // interval has one, else the newest (plus the newest point overall).
-        let kept: Vec<u64> = site.points(VM).unwrap().iter().map(|p| p.cycle).collect();
-        let slot = |p: &vdrep::replica::Point| p.time_unix_ns / (thin * 1_000_000_000);
-        let newest = before.last().unwrap().cycle;
-        for s in before.iter().map(slot).collect::<BTreeSet<_>>() {
-            let group: Vec<_> = before.iter().filter(|p| slot(p) == s).collect();
-            let want = group
-                .iter()
-                .rev()
-                .find(|p| p.consistency == Consistency::App)
-                .or(group.last())
-                .unwrap()
-                .cycle;
-            let k: Vec<u64> = group.iter().map(|p| p.cycle).filter(|c| kept.contains(c)).collect();
-            prop_assert!(k.contains(&want), "interval {}: kept {:?}, want {}", s, k, want);
-            prop_assert!(k.len() == 1 || k.len() == 2 && k.contains(&newest), "interval {}: kept {:?}", s, k);
-        }
-        // Every dropped point above the oldest kept one was merged over.
-        let oldest_kept = kept[0];
-        prop_assert_eq!(rep.merged as usize, rep.dropped_points.iter().filter(|&&c| c > oldest_kept).count());
-        check(&models)?;
-        prop_assert_eq!(std::fs::read_dir(&undo).unwrap().count(), models.len() - 1);
-        let rep = site.prune(VM, &RetentionPolicy { keep_last: Some(keep), ..Default::default() }).unwrap();
-        let kept = models.len().min(keep);
-        prop_assert_eq!(rep.dropped_points.len(), models.len() - kept);
-        let (gone, left) = models.split_at(models.len() - kept);
-        for (c, _) in gone {
-            let gone_ok = matches!(site.read_point(VM, &ID, *c), Err(StoreError::NoSuchPoint { .. }));
-            prop_assert!(gone_ok, "point {} should be gone", c);
-        }
-        check(left)?;
-        prop_assert_eq!(site.points(VM).unwrap().len(), kept);
-        // Only the undo records the kept points need remain.
-        prop_assert_eq!(std::fs::read_dir(&undo).unwrap().count(), kept - 1);
-        prop_assert_eq!(read_replica(&store), disk);
-    }
-}
-
 // ---------------------------------------------------------------------
 // Crash tests: the apply runs in a child process (this test binary re-run
 // with VDREP_TEST_CHILD set) that dies at an injected step or is killed.
@@ -521,7 +281,10 @@ const STEPS: &[&str] = &[
     "replica-half",
     "replica-synced",
     "state-applied",
-    "log-removed",
+    // Between operations: through the FailStore wrapper.
+    "after-store-log",
+    "before-apply",
+    "after-apply",
 ];
 
 /// Child entry point: store the log and apply it, printing what was
@@ -535,13 +298,25 @@ fn child_store_and_apply() {
     let root = PathBuf::from(it.next().unwrap());
     let log = PathBuf::from(it.next().unwrap());
     let cycle: u64 = it.next().unwrap().parse().unwrap();
-    let store = Store::open(&root).unwrap();
-    let site = store.site(SITE).unwrap();
-    site.store_log(VM, &ID, std::fs::File::open(&log).unwrap())
+    // As the receiver does: the store seen through the seam, wrapped to
+    // crash between operations when VDREP_CRASH_AT names such a step.
+    let store = FailStore::from_env(Arc::new(Store::open(&root).unwrap()));
+    store
+        .store_log(DISK, &mut std::fs::File::open(&log).unwrap())
         .unwrap();
     println!("ACK-DURABLE");
-    site.apply(VM, &ID, cycle).unwrap();
+    store.apply(DISK, cycle).unwrap();
     println!("ACK-APPLIED");
+}
+
+/// After a child died: reopen (and recover) the store at `root`, check it
+/// ([`check_after_crash`]) and that no log or temporary file is left.
+fn check_dir_after_crash(root: &Path, log: &Path, m1: &[u8], m2: &[u8], durable: bool, what: &str) {
+    let h = DirHarness::at(root);
+    let store = reopen(&h, what);
+    check_after_crash(&h, store.as_ref(), log, m1, m2, durable, what);
+    let incoming = h.disk_dir(DISK).join("incoming");
+    assert_eq!(std::fs::read_dir(incoming).unwrap().count(), 0, "{what}");
 }
 
 fn spawn_child(root: &Path, log: &Path, cycle: u64, crash_at: Option<&str>) -> std::process::Child {
@@ -565,106 +340,13 @@ fn spawn_child(root: &Path, log: &Path, cycle: u64, crash_at: Option<&str>) -> s
     c.spawn().unwrap()
 }
 
-/// Set up a store at cycle 1 (point committed) and a log to cycle 2.
-/// Returns (models at 1 and 2, log path).
-fn crash_fixture(root: &Path, logdir: &Path, seed: u64, mb: usize) -> (Vec<u8>, Vec<u8>, PathBuf) {
-    let mut rng = Rng(seed);
-    let mut disk = vec![0u8; mb << 20];
-    rng.fill(&mut disk[..(mb << 20) / 2]);
-    {
-        let store = Store::open(root).unwrap();
-        initial(&store, &disk, 1);
-        store
-            .site(SITE)
-            .unwrap()
-            .commit_point(VM, 1, &[ID], Consistency::Crash)
-            .unwrap()
-            .unwrap();
-    }
-    let m1 = disk.clone();
-    let old = disk.len() as u64;
-    let n = disk.len() / BS as usize / 3;
-    let mut dirty = random_writes(&mut rng, &mut disk, n);
-    disk.resize(disk.len() + (64 << 10), 0); // and grow
-    rng.fill(&mut disk[(mb << 20) + 4096..(mb << 20) + 8192]);
-    dirty.insert((mb as u64) << 20 >> 12 | 1);
-    let log = logdir.join("2.hrl");
-    make_log(&log, ID, 1, 2, old, &disk, &dirty);
-    (m1, disk, log)
-}
-
-/// After a crash: recover, then the replica is exactly one of the models,
-/// acknowledged durability holds, history is intact, and the log converges.
-fn check_after_crash(
-    root: &Path,
-    log: &Path,
-    m1: &[u8],
-    m2: &[u8],
-    acked_durable: bool,
-    what: &str,
-) {
-    let store = Store::open(root).unwrap();
-    let rep = store.recover().unwrap();
-    assert!(rep.errors.is_empty(), "{what}: {:?}", rep.errors);
-    let site = store.site(SITE).unwrap();
-    let st = site.disk_state(VM, &ID).unwrap();
-    assert_eq!(st.applying, None, "{what}");
-    let now = read_replica(&store);
-    match st.cycle {
-        Some(1) => {
-            assert!(
-                now == m1,
-                "{what}: state says cycle 1 but the replica differs"
-            );
-            assert!(
-                !acked_durable,
-                "{what}: a log acknowledged durable was lost"
-            );
-        }
-        Some(2) => assert!(
-            now == m2,
-            "{what}: state says cycle 2 but the replica differs"
-        ),
-        other => panic!("{what}: cycle {other:?}"),
-    }
-    // The sender resends (it got no final ack) and applies: converges.
-    site.store_log(VM, &ID, std::fs::File::open(log).unwrap())
-        .unwrap();
-    site.apply(VM, &ID, 2).unwrap();
-    assert!(read_replica(&store) == m2, "{what}: after resend");
-    // History: point 1 still readable.
-    site.commit_point(VM, 2, &[ID], Consistency::Crash)
-        .unwrap()
-        .unwrap();
-    let r = site.read_point(VM, &ID, 1).unwrap();
-    let mut buf = vec![0u8; m1.len()];
-    r.read_at(&mut buf, 0).unwrap();
-    assert!(buf == m1, "{what}: point 1 after recovery");
-    // Nothing left over.
-    let ddir = site
-        .replica_path(VM, &ID)
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    assert_eq!(
-        std::fs::read_dir(ddir.join("incoming")).unwrap().count(),
-        0,
-        "{what}"
-    );
-    assert_eq!(
-        std::fs::read_dir(ddir.join("undo")).unwrap().count(),
-        1,
-        "{what}"
-    );
-}
-
 #[test]
 fn crash_at_every_apply_step() {
     for (i, step) in STEPS.iter().enumerate() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("store");
-        let (m1, m2, log) = crash_fixture(&root, dir.path(), 100 + i as u64, 1);
+        let (m1, m2, log) =
+            crash_fixture(&Store::open(&root).unwrap(), dir.path(), 100 + i as u64, 1);
         let child = spawn_child(&root, &log, 2, Some(step));
         let out = child.wait_with_output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -677,9 +359,9 @@ fn crash_at_every_apply_step() {
         );
         assert!(!stdout.contains("ACK-APPLIED"), "step {step}");
         let durable = stdout.contains("ACK-DURABLE");
-        let expect_durable = !matches!(*step, "log-tmp-synced" | "log-renamed");
+        let expect_durable = !matches!(*step, "log-tmp-synced" | "log-renamed" | "after-store-log");
         assert_eq!(durable, expect_durable, "step {step}");
-        check_after_crash(&root, &log, &m1, &m2, durable, step);
+        check_dir_after_crash(&root, &log, &m1, &m2, durable, step);
     }
 }
 
@@ -690,7 +372,7 @@ fn kill_9_at_random_times() {
     for round in 0..8 {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("store");
-        let (m1, m2, log) = crash_fixture(&root, dir.path(), 500 + round, 8);
+        let (m1, m2, log) = crash_fixture(&Store::open(&root).unwrap(), dir.path(), 500 + round, 8);
         let mut child = spawn_child(&root, &log, 2, None);
         std::thread::sleep(std::time::Duration::from_millis(rng.below(400)));
         let _ = child.kill(); // SIGKILL
@@ -698,7 +380,7 @@ fn kill_9_at_random_times() {
         let stdout = String::from_utf8_lossy(&out.stdout);
         let durable = stdout.contains("ACK-DURABLE");
         seen.insert((durable, stdout.contains("ACK-APPLIED")));
-        check_after_crash(&root, &log, &m1, &m2, durable, &format!("round {round}"));
+        check_dir_after_crash(&root, &log, &m1, &m2, durable, &format!("round {round}"));
     }
     println!("outcomes seen (durable, applied): {seen:?}");
 }
@@ -924,118 +606,6 @@ fn disk_full_is_retryable_and_harmless() {
 }
 
 #[test]
-fn points_need_every_disk_and_age_retention() {
-    let dir = tempfile::tempdir().unwrap();
-    let logs = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("store")).unwrap();
-    let site = store.site(SITE).unwrap();
-    let a = [0xa; 16];
-    let b = [0xb; 16];
-    let mut rng = Rng(5);
-    let mut disks = vec![vec![0u8; 256 << 10], vec![0u8; 128 << 10]];
-    // The second disk is a VHD source: replicated byte for byte.
-    for ((id, name), d) in [(a, "a.raw"), (b, "b.vhd")]
-        .into_iter()
-        .zip(disks.iter_mut())
-    {
-        rng.fill(d);
-        let i = DiskInfo {
-            disk_id: id,
-            name: name.into(),
-            size: d.len() as u64,
-            block_size: BS as u32,
-            cycle: 1,
-        };
-        site.begin_initial(VM, &i).unwrap();
-        site.write_initial(VM, &id, 0, InitialData::Data(d))
-            .unwrap();
-        site.finish_initial(VM, &id, 1, 1).unwrap();
-    }
-    assert!(site.replica_path(VM, &a).unwrap().ends_with("a.vhd"));
-    assert!(site.replica_path(VM, &b).unwrap().ends_with("b.vhd"));
-    assert_eq!(
-        std::fs::read(site.replica_path(VM, &b).unwrap()).unwrap(),
-        disks[1],
-        "byte for byte, no footer"
-    );
-    site.commit_point(VM, 1, &[a, b], Consistency::App)
-        .unwrap()
-        .unwrap();
-    let mut models = vec![disks.clone()];
-    let log_for = |id: [u8; 16], d: &mut Vec<u8>, rng: &mut Rng, cycle: u64| {
-        let dirty = random_writes(rng, d, 5);
-        let lp = logs.path().join(format!("{}-{cycle}.hrl", id[0]));
-        make_log(&lp, id, cycle - 1, cycle, d.len() as u64, d, &dirty);
-        lp
-    };
-    for cycle in 2..=3u64 {
-        let la = log_for(a, &mut disks[0], &mut rng, cycle);
-        let lb = log_for(b, &mut disks[1], &mut rng, cycle);
-        site.store_log(VM, &a, std::fs::File::open(&la).unwrap())
-            .unwrap();
-        site.apply(VM, &a, cycle).unwrap();
-        // b has not reached the cycle: no point yet.
-        assert_eq!(
-            site.commit_point(VM, cycle, &[a, b], Consistency::Crash)
-                .unwrap(),
-            None
-        );
-        site.store_log(VM, &b, std::fs::File::open(&lb).unwrap())
-            .unwrap();
-        site.apply(VM, &b, cycle).unwrap();
-        models.push(disks.clone());
-        if cycle == 3 {
-            // Committed late, after both moved on: still consistent via history.
-            let lb4 = log_for(b, &mut disks[1], &mut rng, 4);
-            site.store_log(VM, &b, std::fs::File::open(&lb4).unwrap())
-                .unwrap();
-            site.apply(VM, &b, 4).unwrap();
-        }
-        let pt = site
-            .commit_point(VM, cycle, &[a, b], Consistency::Crash)
-            .unwrap()
-            .unwrap();
-        assert_eq!(pt.cycle, cycle);
-    }
-    let pts = site.points(VM).unwrap();
-    assert_eq!(pts.iter().map(|p| p.cycle).collect::<Vec<_>>(), [1, 2, 3]);
-    assert_eq!(pts[0].consistency, Consistency::App);
-    for (k, m) in models.iter().enumerate() {
-        let c = k as u64 + 1;
-        for (id, want) in [(a, &m[0]), (b, &m[1])] {
-            let r = site.read_point(VM, &id, c).unwrap();
-            let mut buf = vec![0u8; want.len()];
-            r.read_at(&mut buf, 0).unwrap();
-            assert!(buf == *want, "disk {} point {c}", id[0]);
-        }
-    }
-    // Age retention: the logs' cut times are in 2023, so a day's age keeps
-    // only the newest point; a century keeps all.
-    let keep_all = RetentionPolicy {
-        keep_last: None,
-        max_age: Some(std::time::Duration::from_secs(100 * 365 * 86400)),
-        ..Default::default()
-    };
-    assert!(site.prune(VM, &keep_all).unwrap().dropped_points.is_empty());
-    let day = RetentionPolicy {
-        keep_last: None,
-        max_age: Some(std::time::Duration::from_secs(86400)),
-        ..Default::default()
-    };
-    let rep = site.prune(VM, &day).unwrap();
-    assert_eq!(rep.dropped_points, [1, 2]);
-    assert!(rep.freed_bytes > 0);
-    assert!(site.read_point(VM, &a, 1).is_err());
-    let r = site.read_point(VM, &b, 3).unwrap();
-    let mut buf = vec![0u8; models[2][1].len()];
-    r.read_at(&mut buf, 0).unwrap();
-    assert!(
-        buf == models[2][1],
-        "b at point 3 after prune (b is at cycle 4)"
-    );
-}
-
-#[test]
 fn store_is_send_and_sync() {
     fn f<T: Send + Sync>() {}
     f::<Store>();
@@ -1070,7 +640,7 @@ fn perf_store_apply_read_point() {
         dirty.insert(rng.below(blocks));
     }
     let lp = dir.path().join("2.hrl");
-    let h = HrlHeader {
+    let h = vdrep::hrl::HrlHeader {
         disk_id: ID,
         disk_name: "disk0.img".into(),
         cycle: 2,
@@ -1081,7 +651,7 @@ fn perf_store_apply_read_point() {
         cut_unix_ns: 0,
         app_consistent: false,
     };
-    let mut w = HrlWriter::create(&lp, &h).unwrap();
+    let mut w = vdrep::hrl::HrlWriter::create(&lp, &h).unwrap();
     let mut blk = vec![0u8; BS as usize];
     for &b in &dirty {
         rng.fill(&mut blk);
@@ -1211,66 +781,4 @@ fn crash_while_merging_history() {
     );
     check(&site);
     assert!(read_replica(&store) == models[5]);
-}
-
-/// Digests for a checksum resync (`Site::block_hashes`): equal to hashing
-/// the replica's bytes, whole 8 MiB pieces that are holes of the replica
-/// file (skipped via `SEEK_DATA`) included, blocks past the end `MISSING`;
-/// the per-compare `DigestCache` sees an apply (the old cycle is refused,
-/// the new one hashes the new bytes).
-#[test]
-fn block_hashes_match_the_replica_holes_and_applies() {
-    use vdrep::resync::{block_digest, MISSING};
-    let dir = tempfile::tempdir().unwrap();
-    let logs = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("store")).unwrap();
-    let mut rng = Rng(11);
-    let size = 24usize << 20;
-    let mut disk = vec![0u8; size];
-    rng.fill(&mut disk[..3 << 20]);
-    rng.fill(&mut disk[20 << 20..(20 << 20) + 4096]);
-    initial(&store, &disk, 1);
-    let site = store.site(SITE).unwrap();
-    // The test means something only if 8..16 MiB is a hole of the file.
-    {
-        let f = std::fs::File::open(site.replica_path(VM, &ID).unwrap()).unwrap();
-        let d = nix::unistd::lseek(&f, 8 << 20, nix::unistd::Whence::SeekData);
-        assert!(
-            d.is_ok_and(|d| d >= 16 << 20),
-            "the zeros were not stored as a hole: {d:?}"
-        );
-    }
-    let want = |d: &[u8]| -> Vec<u128> {
-        let mut v: Vec<u128> = d.chunks(BS as usize).map(block_digest).collect();
-        v.extend([MISSING; 3]);
-        v
-    };
-    let nb = (size as u64 / BS) as u32;
-    let runs = vec![(0u64, nb + 3)];
-    let mut cache = vdrep::replica::DigestCache::default();
-    for _ in 0..2 {
-        let (sz, got) = site
-            .block_hashes(VM, &ID, 1, BS as u32, &runs, &mut cache)
-            .unwrap();
-        assert_eq!(sz, size as u64);
-        assert!(
-            got == want(&disk),
-            "digests differ from the replica's bytes"
-        );
-    }
-    // Cycle 2 writes a block inside the former hole.
-    rng.fill(&mut disk[(10 << 20) + 8192..(10 << 20) + 12288]);
-    let dirty: BTreeSet<u64> = [((10 << 20) + 8192) / BS].into_iter().collect();
-    let lp = logs.path().join("2.hrl");
-    make_log(&lp, ID, 1, 2, size as u64, &disk, &dirty);
-    site.store_log(VM, &ID, std::fs::File::open(&lp).unwrap())
-        .unwrap();
-    site.apply(VM, &ID, 2).unwrap();
-    assert!(site
-        .block_hashes(VM, &ID, 1, BS as u32, &runs, &mut cache)
-        .is_err());
-    let (_, got) = site
-        .block_hashes(VM, &ID, 2, BS as u32, &runs, &mut cache)
-        .unwrap();
-    assert!(got == want(&disk), "the cache missed the apply");
 }

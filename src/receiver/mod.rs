@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::replica::{self, StoreError};
+use crate::replica::{self, DiskRef, ReplicaStore, StoreError};
 use crate::transport::{self, keys::Identity, trust::TrustStore};
 use crate::wire::{self, ErrorCode, Msg};
 
@@ -29,7 +29,7 @@ pub struct ReceiveOptions {
     pub store: PathBuf,
     pub keys: PathBuf,
     pub trust: Vec<PathBuf>,
-    /// Which recovery points to keep ([`replica::Site::prune`]).
+    /// Which recovery points to keep ([`ReplicaStore::prune`]).
     pub retention: replica::RetentionPolicy,
     /// How often the retention policy is applied (`None`: never).
     pub prune_every: Option<std::time::Duration>,
@@ -39,32 +39,27 @@ pub struct ReceiveOptions {
 /// over here and not yet committed (`vdrep failover --commit`): until then
 /// the failover may be cancelled and needs its history. Returns one line
 /// per VM that lost points.
-pub fn prune_all(store: &replica::Store, keep: &replica::RetentionPolicy) -> Vec<String> {
+pub fn prune_all(store: &dyn ReplicaStore, keep: &replica::RetentionPolicy) -> Vec<String> {
     let mut out = Vec::new();
-    for name in store.site_names() {
-        let Ok(site) = store.site(&name) else {
-            continue;
-        };
-        for vm in site.vms() {
-            match site.live(&vm) {
-                Ok(Some(l)) if !l.committed => continue,
-                Err(e) => {
-                    out.push(format!("{name}/{vm}: not pruned: {e}"));
-                    continue;
-                }
-                _ => {}
+    for (name, vm) in store.vms() {
+        match store.failed_over(&name, &vm) {
+            Ok(Some(l)) if !l.committed => continue,
+            Err(e) => {
+                out.push(format!("{name}/{vm}: not pruned: {e}"));
+                continue;
             }
-            match site.prune(&vm, keep) {
-                Ok(r) if r.dropped_points.is_empty() => {}
-                Ok(r) => out.push(format!(
-                    "{name}/{vm}: dropped {} point(s) ({:?}), freed {} bytes of history, {} record(s) merged",
-                    r.dropped_points.len(),
-                    r.dropped_points,
-                    r.freed_bytes,
-                    r.merged
-                )),
-                Err(e) => out.push(format!("{name}/{vm}: pruning failed: {e}")),
-            }
+            _ => {}
+        }
+        match store.prune(&name, &vm, keep) {
+            Ok(r) if r.dropped_points.is_empty() => {}
+            Ok(r) => out.push(format!(
+                "{name}/{vm}: dropped {} point(s) ({:?}), freed {} bytes of history, {} record(s) merged",
+                r.dropped_points.len(),
+                r.dropped_points,
+                r.freed_bytes,
+                r.merged
+            )),
+            Err(e) => out.push(format!("{name}/{vm}: pruning failed: {e}")),
         }
     }
     out
@@ -93,6 +88,9 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), String> {
             ))
         }
     }
+    // The replication data path sees the store through the seam (wrapped to
+    // crash at a step between operations when a test asks for it).
+    let data: Arc<dyn ReplicaStore> = replica::FailStore::from_env(store.clone());
     for note in crate::failover::Views::clean_stale(&store) {
         tracing::info!("{note}");
     }
@@ -109,13 +107,13 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), String> {
     control::start(store.clone(), views, roles.clone())
         .map_err(|e| format!("cannot start the control socket: {e}"))?;
     if let Some(every) = opts.prune_every {
-        let store = store.clone();
+        let store = data.clone();
         let keep = opts.retention.clone();
         std::thread::Builder::new()
             .name("vdrep-prune".into())
             .spawn(move || loop {
                 std::thread::sleep(every);
-                for line in prune_all(&store, &keep) {
+                for line in prune_all(store.as_ref(), &keep) {
                     tracing::info!("retention: {line}");
                 }
             })
@@ -140,7 +138,7 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), String> {
             opts.store.display()
         );
         while let Some(inc) = ep.accept().await {
-            let store = store.clone();
+            let store = data.clone();
             let me = id.name.clone();
             let roles = roles.clone();
             tokio::spawn(async move {
@@ -156,7 +154,7 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), String> {
 async fn handle_conn(
     conn: quinn::Connection,
     peer: transport::PeerIdentity,
-    store: Arc<replica::Store>,
+    store: Arc<dyn ReplicaStore>,
     me: String,
     roles: Arc<crate::roles::ReceiverCtx>,
 ) {
@@ -184,7 +182,7 @@ async fn handle_conn(
             Ok((tx, rx)) => {
                 let (sess, store, me) = (sess.clone(), store.clone(), me.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = handle_stream(&sess, &store, &me, tx, rx).await {
+                    if let Err(e) = handle_stream(&sess, store.as_ref(), &me, tx, rx).await {
                         tracing::warn!(site = %sess.site, "stream ended: {e}");
                     }
                 });
@@ -207,6 +205,7 @@ fn code_of(e: &StoreError) -> ErrorCode {
         | StoreError::BadState { .. }
         | StoreError::NeedsResync { .. } => ErrorCode::InvalidState,
         StoreError::CorruptLog { .. } => ErrorCode::Checksum,
+        StoreError::Injected { .. } => ErrorCode::Io,
         StoreError::NotReady { .. } | StoreError::NoSuchPoint { .. } => ErrorCode::NotFound,
         StoreError::Locked { .. } | StoreError::Busy { .. } => ErrorCode::Busy,
     }
@@ -234,13 +233,24 @@ fn store_name(disk_name: &str) -> &str {
     disk_name.rsplit('/').next().unwrap_or(disk_name)
 }
 
+impl Session {
+    /// Disk `disk_id` of `vm` in this sender's namespace.
+    fn disk<'a>(&'a self, vm: &'a str, disk_id: &'a [u8; 16]) -> DiskRef<'a> {
+        DiskRef {
+            site: &self.site,
+            vm,
+            disk_id,
+        }
+    }
+}
+
 fn disk_of(sess: &Session, id: &[u8; 16]) -> Option<(String, wire::OpenDisk)> {
     sess.disks.lock().get(id).cloned()
 }
 
 async fn handle_stream(
     sess: &Session,
-    store: &replica::Store,
+    store: &dyn ReplicaStore,
     me: &str,
     mut tx: quinn::SendStream,
     mut rx: quinn::RecvStream,
@@ -275,7 +285,7 @@ async fn handle_stream(
                     protocol_version: wire::PROTOCOL_VERSION,
                     site_name: me.to_string(),
                     software_version: env!("CARGO_PKG_VERSION").into(),
-                    store_free: free_bytes(store.root()),
+                    store_free: store.free_bytes(),
                 })
             }
         }
@@ -327,13 +337,12 @@ fn admin(sess: &Session, body: &str) -> Msg {
     }
 }
 
-fn open_disk(sess: &Session, store: &replica::Store, o: wire::OpenDisk) -> Msg {
+fn open_disk(sess: &Session, store: &dyn ReplicaStore, o: wire::OpenDisk) -> Msg {
     if let Err(e) = wire::safe_component(&o.vm).and_then(|_| wire::safe_name(&o.disk_name)) {
         return proto_err(ErrorCode::InvalidName, e.to_string(), false);
     }
     let r = tokio::task::block_in_place(|| {
-        let site = store.site(&sess.site)?;
-        if let Some(live) = site.live(&o.vm).ok().flatten() {
+        if let Some(live) = store.failed_over(&sess.site, &o.vm).ok().flatten() {
             return Err(StoreError::NotReady {
                 ctx: replica::Ctx::new(&sess.site, &o.vm, &o.disk_name),
                 what: format!(
@@ -344,7 +353,7 @@ fn open_disk(sess: &Session, store: &replica::Store, o: wire::OpenDisk) -> Msg {
                 ),
             });
         }
-        match site.disk_state(&o.vm, &o.disk_id) {
+        match store.replica_state(sess.disk(&o.vm, &o.disk_id)) {
             Ok(st) => Ok(Some(st)),
             Err(StoreError::NotReady { .. }) => Ok(None),
             Err(e) => Err(e),
@@ -387,7 +396,7 @@ fn open_disk(sess: &Session, store: &replica::Store, o: wire::OpenDisk) -> Msg {
 /// `ResyncEnd`. The stream ends when the sender finishes it.
 async fn digests(
     sess: &Session,
-    store: &replica::Store,
+    store: &dyn ReplicaStore,
     first: Msg,
     tx: &mut quinn::SendStream,
     rx: &mut quinn::RecvStream,
@@ -418,9 +427,8 @@ async fn digests(
                     let runs: Vec<(u64, u32)> =
                         r.runs.iter().map(|x| (x.offset, x.blocks)).collect();
                     let res = tokio::task::block_in_place(|| {
-                        store.site(&sess.site)?.block_hashes(
-                            &vm,
-                            &r.disk_id,
+                        store.block_hashes(
+                            sess.disk(&vm, &r.disk_id),
                             r.replica_cycle,
                             r.block_size,
                             &runs,
@@ -451,12 +459,7 @@ async fn digests(
                         e.blocks_differ, e.blocks_compared, e.cycle
                     );
                     let res = tokio::task::block_in_place(|| {
-                        store.site(&sess.site)?.resync_prepared(
-                            &vm,
-                            &e.disk_id,
-                            e.replica_cycle,
-                            e.cycle,
-                        )
+                        store.resync_prepared(sess.disk(&vm, &e.disk_id), e.replica_cycle, e.cycle)
                     });
                     match res {
                         Ok(()) => Msg::Ack(wire::Ack {
@@ -491,7 +494,7 @@ async fn digests(
 /// Mark it so, and tell the sender (retryable: it resyncs right away).
 fn needs_resync_after(
     sess: &Session,
-    store: &replica::Store,
+    store: &dyn ReplicaStore,
     vm: &str,
     id: &[u8; 16],
     e: StoreError,
@@ -500,9 +503,7 @@ fn needs_resync_after(
         return store_err(e);
     }
     let why = format!("a log could not be applied in order: {e}");
-    let r = tokio::task::block_in_place(|| {
-        store.site(&sess.site)?.set_needs_resync(vm, id, Some(&why))
-    });
+    let r = tokio::task::block_in_place(|| store.set_needs_resync(sess.disk(vm, id), Some(&why)));
     if let Err(e2) = r {
         tracing::error!("cannot mark the replica for resync: {e2}");
         return store_err(e);
@@ -517,7 +518,7 @@ fn needs_resync_after(
 
 async fn initial(
     sess: &Session,
-    store: &replica::Store,
+    store: &dyn ReplicaStore,
     b: wire::InitialBegin,
     rx: &mut quinn::RecvStream,
 ) -> Msg {
@@ -529,19 +530,20 @@ async fn initial(
         );
     };
     let r = tokio::task::block_in_place(|| {
-        let site = store.site(&sess.site)?;
         // A resumed copy continues the store's interrupted copy (its cut is
         // the one the store knows); blocks below the offset that changed
         // since then are part of this stream.
         let info_cycle = if b.start_offset > 0 {
-            site.disk_state(&vm, &b.disk_id)
+            store
+                .replica_state(sess.disk(&vm, &b.disk_id))
                 .ok()
                 .and_then(|s| s.initial_cycle)
                 .unwrap_or(b.cycle)
         } else {
             b.cycle
         };
-        site.begin_initial(
+        store.begin_initial(
+            &sess.site,
             &vm,
             &replica::DiskInfo {
                 disk_id: b.disk_id,
@@ -559,9 +561,7 @@ async fn initial(
     if b.start_offset > 0 && resume == b.start_offset {
         // Continue the interrupted copy as part of this newer cut.
         let r = tokio::task::block_in_place(|| {
-            store
-                .site(&sess.site)?
-                .rebase_initial(&vm, &b.disk_id, b.cycle)
+            store.rebase_initial(sess.disk(&vm, &b.disk_id), b.cycle)
         });
         match r {
             Ok(off) => resume = off,
@@ -594,20 +594,16 @@ async fn initial(
         match m {
             Msg::InitialChunk(c) if c.disk_id == b.disk_id => {
                 let r = tokio::task::block_in_place(|| {
-                    let site = store.site(&sess.site)?;
+                    let d = sess.disk(&vm, &c.disk_id);
                     match c.encoding {
-                        crate::hrl::Encoding::Zero => site.write_initial(
-                            &vm,
-                            &c.disk_id,
+                        crate::hrl::Encoding::Zero => store.write_initial(
+                            d,
                             c.offset,
                             replica::InitialData::Zeroes(u64::from(c.length)),
                         ),
-                        crate::hrl::Encoding::Raw => site.write_initial(
-                            &vm,
-                            &c.disk_id,
-                            c.offset,
-                            replica::InitialData::Data(&c.data),
-                        ),
+                        crate::hrl::Encoding::Raw => {
+                            store.write_initial(d, c.offset, replica::InitialData::Data(&c.data))
+                        }
                         crate::hrl::Encoding::Lz4 => {
                             lz.resize(c.length as usize, 0);
                             match lz4_flex::block::decompress_into(&c.data, &mut lz) {
@@ -622,12 +618,7 @@ async fn initial(
                                     })
                                 }
                             }
-                            site.write_initial(
-                                &vm,
-                                &c.disk_id,
-                                c.offset,
-                                replica::InitialData::Data(&lz),
-                            )
+                            store.write_initial(d, c.offset, replica::InitialData::Data(&lz))
                         }
                     }
                 });
@@ -641,9 +632,7 @@ async fn initial(
                     .map(|d| d.as_nanos() as u64)
                     .unwrap_or(0);
                 let r = tokio::task::block_in_place(|| {
-                    store
-                        .site(&sess.site)?
-                        .finish_initial(&vm, &e.disk_id, e.cycle, now)
+                    store.finish_initial(sess.disk(&vm, &e.disk_id), e.cycle, now)
                 });
                 return match r {
                     Ok(()) => Msg::Ack(wire::Ack {
@@ -693,7 +682,7 @@ impl Read for ChanReader {
 
 async fn log(
     sess: &Session,
-    store: &replica::Store,
+    store: &dyn ReplicaStore,
     l: wire::LogBegin,
     tx: &mut quinn::SendStream,
     rx: &mut quinn::RecvStream,
@@ -711,14 +700,16 @@ async fn log(
     let vm2 = vm.clone();
     let id = l.disk_id;
     // The store reads the log from the channel on a blocking thread.
-    let store_ptr: &replica::Store = store;
     let outcome = std::thread::scope(|scope| {
         let h = scope.spawn(move || {
-            let site = store_ptr.site(&site_name)?;
-            site.store_log(
-                &vm2,
-                &id,
-                ChanReader {
+            let d = DiskRef {
+                site: &site_name,
+                vm: &vm2,
+                disk_id: &id,
+            };
+            store.store_log(
+                d,
+                &mut ChanReader {
                     rx: crx,
                     cur: Vec::new(),
                     pos: 0,
@@ -798,8 +789,7 @@ async fn log(
         wire::write_msg(tx, &durable_ack(&l, false))
             .await
             .map_err(|e| e.to_string())?;
-        let r =
-            tokio::task::block_in_place(|| store.site(&sess.site)?.apply(&vm, &l.disk_id, l.cycle));
+        let r = tokio::task::block_in_place(|| store.apply(sess.disk(&vm, &l.disk_id), l.cycle));
         if let Err(e) = r {
             let m = needs_resync_after(sess, store, &vm, &l.disk_id, e);
             return wire::write_msg(tx, &m).await.map_err(|e| e.to_string());
@@ -822,10 +812,11 @@ fn durable_ack(l: &wire::LogBegin, applied: bool) -> Msg {
     })
 }
 
-fn point(sess: &Session, store: &replica::Store, p: wire::PointCommit) -> Msg {
+fn point(sess: &Session, store: &dyn ReplicaStore, p: wire::PointCommit) -> Msg {
     let ids: Vec<[u8; 16]> = p.disks.iter().map(|d| d.disk_id).collect();
     let r = tokio::task::block_in_place(|| {
-        store.site(&sess.site)?.commit_point(
+        store.commit_point(
+            &sess.site,
             &p.vm,
             p.cycle,
             &ids,
@@ -860,11 +851,4 @@ pub fn replica_path(
     let s = replica::Store::open(store).map_err(|e| e.to_string())?;
     let site = s.site(site).map_err(|e| e.to_string())?;
     site.replica_path(vm, disk_id).map_err(|e| e.to_string())
-}
-
-/// Bytes available to us in the store's file system (0 if unknown).
-fn free_bytes(dir: &Path) -> u64 {
-    nix::sys::statvfs::statvfs(dir)
-        .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
-        .unwrap_or(0)
 }

@@ -123,6 +123,10 @@ pub enum StoreError {
     /// The operation must wait for something else on the disk to end.
     #[error("{ctx}: busy: {what}")]
     Busy { ctx: Ctx, what: String },
+    /// A failure injected by [`FailStore`](super::FailStore) (tests only):
+    /// retryable unless the wrapper crashed (then the store must be reopened).
+    #[error("injected failure in {op}{}", if *crashed { " (the store crashed: reopen it)" } else { "" })]
+    Injected { op: &'static str, crashed: bool },
 }
 
 impl StoreError {
@@ -134,6 +138,7 @@ impl StoreError {
             StoreError::Io { retryable, .. } => *retryable,
             StoreError::Locked { .. } | StoreError::Busy { .. } => true,
             StoreError::NeedsResync { .. } => true,
+            StoreError::Injected { crashed, .. } => !*crashed,
             _ => false,
         }
     }

@@ -1,12 +1,12 @@
 //! The receiver's replica store: durable logs, replicas, undo history and
 //! recovery points, under one directory (`vdrep receive --store DIR`).
 //!
-//! The receiver server (network code lives elsewhere) drives it through a
-//! small litestream-like API — [`Store::open`], [`Store::site`],
-//! [`Store::recover`], then per site [`Site::begin_initial`] /
-//! [`Site::write_initial`] / [`Site::finish_initial`], [`Site::store_log`] /
-//! [`Site::apply`], [`Site::commit_point`] / [`Site::points`] /
-//! [`Site::read_point`] / [`Site::prune`]. Tests use it in-process.
+//! The receiver server (network code lives elsewhere) drives it through the
+//! [`ReplicaStore`] trait (the store seam, `api.rs`): [`Store`], the
+//! directory store described here, is its first implementation, and
+//! [`FailStore`] wraps any implementation to inject failures (`fault.rs`).
+//! Per site, [`Site`] holds the same operations plus the local-directory
+//! ones of failover (roles, undo journals, pins). Tests use both in-process.
 //!
 //! # On-disk layout
 //!
@@ -15,7 +15,7 @@
 //! DIR/sites/<site>/                         one namespace per sending site
 //!   vms/<vm>/points.json                    the VM's recovery points
 //!   vms/<vm>/disks/<disk_id hex>/
-//!     state.json                            DiskState (atomic rewrite)
+//!     state.json                            ReplicaState (atomic rewrite)
 //!     <name>.vhd | <name>                   the replica (see ReplicaFormat)
 //!     incoming/<cycle>.hrl                  durable, verified, not yet applied logs
 //!     incoming/<cycle>.<n>.hrl.tmp          a log being received
@@ -63,8 +63,9 @@
 //! deleting the two it replaces, and point chains never jump over a point,
 //! so a crash mid-prune leaves only redundant records (removed next time).
 //!
-//! Crash tests kill the process at each step through [`crash_point`]
-//! (`VDREP_CRASH_AT=<step>`); they test process crashes (kill -9), whose
+//! Crash tests kill the process at each step (`VDREP_CRASH_AT=<step>`:
+//! `fault::crash_point` inside an operation, [`FailStore::from_env`] between
+//! operations); they test process crashes (kill -9), whose
 //! written data the kernel keeps; the fsyncs are what extends the argument
 //! to power loss.
 //!
@@ -80,38 +81,26 @@
 //! merging the two undo records around each dropped point into one (where
 //! both hold a pre-image of a byte, the older one wins).
 
+mod api;
 mod error;
+mod fault;
 mod names;
 mod store;
 mod target;
 mod undo;
 
+pub use api::{DigestCache, DiskRef, PointRead, ReplicaStore};
 pub use error::{Ctx, StoreError};
+pub use fault::{FailStore, Fault, Injected, Op, Rule, Trigger, When, CRASH_AT_ENV};
 pub use names::{validate_name, MAX_NAME_LEN};
 pub(crate) use store::parse_hex_id;
-pub use store::DigestCache;
 pub use store::{
-    AdoptDisk, ApplyOutcome, Consistency, DiskInfo, DiskState, InitialData, InitialState, LiveDisk,
-    LiveInfo, Point, PruneReport, RecoveryReport, RetentionPolicy, Site, Store, StoreOutcome,
+    AdoptDisk, ApplyOutcome, Consistency, DiskInfo, InitialData, InitialState, LiveDisk, LiveInfo,
+    Point, PruneReport, RecoveryReport, ReplicaState, RetentionPolicy, Site, Store, StoreOutcome,
     INITIAL_SYNC_EVERY,
 };
 pub use target::{
-    open_target, vhd_fixed_footer, vhd_geometry, FixedVhd, RawFile, ReplicaFormat, ReplicaTarget,
+    open_target, vhd_fixed_footer, FixedVhd, MappedRange, RawFile, ReplicaFormat, ReplicaTarget,
     VHD_FOOTER_LEN,
 };
 pub use undo::PointReader;
-
-/// Test hook: if the environment variable `VDREP_CRASH_AT` equals `step`,
-/// abort the process on the spot (as `kill -9` would: no destructors, no
-/// flush of user-space buffers). Steps: `log-tmp-synced`, `log-renamed`,
-/// `undo-written`, `state-applying`, `replica-half`, `replica-synced`,
-/// `state-applied`, `log-removed`, `initial-progress`, `undo-merged`.
-#[doc(hidden)]
-pub fn crash_point(step: &str) {
-    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    let at = AT.get_or_init(|| std::env::var("VDREP_CRASH_AT").ok());
-    if at.as_deref() == Some(step) {
-        eprintln!("vdrep: VDREP_CRASH_AT={step}: aborting");
-        std::process::abort();
-    }
-}

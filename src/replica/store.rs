@@ -1,10 +1,12 @@
 //! The store: namespaces, disk state, initial copy, logs, apply, points.
 
-use super::crash_point;
+use super::api::DigestCache;
 use super::error::{hrl_err, io_err, Ctx, StoreError};
+use super::fault::crash_point;
 use super::names::{check_inside, ensure_dir, validate_name};
-use super::target::{open_target, vhd_timestamp_now, ReplicaFormat, ReplicaTarget, VHD_FOOTER_LEN};
+use super::target::{open_target, ReplicaFormat, ReplicaTarget, VHD_FOOTER_LEN};
 use super::undo::{self, PointReader, ReaderShared, UndoLayer};
+use crate::vhd::footer::vhd_timestamp_now;
 
 mod roles;
 use crate::hrl::format::{self, ParseError};
@@ -63,7 +65,7 @@ pub enum InitialData<'a> {
 
 /// The state of one replica, `state.json` in its directory.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct DiskState {
+pub struct ReplicaState {
     pub version: u32,
     /// 32 hex digits.
     pub disk_id: String,
@@ -102,7 +104,7 @@ pub struct DiskState {
     pub resync_cycle: Option<u64>,
 }
 
-impl DiskState {
+impl ReplicaState {
     fn id_bytes(&self) -> [u8; 16] {
         let mut out = [0u8; 16];
         for (i, o) in out.iter_mut().enumerate() {
@@ -503,9 +505,10 @@ fn read_json_opt<T: serde::de::DeserializeOwned>(
     }
 }
 
-/// What [`Site::block_hashes`] keeps between the requests of one compare.
+/// What [`Site::block_hashes`] keeps between the requests of one compare
+/// (in the [`DigestCache`] slot).
 #[derive(Default)]
-pub struct DigestCache {
+struct DigestScratch {
     buf: Vec<u8>,
     open: Option<OpenReplica>,
 }
@@ -581,11 +584,11 @@ impl Site<'_> {
         io_err(ctx, &self.store.root, doing, path, e)
     }
 
-    fn read_state(&self, p: &DiskPaths) -> Result<Option<DiskState>> {
+    fn read_state(&self, p: &DiskPaths) -> Result<Option<ReplicaState>> {
         read_json_opt(&p.ctx, &self.store.root, &p.state())
     }
 
-    fn state_or_unknown(&self, p: &DiskPaths) -> Result<DiskState> {
+    fn state_or_unknown(&self, p: &DiskPaths) -> Result<ReplicaState> {
         self.read_state(p)?.ok_or_else(|| StoreError::NotReady {
             ctx: p.ctx.clone(),
             what: "this disk is unknown to the receiver: start its initial replication".into(),
@@ -621,14 +624,14 @@ impl Site<'_> {
         Ok(())
     }
 
-    fn write_state(&self, p: &DiskPaths, st: &DiskState) -> Result<()> {
+    fn write_state(&self, p: &DiskPaths, st: &ReplicaState) -> Result<()> {
         self.write_json(&p.ctx, &p.dir, STATE, st)
     }
 
     fn open_replica(
         &self,
         p: &DiskPaths,
-        st: &DiskState,
+        st: &ReplicaState,
         create: bool,
     ) -> Result<Box<dyn ReplicaTarget>> {
         let path = p.dir.join(&st.replica_file);
@@ -685,7 +688,7 @@ impl Site<'_> {
             }
         }
         let resync = matches!(&old, Some(st) if st.cycle.is_some());
-        let st = DiskState {
+        let st = ReplicaState {
             version: 1,
             disk_id: hex(&info.disk_id),
             name: info.name.clone(),
@@ -1339,7 +1342,7 @@ impl Site<'_> {
         Ok(bytes)
     }
 
-    fn finish_apply(&self, p: &DiskPaths, st: &mut DiskState, h: &HrlHeader) -> Result<()> {
+    fn finish_apply(&self, p: &DiskPaths, st: &mut ReplicaState, h: &HrlHeader) -> Result<()> {
         st.cycle = Some(h.cycle);
         st.size = h.disk_size;
         st.cycle_time_ns = h.cut_unix_ns;
@@ -1352,12 +1355,16 @@ impl Site<'_> {
         crash_point("state-applied");
         let _ = std::fs::remove_file(p.log(h.cycle));
         let _ = sync_dir(&p.incoming);
-        crash_point("log-removed");
         Ok(())
     }
 
     /// Complete an interrupted apply of `cycle` (state says `applying`).
-    fn roll_forward(&self, p: &DiskPaths, st: &mut DiskState, cycle: u64) -> Result<ApplyOutcome> {
+    fn roll_forward(
+        &self,
+        p: &DiskPaths,
+        st: &mut ReplicaState,
+        cycle: u64,
+    ) -> Result<ApplyOutcome> {
         let base = st.cycle.unwrap_or(0);
         let undop = p.undo.join(undo::undo_name(base, cycle));
         let logp = p.log(cycle);
@@ -1463,7 +1470,7 @@ impl Site<'_> {
 
     /// Mark the replica of a disk as untrusted (`Some(reason)`) or trusted
     /// again (`None`). While marked, the receiver tells the sender so in
-    /// `DiskState` and accepts only a resync's log (see
+    /// the wire's `DiskState` and accepts only a resync's log (see
     /// [`Site::resync_prepared`]). For adopted replicas after an unplanned
     /// failover, damaged or out-of-order logs, or by hand.
     pub fn set_needs_resync(
@@ -1532,6 +1539,7 @@ impl Site<'_> {
         runs: &[(u64, u32)],
         cache: &mut DigestCache,
     ) -> Result<(u64, Vec<u128>)> {
+        let cache = cache.get::<DigestScratch>();
         let same_disk = cache
             .open
             .as_ref()
@@ -1563,7 +1571,7 @@ impl Site<'_> {
         };
         if cache.open.as_ref().is_none_or(|c| c.state_bytes != raw) {
             cache.open = None;
-            let st: DiskState = match serde_json::from_slice(&raw) {
+            let st: ReplicaState = match serde_json::from_slice(&raw) {
                 Ok(st) => st,
                 Err(e) => {
                     return Err(StoreError::BadState {
@@ -1668,7 +1676,7 @@ impl Site<'_> {
     }
 
     /// The state of a disk (for status displays and tests).
-    pub fn disk_state(&self, vm: &str, disk_id: &[u8; 16]) -> Result<DiskState> {
+    pub fn disk_state(&self, vm: &str, disk_id: &[u8; 16]) -> Result<ReplicaState> {
         let p = self.disk(vm, disk_id, false)?;
         self.state_or_unknown(&p)
     }
@@ -1747,7 +1755,7 @@ impl Site<'_> {
             consistency,
             disks,
         };
-        crate::replica::crash_point("point-before-commit");
+        crash_point("point-before-commit");
         pf.points.push(pt.clone());
         pf.points.sort_by_key(|p| p.cycle);
         self.write_json(&self.ctx(vm, ""), &vmd, POINTS, &pf)?;

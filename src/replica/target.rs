@@ -5,11 +5,10 @@
 //! already are VHDs, replicate this way), [`FixedVhd`] is a raw source kept
 //! as a fixed VHD (the data followed by a 512-byte footer).
 //!
-//! The footer and geometry come from [`crate::vhd`]. A fixed VHD of a sparse
-//! source stays sparse on disk (zero ranges are punched). Dynamic VHD
-//! replicas (`vhd::Vhd`, whose `read_at`/`write_at`/`write_zeroes`/`resize`/
-//! `flush` map one to one onto this trait) are not used yet: [`open_target`]
-//! is the one place that would pick them.
+//! [`FixedVhd`] is vdrep's one fixed-VHD implementation; its footer and
+//! geometry come from [`crate::vhd::footer`]. A fixed VHD of a sparse source
+//! stays sparse on disk (zero ranges are punched). [`open_target`] is the one
+//! place that picks an implementation.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -76,77 +75,30 @@ pub trait ReplicaTarget: Send {
 }
 
 /// A read-only shared mapping of part of a replica file (see
-/// [`ReplicaTarget::map`]); unmapped on drop.
-pub struct MappedRange {
-    base: *mut libc::c_void,
-    map_len: usize,
-    /// Offset of the first wanted byte inside the mapping.
-    skip: usize,
-    len: usize,
-}
+/// [`ReplicaTarget::map`]); unmapped on drop. Dereferences to the wanted
+/// bytes (memmap2 aligns the mapping to pages and hides the slack).
+pub type MappedRange = memmap2::Mmap;
 
-// SAFETY: the mapping is read-only and owned; it may be used and dropped
-// from any thread.
-unsafe impl Send for MappedRange {}
-// SAFETY: as above: shared access only reads.
-unsafe impl Sync for MappedRange {}
-
-impl MappedRange {
-    fn new(file: &File, offset: u64, len: usize) -> io::Result<MappedRange> {
-        use std::os::fd::AsRawFd;
-        // The file must hold every mapped byte: a page past its end would
-        // fault (SIGBUS) when read.
-        if file.metadata()?.len() < offset + len as u64 || len == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "range past the end of the replica file",
-            ));
-        }
-        // SAFETY: sysconf has no memory effects.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
-        let start = offset / page * page;
-        let skip = (offset - start) as usize;
-        let map_len = skip + len;
-        // SAFETY: a fresh read-only shared mapping of a valid fd; the
-        // kernel picks the address; failure is checked below.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ,
-                libc::MAP_SHARED | libc::MAP_POPULATE,
-                file.as_raw_fd(),
-                start as libc::off_t,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(MappedRange {
-            base,
-            map_len,
-            skip,
-            len,
-        })
+/// Map `len` bytes of `file` at `offset` read-only (pre-faulted).
+fn map_range(file: &File, offset: u64, len: usize) -> io::Result<MappedRange> {
+    // The file must hold every mapped byte: a page past its end would
+    // fault (SIGBUS) when read.
+    if file.metadata()?.len() < offset + len as u64 || len == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "range past the end of the replica file",
+        ));
     }
-}
-
-impl std::ops::Deref for MappedRange {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        // SAFETY: `base..base + map_len` is mapped readable for our
-        // lifetime and the file holds every byte (checked at creation;
-        // replicas are only shrunk under the disk lock the reader holds).
-        unsafe { std::slice::from_raw_parts(self.base.cast::<u8>().add(self.skip), self.len) }
-    }
-}
-
-impl Drop for MappedRange {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what mmap returned.
-        unsafe {
-            libc::munmap(self.base, self.map_len);
-        }
+    // SAFETY: the mapping is read-only, and the file holds every mapped byte
+    // (checked above); replicas are only shrunk or rewritten under the disk
+    // lock the reader holds, so the bytes do not change or vanish while the
+    // mapping is in use.
+    unsafe {
+        memmap2::MmapOptions::new()
+            .offset(offset)
+            .len(len)
+            .populate()
+            .map(file)
     }
 }
 
@@ -280,12 +232,12 @@ impl ReplicaTarget for RawFile {
         if offset.saturating_add(len as u64) > self.len {
             return None;
         }
-        Some(MappedRange::new(&self.file, offset, len))
+        Some(map_range(&self.file, offset, len))
     }
 }
 
 /// Size of a VHD footer.
-pub const VHD_FOOTER_LEN: u64 = 512;
+pub const VHD_FOOTER_LEN: u64 = crate::vhd::footer::FOOTER_SIZE as u64;
 
 /// A fixed VHD: the disk's bytes, then a 512-byte footer (its footer comes from [`crate::vhd`]). The footer is rewritten on
 /// every [`set_len`](ReplicaTarget::set_len) and [`flush`](ReplicaTarget::flush),
@@ -367,12 +319,6 @@ impl ReplicaTarget for FixedVhd {
     }
 }
 
-/// The spec's CHS geometry for `size` bytes: (cylinders, heads, sectors/track).
-pub fn vhd_geometry(size: u64) -> (u16, u8, u8) {
-    let g = crate::vhd::footer::Geometry::for_size(size);
-    (g.cylinders, g.heads, g.sectors_per_track)
-}
-
 /// A fixed-disk VHD footer for a disk of `size` bytes, from [`crate::vhd`]
 /// (creator `qem2`: QEMU sizes the disk by its exact current size).
 pub fn vhd_fixed_footer(size: u64, timestamp: u32, unique_id: [u8; 16]) -> [u8; 512] {
@@ -383,15 +329,6 @@ pub fn vhd_fixed_footer(size: u64, timestamp: u32, unique_id: [u8; 16]) -> [u8; 
         unique_id,
     )
     .encode()
-}
-
-/// Seconds since 2000-01-01 00:00:00 UTC (the VHD time stamp).
-pub fn vhd_timestamp_now() -> u32 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    now.saturating_sub(946_684_800) as u32
 }
 
 /// Open the replica file `path` of `format` holding `size` bytes — the one
@@ -454,8 +391,12 @@ mod tests {
             .fold(0u32, |a, (_, &x)| a.wrapping_add(u32::from(x)));
         assert_eq!(u32::from_be_bytes([f[64], f[65], f[66], f[67]]), !sum);
         // 10 MiB: 20480 sectors -> spt 17, heads 4, cyl 301 (spec algorithm).
-        assert_eq!(vhd_geometry(10 << 20), (301, 4, 17));
-        assert_eq!(vhd_geometry(u64::MAX / 2), (65535, 16, 255));
+        let chs = |size| {
+            let g = crate::vhd::footer::Geometry::for_size(size);
+            (g.cylinders, g.heads, g.sectors_per_track)
+        };
+        assert_eq!(chs(10 << 20), (301, 4, 17));
+        assert_eq!(chs(u64::MAX / 2), (65535, 16, 255));
     }
 
     #[test]

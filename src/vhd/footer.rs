@@ -340,32 +340,6 @@ pub fn vhd_timestamp_now() -> u32 {
     u32::try_from(unix.saturating_sub(VHD_EPOCH_UNIX)).unwrap_or(u32::MAX)
 }
 
-/// A random (version 4) UUID for a new disk.
-pub fn random_uuid() -> [u8; 16] {
-    let mut id = [0u8; 16];
-    // SAFETY: getrandom writes at most id.len() bytes into the buffer.
-    let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
-    if n != id.len() as isize {
-        // No entropy source: fall back to time and pid, still unique enough
-        // to tell disks apart.
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let h = xxhash_rust::xxh3::xxh3_128(
-            &[
-                t.to_le_bytes(),
-                u128::from(std::process::id()).to_le_bytes(),
-            ]
-            .concat(),
-        );
-        id = h.to_le_bytes();
-    }
-    id[6] = (id[6] & 0x0f) | 0x40;
-    id[8] = (id[8] & 0x3f) | 0x80;
-    id
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -221,7 +221,7 @@ impl Site<'_> {
     }
 
     /// Roll `p`'s replica back to `cycle` through its undo records.
-    fn roll_back_to(&self, p: &DiskPaths, st: &mut DiskState, cycle: u64) -> Result<()> {
+    fn roll_back_to(&self, p: &DiskPaths, st: &mut ReplicaState, cycle: u64) -> Result<()> {
         let mut recs = self.undo_records(p);
         recs.sort_by_key(|r| std::cmp::Reverse(r.1));
         let mut target: Option<Box<dyn ReplicaTarget>> = None;
@@ -428,7 +428,7 @@ impl Site<'_> {
             let p = self.disk(vm, &id, false)?;
             let rt = self.store.runtime(&p.dir);
             let _g = rt.lock();
-            let keep: DiskState = read_json_opt(&p.ctx, &self.store.root, &p.dir.join(KEEP))?
+            let keep: ReplicaState = read_json_opt(&p.ctx, &self.store.root, &p.dir.join(KEEP))?
                 .ok_or_else(|| StoreError::NotReady {
                     ctx: p.ctx.clone(),
                     what: "no record of this disk's state from before the failover: it cannot be cancelled".into(),
@@ -644,7 +644,7 @@ impl Site<'_> {
                 ReplicaFormat::VhdOfRaw => raw_len_of(&dst, moved_before),
             }
             .map_err(|e| self.io(&p.ctx, "reading the adopted disk's size", &dst, e))?;
-            let st = DiskState {
+            let st = ReplicaState {
                 version: 1,
                 disk_id: hex(&d.disk_id),
                 name: d.name.clone(),
