@@ -454,7 +454,7 @@ fn initial_copy_streams_as_of_cut_and_resumes_after_interruption() {
         .write(true)
         .open(&replica)
         .unwrap();
-    let write_sink = |off: u64, data: &[u8]| -> Result<(), String> {
+    let write_sink = |off: u64, data: &[u8]| -> Result<(), vdrep::tracking::StreamError> {
         if data.iter().all(|&b| b == 0) {
             // zero range: extend/punch like a receiver would
             let end = off + data.len() as u64;
@@ -482,7 +482,8 @@ fn initial_copy_streams_as_of_cut_and_resumes_after_interruption() {
     let mut reached = 0u64;
     let r = sc1.stream(0, &mut |off, data| {
         if off >= 3 << 20 {
-            return Err("network down".into());
+            // The network went down.
+            return Err(vdrep::tracking::StreamError::Stopped);
         }
         write_sink(off, data)?;
         reached = off + data.len() as u64;
