@@ -312,7 +312,7 @@ impl Replicator {
             return Vec::new();
         };
         rd.flatten()
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+            .filter(|entry| entry.file_name().to_string_lossy().ends_with(".json"))
             .filter_map(|e| {
                 let b = std::fs::read(e.path()).ok()?;
                 serde_json::from_slice(&b).ok()
