@@ -1684,11 +1684,14 @@ impl Replicator {
         // Blocks below `start` are in the cycle only if they changed since
         // the interrupted copy.
         let (ctx, mut crx) = tokio::sync::mpsc::channel::<(u64, Vec<u8>)>(8);
+        let (pool_tx, pool_rx) = std::sync::mpsc::channel::<Vec<u8>>();
         let reader = tokio::task::spawn_blocking(move || {
-            let r = sc.stream(0, &mut |off, data| {
-                ctx.blocking_send((off, data.to_vec()))
-                    .map_err(|_| crate::tracking::StreamError::Stopped)
-            });
+            let mut out = ChunkFiller {
+                tx: ctx,
+                pool: pool_rx,
+                cur: None,
+            };
+            let r = sc.stream_into(0, &mut out).and_then(|()| out.flush());
             (sc, r)
         });
         let net = async {
@@ -1705,37 +1708,42 @@ impl Replicator {
                 // every 16th (it costs ~9% of a core on random data).
                 let try_lz4 = incompressible < 8 || chunk_no % 16 == 0;
                 chunk_no += 1;
-                let (encoding, payload) = if data.iter().all(|&b| b == 0) {
-                    (Encoding::Zero, Vec::new())
+                // `spare`: the read buffer when the payload is not it.
+                let (encoding, payload, spare) = if data.iter().all(|&b| b == 0) {
+                    (Encoding::Zero, Vec::new(), Some(data))
                 } else if try_lz4 {
                     let c = lz4_flex::block::compress(&data);
                     if c.len() <= data.len() - data.len() / 8 {
                         incompressible = 0;
-                        (Encoding::Lz4, c)
+                        (Encoding::Lz4, c, Some(data))
                     } else {
                         incompressible += 1;
-                        (Encoding::Raw, data)
+                        (Encoding::Raw, data, None)
                     }
                 } else {
-                    (Encoding::Raw, data)
+                    (Encoding::Raw, data, None)
                 };
                 if let Some(l) = limiter {
                     l.take(payload.len().max(64) as u64).await;
                 }
                 let plen = payload.len() as u64;
-                wire::write_msg_buf(
-                    &mut tx,
-                    &Msg::InitialChunk(wire::InitialChunk {
-                        disk_id: id,
-                        offset: off,
-                        length: len as u32,
-                        encoding,
-                        data: payload,
-                    }),
-                    &mut buf,
-                )
-                .await
-                .map_err(|e| stream_err(&e, addr))?;
+                let msg = Msg::InitialChunk(wire::InitialChunk {
+                    disk_id: id,
+                    offset: off,
+                    length: len as u32,
+                    encoding,
+                    data: payload,
+                });
+                let written = wire::write_msg_buf(&mut tx, &msg, &mut buf).await;
+                // The read buffer goes back to the reader (it may be gone).
+                let back = match msg {
+                    Msg::InitialChunk(c) if c.encoding == Encoding::Raw => Some(c.data),
+                    _ => spare,
+                };
+                if let Some(b) = back {
+                    let _ = pool_tx.send(b);
+                }
+                written.map_err(|e| stream_err(&e, addr))?;
                 sent += plen;
                 disk_done += len;
                 let mut s = vm.status.lock();
@@ -1811,6 +1819,38 @@ impl Replicator {
         }
         .await;
         (Some(sc), end)
+    }
+}
+
+/// Hands a sealed cycle's pieces to the network side without copying them:
+/// each piece is read straight into a buffer that travels over the channel
+/// and comes back through `pool` once sent.
+struct ChunkFiller {
+    tx: tokio::sync::mpsc::Sender<(u64, Vec<u8>)>,
+    pool: std::sync::mpsc::Receiver<Vec<u8>>,
+    /// The piece being read: passed on when the next one is asked for.
+    cur: Option<(u64, Vec<u8>)>,
+}
+
+impl ChunkFiller {
+    fn flush(&mut self) -> Result<(), crate::tracking::StreamError> {
+        if let Some(piece) = self.cur.take() {
+            self.tx
+                .blocking_send(piece)
+                .map_err(|_| crate::tracking::StreamError::Stopped)?;
+        }
+        Ok(())
+    }
+}
+
+impl crate::tracking::CycleBuf for ChunkFiller {
+    fn room(&mut self, off: u64, len: usize) -> Result<&mut [u8], crate::tracking::StreamError> {
+        self.flush()?;
+        // A returned buffer is only zero-filled where it grows.
+        let mut b = self.pool.try_recv().unwrap_or_default();
+        b.resize(len, 0);
+        let (_, b) = self.cur.insert((off, b));
+        Ok(b)
     }
 }
 

@@ -20,6 +20,12 @@
 //! base and nothing is lost. A daemon that dies without a clean shutdown
 //! leaves `mount.json` marked unclean; the next mount marks every disk
 //! "resync required" instead of trusting a stale bitmap.
+//!
+//! Sealed logs stay tracking's until shipped: [`Tracker::sealed_log`] hands
+//! out a [`SealedLog`] (opened once, read in place, deleted by
+//! [`SealedLog::mark_shipped`]); nobody else opens or deletes them. Why a
+//! cut wrote no log is typed ([`CutEntry::kind`]); system calls go through
+//! `crate::fs::sys`, which also spells the `/proc/self/fd/N` paths.
 
 pub mod bitmap;
 pub mod preimage;
