@@ -977,14 +977,13 @@ impl Tracker {
     /// [`SealedLog`]). A log whose header is damaged is still returned:
     /// [`SealedLog::header`] says why.
     pub fn sealed_log(&self, disk: &str, cycle: u64) -> Result<SealedLog, TrackError> {
-        let rel = self
-            .log_files(disk)
-            .into_iter()
-            .find(|(c, _)| *c == cycle)
-            .map(|(_, r)| r)
-            .ok_or_else(|| {
-                TrackError::Refused(format!("{disk} has no sealed log of cycle {cycle}"))
-            })?;
+        let folder = self
+            .disks
+            .lock()
+            .get(disk)
+            .map(|d| d.meta.lock().folder.clone())
+            .ok_or_else(|| TrackError::Refused(format!("{disk} is not tracked")))?;
+        let rel = StateDir::log_rel(&folder, cycle);
         let shown = self.root_path.join(&rel);
         SealedLog::open(&self.state, disk, cycle, rel, shown.clone())
             .map_err(|e| TrackError::io(format!("opening {}", shown.display()), e))
