@@ -148,4 +148,33 @@ mod tests {
         assert_eq!(ErrorCode::from_code(c.code()), c);
         assert_ne!(c.code(), ErrorCode::InvalidState.code());
     }
+
+    #[test]
+    fn refused_certificates_are_fatal_other_connection_failures_retried() {
+        use rustls::AlertDescription as A;
+        let addr: SocketAddr = "192.0.2.1:7700".parse().unwrap();
+        let closed = |alert: A| {
+            quinn::ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+                error_code: quinn::TransportErrorCode::crypto(u8::from(alert)),
+                frame_type: None,
+                reason: b"x".to_vec().into(),
+            })
+        };
+        assert_eq!(
+            conn_err(&closed(A::HandshakeFailure), addr).kind(),
+            ErrorKind::Fatal
+        );
+        assert_eq!(
+            conn_err(&closed(A::BadCertificate), addr).kind(),
+            ErrorKind::Fatal
+        );
+        assert_eq!(
+            conn_err(&closed(A::NoApplicationProtocol), addr).kind(),
+            ErrorKind::Retry
+        );
+        assert_eq!(
+            conn_err(&quinn::ConnectionError::TimedOut, addr).kind(),
+            ErrorKind::Retry
+        );
+    }
 }

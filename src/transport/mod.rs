@@ -581,3 +581,60 @@ pub fn explain_connection_error(e: &quinn::ConnectionError, peer: SocketAddr) ->
         (_, other) => format!("connection with {peer} failed: {other}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::AlertDescription as A;
+
+    fn by_peer(alert: A, reason: &str) -> quinn::ConnectionError {
+        quinn::ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+            error_code: quinn::TransportErrorCode::crypto(u8::from(alert)),
+            frame_type: None,
+            reason: reason.as_bytes().to_vec().into(),
+        })
+    }
+
+    #[test]
+    fn handshake_failures_are_classified_by_alert_not_by_text() {
+        // (Refusals by this side, `ConnectionError::TransportError`, cannot
+        // be built outside quinn-proto; tests/net_quic.rs covers them.)
+        use HandshakeFailure::*;
+        // What the pinned verifiers send, whatever the text says.
+        assert_eq!(
+            handshake_failure(&by_peer(A::HandshakeFailure, "anything")),
+            Some((RefusedBy::Peer, Trust))
+        );
+        assert_eq!(
+            handshake_failure(&by_peer(A::CertificateRequired, "")),
+            Some((RefusedBy::Peer, Trust))
+        );
+        // A text about certificates does not make an ALPN refusal one.
+        assert_eq!(
+            handshake_failure(&by_peer(
+                A::NoApplicationProtocol,
+                "certificate is not trusted"
+            )),
+            Some((RefusedBy::Peer, Protocol))
+        );
+        assert_eq!(
+            handshake_failure(&by_peer(A::InternalError, "")),
+            Some((RefusedBy::Peer, Other))
+        );
+        assert_eq!(handshake_failure(&quinn::ConnectionError::TimedOut), None);
+        assert_eq!(handshake_failure(&quinn::ConnectionError::Reset), None);
+    }
+
+    #[test]
+    fn explanations_follow_the_alert() {
+        let peer: SocketAddr = "192.0.2.1:7700".parse().unwrap();
+        let e = explain_connection_error(&by_peer(A::HandshakeFailure, "other error: x"), peer);
+        assert!(e.contains("refused our certificate (x)"), "{e}");
+        let e = explain_connection_error(&by_peer(A::NoApplicationProtocol, ""), peer);
+        assert!(e.contains("does not speak the vdrep protocol"), "{e}");
+        let e = server_side_reason(&by_peer(A::BadCertificate, "other error: x"));
+        assert!(e.contains("the peer refused our certificate (x)"), "{e}");
+        let e = server_side_reason(&by_peer(A::InternalError, "y"));
+        assert_eq!(e, "the peer aborted the TLS handshake: y");
+    }
+}
