@@ -9,7 +9,7 @@
 //! it. Nobody else opens, maps or deletes sealed logs.
 
 use std::fs::File;
-use std::io::{self, BufReader};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -44,7 +44,7 @@ impl SealedLog {
     ) -> io::Result<SealedLog> {
         let file = state.openat(&rel, libc::O_RDONLY | libc::O_NOFOLLOW, 0)?;
         let len = file.metadata()?.len();
-        let header = HrlReader::new(BufReader::new(&file), len, &shown).map(|r| r.header().clone());
+        let header = HrlReader::new(&file, len, &shown).map(|r| r.header().clone());
         Ok(SealedLog {
             disk: disk.to_string(),
             cycle,
