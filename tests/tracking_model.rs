@@ -454,7 +454,7 @@ fn initial_copy_streams_as_of_cut_and_resumes_after_interruption() {
         .write(true)
         .open(&replica)
         .unwrap();
-    let write_sink = |off: u64, data: &[u8]| -> Result<(), String> {
+    let write_sink = |off: u64, data: &[u8]| -> Result<(), vdrep::tracking::StreamError> {
         if data.iter().all(|&b| b == 0) {
             // zero range: extend/punch like a receiver would
             let end = off + data.len() as u64;
@@ -482,7 +482,8 @@ fn initial_copy_streams_as_of_cut_and_resumes_after_interruption() {
     let mut reached = 0u64;
     let r = sc1.stream(0, &mut |off, data| {
         if off >= 3 << 20 {
-            return Err("network down".into());
+            // The network went down.
+            return Err(vdrep::tracking::StreamError::Stopped);
         }
         write_sink(off, data)?;
         reached = off + data.len() as u64;
@@ -555,4 +556,65 @@ fn cut_that_cannot_save_its_cycle_gives_everything_back() {
         .unwrap_or_else(|| panic!("no log after the failed cut: {:?}", r.disks[0].error));
     apply_all(&[log], &dir.join("base"));
     assert!(std::fs::read(dir.join("base")).unwrap() == std::fs::read(dir.join("d.raw")).unwrap());
+}
+
+/// A sealed log is tracking's until shipped: handed out opened, with its
+/// header, read in place, and gone once marked shipped; a damaged one still
+/// comes out, saying why; a disk that needs a resync gets no log and the cut
+/// says so by kind.
+#[test]
+fn sealed_logs_are_read_in_place_and_deleted_when_shipped() {
+    use vdrep::tracking::CutErrorKind;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(dir.join("d.raw"), vec![0u8; 1 << 20]).unwrap();
+    let t = tracker(dir, 4096);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("d.raw"))
+        .unwrap();
+    let disk = t.attach(Path::new("d.raw"), &file).unwrap().unwrap();
+    disk.write_at(&file, 8192, &[0x55; 4096]).unwrap();
+    let c1 = t.cut().unwrap();
+    disk.write_at(&file, 4096, &[0x66; 100]).unwrap();
+    let c2 = t.cut().unwrap();
+    assert_eq!(t.pending_cycles("d.raw"), vec![c1.cycle, c2.cycle]);
+
+    let log = t.sealed_log("d.raw", c1.cycle).unwrap();
+    let shown = c1.disks[0].log.clone().unwrap();
+    assert_eq!(log.shown(), shown.as_path());
+    assert_eq!(log.len(), c1.disks[0].log_bytes);
+    let h = log.header().unwrap();
+    assert_eq!((h.cycle, h.base_cycle), (c1.cycle, c1.disks[0].base_cycle));
+    // Positioned reads give the file's bytes, in any order.
+    let whole = std::fs::read(&shown).unwrap();
+    let mut tail = vec![0u8; 100];
+    log.read_exact_at(&mut tail, log.len() - 100).unwrap();
+    assert_eq!(tail[..], whole[whole.len() - 100..]);
+    let mut all = vec![0u8; log.len() as usize];
+    log.read_exact_at(&mut all, 0).unwrap();
+    assert!(all == whole);
+    log.mark_shipped();
+    assert!(!shown.exists());
+    assert_eq!(t.pending_cycles("d.raw"), vec![c2.cycle]);
+
+    // A damaged header: the log is still handed out, with the reason.
+    let shown2 = c2.disks[0].log.clone().unwrap();
+    let mut bytes = std::fs::read(&shown2).unwrap();
+    bytes[0] ^= 0xff;
+    std::fs::write(&shown2, &bytes).unwrap();
+    let log2 = t.sealed_log("d.raw", c2.cycle).unwrap();
+    assert!(log2.header().is_err());
+    assert_eq!(log2.base_cycle(), None);
+    log2.discard();
+    assert!(t.pending_cycles("d.raw").is_empty());
+    assert!(t.sealed_log("d.raw", c2.cycle).is_err());
+
+    // A disk that needs a resync: no log, and the kind says why.
+    t.require_resync("d.raw", "a test");
+    disk.write_at(&file, 0, &[0x77; 10]).unwrap();
+    let c3 = t.cut().unwrap();
+    assert!(c3.disks[0].log.is_none());
+    assert_eq!(c3.disks[0].kind, Some(CutErrorKind::ResyncRequired));
 }

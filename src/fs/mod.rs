@@ -14,7 +14,7 @@
 mod handle;
 mod inode;
 mod ops;
-mod sys;
+pub(crate) mod sys;
 
 use std::ffi::CString;
 use std::io;

@@ -3,14 +3,16 @@
 //! Everything here works relative to a directory or inode descriptor, or via
 //! the `/proc/self/fd/N` magic link, never through a path below the
 //! mountpoint (which would re-enter our own FUSE mount and deadlock).
+//! [`proc_fd_path`] is the one place that spells `/proc/self/fd/N` paths;
+//! [`crate::tracking`] uses these wrappers too (it runs below the mount).
 
 use std::alloc::{self, Layout};
 use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
 
 /// Turn a `-1` return into the current `errno`.
 pub(crate) fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
@@ -34,10 +36,21 @@ pub(crate) fn cstr(name: &OsStr) -> io::Result<CString> {
     CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
-/// `/proc/self/fd/N`: opening it reaches the real file behind `fd`.
+/// `/proc/self/fd/N/REL` (`REL` empty: `/proc/self/fd/N`): opening it
+/// reaches the real file behind `fd` (or `REL` below the directory `fd`)
+/// without going through any mount above it.
+pub(crate) fn proc_fd_path(fd: RawFd, rel: &Path) -> PathBuf {
+    let mut p = PathBuf::from(format!("/proc/self/fd/{fd}"));
+    if !rel.as_os_str().is_empty() {
+        p.push(rel);
+    }
+    p
+}
+
+/// [`proc_fd_path`] of `fd` itself, as a C string.
 pub(crate) fn proc_path(fd: RawFd) -> CString {
     // A formatted integer never contains a NUL byte.
-    CString::new(format!("/proc/self/fd/{fd}")).unwrap_or_default()
+    CString::new(proc_fd_path(fd, Path::new("")).into_os_string().into_vec()).unwrap_or_default()
 }
 
 /// `openat(dirfd, name, flags, mode)` with `O_CLOEXEC`.
@@ -89,7 +102,7 @@ pub(crate) fn fstatat(dirfd: RawFd, name: &CString) -> io::Result<libc::stat> {
 
 /// `readlink` of the magic link of `fd`: the real path of the open file.
 pub(crate) fn fd_path(fd: RawFd) -> io::Result<PathBuf> {
-    std::fs::read_link(format!("/proc/self/fd/{fd}"))
+    std::fs::read_link(proc_fd_path(fd, Path::new("")))
 }
 
 /// `readlinkat(fd, "")` on an `O_PATH` descriptor of a symlink.
@@ -165,6 +178,19 @@ pub(crate) fn utimens(fd: RawFd, open_file: bool, times: &[libc::timespec; 2]) -
 pub(crate) fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> io::Result<()> {
     // SAFETY: plain syscall.
     cvt(unsafe { libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) })?;
+    Ok(())
+}
+
+/// `renameat(2)`: `old` (relative to `olddirfd`) becomes `new` (relative to
+/// `newdirfd`; `AT_FDCWD` for absolute or cwd-relative paths).
+pub(crate) fn renameat(
+    olddirfd: RawFd,
+    old: &CString,
+    newdirfd: RawFd,
+    new: &CString,
+) -> io::Result<()> {
+    // SAFETY: plain syscall with valid C strings.
+    cvt(unsafe { libc::renameat(olddirfd, old.as_ptr(), newdirfd, new.as_ptr()) })?;
     Ok(())
 }
 

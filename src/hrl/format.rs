@@ -159,9 +159,18 @@ pub fn validate_header(h: &HrlHeader) -> Result<(), (usize, String)> {
     Ok(())
 }
 
+/// A header that cannot be written (a field out of range).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what}")]
+pub struct InvalidHeader {
+    /// Byte offset of the offending field in the encoded header.
+    pub at: usize,
+    pub what: String,
+}
+
 /// Encode a file header (fixed part, name, checksum).
-pub fn encode_header(h: &HrlHeader) -> Result<Vec<u8>, String> {
-    validate_header(h).map_err(|(_, w)| w)?;
+pub fn encode_header(h: &HrlHeader) -> Result<Vec<u8>, InvalidHeader> {
+    validate_header(h).map_err(|(at, what)| InvalidHeader { at, what })?;
     let name = h.disk_name.as_bytes();
     let mut b = Vec::with_capacity(HEADER_FIXED_LEN + name.len() + HEADER_SUM_LEN);
     b.extend_from_slice(&MAGIC);

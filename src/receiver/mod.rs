@@ -200,10 +200,10 @@ fn code_of(e: &StoreError) -> ErrorCode {
         StoreError::InvalidName { .. } | StoreError::Escape { .. } => ErrorCode::InvalidName,
         StoreError::NoSpace { .. } => ErrorCode::NoSpace,
         StoreError::Io { .. } => ErrorCode::Io,
-        StoreError::OutOfOrder { .. }
-        | StoreError::IdentityMismatch { .. }
-        | StoreError::BadState { .. }
-        | StoreError::NeedsResync { .. } => ErrorCode::InvalidState,
+        StoreError::OutOfOrder { .. } | StoreError::IdentityMismatch { .. } => {
+            ErrorCode::InvalidState
+        }
+        StoreError::BadState { .. } | StoreError::NeedsResync { .. } => ErrorCode::ResyncRequired,
         StoreError::CorruptLog { .. } => ErrorCode::Checksum,
         StoreError::Injected { .. } => ErrorCode::Io,
         StoreError::NotReady { .. } | StoreError::NoSuchPoint { .. } => ErrorCode::NotFound,
@@ -510,7 +510,7 @@ fn needs_resync_after(
     }
     tracing::warn!(site = %sess.site, %vm, "{why}; the replica is marked for resync");
     Msg::Error(wire::ErrorMsg::new(
-        ErrorCode::InvalidState,
+        ErrorCode::ResyncRequired,
         true,
         format!("the replica needs a resync: {why}"),
     ))

@@ -248,10 +248,19 @@ impl std::fmt::Display for Window {
     }
 }
 
+/// Why a resync window is refused by [`Window::parse`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WindowError {
+    #[error("{0:?} is not a window: use HH:MM-HH:MM (local time, may wrap midnight), add +weekends for all of Saturday and Sunday, or `always`")]
+    Syntax(String),
+    #[error("{0:?}: start and end are equal; say `always` for no restriction")]
+    Empty(String),
+}
+
 impl Window {
     /// `always`, `HH:MM-HH:MM` (every day) or `HH:MM-HH:MM+weekends`.
     /// `office` is the default (18:00-08:00 and weekends).
-    pub fn parse(s: &str) -> Result<Window, String> {
+    pub fn parse(s: &str) -> Result<Window, WindowError> {
         let s = s.trim();
         if s.eq_ignore_ascii_case("always") || s.eq_ignore_ascii_case("any") {
             return Ok(Window {
@@ -267,9 +276,7 @@ impl Window {
             Some(x) => (x, true),
             None => (s, false),
         };
-        let bad = || {
-            format!("{s:?} is not a window: use HH:MM-HH:MM (local time, may wrap midnight), add +weekends for all of Saturday and Sunday, or `always`")
-        };
+        let bad = || WindowError::Syntax(s.to_string());
         let (a, b) = span.split_once('-').ok_or_else(bad)?;
         let hm = |t: &str| -> Option<u16> {
             let (h, m) = t.trim().split_once(':')?;
@@ -278,9 +285,7 @@ impl Window {
         };
         let (start_min, end_min) = (hm(a).ok_or_else(bad)?, hm(b).ok_or_else(bad)?);
         if start_min == end_min {
-            return Err(format!(
-                "{s:?}: start and end are equal; say `always` for no restriction"
-            ));
+            return Err(WindowError::Empty(s.to_string()));
         }
         Ok(Window {
             start_min,

@@ -15,12 +15,15 @@
 //! 4. then cuts every interval (or continuously: as soon as the previous
 //!    cycle is acknowledged) and repeats.
 //!
-//! Errors: recoverable ones (network, receiver disk full, busy) put the VM in
-//! `Warning` and retry after 1, 2, 4, 8, 10 minutes, then every 30 minutes
-//! (scaled by `VDREP_RETRY_SCALE` so tests run in seconds); unrecoverable ones
-//! (refused certificate, invalid replica state, bad name) put it in
-//! `Critical` with the reason and stop until the administrator protects it
-//! again.
+//! Errors ([`SendError`], decided on its [`ErrorKind`]): recoverable ones
+//! (network, receiver disk full, busy) put the VM in `Warning` and retry
+//! after 1, 2, 4, 8, 10 minutes, then every 30 minutes (scaled by
+//! `VDREP_RETRY_SCALE` so tests run in seconds); unrecoverable ones (refused
+//! certificate, invalid replica state, bad name) put it in `Critical` with
+//! the reason and stop until the administrator protects it again.
+//!
+//! Sealed logs are tracking's: the sender only reads them through
+//! [`crate::tracking::SealedLog`] and marks them shipped.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -33,12 +36,16 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, Notify};
 
 use crate::hrl::Encoding;
-use crate::tracking::{CutSelect, DiskState as TrackState, Tracker};
+use crate::tracking::{CutErrorKind, CutSelect, DiskState as TrackState, SealedLog, Tracker};
 use crate::transport::{self, keys::Identity, rate::RateLimiter, trust::TrustStore};
 use crate::wire::{self, Msg};
 
 pub mod app_hook;
+mod error;
 mod resync;
+
+use error::{conn_err, msg_err, stream_err, transport_err};
+pub use error::{ErrorKind, SendError};
 
 pub use crate::resync::ResyncProgress;
 
@@ -164,23 +171,12 @@ pub struct VerifyDisk {
 /// A request the VM's worker runs between cycles.
 enum Job {
     /// Resync every disk now; answer when done (None: `--background`).
-    Resync(Option<oneshot::Sender<Result<ResyncProgress, String>>>),
-    Verify(oneshot::Sender<Result<Vec<VerifyDisk>, String>>),
+    Resync(Option<oneshot::Sender<Result<ResyncProgress, SendError>>>),
+    Verify(oneshot::Sender<Result<Vec<VerifyDisk>, SendError>>),
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum SendError {
-    #[error("{0}")]
-    Retry(String),
-    /// Retry at once (a disk was just marked for resync).
-    #[error("{0}")]
-    Again(String),
-    #[error("{0}")]
-    Fatal(String),
-}
-
-fn retry(e: impl ToString) -> SendError {
-    SendError::Retry(e.to_string())
+fn retry(e: impl std::fmt::Display) -> SendError {
+    SendError::retry(e)
 }
 
 fn now_ns() -> u64 {
@@ -204,7 +200,7 @@ pub fn backoff(n: u32, scale: f64) -> Duration {
 }
 
 /// A `vdrep sync` caller: the cycle it needs and where to answer.
-type SyncWaiter = (u64, oneshot::Sender<Result<u64, String>>);
+type SyncWaiter = (u64, oneshot::Sender<Result<u64, SendError>>);
 
 struct Vm {
     spec: ProtectSpec,
@@ -242,16 +238,19 @@ pub struct Replicator {
 
 const PROTECT_DIR: &str = "protect";
 
+/// Bytes of a sealed log per `LogChunk`.
+const LOG_CHUNK: usize = 1 << 20;
+
 impl Replicator {
     /// `keys`: the mount's identity folder (`vdrep mount --keys`).
     pub fn new(
         tracker: Arc<Tracker>,
         mount_dir: &Path,
         keys: Option<&Path>,
-    ) -> Result<Arc<Self>, String> {
+    ) -> Result<Arc<Self>, SendError> {
         let identity = match keys {
             Some(k) => Some(Arc::new(
-                Identity::from_dir(k, None).map_err(|e| e.to_string())?,
+                Identity::from_dir(k, None).map_err(|e| SendError::invalid(e.to_string()))?,
             )),
             None => None,
         };
@@ -264,7 +263,7 @@ impl Replicator {
             .thread_name("vdrep-send")
             .enable_all()
             .build()
-            .map_err(|e| format!("cannot start the replication runtime: {e}"))?;
+            .map_err(|e| SendError::fatal(format!("cannot start the replication runtime: {e}")))?;
         let retry_scale = std::env::var("VDREP_RETRY_SCALE")
             .ok()
             .and_then(|s| s.parse::<f64>().ok())
@@ -292,9 +291,7 @@ impl Replicator {
         });
         // Resume every VM protected before.
         for spec in r.saved_specs() {
-            if let Err(e) = r.start(spec.clone()) {
-                tracing::error!(vm = %spec.vm, "cannot resume protection: {e}");
-            }
+            r.start(spec);
         }
         Ok(r)
     }
@@ -315,7 +312,7 @@ impl Replicator {
             return Vec::new();
         };
         rd.flatten()
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+            .filter(|entry| entry.file_name().to_string_lossy().ends_with(".json"))
             .filter_map(|e| {
                 let b = std::fs::read(e.path()).ok()?;
                 serde_json::from_slice(&b).ok()
@@ -325,22 +322,22 @@ impl Replicator {
 
     /// Check prerequisites, persist the spec and start replicating. Returns
     /// warnings (e.g. the receiver may be short of space).
-    pub fn protect(self: &Arc<Self>, spec: ProtectSpec) -> Result<Vec<String>, String> {
-        wire::safe_component(&spec.vm).map_err(|e| format!("VM name: {e}"))?;
+    pub fn protect(self: &Arc<Self>, spec: ProtectSpec) -> Result<Vec<String>, SendError> {
+        wire::safe_component(&spec.vm).map_err(|e| SendError::invalid(format!("VM name: {e}")))?;
         if self.identity.is_none() {
-            return Err(format!(
+            return Err(SendError::invalid(format!(
                 "{} was mounted without an identity: remount with `vdrep mount {} --keys KEYDIR` (make one with `vdrep keys init`)",
                 self.mount_dir.display(),
                 self.mount_dir.display()
-            ));
+            )));
         }
         if spec.disks.is_empty() {
-            return Err("name at least one disk to protect".into());
+            return Err(SendError::invalid("name at least one disk to protect"));
         }
         let names = self.tracker.disk_names();
         for d in &spec.disks {
             if !names.contains(d) {
-                return Err(format!(
+                return Err(SendError::invalid(format!(
                     "{d} is not a tracked disk under {} (tracked: {})",
                     self.mount_dir.display(),
                     if names.is_empty() {
@@ -348,28 +345,32 @@ impl Replicator {
                     } else {
                         names.join(", ")
                     }
-                ));
+                )));
             }
         }
         for (vm, other) in self.vms.lock().iter() {
             if vm != &spec.vm {
                 if let Some(d) = other.spec.disks.iter().find(|d| spec.disks.contains(d)) {
-                    return Err(format!("{d} is already protected as part of VM {vm}"));
+                    return Err(SendError::invalid(format!(
+                        "{d} is already protected as part of VM {vm}"
+                    )));
                 }
             }
         }
         if spec.trust.is_empty() {
-            return Err("name the receiver's certificate with --trust".into());
+            return Err(SendError::invalid(
+                "name the receiver's certificate with --trust",
+            ));
         }
         if !(spec.resync_threshold_pct > 0.0 && spec.resync_threshold_pct <= 1000.0) {
-            return Err(format!(
+            return Err(SendError::invalid(format!(
                 "--resync-threshold {}% is out of range (give a percentage of the disk size, e.g. 50%)",
                 spec.resync_threshold_pct
-            ));
+            )));
         }
         if !spec.resync_window.is_empty() {
             crate::resync::Window::parse(&spec.resync_window)
-                .map_err(|e| format!("--resync-window: {e}"))?;
+                .map_err(|e| SendError::invalid(format!("--resync-window: {e}")))?;
         }
         // Reachable and trusted: say Hello once.
         let probe = self.rt.block_on(async {
@@ -379,7 +380,7 @@ impl Replicator {
         });
         let hello = match probe {
             Ok(h) => h,
-            Err(e) => return Err(format!("receiver {} is not usable: {e}", spec.to)),
+            Err(e) => return Err(e.context(format!("receiver {} is not usable", spec.to))),
         };
         let spec_name = spec.vm.clone();
         let need: u64 = spec
@@ -397,14 +398,15 @@ impl Replicator {
             ));
         }
         let path = self.tracker.state_file(PROTECT_DIR);
-        std::fs::create_dir_all(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let b = serde_json::to_vec_pretty(&spec).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&path)
+            .map_err(|e| SendError::fatal(format!("{}: {e}", path.display())))?;
+        let b = serde_json::to_vec_pretty(&spec).map_err(|e| SendError::fatal(e.to_string()))?;
         let f = path.join(format!("{}.json", spec.vm));
         let tmp = path.join(format!(".{}.json.tmp", spec.vm));
         std::fs::write(&tmp, b)
             .and_then(|_| std::fs::rename(&tmp, &f))
-            .map_err(|e| format!("saving {}: {e}", f.display()))?;
-        self.start(spec)?;
+            .map_err(|e| SendError::fatal(format!("saving {}: {e}", f.display())))?;
+        self.start(spec);
         for w in &warnings {
             tracing::warn!(vm = %spec_name, "{w}");
         }
@@ -439,9 +441,9 @@ impl Replicator {
         }
     }
 
-    pub fn unprotect(&self, vm: &str) -> Result<(), String> {
+    pub fn unprotect(&self, vm: &str) -> Result<(), SendError> {
         let Some(v) = self.vms.lock().remove(vm) else {
-            return Err(format!("VM {vm} is not protected here"));
+            return Err(not_protected(vm));
         };
         v.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         v.wake.notify_one();
@@ -456,7 +458,7 @@ impl Replicator {
         Ok(())
     }
 
-    fn start(self: &Arc<Self>, spec: ProtectSpec) -> Result<(), String> {
+    fn start(self: &Arc<Self>, spec: ProtectSpec) {
         if let Some(old) = self.vms.lock().remove(&spec.vm) {
             old.stop.store(true, std::sync::atomic::Ordering::SeqCst);
             old.wake.notify_one();
@@ -508,7 +510,6 @@ impl Replicator {
         self.vms.lock().insert(vm.spec.vm.clone(), vm.clone());
         let me = self.clone();
         self.rt.spawn(async move { me.worker(vm).await });
-        Ok(())
     }
 
     pub fn status(&self) -> Vec<VmStatus> {
@@ -528,10 +529,7 @@ impl Replicator {
                     .spec
                     .disks
                     .iter()
-                    .flat_map(|d| self.tracker.pending_logs(d))
-                    .filter_map(|(_, p)| self.tracker.private_path(&p))
-                    .filter_map(|p| std::fs::metadata(p).ok())
-                    .map(|m| m.len())
+                    .map(|d| self.tracker.pending_log_bytes(d))
                     .sum();
                 s.bytes_pending = dirty + logs;
                 s.bitmap_only = tstat
@@ -552,18 +550,13 @@ impl Replicator {
 
     /// Cut now and wait until the receiver has durably applied a point at
     /// least that new (or `timeout` passes, or the VM is Critical).
-    pub fn sync(&self, vm: &str, timeout: Duration) -> Result<u64, String> {
-        let v = self
-            .vms
-            .lock()
-            .get(vm)
-            .cloned()
-            .ok_or_else(|| format!("VM {vm} is not protected here"))?;
+    pub fn sync(&self, vm: &str, timeout: Duration) -> Result<u64, SendError> {
+        let v = self.vm(vm)?;
         if v.status.lock().state == VmState::Critical {
-            return Err(format!(
+            return Err(SendError::unavailable(format!(
                 "VM {vm} is Critical: {}",
                 v.status.lock().last_error.clone().unwrap_or_default()
-            ));
+            )));
         }
         let (tx, rx) = oneshot::channel();
         // Any point sealed after this moment will do.
@@ -575,26 +568,29 @@ impl Replicator {
         self.rt.block_on(async {
             match tokio::time::timeout(timeout, rx).await {
                 Ok(Ok(r)) => r,
-                Ok(Err(_)) => Err(format!("replication of {vm} stopped")),
+                Ok(Err(_)) => Err(stopped(vm)),
                 Err(_) => {
                     let s = v.status.lock().clone();
-                    Err(format!(
-                        "timed out after {:?} waiting for {vm} to reach the receiver (state {:?}{})",
-                        timeout,
-                        s.state,
-                        s.last_error.map(|e| format!(": {e}")).unwrap_or_default()
+                    Err(SendError::new(
+                        ErrorKind::TimedOut,
+                        format!(
+                            "timed out after {:?} waiting for {vm} to reach the receiver (state {:?}{})",
+                            timeout,
+                            s.state,
+                            s.last_error.map(|e| format!(": {e}")).unwrap_or_default()
+                        ),
                     ))
                 }
             }
         })
     }
 
-    fn vm(&self, vm: &str) -> Result<Arc<Vm>, String> {
+    fn vm(&self, vm: &str) -> Result<Arc<Vm>, SendError> {
         self.vms
             .lock()
             .get(vm)
             .cloned()
-            .ok_or_else(|| format!("VM {vm} is not protected here"))
+            .ok_or_else(|| not_protected(vm))
     }
 
     /// `vdrep resync NAME`: resync every disk of the VM by checksums now
@@ -605,13 +601,13 @@ impl Replicator {
         vm: &str,
         wait: bool,
         timeout: Duration,
-    ) -> Result<Option<ResyncProgress>, String> {
+    ) -> Result<Option<ResyncProgress>, SendError> {
         let v = self.vm(vm)?;
         if v.status.lock().state == VmState::Critical {
-            return Err(format!(
+            return Err(SendError::unavailable(format!(
                 "VM {vm} is Critical: {}; protect it again first",
                 v.status.lock().last_error.clone().unwrap_or_default()
-            ));
+            )));
         }
         if !wait {
             v.jobs.lock().push_back(Job::Resync(None));
@@ -624,9 +620,12 @@ impl Replicator {
         self.rt.block_on(async {
             match tokio::time::timeout(timeout, rx).await {
                 Ok(Ok(r)) => r.map(Some),
-                Ok(Err(_)) => Err(format!("replication of {vm} stopped")),
-                Err(_) => Err(format!(
-                    "timed out after {timeout:?}; the resync of {vm} goes on (see `vdrep status`)"
+                Ok(Err(_)) => Err(stopped(vm)),
+                Err(_) => Err(SendError::new(
+                    ErrorKind::TimedOut,
+                    format!(
+                        "timed out after {timeout:?}; the resync of {vm} goes on (see `vdrep status`)"
+                    ),
                 )),
             }
         })
@@ -634,7 +633,7 @@ impl Replicator {
 
     /// `vdrep verify NAME`: ship everything, then compare every disk with
     /// the receiver's newest point by digests (no data shipped).
-    pub fn verify(&self, vm: &str, timeout: Duration) -> Result<Vec<VerifyDisk>, String> {
+    pub fn verify(&self, vm: &str, timeout: Duration) -> Result<Vec<VerifyDisk>, SendError> {
         let v = self.vm(vm)?;
         let (tx, rx) = oneshot::channel();
         v.jobs.lock().push_back(Job::Verify(tx));
@@ -642,8 +641,11 @@ impl Replicator {
         self.rt.block_on(async {
             match tokio::time::timeout(timeout, rx).await {
                 Ok(Ok(r)) => r,
-                Ok(Err(_)) => Err(format!("replication of {vm} stopped")),
-                Err(_) => Err(format!("timed out after {timeout:?} verifying {vm}")),
+                Ok(Err(_)) => Err(stopped(vm)),
+                Err(_) => Err(SendError::new(
+                    ErrorKind::TimedOut,
+                    format!("timed out after {timeout:?} verifying {vm}"),
+                )),
             }
         })
     }
@@ -668,9 +670,9 @@ impl Replicator {
         let id = self
             .identity
             .as_ref()
-            .ok_or_else(|| SendError::Fatal("no identity (mount with --keys)".into()))?;
+            .ok_or_else(|| SendError::fatal("no identity (mount with --keys)"))?;
         let trust =
-            TrustStore::from_files(&spec.trust).map_err(|e| SendError::Fatal(e.to_string()))?;
+            TrustStore::from_files(&spec.trust).map_err(|e| SendError::fatal(e.to_string()))?;
         let addr: SocketAddr = tokio::net::lookup_host(&spec.to)
             .await
             .map_err(|e| retry(format!("cannot resolve {}: {e}", spec.to)))?
@@ -686,11 +688,8 @@ impl Replicator {
             transport::client_tuned(id, &trust, &tuning, None).map_err(|e| retry(e.to_string()))?;
         let conn = transport::connect(&ep, addr, "vdrep")
             .await
-            .map_err(|e| classify_transport(&e.to_string()))?;
-        let (mut tx, mut rx) = conn
-            .open_bi()
-            .await
-            .map_err(|e| classify_transport(&transport::explain_connection_error(&e, addr)))?;
+            .map_err(|e| transport_err(&e, addr))?;
+        let (mut tx, mut rx) = conn.open_bi().await.map_err(|e| conn_err(&e, addr))?;
         let hello = Msg::Hello(wire::Hello {
             protocol_version: wire::PROTOCOL_VERSION,
             site_name: self.site.clone(),
@@ -705,7 +704,7 @@ impl Replicator {
         {
             Some(Msg::HelloOk(h)) => Ok((conn, ep, h)),
             Some(Msg::Error(e)) => Err(msg_err(&e)),
-            other => Err(SendError::Fatal(format!(
+            other => Err(SendError::fatal(format!(
                 "unexpected answer to Hello: {other:?}"
             ))),
         }
@@ -722,22 +721,23 @@ impl Replicator {
             if vm.stop.load(std::sync::atomic::Ordering::SeqCst) {
                 return;
             }
-            let r = match r {
-                Err(SendError::Again(e)) if again < 3 => {
+            let Err(e) = r else { return };
+            match e.kind() {
+                ErrorKind::ResyncRequired if again < 3 => {
                     again += 1;
                     tracing::info!(vm = %vm.spec.vm, "{e}; starting over at once");
-                    vm.status.lock().last_error = Some(e);
+                    vm.status.lock().last_error = Some(e.to_string());
                     continue;
                 }
-                Err(SendError::Again(e)) => Err(SendError::Retry(e)),
-                other => {
-                    again = 0;
-                    other
-                }
-            };
-            match r {
-                Ok(()) => return,
-                Err(SendError::Again(e)) | Err(SendError::Retry(e)) => {
+                // Still failing after three immediate tries: back off.
+                ErrorKind::ResyncRequired => {}
+                _ => again = 0,
+            }
+            match e.kind() {
+                ErrorKind::ResyncRequired
+                | ErrorKind::Retry
+                | ErrorKind::TimedOut
+                | ErrorKind::Unavailable => {
                     let d = backoff(failures, self.retry_scale);
                     failures += 1;
                     tracing::warn!(vm = %vm.spec.vm, "replication interrupted: {e}; retry in {d:?}");
@@ -748,7 +748,7 @@ impl Replicator {
                         } else {
                             VmState::Warning
                         };
-                        s.last_error = Some(e);
+                        s.last_error = Some(e.to_string());
                         s.next_retry_unix = Some(now_ns() / 1_000_000_000 + d.as_secs());
                     }
                     // A `sync` request retries at once. Meanwhile the 50%
@@ -769,18 +769,19 @@ impl Replicator {
                     }
                     vm.status.lock().next_retry_unix = None;
                 }
-                Err(SendError::Fatal(e)) => {
+                ErrorKind::Fatal | ErrorKind::Invalid => {
                     tracing::error!(vm = %vm.spec.vm, "replication stopped (Critical): {e}");
                     {
                         let mut s = vm.status.lock();
                         s.state = VmState::Critical;
-                        s.last_error = Some(e.clone());
+                        s.last_error = Some(e.to_string());
                     }
+                    let why = SendError::unavailable(format!("VM {} is Critical: {e}", vm.spec.vm));
                     for (_, w) in vm.waiters.lock().drain(..) {
-                        let _ = w.send(Err(format!("VM {} is Critical: {e}", vm.spec.vm)));
+                        let _ = w.send(Err(why.clone()));
                     }
                     for j in vm.jobs.lock().drain(..) {
-                        let why = format!("VM {} is Critical: {e}", vm.spec.vm);
+                        let why = why.clone();
                         match j {
                             Job::Resync(Some(tx)) => {
                                 let _ = tx.send(Err(why));
@@ -810,7 +811,7 @@ impl Replicator {
 
     fn disk_id(&self, name: &str) -> Result<([u8; 16], u64, u32, TrackState), SendError> {
         let (id, size, bs, st) = self.tracker.disk_info(name).ok_or_else(|| {
-            SendError::Fatal(format!(
+            SendError::fatal(format!(
                 "disk {name} is no longer tracked (deleted or renamed?)"
             ))
         })?;
@@ -858,7 +859,7 @@ impl Replicator {
                 Some(Msg::DiskState(s)) => s,
                 Some(Msg::Error(e)) => return Err(msg_err(&e)),
                 other => {
-                    return Err(SendError::Fatal(format!(
+                    return Err(SendError::fatal(format!(
                         "unexpected answer to OpenDisk: {other:?}"
                     )))
                 }
@@ -881,20 +882,31 @@ impl Replicator {
                 continue;
             };
             let base = self.tracker.disk_base_cycle(d).unwrap_or(0);
-            let logs = self.tracker.pending_logs(d);
-            let continuous = ds.replica_cycle == base
-                || logs.iter().any(|(c, p)| {
-                    *c > ds.replica_cycle && log_base(&self.tracker, p) == Some(ds.replica_cycle)
+            // (cycle, base cycle) of each sealed log; None: unreadable.
+            let logs: Vec<(u64, Option<u64>)> = self
+                .tracker
+                .pending_cycles(d)
+                .into_iter()
+                .map(|c| {
+                    let base = self
+                        .tracker
+                        .sealed_log(d, c)
+                        .ok()
+                        .and_then(|l| l.base_cycle());
+                    (c, base)
                 })
+                .collect();
+            let continuous = ds.replica_cycle == base
+                || logs
+                    .iter()
+                    .any(|(c, b)| *c > ds.replica_cycle && *b == Some(ds.replica_cycle))
                 || logs.iter().any(|(c, _)| *c == ds.replica_cycle);
             let why = if let TrackState::ResyncRequired(w) = st {
                 Some(w)
             } else if !ds.needs_resync.is_empty() && !continuous {
                 Some(format!("the receiver: {}", ds.needs_resync))
             } else if !ds.needs_resync.is_empty()
-                && !logs
-                    .iter()
-                    .any(|(_, p)| log_base(&self.tracker, p) == Some(ds.replica_cycle))
+                && !logs.iter().any(|(_, b)| *b == Some(ds.replica_cycle))
             {
                 // Nothing to offer but fresh changes: resync.
                 Some(format!("the receiver: {}", ds.needs_resync))
@@ -1088,7 +1100,7 @@ impl Replicator {
             let job = vm.jobs.lock().pop_front();
             let r = match r {
                 Ok(v) => Ok(v),
-                Err(SendError::Fatal(e)) => Err(e),
+                Err(e) if e.kind() == ErrorKind::Fatal => Err(e),
                 Err(e) => {
                     // Put it back for the next session.
                     if let Some(j) = job {
@@ -1132,7 +1144,7 @@ impl Replicator {
         .map_err(|e| retry(format!("cut task failed: {e}")))?
         .map_err(|e| retry(e.to_string()))?;
         if let Some(e) = sealed.skipped.first() {
-            return Err(SendError::Fatal(format!(
+            return Err(SendError::fatal(format!(
                 "cannot verify {}: {}",
                 e.disk,
                 e.error.clone().unwrap_or_default()
@@ -1205,7 +1217,7 @@ impl Replicator {
             }
         }
         let (entries, app) = tokio::task::spawn_blocking(
-            move || -> Result<(Vec<crate::tracking::CutEntry>, AppCut), String> {
+            move || -> Result<(Vec<crate::tracking::CutEntry>, AppCut), crate::tracking::TrackError> {
                 // Quiesce the guest first: what it flushes must reach the
                 // mount (syncfs) before the cut.
                 let mut app = AppCut::default();
@@ -1238,7 +1250,7 @@ impl Replicator {
                         app.error.get_or_insert(e.to_string());
                     }
                 }
-                let sealed = sealed.map_err(|e| e.to_string())?;
+                let sealed = sealed?;
                 let mut out = sealed.skipped;
                 for mut sc in sealed.cycles {
                     sc.header.app_consistent = app.frozen;
@@ -1264,10 +1276,7 @@ impl Replicator {
             }
         }
         if let Some(e) = entries.iter().find(|e| e.log.is_none()) {
-            if e.error
-                .as_deref()
-                .is_some_and(|x| x.starts_with("resync required"))
-            {
+            if e.kind == Some(CutErrorKind::ResyncRequired) {
                 vm.status.lock().state = VmState::ResyncRequired;
                 return Err(retry(format!(
                     "{}: {}",
@@ -1329,44 +1338,44 @@ impl Replicator {
         limiter: Option<&RateLimiter>,
     ) -> Result<(), SendError> {
         let spec = &vm.spec;
-        let mut by_cycle: std::collections::BTreeMap<u64, Vec<(String, PathBuf)>> =
-            Default::default();
+        let mut by_cycle: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
         for d in &spec.disks {
             let at = replica.get(d).map(|s| s.replica_cycle).unwrap_or(0);
-            for (c, p) in self.tracker.pending_logs(d) {
-                if at != 0 && c <= at {
-                    // Already applied there: drop it.
-                    if let Some(pp) = self.tracker.private_path(&p) {
-                        let _ = std::fs::remove_file(pp);
-                    }
-                    continue;
+            if at != 0 {
+                // Already applied there: drop them.
+                self.tracker.discard_logs(d, Some(at));
+            }
+            for c in self.tracker.pending_cycles(d) {
+                if at == 0 || c > at {
+                    by_cycle.entry(c).or_default().push(d.clone());
                 }
-                by_cycle.entry(c).or_default().push((d.clone(), p));
             }
         }
-        for (cycle, logs) in by_cycle {
-            // Read before shipping: a shipped log is deleted.
-            let headers: Vec<Option<crate::hrl::HrlHeader>> = logs
+        for (cycle, disks) in by_cycle {
+            // Each log is opened once: its header now, its bytes when sent.
+            let logs = disks
                 .iter()
-                .map(|(_, p)| log_header(&self.tracker, p))
-                .collect();
-            let cut_ns = headers.iter().flatten().map(|h| h.cut_unix_ns).next();
+                .map(|d| self.tracker.sealed_log(d, cycle))
+                .collect::<Result<Vec<SealedLog>, _>>()
+                .map_err(retry)?;
+            let cut_ns = logs
+                .iter()
+                .filter_map(|l| l.header().ok())
+                .map(|h| h.cut_unix_ns)
+                .next();
             // App-consistent iff every disk's log of the cut says so.
-            let app = headers
+            let app = logs
                 .iter()
-                .all(|h| h.as_ref().is_some_and(|h| h.app_consistent));
+                .all(|l| l.header().is_ok_and(|h| h.app_consistent));
             let mut acked = Vec::new();
-            for (d, p) in &logs {
-                let (id, ..) = self.disk_id(d)?;
-                self.send_log(vm, conn, id, p, limiter).await?;
-                if let Some(pp) = self.tracker.private_path(p) {
-                    let _ = std::fs::remove_file(pp);
-                }
+            for log in logs {
+                let (id, ..) = self.disk_id(log.disk())?;
+                self.send_log(vm, conn, id, log, limiter).await?;
                 acked.push(wire::DiskCycle { disk_id: id, cycle });
             }
-            for (d, _) in &logs {
+            for d in &disks {
                 // Its changes are at the receiver: logs again.
-                if self.tracker.bitmap_only(d) && self.tracker.pending_logs(d).is_empty() {
+                if self.tracker.bitmap_only(d) && self.tracker.pending_cycles(d).is_empty() {
                     self.tracker.clear_bitmap_only(d);
                 }
             }
@@ -1407,7 +1416,7 @@ impl Replicator {
             Some(Msg::PointAck(a)) if a.cycle == cycle => {}
             Some(Msg::Error(e)) => return Err(msg_err(&e)),
             other => {
-                return Err(SendError::Fatal(format!(
+                return Err(SendError::fatal(format!(
                     "unexpected answer to PointCommit: {other:?}"
                 )))
             }
@@ -1435,82 +1444,68 @@ impl Replicator {
         Ok(())
     }
 
+    /// Ship one sealed log; it is marked shipped (tracking deletes it) once
+    /// the receiver applied it.
     async fn send_log(
         &self,
         vm: &Arc<Vm>,
         conn: &quinn::Connection,
         id: [u8; 16],
-        shown: &Path,
+        log: SealedLog,
         limiter: Option<&RateLimiter>,
     ) -> Result<(), SendError> {
         let addr = conn.remote_address();
-        let path = self
-            .tracker
-            .private_path(shown)
-            .ok_or_else(|| SendError::Fatal(format!("{} is outside the mount", shown.display())))?;
+        let shown = log.shown().to_path_buf();
         // The header says what the log is; the receiver verifies every
         // record and the seal before it applies anything, so a second full
         // read here would only double the I/O.
-        let header = crate::hrl::HrlReader::open(&path)
-            .map(|r| r.header().clone())
-            .map_err(|e| {
+        let header = match log.header() {
+            Ok(h) => h.clone(),
+            Err(e) => {
                 let why = format!("sealed log {} is damaged: {e}", shown.display());
                 if let Some(d) = self.disk_of_id(&id) {
                     self.tracker.require_resync(&d, &why);
                 }
-                let _ = std::fs::remove_file(&path);
-                SendError::Again(format!("{why}; the disk is resynced by checksums"))
-            })?;
-        let mut file = std::fs::File::open(&path)
-            .map_err(|e| retry(format!("opening {}: {e}", shown.display())))?;
-        let total_len = file
-            .metadata()
-            .map_err(|e| retry(format!("{}: {e}", shown.display())))?
-            .len();
+                log.discard();
+                return Err(SendError::new(
+                    ErrorKind::ResyncRequired,
+                    format!("{why}; the disk is resynced by checksums"),
+                ));
+            }
+        };
+        let total_len = log.len();
         let (mut tx, mut rx) = conn.open_bi().await.map_err(|e| conn_err(&e, addr))?;
         let t0 = Instant::now();
-        wire::write_msg(
-            &mut tx,
-            &Msg::LogBegin(wire::LogBegin {
-                disk_id: id,
-                disk_name: header.disk_name.clone(),
-                cycle: header.cycle,
-                base_cycle: header.base_cycle,
-                block_size: header.block_size,
-                base_size: header.base_size,
-                disk_size: header.disk_size,
-                cut_unix_ns: header.cut_unix_ns,
-                total_len,
-            }),
-        )
-        .await
-        .map_err(|e| stream_err(&e, addr))?;
+        let mut begin = wire::LogBegin::from_header(&header, total_len);
+        begin.disk_id = id;
+        wire::write_msg(&mut tx, &Msg::LogBegin(begin))
+            .await
+            .map_err(|e| stream_err(&e, addr))?;
         let mut buf = Vec::new();
-        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        let mut hasher = wire::LogHasher::new();
         let mut off = 0u64;
-        let mut chunk = vec![0u8; 1 << 20];
+        // One buffer: read into, moved into the message, taken back.
+        let mut chunk: Vec<u8> = Vec::with_capacity(LOG_CHUNK);
         while off < total_len {
-            let want = ((total_len - off) as usize).min(chunk.len());
-            tokio::task::block_in_place(|| {
-                std::io::Read::read_exact(&mut file, &mut chunk[..want])
-            })
-            .map_err(|e| retry(format!("reading {}: {e}", shown.display())))?;
-            hasher.update(&chunk[..want]);
+            let want = ((total_len - off) as usize).min(LOG_CHUNK);
+            chunk.resize(want, 0);
+            tokio::task::block_in_place(|| log.read_exact_at(&mut chunk, off))
+                .map_err(|e| retry(format!("reading {}: {e}", shown.display())))?;
+            hasher.update(&chunk);
             if let Some(l) = limiter {
                 l.take(want as u64).await;
             }
-            wire::write_msg_buf(
-                &mut tx,
-                &Msg::LogChunk(wire::LogChunk {
-                    disk_id: id,
-                    cycle: header.cycle,
-                    offset_in_log: off,
-                    data: chunk[..want].to_vec(),
-                }),
-                &mut buf,
-            )
-            .await
-            .map_err(|e| stream_err(&e, addr))?;
+            let msg = Msg::LogChunk(wire::LogChunk {
+                disk_id: id,
+                cycle: header.cycle,
+                offset_in_log: off,
+                data: std::mem::take(&mut chunk),
+            });
+            let sent = wire::write_msg_buf(&mut tx, &msg, &mut buf).await;
+            if let Msg::LogChunk(c) = msg {
+                chunk = c.data;
+            }
+            sent.map_err(|e| stream_err(&e, addr))?;
             off += want as u64;
         }
         wire::write_msg(
@@ -1531,30 +1526,31 @@ impl Replicator {
             {
                 Some(Msg::Ack(a)) if a.applied && a.cycle == header.cycle => break,
                 Some(Msg::Ack(_)) => continue,
-                Some(Msg::Error(e))
-                    if e.code == wire::ErrorCode::InvalidState && e.message.contains("resync") =>
-                {
+                Some(Msg::Error(e)) if e.code == wire::ErrorCode::ResyncRequired => {
                     // The receiver no longer trusts the replica: this log
                     // cannot help; compare by checksums instead.
                     if let Some(d) = self.disk_of_id(&id) {
                         self.tracker
                             .require_resync(&d, &format!("receiver: {}", e.message));
                     }
-                    return Err(SendError::Again(format!("receiver: {}", e.message)));
+                    return Err(SendError::new(
+                        ErrorKind::ResyncRequired,
+                        format!("receiver: {}", e.message),
+                    ));
                 }
                 Some(Msg::Error(e)) => return Err(msg_err(&e)),
                 other => {
-                    return Err(SendError::Fatal(format!(
+                    return Err(SendError::fatal(format!(
                         "unexpected answer to a log: {other:?}"
                     )))
                 }
             }
         }
-        let bytes_len = total_len;
+        log.mark_shipped();
         let secs = t0.elapsed().as_secs_f64().max(1e-6);
         let mut s = vm.status.lock();
-        s.bytes_sent += bytes_len;
-        s.throughput_bps = bytes_len as f64 / secs;
+        s.bytes_sent += total_len;
+        s.throughput_bps = total_len as f64 / secs;
         Ok(())
     }
 
@@ -1643,13 +1639,7 @@ impl Replicator {
         }
         // Old logs are superseded by the copy.
         for d in &spec.disks {
-            for (c, p) in self.tracker.pending_logs(d) {
-                if c <= cycle {
-                    if let Some(pp) = self.tracker.private_path(&p) {
-                        let _ = std::fs::remove_file(pp);
-                    }
-                }
-            }
+            self.tracker.discard_logs(d, Some(cycle));
         }
         self.commit_point(vm, conn, cycle, done, Some(cut_ns), false)
             .await
@@ -1694,11 +1684,14 @@ impl Replicator {
         // Blocks below `start` are in the cycle only if they changed since
         // the interrupted copy.
         let (ctx, mut crx) = tokio::sync::mpsc::channel::<(u64, Vec<u8>)>(8);
+        let (pool_tx, pool_rx) = std::sync::mpsc::channel::<Vec<u8>>();
         let reader = tokio::task::spawn_blocking(move || {
-            let r = sc.stream(0, &mut |off, data| {
-                ctx.blocking_send((off, data.to_vec()))
-                    .map_err(|_| "the network side stopped".to_string())
-            });
+            let mut out = ChunkFiller {
+                tx: ctx,
+                pool: pool_rx,
+                cur: None,
+            };
+            let r = sc.stream_into(0, &mut out).and_then(|()| out.flush());
             (sc, r)
         });
         let net = async {
@@ -1715,37 +1708,42 @@ impl Replicator {
                 // every 16th (it costs ~9% of a core on random data).
                 let try_lz4 = incompressible < 8 || chunk_no % 16 == 0;
                 chunk_no += 1;
-                let (encoding, payload) = if data.iter().all(|&b| b == 0) {
-                    (Encoding::Zero, Vec::new())
+                // `spare`: the read buffer when the payload is not it.
+                let (encoding, payload, spare) = if data.iter().all(|&b| b == 0) {
+                    (Encoding::Zero, Vec::new(), Some(data))
                 } else if try_lz4 {
                     let c = lz4_flex::block::compress(&data);
                     if c.len() <= data.len() - data.len() / 8 {
                         incompressible = 0;
-                        (Encoding::Lz4, c)
+                        (Encoding::Lz4, c, Some(data))
                     } else {
                         incompressible += 1;
-                        (Encoding::Raw, data)
+                        (Encoding::Raw, data, None)
                     }
                 } else {
-                    (Encoding::Raw, data)
+                    (Encoding::Raw, data, None)
                 };
                 if let Some(l) = limiter {
                     l.take(payload.len().max(64) as u64).await;
                 }
                 let plen = payload.len() as u64;
-                wire::write_msg_buf(
-                    &mut tx,
-                    &Msg::InitialChunk(wire::InitialChunk {
-                        disk_id: id,
-                        offset: off,
-                        length: len as u32,
-                        encoding,
-                        data: payload,
-                    }),
-                    &mut buf,
-                )
-                .await
-                .map_err(|e| stream_err(&e, addr))?;
+                let msg = Msg::InitialChunk(wire::InitialChunk {
+                    disk_id: id,
+                    offset: off,
+                    length: len as u32,
+                    encoding,
+                    data: payload,
+                });
+                let written = wire::write_msg_buf(&mut tx, &msg, &mut buf).await;
+                // The read buffer goes back to the reader (it may be gone).
+                let back = match msg {
+                    Msg::InitialChunk(c) if c.encoding == Encoding::Raw => Some(c.data),
+                    _ => spare,
+                };
+                if let Some(b) = back {
+                    let _ = pool_tx.send(b);
+                }
+                written.map_err(|e| stream_err(&e, addr))?;
                 sent += plen;
                 disk_done += len;
                 let mut s = vm.status.lock();
@@ -1812,7 +1810,7 @@ impl Replicator {
                     Some(Msg::Ack(_)) => continue,
                     Some(Msg::Error(e)) => return Err(msg_err(&e)),
                     other => {
-                        return Err(SendError::Fatal(format!(
+                        return Err(SendError::fatal(format!(
                             "unexpected answer to an initial copy: {other:?}"
                         )))
                     }
@@ -1824,17 +1822,36 @@ impl Replicator {
     }
 }
 
-fn log_base(t: &Tracker, shown: &Path) -> Option<u64> {
-    let p = t.private_path(shown)?;
-    let mut r = crate::hrl::HrlReader::open(&p).ok()?;
-    let _ = &mut r;
-    Some(r.header().base_cycle)
+/// Hands a sealed cycle's pieces to the network side without copying them:
+/// each piece is read straight into a buffer that travels over the channel
+/// and comes back through `pool` once sent.
+struct ChunkFiller {
+    tx: tokio::sync::mpsc::Sender<(u64, Vec<u8>)>,
+    pool: std::sync::mpsc::Receiver<Vec<u8>>,
+    /// The piece being read: passed on when the next one is asked for.
+    cur: Option<(u64, Vec<u8>)>,
 }
 
-fn log_header(t: &Tracker, shown: &Path) -> Option<crate::hrl::HrlHeader> {
-    let p = t.private_path(shown)?;
-    let r = crate::hrl::HrlReader::open(&p).ok()?;
-    Some(r.header().clone())
+impl ChunkFiller {
+    fn flush(&mut self) -> Result<(), crate::tracking::StreamError> {
+        if let Some(piece) = self.cur.take() {
+            self.tx
+                .blocking_send(piece)
+                .map_err(|_| crate::tracking::StreamError::Stopped)?;
+        }
+        Ok(())
+    }
+}
+
+impl crate::tracking::CycleBuf for ChunkFiller {
+    fn room(&mut self, off: u64, len: usize) -> Result<&mut [u8], crate::tracking::StreamError> {
+        self.flush()?;
+        // A returned buffer is only zero-filled where it grows.
+        let mut b = self.pool.try_recv().unwrap_or_default();
+        b.resize(len, 0);
+        let (_, b) = self.cur.insert((off, b));
+        Ok(b)
+    }
 }
 
 /// What the app hook did around one cut.
@@ -1855,35 +1872,10 @@ async fn why_stopped(rx: &mut quinn::RecvStream, fallback: SendError) -> SendErr
     }
 }
 
-fn classify_transport(msg: &str) -> SendError {
-    let l = msg.to_lowercase();
-    if l.contains("not trusted")
-        || l.contains("certificate")
-        || l.contains("refused") && l.contains("trust")
-    {
-        SendError::Fatal(format!("authentication failed: {msg}"))
-    } else {
-        SendError::Retry(msg.to_string())
-    }
+fn not_protected(vm: &str) -> SendError {
+    SendError::invalid(format!("VM {vm} is not protected here"))
 }
 
-fn conn_err(e: &quinn::ConnectionError, addr: SocketAddr) -> SendError {
-    classify_transport(&transport::explain_connection_error(e, addr))
-}
-
-fn stream_err(e: &wire::WireError, addr: SocketAddr) -> SendError {
-    match e.connection_error() {
-        Some(c) => conn_err(c, addr),
-        None if e.is_transport() => SendError::Retry(e.to_string()),
-        None => SendError::Fatal(e.to_string()),
-    }
-}
-
-fn msg_err(e: &wire::ErrorMsg) -> SendError {
-    let m = format!("receiver: {} ({:?})", e.message, e.code);
-    if e.retryable {
-        SendError::Retry(m)
-    } else {
-        SendError::Fatal(m)
-    }
+fn stopped(vm: &str) -> SendError {
+    SendError::unavailable(format!("replication of {vm} stopped"))
 }

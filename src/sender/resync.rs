@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use super::{conn_err, msg_err, now_ns, retry, stream_err, SendError, Vm, VmState};
 use crate::resync::{self, Progress, ResyncProgress, BATCH_BYTES};
-use crate::tracking::{CutSelect, SealedCycle};
+use crate::tracking::{CutSelect, SealedCycle, StreamError};
 use crate::transport::rate::RateLimiter;
 use crate::wire::{self, Msg};
 
@@ -121,19 +121,17 @@ struct Filler {
 }
 
 impl Filler {
-    fn send_current(&mut self) -> Result<(), String> {
+    fn send_current(&mut self) -> Result<(), StreamError> {
         self.cur.hash_new();
         let buf = self.pool.try_recv().ok();
         let bs = self.cur.bs;
         let b = std::mem::replace(&mut self.cur, Batch::new(bs, buf));
-        self.tx
-            .blocking_send(b)
-            .map_err(|_| "the network side stopped".to_string())
+        self.tx.blocking_send(b).map_err(|_| StreamError::Stopped)
     }
 }
 
 impl crate::tracking::CycleBuf for Filler {
-    fn room(&mut self, off: u64, len: usize) -> Result<&mut [u8], String> {
+    fn room(&mut self, off: u64, len: usize) -> Result<&mut [u8], StreamError> {
         if self.cur.full() {
             self.send_current()?;
         } else {
@@ -203,11 +201,7 @@ impl super::Replicator {
         vm.status.lock().state = VmState::Resynchronizing;
         // 1. Logs of the resync disks are superseded; the others ship first.
         for d in rdisks {
-            for (_, p) in self.tracker.pending_logs(d) {
-                if let Some(pp) = self.tracker.private_path(&p) {
-                    let _ = std::fs::remove_file(pp);
-                }
-            }
+            self.tracker.discard_logs(d, None);
         }
         self.ship_pending(vm, conn, replica, limiter).await?;
         // 2. Where each resync disk stands (resume?).
@@ -218,7 +212,7 @@ impl super::Replicator {
             let (id, _, bs, _) = self.disk_id(d)?;
             let ds = replica
                 .get(d)
-                .ok_or_else(|| SendError::Fatal(format!("{d} was not opened at the receiver")))?;
+                .ok_or_else(|| SendError::fatal(format!("{d} was not opened at the receiver")))?;
             let path = progress_path(self, &spec.vm, &id);
             let touch = self.tracker.touch_epoch(d);
             // Every write since the cut the progress was made at is known:
@@ -352,8 +346,7 @@ impl super::Replicator {
         let mut header = sc.header.clone();
         header.base_cycle = ds.replica_cycle;
         header.base_size = ds.replica_size;
-        let (log_real, _) = self.tracker.log_paths(&sc);
-        let log = match crate::hrl::HrlWriter::create(&log_real, &header) {
+        let log = match self.tracker.create_log(&sc, &header) {
             Ok(w) => w,
             Err(e) => {
                 let _ = self.tracker.finish(sc, false);
@@ -509,14 +502,14 @@ impl super::Replicator {
                     Some(Msg::BlockHashes(h)) if h.replica_cycle == replica_cycle => h,
                     Some(Msg::Error(e)) => return Err(msg_err(&e)),
                     other => {
-                        return Err(SendError::Fatal(format!(
+                        return Err(SendError::fatal(format!(
                             "unexpected answer to BlockHashReq: {other:?}"
                         )))
                     }
                 };
                 let ours = std::mem::take(&mut b.digests);
                 if theirs.hashes.len() != ours.len() {
-                    return Err(SendError::Fatal(format!(
+                    return Err(SendError::fatal(format!(
                         "the receiver sent {} digests for {} blocks",
                         theirs.hashes.len(),
                         ours.len()
@@ -649,15 +642,14 @@ impl super::Replicator {
                 {
                     Some(Msg::Ack(a)) if a.cycle == cycle => Ok(()),
                     Some(Msg::Error(e)) => Err(msg_err(&e)),
-                    other => Err(SendError::Fatal(format!(
+                    other => Err(SendError::fatal(format!(
                         "unexpected answer to ResyncEnd: {other:?}"
                     ))),
                 }
             }
             .await;
             if let Err(e) = end {
-                let (real, _) = self.tracker.log_paths(&sc);
-                let _ = std::fs::remove_file(real);
+                self.tracker.discard_log(&sc);
                 return (Some(sc), Err(e));
             }
         }

@@ -20,9 +20,16 @@
 //! base and nothing is lost. A daemon that dies without a clean shutdown
 //! leaves `mount.json` marked unclean; the next mount marks every disk
 //! "resync required" instead of trusting a stale bitmap.
+//!
+//! Sealed logs stay tracking's until shipped: [`Tracker::sealed_log`] hands
+//! out a [`SealedLog`] (opened once, read in place, deleted by
+//! [`SealedLog::mark_shipped`]); nobody else opens or deletes them. Why a
+//! cut wrote no log is typed ([`CutEntry::kind`]); system calls go through
+//! `crate::fs::sys`, which also spells the `/proc/self/fd/N` paths.
 
 pub mod bitmap;
 pub mod preimage;
+mod sealed_log;
 pub mod seed;
 pub mod state;
 pub mod touched;
@@ -39,8 +46,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 
+use crate::fs::sys;
 use crate::hrl::{HrlHeader, HrlWriter};
 use bitmap::Bitmap;
+pub use sealed_log::SealedLog;
 pub use state::DiskState;
 use state::{DiskMeta, MountMeta, StateDir};
 
@@ -86,6 +95,45 @@ pub enum TrackError {
     },
     #[error("invalid tracking configuration: {0}")]
     Config(String),
+    /// The request does not fit the disk's state (not tracked, not fenced,
+    /// still open, the target exists): nothing changed.
+    #[error("{0}")]
+    Refused(String),
+    /// A file operation on a disk or its state failed.
+    #[error("{what}: {source}{note}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+        /// What it means or what to do (may be empty).
+        note: String,
+    },
+}
+
+/// What kind of failure a [`TrackError`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrackErrorKind {
+    /// The caller asked for something that cannot be done as asked.
+    Refused,
+    /// The tracking state or a disk could not be read or written.
+    Io,
+}
+
+impl TrackError {
+    pub fn kind(&self) -> TrackErrorKind {
+        match self {
+            TrackError::Config(_) | TrackError::Refused(_) => TrackErrorKind::Refused,
+            TrackError::State { .. } | TrackError::Io { .. } => TrackErrorKind::Io,
+        }
+    }
+
+    fn io(what: impl Into<String>, source: io::Error) -> Self {
+        TrackError::Io {
+            what: what.into(),
+            source,
+            note: String::new(),
+        }
+    }
 }
 
 /// What one cut produced for one disk.
@@ -98,8 +146,28 @@ pub struct CutEntry {
     pub log: Option<PathBuf>,
     pub dirty_blocks: u64,
     pub log_bytes: u64,
-    /// Why no log was written.
+    /// Why no log was written (for people).
     pub error: Option<String>,
+    /// What kind of problem `error` is (for programs: decide on this,
+    /// never on the text). `None` with `error` set only from an older daemon.
+    #[serde(default)]
+    pub kind: Option<CutErrorKind>,
+}
+
+/// Why a cut wrote no log for a disk (or wrote one but could not record it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub enum CutErrorKind {
+    /// The disk needs a checksum resync: its bitmap cannot be trusted.
+    ResyncRequired,
+    /// The disk is tracked bitmap-only: its changes ship as one cycle.
+    BitmapOnly,
+    /// The previous cycle of the disk is still being written or shipped.
+    Busy,
+    /// The disk, or its log, could not be read or written; the changes
+    /// stay for the next cut.
+    Io,
+    /// The log was written but the disk's new base could not be saved.
+    StateNotSaved,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -144,7 +212,7 @@ struct Shared {
 pub struct Tracker {
     shared: Arc<Shared>,
     config: TrackConfig,
-    state: StateDir,
+    state: Arc<StateDir>,
     root_path: PathBuf,
     disks: Mutex<HashMap<String, Arc<TrackedDisk>>>,
     /// Metas found on disk but whose file is not attached yet.
@@ -261,9 +329,7 @@ pub fn folder_name(rel: &str, id: &[u8; 16]) -> String {
 
 /// Reopen an fd's file read-only through /proc (never through the mount).
 fn reopen_ro(file: &File) -> io::Result<File> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+    sys::reopen(file.as_raw_fd(), libc::O_RDONLY)
 }
 
 impl Tracker {
@@ -317,7 +383,7 @@ impl Tracker {
                 block_size: u64::from(bs),
             }),
             config,
-            state,
+            state: Arc::new(state),
             root_path: root_path.to_path_buf(),
             disks: Mutex::new(HashMap::new()),
             known: Mutex::new(known),
@@ -663,7 +729,7 @@ impl Tracker {
                 }
                 let d = &disks[name];
                 let meta = d.meta.lock().clone();
-                let skip = |why: String| CutEntry {
+                let skip = |kind: CutErrorKind, why: String| CutEntry {
                     disk: name.clone(),
                     cycle,
                     base_cycle: meta.cycle,
@@ -671,22 +737,28 @@ impl Tracker {
                     dirty_blocks: d.dirty.read().count(),
                     log_bytes: 0,
                     error: Some(why),
+                    kind: Some(kind),
                 };
                 let resync = select.resync.iter().any(|r| r == name);
                 if let DiskState::ResyncRequired(why) = &meta.state {
                     if !resync {
-                        skipped.push(skip(format!("resync required: {why}")));
+                        skipped.push(skip(
+                            CutErrorKind::ResyncRequired,
+                            format!("resync required: {why}"),
+                        ));
                         continue;
                     }
                 }
                 if meta.bitmap_only && select.skip_bitmap_only {
                     skipped.push(skip(
+                        CutErrorKind::BitmapOnly,
                         "bitmap-only: pending changes passed the threshold; they will be shipped as one cycle when the receiver is reachable".into(),
                     ));
                     continue;
                 }
                 if d.sealing.lock().is_some() {
                     skipped.push(skip(
+                        CutErrorKind::Busy,
                         "the previous cycle of this disk is still being written or shipped".into(),
                     ));
                     continue;
@@ -694,7 +766,7 @@ impl Tracker {
                 let size = match d.reader.metadata() {
                     Ok(m) => m.len(),
                     Err(e) => {
-                        skipped.push(skip(format!("cannot stat the disk: {e}")));
+                        skipped.push(skip(CutErrorKind::Io, format!("cannot stat the disk: {e}")));
                         continue;
                     }
                 };
@@ -821,11 +893,7 @@ impl Tracker {
     pub fn write_log(&self, sc: SealedCycle) -> CutEntry {
         let rel = StateDir::log_rel(&sc.folder, sc.header.cycle);
         let shown = self.root_path.join(&rel);
-        let real = PathBuf::from(format!(
-            "/proc/self/fd/{}/{}",
-            self.state.root_fd().as_raw_fd(),
-            rel.display()
-        ));
+        let real = self.private(&rel);
         let dirty_blocks = sc.dirty_blocks();
         let mut entry = CutEntry {
             disk: sc.header.disk_name.clone(),
@@ -835,17 +903,24 @@ impl Tracker {
             dirty_blocks,
             log_bytes: 0,
             error: None,
+            kind: None,
         };
-        let result = (|| -> Result<u64, String> {
-            let mut w = HrlWriter::create(&real, &sc.header)
-                .map_err(|e| format!("cannot create {}: {e}", shown.display()))?;
+        let failed = |doing: &'static str| {
+            let path = shown.clone();
+            move |source: crate::hrl::HrlError| {
+                StreamError::sink(LogWriteError {
+                    doing,
+                    path,
+                    source,
+                })
+            }
+        };
+        let result = (|| -> Result<u64, StreamError> {
+            let mut w = HrlWriter::create(&real, &sc.header).map_err(failed("cannot create"))?;
             sc.stream(0, &mut |off, data| {
-                w.append(off, data)
-                    .map_err(|e| format!("writing {}: {e}", shown.display()))
+                w.append(off, data).map_err(failed("writing"))
             })?;
-            let sum = w
-                .finish()
-                .map_err(|e| format!("sealing {}: {e}", shown.display()))?;
+            let sum = w.finish().map_err(failed("sealing"))?;
             Ok(sum.file_bytes)
         })();
         match result {
@@ -854,19 +929,22 @@ impl Tracker {
                 entry.log_bytes = bytes;
                 if let Err(e) = self.finish(sc, true) {
                     entry.error = Some(format!("log written but state not saved: {e}"));
+                    entry.kind = Some(CutErrorKind::StateNotSaved);
                 }
             }
             Err(e) => {
                 tracing::error!(disk = %entry.disk, "cut {}: {e}; changes kept for the next cut", entry.cycle);
                 entry.error = Some(format!("{e}; changes kept for the next cut"));
+                entry.kind = Some(CutErrorKind::Io);
                 let _ = self.finish(sc, false);
             }
         }
         entry
     }
 
-    /// Sealed logs of `disk` still in its state folder, oldest first.
-    pub fn pending_logs(&self, disk: &str) -> Vec<(u64, PathBuf)> {
+    /// Sealed logs of `disk` still in its state folder, oldest first:
+    /// `(cycle, path relative to the folder root)`.
+    fn log_files(&self, disk: &str) -> Vec<(u64, PathBuf)> {
         let folder = match self.disks.lock().get(disk) {
             Some(d) => d.meta.lock().folder.clone(),
             None => return Vec::new(),
@@ -883,30 +961,56 @@ impl Tracker {
             .into_iter()
             .filter_map(|n| {
                 let c = n.strip_suffix(".hrl")?.parse::<u64>().ok()?;
-                Some((c, self.root_path.join(&dir).join(n)))
+                Some((c, dir.join(n)))
             })
             .collect();
         v.sort();
         v
     }
 
-    /// A path under the folder as the daemon itself must open it (through
+    /// Cycles of the sealed logs of `disk` not shipped yet, oldest first.
+    pub fn pending_cycles(&self, disk: &str) -> Vec<u64> {
+        self.log_files(disk).into_iter().map(|(c, _)| c).collect()
+    }
+
+    /// The sealed log of `disk` for `cycle`, opened once (see
+    /// [`SealedLog`]). A log whose header is damaged is still returned:
+    /// [`SealedLog::header`] says why.
+    pub fn sealed_log(&self, disk: &str, cycle: u64) -> Result<SealedLog, TrackError> {
+        let folder = self
+            .disks
+            .lock()
+            .get(disk)
+            .map(|d| d.meta.lock().folder.clone())
+            .ok_or_else(|| TrackError::Refused(format!("{disk} is not tracked")))?;
+        let rel = StateDir::log_rel(&folder, cycle);
+        let shown = self.root_path.join(&rel);
+        SealedLog::open(&self.state, disk, cycle, rel, shown.clone())
+            .map_err(|e| TrackError::io(format!("opening {}", shown.display()), e))
+    }
+
+    /// Delete the sealed logs of `disk` up to `upto` (all if `None`): the
+    /// receiver has them already, or a whole-disk copy or resync replaces
+    /// them.
+    pub fn discard_logs(&self, disk: &str, upto: Option<u64>) {
+        for (c, rel) in self.log_files(disk) {
+            if upto.is_none_or(|u| c <= u) {
+                if let Err(e) = self.state.remove_at_root(&rel) {
+                    tracing::warn!(disk = %disk, "cannot delete the superseded log {}: {e}", self.root_path.join(&rel).display());
+                }
+            }
+        }
+    }
+
+    /// A path below the folder as the daemon itself must open it (through
     /// the pre-mount descriptor, never through the mount).
-    pub fn private_path(&self, shown: &Path) -> Option<PathBuf> {
-        let rel = shown.strip_prefix(&self.root_path).ok()?;
-        Some(PathBuf::from(format!(
-            "/proc/self/fd/{}/{}",
-            self.state.root_fd().as_raw_fd(),
-            rel.display()
-        )))
+    fn private(&self, rel_to_root: &Path) -> PathBuf {
+        sys::proc_fd_path(self.state.root_fd().as_raw_fd(), rel_to_root)
     }
 
     /// A file in the state folder, as the daemon opens it (not through the mount).
     pub fn state_file(&self, name: &str) -> PathBuf {
-        PathBuf::from(format!(
-            "/proc/self/fd/{}/{STATE_DIR}/{name}",
-            self.state.root_fd().as_raw_fd()
-        ))
+        self.private(&Path::new(STATE_DIR).join(name))
     }
 
     /// The cycle the disk's next log will start from.
@@ -937,15 +1041,26 @@ impl Tracker {
         self.seal(select)
     }
 
-    /// Where a sealed cycle's log goes: `(path to open, path shown)`.
-    pub fn log_paths(&self, sc: &SealedCycle) -> (PathBuf, PathBuf) {
+    /// Create the log of a sealed cycle with another header than the
+    /// cycle's own (a resync's log: its base is the replica's cycle); the
+    /// caller writes its records. It becomes a pending log like any other.
+    pub fn create_log(
+        &self,
+        sc: &SealedCycle,
+        header: &HrlHeader,
+    ) -> Result<HrlWriter, crate::hrl::HrlError> {
+        HrlWriter::create(
+            &self.private(&StateDir::log_rel(&sc.folder, sc.header.cycle)),
+            header,
+        )
+    }
+
+    /// Delete the log of a sealed cycle (it could not be announced).
+    pub fn discard_log(&self, sc: &SealedCycle) {
         let rel = StateDir::log_rel(&sc.folder, sc.header.cycle);
-        let real = PathBuf::from(format!(
-            "/proc/self/fd/{}/{}",
-            self.state.root_fd().as_raw_fd(),
-            rel.display()
-        ));
-        (real, self.root_path.join(&rel))
+        if let Err(e) = self.state.remove_at_root(&rel) {
+            tracing::warn!(disk = %sc.header.disk_name, "cannot delete {}: {e}", self.root_path.join(&rel).display());
+        }
     }
 
     /// Epoch of the touched-region map of `name` ([`touched`]): `Some`
@@ -981,10 +1096,7 @@ impl Tracker {
         let m = touched::TouchMap::create(f, size, epoch)?;
         let (ct, cf) = (state_cpath(&tmp)?, state_cpath(&rel)?);
         let fd = self.state.root_fd().as_raw_fd();
-        // SAFETY: valid dirfd and NUL-terminated paths.
-        if unsafe { libc::renameat(fd, ct.as_ptr(), fd, cf.as_ptr()) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        sys::renameat(fd, &ct, fd, &cf)?;
         self.state
             .fsync_dir(rel.parent().unwrap_or(Path::new(STATE_DIR)))?;
         let mut g = d.touch.write();
@@ -1071,10 +1183,9 @@ impl Tracker {
 
     /// Bytes of sealed logs of the disk not yet shipped.
     pub fn pending_log_bytes(&self, name: &str) -> u64 {
-        self.pending_logs(name)
+        self.log_files(name)
             .iter()
-            .filter_map(|(_, p)| self.private_path(p))
-            .filter_map(|p| std::fs::metadata(p).ok())
+            .filter_map(|(_, rel)| std::fs::metadata(self.private(rel)).ok())
             .map(|m| m.len())
             .sum()
     }
@@ -1100,13 +1211,11 @@ impl Tracker {
         if d.sealing.lock().is_some() {
             return None; // a cycle is being written or shipped: next time
         }
-        let logs = self.pending_logs(name);
+        let logs = self.log_files(name);
         let mut base: Option<(u64, u64)> = None;
-        for (_, shown) in &logs {
-            let Some(p) = self.private_path(shown) else {
-                continue;
-            };
-            let mut r = match crate::hrl::HrlReader::open(&p) {
+        for (_, rel) in &logs {
+            let shown = self.root_path.join(rel);
+            let mut r = match crate::hrl::HrlReader::open(&self.private(rel)) {
                 Ok(r) => r,
                 Err(e) => {
                     // Its blocks cannot be recovered: only a resync helps.
@@ -1153,10 +1262,8 @@ impl Tracker {
         if let Err(e) = self.save_meta(&m) {
             tracing::error!(disk = %name, "cannot save the bitmap-only state: {e}");
         }
-        for (_, shown) in &logs {
-            if let Some(p) = self.private_path(shown) {
-                let _ = std::fs::remove_file(p);
-            }
+        for (_, rel) in &logs {
+            let _ = self.state.remove_at_root(rel);
         }
         let what = format!(
             "{} MiB pending passed the limit of {} MiB: bitmap-only now ({} log(s) folded into the bitmap); the changes will be shipped as one cycle",
@@ -1212,63 +1319,63 @@ impl Tracker {
     /// into the folder `to` (same file system; created if missing) and stop
     /// tracking them; the other disks of the folder are untouched. Returns
     /// (name, new path) per disk. Nothing moves unless every disk can.
-    pub fn release(&self, names: &[String], to: &Path) -> Result<Vec<(String, PathBuf)>, String> {
+    pub fn release(
+        &self,
+        names: &[String],
+        to: &Path,
+    ) -> Result<Vec<(String, PathBuf)>, TrackError> {
         let mut disks = self.disks.lock();
         let mut plan = Vec::new();
         for n in names {
             let d = disks.get(n).ok_or_else(|| {
-                format!("{n} is not a tracked disk of {}", self.root_path.display())
+                TrackError::Refused(format!(
+                    "{n} is not a tracked disk of {}",
+                    self.root_path.display()
+                ))
             })?;
             if !d.is_fenced() {
-                return Err(format!("{n} is not fenced: fence its VM first"));
+                return Err(TrackError::Refused(format!(
+                    "{n} is not fenced: fence its VM first"
+                )));
             }
             // The map holds one reference; an open handle holds another.
             if Arc::strong_count(d) > 1 {
-                return Err(format!(
+                return Err(TrackError::Refused(format!(
                     "{n} is still open (is the VM running?): shut the VM down, then retry"
-                ));
+                )));
             }
             let file = Path::new(n)
                 .file_name()
-                .ok_or_else(|| format!("{n}: no file name"))?;
+                .ok_or_else(|| TrackError::Refused(format!("{n}: no file name")))?;
             let dst = to.join(file);
             if dst.exists() || plan.iter().any(|(_, p)| p == &dst) {
-                return Err(format!(
+                return Err(TrackError::Refused(format!(
                     "{} already exists: move it away (vdrep never overwrites a disk)",
                     dst.display()
-                ));
+                )));
             }
             plan.push((n.clone(), dst));
         }
-        std::fs::create_dir_all(to).map_err(|e| format!("creating {}: {e}", to.display()))?;
+        std::fs::create_dir_all(to)
+            .map_err(|e| TrackError::io(format!("creating {}", to.display()), e))?;
         let mut done = Vec::new();
         for (n, dst) in plan {
-            let (Ok(cs), Ok(cd)) = (
-                std::ffi::CString::new(n.as_bytes()),
-                std::ffi::CString::new(dst.as_os_str().as_encoded_bytes()),
-            ) else {
-                return Err(format!("{n}: path with a NUL byte"));
+            let (Ok(cs), Ok(cd)) = (state_cpath(Path::new(&n)), state_cpath(&dst)) else {
+                return Err(TrackError::Refused(format!("{n}: path with a NUL byte")));
             };
-            // SAFETY: valid dirfd and NUL-terminated paths.
-            let r = unsafe {
-                libc::renameat(
-                    self.state.root_fd().as_raw_fd(),
-                    cs.as_ptr(),
-                    libc::AT_FDCWD,
-                    cd.as_ptr(),
-                )
-            };
-            if r != 0 {
-                let e = io::Error::last_os_error();
+            if let Err(e) =
+                sys::renameat(self.state.root_fd().as_raw_fd(), &cs, libc::AT_FDCWD, &cd)
+            {
                 let hint = if e.raw_os_error() == Some(libc::EXDEV) {
                     " (the store must be on the folder's file system)"
                 } else {
                     ""
                 };
-                return Err(format!(
-                    "moving {n} to {}: {e}{hint}; moved so far: {done:?}",
-                    dst.display()
-                ));
+                return Err(TrackError::Io {
+                    what: format!("moving {n} to {}", dst.display()),
+                    source: e,
+                    note: format!("{hint}; moved so far: {done:?}"),
+                });
             }
             if let Some(d) = disks.remove(&n) {
                 self.released.lock().insert((d.dev, d.ino));
@@ -1287,10 +1394,12 @@ impl Tracker {
     /// `rel` with identity `id`, tracked from `cycle` (the cycle the other
     /// site's replica holds): the next log chains on it, so only changes
     /// travel. Refuses to overwrite anything.
-    pub fn take(&self, from: &Path, rel: &str, id: [u8; 16], cycle: u64) -> Result<(), String> {
+    pub fn take(&self, from: &Path, rel: &str, id: [u8; 16], cycle: u64) -> Result<(), TrackError> {
         let relp = Path::new(rel);
         if !self.is_disk_name(relp) || relp.is_absolute() || rel.split('/').any(|c| c == "..") {
-            return Err(format!("{rel} is not a disk name this mount tracks"));
+            return Err(TrackError::Refused(format!(
+                "{rel} is not a disk name this mount tracks"
+            )));
         }
         if self.disks.lock().contains_key(rel)
             || self
@@ -1298,15 +1407,16 @@ impl Tracker {
                 .openat(relp, libc::O_PATH | libc::O_NOFOLLOW, 0)
                 .is_ok()
         {
-            return Err(format!(
+            return Err(TrackError::Refused(format!(
                 "{} already exists: move it away (vdrep never overwrites a disk)",
                 self.root_path.join(rel).display()
-            ));
+            )));
         }
         let bs = self.shared.block_size;
         let folder = folder_name(rel, &id);
         let sdir = Path::new(STATE_DIR).join("disks").join(&folder);
-        let serr = |e: io::Error| format!("{}: {e}", self.root_path.join(&sdir).display());
+        let serr =
+            |e: io::Error| TrackError::io(self.root_path.join(&sdir).display().to_string(), e);
         self.state.mkdir(&sdir).map_err(serr)?;
         if let Ok(d) = self
             .state
@@ -1320,29 +1430,19 @@ impl Tracker {
                 }
             }
         }
-        let (Ok(cs), Ok(cd)) = (
-            std::ffi::CString::new(from.as_os_str().as_encoded_bytes()),
-            std::ffi::CString::new(rel.as_bytes()),
-        ) else {
-            return Err(format!("{rel}: path with a NUL byte"));
+        let (Ok(cs), Ok(cd)) = (state_cpath(from), state_cpath(relp)) else {
+            return Err(TrackError::Refused(format!("{rel}: path with a NUL byte")));
         };
-        // SAFETY: valid dirfd and NUL-terminated paths.
-        let r = unsafe {
-            libc::renameat(
-                libc::AT_FDCWD,
-                cs.as_ptr(),
-                self.state.root_fd().as_raw_fd(),
-                cd.as_ptr(),
+        sys::renameat(libc::AT_FDCWD, &cs, self.state.root_fd().as_raw_fd(), &cd).map_err(|e| {
+            TrackError::io(
+                format!(
+                    "moving {} into {}",
+                    from.display(),
+                    self.root_path.join(rel).display()
+                ),
+                e,
             )
-        };
-        if r != 0 {
-            return Err(format!(
-                "moving {} into {}: {}",
-                from.display(),
-                self.root_path.join(rel).display(),
-                io::Error::last_os_error()
-            ));
-        }
+        })?;
         let _ = self.state.fsync_dir(
             relp.parent()
                 .filter(|p| !p.as_os_str().is_empty())
@@ -1351,8 +1451,8 @@ impl Tracker {
         let f = self
             .state
             .openat(relp, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
-            .map_err(|e| format!("{rel}: {e}"))?;
-        let md = f.metadata().map_err(|e| format!("{rel}: {e}"))?;
+            .map_err(|e| TrackError::io(rel, e))?;
+        let md = f.metadata().map_err(|e| TrackError::io(rel, e))?;
         let nbits = md.len().div_ceil(bs);
         self.state
             .write_atomic(
@@ -1388,7 +1488,7 @@ impl Tracker {
         self.known.lock().insert(rel.to_string(), m);
         self.taken.lock().insert(rel.to_string());
         self.attach(relp, &f)
-            .map_err(|e| format!("tracking {rel}: {e}"))?;
+            .map_err(|e| TrackError::io(format!("tracking {rel}"), e))?;
         tracing::info!(disk = %rel, cycle, "disk taken into the folder (failover)");
         Ok(())
     }
@@ -1523,8 +1623,48 @@ impl Tracker {
     }
 }
 
+/// Writing a sealed cycle's log failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{doing} {}: {source}", path.display())]
+struct LogWriteError {
+    doing: &'static str,
+    path: PathBuf,
+    #[source]
+    source: crate::hrl::HrlError,
+}
+
+/// Why a sealed cycle could not be streamed to the end.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// Reading the disk as of the cut failed.
+    #[error("reading the disk at block {block}: {source}")]
+    Read {
+        block: u64,
+        #[source]
+        source: io::Error,
+    },
+    /// The content as of the cut could not be kept (a copy-before-write
+    /// read failed, or too much changed while the cycle was read); the
+    /// text says which.
+    #[error("{0}")]
+    Abandoned(String),
+    /// The consumer stopped taking data (its side of a channel closed).
+    #[error("the network side stopped")]
+    Stopped,
+    /// The consumer failed (writing a log, a network error).
+    #[error(transparent)]
+    Sink(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl StreamError {
+    /// The consumer's own error.
+    pub fn sink(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        StreamError::Sink(Box::new(e))
+    }
+}
+
 /// Receives a sealed cycle's content: `(disk offset, bytes as of the cut)`.
-pub type CycleSink<'a> = dyn FnMut(u64, &[u8]) -> Result<(), String> + 'a;
+pub type CycleSink<'a> = dyn FnMut(u64, &[u8]) -> Result<(), StreamError> + 'a;
 
 /// Destination of [`SealedCycle::stream_into`]: hands out the memory the
 /// next piece of the cycle is read into (no intermediate buffer, no
@@ -1534,7 +1674,7 @@ pub trait CycleBuf {
     /// come in ascending order, at most 1 MiB each). Its content on entry
     /// does not matter; it holds those bytes once the next call (or the
     /// end of the stream) comes.
-    fn room(&mut self, off: u64, len: usize) -> Result<&mut [u8], String>;
+    fn room(&mut self, off: u64, len: usize) -> Result<&mut [u8], StreamError>;
 }
 
 /// [`CycleBuf`] over a [`CycleSink`]: one reused buffer, each piece passed
@@ -1546,7 +1686,7 @@ struct SinkBuf<'s, 'a> {
 }
 
 impl SinkBuf<'_, '_> {
-    fn flush(&mut self) -> Result<(), String> {
+    fn flush(&mut self) -> Result<(), StreamError> {
         if let Some((off, len)) = self.pending.take() {
             (self.sink)(off, &self.buf[..len])?;
         }
@@ -1555,7 +1695,7 @@ impl SinkBuf<'_, '_> {
 }
 
 impl CycleBuf for SinkBuf<'_, '_> {
-    fn room(&mut self, off: u64, len: usize) -> Result<&mut [u8], String> {
+    fn room(&mut self, off: u64, len: usize) -> Result<&mut [u8], StreamError> {
         self.flush()?;
         if self.buf.len() < len {
             self.buf.resize(len, 0);
@@ -1654,7 +1794,7 @@ impl SealedCycle {
     /// cycle at or after `from`, in ascending order, in runs of at most
     /// 1 MiB. Ranges that were holes at the cut are passed as zeros without
     /// reading them.
-    pub fn stream(&self, from: u64, sink: &mut CycleSink<'_>) -> Result<(), String> {
+    pub fn stream(&self, from: u64, sink: &mut CycleSink<'_>) -> Result<(), StreamError> {
         let mut out = SinkBuf {
             sink,
             buf: Vec::new(),
@@ -1665,7 +1805,7 @@ impl SealedCycle {
     }
 
     /// [`SealedCycle::stream`] straight into the caller's memory.
-    pub fn stream_into(&self, from: u64, out: &mut dyn CycleBuf) -> Result<(), String> {
+    pub fn stream_into(&self, from: u64, out: &mut dyn CycleBuf) -> Result<(), StreamError> {
         self.disk.stream_sealed(&self.sealing, from, out)
     }
 }
@@ -1919,20 +2059,7 @@ impl TrackedDisk {
             self.save_preimages(f, l)?;
             self.preserve(f, l);
         }
-        // SAFETY: valid fd; kernel validates the arguments.
-        let r = unsafe {
-            libc::fallocate(
-                file.as_raw_fd(),
-                mode,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        let res = if r == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        };
+        let res = sys::fallocate(file.as_raw_fd(), mode, offset, len);
         if let Some((f, l)) = range {
             self.mark(f, l);
         }
@@ -1941,17 +2068,19 @@ impl TrackedDisk {
 
     /// Is `[off, off+len)` entirely a hole of the backing file right now?
     fn is_hole(&self, off: u64, len: u64) -> bool {
-        // SAFETY: valid fd; lseek has no memory effects.
-        let r =
-            unsafe { libc::lseek(self.reader.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
-        if r < 0 {
+        match sys::lseek(self.reader.as_raw_fd(), off as i64, libc::SEEK_DATA) {
+            Ok(r) => r as u64 >= off + len,
             // ENXIO: no data at or after `off`.
-            return io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+            Err(e) => e.raw_os_error() == Some(libc::ENXIO),
         }
-        r as u64 >= off + len
     }
 
-    fn stream_sealed(&self, s: &Sealing, from: u64, out: &mut dyn CycleBuf) -> Result<(), String> {
+    fn stream_sealed(
+        &self,
+        s: &Sealing,
+        from: u64,
+        out: &mut dyn CycleBuf,
+    ) -> Result<(), StreamError> {
         let bs = self.bs();
         let nblocks = s.size.div_ceil(bs);
         let per_chunk = (CHUNK_BYTES / bs).max(1);
@@ -1967,7 +2096,7 @@ impl TrackedDisk {
                 {
                     let mut st = s.state.lock();
                     if let Some(f) = &st.failed {
-                        return Err(f.clone());
+                        return Err(StreamError::Abandoned(f.clone()));
                     }
                     let mut i = b;
                     while i < ce {
@@ -2001,7 +2130,7 @@ impl TrackedDisk {
                             buf[o..oe].fill(0);
                         } else {
                             let n = read_full_at(&self.reader, &mut buf[o..oe], i * bs)
-                                .map_err(|e| format!("reading the disk at block {i}: {e}"))?;
+                                .map_err(|source| StreamError::Read { block: i, source })?;
                             // Past the file's end (shrunk since): zeros.
                             buf[o + n..oe].fill(0);
                         }

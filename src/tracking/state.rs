@@ -174,8 +174,9 @@ impl StateDir {
         d.sync_all()
     }
 
-    pub fn remove(&self, rel: &Path) -> io::Result<()> {
-        let c = cpath(&Self::rel(rel))?;
+    /// Remove a file given relative to the folder root (absent: fine).
+    pub fn remove_at_root(&self, rel_to_root: &Path) -> io::Result<()> {
+        let c = cpath(rel_to_root)?;
         // SAFETY: valid dirfd and NUL-terminated path.
         if unsafe { libc::unlinkat(self.root.as_raw_fd(), c.as_ptr(), 0) } != 0 {
             let e = io::Error::last_os_error();
@@ -184,6 +185,11 @@ impl StateDir {
             }
         }
         Ok(())
+    }
+
+    /// Remove a state file (path relative to `.vdrep/`; absent: fine).
+    pub fn remove(&self, rel: &Path) -> io::Result<()> {
+        self.remove_at_root(&Self::rel(rel))
     }
 
     /// Names of the per-disk state folders.

@@ -73,31 +73,41 @@ impl fmt::Debug for Fingerprint {
 /// Check a site name: 1..=64 characters from `A-Z a-z 0-9 . _ -`, not
 /// starting with `.` or `-`. Site names become file names (`SITE.crt`) and
 /// certificate common names.
-pub fn check_site_name(name: &str) -> Result<&str, String> {
+pub fn check_site_name(name: &str) -> Result<&str, SiteNameError> {
     if name.is_empty() {
-        return Err("the site name is empty".into());
+        return Err(SiteNameError::Empty);
     }
     if name.len() > MAX_SITE_NAME {
-        return Err(format!(
-            "the site name is {} bytes long; at most {MAX_SITE_NAME} are allowed",
-            name.len()
-        ));
+        return Err(SiteNameError::TooLong { len: name.len() });
     }
     if name.starts_with('.') || name.starts_with('-') {
-        return Err(format!(
-            "site name {name:?} starts with '.' or '-'; start it with a letter or digit"
-        ));
+        return Err(SiteNameError::BadStart {
+            name: name.to_string(),
+        });
     }
     if let Some(c) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
-        return Err(format!(
-            "site name {:?} contains {c:?}; use only letters, digits, '.', '_' and '-'",
-            name.escape_debug().to_string()
-        ));
+        return Err(SiteNameError::BadChar {
+            name: name.escape_debug().to_string(),
+            c,
+        });
     }
     Ok(name)
+}
+
+/// Why a site name is refused by [`check_site_name`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SiteNameError {
+    #[error("the site name is empty")]
+    Empty,
+    #[error("the site name is {len} bytes long; at most {MAX_SITE_NAME} are allowed")]
+    TooLong { len: usize },
+    #[error("site name {name:?} starts with '.' or '-'; start it with a letter or digit")]
+    BadStart { name: String },
+    #[error("site name {name:?} contains {c:?}; use only letters, digits, '.', '_' and '-'")]
+    BadChar { name: String, c: char },
 }
 
 /// A site's own certificate and private key, loaded and checked to belong
@@ -300,7 +310,7 @@ fn civil_from_days(z: i64) -> (i32, u8, u8) {
 
 fn generate_pem(name: &str) -> Result<(String, String), TransportError> {
     let gen_err = TransportError::KeyGen;
-    check_site_name(name).map_err(gen_err)?;
+    check_site_name(name).map_err(|e| gen_err(e.to_string()))?;
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(|e| gen_err(format!("cannot generate a P-256 key: {e}")))?;
     let mut params = rcgen::CertificateParams::new(vec![name.to_string()])
@@ -361,9 +371,9 @@ pub fn init(name: &str, outdir: &Path, force: bool) -> Result<(PathBuf, PathBuf)
         path: path.to_path_buf(),
         what: format!("{what}: {e}"),
     };
-    check_site_name(name).map_err(|what| TransportError::Identity {
+    check_site_name(name).map_err(|e| TransportError::Identity {
         path: outdir.to_path_buf(),
-        what,
+        what: e.to_string(),
     })?;
     if !outdir.exists() {
         std::fs::DirBuilder::new()

@@ -96,9 +96,14 @@ pub enum TransportError {
     #[error("cannot connect to {addr}: {what}")]
     Connect { addr: SocketAddr, what: String },
     /// The handshake or the connection failed; the text explains which side
-    /// refused whom, or that the peer is unreachable.
-    #[error("{0}")]
-    Connection(String),
+    /// refused whom, or that the peer is unreachable. Decide on `source`
+    /// (e.g. with [`handshake_failure`]), never on the text.
+    #[error("{explained}")]
+    Connection {
+        #[source]
+        source: quinn::ConnectionError,
+        explained: String,
+    },
     /// The server refused an incoming connection (the peer's certificate is
     /// not trusted, it sent none, or the handshake failed).
     #[error("refused connection from {addr}: {reason}")]
@@ -370,9 +375,10 @@ pub async fn connect(
             addr,
             what: e.to_string(),
         })?;
-    connecting
-        .await
-        .map_err(|e| TransportError::Connection(explain_connection_error(&e, addr)))
+    connecting.await.map_err(|e| TransportError::Connection {
+        explained: explain_connection_error(&e, addr),
+        source: e,
+    })
 }
 
 /// Complete the handshake of an incoming connection and return it with the
@@ -434,40 +440,100 @@ fn tls_alert(code: quinn::TransportErrorCode) -> Option<u8> {
     }
 }
 
+/// Which side ended a failed TLS handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusedBy {
+    /// This side (its verifier or its TLS stack).
+    Us,
+    /// The peer, with a TLS alert.
+    Peer,
+}
+
+/// Why a TLS handshake failed, decided by the TLS alert it ended with
+/// (never by the text that comes with it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// A certificate was refused: not pinned, its key not proven
+    /// ([`trust`]'s verifiers fail with `handshake_failure`, which rustls
+    /// sends for any verifier error), or none presented
+    /// (`certificate_required`), or any certificate alert. Retrying cannot
+    /// help until an operator changes the trust or the keys.
+    Trust,
+    /// The peer does not speak vdrep's ALPN (`no_application_protocol`).
+    Protocol,
+    /// Another TLS alert.
+    Other,
+}
+
+/// The TLS failure behind a connection error, if it is one.
+pub fn handshake_failure(e: &quinn::ConnectionError) -> Option<(RefusedBy, HandshakeFailure)> {
+    use rustls::AlertDescription as A;
+    let (by, alert) = match e {
+        quinn::ConnectionError::TransportError(te) => (RefusedBy::Us, tls_alert(te.code)?),
+        quinn::ConnectionError::ConnectionClosed(cc) => {
+            (RefusedBy::Peer, tls_alert(cc.error_code)?)
+        }
+        _ => return None,
+    };
+    let kind = match A::from(alert) {
+        A::HandshakeFailure
+        | A::BadCertificate
+        | A::UnsupportedCertificate
+        | A::CertificateRevoked
+        | A::CertificateExpired
+        | A::CertificateUnknown
+        | A::UnknownCA
+        | A::AccessDenied
+        | A::CertificateRequired => HandshakeFailure::Trust,
+        A::NoApplicationProtocol => HandshakeFailure::Protocol,
+        _ => HandshakeFailure::Other,
+    };
+    Some((by, kind))
+}
+
 fn alert_name(a: u8) -> String {
     format!("{:?}", rustls::AlertDescription::from(a))
 }
 
-fn clean_reason(r: &str) -> String {
+/// The rustls text of a refusal without rustls's generic prefixes.
+fn clean_reason(r: &str) -> &str {
     let r = r.strip_prefix("other error: ").unwrap_or(r);
-    let r = r.strip_prefix("invalid peer certificate: ").unwrap_or(r);
-    r.to_string()
+    r.strip_prefix("invalid peer certificate: ").unwrap_or(r)
+}
+
+/// The text that came with a TLS failure (the QUIC close reason).
+fn tls_reason(e: &quinn::ConnectionError) -> String {
+    match e {
+        quinn::ConnectionError::TransportError(te) => clean_reason(&te.reason).to_string(),
+        quinn::ConnectionError::ConnectionClosed(cc) => {
+            clean_reason(&String::from_utf8_lossy(&cc.reason)).to_string()
+        }
+        other => other.to_string(),
+    }
 }
 
 fn server_side_reason(e: &quinn::ConnectionError) -> String {
-    match e {
-        quinn::ConnectionError::TransportError(te) if tls_alert(te.code).is_some() => {
-            let reason = clean_reason(&te.reason);
-            if reason.contains("is not trusted") {
-                format!("{reason}; add it with --trust")
-            } else if te.reason.contains("no certificates") {
-                "the peer presented no certificate (client authentication is mandatory)".into()
-            } else {
-                format!("TLS handshake failed: {reason}")
-            }
+    let no_cert = |e: &quinn::ConnectionError| {
+        matches!(e, quinn::ConnectionError::TransportError(te)
+            if tls_alert(te.code) == Some(u8::from(rustls::AlertDescription::CertificateRequired)))
+    };
+    match handshake_failure(e) {
+        Some((RefusedBy::Us, _)) if no_cert(e) => {
+            "the peer presented no certificate (client authentication is mandatory)".into()
         }
-        quinn::ConnectionError::ConnectionClosed(cc) if tls_alert(cc.error_code).is_some() => {
-            let reason = clean_reason(&String::from_utf8_lossy(&cc.reason));
-            if reason.contains("is not trusted") {
-                format!(
-                    "the peer refused our certificate ({reason}); give its operator our \
-                     .crt file so they can add it with --trust"
-                )
-            } else {
-                format!("the peer aborted the TLS handshake: {reason}")
-            }
+        Some((RefusedBy::Us, HandshakeFailure::Trust)) => {
+            format!("{}; add it with --trust", tls_reason(e))
         }
-        other => format!("handshake failed: {other}"),
+        Some((RefusedBy::Us, _)) => format!("TLS handshake failed: {}", tls_reason(e)),
+        Some((RefusedBy::Peer, HandshakeFailure::Trust)) => format!(
+            "the peer refused our certificate ({}); give its operator our \
+             .crt file so they can add it with --trust",
+            tls_reason(e)
+        ),
+        Some((RefusedBy::Peer, _)) => {
+            format!("the peer aborted the TLS handshake: {}", tls_reason(e))
+        }
+        None => format!("handshake failed: {e}"),
     }
 }
 
@@ -475,51 +541,105 @@ fn server_side_reason(e: &quinn::ConnectionError) -> String {
 /// naming which side refused whom and what to do.
 pub fn explain_connection_error(e: &quinn::ConnectionError, peer: SocketAddr) -> String {
     use quinn::ConnectionError as E;
-    match e {
+    match (handshake_failure(e), e) {
         // We refused the peer (our verifier failed) or our TLS stack failed.
-        E::TransportError(te) if tls_alert(te.code).is_some() => {
-            let reason = clean_reason(&te.reason);
-            if reason.contains("is not trusted") {
-                format!(
-                    "refused {peer}: its {reason}; \
-                     if this is the right peer, add its certificate with --trust"
-                )
-            } else {
-                format!("TLS handshake with {peer} failed: {reason}")
-            }
+        (Some((RefusedBy::Us, HandshakeFailure::Trust)), _) => format!(
+            "refused {peer}: its {}; \
+             if this is the right peer, add its certificate with --trust",
+            tls_reason(e)
+        ),
+        (Some((RefusedBy::Us, _)), _) => {
+            format!("TLS handshake with {peer} failed: {}", tls_reason(e))
         }
         // The peer closed the connection with a TLS alert: it refused us.
-        E::ConnectionClosed(cc) if tls_alert(cc.error_code).is_some() => {
+        (Some((RefusedBy::Peer, failure)), E::ConnectionClosed(cc)) => {
             let alert = tls_alert(cc.error_code).map(alert_name).unwrap_or_default();
-            let reason = clean_reason(&String::from_utf8_lossy(&cc.reason));
-            if reason.contains("is not trusted") || reason.contains("no certificates") {
-                format!(
+            let reason = tls_reason(e);
+            match failure {
+                HandshakeFailure::Trust => format!(
                     "{peer} refused our certificate ({reason}); give its operator our \
                      .crt file so they can add it with --trust"
-                )
-            } else if reason.to_ascii_lowercase().contains("alpn")
-                || alert == "NoApplicationProtocol"
-            {
-                format!("{peer} does not speak the vdrep protocol (TLS alert {alert}: {reason})")
-            } else {
-                format!("{peer} refused the TLS handshake (alert {alert}): {reason}")
+                ),
+                HandshakeFailure::Protocol => format!(
+                    "{peer} does not speak the vdrep protocol (TLS alert {alert}: {reason})"
+                ),
+                HandshakeFailure::Other => {
+                    format!("{peer} refused the TLS handshake (alert {alert}): {reason}")
+                }
             }
         }
-        E::TimedOut => format!(
+        (_, E::TimedOut) => format!(
             "no answer from {peer} (timed out): the peer is down, or UDP between the sites is blocked"
         ),
-        E::ConnectionClosed(cc) => format!(
+        (_, E::ConnectionClosed(cc)) => format!(
             "{peer} closed the connection: {} (code {})",
             String::from_utf8_lossy(&cc.reason),
             cc.error_code
         ),
-        E::ApplicationClosed(ac) => format!(
+        (_, E::ApplicationClosed(ac)) => format!(
             "{peer} closed the connection: {} (code {})",
             String::from_utf8_lossy(&ac.reason),
             ac.error_code
         ),
-        E::Reset => format!("{peer} reset the connection (it restarted or forgot it)"),
-        E::LocallyClosed => format!("the connection to {peer} was closed locally"),
-        other => format!("connection with {peer} failed: {other}"),
+        (_, E::Reset) => format!("{peer} reset the connection (it restarted or forgot it)"),
+        (_, E::LocallyClosed) => format!("the connection to {peer} was closed locally"),
+        (_, other) => format!("connection with {peer} failed: {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::AlertDescription as A;
+
+    fn by_peer(alert: A, reason: &str) -> quinn::ConnectionError {
+        quinn::ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+            error_code: quinn::TransportErrorCode::crypto(u8::from(alert)),
+            frame_type: None,
+            reason: reason.as_bytes().to_vec().into(),
+        })
+    }
+
+    #[test]
+    fn handshake_failures_are_classified_by_alert_not_by_text() {
+        // (Refusals by this side, `ConnectionError::TransportError`, cannot
+        // be built outside quinn-proto; tests/net_quic.rs covers them.)
+        use HandshakeFailure::*;
+        // What the pinned verifiers send, whatever the text says.
+        assert_eq!(
+            handshake_failure(&by_peer(A::HandshakeFailure, "anything")),
+            Some((RefusedBy::Peer, Trust))
+        );
+        assert_eq!(
+            handshake_failure(&by_peer(A::CertificateRequired, "")),
+            Some((RefusedBy::Peer, Trust))
+        );
+        // A text about certificates does not make an ALPN refusal one.
+        assert_eq!(
+            handshake_failure(&by_peer(
+                A::NoApplicationProtocol,
+                "certificate is not trusted"
+            )),
+            Some((RefusedBy::Peer, Protocol))
+        );
+        assert_eq!(
+            handshake_failure(&by_peer(A::InternalError, "")),
+            Some((RefusedBy::Peer, Other))
+        );
+        assert_eq!(handshake_failure(&quinn::ConnectionError::TimedOut), None);
+        assert_eq!(handshake_failure(&quinn::ConnectionError::Reset), None);
+    }
+
+    #[test]
+    fn explanations_follow_the_alert() {
+        let peer: SocketAddr = "192.0.2.1:7700".parse().unwrap();
+        let e = explain_connection_error(&by_peer(A::HandshakeFailure, "other error: x"), peer);
+        assert!(e.contains("refused our certificate (x)"), "{e}");
+        let e = explain_connection_error(&by_peer(A::NoApplicationProtocol, ""), peer);
+        assert!(e.contains("does not speak the vdrep protocol"), "{e}");
+        let e = server_side_reason(&by_peer(A::BadCertificate, "other error: x"));
+        assert!(e.contains("the peer refused our certificate (x)"), "{e}");
+        let e = server_side_reason(&by_peer(A::InternalError, "y"));
+        assert_eq!(e, "the peer aborted the TLS handshake: y");
     }
 }

@@ -640,7 +640,7 @@ pub(crate) fn decode_body(frame: &[u8]) -> Result<Msg, WireError> {
 // Validation shared by encode and decode
 
 fn check_site(msg: &'static str, s: &str) -> Result<(), WireError> {
-    crate::transport::keys::check_site_name(s).map_err(|what| malformed(msg, what))?;
+    crate::transport::keys::check_site_name(s).map_err(|e| malformed(msg, e.to_string()))?;
     Ok(())
 }
 

@@ -93,6 +93,9 @@
 //!    except the one announced by `ResyncEnd`.
 //!
 //! Any request may be answered by `Error { code, retryable, message }`.
+//! A log the receiver refuses because the replica must be resynced first
+//! (step 6) is answered with code [`ErrorCode::ResyncRequired`] (12, since
+//! protocol version 3): the sender decides on the code, never on the text.
 //!
 //! # Names
 //! Every path or name a peer sends passes [`safe_name`] (disk names:
@@ -113,7 +116,8 @@ pub use io::{
 pub use names::{safe_component, safe_name, MAX_COMPONENT, MAX_NAME};
 
 /// Protocol version spoken by this build (in `Hello`).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// 3: [`ErrorCode::ResyncRequired`] (a receiver's resync verdict by code).
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Largest data payload of one chunk.
 pub const MAX_DATA: usize = 16 << 20;
 /// Largest value of a frame's length field (type byte + payload).
@@ -246,6 +250,12 @@ pub enum ErrorCode {
     Checksum,
     /// A bug at the peer.
     Internal,
+    /// The replica can no longer be trusted (a damaged or out-of-order log,
+    /// an adoption after failover, unreadable state): the disk must be
+    /// compared by checksums ([`BlockHashReq`]) before logs apply again.
+    /// New in protocol version 3 (earlier receivers said
+    /// [`ErrorCode::InvalidState`]).
+    ResyncRequired,
     Other(u16),
 }
 
@@ -263,6 +273,7 @@ impl ErrorCode {
             ErrorCode::Busy => 9,
             ErrorCode::Checksum => 10,
             ErrorCode::Internal => 11,
+            ErrorCode::ResyncRequired => 12,
             ErrorCode::Other(c) => c,
         }
     }
@@ -280,6 +291,7 @@ impl ErrorCode {
             9 => ErrorCode::Busy,
             10 => ErrorCode::Checksum,
             11 => ErrorCode::Internal,
+            12 => ErrorCode::ResyncRequired,
             c => ErrorCode::Other(c),
         }
     }
