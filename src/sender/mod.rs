@@ -124,6 +124,10 @@ pub struct VmStatus {
     pub bytes_sent: u64,
     pub last_error: Option<String>,
     pub next_retry_unix: Option<u64>,
+    /// Retries since protection started (each failed session that will be
+    /// tried again).
+    #[serde(default)]
+    pub retries: u64,
     pub every_secs: u64,
     /// The resync or verify running now.
     #[serde(default)]
@@ -186,17 +190,30 @@ fn now_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// Delay before retry number `n` (0-based): 1, 2, 4, 8, 10 min, then 30 min.
-pub fn backoff(n: u32, scale: f64) -> Duration {
-    let mins = match n {
-        0 => 1.0,
-        1 => 2.0,
-        2 => 4.0,
-        3 => 8.0,
-        4 => 10.0,
-        _ => 30.0,
+/// Schedules whose interval is at most this retry fast first (see [`backoff`]).
+pub const FAST_RETRY_MAX_EVERY_SECS: u64 = 300;
+
+/// Delay before retry number `n` (0-based) of a VM replicating every
+/// `every_secs` (0: continuous). The long schedule is 1, 2, 4, 8, 10 min,
+/// then every 30 min. A continuous or short-interval VM (every ≤ 5 min)
+/// first retries after 1 s, 2 s and 5 s, so a blip (a receiver restart, a
+/// dropped link) costs seconds of RPO, and only then falls back to the long
+/// schedule. `scale` shortens everything (tests).
+pub fn backoff(n: u32, scale: f64, every_secs: u64) -> Duration {
+    const FAST: [f64; 3] = [1.0, 2.0, 5.0];
+    const LONG_MINS: [f64; 5] = [1.0, 2.0, 4.0, 8.0, 10.0];
+    let n = n as usize;
+    let fast = if every_secs <= FAST_RETRY_MAX_EVERY_SECS {
+        FAST.len()
+    } else {
+        0
     };
-    Duration::from_secs_f64(mins * 60.0 * scale)
+    let secs = if n < fast {
+        FAST[n]
+    } else {
+        LONG_MINS.get(n - fast).copied().unwrap_or(30.0) * 60.0
+    };
+    Duration::from_secs_f64(secs * scale)
 }
 
 /// A `vdrep sync` caller: the cycle it needs and where to answer.
@@ -480,6 +497,7 @@ impl Replicator {
                 bytes_sent: 0,
                 last_error: None,
                 next_retry_unix: None,
+                retries: 0,
                 every_secs: spec.every_secs,
                 resync: None,
                 last_resync: None,
@@ -722,6 +740,11 @@ impl Replicator {
                 return;
             }
             let Err(e) = r else { return };
+            // A session that reached steady state (Normal) ends an outage:
+            // the next failure starts the schedule from its first step.
+            if vm.status.lock().state == VmState::Normal {
+                failures = 0;
+            }
             match e.kind() {
                 ErrorKind::ResyncRequired if again < 3 => {
                     again += 1;
@@ -738,7 +761,7 @@ impl Replicator {
                 | ErrorKind::Retry
                 | ErrorKind::TimedOut
                 | ErrorKind::Unavailable => {
-                    let d = backoff(failures, self.retry_scale);
+                    let d = backoff(failures, self.retry_scale, vm.spec.every_secs);
                     failures += 1;
                     tracing::warn!(vm = %vm.spec.vm, "replication interrupted: {e}; retry in {d:?}");
                     {
@@ -749,7 +772,9 @@ impl Replicator {
                             VmState::Warning
                         };
                         s.last_error = Some(e.to_string());
-                        s.next_retry_unix = Some(now_ns() / 1_000_000_000 + d.as_secs());
+                        s.retries += 1;
+                        s.next_retry_unix =
+                            Some((now_ns() + d.as_nanos() as u64).div_ceil(1_000_000_000));
                     }
                     // A `sync` request retries at once. Meanwhile the 50%
                     // rule is watched (changes pile up while the link is down).
@@ -794,9 +819,6 @@ impl Replicator {
                     }
                     return;
                 }
-            }
-            if failures > 0 && vm.status.lock().state == VmState::Normal {
-                failures = 0;
             }
         }
     }
@@ -1878,4 +1900,32 @@ fn not_protected(vm: &str) -> SendError {
 
 fn stopped(vm: &str) -> SendError {
     SendError::unavailable(format!("replication of {vm} stopped"))
+}
+
+#[cfg(test)]
+mod backoff_tests {
+    use super::*;
+
+    fn secs(n: u32, every: u64) -> f64 {
+        backoff(n, 1.0, every).as_secs_f64()
+    }
+
+    #[test]
+    fn continuous_and_short_intervals_retry_fast_first_then_the_long_schedule() {
+        for every in [0, 30, 300] {
+            let got: Vec<f64> = (0..10).map(|n| secs(n, every)).collect();
+            assert_eq!(
+                got,
+                [1.0, 2.0, 5.0, 60.0, 120.0, 240.0, 480.0, 600.0, 1800.0, 1800.0],
+                "every {every}s"
+            );
+        }
+    }
+
+    #[test]
+    fn long_intervals_keep_the_long_schedule() {
+        let got: Vec<f64> = (0..7).map(|n| secs(n, 900)).collect();
+        assert_eq!(got, [60.0, 120.0, 240.0, 480.0, 600.0, 1800.0, 1800.0]);
+        assert_eq!(backoff(0, 0.01, 900), Duration::from_secs_f64(0.6));
+    }
 }

@@ -1,0 +1,123 @@
+//! A network blip on a continuous VM: the receiver is killed (-9) and back
+//! 2 s later while the VM writes. The sender's fast retries (1 s, 2 s, 5 s
+//! before the 1-minute schedule) commit a point again without waiting for the
+//! long schedule, and `status` counts the retries. This binary never sets
+//! `VDREP_RETRY_SCALE`: the real schedule is under test. Needs root and
+//! /dev/fuse (CI has both).
+
+mod mountutil;
+mod skip;
+
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mountutil::*;
+
+#[test]
+fn receiver_blip_is_retried_within_seconds_not_minutes() {
+    require_fuse!();
+    assert!(
+        std::env::var_os("VDREP_RETRY_SCALE").is_none(),
+        "this test needs the real retry schedule"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    for d in ["ka", "kb", "vm", "store"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    let s = |p: &str| root.join(p).to_str().unwrap().to_string();
+    vdrep_ok(&["keys", "init", "--name", "site-a", "--out", &s("ka")]);
+    vdrep_ok(&["keys", "init", "--name", "site-b", "--out", &s("kb")]);
+    std::fs::File::create(root.join("vm/d.img"))
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let start_rx = |addr: &str| {
+        Receiver::spawn(
+            addr,
+            &root.join("store"),
+            &root.join("kb"),
+            &root.join("ka/site-a.crt"),
+            &[],
+            &[],
+        )
+    };
+    let mut rx = start_rx("127.0.0.1:0");
+    let addr = rx.addr.clone();
+    let mut m = Mounted::new(&root.join("vm"), &["--keys", &s("ka")]);
+    vdrep_ok(&[
+        "protect",
+        "vm1",
+        "--to",
+        &addr,
+        "--trust",
+        &s("kb/site-b.crt"),
+        "--every",
+        "continuous",
+        &s("vm/d.img"),
+    ]);
+    vdrep_ok(&["sync", &s("vm"), "--timeout", "60"]);
+    let retries_before = m.status_json()["replication"][0]["retries"]
+        .as_u64()
+        .unwrap();
+
+    // Under load: a writer keeps writing through the mount.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, path) = (stop.clone(), root.join("vm/d.img"));
+        std::thread::spawn(move || {
+            let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                f.write_all_at(&[(n % 251) as u8; 4096], (n * 7919 % 4096) * 4096)
+                    .unwrap();
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            n
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    rx.kill9();
+    std::thread::sleep(Duration::from_secs(2));
+    let _rx2 = start_rx(&addr);
+    // The long schedule's first retry is 1 minute after the failure; the
+    // fast schedule retries within seconds. A sync that must finish within
+    // 45 s tells them apart on a busy host.
+    let o = vdrep(&["sync", &s("vm"), "--timeout", "45"]);
+    let st = m.status_json();
+    assert!(
+        o.status.success(),
+        "no point committed within 45 s of the receiver's return (waiting for the long retry schedule?): {}{}\n{st}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v = &st["replication"][0];
+    assert!(
+        v["retries"].as_u64().unwrap() > retries_before,
+        "status does not count the retry: {st}"
+    );
+    stop.store(true, Ordering::Relaxed);
+    assert!(writer.join().unwrap() > 0);
+    vdrep_ok(&["sync", &s("vm"), "--timeout", "60"]);
+    let st = m.status_json();
+    assert_eq!(st["replication"][0]["state"], "Normal", "{st}");
+    // The replica (a fixed VHD: the disk's bytes, then a footer) holds
+    // every write the VM made.
+    let src = std::fs::read(root.join("vm/d.img")).unwrap();
+    let disks = root.join("store/sites/site-a/vms/vm1/disks");
+    let replica = std::fs::read_dir(&disks)
+        .unwrap()
+        .flatten()
+        .map(|d| d.path().join("d.vhd"))
+        .find(|p| p.exists())
+        .expect("a replica of d.img");
+    let rep = std::fs::read(replica).unwrap();
+    assert!(
+        rep.len() >= src.len() && rep[..src.len()] == src[..],
+        "replica differs"
+    );
+    m.umount();
+}
