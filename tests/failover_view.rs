@@ -12,9 +12,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
-use vdrep::failover::{PointSel, Views};
 use vdrep::hrl::{HrlHeader, HrlWriter};
 use vdrep::replica::{Consistency, DiskInfo, InitialData, RetentionPolicy, Store};
+use vdrep::testview::{PointSel, Views};
 
 const BS: u64 = 4096;
 const ID: [u8; 16] = [0x17; 16];
