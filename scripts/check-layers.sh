@@ -25,8 +25,29 @@ ALLOWED_EDGES = {
 
 ROOTS = {"lib.rs", "main.rs"}
 path_re = re.compile(r"\bcrate::([A-Za-z_][A-Za-z0-9_]*)")
-# `use crate::{a, b::c}` groups: top-level names inside the braces.
-group_re = re.compile(r"\bcrate::\{([^}]*)\}")
+# `use crate::{a, b::{c, d}}` groups: the top-level names inside the braces.
+group_re = re.compile(r"\bcrate::\{")
+
+
+def group_items(text, start):
+    """Top-level items of the brace group opening at text[start]."""
+    depth, item, items = 0, "", []
+    for c in text[start:]:
+        if c == "{":
+            depth += 1
+            if depth == 1:
+                continue
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                items.append(item)
+                return items
+        elif c == "," and depth == 1:
+            items.append(item)
+            item = ""
+            continue
+        item += c
+    return items
 
 
 def module_of(rel):
@@ -74,23 +95,23 @@ for dirpath, _, files in os.walk(src):
         if mod is None:
             continue
         with open(full, encoding="utf-8") as fh:
-            lines = strip_comments(fh.read())
-        for n, line in enumerate(lines, 1):
-            targets = set(path_re.findall(line))
-            for g in group_re.findall(line):
-                for item in g.split(","):
-                    name = item.strip().split("::")[0].split(" ")[0]
-                    if name and name != "self":
-                        targets.add(name)
-            for t in targets:
-                if t == mod:
-                    continue
-                where = f"src/{rel}:{n}"
-                if t == "cli" and mod != "cli":
-                    bad_cli.append(where)
-                if (mod, t) in ALLOWED_EDGES:
-                    continue
-                edges.setdefault((mod, t), where)
+            text = "\n".join(strip_comments(fh.read()))
+        found = [(m.start(), m.group(1)) for m in path_re.finditer(text)]
+        # `use crate::{a, b::c, ...}` groups, possibly over several lines.
+        for g in group_re.finditer(text):
+            for item in group_items(text, g.end() - 1):
+                name = item.strip().split("::")[0].split(" ")[0]
+                if name and name != "self":
+                    found.append((g.start(), name))
+        for pos, t in found:
+            if t == mod:
+                continue
+            where = f"src/{rel}:{text.count(chr(10), 0, pos) + 1}"
+            if t == "cli" and mod != "cli":
+                bad_cli.append(where)
+            if (mod, t) in ALLOWED_EDGES:
+                continue
+            edges.setdefault((mod, t), where)
 
 graph = {}
 for (a, b) in edges:
@@ -159,6 +180,8 @@ for where in bad_cli:
 for comp in sccs:
     cyc = cycle_in(comp)
     print("import cycle: " + " -> ".join(cyc))
+    if len(comp) > len(cyc) - 1:
+        print("  (modules tangled with it: " + ", ".join(comp) + ")")
     for a, b in zip(cyc, cyc[1:]):
         print(f"  {a} -> {b}: {edges[(a, b)]}")
     failed = True
