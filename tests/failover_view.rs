@@ -311,7 +311,7 @@ fn point_100_cycles_old_reads_correctly_directly_and_through_the_view() {
         PointSel::Latest,
         Some(tmp.path().join("v2")),
     );
-    assert!(again.unwrap_err().contains("already running"));
+    assert!(again.unwrap_err().to_string().contains("already running"));
     // Writes (partial blocks included) go to the overlay.
     let vf = std::fs::OpenOptions::new()
         .read(true)

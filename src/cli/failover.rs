@@ -17,7 +17,7 @@ use crate::testview::{format_utc, PointSel};
 #[derive(Subcommand, Debug)]
 pub enum PlanCmd {
     /// Run a recovery plan (groups of VMs in order, with pre/post scripts;
-    /// format in `vdrep::roles::plan`): a test failover of every VM with
+    /// format in `vdrep::failover::plan`): a test failover of every VM with
     /// --test, an unplanned failover (newest point) with --unplanned.
     Failover {
         /// The plan file.

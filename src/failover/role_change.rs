@@ -451,7 +451,7 @@ pub fn resolve_point(
     use crate::testview::PointSel;
     let sel = match arg {
         None => return Ok(None),
-        Some(a) => PointSel::parse(a).map_err(FailoverError::Invalid)?,
+        Some(a) => PointSel::parse(a).map_err(|e| FailoverError::Invalid(e.to_string()))?,
     };
     match sel {
         PointSel::Latest => Ok(None),

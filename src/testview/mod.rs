@@ -41,6 +41,49 @@ pub const QEMU_PID_FILE: &str = "qemu.pid";
 /// `fsname` of view mounts (to find stale ones).
 pub const FSNAME: &str = "vdrep-failover";
 
+/// Why a view could not be made or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum ViewError {
+    /// A point argument that names no point.
+    #[error("{0}")]
+    BadPoint(String),
+    /// The VM, its point or its test failover does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The VM's name matches several sites, or the place is taken (a view
+    /// already runs, the folder is a mount point or not empty).
+    #[error("{0}")]
+    Refused(String),
+    /// The store refused or failed.
+    #[error(transparent)]
+    Store(#[from] replica::StoreError),
+    /// A file, folder or the FUSE mount failed.
+    #[error("{0}")]
+    Io(String),
+}
+
+/// The kinds of [`ViewError`] callers decide on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ViewErrorKind {
+    BadPoint,
+    NotFound,
+    Refused,
+    Store,
+    Io,
+}
+
+impl ViewError {
+    pub fn kind(&self) -> ViewErrorKind {
+        match self {
+            ViewError::BadPoint(_) => ViewErrorKind::BadPoint,
+            ViewError::NotFound(_) => ViewErrorKind::NotFound,
+            ViewError::Refused(_) => ViewErrorKind::Refused,
+            ViewError::Store(_) => ViewErrorKind::Store,
+            ViewError::Io(_) => ViewErrorKind::Io,
+        }
+    }
+}
+
 /// Which recovery point to expose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -57,7 +100,7 @@ impl PointSel {
     /// `latest`, a point id (cycle number), or a time: `@UNIXSECS`,
     /// `YYYY-MM-DDTHH:MM[:SS][Z]` or `YYYY-MM-DD HH:MM[:SS]` (UTC), or an
     /// age `-90s`, `-5m`, `-2h`, `-1d`.
-    pub fn parse(s: &str) -> Result<PointSel, String> {
+    pub fn parse(s: &str) -> Result<PointSel, ViewError> {
         let s = s.trim();
         if s.eq_ignore_ascii_case("latest") {
             return Ok(PointSel::Latest);
@@ -68,7 +111,7 @@ impl PointSel {
         if let Some(secs) = s.strip_prefix('@') {
             let v: f64 = secs
                 .parse()
-                .map_err(|_| format!("{s:?}: expected @UNIX-SECONDS"))?;
+                .map_err(|_| ViewError::BadPoint(format!("{s:?}: expected @UNIX-SECONDS")))?;
             return Ok(PointSel::Time {
                 unix_ns: (v * 1e9) as u64,
             });
@@ -81,9 +124,9 @@ impl PointSel {
                 Some('d') => (&age[..age.len() - 1], 86400),
                 _ => (age, 1),
             };
-            let n: u64 = num
-                .parse()
-                .map_err(|_| format!("{s:?}: expected an age like -90s, -5m, -2h"))?;
+            let n: u64 = num.parse().map_err(|_| {
+                ViewError::BadPoint(format!("{s:?}: expected an age like -90s, -5m, -2h"))
+            })?;
             let now = now_ns();
             return Ok(PointSel::Time {
                 unix_ns: now.saturating_sub(n * mult * 1_000_000_000),
@@ -92,9 +135,9 @@ impl PointSel {
         parse_utc(s)
             .map(|unix_ns| PointSel::Time { unix_ns })
             .ok_or_else(|| {
-                format!(
+                ViewError::BadPoint(format!(
                     "{s:?} is not a point: use `latest`, a point id from `vdrep points`, a UTC time (2024-05-01T12:00:00Z), @UNIXSECS or an age (-5m)"
-                )
+                ))
             })
     }
 }
@@ -205,14 +248,14 @@ pub struct Views {
 }
 
 /// The site holding `vm`: `site` if given, else the only site that has it.
-pub fn resolve_site(store: &Store, site: Option<&str>, vm: &str) -> Result<String, String> {
+pub fn resolve_site(store: &Store, site: Option<&str>, vm: &str) -> Result<String, ViewError> {
     if let Some(s) = site {
         return Ok(s.to_string());
     }
     let sites = store.root().join("sites");
     let mut found = Vec::new();
     for e in std::fs::read_dir(&sites)
-        .map_err(|e| format!("reading {}: {e}", sites.display()))?
+        .map_err(|e| ViewError::Io(format!("reading {}: {e}", sites.display())))?
         .flatten()
     {
         if e.path().join("vms").join(vm).is_dir() {
@@ -221,15 +264,15 @@ pub fn resolve_site(store: &Store, site: Option<&str>, vm: &str) -> Result<Strin
     }
     found.sort();
     match found.len() {
-        0 => Err(format!(
+        0 => Err(ViewError::NotFound(format!(
             "no VM named {vm:?} in the store {}: check the name with `vdrep points` or the sender's `vdrep status`",
             store.root().display()
-        )),
+        ))),
         1 => Ok(found.remove(0)),
-        _ => Err(format!(
+        _ => Err(ViewError::Refused(format!(
             "VM {vm:?} is replicated here from several sites ({}): say which with --site",
             found.join(", ")
-        )),
+        ))),
     }
 }
 
@@ -323,28 +366,28 @@ impl Views {
         vm: &str,
         sel: PointSel,
         at: Option<PathBuf>,
-    ) -> Result<ViewInfo, String> {
+    ) -> Result<ViewInfo, ViewError> {
         let _op = self.op.lock();
-        replica::validate_name("vm", vm).map_err(|e| e.to_string())?;
+        replica::validate_name("vm", vm).map_err(|e| ViewError::NotFound(e.to_string()))?;
         let site = resolve_site(store, site, vm)?;
         let key = (site.clone(), vm.to_string());
         if let Some(a) = self.active.lock().get(&key) {
-            return Err(format!(
+            return Err(ViewError::Refused(format!(
                 "a test failover of {vm} is already running (point {}, files in {}): remove it with `vdrep failover {vm} --cleanup --store {}` first",
                 a.info.cycle,
                 a.info.mountpoint.display(),
                 store.root().display()
-            ));
+            )));
         }
-        let s = store.site(&site).map_err(|e| e.to_string())?;
-        let points = s.points(vm).map_err(|e| e.to_string())?;
+        let s = store.site(&site)?;
+        let points = s.points(vm)?;
         let pt = match sel {
             PointSel::Latest => points.last(),
             PointSel::Cycle { cycle } => points.iter().find(|p| p.cycle == cycle),
             PointSel::Time { unix_ns } => points.iter().rev().find(|p| p.time_unix_ns <= unix_ns),
         }
         .cloned()
-        .ok_or_else(|| match sel {
+        .ok_or_else(|| ViewError::NotFound(match sel {
             _ if points.is_empty() => format!(
                 "{vm} has no recovery point yet: wait for its initial replication to finish"
             ),
@@ -356,7 +399,7 @@ impl Views {
             _ => format!(
                 "{vm} has no recovery point {sel:?}: list them with `vdrep points {vm}`"
             ),
-        })?;
+        }))?;
         store.pin(&site, vm, pt.cycle);
         match self.mount_view(store, &site, vm, &pt, at) {
             Ok(a) => {
@@ -378,49 +421,53 @@ impl Views {
         vm: &str,
         pt: &replica::Point,
         at: Option<PathBuf>,
-    ) -> Result<Active, String> {
-        let s = store.site(site).map_err(|e| e.to_string())?;
+    ) -> Result<Active, ViewError> {
+        let s = store.site(site)?;
         let scratch = Self::scratch_dir(store, site, vm);
         let _ = std::fs::remove_dir_all(&scratch);
-        std::fs::create_dir_all(&scratch)
-            .map_err(|e| format!("creating the scratch folder {}: {e}", scratch.display()))?;
+        std::fs::create_dir_all(&scratch).map_err(|e| {
+            ViewError::Io(format!(
+                "creating the scratch folder {}: {e}",
+                scratch.display()
+            ))
+        })?;
         let mountpoint = match at {
             Some(p) => p,
             None => Self::failover_dir(store).join(site).join(vm),
         };
-        let fail = |msg: String| {
+        let fail = |e: ViewError| {
             let _ = std::fs::remove_dir_all(&scratch);
-            msg
+            e
         };
         if is_mountpoint(&mountpoint) {
-            return Err(fail(format!(
+            return Err(fail(ViewError::Refused(format!(
                 "{} is already a mount point: unmount it or choose another --at",
                 mountpoint.display()
-            )));
+            ))));
         }
         std::fs::create_dir_all(&mountpoint).map_err(|e| {
-            fail(format!(
+            fail(ViewError::Io(format!(
                 "creating the view folder {}: {e}",
                 mountpoint.display()
-            ))
+            )))
         })?;
         if std::fs::read_dir(&mountpoint).map_or(true, |mut d| d.next().is_some()) {
-            return Err(fail(format!(
+            return Err(fail(ViewError::Refused(format!(
                 "{} is not an empty folder: the view is mounted there; empty it or choose another --at",
                 mountpoint.display()
-            )));
+            ))));
         }
         let mountpoint = mountpoint
             .canonicalize()
-            .map_err(|e| fail(format!("{}: {e}", mountpoint.display())))?;
+            .map_err(|e| fail(ViewError::Io(format!("{}: {e}", mountpoint.display()))))?;
         let mut files = Vec::new();
         let mut disks = Vec::new();
         for idh in &pt.disks {
             let id = parse_hex16(idh);
-            let st = s.disk_state(vm, &id).map_err(|e| fail(e.to_string()))?;
+            let st = s.disk_state(vm, &id).map_err(|e| fail(e.into()))?;
             let reader = s
                 .read_point(vm, &id, pt.cycle)
-                .map_err(|e| fail(e.to_string()))?;
+                .map_err(|e| fail(e.into()))?;
             let footer = match st.format {
                 ReplicaFormat::VhdOfRaw => Some(replica::vhd_fixed_footer(
                     reader.len(),
@@ -436,9 +483,18 @@ impl Views {
                 .create_new(true)
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(&ovp)
-                .map_err(|e| fail(format!("creating the overlay {}: {e}", ovp.display())))?;
-            let f = ViewFile::new(st.replica_file.clone(), reader, footer, ov)
-                .map_err(|e| fail(format!("sizing the overlay {}: {e}", ovp.display())))?;
+                .map_err(|e| {
+                    fail(ViewError::Io(format!(
+                        "creating the overlay {}: {e}",
+                        ovp.display()
+                    )))
+                })?;
+            let f = ViewFile::new(st.replica_file.clone(), reader, footer, ov).map_err(|e| {
+                fail(ViewError::Io(format!(
+                    "sizing the overlay {}: {e}",
+                    ovp.display()
+                )))
+            })?;
             disks.push(ViewDisk {
                 disk_id: idh.clone(),
                 path: mountpoint.join(&st.replica_file),
@@ -460,9 +516,10 @@ impl Views {
         };
         // Record the view before mounting: a receiver killed from here on
         // leaves enough behind for clean_stale.
-        let json = serde_json::to_vec_pretty(&info).map_err(|e| fail(e.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(&info).map_err(|e| fail(ViewError::Io(e.to_string())))?;
         std::fs::write(scratch.join(STATE_FILE), json)
-            .map_err(|e| fail(format!("writing {}: {e}", scratch.display())))?;
+            .map_err(|e| fail(ViewError::Io(format!("writing {}: {e}", scratch.display()))))?;
         let fs = ViewFs::new(files.clone(), pt.time_unix_ns);
         let mut cfg = Config::default();
         cfg.mount_options = vec![
@@ -476,10 +533,10 @@ impl Views {
         let session = fuser::Session::new(fs, &mountpoint, &cfg)
             .and_then(|s| s.spawn())
             .map_err(|e| {
-                fail(format!(
+                fail(ViewError::Io(format!(
                     "mounting the failover view at {}: {e} (is /dev/fuse available and are we root?)",
                     mountpoint.display()
-                ))
+                )))
             })?;
         tracing::info!(
             "test failover of {site}/{vm}: point {} exposed at {}",
@@ -499,7 +556,7 @@ impl Views {
         store: &Store,
         site: Option<&str>,
         vm: &str,
-    ) -> Result<(ViewInfo, Vec<String>), String> {
+    ) -> Result<(ViewInfo, Vec<String>), ViewError> {
         let _op = self.op.lock();
         let site = resolve_site(store, site, vm)?;
         let key = (site.clone(), vm.to_string());
@@ -511,7 +568,9 @@ impl Views {
                 clean_one(store, &info, &mut warnings);
                 return Ok((info, warnings));
             }
-            return Err(format!("no test failover of {vm} is running"));
+            return Err(ViewError::NotFound(format!(
+                "no test failover of {vm} is running"
+            )));
         };
         a.info.written_bytes = a.files.iter().map(|f| f.overlay_bytes()).sum();
         stop_test_vm(&a.info.scratch, &a.info.mountpoint, &mut warnings);
