@@ -65,7 +65,6 @@ fn init_cli_logging() {
         .try_init();
 }
 
-/// `30s`, `5m`, `15m`, `1h`, `90` (seconds) or `continuous` (0).
 /// `vdrep protect`'s application-consistency hook.
 #[derive(clap::Args, Debug, Clone)]
 pub struct AppHookArgs {
@@ -144,6 +143,7 @@ impl RetentionArgs {
     }
 }
 
+/// `30s`, `5m`, `15m`, `1h`, `90` (seconds) or `continuous` (0).
 pub fn parse_interval(s: &str) -> Result<u64, String> {
     let s = s.trim();
     if s.eq_ignore_ascii_case("continuous") {
