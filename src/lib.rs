@@ -5,32 +5,45 @@
 //! instant and materialises it as a change log (`.hrl`) that brings a copy of
 //! the disk from the previous cut to this one.
 //!
-//! Module map (one concern each):
-//! - [`tracking`]: dirty-block bitmaps, cycles, copy-before-write, cuts.
-//! - [`hrl`]: the versioned `.hrl` change-log format (write, verify, apply).
-//! - [`fs`]: the FUSE passthrough file system that feeds [`tracking`].
-//! - [`daemon`]: mount lifecycle (open the folder, mount over it, shut down cleanly).
-//! - [`control`]: the local control socket between the CLI and a running mount.
+//! Module map (one concern each; layers import downwards only, checked by
+//! `scripts/check-layers.sh`):
+//! - [`cli`]: the `vdrep` command line (clap definitions and thin
+//!   handlers, one file per command family). Nothing else imports it.
+//! - [`failover`]: failover as the operator runs it: test failover,
+//!   planned/unplanned failover, commit, cancel, reverse, recovery plans.
+//! - [`receiver`]: the secondary site's QUIC server in front of [`replica`],
+//!   and its control socket (protocol and client in `receiver::control`,
+//!   server in `receiver::control_server`).
+//! - [`roles`]: the steps of a role change one site takes itself (adopt,
+//!   promote, cancel) and the site-to-site administrative request.
+//! - [`testview`]: test-failover views (a recovery point as bootable VHD
+//!   files over FUSE, inside the receiver).
+//! - [`daemon`]: mount lifecycle (open the folder, mount over it, shut down
+//!   cleanly) and its control protocol and client (`daemon::control`).
 //! - [`sender`]: protected VMs at the primary: initial copy, deltas, points, retries.
-//! - [`receiver`]: the secondary site's QUIC server in front of [`replica`].
+//! - [`fs`]: the FUSE passthrough file system that feeds [`tracking`].
+//! - [`tracking`]: dirty-block bitmaps, cycles, copy-before-write, cuts.
 //! - [`replica`]: the replica store (namespaces, durable logs, undo history).
 //! - [`resync`]: checksum resync and online verify (digests, progress, window).
+//! - [`hrl`]: the versioned `.hrl` change-log format (write, verify, apply).
 //! - [`vhd`]: the VHD disk format (fixed and dynamic).
 //! - [`transport`]: site identities, pinned-certificate mutual TLS over QUIC.
 //! - [`wire`]: the replication protocol's messages and sans-IO codec.
-//! - [`cli`]: the `vdrep` command line.
+//! - [`ipc`]: one JSON-line request/response exchange over a local Unix
+//!   socket, generic over the messages (used by [`daemon`] and [`receiver`]).
 
 pub mod cli;
-pub mod control;
 pub mod daemon;
 pub mod failover;
 pub mod fs;
 pub mod hrl;
+pub mod ipc;
 pub mod receiver;
 pub mod replica;
 pub mod resync;
 pub mod roles;
 pub mod sender;
+pub mod testview;
 pub mod tracking;
 pub mod transport;
 pub mod vhd;

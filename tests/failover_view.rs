@@ -12,9 +12,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
-use vdrep::failover::{PointSel, Views};
 use vdrep::hrl::{HrlHeader, HrlWriter};
 use vdrep::replica::{Consistency, DiskInfo, InitialData, RetentionPolicy, Store};
+use vdrep::testview::{PointSel, Views};
 
 const BS: u64 = 4096;
 const ID: [u8; 16] = [0x17; 16];
@@ -311,7 +311,7 @@ fn point_100_cycles_old_reads_correctly_directly_and_through_the_view() {
         PointSel::Latest,
         Some(tmp.path().join("v2")),
     );
-    assert!(again.unwrap_err().contains("already running"));
+    assert!(again.unwrap_err().to_string().contains("already running"));
     // Writes (partial blocks included) go to the overlay.
     let vf = std::fs::OpenOptions::new()
         .read(true)

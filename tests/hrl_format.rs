@@ -615,7 +615,7 @@ fn dump_human_and_json() {
 
 #[test]
 fn cli_exit_codes() {
-    use vdrep::hrl::cli::{run, HrlCmd};
+    use vdrep::cli::hrl::{run, HrlCmd};
     let s = small();
     assert_eq!(
         run(HrlCmd::Verify {

@@ -221,13 +221,13 @@ fn keys_init_writes_private_key_0600_and_refuses_overwrite() {
 #[test]
 fn keys_init_cli_prints_paths_and_fingerprint() {
     let dir = tempfile::tempdir().unwrap();
-    let args = transport::cli::KeysInitArgs {
+    let args = vdrep::cli::keys::KeysInitArgs {
         name: "site-c".into(),
         out: dir.path().to_path_buf(),
         force: false,
     };
-    assert_eq!(transport::cli::run_keys_init(&args), 0);
-    assert_eq!(transport::cli::run_keys_init(&args), 1);
+    assert_eq!(vdrep::cli::keys::run_keys_init(&args), 0);
+    assert_eq!(vdrep::cli::keys::run_keys_init(&args), 1);
 }
 
 // ---------------------------------------------------------------------------

@@ -68,7 +68,6 @@
 use std::path::PathBuf;
 
 mod apply;
-pub mod cli;
 pub mod format;
 mod reader;
 mod writer;

@@ -9,6 +9,7 @@
 //! `applied` is sent only after the replica was written and fsynced.
 
 pub mod control;
+pub mod control_server;
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -91,10 +92,10 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), String> {
     // The replication data path sees the store through the seam (wrapped to
     // crash at a step between operations when a test asks for it).
     let data: Arc<dyn ReplicaStore> = replica::FailStore::from_env(store.clone());
-    for note in crate::failover::Views::clean_stale(&store) {
+    for note in crate::testview::Views::clean_stale(&store) {
         tracing::info!("{note}");
     }
-    let views = Arc::new(crate::failover::Views::new());
+    let views = Arc::new(crate::testview::Views::new());
     let roles = Arc::new(crate::roles::ReceiverCtx {
         store: store.clone(),
         keys: std::fs::canonicalize(&opts.keys).unwrap_or_else(|_| opts.keys.clone()),
@@ -104,7 +105,7 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), String> {
             .map(|t| std::fs::canonicalize(t).unwrap_or_else(|_| t.clone()))
             .collect(),
     });
-    control::start(store.clone(), views, roles.clone())
+    control_server::start(store.clone(), views, roles.clone())
         .map_err(|e| format!("cannot start the control socket: {e}"))?;
     if let Some(every) = opts.prune_every {
         let store = data.clone();
@@ -328,7 +329,10 @@ fn admin(sess: &Session, body: &str) -> Msg {
     tracing::info!(site = %sess.site, "administrative request: {req:?}");
     let r =
         tokio::task::block_in_place(|| crate::roles::handle_admin(&sess.roles, &sess.site, req));
-    match r.and_then(|a| serde_json::to_string(&a).map_err(|e| e.to_string())) {
+    match r
+        .map_err(|e| e.to_string())
+        .and_then(|a| serde_json::to_string(&a).map_err(|e| e.to_string()))
+    {
         Ok(j) => Msg::AdminOk(j),
         Err(e) => {
             tracing::warn!(site = %sess.site, "administrative request failed: {e}");

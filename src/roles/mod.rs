@@ -25,9 +25,12 @@
 //! `needs_resync` (they may hold writes the replica never got), and the new
 //! active site protects back; the sender resyncs by block checksums, which
 //! overwrites whatever differs.
-
-pub mod cli;
-pub mod plan;
+//!
+//! This module holds the steps one site carries out itself (run inside the
+//! receiver: [`promote_local`], [`adopt_local`], [`cancel_local`],
+//! [`handle_admin`]) and the site-to-site request [`admin_call`]. The
+//! operator's procedures that drive them (`vdrep failover --planned`, ...)
+//! are [`crate::failover::role_change`].
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -35,9 +38,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::replica::{self, LiveInfo, Store};
+use crate::daemon::control::{self as mount_ctl, ControlError};
+use crate::daemon::DaemonError;
+use crate::replica::{self, LiveInfo, Store, StoreError};
 use crate::sender::ProtectSpec;
-use crate::tracking::seed::{seed, SeedDisk};
+use crate::tracking::seed::{seed, SeedDisk, SeedError};
 
 /// A request from one site to the other ([`crate::wire::Msg::Admin`]). The
 /// receiver answers for the namespace of the requesting site's
@@ -128,16 +133,74 @@ pub struct ReceiverCtx {
     pub trust: Vec<PathBuf>,
 }
 
-/// Errors are strings: they travel to the other site and to the operator.
-pub type RoleResult<T> = Result<T, String>;
+/// Why a role change failed. The message travels to the other site (as
+/// the text of an `Error` answer) and to the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum RoleError {
+    /// The replica store refused or failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A local mount daemon could not be reached or refused.
+    #[error(transparent)]
+    Mount(#[from] ControlError),
+    /// Starting or stopping a local mount daemon failed.
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+    /// Seeding the tracking state of live disks failed.
+    #[error(transparent)]
+    Seed(#[from] SeedError),
+    /// Refused in the VM's current state; nothing was changed.
+    #[error("{0}")]
+    Refused(String),
+    /// A local file could not be read or written.
+    #[error("{0}")]
+    Io(String),
+    /// The other site could not be reached, or answered with an error.
+    #[error("{0}")]
+    Peer(String),
+    /// A step failed after earlier ones took effect; the message says
+    /// where things are and how to go on.
+    #[error("{0}")]
+    Partial(String),
+}
 
-fn lazy_err(e: impl std::fmt::Display) -> String {
-    e.to_string()
+/// The kinds of [`RoleError`] callers decide on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoleErrorKind {
+    /// The store, a file or the tracking state at this site failed.
+    Local,
+    /// A local mount daemon failed or refused.
+    Mount,
+    /// Refused; nothing changed.
+    Refused,
+    /// The other site failed or is unreachable.
+    Peer,
+    /// Partly done (see the message).
+    Partial,
+}
+
+impl RoleError {
+    pub fn kind(&self) -> RoleErrorKind {
+        match self {
+            RoleError::Store(_) | RoleError::Seed(_) | RoleError::Io(_) => RoleErrorKind::Local,
+            RoleError::Mount(_) | RoleError::Daemon(_) => RoleErrorKind::Mount,
+            RoleError::Refused(_) => RoleErrorKind::Refused,
+            RoleError::Peer(_) => RoleErrorKind::Peer,
+            RoleError::Partial(_) => RoleErrorKind::Partial,
+        }
+    }
+}
+
+/// Results of role changes.
+pub type RoleResult<T> = Result<T, RoleError>;
+
+fn peer(e: impl std::fmt::Display) -> RoleError {
+    RoleError::Peer(e.to_string())
 }
 
 /// Serve an [`AdminRequest`] from `site` (the requester's namespace).
 pub fn handle_admin(ctx: &ReceiverCtx, site: &str, req: AdminRequest) -> RoleResult<AdminReply> {
-    let s = ctx.store.site(site).map_err(lazy_err)?;
+    let s = ctx.store.site(site).map_err(RoleError::from)?;
     match req {
         AdminRequest::Live { vm } => Ok(AdminReply {
             live: s.live(&vm).ok().flatten(),
@@ -161,10 +224,10 @@ pub fn handle_admin(ctx: &ReceiverCtx, site: &str, req: AdminRequest) -> RoleRes
             max_rate,
             policy,
         } => {
-            let Some(live) = s.live(&vm).map_err(lazy_err)? else {
-                return Err(format!(
+            let Some(live) = s.live(&vm)? else {
+                return Err(RoleError::Refused(format!(
                     "{vm} is not live at this site: there is nothing to replicate back"
-                ));
+                )));
             };
             let warnings = protect_live(ctx, &vm, &live, &to, every_secs, max_rate, &policy)?;
             Ok(AdminReply {
@@ -175,10 +238,7 @@ pub fn handle_admin(ctx: &ReceiverCtx, site: &str, req: AdminRequest) -> RoleRes
     }
 }
 
-/// Is `dir` mounted by a running vdrep daemon?
-fn is_mounted(dir: &Path) -> bool {
-    crate::control::call(dir, &crate::control::Request::Status).is_ok()
-}
+use mount_ctl::is_mounted;
 
 /// Promote `vm` of namespace `site` to live disks here: the folder they
 /// lived in before (a failback) or `STORE/live/<site>/<vm>`; seed and mount
@@ -190,10 +250,10 @@ pub fn promote_local(
     point: Option<u64>,
     reverse: Option<(String, u64, u64, ResyncPolicy)>,
 ) -> RoleResult<AdminReply> {
-    let s = ctx.store.site(site).map_err(lazy_err)?;
+    let s = ctx.store.site(site).map_err(RoleError::from)?;
     let origin: Option<Origin> = s
         .origin(vm)
-        .map_err(lazy_err)?
+        .map_err(RoleError::from)?
         .and_then(|v| serde_json::from_value(v).ok());
     let dest = origin
         .as_ref()
@@ -201,53 +261,58 @@ pub fn promote_local(
         .unwrap_or_else(|| ctx.store.root().join("live").join(s.name()).join(vm));
     // Failback into a folder that stays mounted for other VMs: the disks
     // are staged next to the store, then the mount takes them in.
-    let into_mount = is_mounted(&dest) && s.live(vm).map_err(lazy_err)?.is_none();
+    let into_mount = is_mounted(&dest) && s.live(vm).map_err(RoleError::from)?.is_none();
     if into_mount && origin.is_none() {
-        return Err(format!(
+        return Err(RoleError::Refused(format!(
             "{} is mounted by vdrep already (the VM is active there?): unmount it first",
             dest.display()
-        ));
+        )));
     }
     let mut names = HashMap::new();
     if let Some(o) = &origin {
         for (id, rel) in &o.names {
             crate::wire::safe_name(rel).map_err(|e| {
-                format!("origin.json of {vm} names a disk path that is not allowed: {e}")
+                RoleError::Refused(format!(
+                    "origin.json of {vm} names a disk path that is not allowed: {e}"
+                ))
             })?;
             names.insert(id.clone(), rel.clone());
         }
     }
     let live = if into_mount {
         let staging = ctx.store.root().join(".staging").join(s.name()).join(vm);
-        let staged = s.promote(vm, point, &staging, &names).map_err(lazy_err)?;
+        let staged = s
+            .promote(vm, point, &staging, &names)
+            .map_err(RoleError::from)?;
         let disks = staged
             .disks
             .iter()
             .map(|d| {
-                Ok(crate::control::TakeDisk {
+                Ok(mount_ctl::TakeDisk {
                     from: d.path.clone(),
-                    name: rel_name(&staging, &d.path)
-                        .ok_or_else(|| format!("{} is not staged", d.path.display()))?,
+                    name: rel_name(&staging, &d.path).ok_or_else(|| {
+                        RoleError::Partial(format!("{} is not staged", d.path.display()))
+                    })?,
                     id: d.disk_id.clone(),
                     cycle: staged.cycle,
                 })
             })
             .collect::<RoleResult<Vec<_>>>()?;
-        let r = crate::control::call(&dest, &crate::control::Request::Take { disks })
-            .map_err(lazy_err)?;
+        let r = mount_ctl::call(&dest, &mount_ctl::Request::Take { disks })?;
         if !r.ok {
-            return Err(format!(
+            return Err(RoleError::Partial(format!(
                 "the mount of {} did not take {vm}'s disks back: {} (they are in {}; the VM is live here from point {})",
                 dest.display(),
                 r.error.unwrap_or_default(),
                 staging.display(),
                 staged.cycle
-            ));
+            )));
         }
         let _ = std::fs::remove_dir(&staging);
-        s.relocate_live(vm, &dest).map_err(lazy_err)?
+        s.relocate_live(vm, &dest).map_err(RoleError::from)?
     } else {
-        s.promote(vm, point, &dest, &names).map_err(lazy_err)?
+        s.promote(vm, point, &dest, &names)
+            .map_err(RoleError::from)?
     };
     let block_size = live
         .disks
@@ -267,7 +332,7 @@ pub fn promote_local(
                 })
             })
             .collect();
-        seed(&dest, &disks).map_err(lazy_err)?;
+        seed(&dest, &disks).map_err(RoleError::from)?;
         if reverse.is_none() {
             // An unplanned failover can be cancelled until its commit:
             // the mount saves what the VM overwrites.
@@ -277,7 +342,7 @@ pub fn promote_local(
             .as_ref()
             .and_then(|o| o.keys.clone())
             .unwrap_or_else(|| ctx.keys.clone());
-        mount(&dest, &keys, block_size)?;
+        crate::daemon::spawn(&dest, &keys, block_size)?;
     }
     let mut warnings = Vec::new();
     if let Some((to, every, rate, policy)) = reverse {
@@ -302,14 +367,14 @@ fn arm_preimages(dir: &Path, disks: &[SeedDisk]) -> RoleResult<()> {
     for d in disks {
         let file = dir.join(&d.name);
         let size = std::fs::metadata(&file)
-            .map_err(|e| format!("{}: {e}", file.display()))?
+            .map_err(|e| RoleError::Io(format!("{}: {e}", file.display())))?
             .len();
         let j = preimage_path(dir, &d.name, &d.id);
         crate::tracking::preimage::arm(&j, d.block_size, size).map_err(|e| {
-            format!(
+            RoleError::Io(format!(
                 "cannot create the pre-image journal {} (needed to cancel the failover): {e}",
                 j.display()
-            )
+            ))
         })?;
     }
     Ok(())
@@ -334,29 +399,28 @@ pub struct CancelReport {
 /// to the store as the replica with its history exactly as before
 /// ([`crate::replica::Site::cancel_failover`]).
 pub fn cancel_local(ctx: &ReceiverCtx, site: &str, vm: &str) -> RoleResult<CancelReport> {
-    let s = ctx.store.site(site).map_err(lazy_err)?;
-    let Some(live) = s.live(vm).map_err(lazy_err)? else {
-        return Err(format!(
+    let s = ctx.store.site(site).map_err(RoleError::from)?;
+    let Some(live) = s.live(vm)? else {
+        return Err(RoleError::Refused(format!(
             "{vm} is not failed over to this site: there is nothing to cancel"
-        ));
+        )));
     };
     if live.committed {
-        return Err(format!(
+        return Err(RoleError::Refused(format!(
             "the failover of {vm} was committed (`--commit`): the recovery points from before it are gone, so it cannot be cancelled. To make the original primary active again, fail back with a planned failover: `vdrep reverse {vm}` at the old primary if it is not replicating from here yet, then `vdrep failover {vm} --planned --store STORE --reverse-to ADDR` here"
-        ));
+        )));
     }
     if is_mounted(&live.dir) {
-        let st =
-            crate::control::call(&live.dir, &crate::control::Request::Status).map_err(lazy_err)?;
+        let st = mount_ctl::call(&live.dir, &mount_ctl::Request::Status)?;
         if st
             .replication
             .unwrap_or_default()
             .iter()
             .any(|r| r.vm == vm)
         {
-            return Err(format!(
+            return Err(RoleError::Refused(format!(
                 "{vm} is replicating from here back to the other site (a planned failover, or `vdrep reverse` ran): the other site holds its disks as the replica of this one, so cancelling here would lose them. Make the other site active again with a planned failover back: `vdrep failover {vm} --planned --store STORE --reverse-to ADDR` here (zero loss, ships only changes)"
-            ));
+            )));
         }
     }
     // Every disk must have its journal before anything changes.
@@ -366,29 +430,29 @@ pub fn cancel_local(ctx: &ReceiverCtx, site: &str, vm: &str) -> RoleResult<Cance
             rel_name(&live.dir, &d.path),
             replica::parse_hex_id(&d.disk_id),
         ) else {
-            return Err(format!(
+            return Err(RoleError::Refused(format!(
                 "{} is not below the live folder {}: cannot find its pre-image journal; nothing was changed",
                 d.path.display(),
                 live.dir.display()
-            ));
+            )));
         };
         let j = preimage_path(&live.dir, &rel, &id);
         if !j.exists() {
-            return Err(format!(
+            return Err(RoleError::Refused(format!(
                 "{}: no pre-image journal ({}): the writes made on it since the failover cannot be undone, so the cancel is refused (nothing was changed); commit the failover or fail back instead",
                 d.path.display(),
                 j.display()
-            ));
+            )));
         }
         journals.push((j, d.path.clone(), rel, id));
     }
     if is_mounted(&live.dir) {
-        cli::umount(&live.dir).map_err(|e| {
-            format!(
+        crate::daemon::stop(&live.dir, false).map_err(|e| {
+            RoleError::Partial(format!(
                 "{e}
 (stop the VM running on {}'s disks, then run the cancel again)",
                 vm
-            )
+            ))
         })?;
     }
     let mut undone = 0;
@@ -397,15 +461,15 @@ pub fn cancel_local(ctx: &ReceiverCtx, site: &str, vm: &str) -> RoleResult<Cance
             continue; // moved back by an interrupted cancel
         }
         let r = crate::tracking::preimage::restore(j, disk).map_err(|e| {
-            format!(
+            RoleError::Partial(format!(
                 "undoing the writes on {} from {}: {e} (the disk stays live; fix the cause and run the cancel again)",
                 disk.display(),
                 j.display()
-            )
+            ))
         })?;
         undone += r.bytes;
     }
-    let points = s.cancel_failover(vm).map_err(lazy_err)?;
+    let points = s.cancel_failover(vm).map_err(RoleError::from)?;
     // The live folder's tracking state of these disks is over.
     for (j, _, _, _) in &journals {
         if let Some(folder) = j.parent() {
@@ -434,9 +498,9 @@ pub fn drop_preimages(live: &LiveInfo) -> Vec<String> {
         .filter_map(|d| rel_name(&live.dir, &d.path))
         .collect();
     if is_mounted(&live.dir) {
-        return match crate::control::call(
+        return match mount_ctl::call(
             &live.dir,
-            &crate::control::Request::DropPreimages { disks: names },
+            &mount_ctl::Request::DropPreimages { disks: names },
         ) {
             Ok(r) if r.ok => Vec::new(),
             Ok(r) => vec![format!(
@@ -463,29 +527,6 @@ fn rel_name(dir: &Path, p: &Path) -> Option<String> {
         .ok()
         .and_then(|r| r.to_str())
         .map(str::to_string)
-}
-
-/// Run `vdrep mount DIR --keys KEYS` (returns once the mount is live).
-fn mount(dir: &Path, keys: &Path, block_size: u32) -> RoleResult<()> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find the vdrep binary: {e}"))?;
-    let out = std::process::Command::new(exe)
-        .arg("mount")
-        .arg(dir)
-        .arg("--keys")
-        .arg(keys)
-        .arg("--block-size")
-        .arg(block_size.to_string())
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run vdrep mount: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "vdrep mount {} failed: {}",
-            dir.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(())
 }
 
 /// Protect the live disks of `vm` towards the receiver at `to`.
@@ -515,13 +556,12 @@ fn protect_live(
         // The primary's quiesce command need not work at this site.
         app_hook: None,
     };
-    let r = crate::control::call(&live.dir, &crate::control::Request::Protect { spec })
-        .map_err(lazy_err)?;
+    let r = mount_ctl::call(&live.dir, &mount_ctl::Request::Protect { spec })?;
     if !r.ok {
-        return Err(format!(
+        return Err(RoleError::Partial(format!(
             "protecting {vm} back to {to}: {}",
             r.error.unwrap_or_default()
-        ));
+        )));
     }
     Ok(r.warnings)
 }
@@ -550,7 +590,7 @@ pub struct Adoption {
 
 /// Carry out an [`Adoption`] in `store` (the receiver's).
 pub fn adopt_local(store: &Store, a: &Adoption) -> RoleResult<replica::Point> {
-    let s = store.site(&a.site).map_err(lazy_err)?;
+    let s = store.site(&a.site).map_err(RoleError::from)?;
     let adopt: Vec<replica::AdoptDisk> = a
         .disks
         .iter()
@@ -564,7 +604,7 @@ pub fn adopt_local(store: &Store, a: &Adoption) -> RoleResult<replica::Point> {
             block_size: a.origin.block_size,
         })
         .collect();
-    let ov = serde_json::to_value(&a.origin).map_err(lazy_err)?;
+    let ov = serde_json::to_value(&a.origin).map_err(|e| RoleError::Io(e.to_string()))?;
     s.adopt(
         &a.vm,
         a.cycle,
@@ -573,7 +613,7 @@ pub fn adopt_local(store: &Store, a: &Adoption) -> RoleResult<replica::Point> {
         &ov,
         a.needs_resync.as_deref(),
     )
-    .map_err(lazy_err)
+    .map_err(RoleError::from)
 }
 
 /// Send one [`AdminRequest`] to the receiver at `to` with this site's
@@ -584,39 +624,37 @@ pub fn admin_call(
     trust: &[PathBuf],
     req: &AdminRequest,
 ) -> RoleResult<(String, AdminReply)> {
-    let id = crate::transport::keys::Identity::from_dir(keys, None).map_err(lazy_err)?;
-    let trust = crate::transport::trust::TrustStore::from_files(trust).map_err(lazy_err)?;
-    let body = serde_json::to_string(req).map_err(lazy_err)?;
+    let id = crate::transport::keys::Identity::from_dir(keys, None).map_err(peer)?;
+    let trust = crate::transport::trust::TrustStore::from_files(trust).map_err(peer)?;
+    let body = serde_json::to_string(req).map_err(peer)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+        .map_err(|e| peer(format!("cannot start a runtime: {e}")))?;
     rt.block_on(async move {
         use crate::wire::{self, Msg};
         let addr: std::net::SocketAddr = tokio::net::lookup_host(to)
             .await
-            .map_err(|e| format!("cannot resolve {to}: {e}"))?
+            .map_err(|e| peer(format!("cannot resolve {to}: {e}")))?
             .next()
-            .ok_or_else(|| format!("{to} resolves to no address"))?;
-        let ep = crate::transport::client(&id, &trust).map_err(lazy_err)?;
+            .ok_or_else(|| peer(format!("{to} resolves to no address")))?;
+        let ep = crate::transport::client(&id, &trust).map_err(peer)?;
         let conn = tokio::time::timeout(
             Duration::from_secs(20),
             crate::transport::connect(&ep, addr, "vdrep"),
         )
         .await
-        .map_err(|_| format!("{to}: no answer within 20 s"))?
-        .map_err(lazy_err)?;
-        let peer = crate::transport::peer_identity(&conn)
-            .ok_or_else(|| format!("{to}: the peer presented no certificate"))?;
+        .map_err(|_| peer(format!("{to}: no answer within 20 s")))?
+        .map_err(peer)?;
+        let peer_id = crate::transport::peer_identity(&conn)
+            .ok_or_else(|| peer(format!("{to}: the peer presented no certificate")))?;
         let roundtrip = |m: Msg| {
             let conn = conn.clone();
             async move {
-                let (mut tx, mut rx) = conn.open_bi().await.map_err(|e| e.to_string())?;
-                wire::write_msg(&mut tx, &m)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let (mut tx, mut rx) = conn.open_bi().await.map_err(peer)?;
+                wire::write_msg(&mut tx, &m).await.map_err(peer)?;
                 let _ = tx.finish();
-                wire::read_msg(&mut rx).await.map_err(|e| e.to_string())
+                wire::read_msg(&mut rx).await.map_err(peer)
             }
         };
         let hello = Msg::Hello(wire::Hello {
@@ -626,22 +664,22 @@ pub fn admin_call(
         });
         match roundtrip(hello).await? {
             Some(Msg::HelloOk(_)) => {}
-            Some(Msg::Error(e)) => return Err(format!("{to}: {}", e.message)),
-            other => return Err(format!("{to}: unexpected answer to Hello: {other:?}")),
+            Some(Msg::Error(e)) => return Err(peer(format!("{to}: {}", e.message))),
+            other => return Err(peer(format!("{to}: unexpected answer to Hello: {other:?}"))),
         }
         // Promotion mounts and may wait for a first contact: be patient.
         let ans = tokio::time::timeout(Duration::from_secs(600), roundtrip(Msg::Admin(body)))
             .await
-            .map_err(|_| format!("{to}: no answer to the request within 600 s"))??;
+            .map_err(|_| peer(format!("{to}: no answer to the request within 600 s")))??;
         conn.close(0u32.into(), b"done");
         match ans {
             Some(Msg::AdminOk(j)) => {
                 let reply: AdminReply = serde_json::from_str(&j)
-                    .map_err(|e| format!("{to}: unreadable answer: {e}"))?;
-                Ok((peer.cn, reply))
+                    .map_err(|e| peer(format!("{to}: unreadable answer: {e}")))?;
+                Ok((peer_id.cn, reply))
             }
-            Some(Msg::Error(e)) => Err(format!("{to} ({}): {}", peer.cn, e.message)),
-            other => Err(format!("{to}: unexpected answer: {other:?}")),
+            Some(Msg::Error(e)) => Err(peer(format!("{to} ({}): {}", peer_id.cn, e.message))),
+            other => Err(peer(format!("{to}: unexpected answer: {other:?}"))),
         }
     })
 }

@@ -50,7 +50,8 @@ fn io(path: &Path, e: impl std::fmt::Display) -> SeedError {
 /// earlier identity of the same file names is detached. `dir` must not be
 /// mounted by vdrep.
 pub fn seed(dir: &Path, disks: &[SeedDisk]) -> Result<(), SeedError> {
-    if crate::control::call(dir, &crate::control::Request::Status).is_ok() {
+    let canon = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    if crate::ipc::listening(&crate::ipc::mount_socket(&canon)) {
         return Err(SeedError::Mounted {
             dir: dir.to_path_buf(),
         });

@@ -47,7 +47,6 @@
 //! The client endpoint binds dual-stack `[::]:0` where possible, so one
 //! endpoint reaches IPv4 and IPv6 receivers.
 
-pub mod cli;
 pub mod congestion;
 pub mod keys;
 pub mod rate;

@@ -1,4 +1,4 @@
-//! `vdrep keys init`: create a site identity (see [`super::keys`]).
+//! `vdrep keys init`: create a site identity (see [`crate::transport::keys`]).
 
 use std::path::PathBuf;
 
@@ -21,15 +21,15 @@ pub struct KeysInitArgs {
 /// Run `vdrep keys init`: print the two paths and the certificate's SHA-256
 /// fingerprint; exit status 0 on success, 1 on failure (reason on stderr).
 pub fn run_keys_init(a: &KeysInitArgs) -> i32 {
-    let (crt, key) = match super::keys::init(&a.name, &a.out, a.force) {
+    let (crt, key) = match crate::transport::keys::init(&a.name, &a.out, a.force) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("vdrep keys init: {e}");
             return 1;
         }
     };
-    let fp = match super::keys::load_cert(&crt) {
-        Ok(der) => super::Fingerprint::of_der(&der),
+    let fp = match crate::transport::keys::load_cert(&crt) {
+        Ok(der) => crate::transport::Fingerprint::of_der(&der),
         Err(e) => {
             eprintln!("vdrep keys init: {e}");
             return 1;

@@ -1,14 +1,13 @@
-//! Local control socket between the `vdrep` CLI and a running mount daemon.
+//! The mount daemon's control protocol: its requests and answers, and the
+//! typed client the CLI and the role changes use to talk to a running
+//! mount ([`call`], [`call_ok`]).
 //!
-//! One Unix stream socket per mounted folder, at
-//! `$VDREP_RUN_DIR/<xxh3 of the folder's canonical path>.sock` (default run
-//! dir `/run/vdrep` for root, else `$XDG_RUNTIME_DIR/vdrep`, else
-//! `/tmp/vdrep-<uid>`). The socket lives outside the folder because a socket
-//! under the mount point would be hidden by the mount itself. Protocol: one
-//! JSON request line, one JSON response line; the socket is mode 0600.
+//! One socket per mounted folder, at `<run dir>/<xxh3 of the folder's
+//! canonical path>.sock` ([`crate::ipc::run_dir`]). The socket lives outside
+//! the folder because a socket under the mount point would be hidden by the
+//! mount itself. Transport: [`crate::ipc`] (one JSON request line, one JSON
+//! response line).
 
-use std::io::{self, BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -152,95 +151,85 @@ pub enum ControlError {
     Io {
         dir: String,
         #[source]
-        source: io::Error,
+        source: std::io::Error,
     },
     #[error("the vdrep daemon for {dir} sent an unreadable answer: {msg}")]
     Protocol { dir: String, msg: String },
+    /// The daemon answered, refusing or failing the request (its reason).
+    #[error("{0}")]
+    Refused(String),
 }
 
-/// Folder holding the control sockets.
-pub fn run_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("VDREP_RUN_DIR") {
-        return PathBuf::from(d);
+/// The kinds of [`ControlError`] callers decide on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlErrorKind {
+    /// No daemon serves the folder.
+    NotRunning,
+    /// The exchange with the daemon failed.
+    Transport,
+    /// The daemon refused or failed the request.
+    Refused,
+}
+
+impl ControlError {
+    pub fn kind(&self) -> ControlErrorKind {
+        match self {
+            ControlError::NotRunning { .. } => ControlErrorKind::NotRunning,
+            ControlError::Io { .. } | ControlError::Protocol { .. } => ControlErrorKind::Transport,
+            ControlError::Refused(_) => ControlErrorKind::Refused,
+        }
     }
-    if nix::unistd::geteuid().is_root() {
-        return PathBuf::from("/run/vdrep");
+
+    fn of(dir: String, e: crate::ipc::IpcError) -> Self {
+        use crate::ipc::IpcError as E;
+        match e {
+            E::NotListening { sock } => ControlError::NotRunning {
+                dir,
+                sock: sock.display().to_string(),
+            },
+            E::Io { source, .. } => ControlError::Io { dir, source },
+            E::Closed { .. } => ControlError::Protocol {
+                dir,
+                msg: "connection closed without an answer (did the daemon die? see .vdrep/daemon.log)"
+                    .into(),
+            },
+            E::Protocol { msg, .. } => ControlError::Protocol { dir, msg },
+        }
     }
-    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
-        return PathBuf::from(d).join("vdrep");
-    }
-    PathBuf::from(format!("/tmp/vdrep-{}", nix::unistd::geteuid()))
 }
 
 /// Control socket of the mount over `canonical_dir`.
 pub fn socket_path(canonical_dir: &Path) -> PathBuf {
-    let h = xxhash_rust::xxh3::xxh3_64(canonical_dir.as_os_str().as_encoded_bytes());
-    run_dir().join(format!("{h:016x}.sock"))
+    crate::ipc::mount_socket(canonical_dir)
 }
 
 /// Send one request to the daemon for `dir` (any path naming the folder).
 pub fn call(dir: &Path, req: &Request) -> Result<Response, ControlError> {
     let canon = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    let d = canon.display().to_string();
-    let sock = socket_path(&canon);
-    let mut s = UnixStream::connect(&sock).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => ControlError::NotRunning {
-            dir: d.clone(),
-            sock: sock.display().to_string(),
-        },
-        _ => ControlError::Io {
-            dir: d.clone(),
-            source: e,
-        },
-    })?;
-    let io_err = |e| ControlError::Io {
-        dir: d.clone(),
-        source: e,
-    };
-    let mut line = serde_json::to_string(req).map_err(|e| ControlError::Protocol {
-        dir: d.clone(),
-        msg: e.to_string(),
-    })?;
-    line.push('\n');
-    s.write_all(line.as_bytes()).map_err(io_err)?;
-    let mut r = BufReader::new(s);
-    let mut resp = String::new();
-    r.read_line(&mut resp).map_err(|e| ControlError::Io {
-        dir: d.clone(),
-        source: e,
-    })?;
-    if resp.is_empty() {
-        return Err(ControlError::Protocol {
-            dir: d,
-            msg: "connection closed without an answer (did the daemon die? see .vdrep/daemon.log)"
-                .into(),
-        });
+    crate::ipc::call(&socket_path(&canon), req)
+        .map_err(|e| ControlError::of(canon.display().to_string(), e))
+}
+
+/// [`call`], with an answer that is not `ok` as [`ControlError::Refused`]
+/// (its reason, or `failed`).
+pub fn call_ok(dir: &Path, req: &Request) -> Result<Response, ControlError> {
+    let r = call(dir, req)?;
+    if !r.ok {
+        return Err(ControlError::Refused(
+            r.error.unwrap_or_else(|| "failed".into()),
+        ));
     }
-    serde_json::from_str(&resp).map_err(|e| ControlError::Protocol {
-        dir: d,
-        msg: e.to_string(),
-    })
+    Ok(r)
+}
+
+/// Is `dir` mounted by a running vdrep daemon (does it answer)?
+pub fn is_mounted(dir: &Path) -> bool {
+    call(dir, &Request::Status).is_ok()
 }
 
 /// Canonical folders of every running mount (one per live control socket).
 pub fn running_mounts() -> Vec<PathBuf> {
-    let Ok(rd) = std::fs::read_dir(run_dir()) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.extension().is_some_and(|x| x == "sock") {
-            if let Ok(s) = std::fs::read_to_string(p.with_extension("dir")) {
-                let dir = PathBuf::from(s.trim_end());
-                if socket_path(&dir) == p && UnixStream::connect(&p).is_ok() {
-                    out.push(dir);
-                }
-            }
-        }
-    }
-    out.sort();
-    out
+    crate::ipc::live_servers("", socket_path)
 }
 
 /// The running mount that contains `path` (a file or folder under it).
@@ -256,16 +245,15 @@ pub fn mount_of(path: &Path) -> Option<(PathBuf, PathBuf)> {
     }
 }
 
-/// Read one request line from a connection (bounded to 64 KiB).
-pub fn read_request(s: &UnixStream) -> io::Result<Request> {
-    let mut r = BufReader::new(std::io::Read::take(s, 64 * 1024));
-    let mut line = String::new();
-    r.read_line(&mut line)?;
-    serde_json::from_str(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+/// The running mount protecting VM `vm` (the first, in folder order).
+pub fn mount_of_vm(vm: &str) -> Option<PathBuf> {
+    running_mounts().into_iter().find(|m| protects(m, vm))
 }
 
-pub fn write_response(mut s: &UnixStream, resp: &Response) -> io::Result<()> {
-    let mut line = serde_json::to_string(resp).map_err(io::Error::other)?;
-    line.push('\n');
-    s.write_all(line.as_bytes())
+/// Does the running mount at `dir` protect VM `vm`?
+pub fn protects(dir: &Path, vm: &str) -> bool {
+    call(dir, &Request::Status)
+        .ok()
+        .and_then(|r| r.replication)
+        .is_some_and(|v| v.iter().any(|s| s.vm == vm))
 }

@@ -1,22 +1,17 @@
-//! `vdrep points` and `vdrep failover` (client side: they ask the running
-//! receiver over its control socket, [`crate::receiver::control`]).
+//! Test failover, as the operator runs it at the secondary site: list a
+//! VM's recovery points, expose one as bootable VHD files (the running
+//! receiver's views, [`crate::testview`]), boot a test VM on them, and
+//! remove it all. Talks to the receiver over its control socket
+//! ([`crate::receiver::control`]); `points` reads the store directly when
+//! no receiver runs.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::cli::{human, FailoverArgs};
-use crate::receiver::control::{self, PointInfo, RecvControlError, Request};
-use crate::replica::{Consistency, Point};
-
-use super::{format_utc, PointSel, ViewInfo, QEMU_PID_FILE};
-
-fn recv_err(e: RecvControlError) -> i32 {
-    eprintln!("vdrep: {e}");
-    match e {
-        RecvControlError::NotRunning { .. } => 2,
-        _ => 1,
-    }
-}
+use super::FailoverError;
+use crate::receiver::control::{self, PointInfo, RecvControlErrorKind, Request};
+use crate::replica::Point;
+use crate::testview::{PointSel, ViewInfo, QEMU_PID_FILE};
 
 /// Read-only listing straight from the store (no receiver running):
 /// `points.json` plus the sizes of the undo records.
@@ -24,19 +19,19 @@ fn points_offline(
     store: &Path,
     site: Option<String>,
     vm: &str,
-) -> Result<(String, Vec<Point>), String> {
-    crate::replica::validate_name("vm", vm).map_err(|e| e.to_string())?;
+) -> Result<(String, Vec<Point>), FailoverError> {
+    crate::replica::validate_name("vm", vm).map_err(|e| FailoverError::Store(e.to_string()))?;
     let sites = store.join("sites");
     let site = match site {
         Some(s) => s,
         None => {
             let mut found: Vec<String> = std::fs::read_dir(&sites)
                 .map_err(|e| {
-                    format!(
+                    FailoverError::Store(format!(
                         "reading {}: {e} (is {} a vdrep store?)",
                         sites.display(),
                         store.display()
-                    )
+                    ))
                 })?
                 .flatten()
                 .filter(|e| e.path().join("vms").join(vm).is_dir())
@@ -45,22 +40,23 @@ fn points_offline(
             match found.len() {
                 1 => found.remove(0),
                 0 => {
-                    return Err(format!(
+                    return Err(FailoverError::Store(format!(
                         "no VM named {vm:?} in the store {}",
                         store.display()
-                    ))
+                    )))
                 }
                 _ => {
                     found.sort();
-                    return Err(format!(
+                    return Err(FailoverError::Store(format!(
                         "VM {vm:?} is replicated here from several sites ({}): say which with --site",
                         found.join(", ")
-                    ));
+                    )));
                 }
             }
         }
     };
-    crate::replica::validate_name("site", &site).map_err(|e| e.to_string())?;
+    crate::replica::validate_name("site", &site)
+        .map_err(|e| FailoverError::Store(e.to_string()))?;
     let vmd = sites.join(&site).join("vms").join(vm);
     #[derive(serde::Deserialize)]
     struct Pf {
@@ -70,11 +66,16 @@ fn points_offline(
     let mut pts = match std::fs::read(&path) {
         Ok(b) => {
             serde_json::from_slice::<Pf>(&b)
-                .map_err(|e| format!("{}: unreadable: {e}", path.display()))?
+                .map_err(|e| FailoverError::Store(format!("{}: unreadable: {e}", path.display())))?
                 .points
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(format!("reading {}: {e}", path.display())),
+        Err(e) => {
+            return Err(FailoverError::Store(format!(
+                "reading {}: {e}",
+                path.display()
+            )))
+        }
     };
     for p in &mut pts {
         p.bytes = 0;
@@ -97,185 +98,68 @@ fn points_offline(
     Ok((site, pts))
 }
 
-/// `vdrep points NAME --store DIR [--site S] [--json]`.
-pub fn points(vm: &str, store: &Path, site: Option<String>, json: bool) -> i32 {
+/// The recovery points of `vm` (oldest first) and the site they belong to:
+/// from the running receiver of `store`, or read from the store itself
+/// when no receiver runs (then nothing is pinned).
+pub fn points(
+    store: &Path,
+    site: Option<String>,
+    vm: &str,
+) -> Result<(String, Vec<PointInfo>), FailoverError> {
     let req = Request::Points {
         site: site.clone(),
         vm: vm.to_string(),
     };
-    let (site, mut pts) = match control::call(store, &req) {
-        Ok(r) if r.ok => (r.site.unwrap_or_default(), r.points.unwrap_or_default()),
-        Ok(r) => {
-            eprintln!("vdrep: points of {vm}: {}", r.error.unwrap_or_default());
-            return 1;
+    match control::call_ok(store, &req) {
+        Ok(r) => Ok((r.site.unwrap_or_default(), r.points.unwrap_or_default())),
+        Err(e) if e.kind() == RecvControlErrorKind::NotRunning => {
+            let (s, p) = points_offline(store, site, vm)?;
+            let p = p
+                .into_iter()
+                .map(|point| PointInfo {
+                    point,
+                    pinned: false,
+                })
+                .collect();
+            Ok((s, p))
         }
-        Err(RecvControlError::NotRunning { .. }) => match points_offline(store, site, vm) {
-            Ok((s, p)) => (
-                s,
-                p.into_iter()
-                    .map(|point| PointInfo {
-                        point,
-                        pinned: false,
-                    })
-                    .collect(),
-            ),
-            Err(e) => {
-                eprintln!("vdrep: points of {vm}: {e}");
-                return 1;
-            }
-        },
-        Err(e) => return recv_err(e),
-    };
-    pts.sort_by_key(|p| std::cmp::Reverse(p.point.cycle));
-    if json {
-        let v = serde_json::json!({ "site": site, "vm": vm, "points": pts });
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-        return 0;
+        Err(e) => Err(e.into()),
     }
-    if pts.is_empty() {
-        println!("{site}/{vm}: no recovery points yet");
-        return 0;
-    }
-    println!(
-        "{:<21} {:>10} {:>12} {:<12} {:<6} DISKS",
-        "TIME (UTC)", "ID", "CHANGED", "CONSISTENCY", "PINNED"
-    );
-    for p in &pts {
-        println!(
-            "{:<21} {:>10} {:>12} {:<12} {:<6} {}",
-            format_utc(p.point.time_unix_ns),
-            p.point.cycle,
-            if p.point.bytes == 0 {
-                "-".to_string()
-            } else {
-                human(p.point.bytes)
-            },
-            match p.point.consistency {
-                Consistency::Crash => "crash",
-                Consistency::App => "app",
-            },
-            if p.pinned { "yes" } else { "" },
-            p.point.disks.len()
-        );
-    }
-    0
 }
 
-/// `vdrep failover NAME --store DIR (--test [--point P] [--boot] | --cleanup)`.
-pub fn failover(a: FailoverArgs) -> i32 {
-    if a.mode.cleanup {
-        let req = Request::FailoverCleanup {
-            site: a.site.clone(),
-            vm: a.name.clone(),
-        };
-        return match control::call(&a.store, &req) {
-            Err(e) => recv_err(e),
-            Ok(r) if !r.ok => {
-                eprintln!(
-                    "vdrep: failover cleanup of {}: {}",
-                    a.name,
-                    r.error.unwrap_or_default()
-                );
-                1
-            }
-            Ok(r) => {
-                for w in &r.warnings {
-                    eprintln!("vdrep: {w}");
-                }
-                if let Some(v) = r.view {
-                    println!(
-                        "{}: test failover of point {} removed ({} written by the test VM discarded)",
-                        a.name,
-                        v.cycle,
-                        human(v.written_bytes)
-                    );
-                }
-                0
-            }
-        };
-    }
-    let sel = match a.point.as_deref().map(PointSel::parse).transpose() {
-        Ok(s) => s.unwrap_or(PointSel::Latest),
-        Err(e) => {
-            eprintln!("vdrep: --point: {e}");
-            return 2;
-        }
-    };
-    let at = match &a.at {
-        Some(p) if p.is_relative() => match std::env::current_dir() {
-            Ok(d) => Some(d.join(p)),
-            Err(e) => {
-                eprintln!("vdrep: --at {}: {e}", p.display());
-                return 2;
-            }
-        },
-        other => other.clone(),
-    };
+/// Expose point `point` of `vm` as VHD files (at `at`, or the store's
+/// default place).
+pub fn expose(
+    store: &Path,
+    site: Option<String>,
+    vm: &str,
+    point: PointSel,
+    at: Option<PathBuf>,
+) -> Result<ViewInfo, FailoverError> {
     let req = Request::FailoverTest {
-        site: a.site.clone(),
-        vm: a.name.clone(),
-        point: sel,
+        site,
+        vm: vm.to_string(),
+        point,
         at,
     };
-    let view = match control::call(&a.store, &req) {
-        Err(e) => return recv_err(e),
-        Ok(r) if !r.ok => {
-            eprintln!(
-                "vdrep: test failover of {}: {}",
-                a.name,
-                r.error.unwrap_or_default()
-            );
-            return 1;
-        }
-        Ok(r) => match r.view {
-            Some(v) => v,
-            None => {
-                eprintln!("vdrep: the receiver answered without the view");
-                return 1;
-            }
-        },
+    control::call_ok(store, &req)?
+        .view
+        .ok_or_else(|| FailoverError::Answer("the receiver answered without the view".into()))
+}
+
+/// Remove the test failover of `vm`: the removed view (if the receiver
+/// named it) and warnings.
+pub fn cleanup(
+    store: &Path,
+    site: Option<String>,
+    vm: &str,
+) -> Result<(Option<ViewInfo>, Vec<String>), FailoverError> {
+    let req = Request::FailoverCleanup {
+        site,
+        vm: vm.to_string(),
     };
-    let mut boot = None;
-    if a.boot {
-        match boot_vm(&a, &view) {
-            Ok(b) => boot = Some(b),
-            Err(e) => {
-                eprintln!(
-                    "vdrep: the disks are exposed but the test VM did not start: {e}; remove the test failover with `vdrep failover {} --cleanup --store {}`",
-                    a.name,
-                    a.store.display()
-                );
-                return 1;
-            }
-        }
-    }
-    if a.json {
-        let mut v = serde_json::to_value(&view).unwrap_or_default();
-        if let (Some(o), Some((pid, log))) = (v.as_object_mut(), &boot) {
-            o.insert("qemu_pid".into(), (*pid).into());
-            o.insert("serial_log".into(), log.display().to_string().into());
-        }
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-        return 0;
-    }
-    eprintln!(
-        "{}: test failover of point {} ({} UTC); the VM's writes go to a scratch overlay",
-        a.name,
-        view.cycle,
-        format_utc(view.time_unix_ns)
-    );
-    for d in &view.disks {
-        println!("{}", d.path.display());
-    }
-    if let Some((pid, log)) = boot {
-        println!("qemu pid {pid}, serial console log {}", log.display());
-    }
-    eprintln!(
-        "remove it with: vdrep failover {} --cleanup --store {}",
-        a.name,
-        a.store.display()
-    );
-    0
+    let r = control::call_ok(store, &req)?;
+    Ok((r.view, r.warnings))
 }
 
 /// A boot sector that goes real mode -> protected mode -> long mode
@@ -342,7 +226,7 @@ fn kvm_works(scratch: &Path, kernel: Option<&Path>) -> bool {
         })
         .unwrap_or_default();
     let key = xxhash_rust::xxh3::xxh3_64(format!("{release}|{qv}|{guest}").as_bytes());
-    let cache = crate::control::run_dir().join(format!("kvm-probe-{key:016x}"));
+    let cache = crate::ipc::run_dir().join(format!("kvm-probe-{key:016x}"));
     if let Ok(s) = std::fs::read_to_string(&cache) {
         return s.trim() == "kvm";
     }
@@ -350,7 +234,7 @@ fn kvm_works(scratch: &Path, kernel: Option<&Path>) -> bool {
         Some(k) => probe_kernel(scratch, k),
         None => probe_sector(scratch),
     };
-    let _ = std::fs::create_dir_all(crate::control::run_dir());
+    let _ = std::fs::create_dir_all(crate::ipc::run_dir());
     let _ = std::fs::write(&cache, if ok { "kvm\n" } else { "tcg\n" });
     ok
 }
@@ -433,15 +317,37 @@ fn probe_kernel(scratch: &Path, kernel: &Path) -> bool {
     out.contains("Kernel panic")
 }
 
+/// How to run a test VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// KVM if a probe boot under it works here, else TCG.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// A test VM on the exposed disks of a test failover.
+#[derive(Debug, Clone)]
+pub struct BootOptions {
+    pub accel: Accel,
+    /// Guest memory in MiB.
+    pub memory: u32,
+    /// A kernel to boot directly (else the disks' boot loader).
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    pub append: Option<String>,
+}
+
 /// Start QEMU (daemonized) on the exposed disks; returns (pid, serial log).
-fn boot_vm(a: &FailoverArgs, view: &ViewInfo) -> Result<(u32, PathBuf), String> {
+pub fn boot_vm(a: &BootOptions, view: &ViewInfo) -> Result<(u32, PathBuf), FailoverError> {
     let pidf = view.scratch.join(QEMU_PID_FILE);
     let log = view.scratch.join("serial.log");
     let mut c = Command::new("qemu-system-x86_64");
-    let kvm = match a.accel.as_str() {
-        "kvm" => true,
-        "tcg" => false,
-        _ => kvm_works(&view.scratch, a.kernel.as_deref()),
+    let kvm = match a.accel {
+        Accel::Kvm => true,
+        Accel::Tcg => false,
+        Accel::Auto => kvm_works(&view.scratch, a.kernel.as_deref()),
     };
     if kvm {
         // Falls back to TCG if KVM cannot start.
@@ -478,17 +384,24 @@ fn boot_vm(a: &FailoverArgs, view: &ViewInfo) -> Result<(u32, PathBuf), String> 
             .arg(format!("file={p},format=vpc,if=virtio,cache=writeback"));
     }
     let out = c.stdin(Stdio::null()).output().map_err(|e| {
-        format!("cannot run qemu-system-x86_64: {e} (apt-get install qemu-system-x86)")
+        FailoverError::Boot(format!(
+            "cannot run qemu-system-x86_64: {e} (apt-get install qemu-system-x86)"
+        ))
     })?;
     if !out.status.success() {
-        return Err(format!(
+        return Err(FailoverError::Boot(format!(
             "qemu-system-x86_64 failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        )));
     }
     let pid = std::fs::read_to_string(&pidf)
         .ok()
         .and_then(|s| s.trim().parse::<u32>().ok())
-        .ok_or_else(|| format!("qemu started but wrote no pid to {}", pidf.display()))?;
+        .ok_or_else(|| {
+            FailoverError::Boot(format!(
+                "qemu started but wrote no pid to {}",
+                pidf.display()
+            ))
+        })?;
     Ok((pid, log))
 }

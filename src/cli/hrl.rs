@@ -1,6 +1,6 @@
 //! `vdrep hrl ...`: inspect, verify and apply change logs.
 
-use super::{apply, dump, verify, ApplyOptions, HrlError, HrlReader};
+use crate::hrl::{apply, dump, verify, ApplyOptions, HrlError, HrlReader};
 use std::io::Write;
 use std::path::PathBuf;
 

@@ -19,10 +19,27 @@
 //! `pre` script skips its group; a VM that fails does not stop the others
 //! of its group, but the plan stops before the next group (later groups
 //! usually depend on earlier ones). Every VM gets a line in the report.
+//!
+//! What failing one VM over means is the caller's: [`run`] takes it as a
+//! function (the command line passes `vdrep failover VM --test` etc., run
+//! in this process).
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
+
+/// Why a plan file was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    /// A line does not parse.
+    #[error("line {line}: {msg}")]
+    Syntax { line: usize, msg: String },
+    /// No group at all.
+    #[error("the plan has no `[group NAME]`")]
+    Empty,
+    /// A group without VMs.
+    #[error("group {group:?} lists no VMs (`vms = ...`)")]
+    NoVms { group: String },
+}
 
 /// One group of a plan.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -34,7 +51,8 @@ pub struct Group {
 }
 
 /// Parse a plan file's text. Errors name the line.
-pub fn parse(text: &str) -> Result<Vec<Group>, String> {
+pub fn parse(text: &str) -> Result<Vec<Group>, PlanError> {
+    let syntax = |line: usize, msg: String| PlanError::Syntax { line, msg };
     let mut groups: Vec<Group> = Vec::new();
     for (i, raw) in text.lines().enumerate() {
         let n = i + 1;
@@ -49,17 +67,17 @@ pub fn parse(text: &str) -> Result<Vec<Group>, String> {
         if let Some(h) = line.strip_prefix('[') {
             let h = h
                 .strip_suffix(']')
-                .ok_or_else(|| format!("line {n}: a section header ends with ']'"))?;
+                .ok_or_else(|| syntax(n, "a section header ends with ']'".into()))?;
             let name = h
                 .trim()
                 .strip_prefix("group")
                 .map(str::trim)
-                .ok_or_else(|| format!("line {n}: sections are `[group NAME]`"))?;
+                .ok_or_else(|| syntax(n, "sections are `[group NAME]`".into()))?;
             if name.is_empty() {
-                return Err(format!("line {n}: the group needs a name"));
+                return Err(syntax(n, "the group needs a name".into()));
             }
             if groups.iter().any(|g| g.name == name) {
-                return Err(format!("line {n}: group {name:?} is defined twice"));
+                return Err(syntax(n, format!("group {name:?} is defined twice")));
             }
             groups.push(Group {
                 name: name.to_string(),
@@ -69,10 +87,10 @@ pub fn parse(text: &str) -> Result<Vec<Group>, String> {
         }
         let (k, v) = line
             .split_once('=')
-            .ok_or_else(|| format!("line {n}: expected `key = value`"))?;
+            .ok_or_else(|| syntax(n, "expected `key = value`".into()))?;
         let g = groups
             .last_mut()
-            .ok_or_else(|| format!("line {n}: `{}` before any `[group NAME]`", k.trim()))?;
+            .ok_or_else(|| syntax(n, format!("`{}` before any `[group NAME]`", k.trim())))?;
         let v = v.trim();
         match k.trim() {
             "pre" => g.pre = Some(v.to_string()),
@@ -80,23 +98,26 @@ pub fn parse(text: &str) -> Result<Vec<Group>, String> {
             "vms" => {
                 for vm in v.split_whitespace() {
                     crate::wire::safe_component(vm)
-                        .map_err(|e| format!("line {n}: VM name {vm:?}: {e}"))?;
+                        .map_err(|e| syntax(n, format!("VM name {vm:?}: {e}")))?;
                     g.vms.push(vm.to_string());
                 }
             }
             other => {
-                return Err(format!(
-                    "line {n}: unknown key {other:?} (pre, post and vms are known)"
+                return Err(syntax(
+                    n,
+                    format!("unknown key {other:?} (pre, post and vms are known)"),
                 ))
             }
         }
     }
     if groups.is_empty() {
-        return Err("the plan has no `[group NAME]`".into());
+        return Err(PlanError::Empty);
     }
     for g in &groups {
         if g.vms.is_empty() {
-            return Err(format!("group {:?} lists no VMs (`vms = ...`)", g.name));
+            return Err(PlanError::NoVms {
+                group: g.name.clone(),
+            });
         }
     }
     Ok(groups)
@@ -114,15 +135,15 @@ pub struct Step {
     pub output: String,
 }
 
-/// Run `plan` with `failover_args` appended to `vdrep failover VM` (e.g.
-/// `--test --store S`). `mode` is for the scripts' environment.
+/// Run `groups`, failing each VM over with `fail_over` (whether it worked,
+/// and what it printed or why it failed). `mode` is for the scripts'
+/// environment; `log` sees every step as it ends.
 pub fn run(
     groups: &[Group],
-    failover_args: &[String],
     mode: &str,
+    fail_over: &dyn Fn(&str) -> (bool, String),
     log: &dyn Fn(&Step),
 ) -> Vec<Step> {
-    let exe = std::env::current_exe().unwrap_or_else(|_| "vdrep".into());
     let mut steps = Vec::new();
     for g in groups {
         let env = [
@@ -173,18 +194,7 @@ pub fn run(
         let mut all_ok = true;
         for vm in &g.vms {
             let t = Instant::now();
-            let out = Command::new(&exe)
-                .arg("failover")
-                .arg(vm)
-                .args(failover_args)
-                .output();
-            let (ok, output) = match out {
-                Ok(o) if o.status.success() => {
-                    (true, String::from_utf8_lossy(&o.stdout).into_owned())
-                }
-                Ok(o) => (false, String::from_utf8_lossy(&o.stderr).into_owned()),
-                Err(e) => (false, format!("cannot run vdrep failover: {e}")),
-            };
+            let (ok, output) = fail_over(vm);
             all_ok &= ok;
             let s = Step {
                 group: g.name.clone(),
@@ -207,80 +217,6 @@ pub fn run(
         }
     }
     steps
-}
-
-/// `vdrep plan failover PLAN ...`: run and report; exit status 0 only if
-/// every group ran and every step succeeded.
-pub fn cli(plan: &Path, failover_args: &[String], mode: &str, json: bool) -> i32 {
-    let text = match std::fs::read_to_string(plan) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("vdrep: cannot read the plan {}: {e}", plan.display());
-            return 2;
-        }
-    };
-    let groups = match parse(&text) {
-        Ok(g) => g,
-        Err(e) => {
-            eprintln!("vdrep: {}: {e}", plan.display());
-            return 2;
-        }
-    };
-    let total: usize = groups.iter().map(|g| g.vms.len()).sum();
-    let steps = run(&groups, failover_args, mode, &|s| {
-        if !json {
-            eprintln!(
-                "[{}] {} {} ({:.1}s){}",
-                s.group,
-                s.what,
-                if s.ok { "ok" } else { "FAILED" },
-                s.seconds,
-                if s.ok {
-                    String::new()
-                } else {
-                    format!(": {}", s.output)
-                }
-            );
-        }
-    });
-    let vms_ok = steps
-        .iter()
-        .filter(|s| s.ok && s.what != "pre" && s.what != "post")
-        .count();
-    let all = vms_ok == total && steps.iter().all(|s| s.ok);
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({"ok": all, "steps": steps}))
-                .unwrap_or_default()
-        );
-    } else {
-        println!(
-            "plan {}: {vms_ok}/{total} VMs failed over ({mode})",
-            plan.display()
-        );
-        for s in steps
-            .iter()
-            .filter(|s| s.ok && s.what != "pre" && s.what != "post")
-        {
-            for l in s.output.lines() {
-                println!("{}: {l}", s.what);
-            }
-        }
-        let skipped: Vec<&str> = groups
-            .iter()
-            .filter(|g| !steps.iter().any(|s| s.group == g.name))
-            .map(|g| g.name.as_str())
-            .collect();
-        if !skipped.is_empty() {
-            println!("not run (an earlier group failed): {}", skipped.join(", "));
-        }
-    }
-    if all {
-        0
-    } else {
-        1
-    }
 }
 
 #[cfg(test)]

@@ -5,16 +5,21 @@
 //! Without `--foreground` the daemon forks *before* any thread exists, the
 //! parent waits on a pipe until the mount is live (or failed) and exits with
 //! the child's verdict, so `vdrep mount DIR && use DIR` is race-free.
+//!
+//! [`control`] holds the daemon's control protocol and its client;
+//! [`stop`] and [`spawn`] are the typed entry points other layers use to
+//! stop a mount or start one in the background.
+
+pub mod control;
 
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::control::{self, Request, Response};
+use self::control::{ControlError, Request, Response};
 use crate::fs::FsOptions;
 use crate::tracking::{TrackConfig, Tracker, STATE_DIR};
 
@@ -41,6 +46,42 @@ pub enum DaemonError {
     Msg(String),
     #[error(transparent)]
     Track(#[from] crate::tracking::TrackError),
+    /// Asking the running daemon to stop failed or was refused.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// The daemon was told to stop but its process did not exit.
+    #[error("{} is unmounted but its daemon (pid {pid}) did not exit", dir.display())]
+    StillRunning { dir: PathBuf, pid: u32 },
+    /// A background `vdrep mount` could not be started or failed.
+    #[error("{0}")]
+    Spawn(String),
+}
+
+/// The kinds of [`DaemonError`] callers decide on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DaemonErrorKind {
+    /// A local file system or system call failed.
+    Io,
+    /// Tracking state could not be loaded or saved.
+    Track,
+    /// Talking to a running daemon failed or it refused.
+    Control,
+    /// The daemon did not stop in time.
+    StillRunning,
+    /// Starting a daemon failed.
+    Start,
+}
+
+impl DaemonError {
+    pub fn kind(&self) -> DaemonErrorKind {
+        match self {
+            DaemonError::Io { .. } => DaemonErrorKind::Io,
+            DaemonError::Track(_) => DaemonErrorKind::Track,
+            DaemonError::Control(_) => DaemonErrorKind::Control,
+            DaemonError::StillRunning { .. } => DaemonErrorKind::StillRunning,
+            DaemonError::Msg(_) | DaemonError::Spawn(_) => DaemonErrorKind::Start,
+        }
+    }
 }
 
 fn ioe<'a>(dir: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> DaemonError + 'a {
@@ -64,7 +105,7 @@ pub fn mount(opts: MountOptions) -> i32 {
             return 2;
         }
     };
-    if control::call(&dir, &Request::Status).is_ok() {
+    if control::is_mounted(&dir) {
         eprintln!(
             "vdrep: {} is already mounted by vdrep (unmount it first with `vdrep umount {}`)",
             dir.display(),
@@ -227,13 +268,8 @@ fn serve_inner(
 
     // Control socket.
     let sock = control::socket_path(dir);
-    if let Some(p) = sock.parent() {
-        std::fs::create_dir_all(p).map_err(ioe(dir, "cannot create the run directory"))?;
-    }
-    let _ = std::fs::remove_file(&sock);
-    let listener = UnixListener::bind(&sock).map_err(ioe(dir, "cannot bind the control socket"))?;
-    let _ = std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600));
-    let _ = std::fs::write(sock.with_extension("dir"), format!("{}\n", dir.display()));
+    let listener =
+        crate::ipc::bind(&sock, dir).map_err(ioe(dir, "cannot bind the control socket"))?;
     let replicator =
         match crate::sender::Replicator::new(tracker.clone(), dir, opts.keys.as_deref()) {
             Ok(r) => r,
@@ -248,10 +284,16 @@ fn serve_inner(
         let tracker = tracker.clone();
         let dir = dir.to_path_buf();
         let rep = replicator.clone();
-        std::thread::Builder::new()
-            .name("vdrep-control".into())
-            .spawn(move || control_loop(listener, tracker, rep, dir))
-            .map_err(ioe(dir_static(), "cannot start the control thread"))?;
+        crate::ipc::serve(
+            listener,
+            "vdrep-control",
+            Some(&IN_FLIGHT),
+            move |req: io::Result<Request>| match req {
+                Err(e) => Response::err(format!("bad request: {e}")),
+                Ok(req) => handle(&req, &tracker, &rep, &dir),
+            },
+        )
+        .map_err(ioe(dir_static(), "cannot start the control thread"))?;
     }
     {
         let dir = dir.to_path_buf();
@@ -283,8 +325,7 @@ fn serve_inner(
     {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    let _ = std::fs::remove_file(&sock);
-    let _ = std::fs::remove_file(sock.with_extension("dir"));
+    crate::ipc::unbind(&sock);
     run.map_err(ioe(dir, "FUSE session failed"))?;
     saved?;
     tracing::info!("tracking state saved; clean stop");
@@ -308,31 +349,6 @@ pub fn unmount(dir: &Path, lazy: bool) -> io::Result<()> {
 /// Control requests being answered; the daemon waits for them at exit so
 /// that `vdrep umount` gets its answer.
 static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-fn control_loop(
-    listener: UnixListener,
-    tracker: Arc<Tracker>,
-    rep: Arc<crate::sender::Replicator>,
-    dir: PathBuf,
-) {
-    for conn in listener.incoming() {
-        let Ok(conn) = conn else { continue };
-        let tracker = tracker.clone();
-        let rep = rep.clone();
-        let dir = dir.clone();
-        let _ = std::thread::Builder::new()
-            .name("vdrep-ctl-conn".into())
-            .spawn(move || {
-                IN_FLIGHT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let resp = match control::read_request(&conn) {
-                    Err(e) => Response::err(format!("bad request: {e}")),
-                    Ok(req) => handle(&req, &tracker, &rep, &dir),
-                };
-                let _ = control::write_response(&conn, &resp);
-                IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-            });
-    }
-}
 
 /// Push the kernel's dirty pages for this mount down to the daemon so that
 /// every write(2) that returned before the cut is in it.
@@ -545,4 +561,48 @@ pub fn wait_pid_gone(pid: u32, timeout: std::time::Duration) -> bool {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     false
+}
+
+/// Stop the mount at `dir` cleanly: unmount (lazily if `lazy`) and wait up
+/// to two minutes for its daemon to save state and exit.
+pub fn stop(dir: &Path, lazy: bool) -> Result<(), DaemonError> {
+    let r = control::call_ok(dir, &Request::Shutdown { lazy })?;
+    if let Some(pid) = r.pid {
+        if !wait_pid_gone(pid, Duration::from_secs(120)) {
+            return Err(DaemonError::StillRunning {
+                dir: dir.to_path_buf(),
+                pid,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Start a mount daemon over `dir` in the background and return once the
+/// mount is live: `vdrep mount DIR --keys KEYS --block-size N`.
+///
+/// This is a new process, not [`mount`] in this one, because the daemon
+/// forks and a process that already runs threads (the receiver) must not
+/// fork into code that allocates or spawns threads.
+pub fn spawn(dir: &Path, keys: &Path, block_size: u32) -> Result<(), DaemonError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| DaemonError::Spawn(format!("cannot find the vdrep binary: {e}")))?;
+    let out = std::process::Command::new(exe)
+        .arg("mount")
+        .arg(dir)
+        .arg("--keys")
+        .arg(keys)
+        .arg("--block-size")
+        .arg(block_size.to_string())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| DaemonError::Spawn(format!("cannot run vdrep mount: {e}")))?;
+    if !out.status.success() {
+        return Err(DaemonError::Spawn(format!(
+            "vdrep mount {} failed: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
 }

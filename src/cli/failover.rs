@@ -1,0 +1,574 @@
+//! `vdrep failover` (test, cleanup, planned, unplanned, commit, cancel),
+//! `vdrep reverse` and `vdrep plan failover`: arguments and output. The
+//! procedures are [`crate::failover`].
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Subcommand;
+
+use super::fmt::human;
+use crate::failover::plan::{parse, run};
+use crate::failover::test::{self, Accel, BootOptions};
+use crate::failover::{role_change, FailoverError};
+use crate::receiver::control::RecvControlErrorKind;
+use crate::testview::{format_utc, PointSel};
+
+#[derive(Subcommand, Debug)]
+pub enum PlanCmd {
+    /// Run a recovery plan (groups of VMs in order, with pre/post scripts;
+    /// format in `vdrep::failover::plan`): a test failover of every VM with
+    /// --test, an unplanned failover (newest point) with --unplanned.
+    Failover {
+        /// The plan file.
+        plan: PathBuf,
+        /// The receiver's store at this (secondary) site.
+        #[arg(long)]
+        store: PathBuf,
+        /// Test failover of every VM (copy-on-write; replication continues).
+        #[arg(
+            long,
+            conflicts_with = "unplanned",
+            required_unless_present = "unplanned"
+        )]
+        test: bool,
+        /// Unplanned failover of every VM to its newest point.
+        #[arg(long)]
+        unplanned: bool,
+        /// Remove the test failovers of a plan's VMs instead.
+        #[arg(long, requires = "test")]
+        cleanup: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `vdrep failover NAME --store DIR MODE ...`.
+#[derive(clap::Args, Debug)]
+pub struct FailoverArgs {
+    /// VM name.
+    pub name: String,
+    /// The receiver's store folder (`vdrep receive --store`).
+    #[arg(long)]
+    pub store: PathBuf,
+    /// The sending site (needed only if several sites replicate a VM of this name).
+    #[arg(long)]
+    pub site: Option<String>,
+    #[command(flatten)]
+    pub mode: FailoverMode,
+    /// With --test or --unplanned: the point to use: `latest` (default), a
+    /// point id from `vdrep points`, a UTC time (2024-05-01T12:00:00Z: the
+    /// newest point at or before it), @UNIXSECS, or an age (-5m).
+    #[arg(long)]
+    pub point: Option<String>,
+    /// With --planned: the VM's tracking folder at this (active) site
+    /// (default: the running mount that protects NAME).
+    #[arg(long, requires = "planned")]
+    pub dir: Option<PathBuf>,
+    /// With --planned: this site's receiver address as the other site
+    /// reaches it (HOST:PORT); the VM replicates back to it.
+    #[arg(long, requires = "planned")]
+    pub reverse_to: Option<String>,
+    /// With --planned: give up shipping the last cycle after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+    /// With --test: mount the VHD files here instead of STORE/failover/SITE/NAME.
+    #[arg(long, requires = "test")]
+    pub at: Option<PathBuf>,
+    /// With --test: also start QEMU on the exposed disks (KVM if usable, else TCG).
+    #[arg(long, requires = "test")]
+    pub boot: bool,
+    /// With --boot: a kernel to boot directly (else the disks' boot loader).
+    #[arg(long, requires = "boot")]
+    pub kernel: Option<PathBuf>,
+    /// With --boot and --kernel: its initrd.
+    #[arg(long, requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// With --boot and --kernel: the kernel command line.
+    #[arg(long, requires = "kernel")]
+    pub append: Option<String>,
+    /// With --boot: `kvm`, `tcg`, or `auto` (KVM if a probe boot under it
+    /// works, else TCG; the answer is cached in the run folder).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "tcg"], requires = "boot")]
+    pub accel: String,
+    /// With --boot: guest memory in MiB.
+    #[arg(long, default_value_t = 512, requires = "boot")]
+    pub memory: u32,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `vdrep failover` does (exactly one).
+#[derive(clap::Args, Debug)]
+#[group(required = true, multiple = false)]
+pub struct FailoverMode {
+    /// Test failover: expose a recovery point as VHD files (copy-on-write).
+    #[arg(long)]
+    pub test: bool,
+    /// Remove the VM's test failover (stops a --boot test VM, unmounts,
+    /// deletes the scratch overlay).
+    #[arg(long)]
+    pub cleanup: bool,
+    /// Planned failover, run at the ACTIVE site while both sites are up:
+    /// fence the VM's disks, ship the last cycle, verify every block, and
+    /// make the other site active, replicating back here (zero loss).
+    /// --store is this site's store (it takes the replica).
+    #[arg(long)]
+    pub planned: bool,
+    /// Unplanned failover, run at the REPLICA site when the active site is
+    /// gone: a recovery point (--point) becomes the VM's live disks here,
+    /// mounted and tracked; not protected until `vdrep reverse`.
+    #[arg(long)]
+    pub unplanned: bool,
+    /// Make a failover at this site final (its older points are dropped).
+    #[arg(long)]
+    pub commit: bool,
+    /// Cancel an uncommitted unplanned failover at this site: stop the live
+    /// disks' mount, discard every write made on them since the failover,
+    /// and put the replica and all its recovery points back exactly as they
+    /// were; replication from the original primary resumes.
+    #[arg(long)]
+    pub cancel: bool,
+}
+
+impl FailoverArgs {
+    /// `vdrep failover VM --test --store STORE` with every other option at
+    /// its default (a recovery plan's test failover of one VM).
+    fn test_of(vm: &str, store: &Path) -> FailoverArgs {
+        FailoverArgs {
+            name: vm.to_string(),
+            store: store.to_path_buf(),
+            site: None,
+            mode: FailoverMode {
+                test: true,
+                cleanup: false,
+                planned: false,
+                unplanned: false,
+                commit: false,
+                cancel: false,
+            },
+            point: None,
+            dir: None,
+            reverse_to: None,
+            timeout: 600,
+            at: None,
+            boot: false,
+            kernel: None,
+            initrd: None,
+            append: None,
+            accel: "auto".into(),
+            memory: 512,
+            json: false,
+        }
+    }
+}
+
+/// What one failover command printed and its exit code: the command line
+/// shows it, and a recovery plan keeps it per VM.
+#[derive(Debug, Default)]
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Out {
+    fn line(&mut self, s: impl AsRef<str>) {
+        self.stdout.push_str(s.as_ref());
+        self.stdout.push('\n');
+    }
+    fn err(&mut self, s: impl AsRef<str>) {
+        self.stderr.push_str(s.as_ref());
+        self.stderr.push('\n');
+    }
+    fn fail(mut self, code: i32, s: impl AsRef<str>) -> Out {
+        self.err(s);
+        self.code = code;
+        self
+    }
+    /// Print it; the exit code.
+    fn show(self) -> i32 {
+        print!("{}", self.stdout);
+        eprint!("{}", self.stderr);
+        self.code
+    }
+}
+
+/// The exit code and message of a failed receiver request: 2 if no
+/// receiver runs; `what: reason` if it refused.
+fn recv_fail(out: Out, what: &str, e: FailoverError) -> Out {
+    match e {
+        FailoverError::Receiver(r) if r.kind() == RecvControlErrorKind::Refused => {
+            out.fail(1, format!("vdrep: {what}: {r}"))
+        }
+        FailoverError::Receiver(r) if r.kind() == RecvControlErrorKind::NotRunning => {
+            out.fail(2, format!("vdrep: {r}"))
+        }
+        e => out.fail(1, format!("vdrep: {e}")),
+    }
+}
+
+/// `vdrep failover NAME --store DIR MODE ...`.
+pub fn failover(a: FailoverArgs) -> i32 {
+    let m = &a.mode;
+    if m.planned {
+        return planned(&a);
+    }
+    if m.cancel {
+        return cancel(&a);
+    }
+    if m.commit {
+        return commit(&a);
+    }
+    if m.unplanned {
+        return unplanned(
+            &a.store,
+            a.site.as_deref(),
+            &a.name,
+            a.point.as_deref(),
+            a.json,
+        )
+        .show();
+    }
+    if m.cleanup {
+        return cleanup(&a.store, a.site.clone(), &a.name).show();
+    }
+    test_failover(&a).show()
+}
+
+/// `--cleanup`.
+fn cleanup(store: &Path, site: Option<String>, vm: &str) -> Out {
+    let mut out = Out::default();
+    match test::cleanup(store, site, vm) {
+        Err(e) => recv_fail(out, &format!("failover cleanup of {vm}"), e),
+        Ok((view, warnings)) => {
+            for w in &warnings {
+                out.err(format!("vdrep: {w}"));
+            }
+            if let Some(v) = view {
+                out.line(format!(
+                    "{vm}: test failover of point {} removed ({} written by the test VM discarded)",
+                    v.cycle,
+                    human(v.written_bytes)
+                ));
+            }
+            out
+        }
+    }
+}
+
+/// `--test [--point P] [--at DIR] [--boot ...]`.
+fn test_failover(a: &FailoverArgs) -> Out {
+    let mut out = Out::default();
+    let sel = match a.point.as_deref().map(PointSel::parse).transpose() {
+        Ok(s) => s.unwrap_or(PointSel::Latest),
+        Err(e) => return out.fail(2, format!("vdrep: --point: {e}")),
+    };
+    let at = match &a.at {
+        Some(p) if p.is_relative() => match std::env::current_dir() {
+            Ok(d) => Some(d.join(p)),
+            Err(e) => return out.fail(2, format!("vdrep: --at {}: {e}", p.display())),
+        },
+        other => other.clone(),
+    };
+    let view = match test::expose(&a.store, a.site.clone(), &a.name, sel, at) {
+        Ok(v) => v,
+        Err(e) => return recv_fail(out, &format!("test failover of {}", a.name), e),
+    };
+    let mut boot = None;
+    if a.boot {
+        let opts = BootOptions {
+            accel: match a.accel.as_str() {
+                "kvm" => Accel::Kvm,
+                "tcg" => Accel::Tcg,
+                _ => Accel::Auto,
+            },
+            memory: a.memory,
+            kernel: a.kernel.clone(),
+            initrd: a.initrd.clone(),
+            append: a.append.clone(),
+        };
+        match test::boot_vm(&opts, &view) {
+            Ok(b) => boot = Some(b),
+            Err(e) => {
+                return out.fail(1, format!(
+                    "vdrep: the disks are exposed but the test VM did not start: {e}; remove the test failover with `vdrep failover {} --cleanup --store {}`",
+                    a.name,
+                    a.store.display()
+                ))
+            }
+        }
+    }
+    if a.json {
+        let mut v = serde_json::to_value(&view).unwrap_or_default();
+        if let (Some(o), Some((pid, log))) = (v.as_object_mut(), &boot) {
+            o.insert("qemu_pid".into(), (*pid).into());
+            o.insert("serial_log".into(), log.display().to_string().into());
+        }
+        out.line(serde_json::to_string_pretty(&v).unwrap_or_default());
+        return out;
+    }
+    out.err(format!(
+        "{}: test failover of point {} ({} UTC); the VM's writes go to a scratch overlay",
+        a.name,
+        view.cycle,
+        format_utc(view.time_unix_ns)
+    ));
+    for d in &view.disks {
+        out.line(d.path.display().to_string());
+    }
+    if let Some((pid, log)) = boot {
+        out.line(format!(
+            "qemu pid {pid}, serial console log {}",
+            log.display()
+        ));
+    }
+    out.err(format!(
+        "remove it with: vdrep failover {} --cleanup --store {}",
+        a.name,
+        a.store.display()
+    ));
+    out
+}
+
+fn say(s: &str) {
+    eprintln!("vdrep: {s}");
+}
+
+/// `--planned`.
+fn planned(a: &FailoverArgs) -> i32 {
+    let vm = a.name.as_str();
+    let Some(reverse_to) = a.reverse_to.as_deref() else {
+        eprintln!("vdrep: --planned needs --reverse-to HOST:PORT (this site's receiver, for replicating back)");
+        return 2;
+    };
+    let o = role_change::Planned {
+        vm,
+        dir: a.dir.as_deref(),
+        store: &a.store,
+        reverse_to,
+        timeout: Duration::from_secs(a.timeout),
+    };
+    match role_change::planned(&o, &say) {
+        Ok(r) => {
+            for w in &r.warnings {
+                eprintln!("vdrep: warning: {w}");
+            }
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            } else {
+                println!(
+                    "{vm}: planned failover done: nothing lost (recovery point {}, {} blocks verified equal); now live at {} in {}, replicating back to this site",
+                    r.cycle,
+                    r.verified_blocks,
+                    r.peer,
+                    r.live_dir.display()
+                );
+                for d in &r.live_disks {
+                    println!("{}", d.display());
+                }
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("vdrep: planned failover of {vm} failed: {e}");
+            1
+        }
+    }
+}
+
+/// `--cancel`.
+fn cancel(a: &FailoverArgs) -> i32 {
+    let vm = a.name.as_str();
+    match role_change::cancel(&a.store, a.site.as_deref(), vm) {
+        Ok(r) => {
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            } else {
+                println!(
+                    "{vm}: failover cancelled: {} written on the failed-over disks undone, {} stopped; the replica is back at its newest point {} with its {} recovery point(s) as before; replication from the original primary resumes (re-protect it there if it went Critical)",
+                    human(r.undone_bytes),
+                    r.dir.display(),
+                    r.points.last().map_or(r.cycle, |p| p.cycle),
+                    r.points.len()
+                );
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("vdrep: cancel of the failover of {vm}: {e}");
+            1
+        }
+    }
+}
+
+/// `--commit`.
+fn commit(a: &FailoverArgs) -> i32 {
+    let vm = a.name.as_str();
+    match role_change::commit(&a.store, a.site.as_deref(), vm, &say) {
+        Ok(l) => {
+            println!(
+                "{vm}: failover committed; live at {} from point {}; the history before it was dropped",
+                l.dir.display(),
+                l.cycle
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("vdrep: commit of {vm}: {e}");
+            1
+        }
+    }
+}
+
+/// `--unplanned [--point P]`.
+fn unplanned(store: &Path, site: Option<&str>, vm: &str, point: Option<&str>, json: bool) -> Out {
+    let mut out = Out::default();
+    let point = match role_change::resolve_point(store, site, vm, point) {
+        Ok(p) => p,
+        Err(e) => return out.fail(2, format!("vdrep: --point: {e}")),
+    };
+    match role_change::unplanned(store, site, vm, point) {
+        Ok(l) => {
+            if json {
+                out.line(serde_json::to_string_pretty(&l).unwrap_or_default());
+            } else {
+                out.line(format!(
+                    "{vm}: unplanned failover to point {}: live (tracked, not yet protected) in {}",
+                    l.cycle,
+                    l.dir.display()
+                ));
+                for d in &l.disks {
+                    out.line(d.path.display().to_string());
+                }
+                out.err(format!(
+                    "vdrep: start the VM on these disks; when the old primary is back run `vdrep reverse {vm}` there; `vdrep failover {vm} --commit` makes this final"
+                ));
+            }
+            out
+        }
+        Err(e) => out.fail(1, format!("vdrep: unplanned failover of {vm} failed: {e}")),
+    }
+}
+
+/// `vdrep reverse NAME --dir DIR --store STORE --reverse-to ADDR`.
+pub fn reverse(vm: &str, dir: &Path, store: &Path, reverse_to: &str) -> i32 {
+    let o = role_change::Reverse {
+        vm,
+        dir,
+        store,
+        reverse_to,
+    };
+    match role_change::reverse(&o, &say) {
+        Ok((peer, live)) => {
+            println!(
+                "{vm}: reverse replication started: {peer} (live in {}) replicates back to this site; the first cycle is a checksum resync",
+                live.dir.display()
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("vdrep: reverse of {vm} failed: {e}");
+            1
+        }
+    }
+}
+
+/// `vdrep plan failover PLAN --store S (--test [--cleanup] | --unplanned)`:
+/// run and report; exit status 0 only if every group ran and every step
+/// succeeded. Each VM is failed over as `vdrep failover VM` with the same
+/// mode would, in this process; its step keeps what that prints on stdout
+/// (or on stderr if it failed).
+pub fn plan(plan: &Path, store: &Path, test: bool, cleanup: bool, json: bool) -> i32 {
+    let mode = if cleanup {
+        "cleanup"
+    } else if test {
+        "test"
+    } else {
+        "unplanned"
+    };
+    let fail_over = |vm: &str| -> (bool, String) {
+        let out = if cleanup {
+            self::cleanup(store, None, vm)
+        } else if test {
+            test_failover(&FailoverArgs::test_of(vm, store))
+        } else {
+            unplanned(store, None, vm, None, false)
+        };
+        if out.code == 0 {
+            (true, out.stdout)
+        } else {
+            (false, out.stderr)
+        }
+    };
+    let text = match std::fs::read_to_string(plan) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("vdrep: cannot read the plan {}: {e}", plan.display());
+            return 2;
+        }
+    };
+    let groups = match parse(&text) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("vdrep: {}: {e}", plan.display());
+            return 2;
+        }
+    };
+    let total: usize = groups.iter().map(|g| g.vms.len()).sum();
+    let steps = run(&groups, mode, &fail_over, &|s| {
+        if !json {
+            eprintln!(
+                "[{}] {} {} ({:.1}s){}",
+                s.group,
+                s.what,
+                if s.ok { "ok" } else { "FAILED" },
+                s.seconds,
+                if s.ok {
+                    String::new()
+                } else {
+                    format!(": {}", s.output)
+                }
+            );
+        }
+    });
+    let vms_ok = steps
+        .iter()
+        .filter(|s| s.ok && s.what != "pre" && s.what != "post")
+        .count();
+    let all = vms_ok == total && steps.iter().all(|s| s.ok);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"ok": all, "steps": steps}))
+                .unwrap_or_default()
+        );
+    } else {
+        println!(
+            "plan {}: {vms_ok}/{total} VMs failed over ({mode})",
+            plan.display()
+        );
+        for s in steps
+            .iter()
+            .filter(|s| s.ok && s.what != "pre" && s.what != "post")
+        {
+            for l in s.output.lines() {
+                println!("{}: {l}", s.what);
+            }
+        }
+        let skipped: Vec<&str> = groups
+            .iter()
+            .filter(|g| !steps.iter().any(|s| s.group == g.name))
+            .map(|g| g.name.as_str())
+            .collect();
+        if !skipped.is_empty() {
+            println!("not run (an earlier group failed): {}", skipped.join(", "));
+        }
+    }
+    if all {
+        0
+    } else {
+        1
+    }
+}

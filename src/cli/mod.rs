@@ -1,0 +1,352 @@
+//! The `vdrep` command line: one binary, one subcommand per operation.
+//!
+//! Argument definitions (clap) and thin handlers only, one file per
+//! command family; they call the typed functions of the domain modules and
+//! print what they return. Nothing outside this folder uses it
+//! (`scripts/check-layers.sh`).
+//!
+//! - [`mount`]: `mount`, `umount`, `cut`, `status`;
+//! - [`replication`]: `receive`, `protect`, `unprotect`, `sync`;
+//! - [`points`]: `points`, `resync`, `verify`, `hash-bench`;
+//! - [`failover`]: `failover`, `reverse`, `plan`;
+//! - [`keys`]: `keys init`; [`hrl`]: `hrl dump|verify|apply`;
+//! - [`fmt`]: sizes, progress lines and bars, error exit codes.
+
+pub mod failover;
+pub mod fmt;
+pub mod hrl;
+pub mod keys;
+pub mod mount;
+pub mod points;
+pub mod replication;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use self::failover::{FailoverArgs, PlanCmd};
+use self::replication::{AppHookArgs, RetentionArgs};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vdrep",
+    version,
+    about = "Virtual-disk replicator: track VM disk writes through a FUSE mount and seal them into change logs (.hrl)",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCmd {
+    /// Make a site identity: KEYDIR/SITE.crt (hand it to peers) and
+    /// KEYDIR/SITE.key (private, mode 0600).
+    Init(keys::KeysInitArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Mount vdrep over DIR itself and track writes to the disk images in it.
+    ///
+    /// Returns once the mount is live; the daemon keeps running in the
+    /// background (logs in DIR/.vdrep/daemon.log) until `vdrep umount DIR`.
+    Mount {
+        /// The folder holding the VM disks; it stays usable at the same path.
+        dir: PathBuf,
+        /// Stay in the foreground and log to stderr.
+        #[arg(long)]
+        foreground: bool,
+        /// Tracking granularity in bytes (power of two, 512..1048576).
+        #[arg(long, default_value_t = 4096)]
+        block_size: u32,
+        /// File-name patterns of tracked disks (repeatable; replaces the default
+        /// *.vhd *.vhdx *.img *.raw *.qcow2).
+        #[arg(long = "pattern")]
+        patterns: Vec<String>,
+        /// FUSE worker threads.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+        /// Disable the kernel write-back cache (every write goes straight to vdrep).
+        #[arg(long)]
+        no_writeback_cache: bool,
+        /// This site's identity folder (made by `vdrep keys init`), needed to
+        /// replicate the disks with `vdrep protect`.
+        #[arg(long)]
+        keys: Option<PathBuf>,
+    },
+    /// Unmount DIR cleanly (saves the dirty bitmaps so tracking survives).
+    Umount {
+        dir: PathBuf,
+        /// Detach now even if files are open; the daemon stops when they close.
+        #[arg(long)]
+        lazy: bool,
+    },
+    /// Seal the current cycle of every tracked disk under DIR at one instant
+    /// and print the path of each sealed log, one per line.
+    Cut {
+        dir: PathBuf,
+        /// Print the whole cut report as JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show tracked disks and protected VMs: state, last recovery point, lag
+    /// (RPO), bytes pending, throughput, last error, next retry. Without DIR,
+    /// every running mount.
+    Status {
+        dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Site identities for replication.
+    Keys {
+        #[command(subcommand)]
+        cmd: KeysCmd,
+    },
+    /// Run the receiver at the secondary site (foreground; logs to stderr).
+    Receive {
+        /// Address to listen on, e.g. 0.0.0.0:7700.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Replica store folder (one namespace per sending site).
+        #[arg(long)]
+        store: PathBuf,
+        /// This site's identity folder (`vdrep keys init`).
+        #[arg(long)]
+        keys: PathBuf,
+        /// Certificate of a sending site to accept (repeatable).
+        #[arg(long = "trust", required = true)]
+        trust: Vec<PathBuf>,
+        #[command(flatten)]
+        retention: RetentionArgs,
+    },
+    /// Protect a VM: replicate its disks (files under a `vdrep mount`) to a
+    /// receiver. Checks prerequisites and starts initial replication.
+    Protect {
+        /// VM name (one path component).
+        name: String,
+        /// Receiver address HOST:PORT.
+        #[arg(long)]
+        to: String,
+        /// The receiver's certificate (repeatable).
+        #[arg(long = "trust", required = true)]
+        trust: Vec<PathBuf>,
+        /// Replication interval: 30s, 5m, 15m, any N[s|m|h], or `continuous`.
+        #[arg(long, default_value = "5m")]
+        every: String,
+        /// Bandwidth cap, bytes/s with optional K/M/G suffix (e.g. 50M).
+        #[arg(long)]
+        max_rate: Option<String>,
+        /// Pending changes of a disk (in % of its size) above which it is
+        /// tracked bitmap-only and its changes are shipped as one cycle.
+        #[arg(long, default_value = "50%")]
+        resync_threshold: String,
+        /// When automatic resyncs run, local time: HH:MM-HH:MM (may wrap
+        /// midnight), +weekends for all of Saturday and Sunday, or `always`.
+        /// Default: 18:00-08:00+weekends.
+        #[arg(long)]
+        resync_window: Option<String>,
+        #[command(flatten)]
+        app: AppHookArgs,
+        /// The VM's disk files (all under the same vdrep mount).
+        #[arg(required = true)]
+        disks: Vec<PathBuf>,
+    },
+    /// Stop protecting a VM (its replica stays at the receiver).
+    Unprotect {
+        name: String,
+        /// The mounted folder holding the VM's disks (default: search all mounts).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Force a cut now and wait until the receiver durably applied it.
+    /// TARGET is a VM name or a mounted folder (all its VMs).
+    Sync {
+        target: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// List a VM's recovery points at the secondary site, newest first:
+    /// time, id, history bytes, consistency, pinned (exposed).
+    Points {
+        /// VM name.
+        name: String,
+        /// The receiver's store folder (`vdrep receive --store`).
+        #[arg(long)]
+        store: PathBuf,
+        /// The sending site (needed only if several sites replicate a VM of this name).
+        #[arg(long)]
+        site: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fail a VM over. `--test` (replica site) exposes a recovery point's
+    /// disks as bootable VHD files (copy-on-write: the replica and
+    /// replication are untouched), `--cleanup` removes it; `--planned`
+    /// (active site, both up), `--unplanned` (replica site, active site
+    /// gone) and `--commit` change which site runs the VM.
+    Failover(FailoverArgs),
+    /// At the old primary, once it is back after an unplanned failover:
+    /// stop its copy of the VM, take its disks into this site's store as
+    /// the replica and have the now-active site replicate back (a checksum
+    /// resync first overwrites whatever this site wrote that never shipped).
+    Reverse {
+        /// VM name.
+        name: String,
+        /// The VM's tracking folder here (mounted, with the VM protected).
+        #[arg(long)]
+        dir: PathBuf,
+        /// This site's store (its receiver must be running).
+        #[arg(long)]
+        store: PathBuf,
+        /// This site's receiver address as the active site reaches it.
+        #[arg(long)]
+        reverse_to: String,
+    },
+    /// Recovery plans: fail several VMs over in ordered groups.
+    Plan {
+        #[command(subcommand)]
+        cmd: PlanCmd,
+    },
+    /// Resynchronize a VM's disks by checksums now: compare the digests of
+    /// every block with the receiver's newest point and ship only the
+    /// blocks that differ, as one recovery point (history is kept). Waits
+    /// until it is complete, with a progress bar on a terminal.
+    Resync {
+        name: String,
+        /// Only schedule it (it starts as soon as the VM's worker is free).
+        #[arg(long)]
+        background: bool,
+        /// Give up waiting after this many seconds (the resync goes on).
+        #[arg(long, default_value_t = 86400)]
+        timeout: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Online verify: ship pending changes, then compare the digests of the
+    /// source (as of a fresh cut) with the receiver's newest point without
+    /// shipping data. Prints the differing byte ranges; exit status 1 if
+    /// any differ, 0 if the replica is identical.
+    Verify {
+        name: String,
+        #[arg(long, default_value_t = 86400)]
+        timeout: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Benchmark: digest a file's 4 KiB blocks as a resync does, on 1 and
+    /// on every core; prints GB/s (the file is read once into memory).
+    #[command(hide = true)]
+    HashBench {
+        file: PathBuf,
+        #[arg(long, default_value_t = 4096)]
+        block_size: usize,
+    },
+    /// Inspect, verify and apply change logs (.hrl).
+    Hrl {
+        #[command(subcommand)]
+        cmd: hrl::HrlCmd,
+    },
+}
+
+/// Parse the command line and run it; the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    run(cli.cmd)
+}
+
+/// Run one command; its exit code.
+pub fn run(cmd: Cmd) -> i32 {
+    match cmd {
+        Cmd::Mount {
+            dir,
+            foreground,
+            block_size,
+            patterns,
+            threads,
+            no_writeback_cache,
+            keys,
+        } => mount::mount(
+            dir,
+            foreground,
+            block_size,
+            patterns,
+            threads,
+            no_writeback_cache,
+            keys,
+        ),
+        Cmd::Umount { dir, lazy } => mount::umount(dir, lazy),
+        Cmd::Cut { dir, json } => mount::cut(dir, json),
+        Cmd::Status { dir, json } => mount::status(dir, json),
+        Cmd::Keys {
+            cmd: KeysCmd::Init(a),
+        } => keys::run_keys_init(&a),
+        Cmd::Receive {
+            listen,
+            store,
+            keys,
+            trust,
+            retention,
+        } => replication::receive(listen, store, keys, trust, retention),
+        Cmd::Protect {
+            name,
+            to,
+            trust,
+            every,
+            max_rate,
+            resync_threshold,
+            resync_window,
+            app,
+            disks,
+        } => replication::protect(
+            name,
+            to,
+            trust,
+            (every, max_rate),
+            (resync_threshold, resync_window.unwrap_or_default()),
+            app,
+            disks,
+        ),
+        Cmd::Unprotect { name, dir } => replication::unprotect(name, dir),
+        Cmd::Sync { target, timeout } => replication::sync(&target, timeout),
+        Cmd::Points {
+            name,
+            store,
+            site,
+            json,
+        } => points::points(&name, &store, site, json),
+        Cmd::Failover(a) => failover::failover(a),
+        Cmd::Reverse {
+            name,
+            dir,
+            store,
+            reverse_to,
+        } => failover::reverse(&name, &dir, &store, &reverse_to),
+        Cmd::Plan {
+            cmd:
+                PlanCmd::Failover {
+                    plan,
+                    store,
+                    test,
+                    unplanned: _,
+                    cleanup,
+                    json,
+                },
+        } => failover::plan(&plan, &store, test, cleanup, json),
+        Cmd::Resync {
+            name,
+            background,
+            timeout,
+            json,
+        } => points::resync(&name, background, timeout, json),
+        Cmd::Verify {
+            name,
+            timeout,
+            json,
+        } => points::verify(&name, timeout, json),
+        Cmd::Hrl { cmd } => hrl::run(cmd),
+        Cmd::HashBench { file, block_size } => points::hash_bench(&file, block_size),
+    }
+}

@@ -1,0 +1,286 @@
+//! `vdrep mount`, `umount`, `cut` and `status`: the tracking mount.
+
+use std::path::PathBuf;
+
+use super::fmt::{control_err, human, resync_line};
+use crate::daemon::control::{self, ControlError, Request};
+use crate::daemon::{self, DaemonError, MountOptions};
+use crate::fs::FsOptions;
+use crate::tracking::{DiskState, TrackConfig};
+
+/// `vdrep mount DIR ...`.
+#[allow(clippy::too_many_arguments)]
+pub fn mount(
+    dir: PathBuf,
+    foreground: bool,
+    block_size: u32,
+    patterns: Vec<String>,
+    threads: usize,
+    no_writeback_cache: bool,
+    keys: Option<PathBuf>,
+) -> i32 {
+    let mut track = TrackConfig {
+        block_size,
+        ..TrackConfig::default()
+    };
+    if !patterns.is_empty() {
+        track.patterns = patterns;
+    }
+    let fs = FsOptions {
+        n_threads: threads.max(1),
+        writeback_cache: !no_writeback_cache,
+        ..FsOptions::default()
+    };
+    let keys = match keys.map(|k| std::fs::canonicalize(&k).map_err(|e| (k, e))) {
+        None => None,
+        Some(Ok(k)) => Some(k),
+        Some(Err((k, e))) => {
+            eprintln!("vdrep: --keys {}: {e}", k.display());
+            return 2;
+        }
+    };
+    daemon::mount(MountOptions {
+        dir,
+        foreground,
+        track,
+        fs,
+        keys,
+    })
+}
+
+/// `vdrep umount DIR [--lazy]`.
+pub fn umount(dir: PathBuf, lazy: bool) -> i32 {
+    match daemon::stop(&dir, lazy) {
+        Ok(()) => 0,
+        Err(DaemonError::StillRunning { pid, .. }) => {
+            eprintln!(
+                "vdrep: {} is unmounted but the daemon (pid {pid}) is still saving state or serving open files",
+                dir.display()
+            );
+            1
+        }
+        Err(DaemonError::Control(ControlError::Refused(e))) => {
+            eprintln!("vdrep: {e}");
+            1
+        }
+        Err(DaemonError::Control(ControlError::NotRunning { .. })) => {
+            // A daemon that died leaves a dead mount behind: remove it.
+            match daemon::unmount(&dir, lazy) {
+                Ok(()) => {
+                    eprintln!(
+                        "vdrep: no daemon was running for {}; removed the stale mount (its disks will need a resync)",
+                        dir.display()
+                    );
+                    0
+                }
+                Err(e) => {
+                    eprintln!(
+                        "vdrep: {} is not mounted by a running vdrep: {e}",
+                        dir.display()
+                    );
+                    2
+                }
+            }
+        }
+        Err(DaemonError::Control(e)) => control_err(e),
+        Err(e) => {
+            eprintln!("vdrep: {e}");
+            1
+        }
+    }
+}
+
+/// `vdrep cut DIR [--json]`.
+pub fn cut(dir: PathBuf, json: bool) -> i32 {
+    match control::call(&dir, &Request::Cut) {
+        Err(e) => control_err(e),
+        Ok(r) if !r.ok => {
+            eprintln!("vdrep: cut failed: {}", r.error.unwrap_or_default());
+            1
+        }
+        Ok(r) => {
+            let Some(cut) = r.cut else {
+                eprintln!("vdrep: the daemon answered without a cut report");
+                return 1;
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&cut).unwrap_or_default());
+            }
+            let mut failed = 0;
+            for d in &cut.disks {
+                match (&d.log, &d.error) {
+                    (Some(p), None) => {
+                        if !json {
+                            println!("{}", p.display());
+                        }
+                    }
+                    (Some(p), Some(e)) => {
+                        if !json {
+                            println!("{}", p.display());
+                        }
+                        eprintln!("vdrep: {}: {e}", d.disk);
+                    }
+                    (None, e) => {
+                        failed += 1;
+                        eprintln!(
+                            "vdrep: {}: no log for cycle {}: {}",
+                            d.disk,
+                            d.cycle,
+                            e.as_deref().unwrap_or("unknown reason")
+                        );
+                    }
+                }
+            }
+            if failed > 0 {
+                3
+            } else {
+                0
+            }
+        }
+    }
+}
+
+/// `vdrep status [DIR] [--json]`.
+pub fn status(dir: Option<PathBuf>, json: bool) -> i32 {
+    let mounts = match dir {
+        Some(d) => vec![d],
+        None => control::running_mounts(),
+    };
+    if mounts.is_empty() {
+        eprintln!("vdrep: no vdrep mount is running");
+        return 2;
+    }
+    let mut all = Vec::new();
+    for m in &mounts {
+        match control::call(m, &Request::Status) {
+            Err(e) => return control_err(e),
+            Ok(r) => all.push(r),
+        }
+    }
+    if json {
+        let v: Vec<serde_json::Value> = all
+            .iter()
+            .map(|r| {
+                let mut v = serde_json::to_value(&r.status).unwrap_or_default();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("pid".into(), r.pid.into());
+                    o.insert(
+                        "replication".into(),
+                        serde_json::to_value(&r.replication).unwrap_or_default(),
+                    );
+                }
+                v
+            })
+            .collect();
+        let out = if v.len() == 1 {
+            v.into_iter().next().unwrap_or_default()
+        } else {
+            serde_json::Value::Array(v)
+        };
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+        return 0;
+    }
+    for r in all {
+        let Some(st) = r.status else { continue };
+        println!(
+            "{}  (daemon pid {}, last cut {}{})",
+            st.root.display(),
+            r.pid.unwrap_or(0),
+            st.cut_seq,
+            if st.previous_stop_clean {
+                ""
+            } else {
+                ", previous stop was NOT clean"
+            }
+        );
+        println!(
+            "{:<40} {:<16} {:>8} {:>12} {:>12}",
+            "DISK", "STATE", "CYCLE", "SIZE", "DIRTY"
+        );
+        for d in &st.disks {
+            let (state, why) = match &d.state {
+                DiskState::Normal => ("Normal", None),
+                DiskState::ResyncRequired(w) => ("ResyncRequired", Some(w)),
+            };
+            println!(
+                "{:<40} {:<16} {:>8} {:>12} {:>12}",
+                d.name,
+                state,
+                d.cycle,
+                human(d.size),
+                human(d.dirty_bytes)
+            );
+            if let Some(w) = why {
+                println!("    reason: {w}");
+            }
+        }
+        for v in r.replication.unwrap_or_default() {
+            println!(
+                "VM {} -> {}  {:?}  every {}  point {}  lag {}  pending {}  rate {}/s{}",
+                v.vm,
+                v.to,
+                v.state,
+                if v.every_secs == 0 {
+                    "continuous".to_string()
+                } else {
+                    format!("{}s", v.every_secs)
+                },
+                v.last_point.map_or("-".into(), |c| c.to_string()),
+                v.lag_secs.map_or("-".into(), |l| format!("{l:.1}s")),
+                human(v.bytes_pending),
+                human(v.throughput_bps as u64),
+                if v.state == crate::sender::VmState::InitialReplication && v.initial_total > 0 {
+                    format!(
+                        "  initial {:.0}% ({} of {})",
+                        100.0 * v.initial_done as f64 / v.initial_total as f64,
+                        human(v.initial_done),
+                        human(v.initial_total)
+                    )
+                } else {
+                    String::new()
+                }
+            );
+            if let Some(p) = &v.resync {
+                println!("    {}", resync_line(p));
+            } else if let Some(p) = &v.last_resync {
+                println!(
+                    "    last {}: {} of {} blocks compared, {} differed, {} sent",
+                    p.mode, p.blocks_compared, p.blocks_total, p.blocks_differ, p.blocks_sent
+                );
+            }
+            for w in &v.resync_pending {
+                println!("    resync required: {w} (window {})", v.resync_window);
+            }
+            if let Some(c) = v.last_app_point {
+                let age = v.last_app_point_unix_ns.map_or(String::new(), |t| {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_nanos() as u64)
+                        .unwrap_or(0);
+                    format!(", {:.0}s ago", now.saturating_sub(t) as f64 / 1e9)
+                });
+                let held = v
+                    .app_frozen_ms
+                    .map_or(String::new(), |ms| format!(", guest frozen {ms:.0} ms"));
+                println!("    last app-consistent point {c}{age}{held}");
+            }
+            if let Some(e) = &v.app_hook_error {
+                println!("    app hook failed (points are crash-consistent until it works): {e}");
+            }
+            for d in &v.bitmap_only {
+                println!("    {d}: bitmap-only (pending changes passed the threshold; shipped as one cycle when the receiver is reachable)");
+            }
+            if let Some(e) = v.last_error {
+                println!("    last error: {e}");
+            }
+            if let Some(t) = v.next_retry_unix {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                println!("    next retry in {}s", t.saturating_sub(now));
+            }
+        }
+    }
+    0
+}

@@ -1,0 +1,388 @@
+//! `vdrep receive`, `protect`, `unprotect` and `sync`: replication, and
+//! the parsing of its intervals, rates and percentages.
+
+use std::path::PathBuf;
+
+use super::fmt::{control_err, with_progress};
+use crate::daemon::control::{self, Request};
+
+/// `vdrep receive ...` (foreground; logs to stderr).
+pub fn receive(
+    listen: std::net::SocketAddr,
+    store: PathBuf,
+    keys: PathBuf,
+    trust: Vec<PathBuf>,
+    retention: RetentionArgs,
+) -> i32 {
+    init_cli_logging();
+    let (retention, prune_every) = match retention.policy() {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("vdrep: receive: {e}");
+            return 2;
+        }
+    };
+    match crate::receiver::run(&crate::receiver::ReceiveOptions {
+        listen,
+        store,
+        keys,
+        trust,
+        retention,
+        prune_every,
+    }) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("vdrep: receive: {e}");
+            1
+        }
+    }
+}
+
+/// `vdrep unprotect NAME [--dir DIR]`.
+pub fn unprotect(name: String, dir: Option<PathBuf>) -> i32 {
+    let mounts = match dir {
+        Some(d) => vec![d],
+        None => control::running_mounts(),
+    };
+    for m in mounts {
+        if let Ok(r) = control::call(&m, &Request::Unprotect { vm: name.clone() }) {
+            if r.ok {
+                println!("{name}: no longer protected (the replica stays at the receiver)");
+                return 0;
+            }
+        }
+    }
+    eprintln!("vdrep: VM {name} is not protected by any running mount");
+    2
+}
+
+fn init_cli_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VDREP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// `vdrep protect`'s application-consistency hook.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AppHookArgs {
+    /// Application-consistent points: a command that quiesces the guest,
+    /// run as `CMD freeze VM` just before a cut and `CMD thaw VM` right
+    /// after (e.g. scripts/app-hook-virsh.sh, scripts/app-hook-qga.sh).
+    /// Points cut while it held the guest frozen are marked `app`.
+    #[arg(long, value_name = "CMD")]
+    pub app_hook: Option<String>,
+    /// Least time between application-consistent cuts (N[s|m|h], or
+    /// `continuous` for every cut). Default 1h.
+    #[arg(long, requires = "app_hook", value_name = "INTERVAL")]
+    pub app_every: Option<String>,
+    /// Time limit of one hook run; a freeze that takes longer is killed
+    /// and the cut is crash-consistent. Default 30s.
+    #[arg(long, requires = "app_hook", value_name = "INTERVAL")]
+    pub app_timeout: Option<String>,
+}
+
+/// `vdrep receive`'s retention of recovery points (per VM): every point
+/// for `--keep-all-for`, then one per `--then-one-per` (an
+/// application-consistent one where the interval has one) up to
+/// `--keep-for`; the newest point is always kept, and so are the points of
+/// a failover that is not committed and points exposed by a test failover.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RetentionArgs {
+    /// Keep every point this long (N[s|m|h|d]).
+    #[arg(long, default_value = "2h", value_name = "INTERVAL")]
+    pub keep_all_for: String,
+    /// Older points: keep one per this interval.
+    #[arg(long, default_value = "1h", value_name = "INTERVAL")]
+    pub then_one_per: String,
+    /// Drop points older than this (`forever`: never).
+    #[arg(long, default_value = "72h", value_name = "INTERVAL")]
+    pub keep_for: String,
+    /// Keep at most this many points per VM.
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<usize>,
+    /// How often to apply the policy (`never`: keep everything).
+    #[arg(long, default_value = "1m", value_name = "INTERVAL")]
+    pub prune_every: String,
+}
+
+impl RetentionArgs {
+    /// The policy and how often to apply it.
+    pub fn policy(
+        &self,
+    ) -> Result<(crate::replica::RetentionPolicy, Option<std::time::Duration>), String> {
+        let d = |flag: &str, v: &str| -> Result<std::time::Duration, String> {
+            parse_interval(v)
+                .map(std::time::Duration::from_secs)
+                .map_err(|e| format!("--{flag}: {e}"))
+        };
+        let max_age = if self.keep_for.eq_ignore_ascii_case("forever") {
+            None
+        } else {
+            Some(d("keep-for", &self.keep_for)?)
+        };
+        let prune_every = if self.prune_every.eq_ignore_ascii_case("never") {
+            None
+        } else {
+            Some(d("prune-every", &self.prune_every)?).filter(|x| !x.is_zero())
+        };
+        if self.keep_last == Some(0) {
+            return Err("--keep-last 0: the newest point is always kept; give 1 or more".into());
+        }
+        Ok((
+            crate::replica::RetentionPolicy {
+                keep_last: self.keep_last,
+                max_age,
+                thin_after: Some(d("keep-all-for", &self.keep_all_for)?),
+                thin_every: Some(d("then-one-per", &self.then_one_per)?),
+            },
+            prune_every,
+        ))
+    }
+}
+
+/// `30s`, `5m`, `15m`, `1h`, `90` (seconds) or `continuous` (0).
+pub fn parse_interval(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    if s.eq_ignore_ascii_case("continuous") {
+        return Ok(0);
+    }
+    let (num, mult) = match s.chars().last() {
+        Some('s') => (&s[..s.len() - 1], 1),
+        Some('m') => (&s[..s.len() - 1], 60),
+        Some('h') => (&s[..s.len() - 1], 3600),
+        Some('d') => (&s[..s.len() - 1], 86400),
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not an interval (try 30s, 5m, 15m or continuous)"))?;
+    if n == 0 {
+        return Err("an interval of 0 is `continuous`".into());
+    }
+    Ok(n * mult)
+}
+
+/// `50M`, `1G`, `800K`, `12345` (bytes per second).
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M') => (&s[..s.len() - 1], 1 << 20),
+        Some('G') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a rate (try 50M for 50 MiB/s)"))?;
+    if n <= 0.0 {
+        return Err("the rate must be positive".into());
+    }
+    Ok((n * mult as f64) as u64)
+}
+
+/// `50%`, `50` or `0.5` (a fraction below 1) -> percent.
+pub fn parse_percent(s: &str) -> Result<f64, String> {
+    let t = s.trim();
+    let (num, pct) = match t.strip_suffix('%') {
+        Some(n) => (n, true),
+        None => (t, false),
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a percentage (try 50%)"))?;
+    let v = if !pct && v > 0.0 && v < 1.0 {
+        v * 100.0
+    } else {
+        v
+    };
+    if !(v > 0.0 && v <= 1000.0) {
+        return Err(format!("{s:?} must be above 0% (and at most 1000%)"));
+    }
+    Ok(v)
+}
+
+/// `vdrep protect NAME ...`.
+#[allow(clippy::too_many_arguments)]
+pub fn protect(
+    name: String,
+    to: String,
+    trust: Vec<PathBuf>,
+    (every, max_rate): (String, Option<String>),
+    (threshold, window): (String, String),
+    AppHookArgs {
+        app_hook,
+        app_every,
+        app_timeout,
+    }: AppHookArgs,
+    disks: Vec<PathBuf>,
+) -> i32 {
+    let app_hook = match app_hook {
+        None => None,
+        Some(cmd) if cmd.trim().is_empty() => {
+            eprintln!("vdrep: --app-hook: give a command (e.g. scripts/app-hook-virsh.sh)");
+            return 2;
+        }
+        Some(cmd) => {
+            use crate::sender::app_hook as ah;
+            let every = app_every.as_deref().map(parse_interval).transpose();
+            let timeout = app_timeout.as_deref().map(parse_interval).transpose();
+            let every = match every {
+                Ok(v) => v.unwrap_or(ah::DEFAULT_EVERY_SECS),
+                Err(e) => {
+                    eprintln!("vdrep: --app-every: {e}");
+                    return 2;
+                }
+            };
+            let timeout_secs = match timeout {
+                Ok(Some(0)) => {
+                    eprintln!("vdrep: --app-timeout: give a time limit such as 30s");
+                    return 2;
+                }
+                Ok(v) => v.unwrap_or(ah::DEFAULT_TIMEOUT_SECS),
+                Err(e) => {
+                    eprintln!("vdrep: --app-timeout: {e}");
+                    return 2;
+                }
+            };
+            Some(ah::AppHookSpec {
+                cmd,
+                every_secs: every,
+                timeout_secs,
+            })
+        }
+    };
+    let resync_threshold_pct = match parse_percent(&threshold) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("vdrep: --resync-threshold: {e}");
+            return 2;
+        }
+    };
+    if !window.is_empty() {
+        if let Err(e) = crate::resync::Window::parse(&window) {
+            eprintln!("vdrep: --resync-window: {e}");
+            return 2;
+        }
+    }
+    let every_secs = match parse_interval(&every) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("vdrep: --every: {e}");
+            return 2;
+        }
+    };
+    let max_rate = match max_rate.as_deref().map(parse_rate).transpose() {
+        Ok(v) => v.unwrap_or(0),
+        Err(e) => {
+            eprintln!("vdrep: --max-rate: {e}");
+            return 2;
+        }
+    };
+    let mut mount: Option<PathBuf> = None;
+    let mut rels = Vec::new();
+    for d in &disks {
+        let Some((m, rel)) = control::mount_of(d) else {
+            eprintln!(
+                "vdrep: {} is not under a running vdrep mount (mount its folder with `vdrep mount DIR --keys KEYDIR`)",
+                d.display()
+            );
+            return 2;
+        };
+        if mount.as_ref().is_some_and(|x| x != &m) {
+            eprintln!("vdrep: the disks of one VM must be under the same vdrep mount");
+            return 2;
+        }
+        mount = Some(m);
+        rels.push(rel.to_string_lossy().into_owned());
+    }
+    let Some(mount) = mount else {
+        eprintln!("vdrep: name at least one disk");
+        return 2;
+    };
+    let mut trust_abs = Vec::new();
+    for t in &trust {
+        match std::fs::canonicalize(t) {
+            Ok(p) => trust_abs.push(p),
+            Err(e) => {
+                eprintln!("vdrep: --trust {}: {e}", t.display());
+                return 2;
+            }
+        }
+    }
+    let spec = crate::sender::ProtectSpec {
+        vm: name.clone(),
+        to,
+        trust: trust_abs,
+        every_secs,
+        disks: rels,
+        max_rate,
+        resync_threshold_pct,
+        resync_window: window,
+        app_hook,
+    };
+    match control::call(&mount, &Request::Protect { spec }) {
+        Err(e) => control_err(e),
+        Ok(r) if r.ok => {
+            for w in &r.warnings {
+                eprintln!("vdrep: warning: {w}");
+            }
+            println!(
+                "{name}: protected ({} disk(s) under {}); initial replication started — watch it with `vdrep status {}`",
+                disks.len(),
+                mount.display(),
+                mount.display()
+            );
+            0
+        }
+        Ok(r) => {
+            eprintln!(
+                "vdrep: cannot protect {name}: {}",
+                r.error.unwrap_or_default()
+            );
+            1
+        }
+    }
+}
+
+/// `vdrep sync TARGET`.
+pub fn sync(target: &str, timeout: u64) -> i32 {
+    let p = std::path::Path::new(target);
+    let (mounts, vm) = if p.is_dir() {
+        (vec![p.to_path_buf()], None)
+    } else {
+        // A VM name: find the mount protecting it.
+        let found: Vec<PathBuf> = control::running_mounts()
+            .into_iter()
+            .filter(|m| control::protects(m, target))
+            .collect();
+        if found.is_empty() {
+            eprintln!("vdrep: no running mount protects a VM named {target}");
+            return 2;
+        }
+        (found, Some(target.to_string()))
+    };
+    for m in mounts {
+        let req = Request::Sync {
+            vm: vm.clone(),
+            timeout_secs: timeout,
+        };
+        let res = with_progress(&m, vm.as_deref(), true, || control::call(&m, &req));
+        match res {
+            Err(e) => return control_err(e),
+            Ok(r) if !r.ok => {
+                eprintln!("vdrep: sync failed: {}", r.error.unwrap_or_default());
+                return 1;
+            }
+            Ok(r) => {
+                for (vm, c) in r.synced.unwrap_or_default() {
+                    println!("{vm}: recovery point {c} applied at the receiver");
+                }
+            }
+        }
+    }
+    0
+}

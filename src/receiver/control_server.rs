@@ -1,0 +1,197 @@
+//! The control server of a running receiver: answers the requests of
+//! [`super::control`] by calling the test-failover views
+//! ([`crate::testview`]), the role changes ([`crate::roles`]) and the store.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::control::{socket_path, PointInfo, Request, Response};
+use crate::replica;
+use crate::testview::{self, Views};
+
+/// The control server of a running receiver.
+pub struct Server {
+    store: Arc<replica::Store>,
+    views: Arc<Views>,
+    roles: Arc<crate::roles::ReceiverCtx>,
+}
+
+/// Bind the control socket of `store` and serve it on a background thread.
+/// Fails if another live receiver answers on it.
+pub fn start(
+    store: Arc<replica::Store>,
+    views: Arc<Views>,
+    roles: Arc<crate::roles::ReceiverCtx>,
+) -> io::Result<PathBuf> {
+    let root = store.root().to_path_buf();
+    let sock = socket_path(&root);
+    if crate::ipc::listening(&sock) {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!(
+                "another receiver answers on {} for the store {}",
+                sock.display(),
+                root.display()
+            ),
+        ));
+    }
+    let listener = crate::ipc::bind(&sock, &root)?;
+    let srv = Server {
+        store,
+        views,
+        roles,
+    };
+    crate::ipc::serve(
+        listener,
+        "vdrep-recv-ctl",
+        None,
+        move |req: io::Result<Request>| match req {
+            Err(e) => Response::err(format!("bad request: {e}")),
+            Ok(req) => srv.handle(req),
+        },
+    )?;
+    Ok(sock)
+}
+
+impl Server {
+    /// A role change of `vm` is refused while a test failover of it runs.
+    fn refuse_if_test_failover(&self, site: &str, vm: &str) -> Option<Response> {
+        self.views
+            .list()
+            .iter()
+            .any(|v| v.site == site && v.vm == vm)
+            .then(|| {
+                Response::err(format!(
+                    "{vm} has a test failover running: remove it first (`vdrep failover {vm} --cleanup`)"
+                ))
+            })
+    }
+
+    fn handle(&self, req: Request) -> Response {
+        match req {
+            Request::Ping => Response {
+                pid: Some(std::process::id()),
+                store: Some(self.store.root().to_path_buf()),
+                ..Response::ok()
+            },
+            Request::Points { site, vm } => {
+                let site = match testview::resolve_site(&self.store, site.as_deref(), &vm) {
+                    Ok(s) => s,
+                    Err(e) => return Response::err(e),
+                };
+                let pts = self
+                    .store
+                    .site(&site)
+                    .and_then(|s| s.points(&vm))
+                    .map_err(|e| e.to_string());
+                match pts {
+                    Err(e) => Response::err(e),
+                    Ok(pts) => {
+                        let pins = self.store.pins(&site, &vm);
+                        Response {
+                            points: Some(
+                                pts.into_iter()
+                                    .map(|p| PointInfo {
+                                        pinned: pins.contains(&p.cycle),
+                                        point: p,
+                                    })
+                                    .collect(),
+                            ),
+                            site: Some(site),
+                            ..Response::ok()
+                        }
+                    }
+                }
+            }
+            Request::FailoverTest {
+                site,
+                vm,
+                point,
+                at,
+            } => match self
+                .views
+                .expose(&self.store, site.as_deref(), &vm, point, at)
+            {
+                Ok(v) => Response {
+                    site: Some(v.site.clone()),
+                    view: Some(v),
+                    ..Response::ok()
+                },
+                Err(e) => Response::err(e),
+            },
+            Request::FailoverCleanup { site, vm } => {
+                match self.views.cleanup(&self.store, site.as_deref(), &vm) {
+                    Ok((v, warnings)) => Response {
+                        site: Some(v.site.clone()),
+                        view: Some(v),
+                        warnings,
+                        ..Response::ok()
+                    },
+                    Err(e) => Response::err(e),
+                }
+            }
+            Request::FailoverList => Response {
+                views: Some(self.views.list()),
+                ..Response::ok()
+            },
+            Request::Adopt(a) => match crate::roles::adopt_local(&self.store, &a) {
+                Ok(p) => Response {
+                    site: Some(a.site),
+                    point: Some(p),
+                    ..Response::ok()
+                },
+                Err(e) => Response::err(e),
+            },
+            Request::Promote { site, vm, point } => {
+                let site = match testview::resolve_site(&self.store, site.as_deref(), &vm) {
+                    Ok(s) => s,
+                    Err(e) => return Response::err(e),
+                };
+                if let Some(r) = self.refuse_if_test_failover(&site, &vm) {
+                    return r;
+                }
+                match crate::roles::promote_local(&self.roles, &site, &vm, point, None) {
+                    Ok(a) => Response {
+                        site: Some(site),
+                        live: a.live,
+                        warnings: a.warnings,
+                        ..Response::ok()
+                    },
+                    Err(e) => Response::err(e),
+                }
+            }
+            Request::CancelFailover { site, vm } => {
+                let site = match testview::resolve_site(&self.store, site.as_deref(), &vm) {
+                    Ok(s) => s,
+                    Err(e) => return Response::err(e),
+                };
+                if let Some(r) = self.refuse_if_test_failover(&site, &vm) {
+                    return r;
+                }
+                match crate::roles::cancel_local(&self.roles, &site, &vm) {
+                    Ok(r) => Response {
+                        site: Some(site),
+                        cancel: Some(r),
+                        ..Response::ok()
+                    },
+                    Err(e) => Response::err(e),
+                }
+            }
+            Request::CommitFailover { site, vm } => {
+                let site = match testview::resolve_site(&self.store, site.as_deref(), &vm) {
+                    Ok(s) => s,
+                    Err(e) => return Response::err(e),
+                };
+                match self.store.site(&site).and_then(|s| s.commit_failover(&vm)) {
+                    Ok(l) => Response {
+                        site: Some(site),
+                        live: Some(l),
+                        ..Response::ok()
+                    },
+                    Err(e) => Response::err(e),
+                }
+            }
+        }
+    }
+}
