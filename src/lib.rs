@@ -26,7 +26,9 @@
 //! - [`replica`]: the replica store (namespaces, durable logs, undo history).
 //! - [`resync`]: checksum resync and online verify (digests, progress, window).
 //! - [`hrl`]: the versioned `.hrl` change-log format (write, verify, apply).
-//! - [`vhd`]: the VHD disk format (fixed and dynamic).
+//! - [`vhd`]: the VHD footer (replicas of raw disks are fixed VHDs).
+//! - [`sys`]: fd-relative system-call wrappers (a leaf under [`fs`] and
+//!   [`tracking`]).
 //! - [`transport`]: site identities, pinned-certificate mutual TLS over QUIC.
 //! - [`wire`]: the replication protocol's messages and sans-IO codec.
 //! - [`ipc`]: one JSON-line request/response exchange over a local Unix
@@ -43,6 +45,7 @@ pub mod replica;
 pub mod resync;
 pub mod roles;
 pub mod sender;
+pub mod sys;
 pub mod testview;
 pub mod tracking;
 pub mod transport;

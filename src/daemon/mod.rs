@@ -227,9 +227,9 @@ fn serve_inner(
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(format!(
-                "/proc/self/fd/{}/{STATE_DIR}/daemon.log",
-                root.as_raw_fd()
+            .open(crate::sys::proc_fd_path(
+                root.as_raw_fd(),
+                &Path::new(STATE_DIR).join("daemon.log"),
             ))
             .map_err(ioe(dir, "cannot open .vdrep/daemon.log"))?;
         if let Ok(null) = File::open("/dev/null") {

@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, RwLock};
 
-use super::sys;
+use crate::sys;
 use crate::tracking::TrackedDisk;
 
 /// One open regular file (or other node opened through `open`).

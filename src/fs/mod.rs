@@ -14,8 +14,8 @@
 mod handle;
 mod inode;
 mod ops;
-pub(crate) mod sys;
 
+use crate::sys;
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};

@@ -20,8 +20,8 @@ use fuser::{
 
 use super::handle::{DirEnt, OpenDir, OpenFile};
 use super::inode::{Inode, ROOT_INO};
-use super::sys::{self, cstr, AlignedBuf};
 use super::VdrepFs;
+use crate::sys::{self, cstr, AlignedBuf};
 use crate::tracking::TrackedDisk;
 
 /// Unwrap an `io::Result`, or answer the request with its errno and return.

@@ -25,7 +25,7 @@
 //! out a [`SealedLog`] (opened once, read in place, deleted by
 //! [`SealedLog::mark_shipped`]); nobody else opens or deletes them. Why a
 //! cut wrote no log is typed ([`CutEntry::kind`]); system calls go through
-//! `crate::fs::sys`, which also spells the `/proc/self/fd/N` paths.
+//! `crate::sys`, which also spells the `/proc/self/fd/N` paths.
 
 pub mod bitmap;
 pub mod preimage;
@@ -46,8 +46,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 
-use crate::fs::sys;
 use crate::hrl::{HrlHeader, HrlWriter};
+use crate::sys;
 use bitmap::Bitmap;
 pub use sealed_log::SealedLog;
 pub use state::DiskState;

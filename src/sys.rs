@@ -1,4 +1,5 @@
-//! Thin, fd-relative system-call wrappers used by the passthrough file system.
+//! Thin, fd-relative system-call wrappers: a leaf below the passthrough file
+//! system ([`crate::fs`]) and the tracking ([`crate::tracking`]), which both use it.
 //!
 //! Everything here works relative to a directory or inode descriptor, or via
 //! the `/proc/self/fd/N` magic link, never through a path below the
