@@ -278,7 +278,13 @@ pub fn status(dir: Option<PathBuf>, json: bool) -> i32 {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_secs())
                     .unwrap_or(0);
-                println!("    next retry in {}s", t.saturating_sub(now));
+                println!(
+                    "    next retry in {}s (retries so far: {})",
+                    t.saturating_sub(now),
+                    v.retries
+                );
+            } else if v.retries > 0 {
+                println!("    retries so far: {}", v.retries);
             }
         }
     }
