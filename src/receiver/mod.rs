@@ -14,15 +14,63 @@ pub mod control_server;
 use std::collections::HashMap;
 use std::io::Read;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 
 use crate::replica::{self, DiskRef, ReplicaStore, StoreError};
+use crate::transport::TransportError;
 use crate::transport::{self, keys::Identity, trust::TrustStore};
-use crate::wire::{self, ErrorCode, Msg};
+use crate::wire::{self, ErrorCode, Msg, WireError};
+
+/// What stopped the receiver, or one of its streams.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiverError {
+    /// The keys, the trusted certificates or the listening endpoint.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The store could not be opened or recovered.
+    #[error("the store {path}: {source}")]
+    Store { path: PathBuf, source: StoreError },
+    /// A part of the receiver (control socket, thread, runtime) could not start.
+    #[error("cannot start the {what}: {source}")]
+    Start {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    /// The stream or the connection failed (peer gone, reset, bad frame).
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// The peer broke the log protocol (offsets, lengths, checksum, order).
+    #[error("{0}")]
+    Protocol(String),
+}
+
+/// What a caller can do about a [`ReceiverError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceiverErrorKind {
+    /// Fix the configuration (keys, trust, listen address) and start again.
+    Config,
+    /// The store is unusable: see the message (permissions, damage).
+    Store,
+    /// The host refused a resource: retry, or check its limits.
+    Resource,
+    /// One connection or stream failed: the sender retries; nothing to do.
+    Stream,
+}
+
+impl ReceiverError {
+    pub fn kind(&self) -> ReceiverErrorKind {
+        match self {
+            ReceiverError::Transport(_) => ReceiverErrorKind::Config,
+            ReceiverError::Store { .. } => ReceiverErrorKind::Store,
+            ReceiverError::Start { .. } => ReceiverErrorKind::Resource,
+            ReceiverError::Wire(_) | ReceiverError::Protocol(_) => ReceiverErrorKind::Stream,
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct ReceiveOptions {
@@ -76,19 +124,16 @@ struct Session {
 }
 
 /// Run the receiver until killed. Prints `listening on ADDR` once ready.
-pub fn run(opts: &ReceiveOptions) -> Result<(), String> {
-    let id = Identity::from_dir(&opts.keys, None).map_err(|e| e.to_string())?;
-    let trust = TrustStore::from_files(&opts.trust).map_err(|e| e.to_string())?;
-    let store = Arc::new(replica::Store::open(&opts.store).map_err(|e| e.to_string())?);
-    match store.recover() {
-        Ok(r) => tracing::info!("store {} recovered: {r:?}", opts.store.display()),
-        Err(e) => {
-            return Err(format!(
-                "recovering the store {}: {e}",
-                opts.store.display()
-            ))
-        }
-    }
+pub fn run(opts: &ReceiveOptions) -> Result<(), ReceiverError> {
+    let id = Identity::from_dir(&opts.keys, None)?;
+    let trust = TrustStore::from_files(&opts.trust)?;
+    let store_err = |source| ReceiverError::Store {
+        path: opts.store.clone(),
+        source,
+    };
+    let store = Arc::new(replica::Store::open(&opts.store).map_err(store_err)?);
+    let r = store.recover().map_err(store_err)?;
+    tracing::info!("store {} recovered: {r:?}", opts.store.display());
     // The replication data path sees the store through the seam (wrapped to
     // crash at a step between operations when a test asks for it).
     let data: Arc<dyn ReplicaStore> = replica::FailStore::from_env(store.clone());
@@ -105,8 +150,12 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), String> {
             .map(|t| std::fs::canonicalize(t).unwrap_or_else(|_| t.clone()))
             .collect(),
     });
-    control_server::start(store.clone(), views, roles.clone())
-        .map_err(|e| format!("cannot start the control socket: {e}"))?;
+    control_server::start(store.clone(), views, roles.clone()).map_err(|source| {
+        ReceiverError::Start {
+            what: "control socket",
+            source,
+        }
+    })?;
     if let Some(every) = opts.prune_every {
         let store = data.clone();
         let keep = opts.retention.clone();
@@ -118,17 +167,26 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), String> {
                     tracing::info!("retention: {line}");
                 }
             })
-            .map_err(|e| format!("cannot start the retention thread: {e}"))?;
+            .map_err(|source| ReceiverError::Start {
+                what: "retention thread",
+                source,
+            })?;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("vdrep-recv")
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+        .map_err(|source| ReceiverError::Start {
+            what: "runtime",
+            source,
+        })?;
     rt.block_on(async {
-        let ep = transport::server(opts.listen, &id, &trust).map_err(|e| e.to_string())?;
-        let local = ep.local_addr().map_err(|e| e.to_string())?;
+        let ep = transport::server(opts.listen, &id, &trust)?;
+        let local = ep.local_addr().map_err(|source| ReceiverError::Start {
+            what: "endpoint",
+            source,
+        })?;
         println!(
             "listening on {local} as {} (certificate {})",
             id.name,
@@ -255,15 +313,15 @@ async fn handle_stream(
     me: &str,
     mut tx: quinn::SendStream,
     mut rx: quinn::RecvStream,
-) -> Result<(), String> {
-    let Some(first) = wire::read_msg(&mut rx).await.map_err(|e| e.to_string())? else {
+) -> Result<(), ReceiverError> {
+    let Some(first) = wire::read_msg(&mut rx).await? else {
         return Ok(());
     };
     if !matches!(first, Msg::Hello(_)) && !sess.hello.load(Ordering::SeqCst) {
         let m = proto_err(ErrorCode::Protocol, "say Hello first", false);
         return wire::write_msg(&mut tx, &m)
             .await
-            .map_err(|e| e.to_string());
+            .map_err(ReceiverError::from);
     }
     let reply = match first {
         Msg::Hello(h) => {
@@ -308,7 +366,7 @@ async fn handle_stream(
     };
     wire::write_msg(&mut tx, &reply)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(ReceiverError::from)?;
     let _ = tx.finish();
     Ok(())
 }
@@ -404,7 +462,7 @@ async fn digests(
     first: Msg,
     tx: &mut quinn::SendStream,
     rx: &mut quinn::RecvStream,
-) -> Result<(), String> {
+) -> Result<(), ReceiverError> {
     let mut next = Some(first);
     let mut buf = Vec::new();
     let mut cache = replica::DigestCache::default();
@@ -417,7 +475,7 @@ async fn digests(
                     let _ = tx.finish();
                     return Ok(());
                 }
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(e.into()),
             },
         };
         let reply = match m {
@@ -485,7 +543,7 @@ async fn digests(
         let stop = matches!(reply, Msg::Error(_));
         wire::write_msg_buf(tx, &reply, &mut buf)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(ReceiverError::from)?;
         if stop {
             let _ = tx.finish();
             return Ok(());
@@ -690,14 +748,14 @@ async fn log(
     l: wire::LogBegin,
     tx: &mut quinn::SendStream,
     rx: &mut quinn::RecvStream,
-) -> Result<(), String> {
+) -> Result<(), ReceiverError> {
     let Some((vm, _od)) = disk_of(sess, &l.disk_id) else {
         let m = proto_err(
             ErrorCode::Protocol,
             "LogBegin for a disk not opened with OpenDisk",
             false,
         );
-        return wire::write_msg(tx, &m).await.map_err(|e| e.to_string());
+        return wire::write_msg(tx, &m).await.map_err(ReceiverError::from);
     };
     let (ctx, crx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
     let site_name = sess.site.clone();
@@ -731,10 +789,10 @@ async fn log(
                             if c.disk_id == l.disk_id && c.cycle == l.cycle =>
                         {
                             if c.offset_in_log != expect {
-                                return Err(format!(
+                                return Err(ReceiverError::Protocol(format!(
                                     "log chunk at {} where {expect} was expected",
                                     c.offset_in_log
-                                ));
+                                )));
                             }
                             expect += c.data.len() as u64;
                             hasher.update(&c.data);
@@ -747,23 +805,28 @@ async fn log(
                         }
                         Ok(Some(Msg::LogEnd(e))) if e.disk_id == l.disk_id => {
                             if e.total_len != expect || e.total_len != l.total_len {
-                                return Err(format!(
+                                return Err(ReceiverError::Protocol(format!(
                                     "log of {} bytes announced, {expect} received",
                                     l.total_len
-                                ));
+                                )));
                             }
                             if e.log_checksum != hasher.digest128() {
-                                return Err(
+                                return Err(ReceiverError::Protocol(
                                     "log checksum mismatch: the log was damaged in transit".into(),
-                                );
+                                ));
                             }
                             return Ok(());
                         }
                         Ok(Some(other)) => {
-                            return Err(format!("unexpected {} inside a log", other.name()))
+                            return Err(ReceiverError::Protocol(format!(
+                                "unexpected {} inside a log",
+                                other.name()
+                            )))
                         }
-                        Ok(None) => return Err("stream ended inside a log".into()),
-                        Err(e) => return Err(e.to_string()),
+                        Ok(None) => {
+                            return Err(ReceiverError::Protocol("stream ended inside a log".into()))
+                        }
+                        Err(e) => return Err(e.into()),
                     }
                 }
             })
@@ -778,13 +841,13 @@ async fn log(
     });
     let (net, stored) = outcome;
     if let Err(e) = net {
-        let m = proto_err(ErrorCode::Protocol, e, true);
-        return wire::write_msg(tx, &m).await.map_err(|e| e.to_string());
+        let m = proto_err(ErrorCode::Protocol, e.to_string(), true);
+        return wire::write_msg(tx, &m).await.map_err(ReceiverError::from);
     }
     let applied_now = match stored {
         Err(e) => {
             let m = needs_resync_after(sess, store, &vm, &l.disk_id, e);
-            return wire::write_msg(tx, &m).await.map_err(|e| e.to_string());
+            return wire::write_msg(tx, &m).await.map_err(ReceiverError::from);
         }
         Ok(replica::StoreOutcome::AlreadyApplied { .. }) => true,
         Ok(_) => false,
@@ -792,16 +855,16 @@ async fn log(
     if !applied_now {
         wire::write_msg(tx, &durable_ack(&l, false))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(ReceiverError::from)?;
         let r = tokio::task::block_in_place(|| store.apply(sess.disk(&vm, &l.disk_id), l.cycle));
         if let Err(e) = r {
             let m = needs_resync_after(sess, store, &vm, &l.disk_id, e);
-            return wire::write_msg(tx, &m).await.map_err(|e| e.to_string());
+            return wire::write_msg(tx, &m).await.map_err(ReceiverError::from);
         }
     }
     wire::write_msg(tx, &durable_ack(&l, true))
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(ReceiverError::from)?;
     let _ = tx.finish();
     Ok(())
 }
@@ -843,16 +906,4 @@ fn point(sess: &Session, store: &dyn ReplicaStore, p: wire::PointCommit) -> Msg 
         ),
         Err(e) => store_err(e),
     }
-}
-
-/// Where a replica of `vm`'s disk lives (for tools and tests).
-pub fn replica_path(
-    store: &Path,
-    site: &str,
-    vm: &str,
-    disk_id: &[u8; 16],
-) -> Result<PathBuf, String> {
-    let s = replica::Store::open(store).map_err(|e| e.to_string())?;
-    let site = s.site(site).map_err(|e| e.to_string())?;
-    site.replica_path(vm, disk_id).map_err(|e| e.to_string())
 }
