@@ -159,3 +159,142 @@ fn replication_converges_through_a_lossy_long_link() {
     m.umount();
     relay.stop();
 }
+
+fn points_of(store: &Path, vm: &str) -> usize {
+    let p = store.join(format!("sites/site-a/vms/{vm}/points.json"));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+    v["points"].as_array().map_or(0, |a| a.len())
+}
+
+fn vm_status(m: &Mounted, vm: &str) -> serde_json::Value {
+    let st = m.status_json();
+    st["replication"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["vm"] == vm)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {vm} in {st}"))
+}
+
+/// Three VMs of one mount share a capped link (`--link-max-rate`, below the
+/// emulated link's own rate): while the third does its initial copy, the
+/// two continuous VMs keep committing points, and the status reports the
+/// shared cap and the UDP bytes that really crossed the link.
+#[test]
+fn two_vms_keep_committing_points_while_a_third_copies() {
+    require_fuse!();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    for d in ["ka", "kb", "vm", "store"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    let s = |p: &str| root.join(p).to_str().unwrap().to_string();
+    vdrep_ok(&["keys", "init", "--name", "site-a", "--out", &s("ka")]);
+    vdrep_ok(&["keys", "init", "--name", "site-b", "--out", &s("kb")]);
+    for name in ["a.img", "b.img"] {
+        std::fs::File::create(root.join("vm").join(name))
+            .unwrap()
+            .set_len(4 << 20)
+            .unwrap();
+    }
+    let mut big = vec![0u8; 24 << 20];
+    xorshift_fill(&mut big, 99);
+    std::fs::write(root.join("vm/big.img"), big).unwrap();
+    let rx = Receiver::spawn(
+        "127.0.0.1:0",
+        &root.join("store"),
+        &root.join("kb"),
+        &root.join("ka/site-a.crt"),
+        &[],
+        &[],
+    );
+    let link = LinkParams::symmetric(40.0, 20.0, 0.0);
+    let relay = Relay::start(
+        "127.0.0.1:0".parse().unwrap(),
+        rx.addr.parse().unwrap(),
+        link,
+        link,
+        7,
+    )
+    .unwrap();
+    let mut m = Mounted::new(&root.join("vm"), &["--keys", &s("ka")]);
+    let to = relay.addr.to_string();
+    let protect = |vm: &str, disk: &str| {
+        vdrep_ok(&[
+            "protect",
+            vm,
+            "--to",
+            &to,
+            "--trust",
+            &s("kb/site-b.crt"),
+            "--every",
+            "continuous",
+            "--link-max-rate",
+            "2M",
+            &s(&format!("vm/{disk}")),
+        ]);
+    };
+    protect("wan-a", "a.img");
+    protect("wan-b", "b.img");
+    vdrep_ok(&["sync", "wan-a", "--timeout", "120"]);
+    vdrep_ok(&["sync", "wan-b", "--timeout", "120"]);
+    // 24 MiB at 2 MiB/s: the third VM's initial copy takes about 12 s.
+    protect("wan-big", "big.img");
+    let store = root.join("store");
+    let before = (points_of(&store, "wan-a"), points_of(&store, "wan-b"));
+    let fa = std::fs::OpenOptions::new()
+        .write(true)
+        .open(root.join("vm/a.img"))
+        .unwrap();
+    let fb = std::fs::OpenOptions::new()
+        .write(true)
+        .open(root.join("vm/b.img"))
+        .unwrap();
+    let mut block = vec![0u8; 64 << 10];
+    let mut rounds = 0;
+    for round in 0..3u64 {
+        xorshift_fill(&mut block, 1000 + round);
+        fa.write_all_at(&block, round * (64 << 10)).unwrap();
+        fb.write_all_at(&block, round * (64 << 10)).unwrap();
+        vdrep_ok(&["sync", "wan-a", "--timeout", "60"]);
+        vdrep_ok(&["sync", "wan-b", "--timeout", "60"]);
+        rounds += 1;
+    }
+    // The big copy was still running the whole time: the points above were
+    // committed while it competed for the link.
+    let big_st = vm_status(&m, "wan-big");
+    assert_eq!(
+        big_st["state"], "InitialReplication",
+        "the initial copy ended before the delta rounds did: the test proved nothing: {big_st}"
+    );
+    let after = (points_of(&store, "wan-a"), points_of(&store, "wan-b"));
+    assert!(
+        after.0 >= before.0 + rounds,
+        "wan-a: {before:?} -> {after:?}"
+    );
+    assert!(
+        after.1 >= before.1 + rounds,
+        "wan-b: {before:?} -> {after:?}"
+    );
+    let a = vm_status(&m, "wan-a");
+    assert_eq!(a["link_max_rate"], 2 << 20, "{a}");
+    assert!(
+        a["wire_bytes_sent"].as_u64().unwrap() > a["bytes_sent"].as_u64().unwrap(),
+        "UDP bytes must exceed payload bytes (headers, acks): {a}"
+    );
+    vdrep_ok(&["sync", "wan-big", "--timeout", "120"]);
+    drop((fa, fb));
+    for (vm, disk) in [("wan-a", "a"), ("wan-b", "b"), ("wan-big", "big")] {
+        let disks = store.join(format!("sites/site-a/vms/{vm}/disks"));
+        let replica = std::fs::read_dir(&disks)
+            .unwrap()
+            .flatten()
+            .map(|d| d.path().join(format!("{disk}.vhd")))
+            .find(|p| p.exists())
+            .unwrap();
+        assert_replica_equals(&root.join(format!("vm/{disk}.img")), &replica);
+    }
+    m.umount();
+    relay.stop();
+}

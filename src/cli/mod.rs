@@ -138,6 +138,13 @@ pub enum Cmd {
         /// Bandwidth cap, bytes/s with optional K/M/G suffix (e.g. 50M).
         #[arg(long)]
         max_rate: Option<String>,
+        /// Cap shared by every VM of this mount that replicates to the same
+        /// --to receiver, bytes/s with optional K/M/G suffix (e.g. 10M).
+        /// Within it, change logs go before initial copies, so one VM's
+        /// initial copy cannot starve the RPO of the others. The newest
+        /// value given for a receiver applies to all its VMs.
+        #[arg(long)]
+        link_max_rate: Option<String>,
         /// Pending changes of a disk (in % of its size) above which it is
         /// tracked bitmap-only and its changes are shipped as one cycle.
         #[arg(long, default_value = "50%")]
@@ -296,6 +303,7 @@ pub fn run(cmd: Cmd) -> i32 {
             trust,
             every,
             max_rate,
+            link_max_rate,
             resync_threshold,
             resync_window,
             app,
@@ -304,7 +312,7 @@ pub fn run(cmd: Cmd) -> i32 {
             name,
             to,
             trust,
-            (every, max_rate),
+            (every, max_rate, link_max_rate),
             (resync_threshold, resync_window.unwrap_or_default()),
             app,
             disks,

@@ -211,7 +211,7 @@ pub fn protect(
     name: String,
     to: String,
     trust: Vec<PathBuf>,
-    (every, max_rate): (String, Option<String>),
+    (every, max_rate, link_max_rate): (String, Option<String>, Option<String>),
     (threshold, window): (String, String),
     AppHookArgs {
         app_hook,
@@ -282,6 +282,13 @@ pub fn protect(
             return 2;
         }
     };
+    let link_max_rate = match link_max_rate.as_deref().map(parse_rate).transpose() {
+        Ok(v) => v.unwrap_or(0),
+        Err(e) => {
+            eprintln!("vdrep: --link-max-rate: {e}");
+            return 2;
+        }
+    };
     let mut mount: Option<PathBuf> = None;
     let mut rels = Vec::new();
     for d in &disks {
@@ -320,6 +327,7 @@ pub fn protect(
         every_secs,
         disks: rels,
         max_rate,
+        link_max_rate,
         resync_threshold_pct,
         resync_window: window,
         app_hook,

@@ -551,6 +551,8 @@ fn protect_live(
         every_secs,
         disks,
         max_rate,
+        // The reverse direction has no shared cap of its own (yet).
+        link_max_rate: 0,
         resync_threshold_pct: policy.threshold_pct,
         resync_window: policy.window.clone(),
         // The primary's quiesce command need not work at this site.

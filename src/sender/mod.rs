@@ -37,12 +37,14 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::hrl::Encoding;
 use crate::tracking::{CutErrorKind, CutSelect, DiskState as TrackState, SealedLog, Tracker};
-use crate::transport::{self, keys::Identity, rate::RateLimiter, trust::TrustStore};
+use crate::transport::{self, keys::Identity, trust::TrustStore};
 use crate::wire::{self, Msg};
+use shaper::{Class, LinkShare, Shaper};
 
 pub mod app_hook;
 mod error;
 mod resync;
+pub mod shaper;
 
 use error::{conn_err, msg_err, stream_err, transport_err};
 pub use error::{ErrorKind, SendError};
@@ -68,6 +70,11 @@ pub struct ProtectSpec {
     /// Bandwidth cap in bytes per second (0 = none).
     #[serde(default)]
     pub max_rate: u64,
+    /// Cap in bytes per second shared by every VM of this mount that
+    /// replicates to the same `to` (0 = none); deltas go before initial
+    /// copies within it ([`shaper`]). The newest protect's value wins.
+    #[serde(default)]
+    pub link_max_rate: u64,
     /// Pending changes of a disk (sealed logs + dirty blocks) above this
     /// percentage of its size switch it to bitmap-only tracking.
     #[serde(default = "default_threshold")]
@@ -121,7 +128,15 @@ pub struct VmStatus {
     pub initial_done: u64,
     pub initial_total: u64,
     pub throughput_bps: f64,
+    /// Payload bytes sent (log and copy data, after compression).
     pub bytes_sent: u64,
+    /// UDP bytes this VM's connections really sent (QUIC headers, ACKs,
+    /// retransmissions included): what crossed the network.
+    #[serde(default)]
+    pub wire_bytes_sent: u64,
+    /// The destination's shared cap, bytes/s (`--link-max-rate`; 0: none).
+    #[serde(default)]
+    pub link_max_rate: u64,
     pub last_error: Option<String>,
     pub next_retry_unix: Option<u64>,
     /// Retries since protection started (each failed session that will be
@@ -236,6 +251,44 @@ struct Vm {
     jobs: Mutex<std::collections::VecDeque<Job>>,
     /// When the app hook last ran (`--app-every` counts from there).
     last_app_try: Mutex<Option<std::time::Instant>>,
+    /// The live connection (for its UDP counters) and the UDP bytes of the
+    /// connections before it.
+    conn: Mutex<Option<quinn::Connection>>,
+    udp_sent_before: std::sync::atomic::AtomicU64,
+}
+
+impl Vm {
+    /// UDP bytes sent by every connection of this VM so far.
+    fn wire_bytes_sent(&self) -> u64 {
+        self.udp_sent_before
+            .load(std::sync::atomic::Ordering::Relaxed)
+            + self
+                .conn
+                .lock()
+                .as_ref()
+                .map_or(0, |c| c.stats().udp_tx.bytes)
+    }
+}
+
+/// Keeps [`Vm::conn`] for one session; on drop, folds the connection's UDP
+/// counters into the VM's total.
+struct LiveConn<'a>(&'a Vm);
+
+impl<'a> LiveConn<'a> {
+    fn new(vm: &'a Vm, conn: &quinn::Connection) -> Self {
+        *vm.conn.lock() = Some(conn.clone());
+        LiveConn(vm)
+    }
+}
+
+impl Drop for LiveConn<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.conn.lock().take() {
+            self.0
+                .udp_sent_before
+                .fetch_add(c.stats().udp_tx.bytes, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 /// All protected VMs of one mount.
@@ -247,6 +300,8 @@ pub struct Replicator {
     site: String,
     rt: tokio::runtime::Runtime,
     vms: Mutex<HashMap<String, Arc<Vm>>>,
+    /// Shared caps per destination (`--link-max-rate`), by `to`.
+    links: Mutex<HashMap<String, Arc<LinkShare>>>,
     retry_scale: f64,
     /// This daemon's identity (random): resync progress it saved can be
     /// resumed with its in-memory bitmap.
@@ -294,6 +349,7 @@ impl Replicator {
             site,
             rt,
             vms: Mutex::new(HashMap::new()),
+            links: Mutex::new(HashMap::new()),
             retry_scale,
             instance: format!(
                 "{:032x}",
@@ -495,6 +551,8 @@ impl Replicator {
                 initial_total: 0,
                 throughput_bps: 0.0,
                 bytes_sent: 0,
+                wire_bytes_sent: 0,
+                link_max_rate: 0,
                 last_error: None,
                 next_retry_unix: None,
                 retries: 0,
@@ -517,6 +575,8 @@ impl Replicator {
             stop: false.into(),
             jobs: Mutex::new(Default::default()),
             last_app_try: Mutex::new(None),
+            conn: Mutex::new(None),
+            udp_sent_before: std::sync::atomic::AtomicU64::new(0),
         });
         for d in &vm.spec.disks {
             let limit = self
@@ -537,6 +597,8 @@ impl Replicator {
             .iter()
             .map(|v| {
                 let mut s = v.status.lock().clone();
+                s.wire_bytes_sent = v.wire_bytes_sent();
+                s.link_max_rate = self.links.lock().get(&v.spec.to).map_or(0, |l| l.rate());
                 let dirty: u64 = tstat
                     .disks
                     .iter()
@@ -823,6 +885,21 @@ impl Replicator {
         }
     }
 
+    /// The shared cap of `spec.to`: created, or re-rated, by a spec that
+    /// sets `link_max_rate`; `None` when no VM set one for that destination.
+    fn link_share(&self, spec: &ProtectSpec) -> Option<Arc<LinkShare>> {
+        let mut links = self.links.lock();
+        if spec.link_max_rate > 0 {
+            let l = links
+                .entry(spec.to.clone())
+                .or_insert_with(|| Arc::new(LinkShare::new(spec.link_max_rate)));
+            if l.rate() != spec.link_max_rate {
+                l.set_rate(spec.link_max_rate);
+            }
+        }
+        links.get(&spec.to).cloned()
+    }
+
     /// The tracked disk with this identity.
     fn disk_of_id(&self, id: &[u8; 16]) -> Option<String> {
         self.tracker
@@ -953,14 +1030,14 @@ impl Replicator {
     async fn session(&self, vm: &Arc<Vm>) -> Result<(), SendError> {
         let spec = &vm.spec;
         let (conn, _ep) = self.connect(spec).await?;
-        let limiter = (spec.max_rate > 0).then(|| RateLimiter::new(spec.max_rate));
+        let _live = LiveConn::new(vm, &conn);
+        let limiter = Shaper::new(spec.max_rate, self.link_share(spec));
         let mut replica = self.open_disks(vm, &conn).await?;
         // No complete replica (or a copy under way): initial copy.
         let need_initial = replica.values().any(|ds| ds.replica_cycle == 0);
         if need_initial {
             vm.status.lock().state = VmState::InitialReplication;
-            self.initial_copy(vm, &conn, &replica, limiter.as_ref())
-                .await?;
+            self.initial_copy(vm, &conn, &replica, &limiter).await?;
         } else {
             let mut resynced = false;
             let mut reasons = self.resync_reasons(vm, &replica);
@@ -1007,8 +1084,7 @@ impl Replicator {
                         tracing::info!(vm = %spec.vm, disk = %d, "checksum resync: {w}");
                     }
                     let rdisks: Vec<String> = reasons.into_iter().map(|(d, _)| d).collect();
-                    self.resync(vm, &conn, &replica, &rdisks, limiter.as_ref())
-                        .await?;
+                    self.resync(vm, &conn, &replica, &rdisks, &limiter).await?;
                     resynced = true;
                     vm.status.lock().resync_pending.clear();
                     // A waiting `vdrep resync` is answered by this one.
@@ -1017,8 +1093,7 @@ impl Replicator {
             }
             if !resynced {
                 self.recommit_replica_point(vm, &conn, &replica).await?;
-                self.ship_pending(vm, &conn, &replica, limiter.as_ref())
-                    .await?;
+                self.ship_pending(vm, &conn, &replica, &limiter).await?;
             }
         }
         if !vm.waiters.lock().is_empty() {
@@ -1042,7 +1117,7 @@ impl Replicator {
                 conn.close(0u32.into(), b"unprotected");
                 return Ok(());
             }
-            if self.run_jobs(vm, &conn, limiter.as_ref()).await? {
+            if self.run_jobs(vm, &conn, &limiter).await? {
                 continue;
             }
             let synced = vm
@@ -1073,7 +1148,7 @@ impl Replicator {
                 }
             }
             let started = Instant::now();
-            self.cut_and_ship(vm, &conn, limiter.as_ref()).await?;
+            self.cut_and_ship(vm, &conn, &limiter).await?;
             if spec.every_secs > 0 {
                 next_cut = (started + every).max(next_cut);
             }
@@ -1102,7 +1177,7 @@ impl Replicator {
         &self,
         vm: &Arc<Vm>,
         conn: &quinn::Connection,
-        limiter: Option<&RateLimiter>,
+        limiter: &Shaper,
     ) -> Result<bool, SendError> {
         let kind = match vm.jobs.lock().front() {
             None => return Ok(false),
@@ -1144,7 +1219,7 @@ impl Replicator {
         &self,
         vm: &Arc<Vm>,
         conn: &quinn::Connection,
-        limiter: Option<&RateLimiter>,
+        limiter: &Shaper,
     ) -> Result<Vec<VerifyDisk>, SendError> {
         self.cut_and_ship(vm, conn, limiter).await?;
         let replica = self.open_disks(vm, conn).await?;
@@ -1223,7 +1298,7 @@ impl Replicator {
         &self,
         vm: &Arc<Vm>,
         conn: &quinn::Connection,
-        limiter: Option<&RateLimiter>,
+        limiter: &Shaper,
     ) -> Result<(), SendError> {
         let spec = vm.spec.clone();
         let tracker = self.tracker.clone();
@@ -1357,7 +1432,7 @@ impl Replicator {
         vm: &Arc<Vm>,
         conn: &quinn::Connection,
         replica: &HashMap<String, wire::DiskState>,
-        limiter: Option<&RateLimiter>,
+        limiter: &Shaper,
     ) -> Result<(), SendError> {
         let spec = &vm.spec;
         let mut by_cycle: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
@@ -1474,7 +1549,7 @@ impl Replicator {
         conn: &quinn::Connection,
         id: [u8; 16],
         log: SealedLog,
-        limiter: Option<&RateLimiter>,
+        limiter: &Shaper,
     ) -> Result<(), SendError> {
         let addr = conn.remote_address();
         let shown = log.shown().to_path_buf();
@@ -1514,9 +1589,7 @@ impl Replicator {
             tokio::task::block_in_place(|| log.read_exact_at(&mut chunk, off))
                 .map_err(|e| retry(format!("reading {}: {e}", shown.display())))?;
             hasher.update(&chunk);
-            if let Some(l) = limiter {
-                l.take(want as u64).await;
-            }
+            limiter.take(Class::Delta, want as u64).await;
             let msg = Msg::LogChunk(wire::LogChunk {
                 disk_id: id,
                 cycle: header.cycle,
@@ -1584,7 +1657,7 @@ impl Replicator {
         vm: &Arc<Vm>,
         conn: &quinn::Connection,
         replica: &HashMap<String, wire::DiskState>,
-        limiter: Option<&RateLimiter>,
+        limiter: &Shaper,
     ) -> Result<(), SendError> {
         let spec = &vm.spec;
         let mut full_from = HashMap::new();
@@ -1675,7 +1748,7 @@ impl Replicator {
         conn: &quinn::Connection,
         sc: crate::tracking::SealedCycle,
         start: u64,
-        limiter: Option<&RateLimiter>,
+        limiter: &Shaper,
     ) -> (Option<crate::tracking::SealedCycle>, Result<(), SendError>) {
         let addr = conn.remote_address();
         let id = sc.header.disk_id;
@@ -1745,9 +1818,9 @@ impl Replicator {
                 } else {
                     (Encoding::Raw, data, None)
                 };
-                if let Some(l) = limiter {
-                    l.take(payload.len().max(64) as u64).await;
-                }
+                limiter
+                    .take(Class::Bulk, payload.len().max(64) as u64)
+                    .await;
                 let plen = payload.len() as u64;
                 let msg = Msg::InitialChunk(wire::InitialChunk {
                     disk_id: id,

@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 use super::{conn_err, msg_err, now_ns, retry, stream_err, SendError, Vm, VmState};
 use crate::resync::{self, Progress, ResyncProgress, BATCH_BYTES};
 use crate::tracking::{CutSelect, SealedCycle, StreamError};
-use crate::transport::rate::RateLimiter;
 use crate::wire::{self, Msg};
 
 /// Blocks read as of the cut, grouped for one digest request. The disk is
@@ -194,7 +193,7 @@ impl super::Replicator {
         conn: &quinn::Connection,
         replica: &HashMap<String, wire::DiskState>,
         rdisks: &[String],
-        limiter: Option<&RateLimiter>,
+        limiter: &super::shaper::Shaper,
     ) -> Result<(), SendError> {
         let spec = vm.spec.clone();
         let t_start = Instant::now();

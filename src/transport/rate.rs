@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug)]
 struct Bucket {
+    rate: f64,
+    capacity: f64,
     tokens: f64,
     last: Instant,
 }
@@ -21,9 +23,11 @@ struct Bucket {
 /// A shared token bucket. `RateLimiter::new(0)` is unlimited.
 #[derive(Debug)]
 pub struct RateLimiter {
-    rate: f64,
-    capacity: f64,
     bucket: Mutex<Bucket>,
+}
+
+fn capacity_of(rate: f64) -> f64 {
+    (rate / 4.0).max(65_536.0)
 }
 
 impl RateLimiter {
@@ -31,9 +35,9 @@ impl RateLimiter {
     pub fn new(bytes_per_sec: u64) -> Self {
         let rate = bytes_per_sec as f64;
         RateLimiter {
-            rate,
-            capacity: (rate / 4.0).max(65_536.0),
             bucket: Mutex::new(Bucket {
+                rate,
+                capacity: capacity_of(rate),
                 tokens: 0.0,
                 last: Instant::now(),
             }),
@@ -42,25 +46,56 @@ impl RateLimiter {
 
     /// The configured rate in bytes per second (0 = unlimited).
     pub fn rate(&self) -> u64 {
-        self.rate as u64
+        self.bucket.lock().rate as u64
+    }
+
+    /// Change the rate (0: unlimited) from now on; debts and credit carry over.
+    pub fn set_rate(&self, bytes_per_sec: u64) {
+        let mut b = self.bucket.lock();
+        b.rate = bytes_per_sec as f64;
+        b.capacity = capacity_of(b.rate);
+        b.tokens = b.tokens.min(b.capacity);
     }
 
     /// Reserve `n` bytes and return how long the caller must wait before
     /// sending them (zero if it may send now).
     pub fn reserve(&self, n: u64) -> Duration {
-        if self.rate <= 0.0 {
+        let mut b = self.bucket.lock();
+        if b.rate <= 0.0 {
             return Duration::ZERO;
         }
-        let mut b = self.bucket.lock();
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
         b.last = now;
-        b.tokens = (b.tokens + elapsed * self.rate).min(self.capacity);
+        b.tokens = (b.tokens + elapsed * b.rate).min(b.capacity);
         b.tokens -= n as f64;
         if b.tokens >= 0.0 {
             Duration::ZERO
         } else {
-            Duration::from_secs_f64(-b.tokens / self.rate)
+            Duration::from_secs_f64(-b.tokens / b.rate)
+        }
+    }
+
+    /// Take `n` bytes only from credit already accrued (never into debt
+    /// beyond what a full bucket allows): `Ok` if taken, else how long until
+    /// enough credit (`min(n, capacity)`) will have accrued. Lower-priority
+    /// traffic uses this so it never makes a [`RateLimiter::reserve`]
+    /// caller wait for bytes granted ahead of time.
+    pub fn take_from_credit(&self, n: u64) -> Result<(), Duration> {
+        let mut b = self.bucket.lock();
+        if b.rate <= 0.0 {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
+        b.last = now;
+        b.tokens = (b.tokens + elapsed * b.rate).min(b.capacity);
+        let need = (n as f64).min(b.capacity);
+        if b.tokens >= need {
+            b.tokens -= n as f64;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((need - b.tokens) / b.rate))
         }
     }
 
