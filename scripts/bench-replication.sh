@@ -19,6 +19,11 @@
 #    `--every continuous`; lag_secs sampled every 0.5 s; p50/p99/max.
 #    Target: continuous p99 <= 5 s.
 #
+# "On the wire" is what each tool's sockets carried: for vdrep the UDP
+# payload bytes its QUIC connections sent (status `wire_bytes_sent`: data,
+# QUIC headers, retransmissions), for rsync its own sent-bytes count (TCP
+# payload).
+#
 # Caches are dropped before every timed step (cold source, as for a real
 # initial copy; DROP_CACHES=0 keeps them). No assertions on time: the verdict
 # column only reports. `-I` is added to the issue's rsync delta command so
@@ -259,7 +264,7 @@ for run in $(seq 1 "$RUNS"); do
         t1=$(now)
         cs1=$(cpu_secs "$SENDER_PID"); cr1=$(cpu_secs "$RECV_PID")
         rec initial "$kind/vdrep" "$run" secs "$(elapsed "$t0" "$t1")"
-        rec initial "$kind/vdrep" "$run" wire "$(vm_field bytes_sent)"
+        rec initial "$kind/vdrep" "$run" wire "$(vm_field wire_bytes_sent)"
         rec initial "$kind/vdrep" "$run" cpu_sender "$(elapsed "$cs0" "$cs1")"
         rec initial "$kind/vdrep" "$run" cpu_receiver "$(elapsed "$cr0" "$cr1")"
         if [[ "$run" == 1 ]]; then   # correctness spot check (untimed)
@@ -306,7 +311,7 @@ for blk in blocks:
 os.fsync(fa); os.fsync(fb); os.close(fa); os.close(fb)
 print(f"changed {len(blocks)} of {nblk} blocks", file=sys.stderr)
 PY
-    sent0=$(vm_field bytes_sent)
+    sent0=$(vm_field wire_bytes_sent)
     drop_caches
     cs0=$(cpu_secs "$SENDER_PID"); cr0=$(cpu_secs "$RECV_PID")
     st_s="" st_r=""
@@ -324,7 +329,7 @@ PY
         rec delta vdrep "$run" straced 1
     fi
     cs1=$(cpu_secs "$SENDER_PID"); cr1=$(cpu_secs "$RECV_PID")
-    sent1=$(vm_field bytes_sent)
+    sent1=$(vm_field wire_bytes_sent)
     rec delta vdrep "$run" secs "$(elapsed "$t0" "$t1")"
     rec delta vdrep "$run" wire "$((sent1 - sent0))"
     rec delta vdrep "$run" cpu_sender "$(elapsed "$cs0" "$cs1")"
@@ -367,7 +372,7 @@ for mode in ${RPO_MODES:-30s continuous}; do
     "$VDREP" sync "$VM" >>"$LOG/sync.log" 2>&1 || die "vdrep sync failed (rpo $mode)"
     pidstat -u -d -h -p "$SENDER_PID,$RECV_PID" 1 >"$LOG/pidstat-rpo-$mode.txt" 2>&1 &
     PIDSTAT_PID=$!
-    cs0=$(cpu_secs "$SENDER_PID"); cr0=$(cpu_secs "$RECV_PID"); sent0=$(vm_field bytes_sent)
+    cs0=$(cpu_secs "$SENDER_PID"); cr0=$(cpu_secs "$RECV_PID"); sent0=$(vm_field wire_bytes_sent)
     BENCH_FILE="$VSRC/disk.img" RATE="$RPO_RATE" RUNTIME="$RPO_SECS" \
         fio --output-format=json --output="$LOG/fio-rpo-$mode.json" "$REPO/benches/replication/rpo-load.fio" \
         >/dev/null 2>"$LOG/fio-rpo-$mode.err" &
@@ -392,7 +397,7 @@ PY
     wait "$FIO_PID" || say "warning: fio failed: $(tail -2 "$LOG/fio-rpo-$mode.err")"
     FIO_PID=""
     wait "$SAMPLER_PID" || true; SAMPLER_PID=""
-    cs1=$(cpu_secs "$SENDER_PID"); cr1=$(cpu_secs "$RECV_PID"); sent1=$(vm_field bytes_sent)
+    cs1=$(cpu_secs "$SENDER_PID"); cr1=$(cpu_secs "$RECV_PID"); sent1=$(vm_field wire_bytes_sent)
     kill "$PIDSTAT_PID" 2>/dev/null || true; wait "$PIDSTAT_PID" 2>/dev/null || true; PIDSTAT_PID=""
     while IFS=$'\t' read -r _ lag pend _; do
         [[ -n "$lag" ]] && rec rpo "$mode" 1 lag "$lag"
@@ -402,7 +407,7 @@ PY
     rec rpo "$mode" 1 fio_bw "$(jq '.jobs[0].write.bw_bytes' "$LOG/fio-rpo-$mode.json" 2>/dev/null || echo 0)"
     rec rpo "$mode" 1 cpu_sender "$(elapsed "$cs0" "$cs1")"
     rec rpo "$mode" 1 cpu_receiver "$(elapsed "$cr0" "$cr1")"
-    # bytes_sent restarts at 0 when `protect` restarts the VM's worker
+    # wire_bytes_sent restarts at 0 when `protect` restarts the VM's worker
     rec rpo "$mode" 1 wire "$((sent1 >= sent0 ? sent1 - sent0 : sent1))"
     # how long the backlog takes to drain once the load stops
     t0=$(now)
