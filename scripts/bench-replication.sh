@@ -18,6 +18,10 @@
 #    through the mount) for RPO_SECS per mode, `--every 30s` then
 #    `--every continuous`; lag_secs sampled every 0.5 s; p50/p99/max.
 #    Target: continuous p99 <= 5 s.
+# 4. blip: `--every continuous` under the same load; after 5 s the receiver
+#    is killed (-9) and restarted 2 s later on the same address and store.
+#    lag_secs sampled every 0.5 s from the restart on, for BLIP_SECS.
+#    Target: lag p99 <= 5 s measured from the restart (fast retries).
 #
 # "On the wire" is what each tool's sockets carried: for vdrep the UDP
 # payload bytes its QUIC connections sent (status `wire_bytes_sent`: data,
@@ -31,7 +35,7 @@
 #
 # Environment:
 #   SIZE=2G  RUNS=3  CHANGE_PCT=1  FILL_PCT=20  RPO_SECS=60  RPO_RATE=50m
-#   SECTIONS="initial delta rpo"   subset to run
+#   SECTIONS="initial delta rpo blip"   subset to run   BLIP_SECS=30
 #   RPO_MODES="30s continuous"     subset of --every modes for the RPO section
 #   BENCH_ROOT=/var/tmp/vdrep-rbench   work folder (needs ~6x SIZE free; not tmpfs)
 #   NO_BUILD=1   do not run `cargo build --release`
@@ -54,7 +58,8 @@ CHANGE_PCT="${CHANGE_PCT:-1}"
 FILL_PCT="${FILL_PCT:-20}"
 RPO_SECS="${RPO_SECS:-60}"
 RPO_RATE="${RPO_RATE:-50m}"
-SECTIONS="${SECTIONS:-initial delta rpo}"
+SECTIONS="${SECTIONS:-initial delta rpo blip}"
+BLIP_SECS="${BLIP_SECS:-30}"
 BENCH_ROOT="${BENCH_ROOT:-/var/tmp/vdrep-rbench}"
 VDREP="${VDREP:-$REPO/target/release/vdrep}"
 RESULTS_DIR="$REPO/bench-results"
@@ -193,6 +198,7 @@ keys() {
 start_receiver() { # STORE
     stop_receiver
     rm -rf "$1"; mkdir -p "$1"
+    RECV_STORE="$1"
     "$VDREP" receive --listen 127.0.0.1:0 --store "$1" --keys "$KEYS_B" --trust "$KEYS_A/site-a.crt" \
         >"$LOG/receiver.out" 2>>"$LOG/receiver.log" &
     RECV_PID=$!
@@ -415,6 +421,59 @@ PY
     rec rpo "$mode" 1 drain_secs "$(elapsed "$t0" "$(now)")"
 done
 fi
+
+# =============================================================================
+# 4. blip: the receiver killed and back 2 s later, under load
+if [[ " $SECTIONS " == *" blip "* ]]; then
+if ! is_fuse_mounted "$VSRC" || [[ -z "$RECV_PID" ]]; then
+    say "blip: setting up (untimed initial copy)"
+    umount_src; rm -rf "$VSRC"; mkdir -p "$VSRC"
+    cp "$PRISTINE/random.img" "$VSRC/disk.img"
+    start_receiver "$W/store-delta"
+    mount_src
+fi
+protect continuous
+"$VDREP" sync "$VM" >>"$LOG/sync.log" 2>&1 || die "vdrep sync failed (blip setup)"
+say "blip: fio $RPO_RATE random writes; receiver kill -9 after 5 s, back 2 s later; lag sampled for ${BLIP_SECS}s after the restart"
+BENCH_FILE="$VSRC/disk.img" RATE="$RPO_RATE" RUNTIME="$((BLIP_SECS + 8))" \
+    fio --output-format=json --output="$LOG/fio-blip.json" "$REPO/benches/replication/rpo-load.fio" \
+    >/dev/null 2>"$LOG/fio-blip.err" &
+FIO_PID=$!
+sleep 5
+retries0="$(vm_field retries)"
+kill -9 "$RECV_PID" 2>/dev/null || true; wait "$RECV_PID" 2>/dev/null || true
+sleep 2
+"$VDREP" receive --listen "$RECV_ADDR" --store "$RECV_STORE" --keys "$KEYS_B" --trust "$KEYS_A/site-a.crt" \
+    >"$LOG/receiver-blip.out" 2>>"$LOG/receiver.log" &
+RECV_PID=$!
+for _ in $(seq 100); do grep -q '^listening on' "$LOG/receiver-blip.out" 2>/dev/null && break; sleep 0.1; done
+grep -q '^listening on' "$LOG/receiver-blip.out" || die "the receiver did not come back on $RECV_ADDR"
+python3 - "$VDREP" "$VSRC" "$VM" "$BLIP_SECS" >"$LOG/lag-blip.tsv" <<'PY'
+import json, subprocess, sys, time
+vdrep, d, vm, secs = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+t0 = time.time(); nxt = t0
+while time.time() < t0 + secs:
+    try:
+        s = json.loads(subprocess.run([vdrep, "status", d, "--json"], capture_output=True, text=True, timeout=5).stdout)
+        v = [r for r in s.get("replication", []) if r["vm"] == vm][0]
+        lag = v.get("lag_secs")
+        print(f"{time.time() - t0:.2f}\t{'' if lag is None else f'{lag:.3f}'}\t{v.get('state')}", flush=True)
+    except Exception as e:
+        print(f"{time.time() - t0:.2f}\t\terror:{e}", flush=True)
+    nxt += 0.5
+    time.sleep(max(0.0, nxt - time.time()))
+PY
+wait "$FIO_PID" || say "warning: fio failed: $(tail -2 "$LOG/fio-blip.err")"
+FIO_PID=""
+while IFS=$'\t' read -r _ lag _; do
+    [[ -n "$lag" ]] && rec blip continuous 1 lag "$lag"
+done <"$LOG/lag-blip.tsv"
+rec blip continuous 1 samples "$(wc -l <"$LOG/lag-blip.tsv")"
+rec blip continuous 1 retries "$(( $(vm_field retries) - retries0 ))"
+normal_at="$(awk -F'\t' '$3 == "Normal" && $2 != "" && $2 < 5 {print $1; exit}' "$LOG/lag-blip.tsv")"
+rec blip continuous 1 recovered_secs "${normal_at:-$BLIP_SECS}"
+"$VDREP" sync "$VM" >>"$LOG/sync.log" 2>&1 || say "warning: sync after the blip failed"
+fi
 umount_src; stop_receiver
 
 # =============================================================================
@@ -505,6 +564,15 @@ if any(k[0] == "rpo" for k in d):
     table(f"3. RPO under load: fio {rpo_rate}/s random writes 4k-64k O_DIRECT through the mount, {rpo_secs} s per mode, lag_secs sampled every 0.5 s",
           ["mode", "samples with a point", "lag p50 s", "lag p99 s", "lag max s", "pending p50 MB", "pending max MB",
            "fio MB/s achieved", "sent MB/s", "CPU sender / receiver", "drain s (sync after load)", "target p99 <= 5 s"], rows)
+if any(k[0] == "blip" for k in d):
+    lags = d.get(("blip", "continuous", "lag"), [])
+    p50, p99, mx = pctl(lags, 50), pctl(lags, 99), (max(lags) if lags else None)
+    verdict = "PASS" if p99 is not None and p99 <= 5 else "MISS"
+    table("4. Blip: receiver kill -9, back 2 s later, under the RPO load (--every continuous); lag from the restart on",
+          ["samples with a point", "lag p50 s", "lag p99 s", "lag max s", "retries", "back to Normal, lag < 5 s, after s", "target p99 <= 5 s"],
+          [[f"{len(lags)}/{int(med('blip', 'continuous', 'samples') or 0)}", f1(p50, 1), f1(p99, 1), f1(mx, 1),
+            f"{int(med('blip', 'continuous', 'retries') or 0)}", f1(med("blip", "continuous", "recovered_secs"), 1), verdict]])
+    js["blip"] = {"p50": p50, "p99": p99, "max": mx, "samples": len(lags)}
 text = "\n".join(out) + "\n"
 print(text)
 open(base + ".md", "w").write(text)
