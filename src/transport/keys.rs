@@ -271,6 +271,17 @@ impl Identity {
         self.key.clone_key()
     }
 
+    /// The key a receiver's QUIC endpoint signs stateless resets with,
+    /// derived from the private key, so it is the same after a restart: a
+    /// restarted receiver then answers packets of connections it lost with a
+    /// reset the sender accepts, and the sender reconnects at once instead
+    /// of waiting for a timeout.
+    pub fn stateless_reset_key(&self) -> ring::hmac::Key {
+        let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, self.key.secret_der());
+        let tag = ring::hmac::sign(&k, b"vdrep QUIC stateless reset key v1");
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, tag.as_ref())
+    }
+
     /// Generate an identity in memory (tests, tools): same parameters as
     /// [`init`], nothing written.
     pub fn generate(name: &str) -> Result<Self, TransportError> {

@@ -244,13 +244,19 @@ fn bind_socket(addr: SocketAddr, tuning: &Tuning) -> Result<std::net::UdpSocket,
     Ok(sock.into())
 }
 
+/// `reset_key`: the key stateless resets are signed with (a server passes
+/// [`Identity::stateless_reset_key`], stable across restarts); `None`: random.
 fn endpoint_on(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
     tuning: &Tuning,
+    reset_key: Option<ring::hmac::Key>,
 ) -> Result<quinn::Endpoint, TransportError> {
     let sock = bind_socket(addr, tuning)?;
-    let mut config = quinn::EndpointConfig::default();
+    let mut config = match reset_key {
+        Some(k) => quinn::EndpointConfig::new(Arc::new(k)),
+        None => quinn::EndpointConfig::default(),
+    };
     config
         .max_udp_payload_size(tuning.max_udp_payload.clamp(1200, 65_527))
         .map_err(|e| TransportError::Config(format!("max UDP payload: {e}")))?;
@@ -278,7 +284,7 @@ pub fn server_tuned(
     let crypto = server_crypto(id, trust)?;
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     sc.transport_config(Arc::new(tuning.transport_config()?));
-    endpoint_on(listen, Some(sc), tuning)
+    endpoint_on(listen, Some(sc), tuning, Some(id.stateless_reset_key()))
 }
 
 /// Replace a running server endpoint's identity and trust store (e.g. after
@@ -315,11 +321,11 @@ pub fn client_tuned(
     let mut cc = quinn::ClientConfig::new(Arc::new(crypto));
     cc.transport_config(Arc::new(tuning.transport_config()?));
     let mut ep = match bind {
-        Some(addr) => endpoint_on(addr, None, tuning)?,
+        Some(addr) => endpoint_on(addr, None, tuning, None)?,
         // Dual-stack [::]:0 reaches IPv4 and IPv6 receivers; fall back to
         // 0.0.0.0:0 where IPv6 is disabled.
-        None => endpoint_on(SocketAddr::from(([0u16; 8], 0)), None, tuning)
-            .or_else(|_| endpoint_on(SocketAddr::from(([0, 0, 0, 0], 0)), None, tuning))?,
+        None => endpoint_on(SocketAddr::from(([0u16; 8], 0)), None, tuning, None)
+            .or_else(|_| endpoint_on(SocketAddr::from(([0, 0, 0, 0], 0)), None, tuning, None))?,
     };
     ep.set_default_client_config(cc);
     Ok(ep)
