@@ -519,8 +519,18 @@ impl World {
         self.drain();
     }
 
+    /// Perform one store action: in order within a connection, but a dead
+    /// connection's actions may lag behind the new one's (its tasks are
+    /// still running at the receiver).
     fn run_store(&mut self) {
-        let Some((conn, a)) = self.store_q.pop_front() else {
+        if self.store_q.is_empty() {
+            return;
+        }
+        let pick = self.store_q[self.rng.below(self.store_q.len() as u64) as usize].0;
+        let Some(i) = self.store_q.iter().position(|(c, _)| *c == pick) else {
+            return;
+        };
+        let Some((conn, a)) = self.store_q.remove(i) else {
             return;
         };
         let done = self.store.perform(conn, a);

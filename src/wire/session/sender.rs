@@ -394,6 +394,11 @@ impl Sender {
         match ev {
             Event::Data { stream, bytes } => {
                 let Some(s) = self.streams.get_mut(&stream) else {
+                    if stream.0 < self.next_stream {
+                        // A stream we are done with (answered, or given
+                        // up on): what is still in flight does not matter.
+                        return;
+                    }
                     // The receiver never opens streams.
                     self.close(SessionError::Violation {
                         stream,
