@@ -275,7 +275,9 @@ impl World {
 
     fn sender_output(&mut self, o: Output<SenderAction>) {
         match o {
-            Output::Send { stream, bytes } => self.push(Dir::ToReceiver, stream, Payload::Data(bytes)),
+            Output::Send { stream, bytes } => {
+                self.push(Dir::ToReceiver, stream, Payload::Data(bytes))
+            }
             Output::Finish(s) => self.push(Dir::ToReceiver, s, Payload::Fin),
             Output::Reset(s) => self.push(Dir::ToReceiver, s, Payload::Reset),
             Output::Close(e) => {
@@ -289,7 +291,11 @@ impl World {
     }
 
     fn disk_index(&self, id: &[u8; 16]) -> usize {
-        self.vm.ids.iter().position(|x| x == id).unwrap_or(usize::MAX)
+        self.vm
+            .ids
+            .iter()
+            .position(|x| x == id)
+            .unwrap_or(usize::MAX)
     }
 
     fn sender_action(&mut self, a: SenderAction) {
@@ -561,10 +567,14 @@ impl World {
             for (d, id) in self.vm.ids.iter().enumerate() {
                 match self.store.disks.get(id).and_then(|r| r.history.get(c)) {
                     None => {
-                        bad = Some(format!("point {c} committed, but disk {d} never reached it"));
+                        bad = Some(format!(
+                            "point {c} committed, but disk {d} never reached it"
+                        ));
                     }
                     Some(img) if *img != snap[d] => {
-                        bad = Some(format!("point {c}: the replica of disk {d} differs from the cut"));
+                        bad = Some(format!(
+                            "point {c}: the replica of disk {d} differs from the cut"
+                        ));
                     }
                     _ => {}
                 }
@@ -585,7 +595,9 @@ impl World {
                 .get(&id)
                 .is_some_and(|r| r.history.contains_key(&c) || r.logs.contains_key(&c));
             if !kept {
-                self.violate(format!("{when}: log {c} of disk {d} was acknowledged and is lost"));
+                self.violate(format!(
+                    "{when}: log {c} of disk {d} was acknowledged and is lost"
+                ));
             }
         }
     }
@@ -627,7 +639,10 @@ impl World {
                         _ => {
                             let at = 5 + self.rng.below(b.len() as u64 - 5) as usize;
                             b[at] ^= 1 << self.rng.below(8);
-                            self.note(format!("flipped a bit of a log chunk on stream {}", stream.0));
+                            self.note(format!(
+                                "flipped a bit of a log chunk on stream {}",
+                                stream.0
+                            ));
                         }
                     }
                 }
@@ -709,7 +724,9 @@ impl World {
         if r == 0 {
             return;
         }
-        let Some(s) = self.sender.as_mut() else { return };
+        let Some(s) = self.sender.as_mut() else {
+            return;
+        };
         let Ok(stream) = s.start_compare(self.vm.ids[d], r) else {
             return;
         };

@@ -225,26 +225,22 @@ impl Store {
         self.staging.clear();
         let ids: Vec<DiskId> = self.disks.keys().copied().collect();
         for id in ids {
-            loop {
-                let Some(r) = self.disks.get(&id) else { break };
-                let next = r
-                    .logs
-                    .iter()
-                    .find_map(|(c, b)| match decode_log(b) {
-                        Some((base, _, _)) if base == r.cycle && *c > r.cycle => Some(*c),
-                        _ => None,
-                    });
-                match next {
-                    Some(c) => {
-                        if let Err(e) = self.apply(id, c) {
-                            self.violations.push(format!("recovery: {}", e.message));
-                            break;
-                        }
-                    }
-                    None => break,
+            while let Some(c) = self.next_recoverable(&id) {
+                if let Err(e) = self.apply(id, c) {
+                    self.violations.push(format!("recovery: {}", e.message));
+                    break;
                 }
             }
         }
+    }
+
+    /// A durable log based on the replica's cycle, if any.
+    fn next_recoverable(&self, id: &DiskId) -> Option<u64> {
+        let r = self.disks.get(id)?;
+        r.logs.iter().find_map(|(c, b)| match decode_log(b) {
+            Some((base, _, _)) if base == r.cycle && *c > r.cycle => Some(*c),
+            _ => None,
+        })
     }
 
     fn apply(&mut self, id: DiskId, cycle: u64) -> Result<(), StoreFailure> {
@@ -413,7 +409,10 @@ impl Store {
                         }
                         Ok((r.size as u64, out))
                     }
-                    _ => Err(fail(ErrorCode::InvalidState, "the replica is at another cycle")),
+                    _ => Err(fail(
+                        ErrorCode::InvalidState,
+                        "the replica is at another cycle",
+                    )),
                 };
                 Some((op, StoreDone::Hashed(res)))
             }
@@ -421,8 +420,9 @@ impl Store {
                 Some((op, StoreDone::ResyncPrepared(Ok(()))))
             }
             ReceiverAction::MarkNeedsResync { why, .. } => {
-                self.violations
-                    .push(format!("the replica was marked for resync without cause: {why}"));
+                self.violations.push(format!(
+                    "the replica was marked for resync without cause: {why}"
+                ));
                 None
             }
             ReceiverAction::Admin { op, .. } => Some((

@@ -220,9 +220,9 @@ impl SessionError {
             SessionError::Store { retryable, .. } => ErrorKind::Store {
                 retryable: *retryable,
             },
-            SessionError::Ended(_) | SessionError::ConnectionLost | SessionError::Timeout { .. } => {
-                ErrorKind::Transport
-            }
+            SessionError::Ended(_)
+            | SessionError::ConnectionLost
+            | SessionError::Timeout { .. } => ErrorKind::Transport,
             SessionError::Source(_) => ErrorKind::Source,
             SessionError::Misuse(_) => ErrorKind::Misuse,
         }

@@ -11,10 +11,10 @@
 use std::collections::{HashMap, VecDeque};
 
 use super::{error_frame, frame, hexid, Event, Inbox, OpId, Output, SessionError, StoreFailure};
-use super::{StreamId, DiskId};
+use super::{DiskId, StreamId};
 use crate::wire::{
-    self, Ack, BlockHashReq, BlockHashes, DiskCycle, ErrorCode, InitialBegin, LogBegin,
-    LogHasher, Msg, OpenDisk, PointAck, ResyncEnd,
+    self, Ack, BlockHashReq, BlockHashes, DiskCycle, ErrorCode, InitialBegin, LogBegin, LogHasher,
+    Msg, OpenDisk, PointAck, ResyncEnd,
 };
 
 /// Who this receiver is (for `HelloOk`).
@@ -99,7 +99,11 @@ pub enum ReceiverAction {
         begin: LogBegin,
     },
     /// Bytes `offset..` of the staged log, in order.
-    StageLogData { op: OpId, offset: u64, data: Vec<u8> },
+    StageLogData {
+        op: OpId,
+        offset: u64,
+        data: Vec<u8>,
+    },
     /// The staged log verified: store it durably (fsync) →
     /// [`StoreDone::LogStored`].
     StoreLogDurably {
@@ -151,7 +155,10 @@ pub enum ReceiverAction {
     /// A site-to-site administrative request (JSON) → [`StoreDone::AdminDone`].
     Admin { op: OpId, body: String },
     /// A stream was refused with this error (for the log).
-    Refused { stream: StreamId, error: SessionError },
+    Refused {
+        stream: StreamId,
+        error: SessionError,
+    },
 }
 
 /// A disk announced on this connection.
@@ -204,7 +211,7 @@ enum RState {
 }
 
 /// The running hash of a log being received.
-struct Hasher(LogHasher);
+struct Hasher(Box<LogHasher>);
 
 impl std::fmt::Debug for Hasher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -662,7 +669,7 @@ impl Receiver {
                 op,
                 begin: l,
                 next: 0,
-                hasher: Hasher(LogHasher::new()),
+                hasher: Hasher(Box::default()),
             },
         );
         Ok(())
@@ -850,7 +857,11 @@ impl Receiver {
     fn compare_msg(&mut self, sid: StreamId, msg: Msg) -> Result<(), SessionError> {
         match msg {
             Msg::BlockHashReq(r) => {
-                let vm = self.opened(sid, &r.disk_id, "BlockHashReq")?.open.vm.clone();
+                let vm = self
+                    .opened(sid, &r.disk_id, "BlockHashReq")?
+                    .open
+                    .vm
+                    .clone();
                 let op = self.op(sid);
                 let wait = Wait::Hashes {
                     disk_id: r.disk_id,
@@ -887,7 +898,12 @@ impl Receiver {
     }
 
     /// A store action of stream `sid` completed.
-    fn completed(&mut self, sid: StreamId, wait: Wait, done: StoreDone) -> Result<(), SessionError> {
+    fn completed(
+        &mut self,
+        sid: StreamId,
+        wait: Wait,
+        done: StoreDone,
+    ) -> Result<(), SessionError> {
         let store = SessionError::from_store;
         let mismatch = || SessionError::Misuse("a completion of another kind of action".into());
         match (wait, done) {

@@ -146,7 +146,7 @@ enum Phase {
 }
 
 /// The running hash of a log being sent.
-struct Hasher(LogHasher);
+struct Hasher(Box<LogHasher>);
 
 impl std::fmt::Debug for Hasher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -302,7 +302,9 @@ impl Sender {
         replica_cycle: u64,
     ) -> Result<StreamId, SessionError> {
         if self.phase != Phase::Ready {
-            return Err(SessionError::Misuse("compare before the session is ready".into()));
+            return Err(SessionError::Misuse(
+                "compare before the session is ready".into(),
+            ));
         }
         self.states.get(&disk_id).ok_or_else(|| {
             SessionError::Misuse(format!("compare of unknown disk {}", hexid(&disk_id)))
@@ -629,7 +631,13 @@ impl Sender {
                     }
                     return Ok(());
                 }
-                let app = matches!(job, Job::Log { app_consistent: true, .. });
+                let app = matches!(
+                    job,
+                    Job::Log {
+                        app_consistent: true,
+                        ..
+                    }
+                );
                 let initial = matches!(job, Job::Initial(_));
                 self.streams.remove(&sid);
                 self.active.remove(&a.disk_id);
@@ -768,7 +776,7 @@ impl Sender {
             let sid = self.open(SKind::Job {
                 job,
                 sent: start,
-                hasher: Hasher(LogHasher::new()),
+                hasher: Hasher(Box::default()),
                 read: None,
                 done: false,
             });
@@ -784,7 +792,9 @@ impl Sender {
     /// Ask the driver for the next bytes of the job on `sid`, or end it.
     fn read_next(&mut self, sid: StreamId) {
         let Some(SStream {
-            kind: SKind::Job { job, sent, read, .. },
+            kind: SKind::Job {
+                job, sent, read, ..
+            },
             ..
         }) = self.streams.get_mut(&sid)
         else {
@@ -886,8 +896,9 @@ impl Sender {
                     ));
                 }
                 *sent = if data.end { b.disk_size } else { end };
-                (!data.data.is_empty())
-                    .then(|| Msg::InitialChunk(InitialChunk::from_block(b.disk_id, data.offset, &data.data)))
+                (!data.data.is_empty()).then(|| {
+                    Msg::InitialChunk(InitialChunk::from_block(b.disk_id, data.offset, &data.data))
+                })
             }
         };
         if let Some(m) = msg {
