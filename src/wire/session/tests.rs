@@ -566,3 +566,95 @@ fn a_sender_refuses_garbage_from_the_receiver_without_panicking() {
             .any(|o| matches!(o, Output::Action(SenderAction::LogApplied { .. }))));
     }
 }
+
+#[test]
+fn a_replica_needing_resync_takes_only_the_log_its_compare_announced() {
+    let mut s = sender(1 << 40);
+    let mut r = receiver();
+    let log = b"healing blocks".to_vec();
+    let mut store = |a: &ReceiverAction| -> Option<(OpId, StoreDone)> {
+        match a {
+            ReceiverAction::LoadDisk { op, .. } => Some((
+                *op,
+                StoreDone::DiskLoaded(Ok(DiskStatus {
+                    replica_cycle: 5,
+                    replica_size: 1 << 20,
+                    needs_resync: Some("adopted after a failover".into()),
+                    ..DiskStatus::default()
+                })),
+            )),
+            ReceiverAction::HashBlocks { op, req, .. } => Some((
+                *op,
+                StoreDone::Hashed(Ok((1 << 20, vec![42; req.total_blocks() as usize]))),
+            )),
+            ReceiverAction::PrepareResync { op, .. } => {
+                Some((*op, StoreDone::ResyncPrepared(Ok(()))))
+            }
+            ReceiverAction::StoreLogDurably { op, .. } => {
+                Some((*op, StoreDone::LogStored(Ok(LogStored::Stored))))
+            }
+            ReceiverAction::ApplyLog { op, .. } => Some((*op, StoreDone::LogApplied(Ok(())))),
+            ReceiverAction::CommitPoint { op, .. } => {
+                Some((*op, StoreDone::PointCommitted(Ok(true))))
+            }
+            _ => None,
+        }
+    };
+    let mut read = |_: ReadWhat, offset: u64, max: usize| {
+        let e = (offset as usize + max).min(log.len());
+        ReadData {
+            offset,
+            data: log[offset as usize..e].to_vec(),
+            end: e == log.len(),
+        }
+    };
+    let seen = pump(&mut s, &mut r, &mut store, &mut read);
+    assert!(
+        matches!(seen.first(), Some(SenderAction::Ready { states }) if !states[0].needs_resync.is_empty())
+    );
+    // A delta before the compare is refused: the replica is not trusted.
+    let (begin, _) = log_msgs(6, 5, &log);
+    let job = Job::Log {
+        begin,
+        app_consistent: false,
+    };
+    s.submit(job.clone()).expect("submit");
+    let seen = pump(&mut s, &mut r, &mut store, &mut read);
+    assert!(matches!(&seen[..], [SenderAction::JobFailed { error, .. }]
+        if error.kind() == ErrorKind::Refused { retryable: true }));
+    // Compare, announce the healing log, then it is taken.
+    let c = s.start_compare(ID, 5).expect("compare");
+    let runs = vec![wire::HashRun {
+        offset: 0,
+        blocks: 3,
+    }];
+    s.request_hashes(c, 4096, runs.clone()).expect("request");
+    let seen = pump(&mut s, &mut r, &mut store, &mut read);
+    assert!(
+        matches!(&seen[..], [SenderAction::Hashes { hashes, runs: r2, .. }]
+        if *hashes == vec![42; 3] && *r2 == runs)
+    );
+    let end = wire::ResyncEnd {
+        disk_id: ID,
+        replica_cycle: 5,
+        cycle: 6,
+        blocks_compared: 3,
+        blocks_differ: 1,
+    };
+    s.finish_compare(c, Some(end)).expect("finish");
+    let seen = pump(&mut s, &mut r, &mut store, &mut read);
+    assert!(seen.contains(&SenderAction::ResyncPrepared {
+        disk_id: ID,
+        cycle: 6
+    }));
+    s.submit(job).expect("submit");
+    let seen = pump(&mut s, &mut r, &mut store, &mut read);
+    assert!(seen.contains(&SenderAction::LogApplied {
+        disk_id: ID,
+        cycle: 6
+    }));
+    assert!(seen.contains(&SenderAction::PointCommitted {
+        cycle: 6,
+        app_consistent: false
+    }));
+}
