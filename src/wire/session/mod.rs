@@ -308,6 +308,17 @@ impl Inbox {
     }
 }
 
+/// The running xxh3-128 of a log being sent or received (boxed: the
+/// hasher state is large and lives in a stream's state).
+#[derive(Default)]
+struct Hasher(Box<super::LogHasher>);
+
+impl std::fmt::Debug for Hasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Hasher({:#x})", self.0.digest128())
+    }
+}
+
 /// Encode `msg` as one frame (a message the session built itself; an
 /// error here means the driver handed in invalid fields).
 fn frame(msg: &Msg) -> Result<Vec<u8>, SessionError> {

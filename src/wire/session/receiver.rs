@@ -10,11 +10,13 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use super::{error_frame, frame, hexid, Event, Inbox, OpId, Output, SessionError, StoreFailure};
+use super::{
+    error_frame, frame, hexid, Event, Hasher, Inbox, OpId, Output, SessionError, StoreFailure,
+};
 use super::{DiskId, StreamId};
 use crate::wire::{
-    self, Ack, BlockHashReq, BlockHashes, DiskCycle, ErrorCode, InitialBegin, LogBegin, LogHasher,
-    Msg, OpenDisk, PointAck, ResyncEnd,
+    self, Ack, BlockHashReq, BlockHashes, DiskCycle, ErrorCode, InitialBegin, LogBegin, Msg,
+    OpenDisk, PointAck, ResyncEnd,
 };
 
 /// Who this receiver is (for `HelloOk`).
@@ -208,15 +210,6 @@ enum RState {
     Compare,
     /// Answered; whatever else arrives is ignored.
     Drain,
-}
-
-/// The running hash of a log being received.
-struct Hasher(Box<LogHasher>);
-
-impl std::fmt::Debug for Hasher {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Hasher({:#x})", self.0.digest128())
-    }
 }
 
 #[derive(Debug)]
@@ -669,7 +662,7 @@ impl Receiver {
                 op,
                 begin: l,
                 next: 0,
-                hasher: Hasher(Box::default()),
+                hasher: Hasher::default(),
             },
         );
         Ok(())

@@ -14,11 +14,10 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use super::{frame, hexid, Event, Inbox, Output, SessionError, StreamId};
+use super::{frame, hexid, Event, Hasher, Inbox, Output, SessionError, StreamId};
 use crate::wire::{
     self, BlockHashReq, DiskCycle, DiskId, DiskState, HashRun, InitialBegin, InitialChunk,
-    InitialEnd, LogBegin, LogChunk, LogEnd, LogHasher, Msg, OpenDisk, PointCommit, ResyncEnd,
-    MAX_DATA,
+    InitialEnd, LogBegin, LogChunk, LogEnd, Msg, OpenDisk, PointCommit, ResyncEnd, MAX_DATA,
 };
 
 /// The VM this session replicates, and how.
@@ -143,15 +142,6 @@ enum Phase {
     Opening,
     Ready,
     Closed,
-}
-
-/// The running hash of a log being sent.
-struct Hasher(Box<LogHasher>);
-
-impl std::fmt::Debug for Hasher {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Hasher({:#x})", self.0.digest128())
-    }
 }
 
 #[derive(Debug)]
@@ -776,7 +766,7 @@ impl Sender {
             let sid = self.open(SKind::Job {
                 job,
                 sent: start,
-                hasher: Hasher(Box::default()),
+                hasher: Hasher::default(),
                 read: None,
                 done: false,
             });
