@@ -17,8 +17,8 @@ use vdrep::wire::session::{
     ReceiverConfig, Sender, SenderAction, SenderConfig, StoreDone, StoreFailure, StreamId,
 };
 use vdrep::wire::{
-    decode, encode, DiskKind, ErrorCode, Hello, LogBegin, LogHasher, Msg, OpenDisk,
-    PROTOCOL_VERSION,
+    decode, encode, Ack, DiskKind, DiskState, ErrorCode, Hello, HelloOk, LogBegin, LogChunk,
+    LogEnd, LogHasher, Msg, OpenDisk, PointAck, PROTOCOL_VERSION,
 };
 
 const ID: [u8; 16] = [7; 16];
@@ -107,7 +107,11 @@ impl Store {
             } => {
                 let (c, bytes) = self.staged.remove(&op).expect("a staged log");
                 assert_eq!(c, cycle);
-                assert_eq!(hash(&bytes), log_checksum, "an unverified log reached the store");
+                assert_eq!(
+                    hash(&bytes),
+                    log_checksum,
+                    "an unverified log reached the store"
+                );
                 if fail {
                     self.pending.push((op, StoreDone::LogStored(Err(err()))));
                 } else {
@@ -125,7 +129,8 @@ impl Store {
                 self.pending.push((op, StoreDone::LogApplied(Ok(()))));
             }
             ReceiverAction::CommitPoint { op, .. } => {
-                self.pending.push((op, StoreDone::PointCommitted(Ok(!fail))));
+                self.pending
+                    .push((op, StoreDone::PointCommitted(Ok(!fail))));
             }
             ReceiverAction::HashBlocks { op, req, .. } => {
                 let n = req.total_blocks() as usize;
@@ -163,29 +168,99 @@ fn receiver(cmds: &[(u8, u64, &[u8])]) {
         software_version: "fuzz".into(),
     });
     encode(&hello, &mut start).expect("hello encodes");
-    r.handle(0, Event::Data { stream: StreamId(100), bytes: &start });
+    r.handle(
+        0,
+        Event::Data {
+            stream: StreamId(100),
+            bytes: &start,
+        },
+    );
     start.clear();
     encode(&Msg::OpenDisk(open()), &mut start).expect("open encodes");
-    r.handle(0, Event::Data { stream: StreamId(101), bytes: &start });
+    r.handle(
+        0,
+        Event::Data {
+            stream: StreamId(101),
+            bytes: &start,
+        },
+    );
     let mut now = 0;
-    for &(op, stream, bytes) in cmds {
+    // Per stream: the cycle of the log begun on it and the bytes sent.
+    let mut logs: HashMap<u64, (u64, Vec<u8>)> = HashMap::new();
+    for &(op, sid, bytes) in cmds {
         now += 1;
-        let stream = StreamId(stream);
-        match op % 8 {
-            0..=3 => r.handle(now, Event::Data { stream, bytes }),
-            4 => r.handle(now, Event::Finished(stream)),
-            5 => r.handle(now, Event::Reset(stream)),
-            6 => {
+        let stream = StreamId(sid);
+        let b = |i: usize| bytes.get(i).copied().unwrap_or(0);
+        match op % 10 {
+            0..=2 => r.handle(now, Event::Data { stream, bytes }),
+            3 => r.handle(now, Event::Finished(stream)),
+            4 => r.handle(now, Event::Reset(stream)),
+            5 => {
                 if !store.pending.is_empty() {
-                    let i = bytes.first().copied().unwrap_or(0) as usize % store.pending.len();
+                    let i = b(0) as usize % store.pending.len();
                     let (o, d) = store.pending.remove(i);
                     r.complete(now, o, d);
                 }
             }
-            _ => {
-                if bytes.first() == Some(&0xff) {
+            6 => {
+                if b(0) == 0xff {
                     r.handle(now, Event::ConnectionLost);
                 }
+            }
+            // Well-formed log messages with fuzzed fields, so that the
+            // fuzzer reaches logs that verify and logs that almost do.
+            7 => {
+                let cycle = 4 + u64::from(b(0) % 4);
+                let base = if b(1) % 4 == 0 {
+                    u64::from(b(1))
+                } else {
+                    cycle - 1
+                };
+                let begin = LogBegin {
+                    disk_id: ID,
+                    disk_name: "d0.img".into(),
+                    cycle,
+                    base_cycle: base.min(cycle - 1),
+                    block_size: 4096,
+                    base_size: 1 << 20,
+                    disk_size: 1 << 20,
+                    cut_unix_ns: 0,
+                    total_len: 1 + u64::from(b(2) % 32),
+                };
+                logs.insert(sid, (cycle, Vec::new()));
+                send(&mut r, now, stream, &Msg::LogBegin(begin));
+            }
+            8 => {
+                let (cycle, sent) = logs.entry(sid).or_default();
+                let data = bytes.get(1..).unwrap_or_default().to_vec();
+                let offset = if b(0) % 8 == 0 {
+                    u64::from(b(0))
+                } else {
+                    sent.len() as u64
+                };
+                sent.extend_from_slice(&data);
+                let c = LogChunk {
+                    disk_id: ID,
+                    cycle: *cycle,
+                    offset_in_log: offset,
+                    data,
+                };
+                send(&mut r, now, stream, &Msg::LogChunk(c));
+            }
+            _ => {
+                let (cycle, sent) = logs.remove(&sid).unwrap_or_default();
+                let good = hash(&sent);
+                let e = LogEnd {
+                    disk_id: ID,
+                    cycle,
+                    total_len: if b(0) % 8 == 1 {
+                        u64::from(b(1))
+                    } else {
+                        sent.len() as u64
+                    },
+                    log_checksum: if b(0) % 8 == 2 { good ^ 1 } else { good },
+                };
+                send(&mut r, now, stream, &Msg::LogEnd(e));
             }
         }
         while let Some(o) = r.poll() {
@@ -205,6 +280,14 @@ fn receiver(cmds: &[(u8, u64, &[u8])]) {
                 _ => {}
             }
         }
+    }
+}
+
+/// Feed one encoded message (nothing if the fields do not encode).
+fn send(r: &mut Receiver, now: u64, stream: StreamId, msg: &Msg) {
+    let mut b = Vec::new();
+    if encode(msg, &mut b).is_ok() {
+        r.handle(now, Event::Data { stream, bytes: &b });
     }
 }
 
@@ -240,16 +323,53 @@ fn sender(cmds: &[(u8, u64, &[u8])]) {
     for &(op, stream, bytes) in cmds {
         now += 1;
         let stream = StreamId(stream);
-        match op % 6 {
+        let b = |i: usize| bytes.get(i).copied().unwrap_or(0);
+        match op % 7 {
             0..=2 => s.handle(now, Event::Data { stream, bytes }),
             3 => s.handle(now, Event::Finished(stream)),
             4 => s.handle(now, Event::Reset(stream)),
-            _ => s.handle(now, Event::Tick),
+            5 => s.handle(now, Event::Tick),
+            // Well-formed answers with fuzzed fields.
+            _ => {
+                let cycle = u64::from(b(1) % 8);
+                let msg = match b(0) % 4 {
+                    0 => Msg::HelloOk(HelloOk {
+                        protocol_version: PROTOCOL_VERSION,
+                        site_name: "secondary".into(),
+                        software_version: "fuzz".into(),
+                        store_free: 0,
+                    }),
+                    1 => Msg::DiskState(DiskState {
+                        disk_id: ID,
+                        replica_cycle: cycle,
+                        replica_size: 1 << 20,
+                        copy_cycle: 0,
+                        resume_offset: 0,
+                        needs_resync: String::new(),
+                    }),
+                    2 => Msg::Ack(Ack {
+                        disk_id: ID,
+                        cycle,
+                        durable: b(2) & 1 != 0,
+                        applied: b(2) & 2 != 0,
+                    }),
+                    _ => Msg::PointAck(PointAck {
+                        vm: "vm1".into(),
+                        cycle,
+                    }),
+                };
+                let mut e = Vec::new();
+                if encode(&msg, &mut e).is_ok() {
+                    s.handle(now, Event::Data { stream, bytes: &e });
+                }
+            }
         }
         while let Some(o) = s.poll() {
             if let Output::Action(a) = o {
                 match a {
-                    SenderAction::Read { id, offset, max, .. } => {
+                    SenderAction::Read {
+                        id, offset, max, ..
+                    } => {
                         let st = (offset as usize).min(LOG.len());
                         let e = (st + max).min(LOG.len());
                         s.complete_read(
