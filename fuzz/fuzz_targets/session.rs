@@ -184,9 +184,19 @@ fn receiver(cmds: &[(u8, u64, &[u8])]) {
             bytes: &start,
         },
     );
+    while let Some(o) = r.poll() {
+        if let Output::Action(a) = o {
+            store.perform(a, false);
+        }
+    }
+    for (o, d) in std::mem::take(&mut store.pending) {
+        r.complete(0, o, d);
+    }
     let mut now = 0;
     // Per stream: the cycle of the log begun on it and the bytes sent.
-    let mut logs: HashMap<u64, (u64, Vec<u8>)> = HashMap::new();
+    // Per stream: the cycle and length of the log begun on it, and the
+    // bytes sent of it.
+    let mut logs: HashMap<u64, (u64, usize, Vec<u8>)> = HashMap::new();
     for &(op, sid, bytes) in cmds {
         now += 1;
         let stream = StreamId(sid);
@@ -210,7 +220,8 @@ fn receiver(cmds: &[(u8, u64, &[u8])]) {
             // Well-formed log messages with fuzzed fields, so that the
             // fuzzer reaches logs that verify and logs that almost do.
             7 => {
-                let cycle = 4 + u64::from(b(0) % 4);
+                // Mostly 6 (the replica is at 5), sometimes a resend or a gap.
+                let cycle = [6, 6, 5, 7][usize::from(b(0) % 4)];
                 let base = if b(1) % 4 == 0 {
                     u64::from(b(1))
                 } else {
@@ -227,15 +238,19 @@ fn receiver(cmds: &[(u8, u64, &[u8])]) {
                     cut_unix_ns: 0,
                     total_len: 1 + u64::from(b(2) % 32),
                 };
-                logs.insert(sid, (cycle, Vec::new()));
+                logs.insert(sid, (cycle, begin.total_len as usize, Vec::new()));
                 send(&mut r, now, stream, &Msg::LogBegin(begin));
             }
             8 => {
-                let (cycle, sent) = logs.entry(sid).or_default();
-                let data = bytes.get(1..).unwrap_or_default().to_vec();
+                let (cycle, total, sent) = logs.entry(sid).or_default();
+                let mut data = bytes.get(1..).unwrap_or_default().to_vec();
                 let offset = if b(0) % 8 == 0 {
                     u64::from(b(0))
                 } else {
+                    // Mostly the rest of the log, from the fuzzed bytes.
+                    if b(0) % 2 == 1 {
+                        data.resize(total.saturating_sub(sent.len()).max(1), 0);
+                    }
                     sent.len() as u64
                 };
                 sent.extend_from_slice(&data);
@@ -248,7 +263,7 @@ fn receiver(cmds: &[(u8, u64, &[u8])]) {
                 send(&mut r, now, stream, &Msg::LogChunk(c));
             }
             _ => {
-                let (cycle, sent) = logs.remove(&sid).unwrap_or_default();
+                let (cycle, _, sent) = logs.remove(&sid).unwrap_or_default();
                 let good = hash(&sent);
                 let e = LogEnd {
                     disk_id: ID,
