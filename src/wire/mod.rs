@@ -108,6 +108,7 @@ use crate::hrl::Encoding;
 mod codec;
 mod io;
 mod names;
+pub mod session;
 
 pub use codec::{decode, encode, MsgType};
 pub use io::{

@@ -1,0 +1,1074 @@
+//! The receiver's end of a replication conversation (see the parent module).
+//!
+//! Each stream the sender opens carries one operation, decided by its first
+//! message: `Hello`, `OpenDisk`, an initial copy, one log, a point commit, a
+//! checksum compare or an administrative request. The receiver answers on
+//! the same stream and finishes it. A log is staged while it arrives,
+//! verified (offsets, length, xxh3-128 of the whole log), then stored
+//! durably, acknowledged `durable`, applied and acknowledged `applied`; a
+//! log that does not verify is discarded and refused.
+
+use std::collections::{HashMap, VecDeque};
+
+use super::{
+    error_frame, frame, hexid, Event, Hasher, Inbox, OpId, Output, SessionError, StoreFailure,
+};
+use super::{DiskId, StreamId};
+use crate::wire::{
+    self, Ack, BlockHashReq, BlockHashes, DiskCycle, ErrorCode, InitialBegin, LogBegin, Msg,
+    OpenDisk, PointAck, ResyncEnd,
+};
+
+/// Who this receiver is (for `HelloOk`).
+#[derive(Debug, Clone)]
+pub struct ReceiverConfig {
+    pub site_name: String,
+    pub software_version: String,
+    /// Free bytes in the store, reported in `HelloOk` (0: unknown).
+    pub store_free: u64,
+}
+
+/// The store's view of one disk's replica (answers `LoadDisk`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DiskStatus {
+    /// Cycle the replica is consistent at (0: none).
+    pub replica_cycle: u64,
+    pub replica_size: u64,
+    /// Unfinished initial copy: its cycle and durable resume offset.
+    pub copy_cycle: u64,
+    pub resume_offset: u64,
+    /// Some: the replica is not trusted (the reason); only a resync heals it.
+    pub needs_resync: Option<String>,
+}
+
+/// Outcome of storing a log durably.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogStored {
+    /// Stored; apply it next.
+    Stored,
+    /// The replica is already at or past this cycle (a resend).
+    AlreadyApplied,
+}
+
+/// A completed store action, handed to [`Receiver::complete`] with its op.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreDone {
+    DiskLoaded(Result<DiskStatus, StoreFailure>),
+    /// The offset the initial copy resumes at (0: from the start).
+    InitialBegun(Result<u64, StoreFailure>),
+    InitialFinished(Result<(), StoreFailure>),
+    LogStored(Result<LogStored, StoreFailure>),
+    LogApplied(Result<(), StoreFailure>),
+    /// `false`: not every listed disk reached the cycle.
+    PointCommitted(Result<bool, StoreFailure>),
+    /// The replica's size and one digest per requested block.
+    Hashed(Result<(u64, Vec<u128>), StoreFailure>),
+    ResyncPrepared(Result<(), StoreFailure>),
+    AdminDone(Result<String, StoreFailure>),
+}
+
+/// What the receiver asks its driver (the store) to do, or reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReceiverAction {
+    /// Look up the replica of a disk → [`StoreDone::DiskLoaded`].
+    LoadDisk { op: OpId, open: OpenDisk },
+    /// Start or resume an initial copy → [`StoreDone::InitialBegun`].
+    BeginInitial {
+        op: OpId,
+        open: OpenDisk,
+        begin: InitialBegin,
+    },
+    /// Disk bytes of the initial copy (already expanded); failures surface
+    /// at `FinishInitial`.
+    WriteInitial {
+        vm: String,
+        disk_id: DiskId,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// The copy is complete: the replica is at `cycle` once this is durable
+    /// → [`StoreDone::InitialFinished`].
+    FinishInitial {
+        op: OpId,
+        vm: String,
+        disk_id: DiskId,
+        cycle: u64,
+    },
+    /// A log starts arriving: stage it (not yet durable, not visible).
+    StageLog {
+        op: OpId,
+        vm: String,
+        begin: LogBegin,
+    },
+    /// Bytes `offset..` of the staged log, in order.
+    StageLogData {
+        op: OpId,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// The staged log verified: store it durably (fsync) →
+    /// [`StoreDone::LogStored`].
+    StoreLogDurably {
+        op: OpId,
+        vm: String,
+        disk_id: DiskId,
+        cycle: u64,
+        log_checksum: u128,
+    },
+    /// Forget the staged log (it did not verify, or the stream died).
+    DiscardLog { op: OpId },
+    /// Apply the durable log of `cycle` to the replica, if the replica is at
+    /// its base (else it is already applied, or out of order) →
+    /// [`StoreDone::LogApplied`].
+    ApplyLog {
+        op: OpId,
+        vm: String,
+        disk_id: DiskId,
+        cycle: u64,
+    },
+    /// Record a recovery point if every listed disk reached `cycle` →
+    /// [`StoreDone::PointCommitted`].
+    CommitPoint {
+        op: OpId,
+        vm: String,
+        cycle: u64,
+        app_consistent: bool,
+        disks: Vec<DiskCycle>,
+    },
+    /// Digest the requested blocks of the replica → [`StoreDone::Hashed`].
+    HashBlocks {
+        op: OpId,
+        vm: String,
+        req: BlockHashReq,
+    },
+    /// A resync compare ended: accept the log of `end.cycle` →
+    /// [`StoreDone::ResyncPrepared`].
+    PrepareResync {
+        op: OpId,
+        vm: String,
+        end: ResyncEnd,
+    },
+    /// The replica can only be healed by a resync (a log out of order).
+    MarkNeedsResync {
+        vm: String,
+        disk_id: DiskId,
+        why: String,
+    },
+    /// A site-to-site administrative request (JSON) → [`StoreDone::AdminDone`].
+    Admin { op: OpId, body: String },
+    /// A stream was refused with this error (for the log).
+    Refused {
+        stream: StreamId,
+        error: SessionError,
+    },
+}
+
+/// A disk announced on this connection.
+#[derive(Debug)]
+struct RDisk {
+    open: OpenDisk,
+    status: DiskStatus,
+    /// The stream of the initial copy or log in progress.
+    busy: Option<StreamId>,
+    /// The log a finished resync compare announced.
+    resync_cycle: Option<u64>,
+}
+
+/// What a stream waits for.
+#[derive(Debug)]
+enum Wait {
+    Load(OpenDisk),
+    InitialBegin(InitialBegin),
+    InitialEnd { disk_id: DiskId, cycle: u64 },
+    Stored(LogBegin),
+    Applied(LogBegin),
+    Point { vm: String, cycle: u64 },
+    Hashes { disk_id: DiskId, blocks: u64 },
+    Resync(ResyncEnd),
+    Admin,
+}
+
+#[derive(Debug)]
+enum RState {
+    /// Waiting for the first message.
+    Start,
+    /// Waiting for a store completion; bytes stay undecoded meanwhile.
+    Await(OpId, Wait),
+    Initial {
+        disk_id: DiskId,
+        cycle: u64,
+        disk_size: u64,
+        next: u64,
+    },
+    Log {
+        op: OpId,
+        begin: LogBegin,
+        next: u64,
+        hasher: Hasher,
+    },
+    /// A checksum compare: `BlockHashReq`s and a `ResyncEnd`.
+    Compare,
+    /// Answered; whatever else arrives is ignored.
+    Drain,
+}
+
+#[derive(Debug)]
+struct RStream {
+    inbox: Inbox,
+    st: RState,
+    peer_fin: bool,
+}
+
+/// The receiver's end of one connection.
+#[derive(Debug)]
+pub struct Receiver {
+    cfg: ReceiverConfig,
+    hello: bool,
+    closed: bool,
+    streams: HashMap<StreamId, RStream>,
+    disks: HashMap<DiskId, RDisk>,
+    ops: HashMap<OpId, StreamId>,
+    next_op: u64,
+    out: VecDeque<Output<ReceiverAction>>,
+}
+
+impl Receiver {
+    pub fn new(cfg: ReceiverConfig) -> Self {
+        Receiver {
+            cfg,
+            hello: false,
+            closed: false,
+            streams: HashMap::new(),
+            disks: HashMap::new(),
+            ops: HashMap::new(),
+            next_op: 1,
+            out: VecDeque::new(),
+        }
+    }
+
+    /// The next output, if any.
+    pub fn poll(&mut self) -> Option<Output<ReceiverAction>> {
+        self.out.pop_front()
+    }
+
+    /// The receiver keeps no timers (the sender drives the conversation).
+    pub fn poll_timeout(&self) -> Option<u64> {
+        None
+    }
+
+    /// True once the connection is over.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// False while the stream waits for a store completion: the driver may
+    /// stop reading it (flow control) until the completion is in.
+    pub fn wants_data(&self, stream: StreamId) -> bool {
+        !matches!(
+            self.streams.get(&stream).map(|s| &s.st),
+            Some(RState::Await(..))
+        )
+    }
+
+    /// Feed an event of the connection.
+    pub fn handle(&mut self, _now: u64, ev: Event<'_>) {
+        if self.closed {
+            return;
+        }
+        match ev {
+            Event::Data { stream, bytes } => {
+                let s = self.streams.entry(stream).or_insert_with(|| RStream {
+                    inbox: Inbox::default(),
+                    st: RState::Start,
+                    peer_fin: false,
+                });
+                if s.peer_fin || matches!(s.st, RState::Drain) {
+                    return;
+                }
+                s.inbox.push(bytes);
+                self.pump(stream);
+            }
+            Event::Finished(stream) => {
+                if let Some(s) = self.streams.get_mut(&stream) {
+                    s.peer_fin = true;
+                    self.pump(stream);
+                    self.forget_if_done(stream);
+                }
+            }
+            Event::Reset(stream) => self.drop_stream(stream),
+            Event::ConnectionLost => {
+                let ids: Vec<StreamId> = self.streams.keys().copied().collect();
+                for id in ids {
+                    self.drop_stream(id);
+                }
+                self.closed = true;
+            }
+            Event::Tick => {}
+        }
+    }
+
+    /// Feed the completion of a store action. Completions of streams that
+    /// are gone are ignored.
+    pub fn complete(&mut self, _now: u64, op: OpId, done: StoreDone) {
+        let Some(sid) = self.ops.remove(&op) else {
+            return;
+        };
+        let Some(s) = self.streams.get_mut(&sid) else {
+            return;
+        };
+        let st = std::mem::replace(&mut s.st, RState::Drain);
+        let RState::Await(want, wait) = st else {
+            s.st = st;
+            return;
+        };
+        if want != op {
+            s.st = RState::Await(want, wait);
+            return;
+        }
+        if let Err(e) = self.completed(sid, wait, done) {
+            self.fail(sid, e);
+        }
+        self.pump(sid);
+        self.forget_if_done(sid);
+    }
+
+    fn op(&mut self, sid: StreamId) -> OpId {
+        let op = OpId(self.next_op);
+        self.next_op += 1;
+        self.ops.insert(op, sid);
+        op
+    }
+
+    fn act(&mut self, a: ReceiverAction) {
+        self.out.push_back(Output::Action(a));
+    }
+
+    fn send(&mut self, sid: StreamId, msg: &Msg) -> Result<(), SessionError> {
+        let bytes = frame(msg)?;
+        self.out.push_back(Output::Send { stream: sid, bytes });
+        Ok(())
+    }
+
+    fn set(&mut self, sid: StreamId, st: RState) {
+        if let Some(s) = self.streams.get_mut(&sid) {
+            s.st = st;
+        }
+    }
+
+    /// Forget a stream both sides are done with.
+    fn forget_if_done(&mut self, sid: StreamId) {
+        if self
+            .streams
+            .get(&sid)
+            .is_some_and(|s| s.peer_fin && matches!(s.st, RState::Drain))
+        {
+            self.streams.remove(&sid);
+        }
+    }
+
+    /// Send the last answer of a stream and finish it.
+    fn answer(&mut self, sid: StreamId, msg: &Msg) -> Result<(), SessionError> {
+        self.send(sid, msg)?;
+        self.out.push_back(Output::Finish(sid));
+        self.release(sid);
+        self.set(sid, RState::Drain);
+        Ok(())
+    }
+
+    /// The disk whose transfer `sid` carried is free again.
+    fn release(&mut self, sid: StreamId) {
+        for d in self.disks.values_mut() {
+            if d.busy == Some(sid) {
+                d.busy = None;
+            }
+        }
+    }
+
+    /// Refuse the stream: discard what it staged, answer `Error`, finish.
+    fn fail(&mut self, sid: StreamId, e: SessionError) {
+        let Some(s) = self.streams.get_mut(&sid) else {
+            return;
+        };
+        let st = std::mem::replace(&mut s.st, RState::Drain);
+        s.inbox.clear();
+        if let RState::Log { op, .. } = st {
+            self.act(ReceiverAction::DiscardLog { op });
+        }
+        self.release(sid);
+        self.out.push_back(Output::Send {
+            stream: sid,
+            bytes: error_frame(&e),
+        });
+        self.out.push_back(Output::Finish(sid));
+        self.act(ReceiverAction::Refused {
+            stream: sid,
+            error: e,
+        });
+    }
+
+    /// The stream is gone (reset, connection lost): discard its staging.
+    fn drop_stream(&mut self, sid: StreamId) {
+        if let Some(s) = self.streams.remove(&sid) {
+            if let RState::Log { op, .. } = s.st {
+                self.act(ReceiverAction::DiscardLog { op });
+            }
+        }
+        self.ops.retain(|_, s| *s != sid);
+        self.release(sid);
+    }
+
+    /// Decode and handle what the stream holds, as far as it can go.
+    fn pump(&mut self, sid: StreamId) {
+        loop {
+            let Some(s) = self.streams.get_mut(&sid) else {
+                return;
+            };
+            match s.st {
+                RState::Await(..) | RState::Drain => return,
+                _ => {}
+            }
+            let msg = match s.inbox.next(sid) {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    if s.peer_fin {
+                        self.peer_finished(sid);
+                    }
+                    return;
+                }
+                Err(e) => {
+                    self.fail(sid, e);
+                    return;
+                }
+            };
+            if let Err(e) = self.on_msg(sid, msg) {
+                self.fail(sid, e);
+                return;
+            }
+        }
+    }
+
+    /// The peer finished the stream and every whole message was handled.
+    fn peer_finished(&mut self, sid: StreamId) {
+        let Some(s) = self.streams.get(&sid) else {
+            return;
+        };
+        let partial = !s.inbox.is_empty();
+        match s.st {
+            RState::Start | RState::Compare if !partial => {
+                self.out.push_back(Output::Finish(sid));
+                self.set(sid, RState::Drain);
+            }
+            RState::Await(..) | RState::Drain => {}
+            _ => self.fail(sid, SessionError::Ended(sid)),
+        }
+    }
+
+    fn opened(&self, sid: StreamId, id: &DiskId, what: &str) -> Result<&RDisk, SessionError> {
+        self.disks.get(id).ok_or_else(|| SessionError::Violation {
+            stream: sid,
+            what: format!("{what} for disk {} not opened with OpenDisk", hexid(id)),
+        })
+    }
+
+    fn on_msg(&mut self, sid: StreamId, msg: Msg) -> Result<(), SessionError> {
+        let st = self
+            .streams
+            .get_mut(&sid)
+            .map(|s| std::mem::replace(&mut s.st, RState::Drain));
+        match st {
+            Some(RState::Start) => self.first(sid, msg),
+            Some(RState::Initial {
+                disk_id,
+                cycle,
+                disk_size,
+                next,
+            }) => self.initial_msg(sid, msg, disk_id, cycle, disk_size, next),
+            Some(RState::Log {
+                op,
+                begin,
+                next,
+                hasher,
+            }) => self.log_msg(sid, msg, op, begin, next, hasher),
+            Some(RState::Compare) => self.compare_msg(sid, msg),
+            Some(other) => {
+                self.set(sid, other);
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// The first message of a stream decides what the stream is.
+    fn first(&mut self, sid: StreamId, msg: Msg) -> Result<(), SessionError> {
+        if !self.hello && !matches!(msg, Msg::Hello(_)) {
+            return Err(SessionError::Unexpected {
+                stream: sid,
+                expected: "Hello",
+                got: msg.name(),
+            });
+        }
+        match msg {
+            Msg::Hello(h) => {
+                if h.protocol_version != wire::PROTOCOL_VERSION {
+                    return Err(SessionError::Version {
+                        ours: wire::PROTOCOL_VERSION,
+                        theirs: h.protocol_version,
+                    });
+                }
+                self.hello = true;
+                let ok = Msg::HelloOk(wire::HelloOk {
+                    protocol_version: wire::PROTOCOL_VERSION,
+                    site_name: self.cfg.site_name.clone(),
+                    software_version: self.cfg.software_version.clone(),
+                    store_free: self.cfg.store_free,
+                });
+                // The control stream stays open for the connection.
+                self.send(sid, &ok)?;
+                self.set(sid, RState::Drain);
+                Ok(())
+            }
+            Msg::OpenDisk(o) => {
+                let op = self.op(sid);
+                self.act(ReceiverAction::LoadDisk {
+                    op,
+                    open: o.clone(),
+                });
+                self.set(sid, RState::Await(op, Wait::Load(o)));
+                Ok(())
+            }
+            Msg::InitialBegin(b) => {
+                let d = self.opened(sid, &b.disk_id, "InitialBegin")?;
+                if let Some(other) = d.busy {
+                    return Err(busy(b.disk_id, other));
+                }
+                if b.disk_size != d.open.disk_size {
+                    return Err(SessionError::Violation {
+                        stream: sid,
+                        what: format!(
+                            "initial copy of {} bytes for a disk opened with {}",
+                            b.disk_size, d.open.disk_size
+                        ),
+                    });
+                }
+                let open = d.open.clone();
+                self.busy(b.disk_id, sid);
+                let op = self.op(sid);
+                self.act(ReceiverAction::BeginInitial {
+                    op,
+                    open,
+                    begin: b.clone(),
+                });
+                self.set(sid, RState::Await(op, Wait::InitialBegin(b)));
+                Ok(())
+            }
+            Msg::LogBegin(l) => self.log_begin(sid, l),
+            Msg::PointCommit(p) => {
+                let op = self.op(sid);
+                let (vm, cycle) = (p.vm.clone(), p.cycle);
+                self.act(ReceiverAction::CommitPoint {
+                    op,
+                    vm: p.vm,
+                    cycle: p.cycle,
+                    app_consistent: p.app_consistent,
+                    disks: p.disks,
+                });
+                self.set(sid, RState::Await(op, Wait::Point { vm, cycle }));
+                Ok(())
+            }
+            Msg::BlockHashReq(_) | Msg::ResyncEnd(_) => self.compare_msg(sid, msg),
+            Msg::Admin(body) => {
+                let op = self.op(sid);
+                self.act(ReceiverAction::Admin { op, body });
+                self.set(sid, RState::Await(op, Wait::Admin));
+                Ok(())
+            }
+            other => Err(SessionError::Unexpected {
+                stream: sid,
+                expected: "a request",
+                got: other.name(),
+            }),
+        }
+    }
+
+    fn busy(&mut self, id: DiskId, sid: StreamId) {
+        if let Some(d) = self.disks.get_mut(&id) {
+            d.busy = Some(sid);
+        }
+    }
+
+    fn log_begin(&mut self, sid: StreamId, l: LogBegin) -> Result<(), SessionError> {
+        let d = self.opened(sid, &l.disk_id, "LogBegin")?;
+        if let Some(other) = d.busy {
+            return Err(busy(l.disk_id, other));
+        }
+        let at = d.status.replica_cycle;
+        if at == 0 {
+            return Err(SessionError::Store {
+                code: ErrorCode::InvalidState,
+                retryable: true,
+                message: "the disk has no complete replica: an initial copy comes first".into(),
+            });
+        }
+        if l.cycle <= at {
+            // A resend of a log already applied: applied at most once.
+            let ack = Msg::Ack(Ack {
+                disk_id: l.disk_id,
+                cycle: l.cycle,
+                durable: true,
+                applied: true,
+            });
+            return self.answer(sid, &ack);
+        }
+        let vm = d.open.vm.clone();
+        if let Some(why) = &d.status.needs_resync {
+            if d.resync_cycle != Some(l.cycle) {
+                return Err(SessionError::Store {
+                    code: ErrorCode::InvalidState,
+                    retryable: true,
+                    message: format!("the replica needs a resync: {why}"),
+                });
+            }
+        }
+        if l.base_cycle != at {
+            let why = format!(
+                "log {} is based on cycle {}, the replica is at {at}",
+                l.cycle, l.base_cycle
+            );
+            self.act(ReceiverAction::MarkNeedsResync {
+                vm,
+                disk_id: l.disk_id,
+                why: why.clone(),
+            });
+            if let Some(d) = self.disks.get_mut(&l.disk_id) {
+                d.status.needs_resync = Some(why.clone());
+                d.resync_cycle = None;
+            }
+            return Err(SessionError::Store {
+                code: ErrorCode::InvalidState,
+                retryable: true,
+                message: format!("the replica needs a resync: {why}"),
+            });
+        }
+        self.busy(l.disk_id, sid);
+        let op = self.op(sid);
+        self.act(ReceiverAction::StageLog {
+            op,
+            vm,
+            begin: l.clone(),
+        });
+        self.set(
+            sid,
+            RState::Log {
+                op,
+                begin: l,
+                next: 0,
+                hasher: Hasher::default(),
+            },
+        );
+        Ok(())
+    }
+
+    fn log_msg(
+        &mut self,
+        sid: StreamId,
+        msg: Msg,
+        op: OpId,
+        begin: LogBegin,
+        next: u64,
+        mut hasher: Hasher,
+    ) -> Result<(), SessionError> {
+        let r = self.log_step(sid, msg, op, &begin, next, &mut hasher);
+        match r {
+            Ok(Some(next)) => {
+                self.set(
+                    sid,
+                    RState::Log {
+                        op,
+                        begin,
+                        next,
+                        hasher,
+                    },
+                );
+                Ok(())
+            }
+            Ok(None) => {
+                self.set(sid, RState::Await(op, Wait::Stored(begin)));
+                Ok(())
+            }
+            Err(e) => {
+                // Never acknowledged: the staged bytes are dropped.
+                self.act(ReceiverAction::DiscardLog { op });
+                Err(e)
+            }
+        }
+    }
+
+    /// One message inside a log: `Some(next offset)` while chunks arrive,
+    /// `None` once the log verified and was handed to the store.
+    fn log_step(
+        &mut self,
+        sid: StreamId,
+        msg: Msg,
+        op: OpId,
+        begin: &LogBegin,
+        next: u64,
+        hasher: &mut Hasher,
+    ) -> Result<Option<u64>, SessionError> {
+        let corrupt = |what: String| SessionError::Corrupt { stream: sid, what };
+        match msg {
+            Msg::LogChunk(c) => {
+                if c.disk_id != begin.disk_id || c.cycle != begin.cycle {
+                    return Err(corrupt(format!(
+                        "a chunk of log {} of disk {} inside log {} of disk {}",
+                        c.cycle,
+                        hexid(&c.disk_id),
+                        begin.cycle,
+                        hexid(&begin.disk_id)
+                    )));
+                }
+                let end = c.offset_in_log.saturating_add(c.data.len() as u64);
+                if c.offset_in_log != next || end > begin.total_len {
+                    return Err(corrupt(format!(
+                        "chunk {}..{end} where {next} was expected (log of {} bytes)",
+                        c.offset_in_log, begin.total_len
+                    )));
+                }
+                hasher.0.update(&c.data);
+                self.act(ReceiverAction::StageLogData {
+                    op,
+                    offset: c.offset_in_log,
+                    data: c.data,
+                });
+                Ok(Some(end))
+            }
+            Msg::LogEnd(e) => {
+                if e.disk_id != begin.disk_id || e.cycle != begin.cycle {
+                    return Err(corrupt("the end of another log".into()));
+                }
+                if e.total_len != begin.total_len || next != begin.total_len {
+                    return Err(corrupt(format!(
+                        "log of {} bytes announced, {next} received, {} at the end",
+                        begin.total_len, e.total_len
+                    )));
+                }
+                if e.log_checksum != hasher.0.digest128() {
+                    return Err(corrupt("log checksum mismatch".into()));
+                }
+                let vm = self.vm_of(&begin.disk_id);
+                self.act(ReceiverAction::StoreLogDurably {
+                    op,
+                    vm,
+                    disk_id: begin.disk_id,
+                    cycle: begin.cycle,
+                    log_checksum: e.log_checksum,
+                });
+                self.ops.insert(op, sid);
+                Ok(None)
+            }
+            other => Err(SessionError::Unexpected {
+                stream: sid,
+                expected: "LogChunk or LogEnd",
+                got: other.name(),
+            }),
+        }
+    }
+
+    fn initial_msg(
+        &mut self,
+        sid: StreamId,
+        msg: Msg,
+        disk_id: DiskId,
+        cycle: u64,
+        disk_size: u64,
+        next: u64,
+    ) -> Result<(), SessionError> {
+        match msg {
+            Msg::InitialChunk(c) if c.disk_id == disk_id => {
+                let end = c.offset.saturating_add(u64::from(c.length));
+                if c.offset < next || end > disk_size {
+                    return Err(SessionError::Corrupt {
+                        stream: sid,
+                        what: format!(
+                            "initial chunk {}..{end} (next offset {next}, disk of {disk_size} bytes)",
+                            c.offset
+                        ),
+                    });
+                }
+                let mut data = Vec::new();
+                c.decode_into(&mut data)
+                    .map_err(|e| SessionError::Corrupt {
+                        stream: sid,
+                        what: e.to_string(),
+                    })?;
+                let vm = self.vm_of(&disk_id);
+                self.act(ReceiverAction::WriteInitial {
+                    vm,
+                    disk_id,
+                    offset: c.offset,
+                    data,
+                });
+                self.set(
+                    sid,
+                    RState::Initial {
+                        disk_id,
+                        cycle,
+                        disk_size,
+                        next: end,
+                    },
+                );
+                Ok(())
+            }
+            Msg::InitialEnd(e) if e.disk_id == disk_id => {
+                if e.cycle != cycle || e.disk_size != disk_size {
+                    return Err(SessionError::Violation {
+                        stream: sid,
+                        what: format!(
+                            "InitialEnd of cycle {} ({} bytes) ends the copy of cycle {cycle} ({disk_size} bytes)",
+                            e.cycle, e.disk_size
+                        ),
+                    });
+                }
+                let op = self.op(sid);
+                let vm = self.vm_of(&disk_id);
+                self.act(ReceiverAction::FinishInitial {
+                    op,
+                    vm,
+                    disk_id,
+                    cycle,
+                });
+                self.set(sid, RState::Await(op, Wait::InitialEnd { disk_id, cycle }));
+                Ok(())
+            }
+            other => Err(SessionError::Unexpected {
+                stream: sid,
+                expected: "InitialChunk or InitialEnd of the disk",
+                got: other.name(),
+            }),
+        }
+    }
+
+    fn compare_msg(&mut self, sid: StreamId, msg: Msg) -> Result<(), SessionError> {
+        match msg {
+            Msg::BlockHashReq(r) => {
+                let vm = self
+                    .opened(sid, &r.disk_id, "BlockHashReq")?
+                    .open
+                    .vm
+                    .clone();
+                let op = self.op(sid);
+                let wait = Wait::Hashes {
+                    disk_id: r.disk_id,
+                    blocks: r.total_blocks(),
+                };
+                self.act(ReceiverAction::HashBlocks { op, vm, req: r });
+                self.set(sid, RState::Await(op, wait));
+                Ok(())
+            }
+            Msg::ResyncEnd(e) => {
+                let vm = self.opened(sid, &e.disk_id, "ResyncEnd")?.open.vm.clone();
+                let op = self.op(sid);
+                self.act(ReceiverAction::PrepareResync {
+                    op,
+                    vm,
+                    end: e.clone(),
+                });
+                self.set(sid, RState::Await(op, Wait::Resync(e)));
+                Ok(())
+            }
+            other => Err(SessionError::Unexpected {
+                stream: sid,
+                expected: "BlockHashReq or ResyncEnd",
+                got: other.name(),
+            }),
+        }
+    }
+
+    fn vm_of(&self, id: &DiskId) -> String {
+        self.disks
+            .get(id)
+            .map(|d| d.open.vm.clone())
+            .unwrap_or_default()
+    }
+
+    /// A store action of stream `sid` completed.
+    fn completed(
+        &mut self,
+        sid: StreamId,
+        wait: Wait,
+        done: StoreDone,
+    ) -> Result<(), SessionError> {
+        let store = SessionError::from_store;
+        let mismatch = || SessionError::Misuse("a completion of another kind of action".into());
+        match (wait, done) {
+            (Wait::Load(o), StoreDone::DiskLoaded(r)) => {
+                let st = r.map_err(store)?;
+                let reply = Msg::DiskState(wire::DiskState {
+                    disk_id: o.disk_id,
+                    replica_cycle: st.replica_cycle,
+                    replica_size: st.replica_size,
+                    copy_cycle: st.copy_cycle,
+                    resume_offset: st.resume_offset,
+                    needs_resync: st
+                        .needs_resync
+                        .as_deref()
+                        .map(|w| wire::ErrorMsg::new(ErrorCode::InvalidState, false, w).message)
+                        .unwrap_or_default(),
+                });
+                let busy = self.disks.get(&o.disk_id).and_then(|d| d.busy);
+                self.disks.insert(
+                    o.disk_id,
+                    RDisk {
+                        open: o,
+                        status: st,
+                        busy,
+                        resync_cycle: None,
+                    },
+                );
+                self.answer(sid, &reply)
+            }
+            (Wait::InitialBegin(b), StoreDone::InitialBegun(r)) => {
+                let resume = r.map_err(store)?;
+                if resume != b.start_offset {
+                    return Err(SessionError::Store {
+                        code: ErrorCode::InvalidState,
+                        retryable: true,
+                        message: format!(
+                            "the initial copy can resume at {resume}, not {}; it restarts from the beginning",
+                            b.start_offset
+                        ),
+                    });
+                }
+                self.set(
+                    sid,
+                    RState::Initial {
+                        disk_id: b.disk_id,
+                        cycle: b.cycle,
+                        disk_size: b.disk_size,
+                        next: b.start_offset,
+                    },
+                );
+                Ok(())
+            }
+            (Wait::InitialEnd { disk_id, cycle }, StoreDone::InitialFinished(r)) => {
+                r.map_err(store)?;
+                if let Some(d) = self.disks.get_mut(&disk_id) {
+                    d.status.replica_cycle = cycle;
+                    d.status.replica_size = d.open.disk_size;
+                    d.status.needs_resync = None;
+                    d.status.copy_cycle = 0;
+                    d.status.resume_offset = 0;
+                }
+                self.answer(sid, &ack(disk_id, cycle, true, true))
+            }
+            (Wait::Stored(b), StoreDone::LogStored(r)) => match r.map_err(store)? {
+                LogStored::AlreadyApplied => self.answer(sid, &ack(b.disk_id, b.cycle, true, true)),
+                LogStored::Stored => {
+                    self.send(sid, &ack(b.disk_id, b.cycle, true, false))?;
+                    let op = self.op(sid);
+                    let vm = self.vm_of(&b.disk_id);
+                    self.act(ReceiverAction::ApplyLog {
+                        op,
+                        vm,
+                        disk_id: b.disk_id,
+                        cycle: b.cycle,
+                    });
+                    self.set(sid, RState::Await(op, Wait::Applied(b)));
+                    Ok(())
+                }
+            },
+            (Wait::Applied(b), StoreDone::LogApplied(r)) => {
+                if let Err(f) = r {
+                    if f.code == ErrorCode::InvalidState {
+                        let vm = self.vm_of(&b.disk_id);
+                        self.act(ReceiverAction::MarkNeedsResync {
+                            vm,
+                            disk_id: b.disk_id,
+                            why: f.message.clone(),
+                        });
+                    }
+                    return Err(store(f));
+                }
+                if let Some(d) = self.disks.get_mut(&b.disk_id) {
+                    d.status.replica_cycle = d.status.replica_cycle.max(b.cycle);
+                    d.status.replica_size = b.disk_size;
+                    if d.resync_cycle == Some(b.cycle) {
+                        d.status.needs_resync = None;
+                        d.resync_cycle = None;
+                    }
+                }
+                self.answer(sid, &ack(b.disk_id, b.cycle, true, true))
+            }
+            (Wait::Point { vm, cycle }, StoreDone::PointCommitted(r)) => {
+                if r.map_err(store)? {
+                    self.answer(sid, &Msg::PointAck(PointAck { vm, cycle }))
+                } else {
+                    Err(SessionError::Store {
+                        code: ErrorCode::InvalidState,
+                        retryable: true,
+                        message: format!("not every disk of {vm} reached cycle {cycle}"),
+                    })
+                }
+            }
+            (Wait::Hashes { disk_id, blocks }, StoreDone::Hashed(r)) => {
+                let (replica_size, hashes) = r.map_err(store)?;
+                if hashes.len() as u64 != blocks {
+                    return Err(SessionError::Misuse(format!(
+                        "{} digests for {blocks} blocks",
+                        hashes.len()
+                    )));
+                }
+                let replica_cycle = self
+                    .disks
+                    .get(&disk_id)
+                    .map(|d| d.status.replica_cycle)
+                    .unwrap_or(0);
+                self.send(
+                    sid,
+                    &Msg::BlockHashes(BlockHashes {
+                        disk_id,
+                        replica_cycle,
+                        replica_size,
+                        hashes,
+                    }),
+                )?;
+                self.set(sid, RState::Compare);
+                Ok(())
+            }
+            (Wait::Resync(e), StoreDone::ResyncPrepared(r)) => {
+                r.map_err(store)?;
+                if let Some(d) = self.disks.get_mut(&e.disk_id) {
+                    d.resync_cycle = Some(e.cycle);
+                }
+                self.send(sid, &ack(e.disk_id, e.cycle, false, false))?;
+                self.set(sid, RState::Compare);
+                Ok(())
+            }
+            (Wait::Admin, StoreDone::AdminDone(r)) => {
+                let body = r.map_err(store)?;
+                self.answer(sid, &Msg::AdminOk(body))
+            }
+            _ => Err(mismatch()),
+        }
+    }
+}
+
+fn ack(disk_id: DiskId, cycle: u64, durable: bool, applied: bool) -> Msg {
+    Msg::Ack(Ack {
+        disk_id,
+        cycle,
+        durable,
+        applied,
+    })
+}
+
+fn busy(id: DiskId, other: StreamId) -> SessionError {
+    SessionError::Store {
+        code: ErrorCode::Busy,
+        retryable: true,
+        message: format!(
+            "disk {} is busy with another transfer (stream {})",
+            hexid(&id),
+            other.0
+        ),
+    }
+}

@@ -1,0 +1,984 @@
+//! The sender's end of a replication conversation (see the parent module).
+//!
+//! One session is one connection for one VM: `Hello` on the control
+//! stream, `OpenDisk` for every disk, then [`SenderAction::Ready`] with the
+//! replicas' states. The driver then [`Sender::submit`]s jobs (an initial
+//! copy or a log per disk); the session runs one job per disk at a time on
+//! its own stream, pulls the bytes with [`SenderAction::Read`], and reports
+//! [`SenderAction::LogApplied`] (the log may be deleted) and
+//! [`SenderAction::InitialApplied`]. Once every disk of the VM reached a
+//! cycle, the session commits that recovery point by itself
+//! ([`SenderAction::PointCommitted`]): a point is never committed for only
+//! some of the VM's disks. A request unanswered for `timeout_ns` closes the
+//! session.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use super::{frame, hexid, Event, Hasher, Inbox, Output, SessionError, StreamId};
+use crate::wire::{
+    self, BlockHashReq, DiskCycle, DiskId, DiskState, HashRun, InitialBegin, InitialChunk,
+    InitialEnd, LogBegin, LogChunk, LogEnd, Msg, OpenDisk, PointCommit, ResyncEnd, MAX_DATA,
+};
+
+/// The VM this session replicates, and how.
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    pub site_name: String,
+    pub software_version: String,
+    pub vm: String,
+    /// Every disk of the VM (all share its recovery points).
+    pub disks: Vec<OpenDisk>,
+    /// The newest point known to be committed (0: none); a point that the
+    /// replicas reached beyond it is committed again after a reconnect.
+    pub last_point: u64,
+    /// A request unanswered this long (ns) closes the session.
+    pub timeout_ns: u64,
+    /// Largest read asked of the driver (bytes, 1..=MAX_DATA).
+    pub chunk_size: usize,
+}
+
+/// A transfer for one disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Job {
+    /// A sealed log; `app_consistent` as its header says.
+    Log {
+        begin: LogBegin,
+        app_consistent: bool,
+    },
+    /// A whole-disk copy as of `begin.cycle`, from `begin.start_offset`.
+    Initial(InitialBegin),
+}
+
+impl Job {
+    pub fn disk_id(&self) -> DiskId {
+        match self {
+            Job::Log { begin, .. } => begin.disk_id,
+            Job::Initial(b) => b.disk_id,
+        }
+    }
+    pub fn cycle(&self) -> u64 {
+        match self {
+            Job::Log { begin, .. } => begin.cycle,
+            Job::Initial(b) => b.cycle,
+        }
+    }
+}
+
+/// A read the session asks of the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ReadId(pub u64);
+
+/// What to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadWhat {
+    /// Bytes of the sealed log of `cycle`, exactly at the offset asked.
+    Log { disk_id: DiskId, cycle: u64 },
+    /// Disk bytes as of the copy's cut: the next data at or after the
+    /// offset asked (holes may be skipped: the replica starts zeroed).
+    Initial { disk_id: DiskId, cycle: u64 },
+}
+
+/// The driver's answer to a read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadData {
+    /// Where `data` starts.
+    pub offset: u64,
+    /// At most the length asked.
+    pub data: Vec<u8>,
+    /// Nothing follows `data`.
+    pub end: bool,
+}
+
+/// What the sender asks its driver to do, or reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SenderAction {
+    /// Every disk answered `OpenDisk`: the replicas' states, in disk order.
+    Ready { states: Vec<DiskState> },
+    /// Read bytes to send → [`Sender::complete_read`].
+    Read {
+        id: ReadId,
+        what: ReadWhat,
+        offset: u64,
+        max: usize,
+    },
+    /// The receiver stored the log durably (not applied yet).
+    LogDurable { disk_id: DiskId, cycle: u64 },
+    /// The log is applied at the receiver: it may be deleted here.
+    LogApplied { disk_id: DiskId, cycle: u64 },
+    /// The initial copy is applied: the replica is at `cycle`.
+    InitialApplied { disk_id: DiskId, cycle: u64 },
+    /// A job failed; `rest` are the disk's queued jobs, handed back.
+    JobFailed {
+        job: Job,
+        error: SessionError,
+        rest: Vec<Job>,
+    },
+    /// The recovery point of `cycle` exists at the receiver.
+    PointCommitted { cycle: u64, app_consistent: bool },
+    /// The receiver refused the point.
+    PointFailed { cycle: u64, error: SessionError },
+    /// Digests of a compare, for the runs of one request, in order.
+    Hashes {
+        stream: StreamId,
+        disk_id: DiskId,
+        replica_cycle: u64,
+        replica_size: u64,
+        runs: Vec<HashRun>,
+        hashes: Vec<u128>,
+    },
+    /// The receiver accepted a `ResyncEnd`: send the log of `cycle` next.
+    ResyncPrepared { disk_id: DiskId, cycle: u64 },
+    /// A compare stream ended: every request was answered (`Ok`) or not.
+    CompareDone {
+        stream: StreamId,
+        disk_id: DiskId,
+        result: Result<(), SessionError>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Hello,
+    Opening,
+    Ready,
+    Closed,
+}
+
+#[derive(Debug)]
+enum SKind {
+    Control,
+    Open(DiskId),
+    Job {
+        job: Job,
+        /// Bytes sent so far (log: offset in the log; copy: disk offset).
+        sent: u64,
+        hasher: Hasher,
+        read: Option<ReadId>,
+        /// Everything is sent; waiting for the `Ack`.
+        done: bool,
+    },
+    Point(u64, bool),
+    Compare {
+        disk_id: DiskId,
+        replica_cycle: u64,
+        asked: VecDeque<Vec<HashRun>>,
+        /// The `ResyncEnd` sent, waiting for its `Ack`.
+        end: Option<u64>,
+        finished: bool,
+    },
+}
+
+#[derive(Debug)]
+struct SStream {
+    inbox: Inbox,
+    kind: SKind,
+    /// Since when an answer is awaited (None: nothing awaited).
+    waiting: Option<u64>,
+}
+
+/// The sender's end of one connection.
+#[derive(Debug)]
+pub struct Sender {
+    cfg: SenderConfig,
+    phase: Phase,
+    now: u64,
+    next_stream: u64,
+    next_read: u64,
+    streams: HashMap<StreamId, SStream>,
+    reads: HashMap<ReadId, StreamId>,
+    states: HashMap<DiskId, DiskState>,
+    queues: HashMap<DiskId, VecDeque<Job>>,
+    active: HashMap<DiskId, StreamId>,
+    /// Cycles each disk reached at the receiver (value: app-consistent).
+    reached: HashMap<DiskId, BTreeMap<u64, bool>>,
+    last_point: u64,
+    point_busy: bool,
+    out: VecDeque<Output<SenderAction>>,
+}
+
+impl Sender {
+    /// A session on a fresh connection: it says `Hello` at once.
+    pub fn new(cfg: SenderConfig, now: u64) -> Self {
+        let mut s = Sender {
+            last_point: cfg.last_point,
+            cfg,
+            phase: Phase::Hello,
+            now,
+            next_stream: 0,
+            next_read: 1,
+            streams: HashMap::new(),
+            reads: HashMap::new(),
+            states: HashMap::new(),
+            queues: HashMap::new(),
+            active: HashMap::new(),
+            reached: HashMap::new(),
+            point_busy: false,
+            out: VecDeque::new(),
+        };
+        let hello = Msg::Hello(wire::Hello {
+            protocol_version: wire::PROTOCOL_VERSION,
+            site_name: s.cfg.site_name.clone(),
+            software_version: s.cfg.software_version.clone(),
+        });
+        let sid = s.open(SKind::Control);
+        match s.send(sid, &hello) {
+            Ok(()) => s.wait(sid),
+            Err(e) => s.close(e),
+        }
+        s
+    }
+
+    /// The next output, if any.
+    pub fn poll(&mut self) -> Option<Output<SenderAction>> {
+        self.out.pop_front()
+    }
+
+    /// When [`Event::Tick`] must be fed at the latest (a request's
+    /// deadline), if anything is awaited.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        if self.phase == Phase::Closed {
+            return None;
+        }
+        self.streams
+            .values()
+            .filter_map(|s| s.waiting)
+            .min()
+            .map(|t| t.saturating_add(self.cfg.timeout_ns))
+    }
+
+    /// True once the session is over (closed or lost).
+    pub fn is_closed(&self) -> bool {
+        self.phase == Phase::Closed
+    }
+
+    /// True once every disk answered `OpenDisk`.
+    pub fn is_ready(&self) -> bool {
+        self.phase == Phase::Ready
+    }
+
+    /// Jobs queued or running.
+    pub fn jobs_pending(&self) -> usize {
+        self.queues.values().map(VecDeque::len).sum::<usize>() + self.active.len()
+    }
+
+    /// The newest point committed (by this session or before it).
+    pub fn last_point(&self) -> u64 {
+        self.last_point
+    }
+
+    /// Queue a transfer; jobs of one disk run in order, one at a time.
+    pub fn submit(&mut self, job: Job) -> Result<(), SessionError> {
+        let id = job.disk_id();
+        if !self.cfg.disks.iter().any(|d| d.disk_id == id) {
+            return Err(SessionError::Misuse(format!(
+                "a job for disk {}, which is not one of the VM's",
+                hexid(&id)
+            )));
+        }
+        if self.phase == Phase::Closed {
+            return Err(SessionError::ConnectionLost);
+        }
+        self.queues.entry(id).or_default().push_back(job);
+        self.start_jobs();
+        Ok(())
+    }
+
+    /// Start a checksum compare of a disk against its replica at
+    /// `replica_cycle`; then [`Sender::request_hashes`] and
+    /// [`Sender::finish_compare`].
+    pub fn start_compare(
+        &mut self,
+        disk_id: DiskId,
+        replica_cycle: u64,
+    ) -> Result<StreamId, SessionError> {
+        if self.phase != Phase::Ready {
+            return Err(SessionError::Misuse(
+                "compare before the session is ready".into(),
+            ));
+        }
+        self.states.get(&disk_id).ok_or_else(|| {
+            SessionError::Misuse(format!("compare of unknown disk {}", hexid(&disk_id)))
+        })?;
+        Ok(self.open(SKind::Compare {
+            disk_id,
+            replica_cycle,
+            asked: VecDeque::new(),
+            end: None,
+            finished: false,
+        }))
+    }
+
+    /// Ask for the digests of `runs` of `block_size` blocks.
+    pub fn request_hashes(
+        &mut self,
+        stream: StreamId,
+        block_size: u32,
+        runs: Vec<HashRun>,
+    ) -> Result<(), SessionError> {
+        let Some(SStream {
+            kind:
+                SKind::Compare {
+                    disk_id,
+                    replica_cycle,
+                    finished: false,
+                    ..
+                },
+            ..
+        }) = self.streams.get(&stream)
+        else {
+            return Err(SessionError::Misuse("not an open compare stream".into()));
+        };
+        let req = Msg::BlockHashReq(BlockHashReq {
+            disk_id: *disk_id,
+            replica_cycle: *replica_cycle,
+            block_size,
+            runs: runs.clone(),
+        });
+        self.send(stream, &req)?;
+        if let Some(s) = self.streams.get_mut(&stream) {
+            if let SKind::Compare { asked, .. } = &mut s.kind {
+                asked.push_back(runs);
+            }
+            s.waiting.get_or_insert(self.now);
+        }
+        Ok(())
+    }
+
+    /// End a compare: with a `ResyncEnd` (the receiver then accepts the log
+    /// of `end.cycle`), or without (a verify).
+    pub fn finish_compare(
+        &mut self,
+        stream: StreamId,
+        end: Option<ResyncEnd>,
+    ) -> Result<(), SessionError> {
+        let Some(SStream {
+            kind: SKind::Compare {
+                finished: false, ..
+            },
+            ..
+        }) = self.streams.get(&stream)
+        else {
+            return Err(SessionError::Misuse("not an open compare stream".into()));
+        };
+        if let Some(e) = &end {
+            self.send(stream, &Msg::ResyncEnd(e.clone()))?;
+        }
+        self.out.push_back(Output::Finish(stream));
+        if let Some(s) = self.streams.get_mut(&stream) {
+            if let SKind::Compare {
+                end: e, finished, ..
+            } = &mut s.kind
+            {
+                *e = end.as_ref().map(|x| x.cycle);
+                *finished = true;
+            }
+            s.waiting.get_or_insert(self.now);
+        }
+        Ok(())
+    }
+
+    /// Feed an event of the connection.
+    pub fn handle(&mut self, now: u64, ev: Event<'_>) {
+        self.now = self.now.max(now);
+        if self.phase == Phase::Closed {
+            return;
+        }
+        match ev {
+            Event::Data { stream, bytes } => {
+                let Some(s) = self.streams.get_mut(&stream) else {
+                    if stream.0 < self.next_stream {
+                        // A stream we are done with (answered, or given
+                        // up on): what is still in flight does not matter.
+                        return;
+                    }
+                    // The receiver never opens streams.
+                    self.close(SessionError::Violation {
+                        stream,
+                        what: "the receiver sent on a stream the sender did not open".into(),
+                    });
+                    return;
+                };
+                s.inbox.push(bytes);
+                self.pump(stream);
+            }
+            Event::Finished(stream) => self.peer_finished(stream),
+            Event::Reset(stream) => self.stream_failed(stream, SessionError::Ended(stream)),
+            Event::ConnectionLost => self.close(SessionError::ConnectionLost),
+            Event::Tick => {}
+        }
+        if let Some(t) = self.poll_timeout() {
+            if self.now >= t {
+                self.close(SessionError::Timeout {
+                    waited_ms: self.cfg.timeout_ns / 1_000_000,
+                });
+            }
+        }
+    }
+
+    /// Feed the driver's answer to [`SenderAction::Read`]. Answers to reads
+    /// of streams that are gone are ignored.
+    pub fn complete_read(&mut self, now: u64, id: ReadId, result: Result<ReadData, String>) {
+        self.now = self.now.max(now);
+        let Some(sid) = self.reads.remove(&id) else {
+            return;
+        };
+        if self.phase == Phase::Closed {
+            return;
+        }
+        if let Err(e) = self.read_done(sid, id, result) {
+            self.stream_failed(sid, e);
+        }
+    }
+
+    fn open(&mut self, kind: SKind) -> StreamId {
+        let sid = StreamId(self.next_stream);
+        self.next_stream += 1;
+        self.streams.insert(
+            sid,
+            SStream {
+                inbox: Inbox::default(),
+                kind,
+                waiting: None,
+            },
+        );
+        sid
+    }
+
+    fn send(&mut self, sid: StreamId, msg: &Msg) -> Result<(), SessionError> {
+        let bytes = frame(msg)?;
+        self.out.push_back(Output::Send { stream: sid, bytes });
+        Ok(())
+    }
+
+    fn act(&mut self, a: SenderAction) {
+        self.out.push_back(Output::Action(a));
+    }
+
+    fn wait(&mut self, sid: StreamId) {
+        let now = self.now;
+        if let Some(s) = self.streams.get_mut(&sid) {
+            s.waiting = Some(now);
+        }
+    }
+
+    /// End the session: every running job is handed back as failed.
+    fn close(&mut self, e: SessionError) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        self.phase = Phase::Closed;
+        let ids: Vec<StreamId> = self.streams.keys().copied().collect();
+        for sid in ids {
+            self.stream_failed(sid, e.clone());
+        }
+        self.reads.clear();
+        self.out.push_back(Output::Close(e));
+    }
+
+    fn pump(&mut self, sid: StreamId) {
+        loop {
+            let Some(s) = self.streams.get_mut(&sid) else {
+                return;
+            };
+            match s.inbox.next(sid) {
+                Ok(Some(m)) => {
+                    if let Err(e) = self.on_msg(sid, m) {
+                        self.stream_failed(sid, e);
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    self.stream_failed(sid, e);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn peer_finished(&mut self, sid: StreamId) {
+        let Some(s) = self.streams.get(&sid) else {
+            return;
+        };
+        match &s.kind {
+            SKind::Compare {
+                disk_id,
+                asked,
+                end: None,
+                finished: true,
+                ..
+            } if asked.is_empty() && s.inbox.is_empty() => {
+                let disk_id = *disk_id;
+                self.streams.remove(&sid);
+                self.act(SenderAction::CompareDone {
+                    stream: sid,
+                    disk_id,
+                    result: Ok(()),
+                });
+            }
+            _ => self.stream_failed(sid, SessionError::Ended(sid)),
+        }
+    }
+
+    /// A stream failed: report what it carried and forget it. The control
+    /// and open streams carry the session: their failure closes it.
+    fn stream_failed(&mut self, sid: StreamId, e: SessionError) {
+        let Some(s) = self.streams.remove(&sid) else {
+            return;
+        };
+        if let Some(r) = match &s.kind {
+            SKind::Job { read, .. } => *read,
+            _ => None,
+        } {
+            self.reads.remove(&r);
+        }
+        if self.phase != Phase::Closed && !matches!(e, SessionError::Peer { .. }) {
+            self.out.push_back(Output::Reset(sid));
+        }
+        match s.kind {
+            SKind::Control | SKind::Open(_) => self.close(e),
+            SKind::Job { job, .. } => {
+                let id = job.disk_id();
+                self.active.remove(&id);
+                let rest: Vec<Job> = self.queues.remove(&id).unwrap_or_default().into();
+                self.act(SenderAction::JobFailed {
+                    job,
+                    error: e,
+                    rest,
+                });
+            }
+            SKind::Point(cycle, _) => {
+                self.point_busy = false;
+                self.act(SenderAction::PointFailed { cycle, error: e });
+            }
+            SKind::Compare { disk_id, .. } => self.act(SenderAction::CompareDone {
+                stream: sid,
+                disk_id,
+                result: Err(e),
+            }),
+        }
+    }
+
+    fn on_msg(&mut self, sid: StreamId, msg: Msg) -> Result<(), SessionError> {
+        if let Msg::Error(e) = msg {
+            return Err(SessionError::from_peer(e));
+        }
+        let unexpected = |expected, got: &Msg| SessionError::Unexpected {
+            stream: sid,
+            expected,
+            got: got.name(),
+        };
+        let Some(s) = self.streams.get_mut(&sid) else {
+            return Ok(());
+        };
+        match (&mut s.kind, msg) {
+            (SKind::Control, Msg::HelloOk(h)) if self.phase == Phase::Hello => {
+                if h.protocol_version != wire::PROTOCOL_VERSION {
+                    return Err(SessionError::Version {
+                        ours: wire::PROTOCOL_VERSION,
+                        theirs: h.protocol_version,
+                    });
+                }
+                s.waiting = None;
+                self.phase = Phase::Opening;
+                for d in self.cfg.disks.clone() {
+                    let o = self.open(SKind::Open(d.disk_id));
+                    self.send(o, &Msg::OpenDisk(d))?;
+                    self.out.push_back(Output::Finish(o));
+                    self.wait(o);
+                }
+                Ok(())
+            }
+            (SKind::Open(id), Msg::DiskState(st)) if st.disk_id == *id => {
+                self.streams.remove(&sid);
+                self.states.insert(st.disk_id, st);
+                if self.states.len() == self.cfg.disks.len() {
+                    self.ready();
+                }
+                Ok(())
+            }
+            (SKind::Job { job, done, .. }, Msg::Ack(a))
+                if a.disk_id == job.disk_id() && a.cycle == job.cycle() =>
+            {
+                if !a.durable || (!*done && !a.applied) {
+                    return Err(SessionError::Violation {
+                        stream: sid,
+                        what: "an Ack that is not durable, or not applied before the end".into(),
+                    });
+                }
+                if !*done {
+                    // Applied before we finished: a resend of a log the
+                    // replica already has. Stop sending it.
+                    self.out.push_back(Output::Reset(sid));
+                }
+                if !a.applied {
+                    s.waiting = Some(self.now);
+                    if matches!(job, Job::Log { .. }) {
+                        self.act(SenderAction::LogDurable {
+                            disk_id: a.disk_id,
+                            cycle: a.cycle,
+                        });
+                    }
+                    return Ok(());
+                }
+                let app = matches!(
+                    job,
+                    Job::Log {
+                        app_consistent: true,
+                        ..
+                    }
+                );
+                let initial = matches!(job, Job::Initial(_));
+                self.streams.remove(&sid);
+                self.active.remove(&a.disk_id);
+                self.act(if initial {
+                    SenderAction::InitialApplied {
+                        disk_id: a.disk_id,
+                        cycle: a.cycle,
+                    }
+                } else {
+                    SenderAction::LogApplied {
+                        disk_id: a.disk_id,
+                        cycle: a.cycle,
+                    }
+                });
+                self.reached
+                    .entry(a.disk_id)
+                    .or_default()
+                    .insert(a.cycle, app);
+                self.start_jobs();
+                self.try_commit();
+                Ok(())
+            }
+            (SKind::Point(cycle, app), Msg::PointAck(p)) if p.cycle == *cycle => {
+                let (cycle, app) = (*cycle, *app);
+                self.streams.remove(&sid);
+                self.point_busy = false;
+                self.last_point = self.last_point.max(cycle);
+                for r in self.reached.values_mut() {
+                    r.retain(|c, _| *c >= cycle);
+                }
+                self.act(SenderAction::PointCommitted {
+                    cycle,
+                    app_consistent: app,
+                });
+                self.try_commit();
+                Ok(())
+            }
+            (
+                SKind::Compare {
+                    disk_id,
+                    replica_cycle,
+                    asked,
+                    ..
+                },
+                Msg::BlockHashes(h),
+            ) if h.disk_id == *disk_id && h.replica_cycle == *replica_cycle => {
+                let Some(runs) = asked.pop_front() else {
+                    return Err(SessionError::Violation {
+                        stream: sid,
+                        what: "digests nobody asked for".into(),
+                    });
+                };
+                let blocks: u64 = runs.iter().map(|r| u64::from(r.blocks)).sum();
+                if h.hashes.len() as u64 != blocks {
+                    return Err(SessionError::Violation {
+                        stream: sid,
+                        what: format!("{} digests for {blocks} blocks", h.hashes.len()),
+                    });
+                }
+                s.waiting = (!asked.is_empty()).then_some(self.now);
+                self.act(SenderAction::Hashes {
+                    stream: sid,
+                    disk_id: h.disk_id,
+                    replica_cycle: h.replica_cycle,
+                    replica_size: h.replica_size,
+                    runs,
+                    hashes: h.hashes,
+                });
+                Ok(())
+            }
+            (
+                SKind::Compare {
+                    disk_id,
+                    asked,
+                    end: Some(cycle),
+                    ..
+                },
+                Msg::Ack(a),
+            ) if asked.is_empty() && a.disk_id == *disk_id && a.cycle == *cycle => {
+                let (disk_id, cycle) = (*disk_id, *cycle);
+                self.streams.remove(&sid);
+                self.act(SenderAction::ResyncPrepared { disk_id, cycle });
+                self.act(SenderAction::CompareDone {
+                    stream: sid,
+                    disk_id,
+                    result: Ok(()),
+                });
+                Ok(())
+            }
+            (SKind::Control, m) => Err(unexpected("HelloOk", &m)),
+            (SKind::Open(_), m) => Err(unexpected("DiskState", &m)),
+            (SKind::Job { .. }, m) => Err(unexpected("Ack of the transfer", &m)),
+            (SKind::Point(..), m) => Err(unexpected("PointAck", &m)),
+            (SKind::Compare { .. }, m) => Err(unexpected("BlockHashes or Ack", &m)),
+        }
+    }
+
+    fn ready(&mut self) {
+        self.phase = Phase::Ready;
+        let states: Vec<DiskState> = self
+            .cfg
+            .disks
+            .iter()
+            .filter_map(|d| self.states.get(&d.disk_id).cloned())
+            .collect();
+        for st in &states {
+            if st.replica_cycle > 0 {
+                self.reached
+                    .entry(st.disk_id)
+                    .or_default()
+                    .insert(st.replica_cycle, false);
+            }
+        }
+        self.act(SenderAction::Ready { states });
+        self.start_jobs();
+        self.try_commit();
+    }
+
+    /// Start the next job of every idle disk.
+    fn start_jobs(&mut self) {
+        if self.phase != Phase::Ready {
+            return;
+        }
+        let ids: Vec<DiskId> = self.cfg.disks.iter().map(|d| d.disk_id).collect();
+        for id in ids {
+            if self.active.contains_key(&id) {
+                continue;
+            }
+            let Some(job) = self.queues.get_mut(&id).and_then(VecDeque::pop_front) else {
+                continue;
+            };
+            let (first, start) = match &job {
+                Job::Log { begin, .. } => (Msg::LogBegin(begin.clone()), 0),
+                Job::Initial(b) => (Msg::InitialBegin(b.clone()), b.start_offset),
+            };
+            let sid = self.open(SKind::Job {
+                job,
+                sent: start,
+                hasher: Hasher::default(),
+                read: None,
+                done: false,
+            });
+            self.active.insert(id, sid);
+            if let Err(e) = self.send(sid, &first) {
+                self.stream_failed(sid, e);
+                continue;
+            }
+            self.read_next(sid);
+        }
+    }
+
+    /// Ask the driver for the next bytes of the job on `sid`, or end it.
+    fn read_next(&mut self, sid: StreamId) {
+        let Some(SStream {
+            kind: SKind::Job {
+                job, sent, read, ..
+            },
+            ..
+        }) = self.streams.get_mut(&sid)
+        else {
+            return;
+        };
+        let (what, total) = match job {
+            Job::Log { begin, .. } => (
+                ReadWhat::Log {
+                    disk_id: begin.disk_id,
+                    cycle: begin.cycle,
+                },
+                begin.total_len,
+            ),
+            Job::Initial(b) => (
+                ReadWhat::Initial {
+                    disk_id: b.disk_id,
+                    cycle: b.cycle,
+                },
+                b.disk_size,
+            ),
+        };
+        let offset = *sent;
+        if offset >= total {
+            self.end_job(sid);
+            return;
+        }
+        let id = ReadId(self.next_read);
+        self.next_read += 1;
+        *read = Some(id);
+        self.reads.insert(id, sid);
+        let max = (total - offset).min(self.cfg.chunk_size.clamp(1, MAX_DATA) as u64) as usize;
+        self.act(SenderAction::Read {
+            id,
+            what,
+            offset,
+            max,
+        });
+    }
+
+    fn read_done(
+        &mut self,
+        sid: StreamId,
+        id: ReadId,
+        result: Result<ReadData, String>,
+    ) -> Result<(), SessionError> {
+        let data = result.map_err(SessionError::Source)?;
+        let Some(SStream {
+            kind:
+                SKind::Job {
+                    job,
+                    sent,
+                    hasher,
+                    read,
+                    ..
+                },
+            ..
+        }) = self.streams.get_mut(&sid)
+        else {
+            return Ok(());
+        };
+        if *read != Some(id) {
+            return Ok(());
+        }
+        *read = None;
+        let misuse = |what: String| Err(SessionError::Misuse(what));
+        let msg = match job {
+            Job::Log { begin, .. } => {
+                let end = data.offset.saturating_add(data.data.len() as u64);
+                if data.offset != *sent || end > begin.total_len {
+                    return misuse(format!(
+                        "read {}..{end} of a log of {} bytes where {} was asked",
+                        data.offset, begin.total_len, sent
+                    ));
+                }
+                if data.data.is_empty() {
+                    if data.end && end < begin.total_len {
+                        return Err(SessionError::Source(format!(
+                            "the log of cycle {} ends at {end}, not at {}",
+                            begin.cycle, begin.total_len
+                        )));
+                    }
+                    return misuse("an empty read".into());
+                }
+                hasher.0.update(&data.data);
+                *sent = end;
+                Some(Msg::LogChunk(LogChunk {
+                    disk_id: begin.disk_id,
+                    cycle: begin.cycle,
+                    offset_in_log: data.offset,
+                    data: data.data,
+                }))
+            }
+            Job::Initial(b) => {
+                let end = data.offset.saturating_add(data.data.len() as u64);
+                if data.offset < *sent || end > b.disk_size || data.data.len() > MAX_DATA {
+                    return misuse(format!(
+                        "read {}..{end} of a disk of {} bytes where {} was asked",
+                        data.offset, b.disk_size, sent
+                    ));
+                }
+                *sent = if data.end { b.disk_size } else { end };
+                (!data.data.is_empty()).then(|| {
+                    Msg::InitialChunk(InitialChunk::from_block(b.disk_id, data.offset, &data.data))
+                })
+            }
+        };
+        if let Some(m) = msg {
+            self.send(sid, &m)?;
+        }
+        self.read_next(sid);
+        Ok(())
+    }
+
+    /// Everything of the job is sent: its end message, then wait.
+    fn end_job(&mut self, sid: StreamId) {
+        let Some(SStream {
+            kind: SKind::Job {
+                job, hasher, done, ..
+            },
+            ..
+        }) = self.streams.get_mut(&sid)
+        else {
+            return;
+        };
+        *done = true;
+        let end = match job {
+            Job::Log { begin, .. } => Msg::LogEnd(LogEnd {
+                disk_id: begin.disk_id,
+                cycle: begin.cycle,
+                total_len: begin.total_len,
+                log_checksum: hasher.0.digest128(),
+            }),
+            Job::Initial(b) => Msg::InitialEnd(InitialEnd {
+                disk_id: b.disk_id,
+                cycle: b.cycle,
+                disk_size: b.disk_size,
+            }),
+        };
+        match self.send(sid, &end) {
+            Ok(()) => {
+                self.out.push_back(Output::Finish(sid));
+                self.wait(sid);
+            }
+            Err(e) => self.stream_failed(sid, e),
+        }
+    }
+
+    /// Commit the oldest cycle every disk reached, past the last point.
+    fn try_commit(&mut self) {
+        if self.phase != Phase::Ready || self.point_busy {
+            return;
+        }
+        let Some(first) = self.cfg.disks.first().map(|d| d.disk_id) else {
+            return;
+        };
+        let Some(cands) = self.reached.get(&first) else {
+            return;
+        };
+        let pick = cands.range(self.last_point + 1..).find_map(|(c, _)| {
+            let mut app = true;
+            for d in &self.cfg.disks {
+                match self.reached.get(&d.disk_id).and_then(|r| r.get(c)) {
+                    Some(a) => app &= *a,
+                    None => return None,
+                }
+            }
+            Some((*c, app))
+        });
+        let Some((cycle, app)) = pick else {
+            return;
+        };
+        let disks = self
+            .cfg
+            .disks
+            .iter()
+            .map(|d| DiskCycle {
+                disk_id: d.disk_id,
+                cycle,
+            })
+            .collect();
+        let msg = Msg::PointCommit(PointCommit {
+            vm: self.cfg.vm.clone(),
+            cycle,
+            app_consistent: app,
+            disks,
+        });
+        let sid = self.open(SKind::Point(cycle, app));
+        self.point_busy = true;
+        match self.send(sid, &msg) {
+            Ok(()) => {
+                self.out.push_back(Output::Finish(sid));
+                self.wait(sid);
+            }
+            Err(e) => self.stream_failed(sid, e),
+        }
+    }
+}

@@ -1,0 +1,660 @@
+//! Unit tests of the sessions: the rules of each end, one at a time. The
+//! conversation under faults is `tests/session_sim.rs`'s.
+
+use super::*;
+use crate::wire::{
+    self, Ack, DiskKind, DiskState, Hello, LogBegin, LogChunk, LogEnd, LogHasher, OpenDisk,
+};
+
+const ID: DiskId = [7u8; 16];
+const NOW: u64 = 1_000;
+
+fn bytes(msgs: &[Msg]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for m in msgs {
+        encode(m, &mut out).expect("test messages encode");
+    }
+    out
+}
+
+fn hello() -> Msg {
+    Msg::Hello(Hello {
+        protocol_version: wire::PROTOCOL_VERSION,
+        site_name: "primary".into(),
+        software_version: "t".into(),
+    })
+}
+
+fn open() -> OpenDisk {
+    OpenDisk {
+        vm: "vm1".into(),
+        disk_name: "d0.img".into(),
+        disk_id: ID,
+        block_size: 4096,
+        disk_size: 1 << 20,
+        kind: DiskKind::Raw,
+    }
+}
+
+fn drain<A>(poll: impl FnMut() -> Option<Output<A>>) -> Vec<Output<A>> {
+    std::iter::from_fn(poll).collect()
+}
+
+/// Messages sent in `outs` (decoded).
+fn sent<A>(outs: &[Output<A>]) -> Vec<Msg> {
+    let mut v = Vec::new();
+    for o in outs {
+        if let Output::Send { bytes, .. } = o {
+            let mut at = 0;
+            while let Ok(Some((m, n))) = decode(&bytes[at..]) {
+                v.push(m);
+                at += n;
+            }
+        }
+    }
+    v
+}
+
+fn actions(outs: &[Output<ReceiverAction>]) -> Vec<&ReceiverAction> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::Action(a) => Some(a),
+            _ => None,
+        })
+        .collect()
+}
+
+fn receiver() -> Receiver {
+    Receiver::new(ReceiverConfig {
+        site_name: "secondary".into(),
+        software_version: "t".into(),
+        store_free: 0,
+    })
+}
+
+/// A receiver after `Hello` and `OpenDisk` of [`ID`], replica at `at`.
+fn opened(at: u64) -> Receiver {
+    let mut r = receiver();
+    let b = bytes(&[hello()]);
+    r.handle(
+        NOW,
+        Event::Data {
+            stream: StreamId(0),
+            bytes: &b,
+        },
+    );
+    let b = bytes(&[Msg::OpenDisk(open())]);
+    r.handle(
+        NOW,
+        Event::Data {
+            stream: StreamId(1),
+            bytes: &b,
+        },
+    );
+    let outs = drain(|| r.poll());
+    let op = actions(&outs)
+        .iter()
+        .find_map(|a| match a {
+            ReceiverAction::LoadDisk { op, .. } => Some(*op),
+            _ => None,
+        })
+        .expect("OpenDisk asks the store");
+    let st = DiskStatus {
+        replica_cycle: at,
+        replica_size: 1 << 20,
+        ..DiskStatus::default()
+    };
+    r.complete(NOW, op, StoreDone::DiskLoaded(Ok(st)));
+    let outs = drain(|| r.poll());
+    assert!(
+        matches!(&sent(&outs)[..], [Msg::DiskState(DiskState { replica_cycle, .. })] if *replica_cycle == at)
+    );
+    r
+}
+
+fn log_msgs(cycle: u64, base: u64, data: &[u8]) -> (LogBegin, Vec<Msg>) {
+    let begin = LogBegin {
+        disk_id: ID,
+        disk_name: "d0.img".into(),
+        cycle,
+        base_cycle: base,
+        block_size: 4096,
+        base_size: 1 << 20,
+        disk_size: 1 << 20,
+        cut_unix_ns: 0,
+        total_len: data.len() as u64,
+    };
+    let mut h = LogHasher::new();
+    h.update(data);
+    let mut msgs = vec![Msg::LogBegin(begin.clone())];
+    let mut off = 0;
+    for c in data.chunks(3) {
+        msgs.push(Msg::LogChunk(LogChunk {
+            disk_id: ID,
+            cycle,
+            offset_in_log: off,
+            data: c.to_vec(),
+        }));
+        off += c.len() as u64;
+    }
+    msgs.push(Msg::LogEnd(LogEnd {
+        disk_id: ID,
+        cycle,
+        total_len: data.len() as u64,
+        log_checksum: h.digest128(),
+    }));
+    (begin, msgs)
+}
+
+fn acks(outs: &[Output<ReceiverAction>]) -> Vec<Ack> {
+    sent(outs)
+        .into_iter()
+        .filter_map(|m| match m {
+            Msg::Ack(a) => Some(a),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_log_is_acked_durable_then_applied_after_the_store_says_so() {
+    let mut r = opened(5);
+    let (_, msgs) = log_msgs(6, 5, b"0123456789");
+    let b = bytes(&msgs);
+    // Byte by byte: frames are reassembled.
+    for x in &b {
+        r.handle(
+            NOW,
+            Event::Data {
+                stream: StreamId(2),
+                bytes: std::slice::from_ref(x),
+            },
+        );
+    }
+    let outs = drain(|| r.poll());
+    assert!(
+        acks(&outs).is_empty(),
+        "nothing is acknowledged before the store stored it"
+    );
+    let op = actions(&outs)
+        .iter()
+        .find_map(|a| match a {
+            ReceiverAction::StoreLogDurably { op, cycle: 6, .. } => Some(*op),
+            _ => None,
+        })
+        .expect("a verified log is stored durably");
+    r.complete(NOW, op, StoreDone::LogStored(Ok(LogStored::Stored)));
+    let outs = drain(|| r.poll());
+    assert_eq!(acks(&outs).len(), 1);
+    assert!(acks(&outs)[0].durable && !acks(&outs)[0].applied);
+    let op = actions(&outs)
+        .iter()
+        .find_map(|a| match a {
+            ReceiverAction::ApplyLog { op, cycle: 6, .. } => Some(*op),
+            _ => None,
+        })
+        .expect("then applied");
+    r.complete(NOW, op, StoreDone::LogApplied(Ok(())));
+    let outs = drain(|| r.poll());
+    assert!(acks(&outs)[0].applied);
+    assert!(outs.contains(&Output::Finish(StreamId(2))));
+}
+
+/// Feed a whole log, return the outputs.
+fn feed(r: &mut Receiver, msgs: &[Msg]) -> Vec<Output<ReceiverAction>> {
+    let b = bytes(msgs);
+    r.handle(
+        NOW,
+        Event::Data {
+            stream: StreamId(2),
+            bytes: &b,
+        },
+    );
+    drain(|| r.poll())
+}
+
+fn assert_refused_and_discarded(outs: &[Output<ReceiverAction>]) {
+    assert!(acks(outs).is_empty(), "{outs:?}");
+    let a = actions(outs);
+    assert!(a
+        .iter()
+        .any(|a| matches!(a, ReceiverAction::DiscardLog { .. })));
+    assert!(!a
+        .iter()
+        .any(|a| matches!(a, ReceiverAction::StoreLogDurably { .. })));
+    assert!(sent(outs).iter().any(|m| matches!(m, Msg::Error(_))));
+}
+
+#[test]
+fn a_log_with_a_wrong_checksum_is_discarded_never_acked() {
+    let mut r = opened(5);
+    let (_, mut msgs) = log_msgs(6, 5, b"0123456789");
+    if let Some(Msg::LogEnd(e)) = msgs.last_mut() {
+        e.log_checksum ^= 1;
+    }
+    let outs = feed(&mut r, &msgs);
+    assert_refused_and_discarded(&outs);
+    let refused = actions(&outs).into_iter().find_map(|a| match a {
+        ReceiverAction::Refused { error, .. } => Some(error.kind()),
+        _ => None,
+    });
+    assert_eq!(refused, Some(ErrorKind::Corrupt));
+}
+
+#[test]
+fn a_log_with_a_gap_a_duplicate_or_a_short_end_is_refused() {
+    let (_, msgs) = log_msgs(6, 5, b"0123456789");
+    let mut gap = msgs.clone();
+    gap.remove(2);
+    let mut dup = msgs.clone();
+    dup.insert(2, msgs[2].clone());
+    let mut short = msgs.clone();
+    short.remove(msgs.len() - 2);
+    for bad in [gap, dup, short] {
+        let mut r = opened(5);
+        assert_refused_and_discarded(&feed(&mut r, &bad));
+    }
+}
+
+#[test]
+fn a_log_cut_short_by_the_peer_is_discarded() {
+    let mut r = opened(5);
+    let (_, msgs) = log_msgs(6, 5, b"0123456789");
+    let outs = feed(&mut r, &msgs[..3]);
+    assert!(acks(&outs).is_empty());
+    r.handle(NOW, Event::Finished(StreamId(2)));
+    assert_refused_and_discarded(&drain(|| r.poll()));
+}
+
+#[test]
+fn a_resend_of_an_applied_log_is_acked_without_the_store() {
+    let mut r = opened(6);
+    let (_, msgs) = log_msgs(6, 5, b"0123456789");
+    let outs = feed(&mut r, &msgs);
+    let a = acks(&outs);
+    assert_eq!(a.len(), 1);
+    assert!(a[0].durable && a[0].applied);
+    assert!(actions(&outs).is_empty(), "{outs:?}");
+}
+
+#[test]
+fn a_log_out_of_order_marks_the_replica_for_resync() {
+    let mut r = opened(5);
+    let (_, msgs) = log_msgs(8, 7, b"0123456789");
+    let outs = feed(&mut r, &msgs);
+    assert!(acks(&outs).is_empty());
+    assert!(actions(&outs)
+        .iter()
+        .any(|a| matches!(a, ReceiverAction::MarkNeedsResync { .. })));
+}
+
+#[test]
+fn hello_comes_first_and_versions_must_match() {
+    let mut r = receiver();
+    let b = bytes(&[Msg::OpenDisk(open())]);
+    r.handle(
+        NOW,
+        Event::Data {
+            stream: StreamId(0),
+            bytes: &b,
+        },
+    );
+    let outs = drain(|| r.poll());
+    assert!(matches!(&sent(&outs)[..], [Msg::Error(_)]));
+    let mut r = receiver();
+    let b = bytes(&[Msg::Hello(Hello {
+        protocol_version: wire::PROTOCOL_VERSION + 1,
+        site_name: "primary".into(),
+        software_version: "t".into(),
+    })]);
+    r.handle(
+        NOW,
+        Event::Data {
+            stream: StreamId(0),
+            bytes: &b,
+        },
+    );
+    let outs = drain(|| r.poll());
+    assert!(matches!(&sent(&outs)[..], [Msg::Error(e)] if e.code == ErrorCode::Version));
+}
+
+#[test]
+fn garbage_is_refused_without_panicking() {
+    let mut x = 0x1234_5678_9abc_def1u64;
+    for round in 0..2000u64 {
+        let mut r = opened(5);
+        let mut b = bytes(&log_msgs(6, 5, b"0123456789").1);
+        for _ in 0..(1 + round % 5) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let at = (x as usize) % b.len();
+            b[at] ^= (x >> 32) as u8 | 1;
+        }
+        r.handle(
+            NOW,
+            Event::Data {
+                stream: StreamId(2),
+                bytes: &b,
+            },
+        );
+        let outs = drain(|| r.poll());
+        // Whatever happened, nothing reached the durable store unverified.
+        for a in actions(&outs) {
+            if let ReceiverAction::StoreLogDurably { log_checksum, .. } = a {
+                let mut h = LogHasher::new();
+                h.update(b"0123456789");
+                assert_eq!(*log_checksum, h.digest128());
+            }
+        }
+    }
+}
+
+fn sender(timeout_ns: u64) -> Sender {
+    Sender::new(
+        SenderConfig {
+            site_name: "primary".into(),
+            software_version: "t".into(),
+            vm: "vm1".into(),
+            disks: vec![open()],
+            last_point: 0,
+            timeout_ns,
+            chunk_size: 4,
+        },
+        NOW,
+    )
+}
+
+/// Connect a sender and a receiver directly; the receiver's store actions
+/// are answered by `store`, the sender's reads by `read`.
+fn pump(
+    s: &mut Sender,
+    r: &mut Receiver,
+    store: &mut dyn FnMut(&ReceiverAction) -> Option<(OpId, StoreDone)>,
+    read: &mut dyn FnMut(ReadWhat, u64, usize) -> ReadData,
+) -> Vec<SenderAction> {
+    let mut seen = Vec::new();
+    loop {
+        let mut moved = false;
+        while let Some(o) = s.poll() {
+            moved = true;
+            match o {
+                Output::Send { stream, bytes } => r.handle(
+                    NOW,
+                    Event::Data {
+                        stream,
+                        bytes: &bytes,
+                    },
+                ),
+                Output::Finish(x) => r.handle(NOW, Event::Finished(x)),
+                Output::Reset(x) => r.handle(NOW, Event::Reset(x)),
+                Output::Close(e) => panic!("sender closed: {e}"),
+                Output::Action(SenderAction::Read {
+                    id,
+                    what,
+                    offset,
+                    max,
+                }) => s.complete_read(NOW, id, Ok(read(what, offset, max))),
+                Output::Action(a) => seen.push(a),
+            }
+        }
+        while let Some(o) = r.poll() {
+            moved = true;
+            match o {
+                Output::Send { stream, bytes } => s.handle(
+                    NOW,
+                    Event::Data {
+                        stream,
+                        bytes: &bytes,
+                    },
+                ),
+                Output::Finish(x) => s.handle(NOW, Event::Finished(x)),
+                Output::Reset(x) => s.handle(NOW, Event::Reset(x)),
+                Output::Close(e) => panic!("receiver closed: {e}"),
+                Output::Action(a) => {
+                    if let Some((op, d)) = store(&a) {
+                        r.complete(NOW, op, d);
+                    }
+                }
+            }
+        }
+        if !moved {
+            return seen;
+        }
+    }
+}
+
+#[test]
+fn a_pair_copies_ships_a_log_and_commits_both_points() {
+    let mut s = sender(1 << 40);
+    let mut r = receiver();
+    let log = b"a sealed log".to_vec();
+    let mut image = vec![0u8; 1 << 20];
+    let mut written = Vec::new();
+    let mut store = |a: &ReceiverAction| -> Option<(OpId, StoreDone)> {
+        match a {
+            ReceiverAction::LoadDisk { op, .. } => {
+                Some((*op, StoreDone::DiskLoaded(Ok(DiskStatus::default()))))
+            }
+            ReceiverAction::BeginInitial { op, .. } => Some((*op, StoreDone::InitialBegun(Ok(0)))),
+            ReceiverAction::WriteInitial { offset, data, .. } => {
+                written.push((*offset, data.clone()));
+                None
+            }
+            ReceiverAction::FinishInitial { op, .. } => {
+                Some((*op, StoreDone::InitialFinished(Ok(()))))
+            }
+            ReceiverAction::StoreLogDurably { op, .. } => {
+                Some((*op, StoreDone::LogStored(Ok(LogStored::Stored))))
+            }
+            ReceiverAction::ApplyLog { op, .. } => Some((*op, StoreDone::LogApplied(Ok(())))),
+            ReceiverAction::CommitPoint { op, .. } => {
+                Some((*op, StoreDone::PointCommitted(Ok(true))))
+            }
+            _ => None,
+        }
+    };
+    image[4096..4100].copy_from_slice(b"data");
+    let mut read = |what: ReadWhat, offset: u64, max: usize| match what {
+        ReadWhat::Log { .. } => {
+            let e = (offset as usize + max).min(log.len());
+            ReadData {
+                offset,
+                data: log[offset as usize..e].to_vec(),
+                end: e == log.len(),
+            }
+        }
+        ReadWhat::Initial { .. } => {
+            // Only the non-zero block; the rest is a hole.
+            if offset <= 4096 {
+                ReadData {
+                    offset: 4096,
+                    data: image[4096..4100].to_vec(),
+                    end: true,
+                }
+            } else {
+                ReadData {
+                    offset,
+                    data: Vec::new(),
+                    end: true,
+                }
+            }
+        }
+    };
+    let seen = pump(&mut s, &mut r, &mut store, &mut read);
+    assert!(matches!(&seen[..], [SenderAction::Ready { states }] if states[0].replica_cycle == 0));
+    s.submit(Job::Initial(wire::InitialBegin {
+        disk_id: ID,
+        cycle: 3,
+        disk_size: 1 << 20,
+        start_offset: 0,
+    }))
+    .expect("submit");
+    let seen = pump(&mut s, &mut r, &mut store, &mut read);
+    assert!(seen.contains(&SenderAction::InitialApplied {
+        disk_id: ID,
+        cycle: 3
+    }));
+    assert!(seen.contains(&SenderAction::PointCommitted {
+        cycle: 3,
+        app_consistent: false
+    }));
+    let (begin, _) = log_msgs(4, 3, &log);
+    s.submit(Job::Log {
+        begin,
+        app_consistent: true,
+    })
+    .expect("submit");
+    let seen = pump(&mut s, &mut r, &mut store, &mut read);
+    assert_eq!(
+        seen,
+        vec![
+            SenderAction::LogDurable {
+                disk_id: ID,
+                cycle: 4
+            },
+            SenderAction::LogApplied {
+                disk_id: ID,
+                cycle: 4
+            },
+            SenderAction::PointCommitted {
+                cycle: 4,
+                app_consistent: true
+            },
+        ]
+    );
+    assert_eq!(s.last_point(), 4);
+    assert_eq!(written, vec![(4096, b"data".to_vec())]);
+}
+
+#[test]
+fn a_sender_without_answers_times_out() {
+    let mut s = sender(1_000);
+    drain(|| s.poll());
+    assert_eq!(s.poll_timeout(), Some(NOW + 1_000));
+    s.handle(NOW + 999, Event::Tick);
+    assert!(!s.is_closed());
+    s.handle(NOW + 1_000, Event::Tick);
+    let outs = drain(|| s.poll());
+    assert!(s.is_closed());
+    assert!(matches!(outs.last(), Some(Output::Close(e)) if e.kind() == ErrorKind::Transport));
+}
+
+#[test]
+fn a_sender_refuses_garbage_from_the_receiver_without_panicking() {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..500 {
+        let mut s = sender(1 << 40);
+        drain(|| s.poll());
+        let mut b = Vec::new();
+        for _ in 0..64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b.push(x as u8);
+        }
+        s.handle(
+            NOW,
+            Event::Data {
+                stream: StreamId(0),
+                bytes: &b,
+            },
+        );
+        let outs = drain(|| s.poll());
+        assert!(!outs
+            .iter()
+            .any(|o| matches!(o, Output::Action(SenderAction::LogApplied { .. }))));
+    }
+}
+
+#[test]
+fn a_replica_needing_resync_takes_only_the_log_its_compare_announced() {
+    let mut s = sender(1 << 40);
+    let mut r = receiver();
+    let log = b"healing blocks".to_vec();
+    let mut store = |a: &ReceiverAction| -> Option<(OpId, StoreDone)> {
+        match a {
+            ReceiverAction::LoadDisk { op, .. } => Some((
+                *op,
+                StoreDone::DiskLoaded(Ok(DiskStatus {
+                    replica_cycle: 5,
+                    replica_size: 1 << 20,
+                    needs_resync: Some("adopted after a failover".into()),
+                    ..DiskStatus::default()
+                })),
+            )),
+            ReceiverAction::HashBlocks { op, req, .. } => Some((
+                *op,
+                StoreDone::Hashed(Ok((1 << 20, vec![42; req.total_blocks() as usize]))),
+            )),
+            ReceiverAction::PrepareResync { op, .. } => {
+                Some((*op, StoreDone::ResyncPrepared(Ok(()))))
+            }
+            ReceiverAction::StoreLogDurably { op, .. } => {
+                Some((*op, StoreDone::LogStored(Ok(LogStored::Stored))))
+            }
+            ReceiverAction::ApplyLog { op, .. } => Some((*op, StoreDone::LogApplied(Ok(())))),
+            ReceiverAction::CommitPoint { op, .. } => {
+                Some((*op, StoreDone::PointCommitted(Ok(true))))
+            }
+            _ => None,
+        }
+    };
+    let mut read = |_: ReadWhat, offset: u64, max: usize| {
+        let e = (offset as usize + max).min(log.len());
+        ReadData {
+            offset,
+            data: log[offset as usize..e].to_vec(),
+            end: e == log.len(),
+        }
+    };
+    let seen = pump(&mut s, &mut r, &mut store, &mut read);
+    assert!(
+        matches!(seen.first(), Some(SenderAction::Ready { states }) if !states[0].needs_resync.is_empty())
+    );
+    // A delta before the compare is refused: the replica is not trusted.
+    let (begin, _) = log_msgs(6, 5, &log);
+    let job = Job::Log {
+        begin,
+        app_consistent: false,
+    };
+    s.submit(job.clone()).expect("submit");
+    let seen = pump(&mut s, &mut r, &mut store, &mut read);
+    assert!(matches!(&seen[..], [SenderAction::JobFailed { error, .. }]
+        if error.kind() == ErrorKind::Refused { retryable: true }));
+    // Compare, announce the healing log, then it is taken.
+    let c = s.start_compare(ID, 5).expect("compare");
+    let runs = vec![wire::HashRun {
+        offset: 0,
+        blocks: 3,
+    }];
+    s.request_hashes(c, 4096, runs.clone()).expect("request");
+    let seen = pump(&mut s, &mut r, &mut store, &mut read);
+    assert!(
+        matches!(&seen[..], [SenderAction::Hashes { hashes, runs: r2, .. }]
+        if *hashes == vec![42; 3] && *r2 == runs)
+    );
+    let end = wire::ResyncEnd {
+        disk_id: ID,
+        replica_cycle: 5,
+        cycle: 6,
+        blocks_compared: 3,
+        blocks_differ: 1,
+    };
+    s.finish_compare(c, Some(end)).expect("finish");
+    let seen = pump(&mut s, &mut r, &mut store, &mut read);
+    assert!(seen.contains(&SenderAction::ResyncPrepared {
+        disk_id: ID,
+        cycle: 6
+    }));
+    s.submit(job).expect("submit");
+    let seen = pump(&mut s, &mut r, &mut store, &mut read);
+    assert!(seen.contains(&SenderAction::LogApplied {
+        disk_id: ID,
+        cycle: 6
+    }));
+    assert!(seen.contains(&SenderAction::PointCommitted {
+        cycle: 6,
+        app_consistent: false
+    }));
+}
