@@ -470,8 +470,9 @@ while IFS=$'\t' read -r _ lag _; do
 done <"$LOG/lag-blip.tsv"
 rec blip continuous 1 samples "$(wc -l <"$LOG/lag-blip.tsv")"
 rec blip continuous 1 retries "$(( $(vm_field retries) - retries0 ))"
-normal_at="$(awk -F'\t' '$3 == "Normal" && $2 != "" && $2 < 5 {print $1; exit}' "$LOG/lag-blip.tsv")"
-rec blip continuous 1 recovered_secs "${normal_at:-$BLIP_SECS}"
+# the last sample (seconds after the restart) in which the VM was not Normal
+warn_until="$(awk -F'\t' '$3 != "Normal" {t = $1} END {print t + 0}' "$LOG/lag-blip.tsv")"
+rec blip continuous 1 recovered_secs "$warn_until"
 "$VDREP" sync "$VM" >>"$LOG/sync.log" 2>&1 || say "warning: sync after the blip failed"
 fi
 umount_src; stop_receiver
@@ -569,7 +570,7 @@ if any(k[0] == "blip" for k in d):
     p50, p99, mx = pctl(lags, 50), pctl(lags, 99), (max(lags) if lags else None)
     verdict = "PASS" if p99 is not None and p99 <= 5 else "MISS"
     table("4. Blip: receiver kill -9, back 2 s later, under the RPO load (--every continuous); lag from the restart on",
-          ["samples with a point", "lag p50 s", "lag p99 s", "lag max s", "retries", "back to Normal, lag < 5 s, after s", "target p99 <= 5 s"],
+          ["samples with a point", "lag p50 s", "lag p99 s", "lag max s", "retries", "last not-Normal sample, s after restart", "target p99 <= 5 s"],
           [[f"{len(lags)}/{int(med('blip', 'continuous', 'samples') or 0)}", f1(p50, 1), f1(p99, 1), f1(mx, 1),
             f"{int(med('blip', 'continuous', 'retries') or 0)}", f1(med("blip", "continuous", "recovered_secs"), 1), verdict]])
     js["blip"] = {"p50": p50, "p99": p99, "max": mx, "samples": len(lags)}

@@ -277,9 +277,29 @@ impl Identity {
     /// reset the sender accepts, and the sender reconnects at once instead
     /// of waiting for a timeout.
     pub fn stateless_reset_key(&self) -> ring::hmac::Key {
+        ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            self.derive(b"vdrep QUIC stateless reset key v1").as_ref(),
+        )
+    }
+
+    /// The key of the receiver endpoint's connection-ID generator, stable
+    /// across restarts like [`Identity::stateless_reset_key`]: quinn drops
+    /// packets whose connection ID its generator does not validate, so a
+    /// restarted receiver must recognise the IDs it issued before to answer
+    /// them with a stateless reset.
+    pub fn connection_id_key(&self) -> u64 {
+        let tag = self.derive(b"vdrep QUIC connection id key v1");
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&tag.as_ref()[..8]);
+        u64::from_le_bytes(b)
+    }
+
+    /// HMAC-SHA256 of `label` under the private key: a secret only this
+    /// identity can compute, the same every time.
+    fn derive(&self, label: &[u8]) -> ring::hmac::Tag {
         let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, self.key.secret_der());
-        let tag = ring::hmac::sign(&k, b"vdrep QUIC stateless reset key v1");
-        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, tag.as_ref())
+        ring::hmac::sign(&k, label)
     }
 
     /// Generate an identity in memory (tests, tools): same parameters as

@@ -35,8 +35,13 @@
 //! per-stream and per-connection receive windows and the send window to tens
 //! of MiB and asks the kernel for large UDP socket buffers (best effort:
 //! Linux caps them at `net.core.rmem_max`/`wmem_max`; smaller grants are
-//! logged at INFO with the sysctls to raise). Keep-alive every 5 s and a
-//! 30 s idle timeout make a dead peer visible as `ConnectionError::TimedOut`.
+//! logged at INFO with the sysctls to raise). Keep-alive every 1 s and a
+//! 30 s idle timeout make a dead peer visible as `ConnectionError::TimedOut`;
+//! a receiver that restarted answers the next keep-alive with a stateless
+//! reset (its reset key is derived from its identity, see
+//! [`Identity::stateless_reset_key`]), so an idle sender learns of the
+//! restart within a second and reconnects (measured: the sender noticed a
+//! receiver restart 4–6 s late with a 5 s keep-alive and a random reset key).
 //! All of it is adjustable through [`Tuning`] ([`server_tuned`],
 //! [`client_tuned`]). Measured on this project's 2-core shared machine
 //! (client and server in one process, one stream, 1 MiB `InitialChunk`s,
@@ -144,7 +149,7 @@ impl Default for Tuning {
             receive_window: 64 << 20,
             send_window: 64 << 20,
             socket_buffer: 8 << 20,
-            keep_alive: Duration::from_secs(5),
+            keep_alive: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(30),
             max_streams: 64,
             max_udp_payload: 1472,
@@ -244,17 +249,25 @@ fn bind_socket(addr: SocketAddr, tuning: &Tuning) -> Result<std::net::UdpSocket,
     Ok(sock.into())
 }
 
-/// `reset_key`: the key stateless resets are signed with (a server passes
-/// [`Identity::stateless_reset_key`], stable across restarts); `None`: random.
+/// `stable`: a server's identity, whose derived keys sign stateless resets
+/// and validate connection IDs the same way after a restart (see
+/// [`Identity::stateless_reset_key`]); `None`: random keys.
 fn endpoint_on(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
     tuning: &Tuning,
-    reset_key: Option<ring::hmac::Key>,
+    stable: Option<&Identity>,
 ) -> Result<quinn::Endpoint, TransportError> {
     let sock = bind_socket(addr, tuning)?;
-    let mut config = match reset_key {
-        Some(k) => quinn::EndpointConfig::new(Arc::new(k)),
+    let mut config = match stable {
+        Some(id) => {
+            let mut c = quinn::EndpointConfig::new(Arc::new(id.stateless_reset_key()));
+            let cid_key = id.connection_id_key();
+            c.cid_generator(move || {
+                Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+            });
+            c
+        }
         None => quinn::EndpointConfig::default(),
     };
     config
@@ -284,7 +297,7 @@ pub fn server_tuned(
     let crypto = server_crypto(id, trust)?;
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     sc.transport_config(Arc::new(tuning.transport_config()?));
-    endpoint_on(listen, Some(sc), tuning, Some(id.stateless_reset_key()))
+    endpoint_on(listen, Some(sc), tuning, Some(id))
 }
 
 /// Replace a running server endpoint's identity and trust store (e.g. after
