@@ -833,3 +833,49 @@ async fn trust_reload_admits_a_new_peer_and_alpn_is_required() {
     println!("server says: {srv}");
     assert!(srv.starts_with("refused connection from"), "{srv}");
 }
+
+/// A receiver that restarts (same identity, same address) answers the
+/// packets of a connection it lost with a stateless reset the client
+/// accepts: the client sees `Reset` right away, not `TimedOut` after the
+/// idle timeout (30 s here).
+#[tokio::test]
+async fn restarted_server_resets_its_old_connections() {
+    let (a, b) = ids();
+    let tuning = transport::Tuning {
+        keep_alive: Duration::from_millis(200),
+        idle_timeout: Duration::from_secs(30),
+        ..Default::default()
+    };
+    // The first server runs in a runtime of its own, so that it can die
+    // like a killed process: dropped with its connections, nothing sent.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (ta, tb, tn) = (trusting(&[&a]), b.clone(), tuning.clone());
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    rt.spawn(async move {
+        let server = transport::server_tuned(localhost(), &tb, &ta, &tn).unwrap();
+        addr_tx.send(server.local_addr().unwrap()).unwrap();
+        let inc = server.accept().await.unwrap();
+        let conn = transport::accept(inc).await.unwrap().0;
+        std::future::pending::<()>().await;
+        drop((conn, server));
+    });
+    let addr = addr_rx.recv().unwrap();
+    let client = transport::client_tuned(&a, &trusting(&[&b]), &tuning, None).unwrap();
+    let conn = transport::connect(&client, addr, "site-b").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(conn.close_reason().is_none());
+    // kill -9: the runtime and the endpoint's socket vanish.
+    rt.shutdown_background();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ... and the server restarts on the same address with the same identity.
+    let again = transport::server_tuned(addr, &b, &trusting(&[&a]), &tuning).unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .expect("the client never learnt that the server restarted");
+    assert!(matches!(e, quinn::ConnectionError::Reset), "{e:?}");
+    drop(again);
+}
