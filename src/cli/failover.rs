@@ -16,9 +16,13 @@ use crate::testview::{format_utc, PointSel};
 
 #[derive(Subcommand, Debug)]
 pub enum PlanCmd {
-    /// Run a recovery plan (groups of VMs in order, with pre/post scripts;
-    /// format in `vdrep::failover::plan`): a test failover of every VM with
-    /// --test, an unplanned failover (newest point) with --unplanned.
+    /// Run a recovery plan: a test failover of every VM with --test, an
+    /// unplanned failover (newest point) with --unplanned. The plan is a
+    /// text file of groups run in order: `[group NAME]`, then `vms = A B`
+    /// (failed over in this order), optional `pre = CMD` (a failing pre
+    /// skips its group) and `post = CMD`; scripts get VDREP_PLAN_GROUP,
+    /// VDREP_PLAN_VMS and VDREP_PLAN_MODE. A failed VM stops the plan
+    /// before the next group.
     Failover {
         /// The plan file.
         plan: PathBuf,
@@ -38,6 +42,7 @@ pub enum PlanCmd {
         /// Remove the test failovers of a plan's VMs instead.
         #[arg(long, requires = "test")]
         cleanup: bool,
+        /// Print the report (one entry per VM and script) as JSON.
         #[arg(long)]
         json: bool,
     },

@@ -78,6 +78,7 @@ pub enum Cmd {
     },
     /// Unmount DIR cleanly (saves the dirty bitmaps so tracking survives).
     Umount {
+        /// The mounted folder.
         dir: PathBuf,
         /// Detach now even if files are open; the daemon stops when they close.
         #[arg(long)]
@@ -86,6 +87,7 @@ pub enum Cmd {
     /// Seal the current cycle of every tracked disk under DIR at one instant
     /// and print the path of each sealed log, one per line.
     Cut {
+        /// The mounted folder.
         dir: PathBuf,
         /// Print the whole cut report as JSON instead.
         #[arg(long)]
@@ -95,7 +97,10 @@ pub enum Cmd {
     /// (RPO), bytes pending, throughput, last error, next retry. Without DIR,
     /// every running mount.
     Status {
+        /// A mounted folder (default: every running mount).
         dir: Option<PathBuf>,
+        /// Print the status as JSON (the fields of the text output and more:
+        /// retries, wire bytes, resync progress) instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -162,6 +167,7 @@ pub enum Cmd {
     },
     /// Stop protecting a VM (its replica stays at the receiver).
     Unprotect {
+        /// VM name.
         name: String,
         /// The mounted folder holding the VM's disks (default: search all mounts).
         #[arg(long)]
@@ -170,6 +176,7 @@ pub enum Cmd {
     /// Force a cut now and wait until the receiver durably applied it.
     /// TARGET is a VM name or a mounted folder (all its VMs).
     Sync {
+        /// A VM name, or a mounted folder (every VM protected from it).
         target: String,
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 600)]
@@ -186,6 +193,7 @@ pub enum Cmd {
         /// The sending site (needed only if several sites replicate a VM of this name).
         #[arg(long)]
         site: Option<String>,
+        /// Print the points as JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -222,6 +230,7 @@ pub enum Cmd {
     /// blocks that differ, as one recovery point (history is kept). Waits
     /// until it is complete, with a progress bar on a terminal.
     Resync {
+        /// VM name (protected from a running mount).
         name: String,
         /// Only schedule it (it starts as soon as the VM's worker is free).
         #[arg(long)]
@@ -229,6 +238,7 @@ pub enum Cmd {
         /// Give up waiting after this many seconds (the resync goes on).
         #[arg(long, default_value_t = 86400)]
         timeout: u64,
+        /// Print the result (blocks compared, differing, sent) as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -237,9 +247,12 @@ pub enum Cmd {
     /// shipping data. Prints the differing byte ranges; exit status 1 if
     /// any differ, 0 if the replica is identical.
     Verify {
+        /// VM name (protected from a running mount).
         name: String,
+        /// Give up waiting after this many seconds.
         #[arg(long, default_value_t = 86400)]
         timeout: u64,
+        /// Print the differing ranges per disk as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -247,7 +260,9 @@ pub enum Cmd {
     /// on every core; prints GB/s (the file is read once into memory).
     #[command(hide = true)]
     HashBench {
+        /// The file to digest.
         file: PathBuf,
+        /// Block size in bytes.
         #[arg(long, default_value_t = 4096)]
         block_size: usize,
     },
@@ -358,3 +373,6 @@ pub fn run(cmd: Cmd) -> i32 {
         Cmd::HashBench { file, block_size } => points::hash_bench(&file, block_size),
     }
 }
+
+#[cfg(test)]
+mod help_tests;
