@@ -28,7 +28,7 @@ use std::collections::{BTreeSet, VecDeque};
 use model::{block_digest, Rng, Store, Vm, BLOCK};
 use vdrep::wire::session::{
     Event, Job, Output, ReadData, ReadId, ReadWhat, Receiver, ReceiverAction, ReceiverConfig,
-    Sender, SenderAction, SenderConfig, StreamId,
+    Sender, SenderAction, SenderConfig, SourceError, StreamId,
 };
 use vdrep::wire::{self, DiskKind, HashRun, InitialBegin, LogBegin, Msg, OpenDisk};
 
@@ -493,7 +493,7 @@ impl World {
                             end: e == l.bytes.len(),
                         })
                     }
-                    None => Err(format!("no sealed log {cycle}")),
+                    None => Err(SourceError(format!("no sealed log {cycle}"))),
                 }
             }
             ReadWhat::Initial { disk_id, cycle } => {
@@ -515,7 +515,7 @@ impl World {
                             end: e == img.len(),
                         })
                     }
-                    _ => Err(format!("no copy image of cycle {cycle}")),
+                    _ => Err(SourceError(format!("no copy image of cycle {cycle}"))),
                 }
             }
         };

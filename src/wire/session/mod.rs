@@ -79,7 +79,9 @@ mod receiver;
 mod sender;
 
 pub use receiver::{DiskStatus, LogStored, Receiver, ReceiverAction, ReceiverConfig, StoreDone};
-pub use sender::{Job, ReadData, ReadId, ReadWhat, Sender, SenderAction, SenderConfig};
+pub use sender::{
+    Job, ReadData, ReadId, ReadWhat, Sender, SenderAction, SenderConfig, SourceError,
+};
 
 use super::{decode, encode, DiskId, ErrorCode, Msg};
 

@@ -78,6 +78,12 @@ pub enum ReadWhat {
     Initial { disk_id: DiskId, cycle: u64 },
 }
 
+/// Why the driver could not read what [`SenderAction::Read`] asked for
+/// (the disk or log is gone or unreadable): the session fails that job.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct SourceError(pub String);
+
 /// The driver's answer to a read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadData {
@@ -417,7 +423,7 @@ impl Sender {
 
     /// Feed the driver's answer to [`SenderAction::Read`]. Answers to reads
     /// of streams that are gone are ignored.
-    pub fn complete_read(&mut self, now: u64, id: ReadId, result: Result<ReadData, String>) {
+    pub fn complete_read(&mut self, now: u64, id: ReadId, result: Result<ReadData, SourceError>) {
         self.now = self.now.max(now);
         let Some(sid) = self.reads.remove(&id) else {
             return;
@@ -828,9 +834,9 @@ impl Sender {
         &mut self,
         sid: StreamId,
         id: ReadId,
-        result: Result<ReadData, String>,
+        result: Result<ReadData, SourceError>,
     ) -> Result<(), SessionError> {
-        let data = result.map_err(SessionError::Source)?;
+        let data = result.map_err(|e| SessionError::Source(e.0))?;
         let Some(SStream {
             kind:
                 SKind::Job {
