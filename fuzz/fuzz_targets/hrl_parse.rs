@@ -1,5 +1,6 @@
-//! Fuzz the `.hrl` parsers: `cargo +nightly fuzz run hrl_parse` (from the
-//! repository root). Any panic, overflow or oversized allocation is a bug.
+//! Fuzz the `.hrl` parsers: `scripts/fuzz.sh [SECONDS]` runs every target on the
+//! stable toolchain (kernel-notes/fuzzing.md). Any panic, overflow or
+//! oversized allocation is a bug.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
