@@ -1,5 +1,6 @@
 //! Fuzz the VHD footer parser (the part of the VHD format vdrep keeps):
-//! `cargo +nightly fuzz run vhd_parse` (from the repository root). Any
+//! `scripts/fuzz.sh [SECONDS]` runs every target on the stable toolchain
+//! (kernel-notes/fuzzing.md). Any
 //! panic, overflow or oversized allocation is a bug, and so is a footer that
 //! does not survive `encode` → `parse` unchanged.
 #![no_main]
