@@ -31,6 +31,7 @@
 //!   [`tracking`]).
 //! - [`transport`]: site identities, pinned-certificate mutual TLS over QUIC.
 //! - [`wire`]: the replication protocol's messages and sans-IO codec.
+//! - [`util`]: wall-clock nanoseconds, hex, random ids (a leaf).
 //! - [`ipc`]: one JSON-line request/response exchange over a local Unix
 //!   socket, generic over the messages (used by [`daemon`] and [`receiver`]).
 
@@ -49,5 +50,6 @@ pub mod sys;
 pub mod testview;
 pub mod tracking;
 pub mod transport;
+pub mod util;
 pub mod vhd;
 pub mod wire;

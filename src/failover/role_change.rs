@@ -5,7 +5,7 @@
 //! are [`crate::roles`].
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use super::FailoverError;
 use crate::daemon::control::{self, call_ok, FenceReport, Request};
@@ -13,13 +13,7 @@ use crate::receiver::control::{self as rctl, call_ok as rcall_ok};
 use crate::roles::{admin_call, AdminRequest, Origin};
 
 type Result<T> = std::result::Result<T, FailoverError>;
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
+use crate::util::now_ns;
 
 /// The running mount protecting `vm` (or `dir` if given).
 fn mount_of_vm(vm: &str, dir: Option<&Path>) -> Result<PathBuf> {

@@ -2,7 +2,8 @@
 
 use super::reader::HrlReader;
 use super::writer::sync_parent_dir;
-use super::{hex, HrlError, HrlHeader, HrlSummary};
+use super::{HrlError, HrlHeader, HrlSummary};
+use crate::util::hex;
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;

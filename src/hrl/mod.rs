@@ -184,13 +184,3 @@ pub struct HrlSummary {
     /// The whole-log xxh3-128 recorded in the trailer, as 32 hex digits.
     pub log_checksum: String,
 }
-
-/// Lower-case hex of `bytes`.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
-}

@@ -1,7 +1,8 @@
 //! Streaming reading, verification and dumping of logs.
 
 use super::format::{self, Encoding, Frame, ParseError, RecordHeader, MAX_RECORD_LEN};
-use super::{hex, HrlError, HrlHeader, HrlSummary};
+use super::{HrlError, HrlHeader, HrlSummary};
+use crate::util::hex;
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};

@@ -1,7 +1,8 @@
 //! Writing a log: temp file, records, trailer, fsync, rename, fsync dir.
 
 use super::format::{self, Encoding, RecordHeader, Trailer, MAX_RECORD_LEN};
-use super::{hex, HrlError, HrlHeader, HrlSummary};
+use super::{HrlError, HrlHeader, HrlSummary};
+use crate::util::hex;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};

@@ -6,6 +6,7 @@ use super::fault::crash_point;
 use super::names::{check_inside, ensure_dir, validate_name};
 use super::target::{open_target, ReplicaFormat, ReplicaTarget, VHD_FOOTER_LEN};
 use super::undo::{self, PointReader, ReaderShared, UndoLayer};
+use crate::util::{hex, now_ns, random_id};
 use crate::vhd::footer::vhd_timestamp_now;
 
 mod roles;
@@ -242,39 +243,6 @@ pub struct Site<'a> {
     store: &'a Store,
     name: String,
     dir: PathBuf,
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn random_id() -> [u8; 16] {
-    let mut b = [0u8; 16];
-    let ok = File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .is_ok();
-    if !ok {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        b = xxhash_rust::xxh3::xxh3_128(
-            &[
-                t.to_le_bytes(),
-                u128::from(std::process::id()).to_le_bytes(),
-            ]
-            .concat(),
-        )
-        .to_le_bytes();
-    }
-    b
-}
-
-fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {

@@ -29,7 +29,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -38,6 +38,7 @@ use tokio::sync::{oneshot, Notify};
 use crate::hrl::Encoding;
 use crate::tracking::{CutErrorKind, CutSelect, DiskState as TrackState, SealedLog, Tracker};
 use crate::transport::{self, keys::Identity, trust::TrustStore};
+use crate::util::now_ns;
 use crate::wire::{self, Msg};
 use shaper::{Class, LinkShare, Shaper};
 
@@ -196,13 +197,6 @@ enum Job {
 
 fn retry(e: impl std::fmt::Display) -> SendError {
     SendError::retry(e)
-}
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
 }
 
 /// Schedules whose interval is at most this retry fast first (see [`backoff`]).

@@ -30,6 +30,7 @@ use fuser::{BackgroundSession, Config, MountOption, SessionACL};
 use serde::{Deserialize, Serialize};
 
 use crate::replica::{self, Consistency, ReplicaFormat, Store};
+use crate::util::now_ns;
 use view::{ViewFile, ViewFs};
 
 /// Folder of the store holding the views and their scratch data.
@@ -140,13 +141,6 @@ impl PointSel {
                 ))
             })
     }
-}
-
-fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
 }
 
 /// Days since 1970-01-01 of a civil date (proleptic Gregorian).

@@ -41,13 +41,13 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 
 use crate::hrl::{HrlHeader, HrlWriter};
 use crate::sys;
+use crate::util::{hex, now_ns, random_id};
 use bitmap::Bitmap;
 pub use sealed_log::SealedLog;
 pub use state::DiskState;
@@ -246,30 +246,6 @@ fn io_state(path: &Path, source: io::Error) -> TrackError {
         path: path.to_path_buf(),
         source,
     }
-}
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
-
-fn random_id() -> [u8; 16] {
-    let mut id = [0u8; 16];
-    // SAFETY: buffer is valid for 16 bytes.
-    let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
-    if n != 16 {
-        // Fall back to a time/pid derived value; uniqueness is what matters.
-        let seed = now_ns() ^ (u64::from(std::process::id()) << 32);
-        let h = xxhash_rust::xxh3::xxh3_128(&seed.to_le_bytes());
-        id = h.to_le_bytes();
-    }
-    id
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn unhex16(s: &str) -> Option<[u8; 16]> {

@@ -339,7 +339,7 @@ fn error_frame(e: &SessionError) -> Vec<u8> {
 
 /// Lower-case hex of a disk id, for messages.
 fn hexid(id: &DiskId) -> String {
-    crate::hrl::hex(id)
+    crate::util::hex(id)
 }
 
 #[cfg(test)]

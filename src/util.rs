@@ -1,0 +1,46 @@
+//! Small helpers every layer shares (a leaf: imports nothing of the crate):
+//! wall-clock nanoseconds, lower-case hex, random 128-bit identities.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Nanoseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// A random 128-bit identity (a disk's, a failover's) from the system's
+/// random source; if that fails, one derived from the time and the process
+/// id (uniqueness is what matters, not secrecy).
+pub fn random_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id).is_err() {
+        let seed = u128::from(now_ns()) ^ (u128::from(std::process::id()) << 64);
+        id = xxhash_rust::xxh3::xxh3_128(&seed.to_le_bytes()).to_le_bytes();
+    }
+    id
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_and_ids() {
+        assert_eq!(hex(&[0x00, 0xab, 0x7f]), "00ab7f");
+        assert_ne!(random_id(), random_id());
+        assert!(now_ns() > 1_600_000_000_000_000_000);
+    }
+}
