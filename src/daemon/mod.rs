@@ -31,6 +31,10 @@ pub struct MountOptions {
     pub fs: FsOptions,
     /// Identity folder (`vdrep keys init`) for replication.
     pub keys: Option<PathBuf>,
+    /// VMs to protect once the mount is live (from the configuration
+    /// file), as `vdrep protect` would; one already protected with the
+    /// same spec (resumed from the last run) is left running.
+    pub protect: Vec<crate::sender::ProtectSpec>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -315,7 +319,8 @@ fn serve_inner(
         dir.display(),
         tracker.status().disks.len()
     );
-    notify(ready, "ok\n");
+    let report = protect_all(&replicator, &opts.protect);
+    notify(ready, &format!("ok\n{report}"));
     let run = session.run();
     tracing::info!("FUSE session over {} ended", dir.display());
     let saved = tracker.shutdown_clean();
@@ -330,6 +335,44 @@ fn serve_inner(
     saved?;
     tracing::info!("tracking state saved; clean stop");
     Ok(())
+}
+
+/// Protect every VM of `specs` not already protected with the same spec;
+/// one line per VM for the operator (a VM that cannot be protected is
+/// reported and the mount goes on: its VMs' disks must stay available).
+fn protect_all(
+    rep: &Arc<crate::sender::Replicator>,
+    specs: &[crate::sender::ProtectSpec],
+) -> String {
+    let mut out = String::new();
+    for spec in specs {
+        let same = rep
+            .spec(&spec.vm)
+            .is_some_and(|s| serde_json::to_value(s).ok() == serde_json::to_value(spec).ok());
+        if same {
+            tracing::info!(vm = %spec.vm, "protected (resumed, as configured)");
+            out += &format!("{}: protected (resumed)\n", spec.vm);
+            continue;
+        }
+        match rep.protect(spec.clone()) {
+            Ok(warnings) => {
+                tracing::info!(vm = %spec.vm, "protected (from the configuration)");
+                out += &format!(
+                    "{}: protected ({} disk(s)); initial replication started\n",
+                    spec.vm,
+                    spec.disks.len()
+                );
+                for w in warnings {
+                    out += &format!("{}: warning: {w}\n", spec.vm);
+                }
+            }
+            Err(e) => {
+                tracing::error!(vm = %spec.vm, "cannot protect: {e}");
+                out += &format!("{}: warning: NOT protected: {e}\n", spec.vm);
+            }
+        }
+    }
+    out
 }
 
 fn dir_static() -> &'static Path {
