@@ -158,7 +158,10 @@ fn unreadable_key_files_are_refused_when_files_are_checked() {
 #[test]
 fn durations_and_rates() {
     assert_eq!(parse_duration("15min"), Ok(Duration::from_secs(900)));
-    assert_eq!(parse_duration("soon").unwrap_err().kind(), ProblemKind::BadDuration);
+    assert_eq!(
+        parse_duration("soon").unwrap_err().kind(),
+        ProblemKind::BadDuration
+    );
     assert_eq!(parse_rate("fast").unwrap_err().kind(), ProblemKind::BadRate);
     assert!(parse_duration("0s").is_err());
     assert!(parse_duration("soon").is_err());
