@@ -270,3 +270,220 @@ fn same_disk(raw: &Path, vhd: &Path) {
     );
     assert!(out.contains("identical"), "{out}");
 }
+
+/// The primary's file: the folder and one `[[vm]]` per (name, disk, extra
+/// settings), trusting the receiver's certificate (and `extra_trust`).
+fn primary_toml(site: &Site, addr: &str, vms: &[(&str, &str, &str)]) -> String {
+    let vm = site.s("vm");
+    let mut t = format!(
+        "[site]\nname = \"site-a\"\nkeys = \"{}\"\ntrust = [\"{}/site-b.crt\"]\n\n[[mount]]\npath = \"{vm}\"\n",
+        site.s("ka"),
+        site.s("kb")
+    );
+    for (name, disk, extra) in vms {
+        t += &format!(
+            "\n[[vm]]\nname = \"{name}\"\ndisks = [\"{vm}/{disk}\"]\nto = \"{addr}\"\n{extra}\n"
+        );
+    }
+    t
+}
+
+/// The mount's protected VMs: name -> every_secs.
+fn protected(m: &Mounted) -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> = m.status_json()["replication"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["vm"].as_str().unwrap().to_string(),
+                v["every_secs"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Wait (up to 60 s) until the mount protects exactly `want`.
+fn wait_protected(m: &Mounted, want: &[(&str, u64)]) {
+    let want: Vec<(String, u64)> = want.iter().map(|(n, e)| (n.to_string(), *e)).collect();
+    for _ in 0..600 {
+        if protected(m) == want {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("protected: {:?}, want {want:?}", protected(m));
+}
+
+/// Reload without downtime (issue 9, must-show 3): VMs added, changed and
+/// removed by editing the file + SIGHUP (and `vdrep reload`), a bad file
+/// refused with nothing changed, while a writer keeps writing O_DIRECT
+/// through the mount to another VM's disk and never sees an error.
+#[test]
+fn sighup_reload_converges_while_a_writer_keeps_writing() {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    require_fuse!();
+    let site = Site::new();
+    for (d, seed) in [("a.raw", 21), ("b.raw", 22)] {
+        std::fs::write(site.p(&format!("vm/{d}")), random(4 << 20, seed)).unwrap();
+    }
+    let port = free_port();
+    let dr = site.write(
+        "dr.toml",
+        &format!(
+            "[site]\nkeys = \"{}\"\ntrust = [\"{}/site-a.crt\"]\n\n[receiver]\nlisten = \"127.0.0.1:{port}\"\nstore = \"{}\"\n",
+            site.s("kb"),
+            site.s("ka"),
+            site.s("store")
+        ),
+    );
+    let (_rcv, addr) = ConfigReceiver::start(&dr);
+    let vm = site.s("vm");
+    let file = site.s("primary.toml");
+    let write_cfg = |vms: &[(&str, &str, &str)]| {
+        std::fs::write(&file, primary_toml(&site, &addr, vms)).unwrap();
+    };
+    write_cfg(&[("a", "a.raw", "every = \"1h\"")]);
+    vdrep_ok(&["--config", &file, "mount", &vm]);
+    let m = Mounted {
+        dir: site.p("vm"),
+        mounted: true,
+    };
+    wait_protected(&m, &[("a", 3600)]);
+    let pid = nix::unistd::Pid::from_raw(m.daemon_pid());
+    let hup = || nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+
+    // The writer: O_DIRECT 64 KiB writes to a.raw through the mount.
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (stop, written) = (stop.clone(), written.clone());
+        let path = site.p("vm/a.raw");
+        std::thread::spawn(move || -> Result<(), String> {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&path)
+                .map_err(|e| format!("open O_DIRECT: {e}"))?;
+            let layout = std::alloc::Layout::from_size_align(64 << 10, 4096).unwrap();
+            // SAFETY: non-zero size; freed below with the same layout.
+            let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+            assert!(!ptr.is_null());
+            // SAFETY: `ptr` points to `layout.size()` initialised bytes.
+            let buf = unsafe { std::slice::from_raw_parts_mut(ptr, layout.size()) };
+            let mut r = Ok(());
+            let mut i: u64 = 0;
+            while !stop.load(Ordering::SeqCst) {
+                buf[..8].copy_from_slice(&i.to_le_bytes());
+                let off = (i % 64) * (64 << 10);
+                if let Err(e) = f.write_all_at(buf, off) {
+                    r = Err(format!("write {i} at {off}: {e}"));
+                    break;
+                }
+                written.fetch_add(1, Ordering::SeqCst);
+                i += 1;
+            }
+            // SAFETY: allocated above with `layout`.
+            unsafe { std::alloc::dealloc(ptr, layout) };
+            r
+        })
+    };
+    let wait_writes = |n: u64| {
+        let target = written.load(Ordering::SeqCst) + n;
+        for _ in 0..600 {
+            if written.load(Ordering::SeqCst) >= target {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!(
+            "the writer is stuck at {} writes",
+            written.load(Ordering::SeqCst)
+        );
+    };
+    wait_writes(10);
+
+    // 1. Add a VM.
+    write_cfg(&[
+        ("a", "a.raw", "every = \"1h\""),
+        ("b", "b.raw", "every = \"1h\"\nmax_rate = \"100MB/s\""),
+    ]);
+    hup();
+    wait_protected(&m, &[("a", 3600), ("b", 3600)]);
+    wait_writes(10);
+
+    // 2. Change b's schedule and rate (SIGHUP), then its rate alone
+    //    (`vdrep reload`), then trust one more certificate for its receiver.
+    write_cfg(&[
+        ("a", "a.raw", "every = \"1h\""),
+        ("b", "b.raw", "every = \"15min\"\nmax_rate = \"50MB/s\""),
+    ]);
+    hup();
+    wait_protected(&m, &[("a", 3600), ("b", 900)]);
+    write_cfg(&[
+        ("a", "a.raw", "every = \"1h\""),
+        ("b", "b.raw", "every = \"15min\"\nmax_rate = \"100Mbit/s\""),
+    ]);
+    let out = vdrep_ok(&["--config", &file, "reload", &vm]);
+    assert!(out.contains("b: protected with the new settings"), "{out}");
+    assert!(out.contains("a: protected (unchanged)"), "{out}");
+    std::fs::create_dir_all(site.p("kc")).unwrap();
+    vdrep_ok(&["keys", "init", "--name", "site-c", "--out", &site.s("kc")]);
+    write_cfg(&[
+        ("a", "a.raw", "every = \"1h\""),
+        (
+            "b",
+            "b.raw",
+            &format!(
+                "every = \"15min\"\nmax_rate = \"100Mbit/s\"\ntrust = [\"{}/site-b.crt\", \"{}/site-c.crt\"]",
+                site.s("kb"),
+                site.s("kc")
+            ),
+        ),
+    ]);
+    let out = vdrep_ok(&["reload", &vm]);
+    assert!(out.contains("b: protected with the new settings"), "{out}");
+    wait_writes(10);
+
+    // 3. A bad file is refused and nothing changes.
+    let good = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(
+        &file,
+        good.replace("every = \"15min\"", "every = \"often\""),
+    )
+    .unwrap();
+    let o = vdrep(&["reload", &vm]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("{file}:")) && err.contains("vm[b].every"),
+        "{err}"
+    );
+    hup();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(protected(&m), vec![("a".into(), 3600), ("b".into(), 900)]);
+    std::fs::write(&file, &good).unwrap();
+
+    // 4. Remove a VM: it is unprotected, its disk stays mounted and tracked.
+    write_cfg(&[("a", "a.raw", "every = \"1h\"")]);
+    hup();
+    wait_protected(&m, &[("a", 3600)]);
+    let disks: Vec<String> = m.status_json()["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(disks.contains(&"b.raw".to_string()), "{disks:?}");
+    wait_writes(10);
+
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap().unwrap();
+    assert!(is_mountpoint(&site.p("vm")));
+    vdrep_ok(&["sync", &vm, "--timeout", "120"]);
+    drop(m);
+}

@@ -1,11 +1,12 @@
-//! `vdrep config check`, and the mapping of a checked [`Config`] onto the
+//! `vdrep config check`, `vdrep reload`, and the mapping of a checked [`Config`] onto the
 //! options of `mount` (its VMs' protections) and `receive`. The file's
 //! schema and checks are [`crate::config`].
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use crate::config::{self, Checks, Config, ConfigError, Every, VmCfg};
-use crate::sender::app_hook::{self as ah, AppHookSpec};
+use super::fmt::control_err;
+use crate::config::{self, Checks, Config, ConfigError};
+use crate::daemon::control::{self, Request};
 use crate::sender::ProtectSpec;
 
 /// `vdrep config check [--config FILE] [--content-only]`.
@@ -54,37 +55,40 @@ pub fn load(explicit: Option<&Path>) -> Result<Option<Config>, i32> {
     config::load_for_command(explicit).map_err(|e| report(&e))
 }
 
-/// Seconds of an optional [`Every`], or `default`.
-fn secs(e: Option<Every>, default: u64) -> u64 {
-    e.map_or(default, Every::secs)
+/// The protections of the configuration's VMs under `dir` (canonical).
+pub fn specs_under(cfg: &Config, dir: &Path) -> Result<Vec<ProtectSpec>, i32> {
+    crate::daemon::reload::specs_under(cfg, dir).map_err(|e| {
+        eprintln!("vdrep: {e}");
+        2
+    })
 }
 
-/// A `[[vm]]` as `vdrep protect` would build it from the same flags.
-pub fn protect_spec(vm: &VmCfg) -> Result<ProtectSpec, String> {
-    let mut trust = Vec::new();
-    for t in &vm.trust {
-        trust.push(
-            std::fs::canonicalize(t)
-                .map_err(|e| format!("{}: trust {}: {e}", vm.name, t.display()))?,
-        );
+/// `vdrep reload [DIR]`: every running mount without DIR.
+pub fn reload(dir: Option<PathBuf>) -> i32 {
+    let mounts = match dir {
+        Some(d) => vec![d],
+        None => control::running_mounts(),
+    };
+    if mounts.is_empty() {
+        eprintln!("vdrep: no vdrep mount is running");
+        return 2;
     }
-    Ok(ProtectSpec {
-        vm: vm.name.clone(),
-        to: vm.to.clone(),
-        trust,
-        every_secs: secs(vm.every, super::replication::DEFAULT_EVERY_SECS),
-        disks: vm.disks_rel.clone(),
-        max_rate: vm.max_rate.unwrap_or(0),
-        resync_threshold_pct: vm
-            .resync_threshold_pct
-            .unwrap_or_else(crate::sender::default_threshold),
-        resync_window: vm.resync_window.clone().unwrap_or_default(),
-        app_hook: vm.app_hook.as_ref().map(|cmd| AppHookSpec {
-            cmd: cmd.clone(),
-            every_secs: secs(vm.app_every, ah::DEFAULT_EVERY_SECS),
-            timeout_secs: vm
-                .app_timeout
-                .map_or(ah::DEFAULT_TIMEOUT_SECS, |d| d.as_secs().max(1)),
-        }),
-    })
+    for m in mounts {
+        match control::call(&m, &Request::Reload) {
+            Err(e) => return control_err(e),
+            Ok(r) if !r.ok => {
+                for l in r.error.unwrap_or_default().lines() {
+                    eprintln!("vdrep: {l}");
+                }
+                eprintln!("vdrep: {}: reload refused; nothing changed", m.display());
+                return 2;
+            }
+            Ok(r) => {
+                for l in r.reload.unwrap_or_default() {
+                    println!("{}: {l}", m.display());
+                }
+            }
+        }
+    }
+    0
 }

@@ -9,7 +9,7 @@
 //! - [`replication`]: `receive`, `protect`, `unprotect`, `sync`;
 //! - [`points`]: `points`, `resync`, `verify`, `hash-bench`;
 //! - [`failover`]: `failover`, `reverse`, `plan`;
-//! - [`config`]: `config check`, the configuration file mapped onto
+//! - [`config`]: `config check`, `reload`, the configuration file mapped onto
 //!   `mount` and `receive`;
 //! - [`keys`]: `keys init`; [`hrl`]: `hrl dump|verify|apply`;
 //! - [`fmt`]: sizes, progress lines and bars, error exit codes.
@@ -99,6 +99,12 @@ pub enum Cmd {
         #[arg(long)]
         keys: Option<PathBuf>,
     },
+    /// Re-read the configuration file in the mount daemon of DIR (every
+    /// running mount without DIR), like SIGHUP: protect the VMs added,
+    /// unprotect the VMs removed (their disks stay mounted and tracked),
+    /// apply changed settings. A file with problems is refused and nothing
+    /// changes. Never unmounts.
+    Reload { dir: Option<PathBuf> },
     /// Unmount DIR cleanly (saves the dirty bitmaps so tracking survives).
     Umount {
         /// The mounted folder.
@@ -338,6 +344,7 @@ pub fn run(cmd: Cmd, config: Option<&Path>) -> i32 {
             )
         }
         Cmd::Umount { dir, lazy } => mount::umount(dir, lazy),
+        Cmd::Reload { dir } => self::config::reload(dir),
         Cmd::Cut { dir, json } => mount::cut(dir, json),
         Cmd::Status { dir, json } => mount::status(dir, json),
         Cmd::Keys {

@@ -50,16 +50,11 @@ pub fn mount(
             return 2;
         }
     };
-    let mut protect = Vec::new();
-    for vm in cfg.map(|c| c.vms_under(&canon)).unwrap_or_default() {
-        match super::config::protect_spec(vm) {
-            Ok(s) => protect.push(s),
-            Err(e) => {
-                eprintln!("vdrep: {e}");
-                return 2;
-            }
-        }
-    }
+    let protect = match cfg.map(|c| super::config::specs_under(c, &canon)) {
+        None => Vec::new(),
+        Some(Ok(v)) => v,
+        Some(Err(code)) => return code,
+    };
     daemon::mount(MountOptions {
         dir,
         foreground,
@@ -67,6 +62,7 @@ pub fn mount(
         fs,
         keys,
         protect,
+        config: cfg.map(|c| std::fs::canonicalize(&c.path).unwrap_or_else(|_| c.path.clone())),
     })
 }
 

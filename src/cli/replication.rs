@@ -210,9 +210,6 @@ impl RetentionArgs {
     }
 }
 
-/// `vdrep protect`'s default `--every` (5 minutes).
-pub const DEFAULT_EVERY_SECS: u64 = 300;
-
 /// `30s`, `5m`, `15m`, `1h`, `90` (seconds) or `continuous` (0).
 pub fn parse_interval(s: &str) -> Result<u64, String> {
     let s = s.trim();
