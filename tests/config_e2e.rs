@@ -319,7 +319,8 @@ fn wait_protected(m: &Mounted, want: &[(&str, u64)]) {
 
 /// Reload without downtime (issue 9, must-show 3): VMs added, changed and
 /// removed by editing the file + SIGHUP (and `vdrep reload`), a bad file
-/// refused with nothing changed, while a writer keeps writing O_DIRECT
+/// refused with nothing changed, a new sender certificate trusted by the
+/// running receiver after SIGHUP, while a writer keeps writing O_DIRECT
 /// through the mount to another VM's disk and never sees an error.
 #[test]
 fn sighup_reload_converges_while_a_writer_keeps_writing() {
@@ -341,7 +342,7 @@ fn sighup_reload_converges_while_a_writer_keeps_writing() {
             site.s("store")
         ),
     );
-    let (_rcv, addr) = ConfigReceiver::start(&dr);
+    let (rcv, addr) = ConfigReceiver::start(&dr);
     let vm = site.s("vm");
     let file = site.s("primary.toml");
     let write_cfg = |vms: &[(&str, &str, &str)]| {
@@ -481,9 +482,60 @@ fn sighup_reload_converges_while_a_writer_keeps_writing() {
     assert!(disks.contains(&"b.raw".to_string()), "{disks:?}");
     wait_writes(10);
 
+    // 5. The receiver trusts a new sender certificate without a restart:
+    //    site-c (a second folder) is refused, then accepted once its
+    //    certificate is added to the receiver's file and SIGHUP re-reads it.
+    std::fs::create_dir_all(site.p("vm2")).unwrap();
+    std::fs::write(site.p("vm2/c.raw"), random(1 << 20, 23)).unwrap();
+    let vm2 = site.s("vm2");
+    let file_c = site.write(
+        "primary-c.toml",
+        &format!(
+            "[site]\nkeys = \"{}\"\ntrust = [\"{}/site-b.crt\"]\n\n[[mount]]\npath = \"{vm2}\"\n\n             [[vm]]\nname = \"c\"\ndisks = [\"{vm2}/c.raw\"]\nto = \"{addr}\"\nevery = \"1h\"\n",
+            site.s("kc"),
+            site.s("kb")
+        ),
+    );
+    let out = vdrep_ok(&["--config", &file_c, "mount", &vm2]);
+    let m2 = Mounted {
+        dir: site.p("vm2"),
+        mounted: true,
+    };
+    assert!(out.contains("c: warning: NOT protected"), "{out}");
+    assert_eq!(protected(&m2), vec![]);
+    std::fs::write(
+        &dr,
+        std::fs::read_to_string(&dr).unwrap().replace(
+            &format!("trust = [\"{}/site-a.crt\"]", site.s("ka")),
+            &format!(
+                "trust = [\"{}/site-a.crt\", \"{}/site-c.crt\"]",
+                site.s("ka"),
+                site.s("kc")
+            ),
+        ),
+    )
+    .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(rcv.0.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let mut accepted = String::new();
+    for _ in 0..50 {
+        accepted = vdrep_ok(&["--config", &file_c, "reload", &vm2]);
+        if accepted.contains("c: protected (1 disk(s))") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(accepted.contains("c: protected (1 disk(s))"), "{accepted}");
+    vdrep_ok(&["sync", &vm2, "--timeout", "120"]);
+    drop(m2);
+
     stop.store(true, Ordering::SeqCst);
     writer.join().unwrap().unwrap();
     assert!(is_mountpoint(&site.p("vm")));
     vdrep_ok(&["sync", &vm, "--timeout", "120"]);
     drop(m);
+    drop(rcv);
 }

@@ -46,10 +46,14 @@ pub fn receive(flags: ReceiveFlags, cfg: Option<&crate::config::Config>) -> i32 
     let Some(keys) = flags.keys.or(site.and_then(|s| s.keys.clone())) else {
         return missing("--keys");
     };
-    let trust = if flags.trust.is_empty() {
-        site.map(|s| s.trust.clone()).unwrap_or_default()
+    // Trust from the file is re-read on SIGHUP; trust from flags is fixed.
+    let (trust, reload_trust_from) = if flags.trust.is_empty() {
+        (
+            site.map(|s| s.trust.clone()).unwrap_or_default(),
+            cfg.map(|c| std::fs::canonicalize(&c.path).unwrap_or_else(|_| c.path.clone())),
+        )
     } else {
-        flags.trust
+        (flags.trust, None)
     };
     if trust.is_empty() {
         return missing("--trust (a sending site's certificate)");
@@ -61,6 +65,7 @@ pub fn receive(flags: ReceiveFlags, cfg: Option<&crate::config::Config>) -> i32 
         trust,
         retention,
         prune_every,
+        reload_trust_from,
     }) {
         Ok(()) => 0,
         Err(e) => {
