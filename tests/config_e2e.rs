@@ -539,3 +539,58 @@ fn sighup_reload_converges_while_a_writer_keeps_writing() {
     drop(m);
     drop(rcv);
 }
+
+/// `vdrep config check`: the shipped example passes (its content; the key
+/// files it names are not on this machine), and a bad file fails with one
+/// FILE:LINE: KEY line per problem and exit status 2.
+#[test]
+fn config_check_accepts_the_example_and_names_file_line_key() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/doc/vdrep.example.toml");
+    let out = vdrep_ok(&["--config", example, "config", "check", "--content-only"]);
+    assert!(out.contains("2 VM(s)"), "{out}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.toml");
+    let text = std::fs::read_to_string(example)
+        .unwrap()
+        .replace("every = \"5min\"", "every = \"5 parsecs\"")
+        .replace("name = \"db\"", "name = \"web\"")
+        .replace(
+            "keep_for = \"3days\"",
+            "keep_for = \"3days\"\nkeep_al = \"1h\"",
+        );
+    std::fs::write(&bad, &text).unwrap();
+    let o = vdrep(&["config", "check", "--config", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    let line = text.lines().position(|l| l.starts_with("keep_al =")).unwrap() + 1;
+    assert!(
+        err.contains(&format!("{}:{line}: keep_al: unknown field", bad.display())),
+        "{err}"
+    );
+    // Fix the schema error: the value problems are all reported at once.
+    let text = text.replace("\nkeep_al = \"1h\"", "");
+    std::fs::write(&bad, &text).unwrap();
+    let o = vdrep(&[
+        "--config",
+        bad.to_str().unwrap(),
+        "config",
+        "check",
+        "--content-only",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    let at = |needle: &str| text.lines().position(|l| l.contains(needle)).unwrap() + 1;
+    let d = bad.display();
+    assert!(
+        err.contains(&format!("{d}:{}: vm[web].every: ", at("5 parsecs"))),
+        "{err}"
+    );
+    let second = text.match_indices("name = \"web\"").nth(1).unwrap().0;
+    let dup_line = text[..second].lines().count() + 1;
+    assert!(
+        err.contains(&format!("{d}:{dup_line}: vm[web].name: ")),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 2, "{err}");
+}
