@@ -563,7 +563,11 @@ fn config_check_accepts_the_example_and_names_file_line_key() {
     let o = vdrep(&["config", "check", "--config", bad.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
-    let line = text.lines().position(|l| l.starts_with("keep_al =")).unwrap() + 1;
+    let line = text
+        .lines()
+        .position(|l| l.starts_with("keep_al ="))
+        .unwrap()
+        + 1;
     assert!(
         err.contains(&format!("{}:{line}: keep_al: unknown field", bad.display())),
         "{err}"

@@ -104,7 +104,10 @@ pub enum Cmd {
     /// unprotect the VMs removed (their disks stay mounted and tracked),
     /// apply changed settings. A file with problems is refused and nothing
     /// changes. Never unmounts.
-    Reload { dir: Option<PathBuf> },
+    Reload {
+        /// The mounted folder (default: every running mount).
+        dir: Option<PathBuf>,
+    },
     /// Unmount DIR cleanly (saves the dirty bitmaps so tracking survives).
     Umount {
         /// The mounted folder.
