@@ -106,6 +106,8 @@ pub struct VmCfg {
     pub every: Option<Every>,
     /// Bytes per second.
     pub max_rate: Option<u64>,
+    /// Cap shared by every VM of the mount to the same `to`, bytes/s.
+    pub link_max_rate: Option<u64>,
     /// Percent of a disk's size.
     pub resync_threshold_pct: Option<f64>,
     pub resync_window: Option<String>,
@@ -767,6 +769,9 @@ impl Cx<'_> {
         }
         let every = self.value(&v.every, &k("every"), |s: &String| parse_every(s));
         let max_rate = self.value(&v.max_rate, &k("max_rate"), |s: &String| parse_rate(s));
+        let link_max_rate = self.value(&v.link_max_rate, &k("link_max_rate"), |s: &String| {
+            parse_rate(s)
+        });
         let resync_threshold_pct =
             self.value(&v.resync_threshold, &k("resync_threshold"), |s: &String| {
                 parse_percent(s)
@@ -817,6 +822,7 @@ impl Cx<'_> {
             trust,
             every,
             max_rate,
+            link_max_rate,
             resync_threshold_pct,
             resync_window,
             app_hook,

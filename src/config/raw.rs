@@ -56,6 +56,7 @@ pub struct Vm {
     pub trust: Option<Vec<S>>,
     pub every: Option<S>,
     pub max_rate: Option<S>,
+    pub link_max_rate: Option<S>,
     pub resync_threshold: Option<S>,
     pub resync_window: Option<S>,
     pub app_hook: Option<S>,

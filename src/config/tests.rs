@@ -41,6 +41,7 @@ disks = ["/srv/vdrep-test-vms/web/a.raw", "/srv/vdrep-test-vms/web/../web/b.raw"
 to = "dr.example.com:7700"
 every = "2h 30m"
 max_rate = "100Mbit/s"
+link_max_rate = "1Gbit/s"
 rpo_alert = "15min"
 
 [[vm]]
@@ -61,6 +62,7 @@ fn a_good_file_is_typed() {
     let web = &c.vms[0];
     assert_eq!(web.every, Some(Every::Interval(Duration::from_secs(9000))));
     assert_eq!(web.max_rate, Some(12_500_000));
+    assert_eq!(web.link_max_rate, Some(125_000_000));
     assert_eq!(web.disks_rel, vec!["web/a.raw", "web/b.raw"]);
     assert_eq!(web.trust, vec![PathBuf::from("/etc/vdrep/peers/dr.crt")]);
     assert_eq!(web.rpo_alert, Some(Duration::from_secs(900)));

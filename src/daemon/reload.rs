@@ -76,6 +76,7 @@ pub fn protect_spec(vm: &VmCfg) -> Result<ProtectSpec, ReloadError> {
         every_secs: secs(vm.every, DEFAULT_EVERY_SECS),
         disks: vm.disks_rel.clone(),
         max_rate: vm.max_rate.unwrap_or(0),
+        link_max_rate: vm.link_max_rate.unwrap_or(0),
         resync_threshold_pct: vm
             .resync_threshold_pct
             .unwrap_or_else(crate::sender::default_threshold),
