@@ -9,6 +9,8 @@
 //! `scripts/check-layers.sh`):
 //! - [`cli`]: the `vdrep` command line (clap definitions and thin
 //!   handlers, one file per command family). Nothing else imports it.
+//! - [`config`]: the declarative configuration file (`/etc/vdrep/vdrep.toml`):
+//!   schema, parsing and checks (FILE:LINE:KEY problems); no clap.
 //! - [`failover`]: failover as the operator runs it: test failover,
 //!   planned/unplanned failover, commit, cancel, reverse, recovery plans.
 //! - [`receiver`]: the secondary site's QUIC server in front of [`replica`],
@@ -36,6 +38,7 @@
 //!   socket, generic over the messages (used by [`daemon`] and [`receiver`]).
 
 pub mod cli;
+pub mod config;
 pub mod daemon;
 pub mod failover;
 pub mod fs;

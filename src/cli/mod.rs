@@ -9,9 +9,12 @@
 //! - [`replication`]: `receive`, `protect`, `unprotect`, `sync`;
 //! - [`points`]: `points`, `resync`, `verify`, `hash-bench`;
 //! - [`failover`]: `failover`, `reverse`, `plan`;
+//! - [`config`]: `config check`, `reload`, the configuration file mapped onto
+//!   `mount` and `receive`;
 //! - [`keys`]: `keys init`; [`hrl`]: `hrl dump|verify|apply`;
 //! - [`fmt`]: sizes, progress lines and bars, error exit codes.
 
+pub mod config;
 pub mod failover;
 pub mod fmt;
 pub mod hrl;
@@ -20,7 +23,7 @@ pub mod mount;
 pub mod points;
 pub mod replication;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 
@@ -35,8 +38,24 @@ use self::replication::{AppHookArgs, RetentionArgs};
     propagate_version = true
 )]
 pub struct Cli {
+    /// The configuration file (default /etc/vdrep/vdrep.toml, read by
+    /// `mount` and `receive` if it exists; flags override it).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCmd {
+    /// Check the configuration file: every problem is printed as
+    /// FILE:LINE: KEY: what is wrong and what is allowed (exit status 2).
+    Check {
+        /// Check the file's content only; do not read the key folder,
+        /// certificates and folders it names (e.g. a file for another machine).
+        #[arg(long)]
+        content_only: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -52,6 +71,9 @@ pub enum Cmd {
     ///
     /// Returns once the mount is live; the daemon keeps running in the
     /// background (logs in DIR/.vdrep/daemon.log) until `vdrep umount DIR`.
+    /// With a configuration file, every `[[vm]]` whose disks are under DIR
+    /// is protected as `vdrep protect` would with the same settings, and
+    /// the `[[mount]]` entry and `[site] keys` give the defaults of the flags.
     Mount {
         /// The folder holding the VM disks; it stays usable at the same path.
         dir: PathBuf,
@@ -59,8 +81,9 @@ pub enum Cmd {
         #[arg(long)]
         foreground: bool,
         /// Tracking granularity in bytes (power of two, 512..1048576).
-        #[arg(long, default_value_t = 4096)]
-        block_size: u32,
+        /// Default 4096.
+        #[arg(long)]
+        block_size: Option<u32>,
         /// File-name patterns of tracked disks (repeatable; replaces the default
         /// *.vhd *.vhdx *.img *.raw *.qcow2).
         #[arg(long = "pattern")]
@@ -75,6 +98,15 @@ pub enum Cmd {
         /// replicate the disks with `vdrep protect`.
         #[arg(long)]
         keys: Option<PathBuf>,
+    },
+    /// Re-read the configuration file in the mount daemon of DIR (every
+    /// running mount without DIR), like SIGHUP: protect the VMs added,
+    /// unprotect the VMs removed (their disks stay mounted and tracked),
+    /// apply changed settings. A file with problems is refused and nothing
+    /// changes. Never unmounts.
+    Reload {
+        /// The mounted folder (default: every running mount).
+        dir: Option<PathBuf>,
     },
     /// Unmount DIR cleanly (saves the dirty bitmaps so tracking survives).
     Umount {
@@ -110,18 +142,21 @@ pub enum Cmd {
         cmd: KeysCmd,
     },
     /// Run the receiver at the secondary site (foreground; logs to stderr).
+    /// Without flags, the configuration file's `[receiver]` and `[site]`;
+    /// each flag given overrides the file.
     Receive {
         /// Address to listen on, e.g. 0.0.0.0:7700.
         #[arg(long)]
-        listen: std::net::SocketAddr,
+        listen: Option<std::net::SocketAddr>,
         /// Replica store folder (one namespace per sending site).
         #[arg(long)]
-        store: PathBuf,
+        store: Option<PathBuf>,
         /// This site's identity folder (`vdrep keys init`).
         #[arg(long)]
-        keys: PathBuf,
-        /// Certificate of a sending site to accept (repeatable).
-        #[arg(long = "trust", required = true)]
+        keys: Option<PathBuf>,
+        /// Certificate of a sending site to accept (repeatable; replaces
+        /// the file's `[site] trust`).
+        #[arg(long = "trust")]
         trust: Vec<PathBuf>,
         #[command(flatten)]
         retention: RetentionArgs,
@@ -266,6 +301,11 @@ pub enum Cmd {
         #[arg(long, default_value_t = 4096)]
         block_size: usize,
     },
+    /// The configuration file (`--config FILE`, default /etc/vdrep/vdrep.toml).
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
     /// Inspect, verify and apply change logs (.hrl).
     Hrl {
         #[command(subcommand)]
@@ -276,11 +316,11 @@ pub enum Cmd {
 /// Parse the command line and run it; the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    run(cli.cmd)
+    run(cli.cmd, cli.config.as_deref())
 }
 
-/// Run one command; its exit code.
-pub fn run(cmd: Cmd) -> i32 {
+/// Run one command (`config`: `--config FILE`); its exit code.
+pub fn run(cmd: Cmd, config: Option<&Path>) -> i32 {
     match cmd {
         Cmd::Mount {
             dir,
@@ -290,16 +330,24 @@ pub fn run(cmd: Cmd) -> i32 {
             threads,
             no_writeback_cache,
             keys,
-        } => mount::mount(
-            dir,
-            foreground,
-            block_size,
-            patterns,
-            threads,
-            no_writeback_cache,
-            keys,
-        ),
+        } => {
+            let cfg = match self::config::load(config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            mount::mount(
+                dir,
+                foreground,
+                block_size,
+                patterns,
+                threads,
+                no_writeback_cache,
+                keys,
+                cfg.as_ref(),
+            )
+        }
         Cmd::Umount { dir, lazy } => mount::umount(dir, lazy),
+        Cmd::Reload { dir } => self::config::reload(dir),
         Cmd::Cut { dir, json } => mount::cut(dir, json),
         Cmd::Status { dir, json } => mount::status(dir, json),
         Cmd::Keys {
@@ -311,7 +359,20 @@ pub fn run(cmd: Cmd) -> i32 {
             keys,
             trust,
             retention,
-        } => replication::receive(listen, store, keys, trust, retention),
+        } => {
+            let cfg = match self::config::load(config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let flags = replication::ReceiveFlags {
+                listen,
+                store,
+                keys,
+                trust,
+                retention,
+            };
+            replication::receive(flags, cfg.as_ref())
+        }
         Cmd::Protect {
             name,
             to,
@@ -369,6 +430,9 @@ pub fn run(cmd: Cmd) -> i32 {
             timeout,
             json,
         } => points::verify(&name, timeout, json),
+        Cmd::Config {
+            cmd: ConfigCmd::Check { content_only },
+        } => self::config::check(config, content_only),
         Cmd::Hrl { cmd } => hrl::run(cmd),
         Cmd::HashBench { file, block_size } => points::hash_bench(&file, block_size),
     }

@@ -3,34 +3,45 @@
 use std::path::PathBuf;
 
 use super::fmt::{control_err, human, resync_line};
+use crate::config::Config;
 use crate::daemon::control::{self, ControlError, Request};
 use crate::daemon::{self, DaemonError, MountOptions};
 use crate::fs::FsOptions;
 use crate::tracking::{DiskState, TrackConfig};
 
-/// `vdrep mount DIR ...`.
+/// `vdrep mount DIR ...`: the flags over the configuration's `[[mount]]`
+/// entry for DIR and `[site] keys`; the file's VMs under DIR are protected
+/// once the mount is live.
 #[allow(clippy::too_many_arguments)]
 pub fn mount(
     dir: PathBuf,
     foreground: bool,
-    block_size: u32,
+    block_size: Option<u32>,
     patterns: Vec<String>,
     threads: usize,
     no_writeback_cache: bool,
     keys: Option<PathBuf>,
+    cfg: Option<&Config>,
 ) -> i32 {
+    let canon = std::fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone());
+    let entry = cfg.and_then(|c| c.mount(&canon));
     let mut track = TrackConfig {
-        block_size,
+        block_size: block_size
+            .or(entry.and_then(|m| m.block_size))
+            .unwrap_or(DEFAULT_BLOCK_SIZE),
         ..TrackConfig::default()
     };
     if !patterns.is_empty() {
         track.patterns = patterns;
+    } else if let Some(m) = entry.filter(|m| !m.patterns.is_empty()) {
+        track.patterns = m.patterns.clone();
     }
     let fs = FsOptions {
         n_threads: threads.max(1),
         writeback_cache: !no_writeback_cache,
         ..FsOptions::default()
     };
+    let keys = keys.or(cfg.and_then(|c| c.site.keys.clone()));
     let keys = match keys.map(|k| std::fs::canonicalize(&k).map_err(|e| (k, e))) {
         None => None,
         Some(Ok(k)) => Some(k),
@@ -39,14 +50,24 @@ pub fn mount(
             return 2;
         }
     };
+    let protect = match cfg.map(|c| super::config::specs_under(c, &canon)) {
+        None => Vec::new(),
+        Some(Ok(v)) => v,
+        Some(Err(code)) => return code,
+    };
     daemon::mount(MountOptions {
         dir,
         foreground,
         track,
         fs,
         keys,
+        protect,
+        config: cfg.map(|c| std::fs::canonicalize(&c.path).unwrap_or_else(|_| c.path.clone())),
     })
 }
+
+/// `vdrep mount`'s default `--block-size`.
+const DEFAULT_BLOCK_SIZE: u32 = 4096;
 
 /// `vdrep umount DIR [--lazy]`.
 pub fn umount(dir: PathBuf, lazy: bool) -> i32 {

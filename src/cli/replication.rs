@@ -2,26 +2,62 @@
 //! the parsing of its intervals, rates and percentages.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use super::fmt::{control_err, with_progress};
 use crate::daemon::control::{self, Request};
 
-/// `vdrep receive ...` (foreground; logs to stderr).
-pub fn receive(
-    listen: std::net::SocketAddr,
-    store: PathBuf,
-    keys: PathBuf,
-    trust: Vec<PathBuf>,
-    retention: RetentionArgs,
-) -> i32 {
+/// `vdrep receive`'s flags; each one given overrides the configuration's
+/// `[receiver]` and `[site]`.
+#[derive(Debug, Default)]
+pub struct ReceiveFlags {
+    pub listen: Option<std::net::SocketAddr>,
+    pub store: Option<PathBuf>,
+    pub keys: Option<PathBuf>,
+    pub trust: Vec<PathBuf>,
+    pub retention: RetentionArgs,
+}
+
+/// `vdrep receive ...` (foreground; logs to stderr): the flags over the
+/// configuration file's `[receiver]` (if any).
+pub fn receive(flags: ReceiveFlags, cfg: Option<&crate::config::Config>) -> i32 {
     init_cli_logging();
-    let (retention, prune_every) = match retention.policy() {
+    let rcv = cfg.and_then(|c| c.receiver.as_ref());
+    let site = cfg.map(|c| &c.site);
+    let (retention, prune_every) = match flags.retention.policy(rcv) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("vdrep: receive: {e}");
             return 2;
         }
     };
+    let missing = |what: &str| {
+        eprintln!(
+            "vdrep: receive: give {what} (or set it in the configuration file, see `vdrep config check`)"
+        );
+        2
+    };
+    let Some(listen) = flags.listen.or(rcv.map(|r| r.listen)) else {
+        return missing("--listen");
+    };
+    let Some(store) = flags.store.or(rcv.map(|r| r.store.clone())) else {
+        return missing("--store");
+    };
+    let Some(keys) = flags.keys.or(site.and_then(|s| s.keys.clone())) else {
+        return missing("--keys");
+    };
+    // Trust from the file is re-read on SIGHUP; trust from flags is fixed.
+    let (trust, reload_trust_from) = if flags.trust.is_empty() {
+        (
+            site.map(|s| s.trust.clone()).unwrap_or_default(),
+            cfg.map(|c| std::fs::canonicalize(&c.path).unwrap_or_else(|_| c.path.clone())),
+        )
+    } else {
+        (flags.trust, None)
+    };
+    if trust.is_empty() {
+        return missing("--trust (a sending site's certificate)");
+    }
     match crate::receiver::run(&crate::receiver::ReceiveOptions {
         listen,
         store,
@@ -29,6 +65,7 @@ pub fn receive(
         trust,
         retention,
         prune_every,
+        reload_trust_from,
     }) {
         Ok(()) => 0,
         Err(e) => {
@@ -89,54 +126,89 @@ pub struct AppHookArgs {
 /// application-consistent one where the interval has one) up to
 /// `--keep-for`; the newest point is always kept, and so are the points of
 /// a failover that is not committed and points exposed by a test failover.
-#[derive(clap::Args, Debug, Clone)]
+/// A flag not given takes the configuration's value, else its default.
+#[derive(clap::Args, Debug, Clone, Default)]
 pub struct RetentionArgs {
-    /// Keep every point this long (N[s|m|h|d]).
-    #[arg(long, default_value = "2h", value_name = "INTERVAL")]
-    pub keep_all_for: String,
-    /// Older points: keep one per this interval.
-    #[arg(long, default_value = "1h", value_name = "INTERVAL")]
-    pub then_one_per: String,
-    /// Drop points older than this (`forever`: never).
-    #[arg(long, default_value = "72h", value_name = "INTERVAL")]
-    pub keep_for: String,
+    /// Keep every point this long (N[s|m|h|d]). Default 2h.
+    #[arg(long, value_name = "INTERVAL")]
+    pub keep_all_for: Option<String>,
+    /// Older points: keep one per this interval. Default 1h.
+    #[arg(long, value_name = "INTERVAL")]
+    pub then_one_per: Option<String>,
+    /// Drop points older than this (`forever`: never). Default 72h.
+    #[arg(long, value_name = "INTERVAL")]
+    pub keep_for: Option<String>,
     /// Keep at most this many points per VM.
     #[arg(long, value_name = "N")]
     pub keep_last: Option<usize>,
-    /// How often to apply the policy (`never`: keep everything).
-    #[arg(long, default_value = "1m", value_name = "INTERVAL")]
-    pub prune_every: String,
+    /// How often to apply the policy (`never`: keep everything). Default 1m.
+    #[arg(long, value_name = "INTERVAL")]
+    pub prune_every: Option<String>,
+}
+
+/// The flag `--FLAG V` if given (an interval, or `word` for `None`), else
+/// the configuration's value, else `default`.
+fn interval_or(
+    flag: &str,
+    v: Option<&str>,
+    word: Option<&str>,
+    cfg: Option<Option<Duration>>,
+    default: Option<Duration>,
+) -> Result<Option<Duration>, String> {
+    match v {
+        Some(v) if word.is_some_and(|w| v.eq_ignore_ascii_case(w)) => Ok(None),
+        Some(v) => parse_interval(v)
+            .map(|s| Some(Duration::from_secs(s)))
+            .map_err(|e| format!("--{flag}: {e}")),
+        None => Ok(cfg.unwrap_or(default)),
+    }
 }
 
 impl RetentionArgs {
-    /// The policy and how often to apply it.
+    /// The policy and how often to apply it: these flags over `cfg`'s.
     pub fn policy(
         &self,
-    ) -> Result<(crate::replica::RetentionPolicy, Option<std::time::Duration>), String> {
-        let d = |flag: &str, v: &str| -> Result<std::time::Duration, String> {
-            parse_interval(v)
-                .map(std::time::Duration::from_secs)
-                .map_err(|e| format!("--{flag}: {e}"))
-        };
-        let max_age = if self.keep_for.eq_ignore_ascii_case("forever") {
-            None
-        } else {
-            Some(d("keep-for", &self.keep_for)?)
-        };
-        let prune_every = if self.prune_every.eq_ignore_ascii_case("never") {
-            None
-        } else {
-            Some(d("prune-every", &self.prune_every)?).filter(|x| !x.is_zero())
-        };
+        cfg: Option<&crate::config::ReceiverCfg>,
+    ) -> Result<(crate::replica::RetentionPolicy, Option<Duration>), String> {
+        let h = |n: u64| Some(Duration::from_secs(n * 3600));
+        let max_age = interval_or(
+            "keep-for",
+            self.keep_for.as_deref(),
+            Some("forever"),
+            cfg.and_then(|c| c.keep_for),
+            h(72),
+        )?;
+        let prune_every = interval_or(
+            "prune-every",
+            self.prune_every.as_deref(),
+            Some("never"),
+            cfg.and_then(|c| c.prune_every),
+            Some(Duration::from_secs(60)),
+        )?
+        .filter(|x| !x.is_zero());
+        let thin_after = interval_or(
+            "keep-all-for",
+            self.keep_all_for.as_deref(),
+            None,
+            cfg.and_then(|c| c.keep_all_for).map(Some),
+            h(2),
+        )?;
+        let thin_every = interval_or(
+            "then-one-per",
+            self.then_one_per.as_deref(),
+            None,
+            cfg.and_then(|c| c.then_one_per).map(Some),
+            h(1),
+        )?;
         if self.keep_last == Some(0) {
             return Err("--keep-last 0: the newest point is always kept; give 1 or more".into());
         }
         Ok((
             crate::replica::RetentionPolicy {
-                keep_last: self.keep_last,
+                keep_last: self.keep_last.or(cfg.and_then(|c| c.keep_last)),
                 max_age,
-                thin_after: Some(d("keep-all-for", &self.keep_all_for)?),
-                thin_every: Some(d("then-one-per", &self.then_one_per)?),
+                thin_after,
+                thin_every,
             },
             prune_every,
         ))

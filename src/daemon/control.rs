@@ -24,6 +24,9 @@ pub enum Request {
     Shutdown {
         lazy: bool,
     },
+    /// Re-read the configuration file and converge the protections on it
+    /// (refused, changing nothing, if the file has problems).
+    Reload,
     /// Start protecting a VM (checks prerequisites first).
     Protect {
         spec: crate::sender::ProtectSpec,
@@ -128,6 +131,9 @@ pub struct Response {
     /// What a verify found, per disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<Vec<crate::sender::VerifyDisk>>,
+    /// What a [`Request::Reload`] changed, one line per VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload: Option<Vec<String>>,
     /// Disks moved out by [`Request::Release`]: (name, new path).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub released: Option<Vec<(String, PathBuf)>>,

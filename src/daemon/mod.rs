@@ -1,6 +1,8 @@
 //! Mount lifecycle: open the folder, load tracking state, mount the FUSE file
 //! system over the folder itself, serve the control socket, and on unmount
 //! (`vdrep umount`, `umount DIR`, SIGTERM/SIGINT) save state cleanly.
+//! SIGHUP (or `vdrep reload`) re-reads the configuration file and converges
+//! the mount's protections on it ([`reload`]); it never unmounts.
 //!
 //! Without `--foreground` the daemon forks *before* any thread exists, the
 //! parent waits on a pipe until the mount is live (or failed) and exits with
@@ -11,6 +13,7 @@
 //! stop a mount or start one in the background.
 
 pub mod control;
+pub mod reload;
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -31,6 +34,13 @@ pub struct MountOptions {
     pub fs: FsOptions,
     /// Identity folder (`vdrep keys init`) for replication.
     pub keys: Option<PathBuf>,
+    /// VMs to protect once the mount is live (from the configuration
+    /// file), as `vdrep protect` would; one already protected with the
+    /// same spec (resumed from the last run) is left running.
+    pub protect: Vec<crate::sender::ProtectSpec>,
+    /// The configuration file SIGHUP and `vdrep reload` re-read (`None`:
+    /// the default path).
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -280,27 +290,40 @@ fn serve_inner(
                 )))
             }
         };
+    let configured = Arc::new(reload::Configured::new(opts.config.clone()));
     {
         let tracker = tracker.clone();
         let dir = dir.to_path_buf();
         let rep = replicator.clone();
+        let configured = configured.clone();
         crate::ipc::serve(
             listener,
             "vdrep-control",
             Some(&IN_FLIGHT),
             move |req: io::Result<Request>| match req {
                 Err(e) => Response::err(format!("bad request: {e}")),
-                Ok(req) => handle(&req, &tracker, &rep, &dir),
+                Ok(req) => handle(&req, &tracker, (&rep, &configured), &dir),
             },
         )
         .map_err(ioe(dir_static(), "cannot start the control thread"))?;
     }
     {
         let dir = dir.to_path_buf();
+        let rep = replicator.clone();
+        let configured = configured.clone();
         std::thread::Builder::new()
             .name("vdrep-signals".into())
             .spawn(move || {
                 while let Ok(sig) = sigs.wait() {
+                    if sig == nix::sys::signal::Signal::SIGHUP {
+                        tracing::info!("SIGHUP: reloading the configuration");
+                        if let Err(e) = configured.reload(&rep, &dir) {
+                            for l in e.to_string().lines() {
+                                tracing::error!("reload refused, nothing changed: {l}");
+                            }
+                        }
+                        continue;
+                    }
                     tracing::info!("{sig:?}: unmounting {}", dir.display());
                     if let Err(e) = unmount(&dir, false) {
                         tracing::warn!("unmount: {e}; detaching lazily");
@@ -315,7 +338,9 @@ fn serve_inner(
         dir.display(),
         tracker.status().disks.len()
     );
-    notify(ready, "ok\n");
+    let report = configured.converge(&replicator, &opts.protect);
+    let report: String = report.iter().map(|l| format!("{l}\n")).collect();
+    notify(ready, &format!("ok\n{report}"));
     let run = session.run();
     tracing::info!("FUSE session over {} ended", dir.display());
     let saved = tracker.shutdown_clean();
@@ -360,10 +385,18 @@ fn flush_kernel_cache(dir: &Path) -> io::Result<()> {
 fn handle(
     req: &Request,
     tracker: &Tracker,
-    rep: &Arc<crate::sender::Replicator>,
+    (rep, configured): (&Arc<crate::sender::Replicator>, &reload::Configured),
     dir: &Path,
 ) -> Response {
     match req {
+        Request::Reload => match configured.reload(rep, dir) {
+            Ok(lines) => Response {
+                ok: true,
+                reload: Some(lines),
+                ..Default::default()
+            },
+            Err(e) => Response::err(e),
+        },
         Request::Status => Response {
             ok: true,
             status: Some(tracker.status()),

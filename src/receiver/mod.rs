@@ -82,6 +82,10 @@ pub struct ReceiveOptions {
     pub retention: replica::RetentionPolicy,
     /// How often the retention policy is applied (`None`: never).
     pub prune_every: Option<std::time::Duration>,
+    /// The configuration file whose `[site] trust` SIGHUP re-reads (the
+    /// new set of sender certificates is accepted from the next
+    /// handshake); `None`: SIGHUP is not handled.
+    pub reload_trust_from: Option<PathBuf>,
 }
 
 /// Apply `keep` to every VM of every site in `store`, except VMs failed
@@ -123,10 +127,56 @@ struct Session {
     disks: Mutex<HashMap<[u8; 16], (String, wire::OpenDisk)>>,
 }
 
+/// SIGHUP: trust the `[site] trust` certificates of the configuration at
+/// `path` from the next handshake on; a file with problems changes nothing.
+fn reload_trust(path: &std::path::Path, trust: &transport::SharedTrust) {
+    let cfg = match crate::config::load(path, crate::config::Checks::Files) {
+        Ok(c) => c,
+        Err(e) => {
+            for l in e.to_string().lines() {
+                tracing::error!("reload refused, nothing changed: {l}");
+            }
+            return;
+        }
+    };
+    match TrustStore::from_files(&cfg.site.trust) {
+        Ok(t) => {
+            tracing::info!(
+                "reload: trusting {} sender certificate(s) from {}",
+                t.len(),
+                path.display()
+            );
+            trust.replace(t);
+        }
+        Err(e) => tracing::error!("reload refused, nothing changed: {e}"),
+    }
+}
+
 /// Run the receiver until killed. Prints `listening on ADDR` once ready.
 pub fn run(opts: &ReceiveOptions) -> Result<(), ReceiverError> {
+    // Before any thread exists, so that every thread inherits the mask.
+    let hup = opts.reload_trust_from.as_ref().map(|_| {
+        let mut s = nix::sys::signal::SigSet::empty();
+        s.add(nix::sys::signal::Signal::SIGHUP);
+        let _ = s.thread_block();
+        s
+    });
     let id = Identity::from_dir(&opts.keys, None)?;
-    let trust = TrustStore::from_files(&opts.trust)?;
+    let trust = transport::SharedTrust::new(TrustStore::from_files(&opts.trust)?);
+    if let (Some(sigs), Some(path)) = (hup, opts.reload_trust_from.clone()) {
+        let trust = trust.clone();
+        std::thread::Builder::new()
+            .name("vdrep-reload".into())
+            .spawn(move || {
+                while sigs.wait().is_ok() {
+                    reload_trust(&path, &trust);
+                }
+            })
+            .map_err(|source| ReceiverError::Start {
+                what: "reload thread",
+                source,
+            })?;
+    }
     let store_err = |source| ReceiverError::Store {
         path: opts.store.clone(),
         source,
@@ -182,7 +232,7 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), ReceiverError> {
             source,
         })?;
     rt.block_on(async {
-        let ep = transport::server(opts.listen, &id, &trust)?;
+        let ep = transport::server_shared(opts.listen, &id, &trust, &transport::Tuning::default())?;
         let local = ep.local_addr().map_err(|source| ReceiverError::Start {
             what: "endpoint",
             source,

@@ -59,7 +59,7 @@ pub mod trust;
 
 pub use keys::{init, Fingerprint, Identity};
 pub use rate::RateLimiter;
-pub use trust::{TrustStore, TrustedPeer};
+pub use trust::{SharedTrust, TrustStore, TrustedPeer};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -185,9 +185,9 @@ fn tls_err(e: rustls::Error) -> TransportError {
 
 fn server_crypto(
     id: &Identity,
-    trust: &TrustStore,
+    trust: SharedTrust,
 ) -> Result<quinn::crypto::rustls::QuicServerConfig, TransportError> {
-    let verifier = Arc::new(trust::PinnedClientVerifier::new(trust.clone()));
+    let verifier = Arc::new(trust::PinnedClientVerifier::shared(trust));
     let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(provider()))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
@@ -294,7 +294,18 @@ pub fn server_tuned(
     trust: &TrustStore,
     tuning: &Tuning,
 ) -> Result<quinn::Endpoint, TransportError> {
-    let crypto = server_crypto(id, trust)?;
+    server_shared(listen, id, &SharedTrust::new(trust.clone()), tuning)
+}
+
+/// [`server_tuned`] accepting the clients in `trust` at each handshake:
+/// [`SharedTrust::replace`] changes whom it accepts while it runs.
+pub fn server_shared(
+    listen: SocketAddr,
+    id: &Identity,
+    trust: &SharedTrust,
+    tuning: &Tuning,
+) -> Result<quinn::Endpoint, TransportError> {
+    let crypto = server_crypto(id, trust.clone())?;
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     sc.transport_config(Arc::new(tuning.transport_config()?));
     endpoint_on(listen, Some(sc), tuning, Some(id))
@@ -309,7 +320,7 @@ pub fn reload_server(
     trust: &TrustStore,
     tuning: &Tuning,
 ) -> Result<(), TransportError> {
-    let crypto = server_crypto(id, trust)?;
+    let crypto = server_crypto(id, SharedTrust::new(trust.clone()))?;
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     sc.transport_config(Arc::new(tuning.transport_config()?));
     endpoint.set_server_config(Some(sc));

@@ -10,6 +10,9 @@
 //!
 //! [`PinnedServerVerifier`] (used by the client) and [`PinnedClientVerifier`]
 //! (used by the server, client authentication mandatory) implement that.
+//! They read a [`SharedTrust`]: whoever holds it may swap the set of trusted
+//! certificates while the endpoint runs (a configuration reload), and
+//! the next handshake uses the new set.
 //! TLS 1.2 signatures are always refused (the configurations are TLS 1.3
 //! only anyway). A refusal is a rustls `Error::Other` wrapping [`NotTrusted`],
 //! whose text names the fingerprint and CN; quinn carries that text in the
@@ -160,14 +163,41 @@ fn refuse_tls12() -> rustls::Error {
     rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic)
 }
 
+/// A [`TrustStore`] that can be swapped while verifiers use it (clones
+/// share the same store).
+#[derive(Debug, Clone, Default)]
+pub struct SharedTrust(Arc<parking_lot::RwLock<TrustStore>>);
+
+impl SharedTrust {
+    pub fn new(trust: TrustStore) -> Self {
+        SharedTrust(Arc::new(parking_lot::RwLock::new(trust)))
+    }
+
+    /// Trust `trust` from the next handshake on (connections already
+    /// established stay up).
+    pub fn replace(&self, trust: TrustStore) {
+        *self.0.write() = trust;
+    }
+
+    /// The current set.
+    pub fn get(&self) -> TrustStore {
+        self.0.read().clone()
+    }
+}
+
 /// Client side: accept the server iff its certificate is pinned.
 #[derive(Debug)]
 pub struct PinnedServerVerifier {
-    trust: TrustStore,
+    trust: SharedTrust,
 }
 
 impl PinnedServerVerifier {
     pub fn new(trust: TrustStore) -> Self {
+        Self::shared(SharedTrust::new(trust))
+    }
+
+    /// A verifier that reads `trust` at each handshake.
+    pub fn shared(trust: SharedTrust) -> Self {
         Self { trust }
     }
 }
@@ -181,7 +211,7 @@ impl ServerCertVerifier for PinnedServerVerifier {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        check_pinned(&self.trust, end_entity)?;
+        check_pinned(&self.trust.0.read(), end_entity)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -200,7 +230,7 @@ impl ServerCertVerifier for PinnedServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify13(&self.trust, message, cert, dss)
+        verify13(&self.trust.0.read(), message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -212,11 +242,16 @@ impl ServerCertVerifier for PinnedServerVerifier {
 /// its certificate is pinned.
 #[derive(Debug)]
 pub struct PinnedClientVerifier {
-    trust: TrustStore,
+    trust: SharedTrust,
 }
 
 impl PinnedClientVerifier {
     pub fn new(trust: TrustStore) -> Self {
+        Self::shared(SharedTrust::new(trust))
+    }
+
+    /// A verifier that reads `trust` at each handshake.
+    pub fn shared(trust: SharedTrust) -> Self {
         Self { trust }
     }
 }
@@ -240,7 +275,7 @@ impl ClientCertVerifier for PinnedClientVerifier {
         _intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        check_pinned(&self.trust, end_entity)?;
+        check_pinned(&self.trust.0.read(), end_entity)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -259,7 +294,7 @@ impl ClientCertVerifier for PinnedClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify13(&self.trust, message, cert, dss)
+        verify13(&self.trust.0.read(), message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {

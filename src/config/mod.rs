@@ -1,0 +1,838 @@
+//! The declarative configuration file (`/etc/vdrep/vdrep.toml`): its
+//! schema, its parsing and its checks.
+//!
+//! This module owns the file's format and its validation only: it turns the
+//! TOML text into a typed, checked [`Config`] (durations parsed with
+//! `humantime`, sizes and rates with `bytesize`, disks matched to their
+//! mount, key and certificate files read), or into [`ConfigError::Invalid`],
+//! whose every [`Problem`] names FILE:LINE:KEY and what is allowed. It
+//! knows nothing of the command line: `crate::cli` maps a [`Config`] onto
+//! the options of `mount`, `protect` and `receive`.
+//!
+//! The schema is documented in `doc/CONFIG.md`, with a commented example in
+//! `doc/vdrep.example.toml`.
+
+mod raw;
+
+use std::net::SocketAddr;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use toml::Spanned;
+
+/// Where the configuration is read from unless `--config` names a file.
+pub const DEFAULT_PATH: &str = "/etc/vdrep/vdrep.toml";
+
+/// A checked configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file it was read from.
+    pub path: PathBuf,
+    pub site: Site,
+    pub mounts: Vec<MountCfg>,
+    pub receiver: Option<ReceiverCfg>,
+    pub vms: Vec<VmCfg>,
+}
+
+/// `[site]`: this site's identity and the peers it trusts.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Site {
+    /// The site name (the identity `KEYS/NAME.crt` + `NAME.key`); without
+    /// it, the only identity in `keys`.
+    pub name: Option<String>,
+    /// Identity folder (`vdrep keys init --out`).
+    pub keys: Option<PathBuf>,
+    /// Certificates of the peer sites this site trusts (senders for the
+    /// receiver; receivers for VMs that name no `trust` of their own).
+    pub trust: Vec<PathBuf>,
+}
+
+/// `[[mount]]`: a tracked folder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MountCfg {
+    /// The folder (canonical when it exists).
+    pub path: PathBuf,
+    /// Tracking granularity in bytes.
+    pub block_size: Option<u32>,
+    /// File-name patterns of tracked disks (empty: the default ones).
+    pub patterns: Vec<String>,
+}
+
+/// `[receiver]`: the secondary site's receiver and its retention.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReceiverCfg {
+    pub listen: SocketAddr,
+    pub store: PathBuf,
+    pub keep_all_for: Option<Duration>,
+    pub then_one_per: Option<Duration>,
+    /// `Some(None)`: `forever`.
+    pub keep_for: Option<Option<Duration>>,
+    pub keep_last: Option<usize>,
+    /// `Some(None)`: `never`.
+    pub prune_every: Option<Option<Duration>>,
+}
+
+/// How often a VM gets a recovery point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Every {
+    Continuous,
+    Interval(Duration),
+}
+
+impl Every {
+    /// Seconds between cuts, 0 for continuous (the sender's convention).
+    pub fn secs(self) -> u64 {
+        match self {
+            Every::Continuous => 0,
+            Every::Interval(d) => d.as_secs().max(1),
+        }
+    }
+}
+
+/// `[[vm]]`: a protected VM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmCfg {
+    pub name: String,
+    /// The disks, as written (absolute).
+    pub disks: Vec<PathBuf>,
+    /// The `[[mount]]` folder holding them.
+    pub mount: PathBuf,
+    /// The disks relative to `mount`.
+    pub disks_rel: Vec<String>,
+    /// Receiver address `HOST:PORT`.
+    pub to: String,
+    /// Certificates of the receiver (default: `[site] trust`).
+    pub trust: Vec<PathBuf>,
+    pub every: Option<Every>,
+    /// Bytes per second.
+    pub max_rate: Option<u64>,
+    /// Cap shared by every VM of the mount to the same `to`, bytes/s.
+    pub link_max_rate: Option<u64>,
+    /// Percent of a disk's size.
+    pub resync_threshold_pct: Option<f64>,
+    pub resync_window: Option<String>,
+    pub app_hook: Option<String>,
+    pub app_every: Option<Every>,
+    pub app_timeout: Option<Duration>,
+    /// Stored for alerting (not acted on yet).
+    pub rpo_alert: Option<Duration>,
+}
+
+/// What is wrong with one value of the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProblemKind {
+    /// Not TOML, an unknown key, a missing key or a value of the wrong type.
+    Schema,
+    /// Not a duration.
+    BadDuration,
+    /// Not a size or rate.
+    BadRate,
+    /// Not an address (`HOST:PORT`, or `IP:PORT` to listen on).
+    BadAddress,
+    /// Any other value out of its allowed range.
+    BadValue,
+    /// A disk that is not under any `[[mount]]`.
+    DiskOutsideMount,
+    /// Two VMs (or mounts) of the same name.
+    Duplicate,
+    /// A key, certificate or folder that cannot be read.
+    Unreadable,
+}
+
+/// One problem: FILE:LINE: KEY: what is wrong and what is allowed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}:{line}: {key}: {msg}", file.display())]
+pub struct Problem {
+    pub file: PathBuf,
+    /// 1-based.
+    pub line: usize,
+    /// Dotted key, e.g. `vm[web].max_rate`.
+    pub key: String,
+    pub kind: ProblemKind,
+    pub msg: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read the configuration: {source}", path.display())]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid { problems: Vec<Problem> },
+}
+
+/// The kinds of [`ConfigError`] callers decide on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigErrorKind {
+    /// The file itself cannot be read (e.g. it does not exist).
+    Unreadable,
+    /// The file was read and has problems ([`ConfigError::problems`]).
+    Invalid,
+}
+
+impl ConfigError {
+    pub fn kind(&self) -> ConfigErrorKind {
+        match self {
+            ConfigError::Unreadable { .. } => ConfigErrorKind::Unreadable,
+            ConfigError::Invalid { .. } => ConfigErrorKind::Invalid,
+        }
+    }
+
+    /// The problems found (none for [`ConfigError::Unreadable`]).
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            ConfigError::Invalid { problems } => problems,
+            ConfigError::Unreadable { .. } => &[],
+        }
+    }
+}
+
+/// What [`load`] checks beyond the file's own content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checks {
+    /// Also read the key folder and certificate files it names.
+    Files,
+    /// The file's content only (an example or a file for another machine).
+    ContentOnly,
+}
+
+/// Read and check the file at `path`.
+pub fn load(path: &Path, checks: Checks) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Unreadable {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(path, &text, checks)
+}
+
+/// Check `text` (read from `path`, which only names it in problems).
+pub fn parse(path: &Path, text: &str, checks: Checks) -> Result<Config, ConfigError> {
+    let mut cx = Cx {
+        file: path.to_path_buf(),
+        text,
+        problems: Vec::new(),
+    };
+    let raw: raw::File = match toml::from_str(text) {
+        Ok(r) => r,
+        Err(e) => {
+            let (line, key) = match e.span() {
+                Some(sp) => (
+                    cx.line(sp.start),
+                    text.get(sp.clone())
+                        .map(|s| s.trim().trim_matches('"').to_string())
+                        .filter(|s| !s.is_empty() && !s.contains('\n'))
+                        .unwrap_or_else(|| "-".into()),
+                ),
+                None => (1, "-".into()),
+            };
+            cx.problems.push(Problem {
+                file: cx.file.clone(),
+                line,
+                key,
+                kind: ProblemKind::Schema,
+                msg: e.message().trim().to_string(),
+            });
+            return Err(ConfigError::Invalid {
+                problems: cx.problems,
+            });
+        }
+    };
+    let cfg = cx.check(raw, checks);
+    if cx.problems.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(ConfigError::Invalid {
+            problems: cx.problems,
+        })
+    }
+}
+
+/// Load the file for a command: `explicit` (`--config`) must exist; the
+/// default path is used only if it exists (`Ok(None)` otherwise).
+pub fn load_for_command(explicit: Option<&Path>) -> Result<Option<Config>, ConfigError> {
+    match explicit {
+        Some(p) => load(p, Checks::Files).map(Some),
+        None => {
+            let p = Path::new(DEFAULT_PATH);
+            if p.exists() {
+                load(p, Checks::Files).map(Some)
+            } else {
+                Ok(None)
+            }
+        }
+    }
+}
+
+impl Config {
+    /// The VMs whose disks are under the folder `dir` (canonical).
+    pub fn vms_under(&self, dir: &Path) -> Vec<&VmCfg> {
+        self.vms.iter().filter(|v| v.mount == dir).collect()
+    }
+
+    /// The `[[mount]]` entry of the folder `dir` (canonical).
+    pub fn mount(&self, dir: &Path) -> Option<&MountCfg> {
+        self.mounts.iter().find(|m| m.path == dir)
+    }
+}
+
+/// A value that does not parse: its kind, what is wrong and what is allowed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{msg}")]
+pub struct BadValue {
+    kind: ProblemKind,
+    msg: String,
+}
+
+impl BadValue {
+    fn new(kind: ProblemKind, msg: impl Into<String>) -> Self {
+        BadValue {
+            kind,
+            msg: msg.into(),
+        }
+    }
+
+    pub fn kind(&self) -> ProblemKind {
+        self.kind
+    }
+
+    /// The same, also allowing `alt`.
+    fn or(self, alt: &str) -> Self {
+        BadValue::new(self.kind, format!("{}, or {alt}", self.msg))
+    }
+}
+
+/// A duration: `30s`, `15min`, `2h 30m` (humantime).
+pub fn parse_duration(s: &str) -> Result<Duration, BadValue> {
+    let bad = |m: String| BadValue::new(ProblemKind::BadDuration, m);
+    let d = humantime::parse_duration(s.trim()).map_err(|e| {
+        bad(format!(
+            "{s:?} is not a duration ({e}); write e.g. 30s, 15min, 2h 30m"
+        ))
+    })?;
+    if d.is_zero() {
+        return Err(bad(format!("{s:?}: give a duration above zero")));
+    }
+    Ok(d)
+}
+
+/// `continuous` or a duration.
+pub fn parse_every(s: &str) -> Result<Every, BadValue> {
+    if s.trim().eq_ignore_ascii_case("continuous") {
+        return Ok(Every::Continuous);
+    }
+    parse_duration(s)
+        .map(Every::Interval)
+        .map_err(|e| e.or("`continuous`"))
+}
+
+/// A rate in bytes per second: `10MB/s`, `50MiB/s`, `100Mbit/s`, `800KB`,
+/// `12345` (bytesize units: kB/MB/GB are powers of 1000, KiB/MiB/GiB of
+/// 1024; `bit` counts bits).
+pub fn parse_rate(s: &str) -> Result<u64, BadValue> {
+    let bad = |why: String| {
+        BadValue::new(
+            ProblemKind::BadRate,
+            format!("{s:?} is not a rate ({why}); write e.g. 10MB/s, 50MiB/s or 100Mbit/s"),
+        )
+    };
+    let t = s.trim();
+    let t = t
+        .strip_suffix("/s")
+        .or_else(|| t.strip_suffix("ps"))
+        .unwrap_or(t)
+        .trim();
+    let lower = t.to_ascii_lowercase();
+    let (num, bits) = match lower.strip_suffix("bit") {
+        Some(n) => (format!("{}B", &t[..n.len()]), true),
+        None => (t.to_string(), false),
+    };
+    let b: bytesize::ByteSize = num.parse().map_err(bad)?;
+    let v = if bits { b.as_u64() / 8 } else { b.as_u64() };
+    if v == 0 {
+        return Err(bad("it must be above zero".into()));
+    }
+    Ok(v)
+}
+
+/// `50%` -> 50.0 (above 0, at most 1000).
+fn parse_percent(s: &str) -> Result<f64, BadValue> {
+    let bad = |m: String| BadValue::new(ProblemKind::BadValue, m);
+    let v: f64 = s
+        .trim()
+        .strip_suffix('%')
+        .unwrap_or(s.trim())
+        .trim()
+        .parse()
+        .map_err(|_| bad(format!("{s:?} is not a percentage; write e.g. 50%")))?;
+    if !(v > 0.0 && v <= 1000.0) {
+        return Err(bad(format!(
+            "{s:?}: give a percentage above 0% and at most 1000%"
+        )));
+    }
+    Ok(v)
+}
+
+/// `HOST:PORT` with a port in 1..=65535 and a non-empty host.
+fn check_host_port(s: &str) -> Result<(), BadValue> {
+    let bad = || {
+        BadValue::new(
+            ProblemKind::BadAddress,
+            format!("{s:?} is not HOST:PORT (e.g. dr.example.com:7700 or 10.0.0.2:7700)"),
+        )
+    };
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if host.is_empty() || port == 0 || host.contains(char::is_whitespace) {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+/// Lexical normalisation of an absolute path (`.` and `..` removed).
+fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Canonical if it exists, else normalised.
+fn resolve(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| normalize(p))
+}
+
+/// The checking context: the file, its text and the problems found.
+struct Cx<'a> {
+    file: PathBuf,
+    text: &'a str,
+    problems: Vec<Problem>,
+}
+
+impl Cx<'_> {
+    fn line(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn problem<T>(&mut self, at: &Spanned<T>, key: &str, kind: ProblemKind, msg: String) {
+        self.problems.push(Problem {
+            file: self.file.clone(),
+            line: self.line(at.span().start),
+            key: key.to_string(),
+            kind,
+            msg,
+        });
+    }
+
+    /// Parse a spanned value with `f`; a failure is a problem of `kind`.
+    fn value<T, U>(
+        &mut self,
+        v: &Option<Spanned<T>>,
+        key: &str,
+        f: impl FnOnce(&T) -> Result<U, BadValue>,
+    ) -> Option<U> {
+        let v = v.as_ref()?;
+        match f(v.get_ref()) {
+            Ok(x) => Some(x),
+            Err(e) => {
+                self.problem(v, key, e.kind, e.msg);
+                None
+            }
+        }
+    }
+
+    /// An absolute path.
+    fn path(&mut self, v: &Spanned<String>, key: &str) -> Option<PathBuf> {
+        let p = PathBuf::from(v.get_ref());
+        if !p.is_absolute() {
+            self.problem(
+                v,
+                key,
+                ProblemKind::BadValue,
+                format!("{:?}: give an absolute path", v.get_ref()),
+            );
+            return None;
+        }
+        Some(p)
+    }
+
+    /// An absolute path to a readable certificate (with `Checks::Files`).
+    fn cert(&mut self, v: &Spanned<String>, key: &str, checks: Checks) -> Option<PathBuf> {
+        let p = self.path(v, key)?;
+        if checks == Checks::Files {
+            if let Err(e) = crate::transport::keys::load_cert(&p) {
+                self.problem(
+                    v,
+                    key,
+                    ProblemKind::Unreadable,
+                    format!("{e}; give a PEM certificate (`vdrep keys init` makes SITE.crt)"),
+                );
+                return None;
+            }
+        }
+        Some(p)
+    }
+
+    fn certs(
+        &mut self,
+        v: &Option<Vec<Spanned<String>>>,
+        key: &str,
+        checks: Checks,
+    ) -> Vec<PathBuf> {
+        v.iter()
+            .flatten()
+            .filter_map(|c| self.cert(c, key, checks))
+            .collect()
+    }
+
+    fn check(&mut self, raw: raw::File, checks: Checks) -> Config {
+        let site = self.site(raw.site.as_ref(), checks);
+        let mounts = self.mounts(&raw.mount, checks);
+        let receiver = raw.receiver.as_ref().and_then(|r| self.receiver(r, checks));
+        let site_trust_named = raw
+            .site
+            .as_ref()
+            .and_then(|s| s.trust.as_ref())
+            .is_some_and(|t| !t.is_empty());
+        let mut vms: Vec<VmCfg> = Vec::new();
+        for (i, v) in raw.vm.iter().enumerate() {
+            let Some(vm) = self.vm(i, v, (&site, site_trust_named), &mounts, checks) else {
+                continue;
+            };
+            if vms.iter().any(|x| x.name == vm.name) {
+                self.problem(
+                    &v.name,
+                    &format!("vm[{}].name", vm.name),
+                    ProblemKind::Duplicate,
+                    format!(
+                        "a VM named {:?} is already defined; VM names must be unique",
+                        vm.name
+                    ),
+                );
+                continue;
+            }
+            vms.push(vm);
+        }
+        Config {
+            path: self.file.clone(),
+            site,
+            mounts,
+            receiver,
+            vms,
+        }
+    }
+
+    fn site(&mut self, raw: Option<&raw::Site>, checks: Checks) -> Site {
+        let Some(raw) = raw else {
+            return Site::default();
+        };
+        let name = self.value(&raw.name, "site.name", |n: &String| {
+            crate::transport::keys::check_site_name(n)
+                .map(str::to_string)
+                .map_err(|e| BadValue::new(ProblemKind::BadValue, e.to_string()))
+        });
+        let keys = raw.keys.as_ref().and_then(|k| self.path(k, "site.keys"));
+        if let (Some(k), Some(at), Checks::Files) = (&keys, &raw.keys, checks) {
+            if let Err(e) = crate::transport::keys::Identity::from_dir(k, name.as_deref()) {
+                self.problem(
+                    at,
+                    "site.keys",
+                    ProblemKind::Unreadable,
+                    format!("{e}; give the folder `vdrep keys init` wrote"),
+                );
+            }
+        }
+        let trust = self.certs(&raw.trust, "site.trust", checks);
+        Site { name, keys, trust }
+    }
+
+    fn mounts(&mut self, raw: &[raw::Mount], checks: Checks) -> Vec<MountCfg> {
+        let mut out: Vec<MountCfg> = Vec::new();
+        for m in raw {
+            let Some(p) = self.path(&m.path, "mount.path") else {
+                continue;
+            };
+            let path = resolve(&p);
+            if checks == Checks::Files && !path.is_dir() {
+                self.problem(
+                    &m.path,
+                    "mount.path",
+                    ProblemKind::Unreadable,
+                    format!("{} is not a folder", p.display()),
+                );
+            }
+            if out.iter().any(|x| x.path == path) {
+                self.problem(
+                    &m.path,
+                    "mount.path",
+                    ProblemKind::Duplicate,
+                    format!("{} is listed twice", p.display()),
+                );
+                continue;
+            }
+            let block_size =
+                self.value(
+                    &m.block_size,
+                    "mount.block_size",
+                    |b: &i64| match u32::try_from(*b) {
+                        Ok(b) if b.is_power_of_two() && (512..=1 << 20).contains(&b) => Ok(b),
+                        _ => Err(BadValue::new(
+                            ProblemKind::BadValue,
+                            format!("{b}: give a power of two from 512 to 1048576"),
+                        )),
+                    },
+                );
+            out.push(MountCfg {
+                path,
+                block_size,
+                patterns: m.patterns.clone().unwrap_or_default(),
+            });
+        }
+        out
+    }
+
+    fn receiver(&mut self, r: &raw::Receiver, checks: Checks) -> Option<ReceiverCfg> {
+        let listen = self.value(&Some(r.listen.clone()), "receiver.listen", |s: &String| {
+            s.parse::<SocketAddr>().map_err(|_| {
+                BadValue::new(
+                    ProblemKind::BadAddress,
+                    format!("{s:?} is not IP:PORT to listen on (e.g. 0.0.0.0:7700 or [::]:7700)"),
+                )
+            })
+        });
+        let store = self.path(&r.store, "receiver.store");
+        if let (Some(s), Checks::Files) = (&store, checks) {
+            if !s.is_dir() {
+                self.problem(
+                    &r.store,
+                    "receiver.store",
+                    ProblemKind::Unreadable,
+                    format!("{} is not a folder (create it first)", s.display()),
+                );
+            }
+        }
+        let keep_all_for = self.value(&r.keep_all_for, "receiver.keep_all_for", |s: &String| {
+            parse_duration(s)
+        });
+        let then_one_per = self.value(&r.then_one_per, "receiver.then_one_per", |s: &String| {
+            parse_duration(s)
+        });
+        let keep_for = self.value(&r.keep_for, "receiver.keep_for", |s: &String| {
+            if s.trim().eq_ignore_ascii_case("forever") {
+                Ok(None)
+            } else {
+                parse_duration(s).map(Some).map_err(|e| e.or("`forever`"))
+            }
+        });
+        let prune_every = self.value(&r.prune_every, "receiver.prune_every", |s: &String| {
+            if s.trim().eq_ignore_ascii_case("never") {
+                Ok(None)
+            } else {
+                parse_duration(s).map(Some).map_err(|e| e.or("`never`"))
+            }
+        });
+        let keep_last = self.value(&r.keep_last, "receiver.keep_last", |n: &i64| {
+            usize::try_from(*n).ok().filter(|n| *n >= 1).ok_or_else(|| {
+                BadValue::new(
+                    ProblemKind::BadValue,
+                    format!("{n}: give 1 or more (the newest point is always kept)"),
+                )
+            })
+        });
+        Some(ReceiverCfg {
+            listen: listen?,
+            store: store?,
+            keep_all_for,
+            then_one_per,
+            keep_for,
+            keep_last,
+            prune_every,
+        })
+    }
+
+    fn vm(
+        &mut self,
+        i: usize,
+        v: &raw::Vm,
+        (site, site_trust_named): (&Site, bool),
+        mounts: &[MountCfg],
+        checks: Checks,
+    ) -> Option<VmCfg> {
+        let name_ok = crate::transport::keys::check_site_name(v.name.get_ref()).is_ok();
+        let k = |f: &str| {
+            if name_ok {
+                format!("vm[{}].{f}", v.name.get_ref())
+            } else {
+                format!("vm[{}].{f}", i + 1)
+            }
+        };
+        if !name_ok {
+            self.problem(
+                &v.name,
+                &k("name"),
+                ProblemKind::BadValue,
+                format!(
+                    "{:?}: give one path component of letters, digits, `-`, `_` or `.`",
+                    v.name.get_ref()
+                ),
+            );
+        }
+        let mut disks = Vec::new();
+        let mut rels = Vec::new();
+        let mut mount: Option<PathBuf> = None;
+        if v.disks.is_empty() {
+            self.problem(
+                &v.name,
+                &k("disks"),
+                ProblemKind::BadValue,
+                "name at least one disk".into(),
+            );
+        }
+        for d in &v.disks {
+            let Some(p) = self.path(d, &k("disks")) else {
+                continue;
+            };
+            let r = resolve(&p);
+            let Some(m) = mounts
+                .iter()
+                .find(|m| r.starts_with(&m.path) && r != m.path)
+            else {
+                let allowed = mounts
+                    .iter()
+                    .map(|m| m.path.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                self.problem(
+                    d,
+                    &k("disks"),
+                    ProblemKind::DiskOutsideMount,
+                    format!(
+                        "{} is under no [[mount]] (mounts: {}); add its folder as a [[mount]]",
+                        p.display(),
+                        if allowed.is_empty() { "none" } else { &allowed }
+                    ),
+                );
+                continue;
+            };
+            if mount.as_ref().is_some_and(|x| x != &m.path) {
+                self.problem(
+                    d,
+                    &k("disks"),
+                    ProblemKind::BadValue,
+                    "the disks of one VM must be under the same [[mount]]".into(),
+                );
+                continue;
+            }
+            mount = Some(m.path.clone());
+            rels.push(
+                r.strip_prefix(&m.path)
+                    .unwrap_or(&r)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+            disks.push(p);
+        }
+        let to = self.value(&Some(v.to.clone()), &k("to"), |s: &String| {
+            check_host_port(s).map(|()| s.clone())
+        });
+        let mut trust = self.certs(&v.trust, &k("trust"), checks);
+        if v.trust.is_none() {
+            trust = site.trust.clone();
+        }
+        // Named but unreadable certificates are reported where they are.
+        let named = match &v.trust {
+            Some(t) => !t.is_empty(),
+            None => site_trust_named,
+        };
+        if !named {
+            self.problem(
+                &v.to,
+                &k("trust"),
+                ProblemKind::BadValue,
+                "no certificate to trust for the receiver: set trust = [...] here or in [site]"
+                    .into(),
+            );
+        }
+        let every = self.value(&v.every, &k("every"), |s: &String| parse_every(s));
+        let max_rate = self.value(&v.max_rate, &k("max_rate"), |s: &String| parse_rate(s));
+        let link_max_rate = self.value(&v.link_max_rate, &k("link_max_rate"), |s: &String| {
+            parse_rate(s)
+        });
+        let resync_threshold_pct =
+            self.value(&v.resync_threshold, &k("resync_threshold"), |s: &String| {
+                parse_percent(s)
+            });
+        let resync_window = self.value(&v.resync_window, &k("resync_window"), |s: &String| {
+            crate::resync::Window::parse(s)
+                .map(|_| s.clone())
+                .map_err(|e| BadValue::new(ProblemKind::BadValue, e.to_string()))
+        });
+        let app_hook = self.value(&v.app_hook, &k("app_hook"), |s: &String| {
+            if s.trim().is_empty() {
+                Err(BadValue::new(
+                    ProblemKind::BadValue,
+                    "give a command (e.g. /usr/share/vdrep/app-hook-virsh.sh)",
+                ))
+            } else {
+                Ok(s.clone())
+            }
+        });
+        let app_every = self.value(&v.app_every, &k("app_every"), |s: &String| parse_every(s));
+        let app_timeout = self.value(&v.app_timeout, &k("app_timeout"), |s: &String| {
+            parse_duration(s)
+        });
+        if app_hook.is_none() {
+            for (f, at) in [("app_every", &v.app_every), ("app_timeout", &v.app_timeout)] {
+                if let Some(at) = at {
+                    self.problem(
+                        at,
+                        &k(f),
+                        ProblemKind::BadValue,
+                        "only with app_hook (set app_hook = \"CMD\")".into(),
+                    );
+                }
+            }
+        }
+        let rpo_alert = self.value(&v.rpo_alert, &k("rpo_alert"), |s: &String| {
+            parse_duration(s)
+        });
+        if trust.is_empty() {
+            return None;
+        }
+        Some(VmCfg {
+            name: v.name.get_ref().clone(),
+            disks,
+            mount: mount?,
+            disks_rel: rels,
+            to: to?,
+            trust,
+            every,
+            max_rate,
+            link_max_rate,
+            resync_threshold_pct,
+            resync_window,
+            app_hook,
+            app_every,
+            app_timeout,
+            rpo_alert,
+        })
+        .filter(|_| name_ok)
+    }
+}
+
+#[cfg(test)]
+mod tests;

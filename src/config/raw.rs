@@ -1,0 +1,66 @@
+//! The file as TOML gives it: every table with `deny_unknown_fields`, and
+//! every value that is checked afterwards kept with its position
+//! (`toml::Spanned`) so that a problem names its line.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+type S = Spanned<String>;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    pub site: Option<Site>,
+    #[serde(default)]
+    pub mount: Vec<Mount>,
+    pub receiver: Option<Receiver>,
+    #[serde(default)]
+    pub vm: Vec<Vm>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Site {
+    pub name: Option<S>,
+    pub keys: Option<S>,
+    pub trust: Option<Vec<S>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mount {
+    pub path: S,
+    pub block_size: Option<Spanned<i64>>,
+    pub patterns: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Receiver {
+    pub listen: S,
+    pub store: S,
+    pub keep_all_for: Option<S>,
+    pub then_one_per: Option<S>,
+    pub keep_for: Option<S>,
+    pub keep_last: Option<Spanned<i64>>,
+    pub prune_every: Option<S>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vm {
+    pub name: S,
+    #[serde(default)]
+    pub disks: Vec<S>,
+    pub to: S,
+    pub trust: Option<Vec<S>>,
+    pub every: Option<S>,
+    pub max_rate: Option<S>,
+    pub link_max_rate: Option<S>,
+    pub resync_threshold: Option<S>,
+    pub resync_window: Option<S>,
+    pub app_hook: Option<S>,
+    pub app_every: Option<S>,
+    pub app_timeout: Option<S>,
+    pub rpo_alert: Option<S>,
+}

@@ -1,0 +1,202 @@
+//! Unit tests of the configuration's parsing and checks.
+
+use super::*;
+
+fn check(text: &str) -> Result<Config, ConfigError> {
+    parse(
+        Path::new("/etc/vdrep/vdrep.toml"),
+        text,
+        Checks::ContentOnly,
+    )
+}
+
+fn problems(text: &str) -> Vec<Problem> {
+    match check(text) {
+        Ok(c) => panic!("accepted: {c:?}"),
+        Err(e) => {
+            assert_eq!(e.kind(), ConfigErrorKind::Invalid);
+            e.problems().to_vec()
+        }
+    }
+}
+
+const GOOD: &str = r#"
+[site]
+name = "prod"
+keys = "/etc/vdrep/keys"
+trust = ["/etc/vdrep/peers/dr.crt"]
+
+[[mount]]
+path = "/srv/vdrep-test-vms"
+
+[receiver]
+listen = "0.0.0.0:7700"
+store = "/srv/replicas"
+keep_for = "forever"
+prune_every = "1min"
+
+[[vm]]
+name = "web"
+disks = ["/srv/vdrep-test-vms/web/a.raw", "/srv/vdrep-test-vms/web/../web/b.raw"]
+to = "dr.example.com:7700"
+every = "2h 30m"
+max_rate = "100Mbit/s"
+link_max_rate = "1Gbit/s"
+rpo_alert = "15min"
+
+[[vm]]
+name = "db"
+disks = ["/srv/vdrep-test-vms/db.raw"]
+to = "10.0.0.2:7700"
+every = "continuous"
+max_rate = "10MB/s"
+app_hook = "/usr/bin/hook"
+app_every = "1h"
+"#;
+
+#[test]
+fn a_good_file_is_typed() {
+    let c = check(GOOD).unwrap();
+    assert_eq!(c.site.name.as_deref(), Some("prod"));
+    assert_eq!(c.vms.len(), 2);
+    let web = &c.vms[0];
+    assert_eq!(web.every, Some(Every::Interval(Duration::from_secs(9000))));
+    assert_eq!(web.max_rate, Some(12_500_000));
+    assert_eq!(web.link_max_rate, Some(125_000_000));
+    assert_eq!(web.disks_rel, vec!["web/a.raw", "web/b.raw"]);
+    assert_eq!(web.trust, vec![PathBuf::from("/etc/vdrep/peers/dr.crt")]);
+    assert_eq!(web.rpo_alert, Some(Duration::from_secs(900)));
+    let db = &c.vms[1];
+    assert_eq!(db.every.map(Every::secs), Some(0));
+    assert_eq!(db.max_rate, Some(10_000_000));
+    let r = c.receiver.clone().unwrap();
+    assert_eq!(r.keep_for, Some(None));
+    assert_eq!(r.prune_every, Some(Some(Duration::from_secs(60))));
+    assert_eq!(c.vms_under(Path::new("/srv/vdrep-test-vms")).len(), 2);
+}
+
+#[test]
+fn unknown_key_names_line_and_key() {
+    let text = GOOD.replace("rpo_alert = \"15min\"", "rpo_alrt = \"15min\"");
+    let p = problems(&text);
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0].kind, ProblemKind::Schema);
+    assert_eq!(p[0].key, "rpo_alrt");
+    let line = text
+        .lines()
+        .position(|l| l.starts_with("rpo_alrt"))
+        .unwrap()
+        + 1;
+    assert_eq!(p[0].line, line);
+    let s = p[0].to_string();
+    assert!(
+        s.starts_with(&format!("/etc/vdrep/vdrep.toml:{line}: rpo_alrt: ")),
+        "{s}"
+    );
+    assert!(s.contains("rpo_alert"), "says what is allowed: {s}");
+}
+
+#[test]
+fn bad_values_are_each_reported_with_their_key() {
+    let text = GOOD
+        .replace("every = \"2h 30m\"", "every = \"2 fortnights\"")
+        .replace("max_rate = \"10MB/s\"", "max_rate = \"fast\"")
+        .replace("to = \"10.0.0.2:7700\"", "to = \"10.0.0.2\"")
+        .replace("/srv/vdrep-test-vms/db.raw", "/elsewhere/db.raw");
+    let p = problems(&text);
+    let kinds: Vec<(ProblemKind, &str)> = p.iter().map(|p| (p.kind, p.key.as_str())).collect();
+    assert!(
+        kinds.contains(&(ProblemKind::BadDuration, "vm[web].every")),
+        "{p:?}"
+    );
+    assert!(
+        kinds.contains(&(ProblemKind::BadRate, "vm[db].max_rate")),
+        "{p:?}"
+    );
+    assert!(
+        kinds.contains(&(ProblemKind::BadAddress, "vm[db].to")),
+        "{p:?}"
+    );
+    assert!(
+        kinds.contains(&(ProblemKind::DiskOutsideMount, "vm[db].disks")),
+        "{p:?}"
+    );
+    for x in &p {
+        let l = text.lines().nth(x.line - 1).unwrap();
+        let field = x.key.rsplit('.').next().unwrap();
+        assert!(l.starts_with(field), "line {} of {x} is {l:?}", x.line);
+    }
+}
+
+#[test]
+fn duplicate_vm_names_are_refused() {
+    let text = GOOD.replace("name = \"db\"", "name = \"web\"");
+    let p = problems(&text);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].kind, ProblemKind::Duplicate);
+    assert_eq!(p[0].key, "vm[web].name");
+    assert_eq!(text.lines().nth(p[0].line - 1).unwrap(), "name = \"web\"",);
+    let second = text.rfind("name = \"web\"").unwrap();
+    assert_eq!(p[0].line, text[..second].lines().count() + 1);
+}
+
+#[test]
+fn unreadable_key_files_are_refused_when_files_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[site]\nkeys = \"{0}/nokeys\"\ntrust = [\"{0}/missing.crt\"]\n",
+        dir.path().display()
+    );
+    let path = dir.path().join("v.toml");
+    assert!(parse(&path, &text, Checks::ContentOnly).is_ok());
+    let e = parse(&path, &text, Checks::Files).unwrap_err();
+    let p = e.problems();
+    assert_eq!(p.len(), 2, "{p:?}");
+    assert!(p.iter().all(|p| p.kind == ProblemKind::Unreadable));
+    assert_eq!((p[0].line, p[0].key.as_str()), (2, "site.keys"));
+    assert_eq!((p[1].line, p[1].key.as_str()), (3, "site.trust"));
+}
+
+#[test]
+fn durations_and_rates() {
+    assert_eq!(parse_duration("15min"), Ok(Duration::from_secs(900)));
+    assert_eq!(
+        parse_duration("soon").unwrap_err().kind(),
+        ProblemKind::BadDuration
+    );
+    assert_eq!(parse_rate("fast").unwrap_err().kind(), ProblemKind::BadRate);
+    assert!(parse_duration("0s").is_err());
+    assert!(parse_duration("soon").is_err());
+    assert_eq!(parse_every("continuous"), Ok(Every::Continuous));
+    assert_eq!(parse_rate("50MiB/s"), Ok(50 << 20));
+    assert_eq!(parse_rate("800KB"), Ok(800_000));
+    assert_eq!(parse_rate("8bit/s"), Ok(1));
+    assert_eq!(parse_rate("12345"), Ok(12345));
+    assert!(parse_rate("0").is_err());
+    assert!(parse_rate("-5MB/s").is_err());
+}
+
+#[test]
+fn syntax_errors_have_a_line() {
+    let p = problems("[site]\nname = \"a\"\nkeys = \n");
+    assert_eq!(p[0].kind, ProblemKind::Schema);
+    assert_eq!(p[0].line, 3);
+}
+
+#[test]
+fn the_example_file_is_accepted() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("doc/vdrep.example.toml");
+    let c = load(&path, Checks::ContentOnly).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.vms.len(), 2);
+    assert!(c.receiver.is_some());
+}
+
+#[test]
+fn a_vm_needs_a_certificate_to_trust() {
+    let text = GOOD.replace("trust = [\"/etc/vdrep/peers/dr.crt\"]\n", "");
+    let p = problems(&text);
+    assert_eq!(p.len(), 2, "{p:?}");
+    assert!(p
+        .iter()
+        .all(|p| p.key.ends_with(".trust") && p.kind == ProblemKind::BadValue));
+}
