@@ -22,31 +22,16 @@ fn receiver_blip_is_retried_within_seconds_not_minutes() {
         std::env::var_os("VDREP_RETRY_SCALE").is_none(),
         "this test needs the real retry schedule"
     );
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path();
-    for d in ["ka", "kb", "vm", "store"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    let s = |p: &str| root.join(p).to_str().unwrap().to_string();
-    vdrep_ok(&["keys", "init", "--name", "site-a", "--out", &s("ka")]);
-    vdrep_ok(&["keys", "init", "--name", "site-b", "--out", &s("kb")]);
+    let site = TwoSites::new();
+    let root = site.root.as_path();
+    let s = |p: &str| site.s(p);
     std::fs::File::create(root.join("vm/d.img"))
         .unwrap()
         .set_len(16 << 20)
         .unwrap();
-    let start_rx = |addr: &str| {
-        Receiver::spawn(
-            addr,
-            &root.join("store"),
-            &root.join("kb"),
-            &root.join("ka/site-a.crt"),
-            &[],
-            &[],
-        )
-    };
-    let mut rx = start_rx("127.0.0.1:0");
+    let mut rx = site.receiver("127.0.0.1:0");
     let addr = rx.addr.clone();
-    let mut m = Mounted::new(&root.join("vm"), &["--keys", &s("ka")]);
+    let mut m = site.mount();
     vdrep_ok(&[
         "protect",
         "vm1",
@@ -82,7 +67,7 @@ fn receiver_blip_is_retried_within_seconds_not_minutes() {
     std::thread::sleep(Duration::from_millis(500));
     rx.kill9();
     std::thread::sleep(Duration::from_secs(2));
-    let _rx2 = start_rx(&addr);
+    let _rx2 = site.receiver(&addr);
     // The long schedule's first retry is 1 minute after the failure; the
     // fast schedule retries within seconds. A sync that must finish within
     // 45 s tells them apart on a busy host.
@@ -107,13 +92,7 @@ fn receiver_blip_is_retried_within_seconds_not_minutes() {
     // The replica (a fixed VHD: the disk's bytes, then a footer) holds
     // every write the VM made.
     let src = std::fs::read(root.join("vm/d.img")).unwrap();
-    let disks = root.join("store/sites/site-a/vms/vm1/disks");
-    let replica = std::fs::read_dir(&disks)
-        .unwrap()
-        .flatten()
-        .map(|d| d.path().join("d.vhd"))
-        .find(|p| p.exists())
-        .expect("a replica of d.img");
+    let replica = site.replica("vm1", "d.vhd");
     let rep = std::fs::read(replica).unwrap();
     assert!(
         rep.len() >= src.len() && rep[..src.len()] == src[..],

@@ -41,42 +41,19 @@ fn assert_replica_equals(source: &Path, replica: &Path) {
     );
 }
 
-fn replica_of(store: &Path, name: &str) -> std::path::PathBuf {
-    let disks = store.join("sites/site-a/vms/vm1/disks");
-    for d in std::fs::read_dir(&disks).unwrap().flatten() {
-        let p = d.path().join(name);
-        if p.exists() {
-            return p;
-        }
-    }
-    panic!("no replica {name} under {}", disks.display());
-}
-
 #[test]
 fn replication_converges_through_a_lossy_long_link() {
     require_fuse!();
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path();
-    for d in ["ka", "kb", "vm", "store"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    let s = |p: &str| root.join(p).to_str().unwrap().to_string();
-    vdrep_ok(&["keys", "init", "--name", "site-a", "--out", &s("ka")]);
-    vdrep_ok(&["keys", "init", "--name", "site-b", "--out", &s("kb")]);
+    let site = TwoSites::new();
+    let root = site.root.as_path();
+    let s = |p: &str| site.s(p);
     // Two raw disks with random content: nothing to skip or compress.
     for (name, mib, seed) in [("a.img", 8usize, 11u64), ("b.img", 4, 12)] {
         let mut v = vec![0u8; mib << 20];
         xorshift_fill(&mut v, seed);
         std::fs::write(root.join("vm").join(name), v).unwrap();
     }
-    let rx = Receiver::spawn(
-        "127.0.0.1:0",
-        &root.join("store"),
-        &root.join("kb"),
-        &root.join("ka/site-a.crt"),
-        &[],
-        &[],
-    );
+    let rx = site.receiver("127.0.0.1:0");
     let link = LinkParams::symmetric(100.0, 50.0, 0.005);
     let relay = Relay::start(
         "127.0.0.1:0".parse().unwrap(),
@@ -87,7 +64,7 @@ fn replication_converges_through_a_lossy_long_link() {
     )
     .unwrap();
     let started = Instant::now();
-    let mut m = Mounted::new(&root.join("vm"), &["--keys", &s("ka")]);
+    let mut m = site.mount();
     vdrep_ok(&[
         "protect",
         "vm1",
@@ -138,14 +115,8 @@ fn replication_converges_through_a_lossy_long_link() {
     drop((fa, fb));
     let st = m.status_json();
     assert_eq!(st["replication"][0]["state"], "Normal", "{st}");
-    assert_replica_equals(
-        &root.join("vm/a.img"),
-        &replica_of(&root.join("store"), "a.vhd"),
-    );
-    assert_replica_equals(
-        &root.join("vm/b.img"),
-        &replica_of(&root.join("store"), "b.vhd"),
-    );
+    assert_replica_equals(&root.join("vm/a.img"), &site.replica("vm1", "a.vhd"));
+    assert_replica_equals(&root.join("vm/b.img"), &site.replica("vm1", "b.vhd"));
     let fwd = &relay.fwd.stats;
     let lost = fwd.lost_pkts.load(std::sync::atomic::Ordering::Relaxed);
     let sent = fwd.in_pkts.load(std::sync::atomic::Ordering::Relaxed);
@@ -184,14 +155,9 @@ fn vm_status(m: &Mounted, vm: &str) -> serde_json::Value {
 #[test]
 fn two_vms_keep_committing_points_while_a_third_copies() {
     require_fuse!();
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path();
-    for d in ["ka", "kb", "vm", "store"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    let s = |p: &str| root.join(p).to_str().unwrap().to_string();
-    vdrep_ok(&["keys", "init", "--name", "site-a", "--out", &s("ka")]);
-    vdrep_ok(&["keys", "init", "--name", "site-b", "--out", &s("kb")]);
+    let site = TwoSites::new();
+    let root = site.root.as_path();
+    let s = |p: &str| site.s(p);
     for name in ["a.img", "b.img"] {
         std::fs::File::create(root.join("vm").join(name))
             .unwrap()
@@ -201,14 +167,7 @@ fn two_vms_keep_committing_points_while_a_third_copies() {
     let mut big = vec![0u8; 24 << 20];
     xorshift_fill(&mut big, 99);
     std::fs::write(root.join("vm/big.img"), big).unwrap();
-    let rx = Receiver::spawn(
-        "127.0.0.1:0",
-        &root.join("store"),
-        &root.join("kb"),
-        &root.join("ka/site-a.crt"),
-        &[],
-        &[],
-    );
+    let rx = site.receiver("127.0.0.1:0");
     let link = LinkParams::symmetric(40.0, 20.0, 0.0);
     let relay = Relay::start(
         "127.0.0.1:0".parse().unwrap(),
@@ -218,7 +177,7 @@ fn two_vms_keep_committing_points_while_a_third_copies() {
         7,
     )
     .unwrap();
-    let mut m = Mounted::new(&root.join("vm"), &["--keys", &s("ka")]);
+    let mut m = site.mount();
     let to = relay.addr.to_string();
     let protect = |vm: &str, disk: &str| {
         vdrep_ok(&[
@@ -286,13 +245,7 @@ fn two_vms_keep_committing_points_while_a_third_copies() {
     vdrep_ok(&["sync", "wan-big", "--timeout", "120"]);
     drop((fa, fb));
     for (vm, disk) in [("wan-a", "a"), ("wan-b", "b"), ("wan-big", "big")] {
-        let disks = store.join(format!("sites/site-a/vms/{vm}/disks"));
-        let replica = std::fs::read_dir(&disks)
-            .unwrap()
-            .flatten()
-            .map(|d| d.path().join(format!("{disk}.vhd")))
-            .find(|p| p.exists())
-            .unwrap();
+        let replica = site.replica(vm, &format!("{disk}.vhd"));
         assert_replica_equals(&root.join(format!("vm/{disk}.img")), &replica);
     }
     m.umount();

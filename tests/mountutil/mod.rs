@@ -224,3 +224,55 @@ impl Drop for Receiver {
         self.kill9();
     }
 }
+
+/// Two sites on this machine: keys of site-a (`ka/`) and site-b (`kb/`),
+/// the VM folder (`vm/`) and the receiver's store (`store/`) in a temp dir.
+pub struct TwoSites {
+    _tmp: tempfile::TempDir,
+    pub root: PathBuf,
+}
+
+impl TwoSites {
+    pub fn new() -> TwoSites {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        for d in ["ka", "kb", "vm", "store"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        let s = TwoSites { _tmp: tmp, root };
+        vdrep_ok(&["keys", "init", "--name", "site-a", "--out", &s.s("ka")]);
+        vdrep_ok(&["keys", "init", "--name", "site-b", "--out", &s.s("kb")]);
+        s
+    }
+    pub fn p(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+    pub fn s(&self, rel: &str) -> String {
+        self.p(rel).to_str().unwrap().to_string()
+    }
+    /// `vdrep receive` of site-b on `addr`, trusting site-a.
+    pub fn receiver(&self, addr: &str) -> Receiver {
+        Receiver::spawn(
+            addr,
+            &self.p("store"),
+            &self.p("kb"),
+            &self.p("ka/site-a.crt"),
+            &[],
+            &[],
+        )
+    }
+    /// `vdrep mount vm/ --keys ka/`.
+    pub fn mount(&self) -> Mounted {
+        Mounted::new(&self.p("vm"), &["--keys", &self.s("ka")])
+    }
+    /// The replica file `file` of `vm` at site-b.
+    pub fn replica(&self, vm: &str, file: &str) -> PathBuf {
+        let disks = self.p(&format!("store/sites/site-a/vms/{vm}/disks"));
+        std::fs::read_dir(&disks)
+            .unwrap()
+            .flatten()
+            .map(|d| d.path().join(file))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| panic!("no replica {file} under {}", disks.display()))
+    }
+}
