@@ -32,7 +32,8 @@
 //! - [`sys`]: fd-relative system-call wrappers (a leaf under [`fs`] and
 //!   [`tracking`]).
 //! - [`transport`]: site identities, pinned-certificate mutual TLS over QUIC.
-//! - [`wire`]: the replication protocol's messages and sans-IO codec.
+//! - [`wire`]: the replication protocol's messages, sans-IO codec and the
+//!   sans-IO session state machines of both ends (`wire::session`).
 //! - [`util`]: wall-clock nanoseconds, hex, random ids (a leaf).
 //! - [`ipc`]: one JSON-line request/response exchange over a local Unix
 //!   socket, generic over the messages (used by [`daemon`] and [`receiver`]).
