@@ -15,15 +15,19 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
+use tokio::sync::mpsc;
 
 use crate::replica::{self, DiskRef, ReplicaStore, StoreError};
 use crate::transport::TransportError;
 use crate::transport::{self, keys::Identity, trust::TrustStore};
-use crate::wire::{self, ErrorCode, Msg, WireError};
+use crate::wire::session::{
+    DiskStatus, Event, LogStored, OpId, Output, Receiver, ReceiverAction, ReceiverConfig,
+    StoreDone, StoreFailure, StreamId,
+};
+use crate::wire::{self, DiskId, ErrorCode, InitialBegin, OpenDisk};
 
 /// What stopped the receiver, or one of its streams.
 #[derive(Debug, thiserror::Error)]
@@ -40,12 +44,6 @@ pub enum ReceiverError {
         what: &'static str,
         source: std::io::Error,
     },
-    /// The stream or the connection failed (peer gone, reset, bad frame).
-    #[error(transparent)]
-    Wire(#[from] WireError),
-    /// The peer broke the log protocol (offsets, lengths, checksum, order).
-    #[error("{0}")]
-    Protocol(String),
 }
 
 /// What a caller can do about a [`ReceiverError`].
@@ -57,8 +55,6 @@ pub enum ReceiverErrorKind {
     Store,
     /// The host refused a resource: retry, or check its limits.
     Resource,
-    /// One connection or stream failed: the sender retries; nothing to do.
-    Stream,
 }
 
 impl ReceiverError {
@@ -67,7 +63,6 @@ impl ReceiverError {
             ReceiverError::Transport(_) => ReceiverErrorKind::Config,
             ReceiverError::Store { .. } => ReceiverErrorKind::Store,
             ReceiverError::Start { .. } => ReceiverErrorKind::Resource,
-            ReceiverError::Wire(_) | ReceiverError::Protocol(_) => ReceiverErrorKind::Stream,
         }
     }
 }
@@ -116,15 +111,6 @@ pub fn prune_all(store: &dyn ReplicaStore, keep: &replica::RetentionPolicy) -> V
         }
     }
     out
-}
-
-struct Session {
-    site: String,
-    /// For site-to-site administration (failover, reverse).
-    roles: Arc<crate::roles::ReceiverCtx>,
-    hello: AtomicBool,
-    /// disk id -> (vm, OpenDisk) announced on this connection.
-    disks: Mutex<HashMap<[u8; 16], (String, wire::OpenDisk)>>,
 }
 
 /// SIGHUP: trust the `[site] trust` certificates of the configuration at
@@ -260,6 +246,48 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), ReceiverError> {
     })
 }
 
+/// What the quinn side of a connection hands its session.
+enum Input {
+    Data(StreamId, quinn::Chunk),
+    Finished(StreamId),
+    Reset(StreamId),
+}
+
+/// What a stream's writer task does with its quinn send stream.
+enum Write {
+    Bytes(Vec<u8>),
+    Finish,
+    Reset,
+}
+
+/// The stores a connection's actions run against, and its identity there.
+struct Conn {
+    site: String,
+    store: Arc<dyn ReplicaStore>,
+    roles: Arc<crate::roles::ReceiverCtx>,
+    done: mpsc::UnboundedSender<(OpId, StoreDone)>,
+    /// Initial copies in progress, by disk: their writer threads.
+    initials: HashMap<DiskId, InitialWriter>,
+    /// Logs being staged, by the session's op: their `store_log` threads.
+    logs: HashMap<OpId, LogStager>,
+    /// What a checksum compare keeps between its requests, by disk.
+    digests: HashMap<DiskId, Arc<Mutex<replica::DigestCache>>>,
+}
+
+/// Writes an initial copy: disk bytes by offset.
+type InitialWriter = Pipe<(u64, Vec<u8>), Result<(), StoreError>>;
+/// Stages a log: its bytes in order (an error discards it).
+type LogStager = Pipe<std::io::Result<Vec<u8>>, Result<replica::StoreOutcome, StoreError>>;
+
+/// Bytes flowing, in order, to a blocking thread of the store.
+struct Pipe<T, R> {
+    tx: mpsc::Sender<T>,
+    thread: std::thread::JoinHandle<R>,
+}
+
+/// The connection's driver: runs [`wire::session::Receiver`] against quinn
+/// (one reader and one writer task per accepted stream) and the store
+/// (blocking threads), until the connection is gone.
 async fn handle_conn(
     conn: quinn::Connection,
     peer: transport::PeerIdentity,
@@ -280,24 +308,114 @@ async fn handle_conn(
         }
     };
     tracing::info!(%addr, %site, fingerprint = %peer.fingerprint.to_hex(), "sender connected");
-    let sess = Arc::new(Session {
-        site,
-        roles,
-        hello: AtomicBool::new(false),
-        disks: Mutex::new(HashMap::new()),
+    let s2 = store.clone();
+    let store_free = tokio::task::spawn_blocking(move || s2.free_bytes())
+        .await
+        .unwrap_or(0);
+    let mut session = Receiver::new(ReceiverConfig {
+        site_name: me,
+        software_version: env!("CARGO_PKG_VERSION").into(),
+        store_free,
     });
+    let (in_tx, mut in_rx) = mpsc::channel::<Input>(64);
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let mut c = Conn {
+        site,
+        store,
+        roles,
+        done: done_tx,
+        initials: HashMap::new(),
+        logs: HashMap::new(),
+        digests: HashMap::new(),
+    };
+    let mut writers: HashMap<StreamId, mpsc::UnboundedSender<Write>> = HashMap::new();
+    let mut next_stream = 0u64;
+    let start = std::time::Instant::now();
+    let now = || start.elapsed().as_nanos() as u64;
     loop {
-        match conn.accept_bi().await {
-            Ok((tx, rx)) => {
-                let (sess, store, me) = (sess.clone(), store.clone(), me.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = handle_stream(&sess, store.as_ref(), &me, tx, rx).await {
-                        tracing::warn!(site = %sess.site, "stream ended: {e}");
-                    }
-                });
+        while let Some(o) = session.poll() {
+            match o {
+                Output::Send { stream, bytes } => send(&writers, stream, Write::Bytes(bytes)),
+                Output::Finish(stream) => send(&writers, stream, Write::Finish),
+                Output::Reset(stream) => send(&writers, stream, Write::Reset),
+                Output::Close(e) => {
+                    tracing::warn!(site = %c.site, "closing the connection: {e}");
+                    conn.close(1u32.into(), b"protocol error");
+                    return;
+                }
+                Output::Action(a) => c.perform(a).await,
             }
-            Err(e) => {
-                tracing::info!(%addr, "connection closed: {e}");
+        }
+        if session.is_closed() {
+            return;
+        }
+        tokio::select! {
+            accepted = conn.accept_bi() => match accepted {
+                Ok((tx, rx)) => {
+                    let sid = StreamId(next_stream);
+                    next_stream += 1;
+                    let (wtx, wrx) = mpsc::unbounded_channel();
+                    writers.insert(sid, wtx);
+                    tokio::spawn(write_stream(tx, wrx));
+                    tokio::spawn(read_stream(sid, rx, in_tx.clone()));
+                }
+                Err(e) => {
+                    tracing::info!(%addr, "connection closed: {e}");
+                    session.handle(now(), Event::ConnectionLost);
+                }
+            },
+            Some(input) = in_rx.recv() => match input {
+                Input::Data(stream, chunk) => {
+                    session.handle(now(), Event::Data { stream, bytes: &chunk.bytes })
+                }
+                Input::Finished(stream) => session.handle(now(), Event::Finished(stream)),
+                Input::Reset(stream) => {
+                    writers.remove(&stream);
+                    session.handle(now(), Event::Reset(stream))
+                }
+            },
+            Some((op, done)) = done_rx.recv() => session.complete(now(), op, done),
+        }
+    }
+}
+
+/// Hand `w` to the writer of `stream` (gone: the peer dropped it).
+fn send(writers: &HashMap<StreamId, mpsc::UnboundedSender<Write>>, stream: StreamId, w: Write) {
+    if let Some(tx) = writers.get(&stream) {
+        let _ = tx.send(w);
+    }
+}
+
+/// Feed what arrives on a stream to the connection's driver.
+async fn read_stream(sid: StreamId, mut rx: quinn::RecvStream, to: mpsc::Sender<Input>) {
+    loop {
+        let input = match rx.read_chunk(usize::MAX, true).await {
+            Ok(Some(chunk)) => Input::Data(sid, chunk),
+            Ok(None) => Input::Finished(sid),
+            Err(_) => Input::Reset(sid),
+        };
+        let last = !matches!(input, Input::Data(..));
+        if to.send(input).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+/// Write what the session answers on a stream, in order.
+async fn write_stream(mut tx: quinn::SendStream, mut from: mpsc::UnboundedReceiver<Write>) {
+    while let Some(w) = from.recv().await {
+        match w {
+            Write::Bytes(b) => {
+                if tx.write_all(&b).await.is_err() {
+                    return;
+                }
+            }
+            Write::Finish => {
+                let _ = tx.finish();
+                return;
+            }
+            Write::Reset => {
+                let _ = tx.reset(0u32.into());
                 return;
             }
         }
@@ -320,21 +438,14 @@ fn code_of(e: &StoreError) -> ErrorCode {
     }
 }
 
-fn store_err(e: StoreError) -> Msg {
+/// A store error, as the session answers it.
+fn failure(e: StoreError) -> StoreFailure {
     tracing::warn!("{e}");
-    Msg::Error(wire::ErrorMsg {
+    StoreFailure {
         code: code_of(&e),
         retryable: e.retryable(),
         message: e.to_string(),
-    })
-}
-
-fn proto_err(code: ErrorCode, message: impl Into<String>, retryable: bool) -> Msg {
-    Msg::Error(wire::ErrorMsg {
-        code,
-        message: message.into(),
-        retryable,
-    })
+    }
 }
 
 /// The last path component of a disk name (the store keeps one component).
@@ -342,434 +453,343 @@ fn store_name(disk_name: &str) -> &str {
     disk_name.rsplit('/').next().unwrap_or(disk_name)
 }
 
-impl Session {
-    /// Disk `disk_id` of `vm` in this sender's namespace.
-    fn disk<'a>(&'a self, vm: &'a str, disk_id: &'a [u8; 16]) -> DiskRef<'a> {
-        DiskRef {
-            site: &self.site,
-            vm,
-            disk_id,
-        }
+fn disk<'a>(site: &'a str, vm: &'a str, disk_id: &'a DiskId) -> DiskRef<'a> {
+    DiskRef { site, vm, disk_id }
+}
+
+/// A blocking thread of the store died (it panicked).
+fn thread_died(what: &str) -> StoreError {
+    StoreError::BadState {
+        path: PathBuf::from(format!("<{what}>")),
+        what: "the store thread panicked".into(),
     }
 }
 
-fn disk_of(sess: &Session, id: &[u8; 16]) -> Option<(String, wire::OpenDisk)> {
-    sess.disks.lock().get(id).cloned()
-}
-
-async fn handle_stream(
-    sess: &Session,
-    store: &dyn ReplicaStore,
-    me: &str,
-    mut tx: quinn::SendStream,
-    mut rx: quinn::RecvStream,
-) -> Result<(), ReceiverError> {
-    let Some(first) = wire::read_msg(&mut rx).await? else {
-        return Ok(());
-    };
-    if !matches!(first, Msg::Hello(_)) && !sess.hello.load(Ordering::SeqCst) {
-        let m = proto_err(ErrorCode::Protocol, "say Hello first", false);
-        return wire::write_msg(&mut tx, &m)
-            .await
-            .map_err(ReceiverError::from);
+impl Conn {
+    /// Run `f` on a blocking thread; its result completes `op`.
+    fn spawn(
+        &self,
+        op: OpId,
+        f: impl FnOnce(&dyn ReplicaStore, &str) -> StoreDone + Send + 'static,
+    ) {
+        let (store, site, done) = (self.store.clone(), self.site.clone(), self.done.clone());
+        tokio::task::spawn_blocking(move || {
+            let _ = done.send((op, f(store.as_ref(), &site)));
+        });
     }
-    let reply = match first {
-        Msg::Hello(h) => {
-            if h.protocol_version != wire::PROTOCOL_VERSION {
-                proto_err(
-                    ErrorCode::Version,
-                    format!(
-                        "protocol version {} is not supported (this receiver speaks {}): run the same vdrep version on both sites",
-                        h.protocol_version,
-                        wire::PROTOCOL_VERSION
-                    ),
-                    false,
-                )
-            } else {
-                if h.site_name != sess.site {
-                    tracing::info!(site = %sess.site, "sender calls itself {:?}; its certificate says {:?}", h.site_name, sess.site);
-                }
-                sess.hello.store(true, Ordering::SeqCst);
-                Msg::HelloOk(wire::HelloOk {
-                    protocol_version: wire::PROTOCOL_VERSION,
-                    site_name: me.to_string(),
-                    software_version: env!("CARGO_PKG_VERSION").into(),
-                    store_free: store.free_bytes(),
+
+    /// Perform one action of the session.
+    async fn perform(&mut self, a: ReceiverAction) {
+        match a {
+            ReceiverAction::LoadDisk { op, open } => self.spawn(op, move |store, site| {
+                StoreDone::DiskLoaded(load_disk(store, site, &open))
+            }),
+            ReceiverAction::BeginInitial { op, open, begin } => {
+                self.start_initial(begin.disk_id, &open.vm);
+                self.spawn(op, move |store, site| {
+                    StoreDone::InitialBegun(
+                        begin_initial(store, site, &open, &begin).map_err(failure),
+                    )
                 })
             }
+            ReceiverAction::WriteInitial {
+                disk_id,
+                offset,
+                data,
+                ..
+            } => {
+                if let Some(p) = self.initials.get(&disk_id) {
+                    // A write error ends the thread; FinishInitial reports it.
+                    let _ = p.tx.send((offset, data)).await;
+                }
+            }
+            ReceiverAction::FinishInitial {
+                op,
+                vm,
+                disk_id,
+                cycle,
+            } => {
+                let writer = self.initials.remove(&disk_id);
+                self.spawn(op, move |store, site| {
+                    let written = match writer {
+                        Some(Pipe { tx, thread }) => {
+                            drop(tx);
+                            thread
+                                .join()
+                                .unwrap_or_else(|_| Err(thread_died("write_initial")))
+                        }
+                        None => Err(thread_died("write_initial")),
+                    };
+                    let r = written.and_then(|()| {
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_nanos() as u64)
+                            .unwrap_or(0);
+                        store.finish_initial(disk(site, &vm, &disk_id), cycle, now)
+                    });
+                    StoreDone::InitialFinished(r.map_err(failure))
+                })
+            }
+            ReceiverAction::StageLog { op, vm, begin } => {
+                let (tx, rx) = mpsc::channel(4);
+                let (store, site) = (self.store.clone(), self.site.clone());
+                let thread = std::thread::spawn(move || {
+                    let mut r = ChanReader {
+                        rx,
+                        cur: Vec::new(),
+                        pos: 0,
+                    };
+                    store.store_log(disk(&site, &vm, &begin.disk_id), &mut r)
+                });
+                self.logs.insert(op, Pipe { tx, thread });
+            }
+            ReceiverAction::StageLogData { op, data, .. } => {
+                if let Some(p) = self.logs.get(&op) {
+                    // Closed: the store has what it needs (a resend).
+                    let _ = p.tx.send(Ok(data)).await;
+                }
+            }
+            ReceiverAction::StoreLogDurably { op, .. } => {
+                let staged = self.logs.remove(&op);
+                self.spawn(op, move |_, _| {
+                    let r = match staged {
+                        Some(Pipe { tx, thread }) => {
+                            drop(tx);
+                            thread
+                                .join()
+                                .unwrap_or_else(|_| Err(thread_died("store_log")))
+                        }
+                        None => Err(thread_died("store_log")),
+                    };
+                    StoreDone::LogStored(match r {
+                        Ok(replica::StoreOutcome::AlreadyApplied { .. }) => {
+                            Ok(LogStored::AlreadyApplied)
+                        }
+                        Ok(_) => Ok(LogStored::Stored),
+                        Err(e) => Err(failure(e)),
+                    })
+                })
+            }
+            ReceiverAction::DiscardLog { op } => {
+                if let Some(p) = self.logs.remove(&op) {
+                    // The store reads an error and drops what it staged.
+                    let discarded = std::io::Error::other("the log was discarded");
+                    let _ = p.tx.send(Err(discarded)).await;
+                }
+            }
+            ReceiverAction::ApplyLog {
+                op,
+                vm,
+                disk_id,
+                cycle,
+            } => {
+                self.digests.remove(&disk_id);
+                self.spawn(op, move |store, site| {
+                    let r = store.apply(disk(site, &vm, &disk_id), cycle);
+                    StoreDone::LogApplied(r.map(|_| ()).map_err(failure))
+                })
+            }
+            ReceiverAction::CommitPoint {
+                op,
+                vm,
+                cycle,
+                app_consistent,
+                disks,
+            } => self.spawn(op, move |store, site| {
+                let ids: Vec<DiskId> = disks.iter().map(|d| d.disk_id).collect();
+                let consistency = if app_consistent {
+                    replica::Consistency::App
+                } else {
+                    replica::Consistency::Crash
+                };
+                let r = store.commit_point(site, &vm, cycle, &ids, consistency);
+                StoreDone::PointCommitted(r.map(|p| p.is_some()).map_err(failure))
+            }),
+            ReceiverAction::HashBlocks { op, vm, req } => {
+                let cache = self.digests.entry(req.disk_id).or_default().clone();
+                self.spawn(op, move |store, site| {
+                    let runs: Vec<(u64, u32)> =
+                        req.runs.iter().map(|x| (x.offset, x.blocks)).collect();
+                    let r = store.block_hashes(
+                        disk(site, &vm, &req.disk_id),
+                        req.replica_cycle,
+                        req.block_size,
+                        &runs,
+                        &mut cache.lock(),
+                    );
+                    StoreDone::Hashed(r.map_err(failure))
+                })
+            }
+            ReceiverAction::PrepareResync { op, vm, end } => {
+                self.digests.remove(&end.disk_id);
+                tracing::info!(
+                    site = %self.site, %vm,
+                    "resync compare done: {} of {} blocks differ; their log is cycle {}",
+                    end.blocks_differ, end.blocks_compared, end.cycle
+                );
+                self.spawn(op, move |store, site| {
+                    let d = disk(site, &vm, &end.disk_id);
+                    let r = store.resync_prepared(d, end.replica_cycle, end.cycle);
+                    StoreDone::ResyncPrepared(r.map_err(failure))
+                })
+            }
+            ReceiverAction::MarkNeedsResync { vm, disk_id, why } => {
+                // Before the refusal goes out: the sender resyncs at once.
+                let d = disk(&self.site, &vm, &disk_id);
+                match tokio::task::block_in_place(|| self.store.set_needs_resync(d, Some(&why))) {
+                    Ok(()) => tracing::warn!(
+                        site = %self.site, %vm,
+                        "{why}; the replica is marked for resync"
+                    ),
+                    Err(e) => tracing::error!("cannot mark the replica for resync: {e}"),
+                }
+            }
+            ReceiverAction::Admin { op, body } => {
+                let roles = self.roles.clone();
+                self.spawn(op, move |_, site| {
+                    StoreDone::AdminDone(admin(&roles, site, &body))
+                })
+            }
+            ReceiverAction::Refused { stream, error } => {
+                tracing::warn!(site = %self.site, stream = stream.0, "refused: {error}");
+            }
         }
-        Msg::OpenDisk(o) => open_disk(sess, store, o),
-        Msg::InitialBegin(b) => initial(sess, store, b, &mut rx).await,
-        Msg::LogBegin(l) => {
-            return log(sess, store, l, &mut tx, &mut rx).await;
-        }
-        Msg::PointCommit(p) => point(sess, store, p),
-        Msg::Admin(body) => admin(sess, &body),
-        Msg::BlockHashReq(_) | Msg::ResyncEnd(_) => {
-            return digests(sess, store, first, &mut tx, &mut rx).await;
-        }
-        other => proto_err(
-            ErrorCode::Protocol,
-            format!("unexpected {} to start a stream", other.name()),
-            false,
-        ),
-    };
-    wire::write_msg(&mut tx, &reply)
-        .await
-        .map_err(ReceiverError::from)?;
-    let _ = tx.finish();
-    Ok(())
-}
+    }
 
-/// A site-to-site administrative request ([`crate::roles`]), for the
-/// requester's own namespace only.
-fn admin(sess: &Session, body: &str) -> Msg {
-    let req: crate::roles::AdminRequest = match serde_json::from_str(body) {
-        Ok(r) => r,
-        Err(e) => {
-            return proto_err(
-                ErrorCode::Protocol,
-                format!("unreadable administrative request: {e}"),
-                false,
-            )
-        }
-    };
-    tracing::info!(site = %sess.site, "administrative request: {req:?}");
-    let r =
-        tokio::task::block_in_place(|| crate::roles::handle_admin(&sess.roles, &sess.site, req));
-    match r
-        .map_err(|e| e.to_string())
-        .and_then(|a| serde_json::to_string(&a).map_err(|e| e.to_string()))
-    {
-        Ok(j) => Msg::AdminOk(j),
-        Err(e) => {
-            tracing::warn!(site = %sess.site, "administrative request failed: {e}");
-            proto_err(ErrorCode::InvalidState, e, false)
-        }
+    /// A writer thread for the initial copy of `disk_id` (replacing one a
+    /// dead stream left behind).
+    fn start_initial(&mut self, disk_id: DiskId, vm: &str) {
+        let (tx, mut rx) = mpsc::channel::<(u64, Vec<u8>)>(4);
+        let (store, site, vm) = (self.store.clone(), self.site.clone(), vm.to_string());
+        let thread = std::thread::spawn(move || {
+            while let Some((offset, data)) = rx.blocking_recv() {
+                let d = disk(&site, &vm, &disk_id);
+                let what = if crate::hrl::format::is_all_zero(&data) {
+                    replica::InitialData::Zeroes(data.len() as u64)
+                } else {
+                    replica::InitialData::Data(&data)
+                };
+                store.write_initial(d, offset, what)?;
+            }
+            Ok(())
+        });
+        self.initials.insert(disk_id, Pipe { tx, thread });
     }
 }
 
-fn open_disk(sess: &Session, store: &dyn ReplicaStore, o: wire::OpenDisk) -> Msg {
+/// Look up the replica of a disk a sender opens (refused if its names are
+/// unsafe, or if the VM failed over to this site).
+fn load_disk(
+    store: &dyn ReplicaStore,
+    site: &str,
+    o: &OpenDisk,
+) -> Result<DiskStatus, StoreFailure> {
     if let Err(e) = wire::safe_component(&o.vm).and_then(|_| wire::safe_name(&o.disk_name)) {
-        return proto_err(ErrorCode::InvalidName, e.to_string(), false);
+        return Err(StoreFailure {
+            code: ErrorCode::InvalidName,
+            retryable: false,
+            message: e.to_string(),
+        });
     }
-    let r = tokio::task::block_in_place(|| {
-        if let Some(live) = store.failed_over(&sess.site, &o.vm).ok().flatten() {
-            return Err(StoreError::NotReady {
-                ctx: replica::Ctx::new(&sess.site, &o.vm, &o.disk_name),
-                what: format!(
-                    "this VM failed over to this site (live at {} since cycle {}): replication towards here is over; once the old primary is back run `vdrep reverse {}` there",
-                    live.dir.display(),
-                    live.cycle,
-                    o.vm
-                ),
-            });
-        }
-        match store.replica_state(sess.disk(&o.vm, &o.disk_id)) {
-            Ok(st) => Ok(Some(st)),
-            Err(StoreError::NotReady { .. }) => Ok(None),
-            Err(e) => Err(e),
-        }
-    });
-    let st = match r {
-        Ok(s) => s,
-        Err(e) => return store_err(e),
+    if let Some(live) = store.failed_over(site, &o.vm).ok().flatten() {
+        return Err(failure(StoreError::NotReady {
+            ctx: replica::Ctx::new(site, &o.vm, &o.disk_name),
+            what: format!(
+                "this VM failed over to this site (live at {} since cycle {}): replication towards here is over; once the old primary is back run `vdrep reverse {}` there",
+                live.dir.display(),
+                live.cycle,
+                o.vm
+            ),
+        }));
+    }
+    let st = match store.replica_state(disk(site, &o.vm, &o.disk_id)) {
+        Ok(st) => st,
+        Err(StoreError::NotReady { .. }) => return Ok(DiskStatus::default()),
+        Err(e) => return Err(failure(e)),
     };
-    sess.disks
-        .lock()
-        .insert(o.disk_id, (o.vm.clone(), o.clone()));
-    let (replica_cycle, replica_size, copy_cycle, resume_offset) = match &st {
-        Some(s) if s.applying.is_none() => (
-            s.cycle.unwrap_or(0),
-            s.size,
-            s.initial_cycle.unwrap_or(0),
-            s.initial_offset.unwrap_or(0),
-        ),
-        Some(s) => (0, s.size, 0, 0),
-        None => (0, 0, 0, 0),
-    };
-    let needs_resync = st
-        .as_ref()
-        .and_then(|s| s.needs_resync.clone())
-        .map(|w| wire::ErrorMsg::new(ErrorCode::InvalidState, false, w).message)
-        .unwrap_or_default();
-    Msg::DiskState(wire::DiskState {
-        disk_id: o.disk_id,
-        replica_cycle,
-        replica_size,
-        copy_cycle,
-        resume_offset,
-        needs_resync,
+    Ok(match st.applying {
+        None => DiskStatus {
+            replica_cycle: st.cycle.unwrap_or(0),
+            replica_size: st.size,
+            copy_cycle: st.initial_cycle.unwrap_or(0),
+            resume_offset: st.initial_offset.unwrap_or(0),
+            needs_resync: st.needs_resync,
+        },
+        Some(_) => DiskStatus {
+            replica_size: st.size,
+            needs_resync: st.needs_resync,
+            ..DiskStatus::default()
+        },
     })
 }
 
-/// A checksum compare (resync or verify) of one disk: answer every
-/// `BlockHashReq` with the replica's digests, in order, and record a
-/// `ResyncEnd`. The stream ends when the sender finishes it.
-async fn digests(
-    sess: &Session,
+/// Start or resume an initial copy; the offset it resumes at.
+fn begin_initial(
     store: &dyn ReplicaStore,
-    first: Msg,
-    tx: &mut quinn::SendStream,
-    rx: &mut quinn::RecvStream,
-) -> Result<(), ReceiverError> {
-    let mut next = Some(first);
-    let mut buf = Vec::new();
-    let mut cache = replica::DigestCache::default();
-    loop {
-        let m = match next.take() {
-            Some(m) => m,
-            None => match wire::read_msg(rx).await {
-                Ok(Some(m)) => m,
-                Ok(None) => {
-                    let _ = tx.finish();
-                    return Ok(());
-                }
-                Err(e) => return Err(e.into()),
-            },
-        };
-        let reply = match m {
-            Msg::BlockHashReq(r) => match disk_of(sess, &r.disk_id) {
-                None => proto_err(
-                    ErrorCode::Protocol,
-                    "BlockHashReq for a disk not opened with OpenDisk",
-                    false,
-                ),
-                Some((vm, _)) => {
-                    let runs: Vec<(u64, u32)> =
-                        r.runs.iter().map(|x| (x.offset, x.blocks)).collect();
-                    let res = tokio::task::block_in_place(|| {
-                        store.block_hashes(
-                            sess.disk(&vm, &r.disk_id),
-                            r.replica_cycle,
-                            r.block_size,
-                            &runs,
-                            &mut cache,
-                        )
-                    });
-                    match res {
-                        Ok((replica_size, hashes)) => Msg::BlockHashes(wire::BlockHashes {
-                            disk_id: r.disk_id,
-                            replica_cycle: r.replica_cycle,
-                            replica_size,
-                            hashes,
-                        }),
-                        Err(e) => store_err(e),
-                    }
-                }
-            },
-            Msg::ResyncEnd(e) => match disk_of(sess, &e.disk_id) {
-                None => proto_err(
-                    ErrorCode::Protocol,
-                    "ResyncEnd for a disk not opened with OpenDisk",
-                    false,
-                ),
-                Some((vm, _)) => {
-                    tracing::info!(
-                        site = %sess.site, %vm,
-                        "resync compare done: {} of {} blocks differ; their log is cycle {}",
-                        e.blocks_differ, e.blocks_compared, e.cycle
-                    );
-                    let res = tokio::task::block_in_place(|| {
-                        store.resync_prepared(sess.disk(&vm, &e.disk_id), e.replica_cycle, e.cycle)
-                    });
-                    match res {
-                        Ok(()) => Msg::Ack(wire::Ack {
-                            disk_id: e.disk_id,
-                            cycle: e.cycle,
-                            durable: false,
-                            applied: false,
-                        }),
-                        Err(e) => store_err(e),
-                    }
-                }
-            },
-            other => proto_err(
-                ErrorCode::Protocol,
-                format!("unexpected {} inside a checksum compare", other.name()),
-                false,
-            ),
-        };
-        let stop = matches!(reply, Msg::Error(_));
-        wire::write_msg_buf(tx, &reply, &mut buf)
-            .await
-            .map_err(ReceiverError::from)?;
-        if stop {
-            let _ = tx.finish();
-            return Ok(());
-        }
-    }
-}
-
-/// A log that cannot be applied in order (the chains diverged, a log was
-/// lost or damaged): the replica can only be healed by a checksum resync.
-/// Mark it so, and tell the sender (retryable: it resyncs right away).
-fn needs_resync_after(
-    sess: &Session,
-    store: &dyn ReplicaStore,
-    vm: &str,
-    id: &[u8; 16],
-    e: StoreError,
-) -> Msg {
-    if !matches!(e, StoreError::OutOfOrder { .. }) {
-        return store_err(e);
-    }
-    let why = format!("a log could not be applied in order: {e}");
-    let r = tokio::task::block_in_place(|| store.set_needs_resync(sess.disk(vm, id), Some(&why)));
-    if let Err(e2) = r {
-        tracing::error!("cannot mark the replica for resync: {e2}");
-        return store_err(e);
-    }
-    tracing::warn!(site = %sess.site, %vm, "{why}; the replica is marked for resync");
-    Msg::Error(wire::ErrorMsg::new(
-        ErrorCode::ResyncRequired,
-        true,
-        format!("the replica needs a resync: {why}"),
-    ))
-}
-
-async fn initial(
-    sess: &Session,
-    store: &dyn ReplicaStore,
-    b: wire::InitialBegin,
-    rx: &mut quinn::RecvStream,
-) -> Msg {
-    let Some((vm, od)) = disk_of(sess, &b.disk_id) else {
-        return proto_err(
-            ErrorCode::Protocol,
-            "InitialBegin for a disk not opened with OpenDisk",
-            false,
-        );
+    site: &str,
+    o: &OpenDisk,
+    b: &InitialBegin,
+) -> Result<u64, StoreError> {
+    let d = disk(site, &o.vm, &b.disk_id);
+    // A resumed copy continues the store's interrupted copy (its cut is the
+    // one the store knows); blocks below the offset that changed since then
+    // are part of this stream.
+    let info_cycle = if b.start_offset > 0 {
+        store
+            .replica_state(d)
+            .ok()
+            .and_then(|s| s.initial_cycle)
+            .unwrap_or(b.cycle)
+    } else {
+        b.cycle
     };
-    let r = tokio::task::block_in_place(|| {
-        // A resumed copy continues the store's interrupted copy (its cut is
-        // the one the store knows); blocks below the offset that changed
-        // since then are part of this stream.
-        let info_cycle = if b.start_offset > 0 {
-            store
-                .replica_state(sess.disk(&vm, &b.disk_id))
-                .ok()
-                .and_then(|s| s.initial_cycle)
-                .unwrap_or(b.cycle)
-        } else {
-            b.cycle
-        };
-        store.begin_initial(
-            &sess.site,
-            &vm,
-            &replica::DiskInfo {
-                disk_id: b.disk_id,
-                name: store_name(&od.disk_name).to_string(),
-                size: b.disk_size,
-                block_size: od.block_size,
-                cycle: info_cycle,
-            },
-        )
-    });
-    let mut resume = match r {
-        Ok(s) => s.resume_offset,
-        Err(e) => return store_err(e),
+    let info = replica::DiskInfo {
+        disk_id: b.disk_id,
+        name: store_name(&o.disk_name).to_string(),
+        size: b.disk_size,
+        block_size: o.block_size,
+        cycle: info_cycle,
     };
+    let resume = store.begin_initial(site, &o.vm, &info)?.resume_offset;
     if b.start_offset > 0 && resume == b.start_offset {
         // Continue the interrupted copy as part of this newer cut.
-        let r = tokio::task::block_in_place(|| {
-            store.rebase_initial(sess.disk(&vm, &b.disk_id), b.cycle)
-        });
-        match r {
-            Ok(off) => resume = off,
-            Err(e) => return store_err(e),
-        }
+        return store.rebase_initial(d, b.cycle);
     }
-    if resume != b.start_offset {
-        return proto_err(
-            ErrorCode::InvalidState,
-            format!(
-                "the initial copy can resume at {resume}, not {}; it restarts from the beginning",
-                b.start_offset
-            ),
-            true,
-        );
-    }
-    let mut lz = Vec::new();
-    loop {
-        let m = match wire::read_msg(rx).await {
-            Ok(Some(m)) => m,
-            Ok(None) => {
-                return proto_err(
-                    ErrorCode::Protocol,
-                    "stream ended inside an initial copy",
-                    true,
-                )
-            }
-            Err(e) => return proto_err(ErrorCode::Protocol, e.to_string(), true),
-        };
-        match m {
-            Msg::InitialChunk(c) if c.disk_id == b.disk_id => {
-                let r = tokio::task::block_in_place(|| {
-                    let d = sess.disk(&vm, &c.disk_id);
-                    match c.encoding {
-                        crate::hrl::Encoding::Zero => store.write_initial(
-                            d,
-                            c.offset,
-                            replica::InitialData::Zeroes(u64::from(c.length)),
-                        ),
-                        crate::hrl::Encoding::Raw => {
-                            store.write_initial(d, c.offset, replica::InitialData::Data(&c.data))
-                        }
-                        crate::hrl::Encoding::Lz4 => {
-                            lz.resize(c.length as usize, 0);
-                            match lz4_flex::block::decompress_into(&c.data, &mut lz) {
-                                Ok(n) if n == c.length as usize => {}
-                                _ => {
-                                    return Err(StoreError::BadState {
-                                        path: PathBuf::from(format!("{vm}/{}", od.disk_name)),
-                                        what: format!(
-                                            "the lz4 chunk at offset {} does not decompress to its length",
-                                            c.offset
-                                        ),
-                                    })
-                                }
-                            }
-                            store.write_initial(d, c.offset, replica::InitialData::Data(&lz))
-                        }
-                    }
-                });
-                if let Err(e) = r {
-                    return store_err(e);
-                }
-            }
-            Msg::InitialEnd(e) if e.disk_id == b.disk_id => {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or(0);
-                let r = tokio::task::block_in_place(|| {
-                    store.finish_initial(sess.disk(&vm, &e.disk_id), e.cycle, now)
-                });
-                return match r {
-                    Ok(()) => Msg::Ack(wire::Ack {
-                        disk_id: e.disk_id,
-                        cycle: e.cycle,
-                        durable: true,
-                        applied: true,
-                    }),
-                    Err(e) => store_err(e),
-                };
-            }
-            other => {
-                return proto_err(
-                    ErrorCode::Protocol,
-                    format!("unexpected {} inside an initial copy", other.name()),
-                    false,
-                )
-            }
-        }
-    }
+    Ok(resume)
 }
 
-/// Feeds `store_log` (blocking) from the network side.
+/// A site-to-site administrative request ([`crate::roles`]), for the
+/// requester's own namespace only: the JSON answer.
+fn admin(
+    roles: &crate::roles::ReceiverCtx,
+    site: &str,
+    body: &str,
+) -> Result<String, StoreFailure> {
+    let refuse = |code, message: String| StoreFailure {
+        code,
+        retryable: false,
+        message,
+    };
+    let req: crate::roles::AdminRequest = serde_json::from_str(body).map_err(|e| {
+        refuse(
+            ErrorCode::Protocol,
+            format!("unreadable administrative request: {e}"),
+        )
+    })?;
+    tracing::info!(%site, "administrative request: {req:?}");
+    crate::roles::handle_admin(roles, site, req)
+        .map_err(|e| e.to_string())
+        .and_then(|a| serde_json::to_string(&a).map_err(|e| e.to_string()))
+        .map_err(|e| {
+            tracing::warn!(%site, "administrative request failed: {e}");
+            refuse(ErrorCode::InvalidState, e)
+        })
+}
+
+/// Feeds `store_log` (blocking) from the network side; an error item
+/// makes the store discard the log.
 struct ChanReader {
-    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    rx: mpsc::Receiver<std::io::Result<Vec<u8>>>,
     cur: Vec<u8>,
     pos: usize,
 }
@@ -779,7 +799,7 @@ impl Read for ChanReader {
         while self.pos == self.cur.len() {
             match self.rx.blocking_recv() {
                 Some(v) => {
-                    self.cur = v;
+                    self.cur = v?;
                     self.pos = 0;
                 }
                 None => return Ok(0),
@@ -789,171 +809,5 @@ impl Read for ChanReader {
         buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
         self.pos += n;
         Ok(n)
-    }
-}
-
-async fn log(
-    sess: &Session,
-    store: &dyn ReplicaStore,
-    l: wire::LogBegin,
-    tx: &mut quinn::SendStream,
-    rx: &mut quinn::RecvStream,
-) -> Result<(), ReceiverError> {
-    let Some((vm, _od)) = disk_of(sess, &l.disk_id) else {
-        let m = proto_err(
-            ErrorCode::Protocol,
-            "LogBegin for a disk not opened with OpenDisk",
-            false,
-        );
-        return wire::write_msg(tx, &m).await.map_err(ReceiverError::from);
-    };
-    let (ctx, crx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
-    let site_name = sess.site.clone();
-    let vm2 = vm.clone();
-    let id = l.disk_id;
-    // The store reads the log from the channel on a blocking thread.
-    let outcome = std::thread::scope(|scope| {
-        let h = scope.spawn(move || {
-            let d = DiskRef {
-                site: &site_name,
-                vm: &vm2,
-                disk_id: &id,
-            };
-            store.store_log(
-                d,
-                &mut ChanReader {
-                    rx: crx,
-                    cur: Vec::new(),
-                    pos: 0,
-                },
-            )
-        });
-        let net = tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(async {
-                let mut expect = 0u64;
-                let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-                let mut ctx = Some(ctx);
-                loop {
-                    match wire::read_msg(rx).await {
-                        Ok(Some(Msg::LogChunk(c)))
-                            if c.disk_id == l.disk_id && c.cycle == l.cycle =>
-                        {
-                            if c.offset_in_log != expect {
-                                return Err(ReceiverError::Protocol(format!(
-                                    "log chunk at {} where {expect} was expected",
-                                    c.offset_in_log
-                                )));
-                            }
-                            expect += c.data.len() as u64;
-                            hasher.update(&c.data);
-                            if let Some(s) = &ctx {
-                                if s.send(c.data).await.is_err() {
-                                    // The store has what it needs (a resend).
-                                    ctx = None;
-                                }
-                            }
-                        }
-                        Ok(Some(Msg::LogEnd(e))) if e.disk_id == l.disk_id => {
-                            if e.total_len != expect || e.total_len != l.total_len {
-                                return Err(ReceiverError::Protocol(format!(
-                                    "log of {} bytes announced, {expect} received",
-                                    l.total_len
-                                )));
-                            }
-                            if e.log_checksum != hasher.digest128() {
-                                return Err(ReceiverError::Protocol(
-                                    "log checksum mismatch: the log was damaged in transit".into(),
-                                ));
-                            }
-                            return Ok(());
-                        }
-                        Ok(Some(other)) => {
-                            return Err(ReceiverError::Protocol(format!(
-                                "unexpected {} inside a log",
-                                other.name()
-                            )))
-                        }
-                        Ok(None) => {
-                            return Err(ReceiverError::Protocol("stream ended inside a log".into()))
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-            })
-        });
-        let stored = h.join().unwrap_or_else(|_| {
-            Err(StoreError::BadState {
-                path: PathBuf::from("<store_log>"),
-                what: "the store thread panicked".into(),
-            })
-        });
-        (net, stored)
-    });
-    let (net, stored) = outcome;
-    if let Err(e) = net {
-        let m = proto_err(ErrorCode::Protocol, e.to_string(), true);
-        return wire::write_msg(tx, &m).await.map_err(ReceiverError::from);
-    }
-    let applied_now = match stored {
-        Err(e) => {
-            let m = needs_resync_after(sess, store, &vm, &l.disk_id, e);
-            return wire::write_msg(tx, &m).await.map_err(ReceiverError::from);
-        }
-        Ok(replica::StoreOutcome::AlreadyApplied { .. }) => true,
-        Ok(_) => false,
-    };
-    if !applied_now {
-        wire::write_msg(tx, &durable_ack(&l, false))
-            .await
-            .map_err(ReceiverError::from)?;
-        let r = tokio::task::block_in_place(|| store.apply(sess.disk(&vm, &l.disk_id), l.cycle));
-        if let Err(e) = r {
-            let m = needs_resync_after(sess, store, &vm, &l.disk_id, e);
-            return wire::write_msg(tx, &m).await.map_err(ReceiverError::from);
-        }
-    }
-    wire::write_msg(tx, &durable_ack(&l, true))
-        .await
-        .map_err(ReceiverError::from)?;
-    let _ = tx.finish();
-    Ok(())
-}
-
-/// The log is durable here; `applied` once it is also in the replica.
-fn durable_ack(l: &wire::LogBegin, applied: bool) -> Msg {
-    Msg::Ack(wire::Ack {
-        disk_id: l.disk_id,
-        cycle: l.cycle,
-        durable: true,
-        applied,
-    })
-}
-
-fn point(sess: &Session, store: &dyn ReplicaStore, p: wire::PointCommit) -> Msg {
-    let ids: Vec<[u8; 16]> = p.disks.iter().map(|d| d.disk_id).collect();
-    let r = tokio::task::block_in_place(|| {
-        store.commit_point(
-            &sess.site,
-            &p.vm,
-            p.cycle,
-            &ids,
-            if p.app_consistent {
-                replica::Consistency::App
-            } else {
-                replica::Consistency::Crash
-            },
-        )
-    });
-    match r {
-        Ok(Some(_)) => Msg::PointAck(wire::PointAck {
-            vm: p.vm,
-            cycle: p.cycle,
-        }),
-        Ok(None) => proto_err(
-            ErrorCode::InvalidState,
-            format!("not every disk of {} reached cycle {}", p.vm, p.cycle),
-            true,
-        ),
-        Err(e) => store_err(e),
     }
 }

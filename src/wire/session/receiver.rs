@@ -179,11 +179,21 @@ struct RDisk {
 enum Wait {
     Load(OpenDisk),
     InitialBegin(InitialBegin),
-    InitialEnd { disk_id: DiskId, cycle: u64 },
+    InitialEnd {
+        disk_id: DiskId,
+        cycle: u64,
+    },
     Stored(LogBegin),
     Applied(LogBegin),
-    Point { vm: String, cycle: u64 },
-    Hashes { disk_id: DiskId, blocks: u64 },
+    Point {
+        vm: String,
+        cycle: u64,
+    },
+    Hashes {
+        disk_id: DiskId,
+        replica_cycle: u64,
+        blocks: u64,
+    },
     Resync(ResyncEnd),
     Admin,
 }
@@ -601,15 +611,10 @@ impl Receiver {
         if let Some(other) = d.busy {
             return Err(busy(l.disk_id, other));
         }
+        // 0: the store did not report a consistent cycle (no replica yet,
+        // or an interrupted apply it rolls forward): the store decides.
         let at = d.status.replica_cycle;
-        if at == 0 {
-            return Err(SessionError::Store {
-                code: ErrorCode::InvalidState,
-                retryable: true,
-                message: "the disk has no complete replica: an initial copy comes first".into(),
-            });
-        }
-        if l.cycle <= at {
+        if at != 0 && l.cycle <= at {
             // A resend of a log already applied: applied at most once.
             let ack = Msg::Ack(Ack {
                 disk_id: l.disk_id,
@@ -622,14 +627,10 @@ impl Receiver {
         let vm = d.open.vm.clone();
         if let Some(why) = &d.status.needs_resync {
             if d.resync_cycle != Some(l.cycle) {
-                return Err(SessionError::Store {
-                    code: ErrorCode::InvalidState,
-                    retryable: true,
-                    message: format!("the replica needs a resync: {why}"),
-                });
+                return Err(needs_resync(why));
             }
         }
-        if l.base_cycle != at {
+        if at != 0 && l.base_cycle != at {
             let why = format!(
                 "log {} is based on cycle {}, the replica is at {at}",
                 l.cycle, l.base_cycle
@@ -643,11 +644,7 @@ impl Receiver {
                 d.status.needs_resync = Some(why.clone());
                 d.resync_cycle = None;
             }
-            return Err(SessionError::Store {
-                code: ErrorCode::InvalidState,
-                retryable: true,
-                message: format!("the replica needs a resync: {why}"),
-            });
+            return Err(needs_resync(&why));
         }
         self.busy(l.disk_id, sid);
         let op = self.op(sid);
@@ -858,6 +855,7 @@ impl Receiver {
                 let op = self.op(sid);
                 let wait = Wait::Hashes {
                     disk_id: r.disk_id,
+                    replica_cycle: r.replica_cycle,
                     blocks: r.total_blocks(),
                 };
                 self.act(ReceiverAction::HashBlocks { op, vm, req: r });
@@ -888,6 +886,28 @@ impl Receiver {
             .get(id)
             .map(|d| d.open.vm.clone())
             .unwrap_or_default()
+    }
+
+    /// Storing or applying log `b` failed. `InvalidState` means the log
+    /// cannot be applied in order (the chains diverged, a log was lost or
+    /// damaged): only a checksum resync heals the replica, so it is marked
+    /// and the sender told to resync (retryable: it does so right away).
+    fn log_failed(&mut self, b: &LogBegin, f: StoreFailure) -> SessionError {
+        if f.code != ErrorCode::InvalidState {
+            return SessionError::from_store(f);
+        }
+        let why = format!("a log could not be applied in order: {}", f.message);
+        let vm = self.vm_of(&b.disk_id);
+        self.act(ReceiverAction::MarkNeedsResync {
+            vm,
+            disk_id: b.disk_id,
+            why: why.clone(),
+        });
+        if let Some(d) = self.disks.get_mut(&b.disk_id) {
+            d.status.needs_resync = Some(why.clone());
+            d.resync_cycle = None;
+        }
+        needs_resync(&why)
     }
 
     /// A store action of stream `sid` completed.
@@ -960,7 +980,9 @@ impl Receiver {
                 }
                 self.answer(sid, &ack(disk_id, cycle, true, true))
             }
-            (Wait::Stored(b), StoreDone::LogStored(r)) => match r.map_err(store)? {
+            (Wait::Stored(b), StoreDone::LogStored(r)) => match r
+                .map_err(|f| self.log_failed(&b, f))?
+            {
                 LogStored::AlreadyApplied => self.answer(sid, &ack(b.disk_id, b.cycle, true, true)),
                 LogStored::Stored => {
                     self.send(sid, &ack(b.disk_id, b.cycle, true, false))?;
@@ -977,17 +999,7 @@ impl Receiver {
                 }
             },
             (Wait::Applied(b), StoreDone::LogApplied(r)) => {
-                if let Err(f) = r {
-                    if f.code == ErrorCode::InvalidState {
-                        let vm = self.vm_of(&b.disk_id);
-                        self.act(ReceiverAction::MarkNeedsResync {
-                            vm,
-                            disk_id: b.disk_id,
-                            why: f.message.clone(),
-                        });
-                    }
-                    return Err(store(f));
-                }
+                r.map_err(|f| self.log_failed(&b, f))?;
                 if let Some(d) = self.disks.get_mut(&b.disk_id) {
                     d.status.replica_cycle = d.status.replica_cycle.max(b.cycle);
                     d.status.replica_size = b.disk_size;
@@ -1009,7 +1021,14 @@ impl Receiver {
                     })
                 }
             }
-            (Wait::Hashes { disk_id, blocks }, StoreDone::Hashed(r)) => {
+            (
+                Wait::Hashes {
+                    disk_id,
+                    replica_cycle,
+                    blocks,
+                },
+                StoreDone::Hashed(r),
+            ) => {
                 let (replica_size, hashes) = r.map_err(store)?;
                 if hashes.len() as u64 != blocks {
                     return Err(SessionError::Misuse(format!(
@@ -1017,11 +1036,6 @@ impl Receiver {
                         hashes.len()
                     )));
                 }
-                let replica_cycle = self
-                    .disks
-                    .get(&disk_id)
-                    .map(|d| d.status.replica_cycle)
-                    .unwrap_or(0);
                 self.send(
                     sid,
                     &Msg::BlockHashes(BlockHashes {
@@ -1059,6 +1073,15 @@ fn ack(disk_id: DiskId, cycle: u64, durable: bool, applied: bool) -> Msg {
         durable,
         applied,
     })
+}
+
+/// The refusal of a log the replica cannot take until a resync heals it.
+fn needs_resync(why: &str) -> SessionError {
+    SessionError::Store {
+        code: ErrorCode::ResyncRequired,
+        retryable: true,
+        message: format!("the replica needs a resync: {why}"),
+    }
 }
 
 fn busy(id: DiskId, other: StreamId) -> SessionError {
