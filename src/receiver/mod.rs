@@ -2,11 +2,19 @@
 //!
 //! Accepts QUIC connections (mutual TLS 1.3, pinned certificates), maps each
 //! sender to its own namespace in the replica store by the **certificate's
-//! name** (what the sender says in `Hello` is only logged), and serves the
+//! name** (what the sender says in `Hello` is ignored), and serves the
 //! wire protocol ([`crate::wire`]) one bidirectional stream per operation:
-//! `OpenDisk`, an initial copy, one log, or a point commit. Logs are stored
-//! durably before anything is applied ([`crate::replica`]); an `Ack` with
-//! `applied` is sent only after the replica was written and fsynced.
+//! `OpenDisk`, an initial copy, one log, a point commit, a checksum compare
+//! or an administrative request. Logs are stored durably before anything
+//! is applied ([`crate::replica`]); an `Ack` with `applied` is sent only
+//! after the replica was written and fsynced.
+//!
+//! The conversation itself is [`wire::session::Receiver`]'s; this module is
+//! its quinn driver (`handle_conn`): per connection, one reader and one
+//! writer task per accepted stream feed the session and write what it
+//! answers, and the session's store actions run on blocking threads
+//! against the [`ReplicaStore`] (a log streams into `store_log` while it
+//! arrives; an initial copy into `write_initial`).
 
 pub mod control;
 pub mod control_server;
@@ -18,7 +26,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::replica::{self, DiskRef, ReplicaStore, StoreError};
 use crate::transport::TransportError;
@@ -329,6 +337,10 @@ async fn handle_conn(
         digests: HashMap::new(),
     };
     let mut writers: HashMap<StreamId, mpsc::UnboundedSender<Write>> = HashMap::new();
+    // Readers may read on (true) or must pause while their stream waits
+    // for the store (flow control holds the peer back meanwhile).
+    let mut readers: HashMap<StreamId, watch::Sender<bool>> = HashMap::new();
+    let mut paused: Vec<StreamId> = Vec::new();
     let mut next_stream = 0u64;
     let start = std::time::Instant::now();
     let now = || start.elapsed().as_nanos() as u64;
@@ -357,7 +369,9 @@ async fn handle_conn(
                     let (wtx, wrx) = mpsc::unbounded_channel();
                     writers.insert(sid, wtx);
                     tokio::spawn(write_stream(tx, wrx));
-                    tokio::spawn(read_stream(sid, rx, in_tx.clone()));
+                    let (go, may_read) = watch::channel(true);
+                    readers.insert(sid, go);
+                    tokio::spawn(read_stream(sid, rx, may_read, in_tx.clone()));
                 }
                 Err(e) => {
                     tracing::info!(%addr, "connection closed: {e}");
@@ -366,15 +380,36 @@ async fn handle_conn(
             },
             Some(input) = in_rx.recv() => match input {
                 Input::Data(stream, chunk) => {
-                    session.handle(now(), Event::Data { stream, bytes: &chunk.bytes })
+                    session.handle(now(), Event::Data { stream, bytes: &chunk.bytes });
+                    if !session.wants_data(stream) {
+                        if let Some(go) = readers.get(&stream) {
+                            go.send_replace(false);
+                            paused.push(stream);
+                        }
+                    }
                 }
-                Input::Finished(stream) => session.handle(now(), Event::Finished(stream)),
+                Input::Finished(stream) => {
+                    readers.remove(&stream);
+                    session.handle(now(), Event::Finished(stream))
+                }
                 Input::Reset(stream) => {
+                    readers.remove(&stream);
                     writers.remove(&stream);
                     session.handle(now(), Event::Reset(stream))
                 }
             },
-            Some((op, done)) = done_rx.recv() => session.complete(now(), op, done),
+            Some((op, done)) = done_rx.recv() => {
+                session.complete(now(), op, done);
+                paused.retain(|s| {
+                    let resume = session.wants_data(*s);
+                    if resume {
+                        if let Some(go) = readers.get(s) {
+                            go.send_replace(true);
+                        }
+                    }
+                    !resume
+                });
+            }
         }
     }
 }
@@ -386,9 +421,18 @@ fn send(writers: &HashMap<StreamId, mpsc::UnboundedSender<Write>>, stream: Strea
     }
 }
 
-/// Feed what arrives on a stream to the connection's driver.
-async fn read_stream(sid: StreamId, mut rx: quinn::RecvStream, to: mpsc::Sender<Input>) {
+/// Feed what arrives on a stream to the connection's driver, pausing while
+/// `may_read` says so.
+async fn read_stream(
+    sid: StreamId,
+    mut rx: quinn::RecvStream,
+    mut may_read: watch::Receiver<bool>,
+    to: mpsc::Sender<Input>,
+) {
     loop {
+        if may_read.wait_for(|go| *go).await.is_err() {
+            return;
+        }
         let input = match rx.read_chunk(usize::MAX, true).await {
             Ok(Some(chunk)) => Input::Data(sid, chunk),
             Ok(None) => Input::Finished(sid),

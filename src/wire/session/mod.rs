@@ -36,7 +36,7 @@
 //! # Driving a session
 //!
 //! A driver is a thin loop that owns the sockets and the store; the quinn
-//! drivers of `sender/` and `receiver/` will run it like this:
+//! driver of `receiver/` runs it like this (`sender/` does not yet):
 //!
 //! ```text
 //! loop {

@@ -288,6 +288,120 @@ fn a_log_out_of_order_marks_the_replica_for_resync() {
         .any(|a| matches!(a, ReceiverAction::MarkNeedsResync { .. })));
 }
 
+/// The code of the `Error` answer in `outs`.
+fn refusal(outs: &[Output<ReceiverAction>]) -> Option<(ErrorCode, bool)> {
+    sent(outs).into_iter().find_map(|m| match m {
+        Msg::Error(e) => Some((e.code, e.retryable)),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_log_out_of_order_is_answered_resync_required() {
+    let mut r = opened(5);
+    let (_, msgs) = log_msgs(8, 7, b"0123456789");
+    let outs = feed(&mut r, &msgs);
+    assert_eq!(refusal(&outs), Some((ErrorCode::ResyncRequired, true)));
+    // And so is the next log, until a resync heals the replica.
+    let (_, msgs) = log_msgs(6, 5, b"0123456789");
+    let b = bytes(&msgs);
+    r.handle(
+        NOW,
+        Event::Data {
+            stream: StreamId(3),
+            bytes: &b,
+        },
+    );
+    let outs = drain(|| r.poll());
+    assert_eq!(refusal(&outs), Some((ErrorCode::ResyncRequired, true)));
+}
+
+#[test]
+fn a_log_the_store_cannot_apply_in_order_marks_the_replica_and_asks_for_a_resync() {
+    let mut r = opened(5);
+    let (_, msgs) = log_msgs(6, 5, b"0123456789");
+    let outs = feed(&mut r, &msgs);
+    let op = actions(&outs)
+        .iter()
+        .find_map(|a| match a {
+            ReceiverAction::StoreLogDurably { op, .. } => Some(*op),
+            _ => None,
+        })
+        .expect("a verified log is stored durably");
+    let out_of_order = StoreFailure {
+        code: ErrorCode::InvalidState,
+        retryable: false,
+        message: "log 6 does not follow cycle 4".into(),
+    };
+    r.complete(NOW, op, StoreDone::LogStored(Err(out_of_order)));
+    let outs = drain(|| r.poll());
+    assert!(actions(&outs)
+        .iter()
+        .any(|a| matches!(a, ReceiverAction::MarkNeedsResync { .. })));
+    assert_eq!(refusal(&outs), Some((ErrorCode::ResyncRequired, true)));
+    // Any other store failure is answered as the store said.
+    let mut r = opened(5);
+    let outs = feed(&mut r, &msgs);
+    let op = actions(&outs)
+        .iter()
+        .find_map(|a| match a {
+            ReceiverAction::StoreLogDurably { op, .. } => Some(*op),
+            _ => None,
+        })
+        .expect("a verified log is stored durably");
+    let full = StoreFailure {
+        code: ErrorCode::NoSpace,
+        retryable: true,
+        message: "no space".into(),
+    };
+    r.complete(NOW, op, StoreDone::LogStored(Err(full)));
+    let outs = drain(|| r.poll());
+    assert!(!actions(&outs)
+        .iter()
+        .any(|a| matches!(a, ReceiverAction::MarkNeedsResync { .. })));
+    assert_eq!(refusal(&outs), Some((ErrorCode::NoSpace, true)));
+}
+
+#[test]
+fn without_a_known_cycle_the_store_decides_about_a_log() {
+    // Cycle 0: no replica, or an apply the store rolls forward.
+    let mut r = opened(0);
+    let (_, msgs) = log_msgs(6, 5, b"0123456789");
+    let outs = feed(&mut r, &msgs);
+    assert!(refusal(&outs).is_none(), "{outs:?}");
+    assert!(actions(&outs)
+        .iter()
+        .any(|a| matches!(a, ReceiverAction::StoreLogDurably { cycle: 6, .. })));
+}
+
+#[test]
+fn digests_name_the_cycle_the_sender_compared_against() {
+    let mut r = opened(5);
+    let req = wire::BlockHashReq {
+        disk_id: ID,
+        replica_cycle: 4,
+        block_size: 4096,
+        runs: vec![wire::HashRun {
+            offset: 0,
+            blocks: 2,
+        }],
+    };
+    let outs = feed(&mut r, &[Msg::BlockHashReq(req)]);
+    let op = actions(&outs)
+        .iter()
+        .find_map(|a| match a {
+            ReceiverAction::HashBlocks { op, .. } => Some(*op),
+            _ => None,
+        })
+        .expect("the store digests the blocks");
+    r.complete(NOW, op, StoreDone::Hashed(Ok((1 << 20, vec![1, 2]))));
+    let answer = sent(&drain(|| r.poll()));
+    assert!(
+        matches!(&answer[..], [Msg::BlockHashes(h)] if h.replica_cycle == 4 && h.hashes == [1, 2]),
+        "{answer:?}"
+    );
+}
+
 #[test]
 fn hello_comes_first_and_versions_must_match() {
     let mut r = receiver();
