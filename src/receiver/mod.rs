@@ -501,12 +501,19 @@ fn disk<'a>(site: &'a str, vm: &'a str, disk_id: &'a DiskId) -> DiskRef<'a> {
     DiskRef { site, vm, disk_id }
 }
 
-/// A blocking thread of the store died (it panicked).
-fn thread_died(what: &str) -> StoreError {
-    StoreError::BadState {
+/// Close the pipe of the store's thread `what` and wait for its result.
+fn finish<T, R>(pipe: Option<Pipe<T, Result<R, StoreError>>>, what: &str) -> Result<R, StoreError> {
+    let bad = |why: &str| StoreError::BadState {
         path: PathBuf::from(format!("<{what}>")),
-        what: "the store thread panicked".into(),
-    }
+        what: why.into(),
+    };
+    let Some(Pipe { tx, thread }) = pipe else {
+        return Err(bad("nothing was staged for this transfer"));
+    };
+    drop(tx);
+    thread
+        .join()
+        .unwrap_or_else(|_| Err(bad("the store thread panicked")))
 }
 
 impl Conn {
@@ -555,16 +562,7 @@ impl Conn {
             } => {
                 let writer = self.initials.remove(&disk_id);
                 self.spawn(op, move |store, site| {
-                    let written = match writer {
-                        Some(Pipe { tx, thread }) => {
-                            drop(tx);
-                            thread
-                                .join()
-                                .unwrap_or_else(|_| Err(thread_died("write_initial")))
-                        }
-                        None => Err(thread_died("write_initial")),
-                    };
-                    let r = written.and_then(|()| {
+                    let r = finish(writer, "write_initial").and_then(|()| {
                         let now = std::time::SystemTime::now()
                             .duration_since(std::time::UNIX_EPOCH)
                             .map(|d| d.as_nanos() as u64)
@@ -596,16 +594,7 @@ impl Conn {
             ReceiverAction::StoreLogDurably { op, .. } => {
                 let staged = self.logs.remove(&op);
                 self.spawn(op, move |_, _| {
-                    let r = match staged {
-                        Some(Pipe { tx, thread }) => {
-                            drop(tx);
-                            thread
-                                .join()
-                                .unwrap_or_else(|_| Err(thread_died("store_log")))
-                        }
-                        None => Err(thread_died("store_log")),
-                    };
-                    StoreDone::LogStored(match r {
+                    StoreDone::LogStored(match finish(staged, "store_log") {
                         Ok(replica::StoreOutcome::AlreadyApplied { .. }) => {
                             Ok(LogStored::AlreadyApplied)
                         }
