@@ -268,7 +268,8 @@ enum Write {
     Reset,
 }
 
-/// The stores a connection's actions run against, and its identity there.
+/// What the store actions of one connection need: the sender's namespace,
+/// the store, and the transfers in progress.
 struct Conn {
     site: String,
     store: Arc<dyn ReplicaStore>,
