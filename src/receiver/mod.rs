@@ -564,11 +564,8 @@ impl Conn {
                 let writer = self.initials.remove(&disk_id);
                 self.spawn(op, move |store, site| {
                     let r = finish(writer, "write_initial").and_then(|()| {
-                        let now = std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map(|d| d.as_nanos() as u64)
-                            .unwrap_or(0);
-                        store.finish_initial(disk(site, &vm, &disk_id), cycle, now)
+                        let d = disk(site, &vm, &disk_id);
+                        store.finish_initial(d, cycle, crate::util::now_ns())
                     });
                     StoreDone::InitialFinished(r.map_err(failure))
                 })
