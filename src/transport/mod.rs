@@ -114,6 +114,18 @@ pub enum TransportError {
     Refused { addr: SocketAddr, reason: String },
 }
 
+/// Flow-control window of one stream: 2 MiB. quinn-proto 0.11.17–0.11.19
+/// closes a connection with `INTERNAL_ERROR "too many gaps in stream
+/// buffer"` once a stream's reassembly buffer holds more than 2048 separate
+/// frames and defragmenting leaves more than 1024 (quinn issue #2809, fixed
+/// upstream by PR #2814, not yet released): about 2.4–2.9 MB of frames when
+/// the reader lags or packets were lost. A window below that can never hold
+/// that many frames. 2 MiB still allows 335 Mbit/s per stream at 50 ms RTT
+/// and 110 Mbit/s at 150 ms; logs and disks use a stream each. Measured:
+/// with 32 MiB, a 100 Mbit/s 50 ms link whose queue dropped BBR's excess
+/// killed every connection within a second (`kernel-notes/wan.md`).
+pub const STREAM_RECEIVE_WINDOW: u32 = 2 << 20;
+
 /// Transport parameters and socket sizes.
 #[derive(Debug, Clone)]
 pub struct Tuning {
@@ -145,7 +157,7 @@ pub struct Tuning {
 impl Default for Tuning {
     fn default() -> Self {
         Tuning {
-            stream_receive_window: 32 << 20,
+            stream_receive_window: STREAM_RECEIVE_WINDOW,
             receive_window: 64 << 20,
             send_window: 64 << 20,
             socket_buffer: 8 << 20,
