@@ -75,6 +75,35 @@ _vdrep_prereq_version() {
     esac
 }
 
+# Free space the build and the tests need on the file systems of the repo
+# (target/) and of the temporary folder (test images, stores, logs), in GiB.
+# A debug build of every test binary is ~9 GiB; the suite's images ~2 GiB.
+VDREP_MIN_FREE_GIB="${VDREP_MIN_FREE_GIB:-14}"
+
+# Print the free space of the repo's and TMPDIR's file systems; return 1 (with
+# what to do) if either has less than VDREP_MIN_FREE_GIB. A full disk otherwise
+# shows up 20 minutes later as ENOSPC in whichever test runs first.
+vdrep_check_space() {
+    local dir free rc=0 seen=""
+    for dir in "$(pwd)" "${TMPDIR:-/tmp}"; do
+        local dev
+        dev="$(stat -c %d "$dir")"
+        [[ " $seen " == *" $dev "* ]] && continue
+        seen="$seen $dev"
+        free=$(( $(df -Pk "$dir" | awk 'NR == 2 {print $4}') / 1024 / 1024 ))
+        if (( free < VDREP_MIN_FREE_GIB )); then
+            printf '  %-20s %s GiB free: LOW (need %s GiB)\n' "$dir" "$free" "$VDREP_MIN_FREE_GIB"
+            rc=1
+        else
+            printf '  %-20s %s GiB free\n' "$dir" "$free"
+        fi
+    done
+    if (( rc != 0 )); then
+        vdrep_log "not enough free disk space: the build and the tests need ${VDREP_MIN_FREE_GIB} GiB on each file system above; free some (old target/ folders, git worktrees, /tmp) and run again"
+    fi
+    return "$rc"
+}
+
 # Print one line per prerequisite: name, version or "missing", and the package
 # that provides it. Returns 1 if any is missing.
 vdrep_prereq_report() {
