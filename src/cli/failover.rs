@@ -11,7 +11,7 @@ use super::fmt::human;
 use crate::failover::plan::{parse, run};
 use crate::failover::test::{self, Accel, BootOptions};
 use crate::failover::{role_change, FailoverError};
-use crate::receiver::control::RecvControlErrorKind;
+use crate::ipc::CallErrorKind;
 use crate::testview::{format_utc, PointSel};
 
 #[derive(Subcommand, Debug)]
@@ -204,10 +204,10 @@ impl Out {
 /// receiver runs; `what: reason` if it refused.
 fn recv_fail(out: Out, what: &str, e: FailoverError) -> Out {
     match e {
-        FailoverError::Receiver(r) if r.kind() == RecvControlErrorKind::Refused => {
+        FailoverError::Control(r) if r.kind() == CallErrorKind::Refused => {
             out.fail(1, format!("vdrep: {what}: {r}"))
         }
-        FailoverError::Receiver(r) if r.kind() == RecvControlErrorKind::NotRunning => {
+        FailoverError::Control(r) if r.kind() == CallErrorKind::NotRunning => {
             out.fail(2, format!("vdrep: {r}"))
         }
         e => out.fail(1, format!("vdrep: {e}")),

@@ -4,9 +4,10 @@ use std::path::PathBuf;
 
 use super::fmt::{control_err, human, resync_line};
 use crate::config::Config;
-use crate::daemon::control::{self, ControlError, Request};
+use crate::daemon::control::{self, Request};
 use crate::daemon::{self, DaemonError, MountOptions};
 use crate::fs::FsOptions;
+use crate::ipc::{CallError, CallErrorKind};
 use crate::tracking::{DiskState, TrackConfig};
 
 /// `vdrep mount DIR ...`: the flags over the configuration's `[[mount]]`
@@ -80,11 +81,11 @@ pub fn umount(dir: PathBuf, lazy: bool) -> i32 {
             );
             1
         }
-        Err(DaemonError::Control(ControlError::Refused(e))) => {
+        Err(DaemonError::Control(e @ CallError::Refused { .. })) => {
             eprintln!("vdrep: {e}");
             1
         }
-        Err(DaemonError::Control(ControlError::NotRunning { .. })) => {
+        Err(DaemonError::Control(e)) if e.kind() == CallErrorKind::NotRunning => {
             // A daemon that died leaves a dead mount behind: remove it.
             match daemon::unmount(&dir, lazy) {
                 Ok(()) => {

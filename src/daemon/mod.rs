@@ -22,8 +22,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use self::control::{ControlError, Request, Response};
+use self::control::{Request, Response};
 use crate::fs::FsOptions;
+use crate::ipc::CallError;
 use crate::tracking::{TrackConfig, Tracker, STATE_DIR};
 
 #[derive(Debug, Clone)]
@@ -58,7 +59,7 @@ pub enum DaemonError {
     Track(#[from] crate::tracking::TrackError),
     /// Asking the running daemon to stop failed or was refused.
     #[error(transparent)]
-    Control(#[from] ControlError),
+    Control(#[from] CallError),
     /// The daemon was told to stop but its process did not exit.
     #[error("{} is unmounted but its daemon (pid {pid}) did not exit", dir.display())]
     StillRunning { dir: PathBuf, pid: u32 },

@@ -18,23 +18,20 @@ pub mod plan;
 pub mod role_change;
 pub mod test;
 
-use crate::daemon::control::{ControlError, ControlErrorKind};
 use crate::daemon::DaemonError;
-use crate::receiver::control::{RecvControlError, RecvControlErrorKind};
+use crate::ipc::{CallError, CallErrorKind};
 use crate::roles::{RoleError, RoleErrorKind};
 
 /// Why a failover procedure failed.
 #[derive(Debug, thiserror::Error)]
 pub enum FailoverError {
-    /// The local mount daemon could not be reached or refused.
+    /// The local mount daemon or receiver could not be reached or
+    /// refused ([`CallError::server`] says which).
     #[error(transparent)]
-    Mount(#[from] ControlError),
+    Control(#[from] CallError),
     /// Stopping the local mount daemon failed.
     #[error(transparent)]
     Daemon(#[from] DaemonError),
-    /// The local receiver could not be reached or refused.
-    #[error(transparent)]
-    Receiver(#[from] RecvControlError),
     /// A role change step (here or at the other site) failed.
     #[error(transparent)]
     Role(#[from] RoleError),
@@ -90,15 +87,10 @@ impl FailoverError {
     pub fn kind(&self) -> FailoverErrorKind {
         use FailoverErrorKind as K;
         match self {
-            FailoverError::Mount(e) => match e.kind() {
-                ControlErrorKind::NotRunning => K::NotRunning,
-                ControlErrorKind::Transport => K::Transport,
-                ControlErrorKind::Refused => K::Refused,
-            },
-            FailoverError::Receiver(e) => match e.kind() {
-                RecvControlErrorKind::NotRunning => K::NotRunning,
-                RecvControlErrorKind::Transport => K::Transport,
-                RecvControlErrorKind::Refused => K::Refused,
+            FailoverError::Control(e) => match e.kind() {
+                CallErrorKind::NotRunning => K::NotRunning,
+                CallErrorKind::Transport => K::Transport,
+                CallErrorKind::Refused => K::Refused,
             },
             FailoverError::Role(e) => match e.kind() {
                 RoleErrorKind::Local => K::Local,
