@@ -196,7 +196,7 @@ impl ControlError {
             E::Io { source, .. } => ControlError::Io { dir, source },
             E::Closed { .. } => ControlError::Protocol {
                 dir,
-                msg: "connection closed without an answer (did the daemon die? see .vdrep/daemon.log)"
+                msg: "connection closed without an answer (did the daemon die? see its log: the journal of vdrep-mount@, or /var/log/vdrep/)"
                     .into(),
             },
             E::Protocol { msg, .. } => ControlError::Protocol { dir, msg },
