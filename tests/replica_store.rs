@@ -116,6 +116,31 @@ fn block_hashes_match_the_replica_holes_and_applies() {
 }
 
 #[test]
+fn forget_deletes_one_vm_only() {
+    for h in both() {
+        store_suite::forget_deletes_one_vm_only(&h);
+    }
+}
+
+/// Forget is refused while a point of the VM is pinned (test failover).
+#[test]
+fn forget_refuses_a_pinned_vm() {
+    let h = DirHarness::new(false);
+    let store = Store::open(&h.root).unwrap();
+    let disk = vec![7u8; 64 << 10];
+    initial(&store, &disk, 1);
+    store.pin(SITE, VM, 1);
+    assert!(matches!(
+        ReplicaStore::forget(&store, SITE, VM),
+        Err(StoreError::InUse { .. })
+    ));
+    assert!(h.disk_dir(DISK).exists(), "nothing deleted");
+    store.unpin(SITE, VM, 1);
+    ReplicaStore::forget(&store, SITE, VM).unwrap();
+    assert!(!h.disk_dir(DISK).exists());
+}
+
+#[test]
 fn crash_between_operations() {
     store_suite::crash_between_operations(&|| Box::new(DirHarness::new(false)));
 }
