@@ -71,6 +71,9 @@ pub enum KeysCmd {
     /// Make a site identity: KEYDIR/SITE.crt (hand it to peers) and
     /// KEYDIR/SITE.key (private, mode 0600).
     Init(keys::KeysInitArgs),
+    /// Replace this site's key pair; the old one moves to KEYDIR/retired/
+    /// so peers can trust both until each has the new certificate.
+    Rotate(keys::KeysRotateArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -390,6 +393,9 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
         Cmd::Keys {
             cmd: KeysCmd::Init(a),
         } => keys::run_keys_init(&a),
+        Cmd::Keys {
+            cmd: KeysCmd::Rotate(a),
+        } => keys::run_keys_rotate(&a),
         Cmd::Receive {
             listen,
             store,
