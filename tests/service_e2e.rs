@@ -293,9 +293,15 @@ fn background_mount_logs_to_the_chosen_file_never_into_the_folder() {
 
 #[test]
 fn receiver_is_ready_only_once_listening_and_survives_sighup() {
+    use std::os::unix::fs::MetadataExt;
     setup();
     let site = TwoSites::new();
     let notify = NotifySocket::new();
+    // stderr is "the journal": $JOURNAL_STREAM names its device and inode,
+    // as systemd sets it.
+    let journal = site.p("journal.txt");
+    let stderr = std::fs::File::create(&journal).unwrap();
+    let meta = stderr.metadata().unwrap();
     let mut child = Command::new(vdrep_bin())
         .args(["receive", "--listen", "127.0.0.1:0", "--store"])
         .arg(site.p("store"))
@@ -306,8 +312,9 @@ fn receiver_is_ready_only_once_listening_and_survives_sighup() {
         .env("NOTIFY_SOCKET", &notify.path)
         .env("WATCHDOG_USEC", "400000")
         .env_remove("WATCHDOG_PID")
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let (before, ready) = notify.wait_for("READY=1", Duration::from_secs(30));
@@ -334,6 +341,29 @@ fn receiver_is_ready_only_once_listening_and_survives_sighup() {
     assert!(child.try_wait().unwrap().is_none(), "SIGHUP killed it");
     let _ = child.kill();
     let _ = child.wait();
+    // Journal lines: the sd-daemon priority prefix, no timestamp, no colour.
+    let text = std::fs::read_to_string(&journal).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("<6>") && l.contains("receiver listening on")),
+        "{text}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("<4>") && l.contains("SIGHUP: nothing to reload")),
+        "{text}"
+    );
+    for l in &lines {
+        let p = l.get(..3).unwrap_or_default();
+        assert!(
+            ["<3>", "<4>", "<6>", "<7>"].contains(&p),
+            "no priority: {l}"
+        );
+        assert!(!l.contains('\x1b') && !l[3..].starts_with("20"), "{l}");
+    }
 }
 
 /// `vdrep forget` with stdin not a terminal (as in a script).
