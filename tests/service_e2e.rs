@@ -376,6 +376,32 @@ fn forget(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `vdrep forget` on a terminal (`script` gives it a pty) answering `answer`.
+fn forget_on_tty(args: &[&str], answer: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut cmd = format!("{} forget", vdrep_bin().display());
+    for a in args {
+        cmd.push(' ');
+        cmd.push_str(a);
+    }
+    let mut child = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Answer once the question is on the terminal (the pty echoes input).
+    std::thread::sleep(Duration::from_millis(1500));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(answer.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
 #[test]
 fn forget_deletes_a_replica_after_confirmation_and_never_an_exposed_one() {
     require_fuse!();
@@ -424,10 +450,15 @@ fn forget_deletes_a_replica_after_confirmation_and_never_an_exposed_one() {
     assert!(vm1.is_dir());
     vdrep_ok(&["failover", "vm1", "--cleanup", "--store", &s("store")]);
 
-    // Through the running receiver.
-    let o = forget(&["vm1", "--store", &s("store"), "--yes"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // On a terminal it asks: a wrong answer deletes nothing, the VM's
+    // name confirms (through the running receiver).
+    let o = forget_on_tty(&["vm1", "--store", &s("store")], "yes\n");
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(vm1.is_dir());
+    let o = forget_on_tty(&["vm1", "--store", &s("store")], "vm1\n");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
     let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("Type the VM name (vm1) to confirm"), "{out}");
     assert!(out.contains("site-a/vm1: forgotten (1 disk(s)"), "{out}");
     assert!(!vm1.exists());
     let o = vdrep(&["points", "vm1", "--store", &s("store")]);
