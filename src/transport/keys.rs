@@ -713,7 +713,7 @@ mod tests {
         let leftovers: Vec<_> = std::fs::read_dir(k)
             .unwrap()
             .flatten()
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .filter(|e| e.path().extension().is_some_and(|x| x == "tmp"))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
         // Nothing to rotate: refused, nothing created.
