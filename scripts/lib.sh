@@ -7,6 +7,7 @@
 VDREP_APT_PACKAGES=(
     fuse3 fio bindfs busybox-static cpio xz-utils zstd kmod strace
     python3 util-linux gzip dpkg apt ca-certificates e2fsprogs
+    systemd man-db binutils
 )
 # Installed together, from one suite: the suite of an installed qemu-utils
 # (bookworm-backports on the Debian 12 images this project runs on), or the
@@ -40,6 +41,10 @@ VDREP_PREREQS=(
     "dumpe2fs|e2fsprogs|cmd:dumpe2fs"
     "apt-get|apt|cmd:apt-get"
     "dpkg-deb|dpkg|cmd:dpkg-deb"
+    "systemd-analyze|systemd|cmd:systemd-analyze"
+    "systemd-escape|systemd|cmd:systemd-escape"
+    "man|man-db|cmd:man"
+    "strip|binutils|cmd:strip"
 )
 
 vdrep_log() { printf '%s\n' "$*" >&2; }

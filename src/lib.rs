@@ -35,6 +35,9 @@
 //! - [`wire`]: the replication protocol's messages, sans-IO codec and the
 //!   sans-IO session state machines of both ends (`wire::session`).
 //! - [`util`]: wall-clock nanoseconds, hex, random ids (a leaf).
+//! - [`service`]: running as a managed service: the systemd notify
+//!   protocol (ready, status, reload, watchdog) and the daemons' logging
+//!   (a leaf).
 //! - [`ipc`]: one JSON-line request/response exchange over a local Unix
 //!   socket, generic over the messages (used by [`daemon`] and [`receiver`]).
 
@@ -50,6 +53,7 @@ pub mod replica;
 pub mod resync;
 pub mod roles;
 pub mod sender;
+pub mod service;
 pub mod sys;
 pub mod testview;
 pub mod tracking;

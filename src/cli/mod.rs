@@ -12,16 +12,20 @@
 //! - [`config`]: `config check`, `reload`, the configuration file mapped onto
 //!   `mount` and `receive`;
 //! - [`keys`]: `keys init`; [`hrl`]: `hrl dump|verify|apply`;
+//! - [`service`]: `completions`, `man`, `--log-format`;
+//! - [`forget`]: `forget` (delete a VM's replica and history);
 //! - [`fmt`]: sizes, progress lines and bars, error exit codes.
 
 pub mod config;
 pub mod failover;
 pub mod fmt;
+pub mod forget;
 pub mod hrl;
 pub mod keys;
 pub mod mount;
 pub mod points;
 pub mod replication;
+pub mod service;
 
 use std::path::{Path, PathBuf};
 
@@ -42,6 +46,10 @@ pub struct Cli {
     /// `mount` and `receive` if it exists; flags override it).
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// How `mount` and `receive` log, one event per line: text or JSON
+    /// (default: the configuration's `[site] log_format`, else text).
+    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<service::LogFormatArg>,
     #[command(subcommand)]
     pub cmd: Cmd,
 }
@@ -63,6 +71,9 @@ pub enum KeysCmd {
     /// Make a site identity: KEYDIR/SITE.crt (hand it to peers) and
     /// KEYDIR/SITE.key (private, mode 0600).
     Init(keys::KeysInitArgs),
+    /// Replace this site's key pair; the old one moves to KEYDIR/retired/
+    /// so peers can trust both until each has the new certificate.
+    Rotate(keys::KeysRotateArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -70,16 +81,24 @@ pub enum Cmd {
     /// Mount vdrep over DIR itself and track writes to the disk images in it.
     ///
     /// Returns once the mount is live; the daemon keeps running in the
-    /// background (logs in DIR/.vdrep/daemon.log) until `vdrep umount DIR`.
+    /// background (logs in --log-file) until `vdrep umount DIR`. Under
+    /// systemd, use the unit vdrep-mount@.service, which runs it with
+    /// --foreground.
     /// With a configuration file, every `[[vm]]` whose disks are under DIR
     /// is protected as `vdrep protect` would with the same settings, and
     /// the `[[mount]]` entry and `[site] keys` give the defaults of the flags.
     Mount {
         /// The folder holding the VM disks; it stays usable at the same path.
         dir: PathBuf,
-        /// Stay in the foreground and log to stderr.
+        /// Stay in the foreground and log to stderr; tell systemd when the
+        /// mount is ready ($NOTIFY_SOCKET, Type=notify).
         #[arg(long)]
         foreground: bool,
+        /// In the background, the daemon's log file (default
+        /// /var/log/vdrep/mount-ESCAPED.log, ESCAPED as `systemd-escape
+        /// --path DIR`).
+        #[arg(long, value_name = "FILE", conflicts_with = "foreground")]
+        log_file: Option<PathBuf>,
         /// Tracking granularity in bytes (power of two, 512..1048576).
         /// Default 4096.
         #[arg(long)]
@@ -311,20 +330,40 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: hrl::HrlCmd,
     },
+    /// At the secondary site: delete a VM's replica and all its recovery
+    /// points. Asks for confirmation on a terminal; elsewhere needs --yes.
+    /// Refused while the VM runs here after a failover, a failover is not
+    /// committed, or a test failover exposes it.
+    Forget(forget::ForgetArgs),
+    /// Print the shell completion script for SHELL on stdout (e.g.
+    /// `vdrep completions bash > /etc/bash_completion.d/vdrep`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (vdrep.1 and one vdrep-COMMAND.1 per command).
+    Man {
+        /// The folder to write them into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 /// Parse the command line and run it; the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    run(cli.cmd, cli.config.as_deref())
+    run(cli.cmd, cli.config.as_deref(), cli.log_format)
 }
 
-/// Run one command (`config`: `--config FILE`); its exit code.
-pub fn run(cmd: Cmd, config: Option<&Path>) -> i32 {
+/// Run one command (`config`: `--config FILE`, `log_format`:
+/// `--log-format`); its exit code.
+pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogFormatArg>) -> i32 {
     match cmd {
         Cmd::Mount {
             dir,
             foreground,
+            log_file,
             block_size,
             patterns,
             threads,
@@ -335,9 +374,10 @@ pub fn run(cmd: Cmd, config: Option<&Path>) -> i32 {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            let log = (service::log_format(log_format, cfg.as_ref()), log_file);
             mount::mount(
                 dir,
-                foreground,
+                (foreground, log),
                 block_size,
                 patterns,
                 threads,
@@ -353,6 +393,9 @@ pub fn run(cmd: Cmd, config: Option<&Path>) -> i32 {
         Cmd::Keys {
             cmd: KeysCmd::Init(a),
         } => keys::run_keys_init(&a),
+        Cmd::Keys {
+            cmd: KeysCmd::Rotate(a),
+        } => keys::run_keys_rotate(&a),
         Cmd::Receive {
             listen,
             store,
@@ -371,7 +414,8 @@ pub fn run(cmd: Cmd, config: Option<&Path>) -> i32 {
                 trust,
                 retention,
             };
-            replication::receive(flags, cfg.as_ref())
+            let log_format = service::log_format(log_format, cfg.as_ref());
+            replication::receive(flags, cfg.as_ref(), log_format)
         }
         Cmd::Protect {
             name,
@@ -434,6 +478,9 @@ pub fn run(cmd: Cmd, config: Option<&Path>) -> i32 {
             cmd: ConfigCmd::Check { content_only },
         } => self::config::check(config, content_only),
         Cmd::Hrl { cmd } => hrl::run(cmd),
+        Cmd::Forget(a) => forget::forget(&a),
+        Cmd::Completions { shell } => service::completions(shell),
+        Cmd::Man { out } => service::man(&out),
         Cmd::HashBench { file, block_size } => points::hash_bench(&file, block_size),
     }
 }

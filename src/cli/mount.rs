@@ -16,7 +16,7 @@ use crate::tracking::{DiskState, TrackConfig};
 #[allow(clippy::too_many_arguments)]
 pub fn mount(
     dir: PathBuf,
-    foreground: bool,
+    (foreground, (log_format, log_file)): (bool, (crate::service::LogFormat, Option<PathBuf>)),
     block_size: Option<u32>,
     patterns: Vec<String>,
     threads: usize,
@@ -56,9 +56,14 @@ pub fn mount(
         Some(Ok(v)) => v,
         Some(Err(code)) => return code,
     };
+    // The daemon does not keep the working folder: a relative --log-file
+    // is taken from here.
+    let log_file = log_file.map(|f| std::path::absolute(&f).unwrap_or(f));
     daemon::mount(MountOptions {
         dir,
         foreground,
+        log_format,
+        log_file,
         track,
         fs,
         keys,

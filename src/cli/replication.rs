@@ -20,8 +20,12 @@ pub struct ReceiveFlags {
 
 /// `vdrep receive ...` (foreground; logs to stderr): the flags over the
 /// configuration file's `[receiver]` (if any).
-pub fn receive(flags: ReceiveFlags, cfg: Option<&crate::config::Config>) -> i32 {
-    init_cli_logging();
+pub fn receive(
+    flags: ReceiveFlags,
+    cfg: Option<&crate::config::Config>,
+    log_format: crate::service::LogFormat,
+) -> i32 {
+    crate::service::init_logging(log_format, crate::service::LogTarget::Stderr);
     let rcv = cfg.and_then(|c| c.receiver.as_ref());
     let site = cfg.map(|c| &c.site);
     let (retention, prune_every) = match flags.retention.policy(rcv) {
@@ -91,15 +95,6 @@ pub fn unprotect(name: String, dir: Option<PathBuf>) -> i32 {
     }
     eprintln!("vdrep: VM {name} is not protected by any running mount");
     2
-}
-
-fn init_cli_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VDREP_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }
 
 /// `vdrep protect`'s application-consistency hook.

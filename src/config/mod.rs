@@ -45,6 +45,8 @@ pub struct Site {
     /// Certificates of the peer sites this site trusts (senders for the
     /// receiver; receivers for VMs that name no `trust` of their own).
     pub trust: Vec<PathBuf>,
+    /// How the daemons log (`text` or `json`); `--log-format` overrides it.
+    pub log_format: Option<crate::service::LogFormat>,
 }
 
 /// `[[mount]]`: a tracked folder.
@@ -557,7 +559,17 @@ impl Cx<'_> {
             }
         }
         let trust = self.certs(&raw.trust, "site.trust", checks);
-        Site { name, keys, trust }
+        let log_format = self.value(&raw.log_format, "site.log_format", |f: &String| {
+            f.parse().map_err(|e: crate::service::BadLogFormat| {
+                BadValue::new(ProblemKind::BadValue, e.to_string())
+            })
+        });
+        Site {
+            name,
+            keys,
+            trust,
+            log_format,
+        }
     }
 
     fn mounts(&mut self, raw: &[raw::Mount], checks: Checks) -> Vec<MountCfg> {

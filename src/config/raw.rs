@@ -24,6 +24,7 @@ pub struct Site {
     pub name: Option<S>,
     pub keys: Option<S>,
     pub trust: Option<Vec<S>>,
+    pub log_format: Option<S>,
 }
 
 #[derive(Debug, Deserialize)]

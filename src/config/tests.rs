@@ -200,3 +200,24 @@ fn a_vm_needs_a_certificate_to_trust() {
         .iter()
         .all(|p| p.key.ends_with(".trust") && p.kind == ProblemKind::BadValue));
 }
+
+#[test]
+fn log_format_is_text_or_json() {
+    let with = |v: &str| {
+        GOOD.replace(
+            "name = \"prod\"",
+            &format!("name = \"prod\"\nlog_format = {v}"),
+        )
+    };
+    let c = check(&with("\"json\"")).unwrap();
+    assert_eq!(c.site.log_format, Some(crate::service::LogFormat::Json));
+    assert_eq!(check(GOOD).unwrap().site.log_format, None);
+    let p = problems(&with("\"xml\""));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(
+        (p[0].kind, p[0].key.as_str()),
+        (ProblemKind::BadValue, "site.log_format")
+    );
+    assert_eq!(p[0].line, 4, "{p:?}");
+    assert!(p[0].msg.contains("`text` or `json`"), "{}", p[0].msg);
+}

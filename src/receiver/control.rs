@@ -61,6 +61,8 @@ pub enum Request {
     /// Cancel an uncommitted failover: the replica and its points come
     /// back exactly as before it ([`crate::roles::cancel_local`]).
     CancelFailover { site: Option<String>, vm: String },
+    /// Delete a VM's replica and history (`vdrep forget`).
+    Forget { site: Option<String>, vm: String },
 }
 
 /// One recovery point as listed by `vdrep points`.
@@ -100,6 +102,9 @@ pub struct Response {
     /// What a cancelled failover restored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancel: Option<crate::roles::CancelReport>,
+    /// What a forget deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forgot: Option<replica::ForgetReport>,
     /// Things the operator should know although the request succeeded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,

@@ -178,6 +178,26 @@ impl Server {
                     Err(e) => Response::err(e),
                 }
             }
+            Request::Forget { site, vm } => {
+                let site = match testview::resolve_site(&self.store, site.as_deref(), &vm) {
+                    Ok(s) => s,
+                    Err(e) => return Response::err(e),
+                };
+                if let Some(r) = self.refuse_if_test_failover(&site, &vm) {
+                    return r;
+                }
+                match replica::ReplicaStore::forget(self.store.as_ref(), &site, &vm) {
+                    Ok(f) => {
+                        tracing::info!("forgot {site}/{vm}: {f:?}");
+                        Response {
+                            site: Some(site),
+                            forgot: Some(f),
+                            ..Response::ok()
+                        }
+                    }
+                    Err(e) => Response::err(e),
+                }
+            }
             Request::CommitFailover { site, vm } => {
                 let site = match testview::resolve_site(&self.store, site.as_deref(), &vm) {
                     Ok(s) => s,

@@ -149,21 +149,31 @@ fn reload_trust(path: &std::path::Path, trust: &transport::SharedTrust) {
 /// Run the receiver until killed. Prints `listening on ADDR` once ready.
 pub fn run(opts: &ReceiveOptions) -> Result<(), ReceiverError> {
     // Before any thread exists, so that every thread inherits the mask.
-    let hup = opts.reload_trust_from.as_ref().map(|_| {
+    // SIGHUP (systemd's ExecReload) never kills the receiver: without a
+    // configuration file to re-read it only says so.
+    let hup = {
         let mut s = nix::sys::signal::SigSet::empty();
         s.add(nix::sys::signal::Signal::SIGHUP);
         let _ = s.thread_block();
         s
-    });
+    };
     let id = Identity::from_dir(&opts.keys, None)?;
     let trust = transport::SharedTrust::new(TrustStore::from_files(&opts.trust)?);
-    if let (Some(sigs), Some(path)) = (hup, opts.reload_trust_from.clone()) {
+    {
         let trust = trust.clone();
+        let path = opts.reload_trust_from.clone();
         std::thread::Builder::new()
             .name("vdrep-reload".into())
             .spawn(move || {
-                while sigs.wait().is_ok() {
-                    reload_trust(&path, &trust);
+                while hup.wait().is_ok() {
+                    crate::service::reloading();
+                    match &path {
+                        Some(path) => reload_trust(path, &trust),
+                        None => tracing::warn!(
+                            "SIGHUP: nothing to reload (the trusted certificates come from --trust)"
+                        ),
+                    }
+                    crate::service::ready("reloaded");
                 }
             })
             .map_err(|source| ReceiverError::Start {
@@ -240,6 +250,30 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), ReceiverError> {
             "receiver listening on {local}, store {}",
             opts.store.display()
         );
+        let serving = format!(
+            "listening on {local} as {}, store {}",
+            id.name,
+            opts.store.display()
+        );
+        crate::service::ready(&serving);
+        let (handle, store) = (tokio::runtime::Handle::current(), data.clone());
+        crate::service::spawn_monitor(
+            std::time::Duration::from_secs(10),
+            move || serving.clone(),
+            // Alive: the runtime still runs tasks and the store answers.
+            move || {
+                let task = handle.spawn(async {});
+                let ran = handle.block_on(async {
+                    tokio::time::timeout(std::time::Duration::from_secs(5), task).await
+                });
+                let _ = store.free_bytes();
+                matches!(ran, Ok(Ok(())))
+            },
+        )
+        .map_err(|source| ReceiverError::Start {
+            what: "service monitor thread",
+            source,
+        })?;
         while let Some(inc) = ep.accept().await {
             let store = data.clone();
             let me = id.name.clone();
@@ -472,9 +506,9 @@ fn code_of(e: &StoreError) -> ErrorCode {
         StoreError::InvalidName { .. } | StoreError::Escape { .. } => ErrorCode::InvalidName,
         StoreError::NoSpace { .. } => ErrorCode::NoSpace,
         StoreError::Io { .. } => ErrorCode::Io,
-        StoreError::OutOfOrder { .. } | StoreError::IdentityMismatch { .. } => {
-            ErrorCode::InvalidState
-        }
+        StoreError::OutOfOrder { .. }
+        | StoreError::IdentityMismatch { .. }
+        | StoreError::InUse { .. } => ErrorCode::InvalidState,
         StoreError::BadState { .. } | StoreError::NeedsResync { .. } => ErrorCode::ResyncRequired,
         StoreError::CorruptLog { .. } => ErrorCode::Checksum,
         StoreError::Injected { .. } => ErrorCode::Io,
