@@ -20,6 +20,15 @@ pub enum Request {
     /// Flush the kernel cache, seal a cycle of every disk, write the logs.
     Cut,
     Status,
+    /// The events after `after` (a sequence number; 0: every event still
+    /// kept); with none yet, wait up to `wait_secs` (at most
+    /// [`MAX_EVENTS_WAIT_SECS`]) for one: `vdrep events --follow` polls.
+    Events {
+        #[serde(default)]
+        after: u64,
+        #[serde(default)]
+        wait_secs: u64,
+    },
     /// Unmount (lazily if `lazy`) and stop after saving state.
     Shutdown {
         lazy: bool,
@@ -137,7 +146,14 @@ pub struct Response {
     /// Disks moved out by [`Request::Release`]: (name, new path).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub released: Option<Vec<(String, PathBuf)>>,
+    /// The answer to [`Request::Events`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<crate::events::Since>,
 }
+
+/// The longest a [`Request::Events`] waits (the daemon waits a few
+/// seconds for answers in flight when it stops; its events end the wait).
+pub const MAX_EVENTS_WAIT_SECS: u64 = 10;
 
 impl Response {
     pub fn err(e: impl ToString) -> Self {

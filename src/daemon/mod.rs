@@ -41,6 +41,10 @@ pub struct MountOptions {
     /// The configuration file SIGHUP and `vdrep reload` re-read (`None`:
     /// the default path).
     pub config: Option<PathBuf>,
+    /// Where to serve Prometheus metrics (`--metrics-listen`).
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The command run on every event (`notify_command`).
+    pub notify: Option<crate::events::notify::NotifySpec>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -290,6 +294,7 @@ fn serve_inner(
                 )))
             }
         };
+    start_observers(dir, opts, &replicator)?;
     let configured = Arc::new(reload::Configured::new(opts.config.clone()));
     {
         let tracker = tracker.clone();
@@ -343,6 +348,7 @@ fn serve_inner(
     notify(ready, &format!("ok\n{report}"));
     let run = session.run();
     tracing::info!("FUSE session over {} ended", dir.display());
+    replicator.events().close();
     let saved = tracker.shutdown_clean();
     let t0 = std::time::Instant::now();
     while IN_FLIGHT.load(std::sync::atomic::Ordering::SeqCst) > 0
@@ -354,6 +360,29 @@ fn serve_inner(
     run.map_err(ioe(dir, "FUSE session failed"))?;
     saved?;
     tracing::info!("tracking state saved; clean stop");
+    Ok(())
+}
+
+/// The `notify_command` runner and the metrics endpoint, if configured.
+fn start_observers(
+    dir: &Path,
+    opts: &MountOptions,
+    rep: &Arc<crate::sender::Replicator>,
+) -> Result<(), DaemonError> {
+    if let Some(spec) = &opts.notify {
+        crate::events::notify::start(rep.events(), spec.clone())
+            .map_err(ioe(dir, "cannot start the notify_command thread"))?;
+    }
+    if let Some(addr) = opts.metrics_listen {
+        let mut registry = crate::metrics::Registry::default();
+        crate::sender::metrics::register(&mut registry, rep.clone());
+        let srv = crate::metrics::serve(addr, registry, "vdrep-metrics").map_err(|e| {
+            DaemonError::Msg(format!(
+                "cannot serve metrics on {addr} (metrics_listen): {e}"
+            ))
+        })?;
+        tracing::info!("metrics on http://{}/metrics", srv.addr);
+    }
     Ok(())
 }
 
@@ -396,6 +425,14 @@ fn handle(
                 ..Default::default()
             },
             Err(e) => Response::err(e),
+        },
+        Request::Events { after, wait_secs } => Response {
+            ok: true,
+            events: Some(rep.events().since(
+                *after,
+                Duration::from_secs((*wait_secs).min(control::MAX_EVENTS_WAIT_SECS)),
+            )),
+            ..Default::default()
         },
         Request::Status => Response {
             ok: true,

@@ -18,6 +18,7 @@
 
 pub mod control;
 pub mod control_server;
+pub mod metrics;
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -89,6 +90,8 @@ pub struct ReceiveOptions {
     /// new set of sender certificates is accepted from the next
     /// handshake); `None`: SIGHUP is not handled.
     pub reload_trust_from: Option<PathBuf>,
+    /// Where to serve Prometheus metrics (`metrics_listen`).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Apply `keep` to every VM of every site in `store`, except VMs failed
@@ -200,6 +203,9 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), ReceiverError> {
             source,
         }
     })?;
+    if let Some(addr) = opts.metrics_listen {
+        metrics::serve(addr, data.clone(), &opts.store)?;
+    }
     if let Some(every) = opts.prune_every {
         let store = data.clone();
         let keep = opts.retention.clone();
@@ -317,6 +323,7 @@ async fn handle_conn(
         }
     };
     tracing::info!(%addr, %site, fingerprint = %peer.fingerprint.to_hex(), "sender connected");
+    let _active = crate::metrics::receiver::connection();
     let s2 = store.clone();
     let store_free = tokio::task::spawn_blocking(move || s2.free_bytes())
         .await
@@ -616,7 +623,9 @@ impl Conn {
             } => {
                 self.digests.remove(&disk_id);
                 self.spawn(op, move |store, site| {
-                    let r = store.apply(disk(site, &vm, &disk_id), cycle);
+                    let r = crate::metrics::receiver::time_apply(|| {
+                        store.apply(disk(site, &vm, &disk_id), cycle)
+                    });
                     StoreDone::LogApplied(r.map(|_| ()).map_err(failure))
                 })
             }
