@@ -150,9 +150,11 @@ impl Event {
                 reason,
                 lag_secs,
                 threshold_secs,
-            } => s += &format!(
+            } => {
+                s += &format!(
                 " alert:{alert} reason:{reason:?} lag:{lag_secs:.1}s threshold:{threshold_secs}s"
-            ),
+            )
+            }
             EventKind::ResyncStarted { mode, disk } => s += &format!(" mode:{mode} disk:{disk}"),
             EventKind::ResyncFinished {
                 mode,
