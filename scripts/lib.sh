@@ -7,7 +7,7 @@
 VDREP_APT_PACKAGES=(
     fuse3 fio bindfs busybox-static cpio xz-utils zstd kmod strace
     python3 util-linux gzip dpkg apt ca-certificates e2fsprogs
-    python3-prometheus-client
+    python3-prometheus-client curl
 )
 # Installed together, from one suite: the suite of an installed qemu-utils
 # (bookworm-backports on the Debian 12 images this project runs on), or the
@@ -44,6 +44,7 @@ VDREP_PREREQS=(
     "apt-get|apt|cmd:apt-get"
     "dpkg-deb|dpkg|cmd:dpkg-deb"
     "prometheus_client (python3)|python3-prometheus-client|py:prometheus_client"
+    "curl|curl|cmd:curl"
 )
 
 vdrep_log() { printf '%s\n' "$*" >&2; }

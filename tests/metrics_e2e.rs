@@ -7,7 +7,9 @@
 //! drives the VM to Warning "RPO exceeded", the `notify_command` gets the
 //! event on stdin, `vdrep events --json` lists it and a running
 //! `vdrep events --follow --json` streams it. The receiver is restarted:
-//! the alert clears (event and metric). Needs root and /dev/fuse.
+//! the alert clears (event and metric). A fence and unfence of the VM (the
+//! primary's side of a planned failover) are events too. Needs root and
+//! /dev/fuse.
 
 mod mountutil;
 mod skip;
@@ -250,9 +252,6 @@ fn metrics_parse_and_rpo_alert_fires_notifies_and_clears() {
         return;
     }
     setup();
-    // Retries in fractions of a second, so the restart is picked up fast.
-    // SAFETY: set before any daemon is spawned; the only test of this binary.
-    unsafe { std::env::set_var("VDREP_RETRY_SCALE", "0.01") };
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let p = |s: &str| -> PathBuf { root.join(s) };
@@ -320,12 +319,20 @@ fn metrics_parse_and_rpo_alert_fires_notifies_and_clears() {
 
     let mut rcv = Receiver::start(&dr, &p("recv.log"));
     let vm = p("vm");
-    vdrep_ok(&[
-        "--config",
-        primary.to_str().unwrap(),
-        "mount",
-        vm.to_str().unwrap(),
-    ]);
+    // Retries in fractions of a second, so the restart is picked up fast.
+    let mounted = Command::new(vdrep_bin())
+        .arg("--config")
+        .arg(&primary)
+        .arg("mount")
+        .arg(&vm)
+        .env("VDREP_RETRY_SCALE", "0.01")
+        .output()
+        .unwrap();
+    assert!(
+        mounted.status.success(),
+        "mount: {}",
+        String::from_utf8_lossy(&mounted.stderr)
+    );
     let m = Mounted {
         dir: vm.clone(),
         mounted: true,
@@ -529,6 +536,112 @@ fn metrics_parse_and_rpo_alert_fires_notifies_and_clears() {
     });
     writing.store(false, Ordering::SeqCst);
     writer.join().unwrap();
+
+    // The primary's failover steps are events too: fence and unfence (as a
+    // planned failover, cancelled, takes them).
+    for on in [true, false] {
+        let r = vdrep::daemon::control::call_ok(
+            &vm,
+            &vdrep::daemon::control::Request::Fence {
+                vm: "web".into(),
+                on,
+            },
+        );
+        assert!(r.is_ok(), "fence {on}: {r:?}");
+    }
+    let listed = vdrep_ok(&["events", "--json", vm.to_str().unwrap()]);
+    let steps: Vec<String> = events_of(&listed, "failover_step")
+        .iter()
+        .map(|e| format!("{} {}", e["step"].as_str().unwrap(), e["disks"]))
+        .collect();
+    assert_eq!(
+        steps,
+        ["fenced [\"web.raw\"]", "unfenced [\"web.raw\"]"],
+        "{listed}"
+    );
     drop(follow);
     drop(m);
+}
+
+/// Serve one HTTP request on `l` with `status`; the request as received.
+fn serve_one(l: std::net::TcpListener, status: &'static str) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut req = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Head, then as many body bytes as Content-Length says.
+        loop {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "connection closed early");
+            req.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&req).to_string();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap())
+                    })
+                    .unwrap_or(0);
+                if body.len() >= len {
+                    break;
+                }
+            }
+        }
+        write!(
+            s,
+            "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        String::from_utf8_lossy(&req).into_owned()
+    })
+}
+
+/// examples/notify-webhook.sh, as `notify_command` runs it: the event on
+/// stdin is POSTed as JSON; a webhook that fails makes it fail.
+#[test]
+fn the_webhook_example_posts_the_event() {
+    // The run folder is set once for the binary, before anything spawns.
+    setup();
+    if !have("curl") {
+        skip::skip("SKIP: curl is absent (apt-get install curl)");
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/notify-webhook.sh");
+    let event = r#"{"seq":3,"unix_ns":1,"vm":"web","event":"alert_raised","alert":"rpo_exceeded","reason":"RPO exceeded","lag_secs":4.2,"threshold_secs":3.0}"#;
+    let post = |status: &'static str| {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/hook", l.local_addr().unwrap());
+        let server = serve_one(l, status);
+        let mut sh = Command::new("sh")
+            .arg(&script)
+            .arg(&url)
+            .env("VDREP_WEBHOOK_HEADER", "Authorization: Bearer t0k")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        writeln!(sh.stdin.take().unwrap(), "{event}").unwrap();
+        let ok = sh.wait().unwrap().success();
+        (ok, server.join().unwrap())
+    };
+    let (ok, req) = post("200 OK");
+    assert!(ok, "the script failed against a 200 webhook");
+    assert!(req.starts_with("POST /hook HTTP/1.1\r\n"), "{req}");
+    let lower = req.to_ascii_lowercase();
+    assert!(
+        lower.contains("content-type: application/json\r\n"),
+        "{req}"
+    );
+    assert!(req.contains("Authorization: Bearer t0k\r\n"), "{req}");
+    let body = req.split_once("\r\n\r\n").unwrap().1;
+    assert_eq!(body.trim_end(), event);
+    let (ok, _) = post("500 Internal Server Error");
+    assert!(
+        !ok,
+        "a failing webhook must fail the command (vdrep logs it)"
+    );
 }

@@ -307,7 +307,11 @@ fn serve_inner(
             Some(&IN_FLIGHT),
             move |req: io::Result<Request>| match req {
                 Err(e) => Response::err(format!("bad request: {e}")),
-                Ok(req) => handle(&req, &tracker, (&rep, &configured), &dir),
+                Ok(req) => {
+                    let resp = handle(&req, &tracker, (&rep, &configured), &dir);
+                    failover_event(&req, &resp, &rep);
+                    resp
+                }
             },
         )
         .map_err(ioe(dir_static(), "cannot start the control thread"))?;
@@ -619,6 +623,41 @@ fn handle(
             Err(e) => Response::err(format!("unmounting {}: {e}", dir.display())),
         },
     }
+}
+
+/// The event of a failover step a request took here (the primary's side
+/// of a planned failover, a failback, a commit), if it succeeded.
+fn failover_event(req: &Request, resp: &Response, rep: &crate::sender::Replicator) {
+    use crate::events::{EventKind, FailoverStep};
+    if !resp.ok {
+        return;
+    }
+    let (vm, step, disks) = match req {
+        Request::Fence { vm, on } => (
+            Some(vm.as_str()),
+            if *on {
+                FailoverStep::Fenced
+            } else {
+                FailoverStep::Unfenced
+            },
+            resp.fence
+                .as_ref()
+                .map(|f| f.spec.disks.clone())
+                .unwrap_or_default(),
+        ),
+        Request::Release { vm, disks, .. } => {
+            (Some(vm.as_str()), FailoverStep::Released, disks.clone())
+        }
+        Request::Take { disks } => (
+            None,
+            FailoverStep::Taken,
+            disks.iter().map(|d| d.name.clone()).collect(),
+        ),
+        Request::DropPreimages { disks } => (None, FailoverStep::Committed, disks.clone()),
+        _ => return,
+    };
+    rep.events()
+        .emit(vm, EventKind::FailoverStep { step, disks });
 }
 
 /// Wait until process `pid` is gone (bounded).

@@ -1,7 +1,8 @@
 //! State-change events of a daemon, as `drbdsetup events2` gives DRBD's:
 //! protection started/stopped, a VM's state changing (Warning, Critical
 //! and back, with the reason), recovery points committed, alerts raised
-//! and cleared (RPO exceeded), resyncs started and finished.
+//! and cleared (RPO exceeded), resyncs started and finished, and the
+//! failover steps the mount daemon takes (fence, release, failback, commit).
 //!
 //! This module owns the [`Event`] type (its JSON is what `vdrep events
 //! --json` prints and what `notify_command` reads on stdin) and the
@@ -90,6 +91,40 @@ pub enum EventKind {
         disk: String,
         blocks_differ: u64,
     },
+    /// A failover step this daemon took, with the disks it concerned.
+    FailoverStep {
+        step: FailoverStep,
+        disks: Vec<String>,
+    },
+}
+
+/// The failover steps a mount daemon takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailoverStep {
+    /// Planned failover: the VM's disks are fenced (writes refused) for
+    /// the last sync.
+    Fenced,
+    /// The fence is lifted (the failover was cancelled or is done).
+    Unfenced,
+    /// Planned failover of one VM of a shared folder: its disks moved out.
+    Released,
+    /// Failback: disks taken into the running mount.
+    Taken,
+    /// A failover was committed: the disks' pre-images are dropped.
+    Committed,
+}
+
+impl FailoverStep {
+    pub fn name(self) -> &'static str {
+        match self {
+            FailoverStep::Fenced => "fenced",
+            FailoverStep::Unfenced => "unfenced",
+            FailoverStep::Released => "released",
+            FailoverStep::Taken => "taken",
+            FailoverStep::Committed => "committed",
+        }
+    }
 }
 
 impl EventKind {
@@ -104,6 +139,7 @@ impl EventKind {
             EventKind::AlertCleared { .. } => "alert_cleared",
             EventKind::ResyncStarted { .. } => "resync_started",
             EventKind::ResyncFinished { .. } => "resync_finished",
+            EventKind::FailoverStep { .. } => "failover_step",
         }
     }
 }
@@ -161,6 +197,9 @@ impl Event {
                 disk,
                 blocks_differ,
             } => s += &format!(" mode:{mode} disk:{disk} blocks_differ:{blocks_differ}"),
+            EventKind::FailoverStep { step, disks } => {
+                s += &format!(" step:{} disks:{}", step.name(), disks.join(","))
+            }
         }
         s
     }
