@@ -8,8 +8,9 @@
 //! event on stdin, `vdrep events --json` lists it and a running
 //! `vdrep events --follow --json` streams it. The receiver is restarted:
 //! the alert clears (event and metric). A fence and unfence of the VM (the
-//! primary's side of a planned failover) are events too. Needs root and
-//! /dev/fuse.
+//! primary's side of a planned failover) are events of the mount, a test
+//! failover and its cleanup events of the receiver (`vdrep events
+//! --store`, the receiver's `notify_command`). Needs root and /dev/fuse.
 
 mod mountutil;
 mod skip;
@@ -279,23 +280,23 @@ fn metrics_parse_and_rpo_alert_fires_notifies_and_clears() {
         format!("127.0.0.1:{mport_b}"),
     );
 
+    // Each site's notify_command appends the event it reads to a file.
+    let (notified, rnotified) = (p("notified.jsonl"), p("rnotified.jsonl"));
+    let (notify, rnotify) = (p("notify.sh"), p("rnotify.sh"));
+    for (script, file) in [(&notify, &notified), (&rnotify, &rnotified)] {
+        std::fs::write(script, format!("#!/bin/sh\ncat >> '{}'\n", file.display())).unwrap();
+    }
     let dr = p("dr.toml");
     std::fs::write(
         &dr,
         format!(
-            "[site]\nname = \"site-b\"\nkeys = \"{}\"\ntrust = [\"{}\"]\n\n\
+            "[site]\nname = \"site-b\"\nkeys = \"{}\"\ntrust = [\"{}\"]\nnotify_command = \"sh {}\"\n\n\
              [receiver]\nlisten = \"127.0.0.1:{port}\"\nstore = \"{}\"\nmetrics_listen = \"{maddr_b}\"\n",
             p("kb").display(),
             p("ka/site-a.crt").display(),
+            rnotify.display(),
             p("store").display(),
         ),
-    )
-    .unwrap();
-    let notified = p("notified.jsonl");
-    let notify = p("notify.sh");
-    std::fs::write(
-        &notify,
-        format!("#!/bin/sh\ncat >> '{}'\n", notified.display()),
     )
     .unwrap();
     let primary = p("primary.toml");
@@ -559,6 +560,27 @@ fn metrics_parse_and_rpo_alert_fires_notifies_and_clears() {
         ["fenced [\"web.raw\"]", "unfenced [\"web.raw\"]"],
         "{listed}"
     );
+
+    // The receiver's failover steps: a test failover and its cleanup.
+    let store = p("store");
+    let store = store.to_str().unwrap();
+    vdrep_ok(&["failover", "web", "--test", "--store", store]);
+    vdrep_ok(&["failover", "web", "--cleanup", "--store", store]);
+    let listed = vdrep_ok(&["events", "--store", store, "--json"]);
+    let steps: Vec<String> = events_of(&listed, "failover_step")
+        .iter()
+        .map(|e| format!("{} {}", e["step"].as_str().unwrap(), e["site"]))
+        .collect();
+    assert_eq!(
+        steps,
+        ["test_started \"site-a\"", "test_cleaned_up \"site-a\""],
+        "{listed}"
+    );
+    let got = wait_for(20, "the receiver's notify_command", || {
+        let t = std::fs::read_to_string(&rnotified).unwrap_or_default();
+        (events_of(&t, "failover_step").len() == 2).then_some(t)
+    });
+    assert!(got.contains("\"step\":\"test_cleaned_up\""), "{got}");
     drop(follow);
     drop(m);
 }

@@ -1,16 +1,43 @@
-//! `vdrep events [DIR] [--follow] [--json]`: the state changes of a running
-//! mount's VMs, from its control socket (long polls of
-//! [`Request::Events`]).
+//! `vdrep events [DIR | --store STORE] [--follow] [--json]`: the state
+//! changes of a running mount's VMs, or the failover steps of a running
+//! receiver, from its control socket (long polls of `Events` requests).
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use super::fmt::control_err;
-use crate::daemon::control::{self, ControlErrorKind, Request, MAX_EVENTS_WAIT_SECS};
-use crate::events::Event;
+use super::fmt::{control_err, recv_err};
+use crate::daemon::control::{self, ControlErrorKind};
+use crate::events::{Event, Since};
+use crate::receiver::control::{self as recv, RecvControlErrorKind};
+
+/// Why asking for events failed.
+enum FetchError {
+    /// The daemon is gone or stopped answering (after it answered once:
+    /// the stream ends).
+    Gone,
+    /// Refused or unreachable: the exit code (the error is printed).
+    Failed(i32),
+}
 
 /// `vdrep events`.
-pub fn events(dir: Option<PathBuf>, follow: bool, json: bool) -> i32 {
+pub fn events(dir: Option<PathBuf>, store: Option<PathBuf>, follow: bool, json: bool) -> i32 {
+    if let Some(store) = store {
+        return stream(
+            &store,
+            follow,
+            json,
+            |after, wait_secs, first| match recv::call_ok(
+                &store,
+                &recv::Request::Events { after, wait_secs },
+            ) {
+                Ok(r) => Ok(r.events),
+                Err(e) if !first && e.kind() != RecvControlErrorKind::Refused => {
+                    Err(FetchError::Gone)
+                }
+                Err(e) => Err(FetchError::Failed(recv_err(e))),
+            },
+        );
+    }
     let dir = match dir {
         Some(d) => d,
         None => {
@@ -34,22 +61,48 @@ pub fn events(dir: Option<PathBuf>, follow: bool, json: bool) -> i32 {
             }
         }
     };
+    stream(
+        &dir,
+        follow,
+        json,
+        |after, wait_secs, first| match control::call_ok(
+            &dir,
+            &control::Request::Events { after, wait_secs },
+        ) {
+            Ok(r) => Ok(r.events),
+            Err(e) if !first && e.kind() != ControlErrorKind::Refused => Err(FetchError::Gone),
+            Err(e) => Err(FetchError::Failed(control_err(e))),
+        },
+    )
+}
+
+/// Print what `fetch(after, wait_secs, first)` gives: the kept events,
+/// then (with `follow`) every new one until the daemon stops.
+fn stream(
+    what: &Path,
+    follow: bool,
+    json: bool,
+    fetch: impl Fn(u64, u64, bool) -> Result<Option<Since>, FetchError>,
+) -> i32 {
     let mut after = 0;
     let mut first = true;
     loop {
-        let wait_secs = if first { 0 } else { MAX_EVENTS_WAIT_SECS };
-        let r = match control::call_ok(&dir, &Request::Events { after, wait_secs }) {
-            Ok(r) => r,
-            // The mount stopped while we followed it: the stream ends.
-            Err(e) if !first && e.kind() != ControlErrorKind::Refused => {
-                eprintln!("vdrep: the mount of {} stopped", dir.display());
+        let wait_secs = if first {
+            0
+        } else {
+            crate::events::MAX_WAIT_SECS
+        };
+        let s = match fetch(after, wait_secs, first) {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                eprintln!("vdrep: the daemon answered without events");
+                return 1;
+            }
+            Err(FetchError::Gone) => {
+                eprintln!("vdrep: the daemon of {} stopped", what.display());
                 return 0;
             }
-            Err(e) => return control_err(e),
-        };
-        let Some(s) = r.events else {
-            eprintln!("vdrep: the daemon answered without events");
-            return 1;
+            Err(FetchError::Failed(code)) => return code,
         };
         if s.missed > 0 && !first {
             eprintln!(
@@ -71,7 +124,7 @@ pub fn events(dir: Option<PathBuf>, follow: bool, json: bool) -> i32 {
             return 0;
         }
         if s.closed {
-            eprintln!("vdrep: the mount of {} is stopping", dir.display());
+            eprintln!("vdrep: the daemon of {} is stopping", what.display());
             return 0;
         }
         first = false;

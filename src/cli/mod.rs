@@ -6,7 +6,7 @@
 //! (`scripts/check-layers.sh`).
 //!
 //! - [`mount`]: `mount`, `umount`, `cut`, `status`;
-//! - [`events`]: `events [--follow] [--json]`;
+//! - [`events`]: `events [DIR | --store STORE] [--follow] [--json]`;
 //! - [`replication`]: `receive`, `protect`, `unprotect`, `sync`;
 //! - [`points`]: `points`, `resync`, `verify`, `hash-bench`;
 //! - [`failover`]: `failover`, `reverse`, `plan`;
@@ -109,11 +109,17 @@ pub enum Cmd {
     /// Print the state changes of the protected VMs of a running mount:
     /// protection started/stopped, state changes with their reason
     /// (Warning, Critical and back), recovery points committed, alerts
-    /// raised and cleared (RPO exceeded), resyncs started and finished.
-    /// Without --follow, the recent events the daemon kept, then exit.
+    /// raised and cleared (RPO exceeded), resyncs started and finished,
+    /// failover steps (fence, release, failback, commit). With --store, the
+    /// failover steps of the running receiver instead (test failover,
+    /// promote, cancel, commit, adopt). Without --follow, the recent events
+    /// the daemon kept, then exit.
     Events {
         /// A mounted folder (default: the only running mount).
         dir: Option<PathBuf>,
+        /// The store of a running `vdrep receive`: its events instead.
+        #[arg(long, conflicts_with = "dir")]
+        store: Option<PathBuf>,
         /// Keep printing new events as they happen, until the mount stops
         /// or the command is interrupted.
         #[arg(long, short)]
@@ -385,7 +391,12 @@ pub fn run(cmd: Cmd, config: Option<&Path>) -> i32 {
         Cmd::Reload { dir } => self::config::reload(dir),
         Cmd::Cut { dir, json } => mount::cut(dir, json),
         Cmd::Status { dir, json } => mount::status(dir, json),
-        Cmd::Events { dir, follow, json } => events::events(dir, follow, json),
+        Cmd::Events {
+            dir,
+            store,
+            follow,
+            json,
+        } => events::events(dir, store, follow, json),
         Cmd::Keys {
             cmd: KeysCmd::Init(a),
         } => keys::run_keys_init(&a),

@@ -64,15 +64,7 @@ pub fn mount(
         protect,
         config: cfg.map(|c| std::fs::canonicalize(&c.path).unwrap_or_else(|_| c.path.clone())),
         metrics_listen: metrics_listen.or(entry.and_then(|m| m.metrics_listen)),
-        notify: cfg.and_then(|c| {
-            Some(crate::events::notify::NotifySpec {
-                cmd: c.site.notify_command.clone()?,
-                timeout: c
-                    .site
-                    .notify_timeout
-                    .unwrap_or(crate::events::notify::DEFAULT_TIMEOUT),
-            })
-        }),
+        notify: super::config::notify_spec(cfg),
     })
 }
 

@@ -68,6 +68,7 @@ pub fn receive(flags: ReceiveFlags, cfg: Option<&crate::config::Config>) -> i32 
         prune_every,
         reload_trust_from,
         metrics_listen: flags.metrics_listen.or(rcv.and_then(|r| r.metrics_listen)),
+        notify: super::config::notify_spec(cfg),
     }) {
         Ok(()) => 0,
         Err(e) => {

@@ -22,7 +22,8 @@ pub enum Request {
     Status,
     /// The events after `after` (a sequence number; 0: every event still
     /// kept); with none yet, wait up to `wait_secs` (at most
-    /// [`MAX_EVENTS_WAIT_SECS`]) for one: `vdrep events --follow` polls.
+    /// [`crate::events::MAX_WAIT_SECS`]) for one: `vdrep events --follow`
+    /// polls.
     Events {
         #[serde(default)]
         after: u64,
@@ -150,10 +151,6 @@ pub struct Response {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events: Option<crate::events::Since>,
 }
-
-/// The longest a [`Request::Events`] waits (the daemon waits a few
-/// seconds for answers in flight when it stops; its events end the wait).
-pub const MAX_EVENTS_WAIT_SECS: u64 = 10;
 
 impl Response {
     pub fn err(e: impl ToString) -> Self {

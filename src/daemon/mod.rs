@@ -434,7 +434,7 @@ fn handle(
             ok: true,
             events: Some(rep.events().since(
                 *after,
-                Duration::from_secs((*wait_secs).min(control::MAX_EVENTS_WAIT_SECS)),
+                Duration::from_secs((*wait_secs).min(crate::events::MAX_WAIT_SECS)),
             )),
             ..Default::default()
         },
@@ -656,8 +656,14 @@ fn failover_event(req: &Request, resp: &Response, rep: &crate::sender::Replicato
         Request::DropPreimages { disks } => (None, FailoverStep::Committed, disks.clone()),
         _ => return,
     };
-    rep.events()
-        .emit(vm, EventKind::FailoverStep { step, disks });
+    rep.events().emit(
+        vm,
+        EventKind::FailoverStep {
+            step,
+            disks,
+            site: None,
+        },
+    );
 }
 
 /// Wait until process `pid` is gone (bounded).

@@ -24,6 +24,11 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
+/// The longest a reader's poll waits at a daemon ([`Bus::since`] over a
+/// control socket): short enough that a stopping daemon is not held up by
+/// it (it closes the bus, which ends every wait at once anyway).
+pub const MAX_WAIT_SECS: u64 = 10;
+
 /// Events a [`Bus`] keeps for late readers (`vdrep events` without
 /// `--follow`).
 pub const RING: usize = 1024;
@@ -91,28 +96,44 @@ pub enum EventKind {
         disk: String,
         blocks_differ: u64,
     },
-    /// A failover step this daemon took, with the disks it concerned.
+    /// A failover step this daemon took: at the primary's mount with the
+    /// disks it concerned, at the receiver with the sending site of the VM.
     FailoverStep {
         step: FailoverStep,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
         disks: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        site: Option<String>,
     },
 }
 
-/// The failover steps a mount daemon takes.
+/// The failover steps a mount daemon or a receiver takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FailoverStep {
-    /// Planned failover: the VM's disks are fenced (writes refused) for
-    /// the last sync.
+    /// Mount: planned failover: the VM's disks are fenced (writes
+    /// refused) for the last sync.
     Fenced,
-    /// The fence is lifted (the failover was cancelled or is done).
+    /// Mount: the fence is lifted (the failover was cancelled or is done).
     Unfenced,
-    /// Planned failover of one VM of a shared folder: its disks moved out.
+    /// Mount: planned failover of one VM of a shared folder: its disks
+    /// moved out.
     Released,
-    /// Failback: disks taken into the running mount.
+    /// Mount: failback: disks taken into the running mount.
     Taken,
-    /// A failover was committed: the disks' pre-images are dropped.
+    /// A failover was committed (mount: the disks' pre-images are
+    /// dropped; receiver: the history before it is let go).
     Committed,
+    /// Receiver: a test failover exposes a point.
+    TestStarted,
+    /// Receiver: the test failover is removed.
+    TestCleanedUp,
+    /// Receiver: the VM is promoted to a point (failover).
+    Promoted,
+    /// Receiver: an uncommitted failover is cancelled.
+    Cancelled,
+    /// Receiver: a VM's disks are adopted (reverse replication, failback).
+    Adopted,
 }
 
 impl FailoverStep {
@@ -123,6 +144,11 @@ impl FailoverStep {
             FailoverStep::Released => "released",
             FailoverStep::Taken => "taken",
             FailoverStep::Committed => "committed",
+            FailoverStep::TestStarted => "test_started",
+            FailoverStep::TestCleanedUp => "test_cleaned_up",
+            FailoverStep::Promoted => "promoted",
+            FailoverStep::Cancelled => "cancelled",
+            FailoverStep::Adopted => "adopted",
         }
     }
 }
@@ -197,8 +223,14 @@ impl Event {
                 disk,
                 blocks_differ,
             } => s += &format!(" mode:{mode} disk:{disk} blocks_differ:{blocks_differ}"),
-            EventKind::FailoverStep { step, disks } => {
-                s += &format!(" step:{} disks:{}", step.name(), disks.join(","))
+            EventKind::FailoverStep { step, disks, site } => {
+                s += &format!(" step:{}", step.name());
+                if let Some(site) = site {
+                    s += &format!(" site:{site}");
+                }
+                if !disks.is_empty() {
+                    s += &format!(" disks:{}", disks.join(","));
+                }
             }
         }
         s

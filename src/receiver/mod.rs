@@ -18,6 +18,7 @@
 
 pub mod control;
 pub mod control_server;
+mod events;
 pub mod metrics;
 
 use std::collections::HashMap;
@@ -92,6 +93,8 @@ pub struct ReceiveOptions {
     pub reload_trust_from: Option<PathBuf>,
     /// Where to serve Prometheus metrics (`metrics_listen`).
     pub metrics_listen: Option<SocketAddr>,
+    /// The command run on every event (`notify_command`).
+    pub notify: Option<crate::events::notify::NotifySpec>,
 }
 
 /// Apply `keep` to every VM of every site in `store`, except VMs failed
@@ -197,7 +200,16 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), ReceiverError> {
             .map(|t| std::fs::canonicalize(t).unwrap_or_else(|_| t.clone()))
             .collect(),
     });
-    control_server::start(store.clone(), views, roles.clone()).map_err(|source| {
+    let bus = Arc::new(crate::events::Bus::default());
+    if let Some(spec) = &opts.notify {
+        crate::events::notify::start(&bus, spec.clone()).map_err(|source| {
+            ReceiverError::Start {
+                what: "notify_command thread",
+                source,
+            }
+        })?;
+    }
+    control_server::start(store.clone(), views, roles.clone(), bus).map_err(|source| {
         ReceiverError::Start {
             what: "control socket",
             source,
