@@ -12,7 +12,7 @@
 //!   [`histogram`]): collectors that read a snapshot at scrape time, so a
 //!   VM that is unprotected simply stops being exposed;
 //! - [`serve`]: a small HTTP/1.1 server answering `GET /metrics` with the
-//!   OpenMetrics text of a `prometheus_client` registry ([`http`]).
+//!   OpenMetrics text of a `prometheus_client` registry (`http`).
 //!
 //! The collectors themselves live with the state they read
 //! (`sender::metrics` for VMs and disks, `receiver::metrics` for the

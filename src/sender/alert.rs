@@ -7,11 +7,11 @@
 //!   ("RPO exceeded"); it clears as soon as the lag is back under. A VM
 //!   with nothing pending is up to date whatever the age of its last point
 //!   (a continuous VM on an idle disk takes no cuts), so it never alerts.
-//!   The alert is derived where the status is made ([`apply`]): the
+//!   The alert is derived where the status is made (`apply`): the
 //!   worker's own state is left alone, so its retry schedule is unchanged.
 //! - **Error accounting** ([`Health::errors`]): failed sessions counted by
 //!   [`ErrorKind`] (the metrics' `vdrep_vm_errors_total{kind}`).
-//! - **Events**: a watcher task ([`watch`]) looks at every VM's status
+//! - **Events**: a watcher task (`watch`) looks at every VM's status
 //!   once a second and emits on [`crate::events::Bus`] what changed:
 //!   protection started/stopped, state changes with their reason, alerts
 //!   raised/cleared, points committed, resyncs started/finished.
