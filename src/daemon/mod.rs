@@ -9,10 +9,12 @@
 //! the child's verdict, so `vdrep mount DIR && use DIR` is race-free.
 //!
 //! [`control`] holds the daemon's control protocol and its client;
+//! `observe` its metrics endpoint, `notify_command` and failover events;
 //! [`stop`] and [`spawn`] are the typed entry points other layers use to
 //! stop a mount or start one in the background.
 
 pub mod control;
+mod observe;
 pub mod reload;
 
 use std::fs::File;
@@ -294,7 +296,7 @@ fn serve_inner(
                 )))
             }
         };
-    start_observers(dir, opts, &replicator)?;
+    observe::start(dir, opts, &replicator)?;
     let configured = Arc::new(reload::Configured::new(opts.config.clone()));
     {
         let tracker = tracker.clone();
@@ -309,7 +311,7 @@ fn serve_inner(
                 Err(e) => Response::err(format!("bad request: {e}")),
                 Ok(req) => {
                     let resp = handle(&req, &tracker, (&rep, &configured), &dir);
-                    failover_event(&req, &resp, &rep);
+                    observe::failover_event(&req, &resp, &rep);
                     resp
                 }
             },
@@ -364,29 +366,6 @@ fn serve_inner(
     run.map_err(ioe(dir, "FUSE session failed"))?;
     saved?;
     tracing::info!("tracking state saved; clean stop");
-    Ok(())
-}
-
-/// The `notify_command` runner and the metrics endpoint, if configured.
-fn start_observers(
-    dir: &Path,
-    opts: &MountOptions,
-    rep: &Arc<crate::sender::Replicator>,
-) -> Result<(), DaemonError> {
-    if let Some(spec) = &opts.notify {
-        crate::events::notify::start(rep.events(), spec.clone())
-            .map_err(ioe(dir, "cannot start the notify_command thread"))?;
-    }
-    if let Some(addr) = opts.metrics_listen {
-        let mut registry = crate::metrics::Registry::default();
-        crate::sender::metrics::register(&mut registry, rep.clone());
-        let srv = crate::metrics::serve(addr, registry, "vdrep-metrics").map_err(|e| {
-            DaemonError::Msg(format!(
-                "cannot serve metrics on {addr} (metrics_listen): {e}"
-            ))
-        })?;
-        tracing::info!("metrics on http://{}/metrics", srv.addr);
-    }
     Ok(())
 }
 
@@ -623,47 +602,6 @@ fn handle(
             Err(e) => Response::err(format!("unmounting {}: {e}", dir.display())),
         },
     }
-}
-
-/// The event of a failover step a request took here (the primary's side
-/// of a planned failover, a failback, a commit), if it succeeded.
-fn failover_event(req: &Request, resp: &Response, rep: &crate::sender::Replicator) {
-    use crate::events::{EventKind, FailoverStep};
-    if !resp.ok {
-        return;
-    }
-    let (vm, step, disks) = match req {
-        Request::Fence { vm, on } => (
-            Some(vm.as_str()),
-            if *on {
-                FailoverStep::Fenced
-            } else {
-                FailoverStep::Unfenced
-            },
-            resp.fence
-                .as_ref()
-                .map(|f| f.spec.disks.clone())
-                .unwrap_or_default(),
-        ),
-        Request::Release { vm, disks, .. } => {
-            (Some(vm.as_str()), FailoverStep::Released, disks.clone())
-        }
-        Request::Take { disks } => (
-            None,
-            FailoverStep::Taken,
-            disks.iter().map(|d| d.name.clone()).collect(),
-        ),
-        Request::DropPreimages { disks } => (None, FailoverStep::Committed, disks.clone()),
-        _ => return,
-    };
-    rep.events().emit(
-        vm,
-        EventKind::FailoverStep {
-            step,
-            disks,
-            site: None,
-        },
-    );
 }
 
 /// Wait until process `pid` is gone (bounded).
