@@ -306,12 +306,16 @@ impl Bus {
                 Err(TrySendError::Full(_)) => {
                     let n = self
                         .dropped
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::warn!(
-                        "notify_command is too slow: event {} not delivered ({} so far)",
-                        ev.seq,
-                        n + 1
-                    );
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                        + 1;
+                    // Logged at the 1st, 2nd, 4th, 8th... drop: a slow
+                    // command must not flood the log either.
+                    if n.is_power_of_two() {
+                        tracing::warn!(
+                            "notify_command is too slow: event {} not delivered ({n} not delivered so far)",
+                            ev.seq
+                        );
+                    }
                 }
                 Err(TrySendError::Disconnected(_)) => {}
             }
