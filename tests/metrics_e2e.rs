@@ -205,6 +205,50 @@ fn events_of(text: &str, event: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Writes 4 KiB every 100 ms to a disk through the mount until stopped
+/// (also when the test fails, so the mount can be unmounted).
+struct Writer {
+    going: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(f: std::fs::File) -> Writer {
+        let going = Arc::new(AtomicBool::new(true));
+        let on = going.clone();
+        let thread = std::thread::spawn(move || {
+            let mut n = 0u64;
+            while on.load(Ordering::SeqCst) {
+                f.write_all_at(&n.to_le_bytes().repeat(512), (n % 256) * 4096)
+                    .unwrap();
+                n += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Writer {
+            going,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stop and wait; a write that failed fails the test.
+    fn stop(&mut self) {
+        self.going.store(false, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            assert!(t.join().is_ok(), "a write through the mount failed");
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.going.store(false, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Every line `vdrep events --follow --json DIR` printed so far.
 struct Follower {
     child: Child,
@@ -425,19 +469,7 @@ fn metrics_parse_and_rpo_alert_fires_notifies_and_clears() {
 
     // The receiver stops; a writer keeps changing the disk.
     let follow = Follower::start(&vm);
-    let writing = Arc::new(AtomicBool::new(true));
-    let writer = {
-        let writing = writing.clone();
-        std::thread::spawn(move || {
-            let mut n = 0u64;
-            while writing.load(Ordering::SeqCst) {
-                f.write_all_at(&n.to_le_bytes().repeat(512), (n % 256) * 4096)
-                    .unwrap();
-                n += 1;
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        })
-    };
+    let mut writer = Writer::start(f);
     rcv.stop();
     let st = wait_for(60, "web to show Warning \"RPO exceeded\"", || {
         let s = web_status(&m);
@@ -538,8 +570,7 @@ fn metrics_parse_and_rpo_alert_fires_notifies_and_clears() {
     wait_for(20, "events --follow to stream alert_cleared", || {
         (!events_of(&follow.text(), "alert_cleared").is_empty()).then_some(())
     });
-    writing.store(false, Ordering::SeqCst);
-    writer.join().unwrap();
+    writer.stop();
 
     // The primary's failover steps are events too: fence and unfence (as a
     // planned failover, cancelled, takes them).
