@@ -38,16 +38,23 @@
 //! - [`service`]: running as a managed service: the systemd notify
 //!   protocol (ready, status, reload, watchdog) and the daemons' logging
 //!   (a leaf).
+//! - [`metrics`]: the Prometheus/OpenMetrics endpoint's mechanics (HTTP
+//!   server, lock-free histograms, FUSE and receiver hot-path counters,
+//!   scrape-time collectors); the collectors live with their state.
+//! - [`events`]: state-change events (`vdrep events`): the event type, the
+//!   in-daemon broadcast ring and the `notify_command` runner.
 //! - [`ipc`]: one JSON-line request/response exchange over a local Unix
 //!   socket, generic over the messages (used by [`daemon`] and [`receiver`]).
 
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod events;
 pub mod failover;
 pub mod fs;
 pub mod hrl;
 pub mod ipc;
+pub mod metrics;
 pub mod receiver;
 pub mod replica;
 pub mod resync;

@@ -6,6 +6,7 @@
 //! (`scripts/check-layers.sh`).
 //!
 //! - [`mount`]: `mount`, `umount`, `cut`, `status`;
+//! - [`events`]: `events [DIR | --store STORE] [--follow] [--json]`;
 //! - [`replication`]: `receive`, `protect`, `unprotect`, `sync`;
 //! - [`points`]: `points`, `resync`, `verify`, `hash-bench`;
 //! - [`failover`]: `failover`, `reverse`, `plan`;
@@ -17,6 +18,7 @@
 //! - [`fmt`]: sizes, progress lines and bars, error exit codes.
 
 pub mod config;
+pub mod events;
 pub mod failover;
 pub mod fmt;
 pub mod forget;
@@ -117,6 +119,34 @@ pub enum Cmd {
         /// replicate the disks with `vdrep protect`.
         #[arg(long)]
         keys: Option<PathBuf>,
+        /// Serve Prometheus/OpenMetrics metrics at http://ADDR/metrics
+        /// (e.g. 127.0.0.1:9477); overrides the `[[mount]]` entry's
+        /// `metrics_listen`.
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<std::net::SocketAddr>,
+    },
+    /// Print the state changes of the protected VMs of a running mount:
+    /// protection started/stopped, state changes with their reason
+    /// (Warning, Critical and back), recovery points committed, alerts
+    /// raised and cleared (RPO exceeded), resyncs started and finished,
+    /// failover steps (fence, release, failback, commit). With --store, the
+    /// failover steps of the running receiver instead (test failover,
+    /// promote, cancel, commit, adopt). Without --follow, the recent events
+    /// the daemon kept, then exit.
+    Events {
+        /// A mounted folder (default: the only running mount).
+        dir: Option<PathBuf>,
+        /// The store of a running `vdrep receive`: its events instead.
+        #[arg(long, conflicts_with = "dir")]
+        store: Option<PathBuf>,
+        /// Keep printing new events as they happen, until the mount stops
+        /// or the command is interrupted.
+        #[arg(long, short)]
+        follow: bool,
+        /// One JSON object per line (the same object `notify_command`
+        /// reads on stdin) instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Re-read the configuration file in the mount daemon of DIR (every
     /// running mount without DIR), like SIGHUP: protect the VMs added,
@@ -179,6 +209,10 @@ pub enum Cmd {
         trust: Vec<PathBuf>,
         #[command(flatten)]
         retention: RetentionArgs,
+        /// Serve Prometheus/OpenMetrics metrics at http://ADDR/metrics
+        /// (e.g. 127.0.0.1:9478); overrides `[receiver] metrics_listen`.
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Protect a VM: replicate its disks (files under a `vdrep mount`) to a
     /// receiver. Checks prerequisites and starts initial replication.
@@ -213,6 +247,12 @@ pub enum Cmd {
         /// Default: 18:00-08:00+weekends.
         #[arg(long)]
         resync_window: Option<String>,
+        /// Alert when the lag (the age of the newest recovery point) passes
+        /// this while changes wait: the VM shows Warning "RPO exceeded" and
+        /// an event fires (`vdrep events`); it clears once the lag is back
+        /// under. A duration such as 60s, 15min. Default: no alert.
+        #[arg(long, value_name = "DURATION")]
+        rpo_alert: Option<String>,
         #[command(flatten)]
         app: AppHookArgs,
         /// The VM's disk files (all under the same vdrep mount).
@@ -369,6 +409,7 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
             threads,
             no_writeback_cache,
             keys,
+            metrics_listen,
         } => {
             let cfg = match self::config::load(config) {
                 Ok(c) => c,
@@ -382,7 +423,7 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
                 patterns,
                 threads,
                 no_writeback_cache,
-                keys,
+                (keys, metrics_listen),
                 cfg.as_ref(),
             )
         }
@@ -390,6 +431,12 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
         Cmd::Reload { dir } => self::config::reload(dir),
         Cmd::Cut { dir, json } => mount::cut(dir, json),
         Cmd::Status { dir, json } => mount::status(dir, json),
+        Cmd::Events {
+            dir,
+            store,
+            follow,
+            json,
+        } => events::events(dir, store, follow, json),
         Cmd::Keys {
             cmd: KeysCmd::Init(a),
         } => keys::run_keys_init(&a),
@@ -402,6 +449,7 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
             keys,
             trust,
             retention,
+            metrics_listen,
         } => {
             let cfg = match self::config::load(config) {
                 Ok(c) => c,
@@ -413,6 +461,7 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
                 keys,
                 trust,
                 retention,
+                metrics_listen,
             };
             let log_format = service::log_format(log_format, cfg.as_ref());
             replication::receive(flags, cfg.as_ref(), log_format)
@@ -426,6 +475,7 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
             link_max_rate,
             resync_threshold,
             resync_window,
+            rpo_alert,
             app,
             disks,
         } => replication::protect(
@@ -433,7 +483,11 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
             to,
             trust,
             (every, max_rate, link_max_rate),
-            (resync_threshold, resync_window.unwrap_or_default()),
+            (
+                resync_threshold,
+                resync_window.unwrap_or_default(),
+                rpo_alert,
+            ),
             app,
             disks,
         ),

@@ -21,7 +21,7 @@ pub fn mount(
     patterns: Vec<String>,
     threads: usize,
     no_writeback_cache: bool,
-    keys: Option<PathBuf>,
+    (keys, metrics_listen): (Option<PathBuf>, Option<std::net::SocketAddr>),
     cfg: Option<&Config>,
 ) -> i32 {
     let canon = std::fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone());
@@ -69,6 +69,8 @@ pub fn mount(
         keys,
         protect,
         config: cfg.map(|c| std::fs::canonicalize(&c.path).unwrap_or_else(|_| c.path.clone())),
+        metrics_listen: metrics_listen.or(entry.and_then(|m| m.metrics_listen)),
+        notify: super::config::notify_spec(cfg),
     })
 }
 
@@ -296,6 +298,9 @@ pub fn status(dir: Option<PathBuf>, json: bool) -> i32 {
             }
             for d in &v.bitmap_only {
                 println!("    {d}: bitmap-only (pending changes passed the threshold; shipped as one cycle when the receiver is reachable)");
+            }
+            if let (Some(a), Some(t)) = (v.health.alert, v.health.rpo_alert_secs) {
+                println!("    {a}: lag above rpo_alert {t}s with changes waiting");
             }
             if let Some(e) = v.last_error {
                 println!("    last error: {e}");

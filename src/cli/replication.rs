@@ -16,6 +16,7 @@ pub struct ReceiveFlags {
     pub keys: Option<PathBuf>,
     pub trust: Vec<PathBuf>,
     pub retention: RetentionArgs,
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// `vdrep receive ...` (foreground; logs to stderr): the flags over the
@@ -70,6 +71,8 @@ pub fn receive(
         retention,
         prune_every,
         reload_trust_from,
+        metrics_listen: flags.metrics_listen.or(rcv.and_then(|r| r.metrics_listen)),
+        notify: super::config::notify_spec(cfg),
     }) {
         Ok(()) => 0,
         Err(e) => {
@@ -279,7 +282,7 @@ pub fn protect(
     to: String,
     trust: Vec<PathBuf>,
     (every, max_rate, link_max_rate): (String, Option<String>, Option<String>),
-    (threshold, window): (String, String),
+    (threshold, window, rpo_alert): (String, String, Option<String>),
     AppHookArgs {
         app_hook,
         app_every,
@@ -335,6 +338,14 @@ pub fn protect(
             return 2;
         }
     }
+    let rpo_alert_secs = match rpo_alert.as_deref().map(crate::config::parse_duration) {
+        None => 0,
+        Some(Ok(d)) => d.as_secs().max(1),
+        Some(Err(e)) => {
+            eprintln!("vdrep: --rpo-alert: {e}");
+            return 2;
+        }
+    };
     let every_secs = match parse_interval(&every) {
         Ok(v) => v,
         Err(e) => {
@@ -398,6 +409,7 @@ pub fn protect(
         resync_threshold_pct,
         resync_window: window,
         app_hook,
+        rpo_alert_secs,
     };
     match control::call(&mount, &Request::Protect { spec }) {
         Err(e) => control_err(e),

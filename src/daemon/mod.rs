@@ -13,10 +13,12 @@
 //! manager when it is ready, reloading or stopping ([`crate::service`]).
 //!
 //! [`control`] holds the daemon's control protocol and its client;
+//! `observe` its metrics endpoint, `notify_command` and failover events;
 //! [`stop`] and [`spawn`] are the typed entry points other layers use to
 //! stop a mount or start one in the background.
 
 pub mod control;
+mod observe;
 pub mod reload;
 
 use std::fs::File;
@@ -51,6 +53,10 @@ pub struct MountOptions {
     /// In the background, the log file (`None`:
     /// [`crate::service::default_mount_log`]).
     pub log_file: Option<PathBuf>,
+    /// Where to serve Prometheus metrics (`--metrics-listen`).
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The command run on every event (`notify_command`).
+    pub notify: Option<crate::events::notify::NotifySpec>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -306,6 +312,7 @@ fn serve_inner(
                 )))
             }
         };
+    observe::start(dir, opts, &replicator)?;
     let configured = Arc::new(reload::Configured::new(opts.config.clone()));
     {
         let tracker = tracker.clone();
@@ -318,7 +325,11 @@ fn serve_inner(
             Some(&IN_FLIGHT),
             move |req: io::Result<Request>| match req {
                 Err(e) => Response::err(format!("bad request: {e}")),
-                Ok(req) => handle(&req, &tracker, (&rep, &configured), &dir),
+                Ok(req) => {
+                    let resp = handle(&req, &tracker, (&rep, &configured), &dir);
+                    observe::failover_event(&req, &resp, &rep);
+                    resp
+                }
             },
         )
         .map_err(ioe(dir_static(), "cannot start the control thread"))?;
@@ -382,6 +393,7 @@ fn serve_inner(
     }
     let run = session.run();
     tracing::info!("FUSE session over {} ended", dir.display());
+    replicator.events().close();
     let saved = tracker.shutdown_clean();
     let t0 = std::time::Instant::now();
     while IN_FLIGHT.load(std::sync::atomic::Ordering::SeqCst) > 0
@@ -452,6 +464,14 @@ fn handle(
                 ..Default::default()
             },
             Err(e) => Response::err(e),
+        },
+        Request::Events { after, wait_secs } => Response {
+            ok: true,
+            events: Some(rep.events().since(
+                *after,
+                Duration::from_secs((*wait_secs).min(crate::events::MAX_WAIT_SECS)),
+            )),
+            ..Default::default()
         },
         Request::Status => Response {
             ok: true,

@@ -63,6 +63,15 @@ pub enum Request {
     CancelFailover { site: Option<String>, vm: String },
     /// Delete a VM's replica and history (`vdrep forget`).
     Forget { site: Option<String>, vm: String },
+    /// The receiver's events after `after` (0: all kept); with none yet,
+    /// wait up to `wait_secs` (at most
+    /// [`crate::events::MAX_WAIT_SECS`]) for one.
+    Events {
+        #[serde(default)]
+        after: u64,
+        #[serde(default)]
+        wait_secs: u64,
+    },
 }
 
 /// One recovery point as listed by `vdrep points`.
@@ -108,6 +117,9 @@ pub struct Response {
     /// Things the operator should know although the request succeeded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// The answer to [`Request::Events`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<crate::events::Since>,
 }
 
 impl Response {

@@ -18,6 +18,8 @@
 
 pub mod control;
 pub mod control_server;
+mod events;
+pub mod metrics;
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -89,6 +91,10 @@ pub struct ReceiveOptions {
     /// new set of sender certificates is accepted from the next
     /// handshake); `None`: SIGHUP is not handled.
     pub reload_trust_from: Option<PathBuf>,
+    /// Where to serve Prometheus metrics (`metrics_listen`).
+    pub metrics_listen: Option<SocketAddr>,
+    /// The command run on every event (`notify_command`).
+    pub notify: Option<crate::events::notify::NotifySpec>,
 }
 
 /// Apply `keep` to every VM of every site in `store`, except VMs failed
@@ -204,12 +210,24 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), ReceiverError> {
             .map(|t| std::fs::canonicalize(t).unwrap_or_else(|_| t.clone()))
             .collect(),
     });
-    control_server::start(store.clone(), views, roles.clone()).map_err(|source| {
+    let bus = Arc::new(crate::events::Bus::default());
+    if let Some(spec) = &opts.notify {
+        crate::events::notify::start(&bus, spec.clone()).map_err(|source| {
+            ReceiverError::Start {
+                what: "notify_command thread",
+                source,
+            }
+        })?;
+    }
+    control_server::start(store.clone(), views, roles.clone(), bus).map_err(|source| {
         ReceiverError::Start {
             what: "control socket",
             source,
         }
     })?;
+    if let Some(addr) = opts.metrics_listen {
+        metrics::serve(addr, data.clone(), &opts.store)?;
+    }
     if let Some(every) = opts.prune_every {
         let store = data.clone();
         let keep = opts.retention.clone();
@@ -351,6 +369,7 @@ async fn handle_conn(
         }
     };
     tracing::info!(%addr, %site, fingerprint = %peer.fingerprint.to_hex(), "sender connected");
+    let _active = crate::metrics::receiver::connection();
     let s2 = store.clone();
     let store_free = tokio::task::spawn_blocking(move || s2.free_bytes())
         .await
@@ -650,7 +669,9 @@ impl Conn {
             } => {
                 self.digests.remove(&disk_id);
                 self.spawn(op, move |store, site| {
-                    let r = store.apply(disk(site, &vm, &disk_id), cycle);
+                    let r = crate::metrics::receiver::time_apply(|| {
+                        store.apply(disk(site, &vm, &disk_id), cycle)
+                    });
                     StoreDone::LogApplied(r.map(|_| ()).map_err(failure))
                 })
             }
