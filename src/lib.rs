@@ -45,6 +45,7 @@ pub mod failover;
 pub mod fs;
 pub mod hrl;
 pub mod ipc;
+pub mod libvirt;
 pub mod receiver;
 pub mod replica;
 pub mod resync;
