@@ -157,7 +157,7 @@ pub struct TestOptions<'a> {
 pub fn test_failover(virsh: &Virsh, o: &TestOptions<'_>) -> Result<(ViewInfo, TestDomain)> {
     let def = load(virsh, o.definition)?;
     check_no_test_copy(virsh, &def.name)?;
-    let view = testfo::expose(o.store, o.site.clone(), o.vm, o.point.clone(), o.at.clone())?;
+    let view = testfo::expose(o.store, o.site.clone(), o.vm, o.point, o.at.clone())?;
     match start_test_copy(virsh, &def, &view, o.network) {
         Ok(t) => Ok((view, t)),
         Err(e) => {
@@ -402,4 +402,62 @@ pub fn remove_failed_over(virsh: &Virsh, domain: &str, live_root: &Path) -> Resu
     }
     virsh.undefine(domain)?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::failover::FailoverErrorKind;
+
+    #[test]
+    fn network_maps_parse_and_bad_ones_are_invalid() {
+        let m = parse_network_map(" br0=br-dr, default=dr-net ,").unwrap();
+        assert_eq!(m.len(), 2);
+        assert_eq!(m["br0"], "br-dr");
+        assert_eq!(m["default"], "dr-net");
+        assert!(parse_network_map("").unwrap().is_empty());
+        for bad in ["br0", "br0=", "=x", "a=b,c"] {
+            let e = parse_network_map(bad).unwrap_err();
+            assert_eq!(e.kind(), FailoverErrorKind::Invalid, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_raw_source_exposed_as_vhd_is_vpc_and_others_keep_their_format() {
+        let f = |d: Option<&str>, r| copy_format(d, r).map_err(|e| e.kind());
+        assert_eq!(f(Some("raw"), ReplicaFormat::VhdOfRaw), Ok(DiskFormat::Vpc));
+        assert_eq!(f(None, ReplicaFormat::VhdOfRaw), Ok(DiskFormat::Vpc));
+        assert_eq!(f(Some("qcow2"), ReplicaFormat::Raw), Ok(DiskFormat::Qcow2));
+        assert_eq!(f(Some("vpc"), ReplicaFormat::Raw), Ok(DiskFormat::Vpc));
+        assert_eq!(f(None, ReplicaFormat::Raw), Ok(DiskFormat::Raw));
+        assert_eq!(
+            f(Some("vmdk"), ReplicaFormat::Raw),
+            Err(FailoverErrorKind::Refused)
+        );
+    }
+
+    #[test]
+    fn disks_are_matched_by_file_name_and_a_missing_one_is_refused() {
+        let xml = "<domain><name>w</name><devices>\
+            <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/a/os.qcow2'/><target dev='vda'/></disk>\
+            <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='/a/data.img'/><target dev='vdb'/></disk>\
+            </devices></domain>";
+        let def = Definition::parse(xml).unwrap();
+        let view = |n: &str| {
+            let (f, name) = ReplicaFormat::for_source(n);
+            (name, f)
+        };
+        let files = vec![
+            ("os.qcow2".to_string(), PathBuf::from("/v/os.qcow2")),
+            ("data.vhd".to_string(), PathBuf::from("/v/data.vhd")),
+        ];
+        let m = disk_moves(&def, &files, &view).unwrap();
+        assert_eq!(m[Path::new("/a/os.qcow2")].file, Path::new("/v/os.qcow2"));
+        assert_eq!(m[Path::new("/a/os.qcow2")].format, DiskFormat::Qcow2);
+        assert_eq!(m[Path::new("/a/data.img")].file, Path::new("/v/data.vhd"));
+        assert_eq!(m[Path::new("/a/data.img")].format, DiskFormat::Vpc);
+        let e = disk_moves(&def, &files[..1], &view).unwrap_err();
+        assert_eq!(e.kind(), FailoverErrorKind::Refused);
+        assert!(e.to_string().contains("vdb"), "{e}");
+    }
 }

@@ -220,9 +220,11 @@ impl Drop for Libvirt {
 
 /// A TCG domain that boots the tiny test VM's kernel and initramfs
 /// directly, console on a serial log file, with `disks` (file, format,
-/// target dev), one NIC on `network` and the guest agent channel.
+/// target dev), one NIC on `network` and the guest agent channel; a fixed
+/// `uuid`, so defining it again changes it in place. ACPI, so
+/// the guest's `poweroff -f` ends the domain.
 pub fn domain_xml(
-    name: &str,
+    (name, uuid): (&str, &str),
     vm_dir: &Path,
     cmdline: &str,
     disks: &[(&Path, &str, &str)],
@@ -237,9 +239,9 @@ pub fn domain_xml(
         ));
     }
     format!(
-        "<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory><vcpu>1</vcpu>
+        "<domain type='qemu'><name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>256</memory><vcpu>1</vcpu>
   <os><type arch='x86_64' machine='pc'>hvm</type><kernel>{k}</kernel><initrd>{i}</initrd>
-  <cmdline>{cmdline}</cmdline></os>
+  <cmdline>{cmdline}</cmdline></os><features><acpi/></features>
   <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>
   <devices>{d}<interface type='network'><source network='{network}'/><model type='virtio'/></interface>
     <serial type='file'><source path='{c}'/><target port='0'/></serial>
