@@ -6,7 +6,6 @@
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use super::LibvirtError;
 
@@ -149,26 +148,6 @@ impl Virsh {
         }
         self.destroy(name)?;
         self.run(&["undefine", name]).map(|_| ())
-    }
-
-    /// The value of attribute `key` of the `<vdrep:failover>` metadata that
-    /// vdrep put in domain `name`, if any.
-    pub fn vdrep_metadata(&self, name: &str, key: &str) -> Result<Option<String>, LibvirtError> {
-        let xml = self.dumpxml(name)?;
-        let def = super::Definition::parse(&xml)?;
-        Ok(def.vdrep_metadata(key))
-    }
-
-    /// Wait until domain `name` is no longer running (a guest powered off).
-    pub fn wait_stopped(&self, name: &str, timeout: Duration) -> Result<bool, LibvirtError> {
-        let t0 = Instant::now();
-        while self.domain_running(name)? {
-            if t0.elapsed() > timeout {
-                return Ok(false);
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        Ok(true)
     }
 
     /// Names of the networks (all, or the active ones).
