@@ -35,6 +35,9 @@
 //! - [`wire`]: the replication protocol's messages, sans-IO codec and the
 //!   sans-IO session state machines of both ends (`wire::session`).
 //! - [`util`]: wall-clock nanoseconds, hex, random ids (a leaf).
+//! - [`libvirt`]: libvirt domains through `virsh`: a definition's disks,
+//!   NICs and guest agent channel, and its rewrite for a failed-over copy
+//!   (a leaf over [`util`]).
 //! - [`ipc`]: one JSON-line request/response exchange over a local Unix
 //!   socket, generic over the messages (used by [`daemon`] and [`receiver`]).
 
