@@ -14,6 +14,13 @@ VDREP_APT_PACKAGES=(
 # (bookworm-backports on the Debian 12 images this project runs on), or the
 # default suite when qemu-utils is absent.
 VDREP_QEMU_PACKAGES=(qemu-system-x86 qemu-utils)
+# libvirt (domains protected by name, failover that defines and starts the VM),
+# from the same suite as QEMU: libvirt 11.3 of bookworm-backports matches QEMU
+# 10. The network driver is named because it is only a recommendation of
+# libvirt-daemon (vdrep defines isolated networks for test failovers).
+VDREP_LIBVIRT_PACKAGES=(
+    libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-driver-network libvirt-clients
+)
 
 # Every prerequisite, one per line: NAME|PACKAGE|HOW
 #   HOW = cmd:COMMAND (must be on PATH, or in /sbin, /usr/sbin)
@@ -21,6 +28,7 @@ VDREP_QEMU_PACKAGES=(qemu-system-x86 qemu-utils)
 #         dev:PATH    (a character device)
 #         py:MODULE   (a module Debian's /usr/bin/python3 imports: apt's python
 #                      packages serve it, not a python3 of pyenv or a venv)
+#         file:PATH   (a file a package installs, such as a libvirt driver)
 # `vdrep_prereq_report` prints each with its version or "missing".
 VDREP_PREREQS=(
     "cargo|rustup (https://rustup.rs)|cmd:cargo"
@@ -50,6 +58,11 @@ VDREP_PREREQS=(
     "strip|binutils|cmd:strip"
     "prometheus_client (python3)|python3-prometheus-client|py:prometheus_client"
     "curl|curl|cmd:curl"
+    "libvirtd|libvirt-daemon|cmd:libvirtd"
+    "virtlogd|libvirt-daemon-log|cmd:virtlogd"
+    "virsh|libvirt-clients|cmd:virsh"
+    "libvirt qemu driver|libvirt-daemon-driver-qemu|file:/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so"
+    "libvirt network driver|libvirt-daemon-driver-network|file:/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_network.so"
 )
 
 vdrep_log() { printf '%s\n' "$*" >&2; }
@@ -85,6 +98,10 @@ _vdrep_prereq_version() {
             /usr/bin/python3 -c "import ${how#py:}" 2>/dev/null || return 1
             v="$(dpkg-query -W -f='${Version}' "$pkg" 2>/dev/null || true)"
             echo "${v:-present} (/usr/bin/python3 module ${how#py:})" ;;
+        file:*)
+            [[ -f "${how#file:}" ]] || return 1
+            v="$(dpkg-query -W -f='${Version}' "$pkg" 2>/dev/null || true)"
+            echo "${v:-present}" ;;
         *) return 1 ;;
     esac
 }
@@ -180,7 +197,7 @@ vdrep_install_prereqs() {
         return 1
     fi
     command -v apt-get >/dev/null || {
-        vdrep_log "no apt-get: install by hand: ${VDREP_APT_PACKAGES[*]} ${VDREP_QEMU_PACKAGES[*]}"
+        vdrep_log "no apt-get: install by hand: ${VDREP_APT_PACKAGES[*]} ${VDREP_QEMU_PACKAGES[*]} ${VDREP_LIBVIRT_PACKAGES[*]}"
         return 1
     }
     export DEBIAN_FRONTEND=noninteractive
@@ -197,6 +214,10 @@ vdrep_install_prereqs() {
     }
     apt-get install -y -q --no-install-recommends "${target[@]}" "${VDREP_QEMU_PACKAGES[@]}" || {
         vdrep_log "apt-get install ${target[*]} ${VDREP_QEMU_PACKAGES[*]} failed (qemu-utils suite: ${suite:-default})"
+        return 1
+    }
+    apt-get install -y -q --no-install-recommends "${target[@]}" "${VDREP_LIBVIRT_PACKAGES[@]}" || {
+        vdrep_log "apt-get install ${target[*]} ${VDREP_LIBVIRT_PACKAGES[*]} failed (libvirt must come from QEMU's suite: ${suite:-default})"
         return 1
     }
     # FUSE needs /dev/fuse; load the module if it is not built in.

@@ -43,6 +43,9 @@
 //!   scrape-time collectors); the collectors live with their state.
 //! - [`events`]: state-change events (`vdrep events`): the event type, the
 //!   in-daemon broadcast ring and the `notify_command` runner.
+//! - [`libvirt`]: libvirt domains through `virsh`: a definition's disks,
+//!   NICs and guest agent channel, and its rewrite for a failed-over copy
+//!   (a leaf over [`util`]).
 //! - [`ipc`]: one JSON-line request/response exchange over a local Unix
 //!   socket, generic over the messages (used by [`daemon`] and [`receiver`]).
 
@@ -54,6 +57,7 @@ pub mod failover;
 pub mod fs;
 pub mod hrl;
 pub mod ipc;
+pub mod libvirt;
 pub mod metrics;
 pub mod receiver;
 pub mod replica;

@@ -10,6 +10,7 @@
 //! - [`replication`]: `receive`, `protect`, `unprotect`, `sync`;
 //! - [`points`]: `points`, `resync`, `verify`, `hash-bench`;
 //! - [`failover`]: `failover`, `reverse`, `plan`;
+//! - [`domain`]: the libvirt parts: `protect --domain`, `failover --domain`;
 //! - [`config`]: `config check`, `reload`, the configuration file mapped onto
 //!   `mount` and `receive`;
 //! - [`keys`]: `keys init`; [`hrl`]: `hrl dump|verify|apply`;
@@ -18,6 +19,7 @@
 //! - [`fmt`]: sizes, progress lines and bars, error exit codes.
 
 pub mod config;
+pub mod domain;
 pub mod events;
 pub mod failover;
 pub mod fmt;
@@ -217,8 +219,14 @@ pub enum Cmd {
     /// Protect a VM: replicate its disks (files under a `vdrep mount`) to a
     /// receiver. Checks prerequisites and starts initial replication.
     Protect {
-        /// VM name (one path component).
-        name: String,
+        /// VM name (one path component; default: the --domain's name).
+        #[arg(required_unless_present = "domain")]
+        name: Option<String>,
+        /// A libvirt domain: protect every disk file of its definition (each
+        /// must be under a running `vdrep mount`); warns when it has no
+        /// guest agent channel.
+        #[arg(long, conflicts_with = "disks")]
+        domain: Option<String>,
         /// Receiver address HOST:PORT.
         #[arg(long)]
         to: String,
@@ -256,7 +264,7 @@ pub enum Cmd {
         #[command(flatten)]
         app: AppHookArgs,
         /// The VM's disk files (all under the same vdrep mount).
-        #[arg(required = true)]
+        #[arg(required_unless_present = "domain")]
         disks: Vec<PathBuf>,
     },
     /// Stop protecting a VM (its replica stays at the receiver).
@@ -468,6 +476,7 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
         }
         Cmd::Protect {
             name,
+            domain,
             to,
             trust,
             every,
@@ -478,19 +487,33 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
             rpo_alert,
             app,
             disks,
-        } => replication::protect(
-            name,
-            to,
-            trust,
-            (every, max_rate, link_max_rate),
-            (
-                resync_threshold,
-                resync_window.unwrap_or_default(),
-                rpo_alert,
-            ),
-            app,
-            disks,
-        ),
+        } => {
+            let (disks, name) = match &domain {
+                None => (disks, name.unwrap_or_default()),
+                Some(d) => match domain::protect_disks(d) {
+                    Ok((disks, warnings)) => {
+                        for w in &warnings {
+                            eprintln!("vdrep: warning: {w}");
+                        }
+                        (disks, name.unwrap_or_else(|| d.clone()))
+                    }
+                    Err(code) => return code,
+                },
+            };
+            replication::protect(
+                name,
+                to,
+                trust,
+                (every, max_rate, link_max_rate),
+                (
+                    resync_threshold,
+                    resync_window.unwrap_or_default(),
+                    rpo_alert,
+                ),
+                app,
+                disks,
+            )
+        }
         Cmd::Unprotect { name, dir } => replication::unprotect(name, dir),
         Cmd::Sync { target, timeout } => replication::sync(&target, timeout),
         Cmd::Points {

@@ -104,7 +104,9 @@ impl Every {
 #[derive(Debug, Clone, PartialEq)]
 pub struct VmCfg {
     pub name: String,
-    /// The disks, as written (absolute).
+    /// The libvirt domain whose disk files are `disks` (`domain = "web1"`).
+    pub domain: Option<String>,
+    /// The disks, as written (absolute), or the domain's disk files.
     pub disks: Vec<PathBuf>,
     /// The `[[mount]]` folder holding them.
     pub mount: PathBuf,
@@ -722,6 +724,48 @@ impl Cx<'_> {
         })
     }
 
+    /// The disk files of libvirt domain `dom` (read through libvirt), each
+    /// spanning the `domain` value; a disk that is not a file, or a
+    /// domain libvirt does not know, is a problem.
+    fn domain_disks(&mut self, dom: &Spanned<String>, key: &str) -> Vec<Spanned<String>> {
+        let virsh = crate::libvirt::Virsh::new();
+        let def = match virsh
+            .dumpxml(dom.get_ref())
+            .and_then(|x| crate::libvirt::Definition::parse(&x))
+        {
+            Ok(d) => d,
+            Err(e) => {
+                self.problem(dom, key, ProblemKind::BadValue, e.to_string());
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        for d in &def.disks {
+            if matches!(d.device.as_str(), "cdrom" | "floppy") || d.readonly {
+                continue;
+            }
+            match d.file.as_ref().filter(|_| d.is_replicated()) {
+                Some(f) => out.push(Spanned::new(
+                    dom.span(),
+                    f.to_string_lossy().into_owned(),
+                )),
+                None => self.problem(
+                    dom,
+                    key,
+                    ProblemKind::DiskOutsideMount,
+                    format!(
+                        "disk {} of domain {} is a {} disk ({}), not a file under a [[mount]]: vdrep replicates disk files",
+                        d.target,
+                        def.name,
+                        d.kind,
+                        d.source
+                    ),
+                ),
+            }
+        }
+        out
+    }
+
     fn vm(
         &mut self,
         i: usize,
@@ -752,15 +796,28 @@ impl Cx<'_> {
         let mut disks = Vec::new();
         let mut rels = Vec::new();
         let mut mount: Option<PathBuf> = None;
-        if v.disks.is_empty() {
+        let domain_disks = match &v.domain {
+            Some(dom) if !v.disks.is_empty() => {
+                self.problem(
+                    dom,
+                    &k("domain"),
+                    ProblemKind::BadValue,
+                    "give the disks or the domain (its disk files), not both".into(),
+                );
+                Vec::new()
+            }
+            Some(dom) if checks == Checks::Files => self.domain_disks(dom, &k("domain")),
+            _ => Vec::new(),
+        };
+        if v.disks.is_empty() && v.domain.is_none() {
             self.problem(
                 &v.name,
                 &k("disks"),
                 ProblemKind::BadValue,
-                "name at least one disk".into(),
+                "name at least one disk (or a libvirt domain = \"NAME\")".into(),
             );
         }
-        for d in &v.disks {
+        for d in v.disks.iter().chain(&domain_disks) {
             let Some(p) = self.path(d, &k("disks")) else {
                 continue;
             };
@@ -873,6 +930,7 @@ impl Cx<'_> {
         }
         Some(VmCfg {
             name: v.name.get_ref().clone(),
+            domain: v.domain.as_ref().map(|d| d.get_ref().clone()),
             disks,
             mount: mount?,
             disks_rel: rels,

@@ -57,6 +57,7 @@ pub struct Vm {
     pub name: S,
     #[serde(default)]
     pub disks: Vec<S>,
+    pub domain: Option<S>,
     pub to: S,
     pub trust: Option<Vec<S>>,
     pub every: Option<S>,

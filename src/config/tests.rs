@@ -263,3 +263,25 @@ fn metrics_and_notify_keys() {
         (ProblemKind::BadDuration, "site.notify_timeout")
     );
 }
+
+#[test]
+fn a_vm_names_its_disks_or_its_libvirt_domain_not_both() {
+    // A domain alone: its disks come from libvirt (not read in a
+    // content-only check), so no "name at least one disk".
+    let only_domain = GOOD.replace(
+        r#"disks = ["/srv/vdrep-test-vms/db.raw"]"#,
+        r#"domain = "db""#,
+    );
+    if let Err(e) = check(&only_domain) {
+        panic!("a VM with only a domain: {:?}", e.problems());
+    }
+    let both = GOOD.replace(
+        r#"disks = ["/srv/vdrep-test-vms/db.raw"]"#,
+        "disks = [\"/srv/vdrep-test-vms/db.raw\"]\ndomain = \"db\"",
+    );
+    let p = problems(&both);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].key, "vm[db].domain");
+    assert_eq!(p[0].kind, ProblemKind::BadValue);
+    assert!(p[0].msg.contains("not both"), "{p:?}");
+}

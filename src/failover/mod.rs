@@ -10,16 +10,20 @@
 //!   reverse: which site runs a VM (the steps each site takes itself are
 //!   [`crate::roles`]).
 //! - [`plan`]: recovery plans, VMs failed over in ordered groups.
+//! - [`domain`]: a libvirt domain's failover: the test copy on an isolated
+//!   network, the domain started on the live disks with its NICs mapped.
 //!
 //! Nothing here prints: progress goes to a `say` callback and results are
 //! returned, for the command line ([`crate::cli`]) to show.
 
+pub mod domain;
 pub mod plan;
 pub mod role_change;
 pub mod test;
 
 use crate::daemon::DaemonError;
 use crate::ipc::{CallError, CallErrorKind};
+use crate::libvirt::{LibvirtError, LibvirtErrorKind};
 use crate::roles::{RoleError, RoleErrorKind};
 
 /// Why a failover procedure failed.
@@ -35,6 +39,9 @@ pub enum FailoverError {
     /// A role change step (here or at the other site) failed.
     #[error(transparent)]
     Role(#[from] RoleError),
+    /// libvirt refused or failed (a domain's failover).
+    #[error(transparent)]
+    Libvirt(#[from] LibvirtError),
     /// Refused in the current state; nothing was changed.
     #[error("{0}")]
     Refused(String),
@@ -98,6 +105,11 @@ impl FailoverError {
                 RoleErrorKind::Refused => K::Refused,
                 RoleErrorKind::Peer => K::Peer,
                 RoleErrorKind::Partial => K::Partial,
+            },
+            FailoverError::Libvirt(e) => match e.kind() {
+                LibvirtErrorKind::NotFound | LibvirtErrorKind::Refused => K::Refused,
+                LibvirtErrorKind::Invalid => K::Invalid,
+                LibvirtErrorKind::Unavailable | LibvirtErrorKind::Failed => K::Local,
             },
             FailoverError::Daemon(_) | FailoverError::Answer(_) => K::Transport,
             FailoverError::Refused(_) => K::Refused,
