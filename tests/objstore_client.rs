@@ -1,0 +1,237 @@
+//! The object-client seam (`vdrep::objstore`): one conformance suite run
+//! against the in-memory bucket and a real Garage node (S3 client), the
+//! conditional operations Garage 2.5 honours (measured, see
+//! kernel-notes/s3.md), the errors of a bad endpoint, bad credentials and a
+//! missing bucket, the failure-injecting wrapper, and a 3-node Garage
+//! (replication factor 3) that keeps serving with one node killed.
+
+mod garageutil;
+mod skip;
+
+use garageutil::Garage;
+use vdrep::objstore::{
+    conditional_create_honoured, get_all, Credentials, FailClient, GetIf, MemClient, ObjOp,
+    ObjectClient, ObjectErrorKind, PutMode, S3Client, StoreUrl,
+};
+
+fn s3(g: &Garage, node: usize, bucket: &str) -> S3Client {
+    let creds = Credentials {
+        access_key_id: g.key_id.clone(),
+        secret_access_key: g.secret.clone(),
+        region: Some(garageutil::REGION.into()),
+    };
+    let url = StoreUrl::parse(&format!("s3://{bucket}/p"))
+        .unwrap()
+        .unwrap();
+    S3Client::new(&g.endpoint_of(node), &url, &creds).unwrap()
+}
+
+/// What every client must do the same way.
+fn conformance(c: &dyn ObjectClient) {
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let etag = c.put("p/a/1", &body, PutMode::Overwrite).unwrap();
+    assert!(!etag.is_empty());
+    assert_eq!(get_all(c, "p/a/1").unwrap(), body);
+    assert_eq!(
+        c.get("p/a/1", Some(1000..1010), GetIf::Always)
+            .unwrap()
+            .unwrap(),
+        &body[1000..1010]
+    );
+    // A range past the end is clamped.
+    let tail = c
+        .get("p/a/1", Some(299_990..400_000), GetIf::Always)
+        .unwrap()
+        .unwrap();
+    assert_eq!(tail, &body[299_990..]);
+    let m = c.head("p/a/1").unwrap();
+    assert_eq!(
+        (m.size, m.etag.as_str()),
+        (body.len() as u64, etag.as_str())
+    );
+    // Conditional gets.
+    assert_eq!(c.get("p/a/1", None, GetIf::NoneMatch(&etag)).unwrap(), None);
+    assert_eq!(
+        c.get("p/a/1", None, GetIf::Match("\"0123\""))
+            .unwrap_err()
+            .kind(),
+        ObjectErrorKind::PreconditionFailed
+    );
+    assert_eq!(
+        c.get("p/a/1", Some(0..4), GetIf::Match(&etag))
+            .unwrap()
+            .unwrap(),
+        &body[..4]
+    );
+    // Overwrite changes the etag.
+    let etag2 = c.put("p/a/1", b"new", PutMode::Overwrite).unwrap();
+    assert_ne!(etag, etag2);
+    assert!(c
+        .get("p/a/1", None, GetIf::NoneMatch(&etag))
+        .unwrap()
+        .is_some());
+    // Missing objects.
+    assert_eq!(
+        c.head("p/none").unwrap_err().kind(),
+        ObjectErrorKind::NotFound
+    );
+    assert_eq!(
+        get_all(c, "p/none").unwrap_err().kind(),
+        ObjectErrorKind::NotFound
+    );
+    c.delete("p/none").unwrap();
+    // Listing: prefix, order, pagination past 1000 keys is the S3 client's
+    // own test below.
+    for k in ["p/b/2", "p/b/1", "p/bb", "p/c"] {
+        c.put(k, k.as_bytes(), PutMode::Overwrite).unwrap();
+    }
+    let keys: Vec<String> = c.list("p/b/").unwrap().into_iter().map(|m| m.key).collect();
+    assert_eq!(keys, ["p/b/1", "p/b/2"]);
+    let all = c.list("p/").unwrap();
+    assert_eq!(all.len(), 5);
+    assert_eq!(all.iter().find(|m| m.key == "p/c").unwrap().size, 3);
+    for m in all {
+        c.delete(&m.key).unwrap();
+    }
+    assert!(c.list("p/").unwrap().is_empty());
+}
+
+#[test]
+fn mem_client_conformance() {
+    let c = MemClient::new();
+    conformance(&c);
+    assert!(conditional_create_honoured(&c, "probe").unwrap());
+}
+
+#[test]
+fn garage_client_conformance_and_conditionals() {
+    let Some(g) = Garage::start(1) else { return };
+    let c = s3(&g, 0, &g.bucket);
+    c.check().unwrap();
+    conformance(&c);
+    // Measured: Garage 2.5 ignores If-None-Match: * on PUT (it overwrites).
+    // The store's fencing must not rely on it; if a later Garage honours it,
+    // this fails and kernel-notes/s3.md must be updated.
+    assert!(!conditional_create_honoured(&c, "p/probe").unwrap());
+    // Listing pages (1000 keys per page).
+    let n = 1010;
+    for i in 0..n {
+        c.put(&format!("p/many/{i:05}"), b"x", PutMode::Overwrite)
+            .unwrap();
+    }
+    let listed = c.list("p/many/").unwrap();
+    assert_eq!(listed.len(), n);
+    assert_eq!(listed[n - 1].key, format!("p/many/{:05}", n - 1));
+    // Keys with characters that need encoding survive a list.
+    c.put("p/odd key+%/é", b"1", PutMode::Overwrite).unwrap();
+    assert_eq!(c.list("p/odd").unwrap()[0].key, "p/odd key+%/é");
+    assert_eq!(get_all(&c, "p/odd key+%/é").unwrap(), b"1");
+}
+
+#[test]
+fn garage_bad_endpoint_credentials_and_bucket() {
+    let Some(g) = Garage::start(1) else { return };
+    let url = StoreUrl::parse("s3://vdrep-test/p").unwrap().unwrap();
+    let good = Credentials {
+        access_key_id: g.key_id.clone(),
+        secret_access_key: g.secret.clone(),
+        region: Some(garageutil::REGION.into()),
+    };
+    // Unreachable: a closed loopback port (retried, then Unreachable).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let c = S3Client::new(&format!("http://127.0.0.1:{port}"), &url, &good)
+        .unwrap()
+        .with_attempts(2);
+    let e = c.check().unwrap_err();
+    assert_eq!(e.kind(), ObjectErrorKind::Unreachable, "{e}");
+    assert!(e.retryable());
+    // Bad secret.
+    let mut bad = good.clone();
+    bad.secret_access_key = "0".repeat(64);
+    let c = S3Client::new(&g.endpoint(), &url, &bad).unwrap();
+    let e = c.check().unwrap_err();
+    assert_eq!(e.kind(), ObjectErrorKind::Denied, "{e}");
+    assert!(!e.retryable());
+    assert_eq!(
+        c.put("p/x", b"1", PutMode::Overwrite).unwrap_err().kind(),
+        ObjectErrorKind::Denied
+    );
+    // Missing bucket.
+    let c = s3(&g, 0, "no-such-bucket");
+    let e = c.check().unwrap_err();
+    assert!(
+        matches!(
+            e.kind(),
+            ObjectErrorKind::NoSuchBucket | ObjectErrorKind::Denied
+        ),
+        "{e}"
+    );
+    assert!(!e.retryable());
+    // Bad endpoint URLs are refused before any call.
+    for ep in ["ftp://x", "not a url"] {
+        let e = S3Client::new(ep, &url, &good).err().unwrap();
+        assert_eq!(e.kind(), ObjectErrorKind::Config);
+    }
+    // Nothing was written by any of the failed clients.
+    assert!(s3(&g, 0, &g.bucket).list("").unwrap().is_empty());
+}
+
+#[test]
+fn fail_client_before_after_and_crash() {
+    let c = FailClient::new(MemClient::new());
+    c.fail_nth(ObjOp::Put, 1, false);
+    c.fail_nth(ObjOp::Put, 2, true);
+    let e = c.put("a", b"1", PutMode::Overwrite).unwrap_err();
+    assert_eq!(e.kind(), ObjectErrorKind::Injected);
+    assert!(c.inner().list("").unwrap().is_empty(), "failed before");
+    c.put("b", b"2", PutMode::Overwrite).unwrap_err();
+    assert_eq!(get_all(c.inner(), "b").unwrap(), b"2", "failed after");
+    c.put("c", b"3", PutMode::Overwrite).unwrap();
+    c.crash_at(ObjOp::Get, 1, false);
+    get_all(&c, "c").unwrap_err();
+    assert!(c.crashed());
+    c.put("d", b"4", PutMode::Overwrite).unwrap_err();
+    assert_eq!(c.inner().list("").unwrap().len(), 2);
+    assert_eq!(c.calls(ObjOp::Put), 3);
+
+    let r = FailClient::new(MemClient::new());
+    r.random(7, 300);
+    let ok = (0..1000)
+        .filter(|i| r.put(&format!("k{i}"), b"x", PutMode::Overwrite).is_ok())
+        .count();
+    assert!((600..800).contains(&ok), "{ok}");
+    assert_eq!(r.injected(), 1000 - ok as u64);
+}
+
+#[test]
+fn garage_three_nodes_survive_one_lost() {
+    let Some(mut g) = Garage::start(3) else {
+        return;
+    };
+    let c0 = s3(&g, 0, &g.bucket);
+    for i in 0..20 {
+        c0.put(&format!("p/k{i}"), &[i as u8; 1000], PutMode::Overwrite)
+            .unwrap();
+    }
+    g.kill_node(2);
+    // Quorum 2 of 3: writes and reads go on through either live node.
+    let c1 = s3(&g, 1, &g.bucket);
+    for i in 20..40 {
+        c0.put(&format!("p/k{i}"), &[i as u8; 1000], PutMode::Overwrite)
+            .unwrap();
+    }
+    for i in 0..40 {
+        assert_eq!(
+            get_all(&c1, &format!("p/k{i}")).unwrap(),
+            vec![i as u8; 1000]
+        );
+    }
+    assert_eq!(c1.list("p/").unwrap().len(), 40);
+    g.restart_node(2);
+    let c2 = s3(&g, 2, &g.bucket);
+    assert_eq!(get_all(&c2, "p/k39").unwrap(), vec![39u8; 1000]);
+}
