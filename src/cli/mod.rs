@@ -63,6 +63,10 @@ pub enum KeysCmd {
     /// Make a site identity: KEYDIR/SITE.crt (hand it to peers) and
     /// KEYDIR/SITE.key (private, mode 0600).
     Init(keys::KeysInitArgs),
+    /// Make a new 256-bit key for encrypting replicas at rest (object
+    /// stores): one line of 64 hex digits in FILE, mode 0600. Keep a copy
+    /// off-site: without it no replica encrypted with it can be read.
+    EncryptionKey(keys::EncryptionKeyArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -353,6 +357,9 @@ pub fn run(cmd: Cmd, config: Option<&Path>) -> i32 {
         Cmd::Keys {
             cmd: KeysCmd::Init(a),
         } => keys::run_keys_init(&a),
+        Cmd::Keys {
+            cmd: KeysCmd::EncryptionKey(a),
+        } => keys::run_encryption_key(&a),
         Cmd::Receive {
             listen,
             store,

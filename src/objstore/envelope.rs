@@ -173,8 +173,26 @@ impl EncryptionKey {
         Ok(EncryptionKey::from_bytes(&bytes))
     }
 
-    /// Seal `plain` as the object `name`.
+    /// Seal `plain` as the object `name` (a fresh random nonce).
     pub fn seal(&self, name: &str, plain: &[u8]) -> Result<Vec<u8>, EnvelopeError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        SystemRandom::new()
+            .fill(&mut nonce)
+            .map_err(|_| EnvelopeError::Crypto {
+                what: "no randomness from the system",
+            })?;
+        self.seal_with_nonce(name, plain, nonce)
+    }
+
+    /// [`seal`](Self::seal) with a given nonce: only for deterministic test
+    /// data (fuzz seeds); a nonce must never be used twice with one key.
+    #[doc(hidden)]
+    pub fn seal_with_nonce(
+        &self,
+        name: &str,
+        plain: &[u8],
+        nonce: [u8; NONCE_LEN],
+    ) -> Result<Vec<u8>, EnvelopeError> {
         if plain.len() as u64 > MAX_PLAIN {
             return Err(EnvelopeError::TooLarge {
                 object: name.to_string(),
@@ -187,12 +205,6 @@ impl EncryptionKey {
         } else {
             (0, plain)
         };
-        let mut nonce = [0u8; NONCE_LEN];
-        SystemRandom::new()
-            .fill(&mut nonce)
-            .map_err(|_| EnvelopeError::Crypto {
-                what: "no randomness from the system",
-            })?;
         let mut out = Vec::with_capacity(HEADER_LEN + body.len() + TAG_LEN);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&[VERSION, flags, 0, 0]);
