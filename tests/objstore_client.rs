@@ -9,6 +9,7 @@ mod garageutil;
 mod skip;
 
 use garageutil::Garage;
+use vdrep::objstore::fence::{FenceErrorKind, FenceView, Writer};
 use vdrep::objstore::{
     conditional_create_honoured, get_all, Credentials, FailClient, GetIf, MemClient, ObjOp,
     ObjectClient, ObjectErrorKind, PutMode, S3Client, StoreUrl,
@@ -234,4 +235,38 @@ fn garage_three_nodes_survive_one_lost() {
     g.restart_node(2);
     let c2 = s3(&g, 2, &g.bucket);
     assert_eq!(get_all(&c2, "p/k39").unwrap(), vec![39u8; 1000]);
+}
+
+#[test]
+fn garage_fencing_racing_writers() {
+    let Some(g) = Garage::start(1) else { return };
+    let c = std::sync::Arc::new(s3(&g, 0, &g.bucket));
+    let old = Writer::claim(&*c, "p/site/vm/fence", [0xee; 16], || Ok(1)).unwrap();
+    old.check(&*c).unwrap();
+    // Four writers race for the next generation through the real engine.
+    let handles: Vec<_> = (1..=4u8)
+        .map(|i| {
+            let c = c.clone();
+            std::thread::spawn(move || Writer::claim(&*c, "p/site/vm/fence", [i; 16], || Ok(10)))
+        })
+        .collect();
+    let won: Vec<Writer> = handles
+        .into_iter()
+        .filter_map(|h| h.join().unwrap().ok())
+        .collect();
+    assert!(!won.is_empty());
+    assert_eq!(old.check(&*c).unwrap_err().kind(), FenceErrorKind::Fenced);
+    assert_eq!(won.iter().filter(|w| w.check(&*c).is_ok()).count(), 1);
+    let v = FenceView::load(&*c, "p/site/vm/fence").unwrap();
+    for gen in 1..=v.max_gen() {
+        let valid = v
+            .claims
+            .iter()
+            .filter(|cl| cl.gen == gen && cl.start.is_some())
+            .count();
+        assert!(valid <= 1, "generation {gen}: {valid} valid claims");
+    }
+    // The old writer's cycles below the new start stay visible, later ones not.
+    assert!(v.visible(1, &[0xee; 16], 9));
+    assert!(!v.visible(1, &[0xee; 16], 10));
 }

@@ -17,6 +17,8 @@
 //! - [`FailClient`] (`fail.rs`): wraps any client and fails chosen calls.
 //! - [`envelope`]: lz4 then AES-256-GCM, the object's name bound as
 //!   associated data; [`EncryptionKey`] files.
+//! - [`fence`]: writer fencing by generation with unique names only (no
+//!   conditional put needed): claims, start markers, who owns a cycle.
 //! - [`StoreUrl`], [`Credentials`] (`config.rs`): `s3://bucket/prefix`, the
 //!   credentials file and the `AWS_*` environment variables.
 
@@ -24,6 +26,7 @@ mod config;
 pub mod envelope;
 mod error;
 mod fail;
+pub mod fence;
 mod mem;
 mod s3;
 
