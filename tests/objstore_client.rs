@@ -9,11 +9,14 @@ mod garageutil;
 mod skip;
 
 use garageutil::Garage;
+use std::sync::Arc;
+use vdrep::objstore::envelope::{EncryptionKey, EnvelopeErrorKind};
 use vdrep::objstore::fence::{FenceErrorKind, FenceView, Writer};
 use vdrep::objstore::{
     conditional_create_honoured, get_all, Credentials, FailClient, GetIf, MemClient, ObjOp,
     ObjectClient, ObjectErrorKind, PutMode, S3Client, StoreUrl,
 };
+use vdrep::objstore::{BucketErrorKind, SealedBucket};
 
 fn s3(g: &Garage, node: usize, bucket: &str) -> S3Client {
     let creds = Credentials {
@@ -269,4 +272,91 @@ fn garage_fencing_racing_writers() {
     // The old writer's cycles below the new start stay visible, later ones not.
     assert!(v.visible(1, &[0xee; 16], 9));
     assert!(!v.visible(1, &[0xee; 16], 10));
+}
+
+/// Every file under `dir` whose bytes contain `needle`.
+fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if std::fs::read(&p)
+                .unwrap()
+                .windows(needle.len())
+                .any(|w| w == needle)
+            {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn garage_objects_are_encrypted_at_rest() {
+    let Some(g) = Garage::start(1) else { return };
+    let client: Arc<dyn ObjectClient> = Arc::new(s3(&g, 0, &g.bucket));
+    let url = StoreUrl::parse(&format!("s3://{}/site1", g.bucket))
+        .unwrap()
+        .unwrap();
+    let key = || EncryptionKey::from_bytes(&[0x11; 32]);
+    let b = SealedBucket::open(client.clone(), url.clone(), key()).unwrap();
+    // Blocks stamped with a known pattern between incompressible bytes.
+    let stamp = b"VDREP-SOURCE-STAMP-0123456789abcdef";
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    for i in 0..20 {
+        let mut block = Vec::new();
+        for _ in 0..64 {
+            block.extend_from_slice(stamp);
+            for _ in 0..16 {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                block.extend_from_slice(&rng.to_le_bytes());
+            }
+        }
+        b.put(&format!("vm/chunks/{i}"), &block).unwrap();
+        assert_eq!(b.get(&format!("vm/chunks/{i}")).unwrap(), block);
+    }
+    // Control: the same stamp written raw is found by the scan.
+    let control = b"VDREP-CONTROL-STAMP-not-encrypted!";
+    client
+        .put("control", &control.repeat(100), PutMode::Overwrite)
+        .unwrap();
+    assert!(!files_containing(&g.data_dir(0), control).is_empty());
+    let leaked = files_containing(&g.data_dir(0), stamp);
+    assert!(leaked.is_empty(), "plaintext in {leaked:?}");
+
+    // A wrong key is refused at open, naming the marker object.
+    let e = SealedBucket::open(
+        client.clone(),
+        url.clone(),
+        EncryptionKey::from_bytes(&[0x22; 32]),
+    )
+    .err()
+    .unwrap();
+    assert_eq!(
+        e.kind(),
+        BucketErrorKind::Envelope(EnvelopeErrorKind::WrongKey)
+    );
+    assert!(e.to_string().contains("site1/vdrep-store"), "{e}");
+    // A flipped byte anywhere in a stored object is refused with its name.
+    let name = "site1/vm/chunks/3";
+    let good = get_all(&*client, name).unwrap();
+    for i in [0, 5, 12, 20, 30, 40, good.len() / 2, good.len() - 1] {
+        let mut bad = good.clone();
+        bad[i] ^= 0x40;
+        client.put(name, &bad, PutMode::Overwrite).unwrap();
+        let e = b.get("vm/chunks/3").unwrap_err();
+        assert!(matches!(e.kind(), BucketErrorKind::Envelope(_)), "{e}");
+        assert!(e.to_string().contains(name), "{e}");
+    }
+    client.put(name, &good, PutMode::Overwrite).unwrap();
+    assert!(b.get("vm/chunks/3").is_ok());
+    // The right key reopens and reads.
+    let again = SealedBucket::open(client, url, key()).unwrap();
+    assert_eq!(again.list("vm/chunks/").unwrap().len(), 20);
 }

@@ -17,11 +17,14 @@
 //! - [`FailClient`] (`fail.rs`): wraps any client and fails chosen calls.
 //! - [`envelope`]: lz4 then AES-256-GCM, the object's name bound as
 //!   associated data; [`EncryptionKey`] files.
+//! - [`SealedBucket`] (`bucket.rs`): one `s3://bucket/prefix` with every
+//!   object sealed; opening checks endpoint, key, bucket and prefix.
 //! - [`fence`]: writer fencing by generation with unique names only (no
 //!   conditional put needed): claims, start markers, who owns a cycle.
 //! - [`StoreUrl`], [`Credentials`] (`config.rs`): `s3://bucket/prefix`, the
 //!   credentials file and the `AWS_*` environment variables.
 
+mod bucket;
 mod config;
 pub mod envelope;
 mod error;
@@ -30,6 +33,7 @@ pub mod fence;
 mod mem;
 mod s3;
 
+pub use bucket::{BucketError, BucketErrorKind, SealedBucket, MARKER};
 pub use config::{Credentials, StoreUrl};
 pub use envelope::{EncryptionKey, EnvelopeError, EnvelopeErrorKind};
 pub use error::{ObjectError, ObjectErrorKind};
