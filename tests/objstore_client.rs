@@ -12,11 +12,13 @@ use garageutil::Garage;
 use std::sync::Arc;
 use vdrep::objstore::envelope::{EncryptionKey, EnvelopeErrorKind};
 use vdrep::objstore::fence::{FenceErrorKind, FenceView, Writer};
+use vdrep::objstore::point::{points, ChunkedPoint, DiskManifest, PointErrorKind, VmWriter, CHUNK};
 use vdrep::objstore::{
     conditional_create_honoured, get_all, Credentials, FailClient, GetIf, MemClient, ObjOp,
     ObjectClient, ObjectErrorKind, PutMode, S3Client, StoreUrl,
 };
 use vdrep::objstore::{BucketErrorKind, SealedBucket};
+use vdrep::replica::PointRead;
 
 fn s3(g: &Garage, node: usize, bucket: &str) -> S3Client {
     let creds = Credentials {
@@ -359,4 +361,130 @@ fn garage_objects_are_encrypted_at_rest() {
     // The right key reopens and reads.
     let again = SealedBucket::open(client, url, key()).unwrap();
     assert_eq!(again.list("vm/chunks/").unwrap().len(), 20);
+}
+
+/// A disk image of `chunks` chunks plus a tail, mostly zeros with
+/// `seed`-dependent data in some chunks.
+fn image(size: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; size];
+    let mut x = seed | 1;
+    for (i, c) in v.chunks_mut(CHUNK as usize).enumerate() {
+        if (i as u64 + seed) % 3 == 0 {
+            continue; // an all-zero chunk
+        }
+        for b in c.iter_mut().step_by(97) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+    }
+    v
+}
+
+/// Write `disks` as point `cycle`, storing only the chunks that differ from
+/// `prev` (the previous point's images and manifests).
+fn write_point(
+    w: &VmWriter<'_>,
+    cycle: u64,
+    disks: &[([u8; 16], Vec<u8>)],
+    prev: Option<&[DiskManifest]>,
+    prev_images: Option<&[([u8; 16], Vec<u8>)]>,
+) -> Result<Vec<DiskManifest>, vdrep::objstore::point::PointError> {
+    let mut out = Vec::new();
+    for (d, (id, img)) in disks.iter().enumerate() {
+        let mut chunks = Vec::new();
+        for (i, c) in img.chunks(CHUNK as usize).enumerate() {
+            let same = prev_images.is_some_and(|p| p[d].1.chunks(CHUNK as usize).nth(i) == Some(c));
+            if same {
+                chunks.push(prev.unwrap()[d].chunks[i].clone());
+            } else {
+                chunks.push(w.put_chunk(id, i as u64, cycle, c)?);
+            }
+        }
+        out.push(DiskManifest {
+            disk_id: vdrep::util::hex(id),
+            size: img.len() as u64,
+            chunks,
+        });
+    }
+    w.commit(cycle, cycle, out.clone())?;
+    Ok(out)
+}
+
+fn read_whole(p: &dyn PointRead) -> Vec<u8> {
+    let mut v = vec![0u8; p.len() as usize];
+    for (i, c) in v.chunks_mut(1 << 20).enumerate() {
+        p.read_at(c, (i << 20) as u64).unwrap();
+    }
+    v
+}
+
+#[test]
+fn garage_points_two_disks_crash_and_lazy_reads() {
+    let Some(g) = Garage::start(1) else { return };
+    let url = StoreUrl::parse(&format!("s3://{}/dr", g.bucket))
+        .unwrap()
+        .unwrap();
+    let key = || EncryptionKey::from_bytes(&[0x33; 32]);
+    let size = 3 * CHUNK as usize + 12345;
+    let ids = [[1u8; 16], [2u8; 16]];
+    let v1: Vec<([u8; 16], Vec<u8>)> = ids
+        .iter()
+        .map(|&id| (id, image(size, id[0] as u64)))
+        .collect();
+    let mut v2 = v1.clone();
+    v2[0].1[CHUNK as usize + 5] ^= 0xff; // one chunk of disk 0 changes
+    v2[1].1[size - 1] = 0x77; // the tail of disk 1 changes
+    let b = SealedBucket::open(Arc::new(s3(&g, 0, &g.bucket)), url.clone(), key()).unwrap();
+    let w = VmWriter::open(&b, "siteA", "vm1", [0xa1; 16]).unwrap();
+    let m1 = write_point(&w, 1, &v1, None, None).unwrap();
+    write_point(&w, 2, &v2, Some(&m1), Some(&v1)).unwrap();
+    // Only the changed chunks were stored for point 2.
+    let chunk_objects = b.list("sites/siteA/vms/vm1/chunks/").unwrap();
+    let v1_chunks = m1.iter().flat_map(|d| &d.chunks).flatten().count();
+    assert_eq!(chunk_objects.len(), v1_chunks + 2);
+
+    // A writer that crashes at a random put of point 3 leaves no point 3.
+    let v3: Vec<([u8; 16], Vec<u8>)> = ids
+        .iter()
+        .map(|&id| (id, image(size, id[0] as u64 + 7)))
+        .collect();
+    for crash_at in [1, 3, 5] {
+        let fail = Arc::new(FailClient::new(s3(&g, 0, &g.bucket)));
+        let bf = SealedBucket::open(fail.clone(), url.clone(), key()).unwrap();
+        let wf = VmWriter::open(&bf, "siteA", "vm1", [0xb0 + crash_at as u8; 16]).unwrap();
+        fail.crash_at(ObjOp::Put, fail.calls(ObjOp::Put) + crash_at, crash_at == 3);
+        assert!(write_point(&wf, 3, &v3, None, None).is_err());
+        let seen: Vec<u64> = points(&b, "siteA", "vm1")
+            .unwrap()
+            .iter()
+            .map(|m| m.cycle)
+            .collect();
+        assert_eq!(seen, [1, 2], "crash at put {crash_at}");
+    }
+    // A second site with no local state reads both points exactly, lazily.
+    let b2 =
+        Arc::new(SealedBucket::open(Arc::new(s3(&g, 0, &g.bucket)), url.clone(), key()).unwrap());
+    for (cycle, imgs) in [(1, &v1), (2, &v2)] {
+        for (id, img) in imgs.iter() {
+            let p = ChunkedPoint::open(b2.clone(), "siteA", "vm1", cycle, id).unwrap();
+            assert_eq!(p.len(), img.len() as u64);
+            let mut small = [0u8; 4096];
+            p.read_at(&mut small, CHUNK + 4096).unwrap();
+            assert_eq!(
+                &small[..],
+                &img[CHUNK as usize + 4096..CHUNK as usize + 8192]
+            );
+            assert!(
+                p.fetched_bytes() <= CHUNK,
+                "one chunk fetched for a small read"
+            );
+            assert_eq!(read_whole(&p), *img, "cycle {cycle}");
+        }
+    }
+    let e = ChunkedPoint::open(b2.clone(), "siteA", "vm1", 3, &ids[0])
+        .err()
+        .unwrap();
+    assert_eq!(e.kind(), PointErrorKind::NoSuchPoint);
 }

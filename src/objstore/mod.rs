@@ -21,6 +21,8 @@
 //!   object sealed; opening checks endpoint, key, bucket and prefix.
 //! - [`fence`]: writer fencing by generation with unique names only (no
 //!   conditional put needed): claims, start markers, who owns a cycle.
+//! - [`point`]: recovery points in a bucket: sealed chunks, manifests
+//!   written last, fenced writers, chunk-by-chunk point reads.
 //! - [`StoreUrl`], [`Credentials`] (`config.rs`): `s3://bucket/prefix`, the
 //!   credentials file and the `AWS_*` environment variables.
 
@@ -31,6 +33,7 @@ mod error;
 mod fail;
 pub mod fence;
 mod mem;
+pub mod point;
 mod s3;
 
 pub use bucket::{BucketError, BucketErrorKind, SealedBucket, MARKER};
