@@ -408,7 +408,12 @@ fn write_point(
             chunks,
         });
     }
-    w.commit(cycle, cycle, out.clone())?;
+    w.commit(
+        cycle,
+        cycle,
+        vdrep::replica::Consistency::Crash,
+        out.clone(),
+    )?;
     Ok(out)
 }
 
@@ -487,4 +492,53 @@ fn garage_points_two_disks_crash_and_lazy_reads() {
         .err()
         .unwrap();
     assert_eq!(e.kind(), PointErrorKind::NoSuchPoint);
+
+    // `vdrep points --store s3://…` from a folder with no local state.
+    let site2 = tempfile::tempdir().unwrap();
+    let creds = g.credentials_file(site2.path());
+    let keyfile = site2.path().join("key");
+    std::fs::write(&keyfile, format!("{}\n", "33".repeat(32))).unwrap();
+    let points_cli = |store: &str, key: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vdrep"))
+            .current_dir(site2.path())
+            .args(["points", "vm1", "--json", "--store", store, "--s3-endpoint"])
+            .arg(g.endpoint())
+            .arg("--s3-credentials")
+            .arg(&creds)
+            .arg("--encryption-key")
+            .arg(key)
+            .output()
+            .unwrap()
+    };
+    let out = points_cli(&format!("s3://{}/dr", g.bucket), &keyfile);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["site"], "siteA");
+    let cycles: Vec<u64> = v["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["cycle"].as_u64().unwrap())
+        .collect();
+    assert_eq!(cycles, [2, 1]);
+    // A wrong key and a missing bucket: clear errors, exit 1, nothing written.
+    let before = s3(&g, 0, &g.bucket).list("").unwrap().len();
+    let wrong = site2.path().join("wrong");
+    std::fs::write(&wrong, format!("{}\n", "44".repeat(32))).unwrap();
+    let out = points_cli(&format!("s3://{}/dr", g.bucket), &wrong);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("another key") && err.contains("critical"),
+        "{err}"
+    );
+    let out = points_cli("s3://no-such-bucket/dr", &keyfile);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no-such-bucket"), "{err}");
+    assert_eq!(s3(&g, 0, &g.bucket).list("").unwrap().len(), before);
 }

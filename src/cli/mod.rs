@@ -8,6 +8,7 @@
 //! - [`mount`]: `mount`, `umount`, `cut`, `status`;
 //! - [`replication`]: `receive`, `protect`, `unprotect`, `sync`;
 //! - [`points`]: `points`, `resync`, `verify`, `hash-bench`;
+//! - [`objstore`]: the `--store s3://…` flags and `points` of an object store;
 //! - [`failover`]: `failover`, `reverse`, `plan`;
 //! - [`config`]: `config check`, `reload`, the configuration file mapped onto
 //!   `mount` and `receive`;
@@ -20,6 +21,7 @@ pub mod fmt;
 pub mod hrl;
 pub mod keys;
 pub mod mount;
+pub mod objstore;
 pub mod points;
 pub mod replication;
 
@@ -226,7 +228,9 @@ pub enum Cmd {
     Points {
         /// VM name.
         name: String,
-        /// The receiver's store folder (`vdrep receive --store`).
+        /// The receiver's store folder (`vdrep receive --store`), or an
+        /// object store `s3://BUCKET/PREFIX` (with --s3-endpoint,
+        /// --s3-credentials and --encryption-key).
         #[arg(long)]
         store: PathBuf,
         /// The sending site (needed only if several sites replicate a VM of this name).
@@ -235,6 +239,8 @@ pub enum Cmd {
         /// Print the points as JSON instead of a table.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        s3: objstore::S3Args,
     },
     /// Fail a VM over. `--test` (replica site) exposes a recovery point's
     /// disks as bootable VHD files (copy-on-write: the replica and
@@ -407,7 +413,15 @@ pub fn run(cmd: Cmd, config: Option<&Path>) -> i32 {
             store,
             site,
             json,
-        } => points::points(&name, &store, site, json),
+            s3,
+        } => match objstore::s3_url(&store) {
+            Ok(Some(url)) => objstore::points(&name, &url, site, &s3, json),
+            Ok(None) => points::points(&name, &store, site, json),
+            Err(e) => {
+                eprintln!("vdrep: points of {name}: {e}");
+                2
+            }
+        },
         Cmd::Failover(a) => failover::failover(a),
         Cmd::Reverse {
             name,

@@ -20,7 +20,7 @@
 use super::bucket::{BucketError, SealedBucket};
 use super::fence::{FenceError, FenceView, Writer, WriterId};
 use super::ObjectError;
-use crate::replica::PointRead;
+use crate::replica::{Consistency, PointRead};
 use crate::util::hex;
 use parking_lot::Mutex;
 use std::sync::Arc;
@@ -45,6 +45,7 @@ pub struct Manifest {
     pub version: u32,
     pub cycle: u64,
     pub time_unix_ns: u64,
+    pub consistency: Consistency,
     pub gen: u64,
     /// 32 hex digits.
     pub writer: String,
@@ -111,6 +112,22 @@ fn parse_manifest_name(leaf: &str) -> Option<(u64, u64, WriterId)> {
         *b = u8::from_str_radix(w.get(2 * i..2 * i + 2)?, 16).ok()?;
     }
     Some((cycle, gen, writer))
+}
+
+/// The sites that have points of `vm` in the bucket.
+pub fn sites_of(b: &SealedBucket, vm: &str) -> Result<Vec<String>, PointError> {
+    let mut sites: Vec<String> = b
+        .list("sites/")?
+        .iter()
+        .filter_map(|k| {
+            let rest = k.strip_prefix("sites/")?;
+            let (site, tail) = rest.split_once('/')?;
+            tail.starts_with(&format!("vms/{vm}/points/"))
+                .then(|| site.to_string())
+        })
+        .collect();
+    sites.dedup();
+    Ok(sites)
 }
 
 /// The visible points of `vm`, oldest first (one per cycle).
@@ -219,12 +236,14 @@ impl<'a> VmWriter<'a> {
         &self,
         cycle: u64,
         time_unix_ns: u64,
+        consistency: Consistency,
         disks: Vec<DiskManifest>,
     ) -> Result<Manifest, PointError> {
         let m = Manifest {
             version: 1,
             cycle,
             time_unix_ns,
+            consistency,
             gen: self.fence.gen,
             writer: hex(&self.fence.writer),
             disks,
@@ -357,16 +376,19 @@ mod tests {
             size: CHUNK + 100,
             chunks: vec![c0, None],
         };
-        w.commit(1, 0, vec![disk.clone()]).unwrap();
+        w.commit(1, 0, Consistency::Crash, vec![disk.clone()])
+            .unwrap();
         assert_eq!(points(&b, "s", "vm").unwrap().len(), 1);
         // A new writer fences the old one: its later manifest is invisible
         // and its commit refused.
         let w2 = VmWriter::open(&b, "s", "vm", [2; 16]).unwrap();
         assert_eq!(w2.start(), 2);
-        let e = w.commit(2, 0, vec![disk.clone()]).unwrap_err();
+        let e = w
+            .commit(2, 0, Consistency::Crash, vec![disk.clone()])
+            .unwrap_err();
         assert_eq!(e.kind(), PointErrorKind::Fence);
         assert_eq!(points(&b, "s", "vm").unwrap().len(), 1);
-        w2.commit(2, 0, vec![disk]).unwrap();
+        w2.commit(2, 0, Consistency::App, vec![disk]).unwrap();
         let cycles: Vec<u64> = points(&b, "s", "vm")
             .unwrap()
             .iter()
