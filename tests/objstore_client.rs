@@ -542,3 +542,65 @@ fn garage_points_two_disks_crash_and_lazy_reads() {
     assert!(err.contains("no-such-bucket"), "{err}");
     assert_eq!(s3(&g, 0, &g.bucket).list("").unwrap().len(), before);
 }
+
+#[test]
+fn garage_three_nodes_points_go_on_through_a_node_loss() {
+    let Some(mut g) = Garage::start(3) else {
+        return;
+    };
+    let url = StoreUrl::parse(&format!("s3://{}/dr", g.bucket))
+        .unwrap()
+        .unwrap();
+    let b = SealedBucket::open(
+        Arc::new(s3(&g, 0, &g.bucket)),
+        url.clone(),
+        EncryptionKey::from_bytes(&[0x55; 32]),
+    )
+    .unwrap();
+    let w = VmWriter::open(&b, "siteA", "vm1", [0xc1; 16]).unwrap();
+    let ids = [[1u8; 16], [2u8; 16]];
+    let size = CHUNK as usize + 5000;
+    let mut cur: Vec<([u8; 16], Vec<u8>)> = ids
+        .iter()
+        .map(|&id| (id, image(size, id[0] as u64)))
+        .collect();
+    let mut history = Vec::new();
+    let mut prev: Option<Vec<DiskManifest>> = None;
+    let mut prev_img: Option<Vec<([u8; 16], Vec<u8>)>> = None;
+    for cycle in 1..=8u64 {
+        if cycle == 4 {
+            g.kill_node(2); // mid-run: quorum 2 of 3 stays
+        }
+        if cycle == 7 {
+            g.restart_node(2);
+        }
+        let d = (cycle % 2) as usize;
+        let at = (cycle as usize * 7919) % size;
+        cur[d].1[at] = cur[d].1[at].wrapping_add(1);
+        let m = write_point(&w, cycle, &cur, prev.as_deref(), prev_img.as_deref()).unwrap();
+        history.push(cur.clone());
+        prev = Some(m);
+        prev_img = Some(cur.clone());
+    }
+    // Every point, read through another node, is exact.
+    let b1 = Arc::new(
+        SealedBucket::open(
+            Arc::new(s3(&g, 1, &g.bucket)),
+            url,
+            EncryptionKey::from_bytes(&[0x55; 32]),
+        )
+        .unwrap(),
+    );
+    let seen: Vec<u64> = points(&b1, "siteA", "vm1")
+        .unwrap()
+        .iter()
+        .map(|m| m.cycle)
+        .collect();
+    assert_eq!(seen, (1..=8).collect::<Vec<_>>());
+    for (i, imgs) in history.iter().enumerate() {
+        for (id, img) in imgs {
+            let p = ChunkedPoint::open(b1.clone(), "siteA", "vm1", i as u64 + 1, id).unwrap();
+            assert_eq!(read_whole(&p), *img, "cycle {}", i + 1);
+        }
+    }
+}
