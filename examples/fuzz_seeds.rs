@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use vdrep::hrl::format::parse_header;
 use vdrep::hrl::{HrlHeader, HrlWriter};
+use vdrep::objstore::EncryptionKey;
 use vdrep::vhd::footer::{Footer, DISK_TYPE_DYNAMIC, DISK_TYPE_FIXED};
 use vdrep::wire::{
     encode, Ack, BlockHashReq, BlockHashes, DiskCycle, DiskKind, DiskState, ErrorCode, ErrorMsg,
@@ -41,6 +42,25 @@ fn write_all(out: &Path, scratch: &Path) -> Res<()> {
     hrl_seeds(&out.join("hrl_parse"), scratch)?;
     vhd_seeds(&out.join("vhd_parse"))?;
     wire_seeds(&out.join("wire_decode"))?;
+    envelope_seeds(&out.join("envelope_open"))?;
+    Ok(())
+}
+
+/// Envelopes sealed with the fuzz target's fixed key: input = name length,
+/// name, object (compressible and incompressible plaintexts, an empty one).
+fn envelope_seeds(dir: &Path) -> Res<()> {
+    let key = EncryptionKey::from_bytes(&[7u8; 32]);
+    let plains: [(&str, Vec<u8>); 3] = [
+        ("vm1/chunks/0", vec![0x5a; 4 * BLOCK]),
+        ("vm1/log/7", noise(2 * BLOCK, 9)),
+        ("empty", Vec::new()),
+    ];
+    for (i, (name, plain)) in plains.iter().enumerate() {
+        let mut input = vec![name.len() as u8];
+        input.extend_from_slice(name.as_bytes());
+        input.extend_from_slice(&key.seal_with_nonce(name, plain, [i as u8; 12])?);
+        put(dir, &format!("sealed-{i}"), &input)?;
+    }
     Ok(())
 }
 

@@ -63,7 +63,37 @@ VDREP_PREREQS=(
     "virsh|libvirt-clients|cmd:virsh"
     "libvirt qemu driver|libvirt-daemon-driver-qemu|file:/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so"
     "libvirt network driver|libvirt-daemon-driver-network|file:/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_network.so"
+    "garage|cargo install garage (vdrep_install_garage)|garage:"
 )
+
+# Garage, the S3 engine the object-store tests run against (AGPL: run as a
+# separate process, never linked): $VDREP_GARAGE, else ../shared/bin/garage
+# beside the checkout (prebuilt from the same crate), else ~/.cargo/bin/garage
+# (built by vdrep_install_garage), else garage on PATH. tests/garageutil
+# looks in the same order.
+VDREP_GARAGE_VERSION=2.5.0
+VDREP_GARAGE_FEATURES=bundled-libs,lmdb,sqlite
+_VDREP_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+vdrep_garage_path() {
+    local p
+    for p in "${VDREP_GARAGE:-}" "$_VDREP_REPO/../shared/bin/garage" "$HOME/.cargo/bin/garage"; do
+        [[ -n "$p" && -x "$p" ]] && { echo "$p"; return 0; }
+    done
+    command -v garage 2>/dev/null
+}
+
+# Build Garage from crates.io into ~/.cargo/bin unless one is found (about
+# 10 minutes on a 2-core machine).
+vdrep_install_garage() {
+    vdrep_garage_path >/dev/null && return 0
+    vdrep_log "building garage $VDREP_GARAGE_VERSION (cargo install, features $VDREP_GARAGE_FEATURES)"
+    cargo install garage --locked --version "$VDREP_GARAGE_VERSION" \
+        --no-default-features --features "$VDREP_GARAGE_FEATURES" || {
+        vdrep_log "cargo install garage failed"
+        return 1
+    }
+}
 
 vdrep_log() { printf '%s\n' "$*" >&2; }
 
@@ -102,6 +132,10 @@ _vdrep_prereq_version() {
             [[ -f "${how#file:}" ]] || return 1
             v="$(dpkg-query -W -f='${Version}' "$pkg" 2>/dev/null || true)"
             echo "${v:-present}" ;;
+        garage:)
+            path="$(vdrep_garage_path)" || return 1
+            v="$("$path" --version 2>/dev/null | head -1)"
+            echo "${v:-present} ($path)" ;;
         *) return 1 ;;
     esac
 }
@@ -220,6 +254,7 @@ vdrep_install_prereqs() {
         vdrep_log "apt-get install ${target[*]} ${VDREP_LIBVIRT_PACKAGES[*]} failed (libvirt must come from QEMU's suite: ${suite:-default})"
         return 1
     }
+    vdrep_install_garage || return 1
     # FUSE needs /dev/fuse; load the module if it is not built in.
     [[ -c /dev/fuse ]] || modprobe fuse 2>/dev/null || true
     local report

@@ -26,6 +26,8 @@
 //! - [`fs`]: the FUSE passthrough file system that feeds [`tracking`].
 //! - [`tracking`]: dirty-block bitmaps, cycles, copy-before-write, cuts.
 //! - [`replica`]: the replica store (namespaces, durable logs, undo history).
+//! - [`objstore`]: object stores (S3 API) as replica targets: the object
+//!   client seam and its clients, the encryption envelope.
 //! - [`resync`]: checksum resync and online verify (digests, progress, window).
 //! - [`hrl`]: the versioned `.hrl` change-log format (write, verify, apply).
 //! - [`vhd`]: the VHD footer (replicas of raw disks are fixed VHDs).
@@ -59,6 +61,7 @@ pub mod hrl;
 pub mod ipc;
 pub mod libvirt;
 pub mod metrics;
+pub mod objstore;
 pub mod receiver;
 pub mod replica;
 pub mod resync;

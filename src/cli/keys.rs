@@ -1,5 +1,7 @@
 //! `vdrep keys init` and `vdrep keys rotate`: create a site identity, or
-//! replace its key pair keeping the old one (see [`crate::transport::keys`]).
+//! replace its key pair keeping the old one (see [`crate::transport::keys`]);
+//! `vdrep keys encryption-key`: a key for encryption at rest
+//! ([`crate::objstore::EncryptionKey`]).
 
 use std::path::PathBuf;
 
@@ -57,6 +59,31 @@ pub fn run_keys_rotate(a: &KeysRotateArgs) -> i32 {
     );
     println!("  3. on every peer, drop the retired certificate from the trust and reload.");
     0
+}
+
+#[derive(clap::Args, Debug)]
+pub struct EncryptionKeyArgs {
+    /// The key file to create (must not exist yet).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Run `vdrep keys encryption-key`: print the file and the key's id.
+pub fn run_encryption_key(a: &EncryptionKeyArgs) -> i32 {
+    match crate::objstore::EncryptionKey::generate_file(&a.out) {
+        Ok(k) => {
+            println!(
+                "encryption key: {} (key id {}, mode 0600)",
+                a.out.display(),
+                crate::util::hex(&k.id())
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("vdrep keys encryption-key: {e}");
+            1
+        }
+    }
 }
 
 /// Run `vdrep keys init`: print the two paths and the certificate's SHA-256

@@ -9,6 +9,7 @@
 //! - [`events`]: `events [DIR | --store STORE] [--follow] [--json]`;
 //! - [`replication`]: `receive`, `protect`, `unprotect`, `sync`;
 //! - [`points`]: `points`, `resync`, `verify`, `hash-bench`;
+//! - [`objstore`]: the `--store s3://…` flags and `points` of an object store;
 //! - [`failover`]: `failover`, `reverse`, `plan`;
 //! - [`domain`]: the libvirt parts: `protect --domain`, `failover --domain`;
 //! - [`config`]: `config check`, `reload`, the configuration file mapped onto
@@ -27,6 +28,7 @@ pub mod forget;
 pub mod hrl;
 pub mod keys;
 pub mod mount;
+pub mod objstore;
 pub mod points;
 pub mod replication;
 pub mod service;
@@ -78,6 +80,10 @@ pub enum KeysCmd {
     /// Replace this site's key pair; the old one moves to KEYDIR/retired/
     /// so peers can trust both until each has the new certificate.
     Rotate(keys::KeysRotateArgs),
+    /// Make a new 256-bit key for encrypting replicas at rest (object
+    /// stores): one line of 64 hex digits in FILE, mode 0600. Keep a copy
+    /// off-site: without it no replica encrypted with it can be read.
+    EncryptionKey(keys::EncryptionKeyArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -289,7 +295,9 @@ pub enum Cmd {
     Points {
         /// VM name.
         name: String,
-        /// The receiver's store folder (`vdrep receive --store`).
+        /// The receiver's store folder (`vdrep receive --store`), or an
+        /// object store `s3://BUCKET/PREFIX` (with --s3-endpoint,
+        /// --s3-credentials and --encryption-key).
         #[arg(long)]
         store: PathBuf,
         /// The sending site (needed only if several sites replicate a VM of this name).
@@ -298,6 +306,8 @@ pub enum Cmd {
         /// Print the points as JSON instead of a table.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        s3: objstore::S3Args,
     },
     /// Fail a VM over. `--test` (replica site) exposes a recovery point's
     /// disks as bootable VHD files (copy-on-write: the replica and
@@ -451,6 +461,9 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
         Cmd::Keys {
             cmd: KeysCmd::Rotate(a),
         } => keys::run_keys_rotate(&a),
+        Cmd::Keys {
+            cmd: KeysCmd::EncryptionKey(a),
+        } => keys::run_encryption_key(&a),
         Cmd::Receive {
             listen,
             store,
@@ -521,7 +534,15 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
             store,
             site,
             json,
-        } => points::points(&name, &store, site, json),
+            s3,
+        } => match objstore::s3_url(&store) {
+            Ok(Some(url)) => objstore::points(&name, &url, site, &s3, json),
+            Ok(None) => points::points(&name, &store, site, json),
+            Err(e) => {
+                eprintln!("vdrep: points of {name}: {e}");
+                2
+            }
+        },
         Cmd::Failover(a) => failover::failover(a),
         Cmd::Reverse {
             name,
