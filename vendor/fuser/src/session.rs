@@ -139,6 +139,10 @@ pub struct Session<FS: Filesystem> {
     /// The field is set to `Some` when the init message is received.
     pub(crate) proto_version: Option<Version>,
     pub(crate) config: Config,
+    /// Further descriptors of the same connection supplied by the caller
+    /// (`from_fds`); when non-empty, `run` serves each on its own thread
+    /// instead of cloning `ch`.
+    extra: Vec<Channel>,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -186,6 +190,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config: options.clone(),
+            extra: Vec::new(),
         };
 
         session.handshake()?;
@@ -214,10 +219,55 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config,
+            extra: Vec::new(),
         };
 
         session.handshake()?;
 
+        Ok(session)
+    }
+
+    /// Serve existing descriptors of one FUSE connection (a descriptor
+    /// handover between processes). `fds[0]` is the connection's device
+    /// descriptor, the others are clones of it (`FUSE_DEV_IOC_CLONE`);
+    /// `run` serves each on its own thread and clones nothing, so the caller
+    /// decides which process keeps them open. With `initialized == false`
+    /// the INIT request is read and answered first, as `from_fd` does; with
+    /// `true` the connection's INIT was already answered (by a previous
+    /// process) and requests are served at once.
+    pub fn from_fds(
+        filesystem: FS,
+        fds: Vec<OwnedFd>,
+        acl: SessionACL,
+        config: Config,
+        initialized: bool,
+    ) -> io::Result<Self> {
+        let mut chans = fds
+            .into_iter()
+            .map(|fd| Channel::new(Arc::new(DevFuse(File::from(fd)))));
+        let Some(ch) = chans.next() else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "from_fds needs at least one descriptor",
+            ));
+        };
+        let mut session = Session {
+            filesystem: FilesystemHolder {
+                fs: Some(filesystem),
+            },
+            ch,
+            mount: UmountOnDrop {
+                mount: Arc::new(Mutex::new(None)),
+            },
+            allowed: acl,
+            session_owner: geteuid(),
+            proto_version: None,
+            config,
+            extra: chans.collect(),
+        };
+        if !initialized {
+            session.handshake()?;
+        }
         Ok(session)
     }
 
@@ -252,6 +302,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner,
             proto_version: _,
             config,
+            extra,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -271,6 +322,12 @@ impl<FS: Filesystem> Session<FS> {
 
         let mut channels = Vec::with_capacity(n_threads);
 
+        let n_threads_minus_one = if extra.is_empty() {
+            n_threads_minus_one
+        } else {
+            channels.extend(extra);
+            0
+        };
         for _ in 0..n_threads_minus_one {
             if config.clone_fd {
                 #[cfg(target_os = "linux")]
