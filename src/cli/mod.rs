@@ -116,6 +116,15 @@ pub enum Cmd {
         #[arg(long)]
         lazy: bool,
     },
+    /// Replace the worker process of the mount daemon of DIR with VMs
+    /// running (a live upgrade: the binary now installed at the same path
+    /// takes over). The worker saves its tracking state, a new one takes the
+    /// FUSE connection over and the kernel resends what was not answered:
+    /// guests see a short stall, no I/O error. Prints the new worker's version.
+    Restart {
+        /// The mounted folder.
+        dir: PathBuf,
+    },
     /// Seal the current cycle of every tracked disk under DIR at one instant
     /// and print the path of each sealed log, one per line.
     Cut {
@@ -349,6 +358,7 @@ pub fn run(cmd: Cmd, config: Option<&Path>) -> i32 {
         Cmd::Umount { dir, lazy } => mount::umount(dir, lazy),
         Cmd::Reload { dir } => self::config::reload(dir),
         Cmd::Cut { dir, json } => mount::cut(dir, json),
+        Cmd::Restart { dir } => mount::restart(dir),
         Cmd::Status { dir, json } => mount::status(dir, json),
         Cmd::Keys {
             cmd: KeysCmd::Init(a),

@@ -8,6 +8,15 @@
 //! parent waits on a pipe until the mount is live (or failed) and exits with
 //! the child's verdict, so `vdrep mount DIR && use DIR` is race-free.
 //!
+//! The daemon is two processes: the supervisor ([`crate::fuse::supervisor`])
+//! mounts and holds the FUSE connection, and the worker (the same `vdrep
+//! mount` command, started by the supervisor) serves it: tracking, control
+//! socket, replication. A crashed worker is replaced and the kernel resends
+//! what it had not answered, so VMs see a stall, not an I/O error; the
+//! tracking state of a crashed worker is not trusted (its disks are marked
+//! resync required). `vdrep restart` ([`Request::Restart`]) replaces the
+//! worker after a clean save, which keeps tracking exact.
+//!
 //! [`control`] holds the daemon's control protocol and its client;
 //! [`stop`] and [`spawn`] are the typed entry points other layers use to
 //! stop a mount or start one in the background.
@@ -17,7 +26,7 @@ pub mod reload;
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -105,6 +114,10 @@ fn ioe<'a>(dir: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> Daemo
 
 /// `vdrep mount`: returns the process exit code.
 pub fn mount(opts: MountOptions) -> i32 {
+    // A worker must not touch the folder's path (it is the mount it serves).
+    if let Some(h) = crate::fuse::supervisor::worker_handover() {
+        return worker(&opts, h);
+    }
     let dir = match std::fs::canonicalize(&opts.dir) {
         Ok(d) if d.is_dir() => d,
         Ok(d) => {
@@ -126,16 +139,11 @@ pub fn mount(opts: MountOptions) -> i32 {
     }
     if opts.foreground {
         init_logging(None);
-        return match serve(&dir, &opts, None) {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("vdrep: {e}");
-                1
-            }
-        };
+        return supervise(&dir, &opts, None);
     }
     // Fork before any thread exists.
-    let (rd, wr) = match nix::unistd::pipe() {
+    // Close-on-exec: the workers the supervisor starts must not keep it.
+    let (rd, wr) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("vdrep: cannot create a pipe: {e}");
@@ -174,14 +182,7 @@ pub fn mount(opts: MountOptions) -> i32 {
         Ok(nix::unistd::ForkResult::Child) => {
             drop(rd);
             let _ = nix::unistd::setsid();
-            let code = match serve(&dir, &opts, Some(wr)) {
-                Ok(()) => 0,
-                Err(e) => {
-                    tracing::error!("{e}");
-                    1
-                }
-            };
-            std::process::exit(code);
+            std::process::exit(supervise(&dir, &opts, Some(wr)));
         }
     }
 }
@@ -195,7 +196,12 @@ fn init_logging(file: Option<File>) {
             .with_ansi(false)
             .with_writer(std::sync::Mutex::new(f))
             .try_init(),
-        None => b.with_writer(io::stderr).try_init(),
+        None => {
+            use std::io::IsTerminal;
+            b.with_ansi(io::stderr().is_terminal())
+                .with_writer(io::stderr)
+                .try_init()
+        }
     };
 }
 
@@ -207,33 +213,31 @@ fn notify(ready: &mut Option<OwnedFd>, msg: &str) {
     }
 }
 
-fn serve(dir: &Path, opts: &MountOptions, ready: Option<OwnedFd>) -> Result<(), DaemonError> {
+/// The supervisor: mount, then run workers until the mount is gone.
+fn supervise(dir: &Path, opts: &MountOptions, ready: Option<OwnedFd>) -> i32 {
     let mut ready = ready;
-    let r = serve_inner(dir, opts, &mut ready);
-    if let Err(e) = &r {
-        notify(&mut ready, &format!("{e}\n"));
+    match supervise_inner(dir, opts, &mut ready) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e}");
+            notify(&mut ready, &format!("{e}\n"));
+            if ready.is_none() {
+                eprintln!("vdrep: {e}");
+            }
+            1
+        }
     }
-    r
 }
 
-fn open_root(dir: &Path) -> io::Result<OwnedFd> {
-    let fd = nix::fcntl::open(
-        dir,
-        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
-        nix::sys::stat::Mode::empty(),
-    )
-    .map_err(io::Error::from)?;
-    Ok(fd)
-}
-
-fn serve_inner(
+fn supervise_inner(
     dir: &Path,
     opts: &MountOptions,
     ready: &mut Option<OwnedFd>,
-) -> Result<(), DaemonError> {
+) -> Result<i32, DaemonError> {
     let root = open_root(dir).map_err(ioe(dir, "cannot open the folder"))?;
     if ready.is_some() {
-        // Daemon: stdio to /dev/null, logs to .vdrep/daemon.log (through the root fd).
+        // Daemon: stdio to /dev/null, logs to .vdrep/daemon.log (through the
+        // root fd); the workers inherit them.
         let _ = std::fs::create_dir(dir.join(STATE_DIR));
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -250,7 +254,61 @@ fn serve_inner(
         }
         init_logging(Some(log));
     }
-    // Block termination signals in every thread; one thread waits for them.
+    // Signals are read by the supervisor (signalfd) and passed on.
+    termination_signals()
+        .thread_block()
+        .map_err(|e| DaemonError::Msg(format!("cannot block signals: {e}")))?;
+    crate::fs::check_not_mounted(dir, &opts.fs.fsname).map_err(ioe(dir, "cannot mount"))?;
+    let spec = crate::fuse::MountSpec {
+        fsname: opts.fs.fsname.clone(),
+        allow_other: opts.fs.allow_other,
+        threads: opts.fs.n_threads.max(1) + crate::fs::DIRECT_IO_WORKERS,
+    };
+    let conn = crate::fuse::Connection::mount(dir, &spec).map_err(ioe(
+        dir,
+        "cannot mount the FUSE file system over the folder",
+    ))?;
+    let journal = crate::fuse::memfd("vdrep-nodes", crate::fs::JOURNAL_BYTES)
+        .map_err(ioe(dir, "cannot create the node journal"));
+    let journal = match journal {
+        Ok(j) => j,
+        Err(e) => {
+            let _ = unmount(dir, true);
+            return Err(e);
+        }
+    };
+    let held = crate::fuse::supervisor::Held {
+        dir: dir.to_path_buf(),
+        root,
+        journal,
+        conn,
+    };
+    let exe = std::env::current_exe().map_err(ioe(dir, "cannot find the vdrep binary"))?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    tracing::info!(
+        "supervisor (pid {}) holds the FUSE connection of {}",
+        std::process::id(),
+        dir.display()
+    );
+    Ok(crate::fuse::supervisor::run(
+        &held,
+        &exe,
+        &args,
+        ready.take(),
+    ))
+}
+
+fn open_root(dir: &Path) -> io::Result<OwnedFd> {
+    let fd = nix::fcntl::open(
+        dir,
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(io::Error::from)?;
+    Ok(fd)
+}
+
+fn termination_signals() -> nix::sys::signal::SigSet {
     let mut sigs = nix::sys::signal::SigSet::empty();
     for s in [
         nix::sys::signal::Signal::SIGTERM,
@@ -259,9 +317,65 @@ fn serve_inner(
     ] {
         sigs.add(s);
     }
+    sigs
+}
+
+/// A worker: serve the connection its supervisor handed over.
+fn worker(opts: &MountOptions, h: io::Result<crate::fuse::supervisor::Handover>) -> i32 {
+    init_logging(None);
+    let mut h = match h {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!("worker: cannot receive the supervisor's descriptors: {e}");
+            return 1;
+        }
+    };
+    // Die with the supervisor (a supervisor killed with -9 takes the whole
+    // daemon with it, as a host crash would).
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
+        tracing::error!("worker: cannot follow the supervisor's death: {e}");
+        return 1;
+    }
+    if nix::unistd::getppid().as_raw() as u32 != h.start.supervisor_pid {
+        tracing::error!("worker: the supervisor is gone");
+        return 1;
+    }
+    let dir = h.start.dir.clone();
+    let mut ready = h.ready.take();
+    match serve_worker(&dir, opts, h, &mut ready) {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!("{e}");
+            notify(&mut ready, &format!("{e}\n"));
+            1
+        }
+    }
+}
+
+/// What the control handler needs to know about its worker.
+struct WorkerCtx {
+    link: crate::fuse::supervisor::SupervisorLink,
+    status: control::WorkerStatus,
+}
+
+fn serve_worker(
+    dir: &Path,
+    opts: &MountOptions,
+    h: crate::fuse::supervisor::Handover,
+    ready: &mut Option<OwnedFd>,
+) -> Result<(), DaemonError> {
+    // Block termination signals in every thread; one thread waits for them.
+    let sigs = termination_signals();
     sigs.thread_block()
         .map_err(|e| DaemonError::Msg(format!("cannot block signals: {e}")))?;
-
+    let crate::fuse::supervisor::Handover {
+        start,
+        root,
+        journal,
+        devs,
+        ready: _,
+        link,
+    } = h;
     let tracker_root = root
         .try_clone()
         .map_err(ioe(dir, "cannot duplicate the folder descriptor"))?;
@@ -272,10 +386,43 @@ fn serve_inner(
             dir.display()
         );
     }
-    let session = crate::fs::mount(dir, tracker.clone(), &opts.fs).map_err(ioe(
-        dir,
-        "cannot mount the FUSE file system over the folder",
-    ))?;
+    let initialized = start.initialized;
+    let handed = crate::fs::HandedOver {
+        root,
+        journal,
+        devs,
+        initialized,
+    };
+    let (session, restored) = crate::fs::serve_handed_over(handed, Some(tracker.clone()), &opts.fs)
+        .map_err(|e| DaemonError::Msg(format!("cannot serve {}: {e}", dir.display())))?;
+    let ctx = Arc::new(WorkerCtx {
+        status: control::WorkerStatus {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            restarts: start.restarts,
+            supervisor_pid: start.supervisor_pid,
+        },
+        link,
+    });
+    ctx.link
+        .tell(crate::fuse::supervisor::WorkerMsg::Initialized);
+    if initialized {
+        tracing::info!(
+            "worker #{} took over {}: {} inodes, {} open files, {} open folders restored, {} lost",
+            ctx.status.restarts,
+            dir.display(),
+            restored.inodes,
+            restored.files,
+            restored.dirs,
+            restored.lost
+        );
+        // What the previous worker read but did not answer comes again.
+        if let Err(e) = crate::fuse::notify_resend(session.as_fd()) {
+            tracing::error!(
+                "FUSE_NOTIFY_RESEND failed ({e}; needs Linux 6.9): requests the previous worker had read stay unanswered"
+            );
+        }
+    }
 
     // Control socket.
     let sock = control::socket_path(dir);
@@ -297,13 +444,14 @@ fn serve_inner(
         let dir = dir.to_path_buf();
         let rep = replicator.clone();
         let configured = configured.clone();
+        let ctx = ctx.clone();
         crate::ipc::serve(
             listener,
             "vdrep-control",
             Some(&IN_FLIGHT),
             move |req: io::Result<Request>| match req {
                 Err(e) => Response::err(format!("bad request: {e}")),
-                Ok(req) => handle(&req, &tracker, (&rep, &configured), &dir),
+                Ok(req) => handle(&req, &tracker, (&rep, &configured, &ctx), &dir),
             },
         )
         .map_err(ioe(dir_static(), "cannot start the control thread"))?;
@@ -342,6 +490,7 @@ fn serve_inner(
     let report = configured.converge(&replicator, &opts.protect);
     let report: String = report.iter().map(|l| format!("{l}\n")).collect();
     notify(ready, &format!("ok\n{report}"));
+    ctx.link.tell(crate::fuse::supervisor::WorkerMsg::Ready);
     let run = session.run();
     tracing::info!("FUSE session over {} ended", dir.display());
     let saved = tracker.shutdown_clean();
@@ -383,13 +532,61 @@ fn flush_kernel_cache(dir: &Path) -> io::Result<()> {
     nix::unistd::syncfs(&d).map_err(io::Error::from)
 }
 
+/// Hand over to a new worker: stop and save tracking, tell the
+/// supervisor, answer, exit. Requests this worker has not answered are
+/// resent to the next one.
+fn restart(tracker: &Tracker, ctx: &WorkerCtx, dir: &Path) -> Response {
+    let frozen = match tracker.freeze_clean() {
+        Ok(f) => f,
+        Err(e) => {
+            return Response::err(format!(
+                "cannot save the tracking state of {} for the handover: {e}",
+                dir.display()
+            ))
+        }
+    };
+    tracing::info!(
+        "restart: tracking saved; handing {} over to a new worker",
+        dir.display()
+    );
+    ctx.link.tell(crate::fuse::supervisor::WorkerMsg::Handover);
+    // Changes to tracked disks stay stopped until this process is gone.
+    std::mem::forget(frozen);
+    let spawned = std::thread::Builder::new()
+        .name("vdrep-handover".into())
+        .spawn(|| {
+            // Wait for the answers being written (this request's too).
+            let t0 = std::time::Instant::now();
+            while IN_FLIGHT.load(std::sync::atomic::Ordering::SeqCst) > 0
+                && t0.elapsed() < Duration::from_secs(2)
+            {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            std::process::exit(0);
+        });
+    if spawned.is_err() {
+        std::process::exit(0);
+    }
+    Response {
+        ok: true,
+        pid: Some(ctx.status.supervisor_pid),
+        worker: Some(ctx.status.clone()),
+        ..Default::default()
+    }
+}
+
 fn handle(
     req: &Request,
     tracker: &Tracker,
-    (rep, configured): (&Arc<crate::sender::Replicator>, &reload::Configured),
+    (rep, configured, ctx): (
+        &Arc<crate::sender::Replicator>,
+        &reload::Configured,
+        &WorkerCtx,
+    ),
     dir: &Path,
 ) -> Response {
     match req {
+        Request::Restart => restart(tracker, ctx, dir),
         Request::Reload => match configured.reload(rep, dir) {
             Ok(lines) => Response {
                 ok: true,
@@ -401,7 +598,8 @@ fn handle(
         Request::Status => Response {
             ok: true,
             status: Some(tracker.status()),
-            pid: Some(std::process::id()),
+            pid: Some(ctx.status.supervisor_pid),
+            worker: Some(ctx.status.clone()),
             replication: Some(rep.status()),
             ..Default::default()
         },
@@ -573,7 +771,8 @@ fn handle(
         Request::Shutdown { lazy } => match unmount(dir, *lazy) {
             Ok(()) => Response {
                 ok: true,
-                pid: Some(std::process::id()),
+                // The supervisor exits after the worker saved its state.
+                pid: Some(ctx.status.supervisor_pid),
                 ..Default::default()
             },
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Response::err(format!(
