@@ -451,6 +451,9 @@ fn serve_worker(
             Some(&IN_FLIGHT),
             move |req: io::Result<Request>| match req {
                 Err(e) => Response::err(format!("bad request: {e}")),
+                Ok(_) if HANDING_OVER.load(std::sync::atomic::Ordering::SeqCst) => {
+                    Response::err("the worker is handing over to a new one; retry in a moment")
+                }
                 Ok(req) => handle(&req, &tracker, (&rep, &configured, &ctx), &dir),
             },
         )
@@ -525,6 +528,12 @@ pub fn unmount(dir: &Path, lazy: bool) -> io::Result<()> {
 /// that `vdrep umount` gets its answer.
 static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// Set once a worker started handing over: control requests are refused.
+static HANDING_OVER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Longest wait of a handing-over worker for control answers in flight.
+const HANDOVER_GRACE: Duration = Duration::from_millis(300);
+
 /// Push the kernel's dirty pages for this mount down to the daemon so that
 /// every write(2) that returned before the cut is in it.
 fn flush_kernel_cache(dir: &Path) -> io::Result<()> {
@@ -536,9 +545,14 @@ fn flush_kernel_cache(dir: &Path) -> io::Result<()> {
 /// supervisor, answer, exit. Requests this worker has not answered are
 /// resent to the next one.
 fn restart(tracker: &Tracker, ctx: &WorkerCtx, dir: &Path) -> Response {
+    use std::sync::atomic::Ordering::SeqCst;
+    if HANDING_OVER.swap(true, SeqCst) {
+        return Response::err("a restart is already under way");
+    }
     let frozen = match tracker.freeze_clean() {
         Ok(f) => f,
         Err(e) => {
+            HANDING_OVER.store(false, SeqCst);
             return Response::err(format!(
                 "cannot save the tracking state of {} for the handover: {e}",
                 dir.display()
@@ -555,10 +569,11 @@ fn restart(tracker: &Tracker, ctx: &WorkerCtx, dir: &Path) -> Response {
     let spawned = std::thread::Builder::new()
         .name("vdrep-handover".into())
         .spawn(|| {
-            // Wait for the answers being written (this request's too).
+            // Wait for the answers being written (this request's too; new
+            // requests are refused). One blocked on the frozen tracker
+            // would never finish: its client sees the connection close.
             let t0 = std::time::Instant::now();
-            while IN_FLIGHT.load(std::sync::atomic::Ordering::SeqCst) > 0
-                && t0.elapsed() < Duration::from_secs(2)
+            while IN_FLIGHT.load(SeqCst) > 0 && t0.elapsed() < HANDOVER_GRACE
             {
                 std::thread::sleep(Duration::from_millis(2));
             }
