@@ -556,7 +556,7 @@ fn restart(tracker: &Tracker, ctx: &WorkerCtx, dir: &Path) -> Response {
             return Response::err(format!(
                 "cannot save the tracking state of {} for the handover: {e}",
                 dir.display()
-            ))
+            ));
         }
     };
     tracing::info!(
@@ -573,8 +573,7 @@ fn restart(tracker: &Tracker, ctx: &WorkerCtx, dir: &Path) -> Response {
             // requests are refused). One blocked on the frozen tracker
             // would never finish: its client sees the connection close.
             let t0 = std::time::Instant::now();
-            while IN_FLIGHT.load(SeqCst) > 0 && t0.elapsed() < HANDOVER_GRACE
-            {
+            while IN_FLIGHT.load(SeqCst) > 0 && t0.elapsed() < HANDOVER_GRACE {
                 std::thread::sleep(Duration::from_millis(2));
             }
             std::process::exit(0);

@@ -226,8 +226,6 @@ pub enum JournalError {
     Map(#[source] io::Error),
     #[error("the node journal is not one (bad magic)")]
     Magic,
-    #[error("the node journal was marked broken by the previous worker")]
-    Broken,
 }
 
 impl Journal {
@@ -257,10 +255,16 @@ impl Journal {
         } else {
             let active = j.word(8).load(Ordering::Acquire);
             if active > 1 {
-                return Err(JournalError::Broken);
+                // Serving with nothing restored beats not serving: requests
+                // on the old inodes and handles get ESTALE/EBADF.
+                tracing::error!(
+                    "the previous worker's node journal was incomplete: files open on the mount will fail (ESTALE/EBADF) until reopened"
+                );
+                j.word(8).store(0, Ordering::Release);
+                Tables::default()
+            } else {
+                j.scan(active).0
             }
-            let (t, _) = j.scan(active);
-            t
         };
         {
             let mut g = j.inner.lock();
@@ -269,6 +273,9 @@ impl Journal {
             g.used = j.scan(g.active).1;
             // Start the new worker from a compact snapshot.
             j.compact(&mut g);
+            if g.broken {
+                j.mark_broken(&mut g);
+            }
         }
         Ok((j, tables))
     }
@@ -321,11 +328,7 @@ impl Journal {
         if g.used + len + 8 > REGION {
             self.compact(g);
             if g.broken || g.used + len + 8 > REGION {
-                g.broken = true;
-                self.word(8).store(u64::MAX, Ordering::Release);
-                tracing::error!(
-                    "the node journal is full: a worker restart will not find every open file"
-                );
+                self.mark_broken(g);
                 return;
             }
         }
@@ -340,11 +343,25 @@ impl Journal {
         }
         g.used += len;
         if g.tables.apply(kind, body).is_none() {
-            g.broken = true;
+            self.mark_broken(g);
         }
         if g.used > REGION / 2 {
             self.compact(g);
+            if g.broken {
+                self.mark_broken(g);
+            }
         }
+    }
+
+    /// Stop recording, and tell a successor not to trust the journal.
+    fn mark_broken(&self, g: &mut Inner) {
+        if !g.broken || self.word(8).load(Ordering::Acquire) <= 1 {
+            tracing::error!(
+                "the node journal cannot record more: a worker restart will not find every open file"
+            );
+        }
+        g.broken = true;
+        self.word(8).store(u64::MAX, Ordering::Release);
     }
 
     /// Write the tables as a snapshot into the other region and switch.
@@ -542,6 +559,24 @@ mod tests {
         let (_j, t) = Journal::map(dup).expect("reopen");
         assert_eq!(t.files.len(), 1);
         assert!(t.files.contains_key(&5));
+    }
+
+    #[test]
+    fn a_broken_journal_restores_nothing_and_records_again() {
+        let fd = memfd();
+        let dup = fd.try_clone().expect("dup");
+        let dup2 = fd.try_clone().expect("dup");
+        let (j, _) = Journal::map(fd).expect("open");
+        j.open(5, 2, 0);
+        j.mark_broken(&mut j.inner.lock());
+        j.open(6, 2, 0);
+        drop(j);
+        let (j, t) = Journal::map(dup).expect("reopen");
+        assert_eq!(t, Tables::default(), "nothing from a broken journal");
+        j.open(7, 2, 0);
+        drop(j);
+        let (_j, t) = Journal::map(dup2).expect("reopen 2");
+        assert_eq!(t.files.keys().copied().collect::<Vec<_>>(), vec![7]);
     }
 
     #[test]
