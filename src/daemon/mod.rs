@@ -218,12 +218,13 @@ fn supervise(dir: &Path, opts: &MountOptions, ready: Option<OwnedFd>) -> i32 {
     let mut ready = ready;
     match supervise_inner(dir, opts, &mut ready) {
         Ok(code) => code,
-        Err(e) => {
+        Err(e) if ready.is_some() => {
             tracing::error!("{e}");
             notify(&mut ready, &format!("{e}\n"));
-            if ready.is_none() {
-                eprintln!("vdrep: {e}");
-            }
+            1
+        }
+        Err(e) => {
+            eprintln!("vdrep: {e}");
             1
         }
     }
