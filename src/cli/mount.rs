@@ -129,7 +129,7 @@ pub fn restart(dir: PathBuf) -> i32 {
         return 1;
     };
     match control::call_ok(&dir, &Request::Restart) {
-        Err(ControlError::Refused(e)) => {
+        Err(e @ CallError::Refused { .. }) => {
             eprintln!("vdrep: restart refused: {e}");
             return 1;
         }
