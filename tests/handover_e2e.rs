@@ -11,9 +11,10 @@
 //!   figure). Meanwhile another thread lists, stats and reads small files
 //!   and reads through a handle kept open across the kill: no error either.
 //!   The longest I/O latency fio saw is printed.
-//! - `vdrep restart DIR` with the same writer running: no error, `status`
-//!   reports the new worker and its version, and tracking stays exact (the
-//!   log of the next cut turns a copy taken before the mount into the disk).
+//! - `vdrep restart DIR` with the same writer running, after the binary was
+//!   replaced at its path: no error, `status` reports the new worker, its
+//!   version and the new binary, and tracking stays exact (the log of the
+//!   next cut turns a copy taken before the mount into the disk).
 //!
 //! Needs root, /dev/fuse and fio (CI has them).
 
@@ -276,6 +277,14 @@ fn worker_kill9_under_fio_loses_no_io() {
     println!("longest I/O latency over {rounds} kill -9 rounds: {worst:.1} ms");
 }
 
+/// The worker's `binary` (`DEV:INODE` of its executable) from `status`.
+fn worker_binary(m: &Mounted) -> String {
+    m.status_json()["worker"]["binary"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
 #[test]
 fn restart_under_fio_keeps_io_and_tracking_exact() {
     require_fuse!();
@@ -290,8 +299,26 @@ fn restart_under_fio_keeps_io_and_tracking_exact() {
         .expect("disk");
     let copy = tmp.path().join("copy.img");
     std::fs::copy(vm.join(DISK), &copy).expect("copy");
-    let mut m = Mounted::new(&vm, &[]);
+    // The mount runs from a copy of the binary, which is then replaced at
+    // the same path, as a package upgrade does.
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir(&bin).expect("mkdir bin");
+    let exe = bin.join("vdrep");
+    std::fs::copy(vdrep_bin(), &exe).expect("copy the binary");
+    setup();
+    let o = Command::new(&exe)
+        .args(["mount", vm.to_str().expect("utf-8")])
+        .output()
+        .expect("run vdrep mount");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut m = Mounted {
+        dir: vm.clone(),
+        mounted: true,
+    };
     let (old, _) = worker(&vm).expect("a worker");
+    let old_binary = worker_binary(&m);
+    std::fs::copy(vdrep_bin(), bin.join("vdrep.new")).expect("copy the new binary");
+    std::fs::rename(bin.join("vdrep.new"), &exe).expect("upgrade the binary");
     let fio = start_fio(&vm.join(DISK), 7);
     std::thread::sleep(Duration::from_millis(1000));
     let out = vdrep_ok(&["restart", vm.to_str().expect("utf-8")]);
@@ -307,6 +334,9 @@ fn restart_under_fio_keeps_io_and_tracking_exact() {
     assert_ne!(st["worker"]["pid"].as_u64(), Some(old));
     assert_eq!(st["worker"]["version"], version);
     assert_eq!(st["worker"]["restarts"], 1);
+    let new_binary = worker_binary(&m);
+    assert!(!new_binary.is_empty());
+    assert_ne!(new_binary, old_binary, "the new worker runs the new binary");
     assert_eq!(
         st["previous_stop_clean"], true,
         "a handover is a clean stop"

@@ -324,6 +324,9 @@ pub enum Cmd {
 
 /// Parse the command line and run it; the process exit code.
 pub fn main() -> i32 {
+    if let Some(code) = crate::daemon::worker_entry() {
+        return code;
+    }
     let cli = Cli::parse();
     run(cli.cmd, cli.config.as_deref())
 }

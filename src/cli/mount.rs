@@ -24,10 +24,7 @@ pub fn mount(
     keys: Option<PathBuf>,
     cfg: Option<&Config>,
 ) -> i32 {
-    // A worker must not resolve DIR: that would be a request to the mount
-    // it is about to serve.
-    let canon = crate::fuse::supervisor::worker_dir()
-        .unwrap_or_else(|| std::fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone()));
+    let canon = std::fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone());
     let entry = cfg.and_then(|c| c.mount(&canon));
     let mut track = TrackConfig {
         block_size: block_size

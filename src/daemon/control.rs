@@ -91,6 +91,10 @@ pub struct WorkerStatus {
     /// Workers the supervisor started before this one.
     pub restarts: u32,
     pub supervisor_pid: u32,
+    /// The worker's executable file as `DEV:INODE` (a binary replaced at
+    /// the same path shows a new one after `vdrep restart`).
+    #[serde(default)]
+    pub binary: String,
 }
 
 /// One disk for [`Request::Take`].

@@ -36,7 +36,9 @@ use crate::fs::FsOptions;
 use crate::ipc::CallError;
 use crate::tracking::{TrackConfig, Tracker, STATE_DIR};
 
-#[derive(Debug, Clone)]
+/// Everything `vdrep mount` was asked for (the supervisor hands it to each
+/// worker as JSON).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct MountOptions {
     pub dir: PathBuf,
     pub foreground: bool,
@@ -114,10 +116,6 @@ fn ioe<'a>(dir: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> Daemo
 
 /// `vdrep mount`: returns the process exit code.
 pub fn mount(opts: MountOptions) -> i32 {
-    // A worker must not touch the folder's path (it is the mount it serves).
-    if let Some(h) = crate::fuse::supervisor::worker_handover() {
-        return worker(&opts, h);
-    }
     let dir = match std::fs::canonicalize(&opts.dir) {
         Ok(d) if d.is_dir() => d,
         Ok(d) => {
@@ -285,7 +283,10 @@ fn supervise_inner(
         conn,
     };
     let exe = std::env::current_exe().map_err(ioe(dir, "cannot find the vdrep binary"))?;
+    // The same command line, for `ps`; the worker reads `options` instead.
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let options = serde_json::to_value(opts)
+        .map_err(|e| DaemonError::Msg(format!("cannot encode the mount options: {e}")))?;
     tracing::info!(
         "supervisor (pid {}) holds the FUSE connection of {}",
         std::process::id(),
@@ -295,6 +296,7 @@ fn supervise_inner(
         &held,
         &exe,
         &args,
+        &options,
         ready.take(),
     ))
 }
@@ -321,16 +323,35 @@ fn termination_signals() -> nix::sys::signal::SigSet {
     sigs
 }
 
-/// A worker: serve the connection its supervisor handed over.
-fn worker(opts: &MountOptions, h: io::Result<crate::fuse::supervisor::Handover>) -> i32 {
+/// In a process a supervisor started as its worker: serve the connection
+/// handed over and return the exit code; `None` in any other process.
+///
+/// Call first thing in `main`, single-threaded: a worker takes everything
+/// from its supervisor and parses no command line or configuration file
+/// (resolving a path under the mount before serving it would wait for
+/// itself).
+pub fn worker_entry() -> Option<i32> {
+    let h = crate::fuse::supervisor::worker_handover()?;
     init_logging(None);
-    let mut h = match h {
+    let h = match h {
         Ok(h) => h,
         Err(e) => {
             tracing::error!("worker: cannot receive the supervisor's descriptors: {e}");
-            return 1;
+            return Some(1);
         }
     };
+    let opts: MountOptions = match serde_json::from_value(h.start.options.clone()) {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::error!("worker: the supervisor's mount options are unreadable: {e}");
+            return Some(1);
+        }
+    };
+    Some(worker(&opts, h))
+}
+
+/// A worker: serve the connection its supervisor handed over.
+fn worker(opts: &MountOptions, mut h: crate::fuse::supervisor::Handover) -> i32 {
     // Die with the supervisor (a supervisor killed with -9 takes the whole
     // daemon with it, as a host crash would).
     if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
@@ -402,6 +423,12 @@ fn serve_worker(
             version: env!("CARGO_PKG_VERSION").to_string(),
             restarts: start.restarts,
             supervisor_pid: start.supervisor_pid,
+            binary: std::fs::metadata("/proc/self/exe")
+                .map(|m| {
+                    use std::os::unix::fs::MetadataExt;
+                    format!("{}:{}", m.dev(), m.ino())
+                })
+                .unwrap_or_default(),
         },
         link,
     });

@@ -40,7 +40,7 @@ use handle::Handles;
 use inode::InodeTable;
 
 /// Mount-time options of the passthrough file system.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct FsOptions {
     /// FUSE worker threads (each with its own cloned `/dev/fuse` fd).
     pub n_threads: usize,

@@ -35,17 +35,6 @@ use super::{recv_fds, send_fds, Connection};
 /// its inherited socket descriptor.
 pub const WORKER_ENV: &str = "VDREP_SUPERVISOR_FD";
 
-/// Environment variable naming the mounted folder (canonical) to a worker:
-/// it must not resolve the path itself (that is a request to the mount it
-/// is about to serve, which nobody answers yet).
-pub const WORKER_DIR_ENV: &str = "VDREP_SUPERVISOR_DIR";
-
-/// In a worker: the mounted folder, as the supervisor resolved it.
-pub fn worker_dir() -> Option<PathBuf> {
-    std::env::var_os(WORKER_ENV)?;
-    std::env::var_os(WORKER_DIR_ENV).map(PathBuf::from)
-}
-
 /// What the supervisor tells a new worker (the message's JSON payload).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkerStart {
@@ -61,6 +50,9 @@ pub struct WorkerStart {
     pub devs: usize,
     /// The last descriptor is the pipe of the waiting `vdrep mount`.
     pub ready_pipe: bool,
+    /// What the worker serves with (the daemon's mount options): a worker
+    /// parses no command line or configuration file.
+    pub options: serde_json::Value,
 }
 
 /// Messages a worker sends its supervisor.
@@ -130,7 +122,6 @@ pub fn worker_handover() -> Option<io::Result<Handover>> {
     // Programs the worker runs (app hooks) are not workers. Called while
     // the worker is still single-threaded.
     std::env::remove_var(WORKER_ENV);
-    std::env::remove_var(WORKER_DIR_ENV);
     Some(receive(raw))
 }
 
@@ -142,7 +133,7 @@ fn receive(raw: RawFd) -> io::Result<Handover> {
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
     )
     .map_err(io::Error::from)?;
-    let (payload, fds) = recv_fds(sock.as_fd(), 4096)?;
+    let (payload, fds) = recv_fds(sock.as_fd(), MAX_START)?;
     let start: WorkerStart = serde_json::from_slice(&payload)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     let want = 2 + start.devs + usize::from(start.ready_pipe);
@@ -183,6 +174,9 @@ pub struct Held {
     pub conn: Connection,
 }
 
+/// Largest [`WorkerStart`] message (a configuration with many VMs).
+const MAX_START: usize = 1 << 20;
+
 /// Shortest and longest wait before restarting a crashed worker.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -190,9 +184,16 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const BACKOFF_RESET: Duration = Duration::from_secs(10);
 
 /// Run the supervisor until the mount is gone; returns the exit code.
-/// `exe` and `args` start a worker; `ready` goes to the first one.
+/// `exe` and `args` start a worker (the arguments only show in `ps`), which
+/// gets `options`; `ready` goes to the first one.
 /// Call with SIGTERM, SIGINT and SIGHUP blocked and no other thread.
-pub fn run(held: &Held, exe: &Path, args: &[std::ffi::OsString], ready: Option<OwnedFd>) -> i32 {
+pub fn run(
+    held: &Held,
+    exe: &Path,
+    args: &[std::ffi::OsString],
+    options: &serde_json::Value,
+    ready: Option<OwnedFd>,
+) -> i32 {
     let mut sigs = SigSet::empty();
     for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
         sigs.add(s);
@@ -214,7 +215,16 @@ pub fn run(held: &Held, exe: &Path, args: &[std::ffi::OsString], ready: Option<O
     let mut backoff = BACKOFF_MIN;
     loop {
         let started = Instant::now();
-        let run = match run_worker(held, exe, args, &sigfd, &mut ready, restarts, initialized) {
+        let start = WorkerStart {
+            restarts,
+            initialized,
+            supervisor_pid: std::process::id(),
+            dir: held.dir.clone(),
+            devs: held.conn.devs.len(),
+            ready_pipe: ready.is_some(),
+            options: options.clone(),
+        };
+        let run = match run_worker(held, exe, args, &sigfd, &mut ready, &start) {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!("supervisor: cannot start a worker: {e}");
@@ -274,8 +284,7 @@ fn run_worker(
     args: &[std::ffi::OsString],
     sigfd: &nix::sys::signalfd::SignalFd,
     ready: &mut Option<OwnedFd>,
-    restarts: u32,
-    initialized: bool,
+    start: &WorkerStart,
 ) -> io::Result<WorkerRun> {
     let (ours, theirs) = socketpair(
         AddressFamily::Unix,
@@ -294,22 +303,13 @@ fn run_worker(
     let mut child = std::process::Command::new(exe)
         .args(args)
         .env(WORKER_ENV, theirs.as_raw_fd().to_string())
-        .env(WORKER_DIR_ENV, &held.dir)
         .stdin(std::process::Stdio::null())
         .spawn()?;
     drop(theirs);
-    let start = WorkerStart {
-        restarts,
-        initialized,
-        supervisor_pid: std::process::id(),
-        dir: held.dir.clone(),
-        devs: held.conn.devs.len(),
-        ready_pipe: ready.is_some(),
-    };
     let mut fds: Vec<RawFd> = vec![held.root.as_raw_fd(), held.journal.as_raw_fd()];
     fds.extend(held.conn.devs.iter().map(|d| d.as_raw_fd()));
     fds.extend(ready.as_ref().map(|r| r.as_raw_fd()));
-    let payload = serde_json::to_vec(&start).map_err(io::Error::other)?;
+    let payload = serde_json::to_vec(start).map_err(io::Error::other)?;
     let mut run = WorkerRun::default();
     if let Err(e) = send_fds(ours.as_fd(), &payload, &fds) {
         tracing::error!("supervisor: cannot hand the descriptors over: {e}");

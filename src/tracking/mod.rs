@@ -65,7 +65,7 @@ const CHUNK_BYTES: u64 = 1 << 20;
 const MAX_SAVED_BYTES: u64 = 512 << 20;
 
 /// Options that decide what is tracked and how finely.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct TrackConfig {
     /// Glob patterns matched (case-insensitively) against file names, e.g. `*.vhd`.
     pub patterns: Vec<String>,
