@@ -7,6 +7,8 @@
 VDREP_APT_PACKAGES=(
     fuse3 fio bindfs busybox-static cpio xz-utils zstd kmod strace
     python3 util-linux gzip dpkg apt ca-certificates e2fsprogs
+    systemd man-db binutils
+    python3-prometheus-client curl
 )
 # Installed together, from one suite: the suite of an installed qemu-utils
 # (bookworm-backports on the Debian 12 images this project runs on), or the
@@ -17,6 +19,8 @@ VDREP_QEMU_PACKAGES=(qemu-system-x86 qemu-utils)
 #   HOW = cmd:COMMAND (must be on PATH, or in /sbin, /usr/sbin)
 #         static:PATH (a statically linked executable)
 #         dev:PATH    (a character device)
+#         py:MODULE   (a module Debian's /usr/bin/python3 imports: apt's python
+#                      packages serve it, not a python3 of pyenv or a venv)
 # `vdrep_prereq_report` prints each with its version or "missing".
 VDREP_PREREQS=(
     "cargo|rustup (https://rustup.rs)|cmd:cargo"
@@ -40,6 +44,12 @@ VDREP_PREREQS=(
     "dumpe2fs|e2fsprogs|cmd:dumpe2fs"
     "apt-get|apt|cmd:apt-get"
     "dpkg-deb|dpkg|cmd:dpkg-deb"
+    "systemd-analyze|systemd|cmd:systemd-analyze"
+    "systemd-escape|systemd|cmd:systemd-escape"
+    "man|man-db|cmd:man"
+    "strip|binutils|cmd:strip"
+    "prometheus_client (python3)|python3-prometheus-client|py:prometheus_client"
+    "curl|curl|cmd:curl"
 )
 
 vdrep_log() { printf '%s\n' "$*" >&2; }
@@ -71,6 +81,10 @@ _vdrep_prereq_version() {
         dev:*)
             [[ -c "${how#dev:}" ]] || return 1
             echo "present" ;;
+        py:*)
+            /usr/bin/python3 -c "import ${how#py:}" 2>/dev/null || return 1
+            v="$(dpkg-query -W -f='${Version}' "$pkg" 2>/dev/null || true)"
+            echo "${v:-present} (/usr/bin/python3 module ${how#py:})" ;;
         *) return 1 ;;
     esac
 }

@@ -16,12 +16,12 @@ use crate::tracking::{DiskState, TrackConfig};
 #[allow(clippy::too_many_arguments)]
 pub fn mount(
     dir: PathBuf,
-    foreground: bool,
+    (foreground, (log_format, log_file)): (bool, (crate::service::LogFormat, Option<PathBuf>)),
     block_size: Option<u32>,
     patterns: Vec<String>,
     threads: usize,
     no_writeback_cache: bool,
-    keys: Option<PathBuf>,
+    (keys, metrics_listen): (Option<PathBuf>, Option<std::net::SocketAddr>),
     cfg: Option<&Config>,
 ) -> i32 {
     let canon = std::fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone());
@@ -56,14 +56,21 @@ pub fn mount(
         Some(Ok(v)) => v,
         Some(Err(code)) => return code,
     };
+    // The daemon does not keep the working folder: a relative --log-file
+    // is taken from here.
+    let log_file = log_file.map(|f| std::path::absolute(&f).unwrap_or(f));
     daemon::mount(MountOptions {
         dir,
         foreground,
+        log_format,
+        log_file,
         track,
         fs,
         keys,
         protect,
         config: cfg.map(|c| std::fs::canonicalize(&c.path).unwrap_or_else(|_| c.path.clone())),
+        metrics_listen: metrics_listen.or(entry.and_then(|m| m.metrics_listen)),
+        notify: super::config::notify_spec(cfg),
     })
 }
 
@@ -352,6 +359,9 @@ pub fn status(dir: Option<PathBuf>, json: bool) -> i32 {
             }
             for d in &v.bitmap_only {
                 println!("    {d}: bitmap-only (pending changes passed the threshold; shipped as one cycle when the receiver is reachable)");
+            }
+            if let (Some(a), Some(t)) = (v.health.alert, v.health.rpo_alert_secs) {
+                println!("    {a}: lag above rpo_alert {t}s with changes waiting");
             }
             if let Some(e) = v.last_error {
                 println!("    last error: {e}");

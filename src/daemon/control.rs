@@ -21,6 +21,16 @@ pub enum Request {
     /// Flush the kernel cache, seal a cycle of every disk, write the logs.
     Cut,
     Status,
+    /// The events after `after` (a sequence number; 0: every event still
+    /// kept); with none yet, wait up to `wait_secs` (at most
+    /// [`crate::events::MAX_WAIT_SECS`]) for one: `vdrep events --follow`
+    /// polls.
+    Events {
+        #[serde(default)]
+        after: u64,
+        #[serde(default)]
+        wait_secs: u64,
+    },
     /// Unmount (lazily if `lazy`) and stop after saving state.
     Shutdown {
         lazy: bool,
@@ -160,6 +170,9 @@ pub struct Response {
     /// The worker process (status, restart).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<WorkerStatus>,
+    /// The answer to [`Request::Events`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<crate::events::Since>,
 }
 
 impl Response {

@@ -21,6 +21,7 @@ use fuser::{
 use super::handle::{DirEnt, OpenDir, OpenFile};
 use super::inode::{Inode, ROOT_INO};
 use super::VdrepFs;
+use crate::metrics::fuse::{self as metrics, FuseOp};
 use crate::sys::{self, cstr, AlignedBuf};
 use crate::tracking::TrackedDisk;
 
@@ -646,6 +647,7 @@ impl Filesystem for VdrepFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _t = metrics::time(FuseOp::Lookup);
         let p = tri!(self.inode(parent), reply);
         let attr = tri!(self.do_lookup(&p, name), reply);
         reply.entry_with_ttls(&self.attr_ttl, &self.entry_ttl, &attr, GEN);
@@ -656,6 +658,7 @@ impl Filesystem for VdrepFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _t = metrics::time(FuseOp::Getattr);
         let inode = tri!(self.inode(ino), reply);
         let st = match fh.and_then(|f| self.handles.file(f.0)) {
             Some(h) => tri!(sys::fstat(h.file.as_raw_fd()), reply),
@@ -682,6 +685,7 @@ impl Filesystem for VdrepFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _t = metrics::time(FuseOp::Setattr);
         let attr = tri!(
             self.do_setattr(req, ino, mode, uid, gid, size, atime, mtime, fh),
             reply
@@ -730,6 +734,7 @@ impl Filesystem for VdrepFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _t = metrics::time(FuseOp::Unlink);
         tri!(self.do_unlink(parent, name, false), reply);
         reply.ok();
     }
@@ -775,6 +780,7 @@ impl Filesystem for VdrepFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _t = metrics::time(FuseOp::Rename);
         tri!(
             self.do_rename(parent, name, newparent, newname, flags),
             reply
@@ -812,6 +818,7 @@ impl Filesystem for VdrepFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _t = metrics::time(FuseOp::Open);
         let inode = tri!(self.inode(ino), reply);
         let (fh, fopen) = tri!(self.do_open(&inode, flags.0), reply);
         reply.opened(FileHandle(fh), fopen);
@@ -828,6 +835,7 @@ impl Filesystem for VdrepFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let _t = metrics::time(FuseOp::Read);
         // Direct requests are served here too, on the worker that read them:
         // the session has `DIRECT_IO_WORKERS` extra workers so the device
         // queue depth is not capped by `n_threads`.
@@ -847,6 +855,7 @@ impl Filesystem for VdrepFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _t = metrics::time(FuseOp::Write);
         if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
             if let Ok(h) = self.open_file(fh) {
                 if let Some(inode) = self.inodes.get(h.ino) {
@@ -867,6 +876,7 @@ impl Filesystem for VdrepFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _t = metrics::time(FuseOp::Flush);
         reply.ok();
     }
 
@@ -880,6 +890,7 @@ impl Filesystem for VdrepFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _t = metrics::time(FuseOp::Release);
         self.handles.remove_file(fh.0);
         reply.ok();
     }
@@ -892,6 +903,7 @@ impl Filesystem for VdrepFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _t = metrics::time(FuseOp::Fsync);
         let h = tri!(self.open_file(fh), reply);
         tri!(
             if datasync {
@@ -924,6 +936,7 @@ impl Filesystem for VdrepFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _t = metrics::time(FuseOp::Readdir);
         let d = tri!(self.handles.dir(fh.0).ok_or_else(ebadf), reply);
         let inode = tri!(self.inode(INodeNo(d.ino)), reply);
         let _ = ino;
@@ -1004,6 +1017,7 @@ impl Filesystem for VdrepFs {
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        let _t = metrics::time(FuseOp::Statfs);
         let inode = tri!(
             self.inode(ino).or_else(|_| self.inode(INodeNo(ROOT_INO))),
             reply
@@ -1086,6 +1100,7 @@ impl Filesystem for VdrepFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let _t = metrics::time(FuseOp::Create);
         let (attr, fh, fopen) = tri!(self.do_create(req, parent, name, mode, umask, flags), reply);
         reply.created(&self.attr_ttl, &attr, GEN, FileHandle(fh), fopen);
     }
@@ -1100,6 +1115,7 @@ impl Filesystem for VdrepFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _t = metrics::time(FuseOp::Fallocate);
         let h = tri!(self.open_file(fh), reply);
         tri!(
             match &h.disk {

@@ -98,7 +98,9 @@ impl Server {
 
     fn died(&self) -> &'static str {
         match self {
-            Server::Mount { .. } => "did the daemon die? see its log",
+            Server::Mount { .. } => {
+                "did the daemon die? see its log: the journal of vdrep-mount@, or /var/log/vdrep/"
+            }
             Server::Receiver { .. } => "did the receiver die? see its log",
         }
     }

@@ -61,6 +61,17 @@ pub enum Request {
     /// Cancel an uncommitted failover: the replica and its points come
     /// back exactly as before it ([`crate::roles::cancel_local`]).
     CancelFailover { site: Option<String>, vm: String },
+    /// Delete a VM's replica and history (`vdrep forget`).
+    Forget { site: Option<String>, vm: String },
+    /// The receiver's events after `after` (0: all kept); with none yet,
+    /// wait up to `wait_secs` (at most
+    /// [`crate::events::MAX_WAIT_SECS`]) for one.
+    Events {
+        #[serde(default)]
+        after: u64,
+        #[serde(default)]
+        wait_secs: u64,
+    },
 }
 
 /// One recovery point as listed by `vdrep points`.
@@ -100,9 +111,15 @@ pub struct Response {
     /// What a cancelled failover restored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancel: Option<crate::roles::CancelReport>,
+    /// What a forget deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forgot: Option<replica::ForgetReport>,
     /// Things the operator should know although the request succeeded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// The answer to [`Request::Events`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<crate::events::Since>,
 }
 
 impl Response {

@@ -558,6 +558,7 @@ fn protect_live(
         resync_window: policy.window.clone(),
         // The primary's quiesce command need not work at this site.
         app_hook: None,
+        rpo_alert_secs: 0,
     };
     let r = mount_ctl::call(&live.dir, &mount_ctl::Request::Protect { spec })?;
     if !r.ok {

@@ -42,8 +42,10 @@ use crate::util::now_ns;
 use crate::wire::{self, Msg};
 use shaper::{Class, LinkShare, Shaper};
 
+pub mod alert;
 pub mod app_hook;
 mod error;
+pub mod metrics;
 mod resync;
 pub mod shaper;
 
@@ -88,6 +90,10 @@ pub struct ProtectSpec {
     /// crash-consistent.
     #[serde(default)]
     pub app_hook: Option<app_hook::AppHookSpec>,
+    /// Lag above which the VM shows `Warning` "RPO exceeded", seconds
+    /// (0: no alert; [`alert`]).
+    #[serde(default)]
+    pub rpo_alert_secs: u64,
 }
 
 impl ProtectSpec {
@@ -173,6 +179,9 @@ pub struct VmStatus {
     /// milliseconds (freeze returned → thaw started).
     #[serde(default)]
     pub app_frozen_ms: Option<f64>,
+    /// RPO alert and errors by kind ([`alert`]).
+    #[serde(default)]
+    pub health: alert::Health,
 }
 
 /// What `vdrep verify` found on one disk.
@@ -300,6 +309,8 @@ pub struct Replicator {
     /// This daemon's identity (random): resync progress it saved can be
     /// resumed with its in-memory bitmap.
     instance: String,
+    /// State-change events of the VMs ([`alert::watch`]).
+    events: Arc<crate::events::Bus>,
 }
 
 const PROTECT_DIR: &str = "protect";
@@ -355,12 +366,19 @@ impl Replicator {
                     .concat()
                 )
             ),
+            events: Arc::default(),
         });
+        r.rt.spawn(alert::watch(Arc::downgrade(&r)));
         // Resume every VM protected before.
         for spec in r.saved_specs() {
             r.start(spec);
         }
         Ok(r)
+    }
+
+    /// The VMs' state-change events.
+    pub fn events(&self) -> &Arc<crate::events::Bus> {
+        &self.events
     }
 
     /// The mount's identity folder.
@@ -560,6 +578,7 @@ impl Replicator {
                 last_app_point_unix_ns: None,
                 app_hook_error: None,
                 app_frozen_ms: None,
+                health: alert::Health::default(),
             }),
             spec,
             wake: Notify::new(),
@@ -615,6 +634,7 @@ impl Replicator {
                 if let Some(t) = s.last_point_unix_ns {
                     s.lag_secs = Some(now_ns().saturating_sub(t) as f64 / 1e9);
                 }
+                alert::apply(&mut s, v.spec.rpo_alert_secs);
                 s
             })
             .collect();
@@ -796,6 +816,7 @@ impl Replicator {
                 return;
             }
             let Err(e) = r else { return };
+            vm.status.lock().health.count_error(e.kind());
             // A session that reached steady state (Normal) ends an outage:
             // the next failure starts the schedule from its first step.
             if vm.status.lock().state == VmState::Normal {
