@@ -159,10 +159,9 @@ pub fn restart(dir: PathBuf) -> i32 {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     eprintln!(
-        "vdrep: no new worker answered for {} within {} s (see {}/.vdrep/daemon.log)",
+        "vdrep: no new worker answered for {} within {} s (see the mount's log)",
         dir.display(),
-        RESTART_TIMEOUT.as_secs(),
-        dir.display()
+        RESTART_TIMEOUT.as_secs()
     );
     1
 }
