@@ -24,6 +24,9 @@
 //!   cleanly) and its control protocol and client (`daemon::control`).
 //! - [`sender`]: protected VMs at the primary: initial copy, deltas, points, retries.
 //! - [`fs`]: the FUSE passthrough file system that feeds [`tracking`].
+//! - [`fuse`]: the FUSE connection as an object that outlives a worker:
+//!   `/dev/fuse` and its clones, the supervisor that holds them and
+//!   restarts the worker, descriptor handover, `FUSE_NOTIFY_RESEND`.
 //! - [`tracking`]: dirty-block bitmaps, cycles, copy-before-write, cuts.
 //! - [`replica`]: the replica store (namespaces, durable logs, undo history).
 //! - [`objstore`]: object stores (S3 API) as replica targets: the object
@@ -57,6 +60,7 @@ pub mod daemon;
 pub mod events;
 pub mod failover;
 pub mod fs;
+pub mod fuse;
 pub mod hrl;
 pub mod ipc;
 pub mod libvirt;

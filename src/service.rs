@@ -20,7 +20,7 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 
 /// How the daemons write log events: one per line either way.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum LogFormat {
     /// `2026-01-01T00:00:00Z  INFO vdrep::daemon: message key=value`.
     #[default]

@@ -173,6 +173,15 @@ pub enum Cmd {
         #[arg(long)]
         lazy: bool,
     },
+    /// Replace the worker process of the mount daemon of DIR with VMs
+    /// running (a live upgrade: the binary now installed at the same path
+    /// takes over). The worker saves its tracking state, a new one takes the
+    /// FUSE connection over and the kernel resends what was not answered:
+    /// guests see a short stall, no I/O error. Prints the new worker's version.
+    Restart {
+        /// The mounted folder.
+        dir: PathBuf,
+    },
     /// Seal the current cycle of every tracked disk under DIR at one instant
     /// and print the path of each sealed log, one per line.
     Cut {
@@ -410,6 +419,9 @@ pub enum Cmd {
 
 /// Parse the command line and run it; the process exit code.
 pub fn main() -> i32 {
+    if let Some(code) = crate::daemon::worker_entry() {
+        return code;
+    }
     let cli = Cli::parse();
     run(cli.cmd, cli.config.as_deref(), cli.log_format)
 }
@@ -448,6 +460,7 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
         Cmd::Umount { dir, lazy } => mount::umount(dir, lazy),
         Cmd::Reload { dir } => self::config::reload(dir),
         Cmd::Cut { dir, json } => mount::cut(dir, json),
+        Cmd::Restart { dir } => mount::restart(dir),
         Cmd::Status { dir, json } => mount::status(dir, json),
         Cmd::Events {
             dir,

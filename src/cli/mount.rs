@@ -119,6 +119,56 @@ pub fn umount(dir: PathBuf, lazy: bool) -> i32 {
     }
 }
 
+/// `vdrep restart DIR`: hand the mount to a new worker and wait for it.
+pub fn restart(dir: PathBuf) -> i32 {
+    let old = match control::call(&dir, &Request::Status) {
+        Err(e) => return control_err(e),
+        Ok(r) => r.worker,
+    };
+    let Some(old) = old else {
+        eprintln!(
+            "vdrep: the daemon of {} has no supervisor (started by an older vdrep): unmount and mount it again",
+            dir.display()
+        );
+        return 1;
+    };
+    match control::call_ok(&dir, &Request::Restart) {
+        Err(e @ CallError::Refused { .. }) => {
+            eprintln!("vdrep: restart refused: {e}");
+            return 1;
+        }
+        Err(e) => return control_err(e),
+        Ok(_) => {}
+    }
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < RESTART_TIMEOUT {
+        if let Ok(Some(w)) = control::call(&dir, &Request::Status).map(|r| r.worker) {
+            if w.pid != old.pid {
+                println!(
+                    "{}: worker pid {} (vdrep {}) replaced by pid {} (vdrep {}), restart #{}",
+                    dir.display(),
+                    old.pid,
+                    old.version,
+                    w.pid,
+                    w.version,
+                    w.restarts
+                );
+                return 0;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    eprintln!(
+        "vdrep: no new worker answered for {} within {} s (see the mount's log)",
+        dir.display(),
+        RESTART_TIMEOUT.as_secs()
+    );
+    1
+}
+
+/// How long `vdrep restart` waits for the new worker.
+const RESTART_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// `vdrep cut DIR [--json]`.
 pub fn cut(dir: PathBuf, json: bool) -> i32 {
     match control::call(&dir, &Request::Cut) {
@@ -194,6 +244,10 @@ pub fn status(dir: Option<PathBuf>, json: bool) -> i32 {
                 if let Some(o) = v.as_object_mut() {
                     o.insert("pid".into(), r.pid.into());
                     o.insert(
+                        "worker".into(),
+                        serde_json::to_value(&r.worker).unwrap_or_default(),
+                    );
+                    o.insert(
                         "replication".into(),
                         serde_json::to_value(&r.replication).unwrap_or_default(),
                     );
@@ -222,6 +276,12 @@ pub fn status(dir: Option<PathBuf>, json: bool) -> i32 {
                 ", previous stop was NOT clean"
             }
         );
+        if let Some(w) = &r.worker {
+            println!(
+                "worker pid {}, vdrep {}, {} restart(s)",
+                w.pid, w.version, w.restarts
+            );
+        }
         println!(
             "{:<40} {:<16} {:>8} {:>12} {:>12}",
             "DISK", "STATE", "CYCLE", "SIZE", "DIRTY"

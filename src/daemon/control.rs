@@ -86,6 +86,25 @@ pub enum Request {
     DropPreimages {
         disks: Vec<String>,
     },
+    /// Hand the mount over to a new worker process (the binary now at the
+    /// same path): the worker saves its state cleanly and exits, and the
+    /// supervisor starts the next one at once. VMs keep running.
+    Restart,
+}
+
+/// The worker process serving a supervised mount.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkerStatus {
+    pub pid: u32,
+    /// `vdrep --version` of the worker's binary.
+    pub version: String,
+    /// Workers the supervisor started before this one.
+    pub restarts: u32,
+    pub supervisor_pid: u32,
+    /// The worker's executable file as `DEV:INODE` (a binary replaced at
+    /// the same path shows a new one after `vdrep restart`).
+    #[serde(default)]
+    pub binary: String,
 }
 
 /// One disk for [`Request::Take`].
@@ -148,6 +167,9 @@ pub struct Response {
     /// Disks moved out by [`Request::Release`]: (name, new path).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub released: Option<Vec<(String, PathBuf)>>,
+    /// The worker process (status, restart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<WorkerStatus>,
     /// The answer to [`Request::Events`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events: Option<crate::events::Since>,

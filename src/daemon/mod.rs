@@ -12,6 +12,15 @@
 //! foreground (the systemd unit) it logs to stderr and tells the service
 //! manager when it is ready, reloading or stopping ([`crate::service`]).
 //!
+//! The daemon is two processes: the supervisor ([`crate::fuse::supervisor`])
+//! mounts and holds the FUSE connection, and the worker (the same `vdrep
+//! mount` command, started by the supervisor) serves it: tracking, control
+//! socket, replication. A crashed worker is replaced and the kernel resends
+//! what it had not answered, so VMs see a stall, not an I/O error; the
+//! tracking state of a crashed worker is not trusted (its disks are marked
+//! resync required). `vdrep restart` ([`Request::Restart`]) replaces the
+//! worker after a clean save, which keeps tracking exact.
+//!
 //! [`control`] holds the daemon's control protocol and its client;
 //! `observe` its metrics endpoint, `notify_command` and failover events;
 //! [`stop`] and [`spawn`] are the typed entry points other layers use to
@@ -23,7 +32,7 @@ pub mod reload;
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +42,9 @@ use crate::fs::FsOptions;
 use crate::ipc::CallError;
 use crate::tracking::{TrackConfig, Tracker};
 
-#[derive(Debug, Clone)]
+/// Everything `vdrep mount` was asked for (the supervisor hands it to each
+/// worker as JSON).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct MountOptions {
     pub dir: PathBuf,
     pub foreground: bool,
@@ -141,16 +152,11 @@ pub fn mount(opts: MountOptions) -> i32 {
     }
     if opts.foreground {
         crate::service::init_logging(opts.log_format, crate::service::LogTarget::Stderr);
-        return match serve(&dir, &opts, None) {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("vdrep: {e}");
-                1
-            }
-        };
+        return supervise(&dir, &opts, None);
     }
     // Fork before any thread exists.
-    let (rd, wr) = match nix::unistd::pipe() {
+    // Close-on-exec: the workers the supervisor starts must not keep it.
+    let (rd, wr) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("vdrep: cannot create a pipe: {e}");
@@ -189,14 +195,7 @@ pub fn mount(opts: MountOptions) -> i32 {
         Ok(nix::unistd::ForkResult::Child) => {
             drop(rd);
             let _ = nix::unistd::setsid();
-            let code = match serve(&dir, &opts, Some(wr)) {
-                Ok(()) => 0,
-                Err(e) => {
-                    tracing::error!("{e}");
-                    1
-                }
-            };
-            std::process::exit(code);
+            std::process::exit(supervise(&dir, &opts, Some(wr)));
         }
     }
 }
@@ -231,30 +230,28 @@ fn notify(ready: &mut Option<OwnedFd>, msg: &str) {
     }
 }
 
-fn serve(dir: &Path, opts: &MountOptions, ready: Option<OwnedFd>) -> Result<(), DaemonError> {
+/// The supervisor: mount, then run workers until the mount is gone.
+fn supervise(dir: &Path, opts: &MountOptions, ready: Option<OwnedFd>) -> i32 {
     let mut ready = ready;
-    let r = serve_inner(dir, opts, &mut ready);
-    if let Err(e) = &r {
-        notify(&mut ready, &format!("{e}\n"));
+    match supervise_inner(dir, opts, &mut ready) {
+        Ok(code) => code,
+        Err(e) if ready.is_some() => {
+            tracing::error!("{e}");
+            notify(&mut ready, &format!("{e}\n"));
+            1
+        }
+        Err(e) => {
+            eprintln!("vdrep: {e}");
+            1
+        }
     }
-    r
 }
 
-fn open_root(dir: &Path) -> io::Result<OwnedFd> {
-    let fd = nix::fcntl::open(
-        dir,
-        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
-        nix::sys::stat::Mode::empty(),
-    )
-    .map_err(io::Error::from)?;
-    Ok(fd)
-}
-
-fn serve_inner(
+fn supervise_inner(
     dir: &Path,
     opts: &MountOptions,
     ready: &mut Option<OwnedFd>,
-) -> Result<(), DaemonError> {
+) -> Result<i32, DaemonError> {
     let root = open_root(dir).map_err(ioe(dir, "cannot open the folder"))?;
     if ready.is_some() {
         // Daemon: stdin from /dev/null, stdout, stderr and logs to the log file.
@@ -271,7 +268,65 @@ fn serve_inner(
         }
         crate::service::init_logging(opts.log_format, crate::service::LogTarget::File(log));
     }
-    // Block termination signals in every thread; one thread waits for them.
+    // Signals are read by the supervisor (signalfd) and passed on.
+    termination_signals()
+        .thread_block()
+        .map_err(|e| DaemonError::Msg(format!("cannot block signals: {e}")))?;
+    crate::fs::check_not_mounted(dir, &opts.fs.fsname).map_err(ioe(dir, "cannot mount"))?;
+    let spec = crate::fuse::MountSpec {
+        fsname: opts.fs.fsname.clone(),
+        allow_other: opts.fs.allow_other,
+        threads: opts.fs.n_threads.max(1) + crate::fs::DIRECT_IO_WORKERS,
+    };
+    let conn = crate::fuse::Connection::mount(dir, &spec).map_err(ioe(
+        dir,
+        "cannot mount the FUSE file system over the folder",
+    ))?;
+    let journal = crate::fuse::memfd("vdrep-nodes", crate::fs::JOURNAL_BYTES)
+        .map_err(ioe(dir, "cannot create the node journal"));
+    let journal = match journal {
+        Ok(j) => j,
+        Err(e) => {
+            let _ = unmount(dir, true);
+            return Err(e);
+        }
+    };
+    let held = crate::fuse::supervisor::Held {
+        dir: dir.to_path_buf(),
+        root,
+        journal,
+        conn,
+    };
+    let exe = std::env::current_exe().map_err(ioe(dir, "cannot find the vdrep binary"))?;
+    // The same command line, for `ps`; the worker reads `options` instead.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let options = serde_json::to_value(opts)
+        .map_err(|e| DaemonError::Msg(format!("cannot encode the mount options: {e}")))?;
+    tracing::info!(
+        "supervisor (pid {}) holds the FUSE connection of {}",
+        std::process::id(),
+        dir.display()
+    );
+    Ok(crate::fuse::supervisor::run(
+        &held,
+        &exe,
+        &args,
+        &options,
+        ready.take(),
+    ))
+}
+
+fn open_root(dir: &Path) -> io::Result<OwnedFd> {
+    let fd = nix::fcntl::open(
+        dir,
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(io::Error::from)?;
+    Ok(fd)
+}
+
+fn termination_signals() -> nix::sys::signal::SigSet {
     let mut sigs = nix::sys::signal::SigSet::empty();
     for s in [
         nix::sys::signal::Signal::SIGTERM,
@@ -280,9 +335,85 @@ fn serve_inner(
     ] {
         sigs.add(s);
     }
+    sigs
+}
+
+/// In a process a supervisor started as its worker: serve the connection
+/// handed over and return the exit code; `None` in any other process.
+///
+/// Call first thing in `main`, single-threaded: a worker takes everything
+/// from its supervisor and parses no command line or configuration file
+/// (resolving a path under the mount before serving it would wait for
+/// itself).
+pub fn worker_entry() -> Option<i32> {
+    let h = crate::fuse::supervisor::worker_handover()?;
+    // stderr is the supervisor's: its log file, journald or a terminal.
+    let h = match h {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("vdrep worker: cannot receive the supervisor's descriptors: {e}");
+            return Some(1);
+        }
+    };
+    let opts: MountOptions = match serde_json::from_value(h.start.options.clone()) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("vdrep worker: the supervisor's mount options are unreadable: {e}");
+            return Some(1);
+        }
+    };
+    crate::service::init_logging(opts.log_format, crate::service::LogTarget::Stderr);
+    Some(worker(&opts, h))
+}
+
+/// A worker: serve the connection its supervisor handed over.
+fn worker(opts: &MountOptions, mut h: crate::fuse::supervisor::Handover) -> i32 {
+    // Die with the supervisor (a supervisor killed with -9 takes the whole
+    // daemon with it, as a host crash would).
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
+        tracing::error!("worker: cannot follow the supervisor's death: {e}");
+        return 1;
+    }
+    if nix::unistd::getppid().as_raw() as u32 != h.start.supervisor_pid {
+        tracing::error!("worker: the supervisor is gone");
+        return 1;
+    }
+    let dir = h.start.dir.clone();
+    let mut ready = h.ready.take();
+    match serve_worker(&dir, opts, h, &mut ready) {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!("{e}");
+            notify(&mut ready, &format!("{e}\n"));
+            1
+        }
+    }
+}
+
+/// What the control handler needs to know about its worker.
+struct WorkerCtx {
+    link: crate::fuse::supervisor::SupervisorLink,
+    status: control::WorkerStatus,
+}
+
+fn serve_worker(
+    dir: &Path,
+    opts: &MountOptions,
+    h: crate::fuse::supervisor::Handover,
+    ready: &mut Option<OwnedFd>,
+) -> Result<(), DaemonError> {
+    // Block termination signals in every thread; one thread waits for them.
+    let sigs = termination_signals();
     sigs.thread_block()
         .map_err(|e| DaemonError::Msg(format!("cannot block signals: {e}")))?;
-
+    let crate::fuse::supervisor::Handover {
+        start,
+        root,
+        journal,
+        devs,
+        ready: _,
+        link,
+    } = h;
     let tracker_root = root
         .try_clone()
         .map_err(ioe(dir, "cannot duplicate the folder descriptor"))?;
@@ -293,10 +424,49 @@ fn serve_inner(
             dir.display()
         );
     }
-    let session = crate::fs::mount(dir, tracker.clone(), &opts.fs).map_err(ioe(
-        dir,
-        "cannot mount the FUSE file system over the folder",
-    ))?;
+    let initialized = start.initialized;
+    let handed = crate::fs::HandedOver {
+        root,
+        journal,
+        devs,
+        initialized,
+    };
+    let (session, restored) = crate::fs::serve_handed_over(handed, Some(tracker.clone()), &opts.fs)
+        .map_err(|e| DaemonError::Msg(format!("cannot serve {}: {e}", dir.display())))?;
+    let ctx = Arc::new(WorkerCtx {
+        status: control::WorkerStatus {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            restarts: start.restarts,
+            supervisor_pid: start.supervisor_pid,
+            binary: std::fs::metadata("/proc/self/exe")
+                .map(|m| {
+                    use std::os::unix::fs::MetadataExt;
+                    format!("{}:{}", m.dev(), m.ino())
+                })
+                .unwrap_or_default(),
+        },
+        link,
+    });
+    ctx.link
+        .tell(crate::fuse::supervisor::WorkerMsg::Initialized);
+    if initialized {
+        tracing::info!(
+            "worker #{} took over {}: {} inodes, {} open files, {} open folders restored, {} lost",
+            ctx.status.restarts,
+            dir.display(),
+            restored.inodes,
+            restored.files,
+            restored.dirs,
+            restored.lost
+        );
+        // What the previous worker read but did not answer comes again.
+        if let Err(e) = crate::fuse::notify_resend(session.as_fd()) {
+            tracing::error!(
+                "FUSE_NOTIFY_RESEND failed ({e}; needs Linux 6.9): requests the previous worker had read stay unanswered"
+            );
+        }
+    }
 
     // Control socket.
     let sock = control::socket_path(dir);
@@ -319,14 +489,18 @@ fn serve_inner(
         let dir = dir.to_path_buf();
         let rep = replicator.clone();
         let configured = configured.clone();
+        let ctx = ctx.clone();
         crate::ipc::serve(
             listener,
             "vdrep-control",
             Some(&IN_FLIGHT),
             move |req: io::Result<Request>| match req {
                 Err(e) => Response::err(format!("bad request: {e}")),
+                Ok(_) if HANDING_OVER.load(std::sync::atomic::Ordering::SeqCst) => {
+                    Response::err("the worker is handing over to a new one; retry in a moment")
+                }
                 Ok(req) => {
-                    let resp = handle(&req, &tracker, (&rep, &configured), &dir);
+                    let resp = handle(&req, &tracker, (&rep, &configured, &ctx), &dir);
                     observe::failover_event(&req, &resp, &rep);
                     resp
                 }
@@ -371,6 +545,7 @@ fn serve_inner(
     let report = configured.converge(&replicator, &opts.protect);
     let report: String = report.iter().map(|l| format!("{l}\n")).collect();
     notify(ready, &format!("ok\n{report}"));
+    ctx.link.tell(crate::fuse::supervisor::WorkerMsg::Ready);
     crate::service::ready(&service_summary(dir, &replicator));
     {
         let (d1, r1, d2, t2) = (
@@ -443,6 +618,12 @@ pub fn unmount(dir: &Path, lazy: bool) -> io::Result<()> {
 /// that `vdrep umount` gets its answer.
 static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// Set once a worker started handing over: control requests are refused.
+static HANDING_OVER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Longest wait of a handing-over worker for control answers in flight.
+const HANDOVER_GRACE: Duration = Duration::from_millis(300);
+
 /// Push the kernel's dirty pages for this mount down to the daemon so that
 /// every write(2) that returned before the cut is in it.
 fn flush_kernel_cache(dir: &Path) -> io::Result<()> {
@@ -450,13 +631,66 @@ fn flush_kernel_cache(dir: &Path) -> io::Result<()> {
     nix::unistd::syncfs(&d).map_err(io::Error::from)
 }
 
+/// Hand over to a new worker: stop and save tracking, tell the
+/// supervisor, answer, exit. Requests this worker has not answered are
+/// resent to the next one.
+fn restart(tracker: &Tracker, ctx: &WorkerCtx, dir: &Path) -> Response {
+    use std::sync::atomic::Ordering::SeqCst;
+    if HANDING_OVER.swap(true, SeqCst) {
+        return Response::err("a restart is already under way");
+    }
+    let frozen = match tracker.freeze_clean() {
+        Ok(f) => f,
+        Err(e) => {
+            HANDING_OVER.store(false, SeqCst);
+            return Response::err(format!(
+                "cannot save the tracking state of {} for the handover: {e}",
+                dir.display()
+            ));
+        }
+    };
+    tracing::info!(
+        "restart: tracking saved; handing {} over to a new worker",
+        dir.display()
+    );
+    ctx.link.tell(crate::fuse::supervisor::WorkerMsg::Handover);
+    // Changes to tracked disks stay stopped until this process is gone.
+    std::mem::forget(frozen);
+    let spawned = std::thread::Builder::new()
+        .name("vdrep-handover".into())
+        .spawn(|| {
+            // Wait for the answers being written (this request's too; new
+            // requests are refused). One blocked on the frozen tracker
+            // would never finish: its client sees the connection close.
+            let t0 = std::time::Instant::now();
+            while IN_FLIGHT.load(SeqCst) > 0 && t0.elapsed() < HANDOVER_GRACE {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            std::process::exit(0);
+        });
+    if spawned.is_err() {
+        std::process::exit(0);
+    }
+    Response {
+        ok: true,
+        pid: Some(ctx.status.supervisor_pid),
+        worker: Some(ctx.status.clone()),
+        ..Default::default()
+    }
+}
+
 fn handle(
     req: &Request,
     tracker: &Tracker,
-    (rep, configured): (&Arc<crate::sender::Replicator>, &reload::Configured),
+    (rep, configured, ctx): (
+        &Arc<crate::sender::Replicator>,
+        &reload::Configured,
+        &WorkerCtx,
+    ),
     dir: &Path,
 ) -> Response {
     match req {
+        Request::Restart => restart(tracker, ctx, dir),
         Request::Reload => match configured.reload(rep, dir) {
             Ok(lines) => Response {
                 ok: true,
@@ -476,7 +710,8 @@ fn handle(
         Request::Status => Response {
             ok: true,
             status: Some(tracker.status()),
-            pid: Some(std::process::id()),
+            pid: Some(ctx.status.supervisor_pid),
+            worker: Some(ctx.status.clone()),
             replication: Some(rep.status()),
             ..Default::default()
         },
@@ -648,7 +883,8 @@ fn handle(
         Request::Shutdown { lazy } => match unmount(dir, *lazy) {
             Ok(()) => Response {
                 ok: true,
-                pid: Some(std::process::id()),
+                // The supervisor exits after the worker saved its state.
+                pid: Some(ctx.status.supervisor_pid),
                 ..Default::default()
             },
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Response::err(format!(

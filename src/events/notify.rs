@@ -26,7 +26,7 @@ pub const QUEUE: usize = 64;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The command and its limit.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NotifySpec {
     /// Shell command (`sh -c`).
     pub cmd: String,

@@ -14,6 +14,7 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, RwLock};
 
+use super::journal::Journal;
 use crate::sys;
 use crate::tracking::TrackedDisk;
 
@@ -81,6 +82,8 @@ pub(crate) struct Handles {
     next: AtomicU64,
     files: [RwLock<HashMap<u64, Arc<OpenFile>>>; SHARDS],
     dirs: Mutex<HashMap<u64, Arc<OpenDir>>>,
+    /// Where every open and release is recorded for a successor worker.
+    journal: Option<Arc<Journal>>,
 }
 
 impl Handles {
@@ -89,7 +92,25 @@ impl Handles {
             next: AtomicU64::new(1),
             files: std::array::from_fn(|_| RwLock::new(HashMap::new())),
             dirs: Mutex::new(HashMap::new()),
+            journal: None,
         }
+    }
+
+    /// Record every open and release in `journal` from now on.
+    pub(crate) fn set_journal(&mut self, journal: Arc<Journal>) {
+        self.journal = Some(journal);
+    }
+
+    /// Put back file handle `fh` of a previous worker (not recorded).
+    pub(crate) fn restore_file(&self, fh: u64, f: OpenFile) {
+        self.next.fetch_max(fh + 1, Ordering::Relaxed);
+        self.shard(fh).write().insert(fh, Arc::new(f));
+    }
+
+    /// Put back directory handle `fh` of a previous worker (not recorded).
+    pub(crate) fn restore_dir(&self, fh: u64, d: OpenDir) {
+        self.next.fetch_max(fh + 1, Ordering::Relaxed);
+        self.dirs.lock().insert(fh, Arc::new(d));
     }
 
     fn shard(&self, fh: u64) -> &RwLock<HashMap<u64, Arc<OpenFile>>> {
@@ -98,6 +119,9 @@ impl Handles {
 
     pub(crate) fn add_file(&self, f: OpenFile) -> u64 {
         let fh = self.next.fetch_add(1, Ordering::Relaxed);
+        if let Some(j) = &self.journal {
+            j.open(fh, f.ino, f.flags);
+        }
         self.shard(fh).write().insert(fh, Arc::new(f));
         fh
     }
@@ -107,11 +131,18 @@ impl Handles {
     }
 
     pub(crate) fn remove_file(&self, fh: u64) -> Option<Arc<OpenFile>> {
-        self.shard(fh).write().remove(&fh)
+        let f = self.shard(fh).write().remove(&fh);
+        if let (Some(j), Some(_)) = (&self.journal, &f) {
+            j.release(fh);
+        }
+        f
     }
 
     pub(crate) fn add_dir(&self, d: OpenDir) -> u64 {
         let fh = self.next.fetch_add(1, Ordering::Relaxed);
+        if let Some(j) = &self.journal {
+            j.opendir(fh, d.ino);
+        }
         self.dirs.lock().insert(fh, Arc::new(d));
         fh
     }
@@ -121,7 +152,11 @@ impl Handles {
     }
 
     pub(crate) fn remove_dir(&self, fh: u64) -> Option<Arc<OpenDir>> {
-        self.dirs.lock().remove(&fh)
+        let d = self.dirs.lock().remove(&fh);
+        if let (Some(j), Some(_)) = (&self.journal, &d) {
+            j.releasedir(fh);
+        }
+        d
     }
 
     /// Number of open file handles; for tests.

@@ -10,6 +10,8 @@ use std::sync::Arc;
 
 use parking_lot::RwLock;
 
+use super::journal::{FileHandle, Journal};
+
 /// FUSE inode number of the root.
 pub(crate) const ROOT_INO: u64 = 1;
 
@@ -50,6 +52,8 @@ struct Maps {
 pub(crate) struct InodeTable {
     maps: RwLock<Maps>,
     next: AtomicU64,
+    /// Where every change is recorded for a successor worker, if any.
+    journal: Option<Arc<Journal>>,
 }
 
 impl InodeTable {
@@ -74,7 +78,34 @@ impl InodeTable {
         InodeTable {
             maps: RwLock::new(maps),
             next: AtomicU64::new(ROOT_INO + 1),
+            journal: None,
         }
+    }
+
+    /// Record every change in `journal` from now on.
+    pub(crate) fn set_journal(&mut self, journal: Arc<Journal>) {
+        self.journal = Some(journal);
+    }
+
+    /// Put back an inode a previous worker handed out (`ino`, `nlookup`
+    /// kernel references), behind `fd`. Not recorded: the journal has it.
+    pub(crate) fn restore(&self, ino: u64, fd: OwnedFd, st: &libc::stat, nlookup: u64) {
+        let key = (st.st_dev, st.st_ino);
+        let mut maps = self.maps.write();
+        maps.by_ino.insert(
+            ino,
+            Entry {
+                inode: Arc::new(Inode {
+                    ino,
+                    fd,
+                    key,
+                    fmt: st.st_mode & libc::S_IFMT,
+                }),
+                nlookup,
+            },
+        );
+        maps.by_key.entry(key).or_insert(ino);
+        self.next.fetch_max(ino + 1, Ordering::Relaxed);
     }
 
     /// The inode `ino`, if the kernel still references it.
@@ -96,10 +127,21 @@ impl InodeTable {
         if let Some(&ino) = maps.by_key.get(&key) {
             if let Some(e) = maps.by_ino.get_mut(&ino) {
                 e.nlookup += 1;
+                if let Some(j) = &self.journal {
+                    j.node_ref(ino, 1);
+                }
                 return e.inode.clone();
             }
         }
         let ino = self.next.fetch_add(1, Ordering::Relaxed);
+        if let Some(j) = &self.journal {
+            match FileHandle::of(fd.as_raw_fd()) {
+                Ok(h) => j.node(ino, &h),
+                Err(e) => tracing::warn!(
+                    "inode {ino} has no file handle ({e}): a worker restart will answer ESTALE for it"
+                ),
+            }
+        }
         let inode = Arc::new(Inode {
             ino,
             fd,
@@ -130,6 +172,9 @@ impl InodeTable {
     fn forget_locked(&self, maps: &mut Maps, ino: u64, n: u64) {
         let remove = match maps.by_ino.get_mut(&ino) {
             Some(e) => {
+                if let Some(j) = &self.journal {
+                    j.forget(ino, n);
+                }
                 e.nlookup = e.nlookup.saturating_sub(n);
                 e.nlookup == 0
             }

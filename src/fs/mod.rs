@@ -10,10 +10,18 @@
 //! Nothing below the mountpoint is ever reached by path (that would re-enter
 //! this mount): all access is relative to per-inode `O_PATH` descriptors or
 //! through `/proc/self/fd/N`.
+//!
+//! A mount run by a supervisor ([`crate::fuse::supervisor`]) is served by
+//! [`serve_handed_over`]: the worker gets the connection's descriptors, and
+//! the node journal (`journal`) lets a successor worker rebuild the inode
+//! and handle tables the kernel still refers to.
 
 mod handle;
 mod inode;
+mod journal;
 mod ops;
+
+pub use journal::{JournalError, JOURNAL_BYTES};
 
 use crate::sys;
 use std::ffi::CString;
@@ -32,7 +40,7 @@ use handle::Handles;
 use inode::InodeTable;
 
 /// Mount-time options of the passthrough file system.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct FsOptions {
     /// FUSE worker threads (each with its own cloned `/dev/fuse` fd).
     pub n_threads: usize,
@@ -180,7 +188,7 @@ impl VdrepFs {
 /// ~3 futex + ~3 sched_yield per 4 KiB read with a crossbeam channel, ~2.6
 /// futex with a mutex/condvar queue) and reached about half the IOPS; see
 /// kernel-notes/writepath.md.
-pub(crate) const DIRECT_IO_WORKERS: usize = 16;
+pub const DIRECT_IO_WORKERS: usize = 16;
 
 /// The `fuser` session configuration for `opts`.
 fn session_config(opts: &FsOptions) -> Config {
@@ -218,6 +226,159 @@ pub fn mount_untracked(dir: &Path, opts: &FsOptions) -> io::Result<Session<Vdrep
     mount_inner(dir, None, opts)
 }
 
+/// The descriptors a worker serves, handed over by its supervisor.
+#[derive(Debug)]
+pub struct HandedOver {
+    /// The backing folder, opened before the mount.
+    pub root: OwnedFd,
+    /// The node journal's memfd ([`JOURNAL_BYTES`] long).
+    pub journal: OwnedFd,
+    /// The connection's device descriptor, then its clones.
+    pub devs: Vec<OwnedFd>,
+    /// `FUSE_INIT` was answered by an earlier worker.
+    pub initialized: bool,
+}
+
+/// What [`serve_handed_over`] put back from the journal.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Restored {
+    pub inodes: usize,
+    pub files: usize,
+    pub dirs: usize,
+    /// Inodes or handles that could not be reopened (deleted meanwhile):
+    /// the kernel's requests on them get `ESTALE`/`EBADF`.
+    pub lost: usize,
+}
+
+/// A session over handed-over descriptors: the tables of the previous
+/// worker (if any) are rebuilt from the journal first, and every open
+/// tracked disk is attached to `tracker` again. With `h.initialized ==
+/// false` the session answers `FUSE_INIT` before returning.
+pub fn serve_handed_over(
+    h: HandedOver,
+    tracker: Option<Arc<Tracker>>,
+    opts: &FsOptions,
+) -> Result<(Session<VdrepFs>, Restored), HandoverError> {
+    let (journal, tables) = journal::Journal::map(h.journal)?;
+    let mut fs = VdrepFs::new(h.root, tracker, opts).map_err(HandoverError::Root)?;
+    let restored = fs.restore(&tables);
+    let journal = Arc::new(journal);
+    fs.inodes.set_journal(journal.clone());
+    fs.handles.set_journal(journal);
+    let mut config = session_config(opts);
+    config.n_threads = Some(h.devs.len().max(1));
+    config.clone_fd = false;
+    let acl = config.acl;
+    let session = Session::from_fds(fs, h.devs, acl, config, h.initialized)
+        .map_err(HandoverError::Session)?;
+    Ok((session, restored))
+}
+
+/// Why a worker could not serve its handed-over connection.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("the backing folder: {0}")]
+    Root(#[source] io::Error),
+    #[error("the FUSE session: {0}")]
+    Session(#[source] io::Error),
+}
+
+/// The kinds of [`HandoverError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandoverErrorKind {
+    Journal,
+    Root,
+    Session,
+}
+
+impl HandoverError {
+    pub fn kind(&self) -> HandoverErrorKind {
+        match self {
+            HandoverError::Journal(_) => HandoverErrorKind::Journal,
+            HandoverError::Root(_) => HandoverErrorKind::Root,
+            HandoverError::Session(_) => HandoverErrorKind::Session,
+        }
+    }
+}
+
+impl VdrepFs {
+    /// Rebuild the tables a previous worker recorded in the journal.
+    fn restore(&self, t: &journal::Tables) -> Restored {
+        let mut r = Restored::default();
+        let root = self.inodes.get(inode::ROOT_INO);
+        let Some(root) = root else {
+            return r;
+        };
+        // open_by_handle_at refuses an O_PATH descriptor as its mount_fd.
+        let mount_fd = match sys::reopen(root.raw(), libc::O_RDONLY | libc::O_DIRECTORY) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!("handover: cannot open the backing folder: {e}");
+                r.lost = t.nodes.len() + t.files.len();
+                return r;
+            }
+        };
+        for (&ino, n) in &t.nodes {
+            let fd = match n
+                .handle
+                .open(mount_fd.as_raw_fd(), libc::O_PATH | libc::O_NOFOLLOW)
+            {
+                Ok(fd) => fd,
+                Err(e) => {
+                    tracing::warn!("handover: inode {ino} cannot be reopened: {e}");
+                    r.lost += 1;
+                    continue;
+                }
+            };
+            match sys::fstat(fd.as_raw_fd()) {
+                Ok(st) => {
+                    self.inodes.restore(ino, fd, &st, n.nlookup);
+                    r.inodes += 1;
+                }
+                Err(_) => r.lost += 1,
+            }
+        }
+        for (&fh, &(ino, flags)) in &t.files {
+            match self.reopen_handle(ino, flags) {
+                Ok(f) => {
+                    self.handles.restore_file(fh, f);
+                    r.files += 1;
+                }
+                Err(e) => {
+                    tracing::warn!("handover: file handle {fh} (inode {ino}) is lost: {e}");
+                    r.lost += 1;
+                }
+            }
+        }
+        for (&fh, &ino) in &t.dirs {
+            self.handles.restore_dir(
+                fh,
+                handle::OpenDir {
+                    ino,
+                    entries: parking_lot::Mutex::new(None),
+                },
+            );
+            r.dirs += 1;
+        }
+        r
+    }
+
+    /// Open inode `ino` again as an earlier worker had (`flags` are the
+    /// backing descriptor's), attached to the tracker as `open` does.
+    fn reopen_handle(&self, ino: u64, flags: i32) -> io::Result<handle::OpenFile> {
+        let inode = self
+            .inodes
+            .get(ino)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))?;
+        let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
+        let file = sys::reopen(inode.raw(), flags)?;
+        let disk = self.disk_for_open(&inode, &file, flags)?;
+        Ok(handle::OpenFile::new(ino, file, flags, disk))
+    }
+}
+
 /// Whether `dir` is already the top of a mount of ours (same `fsname`).
 /// Mounting again would stack the FS on itself (double tracking, and
 /// unmounting by path would hit the wrong layer).
@@ -240,17 +401,23 @@ fn already_mounted(dir: &Path, fsname: &str) -> bool {
     })
 }
 
+/// `Err(ResourceBusy)` if `dir` is already the top of a mount of ours.
+pub fn check_not_mounted(dir: &Path, fsname: &str) -> io::Result<()> {
+    if already_mounted(dir, fsname) {
+        return Err(io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            format!("{} is already a {} mount", dir.display(), fsname),
+        ));
+    }
+    Ok(())
+}
+
 fn mount_inner(
     dir: &Path,
     tracker: Option<Arc<Tracker>>,
     opts: &FsOptions,
 ) -> io::Result<Session<VdrepFs>> {
-    if already_mounted(dir, &opts.fsname) {
-        return Err(io::Error::new(
-            io::ErrorKind::ResourceBusy,
-            format!("{} is already a {} mount", dir.display(), opts.fsname),
-        ));
-    }
+    check_not_mounted(dir, &opts.fsname)?;
     let root = open_root(dir)?;
     let fs = VdrepFs::new(root, tracker, opts)?;
     Session::new(fs, dir, &session_config(opts))

@@ -387,21 +387,7 @@ impl VdrepFs {
     }
 
     fn finish_open(&self, inode: &Inode, file: File, bflags: i32) -> io::Result<(u64, FopenFlags)> {
-        let writable = bflags & libc::O_ACCMODE != libc::O_RDONLY;
-        let regular = inode.fmt == libc::S_IFREG;
-        let rel = if regular {
-            self.rel_path(inode.raw())
-        } else {
-            None
-        };
-        // The daemon writes its state files behind the mount (through its
-        // own descriptors), so they are never cached by the kernel.
-        let state = rel.as_deref().is_some_and(VdrepFs::is_state_path);
-        let disk = if writable && regular && !state {
-            self.attach_rel(rel.as_deref(), &file)?
-        } else {
-            None
-        };
+        let (disk, state) = self.disk_and_state(inode, &file, bflags)?;
         let direct = bflags & libc::O_DIRECT != 0;
         let fh = self
             .handles
@@ -418,6 +404,42 @@ impl VdrepFs {
             FopenFlags::empty()
         };
         Ok((fh, fopen))
+    }
+
+    /// The tracked disk behind `file` (opened on `inode` with `bflags`), if
+    /// writable and tracked; and whether it is a state file.
+    fn disk_and_state(
+        &self,
+        inode: &Inode,
+        file: &File,
+        bflags: i32,
+    ) -> io::Result<(Option<Arc<TrackedDisk>>, bool)> {
+        let writable = bflags & libc::O_ACCMODE != libc::O_RDONLY;
+        let regular = inode.fmt == libc::S_IFREG;
+        let rel = if regular {
+            self.rel_path(inode.raw())
+        } else {
+            None
+        };
+        // The daemon writes its state files behind the mount (through its
+        // own descriptors), so they are never cached by the kernel.
+        let state = rel.as_deref().is_some_and(VdrepFs::is_state_path);
+        let disk = if writable && regular && !state {
+            self.attach_rel(rel.as_deref(), file)?
+        } else {
+            None
+        };
+        Ok((disk, state))
+    }
+
+    /// [`disk_and_state`](Self::disk_and_state)'s disk only.
+    pub(super) fn disk_for_open(
+        &self,
+        inode: &Inode,
+        file: &File,
+        bflags: i32,
+    ) -> io::Result<Option<Arc<TrackedDisk>>> {
+        Ok(self.disk_and_state(inode, file, bflags)?.0)
     }
 
     fn load_dir(&self, inode: &Inode) -> io::Result<Vec<DirEnt>> {

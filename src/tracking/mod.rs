@@ -65,7 +65,7 @@ const CHUNK_BYTES: u64 = 1 << 20;
 const MAX_SAVED_BYTES: u64 = 512 << 20;
 
 /// Options that decide what is tracked and how finely.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct TrackConfig {
     /// Glob patterns matched (case-insensitively) against file names, e.g. `*.vhd`.
     pub patterns: Vec<String>,
@@ -1569,6 +1569,27 @@ impl Tracker {
     /// reach the file system any more (after the FUSE session ended).
     pub fn shutdown_clean(&self) -> Result<(), TrackError> {
         let mut mm = self.cut_serial.lock();
+        self.save_clean(&mut mm)
+    }
+
+    /// Stop every change to tracked disks (writes, truncates, fallocates
+    /// wait), then save the state exactly as [`shutdown_clean`]
+    /// (Self::shutdown_clean) does, for a worker handover: the waiting
+    /// changes are never applied by this process, the next worker applies
+    /// them when the kernel resends them, and tracks them on top of the
+    /// saved bitmaps. Changes stay stopped while the guard lives; the
+    /// handing-over process exits holding it.
+    pub fn freeze_clean(&self) -> Result<Frozen<'_>, TrackError> {
+        let mut mm = self.cut_serial.lock();
+        let cut = self.shared.cut_lock.write();
+        self.save_clean(&mut mm)?;
+        Ok(Frozen {
+            _serial: mm,
+            _cut: cut,
+        })
+    }
+
+    fn save_clean(&self, mm: &mut MountMeta) -> Result<(), TrackError> {
         let spath = self.root_path.join(STATE_DIR);
         let disks = self.disks.lock();
         for d in disks.values() {
@@ -1593,10 +1614,17 @@ impl Tracker {
         }
         mm.clean = true;
         self.state
-            .write_json(Path::new("mount.json"), &*mm)
+            .write_json(Path::new("mount.json"), mm)
             .map_err(|e| io_state(&spath, e))?;
         Ok(())
     }
+}
+
+/// Tracking stopped for a handover ([`Tracker::freeze_clean`]).
+#[must_use = "changes resume when the guard is dropped"]
+pub struct Frozen<'a> {
+    _serial: parking_lot::MutexGuard<'a, MountMeta>,
+    _cut: parking_lot::RwLockWriteGuard<'a, ()>,
 }
 
 /// Writing a sealed cycle's log failed.
