@@ -508,6 +508,7 @@ fn pump(
                     what,
                     offset,
                     max,
+                    ..
                 }) => s.complete_read(NOW, id, Ok(read(what, offset, max))),
                 Output::Action(a) => seen.push(a),
             }
