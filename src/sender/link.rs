@@ -334,8 +334,8 @@ impl Link {
     }
 
     /// Drive the session until it reports something for the caller: a
-    /// disk's state, a job's end, digests, a compare's end. Err: the
-    /// session is over, or a point was refused.
+    /// disk's state, a job's end, a point committed, digests, a compare's
+    /// end. Err: the session is over, or a point was refused.
     pub(super) async fn next(&mut self) -> Result<SenderAction, SendError> {
         loop {
             self.flush();
@@ -550,7 +550,14 @@ impl Link {
             SenderAction::PointCommitted {
                 cycle,
                 app_consistent,
-            } => self.committed(cycle, app_consistent),
+            } => {
+                self.committed(cycle, app_consistent);
+                // Also a note: a caller may wait for the session to idle.
+                self.notes.push_back(SenderAction::PointCommitted {
+                    cycle,
+                    app_consistent,
+                });
+            }
             SenderAction::PointFailed { cycle, error } => {
                 let e = self
                     .error(&error)
