@@ -1057,28 +1057,27 @@ impl Sender {
     }
 }
 
-/// The chunk of a copy carrying `data` (disk bytes at `offset`): zeros as
-/// [`Encoding::Zero`], lz4 when asked and it saves an eighth, else the
+/// The chunk of a copy carrying `data` (disk bytes at `offset`): encoded
+/// as [`wire::compress`] chooses when lz4 is to be tried, else zeros or the
 /// bytes as they are (moved, not copied).
 fn initial_chunk(disk_id: DiskId, offset: u64, data: Vec<u8>, try_lz4: bool) -> InitialChunk {
     let length = u32::try_from(data.len()).unwrap_or(u32::MAX);
-    let (encoding, data) = if crate::hrl::format::is_all_zero(&data) {
+    let (encoding, payload) = if try_lz4 {
+        wire::compress(&data)
+    } else if crate::hrl::format::is_all_zero(&data) {
         (Encoding::Zero, Vec::new())
-    } else if try_lz4 {
-        let c = lz4_flex::block::compress(&data);
-        if c.len() <= data.len() - data.len() / 8 {
-            (Encoding::Lz4, c)
-        } else {
-            (Encoding::Raw, data)
-        }
     } else {
-        (Encoding::Raw, data)
+        (Encoding::Raw, Vec::new())
     };
     InitialChunk {
         disk_id,
         offset,
         length,
         encoding,
-        data,
+        data: if encoding == Encoding::Raw {
+            data
+        } else {
+            payload
+        },
     }
 }
