@@ -110,8 +110,6 @@ stop_receiver() {
 umount_src() {
     if is_fuse_mounted "$VSRC"; then
         "$VDREP" umount "$VSRC" >/dev/null 2>&1 || fusermount3 -u "$VSRC" 2>/dev/null || umount -l "$VSRC" || true
-        # keep the sender's log (cycle/point timings) with the run's logs
-        cat "$VSRC/.vdrep/daemon.log" >>"$LOG/sender.log" 2>/dev/null || true
     fi
 }
 cleanup() {
@@ -207,7 +205,7 @@ start_receiver() { # STORE
     [[ -n "$RECV_ADDR" ]] || die "receiver did not start (see $LOG/receiver.log)"
 }
 mount_src() {
-    "$VDREP" mount "$VSRC" --keys "$KEYS_A" || die "vdrep mount failed"
+    "$VDREP" mount "$VSRC" --keys "$KEYS_A" --log-file "$LOG/sender.log" || die "vdrep mount failed"
     is_fuse_mounted "$VSRC" || die "vdrep mount returned but $VSRC is not a FUSE mount"
     SENDER_PID="$(status_json | jq -r .pid)"
 }

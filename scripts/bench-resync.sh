@@ -67,7 +67,7 @@ NCHANGE=$((BLOCKS * CHANGE_PCT / 100))
 PIDS+=($!)
 for _ in $(seq 50); do grep -q "listening on" "$LOG/recv.out" 2>/dev/null && break; sleep 0.1; done
 ADDR=$(sed -n 's/^listening on \([^ ]*\).*/\1/p' "$LOG/recv.out")
-"$VDREP" mount "$W/vm" --keys "$W/ka"
+"$VDREP" mount "$W/vm" --keys "$W/ka" --log-file "$W/mount.log"
 "$VDREP" protect bench-rs --to "$ADDR" --trust "$W/kb/site-b.crt" --every 1h "$W/vm/disk.img" >/dev/null
 "$VDREP" sync "$W/vm" --timeout 1200 >/dev/null
 REPLICA=$(find "$W/store" -name disk.vhd | head -1)
@@ -127,7 +127,7 @@ for run in $(seq "$RUNS"); do
     dig=$(jq '.replication[0].last_resync.digest_bytes' <<<"$st")
     prev=$PREV_SENT; PREV_SENT=$sent
     nb=$(jq .blocks_sent "$LOG/resync-$run.json")
-    ph=$(sed 's/\x1b\[[0-9;]*m//g' "$W/vm/.vdrep/daemon.log" | sed -n 's/.*resync timing: \(.*\) vm=.*/\1/p' | tail -1)
+    ph=$(sed 's/\x1b\[[0-9;]*m//g' "$W/mount.log" | sed -n 's/.*resync timing: \(.*\) vm=.*/\1/p' | tail -1)
     echo "run $run: vdrep $(el "$t0" "$t1") s ($ph); CPU s sender $cs receiver $cr; load $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "$run,vdrep,$(el "$t0" "$t1"),$((sent - prev + dig)),$nb" >>"$LOG/results.csv"
     # rsync -B4096 and default: the same kind of damage in its target copy.

@@ -6,7 +6,8 @@
 # Produces OUTDIR/vmlinuz and OUTDIR/initramfs.cpio.gz. The guest's /init reads
 # vdrep.mode=write|check|stress|appwrite (and vdrep.tag=STRING) from the kernel
 # command line, works on /dev/vda (virtio-blk), prints "VDREP-GUEST: ..." marker
-# lines on the serial console and powers off. See scripts/vm-run.sh to boot it.
+# lines on the serial console and powers off. write on a disk written before
+# prints "PREVIOUS TAG T" (the tag already on it) before writing its own. See scripts/vm-run.sh to boot it.
 # appwrite also runs the QEMU guest agent (Debian's qemu-guest-agent binary with
 # the host's libraries) on the org.qemu.guest_agent.0 virtio-serial port.
 #
@@ -19,7 +20,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUTDIR="${1:-$REPO/.vm}"
 FORCE="${FORCE:-0}"
 # Bump when the initramfs content/layout changes, so caches get rebuilt.
-INIT_VERSION=5
+INIT_VERSION=6
 
 log() { printf '[build-tiny-vm] %s\n' "$*" >&2; }
 die() { printf '[build-tiny-vm] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -214,6 +215,8 @@ write)
     [ -n "$TAG" ] || fail "ERROR vdrep.tag is empty"
     if mount_disk; then
         say "INFO reusing existing file system on /dev/vda"
+        # The data it holds (a failed-over VM shows which point it booted).
+        say "PREVIOUS TAG $(cat /mnt/vdrep-proof.tag 2>/dev/null || echo none)"
     else
         say "INFO no file system on /dev/vda, running mke2fs"
         mke2fs -q /dev/vda >/dev/null 2>&1 || mke2fs /dev/vda || fail "ERROR mke2fs failed"

@@ -7,16 +7,28 @@
 VDREP_APT_PACKAGES=(
     fuse3 fio bindfs busybox-static cpio xz-utils zstd kmod strace
     python3 util-linux gzip dpkg apt ca-certificates e2fsprogs
+    systemd man-db binutils
+    python3-prometheus-client curl
 )
 # Installed together, from one suite: the suite of an installed qemu-utils
 # (bookworm-backports on the Debian 12 images this project runs on), or the
 # default suite when qemu-utils is absent.
 VDREP_QEMU_PACKAGES=(qemu-system-x86 qemu-utils)
+# libvirt (domains protected by name, failover that defines and starts the VM),
+# from the same suite as QEMU: libvirt 11.3 of bookworm-backports matches QEMU
+# 10. The network driver is named because it is only a recommendation of
+# libvirt-daemon (vdrep defines isolated networks for test failovers).
+VDREP_LIBVIRT_PACKAGES=(
+    libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-driver-network libvirt-clients
+)
 
 # Every prerequisite, one per line: NAME|PACKAGE|HOW
 #   HOW = cmd:COMMAND (must be on PATH, or in /sbin, /usr/sbin)
 #         static:PATH (a statically linked executable)
 #         dev:PATH    (a character device)
+#         py:MODULE   (a module Debian's /usr/bin/python3 imports: apt's python
+#                      packages serve it, not a python3 of pyenv or a venv)
+#         file:PATH   (a file a package installs, such as a libvirt driver)
 # `vdrep_prereq_report` prints each with its version or "missing".
 VDREP_PREREQS=(
     "cargo|rustup (https://rustup.rs)|cmd:cargo"
@@ -40,6 +52,17 @@ VDREP_PREREQS=(
     "dumpe2fs|e2fsprogs|cmd:dumpe2fs"
     "apt-get|apt|cmd:apt-get"
     "dpkg-deb|dpkg|cmd:dpkg-deb"
+    "systemd-analyze|systemd|cmd:systemd-analyze"
+    "systemd-escape|systemd|cmd:systemd-escape"
+    "man|man-db|cmd:man"
+    "strip|binutils|cmd:strip"
+    "prometheus_client (python3)|python3-prometheus-client|py:prometheus_client"
+    "curl|curl|cmd:curl"
+    "libvirtd|libvirt-daemon|cmd:libvirtd"
+    "virtlogd|libvirt-daemon-log|cmd:virtlogd"
+    "virsh|libvirt-clients|cmd:virsh"
+    "libvirt qemu driver|libvirt-daemon-driver-qemu|file:/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so"
+    "libvirt network driver|libvirt-daemon-driver-network|file:/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_network.so"
 )
 
 vdrep_log() { printf '%s\n' "$*" >&2; }
@@ -71,8 +94,45 @@ _vdrep_prereq_version() {
         dev:*)
             [[ -c "${how#dev:}" ]] || return 1
             echo "present" ;;
+        py:*)
+            /usr/bin/python3 -c "import ${how#py:}" 2>/dev/null || return 1
+            v="$(dpkg-query -W -f='${Version}' "$pkg" 2>/dev/null || true)"
+            echo "${v:-present} (/usr/bin/python3 module ${how#py:})" ;;
+        file:*)
+            [[ -f "${how#file:}" ]] || return 1
+            v="$(dpkg-query -W -f='${Version}' "$pkg" 2>/dev/null || true)"
+            echo "${v:-present}" ;;
         *) return 1 ;;
     esac
+}
+
+# Free space the build and the tests need on the file systems of the repo
+# (target/) and of the temporary folder (test images, stores, logs), in GiB.
+# A debug build of every test binary is ~9 GiB; the suite's images ~2 GiB.
+VDREP_MIN_FREE_GIB="${VDREP_MIN_FREE_GIB:-14}"
+
+# Print the free space of the repo's and TMPDIR's file systems; return 1 (with
+# what to do) if either has less than VDREP_MIN_FREE_GIB. A full disk otherwise
+# shows up 20 minutes later as ENOSPC in whichever test runs first.
+vdrep_check_space() {
+    local dir free rc=0 seen=""
+    for dir in "$(pwd)" "${TMPDIR:-/tmp}"; do
+        local dev
+        dev="$(stat -c %d "$dir")"
+        [[ " $seen " == *" $dev "* ]] && continue
+        seen="$seen $dev"
+        free=$(( $(df -Pk "$dir" | awk 'NR == 2 {print $4}') / 1024 / 1024 ))
+        if (( free < VDREP_MIN_FREE_GIB )); then
+            printf '  %-20s %s GiB free: LOW (need %s GiB)\n' "$dir" "$free" "$VDREP_MIN_FREE_GIB"
+            rc=1
+        else
+            printf '  %-20s %s GiB free\n' "$dir" "$free"
+        fi
+    done
+    if (( rc != 0 )); then
+        vdrep_log "not enough free disk space: the build and the tests need ${VDREP_MIN_FREE_GIB} GiB on each file system above; free some (old target/ folders, git worktrees, /tmp) and run again"
+    fi
+    return "$rc"
 }
 
 # Print one line per prerequisite: name, version or "missing", and the package
@@ -137,7 +197,7 @@ vdrep_install_prereqs() {
         return 1
     fi
     command -v apt-get >/dev/null || {
-        vdrep_log "no apt-get: install by hand: ${VDREP_APT_PACKAGES[*]} ${VDREP_QEMU_PACKAGES[*]}"
+        vdrep_log "no apt-get: install by hand: ${VDREP_APT_PACKAGES[*]} ${VDREP_QEMU_PACKAGES[*]} ${VDREP_LIBVIRT_PACKAGES[*]}"
         return 1
     }
     export DEBIAN_FRONTEND=noninteractive
@@ -154,6 +214,10 @@ vdrep_install_prereqs() {
     }
     apt-get install -y -q --no-install-recommends "${target[@]}" "${VDREP_QEMU_PACKAGES[@]}" || {
         vdrep_log "apt-get install ${target[*]} ${VDREP_QEMU_PACKAGES[*]} failed (qemu-utils suite: ${suite:-default})"
+        return 1
+    }
+    apt-get install -y -q --no-install-recommends "${target[@]}" "${VDREP_LIBVIRT_PACKAGES[@]}" || {
+        vdrep_log "apt-get install ${target[*]} ${VDREP_LIBVIRT_PACKAGES[*]} failed (libvirt must come from QEMU's suite: ${suite:-default})"
         return 1
     }
     # FUSE needs /dev/fuse; load the module if it is not built in.

@@ -2,8 +2,9 @@
 # Run vdrep's tests: `cargo build` (so the vdrep binary exists for the
 # integration tests), then `cargo test --all-targets --no-fail-fast`.
 # Extra arguments are passed to `cargo test` (e.g. scripts/test.sh --test vm_guest).
-# On a clean machine run `bash .ci/run` (as root) once: it installs the
-# prerequisites (FUSE, QEMU, fio, ...) and builds the tiny test VM.
+# On a clean machine, as root, it first installs the missing prerequisites
+# (FUSE, QEMU, fio, ...; NO_INSTALL=1 only reports them) and builds the tiny
+# test VM unless it is current (NO_BUILD_VM=1 skips that).
 # VDREP_STRICT=1 (set by .ci/run): a test that would skip a check because a
 # prerequisite is missing fails instead; on CI everything is installed.
 set -euo pipefail
@@ -14,9 +15,18 @@ REPO="$(pwd)"
 
 command -v cargo >/dev/null || { echo "test.sh: cargo not found (install Rust with rustup)" >&2; exit 2; }
 missing="$(vdrep_missing_prereqs | tr '\n' ' ')"
+if [[ -n "${missing// /}" && "$(id -u)" == 0 && "${NO_INSTALL:-0}" != 1 ]]; then
+    # A fresh machine: the README's second command must work on its own.
+    echo "==> installing missing prerequisites: $missing"
+    vdrep_install_prereqs || { echo "test.sh: installing the prerequisites failed (see above)" >&2; exit 1; }
+    missing="$(vdrep_missing_prereqs | tr '\n' ' ')"
+fi
 if [[ -n "${missing// /}" ]]; then
     echo "test.sh: missing packages: $missing" >&2
-    echo "test.sh: tests that need them will fail or print SKIP; install with: sudo bash .ci/run  (or apt-get install $missing)" >&2
+    echo "test.sh: tests that need them will fail or print SKIP; install with: sudo scripts/test.sh  (or apt-get install $missing)" >&2
+elif [[ "${NO_BUILD_VM:-0}" != 1 ]]; then
+    echo "==> tiny test VM (scripts/build-tiny-vm.sh: does nothing when current)"
+    scripts/build-tiny-vm.sh || echo "test.sh: building the tiny test VM failed: the VM tests will fail or print SKIP" >&2
 fi
 [[ -e /dev/fuse ]] || echo "test.sh: warning: /dev/fuse is missing; FUSE mount tests cannot work" >&2
 [[ "$(id -u)" == 0 ]] || echo "test.sh: note: not root; FUSE mounts need fusermount3 (setuid) or root" >&2

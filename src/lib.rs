@@ -35,21 +35,36 @@
 //! - [`wire`]: the replication protocol's messages, sans-IO codec and the
 //!   sans-IO session state machines of both ends (`wire::session`).
 //! - [`util`]: wall-clock nanoseconds, hex, random ids (a leaf).
+//! - [`service`]: running as a managed service: the systemd notify
+//!   protocol (ready, status, reload, watchdog) and the daemons' logging
+//!   (a leaf).
+//! - [`metrics`]: the Prometheus/OpenMetrics endpoint's mechanics (HTTP
+//!   server, lock-free histograms, FUSE and receiver hot-path counters,
+//!   scrape-time collectors); the collectors live with their state.
+//! - [`events`]: state-change events (`vdrep events`): the event type, the
+//!   in-daemon broadcast ring and the `notify_command` runner.
+//! - [`libvirt`]: libvirt domains through `virsh`: a definition's disks,
+//!   NICs and guest agent channel, and its rewrite for a failed-over copy
+//!   (a leaf over [`util`]).
 //! - [`ipc`]: one JSON-line request/response exchange over a local Unix
 //!   socket, generic over the messages (used by [`daemon`] and [`receiver`]).
 
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod events;
 pub mod failover;
 pub mod fs;
 pub mod hrl;
 pub mod ipc;
+pub mod libvirt;
+pub mod metrics;
 pub mod receiver;
 pub mod replica;
 pub mod resync;
 pub mod roles;
 pub mod sender;
+pub mod service;
 pub mod sys;
 pub mod testview;
 pub mod tracking;

@@ -88,6 +88,28 @@ fn check_prereqs_fails_and_names_the_package_of_a_missing_tool() {
     );
 }
 
+/// Too little free disk space is reported before the build and the tests
+/// start (a full disk otherwise surfaces as ENOSPC in a random test much
+/// later): the check names the folder, the free and the needed GiB, and what
+/// to do, and exits 1.
+#[test]
+fn check_prereqs_fails_when_the_disk_is_too_full() {
+    let out = Command::new(repo().join("scripts/check-prereqs.sh"))
+        .env("VDREP_MIN_FREE_GIB", "1000000")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    let repo_dir = repo().display().to_string();
+    let line = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with(&repo_dir))
+        .unwrap_or_else(|| panic!("no disk-space line for {repo_dir}:\n{stdout}"));
+    assert!(line.contains("GiB free: LOW (need 1000000 GiB)"), "{line}");
+    assert!(stderr.contains("free some"), "{stderr}");
+}
+
 /// QEMU is absent from PATH: the demo must stop at its prerequisites step
 /// with a non-zero exit and name the package, whether or not it is allowed to
 /// install (as root it runs apt-get, which finds QEMU installed, and must

@@ -116,6 +116,31 @@ fn block_hashes_match_the_replica_holes_and_applies() {
 }
 
 #[test]
+fn forget_deletes_one_vm_only() {
+    for h in both() {
+        store_suite::forget_deletes_one_vm_only(&h);
+    }
+}
+
+/// Forget is refused while a point of the VM is pinned (test failover).
+#[test]
+fn forget_refuses_a_pinned_vm() {
+    let h = DirHarness::new(false);
+    let store = Store::open(&h.root).unwrap();
+    let disk = vec![7u8; 64 << 10];
+    initial(&store, &disk, 1);
+    store.pin(SITE, VM, 1);
+    assert!(matches!(
+        ReplicaStore::forget(&store, SITE, VM),
+        Err(StoreError::InUse { .. })
+    ));
+    assert!(h.disk_dir(DISK).exists(), "nothing deleted");
+    store.unpin(SITE, VM, 1);
+    ReplicaStore::forget(&store, SITE, VM).unwrap();
+    assert!(!h.disk_dir(DISK).exists());
+}
+
+#[test]
 fn crash_between_operations() {
     store_suite::crash_between_operations(&|| Box::new(DirHarness::new(false)));
 }
@@ -338,6 +363,64 @@ fn spawn_child(root: &Path, log: &Path, cycle: u64, crash_at: Option<&str>) -> s
         None => c.env_remove("VDREP_CRASH_AT"),
     };
     c.spawn().unwrap()
+}
+
+/// Child entry point: forget [`VM`] in the store at `$VDREP_TEST_FORGET`
+/// (through the seam, as the receiver's data path sees it).
+#[test]
+fn child_forget() {
+    let Ok(root) = std::env::var("VDREP_TEST_FORGET") else {
+        return;
+    };
+    let store = FailStore::from_env(Arc::new(Store::open(Path::new(&root)).unwrap()));
+    store.forget(SITE, VM).unwrap();
+    println!("FORGOTTEN");
+}
+
+/// A crash in the middle of a forget (the VM folder moved away, not yet
+/// deleted) leaves no VM half there: it is gone at once, and recovery
+/// deletes the rest. A crash before it leaves the VM whole.
+#[test]
+fn crash_during_forget_is_finished_by_recovery() {
+    for step in ["forget-moved", "before-forget"] {
+        let h = DirHarness::new(false);
+        let disk = vec![9u8; 128 << 10];
+        initial(h.open().as_ref(), &disk, 1);
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "child_forget", "--nocapture", "--test-threads=1"])
+            .env("VDREP_TEST_FORGET", &h.root)
+            .env("VDREP_CRASH_AT", step)
+            .stderr(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{step}: the child did not crash");
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("FORGOTTEN"));
+        let vms = h.root.join("sites").join(SITE).join("vms");
+        let left: Vec<String> = std::fs::read_dir(&vms)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let store = h.open();
+        let r = store.recover().unwrap();
+        if step == "forget-moved" {
+            assert!(
+                left.iter().any(|n| n.starts_with(".forget-vm1-")),
+                "{left:?}"
+            );
+            assert!(!store.vms().contains(&(SITE.to_string(), VM.to_string())));
+            assert!(
+                r.actions
+                    .iter()
+                    .any(|a| a.contains("a forget was interrupted")),
+                "{r:?}"
+            );
+            assert_eq!(std::fs::read_dir(&vms).unwrap().count(), 0, "not cleaned");
+        } else {
+            assert_eq!(left, vec![VM.to_string()]);
+            assert_eq!(store_suite::read_current(store.as_ref(), DISK), disk);
+        }
+    }
 }
 
 #[test]

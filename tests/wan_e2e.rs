@@ -251,3 +251,137 @@ fn two_vms_keep_committing_points_while_a_third_copies() {
     m.umount();
     relay.stop();
 }
+
+/// A 10 Mbit/s, 150 ms branch-office link. One VM writes scattered 4 KiB
+/// blocks at about 2.5 MB/s, twice the link rate, for several seconds; a
+/// second VM on the same link writes a little and syncs, again and again.
+/// Issue 14's promise: churn above the link rate degrades gracefully. The
+/// hot VM's backlog grows (its pending bytes and lag show it) but nothing
+/// collapses: the quiet VM keeps committing points throughout (it is not
+/// starved), and when the churn stops the hot VM drains and both replicas
+/// equal their sources.
+#[test]
+fn churn_above_a_branch_link_rate_starves_no_vm_and_loses_nothing() {
+    require_fuse!();
+    let site = TwoSites::new();
+    let root = site.root.as_path();
+    let s = |p: &str| site.s(p);
+    // The hot disk is small so the backlog is bounded by the bitmap
+    // (rewrites of a dirty block cost nothing more) and the drain is short.
+    for (name, mib) in [("hot.img", 12u64), ("quiet.img", 4)] {
+        std::fs::File::create(root.join("vm").join(name))
+            .unwrap()
+            .set_len(mib << 20)
+            .unwrap();
+    }
+    let rx = site.receiver("127.0.0.1:0");
+    let link = LinkParams::symmetric(10.0, 150.0, 0.0);
+    let relay = Relay::start(
+        "127.0.0.1:0".parse().unwrap(),
+        rx.addr.parse().unwrap(),
+        link,
+        link,
+        0xb4a0,
+    )
+    .unwrap();
+    let mut m = site.mount();
+    let to = relay.addr.to_string();
+    for (vm, disk) in [("hot", "hot.img"), ("quiet", "quiet.img")] {
+        vdrep_ok(&[
+            "protect",
+            vm,
+            "--to",
+            &to,
+            "--trust",
+            &s("kb/site-b.crt"),
+            "--every",
+            "continuous",
+            &s(&format!("vm/{disk}")),
+        ]);
+        vdrep_ok(&["sync", vm, "--timeout", "120"]);
+    }
+    let store = root.join("store");
+    let hot = std::fs::OpenOptions::new()
+        .write(true)
+        .open(root.join("vm/hot.img"))
+        .unwrap();
+    let quiet = std::fs::OpenOptions::new()
+        .write(true)
+        .open(root.join("vm/quiet.img"))
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let stop = stop.clone();
+        let hot = hot.try_clone().unwrap();
+        std::thread::spawn(move || {
+            // 64 blocks of 4 KiB every 100 ms: ~2.6 MB/s of random data.
+            let (mut x, mut block, mut written) = (0x9e37_79b9u64, vec![0u8; 4096], 0u64);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                for _ in 0..64 {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    xorshift_fill(&mut block, x);
+                    hot.write_all_at(&block, (x >> 33) % 3072 * 4096).unwrap();
+                    written += 4096;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            hot.sync_all().unwrap();
+            written
+        })
+    };
+    // Let the backlog build before the quiet VM's rounds start.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let before = points_of(&store, "quiet");
+    let mut block = vec![0u8; 16 << 10];
+    let started = Instant::now();
+    let mut max_pending = 0u64;
+    let rounds = 4u64;
+    for round in 0..rounds {
+        xorshift_fill(&mut block, 7000 + round);
+        quiet.write_all_at(&block, round * (16 << 10)).unwrap();
+        let t = Instant::now();
+        vdrep_ok(&["sync", "quiet", "--timeout", "60"]);
+        let h = vm_status(&m, "hot");
+        max_pending = max_pending.max(h["bytes_pending"].as_u64().unwrap_or(0));
+        println!(
+            "quiet round {round}: synced in {:?} while hot has {} bytes pending, lag {}",
+            t.elapsed(),
+            h["bytes_pending"],
+            h["lag_secs"]
+        );
+    }
+    let quiet_secs = started.elapsed().as_secs_f64();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let written = churn.join().unwrap();
+    let after = points_of(&store, "quiet");
+    assert!(
+        after >= before + rounds as usize,
+        "the quiet VM committed {} points in {rounds} synced rounds",
+        after - before
+    );
+    // The churn really exceeded the link: a backlog formed.
+    let churn_secs = 3.0 + quiet_secs;
+    println!(
+        "hot wrote {written} bytes in {churn_secs:.1} s ({:.1} MB/s on a 1.25 MB/s link); largest backlog seen {max_pending} bytes",
+        written as f64 / churn_secs / 1e6
+    );
+    assert!(
+        max_pending > 1 << 20,
+        "no backlog formed on the hot VM ({max_pending} bytes pending at most): the test did not test churn above the link rate"
+    );
+    // The churn stopped: the hot VM drains and nothing is lost.
+    let t = Instant::now();
+    vdrep_ok(&["sync", "hot", "--timeout", "240"]);
+    println!("hot drained in {:?}", t.elapsed());
+    drop((hot, quiet));
+    for (vm, disk) in [("hot", "hot"), ("quiet", "quiet")] {
+        let st = vm_status(&m, vm);
+        assert_eq!(st["state"], "Normal", "{st}");
+        let replica = site.replica(vm, &format!("{disk}.vhd"));
+        assert_replica_equals(&root.join(format!("vm/{disk}.img")), &replica);
+    }
+    m.umount();
+    relay.stop();
+}

@@ -92,3 +92,14 @@ pub fn reload(dir: Option<PathBuf>) -> i32 {
     }
     0
 }
+
+/// The `[site] notify_command` of `cfg`, with its time limit.
+pub fn notify_spec(cfg: Option<&Config>) -> Option<crate::events::notify::NotifySpec> {
+    let site = &cfg?.site;
+    Some(crate::events::notify::NotifySpec {
+        cmd: site.notify_command.clone()?,
+        timeout: site
+            .notify_timeout
+            .unwrap_or(crate::events::notify::DEFAULT_TIMEOUT),
+    })
+}

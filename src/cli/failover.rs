@@ -11,7 +11,7 @@ use super::fmt::human;
 use crate::failover::plan::{parse, run};
 use crate::failover::test::{self, Accel, BootOptions};
 use crate::failover::{role_change, FailoverError};
-use crate::receiver::control::RecvControlErrorKind;
+use crate::ipc::CallErrorKind;
 use crate::testview::{format_utc, PointSel};
 
 #[derive(Subcommand, Debug)]
@@ -51,8 +51,30 @@ pub enum PlanCmd {
 /// `vdrep failover NAME --store DIR MODE ...`.
 #[derive(clap::Args, Debug)]
 pub struct FailoverArgs {
-    /// VM name.
-    pub name: String,
+    /// VM name (default: the --domain's name).
+    #[arg(required_unless_present = "domain")]
+    pub name: Option<String>,
+    /// A libvirt domain, failed over as a VM: --test defines and starts
+    /// DOMAIN-test (new UUID and MACs) on the exposed point, every NIC on
+    /// the isolated --test-network; --cleanup destroys and undefines it;
+    /// --unplanned defines and starts DOMAIN on the live disks, NICs
+    /// remapped by --network-map.
+    #[arg(long, conflicts_with_all = ["boot", "planned", "commit"])]
+    pub domain: Option<String>,
+    /// With --domain: its definition (the XML of `virsh dumpxml`) instead of
+    /// the definition of DOMAIN in this site's libvirt.
+    #[arg(long, requires = "domain", value_name = "FILE")]
+    pub definition: Option<PathBuf>,
+    /// With --domain --test: the isolated libvirt network of the test copy
+    /// (created if missing: no forwarding, no addresses; removed by
+    /// --cleanup if it created it and nothing else is attached).
+    #[arg(long, requires = "domain", default_value = crate::failover::domain::TEST_NETWORK)]
+    pub test_network: String,
+    /// With --domain --unplanned: FROM=TO,... — a NIC on the network or
+    /// bridge FROM goes to the libvirt network (or host bridge) TO here,
+    /// e.g. br0=br-dr,default=dr-net. Every NIC must land on one that exists.
+    #[arg(long, requires = "domain", value_name = "MAP")]
+    pub network_map: Option<String>,
     /// The receiver's store folder (`vdrep receive --store`).
     #[arg(long)]
     pub store: PathBuf,
@@ -132,17 +154,30 @@ pub struct FailoverMode {
     /// Cancel an uncommitted unplanned failover at this site: stop the live
     /// disks' mount, discard every write made on them since the failover,
     /// and put the replica and all its recovery points back exactly as they
-    /// were; replication from the original primary resumes.
+    /// were; replication from the original primary resumes. With --domain,
+    /// the domain started on the live disks is destroyed and undefined first.
     #[arg(long)]
     pub cancel: bool,
 }
 
 impl FailoverArgs {
+    /// The VM's name: NAME, else the domain's.
+    pub fn vm(&self) -> &str {
+        self.name
+            .as_deref()
+            .or(self.domain.as_deref())
+            .unwrap_or_default()
+    }
+
     /// `vdrep failover VM --test --store STORE` with every other option at
     /// its default (a recovery plan's test failover of one VM).
     fn test_of(vm: &str, store: &Path) -> FailoverArgs {
         FailoverArgs {
-            name: vm.to_string(),
+            name: Some(vm.to_string()),
+            domain: None,
+            definition: None,
+            test_network: crate::failover::domain::TEST_NETWORK.into(),
+            network_map: None,
             store: store.to_path_buf(),
             site: None,
             mode: FailoverMode {
@@ -204,10 +239,10 @@ impl Out {
 /// receiver runs; `what: reason` if it refused.
 fn recv_fail(out: Out, what: &str, e: FailoverError) -> Out {
     match e {
-        FailoverError::Receiver(r) if r.kind() == RecvControlErrorKind::Refused => {
+        FailoverError::Control(r) if r.kind() == CallErrorKind::Refused => {
             out.fail(1, format!("vdrep: {what}: {r}"))
         }
-        FailoverError::Receiver(r) if r.kind() == RecvControlErrorKind::NotRunning => {
+        FailoverError::Control(r) if r.kind() == CallErrorKind::NotRunning => {
             out.fail(2, format!("vdrep: {r}"))
         }
         e => out.fail(1, format!("vdrep: {e}")),
@@ -217,6 +252,17 @@ fn recv_fail(out: Out, what: &str, e: FailoverError) -> Out {
 /// `vdrep failover NAME --store DIR MODE ...`.
 pub fn failover(a: FailoverArgs) -> i32 {
     let m = &a.mode;
+    if let Some(d) = a.domain.clone() {
+        if m.test {
+            return super::domain::test(&a, &d);
+        }
+        if m.cleanup {
+            return super::domain::cleanup(&a, &d);
+        }
+        if m.unplanned {
+            return super::domain::unplanned(&a, &d);
+        }
+    }
     if m.planned {
         return planned(&a);
     }
@@ -230,14 +276,14 @@ pub fn failover(a: FailoverArgs) -> i32 {
         return unplanned(
             &a.store,
             a.site.as_deref(),
-            &a.name,
+            a.vm(),
             a.point.as_deref(),
             a.json,
         )
         .show();
     }
     if m.cleanup {
-        return cleanup(&a.store, a.site.clone(), &a.name).show();
+        return cleanup(&a.store, a.site.clone(), a.vm()).show();
     }
     test_failover(&a).show()
 }
@@ -277,9 +323,9 @@ fn test_failover(a: &FailoverArgs) -> Out {
         },
         other => other.clone(),
     };
-    let view = match test::expose(&a.store, a.site.clone(), &a.name, sel, at) {
+    let view = match test::expose(&a.store, a.site.clone(), a.vm(), sel, at) {
         Ok(v) => v,
-        Err(e) => return recv_fail(out, &format!("test failover of {}", a.name), e),
+        Err(e) => return recv_fail(out, &format!("test failover of {}", a.vm()), e),
     };
     let mut boot = None;
     if a.boot {
@@ -299,7 +345,7 @@ fn test_failover(a: &FailoverArgs) -> Out {
             Err(e) => {
                 return out.fail(1, format!(
                     "vdrep: the disks are exposed but the test VM did not start: {e}; remove the test failover with `vdrep failover {} --cleanup --store {}`",
-                    a.name,
+                    a.vm(),
                     a.store.display()
                 ))
             }
@@ -316,7 +362,7 @@ fn test_failover(a: &FailoverArgs) -> Out {
     }
     out.err(format!(
         "{}: test failover of point {} ({} UTC); the VM's writes go to a scratch overlay",
-        a.name,
+        a.vm(),
         view.cycle,
         format_utc(view.time_unix_ns)
     ));
@@ -331,7 +377,7 @@ fn test_failover(a: &FailoverArgs) -> Out {
     }
     out.err(format!(
         "remove it with: vdrep failover {} --cleanup --store {}",
-        a.name,
+        a.vm(),
         a.store.display()
     ));
     out
@@ -343,7 +389,7 @@ fn say(s: &str) {
 
 /// `--planned`.
 fn planned(a: &FailoverArgs) -> i32 {
-    let vm = a.name.as_str();
+    let vm = a.vm();
     let Some(reverse_to) = a.reverse_to.as_deref() else {
         eprintln!("vdrep: --planned needs --reverse-to HOST:PORT (this site's receiver, for replicating back)");
         return 2;
@@ -385,7 +431,18 @@ fn planned(a: &FailoverArgs) -> i32 {
 
 /// `--cancel`.
 fn cancel(a: &FailoverArgs) -> i32 {
-    let vm = a.name.as_str();
+    let vm = a.vm();
+    if let Some(d) = &a.domain {
+        let virsh = crate::libvirt::Virsh::new();
+        match crate::failover::domain::remove_failed_over(&virsh, d, &a.store.join("live")) {
+            Ok(true) => println!("{vm}: domain {d} destroyed and undefined"),
+            Ok(false) => {}
+            Err(e) => {
+                eprintln!("vdrep: cancel of the failover of {vm}: {e}");
+                return 1;
+            }
+        }
+    }
     match role_change::cancel(&a.store, a.site.as_deref(), vm) {
         Ok(r) => {
             if a.json {
@@ -410,7 +467,7 @@ fn cancel(a: &FailoverArgs) -> i32 {
 
 /// `--commit`.
 fn commit(a: &FailoverArgs) -> i32 {
-    let vm = a.name.as_str();
+    let vm = a.vm();
     match role_change::commit(&a.store, a.site.as_deref(), vm, &say) {
         Ok(l) => {
             println!(

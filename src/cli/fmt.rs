@@ -4,8 +4,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::daemon::control::{self, ControlError, ControlErrorKind, Request};
-use crate::receiver::control::{RecvControlError, RecvControlErrorKind};
+use crate::daemon::control::{self, Request};
+use crate::ipc::{CallError, CallErrorKind};
 
 /// `n` bytes for people: `512 B`, `1.5 MiB`.
 pub fn human(n: u64) -> String {
@@ -23,20 +23,12 @@ pub fn human(n: u64) -> String {
     }
 }
 
-/// Print a mount daemon error; its exit code (2: no mount running).
-pub fn control_err(e: ControlError) -> i32 {
+/// Print a mount daemon's or receiver's error; its exit code (2: it is not
+/// running).
+pub fn control_err(e: CallError) -> i32 {
     eprintln!("vdrep: {e}");
     match e.kind() {
-        ControlErrorKind::NotRunning => 2,
-        _ => 1,
-    }
-}
-
-/// Print a receiver error; its exit code (2: no receiver running).
-pub fn recv_err(e: RecvControlError) -> i32 {
-    eprintln!("vdrep: {e}");
-    match e.kind() {
-        RecvControlErrorKind::NotRunning => 2,
+        CallErrorKind::NotRunning => 2,
         _ => 1,
     }
 }

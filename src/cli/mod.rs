@@ -6,22 +6,30 @@
 //! (`scripts/check-layers.sh`).
 //!
 //! - [`mount`]: `mount`, `umount`, `cut`, `status`;
+//! - [`events`]: `events [DIR | --store STORE] [--follow] [--json]`;
 //! - [`replication`]: `receive`, `protect`, `unprotect`, `sync`;
 //! - [`points`]: `points`, `resync`, `verify`, `hash-bench`;
 //! - [`failover`]: `failover`, `reverse`, `plan`;
+//! - [`domain`]: the libvirt parts: `protect --domain`, `failover --domain`;
 //! - [`config`]: `config check`, `reload`, the configuration file mapped onto
 //!   `mount` and `receive`;
 //! - [`keys`]: `keys init`; [`hrl`]: `hrl dump|verify|apply`;
+//! - [`service`]: `completions`, `man`, `--log-format`;
+//! - [`forget`]: `forget` (delete a VM's replica and history);
 //! - [`fmt`]: sizes, progress lines and bars, error exit codes.
 
 pub mod config;
+pub mod domain;
+pub mod events;
 pub mod failover;
 pub mod fmt;
+pub mod forget;
 pub mod hrl;
 pub mod keys;
 pub mod mount;
 pub mod points;
 pub mod replication;
+pub mod service;
 
 use std::path::{Path, PathBuf};
 
@@ -42,6 +50,10 @@ pub struct Cli {
     /// `mount` and `receive` if it exists; flags override it).
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// How `mount` and `receive` log, one event per line: text or JSON
+    /// (default: the configuration's `[site] log_format`, else text).
+    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<service::LogFormatArg>,
     #[command(subcommand)]
     pub cmd: Cmd,
 }
@@ -63,6 +75,9 @@ pub enum KeysCmd {
     /// Make a site identity: KEYDIR/SITE.crt (hand it to peers) and
     /// KEYDIR/SITE.key (private, mode 0600).
     Init(keys::KeysInitArgs),
+    /// Replace this site's key pair; the old one moves to KEYDIR/retired/
+    /// so peers can trust both until each has the new certificate.
+    Rotate(keys::KeysRotateArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -70,16 +85,24 @@ pub enum Cmd {
     /// Mount vdrep over DIR itself and track writes to the disk images in it.
     ///
     /// Returns once the mount is live; the daemon keeps running in the
-    /// background (logs in DIR/.vdrep/daemon.log) until `vdrep umount DIR`.
+    /// background (logs in --log-file) until `vdrep umount DIR`. Under
+    /// systemd, use the unit vdrep-mount@.service, which runs it with
+    /// --foreground.
     /// With a configuration file, every `[[vm]]` whose disks are under DIR
     /// is protected as `vdrep protect` would with the same settings, and
     /// the `[[mount]]` entry and `[site] keys` give the defaults of the flags.
     Mount {
         /// The folder holding the VM disks; it stays usable at the same path.
         dir: PathBuf,
-        /// Stay in the foreground and log to stderr.
+        /// Stay in the foreground and log to stderr; tell systemd when the
+        /// mount is ready ($NOTIFY_SOCKET, Type=notify).
         #[arg(long)]
         foreground: bool,
+        /// In the background, the daemon's log file (default
+        /// /var/log/vdrep/mount-ESCAPED.log, ESCAPED as `systemd-escape
+        /// --path DIR`).
+        #[arg(long, value_name = "FILE", conflicts_with = "foreground")]
+        log_file: Option<PathBuf>,
         /// Tracking granularity in bytes (power of two, 512..1048576).
         /// Default 4096.
         #[arg(long)]
@@ -98,6 +121,34 @@ pub enum Cmd {
         /// replicate the disks with `vdrep protect`.
         #[arg(long)]
         keys: Option<PathBuf>,
+        /// Serve Prometheus/OpenMetrics metrics at http://ADDR/metrics
+        /// (e.g. 127.0.0.1:9477); overrides the `[[mount]]` entry's
+        /// `metrics_listen`.
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<std::net::SocketAddr>,
+    },
+    /// Print the state changes of the protected VMs of a running mount:
+    /// protection started/stopped, state changes with their reason
+    /// (Warning, Critical and back), recovery points committed, alerts
+    /// raised and cleared (RPO exceeded), resyncs started and finished,
+    /// failover steps (fence, release, failback, commit). With --store, the
+    /// failover steps of the running receiver instead (test failover,
+    /// promote, cancel, commit, adopt). Without --follow, the recent events
+    /// the daemon kept, then exit.
+    Events {
+        /// A mounted folder (default: the only running mount).
+        dir: Option<PathBuf>,
+        /// The store of a running `vdrep receive`: its events instead.
+        #[arg(long, conflicts_with = "dir")]
+        store: Option<PathBuf>,
+        /// Keep printing new events as they happen, until the mount stops
+        /// or the command is interrupted.
+        #[arg(long, short)]
+        follow: bool,
+        /// One JSON object per line (the same object `notify_command`
+        /// reads on stdin) instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Re-read the configuration file in the mount daemon of DIR (every
     /// running mount without DIR), like SIGHUP: protect the VMs added,
@@ -160,12 +211,22 @@ pub enum Cmd {
         trust: Vec<PathBuf>,
         #[command(flatten)]
         retention: RetentionArgs,
+        /// Serve Prometheus/OpenMetrics metrics at http://ADDR/metrics
+        /// (e.g. 127.0.0.1:9478); overrides `[receiver] metrics_listen`.
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Protect a VM: replicate its disks (files under a `vdrep mount`) to a
     /// receiver. Checks prerequisites and starts initial replication.
     Protect {
-        /// VM name (one path component).
-        name: String,
+        /// VM name (one path component; default: the --domain's name).
+        #[arg(required_unless_present = "domain")]
+        name: Option<String>,
+        /// A libvirt domain: protect every disk file of its definition (each
+        /// must be under a running `vdrep mount`); warns when it has no
+        /// guest agent channel.
+        #[arg(long, conflicts_with = "disks")]
+        domain: Option<String>,
         /// Receiver address HOST:PORT.
         #[arg(long)]
         to: String,
@@ -194,10 +255,16 @@ pub enum Cmd {
         /// Default: 18:00-08:00+weekends.
         #[arg(long)]
         resync_window: Option<String>,
+        /// Alert when the lag (the age of the newest recovery point) passes
+        /// this while changes wait: the VM shows Warning "RPO exceeded" and
+        /// an event fires (`vdrep events`); it clears once the lag is back
+        /// under. A duration such as 60s, 15min. Default: no alert.
+        #[arg(long, value_name = "DURATION")]
+        rpo_alert: Option<String>,
         #[command(flatten)]
         app: AppHookArgs,
         /// The VM's disk files (all under the same vdrep mount).
-        #[arg(required = true)]
+        #[arg(required_unless_present = "domain")]
         disks: Vec<PathBuf>,
     },
     /// Stop protecting a VM (its replica stays at the receiver).
@@ -311,38 +378,60 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: hrl::HrlCmd,
     },
+    /// At the secondary site: delete a VM's replica and all its recovery
+    /// points. Asks for confirmation on a terminal; elsewhere needs --yes.
+    /// Refused while the VM runs here after a failover, a failover is not
+    /// committed, or a test failover exposes it.
+    Forget(forget::ForgetArgs),
+    /// Print the shell completion script for SHELL on stdout (e.g.
+    /// `vdrep completions bash > /etc/bash_completion.d/vdrep`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (vdrep.1 and one vdrep-COMMAND.1 per command).
+    Man {
+        /// The folder to write them into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 /// Parse the command line and run it; the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    run(cli.cmd, cli.config.as_deref())
+    run(cli.cmd, cli.config.as_deref(), cli.log_format)
 }
 
-/// Run one command (`config`: `--config FILE`); its exit code.
-pub fn run(cmd: Cmd, config: Option<&Path>) -> i32 {
+/// Run one command (`config`: `--config FILE`, `log_format`:
+/// `--log-format`); its exit code.
+pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogFormatArg>) -> i32 {
     match cmd {
         Cmd::Mount {
             dir,
             foreground,
+            log_file,
             block_size,
             patterns,
             threads,
             no_writeback_cache,
             keys,
+            metrics_listen,
         } => {
             let cfg = match self::config::load(config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            let log = (service::log_format(log_format, cfg.as_ref()), log_file);
             mount::mount(
                 dir,
-                foreground,
+                (foreground, log),
                 block_size,
                 patterns,
                 threads,
                 no_writeback_cache,
-                keys,
+                (keys, metrics_listen),
                 cfg.as_ref(),
             )
         }
@@ -350,15 +439,25 @@ pub fn run(cmd: Cmd, config: Option<&Path>) -> i32 {
         Cmd::Reload { dir } => self::config::reload(dir),
         Cmd::Cut { dir, json } => mount::cut(dir, json),
         Cmd::Status { dir, json } => mount::status(dir, json),
+        Cmd::Events {
+            dir,
+            store,
+            follow,
+            json,
+        } => events::events(dir, store, follow, json),
         Cmd::Keys {
             cmd: KeysCmd::Init(a),
         } => keys::run_keys_init(&a),
+        Cmd::Keys {
+            cmd: KeysCmd::Rotate(a),
+        } => keys::run_keys_rotate(&a),
         Cmd::Receive {
             listen,
             store,
             keys,
             trust,
             retention,
+            metrics_listen,
         } => {
             let cfg = match self::config::load(config) {
                 Ok(c) => c,
@@ -370,11 +469,14 @@ pub fn run(cmd: Cmd, config: Option<&Path>) -> i32 {
                 keys,
                 trust,
                 retention,
+                metrics_listen,
             };
-            replication::receive(flags, cfg.as_ref())
+            let log_format = service::log_format(log_format, cfg.as_ref());
+            replication::receive(flags, cfg.as_ref(), log_format)
         }
         Cmd::Protect {
             name,
+            domain,
             to,
             trust,
             every,
@@ -382,17 +484,36 @@ pub fn run(cmd: Cmd, config: Option<&Path>) -> i32 {
             link_max_rate,
             resync_threshold,
             resync_window,
+            rpo_alert,
             app,
             disks,
-        } => replication::protect(
-            name,
-            to,
-            trust,
-            (every, max_rate, link_max_rate),
-            (resync_threshold, resync_window.unwrap_or_default()),
-            app,
-            disks,
-        ),
+        } => {
+            let (disks, name) = match &domain {
+                None => (disks, name.unwrap_or_default()),
+                Some(d) => match domain::protect_disks(d) {
+                    Ok((disks, warnings)) => {
+                        for w in &warnings {
+                            eprintln!("vdrep: warning: {w}");
+                        }
+                        (disks, name.unwrap_or_else(|| d.clone()))
+                    }
+                    Err(code) => return code,
+                },
+            };
+            replication::protect(
+                name,
+                to,
+                trust,
+                (every, max_rate, link_max_rate),
+                (
+                    resync_threshold,
+                    resync_window.unwrap_or_default(),
+                    rpo_alert,
+                ),
+                app,
+                disks,
+            )
+        }
         Cmd::Unprotect { name, dir } => replication::unprotect(name, dir),
         Cmd::Sync { target, timeout } => replication::sync(&target, timeout),
         Cmd::Points {
@@ -434,6 +555,9 @@ pub fn run(cmd: Cmd, config: Option<&Path>) -> i32 {
             cmd: ConfigCmd::Check { content_only },
         } => self::config::check(config, content_only),
         Cmd::Hrl { cmd } => hrl::run(cmd),
+        Cmd::Forget(a) => forget::forget(&a),
+        Cmd::Completions { shell } => service::completions(shell),
+        Cmd::Man { out } => service::man(&out),
         Cmd::HashBench { file, block_size } => points::hash_bench(&file, block_size),
     }
 }

@@ -4,9 +4,10 @@ use std::path::PathBuf;
 
 use super::fmt::{control_err, human, resync_line};
 use crate::config::Config;
-use crate::daemon::control::{self, ControlError, Request};
+use crate::daemon::control::{self, Request};
 use crate::daemon::{self, DaemonError, MountOptions};
 use crate::fs::FsOptions;
+use crate::ipc::{CallError, CallErrorKind};
 use crate::tracking::{DiskState, TrackConfig};
 
 /// `vdrep mount DIR ...`: the flags over the configuration's `[[mount]]`
@@ -15,12 +16,12 @@ use crate::tracking::{DiskState, TrackConfig};
 #[allow(clippy::too_many_arguments)]
 pub fn mount(
     dir: PathBuf,
-    foreground: bool,
+    (foreground, (log_format, log_file)): (bool, (crate::service::LogFormat, Option<PathBuf>)),
     block_size: Option<u32>,
     patterns: Vec<String>,
     threads: usize,
     no_writeback_cache: bool,
-    keys: Option<PathBuf>,
+    (keys, metrics_listen): (Option<PathBuf>, Option<std::net::SocketAddr>),
     cfg: Option<&Config>,
 ) -> i32 {
     let canon = std::fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone());
@@ -55,14 +56,21 @@ pub fn mount(
         Some(Ok(v)) => v,
         Some(Err(code)) => return code,
     };
+    // The daemon does not keep the working folder: a relative --log-file
+    // is taken from here.
+    let log_file = log_file.map(|f| std::path::absolute(&f).unwrap_or(f));
     daemon::mount(MountOptions {
         dir,
         foreground,
+        log_format,
+        log_file,
         track,
         fs,
         keys,
         protect,
         config: cfg.map(|c| std::fs::canonicalize(&c.path).unwrap_or_else(|_| c.path.clone())),
+        metrics_listen: metrics_listen.or(entry.and_then(|m| m.metrics_listen)),
+        notify: super::config::notify_spec(cfg),
     })
 }
 
@@ -80,11 +88,11 @@ pub fn umount(dir: PathBuf, lazy: bool) -> i32 {
             );
             1
         }
-        Err(DaemonError::Control(ControlError::Refused(e))) => {
+        Err(DaemonError::Control(e @ CallError::Refused { .. })) => {
             eprintln!("vdrep: {e}");
             1
         }
-        Err(DaemonError::Control(ControlError::NotRunning { .. })) => {
+        Err(DaemonError::Control(e)) if e.kind() == CallErrorKind::NotRunning => {
             // A daemon that died leaves a dead mount behind: remove it.
             match daemon::unmount(&dir, lazy) {
                 Ok(()) => {
@@ -290,6 +298,9 @@ pub fn status(dir: Option<PathBuf>, json: bool) -> i32 {
             }
             for d in &v.bitmap_only {
                 println!("    {d}: bitmap-only (pending changes passed the threshold; shipped as one cycle when the receiver is reachable)");
+            }
+            if let (Some(a), Some(t)) = (v.health.alert, v.health.rpo_alert_secs) {
+                println!("    {a}: lag above rpo_alert {t}s with changes waiting");
             }
             if let Some(e) = v.last_error {
                 println!("    last error: {e}");

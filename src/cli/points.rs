@@ -3,10 +3,10 @@
 
 use std::path::Path;
 
-use super::fmt::{control_err, human, recv_err, with_progress};
+use super::fmt::{control_err, human, with_progress};
 use crate::daemon::control::{self, Request};
 use crate::failover::{test, FailoverError};
-use crate::receiver::control::RecvControlErrorKind;
+use crate::ipc::CallErrorKind;
 use crate::replica::Consistency;
 use crate::testview::format_utc;
 
@@ -134,8 +134,8 @@ pub fn hash_bench(file: &std::path::Path, bs: usize) -> i32 {
 pub fn points(vm: &str, store: &Path, site: Option<String>, json: bool) -> i32 {
     let (site, mut pts) = match test::points(store, site, vm) {
         Ok(v) => v,
-        Err(FailoverError::Receiver(e)) if e.kind() != RecvControlErrorKind::Refused => {
-            return recv_err(e)
+        Err(FailoverError::Control(e)) if e.kind() != CallErrorKind::Refused => {
+            return control_err(e)
         }
         Err(e) => {
             eprintln!("vdrep: points of {vm}: {e}");

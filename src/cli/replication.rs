@@ -16,12 +16,17 @@ pub struct ReceiveFlags {
     pub keys: Option<PathBuf>,
     pub trust: Vec<PathBuf>,
     pub retention: RetentionArgs,
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// `vdrep receive ...` (foreground; logs to stderr): the flags over the
 /// configuration file's `[receiver]` (if any).
-pub fn receive(flags: ReceiveFlags, cfg: Option<&crate::config::Config>) -> i32 {
-    init_cli_logging();
+pub fn receive(
+    flags: ReceiveFlags,
+    cfg: Option<&crate::config::Config>,
+    log_format: crate::service::LogFormat,
+) -> i32 {
+    crate::service::init_logging(log_format, crate::service::LogTarget::Stderr);
     let rcv = cfg.and_then(|c| c.receiver.as_ref());
     let site = cfg.map(|c| &c.site);
     let (retention, prune_every) = match flags.retention.policy(rcv) {
@@ -66,6 +71,8 @@ pub fn receive(flags: ReceiveFlags, cfg: Option<&crate::config::Config>) -> i32 
         retention,
         prune_every,
         reload_trust_from,
+        metrics_listen: flags.metrics_listen.or(rcv.and_then(|r| r.metrics_listen)),
+        notify: super::config::notify_spec(cfg),
     }) {
         Ok(()) => 0,
         Err(e) => {
@@ -91,15 +98,6 @@ pub fn unprotect(name: String, dir: Option<PathBuf>) -> i32 {
     }
     eprintln!("vdrep: VM {name} is not protected by any running mount");
     2
-}
-
-fn init_cli_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VDREP_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }
 
 /// `vdrep protect`'s application-consistency hook.
@@ -284,7 +282,7 @@ pub fn protect(
     to: String,
     trust: Vec<PathBuf>,
     (every, max_rate, link_max_rate): (String, Option<String>, Option<String>),
-    (threshold, window): (String, String),
+    (threshold, window, rpo_alert): (String, String, Option<String>),
     AppHookArgs {
         app_hook,
         app_every,
@@ -340,6 +338,14 @@ pub fn protect(
             return 2;
         }
     }
+    let rpo_alert_secs = match rpo_alert.as_deref().map(crate::config::parse_duration) {
+        None => 0,
+        Some(Ok(d)) => d.as_secs().max(1),
+        Some(Err(e)) => {
+            eprintln!("vdrep: --rpo-alert: {e}");
+            return 2;
+        }
+    };
     let every_secs = match parse_interval(&every) {
         Ok(v) => v,
         Err(e) => {
@@ -403,6 +409,7 @@ pub fn protect(
         resync_threshold_pct,
         resync_window: window,
         app_hook,
+        rpo_alert_secs,
     };
     match control::call(&mount, &Request::Protect { spec }) {
         Err(e) => control_err(e),

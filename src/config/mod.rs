@@ -45,6 +45,13 @@ pub struct Site {
     /// Certificates of the peer sites this site trusts (senders for the
     /// receiver; receivers for VMs that name no `trust` of their own).
     pub trust: Vec<PathBuf>,
+    /// How the daemons log (`text` or `json`); `--log-format` overrides it.
+    pub log_format: Option<crate::service::LogFormat>,
+    /// Run on every state-change event with its JSON on stdin
+    /// (`crate::events::notify`).
+    pub notify_command: Option<String>,
+    /// Time limit of one `notify_command` run.
+    pub notify_timeout: Option<Duration>,
 }
 
 /// `[[mount]]`: a tracked folder.
@@ -56,6 +63,8 @@ pub struct MountCfg {
     pub block_size: Option<u32>,
     /// File-name patterns of tracked disks (empty: the default ones).
     pub patterns: Vec<String>,
+    /// Where the mount daemon serves its Prometheus metrics.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// `[receiver]`: the secondary site's receiver and its retention.
@@ -70,6 +79,8 @@ pub struct ReceiverCfg {
     pub keep_last: Option<usize>,
     /// `Some(None)`: `never`.
     pub prune_every: Option<Option<Duration>>,
+    /// Where the receiver serves its Prometheus metrics.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// How often a VM gets a recovery point.
@@ -93,7 +104,9 @@ impl Every {
 #[derive(Debug, Clone, PartialEq)]
 pub struct VmCfg {
     pub name: String,
-    /// The disks, as written (absolute).
+    /// The libvirt domain whose disk files are `disks` (`domain = "web1"`).
+    pub domain: Option<String>,
+    /// The disks, as written (absolute), or the domain's disk files.
     pub disks: Vec<PathBuf>,
     /// The `[[mount]]` folder holding them.
     pub mount: PathBuf,
@@ -114,7 +127,7 @@ pub struct VmCfg {
     pub app_hook: Option<String>,
     pub app_every: Option<Every>,
     pub app_timeout: Option<Duration>,
-    /// Stored for alerting (not acted on yet).
+    /// Lag above which the VM shows Warning "RPO exceeded".
     pub rpo_alert: Option<Duration>,
 }
 
@@ -316,6 +329,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, BadValue> {
         return Err(bad(format!("{s:?}: give a duration above zero")));
     }
     Ok(d)
+}
+
+/// An address to listen on: `IP:PORT` (e.g. 127.0.0.1:9477).
+pub fn parse_listen(s: &str) -> Result<SocketAddr, BadValue> {
+    s.trim().parse::<SocketAddr>().map_err(|_| {
+        BadValue::new(
+            ProblemKind::BadAddress,
+            format!("{s:?} is not IP:PORT to listen on (e.g. 127.0.0.1:9477 or [::]:9477)"),
+        )
+    })
 }
 
 /// `continuous` or a duration.
@@ -557,7 +580,33 @@ impl Cx<'_> {
             }
         }
         let trust = self.certs(&raw.trust, "site.trust", checks);
-        Site { name, keys, trust }
+        let log_format = self.value(&raw.log_format, "site.log_format", |f: &String| {
+            f.parse().map_err(|e: crate::service::BadLogFormat| {
+                BadValue::new(ProblemKind::BadValue, e.to_string())
+            })
+        });
+        let notify_command = self.value(&raw.notify_command, "site.notify_command", |s: &String| {
+            if s.trim().is_empty() {
+                Err(BadValue::new(
+                    ProblemKind::BadValue,
+                    "give a shell command (e.g. /usr/share/vdrep/notify-webhook.sh URL), or leave the key out",
+                ))
+            } else {
+                Ok(s.clone())
+            }
+        });
+        let notify_timeout =
+            self.value(&raw.notify_timeout, "site.notify_timeout", |s: &String| {
+                parse_duration(s)
+            });
+        Site {
+            name,
+            keys,
+            trust,
+            log_format,
+            notify_command,
+            notify_timeout,
+        }
     }
 
     fn mounts(&mut self, raw: &[raw::Mount], checks: Checks) -> Vec<MountCfg> {
@@ -596,10 +645,15 @@ impl Cx<'_> {
                         )),
                     },
                 );
+            let metrics_listen =
+                self.value(&m.metrics_listen, "mount.metrics_listen", |s: &String| {
+                    parse_listen(s)
+                });
             out.push(MountCfg {
                 path,
                 block_size,
                 patterns: m.patterns.clone().unwrap_or_default(),
+                metrics_listen,
             });
         }
         out
@@ -653,6 +707,11 @@ impl Cx<'_> {
                 )
             })
         });
+        let metrics_listen = self.value(
+            &r.metrics_listen,
+            "receiver.metrics_listen",
+            |s: &String| parse_listen(s),
+        );
         Some(ReceiverCfg {
             listen: listen?,
             store: store?,
@@ -661,7 +720,50 @@ impl Cx<'_> {
             keep_for,
             keep_last,
             prune_every,
+            metrics_listen,
         })
+    }
+
+    /// The disk files of libvirt domain `dom` (read through libvirt), each
+    /// spanning the `domain` value; a disk that is not a file, or a
+    /// domain libvirt does not know, is a problem.
+    fn domain_disks(&mut self, dom: &Spanned<String>, key: &str) -> Vec<Spanned<String>> {
+        let virsh = crate::libvirt::Virsh::new();
+        let def = match virsh
+            .dumpxml(dom.get_ref())
+            .and_then(|x| crate::libvirt::Definition::parse(&x))
+        {
+            Ok(d) => d,
+            Err(e) => {
+                self.problem(dom, key, ProblemKind::BadValue, e.to_string());
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        for d in &def.disks {
+            if matches!(d.device.as_str(), "cdrom" | "floppy") || d.readonly {
+                continue;
+            }
+            match d.file.as_ref().filter(|_| d.is_replicated()) {
+                Some(f) => out.push(Spanned::new(
+                    dom.span(),
+                    f.to_string_lossy().into_owned(),
+                )),
+                None => self.problem(
+                    dom,
+                    key,
+                    ProblemKind::DiskOutsideMount,
+                    format!(
+                        "disk {} of domain {} is a {} disk ({}), not a file under a [[mount]]: vdrep replicates disk files",
+                        d.target,
+                        def.name,
+                        d.kind,
+                        d.source
+                    ),
+                ),
+            }
+        }
+        out
     }
 
     fn vm(
@@ -694,15 +796,28 @@ impl Cx<'_> {
         let mut disks = Vec::new();
         let mut rels = Vec::new();
         let mut mount: Option<PathBuf> = None;
-        if v.disks.is_empty() {
+        let domain_disks = match &v.domain {
+            Some(dom) if !v.disks.is_empty() => {
+                self.problem(
+                    dom,
+                    &k("domain"),
+                    ProblemKind::BadValue,
+                    "give the disks or the domain (its disk files), not both".into(),
+                );
+                Vec::new()
+            }
+            Some(dom) if checks == Checks::Files => self.domain_disks(dom, &k("domain")),
+            _ => Vec::new(),
+        };
+        if v.disks.is_empty() && v.domain.is_none() {
             self.problem(
                 &v.name,
                 &k("disks"),
                 ProblemKind::BadValue,
-                "name at least one disk".into(),
+                "name at least one disk (or a libvirt domain = \"NAME\")".into(),
             );
         }
-        for d in &v.disks {
+        for d in v.disks.iter().chain(&domain_disks) {
             let Some(p) = self.path(d, &k("disks")) else {
                 continue;
             };
@@ -815,6 +930,7 @@ impl Cx<'_> {
         }
         Some(VmCfg {
             name: v.name.get_ref().clone(),
+            domain: v.domain.as_ref().map(|d| d.get_ref().clone()),
             disks,
             mount: mount?,
             disks_rel: rels,

@@ -24,6 +24,9 @@ pub struct Site {
     pub name: Option<S>,
     pub keys: Option<S>,
     pub trust: Option<Vec<S>>,
+    pub log_format: Option<S>,
+    pub notify_command: Option<S>,
+    pub notify_timeout: Option<S>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -32,6 +35,7 @@ pub struct Mount {
     pub path: S,
     pub block_size: Option<Spanned<i64>>,
     pub patterns: Option<Vec<String>>,
+    pub metrics_listen: Option<S>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -44,6 +48,7 @@ pub struct Receiver {
     pub keep_for: Option<S>,
     pub keep_last: Option<Spanned<i64>>,
     pub prune_every: Option<S>,
+    pub metrics_listen: Option<S>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -52,6 +57,7 @@ pub struct Vm {
     pub name: S,
     #[serde(default)]
     pub disks: Vec<S>,
+    pub domain: Option<S>,
     pub to: S,
     pub trust: Option<Vec<S>>,
     pub every: Option<S>,

@@ -200,3 +200,88 @@ fn a_vm_needs_a_certificate_to_trust() {
         .iter()
         .all(|p| p.key.ends_with(".trust") && p.kind == ProblemKind::BadValue));
 }
+
+#[test]
+fn log_format_is_text_or_json() {
+    let with = |v: &str| {
+        GOOD.replace(
+            "name = \"prod\"",
+            &format!("name = \"prod\"\nlog_format = {v}"),
+        )
+    };
+    let c = check(&with("\"json\"")).unwrap();
+    assert_eq!(c.site.log_format, Some(crate::service::LogFormat::Json));
+    assert_eq!(check(GOOD).unwrap().site.log_format, None);
+    let p = problems(&with("\"xml\""));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(
+        (p[0].kind, p[0].key.as_str()),
+        (ProblemKind::BadValue, "site.log_format")
+    );
+    assert_eq!(p[0].line, 4, "{p:?}");
+    assert!(p[0].msg.contains("`text` or `json`"), "{}", p[0].msg);
+}
+
+#[test]
+fn metrics_and_notify_keys() {
+    let text = GOOD
+        .replace(
+            "trust = [\"/etc/vdrep/peers/dr.crt\"]\n",
+            "trust = [\"/etc/vdrep/peers/dr.crt\"]\nnotify_command = \"/usr/share/vdrep/notify-webhook.sh https://hooks.example/x\"\nnotify_timeout = \"5s\"\n",
+        )
+        .replace(
+            "path = \"/srv/vdrep-test-vms\"\n",
+            "path = \"/srv/vdrep-test-vms\"\nmetrics_listen = \"127.0.0.1:9477\"\n",
+        )
+        .replace(
+            "prune_every = \"1min\"\n",
+            "prune_every = \"1min\"\nmetrics_listen = \"[::1]:9478\"\n",
+        );
+    let c = check(&text).unwrap();
+    assert_eq!(
+        c.site.notify_command.as_deref(),
+        Some("/usr/share/vdrep/notify-webhook.sh https://hooks.example/x")
+    );
+    assert_eq!(c.site.notify_timeout, Some(Duration::from_secs(5)));
+    assert_eq!(
+        c.mounts[0].metrics_listen,
+        Some("127.0.0.1:9477".parse().unwrap())
+    );
+    assert_eq!(
+        c.receiver.unwrap().metrics_listen,
+        Some("[::1]:9478".parse().unwrap())
+    );
+    let bad = text.replace("127.0.0.1:9477", "localhost");
+    let p = problems(&bad);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].kind, ProblemKind::BadAddress);
+    assert_eq!(p[0].key, "mount.metrics_listen");
+    let bad = text.replace("notify_timeout = \"5s\"", "notify_timeout = \"soon\"");
+    let p = problems(&bad);
+    assert_eq!(
+        (p[0].kind, p[0].key.as_str()),
+        (ProblemKind::BadDuration, "site.notify_timeout")
+    );
+}
+
+#[test]
+fn a_vm_names_its_disks_or_its_libvirt_domain_not_both() {
+    // A domain alone: its disks come from libvirt (not read in a
+    // content-only check), so no "name at least one disk".
+    let only_domain = GOOD.replace(
+        r#"disks = ["/srv/vdrep-test-vms/db.raw"]"#,
+        r#"domain = "db""#,
+    );
+    if let Err(e) = check(&only_domain) {
+        panic!("a VM with only a domain: {:?}", e.problems());
+    }
+    let both = GOOD.replace(
+        r#"disks = ["/srv/vdrep-test-vms/db.raw"]"#,
+        "disks = [\"/srv/vdrep-test-vms/db.raw\"]\ndomain = \"db\"",
+    );
+    let p = problems(&both);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].key, "vm[db].domain");
+    assert_eq!(p[0].kind, ProblemKind::BadValue);
+    assert!(p[0].msg.contains("not both"), "{p:?}");
+}

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::ipc::{CallError, Server};
 use crate::tracking::{CutReport, TrackerStatus};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -20,6 +21,16 @@ pub enum Request {
     /// Flush the kernel cache, seal a cycle of every disk, write the logs.
     Cut,
     Status,
+    /// The events after `after` (a sequence number; 0: every event still
+    /// kept); with none yet, wait up to `wait_secs` (at most
+    /// [`crate::events::MAX_WAIT_SECS`]) for one: `vdrep events --follow`
+    /// polls.
+    Events {
+        #[serde(default)]
+        after: u64,
+        #[serde(default)]
+        wait_secs: u64,
+    },
     /// Unmount (lazily if `lazy`) and stop after saving state.
     Shutdown {
         lazy: bool,
@@ -137,6 +148,9 @@ pub struct Response {
     /// Disks moved out by [`Request::Release`]: (name, new path).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub released: Option<Vec<(String, PathBuf)>>,
+    /// The answer to [`Request::Events`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<crate::events::Since>,
 }
 
 impl Response {
@@ -149,83 +163,34 @@ impl Response {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ControlError {
-    #[error("no vdrep mount is running for {dir} (no control socket at {sock}): mount it with `vdrep mount {dir}`")]
-    NotRunning { dir: String, sock: String },
-    #[error("talking to the vdrep daemon for {dir}: {source}")]
-    Io {
-        dir: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the vdrep daemon for {dir} sent an unreadable answer: {msg}")]
-    Protocol { dir: String, msg: String },
-    /// The daemon answered, refusing or failing the request (its reason).
-    #[error("{0}")]
-    Refused(String),
-}
-
-/// The kinds of [`ControlError`] callers decide on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ControlErrorKind {
-    /// No daemon serves the folder.
-    NotRunning,
-    /// The exchange with the daemon failed.
-    Transport,
-    /// The daemon refused or failed the request.
-    Refused,
-}
-
-impl ControlError {
-    pub fn kind(&self) -> ControlErrorKind {
-        match self {
-            ControlError::NotRunning { .. } => ControlErrorKind::NotRunning,
-            ControlError::Io { .. } | ControlError::Protocol { .. } => ControlErrorKind::Transport,
-            ControlError::Refused(_) => ControlErrorKind::Refused,
-        }
-    }
-
-    fn of(dir: String, e: crate::ipc::IpcError) -> Self {
-        use crate::ipc::IpcError as E;
-        match e {
-            E::NotListening { sock } => ControlError::NotRunning {
-                dir,
-                sock: sock.display().to_string(),
-            },
-            E::Io { source, .. } => ControlError::Io { dir, source },
-            E::Closed { .. } => ControlError::Protocol {
-                dir,
-                msg: "connection closed without an answer (did the daemon die? see .vdrep/daemon.log)"
-                    .into(),
-            },
-            E::Protocol { msg, .. } => ControlError::Protocol { dir, msg },
-        }
-    }
-}
-
 /// Control socket of the mount over `canonical_dir`.
 pub fn socket_path(canonical_dir: &Path) -> PathBuf {
     crate::ipc::mount_socket(canonical_dir)
 }
 
-/// Send one request to the daemon for `dir` (any path naming the folder).
-pub fn call(dir: &Path, req: &Request) -> Result<Response, ControlError> {
-    let canon = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    crate::ipc::call(&socket_path(&canon), req)
-        .map_err(|e| ControlError::of(canon.display().to_string(), e))
+impl crate::ipc::Answer for Response {
+    fn refusal(&mut self) -> Option<String> {
+        (!self.ok).then(|| self.error.take().unwrap_or_else(|| "failed".into()))
+    }
 }
 
-/// [`call`], with an answer that is not `ok` as [`ControlError::Refused`]
+/// Send one request to the daemon for `dir` (any path naming the folder).
+pub fn call(dir: &Path, req: &Request) -> Result<Response, CallError> {
+    let canon = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let server = Server::Mount {
+        dir: canon.display().to_string(),
+    };
+    crate::ipc::call(&socket_path(&canon), req).map_err(|e| CallError::of(server, e))
+}
+
+/// [`call`], with an answer that is not `ok` as [`CallError::Refused`]
 /// (its reason, or `failed`).
-pub fn call_ok(dir: &Path, req: &Request) -> Result<Response, ControlError> {
-    let r = call(dir, req)?;
-    if !r.ok {
-        return Err(ControlError::Refused(
-            r.error.unwrap_or_else(|| "failed".into()),
-        ));
-    }
-    Ok(r)
+pub fn call_ok(dir: &Path, req: &Request) -> Result<Response, CallError> {
+    let canon = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let server = Server::Mount {
+        dir: canon.display().to_string(),
+    };
+    crate::ipc::call_ok(server, &socket_path(&canon), req)
 }
 
 /// Is `dir` mounted by a running vdrep daemon (does it answer)?

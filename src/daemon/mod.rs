@@ -6,25 +6,32 @@
 //!
 //! Without `--foreground` the daemon forks *before* any thread exists, the
 //! parent waits on a pipe until the mount is live (or failed) and exits with
-//! the child's verdict, so `vdrep mount DIR && use DIR` is race-free.
+//! the child's verdict, so `vdrep mount DIR && use DIR` is race-free; the
+//! child logs to the file `--log-file` names (default
+//! `/var/log/vdrep/mount-ESCAPED.log`), never into the folder. In the
+//! foreground (the systemd unit) it logs to stderr and tells the service
+//! manager when it is ready, reloading or stopping ([`crate::service`]).
 //!
 //! [`control`] holds the daemon's control protocol and its client;
+//! `observe` its metrics endpoint, `notify_command` and failover events;
 //! [`stop`] and [`spawn`] are the typed entry points other layers use to
 //! stop a mount or start one in the background.
 
 pub mod control;
+mod observe;
 pub mod reload;
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use self::control::{ControlError, Request, Response};
+use self::control::{Request, Response};
 use crate::fs::FsOptions;
-use crate::tracking::{TrackConfig, Tracker, STATE_DIR};
+use crate::ipc::CallError;
+use crate::tracking::{TrackConfig, Tracker};
 
 #[derive(Debug, Clone)]
 pub struct MountOptions {
@@ -41,6 +48,15 @@ pub struct MountOptions {
     /// The configuration file SIGHUP and `vdrep reload` re-read (`None`:
     /// the default path).
     pub config: Option<PathBuf>,
+    /// Log events as text or JSON lines.
+    pub log_format: crate::service::LogFormat,
+    /// In the background, the log file (`None`:
+    /// [`crate::service::default_mount_log`]).
+    pub log_file: Option<PathBuf>,
+    /// Where to serve Prometheus metrics (`--metrics-listen`).
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The command run on every event (`notify_command`).
+    pub notify: Option<crate::events::notify::NotifySpec>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +74,7 @@ pub enum DaemonError {
     Track(#[from] crate::tracking::TrackError),
     /// Asking the running daemon to stop failed or was refused.
     #[error(transparent)]
-    Control(#[from] ControlError),
+    Control(#[from] CallError),
     /// The daemon was told to stop but its process did not exit.
     #[error("{} is unmounted but its daemon (pid {pid}) did not exit", dir.display())]
     StillRunning { dir: PathBuf, pid: u32 },
@@ -124,7 +140,7 @@ pub fn mount(opts: MountOptions) -> i32 {
         return 2;
     }
     if opts.foreground {
-        init_logging(None);
+        crate::service::init_logging(opts.log_format, crate::service::LogTarget::Stderr);
         return match serve(&dir, &opts, None) {
             Ok(()) => 0,
             Err(e) => {
@@ -158,9 +174,9 @@ pub fn mount(opts: MountOptions) -> i32 {
                 }
                 None if msg.is_empty() => {
                     eprintln!(
-                        "vdrep: the mount daemon exited before mounting {} (see {}/{STATE_DIR}/daemon.log)",
+                        "vdrep: the mount daemon exited before mounting {} (see {})",
                         dir.display(),
-                        dir.display()
+                        log_path(&dir, &opts).display()
                     );
                     1
                 }
@@ -185,17 +201,26 @@ pub fn mount(opts: MountOptions) -> i32 {
     }
 }
 
-fn init_logging(file: Option<File>) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VDREP_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter);
-    let _ = match file {
-        Some(f) => b
-            .with_ansi(false)
-            .with_writer(std::sync::Mutex::new(f))
-            .try_init(),
-        None => b.with_writer(io::stderr).try_init(),
-    };
+/// The background daemon's log file.
+fn log_path(dir: &Path, opts: &MountOptions) -> PathBuf {
+    opts.log_file
+        .clone()
+        .unwrap_or_else(|| crate::service::default_mount_log(dir))
+}
+
+/// Open (create, append) the background daemon's log file and its folder.
+fn open_log(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(parent)?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
 }
 
 /// Tell the waiting parent how it went (first message wins).
@@ -232,22 +257,19 @@ fn serve_inner(
 ) -> Result<(), DaemonError> {
     let root = open_root(dir).map_err(ioe(dir, "cannot open the folder"))?;
     if ready.is_some() {
-        // Daemon: stdio to /dev/null, logs to .vdrep/daemon.log (through the root fd).
-        let _ = std::fs::create_dir(dir.join(STATE_DIR));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(crate::sys::proc_fd_path(
-                root.as_raw_fd(),
-                &Path::new(STATE_DIR).join("daemon.log"),
-            ))
-            .map_err(ioe(dir, "cannot open .vdrep/daemon.log"))?;
+        // Daemon: stdin from /dev/null, stdout, stderr and logs to the log file.
+        let path = log_path(dir, opts);
+        let log = open_log(&path).map_err(|source| DaemonError::Io {
+            dir: path.clone(),
+            what: "cannot open the log file (choose another with --log-file)",
+            source,
+        })?;
         if let Ok(null) = File::open("/dev/null") {
             let _ = nix::unistd::dup2_stdin(&null);
             let _ = nix::unistd::dup2_stdout(&log);
             let _ = nix::unistd::dup2_stderr(&log);
         }
-        init_logging(Some(log));
+        crate::service::init_logging(opts.log_format, crate::service::LogTarget::File(log));
     }
     // Block termination signals in every thread; one thread waits for them.
     let mut sigs = nix::sys::signal::SigSet::empty();
@@ -290,6 +312,7 @@ fn serve_inner(
                 )))
             }
         };
+    observe::start(dir, opts, &replicator)?;
     let configured = Arc::new(reload::Configured::new(opts.config.clone()));
     {
         let tracker = tracker.clone();
@@ -302,7 +325,11 @@ fn serve_inner(
             Some(&IN_FLIGHT),
             move |req: io::Result<Request>| match req {
                 Err(e) => Response::err(format!("bad request: {e}")),
-                Ok(req) => handle(&req, &tracker, (&rep, &configured), &dir),
+                Ok(req) => {
+                    let resp = handle(&req, &tracker, (&rep, &configured), &dir);
+                    observe::failover_event(&req, &resp, &rep);
+                    resp
+                }
             },
         )
         .map_err(ioe(dir_static(), "cannot start the control thread"))?;
@@ -317,14 +344,17 @@ fn serve_inner(
                 while let Ok(sig) = sigs.wait() {
                     if sig == nix::sys::signal::Signal::SIGHUP {
                         tracing::info!("SIGHUP: reloading the configuration");
+                        crate::service::reloading();
                         if let Err(e) = configured.reload(&rep, &dir) {
                             for l in e.to_string().lines() {
                                 tracing::error!("reload refused, nothing changed: {l}");
                             }
                         }
+                        crate::service::ready(&service_summary(&dir, &rep));
                         continue;
                     }
                     tracing::info!("{sig:?}: unmounting {}", dir.display());
+                    crate::service::stopping(&format!("unmounting {}", dir.display()));
                     if let Err(e) = unmount(&dir, false) {
                         tracing::warn!("unmount: {e}; detaching lazily");
                         let _ = unmount(&dir, true);
@@ -341,8 +371,29 @@ fn serve_inner(
     let report = configured.converge(&replicator, &opts.protect);
     let report: String = report.iter().map(|l| format!("{l}\n")).collect();
     notify(ready, &format!("ok\n{report}"));
+    crate::service::ready(&service_summary(dir, &replicator));
+    {
+        let (d1, r1, d2, t2) = (
+            dir.to_path_buf(),
+            replicator.clone(),
+            dir.to_path_buf(),
+            tracker.clone(),
+        );
+        crate::service::spawn_monitor(
+            Duration::from_secs(2),
+            move || service_summary(&d1, &r1),
+            // Alive: the tracker's state can be read, and the folder answers
+            // through the mount.
+            move || {
+                let _ = t2.status();
+                std::fs::metadata(&d2).is_ok()
+            },
+        )
+        .map_err(ioe(dir_static(), "cannot start the service monitor thread"))?;
+    }
     let run = session.run();
     tracing::info!("FUSE session over {} ended", dir.display());
+    replicator.events().close();
     let saved = tracker.shutdown_clean();
     let t0 = std::time::Instant::now();
     while IN_FLIGHT.load(std::sync::atomic::Ordering::SeqCst) > 0
@@ -355,6 +406,23 @@ fn serve_inner(
     saved?;
     tracing::info!("tracking state saved; clean stop");
     Ok(())
+}
+
+/// The mount's one-line `STATUS=`: the folder, its disks and its VMs by state.
+fn service_summary(dir: &Path, rep: &crate::sender::Replicator) -> String {
+    let vms = rep.status();
+    let mut by_state: std::collections::BTreeMap<String, usize> = Default::default();
+    for v in &vms {
+        *by_state.entry(format!("{:?}", v.state)).or_default() += 1;
+    }
+    let states: Vec<String> = by_state.iter().map(|(s, n)| format!("{n} {s}")).collect();
+    format!(
+        "mounted {}; {} VM(s) protected{}{}",
+        dir.display(),
+        vms.len(),
+        if states.is_empty() { "" } else { ": " },
+        states.join(", ")
+    )
 }
 
 fn dir_static() -> &'static Path {
@@ -396,6 +464,14 @@ fn handle(
                 ..Default::default()
             },
             Err(e) => Response::err(e),
+        },
+        Request::Events { after, wait_secs } => Response {
+            ok: true,
+            events: Some(rep.events().since(
+                *after,
+                Duration::from_secs((*wait_secs).min(crate::events::MAX_WAIT_SECS)),
+            )),
+            ..Default::default()
         },
         Request::Status => Response {
             ok: true,
@@ -627,6 +703,8 @@ pub fn spawn(dir: &Path, keys: &Path, block_size: u32) -> Result<(), DaemonError
         .arg(keys)
         .arg("--block-size")
         .arg(block_size.to_string())
+        // Its readiness is not this process's (a unit's main process).
+        .env_remove("NOTIFY_SOCKET")
         .stdin(std::process::Stdio::null())
         .output()
         .map_err(|e| DaemonError::Spawn(format!("cannot run vdrep mount: {e}")))?;

@@ -10,34 +10,38 @@
 //!   reverse: which site runs a VM (the steps each site takes itself are
 //!   [`crate::roles`]).
 //! - [`plan`]: recovery plans, VMs failed over in ordered groups.
+//! - [`domain`]: a libvirt domain's failover: the test copy on an isolated
+//!   network, the domain started on the live disks with its NICs mapped.
 //!
 //! Nothing here prints: progress goes to a `say` callback and results are
 //! returned, for the command line ([`crate::cli`]) to show.
 
+pub mod domain;
 pub mod plan;
 pub mod role_change;
 pub mod test;
 
-use crate::daemon::control::{ControlError, ControlErrorKind};
 use crate::daemon::DaemonError;
-use crate::receiver::control::{RecvControlError, RecvControlErrorKind};
+use crate::ipc::{CallError, CallErrorKind};
+use crate::libvirt::{LibvirtError, LibvirtErrorKind};
 use crate::roles::{RoleError, RoleErrorKind};
 
 /// Why a failover procedure failed.
 #[derive(Debug, thiserror::Error)]
 pub enum FailoverError {
-    /// The local mount daemon could not be reached or refused.
+    /// The local mount daemon or receiver could not be reached or
+    /// refused ([`CallError::server`] says which).
     #[error(transparent)]
-    Mount(#[from] ControlError),
+    Control(#[from] CallError),
     /// Stopping the local mount daemon failed.
     #[error(transparent)]
     Daemon(#[from] DaemonError),
-    /// The local receiver could not be reached or refused.
-    #[error(transparent)]
-    Receiver(#[from] RecvControlError),
     /// A role change step (here or at the other site) failed.
     #[error(transparent)]
     Role(#[from] RoleError),
+    /// libvirt refused or failed (a domain's failover).
+    #[error(transparent)]
+    Libvirt(#[from] LibvirtError),
     /// Refused in the current state; nothing was changed.
     #[error("{0}")]
     Refused(String),
@@ -90,15 +94,10 @@ impl FailoverError {
     pub fn kind(&self) -> FailoverErrorKind {
         use FailoverErrorKind as K;
         match self {
-            FailoverError::Mount(e) => match e.kind() {
-                ControlErrorKind::NotRunning => K::NotRunning,
-                ControlErrorKind::Transport => K::Transport,
-                ControlErrorKind::Refused => K::Refused,
-            },
-            FailoverError::Receiver(e) => match e.kind() {
-                RecvControlErrorKind::NotRunning => K::NotRunning,
-                RecvControlErrorKind::Transport => K::Transport,
-                RecvControlErrorKind::Refused => K::Refused,
+            FailoverError::Control(e) => match e.kind() {
+                CallErrorKind::NotRunning => K::NotRunning,
+                CallErrorKind::Transport => K::Transport,
+                CallErrorKind::Refused => K::Refused,
             },
             FailoverError::Role(e) => match e.kind() {
                 RoleErrorKind::Local => K::Local,
@@ -106,6 +105,11 @@ impl FailoverError {
                 RoleErrorKind::Refused => K::Refused,
                 RoleErrorKind::Peer => K::Peer,
                 RoleErrorKind::Partial => K::Partial,
+            },
+            FailoverError::Libvirt(e) => match e.kind() {
+                LibvirtErrorKind::NotFound | LibvirtErrorKind::Refused => K::Refused,
+                LibvirtErrorKind::Invalid => K::Invalid,
+                LibvirtErrorKind::Unavailable | LibvirtErrorKind::Failed => K::Local,
             },
             FailoverError::Daemon(_) | FailoverError::Answer(_) => K::Transport,
             FailoverError::Refused(_) => K::Refused,

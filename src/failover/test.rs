@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use super::FailoverError;
-use crate::receiver::control::{self, PointInfo, RecvControlErrorKind, Request};
+use crate::ipc::CallErrorKind;
+use crate::receiver::control::{self, PointInfo, Request};
 use crate::replica::Point;
 use crate::testview::{PointSel, ViewInfo, QEMU_PID_FILE};
 
@@ -112,7 +113,7 @@ pub fn points(
     };
     match control::call_ok(store, &req) {
         Ok(r) => Ok((r.site.unwrap_or_default(), r.points.unwrap_or_default())),
-        Err(e) if e.kind() == RecvControlErrorKind::NotRunning => {
+        Err(e) if e.kind() == CallErrorKind::NotRunning => {
             let (s, p) = points_offline(store, site, vm)?;
             let p = p
                 .into_iter()

@@ -21,6 +21,7 @@ use fuser::{
 use super::handle::{DirEnt, OpenDir, OpenFile};
 use super::inode::{Inode, ROOT_INO};
 use super::VdrepFs;
+use crate::metrics::fuse::{self as metrics, FuseOp};
 use crate::sys::{self, cstr, AlignedBuf};
 use crate::tracking::TrackedDisk;
 
@@ -624,6 +625,7 @@ impl Filesystem for VdrepFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _t = metrics::time(FuseOp::Lookup);
         let p = tri!(self.inode(parent), reply);
         let attr = tri!(self.do_lookup(&p, name), reply);
         reply.entry_with_ttls(&self.attr_ttl, &self.entry_ttl, &attr, GEN);
@@ -634,6 +636,7 @@ impl Filesystem for VdrepFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _t = metrics::time(FuseOp::Getattr);
         let inode = tri!(self.inode(ino), reply);
         let st = match fh.and_then(|f| self.handles.file(f.0)) {
             Some(h) => tri!(sys::fstat(h.file.as_raw_fd()), reply),
@@ -660,6 +663,7 @@ impl Filesystem for VdrepFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _t = metrics::time(FuseOp::Setattr);
         let attr = tri!(
             self.do_setattr(req, ino, mode, uid, gid, size, atime, mtime, fh),
             reply
@@ -708,6 +712,7 @@ impl Filesystem for VdrepFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _t = metrics::time(FuseOp::Unlink);
         tri!(self.do_unlink(parent, name, false), reply);
         reply.ok();
     }
@@ -753,6 +758,7 @@ impl Filesystem for VdrepFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _t = metrics::time(FuseOp::Rename);
         tri!(
             self.do_rename(parent, name, newparent, newname, flags),
             reply
@@ -790,6 +796,7 @@ impl Filesystem for VdrepFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _t = metrics::time(FuseOp::Open);
         let inode = tri!(self.inode(ino), reply);
         let (fh, fopen) = tri!(self.do_open(&inode, flags.0), reply);
         reply.opened(FileHandle(fh), fopen);
@@ -806,6 +813,7 @@ impl Filesystem for VdrepFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let _t = metrics::time(FuseOp::Read);
         // Direct requests are served here too, on the worker that read them:
         // the session has `DIRECT_IO_WORKERS` extra workers so the device
         // queue depth is not capped by `n_threads`.
@@ -825,6 +833,7 @@ impl Filesystem for VdrepFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _t = metrics::time(FuseOp::Write);
         if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
             if let Ok(h) = self.open_file(fh) {
                 if let Some(inode) = self.inodes.get(h.ino) {
@@ -845,6 +854,7 @@ impl Filesystem for VdrepFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _t = metrics::time(FuseOp::Flush);
         reply.ok();
     }
 
@@ -858,6 +868,7 @@ impl Filesystem for VdrepFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _t = metrics::time(FuseOp::Release);
         self.handles.remove_file(fh.0);
         reply.ok();
     }
@@ -870,6 +881,7 @@ impl Filesystem for VdrepFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _t = metrics::time(FuseOp::Fsync);
         let h = tri!(self.open_file(fh), reply);
         tri!(
             if datasync {
@@ -902,6 +914,7 @@ impl Filesystem for VdrepFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _t = metrics::time(FuseOp::Readdir);
         let d = tri!(self.handles.dir(fh.0).ok_or_else(ebadf), reply);
         let inode = tri!(self.inode(INodeNo(d.ino)), reply);
         let _ = ino;
@@ -982,6 +995,7 @@ impl Filesystem for VdrepFs {
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        let _t = metrics::time(FuseOp::Statfs);
         let inode = tri!(
             self.inode(ino).or_else(|_| self.inode(INodeNo(ROOT_INO))),
             reply
@@ -1064,6 +1078,7 @@ impl Filesystem for VdrepFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let _t = metrics::time(FuseOp::Create);
         let (attr, fh, fopen) = tri!(self.do_create(req, parent, name, mode, umask, flags), reply);
         reply.created(&self.attr_ttl, &attr, GEN, FileHandle(fh), fopen);
     }
@@ -1078,6 +1093,7 @@ impl Filesystem for VdrepFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _t = metrics::time(FuseOp::Fallocate);
         let h = tri!(self.open_file(fh), reply);
         tri!(
             match &h.disk {

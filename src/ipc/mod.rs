@@ -6,8 +6,9 @@
 //! ([`serve`]) and calling it ([`call`]). The messages belong to the
 //! programs that serve them: the mount daemon's in
 //! [`crate::daemon::control`], the receiver's in
-//! [`crate::receiver::control`]. Each wraps [`IpcError`] into its own error
-//! with the words its operator needs (which command starts the server).
+//! [`crate::receiver::control`]. Their clients turn [`IpcError`] into a
+//! [`CallError`] naming the [`Server`] with the words its operator needs
+//! (which command starts it, where its log is).
 //!
 //! Protocol: the client writes one JSON request line; the server answers
 //! with one JSON response line and the connection ends. Requests are
@@ -64,6 +65,118 @@ impl IpcError {
             IpcError::Io { .. } => IpcErrorKind::Io,
             IpcError::Closed { .. } => IpcErrorKind::Closed,
             IpcError::Protocol { .. } => IpcErrorKind::Protocol,
+        }
+    }
+}
+
+/// The local server a call went to: names it in messages and says how to
+/// start it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Server {
+    /// The mount daemon of a tracked folder (canonical path).
+    Mount { dir: String },
+    /// The receiver serving a store (canonical path).
+    Receiver { store: String },
+}
+
+impl Server {
+    fn not_running(&self) -> String {
+        match self {
+            Server::Mount { dir } => format!("no vdrep mount is running for {dir}"),
+            Server::Receiver { store } => format!("no receiver is running for the store {store}"),
+        }
+    }
+
+    fn how_to_start(&self) -> String {
+        match self {
+            Server::Mount { dir } => format!("mount it with `vdrep mount {dir}`"),
+            Server::Receiver { store } => {
+                format!("start `vdrep receive --store {store} ...` first")
+            }
+        }
+    }
+
+    fn died(&self) -> &'static str {
+        match self {
+            Server::Mount { .. } => {
+                "did the daemon die? see its log: the journal of vdrep-mount@, or /var/log/vdrep/"
+            }
+            Server::Receiver { .. } => "did the receiver die? see its log",
+        }
+    }
+}
+
+impl std::fmt::Display for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Server::Mount { dir } => write!(f, "the vdrep daemon for {dir}"),
+            Server::Receiver { store } => write!(f, "the receiver of {store}"),
+        }
+    }
+}
+
+/// A request to a local server ([`Server`]) that failed: it is not
+/// running, the exchange failed, or it refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("{} (no control socket at {sock}): {}", server.not_running(), server.how_to_start())]
+    NotRunning { server: Server, sock: String },
+    #[error("talking to {server}: {source}")]
+    Io {
+        server: Server,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{server} sent an unreadable answer: {msg}")]
+    Protocol { server: Server, msg: String },
+    /// The server answered, refusing or failing the request (its reason).
+    #[error("{reason}")]
+    Refused { server: Server, reason: String },
+}
+
+/// The kinds of [`CallError`] callers decide on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallErrorKind {
+    /// No server serves the folder or store.
+    NotRunning,
+    /// The exchange with the server failed.
+    Transport,
+    /// The server refused or failed the request.
+    Refused,
+}
+
+impl CallError {
+    pub fn kind(&self) -> CallErrorKind {
+        match self {
+            CallError::NotRunning { .. } => CallErrorKind::NotRunning,
+            CallError::Io { .. } | CallError::Protocol { .. } => CallErrorKind::Transport,
+            CallError::Refused { .. } => CallErrorKind::Refused,
+        }
+    }
+
+    /// The server the request went to.
+    pub fn server(&self) -> &Server {
+        match self {
+            CallError::NotRunning { server, .. }
+            | CallError::Io { server, .. }
+            | CallError::Protocol { server, .. }
+            | CallError::Refused { server, .. } => server,
+        }
+    }
+
+    /// The failure of a [`call`] to `server`.
+    pub fn of(server: Server, e: IpcError) -> Self {
+        match e {
+            IpcError::NotListening { sock } => CallError::NotRunning {
+                server,
+                sock: sock.display().to_string(),
+            },
+            IpcError::Io { source, .. } => CallError::Io { server, source },
+            IpcError::Closed { .. } => {
+                let msg = format!("connection closed without an answer ({})", server.died());
+                CallError::Protocol { server, msg }
+            }
+            IpcError::Protocol { msg, .. } => CallError::Protocol { server, msg },
         }
     }
 }
@@ -132,6 +245,28 @@ pub fn call<Req: Serialize, Resp: DeserializeOwned>(
         });
     }
     serde_json::from_str(&resp).map_err(proto)
+}
+
+/// An answer that can say the request was refused (and why).
+pub trait Answer {
+    /// The refusal's reason (taken out of the answer), if it is one.
+    fn refusal(&mut self) -> Option<String>;
+}
+
+/// [`call`] `server` on `sock`, with a refusing answer as
+/// [`CallError::Refused`].
+pub fn call_ok<Req: Serialize, Resp: DeserializeOwned + Answer>(
+    server: Server,
+    sock: &Path,
+    req: &Req,
+) -> Result<Resp, CallError> {
+    match call::<Req, Resp>(sock, req) {
+        Ok(mut r) => match r.refusal() {
+            Some(reason) => Err(CallError::Refused { server, reason }),
+            None => Ok(r),
+        },
+        Err(e) => Err(CallError::of(server, e)),
+    }
 }
 
 /// Bind the socket `sock` for the server of `serves` (written to the
@@ -272,6 +407,76 @@ mod tests {
         // An answer of another type is a protocol error.
         let c = call::<_, Vec<u8>>(&sock, &Echo { n: 1 }).unwrap_err();
         assert_eq!(c.kind(), IpcErrorKind::Protocol);
+        unbind(&sock);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An answer that refuses odd numbers.
+    #[derive(Serialize, serde::Deserialize, Debug, PartialEq)]
+    struct Even {
+        n: u32,
+        error: Option<String>,
+    }
+
+    impl Answer for Even {
+        fn refusal(&mut self) -> Option<String> {
+            self.error.take()
+        }
+    }
+
+    #[test]
+    fn call_ok_names_the_server_and_passes_refusals_on() {
+        let dir = std::env::temp_dir().join(format!("vdrep-ipc-ok-{}", std::process::id()));
+        let sock = dir.join("t.sock");
+        let mount = Server::Mount { dir: "/vms".into() };
+        let e = call_ok::<_, Even>(mount.clone(), &sock, &Echo { n: 1 }).unwrap_err();
+        assert_eq!(e.kind(), CallErrorKind::NotRunning);
+        assert_eq!(e.server(), &mount);
+        let msg = e.to_string();
+        assert!(msg.contains("no vdrep mount is running for /vms"), "{msg}");
+        assert!(msg.contains("`vdrep mount /vms`"), "{msg}");
+        let recv = Server::Receiver {
+            store: "/st".into(),
+        };
+        let msg = call_ok::<_, Even>(recv.clone(), &sock, &Echo { n: 1 })
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("`vdrep receive --store /st ...`"), "{msg}");
+
+        let l = bind(&sock, &dir).unwrap();
+        serve(l, "ipc-ok-test", None, |r: io::Result<Echo>| match r {
+            Ok(e) if e.n % 2 == 0 => Even {
+                n: e.n,
+                error: None,
+            },
+            Ok(e) => Even {
+                n: e.n,
+                error: Some(format!("{} is odd", e.n)),
+            },
+            Err(_) => Even {
+                n: 0,
+                error: Some("unreadable".into()),
+            },
+        })
+        .unwrap();
+        let ok: Even = call_ok(recv.clone(), &sock, &Echo { n: 2 }).unwrap();
+        assert_eq!(ok, Even { n: 2, error: None });
+        let e = call_ok::<_, Even>(recv.clone(), &sock, &Echo { n: 3 }).unwrap_err();
+        assert_eq!(e.kind(), CallErrorKind::Refused);
+        assert_eq!(e.server(), &recv);
+        assert_eq!(e.to_string(), "3 is odd");
+        // An answer that does not decode is a transport failure.
+        #[derive(serde::Deserialize, Debug)]
+        struct Other {
+            _m: String,
+        }
+        impl Answer for Other {
+            fn refusal(&mut self) -> Option<String> {
+                None
+            }
+        }
+        let e = call_ok::<_, Other>(recv, &sock, &Echo { n: 2 });
+        assert_eq!(e.unwrap_err().kind(), CallErrorKind::Transport);
         unbind(&sock);
         let _ = std::fs::remove_dir_all(&dir);
     }

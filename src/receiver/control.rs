@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::ipc::{CallError, Server};
 use crate::replica::{self, Point};
 use crate::testview::{PointSel, ViewInfo};
 
@@ -60,6 +61,17 @@ pub enum Request {
     /// Cancel an uncommitted failover: the replica and its points come
     /// back exactly as before it ([`crate::roles::cancel_local`]).
     CancelFailover { site: Option<String>, vm: String },
+    /// Delete a VM's replica and history (`vdrep forget`).
+    Forget { site: Option<String>, vm: String },
+    /// The receiver's events after `after` (0: all kept); with none yet,
+    /// wait up to `wait_secs` (at most
+    /// [`crate::events::MAX_WAIT_SECS`]) for one.
+    Events {
+        #[serde(default)]
+        after: u64,
+        #[serde(default)]
+        wait_secs: u64,
+    },
 }
 
 /// One recovery point as listed by `vdrep points`.
@@ -99,9 +111,15 @@ pub struct Response {
     /// What a cancelled failover restored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancel: Option<crate::roles::CancelReport>,
+    /// What a forget deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forgot: Option<replica::ForgetReport>,
     /// Things the operator should know although the request succeeded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// The answer to [`Request::Events`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<crate::events::Since>,
 }
 
 impl Response {
@@ -120,83 +138,34 @@ impl Response {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum RecvControlError {
-    #[error("no receiver is running for the store {store} (no control socket at {sock}): start `vdrep receive --store {store} ...` first")]
-    NotRunning { store: String, sock: String },
-    #[error("talking to the receiver of {store}: {source}")]
-    Io {
-        store: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the receiver of {store} sent an unreadable answer: {msg}")]
-    Protocol { store: String, msg: String },
-    /// The receiver answered, refusing or failing the request (its reason).
-    #[error("{0}")]
-    Refused(String),
-}
-
-/// The kinds of [`RecvControlError`] callers decide on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RecvControlErrorKind {
-    /// No receiver serves the store.
-    NotRunning,
-    /// The exchange with the receiver failed.
-    Transport,
-    /// The receiver refused or failed the request.
-    Refused,
-}
-
-impl RecvControlError {
-    pub fn kind(&self) -> RecvControlErrorKind {
-        match self {
-            RecvControlError::NotRunning { .. } => RecvControlErrorKind::NotRunning,
-            RecvControlError::Io { .. } | RecvControlError::Protocol { .. } => {
-                RecvControlErrorKind::Transport
-            }
-            RecvControlError::Refused(_) => RecvControlErrorKind::Refused,
-        }
-    }
-
-    fn of(store: String, e: crate::ipc::IpcError) -> Self {
-        use crate::ipc::IpcError as E;
-        match e {
-            E::NotListening { sock } => RecvControlError::NotRunning {
-                store,
-                sock: sock.display().to_string(),
-            },
-            E::Io { source, .. } => RecvControlError::Io { store, source },
-            E::Closed { .. } => RecvControlError::Protocol {
-                store,
-                msg: "connection closed without an answer (did the receiver die? see its log)"
-                    .into(),
-            },
-            E::Protocol { msg, .. } => RecvControlError::Protocol { store, msg },
-        }
-    }
-}
-
 /// Control socket of the receiver serving the store at `canonical_store`.
 pub fn socket_path(canonical_store: &Path) -> PathBuf {
     crate::ipc::socket_in_run_dir("recv-", canonical_store)
 }
 
-/// Send one request to the receiver of `store` (any path naming it).
-pub fn call(store: &Path, req: &Request) -> Result<Response, RecvControlError> {
-    let canon = std::fs::canonicalize(store).unwrap_or_else(|_| store.to_path_buf());
-    crate::ipc::call(&socket_path(&canon), req)
-        .map_err(|e| RecvControlError::of(canon.display().to_string(), e))
+impl crate::ipc::Answer for Response {
+    fn refusal(&mut self) -> Option<String> {
+        (!self.ok).then(|| self.error.take().unwrap_or_else(|| "failed".into()))
+    }
 }
 
-/// [`call`], with an answer that is not `ok` as
-/// [`RecvControlError::Refused`] (its reason, or `failed`).
-pub fn call_ok(store: &Path, req: &Request) -> Result<Response, RecvControlError> {
-    let r = call(store, req)?;
-    if !r.ok {
-        return Err(RecvControlError::Refused(
-            r.error.unwrap_or_else(|| "failed".into()),
-        ));
-    }
-    Ok(r)
+fn server(store: &Path) -> (PathBuf, Server) {
+    let canon = std::fs::canonicalize(store).unwrap_or_else(|_| store.to_path_buf());
+    let server = Server::Receiver {
+        store: canon.display().to_string(),
+    };
+    (socket_path(&canon), server)
+}
+
+/// Send one request to the receiver of `store` (any path naming it).
+pub fn call(store: &Path, req: &Request) -> Result<Response, CallError> {
+    let (sock, server) = server(store);
+    crate::ipc::call(&sock, req).map_err(|e| CallError::of(server, e))
+}
+
+/// [`call`], with an answer that is not `ok` as [`CallError::Refused`]
+/// (its reason, or `failed`).
+pub fn call_ok(store: &Path, req: &Request) -> Result<Response, CallError> {
+    let (sock, server) = server(store);
+    crate::ipc::call_ok(server, &sock, req)
 }

@@ -15,6 +15,8 @@ pub struct Server {
     store: Arc<replica::Store>,
     views: Arc<Views>,
     roles: Arc<crate::roles::ReceiverCtx>,
+    /// The receiver's events (failover steps).
+    events: Arc<crate::events::Bus>,
 }
 
 /// Bind the control socket of `store` and serve it on a background thread.
@@ -23,6 +25,7 @@ pub fn start(
     store: Arc<replica::Store>,
     views: Arc<Views>,
     roles: Arc<crate::roles::ReceiverCtx>,
+    events: Arc<crate::events::Bus>,
 ) -> io::Result<PathBuf> {
     let root = store.root().to_path_buf();
     let sock = socket_path(&root);
@@ -41,6 +44,7 @@ pub fn start(
         store,
         views,
         roles,
+        events,
     };
     crate::ipc::serve(
         listener,
@@ -48,7 +52,12 @@ pub fn start(
         None,
         move |req: io::Result<Request>| match req {
             Err(e) => Response::err(format!("bad request: {e}")),
-            Ok(req) => srv.handle(req),
+            Ok(req) => {
+                let step = super::events::step_of(&req);
+                let resp = srv.handle(req);
+                super::events::emit_step(&srv.events, step, &resp);
+                resp
+            }
         },
     )?;
     Ok(sock)
@@ -70,6 +79,9 @@ impl Server {
 
     fn handle(&self, req: Request) -> Response {
         match req {
+            Request::Events { after, wait_secs } => {
+                super::events::answer(&self.events, after, wait_secs)
+            }
             Request::Ping => Response {
                 pid: Some(std::process::id()),
                 store: Some(self.store.root().to_path_buf()),
@@ -175,6 +187,26 @@ impl Server {
                         cancel: Some(r),
                         ..Response::ok()
                     },
+                    Err(e) => Response::err(e),
+                }
+            }
+            Request::Forget { site, vm } => {
+                let site = match testview::resolve_site(&self.store, site.as_deref(), &vm) {
+                    Ok(s) => s,
+                    Err(e) => return Response::err(e),
+                };
+                if let Some(r) = self.refuse_if_test_failover(&site, &vm) {
+                    return r;
+                }
+                match replica::ReplicaStore::forget(self.store.as_ref(), &site, &vm) {
+                    Ok(f) => {
+                        tracing::info!("forgot {site}/{vm}: {f:?}");
+                        Response {
+                            site: Some(site),
+                            forgot: Some(f),
+                            ..Response::ok()
+                        }
+                    }
                     Err(e) => Response::err(e),
                 }
             }

@@ -18,6 +18,8 @@
 
 pub mod control;
 pub mod control_server;
+mod events;
+pub mod metrics;
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -89,6 +91,10 @@ pub struct ReceiveOptions {
     /// new set of sender certificates is accepted from the next
     /// handshake); `None`: SIGHUP is not handled.
     pub reload_trust_from: Option<PathBuf>,
+    /// Where to serve Prometheus metrics (`metrics_listen`).
+    pub metrics_listen: Option<SocketAddr>,
+    /// The command run on every event (`notify_command`).
+    pub notify: Option<crate::events::notify::NotifySpec>,
 }
 
 /// Apply `keep` to every VM of every site in `store`, except VMs failed
@@ -149,21 +155,31 @@ fn reload_trust(path: &std::path::Path, trust: &transport::SharedTrust) {
 /// Run the receiver until killed. Prints `listening on ADDR` once ready.
 pub fn run(opts: &ReceiveOptions) -> Result<(), ReceiverError> {
     // Before any thread exists, so that every thread inherits the mask.
-    let hup = opts.reload_trust_from.as_ref().map(|_| {
+    // SIGHUP (systemd's ExecReload) never kills the receiver: without a
+    // configuration file to re-read it only says so.
+    let hup = {
         let mut s = nix::sys::signal::SigSet::empty();
         s.add(nix::sys::signal::Signal::SIGHUP);
         let _ = s.thread_block();
         s
-    });
+    };
     let id = Identity::from_dir(&opts.keys, None)?;
     let trust = transport::SharedTrust::new(TrustStore::from_files(&opts.trust)?);
-    if let (Some(sigs), Some(path)) = (hup, opts.reload_trust_from.clone()) {
+    {
         let trust = trust.clone();
+        let path = opts.reload_trust_from.clone();
         std::thread::Builder::new()
             .name("vdrep-reload".into())
             .spawn(move || {
-                while sigs.wait().is_ok() {
-                    reload_trust(&path, &trust);
+                while hup.wait().is_ok() {
+                    crate::service::reloading();
+                    match &path {
+                        Some(path) => reload_trust(path, &trust),
+                        None => tracing::warn!(
+                            "SIGHUP: nothing to reload (the trusted certificates come from --trust)"
+                        ),
+                    }
+                    crate::service::ready("reloaded");
                 }
             })
             .map_err(|source| ReceiverError::Start {
@@ -194,12 +210,24 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), ReceiverError> {
             .map(|t| std::fs::canonicalize(t).unwrap_or_else(|_| t.clone()))
             .collect(),
     });
-    control_server::start(store.clone(), views, roles.clone()).map_err(|source| {
+    let bus = Arc::new(crate::events::Bus::default());
+    if let Some(spec) = &opts.notify {
+        crate::events::notify::start(&bus, spec.clone()).map_err(|source| {
+            ReceiverError::Start {
+                what: "notify_command thread",
+                source,
+            }
+        })?;
+    }
+    control_server::start(store.clone(), views, roles.clone(), bus).map_err(|source| {
         ReceiverError::Start {
             what: "control socket",
             source,
         }
     })?;
+    if let Some(addr) = opts.metrics_listen {
+        metrics::serve(addr, data.clone(), &opts.store)?;
+    }
     if let Some(every) = opts.prune_every {
         let store = data.clone();
         let keep = opts.retention.clone();
@@ -240,6 +268,30 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), ReceiverError> {
             "receiver listening on {local}, store {}",
             opts.store.display()
         );
+        let serving = format!(
+            "listening on {local} as {}, store {}",
+            id.name,
+            opts.store.display()
+        );
+        crate::service::ready(&serving);
+        let (handle, store) = (tokio::runtime::Handle::current(), data.clone());
+        crate::service::spawn_monitor(
+            std::time::Duration::from_secs(10),
+            move || serving.clone(),
+            // Alive: the runtime still runs tasks and the store answers.
+            move || {
+                let task = handle.spawn(async {});
+                let ran = handle.block_on(async {
+                    tokio::time::timeout(std::time::Duration::from_secs(5), task).await
+                });
+                let _ = store.free_bytes();
+                matches!(ran, Ok(Ok(())))
+            },
+        )
+        .map_err(|source| ReceiverError::Start {
+            what: "service monitor thread",
+            source,
+        })?;
         while let Some(inc) = ep.accept().await {
             let store = data.clone();
             let me = id.name.clone();
@@ -317,6 +369,7 @@ async fn handle_conn(
         }
     };
     tracing::info!(%addr, %site, fingerprint = %peer.fingerprint.to_hex(), "sender connected");
+    let _active = crate::metrics::receiver::connection();
     let s2 = store.clone();
     let store_free = tokio::task::spawn_blocking(move || s2.free_bytes())
         .await
@@ -472,9 +525,9 @@ fn code_of(e: &StoreError) -> ErrorCode {
         StoreError::InvalidName { .. } | StoreError::Escape { .. } => ErrorCode::InvalidName,
         StoreError::NoSpace { .. } => ErrorCode::NoSpace,
         StoreError::Io { .. } => ErrorCode::Io,
-        StoreError::OutOfOrder { .. } | StoreError::IdentityMismatch { .. } => {
-            ErrorCode::InvalidState
-        }
+        StoreError::OutOfOrder { .. }
+        | StoreError::IdentityMismatch { .. }
+        | StoreError::InUse { .. } => ErrorCode::InvalidState,
         StoreError::BadState { .. } | StoreError::NeedsResync { .. } => ErrorCode::ResyncRequired,
         StoreError::CorruptLog { .. } => ErrorCode::Checksum,
         StoreError::Injected { .. } => ErrorCode::Io,
@@ -616,7 +669,9 @@ impl Conn {
             } => {
                 self.digests.remove(&disk_id);
                 self.spawn(op, move |store, site| {
-                    let r = store.apply(disk(site, &vm, &disk_id), cycle);
+                    let r = crate::metrics::receiver::time_apply(|| {
+                        store.apply(disk(site, &vm, &disk_id), cycle)
+                    });
                     StoreDone::LogApplied(r.map(|_| ()).map_err(failure))
                 })
             }

@@ -26,8 +26,8 @@
 
 use super::error::StoreError;
 use super::store::{
-    ApplyOutcome, Consistency, DiskInfo, InitialData, InitialState, LiveInfo, Point, PruneReport,
-    RecoveryReport, ReplicaState, RetentionPolicy, Site, Store, StoreOutcome,
+    ApplyOutcome, Consistency, DiskInfo, ForgetReport, InitialData, InitialState, LiveInfo, Point,
+    PruneReport, RecoveryReport, ReplicaState, RetentionPolicy, Site, Store, StoreOutcome,
 };
 use super::undo::PointReader;
 use std::any::Any;
@@ -159,6 +159,12 @@ pub trait ReplicaStore: Send + Sync {
     fn read_point(&self, d: DiskRef<'_>, cycle: u64) -> Result<Box<dyn PointRead>>;
     /// Drop points of `vm` by `keep` (pinned points stay).
     fn prune(&self, site: &str, vm: &str, keep: &RetentionPolicy) -> Result<PruneReport>;
+    /// Delete `vm`'s replica and its whole history (`vdrep forget`).
+    /// Refused with [`StoreError::InUse`] while the VM runs here after a
+    /// failover or a point of it is exposed; [`StoreError::NotReady`] if
+    /// the store holds no such VM. Afterwards the VM is unknown: a sender
+    /// that still replicates it starts over with an initial copy.
+    fn forget(&self, site: &str, vm: &str) -> Result<ForgetReport>;
 }
 
 impl Store {
@@ -251,5 +257,8 @@ impl ReplicaStore for Store {
     }
     fn prune(&self, site: &str, vm: &str, keep: &RetentionPolicy) -> Result<PruneReport> {
         self.with_site(site, |s| s.prune(vm, keep))
+    }
+    fn forget(&self, site: &str, vm: &str) -> Result<ForgetReport> {
+        self.with_site(site, |s| s.forget(vm))
     }
 }

@@ -120,6 +120,11 @@ pub enum StoreError {
     /// Another process holds the store.
     #[error("{path}: the store is in use by another vdrep process (pid in the lock file); stop it or use another --store")]
     Locked { path: PathBuf },
+    /// The VM is in use in a way the operation must not undo (it runs here
+    /// after a failover, a test failover exposes it): refused, nothing
+    /// changed.
+    #[error("{ctx}: refused: {what}")]
+    InUse { ctx: Ctx, what: String },
     /// The operation must wait for something else on the disk to end.
     #[error("{ctx}: busy: {what}")]
     Busy { ctx: Ctx, what: String },

@@ -17,7 +17,8 @@
 //!   `replica-half`, `replica-synced`, `state-applied` (apply);
 //!   `initial-progress` (write_initial); `point-before-commit`
 //!   (commit_point, after its checks, before the points file is written);
-//!   `undo-merged` (prune); `promote-intent`, `rollback-step`,
+//!   `undo-merged` (prune); `forget-moved` (forget, the VM folder moved
+//!   away, not yet deleted); `promote-intent`, `rollback-step`,
 //!   `cancel-moved`, `cancel-redo-step`, `adopt-moved` (failover role
 //!   changes of the directory store).
 //!
@@ -30,8 +31,8 @@
 use super::api::{DigestCache, DiskRef, PointRead, ReplicaStore};
 use super::error::StoreError;
 use super::store::{
-    ApplyOutcome, Consistency, DiskInfo, InitialData, InitialState, LiveInfo, Point, PruneReport,
-    RecoveryReport, ReplicaState, RetentionPolicy, StoreOutcome,
+    ApplyOutcome, Consistency, DiskInfo, ForgetReport, InitialData, InitialState, LiveInfo, Point,
+    PruneReport, RecoveryReport, ReplicaState, RetentionPolicy, StoreOutcome,
 };
 use parking_lot::Mutex;
 use std::io::Read;
@@ -81,11 +82,12 @@ pub enum Op {
     Points,
     ReadPoint,
     Prune,
+    Forget,
 }
 
 impl Op {
     /// Every operation, in the order above.
-    pub const ALL: [Op; 16] = [
+    pub const ALL: [Op; 17] = [
         Op::Recover,
         Op::FailedOver,
         Op::ReplicaState,
@@ -102,6 +104,7 @@ impl Op {
         Op::Points,
         Op::ReadPoint,
         Op::Prune,
+        Op::Forget,
     ];
 
     /// The operation's name in crash steps: `store-log`, `commit-point`, …
@@ -123,6 +126,7 @@ impl Op {
             Op::Points => "points",
             Op::ReadPoint => "read-point",
             Op::Prune => "prune",
+            Op::Forget => "forget",
         }
     }
 }
@@ -394,6 +398,9 @@ impl ReplicaStore for FailStore {
     }
     fn prune(&self, site: &str, vm: &str, keep: &RetentionPolicy) -> Result<PruneReport> {
         self.call(Op::Prune, |s| s.prune(site, vm, keep))
+    }
+    fn forget(&self, site: &str, vm: &str) -> Result<ForgetReport> {
+        self.call(Op::Forget, |s| s.forget(site, vm))
     }
 }
 

@@ -95,9 +95,9 @@ pub use fault::{FailStore, Fault, Injected, Op, Rule, Trigger, When, CRASH_AT_EN
 pub use names::{validate_name, MAX_NAME_LEN};
 pub(crate) use store::parse_hex_id;
 pub use store::{
-    AdoptDisk, ApplyOutcome, Consistency, DiskInfo, InitialData, InitialState, LiveDisk, LiveInfo,
-    Point, PruneReport, RecoveryReport, ReplicaState, RetentionPolicy, Site, Store, StoreOutcome,
-    INITIAL_SYNC_EVERY,
+    AdoptDisk, ApplyOutcome, Consistency, DiskInfo, ForgetReport, InitialData, InitialState,
+    LiveDisk, LiveInfo, Point, PruneReport, RecoveryReport, ReplicaState, RetentionPolicy, Site,
+    Store, StoreOutcome, INITIAL_SYNC_EVERY,
 };
 pub use target::{
     open_target, vhd_fixed_footer, FixedVhd, MappedRange, RawFile, ReplicaFormat, ReplicaTarget,

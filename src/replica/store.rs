@@ -9,9 +9,11 @@ use super::undo::{self, PointReader, ReaderShared, UndoLayer};
 use crate::util::{hex, now_ns, random_id};
 use crate::vhd::footer::vhd_timestamp_now;
 
+mod forget;
 mod roles;
 use crate::hrl::format::{self, ParseError};
 use crate::hrl::{HrlHeader, HrlReader};
+pub use forget::ForgetReport;
 use parking_lot::Mutex;
 pub use roles::{AdoptDisk, LiveDisk, LiveInfo};
 use std::collections::HashMap;
@@ -406,6 +408,11 @@ impl Store {
                     continue;
                 }
             };
+            for gone in s.clean_forgotten() {
+                report.actions.push(format!(
+                    "finished deleting {gone} (a forget was interrupted)"
+                ));
+            }
             for vm in list_dir(&s.dir.join("vms")) {
                 if validate_name("vm", &vm).is_err() {
                     continue;

@@ -38,8 +38,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::daemon::control::{self as mount_ctl, ControlError};
+use crate::daemon::control::{self as mount_ctl};
 use crate::daemon::DaemonError;
+use crate::ipc::CallError;
 use crate::replica::{self, LiveInfo, Store, StoreError};
 use crate::sender::ProtectSpec;
 use crate::tracking::seed::{seed, SeedDisk, SeedError};
@@ -142,7 +143,7 @@ pub enum RoleError {
     Store(#[from] StoreError),
     /// A local mount daemon could not be reached or refused.
     #[error(transparent)]
-    Mount(#[from] ControlError),
+    Mount(#[from] CallError),
     /// Starting or stopping a local mount daemon failed.
     #[error(transparent)]
     Daemon(#[from] DaemonError),
@@ -557,6 +558,7 @@ fn protect_live(
         resync_window: policy.window.clone(),
         // The primary's quiesce command need not work at this site.
         app_hook: None,
+        rpo_alert_secs: 0,
     };
     let r = mount_ctl::call(&live.dir, &mount_ctl::Request::Protect { spec })?;
     if !r.ok {

@@ -49,9 +49,11 @@ use crate::wire;
 use crate::wire::session::{Job as SessionJob, SenderAction, SenderConfig, SessionError};
 use shaper::{LinkShare, Shaper};
 
+pub mod alert;
 pub mod app_hook;
 mod error;
 mod link;
+pub mod metrics;
 mod resync;
 pub mod shaper;
 
@@ -97,6 +99,10 @@ pub struct ProtectSpec {
     /// crash-consistent.
     #[serde(default)]
     pub app_hook: Option<app_hook::AppHookSpec>,
+    /// Lag above which the VM shows `Warning` "RPO exceeded", seconds
+    /// (0: no alert; [`alert`]).
+    #[serde(default)]
+    pub rpo_alert_secs: u64,
 }
 
 impl ProtectSpec {
@@ -182,6 +188,9 @@ pub struct VmStatus {
     /// milliseconds (freeze returned → thaw started).
     #[serde(default)]
     pub app_frozen_ms: Option<f64>,
+    /// RPO alert and errors by kind ([`alert`]).
+    #[serde(default)]
+    pub health: alert::Health,
 }
 
 /// What `vdrep verify` found on one disk.
@@ -309,6 +318,8 @@ pub struct Replicator {
     /// This daemon's identity (random): resync progress it saved can be
     /// resumed with its in-memory bitmap.
     instance: String,
+    /// State-change events of the VMs ([`alert::watch`]).
+    events: Arc<crate::events::Bus>,
 }
 
 const PROTECT_DIR: &str = "protect";
@@ -364,12 +375,19 @@ impl Replicator {
                     .concat()
                 )
             ),
+            events: Arc::default(),
         });
+        r.rt.spawn(alert::watch(Arc::downgrade(&r)));
         // Resume every VM protected before.
         for spec in r.saved_specs() {
             r.start(spec);
         }
         Ok(r)
+    }
+
+    /// The VMs' state-change events.
+    pub fn events(&self) -> &Arc<crate::events::Bus> {
+        &self.events
     }
 
     /// The mount's identity folder.
@@ -565,6 +583,7 @@ impl Replicator {
                 last_app_point_unix_ns: None,
                 app_hook_error: None,
                 app_frozen_ms: None,
+                health: alert::Health::default(),
             }),
             spec,
             wake: Notify::new(),
@@ -620,6 +639,7 @@ impl Replicator {
                 if let Some(t) = s.last_point_unix_ns {
                     s.lag_secs = Some(now_ns().saturating_sub(t) as f64 / 1e9);
                 }
+                alert::apply(&mut s, v.spec.rpo_alert_secs);
                 s
             })
             .collect();
@@ -826,6 +846,7 @@ impl Replicator {
                 return;
             }
             let Err(e) = r else { return };
+            vm.status.lock().health.count_error(e.kind());
             // A session that reached steady state (Normal) ends an outage:
             // the next failure starts the schedule from its first step.
             if vm.status.lock().state == VmState::Normal {

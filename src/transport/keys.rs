@@ -455,6 +455,90 @@ pub fn init(name: &str, outdir: &Path, force: bool) -> Result<(PathBuf, PathBuf)
     Ok((crt_path, key_path))
 }
 
+/// What [`rotate`] did: the new identity's files and where the old pair went.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    pub name: String,
+    pub crt: PathBuf,
+    pub key: PathBuf,
+    pub fingerprint: Fingerprint,
+    pub retired_crt: PathBuf,
+    pub retired_key: PathBuf,
+    pub retired_fingerprint: Fingerprint,
+}
+
+/// Folder of `KEYDIR` holding retired identities (never loaded as one).
+pub const RETIRED_DIR: &str = "retired";
+
+/// `vdrep keys rotate`: make a new key pair for the identity in `keydir`
+/// (`name`, or the only one) and move the old pair to
+/// `keydir/retired/NAME-<fingerprint>.{crt,key}`, kept so peers can trust
+/// both certificates until every one has the new one. Running daemons keep
+/// the identity they loaded until they restart. The new pair is written
+/// before the old one moves; a failure in between puts the old pair back.
+pub fn rotate(keydir: &Path, name: Option<&str>) -> Result<Rotation, TransportError> {
+    let io_err = |path: &Path, what: &str, e: std::io::Error| TransportError::Identity {
+        path: path.to_path_buf(),
+        what: format!("{what}: {e}"),
+    };
+    let old = Identity::from_dir(keydir, name)?;
+    let name = old.name.clone();
+    let crt = keydir.join(format!("{name}.crt"));
+    let key = keydir.join(format!("{name}.key"));
+    let retired = keydir.join(RETIRED_DIR);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&retired)
+        .map_err(|e| io_err(&retired, "cannot create the folder of retired keys", e))?;
+    let stem = format!("{name}-{}", &old.fingerprint.to_hex()[..16]);
+    let (retired_crt, retired_key) = (
+        retired.join(format!("{stem}.crt")),
+        retired.join(format!("{stem}.key")),
+    );
+    let (cert_pem, key_pem) = generate_pem(&name)?;
+    let key_tmp = write_temp(keydir, &format!("{name}.key"), key_pem.as_bytes(), 0o600)
+        .map_err(|e| io_err(keydir, "cannot write the new private key", e))?;
+    let crt_tmp =
+        write_temp(keydir, &format!("{name}.crt"), cert_pem.as_bytes(), 0o644).map_err(|e| {
+            let _ = std::fs::remove_file(&key_tmp);
+            io_err(keydir, "cannot write the new certificate", e)
+        })?;
+    // Old pair out, new pair in; undo what was done if a step fails.
+    let steps: [(&Path, &Path); 4] = [
+        (&key, &retired_key),
+        (&crt, &retired_crt),
+        (&key_tmp, &key),
+        (&crt_tmp, &crt),
+    ];
+    for (i, (from, to)) in steps.iter().enumerate() {
+        if let Err(e) = std::fs::rename(from, to) {
+            for (f, t) in steps[..i].iter().rev() {
+                let _ = std::fs::rename(t, f);
+            }
+            let _ = std::fs::remove_file(&key_tmp);
+            let _ = std::fs::remove_file(&crt_tmp);
+            return Err(io_err(
+                to,
+                "cannot rotate the key pair (nothing changed)",
+                e,
+            ));
+        }
+    }
+    sync_dir(&retired);
+    sync_dir(keydir);
+    let new = Identity::load(&crt, &key)?;
+    Ok(Rotation {
+        name,
+        crt,
+        key,
+        fingerprint: new.fingerprint,
+        retired_crt,
+        retired_key,
+        retired_fingerprint: old.fingerprint,
+    })
+}
+
 // ---------------------------------------------------------------------------
 // Minimal DER reading: just enough to find a certificate's subject CN for
 // messages. Never panics; gives up (None) on anything unexpected.
@@ -594,5 +678,47 @@ mod tests {
         }
         assert_eq!(subject_cn(b""), None);
         assert_eq!(subject_cn(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);
+    }
+
+    #[test]
+    fn rotate_replaces_the_pair_and_retires_the_old_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path();
+        init("site-a", k, false).unwrap();
+        let old = Identity::from_dir(k, None).unwrap();
+        let r = rotate(k, None).unwrap();
+        assert_eq!(r.name, "site-a");
+        assert_eq!(r.retired_fingerprint, old.fingerprint);
+        assert_ne!(r.fingerprint, old.fingerprint);
+        // The folder still holds exactly one identity: the new one.
+        let now = Identity::from_dir(k, None).unwrap();
+        assert_eq!(now.fingerprint, r.fingerprint);
+        // The retired pair is intact and private.
+        let retired = Identity::load(&r.retired_crt, &r.retired_key).unwrap();
+        assert_eq!(retired.fingerprint, old.fingerprint);
+        let mode = std::fs::metadata(&r.retired_key)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "retired key readable by others: {mode:o}");
+        let mode = std::fs::metadata(&r.key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "new key readable by others: {mode:o}");
+        // Peers can trust both certificates at once.
+        let both = super::super::trust::TrustStore::from_files(&[&r.retired_crt, &r.crt]).unwrap();
+        assert_eq!(both.len(), 2);
+        // Again: a second retired pair beside the first; no temp file left.
+        let r2 = rotate(k, Some("site-a")).unwrap();
+        assert_ne!(r2.retired_crt, r.retired_crt);
+        assert_eq!(r2.retired_fingerprint, r.fingerprint);
+        let leftovers: Vec<_> = std::fs::read_dir(k)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        // Nothing to rotate: refused, nothing created.
+        let empty = tempfile::tempdir().unwrap();
+        assert!(rotate(empty.path(), None).is_err());
+        assert!(!empty.path().join(RETIRED_DIR).exists());
     }
 }

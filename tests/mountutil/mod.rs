@@ -39,6 +39,9 @@ pub fn setup() {
         std::fs::create_dir_all(&d).unwrap();
         // SAFETY: set once, before any test spawns the binary or uses the socket.
         unsafe { std::env::set_var("VDREP_RUN_DIR", &d) };
+        // Background mounts log there too, not in /var/log/vdrep.
+        // SAFETY: as above.
+        unsafe { std::env::set_var("VDREP_LOG_DIR", &d) };
     });
 }
 

@@ -112,20 +112,105 @@ pub fn info(size: u64) -> DiskInfo {
 
 /// Initial copy of `data` as cycle `cycle`.
 pub fn initial(store: &dyn ReplicaStore, data: &[u8], cycle: u64) {
+    initial_of(store, DISK, data, cycle)
+}
+
+/// Initial copy of disk `d` (of [`info`]'s name) as `data` at `cycle`.
+pub fn initial_of(store: &dyn ReplicaStore, d: DiskRef<'_>, data: &[u8], cycle: u64) {
     let mut i = info(data.len() as u64);
     i.cycle = cycle;
-    let st = store.begin_initial(SITE, VM, &i).unwrap();
+    i.disk_id = *d.disk_id;
+    let st = store.begin_initial(d.site, d.vm, &i).unwrap();
     assert_eq!(st.resume_offset, 0);
     for (i, c) in data.chunks(64 << 10).enumerate() {
         let off = (i * (64 << 10)) as u64;
-        let d = if c.iter().all(|&b| b == 0) {
-            InitialData::Zeroes(c.len() as u64)
-        } else {
-            InitialData::Data(c)
-        };
-        store.write_initial(DISK, off, d).unwrap();
+        store.write_initial(d, off, data_of(c)).unwrap();
     }
-    store.finish_initial(DISK, cycle, 0).unwrap();
+    store.finish_initial(d, cycle, 0).unwrap();
+}
+
+fn data_of(c: &[u8]) -> InitialData<'_> {
+    if c.iter().all(|&b| b == 0) {
+        InitialData::Zeroes(c.len() as u64)
+    } else {
+        InitialData::Data(c)
+    }
+}
+
+/// Forget: one VM's replica, history and points go (a failure injected
+/// before the call leaves it whole); another VM of the site stays byte for
+/// byte; forgetting it again is `NotReady`; it stays gone after a reopen
+/// and can start over with a fresh initial copy.
+pub fn forget_deletes_one_vm_only(h: &dyn Harness) {
+    let logs = tempfile::tempdir().unwrap();
+    let mut rng = Rng(11);
+    let mut disk = vec![0u8; 256 << 10];
+    rng.fill(&mut disk[..100_000]);
+    let other = DiskRef {
+        site: SITE,
+        vm: "vm2",
+        disk_id: &[0x43; 16],
+    };
+    {
+        let store = h.open();
+        initial(store.as_ref(), &disk, 1);
+        let mut next = disk.clone();
+        let dirty = random_writes(&mut rng, &mut next, 10);
+        let p = log_path(logs.path(), 2);
+        make_log(&p, ID, 1, 2, disk.len() as u64, &next, &dirty);
+        ship(store.as_ref(), DISK, &p, 2);
+        assert_eq!(read_current(store.as_ref(), DISK), next);
+        initial_of(store.as_ref(), other, &disk, 1);
+        assert_eq!(read_current(store.as_ref(), other), disk);
+        let points = store.points(SITE, VM).unwrap().len();
+        assert!(points >= 1);
+
+        let failing = FailStore::new(
+            store.clone(),
+            vec![Rule {
+                op: Op::Forget,
+                when: When::Before,
+                trigger: Trigger::Nth(1),
+                fault: Fault::Error,
+            }],
+            1,
+        );
+        assert!(matches!(
+            failing.forget(SITE, VM),
+            Err(StoreError::Injected { .. })
+        ));
+        assert_eq!(store.points(SITE, VM).unwrap().len(), points, "untouched");
+        let r = failing.forget(SITE, VM).unwrap();
+        assert_eq!((r.disks, r.points), (1, points));
+        assert!(r.bytes >= disk.len() as u64, "{r:?}");
+
+        let vms = store.vms();
+        assert!(
+            !vms.contains(&(SITE.to_string(), VM.to_string())),
+            "{vms:?}"
+        );
+        assert!(
+            vms.contains(&(SITE.to_string(), "vm2".to_string())),
+            "{vms:?}"
+        );
+        assert!(matches!(
+            store.replica_state(DISK),
+            Err(StoreError::NotReady { .. })
+        ));
+        assert!(store.points(SITE, VM).map_or(true, |p| p.is_empty()));
+        assert!(matches!(
+            store.forget(SITE, VM),
+            Err(StoreError::NotReady { .. })
+        ));
+        assert_eq!(read_current(store.as_ref(), other), disk);
+    }
+    let store = h.open();
+    store.recover().unwrap();
+    assert!(!store.vms().contains(&(SITE.to_string(), VM.to_string())));
+    assert_eq!(read_current(store.as_ref(), other), disk);
+    initial(store.as_ref(), &disk, 5);
+    assert_eq!(read_current(store.as_ref(), DISK), disk);
+    assert_eq!(store.points(SITE, VM).unwrap().len(), 1, "a fresh history");
 }
 
 pub fn random_writes(rng: &mut Rng, disk: &mut [u8], n: usize) -> BTreeSet<u64> {

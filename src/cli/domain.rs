@@ -1,0 +1,232 @@
+//! The libvirt parts of the command line: `protect --domain` (the disks
+//! of a domain, checked) and `failover --domain` (`--test`, `--cleanup`,
+//! `--unplanned`): arguments to [`crate::failover::domain`], results printed.
+
+use std::path::PathBuf;
+
+use super::failover::FailoverArgs;
+use super::fmt::human;
+use crate::daemon::control;
+use crate::failover::domain::{self as fd, DefinitionFrom};
+use crate::failover::{role_change, FailoverError, FailoverErrorKind};
+use crate::libvirt::{Definition, Virsh};
+use crate::testview::{format_utc, PointSel};
+
+/// The exit code of a failed domain failover: 2 for a refusal or a bad
+/// argument (nothing changed), 1 otherwise.
+fn fail(what: &str, e: &FailoverError) -> i32 {
+    eprintln!("vdrep: {what}: {e}");
+    match e.kind() {
+        FailoverErrorKind::Refused | FailoverErrorKind::Invalid | FailoverErrorKind::NotRunning => {
+            2
+        }
+        _ => 1,
+    }
+}
+
+/// The disk files of domain `domain` that `vdrep protect` replicates, and
+/// warnings; refused (exit code 2 after the message) for a disk that is not
+/// a file under a running `vdrep mount`.
+pub fn protect_disks(domain: &str) -> Result<(Vec<PathBuf>, Vec<String>), i32> {
+    let virsh = Virsh::new();
+    let def = match virsh.dumpxml(domain).and_then(|x| Definition::parse(&x)) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("vdrep: cannot protect domain {domain}: {e}");
+            return Err(2);
+        }
+    };
+    let mut warnings = Vec::new();
+    let mut disks = Vec::new();
+    for d in &def.disks {
+        if matches!(d.device.as_str(), "cdrom" | "floppy") || d.readonly {
+            warnings.push(format!(
+                "{} {} ({}) of domain {domain} is read-only media: not replicated",
+                d.device, d.target, d.source
+            ));
+            continue;
+        }
+        let Some(file) = d.file.as_ref().filter(|_| d.is_replicated()) else {
+            eprintln!(
+                "vdrep: cannot protect domain {domain}: disk {} is a {} disk ({}), not a file: vdrep replicates disk files under a `vdrep mount`; copy it into a file in the mounted folder (qemu-img convert) and point the domain at that file",
+                d.target, d.kind, d.source
+            );
+            return Err(2);
+        };
+        if control::mount_of(file).is_none() {
+            eprintln!(
+                "vdrep: cannot protect domain {domain}: disk {} ({}) is not under a running vdrep mount: mount its folder with `vdrep mount DIR --keys KEYDIR`, or move the file into a mounted folder",
+                d.target,
+                file.display()
+            );
+            return Err(2);
+        }
+        disks.push(file.clone());
+    }
+    if disks.is_empty() {
+        eprintln!("vdrep: cannot protect domain {domain}: it has no disk file");
+        return Err(2);
+    }
+    if !def.agent_channel {
+        warnings.push(format!(
+            "domain {domain} has no guest agent channel ({}): application-consistent points are impossible; add one (<channel type='unix'><target type='virtio' name='{}'/></channel>) and install qemu-guest-agent in the guest",
+            crate::libvirt::definition::AGENT_CHANNEL,
+            crate::libvirt::definition::AGENT_CHANNEL
+        ));
+    }
+    Ok((disks, warnings))
+}
+
+fn definition_from(a: &FailoverArgs, domain: &str) -> DefinitionFrom {
+    match &a.definition {
+        Some(f) => DefinitionFrom::File(f.clone()),
+        None => DefinitionFrom::Libvirt(domain.to_string()),
+    }
+}
+
+/// `failover --domain D --test [--point P] [--at DIR]`.
+pub fn test(a: &FailoverArgs, domain: &str) -> i32 {
+    let point = match a.point.as_deref().map(PointSel::parse).transpose() {
+        Ok(s) => s.unwrap_or(PointSel::Latest),
+        Err(e) => {
+            eprintln!("vdrep: --point: {e}");
+            return 2;
+        }
+    };
+    let at = match &a.at {
+        Some(p) if p.is_relative() => std::env::current_dir().ok().map(|d| d.join(p)),
+        other => other.clone(),
+    };
+    let from = definition_from(a, domain);
+    let o = fd::TestOptions {
+        store: &a.store,
+        site: a.site.clone(),
+        vm: a.vm(),
+        point,
+        at,
+        definition: &from,
+        network: &a.test_network,
+    };
+    let (view, t) = match fd::test_failover(&Virsh::new(), &o) {
+        Ok(v) => v,
+        Err(e) => return fail(&format!("test failover of domain {domain}"), &e),
+    };
+    if a.json {
+        let mut v = serde_json::to_value(&view).unwrap_or_default();
+        if let Some(o) = v.as_object_mut() {
+            o.insert(
+                "domain".into(),
+                serde_json::to_value(&t).unwrap_or_default(),
+            );
+        }
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return 0;
+    }
+    eprintln!(
+        "{}: test failover of point {} ({} UTC): domain {} started on the isolated network {}{}; its writes go to a scratch overlay",
+        a.vm(),
+        view.cycle,
+        format_utc(view.time_unix_ns),
+        t.domain,
+        t.network,
+        if t.network_created { " (created)" } else { "" }
+    );
+    for d in &view.disks {
+        println!("{}", d.path.display());
+    }
+    println!(
+        "domain {}, serial console log {}",
+        t.domain,
+        t.console_log.display()
+    );
+    eprintln!(
+        "remove it with: vdrep failover {} --cleanup --domain {domain} --store {}",
+        a.vm(),
+        a.store.display()
+    );
+    0
+}
+
+/// `failover --domain D --cleanup`: the test copy, then the view.
+pub fn cleanup(a: &FailoverArgs, domain: &str) -> i32 {
+    let removed = match fd::cleanup_test_copy(&Virsh::new(), domain) {
+        Ok(r) => r,
+        Err(e) => return fail(&format!("cleanup of the test copy of {domain}"), &e),
+    };
+    if let Some(n) = removed {
+        println!("{}: test domain {n} destroyed and undefined", a.vm());
+    }
+    match crate::failover::test::cleanup(&a.store, a.site.clone(), a.vm()) {
+        Ok((view, warnings)) => {
+            for w in &warnings {
+                eprintln!("vdrep: {w}");
+            }
+            if let Some(v) = view {
+                println!(
+                    "{}: test failover of point {} removed ({} written by the test VM discarded)",
+                    a.vm(),
+                    v.cycle,
+                    human(v.written_bytes)
+                );
+            }
+            0
+        }
+        Err(e) => fail(&format!("failover cleanup of {}", a.vm()), &e),
+    }
+}
+
+/// `failover --domain D --unplanned [--point P] [--network-map MAP]`.
+pub fn unplanned(a: &FailoverArgs, domain: &str) -> i32 {
+    let vm = a.vm();
+    let map = match a
+        .network_map
+        .as_deref()
+        .map(fd::parse_network_map)
+        .transpose()
+    {
+        Ok(m) => m.unwrap_or_default(),
+        Err(e) => return fail("--network-map", &e),
+    };
+    let point =
+        match role_change::resolve_point(&a.store, a.site.as_deref(), vm, a.point.as_deref()) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("vdrep: --point: {e}");
+                return 2;
+            }
+        };
+    let from = definition_from(a, domain);
+    let o = fd::UnplannedOptions {
+        store: &a.store,
+        site: a.site.as_deref(),
+        vm,
+        point,
+        definition: &from,
+        network_map: &map,
+    };
+    match fd::unplanned(&Virsh::new(), &o) {
+        Ok((live, name)) => {
+            if a.json {
+                let mut v = serde_json::to_value(&live).unwrap_or_default();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("domain".into(), name.into());
+                }
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                return 0;
+            }
+            println!(
+                "{vm}: unplanned failover to point {}: domain {name} started on the live disks in {}",
+                live.cycle,
+                live.dir.display()
+            );
+            for d in &live.disks {
+                println!("{}", d.path.display());
+            }
+            eprintln!(
+                "vdrep: when the old primary is back run `vdrep reverse {vm}` there; `vdrep failover {vm} --commit` makes this final"
+            );
+            0
+        }
+        Err(e) => fail(&format!("unplanned failover of domain {domain}"), &e),
+    }
+}

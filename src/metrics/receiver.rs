@@ -1,0 +1,65 @@
+//! The receiver's hot-path counters: connections open now and the time to
+//! apply a change log to a replica. Process-wide atomics (one receiver per
+//! process); the store's own figures (points, bytes) are read at scrape
+//! time by `receiver::metrics`.
+
+use std::fmt;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use prometheus_client::encoding::DescriptorEncoder;
+
+use super::{counter, gauge, histogram, Histogram, Labels, Unit};
+
+static ACTIVE: AtomicI64 = AtomicI64::new(0);
+static ACCEPTED: AtomicU64 = AtomicU64::new(0);
+static APPLY: Histogram = Histogram::latency();
+
+/// Counts one connection as active while it lives.
+#[must_use = "the connection counts as active while the guard lives"]
+pub struct ConnGuard(());
+
+/// A sender connected.
+pub fn connection() -> ConnGuard {
+    ACTIVE.fetch_add(1, Ordering::Relaxed);
+    ACCEPTED.fetch_add(1, Ordering::Relaxed);
+    ConnGuard(())
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        ACTIVE.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Run `f` (applying one log) and record how long it took.
+pub fn time_apply<T>(f: impl FnOnce() -> T) -> T {
+    let t = std::time::Instant::now();
+    let r = f();
+    APPLY.observe(t.elapsed());
+    r
+}
+
+/// Encode the connection gauges and the apply-latency histogram.
+pub fn encode(enc: &mut DescriptorEncoder) -> fmt::Result {
+    gauge(
+        enc,
+        "vdrep_receiver_connections",
+        "Sender connections open now",
+        None,
+        [(Labels::new(), ACTIVE.load(Ordering::Relaxed))],
+    )?;
+    counter(
+        enc,
+        "vdrep_receiver_connections_accepted",
+        "Sender connections accepted since the receiver started",
+        None,
+        [(Labels::new(), ACCEPTED.load(Ordering::Relaxed))],
+    )?;
+    histogram(
+        enc,
+        "vdrep_receiver_apply_duration",
+        "Time to apply one change log to a replica (durable)",
+        Some(&Unit::Seconds),
+        [(Labels::new(), APPLY.snapshot())],
+    )
+}

@@ -1,0 +1,382 @@
+//! Issue 10: VMs, not disk files. Two sites on loopback with one libvirtd
+//! (tests/libvirtutil): a TCG domain booting the tiny test VM by direct
+//! kernel boot, with a qcow2 disk (vda, the guest's file system) and a raw
+//! one (vdb), is protected by name; a test failover defines and boots
+//! `NAME-test` from an older point on an isolated network while the domain
+//! runs again and replication goes on; an unplanned failover to that point
+//! starts the domain at the replica site with its NIC on the mapped
+//! network; and every refusal changes nothing.
+//!
+//! The guest's `write` mode prints `PREVIOUS TAG T` (the tag already on
+//! its disk) before writing its own: that is how a console shows which
+//! point's data a VM booted from.
+
+mod common;
+mod libvirtutil;
+mod mountutil;
+mod skip;
+
+use std::path::Path;
+use std::time::Duration;
+
+use libvirtutil::{define, domain_xml, Libvirt};
+use mountutil::{require_fuse, vdrep, vdrep_ok, TwoSites};
+
+const WEB1: &str = "vdrep-e2e-web1";
+const PROD: &str = "vdrep-e2e-prod";
+const DR: &str = "vdrep-e2e-dr";
+const ISOLATED: &str = "vdrep-e2e-isolated";
+const OUTSIDE: &str = "vdrep-e2e-outside";
+const BOOT: Duration = Duration::from_secs(300);
+
+fn libvirt_or_skip() -> Option<Libvirt> {
+    match Libvirt::start() {
+        Ok(l) => Some(l),
+        Err(why) => {
+            skip::skip(&format!("SKIP: libvirt: {why}"));
+            None
+        }
+    }
+}
+
+/// Everything the test defines, removed before (a crashed run's) and after.
+struct Cleanup<'a>(&'a Libvirt);
+impl Cleanup<'_> {
+    fn run(&self) {
+        for d in [WEB1, &format!("{WEB1}-test"), OUTSIDE] {
+            self.0.remove_domain(d);
+        }
+        for n in [PROD, DR, ISOLATED] {
+            self.0.remove_network(n);
+        }
+    }
+}
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        self.run();
+    }
+}
+
+fn cmdline(tag: &str) -> String {
+    format!("console=ttyS0 panic=-1 vdrep.mode=write vdrep.tag={tag}")
+}
+
+/// The recovery point `vdrep sync` reports for `vm`.
+fn sync_point(dir: &str, vm: &str) -> u64 {
+    let out = vdrep_ok(&["sync", dir, "--timeout", "300"]);
+    out.lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{vm}: recovery point "))
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no recovery point of {vm} in {out:?}"))
+}
+
+fn text(p: &Path) -> String {
+    String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned()
+}
+
+fn guest_lines(console: &str) -> Vec<&str> {
+    console
+        .lines()
+        .filter_map(|l| l.split_once("VDREP-GUEST: ").map(|(_, m)| m.trim()))
+        .collect()
+}
+
+fn points(s: &TwoSites, vm: &str) -> Vec<u64> {
+    let v: serde_json::Value = serde_json::from_str(&vdrep_ok(&[
+        "points",
+        vm,
+        "--store",
+        &s.s("store"),
+        "--json",
+    ]))
+    .unwrap();
+    v["points"]
+        .as_array()
+        .unwrap_or_else(|| panic!("points --json: {v}"))
+        .iter()
+        .filter_map(|p| p["cycle"].as_u64())
+        .collect()
+}
+
+/// Run `args`, which must fail with exit code 2 and a message containing
+/// every one of `words`.
+fn refused(args: &[&str], words: &[&str]) -> String {
+    let o = vdrep(args);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(2), "vdrep {args:?}: {err}");
+    for w in words {
+        assert!(err.contains(w), "vdrep {args:?}: {w:?} not in {err:?}");
+    }
+    err
+}
+
+#[test]
+fn a_domain_is_protected_by_name_and_failed_over_as_a_vm() {
+    require_fuse!();
+    let Some(lv) = libvirt_or_skip() else { return };
+    let vm_dir = match common::ensure_vm() {
+        Ok(d) => d,
+        Err(e) => {
+            skip::skip(&format!("SKIP: the tiny VM: {e}"));
+            return;
+        }
+    };
+    let c = Cleanup(&lv);
+    c.run();
+    lv.isolated_network(PROD);
+    lv.isolated_network(DR);
+
+    let s = TwoSites::new();
+    let rb = s.receiver("127.0.0.1:0");
+    let _m = s.mount();
+    let os = s.p("vm/os.qcow2");
+    let data = s.p("vm/data.img");
+    mountutil::run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", os.to_str().unwrap(), "64M"],
+    );
+    std::fs::File::create(&data)
+        .and_then(|f| f.set_len(16 << 20))
+        .unwrap();
+    let console = s.p("web1-console.log");
+    let xml = |tag: &str| {
+        domain_xml(
+            (WEB1, "6d1c3e0a-2f47-4b7e-9a51-0c9e8e2b7a01"),
+            &vm_dir,
+            &cmdline(tag),
+            &[(&os, "qcow2", "vda"), (&data, "raw", "vdb")],
+            PROD,
+            &console,
+        )
+    };
+    let boot = |tag: &str| {
+        define(&xml(tag));
+        libvirtutil::virsh_ok(&["start", WEB1]);
+    };
+
+    // Refusals before anything is protected (must-show 7).
+    refused(
+        &[
+            "protect",
+            "--domain",
+            "vdrep-e2e-nosuch",
+            "--to",
+            &rb.addr,
+            "--trust",
+            &s.s("kb/site-b.crt"),
+        ],
+        &["vdrep-e2e-nosuch", "no libvirt domain"],
+    );
+    std::fs::create_dir_all(s.p("elsewhere")).unwrap();
+    let outside = s.p("elsewhere/x.img");
+    std::fs::File::create(&outside)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    define(&domain_xml(
+        (OUTSIDE, "6d1c3e0a-2f47-4b7e-9a51-0c9e8e2b7a02"),
+        &vm_dir,
+        &cmdline("x"),
+        &[(&os, "qcow2", "vda"), (&outside, "raw", "vdb")],
+        PROD,
+        &s.p("outside-console.log"),
+    ));
+    refused(
+        &[
+            "protect",
+            "--domain",
+            OUTSIDE,
+            "--to",
+            &rb.addr,
+            "--trust",
+            &s.s("kb/site-b.crt"),
+        ],
+        &[
+            "vdb",
+            outside.to_str().unwrap(),
+            "not under a running vdrep mount",
+            "vdrep mount",
+        ],
+    );
+    let st = vdrep_ok(&["status", "--json", &s.s("vm")]);
+    assert!(
+        !st.contains(OUTSIDE),
+        "a refused domain got protected: {st}"
+    );
+
+    // 1. web1 writes p1 and powers off; protected by name (both disks).
+    boot("p1");
+    lv.wait_stopped(WEB1, BOOT);
+    assert!(
+        guest_lines(&text(&console))
+            .iter()
+            .any(|l| l.starts_with("WROTE")),
+        "{}",
+        text(&console)
+    );
+    let o = vdrep(&[
+        "protect",
+        "--domain",
+        WEB1,
+        "--to",
+        &rb.addr,
+        "--trust",
+        &s.s("kb/site-b.crt"),
+        "--every",
+        "1h",
+    ]);
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success(), "protect --domain: {out}{err}");
+    assert!(out.contains("2 disk(s)"), "{out}");
+    assert!(
+        !err.contains("guest agent"),
+        "it has the agent channel: {err}"
+    );
+    let p1 = sync_point(&s.s("vm"), WEB1);
+    boot("p2");
+    lv.wait_stopped(WEB1, BOOT);
+    let p2 = sync_point(&s.s("vm"), WEB1);
+    assert!(p2 > p1);
+    let pts = points(&s, WEB1);
+    assert!(pts.contains(&p1) && pts.contains(&p2), "{pts:?}");
+
+    // 2. Test failover of p1 while web1 runs again (p3) and replicates.
+    boot("p3");
+    let store = s.s("store");
+    let p1s = p1.to_string();
+    let out = vdrep_ok(&[
+        "failover",
+        "--test",
+        "--domain",
+        WEB1,
+        "--point",
+        &p1s,
+        "--store",
+        &store,
+        "--test-network",
+        ISOLATED,
+    ]);
+    let test = format!("{WEB1}-test");
+    let log = out
+        .lines()
+        .find_map(|l| {
+            l.split_once("serial console log ")
+                .map(|(_, p)| p.trim().to_string())
+        })
+        .unwrap_or_else(|| panic!("no console log in {out:?}"));
+    assert!(lv.domain_exists(&test));
+    let nics = lv.nics(&test);
+    let orig = lv.nics(WEB1);
+    assert_eq!(nics.len(), 1, "{nics:?}");
+    assert_eq!(nics[0].0, ISOLATED, "the test copy's NIC: {nics:?}");
+    assert_ne!(nics[0].1, orig[0].1, "the test copy needs a new MAC");
+    // --test while one runs is refused, nothing changes.
+    refused(
+        &[
+            "failover",
+            "--test",
+            "--domain",
+            WEB1,
+            "--store",
+            &store,
+            "--test-network",
+            ISOLATED,
+        ],
+        &["test failover of", "is running"],
+    );
+    lv.wait_stopped(&test, BOOT);
+    let tl = text(Path::new(&log));
+    let g = guest_lines(&tl);
+    assert!(
+        g.contains(&"PREVIOUS TAG p1"),
+        "the test VM must see point {p1}'s data: {tl}"
+    );
+    lv.wait_stopped(WEB1, BOOT);
+    assert!(guest_lines(&text(&console)).contains(&"PREVIOUS TAG p2"));
+    let p3 = sync_point(&s.s("vm"), WEB1);
+    assert!(p3 > p2, "replication went on during the test failover");
+    let view = s.p("store/failover/site-a").join(WEB1);
+    vdrep_ok(&["failover", "--cleanup", "--domain", WEB1, "--store", &store]);
+    assert!(!lv.domain_exists(&test), "cleanup left the test domain");
+    assert!(
+        !lv.network_exists(ISOLATED),
+        "cleanup left the isolated network"
+    );
+    assert!(
+        !mountutil::is_mountpoint(&view),
+        "cleanup left the view mounted"
+    );
+
+    // 3. Unplanned failover to p1 at the replica site, NIC mapped to DR.
+    //    A map naming a missing network is refused first, changing nothing.
+    let pts_before = points(&s, WEB1);
+    refused(
+        &[
+            "failover",
+            "--unplanned",
+            "--domain",
+            WEB1,
+            "--point",
+            &p1s,
+            "--store",
+            &store,
+            "--network-map",
+            &format!("{PROD}=vdrep-e2e-nosuchnet"),
+        ],
+        &["vdrep-e2e-nosuchnet", "no libvirt network"],
+    );
+    assert!(
+        !s.p("store/live").join("site-a").join(WEB1).exists(),
+        "a refused failover promoted"
+    );
+    assert_eq!(
+        points(&s, WEB1),
+        pts_before,
+        "a refused failover changed the points"
+    );
+    // The live disks' mount, stopped by the cancel below (or on a panic).
+    let mut live = mountutil::Mounted {
+        dir: s.p("store/live/site-a").join(WEB1),
+        mounted: true,
+    };
+    let out = vdrep_ok(&[
+        "failover",
+        "--unplanned",
+        "--domain",
+        WEB1,
+        "--point",
+        &p1s,
+        "--store",
+        &store,
+        "--network-map",
+        &format!("{PROD}={DR}"),
+    ]);
+    assert!(out.contains(&format!("domain {WEB1} started")), "{out}");
+    let nics = lv.nics(WEB1);
+    assert_eq!(nics[0].0, DR, "the failed-over NIC: {nics:?}");
+    assert_eq!(nics[0].1, orig[0].1, "the same VM keeps its MAC");
+    lv.wait_stopped(WEB1, BOOT);
+    // Each start of a domain truncates its serial log (QEMU's file chardev).
+    let after = text(&console);
+    assert!(
+        guest_lines(&after).contains(&"PREVIOUS TAG p1"),
+        "the failed-over VM must see point {p1}'s data: {after}"
+    );
+    // Cancel behaves as today (with --domain it also undefines the copy).
+    vdrep_ok(&["failover", "--cancel", "--domain", WEB1, "--store", &store]);
+    live.mounted = false;
+    assert!(!lv.domain_exists(WEB1));
+    assert!(
+        !mountutil::is_mountpoint(&live.dir),
+        "cancel left the live disks mounted"
+    );
+    let pts = points(&s, WEB1);
+    assert!(pts.contains(&p3), "cancel brings every point back: {pts:?}");
+    drop(c);
+}
