@@ -317,6 +317,7 @@ impl World {
                 what,
                 offset,
                 max,
+                ..
             } => self.reads.push_back((self.conn, id, what, offset, max)),
             SenderAction::LogDurable { .. } => {}
             SenderAction::LogApplied { disk_id, cycle } => {

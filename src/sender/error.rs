@@ -12,7 +12,7 @@
 use std::net::SocketAddr;
 
 use crate::transport::{self, HandshakeFailure};
-use crate::wire;
+use crate::wire::session::{ErrorKind as SessionKind, SessionError};
 
 /// What a [`SendError`] means for whoever handles it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,25 +98,33 @@ pub(crate) fn transport_err(e: &transport::TransportError, addr: SocketAddr) -> 
     }
 }
 
-/// A stream error: the connection's failure if it died, else a channel
-/// error (retried) or a protocol error (fatal).
-pub(crate) fn stream_err(e: &wire::WireError, addr: SocketAddr) -> SendError {
-    match e.connection_error() {
-        Some(c) => conn_err(c, addr),
-        None if e.is_transport() => SendError::retry(e),
-        None => SendError::fatal(e.to_string()),
-    }
-}
-
-/// The receiver answered with an `Error` message: retried if it says so.
-/// (Where a resync verdict changes what to do, the caller matches
-/// [`ErrorCode::ResyncRequired`] first.)
-pub(crate) fn msg_err(e: &wire::ErrorMsg) -> SendError {
-    let m = format!("receiver: {} ({:?})", e.message, e.code);
-    if e.retryable {
-        SendError::retry(m)
-    } else {
-        SendError::fatal(m)
+/// A failure of the replication session ([`SessionError`], decided on its
+/// kind): the receiver's refusals follow their retryable flag (where a
+/// resync verdict changes what to do, the caller matches
+/// [`ErrorCode::ResyncRequired`](crate::wire::ErrorCode::ResyncRequired) first);
+/// a broken or incompatible peer is fatal; a lost channel, data damaged in
+/// transit or our own data unreadable is retried.
+pub(crate) fn session_err(e: &SessionError) -> SendError {
+    match e.kind() {
+        SessionKind::Refused { retryable } | SessionKind::Store { retryable } => {
+            let m = match e {
+                SessionError::Peer { code, message, .. }
+                | SessionError::Store { code, message, .. } => {
+                    format!("receiver: {message} ({code:?})")
+                }
+                other => other.to_string(),
+            };
+            if retryable {
+                SendError::retry(m)
+            } else {
+                SendError::fatal(m)
+            }
+        }
+        SessionKind::Protocol => SendError::fatal(e.to_string()),
+        SessionKind::Transport
+        | SessionKind::Corrupt
+        | SessionKind::Source
+        | SessionKind::Misuse => SendError::retry(e),
     }
 }
 
@@ -127,19 +135,54 @@ mod tests {
 
     #[test]
     fn receiver_errors_follow_their_retryable_flag() {
-        let m = |code, retryable| wire::ErrorMsg::new(code, retryable, "whatever the text says");
+        let m = |code, retryable| SessionError::Peer {
+            code,
+            retryable,
+            message: "whatever the text says".into(),
+        };
         assert_eq!(
-            msg_err(&m(ErrorCode::NoSpace, true)).kind(),
+            session_err(&m(ErrorCode::NoSpace, true)).kind(),
             ErrorKind::Retry
         );
         assert_eq!(
-            msg_err(&m(ErrorCode::InvalidName, false)).kind(),
+            session_err(&m(ErrorCode::InvalidName, false)).kind(),
             ErrorKind::Fatal
         );
         assert_eq!(
-            msg_err(&m(ErrorCode::ResyncRequired, true)).kind(),
+            session_err(&m(ErrorCode::ResyncRequired, true)).kind(),
             ErrorKind::Retry
         );
+        let store = SessionError::Store {
+            code: ErrorCode::Internal,
+            retryable: false,
+            message: "x".into(),
+        };
+        assert_eq!(session_err(&store).kind(), ErrorKind::Fatal);
+    }
+
+    #[test]
+    fn broken_peers_are_fatal_lost_channels_and_unreadable_data_retried() {
+        let sid = crate::wire::session::StreamId(3);
+        let fatal = [
+            SessionError::Version { ours: 1, theirs: 2 },
+            SessionError::Unexpected {
+                stream: sid,
+                expected: "Ack",
+                got: "HelloOk",
+            },
+        ];
+        for e in fatal {
+            assert_eq!(session_err(&e).kind(), ErrorKind::Fatal, "{e}");
+        }
+        let retried = [
+            SessionError::ConnectionLost,
+            SessionError::Ended(sid),
+            SessionError::Timeout { waited_ms: 1 },
+            SessionError::Source("disk read".into()),
+        ];
+        for e in retried {
+            assert_eq!(session_err(&e).kind(), ErrorKind::Retry, "{e}");
+        }
     }
 
     #[test]

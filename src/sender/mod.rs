@@ -15,6 +15,11 @@
 //! 4. then cuts every interval (or continuously: as soon as the previous
 //!    cycle is acknowledged) and repeats.
 //!
+//! The conversation itself (message order, acknowledgements, which point
+//! to commit when) is [`crate::wire::session::Sender`]'s; `link.rs` is its
+//! quinn driver. This module decides what to send (initial copy, deltas,
+//! resync) and keeps the VM's state.
+//!
 //! Errors ([`SendError`], decided on its [`ErrorKind`]): recoverable ones
 //! (network, receiver disk full, busy) put the VM in `Warning` and retry
 //! after 1, 2, 4, 8, 10 minutes, then every 30 minutes (scaled by
@@ -35,22 +40,26 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, Notify};
 
-use crate::hrl::Encoding;
-use crate::tracking::{CutErrorKind, CutSelect, DiskState as TrackState, SealedLog, Tracker};
+use crate::tracking::{
+    CutErrorKind, CutSelect, DiskState as TrackState, SealedCycle, SealedLog, Tracker,
+};
 use crate::transport::{self, keys::Identity, trust::TrustStore};
 use crate::util::now_ns;
-use crate::wire::{self, Msg};
-use shaper::{Class, LinkShare, Shaper};
+use crate::wire;
+use crate::wire::session::{Job as SessionJob, SenderAction, SenderConfig, SessionError};
+use shaper::{LinkShare, Shaper};
 
 pub mod alert;
 pub mod app_hook;
 mod error;
+mod link;
 pub mod metrics;
 mod resync;
 pub mod shaper;
 
-use error::{conn_err, msg_err, stream_err, transport_err};
+use error::transport_err;
 pub use error::{ErrorKind, SendError};
+use link::Link;
 
 pub use crate::resync::ResyncProgress;
 
@@ -458,11 +467,7 @@ impl Replicator {
                 .map_err(|e| SendError::invalid(format!("--resync-window: {e}")))?;
         }
         // Reachable and trusted: say Hello once.
-        let probe = self.rt.block_on(async {
-            let (conn, _, hello) = self.connect_hello(&spec).await?;
-            conn.close(0u32.into(), b"probe done");
-            Ok::<wire::HelloOk, SendError>(hello)
-        });
+        let probe = self.rt.block_on(self.probe(&spec));
         let hello = match probe {
             Ok(h) => h,
             Err(e) => return Err(e.context(format!("receiver {} is not usable", spec.to))),
@@ -750,17 +755,11 @@ impl Replicator {
         v
     }
 
-    async fn connect(
+    /// A QUIC connection to the receiver of `spec` (mutual TLS).
+    async fn dial(
         &self,
         spec: &ProtectSpec,
     ) -> Result<(quinn::Connection, quinn::Endpoint), SendError> {
-        self.connect_hello(spec).await.map(|(c, e, _)| (c, e))
-    }
-
-    async fn connect_hello(
-        &self,
-        spec: &ProtectSpec,
-    ) -> Result<(quinn::Connection, quinn::Endpoint, wire::HelloOk), SendError> {
         let id = self
             .identity
             .as_ref()
@@ -783,27 +782,58 @@ impl Replicator {
         let conn = transport::connect(&ep, addr, "vdrep")
             .await
             .map_err(|e| transport_err(&e, addr))?;
-        let (mut tx, mut rx) = conn.open_bi().await.map_err(|e| conn_err(&e, addr))?;
-        let hello = Msg::Hello(wire::Hello {
-            protocol_version: wire::PROTOCOL_VERSION,
-            site_name: self.site.clone(),
-            software_version: env!("CARGO_PKG_VERSION").into(),
-        });
-        wire::write_msg(&mut tx, &hello)
-            .await
-            .map_err(|e| stream_err(&e, addr))?;
-        match wire::read_msg(&mut rx)
-            .await
-            .map_err(|e| stream_err(&e, addr))?
-        {
-            Some(Msg::HelloOk(h)) => Ok((conn, ep, h)),
-            Some(Msg::Error(e)) => Err(msg_err(&e)),
-            other => Err(SendError::fatal(format!(
-                "unexpected answer to Hello: {other:?}"
-            ))),
-        }
+        Ok((conn, ep))
     }
 
+    /// The session of `spec`'s VM: every disk of it (none: a probe, which
+    /// only says `Hello`).
+    fn session_config(
+        &self,
+        spec: &ProtectSpec,
+        with_disks: bool,
+        last_point: u64,
+    ) -> Result<SenderConfig, SendError> {
+        let mut disks = Vec::new();
+        for d in spec.disks.iter().filter(|_| with_disks) {
+            let (id, size, bs, _) = self.disk_id(d)?;
+            let kind = if d.to_ascii_lowercase().ends_with(".vhd") {
+                wire::DiskKind::Vhd
+            } else {
+                wire::DiskKind::Raw
+            };
+            disks.push(wire::OpenDisk {
+                vm: spec.vm.clone(),
+                disk_name: d.clone(),
+                disk_id: id,
+                block_size: bs,
+                disk_size: size,
+                kind,
+            });
+        }
+        Ok(SenderConfig {
+            site_name: self.site.clone(),
+            software_version: env!("CARGO_PKG_VERSION").into(),
+            vm: spec.vm.clone(),
+            disks,
+            last_point,
+            timeout_ns: link::ANSWER_TIMEOUT.as_nanos() as u64,
+            chunk_size: LOG_CHUNK,
+        })
+    }
+
+    /// Connect and say `Hello` (no disk opened): the receiver's answer.
+    async fn probe(&self, spec: &ProtectSpec) -> Result<wire::HelloOk, SendError> {
+        let (conn, ep) = self.dial(spec).await?;
+        let cfg = self.session_config(spec, false, 0)?;
+        let mut link = Link::new(conn, ep, cfg, None, Arc::default());
+        link.ready().await?;
+        let hello = link
+            .peer()
+            .cloned()
+            .ok_or_else(|| SendError::fatal("the receiver did not answer Hello"))?;
+        link.close(b"probe done");
+        Ok(hello)
+    }
     async fn worker(self: Arc<Self>, vm: Arc<Vm>) {
         let mut failures = 0u32;
         let mut again = 0u32;
@@ -936,51 +966,19 @@ impl Replicator {
         Ok((out, size, bs, st))
     }
 
-    /// `OpenDisk` every disk of the VM: where is each replica?
+    /// The replicas' states (as the session's `Ready` lists them, in the
+    /// spec's disk order), by disk name.
+    fn by_name(vm: &Vm, states: Vec<wire::DiskState>) -> HashMap<String, wire::DiskState> {
+        vm.spec.disks.iter().cloned().zip(states).collect()
+    }
+
+    /// `OpenDisk` every disk of the VM again: where is each replica now?
     async fn open_disks(
         &self,
         vm: &Arc<Vm>,
-        conn: &quinn::Connection,
+        link: &mut Link,
     ) -> Result<HashMap<String, wire::DiskState>, SendError> {
-        let spec = &vm.spec;
-        let addr = conn.remote_address();
-        let mut replica: HashMap<String, wire::DiskState> = HashMap::new();
-        for d in &spec.disks {
-            let (id, size, bs, _) = self.disk_id(d)?;
-            let (mut tx, mut rx) = conn.open_bi().await.map_err(|e| conn_err(&e, addr))?;
-            let kind = if d.to_ascii_lowercase().ends_with(".vhd") {
-                wire::DiskKind::Vhd
-            } else {
-                wire::DiskKind::Raw
-            };
-            wire::write_msg(
-                &mut tx,
-                &Msg::OpenDisk(wire::OpenDisk {
-                    vm: spec.vm.clone(),
-                    disk_name: d.clone(),
-                    disk_id: id,
-                    block_size: bs,
-                    disk_size: size,
-                    kind,
-                }),
-            )
-            .await
-            .map_err(|e| stream_err(&e, addr))?;
-            let ds = match wire::read_msg(&mut rx)
-                .await
-                .map_err(|e| stream_err(&e, addr))?
-            {
-                Some(Msg::DiskState(s)) => s,
-                Some(Msg::Error(e)) => return Err(msg_err(&e)),
-                other => {
-                    return Err(SendError::fatal(format!(
-                        "unexpected answer to OpenDisk: {other:?}"
-                    )))
-                }
-            };
-            replica.insert(d.clone(), ds);
-        }
-        Ok(replica)
+        Ok(Self::by_name(vm, link.reopen().await?))
     }
 
     /// Which disks need a resync, and why (empty reasons: none).
@@ -1044,15 +1042,21 @@ impl Replicator {
     /// One connected session: sync up, then cut and ship until an error.
     async fn session(&self, vm: &Arc<Vm>) -> Result<(), SendError> {
         let spec = &vm.spec;
-        let (conn, _ep) = self.connect(spec).await?;
+        let last_point = vm.status.lock().last_point.unwrap_or(0);
+        let cfg = self.session_config(spec, true, last_point)?;
+        let (conn, ep) = self.dial(spec).await?;
         let _live = LiveConn::new(vm, &conn);
-        let limiter = Shaper::new(spec.max_rate, self.link_share(spec));
-        let mut replica = self.open_disks(vm, &conn).await?;
+        let shaper = Arc::new(Shaper::new(spec.max_rate, self.link_share(spec)));
+        // The session commits again a point the replicas all reached but
+        // whose `PointAck` was lost (idempotent at the receiver).
+        let mut link = Link::new(conn, ep, cfg, Some(vm.clone()), shaper);
+        let link = &mut link;
+        let mut replica = Self::by_name(vm, link.ready().await?);
         // No complete replica (or a copy under way): initial copy.
         let need_initial = replica.values().any(|ds| ds.replica_cycle == 0);
         if need_initial {
             vm.status.lock().state = VmState::InitialReplication;
-            self.initial_copy(vm, &conn, &replica, &limiter).await?;
+            self.initial_copy(vm, link, &replica).await?;
         } else {
             let mut resynced = false;
             let mut reasons = self.resync_reasons(vm, &replica);
@@ -1062,7 +1066,7 @@ impl Replicator {
                 let window = spec.window();
                 loop {
                     if vm.stop.load(std::sync::atomic::Ordering::SeqCst) {
-                        conn.close(0u32.into(), b"unprotected");
+                        link.close(b"unprotected");
                         return Ok(());
                     }
                     // `vdrep resync` and `vdrep sync` (which cannot finish
@@ -1083,7 +1087,7 @@ impl Replicator {
                         ));
                     }
                     let _ = tokio::time::timeout(Duration::from_secs(20), vm.wake.notified()).await;
-                    replica = self.open_disks(vm, &conn).await?;
+                    replica = self.open_disks(vm, link).await?;
                     reasons = self.resync_reasons(vm, &replica);
                     if reasons.is_empty() {
                         break;
@@ -1099,7 +1103,7 @@ impl Replicator {
                         tracing::info!(vm = %spec.vm, disk = %d, "checksum resync: {w}");
                     }
                     let rdisks: Vec<String> = reasons.into_iter().map(|(d, _)| d).collect();
-                    self.resync(vm, &conn, &replica, &rdisks, &limiter).await?;
+                    self.resync(vm, link, &replica, &rdisks).await?;
                     resynced = true;
                     vm.status.lock().resync_pending.clear();
                     // A waiting `vdrep resync` is answered by this one.
@@ -1107,8 +1111,7 @@ impl Replicator {
                 }
             }
             if !resynced {
-                self.recommit_replica_point(vm, &conn, &replica).await?;
-                self.ship_pending(vm, &conn, &replica, &limiter).await?;
+                self.ship_pending(vm, link, &replica).await?;
             }
         }
         if !vm.waiters.lock().is_empty() {
@@ -1129,10 +1132,10 @@ impl Replicator {
         let mut next_cut = Instant::now() + every;
         loop {
             if vm.stop.load(std::sync::atomic::Ordering::SeqCst) {
-                conn.close(0u32.into(), b"unprotected");
+                link.close(b"unprotected");
                 return Ok(());
             }
-            if self.run_jobs(vm, &conn, &limiter).await? {
+            if self.run_jobs(vm, link).await? {
                 continue;
             }
             let synced = vm
@@ -1163,7 +1166,7 @@ impl Replicator {
                 }
             }
             let started = Instant::now();
-            self.cut_and_ship(vm, &conn, &limiter).await?;
+            self.cut_and_ship(vm, link).await?;
             if spec.every_secs > 0 {
                 next_cut = (started + every).max(next_cut);
             }
@@ -1188,12 +1191,7 @@ impl Replicator {
     }
 
     /// Run the oldest queued job, if any (true if one ran).
-    async fn run_jobs(
-        &self,
-        vm: &Arc<Vm>,
-        conn: &quinn::Connection,
-        limiter: &Shaper,
-    ) -> Result<bool, SendError> {
+    async fn run_jobs(&self, vm: &Arc<Vm>, link: &mut Link) -> Result<bool, SendError> {
         let kind = match vm.jobs.lock().front() {
             None => return Ok(false),
             Some(Job::Resync(_)) => 0,
@@ -1201,14 +1199,14 @@ impl Replicator {
         };
         if kind == 0 {
             // Everything shipped first, then every disk compared.
-            self.cut_and_ship(vm, conn, limiter).await?;
-            let replica = self.open_disks(vm, conn).await?;
+            self.cut_and_ship(vm, link).await?;
+            let replica = self.open_disks(vm, link).await?;
             let disks = vm.spec.disks.clone();
-            self.resync(vm, conn, &replica, &disks, limiter).await?;
+            self.resync(vm, link, &replica, &disks).await?;
             vm.status.lock().state = VmState::Normal;
             self.answer_resync_jobs(vm);
         } else {
-            let r = self.verify_now(vm, conn, limiter).await;
+            let r = self.verify_now(vm, link).await;
             let job = vm.jobs.lock().pop_front();
             let r = match r {
                 Ok(v) => Ok(v),
@@ -1233,11 +1231,10 @@ impl Replicator {
     async fn verify_now(
         &self,
         vm: &Arc<Vm>,
-        conn: &quinn::Connection,
-        limiter: &Shaper,
+        link: &mut Link,
     ) -> Result<Vec<VerifyDisk>, SendError> {
-        self.cut_and_ship(vm, conn, limiter).await?;
-        let replica = self.open_disks(vm, conn).await?;
+        self.cut_and_ship(vm, link).await?;
+        let replica = self.open_disks(vm, link).await?;
         let spec = vm.spec.clone();
         let tracker = self.tracker.clone();
         let dir = self.mount_dir.clone();
@@ -1277,7 +1274,7 @@ impl Replicator {
             let skip = sc.changed_runs();
             let skipped: u64 = skip.iter().map(|r| r.1).sum();
             let (back, r) = self
-                .compare(vm, conn, sc, rc, resync::Mode::Verify { skip }, None, None)
+                .compare(vm, link, sc, rc, resync::Mode::Verify { skip }, None, None)
                 .await;
             if let Some(sc) = back {
                 // Nothing shipped: the cut's changes stay for the next delta.
@@ -1309,12 +1306,7 @@ impl Replicator {
 
     /// Flush the kernel cache, seal the VM's disks at one instant, write
     /// their logs and ship them.
-    async fn cut_and_ship(
-        &self,
-        vm: &Arc<Vm>,
-        conn: &quinn::Connection,
-        limiter: &Shaper,
-    ) -> Result<(), SendError> {
+    async fn cut_and_ship(&self, vm: &Arc<Vm>, link: &mut Link) -> Result<(), SendError> {
         let spec = vm.spec.clone();
         let tracker = self.tracker.clone();
         let dir = self.mount_dir.clone();
@@ -1398,56 +1390,19 @@ impl Replicator {
             }
         }
         let replica: HashMap<String, wire::DiskState> = HashMap::new();
-        self.ship_pending(vm, conn, &replica, limiter).await
+        self.ship_pending(vm, link, &replica).await
     }
 
-    /// Every disk of the VM reached cycle C at the receiver but the point
-    /// may be missing: the connection (or the receiver) died between the
-    /// last log's Ack and the PointAck. Commit it again (idempotent at the
-    /// receiver); marked crash-consistent, as the log that said otherwise
-    /// is gone. Answers a `vdrep sync` waiting for that cycle.
-    async fn recommit_replica_point(
-        &self,
-        vm: &Arc<Vm>,
-        conn: &quinn::Connection,
-        replica: &HashMap<String, wire::DiskState>,
-    ) -> Result<(), SendError> {
-        let spec = &vm.spec;
-        let Some(c) = spec
-            .disks
-            .first()
-            .and_then(|d| replica.get(d))
-            .map(|s| s.replica_cycle)
-        else {
-            return Ok(());
-        };
-        let same = spec
-            .disks
-            .iter()
-            .all(|d| replica.get(d).is_some_and(|s| s.replica_cycle == c));
-        if c == 0 || !same || vm.status.lock().last_point.is_some_and(|p| p >= c) {
-            return Ok(());
-        }
-        let disks = spec
-            .disks
-            .iter()
-            .filter_map(|d| replica.get(d))
-            .map(|s| wire::DiskCycle {
-                disk_id: s.disk_id,
-                cycle: c,
-            })
-            .collect();
-        self.commit_point(vm, conn, c, disks, None, false).await
-    }
-
-    /// Ship every sealed log of the VM's disks, oldest cycle first, and
-    /// commit each cycle that every disk reached.
+    /// Ship every sealed log of the VM's disks, oldest cycle first (the
+    /// session runs one log per disk at a time, in order, and commits each
+    /// cycle that every disk reached), and wait until all are applied and
+    /// their points committed. A damaged log stops the submitting: what was
+    /// submitted before it still ships, then the disk is resynced.
     async fn ship_pending(
         &self,
         vm: &Arc<Vm>,
-        conn: &quinn::Connection,
+        link: &mut Link,
         replica: &HashMap<String, wire::DiskState>,
-        limiter: &Shaper,
     ) -> Result<(), SendError> {
         let spec = &vm.spec;
         let mut by_cycle: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
@@ -1463,223 +1418,103 @@ impl Replicator {
                 }
             }
         }
-        for (cycle, disks) in by_cycle {
+        let mut damaged = None;
+        'cycles: for (cycle, disks) in by_cycle {
             // Each log is opened once: its header now, its bytes when sent.
             let logs = disks
                 .iter()
                 .map(|d| self.tracker.sealed_log(d, cycle))
                 .collect::<Result<Vec<SealedLog>, _>>()
                 .map_err(retry)?;
-            let cut_ns = logs
-                .iter()
-                .filter_map(|l| l.header().ok())
-                .map(|h| h.cut_unix_ns)
-                .next();
             // App-consistent iff every disk's log of the cut says so.
             let app = logs
                 .iter()
                 .all(|l| l.header().is_ok_and(|h| h.app_consistent));
-            let mut acked = Vec::new();
             for log in logs {
                 let (id, ..) = self.disk_id(log.disk())?;
-                self.send_log(vm, conn, id, log, limiter).await?;
-                acked.push(wire::DiskCycle { disk_id: id, cycle });
-            }
-            for d in &disks {
-                // Its changes are at the receiver: logs again.
-                if self.tracker.bitmap_only(d) && self.tracker.pending_cycles(d).is_empty() {
-                    self.tracker.clear_bitmap_only(d);
-                }
-            }
-            if acked.len() == spec.disks.len() {
-                self.commit_point(vm, conn, cycle, acked, cut_ns, app)
-                    .await?;
-            }
-        }
-        Ok(())
-    }
-
-    async fn commit_point(
-        &self,
-        vm: &Arc<Vm>,
-        conn: &quinn::Connection,
-        cycle: u64,
-        disks: Vec<wire::DiskCycle>,
-        cut_ns: Option<u64>,
-        app_consistent: bool,
-    ) -> Result<(), SendError> {
-        let addr = conn.remote_address();
-        let (mut tx, mut rx) = conn.open_bi().await.map_err(|e| conn_err(&e, addr))?;
-        wire::write_msg(
-            &mut tx,
-            &Msg::PointCommit(wire::PointCommit {
-                vm: vm.spec.vm.clone(),
-                cycle,
-                app_consistent,
-                disks,
-            }),
-        )
-        .await
-        .map_err(|e| stream_err(&e, addr))?;
-        match wire::read_msg(&mut rx)
-            .await
-            .map_err(|e| stream_err(&e, addr))?
-        {
-            Some(Msg::PointAck(a)) if a.cycle == cycle => {}
-            Some(Msg::Error(e)) => return Err(msg_err(&e)),
-            other => {
-                return Err(SendError::fatal(format!(
-                    "unexpected answer to PointCommit: {other:?}"
-                )))
-            }
-        }
-        {
-            let mut s = vm.status.lock();
-            s.last_point = Some(cycle);
-            s.last_point_unix_ns = cut_ns.or(Some(now_ns()));
-            if app_consistent {
-                s.last_app_point = Some(cycle);
-                s.last_app_point_unix_ns = s.last_point_unix_ns;
-            }
-        }
-        let mut w = vm.waiters.lock();
-        let mut keep = Vec::new();
-        for (want, tx) in w.drain(..) {
-            if cycle >= want {
-                let _ = tx.send(Ok(cycle));
-            } else {
-                keep.push((want, tx));
-            }
-        }
-        *w = keep;
-        tracing::info!(vm = %vm.spec.vm, cycle, "recovery point committed at the receiver");
-        Ok(())
-    }
-
-    /// Ship one sealed log; it is marked shipped (tracking deletes it) once
-    /// the receiver applied it.
-    async fn send_log(
-        &self,
-        vm: &Arc<Vm>,
-        conn: &quinn::Connection,
-        id: [u8; 16],
-        log: SealedLog,
-        limiter: &Shaper,
-    ) -> Result<(), SendError> {
-        let addr = conn.remote_address();
-        let shown = log.shown().to_path_buf();
-        // The header says what the log is; the receiver verifies every
-        // record and the seal before it applies anything, so a second full
-        // read here would only double the I/O.
-        let header = match log.header() {
-            Ok(h) => h.clone(),
-            Err(e) => {
-                let why = format!("sealed log {} is damaged: {e}", shown.display());
-                if let Some(d) = self.disk_of_id(&id) {
-                    self.tracker.require_resync(&d, &why);
-                }
-                log.discard();
-                return Err(SendError::new(
-                    ErrorKind::ResyncRequired,
-                    format!("{why}; the disk is resynced by checksums"),
-                ));
-            }
-        };
-        let total_len = log.len();
-        let (mut tx, mut rx) = conn.open_bi().await.map_err(|e| conn_err(&e, addr))?;
-        let t0 = Instant::now();
-        let mut begin = wire::LogBegin::from_header(&header, total_len);
-        begin.disk_id = id;
-        wire::write_msg(&mut tx, &Msg::LogBegin(begin))
-            .await
-            .map_err(|e| stream_err(&e, addr))?;
-        let mut buf = Vec::new();
-        let mut hasher = wire::LogHasher::new();
-        let mut off = 0u64;
-        // One buffer: read into, moved into the message, taken back.
-        let mut chunk: Vec<u8> = Vec::with_capacity(LOG_CHUNK);
-        while off < total_len {
-            let want = ((total_len - off) as usize).min(LOG_CHUNK);
-            chunk.resize(want, 0);
-            tokio::task::block_in_place(|| log.read_exact_at(&mut chunk, off))
-                .map_err(|e| retry(format!("reading {}: {e}", shown.display())))?;
-            hasher.update(&chunk);
-            limiter.take(Class::Delta, want as u64).await;
-            let msg = Msg::LogChunk(wire::LogChunk {
-                disk_id: id,
-                cycle: header.cycle,
-                offset_in_log: off,
-                data: std::mem::take(&mut chunk),
-            });
-            let sent = wire::write_msg_buf(&mut tx, &msg, &mut buf).await;
-            if let Msg::LogChunk(c) = msg {
-                chunk = c.data;
-            }
-            sent.map_err(|e| stream_err(&e, addr))?;
-            off += want as u64;
-        }
-        wire::write_msg(
-            &mut tx,
-            &Msg::LogEnd(wire::LogEnd {
-                disk_id: id,
-                cycle: header.cycle,
-                total_len,
-                log_checksum: hasher.digest128(),
-            }),
-        )
-        .await
-        .map_err(|e| stream_err(&e, addr))?;
-        loop {
-            match wire::read_msg(&mut rx)
-                .await
-                .map_err(|e| stream_err(&e, addr))?
-            {
-                Some(Msg::Ack(a)) if a.applied && a.cycle == header.cycle => break,
-                Some(Msg::Ack(_)) => continue,
-                Some(Msg::Error(e)) if e.code == wire::ErrorCode::ResyncRequired => {
-                    // The receiver no longer trusts the replica: this log
-                    // cannot help; compare by checksums instead.
-                    if let Some(d) = self.disk_of_id(&id) {
-                        self.tracker
-                            .require_resync(&d, &format!("receiver: {}", e.message));
+                // The header says what the log is; the receiver verifies
+                // every record and the seal before it applies anything.
+                let begin = match log.header() {
+                    Ok(h) => {
+                        link.note_cut(cycle, h.cut_unix_ns);
+                        let mut b = wire::LogBegin::from_header(h, log.len());
+                        b.disk_id = id;
+                        b
                     }
-                    return Err(SendError::new(
-                        ErrorKind::ResyncRequired,
-                        format!("receiver: {}", e.message),
-                    ));
-                }
-                Some(Msg::Error(e)) => return Err(msg_err(&e)),
-                other => {
-                    return Err(SendError::fatal(format!(
-                        "unexpected answer to a log: {other:?}"
-                    )))
-                }
+                    Err(e) => {
+                        let why = format!("sealed log {} is damaged: {e}", log.shown().display());
+                        self.tracker.require_resync(log.disk(), &why);
+                        log.discard();
+                        damaged = Some(SendError::new(
+                            ErrorKind::ResyncRequired,
+                            format!("{why}; the disk is resynced by checksums"),
+                        ));
+                        break 'cycles;
+                    }
+                };
+                link.submit_log(begin, log, app)?;
             }
         }
-        log.mark_shipped();
-        let secs = t0.elapsed().as_secs_f64().max(1e-6);
-        let mut s = vm.status.lock();
-        s.bytes_sent += total_len;
-        s.throughput_bps = total_len as f64 / secs;
-        Ok(())
+        while !link.is_idle() {
+            match link.next().await? {
+                SenderAction::LogApplied { disk_id, .. } => {
+                    // Its changes are at the receiver: logs again.
+                    if let Some(d) = self.disk_of_id(&disk_id) {
+                        if self.tracker.bitmap_only(&d)
+                            && self.tracker.pending_cycles(&d).is_empty()
+                        {
+                            self.tracker.clear_bitmap_only(&d);
+                        }
+                    }
+                }
+                SenderAction::JobFailed { job, error, .. } => {
+                    return Err(self.job_failed(link, &job, &error))
+                }
+                _ => {}
+            }
+        }
+        damaged.map_or(Ok(()), Err)
+    }
+
+    /// What a failed transfer means: a log the receiver refused because it
+    /// no longer trusts the replica marks the disk for a checksum resync.
+    fn job_failed(&self, link: &Link, job: &SessionJob, e: &SessionError) -> SendError {
+        if let (
+            SessionJob::Log { .. },
+            SessionError::Peer {
+                code: wire::ErrorCode::ResyncRequired,
+                message,
+                ..
+            },
+        ) = (job, e)
+        {
+            let why = format!("receiver: {message}");
+            if let Some(d) = self.disk_of_id(&job.disk_id()) {
+                self.tracker.require_resync(&d, &why);
+            }
+            return SendError::new(ErrorKind::ResyncRequired, why);
+        }
+        link.error(e)
     }
 
     /// Whole-disk cycle of every disk of the VM, sealed at one instant and
     /// streamed disk after disk; resumes an interrupted copy of the same
-    /// cycle range from the receiver's `resume_offset`.
+    /// cycle range from the receiver's `resume_offset`. The session commits
+    /// the point once the last disk is applied.
     async fn initial_copy(
         &self,
         vm: &Arc<Vm>,
-        conn: &quinn::Connection,
+        link: &mut Link,
         replica: &HashMap<String, wire::DiskState>,
-        limiter: &Shaper,
     ) -> Result<(), SendError> {
         let spec = &vm.spec;
         let mut full_from = HashMap::new();
         {
             let cc = vm.copy_cycle.lock();
             for d in &spec.disks {
-                let ds = &replica[d];
+                let ds = replica.get(d).ok_or_else(|| {
+                    SendError::fatal(format!("{d} was not opened at the receiver"))
+                })?;
                 let resume = match cc.get(d) {
                     Some(c) if *c == ds.copy_cycle && ds.copy_cycle != 0 => ds.resume_offset,
                     _ => 0,
@@ -1711,28 +1546,24 @@ impl Replicator {
             )));
         }
         let cycle = sealed.cycle;
-        let cut_ns = sealed.cut_unix_ns;
+        link.note_cut(cycle, sealed.cut_unix_ns);
         {
             let mut s = vm.status.lock();
             s.initial_total = sealed.cycles.iter().map(|c| c.dirty_bytes()).sum();
             s.initial_done = 0;
         }
-        let mut cycles: Vec<_> = sealed.cycles.into_iter().map(Some).collect();
-        let mut done = Vec::new();
-        for i in 0..cycles.len() {
-            let Some(sc) = cycles[i].take() else { continue };
+        let mut cycles = sealed.cycles.into_iter();
+        while let Some(sc) = cycles.next() {
             let name = sc.header.disk_name.clone();
-            let start = sc.full_from.unwrap_or(0);
             vm.copy_cycle.lock().insert(name.clone(), cycle);
             self.save_copy_cycles(vm);
-            let id = sc.header.disk_id;
-            let (back, r) = self.stream_initial(vm, conn, sc, start, limiter).await;
-            let t = self.tracker.clone();
+            let (sc, r) = self.copy_disk(link, sc).await;
             let ok = r.is_ok();
-            let mut rest: Vec<_> = back.into_iter().collect();
+            let mut rest: Vec<SealedCycle> = sc.into_iter().collect();
             if !ok {
-                rest.extend(cycles.iter_mut().filter_map(|c| c.take()));
+                rest.extend(cycles.by_ref());
             }
+            let t = self.tracker.clone();
             tokio::task::spawn_blocking(move || {
                 for sc in rest {
                     if let Err(e) = t.finish(sc, ok) {
@@ -1745,222 +1576,68 @@ impl Replicator {
             r?;
             vm.copy_cycle.lock().remove(&name);
             self.save_copy_cycles(vm);
-            done.push(wire::DiskCycle { disk_id: id, cycle });
         }
         // Old logs are superseded by the copy.
         for d in &spec.disks {
             self.tracker.discard_logs(d, Some(cycle));
         }
-        self.commit_point(vm, conn, cycle, done, Some(cut_ns), false)
-            .await
+        self.settle(link).await
     }
 
-    /// Stream one whole-disk cycle; hands the sealed cycle back with the
-    /// outcome (the caller finishes it either way).
-    async fn stream_initial(
+    /// Copy one disk as of its cut (from `full_from`, and what changed
+    /// below it since the interrupted copy); hands the sealed cycle back
+    /// with the outcome (the caller finishes it either way).
+    async fn copy_disk(
         &self,
-        vm: &Arc<Vm>,
-        conn: &quinn::Connection,
-        sc: crate::tracking::SealedCycle,
-        start: u64,
-        limiter: &Shaper,
-    ) -> (Option<crate::tracking::SealedCycle>, Result<(), SendError>) {
-        let addr = conn.remote_address();
-        let id = sc.header.disk_id;
-        let (cycle, disk_size, name) = (
-            sc.header.cycle,
-            sc.header.disk_size,
-            sc.header.disk_name.clone(),
-        );
-        let (mut tx, mut rx) = match conn.open_bi().await {
-            Ok(s) => s,
-            Err(e) => return (Some(sc), Err(conn_err(&e, addr))),
+        link: &mut Link,
+        sc: SealedCycle,
+    ) -> (Option<SealedCycle>, Result<(), SendError>) {
+        let begin = wire::InitialBegin {
+            disk_id: sc.header.disk_id,
+            cycle: sc.header.cycle,
+            disk_size: sc.header.disk_size,
+            start_offset: sc.full_from.unwrap_or(0),
         };
-        if let Err(e) = wire::write_msg(
-            &mut tx,
-            &Msg::InitialBegin(wire::InitialBegin {
-                disk_id: id,
-                cycle,
-                disk_size,
-                start_offset: start,
-            }),
-        )
-        .await
-        {
-            return (Some(sc), Err(stream_err(&e, addr)));
-        }
         // The sealed cycle is read by a blocking thread (it takes locks and
-        // preads); chunks come over a small channel so memory stays bounded.
-        // Blocks below `start` are in the cycle only if they changed since
-        // the interrupted copy.
-        let (ctx, mut crx) = tokio::sync::mpsc::channel::<(u64, Vec<u8>)>(8);
-        let (pool_tx, pool_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        // preads); pieces come over a small channel so memory stays bounded.
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
         let reader = tokio::task::spawn_blocking(move || {
-            let mut out = ChunkFiller {
-                tx: ctx,
-                pool: pool_rx,
-                cur: None,
-            };
-            let r = sc.stream_into(0, &mut out).and_then(|()| out.flush());
-            (sc, r)
+            let mut out = link::PieceSink::new(tx);
+            let r = sc.stream_into(0, &mut out);
+            out.end(&r, &sc.header.disk_name);
+            sc
         });
-        let net = async {
-            let mut buf = Vec::new();
-            let t0 = Instant::now();
-            let mut last_log = Instant::now();
-            let mut sent = 0u64;
-            let mut disk_done = 0u64;
-            let mut incompressible = 0u32;
-            let mut chunk_no = 0u64;
-            while let Some((off, data)) = crx.recv().await {
-                let len = data.len() as u64;
-                // After a run of incompressible chunks, try lz4 only on
-                // every 16th (it costs ~9% of a core on random data).
-                let try_lz4 = incompressible < 8 || chunk_no % 16 == 0;
-                chunk_no += 1;
-                // `spare`: the read buffer when the payload is not it.
-                let (encoding, payload, spare) = if data.iter().all(|&b| b == 0) {
-                    (Encoding::Zero, Vec::new(), Some(data))
-                } else if try_lz4 {
-                    let c = lz4_flex::block::compress(&data);
-                    if c.len() <= data.len() - data.len() / 8 {
-                        incompressible = 0;
-                        (Encoding::Lz4, c, Some(data))
-                    } else {
-                        incompressible += 1;
-                        (Encoding::Raw, data, None)
-                    }
-                } else {
-                    (Encoding::Raw, data, None)
-                };
-                limiter
-                    .take(Class::Bulk, payload.len().max(64) as u64)
-                    .await;
-                let plen = payload.len() as u64;
-                let msg = Msg::InitialChunk(wire::InitialChunk {
-                    disk_id: id,
-                    offset: off,
-                    length: len as u32,
-                    encoding,
-                    data: payload,
-                });
-                let written = wire::write_msg_buf(&mut tx, &msg, &mut buf).await;
-                // The read buffer goes back to the reader (it may be gone).
-                let back = match msg {
-                    Msg::InitialChunk(c) if c.encoding == Encoding::Raw => Some(c.data),
-                    _ => spare,
-                };
-                if let Some(b) = back {
-                    let _ = pool_tx.send(b);
+        let mut r = link.submit_initial(begin.clone(), rx);
+        while r.is_ok() {
+            match link.next().await {
+                Ok(SenderAction::InitialApplied { disk_id, .. }) if disk_id == begin.disk_id => {
+                    break
                 }
-                written.map_err(|e| stream_err(&e, addr))?;
-                sent += plen;
-                disk_done += len;
-                let mut s = vm.status.lock();
-                s.initial_done += len;
-                s.bytes_sent += plen;
-                s.throughput_bps = sent as f64 / t0.elapsed().as_secs_f64().max(1e-6);
-                if last_log.elapsed() >= Duration::from_secs(5) {
-                    last_log = Instant::now();
-                    // ETA from disk bytes covered (zeros and lz4 make the
-                    // wire rate a poor guide).
-                    let disk_rate = disk_done as f64 / t0.elapsed().as_secs_f64().max(1e-6);
-                    let eta = if disk_rate > 0.0 {
-                        format!(
-                            "{:.0}s",
-                            s.initial_total.saturating_sub(s.initial_done) as f64 / disk_rate
-                        )
-                    } else {
-                        "?".into()
-                    };
-                    tracing::info!(
-                        vm = %vm.spec.vm,
-                        "initial copy: {} of {} MiB ({:.0}%), {:.1} MiB/s on the wire, ETA {eta}",
-                        s.initial_done >> 20,
-                        s.initial_total >> 20,
-                        100.0 * s.initial_done as f64 / s.initial_total.max(1) as f64,
-                        s.throughput_bps / 1048576.0
-                    );
+                Ok(SenderAction::JobFailed { job, error, .. }) => {
+                    r = Err(self.job_failed(link, &job, &error))
                 }
-            }
-            Ok::<(), SendError>(())
-        }
-        .await;
-        drop(crx);
-        let (sc, read) = match reader.await {
-            Ok(x) => x,
-            Err(e) => return (None, Err(retry(format!("the disk reader failed: {e}")))),
-        };
-        if let Err(e) = net {
-            return (Some(sc), Err(why_stopped(&mut rx, e).await));
-        }
-        if let Err(e) = read {
-            return (
-                Some(sc),
-                Err(retry(format!("reading {name} as of its cut: {e}"))),
-            );
-        }
-        let end = async {
-            wire::write_msg(
-                &mut tx,
-                &Msg::InitialEnd(wire::InitialEnd {
-                    disk_id: id,
-                    cycle,
-                    disk_size,
-                }),
-            )
-            .await
-            .map_err(|e| stream_err(&e, addr))?;
-            loop {
-                match wire::read_msg(&mut rx)
-                    .await
-                    .map_err(|e| stream_err(&e, addr))?
-                {
-                    Some(Msg::Ack(a)) if a.applied => return Ok(()),
-                    Some(Msg::Ack(_)) => continue,
-                    Some(Msg::Error(e)) => return Err(msg_err(&e)),
-                    other => {
-                        return Err(SendError::fatal(format!(
-                            "unexpected answer to an initial copy: {other:?}"
-                        )))
-                    }
-                }
+                Ok(_) => {}
+                Err(e) => r = Err(e),
             }
         }
-        .await;
-        (Some(sc), end)
+        // The reader stops once nothing reads its pieces.
+        link.forget(begin.disk_id, begin.cycle);
+        match reader.await {
+            Ok(sc) => (Some(sc), r),
+            // The thread died with the cycle: nothing to finish.
+            Err(e) => (None, Err(retry(format!("the disk reader failed: {e}")))),
+        }
     }
-}
 
-/// Hands a sealed cycle's pieces to the network side without copying them:
-/// each piece is read straight into a buffer that travels over the channel
-/// and comes back through `pool` once sent.
-struct ChunkFiller {
-    tx: tokio::sync::mpsc::Sender<(u64, Vec<u8>)>,
-    pool: std::sync::mpsc::Receiver<Vec<u8>>,
-    /// The piece being read: passed on when the next one is asked for.
-    cur: Option<(u64, Vec<u8>)>,
-}
-
-impl ChunkFiller {
-    fn flush(&mut self) -> Result<(), crate::tracking::StreamError> {
-        if let Some(piece) = self.cur.take() {
-            self.tx
-                .blocking_send(piece)
-                .map_err(|_| crate::tracking::StreamError::Stopped)?;
+    /// Wait until every job submitted ended and the points due are
+    /// committed.
+    async fn settle(&self, link: &mut Link) -> Result<(), SendError> {
+        while !link.is_idle() {
+            if let SenderAction::JobFailed { job, error, .. } = link.next().await? {
+                return Err(self.job_failed(link, &job, &error));
+            }
         }
         Ok(())
-    }
-}
-
-impl crate::tracking::CycleBuf for ChunkFiller {
-    fn room(&mut self, off: u64, len: usize) -> Result<&mut [u8], crate::tracking::StreamError> {
-        self.flush()?;
-        // A returned buffer is only zero-filled where it grows.
-        let mut b = self.pool.try_recv().unwrap_or_default();
-        b.resize(len, 0);
-        let (_, b) = self.cur.insert((off, b));
-        Ok(b)
     }
 }
 
@@ -1971,15 +1648,6 @@ struct AppCut {
     frozen: bool,
     frozen_ms: Option<f64>,
     error: Option<String>,
-}
-
-/// A write failed (often because the receiver answered with an error and
-/// stopped the stream): prefer the receiver's own explanation if it sent one.
-async fn why_stopped(rx: &mut quinn::RecvStream, fallback: SendError) -> SendError {
-    match tokio::time::timeout(Duration::from_secs(2), wire::read_msg(rx)).await {
-        Ok(Ok(Some(Msg::Error(e)))) => msg_err(&e),
-        _ => fallback,
-    }
 }
 
 fn not_protected(vm: &str) -> SendError {

@@ -14,15 +14,17 @@
 //! Progress is saved every few seconds; a resync that stops resumes from
 //! it (see [`crate::resync::Progress`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{conn_err, msg_err, now_ns, retry, stream_err, SendError, Vm, VmState};
+use super::link::Link;
+use super::{now_ns, retry, SendError, Vm, VmState};
 use crate::resync::{self, Progress, ResyncProgress, BATCH_BYTES};
 use crate::tracking::{CutSelect, SealedCycle, StreamError};
-use crate::wire::{self, Msg};
+use crate::wire;
+use crate::wire::session::{SenderAction, StreamId};
 
 /// Blocks read as of the cut, grouped for one digest request. The disk is
 /// read straight into `buf` (allocated and zeroed once, then recycled
@@ -190,10 +192,9 @@ impl super::Replicator {
     pub(super) async fn resync(
         &self,
         vm: &Arc<Vm>,
-        conn: &quinn::Connection,
+        link: &mut Link,
         replica: &HashMap<String, wire::DiskState>,
         rdisks: &[String],
-        limiter: &super::shaper::Shaper,
     ) -> Result<(), SendError> {
         let spec = vm.spec.clone();
         let t_start = Instant::now();
@@ -202,7 +203,7 @@ impl super::Replicator {
         for d in rdisks {
             self.tracker.discard_logs(d, None);
         }
-        self.ship_pending(vm, conn, replica, limiter).await?;
+        self.ship_pending(vm, link, replica).await?;
         // 2. Where each resync disk stands (resume?).
         let mut full_from = HashMap::new();
         let mut extra = HashMap::new();
@@ -309,7 +310,7 @@ impl super::Replicator {
             let name = sc.header.disk_name.clone();
             let ds = replica[&name].clone();
             let r = self
-                .resync_one(vm, conn, sc, &ds, prior.remove(&name))
+                .resync_one(vm, link, sc, &ds, prior.remove(&name))
                 .await;
             result = r;
         }
@@ -317,8 +318,7 @@ impl super::Replicator {
         let compare_secs = t_compare.elapsed().as_secs_f64();
         // 6. Ship the cycle (and commit the point).
         let t_ship = Instant::now();
-        self.ship_pending(vm, conn, &HashMap::new(), limiter)
-            .await?;
+        self.ship_pending(vm, link, &HashMap::new()).await?;
         tracing::info!(vm = %spec.vm, cycle,
             "resync timing: prepare (ship pending, cut) {prepare_secs:.3}s, compare {compare_secs:.3}s, ship+apply+commit {:.3}s",
             t_ship.elapsed().as_secs_f64());
@@ -334,7 +334,7 @@ impl super::Replicator {
     async fn resync_one(
         &self,
         vm: &Arc<Vm>,
-        conn: &quinn::Connection,
+        link: &mut Link,
         sc: SealedCycle,
         ds: &wire::DiskState,
         prior: Option<Progress>,
@@ -358,7 +358,7 @@ impl super::Replicator {
         let (sc, r) = self
             .compare(
                 vm,
-                conn,
+                link,
                 sc,
                 ds.replica_cycle,
                 Mode::Resync { log: Box::new(log) },
@@ -399,14 +399,13 @@ impl super::Replicator {
     pub(super) async fn compare(
         &self,
         vm: &Arc<Vm>,
-        conn: &quinn::Connection,
+        link: &mut Link,
         sc: SealedCycle,
         replica_cycle: u64,
         mode: Mode,
         prior: Option<Progress>,
         progress_file: Option<PathBuf>,
     ) -> (Option<SealedCycle>, Result<Compared, SendError>) {
-        let addr = conn.remote_address();
         let id = sc.header.disk_id;
         let name = sc.header.disk_name.clone();
         let bs = u64::from(sc.header.block_size);
@@ -424,12 +423,12 @@ impl super::Replicator {
                 ..Default::default()
             });
         }
-        let (mut tx, mut rx) = match conn.open_bi().await {
+        let stream = match link.start_compare(id, replica_cycle) {
             Ok(s) => s,
-            Err(e) => return (Some(sc), Err(conn_err(&e, addr))),
+            Err(e) => return (Some(sc), Err(e)),
         };
         // Reader: the cycle as of its cut, in batches.
-        let (btx, mut brx) = tokio::sync::mpsc::channel::<Batch>(2);
+        let (btx, brx) = tokio::sync::mpsc::channel::<Batch>(2);
         let (pool_tx, pool_rx) = std::sync::mpsc::channel::<Vec<u8>>();
         let reader = tokio::task::spawn_blocking(move || {
             let mut f = Filler {
@@ -446,165 +445,35 @@ impl super::Replicator {
             });
             (sc, r)
         });
-        let (ptx, mut prx) = tokio::sync::mpsc::channel::<Batch>(2);
-        let send_side = async {
-            let mut buf = Vec::new();
-            while let Some(b) = brx.recv().await {
-                let req = wire::BlockHashReq {
-                    disk_id: id,
-                    replica_cycle,
-                    block_size: bs as u32,
-                    runs: b
-                        .runs
-                        .iter()
-                        .map(|r| wire::HashRun {
-                            offset: r.0 * bs,
-                            blocks: r.1,
-                        })
-                        .collect(),
-                };
-                wire::write_msg_buf(&mut tx, &Msg::BlockHashReq(req), &mut buf)
-                    .await
-                    .map_err(|e| stream_err(&e, addr))?;
-                if ptx.send(b).await.is_err() {
-                    break;
-                }
-            }
-            drop(ptx);
-            Ok::<_, SendError>(())
+        let mut cmp = Comparing {
+            vm,
+            link,
+            stream,
+            name: &name,
+            id,
+            bs,
+            total,
+            replica_cycle,
+            mode,
+            prior,
+            progress_file,
+            pool: pool_tx,
+            batches: brx,
         };
-        let mut mode = mode;
-        let mut prior_rest: Vec<(u64, u64)> =
-            prior.as_ref().map(|p| p.differ.clone()).unwrap_or_default();
-        let prior_to = prior.as_ref().map(|p| p.compared_to).unwrap_or(0);
-        // The map vouches for this progress only if it was started before
-        // the first cut of this resync (by this compare, or by the one
-        // whose progress is resumed).
-        let touch_epoch = match (is_resync, self.tracker.touch_epoch(&name), &prior) {
-            (false, _, _) => None,
-            (true, cur, None) => cur,
-            (true, cur, Some(p)) => cur.filter(|c| p.touch_epoch == Some(*c)),
-        };
-        let recv_side = async {
-            let t0 = Instant::now();
-            let mut last_save = Instant::now();
-            let mut saved_at = 0u64;
-            let mut compared = 0u64;
-            let mut digest_bytes = 0u64;
-            let mut differ: Vec<u64> = Vec::new();
-            let mut offset;
-            while let Some(mut b) = prx.recv().await {
-                let theirs = match wire::read_msg(&mut rx)
-                    .await
-                    .map_err(|e| stream_err(&e, addr))?
-                {
-                    Some(Msg::BlockHashes(h)) if h.replica_cycle == replica_cycle => h,
-                    Some(Msg::Error(e)) => return Err(msg_err(&e)),
-                    other => {
-                        return Err(SendError::fatal(format!(
-                            "unexpected answer to BlockHashReq: {other:?}"
-                        )))
-                    }
-                };
-                let ours = std::mem::take(&mut b.digests);
-                if theirs.hashes.len() != ours.len() {
-                    return Err(SendError::fatal(format!(
-                        "the receiver sent {} digests for {} blocks",
-                        theirs.hashes.len(),
-                        ours.len()
-                    )));
-                }
-                digest_bytes += theirs.hashes.len() as u64 * 16;
-                let mut k = 0usize;
-                for &(first, n, at) in &b.runs {
-                    for j in 0..u64::from(n) {
-                        let blk = first + j;
-                        let same =
-                            ours[k] == theirs.hashes[k] && theirs.hashes[k] != resync::MISSING;
-                        k += 1;
-                        if same {
-                            continue;
-                        }
-                        match &mut mode {
-                            Mode::Verify { skip } => {
-                                if !in_runs(skip, blk) {
-                                    differ.push(blk);
-                                }
-                            }
-                            Mode::Resync { log } => {
-                                differ.push(blk);
-                                let s = at + (j * bs) as usize;
-                                let e = (s + bs as usize).min(b.used);
-                                tokio::task::block_in_place(|| log.append(blk * bs, &b.buf[s..e]))
-                                    .map_err(|e| {
-                                        retry(format!("writing the resync log of {name}: {e}"))
-                                    })?;
-                            }
-                        }
-                    }
-                }
-                compared += b.blocks();
-                offset = b.end();
-                // The buffer goes back to the reader (it may be gone).
-                let _ = pool_tx.send(b.buf);
-                let secs = t0.elapsed().as_secs_f64().max(1e-6);
-                {
-                    let mut s = vm.status.lock();
-                    if let Some(p) = s.resync.as_mut() {
-                        p.blocks_compared = compared;
-                        p.blocks_differ = differ.len() as u64;
-                        p.digest_bytes = digest_bytes;
-                        p.offset = offset;
-                        p.rate_bps = (compared * bs) as f64 / secs;
-                        let left = total.saturating_sub(compared) * bs;
-                        p.eta_secs = (p.rate_bps > 0.0).then(|| left as f64 / p.rate_bps);
-                    }
-                }
-                if let Some(ms) = test_pace_ms() {
-                    tokio::time::sleep(Duration::from_millis(ms)).await;
-                }
-                if let Some(pf) = &progress_file {
-                    if last_save.elapsed() >= Duration::from_secs(2)
-                        || offset >= saved_at + SAVE_EVERY
-                    {
-                        last_save = Instant::now();
-                        saved_at = offset;
-                        prior_rest.retain(|r| r.0 + r.1 > offset / bs);
-                        let mut all: Vec<u64> = differ.clone();
-                        for r in &prior_rest {
-                            all.extend((r.0..r.0 + r.1).filter(|b| *b >= offset.div_ceil(bs)));
-                        }
-                        all.sort_unstable();
-                        let p = Progress {
-                            disk: name.clone(),
-                            disk_id: hexid(&id),
-                            block_size: bs as u32,
-                            replica_cycle,
-                            compared_to: offset.max(prior_to),
-                            differ: resync::runs_of(all),
-                            daemon: self.instance.clone(),
-                            touch_epoch,
-                        };
-                        if let Err(e) = tokio::task::block_in_place(|| p.save(pf)) {
-                            tracing::warn!("cannot save resync progress {}: {e}", pf.display());
-                        }
-                    }
-                }
-            }
-            Ok::<_, SendError>(Compared {
-                compared,
-                differ: resync::runs_of(differ),
-            })
-        };
-        let net = tokio::try_join!(send_side, recv_side);
-        drop(brx);
-        drop(prx);
+        let net = cmp.run(self).await;
+        let Comparing {
+            mode,
+            batches,
+            link,
+            ..
+        } = cmp;
+        drop(batches);
         let (sc, read) = match reader.await {
             Ok(x) => x,
             Err(e) => return (None, Err(retry(format!("the disk reader failed: {e}")))),
         };
         let compared = match net {
-            Ok((_, c)) => c,
+            Ok(c) => c,
             Err(e) => return (Some(sc), Err(e)),
         };
         if let Err(e) = read {
@@ -614,45 +483,30 @@ impl super::Replicator {
             );
         }
         let differ_blocks: u64 = compared.differ.iter().map(|r| r.1).sum();
-        if let Mode::Resync { log } = mode {
-            let sealed = tokio::task::block_in_place(|| log.finish());
-            if let Err(e) = sealed {
-                return (
-                    Some(sc),
-                    Err(retry(format!("sealing the resync log of {name}: {e}"))),
-                );
-            }
-            let end = async {
-                wire::write_msg(
-                    &mut tx,
-                    &Msg::ResyncEnd(wire::ResyncEnd {
-                        disk_id: id,
-                        replica_cycle,
-                        cycle,
-                        blocks_compared: compared.compared,
-                        blocks_differ: differ_blocks,
-                    }),
-                )
-                .await
-                .map_err(|e| stream_err(&e, addr))?;
-                match wire::read_msg(&mut rx)
-                    .await
-                    .map_err(|e| stream_err(&e, addr))?
-                {
-                    Some(Msg::Ack(a)) if a.cycle == cycle => Ok(()),
-                    Some(Msg::Error(e)) => Err(msg_err(&e)),
-                    other => Err(SendError::fatal(format!(
-                        "unexpected answer to ResyncEnd: {other:?}"
-                    ))),
+        let end = match mode {
+            Mode::Resync { log } => {
+                if let Err(e) = tokio::task::block_in_place(|| log.finish()) {
+                    return (
+                        Some(sc),
+                        Err(retry(format!("sealing the resync log of {name}: {e}"))),
+                    );
                 }
+                Some(wire::ResyncEnd {
+                    disk_id: id,
+                    replica_cycle,
+                    cycle,
+                    blocks_compared: compared.compared,
+                    blocks_differ: differ_blocks,
+                })
             }
-            .await;
-            if let Err(e) = end {
+            Mode::Verify { .. } => None,
+        };
+        if let Err(e) = finish_compare(link, stream, end).await {
+            if is_resync {
                 self.tracker.discard_log(&sc);
-                return (Some(sc), Err(e));
             }
+            return (Some(sc), Err(e));
         }
-        let _ = tx.finish();
         {
             let mut s = vm.status.lock();
             if let Some(p) = s.resync.as_mut() {
@@ -665,6 +519,194 @@ impl super::Replicator {
             }
         }
         (Some(sc), Ok(compared))
+    }
+}
+
+/// End the compare on `stream` (with the `ResyncEnd` of a resync, which the
+/// receiver acknowledges) and wait until it is over.
+async fn finish_compare(
+    link: &mut Link,
+    stream: StreamId,
+    end: Option<wire::ResyncEnd>,
+) -> Result<(), SendError> {
+    link.finish_compare(stream, end)?;
+    loop {
+        if let SenderAction::CompareDone {
+            stream: s, result, ..
+        } = link.next().await?
+        {
+            if s == stream {
+                return result.map_err(|e| link.error(&e));
+            }
+        }
+    }
+}
+
+/// One disk's compare under way: batches read as of the cut go out as
+/// digest requests (two in flight), and each answer is judged.
+struct Comparing<'a> {
+    vm: &'a Arc<Vm>,
+    link: &'a mut Link,
+    stream: StreamId,
+    name: &'a str,
+    id: wire::DiskId,
+    bs: u64,
+    total: u64,
+    replica_cycle: u64,
+    mode: Mode,
+    prior: Option<Progress>,
+    progress_file: Option<PathBuf>,
+    /// Buffers go back to the reader through this.
+    pool: std::sync::mpsc::Sender<Vec<u8>>,
+    batches: tokio::sync::mpsc::Receiver<Batch>,
+}
+
+impl Comparing<'_> {
+    async fn run(&mut self, r: &super::Replicator) -> Result<Compared, SendError> {
+        let bs = self.bs;
+        let mut prior_rest: Vec<(u64, u64)> = self
+            .prior
+            .as_ref()
+            .map(|p| p.differ.clone())
+            .unwrap_or_default();
+        let prior_to = self.prior.as_ref().map(|p| p.compared_to).unwrap_or(0);
+        let is_resync = matches!(self.mode, Mode::Resync { .. });
+        // The map vouches for this progress only if it was started before
+        // the first cut of this resync (by this compare, or by the one
+        // whose progress is resumed).
+        let touch_epoch = match (is_resync, r.tracker.touch_epoch(self.name), &self.prior) {
+            (false, _, _) => None,
+            (true, cur, None) => cur,
+            (true, cur, Some(p)) => cur.filter(|c| p.touch_epoch == Some(*c)),
+        };
+        let t0 = Instant::now();
+        let mut last_save = Instant::now();
+        let mut saved_at = 0u64;
+        let mut compared = 0u64;
+        let mut digest_bytes = 0u64;
+        let mut differ: Vec<u64> = Vec::new();
+        let mut asked: VecDeque<Batch> = VecDeque::new();
+        let mut read_all = false;
+        loop {
+            while asked.len() < 2 && !read_all {
+                let Some(b) = self.batches.recv().await else {
+                    read_all = true;
+                    break;
+                };
+                let runs = b
+                    .runs
+                    .iter()
+                    .map(|r| wire::HashRun {
+                        offset: r.0 * bs,
+                        blocks: r.1,
+                    })
+                    .collect();
+                self.link.request_hashes(self.stream, bs as u32, runs)?;
+                asked.push_back(b);
+            }
+            let Some(mut b) = asked.pop_front() else {
+                break;
+            };
+            let theirs = self.hashes().await?;
+            let ours = std::mem::take(&mut b.digests);
+            digest_bytes += theirs.len() as u64 * 16;
+            let mut k = 0usize;
+            for &(first, n, at) in &b.runs {
+                for j in 0..u64::from(n) {
+                    let blk = first + j;
+                    let same = ours.get(k).is_some_and(|o| *o == theirs[k])
+                        && theirs[k] != resync::MISSING;
+                    k += 1;
+                    if same {
+                        continue;
+                    }
+                    match &mut self.mode {
+                        Mode::Verify { skip } => {
+                            if !in_runs(skip, blk) {
+                                differ.push(blk);
+                            }
+                        }
+                        Mode::Resync { log } => {
+                            differ.push(blk);
+                            let s = at + (j * bs) as usize;
+                            let e = (s + bs as usize).min(b.used);
+                            tokio::task::block_in_place(|| log.append(blk * bs, &b.buf[s..e]))
+                                .map_err(|e| {
+                                    retry(format!("writing the resync log of {}: {e}", self.name))
+                                })?;
+                        }
+                    }
+                }
+            }
+            compared += b.blocks();
+            let offset = b.end();
+            // The buffer goes back to the reader (it may be gone).
+            let _ = self.pool.send(b.buf);
+            let secs = t0.elapsed().as_secs_f64().max(1e-6);
+            {
+                let mut s = self.vm.status.lock();
+                if let Some(p) = s.resync.as_mut() {
+                    p.blocks_compared = compared;
+                    p.blocks_differ = differ.len() as u64;
+                    p.digest_bytes = digest_bytes;
+                    p.offset = offset;
+                    p.rate_bps = (compared * bs) as f64 / secs;
+                    let left = self.total.saturating_sub(compared) * bs;
+                    p.eta_secs = (p.rate_bps > 0.0).then(|| left as f64 / p.rate_bps);
+                }
+            }
+            if let Some(ms) = test_pace_ms() {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            if let Some(pf) = &self.progress_file {
+                if last_save.elapsed() >= Duration::from_secs(2) || offset >= saved_at + SAVE_EVERY
+                {
+                    last_save = Instant::now();
+                    saved_at = offset;
+                    prior_rest.retain(|r| r.0 + r.1 > offset / bs);
+                    let mut all: Vec<u64> = differ.clone();
+                    for r in &prior_rest {
+                        all.extend((r.0..r.0 + r.1).filter(|b| *b >= offset.div_ceil(bs)));
+                    }
+                    all.sort_unstable();
+                    let p = Progress {
+                        disk: self.name.to_string(),
+                        disk_id: hexid(&self.id),
+                        block_size: bs as u32,
+                        replica_cycle: self.replica_cycle,
+                        compared_to: offset.max(prior_to),
+                        differ: resync::runs_of(all),
+                        daemon: r.instance.clone(),
+                        touch_epoch,
+                    };
+                    if let Err(e) = tokio::task::block_in_place(|| p.save(pf)) {
+                        tracing::warn!("cannot save resync progress {}: {e}", pf.display());
+                    }
+                }
+            }
+        }
+        Ok(Compared {
+            compared,
+            differ: resync::runs_of(differ),
+        })
+    }
+
+    /// The receiver's digests of the oldest request (the session checked
+    /// that they are as many as the blocks asked for).
+    async fn hashes(&mut self) -> Result<Vec<u128>, SendError> {
+        loop {
+            match self.link.next().await? {
+                SenderAction::Hashes { stream, hashes, .. } if stream == self.stream => {
+                    return Ok(hashes)
+                }
+                SenderAction::CompareDone {
+                    stream,
+                    result: Err(e),
+                    ..
+                } if stream == self.stream => return Err(self.link.error(&e)),
+                _ => {}
+            }
+        }
     }
 }
 

@@ -36,7 +36,7 @@
 //! # Driving a session
 //!
 //! A driver is a thin loop that owns the sockets and the store; the quinn
-//! driver of `receiver/` runs it like this (`sender/` does not yet):
+//! drivers of `receiver/` and `sender/link.rs` run it like this:
 //!
 //! ```text
 //! loop {

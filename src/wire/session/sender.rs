@@ -15,6 +15,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use super::{frame, hexid, Event, Hasher, Inbox, Output, SessionError, StreamId};
+use crate::hrl::Encoding;
 use crate::wire::{
     self, BlockHashReq, DiskCycle, DiskId, DiskState, HashRun, InitialBegin, InitialChunk,
     InitialEnd, LogBegin, LogChunk, LogEnd, Msg, OpenDisk, PointCommit, ResyncEnd, MAX_DATA,
@@ -100,9 +101,12 @@ pub struct ReadData {
 pub enum SenderAction {
     /// Every disk answered `OpenDisk`: the replicas' states, in disk order.
     Ready { states: Vec<DiskState> },
-    /// Read bytes to send → [`Sender::complete_read`].
+    /// Read bytes to send → [`Sender::complete_read`]. `stream` is the
+    /// job's stream (a driver may hold a read back while that stream's
+    /// writes are queued).
     Read {
         id: ReadId,
+        stream: StreamId,
         what: ReadWhat,
         offset: u64,
         max: usize,
@@ -162,6 +166,11 @@ enum SKind {
         read: Option<ReadId>,
         /// Everything is sent; waiting for the `Ack`.
         done: bool,
+        /// Copy: chunks sent, and how many of the last ones did not
+        /// compress (after a run of them, lz4 is tried on every 16th only:
+        /// it costs a tenth of a core on random data).
+        chunks: u64,
+        incompressible: u32,
     },
     Point(u64, bool),
     Compare {
@@ -199,6 +208,8 @@ pub struct Sender {
     reached: HashMap<DiskId, BTreeMap<u64, bool>>,
     last_point: u64,
     point_busy: bool,
+    /// The receiver's `HelloOk`, once it answered.
+    peer: Option<wire::HelloOk>,
     out: VecDeque<Output<SenderAction>>,
 }
 
@@ -219,6 +230,7 @@ impl Sender {
             active: HashMap::new(),
             reached: HashMap::new(),
             point_busy: false,
+            peer: None,
             out: VecDeque::new(),
         };
         let hello = Msg::Hello(wire::Hello {
@@ -262,6 +274,18 @@ impl Sender {
         self.phase == Phase::Ready
     }
 
+    /// The receiver's `HelloOk` (its name, version and free space), once
+    /// it answered.
+    pub fn peer(&self) -> Option<&wire::HelloOk> {
+        self.peer.as_ref()
+    }
+
+    /// Nothing queued, running or being committed: every job submitted
+    /// ended and every point due is committed (or failed).
+    pub fn is_idle(&self) -> bool {
+        self.jobs_pending() == 0 && !self.point_busy
+    }
+
     /// Jobs queued or running.
     pub fn jobs_pending(&self) -> usize {
         self.queues.values().map(VecDeque::len).sum::<usize>() + self.active.len()
@@ -286,6 +310,22 @@ impl Sender {
         }
         self.queues.entry(id).or_default().push_back(job);
         self.start_jobs();
+        Ok(())
+    }
+
+    /// Open every disk again (the driver wants the replicas' states as of
+    /// now): a new [`SenderAction::Ready`] follows. Jobs submitted meanwhile
+    /// wait for it.
+    pub fn reopen(&mut self) -> Result<(), SessionError> {
+        if self.phase != Phase::Ready {
+            return Err(SessionError::Misuse(
+                "reopen before the session is ready".into(),
+            ));
+        }
+        if let Err(e) = self.open_disks() {
+            self.close(e.clone());
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -586,14 +626,8 @@ impl Sender {
                     });
                 }
                 s.waiting = None;
-                self.phase = Phase::Opening;
-                for d in self.cfg.disks.clone() {
-                    let o = self.open(SKind::Open(d.disk_id));
-                    self.send(o, &Msg::OpenDisk(d))?;
-                    self.out.push_back(Output::Finish(o));
-                    self.wait(o);
-                }
-                Ok(())
+                self.peer = Some(h);
+                self.open_disks()
             }
             (SKind::Open(id), Msg::DiskState(st)) if st.disk_id == *id => {
                 self.streams.remove(&sid);
@@ -731,6 +765,23 @@ impl Sender {
         }
     }
 
+    /// `OpenDisk` every disk; [`SenderAction::Ready`] once all answered
+    /// (at once for a session without disks: a probe).
+    fn open_disks(&mut self) -> Result<(), SessionError> {
+        self.phase = Phase::Opening;
+        self.states.clear();
+        for d in self.cfg.disks.clone() {
+            let o = self.open(SKind::Open(d.disk_id));
+            self.send(o, &Msg::OpenDisk(d))?;
+            self.out.push_back(Output::Finish(o));
+            self.wait(o);
+        }
+        if self.cfg.disks.is_empty() {
+            self.ready();
+        }
+        Ok(())
+    }
+
     fn ready(&mut self) {
         self.phase = Phase::Ready;
         let states: Vec<DiskState> = self
@@ -740,7 +791,8 @@ impl Sender {
             .filter_map(|d| self.states.get(&d.disk_id).cloned())
             .collect();
         for st in &states {
-            if st.replica_cycle > 0 {
+            // A replica the receiver no longer trusts is no point's base.
+            if st.replica_cycle > 0 && st.needs_resync.is_empty() {
                 self.reached
                     .entry(st.disk_id)
                     .or_default()
@@ -765,16 +817,20 @@ impl Sender {
             let Some(job) = self.queues.get_mut(&id).and_then(VecDeque::pop_front) else {
                 continue;
             };
-            let (first, start) = match &job {
-                Job::Log { begin, .. } => (Msg::LogBegin(begin.clone()), 0),
-                Job::Initial(b) => (Msg::InitialBegin(b.clone()), b.start_offset),
+            // A resumed copy is read from 0 too: below `start_offset` the
+            // driver returns only what changed since the interrupted copy.
+            let first = match &job {
+                Job::Log { begin, .. } => Msg::LogBegin(begin.clone()),
+                Job::Initial(b) => Msg::InitialBegin(b.clone()),
             };
             let sid = self.open(SKind::Job {
                 job,
-                sent: start,
+                sent: 0,
                 hasher: Hasher::default(),
                 read: None,
                 done: false,
+                chunks: 0,
+                incompressible: 0,
             });
             self.active.insert(id, sid);
             if let Err(e) = self.send(sid, &first) {
@@ -824,6 +880,7 @@ impl Sender {
         let max = (total - offset).min(self.cfg.chunk_size.clamp(1, MAX_DATA) as u64) as usize;
         self.act(SenderAction::Read {
             id,
+            stream: sid,
             what,
             offset,
             max,
@@ -844,6 +901,8 @@ impl Sender {
                     sent,
                     hasher,
                     read,
+                    chunks,
+                    incompressible,
                     ..
                 },
             ..
@@ -892,8 +951,17 @@ impl Sender {
                     ));
                 }
                 *sent = if data.end { b.disk_size } else { end };
+                let disk_id = b.disk_id;
                 (!data.data.is_empty()).then(|| {
-                    Msg::InitialChunk(InitialChunk::from_block(b.disk_id, data.offset, &data.data))
+                    let try_lz4 = *incompressible < 8 || *chunks % 16 == 0;
+                    *chunks += 1;
+                    let c = initial_chunk(disk_id, data.offset, data.data, try_lz4);
+                    match c.encoding {
+                        Encoding::Raw if try_lz4 => *incompressible += 1,
+                        Encoding::Lz4 => *incompressible = 0,
+                        _ => {}
+                    }
+                    Msg::InitialChunk(c)
                 })
             }
         };
@@ -986,5 +1054,30 @@ impl Sender {
             }
             Err(e) => self.stream_failed(sid, e),
         }
+    }
+}
+
+/// The chunk of a copy carrying `data` (disk bytes at `offset`): encoded
+/// as [`wire::compress`] chooses when lz4 is to be tried, else zeros or the
+/// bytes as they are (moved, not copied).
+fn initial_chunk(disk_id: DiskId, offset: u64, data: Vec<u8>, try_lz4: bool) -> InitialChunk {
+    let length = u32::try_from(data.len()).unwrap_or(u32::MAX);
+    let (encoding, payload) = if try_lz4 {
+        wire::compress(&data)
+    } else if crate::hrl::format::is_all_zero(&data) {
+        (Encoding::Zero, Vec::new())
+    } else {
+        (Encoding::Raw, Vec::new())
+    };
+    InitialChunk {
+        disk_id,
+        offset,
+        length,
+        encoding,
+        data: if encoding == Encoding::Raw {
+            data
+        } else {
+            payload
+        },
     }
 }

@@ -508,6 +508,7 @@ fn pump(
                     what,
                     offset,
                     max,
+                    ..
                 }) => s.complete_read(NOW, id, Ok(read(what, offset, max))),
                 Output::Action(a) => seen.push(a),
             }
@@ -771,4 +772,191 @@ fn a_replica_needing_resync_takes_only_the_log_its_compare_announced() {
         cycle: 6,
         app_consistent: false
     }));
+}
+
+/// A sender driven by hand up to `Ready`: the receiver's answers are fed
+/// as bytes. `state` answers the `OpenDisk`.
+fn ready_sender(chunk_size: usize, disks: Vec<OpenDisk>, state: DiskState) -> Sender {
+    let n = disks.len();
+    let mut s = Sender::new(
+        SenderConfig {
+            site_name: "primary".into(),
+            software_version: "t".into(),
+            vm: "vm1".into(),
+            disks,
+            last_point: 0,
+            timeout_ns: 1 << 40,
+            chunk_size,
+        },
+        NOW,
+    );
+    let ok = bytes(&[Msg::HelloOk(wire::HelloOk {
+        protocol_version: wire::PROTOCOL_VERSION,
+        site_name: "secondary".into(),
+        software_version: "t".into(),
+        store_free: 12345,
+    })]);
+    s.handle(
+        NOW,
+        Event::Data {
+            stream: StreamId(0),
+            bytes: &ok,
+        },
+    );
+    for i in 0..n {
+        let st = bytes(&[Msg::DiskState(state.clone())]);
+        s.handle(
+            NOW,
+            Event::Data {
+                stream: StreamId(1 + i as u64),
+                bytes: &st,
+            },
+        );
+    }
+    s
+}
+
+fn state(replica_cycle: u64, needs_resync: &str) -> DiskState {
+    DiskState {
+        disk_id: ID,
+        replica_cycle,
+        replica_size: 1 << 20,
+        copy_cycle: 0,
+        resume_offset: 0,
+        needs_resync: needs_resync.into(),
+    }
+}
+
+fn sender_actions(outs: &[Output<SenderAction>]) -> Vec<&SenderAction> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::Action(a) => Some(a),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_probe_without_disks_is_ready_after_hello_and_keeps_the_peers_answer() {
+    let mut s = ready_sender(4, Vec::new(), state(0, ""));
+    let outs = drain(|| s.poll());
+    assert!(s.is_ready() && s.is_idle());
+    assert_eq!(s.peer().map(|h| h.store_free), Some(12345));
+    assert!(
+        !sent(&outs).iter().any(|m| matches!(m, Msg::OpenDisk(_))),
+        "a probe opens no disk"
+    );
+    assert!(
+        matches!(&sender_actions(&outs)[..], [SenderAction::Ready { states }] if states.is_empty())
+    );
+}
+
+#[test]
+fn reopen_asks_every_disk_again_and_reports_ready_again() {
+    let mut s = ready_sender(4, vec![open()], state(5, ""));
+    drain(|| s.poll());
+    s.reopen().expect("reopen");
+    assert!(!s.is_ready());
+    let outs = drain(|| s.poll());
+    assert!(matches!(&sent(&outs)[..], [Msg::OpenDisk(o)] if o.disk_id == ID));
+    let Some(Output::Send { stream, .. }) = outs.first() else {
+        panic!("no OpenDisk sent: {outs:?}");
+    };
+    let st = bytes(&[Msg::DiskState(state(6, ""))]);
+    s.handle(
+        NOW,
+        Event::Data {
+            stream: *stream,
+            bytes: &st,
+        },
+    );
+    let outs = drain(|| s.poll());
+    assert!(
+        sender_actions(&outs)
+            .iter()
+            .any(|a| matches!(a, SenderAction::Ready { states } if states[0].replica_cycle == 6)),
+        "{outs:?}"
+    );
+    assert!(s.is_ready());
+}
+
+#[test]
+fn a_replica_the_receiver_does_not_trust_is_no_points_base() {
+    // Trusted: the replicas' cycle is committed again (its PointAck may
+    // have been lost).
+    let mut s = ready_sender(4, vec![open()], state(5, ""));
+    let outs = drain(|| s.poll());
+    assert!(sent(&outs)
+        .iter()
+        .any(|m| matches!(m, Msg::PointCommit(p) if p.cycle == 5)));
+    // Not trusted: no point until a resync heals it.
+    let mut s = ready_sender(4, vec![open()], state(5, "a crash mid-apply"));
+    let outs = drain(|| s.poll());
+    assert!(!sent(&outs).iter().any(|m| matches!(m, Msg::PointCommit(_))));
+    assert!(s.is_idle());
+}
+
+#[test]
+fn a_copy_is_read_from_zero_and_tries_lz4_on_every_16th_chunk_after_eight_that_did_not_compress() {
+    const CHUNK: usize = 4096;
+    let mut s = ready_sender(CHUNK, vec![open()], state(0, ""));
+    drain(|| s.poll());
+    // Resumed at 64 KiB: what changed below is read (and sent) too.
+    s.submit(Job::Initial(wire::InitialBegin {
+        disk_id: ID,
+        cycle: 3,
+        disk_size: 40 * CHUNK as u64,
+        start_offset: 16 * CHUNK as u64,
+    }))
+    .expect("submit");
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut chunk = |i: usize| -> Vec<u8> {
+        if i < 20 {
+            // Random: lz4 cannot shrink it.
+            (0..CHUNK)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect()
+        } else {
+            b"abcd".repeat(CHUNK / 4)
+        }
+    };
+    let mut encodings = Vec::new();
+    let mut first_read = None;
+    for _ in 0..100 {
+        let outs = drain(|| s.poll());
+        for m in sent(&outs) {
+            if let Msg::InitialChunk(c) = m {
+                encodings.push(c.encoding);
+            }
+        }
+        let Some((id, offset)) = sender_actions(&outs).iter().find_map(|a| match a {
+            SenderAction::Read { id, offset, .. } => Some((*id, *offset)),
+            _ => None,
+        }) else {
+            break;
+        };
+        first_read.get_or_insert(offset);
+        let i = offset as usize / CHUNK;
+        s.complete_read(
+            NOW,
+            id,
+            Ok(ReadData {
+                offset,
+                data: chunk(i),
+                end: false,
+            }),
+        );
+    }
+    assert_eq!(first_read, Some(0));
+    assert_eq!(encodings.len(), 40);
+    use crate::hrl::Encoding::{Lz4, Raw};
+    assert!(encodings[..20].iter().all(|e| *e == Raw));
+    // Compressible from chunk 20 on, but lz4 is only tried again at 32.
+    assert!(encodings[20..32].iter().all(|e| *e == Raw), "{encodings:?}");
+    assert!(encodings[32..].iter().all(|e| *e == Lz4), "{encodings:?}");
 }

@@ -1,0 +1,739 @@
+//! The sender's quinn driver: one [`wire::session::Sender`] run over one
+//! connection (see "Driving a session" in [`crate::wire::session`]).
+//!
+//! A [`Link`] owns the connection, the session and its streams: a writer
+//! task per stream (opened on the session's first bytes for it; shaped by
+//! the VM's and the link's caps, [`Shaper`]) and a reader task feeding what
+//! the receiver answers back in. The session's reads
+//! ([`SenderAction::Read`]) are served here on blocking threads, from the
+//! sealed log or the disk pieces handed in with the job, at most
+//! [`STREAM_BUDGET`] bytes queued per stream. Logs the receiver applied are
+//! marked shipped (tracking deletes them); committed points update the VM's
+//! status and answer `vdrep sync` callers. Everything else the session
+//! reports is handed to the caller by [`Link::next`], which also drives the
+//! session while the caller waits.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+use super::error::{conn_err, session_err};
+use super::shaper::{Class, Shaper};
+use super::{now_ns, SendError, Vm};
+use crate::tracking::{CycleBuf, SealedLog, StreamError};
+use crate::wire::session::{
+    Event, Job, Output, ReadData, ReadId, ReadWhat, Sender, SenderAction, SenderConfig,
+    SessionError, SourceError, StreamId,
+};
+use crate::wire::{DiskId, DiskState, HelloOk, InitialBegin, LogBegin};
+
+/// Bytes read ahead of what a stream has written (a read waits for room).
+pub(super) const STREAM_BUDGET: usize = 8 << 20;
+
+/// A piece of a disk as of its cut, from the thread that reads it.
+pub(super) enum Piece {
+    /// Disk bytes at this offset.
+    Data(u64, Vec<u8>),
+    /// Every piece was read.
+    End,
+    /// Reading failed.
+    Failed(String),
+}
+
+/// Hands the pieces of a sealed cycle ([`CycleBuf`]) over a channel, each
+/// read straight into the buffer that travels.
+pub(super) struct PieceSink {
+    tx: mpsc::Sender<Piece>,
+    /// The piece being read: passed on when the next one is asked for.
+    cur: Option<(u64, Vec<u8>)>,
+}
+
+impl PieceSink {
+    pub(super) fn new(tx: mpsc::Sender<Piece>) -> Self {
+        PieceSink { tx, cur: None }
+    }
+
+    /// Pass the last piece on, then `Piece::End` or the failure.
+    pub(super) fn end(mut self, r: &Result<(), StreamError>, what: &str) {
+        let r = match r {
+            Ok(()) => self.flush().map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let last = match r {
+            Ok(()) => Piece::End,
+            Err(e) => Piece::Failed(format!("reading {what} as of its cut: {e}")),
+        };
+        let _ = self.tx.blocking_send(last);
+    }
+
+    fn flush(&mut self) -> Result<(), StreamError> {
+        if let Some((off, b)) = self.cur.take() {
+            self.tx
+                .blocking_send(Piece::Data(off, b))
+                .map_err(|_| StreamError::Stopped)?;
+        }
+        Ok(())
+    }
+}
+
+impl CycleBuf for PieceSink {
+    fn room(&mut self, off: u64, len: usize) -> Result<&mut [u8], StreamError> {
+        self.flush()?;
+        let (_, b) = self.cur.insert((off, vec![0; len]));
+        Ok(b)
+    }
+}
+
+/// Where the bytes of a job come from.
+#[derive(Clone)]
+enum Source {
+    Log(Arc<SealedLog>),
+    Copy(Arc<tokio::sync::Mutex<mpsc::Receiver<Piece>>>),
+}
+
+/// What the connection's tasks report to the driver.
+enum Input {
+    Data(StreamId, quinn::Chunk),
+    Finished(StreamId),
+    Reset(StreamId),
+    Read {
+        id: ReadId,
+        result: Result<ReadData, SourceError>,
+        permit: Option<OwnedSemaphorePermit>,
+    },
+    Lost(quinn::ConnectionError),
+}
+
+/// What a stream's writer is asked to do.
+enum Write {
+    Bytes {
+        bytes: Vec<u8>,
+        /// Wait for the caps first: this class, these bytes.
+        shape: Option<(Class, u64)>,
+        /// Room in the stream's budget, given back once written.
+        permit: Option<OwnedSemaphorePermit>,
+    },
+    Finish,
+    Reset,
+}
+
+struct Writer {
+    tx: mpsc::UnboundedSender<Write>,
+    budget: Arc<Semaphore>,
+}
+
+/// A read just completed: the chunk it yields is shaped and counted.
+struct Carry {
+    stream: StreamId,
+    class: Class,
+    /// Disk or log bytes read.
+    raw: u64,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+/// An initial copy's progress (for the status and the log).
+struct CopyStats {
+    t0: Instant,
+    last_log: Instant,
+    /// Payload bytes sent, disk bytes covered.
+    sent: u64,
+    done: u64,
+}
+
+/// The session timeout ([`SenderConfig::timeout_ns`]): a request the
+/// receiver has not answered for this long (a log's apply included) ends
+/// the session.
+pub(super) const ANSWER_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// One session over one connection.
+pub(super) struct Link {
+    conn: quinn::Connection,
+    _endpoint: quinn::Endpoint,
+    addr: SocketAddr,
+    session: Sender,
+    t0: Instant,
+    /// The VM whose status is kept (none: a probe).
+    vm: Option<Arc<Vm>>,
+    shaper: Arc<Shaper>,
+    writers: HashMap<StreamId, Writer>,
+    tx: mpsc::UnboundedSender<Input>,
+    rx: mpsc::UnboundedReceiver<Input>,
+    sources: HashMap<(DiskId, u64), (Source, Instant)>,
+    reads: HashMap<ReadId, (Class, StreamId)>,
+    carry: Option<Carry>,
+    /// Applied logs still read by a finishing read: marked shipped after.
+    ship_later: Vec<Arc<SealedLog>>,
+    /// Cut time of each cycle submitted (for the points' status).
+    cut_ns: HashMap<u64, u64>,
+    copy: Option<CopyStats>,
+    notes: VecDeque<SenderAction>,
+    lost: Option<quinn::ConnectionError>,
+    closed: Option<SessionError>,
+    /// A point the receiver refused.
+    failed: Option<SendError>,
+}
+
+impl Link {
+    /// Run a session on `conn` (it says `Hello` at once); [`Link::ready`]
+    /// waits for the replicas' states.
+    pub(super) fn new(
+        conn: quinn::Connection,
+        endpoint: quinn::Endpoint,
+        cfg: SenderConfig,
+        vm: Option<Arc<Vm>>,
+        shaper: Arc<Shaper>,
+    ) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let watch = conn.clone();
+        let lost = tx.clone();
+        tokio::spawn(async move {
+            let e = watch.closed().await;
+            let _ = lost.send(Input::Lost(e));
+        });
+        Link {
+            addr: conn.remote_address(),
+            conn,
+            _endpoint: endpoint,
+            session: Sender::new(cfg, 0),
+            t0: Instant::now(),
+            vm,
+            shaper,
+            writers: HashMap::new(),
+            tx,
+            rx,
+            sources: HashMap::new(),
+            reads: HashMap::new(),
+            carry: None,
+            ship_later: Vec::new(),
+            cut_ns: HashMap::new(),
+            copy: None,
+            notes: VecDeque::new(),
+            lost: None,
+            closed: None,
+            failed: None,
+        }
+    }
+
+    /// Wait for every disk's state (in the order of the config's disks).
+    pub(super) async fn ready(&mut self) -> Result<Vec<DiskState>, SendError> {
+        loop {
+            if let SenderAction::Ready { states } = self.next().await? {
+                return Ok(states);
+            }
+        }
+    }
+
+    /// Open every disk again: their states now.
+    pub(super) async fn reopen(&mut self) -> Result<Vec<DiskState>, SendError> {
+        self.session.reopen().map_err(|e| self.error(&e))?;
+        self.ready().await
+    }
+
+    /// The receiver's `HelloOk`.
+    pub(super) fn peer(&self) -> Option<&HelloOk> {
+        self.session.peer()
+    }
+
+    /// Nothing submitted is running or being committed.
+    pub(super) fn is_idle(&self) -> bool {
+        self.session.is_idle()
+    }
+
+    /// Remember when `cycle` was cut (the time its point stands for).
+    pub(super) fn note_cut(&mut self, cycle: u64, cut_ns: u64) {
+        self.cut_ns.insert(cycle, cut_ns);
+    }
+
+    /// Ship a sealed log (its `LogBegin` as `begin`); it is marked shipped
+    /// once the receiver applied it.
+    pub(super) fn submit_log(
+        &mut self,
+        begin: LogBegin,
+        log: SealedLog,
+        app_consistent: bool,
+    ) -> Result<(), SendError> {
+        self.sources.insert(
+            (begin.disk_id, begin.cycle),
+            (Source::Log(Arc::new(log)), Instant::now()),
+        );
+        let r = self.session.submit(Job::Log {
+            begin,
+            app_consistent,
+        });
+        r.map_err(|e| self.error(&e))
+    }
+
+    /// Copy a disk as of its cut, from the pieces read into `pieces`.
+    pub(super) fn submit_initial(
+        &mut self,
+        begin: InitialBegin,
+        pieces: mpsc::Receiver<Piece>,
+    ) -> Result<(), SendError> {
+        let src = Source::Copy(Arc::new(tokio::sync::Mutex::new(pieces)));
+        self.sources
+            .insert((begin.disk_id, begin.cycle), (src, Instant::now()));
+        let now = Instant::now();
+        self.copy = Some(CopyStats {
+            t0: now,
+            last_log: now,
+            sent: 0,
+            done: 0,
+        });
+        let r = self.session.submit(Job::Initial(begin));
+        r.map_err(|e| self.error(&e))
+    }
+
+    /// Drop what a job reads from (its reader stops).
+    pub(super) fn forget(&mut self, disk_id: DiskId, cycle: u64) {
+        self.sources.remove(&(disk_id, cycle));
+    }
+
+    pub(super) fn start_compare(
+        &mut self,
+        disk_id: DiskId,
+        replica_cycle: u64,
+    ) -> Result<StreamId, SendError> {
+        let r = self.session.start_compare(disk_id, replica_cycle);
+        r.map_err(|e| self.error(&e))
+    }
+
+    pub(super) fn request_hashes(
+        &mut self,
+        stream: StreamId,
+        block_size: u32,
+        runs: Vec<crate::wire::HashRun>,
+    ) -> Result<(), SendError> {
+        let r = self.session.request_hashes(stream, block_size, runs);
+        r.map_err(|e| self.error(&e))
+    }
+
+    pub(super) fn finish_compare(
+        &mut self,
+        stream: StreamId,
+        end: Option<crate::wire::ResyncEnd>,
+    ) -> Result<(), SendError> {
+        let r = self.session.finish_compare(stream, end);
+        r.map_err(|e| self.error(&e))
+    }
+
+    /// Close the connection now, saying why.
+    pub(super) fn close(&mut self, reason: &[u8]) {
+        self.conn.close(0u32.into(), reason);
+    }
+
+    /// What a failure of the session means for the sender: the
+    /// connection's own error once it is known to be lost.
+    pub(super) fn error(&self, e: &SessionError) -> SendError {
+        match (e.kind(), &self.lost) {
+            (crate::wire::session::ErrorKind::Transport, Some(c)) => conn_err(c, self.addr),
+            _ => session_err(e),
+        }
+    }
+
+    /// Drive the session until it reports something for the caller: a
+    /// disk's state, a job's end, a point committed, digests, a compare's
+    /// end. Err: the session is over, or a point was refused.
+    pub(super) async fn next(&mut self) -> Result<SenderAction, SendError> {
+        loop {
+            self.flush();
+            if let Some(e) = self.failed.take() {
+                return Err(e);
+            }
+            if let Some(n) = self.notes.pop_front() {
+                return Ok(n);
+            }
+            if let Some(e) = &self.closed {
+                return Err(self.error(e));
+            }
+            let deadline = self
+                .session
+                .poll_timeout()
+                .and_then(|t| self.t0.checked_add(Duration::from_nanos(t)));
+            let input = tokio::select! {
+                i = self.rx.recv() => i,
+                () = sleep_until(deadline) => None,
+            };
+            let now = self.now();
+            match input {
+                Some(i) => self.input(now, i),
+                None => self.session.handle(now, Event::Tick),
+            }
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.t0.elapsed().as_nanos() as u64
+    }
+
+    fn input(&mut self, now: u64, i: Input) {
+        match i {
+            Input::Data(stream, chunk) => self.session.handle(
+                now,
+                Event::Data {
+                    stream,
+                    bytes: &chunk.bytes,
+                },
+            ),
+            Input::Finished(stream) => self.session.handle(now, Event::Finished(stream)),
+            Input::Reset(stream) => {
+                self.writers.remove(&stream);
+                self.session.handle(now, Event::Reset(stream))
+            }
+            Input::Lost(e) => {
+                self.lost.get_or_insert(e);
+                self.session.handle(now, Event::ConnectionLost)
+            }
+            Input::Read { id, result, permit } => {
+                if let (Some((class, stream)), Ok(d)) = (self.reads.remove(&id), &result) {
+                    self.carry = Some(Carry {
+                        stream,
+                        class,
+                        raw: d.data.len() as u64,
+                        permit,
+                    });
+                }
+                self.session.complete_read(now, id, result);
+                self.ship_later = std::mem::take(&mut self.ship_later)
+                    .into_iter()
+                    .filter_map(|l| Arc::try_unwrap(l).map(SealedLog::mark_shipped).err())
+                    .collect();
+            }
+        }
+    }
+
+    /// Perform every output of the session.
+    fn flush(&mut self) {
+        while let Some(o) = self.session.poll() {
+            match o {
+                Output::Send { stream, bytes } => {
+                    let (shape, permit) = match self.carry.take() {
+                        Some(c) if c.stream == stream && c.raw > 0 => {
+                            (Some(self.count(&c, bytes.len() as u64)), c.permit)
+                        }
+                        other => {
+                            self.carry = other;
+                            (None, None)
+                        }
+                    };
+                    let w = self.writer(stream);
+                    let _ = w.tx.send(Write::Bytes {
+                        bytes,
+                        shape,
+                        permit,
+                    });
+                }
+                Output::Finish(stream) => self.to_writer(stream, Write::Finish),
+                Output::Reset(stream) => {
+                    self.to_writer(stream, Write::Reset);
+                    self.writers.remove(&stream);
+                }
+                Output::Close(e) => {
+                    if self.lost.is_none() {
+                        tracing::warn!(addr = %self.addr, "closing the connection: {e}");
+                        self.conn.close(1u32.into(), b"protocol error");
+                    }
+                    self.closed = Some(e);
+                }
+                Output::Action(a) => self.action(a),
+            }
+        }
+        self.carry = None;
+    }
+
+    /// The caps to wait for before a chunk's frame of `frame` bytes, and
+    /// its progress: a log's bytes as read; a copy's payload (at least 64
+    /// bytes, so runs of zeros are not free).
+    fn count(&mut self, c: &Carry, frame: u64) -> (Class, u64) {
+        match c.class {
+            Class::Delta => (Class::Delta, c.raw),
+            Class::Bulk => {
+                if let (Some(vm), Some(p)) = (&self.vm, self.copy.as_mut()) {
+                    p.sent += frame;
+                    p.done += c.raw;
+                    let mut s = vm.status.lock();
+                    s.initial_done += c.raw;
+                    s.bytes_sent += frame;
+                    s.throughput_bps = p.sent as f64 / p.t0.elapsed().as_secs_f64().max(1e-6);
+                    if p.last_log.elapsed() >= Duration::from_secs(5) {
+                        p.last_log = Instant::now();
+                        // ETA from disk bytes covered (zeros and lz4 make
+                        // the wire rate a poor guide).
+                        let rate = p.done as f64 / p.t0.elapsed().as_secs_f64().max(1e-6);
+                        let eta = if rate > 0.0 {
+                            format!(
+                                "{:.0}s",
+                                s.initial_total.saturating_sub(s.initial_done) as f64 / rate
+                            )
+                        } else {
+                            "?".into()
+                        };
+                        tracing::info!(
+                            vm = %vm.spec.vm,
+                            "initial copy: {} of {} MiB ({:.0}%), {:.1} MiB/s on the wire, ETA {eta}",
+                            s.initial_done >> 20,
+                            s.initial_total >> 20,
+                            100.0 * s.initial_done as f64 / s.initial_total.max(1) as f64,
+                            s.throughput_bps / 1048576.0
+                        );
+                    }
+                }
+                (Class::Bulk, frame.max(64))
+            }
+        }
+    }
+
+    fn writer(&mut self, stream: StreamId) -> &Writer {
+        self.writers.entry(stream).or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(write_stream(
+                self.conn.clone(),
+                stream,
+                rx,
+                self.shaper.clone(),
+                self.tx.clone(),
+            ));
+            Writer {
+                tx,
+                budget: Arc::new(Semaphore::new(STREAM_BUDGET)),
+            }
+        })
+    }
+
+    fn to_writer(&self, stream: StreamId, w: Write) {
+        if let Some(wr) = self.writers.get(&stream) {
+            let _ = wr.tx.send(w);
+        }
+    }
+
+    fn action(&mut self, a: SenderAction) {
+        match a {
+            SenderAction::Read {
+                id,
+                stream,
+                what,
+                offset,
+                max,
+            } => self.read(id, stream, what, offset, max),
+            SenderAction::LogDurable { .. } => {}
+            SenderAction::LogApplied { disk_id, cycle } => {
+                if let Some((Source::Log(log), since)) = self.sources.remove(&(disk_id, cycle)) {
+                    if let Some(vm) = &self.vm {
+                        let len = log.len();
+                        let mut s = vm.status.lock();
+                        s.bytes_sent += len;
+                        s.throughput_bps = len as f64 / since.elapsed().as_secs_f64().max(1e-6);
+                    }
+                    if let Err(log) = Arc::try_unwrap(log).map(SealedLog::mark_shipped) {
+                        self.ship_later.push(log);
+                    }
+                }
+                self.notes
+                    .push_back(SenderAction::LogApplied { disk_id, cycle });
+            }
+            SenderAction::InitialApplied { disk_id, cycle } => {
+                self.sources.remove(&(disk_id, cycle));
+                self.copy = None;
+                self.notes
+                    .push_back(SenderAction::InitialApplied { disk_id, cycle });
+            }
+            SenderAction::JobFailed { job, error, rest } => {
+                self.sources.remove(&(job.disk_id(), job.cycle()));
+                for j in &rest {
+                    self.sources.remove(&(j.disk_id(), j.cycle()));
+                }
+                self.notes
+                    .push_back(SenderAction::JobFailed { job, error, rest });
+            }
+            SenderAction::PointCommitted {
+                cycle,
+                app_consistent,
+            } => {
+                self.committed(cycle, app_consistent);
+                // Also a note: a caller may wait for the session to idle.
+                self.notes.push_back(SenderAction::PointCommitted {
+                    cycle,
+                    app_consistent,
+                });
+            }
+            SenderAction::PointFailed { cycle, error } => {
+                let e = self
+                    .error(&error)
+                    .context(format!("recovery point {cycle}"));
+                self.failed.get_or_insert(e);
+            }
+            other => self.notes.push_back(other),
+        }
+    }
+
+    /// The receiver committed the point of `cycle`: the status says so and
+    /// `vdrep sync` callers waiting for it are answered.
+    fn committed(&mut self, cycle: u64, app_consistent: bool) {
+        let Some(vm) = &self.vm else { return };
+        {
+            let mut s = vm.status.lock();
+            s.last_point = Some(cycle);
+            s.last_point_unix_ns = Some(self.cut_ns.get(&cycle).copied().unwrap_or_else(now_ns));
+            if app_consistent {
+                s.last_app_point = Some(cycle);
+                s.last_app_point_unix_ns = s.last_point_unix_ns;
+            }
+        }
+        self.cut_ns.retain(|c, _| *c > cycle);
+        let mut w = vm.waiters.lock();
+        let mut keep = Vec::new();
+        for (want, tx) in w.drain(..) {
+            if cycle >= want {
+                let _ = tx.send(Ok(cycle));
+            } else {
+                keep.push((want, tx));
+            }
+        }
+        *w = keep;
+        tracing::info!(vm = %vm.spec.vm, cycle, "recovery point committed at the receiver");
+    }
+
+    /// Serve a read of the session on a blocking thread, once the stream
+    /// has room for it.
+    fn read(&mut self, id: ReadId, stream: StreamId, what: ReadWhat, offset: u64, max: usize) {
+        let (key, class) = match what {
+            ReadWhat::Log { disk_id, cycle } => ((disk_id, cycle), Class::Delta),
+            ReadWhat::Initial { disk_id, cycle } => ((disk_id, cycle), Class::Bulk),
+        };
+        self.reads.insert(id, (class, stream));
+        let budget = self.writers.get(&stream).map(|w| w.budget.clone());
+        let src = self.sources.get(&key).map(|(s, _)| s.clone());
+        let to = self.tx.clone();
+        tokio::spawn(async move {
+            let want = max.min(STREAM_BUDGET) as u32;
+            let permit = match budget {
+                Some(b) => b.acquire_many_owned(want).await.ok(),
+                None => None,
+            };
+            let result = match src {
+                Some(Source::Log(log)) => read_log(log, offset, max).await,
+                Some(Source::Copy(pieces)) => next_piece(&pieces, offset).await,
+                None => Err(SourceError(format!(
+                    "nothing to read for cycle {} of disk {}",
+                    key.1,
+                    crate::util::hex(&key.0)
+                ))),
+            };
+            let _ = to.send(Input::Read { id, result, permit });
+        });
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        // The tasks of the connection end with it.
+        self.conn.close(0u32.into(), b"session over");
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `max` bytes of a sealed log at `offset` (the log is let go before the
+/// answer is sent, so that it can be marked shipped then).
+async fn read_log(log: Arc<SealedLog>, offset: u64, max: usize) -> Result<ReadData, SourceError> {
+    let r = tokio::task::spawn_blocking(move || {
+        let mut data = vec![0u8; max];
+        let r = log.read_exact_at(&mut data, offset).map(|()| ReadData {
+            offset,
+            end: offset + max as u64 >= log.len(),
+            data,
+        });
+        r.map_err(|e| SourceError(format!("reading {}: {e}", log.shown().display())))
+    })
+    .await;
+    r.unwrap_or_else(|e| Err(SourceError(format!("the log reader failed: {e}"))))
+}
+
+/// The next piece of a copy (at or after `offset`).
+async fn next_piece(
+    pieces: &tokio::sync::Mutex<mpsc::Receiver<Piece>>,
+    offset: u64,
+) -> Result<ReadData, SourceError> {
+    match pieces.lock().await.recv().await {
+        Some(Piece::Data(offset, data)) => Ok(ReadData {
+            offset,
+            data,
+            end: false,
+        }),
+        Some(Piece::End) => Ok(ReadData {
+            offset,
+            data: Vec::new(),
+            end: true,
+        }),
+        Some(Piece::Failed(e)) => Err(SourceError(e)),
+        None => Err(SourceError("the disk reader stopped".into())),
+    }
+}
+
+/// Open the stream, start its reader, and write what the session sends,
+/// in order, within the caps.
+async fn write_stream(
+    conn: quinn::Connection,
+    sid: StreamId,
+    mut from: mpsc::UnboundedReceiver<Write>,
+    shaper: Arc<Shaper>,
+    to: mpsc::UnboundedSender<Input>,
+) {
+    let (mut tx, rx) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = to.send(Input::Lost(e));
+            return;
+        }
+    };
+    tokio::spawn(read_stream(sid, rx, to));
+    while let Some(w) = from.recv().await {
+        match w {
+            Write::Bytes {
+                bytes,
+                shape,
+                permit,
+            } => {
+                if let Some((class, n)) = shape {
+                    shaper.take(class, n).await;
+                }
+                if tx.write_all(&bytes).await.is_err() {
+                    // Stopped by the receiver: its answer says why.
+                    return;
+                }
+                drop(permit);
+            }
+            Write::Finish => {
+                let _ = tx.finish();
+                return;
+            }
+            Write::Reset => {
+                let _ = tx.reset(0u32.into());
+                return;
+            }
+        }
+    }
+}
+
+/// Feed what the receiver sends on a stream to the driver.
+async fn read_stream(sid: StreamId, mut rx: quinn::RecvStream, to: mpsc::UnboundedSender<Input>) {
+    loop {
+        let input = match rx.read_chunk(usize::MAX, true).await {
+            Ok(Some(chunk)) => Input::Data(sid, chunk),
+            Ok(None) => Input::Finished(sid),
+            Err(quinn::ReadError::ConnectionLost(e)) => Input::Lost(e),
+            Err(_) => Input::Reset(sid),
+        };
+        let last = !matches!(input, Input::Data(..));
+        if to.send(input).is_err() || last {
+            return;
+        }
+    }
+}
