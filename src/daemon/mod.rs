@@ -43,6 +43,9 @@ pub struct MountOptions {
     /// file), as `vdrep protect` would; one already protected with the
     /// same spec (resumed from the last run) is left running.
     pub protect: Vec<crate::sender::ProtectSpec>,
+    /// Bandwidth schedules of the configuration's VMs (by VM; those whose
+    /// rate depends on the time), followed by a ticker.
+    pub rate_schedules: std::collections::BTreeMap<String, crate::schedule::RateSchedule>,
     /// The configuration file SIGHUP and `vdrep reload` re-read (`None`:
     /// the default path).
     pub config: Option<PathBuf>,
@@ -307,6 +310,7 @@ fn serve_inner(
             }
         };
     let configured = Arc::new(reload::Configured::new(opts.config.clone()));
+    configured.set_schedules(opts.rate_schedules.clone());
     {
         let tracker = tracker.clone();
         let dir = dir.to_path_buf();
@@ -358,6 +362,8 @@ fn serve_inner(
         tracker.status().disks.len()
     );
     let report = configured.converge(&replicator, &opts.protect);
+    reload::spawn_rate_ticker(configured.clone(), replicator.clone())
+        .map_err(ioe(dir_static(), "cannot start the rate schedule thread"))?;
     let report: String = report.iter().map(|l| format!("{l}\n")).collect();
     notify(ready, &format!("ok\n{report}"));
     crate::service::ready(&service_summary(dir, &replicator));
@@ -458,6 +464,13 @@ fn handle(
             status: Some(tracker.status()),
             pid: Some(std::process::id()),
             replication: Some(rep.status()),
+            rates: Some({
+                let now = jiff::Zoned::now();
+                rep.status()
+                    .iter()
+                    .filter_map(|v| Some((v.vm.clone(), configured.rate_now(rep, &v.vm, &now)?)))
+                    .collect()
+            }),
             ..Default::default()
         },
         Request::Protect { spec } => match rep.protect(spec.clone()) {
