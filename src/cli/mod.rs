@@ -208,9 +208,9 @@ pub enum Cmd {
         /// tracked bitmap-only and its changes are shipped as one cycle.
         #[arg(long, default_value = "50%")]
         resync_threshold: String,
-        /// When automatic resyncs run, local time: HH:MM-HH:MM (may wrap
-        /// midnight), +weekends for all of Saturday and Sunday, or `always`.
-        /// Default: 18:00-08:00+weekends.
+        /// When automatic resyncs run, local time, as a calendar:
+        /// `mon..fri 22:00-06:00`, `sat,sun`, several joined with `;`, or
+        /// `always` (doc/CONFIG.md, Schedules). Default: 18:00-08:00; sat,sun.
         #[arg(long)]
         resync_window: Option<String>,
         #[command(flatten)]
