@@ -74,6 +74,12 @@ pub enum KeysCmd {
     /// Replace this site's key pair; the old one moves to KEYDIR/retired/
     /// so peers can trust both until each has the new certificate.
     Rotate(keys::KeysRotateArgs),
+    /// Show this site's certificates and the peer certificates it trusts
+    /// (from --dir/--trust, else the configuration's `[site] keys`,
+    /// `[site] trust` and each VM's `trust`): name, fingerprint, expiry.
+    /// A certificate that expires within 30 days is flagged, and the exit
+    /// status is 1 while any is.
+    Show(keys::KeysShowArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -396,6 +402,12 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
         Cmd::Keys {
             cmd: KeysCmd::Rotate(a),
         } => keys::run_keys_rotate(&a),
+        Cmd::Keys {
+            cmd: KeysCmd::Show(a),
+        } => match self::config::load(config) {
+            Ok(cfg) => keys::run_keys_show(&a, cfg.as_ref()),
+            Err(code) => code,
+        },
         Cmd::Receive {
             listen,
             store,
