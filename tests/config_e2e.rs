@@ -652,6 +652,8 @@ fn a_rate_schedule_rerates_the_vm_at_its_boundaries() {
     };
     let (r0, next) = rate();
     assert_eq!(r0, 5_000_000, "before the window");
+    // Fresh (ten-year) certificates: no expiry warning in the status.
+    assert_eq!(m.status_json()["warnings"], serde_json::json!([]));
     assert_eq!(next, Some(open.timestamp().as_second()));
     assert!(m.status_json()["replication"][0]["schedule"]
         .as_str()

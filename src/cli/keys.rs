@@ -104,14 +104,8 @@ pub fn run_keys_show(a: &KeysShowArgs, cfg: Option<&Config>) -> i32 {
     let dir = a.dir.clone().or(cfg.and_then(|c| c.site.keys.clone()));
     let mut own: Vec<PathBuf> = Vec::new();
     if let Some(d) = &dir {
-        match std::fs::read_dir(d) {
-            Ok(rd) => {
-                own = rd
-                    .filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| p.extension().is_some_and(|x| x == "crt"))
-                    .collect();
-                own.sort();
-            }
+        match keys::certs_in(d) {
+            Ok(v) => own = v,
             Err(e) => {
                 eprintln!("vdrep keys show: {}: {e}", d.display());
                 return 2;
@@ -220,6 +214,17 @@ mod tests {
         assert!(warn && line.contains("EXPIRED"), "{line}");
         let (_, warn) = cert_line(&dir.path().join("missing.crt"), now);
         assert!(warn);
+        // The same rule for `vdrep status`: one warning per such certificate.
+        let all = keys::certs_in(dir.path()).unwrap();
+        assert_eq!(all.len(), 3);
+        let w = keys::expiry_warnings(&all, now);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w
+            .iter()
+            .any(|l| l.contains("soon.crt") && l.contains("in ")));
+        assert!(w
+            .iter()
+            .any(|l| l.contains("old.crt") && l.contains("EXPIRED")));
         let args = |dir: Option<PathBuf>, trust: Vec<PathBuf>| KeysShowArgs { dir, trust };
         let ok = tempfile::tempdir().unwrap();
         pem_valid(ok.path(), "site-a", -1, 3650);

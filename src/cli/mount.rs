@@ -209,6 +209,10 @@ pub fn status(dir: Option<PathBuf>, json: bool) -> i32 {
                         }
                     }
                     o.insert("replication".into(), repl);
+                    o.insert(
+                        "warnings".into(),
+                        serde_json::to_value(&r.warnings).unwrap_or_default(),
+                    );
                 }
                 v
             })
@@ -222,6 +226,9 @@ pub fn status(dir: Option<PathBuf>, json: bool) -> i32 {
         return 0;
     }
     for r in all {
+        for w in &r.warnings {
+            println!("warning: {w}");
+        }
         let Some(st) = r.status else { continue };
         println!(
             "{}  (daemon pid {}, last cut {}{})",

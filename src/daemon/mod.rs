@@ -316,13 +316,14 @@ fn serve_inner(
         let dir = dir.to_path_buf();
         let rep = replicator.clone();
         let configured = configured.clone();
+        let keys = opts.keys.clone();
         crate::ipc::serve(
             listener,
             "vdrep-control",
             Some(&IN_FLIGHT),
             move |req: io::Result<Request>| match req {
                 Err(e) => Response::err(format!("bad request: {e}")),
-                Ok(req) => handle(&req, &tracker, (&rep, &configured), &dir),
+                Ok(req) => handle(&req, &tracker, (&rep, &configured), (&dir, keys.as_deref())),
             },
         )
         .map_err(ioe(dir_static(), "cannot start the control thread"))?;
@@ -402,6 +403,19 @@ fn serve_inner(
     Ok(())
 }
 
+/// Certificates of this site (`keys`) and trusted by its VMs that expire
+/// within 30 days (or are unreadable), for `vdrep status`.
+fn cert_warnings(rep: &crate::sender::Replicator, keys: Option<&Path>) -> Vec<String> {
+    use crate::transport::keys::{certs_in, expiry_warnings};
+    let mut certs: Vec<PathBuf> = keys.and_then(|k| certs_in(k).ok()).unwrap_or_default();
+    for v in rep.status() {
+        certs.extend(rep.spec(&v.vm).into_iter().flat_map(|s| s.trust));
+    }
+    certs.sort();
+    certs.dedup();
+    expiry_warnings(&certs, jiff::Timestamp::now())
+}
+
 /// The mount's one-line `STATUS=`: the folder, its disks and its VMs by state.
 fn service_summary(dir: &Path, rep: &crate::sender::Replicator) -> String {
     let vms = rep.status();
@@ -448,7 +462,7 @@ fn handle(
     req: &Request,
     tracker: &Tracker,
     (rep, configured): (&Arc<crate::sender::Replicator>, &reload::Configured),
-    dir: &Path,
+    (dir, keys): (&Path, Option<&Path>),
 ) -> Response {
     match req {
         Request::Reload => match configured.reload(rep, dir) {
@@ -471,6 +485,7 @@ fn handle(
                     .filter_map(|v| Some((v.vm.clone(), configured.rate_now(rep, &v.vm, &now)?)))
                     .collect()
             }),
+            warnings: cert_warnings(rep, keys),
             ..Default::default()
         },
         Request::Protect { spec } => match rep.protect(spec.clone()) {

@@ -554,6 +554,42 @@ pub fn subject_cn(cert_der: &[u8]) -> Option<String> {
 /// show`).
 pub const EXPIRY_WARN_DAYS: i64 = 30;
 
+/// The certificates (`*.crt`) directly in an identity folder, sorted.
+pub fn certs_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "crt"))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// One warning per certificate of `certs` that is unreadable, expired or
+/// expires within [`EXPIRY_WARN_DAYS`] of `now` (for `vdrep status`).
+pub fn expiry_warnings(certs: &[PathBuf], now: jiff::Timestamp) -> Vec<String> {
+    certs
+        .iter()
+        .filter_map(|p| {
+            let v = load_cert(p).ok().and_then(|c| Validity::of_der(&c));
+            let Some(v) = v else {
+                return Some(format!("certificate {}: unreadable", p.display()));
+            };
+            let days = v.days_left(now);
+            (days < EXPIRY_WARN_DAYS).then(|| {
+                let when = v.not_after.strftime("%Y-%m-%d");
+                if days < 0 {
+                    format!("certificate {} EXPIRED on {when}", p.display())
+                } else {
+                    format!(
+                        "certificate {} expires on {when} (in {days} day(s)): rotate it (vdrep keys rotate) and update the peers",
+                        p.display()
+                    )
+                }
+            })
+        })
+        .collect()
+}
+
 /// When a certificate is valid, from its DER encoding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Validity {
