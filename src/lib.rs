@@ -32,6 +32,8 @@
 //! - [`objstore`]: object stores (S3 API) as replica targets: the object
 //!   client seam and its clients, the encryption envelope.
 //! - [`resync`]: checksum resync and online verify (digests, progress, window).
+//! - [`schedule`]: calendar windows (`mon..fri 22:00-06:00`) and bandwidth
+//!   schedules, on local time (a leaf).
 //! - [`hrl`]: the versioned `.hrl` change-log format (write, verify, apply).
 //! - [`vhd`]: the VHD footer (replicas of raw disks are fixed VHDs).
 //! - [`sys`]: fd-relative system-call wrappers (a leaf under [`fs`] and
@@ -70,6 +72,7 @@ pub mod receiver;
 pub mod replica;
 pub mod resync;
 pub mod roles;
+pub mod schedule;
 pub mod sender;
 pub mod service;
 pub mod sys;

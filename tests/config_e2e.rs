@@ -598,3 +598,88 @@ fn config_check_accepts_the_example_and_names_file_line_key() {
     );
     assert_eq!(err.lines().count(), 2, "{err}");
 }
+
+/// A bandwidth schedule (`max_rate = [{ when, rate }, ...]`) changes the
+/// rate of a running VM at its boundaries, with no reload: a window that
+/// opens a few seconds from now (local time) and closes a few seconds
+/// later, seen in `vdrep status --json`.
+#[test]
+fn a_rate_schedule_rerates_the_vm_at_its_boundaries() {
+    require_fuse!();
+    let site = Site::new();
+    std::fs::write(site.p("vm/a.raw"), random(1 << 20, 31)).unwrap();
+    let port = free_port();
+    let dr = site.write(
+        "dr.toml",
+        &format!(
+            "[site]\nkeys = \"{}\"\ntrust = [\"{}/site-a.crt\"]\n\n[receiver]\nlisten = \"127.0.0.1:{port}\"\nstore = \"{}\"\n",
+            site.s("kb"),
+            site.s("ka"),
+            site.s("store")
+        ),
+    );
+    let (rcv, addr) = ConfigReceiver::start(&dr);
+    // The window: from 8 s to 16 s from now (whole seconds), local
+    // wall-clock time.
+    let now = jiff::Timestamp::from_second(jiff::Timestamp::now().as_second())
+        .unwrap()
+        .to_zoned(jiff::tz::TimeZone::system());
+    let at = |s: i64| now.checked_add(jiff::SignedDuration::from_secs(s)).unwrap();
+    let (open, close) = (at(8), at(16));
+    let hms = |z: &jiff::Zoned| z.strftime("%H:%M:%S").to_string();
+    let rules = format!(
+        "every = \"1h\"\nmax_rate = [\n  {{ when = \"{}-{}\", rate = \"1MB/s\" }},\n  {{ rate = \"5MB/s\" }},\n]",
+        hms(&open),
+        hms(&close)
+    );
+    let file = site.write(
+        "primary.toml",
+        &primary_toml(&site, &addr, &[("a", "a.raw", &rules)]),
+    );
+    vdrep_ok(&["--config", &file, "mount", &site.s("vm")]);
+    let m = Mounted {
+        dir: site.p("vm"),
+        mounted: true,
+    };
+    wait_protected(&m, &[("a", 3600)]);
+    let rate = || -> (u64, Option<i64>) {
+        let st = m.status_json();
+        let v = &st["replication"][0];
+        (
+            v["max_rate"].as_u64().unwrap(),
+            v["next_change_unix"].as_i64(),
+        )
+    };
+    let (r0, next) = rate();
+    assert_eq!(r0, 5_000_000, "before the window");
+    // Fresh (ten-year) certificates: no expiry warning in the status.
+    assert_eq!(m.status_json()["warnings"], serde_json::json!([]));
+    assert_eq!(next, Some(open.timestamp().as_second()));
+    assert!(m.status_json()["replication"][0]["schedule"]
+        .as_str()
+        .unwrap()
+        .starts_with(&hms(&open)));
+    // Wait for the rate to change; note when it did.
+    let wait_rate = |want: u64| -> jiff::Timestamp {
+        for _ in 0..300 {
+            if rate().0 == want {
+                return jiff::Timestamp::now();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("max_rate stays {:?}, want {want}", rate());
+    };
+    let t1 = wait_rate(1_000_000);
+    assert!(t1 >= open.timestamp(), "re-rated before the window opened");
+    assert!(t1 < close.timestamp(), "re-rated only after the window");
+    assert_eq!(rate().1, Some(close.timestamp().as_second()));
+    let t2 = wait_rate(5_000_000);
+    assert!(t2 >= close.timestamp());
+    assert!(
+        (t2 - close.timestamp()).get_seconds() < 3,
+        "re-rated {} after the boundary",
+        t2 - close.timestamp()
+    );
+    drop(m);
+    drop(rcv);
+}

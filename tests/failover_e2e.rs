@@ -476,11 +476,11 @@ fn recovery_plan_runs_groups_in_order_and_stops_after_a_failed_group() {
     s.protect_to(&rb, "vm1", &[&s.s("a/vm1/disk0.img")]);
     sync(&s.p("a/vm1"));
     let trace = s.p("trace");
-    let plan = s.p("plan.txt");
+    let plan = s.p("plan.toml");
     std::fs::write(
         &plan,
         format!(
-            "# test plan\n[group first]\npre = echo pre-$VDREP_PLAN_GROUP-$VDREP_PLAN_MODE >> {t}\nvms = vm1\npost = echo post-$VDREP_PLAN_VMS >> {t}\n\n[group second]\nvms = ghost\n\n[group third]\npre = echo third >> {t}\nvms = vm1\n",
+            "# test plan\n[[group]]\nname = \"first\"\npre = \"echo pre-$VDREP_PLAN_GROUP-$VDREP_PLAN_MODE >> {t}\"\nvms = [\"vm1\"]\npost = \"echo post-$VDREP_PLAN_VMS >> {t}\"\n\n[[group]]\nname = \"second\"\nvms = [\"ghost\"]\n\n[[group]]\nname = \"third\"\npre = \"echo third >> {t}\"\nvms = [\"vm1\"]\n",
             t = trace.display()
         ),
     )

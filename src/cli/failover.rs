@@ -18,9 +18,10 @@ use crate::testview::{format_utc, PointSel};
 pub enum PlanCmd {
     /// Run a recovery plan: a test failover of every VM with --test, an
     /// unplanned failover (newest point) with --unplanned. The plan is a
-    /// text file of groups run in order: `[group NAME]`, then `vms = A B`
-    /// (failed over in this order), optional `pre = CMD` (a failing pre
-    /// skips its group) and `post = CMD`; scripts get VDREP_PLAN_GROUP,
+    /// TOML file of groups run in order: `[[group]]` with `name = "NAME"`,
+    /// `vms = ["A", "B"]` (failed over in this order), optional
+    /// `pre = "CMD"` (a failing pre skips its group) and `post = "CMD"`
+    /// (doc/CONFIG.md, Recovery plans); scripts get VDREP_PLAN_GROUP,
     /// VDREP_PLAN_VMS and VDREP_PLAN_MODE. A failed VM stops the plan
     /// before the next group.
     Failover {
@@ -571,10 +572,10 @@ pub fn plan(plan: &Path, store: &Path, test: bool, cleanup: bool, json: bool) ->
             return 2;
         }
     };
-    let groups = match parse(&text) {
+    let groups = match parse(plan, &text) {
         Ok(g) => g,
         Err(e) => {
-            eprintln!("vdrep: {}: {e}", plan.display());
+            eprintln!("vdrep: {e}");
             return 2;
         }
     };

@@ -1,9 +1,13 @@
-//! `vdrep keys init` and `vdrep keys rotate`: create a site identity, or
-//! replace its key pair keeping the old one (see [`crate::transport::keys`]);
+//! `vdrep keys init`, `vdrep keys rotate` and `vdrep keys show`: create a
+//! site identity, replace its key pair keeping the old one, or list the
+//! certificates in use with their expiry (see [`crate::transport::keys`]);
 //! `vdrep keys encryption-key`: a key for encryption at rest
 //! ([`crate::objstore::EncryptionKey`]).
 
 use std::path::PathBuf;
+
+use crate::config::Config;
+use crate::transport::keys::{self, Validity, EXPIRY_WARN_DAYS};
 
 /// Create this site's identity: NAME.crt (give it to peers, who pass it with
 /// --trust) and NAME.key (private, mode 0600).
@@ -107,4 +111,159 @@ pub fn run_keys_init(a: &KeysInitArgs) -> i32 {
     println!("private key: {}", key.display());
     println!("fingerprint (SHA-256): {fp}");
     0
+}
+
+/// List the certificates of this site and of the peers it trusts.
+#[derive(Debug, clap::Args)]
+pub struct KeysShowArgs {
+    /// The identity folder (default: the configuration's `[site] keys`).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// A trusted peer certificate (repeatable; default: the configuration's
+    /// `[site] trust` and the VMs' `trust`).
+    #[arg(long)]
+    pub trust: Vec<PathBuf>,
+}
+
+/// Run `vdrep keys show`: one line per certificate; 1 if any expires
+/// within [`EXPIRY_WARN_DAYS`] (or is expired or unreadable).
+pub fn run_keys_show(a: &KeysShowArgs, cfg: Option<&Config>) -> i32 {
+    let dir = a.dir.clone().or(cfg.and_then(|c| c.site.keys.clone()));
+    let mut own: Vec<PathBuf> = Vec::new();
+    if let Some(d) = &dir {
+        match keys::certs_in(d) {
+            Ok(v) => own = v,
+            Err(e) => {
+                eprintln!("vdrep keys show: {}: {e}", d.display());
+                return 2;
+            }
+        }
+    }
+    let mut trusted: Vec<PathBuf> = a.trust.clone();
+    if trusted.is_empty() {
+        if let Some(c) = cfg {
+            trusted.extend(c.site.trust.iter().cloned());
+            trusted.extend(c.vms.iter().flat_map(|v| v.trust.iter().cloned()));
+        }
+    }
+    trusted.sort();
+    trusted.dedup();
+    if own.is_empty() && trusted.is_empty() {
+        eprintln!("vdrep keys show: no certificate: give --dir KEYDIR or --trust CERT, or a configuration with [site] keys/trust");
+        return 2;
+    }
+    let now = jiff::Timestamp::now();
+    let mut bad = 0;
+    for (role, list) in [("own", &own), ("trusted", &trusted)] {
+        for p in list {
+            let (line, warn) = cert_line(p, now);
+            println!("{role:<8} {line}");
+            if warn {
+                bad += 1;
+            }
+        }
+    }
+    if bad > 0 {
+        eprintln!(
+            "vdrep keys show: warning: {bad} certificate(s) expired, unreadable or expiring within {EXPIRY_WARN_DAYS} days: rotate them (vdrep keys rotate) and update the peers"
+        );
+        return 1;
+    }
+    0
+}
+
+/// `PATH  CN  FINGERPRINT  expires DATE (N days)` and whether to warn.
+fn cert_line(p: &std::path::Path, now: jiff::Timestamp) -> (String, bool) {
+    let cert = match keys::load_cert(p) {
+        Ok(c) => c,
+        Err(e) => return (format!("{}  UNREADABLE: {e}", p.display()), true),
+    };
+    let cn = keys::subject_cn(&cert).unwrap_or_else(|| "-".into());
+    let fp = keys::Fingerprint::of_der(&cert);
+    let Some(v) = Validity::of_der(&cert) else {
+        return (
+            format!("{}  {cn}  {fp}  validity unreadable", p.display()),
+            true,
+        );
+    };
+    let days = v.days_left(now);
+    let when = v.not_after.strftime("%Y-%m-%d %H:%M UTC");
+    let state = if days < 0 {
+        "EXPIRED".to_string()
+    } else if v.expires_soon(now) {
+        format!("WARNING: expires in {days} day(s)")
+    } else {
+        format!("{days} days left")
+    };
+    (
+        format!("{}  {cn}  {fp}  expires {when}  {state}", p.display()),
+        v.expires_soon(now),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A PEM certificate valid from `from` to `to` days from now, by rcgen.
+    fn pem_valid(dir: &std::path::Path, name: &str, from: i64, to: i64) -> PathBuf {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let day = |n: i64| {
+            let d = jiff::Timestamp::now()
+                .checked_add(jiff::SignedDuration::from_hours(24 * n))
+                .unwrap()
+                .to_zoned(jiff::tz::TimeZone::UTC)
+                .date();
+            rcgen::date_time_ymd(d.year() as i32, d.month() as u8, d.day() as u8)
+        };
+        p.not_before = day(from);
+        p.not_after = day(to);
+        let path = dir.join(format!("{name}.crt"));
+        std::fs::write(&path, p.self_signed(&key).unwrap().pem()).unwrap();
+        path
+    }
+
+    #[test]
+    fn certificates_close_to_expiry_are_flagged() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = jiff::Timestamp::now();
+        let (line, warn) = cert_line(&pem_valid(dir.path(), "soon", -1, 10), now);
+        assert!(warn && line.contains("WARNING: expires in"), "{line}");
+        let (line, warn) = cert_line(&pem_valid(dir.path(), "fine", -1, 100), now);
+        assert!(
+            !warn && line.contains("days left") && line.contains("fine"),
+            "{line}"
+        );
+        let (line, warn) = cert_line(&pem_valid(dir.path(), "old", -10, -2), now);
+        assert!(warn && line.contains("EXPIRED"), "{line}");
+        let (_, warn) = cert_line(&dir.path().join("missing.crt"), now);
+        assert!(warn);
+        // The same rule for `vdrep status`: one warning per such certificate.
+        let all = keys::certs_in(dir.path()).unwrap();
+        assert_eq!(all.len(), 3);
+        let w = keys::expiry_warnings(&all, now);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w
+            .iter()
+            .any(|l| l.contains("soon.crt") && l.contains("in ")));
+        assert!(w
+            .iter()
+            .any(|l| l.contains("old.crt") && l.contains("EXPIRED")));
+        let args = |dir: Option<PathBuf>, trust: Vec<PathBuf>| KeysShowArgs { dir, trust };
+        let ok = tempfile::tempdir().unwrap();
+        pem_valid(ok.path(), "site-a", -1, 3650);
+        assert_eq!(
+            run_keys_show(&args(Some(ok.path().into()), vec![]), None),
+            0
+        );
+        let peer = pem_valid(dir.path(), "peer", -1, 5);
+        assert_eq!(
+            run_keys_show(&args(Some(ok.path().into()), vec![peer]), None),
+            1
+        );
+        assert_eq!(run_keys_show(&args(None, vec![]), None), 2);
+    }
 }

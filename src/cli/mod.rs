@@ -84,6 +84,12 @@ pub enum KeysCmd {
     /// stores): one line of 64 hex digits in FILE, mode 0600. Keep a copy
     /// off-site: without it no replica encrypted with it can be read.
     EncryptionKey(keys::EncryptionKeyArgs),
+    /// Show this site's certificates and the peer certificates it trusts
+    /// (from --dir/--trust, else the configuration's `[site] keys`,
+    /// `[site] trust` and each VM's `trust`): name, fingerprint, expiry.
+    /// A certificate that expires within 30 days is flagged, and the exit
+    /// status is 1 while any is.
+    Show(keys::KeysShowArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -265,9 +271,9 @@ pub enum Cmd {
         /// tracked bitmap-only and its changes are shipped as one cycle.
         #[arg(long, default_value = "50%")]
         resync_threshold: String,
-        /// When automatic resyncs run, local time: HH:MM-HH:MM (may wrap
-        /// midnight), +weekends for all of Saturday and Sunday, or `always`.
-        /// Default: 18:00-08:00+weekends.
+        /// When automatic resyncs run, local time, as a calendar:
+        /// `mon..fri 22:00-06:00`, `sat,sun`, several joined with `;`, or
+        /// `always` (doc/CONFIG.md, Schedules). Default: 18:00-08:00; sat,sun.
         #[arg(long)]
         resync_window: Option<String>,
         /// Alert when the lag (the age of the newest recovery point) passes
@@ -477,6 +483,12 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
         Cmd::Keys {
             cmd: KeysCmd::EncryptionKey(a),
         } => keys::run_encryption_key(&a),
+        Cmd::Keys {
+            cmd: KeysCmd::Show(a),
+        } => match self::config::load(config) {
+            Ok(cfg) => keys::run_keys_show(&a, cfg.as_ref()),
+            Err(code) => code,
+        },
         Cmd::Receive {
             listen,
             store,

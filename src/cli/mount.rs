@@ -68,6 +68,9 @@ pub fn mount(
         fs,
         keys,
         protect,
+        rate_schedules: cfg
+            .map(|c| crate::daemon::reload::schedules_under(c, &canon))
+            .unwrap_or_default(),
         config: cfg.map(|c| std::fs::canonicalize(&c.path).unwrap_or_else(|_| c.path.clone())),
         metrics_listen: metrics_listen.or(entry.and_then(|m| m.metrics_listen)),
         notify: super::config::notify_spec(cfg),
@@ -243,13 +246,28 @@ pub fn status(dir: Option<PathBuf>, json: bool) -> i32 {
                 let mut v = serde_json::to_value(&r.status).unwrap_or_default();
                 if let Some(o) = v.as_object_mut() {
                     o.insert("pid".into(), r.pid.into());
+                    let mut repl = serde_json::to_value(&r.replication).unwrap_or_default();
+                    // Each VM's bandwidth limit in force (and its schedule).
+                    for vm in repl.as_array_mut().into_iter().flatten() {
+                        let rate = vm
+                            .get("vm")
+                            .and_then(|n| n.as_str())
+                            .and_then(|n| r.rates.as_ref()?.get(n))
+                            .and_then(|x| serde_json::to_value(x).ok());
+                        if let (Some(o), Some(serde_json::Value::Object(rate))) =
+                            (vm.as_object_mut(), rate)
+                        {
+                            o.extend(rate);
+                        }
+                    }
+                    o.insert("replication".into(), repl);
                     o.insert(
                         "worker".into(),
                         serde_json::to_value(&r.worker).unwrap_or_default(),
                     );
                     o.insert(
-                        "replication".into(),
-                        serde_json::to_value(&r.replication).unwrap_or_default(),
+                        "warnings".into(),
+                        serde_json::to_value(&r.warnings).unwrap_or_default(),
                     );
                 }
                 v
@@ -264,6 +282,9 @@ pub fn status(dir: Option<PathBuf>, json: bool) -> i32 {
         return 0;
     }
     for r in all {
+        for w in &r.warnings {
+            println!("warning: {w}");
+        }
         let Some(st) = r.status else { continue };
         println!(
             "{}  (daemon pid {}, last cut {}{})",

@@ -20,6 +20,8 @@ use std::time::Duration;
 
 use toml::Spanned;
 
+use crate::schedule::{Calendar, RateRule, RateSchedule};
+
 /// Where the configuration is read from unless `--config` names a file.
 pub const DEFAULT_PATH: &str = "/etc/vdrep/vdrep.toml";
 
@@ -117,8 +119,11 @@ pub struct VmCfg {
     /// Certificates of the receiver (default: `[site] trust`).
     pub trust: Vec<PathBuf>,
     pub every: Option<Every>,
-    /// Bytes per second.
+    /// Bytes per second (`max_rate = "10MB/s"`).
     pub max_rate: Option<u64>,
+    /// The bandwidth schedule (`max_rate = [{ when, rate }, ...]`); then
+    /// `max_rate` is `None`.
+    pub max_rate_schedule: Option<RateSchedule>,
     /// Cap shared by every VM of the mount to the same `to`, bytes/s.
     pub link_max_rate: Option<u64>,
     /// Percent of a disk's size.
@@ -275,6 +280,17 @@ pub fn load_for_command(explicit: Option<&Path>) -> Result<Option<Config>, Confi
             } else {
                 Ok(None)
             }
+        }
+    }
+}
+
+impl VmCfg {
+    /// The VM's bandwidth limit as a schedule (a constant `max_rate` is a
+    /// one-rule schedule; none: unlimited).
+    pub fn rate_schedule(&self) -> RateSchedule {
+        match (&self.max_rate_schedule, self.max_rate) {
+            (Some(s), _) => s.clone(),
+            (None, r) => RateSchedule::constant(r.unwrap_or(0)),
         }
     }
 }
@@ -476,6 +492,106 @@ impl Cx<'_> {
                 None
             }
         }
+    }
+
+    /// `max_rate`: a rate (constant), or a list of `{ when, rate }` rules
+    /// (a schedule: the first rule whose `when` matches; a rule without
+    /// `when` matches always and must be last).
+    fn max_rate(
+        &mut self,
+        v: &Spanned<toml::Value>,
+        key: &str,
+    ) -> (Option<u64>, Option<RateSchedule>) {
+        const SHAPE: &str = "give a rate (\"10MB/s\") or a list of rules such as [{ when = \"mon..fri 08:00-18:00\", rate = \"10MB/s\" }, { rate = \"100MB/s\" }]";
+        let items = match v.get_ref() {
+            toml::Value::String(s) => {
+                return match parse_rate(s) {
+                    Ok(r) => (Some(r), None),
+                    Err(e) => {
+                        self.problem(v, key, e.kind, e.msg);
+                        (None, None)
+                    }
+                };
+            }
+            toml::Value::Array(items) if !items.is_empty() => items,
+            _ => {
+                self.problem(v, key, ProblemKind::Schema, SHAPE.into());
+                return (None, None);
+            }
+        };
+        let mut rules = Vec::new();
+        let mut ok = true;
+        for (i, item) in items.iter().enumerate() {
+            let rk = format!("{key}[{i}]");
+            let mut bad = |me: &mut Self, sub: &str, kind, msg: String| {
+                ok = false;
+                me.problem(v, &format!("{rk}{sub}"), kind, msg);
+            };
+            let Some(t) = item.as_table() else {
+                bad(self, "", ProblemKind::Schema, SHAPE.into());
+                continue;
+            };
+            for unknown in t.keys().filter(|k| *k != "when" && *k != "rate") {
+                bad(
+                    self,
+                    &format!(".{unknown}"),
+                    ProblemKind::Schema,
+                    "unknown key; a rule has `when` (optional) and `rate`".into(),
+                );
+            }
+            if rules.last().is_some_and(|r: &RateRule| r.when.is_none()) {
+                bad(
+                    self,
+                    "",
+                    ProblemKind::BadValue,
+                    "never used: the rule before it has no `when` and always matches".into(),
+                );
+            }
+            let rate = match t.get("rate") {
+                Some(toml::Value::String(s)) => match parse_rate(s) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        bad(self, ".rate", e.kind, e.msg);
+                        None
+                    }
+                },
+                _ => {
+                    bad(
+                        self,
+                        ".rate",
+                        ProblemKind::Schema,
+                        "give the rule's rate, e.g. rate = \"10MB/s\"".into(),
+                    );
+                    None
+                }
+            };
+            let when = match t.get("when") {
+                None => None,
+                Some(toml::Value::String(s)) => match Calendar::parse(s) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        bad(self, ".when", ProblemKind::BadValue, e.to_string());
+                        None
+                    }
+                },
+                Some(_) => {
+                    bad(
+                        self,
+                        ".when",
+                        ProblemKind::Schema,
+                        "give a schedule string, e.g. when = \"mon..fri 08:00-18:00\"".into(),
+                    );
+                    None
+                }
+            };
+            if let Some(rate) = rate {
+                rules.push(RateRule { when, rate });
+            }
+        }
+        if !ok {
+            return (None, None);
+        }
+        (None, Some(RateSchedule { rules }))
     }
 
     /// An absolute path.
@@ -883,7 +999,10 @@ impl Cx<'_> {
             );
         }
         let every = self.value(&v.every, &k("every"), |s: &String| parse_every(s));
-        let max_rate = self.value(&v.max_rate, &k("max_rate"), |s: &String| parse_rate(s));
+        let (max_rate, max_rate_schedule) = match &v.max_rate {
+            Some(r) => self.max_rate(r, &k("max_rate")),
+            None => (None, None),
+        };
         let link_max_rate = self.value(&v.link_max_rate, &k("link_max_rate"), |s: &String| {
             parse_rate(s)
         });
@@ -892,7 +1011,7 @@ impl Cx<'_> {
                 parse_percent(s)
             });
         let resync_window = self.value(&v.resync_window, &k("resync_window"), |s: &String| {
-            crate::resync::Window::parse(s)
+            Calendar::parse(s)
                 .map(|_| s.clone())
                 .map_err(|e| BadValue::new(ProblemKind::BadValue, e.to_string()))
         });
@@ -938,6 +1057,7 @@ impl Cx<'_> {
             trust,
             every,
             max_rate,
+            max_rate_schedule,
             link_max_rate,
             resync_threshold_pct,
             resync_window,

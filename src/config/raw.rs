@@ -61,7 +61,9 @@ pub struct Vm {
     pub to: S,
     pub trust: Option<Vec<S>>,
     pub every: Option<S>,
-    pub max_rate: Option<S>,
+    /// A rate, or a list of `{ when, rate }` rules (checked by hand so
+    /// that each problem names its rule).
+    pub max_rate: Option<Spanned<toml::Value>>,
     pub link_max_rate: Option<S>,
     pub resync_threshold: Option<S>,
     pub resync_window: Option<S>,

@@ -285,3 +285,74 @@ fn a_vm_names_its_disks_or_its_libvirt_domain_not_both() {
     assert_eq!(p[0].kind, ProblemKind::BadValue);
     assert!(p[0].msg.contains("not both"), "{p:?}");
 }
+
+#[test]
+fn max_rate_may_be_a_schedule() {
+    let text = GOOD.replace(
+        "max_rate = \"10MB/s\"",
+        "max_rate = [\n  { when = \"mon..fri 08:00-18:00\", rate = \"10MB/s\" },\n  { rate = \"100MB/s\" },\n]",
+    );
+    let c = check(&text).unwrap();
+    let db = &c.vms[1];
+    assert_eq!(db.max_rate, None);
+    let s = db.rate_schedule();
+    assert!(s.is_timed());
+    // 2026-03-02 is a Monday.
+    let mon = |h| jiff::civil::date(2026, 3, 2).at(h, 0, 0, 0);
+    assert_eq!(s.rate_at(mon(9)), 10_000_000);
+    assert_eq!(s.rate_at(mon(19)), 100_000_000);
+    // A constant rate is a one-rule schedule.
+    assert_eq!(c.vms[0].rate_schedule().rate_at(mon(9)), 12_500_000);
+    assert!(!c.vms[0].rate_schedule().is_timed());
+}
+
+#[test]
+fn bad_rate_schedules_name_the_rule_and_key() {
+    let bad = |sched: &str| -> Vec<(ProblemKind, String, usize)> {
+        let text = GOOD.replace("max_rate = \"10MB/s\"", &format!("max_rate = {sched}"));
+        let line = text
+            .lines()
+            .position(|l| l.starts_with("max_rate = ["))
+            .map(|l| l + 1);
+        problems(&text)
+            .into_iter()
+            .map(|p| {
+                assert_eq!(Some(p.line), line, "{p}");
+                (p.kind, p.key, p.line)
+            })
+            .collect()
+    };
+    let keys = |v: Vec<(ProblemKind, String, usize)>| -> Vec<(ProblemKind, String)> {
+        v.into_iter().map(|(k, key, _)| (k, key)).collect()
+    };
+    assert_eq!(
+        keys(bad(
+            "[{ when = \"mon..fry 08:00-18:00\", rate = \"10MB/s\" }]"
+        )),
+        vec![(ProblemKind::BadValue, "vm[db].max_rate[0].when".to_string())]
+    );
+    assert_eq!(
+        keys(bad(
+            "[{ when = \"08:00-18:00\", rate = \"fast\" }, { rate = \"1MB/s\" }]"
+        )),
+        vec![(ProblemKind::BadRate, "vm[db].max_rate[0].rate".to_string())]
+    );
+    assert_eq!(
+        keys(bad(
+            "[{ rate = \"1MB/s\" }, { when = \"sat\", rate = \"2MB/s\" }]"
+        )),
+        vec![(ProblemKind::BadValue, "vm[db].max_rate[1]".to_string())]
+    );
+    assert_eq!(
+        keys(bad("[{ at = \"sat\", rate = \"2MB/s\" }]")),
+        vec![(ProblemKind::Schema, "vm[db].max_rate[0].at".to_string())]
+    );
+    assert_eq!(
+        keys(bad("[{ when = \"sat\" }]")),
+        vec![(ProblemKind::Schema, "vm[db].max_rate[0].rate".to_string())]
+    );
+    assert_eq!(
+        keys(bad("[]")),
+        vec![(ProblemKind::Schema, "vm[db].max_rate".to_string())]
+    );
+}

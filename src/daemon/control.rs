@@ -161,6 +161,10 @@ pub struct Response {
     /// What a verify found, per disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<Vec<crate::sender::VerifyDisk>>,
+    /// Bandwidth limit in force per protected VM (with its schedule), for
+    /// [`Request::Status`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rates: Option<std::collections::BTreeMap<String, super::reload::RateNow>>,
     /// What a [`Request::Reload`] changed, one line per VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reload: Option<Vec<String>>,

@@ -56,6 +56,9 @@ pub struct MountOptions {
     /// file), as `vdrep protect` would; one already protected with the
     /// same spec (resumed from the last run) is left running.
     pub protect: Vec<crate::sender::ProtectSpec>,
+    /// Bandwidth schedules of the configuration's VMs (by VM; those whose
+    /// rate depends on the time), followed by a ticker.
+    pub rate_schedules: std::collections::BTreeMap<String, crate::schedule::RateSchedule>,
     /// The configuration file SIGHUP and `vdrep reload` re-read (`None`:
     /// the default path).
     pub config: Option<PathBuf>,
@@ -484,12 +487,14 @@ fn serve_worker(
         };
     observe::start(dir, opts, &replicator)?;
     let configured = Arc::new(reload::Configured::new(opts.config.clone()));
+    configured.set_schedules(opts.rate_schedules.clone());
     {
         let tracker = tracker.clone();
         let dir = dir.to_path_buf();
         let rep = replicator.clone();
         let configured = configured.clone();
         let ctx = ctx.clone();
+        let keys = opts.keys.clone();
         crate::ipc::serve(
             listener,
             "vdrep-control",
@@ -500,7 +505,12 @@ fn serve_worker(
                     Response::err("the worker is handing over to a new one; retry in a moment")
                 }
                 Ok(req) => {
-                    let resp = handle(&req, &tracker, (&rep, &configured, &ctx), &dir);
+                    let resp = handle(
+                        &req,
+                        &tracker,
+                        (&rep, &configured, &ctx),
+                        (&dir, keys.as_deref()),
+                    );
                     observe::failover_event(&req, &resp, &rep);
                     resp
                 }
@@ -543,6 +553,8 @@ fn serve_worker(
         tracker.status().disks.len()
     );
     let report = configured.converge(&replicator, &opts.protect);
+    reload::spawn_rate_ticker(configured.clone(), replicator.clone())
+        .map_err(ioe(dir_static(), "cannot start the rate schedule thread"))?;
     let report: String = report.iter().map(|l| format!("{l}\n")).collect();
     notify(ready, &format!("ok\n{report}"));
     ctx.link.tell(crate::fuse::supervisor::WorkerMsg::Ready);
@@ -581,6 +593,19 @@ fn serve_worker(
     saved?;
     tracing::info!("tracking state saved; clean stop");
     Ok(())
+}
+
+/// Certificates of this site (`keys`) and trusted by its VMs that expire
+/// within 30 days (or are unreadable), for `vdrep status`.
+fn cert_warnings(rep: &crate::sender::Replicator, keys: Option<&Path>) -> Vec<String> {
+    use crate::transport::keys::{certs_in, expiry_warnings};
+    let mut certs: Vec<PathBuf> = keys.and_then(|k| certs_in(k).ok()).unwrap_or_default();
+    for v in rep.status() {
+        certs.extend(rep.spec(&v.vm).into_iter().flat_map(|s| s.trust));
+    }
+    certs.sort();
+    certs.dedup();
+    expiry_warnings(&certs, jiff::Timestamp::now())
 }
 
 /// The mount's one-line `STATUS=`: the folder, its disks and its VMs by state.
@@ -687,7 +712,7 @@ fn handle(
         &reload::Configured,
         &WorkerCtx,
     ),
-    dir: &Path,
+    (dir, keys): (&Path, Option<&Path>),
 ) -> Response {
     match req {
         Request::Restart => restart(tracker, ctx, dir),
@@ -713,6 +738,14 @@ fn handle(
             pid: Some(ctx.status.supervisor_pid),
             worker: Some(ctx.status.clone()),
             replication: Some(rep.status()),
+            rates: Some({
+                let now = jiff::Zoned::now();
+                rep.status()
+                    .iter()
+                    .filter_map(|v| Some((v.vm.clone(), configured.rate_now(rep, &v.vm, &now)?)))
+                    .collect()
+            }),
+            warnings: cert_warnings(rep, keys),
             ..Default::default()
         },
         Request::Protect { spec } => match rep.protect(spec.clone()) {

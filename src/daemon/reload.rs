@@ -5,14 +5,21 @@
 //! tracked), VMs whose settings changed (rate, schedule, trusted
 //! certificates, ...) are protected again with the new settings. A file
 //! with problems changes nothing.
+//!
+//! It also keeps the VMs' bandwidth schedules (`max_rate = [{ when, rate
+//! }, ...]`): a ticker thread ([`spawn_rate_ticker`]) wakes at each
+//! schedule boundary and re-rates the running VMs whose rate changed.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use parking_lot::Mutex;
+use jiff::Zoned;
+use parking_lot::{Condvar, Mutex};
 
 use crate::config::{self, Checks, ConfigError, Every, VmCfg};
+use crate::schedule::RateSchedule;
 use crate::sender::app_hook::{self as ah, AppHookSpec};
 use crate::sender::{ProtectSpec, Replicator};
 
@@ -75,7 +82,7 @@ pub fn protect_spec(vm: &VmCfg) -> Result<ProtectSpec, ReloadError> {
         trust,
         every_secs: secs(vm.every, DEFAULT_EVERY_SECS),
         disks: vm.disks_rel.clone(),
-        max_rate: vm.max_rate.unwrap_or(0),
+        max_rate: vm.rate_schedule().rate_now(),
         link_max_rate: vm.link_max_rate.unwrap_or(0),
         resync_threshold_pct: vm
             .resync_threshold_pct
@@ -97,12 +104,44 @@ pub fn specs_under(cfg: &config::Config, dir: &Path) -> Result<Vec<ProtectSpec>,
     cfg.vms_under(dir).into_iter().map(protect_spec).collect()
 }
 
+/// The bandwidth schedules (those that depend on the time) of the
+/// configuration's VMs under `dir`.
+pub fn schedules_under(cfg: &config::Config, dir: &Path) -> BTreeMap<String, RateSchedule> {
+    cfg.vms_under(dir)
+        .into_iter()
+        .map(|v| (v.name.clone(), v.rate_schedule()))
+        .filter(|(_, s)| s.is_timed())
+        .collect()
+}
+
+/// Longest sleep of the rate ticker: a clock step or a DST fold is
+/// noticed within this time even without a boundary.
+const MAX_TICK: Duration = Duration::from_secs(60);
+
+/// What `vdrep status --json` shows of a VM's bandwidth limit.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RateNow {
+    /// Bytes/s in force (0: unlimited).
+    pub max_rate: u64,
+    /// The schedule's rules as `WHEN=RATE` (`*` for a rule without
+    /// `when`), when the rate follows one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// When the schedule may change the rate next (Unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_change_unix: Option<i64>,
+}
+
 /// The configuration a mount follows and the VMs it protects because of it.
 pub struct Configured {
     /// The file (`--config`, or the default path).
     path: Option<PathBuf>,
     /// VMs protected from the file (not those of `vdrep protect`).
     managed: Mutex<BTreeSet<String>>,
+    /// Bandwidth schedules of the file's VMs, by VM.
+    schedules: Mutex<BTreeMap<String, RateSchedule>>,
+    /// Wakes the rate ticker when `schedules` changes.
+    changed: Condvar,
 }
 
 impl Configured {
@@ -110,7 +149,71 @@ impl Configured {
         Configured {
             path,
             managed: Mutex::new(BTreeSet::new()),
+            schedules: Mutex::new(BTreeMap::new()),
+            changed: Condvar::new(),
         }
+    }
+
+    /// Follow these bandwidth schedules from now on.
+    pub fn set_schedules(&self, s: BTreeMap<String, RateSchedule>) {
+        *self.schedules.lock() = s;
+        self.changed.notify_all();
+    }
+
+    /// Re-rate every protected VM whose schedule gives another rate at
+    /// `t` than the one it runs with; one line per change.
+    pub fn apply_rates(&self, rep: &Arc<Replicator>, t: jiff::civil::DateTime) -> Vec<String> {
+        let schedules = self.schedules.lock().clone();
+        let mut out = Vec::new();
+        for (vm, sched) in schedules {
+            let rate = sched.rate_at(t);
+            let Some(spec) = rep.spec(&vm).filter(|s| s.max_rate != rate) else {
+                continue;
+            };
+            let line = match rep.protect(ProtectSpec {
+                max_rate: rate,
+                ..spec
+            }) {
+                Ok(_) => format!("{vm}: max_rate now {} (schedule)", rate_text(rate)),
+                Err(e) => format!("{vm}: warning: cannot apply the scheduled rate: {e}"),
+            };
+            tracing::info!("{line}");
+            out.push(line);
+        }
+        out
+    }
+
+    /// The bandwidth limit of `vm` for `vdrep status` (`None`: not
+    /// protected).
+    pub fn rate_now(&self, rep: &Replicator, vm: &str, now: &Zoned) -> Option<RateNow> {
+        let spec = rep.spec(vm)?;
+        let sched = self.schedules.lock().get(vm).cloned();
+        Some(RateNow {
+            max_rate: spec.max_rate,
+            next_change_unix: sched
+                .as_ref()
+                .and_then(|s| s.next_change(now))
+                .map(|z| z.timestamp().as_second()),
+            schedule: sched.map(|s| schedule_text(&s)),
+        })
+    }
+
+    /// Sleep until the next boundary of any schedule (at most
+    /// [`MAX_TICK`]), or until the schedules change.
+    fn wait_boundary(&self) {
+        let now = Zoned::now();
+        let mut schedules = self.schedules.lock();
+        let next = schedules
+            .values()
+            .filter_map(|s| s.next_change(&now))
+            .min()
+            .map(|z| {
+                let ms = z.timestamp().as_millisecond() - now.timestamp().as_millisecond();
+                // A little past the boundary, so that it is behind us.
+                Duration::from_millis(ms.max(0) as u64 + 20)
+            });
+        let d = next.map_or(MAX_TICK, |d| d.min(MAX_TICK));
+        self.changed.wait_for(&mut schedules, d);
     }
 
     /// Protect every VM of `specs` not already protected with the same
@@ -174,8 +277,43 @@ impl Configured {
             .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
         let cfg = config::load(&path, Checks::Files)?;
         let specs = specs_under(&cfg, dir)?;
-        Ok(self.converge(rep, &specs))
+        let out = self.converge(rep, &specs);
+        self.set_schedules(schedules_under(&cfg, dir));
+        Ok(out)
     }
+}
+
+/// Start the thread that re-rates the VMs at their schedules' boundaries
+/// (for the life of the process).
+pub fn spawn_rate_ticker(cfg: Arc<Configured>, rep: Arc<Replicator>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("vdrep-rates".into())
+        .spawn(move || loop {
+            cfg.apply_rates(&rep, Zoned::now().datetime());
+            cfg.wait_boundary();
+        })
+        .map(|_| ())
+}
+
+/// `10.0 MB/s`, or `unlimited` for 0.
+fn rate_text(r: u64) -> String {
+    if r == 0 {
+        "unlimited".into()
+    } else {
+        format!("{}/s", bytesize::ByteSize(r).display().si())
+    }
+}
+
+/// A schedule as `WHEN = RATE | ...` (`*` for a rule without `when`).
+fn schedule_text(s: &RateSchedule) -> String {
+    s.rules
+        .iter()
+        .map(|r| {
+            let when = r.when.as_ref().map_or("*".to_string(), |c| c.to_string());
+            format!("{when} = {}", rate_text(r.rate))
+        })
+        .collect::<Vec<_>>()
+        .join(" | ")
 }
 
 /// Same protection settings.

@@ -1,18 +1,22 @@
 //! Recovery plans: VMs failed over in ordered groups, with optional
 //! scripts before and after each group (`vdrep plan failover PLAN`).
 //!
-//! A plan is a small text file:
+//! A plan is a TOML file (documented in `doc/CONFIG.md`, *Recovery plans*):
 //!
-//! ```text
-//! # comments and blank lines are ignored
-//! [group database]
-//! pre  = /etc/vdrep/stop-app.sh        # run with sh -c before the group
-//! vms  = db1 db2                        # failed over in this order
-//! post = /etc/vdrep/check-db.sh
+//! ```toml
+//! # groups run in file order
+//! [[group]]
+//! name = "database"
+//! pre  = "/etc/vdrep/stop-app.sh"       # run with sh -c before the group
+//! vms  = ["db1", "db2"]                 # failed over in this order
+//! post = "/etc/vdrep/check-db.sh"
 //!
-//! [group web]
-//! vms = web1 web2
+//! [[group]]
+//! name = "web"
+//! vms  = ["web1", "web2"]
 //! ```
+//!
+//! Unknown keys are refused; every problem names FILE:LINE: KEY.
 //!
 //! Groups run in file order. Scripts get `VDREP_PLAN_GROUP`,
 //! `VDREP_PLAN_VMS` and `VDREP_PLAN_MODE` in their environment. A failing
@@ -24,21 +28,43 @@
 //! function (the command line passes `vdrep failover VM --test` etc., run
 //! in this process).
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-/// Why a plan file was refused.
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Why a plan file was refused: FILE:LINE: KEY: what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PlanError {
-    /// A line does not parse.
-    #[error("line {line}: {msg}")]
-    Syntax { line: usize, msg: String },
+#[error("{}:{line}: {key}: {msg}", file.display())]
+pub struct PlanError {
+    pub file: PathBuf,
+    /// 1-based.
+    pub line: usize,
+    /// Dotted key, e.g. `group[1].vms` (empty for a TOML syntax error).
+    pub key: String,
+    pub kind: PlanErrorKind,
+    pub msg: String,
+}
+
+/// The kinds of [`PlanError`] callers decide on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanErrorKind {
+    /// Not TOML, an unknown key, a missing key or a value of the wrong
+    /// type (also: the old INI format).
+    Syntax,
     /// No group at all.
-    #[error("the plan has no `[group NAME]`")]
     Empty,
-    /// A group without VMs.
-    #[error("group {group:?} lists no VMs (`vms = ...`)")]
-    NoVms { group: String },
+    /// A value out of its allowed range (empty or duplicate group name,
+    /// no VMs, a VM name that is not one path component).
+    Invalid,
+}
+
+impl PlanError {
+    pub fn kind(&self) -> PlanErrorKind {
+        self.kind
+    }
 }
 
 /// One group of a plan.
@@ -50,75 +76,105 @@ pub struct Group {
     pub vms: Vec<String>,
 }
 
-/// Parse a plan file's text. Errors name the line.
-pub fn parse(text: &str) -> Result<Vec<Group>, PlanError> {
-    let syntax = |line: usize, msg: String| PlanError::Syntax { line, msg };
+/// The file as TOML gives it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlan {
+    #[serde(default)]
+    group: Vec<RawGroup>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroup {
+    name: Spanned<String>,
+    pre: Option<String>,
+    post: Option<String>,
+    vms: Spanned<Vec<Spanned<String>>>,
+}
+
+/// 1-based line of byte `offset` of `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Parse the text of the plan file `file`. Errors name FILE:LINE: KEY.
+pub fn parse(file: &Path, text: &str) -> Result<Vec<Group>, PlanError> {
+    let err = |offset: usize, key: String, kind, msg: String| PlanError {
+        file: file.to_path_buf(),
+        line: line_of(text, offset),
+        key,
+        kind,
+        msg,
+    };
+    let raw: RawPlan = toml::from_str(text).map_err(|e| {
+        let at = e.span().map_or(0, |s| s.start);
+        let old = text.lines().any(|l| l.trim_start().starts_with("[group "));
+        let msg = if old {
+            "plans are TOML now: write each group as [[group]] with name = \"NAME\", vms = [\"VM\", ...], and optional pre/post = \"CMD\"".to_string()
+        } else {
+            e.message().to_string()
+        };
+        err(at, String::new(), PlanErrorKind::Syntax, msg)
+    })?;
+    if raw.group.is_empty() {
+        return Err(err(
+            0,
+            "group".into(),
+            PlanErrorKind::Empty,
+            "the plan has no [[group]]".into(),
+        ));
+    }
     let mut groups: Vec<Group> = Vec::new();
-    for (i, raw) in text.lines().enumerate() {
-        let n = i + 1;
-        let line = match raw.find(" #").or_else(|| raw.starts_with('#').then_some(0)) {
-            Some(k) => &raw[..k],
-            None => raw,
+    for (i, g) in raw.group.into_iter().enumerate() {
+        let name = g.name.get_ref().trim();
+        let key = |k: &str| format!("group[{i}].{k}");
+        if name.is_empty() {
+            return Err(err(
+                g.name.span().start,
+                key("name"),
+                PlanErrorKind::Invalid,
+                "the group needs a name".into(),
+            ));
         }
-        .trim();
-        if line.is_empty() {
-            continue;
+        if groups.iter().any(|x| x.name == name) {
+            return Err(err(
+                g.name.span().start,
+                key("name"),
+                PlanErrorKind::Invalid,
+                format!("group {name:?} is defined twice"),
+            ));
         }
-        if let Some(h) = line.strip_prefix('[') {
-            let h = h
-                .strip_suffix(']')
-                .ok_or_else(|| syntax(n, "a section header ends with ']'".into()))?;
-            let name = h
-                .trim()
-                .strip_prefix("group")
-                .map(str::trim)
-                .ok_or_else(|| syntax(n, "sections are `[group NAME]`".into()))?;
-            if name.is_empty() {
-                return Err(syntax(n, "the group needs a name".into()));
-            }
-            if groups.iter().any(|g| g.name == name) {
-                return Err(syntax(n, format!("group {name:?} is defined twice")));
-            }
-            groups.push(Group {
-                name: name.to_string(),
-                ..Group::default()
-            });
-            continue;
+        if g.vms.get_ref().is_empty() {
+            return Err(err(
+                g.vms.span().start,
+                key("vms"),
+                PlanErrorKind::Invalid,
+                format!("group {name:?} lists no VMs: vms = [\"VM\", ...]"),
+            ));
         }
-        let (k, v) = line
-            .split_once('=')
-            .ok_or_else(|| syntax(n, "expected `key = value`".into()))?;
-        let g = groups
-            .last_mut()
-            .ok_or_else(|| syntax(n, format!("`{}` before any `[group NAME]`", k.trim())))?;
-        let v = v.trim();
-        match k.trim() {
-            "pre" => g.pre = Some(v.to_string()),
-            "post" => g.post = Some(v.to_string()),
-            "vms" => {
-                for vm in v.split_whitespace() {
-                    crate::wire::safe_component(vm)
-                        .map_err(|e| syntax(n, format!("VM name {vm:?}: {e}")))?;
-                    g.vms.push(vm.to_string());
-                }
-            }
-            other => {
-                return Err(syntax(
-                    n,
-                    format!("unknown key {other:?} (pre, post and vms are known)"),
-                ))
-            }
+        let mut vms = Vec::new();
+        for vm in g.vms.get_ref() {
+            crate::wire::safe_component(vm.get_ref()).map_err(|e| {
+                err(
+                    vm.span().start,
+                    key("vms"),
+                    PlanErrorKind::Invalid,
+                    format!("VM name {:?}: {e}", vm.get_ref()),
+                )
+            })?;
+            vms.push(vm.get_ref().clone());
         }
-    }
-    if groups.is_empty() {
-        return Err(PlanError::Empty);
-    }
-    for g in &groups {
-        if g.vms.is_empty() {
-            return Err(PlanError::NoVms {
-                group: g.name.clone(),
-            });
-        }
+        groups.push(Group {
+            name: name.to_string(),
+            pre: g.pre,
+            post: g.post,
+            vms,
+        });
     }
     Ok(groups)
 }
@@ -223,10 +279,14 @@ pub fn run(
 mod tests {
     use super::*;
 
+    fn p(text: &str) -> Result<Vec<Group>, PlanError> {
+        parse(Path::new("/etc/vdrep/dr.plan"), text)
+    }
+
     #[test]
     fn parses_groups_and_rejects_bad_plans() {
-        let g = parse(
-            "# plan\n[group db]\npre = echo hi # note\nvms = db1 db2\n\n[group web]\nvms = w1\npost=true\n",
+        let g = p(
+            "# plan\n[[group]]\nname = \"db\"\npre = \"echo hi\" # note\nvms = [\"db1\", \"db2\"]\n\n[[group]]\nname = \"web\"\nvms = [\"w1\"]\npost=\"true\"\n",
         )
         .unwrap();
         assert_eq!(g.len(), 2);
@@ -234,19 +294,45 @@ mod tests {
         assert_eq!(g[0].pre.as_deref(), Some("echo hi"));
         assert_eq!(g[0].vms, vec!["db1", "db2"]);
         assert_eq!(g[1].post.as_deref(), Some("true"));
-        for bad in [
-            "",
-            "vms = a",
-            "[group]\nvms = a",
-            "[group a]\n",
-            "[group a]\nvms = ../x",
-            "[group a]\nvms = a\n[group a]\nvms = b",
-            "[group a]\nfoo = 1\nvms = a",
-            "[group a\nvms = a",
-            "[grp a]\nvms = a",
-            "[group a]\nvms a",
+        use PlanErrorKind as K;
+        let g = "[[group]]\nname = \"a\"\n";
+        for (bad, kind, line, key) in [
+            ("", K::Empty, 1, "group"),
+            ("vms = [\"a\"]", K::Syntax, 1, ""),
+            ("[[group]]\nvms = [\"a\"]", K::Syntax, 1, ""),
+            (g, K::Syntax, 1, ""),
+            (
+                "[[group]]\nname = \" \"\nvms = [\"a\"]",
+                K::Invalid,
+                2,
+                "group[0].name",
+            ),
+            (&format!("{g}vms = []"), K::Invalid, 3, "group[0].vms"),
+            (
+                &format!("{g}vms = [\"a\",\n \"../x\"]"),
+                K::Invalid,
+                4,
+                "group[0].vms",
+            ),
+            (
+                &format!("{g}vms = [\"a\"]\n{g}vms = [\"b\"]"),
+                K::Invalid,
+                5,
+                "group[1].name",
+            ),
+            (&format!("{g}foo = 1\nvms = [\"a\"]"), K::Syntax, 3, ""),
+            (&format!("{g}vms = \"a b\""), K::Syntax, 3, ""),
+            ("[group a]\nvms = a", K::Syntax, 1, ""),
         ] {
-            assert!(parse(bad).is_err(), "accepted {bad:?}");
+            let e = p(bad).unwrap_err();
+            assert_eq!(
+                (e.kind(), e.line, e.key.as_str()),
+                (kind, line, key),
+                "{bad:?}: {e}"
+            );
+            assert_eq!(e.file, Path::new("/etc/vdrep/dr.plan"));
         }
+        let old = p("[group a]\nvms = a").unwrap_err();
+        assert!(old.msg.contains("[[group]]"), "{old}");
     }
 }

@@ -209,157 +209,18 @@ impl Progress {
     }
 }
 
-/// When automatic resyncs may run: a daily local-time span (`18:00-08:00`,
-/// may wrap midnight), optionally on every hour of weekends, or always.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Window {
-    /// Minutes after local midnight.
-    pub start_min: u16,
-    pub end_min: u16,
-    /// Saturdays and Sundays are inside the window all day.
-    pub weekends: bool,
-}
-
-impl Default for Window {
-    /// Outside office hours: 18:00-08:00 on weekdays, all day on weekends.
-    fn default() -> Self {
-        Window {
-            start_min: 18 * 60,
-            end_min: 8 * 60,
-            weekends: true,
-        }
-    }
-}
-
-impl std::fmt::Display for Window {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.start_min == self.end_min {
-            return write!(f, "always");
-        }
-        write!(
-            f,
-            "{:02}:{:02}-{:02}:{:02}{}",
-            self.start_min / 60,
-            self.start_min % 60,
-            self.end_min / 60,
-            self.end_min % 60,
-            if self.weekends { " and weekends" } else { "" }
-        )
-    }
-}
+/// When automatic resyncs may run: a [`crate::schedule::Calendar`] on
+/// local time (`mon..fri 22:00-06:00; sat,sun`, `always`, ...). The
+/// default is outside office hours: 18:00-08:00 and all weekend.
+pub type Window = crate::schedule::Calendar;
 
 /// Why a resync window is refused by [`Window::parse`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum WindowError {
-    #[error("{0:?} is not a window: use HH:MM-HH:MM (local time, may wrap midnight), add +weekends for all of Saturday and Sunday, or `always`")]
-    Syntax(String),
-    #[error("{0:?}: start and end are equal; say `always` for no restriction")]
-    Empty(String),
-}
-
-impl Window {
-    /// `always`, `HH:MM-HH:MM` (every day) or `HH:MM-HH:MM+weekends`.
-    /// `office` is the default (18:00-08:00 and weekends).
-    pub fn parse(s: &str) -> Result<Window, WindowError> {
-        let s = s.trim();
-        if s.eq_ignore_ascii_case("always") || s.eq_ignore_ascii_case("any") {
-            return Ok(Window {
-                start_min: 0,
-                end_min: 0,
-                weekends: true,
-            });
-        }
-        if s.eq_ignore_ascii_case("default") || s.eq_ignore_ascii_case("off-hours") {
-            return Ok(Window::default());
-        }
-        let (span, weekends) = match s.strip_suffix("+weekends") {
-            Some(x) => (x, true),
-            None => (s, false),
-        };
-        let bad = || WindowError::Syntax(s.to_string());
-        let (a, b) = span.split_once('-').ok_or_else(bad)?;
-        let hm = |t: &str| -> Option<u16> {
-            let (h, m) = t.trim().split_once(':')?;
-            let (h, m): (u16, u16) = (h.parse().ok()?, m.parse().ok()?);
-            (h < 24 && m < 60).then_some(h * 60 + m)
-        };
-        let (start_min, end_min) = (hm(a).ok_or_else(bad)?, hm(b).ok_or_else(bad)?);
-        if start_min == end_min {
-            return Err(WindowError::Empty(s.to_string()));
-        }
-        Ok(Window {
-            start_min,
-            end_min,
-            weekends,
-        })
-    }
-
-    /// Is local time (`minute` of the day, `weekday` 0 = Sunday) inside?
-    pub fn contains(&self, minute: u16, weekday: u8) -> bool {
-        if self.start_min == self.end_min {
-            return true;
-        }
-        if self.weekends && (weekday == 0 || weekday == 6) {
-            return true;
-        }
-        if self.start_min < self.end_min {
-            (self.start_min..self.end_min).contains(&minute)
-        } else {
-            minute >= self.start_min || minute < self.end_min
-        }
-    }
-
-    /// Inside the window now (local time)?
-    pub fn open_now(&self) -> bool {
-        let (m, wd) = local_minute_weekday();
-        self.contains(m, wd)
-    }
-}
-
-/// Local time: minute of the day and weekday (0 = Sunday).
-fn local_minute_weekday() -> (u16, u8) {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as libc::time_t)
-        .unwrap_or(0);
-    // SAFETY: `tm` is plain data, fully written by localtime_r on success.
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointers to a time_t and a tm.
-    let ok = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };
-    if !ok {
-        return (0, 0);
-    }
-    (
-        (tm.tm_hour * 60 + tm.tm_min).clamp(0, 1439) as u16,
-        tm.tm_wday.clamp(0, 6) as u8,
-    )
-}
+pub type WindowError = crate::schedule::CalendarError;
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
-
-    #[test]
-    fn windows() {
-        let w = Window::default();
-        assert!(w.contains(18 * 60, 3));
-        assert!(w.contains(2 * 60, 3));
-        assert!(!w.contains(8 * 60, 3));
-        assert!(!w.contains(12 * 60, 1));
-        assert!(w.contains(12 * 60, 6));
-        assert!(w.contains(12 * 60, 0));
-        let d = Window::parse("09:30-10:00").unwrap();
-        assert!(d.contains(9 * 60 + 30, 6) && !d.contains(10 * 60, 2));
-        assert!(Window::parse("always").unwrap().contains(700, 3));
-        assert!(Window::parse("25:00-01:00").is_err());
-        assert!(Window::parse("10:00-10:00").is_err());
-        assert_eq!(
-            Window::parse("18:00-08:00+weekends").unwrap(),
-            Window::default()
-        );
-        assert_eq!(Window::default().to_string(), "18:00-08:00 and weekends");
-    }
 
     #[test]
     fn digests_parallel_equal_serial() {

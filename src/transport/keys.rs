@@ -323,22 +323,6 @@ pub fn load_cert(path: &Path) -> Result<CertificateDer<'static>, TransportError>
     })
 }
 
-/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian
-/// calendar.
-fn civil_from_days(z: i64) -> (i32, u8, u8) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    (y as i32, m as u8, d as u8)
-}
-
 fn generate_pem(name: &str) -> Result<(String, String), TransportError> {
     let gen_err = TransportError::KeyGen;
     check_site_name(name).map_err(|e| gen_err(e.to_string()))?;
@@ -350,12 +334,12 @@ fn generate_pem(name: &str) -> Result<(String, String), TransportError> {
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, name);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
     // From yesterday (tolerates a peer clock a little behind) for 10 years.
-    let (y, m, d) = civil_from_days(now / 86_400 - 1);
+    let today = jiff::Timestamp::now()
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .date();
+    let from = today.yesterday().unwrap_or(today);
+    let (y, m, d) = (from.year() as i32, from.month() as u8, from.day() as u8);
     params.not_before = rcgen::date_time_ymd(y, m, d);
     params.not_after = rcgen::date_time_ymd(y + 10, m, d.min(28));
     let mut serial = [0u8; 16];
@@ -539,105 +523,150 @@ pub fn rotate(keydir: &Path, name: Option<&str>) -> Result<Rotation, TransportEr
     })
 }
 
-// ---------------------------------------------------------------------------
-// Minimal DER reading: just enough to find a certificate's subject CN for
-// messages. Never panics; gives up (None) on anything unexpected.
-
-fn der_tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let tag = *b.first()?;
-    if tag & 0x1f == 0x1f {
-        return None;
-    }
-    let l0 = *b.get(1)?;
-    let (len, hdr) = if l0 < 0x80 {
-        (l0 as usize, 2usize)
-    } else {
-        let n = (l0 & 0x7f) as usize;
-        if n == 0 || n > 4 {
-            return None;
+/// The subject common name of a DER certificate, with control characters
+/// escaped (safe to print). `None` if there is none or the DER does not
+/// parse.
+pub fn subject_cn(cert_der: &[u8]) -> Option<String> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(cert_der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    let s = match cn.as_str() {
+        Ok(s) => s.to_string(),
+        // BMPString (UTF-16) and other encodings: decoded loosely.
+        Err(_) => {
+            let v = cn.attr_value().data;
+            if cn.attr_value().tag() == x509_parser::der_parser::asn1_rs::Tag::BmpString {
+                let units: Vec<u16> = v
+                    .chunks_exact(2)
+                    .map(|c| u16::from_be_bytes([c[0], c[1]]))
+                    .collect();
+                String::from_utf16_lossy(&units)
+            } else {
+                String::from_utf8_lossy(v).into_owned()
+            }
         }
-        let mut len = 0usize;
-        for i in 0..n {
-            len = (len << 8) | *b.get(2 + i)? as usize;
-        }
-        (len, 2 + n)
     };
-    let end = hdr.checked_add(len)?;
-    let content = b.get(hdr..end)?;
-    Some((tag, content, b.get(end..)?))
+    let s: String = s.chars().take(128).collect();
+    Some(s.escape_debug().to_string())
 }
 
-/// The subject common name of a DER certificate, with control characters
-/// escaped (safe to print). `None` if there is none or the DER is odd.
-pub fn subject_cn(cert_der: &[u8]) -> Option<String> {
-    let (t, cert, _) = der_tlv(cert_der)?;
-    if t != 0x30 {
-        return None;
+/// A certificate expiring within this many days is reported (`vdrep keys
+/// show`).
+pub const EXPIRY_WARN_DAYS: i64 = 30;
+
+/// The certificates (`*.crt`) directly in an identity folder, sorted.
+pub fn certs_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "crt"))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// One warning per certificate of `certs` that is unreadable, expired or
+/// expires within [`EXPIRY_WARN_DAYS`] of `now` (for `vdrep status`).
+pub fn expiry_warnings(certs: &[PathBuf], now: jiff::Timestamp) -> Vec<String> {
+    certs
+        .iter()
+        .filter_map(|p| {
+            let v = load_cert(p).ok().and_then(|c| Validity::of_der(&c));
+            let Some(v) = v else {
+                return Some(format!("certificate {}: unreadable", p.display()));
+            };
+            let days = v.days_left(now);
+            (days < EXPIRY_WARN_DAYS).then(|| {
+                let when = v.not_after.strftime("%Y-%m-%d");
+                if days < 0 {
+                    format!("certificate {} EXPIRED on {when}", p.display())
+                } else {
+                    format!(
+                        "certificate {} expires on {when} (in {days} day(s)): rotate it (vdrep keys rotate) and update the peers",
+                        p.display()
+                    )
+                }
+            })
+        })
+        .collect()
+}
+
+/// When a certificate is valid, from its DER encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: jiff::Timestamp,
+    pub not_after: jiff::Timestamp,
+}
+
+impl Validity {
+    /// Parse the validity of a DER certificate (`None`: not a certificate).
+    pub fn of_der(cert_der: &[u8]) -> Option<Validity> {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let (_, cert) = X509Certificate::from_der(cert_der).ok()?;
+        let v = cert.validity();
+        let ts = |t: &x509_parser::time::ASN1Time| jiff::Timestamp::from_second(t.timestamp()).ok();
+        Some(Validity {
+            not_before: ts(&v.not_before)?,
+            not_after: ts(&v.not_after)?,
+        })
     }
-    let (t, tbs, _) = der_tlv(cert)?;
-    if t != 0x30 {
-        return None;
+
+    /// Whole days from `now` until it expires (negative: expired).
+    pub fn days_left(&self, now: jiff::Timestamp) -> i64 {
+        (self.not_after.as_second() - now.as_second()).div_euclid(86_400)
     }
-    let mut rest = tbs;
-    let (t, _, r) = der_tlv(rest)?;
-    if t == 0xa0 {
-        rest = r; // explicit version
-        let (_, _, r) = der_tlv(rest)?; // serial
-        rest = r;
-    } else {
-        rest = r; // that was the serial
+
+    /// Expired, or expires within [`EXPIRY_WARN_DAYS`] of `now`?
+    pub fn expires_soon(&self, now: jiff::Timestamp) -> bool {
+        self.days_left(now) < EXPIRY_WARN_DAYS
     }
-    for _ in 0..3 {
-        // signature algorithm, issuer, validity
-        let (_, _, r) = der_tlv(rest)?;
-        rest = r;
-    }
-    let (t, mut subject, _) = der_tlv(rest)?;
-    if t != 0x30 {
-        return None;
-    }
-    while !subject.is_empty() {
-        let (t, mut set, r) = der_tlv(subject)?;
-        subject = r;
-        if t != 0x31 {
-            return None;
-        }
-        while !set.is_empty() {
-            let (t, atv, r) = der_tlv(set)?;
-            set = r;
-            if t != 0x30 {
-                return None;
-            }
-            let (t, oid, r) = der_tlv(atv)?;
-            if t == 0x06 && oid == [0x55, 0x04, 0x03] {
-                let (vt, v, _) = der_tlv(r)?;
-                let s = match vt {
-                    0x1e => {
-                        let units: Vec<u16> = v
-                            .chunks_exact(2)
-                            .map(|c| u16::from_be_bytes([c[0], c[1]]))
-                            .collect();
-                        String::from_utf16_lossy(&units)
-                    }
-                    _ => String::from_utf8_lossy(v).into_owned(),
-                };
-                let s: String = s.chars().take(128).collect();
-                return Some(s.escape_debug().to_string());
-            }
-        }
-    }
-    None
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// A self-signed certificate for `cn` valid from `from` to `to`
+    /// (Unix seconds), made by rcgen.
+    fn cert_valid(cn: &str, from: i64, to: i64) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = rcgen::CertificateParams::new(vec![cn.to_string()]).unwrap();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        let t = |s: i64| {
+            let d = jiff::Timestamp::from_second(s)
+                .unwrap()
+                .to_zoned(jiff::tz::TimeZone::UTC)
+                .date();
+            rcgen::date_time_ymd(d.year() as i32, d.month() as u8, d.day() as u8)
+        };
+        p.not_before = t(from);
+        p.not_after = t(to);
+        p.self_signed(&key).unwrap().der().to_vec()
+    }
+
     #[test]
-    fn civil_dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    fn validity_and_expiry() {
+        let now = jiff::Timestamp::now();
+        let day = 86_400;
+        let id = Identity::generate("site-a").unwrap();
+        let v = Validity::of_der(&id.cert).unwrap();
+        assert!(v.not_before < now && v.not_before.as_second() > now.as_second() - 2 * day);
+        assert!((3650..=3653).contains(&v.days_left(now)), "{v:?}");
+        assert!(!v.expires_soon(now));
+        let n = now.as_second();
+        // Ten days left (rcgen dates are whole days: 9 or 10).
+        let soon = Validity::of_der(&cert_valid("soon", n - day, n + 10 * day)).unwrap();
+        assert!((9..=10).contains(&soon.days_left(now)), "{soon:?}");
+        assert!(soon.expires_soon(now));
+        let ok = Validity::of_der(&cert_valid("ok", n - day, n + 40 * day)).unwrap();
+        assert!(!ok.expires_soon(now));
+        let gone = Validity::of_der(&cert_valid("gone", n - 9 * day, n - 2 * day)).unwrap();
+        assert!(gone.days_left(now) < 0 && gone.expires_soon(now));
+        assert_eq!(
+            subject_cn(&cert_valid("dr-site", n, n + day)).as_deref(),
+            Some("dr-site")
+        );
+        assert_eq!(Validity::of_der(b"not a certificate"), None);
     }
 
     #[test]
