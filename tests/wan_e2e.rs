@@ -259,7 +259,9 @@ fn two_vms_keep_committing_points_while_a_third_copies() {
 /// hot VM's backlog grows (its pending bytes and lag show it) but nothing
 /// collapses: the quiet VM keeps committing points throughout (it is not
 /// starved), and when the churn stops the hot VM drains and both replicas
-/// equal their sources.
+/// equal their sources. The hot VM has an RPO alert of 3 s: while it is
+/// behind it shows Warning with the reason "RPO exceeded", and the alert
+/// clears once it has drained.
 #[test]
 fn churn_above_a_branch_link_rate_starves_no_vm_and_loses_nothing() {
     require_fuse!();
@@ -296,6 +298,8 @@ fn churn_above_a_branch_link_rate_starves_no_vm_and_loses_nothing() {
             &s("kb/site-b.crt"),
             "--every",
             "continuous",
+            "--rpo-alert",
+            "3s",
             &s(&format!("vm/{disk}")),
         ]);
         vdrep_ok(&["sync", vm, "--timeout", "120"]);
@@ -337,6 +341,7 @@ fn churn_above_a_branch_link_rate_starves_no_vm_and_loses_nothing() {
     let mut block = vec![0u8; 16 << 10];
     let started = Instant::now();
     let mut max_pending = 0u64;
+    let mut alerted = None;
     let rounds = 4u64;
     for round in 0..rounds {
         xorshift_fill(&mut block, 7000 + round);
@@ -345,6 +350,9 @@ fn churn_above_a_branch_link_rate_starves_no_vm_and_loses_nothing() {
         vdrep_ok(&["sync", "quiet", "--timeout", "60"]);
         let h = vm_status(&m, "hot");
         max_pending = max_pending.max(h["bytes_pending"].as_u64().unwrap_or(0));
+        if h["state"] == "Warning" && h["health"]["alert"] == "rpo_exceeded" {
+            alerted.get_or_insert(h.clone());
+        }
         println!(
             "quiet round {round}: synced in {:?} while hot has {} bytes pending, lag {}",
             t.elapsed(),
@@ -371,6 +379,10 @@ fn churn_above_a_branch_link_rate_starves_no_vm_and_loses_nothing() {
         max_pending > 1 << 20,
         "no backlog formed on the hot VM ({max_pending} bytes pending at most): the test did not test churn above the link rate"
     );
+    let alerted = alerted.unwrap_or_else(|| {
+        panic!("the hot VM fell behind but never showed Warning \"RPO exceeded\"")
+    });
+    println!("hot while behind: {alerted}");
     // The churn stopped: the hot VM drains and nothing is lost.
     let t = Instant::now();
     vdrep_ok(&["sync", "hot", "--timeout", "240"]);
@@ -378,7 +390,7 @@ fn churn_above_a_branch_link_rate_starves_no_vm_and_loses_nothing() {
     drop((hot, quiet));
     for (vm, disk) in [("hot", "hot"), ("quiet", "quiet")] {
         let st = vm_status(&m, vm);
-        assert_eq!(st["state"], "Normal", "{st}");
+        assert_eq!(st["state"], "Normal", "the alert did not clear: {st}");
         let replica = site.replica(vm, &format!("{disk}.vhd"));
         assert_replica_equals(&root.join(format!("vm/{disk}.img")), &replica);
     }
