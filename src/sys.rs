@@ -4,7 +4,7 @@
 //! Everything here works relative to a directory or inode descriptor, or via
 //! the `/proc/self/fd/N` magic link, never through a path below the
 //! mountpoint (which would re-enter our own FUSE mount and deadlock).
-//! [`proc_fd_path`] is the one place that spells `/proc/self/fd/N` paths;
+//! `proc_fd_path` is the one place that spells `/proc/self/fd/N` paths;
 //! [`crate::tracking`] uses these wrappers too (it runs below the mount).
 
 use std::alloc::{self, Layout};

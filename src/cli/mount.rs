@@ -8,7 +8,7 @@ use crate::daemon::control::{self, Request};
 use crate::daemon::{self, DaemonError, MountOptions};
 use crate::fs::FsOptions;
 use crate::ipc::{CallError, CallErrorKind};
-use crate::tracking::{DiskState, TrackConfig};
+use crate::tracking::{TrackConfig, TrackState};
 
 /// `vdrep mount DIR ...`: the flags over the configuration's `[[mount]]`
 /// entry for DIR and `[site] keys`; the file's VMs under DIR are protected
@@ -309,8 +309,8 @@ pub fn status(dir: Option<PathBuf>, json: bool) -> i32 {
         );
         for d in &st.disks {
             let (state, why) = match &d.state {
-                DiskState::Normal => ("Normal", None),
-                DiskState::ResyncRequired(w) => ("ResyncRequired", Some(w)),
+                TrackState::Normal => ("Normal", None),
+                TrackState::ResyncRequired(w) => ("ResyncRequired", Some(w)),
             };
             println!(
                 "{:<40} {:<16} {:>8} {:>12} {:>12}",

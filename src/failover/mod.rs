@@ -3,7 +3,7 @@
 //! receiver ([`crate::receiver::control`]) and the other site
 //! ([`crate::roles::admin_call`]).
 //!
-//! - [`test`]: test failover (a recovery point exposed as bootable VHD
+//! - [`test`](mod@test): test failover (a recovery point exposed as bootable VHD
 //!   files by the receiver's views, [`crate::testview`]), its cleanup, the
 //!   test VM's boot, and listing recovery points.
 //! - [`role_change`]: planned and unplanned failover, commit, cancel and

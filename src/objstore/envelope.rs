@@ -18,7 +18,7 @@
 //! 36  …  ciphertext, then the 16-byte GCM tag
 //! ```
 //!
-//! [`open`] checks in order: the header's shape (`NotEnvelope`,
+//! [`EncryptionKey::open`] checks in order: the header's shape (`NotEnvelope`,
 //! `UnsupportedVersion`, `TooLarge`), the key id (`WrongKey`: the object
 //! was sealed with another key), the tag (`Tampered`: a flipped byte, a
 //! swapped name or a truncated body), then the lz4 block. Nothing of the

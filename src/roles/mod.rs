@@ -584,7 +584,7 @@ pub struct Adoption {
     /// (path relative to `origin.dir`, disk id)
     pub disks: Vec<(String, [u8; 16])>,
     /// Set when the disks may differ from the other site's (see
-    /// [`crate::replica::DiskState::needs_resync`]).
+    /// [`crate::replica::ReplicaState`]`::needs_resync`).
     pub needs_resync: Option<String>,
     /// Where the files are now if not under `origin.dir` (moved out of a
     /// running mount that keeps serving other VMs): `staged/<file name>`.

@@ -40,9 +40,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, Notify};
 
-use crate::tracking::{
-    CutErrorKind, CutSelect, DiskState as TrackState, SealedCycle, SealedLog, Tracker,
-};
+use crate::tracking::{CutErrorKind, CutSelect, SealedCycle, SealedLog, TrackState, Tracker};
 use crate::transport::{self, keys::Identity, trust::TrustStore};
 use crate::util::now_ns;
 use crate::wire;

@@ -50,7 +50,7 @@ use crate::sys;
 use crate::util::{hex, now_ns, random_id};
 use bitmap::Bitmap;
 pub use sealed_log::SealedLog;
-pub use state::DiskState;
+pub use state::TrackState;
 use state::{DiskMeta, MountMeta, StateDir};
 
 /// Name of the state folder kept at the root of a tracked folder. The FS
@@ -181,7 +181,7 @@ pub struct CutReport {
 pub struct DiskStatus {
     pub name: String,
     pub id: String,
-    pub state: DiskState,
+    pub state: TrackState,
     pub cycle: u64,
     pub size: u64,
     pub block_size: u32,
@@ -332,8 +332,8 @@ impl Tracker {
             match state.read_json::<DiskMeta>(&rel) {
                 Ok(Some(m)) if m.detached => {}
                 Ok(Some(mut m)) => {
-                    if !previous_stop_clean && m.state == DiskState::Normal {
-                        m.state = DiskState::ResyncRequired(format!(
+                    if !previous_stop_clean && m.state == TrackState::Normal {
+                        m.state = TrackState::ResyncRequired(format!(
                             "the tracking daemon (pid {}) stopped uncleanly; its bitmap may be stale",
                             mm.as_ref().map_or(0, |m| m.pid)
                         ));
@@ -370,7 +370,7 @@ impl Tracker {
         };
         // Persist the resync-required marks right away.
         for m in t.known.lock().values() {
-            if m.state != DiskState::Normal {
+            if m.state != TrackState::Normal {
                 let _ = t
                     .state
                     .write_json(&PathBuf::from(format!("disks/{}/meta.json", m.folder)), m);
@@ -488,7 +488,7 @@ impl Tracker {
                         && m.shutdown_size == size
                         && m.shutdown_mtime_ns == md.mtime() * 1_000_000_000 + md.mtime_nsec();
                     if !unchanged {
-                        m.state = DiskState::ResyncRequired(
+                        m.state = TrackState::ResyncRequired(
                             "the disk changed while vdrep was not mounted".into(),
                         );
                     } else {
@@ -498,7 +498,7 @@ impl Tracker {
                         match raw.and_then(|b| state::decode_bitmap(&b, m.block_size)) {
                             Some((nbits, words)) => bm = Bitmap::from_words(nbits, &words),
                             None => {
-                                m.state = DiskState::ResyncRequired(
+                                m.state = TrackState::ResyncRequired(
                                     "the saved dirty bitmap is missing or damaged".into(),
                                 )
                             }
@@ -523,7 +523,7 @@ impl Tracker {
                     block_size: bs as u32,
                     cycle: cut_seq,
                     size,
-                    state: DiskState::Normal,
+                    state: TrackState::Normal,
                     ino: md.ino(),
                     shutdown_size: 0,
                     shutdown_mtime_ns: 0,
@@ -716,7 +716,7 @@ impl Tracker {
                     kind: Some(kind),
                 };
                 let resync = select.resync.iter().any(|r| r == name);
-                if let DiskState::ResyncRequired(why) = &meta.state {
+                if let TrackState::ResyncRequired(why) = &meta.state {
                     if !resync {
                         skipped.push(skip(
                             CutErrorKind::ResyncRequired,
@@ -836,7 +836,7 @@ impl Tracker {
             .swap(false, std::sync::atomic::Ordering::SeqCst);
         if !ok && was_resync {
             let mut m = d.meta.lock();
-            m.state = DiskState::ResyncRequired("an earlier full copy did not finish".into());
+            m.state = TrackState::ResyncRequired("an earlier full copy did not finish".into());
             let m = m.clone();
             let _ = self.save_meta(&m);
         }
@@ -854,10 +854,10 @@ impl Tracker {
             m.cycle = sc.header.cycle;
             m.size = sc.header.disk_size;
             if sc.resync {
-                if let DiskState::ResyncRequired(why) = &m.state {
+                if let TrackState::ResyncRequired(why) = &m.state {
                     tracing::info!(disk = %m.name, "resync done ({why} no longer applies)");
                 }
-                m.state = DiskState::Normal;
+                m.state = TrackState::Normal;
             }
             m.clone()
         };
@@ -1004,9 +1004,9 @@ impl Tracker {
                 if *from == 0 {
                     if let Some(d) = disks.get(name) {
                         let mut m = d.meta.lock();
-                        if let DiskState::ResyncRequired(why) = &m.state {
+                        if let TrackState::ResyncRequired(why) = &m.state {
                             tracing::info!(disk = %name, "full copy replaces the resync ({why})");
-                            m.state = DiskState::Normal;
+                            m.state = TrackState::Normal;
                             d.full_copy_pending
                                 .store(true, std::sync::atomic::Ordering::SeqCst);
                         }
@@ -1132,7 +1132,7 @@ impl Tracker {
         };
         let m = {
             let mut m = d.meta.lock();
-            m.state = DiskState::ResyncRequired(why.to_string());
+            m.state = TrackState::ResyncRequired(why.to_string());
             m.clone()
         };
         tracing::warn!(disk = %name, "resync required: {why}");
@@ -1443,7 +1443,7 @@ impl Tracker {
             block_size: bs as u32,
             cycle,
             size: md.len(),
-            state: DiskState::Normal,
+            state: TrackState::Normal,
             ino: md.ino(),
             shutdown_size: md.len(),
             shutdown_mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
@@ -1527,7 +1527,7 @@ impl Tracker {
     }
 
     /// Identity of a tracked disk (id, size, block size, state).
-    pub fn disk_info(&self, name: &str) -> Option<(String, u64, u32, DiskState)> {
+    pub fn disk_info(&self, name: &str) -> Option<(String, u64, u32, TrackState)> {
         let disks = self.disks.lock();
         let d = disks.get(name)?;
         let m = d.meta.lock();
@@ -1573,8 +1573,8 @@ impl Tracker {
     }
 
     /// Stop every change to tracked disks (writes, truncates, fallocates
-    /// wait), then save the state exactly as [`shutdown_clean`]
-    /// (Self::shutdown_clean) does, for a worker handover: the waiting
+    /// wait), then save the state exactly as [`shutdown_clean`](Self::shutdown_clean)
+    /// does, for a worker handover: the waiting
     /// changes are never applied by this process, the next worker applies
     /// them when the kernel resends them, and tracks them on top of the
     /// saved bitmaps. Changes stay stopped while the guard lives; the

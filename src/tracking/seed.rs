@@ -15,7 +15,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::state::{self, DiskMeta, MountMeta, StateDir};
-use super::{folder_name, hex, DiskState, STATE_DIR};
+use super::{folder_name, hex, TrackState, STATE_DIR};
 
 /// One disk to seed.
 #[derive(Debug, Clone)]
@@ -115,7 +115,7 @@ pub fn seed(dir: &Path, disks: &[SeedDisk]) -> Result<(), SeedError> {
             block_size: d.block_size,
             cycle: d.cycle,
             size: md.len(),
-            state: DiskState::Normal,
+            state: TrackState::Normal,
             ino: md.ino(),
             shutdown_size: md.len(),
             shutdown_mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 /// Whether a disk's tracked changes can be trusted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", content = "reason")]
-pub enum DiskState {
+pub enum TrackState {
     Normal,
     /// The bitmap or logs cannot be trusted; only a resync makes a replica
     /// equal again. The string says why.
@@ -50,7 +50,7 @@ pub struct DiskMeta {
     pub cycle: u64,
     /// Disk size at `cycle`.
     pub size: u64,
-    pub state: DiskState,
+    pub state: TrackState,
     /// Identity of the backing file at the last clean shutdown.
     pub ino: u64,
     pub shutdown_size: u64,

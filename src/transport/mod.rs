@@ -8,7 +8,7 @@
 //!   ([`peer_identity`]) and readable explanations of refusals
 //!   ([`explain_connection_error`]).
 //! - [`rate`]: the token bucket behind `--max-rate`.
-//! - [`cli`]: `vdrep keys init`.
+//! - the `vdrep keys` commands live in `crate::cli::keys` (the CLI imports this module, never the reverse).
 //!
 //! # Security properties
 //! TLS 1.3 only (ring provider), ALPN [`ALPN`] required on both sides, client
