@@ -25,6 +25,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO="$(pwd)"
+# The demo replicates to the embedded local store: no S3 engine needed.
+export VDREP_SKIP_PREREQS="${VDREP_SKIP_PREREQS:-garage}"
 # shellcheck source=scripts/lib.sh
 . "$REPO/scripts/lib.sh"
 

@@ -97,6 +97,11 @@ vdrep_install_garage() {
 
 vdrep_log() { printf '%s\n' "$*" >&2; }
 
+# Prerequisites a caller does not need, by name (space-separated): the demo
+# sets VDREP_SKIP_PREREQS=garage (it uses the embedded local store, and
+# building Garage takes ~10 minutes where ../shared/bin/garage is absent).
+_vdrep_skipped() { [[ " ${VDREP_SKIP_PREREQS:-} " == *" $1 "* ]]; }
+
 _vdrep_which() { # COMMAND -> its path, or nothing
     command -v "$1" 2>/dev/null && return 0
     local d
@@ -175,6 +180,7 @@ vdrep_prereq_report() {
     local line name pkg how v rc=0
     for line in "${VDREP_PREREQS[@]}"; do
         IFS='|' read -r name pkg how <<<"$line"
+        _vdrep_skipped "$name" && continue
         if v="$(_vdrep_prereq_version "$name" "$pkg" "$how")"; then
             printf '  %-20s %s\n' "$name" "$v"
         else
@@ -190,6 +196,7 @@ vdrep_missing_prereqs() {
     local line name pkg how
     for line in "${VDREP_PREREQS[@]}"; do
         IFS='|' read -r name pkg how <<<"$line"
+        _vdrep_skipped "$name" && continue
         _vdrep_prereq_version "$name" "$pkg" "$how" >/dev/null || echo "$pkg"
     done | sort -u
 }
@@ -254,7 +261,7 @@ vdrep_install_prereqs() {
         vdrep_log "apt-get install ${target[*]} ${VDREP_LIBVIRT_PACKAGES[*]} failed (libvirt must come from QEMU's suite: ${suite:-default})"
         return 1
     }
-    vdrep_install_garage || return 1
+    _vdrep_skipped garage || vdrep_install_garage || return 1
     # FUSE needs /dev/fuse; load the module if it is not built in.
     [[ -c /dev/fuse ]] || modprobe fuse 2>/dev/null || true
     local report
