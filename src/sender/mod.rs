@@ -211,6 +211,26 @@ enum Job {
     Verify(oneshot::Sender<Result<Vec<VerifyDisk>, SendError>>),
 }
 
+/// Push the kernel's cached writes of the mount at `dir` down to the
+/// daemon, so that every write(2) that returned before a cut is in it. A
+/// failure (a write-back error the kernel reports once) stops that cut: its
+/// point could miss writes the VM was told were written; the next try
+/// flushes again.
+pub(crate) fn flush_mount(dir: &std::path::Path) -> Result<(), crate::tracking::TrackError> {
+    let io = |source: std::io::Error| crate::tracking::TrackError::Io {
+        what: format!(
+            "flushing the cached writes of {} before the cut",
+            dir.display()
+        ),
+        source,
+        note:
+            " (a write-back error; the cut is retried; check the disks' file system and kernel log)"
+                .into(),
+    };
+    let d = std::fs::File::open(dir).map_err(io)?;
+    nix::unistd::syncfs(&d).map_err(|e| io(e.into()))
+}
+
 fn retry(e: impl std::fmt::Display) -> SendError {
     SendError::retry(e)
 }
@@ -1242,9 +1262,7 @@ impl Replicator {
             ..Default::default()
         };
         let sealed = tokio::task::spawn_blocking(move || {
-            if let Ok(d) = std::fs::File::open(&dir) {
-                let _ = nix::unistd::syncfs(&d);
-            }
+            flush_mount(&dir)?;
             tracker.seal(&sel)
         })
         .await
@@ -1331,17 +1349,17 @@ impl Replicator {
                     }
                 }
                 let frozen_at = std::time::Instant::now();
-                if let Ok(d) = std::fs::File::open(&dir) {
-                    let _ = nix::unistd::syncfs(&d);
-                }
-                // Bitmap-only disks are sealed too: this cycle ships all
-                // their changes at once.
-                for d in &spec.disks {
-                    tracker.enforce_log_limit(d);
-                }
-                let sealed = tracker.seal(&CutSelect {
-                    disks: Some(spec.disks.clone()),
-                    ..Default::default()
+                // A failed flush skips the cut (the guest is still thawed).
+                let sealed = flush_mount(&dir).and_then(|()| {
+                    // Bitmap-only disks are sealed too: this cycle ships
+                    // all their changes at once.
+                    for d in &spec.disks {
+                        tracker.enforce_log_limit(d);
+                    }
+                    tracker.seal(&CutSelect {
+                        disks: Some(spec.disks.clone()),
+                        ..Default::default()
+                    })
                 });
                 // Thaw whenever freeze was started, also when it failed
                 // (part of the guest may be frozen) or the cut failed.
@@ -1528,9 +1546,7 @@ impl Replicator {
         };
         let dir = self.mount_dir.clone();
         let sealed = tokio::task::spawn_blocking(move || {
-            if let Ok(d) = std::fs::File::open(&dir) {
-                let _ = nix::unistd::syncfs(&d);
-            }
+            flush_mount(&dir)?;
             tracker.seal_for_copy(&sel)
         })
         .await

@@ -266,9 +266,7 @@ impl super::Replicator {
             skip_bitmap_only: false,
         };
         let sealed = tokio::task::spawn_blocking(move || {
-            if let Ok(d) = std::fs::File::open(&dir) {
-                let _ = nix::unistd::syncfs(&d);
-            }
+            super::flush_mount(&dir)?;
             tracker.seal(&sel)
         })
         .await
