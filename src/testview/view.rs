@@ -39,11 +39,15 @@ pub struct ViewFile {
     reader: PointReader,
     /// Footer appended after the disk (raw sources kept as fixed VHDs).
     footer: Option<[u8; 512]>,
-    /// Length of the exposed file.
-    len: u64,
+    /// Length of the exposed file. A file without a footer (a qcow2 or
+    /// other growable image) grows when the test VM writes past its end,
+    /// as the image file would (qcow2 allocates clusters at the end); a
+    /// fixed VHD keeps its size.
+    len: AtomicU64,
     overlay: File,
-    /// One bit per [`OVERLAY_BLOCK`]: the block lives in `overlay`.
-    bits: Vec<AtomicU64>,
+    /// One bit per [`OVERLAY_BLOCK`]: the block lives in `overlay` (grows
+    /// with the file).
+    bits: parking_lot::RwLock<Vec<AtomicU64>>,
     /// Serialises writers (read-modify-write of partial blocks).
     wlock: parking_lot::Mutex<()>,
     /// Bytes of blocks written to the overlay.
@@ -66,9 +70,9 @@ impl ViewFile {
             name,
             reader,
             footer,
-            len,
+            len: AtomicU64::new(len),
             overlay,
-            bits: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            bits: parking_lot::RwLock::new((0..words).map(|_| AtomicU64::new(0)).collect()),
             wlock: parking_lot::Mutex::new(()),
             overlay_bytes: AtomicU64::new(0),
         })
@@ -76,12 +80,36 @@ impl ViewFile {
 
     /// Length of the exposed file.
     pub fn len(&self) -> u64 {
-        self.len
+        self.len.load(Ordering::Acquire)
     }
 
     /// True for an empty file.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
+    }
+
+    /// Can the file grow past the point's size (no VHD footer)?
+    fn growable(&self) -> bool {
+        self.footer.is_none()
+    }
+
+    /// Grow the file to `new_len` (a growable file only; never shrinks).
+    fn grow_to(&self, new_len: u64) -> io::Result<()> {
+        if new_len <= self.len() {
+            return Ok(());
+        }
+        if !self.growable() {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        let words = new_len.div_ceil(OVERLAY_BLOCK).div_ceil(64) as usize;
+        {
+            let mut bits = self.bits.write();
+            while bits.len() < words {
+                bits.push(AtomicU64::new(0));
+            }
+        }
+        self.len.fetch_max(new_len, Ordering::AcqRel);
+        Ok(())
     }
 
     /// Bytes the test VM wrote (whole blocks) so far.
@@ -90,12 +118,15 @@ impl ViewFile {
     }
 
     fn in_overlay(&self, block: u64) -> bool {
-        let w = &self.bits[(block / 64) as usize];
-        w.load(Ordering::Acquire) & (1 << (block % 64)) != 0
+        let bits = self.bits.read();
+        bits.get((block / 64) as usize)
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (block % 64)) != 0)
     }
 
     fn set_overlay(&self, block: u64) {
-        self.bits[(block / 64) as usize].fetch_or(1 << (block % 64), Ordering::Release);
+        if let Some(w) = self.bits.read().get((block / 64) as usize) {
+            w.fetch_or(1 << (block % 64), Ordering::Release);
+        }
     }
 
     /// The point's bytes (disk, then footer) without the overlay.
@@ -134,7 +165,7 @@ impl ViewFile {
 
     /// Read at `off` (clipped to the file; returns the bytes read).
     pub fn read(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
-        let n = self.len.saturating_sub(off).min(buf.len() as u64) as usize;
+        let n = self.len().saturating_sub(off).min(buf.len() as u64) as usize;
         let buf = &mut buf[..n];
         let end = off + n as u64;
         let mut pos = off;
@@ -157,19 +188,20 @@ impl ViewFile {
         Ok(n)
     }
 
-    /// Write `data` at `off` into the overlay (never past the end).
+    /// Write `data` at `off` into the overlay. Past the end, a growable
+    /// file grows; a fixed VHD answers `ENOSPC`.
     pub fn write(&self, data: &[u8], off: u64) -> io::Result<usize> {
         let end = off
             .checked_add(data.len() as u64)
-            .filter(|&e| e <= self.len)
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOSPC))?;
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
         if data.is_empty() {
             return Ok(0);
         }
         let _g = self.wlock.lock();
+        self.grow_to(end)?;
         let a = off / OVERLAY_BLOCK * OVERLAY_BLOCK;
         let z = end.div_ceil(OVERLAY_BLOCK) * OVERLAY_BLOCK;
-        let z = z.min(self.len);
+        let z = z.min(self.len());
         let mut buf = vec![0u8; (z - a) as usize];
         // Partial head and tail blocks: current content first.
         if off > a {
@@ -223,7 +255,7 @@ impl ViewFs {
             (FileType::Directory, 0o755, 0, 2)
         } else {
             let f = self.file(INodeNo(ino))?;
-            (FileType::RegularFile, 0o644, f.len, 1)
+            (FileType::RegularFile, 0o644, f.len(), 1)
         };
         Some(FileAttr {
             ino: INodeNo(ino),
@@ -310,10 +342,29 @@ impl Filesystem for ViewFs {
         let Some(a) = self.attr(ino.0) else {
             return reply.error(enoent());
         };
-        // The disks of a test failover keep their size; other attribute
-        // changes are accepted and not kept.
-        if size.is_some_and(|s| s != a.size) {
-            return reply.error(Errno::from_i32(libc::EPERM));
+        // The disks of a test failover never shrink; a growable image (no
+        // VHD footer) may grow. Other attribute changes are accepted and
+        // not kept.
+        if let Some(s) = size.filter(|&s| s != a.size) {
+            let grown = match self.file(ino) {
+                Some(f) if s > a.size => {
+                    let _g = f.wlock.lock();
+                    f.grow_to(s)
+                }
+                _ => Err(io::Error::from_raw_os_error(libc::EPERM)),
+            };
+            if let Err(e) = grown {
+                let errno = e.raw_os_error().unwrap_or(libc::EPERM);
+                return reply.error(Errno::from_i32(if errno == libc::ENOSPC {
+                    libc::EPERM
+                } else {
+                    errno
+                }));
+            }
+            match self.attr(ino.0) {
+                Some(a) => return reply.attr(&TTL, &a),
+                None => return reply.error(enoent()),
+            }
         }
         reply.attr(&TTL, &a);
     }
@@ -457,7 +508,7 @@ impl Filesystem for ViewFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let total: u64 = self.files.iter().map(|f| f.len.div_ceil(4096)).sum();
+        let total: u64 = self.files.iter().map(|f| f.len().div_ceil(4096)).sum();
         reply.statfs(total, 0, 0, self.files.len() as u64, 0, 4096, 255, 4096);
     }
 }
