@@ -245,6 +245,7 @@ fn messages() -> Vec<Msg> {
                 disk_id: DISK,
                 cycle: 4,
             }],
+            definition: Some("<domain type='kvm'><name>web1</name></domain>".into()),
         }),
         Msg::PointAck(PointAck {
             vm: name("web1"),

@@ -351,6 +351,7 @@ fn one_of_each() -> Vec<Msg> {
                 disk_id: id,
                 cycle: 4,
             }],
+            definition: Some("<domain><name>vm1</name></domain>".into()),
         }),
         Msg::PointAck(wire::PointAck {
             vm: "vm1".into(),

@@ -227,10 +227,11 @@ fn msg() -> impl Strategy<Value = Msg> {
             component(),
             any::<u64>(),
             any::<bool>(),
-            proptest::collection::btree_map(disk_id(), any::<u64>(), 1..20)
+            proptest::collection::btree_map(disk_id(), any::<u64>(), 1..20),
+            proptest::option::of("<domain>.{0,300}</domain>"),
         )
             .prop_map(
-                |(vm, cycle, app_consistent, m)| Msg::PointCommit(PointCommit {
+                |(vm, cycle, app_consistent, m, definition)| Msg::PointCommit(PointCommit {
                     vm,
                     cycle,
                     app_consistent,
@@ -238,6 +239,7 @@ fn msg() -> impl Strategy<Value = Msg> {
                         .into_iter()
                         .map(|(disk_id, cycle)| DiskCycle { disk_id, cycle })
                         .collect(),
+                    definition,
                 })
             ),
         (component(), any::<u64>()).prop_map(|(vm, cycle)| Msg::PointAck(PointAck { vm, cycle })),

@@ -247,6 +247,12 @@ impl Link {
         self.cut_ns.insert(cycle, cut_ns);
     }
 
+    /// The VM's domain definition as of the cut of `cycle`: its point
+    /// carries it to the receiver.
+    pub(super) fn note_definition(&mut self, cycle: u64, xml: String) {
+        self.session.note_definition(cycle, xml);
+    }
+
     /// Ship a sealed log (its `LogBegin` as `begin`); it is marked shipped
     /// once the receiver applied it.
     pub(super) fn submit_log(

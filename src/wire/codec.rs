@@ -239,6 +239,11 @@ fn encode_payload(msg: &Msg, o: &mut Vec<u8>) {
                 o.extend_from_slice(&d.disk_id);
                 put_u64(o, d.cycle);
             }
+            put_bool(o, p.definition.is_some());
+            if let Some(x) = &p.definition {
+                put_u32(o, x.len() as u32);
+                o.extend_from_slice(x.as_bytes());
+            }
         }
         Msg::PointAck(p) => {
             put_str(o, &p.vm);
@@ -346,6 +351,20 @@ impl<'a> Rd<'a> {
         match std::str::from_utf8(s) {
             Ok(s) => Ok(s.to_string()),
             Err(_) => Err(malformed(self.msg, format!("{what} is not valid UTF-8"))),
+        }
+    }
+    /// A domain definition: `u32 n | n bytes of UTF-8`, `n <= MAX_DEFINITION`.
+    fn definition(&mut self) -> Result<String, WireError> {
+        let n = self.u32("definition")? as usize;
+        if n > MAX_DEFINITION {
+            return Err(malformed(
+                self.msg,
+                format!("definition is {n} bytes long; at most {MAX_DEFINITION} are allowed"),
+            ));
+        }
+        match std::str::from_utf8(self.take(n, "definition")?) {
+            Ok(s) => Ok(s.to_string()),
+            Err(_) => Err(malformed(self.msg, "definition is not valid UTF-8")),
         }
     }
     fn data(&mut self, what: &str) -> Result<&'a [u8], WireError> {
@@ -553,11 +572,17 @@ pub(crate) fn decode_body(frame: &[u8]) -> Result<Msg, WireError> {
                     cycle: r.u64("disk cycle")?,
                 });
             }
+            let definition = if r.bool("has_definition")? {
+                Some(r.definition()?)
+            } else {
+                None
+            };
             Msg::PointCommit(PointCommit {
                 vm,
                 cycle,
                 app_consistent,
                 disks,
+                definition,
             })
         }
         MsgType::PointAck => Msg::PointAck(PointAck {
@@ -841,6 +866,15 @@ pub(crate) fn validate(msg: &Msg) -> Result<(), WireError> {
             if ids.windows(2).any(|w| w[0] == w[1]) {
                 return Err(malformed(name, "a disk is listed twice"));
             }
+            if let Some(x) = p.definition.as_ref().filter(|x| x.len() > MAX_DEFINITION) {
+                return Err(malformed(
+                    name,
+                    format!(
+                        "definition is {} bytes long; at most {MAX_DEFINITION} are allowed",
+                        x.len()
+                    ),
+                ));
+            }
         }
         Msg::PointAck(p) => {
             safe_component(&p.vm)?;
@@ -1021,6 +1055,46 @@ mod tests {
         let n = buf.len();
         buf[n - 1] = 2;
         assert!(decode(&buf).is_err());
+    }
+
+    #[test]
+    fn point_definition_round_trips_and_is_capped() {
+        let point = |definition: Option<String>| {
+            Msg::PointCommit(PointCommit {
+                vm: "web1".into(),
+                cycle: 7,
+                app_consistent: false,
+                disks: vec![DiskCycle {
+                    disk_id: id(4),
+                    cycle: 7,
+                }],
+                definition,
+            })
+        };
+        for def in [None, Some(String::new()), Some("<domain>é</domain>".into())] {
+            let m = point(def);
+            let mut buf = Vec::new();
+            encode(&m, &mut buf).unwrap();
+            assert_eq!(decode(&buf).unwrap().unwrap().0, m);
+        }
+        // Too large: refused by the encoder, and by the decoder from the
+        // length field (before it reads the bytes).
+        let big = point(Some("x".repeat(MAX_DEFINITION + 1)));
+        assert!(matches!(
+            encode(&big, &mut Vec::new()),
+            Err(WireError::Malformed { .. })
+        ));
+        let mut buf = Vec::new();
+        encode(&point(Some("ab".into())), &mut buf).unwrap();
+        let n = buf.len();
+        buf[n - 6..n - 2].copy_from_slice(&(MAX_DEFINITION as u32 + 1).to_le_bytes());
+        assert!(matches!(decode(&buf), Err(WireError::Malformed { .. })));
+        // Not UTF-8.
+        let mut buf = Vec::new();
+        encode(&point(Some("ab".into())), &mut buf).unwrap();
+        let n = buf.len();
+        buf[n - 1] = 0xff;
+        assert!(matches!(decode(&buf), Err(WireError::Malformed { .. })));
     }
 
     #[test]

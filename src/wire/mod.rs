@@ -37,7 +37,7 @@
 //! | 0x21 | [`LogChunk`] | `disk_id:id cycle:u64 offset_in_log:u64 checksum:u64 data:bytes` |
 //! | 0x22 | [`LogEnd`] | `disk_id:id cycle:u64 total_len:u64 log_checksum:u128` |
 //! | 0x23 | [`Ack`] | `disk_id:id cycle:u64 durable:bool applied:bool` |
-//! | 0x30 | [`PointCommit`] | `vm:str cycle:u64 app_consistent:bool n:u16 (disk_id:id cycle:u64)*n` |
+//! | 0x30 | [`PointCommit`] | `vm:str cycle:u64 app_consistent:bool n:u16 (disk_id:id cycle:u64)*n has_def:bool [definition:bytes]` |
 //! | 0x31 | [`PointAck`] | `vm:str cycle:u64` |
 //! | 0x40 | [`BlockHashReq`] | `disk_id:id replica_cycle:u64 block_size:u32 n:u32 (offset:u64 blocks:u32)*n` |
 //! | 0x41 | [`BlockHashes`] | `disk_id:id replica_cycle:u64 replica_size:u64 n:u32 (digest:u128)*n` |
@@ -74,8 +74,11 @@
 //!    `Ack { durable: true, applied: true }` once applied and fsynced. A log
 //!    for a cycle already applied is answered with `applied: true` at once
 //!    (resends after a crash are applied at most once).
-//! 5. `PointCommit { vm, cycle, app_consistent, disks }` once every disk of the VM has been
+//! 5. `PointCommit { vm, cycle, app_consistent, disks, definition }` once every disk of the VM has been
 //!    acknowledged at its cycle → `PointAck`: the recovery point exists.
+//!    `definition` (since protocol version 4) is the VM's libvirt domain
+//!    definition as of the cut (UTF-8 XML, at most [`MAX_DEFINITION`]
+//!    bytes), stored with the point; absent for a VM protected by disks.
 //! 6. Checksum resync and online verify (one stream per disk): the sender
 //!    sends `BlockHashReq`s (runs of `block_size` blocks, at most
 //!    [`MAX_HASHES`] blocks per request; several may be in flight) and the
@@ -118,7 +121,9 @@ pub use names::{safe_component, safe_name, MAX_COMPONENT, MAX_NAME};
 
 /// Protocol version spoken by this build (in `Hello`).
 /// 3: [`ErrorCode::ResyncRequired`] (a receiver's resync verdict by code).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// 4: [`PointCommit::definition`] (an older receiver would refuse the
+/// trailing bytes).
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Largest data payload of one chunk.
 pub const MAX_DATA: usize = 16 << 20;
 /// Largest value of a frame's length field (type byte + payload).
@@ -131,6 +136,8 @@ pub const MAX_ERROR_MESSAGE: usize = 4096;
 pub const MAX_SOFTWARE_VERSION: usize = 64;
 /// Most disks in one `PointCommit`.
 pub const MAX_POINT_DISKS: usize = 4096;
+/// Largest domain definition in a `PointCommit` (libvirt XML is 3-10 KiB).
+pub const MAX_DEFINITION: usize = 1 << 20;
 /// Largest administrative request or answer (JSON bytes).
 pub const MAX_ADMIN: usize = 60_000;
 /// Most blocks (digests) in one `BlockHashReq` / `BlockHashes`.
@@ -525,6 +532,9 @@ pub struct PointCommit {
     pub app_consistent: bool,
     /// Distinct disks, 1..=MAX_POINT_DISKS.
     pub disks: Vec<DiskCycle>,
+    /// The VM's libvirt domain definition as of the cut (XML, at most
+    /// [`MAX_DEFINITION`] bytes); `None` for a VM protected by its disks.
+    pub definition: Option<String>,
 }
 
 /// The recovery point is recorded durably.

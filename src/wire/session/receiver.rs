@@ -134,6 +134,9 @@ pub enum ReceiverAction {
         cycle: u64,
         app_consistent: bool,
         disks: Vec<DiskCycle>,
+        /// The VM's domain definition as of the cut, stored with the point
+        /// (before it is recorded).
+        definition: Option<String>,
     },
     /// Digest the requested blocks of the replica → [`StoreDone::Hashed`].
     HashBlocks {
@@ -581,6 +584,7 @@ impl Receiver {
                     cycle: p.cycle,
                     app_consistent: p.app_consistent,
                     disks: p.disks,
+                    definition: p.definition,
                 });
                 self.set(sid, RState::Await(op, Wait::Point { vm, cycle }));
                 Ok(())

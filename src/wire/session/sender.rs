@@ -208,6 +208,10 @@ pub struct Sender {
     reached: HashMap<DiskId, BTreeMap<u64, bool>>,
     last_point: u64,
     point_busy: bool,
+    /// Domain definitions by the cycle of the cut they were read at
+    /// ([`Sender::note_definition`]); a point carries the newest one at or
+    /// before its cycle.
+    definitions: BTreeMap<u64, String>,
     /// The receiver's `HelloOk`, once it answered.
     peer: Option<wire::HelloOk>,
     out: VecDeque<Output<SenderAction>>,
@@ -230,6 +234,7 @@ impl Sender {
             active: HashMap::new(),
             reached: HashMap::new(),
             point_busy: false,
+            definitions: BTreeMap::new(),
             peer: None,
             out: VecDeque::new(),
         };
@@ -294,6 +299,13 @@ impl Sender {
     /// The newest point committed (by this session or before it).
     pub fn last_point(&self) -> u64 {
         self.last_point
+    }
+
+    /// The VM's domain definition as of the cut of `cycle`: the point of
+    /// `cycle` (and of later cycles, until another is noted) carries it in
+    /// its `PointCommit`. Note it before the cycle's jobs are submitted.
+    pub fn note_definition(&mut self, cycle: u64, xml: String) {
+        self.definitions.insert(cycle, xml);
     }
 
     /// Queue a transfer; jobs of one disk run in order, one at a time.
@@ -1039,11 +1051,22 @@ impl Sender {
                 cycle,
             })
             .collect();
+        // The definition in force at this cut; older ones are not needed
+        // any more (points commit in cycle order).
+        let definition = self
+            .definitions
+            .range(..=cycle)
+            .next_back()
+            .map(|(c, x)| (*c, x.clone()));
+        if let Some((c, _)) = definition {
+            self.definitions = self.definitions.split_off(&c);
+        }
         let msg = Msg::PointCommit(PointCommit {
             vm: self.cfg.vm.clone(),
             cycle,
             app_consistent: app,
             disks,
+            definition: definition.map(|(_, x)| x),
         });
         let sid = self.open(SKind::Point(cycle, app));
         self.point_busy = true;

@@ -546,6 +546,7 @@ fn a_pair_copies_ships_a_log_and_commits_both_points() {
     let log = b"a sealed log".to_vec();
     let mut image = vec![0u8; 1 << 20];
     let mut written = Vec::new();
+    let mut defs = Vec::new();
     let mut store = |a: &ReceiverAction| -> Option<(OpId, StoreDone)> {
         match a {
             ReceiverAction::LoadDisk { op, .. } => {
@@ -563,7 +564,13 @@ fn a_pair_copies_ships_a_log_and_commits_both_points() {
                 Some((*op, StoreDone::LogStored(Ok(LogStored::Stored))))
             }
             ReceiverAction::ApplyLog { op, .. } => Some((*op, StoreDone::LogApplied(Ok(())))),
-            ReceiverAction::CommitPoint { op, .. } => {
+            ReceiverAction::CommitPoint {
+                op,
+                cycle,
+                definition,
+                ..
+            } => {
+                defs.push((*cycle, definition.clone()));
                 Some((*op, StoreDone::PointCommitted(Ok(true))))
             }
             _ => None,
@@ -598,6 +605,9 @@ fn a_pair_copies_ships_a_log_and_commits_both_points() {
     };
     let seen = pump(&mut s, &mut r, &mut store, &mut read);
     assert!(matches!(&seen[..], [SenderAction::Ready { states }] if states[0].replica_cycle == 0));
+    // The domain definition read at the copy's cut goes with its point,
+    // and with the next one (unchanged: not noted again).
+    s.note_definition(3, "<domain>v1</domain>".into());
     s.submit(Job::Initial(wire::InitialBegin {
         disk_id: ID,
         cycle: 3,
@@ -638,6 +648,8 @@ fn a_pair_copies_ships_a_log_and_commits_both_points() {
             },
         ]
     );
+    let v1 = Some("<domain>v1</domain>".to_string());
+    assert_eq!(defs, vec![(3, v1.clone()), (4, v1)]);
     assert_eq!(s.last_point(), 4);
     assert_eq!(written, vec![(4096, b"data".to_vec())]);
 }
