@@ -82,6 +82,30 @@ pub struct PointInfo {
     /// Exposed by a test failover (prune keeps it).
     #[serde(default)]
     pub pinned: bool,
+    /// The VM's libvirt domain definition as of the point (XML), if it
+    /// was protected as a domain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub definition: Option<String>,
+}
+
+impl PointInfo {
+    /// The points of `vm` at `site` (oldest first), pinned as `pins` say,
+    /// each with its domain definition.
+    pub fn list(
+        site: &replica::Site<'_>,
+        vm: &str,
+        pins: &[u64],
+    ) -> Result<Vec<PointInfo>, replica::StoreError> {
+        let mut out = Vec::new();
+        for p in site.points(vm)? {
+            out.push(PointInfo {
+                pinned: pins.contains(&p.cycle),
+                definition: site.definition(vm, p.cycle)?,
+                point: p,
+            });
+        }
+        Ok(out)
+    }
 }
 
 /// The receiver's answer.

@@ -92,28 +92,19 @@ impl Server {
                     Ok(s) => s,
                     Err(e) => return Response::err(e),
                 };
+                let pins = self.store.pins(&site, &vm);
                 let pts = self
                     .store
                     .site(&site)
-                    .and_then(|s| s.points(&vm))
+                    .and_then(|s| PointInfo::list(&s, &vm, &pins))
                     .map_err(|e| e.to_string());
                 match pts {
                     Err(e) => Response::err(e),
-                    Ok(pts) => {
-                        let pins = self.store.pins(&site, &vm);
-                        Response {
-                            points: Some(
-                                pts.into_iter()
-                                    .map(|p| PointInfo {
-                                        pinned: pins.contains(&p.cycle),
-                                        point: p,
-                                    })
-                                    .collect(),
-                            ),
-                            site: Some(site),
-                            ..Response::ok()
-                        }
-                    }
+                    Ok(pts) => Response {
+                        points: Some(pts),
+                        site: Some(site),
+                        ..Response::ok()
+                    },
                 }
             }
             Request::FailoverTest {

@@ -681,6 +681,7 @@ impl Conn {
                 cycle,
                 app_consistent,
                 disks,
+                definition,
             } => self.spawn(op, move |store, site| {
                 let ids: Vec<DiskId> = disks.iter().map(|d| d.disk_id).collect();
                 let consistency = if app_consistent {
@@ -688,6 +689,12 @@ impl Conn {
                 } else {
                     replica::Consistency::Crash
                 };
+                // The definition is durable before the point exists.
+                if let Some(x) = &definition {
+                    if let Err(e) = store.save_definition(site, &vm, cycle, x) {
+                        return StoreDone::PointCommitted(Err(failure(e)));
+                    }
+                }
                 let r = store.commit_point(site, &vm, cycle, &ids, consistency);
                 StoreDone::PointCommitted(r.map(|p| p.is_some()).map_err(failure))
             }),

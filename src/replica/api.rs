@@ -153,6 +153,10 @@ pub trait ReplicaStore: Send + Sync {
         disks: &[[u8; 16]],
         consistency: Consistency,
     ) -> Result<Option<Point>>;
+    /// Store `vm`'s domain definition as of the cut of `cycle`, before
+    /// the point of `cycle` is committed (unchanged text is not stored
+    /// again).
+    fn save_definition(&self, site: &str, vm: &str, cycle: u64, xml: &str) -> Result<()>;
     /// The points of `vm`, oldest first.
     fn points(&self, site: &str, vm: &str) -> Result<Vec<Point>>;
     /// One disk as of point `cycle`.
@@ -246,6 +250,9 @@ impl ReplicaStore for Store {
         consistency: Consistency,
     ) -> Result<Option<Point>> {
         self.with_site(site, |s| s.commit_point(vm, cycle, disks, consistency))
+    }
+    fn save_definition(&self, site: &str, vm: &str, cycle: u64, xml: &str) -> Result<()> {
+        self.with_site(site, |s| s.save_definition(vm, cycle, xml))
     }
     fn points(&self, site: &str, vm: &str) -> Result<Vec<Point>> {
         self.with_site(site, |s| s.points(vm))

@@ -390,6 +390,14 @@ impl ReplicaStore for FailStore {
             s.commit_point(site, vm, cycle, disks, consistency)
         })
     }
+    fn save_definition(&self, site: &str, vm: &str, cycle: u64, xml: &str) -> Result<()> {
+        // Not an injection point of its own: the commit that follows is.
+        let inner = self.state.lock().inner.clone();
+        match inner {
+            Some(s) => s.save_definition(site, vm, cycle, xml),
+            None => self.call(Op::CommitPoint, |s| s.save_definition(site, vm, cycle, xml)),
+        }
+    }
     fn points(&self, site: &str, vm: &str) -> Result<Vec<Point>> {
         self.call(Op::Points, |s| s.points(site, vm))
     }

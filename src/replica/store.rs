@@ -34,6 +34,8 @@ const STATE: &str = "state.json";
 const POINTS: &str = "points.json";
 const INCOMING: &str = "incoming";
 const UNDO: &str = "undo";
+/// A VM's domain definitions, one `CYCLE.xml` per point that has one.
+const DEFINITIONS: &str = "definitions";
 
 /// What the sender says about a disk when starting its initial copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -245,6 +247,16 @@ pub struct Site<'a> {
     store: &'a Store,
     name: String,
     dir: PathBuf,
+}
+
+/// The cycles of the definitions in `dir`, ascending.
+fn definition_cycles(dir: &Path) -> Vec<u64> {
+    let mut v: Vec<u64> = list_dir(dir)
+        .iter()
+        .filter_map(|n| n.strip_suffix(".xml")?.parse().ok())
+        .collect();
+    v.sort_unstable();
+    v
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -1737,6 +1749,69 @@ impl Site<'_> {
         Ok(Some(pt))
     }
 
+    /// Store `vm`'s domain definition as of the cut of `cycle`, durably,
+    /// before its point is committed ([`Site::commit_point`]). The same
+    /// text as the newest older definition is a hard link to it: an
+    /// unchanged definition costs no space per point.
+    pub fn save_definition(&self, vm: &str, cycle: u64, xml: &str) -> Result<()> {
+        let vmd = self.vm_dir(vm, false)?;
+        let ctx = self.ctx(vm, "");
+        let dir = ensure_dir(&ctx, &self.store.root, &vmd, DEFINITIONS, true)?;
+        let path = dir.join(format!("{cycle}.xml"));
+        let tmp = dir.join(format!(".{cycle}.xml.tmp"));
+        let _ = std::fs::remove_file(&tmp);
+        let prev = definition_cycles(&dir)
+            .into_iter()
+            .rev()
+            .find(|&c| c < cycle)
+            .map(|c| dir.join(format!("{c}.xml")));
+        let same = prev
+            .as_ref()
+            .is_some_and(|p| std::fs::read(p).is_ok_and(|b| b == xml.as_bytes()));
+        let res = (|| {
+            match prev.filter(|_| same) {
+                Some(p) => std::fs::hard_link(p, &tmp)?,
+                None => {
+                    let mut f = create_nofollow(&tmp)?;
+                    f.write_all(xml.as_bytes())?;
+                    f.sync_all()?;
+                }
+            }
+            std::fs::rename(&tmp, &path)?;
+            sync_dir(&dir)
+        })();
+        if let Err(e) = res {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(self.io(&ctx, "writing the domain definition", &path, e));
+        }
+        Ok(())
+    }
+
+    /// `vm`'s domain definition as of point `cycle` (`None`: the point has
+    /// none, e.g. a VM protected by its disks).
+    pub fn definition(&self, vm: &str, cycle: u64) -> Result<Option<String>> {
+        let vmd = self.vm_dir(vm, false)?;
+        let path = vmd.join(DEFINITIONS).join(format!("{cycle}.xml"));
+        match std::fs::read_to_string(&path) {
+            Ok(x) => Ok(Some(x)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io(&self.ctx(vm, ""), "reading the domain definition", &path, e)),
+        }
+    }
+
+    /// Delete the definitions of cycles below the newest point that are no
+    /// point (pruned, or never committed). Those above it may belong to a
+    /// point being committed.
+    fn drop_definitions(&self, vmd: &Path, points: &[u64]) {
+        let dir = vmd.join(DEFINITIONS);
+        let Some(&newest) = points.last() else { return };
+        for c in definition_cycles(&dir) {
+            if c < newest && !points.contains(&c) {
+                let _ = std::fs::remove_file(dir.join(format!("{c}.xml")));
+            }
+        }
+    }
+
     /// The recovery points of `vm`, oldest first, with the bytes of history
     /// each one costs.
     pub fn points(&self, vm: &str) -> Result<Vec<Point>> {
@@ -1905,6 +1980,7 @@ impl Site<'_> {
             self.write_json(&self.ctx(vm, ""), &vmd, POINTS, &pf)?;
         }
         let cycles: Vec<u64> = pf.points.iter().map(|p| p.cycle).collect();
+        self.drop_definitions(&vmd, &cycles);
         let (Some(&oldest), Some(&newest)) = (cycles.first(), cycles.last()) else {
             return Ok(report);
         };
