@@ -80,7 +80,7 @@ pub fn protect_disks(domain: &str) -> Result<(Vec<PathBuf>, Vec<String>), i32> {
 fn definition_from(a: &FailoverArgs, domain: &str) -> DefinitionFrom {
     match &a.definition {
         Some(f) => DefinitionFrom::File(f.clone()),
-        None => DefinitionFrom::Libvirt(domain.to_string()),
+        None => DefinitionFrom::Point(domain.to_string()),
     }
 }
 

@@ -550,6 +550,7 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
                 ),
                 app,
                 disks,
+                domain,
             )
         }
         Cmd::Unprotect { name, dir } => replication::unprotect(name, dir),

@@ -153,12 +153,12 @@ pub fn points(vm: &str, store: &Path, site: Option<String>, json: bool) -> i32 {
         return 0;
     }
     println!(
-        "{:<21} {:>10} {:>12} {:<12} {:<6} DISKS",
-        "TIME (UTC)", "ID", "CHANGED", "CONSISTENCY", "PINNED"
+        "{:<21} {:>10} {:>12} {:<12} {:<6} {:<5} DISKS",
+        "TIME (UTC)", "ID", "CHANGED", "CONSISTENCY", "PINNED", "DEF"
     );
     for p in &pts {
         println!(
-            "{:<21} {:>10} {:>12} {:<12} {:<6} {}",
+            "{:<21} {:>10} {:>12} {:<12} {:<6} {:<5} {}",
             format_utc(p.point.time_unix_ns),
             p.point.cycle,
             if p.point.bytes == 0 {
@@ -171,6 +171,7 @@ pub fn points(vm: &str, store: &Path, site: Option<String>, json: bool) -> i32 {
                 Consistency::App => "app",
             },
             if p.pinned { "yes" } else { "" },
+            if p.definition.is_some() { "yes" } else { "" },
             p.point.disks.len()
         );
     }

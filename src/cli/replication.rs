@@ -289,6 +289,7 @@ pub fn protect(
         app_timeout,
     }: AppHookArgs,
     disks: Vec<PathBuf>,
+    domain: Option<String>,
 ) -> i32 {
     let app_hook = match app_hook {
         None => None,
@@ -410,6 +411,7 @@ pub fn protect(
         resync_window: window,
         app_hook,
         rpo_alert_secs,
+        domain,
     };
     match control::call(&mount, &Request::Protect { spec }) {
         Err(e) => control_err(e),

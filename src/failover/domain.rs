@@ -8,9 +8,11 @@
 //! - an **unplanned failover** defines the domain itself (same UUID and
 //!   MACs) on the live disks, NICs remapped by a network map, and starts it.
 //!
-//! The definition comes from the caller: a file, or the local libvirt's
-//! definition of the domain. Every check that can refuse runs before
-//! anything changes.
+//! The definition is, by default, the one replicated with the chosen
+//! recovery point (the configuration the VM had at that cut); a file or the
+//! local libvirt's definition of the domain override it, and the local one
+//! is the fallback for a point that has none. Every check that can refuse
+//! runs before anything changes.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -29,16 +31,58 @@ pub const TEST_NETWORK: &str = "vdrep-isolated";
 /// Where a failover reads the domain's definition.
 #[derive(Debug, Clone)]
 pub enum DefinitionFrom {
+    /// The definition replicated with the chosen point; for a point without
+    /// one, the local libvirt's definition of this domain.
+    Point(String),
     /// The local libvirt's definition of this domain.
     Libvirt(String),
     /// A definition file (the XML of `virsh dumpxml`).
     File(PathBuf),
 }
 
+/// Read the definition for a failover of `vm` to point `sel`; with
+/// [`DefinitionFrom::Point`] the point is resolved here, and the returned
+/// selection names it by cycle so that the failover uses that very point.
+pub fn load_for(
+    virsh: &Virsh,
+    from: &DefinitionFrom,
+    store: &Path,
+    site: Option<String>,
+    vm: &str,
+    sel: PointSel,
+) -> Result<(Definition, PointSel)> {
+    let DefinitionFrom::Point(domain) = from else {
+        return Ok((load(virsh, from)?, sel));
+    };
+    let (_, mut pts) = testfo::points(store, site, vm)?;
+    pts.sort_by_key(|p| p.point.cycle);
+    let pick = match sel {
+        PointSel::Latest => pts.last(),
+        PointSel::Cycle { cycle } => pts.iter().find(|p| p.point.cycle == cycle),
+        PointSel::Time { unix_ns } => pts.iter().rev().find(|p| p.point.time_unix_ns <= unix_ns),
+    };
+    match pick {
+        Some(p) => {
+            let cycle = PointSel::Cycle {
+                cycle: p.point.cycle,
+            };
+            match &p.definition {
+                Some(x) => Ok((Definition::parse(x)?, cycle)),
+                None => Ok((
+                    load(virsh, &DefinitionFrom::Libvirt(domain.clone()))?,
+                    cycle,
+                )),
+            }
+        }
+        // No such point: the failover itself says so.
+        None => Ok((load(virsh, &DefinitionFrom::Libvirt(domain.clone()))?, sel)),
+    }
+}
+
 /// Read the definition.
 pub fn load(virsh: &Virsh, from: &DefinitionFrom) -> Result<Definition> {
     let xml = match from {
-        DefinitionFrom::Libvirt(d) => virsh.dumpxml(d)?,
+        DefinitionFrom::Point(d) | DefinitionFrom::Libvirt(d) => virsh.dumpxml(d)?,
         DefinitionFrom::File(p) => std::fs::read_to_string(p).map_err(|e| {
             FailoverError::Invalid(format!("reading the definition {}: {e}", p.display()))
         })?,
@@ -155,9 +199,9 @@ pub struct TestOptions<'a> {
 /// with every NIC on the isolated network, start it. Anything that fails
 /// after the expose is undone (the view and the copy are removed).
 pub fn test_failover(virsh: &Virsh, o: &TestOptions<'_>) -> Result<(ViewInfo, TestDomain)> {
-    let def = load(virsh, o.definition)?;
+    let (def, point) = load_for(virsh, o.definition, o.store, o.site.clone(), o.vm, o.point)?;
     check_no_test_copy(virsh, &def.name)?;
-    let view = testfo::expose(o.store, o.site.clone(), o.vm, o.point, o.at.clone())?;
+    let view = testfo::expose(o.store, o.site.clone(), o.vm, point, o.at.clone())?;
     match start_test_copy(virsh, &def, &view, o.network) {
         Ok(t) => Ok((view, t)),
         Err(e) => {
@@ -340,7 +384,21 @@ pub struct UnplannedOptions<'a> {
 /// define the domain on them (its own UUID and MACs, NICs mapped) and
 /// start it. The definition and the network map are checked first.
 pub fn unplanned(virsh: &Virsh, o: &UnplannedOptions<'_>) -> Result<(LiveInfo, String)> {
-    let def = load(virsh, o.definition)?;
+    let sel = o
+        .point
+        .map_or(PointSel::Latest, |cycle| PointSel::Cycle { cycle });
+    let (def, sel) = load_for(
+        virsh,
+        o.definition,
+        o.store,
+        o.site.map(str::to_string),
+        o.vm,
+        sel,
+    )?;
+    let point = match sel {
+        PointSel::Cycle { cycle } => Some(cycle),
+        _ => o.point,
+    };
     if virsh.domain_running(&def.name)? {
         return Err(FailoverError::Refused(format!(
             "domain {} is running at this site: it cannot be started here twice",
@@ -348,7 +406,7 @@ pub fn unplanned(virsh: &Virsh, o: &UnplannedOptions<'_>) -> Result<(LiveInfo, S
         )));
     }
     let nics = plan_nics(virsh, &def, o.network_map)?;
-    let live = role_change::unplanned(o.store, o.site, o.vm, o.point)?;
+    let live = role_change::unplanned(o.store, o.site, o.vm, point)?;
     let started = (|| -> Result<String> {
         let files: Vec<(String, PathBuf)> = live
             .disks

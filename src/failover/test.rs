@@ -20,7 +20,7 @@ fn points_offline(
     store: &Path,
     site: Option<String>,
     vm: &str,
-) -> Result<(String, Vec<Point>), FailoverError> {
+) -> Result<(String, Vec<PointInfo>), FailoverError> {
     crate::replica::validate_name("vm", vm).map_err(|e| FailoverError::Store(e.to_string()))?;
     let sites = store.join("sites");
     let site = match site {
@@ -96,6 +96,17 @@ fn points_offline(
             }
         }
     }
+    let pts = pts
+        .into_iter()
+        .map(|point| PointInfo {
+            pinned: false,
+            definition: std::fs::read_to_string(
+                vmd.join("definitions").join(format!("{}.xml", point.cycle)),
+            )
+            .ok(),
+            point,
+        })
+        .collect();
     Ok((site, pts))
 }
 
@@ -113,17 +124,7 @@ pub fn points(
     };
     match control::call_ok(store, &req) {
         Ok(r) => Ok((r.site.unwrap_or_default(), r.points.unwrap_or_default())),
-        Err(e) if e.kind() == CallErrorKind::NotRunning => {
-            let (s, p) = points_offline(store, site, vm)?;
-            let p = p
-                .into_iter()
-                .map(|point| PointInfo {
-                    point,
-                    pinned: false,
-                })
-                .collect();
-            Ok((s, p))
-        }
+        Err(e) if e.kind() == CallErrorKind::NotRunning => points_offline(store, site, vm),
         Err(e) => Err(e.into()),
     }
 }

@@ -559,6 +559,9 @@ fn protect_live(
         // The primary's quiesce command need not work at this site.
         app_hook: None,
         rpo_alert_secs: 0,
+        // The domain, if any, is defined at this site by the failover; its
+        // disks are the live files protected here.
+        domain: None,
     };
     let r = mount_ctl::call(&live.dir, &mount_ctl::Request::Protect { spec })?;
     if !r.ok {

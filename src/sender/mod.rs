@@ -101,6 +101,12 @@ pub struct ProtectSpec {
     /// (0: no alert; [`alert`]).
     #[serde(default)]
     pub rpo_alert_secs: u64,
+    /// The libvirt domain whose disk files `disks` are (`protect
+    /// --domain`): its definition (`virsh dumpxml --inactive`) is read at
+    /// every cut and replicated with the point; a changed set of disk files
+    /// is picked up at the next cut ([`domain_disks`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
 }
 
 impl ProtectSpec {
@@ -285,6 +291,12 @@ struct Vm {
     /// connections before it.
     conn: Mutex<Option<quinn::Connection>>,
     udp_sent_before: std::sync::atomic::AtomicU64,
+    /// Domain definitions by cut cycle not yet known committed (the newest
+    /// one stays: it holds for the next cuts too); given to every session.
+    definitions: Mutex<std::collections::BTreeMap<u64, String>>,
+    /// The domain's disk files changed: the worker restarts with this spec
+    /// (added disks get their initial copy, removed ones stop).
+    respec: Mutex<Option<ProtectSpec>>,
 }
 
 impl Vm {
@@ -505,20 +517,48 @@ impl Replicator {
                 need >> 20
             ));
         }
-        let path = self.tracker.state_file(PROTECT_DIR);
-        std::fs::create_dir_all(&path)
-            .map_err(|e| SendError::fatal(format!("{}: {e}", path.display())))?;
-        let b = serde_json::to_vec_pretty(&spec).map_err(|e| SendError::fatal(e.to_string()))?;
-        let f = path.join(format!("{}.json", spec.vm));
-        let tmp = path.join(format!(".{}.json.tmp", spec.vm));
-        std::fs::write(&tmp, b)
-            .and_then(|_| std::fs::rename(&tmp, &f))
-            .map_err(|e| SendError::fatal(format!("saving {}: {e}", f.display())))?;
+        self.save_spec(&spec)?;
         self.start(spec);
         for w in &warnings {
             tracing::warn!(vm = %spec_name, "{w}");
         }
         Ok(warnings)
+    }
+
+    /// Persist a protection (restarts protect it again).
+    fn save_spec(&self, spec: &ProtectSpec) -> Result<(), SendError> {
+        let path = self.tracker.state_file(PROTECT_DIR);
+        std::fs::create_dir_all(&path)
+            .map_err(|e| SendError::fatal(format!("{}: {e}", path.display())))?;
+        let b = serde_json::to_vec_pretty(spec).map_err(|e| SendError::fatal(e.to_string()))?;
+        let f = path.join(format!("{}.json", spec.vm));
+        let tmp = path.join(format!(".{}.json.tmp", spec.vm));
+        std::fs::write(&tmp, b)
+            .and_then(|_| std::fs::rename(&tmp, &f))
+            .map_err(|e| SendError::fatal(format!("saving {}: {e}", f.display())))
+    }
+
+    /// The domain of `old` now has the disk files of `spec`: persist it and
+    /// restart the VM's worker on them, handing over waiting `vdrep sync`s
+    /// and the definitions not yet committed.
+    fn respec(self: &Arc<Self>, old: &Arc<Vm>, spec: ProtectSpec) {
+        if let Err(e) = self.save_spec(&spec) {
+            tracing::error!(vm = %spec.vm, "{e}: the new disk set holds until the mount restarts");
+        }
+        for d in old.spec.disks.iter().filter(|d| !spec.disks.contains(d)) {
+            // No longer shipped: its replica stays until retention drops
+            // the points that hold it.
+            self.tracker.set_log_limit(d, None);
+            self.tracker.discard_logs(d, None);
+        }
+        let name = spec.vm.clone();
+        self.start(spec);
+        if let Some(new) = self.vms.lock().get(&name).cloned() {
+            new.waiters.lock().extend(old.waiters.lock().drain(..));
+            *new.definitions.lock() = std::mem::take(&mut *old.definitions.lock());
+            new.status.lock().last_point = old.status.lock().last_point;
+            new.wake.notify_one();
+        }
     }
 
     /// Cut of each disk's interrupted whole-disk copy, kept across restarts:
@@ -613,6 +653,8 @@ impl Replicator {
             last_app_try: Mutex::new(None),
             conn: Mutex::new(None),
             udp_sent_before: std::sync::atomic::AtomicU64::new(0),
+            definitions: Mutex::new(Default::default()),
+            respec: Mutex::new(None),
         });
         for d in &vm.spec.disks {
             let limit = self
@@ -863,6 +905,12 @@ impl Replicator {
             if vm.stop.load(std::sync::atomic::Ordering::SeqCst) {
                 return;
             }
+            let respec = vm.respec.lock().take();
+            if let Some(spec) = respec {
+                tracing::info!(vm = %vm.spec.vm, disks = ?spec.disks, "the domain's disk files changed: replicating the new set");
+                self.respec(&vm, spec);
+                return;
+            }
             let Err(e) = r else { return };
             vm.status.lock().health.count_error(e.kind());
             // A session that reached steady state (Normal) ends an outage:
@@ -1069,12 +1117,23 @@ impl Replicator {
         // whose `PointAck` was lost (idempotent at the receiver).
         let mut link = Link::new(conn, ep, cfg, Some(vm.clone()), shaper);
         let link = &mut link;
+        for (c, x) in vm.definitions.lock().iter() {
+            link.note_definition(*c, x.clone());
+        }
         let mut replica = Self::by_name(vm, link.ready().await?);
         // No complete replica (or a copy under way): initial copy.
         let need_initial = replica.values().any(|ds| ds.replica_cycle == 0);
         if need_initial {
             vm.status.lock().state = VmState::InitialReplication;
-            self.initial_copy(vm, link, &replica).await?;
+            // Disks with a replica that continues by logs (a disk added to
+            // the domain) keep it: only the new ones are copied whole.
+            let have: HashMap<String, wire::DiskState> = replica
+                .iter()
+                .filter(|(_, ds)| ds.replica_cycle != 0)
+                .map(|(d, ds)| (d.clone(), ds.clone()))
+                .collect();
+            let keep = !have.is_empty() && self.resync_reasons(vm, &have).is_empty();
+            self.initial_copy(vm, link, &replica, keep).await?;
         } else {
             let mut resynced = false;
             let mut reasons = self.resync_reasons(vm, &replica);
@@ -1151,6 +1210,10 @@ impl Replicator {
         loop {
             if vm.stop.load(std::sync::atomic::Ordering::SeqCst) {
                 link.close(b"unprotected");
+                return Ok(());
+            }
+            if vm.respec.lock().is_some() {
+                link.close(b"the domain's disks changed");
                 return Ok(());
             }
             if self.run_jobs(vm, link).await? {
@@ -1405,8 +1468,59 @@ impl Replicator {
                 )));
             }
         }
+        if let Some(cycle) = entries.iter().find(|e| e.log.is_some()).map(|e| e.cycle) {
+            self.note_domain(vm, link, cycle).await;
+        }
         let replica: HashMap<String, wire::DiskState> = HashMap::new();
-        self.ship_pending(vm, link, &replica).await
+        self.ship_pending(vm, link, &replica).await?;
+        // Committed: only the newest definition is still needed.
+        let mut defs = vm.definitions.lock();
+        if let Some(&newest) = defs.keys().next_back() {
+            *defs = defs.split_off(&newest);
+        }
+        Ok(())
+    }
+
+    /// A domain-protected VM: read the domain's definition as of the cut
+    /// of `cycle` (after the seal, so off the guest's freeze) for the
+    /// cycle's point. If its disk files are no longer the protected ones,
+    /// the point keeps the previous definition and the worker restarts on
+    /// the new set after this cycle ([`Vm::respec`]).
+    async fn note_domain(&self, vm: &Arc<Vm>, link: &mut Link, cycle: u64) {
+        let Some(domain) = vm.spec.domain.clone() else {
+            return;
+        };
+        let dir = self.mount_dir.clone();
+        let now = tokio::task::spawn_blocking(move || domain_disks(&dir, &domain)).await;
+        let (xml, disks) = match now {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                tracing::warn!(vm = %vm.spec.vm, "point {cycle} has no domain definition: {e}");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(vm = %vm.spec.vm, "point {cycle} has no domain definition: {e}");
+                return;
+            }
+        };
+        let mut want = disks.clone();
+        want.sort();
+        let mut have = vm.spec.disks.clone();
+        have.sort();
+        if want == have {
+            vm.definitions.lock().insert(cycle, xml.clone());
+            link.note_definition(cycle, xml);
+            return;
+        }
+        let tracked = self.tracker.disk_names();
+        if let Some(d) = disks.iter().find(|d| !tracked.contains(d)) {
+            tracing::warn!(vm = %vm.spec.vm, "domain {} has a new disk {d} that is not a tracked disk file (tracked: *.vhd *.vhdx *.img *.raw *.qcow2): the disks and definition stay as they were", vm.spec.domain.as_deref().unwrap_or_default());
+            return;
+        }
+        *vm.respec.lock() = Some(ProtectSpec {
+            disks,
+            ..vm.spec.clone()
+        });
     }
 
     /// Ship every sealed log of the VM's disks, oldest cycle first (the
@@ -1517,11 +1631,16 @@ impl Replicator {
     /// streamed disk after disk; resumes an interrupted copy of the same
     /// cycle range from the receiver's `resume_offset`. The session commits
     /// the point once the last disk is applied.
+    ///
+    /// With `keep`, the disks that have a replica are cut with the others
+    /// but continue by a log of the same cycle: only the disks without one
+    /// (added to the domain) are copied whole.
     async fn initial_copy(
         &self,
         vm: &Arc<Vm>,
         link: &mut Link,
         replica: &HashMap<String, wire::DiskState>,
+        keep: bool,
     ) -> Result<(), SendError> {
         let spec = &vm.spec;
         let mut full_from = HashMap::new();
@@ -1531,6 +1650,9 @@ impl Replicator {
                 let ds = replica.get(d).ok_or_else(|| {
                     SendError::fatal(format!("{d} was not opened at the receiver"))
                 })?;
+                if keep && ds.replica_cycle != 0 {
+                    continue;
+                }
                 let resume = match cc.get(d) {
                     Some(c) if *c == ds.copy_cycle && ds.copy_cycle != 0 => ds.resume_offset,
                     _ => 0,
@@ -1561,12 +1683,33 @@ impl Replicator {
         }
         let cycle = sealed.cycle;
         link.note_cut(cycle, sealed.cut_unix_ns);
+        self.note_domain(vm, link, cycle).await;
+        // Disks that keep their replica: a log of this cycle, shipped below.
+        let (copies, logs): (Vec<SealedCycle>, Vec<SealedCycle>) = sealed
+            .cycles
+            .into_iter()
+            .partition(|sc| full_from.contains_key(&sc.header.disk_name));
+        let t = self.tracker.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            logs.into_iter()
+                .map(|sc| t.write_log(sc))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| retry(format!("writing logs failed: {e}")))?;
+        if let Some(e) = written.iter().find(|e| e.log.is_none()) {
+            return Err(retry(format!(
+                "{}: {}",
+                e.disk,
+                e.error.clone().unwrap_or_default()
+            )));
+        }
         {
             let mut s = vm.status.lock();
-            s.initial_total = sealed.cycles.iter().map(|c| c.dirty_bytes()).sum();
+            s.initial_total = copies.iter().map(|c| c.dirty_bytes()).sum();
             s.initial_done = 0;
         }
-        let mut cycles = sealed.cycles.into_iter();
+        let mut cycles = copies.into_iter();
         while let Some(sc) = cycles.next() {
             let name = sc.header.disk_name.clone();
             vm.copy_cycle.lock().insert(name.clone(), cycle);
@@ -1592,8 +1735,11 @@ impl Replicator {
             self.save_copy_cycles(vm);
         }
         // Old logs are superseded by the copy.
-        for d in &spec.disks {
+        for d in spec.disks.iter().filter(|d| full_from.contains_key(*d)) {
             self.tracker.discard_logs(d, Some(cycle));
+        }
+        if full_from.len() < spec.disks.len() {
+            self.ship_pending(vm, link, replica).await?;
         }
         self.settle(link).await
     }
@@ -1662,6 +1808,40 @@ struct AppCut {
     frozen: bool,
     frozen_ms: Option<f64>,
     error: Option<String>,
+}
+
+/// Domain `domain`'s definition now (`virsh dumpxml --inactive`) and the
+/// disk files of it that vdrep replicates (writable file disks), relative
+/// to the mount `dir`; an error names a disk that is not a file under it.
+pub fn domain_disks(dir: &Path, domain: &str) -> Result<(String, Vec<String>), String> {
+    let xml = crate::libvirt::Virsh::new()
+        .dumpxml(domain)
+        .map_err(|e| e.to_string())?;
+    let def = crate::libvirt::Definition::parse(&xml).map_err(|e| e.to_string())?;
+    let mut disks = Vec::new();
+    for d in def
+        .disks
+        .iter()
+        .filter(|d| !d.readonly && matches!(d.device.as_str(), "disk" | "lun"))
+    {
+        let rel = d
+            .file
+            .as_deref()
+            .filter(|_| d.is_replicated())
+            .and_then(|f| f.strip_prefix(dir).ok());
+        match rel {
+            Some(r) => disks.push(r.to_string_lossy().into_owned()),
+            None => {
+                return Err(format!(
+                    "disk {} of domain {domain} ({}) is not a file under {}: vdrep replicates disk files under its mount",
+                    d.target,
+                    d.source,
+                    dir.display()
+                ))
+            }
+        }
+    }
+    Ok((xml, disks))
 }
 
 fn not_protected(vm: &str) -> SendError {
