@@ -7,9 +7,16 @@
 //! starts the domain at the replica site with its NIC on the mapped
 //! network; and every refusal changes nothing.
 //!
+//! The domain's definition travels with every point: a disk added to the
+//! domain is replicated from the next cut on (its own initial copy), and a
+//! failover to a point before the change gets the definition of then.
+//!
 //! The guest's `write` mode prints `PREVIOUS TAG T` (the tag already on
 //! its disk) before writing its own: that is how a console shows which
-//! point's data a VM booted from.
+//! point's data a VM booted from. The first two points are stamped on the
+//! host (an ext4 file system holding the tag, written into the qcow2
+//! through the mount); the guest boots only where a case needs a running
+//! VM (TCG boots are most of this test's time).
 
 mod common;
 mod libvirtutil;
@@ -58,7 +65,9 @@ impl Drop for Cleanup<'_> {
 }
 
 fn cmdline(tag: &str) -> String {
-    format!("console=ttyS0 panic=-1 vdrep.mode=write vdrep.tag={tag}")
+    // No proof blocks (vdrep.mb=0): only the tag is checked here, and the
+    // guest's awk writing them is most of a TCG boot's time.
+    format!("console=ttyS0 panic=-1 vdrep.mode=write vdrep.tag={tag} vdrep.mb=0")
 }
 
 /// The recovery point `vdrep sync` reports for `vm`.
@@ -71,6 +80,68 @@ fn sync_point(dir: &str, vm: &str) -> u64 {
                 .and_then(|n| n.parse().ok())
         })
         .unwrap_or_else(|| panic!("no recovery point of {vm} in {out:?}"))
+}
+
+/// Stamp `tag` on the domain's qcow2 disk from the host, as the guest's
+/// `write` mode leaves it: an ext4 file system whose `vdrep-proof.tag`
+/// holds the tag, written into the existing image (`convert -n`: the
+/// tracked file is rewritten in place, not replaced).
+fn stamp(os: &Path, tag: &str) {
+    let t = tempfile::tempdir().unwrap();
+    let stage = t.path().join("stage");
+    std::fs::create_dir(&stage).unwrap();
+    std::fs::write(stage.join("vdrep-proof.tag"), format!("{tag}\n")).unwrap();
+    let raw = t.path().join("fs.raw");
+    mountutil::run(
+        "mke2fs",
+        &[
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-d",
+            stage.to_str().unwrap(),
+            raw.to_str().unwrap(),
+            "64M",
+        ],
+    );
+    mountutil::run(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            raw.to_str().unwrap(),
+            os.to_str().unwrap(),
+        ],
+    );
+}
+
+/// `points --json` of `vm`: (cycle, disk count, definition), newest first.
+fn points_full(s: &TwoSites, vm: &str) -> Vec<(u64, usize, Option<String>)> {
+    let v: serde_json::Value = serde_json::from_str(&vdrep_ok(&[
+        "points",
+        vm,
+        "--store",
+        &s.s("store"),
+        "--json",
+    ]))
+    .unwrap();
+    v["points"]
+        .as_array()
+        .unwrap_or_else(|| panic!("points --json: {v}"))
+        .iter()
+        .map(|p| {
+            (
+                p["cycle"].as_u64().unwrap_or(0),
+                p["disks"].as_array().map_or(0, Vec::len),
+                p["definition"].as_str().map(str::to_string),
+            )
+        })
+        .collect()
 }
 
 fn text(p: &Path) -> String {
@@ -124,6 +195,8 @@ fn a_domain_is_protected_by_name_and_failed_over_as_a_vm() {
             return;
         }
     };
+    let t0 = std::time::Instant::now();
+    let step = |what: &str| eprintln!("[{:6.1} s] {what}", t0.elapsed().as_secs_f64());
     let c = Cleanup(&lv);
     c.run();
     lv.isolated_network(PROD);
@@ -141,19 +214,27 @@ fn a_domain_is_protected_by_name_and_failed_over_as_a_vm() {
     std::fs::File::create(&data)
         .and_then(|f| f.set_len(16 << 20))
         .unwrap();
+    let extra = s.p("vm/extra.img");
     let console = s.p("web1-console.log");
-    let xml = |tag: &str| {
+    let xml = |tag: &str, with_extra: bool| {
+        let mut disks = vec![
+            (os.as_path(), "qcow2", "vda"),
+            (data.as_path(), "raw", "vdb"),
+        ];
+        if with_extra {
+            disks.push((extra.as_path(), "raw", "vdc"));
+        }
         domain_xml(
             (WEB1, "6d1c3e0a-2f47-4b7e-9a51-0c9e8e2b7a01"),
             &vm_dir,
             &cmdline(tag),
-            &[(&os, "qcow2", "vda"), (&data, "raw", "vdb")],
+            &disks,
             PROD,
             &console,
         )
     };
     let boot = |tag: &str| {
-        define(&xml(tag));
+        define(&xml(tag, true));
         libvirtutil::virsh_ok(&["start", WEB1]);
     };
 
@@ -207,16 +288,11 @@ fn a_domain_is_protected_by_name_and_failed_over_as_a_vm() {
         "a refused domain got protected: {st}"
     );
 
-    // 1. web1 writes p1 and powers off; protected by name (both disks).
-    boot("p1");
-    lv.wait_stopped(WEB1, BOOT);
-    assert!(
-        guest_lines(&text(&console))
-            .iter()
-            .any(|l| l.starts_with("WROTE")),
-        "{}",
-        text(&console)
-    );
+    step("refusals before protect");
+
+    // 1. web1 (stopped) holds p1; protected by name (both disks).
+    define(&xml("p1", false));
+    stamp(&os, "p1");
     let o = vdrep(&[
         "protect",
         "--domain",
@@ -239,12 +315,52 @@ fn a_domain_is_protected_by_name_and_failed_over_as_a_vm() {
         "it has the agent channel: {err}"
     );
     let p1 = sync_point(&s.s("vm"), WEB1);
-    boot("p2");
-    lv.wait_stopped(WEB1, BOOT);
+    stamp(&os, "p2");
     let p2 = sync_point(&s.s("vm"), WEB1);
     assert!(p2 > p1);
     let pts = points(&s, WEB1);
     assert!(pts.contains(&p1) && pts.contains(&p2), "{pts:?}");
+    step("protected, p1 and p2");
+
+    // 5. A disk added to the domain: the cut that sees the change is a
+    //    point of the old disks (with the old definition); the next one has
+    //    the new disk (its own initial copy) and the new definition.
+    {
+        let f = std::fs::File::create(&extra).unwrap();
+        f.set_len(8 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, b"EXTRA-DISK-MARK", 4096).unwrap();
+    }
+    define(&xml("p3", true));
+    let pa = sync_point(&s.s("vm"), WEB1);
+    let pb = sync_point(&s.s("vm"), WEB1);
+    assert!(pb > pa && pa > p2, "{p2} {pa} {pb}");
+    let full = points_full(&s, WEB1);
+    // Must-show 1: the definition is in points --json for every point.
+    for (c, _, d) in &full {
+        let d = d
+            .as_deref()
+            .unwrap_or_else(|| panic!("point {c} has no definition: {full:?}"));
+        assert!(d.contains(&format!("<name>{WEB1}</name>")), "{d}");
+    }
+    let of = |c: u64| {
+        full.iter()
+            .find(|p| p.0 == c)
+            .cloned()
+            .unwrap_or_else(|| panic!("no point {c} in {full:?}"))
+    };
+    let extra_s = extra.to_str().unwrap();
+    for c in [p1, p2, pa] {
+        let (_, n, d) = of(c);
+        assert_eq!(n, 2, "point {c} is of the two old disks");
+        assert!(!d.unwrap_or_default().contains(extra_s), "point {c}");
+    }
+    let newest = full.first().map(|p| p.0).unwrap_or(0);
+    for c in [pb, newest] {
+        let (_, n, d) = of(c);
+        assert_eq!(n, 3, "point {c} has the added disk");
+        assert!(d.unwrap_or_default().contains(extra_s), "point {c}");
+    }
+    step("added disk replicated");
 
     // 2. Test failover of p1 while web1 runs again (p3) and replicates.
     boot("p3");
@@ -276,6 +392,10 @@ fn a_domain_is_protected_by_name_and_failed_over_as_a_vm() {
     assert_eq!(nics.len(), 1, "{nics:?}");
     assert_eq!(nics[0].0, ISOLATED, "the test copy's NIC: {nics:?}");
     assert_ne!(nics[0].1, orig[0].1, "the test copy needs a new MAC");
+    // The definition of point p1 (two disks), not web1's of now (three).
+    let tx = libvirtutil::virsh_ok(&["dumpxml", "--inactive", &test]);
+    assert_eq!(tx.matches("<disk ").count(), 2, "{tx}");
+    assert!(!tx.contains("extra.img"), "{tx}");
     // --test while one runs is refused, nothing changes.
     refused(
         &[
@@ -298,7 +418,9 @@ fn a_domain_is_protected_by_name_and_failed_over_as_a_vm() {
         "the test VM must see point {p1}'s data: {tl}"
     );
     lv.wait_stopped(WEB1, BOOT);
-    assert!(guest_lines(&text(&console)).contains(&"PREVIOUS TAG p2"));
+    let g = guest_lines(&text(&console)).join("\n");
+    assert!(g.contains("PREVIOUS TAG p2"), "{g}");
+    assert!(g.contains("WROTE"), "the guest wrote p3: {g}");
     let p3 = sync_point(&s.s("vm"), WEB1);
     assert!(p3 > p2, "replication went on during the test failover");
     let view = s.p("store/failover/site-a").join(WEB1);
@@ -360,7 +482,17 @@ fn a_domain_is_protected_by_name_and_failed_over_as_a_vm() {
     assert!(out.contains(&format!("domain {WEB1} started")), "{out}");
     let nics = lv.nics(WEB1);
     assert_eq!(nics[0].0, DR, "the failed-over NIC: {nics:?}");
-    assert_eq!(nics[0].1, orig[0].1, "the same VM keeps its MAC");
+    let fx = libvirtutil::virsh_ok(&["dumpxml", "--inactive", WEB1]);
+    assert_eq!(fx.matches("<disk ").count(), 2, "p1's definition: {fx}");
+    // The same VM as at p1: the MAC of p1's definition (each `virsh
+    // define` of the test's XML, which names none, drew a new one).
+    let p1_def = of(p1).2.unwrap_or_default();
+    let p1_mac = p1_def
+        .split_once("<mac address='")
+        .and_then(|(_, r)| r.split_once('\''))
+        .map(|(m, _)| m.to_string())
+        .unwrap_or_else(|| panic!("no MAC in p1's definition: {p1_def}"));
+    assert_eq!(nics[0].1, p1_mac, "the same VM keeps its MAC");
     lv.wait_stopped(WEB1, BOOT);
     // Each start of a domain truncates its serial log (QEMU's file chardev).
     let after = text(&console);
@@ -378,5 +510,6 @@ fn a_domain_is_protected_by_name_and_failed_over_as_a_vm() {
     );
     let pts = points(&s, WEB1);
     assert!(pts.contains(&p3), "cancel brings every point back: {pts:?}");
+    step("unplanned failover and cancel");
     drop(c);
 }
