@@ -1813,11 +1813,12 @@ struct AppCut {
 /// Domain `domain`'s definition now (`virsh dumpxml --inactive`) and the
 /// disk files of it that vdrep replicates (writable file disks), relative
 /// to the mount `dir`; an error names a disk that is not a file under it.
-pub fn domain_disks(dir: &Path, domain: &str) -> Result<(String, Vec<String>), String> {
-    let xml = crate::libvirt::Virsh::new()
-        .dumpxml(domain)
-        .map_err(|e| e.to_string())?;
-    let def = crate::libvirt::Definition::parse(&xml).map_err(|e| e.to_string())?;
+pub fn domain_disks(
+    dir: &Path,
+    domain: &str,
+) -> Result<(String, Vec<String>), crate::libvirt::LibvirtError> {
+    let xml = crate::libvirt::Virsh::new().dumpxml(domain)?;
+    let def = crate::libvirt::Definition::parse(&xml)?;
     let mut disks = Vec::new();
     for d in def
         .disks
@@ -1832,12 +1833,12 @@ pub fn domain_disks(dir: &Path, domain: &str) -> Result<(String, Vec<String>), S
         match rel {
             Some(r) => disks.push(r.to_string_lossy().into_owned()),
             None => {
-                return Err(format!(
+                return Err(crate::libvirt::LibvirtError::Refused(format!(
                     "disk {} of domain {domain} ({}) is not a file under {}: vdrep replicates disk files under its mount",
                     d.target,
                     d.source,
                     dir.display()
-                ))
+                )))
             }
         }
     }
