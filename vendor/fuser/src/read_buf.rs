@@ -54,18 +54,3 @@ impl FuseReadBuf {
         &mut self.buffer[off..]
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn write_payload_is_page_aligned_and_room_is_left() {
-        let mut b = FuseReadBuf::new();
-        let s = b.as_mut();
-        let p = s.as_ptr() as usize;
-        assert_eq!((p + WRITE_PAYLOAD_OFFSET) % PAYLOAD_ALIGN, 0);
-        assert_eq!(p % std::mem::align_of::<abi::fuse_in_header>(), 0);
-        assert!(s.len() >= MAX_WRITE_SIZE + 4096);
-    }
-}
