@@ -432,41 +432,6 @@ fn clean_remount_keeps_tracking() {
     m.umount();
 }
 
-/// The mount raises its FUSE bdi's share of the dirty-page limit from the
-/// kernel's 1 % (issue 12: buffered 4 KiB writers were throttled to the
-/// daemon's drain rate), and leaves `strict_limit` on.
-#[test]
-fn mount_raises_the_fuse_dirty_share() {
-    require_fuse!();
-    let tmp = tempfile::tempdir().unwrap();
-    let vm = tmp.path().join("vm");
-    std::fs::create_dir_all(&vm).unwrap();
-    let mut m = Mounted::new(&vm, &[]);
-    let canon = vm.canonicalize().unwrap();
-    let dev = run(
-        "findmnt",
-        &[
-            "-n",
-            "-o",
-            "MAJ:MIN",
-            "--mountpoint",
-            canon.to_str().unwrap(),
-        ],
-    );
-    let dev = dev.lines().last().unwrap().trim().to_string();
-    let bdi = Path::new("/sys/class/bdi").join(&dev);
-    let ratio = std::fs::read_to_string(bdi.join("max_ratio")).unwrap();
-    assert_eq!(
-        ratio.trim(),
-        vdrep::fuse::BDI_MAX_RATIO.to_string(),
-        "max_ratio of {}",
-        bdi.display()
-    );
-    let strict = std::fs::read_to_string(bdi.join("strict_limit")).unwrap();
-    assert_eq!(strict.trim(), "1", "strict_limit of {}", bdi.display());
-    m.umount();
-}
-
 /// Damaged logs are refused by the CLI and leave the image untouched.
 #[test]
 fn corrupt_and_truncated_logs_are_refused_by_the_cli() {

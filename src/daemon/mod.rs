@@ -285,16 +285,6 @@ fn supervise_inner(
         dir,
         "cannot mount the FUSE file system over the folder",
     ))?;
-    match crate::fuse::tune_bdi(dir) {
-        Ok((bdi, old)) => tracing::info!(
-            "FUSE writeback: {}/max_ratio {old} -> {} (the share of the dirty-page limit this mount may hold)",
-            bdi.display(),
-            crate::fuse::BDI_MAX_RATIO
-        ),
-        Err(e) => tracing::warn!(
-            "cannot raise the FUSE mount's dirty-page share (bdi max_ratio): {e}; buffered writes stay throttled at the kernel's 1 %"
-        ),
-    }
     let journal = crate::fuse::memfd("vdrep-nodes", crate::fs::JOURNAL_BYTES)
         .map_err(ioe(dir, "cannot create the node journal"));
     let journal = match journal {

@@ -133,44 +133,6 @@ pub fn connection_alive(dev: BorrowedFd<'_>) -> bool {
     }
 }
 
-/// Share of the system's dirty-page limit, in percent, that the mount's
-/// backing device (its bdi) may hold. The kernel gives every FUSE mount 1 %
-/// with `strict_limit` (about 40 MB here), which throttles buffered 4 KiB
-/// writers to the daemon's drain rate; 20 % measured 1.29x the IOPS of 1 %
-/// for random 4 KiB psync writes (kernel-notes/writepath.md, "bdi knobs").
-/// `strict_limit` stays on.
-pub const BDI_MAX_RATIO: u32 = 20;
-
-/// The `/sys/class/bdi/MAJ:MIN` folder of the FUSE mount on `dir` (the
-/// topmost one), found in `/proc/self/mountinfo`: no request reaches the
-/// file system, so this works before `FUSE_INIT` is answered. `dir` must be
-/// the canonical path the mount was made on.
-pub fn bdi_dir(dir: &Path) -> io::Result<std::path::PathBuf> {
-    let want = dir.to_string_lossy().replace(' ', "\\040");
-    let mi = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let dev = mi
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            let sep = f.iter().position(|x| *x == "-")?;
-            let fuse = f.get(sep + 1).is_some_and(|t| t.starts_with("fuse"));
-            (fuse && f.get(4) == Some(&want.as_str())).then(|| f.get(2).map(|d| d.to_string()))?
-        })
-        .next_back()
-        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
-    Ok(Path::new("/sys/class/bdi").join(dev))
-}
-
-/// Set the FUSE mount's bdi `max_ratio` to [`BDI_MAX_RATIO`]. Returns the
-/// bdi folder and the value it had.
-pub fn tune_bdi(dir: &Path) -> io::Result<(std::path::PathBuf, String)> {
-    let bdi = bdi_dir(dir)?;
-    let knob = bdi.join("max_ratio");
-    let old = std::fs::read_to_string(&knob)?.trim().to_string();
-    std::fs::write(&knob, BDI_MAX_RATIO.to_string())?;
-    Ok((bdi, old))
-}
-
 /// An anonymous memory file of `size` bytes (sparse), for state that must
 /// outlive a worker (the node journal, [`crate::fs`]).
 pub fn memfd(name: &str, size: u64) -> io::Result<OwnedFd> {
