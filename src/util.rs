@@ -1,7 +1,10 @@
 //! Small helpers every layer shares (a leaf: imports nothing of the crate):
-//! wall-clock nanoseconds, lower-case hex, random 128-bit identities.
+//! wall-clock nanoseconds, lower-case hex, random 128-bit identities, and
+//! one bounded run of an administrator's shell command ([`command`]).
 
 use std::time::{SystemTime, UNIX_EPOCH};
+
+pub mod command;
 
 /// Nanoseconds since the Unix epoch (0 if the clock is before it).
 pub fn now_ns() -> u64 {
