@@ -47,7 +47,7 @@ use serde::Serialize;
 
 use crate::hrl::{HrlHeader, HrlWriter};
 use crate::sys;
-use crate::util::{hex, now_ns, random_id};
+use crate::util::{hex, now_ns, random_id, read_full_at};
 use bitmap::Bitmap;
 pub use sealed_log::SealedLog;
 pub use state::TrackState;
@@ -1865,19 +1865,6 @@ pub struct TrackedDisk {
     /// Armed by a promotion (see [`preimage`]): blocks are saved before
     /// their first change, so that the failover can be cancelled.
     preimage: Mutex<Option<preimage::Journal>>,
-}
-
-fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match f.read_at(&mut buf[done..], off + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
 }
 
 impl TrackedDisk {
