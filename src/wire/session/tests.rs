@@ -288,6 +288,17 @@ fn a_log_out_of_order_marks_the_replica_for_resync() {
         .any(|a| matches!(a, ReceiverAction::MarkNeedsResync { .. })));
 }
 
+/// The op of the `StoreLogDurably` in `outs`.
+fn stored_op(outs: &[Output<ReceiverAction>]) -> OpId {
+    actions(outs)
+        .iter()
+        .find_map(|a| match a {
+            ReceiverAction::StoreLogDurably { op, .. } => Some(*op),
+            _ => None,
+        })
+        .expect("a verified log is stored durably")
+}
+
 /// The code of the `Error` answer in `outs`.
 fn refusal(outs: &[Output<ReceiverAction>]) -> Option<(ErrorCode, bool)> {
     sent(outs).into_iter().find_map(|m| match m {
@@ -321,13 +332,7 @@ fn a_log_the_store_cannot_apply_in_order_marks_the_replica_and_asks_for_a_resync
     let mut r = opened(5);
     let (_, msgs) = log_msgs(6, 5, b"0123456789");
     let outs = feed(&mut r, &msgs);
-    let op = actions(&outs)
-        .iter()
-        .find_map(|a| match a {
-            ReceiverAction::StoreLogDurably { op, .. } => Some(*op),
-            _ => None,
-        })
-        .expect("a verified log is stored durably");
+    let op = stored_op(&outs);
     let out_of_order = StoreFailure {
         code: ErrorCode::InvalidState,
         retryable: false,
@@ -342,13 +347,7 @@ fn a_log_the_store_cannot_apply_in_order_marks_the_replica_and_asks_for_a_resync
     // Any other store failure is answered as the store said.
     let mut r = opened(5);
     let outs = feed(&mut r, &msgs);
-    let op = actions(&outs)
-        .iter()
-        .find_map(|a| match a {
-            ReceiverAction::StoreLogDurably { op, .. } => Some(*op),
-            _ => None,
-        })
-        .expect("a verified log is stored durably");
+    let op = stored_op(&outs);
     let full = StoreFailure {
         code: ErrorCode::NoSpace,
         retryable: true,
