@@ -658,6 +658,7 @@ impl Filesystem for VdrepFs {
         reply.attr(&self.attr_ttl, &to_attr(inode.ino, &st));
     }
 
+    // fuser's signature; the work is `do_setattr`'s (same parameters).
     fn setattr(
         &self,
         req: &Request,

@@ -56,6 +56,7 @@ pub(crate) fn write_undo(
         log_label,
     )?;
     let h = r.header().clone();
+    // The undo record's header: the log's, with the sizes swapped (it goes back).
     let uh = HrlHeader {
         disk_id: h.disk_id,
         disk_name: h.disk_name.clone(),

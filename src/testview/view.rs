@@ -486,6 +486,7 @@ impl Filesystem for ViewFs {
         reply.ok();
     }
 
+    // fuser's signatures, as in `fs::ops`: this view answers from memory.
     fn releasedir(
         &self,
         _req: &Request,

@@ -464,6 +464,8 @@ pub struct InitialEnd {
 
 /// Start of one sealed `.hrl` log: its header fields and byte length.
 #[derive(Debug, Clone, PartialEq, Eq)]
+// Mirrors the `.hrl` header's fields on purpose: the wire format is versioned
+// apart from the file format (`LogBegin::from_header` converts).
 pub struct LogBegin {
     pub disk_id: DiskId,
     pub disk_name: String,
