@@ -41,7 +41,9 @@
 //! - [`transport`]: site identities, pinned-certificate mutual TLS over QUIC.
 //! - [`wire`]: the replication protocol's messages, sans-IO codec and the
 //!   sans-IO session state machines of both ends (`wire::session`).
-//! - [`util`]: wall-clock nanoseconds, hex, random ids (a leaf).
+//! - [`util`]: wall-clock nanoseconds, hex, random ids, full positional
+//!   reads, and one bounded run of an administrator's command
+//!   (`util::command`: `notify_command`, the app hook) (a leaf).
 //! - [`service`]: running as a managed service: the systemd notify
 //!   protocol (ready, status, reload, watchdog) and the daemons' logging
 //!   (a leaf).

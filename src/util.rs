@@ -1,7 +1,11 @@
 //! Small helpers every layer shares (a leaf: imports nothing of the crate):
-//! wall-clock nanoseconds, lower-case hex, random 128-bit identities.
+//! wall-clock nanoseconds, lower-case hex, random 128-bit identities, full
+//! positional reads, and
+//! one bounded run of an administrator's shell command ([`command`]).
 
 use std::time::{SystemTime, UNIX_EPOCH};
+
+pub mod command;
 
 /// Nanoseconds since the Unix epoch (0 if the clock is before it).
 pub fn now_ns() -> u64 {
@@ -19,6 +23,33 @@ pub fn hex(bytes: &[u8]) -> String {
         let _ = write!(s, "{b:02x}");
     }
     s
+}
+
+/// Read from `file` at `offset` until `buf` is full or the file ends
+/// (retrying interrupted reads); returns the bytes read.
+pub fn read_full_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// [`read_full_at`], zero-filling what lies past the end of the file.
+pub fn read_at_zero_filled(
+    file: &std::fs::File,
+    buf: &mut [u8],
+    offset: u64,
+) -> std::io::Result<()> {
+    let done = read_full_at(file, buf, offset)?;
+    buf[done..].fill(0);
+    Ok(())
 }
 
 /// A random 128-bit identity (a disk's, a failover's) from the system's

@@ -76,6 +76,9 @@ fn qemu_io_and_fio_through_the_mount_are_reproduced_by_logs() {
             "--verify_fatal=1",
             "--do_verify=1",
             "--randseed=7",
+            // fio's verify state is for resuming a verify in a later run;
+            // saved, it lands in the current folder (the repository).
+            "--verify_state_save=0",
         ],
     );
     let c2 = m.cut();
@@ -101,11 +104,21 @@ fn qemu_io_and_fio_through_the_mount_are_reproduced_by_logs() {
             "--verify_fatal=1",
             "--do_verify=1",
             "--randseed=9",
+            // fio's verify state is for resuming a verify in a later run;
+            // saved, it lands in the current folder (the repository).
+            "--verify_state_save=0",
             "--end_fsync=1",
         ],
     );
     let c3 = m.cut();
     assert_eq!(c3.len(), 2);
+    for job in ["verify", "verify2"] {
+        let stray = format!("local-{job}-0-verify.state");
+        assert!(
+            !Path::new(&stray).exists(),
+            "fio left {stray} in the current folder"
+        );
+    }
 
     // data.img was created through the mount after cut 1: its base is empty.
     let data_copy = tmp.path().join("data.copy");

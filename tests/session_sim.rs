@@ -70,6 +70,8 @@ struct Stats {
     timeouts: u64,
     verifies: u64,
     recopies: u64,
+    /// Initial copies resumed at the receiver's durable offset.
+    resumes: u64,
 }
 
 /// The sender's host process: volatile per connection.
@@ -83,6 +85,9 @@ struct Host {
     /// The replica's cycle of each disk, as the sender knows it.
     replica: Vec<u64>,
     verify: Option<(StreamId, usize, u64)>,
+    /// Per disk of a resumed copy: where it resumes, and the blocks below
+    /// that changed since the interrupted copy's cut (read first).
+    resume: Vec<(u64, BTreeSet<usize>)>,
 }
 
 struct World {
@@ -99,6 +104,14 @@ struct World {
     sender: Option<Sender>,
     receiver: Option<Receiver>,
     host: Host,
+    /// The cut of each disk's unfinished copy, as the sender saves it
+    /// (it survives a crash, as `copy_cycles` in the real sender).
+    copy_cycle: Vec<u64>,
+    /// Per disk, the cuts of the unfinished copy and of the resumed ones
+    /// that continued it: the replica below the resume offset holds data of
+    /// any of them. (The tracker gives a failed copy's changes back to the
+    /// live bitmap, so a resumed copy carries what changed since the first.)
+    copy_chain: Vec<Vec<u64>>,
     net: Vec<Packet>,
     store_q: VecDeque<(u64, ReceiverAction)>,
     reads: VecDeque<(u64, ReadId, ReadWhat, u64, usize)>,
@@ -130,6 +143,8 @@ impl World {
             sender: None,
             receiver: None,
             host: Host::default(),
+            copy_cycle: vec![0; n],
+            copy_chain: vec![Vec::new(); n],
             net: Vec::new(),
             store_q: VecDeque::new(),
             reads: VecDeque::new(),
@@ -328,6 +343,10 @@ impl World {
             SenderAction::InitialApplied { disk_id, cycle } => {
                 let d = self.disk_index(&disk_id);
                 self.host.replica[d] = cycle;
+                if self.copy_cycle.get(d) == Some(&cycle) {
+                    self.copy_cycle[d] = 0;
+                    self.copy_chain[d].clear();
+                }
                 if let Some((c, done)) = &mut self.host.copying {
                     if *c == cycle {
                         done.insert(d);
@@ -420,14 +439,48 @@ impl World {
             let c = self.vm.cut_for_copy();
             self.host.copy_image = Some((c, self.vm.disks.clone()));
             self.host.copying = Some((c, BTreeSet::new()));
-            self.note(format!("initial copy at cycle {c}"));
+            self.host.resume.clear();
             for (d, id) in self.vm.ids.clone().iter().enumerate() {
-                let _ = d;
+                // As the real sender: an unfinished copy of the cut the
+                // sender saved resumes at the receiver's offset, with what
+                // changed below it since that cut read first.
+                let st = &states[d];
+                let old = self.copy_cycle[d];
+                let start = if old != 0 && st.copy_cycle == old {
+                    st.resume_offset
+                } else {
+                    0
+                };
+                if start == 0 {
+                    self.copy_chain[d].clear();
+                }
+                let now = &self.vm.disks[d];
+                let changed: BTreeSet<usize> = (0..(start as usize).div_ceil(BLOCK))
+                    .filter(|b| {
+                        let r = b * BLOCK..(b + 1) * BLOCK;
+                        self.copy_chain[d].iter().any(|x| {
+                            self.vm
+                                .snaps
+                                .get(x)
+                                .is_none_or(|snap| snap[d][r.clone()] != now[r.clone()])
+                        })
+                    })
+                    .collect();
+                if start > 0 {
+                    self.stats.resumes += 1;
+                }
+                self.copy_chain[d].push(c);
+                self.note(format!(
+                    "initial copy of disk {d} at cycle {c} from {start} ({} changed below)",
+                    changed.len()
+                ));
+                self.host.resume.push((start, changed));
+                self.copy_cycle[d] = c;
                 self.submit(Job::Initial(InitialBegin {
                     disk_id: *id,
                     cycle: c,
                     disk_size: self.vm.size as u64,
-                    start_offset: 0,
+                    start_offset: start,
                 }));
             }
             return;
@@ -502,8 +555,35 @@ impl World {
                 match &self.host.copy_image {
                     Some((c, img)) if *c == cycle => {
                         let img = &img[d];
-                        // Skip all-zero blocks now and then (holes).
+                        // Below a resumed copy's start: only the blocks
+                        // that changed since the interrupted copy's cut.
+                        let (start, changed) = self
+                            .host
+                            .resume
+                            .get(d)
+                            .map_or((0, None), |(s, ch)| (*s as usize, Some(ch)));
                         let mut s = offset as usize;
+                        if s < start {
+                            let next = changed
+                                .and_then(|ch| ch.range(s / BLOCK..).next())
+                                .map(|b| (b * BLOCK).max(s))
+                                .filter(|at| *at < start);
+                            if let Some(at) = next {
+                                let e = (at + max).min((at / BLOCK + 1) * BLOCK).min(start);
+                                let res = Ok(ReadData {
+                                    offset: at as u64,
+                                    data: img[at..e].to_vec(),
+                                    end: false,
+                                });
+                                if let Some(snd) = self.sender.as_mut() {
+                                    snd.complete_read(self.now, id, res);
+                                }
+                                self.drain();
+                                return;
+                            }
+                            s = start;
+                        }
+                        // Skip all-zero blocks now and then (holes).
                         if self.rng.chance(500) {
                             while s < img.len() && img[s] == 0 {
                                 s += 1;
@@ -540,6 +620,15 @@ impl World {
         let Some((conn, a)) = self.store_q.remove(i) else {
             return;
         };
+        if let ReceiverAction::BeginInitial { begin, .. } = &a {
+            // As the receiver's copy fence: writes other connections still
+            // have queued for this disk are dropped, not written over it.
+            self.store_q.retain(|(c, q)| {
+                *c == conn
+                    || !matches!(q, ReceiverAction::WriteInitial { disk_id, .. }
+                        if *disk_id == begin.disk_id)
+            });
+        }
         let done = self.store.perform(conn, a);
         if let Some(v) = self.store.violations.first() {
             let v = v.clone();
@@ -883,6 +972,7 @@ fn simulated_schedules_keep_the_invariants() {
         total.timeouts += s.timeouts;
         total.verifies += s.verifies;
         total.recopies += s.recopies;
+        total.resumes += s.resumes;
     }
     eprintln!("{n} schedules in {:.1?}: {total:?}", t0.elapsed());
     if n >= 200 {
@@ -891,5 +981,6 @@ fn simulated_schedules_keep_the_invariants() {
         assert!(total.disconnects > 0 && total.sender_crashes > 0 && total.receiver_crashes > 0);
         assert!(total.mangled > 0 && total.refused > 0 && total.timeouts > 0);
         assert!(total.verifies > 0 && total.recopies > n);
+        assert!(total.resumes > 0, "no copy resumed: {total:?}");
     }
 }

@@ -65,14 +65,10 @@ pub fn specs_under(cfg: &Config, dir: &Path) -> Result<Vec<ProtectSpec>, i32> {
 
 /// `vdrep reload [DIR]`: every running mount without DIR.
 pub fn reload(dir: Option<PathBuf>) -> i32 {
-    let mounts = match dir {
-        Some(d) => vec![d],
-        None => control::running_mounts(),
+    let mounts = match super::mount::mounts_or_all(dir) {
+        Ok(m) => m,
+        Err(code) => return code,
     };
-    if mounts.is_empty() {
-        eprintln!("vdrep: no vdrep mount is running");
-        return 2;
-    }
     for m in mounts {
         match control::call(&m, &Request::Reload) {
             Err(e) => return control_err(e),

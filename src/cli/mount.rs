@@ -222,16 +222,26 @@ pub fn cut(dir: PathBuf, json: bool) -> i32 {
     }
 }
 
-/// `vdrep status [DIR] [--json]`.
-pub fn status(dir: Option<PathBuf>, json: bool) -> i32 {
+/// `DIR`, or every running mount without it; `Err(2)` (said on stderr)
+/// if none runs.
+pub(super) fn mounts_or_all(dir: Option<PathBuf>) -> Result<Vec<PathBuf>, i32> {
     let mounts = match dir {
         Some(d) => vec![d],
         None => control::running_mounts(),
     };
     if mounts.is_empty() {
         eprintln!("vdrep: no vdrep mount is running");
-        return 2;
+        return Err(2);
     }
+    Ok(mounts)
+}
+
+/// `vdrep status [DIR] [--json]`.
+pub fn status(dir: Option<PathBuf>, json: bool) -> i32 {
+    let mounts = match mounts_or_all(dir) {
+        Ok(m) => m,
+        Err(code) => return code,
+    };
     let mut all = Vec::new();
     for m in &mounts {
         match control::call(m, &Request::Status) {

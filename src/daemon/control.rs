@@ -179,25 +179,11 @@ pub struct Response {
     pub events: Option<crate::events::Since>,
 }
 
-impl Response {
-    pub fn err(e: impl ToString) -> Self {
-        Response {
-            ok: false,
-            error: Some(e.to_string()),
-            ..Default::default()
-        }
-    }
-}
+crate::ipc::ok_error_answer!(Response);
 
 /// Control socket of the mount over `canonical_dir`.
 pub fn socket_path(canonical_dir: &Path) -> PathBuf {
     crate::ipc::mount_socket(canonical_dir)
-}
-
-impl crate::ipc::Answer for Response {
-    fn refusal(&mut self) -> Option<String> {
-        (!self.ok).then(|| self.error.take().unwrap_or_else(|| "failed".into()))
-    }
 }
 
 /// Send one request to the daemon for `dir` (any path naming the folder).

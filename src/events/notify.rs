@@ -10,14 +10,13 @@
 //! name), `VDREP_VM` and `VDREP_EVENT_SEQ` in its environment, killed
 //! whole after the timeout. A failure is logged, never retried.
 
-use std::io::{Read, Write};
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{Bus, Event};
+use crate::util::command;
 
 /// Events waiting for the command at most; more are dropped.
 pub const QUEUE: usize = 64;
@@ -96,64 +95,24 @@ fn drain(rx: &Receiver<Event>, spec: &NotifySpec) {
 pub fn run(spec: &NotifySpec, ev: &Event) -> Result<(), NotifyError> {
     let mut line = serde_json::to_string(ev).unwrap_or_default();
     line.push('\n');
-    let t0 = Instant::now();
-    let mut child = Command::new("/bin/sh")
-        .arg("-c")
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
         .arg(&spec.cmd)
         .env("VDREP_EVENT", ev.kind.name())
         .env("VDREP_VM", ev.vm.as_deref().unwrap_or(""))
-        .env("VDREP_EVENT_SEQ", ev.seq.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .map_err(|source| NotifyError::Spawn {
-            cmd: spec.cmd.clone(),
-            source,
+        .env("VDREP_EVENT_SEQ", ev.seq.to_string());
+    let limits = command::Limits {
+        timeout: spec.timeout,
+        stderr_bytes: 2048,
+        stderr_wait: Duration::from_millis(200),
+    };
+    let command::Outcome { status, stderr, .. } =
+        command::run_bounded(cmd, Some(line.into_bytes()), limits).map_err(|source| {
+            NotifyError::Spawn {
+                cmd: spec.cmd.clone(),
+                source,
+            }
         })?;
-    // Stdin and stderr on their own threads: a command that neither reads
-    // its input nor exits must not hold this one past the timeout.
-    if let Some(mut stdin) = child.stdin.take() {
-        std::thread::spawn(move || {
-            let _ = stdin.write_all(line.as_bytes());
-        });
-    }
-    let (etx, erx) = std::sync::mpsc::channel();
-    if let Some(err) = child.stderr.take() {
-        std::thread::spawn(move || {
-            let mut b = Vec::new();
-            let _ = err.take(2048).read_to_end(&mut b);
-            let _ = etx.send(b);
-        });
-    }
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(st)) => break Some(st),
-            Ok(None) if t0.elapsed() < spec.timeout => {
-                std::thread::sleep(Duration::from_millis(10))
-            }
-            _ => {
-                if let Ok(pid) = i32::try_from(child.id()) {
-                    let _ = nix::sys::signal::killpg(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-                let _ = child.wait();
-                break None;
-            }
-        }
-    };
-    let err = erx
-        .recv_timeout(Duration::from_millis(200))
-        .unwrap_or_default();
-    let err = String::from_utf8_lossy(&err).trim().to_string();
-    let stderr = if err.is_empty() {
-        String::new()
-    } else {
-        format!(": {err}")
-    };
     match status {
         Some(st) if st.success() => Ok(()),
         Some(st) => Err(NotifyError::Failed {
@@ -211,7 +170,7 @@ mod tests {
             cmd: "sleep 30".into(),
             timeout: Duration::from_millis(200),
         };
-        let t = Instant::now();
+        let t = std::time::Instant::now();
         let e = run(&slow, &ev()).unwrap_err();
         assert_eq!(e.kind(), NotifyErrorKind::Timeout);
         assert!(t.elapsed() < Duration::from_secs(5));

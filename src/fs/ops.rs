@@ -165,16 +165,7 @@ fn is_aligned(offset: u64, len: usize) -> bool {
 
 /// Read until `buf` is full or end of file.
 fn read_full(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match f.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
+    crate::util::read_full_at(f, buf, offset)
 }
 
 /// Write all of `data`, through the tracked disk if there is one.
@@ -673,6 +664,7 @@ impl Filesystem for VdrepFs {
         reply.attr(&self.attr_ttl, &to_attr(inode.ino, &st));
     }
 
+    // fuser's signature; the work is `do_setattr`'s (same parameters).
     fn setattr(
         &self,
         req: &Request,

@@ -253,6 +253,32 @@ pub trait Answer {
     fn refusal(&mut self) -> Option<String>;
 }
 
+/// For a response struct with `ok: bool` and `error: Option<String>`
+/// fields (and `Default`): `Response::err(e)`, a refusal saying `e`, and its
+/// [`Answer`] (a refusal without a reason says "failed"). The mount's and
+/// the receiver's control answers share this shape.
+macro_rules! ok_error_answer {
+    ($resp:ty) => {
+        impl $resp {
+            /// A refusal saying `e`.
+            pub fn err(e: impl ToString) -> Self {
+                Self {
+                    ok: false,
+                    error: Some(e.to_string()),
+                    ..Default::default()
+                }
+            }
+        }
+
+        impl $crate::ipc::Answer for $resp {
+            fn refusal(&mut self) -> Option<String> {
+                (!self.ok).then(|| self.error.take().unwrap_or_else(|| "failed".into()))
+            }
+        }
+    };
+}
+pub(crate) use ok_error_answer;
+
 /// [`call`] `server` on `sock`, with a refusing answer as
 /// [`CallError::Refused`].
 pub fn call_ok<Req: Serialize, Resp: DeserializeOwned + Answer>(

@@ -187,6 +187,8 @@ pub fn gauge<V: prometheus_client::encoding::EncodeGaugeValue>(
 }
 
 /// One counter family (`name` without `_total`: the encoder adds it).
+// Shaped as `gauge`: prometheus_client encodes gauges and counters through
+// different traits, so one generic function cannot serve both.
 pub fn counter<V: prometheus_client::encoding::EncodeCounterValue>(
     enc: &mut DescriptorEncoder,
     name: &str,

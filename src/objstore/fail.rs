@@ -160,6 +160,7 @@ impl<C: ObjectClient> ObjectClient for FailClient<C> {
     fn put(&self, key: &str, body: &[u8], mode: PutMode) -> Result<String, ObjectError> {
         self.call(ObjOp::Put, key, || self.inner.put(key, body, mode))
     }
+    // The `ObjectClient` signature (each client implements it).
     fn get(
         &self,
         key: &str,

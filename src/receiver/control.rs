@@ -146,14 +146,9 @@ pub struct Response {
     pub events: Option<crate::events::Since>,
 }
 
+crate::ipc::ok_error_answer!(Response);
+
 impl Response {
-    pub fn err(e: impl ToString) -> Self {
-        Response {
-            ok: false,
-            error: Some(e.to_string()),
-            ..Default::default()
-        }
-    }
     pub(super) fn ok() -> Self {
         Response {
             ok: true,
@@ -165,12 +160,6 @@ impl Response {
 /// Control socket of the receiver serving the store at `canonical_store`.
 pub fn socket_path(canonical_store: &Path) -> PathBuf {
     crate::ipc::socket_in_run_dir("recv-", canonical_store)
-}
-
-impl crate::ipc::Answer for Response {
-    fn refusal(&mut self) -> Option<String> {
-        (!self.ok).then(|| self.error.take().unwrap_or_else(|| "failed".into()))
-    }
 }
 
 fn server(store: &Path) -> (PathBuf, Server) {

@@ -292,13 +292,15 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), ReceiverError> {
             what: "service monitor thread",
             source,
         })?;
+        let fences = Arc::new(CopyFences::default());
         while let Some(inc) = ep.accept().await {
             let store = data.clone();
             let me = id.name.clone();
             let roles = roles.clone();
+            let fences = fences.clone();
             tokio::spawn(async move {
                 if let Ok((conn, peer)) = transport::accept(inc).await {
-                    handle_conn(conn, peer, store, me, roles).await;
+                    handle_conn(conn, peer, store, me, roles, fences).await;
                 }
             });
         }
@@ -329,10 +331,58 @@ struct Conn {
     done: mpsc::UnboundedSender<(OpId, StoreDone)>,
     /// Initial copies in progress, by disk: their writer threads.
     initials: HashMap<DiskId, InitialWriter>,
+    /// The receiver's fences of initial copies (shared by connections).
+    fences: Arc<CopyFences>,
     /// Logs being staged, by the session's op: their `store_log` threads.
     logs: HashMap<OpId, LogStager>,
     /// What a checksum compare keeps between its requests, by disk.
     digests: HashMap<DiskId, Arc<Mutex<replica::DigestCache>>>,
+}
+
+/// Which writer may write a disk's initial copy. A copy that begins
+/// (resumed or not) fences off the writers of older copies of the disk,
+/// of this connection or of one the receiver has not noticed is dead yet:
+/// whatever they still hold queued is dropped, not written over the newer
+/// copy (found by tests/session_sim.rs: a lagging write of the old cut
+/// landed after a resumed copy had written the block).
+#[derive(Default)]
+struct CopyFences(Mutex<HashMap<(String, DiskId), Arc<CopyFence>>>);
+
+/// The fence of one disk's initial copies.
+#[derive(Default)]
+struct CopyFence {
+    /// The newest copy's generation; only its writer writes.
+    gen: std::sync::atomic::AtomicU64,
+    /// Held across each write: [`CopyFence::settle`] waits for one in flight.
+    write: Mutex<()>,
+}
+
+impl CopyFences {
+    /// A new generation of the copy of `disk_id` of `site` (never blocks):
+    /// writers of older ones write nothing once the write in flight, if
+    /// any, is done ([`CopyFence::settle`]).
+    fn begin(&self, site: &str, disk_id: DiskId) -> (Arc<CopyFence>, u64) {
+        let fence = self
+            .0
+            .lock()
+            .entry((site.to_string(), disk_id))
+            .or_default()
+            .clone();
+        let gen = fence.gen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        (fence, gen)
+    }
+}
+
+impl CopyFence {
+    /// Wait until no older writer is in the middle of a write (blocking).
+    fn settle(&self) {
+        drop(self.write.lock());
+    }
+
+    /// Is `gen` still the newest copy?
+    fn current(&self, gen: u64) -> bool {
+        self.gen.load(std::sync::atomic::Ordering::SeqCst) == gen
+    }
 }
 
 /// Writes an initial copy: disk bytes by offset.
@@ -355,6 +405,7 @@ async fn handle_conn(
     store: Arc<dyn ReplicaStore>,
     me: String,
     roles: Arc<crate::roles::ReceiverCtx>,
+    fences: Arc<CopyFences>,
 ) {
     let addr = conn.remote_address();
     let site = match transport::keys::check_site_name(&peer.cn) {
@@ -387,6 +438,7 @@ async fn handle_conn(
         roles,
         done: done_tx,
         initials: HashMap::new(),
+        fences,
         logs: HashMap::new(),
         digests: HashMap::new(),
     };
@@ -590,8 +642,10 @@ impl Conn {
                 StoreDone::DiskLoaded(load_disk(store, site, &open))
             }),
             ReceiverAction::BeginInitial { op, open, begin } => {
-                self.start_initial(begin.disk_id, &open.vm);
+                let fence = self.start_initial(begin.disk_id, &open.vm);
                 self.spawn(op, move |store, site| {
+                    // No older writer of the disk writes after this.
+                    fence.settle();
                     StoreDone::InitialBegun(
                         begin_initial(store, site, &open, &begin).map_err(failure),
                     )
@@ -750,12 +804,24 @@ impl Conn {
     }
 
     /// A writer thread for the initial copy of `disk_id` (replacing one a
-    /// dead stream left behind).
-    fn start_initial(&mut self, disk_id: DiskId, vm: &str) {
+    /// dead stream left behind); older writers of the disk are fenced off
+    /// before the store begins the copy.
+    fn start_initial(&mut self, disk_id: DiskId, vm: &str) -> Arc<CopyFence> {
         let (tx, mut rx) = mpsc::channel::<(u64, Vec<u8>)>(4);
         let (store, site, vm) = (self.store.clone(), self.site.clone(), vm.to_string());
+        let (fence, gen) = self.fences.begin(&site, disk_id);
+        let mine = fence.clone();
         let thread = std::thread::spawn(move || {
             while let Some((offset, data)) = rx.blocking_recv() {
+                // Held across the write: a newer copy's `settle` waits for it.
+                let writing = mine.write.lock();
+                if !mine.current(gen) {
+                    tracing::info!(
+                        disk = %crate::util::hex(&disk_id),
+                        "initial copy writer superseded by a newer copy of the disk"
+                    );
+                    break;
+                }
                 let d = disk(&site, &vm, &disk_id);
                 let what = if crate::hrl::format::is_all_zero(&data) {
                     replica::InitialData::Zeroes(data.len() as u64)
@@ -763,10 +829,12 @@ impl Conn {
                     replica::InitialData::Data(&data)
                 };
                 store.write_initial(d, offset, what)?;
+                drop(writing);
             }
             Ok(())
         });
         self.initials.insert(disk_id, Pipe { tx, thread });
+        fence
     }
 }
 

@@ -366,6 +366,7 @@ impl ReplicaStore for FailStore {
             s.resync_prepared(d, replica_cycle, cycle)
         })
     }
+    // The trait's signature: the wrapper forwards each method (one `call` each).
     fn block_hashes(
         &self,
         d: DiskRef<'_>,

@@ -109,6 +109,15 @@ pub struct ReplicaState {
     pub resync_cycle: Option<u64>,
 }
 
+/// The VHD identity (unique id in hex, time stamp) of a replica replacing
+/// `old`: the old one's (stable for the replica's life), or a new one.
+fn vhd_identity(old: Option<&ReplicaState>) -> (String, u32) {
+    match old {
+        Some(o) => (o.vhd_id.clone(), o.vhd_time),
+        None => (hex(&random_id()), vhd_timestamp_now()),
+    }
+}
+
 impl ReplicaState {
     fn id_bytes(&self) -> [u8; 16] {
         let mut out = [0u8; 16];
@@ -675,6 +684,7 @@ impl Site<'_> {
             }
         }
         let resync = matches!(&old, Some(st) if st.cycle.is_some());
+        let (vhd_id, vhd_time) = vhd_identity(old.as_ref());
         let st = ReplicaState {
             version: 1,
             disk_id: hex(&info.disk_id),
@@ -683,14 +693,8 @@ impl Site<'_> {
             format,
             size: info.size,
             block_size: info.block_size,
-            vhd_id: old
-                .as_ref()
-                .map(|o| o.vhd_id.clone())
-                .unwrap_or_else(|| hex(&random_id())),
-            vhd_time: old
-                .as_ref()
-                .map(|o| o.vhd_time)
-                .unwrap_or_else(vhd_timestamp_now),
+            vhd_id,
+            vhd_time,
             initial_offset: Some(0),
             initial_cycle: Some(info.cycle),
             cycle: None,

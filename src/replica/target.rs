@@ -125,15 +125,7 @@ fn out_of_range(offset: u64, len: u64, size: u64) -> io::Error {
 /// (the end of the data) and at end of file.
 fn read_limited(file: &File, buf: &mut [u8], offset: u64, limit: u64) -> io::Result<()> {
     let avail = limit.saturating_sub(offset).min(buf.len() as u64) as usize;
-    let mut done = 0;
-    while done < avail {
-        match file.read_at(&mut buf[done..avail], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
+    let done = crate::util::read_full_at(file, &mut buf[..avail], offset)?;
     buf[done..].fill(0);
     Ok(())
 }

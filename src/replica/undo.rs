@@ -56,6 +56,7 @@ pub(crate) fn write_undo(
         log_label,
     )?;
     let h = r.header().clone();
+    // The undo record's header: the log's, with the sizes swapped (it goes back).
     let uh = HrlHeader {
         disk_id: h.disk_id,
         disk_name: h.disk_name.clone(),
@@ -357,17 +358,7 @@ impl PointReader {
     }
 
     fn read_replica(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
-        let mut done = 0;
-        while done < buf.len() {
-            match self.replica.read_at(&mut buf[done..], off + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        buf[done..].fill(0);
-        Ok(())
+        crate::util::read_at_zero_filled(&self.replica, buf, off)
     }
 
     fn fill(

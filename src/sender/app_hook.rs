@@ -12,9 +12,10 @@
 //! guest), also when the cut itself fails.
 
 use serde::{Deserialize, Serialize};
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::util::command;
 
 /// `vdrep protect --app-hook CMD --app-every D --app-timeout D`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,63 +62,28 @@ pub enum HookError {
 
 /// Run one phase of the hook; returns how long it took.
 pub fn run(spec: &AppHookSpec, phase: &'static str, vm: &str) -> Result<Duration, HookError> {
-    use std::os::unix::process::CommandExt;
-    let t0 = Instant::now();
-    let mut child = Command::new("/bin/sh")
-        .arg("-c")
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
         .arg(format!("{} \"$@\"", spec.cmd))
         .arg("vdrep-app-hook")
         .arg(phase)
         .arg(vm)
         .env("VDREP_VM", vm)
-        .env("VDREP_HOOK_PHASE", phase)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .map_err(|source| HookError::Spawn {
-            cmd: spec.cmd.clone(),
-            phase,
-            source,
-        })?;
-    // stderr is read on a thread: a hook that leaves a daemon holding the
-    // pipe must not block us past its own exit.
-    let (tx, rx) = std::sync::mpsc::channel();
-    if let Some(mut e) = child.stderr.take() {
-        std::thread::spawn(move || {
-            let mut b = Vec::new();
-            let _ = e.by_ref().take(4096).read_to_end(&mut b);
-            let _ = tx.send(b);
-        });
-    }
-    let limit = Duration::from_secs(spec.timeout_secs.max(1));
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(st)) => break Some(st),
-            Ok(None) if t0.elapsed() < limit => std::thread::sleep(Duration::from_millis(5)),
-            _ => {
-                if let Ok(pid) = i32::try_from(child.id()) {
-                    let _ = nix::sys::signal::killpg(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-        }
+        .env("VDREP_HOOK_PHASE", phase);
+    let limits = command::Limits {
+        timeout: Duration::from_secs(spec.timeout_secs.max(1)),
+        stderr_bytes: 4096,
+        stderr_wait: Duration::from_millis(500),
     };
-    let err = rx
-        .recv_timeout(Duration::from_millis(500))
-        .unwrap_or_default();
-    let err = String::from_utf8_lossy(&err).trim().to_string();
-    let stderr = if err.is_empty() {
-        String::new()
-    } else {
-        format!(": {err}")
-    };
+    let command::Outcome {
+        status,
+        stderr,
+        elapsed,
+    } = command::run_bounded(cmd, None, limits).map_err(|source| HookError::Spawn {
+        cmd: spec.cmd.clone(),
+        phase,
+        source,
+    })?;
     match status {
         None => Err(HookError::Timeout {
             cmd: spec.cmd.clone(),
@@ -125,7 +91,7 @@ pub fn run(spec: &AppHookSpec, phase: &'static str, vm: &str) -> Result<Duration
             secs: spec.timeout_secs.max(1),
             stderr,
         }),
-        Some(st) if st.success() => Ok(t0.elapsed()),
+        Some(st) if st.success() => Ok(elapsed),
         Some(st) => Err(HookError::Failed {
             cmd: spec.cmd.clone(),
             phase,

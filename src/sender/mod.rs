@@ -237,6 +237,33 @@ pub(crate) fn flush_mount(dir: &std::path::Path) -> Result<(), crate::tracking::
     nix::unistd::syncfs(&d).map_err(|e| io(e.into()))
 }
 
+/// Flush the mount, then run `seal` (a cut of the selected disks) on a
+/// blocking thread; a disk it skipped fails the whole cut, retryably (a
+/// cut must hold every disk of the VM at one instant).
+async fn seal_vm(
+    dir: std::path::PathBuf,
+    tracker: Arc<Tracker>,
+    seal: impl FnOnce(&Tracker) -> Result<crate::tracking::Sealed, crate::tracking::TrackError>
+        + Send
+        + 'static,
+) -> Result<crate::tracking::Sealed, SendError> {
+    let sealed = tokio::task::spawn_blocking(move || {
+        flush_mount(&dir)?;
+        seal(&tracker)
+    })
+    .await
+    .map_err(|e| retry(format!("cut task failed: {e}")))?
+    .map_err(|e| retry(e.to_string()))?;
+    if let Some(e) = sealed.skipped.first() {
+        return Err(retry(format!(
+            "{}: {}",
+            e.disk,
+            e.error.clone().unwrap_or_default()
+        )));
+    }
+    Ok(sealed)
+}
+
 fn retry(e: impl std::fmt::Display) -> SendError {
     SendError::retry(e)
 }
@@ -1666,21 +1693,10 @@ impl Replicator {
             full_from: full_from.clone(),
             ..Default::default()
         };
-        let dir = self.mount_dir.clone();
-        let sealed = tokio::task::spawn_blocking(move || {
-            flush_mount(&dir)?;
-            tracker.seal_for_copy(&sel)
+        let sealed = seal_vm(self.mount_dir.clone(), tracker, move |t| {
+            t.seal_for_copy(&sel)
         })
-        .await
-        .map_err(|e| retry(format!("cut task failed: {e}")))?
-        .map_err(|e| retry(e.to_string()))?;
-        if let Some(e) = sealed.skipped.first() {
-            return Err(retry(format!(
-                "{}: {}",
-                e.disk,
-                e.error.clone().unwrap_or_default()
-            )));
-        }
+        .await?;
         let cycle = sealed.cycle;
         link.note_cut(cycle, sealed.cut_unix_ns);
         self.note_domain(vm, link, cycle).await;

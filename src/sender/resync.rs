@@ -265,20 +265,7 @@ impl super::Replicator {
             extra,
             skip_bitmap_only: false,
         };
-        let sealed = tokio::task::spawn_blocking(move || {
-            super::flush_mount(&dir)?;
-            tracker.seal(&sel)
-        })
-        .await
-        .map_err(|e| retry(format!("cut task failed: {e}")))?
-        .map_err(|e| retry(e.to_string()))?;
-        if let Some(e) = sealed.skipped.first() {
-            return Err(retry(format!(
-                "{}: {}",
-                e.disk,
-                e.error.clone().unwrap_or_default()
-            )));
-        }
+        let sealed = super::seal_vm(dir, tracker, move |t| t.seal(&sel)).await?;
         let cycle = sealed.cycle;
         let (mut rcycles, ocycles): (Vec<SealedCycle>, Vec<SealedCycle>) = sealed
             .cycles

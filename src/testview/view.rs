@@ -150,17 +150,7 @@ impl ViewFile {
     }
 
     fn read_overlay(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
-        let mut done = 0;
-        while done < buf.len() {
-            match self.overlay.read_at(&mut buf[done..], off + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        buf[done..].fill(0);
-        Ok(())
+        crate::util::read_at_zero_filled(&self.overlay, buf, off)
     }
 
     /// Read at `off` (clipped to the file; returns the bytes read).
@@ -496,6 +486,7 @@ impl Filesystem for ViewFs {
         reply.ok();
     }
 
+    // fuser's signatures, as in `fs::ops`: this view answers from memory.
     fn releasedir(
         &self,
         _req: &Request,

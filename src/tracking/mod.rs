@@ -47,7 +47,7 @@ use serde::Serialize;
 
 use crate::hrl::{HrlHeader, HrlWriter};
 use crate::sys;
-use crate::util::{hex, now_ns, random_id};
+use crate::util::{hex, now_ns, random_id, read_full_at};
 use bitmap::Bitmap;
 pub use sealed_log::SealedLog;
 pub use state::TrackState;
@@ -1191,39 +1191,35 @@ impl Tracker {
         let mut base: Option<(u64, u64)> = None;
         for (_, rel) in &logs {
             let shown = self.root_path.join(rel);
-            let mut r = match crate::hrl::HrlReader::open(&self.private(rel)) {
-                Ok(r) => r,
-                Err(e) => {
-                    // Its blocks cannot be recovered: only a resync helps.
-                    drop(_serial);
-                    self.require_resync(
-                        name,
-                        &format!("sealed log {} is damaged: {e}", shown.display()),
-                    );
-                    return Some("a pending log is damaged: resync required".into());
+            let damaged = 'read: {
+                let mut r = match crate::hrl::HrlReader::open(&self.private(rel)) {
+                    Ok(r) => r,
+                    Err(e) => break 'read Some(e.to_string()),
+                };
+                if base.is_none() {
+                    base = Some((r.header().base_cycle, r.header().base_size));
+                }
+                loop {
+                    match r.next_record() {
+                        Ok(Some(rec)) => {
+                            if rec.length > 0 {
+                                let (f, l) = d.span(rec.offset, u64::from(rec.length));
+                                d.mark(f, l);
+                            }
+                        }
+                        Ok(None) => break 'read None,
+                        Err(e) => break 'read Some(e.to_string()),
+                    }
                 }
             };
-            if base.is_none() {
-                base = Some((r.header().base_cycle, r.header().base_size));
-            }
-            loop {
-                match r.next_record() {
-                    Ok(Some(rec)) => {
-                        if rec.length > 0 {
-                            let (f, l) = d.span(rec.offset, u64::from(rec.length));
-                            d.mark(f, l);
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        drop(_serial);
-                        self.require_resync(
-                            name,
-                            &format!("sealed log {} is damaged: {e}", shown.display()),
-                        );
-                        return Some("a pending log is damaged: resync required".into());
-                    }
-                }
+            if let Some(e) = damaged {
+                // Its blocks cannot be recovered: only a resync helps.
+                drop(_serial);
+                self.require_resync(
+                    name,
+                    &format!("sealed log {} is damaged: {e}", shown.display()),
+                );
+                return Some("a pending log is damaged: resync required".into());
             }
         }
         let m = {
@@ -1865,19 +1861,6 @@ pub struct TrackedDisk {
     /// Armed by a promotion (see [`preimage`]): blocks are saved before
     /// their first change, so that the failover can be cancelled.
     preimage: Mutex<Option<preimage::Journal>>,
-}
-
-fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match f.read_at(&mut buf[done..], off + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
 }
 
 impl TrackedDisk {

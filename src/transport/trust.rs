@@ -256,6 +256,8 @@ impl PinnedClientVerifier {
     }
 }
 
+// The same methods as the server verifier's: rustls's two verifier traits
+// declare them separately; both bodies delegate to `check_pinned`/`verify13`.
 impl ClientCertVerifier for PinnedClientVerifier {
     fn offer_client_auth(&self) -> bool {
         true

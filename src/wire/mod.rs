@@ -471,6 +471,8 @@ pub struct InitialEnd {
 
 /// Start of one sealed `.hrl` log: its header fields and byte length.
 #[derive(Debug, Clone, PartialEq, Eq)]
+// Mirrors the `.hrl` header's fields on purpose: the wire format is versioned
+// apart from the file format (`LogBegin::from_header` converts).
 pub struct LogBegin {
     pub disk_id: DiskId,
     pub disk_name: String,
@@ -635,19 +637,33 @@ impl ErrorMsg {
 }
 
 impl InitialChunk {
-    /// Build a chunk for `data` read at `offset`: ZERO if it is all zeros,
-    /// LZ4 if that saves at least 1/8 of the bytes, RAW otherwise.
-    /// `data` must be 1..=MAX_DATA bytes (checked by [`encode`]).
-    pub fn from_block(disk_id: DiskId, offset: u64, data: &[u8]) -> Self {
+    /// The chunk carrying `data` (disk bytes at `offset`): ZERO if it is
+    /// all zeros; with `try_lz4`, LZ4 if that saves at least 1/8 of the
+    /// bytes; RAW otherwise (the bytes moved, not copied). `data` must be
+    /// 1..=MAX_DATA bytes (checked by [`encode`]). The sender's copy builds
+    /// every chunk here.
+    pub fn new(disk_id: DiskId, offset: u64, data: Vec<u8>, try_lz4: bool) -> Self {
         let length = u32::try_from(data.len()).unwrap_or(u32::MAX);
-        let (encoding, payload) = compress(data);
+        let (encoding, data) = if crate::hrl::format::is_all_zero(&data) {
+            (Encoding::Zero, Vec::new())
+        } else {
+            match try_lz4.then(|| lz4_if_smaller(&data)).flatten() {
+                Some(c) => (Encoding::Lz4, c),
+                None => (Encoding::Raw, data),
+            }
+        };
         InitialChunk {
             disk_id,
             offset,
             length,
             encoding,
-            data: payload,
+            data,
         }
+    }
+
+    /// [`InitialChunk::new`] of a copy of `data`, lz4 tried.
+    pub fn from_block(disk_id: DiskId, offset: u64, data: &[u8]) -> Self {
+        Self::new(disk_id, offset, data.to_vec(), true)
     }
 
     /// The disk bytes this chunk stands for, written to `out` (cleared
@@ -657,18 +673,17 @@ impl InitialChunk {
     }
 }
 
-/// Choose the encoding of a run of disk bytes (see
-/// [`InitialChunk::from_block`]).
+/// Choose the encoding of a run of disk bytes (as [`InitialChunk::new`]
+/// with lz4 tried): the encoding and its payload.
 pub fn compress(data: &[u8]) -> (Encoding, Vec<u8>) {
-    if crate::hrl::format::is_all_zero(data) {
-        return (Encoding::Zero, Vec::new());
-    }
+    let c = InitialChunk::new([0; 16], 0, data.to_vec(), true);
+    (c.encoding, c.data)
+}
+
+/// `data` as one lz4 block, if that saves at least 1/8 of its bytes.
+fn lz4_if_smaller(data: &[u8]) -> Option<Vec<u8>> {
     let c = lz4_flex::block::compress(data);
-    if !c.is_empty() && c.len() <= data.len() - data.len() / 8 && c.len() < data.len() {
-        (Encoding::Lz4, c)
-    } else {
-        (Encoding::Raw, data.to_vec())
-    }
+    (!c.is_empty() && c.len() <= data.len() - data.len() / 8 && c.len() < data.len()).then_some(c)
 }
 
 /// Expand a stored run back to its `length` disk bytes into `out`.

@@ -193,6 +193,10 @@ pub struct Replica {
     pub history: BTreeMap<u64, Vec<u8>>,
     /// An initial copy in progress: its cycle and image.
     pub copy: Option<(u64, Vec<u8>)>,
+    /// The copy's progress: written below it (volatile, as the real
+    /// store's), and durable (what a restart resumes from).
+    pub copy_progress: u64,
+    pub copy_durable: u64,
     /// Logs stored durably, not applied yet.
     pub logs: BTreeMap<u64, Vec<u8>>,
 }
@@ -223,6 +227,9 @@ impl Store {
     /// the replica's cycle are applied (as the real store's recovery).
     pub fn crash_and_recover(&mut self) {
         self.staging.clear();
+        for r in self.disks.values_mut() {
+            r.copy_progress = r.copy_durable;
+        }
         let ids: Vec<DiskId> = self.disks.keys().copied().collect();
         for id in ids {
             while let Some(c) = self.next_recoverable(&id) {
@@ -292,6 +299,8 @@ impl Store {
                     Some(r) => DiskStatus {
                         replica_cycle: r.cycle,
                         replica_size: r.size as u64,
+                        copy_cycle: r.copy.as_ref().map_or(0, |(c, _)| *c),
+                        resume_offset: r.copy.as_ref().map_or(0, |_| r.copy_durable),
                         ..Default::default()
                     },
                     None => DiskStatus::default(),
@@ -299,8 +308,28 @@ impl Store {
                 Some((op, StoreDone::DiskLoaded(Ok(st))))
             }
             ReceiverAction::BeginInitial { op, open, begin } => {
+                // As the store and its driver (receiver::begin_initial): a
+                // copy of the same size resumes at its durable offset if
+                // the sender resumes (start_offset > 0, then it continues as
+                // the newer cut when the offsets agree) or restarts the same
+                // cycle; anything else starts over on a zeroed image.
                 let r = self.disks.entry(open.disk_id).or_default();
-                r.copy = Some((begin.cycle, vec![0u8; begin.disk_size as usize]));
+                let size = begin.disk_size as usize;
+                let resumes = matches!(&r.copy, Some((c, img))
+                    if img.len() == size && (begin.start_offset > 0 || *c == begin.cycle));
+                if resumes {
+                    let resume = r.copy_durable;
+                    r.copy_progress = resume;
+                    if begin.start_offset > 0 && resume == begin.start_offset {
+                        if let Some((c, _)) = r.copy.as_mut() {
+                            *c = begin.cycle;
+                        }
+                    }
+                    return Some((op, StoreDone::InitialBegun(Ok(resume))));
+                }
+                r.copy = Some((begin.cycle, vec![0u8; size]));
+                r.copy_progress = 0;
+                r.copy_durable = 0;
                 Some((op, StoreDone::InitialBegun(Ok(0))))
             }
             ReceiverAction::WriteInitial {
@@ -309,10 +338,25 @@ impl Store {
                 data,
                 ..
             } => {
-                if let Some((_, img)) = self.disks.get_mut(&disk_id).and_then(|r| r.copy.as_mut()) {
-                    let off = offset as usize;
-                    if let Some(dst) = img.get_mut(off..off + data.len()) {
-                        dst.copy_from_slice(&data);
+                if let Some(r) = self.disks.get_mut(&disk_id) {
+                    if let Some((_, img)) = r.copy.as_mut() {
+                        // As the store: a gap above the progress is zeroed
+                        // (a skipped hole), the progress only grows, and is
+                        // made durable every few blocks.
+                        let (off, end) = (offset as usize, offset as usize + data.len());
+                        let p = (r.copy_progress as usize).min(img.len());
+                        if off > p {
+                            if let Some(gap) = img.get_mut(p..off) {
+                                gap.fill(0);
+                            }
+                        }
+                        if let Some(dst) = img.get_mut(off..end) {
+                            dst.copy_from_slice(&data);
+                        }
+                        r.copy_progress = r.copy_progress.max(end as u64);
+                        if r.copy_progress - r.copy_durable >= 2 * BLOCK as u64 {
+                            r.copy_durable = r.copy_progress;
+                        }
                     }
                 }
                 None
@@ -322,7 +366,14 @@ impl Store {
             } => {
                 let res = match self.disks.get_mut(&disk_id) {
                     Some(r) if r.copy.as_ref().is_some_and(|(c, _)| *c == cycle) => {
-                        let (_, img) = r.copy.take().unwrap_or_default();
+                        let (_, mut img) = r.copy.take().unwrap_or_default();
+                        // As the store: the tail past the progress (holes)
+                        // is zeroed.
+                        if let Some(tail) = img.get_mut(r.copy_progress as usize..) {
+                            tail.fill(0);
+                        }
+                        r.copy_progress = 0;
+                        r.copy_durable = 0;
                         r.size = img.len();
                         r.image = img;
                         r.cycle = cycle;

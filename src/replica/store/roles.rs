@@ -644,6 +644,7 @@ impl Site<'_> {
                 ReplicaFormat::VhdOfRaw => raw_len_of(&dst, moved_before),
             }
             .map_err(|e| self.io(&p.ctx, "reading the adopted disk's size", &dst, e))?;
+            let (vhd_id, vhd_time) = vhd_identity(old.as_ref());
             let st = ReplicaState {
                 version: 1,
                 disk_id: hex(&d.disk_id),
@@ -652,14 +653,8 @@ impl Site<'_> {
                 format,
                 size,
                 block_size: d.block_size,
-                vhd_id: old
-                    .as_ref()
-                    .map(|o| o.vhd_id.clone())
-                    .unwrap_or_else(|| hex(&random_id())),
-                vhd_time: old
-                    .as_ref()
-                    .map(|o| o.vhd_time)
-                    .unwrap_or_else(vhd_timestamp_now),
+                vhd_id,
+                vhd_time,
                 initial_offset: None,
                 initial_cycle: None,
                 cycle: Some(cycle),

@@ -953,22 +953,31 @@ impl Receiver {
             (Wait::InitialBegin(b), StoreDone::InitialBegun(r)) => {
                 let resume = r.map_err(store)?;
                 if resume != b.start_offset {
+                    // The sender's idea of the durable offset is stale
+                    // (it was read before a lagging write of an older
+                    // connection moved it, or the copy was reset). Ending
+                    // the stream makes it open the disk again, and the
+                    // `DiskState` it gets then carries `resume`.
                     return Err(SessionError::Store {
                         code: ErrorCode::InvalidState,
                         retryable: true,
                         message: format!(
-                            "the initial copy can resume at {resume}, not {}; it restarts from the beginning",
+                            "the initial copy can resume at {resume}, not {}; the sender opens the disk again to learn where",
                             b.start_offset
                         ),
                     });
                 }
+                // A resumed copy begins with what changed below
+                // `start_offset` since the interrupted copy (ascending),
+                // then continues from it: chunks are checked for order
+                // from 0, not from `start_offset`.
                 self.set(
                     sid,
                     RState::Initial {
                         disk_id: b.disk_id,
                         cycle: b.cycle,
                         disk_size: b.disk_size,
-                        next: b.start_offset,
+                        next: 0,
                     },
                 );
                 Ok(())

@@ -967,7 +967,7 @@ impl Sender {
                 (!data.data.is_empty()).then(|| {
                     let try_lz4 = *incompressible < 8 || *chunks % 16 == 0;
                     *chunks += 1;
-                    let c = initial_chunk(disk_id, data.offset, data.data, try_lz4);
+                    let c = InitialChunk::new(disk_id, data.offset, data.data, try_lz4);
                     match c.encoding {
                         Encoding::Raw if try_lz4 => *incompressible += 1,
                         Encoding::Lz4 => *incompressible = 0,
@@ -1077,30 +1077,5 @@ impl Sender {
             }
             Err(e) => self.stream_failed(sid, e),
         }
-    }
-}
-
-/// The chunk of a copy carrying `data` (disk bytes at `offset`): encoded
-/// as [`wire::compress`] chooses when lz4 is to be tried, else zeros or the
-/// bytes as they are (moved, not copied).
-fn initial_chunk(disk_id: DiskId, offset: u64, data: Vec<u8>, try_lz4: bool) -> InitialChunk {
-    let length = u32::try_from(data.len()).unwrap_or(u32::MAX);
-    let (encoding, payload) = if try_lz4 {
-        wire::compress(&data)
-    } else if crate::hrl::format::is_all_zero(&data) {
-        (Encoding::Zero, Vec::new())
-    } else {
-        (Encoding::Raw, Vec::new())
-    };
-    InitialChunk {
-        disk_id,
-        offset,
-        length,
-        encoding,
-        data: if encoding == Encoding::Raw {
-            data
-        } else {
-            payload
-        },
     }
 }

@@ -288,6 +288,17 @@ fn a_log_out_of_order_marks_the_replica_for_resync() {
         .any(|a| matches!(a, ReceiverAction::MarkNeedsResync { .. })));
 }
 
+/// The op of the `StoreLogDurably` in `outs`.
+fn stored_op(outs: &[Output<ReceiverAction>]) -> OpId {
+    actions(outs)
+        .iter()
+        .find_map(|a| match a {
+            ReceiverAction::StoreLogDurably { op, .. } => Some(*op),
+            _ => None,
+        })
+        .expect("a verified log is stored durably")
+}
+
 /// The code of the `Error` answer in `outs`.
 fn refusal(outs: &[Output<ReceiverAction>]) -> Option<(ErrorCode, bool)> {
     sent(outs).into_iter().find_map(|m| match m {
@@ -321,13 +332,7 @@ fn a_log_the_store_cannot_apply_in_order_marks_the_replica_and_asks_for_a_resync
     let mut r = opened(5);
     let (_, msgs) = log_msgs(6, 5, b"0123456789");
     let outs = feed(&mut r, &msgs);
-    let op = actions(&outs)
-        .iter()
-        .find_map(|a| match a {
-            ReceiverAction::StoreLogDurably { op, .. } => Some(*op),
-            _ => None,
-        })
-        .expect("a verified log is stored durably");
+    let op = stored_op(&outs);
     let out_of_order = StoreFailure {
         code: ErrorCode::InvalidState,
         retryable: false,
@@ -342,13 +347,7 @@ fn a_log_the_store_cannot_apply_in_order_marks_the_replica_and_asks_for_a_resync
     // Any other store failure is answered as the store said.
     let mut r = opened(5);
     let outs = feed(&mut r, &msgs);
-    let op = actions(&outs)
-        .iter()
-        .find_map(|a| match a {
-            ReceiverAction::StoreLogDurably { op, .. } => Some(*op),
-            _ => None,
-        })
-        .expect("a verified log is stored durably");
+    let op = stored_op(&outs);
     let full = StoreFailure {
         code: ErrorCode::NoSpace,
         retryable: true,
@@ -971,4 +970,105 @@ fn a_copy_is_read_from_zero_and_tries_lz4_on_every_16th_chunk_after_eight_that_d
     // Compressible from chunk 20 on, but lz4 is only tried again at 32.
     assert!(encodings[20..32].iter().all(|e| *e == Raw), "{encodings:?}");
     assert!(encodings[32..].iter().all(|e| *e == Lz4), "{encodings:?}");
+}
+
+/// The op of the `BeginInitial` in `outs`.
+fn begin_op(outs: &[Output<ReceiverAction>]) -> OpId {
+    actions(outs)
+        .iter()
+        .find_map(|a| match a {
+            ReceiverAction::BeginInitial { op, .. } => Some(*op),
+            _ => None,
+        })
+        .expect("InitialBegin asks the store")
+}
+
+fn chunk(offset: u64, fill: u8) -> Msg {
+    Msg::InitialChunk(wire::InitialChunk::from_block(ID, offset, &[fill; 4096]))
+}
+
+fn initial_begin(start_offset: u64) -> Msg {
+    Msg::InitialBegin(wire::InitialBegin {
+        disk_id: ID,
+        cycle: 9,
+        disk_size: 1 << 20,
+        start_offset,
+    })
+}
+
+#[test]
+fn a_resumed_copy_takes_the_changed_blocks_below_its_start_offset() {
+    // The store has 64 KiB of the interrupted copy durable; the sender
+    // resumes there and first sends what changed below it since (block 1),
+    // then the rest. Refusing block 1 made the sender reconnect and send
+    // it again, forever (tests/session_sim.rs `resumed copies`).
+    let mut r = opened(0);
+    let outs = feed(&mut r, &[initial_begin(65536)]);
+    r.complete(NOW, begin_op(&outs), StoreDone::InitialBegun(Ok(65536)));
+    let outs = feed(
+        &mut r,
+        &[
+            chunk(4096, 1),
+            chunk(65536, 2),
+            chunk(69632, 3),
+            Msg::InitialEnd(wire::InitialEnd {
+                disk_id: ID,
+                cycle: 9,
+                disk_size: 1 << 20,
+            }),
+        ],
+    );
+    assert!(refusal(&outs).is_none(), "{outs:?}");
+    let writes: Vec<u64> = actions(&outs)
+        .iter()
+        .filter_map(|a| match a {
+            ReceiverAction::WriteInitial { offset, .. } => Some(*offset),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(writes, vec![4096, 65536, 69632]);
+    assert!(actions(&outs)
+        .iter()
+        .any(|a| matches!(a, ReceiverAction::FinishInitial { cycle: 9, .. })));
+}
+
+#[test]
+fn a_resumed_copy_still_refuses_chunks_out_of_order() {
+    let mut r = opened(0);
+    let outs = feed(&mut r, &[initial_begin(65536)]);
+    r.complete(NOW, begin_op(&outs), StoreDone::InitialBegun(Ok(65536)));
+    let outs = feed(&mut r, &[chunk(65536, 2), chunk(4096, 1)]);
+    assert_eq!(
+        actions(&outs)
+            .iter()
+            .filter(|a| matches!(a, ReceiverAction::WriteInitial { .. }))
+            .count(),
+        1
+    );
+    assert!(refusal(&outs).is_some(), "{outs:?}");
+}
+
+#[test]
+fn a_copy_resumed_at_another_offset_than_the_store_has_is_retried_not_applied() {
+    // Behind the store (a lagging write moved its offset) or ahead of it:
+    // no chunk is written, and the refusal is retryable, so the sender
+    // opens the disk again and learns the store's offset.
+    for (start, durable) in [(4096u64, 65536u64), (65536, 4096), (0, 65536)] {
+        let mut r = opened(0);
+        let outs = feed(&mut r, &[initial_begin(start)]);
+        r.complete(NOW, begin_op(&outs), StoreDone::InitialBegun(Ok(durable)));
+        let outs = drain(|| r.poll());
+        assert_eq!(
+            refusal(&outs),
+            Some((ErrorCode::InvalidState, true)),
+            "{start} vs {durable}: {outs:?}"
+        );
+        let outs = feed(&mut r, &[chunk(start, 1)]);
+        assert!(
+            !actions(&outs)
+                .iter()
+                .any(|a| matches!(a, ReceiverAction::WriteInitial { .. })),
+            "{outs:?}"
+        );
+    }
 }
