@@ -559,6 +559,7 @@ fn protect_live(
         // The primary's quiesce command need not work at this site.
         app_hook: None,
         rpo_alert_secs: 0,
+        retry: Default::default(),
     };
     let r = mount_ctl::call(&live.dir, &mount_ctl::Request::Protect { spec })?;
     if !r.ok {

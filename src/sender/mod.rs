@@ -22,8 +22,10 @@
 //!
 //! Errors ([`SendError`], decided on its [`ErrorKind`]): recoverable ones
 //! (network, receiver disk full, busy) put the VM in `Warning` and retry
-//! after 1, 2, 4, 8, 10 minutes, then every 30 minutes (scaled by
-//! `VDREP_RETRY_SCALE` so tests run in seconds); unrecoverable ones (refused
+//! on the VM's [`RetrySchedule`] (by default 1 s, 2 s, 5 s for continuous
+//! and short-interval VMs, then 1, 2, 4, 8, 10 minutes, then every 30
+//! minutes; scaled by `VDREP_RETRY_SCALE` so tests run in seconds);
+//! unrecoverable ones (refused
 //! certificate, invalid replica state, bad name) put it in `Critical` with
 //! the reason and stop until the administrator protects it again.
 //!
@@ -53,10 +55,12 @@ mod error;
 mod link;
 pub mod metrics;
 mod resync;
+pub mod retry;
 pub mod shaper;
 
 use error::transport_err;
 pub use error::{ErrorKind, SendError};
+pub use retry::RetrySchedule;
 use link::Link;
 
 pub use crate::resync::ResyncProgress;
@@ -101,6 +105,9 @@ pub struct ProtectSpec {
     /// (0: no alert; [`alert`]).
     #[serde(default)]
     pub rpo_alert_secs: u64,
+    /// When to try again after a recoverable failure ([`retry`]).
+    #[serde(default)]
+    pub retry: RetrySchedule,
 }
 
 impl ProtectSpec {
@@ -233,32 +240,6 @@ pub(crate) fn flush_mount(dir: &std::path::Path) -> Result<(), crate::tracking::
 
 fn retry(e: impl std::fmt::Display) -> SendError {
     SendError::retry(e)
-}
-
-/// Schedules whose interval is at most this retry fast first (see [`backoff`]).
-pub const FAST_RETRY_MAX_EVERY_SECS: u64 = 300;
-
-/// Delay before retry number `n` (0-based) of a VM replicating every
-/// `every_secs` (0: continuous). The long schedule is 1, 2, 4, 8, 10 min,
-/// then every 30 min. A continuous or short-interval VM (every ≤ 5 min)
-/// first retries after 1 s, 2 s and 5 s, so a blip (a receiver restart, a
-/// dropped link) costs seconds of RPO, and only then falls back to the long
-/// schedule. `scale` shortens everything (tests).
-pub fn backoff(n: u32, scale: f64, every_secs: u64) -> Duration {
-    const FAST: [f64; 3] = [1.0, 2.0, 5.0];
-    const LONG_MINS: [f64; 5] = [1.0, 2.0, 4.0, 8.0, 10.0];
-    let n = n as usize;
-    let fast = if every_secs <= FAST_RETRY_MAX_EVERY_SECS {
-        FAST.len()
-    } else {
-        0
-    };
-    let secs = if n < fast {
-        FAST[n]
-    } else {
-        LONG_MINS.get(n - fast).copied().unwrap_or(30.0) * 60.0
-    };
-    Duration::from_secs_f64(secs * scale)
 }
 
 /// A `vdrep sync` caller: the cycle it needs and where to answer.
@@ -886,7 +867,10 @@ impl Replicator {
                 | ErrorKind::Retry
                 | ErrorKind::TimedOut
                 | ErrorKind::Unavailable => {
-                    let d = backoff(failures, self.retry_scale, vm.spec.every_secs);
+                    let d = vm
+                        .spec
+                        .retry
+                        .delay(failures, self.retry_scale, vm.spec.every_secs);
                     failures += 1;
                     tracing::warn!(vm = %vm.spec.vm, "replication interrupted: {e}; retry in {d:?}");
                     {
@@ -1670,32 +1654,4 @@ fn not_protected(vm: &str) -> SendError {
 
 fn stopped(vm: &str) -> SendError {
     SendError::unavailable(format!("replication of {vm} stopped"))
-}
-
-#[cfg(test)]
-mod backoff_tests {
-    use super::*;
-
-    fn secs(n: u32, every: u64) -> f64 {
-        backoff(n, 1.0, every).as_secs_f64()
-    }
-
-    #[test]
-    fn continuous_and_short_intervals_retry_fast_first_then_the_long_schedule() {
-        for every in [0, 30, 300] {
-            let got: Vec<f64> = (0..10).map(|n| secs(n, every)).collect();
-            assert_eq!(
-                got,
-                [1.0, 2.0, 5.0, 60.0, 120.0, 240.0, 480.0, 600.0, 1800.0, 1800.0],
-                "every {every}s"
-            );
-        }
-    }
-
-    #[test]
-    fn long_intervals_keep_the_long_schedule() {
-        let got: Vec<f64> = (0..7).map(|n| secs(n, 900)).collect();
-        assert_eq!(got, [60.0, 120.0, 240.0, 480.0, 600.0, 1800.0, 1800.0]);
-        assert_eq!(backoff(0, 0.01, 900), Duration::from_secs_f64(0.6));
-    }
 }
