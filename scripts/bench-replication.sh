@@ -161,7 +161,7 @@ fi
 [[ -x "$VDREP" ]] || die "no vdrep binary at $VDREP"
 
 # --- test data (cached in $PRISTINE) ---------------------------------------
-if [[ ! -f "$PRISTINE/random.ok" ]]; then
+if [[ " $SECTIONS " == *" "@(initial|delta|rpo|blip)" "* && ! -f "$PRISTINE/random.ok" ]]; then
     say "creating $PRISTINE/random.img ($SIZE of random data)"
     head -c "$SIZE_BYTES" /dev/urandom >"$PRISTINE/random.img"
     touch "$PRISTINE/random.ok"
@@ -221,7 +221,8 @@ start_receiver() { # STORE
 mount_src() {
     "$VDREP" mount "$VSRC" --keys "$KEYS_A" --log-file "$LOG/sender.log" || die "vdrep mount failed"
     is_fuse_mounted "$VSRC" || die "vdrep mount returned but $VSRC is not a FUSE mount"
-    SENDER_PID="$(status_json | jq -r .pid)"
+    # the worker process (the replication runs there), not the supervisor
+    SENDER_PID="$(status_json | jq -r '.worker.pid // .pid')"
 }
 protect() { # EVERY [DISK...] (default: disk.img)
     local every="$1"; shift
@@ -495,10 +496,7 @@ fi
 if [[ " $SECTIONS " == *" scale "* ]]; then
 say "scale: $SCALE_VMS VMs x $SCALE_DISK, one mount, one receiver (untimed setup)"
 umount_src; stop_receiver; rm -rf "$VSRC"; mkdir -p "$VSRC"
-disks=()
-for i in $(seq -f %03g 0 $((SCALE_VMS - 1))); do
-    truncate -s "$SCALE_DISK" "$VSRC/s$i.img"; disks+=("$VSRC/s$i.img")
-done
+for i in $(seq 0 $((SCALE_VMS - 1))); do truncate -s "$SCALE_DISK" "$VSRC/s$i.img"; done
 start_receiver "$W/store-scale"
 mount_src
 proc_mem() { # PID -> "rss_kib threads fds"
@@ -507,7 +505,7 @@ proc_mem() { # PID -> "rss_kib threads fds"
 read -r s_rss0 s_thr0 s_fd0 <<<"$(proc_mem "$SENDER_PID")"
 read -r r_rss0 r_thr0 r_fd0 <<<"$(proc_mem "$RECV_PID")"
 t0=$(now)
-for i in $(seq -f %03g 0 $((SCALE_VMS - 1))); do
+for i in $(seq 0 $((SCALE_VMS - 1))); do
     "$VDREP" protect "s$i" --to "$RECV_ADDR" --trust "$KEYS_B/site-b.crt" --every continuous "$VSRC/s$i.img" \
         >>"$LOG/protect.log" 2>&1 || die "vdrep protect s$i failed: $(tail -3 "$LOG/protect.log")"
 done
@@ -515,13 +513,12 @@ rec scale vdrep 1 protect_secs "$(elapsed "$t0" "$(now)")"
 "$VDREP" sync "$VSRC" --timeout 900 >>"$LOG/sync.log" 2>&1 || die "vdrep sync of the $SCALE_VMS VMs failed (scale setup)"
 rec scale vdrep 1 setup_secs "$(elapsed "$t0" "$(now)")"
 say "scale: fio $SCALE_RATE of 4 KiB random writes over $SCALE_VMS disks for ${SCALE_SECS}s; every VM's lag sampled every second"
-{
-    echo "[scale-load]"
-    echo "filename=$(IFS=:; echo "${disks[*]}")"
-    echo "file_service_type=random"
-    printf '%s\n' rw=randwrite bs=4k direct=1 ioengine=libaio iodepth=16 "rate=$SCALE_RATE" \
-        time_based=1 "runtime=$SCALE_SECS" randrepeat=0
-} >"$W/scale.fio"
+# fio's filename= list is too long for 256 paths: the files are
+# s0.img .. sN.img, fio's $filenum.
+printf '%s\n' "[scale-load]" "directory=$VSRC" "nrfiles=$SCALE_VMS" 'filename_format=s$filenum.img' \
+    "filesize=$SCALE_DISK" allow_file_create=0 file_service_type=random rw=randwrite bs=4k direct=1 \
+    ioengine=libaio iodepth=16 "rate=$SCALE_RATE" time_based=1 "runtime=$SCALE_SECS" randrepeat=0 \
+    >"$W/scale.fio"
 pidstat -u -h -t -p "$SENDER_PID,$RECV_PID" 1 >"$LOG/pidstat-scale.txt" 2>&1 &
 PIDSTAT_PID=$!
 cs0=$(cpu_secs "$SENDER_PID"); cr0=$(cpu_secs "$RECV_PID")

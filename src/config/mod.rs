@@ -379,10 +379,7 @@ pub fn parse_retry_steps(s: &str, none_ok: bool) -> Result<Vec<Duration>, BadVal
             format!("give the delays separated by commas, e.g. 1m, 2m, 30m{none}"),
         ));
     }
-    steps
-        .into_iter()
-        .map(parse_duration)
-        .collect()
+    steps.into_iter().map(parse_duration).collect()
 }
 
 /// `continuous` or a duration.

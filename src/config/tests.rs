@@ -379,7 +379,10 @@ fn retry_schedule_keys_are_typed_and_checked() {
     );
     // Not set: the defaults apply later (the sender's RetrySchedule).
     assert_eq!(c.vms[0].retry_fast, None);
-    let none = GOOD.replace("app_every = \"1h\"", "app_every = \"1h\"\nretry_fast = \"none\"");
+    let none = GOOD.replace(
+        "app_every = \"1h\"",
+        "app_every = \"1h\"\nretry_fast = \"none\"",
+    );
     assert_eq!(check(&none).unwrap().vms[1].retry_fast, Some(vec![]));
 
     let bad = GOOD.replace(

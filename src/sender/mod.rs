@@ -52,6 +52,7 @@ use shaper::{LinkShare, Shaper};
 pub mod alert;
 pub mod app_hook;
 mod error;
+pub mod flush;
 mod link;
 pub mod metrics;
 mod resync;
@@ -60,8 +61,8 @@ pub mod shaper;
 
 use error::transport_err;
 pub use error::{ErrorKind, SendError};
-pub use retry::RetrySchedule;
 use link::Link;
+pub use retry::RetrySchedule;
 
 pub use crate::resync::ResyncProgress;
 
@@ -218,26 +219,6 @@ enum Job {
     Verify(oneshot::Sender<Result<Vec<VerifyDisk>, SendError>>),
 }
 
-/// Push the kernel's cached writes of the mount at `dir` down to the
-/// daemon, so that every write(2) that returned before a cut is in it. A
-/// failure (a write-back error the kernel reports once) stops that cut: its
-/// point could miss writes the VM was told were written; the next try
-/// flushes again.
-pub(crate) fn flush_mount(dir: &std::path::Path) -> Result<(), crate::tracking::TrackError> {
-    let io = |source: std::io::Error| crate::tracking::TrackError::Io {
-        what: format!(
-            "flushing the cached writes of {} before the cut",
-            dir.display()
-        ),
-        source,
-        note:
-            " (a write-back error; the cut is retried; check the disks' file system and kernel log)"
-                .into(),
-    };
-    let d = std::fs::File::open(dir).map_err(io)?;
-    nix::unistd::syncfs(&d).map_err(|e| io(e.into()))
-}
-
 fn retry(e: impl std::fmt::Display) -> SendError {
     SendError::retry(e)
 }
@@ -314,6 +295,8 @@ pub struct Replicator {
     /// Shared caps per destination (`--link-max-rate`), by `to`.
     links: Mutex<HashMap<String, Arc<LinkShare>>>,
     retry_scale: f64,
+    /// The flush before a cut, shared by the VMs that cut together.
+    flush: Arc<flush::FlushGate>,
     /// This daemon's identity (random): resync progress it saved can be
     /// resumed with its in-memory bitmap.
     instance: String,
@@ -364,6 +347,7 @@ impl Replicator {
             vms: Mutex::new(HashMap::new()),
             links: Mutex::new(HashMap::new()),
             retry_scale,
+            flush: Arc::new(flush::FlushGate::new(mount_dir)),
             instance: format!(
                 "{:032x}",
                 xxhash_rust::xxh3::xxh3_128(
@@ -1153,14 +1137,7 @@ impl Replicator {
             } else if !synced {
                 // Continuous: next cycle as soon as this one is acknowledged,
                 // but don't spin on an idle disk.
-                let dirty: u64 = self
-                    .tracker
-                    .status()
-                    .disks
-                    .iter()
-                    .filter(|d| spec.disks.contains(&d.name))
-                    .map(|d| d.dirty_blocks)
-                    .sum();
+                let dirty = self.tracker.dirty_blocks_of(&spec.disks);
                 if dirty == 0 && vm.waiters.lock().is_empty() {
                     let _ =
                         tokio::time::timeout(Duration::from_millis(200), vm.wake.notified()).await;
@@ -1239,14 +1216,14 @@ impl Replicator {
         let replica = self.open_disks(vm, link).await?;
         let spec = vm.spec.clone();
         let tracker = self.tracker.clone();
-        let dir = self.mount_dir.clone();
+        let flush = self.flush.clone();
         let sel = CutSelect {
             disks: Some(spec.disks.clone()),
             full_from: spec.disks.iter().map(|d| (d.clone(), 0)).collect(),
             ..Default::default()
         };
         let sealed = tokio::task::spawn_blocking(move || {
-            flush_mount(&dir)?;
+            flush.flush()?;
             tracker.seal(&sel)
         })
         .await
@@ -1309,7 +1286,7 @@ impl Replicator {
     async fn cut_and_ship(&self, vm: &Arc<Vm>, link: &mut Link) -> Result<(), SendError> {
         let spec = vm.spec.clone();
         let tracker = self.tracker.clone();
-        let dir = self.mount_dir.clone();
+        let flush = self.flush.clone();
         // Due when `every` passed since the last attempt (failed or not:
         // a broken hook must not stall every cut for its time limit).
         let mut hook = None;
@@ -1334,7 +1311,7 @@ impl Replicator {
                 }
                 let frozen_at = std::time::Instant::now();
                 // A failed flush skips the cut (the guest is still thawed).
-                let sealed = flush_mount(&dir).and_then(|()| {
+                let sealed = flush.flush().and_then(|()| {
                     // Bitmap-only disks are sealed too: this cycle ships
                     // all their changes at once.
                     for d in &spec.disks {
@@ -1528,9 +1505,9 @@ impl Replicator {
             full_from: full_from.clone(),
             ..Default::default()
         };
-        let dir = self.mount_dir.clone();
+        let flush = self.flush.clone();
         let sealed = tokio::task::spawn_blocking(move || {
-            flush_mount(&dir)?;
+            flush.flush()?;
             tracker.seal_for_copy(&sel)
         })
         .await

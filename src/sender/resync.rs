@@ -257,7 +257,7 @@ impl super::Replicator {
         }
         // 3. One cut of every disk of the VM.
         let tracker = self.tracker.clone();
-        let dir = self.mount_dir.clone();
+        let flush = self.flush.clone();
         let sel = CutSelect {
             disks: Some(spec.disks.clone()),
             full_from,
@@ -266,7 +266,7 @@ impl super::Replicator {
             skip_bitmap_only: false,
         };
         let sealed = tokio::task::spawn_blocking(move || {
-            super::flush_mount(&dir)?;
+            flush.flush()?;
             tracker.seal(&sel)
         })
         .await

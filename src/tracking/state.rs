@@ -36,8 +36,28 @@ pub enum TrackState {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MountMeta {
     pub clean: bool,
+    /// In memory: the last cycle number used. On disk: at least that, and
+    /// at least every number a cut may use before the file is written
+    /// again ([`MountMeta::reserved`]).
     pub cut_seq: u64,
     pub pid: u32,
+    /// Cycle numbers up to this are durable in `mount.json` already, so a
+    /// cut below it need not write the file (one write per
+    /// `CYCLE_RESERVE` cuts instead of one per cut, which serialised every
+    /// VM's cut behind an fsync). Not saved; a crash skips at most the
+    /// unused rest of the reservation.
+    #[serde(skip)]
+    pub reserved: u64,
+}
+
+impl MountMeta {
+    /// What `mount.json` must say now: `cut_seq` covers the reservation.
+    pub fn durable(&self) -> MountMeta {
+        MountMeta {
+            cut_seq: self.cut_seq.max(self.reserved),
+            ..self.clone()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
