@@ -106,8 +106,7 @@ fn receiver_blip_is_retried_within_seconds_not_minutes() {
         let v = &st["replication"][0];
         if let (Some(next), Some(n)) = (v["next_retry_unix"].as_u64(), v["retries"].as_u64()) {
             if seen.last().is_none_or(|(_, k, _)| *k != n) {
-                let text =
-                    String::from_utf8_lossy(&vdrep_ok(&["status", &s("vm")]).stdout).into_owned();
+                let text = vdrep_ok(&["status", &s("vm")]);
                 let metrics = scrape(&maddr);
                 seen.push((next, n, (text, metrics)));
             }
