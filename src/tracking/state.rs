@@ -5,7 +5,11 @@
 //! - `mount.json`: `{clean, cut_seq, pid}`. `clean=false` is written (and
 //!   fsynced) when a mount starts and `clean=true` only after a clean
 //!   shutdown saved every bitmap; finding `false` at the next mount means the
-//!   previous daemon died and no bitmap can be trusted.
+//!   previous daemon died and no bitmap can be trusted. While the mount
+//!   runs, `cut_seq` is a reservation: a cut that passes it writes the file
+//!   with `cut_seq` 4096 cycles ahead, so after a crash the next cycle
+//!   number skips the unused rest (numbers only ever grow); a clean
+//!   shutdown saves the exact last number.
 //! - `disks/<folder>/meta.json`: identity, name, last sealed cycle and the
 //!   disk's size, inode and mtime at the last clean shutdown, and its state.
 //! - `disks/<folder>/bitmap`: the unsealed cycle's dirty bitmap, saved at a
