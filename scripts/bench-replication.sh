@@ -22,6 +22,13 @@
 #    is killed (-9) and restarted 2 s later on the same address and store.
 #    lag_secs sampled every 0.5 s from the restart on, for BLIP_SECS.
 #    Target: lag p99 <= 5 s measured from the restart (fast retries).
+#    The VM has two disks (disk.img and a SIZE/4 disk2.img), both under load.
+# 5. scale: SCALE_VMS VMs (256) with one SCALE_DISK (16M) disk each in one
+#    mount, all `--every continuous` to one receiver; fio writes SCALE_RATE
+#    (50m) of 4 KiB random writes in total (O_DIRECT, spread over every disk)
+#    for SCALE_SECS; every VM's lag_secs sampled every second. Target: lag
+#    p99 <= 1 s over all VMs and samples. Also the daemon's and the
+#    receiver's RSS, threads, descriptors and CPU per VM.
 #
 # "On the wire" is what each tool's sockets carried: for vdrep the UDP
 # payload bytes its QUIC connections sent (status `wire_bytes_sent`: data,
@@ -36,6 +43,8 @@
 # Environment:
 #   SIZE=2G  RUNS=3  CHANGE_PCT=1  FILL_PCT=20  RPO_SECS=60  RPO_RATE=50m
 #   SECTIONS="initial delta rpo blip"   subset to run   BLIP_SECS=30
+#     (add "scale", or SECTIONS=scale alone: SCALE_VMS=256 SCALE_DISK=16M
+#      SCALE_RATE=50m SCALE_SECS=60)
 #   RPO_MODES="30s continuous"     subset of --every modes for the RPO section
 #   BENCH_ROOT=/var/tmp/vdrep-rbench   work folder (needs ~6x SIZE free; not tmpfs)
 #   NO_BUILD=1   do not run `cargo build --release`
@@ -58,8 +67,13 @@ CHANGE_PCT="${CHANGE_PCT:-1}"
 FILL_PCT="${FILL_PCT:-20}"
 RPO_SECS="${RPO_SECS:-60}"
 RPO_RATE="${RPO_RATE:-50m}"
-SECTIONS="${SECTIONS:-initial delta rpo blip}"
+SECTIONS="${SECTIONS:-initial delta rpo blip scale}"
 BLIP_SECS="${BLIP_SECS:-30}"
+SCALE_VMS="${SCALE_VMS:-256}"
+SCALE_DISK="${SCALE_DISK:-16M}"
+SCALE_RATE="${SCALE_RATE:-50m}"
+SCALE_SECS="${SCALE_SECS:-60}"
+export SCALE_SECS SCALE_RATE   # read by the report
 BENCH_ROOT="${BENCH_ROOT:-/var/tmp/vdrep-rbench}"
 VDREP="${VDREP:-$REPO/target/release/vdrep}"
 RESULTS_DIR="$REPO/bench-results"
@@ -147,7 +161,7 @@ fi
 [[ -x "$VDREP" ]] || die "no vdrep binary at $VDREP"
 
 # --- test data (cached in $PRISTINE) ---------------------------------------
-if [[ ! -f "$PRISTINE/random.ok" ]]; then
+if [[ " $SECTIONS " == *" "@(initial|delta|rpo|blip)" "* && ! -f "$PRISTINE/random.ok" ]]; then
     say "creating $PRISTINE/random.img ($SIZE of random data)"
     head -c "$SIZE_BYTES" /dev/urandom >"$PRISTINE/random.img"
     touch "$PRISTINE/random.ok"
@@ -207,10 +221,13 @@ start_receiver() { # STORE
 mount_src() {
     "$VDREP" mount "$VSRC" --keys "$KEYS_A" --log-file "$LOG/sender.log" || die "vdrep mount failed"
     is_fuse_mounted "$VSRC" || die "vdrep mount returned but $VSRC is not a FUSE mount"
-    SENDER_PID="$(status_json | jq -r .pid)"
+    # the worker process (the replication runs there), not the supervisor
+    SENDER_PID="$(status_json | jq -r '.worker.pid // .pid')"
 }
-protect() { # EVERY
-    "$VDREP" protect "$VM" --to "$RECV_ADDR" --trust "$KEYS_B/site-b.crt" --every "$1" "$VSRC/disk.img" >>"$LOG/protect.log" 2>&1 \
+protect() { # EVERY [DISK...] (default: disk.img)
+    local every="$1"; shift
+    [[ $# -gt 0 ]] || set -- "$VSRC/disk.img"
+    "$VDREP" protect "$VM" --to "$RECV_ADDR" --trust "$KEYS_B/site-b.crt" --every "$every" "$@" >>"$LOG/protect.log" 2>&1 \
         || die "vdrep protect failed: $(tail -3 "$LOG/protect.log")"
 }
 start_rsyncd() {
@@ -423,17 +440,17 @@ fi
 # =============================================================================
 # 4. blip: the receiver killed and back 2 s later, under load
 if [[ " $SECTIONS " == *" blip "* ]]; then
-if ! is_fuse_mounted "$VSRC" || [[ -z "$RECV_PID" ]]; then
-    say "blip: setting up (untimed initial copy)"
-    umount_src; rm -rf "$VSRC"; mkdir -p "$VSRC"
-    cp "$PRISTINE/random.img" "$VSRC/disk.img"
-    start_receiver "$W/store-delta"
-    mount_src
-fi
-protect continuous
+# A 2-disk VM (as in the issue): its own folder, store and receiver.
+say "blip: setting up a 2-disk VM (untimed initial copy)"
+umount_src; rm -rf "$VSRC"; mkdir -p "$VSRC"
+cp "$PRISTINE/random.img" "$VSRC/disk.img"
+head -c "$((SIZE_BYTES / 4))" "$PRISTINE/random.img" >"$VSRC/disk2.img"
+start_receiver "$W/store-blip"
+mount_src
+protect continuous "$VSRC/disk.img" "$VSRC/disk2.img"
 "$VDREP" sync "$VM" >>"$LOG/sync.log" 2>&1 || die "vdrep sync failed (blip setup)"
-say "blip: fio $RPO_RATE random writes; receiver kill -9 after 5 s, back 2 s later; lag sampled for ${BLIP_SECS}s after the restart"
-BENCH_FILE="$VSRC/disk.img" RATE="$RPO_RATE" RUNTIME="$((BLIP_SECS + 8))" \
+say "blip: fio $RPO_RATE random writes over both disks; receiver kill -9 after 5 s, back 2 s later; lag sampled for ${BLIP_SECS}s after the restart"
+BENCH_FILE="$VSRC/disk.img:$VSRC/disk2.img" RATE="$RPO_RATE" RUNTIME="$((BLIP_SECS + 8))" \
     fio --output-format=json --output="$LOG/fio-blip.json" "$REPO/benches/replication/rpo-load.fio" \
     >/dev/null 2>"$LOG/fio-blip.err" &
 FIO_PID=$!
@@ -473,6 +490,86 @@ warn_until="$(awk -F'\t' '$3 != "Normal" {t = $1} END {print t + 0}' "$LOG/lag-b
 rec blip continuous 1 recovered_secs "$warn_until"
 "$VDREP" sync "$VM" >>"$LOG/sync.log" 2>&1 || say "warning: sync after the blip failed"
 fi
+
+# =============================================================================
+# 5. scale: SCALE_VMS one-disk VMs in one mount, all continuous to one receiver
+if [[ " $SECTIONS " == *" scale "* ]]; then
+say "scale: $SCALE_VMS VMs x $SCALE_DISK, one mount, one receiver (untimed setup)"
+umount_src; stop_receiver; rm -rf "$VSRC"; mkdir -p "$VSRC"
+for i in $(seq 0 $((SCALE_VMS - 1))); do truncate -s "$SCALE_DISK" "$VSRC/s$i.img"; done
+start_receiver "$W/store-scale"
+mount_src
+proc_mem() { # PID -> "rss_kib threads fds"
+    echo "$(awk '/^VmRSS:/ {print $2}' "/proc/$1/status") $(awk '/^Threads:/ {print $2}' "/proc/$1/status") $(ls "/proc/$1/fd" | wc -l)"
+}
+read -r s_rss0 s_thr0 s_fd0 <<<"$(proc_mem "$SENDER_PID")"
+read -r r_rss0 r_thr0 r_fd0 <<<"$(proc_mem "$RECV_PID")"
+t0=$(now)
+for i in $(seq 0 $((SCALE_VMS - 1))); do
+    "$VDREP" protect "s$i" --to "$RECV_ADDR" --trust "$KEYS_B/site-b.crt" --every continuous "$VSRC/s$i.img" \
+        >>"$LOG/protect.log" 2>&1 || die "vdrep protect s$i failed: $(tail -3 "$LOG/protect.log")"
+done
+rec scale vdrep 1 protect_secs "$(elapsed "$t0" "$(now)")"
+"$VDREP" sync "$VSRC" --timeout 900 >>"$LOG/sync.log" 2>&1 || die "vdrep sync of the $SCALE_VMS VMs failed (scale setup)"
+rec scale vdrep 1 setup_secs "$(elapsed "$t0" "$(now)")"
+say "scale: fio $SCALE_RATE of 4 KiB random writes over $SCALE_VMS disks for ${SCALE_SECS}s; every VM's lag sampled every second"
+# fio's filename= list is too long for 256 paths: the files are
+# s0.img .. sN.img, fio's $filenum.
+printf '%s\n' "[scale-load]" "directory=$VSRC" "nrfiles=$SCALE_VMS" 'filename_format=s$filenum.img' \
+    "filesize=$SCALE_DISK" allow_file_create=0 file_service_type=random rw=randwrite bs=4k direct=1 \
+    ioengine=libaio iodepth=16 "rate=$SCALE_RATE" time_based=1 "runtime=$SCALE_SECS" randrepeat=0 \
+    >"$W/scale.fio"
+pidstat -u -h -t -p "$SENDER_PID,$RECV_PID" 1 >"$LOG/pidstat-scale.txt" 2>&1 &
+PIDSTAT_PID=$!
+cs0=$(cpu_secs "$SENDER_PID"); cr0=$(cpu_secs "$RECV_PID")
+fio --output-format=json --output="$LOG/fio-scale.json" "$W/scale.fio" >/dev/null 2>"$LOG/fio-scale.err" &
+FIO_PID=$!
+# One line per sample and VM: seconds, vm, lag (empty: no point yet).
+python3 - "$VDREP" "$VSRC" "$SCALE_SECS" "$RES" >"$LOG/lag-scale.tsv" <<'PY' &
+import json, subprocess, sys, time
+vdrep, d, secs, res = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+t0 = time.time(); nxt = t0 + 1
+n = 0
+while time.time() < t0 + secs:
+    time.sleep(max(0.0, nxt - time.time())); nxt += 1
+    try:
+        s = json.loads(subprocess.run([vdrep, "status", d, "--json"], capture_output=True, text=True, timeout=10).stdout)
+    except Exception as e:
+        print(f"{time.time() - t0:.2f}\t\t\terror:{e}", flush=True); continue
+    n += 1
+    with open(res, "a") as out:
+        for v in s.get("replication", []):
+            lag = v.get("lag_secs")
+            print(f"{time.time() - t0:.2f}\t{v['vm']}\t{'' if lag is None else f'{lag:.3f}'}\t{v.get('state')}")
+            out.write(f"scale\tvdrep\t1\tlag\t{'' if lag is None else f'{lag:.3f}'}\n")
+            out.write(f"scale\tvdrep\t1\tpending\t{v.get('bytes_pending', 0)}\n")
+with open(res, "a") as out:
+    out.write(f"scale\tvdrep\t1\tsamples\t{n}\n")
+PY
+SAMPLER_PID=$!
+sleep "$((SCALE_SECS / 2))"
+read -r s_rss1 s_thr1 s_fd1 <<<"$(proc_mem "$SENDER_PID")"
+read -r r_rss1 r_thr1 r_fd1 <<<"$(proc_mem "$RECV_PID")"
+wait "$FIO_PID" || say "warning: fio failed: $(tail -2 "$LOG/fio-scale.err")"
+FIO_PID=""
+cs1=$(cpu_secs "$SENDER_PID"); cr1=$(cpu_secs "$RECV_PID")
+wait "$SAMPLER_PID" || true; SAMPLER_PID=""
+kill "$PIDSTAT_PID" 2>/dev/null || true; wait "$PIDSTAT_PID" 2>/dev/null || true; PIDSTAT_PID=""
+rec scale vdrep 1 vms "$SCALE_VMS"
+rec scale vdrep 1 fio_bw "$(jq '.jobs[0].write.bw_bytes' "$LOG/fio-scale.json" 2>/dev/null || echo 0)"
+rec scale vdrep 1 cpu_sender "$(elapsed "$cs0" "$cs1")"
+rec scale vdrep 1 cpu_receiver "$(elapsed "$cr0" "$cr1")"
+for k in rss thr fd; do
+    for side in s r; do
+        v0="${side}_${k}0" v1="${side}_${k}1"
+        rec scale vdrep 1 "${side}_${k}0" "${!v0}"; rec scale vdrep 1 "${side}_${k}1" "${!v1}"
+    done
+done
+t0=$(now)
+"$VDREP" sync "$VSRC" --timeout 900 >>"$LOG/sync.log" 2>&1 || say "warning: sync after the scale load failed"
+rec scale vdrep 1 drain_secs "$(elapsed "$t0" "$(now)")"
+fi
+
 umount_src; stop_receiver
 
 # =============================================================================
@@ -572,6 +669,35 @@ if any(k[0] == "blip" for k in d):
           [[f"{len(lags)}/{int(med('blip', 'continuous', 'samples') or 0)}", f1(p50, 1), f1(p99, 1), f1(mx, 1),
             f"{int(med('blip', 'continuous', 'retries') or 0)}", f1(med("blip", "continuous", "recovered_secs"), 1), verdict]])
     js["blip"] = {"p50": p50, "p99": p99, "max": mx, "samples": len(lags)}
+if any(k[0] == "scale" for k in d):
+    g = lambda k: med("scale", "vdrep", k)
+    lags = d.get(("scale", "vdrep", "lag"), [])
+    n = int(g("vms") or 0); secs = float(os.environ.get("SCALE_SECS", "60"))
+    total = n * int(g("samples") or 0)
+    p50, p99, mx = pctl(lags, 50), pctl(lags, 99), (max(lags) if lags else None)
+    # a sample without a point counts as a miss too
+    verdict = "PASS" if p99 is not None and p99 <= 1 and len(lags) == total else "MISS"
+    per = lambda a, b: "n/a" if g(a) is None or g(b) is None or not n else f"{(g(b) - g(a)) / n:,.1f}"
+    table(f"5. Scale: {n} VMs x 1 disk, one mount, all --every continuous to one receiver; fio {os.environ.get('SCALE_RATE', '50m')}/s of 4 KiB random writes in total, {secs:.0f} s",
+          ["lag samples with a point", "lag p50 s", "lag p99 s", "lag max s", "fio MB/s", "pending max MB",
+           "drain s", "target p99 <= 1 s"],
+          [[f"{len(lags)}/{total}", f1(p50, 2), f1(p99, 2), f1(mx, 2), mb(g("fio_bw")),
+            mb(max(d.get(("scale", "vdrep", "pending"), [0]))), f1(g("drain_secs"), 1), verdict]])
+    rows = []
+    for side, name, cpu in (("s", "mount daemon (sender)", "cpu_sender"), ("r", "receiver", "cpu_receiver")):
+        rows.append([name, f"{(g(side + '_rss0') or 0) / 1024:,.0f} -> {(g(side + '_rss1') or 0) / 1024:,.0f}",
+                     per(side + "_rss0", side + "_rss1"),
+                     f"{int(g(side + '_thr0') or 0)} -> {int(g(side + '_thr1') or 0)}",
+                     f"{int(g(side + '_fd0') or 0)} -> {int(g(side + '_fd1') or 0)}",
+                     f"{(g(cpu) or 0) / secs * 100:.0f}%",
+                     "n/a" if not n else f"{(g(cpu) or 0) / secs / n * 1e3:.2f}"])
+    table("5b. Scale: cost per VM (before protect -> under load)",
+          ["process", "RSS MiB", "RSS KiB per VM", "threads", "descriptors", "CPU (of one core)",
+           "CPU ms per second per VM"], rows)
+    js["scale"] = {"vms": n, "p50": p50, "p99": p99, "max": mx, "samples": len(lags), "expected": total,
+                   "fio_bw": g("fio_bw"), "cpu_sender_s": g("cpu_sender"), "cpu_receiver_s": g("cpu_receiver"),
+                   "rss_kib": {k: g(k) for k in ("s_rss0", "s_rss1", "r_rss0", "r_rss1")},
+                   "setup_secs": g("setup_secs"), "protect_secs": g("protect_secs")}
 text = "\n".join(out) + "\n"
 print(text)
 open(base + ".md", "w").write(text)

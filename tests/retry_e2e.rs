@@ -1,13 +1,16 @@
 //! A network blip on a continuous VM: the receiver is killed (-9) and back
 //! 2 s later while the VM writes. The sender's fast retries (1 s, 2 s, 5 s
 //! before the 1-minute schedule) commit a point again without waiting for the
-//! long schedule, and `status` counts the retries. This binary never sets
+//! long schedule, and `status` counts the retries; during a longer outage
+//! `status` (text and JSON) and the metrics show the next retry time and
+//! the retry count. This binary never sets
 //! `VDREP_RETRY_SCALE`: the real schedule is under test. Needs root and
 //! /dev/fuse (CI has both).
 
 mod mountutil;
 mod skip;
 
+use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -31,7 +34,14 @@ fn receiver_blip_is_retried_within_seconds_not_minutes() {
         .unwrap();
     let mut rx = site.receiver("127.0.0.1:0");
     let addr = rx.addr.clone();
-    let mut m = site.mount();
+    let maddr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let mut m = Mounted::new(
+        &site.p("vm"),
+        &["--keys", &site.s("ka"), "--metrics-listen", &maddr],
+    );
     vdrep_ok(&[
         "protect",
         "vm1",
@@ -67,7 +77,7 @@ fn receiver_blip_is_retried_within_seconds_not_minutes() {
     std::thread::sleep(Duration::from_millis(500));
     rx.kill9();
     std::thread::sleep(Duration::from_secs(2));
-    let _rx2 = site.receiver(&addr);
+    let mut rx2 = site.receiver(&addr);
     // The long schedule's first retry is 1 minute after the failure; the
     // fast schedule retries within seconds. A sync that must finish within
     // 45 s tells them apart on a busy host.
@@ -84,6 +94,50 @@ fn receiver_blip_is_retried_within_seconds_not_minutes() {
         v["retries"].as_u64().unwrap() > retries_before,
         "status does not count the retry: {st}"
     );
+
+    // A longer outage: while the VM waits between tries, `status` (text
+    // and JSON) and the metrics say when it tries next and how often it
+    // tried; the waits follow the fast schedule (1 s, 2 s, 5 s).
+    rx2.kill9();
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while seen.len() < 2 && std::time::Instant::now() < deadline {
+        let st = m.status_json();
+        let v = &st["replication"][0];
+        if let (Some(next), Some(n)) = (v["next_retry_unix"].as_u64(), v["retries"].as_u64()) {
+            if seen.last().is_none_or(|(_, k, _)| *k != n) {
+                let text = vdrep_ok(&["status", &s("vm")]);
+                let metrics = scrape(&maddr);
+                seen.push((next, n, (text, metrics)));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        seen.len() >= 2,
+        "status never showed two waits for a retry while the receiver was down: {seen:?}"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    for (next, n, (text, metrics)) in &seen {
+        assert!(
+            *next <= now + 6,
+            "retry {n} planned at {next}, now {now}: not the fast schedule"
+        );
+        assert!(
+            text.contains(&format!("(retries so far: {n})")) && text.contains("next retry in"),
+            "status text: {text}"
+        );
+        let line = format!("vdrep_vm_next_retry_timestamp_seconds{{vm=\"vm1\"}} {next}");
+        assert!(metrics.contains(&line), "metrics lack {line}:\n{metrics}");
+        assert!(
+            metrics.contains("vdrep_vm_retries_total{vm=\"vm1\"}"),
+            "{metrics}"
+        );
+    }
+    let _rx3 = site.receiver(&addr);
     stop.store(true, Ordering::Relaxed);
     assert!(writer.join().unwrap() > 0);
     vdrep_ok(&["sync", &s("vm"), "--timeout", "60"]);
@@ -99,4 +153,14 @@ fn receiver_blip_is_retried_within_seconds_not_minutes() {
         "replica differs"
     );
     m.umount();
+}
+
+/// The mount's metrics, as text.
+fn scrape(addr: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    resp
 }

@@ -618,3 +618,51 @@ fn sealed_logs_are_read_in_place_and_deleted_when_shipped() {
     assert!(c3.disks[0].log.is_none());
     assert_eq!(c3.disks[0].kind, Some(CutErrorKind::ResyncRequired));
 }
+
+/// Cycle numbers are reserved in `mount.json` ahead of use (a cut does not
+/// write it each time): after an unclean stop the next cut's number is
+/// above every number used before; a clean stop keeps the numbering exact.
+#[test]
+fn cycle_numbers_only_grow_across_crashes_and_stay_exact_across_clean_stops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(dir.join("d.raw"), vec![0u8; 1 << 20]).unwrap();
+    let saved = || -> u64 {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join(".vdrep/mount.json")).unwrap()).unwrap();
+        v["cut_seq"].as_u64().unwrap()
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("d.raw"))
+        .unwrap();
+    let mut last = 0;
+    {
+        let t = tracker(dir, 4096);
+        let disk = t.attach(Path::new("d.raw"), &file).unwrap().unwrap();
+        for i in 0..20u64 {
+            disk.write_at(&file, i * 4096, &[0x55; 4096]).unwrap();
+            let c = t.cut().unwrap().cycle;
+            assert!(c > last, "cycle {c} after {last}");
+            last = c;
+        }
+        // Durable ahead of what was used, so a crash cannot reuse one.
+        assert!(saved() >= last, "mount.json {} < used {last}", saved());
+        assert!(saved() > last, "no reservation: mount.json written per cut");
+        // Dropped without a clean shutdown: a crash.
+    }
+    {
+        let t = tracker(dir, 4096);
+        t.attach(Path::new("d.raw"), &file).unwrap().unwrap();
+        let c = t.cut().unwrap().cycle;
+        assert!(c > last, "after a crash: cycle {c}, but {last} was used");
+        last = c;
+        t.shutdown_clean().unwrap();
+        assert_eq!(saved(), last, "a clean stop saves the exact number");
+    }
+    let t = tracker(dir, 4096);
+    let disk = t.attach(Path::new("d.raw"), &file).unwrap().unwrap();
+    disk.write_at(&file, 0, &[0x66; 4096]).unwrap();
+    assert_eq!(t.cut().unwrap().cycle, last + 1);
+}

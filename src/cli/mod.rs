@@ -284,6 +284,8 @@ pub enum Cmd {
         rpo_alert: Option<String>,
         #[command(flatten)]
         app: AppHookArgs,
+        #[command(flatten)]
+        retry: replication::RetryArgs,
         /// The VM's disk files (all under the same vdrep mount).
         #[arg(required_unless_present = "domain")]
         disks: Vec<PathBuf>,
@@ -524,6 +526,7 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
             resync_window,
             rpo_alert,
             app,
+            retry,
             disks,
         } => {
             let (disks, name) = match &domain {
@@ -549,6 +552,7 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
                     rpo_alert,
                 ),
                 app,
+                retry,
                 disks,
                 domain,
             )

@@ -119,6 +119,50 @@ pub struct AppHookArgs {
     pub app_timeout: Option<String>,
 }
 
+/// `vdrep protect`'s retry schedule after a recoverable failure
+/// (`crate::sender::retry`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct RetryArgs {
+    /// First retry delays of a continuous or short-interval VM,
+    /// comma-separated, or `none`. Default: 1s,2s,5s.
+    #[arg(long, value_name = "DELAYS")]
+    pub retry_fast: Option<String>,
+    /// A VM whose --every is at most this (or `continuous`) gets the fast
+    /// retries first. Default: 5m.
+    #[arg(long, value_name = "INTERVAL")]
+    pub retry_fast_max_every: Option<String>,
+    /// Retry delays after the fast ones, comma-separated; the last one
+    /// repeats. Default: 1m,2m,4m,8m,10m,30m.
+    #[arg(long, value_name = "DELAYS")]
+    pub retry_schedule: Option<String>,
+}
+
+impl RetryArgs {
+    /// The schedule, or the flag and what is wrong with it.
+    fn schedule(&self) -> Result<crate::sender::RetrySchedule, String> {
+        use crate::config::{parse_every, parse_retry_steps};
+        let steps = |flag: &str, v: &Option<String>, none_ok: bool| {
+            v.as_deref()
+                .map(|s| parse_retry_steps(s, none_ok))
+                .transpose()
+                .map_err(|e| format!("--{flag}: {e}"))
+        };
+        let fast = steps("retry-fast", &self.retry_fast, true)?;
+        let long = steps("retry-schedule", &self.retry_schedule, false)?;
+        let max_every = self
+            .retry_fast_max_every
+            .as_deref()
+            .map(parse_every)
+            .transpose()
+            .map_err(|e| format!("--retry-fast-max-every: {e}"))?;
+        Ok(crate::sender::RetrySchedule::with(
+            fast.as_deref(),
+            max_every.map(crate::config::Every::secs),
+            long.as_deref(),
+        ))
+    }
+}
+
 /// `vdrep receive`'s retention of recovery points (per VM): every point
 /// for `--keep-all-for`, then one per `--then-one-per` (an
 /// application-consistent one where the interval has one) up to
@@ -288,9 +332,17 @@ pub fn protect(
         app_every,
         app_timeout,
     }: AppHookArgs,
+    retry: RetryArgs,
     disks: Vec<PathBuf>,
     domain: Option<String>,
 ) -> i32 {
+    let retry = match retry.schedule() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vdrep: {e}");
+            return 2;
+        }
+    };
     let app_hook = match app_hook {
         None => None,
         Some(cmd) if cmd.trim().is_empty() => {
@@ -412,6 +464,7 @@ pub fn protect(
         app_hook,
         rpo_alert_secs,
         domain,
+        retry,
     };
     match control::call(&mount, &Request::Protect { spec }) {
         Err(e) => control_err(e),

@@ -134,6 +134,14 @@ pub struct VmCfg {
     pub app_timeout: Option<Duration>,
     /// Lag above which the VM shows Warning "RPO exceeded".
     pub rpo_alert: Option<Duration>,
+    /// First retry delays of a continuous or short-interval VM
+    /// (`retry_fast = "1s, 2s, 5s"`; `none`: empty).
+    pub retry_fast: Option<Vec<Duration>>,
+    /// Intervals up to this retry fast first (`retry_fast_max_every = "5m"`).
+    pub retry_fast_max_every: Option<Every>,
+    /// The long retry schedule; its last step repeats
+    /// (`retry_schedule = "1m, 2m, 4m, 8m, 10m, 30m"`).
+    pub retry_schedule: Option<Vec<Duration>>,
 }
 
 /// What is wrong with one value of the file.
@@ -355,6 +363,23 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, BadValue> {
             format!("{s:?} is not IP:PORT to listen on (e.g. 127.0.0.1:9477 or [::]:9477)"),
         )
     })
+}
+
+/// A list of retry delays: durations separated by commas (`1s, 2s, 5s`);
+/// `none` is the empty list where `none_ok`.
+pub fn parse_retry_steps(s: &str, none_ok: bool) -> Result<Vec<Duration>, BadValue> {
+    if none_ok && s.trim().eq_ignore_ascii_case("none") {
+        return Ok(Vec::new());
+    }
+    let steps: Vec<&str> = s.split(',').map(str::trim).collect();
+    if steps.iter().all(|x| x.is_empty()) {
+        let none = if none_ok { " (or `none`)" } else { "" };
+        return Err(BadValue::new(
+            ProblemKind::BadDuration,
+            format!("give the delays separated by commas, e.g. 1m, 2m, 30m{none}"),
+        ));
+    }
+    steps.into_iter().map(parse_duration).collect()
 }
 
 /// `continuous` or a duration.
@@ -1044,6 +1069,17 @@ impl Cx<'_> {
         let rpo_alert = self.value(&v.rpo_alert, &k("rpo_alert"), |s: &String| {
             parse_duration(s)
         });
+        let retry_fast = self.value(&v.retry_fast, &k("retry_fast"), |s: &String| {
+            parse_retry_steps(s, true)
+        });
+        let retry_fast_max_every = self.value(
+            &v.retry_fast_max_every,
+            &k("retry_fast_max_every"),
+            |s: &String| parse_every(s),
+        );
+        let retry_schedule = self.value(&v.retry_schedule, &k("retry_schedule"), |s: &String| {
+            parse_retry_steps(s, false)
+        });
         if trust.is_empty() {
             return None;
         }
@@ -1065,6 +1101,9 @@ impl Cx<'_> {
             app_every,
             app_timeout,
             rpo_alert,
+            retry_fast,
+            retry_fast_max_every,
+            retry_schedule,
         })
         .filter(|_| name_ok)
     }

@@ -71,4 +71,7 @@ pub struct Vm {
     pub app_every: Option<S>,
     pub app_timeout: Option<S>,
     pub rpo_alert: Option<S>,
+    pub retry_fast: Option<S>,
+    pub retry_fast_max_every: Option<S>,
+    pub retry_schedule: Option<S>,
 }

@@ -356,3 +356,47 @@ fn bad_rate_schedules_name_the_rule_and_key() {
         vec![(ProblemKind::Schema, "vm[db].max_rate".to_string())]
     );
 }
+
+#[test]
+fn retry_schedule_keys_are_typed_and_checked() {
+    let text = GOOD.replace(
+        "app_every = \"1h\"",
+        "app_every = \"1h\"\nretry_fast = \"500ms, 3s\"\nretry_fast_max_every = \"15min\"\nretry_schedule = \"30s,2m\"",
+    );
+    let c = check(&text).unwrap();
+    let db = &c.vms[1];
+    assert_eq!(
+        db.retry_fast,
+        Some(vec![Duration::from_millis(500), Duration::from_secs(3)])
+    );
+    assert_eq!(
+        db.retry_fast_max_every,
+        Some(Every::Interval(Duration::from_secs(900)))
+    );
+    assert_eq!(
+        db.retry_schedule,
+        Some(vec![Duration::from_secs(30), Duration::from_secs(120)])
+    );
+    // Not set: the defaults apply later (the sender's RetrySchedule).
+    assert_eq!(c.vms[0].retry_fast, None);
+    let none = GOOD.replace(
+        "app_every = \"1h\"",
+        "app_every = \"1h\"\nretry_fast = \"none\"",
+    );
+    assert_eq!(check(&none).unwrap().vms[1].retry_fast, Some(vec![]));
+
+    let bad = GOOD.replace(
+        "app_every = \"1h\"",
+        "app_every = \"1h\"\nretry_fast = \"1s, soon\"\nretry_schedule = \"none\"",
+    );
+    let p = problems(&bad);
+    let kinds: Vec<(ProblemKind, &str)> = p.iter().map(|p| (p.kind, p.key.as_str())).collect();
+    assert!(
+        kinds.contains(&(ProblemKind::BadDuration, "vm[db].retry_fast")),
+        "{p:?}"
+    );
+    assert!(
+        kinds.contains(&(ProblemKind::BadDuration, "vm[db].retry_schedule")),
+        "{p:?}"
+    );
+}

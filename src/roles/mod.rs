@@ -562,6 +562,7 @@ fn protect_live(
         // The domain, if any, is defined at this site by the failover; its
         // disks are the live files protected here.
         domain: None,
+        retry: Default::default(),
     };
     let r = mount_ctl::call(&live.dir, &mount_ctl::Request::Protect { spec })?;
     if !r.ok {

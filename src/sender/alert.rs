@@ -245,9 +245,16 @@ pub(super) async fn watch(rep: Weak<Replicator>) {
     let mut seen = HashMap::new();
     loop {
         tokio::time::sleep(WATCH_EVERY).await;
-        let Some(r) = rep.upgrade() else { return };
-        let now = r.status();
-        diff(&r.events, &mut seen, &now);
+        // `status` stats every disk and lists its logs: off the async
+        // threads, which drive every VM's connection (with 256 VMs it
+        // held one of the two for milliseconds every second).
+        let w = rep.clone();
+        let now = tokio::task::spawn_blocking(move || {
+            w.upgrade().map(|r| (r.status(), r.events.clone()))
+        })
+        .await;
+        let Ok(Some((now, events))) = now else { return };
+        diff(&events, &mut seen, &now);
     }
 }
 

@@ -133,6 +133,13 @@ pub fn encode_vms(enc: &mut DescriptorEncoder, vms: &[VmStatus]) -> fmt::Result 
         None,
         vms.iter().map(|s| (vm(s), s.retries)),
     )?;
+    gauge(
+        enc,
+        "vdrep_vm_next_retry_timestamp",
+        "When the VM tries again after a failure, Unix seconds (only while it waits)",
+        Some(&Unit::Seconds),
+        vms.iter().filter_map(|s| Some((vm(s), s.next_retry_unix?))),
+    )?;
     counter(
         enc,
         "vdrep_vm_errors",

@@ -22,8 +22,10 @@
 //!
 //! Errors ([`SendError`], decided on its [`ErrorKind`]): recoverable ones
 //! (network, receiver disk full, busy) put the VM in `Warning` and retry
-//! after 1, 2, 4, 8, 10 minutes, then every 30 minutes (scaled by
-//! `VDREP_RETRY_SCALE` so tests run in seconds); unrecoverable ones (refused
+//! on the VM's [`RetrySchedule`] (by default 1 s, 2 s, 5 s for continuous
+//! and short-interval VMs, then 1, 2, 4, 8, 10 minutes, then every 30
+//! minutes; scaled by `VDREP_RETRY_SCALE` so tests run in seconds);
+//! unrecoverable ones (refused
 //! certificate, invalid replica state, bad name) put it in `Critical` with
 //! the reason and stop until the administrator protects it again.
 //!
@@ -50,14 +52,17 @@ use shaper::{LinkShare, Shaper};
 pub mod alert;
 pub mod app_hook;
 mod error;
+pub mod flush;
 mod link;
 pub mod metrics;
 mod resync;
+pub mod retry;
 pub mod shaper;
 
 use error::transport_err;
 pub use error::{ErrorKind, SendError};
 use link::Link;
+pub use retry::RetrySchedule;
 
 pub use crate::resync::ResyncProgress;
 
@@ -107,6 +112,9 @@ pub struct ProtectSpec {
     /// is picked up at the next cut ([`domain_disks`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub domain: Option<String>,
+    /// When to try again after a recoverable failure ([`retry`]).
+    #[serde(default)]
+    pub retry: RetrySchedule,
 }
 
 impl ProtectSpec {
@@ -217,38 +225,18 @@ enum Job {
     Verify(oneshot::Sender<Result<Vec<VerifyDisk>, SendError>>),
 }
 
-/// Push the kernel's cached writes of the mount at `dir` down to the
-/// daemon, so that every write(2) that returned before a cut is in it. A
-/// failure (a write-back error the kernel reports once) stops that cut: its
-/// point could miss writes the VM was told were written; the next try
-/// flushes again.
-pub(crate) fn flush_mount(dir: &std::path::Path) -> Result<(), crate::tracking::TrackError> {
-    let io = |source: std::io::Error| crate::tracking::TrackError::Io {
-        what: format!(
-            "flushing the cached writes of {} before the cut",
-            dir.display()
-        ),
-        source,
-        note:
-            " (a write-back error; the cut is retried; check the disks' file system and kernel log)"
-                .into(),
-    };
-    let d = std::fs::File::open(dir).map_err(io)?;
-    nix::unistd::syncfs(&d).map_err(|e| io(e.into()))
-}
-
 /// Flush the mount, then run `seal` (a cut of the selected disks) on a
 /// blocking thread; a disk it skipped fails the whole cut, retryably (a
 /// cut must hold every disk of the VM at one instant).
 async fn seal_vm(
-    dir: std::path::PathBuf,
+    flush: Arc<flush::FlushGate>,
     tracker: Arc<Tracker>,
     seal: impl FnOnce(&Tracker) -> Result<crate::tracking::Sealed, crate::tracking::TrackError>
         + Send
         + 'static,
 ) -> Result<crate::tracking::Sealed, SendError> {
     let sealed = tokio::task::spawn_blocking(move || {
-        flush_mount(&dir)?;
+        flush.flush()?;
         seal(&tracker)
     })
     .await
@@ -266,32 +254,6 @@ async fn seal_vm(
 
 fn retry(e: impl std::fmt::Display) -> SendError {
     SendError::retry(e)
-}
-
-/// Schedules whose interval is at most this retry fast first (see [`backoff`]).
-pub const FAST_RETRY_MAX_EVERY_SECS: u64 = 300;
-
-/// Delay before retry number `n` (0-based) of a VM replicating every
-/// `every_secs` (0: continuous). The long schedule is 1, 2, 4, 8, 10 min,
-/// then every 30 min. A continuous or short-interval VM (every ≤ 5 min)
-/// first retries after 1 s, 2 s and 5 s, so a blip (a receiver restart, a
-/// dropped link) costs seconds of RPO, and only then falls back to the long
-/// schedule. `scale` shortens everything (tests).
-pub fn backoff(n: u32, scale: f64, every_secs: u64) -> Duration {
-    const FAST: [f64; 3] = [1.0, 2.0, 5.0];
-    const LONG_MINS: [f64; 5] = [1.0, 2.0, 4.0, 8.0, 10.0];
-    let n = n as usize;
-    let fast = if every_secs <= FAST_RETRY_MAX_EVERY_SECS {
-        FAST.len()
-    } else {
-        0
-    };
-    let secs = if n < fast {
-        FAST[n]
-    } else {
-        LONG_MINS.get(n - fast).copied().unwrap_or(30.0) * 60.0
-    };
-    Duration::from_secs_f64(secs * scale)
 }
 
 /// A `vdrep sync` caller: the cycle it needs and where to answer.
@@ -372,6 +334,8 @@ pub struct Replicator {
     /// Shared caps per destination (`--link-max-rate`), by `to`.
     links: Mutex<HashMap<String, Arc<LinkShare>>>,
     retry_scale: f64,
+    /// The flush before a cut, shared by the VMs that cut together.
+    flush: Arc<flush::FlushGate>,
     /// This daemon's identity (random): resync progress it saved can be
     /// resumed with its in-memory bitmap.
     instance: String,
@@ -422,6 +386,7 @@ impl Replicator {
             vms: Mutex::new(HashMap::new()),
             links: Mutex::new(HashMap::new()),
             retry_scale,
+            flush: Arc::new(flush::FlushGate::new(mount_dir)),
             instance: format!(
                 "{:032x}",
                 xxhash_rust::xxh3::xxh3_128(
@@ -961,7 +926,10 @@ impl Replicator {
                 | ErrorKind::Retry
                 | ErrorKind::TimedOut
                 | ErrorKind::Unavailable => {
-                    let d = backoff(failures, self.retry_scale, vm.spec.every_secs);
+                    let d = vm
+                        .spec
+                        .retry
+                        .delay(failures, self.retry_scale, vm.spec.every_secs);
                     failures += 1;
                     tracing::warn!(vm = %vm.spec.vm, "replication interrupted: {e}; retry in {d:?}");
                     {
@@ -1259,14 +1227,7 @@ impl Replicator {
             } else if !synced {
                 // Continuous: next cycle as soon as this one is acknowledged,
                 // but don't spin on an idle disk.
-                let dirty: u64 = self
-                    .tracker
-                    .status()
-                    .disks
-                    .iter()
-                    .filter(|d| spec.disks.contains(&d.name))
-                    .map(|d| d.dirty_blocks)
-                    .sum();
+                let dirty = self.tracker.dirty_blocks_of(&spec.disks);
                 if dirty == 0 && vm.waiters.lock().is_empty() {
                     let _ =
                         tokio::time::timeout(Duration::from_millis(200), vm.wake.notified()).await;
@@ -1345,14 +1306,14 @@ impl Replicator {
         let replica = self.open_disks(vm, link).await?;
         let spec = vm.spec.clone();
         let tracker = self.tracker.clone();
-        let dir = self.mount_dir.clone();
+        let flush = self.flush.clone();
         let sel = CutSelect {
             disks: Some(spec.disks.clone()),
             full_from: spec.disks.iter().map(|d| (d.clone(), 0)).collect(),
             ..Default::default()
         };
         let sealed = tokio::task::spawn_blocking(move || {
-            flush_mount(&dir)?;
+            flush.flush()?;
             tracker.seal(&sel)
         })
         .await
@@ -1415,7 +1376,7 @@ impl Replicator {
     async fn cut_and_ship(&self, vm: &Arc<Vm>, link: &mut Link) -> Result<(), SendError> {
         let spec = vm.spec.clone();
         let tracker = self.tracker.clone();
-        let dir = self.mount_dir.clone();
+        let flush = self.flush.clone();
         // Due when `every` passed since the last attempt (failed or not:
         // a broken hook must not stall every cut for its time limit).
         let mut hook = None;
@@ -1440,7 +1401,7 @@ impl Replicator {
                 }
                 let frozen_at = std::time::Instant::now();
                 // A failed flush skips the cut (the guest is still thawed).
-                let sealed = flush_mount(&dir).and_then(|()| {
+                let sealed = flush.flush().and_then(|()| {
                     // Bitmap-only disks are sealed too: this cycle ships
                     // all their changes at once.
                     for d in &spec.disks {
@@ -1693,7 +1654,7 @@ impl Replicator {
             full_from: full_from.clone(),
             ..Default::default()
         };
-        let sealed = seal_vm(self.mount_dir.clone(), tracker, move |t| {
+        let sealed = seal_vm(self.flush.clone(), tracker, move |t| {
             t.seal_for_copy(&sel)
         })
         .await?;
@@ -1867,32 +1828,4 @@ fn not_protected(vm: &str) -> SendError {
 
 fn stopped(vm: &str) -> SendError {
     SendError::unavailable(format!("replication of {vm} stopped"))
-}
-
-#[cfg(test)]
-mod backoff_tests {
-    use super::*;
-
-    fn secs(n: u32, every: u64) -> f64 {
-        backoff(n, 1.0, every).as_secs_f64()
-    }
-
-    #[test]
-    fn continuous_and_short_intervals_retry_fast_first_then_the_long_schedule() {
-        for every in [0, 30, 300] {
-            let got: Vec<f64> = (0..10).map(|n| secs(n, every)).collect();
-            assert_eq!(
-                got,
-                [1.0, 2.0, 5.0, 60.0, 120.0, 240.0, 480.0, 600.0, 1800.0, 1800.0],
-                "every {every}s"
-            );
-        }
-    }
-
-    #[test]
-    fn long_intervals_keep_the_long_schedule() {
-        let got: Vec<f64> = (0..7).map(|n| secs(n, 900)).collect();
-        assert_eq!(got, [60.0, 120.0, 240.0, 480.0, 600.0, 1800.0, 1800.0]);
-        assert_eq!(backoff(0, 0.01, 900), Duration::from_secs_f64(0.6));
-    }
 }

@@ -257,7 +257,7 @@ impl super::Replicator {
         }
         // 3. One cut of every disk of the VM.
         let tracker = self.tracker.clone();
-        let dir = self.mount_dir.clone();
+        let flush = self.flush.clone();
         let sel = CutSelect {
             disks: Some(spec.disks.clone()),
             full_from,
@@ -265,7 +265,7 @@ impl super::Replicator {
             extra,
             skip_bitmap_only: false,
         };
-        let sealed = super::seal_vm(dir, tracker, move |t| t.seal(&sel)).await?;
+        let sealed = super::seal_vm(flush, tracker, move |t| t.seal(&sel)).await?;
         let cycle = sealed.cycle;
         let (mut rcycles, ocycles): (Vec<SealedCycle>, Vec<SealedCycle>) = sealed
             .cycles

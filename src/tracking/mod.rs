@@ -60,6 +60,10 @@ pub const STATE_DIR: &str = ".vdrep";
 /// Largest run handed to the log writer at once.
 const CHUNK_BYTES: u64 = 1 << 20;
 
+/// Cycle numbers a cut makes durable in `mount.json` at once
+/// ([`state::MountMeta::reserved`]).
+const CYCLE_RESERVE: u64 = 4096;
+
 /// Copy-before-write memory cap per sealed cycle: past it the cycle is
 /// abandoned (its bits go back to the live bitmap) rather than eat RAM.
 const MAX_SAVED_BYTES: u64 = 512 << 20;
@@ -349,6 +353,7 @@ impl Tracker {
             clean: false,
             cut_seq,
             pid: std::process::id(),
+            reserved: cut_seq,
         };
         state
             .write_json(Path::new("mount.json"), &meta)
@@ -799,18 +804,25 @@ impl Tracker {
                 });
             }
         }
-        mm.cut_seq = cycle;
-        if let Err(e) = self.state.write_json(Path::new("mount.json"), &*mm) {
-            // The cycle number is not durable, so no log may use it: undo
-            // the cut (every sealed bit back into its live bitmap), or the
-            // disks would stay "still being written" until a restart.
-            mm.cut_seq = cycle - 1;
-            drop(mm);
-            for sc in cycles {
-                let _ = self.finish(sc, false);
+        if cycle > mm.reserved {
+            // Make this cycle number and the next CYCLE_RESERVE - 1 durable
+            // at once.
+            let mut saved = mm.durable();
+            saved.cut_seq = cycle + CYCLE_RESERVE - 1;
+            if let Err(e) = self.state.write_json(Path::new("mount.json"), &saved) {
+                // The cycle number is not durable, so no log may use it:
+                // undo the cut (every sealed bit back into its live
+                // bitmap), or the disks would stay "still being written"
+                // until a restart.
+                drop(mm);
+                for sc in cycles {
+                    let _ = self.finish(sc, false);
+                }
+                return Err(io_state(&self.root_path.join(STATE_DIR), e));
             }
-            return Err(io_state(&self.root_path.join(STATE_DIR), e));
+            mm.reserved = saved.cut_seq;
         }
+        mm.cut_seq = cycle;
         Ok(Sealed {
             cycle,
             cut_unix_ns: cut_ns,
@@ -1452,7 +1464,7 @@ impl Tracker {
             if mm.cut_seq < cycle {
                 mm.cut_seq = cycle;
                 self.state
-                    .write_json(Path::new("mount.json"), &*mm)
+                    .write_json(Path::new("mount.json"), &mm.durable())
                     .map_err(serr)?;
             }
         }
@@ -1529,6 +1541,17 @@ impl Tracker {
         let m = d.meta.lock();
         let size = d.reader.metadata().map(|x| x.len()).unwrap_or(m.size);
         Some((m.id.clone(), size, m.block_size, m.state.clone()))
+    }
+
+    /// Blocks written since the last cut on these disks (what a
+    /// continuous sender asks before every cycle: no stat, no cut lock).
+    pub fn dirty_blocks_of(&self, names: &[String]) -> u64 {
+        let disks = self.disks.lock();
+        names
+            .iter()
+            .filter_map(|n| disks.get(n))
+            .map(|d| d.dirty.read().count())
+            .sum()
     }
 
     pub fn status(&self) -> TrackerStatus {
@@ -1608,7 +1631,10 @@ impl Tracker {
                 .map_err(|e| io_state(&spath, e))?;
             self.save_meta(&m).map_err(|e| io_state(&spath, e))?;
         }
+        // A clean stop saves the exact cycle number (no gap after a
+        // clean restart or handover); a cut after it reserves again.
         mm.clean = true;
+        mm.reserved = mm.cut_seq;
         self.state
             .write_json(Path::new("mount.json"), mm)
             .map_err(|e| io_state(&spath, e))?;

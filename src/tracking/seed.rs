@@ -130,6 +130,7 @@ pub fn seed(dir: &Path, disks: &[SeedDisk]) -> Result<(), SeedError> {
         clean: true,
         cut_seq,
         pid: 0,
+        reserved: 0,
     };
     st.write_json(Path::new("mount.json"), &meta)
         .map_err(|e| io(&spath, e))?;

@@ -5,7 +5,11 @@
 //! - `mount.json`: `{clean, cut_seq, pid}`. `clean=false` is written (and
 //!   fsynced) when a mount starts and `clean=true` only after a clean
 //!   shutdown saved every bitmap; finding `false` at the next mount means the
-//!   previous daemon died and no bitmap can be trusted.
+//!   previous daemon died and no bitmap can be trusted. While the mount
+//!   runs, `cut_seq` is a reservation: a cut that passes it writes the file
+//!   with `cut_seq` 4096 cycles ahead, so after a crash the next cycle
+//!   number skips the unused rest (numbers only ever grow); a clean
+//!   shutdown saves the exact last number.
 //! - `disks/<folder>/meta.json`: identity, name, last sealed cycle and the
 //!   disk's size, inode and mtime at the last clean shutdown, and its state.
 //! - `disks/<folder>/bitmap`: the unsealed cycle's dirty bitmap, saved at a
@@ -36,8 +40,28 @@ pub enum TrackState {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MountMeta {
     pub clean: bool,
+    /// In memory: the last cycle number used. On disk: at least that, and
+    /// at least every number a cut may use before the file is written
+    /// again ([`MountMeta::reserved`]).
     pub cut_seq: u64,
     pub pid: u32,
+    /// Cycle numbers up to this are durable in `mount.json` already, so a
+    /// cut below it need not write the file (one write per
+    /// `CYCLE_RESERVE` cuts instead of one per cut, which serialised every
+    /// VM's cut behind an fsync). Not saved; a crash skips at most the
+    /// unused rest of the reservation.
+    #[serde(skip)]
+    pub reserved: u64,
+}
+
+impl MountMeta {
+    /// What `mount.json` must say now: `cut_seq` covers the reservation.
+    pub fn durable(&self) -> MountMeta {
+        MountMeta {
+            cut_seq: self.cut_seq.max(self.reserved),
+            ..self.clone()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
