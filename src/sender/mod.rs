@@ -1088,10 +1088,15 @@ impl Replicator {
                         return Ok(());
                     }
                     // `vdrep resync` and `vdrep sync` (which cannot finish
-                    // without it) start the resync outside the window too.
+                    // without it) start the resync outside the window too;
+                    // so does a small one (only activity-log extents after
+                    // an unclean stop): the window is for full resyncs.
                     let manual = vm.jobs.lock().iter().any(|j| matches!(j, Job::Resync(_)))
                         || !vm.waiters.lock().is_empty();
-                    if manual || window.open_now() {
+                    let small = reasons
+                        .iter()
+                        .all(|(d, _)| self.tracker.resync_extents(d).is_some());
+                    if manual || small || window.open_now() {
                         break;
                     }
                     {
