@@ -204,7 +204,7 @@ impl super::Replicator {
         // the log's extents and the blocks of those logs (read first).
         let mut partial: HashMap<String, Vec<(u64, u64)>> = HashMap::new();
         for d in rdisks {
-            if let Some(runs) = self.tracker.resync_extents(d) {
+            if let Some(runs) = replica.get(d).and_then(|ds| self.extents_only(vm, d, ds)) {
                 partial.insert(d.clone(), runs);
             }
             self.tracker.discard_logs(d, None);
