@@ -1029,7 +1029,7 @@ impl Replicator {
     /// unclean stop with the activity log on), if that is all it needs:
     /// the receiver trusts the replica, the disk's logs chain onto it and no
     /// interrupted full resync is pending. `None`: a full resync.
-    pub(crate) fn extents_only(
+    fn extents_only(
         &self,
         vm: &Vm,
         d: &str,
