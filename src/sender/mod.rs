@@ -1029,12 +1029,7 @@ impl Replicator {
     /// unclean stop with the activity log on), if that is all it needs:
     /// the receiver trusts the replica, the disk's logs chain onto it and no
     /// interrupted full resync is pending. `None`: a full resync.
-    fn extents_only(
-        &self,
-        vm: &Vm,
-        d: &str,
-        ds: &wire::DiskState,
-    ) -> Option<Vec<(u64, u64)>> {
+    fn extents_only(&self, vm: &Vm, d: &str, ds: &wire::DiskState) -> Option<Vec<(u64, u64)>> {
         let (id, ..) = self.disk_id(d).ok()?;
         if !ds.needs_resync.is_empty()
             || resync::progress_path(self, &vm.spec.vm, &id).exists()
