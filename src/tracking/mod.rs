@@ -1167,14 +1167,6 @@ impl Tracker {
         r
     }
 
-    /// `fdatasync`s the activity log of `name` made for new extents since
-    /// this daemon opened it.
-    pub fn activity_syncs(&self, name: &str) -> Option<u64> {
-        let d = self.disks.lock().get(name).cloned()?;
-        let n = d.al.as_ref().map(|a| a.syncs());
-        n
-    }
-
     /// For a disk that needs an extents-only resync
     /// ([`ResyncScope::Extents`]): the block runs to compare, namely its
     /// activity log's extents and the blocks of its sealed logs not shipped
