@@ -429,10 +429,10 @@ fn resync_interrupted_by_receiver_crash_resumes() {
 
 /// Must-show 3 for the sender: kill -9 of the mount daemon in the middle
 /// of the compare. Writes made between the compare's cut and the kill are
-/// only in the durable touched-region map (the dirty bitmap died with the
+/// only in the activity log (the dirty bitmap died with the
 /// daemon); after the remount more is written. The automatic resync resumes
-/// at the saved offset, re-compares the found blocks and the touched
-/// regions (not the whole disk), and the replica ends byte-identical.
+/// at the saved offset, re-compares the found blocks and the activity
+/// log's extents (not the whole disk), and the replica ends byte-identical.
 #[test]
 fn resync_interrupted_by_mount_daemon_kill_resumes() {
     require_fuse!();
@@ -511,7 +511,7 @@ fn resync_interrupted_by_mount_daemon_kill_resumes() {
     );
     assert!(compared < total * 6 / 10, "the resync started over: {st}");
     // 20 damaged blocks + the 2 written between the cut and the kill (the
-    // one at 5 MiB is known from the touched-region map only: without it
+    // one at 5 MiB is known from the activity log only: without it
     // the replica would keep the old block and `same` below fails) + the 2
     // written after the remount if they landed before the resumed cut
     // (else they ship as the next ordinary cycle).
@@ -521,12 +521,18 @@ fn resync_interrupted_by_mount_daemon_kill_resumes() {
     same(&site.p("vm/k.img"), "raw", &rep);
     let (code, v) = site.verify();
     assert_eq!(code, 0, "{v}");
-    // The touched-region map is gone with the resync.
+    // The activity log (which replaced the touched-region map) let the
+    // resync resume: its extents were re-compared, no older map is left.
     let disks = site.p("vm/.vdrep/disks");
     for d in std::fs::read_dir(&disks).unwrap().flatten() {
         assert!(
             !d.path().join("touched").exists(),
             "{} left behind",
+            d.path().display()
+        );
+        assert!(
+            d.path().join("al").exists(),
+            "no activity log in {}",
             d.path().display()
         );
     }
@@ -640,4 +646,200 @@ fn receiver_side_needs_resync_leads_to_checksum_resync() {
         *b = u8::from_str_radix(&id_hex[2 * i..2 * i + 2], 16).unwrap();
     }
     assert_eq!(s.disk_state(&site.vm, &id).unwrap().needs_resync, None);
+}
+
+/// 4 MiB: the activity log's extent.
+const EXTENT: u64 = 4 << 20;
+
+/// The extents named by the activity log(s) under a raw (unmounted)
+/// state folder: `.vdrep/disks/*/al` (magic, epoch, shift, then one bit
+/// per extent).
+fn logged_extents(vm: &Path) -> std::collections::BTreeSet<u64> {
+    let mut out = std::collections::BTreeSet::new();
+    for d in std::fs::read_dir(vm.join(".vdrep/disks"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(b) = std::fs::read(d.path().join("al")) else {
+            continue;
+        };
+        assert_eq!(&b[..8], b"VDREPAL1", "{}", d.path().display());
+        assert_eq!(u32::from_le_bytes(b[16..20].try_into().unwrap()), 22);
+        for (i, byte) in b[24..].iter().enumerate() {
+            for bit in 0..8 {
+                if byte & (1 << bit) != 0 {
+                    out.insert(i as u64 * 8 + bit);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Issue 15, must-show 4: kill -9 of the whole mount daemon **and** its
+/// supervisor (the host-crash stand-in) while an `O_DIRECT` writer runs.
+/// Model check on the raw state folder: every block the writer wrote (or
+/// had in flight) since the last sealed cycle lies in an extent of the
+/// activity log, and the log names nothing else (the extents written only
+/// before that cycle left it). The remount marks the disk for an
+/// extents-only resync, which starts at once although the resync window is
+/// closed, compares exactly the logged extents (printed against the disk
+/// size), and the replica then equals the source.
+#[test]
+fn host_crash_resyncs_only_the_activity_log_extents_at_once() {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    require_fuse!();
+    let site = Site::new("al-crash");
+    let size: u64 = 256 << 20;
+    random_file(&site.p("vm/a.img"), size as usize, 15);
+    std::env::set_var("VDREP_RETRY_SCALE", "0.005");
+    let mut m = site.mount_env(&[("VDREP_RETRY_SCALE", "0.005")]);
+    let r = Receiver::start(&site, "127.0.0.1:0");
+    // A window that is closed for the next hour: an automatic full resync
+    // would wait for it.
+    let hour: u32 = run("date", &["+%H"]).trim().parse().unwrap();
+    let window = format!("{:02}:00-{:02}:00", (hour + 2) % 24, (hour + 3) % 24);
+    site.protect(&r, &["a.img"], &["--resync-window", &window]);
+    site.sync_ok();
+    // Extents written before the next cut leave the log once its cycle is
+    // sealed.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(site.p("vm/a.img"))
+        .unwrap();
+    for e in [3u64, 9, 17] {
+        f.write_all_at(&[0x33; 4096], e * EXTENT + 8192).unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    site.sync_ok();
+    let st = m.status_json();
+    assert_eq!(st["disks"][0]["activity_extents"], 0, "{st}");
+    // The writer: 4 KiB O_DIRECT writes at random blocks of four extents
+    // (17 again: it must come back into the log).
+    let targets = [17u64, 41, 50, 63];
+    let attempted = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let acked = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (attempted, acked, stop) = (attempted.clone(), acked.clone(), stop.clone());
+        let path = site.p("vm/a.img");
+        std::thread::spawn(move || {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(path)
+                .unwrap();
+            // An aligned 4 KiB buffer for O_DIRECT.
+            let mut raw = vec![0u8; 8192];
+            let at = raw.as_ptr().align_offset(4096);
+            let buf = &mut raw[at..at + 4096];
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let e = targets[(x % 4) as usize];
+                let off = e * EXTENT + ((x >> 8) % (EXTENT / 4096)) * 4096;
+                buf.fill((n % 251) as u8 + 1);
+                attempted.lock().unwrap().push(off);
+                if f.write_all_at(buf, off).is_err() {
+                    break; // the daemon is gone
+                }
+                acked.lock().unwrap().push(off);
+                n += 1;
+            }
+        })
+    };
+    for _ in 0..500 {
+        if acked.lock().unwrap().len() >= 400 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        acked.lock().unwrap().len() >= 400,
+        "the writer did not get going"
+    );
+    // kill -9 of the supervisor and the worker, back to back.
+    let st = m.status_json();
+    let worker = st["worker"]["pid"].as_i64().expect("a worker pid") as i32;
+    let supervisor = m.daemon_pid();
+    for pid in [supervisor, worker] {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    vdrep_ok(&["umount", &site.s("vm")]);
+    m.mounted = false;
+    // Model check on the raw state folder.
+    let logged = logged_extents(&site.p("vm"));
+    let acked = acked.lock().unwrap().clone();
+    let attempted = attempted.lock().unwrap().clone();
+    println!(
+        "killed after {} acknowledged O_DIRECT writes; activity log extents: {logged:?}",
+        acked.len()
+    );
+    for off in &acked {
+        assert!(
+            logged.contains(&(off / EXTENT)),
+            "block at {off} was written (acknowledged) but its extent {} is not in the activity log {logged:?}",
+            off / EXTENT
+        );
+    }
+    let tried: std::collections::BTreeSet<u64> = attempted.iter().map(|o| o / EXTENT).collect();
+    assert!(
+        logged.is_subset(&tried),
+        "the log names extents not written since the last cut: {logged:?} vs {tried:?}"
+    );
+    // Remount: an extents-only resync, started at once (window closed).
+    let t0 = std::time::Instant::now();
+    let mut m = site.mount_env(&[("VDREP_RETRY_SCALE", "0.005")]);
+    let st = m.status_json();
+    assert_eq!(st["previous_stop_clean"], false, "{st}");
+    let d = &st["disks"][0];
+    if d["state"]["state"] == "ResyncRequired" {
+        assert_eq!(d["resync_scope"], "Extents", "{st}");
+    }
+    let mut done = serde_json::Value::Null;
+    for _ in 0..1200 {
+        let st = m.status_json();
+        if st["disks"][0]["state"]["state"] == "Normal"
+            && !st["replication"][0]["last_resync"].is_null()
+        {
+            done = st;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !done.is_null(),
+        "no resync within 120 s of the remount (waiting for the window {window}?): {}",
+        m.status_json()
+    );
+    let rs = &done["replication"][0]["last_resync"];
+    let compared = rs["blocks_compared"].as_u64().unwrap() * 4096;
+    println!(
+        "remount after the host-crash stand-in: resync of {} extent(s) done {:.1} s after the remount (window {window} closed); compared {} MiB of a {} MiB disk ({:.1}%), {} block(s) differed",
+        logged.len(),
+        t0.elapsed().as_secs_f64(),
+        compared >> 20,
+        size >> 20,
+        compared as f64 * 100.0 / size as f64,
+        rs["blocks_sent"]
+    );
+    assert_eq!(
+        compared,
+        logged.len() as u64 * EXTENT,
+        "not exactly the logged extents were compared (a full resync?): {done}"
+    );
+    same(&site.p("vm/a.img"), "raw", &site.replica("a.vhd"));
+    m.umount();
 }

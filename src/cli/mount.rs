@@ -8,7 +8,7 @@ use crate::daemon::control::{self, Request};
 use crate::daemon::{self, DaemonError, MountOptions};
 use crate::fs::FsOptions;
 use crate::ipc::{CallError, CallErrorKind};
-use crate::tracking::{TrackConfig, TrackState};
+use crate::tracking::{ResyncScope, TrackConfig, TrackState};
 
 /// `vdrep mount DIR ...`: the flags over the configuration's `[[mount]]`
 /// entry for DIR and `[site] keys`; the file's VMs under DIR are protected
@@ -30,6 +30,9 @@ pub fn mount(
         block_size: block_size
             .or(entry.and_then(|m| m.block_size))
             .unwrap_or(DEFAULT_BLOCK_SIZE),
+        activity_log: activity_log_env()
+            .or(entry.and_then(|m| m.activity_log))
+            .unwrap_or(true),
         ..TrackConfig::default()
     };
     if !patterns.is_empty() {
@@ -75,6 +78,19 @@ pub fn mount(
         metrics_listen: metrics_listen.or(entry.and_then(|m| m.metrics_listen)),
         notify: super::config::notify_spec(cfg),
     })
+}
+
+/// `VDREP_ACTIVITY_LOG=on|off` (over the configuration's `activity_log`):
+/// for benchmarks that run `vdrep mount DIR` as is.
+fn activity_log_env() -> Option<bool> {
+    match std::env::var("VDREP_ACTIVITY_LOG").ok()?.as_str() {
+        "on" | "1" | "true" => Some(true),
+        "off" | "0" | "false" => Some(false),
+        other => {
+            eprintln!("vdrep: ignoring VDREP_ACTIVITY_LOG={other:?} (give on or off)");
+            None
+        }
+    }
 }
 
 /// `vdrep mount`'s default `--block-size`.
@@ -320,6 +336,9 @@ pub fn status(dir: Option<PathBuf>, json: bool) -> i32 {
         for d in &st.disks {
             let (state, why) = match &d.state {
                 TrackState::Normal => ("Normal", None),
+                TrackState::ResyncRequired(w) if d.resync_scope == ResyncScope::Extents => {
+                    ("PartialResync", Some(w))
+                }
                 TrackState::ResyncRequired(w) => ("ResyncRequired", Some(w)),
             };
             println!(

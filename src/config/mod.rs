@@ -67,6 +67,8 @@ pub struct MountCfg {
     pub patterns: Vec<String>,
     /// Where the mount daemon serves its Prometheus metrics.
     pub metrics_listen: Option<SocketAddr>,
+    /// Keep an activity log per disk (default on).
+    pub activity_log: Option<bool>,
 }
 
 /// `[receiver]`: the secondary site's receiver and its retention.
@@ -795,6 +797,7 @@ impl Cx<'_> {
                 block_size,
                 patterns: m.patterns.clone().unwrap_or_default(),
                 metrics_listen,
+                activity_log: m.activity_log,
             });
         }
         out

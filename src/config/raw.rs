@@ -36,6 +36,7 @@ pub struct Mount {
     pub block_size: Option<Spanned<i64>>,
     pub patterns: Option<Vec<String>>,
     pub metrics_listen: Option<S>,
+    pub activity_log: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

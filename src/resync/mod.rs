@@ -16,8 +16,11 @@
 //! compare offset it reached and the blocks found different so far. The
 //! next attempt seals a new cut and re-reads only those blocks, the blocks
 //! written since the previous cut (the tracker's bitmap; after a kill -9,
-//! the regions of the durable touched-region map,
-//! [`crate::tracking::touched`]) and everything past the offset.
+//! the extents of the disk's activity log,
+//! [`crate::tracking::activity`]) and everything past the offset. A resync
+//! after an unclean stop with the activity log on compares only the log's
+//! extents (and the blocks of unshipped logs), starts at once whatever the
+//! window, and is not resumed but redone if interrupted (it is small).
 //!
 //! The window for automatic resyncs is a [`Window`].
 
@@ -176,12 +179,13 @@ pub struct Progress {
     /// Runs `(first block, count)` below `compared_to` found different.
     pub differ: Vec<(u64, u64)>,
     /// Identity of the daemon that wrote this (resuming across daemons
-    /// needs a bitmap saved by a clean stop, or the touched-region map).
+    /// needs a bitmap saved by a clean stop, or the activity log).
     pub daemon: String,
-    /// Epoch of the durable touched-region map
-    /// ([`crate::tracking::touched`]) started before the cut this progress
-    /// was made at: while that map is still the disk's, it holds every
-    /// region written since, even across a kill -9 of the daemon.
+    /// Epoch of the disk's activity log ([`crate::tracking::activity`])
+    /// read after the cut this progress was made at: while the log keeps
+    /// that epoch, no extent left it since, so it holds every extent
+    /// written since that cut, even across a kill -9 of the daemon. (Named
+    /// after the touched-region map it replaced; the JSON keeps the name.)
     #[serde(default)]
     pub touch_epoch: Option<u64>,
 }

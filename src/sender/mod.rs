@@ -1042,6 +1042,47 @@ impl Replicator {
         Ok(Self::by_name(vm, link.reopen().await?))
     }
 
+    /// Do the disk's sealed logs (or its base) chain onto the replica's
+    /// cycle? Also `(cycle, base cycle)` of each sealed log (None:
+    /// unreadable).
+    fn chain(&self, d: &str, ds: &wire::DiskState) -> (bool, Vec<(u64, Option<u64>)>) {
+        let base = self.tracker.disk_base_cycle(d).unwrap_or(0);
+        let logs: Vec<(u64, Option<u64>)> = self
+            .tracker
+            .pending_cycles(d)
+            .into_iter()
+            .map(|c| {
+                let base = self
+                    .tracker
+                    .sealed_log(d, c)
+                    .ok()
+                    .and_then(|l| l.base_cycle());
+                (c, base)
+            })
+            .collect();
+        let continuous = ds.replica_cycle == base
+            || logs
+                .iter()
+                .any(|(c, b)| *c > ds.replica_cycle && *b == Some(ds.replica_cycle))
+            || logs.iter().any(|(c, _)| *c == ds.replica_cycle);
+        (continuous, logs)
+    }
+
+    /// The block runs an extents-only resync of `d` compares (after an
+    /// unclean stop with the activity log on), if that is all it needs:
+    /// the receiver trusts the replica, the disk's logs chain onto it and no
+    /// interrupted full resync is pending. `None`: a full resync.
+    fn extents_only(&self, vm: &Vm, d: &str, ds: &wire::DiskState) -> Option<Vec<(u64, u64)>> {
+        let (id, ..) = self.disk_id(d).ok()?;
+        if !ds.needs_resync.is_empty()
+            || resync::progress_path(self, &vm.spec.vm, &id).exists()
+            || !self.chain(d, ds).0
+        {
+            return None;
+        }
+        self.tracker.resync_extents(d)
+    }
+
     /// Which disks need a resync, and why (empty reasons: none).
     fn resync_reasons(
         &self,
@@ -1055,25 +1096,7 @@ impl Replicator {
                 continue;
             };
             let base = self.tracker.disk_base_cycle(d).unwrap_or(0);
-            // (cycle, base cycle) of each sealed log; None: unreadable.
-            let logs: Vec<(u64, Option<u64>)> = self
-                .tracker
-                .pending_cycles(d)
-                .into_iter()
-                .map(|c| {
-                    let base = self
-                        .tracker
-                        .sealed_log(d, c)
-                        .ok()
-                        .and_then(|l| l.base_cycle());
-                    (c, base)
-                })
-                .collect();
-            let continuous = ds.replica_cycle == base
-                || logs
-                    .iter()
-                    .any(|(c, b)| *c > ds.replica_cycle && *b == Some(ds.replica_cycle))
-                || logs.iter().any(|(c, _)| *c == ds.replica_cycle);
+            let (continuous, logs) = self.chain(d, ds);
             let why = if let TrackState::ResyncRequired(w) = st {
                 Some(w)
             } else if !ds.needs_resync.is_empty() && !continuous {
@@ -1142,10 +1165,17 @@ impl Replicator {
                         return Ok(());
                     }
                     // `vdrep resync` and `vdrep sync` (which cannot finish
-                    // without it) start the resync outside the window too.
+                    // without it) start the resync outside the window too;
+                    // so does a small one (only activity-log extents after
+                    // an unclean stop): the window is for full resyncs.
                     let manual = vm.jobs.lock().iter().any(|j| matches!(j, Job::Resync(_)))
                         || !vm.waiters.lock().is_empty();
-                    if manual || window.open_now() {
+                    let small = reasons.iter().all(|(d, _)| {
+                        replica
+                            .get(d)
+                            .is_some_and(|ds| self.extents_only(vm, d, ds).is_some())
+                    });
+                    if manual || small || window.open_now() {
                         break;
                     }
                     {

@@ -200,7 +200,13 @@ impl super::Replicator {
         let t_start = Instant::now();
         vm.status.lock().state = VmState::Resynchronizing;
         // 1. Logs of the resync disks are superseded; the others ship first.
+        // A disk that stopped uncleanly with its activity log compares only
+        // the log's extents and the blocks of those logs (read first).
+        let mut partial: HashMap<String, Vec<(u64, u64)>> = HashMap::new();
         for d in rdisks {
+            if let Some(runs) = replica.get(d).and_then(|ds| self.extents_only(vm, d, ds)) {
+                partial.insert(d.clone(), runs);
+            }
             self.tracker.discard_logs(d, None);
         }
         self.ship_pending(vm, link, replica).await?;
@@ -214,10 +220,21 @@ impl super::Replicator {
                 .get(d)
                 .ok_or_else(|| SendError::fatal(format!("{d} was not opened at the receiver")))?;
             let path = progress_path(self, &spec.vm, &id);
-            let touch = self.tracker.touch_epoch(d);
+            if let Some(runs) = partial.get(d) {
+                // Small: never resumed, compared again whole if interrupted
+                // (the extents stay in the activity log until it is done).
+                let _ = std::fs::remove_file(&path);
+                let blocks: u64 = runs.iter().map(|r| r.1).sum();
+                tracing::info!(vm = %spec.vm, disk = %d,
+                    "extents-only resync: {} MiB of the activity log's extents and unshipped logs",
+                    (blocks * u64::from(bs)) >> 20);
+                extra.insert(d.clone(), runs.clone());
+                continue;
+            }
+            let touch = self.tracker.activity_epoch(d);
             // Every write since the cut the progress was made at is known:
             // this daemon's bitmap, a bitmap saved by a clean stop, or the
-            // durable touched-region map (kill -9 of the daemon).
+            // activity log (kill -9 of the daemon) if no extent left it since.
             let by_map = |p: &Progress| p.touch_epoch.is_some() && p.touch_epoch == touch;
             let p = Progress::load(&path).filter(|p| {
                 p.disk_id == hexid(&id)
@@ -229,7 +246,7 @@ impl super::Replicator {
                 Some(p) => {
                     let mut more = p.differ.clone();
                     let touched = if by_map(&p) {
-                        self.tracker.touched_runs(d)
+                        self.tracker.activity_runs(d)
                     } else {
                         Vec::new()
                     };
@@ -246,12 +263,6 @@ impl super::Replicator {
                 None => {
                     let _ = std::fs::remove_file(&path);
                     full_from.insert(d.clone(), 0);
-                    // Record the regions written from before the cut on.
-                    tokio::task::block_in_place(|| self.tracker.touch_begin(d)).map_err(|e| {
-                        retry(format!(
-                            "cannot start the touched-region map of {d} (needed to resume the resync after a crash): {e}"
-                        ))
-                    })?;
                 }
             }
         }
@@ -294,8 +305,9 @@ impl super::Replicator {
             }
             let name = sc.header.disk_name.clone();
             let ds = replica[&name].clone();
+            let resumable = !partial.contains_key(&name);
             let r = self
-                .resync_one(vm, link, sc, &ds, prior.remove(&name))
+                .resync_one(vm, link, sc, &ds, prior.remove(&name), resumable)
                 .await;
             result = r;
         }
@@ -323,6 +335,7 @@ impl super::Replicator {
         sc: SealedCycle,
         ds: &wire::DiskState,
         prior: Option<Progress>,
+        resumable: bool,
     ) -> Result<(), SendError> {
         let name = sc.header.disk_name.clone();
         let id = sc.header.disk_id;
@@ -348,7 +361,7 @@ impl super::Replicator {
                 ds.replica_cycle,
                 Mode::Resync { log: Box::new(log) },
                 prior,
-                Some(ppath.clone()),
+                resumable.then(|| ppath.clone()),
             )
             .await;
         let Some(sc) = sc else {
@@ -365,7 +378,6 @@ impl super::Replicator {
                     .map_err(|e| retry(e.to_string()))?
                     .map_err(|e| retry(e.to_string()))?;
                 let _ = std::fs::remove_file(&ppath);
-                self.tracker.touch_end(&name);
                 let _ = cycle;
                 Ok(())
             }
@@ -559,7 +571,7 @@ impl Comparing<'_> {
         // The map vouches for this progress only if it was started before
         // the first cut of this resync (by this compare, or by the one
         // whose progress is resumed).
-        let touch_epoch = match (is_resync, r.tracker.touch_epoch(self.name), &self.prior) {
+        let touch_epoch = match (is_resync, r.tracker.activity_epoch(self.name), &self.prior) {
             (false, _, _) => None,
             (true, cur, None) => cur,
             (true, cur, Some(p)) => cur.filter(|c| p.touch_epoch == Some(*c)),

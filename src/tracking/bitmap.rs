@@ -63,6 +63,32 @@ impl Bitmap {
         }
     }
 
+    /// Is any bit of `first..=last` set? (Bits past the end are clear.)
+    pub fn any_in(&self, first: u64, last: u64) -> bool {
+        if self.nbits == 0 || first > last || first >= self.nbits {
+            return false;
+        }
+        let last = last.min(self.nbits - 1);
+        let (fw, lw) = (first / 64, last / 64);
+        (fw..=lw).any(|w| {
+            let lo = if w == fw { first % 64 } else { 0 };
+            let hi = if w == lw { last % 64 } else { 63 };
+            let mask = if hi - lo == 63 {
+                u64::MAX
+            } else {
+                ((1u64 << (hi - lo + 1)) - 1) << lo
+            };
+            self.words[w as usize].load(Ordering::Acquire) & mask != 0
+        })
+    }
+
+    /// Clear one bit (past the end: nothing).
+    pub fn clear(&self, bit: u64) {
+        if bit < self.nbits {
+            self.words[(bit / 64) as usize].fetch_and(!(1u64 << (bit % 64)), Ordering::AcqRel);
+        }
+    }
+
     pub fn set_all(&self) {
         if self.nbits > 0 {
             self.set_range(0, self.nbits - 1);
@@ -142,6 +168,10 @@ mod tests {
         assert_eq!(b.count(), 73);
         assert_eq!(b.runs(100), vec![(3, 1), (60, 40)]);
         assert!(b.get(64) && !b.get(131) && !b.get(1000));
+        assert!(b.any_in(0, 3) && b.any_in(131, 299) && b.any_in(5, 60));
+        assert!(!b.any_in(4, 59) && !b.any_in(131, 298) && !b.any_in(300, 900));
+        b.clear(3);
+        assert!(!b.any_in(0, 59) && !b.get(3));
     }
 
     #[test]

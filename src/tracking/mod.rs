@@ -27,12 +27,12 @@
 //! cut wrote no log is typed ([`CutEntry::kind`]); system calls go through
 //! `crate::sys`, which also spells the `/proc/self/fd/N` paths.
 
+pub mod activity;
 pub mod bitmap;
 pub mod preimage;
 mod sealed_log;
 pub mod seed;
 pub mod state;
-pub mod touched;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -48,10 +48,11 @@ use serde::Serialize;
 use crate::hrl::{HrlHeader, HrlWriter};
 use crate::sys;
 use crate::util::{hex, now_ns, random_id, read_full_at};
+use activity::ActivityLog;
 use bitmap::Bitmap;
 pub use sealed_log::SealedLog;
-pub use state::TrackState;
 use state::{DiskMeta, MountMeta, StateDir};
+pub use state::{ResyncScope, TrackState};
 
 /// Name of the state folder kept at the root of a tracked folder. The FS
 /// shows it but never tracks anything below it.
@@ -75,6 +76,16 @@ pub struct TrackConfig {
     pub patterns: Vec<String>,
     /// Tracking granularity in bytes (power of two, 512..=1 MiB).
     pub block_size: u32,
+    /// Keep an activity log per disk ([`activity`]): one extra `fdatasync`
+    /// per write into a 4 MiB extent not written since the last cut, and an
+    /// unclean stop then needs only a small resync. Off: an unclean stop
+    /// needs a full resync (and so does a resync interrupted by one).
+    #[serde(default = "default_true")]
+    pub activity_log: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for TrackConfig {
@@ -85,6 +96,7 @@ impl Default for TrackConfig {
                 .map(|s| s.to_string())
                 .collect(),
             block_size: 4096,
+            activity_log: true,
         }
     }
 }
@@ -195,6 +207,13 @@ pub struct DiskStatus {
     /// one cycle (pending changes passed the protection's threshold).
     #[serde(default)]
     pub bitmap_only: bool,
+    /// With a ResyncRequired state: whole disk, or the activity log's
+    /// extents only.
+    #[serde(default)]
+    pub resync_scope: ResyncScope,
+    /// Extents (4 MiB) in the disk's activity log (`None`: no activity log).
+    #[serde(default)]
+    pub activity_extents: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -232,12 +251,12 @@ pub struct Tracker {
     taken: Mutex<std::collections::HashSet<String>>,
 }
 
-/// Where a disk's touched-region map lives (relative to the folder root).
-fn touch_rel(folder: &str) -> PathBuf {
+/// Where a disk's activity log lives (relative to the folder root).
+fn activity_rel(folder: &str) -> PathBuf {
     Path::new(STATE_DIR)
         .join("disks")
         .join(folder)
-        .join("touched")
+        .join(activity::FILE)
 }
 
 fn state_cpath(p: &Path) -> io::Result<std::ffi::CString> {
@@ -337,10 +356,25 @@ impl Tracker {
                 Ok(Some(m)) if m.detached => {}
                 Ok(Some(mut m)) => {
                     if !previous_stop_clean && m.state == TrackState::Normal {
-                        m.state = TrackState::ResyncRequired(format!(
-                            "the tracking daemon (pid {}) stopped uncleanly; its bitmap may be stale",
-                            mm.as_ref().map_or(0, |m| m.pid)
-                        ));
+                        let pid = mm.as_ref().map_or(0, |m| m.pid);
+                        let logged = if config.activity_log {
+                            Self::logged_extents(&state, &m.folder)
+                        } else {
+                            None
+                        };
+                        match logged {
+                            Some(ext) => {
+                                m.state = TrackState::ResyncRequired(format!(
+                                    "the tracking daemon (pid {pid}) stopped uncleanly; its activity log names {} extent(s) ({} MiB): only those are compared",
+                                    ext.len(),
+                                    (ext.len() as u64) << (activity::EXTENT_SHIFT - 20)
+                                ));
+                                m.resync_scope = ResyncScope::Extents;
+                            }
+                            None => m.require_full_resync(format!(
+                                "the tracking daemon (pid {pid}) stopped uncleanly; its bitmap may be stale"
+                            )),
+                        }
                     }
                     known.insert(m.name.clone(), m);
                 }
@@ -493,20 +527,16 @@ impl Tracker {
                         && m.shutdown_size == size
                         && m.shutdown_mtime_ns == md.mtime() * 1_000_000_000 + md.mtime_nsec();
                     if !unchanged {
-                        m.state = TrackState::ResyncRequired(
-                            "the disk changed while vdrep was not mounted".into(),
-                        );
+                        m.require_full_resync("the disk changed while vdrep was not mounted");
                     } else {
                         let raw = self
                             .state
                             .read(&PathBuf::from(format!("disks/{}/bitmap", m.folder)))?;
                         match raw.and_then(|b| state::decode_bitmap(&b, m.block_size)) {
                             Some((nbits, words)) => bm = Bitmap::from_words(nbits, &words),
-                            None => {
-                                m.state = TrackState::ResyncRequired(
-                                    "the saved dirty bitmap is missing or damaged".into(),
-                                )
-                            }
+                            None => m.require_full_resync(
+                                "the saved dirty bitmap is missing or damaged",
+                            ),
                         }
                     }
                 }
@@ -534,6 +564,7 @@ impl Tracker {
                     shutdown_mtime_ns: 0,
                     detached: false,
                     bitmap_only: false,
+                    resync_scope: ResyncScope::Full,
                 };
                 (m, None, true)
             }
@@ -544,6 +575,8 @@ impl Tracker {
         let mut bitmap = bitmap.unwrap_or_default();
         bitmap.grow(nblocks);
         let id = unhex16(&meta.id).unwrap_or_else(random_id);
+        let mut meta = meta;
+        let al = self.open_activity(&mut meta, &key, &bitmap)?;
         let disk = Arc::new(TrackedDisk {
             shared: self.shared.clone(),
             id,
@@ -557,37 +590,97 @@ impl Tracker {
             fenced: false.into(),
             bitmap_trusted: trusted.into(),
             log_limit: Mutex::new(None),
-            touch: RwLock::new(None),
-            touch_active: false.into(),
+            al,
             preimage: Mutex::new(self.open_preimage(&meta.folder, &key)),
         });
-        // A resync in progress keeps recording the regions written, from
-        // before the first write of this daemon on.
-        match self
-            .state
-            .openat(&touch_rel(&meta.folder), libc::O_RDWR | libc::O_NOFOLLOW, 0)
-        {
-            Ok(f) => match touched::TouchMap::load(f) {
-                Ok(Some(m)) => {
-                    tracing::info!(disk = %key, epoch = m.epoch,
-                        "a resync is in progress: recording the regions written");
-                    *disk.touch.write() = Some(m);
-                    disk.touch_active
-                        .store(true, std::sync::atomic::Ordering::Release);
-                }
-                Ok(None) => tracing::warn!(disk = %key,
-                    "ignoring a damaged touched-region map: an interrupted resync compares everything again"),
-                Err(e) => tracing::warn!(disk = %key,
-                    "cannot read the touched-region map ({e}): an interrupted resync compares everything again"),
-            },
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!(disk = %key,
-                "cannot open the touched-region map ({e}): an interrupted resync compares everything again"),
-        }
         self.save_meta(&meta)?;
         tracing::info!(disk = %key, state = ?meta.state, cycle = meta.cycle, "tracking disk");
         disks.insert(key, disk.clone());
         Ok(Some(disk))
+    }
+
+    /// The extents named by the activity log of the disk in state folder
+    /// `folder`; `None` if it has none (or an unreadable one).
+    fn logged_extents(state: &StateDir, folder: &str) -> Option<Vec<u64>> {
+        let f = state
+            .openat(&activity_rel(folder), libc::O_RDONLY | libc::O_NOFOLLOW, 0)
+            .ok()?;
+        ActivityLog::read_extents(&f).ok().flatten()
+    }
+
+    /// Open (or create) the activity log of a disk being attached, before
+    /// any write of this daemon reaches it; the extents of a `loaded`
+    /// bitmap (saved by a clean stop, or seeded) are recorded in it, so a
+    /// later crash still finds them. With the activity log off, an old log
+    /// is deleted and a disk waiting for an extents-only resync falls back
+    /// to a full one (this daemon's writes would not be in the log).
+    fn open_activity(
+        &self,
+        meta: &mut DiskMeta,
+        key: &str,
+        loaded: &Bitmap,
+    ) -> io::Result<Option<ActivityLog>> {
+        let rel = activity_rel(&meta.folder);
+        // The resync-only map of earlier versions: the activity log does its job.
+        let _ = self.state.remove_at_root(&rel.with_file_name("touched"));
+        let scope_full = |meta: &mut DiskMeta, why: &str| {
+            if meta.resync_scope == ResyncScope::Extents {
+                if let TrackState::ResyncRequired(w) = &meta.state {
+                    let w = format!("{w}; {why}: the whole disk is compared");
+                    meta.require_full_resync(w);
+                }
+            }
+        };
+        if !self.config.activity_log {
+            if let Err(e) = self.state.remove_at_root(&rel) {
+                tracing::warn!(disk = %key, "cannot delete the activity log {}: {e}", rel.display());
+            }
+            scope_full(meta, "the activity log is off");
+            return Ok(None);
+        }
+        let loaded_log = match self.state.openat(&rel, libc::O_RDWR | libc::O_NOFOLLOW, 0) {
+            Ok(f) => ActivityLog::load(f).unwrap_or_else(|e| {
+                tracing::warn!(disk = %key, "cannot read the activity log: {e}");
+                None
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => {
+                tracing::warn!(disk = %key, "cannot open the activity log: {e}");
+                None
+            }
+        };
+        let al = match loaded_log {
+            Some(al) => al,
+            None => {
+                // Missing or damaged: it cannot vouch for anything.
+                scope_full(meta, "its activity log is missing or damaged");
+                let tmp = rel.with_file_name(".al.tmp");
+                let f = self.state.openat(
+                    &tmp,
+                    libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW,
+                    0o600,
+                )?;
+                let al = ActivityLog::create(f)?;
+                let (ct, cf) = (state_cpath(&tmp)?, state_cpath(&rel)?);
+                let fd = self.state.root_fd().as_raw_fd();
+                sys::renameat(fd, &ct, fd, &cf)?;
+                self.state
+                    .fsync_dir(rel.parent().unwrap_or(Path::new(STATE_DIR)))?;
+                al
+            }
+        };
+        let bs = self.shared.block_size;
+        let mut ext: Vec<u64> = loaded
+            .runs(u64::MAX)
+            .into_iter()
+            .flat_map(|(s, n)| {
+                let (f, l) = activity::extents_of(s * bs, (s + n) * bs - 1);
+                f..=l
+            })
+            .collect();
+        ext.dedup();
+        al.record_extents(ext)?;
+        Ok(Some(al))
     }
 
     fn save_detached(&self, m: DiskMeta) {
@@ -848,7 +941,7 @@ impl Tracker {
             .swap(false, std::sync::atomic::Ordering::SeqCst);
         if !ok && was_resync {
             let mut m = d.meta.lock();
-            m.state = TrackState::ResyncRequired("an earlier full copy did not finish".into());
+            m.require_full_resync("an earlier full copy did not finish");
             let m = m.clone();
             let _ = self.save_meta(&m);
         }
@@ -870,11 +963,21 @@ impl Tracker {
                     tracing::info!(disk = %m.name, "resync done ({why} no longer applies)");
                 }
                 m.state = TrackState::Normal;
+                m.resync_scope = ResyncScope::Full;
             }
             m.clone()
         };
-        self.save_meta(&m)
-            .map_err(|e| io_state(&self.root_path.join(STATE_DIR), e))
+        let saved = self
+            .save_meta(&m)
+            .map_err(|e| io_state(&self.root_path.join(STATE_DIR), e));
+        // The cycle's blocks are durable (its log, or the replica): the
+        // extents written only before its cut leave the activity log. Not
+        // before the state says the resync is over: an extents-only resync
+        // must find its extents again after a crash.
+        if saved.is_ok() {
+            d.prune_activity();
+        }
+        saved
     }
 
     /// Write a sealed cycle as a `.hrl` in the disk's state folder.
@@ -1019,6 +1122,7 @@ impl Tracker {
                         if let TrackState::ResyncRequired(why) = &m.state {
                             tracing::info!(disk = %name, "full copy replaces the resync ({why})");
                             m.state = TrackState::Normal;
+                            m.resync_scope = ResyncScope::Full;
                             d.full_copy_pending
                                 .store(true, std::sync::atomic::Ordering::SeqCst);
                         }
@@ -1051,81 +1155,76 @@ impl Tracker {
         }
     }
 
-    /// Epoch of the touched-region map of `name` ([`touched`]): `Some`
-    /// while a resync of it is in progress.
-    pub fn touch_epoch(&self, name: &str) -> Option<u64> {
+    /// Epoch of the activity log of `name` ([`activity`]); `None` without
+    /// one. While it stays the same, the log holds every extent written
+    /// since the cut of any cycle of the disk that was sealed (and not yet
+    /// finished) when it was read: what a resync interrupted by a crash
+    /// needs to resume.
+    pub fn activity_epoch(&self, name: &str) -> Option<u64> {
         let d = self.disks.lock().get(name).cloned()?;
-        let e = d.touch.read().as_ref().map(|m| m.epoch);
+        let e = d.al.as_ref().map(|a| a.epoch());
         e
     }
 
-    /// Start recording the regions of `name` written from now on (a resync
-    /// begins; call before its cut): a fresh, durable, empty map with a new
-    /// epoch replaces any older one. Returns the epoch.
-    pub fn touch_begin(&self, name: &str) -> io::Result<u64> {
-        let d = self.disks.lock().get(name).cloned().ok_or_else(|| {
-            io::Error::new(io::ErrorKind::NotFound, format!("{name} is not tracked"))
-        })?;
-        let folder = d.meta.lock().folder.clone();
-        let size = d.reader.metadata()?.len();
-        let rel = touch_rel(&folder);
-        let tmp = rel.with_file_name(".touched.tmp");
-        let f = self.state.openat(
-            &tmp,
-            libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW,
-            0o600,
-        )?;
-        let epoch = loop {
-            let e = u64::from_le_bytes(random_id()[..8].try_into().unwrap_or([1; 8]));
-            if e != 0 {
-                break e;
-            }
-        };
-        let m = touched::TouchMap::create(f, size, epoch)?;
-        let (ct, cf) = (state_cpath(&tmp)?, state_cpath(&rel)?);
-        let fd = self.state.root_fd().as_raw_fd();
-        sys::renameat(fd, &ct, fd, &cf)?;
-        self.state
-            .fsync_dir(rel.parent().unwrap_or(Path::new(STATE_DIR)))?;
-        let mut g = d.touch.write();
-        *g = Some(m);
-        d.touch_active
-            .store(true, std::sync::atomic::Ordering::Release);
-        Ok(epoch)
-    }
-
-    /// Block runs `(first, count)` of the regions written since the map of
-    /// the resync in progress was started (empty without one).
-    pub fn touched_runs(&self, name: &str) -> Vec<(u64, u64)> {
+    /// Block runs `(first, count)` of the extents in the activity log of
+    /// `name` (empty without one).
+    pub fn activity_runs(&self, name: &str) -> Vec<(u64, u64)> {
         let Some(d) = self.disks.lock().get(name).cloned() else {
             return Vec::new();
         };
-        let r = d
-            .touch
-            .read()
-            .as_ref()
-            .map(|m| m.block_runs(self.shared.block_size))
-            .unwrap_or_default();
+        let r =
+            d.al.as_ref()
+                .map(|a| a.block_runs(self.shared.block_size))
+                .unwrap_or_default();
         r
     }
 
-    /// The resync of `name` is complete: stop recording, delete the map.
-    pub fn touch_end(&self, name: &str) {
-        let Some(d) = self.disks.lock().get(name).cloned() else {
-            return;
-        };
-        let folder = d.meta.lock().folder.clone();
-        let mut g = d.touch.write();
-        d.touch_active
-            .store(false, std::sync::atomic::Ordering::Release);
-        *g = None;
-        let rel = touch_rel(&folder);
-        if let Err(e) = self
-            .state
-            .remove(rel.strip_prefix(STATE_DIR).unwrap_or(&rel))
+    /// For a disk that needs an extents-only resync
+    /// ([`ResyncScope::Extents`]): the block runs to compare, namely its
+    /// activity log's extents and the blocks of its sealed logs not shipped
+    /// yet (the resync replaces them). `None`: the disk needs a full resync
+    /// (or none), or a sealed log cannot be read (its blocks are unknown).
+    pub fn resync_extents(&self, name: &str) -> Option<Vec<(u64, u64)>> {
+        let d = self.disks.lock().get(name).cloned()?;
         {
-            tracing::warn!(disk = %name, "cannot delete the touched-region map {}: {e}", rel.display());
+            let m = d.meta.lock();
+            if !matches!(m.state, TrackState::ResyncRequired(_))
+                || m.resync_scope != ResyncScope::Extents
+            {
+                return None;
+            }
         }
+        let mut runs = d.al.as_ref()?.block_runs(self.shared.block_size);
+        for (_, rel) in self.log_files(name) {
+            let shown = self.root_path.join(&rel);
+            let read = (|| -> Result<Vec<(u64, u64)>, crate::hrl::HrlError> {
+                let mut r = crate::hrl::HrlReader::open(&self.private(&rel))?;
+                let mut v = Vec::new();
+                while let Some(rec) = r.next_record()? {
+                    if rec.length > 0 {
+                        let (f, l) = d.span(rec.offset, u64::from(rec.length));
+                        v.push((f, l - f + 1));
+                    }
+                }
+                Ok(v)
+            })();
+            match read {
+                Ok(v) => runs.extend(v),
+                Err(e) => {
+                    tracing::warn!(disk = %name, "sealed log {} is damaged ({e}): the whole disk is compared", shown.display());
+                    return None;
+                }
+            }
+        }
+        runs.sort_unstable();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (f, n) in runs {
+            match out.last_mut() {
+                Some((s, c)) if f <= *s + *c => *c = (*c).max(f + n - *s),
+                _ => out.push((f, n)),
+            }
+        }
+        Some(out)
     }
 
     /// Does the disk's live bitmap hold every write since its last cut?
@@ -1144,7 +1243,7 @@ impl Tracker {
         };
         let m = {
             let mut m = d.meta.lock();
-            m.state = TrackState::ResyncRequired(why.to_string());
+            m.require_full_resync(why);
             m.clone()
         };
         tracing::warn!(disk = %name, "resync required: {why}");
@@ -1201,6 +1300,7 @@ impl Tracker {
         }
         let logs = self.log_files(name);
         let mut base: Option<(u64, u64)> = None;
+        let mut folded: Vec<(u64, u64)> = Vec::new();
         for (_, rel) in &logs {
             let shown = self.root_path.join(rel);
             let damaged = 'read: {
@@ -1217,6 +1317,7 @@ impl Tracker {
                             if rec.length > 0 {
                                 let (f, l) = d.span(rec.offset, u64::from(rec.length));
                                 d.mark(f, l);
+                                folded.push((f, l));
                             }
                         }
                         Ok(None) => break 'read None,
@@ -1232,6 +1333,19 @@ impl Tracker {
                     &format!("sealed log {} is damaged: {e}", shown.display()),
                 );
                 return Some("a pending log is damaged: resync required".into());
+            }
+        }
+        // The logs' blocks are only in the live bitmap from now on: their
+        // extents go back into the activity log before the logs are deleted.
+        if let Some(al) = &d.al {
+            let bs = self.shared.block_size;
+            let ext = folded.iter().flat_map(|&(f, l)| {
+                let (a, b) = activity::extents_of(f * bs, l * bs + bs - 1);
+                a..=b
+            });
+            if let Err(e) = al.record_extents(ext) {
+                tracing::error!(disk = %name, "cannot record the folded logs in the activity log: {e}; they are kept");
+                return None;
             }
         }
         let m = {
@@ -1457,6 +1571,7 @@ impl Tracker {
             shutdown_mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
             detached: false,
             bitmap_only: false,
+            resync_scope: Default::default(),
         };
         self.save_meta(&m).map_err(serr)?;
         {
@@ -1572,6 +1687,8 @@ impl Tracker {
                     dirty_blocks: dirty,
                     dirty_bytes: dirty * self.shared.block_size,
                     bitmap_only: m.bitmap_only,
+                    resync_scope: m.resync_scope,
+                    activity_extents: d.al.as_ref().map(|a| a.extents().len() as u64),
                 }
             })
             .collect();
@@ -1879,11 +1996,8 @@ pub struct TrackedDisk {
     /// Pending changes (sealed logs + dirty bytes) above which the disk
     /// goes bitmap-only (set by the protection).
     log_limit: Mutex<Option<u64>>,
-    /// Durable map of the regions written while a resync is in progress
-    /// ([`touched`]); `touch_active` says whether there is one (the only
-    /// cost of the map on the write path outside resyncs).
-    touch: RwLock<Option<touched::TouchMap>>,
-    touch_active: std::sync::atomic::AtomicBool,
+    /// The disk's activity log ([`activity`]; `None` when it is off).
+    al: Option<ActivityLog>,
     /// Armed by a promotion (see [`preimage`]): blocks are saved before
     /// their first change, so that the failover can be cancelled.
     preimage: Mutex<Option<preimage::Journal>>,
@@ -1978,28 +2092,58 @@ impl TrackedDisk {
         bm.set_range(first, last);
     }
 
-    /// Record blocks `first..=last` in the touched-region map, durably,
-    /// if a resync is in progress (before the change is made).
-    fn touch(&self, first: u64, last: u64) -> io::Result<()> {
-        if !self.touch_active.load(std::sync::atomic::Ordering::Acquire) {
-            return Ok(());
-        }
+    /// Make the extents of blocks `first..=last` durable in the activity
+    /// log before the change is made (the caller holds the cut lock shared
+    /// until it marked the blocks). An error refuses the change.
+    fn log_activity(&self, first: u64, last: u64) -> io::Result<()> {
+        let Some(al) = &self.al else { return Ok(()) };
         let bs = self.bs();
         let (lo, hi) = (first * bs, last * bs + bs - 1);
-        if self.touch.read().as_ref().is_none_or(|m| m.covers(lo, hi)) {
+        if al.covers(lo, hi) {
             return Ok(());
         }
-        let mut g = self.touch.write();
-        let Some(m) = g.as_mut() else { return Ok(()) };
-        m.touch(lo, hi).map_err(|e| {
+        al.record(lo, hi).map_err(|e| {
             let name = self.meta.lock().name.clone();
             tracing::error!(disk = %name,
-                "cannot record a write in the touched-region map of the resync in progress: {e}; the write is refused");
+                "cannot record a write in the activity log: {e}; the write is refused");
             io::Error::new(
                 e.kind(),
-                format!("{name}: recording the write for the resync in progress failed: {e}"),
+                format!("{name}: recording the write in the activity log failed: {e}"),
             )
         })
+    }
+
+    /// Let the activity log's extents go that hold no write since the last
+    /// finished cycle's cut: none of their blocks is dirty in the live
+    /// bitmap nor in a cycle still being sealed. A failure only leaves
+    /// extents in the log (an over-approximation).
+    fn prune_activity(&self) {
+        let Some(al) = &self.al else { return };
+        let per = ((1u64 << activity::EXTENT_SHIFT) / self.bs()).max(1);
+        let busy = |e: u64| {
+            let (f, l) = (e * per, e * per + per - 1);
+            if self.dirty.read().any_in(f, l) {
+                return true;
+            }
+            self.sealing
+                .lock()
+                .as_ref()
+                .is_some_and(|s| s.real_changes.as_ref().unwrap_or(&s.dirty).any_in(f, l))
+        };
+        // Nothing to let go (checked without the cut lock: a write can only
+        // make more extents busy).
+        if al.extents().into_iter().all(busy) {
+            return;
+        }
+        let name = || self.meta.lock().name.clone();
+        if let Err(e) = al.advance_epoch() {
+            tracing::warn!(disk = %name(), "cannot prune the activity log: {e}");
+            return;
+        }
+        let _instant = self.shared.cut_lock.write();
+        if let Err(e) = al.prune(busy) {
+            tracing::warn!(disk = %name(), "cannot write the pruned activity log: {e}");
+        }
     }
 
     /// Is the disk fenced (see [`Tracker::fence`])?
@@ -2023,7 +2167,7 @@ impl TrackedDisk {
         }
         let _cut = self.shared.cut_lock.read();
         let (first, last) = self.span(offset, data.len() as u64);
-        self.touch(first, last)?;
+        self.log_activity(first, last)?;
         self.save_preimages(first, last)?;
         self.preserve(first, last);
         let r = file.write_at(data, offset);
@@ -2039,7 +2183,7 @@ impl TrackedDisk {
         let old = file.metadata()?.len();
         if len < old {
             let (first, last) = self.span(len, old - len);
-            self.touch(first, last)?;
+            self.log_activity(first, last)?;
             self.save_preimages(first, last)?;
             self.preserve(first, last);
             let r = file.set_len(len);
@@ -2068,7 +2212,7 @@ impl TrackedDisk {
             None
         };
         if let Some((f, l)) = range {
-            self.touch(f, l)?;
+            self.log_activity(f, l)?;
             self.save_preimages(f, l)?;
             self.preserve(f, l);
         }

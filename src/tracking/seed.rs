@@ -121,6 +121,7 @@ pub fn seed(dir: &Path, disks: &[SeedDisk]) -> Result<(), SeedError> {
             shutdown_mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
             detached: false,
             bitmap_only: false,
+            resync_scope: Default::default(),
         };
         st.write_json(&PathBuf::from(format!("disks/{folder}/meta.json")), &m)
             .map_err(|e| io(&spath, e))?;

@@ -15,9 +15,9 @@
 //! - `disks/<folder>/bitmap`: the unsealed cycle's dirty bitmap, saved at a
 //!   clean shutdown (magic `VDREPBM1`, block size, bit count, xxh3-64, words).
 //! - `disks/<folder>/<cycle>.hrl`: sealed change logs.
-//! - `disks/<folder>/touched`: while a checksum resync of the disk is in
-//!   progress, the durable map of the regions written since its first cut
-//!   (see [`super::touched`]); deleted when the resync completes.
+//! - `disks/<folder>/al`: the activity log, the durable set of the 4 MiB
+//!   extents written since the disk's last finished cycle (see
+//!   [`super::activity`]).
 
 use std::ffi::CString;
 use std::fs::File;
@@ -35,6 +35,18 @@ pub enum TrackState {
     /// The bitmap or logs cannot be trusted; only a resync makes a replica
     /// equal again. The string says why.
     ResyncRequired(String),
+}
+
+/// How much of a disk a required resync must compare.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ResyncScope {
+    /// Every block.
+    #[default]
+    Full,
+    /// Only the extents of the disk's activity log (an unclean stop with
+    /// the activity log on), plus the blocks of its sealed logs not shipped
+    /// yet: a small resync, started at once.
+    Extents,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -87,6 +99,17 @@ pub struct DiskMeta {
     /// bitmap) until the sender ships them as one cycle.
     #[serde(default)]
     pub bitmap_only: bool,
+    /// With `state` ResyncRequired: what the resync must compare.
+    #[serde(default)]
+    pub resync_scope: ResyncScope,
+}
+
+impl DiskMeta {
+    /// The disk needs a resync of every block.
+    pub fn require_full_resync(&mut self, why: impl Into<String>) {
+        self.state = TrackState::ResyncRequired(why.into());
+        self.resync_scope = ResyncScope::Full;
+    }
 }
 
 fn cpath(p: &Path) -> io::Result<CString> {
