@@ -527,7 +527,8 @@ fn code_of(e: &StoreError) -> ErrorCode {
         StoreError::Io { .. } => ErrorCode::Io,
         StoreError::OutOfOrder { .. }
         | StoreError::IdentityMismatch { .. }
-        | StoreError::InUse { .. } => ErrorCode::InvalidState,
+        | StoreError::InUse { .. }
+        | StoreError::Fenced { .. } => ErrorCode::InvalidState,
         StoreError::BadState { .. } | StoreError::NeedsResync { .. } => ErrorCode::ResyncRequired,
         StoreError::CorruptLog { .. } => ErrorCode::Checksum,
         StoreError::Injected { .. } => ErrorCode::Io,
