@@ -17,6 +17,10 @@ pub struct ReceiveFlags {
     pub trust: Vec<PathBuf>,
     pub retention: RetentionArgs,
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How to reach an `s3://` store.
+    pub s3: super::objstore::S3Args,
+    /// The local cache folder of an `s3://` store.
+    pub cache: Option<PathBuf>,
 }
 
 /// `vdrep receive ...` (foreground; logs to stderr): the flags over the
@@ -63,9 +67,17 @@ pub fn receive(
     if trust.is_empty() {
         return missing("--trust (a sending site's certificate)");
     }
+    let (store, remote) = match super::objstore::open_remote_store(&store, &flags.s3, flags.cache) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("vdrep: receive: {e}");
+            return 1;
+        }
+    };
     match crate::receiver::run(&crate::receiver::ReceiveOptions {
         listen,
         store,
+        remote,
         keys,
         trust,
         retention,
