@@ -473,3 +473,64 @@ fn garage_store_suite() {
     };
     store_suite::every_point_reads_back(&garage_harness(&g), 16, &steps, 3, 2).unwrap();
 }
+
+/// Timing (not a test: `cargo test --release --test replica_bucket --
+/// --ignored bench --nocapture`): the initial copy and a 1 % delta of a
+/// 256 MiB disk into the directory store and into a single-node Garage,
+/// through the store seam, in the same run; medians of 3.
+#[test]
+#[ignore]
+fn bench_initial_and_delta_dir_vs_garage() {
+    let Some(g) = Garage::start(1) else { return };
+    const SIZE: usize = 256 << 20;
+    let mut rng = Rng(77);
+    let mut disk = vec![0u8; SIZE];
+    // Half data (incompressible), half zeros, in 1 MiB stripes.
+    for (i, c) in disk.chunks_mut(1 << 20).enumerate() {
+        if i % 2 == 0 {
+            rng.fill(c);
+        }
+    }
+    let logs = tempfile::tempdir().unwrap();
+    let mut next = disk.clone();
+    let dirty = random_writes(&mut rng, &mut next, SIZE / 4096 / 100);
+    let lp = logs.path().join("2.hrl");
+    make_log(&lp, ID, 1, 2, SIZE as u64, &next, &dirty);
+    let run = |store: &dyn ReplicaStore| -> (f64, f64) {
+        let t = std::time::Instant::now();
+        initial(store, &disk, 1);
+        store
+            .commit_point(SITE, VM, 1, &[ID], Consistency::Crash)
+            .unwrap();
+        let init = t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
+        ship(store, DISK, &lp, 2);
+        store
+            .commit_point(SITE, VM, 2, &[ID], Consistency::Crash)
+            .unwrap();
+        (init, t.elapsed().as_secs_f64())
+    };
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let (mut di, mut dd, mut gi, mut gd) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..3 {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let s = vdrep::replica::Store::open(&dir.path().join("s")).unwrap();
+        let (i, d) = run(&s);
+        di.push(i);
+        dd.push(d);
+        let h = garage_harness(&g);
+        let s = h.open();
+        let (i, d) = run(s.as_ref());
+        gi.push(i);
+        gd.push(d);
+    }
+    let (di, dd, gi, gd) = (median(di), median(dd), median(gi), median(gd));
+    println!(
+        "256 MiB initial copy: dir {di:.2} s, garage {gi:.2} s ({:.2}x); 1 % delta (store+apply+point): dir {dd:.3} s, garage {gd:.3} s ({:.2}x)",
+        gi / di,
+        gd / dd
+    );
+}
