@@ -401,6 +401,8 @@ fn write_point(
             disk_id: vdrep::util::hex(id),
             size: img.len() as u64,
             chunks,
+            base_size: None,
+            logs: Vec::new(),
         });
     }
     w.commit(

@@ -220,7 +220,9 @@ pub enum Cmd {
         /// Address to listen on, e.g. 0.0.0.0:7700.
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
-        /// Replica store folder (one namespace per sending site).
+        /// Replica store folder (one namespace per sending site), or an
+        /// object store `s3://bucket/prefix` (with --s3-endpoint,
+        /// --s3-credentials, --encryption-key).
         #[arg(long)]
         store: Option<PathBuf>,
         /// This site's identity folder (`vdrep keys init`).
@@ -232,6 +234,13 @@ pub enum Cmd {
         trust: Vec<PathBuf>,
         #[command(flatten)]
         retention: RetentionArgs,
+        #[command(flatten)]
+        s3: objstore::S3Args,
+        /// With an s3:// store: the local cache folder (spooled logs,
+        /// failover views; no replica state). Default
+        /// /var/cache/vdrep/BUCKET/PREFIX.
+        #[arg(long, value_name = "DIR")]
+        cache: Option<PathBuf>,
         /// Serve Prometheus/OpenMetrics metrics at http://ADDR/metrics
         /// (e.g. 127.0.0.1:9478); overrides `[receiver] metrics_listen`.
         #[arg(long, value_name = "ADDR")]
@@ -497,6 +506,8 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
             keys,
             trust,
             retention,
+            s3,
+            cache,
             metrics_listen,
         } => {
             let cfg = match self::config::load(config) {
@@ -510,6 +521,8 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
                 trust,
                 retention,
                 metrics_listen,
+                s3,
+                cache,
             };
             let log_format = service::log_format(log_format, cfg.as_ref());
             replication::receive(flags, cfg.as_ref(), log_format)

@@ -61,6 +61,31 @@ pub fn open_bucket(url: &StoreUrl, a: &S3Args) -> Result<SealedBucket, String> {
     })
 }
 
+/// For `--store`: a folder stays a folder (`(store, None)`); an `s3://`
+/// URL opens the bucket (every start-up check) and gives the object store
+/// plus its local cache folder (`cache`, default
+/// `/var/cache/vdrep/BUCKET/PREFIX`).
+pub fn open_remote_store(
+    store: &Path,
+    a: &S3Args,
+    cache: Option<PathBuf>,
+) -> Result<(PathBuf, Option<Arc<dyn crate::replica::ReplicaStore>>), String> {
+    let Some(url) = s3_url(store)? else {
+        return Ok((store.to_path_buf(), None));
+    };
+    let bucket = open_bucket(&url, a)?;
+    let cache = cache.unwrap_or_else(|| {
+        let mut p = PathBuf::from("/var/cache/vdrep").join(&url.bucket);
+        if !url.prefix.is_empty() {
+            p.push(&url.prefix);
+        }
+        p
+    });
+    let st = crate::objstore::replica::BucketStore::open(Arc::new(bucket), &cache.join("spool"))
+        .map_err(|e| e.to_string())?;
+    Ok((cache.join("local"), Some(Arc::new(st))))
+}
+
 /// `vdrep points NAME --store s3://… [--site S] [--json]`.
 pub fn points(vm: &str, url: &StoreUrl, site: Option<String>, a: &S3Args, json: bool) -> i32 {
     let run = || -> Result<(String, Vec<point::Manifest>), String> {

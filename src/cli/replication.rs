@@ -17,6 +17,10 @@ pub struct ReceiveFlags {
     pub trust: Vec<PathBuf>,
     pub retention: RetentionArgs,
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How to reach an `s3://` store.
+    pub s3: super::objstore::S3Args,
+    /// The local cache folder of an `s3://` store.
+    pub cache: Option<PathBuf>,
 }
 
 /// `vdrep receive ...` (foreground; logs to stderr): the flags over the
@@ -63,9 +67,33 @@ pub fn receive(
     if trust.is_empty() {
         return missing("--trust (a sending site's certificate)");
     }
+    // The s3 settings: each flag over the file's `[receiver]`.
+    let s3 = super::objstore::S3Args {
+        s3_endpoint: flags
+            .s3
+            .s3_endpoint
+            .or(rcv.and_then(|r| r.s3_endpoint.clone())),
+        s3_credentials: flags
+            .s3
+            .s3_credentials
+            .or(rcv.and_then(|r| r.s3_credentials.clone())),
+        encryption_key: flags
+            .s3
+            .encryption_key
+            .or(rcv.and_then(|r| r.encryption_key.clone())),
+    };
+    let cache = flags.cache.or(rcv.and_then(|r| r.cache.clone()));
+    let (store, remote) = match super::objstore::open_remote_store(&store, &s3, cache) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("vdrep: receive: {e}");
+            return 1;
+        }
+    };
     match crate::receiver::run(&crate::receiver::ReceiveOptions {
         listen,
         store,
+        remote,
         keys,
         trust,
         retention,

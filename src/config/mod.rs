@@ -85,6 +85,12 @@ pub struct ReceiverCfg {
     pub prune_every: Option<Option<Duration>>,
     /// Where the receiver serves its Prometheus metrics.
     pub metrics_listen: Option<SocketAddr>,
+    /// With `store = "s3://bucket/prefix"`: the S3 endpoint, the
+    /// credentials file, the encryption key file and the local cache folder.
+    pub s3_endpoint: Option<String>,
+    pub s3_credentials: Option<PathBuf>,
+    pub encryption_key: Option<PathBuf>,
+    pub cache: Option<PathBuf>,
 }
 
 /// How often a VM gets a recovery point.
@@ -812,8 +818,28 @@ impl Cx<'_> {
                 )
             })
         });
-        let store = self.path(&r.store, "receiver.store");
-        if let (Some(s), Checks::Files) = (&store, checks) {
+        let is_s3 = r.store.get_ref().starts_with("s3://");
+        let store = if is_s3 {
+            Some(PathBuf::from(r.store.get_ref()))
+        } else {
+            self.path(&r.store, "receiver.store")
+        };
+        let opt_path = |me: &mut Self, v: &Option<Spanned<String>>, key: &str| {
+            v.as_ref().and_then(|v| me.path(v, key))
+        };
+        let s3_credentials = opt_path(self, &r.s3_credentials, "receiver.s3_credentials");
+        let encryption_key = opt_path(self, &r.encryption_key, "receiver.encryption_key");
+        let cache = opt_path(self, &r.cache, "receiver.cache");
+        let s3_endpoint = r.s3_endpoint.as_ref().map(|v| v.get_ref().clone());
+        if is_s3 && (s3_endpoint.is_none() || encryption_key.is_none()) {
+            self.problem(
+                &r.store,
+                "receiver.store",
+                ProblemKind::BadValue,
+                "an s3:// store needs s3_endpoint and encryption_key in [receiver]".into(),
+            );
+        }
+        if let (Some(s), Checks::Files, false) = (&store, checks, is_s3) {
             if !s.is_dir() {
                 self.problem(
                     &r.store,
@@ -865,6 +891,10 @@ impl Cx<'_> {
             keep_last,
             prune_every,
             metrics_listen,
+            s3_endpoint,
+            s3_credentials,
+            encryption_key,
+            cache,
         })
     }
 

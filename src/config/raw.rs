@@ -50,6 +50,10 @@ pub struct Receiver {
     pub keep_last: Option<Spanned<i64>>,
     pub prune_every: Option<S>,
     pub metrics_listen: Option<S>,
+    pub s3_endpoint: Option<S>,
+    pub s3_credentials: Option<S>,
+    pub encryption_key: Option<S>,
+    pub cache: Option<S>,
 }
 
 #[derive(Debug, Deserialize)]

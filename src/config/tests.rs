@@ -400,3 +400,29 @@ fn retry_schedule_keys_are_typed_and_checked() {
         "{p:?}"
     );
 }
+
+#[test]
+fn receiver_on_an_object_store() {
+    let store_line = GOOD
+        .lines()
+        .find(|l| l.starts_with("store = "))
+        .unwrap()
+        .to_string();
+    let text = GOOD.replace(
+        &format!("{store_line}\n"),
+        "store = \"s3://dr-bucket/vdrep\"\ns3_endpoint = \"http://127.0.0.1:3900\"\ns3_credentials = \"/etc/vdrep/s3.toml\"\nencryption_key = \"/etc/vdrep/enc.key\"\ncache = \"/var/cache/vdrep/dr\"\n",
+    );
+    let r = check(&text).unwrap().receiver.unwrap();
+    assert_eq!(r.store, std::path::PathBuf::from("s3://dr-bucket/vdrep"));
+    assert_eq!(r.s3_endpoint.as_deref(), Some("http://127.0.0.1:3900"));
+    assert_eq!(
+        r.encryption_key.as_deref(),
+        Some(std::path::Path::new("/etc/vdrep/enc.key"))
+    );
+    // Without the endpoint: one problem on receiver.store.
+    let bad = text.replace("s3_endpoint = \"http://127.0.0.1:3900\"\n", "");
+    let p = problems(&bad);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].key, "receiver.store");
+    assert!(p[0].msg.contains("s3_endpoint"), "{}", p[0].msg);
+}

@@ -32,8 +32,10 @@ pub mod envelope;
 mod error;
 mod fail;
 pub mod fence;
+pub mod layered;
 mod mem;
 pub mod point;
+pub mod replica;
 mod s3;
 
 pub use bucket::{BucketError, BucketErrorKind, SealedBucket, MARKER};
@@ -100,6 +102,31 @@ pub trait ObjectClient: Send + Sync {
     fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, ObjectError>;
     /// Remove the object (absent is fine).
     fn delete(&self, key: &str) -> Result<(), ObjectError>;
+}
+
+/// A shared client is a client (so wrappers like [`FailClient`] can wrap
+/// one that is also used elsewhere).
+impl<T: ObjectClient + ?Sized> ObjectClient for std::sync::Arc<T> {
+    fn put(&self, key: &str, body: &[u8], mode: PutMode) -> Result<String, ObjectError> {
+        (**self).put(key, body, mode)
+    }
+    fn get(
+        &self,
+        key: &str,
+        range: Option<Range<u64>>,
+        cond: GetIf<'_>,
+    ) -> Result<Option<Vec<u8>>, ObjectError> {
+        (**self).get(key, range, cond)
+    }
+    fn head(&self, key: &str) -> Result<ObjectMeta, ObjectError> {
+        (**self).head(key)
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, ObjectError> {
+        (**self).list(prefix)
+    }
+    fn delete(&self, key: &str) -> Result<(), ObjectError> {
+        (**self).delete(key)
+    }
 }
 
 /// Get a whole object unconditionally.

@@ -19,10 +19,10 @@
 
 use super::bucket::{BucketError, SealedBucket};
 use super::fence::{FenceError, FenceView, Writer, WriterId};
+use super::layered::{IndexCache, Layered, Layers, LogRef};
 use super::ObjectError;
 use crate::replica::{Consistency, PointRead};
 use crate::util::hex;
-use parking_lot::Mutex;
 use std::sync::Arc;
 
 /// Bytes per chunk of a disk image.
@@ -35,8 +35,27 @@ pub struct DiskManifest {
     pub disk_id: String,
     pub size: u64,
     /// Per chunk index: the object name (relative to the bucket prefix) of
-    /// its version at this point, or `None` for zeros.
+    /// its version at this point's base, or `None` for zeros.
     pub chunks: Vec<Option<String>>,
+    /// Size of the base the chunks hold (`size` when there are no logs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_size: Option<u64>,
+    /// The logs after the base up to this point, oldest first
+    /// ([`super::layered`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logs: Vec<LogRef>,
+}
+
+impl DiskManifest {
+    /// What a reader of this disk reads.
+    pub fn layers(&self) -> Layers {
+        Layers {
+            size: self.size,
+            base_size: self.base_size.unwrap_or(self.size),
+            chunks: self.chunks.clone(),
+            logs: self.logs.clone(),
+        }
+    }
 }
 
 /// A recovery point of one VM.
@@ -98,20 +117,112 @@ fn vm_dir(site: &str, vm: &str) -> String {
     format!("sites/{site}/vms/{vm}")
 }
 
-/// (cycle, gen, writer) of a manifest's name (the part after `points/`).
-fn parse_manifest_name(leaf: &str) -> Option<(u64, u64, WriterId)> {
+/// The name of the manifest of `cycle` by `writer` (hex) of `gen`.
+pub fn manifest_name(site: &str, vm: &str, cycle: u64, gen: u64, writer: &str) -> String {
+    format!(
+        "{}/points/{cycle:016x}-g{gen:016x}-{writer}",
+        vm_dir(site, vm)
+    )
+}
+
+/// The version of a manifest: (0, 0) as first written, (generation,
+/// sequence) of the writer that rewrote it (compaction: `.c<gen>-<seq>`).
+pub type ManifestVersion = (u64, u64);
+
+/// (cycle, gen, writer, version) of a manifest's name (the part after
+/// `points/`): `<cycle>-g<gen>-<writer>[.c<gen>-<seq>]`.
+pub fn parse_manifest_name(leaf: &str) -> Option<(u64, u64, WriterId, ManifestVersion)> {
     let cycle = u64::from_str_radix(leaf.get(..16)?, 16).ok()?;
     let rest = leaf.get(16..)?.strip_prefix("-g")?;
     let gen = u64::from_str_radix(rest.get(..16)?, 16).ok()?;
-    let w = rest.get(16..)?.strip_prefix('-')?;
-    if w.len() != 32 {
-        return None;
-    }
+    let rest = rest.get(16..)?.strip_prefix('-')?;
+    let w = rest.get(..32)?;
     let mut writer = [0u8; 16];
     for (i, b) in writer.iter_mut().enumerate() {
         *b = u8::from_str_radix(w.get(2 * i..2 * i + 2)?, 16).ok()?;
     }
-    Some((cycle, gen, writer))
+    let version = match rest.get(32..)? {
+        "" => (0, 0),
+        v => {
+            let v = v.strip_prefix(".c")?;
+            let (g, s) = v.split_once('-')?;
+            if g.len() != 16 || s.len() != 16 {
+                return None;
+            }
+            (
+                u64::from_str_radix(g, 16).ok()?,
+                u64::from_str_radix(s, 16).ok()?,
+            )
+        }
+    };
+    Some((cycle, gen, writer, version))
+}
+
+/// A manifest's name in a new version (see [`parse_manifest_name`]).
+pub fn manifest_version_name(name: &str, version: ManifestVersion) -> String {
+    let base = name.split_once(".c").map_or(name, |(b, _)| b);
+    format!("{base}.c{:016x}-{:016x}", version.0, version.1)
+}
+
+/// One visible point in a listing: its cycle, the name of its newest
+/// manifest version, and every version's name.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub cycle: u64,
+    pub newest: String,
+    pub all: Vec<String>,
+}
+
+/// The visible points of `vm` by name only (list of the fence and of the
+/// manifests; nothing is fetched), oldest first.
+pub fn list_points(b: &SealedBucket, site: &str, vm: &str) -> Result<Vec<Listed>, PointError> {
+    let dir = vm_dir(site, vm);
+    let view = FenceView::load(b.client(), &b.url().key(&format!("{dir}/fence")))?;
+    let prefix = format!("{dir}/points/");
+    let mut found: Vec<(u64, ManifestVersion, String)> = Vec::new();
+    for name in b.list(&prefix)? {
+        let Some((cycle, gen, writer, version)) =
+            name.strip_prefix(&prefix).and_then(parse_manifest_name)
+        else {
+            continue;
+        };
+        if view.visible(gen, &writer, cycle) {
+            found.push((cycle, version, name));
+        }
+    }
+    found.sort();
+    let mut out: Vec<Listed> = Vec::new();
+    for (cycle, _, name) in found {
+        match out.last_mut() {
+            Some(l) if l.cycle == cycle => {
+                l.newest = name.clone();
+                l.all.push(name);
+            }
+            _ => out.push(Listed {
+                cycle,
+                newest: name.clone(),
+                all: vec![name],
+            }),
+        }
+    }
+    Ok(out)
+}
+
+/// Parse a manifest fetched as `name` and check it is the one its name
+/// says.
+pub fn parse_manifest(name: &str, body: &[u8]) -> Result<Manifest, PointError> {
+    let bad = |why: String| PointError::BadManifest {
+        name: name.to_string(),
+        why,
+    };
+    let leaf = name.rsplit('/').next().unwrap_or(name);
+    let (cycle, gen, writer, _) =
+        parse_manifest_name(leaf).ok_or_else(|| bad("not a manifest name".into()))?;
+    let m: Manifest = serde_json::from_slice(body).map_err(|e| bad(e.to_string()))?;
+    if (m.cycle, m.gen, m.writer.as_str()) != (cycle, gen, hex(&writer).as_str()) {
+        return Err(bad("its content does not match its name".into()));
+    }
+    Ok(m)
 }
 
 /// The sites that have points of `vm` in the bucket.
@@ -130,33 +241,29 @@ pub fn sites_of(b: &SealedBucket, vm: &str) -> Result<Vec<String>, PointError> {
     Ok(sites)
 }
 
-/// The visible points of `vm`, oldest first (one per cycle).
+/// The visible points of `vm`, oldest first (one per cycle: its newest
+/// manifest version).
 pub fn points(b: &SealedBucket, site: &str, vm: &str) -> Result<Vec<Manifest>, PointError> {
-    let dir = vm_dir(site, vm);
-    let view = FenceView::load(b.client(), &b.url().key(&format!("{dir}/fence")))?;
-    let mut out: Vec<Manifest> = Vec::new();
-    let prefix = format!("{dir}/points/");
-    for name in b.list(&prefix)? {
-        let Some((cycle, gen, writer)) = name.strip_prefix(&prefix).and_then(parse_manifest_name)
-        else {
-            continue;
-        };
-        if !view.visible(gen, &writer, cycle) {
-            continue;
-        }
-        let bad = |why: String| PointError::BadManifest {
-            name: name.clone(),
-            why,
-        };
-        let m: Manifest = serde_json::from_slice(&b.get(&name)?).map_err(|e| bad(e.to_string()))?;
-        if (m.cycle, m.gen, m.writer.as_str()) != (cycle, gen, hex(&writer).as_str()) {
-            return Err(bad("its content does not match its name".into()));
-        }
-        out.push(m);
+    let mut out = Vec::new();
+    for l in list_points(b, site, vm)? {
+        out.push(parse_manifest(&l.newest, &b.get(&l.newest)?)?);
     }
-    out.sort_by_key(|m| m.cycle);
-    out.dedup_by_key(|m| m.cycle);
     Ok(out)
+}
+
+/// The cycle of the newest visible point of `vm` (0: none), for a
+/// claimer's start; an object-store failure keeps its kind (retryable or
+/// not).
+pub fn newest_visible_cycle(b: &SealedBucket, site: &str, vm: &str) -> Result<u64, ObjectError> {
+    match list_points(b, site, vm) {
+        Ok(l) => Ok(l.last().map_or(0, |l| l.cycle)),
+        Err(PointError::Bucket(BucketError::Object(o))) => Err(o),
+        Err(other) => Err(ObjectError::BadResponse {
+            op: "list",
+            key: b.url().key(&format!("{}/points/", vm_dir(site, vm))),
+            why: other.to_string(),
+        }),
+    }
 }
 
 /// A fenced writer of one VM's points.
@@ -179,15 +286,7 @@ impl<'a> VmWriter<'a> {
         let dir = vm_dir(site, vm);
         let fence_dir = bucket.url().key(&format!("{dir}/fence"));
         let fence = Writer::claim(bucket.client(), &fence_dir, writer, || {
-            let p = points(bucket, site, vm).map_err(|e| match e {
-                PointError::Bucket(BucketError::Object(o)) => o,
-                other => ObjectError::BadResponse {
-                    op: "list",
-                    key: fence_dir.clone(),
-                    why: other.to_string(),
-                },
-            })?;
-            Ok(p.last().map_or(0, |m| m.cycle) + 1)
+            Ok(newest_visible_cycle(bucket, site, vm)? + 1)
         })?;
         Ok(VmWriter {
             bucket,
@@ -248,12 +347,7 @@ impl<'a> VmWriter<'a> {
             writer: hex(&self.fence.writer),
             disks,
         };
-        let name = format!(
-            "{}/points/{cycle:016x}-g{:016x}-{}",
-            vm_dir(&self.site, &self.vm),
-            self.fence.gen,
-            m.writer
-        );
+        let name = manifest_name(&self.site, &self.vm, cycle, self.fence.gen, &m.writer);
         let body = serde_json::to_vec(&m).map_err(|e| PointError::BadManifest {
             name: name.clone(),
             why: e.to_string(),
@@ -264,13 +358,10 @@ impl<'a> VmWriter<'a> {
     }
 }
 
-/// One disk of one point, read chunk by chunk (the last chunk read is
-/// cached).
+/// One disk of one point, read chunk by chunk (and log record by log
+/// record, [`Layered`]).
 pub struct ChunkedPoint {
-    bucket: Arc<SealedBucket>,
-    disk: DiskManifest,
-    cache: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
-    fetched: std::sync::atomic::AtomicU64,
+    inner: Layered,
 }
 
 impl ChunkedPoint {
@@ -292,57 +383,25 @@ impl ChunkedPoint {
                 vm: vm.to_string(),
                 cycle,
             })?;
+        let layers = disk.layers();
         Ok(ChunkedPoint {
-            bucket,
-            disk,
-            cache: Mutex::new(None),
-            fetched: 0.into(),
+            inner: Layered::new(bucket, layers, Arc::new(IndexCache::default())),
         })
     }
 
-    /// Sealed chunk bytes fetched so far (plaintext length of the chunks).
+    /// Plaintext bytes of chunks and log segments fetched so far.
     pub fn fetched_bytes(&self) -> u64 {
-        self.fetched.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    fn chunk(&self, index: u64) -> std::io::Result<Option<Arc<Vec<u8>>>> {
-        let Some(Some(name)) = self.disk.chunks.get(index as usize) else {
-            return Ok(None);
-        };
-        if let Some((i, data)) = &*self.cache.lock() {
-            if *i == index {
-                return Ok(Some(data.clone()));
-            }
-        }
-        let data = Arc::new(self.bucket.get(name).map_err(std::io::Error::other)?);
-        self.fetched
-            .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        *self.cache.lock() = Some((index, data.clone()));
-        Ok(Some(data))
+        self.inner.fetched_bytes()
     }
 }
 
 impl PointRead for ChunkedPoint {
     fn len(&self) -> u64 {
-        self.disk.size
+        self.inner.len()
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        buf.fill(0);
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let (index, within) = (pos / CHUNK, (pos % CHUNK) as usize);
-            let n = (buf.len() - done).min(CHUNK as usize - within);
-            if pos < self.disk.size {
-                if let Some(data) = self.chunk(index)? {
-                    let avail = data.len().saturating_sub(within).min(n);
-                    buf[done..done + avail].copy_from_slice(&data[within..within + avail]);
-                }
-            }
-            done += n;
-        }
-        Ok(())
+        self.inner.read_at(buf, offset)
     }
 }
 
@@ -355,9 +414,15 @@ mod tests {
     #[test]
     fn manifest_names() {
         let leaf = format!("{:016x}-g{:016x}-{}", 7, 2, hex(&[3; 16]));
-        assert_eq!(parse_manifest_name(&leaf), Some((7, 2, [3; 16])));
+        assert_eq!(parse_manifest_name(&leaf), Some((7, 2, [3; 16], (0, 0))));
         assert_eq!(parse_manifest_name(&leaf[1..]), None);
         assert_eq!(parse_manifest_name(&format!("{leaf}0")), None);
+        let v = manifest_version_name(&leaf, (4, 9));
+        assert_eq!(parse_manifest_name(&v), Some((7, 2, [3; 16], (4, 9))));
+        assert_eq!(
+            manifest_version_name(&v, (5, 1)),
+            manifest_version_name(&leaf, (5, 1))
+        );
     }
 
     #[test]
@@ -375,6 +440,8 @@ mod tests {
             disk_id: hex(&id),
             size: CHUNK + 100,
             chunks: vec![c0, None],
+            base_size: None,
+            logs: Vec::new(),
         };
         w.commit(1, 0, Consistency::Crash, vec![disk.clone()])
             .unwrap();

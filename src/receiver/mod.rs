@@ -77,7 +77,7 @@ impl ReceiverError {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ReceiveOptions {
     pub listen: SocketAddr,
     pub store: PathBuf,
@@ -95,6 +95,10 @@ pub struct ReceiveOptions {
     pub metrics_listen: Option<SocketAddr>,
     /// The command run on every event (`notify_command`).
     pub notify: Option<crate::events::notify::NotifySpec>,
+    /// Another store the replication data path serves from (the object
+    /// store of `--store s3://…`); `store` is then only the local cache
+    /// folder (control socket state, failover views), holding no replica.
+    pub remote: Option<Arc<dyn ReplicaStore>>,
 }
 
 /// Apply `keep` to every VM of every site in `store`, except VMs failed
@@ -196,7 +200,14 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), ReceiverError> {
     tracing::info!("store {} recovered: {r:?}", opts.store.display());
     // The replication data path sees the store through the seam (wrapped to
     // crash at a step between operations when a test asks for it).
-    let data: Arc<dyn ReplicaStore> = replica::FailStore::from_env(store.clone());
+    let data: Arc<dyn ReplicaStore> = match &opts.remote {
+        Some(remote) => {
+            let r = remote.recover().map_err(store_err)?;
+            tracing::info!("remote store recovered: {r:?}");
+            replica::FailStore::from_env(remote.clone())
+        }
+        None => replica::FailStore::from_env(store.clone()),
+    };
     for note in crate::testview::Views::clean_stale(&store) {
         tracing::info!("{note}");
     }
@@ -579,7 +590,8 @@ fn code_of(e: &StoreError) -> ErrorCode {
         StoreError::Io { .. } => ErrorCode::Io,
         StoreError::OutOfOrder { .. }
         | StoreError::IdentityMismatch { .. }
-        | StoreError::InUse { .. } => ErrorCode::InvalidState,
+        | StoreError::InUse { .. }
+        | StoreError::Fenced { .. } => ErrorCode::InvalidState,
         StoreError::BadState { .. } | StoreError::NeedsResync { .. } => ErrorCode::ResyncRequired,
         StoreError::CorruptLog { .. } => ErrorCode::Checksum,
         StoreError::Injected { .. } => ErrorCode::Io,

@@ -128,6 +128,11 @@ pub enum StoreError {
     /// The operation must wait for something else on the disk to end.
     #[error("{ctx}: busy: {what}")]
     Busy { ctx: Ctx, what: String },
+    /// A newer writer (another receiver or sender, a newer generation)
+    /// took over this VM in a shared store: this one is refused and
+    /// acknowledges nothing more.
+    #[error("{ctx}: fenced: {what}")]
+    Fenced { ctx: Ctx, what: String },
     /// A failure injected by [`FailStore`](super::FailStore) (tests only):
     /// retryable unless the wrapper crashed (then the store must be reopened).
     #[error("injected failure in {op}{}", if *crashed { " (the store crashed: reopen it)" } else { "" })]

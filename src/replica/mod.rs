@@ -94,6 +94,7 @@ pub use error::{Ctx, StoreError};
 pub use fault::{FailStore, Fault, Injected, Op, Rule, Trigger, When, CRASH_AT_ENV};
 pub use names::{validate_name, MAX_NAME_LEN};
 pub(crate) use store::parse_hex_id;
+pub use store::retention_keep;
 pub use store::{
     AdoptDisk, ApplyOutcome, Consistency, DiskInfo, ForgetReport, InitialData, InitialState,
     LiveDisk, LiveInfo, Point, PruneReport, RecoveryReport, ReplicaState, RetentionPolicy, Site,

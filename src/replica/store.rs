@@ -1919,59 +1919,8 @@ impl Site<'_> {
         if n == 0 {
             return Ok(report);
         }
-        let now = now_ns();
-        let mut keep_flags = vec![true; n];
-        if let Some(k) = keep.keep_last {
-            for f in keep_flags.iter_mut().take(n.saturating_sub(k.max(1))) {
-                *f = false;
-            }
-        }
-        if let Some(age) = keep.max_age {
-            let limit = now.saturating_sub(age.as_nanos() as u64);
-            for (f, p) in keep_flags.iter_mut().zip(&pf.points) {
-                if p.time_unix_ns < limit {
-                    *f = false;
-                }
-            }
-        }
-        if let (Some(after), Some(every)) = (keep.thin_after, keep.thin_every) {
-            let limit = now.saturating_sub(after.as_nanos() as u64);
-            let every = (every.as_nanos() as u64).max(1);
-            // Of the points older than `limit` keep one per interval: the
-            // newest application-consistent one if the interval has one,
-            // else the newest (none if a newer point of the same interval
-            // is still young enough to be kept anyway). Points are oldest
-            // first.
-            let mut i = 0;
-            while i < n && pf.points[i].time_unix_ns < limit {
-                let slot = pf.points[i].time_unix_ns / every;
-                let mut j = i;
-                while j < n && pf.points[j].time_unix_ns / every == slot {
-                    j += 1;
-                }
-                // Points i..j share the interval; i..old are thinnable.
-                let old = (i..j)
-                    .find(|&k| pf.points[k].time_unix_ns >= limit)
-                    .unwrap_or(j);
-                let app = (i..old)
-                    .rev()
-                    .find(|&k| pf.points[k].consistency == Consistency::App);
-                let keep_one = app.or((old == j).then(|| j - 1));
-                for (k, f) in keep_flags.iter_mut().enumerate().take(old).skip(i) {
-                    if Some(k) != keep_one {
-                        *f = false;
-                    }
-                }
-                i = j;
-            }
-        }
-        keep_flags[n - 1] = true;
         let pinned = self.store.pins(&self.name, vm);
-        for (f, p) in keep_flags.iter_mut().zip(&pf.points) {
-            if pinned.contains(&p.cycle) {
-                *f = true;
-            }
-        }
+        let keep_flags = retention_keep(&pf.points, keep, now_ns(), &pinned);
         let all = std::mem::take(&mut pf.points);
         for (p, k) in all.into_iter().zip(keep_flags) {
             if k {
@@ -2047,6 +1996,74 @@ impl Site<'_> {
         }
         Ok(report)
     }
+}
+
+/// Which of `points` (oldest first, not empty) a retention policy keeps,
+/// as of `now` (ns since the Unix epoch); `pinned` cycles are always kept,
+/// and so is the newest point. Shared by every [`ReplicaStore`](super::ReplicaStore)
+/// implementation.
+pub fn retention_keep(
+    points: &[Point],
+    keep: &RetentionPolicy,
+    now: u64,
+    pinned: &[u64],
+) -> Vec<bool> {
+    let n = points.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut keep_flags = vec![true; n];
+    if let Some(k) = keep.keep_last {
+        for f in keep_flags.iter_mut().take(n.saturating_sub(k.max(1))) {
+            *f = false;
+        }
+    }
+    if let Some(age) = keep.max_age {
+        let limit = now.saturating_sub(age.as_nanos() as u64);
+        for (f, p) in keep_flags.iter_mut().zip(points) {
+            if p.time_unix_ns < limit {
+                *f = false;
+            }
+        }
+    }
+    if let (Some(after), Some(every)) = (keep.thin_after, keep.thin_every) {
+        let limit = now.saturating_sub(after.as_nanos() as u64);
+        let every = (every.as_nanos() as u64).max(1);
+        // Of the points older than `limit` keep one per interval: the
+        // newest application-consistent one if the interval has one,
+        // else the newest (none if a newer point of the same interval
+        // is still young enough to be kept anyway). Points are oldest
+        // first.
+        let mut i = 0;
+        while i < n && points[i].time_unix_ns < limit {
+            let slot = points[i].time_unix_ns / every;
+            let mut j = i;
+            while j < n && points[j].time_unix_ns / every == slot {
+                j += 1;
+            }
+            // Points i..j share the interval; i..old are thinnable.
+            let old = (i..j)
+                .find(|&k| points[k].time_unix_ns >= limit)
+                .unwrap_or(j);
+            let app = (i..old)
+                .rev()
+                .find(|&k| points[k].consistency == Consistency::App);
+            let keep_one = app.or((old == j).then(|| j - 1));
+            for (k, f) in keep_flags.iter_mut().enumerate().take(old).skip(i) {
+                if Some(k) != keep_one {
+                    *f = false;
+                }
+            }
+            i = j;
+        }
+    }
+    keep_flags[n - 1] = true;
+    for (f, p) in keep_flags.iter_mut().zip(points) {
+        if pinned.contains(&p.cycle) {
+            *f = true;
+        }
+    }
+    keep_flags
 }
 
 /// The undo records that take the replica at `rc` back to `from`, oldest
