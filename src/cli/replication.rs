@@ -494,7 +494,12 @@ pub fn protect(
         domain,
         retry,
     };
-    match control::call(&mount, &Request::Protect { spec }) {
+    match control::call(
+        &mount,
+        &Request::Protect {
+            spec: Box::new(spec),
+        },
+    ) {
         Err(e) => control_err(e),
         Ok(r) if r.ok => {
             for w in &r.warnings {

@@ -40,7 +40,7 @@ pub enum Request {
     Reload,
     /// Start protecting a VM (checks prerequisites first).
     Protect {
-        spec: crate::sender::ProtectSpec,
+        spec: Box<crate::sender::ProtectSpec>,
     },
     Unprotect {
         vm: String,

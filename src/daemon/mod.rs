@@ -748,7 +748,7 @@ fn handle(
             warnings: cert_warnings(rep, keys),
             ..Default::default()
         },
-        Request::Protect { spec } => match rep.protect(spec.clone()) {
+        Request::Protect { spec } => match rep.protect((**spec).clone()) {
             Ok(warnings) => Response {
                 ok: true,
                 warnings,

@@ -188,6 +188,22 @@ fn done_cycle(leaf: &str) -> Option<u64> {
         .flatten()
 }
 
+/// A point's domain definition: `<vm>/definitions/<cycle:016x>.xml`, one
+/// sealed object per point that has one (unlike the directory store's hard
+/// links, an unchanged definition is stored again: objects are encrypted
+/// one by one, and a definition is a few KiB per point).
+fn definition_name(site: &str, vm: &str, cycle: u64) -> String {
+    format!("{}/definitions/{cycle:016x}.xml", vm_dir(site, vm))
+}
+
+/// `…/definitions/<cycle:016x>.xml` → cycle.
+fn definition_cycle(name: &str) -> Option<u64> {
+    let leaf = name.rsplit('/').next()?.strip_suffix(".xml")?;
+    (leaf.len() == 16)
+        .then(|| u64::from_str_radix(leaf, 16).ok())
+        .flatten()
+}
+
 fn ctx_of(d: DiskRef<'_>) -> Ctx {
     Ctx::new(d.site, d.vm, &hex(d.disk_id))
 }
@@ -217,6 +233,42 @@ impl BucketStore {
     /// The bucket (for readers that share it).
     pub fn bucket(&self) -> &Arc<SealedBucket> {
         &self.bucket
+    }
+
+    /// `vm`'s domain definition as of point `cycle` (`None`: the point has
+    /// none, e.g. a VM not protected by domain).
+    pub fn definition(&self, site: &str, vm: &str, cycle: u64) -> Result<Option<String>> {
+        validate_name("site", site)?;
+        validate_name("vm", vm)?;
+        let ctx = Ctx::new(site, vm, "");
+        let name = definition_name(site, vm, cycle);
+        let listed = self.list(&ctx, &format!("{}/definitions/", vm_dir(site, vm)))?;
+        if !listed.iter().any(|n| n == &name) {
+            return Ok(None);
+        }
+        let body = self.get(&ctx, &name)?;
+        String::from_utf8(body)
+            .map(Some)
+            .map_err(|e| StoreError::BadState {
+                path: PathBuf::from(self.bucket.url().key(&name)),
+                what: format!("the domain definition is not UTF-8: {e}"),
+            })
+    }
+
+    /// Delete the definitions of points that no longer exist (below the
+    /// newest point; a definition above it belongs to a point being made).
+    fn drop_definitions(&self, ctx: &Ctx, site: &str, vm: &str, points: &[u64]) -> Result<()> {
+        let Some(&newest) = points.iter().max() else {
+            return Ok(());
+        };
+        for name in self.list(ctx, &format!("{}/definitions/", vm_dir(site, vm)))? {
+            if let Some(c) = definition_cycle(&name) {
+                if c < newest && !points.contains(&c) {
+                    self.delete(ctx, &name)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn obj_err(&self, ctx: &Ctx, doing: &str, e: BucketError) -> StoreError {
@@ -1569,6 +1621,16 @@ impl ReplicaStore for BucketStore {
         })
     }
 
+    fn save_definition(&self, site: &str, vm: &str, cycle: u64, xml: &str) -> Result<()> {
+        self.with_vm(site, vm, |st, ctx| {
+            let name = definition_name(site, vm, cycle);
+            self.put(ctx, &name, xml.as_bytes())?;
+            // A fenced writer's definition is not trusted: the newer
+            // writer stores its own before its point.
+            self.check(ctx, st)
+        })
+    }
+
     fn points(&self, site: &str, vm: &str) -> Result<Vec<Point>> {
         validate_name("site", site)?;
         validate_name("vm", vm)?;
@@ -1684,6 +1746,8 @@ impl ReplicaStore for BucketStore {
                 }
             }
             report.freed_bytes = self.collect(ctx, st, site, vm)?;
+            let cycles: Vec<u64> = kept.iter().map(|(_, m)| m.cycle).collect();
+            self.drop_definitions(ctx, site, vm, &cycles)?;
             Ok(report)
         })
     }
@@ -1722,6 +1786,9 @@ impl ReplicaStore for BucketStore {
             let dir = vm_dir(site, vm);
             for id in &ids {
                 self.delete(ctx, &format!("{dir}/reg/{}", hex(id)))?;
+            }
+            for name in self.list(ctx, &format!("{dir}/definitions/"))? {
+                self.delete(ctx, &name)?;
             }
             for name in self.list(ctx, &format!("{dir}/disks/"))? {
                 self.delete(ctx, &name)?;

@@ -564,7 +564,12 @@ fn protect_live(
         domain: None,
         retry: Default::default(),
     };
-    let r = mount_ctl::call(&live.dir, &mount_ctl::Request::Protect { spec })?;
+    let r = mount_ctl::call(
+        &live.dir,
+        &mount_ctl::Request::Protect {
+            spec: Box::new(spec),
+        },
+    )?;
     if !r.ok {
         return Err(RoleError::Partial(format!(
             "protecting {vm} back to {to}: {}",

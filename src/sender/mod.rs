@@ -1684,10 +1684,7 @@ impl Replicator {
             full_from: full_from.clone(),
             ..Default::default()
         };
-        let sealed = seal_vm(self.flush.clone(), tracker, move |t| {
-            t.seal_for_copy(&sel)
-        })
-        .await?;
+        let sealed = seal_vm(self.flush.clone(), tracker, move |t| t.seal_for_copy(&sel)).await?;
         let cycle = sealed.cycle;
         link.note_cut(cycle, sealed.cut_unix_ns);
         self.note_domain(vm, link, cycle).await;
