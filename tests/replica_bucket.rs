@@ -438,63 +438,24 @@ fn retention_leaves_only_what_the_kept_points_need() {
     assert!(read_current(fresh.as_ref(), DISK) == disk);
 }
 
+/// The shared definitions suite; in a bucket every definition is sealed
+/// (no plaintext XML in any object) and `forget` leaves none behind.
 #[test]
 fn definitions_are_kept_per_point_encrypted_and_pruned() {
-    let logs = tempfile::tempdir().unwrap();
     let mem = Arc::new(MemClient::new());
     let h = BucketHarness::new(mem.clone(), "bkt");
-    let store = h.open_over(mem.clone());
-    let mut rng = Rng(8);
-    let mut disk = vec![0u8; 64 << 10];
-    rng.fill(&mut disk);
-    initial(&store, &disk, 1);
-    let a = "<domain><name>web1</name><devices><disk/></devices></domain>";
-    let b = "<domain><name>web1</name><devices><disk/><disk/></devices></domain>";
-    for (cycle, def) in [(1u64, a), (2, a), (3, b)] {
-        if cycle > 1 {
-            let old = disk.len() as u64;
-            let dirty = random_writes(&mut rng, &mut disk, 3);
-            let lp = logs.path().join(format!("{cycle}.hrl"));
-            make_log(&lp, ID, cycle - 1, cycle, old, &disk, &dirty);
-            ship(&store, DISK, &lp, cycle);
+    store_suite::definitions_follow_points(&h, &|_, _| {
+        for (k, v) in mem.snapshot() {
+            assert!(
+                !v.windows(12).any(|w| w == b"<name>web1</"),
+                "plaintext definition in {k}"
+            );
         }
-        store.save_definition(SITE, VM, cycle, def).unwrap();
-        store
-            .commit_point(SITE, VM, cycle, &[ID], Consistency::Crash)
-            .unwrap()
-            .unwrap();
-    }
-    // Read back by another store (another machine with the key).
-    let other = h.open_over(mem.clone());
-    assert_eq!(other.definition(SITE, VM, 1).unwrap().as_deref(), Some(a));
-    assert_eq!(other.definition(SITE, VM, 2).unwrap().as_deref(), Some(a));
-    assert_eq!(other.definition(SITE, VM, 3).unwrap().as_deref(), Some(b));
-    assert_eq!(other.definition(SITE, VM, 4).unwrap(), None);
-    // Encrypted at rest: the XML is in no object.
-    for (k, v) in mem.snapshot() {
-        assert!(
-            !v.windows(12).any(|w| w == b"<name>web1</"),
-            "plaintext definition in {k}"
-        );
-    }
-    // A resent save changes nothing; pruning drops the dropped points'.
-    store.save_definition(SITE, VM, 3, b).unwrap();
-    let rep = store
-        .prune(
-            SITE,
-            VM,
-            &RetentionPolicy {
-                keep_last: Some(1),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-    assert_eq!(rep.dropped_points, vec![1, 2]);
-    assert_eq!(store.definition(SITE, VM, 1).unwrap(), None);
-    assert_eq!(store.definition(SITE, VM, 2).unwrap(), None);
-    assert_eq!(store.definition(SITE, VM, 3).unwrap().as_deref(), Some(b));
-    // forget leaves no definition behind.
-    store.forget(SITE, VM).unwrap();
+        assert!(mem
+            .snapshot()
+            .iter()
+            .any(|(k, _)| k.contains("/definitions/")));
+    });
     let left: Vec<String> = mem
         .snapshot()
         .into_iter()
@@ -526,6 +487,7 @@ fn garage_store_suite() {
     store_suite::points_need_every_disk_and_age_retention(&garage_harness(&g));
     store_suite::block_hashes_match_the_replica_and_applies(&garage_harness(&g));
     store_suite::forget_deletes_one_vm_only(&garage_harness(&g));
+    store_suite::definitions_follow_points(&garage_harness(&g), &|_, _| {});
     store_suite::crash_between_operations(&|| Box::new(garage_harness(&g)));
     store_suite::random_crashes_converge(&garage_harness(&g), 5);
     store_suite::transient_faults_converge(&garage_harness(&g), 3);

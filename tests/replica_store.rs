@@ -866,73 +866,33 @@ fn crash_while_merging_history() {
     assert!(read_replica(&store) == models[5]);
 }
 
-/// A domain definition is stored with each point (issue 10): unchanged
-/// text is a hard link to the previous point's file (no growth per point),
-/// a changed one is a file of its own, and retention drops a pruned
-/// point's definition with it.
+/// A domain definition is stored with each point (issue 10), the shared
+/// suite; and on the directory store unchanged text is a hard link to the
+/// previous point's file (no growth per point), a changed one a file of
+/// its own.
 #[test]
 fn definitions_are_kept_per_point_without_duplicates_and_pruned() {
     use std::os::unix::fs::MetadataExt;
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("store");
-    let store = Store::open(&root).unwrap();
-    let mut rng = Rng(5);
-    let mut disk = vec![0u8; 64 << 10];
-    rng.fill(&mut disk);
-    initial(&store, &disk, 1);
-    let a = "<domain><name>web1</name><devices><disk/></devices></domain>";
-    let b = "<domain><name>web1</name><devices><disk/><disk/></devices></domain>";
-    let site = store.site(SITE).unwrap();
-    let logs = tempfile::tempdir().unwrap();
-    for (cycle, def) in [(1u64, a), (2, a), (3, b)] {
-        if cycle > 1 {
-            let old = disk.len() as u64;
-            let dirty = random_writes(&mut rng, &mut disk, 3);
-            let lp = logs.path().join(format!("{cycle}.hrl"));
-            make_log(&lp, ID, cycle - 1, cycle, old, &disk, &dirty);
-            site.store_log(VM, &ID, std::fs::File::open(&lp).unwrap())
-                .unwrap();
-            site.apply(VM, &ID, cycle).unwrap();
-        }
-        store.save_definition(SITE, VM, cycle, def).unwrap();
-        site.commit_point(VM, cycle, &[ID], Consistency::Crash)
-            .unwrap()
-            .unwrap();
+    for h in both() {
+        let defs = h
+            .root
+            .join("sites")
+            .join(SITE)
+            .join("vms")
+            .join(VM)
+            .join("definitions");
+        let ino = |c: u64| {
+            std::fs::metadata(defs.join(format!("{c}.xml")))
+                .unwrap()
+                .ino()
+        };
+        store_suite::definitions_follow_points(&h, &|_, _| {
+            assert_eq!(
+                ino(1),
+                ino(2),
+                "an unchanged definition is not stored again"
+            );
+            assert_ne!(ino(2), ino(3));
+        });
     }
-    assert_eq!(site.definition(VM, 1).unwrap().as_deref(), Some(a));
-    assert_eq!(site.definition(VM, 2).unwrap().as_deref(), Some(a));
-    assert_eq!(site.definition(VM, 3).unwrap().as_deref(), Some(b));
-    let defs = root
-        .join("sites")
-        .join(SITE)
-        .join("vms")
-        .join(VM)
-        .join("definitions");
-    let ino = |c: u64| {
-        std::fs::metadata(defs.join(format!("{c}.xml")))
-            .unwrap()
-            .ino()
-    };
-    assert_eq!(
-        ino(1),
-        ino(2),
-        "an unchanged definition is not stored again"
-    );
-    assert_ne!(ino(2), ino(3));
-    // Saving again (a resent commit) changes nothing.
-    store.save_definition(SITE, VM, 3, b).unwrap();
-    assert_eq!(site.definition(VM, 3).unwrap().as_deref(), Some(b));
-    let rep = site
-        .prune(
-            VM,
-            &RetentionPolicy {
-                keep_last: Some(1),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-    assert_eq!(rep.dropped_points, vec![1, 2]);
-    assert_eq!(site.definition(VM, 1).unwrap(), None);
-    assert_eq!(site.definition(VM, 2).unwrap(), None);
-    assert_eq!(site.definition(VM, 3).unwrap().as_deref(), Some(b));
 }

@@ -235,26 +235,6 @@ impl BucketStore {
         &self.bucket
     }
 
-    /// `vm`'s domain definition as of point `cycle` (`None`: the point has
-    /// none, e.g. a VM not protected by domain).
-    pub fn definition(&self, site: &str, vm: &str, cycle: u64) -> Result<Option<String>> {
-        validate_name("site", site)?;
-        validate_name("vm", vm)?;
-        let ctx = Ctx::new(site, vm, "");
-        let name = definition_name(site, vm, cycle);
-        let listed = self.list(&ctx, &format!("{}/definitions/", vm_dir(site, vm)))?;
-        if !listed.iter().any(|n| n == &name) {
-            return Ok(None);
-        }
-        let body = self.get(&ctx, &name)?;
-        String::from_utf8(body)
-            .map(Some)
-            .map_err(|e| StoreError::BadState {
-                path: PathBuf::from(self.bucket.url().key(&name)),
-                what: format!("the domain definition is not UTF-8: {e}"),
-            })
-    }
-
     /// Delete the definitions of points that no longer exist (below the
     /// newest point; a definition above it belongs to a point being made).
     fn drop_definitions(&self, ctx: &Ctx, site: &str, vm: &str, points: &[u64]) -> Result<()> {
@@ -1535,12 +1515,7 @@ impl ReplicaStore for BucketStore {
                         threads,
                     ));
                 }
-                let got = (len as u64).div_ceil(bs);
-                let want = (stop - at) / bs;
-                out.extend(std::iter::repeat_n(
-                    crate::resync::MISSING,
-                    want.saturating_sub(got) as usize,
-                ));
+                crate::resync::pad_missing(&mut out, len as u64, stop - at, bs);
                 at = stop;
             }
         }
@@ -1629,6 +1604,24 @@ impl ReplicaStore for BucketStore {
             // writer stores its own before its point.
             self.check(ctx, st)
         })
+    }
+
+    fn definition(&self, site: &str, vm: &str, cycle: u64) -> Result<Option<String>> {
+        validate_name("site", site)?;
+        validate_name("vm", vm)?;
+        let ctx = Ctx::new(site, vm, "");
+        let name = definition_name(site, vm, cycle);
+        let listed = self.list(&ctx, &format!("{}/definitions/", vm_dir(site, vm)))?;
+        if !listed.iter().any(|n| n == &name) {
+            return Ok(None);
+        }
+        let body = self.get(&ctx, &name)?;
+        String::from_utf8(body)
+            .map(Some)
+            .map_err(|e| StoreError::BadState {
+                path: PathBuf::from(self.bucket.url().key(&name)),
+                what: format!("the domain definition is not UTF-8: {e}"),
+            })
     }
 
     fn points(&self, site: &str, vm: &str) -> Result<Vec<Point>> {

@@ -157,6 +157,9 @@ pub trait ReplicaStore: Send + Sync {
     /// the point of `cycle` is committed (unchanged text is not stored
     /// again).
     fn save_definition(&self, site: &str, vm: &str, cycle: u64, xml: &str) -> Result<()>;
+    /// `vm`'s domain definition as of point `cycle` (`None`: the point has
+    /// none, e.g. a VM not protected by domain, or a dropped point).
+    fn definition(&self, site: &str, vm: &str, cycle: u64) -> Result<Option<String>>;
     /// The points of `vm`, oldest first.
     fn points(&self, site: &str, vm: &str) -> Result<Vec<Point>>;
     /// One disk as of point `cycle`.
@@ -253,6 +256,9 @@ impl ReplicaStore for Store {
     }
     fn save_definition(&self, site: &str, vm: &str, cycle: u64, xml: &str) -> Result<()> {
         self.with_site(site, |s| s.save_definition(vm, cycle, xml))
+    }
+    fn definition(&self, site: &str, vm: &str, cycle: u64) -> Result<Option<String>> {
+        self.with_site(site, |s| s.definition(vm, cycle))
     }
     fn points(&self, site: &str, vm: &str) -> Result<Vec<Point>> {
         self.with_site(site, |s| s.points(vm))

@@ -399,6 +399,9 @@ impl ReplicaStore for FailStore {
             None => self.call(Op::CommitPoint, |s| s.save_definition(site, vm, cycle, xml)),
         }
     }
+    fn definition(&self, site: &str, vm: &str, cycle: u64) -> Result<Option<String>> {
+        self.call(Op::Points, |s| s.definition(site, vm, cycle))
+    }
     fn points(&self, site: &str, vm: &str) -> Result<Vec<Point>> {
         self.call(Op::Points, |s| s.points(site, vm))
     }

@@ -1654,12 +1654,7 @@ impl Site<'_> {
                         threads,
                     ));
                 }
-                let got = (have_end - at).div_ceil(bs);
-                let want = (stop - at) / bs;
-                out.extend(std::iter::repeat_n(
-                    crate::resync::MISSING,
-                    want.saturating_sub(got) as usize,
-                ));
+                crate::resync::pad_missing(&mut out, have_end - at, stop - at, bs);
                 at = stop;
             }
         }

@@ -75,6 +75,19 @@ pub fn hash_threads() -> usize {
         .clamp(1, 16)
 }
 
+/// Pad `out` with [`MISSING`] for the whole blocks of a `span`-byte range
+/// that lie past the `have` bytes the replica holds (a replica shorter than
+/// the source).
+pub fn pad_missing(out: &mut Vec<u128>, have: u64, span: u64, bs: u64) {
+    let bs = bs.max(1);
+    let got = have.div_ceil(bs);
+    let want = span / bs;
+    out.extend(std::iter::repeat_n(
+        MISSING,
+        want.saturating_sub(got) as usize,
+    ));
+}
+
 /// Digests of the consecutive `bs`-byte blocks of `buf` (the last one may
 /// be short), computed on `threads` threads.
 pub fn digest_blocks(buf: &[u8], bs: usize, threads: usize) -> Vec<u128> {

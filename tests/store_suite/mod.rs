@@ -213,6 +213,68 @@ pub fn forget_deletes_one_vm_only(h: &dyn Harness) {
     assert_eq!(store.points(SITE, VM).unwrap().len(), 1, "a fresh history");
 }
 
+/// A domain definition is stored with each point (issue 10): read back by
+/// a fresh store (another process), unchanged by a resent save, dropped
+/// with a pruned point, gone after `forget`. `after_saves` runs once the
+/// three points exist, for what only one implementation can check (how
+/// the text is stored), given the two texts (points 1–2, point 3).
+pub fn definitions_follow_points(h: &dyn Harness, after_saves: &dyn Fn(&str, &str)) {
+    let store = h.open();
+    let logs = tempfile::tempdir().unwrap();
+    let mut rng = Rng(5);
+    let mut disk = vec![0u8; 64 << 10];
+    rng.fill(&mut disk);
+    initial(store.as_ref(), &disk, 1);
+    let a = "<domain><name>web1</name><devices><disk/></devices></domain>";
+    let b = "<domain><name>web1</name><devices><disk/><disk/></devices></domain>";
+    for (cycle, def) in [(1u64, a), (2, a), (3, b)] {
+        if cycle > 1 {
+            let old = disk.len() as u64;
+            let dirty = random_writes(&mut rng, &mut disk, 3);
+            let lp = logs.path().join(format!("{cycle}.hrl"));
+            make_log(&lp, ID, cycle - 1, cycle, old, &disk, &dirty);
+            ship(store.as_ref(), DISK, &lp, cycle);
+        }
+        store.save_definition(SITE, VM, cycle, def).unwrap();
+        store
+            .commit_point(SITE, VM, cycle, &[ID], Consistency::Crash)
+            .unwrap()
+            .unwrap();
+    }
+    // Read back by a fresh store (the first one closed: a new process).
+    drop(store);
+    let store = h.open();
+    assert_eq!(store.definition(SITE, VM, 1).unwrap().as_deref(), Some(a));
+    assert_eq!(store.definition(SITE, VM, 2).unwrap().as_deref(), Some(a));
+    assert_eq!(store.definition(SITE, VM, 3).unwrap().as_deref(), Some(b));
+    assert_eq!(store.definition(SITE, VM, 4).unwrap(), None);
+    after_saves(a, b);
+    // Saving again (a resent commit) changes nothing.
+    store.save_definition(SITE, VM, 3, b).unwrap();
+    assert_eq!(store.definition(SITE, VM, 3).unwrap().as_deref(), Some(b));
+    let rep = store
+        .prune(
+            SITE,
+            VM,
+            &RetentionPolicy {
+                keep_last: Some(1),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(rep.dropped_points, vec![1, 2]);
+    assert_eq!(store.definition(SITE, VM, 1).unwrap(), None);
+    assert_eq!(store.definition(SITE, VM, 2).unwrap(), None);
+    assert_eq!(store.definition(SITE, VM, 3).unwrap().as_deref(), Some(b));
+    store.forget(SITE, VM).unwrap();
+    // Nothing readable: none, or the VM is unknown here.
+    let gone = store.definition(SITE, VM, 3);
+    assert!(
+        matches!(gone, Ok(None) | Err(StoreError::NotReady { .. })),
+        "{gone:?}"
+    );
+}
+
 pub fn random_writes(rng: &mut Rng, disk: &mut [u8], n: usize) -> BTreeSet<u64> {
     let blocks = disk.len() as u64 / BS;
     let mut dirty = BTreeSet::new();
