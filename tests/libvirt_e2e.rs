@@ -156,20 +156,7 @@ fn guest_lines(console: &str) -> Vec<&str> {
 }
 
 fn points(s: &TwoSites, vm: &str) -> Vec<u64> {
-    let v: serde_json::Value = serde_json::from_str(&vdrep_ok(&[
-        "points",
-        vm,
-        "--store",
-        &s.s("store"),
-        "--json",
-    ]))
-    .unwrap();
-    v["points"]
-        .as_array()
-        .unwrap_or_else(|| panic!("points --json: {v}"))
-        .iter()
-        .filter_map(|p| p["cycle"].as_u64())
-        .collect()
+    points_full(s, vm).into_iter().map(|(c, _, _)| c).collect()
 }
 
 /// Run `args`, which must fail with exit code 2 and a message containing

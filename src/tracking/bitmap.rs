@@ -44,14 +44,16 @@ impl Bitmap {
         w & (1u64 << (bit % 64)) != 0
     }
 
-    /// Set bits `first..=last`; bits past the end are ignored (grow first).
-    pub fn set_range(&self, first: u64, last: u64) {
-        if self.nbits == 0 || first > last || first >= self.nbits {
-            return;
-        }
-        let last = last.min(self.nbits - 1);
+    /// The words covering bits `first..=last` (clipped to the end), each
+    /// with the mask of those bits in it.
+    #[inline]
+    fn masks(&self, first: u64, last: u64) -> impl Iterator<Item = (usize, u64)> {
+        let empty = self.nbits == 0 || first > last || first >= self.nbits;
+        let last = last.min(self.nbits.saturating_sub(1));
         let (fw, lw) = (first / 64, last / 64);
-        for w in fw..=lw {
+        let n = if empty { 0 } else { lw - fw + 1 };
+        let words = fw..fw + n;
+        words.map(move |w| {
             let lo = if w == fw { first % 64 } else { 0 };
             let hi = if w == lw { last % 64 } else { 63 };
             let mask = if hi - lo == 63 {
@@ -59,27 +61,21 @@ impl Bitmap {
             } else {
                 ((1u64 << (hi - lo + 1)) - 1) << lo
             };
-            self.words[w as usize].fetch_or(mask, Ordering::AcqRel);
+            (w as usize, mask)
+        })
+    }
+
+    /// Set bits `first..=last`; bits past the end are ignored (grow first).
+    pub fn set_range(&self, first: u64, last: u64) {
+        for (w, mask) in self.masks(first, last) {
+            self.words[w].fetch_or(mask, Ordering::AcqRel);
         }
     }
 
     /// Is any bit of `first..=last` set? (Bits past the end are clear.)
     pub fn any_in(&self, first: u64, last: u64) -> bool {
-        if self.nbits == 0 || first > last || first >= self.nbits {
-            return false;
-        }
-        let last = last.min(self.nbits - 1);
-        let (fw, lw) = (first / 64, last / 64);
-        (fw..=lw).any(|w| {
-            let lo = if w == fw { first % 64 } else { 0 };
-            let hi = if w == lw { last % 64 } else { 63 };
-            let mask = if hi - lo == 63 {
-                u64::MAX
-            } else {
-                ((1u64 << (hi - lo + 1)) - 1) << lo
-            };
-            self.words[w as usize].load(Ordering::Acquire) & mask != 0
-        })
+        self.masks(first, last)
+            .any(|(w, mask)| self.words[w].load(Ordering::Acquire) & mask != 0)
     }
 
     /// Clear one bit (past the end: nothing).
