@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -517,6 +517,7 @@ impl Drop for Aligned {
 fn stamp_writer(
     paths: Vec<PathBuf>,
     stop: Arc<AtomicBool>,
+    written: Arc<AtomicU64>,
     seed: u64,
     quiesce: Option<PathBuf>,
 ) -> std::thread::JoinHandle<Vec<(u64, usize, u64)>> {
@@ -556,6 +557,7 @@ fn stamp_writer(
             stamp(seq, d, b, buf.buf());
             files[d].write_all_at(buf.buf(), b * BLK as u64).unwrap();
             log.push((seq, d, b));
+            written.store(seq, Ordering::Relaxed);
             if seq % 8 == 0 {
                 std::thread::sleep(Duration::from_millis(2));
             }
@@ -588,9 +590,20 @@ fn every_point_is_crash_consistent_across_disks() {
     sync_ok(&site);
     let stop = Arc::new(AtomicBool::new(false));
     let paths: Vec<PathBuf> = names.iter().map(|n| site.p(&format!("vm/{n}"))).collect();
-    let writer = stamp_writer(paths, stop.clone(), 0x9e37_79b9_7f4a_7c15, None);
+    let written = Arc::new(AtomicU64::new(0));
+    let writer = stamp_writer(
+        paths,
+        stop.clone(),
+        written.clone(),
+        0x9e37_79b9_7f4a_7c15,
+        None,
+    );
     let t0 = Instant::now();
-    while site.points().len() < 36 && t0.elapsed() < Duration::from_secs(240) {
+    // Enough points *and* enough writes between them (on a quiet host the
+    // points come faster than the writes).
+    while (site.points().len() < 36 || written.load(Ordering::Relaxed) < 2000)
+        && t0.elapsed() < Duration::from_secs(240)
+    {
         std::thread::sleep(Duration::from_millis(500));
     }
     stop.store(true, Ordering::Relaxed);
@@ -892,7 +905,13 @@ esac
     sync_ok(&site);
     let stop = Arc::new(AtomicBool::new(false));
     let paths: Vec<PathBuf> = names.iter().map(|n| site.p(&format!("vm/{n}"))).collect();
-    let writer = stamp_writer(paths, stop.clone(), 0x2545_f491_4f6c_dd1d, Some(q.clone()));
+    let writer = stamp_writer(
+        paths,
+        stop.clone(),
+        Arc::new(AtomicU64::new(0)),
+        0x2545_f491_4f6c_dd1d,
+        Some(q.clone()),
+    );
     let t0 = Instant::now();
     loop {
         let p = points_consistency(&site);
