@@ -207,22 +207,11 @@ mod tests {
 
     /// A PEM certificate valid from `from` to `to` days from now, by rcgen.
     fn pem_valid(dir: &std::path::Path, name: &str, from: i64, to: i64) -> PathBuf {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut p = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
-        p.distinguished_name = rcgen::DistinguishedName::new();
-        p.distinguished_name.push(rcgen::DnType::CommonName, name);
-        let day = |n: i64| {
-            let d = jiff::Timestamp::now()
-                .checked_add(jiff::SignedDuration::from_hours(24 * n))
-                .unwrap()
-                .to_zoned(jiff::tz::TimeZone::UTC)
-                .date();
-            rcgen::date_time_ymd(d.year() as i32, d.month() as u8, d.day() as u8)
-        };
-        p.not_before = day(from);
-        p.not_after = day(to);
+        let now = jiff::Timestamp::now().as_second();
+        let cert =
+            crate::transport::keys::self_signed_valid(name, now + from * 86_400, now + to * 86_400);
         let path = dir.join(format!("{name}.crt"));
-        std::fs::write(&path, p.self_signed(&key).unwrap().pem()).unwrap();
+        std::fs::write(&path, cert.pem()).unwrap();
         path
     }
 

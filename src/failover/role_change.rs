@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::FailoverError;
 use crate::daemon::control::{self, call_ok, FenceReport, Request};
 use crate::receiver::control::{self as rctl, call_ok as rcall_ok};
-use crate::roles::{admin_call, AdminRequest, Origin};
+use crate::roles::{admin_call, AdminReply, AdminRequest, Adoption, Origin};
 
 type Result<T> = std::result::Result<T, FailoverError>;
 use crate::util::now_ns;
@@ -39,8 +39,18 @@ fn fence(dir: &Path, vm: &str, on: bool) -> Result<FenceReport> {
     .ok_or_else(|| FailoverError::Answer("the daemon answered without a fence report".into()))
 }
 
-/// Where the fenced VM's disks live, for the store that adopts them.
-fn origin_of(dir: &Path, keys: &Path, rep: &FenceReport) -> (Origin, Vec<(String, [u8; 16])>) {
+/// The adoption of the fenced VM's disks (in `dir`, protected as `rep`)
+/// by this site's store, as the replica of `peer` at `cycle` (cut at
+/// `cut_unix_ns`); not marked for resync, not staged.
+fn adoption(
+    dir: &Path,
+    keys: &Path,
+    rep: &FenceReport,
+    peer: &str,
+    vm: &str,
+    cycle: u64,
+    cut_unix_ns: u64,
+) -> Adoption {
     let origin = Origin {
         dir: dir.to_path_buf(),
         keys: Some(keys.to_path_buf()),
@@ -56,7 +66,26 @@ fn origin_of(dir: &Path, keys: &Path, rep: &FenceReport) -> (Origin, Vec<(String
         .iter()
         .filter_map(|(n, id, _)| Some((n.clone(), crate::replica::parse_hex_id(id)?)))
         .collect();
-    (origin, disks)
+    Adoption {
+        site: peer.into(),
+        vm: vm.into(),
+        cycle,
+        cut_unix_ns,
+        origin,
+        disks,
+        needs_resync: None,
+        staged: None,
+    }
+}
+
+/// Ask the other site (the receiver `rep` replicates to), as the mount's
+/// identity `keys`.
+fn ask_peer(
+    keys: &Path,
+    rep: &FenceReport,
+    req: &AdminRequest,
+) -> crate::roles::RoleResult<(String, AdminReply)> {
+    admin_call(keys, &rep.spec.to, &rep.spec.trust, req)
 }
 
 /// The mount's disks that belong to other VMs (a role change moves the
@@ -118,13 +147,8 @@ pub fn planned(o: &Planned<'_>, say: &dyn Fn(&str)) -> Result<PlannedReport> {
         "fenced {vm}: writes to its disks now fail (EROFS)"
     ));
     // The other site must be reachable and not already running the VM.
-    let (peer, live) = admin_call(
-        &keys,
-        &rep.spec.to,
-        &rep.spec.trust,
-        &AdminRequest::Live { vm: vm.into() },
-    )
-    .map_err(|e| undo_fence(e.into()))?;
+    let (peer, live) = ask_peer(&keys, &rep, &AdminRequest::Live { vm: vm.into() })
+        .map_err(|e| undo_fence(e.into()))?;
     if let Some(l) = live.live {
         return Err(undo_fence(FailoverError::Refused(format!(
             "{vm} is already live at {peer} ({}); fail it back from there",
@@ -188,18 +212,11 @@ pub fn planned(o: &Planned<'_>, say: &dyn Fn(&str)) -> Result<PlannedReport> {
         })?;
         None
     };
-    let (origin, disks) = origin_of(&dir, &keys, &rep);
     rcall_ok(
         o.store,
-        &rctl::Request::Adopt(crate::roles::Adoption {
-            site: peer.clone(),
-            vm: vm.into(),
-            cycle,
-            cut_unix_ns: now_ns(),
-            origin,
-            disks,
-            needs_resync: None,
+        &rctl::Request::Adopt(Adoption {
             staged: staged.clone(),
+            ..adoption(&dir, &keys, &rep, &peer, vm, cycle, now_ns())
         }),
     )
     .map_err(|e| {
@@ -223,10 +240,9 @@ pub fn planned(o: &Planned<'_>, say: &dyn Fn(&str)) -> Result<PlannedReport> {
         o.store.display()
     ));
     // 4. The other site takes over and replicates back.
-    let (_, ans) = admin_call(
+    let (_, ans) = ask_peer(
         &keys,
-        &rep.spec.to,
-        &rep.spec.trust,
+        &rep,
         &AdminRequest::Promote {
             vm: vm.into(),
             point: Some(cycle),
@@ -376,13 +392,8 @@ pub fn reverse(o: &Reverse<'_>, say: &dyn Fn(&str)) -> Result<(String, crate::re
             dir.display()
         )))
     })?;
-    let (peer, ans) = admin_call(
-        &keys,
-        &rep.spec.to,
-        &rep.spec.trust,
-        &AdminRequest::Live { vm: vm.into() },
-    )
-    .map_err(|e| unfence(e.into()))?;
+    let (peer, ans) = ask_peer(&keys, &rep, &AdminRequest::Live { vm: vm.into() })
+        .map_err(|e| unfence(e.into()))?;
     let Some(live) = ans.live else {
         return Err(unfence(FailoverError::Refused(format!(
             "{vm} is not live at {peer}: there is nothing to reverse (this site is still the primary)"
@@ -400,30 +411,22 @@ pub fn reverse(o: &Reverse<'_>, say: &dyn Fn(&str)) -> Result<(String, crate::re
     call_ok(&dir, &Request::Unprotect { vm: vm.into() })?;
     crate::daemon::stop(&dir, false)?;
     say(&format!("stopped {vm} here ({} unmounted)", dir.display()));
-    let (origin, disks) = origin_of(&dir, &keys, &rep);
     rcall_ok(
         o.store,
-        &rctl::Request::Adopt(crate::roles::Adoption {
-            site: peer.clone(),
-            vm: vm.into(),
-            cycle: live.cycle,
-            cut_unix_ns: live.time_unix_ns,
-            origin,
-            disks,
+        &rctl::Request::Adopt(Adoption {
             needs_resync: Some(format!(
                 "old primary after an unplanned failover to {peer}: it may hold writes that never reached the replica"
             )),
-            staged: None,
+            ..adoption(&dir, &keys, &rep, &peer, vm, live.cycle, live.time_unix_ns)
         }),
     )?;
     say(&format!(
         "{vm}'s disks are now the replica of {peer} in {} (to be resynced by checksums)",
         o.store.display()
     ));
-    let (_, ans) = admin_call(
+    let (_, ans) = ask_peer(
         &keys,
-        &rep.spec.to,
-        &rep.spec.trust,
+        &rep,
         &AdminRequest::Reverse {
             vm: vm.into(),
             to: o.reverse_to.to_string(),

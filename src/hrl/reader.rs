@@ -433,6 +433,8 @@ pub fn dump<R: Read>(
     let mut r = reader?;
     let h = r.header().clone();
     if json {
+        // The header's fields one by one, as `wire::LogBegin::from_header`
+        // copies them: each output format names its fields itself.
         let jh = JsonHeader {
             format_version: format::FORMAT_VERSION,
             disk_id: hex(&h.disk_id),

@@ -109,6 +109,8 @@ impl PointInfo {
 }
 
 /// The receiver's answer.
+// Opens like `daemon::control::Response`: both are `ipc` answers (`ok`,
+// `error`, see `ipc::ok_error_answer!`); the fields after differ.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Response {
     pub ok: bool,

@@ -31,8 +31,8 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 
 use crate::replica::{self, DiskRef, ReplicaStore, StoreError};
-use crate::transport::TransportError;
 use crate::transport::{self, keys::Identity, trust::TrustStore};
+use crate::transport::{StreamEnd, TransportError};
 use crate::wire::session::{
     DiskStatus, Event, LogStored, OpId, Output, Receiver, ReceiverAction, ReceiverConfig,
     StoreDone, StoreFailure, StreamId,
@@ -329,8 +329,7 @@ enum Input {
 /// What a stream's writer task does with its quinn send stream.
 enum Write {
     Bytes(Vec<u8>),
-    Finish,
-    Reset,
+    End(StreamEnd),
 }
 
 /// What the store actions of one connection need: the sender's namespace,
@@ -465,8 +464,8 @@ async fn handle_conn(
         while let Some(o) = session.poll() {
             match o {
                 Output::Send { stream, bytes } => send(&writers, stream, Write::Bytes(bytes)),
-                Output::Finish(stream) => send(&writers, stream, Write::Finish),
-                Output::Reset(stream) => send(&writers, stream, Write::Reset),
+                Output::Finish(stream) => send(&writers, stream, Write::End(StreamEnd::Finish)),
+                Output::Reset(stream) => send(&writers, stream, Write::End(StreamEnd::Reset)),
                 Output::Close(e) => {
                     tracing::warn!(site = %c.site, "closing the connection: {e}");
                     conn.close(1u32.into(), b"protocol error");
@@ -571,12 +570,8 @@ async fn write_stream(mut tx: quinn::SendStream, mut from: mpsc::UnboundedReceiv
                     return;
                 }
             }
-            Write::Finish => {
-                let _ = tx.finish();
-                return;
-            }
-            Write::Reset => {
-                let _ = tx.reset(0u32.into());
+            Write::End(end) => {
+                end.apply(&mut tx);
                 return;
             }
         }

@@ -180,6 +180,8 @@ impl Store {
     }
 }
 
+// Each method repeats the trait's signature (Rust requires it) and forwards
+// to `Site`; the pairs `duplicates` lists here are those signatures.
 impl ReplicaStore for Store {
     fn recover(&self) -> Result<RecoveryReport> {
         Store::recover(self)

@@ -224,6 +224,9 @@ pub struct RecoveryReport {
     pub errors: Vec<String>,
 }
 
+/// A held [`Runtime`] lock ([`Store::lock`]).
+type RuntimeGuard = parking_lot::ArcMutexGuard<parking_lot::RawMutex, Runtime>;
+
 #[derive(Default)]
 struct Runtime {
     initial: Option<InitialSession>,
@@ -404,12 +407,17 @@ impl Store {
         out
     }
 
-    fn runtime(&self, key: &Path) -> Arc<Mutex<Runtime>> {
-        self.locks
+    /// Lock the runtime of `key` (a disk's or a VM's folder): held until
+    /// the guard drops; one apply, copy or role change at a time.
+    fn lock(&self, key: &Path) -> RuntimeGuard {
+        // The map's lock is released before waiting for the runtime's.
+        let rt = self
+            .locks
             .lock()
             .entry(key.to_path_buf())
             .or_default()
-            .clone()
+            .clone();
+        rt.lock_arc()
     }
 
     /// Bring every disk to a clean state after a crash: remove temp files,
@@ -591,6 +599,19 @@ impl Site<'_> {
         })
     }
 
+    /// The opening of every change to one known disk: its paths, its
+    /// runtime locked (until the guard drops) and its state.
+    fn lock_disk(
+        &self,
+        vm: &str,
+        disk_id: &[u8; 16],
+    ) -> Result<(DiskPaths, RuntimeGuard, ReplicaState)> {
+        let p = self.disk(vm, disk_id, false)?;
+        let rt = self.store.lock(&p.dir);
+        let st = self.state_or_unknown(&p)?;
+        Ok((p, rt, st))
+    }
+
     fn write_json<T: serde::Serialize>(
         &self,
         ctx: &Ctx,
@@ -656,8 +677,7 @@ impl Site<'_> {
         let (format, replica_file) = ReplicaFormat::for_source(&info.name);
         validate_name("replica file", &replica_file)?;
         let p = self.disk(vm, &info.disk_id, true)?;
-        let rt = self.store.runtime(&p.dir);
-        let mut rt = rt.lock();
+        let mut rt = self.store.lock(&p.dir);
         if !self.store.live_readers(&p.dir).is_empty() {
             return Err(StoreError::Busy {
                 ctx: p.ctx.clone(),
@@ -738,10 +758,7 @@ impl Site<'_> {
         offset: u64,
         data: InitialData<'_>,
     ) -> Result<()> {
-        let p = self.disk(vm, disk_id, false)?;
-        let rt = self.store.runtime(&p.dir);
-        let mut rt = rt.lock();
-        let st = self.state_or_unknown(&p)?;
+        let (p, mut rt, st) = self.lock_disk(vm, disk_id)?;
         let Some(durable) = st.initial_offset else {
             return Err(StoreError::NotReady {
                 ctx: p.ctx.clone(),
@@ -812,10 +829,7 @@ impl Site<'_> {
     /// so the finished replica is the disk as of `new_cycle`. Returns the
     /// durable offset the copy continues from.
     pub fn rebase_initial(&self, vm: &str, disk_id: &[u8; 16], new_cycle: u64) -> Result<u64> {
-        let p = self.disk(vm, disk_id, false)?;
-        let rt = self.store.runtime(&p.dir);
-        let mut rt = rt.lock();
-        let mut st = self.state_or_unknown(&p)?;
+        let (p, mut rt, mut st) = self.lock_disk(vm, disk_id)?;
         let Some(off) = st.initial_offset else {
             return Err(StoreError::NotReady {
                 ctx: p.ctx.clone(),
@@ -838,10 +852,7 @@ impl Site<'_> {
         cycle: u64,
         cut_unix_ns: u64,
     ) -> Result<()> {
-        let p = self.disk(vm, disk_id, false)?;
-        let rt = self.store.runtime(&p.dir);
-        let mut rt = rt.lock();
-        let mut st = self.state_or_unknown(&p)?;
+        let (p, mut rt, mut st) = self.lock_disk(vm, disk_id)?;
         let Some(durable) = st.initial_offset else {
             if st.cycle == Some(cycle) {
                 return Ok(());
@@ -1029,8 +1040,7 @@ impl Site<'_> {
                 return Err(e);
             }
         };
-        let rt = self.store.runtime(&p.dir);
-        let _g = rt.lock();
+        let _g = self.store.lock(&p.dir);
         // Re-check under the lock: an apply may have moved on meanwhile.
         let again = self.check_log_fits(&p, &header);
         let done = match again {
@@ -1119,8 +1129,7 @@ impl Site<'_> {
     /// rolled back to its previous cycle and the error says whether to retry.
     pub fn apply(&self, vm: &str, disk_id: &[u8; 16], cycle: u64) -> Result<ApplyOutcome> {
         let p = self.disk(vm, disk_id, false)?;
-        let rt = self.store.runtime(&p.dir);
-        let _g = rt.lock();
+        let _g = self.store.lock(&p.dir);
         self.apply_locked(&p, cycle)
     }
 
@@ -1162,30 +1171,24 @@ impl Site<'_> {
             Err(e) => return Err(self.io(&p.ctx, "opening a log", &logp, e)),
         };
         let header = self.verify_log(p, &log, &logp, cycle)?;
+        let out_of_order = |what: String| StoreError::OutOfOrder {
+            ctx: p.ctx.clone(),
+            cycle,
+            base_cycle: header.base_cycle,
+            replica_cycle: rc,
+            applying: None,
+            what,
+        };
         if header.base_cycle != rc {
-            return Err(StoreError::OutOfOrder {
-                ctx: p.ctx.clone(),
-                cycle,
-                base_cycle: header.base_cycle,
-                replica_cycle: rc,
-                applying: None,
-                what: format!(
-                    "logs must be applied in order: apply cycle(s) after {rc} first, or resync the disk if they are lost"
-                ),
-            });
+            return Err(out_of_order(format!(
+                "logs must be applied in order: apply cycle(s) after {rc} first, or resync the disk if they are lost"
+            )));
         }
         if header.base_size != st.size {
-            return Err(StoreError::OutOfOrder {
-                ctx: p.ctx.clone(),
-                cycle,
-                base_cycle: header.base_cycle,
-                replica_cycle: rc,
-                applying: None,
-                what: format!(
-                    "the log starts from a disk of {} bytes but the replica is {} bytes: resync the disk",
-                    header.base_size, st.size
-                ),
-            });
+            return Err(out_of_order(format!(
+                "the log starts from a disk of {} bytes but the replica is {} bytes: resync the disk",
+                header.base_size, st.size
+            )));
         }
         // 1. Undo record (pre-images), durable before anything changes.
         let target = self.open_replica(p, &st, false)?;
@@ -1255,16 +1258,26 @@ impl Site<'_> {
         }
     }
 
-    fn verify_log(&self, p: &DiskPaths, log: &File, logp: &Path, cycle: u64) -> Result<HrlHeader> {
-        let len = log
-            .metadata()
-            .map_err(|e| self.io(&p.ctx, "reading a log", logp, e))?
-            .len();
+    /// A reader of the log of `cycle` (`log`, at `logp`) from its start;
+    /// `what` names the step in a parse error.
+    fn read_log<'f>(
+        &self,
+        p: &DiskPaths,
+        log: &'f File,
+        logp: &Path,
+        cycle: u64,
+        what: &str,
+    ) -> Result<HrlReader<BufReader<&'f File>>> {
+        let io = |e| self.io(&p.ctx, "reading a log", logp, e);
+        let len = log.metadata().map_err(io)?.len();
         let mut lf = log;
-        lf.seek(SeekFrom::Start(0))
-            .map_err(|e| self.io(&p.ctx, "reading a log", logp, e))?;
-        let r = HrlReader::new(BufReader::with_capacity(256 << 10, lf), len, logp)
-            .map_err(|e| hrl_err(&p.ctx, &self.store.root, "verifying a log", cycle, e))?;
+        lf.seek(SeekFrom::Start(0)).map_err(io)?;
+        HrlReader::new(BufReader::with_capacity(256 << 10, lf), len, logp)
+            .map_err(|e| hrl_err(&p.ctx, &self.store.root, what, cycle, e))
+    }
+
+    fn verify_log(&self, p: &DiskPaths, log: &File, logp: &Path, cycle: u64) -> Result<HrlHeader> {
+        let r = self.read_log(p, log, logp, cycle, "verifying a log")?;
         let h = r.header().clone();
         r.finish()
             .map_err(|e| hrl_err(&p.ctx, &self.store.root, "verifying a log", cycle, e))?;
@@ -1303,16 +1316,8 @@ impl Site<'_> {
             )
         };
         target.set_len(h.disk_size).map_err(tio)?;
-        let len = log
-            .metadata()
-            .map_err(|e| self.io(&p.ctx, "reading a log", logp, e))?
-            .len();
-        let mut lf = log;
-        lf.seek(SeekFrom::Start(0))
-            .map_err(|e| self.io(&p.ctx, "reading a log", logp, e))?;
         let herr = |e| hrl_err(&p.ctx, &self.store.root, "reading a log", cycle, e);
-        let mut r =
-            HrlReader::new(BufReader::with_capacity(256 << 10, lf), len, logp).map_err(herr)?;
+        let mut r = self.read_log(p, log, logp, cycle, "reading a log")?;
         let mut bytes = 0u64;
         let mut n = 0u64;
         while let Some(rec) = r.next_record().map_err(herr)? {
@@ -1399,8 +1404,7 @@ impl Site<'_> {
 
     fn recover_disk(&self, vm: &str, id: [u8; 16], rep: &mut RecoveryReport) -> Result<()> {
         let p = self.disk(vm, &id, false)?;
-        let rt = self.store.runtime(&p.dir);
-        let mut rt = rt.lock();
+        let mut rt = self.store.lock(&p.dir);
         rt.initial = None;
         let what = format!("site {} vm {} disk {}", self.name, vm, hex(&id));
         for d in [&p.dir, &p.incoming, &p.undo] {
@@ -1470,10 +1474,7 @@ impl Site<'_> {
         disk_id: &[u8; 16],
         reason: Option<&str>,
     ) -> Result<()> {
-        let p = self.disk(vm, disk_id, false)?;
-        let rt = self.store.runtime(&p.dir);
-        let _g = rt.lock();
-        let mut st = self.state_or_unknown(&p)?;
+        let (p, _g, mut st) = self.lock_disk(vm, disk_id)?;
         st.needs_resync = reason.map(str::to_string);
         st.resync_cycle = None;
         self.write_state(&p, &st)
@@ -1489,10 +1490,7 @@ impl Site<'_> {
         replica_cycle: u64,
         cycle: u64,
     ) -> Result<()> {
-        let p = self.disk(vm, disk_id, false)?;
-        let rt = self.store.runtime(&p.dir);
-        let _g = rt.lock();
-        let mut st = self.state_or_unknown(&p)?;
+        let (p, _g, mut st) = self.lock_disk(vm, disk_id)?;
         if st.cycle != Some(replica_cycle) || st.applying.is_some() {
             return Err(StoreError::NotReady {
                 ctx: p.ctx.clone(),
@@ -1542,8 +1540,7 @@ impl Site<'_> {
             Some(c) => c.paths.clone(),
             None => self.disk(vm, disk_id, false)?,
         };
-        let rt = self.store.runtime(&p.dir);
-        let _g = rt.lock();
+        let _g = self.store.lock(&p.dir);
         let raw = match open_nofollow(&p.state()).and_then(|mut f| {
             let mut v = Vec::with_capacity(4096);
             f.read_to_end(&mut v).map(|_| v)
@@ -1697,8 +1694,7 @@ impl Site<'_> {
         consistency: Consistency,
     ) -> Result<Option<Point>> {
         let vmd = self.vm_dir(vm, false)?;
-        let rt = self.store.runtime(&vmd);
-        let _g = rt.lock();
+        let _g = self.store.lock(&vmd);
         let mut time = 0;
         for id in disk_ids {
             let p = self.disk(vm, id, false)?;
@@ -1852,8 +1848,7 @@ impl Site<'_> {
                 what: "it was never committed for this disk or was pruned; list the points with `vdrep points`".into(),
             });
         }
-        let rt = self.store.runtime(&p.dir);
-        let _g = rt.lock();
+        let _g = self.store.lock(&p.dir);
         let st = self.state_or_unknown(&p)?;
         let rc = st.cycle.unwrap_or(0);
         if st.applying.is_some() || st.initial_offset.is_some() || rc < cycle {
@@ -1906,8 +1901,7 @@ impl Site<'_> {
     /// prune deletes.
     pub fn prune(&self, vm: &str, keep: &RetentionPolicy) -> Result<PruneReport> {
         let vmd = self.vm_dir(vm, false)?;
-        let rt = self.store.runtime(&vmd);
-        let _g = rt.lock();
+        let _g = self.store.lock(&vmd);
         let mut pf = self.read_points(vm)?;
         let mut report = PruneReport::default();
         let n = pf.points.len();
@@ -1935,8 +1929,7 @@ impl Site<'_> {
         for d in list_dir(&vmd.join("disks")) {
             let Some(id) = parse_hex_id(&d) else { continue };
             let p = self.disk(vm, &id, false)?;
-            let drt = self.store.runtime(&p.dir);
-            let _dg = drt.lock();
+            let _dg = self.store.lock(&p.dir);
             let Some(st) = self.read_state(&p)? else {
                 continue;
             };

@@ -58,15 +58,11 @@ pub(crate) fn write_undo(
     let h = r.header().clone();
     // The undo record's header: the log's, with the sizes swapped (it goes back).
     let uh = HrlHeader {
-        disk_id: h.disk_id,
-        disk_name: h.disk_name.clone(),
-        cycle: h.cycle,
-        base_cycle: h.base_cycle,
-        block_size: h.block_size,
         base_size: h.disk_size,
         disk_size: h.base_size,
         cut_unix_ns: base_time_ns,
         app_consistent: false,
+        ..h.clone()
     };
     let mut w = HrlWriter::create(path, &uh)?;
     let old = h.base_size;

@@ -24,6 +24,7 @@ use super::error::{conn_err, session_err};
 use super::shaper::{Class, Shaper};
 use super::{now_ns, SendError, Vm};
 use crate::tracking::{CycleBuf, SealedLog, StreamError};
+use crate::transport::StreamEnd;
 use crate::wire::session::{
     Event, Job, Output, ReadData, ReadId, ReadWhat, Sender, SenderAction, SenderConfig,
     SessionError, SourceError, StreamId,
@@ -116,8 +117,7 @@ enum Write {
         /// Room in the stream's budget, given back once written.
         permit: Option<OwnedSemaphorePermit>,
     },
-    Finish,
-    Reset,
+    End(StreamEnd),
 }
 
 struct Writer {
@@ -431,9 +431,9 @@ impl Link {
                         permit,
                     });
                 }
-                Output::Finish(stream) => self.to_writer(stream, Write::Finish),
+                Output::Finish(stream) => self.to_writer(stream, Write::End(StreamEnd::Finish)),
                 Output::Reset(stream) => {
-                    self.to_writer(stream, Write::Reset);
+                    self.to_writer(stream, Write::End(StreamEnd::Reset));
                     self.writers.remove(&stream);
                 }
                 Output::Close(e) => {
@@ -716,12 +716,8 @@ async fn write_stream(
                 }
                 drop(permit);
             }
-            Write::Finish => {
-                let _ = tx.finish();
-                return;
-            }
-            Write::Reset => {
-                let _ = tx.reset(0u32.into());
+            Write::End(end) => {
+                end.apply(&mut tx);
                 return;
             }
         }

@@ -1558,21 +1558,7 @@ impl Tracker {
                 &state::encode_bitmap(bs as u32, nbits, &vec![0u64; nbits.div_ceil(64) as usize]),
             )
             .map_err(serr)?;
-        let m = DiskMeta {
-            id: hex(&id),
-            name: rel.to_string(),
-            folder,
-            block_size: bs as u32,
-            cycle,
-            size: md.len(),
-            state: TrackState::Normal,
-            ino: md.ino(),
-            shutdown_size: md.len(),
-            shutdown_mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
-            detached: false,
-            bitmap_only: false,
-            resync_scope: Default::default(),
-        };
+        let m = DiskMeta::clean(hex(&id), rel.to_string(), folder, bs as u32, cycle, &md);
         self.save_meta(&m).map_err(serr)?;
         {
             let mut mm = self.cut_serial.lock();

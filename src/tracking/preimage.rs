@@ -275,6 +275,16 @@ pub fn restore(journal: &Path, disk: &Path) -> io::Result<Restored> {
 mod tests {
     use super::*;
 
+    /// The journal at `jp` (4 KiB blocks), opened as the mount opens it.
+    fn reopen(jp: &Path) -> Journal {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(jp)
+            .unwrap();
+        Journal::open(f, 4096).unwrap()
+    }
+
     #[test]
     fn saves_once_and_restores_exactly() {
         let d = tempfile::tempdir().unwrap();
@@ -285,15 +295,7 @@ mod tests {
         arm(&jp, 4096, orig.len() as u64).unwrap();
         let reader = File::open(&disk).unwrap();
         let w = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
-        let mut j = Journal::open(
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&jp)
-                .unwrap(),
-            4096,
-        )
-        .unwrap();
+        let mut j = reopen(&jp);
         j.save(&reader, 1, 2).unwrap();
         w.write_all_at(&[0xAA; 8192], 4096).unwrap();
         j.save(&reader, 2, 2).unwrap(); // already saved: the new data stays out
@@ -304,15 +306,7 @@ mod tests {
         assert_eq!(j.bytes, 8192 + (40_000 - 9 * 4096));
         drop(j);
         // Reopening rebuilds the saved set.
-        let mut j = Journal::open(
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&jp)
-                .unwrap(),
-            4096,
-        )
-        .unwrap();
+        let mut j = reopen(&jp);
         j.save(&reader, 1, 1).unwrap();
         assert_eq!(j.bytes, 8192 + (40_000 - 9 * 4096));
         drop(j);

@@ -11,11 +11,10 @@
 //! the replica at the other site: only changes travel.
 
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::state::{self, DiskMeta, MountMeta, StateDir};
-use super::{folder_name, hex, TrackState, STATE_DIR};
+use super::{folder_name, hex, STATE_DIR};
 
 /// One disk to seed.
 #[derive(Debug, Clone)]
@@ -108,21 +107,14 @@ pub fn seed(dir: &Path, disks: &[SeedDisk]) -> Result<(), SeedError> {
             &state::encode_bitmap(d.block_size, nbits, &words),
         )
         .map_err(|e| io(&spath, e))?;
-        let m = DiskMeta {
-            id: hex(&d.id),
-            name: d.name.clone(),
-            folder: folder.clone(),
-            block_size: d.block_size,
-            cycle: d.cycle,
-            size: md.len(),
-            state: TrackState::Normal,
-            ino: md.ino(),
-            shutdown_size: md.len(),
-            shutdown_mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
-            detached: false,
-            bitmap_only: false,
-            resync_scope: Default::default(),
-        };
+        let m = DiskMeta::clean(
+            hex(&d.id),
+            d.name.clone(),
+            folder.clone(),
+            d.block_size,
+            d.cycle,
+            &md,
+        );
         st.write_json(&PathBuf::from(format!("disks/{folder}/meta.json")), &m)
             .map_err(|e| io(&spath, e))?;
         cut_seq = cut_seq.max(d.cycle);

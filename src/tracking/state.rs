@@ -105,6 +105,35 @@ pub struct DiskMeta {
 }
 
 impl DiskMeta {
+    /// A disk tracked from cycle `cycle` on with nothing pending: Normal,
+    /// and its file as `md` describes it (size, inode, and the shutdown
+    /// size and mtime a remount compares against).
+    pub fn clean(
+        id: String,
+        name: String,
+        folder: String,
+        block_size: u32,
+        cycle: u64,
+        md: &std::fs::Metadata,
+    ) -> DiskMeta {
+        use std::os::unix::fs::MetadataExt;
+        DiskMeta {
+            id,
+            name,
+            folder,
+            block_size,
+            cycle,
+            size: md.len(),
+            state: TrackState::Normal,
+            ino: md.ino(),
+            shutdown_size: md.len(),
+            shutdown_mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+            detached: false,
+            bitmap_only: false,
+            resync_scope: Default::default(),
+        }
+    }
+
     /// The disk needs a resync of every block.
     pub fn require_full_resync(&mut self, why: impl Into<String>) {
         self.state = TrackState::ResyncRequired(why.into());

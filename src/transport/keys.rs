@@ -621,27 +621,32 @@ impl Validity {
     }
 }
 
+/// Tests only: a self-signed certificate for `cn` valid from `from` to
+/// `to` (Unix seconds; rcgen keeps whole UTC days), made by rcgen.
+#[cfg(test)]
+pub(crate) fn self_signed_valid(cn: &str, from: i64, to: i64) -> rcgen::Certificate {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = rcgen::CertificateParams::new(vec![cn.to_string()]).unwrap();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    let t = |s: i64| {
+        let d = jiff::Timestamp::from_second(s)
+            .unwrap()
+            .to_zoned(jiff::tz::TimeZone::UTC)
+            .date();
+        rcgen::date_time_ymd(d.year() as i32, d.month() as u8, d.day() as u8)
+    };
+    p.not_before = t(from);
+    p.not_after = t(to);
+    p.self_signed(&key).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A self-signed certificate for `cn` valid from `from` to `to`
-    /// (Unix seconds), made by rcgen.
     fn cert_valid(cn: &str, from: i64, to: i64) -> Vec<u8> {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut p = rcgen::CertificateParams::new(vec![cn.to_string()]).unwrap();
-        p.distinguished_name = rcgen::DistinguishedName::new();
-        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
-        let t = |s: i64| {
-            let d = jiff::Timestamp::from_second(s)
-                .unwrap()
-                .to_zoned(jiff::tz::TimeZone::UTC)
-                .date();
-            rcgen::date_time_ymd(d.year() as i32, d.month() as u8, d.day() as u8)
-        };
-        p.not_before = t(from);
-        p.not_after = t(to);
-        p.self_signed(&key).unwrap().der().to_vec()
+        self_signed_valid(cn, from, to).der().to_vec()
     }
 
     #[test]

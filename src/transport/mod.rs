@@ -6,7 +6,8 @@
 //! - this module: QUIC endpoints over mutual TLS 1.3 ([`server`], [`client`],
 //!   [`connect`], [`accept`]), the peer's identity on a connection
 //!   ([`peer_identity`]) and readable explanations of refusals
-//!   ([`explain_connection_error`]).
+//!   ([`explain_connection_error`]), and how a driver ends a send stream
+//!   ([`StreamEnd`]).
 //! - [`rate`]: the token bucket behind `--max-rate`.
 //! - the `vdrep keys` commands live in `crate::cli::keys` (the CLI imports this module, never the reverse).
 //!
@@ -420,6 +421,30 @@ pub async fn connect(
         explained: explain_connection_error(&e, addr),
         source: e,
     })
+}
+
+/// How a connection driver ends a send stream its session is done with
+/// (the sender's and the receiver's drivers alike).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// Finish it: the peer reads everything written, then the end.
+    Finish,
+    /// Reset it: the peer sees the stream fail (code 0).
+    Reset,
+}
+
+impl StreamEnd {
+    /// End `tx` this way; a stream the peer already stopped is left as is.
+    pub fn apply(self, tx: &mut quinn::SendStream) {
+        match self {
+            StreamEnd::Finish => {
+                let _ = tx.finish();
+            }
+            StreamEnd::Reset => {
+                let _ = tx.reset(0u32.into());
+            }
+        }
+    }
 }
 
 /// Complete the handshake of an incoming connection and return it with the

@@ -85,8 +85,7 @@ impl Site<'_> {
             .collect();
         // No apply, initial copy or resync of these disks runs while the
         // folder moves away.
-        let runtimes: Vec<_> = disk_dirs.iter().map(|d| self.store.runtime(d)).collect();
-        let _held: Vec<_> = runtimes.iter().map(|r| r.lock()).collect();
+        let _held: Vec<_> = disk_dirs.iter().map(|d| self.store.lock(d)).collect();
         if disk_dirs
             .iter()
             .any(|d| !self.store.live_readers(d).is_empty())

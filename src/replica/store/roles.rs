@@ -66,6 +66,26 @@ impl Site<'_> {
         read_json_opt(&self.ctx(vm, ""), &self.store.root, &vmd.join(LIVE))
     }
 
+    /// `vm`'s folder, its context, its lock (held until the guard drops)
+    /// and its live state: the opening of every change to a live VM.
+    /// `NotReady` saying `not_live` if the VM is not live at this site.
+    fn lock_live(
+        &self,
+        vm: &str,
+        not_live: &str,
+    ) -> Result<(PathBuf, Ctx, RuntimeGuard, LiveInfo)> {
+        let vmd = self.vm_dir(vm, false)?;
+        let vctx = self.ctx(vm, "");
+        let vg = self.store.lock(&vmd);
+        match read_json_opt::<LiveInfo>(&vctx, &self.store.root, &vmd.join(LIVE))? {
+            Some(live) => Ok((vmd, vctx, vg, live)),
+            None => Err(StoreError::NotReady {
+                ctx: vctx,
+                what: not_live.into(),
+            }),
+        }
+    }
+
     /// Where adopted disks of `vm` came from (opaque to the store).
     pub fn origin(&self, vm: &str) -> Result<Option<serde_json::Value>> {
         let vmd = self.vm_dir(vm, false)?;
@@ -109,8 +129,7 @@ impl Site<'_> {
     ) -> Result<LiveInfo> {
         let vmd = self.vm_dir(vm, false)?;
         let vctx = self.ctx(vm, "");
-        let vrt = self.store.runtime(&vmd);
-        let _vg = vrt.lock();
+        let _vg = self.store.lock(&vmd);
         if let Some(live) = read_json_opt::<LiveInfo>(&vctx, &self.store.root, &vmd.join(LIVE))? {
             if live.dir != dest || point.is_some_and(|p| p != live.cycle) {
                 return Err(StoreError::NotReady {
@@ -145,8 +164,7 @@ impl Site<'_> {
                 continue;
             }
             let p = self.disk(vm, &id, false)?;
-            let rt = self.store.runtime(&p.dir);
-            let _g = rt.lock();
+            let _g = self.store.lock(&p.dir);
             let mut st = self.state_or_unknown(&p)?;
             if st.initial_offset.is_some() || st.applying.is_some() {
                 return Err(StoreError::NotReady {
@@ -199,17 +217,7 @@ impl Site<'_> {
     /// The live disks of `vm` were moved from the folder promotion put
     /// them in to `dir` (same relative paths): record it.
     pub fn relocate_live(&self, vm: &str, dir: &Path) -> Result<LiveInfo> {
-        let vmd = self.vm_dir(vm, false)?;
-        let vctx = self.ctx(vm, "");
-        let vrt = self.store.runtime(&vmd);
-        let _vg = vrt.lock();
-        let Some(mut live) = read_json_opt::<LiveInfo>(&vctx, &self.store.root, &vmd.join(LIVE))?
-        else {
-            return Err(StoreError::NotReady {
-                ctx: vctx,
-                what: "the VM is not live at this site".into(),
-            });
-        };
+        let (vmd, vctx, _vg, mut live) = self.lock_live(vm, "the VM is not live at this site")?;
         for d in &mut live.disks {
             if let Ok(rel) = d.path.strip_prefix(&live.dir) {
                 d.path = dir.join(rel);
@@ -352,15 +360,10 @@ impl Site<'_> {
         let h = r.header().clone();
         let now = t.len();
         let rh = HrlHeader {
-            disk_id: h.disk_id,
-            disk_name: h.disk_name.clone(),
-            cycle: h.cycle,
-            base_cycle: h.base_cycle,
-            block_size: h.block_size,
             base_size: h.disk_size,
             disk_size: now,
-            cut_unix_ns: h.cut_unix_ns,
             app_consistent: false,
+            ..h.clone()
         };
         let mut w = crate::hrl::HrlWriter::create(redop, &rh).map_err(herr)?;
         let mut buf = Vec::new();
@@ -397,17 +400,10 @@ impl Site<'_> {
     /// `live.json` goes and the store accepts the VM's logs again.
     /// Idempotent: an interrupted cancel finishes when called again.
     pub fn cancel_failover(&self, vm: &str) -> Result<Vec<Point>> {
-        let vmd = self.vm_dir(vm, false)?;
-        let vctx = self.ctx(vm, "");
-        let vrt = self.store.runtime(&vmd);
-        let _vg = vrt.lock();
-        let Some(live) = read_json_opt::<LiveInfo>(&vctx, &self.store.root, &vmd.join(LIVE))?
-        else {
-            return Err(StoreError::NotReady {
-                ctx: vctx,
-                what: "the VM is not failed over to this site: there is nothing to cancel".into(),
-            });
-        };
+        let (vmd, vctx, _vg, live) = self.lock_live(
+            vm,
+            "the VM is not failed over to this site: there is nothing to cancel",
+        )?;
         if live.committed {
             return Err(StoreError::NotReady {
                 ctx: vctx,
@@ -426,8 +422,7 @@ impl Site<'_> {
                 continue;
             };
             let p = self.disk(vm, &id, false)?;
-            let rt = self.store.runtime(&p.dir);
-            let _g = rt.lock();
+            let _g = self.store.lock(&p.dir);
             let keep: ReplicaState = read_json_opt(&p.ctx, &self.store.root, &p.dir.join(KEEP))?
                 .ok_or_else(|| StoreError::NotReady {
                     ctx: p.ctx.clone(),
@@ -531,17 +526,10 @@ impl Site<'_> {
     /// Make the failover of `vm` final: the history from before it is
     /// deleted (it describes disks that no longer exist here).
     pub fn commit_failover(&self, vm: &str) -> Result<LiveInfo> {
-        let vmd = self.vm_dir(vm, false)?;
-        let vctx = self.ctx(vm, "");
-        let vrt = self.store.runtime(&vmd);
-        let _vg = vrt.lock();
-        let Some(mut live) = read_json_opt::<LiveInfo>(&vctx, &self.store.root, &vmd.join(LIVE))?
-        else {
-            return Err(StoreError::NotReady {
-                ctx: vctx,
-                what: "the VM is not failed over to this site: nothing to commit".into(),
-            });
-        };
+        let (vmd, vctx, _vg, mut live) = self.lock_live(
+            vm,
+            "the VM is not failed over to this site: nothing to commit",
+        )?;
         for id in self.disk_ids(vm)? {
             let p = self.disk(vm, &id, false)?;
             for (_, _, n) in self.undo_records(&p) {
@@ -576,8 +564,7 @@ impl Site<'_> {
     ) -> Result<Point> {
         let vmd = self.vm_dir(vm, true)?;
         let vctx = self.ctx(vm, "");
-        let vrt = self.store.runtime(&vmd);
-        let _vg = vrt.lock();
+        let _vg = self.store.lock(&vmd);
         self.write_json(&vctx, &vmd, ORIGIN, origin)?;
         // Forget what this VM was here before.
         for id in self.disk_ids(vm)? {
@@ -593,8 +580,7 @@ impl Site<'_> {
             let (format, replica_file) = ReplicaFormat::for_source(&d.name);
             validate_name("replica file", &replica_file)?;
             let p = self.disk(vm, &d.disk_id, true)?;
-            let rt = self.store.runtime(&p.dir);
-            let mut rt = rt.lock();
+            let mut rt = self.store.lock(&p.dir);
             rt.initial = None;
             let old = self.read_state(&p)?;
             for f in list_dir(&p.undo) {

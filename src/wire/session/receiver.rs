@@ -233,6 +233,8 @@ struct RStream {
 }
 
 /// The receiver's end of one connection.
+// Its books look like `Sender`'s (maps by stream, disk, operation and an
+// output queue): the two ends of one protocol, with different entries.
 #[derive(Debug)]
 pub struct Receiver {
     cfg: ReceiverConfig,

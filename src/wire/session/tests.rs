@@ -290,13 +290,22 @@ fn a_log_out_of_order_marks_the_replica_for_resync() {
 
 /// The op of the `StoreLogDurably` in `outs`.
 fn stored_op(outs: &[Output<ReceiverAction>]) -> OpId {
+    op_of(outs, "a verified log is stored durably", |a| match a {
+        ReceiverAction::StoreLogDurably { op, .. } => Some(*op),
+        _ => None,
+    })
+}
+
+/// The op `pick` finds in the actions of `outs` (`must` says why one is there).
+fn op_of(
+    outs: &[Output<ReceiverAction>],
+    must: &str,
+    pick: impl Fn(&ReceiverAction) -> Option<OpId>,
+) -> OpId {
     actions(outs)
         .iter()
-        .find_map(|a| match a {
-            ReceiverAction::StoreLogDurably { op, .. } => Some(*op),
-            _ => None,
-        })
-        .expect("a verified log is stored durably")
+        .find_map(|a| pick(a))
+        .unwrap_or_else(|| panic!("no such action: {must}"))
 }
 
 /// The code of the `Error` answer in `outs`.
@@ -327,37 +336,36 @@ fn a_log_out_of_order_is_answered_resync_required() {
     assert_eq!(refusal(&outs), Some((ErrorCode::ResyncRequired, true)));
 }
 
+/// A receiver at cycle 5 is sent `msgs`; its store fails to keep the log
+/// with `code`. Returns what the receiver does then.
+fn store_fails(msgs: &[Msg], code: ErrorCode, retryable: bool) -> Vec<Output<ReceiverAction>> {
+    let mut r = opened(5);
+    let outs = feed(&mut r, msgs);
+    let op = stored_op(&outs);
+    let failure = StoreFailure {
+        code,
+        retryable,
+        message: format!("the store failed with {code:?}"),
+    };
+    r.complete(NOW, op, StoreDone::LogStored(Err(failure)));
+    drain(|| r.poll())
+}
+
 #[test]
 fn a_log_the_store_cannot_apply_in_order_marks_the_replica_and_asks_for_a_resync() {
-    let mut r = opened(5);
     let (_, msgs) = log_msgs(6, 5, b"0123456789");
-    let outs = feed(&mut r, &msgs);
-    let op = stored_op(&outs);
-    let out_of_order = StoreFailure {
-        code: ErrorCode::InvalidState,
-        retryable: false,
-        message: "log 6 does not follow cycle 4".into(),
+    let marks = |outs: &[Output<ReceiverAction>]| {
+        actions(outs)
+            .iter()
+            .any(|a| matches!(a, ReceiverAction::MarkNeedsResync { .. }))
     };
-    r.complete(NOW, op, StoreDone::LogStored(Err(out_of_order)));
-    let outs = drain(|| r.poll());
-    assert!(actions(&outs)
-        .iter()
-        .any(|a| matches!(a, ReceiverAction::MarkNeedsResync { .. })));
+    // Out of order ("log 6 does not follow cycle 4").
+    let outs = store_fails(&msgs, ErrorCode::InvalidState, false);
+    assert!(marks(&outs));
     assert_eq!(refusal(&outs), Some((ErrorCode::ResyncRequired, true)));
     // Any other store failure is answered as the store said.
-    let mut r = opened(5);
-    let outs = feed(&mut r, &msgs);
-    let op = stored_op(&outs);
-    let full = StoreFailure {
-        code: ErrorCode::NoSpace,
-        retryable: true,
-        message: "no space".into(),
-    };
-    r.complete(NOW, op, StoreDone::LogStored(Err(full)));
-    let outs = drain(|| r.poll());
-    assert!(!actions(&outs)
-        .iter()
-        .any(|a| matches!(a, ReceiverAction::MarkNeedsResync { .. })));
+    let outs = store_fails(&msgs, ErrorCode::NoSpace, true);
+    assert!(!marks(&outs));
     assert_eq!(refusal(&outs), Some((ErrorCode::NoSpace, true)));
 }
 
@@ -478,6 +486,22 @@ fn sender(timeout_ns: u64) -> Sender {
     )
 }
 
+/// Hand `o` to the peer (`handle`) if it is stream traffic; otherwise
+/// give back what the caller decides on: the action, or the close error.
+fn deliver<A>(o: Output<A>, handle: impl FnOnce(Event<'_>)) -> Result<(), Result<A, SessionError>> {
+    match o {
+        Output::Send { stream, bytes } => handle(Event::Data {
+            stream,
+            bytes: &bytes,
+        }),
+        Output::Finish(x) => handle(Event::Finished(x)),
+        Output::Reset(x) => handle(Event::Reset(x)),
+        Output::Close(e) => return Err(Err(e)),
+        Output::Action(a) => return Err(Ok(a)),
+    }
+    Ok(())
+}
+
 /// Connect a sender and a receiver directly; the receiver's store actions
 /// are answered by `store`, the sender's reads by `read`.
 fn pump(
@@ -491,41 +515,25 @@ fn pump(
         let mut moved = false;
         while let Some(o) = s.poll() {
             moved = true;
-            match o {
-                Output::Send { stream, bytes } => r.handle(
-                    NOW,
-                    Event::Data {
-                        stream,
-                        bytes: &bytes,
-                    },
-                ),
-                Output::Finish(x) => r.handle(NOW, Event::Finished(x)),
-                Output::Reset(x) => r.handle(NOW, Event::Reset(x)),
-                Output::Close(e) => panic!("sender closed: {e}"),
-                Output::Action(SenderAction::Read {
+            match deliver(o, |e| r.handle(NOW, e)) {
+                Ok(()) => {}
+                Err(Err(e)) => panic!("sender closed: {e}"),
+                Err(Ok(SenderAction::Read {
                     id,
                     what,
                     offset,
                     max,
                     ..
-                }) => s.complete_read(NOW, id, Ok(read(what, offset, max))),
-                Output::Action(a) => seen.push(a),
+                })) => s.complete_read(NOW, id, Ok(read(what, offset, max))),
+                Err(Ok(a)) => seen.push(a),
             }
         }
         while let Some(o) = r.poll() {
             moved = true;
-            match o {
-                Output::Send { stream, bytes } => s.handle(
-                    NOW,
-                    Event::Data {
-                        stream,
-                        bytes: &bytes,
-                    },
-                ),
-                Output::Finish(x) => s.handle(NOW, Event::Finished(x)),
-                Output::Reset(x) => s.handle(NOW, Event::Reset(x)),
-                Output::Close(e) => panic!("receiver closed: {e}"),
-                Output::Action(a) => {
+            match deliver(o, |e| s.handle(NOW, e)) {
+                Ok(()) => {}
+                Err(Err(e)) => panic!("receiver closed: {e}"),
+                Err(Ok(a)) => {
                     if let Some((op, d)) = store(&a) {
                         r.complete(NOW, op, d);
                     }
@@ -974,13 +982,10 @@ fn a_copy_is_read_from_zero_and_tries_lz4_on_every_16th_chunk_after_eight_that_d
 
 /// The op of the `BeginInitial` in `outs`.
 fn begin_op(outs: &[Output<ReceiverAction>]) -> OpId {
-    actions(outs)
-        .iter()
-        .find_map(|a| match a {
-            ReceiverAction::BeginInitial { op, .. } => Some(*op),
-            _ => None,
-        })
-        .expect("InitialBegin asks the store")
+    op_of(outs, "InitialBegin asks the store", |a| match a {
+        ReceiverAction::BeginInitial { op, .. } => Some(*op),
+        _ => None,
+    })
 }
 
 fn chunk(offset: u64, fill: u8) -> Msg {
