@@ -27,7 +27,8 @@
 //! - [`fuse`]: the FUSE connection as an object that outlives a worker:
 //!   `/dev/fuse` and its clones, the supervisor that holds them and
 //!   restarts the worker, descriptor handover, `FUSE_NOTIFY_RESEND`.
-//! - [`tracking`]: dirty-block bitmaps, cycles, copy-before-write, cuts.
+//! - [`tracking`]: dirty-block bitmaps, cycles, copy-before-write, cuts,
+//!   seeding, the activity log and the sealed logs until they are shipped.
 //! - [`replica`]: the replica store (namespaces, durable logs, undo history).
 //! - [`objstore`]: object stores (S3 API) as replica targets: the object
 //!   client seam and its clients, the encryption envelope.

@@ -1,6 +1,6 @@
 //! Small helpers every layer shares (a leaf: imports nothing of the crate):
 //! wall-clock nanoseconds, lower-case hex, random 128-bit identities, full
-//! positional reads, and
+//! positional reads, zeroing a range of a file, and
 //! one bounded run of an administrator's shell command ([`command`]).
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -49,6 +49,40 @@ pub fn read_at_zero_filled(
 ) -> std::io::Result<()> {
     let done = read_full_at(file, buf, offset)?;
     buf[done..].fill(0);
+    Ok(())
+}
+
+/// Make `len` bytes of `file` at `offset` read as zeros: punch a hole
+/// while `*punch` (cleared when the file system cannot), else write zeros.
+pub fn zero_range(
+    file: &std::fs::File,
+    offset: u64,
+    len: u64,
+    punch: &mut bool,
+) -> std::io::Result<()> {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    use std::os::unix::fs::FileExt;
+    if len == 0 {
+        return Ok(());
+    }
+    if *punch {
+        let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        // Callers' ranges end within a disk (<= 2^60 bytes): both fit an off_t.
+        match fallocate(file, flags, offset as libc::off_t, len as libc::off_t) {
+            Ok(()) => return Ok(()),
+            Err(nix::errno::Errno::EOPNOTSUPP)
+            | Err(nix::errno::Errno::ENOSYS)
+            | Err(nix::errno::Errno::EINVAL) => *punch = false,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(ZEROS.len() as u64) as usize;
+        file.write_all_at(&ZEROS[..n], offset + done)?;
+        done += n as u64;
+    }
     Ok(())
 }
 

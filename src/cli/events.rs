@@ -20,22 +20,26 @@ enum FetchError {
     Failed(i32),
 }
 
+/// One answer to an `Events` request (the mount's or the receiver's): after
+/// the first, a daemon that no longer answers ends the stream.
+fn page(
+    answer: Result<Option<Since>, crate::ipc::CallError>,
+    first: bool,
+) -> Result<Option<Since>, FetchError> {
+    match answer {
+        Ok(events) => Ok(events),
+        Err(e) if !first && e.kind() != CallErrorKind::Refused => Err(FetchError::Gone),
+        Err(e) => Err(FetchError::Failed(control_err(e))),
+    }
+}
+
 /// `vdrep events`.
 pub fn events(dir: Option<PathBuf>, store: Option<PathBuf>, follow: bool, json: bool) -> i32 {
     if let Some(store) = store {
-        return stream(
-            &store,
-            follow,
-            json,
-            |after, wait_secs, first| match recv::call_ok(
-                &store,
-                &recv::Request::Events { after, wait_secs },
-            ) {
-                Ok(r) => Ok(r.events),
-                Err(e) if !first && e.kind() != CallErrorKind::Refused => Err(FetchError::Gone),
-                Err(e) => Err(FetchError::Failed(control_err(e))),
-            },
-        );
+        return stream(&store, follow, json, |after, wait_secs, first| {
+            let r = recv::call_ok(&store, &recv::Request::Events { after, wait_secs });
+            page(r.map(|r| r.events), first)
+        });
     }
     let dir = match dir {
         Some(d) => d,
@@ -60,19 +64,10 @@ pub fn events(dir: Option<PathBuf>, store: Option<PathBuf>, follow: bool, json: 
             }
         }
     };
-    stream(
-        &dir,
-        follow,
-        json,
-        |after, wait_secs, first| match control::call_ok(
-            &dir,
-            &control::Request::Events { after, wait_secs },
-        ) {
-            Ok(r) => Ok(r.events),
-            Err(e) if !first && e.kind() != CallErrorKind::Refused => Err(FetchError::Gone),
-            Err(e) => Err(FetchError::Failed(control_err(e))),
-        },
-    )
+    stream(&dir, follow, json, |after, wait_secs, first| {
+        let r = control::call_ok(&dir, &control::Request::Events { after, wait_secs });
+        page(r.map(|r| r.events), first)
+    })
 }
 
 /// Print what `fetch(after, wait_secs, first)` gives: the kept events,

@@ -319,6 +319,20 @@ impl Journal {
         (t, pos)
     }
 
+    /// Write one record of `len` bytes (length word, `kind`, `body`) at
+    /// `at` in the map; the length word goes last (Release), so a reader
+    /// sees the record whole or not at all.
+    ///
+    /// # Safety
+    /// `[at, at + len)` lies inside the map and is unused, `len >= 8 +
+    /// body.len()`, and the caller holds the journal's lock (one writer).
+    unsafe fn put_record(&self, at: usize, len: u64, kind: u32, body: &[u8]) {
+        let p = self.map.as_mut_ptr().add(at);
+        std::ptr::copy_nonoverlapping(kind.to_le_bytes().as_ptr(), p.add(4), 4);
+        std::ptr::copy_nonoverlapping(body.as_ptr(), p.add(8), body.len());
+        (*(p as *const AtomicU32)).store(len as u32, Ordering::Release);
+    }
+
     /// Append one record (the journal's lock is held by the caller).
     fn append(&self, g: &mut Inner, kind: u32, body: &[u8]) {
         if g.broken {
@@ -334,13 +348,8 @@ impl Journal {
         }
         let at = (self.region(g.active) + g.used) as usize;
         // SAFETY: [at, at+len) is inside the active region and unused; the
-        // lock serialises writers; the length word is published last.
-        unsafe {
-            let p = self.map.as_mut_ptr().add(at);
-            std::ptr::copy_nonoverlapping(kind.to_le_bytes().as_ptr(), p.add(4), 4);
-            std::ptr::copy_nonoverlapping(body.as_ptr(), p.add(8), body.len());
-            (*(p as *const AtomicU32)).store(len as u32, Ordering::Release);
-        }
+        // lock serialises writers.
+        unsafe { self.put_record(at, len, kind, body) };
         g.used += len;
         if g.tables.apply(kind, body).is_none() {
             self.mark_broken(g);
@@ -424,12 +433,7 @@ impl Journal {
             let len = (8 + b.len() as u64).next_multiple_of(8);
             let at = (base + g.used) as usize;
             // SAFETY: as in `append`.
-            unsafe {
-                let p = self.map.as_mut_ptr().add(at);
-                std::ptr::copy_nonoverlapping(k.to_le_bytes().as_ptr(), p.add(4), 4);
-                std::ptr::copy_nonoverlapping(b.as_ptr(), p.add(8), b.len());
-                (*(p as *const AtomicU32)).store(len as u32, Ordering::Release);
-            }
+            unsafe { self.put_record(at, len, k, &b) };
             g.used += len;
             g.tables.apply(k, &b);
         }

@@ -264,7 +264,8 @@ pub fn apply(log: &Path, image: &Path, opts: &ApplyOptions) -> Result<ApplyRepor
                 report.data_records += 1;
             }
             None => {
-                zero_range(&img, rec.offset, u64::from(rec.length), &mut punch).map_err(io)?;
+                crate::util::zero_range(&img, rec.offset, u64::from(rec.length), &mut punch)
+                    .map_err(io)?;
                 report.zero_records += 1;
             }
         }
@@ -291,29 +292,4 @@ pub fn apply(log: &Path, image: &Path, opts: &ApplyOptions) -> Result<ApplyRepor
         },
     )?;
     Ok(report)
-}
-
-/// Make `len` bytes at `offset` read as zeros: punch a hole if the file
-/// system supports it (clearing `punch` otherwise), else write zeros.
-fn zero_range(img: &File, offset: u64, len: u64, punch: &mut bool) -> std::io::Result<()> {
-    use nix::fcntl::{fallocate, FallocateFlags};
-    if *punch {
-        let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        // offset + len <= disk_size <= 2^60: both fit an off_t.
-        match fallocate(img, flags, offset as libc::off_t, len as libc::off_t) {
-            Ok(()) => return Ok(()),
-            Err(nix::errno::Errno::EOPNOTSUPP)
-            | Err(nix::errno::Errno::ENOSYS)
-            | Err(nix::errno::Errno::EINVAL) => *punch = false,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
-    let mut done = 0u64;
-    while done < len {
-        let n = (len - done).min(ZEROS.len() as u64) as usize;
-        img.write_all_at(&ZEROS[..n], offset + done)?;
-        done += n as u64;
-    }
-    Ok(())
 }

@@ -64,17 +64,24 @@ pub fn start(
 }
 
 impl Server {
-    /// A role change of `vm` is refused while a test failover of it runs.
-    fn refuse_if_test_failover(&self, site: &str, vm: &str) -> Option<Response> {
-        self.views
+    /// The site of `vm` for a role change (or forgetting it), or the
+    /// answer that refuses it: no such site, or a test failover of `vm`
+    /// runs.
+    fn site_for_change(&self, site: Option<&str>, vm: &str) -> Result<String, Box<Response>> {
+        let refuse = |e: String| Box::new(Response::err(e));
+        let site =
+            testview::resolve_site(&self.store, site, vm).map_err(|e| refuse(e.to_string()))?;
+        if self
+            .views
             .list()
             .iter()
             .any(|v| v.site == site && v.vm == vm)
-            .then(|| {
-                Response::err(format!(
-                    "{vm} has a test failover running: remove it first (`vdrep failover {vm} --cleanup`)"
-                ))
-            })
+        {
+            return Err(refuse(format!(
+                "{vm} has a test failover running: remove it first (`vdrep failover {vm} --cleanup`)"
+            )));
+        }
+        Ok(site)
     }
 
     fn handle(&self, req: Request) -> Response {
@@ -147,13 +154,10 @@ impl Server {
                 Err(e) => Response::err(e),
             },
             Request::Promote { site, vm, point } => {
-                let site = match testview::resolve_site(&self.store, site.as_deref(), &vm) {
+                let site = match self.site_for_change(site.as_deref(), &vm) {
                     Ok(s) => s,
-                    Err(e) => return Response::err(e),
+                    Err(refused) => return *refused,
                 };
-                if let Some(r) = self.refuse_if_test_failover(&site, &vm) {
-                    return r;
-                }
                 match crate::roles::promote_local(&self.roles, &site, &vm, point, None) {
                     Ok(a) => Response {
                         site: Some(site),
@@ -165,13 +169,10 @@ impl Server {
                 }
             }
             Request::CancelFailover { site, vm } => {
-                let site = match testview::resolve_site(&self.store, site.as_deref(), &vm) {
+                let site = match self.site_for_change(site.as_deref(), &vm) {
                     Ok(s) => s,
-                    Err(e) => return Response::err(e),
+                    Err(refused) => return *refused,
                 };
-                if let Some(r) = self.refuse_if_test_failover(&site, &vm) {
-                    return r;
-                }
                 match crate::roles::cancel_local(&self.roles, &site, &vm) {
                     Ok(r) => Response {
                         site: Some(site),
@@ -182,13 +183,10 @@ impl Server {
                 }
             }
             Request::Forget { site, vm } => {
-                let site = match testview::resolve_site(&self.store, site.as_deref(), &vm) {
+                let site = match self.site_for_change(site.as_deref(), &vm) {
                     Ok(s) => s,
-                    Err(e) => return Response::err(e),
+                    Err(refused) => return *refused,
                 };
-                if let Some(r) = self.refuse_if_test_failover(&site, &vm) {
-                    return r;
-                }
                 match replica::ReplicaStore::forget(self.store.as_ref(), &site, &vm) {
                     Ok(f) => {
                         tracing::info!("forgot {site}/{vm}: {f:?}");

@@ -132,26 +132,7 @@ fn read_limited(file: &File, buf: &mut [u8], offset: u64, limit: u64) -> io::Res
 
 /// Punch a hole, or write zeros where the file system cannot.
 pub(crate) fn zero_file_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    use nix::fcntl::{fallocate, FallocateFlags};
-    if len == 0 {
-        return Ok(());
-    }
-    let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-    match fallocate(file, flags, offset as libc::off_t, len as libc::off_t) {
-        Ok(()) => return Ok(()),
-        Err(nix::errno::Errno::EOPNOTSUPP)
-        | Err(nix::errno::Errno::ENOSYS)
-        | Err(nix::errno::Errno::EINVAL) => {}
-        Err(e) => return Err(e.into()),
-    }
-    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
-    let mut done = 0u64;
-    while done < len {
-        let n = (len - done).min(ZEROS.len() as u64) as usize;
-        file.write_all_at(&ZEROS[..n], offset + done)?;
-        done += n as u64;
-    }
-    Ok(())
+    crate::util::zero_range(file, offset, len, &mut true)
 }
 
 /// The disk byte for byte in a regular file.

@@ -703,12 +703,7 @@ impl Tracker {
         if let Some(old) = disks.remove(&to_s) {
             self.save_detached(old.detach("replaced by a rename"));
         }
-        let moved: Vec<String> = disks
-            .keys()
-            .filter(|k| *k == &from_s || k.starts_with(&format!("{from_s}/")))
-            .cloned()
-            .collect();
-        for k in moved {
+        for k in keys_at_or_below(&disks, &from_s) {
             if let Some(d) = disks.remove(&k) {
                 let new_key = format!("{to_s}{}", &k[from_s.len()..]);
                 if self.is_disk_name(Path::new(&new_key)) {
@@ -736,12 +731,7 @@ impl Tracker {
         let mut disks = self.disks.lock();
         for p in [a, b] {
             let ps = p.to_string_lossy().into_owned();
-            let hit: Vec<String> = disks
-                .keys()
-                .filter(|k| *k == &ps || k.starts_with(&format!("{ps}/")))
-                .cloned()
-                .collect();
-            for k in hit {
+            for k in keys_at_or_below(&disks, &ps) {
                 if let Some(d) = disks.remove(&k) {
                     self.save_detached(d.detach("swapped with another file (RENAME_EXCHANGE)"));
                 }
@@ -2290,6 +2280,16 @@ impl TrackedDisk {
     pub fn name(&self) -> String {
         self.meta.lock().name.clone()
     }
+}
+
+/// The disks (by name) at `path` or below it (a renamed or swapped folder).
+fn keys_at_or_below(disks: &HashMap<String, Arc<TrackedDisk>>, path: &str) -> Vec<String> {
+    let below = format!("{path}/");
+    disks
+        .keys()
+        .filter(|k| *k == path || k.starts_with(&below))
+        .cloned()
+        .collect()
 }
 
 #[cfg(test)]

@@ -377,6 +377,18 @@ impl<'a> Rd<'a> {
         }
         self.take(n, what)
     }
+    /// A chunk's checksum and data: the checksum covers the fixed fields
+    /// read since `fixed_start`, then the data.
+    fn checked_data(&mut self, fixed_start: usize) -> Result<&'a [u8], WireError> {
+        let b = self.b;
+        let fixed = &b[fixed_start..self.pos];
+        let sum = self.u64("checksum")?;
+        let data = self.data("data")?;
+        if chunk_checksum(fixed, data) != sum {
+            return Err(WireError::Checksum { msg: self.msg });
+        }
+        Ok(data)
+    }
     fn end(&self) -> Result<(), WireError> {
         if self.pos == self.b.len() {
             Ok(())
@@ -492,12 +504,7 @@ pub(crate) fn decode_body(frame: &[u8]) -> Result<Msg, WireError> {
             let offset = r.u64("offset")?;
             let length = r.u32("length")?;
             let encoding = encoding_of(r.u8("encoding")?, name)?;
-            let fixed = &payload[fixed_start..r.pos];
-            let sum = r.u64("checksum")?;
-            let data = r.data("data")?;
-            if chunk_checksum(fixed, data) != sum {
-                return Err(WireError::Checksum { msg: name });
-            }
+            let data = r.checked_data(fixed_start)?;
             Msg::InitialChunk(InitialChunk {
                 disk_id,
                 offset,
@@ -527,12 +534,7 @@ pub(crate) fn decode_body(frame: &[u8]) -> Result<Msg, WireError> {
             let disk_id = r.id("disk_id")?;
             let cycle = r.u64("cycle")?;
             let offset_in_log = r.u64("offset_in_log")?;
-            let fixed = &payload[fixed_start..r.pos];
-            let sum = r.u64("checksum")?;
-            let data = r.data("data")?;
-            if chunk_checksum(fixed, data) != sum {
-                return Err(WireError::Checksum { msg: name });
-            }
+            let data = r.checked_data(fixed_start)?;
             Msg::LogChunk(LogChunk {
                 disk_id,
                 cycle,

@@ -86,6 +86,25 @@ impl Site<'_> {
         }
     }
 
+    /// Rename `from` to `to`; `doing` names the step in an error, and
+    /// `same_fs` is the hint when they are on different file systems.
+    fn rename_same_fs(
+        &self,
+        ctx: &Ctx,
+        (from, to): (&Path, &Path),
+        doing: &str,
+        same_fs: &str,
+    ) -> Result<()> {
+        std::fs::rename(from, to).map_err(|e| {
+            let doing = if e.raw_os_error() == Some(libc::EXDEV) {
+                format!("{doing} ({same_fs})")
+            } else {
+                doing.to_string()
+            };
+            self.io(ctx, &doing, to, e)
+        })
+    }
+
     /// Where adopted disks of `vm` came from (opaque to the store).
     pub fn origin(&self, vm: &str) -> Result<Option<serde_json::Value>> {
         let vmd = self.vm_dir(vm, false)?;
@@ -319,19 +338,12 @@ impl Site<'_> {
                     .map_err(|e| self.io(&p.ctx, "cutting the VHD footer", &src, e));
                 f?;
             }
-            std::fs::rename(&src, &d.path).map_err(|e| {
-                let hint = if e.raw_os_error() == Some(libc::EXDEV) {
-                    " (the live folder must be on the store's file system)"
-                } else {
-                    ""
-                };
-                self.io(
-                    &p.ctx,
-                    &format!("moving the replica to the live folder{hint}"),
-                    &d.path,
-                    e,
-                )
-            })?;
+            self.rename_same_fs(
+                &p.ctx,
+                (&src, &d.path),
+                "moving the replica to the live folder",
+                "the live folder must be on the store's file system",
+            )?;
             if let Some(parent) = d.path.parent() {
                 let _ = sync_dir(parent);
             }
@@ -606,19 +618,12 @@ impl Site<'_> {
                         let _ = std::fs::remove_file(p.dir.join(&o.replica_file));
                     }
                 }
-                std::fs::rename(&d.path, &dst).map_err(|e| {
-                    let hint = if e.raw_os_error() == Some(libc::EXDEV) {
-                        " (the store must be on the disk folder's file system)"
-                    } else {
-                        ""
-                    };
-                    self.io(
-                        &p.ctx,
-                        &format!("moving the disk into the store{hint}"),
-                        &dst,
-                        e,
-                    )
-                })?;
+                self.rename_same_fs(
+                    &p.ctx,
+                    (&d.path, &dst),
+                    "moving the disk into the store",
+                    "the store must be on the disk folder's file system",
+                )?;
                 let _ = sync_dir(&p.dir);
                 if let Some(parent) = d.path.parent() {
                     let _ = sync_dir(parent);

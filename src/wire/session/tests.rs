@@ -1,5 +1,8 @@
 //! Unit tests of the sessions: the rules of each end, one at a time. The
 //! conversation under faults is `tests/session_sim.rs`'s.
+//!
+//! Tests here open alike (`opened`, `feed`, `refusal`, `has_action!`) on
+//! purpose: each states its whole scenario, so neighbours share lines.
 
 use super::*;
 use crate::wire::{
@@ -53,6 +56,13 @@ fn sent<A>(outs: &[Output<A>]) -> Vec<Msg> {
         }
     }
     v
+}
+
+/// Whether an action of `outs` (receiver outputs) matches the pattern.
+macro_rules! has_action {
+    ($outs:expr, $p:pat) => {
+        actions($outs).iter().any(|a| matches!(a, $p))
+    };
 }
 
 fn actions(outs: &[Output<ReceiverAction>]) -> Vec<&ReceiverAction> {
@@ -215,13 +225,8 @@ fn feed(r: &mut Receiver, msgs: &[Msg]) -> Vec<Output<ReceiverAction>> {
 
 fn assert_refused_and_discarded(outs: &[Output<ReceiverAction>]) {
     assert!(acks(outs).is_empty(), "{outs:?}");
-    let a = actions(outs);
-    assert!(a
-        .iter()
-        .any(|a| matches!(a, ReceiverAction::DiscardLog { .. })));
-    assert!(!a
-        .iter()
-        .any(|a| matches!(a, ReceiverAction::StoreLogDurably { .. })));
+    assert!(has_action!(outs, ReceiverAction::DiscardLog { .. }));
+    assert!(!has_action!(outs, ReceiverAction::StoreLogDurably { .. }));
     assert!(sent(outs).iter().any(|m| matches!(m, Msg::Error(_))));
 }
 
@@ -283,9 +288,7 @@ fn a_log_out_of_order_marks_the_replica_for_resync() {
     let (_, msgs) = log_msgs(8, 7, b"0123456789");
     let outs = feed(&mut r, &msgs);
     assert!(acks(&outs).is_empty());
-    assert!(actions(&outs)
-        .iter()
-        .any(|a| matches!(a, ReceiverAction::MarkNeedsResync { .. })));
+    assert!(has_action!(&outs, ReceiverAction::MarkNeedsResync { .. }));
 }
 
 /// The op of the `StoreLogDurably` in `outs`.
@@ -354,18 +357,13 @@ fn store_fails(msgs: &[Msg], code: ErrorCode, retryable: bool) -> Vec<Output<Rec
 #[test]
 fn a_log_the_store_cannot_apply_in_order_marks_the_replica_and_asks_for_a_resync() {
     let (_, msgs) = log_msgs(6, 5, b"0123456789");
-    let marks = |outs: &[Output<ReceiverAction>]| {
-        actions(outs)
-            .iter()
-            .any(|a| matches!(a, ReceiverAction::MarkNeedsResync { .. }))
-    };
     // Out of order ("log 6 does not follow cycle 4").
     let outs = store_fails(&msgs, ErrorCode::InvalidState, false);
-    assert!(marks(&outs));
+    assert!(has_action!(&outs, ReceiverAction::MarkNeedsResync { .. }));
     assert_eq!(refusal(&outs), Some((ErrorCode::ResyncRequired, true)));
     // Any other store failure is answered as the store said.
     let outs = store_fails(&msgs, ErrorCode::NoSpace, true);
-    assert!(!marks(&outs));
+    assert!(!has_action!(&outs, ReceiverAction::MarkNeedsResync { .. }));
     assert_eq!(refusal(&outs), Some((ErrorCode::NoSpace, true)));
 }
 
@@ -376,9 +374,10 @@ fn without_a_known_cycle_the_store_decides_about_a_log() {
     let (_, msgs) = log_msgs(6, 5, b"0123456789");
     let outs = feed(&mut r, &msgs);
     assert!(refusal(&outs).is_none(), "{outs:?}");
-    assert!(actions(&outs)
-        .iter()
-        .any(|a| matches!(a, ReceiverAction::StoreLogDurably { cycle: 6, .. })));
+    assert!(has_action!(
+        &outs,
+        ReceiverAction::StoreLogDurably { cycle: 6, .. }
+    ));
 }
 
 #[test]
@@ -1032,9 +1031,10 @@ fn a_resumed_copy_takes_the_changed_blocks_below_its_start_offset() {
         })
         .collect();
     assert_eq!(writes, vec![4096, 65536, 69632]);
-    assert!(actions(&outs)
-        .iter()
-        .any(|a| matches!(a, ReceiverAction::FinishInitial { cycle: 9, .. })));
+    assert!(has_action!(
+        &outs,
+        ReceiverAction::FinishInitial { cycle: 9, .. }
+    ));
 }
 
 #[test]
@@ -1070,9 +1070,7 @@ fn a_copy_resumed_at_another_offset_than_the_store_has_is_retried_not_applied() 
         );
         let outs = feed(&mut r, &[chunk(start, 1)]);
         assert!(
-            !actions(&outs)
-                .iter()
-                .any(|a| matches!(a, ReceiverAction::WriteInitial { .. })),
+            !has_action!(&outs, ReceiverAction::WriteInitial { .. }),
             "{outs:?}"
         );
     }
