@@ -7,6 +7,9 @@ use toml::Spanned;
 
 type S = Spanned<String>;
 
+// The tables below are alike in shape (derive, deny_unknown_fields,
+// optional spanned values): each mirrors one TOML table of doc/CONFIG.md.
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct File {

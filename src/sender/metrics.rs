@@ -47,6 +47,8 @@ pub fn register(registry: &mut Registry, rep: Arc<Replicator>) {
 }
 
 /// Per-VM families.
+// A table: one `gauge`/`counter` call per family (name, help, unit,
+// samples); the calls look alike by design.
 pub fn encode_vms(enc: &mut DescriptorEncoder, vms: &[VmStatus]) -> fmt::Result {
     gauge(
         enc,

@@ -455,6 +455,8 @@ pub(crate) fn decode_body(frame: &[u8]) -> Result<Msg, WireError> {
         pos: 0,
         msg: name,
     };
+    // One arm per message, field by field in wire order: a format table
+    // (the arms look alike; `encode` is the mirror image).
     let msg = match ty {
         MsgType::Hello => Msg::Hello(Hello {
             protocol_version: r.u16("protocol_version")?,

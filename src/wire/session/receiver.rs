@@ -358,6 +358,20 @@ impl Receiver {
         self.out.push_back(Output::Action(a));
     }
 
+    /// Ask the driver for `action` (made with its op) and wait on `sid`
+    /// for its completion (`wait`).
+    fn ask(
+        &mut self,
+        sid: StreamId,
+        action: impl FnOnce(OpId) -> ReceiverAction,
+        wait: Wait,
+    ) -> Result<(), SessionError> {
+        let op = self.op(sid);
+        self.act(action(op));
+        self.set(sid, RState::Await(op, wait));
+        Ok(())
+    }
+
     fn send(&mut self, sid: StreamId, msg: &Msg) -> Result<(), SessionError> {
         let bytes = frame(msg)?;
         self.out.push_back(Output::Send { stream: sid, bytes });
@@ -543,13 +557,12 @@ impl Receiver {
                 Ok(())
             }
             Msg::OpenDisk(o) => {
-                let op = self.op(sid);
-                self.act(ReceiverAction::LoadDisk {
-                    op,
-                    open: o.clone(),
-                });
-                self.set(sid, RState::Await(op, Wait::Load(o)));
-                Ok(())
+                let open = o.clone();
+                self.ask(
+                    sid,
+                    |op| ReceiverAction::LoadDisk { op, open },
+                    Wait::Load(o),
+                )
             }
             Msg::InitialBegin(b) => {
                 let d = self.opened(sid, &b.disk_id, "InitialBegin")?;
@@ -567,37 +580,31 @@ impl Receiver {
                 }
                 let open = d.open.clone();
                 self.busy(b.disk_id, sid);
-                let op = self.op(sid);
-                self.act(ReceiverAction::BeginInitial {
-                    op,
-                    open,
-                    begin: b.clone(),
-                });
-                self.set(sid, RState::Await(op, Wait::InitialBegin(b)));
-                Ok(())
+                let begin = b.clone();
+                self.ask(
+                    sid,
+                    |op| ReceiverAction::BeginInitial { op, open, begin },
+                    Wait::InitialBegin(b),
+                )
             }
             Msg::LogBegin(l) => self.log_begin(sid, l),
             Msg::PointCommit(p) => {
-                let op = self.op(sid);
-                let (vm, cycle) = (p.vm.clone(), p.cycle);
-                self.act(ReceiverAction::CommitPoint {
+                let wait = Wait::Point {
+                    vm: p.vm.clone(),
+                    cycle: p.cycle,
+                };
+                let commit = |op| ReceiverAction::CommitPoint {
                     op,
                     vm: p.vm,
                     cycle: p.cycle,
                     app_consistent: p.app_consistent,
                     disks: p.disks,
                     definition: p.definition,
-                });
-                self.set(sid, RState::Await(op, Wait::Point { vm, cycle }));
-                Ok(())
+                };
+                self.ask(sid, commit, wait)
             }
             Msg::BlockHashReq(_) | Msg::ResyncEnd(_) => self.compare_msg(sid, msg),
-            Msg::Admin(body) => {
-                let op = self.op(sid);
-                self.act(ReceiverAction::Admin { op, body });
-                self.set(sid, RState::Await(op, Wait::Admin));
-                Ok(())
-            }
+            Msg::Admin(body) => self.ask(sid, |op| ReceiverAction::Admin { op, body }, Wait::Admin),
             other => Err(SessionError::Unexpected {
                 stream: sid,
                 expected: "a request",
@@ -831,16 +838,14 @@ impl Receiver {
                         ),
                     });
                 }
-                let op = self.op(sid);
                 let vm = self.vm_of(&disk_id);
-                self.act(ReceiverAction::FinishInitial {
+                let finish = |op| ReceiverAction::FinishInitial {
                     op,
                     vm,
                     disk_id,
                     cycle,
-                });
-                self.set(sid, RState::Await(op, Wait::InitialEnd { disk_id, cycle }));
-                Ok(())
+                };
+                self.ask(sid, finish, Wait::InitialEnd { disk_id, cycle })
             }
             other => Err(SessionError::Unexpected {
                 stream: sid,
@@ -858,26 +863,25 @@ impl Receiver {
                     .open
                     .vm
                     .clone();
-                let op = self.op(sid);
                 let wait = Wait::Hashes {
                     disk_id: r.disk_id,
                     replica_cycle: r.replica_cycle,
                     blocks: r.total_blocks(),
                 };
-                self.act(ReceiverAction::HashBlocks { op, vm, req: r });
-                self.set(sid, RState::Await(op, wait));
-                Ok(())
+                self.ask(
+                    sid,
+                    |op| ReceiverAction::HashBlocks { op, vm, req: r },
+                    wait,
+                )
             }
             Msg::ResyncEnd(e) => {
                 let vm = self.opened(sid, &e.disk_id, "ResyncEnd")?.open.vm.clone();
-                let op = self.op(sid);
-                self.act(ReceiverAction::PrepareResync {
-                    op,
-                    vm,
-                    end: e.clone(),
-                });
-                self.set(sid, RState::Await(op, Wait::Resync(e)));
-                Ok(())
+                let end = e.clone();
+                self.ask(
+                    sid,
+                    |op| ReceiverAction::PrepareResync { op, vm, end },
+                    Wait::Resync(e),
+                )
             }
             other => Err(SessionError::Unexpected {
                 stream: sid,
@@ -1001,16 +1005,15 @@ impl Receiver {
                 LogStored::AlreadyApplied => self.answer(sid, &ack(b.disk_id, b.cycle, true, true)),
                 LogStored::Stored => {
                     self.send(sid, &ack(b.disk_id, b.cycle, true, false))?;
-                    let op = self.op(sid);
                     let vm = self.vm_of(&b.disk_id);
-                    self.act(ReceiverAction::ApplyLog {
+                    let (disk_id, cycle) = (b.disk_id, b.cycle);
+                    let apply = |op| ReceiverAction::ApplyLog {
                         op,
                         vm,
-                        disk_id: b.disk_id,
-                        cycle: b.cycle,
-                    });
-                    self.set(sid, RState::Await(op, Wait::Applied(b)));
-                    Ok(())
+                        disk_id,
+                        cycle,
+                    };
+                    self.ask(sid, apply, Wait::Applied(b))
                 }
             },
             (Wait::Applied(b), StoreDone::LogApplied(r)) => {
