@@ -109,16 +109,43 @@ pub struct ReplicaState {
     pub resync_cycle: Option<u64>,
 }
 
-/// The VHD identity (unique id in hex, time stamp) of a replica replacing
-/// `old`: the old one's (stable for the replica's life), or a new one.
-fn vhd_identity(old: Option<&ReplicaState>) -> (String, u32) {
-    match old {
-        Some(o) => (o.vhd_id.clone(), o.vhd_time),
-        None => (hex(&random_id()), vhd_timestamp_now()),
-    }
-}
-
 impl ReplicaState {
+    /// The state of a replica file that replaces `old` (if any): at no
+    /// cycle, trusted, nothing in progress. It keeps `old`'s VHD identity
+    /// (stable for the replica's life) or takes a new one.
+    fn replacing(
+        old: Option<&ReplicaState>,
+        disk_id: &[u8; 16],
+        name: &str,
+        replica_file: &str,
+        format: ReplicaFormat,
+        size: u64,
+        block_size: u32,
+    ) -> ReplicaState {
+        let (vhd_id, vhd_time) = match old {
+            Some(o) => (o.vhd_id.clone(), o.vhd_time),
+            None => (hex(&random_id()), vhd_timestamp_now()),
+        };
+        ReplicaState {
+            version: 1,
+            disk_id: hex(disk_id),
+            name: name.to_string(),
+            replica_file: replica_file.to_string(),
+            format,
+            size,
+            block_size,
+            vhd_id,
+            vhd_time,
+            initial_offset: None,
+            initial_cycle: None,
+            cycle: None,
+            cycle_time_ns: 0,
+            applying: None,
+            needs_resync: None,
+            resync_cycle: None,
+        }
+    }
+
     fn id_bytes(&self) -> [u8; 16] {
         let mut out = [0u8; 16];
         for (i, o) in out.iter_mut().enumerate() {
@@ -704,24 +731,18 @@ impl Site<'_> {
             }
         }
         let resync = matches!(&old, Some(st) if st.cycle.is_some());
-        let (vhd_id, vhd_time) = vhd_identity(old.as_ref());
         let st = ReplicaState {
-            version: 1,
-            disk_id: hex(&info.disk_id),
-            name: info.name.clone(),
-            replica_file: replica_file.clone(),
-            format,
-            size: info.size,
-            block_size: info.block_size,
-            vhd_id,
-            vhd_time,
             initial_offset: Some(0),
             initial_cycle: Some(info.cycle),
-            cycle: None,
-            cycle_time_ns: 0,
-            applying: None,
-            needs_resync: None,
-            resync_cycle: None,
+            ..ReplicaState::replacing(
+                old.as_ref(),
+                &info.disk_id,
+                &info.name,
+                &replica_file,
+                format,
+                info.size,
+                info.block_size,
+            )
         };
         if resync {
             // History cannot chain through a full re-copy.

@@ -635,24 +635,19 @@ impl Site<'_> {
                 ReplicaFormat::VhdOfRaw => raw_len_of(&dst, moved_before),
             }
             .map_err(|e| self.io(&p.ctx, "reading the adopted disk's size", &dst, e))?;
-            let (vhd_id, vhd_time) = vhd_identity(old.as_ref());
             let st = ReplicaState {
-                version: 1,
-                disk_id: hex(&d.disk_id),
-                name: d.name.clone(),
-                replica_file: replica_file.clone(),
-                format,
-                size,
-                block_size: d.block_size,
-                vhd_id,
-                vhd_time,
-                initial_offset: None,
-                initial_cycle: None,
                 cycle: Some(cycle),
                 cycle_time_ns: cut_unix_ns,
-                applying: None,
                 needs_resync: needs_resync.map(str::to_string),
-                resync_cycle: None,
+                ..ReplicaState::replacing(
+                    old.as_ref(),
+                    &d.disk_id,
+                    &d.name,
+                    &replica_file,
+                    format,
+                    size,
+                    d.block_size,
+                )
             };
             // Give a raw source its footer (sets the size, fsyncs).
             let mut t = self.open_replica(&p, &st, false)?;
