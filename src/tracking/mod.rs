@@ -2283,7 +2283,7 @@ impl TrackedDisk {
 }
 
 /// The disks (by name) at `path` or below it (a renamed or swapped folder).
-fn keys_at_or_below(disks: &HashMap<String, Arc<TrackedDisk>>, path: &str) -> Vec<String> {
+fn keys_at_or_below<V>(disks: &HashMap<String, V>, path: &str) -> Vec<String> {
     let below = format!("{path}/");
     disks
         .keys()
@@ -2294,7 +2294,21 @@ fn keys_at_or_below(disks: &HashMap<String, Arc<TrackedDisk>>, path: &str) -> Ve
 
 #[cfg(test)]
 mod tests {
-    use super::glob_match;
+    use super::{glob_match, keys_at_or_below};
+    use std::collections::HashMap;
+
+    #[test]
+    fn a_renamed_folder_takes_the_disks_below_it_and_no_others() {
+        let disks: HashMap<String, ()> = ["d", "d/a.img", "d/e/b.img", "dd/c.img", "x.img"]
+            .into_iter()
+            .map(|k| (k.to_string(), ()))
+            .collect();
+        let mut under = keys_at_or_below(&disks, "d");
+        under.sort();
+        assert_eq!(under, ["d", "d/a.img", "d/e/b.img"]);
+        assert_eq!(keys_at_or_below(&disks, "x.img"), ["x.img"]);
+        assert!(keys_at_or_below(&disks, "d/a").is_empty());
+    }
 
     #[test]
     fn globs() {
