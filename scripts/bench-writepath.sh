@@ -11,6 +11,12 @@
 #      and supervisor processes (/proc/PID/stat) during the fio job, divided
 #      by the FUSE requests the worker answered during it
 #      (vdrep_fuse_requests_total, scraped from its metrics endpoint).
+# Issue 15, must-show 5: the target vdrep-nolog is the same mount with the
+# activity log off (VDREP_ACTIVITY_LOG=off), its column beside vdrep's with
+# the on/off ratio and the log's fdatasyncs per job (from `vdrep status`);
+# the worst-* jobs (sequential O_DIRECT writers entering one 4 MiB extent
+# after the other) run while the mount is cut every CUT_EVERY seconds, so
+# extents leave the log and are cold again on the next pass.
 #
 #   scripts/bench-writepath.sh
 #
@@ -19,7 +25,9 @@
 #   RUNTIME=10         seconds per fio job
 #   RUNS=3             repetitions per job and target (median reported)
 #   BENCH_ROOT=/var/tmp/vdrep-bench   work folder (needs SIZE free space; not tmpfs)
-#   TARGETS="native vdrep"            targets to run (add bindfs to compare)
+#   TARGETS="native vdrep vdrep-nolog" targets to run (add bindfs to compare)
+#   CUT_EVERY=1        seconds between cuts during the worst-* jobs (their
+#                      logs are deleted: nothing ships them here)
 #   JOBS="seq-write-1m-psync ..."     subset of job names (default: all)
 #   NO_BUILD=1         do not run `cargo build --release` (use existing binary)
 #   VDREP=path         vdrep binary (default target/release/vdrep)
@@ -36,7 +44,8 @@ SIZE="${SIZE:-1G}"
 RUNTIME="${RUNTIME:-10}"
 RUNS="${RUNS:-3}"
 BENCH_ROOT="${BENCH_ROOT:-/var/tmp/vdrep-bench}"
-TARGETS="${TARGETS:-native vdrep}"
+TARGETS="${TARGETS:-native vdrep vdrep-nolog}"
+CUT_EVERY="${CUT_EVERY:-1}"
 VDREP="${VDREP:-$REPO/target/release/vdrep}"
 METRICS_PORT="${METRICS_PORT:-19477}"
 read -r -a MOUNT_ARGS <<<"${VDREP_MOUNT_ARGS:-}"
@@ -94,9 +103,11 @@ def ticks(pid):
         return None
 body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
 req = sum(float(m.group(1)) for m in re.finditer(r"^vdrep_fuse_requests_total\{[^}]*\} (\S+)$", body, re.M))
+syncs = sum(d.get("activity_syncs") or 0 for d in st.get("disks") or [])
+states = sorted({(d.get("state") or {}).get("state", "?") for d in st.get("disks") or []})
 print(json.dumps({"worker_pid": w.get("pid"), "worker": ticks(w.get("pid", 0)),
                   "supervisor": ticks(w.get("supervisor_pid", 0)), "requests": req,
-                  "hz": os.sysconf("SC_CLK_TCK")}))
+                  "al_syncs": syncs, "states": states, "hz": os.sysconf("SC_CLK_TCK")}))
 '
 daemon_snapshot() {
     python3 -c "$DAEMON_SNAPSHOT_PY" "$("$VDREP" status "$DATA" --json 2>/dev/null || echo '{}')" "$METRICS_PORT"
@@ -130,9 +141,11 @@ setup_target() { # prints the directory fio should use, or fails
             bindfs "$DATA" "$BINDMNT" >&2 || return 1
             is_fuse_mounted "$BINDMNT" || { say "bindfs did not mount"; return 1; }
             echo "$BINDMNT" ;;
-        vdrep)
+        vdrep|vdrep-nolog)
             [[ -x "$VDREP" ]] || { say "no vdrep binary at $VDREP"; return 1; }
-            "$VDREP" mount "$DATA" --metrics-listen "127.0.0.1:$METRICS_PORT" "${MOUNT_ARGS[@]}" >&2 \
+            local al=on
+            [[ "$1" == vdrep-nolog ]] && al=off
+            VDREP_ACTIVITY_LOG=$al "$VDREP" mount "$DATA" --metrics-listen "127.0.0.1:$METRICS_PORT" "${MOUNT_ARGS[@]}" >&2 \
                 || { say "vdrep mount failed"; return 1; }
             is_fuse_mounted "$DATA" || { say "vdrep mount returned but $DATA is not a FUSE mount"; return 1; }
             echo "$DATA" ;;
@@ -141,9 +154,19 @@ setup_target() { # prints the directory fio should use, or fails
 teardown_target() {
     case "$1" in
         bindfs) fusermount3 -u "$BINDMNT" 2>/dev/null || umount "$BINDMNT" ;;
-        vdrep)  "$VDREP" umount "$DATA" || say "warning: vdrep umount failed" ;;
+        vdrep|vdrep-nolog)  "$VDREP" umount "$DATA" || say "warning: vdrep umount failed" ;;
         *) ;;
     esac
+}
+
+# Cut DATA every CUT_EVERY s until killed, one line per cut into $1; the
+# sealed logs are deleted (nothing ships them in this benchmark).
+cutter() {
+    : > "$1"
+    while sleep "$CUT_EVERY"; do
+        "$VDREP" cut "$DATA" 2>/dev/null | while read -r log; do rm -f "$log"; done
+        echo cut >> "$1"
+    done
 }
 
 for target in $TARGETS; do
@@ -159,15 +182,24 @@ for target in $TARGETS; do
             drop_caches
             out="$RAW/$target.$job.$run.json"
             say "$target $job run $run/$RUNS"
-            if [[ "$target" == vdrep ]]; then
+            if [[ "$target" == vdrep* ]]; then
                 daemon_snapshot > "$out.cpu0" || say "warning: no daemon snapshot before the job"
+            fi
+            cutter_pid=""
+            if [[ "$job" == worst-* && "$target" == vdrep* ]]; then
+                cutter "$out.cuts" & cutter_pid=$!
             fi
             if ! BENCH_DIR="$dir" SIZE="$SIZE" RUNTIME="$RUNTIME" \
                 fio --output-format=json --output="$out" "$JOBDIR/$job.fio" >/dev/null 2>"$out.err"; then
                 say "warning: fio failed for $target $job run $run: $(tail -2 "$out.err" | tr '\n' ' ')"
                 rm -f "$out"
             fi
-            if [[ "$target" == vdrep ]]; then
+            if [[ -n "$cutter_pid" ]]; then
+                kill "$cutter_pid" 2>/dev/null || true
+                wait "$cutter_pid" 2>/dev/null || true
+                say "$target $job run $run: $(wc -l < "$out.cuts") cuts"
+            fi
+            if [[ "$target" == vdrep* ]]; then
                 daemon_snapshot > "$out.cpu1" || say "warning: no daemon snapshot after the job"
             fi
         done
@@ -189,7 +221,7 @@ FLOOR = {"rand-read-4k-direct-qd16": 0.62, "rand-write-4k-direct-qd16": 0.82,
          "rand-write-4k-psync-qd1": 0.89, "seq-write-1m-direct-qd4": 0.91,
          "seq-write-1m-psync": 0.72}
 def spec(job):
-    seq = job.startswith("seq")
+    seq = "seq" in job
     rw = "read" if "read" in job else "write"
     p99 = (not seq) and "direct" in job   # the 4 KiB O_DIRECT jobs
     return ("MB/s" if seq else "IOPS"), rw, p99
@@ -208,14 +240,16 @@ def cpu(path):
         return None
     us = lambda k: (b[k] - a[k]) / a["hz"] * 1e6 / n if a[k] is not None and b[k] is not None else 0.0
     return {"requests": n, "worker_us": us("worker"), "supervisor_us": us("supervisor"),
-            "us_per_request": us("worker") + us("supervisor")}
+            "us_per_request": us("worker") + us("supervisor"),
+            "al_syncs": (b.get("al_syncs") or 0) - (a.get("al_syncs") or 0),
+            "states": b.get("states")}
 med = lambda xs: statistics.median(xs) if xs else None
 res = {}
 for job in jobs:
     unit, rw, want_p99 = spec(job)
     row = {"unit": unit, "target_ratio": GOAL, "floor": FLOOR.get(job), "runs": {}, "median": {},
            "p99_us": {}, "cpu": None}
-    cpus = []
+    cpus, syncs = [], []
     for t in targets:
         vals, p99s = [], []
         for r in range(1, int(runs) + 1):
@@ -232,12 +266,16 @@ for job in jobs:
                 p99s.append(p99)
             if t == "vdrep" and (c := cpu(p)):
                 cpus.append(c)
+                syncs.append(c["al_syncs"])
+                if c["states"] not in (["Normal"], None):
+                    print(f"[bench] warning: {t} {job} run {r}: disk state {c['states']}", file=sys.stderr)
         row["runs"][t] = vals
         row["median"][t] = med(vals)
         row["p99_us"][t] = med(p99s) if want_p99 else None
     if cpus:
-        row["cpu"] = {k: med([c[k] for c in cpus]) for k in cpus[0]}
+        row["cpu"] = {k: med([c[k] for c in cpus]) for k in cpus[0] if k != "states"}
         row["cpu"]["runs"] = cpus
+    row["al_syncs"] = med(syncs)
     res[job] = row
 def fmt(v, unit):
     if v is None: return "n/a"
@@ -252,8 +290,10 @@ except Exception:
 meta = {"utc": os.path.basename(base).split("-", 1)[1], "git": rev, "kernel": platform.release(),
         "cpus": os.cpu_count(), "size": size, "runtime_s": int(runtime), "runs": int(runs),
         "mount_args": os.environ.get("VDREP_MOUNT_ARGS", "")}
+NOLOG = "vdrep-nolog" in targets
 hdr = ["job", "unit", "native"] + (["bindfs"] if "bindfs" in targets else []) + [
-    "vdrep", "ratio", "floor", "T1 >=0.95x", "p99 native us", "p99 vdrep us", "p99 ratio", "T2 <=1.5x",
+    "vdrep", "ratio"] + (["vdrep log off", "ratio off", "log on/off", "log syncs"] if NOLOG else []) + [
+    "floor", "T1 >=0.95x", "p99 native us", "p99 vdrep us", "p99 ratio", "T2 <=1.5x",
     "CPU us/req (worker+sup)", "T3 <=10us"]
 rows = []
 for job, row in res.items():
@@ -267,10 +307,15 @@ for job, row in res.items():
     c = row["cpu"]
     cpu_s = "n/a" if c is None else f"{c['us_per_request']:.1f} ({c['worker_us']:.1f}+{c['supervisor_us']:.1f})"
     t3 = "-" if job != CPU_JOB else ("n/a" if c is None else ("PASS" if c["us_per_request"] <= CPU_GOAL_US else "MISS"))
-    row.update({"ratio": {"vdrep": rv, "bindfs": ratio(m.get("bindfs"), m.get("native"))},
+    ro = ratio(m.get("vdrep-nolog"), m.get("native"))
+    onoff = ratio(m.get("vdrep"), m.get("vdrep-nolog"))
+    row.update({"ratio": {"vdrep": rv, "bindfs": ratio(m.get("bindfs"), m.get("native")),
+                          "vdrep-nolog": ro, "log_on_off": onoff},
                 "p99_ratio": pr, "verdict": {"T1": t1, "T2": t2, "T3": t3}})
     rows.append([job, unit, fmt(m.get("native"), unit)] + ([fmt(m.get("bindfs"), unit)] if "bindfs" in targets else []) + [
-        fmt(m.get("vdrep"), unit), rx(rv), "-" if floor is None else f"{floor:.2f}x", t1,
+        fmt(m.get("vdrep"), unit), rx(rv)] + ([fmt(m.get("vdrep-nolog"), unit), rx(ro), rx(onoff),
+        "n/a" if row["al_syncs"] is None else f"{row['al_syncs']:.0f}"] if NOLOG else []) + [
+        "-" if floor is None else f"{floor:.2f}x", t1,
         "-" if pn is None else f"{pn:,.0f}", "-" if pv is None else f"{pv:,.0f}", "-" if pr is None else f"{pr:.2f}x", t2,
         cpu_s, t3])
 w = [max(len(str(x)) for x in col) for col in zip(hdr, *rows)]

@@ -7,7 +7,9 @@
 # vdrep.mode=write|check|stress|appwrite (and vdrep.tag=STRING) from the kernel
 # command line, works on /dev/vda (virtio-blk), prints "VDREP-GUEST: ..." marker
 # lines on the serial console and powers off. write on a disk written before
-# prints "PREVIOUS TAG T" (the tag already on it) before writing its own. See scripts/vm-run.sh to boot it.
+# prints "PREVIOUS TAG T" (the tag already on it) before writing its own; with
+# vdrep.stamps=N it then makes N stamped, flushed 4 KiB writes into the disk's
+# second half (the file system takes the first). See scripts/vm-run.sh to boot it.
 # appwrite also runs the QEMU guest agent (Debian's qemu-guest-agent binary with
 # the host's libraries) on the org.qemu.guest_agent.0 virtio-serial port.
 #
@@ -20,7 +22,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUTDIR="${1:-$REPO/.vm}"
 FORCE="${FORCE:-0}"
 # Bump when the initramfs content/layout changes, so caches get rebuilt.
-INIT_VERSION=6
+INIT_VERSION=7
 
 log() { printf '[build-tiny-vm] %s\n' "$*" >&2; }
 die() { printf '[build-tiny-vm] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -177,13 +179,14 @@ for m in $(cat /etc/modules.order); do
     insmod "/lib/modules/$m" 2>/dev/null || true
 done
 
-MODE=""; TAG=""; COUNT=256; MB=1
+MODE=""; TAG=""; COUNT=256; MB=1; STAMPS=0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         vdrep.mode=*)  MODE="${arg#vdrep.mode=}" ;;
         vdrep.tag=*)   TAG="${arg#vdrep.tag=}" ;;
         vdrep.count=*) COUNT="${arg#vdrep.count=}" ;;
         vdrep.mb=*)    MB="${arg#vdrep.mb=}" ;;
+        vdrep.stamps=*) STAMPS="${arg#vdrep.stamps=}" ;;
     esac
 done
 say "BOOTED mode=$MODE tag=$TAG uptime=$(cut -d' ' -f1 /proc/uptime)s kernel=$(uname -r)"
@@ -219,7 +222,11 @@ write)
         say "PREVIOUS TAG $(cat /mnt/vdrep-proof.tag 2>/dev/null || echo none)"
     else
         say "INFO no file system on /dev/vda, running mke2fs"
-        mke2fs -q /dev/vda >/dev/null 2>&1 || mke2fs /dev/vda || fail "ERROR mke2fs failed"
+        # With stamps, the file system takes the first half of the disk
+        # (busybox mke2fs: size in KiB) and the stamps the second.
+        FSKIB=""
+        [ "$STAMPS" -gt 0 ] && FSKIB=$(( $(cat /sys/block/vda/size) / 4 ))
+        mke2fs -q /dev/vda $FSKIB >/dev/null 2>&1 || mke2fs /dev/vda $FSKIB || fail "ERROR mke2fs failed"
         mount_disk || fail "ERROR mount after mke2fs failed"
     fi
     gen_proof > /mnt/vdrep-proof.txt || fail "ERROR writing proof file"
@@ -229,6 +236,26 @@ write)
     sync
     umount /mnt || fail "ERROR umount failed"
     sync
+    if [ "$STAMPS" -gt 0 ]; then
+        # vdrep.stamps=N: N stamped 4 KiB writes, one at a time, each
+        # flushed (dd conv=fsync), into the second half of the disk. Write n
+        # (1..N) goes to block HALF + x_n % HALF, x_n the n-th Park-Miller
+        # number from seed 12345, and holds the line "vdrep-stamp tag=T n=N
+        # block=B" padded with spaces to 4095 bytes plus a newline, so the
+        # host can tell which prefix of the writes any copy holds.
+        HALF=$(( $(cat /sys/block/vda/size) / 16 ))
+        x=12345; n=0
+        say "STAMPS START n=$STAMPS"
+        while [ $n -lt "$STAMPS" ]; do
+            n=$((n+1)); x=$(( x * 16807 % 2147483647 )); b=$(( HALF + x % HALF ))
+            printf '%-4095s\n' "vdrep-stamp tag=$TAG n=$n block=$b" > /tmp/stamp
+            dd if=/tmp/stamp of=/dev/vda bs=4096 seek=$b count=1 conv=notrunc,fsync 2>/dev/null \
+                || fail "ERROR stamp write $n at block $b failed"
+        done
+        say "STAMPS DONE n=$n"
+    fi
+    # Any I/O error the guest's kernel saw (not printed at loglevel=3).
+    say "IO ERRORS $(dmesg | grep -ci 'i/o error')"
     say "WROTE $H"
     ;;
 check)

@@ -15,6 +15,8 @@
 #   VM_LOG=path           serial log file (default: a mktemp file, path printed)
 #   VM_MEM=256            guest memory in MiB
 #   VM_COUNT=256          stress mode: number of random 4 KiB writes
+#   VM_STAMPS=0           write mode: N stamped 4 KiB writes (each flushed)
+#                         into the disk's second half after the proof file
 #   VM_LOCKING=auto       qemu file.locking (auto|on|off)
 #   VM_QUIET=1            do not echo the serial console to stdout
 #   VM_ACCEL=auto         auto | kvm | tcg. auto boots a 20 s probe guest with
@@ -30,7 +32,7 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-usage() { sed -n '2,31p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,33p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 [[ $# -ge 3 && $# -le 5 ]] || usage
 
 DISK="$1"; MODE="$2"; TAG="$3"; FORMAT="${4:-vpc}"; CACHE="${5:-none}"
@@ -38,6 +40,7 @@ VM_TIMEOUT="${VM_TIMEOUT:-120}"
 VM_DIR="${VM_DIR:-$REPO/.vm}"
 VM_MEM="${VM_MEM:-256}"
 VM_COUNT="${VM_COUNT:-256}"
+VM_STAMPS="${VM_STAMPS:-0}"
 VM_LOCKING="${VM_LOCKING:-auto}"
 VM_QUIET="${VM_QUIET:-0}"
 VM_ACCEL="${VM_ACCEL:-auto}"
@@ -95,6 +98,7 @@ esac
 DISK_OPT="${DISK//,/,,}"
 APPEND="console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init vdrep.mode=$MODE vdrep.count=$VM_COUNT"
 [[ -n "$TAG" ]] && APPEND+=" vdrep.tag=$TAG"
+[[ "$VM_STAMPS" != 0 ]] && APPEND+=" vdrep.stamps=$VM_STAMPS"
 
 QEMU=(qemu-system-x86_64 "${ACCEL_ARGS[@]}" "${BOOT[@]}"
     -append "$APPEND"

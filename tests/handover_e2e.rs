@@ -16,6 +16,10 @@
 //!   version and the new binary, and tracking stays exact (the log of the
 //!   next cut turns a copy taken before the mount into the disk).
 //!
+//! - A worker that hangs (SIGSTOP, with the same writer running) is found
+//!   by the supervisor's watchdog (no heartbeat for `VDREP_WATCHDOG`),
+//!   killed and replaced like a crashed one: fio sees no error.
+//!
 //! Needs root, /dev/fuse and fio (CI has them).
 
 mod mountutil;
@@ -285,6 +289,31 @@ fn worker_binary(m: &Mounted) -> String {
         .to_string()
 }
 
+/// `TMP/vm/` holding the [`DISK_BYTES`] disk [`DISK`].
+fn vm_folder(tmp: &Path) -> std::path::PathBuf {
+    let vm = tmp.join("vm");
+    std::fs::create_dir(&vm).expect("mkdir");
+    std::fs::File::create(vm.join(DISK))
+        .and_then(|f| f.set_len(DISK_BYTES))
+        .expect("disk");
+    vm
+}
+
+/// `EXE mount VM` with `env` added to its environment.
+fn mount_by(exe: &Path, vm: &Path, env: &[(&str, &str)]) -> Mounted {
+    setup();
+    let o = Command::new(exe)
+        .args(["mount", vm.to_str().expect("utf-8")])
+        .envs(env.iter().copied())
+        .output()
+        .expect("run vdrep mount");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    Mounted {
+        dir: vm.to_path_buf(),
+        mounted: true,
+    }
+}
+
 #[test]
 fn restart_under_fio_keeps_io_and_tracking_exact() {
     require_fuse!();
@@ -292,11 +321,7 @@ fn restart_under_fio_keeps_io_and_tracking_exact() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    let vm = tmp.path().join("vm");
-    std::fs::create_dir(&vm).expect("mkdir");
-    std::fs::File::create(vm.join(DISK))
-        .and_then(|f| f.set_len(DISK_BYTES))
-        .expect("disk");
+    let vm = vm_folder(tmp.path());
     let copy = tmp.path().join("copy.img");
     std::fs::copy(vm.join(DISK), &copy).expect("copy");
     // The mount runs from a copy of the binary, which is then replaced at
@@ -305,16 +330,7 @@ fn restart_under_fio_keeps_io_and_tracking_exact() {
     std::fs::create_dir(&bin).expect("mkdir bin");
     let exe = bin.join("vdrep");
     std::fs::copy(vdrep_bin(), &exe).expect("copy the binary");
-    setup();
-    let o = Command::new(&exe)
-        .args(["mount", vm.to_str().expect("utf-8")])
-        .output()
-        .expect("run vdrep mount");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let mut m = Mounted {
-        dir: vm.clone(),
-        mounted: true,
-    };
+    let mut m = mount_by(&exe, &vm, &[]);
     let (old, _) = worker(&vm).expect("a worker");
     let old_binary = worker_binary(&m);
     std::fs::copy(vdrep_bin(), bin.join("vdrep.new")).expect("copy the new binary");
@@ -353,4 +369,51 @@ fn restart_under_fio_keeps_io_and_tracking_exact() {
         ],
     );
     m.umount();
+}
+
+#[test]
+fn hung_worker_is_replaced_by_the_watchdog() {
+    require_fuse!();
+    if !require_fio() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let vm = vm_folder(tmp.path());
+    // Only this mount gets the short watchdog (tests share the process
+    // environment).
+    let limit = Duration::from_secs(2);
+    let mut m = mount_by(&vdrep_bin(), &vm, &[("VDREP_WATCHDOG", "2s")]);
+    let supervisor = m.daemon_pid();
+    let (victim, _) = worker(&vm).expect("a worker");
+    let fio = start_fio(&vm.join(DISK), 11);
+    std::thread::sleep(Duration::from_millis(800));
+    let pid = nix::unistd::Pid::from_raw(victim as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("stop the worker");
+    let t0 = Instant::now();
+    let (new, restarts) = wait_new_worker(&vm, victim);
+    let took = t0.elapsed();
+    let stall = finish_fio(fio, "hung worker");
+    println!(
+        "worker {victim} stopped; worker {new} serves after {:.1} s (watchdog {} s); longest I/O latency {stall:.1} ms",
+        took.as_secs_f64(),
+        limit.as_secs()
+    );
+    // A stopped process does not die by itself: only the supervisor can
+    // have killed it. The limit counts from its last heartbeat (one a
+    // second, the last up to ~1 s before the stop), so the replacement
+    // comes between about limit - 1 s and limit + the restart.
+    assert!(
+        !Path::new(&format!("/proc/{victim}")).exists(),
+        "the hung worker was not killed"
+    );
+    assert!(
+        took >= limit / 4 && took < Duration::from_secs(30),
+        "replaced after {took:?} with a {limit:?} watchdog"
+    );
+    assert_eq!(m.daemon_pid(), supervisor, "the supervisor stays");
+    assert_eq!(restarts, 1);
+    // Killed like a crash: its bitmap is not trusted.
+    assert_eq!(disk_state(&m), "ResyncRequired");
+    m.umount();
+    assert!(!is_mountpoint(&vm));
 }

@@ -666,3 +666,123 @@ fn cycle_numbers_only_grow_across_crashes_and_stay_exact_across_clean_stops() {
     disk.write_at(&file, 0, &[0x66; 4096]).unwrap();
     assert_eq!(t.cut().unwrap().cycle, last + 1);
 }
+
+/// The activity log file of the only disk tracked under `dir`.
+fn activity_log_file(dir: &Path) -> PathBuf {
+    let disks = dir.join(".vdrep/disks");
+    std::fs::read_dir(&disks)
+        .unwrap()
+        .flatten()
+        .map(|d| d.path().join("al"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("no activity log under {}", disks.display()))
+}
+
+/// `DIR/d.raw`, 16 MiB (sparse), opened read-write.
+fn disk_16m(dir: &Path) -> File {
+    File::create(dir.join("d.raw"))
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("d.raw"))
+        .unwrap()
+}
+
+/// Crash (drop without a clean stop) after writes into two extents, do
+/// `damage` to the state, reopen: the disk's resync scope and reason.
+fn after_crash(damage: impl Fn(&Path)) -> (vdrep::tracking::ResyncScope, String) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let file = disk_16m(dir);
+    {
+        let t = tracker(dir, 4096);
+        let disk = t.attach(Path::new("d.raw"), &file).unwrap().unwrap();
+        disk.write_at(&file, 4096, &[1; 4096]).unwrap();
+        disk.write_at(&file, (9 << 20) + 4096, &[2; 4096]).unwrap();
+    }
+    damage(dir);
+    let t = tracker(dir, 4096);
+    t.attach(Path::new("d.raw"), &file).unwrap().unwrap();
+    let st = t.status();
+    let d = &st.disks[0];
+    let vdrep::tracking::TrackState::ResyncRequired(why) = &d.state else {
+        panic!("a disk after a crash is {:?}", d.state)
+    };
+    (d.resync_scope, why.clone())
+}
+
+/// Issue 15's fallbacks: after a crash, an intact activity log gives an
+/// extents-only resync; a missing or damaged one a full resync that says
+/// why.
+#[test]
+fn crash_without_a_usable_activity_log_needs_a_full_resync_and_says_why() {
+    use vdrep::tracking::ResyncScope;
+    let (scope, why) = after_crash(|_| {});
+    assert_eq!(scope, ResyncScope::Extents, "{why}");
+    assert!(why.contains("names 2 extent(s)"), "{why}");
+
+    let (scope, why) = after_crash(|dir| std::fs::remove_file(activity_log_file(dir)).unwrap());
+    assert_eq!(scope, ResyncScope::Full, "{why}");
+    assert!(
+        why.contains("stopped uncleanly") && why.contains("activity log is missing or damaged"),
+        "{why}"
+    );
+
+    let (scope, why) = after_crash(|dir| {
+        let p = activity_log_file(dir);
+        let mut b = std::fs::read(&p).unwrap();
+        b[0] ^= 0xff; // the magic
+        std::fs::write(&p, b).unwrap();
+    });
+    assert_eq!(scope, ResyncScope::Full, "{why}");
+    assert!(why.contains("activity log is missing or damaged"), "{why}");
+}
+
+/// A write whose extent cannot be recorded in the activity log is refused
+/// (the guest gets the error) and reaches neither the disk nor the
+/// tracking; writes into recorded extents go on. The log's file is made
+/// immutable (`chattr +i`, so its `pwrite` fails with EPERM) while open.
+#[test]
+fn a_write_the_activity_log_cannot_record_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let file = disk_16m(dir);
+    std::fs::write(dir.join("base"), vec![0u8; 16 << 20]).unwrap();
+    let t = tracker(dir, 4096);
+    let disk = t.attach(Path::new("d.raw"), &file).unwrap().unwrap();
+    disk.write_at(&file, 0, &[1; 4096]).unwrap();
+    let al = activity_log_file(dir);
+    let chattr = |flag: &str| {
+        let o = std::process::Command::new("chattr")
+            .args([flag, al.to_str().unwrap()])
+            .output()
+            .expect("run chattr");
+        assert!(o.status.success(), "chattr {flag}: {o:?}");
+    };
+    chattr("+i");
+    let refused = disk.write_at(&file, 8 << 20, &[2; 4096]);
+    let hot = disk.write_at(&file, 8192, &[3; 4096]);
+    chattr("-i");
+    let e = refused.expect_err("a write into a cold extent with a failing log was accepted");
+    // No OS error code: the FUSE layer answers EIO (fuser's Errno::from).
+    assert_eq!(e.raw_os_error(), None, "{e}");
+    assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+    assert!(e.to_string().contains("activity log failed"), "{e}");
+    hot.expect("a write into a recorded extent");
+    let mut b = vec![0u8; 4096];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut b, 8 << 20).unwrap();
+    assert!(
+        b.iter().all(|&x| x == 0),
+        "the refused write reached the disk"
+    );
+    // Tracking holds exactly the accepted writes.
+    let r = t.cut().unwrap();
+    assert_eq!(r.disks[0].dirty_blocks, 2, "{:?}", r.disks[0]);
+    apply_all(&[r.disks[0].log.clone().unwrap()], &dir.join("base"));
+    assert!(std::fs::read(dir.join("base")).unwrap() == std::fs::read(dir.join("d.raw")).unwrap());
+    // Once the log can be written again, so can the disk.
+    disk.write_at(&file, 8 << 20, &[2; 4096]).unwrap();
+}

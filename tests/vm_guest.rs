@@ -50,7 +50,13 @@ fn vm_plain_vhd_cache_none() {
     write_then_check(dir.path(), "none", true);
 }
 
+/// The same baseline with the guest's page cache in writeback mode. It tests
+/// the tiny VM and QEMU only (no vdrep in the path; `vm_mount`'s writeback
+/// case is the one over vdrep), so CI, where every TCG boot is on the
+/// critical path, leaves it out: `cargo test --test vm_guest -- --ignored`
+/// when a writeback run over the mount fails and the guest is suspect.
 #[test]
+#[ignore = "baseline of the guest alone (no vdrep); run when vm_mount's writeback case fails"]
 fn vm_plain_vhd_cache_writeback() {
     if skip_without_vm("vm_plain_vhd_cache_writeback") {
         return;

@@ -569,14 +569,14 @@ fn serve_worker(
         crate::service::spawn_monitor(
             Duration::from_secs(2),
             move || service_summary(&d1, &r1),
-            // Alive: the tracker's state can be read, and the folder answers
-            // through the mount.
-            move || {
-                let _ = t2.status();
-                std::fs::metadata(&d2).is_ok()
-            },
+            move || worker_alive(&t2, &d2),
         )
         .map_err(ioe(dir_static(), "cannot start the service monitor thread"))?;
+        // The supervisor's hung-worker watchdog: the same check.
+        let (d3, t3) = (dir.to_path_buf(), tracker.clone());
+        ctx.link
+            .spawn_heartbeat(move || worker_alive(&t3, &d3))
+            .map_err(ioe(dir_static(), "cannot start the heartbeat thread"))?;
     }
     let run = session.run();
     tracing::info!("FUSE session over {} ended", dir.display());
@@ -593,6 +593,15 @@ fn serve_worker(
     saved?;
     tracing::info!("tracking state saved; clean stop");
     Ok(())
+}
+
+/// A worker's liveness (systemd's watchdog and the supervisor's): the
+/// tracker's state can be read, and the folder answers through the mount
+/// (a round trip through this worker's FUSE threads). Blocks while either
+/// is stuck.
+fn worker_alive(tracker: &Tracker, dir: &Path) -> bool {
+    let _ = tracker.status();
+    std::fs::metadata(dir).is_ok()
 }
 
 /// Certificates of this site (`keys`) and trusted by its VMs that expire

@@ -14,7 +14,13 @@
 //! - the worker crashed: a new worker starts after a back-off (50 ms,
 //!   doubling to 5 s, reset once a worker ran 10 s);
 //! - the first worker failed before the mount went live: the supervisor
-//!   detaches the mount and exits 1.
+//!   detaches the mount and exits 1;
+//! - the worker hung: once live, a worker reports [`WorkerMsg::Alive`]
+//!   every second, each after a liveness check that goes through the
+//!   mount (so a worker whose FUSE threads are stuck, or that is stopped,
+//!   reports nothing). After [`WATCHDOG_ENV`] (default 30 s) without a
+//!   report (counted from `Ready`) the supervisor kills it (SIGKILL) and
+//!   treats it as a crash.
 //!
 //! The supervisor never reads the device, so requests wait in the kernel
 //! while no worker runs; the next worker asks for the unanswered ones again
@@ -34,6 +40,38 @@ use super::{recv_fds, send_fds, Connection};
 /// Environment variable that makes `vdrep mount` a worker: the number of
 /// its inherited socket descriptor.
 pub const WORKER_ENV: &str = "VDREP_SUPERVISOR_FD";
+
+/// Environment variable with the hung-worker watchdog's timeout: seconds
+/// (`20`, `20s`), or `0`/`off` for none. Default [`WATCHDOG_DEFAULT`].
+pub const WATCHDOG_ENV: &str = "VDREP_WATCHDOG";
+
+/// The watchdog's default timeout.
+pub const WATCHDOG_DEFAULT: Duration = Duration::from_secs(30);
+
+/// How often a live worker reports [`WorkerMsg::Alive`].
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// The watchdog timeout from [`WATCHDOG_ENV`]: `None` turns it off; an
+/// unreadable value keeps the default (and says so in the log).
+pub fn watchdog_timeout() -> Option<Duration> {
+    let Ok(v) = std::env::var(WATCHDOG_ENV) else {
+        return Some(WATCHDOG_DEFAULT);
+    };
+    let v = v.trim();
+    if v == "off" || v == "0" || v == "0s" {
+        return None;
+    }
+    match v.strip_suffix('s').unwrap_or(v).parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs > 0.0 => Some(Duration::from_secs_f64(secs)),
+        _ => {
+            tracing::warn!(
+                "{WATCHDOG_ENV}={v:?} is not a number of seconds (like 20s) or off; using {} s",
+                WATCHDOG_DEFAULT.as_secs()
+            );
+            Some(WATCHDOG_DEFAULT)
+        }
+    }
+}
 
 /// What the supervisor tells a new worker (the message's JSON payload).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -64,6 +102,8 @@ pub enum WorkerMsg {
     Ready,
     /// The worker saved its state cleanly and exits for a successor.
     Handover,
+    /// The worker's liveness check passed (sent every [`HEARTBEAT`]).
+    Alive,
 }
 
 impl WorkerMsg {
@@ -72,6 +112,7 @@ impl WorkerMsg {
             WorkerMsg::Initialized => b"initialized",
             WorkerMsg::Ready => b"ready",
             WorkerMsg::Handover => b"handover",
+            WorkerMsg::Alive => b"alive",
         }
     }
     fn parse(b: &[u8]) -> Option<WorkerMsg> {
@@ -79,6 +120,7 @@ impl WorkerMsg {
             WorkerMsg::Initialized,
             WorkerMsg::Ready,
             WorkerMsg::Handover,
+            WorkerMsg::Alive,
         ]
         .into_iter()
         .find(|m| m.as_bytes() == b)
@@ -112,6 +154,27 @@ impl SupervisorLink {
         if let Err(e) = send_fds(self.0.as_fd(), msg.as_bytes(), &[]) {
             tracing::warn!("cannot tell the supervisor {msg:?}: {e}");
         }
+    }
+
+    /// Report [`WorkerMsg::Alive`] every [`HEARTBEAT`] while `alive()`
+    /// holds, from a thread of its own (`alive` may block: then no report
+    /// goes out, which is what the supervisor's watchdog looks for).
+    pub fn spawn_heartbeat(&self, alive: impl Fn() -> bool + Send + 'static) -> io::Result<()> {
+        let link = SupervisorLink(self.0.try_clone()?);
+        std::thread::Builder::new()
+            .name("vdrep-heartbeat".into())
+            .spawn(move || loop {
+                std::thread::sleep(HEARTBEAT);
+                if alive() {
+                    if let Err(e) = send_fds(link.0.as_fd(), WorkerMsg::Alive.as_bytes(), &[]) {
+                        tracing::debug!("heartbeat: the supervisor is gone ({e})");
+                        return;
+                    }
+                } else {
+                    tracing::error!("liveness check failed: no heartbeat to the supervisor");
+                }
+            })
+            .map(|_| ())
     }
 }
 
@@ -208,6 +271,7 @@ pub fn run(
             return 1;
         }
     };
+    let watchdog = watchdog_timeout();
     let mut ready = ready;
     let mut restarts = 0u32;
     let mut initialized = false;
@@ -224,7 +288,7 @@ pub fn run(
             ready_pipe: ready.is_some(),
             options: options.clone(),
         };
-        let run = match run_worker(held, exe, args, &sigfd, &mut ready, &start) {
+        let run = match run_worker(held, exe, args, &sigfd, &mut ready, &start, watchdog) {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!("supervisor: cannot start a worker: {e}");
@@ -273,6 +337,8 @@ struct WorkerRun {
     initialized: bool,
     ready: bool,
     handover: bool,
+    /// The watchdog killed it (no heartbeat in time).
+    hung: bool,
     /// Exit code, if it exited (not killed).
     code: Option<i32>,
     how: String,
@@ -285,6 +351,7 @@ fn run_worker(
     sigfd: &nix::sys::signalfd::SignalFd,
     ready: &mut Option<OwnedFd>,
     start: &WorkerStart,
+    watchdog: Option<Duration>,
 ) -> io::Result<WorkerRun> {
     let (ours, theirs) = socketpair(
         AddressFamily::Unix,
@@ -317,28 +384,53 @@ fn run_worker(
     } else {
         // The worker owns the waiting parent's pipe now.
         *ready = None;
-        watch(ours.as_fd(), sigfd, child.id(), &mut run);
+        watch(ours.as_fd(), sigfd, child.id(), watchdog, &mut run);
     }
     let status = child.wait()?;
     run.code = status.code();
-    run.how = status.to_string();
+    run.how = if run.hung {
+        format!("hung, killed by the watchdog: {status}")
+    } else {
+        status.to_string()
+    };
     Ok(run)
 }
 
-/// Read the worker's messages and forward signals until its socket closes.
+/// Read the worker's messages and forward signals until its socket closes;
+/// kill the worker if, once it is live (`Ready`), no heartbeat comes for
+/// `watchdog`.
 fn watch(
     sock: BorrowedFd<'_>,
     sigfd: &nix::sys::signalfd::SignalFd,
     pid: u32,
+    watchdog: Option<Duration>,
     run: &mut WorkerRun,
 ) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut last_alive: Option<Instant> = None;
     loop {
+        if let (Some(limit), Some(t)) = (watchdog, last_alive) {
+            if !run.hung && t.elapsed() >= limit {
+                tracing::error!(
+                    "supervisor: worker {pid} sent no heartbeat for {:.1} s (limit {} s): it hangs; killing it",
+                    t.elapsed().as_secs_f64(),
+                    limit.as_secs_f64()
+                );
+                run.hung = true;
+                let _ =
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+        }
         let mut fds = [
             PollFd::new(sock, PollFlags::POLLIN),
             PollFd::new(sigfd.as_fd(), PollFlags::POLLIN),
         ];
-        if let Err(e) = poll(&mut fds, PollTimeout::NONE) {
+        // Wake at least every 250 ms to check the heartbeat.
+        let timeout = match watchdog {
+            Some(_) => PollTimeout::from(250u16),
+            None => PollTimeout::NONE,
+        };
+        if let Err(e) = poll(&mut fds, timeout) {
             if e == nix::errno::Errno::EINTR {
                 continue;
             }
@@ -360,8 +452,13 @@ fn watch(
                 Ok((m, _)) if m.is_empty() => return,
                 Ok((m, _)) => match WorkerMsg::parse(&m) {
                     Some(WorkerMsg::Initialized) => run.initialized = true,
-                    Some(WorkerMsg::Ready) => run.ready = true,
+                    Some(WorkerMsg::Ready) => {
+                        run.ready = true;
+                        // Live now: its first heartbeat is due within the limit.
+                        last_alive = Some(Instant::now());
+                    }
                     Some(WorkerMsg::Handover) => run.handover = true,
+                    Some(WorkerMsg::Alive) => last_alive = Some(Instant::now()),
                     None => tracing::warn!("supervisor: unknown worker message"),
                 },
                 Err(e) => {

@@ -214,6 +214,10 @@ pub struct DiskStatus {
     /// Extents (4 MiB) in the disk's activity log (`None`: no activity log).
     #[serde(default)]
     pub activity_extents: Option<u64>,
+    /// `fdatasync`s the activity log made for writes into cold extents
+    /// since this daemon attached the disk (the write path's extra cost).
+    #[serde(default)]
+    pub activity_syncs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -371,6 +375,9 @@ impl Tracker {
                                 ));
                                 m.resync_scope = ResyncScope::Extents;
                             }
+                            None if config.activity_log => m.require_full_resync(format!(
+                                "the tracking daemon (pid {pid}) stopped uncleanly and the disk's activity log is missing or damaged: the whole disk is compared"
+                            )),
                             None => m.require_full_resync(format!(
                                 "the tracking daemon (pid {pid}) stopped uncleanly; its bitmap may be stale"
                             )),
@@ -782,6 +789,7 @@ impl Tracker {
         let mut skipped = Vec::new();
         {
             let _instant = self.shared.cut_lock.write();
+            hold_cut_for_test();
             let disks = self.disks.lock();
             let mut names: Vec<&String> = disks.keys().collect();
             names.sort();
@@ -1665,6 +1673,7 @@ impl Tracker {
                     bitmap_only: m.bitmap_only,
                     resync_scope: m.resync_scope,
                     activity_extents: d.al.as_ref().map(|a| a.extents().len() as u64),
+                    activity_syncs: d.al.as_ref().map(|a| a.syncs()),
                 }
             })
             .collect();
@@ -2290,6 +2299,31 @@ fn keys_at_or_below<V>(disks: &HashMap<String, V>, path: &str) -> Vec<String> {
         .filter(|k| *k == path || k.starts_with(&below))
         .cloned()
         .collect()
+}
+
+/// Test hook (issue 15, a worker killed mid-cut): with
+/// `VDREP_TEST_HOLD_CUT=DIR` (a folder outside the mount), a seal that
+/// finds `DIR/hold` writes this process's id to `DIR/held` and waits,
+/// holding the cut lock (guest writes wait too), until `hold` is removed,
+/// so a test can kill the worker at that exact moment.
+fn hold_cut_for_test() {
+    let Some(dir) = std::env::var_os("VDREP_TEST_HOLD_CUT") else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    if !dir.join("hold").exists() {
+        return;
+    }
+    if let Err(e) = std::fs::write(dir.join("held"), std::process::id().to_string()) {
+        tracing::warn!(
+            "test hook: cannot write {}: {e}",
+            dir.join("held").display()
+        );
+        return;
+    }
+    while dir.join("hold").exists() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 #[cfg(test)]

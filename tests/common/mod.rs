@@ -128,6 +128,19 @@ pub fn vm_boot(
     format: &str,
     cache: &str,
 ) -> Result<String, String> {
+    vm_boot_with(disk, mode, tag, format, cache, &[])
+}
+
+/// [`vm_boot`] with extra `scripts/vm-run.sh` settings (`VM_STAMPS`, or
+/// `VM_LOG` to watch the serial log while the guest runs).
+pub fn vm_boot_with(
+    disk: &Path,
+    mode: &str,
+    tag: &str,
+    format: &str,
+    cache: &str,
+    env: &[(&str, &str)],
+) -> Result<String, String> {
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
     let vm = ensure_vm()?;
     let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -145,9 +158,14 @@ pub fn vm_boot(
         .env("VM_LOG", log.path())
         .env("VM_QUIET", "1")
         .env("VM_TIMEOUT", &timeout)
+        .envs(env.iter().copied())
         .output()
         .map_err(|e| format!("cannot run vm-run.sh: {e}"))?;
-    let serial = std::fs::read_to_string(log.path()).unwrap_or_default();
+    let log_path = env
+        .iter()
+        .find(|(k, _)| *k == "VM_LOG")
+        .map_or_else(|| log.path().to_path_buf(), |(_, v)| PathBuf::from(v));
+    let serial = std::fs::read_to_string(&log_path).unwrap_or_default();
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!(
         "vm_boot {mode} {tag} on {} ({format}, cache={cache}): {} in {:.1}s",
