@@ -1195,6 +1195,21 @@ fn send_log(s: &mut Sender, len: usize) -> Vec<Output<SenderAction>> {
 #[test]
 fn a_sender_commits_with_the_last_bytes_and_withdraws_the_point_if_the_log_fails() {
     let mut s = ready_sender(4, vec![open()], state(5, ""));
+    // The replica's cycle is committed again first (stream 2).
+    assert!(sent(&drain(|| s.poll()))
+        .iter()
+        .any(|m| matches!(m, Msg::PointCommit(p) if p.cycle == 5)));
+    let ack = bytes(&[Msg::PointAck(wire::PointAck {
+        vm: "vm1".into(),
+        cycle: 5,
+    })]);
+    s.handle(
+        NOW,
+        Event::Data {
+            stream: StreamId(2),
+            bytes: &ack,
+        },
+    );
     drain(|| s.poll());
     let (mut begin, _) = log_msgs(6, 5, b"0123456789");
     begin.total_len = 10;
