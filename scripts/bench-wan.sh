@@ -12,6 +12,11 @@
 #   CCS="bbr"            congestion controllers to compare (bbr cubic newreno)
 #   SECTIONS="initial delta rpo"  IDEAL_SECS=8 (initial copy size = link rate x this)
 #   RPO_SECS=30  CHURN_FRAC=0.333  DELTA_PCT=1  KEEP=1  NO_BUILD=1
+#   RUNS=3               runs per link and variant; the table shows medians
+#   VARIANTS="VDREP_COMMIT_AHEAD=0 -"   A/B in one run, runs interleaved
+#                        (each "VAR=VALUE,..." is added to vdrep's env;
+#                        RELAY_BIN=PATH swaps the relay)
+#   VDREP_LOG="info,vdrep::link_stats=debug"   link time-line in sender.log
 #   BENCH_ROOT=/var/tmp/vdrep-wanbench
 # Needs root (FUSE mount), fio, python3. Release build. Results in
 # bench-results/wan-<UTC>.{md,json}.

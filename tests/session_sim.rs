@@ -204,6 +204,11 @@ impl World {
             last_point: self.vm.last_point,
             timeout_ns: 150 * STEP_NS,
             chunk_size: chunk,
+            // Both ways of committing: ahead of the Acks, and after them.
+            commit_ahead: match env_u64("VDREP_SIM_AHEAD") {
+                Some(v) => v != 0,
+                None => self.rng.below(4) != 0,
+            },
         };
         self.receiver = Some(Receiver::new(ReceiverConfig {
             site_name: "secondary".into(),

@@ -39,11 +39,17 @@ ROOT = Path(os.environ.get("BENCH_ROOT", "/var/tmp/vdrep-wanbench"))
 LINKS = os.environ.get(
     "LINKS", "100:50:0 100:50:0.0005 100:50:0.005 1000:20:0.0005 10:150:0").split()
 CCS = os.environ.get("CCS", "bbr").split()
+# Variants run side by side in one invocation (A/B in the same run): each
+# "VAR=VALUE,VAR=VALUE" is added to vdrep's environment; "-" for none.
+# E.g. VARIANTS="VDREP_COMMIT_AHEAD=0 -" compares committing after the last
+# Ack with committing ahead (the default).
+VARIANTS = os.environ.get("VARIANTS", "-").split()
 SECTIONS = os.environ.get("SECTIONS", "initial delta rpo").split()
 IDEAL_SECS = float(os.environ.get("IDEAL_SECS", "8"))      # initial copy sized to this ideal time
 MAX_SIZE = int(os.environ.get("MAX_SIZE_MIB", "512")) << 20
 DELTA_PCT = float(os.environ.get("DELTA_PCT", "1"))
 RPO_SECS = int(os.environ.get("RPO_SECS", "30"))
+RUNS = int(os.environ.get("RUNS", "1"))                     # runs per link; the table shows medians
 CHURN_FRAC = float(os.environ.get("CHURN_FRAC", str(1 / 3)))
 STAMP = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
@@ -67,6 +73,39 @@ def status(vmdir):
         return {}
 
 
+def cpu_secs(pid):
+    """User + system CPU seconds of a process (all its threads) so far."""
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    except Exception:
+        return 0.0
+
+
+def rcvbuf_errors():
+    """UDP datagrams the kernel dropped for full socket receive buffers
+    (all sockets of the host: a relay or peer too slow to read)."""
+    try:
+        lines = [x.split() for x in Path("/proc/net/snmp").read_text().splitlines() if x.startswith("Udp:")]
+        return int(lines[1][lines[0].index("RcvbufErrors")])
+    except Exception:
+        return 0
+
+
+def daemon_pid(vmdir):
+    """The mount daemon serving `vmdir` (the sender)."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except Exception:
+            continue
+        if b"mount" in argv and str(vmdir).encode() in argv and d.name != str(os.getpid()):
+            return int(d.name)
+    return None
+
+
 def pctl(xs, p):
     if not xs:
         return None
@@ -78,7 +117,7 @@ def pctl(xs, p):
 class Site:
     """Keys, a receiver, the relay in front of it, and a mounted VM folder."""
 
-    def __init__(self, work, link, cc, seed):
+    def __init__(self, work, link, cc, seed, variant="-"):
         self.work, self.link, self.cc = work, link, cc
         rate, rtt, loss = link
         shutil.rmtree(work, ignore_errors=True)
@@ -87,6 +126,8 @@ class Site:
         run(VDREP, "keys", "init", "--name", "site-a", "--out", work / "ka")
         run(VDREP, "keys", "init", "--name", "site-b", "--out", work / "kb")
         env = dict(os.environ, VDREP_CONGESTION=cc)
+        if variant != "-":
+            env.update(kv.split("=", 1) for kv in variant.split(","))
         self.env = env
         self.rx = subprocess.Popen(
             [VDREP, "receive", "--listen", "127.0.0.1:0", "--store", work / "store", "--keys",
@@ -96,7 +137,7 @@ class Site:
         self.rx_addr = line.split()[2]
         self.stats_file = work / "relay-stats.json"
         self.relay = subprocess.Popen(
-            [RELAY, "--listen", "127.0.0.1:0", "--upstream", self.rx_addr, "--rate-mbit", str(rate),
+            [env.get("RELAY_BIN", RELAY), "--listen", "127.0.0.1:0", "--upstream", self.rx_addr, "--rate-mbit", str(rate),
              "--delay-ms", str(rtt / 2), "--loss", str(loss), "--seed", str(seed),
              "--stats-every-secs", "0.5", "--stats-file", self.stats_file],
             stdout=subprocess.PIPE, stderr=open(work / "relay.log", "w"), text=True)
@@ -105,7 +146,8 @@ class Site:
         self.mounted = False
 
     def mount(self):
-        run(VDREP, "mount", self.vm, "--keys", self.work / "ka", env=self.env)
+        run(VDREP, "mount", self.vm, "--keys", self.work / "ka", "--log-file", self.work / "sender.log",
+            env=self.env)
         self.mounted = True
 
     def protect(self, every, disks):
@@ -123,6 +165,11 @@ class Site:
             return d["fwd"]["out_bytes"], d["rev"]["out_bytes"], d["fwd"]["lost_pkts"], d["fwd"]["queue_drop_pkts"]
         except Exception:
             return 0, 0, 0, 0
+
+    def cpu(self):
+        """CPU seconds so far of (sender daemon, receiver, relay)."""
+        snd = daemon_pid(self.vm) if self.mounted else None
+        return (cpu_secs(snd) if snd else 0.0, cpu_secs(self.rx.pid), cpu_secs(self.relay.pid))
 
     def close(self):
         if self.mounted:
@@ -145,31 +192,41 @@ def random_file(path, size, seed):
             left -= n
 
 
-def bench_link(link, cc, results):
+def bench_link(link, cc, results, run_no=0, variant="-"):
     rate, rtt, loss = link
     rate_Bps = rate * 1e6 / 8
     size = min(MAX_SIZE, int(rate_Bps * IDEAL_SECS) // (1 << 20) * (1 << 20))
     size = max(size, 8 << 20)
-    name = f"{rate:g}Mbit-{rtt:g}ms-{loss * 100:g}%-{cc}"
+    label = cc if variant == "-" else f"{cc} {variant}"
+    name = f"{rate:g}Mbit-{rtt:g}ms-{loss * 100:g}%-{label.replace(' ', '-').replace(',', '-')}-r{run_no}"
     work = ROOT / f"run-{STAMP}" / name
     say(f"{name}: initial copy of {size >> 20} MiB (ideal {size / rate_Bps:.1f} s)")
-    site = Site(work, link, cc, seed=hash(name) & 0xFFFF)
-    row = {"link": f"{rate:g} Mbit/s, {rtt:g} ms, {loss * 100:g} % loss", "cc": cc,
+    site = Site(work, link, cc, seed=hash(name) & 0xFFFF, variant=variant)
+    row = {"link": f"{rate:g} Mbit/s, {rtt:g} ms, {loss * 100:g} % loss", "cc": label,
            "size_mib": size >> 20, "rate_mbit": rate, "rtt_ms": rtt, "loss": loss}
     try:
         random_file(site.vm / "disk.img", size, 7)
         site.mount()
+        row["load_initial"] = os.getloadavg()[0]
+        c0 = site.cpu()
+        k0 = rcvbuf_errors()
         t0 = time.time()
         site.protect("continuous", ["disk.img"])
         site.sync()
         t = time.time() - t0
+        c1 = site.cpu()
+        row["initial_rcvbuf_drops"] = rcvbuf_errors() - k0
+        row.update(initial_cpu_sender=c1[0] - c0[0], initial_cpu_receiver=c1[1] - c0[1],
+                   initial_cpu_relay=c1[2] - c0[2])
         udp_fwd, udp_rev, lost, qdrop = site.udp_bytes()
         st = status(site.vm)
         row.update(initial_secs=t, initial_ideal=size / rate_Bps,
                    initial_util=size / t / rate_Bps, initial_udp=udp_fwd,
                    initial_payload=st.get("bytes_sent", 0), initial_lost=lost, initial_qdrop=qdrop)
-        say(f"{name}: initial {t:.1f} s, utilisation {row['initial_util'] * 100:.0f} %, "
-            f"UDP {udp_fwd / 2**20:.1f} MiB, lost {lost}, queue drops {qdrop}")
+        say(f"{name}: load {row['load_initial']:.1f}, initial {t:.1f} s, utilisation {row['initial_util'] * 100:.0f} %, "
+            f"UDP {udp_fwd / 2**20:.1f} MiB, lost {lost}, queue drops {qdrop}, CPU s sender/receiver/relay "
+            f"{row['initial_cpu_sender']:.1f}/{row['initial_cpu_receiver']:.1f}/{row['initial_cpu_relay']:.1f}, "
+            f"kernel socket-buffer drops {row['initial_rcvbuf_drops']}")
         if "delta" in SECTIONS:
             blocks = size // 4096
             n = max(1, int(blocks * DELTA_PCT / 100))
@@ -181,13 +238,14 @@ def bench_link(link, cc, results):
             os.fsync(fd)
             os.close(fd)
             u0 = site.udp_bytes()[0]
+            row["load_delta"] = os.getloadavg()[0]
             t0 = time.time()
             site.sync()
             t = time.time() - t0
             ideal = n * 4096 / rate_Bps
             row.update(delta_secs=t, delta_bytes=n * 4096, delta_ideal=ideal,
                        delta_target=2 * ideal + 2 * rtt / 1000, delta_udp=site.udp_bytes()[0] - u0)
-            say(f"{name}: delta of {n} blocks {t:.2f} s (target {row['delta_target']:.2f} s)")
+            say(f"{name}: load {row['load_delta']:.1f}, delta of {n} blocks {t:.2f} s (target {row['delta_target']:.2f} s)")
         if "rpo" in SECTIONS:
             churn = int(rate_Bps * CHURN_FRAC)
             say(f"{name}: RPO under {churn / 1e6:.1f} MB/s of 4 KiB random writes for {RPO_SECS} s")
@@ -235,9 +293,26 @@ def verdict(ok):
     return "—" if ok is None else ("PASS" if ok else "MISS")
 
 
+def median_row(rows):
+    """One row from the runs of a link: the median of every figure, the
+    runs' figures kept under "runs"."""
+    ok = [r for r in rows if "initial_secs" in r]
+    if not ok:
+        return rows[0]
+    out = dict(ok[0])
+    for k, v in ok[0].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            vals = [r[k] for r in ok if isinstance(r.get(k), (int, float))]
+            out[k] = statistics.median(vals)
+    out["runs"] = len(ok)
+    out["initial_secs_runs"] = [round(r["initial_secs"], 2) for r in ok]
+    out["delta_secs_runs"] = [round(r["delta_secs"], 3) for r in ok if "delta_secs" in r]
+    return out
+
+
 def table(results):
-    out = ["| link | cc | initial (MiB) | time / ideal | link util | target | UDP / payload | 1 % delta: time / target | verdict | RPO p50 / p99 / max | verdict |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| link | cc | runs | load | initial (MiB) | time / ideal | link util | target | UDP / payload | 1 % delta: time / target | verdict | RPO p50 / p99 / max | verdict |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r and "initial_secs" not in r:
             out.append(f"| {r['link']} | {r['cc']} | FAILED: {r['error']} |")
@@ -248,12 +323,13 @@ def table(results):
         rpo_ok = (r["rpo_p99"] is not None and r["rpo_p99"] <= 2.0) if "rpo_p99" in r else None
         branch = r["rate_mbit"] <= 10
         f = lambda x: "—" if x is None else f"{x:.1f}"
+        f2 = lambda x: "—" if x is None else f"{x:.2f}"
         payload = r.get("initial_payload") or 0
         out.append(
-            f"| {r['link']} | {r['cc']} | {r['size_mib']} | {r['initial_secs']:.1f} s / {r['initial_ideal']:.1f} s "
+            f"| {r['link']} | {r['cc']} | {r.get('runs', 1)} | {f(r.get('load_initial'))} | {r['size_mib']} | {r['initial_secs']:.1f} s / {r['initial_ideal']:.1f} s "
             f"| {r['initial_util'] * 100:.0f} % | ≥ {util_target * 100:.0f} % {verdict(util_ok)} "
             f"| {r['initial_udp'] / 2**20:.1f} / {payload / 2**20:.1f} MiB "
-            f"| {f(r.get('delta_secs'))} s / {f(r.get('delta_target'))} s | {verdict(d_ok)} "
+            f"| {f2(r.get('delta_secs'))} s / {f2(r.get('delta_target'))} s | {verdict(d_ok)} "
             f"| {f(r.get('rpo_p50'))} / {f(r.get('rpo_p99'))} / {f(r.get('rpo_max'))} s "
             f"| {'see note' if branch else verdict(rpo_ok)} |")
     return "\n".join(out)
@@ -264,7 +340,14 @@ def main():
     for spec in LINKS:
         rate, rtt, loss = (float(x) for x in spec.split(":"))
         for cc in CCS:
-            bench_link((rate, rtt, loss), cc, results)
+            # Runs interleave the variants, so each sees the same host load.
+            rows = {v: [] for v in VARIANTS}
+            for i in range(RUNS):
+                for v in VARIANTS:
+                    bench_link((rate, rtt, loss), cc, rows[v], i, v)
+            for v in VARIANTS:
+                results.append(median_row(rows[v]))
+                results[-1]["all_runs"] = rows[v]
     t = table(results)
     print(t)
     outdir = REPO / "bench-results"

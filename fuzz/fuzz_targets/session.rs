@@ -316,6 +316,7 @@ fn sender(cmds: &[(u8, u64, &[u8])]) {
             last_point: 0,
             timeout_ns: 50,
             chunk_size: 7,
+            commit_ahead: true,
         },
         0,
     );

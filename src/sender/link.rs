@@ -193,6 +193,9 @@ impl Link {
             let e = watch.closed().await;
             let _ = lost.send(Input::Lost(e));
         });
+        if tracing::enabled!(target: "vdrep::link_stats", tracing::Level::DEBUG) {
+            tokio::spawn(trace_stats(conn.clone()));
+        }
         Link {
             addr: conn.remote_address(),
             conn,
@@ -636,6 +639,29 @@ impl Drop for Link {
     fn drop(&mut self) {
         // The tasks of the connection end with it.
         self.conn.close(0u32.into(), b"session over");
+    }
+}
+
+/// A time-line of the connection for diagnosing a link
+/// (`VDREP_LOG=info,vdrep::link_stats=debug`): every 100 ms the path's
+/// RTT, congestion window, losses and the UDP bytes sent so far.
+async fn trace_stats(conn: quinn::Connection) {
+    let t0 = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    while conn.close_reason().is_none() {
+        tick.tick().await;
+        let s = conn.stats();
+        tracing::debug!(
+            target: "vdrep::link_stats",
+            t_ms = t0.elapsed().as_millis() as u64,
+            rtt_ms = s.path.rtt.as_secs_f64() * 1e3,
+            cwnd = s.path.cwnd,
+            congestion_events = s.path.congestion_events,
+            lost_packets = s.path.lost_packets,
+            udp_tx_bytes = s.udp_tx.bytes,
+            udp_rx_bytes = s.udp_rx.bytes,
+            "link"
+        );
     }
 }
 

@@ -870,6 +870,8 @@ impl Replicator {
             last_point,
             timeout_ns: link::ANSWER_TIMEOUT.as_nanos() as u64,
             chunk_size: LOG_CHUNK,
+            // `VDREP_COMMIT_AHEAD=0`: commit after the last Ack (to measure).
+            commit_ahead: std::env::var("VDREP_COMMIT_AHEAD").map_or(true, |v| v != "0"),
         })
     }
 

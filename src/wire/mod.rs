@@ -75,7 +75,14 @@
 //!    for a cycle already applied is answered with `applied: true` at once
 //!    (resends after a crash are applied at most once).
 //! 5. `PointCommit { vm, cycle, app_consistent, disks, definition }` once every disk of the VM has been
-//!    acknowledged at its cycle → `PointAck`: the recovery point exists.
+//!    acknowledged at its cycle, or (since protocol version 5) has sent
+//!    all of its transfer of that cycle → `PointAck`: the recovery point
+//!    exists. The receiver holds a `PointCommit` until every listed disk
+//!    reached the cycle on this connection (its transfer applied and
+//!    durable), then records it durably, then answers; a sender that
+//!    resets the stream withdraws it (a transfer of the cycle failed).
+//!    Sending it with the last data saves the round trip after the last
+//!    `Ack`.
 //!    `definition` (since protocol version 4) is the VM's libvirt domain
 //!    definition as of the cut (UTF-8 XML, at most [`MAX_DEFINITION`]
 //!    bytes), stored with the point; absent for a VM protected by disks.
@@ -123,7 +130,10 @@ pub use names::{safe_component, safe_name, MAX_COMPONENT, MAX_NAME};
 /// 3: [`ErrorCode::ResyncRequired`] (a receiver's resync verdict by code).
 /// 4: [`PointCommit::definition`] (an older receiver would refuse the
 /// trailing bytes).
-pub const PROTOCOL_VERSION: u16 = 4;
+/// 5: a `PointCommit` may arrive before the transfers of its cycle are
+/// applied (the sender sends it with their last bytes); the receiver holds
+/// it until they are. An older receiver would refuse such a point.
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Largest data payload of one chunk.
 pub const MAX_DATA: usize = 16 << 20;
 /// Largest value of a frame's length field (type byte + payload).

@@ -285,6 +285,7 @@ impl Relay {
         stop: Arc<AtomicBool>,
     ) -> std::io::Result<Relay> {
         let front = Arc::new(UdpSocket::bind(listen)?);
+        deep_buffers(&front);
         let tick = Some(Duration::from_millis(50));
         front.set_read_timeout(tick)?;
         let addr = front.local_addr()?;
@@ -312,6 +313,7 @@ impl Relay {
                         let Ok(u) = UdpSocket::bind("127.0.0.1:0") else {
                             continue;
                         };
+                        deep_buffers(&u);
                         let u = Arc::new(u);
                         let _ = u.set_read_timeout(tick);
                         let (u2, front2, rev2, st2) =
@@ -370,5 +372,24 @@ impl Relay {
 impl Drop for Relay {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// Socket buffers of the relay: 32 MiB each way (`SO_RCVBUFFORCE` as root,
+/// else as much as `net.core.rmem_max` allows). With the default 208 KiB a
+/// relay that the scheduler leaves off the CPU for a few milliseconds
+/// (a loaded shared host) drops the sender's packets in the kernel before
+/// it reads them: losses no link has, which the congestion controller
+/// then answers (measured: at load 15, 64 k of 135 k packets lost with 0 %
+/// loss configured, `RcvbufErrors` in `/proc/net/snmp`). A router keeps
+/// the queue the relay models (drop-tail, `LinkParams::queue`), not this one.
+fn deep_buffers(sock: &UdpSocket) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    const SIZE: usize = 32 << 20;
+    if setsockopt(sock, sockopt::RcvBufForce, &SIZE).is_err() {
+        let _ = setsockopt(sock, sockopt::RcvBuf, &SIZE);
+    }
+    if setsockopt(sock, sockopt::SndBufForce, &SIZE).is_err() {
+        let _ = setsockopt(sock, sockopt::SndBuf, &SIZE);
     }
 }

@@ -175,6 +175,9 @@ struct RDisk {
     busy: Option<StreamId>,
     /// The log a finished resync compare announced.
     resync_cycle: Option<u64>,
+    /// The newest cycle this connection saw the replica reach (a log
+    /// applied, or found already applied): what a held point waits for.
+    reached: u64,
 }
 
 /// What a stream waits for.
@@ -221,6 +224,11 @@ enum RState {
     },
     /// A checksum compare: `BlockHashReq`s and a `ResyncEnd`.
     Compare,
+    /// A `PointCommit` that arrived before every disk it lists reached its
+    /// cycle here (the sender sends it with the last data of the cycle):
+    /// committed once they are ([`Receiver::release_points`]), forgotten
+    /// if the sender resets the stream (a transfer of the cycle failed).
+    Held(wire::PointCommit),
     /// Answered; whatever else arrives is ignored.
     Drain,
 }
@@ -453,7 +461,7 @@ impl Receiver {
                 return;
             };
             match s.st {
-                RState::Await(..) | RState::Drain => return,
+                RState::Await(..) | RState::Drain | RState::Held(_) => return,
                 _ => {}
             }
             let msg = match s.inbox.next(sid) {
@@ -487,7 +495,7 @@ impl Receiver {
                 self.out.push_back(Output::Finish(sid));
                 self.set(sid, RState::Drain);
             }
-            RState::Await(..) | RState::Drain => {}
+            RState::Await(..) | RState::Drain | RState::Held(_) => {}
             _ => self.fail(sid, SessionError::Ended(sid)),
         }
     }
@@ -589,19 +597,12 @@ impl Receiver {
             }
             Msg::LogBegin(l) => self.log_begin(sid, l),
             Msg::PointCommit(p) => {
-                let wait = Wait::Point {
-                    vm: p.vm.clone(),
-                    cycle: p.cycle,
-                };
-                let commit = |op| ReceiverAction::CommitPoint {
-                    op,
-                    vm: p.vm,
-                    cycle: p.cycle,
-                    app_consistent: p.app_consistent,
-                    disks: p.disks,
-                    definition: p.definition,
-                };
-                self.ask(sid, commit, wait)
+                if !self.point_ready(&p) {
+                    self.set(sid, RState::Held(p));
+                    return Ok(());
+                }
+                self.commit_point(sid, p);
+                Ok(())
             }
             Msg::BlockHashReq(_) | Msg::ResyncEnd(_) => self.compare_msg(sid, msg),
             Msg::Admin(body) => self.ask(sid, |op| ReceiverAction::Admin { op, body }, Wait::Admin),
@@ -611,6 +612,61 @@ impl Receiver {
                 got: other.name(),
             }),
         }
+    }
+
+    /// Every disk `p` lists reached its cycle on this connection (or, if
+    /// one is not known here, the store decides).
+    fn point_ready(&self, p: &wire::PointCommit) -> bool {
+        p.disks.iter().all(|dc| {
+            self.disks
+                .get(&dc.disk_id)
+                .is_none_or(|d| d.status.replica_cycle.max(d.reached) >= dc.cycle)
+        })
+    }
+
+    /// Ask the store to record the point (it checks the disks again).
+    fn commit_point(&mut self, sid: StreamId, p: wire::PointCommit) {
+        let wait = Wait::Point {
+            vm: p.vm.clone(),
+            cycle: p.cycle,
+        };
+        let commit = |op| ReceiverAction::CommitPoint {
+            op,
+            vm: p.vm,
+            cycle: p.cycle,
+            app_consistent: p.app_consistent,
+            disks: p.disks,
+            definition: p.definition,
+        };
+        // `ask` only queues the action and sets the state: it cannot fail.
+        let _ = self.ask(sid, commit, wait);
+    }
+
+    /// Commit the held points whose disks are all there now.
+    fn release_points(&mut self) {
+        let ready: Vec<StreamId> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| matches!(&s.st, RState::Held(p) if self.point_ready(p)))
+            .map(|(sid, _)| *sid)
+            .collect();
+        for sid in ready {
+            let st = self
+                .streams
+                .get_mut(&sid)
+                .map(|s| std::mem::replace(&mut s.st, RState::Drain));
+            if let Some(RState::Held(p)) = st {
+                self.commit_point(sid, p);
+            }
+        }
+    }
+
+    /// The replica of `disk_id` is at `cycle` or past it.
+    fn reached(&mut self, disk_id: &DiskId, cycle: u64) {
+        if let Some(d) = self.disks.get_mut(disk_id) {
+            d.reached = d.reached.max(cycle);
+        }
+        self.release_points();
     }
 
     fn busy(&mut self, id: DiskId, sid: StreamId) {
@@ -629,6 +685,7 @@ impl Receiver {
         let at = d.status.replica_cycle;
         if at != 0 && l.cycle <= at {
             // A resend of a log already applied: applied at most once.
+            self.reached(&l.disk_id, l.cycle);
             let ack = Msg::Ack(Ack {
                 disk_id: l.disk_id,
                 cycle: l.cycle,
@@ -952,6 +1009,7 @@ impl Receiver {
                         status: st,
                         busy,
                         resync_cycle: None,
+                        reached: 0,
                     },
                 );
                 self.answer(sid, &reply)
@@ -997,25 +1055,29 @@ impl Receiver {
                     d.status.copy_cycle = 0;
                     d.status.resume_offset = 0;
                 }
+                self.reached(&disk_id, cycle);
                 self.answer(sid, &ack(disk_id, cycle, true, true))
             }
-            (Wait::Stored(b), StoreDone::LogStored(r)) => match r
-                .map_err(|f| self.log_failed(&b, f))?
-            {
-                LogStored::AlreadyApplied => self.answer(sid, &ack(b.disk_id, b.cycle, true, true)),
-                LogStored::Stored => {
-                    self.send(sid, &ack(b.disk_id, b.cycle, true, false))?;
-                    let vm = self.vm_of(&b.disk_id);
-                    let (disk_id, cycle) = (b.disk_id, b.cycle);
-                    let apply = |op| ReceiverAction::ApplyLog {
-                        op,
-                        vm,
-                        disk_id,
-                        cycle,
-                    };
-                    self.ask(sid, apply, Wait::Applied(b))
+            (Wait::Stored(b), StoreDone::LogStored(r)) => {
+                match r.map_err(|f| self.log_failed(&b, f))? {
+                    LogStored::AlreadyApplied => {
+                        self.reached(&b.disk_id, b.cycle);
+                        self.answer(sid, &ack(b.disk_id, b.cycle, true, true))
+                    }
+                    LogStored::Stored => {
+                        self.send(sid, &ack(b.disk_id, b.cycle, true, false))?;
+                        let vm = self.vm_of(&b.disk_id);
+                        let (disk_id, cycle) = (b.disk_id, b.cycle);
+                        let apply = |op| ReceiverAction::ApplyLog {
+                            op,
+                            vm,
+                            disk_id,
+                            cycle,
+                        };
+                        self.ask(sid, apply, Wait::Applied(b))
+                    }
                 }
-            },
+            }
             (Wait::Applied(b), StoreDone::LogApplied(r)) => {
                 r.map_err(|f| self.log_failed(&b, f))?;
                 if let Some(d) = self.disks.get_mut(&b.disk_id) {
@@ -1026,6 +1088,7 @@ impl Receiver {
                         d.resync_cycle = None;
                     }
                 }
+                self.reached(&b.disk_id, b.cycle);
                 self.answer(sid, &ack(b.disk_id, b.cycle, true, true))
             }
             (Wait::Point { vm, cycle }, StoreDone::PointCommitted(r)) => {

@@ -7,9 +7,10 @@
 //! its own stream, pulls the bytes with [`SenderAction::Read`], and reports
 //! [`SenderAction::LogApplied`] (the log may be deleted) and
 //! [`SenderAction::InitialApplied`]. Once every disk of the VM reached a
-//! cycle, the session commits that recovery point by itself
-//! ([`SenderAction::PointCommitted`]): a point is never committed for only
-//! some of the VM's disks. A request unanswered for `timeout_ns` closes the
+//! cycle, or sent all of its transfer of it, the session commits that
+//! recovery point by itself ([`SenderAction::PointCommitted`]; the
+//! receiver holds the commit until every disk is applied there): a point
+//! is never committed for only some of the VM's disks. A request unanswered for `timeout_ns` closes the
 //! session.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -36,6 +37,11 @@ pub struct SenderConfig {
     pub timeout_ns: u64,
     /// Largest read asked of the driver (bytes, 1..=MAX_DATA).
     pub chunk_size: usize,
+    /// Send a point's `PointCommit` as soon as every disk has sent all of
+    /// its transfer of the cycle (the receiver holds it until they are
+    /// applied), not after their `Ack`s: one round trip less per point.
+    /// `false` only to measure the difference.
+    pub commit_ahead: bool,
 }
 
 /// A transfer for one disk.
@@ -598,6 +604,7 @@ impl Sender {
             SKind::Job { job, .. } => {
                 let id = job.disk_id();
                 self.active.remove(&id);
+                self.withdraw_point(job.cycle());
                 let rest: Vec<Job> = self.queues.remove(&id).unwrap_or_default().into();
                 self.act(SenderAction::JobFailed {
                     job,
@@ -1013,12 +1020,55 @@ impl Sender {
             Ok(()) => {
                 self.out.push_back(Output::Finish(sid));
                 self.wait(sid);
+                self.try_commit();
             }
             Err(e) => self.stream_failed(sid, e),
         }
     }
 
-    /// Commit the oldest cycle every disk reached, past the last point.
+    /// The running log of a disk if all of it is sent (its end message
+    /// too) and only its `Ack` is awaited. (Not an initial copy: a copy's
+    /// point waits for its `Ack`, the round trip is nothing beside the
+    /// copy, and an interrupted copy can be rebased to a newer cut.)
+    fn sent_job(&self, disk_id: &DiskId) -> Option<&Job> {
+        let sid = self.active.get(disk_id)?;
+        match &self.streams.get(sid)?.kind {
+            SKind::Job {
+                job: job @ Job::Log { .. },
+                done: true,
+                ..
+            } => Some(job),
+            _ => None,
+        }
+    }
+
+    fn sent_cycle(&self, disk_id: &DiskId) -> Option<u64> {
+        self.sent_job(disk_id).map(Job::cycle)
+    }
+
+    /// Withdraw a point sent ahead of its data whose cycle's transfer of a
+    /// disk failed: its stream is reset (the receiver forgets the point
+    /// it held), and it is committed again once the cycle is there.
+    fn withdraw_point(&mut self, failed_cycle: u64) {
+        let ahead: Vec<StreamId> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| matches!(s.kind, SKind::Point(c, _) if c >= failed_cycle))
+            .map(|(sid, _)| *sid)
+            .collect();
+        for sid in ahead {
+            self.streams.remove(&sid);
+            self.point_busy = false;
+            if self.phase != Phase::Closed {
+                self.out.push_back(Output::Reset(sid));
+            }
+        }
+    }
+
+    /// Commit the oldest cycle past the last point that every disk reached
+    /// or has sent completely: the receiver commits it once every disk's
+    /// transfer of that cycle is applied there (and durable), and only
+    /// then acknowledges it.
     fn try_commit(&mut self) {
         if self.phase != Phase::Ready || self.point_busy {
             return;
@@ -1026,18 +1076,39 @@ impl Sender {
         let Some(first) = self.cfg.disks.first().map(|d| d.disk_id) else {
             return;
         };
-        let Some(cands) = self.reached.get(&first) else {
-            return;
-        };
-        let pick = cands.range(self.last_point + 1..).find_map(|(c, _)| {
+        // Candidates: the cycles the first disk reached, or whose transfer
+        // it has sent completely (the receiver holds a point until every
+        // disk is there: the commit travels with the last data instead of
+        // a round trip after the last `Ack`).
+        let mut cands: Vec<u64> = self
+            .reached
+            .get(&first)
+            .map(|r| r.range(self.last_point + 1..).map(|(c, _)| *c).collect())
+            .unwrap_or_default();
+        if self.cfg.commit_ahead {
+            cands.extend(self.sent_cycle(&first).filter(|c| *c > self.last_point));
+        }
+        cands.sort_unstable();
+        let pick = cands.into_iter().find_map(|c| {
             let mut app = true;
             for d in &self.cfg.disks {
-                match self.reached.get(&d.disk_id).and_then(|r| r.get(c)) {
+                match self.reached.get(&d.disk_id).and_then(|r| r.get(&c)) {
                     Some(a) => app &= *a,
-                    None => return None,
+                    None => match self.sent_job(&d.disk_id) {
+                        Some(job) if self.cfg.commit_ahead && job.cycle() == c => {
+                            app &= matches!(
+                                job,
+                                Job::Log {
+                                    app_consistent: true,
+                                    ..
+                                }
+                            )
+                        }
+                        _ => return None,
+                    },
                 }
             }
-            Some((*c, app))
+            Some((c, app))
         });
         let Some((cycle, app)) = pick else {
             return;

@@ -480,6 +480,7 @@ fn sender(timeout_ns: u64) -> Sender {
             last_point: 0,
             timeout_ns,
             chunk_size: 4,
+            commit_ahead: true,
         },
         NOW,
     )
@@ -805,6 +806,7 @@ fn ready_sender(chunk_size: usize, disks: Vec<OpenDisk>, state: DiskState) -> Se
             last_point: 0,
             timeout_ns: 1 << 40,
             chunk_size,
+            commit_ahead: true,
         },
         NOW,
     );
@@ -1074,4 +1076,192 @@ fn a_copy_resumed_at_another_offset_than_the_store_has_is_retried_not_applied() 
             "{outs:?}"
         );
     }
+}
+
+fn point_commit(cycle: u64) -> Msg {
+    Msg::PointCommit(wire::PointCommit {
+        vm: "vm1".into(),
+        cycle,
+        app_consistent: false,
+        disks: vec![wire::DiskCycle { disk_id: ID, cycle }],
+        definition: None,
+    })
+}
+
+fn commit_op(outs: &[Output<ReceiverAction>], want: u64) -> Option<OpId> {
+    actions(outs).iter().find_map(|a| match a {
+        ReceiverAction::CommitPoint { op, cycle, .. } if *cycle == want => Some(*op),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_point_sent_with_its_log_is_held_until_the_log_is_applied_then_committed() {
+    let mut r = opened(5);
+    let (_, msgs) = log_msgs(6, 5, b"0123456789");
+    let outs = feed(&mut r, &msgs);
+    let stored = stored_op(&outs);
+    // The commit arrives with the log's last bytes, before the store is done.
+    let b = bytes(&[point_commit(6)]);
+    r.handle(
+        NOW,
+        Event::Data {
+            stream: StreamId(3),
+            bytes: &b,
+        },
+    );
+    r.handle(NOW, Event::Finished(StreamId(3)));
+    let outs = drain(|| r.poll());
+    assert_eq!(commit_op(&outs, 6), None, "held: the log is not applied");
+    assert!(sent(&outs).is_empty(), "{outs:?}");
+    r.complete(NOW, stored, StoreDone::LogStored(Ok(LogStored::Stored)));
+    let outs = drain(|| r.poll());
+    assert_eq!(commit_op(&outs, 6), None, "durable is not applied");
+    let apply = actions(&outs)
+        .iter()
+        .find_map(|a| match a {
+            ReceiverAction::ApplyLog { op, .. } => Some(*op),
+            _ => None,
+        })
+        .expect("apply");
+    r.complete(NOW, apply, StoreDone::LogApplied(Ok(())));
+    let outs = drain(|| r.poll());
+    assert!(acks(&outs).iter().any(|a| a.applied));
+    let op = commit_op(&outs, 6).expect("committed once the log is applied");
+    r.complete(NOW, op, StoreDone::PointCommitted(Ok(true)));
+    let outs = drain(|| r.poll());
+    assert!(
+        matches!(&sent(&outs)[..], [Msg::PointAck(p)] if p.cycle == 6),
+        "acknowledged only after the store recorded it: {outs:?}"
+    );
+}
+
+#[test]
+fn a_held_point_the_sender_resets_is_never_committed() {
+    let mut r = opened(5);
+    let (_, msgs) = log_msgs(6, 5, b"0123456789");
+    let outs = feed(&mut r, &msgs);
+    let stored = stored_op(&outs);
+    let b = bytes(&[point_commit(6)]);
+    r.handle(
+        NOW,
+        Event::Data {
+            stream: StreamId(3),
+            bytes: &b,
+        },
+    );
+    r.handle(NOW, Event::Reset(StreamId(3)));
+    r.complete(NOW, stored, StoreDone::LogStored(Ok(LogStored::Stored)));
+    let outs = drain(|| r.poll());
+    let apply = actions(&outs)
+        .iter()
+        .find_map(|a| match a {
+            ReceiverAction::ApplyLog { op, .. } => Some(*op),
+            _ => None,
+        })
+        .expect("apply");
+    r.complete(NOW, apply, StoreDone::LogApplied(Ok(())));
+    let outs = drain(|| r.poll());
+    assert_eq!(commit_op(&outs, 6), None);
+}
+
+/// Drive `s`'s reads of a log of `len` bytes; the outputs.
+fn send_log(s: &mut Sender, len: usize) -> Vec<Output<SenderAction>> {
+    let mut all = Vec::new();
+    loop {
+        let outs = drain(|| s.poll());
+        if outs.is_empty() {
+            return all;
+        }
+        for o in &outs {
+            if let Output::Action(SenderAction::Read {
+                id, offset, max, ..
+            }) = o
+            {
+                let e = (*offset as usize + max).min(len);
+                let data = vec![1u8; e - *offset as usize];
+                s.complete_read(
+                    NOW,
+                    *id,
+                    Ok(ReadData {
+                        offset: *offset,
+                        data,
+                        end: e == len,
+                    }),
+                );
+            }
+        }
+        all.extend(outs);
+    }
+}
+
+#[test]
+fn a_sender_commits_with_the_last_bytes_and_withdraws_the_point_if_the_log_fails() {
+    let mut s = ready_sender(4, vec![open()], state(5, ""));
+    // The replica's cycle is committed again first (stream 2).
+    assert!(sent(&drain(|| s.poll()))
+        .iter()
+        .any(|m| matches!(m, Msg::PointCommit(p) if p.cycle == 5)));
+    let ack = bytes(&[Msg::PointAck(wire::PointAck {
+        vm: "vm1".into(),
+        cycle: 5,
+    })]);
+    s.handle(
+        NOW,
+        Event::Data {
+            stream: StreamId(2),
+            bytes: &ack,
+        },
+    );
+    drain(|| s.poll());
+    let (mut begin, _) = log_msgs(6, 5, b"0123456789");
+    begin.total_len = 10;
+    s.submit(Job::Log {
+        begin,
+        app_consistent: false,
+    })
+    .expect("submit");
+    let outs = send_log(&mut s, 10);
+    let msgs = sent(&outs);
+    let end = msgs.iter().position(|m| matches!(m, Msg::LogEnd(_)));
+    let commit = msgs
+        .iter()
+        .position(|m| matches!(m, Msg::PointCommit(p) if p.cycle == 6));
+    assert!(
+        matches!((end, commit), (Some(e), Some(c)) if c > e),
+        "the commit follows the log's end, before any Ack: {msgs:?}"
+    );
+    let point_stream = outs
+        .iter()
+        .find_map(|o| match o {
+            Output::Send { stream, bytes } => match decode(bytes) {
+                Ok(Some((Msg::PointCommit(_), _))) => Some(*stream),
+                _ => None,
+            },
+            _ => None,
+        })
+        .expect("the commit's stream");
+    assert!(!s.is_idle());
+    // The receiver refuses the log: the point is withdrawn, not failed.
+    let log_stream = StreamId(point_stream.0 - 1);
+    let err = bytes(&[Msg::Error(wire::ErrorMsg::new(
+        wire::ErrorCode::Internal,
+        true,
+        "disk full",
+    ))]);
+    s.handle(
+        NOW,
+        Event::Data {
+            stream: log_stream,
+            bytes: &err,
+        },
+    );
+    let outs = drain(|| s.poll());
+    assert!(outs.contains(&Output::Reset(point_stream)), "{outs:?}");
+    let acts = sender_actions(&outs);
+    assert!(
+        matches!(acts[..], [SenderAction::JobFailed { .. }]),
+        "{acts:?}"
+    );
+    assert!(s.is_idle());
 }
