@@ -154,7 +154,7 @@ impl Server {
                 if let Some(r) = self.refuse_if_test_failover(&site, &vm) {
                     return r;
                 }
-                match crate::roles::promote_local(&self.roles, &site, &vm, point, None) {
+                match crate::roles::promote_local(&self.roles, &site, &vm, point, None, None) {
                     Ok(a) => Response {
                         site: Some(site),
                         live: a.live,
