@@ -654,9 +654,21 @@ fn a_domain_is_protected_by_name_and_failed_over_as_a_vm() {
         !mountutil::is_mountpoint(&s.p("vm")),
         "A still mounts the disks"
     );
+    // The reverse direction's points carry the domain's definition at B.
+    let back = sync_point(b_live.to_str().unwrap(), WEB1);
+    let at_a = points_in(&s.p("store-a"), WEB1);
+    let def_b = at_a
+        .iter()
+        .find(|p| p.0 == back)
+        .and_then(|p| p.2.clone())
+        .unwrap_or_default();
+    assert!(
+        def_b.contains(b_live.to_str().unwrap()),
+        "point {back} back at A has no definition of the domain at B: {at_a:?}"
+    );
     step("planned failover A -> B");
 
-    // Failback B -> A, the same way; B's points carry B's definition.
+    // Failback B -> A, the same way, from the final point's definition.
     host_stamp(&b_live.join("data.img"), "PLANNED-AT-B");
     let (out, _) = planned(&b_live, &s.p("store"), &rb.addr, &format!("{DR}={PROD}"));
     b_mount.mounted = false;
@@ -669,12 +681,6 @@ fn a_domain_is_protected_by_name_and_failed_over_as_a_vm() {
     assert!(
         has_stamp(&data, "PLANNED-AT-B"),
         "the failback lost a write"
-    );
-    let back = points_in(&s.p("store-a"), WEB1);
-    let newest = back.first().and_then(|p| p.2.clone()).unwrap_or_default();
-    assert!(
-        newest.contains(b_live.to_str().unwrap()),
-        "the reverse direction's points carry B's definition: {back:?}"
     );
     lv.remove_domain(WEB1);
     step("planned failback B -> A");
