@@ -5,7 +5,9 @@
 //! `NAME-test` from an older point on an isolated network while the domain
 //! runs again and replication goes on; an unplanned failover to that point
 //! starts the domain at the replica site with its NIC on the mapped
-//! network; and every refusal changes nothing.
+//! network; a planned failover of the running domain starts it at the
+//! other site with nothing lost, and back; and every refusal changes
+//! nothing.
 //!
 //! The domain's definition travels with every point: a disk added to the
 //! domain is replicated from the next cut on (its own initial copy), and a
@@ -15,8 +17,8 @@
 //! its disk) before writing its own: that is how a console shows which
 //! point's data a VM booted from. The first two points are stamped on the
 //! host (an ext4 file system holding the tag, written into the qcow2
-//! through the mount); the guest boots only where a case needs a running
-//! VM (TCG boots are most of this test's time).
+//! through the mount); the guest boots to the end only for the test copy
+//! (its console is the proof), other cases check the disks on the host.
 
 mod common;
 mod libvirtutil;
