@@ -684,8 +684,80 @@ fn a_domain_is_protected_by_name_and_failed_over_as_a_vm() {
         has_stamp(&data, "PLANNED-AT-B"),
         "the failback lost a write"
     );
-    lv.remove_domain(WEB1);
     step("planned failback B -> A");
+
+    // 6. verify --boot: a good point is verified (the guest's first console
+    //    line is the marker); a point whose replica was damaged behind
+    //    vdrep's back (the qcow2 header zeroed in B's store) is marked
+    //    failed, and `points` shows both.
+    let good = sync_point(&s.s("vm"), WEB1);
+    let verify = |point: u64| {
+        vdrep(&[
+            "verify",
+            WEB1,
+            "--boot",
+            "--store",
+            &store,
+            "--point",
+            &point.to_string(),
+            "--marker",
+            "VDREP-GUEST: BOOTED",
+            "--boot-timeout",
+            "300",
+        ])
+    };
+    let o = verify(good);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "verify --boot of {good}: {out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("booted"), "{out}");
+    assert!(!lv.domain_exists(&test), "verify left the test copy");
+    {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(s.replica(WEB1, "os.qcow2"))
+            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 4096], 0).unwrap();
+        f.sync_all().unwrap();
+    }
+    let bad = sync_point(&s.s("vm"), WEB1);
+    let o = verify(bad);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "verify --boot of the damaged {bad}: {out}"
+    );
+    assert!(out.contains("FAILED"), "{out}");
+    assert!(!lv.domain_exists(&test), "verify left the test copy");
+    let v: serde_json::Value =
+        serde_json::from_str(&vdrep_ok(&["points", WEB1, "--store", &store, "--json"])).unwrap();
+    let boot_of = |c: u64| {
+        v["points"]
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["cycle"].as_u64() == Some(c)))
+            .map(|p| p["boot"].clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(boot_of(good)["verified"], true, "{v}");
+    assert_eq!(boot_of(bad)["verified"], false, "{v}");
+    assert!(
+        boot_of(bad)["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("did not start"),
+        "the failure says why: {v}"
+    );
+    let table = vdrep_ok(&["points", WEB1, "--store", &store]);
+    assert!(
+        table.contains("FAILED") && table.contains(" ok "),
+        "{table}"
+    );
+    lv.remove_domain(WEB1);
+    step("verify --boot: good and damaged");
     drop(ra);
     drop(c);
 }

@@ -186,3 +186,48 @@ pub fn unplanned(a: &FailoverArgs, domain: &str) -> i32 {
         Err(e) => fail(&format!("unplanned failover of domain {domain}"), &e),
     }
 }
+
+/// `vdrep verify --boot DOMAIN --store S [--point P] [--marker M]`.
+pub fn verify_boot(
+    domain: &str,
+    store: &std::path::Path,
+    point: Option<&str>,
+    marker: &str,
+    timeout: u64,
+    json: bool,
+) -> i32 {
+    let point = match point.map(PointSel::parse).transpose() {
+        Ok(s) => s.unwrap_or(PointSel::Latest),
+        Err(e) => {
+            eprintln!("vdrep: --point: {e}");
+            return 2;
+        }
+    };
+    let from = DefinitionFrom::Point(domain.to_string());
+    let o = fd::TestOptions {
+        store,
+        site: None,
+        vm: domain,
+        point,
+        at: None,
+        definition: &from,
+        network: fd::TEST_NETWORK,
+    };
+    let t = std::time::Duration::from_secs(timeout);
+    match fd::verify_boot(&Virsh::new(), &o, marker, t) {
+        Ok(c) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&c).unwrap_or_default());
+            } else if c.verified {
+                println!(
+                    "{domain}: point {} booted: {marker:?} after {:.1} s",
+                    c.cycle, c.secs
+                );
+            } else {
+                println!("{domain}: point {} FAILED to boot: {}", c.cycle, c.detail);
+            }
+            i32::from(!c.verified)
+        }
+        Err(e) => fail(&format!("boot verification of {domain}"), &e),
+    }
+}
