@@ -9,7 +9,7 @@ use super::fmt::human;
 use crate::daemon::control;
 use crate::failover::domain::{self as fd, DefinitionFrom};
 use crate::failover::{role_change, FailoverError, FailoverErrorKind};
-use crate::libvirt::{Definition, Virsh};
+use crate::libvirt::Virsh;
 use crate::testview::{format_utc, PointSel};
 
 /// The exit code of a failed domain failover: 2 for a refusal or a bad
@@ -25,56 +25,12 @@ fn fail(what: &str, e: &FailoverError) -> i32 {
 }
 
 /// The disk files of domain `domain` that `vdrep protect` replicates, and
-/// warnings; refused (exit code 2 after the message) for a disk that is not
-/// a file under a running `vdrep mount`.
+/// warnings; refused (exit code 2 after the message) for a domain that does
+/// not exist or a disk that is not a file under a running `vdrep mount`
+/// ([`fd::protect_disks`]).
 pub fn protect_disks(domain: &str) -> Result<(Vec<PathBuf>, Vec<String>), i32> {
-    let virsh = Virsh::new();
-    let def = match virsh.dumpxml(domain).and_then(|x| Definition::parse(&x)) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("vdrep: cannot protect domain {domain}: {e}");
-            return Err(2);
-        }
-    };
-    let mut warnings = Vec::new();
-    let mut disks = Vec::new();
-    for d in &def.disks {
-        if matches!(d.device.as_str(), "cdrom" | "floppy") || d.readonly {
-            warnings.push(format!(
-                "{} {} ({}) of domain {domain} is read-only media: not replicated",
-                d.device, d.target, d.source
-            ));
-            continue;
-        }
-        let Some(file) = d.file.as_ref().filter(|_| d.is_replicated()) else {
-            eprintln!(
-                "vdrep: cannot protect domain {domain}: disk {} is a {} disk ({}), not a file: vdrep replicates disk files under a `vdrep mount`; copy it into a file in the mounted folder (qemu-img convert) and point the domain at that file",
-                d.target, d.kind, d.source
-            );
-            return Err(2);
-        };
-        if control::mount_of(file).is_none() {
-            eprintln!(
-                "vdrep: cannot protect domain {domain}: disk {} ({}) is not under a running vdrep mount: mount its folder with `vdrep mount DIR --keys KEYDIR`, or move the file into a mounted folder",
-                d.target,
-                file.display()
-            );
-            return Err(2);
-        }
-        disks.push(file.clone());
-    }
-    if disks.is_empty() {
-        eprintln!("vdrep: cannot protect domain {domain}: it has no disk file");
-        return Err(2);
-    }
-    if !def.agent_channel {
-        warnings.push(format!(
-            "domain {domain} has no guest agent channel ({}): application-consistent points are impossible; add one (<channel type='unix'><target type='virtio' name='{}'/></channel>) and install qemu-guest-agent in the guest",
-            crate::libvirt::definition::AGENT_CHANNEL,
-            crate::libvirt::definition::AGENT_CHANNEL
-        ));
-    }
-    Ok((disks, warnings))
+    fd::protect_disks(&Virsh::new(), domain, &|f| control::mount_of(f).is_some())
+        .map_err(|e| fail(&format!("cannot protect domain {domain}"), &e))
 }
 
 fn definition_from(a: &FailoverArgs, domain: &str) -> DefinitionFrom {
@@ -228,5 +184,50 @@ pub fn unplanned(a: &FailoverArgs, domain: &str) -> i32 {
             0
         }
         Err(e) => fail(&format!("unplanned failover of domain {domain}"), &e),
+    }
+}
+
+/// `vdrep verify --boot DOMAIN --store S [--point P] [--marker M]`.
+pub fn verify_boot(
+    domain: &str,
+    store: &std::path::Path,
+    point: Option<&str>,
+    marker: &str,
+    timeout: u64,
+    json: bool,
+) -> i32 {
+    let point = match point.map(PointSel::parse).transpose() {
+        Ok(s) => s.unwrap_or(PointSel::Latest),
+        Err(e) => {
+            eprintln!("vdrep: --point: {e}");
+            return 2;
+        }
+    };
+    let from = DefinitionFrom::Point(domain.to_string());
+    let o = fd::TestOptions {
+        store,
+        site: None,
+        vm: domain,
+        point,
+        at: None,
+        definition: &from,
+        network: fd::TEST_NETWORK,
+    };
+    let t = std::time::Duration::from_secs(timeout);
+    match fd::verify_boot(&Virsh::new(), &o, marker, t) {
+        Ok(c) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&c).unwrap_or_default());
+            } else if c.verified {
+                println!(
+                    "{domain}: point {} booted: {marker:?} after {:.1} s",
+                    c.cycle, c.secs
+                );
+            } else {
+                println!("{domain}: point {} FAILED to boot: {}", c.cycle, c.detail);
+            }
+            i32::from(!c.verified)
+        }
+        Err(e) => fail(&format!("boot verification of {domain}"), &e),
     }
 }

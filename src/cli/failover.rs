@@ -10,7 +10,7 @@ use clap::Subcommand;
 use super::fmt::human;
 use crate::failover::plan::{parse, run};
 use crate::failover::test::{self, Accel, BootOptions};
-use crate::failover::{role_change, FailoverError};
+use crate::failover::{role_change, FailoverError, FailoverErrorKind};
 use crate::ipc::CallErrorKind;
 use crate::testview::{format_utc, PointSel};
 
@@ -59,8 +59,10 @@ pub struct FailoverArgs {
     /// DOMAIN-test (new UUID and MACs) on the exposed point, every NIC on
     /// the isolated --test-network; --cleanup destroys and undefines it;
     /// --unplanned defines and starts DOMAIN on the live disks, NICs
-    /// remapped by --network-map.
-    #[arg(long, conflicts_with_all = ["boot", "planned", "commit"])]
+    /// remapped by --network-map; --planned shuts DOMAIN down here (ACPI,
+    /// --shutdown-timeout, then destroy) and the other site defines and
+    /// starts it on its live disks from the final point's definition.
+    #[arg(long, conflicts_with_all = ["boot", "commit"])]
     pub domain: Option<String>,
     /// With --domain: its definition (the XML of `virsh dumpxml`) instead of
     /// the definition of DOMAIN in this site's libvirt.
@@ -71,11 +73,16 @@ pub struct FailoverArgs {
     /// --cleanup if it created it and nothing else is attached).
     #[arg(long, requires = "domain", default_value = crate::failover::domain::TEST_NETWORK)]
     pub test_network: String,
-    /// With --domain --unplanned: FROM=TO,... — a NIC on the network or
-    /// bridge FROM goes to the libvirt network (or host bridge) TO here,
-    /// e.g. br0=br-dr,default=dr-net. Every NIC must land on one that exists.
+    /// With --domain --unplanned or --planned: FROM=TO,... — a NIC on the
+    /// network or bridge FROM goes to the libvirt network (or host bridge)
+    /// TO at the site that starts the domain, e.g. br0=br-dr,default=dr-net.
+    /// Every NIC must land on one that exists there.
     #[arg(long, requires = "domain", value_name = "MAP")]
     pub network_map: Option<String>,
+    /// With --domain --planned: seconds the guest gets to power off after
+    /// the ACPI shutdown request before the domain is destroyed.
+    #[arg(long, requires = "domain", default_value_t = 120)]
+    pub shutdown_timeout: u64,
     /// The receiver's store folder (`vdrep receive --store`).
     #[arg(long)]
     pub store: PathBuf,
@@ -179,6 +186,7 @@ impl FailoverArgs {
             definition: None,
             test_network: crate::failover::domain::TEST_NETWORK.into(),
             network_map: None,
+            shutdown_timeout: 120,
             store: store.to_path_buf(),
             site: None,
             mode: FailoverMode {
@@ -395,20 +403,56 @@ fn planned(a: &FailoverArgs) -> i32 {
         eprintln!("vdrep: --planned needs --reverse-to HOST:PORT (this site's receiver, for replicating back)");
         return 2;
     };
+    let domain = match &a.domain {
+        None => None,
+        Some(d) => match a
+            .network_map
+            .as_deref()
+            .map(crate::failover::domain::parse_network_map)
+            .transpose()
+        {
+            Ok(m) => Some(crate::roles::domain::DomainStart {
+                name: d.clone(),
+                network_map: m.unwrap_or_default().into_iter().collect(),
+            }),
+            Err(e) => {
+                eprintln!("vdrep: --network-map: {e}");
+                return 2;
+            }
+        },
+    };
     let o = role_change::Planned {
         vm,
         dir: a.dir.as_deref(),
         store: &a.store,
         reverse_to,
         timeout: Duration::from_secs(a.timeout),
+        domain,
     };
-    match role_change::planned(&o, &say) {
-        Ok(r) => {
+    let done = match &o.domain {
+        None => role_change::planned(&o, &say).map(|r| (r, None)),
+        Some(_) => crate::failover::domain::planned(
+            &crate::libvirt::Virsh::new(),
+            &o,
+            Duration::from_secs(a.shutdown_timeout),
+            &say,
+        )
+        .map(|p| (p.report, Some(p.stopped))),
+    };
+    match done {
+        Ok((r, stopped)) => {
             for w in &r.warnings {
                 eprintln!("vdrep: warning: {w}");
             }
             if a.json {
-                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                let mut v = serde_json::to_value(&r).unwrap_or_default();
+                if let (Some(o), Some(st)) = (v.as_object_mut(), stopped) {
+                    o.insert(
+                        "stopped".into(),
+                        serde_json::to_value(st).unwrap_or_default(),
+                    );
+                }
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else {
                 println!(
                     "{vm}: planned failover done: nothing lost (recovery point {}, {} blocks verified equal); now live at {} in {}, replicating back to this site",
@@ -417,6 +461,9 @@ fn planned(a: &FailoverArgs) -> i32 {
                     r.peer,
                     r.live_dir.display()
                 );
+                if let Some(d) = &r.domain {
+                    println!("{vm}: domain {d} started at {}", r.peer);
+                }
                 for d in &r.live_disks {
                     println!("{}", d.display());
                 }
@@ -425,7 +472,10 @@ fn planned(a: &FailoverArgs) -> i32 {
         }
         Err(e) => {
             eprintln!("vdrep: planned failover of {vm} failed: {e}");
-            1
+            match e.kind() {
+                FailoverErrorKind::Refused | FailoverErrorKind::Invalid => 2,
+                _ => 1,
+            }
         }
     }
 }

@@ -384,8 +384,15 @@ pub enum Cmd {
     /// source (as of a fresh cut) with the receiver's newest point without
     /// shipping data. Prints the differing byte ranges; exit status 1 if
     /// any differ, 0 if the replica is identical.
+    ///
+    /// With --boot (at the replica site): boot verification of a libvirt
+    /// domain's recovery point: a test failover of it on the isolated
+    /// network, wait for --marker on its serial console, keep the result
+    /// with the point (`vdrep points` shows it), remove the test failover.
+    /// Exit status 1 if the point failed to boot.
     Verify {
-        /// VM name (protected from a running mount).
+        /// VM name (protected from a running mount); with --boot, the
+        /// libvirt domain (and VM) name.
         name: String,
         /// Give up waiting after this many seconds.
         #[arg(long, default_value_t = 86400)]
@@ -393,6 +400,22 @@ pub enum Cmd {
         /// Print the differing ranges per disk as JSON.
         #[arg(long)]
         json: bool,
+        /// Boot verification of a point (see above).
+        #[arg(long, requires = "store")]
+        boot: bool,
+        /// With --boot: the receiver's store folder.
+        #[arg(long)]
+        store: Option<PathBuf>,
+        /// With --boot: the point (`latest` by default; as for failover).
+        #[arg(long, requires = "boot")]
+        point: Option<String>,
+        /// With --boot: the text the guest prints on its serial console
+        /// once it is up.
+        #[arg(long, requires = "boot", default_value = "login:")]
+        marker: String,
+        /// With --boot: seconds to wait for the marker.
+        #[arg(long, requires = "boot", default_value_t = 300)]
+        boot_timeout: u64,
     },
     /// Benchmark: digest a file's 4 KiB blocks as a resync does, on 1 and
     /// on every core; prints GB/s (the file is read once into memory).
@@ -614,7 +637,17 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
             name,
             timeout,
             json,
-        } => points::verify(&name, timeout, json),
+            boot,
+            store,
+            point,
+            marker,
+            boot_timeout,
+        } => match (boot, store) {
+            (true, Some(store)) => {
+                domain::verify_boot(&name, &store, point.as_deref(), &marker, boot_timeout, json)
+            }
+            _ => points::verify(&name, timeout, json),
+        },
         Cmd::Config {
             cmd: ConfigCmd::Check { content_only },
         } => self::config::check(config, content_only),

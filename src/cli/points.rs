@@ -143,8 +143,17 @@ pub fn points(vm: &str, store: &Path, site: Option<String>, json: bool) -> i32 {
         }
     };
     pts.sort_by_key(|p| std::cmp::Reverse(p.point.cycle));
+    let boots = crate::failover::domain::boot_checks(store, &site, vm);
     if json {
-        let v = serde_json::json!({ "site": site, "vm": vm, "points": pts });
+        let mut list = serde_json::to_value(&pts).unwrap_or_default();
+        if let Some(a) = list.as_array_mut() {
+            for (v, p) in a.iter_mut().zip(&pts) {
+                if let (Some(o), Some(b)) = (v.as_object_mut(), boots.get(&p.point.cycle)) {
+                    o.insert("boot".into(), serde_json::to_value(b).unwrap_or_default());
+                }
+            }
+        }
+        let v = serde_json::json!({ "site": site, "vm": vm, "points": list });
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return 0;
     }
@@ -153,12 +162,12 @@ pub fn points(vm: &str, store: &Path, site: Option<String>, json: bool) -> i32 {
         return 0;
     }
     println!(
-        "{:<21} {:>10} {:>12} {:<12} {:<6} {:<5} DISKS",
-        "TIME (UTC)", "ID", "CHANGED", "CONSISTENCY", "PINNED", "DEF"
+        "{:<21} {:>10} {:>12} {:<12} {:<6} {:<5} {:<6} DISKS",
+        "TIME (UTC)", "ID", "CHANGED", "CONSISTENCY", "PINNED", "DEF", "BOOT"
     );
     for p in &pts {
         println!(
-            "{:<21} {:>10} {:>12} {:<12} {:<6} {:<5} {}",
+            "{:<21} {:>10} {:>12} {:<12} {:<6} {:<5} {:<6} {}",
             format_utc(p.point.time_unix_ns),
             p.point.cycle,
             if p.point.bytes == 0 {
@@ -172,6 +181,11 @@ pub fn points(vm: &str, store: &Path, site: Option<String>, json: bool) -> i32 {
             },
             if p.pinned { "yes" } else { "" },
             if p.definition.is_some() { "yes" } else { "" },
+            match boots.get(&p.point.cycle) {
+                Some(b) if b.verified => "ok",
+                Some(_) => "FAILED",
+                None => "",
+            },
             p.point.disks.len()
         );
     }

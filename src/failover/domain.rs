@@ -6,7 +6,12 @@
 //!   starts it; cleanup destroys and undefines it (and the network, if this
 //!   made it and nothing else is attached) before the view goes;
 //! - an **unplanned failover** defines the domain itself (same UUID and
-//!   MACs) on the live disks, NICs remapped by a network map, and starts it.
+//!   MACs) on the live disks, NICs remapped by a network map, and starts it;
+//! - a **planned failover** stops the running domain here (ACPI shutdown,
+//!   a timeout, then destroy), runs the planned failover of its disks
+//!   ([`role_change::planned`]), and the other site defines and starts it
+//!   on its live disks from the final point's definition
+//!   ([`crate::roles::domain`]); failback is the same at the other site.
 //!
 //! The definition is, by default, the one replicated with the chosen
 //! recovery point (the configuration the VM had at that cut); a file or the
@@ -19,8 +24,9 @@ use std::path::{Path, PathBuf};
 
 use super::test as testfo;
 use super::{role_change, FailoverError};
-use crate::libvirt::{virsh, Definition, DiskFormat, DiskMove, NetTarget, NicPlan, Rewrite, Virsh};
+use crate::libvirt::{Definition, NetTarget, NicPlan, Rewrite, Virsh};
 use crate::replica::{LiveInfo, ReplicaFormat};
+use crate::roles::domain::{self as rd, disk_moves, file_name};
 use crate::testview::{PointSel, ViewInfo};
 
 type Result<T> = std::result::Result<T, FailoverError>;
@@ -90,6 +96,56 @@ pub fn load(virsh: &Virsh, from: &DefinitionFrom) -> Result<Definition> {
     Ok(Definition::parse(&xml)?)
 }
 
+/// The disk files of domain `domain` that `vdrep protect --domain`
+/// replicates, and warnings (read-only media skipped, no guest agent
+/// channel). Refused, naming the disk and what to do, for a domain that
+/// does not exist ([`crate::libvirt::LibvirtErrorKind::NotFound`]), a disk
+/// that is not a file, or a file not under a running `vdrep mount`
+/// (`tracked` says whether one is).
+pub fn protect_disks(
+    virsh: &Virsh,
+    domain: &str,
+    tracked: &dyn Fn(&Path) -> bool,
+) -> Result<(Vec<PathBuf>, Vec<String>)> {
+    let def = Definition::parse(&virsh.dumpxml(domain)?)?;
+    let mut warnings = Vec::new();
+    let mut disks = Vec::new();
+    for d in &def.disks {
+        if matches!(d.device.as_str(), "cdrom" | "floppy") || d.readonly {
+            warnings.push(format!(
+                "{} {} ({}) of domain {domain} is read-only media: not replicated",
+                d.device, d.target, d.source
+            ));
+            continue;
+        }
+        let Some(file) = d.file.as_ref().filter(|_| d.is_replicated()) else {
+            return Err(FailoverError::Refused(format!(
+                "disk {} is a {} disk ({}), not a file: vdrep replicates disk files under a `vdrep mount`; copy it into a file in the mounted folder (qemu-img convert) and point the domain at that file",
+                d.target, d.kind, d.source
+            )));
+        };
+        if !tracked(file) {
+            return Err(FailoverError::Refused(format!(
+                "disk {} ({}) is not under a running vdrep mount: mount its folder with `vdrep mount DIR --keys KEYDIR`, or move the file into a mounted folder",
+                d.target,
+                file.display()
+            )));
+        }
+        disks.push(file.clone());
+    }
+    if disks.is_empty() {
+        return Err(FailoverError::Refused("it has no disk file".into()));
+    }
+    if !def.agent_channel {
+        warnings.push(format!(
+            "domain {domain} has no guest agent channel ({}): application-consistent points are impossible; add one (<channel type='unix'><target type='virtio' name='{}'/></channel>) and install qemu-guest-agent in the guest",
+            crate::libvirt::definition::AGENT_CHANNEL,
+            crate::libvirt::definition::AGENT_CHANNEL
+        ));
+    }
+    Ok((disks, warnings))
+}
+
 /// The name of the test copy of domain `domain`.
 pub fn test_name(domain: &str) -> String {
     format!("{domain}-test")
@@ -106,68 +162,6 @@ pub struct TestDomain {
     pub network: String,
     /// The network was created for it.
     pub network_created: bool,
-}
-
-/// The format a disk has in the copy: a raw source exposed as a fixed
-/// VHD is `vpc`; otherwise the format the domain uses (raw if unnamed).
-fn copy_format(declared: Option<&str>, replica: ReplicaFormat) -> Result<DiskFormat> {
-    if replica == ReplicaFormat::VhdOfRaw {
-        return Ok(DiskFormat::Vpc);
-    }
-    match declared {
-        None => Ok(DiskFormat::Raw),
-        Some(f) => DiskFormat::parse(f).ok_or_else(|| {
-            FailoverError::Refused(format!(
-                "disk format {f:?} is not one vdrep replicates (raw, qcow2, vpc, vhdx)"
-            ))
-        }),
-    }
-}
-
-fn file_name(p: &Path) -> String {
-    p.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
-
-/// Each replicated disk of `def` -> the file of the same name in `files`
-/// (`name_of` maps a source file name to the name it has there).
-fn disk_moves(
-    def: &Definition,
-    files: &[(String, PathBuf)],
-    name_of: &dyn Fn(&str) -> (String, ReplicaFormat),
-) -> Result<HashMap<PathBuf, DiskMove>> {
-    let mut m = HashMap::new();
-    for d in def.replicated_disks() {
-        let Some(src) = d.file.clone() else { continue };
-        let (want, rf) = name_of(&file_name(&src));
-        let found: Vec<&PathBuf> = files
-            .iter()
-            .filter(|(n, _)| *n == want)
-            .map(|(_, p)| p)
-            .collect();
-        let file = match found.as_slice() {
-            [one] => (*one).clone(),
-            [] => {
-                return Err(FailoverError::Refused(format!(
-                    "disk {} of domain {} ({}) has no replica in this recovery point: protect the domain again (`vdrep protect --domain {}`) so every disk replicates",
-                    d.target,
-                    def.name,
-                    src.display(),
-                    def.name
-                )))
-            }
-            _ => {
-                return Err(FailoverError::Refused(format!(
-                    "disk {} of domain {}: several replicated disks are named {want}",
-                    d.target, def.name
-                )))
-            }
-        };
-        let format = copy_format(d.format.as_deref(), rf)?;
-        m.insert(src, DiskMove { file, format });
-    }
-    Ok(m)
 }
 
 /// Refuse if a test copy of `domain` is defined here.
@@ -320,55 +314,6 @@ pub fn parse_network_map(s: &str) -> Result<HashMap<String, String>> {
     Ok(m)
 }
 
-/// Where a network name leads here: a libvirt network, else a host bridge.
-fn net_target(networks: &[String], name: &str) -> Option<NetTarget> {
-    if networks.iter().any(|n| n == name) {
-        Some(NetTarget::Network(name.to_string()))
-    } else if virsh::host_bridge_exists(name) {
-        Some(NetTarget::Bridge(name.to_string()))
-    } else {
-        None
-    }
-}
-
-/// The NIC plan of `def` at this site under `map`: every NIC must land on
-/// a network or bridge that exists here (refused, naming it, otherwise).
-pub fn plan_nics(
-    virsh: &Virsh,
-    def: &Definition,
-    map: &HashMap<String, String>,
-) -> Result<NicPlan> {
-    let networks = virsh.networks(false)?;
-    let mut plan = HashMap::new();
-    for (from, to) in map {
-        let t = net_target(&networks, to).ok_or_else(|| {
-            FailoverError::Refused(format!(
-                "--network-map {from}={to}: there is no libvirt network or host bridge named {to:?} here (see `virsh net-list --all`)"
-            ))
-        })?;
-        plan.insert(from.clone(), t);
-    }
-    for nic in &def.nics {
-        let Some(src) = nic.source.as_deref() else {
-            continue;
-        };
-        if !matches!(nic.kind.as_str(), "network" | "bridge") || plan.contains_key(src) {
-            continue;
-        }
-        let here = match nic.kind.as_str() {
-            "network" => networks.iter().any(|n| n == src),
-            _ => virsh::host_bridge_exists(src),
-        };
-        if !here {
-            return Err(FailoverError::Refused(format!(
-                "a NIC of {} is on the {} {src:?}, which does not exist here: map it with --network-map {src}=NETWORK",
-                def.name, nic.kind
-            )));
-        }
-    }
-    Ok(NicPlan::Map(plan))
-}
-
 /// What an unplanned domain failover needs besides the point.
 #[derive(Debug, Clone)]
 pub struct UnplannedOptions<'a> {
@@ -399,36 +344,12 @@ pub fn unplanned(virsh: &Virsh, o: &UnplannedOptions<'_>) -> Result<(LiveInfo, S
         PointSel::Cycle { cycle } => Some(cycle),
         _ => o.point,
     };
-    if virsh.domain_running(&def.name)? {
-        return Err(FailoverError::Refused(format!(
-            "domain {} is running at this site: it cannot be started here twice",
-            def.name
-        )));
-    }
-    let nics = plan_nics(virsh, &def, o.network_map)?;
+    let nics = rd::check_start(virsh, &def, o.network_map)?;
     let live = role_change::unplanned(o.store, o.site, o.vm, point)?;
-    let started = (|| -> Result<String> {
-        let files: Vec<(String, PathBuf)> = live
-            .disks
-            .iter()
-            .map(|d| (d.name.clone(), d.path.clone()))
-            .collect();
-        let disks = disk_moves(&def, &files, &|n| (n.to_string(), ReplicaFormat::Raw))?;
-        let rw = Rewrite {
-            name: None,
-            new_identity: false,
-            disks,
-            nics,
-            console_log: None,
-            metadata: vec![],
-        };
-        virsh.define(&rw.apply(&def)?)?;
-        virsh.start(&def.name)?;
-        Ok(def.name.clone())
-    })();
+    let started = rd::start_on_live(virsh, &def, &live, nics);
     match started {
         Ok(n) => Ok((live, n)),
-        Err(e) => Err(e.noted(format!(
+        Err(e) => Err(FailoverError::from(e).noted(format!(
             "the disks are live in {} (the failover itself is done): define and start the domain on them by hand, or cancel with `vdrep failover {} --cancel`",
             live.dir.display(),
             o.vm
@@ -462,6 +383,196 @@ pub fn remove_failed_over(virsh: &Virsh, domain: &str, live_root: &Path) -> Resu
     Ok(true)
 }
 
+/// What a domain's planned failover did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PlannedDomain {
+    /// How the domain was stopped here.
+    pub stopped: rd::Stopped,
+    #[serde(flatten)]
+    pub report: role_change::PlannedReport,
+}
+
+/// Planned failover of domain `o.domain` (which must be set): stop it
+/// here (an ACPI shutdown, up to `shutdown_timeout`, then destroy), then
+/// the planned failover of its disks, at whose end the other site starts
+/// it. If the failover is abandoned while the VM is still active here
+/// (its mount still protects it), the domain is started here again.
+pub fn planned(
+    virsh: &Virsh,
+    o: &role_change::Planned<'_>,
+    shutdown_timeout: std::time::Duration,
+    say: &dyn Fn(&str),
+) -> Result<PlannedDomain> {
+    let Some(d) = &o.domain else {
+        return Err(FailoverError::Invalid(
+            "a domain's planned failover needs the domain's name".into(),
+        ));
+    };
+    if !virsh.domain_exists(&d.name)? {
+        return Err(FailoverError::Refused(format!(
+            "no libvirt domain named {:?} here (see `virsh list --all`): nothing to fail over",
+            d.name
+        )));
+    }
+    let was_running = virsh.domain_running(&d.name)?;
+    let stopped = rd::stop(virsh, &d.name, shutdown_timeout)?;
+    match stopped {
+        rd::Stopped::NotRunning => say(&format!("domain {} was not running", d.name)),
+        rd::Stopped::Clean(t) => say(&format!(
+            "domain {} shut down cleanly in {:.1} s",
+            d.name,
+            t.as_secs_f64()
+        )),
+        rd::Stopped::Destroyed => say(&format!(
+            "domain {} did not shut down within {} s: destroyed (powered off)",
+            d.name,
+            shutdown_timeout.as_secs()
+        )),
+    }
+    match role_change::planned(o, say) {
+        Ok(report) => Ok(PlannedDomain { stopped, report }),
+        Err(e) => {
+            let active_here = crate::daemon::control::mount_of_vm(o.vm).is_some();
+            if !(was_running && active_here) {
+                return Err(e);
+            }
+            let note = match virsh.start(&d.name) {
+                Ok(()) => format!("(domain {} was started here again)", d.name),
+                Err(s) => format!(
+                    "(starting domain {} here again failed too: {s}; `virsh start {}`)",
+                    d.name, d.name
+                ),
+            };
+            Err(e.noted(note))
+        }
+    }
+}
+
+/// The result of booting a recovery point ([`verify_boot`]), kept per
+/// point in `STORE/verify/SITE/VM/CYCLE.json` and shown by `points`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct BootCheck {
+    pub cycle: u64,
+    /// The guest showed the marker.
+    pub verified: bool,
+    /// Seconds from the start of the test failover to the marker (or to
+    /// the failure).
+    pub secs: f64,
+    /// When the check ran (ns since the epoch).
+    pub at_unix_ns: u64,
+    /// Why it failed and the console's last lines (empty if verified).
+    pub detail: String,
+}
+
+fn boot_check_dir(store: &Path, site: &str, vm: &str) -> PathBuf {
+    store.join("verify").join(site).join(vm)
+}
+
+/// The boot checks kept for `vm` of `site`, by cycle (none if never run).
+pub fn boot_checks(store: &Path, site: &str, vm: &str) -> HashMap<u64, BootCheck> {
+    let Ok(rd) = std::fs::read_dir(boot_check_dir(store, site, vm)) else {
+        return HashMap::new();
+    };
+    rd.flatten()
+        .filter_map(|e| std::fs::read(e.path()).ok())
+        .filter_map(|b| serde_json::from_slice::<BootCheck>(&b).ok())
+        .map(|c| (c.cycle, c))
+        .collect()
+}
+
+/// The last `n` lines of `text`.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Boot verification of a point: a test failover of it on the isolated
+/// network, then wait (up to `timeout`) for `marker` on the copy's serial
+/// console; the result is kept with the point (verified, or failed with
+/// the console's tail) and the test failover removed again. A point whose
+/// copy cannot even start is recorded as failed too.
+pub fn verify_boot(
+    virsh: &Virsh,
+    o: &TestOptions<'_>,
+    marker: &str,
+    timeout: std::time::Duration,
+) -> Result<BootCheck> {
+    let t0 = std::time::Instant::now();
+    let (site, pts) = testfo::points(o.store, o.site.clone(), o.vm)?;
+    let (def, point) = load_for(
+        virsh,
+        o.definition,
+        o.store,
+        Some(site.clone()),
+        o.vm,
+        o.point,
+    )?;
+    let PointSel::Cycle { cycle } = point else {
+        return Err(FailoverError::Invalid(format!(
+            "{} has no such recovery point ({} kept): see `vdrep points {}`",
+            o.vm,
+            pts.len(),
+            o.vm
+        )));
+    };
+    let run = TestOptions {
+        site: Some(site.clone()),
+        point,
+        ..o.clone()
+    };
+    let (verified, detail) = match test_failover(virsh, &run) {
+        Err(e) => (false, format!("the test copy did not start: {e}")),
+        Ok((view, t)) => {
+            let outcome = loop {
+                let console = std::fs::read_to_string(&t.console_log).unwrap_or_default();
+                if console.contains(marker) {
+                    break (true, String::new());
+                }
+                let why = if !virsh.domain_running(&t.domain)? {
+                    "the guest stopped before showing the marker"
+                } else if t0.elapsed() > timeout {
+                    "no marker within the timeout"
+                } else {
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                    continue;
+                };
+                // Read again: the marker may have come with the stop.
+                let console = std::fs::read_to_string(&t.console_log).unwrap_or_default();
+                if console.contains(marker) {
+                    break (true, String::new());
+                }
+                break (
+                    false,
+                    format!("{why} ({marker:?}); console tail:\n{}", tail(&console, 15)),
+                );
+            };
+            cleanup_test_copy(virsh, &def.name)?;
+            testfo::cleanup(o.store, Some(view.site.clone()), o.vm)?;
+            outcome
+        }
+    };
+    let check = BootCheck {
+        cycle,
+        verified,
+        secs: t0.elapsed().as_secs_f64(),
+        at_unix_ns: crate::util::now_ns(),
+        detail,
+    };
+    let dir = boot_check_dir(o.store, &site, o.vm);
+    let saved = std::fs::create_dir_all(&dir).and_then(|()| {
+        let tmp = dir.join(format!(".{cycle}.json.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&check).unwrap_or_default())?;
+        std::fs::rename(&tmp, dir.join(format!("{cycle}.json")))
+    });
+    saved.map_err(|e| {
+        FailoverError::Store(format!(
+            "keeping the boot check of point {cycle} in {}: {e}",
+            dir.display()
+        ))
+    })?;
+    Ok(check)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -478,44 +589,5 @@ mod tests {
             let e = parse_network_map(bad).unwrap_err();
             assert_eq!(e.kind(), FailoverErrorKind::Invalid, "{bad:?}");
         }
-    }
-
-    #[test]
-    fn a_raw_source_exposed_as_vhd_is_vpc_and_others_keep_their_format() {
-        let f = |d: Option<&str>, r| copy_format(d, r).map_err(|e| e.kind());
-        assert_eq!(f(Some("raw"), ReplicaFormat::VhdOfRaw), Ok(DiskFormat::Vpc));
-        assert_eq!(f(None, ReplicaFormat::VhdOfRaw), Ok(DiskFormat::Vpc));
-        assert_eq!(f(Some("qcow2"), ReplicaFormat::Raw), Ok(DiskFormat::Qcow2));
-        assert_eq!(f(Some("vpc"), ReplicaFormat::Raw), Ok(DiskFormat::Vpc));
-        assert_eq!(f(None, ReplicaFormat::Raw), Ok(DiskFormat::Raw));
-        assert_eq!(
-            f(Some("vmdk"), ReplicaFormat::Raw),
-            Err(FailoverErrorKind::Refused)
-        );
-    }
-
-    #[test]
-    fn disks_are_matched_by_file_name_and_a_missing_one_is_refused() {
-        let xml = "<domain><name>w</name><devices>\
-            <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/a/os.qcow2'/><target dev='vda'/></disk>\
-            <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='/a/data.img'/><target dev='vdb'/></disk>\
-            </devices></domain>";
-        let def = Definition::parse(xml).unwrap();
-        let view = |n: &str| {
-            let (f, name) = ReplicaFormat::for_source(n);
-            (name, f)
-        };
-        let files = vec![
-            ("os.qcow2".to_string(), PathBuf::from("/v/os.qcow2")),
-            ("data.vhd".to_string(), PathBuf::from("/v/data.vhd")),
-        ];
-        let m = disk_moves(&def, &files, &view).unwrap();
-        assert_eq!(m[Path::new("/a/os.qcow2")].file, Path::new("/v/os.qcow2"));
-        assert_eq!(m[Path::new("/a/os.qcow2")].format, DiskFormat::Qcow2);
-        assert_eq!(m[Path::new("/a/data.img")].file, Path::new("/v/data.vhd"));
-        assert_eq!(m[Path::new("/a/data.img")].format, DiskFormat::Vpc);
-        let e = disk_moves(&def, &files[..1], &view).unwrap_err();
-        assert_eq!(e.kind(), FailoverErrorKind::Refused);
-        assert!(e.to_string().contains("vdb"), "{e}");
     }
 }

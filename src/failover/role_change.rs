@@ -10,6 +10,7 @@ use std::time::Duration;
 use super::FailoverError;
 use crate::daemon::control::{self, call_ok, FenceReport, Request};
 use crate::receiver::control::{self as rctl, call_ok as rcall_ok};
+use crate::roles::domain::DomainStart;
 use crate::roles::{admin_call, AdminReply, AdminRequest, Adoption, Origin};
 
 type Result<T> = std::result::Result<T, FailoverError>;
@@ -108,6 +109,9 @@ pub struct Planned<'a> {
     /// This site's receiver address as the other site reaches it.
     pub reverse_to: &'a str,
     pub timeout: Duration,
+    /// Start this domain at the other site on the live disks, from the
+    /// final point's definition (checked there before anything changes).
+    pub domain: Option<DomainStart>,
 }
 
 /// What a planned failover did.
@@ -120,6 +124,8 @@ pub struct PlannedReport {
     pub live_disks: Vec<PathBuf>,
     pub verified_blocks: u64,
     pub warnings: Vec<String>,
+    /// The domain started at the other site.
+    pub domain: Option<String>,
 }
 
 /// Planned failover from this (active) site to the other one. See the
@@ -147,8 +153,15 @@ pub fn planned(o: &Planned<'_>, say: &dyn Fn(&str)) -> Result<PlannedReport> {
         "fenced {vm}: writes to its disks now fail (EROFS)"
     ));
     // The other site must be reachable and not already running the VM.
-    let (peer, live) = ask_peer(&keys, &rep, &AdminRequest::Live { vm: vm.into() })
-        .map_err(|e| undo_fence(e.into()))?;
+    let (peer, live) = ask_peer(
+        &keys,
+        &rep,
+        &AdminRequest::Live {
+            vm: vm.into(),
+            domain: o.domain.clone(),
+        },
+    )
+    .map_err(|e| undo_fence(e.into()))?;
     if let Some(l) = live.live {
         return Err(undo_fence(FailoverError::Refused(format!(
             "{vm} is already live at {peer} ({}); fail it back from there",
@@ -250,6 +263,7 @@ pub fn planned(o: &Planned<'_>, say: &dyn Fn(&str)) -> Result<PlannedReport> {
             every_secs: rep.spec.every_secs,
             max_rate: rep.spec.max_rate,
             policy: crate::roles::ResyncPolicy::of(&rep.spec),
+            domain: o.domain.clone(),
         },
     )
     .map_err(|e| {
@@ -266,6 +280,7 @@ pub fn planned(o: &Planned<'_>, say: &dyn Fn(&str)) -> Result<PlannedReport> {
         live_dir: live.dir,
         verified_blocks: verified,
         warnings: ans.warnings,
+        domain: ans.domain,
     })
 }
 
@@ -392,8 +407,15 @@ pub fn reverse(o: &Reverse<'_>, say: &dyn Fn(&str)) -> Result<(String, crate::re
             dir.display()
         )))
     })?;
-    let (peer, ans) = ask_peer(&keys, &rep, &AdminRequest::Live { vm: vm.into() })
-        .map_err(|e| unfence(e.into()))?;
+    let (peer, ans) = ask_peer(
+        &keys,
+        &rep,
+        &AdminRequest::Live {
+            vm: vm.into(),
+            domain: None,
+        },
+    )
+    .map_err(|e| unfence(e.into()))?;
     let Some(live) = ans.live else {
         return Err(unfence(FailoverError::Refused(format!(
             "{vm} is not live at {peer}: there is nothing to reverse (this site is still the primary)"

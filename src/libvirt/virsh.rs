@@ -133,6 +133,12 @@ impl Virsh {
         self.run(&["start", name]).map(|_| ())
     }
 
+    /// Ask domain `name` to shut down (libvirt's default mode: the guest
+    /// agent if it answers, else ACPI); returns at once.
+    pub fn shutdown(&self, name: &str) -> Result<(), LibvirtError> {
+        self.run(&["shutdown", name]).map(|_| ())
+    }
+
     /// Stop domain `name` at once (power off), if it runs.
     pub fn destroy(&self, name: &str) -> Result<(), LibvirtError> {
         if self.domain_running(name)? {

@@ -158,7 +158,7 @@ impl Server {
                     Ok(s) => s,
                     Err(refused) => return *refused,
                 };
-                match crate::roles::promote_local(&self.roles, &site, &vm, point, None) {
+                match crate::roles::promote_local(&self.roles, &site, &vm, point, None, None) {
                     Ok(a) => Response {
                         site: Some(site),
                         live: a.live,

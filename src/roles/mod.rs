@@ -32,6 +32,8 @@
 //! operator's procedures that drive them (`vdrep failover --planned`, ...)
 //! are [`crate::failover::role_change`].
 
+pub mod domain;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -41,6 +43,7 @@ use serde::{Deserialize, Serialize};
 use crate::daemon::control::{self as mount_ctl};
 use crate::daemon::DaemonError;
 use crate::ipc::CallError;
+use crate::libvirt::{Definition, LibvirtError, LibvirtErrorKind, Virsh};
 use crate::replica::{self, LiveInfo, Store, StoreError};
 use crate::sender::ProtectSpec;
 use crate::tracking::seed::{seed, SeedDisk, SeedError};
@@ -51,8 +54,14 @@ use crate::tracking::seed::{seed, SeedDisk, SeedError};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum AdminRequest {
-    /// Where is `vm` live at the receiver (nothing changes)?
-    Live { vm: String },
+    /// Where is `vm` live at the receiver (nothing changes)? With
+    /// `domain`, also check that the domain could be started there from
+    /// the newest point's definition (refused, naming why, if not).
+    Live {
+        vm: String,
+        #[serde(default)]
+        domain: Option<domain::DomainStart>,
+    },
     /// Make the receiver's replica of `vm` (at `point`; newest if `None`)
     /// the VM's live disks there, mount them and, with `reverse_to`,
     /// protect them back to that receiver address.
@@ -64,6 +73,10 @@ pub enum AdminRequest {
         max_rate: u64,
         #[serde(default)]
         policy: ResyncPolicy,
+        /// Define and start this domain on the live disks, from the
+        /// promoted point's definition, and replicate its definition back.
+        #[serde(default)]
+        domain: Option<domain::DomainStart>,
     },
     /// Protect the live `vm` back to the receiver at `to`.
     Reverse {
@@ -108,6 +121,9 @@ pub struct AdminReply {
     pub live: Option<LiveInfo>,
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// The domain started on the live disks ([`domain::DomainStart`]).
+    #[serde(default)]
+    pub domain: Option<String>,
 }
 
 /// Where adopted disks lived (kept in the store as `origin.json`), so a
@@ -150,6 +166,9 @@ pub enum RoleError {
     /// Seeding the tracking state of live disks failed.
     #[error(transparent)]
     Seed(#[from] SeedError),
+    /// libvirt refused or failed (a domain started on the live disks).
+    #[error(transparent)]
+    Libvirt(#[from] LibvirtError),
     /// Refused in the VM's current state; nothing was changed.
     #[error("{0}")]
     Refused(String),
@@ -185,6 +204,12 @@ impl RoleError {
         match self {
             RoleError::Store(_) | RoleError::Seed(_) | RoleError::Io(_) => RoleErrorKind::Local,
             RoleError::Mount(_) | RoleError::Daemon(_) => RoleErrorKind::Mount,
+            RoleError::Libvirt(e) => match e.kind() {
+                LibvirtErrorKind::NotFound
+                | LibvirtErrorKind::Refused
+                | LibvirtErrorKind::Invalid => RoleErrorKind::Refused,
+                LibvirtErrorKind::Unavailable | LibvirtErrorKind::Failed => RoleErrorKind::Local,
+            },
             RoleError::Refused(_) => RoleErrorKind::Refused,
             RoleError::Peer(_) => RoleErrorKind::Peer,
             RoleError::Partial(_) => RoleErrorKind::Partial,
@@ -203,10 +228,15 @@ fn peer(e: impl std::fmt::Display) -> RoleError {
 pub fn handle_admin(ctx: &ReceiverCtx, site: &str, req: AdminRequest) -> RoleResult<AdminReply> {
     let s = ctx.store.site(site).map_err(RoleError::from)?;
     match req {
-        AdminRequest::Live { vm } => Ok(AdminReply {
-            live: s.live(&vm).ok().flatten(),
-            warnings: Vec::new(),
-        }),
+        AdminRequest::Live { vm, domain } => {
+            if let Some(d) = &domain {
+                domain_for(&s, &vm, None, d)?;
+            }
+            Ok(AdminReply {
+                live: s.live(&vm).ok().flatten(),
+                ..AdminReply::default()
+            })
+        }
         AdminRequest::Promote {
             vm,
             point,
@@ -214,9 +244,10 @@ pub fn handle_admin(ctx: &ReceiverCtx, site: &str, req: AdminRequest) -> RoleRes
             every_secs,
             max_rate,
             policy,
+            domain,
         } => {
             let reverse = reverse_to.map(|to| (to, every_secs, max_rate, policy));
-            promote_local(ctx, site, &vm, point, reverse)
+            promote_local(ctx, site, &vm, point, reverse, domain.as_ref())
         }
         AdminRequest::Reverse {
             vm,
@@ -230,13 +261,49 @@ pub fn handle_admin(ctx: &ReceiverCtx, site: &str, req: AdminRequest) -> RoleRes
                     "{vm} is not live at this site: there is nothing to replicate back"
                 )));
             };
-            let warnings = protect_live(ctx, &vm, &live, &to, every_secs, max_rate, &policy)?;
+            let warnings =
+                protect_live(ctx, &vm, &live, &to, (every_secs, max_rate, &policy), None)?;
             Ok(AdminReply {
                 live: Some(live),
                 warnings,
+                domain: None,
             })
         }
     }
+}
+
+/// The definition and NIC plan to start domain `d` from point `point`
+/// (newest if `None`) of `vm`: the point's replicated definition, else
+/// the local libvirt's (a VM protected by its disk files); checked (not
+/// running here, every NIC lands on a network here) before anything
+/// changes.
+fn domain_for(
+    s: &replica::Site<'_>,
+    vm: &str,
+    point: Option<u64>,
+    d: &domain::DomainStart,
+) -> RoleResult<(Definition, crate::libvirt::NicPlan)> {
+    let virsh = Virsh::new();
+    let cycle = match point {
+        Some(c) => Some(c),
+        None => s.points(vm)?.iter().map(|p| p.cycle).max(),
+    };
+    let xml = match cycle {
+        Some(c) => s.definition(vm, c)?,
+        None => None,
+    };
+    let def = match xml {
+        Some(x) => Definition::parse(&x)?,
+        None => Definition::parse(&virsh.dumpxml(&d.name)?)?,
+    };
+    if def.name != d.name {
+        return Err(RoleError::Refused(format!(
+            "the definition replicated with {vm} is of domain {}, not {}: name that domain",
+            def.name, d.name
+        )));
+    }
+    let nics = domain::check_start(&virsh, &def, &d.network_map)?;
+    Ok((def, nics))
 }
 
 use mount_ctl::is_mounted;
@@ -250,8 +317,12 @@ pub fn promote_local(
     vm: &str,
     point: Option<u64>,
     reverse: Option<(String, u64, u64, ResyncPolicy)>,
+    start: Option<&domain::DomainStart>,
 ) -> RoleResult<AdminReply> {
     let s = ctx.store.site(site).map_err(RoleError::from)?;
+    // Read and check before anything changes (the point's definition
+    // goes with the point).
+    let dom = start.map(|d| domain_for(&s, vm, point, d)).transpose()?;
     let origin: Option<Origin> = s
         .origin(vm)
         .map_err(RoleError::from)?
@@ -346,12 +417,31 @@ pub fn promote_local(
         crate::daemon::spawn(&dest, &keys, block_size)?;
     }
     let mut warnings = Vec::new();
+    // The domain starts before the protection back, so that every point
+    // of that direction carries its definition; a domain that fails to
+    // start leaves the disks live and replicating (a warning says what to
+    // do).
+    let mut started = None;
+    if let Some((def, nics)) = dom {
+        match domain::start_on_live(&Virsh::new(), &def, &live, nics) {
+            Ok(n) => started = Some(n),
+            Err(e) => warnings.push(format!(
+                "{vm} is live in {} from point {}, but its domain {} was not started: {e}; define and start it by hand (`virsh define`, `virsh start {}`)",
+                live.dir.display(),
+                live.cycle,
+                def.name,
+                def.name
+            )),
+        }
+    }
     if let Some((to, every, rate, policy)) = reverse {
-        warnings = protect_live(ctx, vm, &live, &to, every, rate, &policy)?;
+        let w = protect_live(ctx, vm, &live, &to, (every, rate, &policy), started.clone())?;
+        warnings.extend(w);
     }
     Ok(AdminReply {
         live: Some(live),
         warnings,
+        domain: started,
     })
 }
 
@@ -536,9 +626,8 @@ fn protect_live(
     vm: &str,
     live: &LiveInfo,
     to: &str,
-    every_secs: u64,
-    max_rate: u64,
-    policy: &ResyncPolicy,
+    (every_secs, max_rate, policy): (u64, u64, &ResyncPolicy),
+    domain: Option<String>,
 ) -> RoleResult<Vec<String>> {
     let disks: Vec<String> = live
         .disks
@@ -559,9 +648,10 @@ fn protect_live(
         // The primary's quiesce command need not work at this site.
         app_hook: None,
         rpo_alert_secs: 0,
-        // The domain, if any, is defined at this site by the failover; its
-        // disks are the live files protected here.
-        domain: None,
+        // The domain a planned failover started on these disks: its
+        // definition goes with every point of this direction, so a
+        // failback starts it from the final point's definition too.
+        domain,
         retry: Default::default(),
     };
     let r = mount_ctl::call(

@@ -63,6 +63,35 @@ fn pid_of(pidfile: &str) -> Option<i32> {
         .map(|()| pid)
 }
 
+/// Give /dev/kvm the group and mode Debian's udev rule gives it (`kvm`,
+/// 0660) when no udev did (root:root 0600 here). Otherwise libvirt finds
+/// KVM "not usable" for its QEMU user while its capability probe (run with
+/// root's access) saw KVM, so it finds its cached capabilities outdated
+/// on every lookup and probes QEMU again: each define and start cost
+/// 60-85 s on a loaded host (kernel-notes/libvirt.md). The test domains
+/// are TCG (`type='qemu'`) either way.
+fn kvm_device_for_libvirt() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dev = Path::new("/dev/kvm");
+    let Ok(m) = std::fs::metadata(dev) else {
+        return;
+    };
+    if m.gid() != 0 || m.mode() & 0o777 != 0o600 {
+        return;
+    }
+    let kvm = Command::new("getent").args(["group", "kvm"]).output();
+    let Some(gid) = kvm.ok().and_then(|o| {
+        String::from_utf8_lossy(&o.stdout)
+            .split(':')
+            .nth(2)
+            .and_then(|g| g.trim().parse::<u32>().ok())
+    }) else {
+        return;
+    };
+    let _ = std::os::unix::fs::chown(dev, None, Some(gid));
+    let _ = std::fs::set_permissions(dev, std::fs::Permissions::from_mode(0o660));
+}
+
 /// The libvirt daemons, held for one test.
 pub struct Libvirt {
     _lock: nix::fcntl::Flock<File>,
@@ -85,6 +114,7 @@ impl Libvirt {
         if !nix::unistd::geteuid().is_root() {
             return Err("not root (the system libvirtd needs root)".into());
         }
+        kvm_device_for_libvirt();
         let file = File::create(LOCK).map_err(|e| format!("{LOCK}: {e}"))?;
         let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
             .map_err(|(_, e)| format!("locking {LOCK}: {e}"))?;
