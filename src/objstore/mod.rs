@@ -21,12 +21,15 @@
 //!   object sealed; opening checks endpoint, key, bucket and prefix.
 //! - [`fence`]: writer fencing by generation with unique names only (no
 //!   conditional put needed): claims, start markers, who owns a cycle.
+//! - [`cache`]: the size-bounded local cache of opened objects that lazy
+//!   reads (a test failover straight from the bucket) go through.
 //! - [`point`]: recovery points in a bucket: sealed chunks, manifests
 //!   written last, fenced writers, chunk-by-chunk point reads.
 //! - [`StoreUrl`], [`Credentials`] (`config.rs`): `s3://bucket/prefix`, the
 //!   credentials file and the `AWS_*` environment variables.
 
 mod bucket;
+pub mod cache;
 mod config;
 pub mod envelope;
 mod error;
