@@ -305,3 +305,17 @@ mod tests {
         assert_eq!(syslog_priority(tracing::Level::DEBUG), 7);
     }
 }
+
+/// SIGTERM, SIGINT and SIGHUP: what stops a vdrep daemon (blocked in every
+/// thread, taken by the main thread with `wait`).
+pub fn termination_signals() -> nix::sys::signal::SigSet {
+    let mut sigs = nix::sys::signal::SigSet::empty();
+    for s in [
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGHUP,
+    ] {
+        sigs.add(s);
+    }
+    sigs
+}

@@ -241,6 +241,20 @@ impl BucketStore {
         self
     }
 
+    /// The sites that replicate a VM named `vm` into the bucket (from the
+    /// `vmreg/` registrations: no listing of the data).
+    pub fn sites_of(&self, vm: &str) -> Vec<String> {
+        let mut sites: Vec<String> = self
+            .vms()
+            .into_iter()
+            .filter(|(_, v)| v == vm)
+            .map(|(s, _)| s)
+            .collect();
+        sites.sort();
+        sites.dedup();
+        sites
+    }
+
     /// The bucket (for readers that share it).
     pub fn bucket(&self) -> &Arc<SealedBucket> {
         &self.bucket

@@ -18,7 +18,12 @@
 //! [`Views::clean_stale`] (receiver start) does the same for views left by
 //! a receiver that died: their FUSE mounts are dead (`ENOTCONN`) and are
 //! detached lazily.
+//!
+//! [`bucket`]: the same view of a point in an `s3://` store, served by a
+//! process of its own on a machine with no replica state (reads fetch only
+//! the objects they touch, through a bounded local cache).
 
+pub mod bucket;
 pub mod view;
 
 use std::collections::HashMap;
