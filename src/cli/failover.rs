@@ -461,7 +461,9 @@ fn bucket_failover(a: &FailoverArgs, url: &StoreUrl) -> Out {
     };
     let t0 = std::time::Instant::now();
     let view = match bucket::expose(&v, || {
-        super::objstore::open_bucket(url, &a.s3).map(std::sync::Arc::new)
+        super::objstore::open_bucket(url, &a.s3)
+            .map(std::sync::Arc::new)
+            .map_err(crate::testview::ViewError::Io)
     }) {
         Ok(v) => v,
         Err(e) => return out.fail(1, format!("vdrep: test failover of {vm} from {url}: {e}")),

@@ -225,7 +225,7 @@ mod tests {
 
     fn bucket() -> (Arc<MemClient>, SealedBucket) {
         let mem = Arc::new(MemClient::new());
-        let url = StoreUrl::parse("s3://b/p").unwrap().unwrap();
+        let url = StoreUrl::parse("s3://bkt/p").unwrap().unwrap();
         let b = SealedBucket::open(mem.clone(), url, EncryptionKey::from_bytes(&[3; 32])).unwrap();
         (mem, b)
     }

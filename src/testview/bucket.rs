@@ -114,7 +114,7 @@ fn live_pid(scratch: &Path) -> Option<i32> {
 /// Call it while the process is single-threaded.
 pub fn expose(
     v: &BucketView,
-    open: impl FnOnce() -> Result<Arc<SealedBucket>, String>,
+    open: impl FnOnce() -> Result<Arc<SealedBucket>, ViewError>,
 ) -> Result<ViewInfo, ViewError> {
     let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| ViewError::Io(format!("cannot create a pipe: {e}")))?;
@@ -169,7 +169,7 @@ fn refusal(e: &ViewError) -> String {
 /// The view process: returns its exit code.
 fn serve(
     v: &BucketView,
-    open: impl FnOnce() -> Result<Arc<SealedBucket>, String>,
+    open: impl FnOnce() -> Result<Arc<SealedBucket>, ViewError>,
     ready: OwnedFd,
 ) -> i32 {
     let mut ready = Some(ready);
@@ -265,10 +265,10 @@ fn serve(
 /// Open the bucket, pick the point, mount the view.
 fn start(
     v: &BucketView,
-    open: impl FnOnce() -> Result<Arc<SealedBucket>, String>,
+    open: impl FnOnce() -> Result<Arc<SealedBucket>, ViewError>,
 ) -> Result<(super::Active, Arc<ObjectCache>), ViewError> {
     crate::replica::validate_name("vm", &v.vm).map_err(|e| ViewError::NotFound(e.to_string()))?;
-    let bucket = open().map_err(ViewError::Io)?;
+    let bucket = open()?;
     let url = bucket.url().to_string();
     let store = BucketStore::open(bucket, &v.root.join(FAILOVER_DIR).join(".spool"))?;
     let site = match &v.site {
