@@ -196,7 +196,9 @@ fn receive_from_a_bucket_and_take_over_without_resync() {
     // Failover straight from the bucket, from a folder with no state.
     let mut flags = s3_flags("dr");
     flags.extend(["--point".to_string(), c2.to_string()]);
+    let t = std::time::Instant::now();
     test_failover_from_the_bucket(&url_s, &flags, &lister, &at_c2, &site.p("dr"));
+    eprintln!("the failover from the bucket took {:?}", t.elapsed());
     m.umount();
 }
 
