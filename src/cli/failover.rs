@@ -443,6 +443,11 @@ fn bucket_failover(a: &FailoverArgs, url: &StoreUrl) -> Out {
         .cache
         .clone()
         .unwrap_or_else(|| super::objstore::default_cache(url));
+    // The view process and a later --cleanup must agree on it.
+    let root = match std::path::absolute(&root) {
+        Ok(r) => r,
+        Err(e) => return out.fail(2, format!("vdrep: --cache {}: {e}", root.display())),
+    };
     let vm = a.vm();
     if m.cleanup {
         return bucket_cleanup(a, out, &root);
