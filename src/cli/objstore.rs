@@ -99,7 +99,7 @@ pub fn points(vm: &str, url: &StoreUrl, site: Option<String>, a: &S3Args, json: 
         let site = match site {
             Some(s) => s,
             None => {
-                let mut sites = st.sites_of(vm);
+                let mut sites = st.sites_of(vm).map_err(|e| e.to_string())?;
                 match sites.len() {
                     1 => sites.remove(0),
                     0 => return Err(format!("{url}: no points of VM {vm:?} from any site")),

@@ -241,18 +241,31 @@ impl BucketStore {
         self
     }
 
-    /// The sites that replicate a VM named `vm` into the bucket (from the
-    /// `vmreg/` registrations: no listing of the data).
-    pub fn sites_of(&self, vm: &str) -> Vec<String> {
+    /// The sites that replicate a VM named `vm` into the bucket: from the
+    /// `vmreg/` registrations (no listing of the data), else (points
+    /// written by [`point::VmWriter`], which registers nothing) from the
+    /// manifests' folders.
+    pub fn sites_of(&self, vm: &str) -> Result<Vec<String>> {
         let mut sites: Vec<String> = self
             .vms()
             .into_iter()
             .filter(|(_, v)| v == vm)
             .map(|(s, _)| s)
             .collect();
+        if sites.is_empty() {
+            sites = point::sites_of(&self.bucket, vm).map_err(|e| match e {
+                point::PointError::Bucket(b) => {
+                    self.obj_err(&Ctx::default(), &format!("listing the sites of {vm}"), b)
+                }
+                e => StoreError::BadState {
+                    path: PathBuf::from(self.bucket.url().to_string()),
+                    what: format!("listing the sites of {vm}: {e}"),
+                },
+            })?;
+        }
         sites.sort();
         sites.dedup();
-        sites
+        Ok(sites)
     }
 
     /// The bucket (for readers that share it).

@@ -274,7 +274,7 @@ fn start(
     let site = match &v.site {
         Some(s) => s.clone(),
         None => {
-            let mut sites = store.sites_of(&v.vm);
+            let mut sites = store.sites_of(&v.vm)?;
             match sites.len() {
                 1 => sites.remove(0),
                 0 => {
