@@ -19,7 +19,8 @@
 //! - [`roles`]: the steps of a role change one site takes itself (adopt,
 //!   promote, cancel) and the site-to-site administrative request.
 //! - [`testview`]: test-failover views (a recovery point as bootable VHD
-//!   files over FUSE, inside the receiver).
+//!   files over FUSE, inside the receiver, or served from a bucket by a
+//!   view process of its own: `testview::bucket`).
 //! - [`daemon`]: mount lifecycle (open the folder, mount over it, shut down
 //!   cleanly) and its control protocol and client (`daemon::control`).
 //! - [`sender`]: protected VMs at the primary: initial copy, deltas, points, retries.
@@ -31,7 +32,8 @@
 //!   seeding, the activity log and the sealed logs until they are shipped.
 //! - [`replica`]: the replica store (namespaces, durable logs, undo history).
 //! - [`objstore`]: object stores (S3 API) as replica targets: the object
-//!   client seam and its clients, the encryption envelope.
+//!   client seam and its clients, the encryption envelope, the bounded
+//!   local cache of lazy reads.
 //! - [`resync`]: checksum resync and online verify (digests, progress, window).
 //! - [`schedule`]: calendar windows (`mon..fri 22:00-06:00`) and bandwidth
 //!   schedules, on local time (a leaf).

@@ -261,6 +261,20 @@ pub fn spawn_monitor(
         .map(|_| ())
 }
 
+/// SIGTERM, SIGINT and SIGHUP: what stops a vdrep daemon (blocked in every
+/// thread, taken by the main thread with `wait`).
+pub fn termination_signals() -> nix::sys::signal::SigSet {
+    let mut sigs = nix::sys::signal::SigSet::empty();
+    for s in [
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGHUP,
+    ] {
+        sigs.add(s);
+    }
+    sigs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

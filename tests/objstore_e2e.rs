@@ -149,6 +149,7 @@ fn receive_from_a_bucket_and_take_over_without_resync() {
     sync();
     let c2 = newest_point_equals_sources(&g, &url, &key, &[&a, &bdisk]);
     assert!(c2 > c1);
+    let at_c2 = [std::fs::read(&a).unwrap(), std::fs::read(&bdisk).unwrap()];
     // `vdrep points --store s3://…` from another process.
     let mut args = vec!["points", "vm1", "--store", url_s.as_str(), "--json"];
     let flags = s3_flags("unused");
@@ -192,5 +193,136 @@ fn receive_from_a_bucket_and_take_over_without_resync() {
     );
     let st = m.status_json();
     assert_eq!(st["replication"][0]["state"], "Normal", "{st}");
+    // Failover straight from the bucket, from a folder with no state.
+    let mut flags = s3_flags("dr");
+    flags.extend(["--point".to_string(), c2.to_string()]);
+    let t = std::time::Instant::now();
+    test_failover_from_the_bucket(&url_s, &flags, &lister, &at_c2, &site.p("dr"));
+    eprintln!("the failover from the bucket took {:?}", t.elapsed());
     m.umount();
+}
+
+/// Stops a bucket view left by a failed assertion.
+struct ViewGuard(Vec<String>);
+
+impl Drop for ViewGuard {
+    fn drop(&mut self) {
+        let args: Vec<&str> = self.0.iter().map(|s| s.as_str()).collect();
+        let _ = vdrep(&args);
+    }
+}
+
+/// `failover --test --store s3://…` exposes point c2 (whose sources are
+/// `at_c2`) through the FUSE view in a process of its own, from the cache
+/// folder `dr` (empty: no local state). A partial read fetches only the
+/// chunk and log segments it touches; a tampered chunk fails its read with
+/// EIO, named in the view's log, and is served once restored (a failure is
+/// not cached); every byte equals the source at c2; `--cleanup` reports the
+/// bytes fetched and removes the view and the cache.
+fn test_failover_from_the_bucket(
+    url: &str,
+    flags: &[String],
+    raw: &S3Client,
+    at_c2: &[Vec<u8>; 2],
+    dr: &Path,
+) {
+    use vdrep::objstore::{get_all, ObjectClient, PutMode};
+    assert!(!dr.exists(), "the second site starts with nothing");
+    let mut args: Vec<&str> = vec!["failover", "vm1", "--test", "--store", url, "--json"];
+    args.extend(flags.iter().map(|s| s.as_str()));
+    let mut cleanup: Vec<String> = ["failover", "vm1", "--cleanup", "--store", url, "--json"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    cleanup.extend(flags[..8].iter().cloned());
+    let guard = ViewGuard(cleanup.clone());
+    let t0 = std::time::Instant::now();
+    let out = vdrep_ok(&args);
+    eprintln!(
+        "failover --test --store s3:// exposed the view in {} ms (debug build)",
+        t0.elapsed().as_millis()
+    );
+    let view: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let scratch = Path::new(view["scratch"].as_str().unwrap()).to_path_buf();
+    let file_of = |want: &[u8]| -> std::path::PathBuf {
+        let d = view["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["size"].as_u64() == Some(want.len() as u64 + 512))
+            .unwrap_or_else(|| panic!("no exposed disk of {} bytes: {view}", want.len()));
+        d["path"].as_str().unwrap().into()
+    };
+    let (fa, fb) = (file_of(&at_c2[0]), file_of(&at_c2[1]));
+    let fetched = || -> u64 {
+        // The view rewrites its status every second.
+        std::thread::sleep(std::time::Duration::from_millis(1300));
+        let st: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(scratch.join("status.json")).unwrap()).unwrap();
+        st["cache"]["fetched_bytes"].as_u64().unwrap()
+    };
+    assert_eq!(fetched(), 0, "exposing fetches no disk data");
+    // A partial read: 1 MiB inside chunk 2 of the 24 MiB disk.
+    let f = std::fs::File::open(&fa).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    f.read_exact_at(&mut buf, 8 << 20).unwrap();
+    assert!(buf == at_c2[0][8 << 20..9 << 20], "partial read differs");
+    let partial = fetched();
+    eprintln!(
+        "a 1 MiB read of a {} MiB disk fetched {partial} bytes",
+        at_c2[0].len() >> 20
+    );
+    assert!(
+        partial > 0 && partial <= (4 << 20) + (1 << 20),
+        "one 4 MiB chunk and the log segments of the read, not {partial} bytes"
+    );
+    // Tamper with every disk's chunk 0 (not read yet): refused, never served.
+    let chunk0: Vec<String> = raw
+        .list("e2e/")
+        .unwrap()
+        .into_iter()
+        .map(|m| m.key)
+        .filter(|k| k.contains("/chunks/00000000."))
+        .collect();
+    assert!(!chunk0.is_empty());
+    let originals: Vec<Vec<u8>> = chunk0.iter().map(|k| get_all(raw, k).unwrap()).collect();
+    for (k, o) in chunk0.iter().zip(&originals) {
+        let mut t = o.clone();
+        let n = t.len();
+        t[n / 2] ^= 0x40;
+        raw.put(k, &t, PutMode::Overwrite).unwrap();
+    }
+    let mut small = vec![0u8; 4096];
+    let e = f.read_exact_at(&mut small, 0).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    let log = std::fs::read_to_string(scratch.join("view.log")).unwrap();
+    assert!(
+        chunk0.iter().any(|k| log.contains(k.as_str())),
+        "the view's log names the tampered object: {log}"
+    );
+    for (k, o) in chunk0.iter().zip(&originals) {
+        raw.put(k, o, PutMode::Overwrite).unwrap();
+    }
+    // Every byte of both disks, then the fixed VHD footer.
+    for (file, want) in [(&fa, &at_c2[0]), (&fb, &at_c2[1])] {
+        let got = std::fs::read(file).unwrap();
+        assert!(got[..want.len()] == want[..], "{} differs", file.display());
+        assert_eq!(&got[want.len()..want.len() + 8], b"conectix");
+    }
+    drop(f);
+    let args: Vec<&str> = cleanup.iter().map(|s| s.as_str()).collect();
+    let out = vdrep_ok(&args);
+    std::mem::forget(guard);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let total = v["status"]["cache"]["fetched_bytes"].as_u64().unwrap();
+    let disks = (at_c2[0].len() + at_c2[1].len()) as u64;
+    eprintln!("reading both disks whole fetched {total} of {disks} bytes");
+    assert!(total >= partial && total <= disks + (2 << 20), "{v}");
+    assert!(v["status"]["stopped"].as_bool().unwrap(), "{v}");
+    assert!(!scratch.exists(), "the scratch overlays are gone");
+    assert!(
+        !dr.join("failover/.cache/site-a/vm1").exists(),
+        "the object cache is gone"
+    );
+    assert!(!fa.exists(), "the view is unmounted");
 }

@@ -12,7 +12,9 @@ use crate::failover::plan::{parse, run};
 use crate::failover::test::{self, Accel, BootOptions};
 use crate::failover::{role_change, FailoverError, FailoverErrorKind};
 use crate::ipc::CallErrorKind;
-use crate::testview::{format_utc, PointSel};
+use crate::objstore::StoreUrl;
+use crate::testview::bucket::{self, BucketView};
+use crate::testview::{format_utc, PointSel, ViewInfo};
 
 #[derive(Subcommand, Debug)]
 pub enum PlanCmd {
@@ -132,6 +134,22 @@ pub struct FailoverArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub s3: super::objstore::S3Args,
+    /// With an s3:// store: the local cache folder (the view, its scratch
+    /// overlays and the object cache; no replica state). Default
+    /// /var/cache/vdrep/BUCKET/PREFIX.
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    /// With --test from an s3:// store: the most bytes of fetched chunks
+    /// and log segments kept in the cache (least recently used go first).
+    #[arg(long, value_name = "SIZE", default_value = "2G", value_parser = parse_size)]
+    pub cache_size: u64,
+}
+
+/// `512M`, `2G`, `800K`, `12345` (bytes).
+fn parse_size(s: &str) -> Result<u64, String> {
+    super::replication::parse_rate(s).map_err(|_| format!("{s:?} is not a size (try 2G or 512M)"))
 }
 
 /// What `vdrep failover` does (exactly one).
@@ -209,6 +227,9 @@ impl FailoverArgs {
             accel: "auto".into(),
             memory: 512,
             json: false,
+            s3: Default::default(),
+            cache: None,
+            cache_size: 2 << 30,
         }
     }
 }
@@ -261,6 +282,14 @@ fn recv_fail(out: Out, what: &str, e: FailoverError) -> Out {
 /// `vdrep failover NAME --store DIR MODE ...`.
 pub fn failover(a: FailoverArgs) -> i32 {
     let m = &a.mode;
+    match super::objstore::s3_url(&a.store) {
+        Err(e) => {
+            eprintln!("vdrep: --store: {e}");
+            return 2;
+        }
+        Ok(Some(url)) => return bucket_failover(&a, &url).show(),
+        Ok(None) => {}
+    }
     if let Some(d) = a.domain.clone() {
         if m.test {
             return super::domain::test(&a, &d);
@@ -318,24 +347,43 @@ fn cleanup(store: &Path, site: Option<String>, vm: &str) -> Out {
     }
 }
 
-/// `--test [--point P] [--at DIR] [--boot ...]`.
-fn test_failover(a: &FailoverArgs) -> Out {
-    let mut out = Out::default();
+/// `--point` and `--at` of a test failover.
+fn point_and_place(a: &FailoverArgs) -> Result<(PointSel, Option<PathBuf>), String> {
     let sel = match a.point.as_deref().map(PointSel::parse).transpose() {
         Ok(s) => s.unwrap_or(PointSel::Latest),
-        Err(e) => return out.fail(2, format!("vdrep: --point: {e}")),
+        Err(e) => return Err(format!("vdrep: --point: {e}")),
     };
     let at = match &a.at {
         Some(p) if p.is_relative() => match std::env::current_dir() {
             Ok(d) => Some(d.join(p)),
-            Err(e) => return out.fail(2, format!("vdrep: --at {}: {e}", p.display())),
+            Err(e) => return Err(format!("vdrep: --at {}: {e}", p.display())),
         },
         other => other.clone(),
+    };
+    Ok((sel, at))
+}
+
+/// `--test [--point P] [--at DIR] [--boot ...]`.
+fn test_failover(a: &FailoverArgs) -> Out {
+    let out = Out::default();
+    let (sel, at) = match point_and_place(a) {
+        Ok(v) => v,
+        Err(e) => return out.fail(2, e),
     };
     let view = match test::expose(&a.store, a.site.clone(), a.vm(), sel, at) {
         Ok(v) => v,
         Err(e) => return recv_fail(out, &format!("test failover of {}", a.vm()), e),
     };
+    let cleanup = format!(
+        "vdrep failover {} --cleanup --store {}",
+        a.vm(),
+        a.store.display()
+    );
+    exposed(a, out, &view, &cleanup)
+}
+
+/// Boot the exposed point if asked, and print what was exposed.
+fn exposed(a: &FailoverArgs, mut out: Out, view: &ViewInfo, cleanup: &str) -> Out {
     let mut boot = None;
     if a.boot {
         let opts = BootOptions {
@@ -349,19 +397,17 @@ fn test_failover(a: &FailoverArgs) -> Out {
             initrd: a.initrd.clone(),
             append: a.append.clone(),
         };
-        match test::boot_vm(&opts, &view) {
+        match test::boot_vm(&opts, view) {
             Ok(b) => boot = Some(b),
             Err(e) => {
                 return out.fail(1, format!(
-                    "vdrep: the disks are exposed but the test VM did not start: {e}; remove the test failover with `vdrep failover {} --cleanup --store {}`",
-                    a.vm(),
-                    a.store.display()
+                    "vdrep: the disks are exposed but the test VM did not start: {e}; remove the test failover with `{cleanup}`"
                 ))
             }
         }
     }
     if a.json {
-        let mut v = serde_json::to_value(&view).unwrap_or_default();
+        let mut v = serde_json::to_value(view).unwrap_or_default();
         if let (Some(o), Some((pid, log))) = (v.as_object_mut(), &boot) {
             o.insert("qemu_pid".into(), (*pid).into());
             o.insert("serial_log".into(), log.display().to_string().into());
@@ -384,10 +430,97 @@ fn test_failover(a: &FailoverArgs) -> Out {
             log.display()
         ));
     }
-    out.err(format!(
-        "remove it with: vdrep failover {} --cleanup --store {}",
-        a.vm(),
-        a.store.display()
+    out.err(format!("remove it with: {cleanup}"));
+    out
+}
+
+/// `--test` and `--cleanup` with `--store s3://…`: the view is served on
+/// this machine from the bucket (crate::testview::bucket).
+fn bucket_failover(a: &FailoverArgs, url: &StoreUrl) -> Out {
+    let out = Out::default();
+    let m = &a.mode;
+    if a.domain.is_some() || !(m.test || m.cleanup) {
+        return out.fail(
+            2,
+            format!(
+                "vdrep: from an s3:// store, `failover --test` and `--cleanup` work (without --domain); for the rest, run it at a receiver's store folder ({url})"
+            ),
+        );
+    }
+    let root = a
+        .cache
+        .clone()
+        .unwrap_or_else(|| super::objstore::default_cache(url));
+    // The view process and a later --cleanup must agree on it.
+    let root = match std::path::absolute(&root) {
+        Ok(r) => r,
+        Err(e) => return out.fail(2, format!("vdrep: --cache {}: {e}", root.display())),
+    };
+    let vm = a.vm();
+    if m.cleanup {
+        return bucket_cleanup(a, out, &root);
+    }
+    let (sel, at) = match point_and_place(a) {
+        Ok(v) => v,
+        Err(e) => return out.fail(2, e),
+    };
+    let v = BucketView {
+        root: root.clone(),
+        site: a.site.clone(),
+        vm: vm.to_string(),
+        sel,
+        at,
+        cache_bytes: a.cache_size,
+    };
+    let t0 = std::time::Instant::now();
+    let view = match bucket::expose(&v, || {
+        super::objstore::open_bucket(url, &a.s3)
+            .map(std::sync::Arc::new)
+            .map_err(crate::testview::ViewError::Io)
+    }) {
+        Ok(v) => v,
+        Err(e) => return out.fail(1, format!("vdrep: test failover of {vm} from {url}: {e}")),
+    };
+    tracing::debug!("exposed in {:?}", t0.elapsed());
+    let cleanup = format!(
+        "vdrep failover {vm} --cleanup --store {url} --cache {}",
+        root.display()
+    );
+    let mut out = exposed(a, out, &view, &cleanup);
+    if !a.json {
+        out.err(format!(
+            "reads fetch from the bucket as they go: bytes fetched in {}",
+            view.scratch.join(bucket::STATUS_FILE).display()
+        ));
+    }
+    out
+}
+
+/// `--cleanup --store s3://…`.
+fn bucket_cleanup(a: &FailoverArgs, mut out: Out, root: &Path) -> Out {
+    let vm = a.vm();
+    let (view, st, notes) = match bucket::cleanup(root, a.site.as_deref(), vm) {
+        Ok(v) => v,
+        Err(e) => return out.fail(1, format!("vdrep: failover cleanup of {vm}: {e}")),
+    };
+    for n in &notes {
+        out.err(format!("vdrep: {n}"));
+    }
+    if a.json {
+        let v = serde_json::json!({ "view": view, "status": st });
+        out.line(serde_json::to_string_pretty(&v).unwrap_or_default());
+        return out;
+    }
+    let disks: u64 = view.disks.iter().map(|d| d.size).sum();
+    out.line(format!(
+        "{vm}: test failover of point {} removed ({} written by the test VM discarded); {} fetched from the bucket in {} objects ({:.1} % of the disks' {}), {} cache hits; cache removed",
+        view.cycle,
+        human(view.written_bytes),
+        human(st.cache.fetched_bytes),
+        st.cache.fetched_objects,
+        st.cache.fetched_bytes as f64 * 100.0 / disks.max(1) as f64,
+        human(disks),
+        st.cache.hits
     ));
     out
 }

@@ -5,11 +5,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::fmt::human;
 use crate::objstore::envelope::EncryptionKey;
-use crate::objstore::{point, Credentials, ObjectClient, S3Client, SealedBucket, StoreUrl};
-use crate::replica::Consistency;
-use crate::testview::format_utc;
+use crate::objstore::replica::BucketStore;
+use crate::objstore::{Credentials, ObjectClient, S3Client, SealedBucket, StoreUrl};
+use crate::receiver::control::PointInfo;
+use crate::replica::ReplicaStore;
 
 /// How to reach an `s3://` store.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -61,6 +61,16 @@ pub fn open_bucket(url: &StoreUrl, a: &S3Args) -> Result<SealedBucket, String> {
     })
 }
 
+/// The local cache folder of an `s3://` store by default:
+/// `/var/cache/vdrep/BUCKET/PREFIX`.
+pub fn default_cache(url: &StoreUrl) -> PathBuf {
+    let mut p = PathBuf::from("/var/cache/vdrep").join(&url.bucket);
+    if !url.prefix.is_empty() {
+        p.push(&url.prefix);
+    }
+    p
+}
+
 /// For `--store`: a folder stays a folder (`(store, None)`); an `s3://`
 /// URL opens the bucket (every start-up check) and gives the object store
 /// plus its local cache folder (`cache`, default
@@ -74,13 +84,7 @@ pub fn open_remote_store(
         return Ok((store.to_path_buf(), None));
     };
     let bucket = open_bucket(&url, a)?;
-    let cache = cache.unwrap_or_else(|| {
-        let mut p = PathBuf::from("/var/cache/vdrep").join(&url.bucket);
-        if !url.prefix.is_empty() {
-            p.push(&url.prefix);
-        }
-        p
-    });
+    let cache = cache.unwrap_or_else(|| default_cache(&url));
     let st = crate::objstore::replica::BucketStore::open(Arc::new(bucket), &cache.join("spool"))
         .map_err(|e| e.to_string())?;
     Ok((cache.join("local"), Some(Arc::new(st))))
@@ -88,15 +92,17 @@ pub fn open_remote_store(
 
 /// `vdrep points NAME --store s3://… [--site S] [--json]`.
 pub fn points(vm: &str, url: &StoreUrl, site: Option<String>, a: &S3Args, json: bool) -> i32 {
-    let run = || -> Result<(String, Vec<point::Manifest>), String> {
+    let run = || -> Result<(String, Vec<PointInfo>), String> {
         let b = open_bucket(url, a)?;
+        let st = BucketStore::open(Arc::new(b), &default_cache(url).join("spool"))
+            .map_err(|e| e.to_string())?;
         let site = match site {
             Some(s) => s,
             None => {
-                let sites = point::sites_of(&b, vm).map_err(|e| e.to_string())?;
-                match sites.as_slice() {
-                    [one] => one.clone(),
-                    [] => return Err(format!("{url}: no points of VM {vm:?} from any site")),
+                let mut sites = st.sites_of(vm).map_err(|e| e.to_string())?;
+                match sites.len() {
+                    1 => sites.remove(0),
+                    0 => return Err(format!("{url}: no points of VM {vm:?} from any site")),
                     _ => {
                         return Err(format!(
                             "{url}: several sites replicate {vm:?} ({}): give --site",
@@ -106,54 +112,30 @@ pub fn points(vm: &str, url: &StoreUrl, site: Option<String>, a: &S3Args, json: 
                 }
             }
         };
-        let pts = point::points(&b, &site, vm).map_err(|e| e.to_string())?;
-        Ok((site, pts))
+        let mut out = Vec::new();
+        for p in st.points(&site, vm).map_err(|e| e.to_string())? {
+            out.push(PointInfo {
+                pinned: false,
+                definition: st
+                    .definition(&site, vm, p.cycle)
+                    .map_err(|e| e.to_string())?,
+                point: p,
+            });
+        }
+        Ok((site, out))
     };
-    let (site, mut pts) = match run() {
-        Ok(v) => v,
+    match run() {
+        Ok((site, pts)) => super::points::print_points(
+            &site,
+            vm,
+            pts,
+            json,
+            Some(&url.to_string()),
+            &std::collections::HashMap::new(),
+        ),
         Err(e) => {
             eprintln!("vdrep: points of {vm}: {e}");
-            return 1;
+            1
         }
-    };
-    pts.sort_by_key(|p| std::cmp::Reverse(p.cycle));
-    if json {
-        let list: Vec<_> = pts
-            .iter()
-            .map(|p| {
-                serde_json::json!({
-                    "cycle": p.cycle,
-                    "time_unix_ns": p.time_unix_ns,
-                    "consistency": p.consistency,
-                    "disks": p.disks.iter().map(|d| &d.disk_id).collect::<Vec<_>>(),
-                })
-            })
-            .collect();
-        let v =
-            serde_json::json!({ "site": site, "vm": vm, "store": url.to_string(), "points": list });
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-        return 0;
     }
-    if pts.is_empty() {
-        println!("{site}/{vm}: no recovery points yet");
-        return 0;
-    }
-    println!(
-        "{:<21} {:>10} {:>12} {:<12} DISKS",
-        "TIME (UTC)", "ID", "SIZE", "CONSISTENCY"
-    );
-    for p in &pts {
-        println!(
-            "{:<21} {:>10} {:>12} {:<12} {}",
-            format_utc(p.time_unix_ns),
-            p.cycle,
-            human(p.disks.iter().map(|d| d.size).sum()),
-            match p.consistency {
-                Consistency::Crash => "crash",
-                Consistency::App => "app",
-            },
-            p.disks.len()
-        );
-    }
-    0
 }

@@ -1,12 +1,14 @@
 //! `vdrep points`, `resync`, `verify` (and the hidden `hash-bench`):
 //! looking at recovery points and comparing the source with the replica.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use super::fmt::{control_err, human, with_progress};
 use crate::daemon::control::{self, Request};
 use crate::failover::{test, FailoverError};
 use crate::ipc::CallErrorKind;
+use crate::receiver::control::PointInfo;
 use crate::replica::Consistency;
 use crate::testview::format_utc;
 
@@ -132,7 +134,7 @@ pub fn hash_bench(file: &std::path::Path, bs: usize) -> i32 {
 
 /// `vdrep points NAME --store DIR [--site S] [--json]`.
 pub fn points(vm: &str, store: &Path, site: Option<String>, json: bool) -> i32 {
-    let (site, mut pts) = match test::points(store, site, vm) {
+    let (site, pts) = match test::points(store, site, vm) {
         Ok(v) => v,
         Err(FailoverError::Control(e)) if e.kind() != CallErrorKind::Refused => {
             return control_err(e)
@@ -142,8 +144,21 @@ pub fn points(vm: &str, store: &Path, site: Option<String>, json: bool) -> i32 {
             return 1;
         }
     };
-    pts.sort_by_key(|p| std::cmp::Reverse(p.point.cycle));
     let boots = crate::failover::domain::boot_checks(store, &site, vm);
+    print_points(&site, vm, pts, json, None, &boots)
+}
+
+/// Print the points of `site/vm` (newest first), as a table or as JSON
+/// (with `"store"` if given), with each point's boot check (`verify --boot`).
+pub fn print_points(
+    site: &str,
+    vm: &str,
+    mut pts: Vec<PointInfo>,
+    json: bool,
+    store: Option<&str>,
+    boots: &HashMap<u64, crate::failover::domain::BootCheck>,
+) -> i32 {
+    pts.sort_by_key(|p| std::cmp::Reverse(p.point.cycle));
     if json {
         let mut list = serde_json::to_value(&pts).unwrap_or_default();
         if let Some(a) = list.as_array_mut() {
@@ -153,7 +168,10 @@ pub fn points(vm: &str, store: &Path, site: Option<String>, json: bool) -> i32 {
                 }
             }
         }
-        let v = serde_json::json!({ "site": site, "vm": vm, "points": list });
+        let mut v = serde_json::json!({ "site": site, "vm": vm, "points": list });
+        if let (Some(o), Some(st)) = (v.as_object_mut(), store) {
+            o.insert("store".into(), st.into());
+        }
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return 0;
     }

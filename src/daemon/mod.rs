@@ -272,7 +272,7 @@ fn supervise_inner(
         crate::service::init_logging(opts.log_format, crate::service::LogTarget::File(log));
     }
     // Signals are read by the supervisor (signalfd) and passed on.
-    termination_signals()
+    crate::service::termination_signals()
         .thread_block()
         .map_err(|e| DaemonError::Msg(format!("cannot block signals: {e}")))?;
     crate::fs::check_not_mounted(dir, &opts.fs.fsname).map_err(ioe(dir, "cannot mount"))?;
@@ -327,18 +327,6 @@ fn open_root(dir: &Path) -> io::Result<OwnedFd> {
     )
     .map_err(io::Error::from)?;
     Ok(fd)
-}
-
-fn termination_signals() -> nix::sys::signal::SigSet {
-    let mut sigs = nix::sys::signal::SigSet::empty();
-    for s in [
-        nix::sys::signal::Signal::SIGTERM,
-        nix::sys::signal::Signal::SIGINT,
-        nix::sys::signal::Signal::SIGHUP,
-    ] {
-        sigs.add(s);
-    }
-    sigs
 }
 
 /// In a process a supervisor started as its worker: serve the connection
@@ -406,7 +394,7 @@ fn serve_worker(
     ready: &mut Option<OwnedFd>,
 ) -> Result<(), DaemonError> {
     // Block termination signals in every thread; one thread waits for them.
-    let sigs = termination_signals();
+    let sigs = crate::service::termination_signals();
     sigs.thread_block()
         .map_err(|e| DaemonError::Msg(format!("cannot block signals: {e}")))?;
     let crate::fuse::supervisor::Handover {

@@ -4,7 +4,7 @@
 //! it, the answer was lost); a seeded rate fails calls at random; a crash
 //! fails every call from a chosen one on (the process died).
 
-use super::{GetIf, ObjectClient, ObjectError, ObjectMeta, PutMode};
+use super::{GetIf, GetResult, ObjectClient, ObjectError, ObjectMeta, PutMode};
 use parking_lot::Mutex;
 use std::ops::Range;
 
@@ -160,13 +160,7 @@ impl<C: ObjectClient> ObjectClient for FailClient<C> {
     fn put(&self, key: &str, body: &[u8], mode: PutMode) -> Result<String, ObjectError> {
         self.call(ObjOp::Put, key, || self.inner.put(key, body, mode))
     }
-    // The `ObjectClient` signature (each client implements it).
-    fn get(
-        &self,
-        key: &str,
-        range: Option<Range<u64>>,
-        cond: GetIf<'_>,
-    ) -> Result<Option<Vec<u8>>, ObjectError> {
+    fn get(&self, key: &str, range: Option<Range<u64>>, cond: GetIf<'_>) -> GetResult {
         self.call(ObjOp::Get, key, || self.inner.get(key, range, cond))
     }
     fn head(&self, key: &str) -> Result<ObjectMeta, ObjectError> {

@@ -16,6 +16,7 @@
 //! records.
 
 use super::bucket::{BucketError, SealedBucket};
+use super::cache::ObjectCache;
 use crate::hrl::format::{self, Frame, RECORD_HEADER_LEN};
 use crate::replica::PointRead;
 use parking_lot::Mutex;
@@ -123,6 +124,8 @@ pub struct Layered {
     indexes: Arc<IndexCache>,
     loaded: Mutex<Option<Vec<Arc<LogIndex>>>>,
     cache: Mutex<Vec<(String, Arc<Vec<u8>>)>>,
+    /// The local cache the objects come through, if any.
+    objects: Option<Arc<ObjectCache>>,
     fetched: AtomicU64,
 }
 
@@ -138,8 +141,15 @@ impl Layered {
             indexes,
             loaded: Mutex::new(None),
             cache: Mutex::new(Vec::new()),
+            objects: None,
             fetched: AtomicU64::new(0),
         }
+    }
+
+    /// Fetch through `cache` (a bounded local cache shared by readers).
+    pub fn with_cache(mut self, cache: Option<Arc<ObjectCache>>) -> Layered {
+        self.objects = cache;
+        self
     }
 
     /// Plaintext bytes fetched from the bucket so far (chunks, segments,
@@ -157,8 +167,20 @@ impl Layered {
         if let Some((_, d)) = self.cache.lock().iter().find(|(n, _)| n == name) {
             return Ok(d.clone());
         }
-        let data = Arc::new(self.bucket.get(name).map_err(io)?);
-        self.fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
+        let data = match &self.objects {
+            Some(c) => {
+                let (data, fetched) = c.get(&self.bucket, name).map_err(io)?;
+                if fetched {
+                    self.fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                data
+            }
+            None => {
+                let data = Arc::new(self.bucket.get(name).map_err(io)?);
+                self.fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
+                data
+            }
+        };
         let mut c = self.cache.lock();
         if c.len() >= CACHED_OBJECTS {
             c.remove(0);

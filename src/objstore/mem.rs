@@ -3,7 +3,7 @@
 //! change with every put), for unit tests and the store suite without an
 //! engine.
 
-use super::{GetIf, ObjectClient, ObjectError, ObjectMeta, PutMode};
+use super::{GetIf, GetResult, ObjectClient, ObjectError, ObjectMeta, PutMode};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -53,12 +53,7 @@ impl ObjectClient for MemClient {
         Ok(etag)
     }
 
-    fn get(
-        &self,
-        key: &str,
-        range: Option<Range<u64>>,
-        cond: GetIf<'_>,
-    ) -> Result<Option<Vec<u8>>, ObjectError> {
+    fn get(&self, key: &str, range: Option<Range<u64>>, cond: GetIf<'_>) -> GetResult {
         let objects = self.objects.lock();
         let (body, etag) = objects.get(key).ok_or_else(|| ObjectError::NotFound {
             op: "get",

@@ -21,12 +21,15 @@
 //!   object sealed; opening checks endpoint, key, bucket and prefix.
 //! - [`fence`]: writer fencing by generation with unique names only (no
 //!   conditional put needed): claims, start markers, who owns a cycle.
+//! - [`cache`]: the size-bounded local cache of opened objects that lazy
+//!   reads (a test failover straight from the bucket) go through.
 //! - [`point`]: recovery points in a bucket: sealed chunks, manifests
 //!   written last, fenced writers, chunk-by-chunk point reads.
 //! - [`StoreUrl`], [`Credentials`] (`config.rs`): `s3://bucket/prefix`, the
 //!   credentials file and the `AWS_*` environment variables.
 
 mod bucket;
+pub mod cache;
 mod config;
 pub mod envelope;
 mod error;
@@ -81,6 +84,10 @@ pub enum GetIf<'a> {
     NoneMatch(&'a str),
 }
 
+/// What [`ObjectClient::get`] answers: the bytes, or `None` for an
+/// unchanged object under [`GetIf::NoneMatch`].
+pub type GetResult = Result<Option<Vec<u8>>, ObjectError>;
+
 /// The object-store operations the replica store needs. Keys are plain
 /// strings ('/'-separated); every call is blocking and may be retried by the
 /// implementation. A missing object is [`ObjectErrorKind::NotFound`] (get,
@@ -90,12 +97,7 @@ pub trait ObjectClient: Send + Sync {
     fn put(&self, key: &str, body: &[u8], mode: PutMode) -> Result<String, ObjectError>;
     /// The object's bytes (or `range` of them, clamped to its size).
     /// `Ok(None)` only for [`GetIf::NoneMatch`] on an unchanged object.
-    fn get(
-        &self,
-        key: &str,
-        range: Option<Range<u64>>,
-        cond: GetIf<'_>,
-    ) -> Result<Option<Vec<u8>>, ObjectError>;
+    fn get(&self, key: &str, range: Option<Range<u64>>, cond: GetIf<'_>) -> GetResult;
     /// Size and entity tag.
     fn head(&self, key: &str) -> Result<ObjectMeta, ObjectError>;
     /// Every object whose key starts with `prefix`, in key order.
@@ -110,12 +112,7 @@ impl<T: ObjectClient + ?Sized> ObjectClient for std::sync::Arc<T> {
     fn put(&self, key: &str, body: &[u8], mode: PutMode) -> Result<String, ObjectError> {
         (**self).put(key, body, mode)
     }
-    fn get(
-        &self,
-        key: &str,
-        range: Option<Range<u64>>,
-        cond: GetIf<'_>,
-    ) -> Result<Option<Vec<u8>>, ObjectError> {
+    fn get(&self, key: &str, range: Option<Range<u64>>, cond: GetIf<'_>) -> GetResult {
         (**self).get(key, range, cond)
     }
     fn head(&self, key: &str) -> Result<ObjectMeta, ObjectError> {

@@ -30,6 +30,7 @@
 //! same bucket and key sees the same replicas.
 
 use super::bucket::{BucketError, SealedBucket};
+use super::cache::ObjectCache;
 use super::fence::{FenceError, FenceErrorKind, Writer, WriterId};
 use super::layered::{IndexCache, Layered, Layers, LogIndex, LogRef, RecordRef, SEGMENT};
 use super::point::{self, DiskManifest, Manifest, CHUNK};
@@ -170,6 +171,8 @@ pub struct BucketStore {
     indexes: Arc<IndexCache>,
     manifests: Mutex<HashMap<String, Manifest>>,
     spool_seq: AtomicU64,
+    /// Point reads fetch through it (a test failover from the bucket).
+    objects: Option<Arc<ObjectCache>>,
 }
 
 fn vm_dir(site: &str, vm: &str) -> String {
@@ -227,7 +230,42 @@ impl BucketStore {
             indexes: Arc::new(IndexCache::default()),
             manifests: Mutex::new(HashMap::new()),
             spool_seq: AtomicU64::new(0),
+            objects: None,
         })
+    }
+
+    /// Point reads ([`read_point`](ReplicaStore::read_point)) fetch chunks
+    /// and log segments through `cache` (bounded, shared by the readers).
+    pub fn with_object_cache(mut self, cache: Arc<ObjectCache>) -> BucketStore {
+        self.objects = Some(cache);
+        self
+    }
+
+    /// The sites that replicate a VM named `vm` into the bucket: from the
+    /// `vmreg/` registrations (no listing of the data), else (points
+    /// written by [`point::VmWriter`], which registers nothing) from the
+    /// manifests' folders.
+    pub fn sites_of(&self, vm: &str) -> Result<Vec<String>> {
+        let mut sites: Vec<String> = self
+            .vms()
+            .into_iter()
+            .filter(|(_, v)| v == vm)
+            .map(|(s, _)| s)
+            .collect();
+        if sites.is_empty() {
+            sites = point::sites_of(&self.bucket, vm).map_err(|e| match e {
+                point::PointError::Bucket(b) => {
+                    self.obj_err(&Ctx::default(), &format!("listing the sites of {vm}"), b)
+                }
+                e => StoreError::BadState {
+                    path: PathBuf::from(self.bucket.url().to_string()),
+                    what: format!("listing the sites of {vm}: {e}"),
+                },
+            })?;
+        }
+        sites.sort();
+        sites.dedup();
+        Ok(sites)
     }
 
     /// The bucket (for readers that share it).
@@ -1658,11 +1696,10 @@ impl ReplicaStore for BucketStore {
                 cycle,
                 what: "it was never committed for this disk or was pruned; list the points with `vdrep points`".into(),
             })?;
-        Ok(Box::new(Layered::new(
-            self.bucket.clone(),
-            dm.layers(),
-            self.indexes.clone(),
-        )))
+        Ok(Box::new(
+            Layered::new(self.bucket.clone(), dm.layers(), self.indexes.clone())
+                .with_cache(self.objects.clone()),
+        ))
     }
 
     fn prune(&self, site: &str, vm: &str, keep: &RetentionPolicy) -> Result<PruneReport> {

@@ -11,7 +11,9 @@
 //! Connect timeout 5 s, whole-request timeout 120 s. Bodies are read with a
 //! bound ([`MAX_OBJECT`]), so a hostile endpoint cannot exhaust memory.
 
-use super::{Credentials, GetIf, ObjectClient, ObjectError, ObjectMeta, PutMode, StoreUrl};
+use super::{
+    Credentials, GetIf, GetResult, ObjectClient, ObjectError, ObjectMeta, PutMode, StoreUrl,
+};
 use rusty_s3::actions::ListObjectsV2;
 use rusty_s3::{Bucket, S3Action, UrlStyle};
 use std::ops::Range;
@@ -237,12 +239,7 @@ impl ObjectClient for S3Client {
         Ok(etag_of(&resp))
     }
 
-    fn get(
-        &self,
-        key: &str,
-        range: Option<Range<u64>>,
-        cond: GetIf<'_>,
-    ) -> Result<Option<Vec<u8>>, ObjectError> {
+    fn get(&self, key: &str, range: Option<Range<u64>>, cond: GetIf<'_>) -> GetResult {
         if range.as_ref().is_some_and(|r| r.start >= r.end) {
             return Ok(Some(Vec::new()));
         }

@@ -18,7 +18,12 @@
 //! [`Views::clean_stale`] (receiver start) does the same for views left by
 //! a receiver that died: their FUSE mounts are dead (`ENOTCONN`) and are
 //! detached lazily.
+//!
+//! [`bucket`]: the same view of a point in an `s3://` store, served by a
+//! process of its own on a machine with no replica state (reads fetch only
+//! the objects they touch, through a bounded local cache).
 
+pub mod bucket;
 pub mod view;
 
 use std::collections::HashMap;
@@ -29,7 +34,7 @@ use std::path::{Path, PathBuf};
 use fuser::{BackgroundSession, Config, MountOption, SessionACL};
 use serde::{Deserialize, Serialize};
 
-use crate::replica::{self, Consistency, ReplicaFormat, Store};
+use crate::replica::{self, Consistency, ReplicaFormat, ReplicaStore, Store};
 use crate::util::now_ns;
 use view::{ViewFile, ViewFs};
 
@@ -270,6 +275,32 @@ pub fn resolve_site(store: &Store, site: Option<&str>, vm: &str) -> Result<Strin
     }
 }
 
+/// The point `sel` names among `points` (oldest first).
+pub fn select_point(
+    points: &[replica::Point],
+    sel: PointSel,
+    vm: &str,
+) -> Result<replica::Point, ViewError> {
+    let pt = match sel {
+        PointSel::Latest => points.last(),
+        PointSel::Cycle { cycle } => points.iter().find(|p| p.cycle == cycle),
+        PointSel::Time { unix_ns } => points.iter().rev().find(|p| p.time_unix_ns <= unix_ns),
+    };
+    pt.cloned().ok_or_else(|| {
+        ViewError::NotFound(match sel {
+            _ if points.is_empty() => format!(
+                "{vm} has no recovery point yet: wait for its initial replication to finish"
+            ),
+            PointSel::Time { unix_ns } => format!(
+                "{vm} has no recovery point at or before {} UTC (the oldest is {} UTC): list them with `vdrep points {vm}`",
+                format_utc(unix_ns),
+                format_utc(points.first().map_or(0, |p| p.time_unix_ns))
+            ),
+            _ => format!("{vm} has no recovery point {sel:?}: list them with `vdrep points {vm}`"),
+        })
+    })
+}
+
 fn parse_hex16(s: &str) -> [u8; 16] {
     let mut out = [0u8; 16];
     for (i, o) in out.iter_mut().enumerate() {
@@ -373,27 +404,8 @@ impl Views {
                 store.root().display()
             )));
         }
-        let s = store.site(&site)?;
-        let points = s.points(vm)?;
-        let pt = match sel {
-            PointSel::Latest => points.last(),
-            PointSel::Cycle { cycle } => points.iter().find(|p| p.cycle == cycle),
-            PointSel::Time { unix_ns } => points.iter().rev().find(|p| p.time_unix_ns <= unix_ns),
-        }
-        .cloned()
-        .ok_or_else(|| ViewError::NotFound(match sel {
-            _ if points.is_empty() => format!(
-                "{vm} has no recovery point yet: wait for its initial replication to finish"
-            ),
-            PointSel::Time { unix_ns } => format!(
-                "{vm} has no recovery point at or before {} UTC (the oldest is {} UTC): list them with `vdrep points {vm}`",
-                format_utc(unix_ns),
-                format_utc(points.first().map_or(0, |p| p.time_unix_ns))
-            ),
-            _ => format!(
-                "{vm} has no recovery point {sel:?}: list them with `vdrep points {vm}`"
-            ),
-        }))?;
+        let points = store.site(&site)?.points(vm)?;
+        let pt = select_point(&points, sel, vm)?;
         store.pin(&site, vm, pt.cycle);
         match self.mount_view(store, &site, vm, &pt, at) {
             Ok(a) => {
@@ -416,132 +428,18 @@ impl Views {
         pt: &replica::Point,
         at: Option<PathBuf>,
     ) -> Result<Active, ViewError> {
-        let s = store.site(site)?;
-        let scratch = Self::scratch_dir(store, site, vm);
-        let _ = std::fs::remove_dir_all(&scratch);
-        std::fs::create_dir_all(&scratch).map_err(|e| {
-            ViewError::Io(format!(
-                "creating the scratch folder {}: {e}",
-                scratch.display()
-            ))
-        })?;
         let mountpoint = match at {
             Some(p) => p,
             None => Self::failover_dir(store).join(site).join(vm),
         };
-        let fail = |e: ViewError| {
-            let _ = std::fs::remove_dir_all(&scratch);
-            e
-        };
-        if is_mountpoint(&mountpoint) {
-            return Err(fail(ViewError::Refused(format!(
-                "{} is already a mount point: unmount it or choose another --at",
-                mountpoint.display()
-            ))));
-        }
-        std::fs::create_dir_all(&mountpoint).map_err(|e| {
-            fail(ViewError::Io(format!(
-                "creating the view folder {}: {e}",
-                mountpoint.display()
-            )))
-        })?;
-        if std::fs::read_dir(&mountpoint).map_or(true, |mut d| d.next().is_some()) {
-            return Err(fail(ViewError::Refused(format!(
-                "{} is not an empty folder: the view is mounted there; empty it or choose another --at",
-                mountpoint.display()
-            ))));
-        }
-        let mountpoint = mountpoint
-            .canonicalize()
-            .map_err(|e| fail(ViewError::Io(format!("{}: {e}", mountpoint.display()))))?;
-        let mut files = Vec::new();
-        let mut disks = Vec::new();
-        for idh in &pt.disks {
-            let id = parse_hex16(idh);
-            let st = s.disk_state(vm, &id).map_err(|e| fail(e.into()))?;
-            let reader = s
-                .read_point(vm, &id, pt.cycle)
-                .map_err(|e| fail(e.into()))?;
-            let footer = match st.format {
-                ReplicaFormat::VhdOfRaw => Some(replica::vhd_fixed_footer(
-                    reader.len(),
-                    st.vhd_time,
-                    parse_hex16(&st.vhd_id),
-                )),
-                ReplicaFormat::Raw => None,
-            };
-            let ovp = scratch.join(format!("{}.overlay", st.replica_file));
-            let ov = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&ovp)
-                .map_err(|e| {
-                    fail(ViewError::Io(format!(
-                        "creating the overlay {}: {e}",
-                        ovp.display()
-                    )))
-                })?;
-            let f = ViewFile::new(st.replica_file.clone(), reader, footer, ov).map_err(|e| {
-                fail(ViewError::Io(format!(
-                    "sizing the overlay {}: {e}",
-                    ovp.display()
-                )))
-            })?;
-            disks.push(ViewDisk {
-                disk_id: idh.clone(),
-                path: mountpoint.join(&st.replica_file),
-                size: f.len(),
-            });
-            files.push(std::sync::Arc::new(f));
-        }
-        let files = std::sync::Arc::new(files);
-        let info = ViewInfo {
-            site: site.to_string(),
-            vm: vm.to_string(),
-            cycle: pt.cycle,
-            time_unix_ns: pt.time_unix_ns,
-            consistency: pt.consistency,
-            mountpoint: mountpoint.clone(),
-            scratch: scratch.clone(),
-            disks,
-            written_bytes: 0,
-        };
-        // Record the view before mounting: a receiver killed from here on
-        // leaves enough behind for clean_stale.
-        let json =
-            serde_json::to_vec_pretty(&info).map_err(|e| fail(ViewError::Io(e.to_string())))?;
-        std::fs::write(scratch.join(STATE_FILE), json)
-            .map_err(|e| fail(ViewError::Io(format!("writing {}: {e}", scratch.display()))))?;
-        let fs = ViewFs::new(files.clone(), pt.time_unix_ns);
-        let mut cfg = Config::default();
-        cfg.mount_options = vec![
-            MountOption::FSName(FSNAME.to_string()),
-            MountOption::Subtype("vdrep".to_string()),
-            MountOption::DefaultPermissions,
-        ];
-        cfg.acl = SessionACL::All;
-        cfg.n_threads = Some(4);
-        cfg.clone_fd = true;
-        let session = fuser::Session::new(fs, &mountpoint, &cfg)
-            .and_then(|s| s.spawn())
-            .map_err(|e| {
-                fail(ViewError::Io(format!(
-                    "mounting the failover view at {}: {e} (is /dev/fuse available and are we root?)",
-                    mountpoint.display()
-                )))
-            })?;
-        tracing::info!(
-            "test failover of {site}/{vm}: point {} exposed at {}",
-            pt.cycle,
-            mountpoint.display()
-        );
-        Ok(Active {
-            info,
-            session: Some(session),
-            files,
-        })
+        mount_at(
+            store,
+            site,
+            vm,
+            pt,
+            &Self::scratch_dir(store, site, vm),
+            mountpoint,
+        )
     }
 
     /// Remove the test failover of `vm`. Returns what it was and notes.
@@ -644,6 +542,144 @@ impl Views {
         }
         out
     }
+}
+
+/// Mount point `pt` of `site/vm` read from `store` at `mountpoint` (an
+/// empty folder, created if missing), the overlays in `scratch` (emptied);
+/// the view's state file is written before the mount. Any store: the
+/// directory store's replica and undo records, or a bucket's chunks and
+/// logs (fetched as reads touch them).
+fn mount_at(
+    store: &dyn ReplicaStore,
+    site: &str,
+    vm: &str,
+    pt: &replica::Point,
+    scratch: &Path,
+    mountpoint: PathBuf,
+) -> Result<Active, ViewError> {
+    let scratch = scratch.to_path_buf();
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).map_err(|e| {
+        ViewError::Io(format!(
+            "creating the scratch folder {}: {e}",
+            scratch.display()
+        ))
+    })?;
+    let fail = |e: ViewError| {
+        let _ = std::fs::remove_dir_all(&scratch);
+        e
+    };
+    if is_mountpoint(&mountpoint) {
+        return Err(fail(ViewError::Refused(format!(
+            "{} is already a mount point: unmount it or choose another --at",
+            mountpoint.display()
+        ))));
+    }
+    std::fs::create_dir_all(&mountpoint).map_err(|e| {
+        fail(ViewError::Io(format!(
+            "creating the view folder {}: {e}",
+            mountpoint.display()
+        )))
+    })?;
+    if std::fs::read_dir(&mountpoint).map_or(true, |mut d| d.next().is_some()) {
+        return Err(fail(ViewError::Refused(format!(
+            "{} is not an empty folder: the view is mounted there; empty it or choose another --at",
+            mountpoint.display()
+        ))));
+    }
+    let mountpoint = mountpoint
+        .canonicalize()
+        .map_err(|e| fail(ViewError::Io(format!("{}: {e}", mountpoint.display()))))?;
+    let mut files = Vec::new();
+    let mut disks = Vec::new();
+    for idh in &pt.disks {
+        let id = parse_hex16(idh);
+        let d = replica::DiskRef {
+            site,
+            vm,
+            disk_id: &id,
+        };
+        let st = store.replica_state(d).map_err(|e| fail(e.into()))?;
+        let reader = store.read_point(d, pt.cycle).map_err(|e| fail(e.into()))?;
+        let footer = match st.format {
+            ReplicaFormat::VhdOfRaw => Some(replica::vhd_fixed_footer(
+                reader.len(),
+                st.vhd_time,
+                parse_hex16(&st.vhd_id),
+            )),
+            ReplicaFormat::Raw => None,
+        };
+        let ovp = scratch.join(format!("{}.overlay", st.replica_file));
+        let ov = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&ovp)
+            .map_err(|e| {
+                fail(ViewError::Io(format!(
+                    "creating the overlay {}: {e}",
+                    ovp.display()
+                )))
+            })?;
+        let f = ViewFile::new(st.replica_file.clone(), reader, footer, ov).map_err(|e| {
+            fail(ViewError::Io(format!(
+                "sizing the overlay {}: {e}",
+                ovp.display()
+            )))
+        })?;
+        disks.push(ViewDisk {
+            disk_id: idh.clone(),
+            path: mountpoint.join(&st.replica_file),
+            size: f.len(),
+        });
+        files.push(std::sync::Arc::new(f));
+    }
+    let files = std::sync::Arc::new(files);
+    let info = ViewInfo {
+        site: site.to_string(),
+        vm: vm.to_string(),
+        cycle: pt.cycle,
+        time_unix_ns: pt.time_unix_ns,
+        consistency: pt.consistency,
+        mountpoint: mountpoint.clone(),
+        scratch: scratch.clone(),
+        disks,
+        written_bytes: 0,
+    };
+    // Record the view before mounting: a receiver killed from here on
+    // leaves enough behind for clean_stale.
+    let json = serde_json::to_vec_pretty(&info).map_err(|e| fail(ViewError::Io(e.to_string())))?;
+    std::fs::write(scratch.join(STATE_FILE), json)
+        .map_err(|e| fail(ViewError::Io(format!("writing {}: {e}", scratch.display()))))?;
+    let fs = ViewFs::new(files.clone(), pt.time_unix_ns);
+    let mut cfg = Config::default();
+    cfg.mount_options = vec![
+        MountOption::FSName(FSNAME.to_string()),
+        MountOption::Subtype("vdrep".to_string()),
+        MountOption::DefaultPermissions,
+    ];
+    cfg.acl = SessionACL::All;
+    cfg.n_threads = Some(4);
+    cfg.clone_fd = true;
+    let session = fuser::Session::new(fs, &mountpoint, &cfg)
+        .and_then(|s| s.spawn())
+        .map_err(|e| {
+            fail(ViewError::Io(format!(
+                "mounting the failover view at {}: {e} (is /dev/fuse available and are we root?)",
+                mountpoint.display()
+            )))
+        })?;
+    tracing::info!(
+        "test failover of {site}/{vm}: point {} exposed at {}",
+        pt.cycle,
+        mountpoint.display()
+    );
+    Ok(Active {
+        info,
+        session: Some(session),
+        files,
+    })
 }
 
 fn list(dir: &Path) -> Vec<String> {

@@ -1,7 +1,8 @@
 //! The FUSE file system of one test failover: a flat folder with one
 //! read-write VHD file per disk of the exposed point.
 //!
-//! A file's bytes are the point's disk ([`PointReader`]) followed, for a
+//! A file's bytes are the point's disk (a [`PointRead`]: the directory
+//! store's replica and undo records, or a bucket's chunks and logs) followed, for a
 //! raw source kept as a fixed VHD, by that VHD's 512-byte footer (for a VHD
 //! source the disk *is* the VHD file). Writes never reach the replica: they
 //! go copy-on-write to a sparse scratch file of the same length, 4 KiB
@@ -24,7 +25,7 @@ use fuser::{
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::replica::PointReader;
+use crate::replica::PointRead;
 
 /// Copy-on-write granularity of the scratch overlay.
 pub const OVERLAY_BLOCK: u64 = 4096;
@@ -36,7 +37,7 @@ const GEN: Generation = Generation(0);
 /// One exposed disk.
 pub struct ViewFile {
     pub name: String,
-    reader: PointReader,
+    reader: Box<dyn PointRead>,
     /// Footer appended after the disk (raw sources kept as fixed VHDs).
     footer: Option<[u8; 512]>,
     /// Length of the exposed file. A file without a footer (a qcow2 or
@@ -58,7 +59,7 @@ impl ViewFile {
     /// `overlay` is an empty scratch file (sized here, sparse).
     pub fn new(
         name: String,
-        reader: PointReader,
+        reader: Box<dyn PointRead>,
         footer: Option<[u8; 512]>,
         overlay: File,
     ) -> io::Result<ViewFile> {

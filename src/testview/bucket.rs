@@ -1,0 +1,391 @@
+//! Test failovers straight from a bucket (issue 11): a recovery point of an
+//! `s3://` store exposed through the same FUSE view, on a machine with no
+//! replica state, only a local cache folder (`ROOT`).
+//!
+//! No receiver runs there, so the view is served by a process of its own:
+//! [`expose`] forks it (before any thread exists, like `vdrep mount`), and
+//! returns once the view is mounted. Reads fetch only the chunks and log
+//! segments they touch, opened (decrypted and authenticated) and kept in a
+//! bounded LRU cache ([`ObjectCache`]); an object that does not open (a
+//! tampered or foreign one) fails the read with `EIO` and is logged with its
+//! name, never served. The process rewrites `status.json` (bytes fetched,
+//! cache use, bytes the test VM wrote) every second and once more when it
+//! stops. [`cleanup`] stops it (SIGTERM: it stops a `--boot` test VM and
+//! unmounts), then deletes the scratch overlays and the cache.
+//!
+//! ```text
+//! ROOT/failover/<site>/<vm>/                 the view (default place)
+//! ROOT/failover/.scratch/<site>/<vm>/        overlays, view.json, view.pid,
+//!                                            status.json, view.log, qemu.pid
+//! ROOT/failover/.cache/<site>/<vm>/          the object cache
+//! ```
+//!
+//! Known limit: the point is not pinned in the bucket, so a receiver's
+//! prune of that point meanwhile makes reads of parts not yet cached fail
+//! (`EIO`, the missing object named in the log).
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    alive, detach, is_mountpoint, list, mount_at, read_state, select_point, stop_test_vm, PointSel,
+    ViewError, ViewInfo, FAILOVER_DIR, SCRATCH,
+};
+use crate::objstore::cache::{CacheStats, ObjectCache};
+use crate::objstore::replica::BucketStore;
+use crate::objstore::SealedBucket;
+use crate::replica::ReplicaStore;
+
+const CACHE: &str = ".cache";
+const PID_FILE: &str = "view.pid";
+/// The view process's counters, in the scratch folder.
+pub const STATUS_FILE: &str = "status.json";
+/// The view process's log, in the scratch folder.
+pub const LOG_FILE: &str = "view.log";
+
+/// What to expose.
+#[derive(Debug, Clone)]
+pub struct BucketView {
+    /// The local cache folder (holds no replica state).
+    pub root: PathBuf,
+    pub site: Option<String>,
+    pub vm: String,
+    pub sel: PointSel,
+    /// Mount here instead of `ROOT/failover/<site>/<vm>`.
+    pub at: Option<PathBuf>,
+    /// Bytes the object cache may hold.
+    pub cache_bytes: u64,
+}
+
+/// What a view from a bucket cost so far (`status.json`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BucketViewStatus {
+    pub pid: u32,
+    /// Object fetches and the cache (bytes fetched from the bucket).
+    pub cache: CacheStats,
+    /// Bytes the test VM wrote to the overlays.
+    pub written_bytes: u64,
+    /// The process stopped (the last write).
+    pub stopped: bool,
+}
+
+/// Scratch folder of a view of `site/vm`.
+pub fn scratch_dir(root: &Path, site: &str, vm: &str) -> PathBuf {
+    root.join(FAILOVER_DIR).join(SCRATCH).join(site).join(vm)
+}
+
+fn cache_dir(root: &Path, site: &str, vm: &str) -> PathBuf {
+    root.join(FAILOVER_DIR).join(CACHE).join(site).join(vm)
+}
+
+/// The counters of the view whose scratch folder is `scratch`.
+pub fn read_status(scratch: &Path) -> Option<BucketViewStatus> {
+    serde_json::from_slice(&std::fs::read(scratch.join(STATUS_FILE)).ok()?).ok()
+}
+
+fn write_status(scratch: &Path, st: &BucketViewStatus) {
+    let tmp = scratch.join(".status.tmp");
+    if let Ok(b) = serde_json::to_vec_pretty(st) {
+        if std::fs::write(&tmp, b).is_ok() {
+            let _ = std::fs::rename(&tmp, scratch.join(STATUS_FILE));
+        }
+    }
+}
+
+/// The pid of the live view process of `scratch`, if any.
+fn live_pid(scratch: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(scratch.join(PID_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    (alive(pid) && cmd.windows(8).any(|w| w == b"failover")).then_some(pid)
+}
+
+/// Expose the point: fork the view process and wait until it mounted the
+/// view (or failed). `open` opens the bucket (run in the view process).
+/// Call it while the process is single-threaded.
+pub fn expose(
+    v: &BucketView,
+    open: impl FnOnce() -> Result<Arc<SealedBucket>, ViewError>,
+) -> Result<ViewInfo, ViewError> {
+    let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| ViewError::Io(format!("cannot create a pipe: {e}")))?;
+    // SAFETY: the caller is single-threaded (documented); the child only
+    // continues in Rust code of this process image.
+    match unsafe { nix::unistd::fork() } {
+        Err(e) => Err(ViewError::Io(format!("fork failed: {e}"))),
+        Ok(nix::unistd::ForkResult::Parent { .. }) => {
+            drop(wr);
+            let mut msg = String::new();
+            let _ = File::from(rd).read_to_string(&mut msg);
+            if let Some(json) = msg.strip_prefix("ok ") {
+                return serde_json::from_str(json).map_err(|e| {
+                    ViewError::Io(format!("the view process answered nonsense: {e}"))
+                });
+            }
+            Err(match msg.split_once(' ') {
+                Some(("notfound", m)) => ViewError::NotFound(m.into()),
+                Some(("refused", m)) => ViewError::Refused(m.into()),
+                Some(("badpoint", m)) => ViewError::BadPoint(m.into()),
+                Some((_, m)) => ViewError::Io(m.into()),
+                None => ViewError::Io(
+                    "the view process exited before mounting the view (no message)".into(),
+                ),
+            })
+        }
+        Ok(nix::unistd::ForkResult::Child) => {
+            drop(rd);
+            let _ = nix::unistd::setsid();
+            std::process::exit(serve(v, open, wr));
+        }
+    }
+}
+
+/// Tell the waiting parent how it went.
+fn notify(ready: &mut Option<OwnedFd>, msg: &str) {
+    if let Some(fd) = ready.take() {
+        let _ = File::from(fd).write_all(msg.as_bytes());
+    }
+}
+
+fn refusal(e: &ViewError) -> String {
+    let tag = match e.kind() {
+        super::ViewErrorKind::NotFound => "notfound",
+        super::ViewErrorKind::Refused => "refused",
+        super::ViewErrorKind::BadPoint => "badpoint",
+        _ => "error",
+    };
+    format!("{tag} {e}")
+}
+
+/// The view process: returns its exit code.
+fn serve(
+    v: &BucketView,
+    open: impl FnOnce() -> Result<Arc<SealedBucket>, ViewError>,
+    ready: OwnedFd,
+) -> i32 {
+    let mut ready = Some(ready);
+    // Before any thread: every thread (FUSE, status) inherits the mask and
+    // only the main thread takes the signal.
+    let sigs = crate::service::termination_signals();
+    let _ = sigs.thread_block();
+    let t0 = Instant::now();
+    let (active, cache) = match start(v, open) {
+        Ok(a) => a,
+        Err(e) => {
+            notify(&mut ready, &refusal(&e));
+            return 1;
+        }
+    };
+    let scratch = active.info.scratch.clone();
+    // From here on, stdout and stderr go to the log.
+    if let Ok(log) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(scratch.join(LOG_FILE))
+    {
+        let _ = nix::unistd::dup2_stdout(&log);
+        let _ = nix::unistd::dup2_stderr(&log);
+        if let Ok(null) = File::open("/dev/null") {
+            let _ = nix::unistd::dup2_stdin(&null);
+        }
+        crate::service::init_logging(
+            crate::service::LogFormat::Text,
+            crate::service::LogTarget::File(log),
+        );
+    }
+    let pid = std::process::id();
+    let _ = std::fs::write(scratch.join(PID_FILE), pid.to_string());
+    let status = {
+        let files = active.files.clone();
+        let cache = cache.clone();
+        move |stopped| BucketViewStatus {
+            pid,
+            cache: cache.stats(),
+            written_bytes: files.iter().map(|f| f.overlay_bytes()).sum(),
+            stopped,
+        }
+    };
+    write_status(&scratch, &status(false));
+    tracing::info!(
+        "test failover of {}/{} from the bucket: point {} exposed at {} in {} ms",
+        active.info.site,
+        active.info.vm,
+        active.info.cycle,
+        active.info.mountpoint.display(),
+        t0.elapsed().as_millis()
+    );
+    match serde_json::to_string(&active.info) {
+        Ok(j) => notify(&mut ready, &format!("ok {j}")),
+        Err(e) => notify(&mut ready, &format!("error {e}")),
+    }
+    {
+        let scratch = scratch.clone();
+        let status = status.clone();
+        let _ = std::thread::Builder::new()
+            .name("view-status".into())
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_secs(1));
+                write_status(&scratch, &status(false));
+            });
+    }
+    let sig = sigs.wait();
+    tracing::info!("stopping the view ({sig:?})");
+    let mut notes = Vec::new();
+    stop_test_vm(&scratch, &active.info.mountpoint, &mut notes);
+    let mut active = active;
+    if let Some(sess) = active.session.take() {
+        if let Err(e) = sess.umount_and_join() {
+            tracing::warn!("unmounting the view failed ({e}): detaching it");
+            let _ = detach(&active.info.mountpoint);
+        }
+    }
+    for n in notes {
+        tracing::info!("{n}");
+    }
+    let last = status(true);
+    tracing::info!(
+        "view stopped: {} fetched from the bucket in {} objects, {} cache hits",
+        last.cache.fetched_bytes,
+        last.cache.fetched_objects,
+        last.cache.hits
+    );
+    write_status(&scratch, &last);
+    0
+}
+
+/// Open the bucket, pick the point, mount the view.
+fn start(
+    v: &BucketView,
+    open: impl FnOnce() -> Result<Arc<SealedBucket>, ViewError>,
+) -> Result<(super::Active, Arc<ObjectCache>), ViewError> {
+    crate::replica::validate_name("vm", &v.vm).map_err(|e| ViewError::NotFound(e.to_string()))?;
+    let bucket = open()?;
+    let url = bucket.url().to_string();
+    let store = BucketStore::open(bucket, &v.root.join(FAILOVER_DIR).join(".spool"))?;
+    let site = match &v.site {
+        Some(s) => s.clone(),
+        None => {
+            let mut sites = store.sites_of(&v.vm)?;
+            match sites.len() {
+                1 => sites.remove(0),
+                0 => {
+                    return Err(ViewError::NotFound(format!(
+                        "{url}: no VM named {:?} in the bucket: check the name with `vdrep points --store {url}`",
+                        v.vm
+                    )))
+                }
+                _ => {
+                    return Err(ViewError::Refused(format!(
+                        "{url}: several sites replicate {:?} ({}): say which with --site",
+                        v.vm,
+                        sites.join(", ")
+                    )))
+                }
+            }
+        }
+    };
+    let scratch = scratch_dir(&v.root, &site, &v.vm);
+    if let Some(pid) = live_pid(&scratch) {
+        let cycle = read_state(&scratch).map_or(0, |i| i.cycle);
+        return Err(ViewError::Refused(format!(
+            "a test failover of {} from this cache folder is already running (point {cycle}, pid {pid}): remove it with `vdrep failover {} --cleanup --store {url}` first",
+            v.vm, v.vm
+        )));
+    }
+    let points = store.points(&site, &v.vm)?;
+    let pt = select_point(&points, v.sel, &v.vm)?;
+    let cdir = cache_dir(&v.root, &site, &v.vm);
+    let cache = Arc::new(ObjectCache::new(&cdir, v.cache_bytes).map_err(|e| {
+        ViewError::Io(format!("creating the object cache {}: {e}", cdir.display()))
+    })?);
+    let store = store.with_object_cache(cache.clone());
+    let mountpoint =
+        v.at.clone()
+            .unwrap_or_else(|| v.root.join(FAILOVER_DIR).join(&site).join(&v.vm));
+    let active = mount_at(&store, &site, &v.vm, &pt, &scratch, mountpoint).inspect_err(|_| {
+        let _ = std::fs::remove_dir_all(&cdir);
+    })?;
+    Ok((active, cache))
+}
+
+/// Remove the test failover of `vm` served from `root`: stop its process
+/// (which stops a `--boot` test VM and unmounts), delete the overlays and
+/// the object cache. Returns the view, its last counters and notes.
+pub fn cleanup(
+    root: &Path,
+    site: Option<&str>,
+    vm: &str,
+) -> Result<(ViewInfo, BucketViewStatus, Vec<String>), ViewError> {
+    let base = root.join(FAILOVER_DIR).join(SCRATCH);
+    let sites: Vec<String> = match site {
+        Some(s) => vec![s.to_string()],
+        None => list(&base)
+            .into_iter()
+            .filter(|s| base.join(s).join(vm).join(super::STATE_FILE).exists())
+            .collect(),
+    };
+    let site = match sites.as_slice() {
+        [one] => one.clone(),
+        [] => {
+            return Err(ViewError::NotFound(format!(
+                "no test failover of {vm} from the cache folder {}",
+                root.display()
+            )))
+        }
+        _ => {
+            return Err(ViewError::Refused(format!(
+                "test failovers of {vm} from several sites ({}): say which with --site",
+                sites.join(", ")
+            )))
+        }
+    };
+    let scratch = scratch_dir(root, &site, vm);
+    let info = read_state(&scratch).ok_or_else(|| {
+        ViewError::NotFound(format!(
+            "no test failover of {site}/{vm} from the cache folder {}",
+            root.display()
+        ))
+    })?;
+    let mut notes = Vec::new();
+    if let Some(pid) = live_pid(&scratch) {
+        let p = nix::unistd::Pid::from_raw(pid);
+        let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGTERM);
+        let t0 = Instant::now();
+        while alive(pid) && t0.elapsed() < Duration::from_secs(15) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if alive(pid) {
+            let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
+            notes.push(format!(
+                "the view process (pid {pid}) did not stop: killed it"
+            ));
+        }
+    } else {
+        notes.push("the view process was gone: cleaning up what it left".into());
+    }
+    let status = read_status(&scratch).unwrap_or_default();
+    stop_test_vm(&scratch, &info.mountpoint, &mut notes);
+    if is_mountpoint(&info.mountpoint) && detach(&info.mountpoint).is_ok() {
+        notes.push(format!(
+            "detached the view mount {}",
+            info.mountpoint.display()
+        ));
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    let _ = std::fs::remove_dir_all(cache_dir(root, &site, vm));
+    if info.mountpoint.starts_with(root.join(FAILOVER_DIR)) {
+        let _ = std::fs::remove_dir(&info.mountpoint);
+    }
+    let mut info = info;
+    info.written_bytes = status.written_bytes;
+    Ok((info, status, notes))
+}
