@@ -1088,6 +1088,31 @@ fn point_commit(cycle: u64) -> Msg {
     })
 }
 
+/// A receiver that got a cycle-6 log on stream 3 and, right behind its last
+/// bytes, the cycle's point (commit-ahead); and the op of the log's store.
+fn log_then_point_ahead() -> (Receiver, OpId) {
+    let mut r = opened(5);
+    let (_, msgs) = log_msgs(6, 5, b"0123456789");
+    let outs = feed(&mut r, &msgs);
+    let stored = stored_op(&outs);
+    let b = bytes(&[point_commit(6)]);
+    r.handle(
+        NOW,
+        Event::Data {
+            stream: StreamId(3),
+            bytes: &b,
+        },
+    );
+    (r, stored)
+}
+
+fn apply_op(outs: &[Output<ReceiverAction>]) -> Option<OpId> {
+    actions(outs).iter().find_map(|a| match a {
+        ReceiverAction::ApplyLog { op, .. } => Some(*op),
+        _ => None,
+    })
+}
+
 fn commit_op(outs: &[Output<ReceiverAction>], want: u64) -> Option<OpId> {
     actions(outs).iter().find_map(|a| match a {
         ReceiverAction::CommitPoint { op, cycle, .. } if *cycle == want => Some(*op),
@@ -1097,19 +1122,8 @@ fn commit_op(outs: &[Output<ReceiverAction>], want: u64) -> Option<OpId> {
 
 #[test]
 fn a_point_sent_with_its_log_is_held_until_the_log_is_applied_then_committed() {
-    let mut r = opened(5);
-    let (_, msgs) = log_msgs(6, 5, b"0123456789");
-    let outs = feed(&mut r, &msgs);
-    let stored = stored_op(&outs);
     // The commit arrives with the log's last bytes, before the store is done.
-    let b = bytes(&[point_commit(6)]);
-    r.handle(
-        NOW,
-        Event::Data {
-            stream: StreamId(3),
-            bytes: &b,
-        },
-    );
+    let (mut r, stored) = log_then_point_ahead();
     r.handle(NOW, Event::Finished(StreamId(3)));
     let outs = drain(|| r.poll());
     assert_eq!(commit_op(&outs, 6), None, "held: the log is not applied");
@@ -1117,13 +1131,7 @@ fn a_point_sent_with_its_log_is_held_until_the_log_is_applied_then_committed() {
     r.complete(NOW, stored, StoreDone::LogStored(Ok(LogStored::Stored)));
     let outs = drain(|| r.poll());
     assert_eq!(commit_op(&outs, 6), None, "durable is not applied");
-    let apply = actions(&outs)
-        .iter()
-        .find_map(|a| match a {
-            ReceiverAction::ApplyLog { op, .. } => Some(*op),
-            _ => None,
-        })
-        .expect("apply");
+    let apply = apply_op(&outs).expect("apply");
     r.complete(NOW, apply, StoreDone::LogApplied(Ok(())));
     let outs = drain(|| r.poll());
     assert!(acks(&outs).iter().any(|a| a.applied));
@@ -1138,28 +1146,11 @@ fn a_point_sent_with_its_log_is_held_until_the_log_is_applied_then_committed() {
 
 #[test]
 fn a_held_point_the_sender_resets_is_never_committed() {
-    let mut r = opened(5);
-    let (_, msgs) = log_msgs(6, 5, b"0123456789");
-    let outs = feed(&mut r, &msgs);
-    let stored = stored_op(&outs);
-    let b = bytes(&[point_commit(6)]);
-    r.handle(
-        NOW,
-        Event::Data {
-            stream: StreamId(3),
-            bytes: &b,
-        },
-    );
+    let (mut r, stored) = log_then_point_ahead();
     r.handle(NOW, Event::Reset(StreamId(3)));
     r.complete(NOW, stored, StoreDone::LogStored(Ok(LogStored::Stored)));
     let outs = drain(|| r.poll());
-    let apply = actions(&outs)
-        .iter()
-        .find_map(|a| match a {
-            ReceiverAction::ApplyLog { op, .. } => Some(*op),
-            _ => None,
-        })
-        .expect("apply");
+    let apply = apply_op(&outs).expect("apply");
     r.complete(NOW, apply, StoreDone::LogApplied(Ok(())));
     let outs = drain(|| r.poll());
     assert_eq!(commit_op(&outs, 6), None);
