@@ -17,8 +17,9 @@
 //!   next cut turns a copy taken before the mount into the disk).
 //!
 //! - A worker that hangs (SIGSTOP, with the same writer running) is found
-//!   by the supervisor's watchdog (no heartbeat for `VDREP_WATCHDOG`),
-//!   killed and replaced like a crashed one: fio sees no error.
+//!   by the supervisor's watchdog (no heartbeat for the configuration's
+//!   `watchdog = "2s"`), killed and replaced like a crashed one: fio sees
+//!   no error. A bad `VDREP_WATCHDOG` over it refuses the mount.
 //!
 //! Needs root, /dev/fuse and fio (CI has them).
 
@@ -301,8 +302,14 @@ fn vm_folder(tmp: &Path) -> std::path::PathBuf {
 
 /// `EXE mount VM` with `env` added to its environment.
 fn mount_by(exe: &Path, vm: &Path, env: &[(&str, &str)]) -> Mounted {
+    mount_by_with(exe, &[], vm, env)
+}
+
+/// `EXE ARGS mount VM` with `env` added to its environment.
+fn mount_by_with(exe: &Path, args: &[&str], vm: &Path, env: &[(&str, &str)]) -> Mounted {
     setup();
     let o = Command::new(exe)
+        .args(args)
         .args(["mount", vm.to_str().expect("utf-8")])
         .envs(env.iter().copied())
         .output()
@@ -379,10 +386,34 @@ fn hung_worker_is_replaced_by_the_watchdog() {
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     let vm = vm_folder(tmp.path());
-    // Only this mount gets the short watchdog (tests share the process
-    // environment).
+    // The limit comes from the configuration's `watchdog`; a bad value of
+    // the environment variable over it refuses the mount.
     let limit = Duration::from_secs(2);
-    let mut m = mount_by(&vdrep_bin(), &vm, &[("VDREP_WATCHDOG", "2s")]);
+    let cfg = tmp.path().join("vdrep.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[mount]]\npath = {:?}\nwatchdog = \"2s\"\n",
+            vm.to_str().expect("utf-8")
+        ),
+    )
+    .expect("write the configuration");
+    let cfg_args = ["--config", cfg.to_str().expect("utf-8")];
+    setup();
+    let o = Command::new(vdrep_bin())
+        .args(cfg_args)
+        .args(["mount", vm.to_str().expect("utf-8")])
+        .env("VDREP_WATCHDOG", "soon")
+        .output()
+        .expect("run vdrep mount");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("VDREP_WATCHDOG") && err.contains("off"),
+        "{err}"
+    );
+    assert!(!is_mountpoint(&vm), "mounted despite a bad VDREP_WATCHDOG");
+    let mut m = mount_by_with(&vdrep_bin(), &cfg_args, &vm, &[]);
     let supervisor = m.daemon_pid();
     let (victim, _) = worker(&vm).expect("a worker");
     let fio = start_fio(&vm.join(DISK), 11);
@@ -415,5 +446,159 @@ fn hung_worker_is_replaced_by_the_watchdog() {
     // Killed like a crash: its bitmap is not trusted.
     assert_eq!(disk_state(&m), "ResyncRequired");
     m.umount();
+    assert!(!is_mountpoint(&vm));
+}
+
+/// The state letter of process `pid` (`None`: gone).
+fn proc_state(pid: i32) -> Option<char> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit(')').next()?.trim_start().chars().next()
+}
+
+/// A duplicate of one of `pid`'s `/dev/fuse` descriptors in this process
+/// (`pidfd_getfd`): the connection then outlives `pid`, as it does when a
+/// dying daemon's process is stuck holding it.
+fn steal_fuse_fd(pid: i32) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    let target: i32 = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("list the supervisor's descriptors")
+        .flatten()
+        .find(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == Path::new("/dev/fuse")))
+        .and_then(|e| e.file_name().to_str()?.parse().ok())
+        .expect("the supervisor holds /dev/fuse");
+    // SAFETY: plain system calls; the returned descriptor is new and ours.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
+        assert!(
+            pidfd >= 0,
+            "pidfd_open: {}",
+            std::io::Error::last_os_error()
+        );
+        let fd = libc::syscall(libc::SYS_pidfd_getfd, pidfd as i32, target, 0);
+        let err = std::io::Error::last_os_error();
+        libc::close(pidfd as i32);
+        assert!(fd >= 0, "pidfd_getfd: {err}");
+        std::os::fd::OwnedFd::from_raw_fd(fd as i32)
+    }
+}
+
+/// Reads its file (`O_DIRECT`) once, says `open`, waits for a line, reads
+/// again: exits 3 with the error's errno on stderr if that read fails.
+const HOLDER_PY: &str = r#"
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)
+buf = mmap.mmap(-1, 4096)
+os.preadv(fd, [buf], 0)
+print("open", flush=True)
+sys.stdin.readline()
+try:
+    os.preadv(fd, [buf], 4096)
+except OSError as e:
+    print(f"errno {e.errno}: {e.strerror}", file=sys.stderr, flush=True)
+    sys.exit(3)
+print("read", flush=True)
+"#;
+
+/// `vdrep umount` of a mount whose daemon is gone (worker and supervisor
+/// killed -9) while its FUSE connection still lives (a descriptor held
+/// elsewhere) aborts the connection: a process blocked on the mount gets
+/// an error and exits instead of waiting forever, and the mount is gone.
+#[test]
+fn umount_of_a_dead_mount_aborts_its_connection() {
+    use std::io::{BufRead, Write};
+    require_fuse!();
+    if !have("python3") {
+        skip::skip("SKIP: python3 is not installed (the process holding a file on the mount)");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let vm = vm_folder(tmp.path());
+    let mut m = mount_by(&vdrep_bin(), &vm, &[]);
+    let supervisor = m.daemon_pid();
+    let (worker_pid, _) = worker(&vm).expect("a worker");
+    let mut holder = Command::new("python3")
+        .args(["-c", HOLDER_PY, vm.join(DISK).to_str().expect("utf-8")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the holder");
+    let mut out = std::io::BufReader::new(holder.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("holder output");
+    assert_eq!(
+        line.trim(),
+        "open",
+        "the holder could not read through the mount"
+    );
+    let held = steal_fuse_fd(supervisor);
+    for pid in [worker_pid as i32, supervisor] {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let t0 = Instant::now();
+    while [worker_pid as i32, supervisor]
+        .iter()
+        .any(|&p| proc_state(p).is_some_and(|s| s != 'Z'))
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the daemon did not die"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Nobody serves the connection now: the holder's next read waits.
+    writeln!(holder.stdin.as_mut().expect("stdin")).expect("tell the holder");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        holder.try_wait().expect("holder").is_none(),
+        "the holder's read did not wait on the dead connection"
+    );
+    setup();
+    let mut um = Command::new(vdrep_bin())
+        .args(["umount", vm.to_str().expect("utf-8")])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run vdrep umount");
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = um.try_wait().expect("umount") {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            let _ = um.kill();
+            let _ = holder.kill();
+            panic!("vdrep umount of the dead mount hangs");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut msg = String::new();
+    let _ = std::io::Read::read_to_string(&mut um.stderr.take().expect("stderr"), &mut msg);
+    assert!(status.success(), "vdrep umount failed: {msg}");
+    assert!(msg.contains("aborted its FUSE connection"), "{msg}");
+    let t0 = Instant::now();
+    let code = loop {
+        if let Some(s) = holder.try_wait().expect("holder") {
+            break s.code();
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            let _ = holder.kill();
+            panic!("the holder still hangs on the aborted mount");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    let _ = std::io::Read::read_to_string(&mut holder.stderr.take().expect("stderr"), &mut err);
+    println!("vdrep umount: {}holder: {}", msg, err.trim());
+    assert_eq!(code, Some(3), "the holder's read did not fail: {err}");
+    // ECONNABORTED for a request that waited, ENOTCONN for a new one.
+    assert!(
+        err.starts_with("errno 103") || err.starts_with("errno 107"),
+        "{err}"
+    );
+    m.mounted = false;
+    drop(held);
     assert!(!is_mountpoint(&vm));
 }

@@ -786,3 +786,65 @@ fn a_write_the_activity_log_cannot_record_is_refused() {
     // Once the log can be written again, so can the disk.
     disk.write_at(&file, 8 << 20, &[2; 4096]).unwrap();
 }
+
+/// Recording ahead (issue 15, the write-path lever): a sequential writer
+/// entering a cold extent at its first byte from a hot one records the next
+/// `activity_ahead` extents in the same sync; a write elsewhere in a cold
+/// extent records only its own. Durability stays whole: after a crash the
+/// log names every extent written (and the ones recorded ahead).
+#[test]
+fn a_sequential_writer_records_extents_ahead() {
+    let syncs_and_named = |ahead: u32, offsets: &[u64]| {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        File::create(dir.join("d.raw"))
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dir.join("d.raw"))
+            .unwrap();
+        let cfg = TrackConfig {
+            block_size: 4096,
+            activity_ahead: ahead,
+            ..TrackConfig::default()
+        };
+        let syncs = {
+            let t = Tracker::open(open_root(dir), dir, cfg.clone()).unwrap();
+            let disk = t.attach(Path::new("d.raw"), &file).unwrap().unwrap();
+            for &o in offsets {
+                disk.write_at(&file, o, &[7; 1 << 20]).unwrap();
+            }
+            t.status().disks[0].activity_syncs.unwrap()
+            // dropped without a clean stop: a crash
+        };
+        let named = std::fs::read(activity_log_file(dir)).unwrap()[24..]
+            .iter()
+            .enumerate()
+            .flat_map(|(i, b)| {
+                (0..8)
+                    .filter(move |k| b & (1 << k) != 0)
+                    .map(move |k| i as u64 * 8 + k)
+            })
+            .collect::<Vec<u64>>();
+        (syncs, named)
+    };
+    let mib = 1u64 << 20;
+    let sweep: Vec<u64> = (0..64).map(|i| i * mib).collect();
+    // 16 extents of 4 MiB, one sync each without recording ahead ...
+    let (syncs, named) = syncs_and_named(0, &sweep);
+    assert_eq!((syncs, named.len()), (16, 16));
+    // ... 1 + 4 with 3 ahead (0; 1-4; 5-8; 9-12; 13-15, the end of the disk).
+    let (syncs, named) = syncs_and_named(3, &sweep);
+    assert_eq!(syncs, 5);
+    assert_eq!(named, (0..16).collect::<Vec<u64>>());
+    // Two extents written sequentially: the log also names the 3 ahead.
+    let (syncs, named) = syncs_and_named(3, &sweep[..8]);
+    assert_eq!((syncs, named), (2, vec![0, 1, 2, 3, 4]));
+    // Writes not at an extent's first byte record only their own extent.
+    let scattered = [mib, 5 * mib, 9 * mib + 4096, 33 * mib];
+    let (syncs, named) = syncs_and_named(3, &scattered);
+    assert_eq!((syncs, named), (4, vec![0, 1, 2, 8]));
+}

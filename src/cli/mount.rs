@@ -33,7 +33,14 @@ pub fn mount(
         activity_log: activity_log_env()
             .or(entry.and_then(|m| m.activity_log))
             .unwrap_or(true),
+        activity_ahead: activity_ahead_env().unwrap_or(crate::tracking::DEFAULT_ACTIVITY_AHEAD),
         ..TrackConfig::default()
+    };
+    let watchdog = match watchdog_env() {
+        Err(code) => return code,
+        Ok(env) => env
+            .or(entry.and_then(|m| m.watchdog))
+            .unwrap_or(Some(crate::fuse::supervisor::WATCHDOG_DEFAULT)),
     };
     if !patterns.is_empty() {
         track.patterns = patterns;
@@ -77,6 +84,7 @@ pub fn mount(
         config: cfg.map(|c| std::fs::canonicalize(&c.path).unwrap_or_else(|_| c.path.clone())),
         metrics_listen: metrics_listen.or(entry.and_then(|m| m.metrics_listen)),
         notify: super::config::notify_spec(cfg),
+        watchdog,
     })
 }
 
@@ -88,6 +96,34 @@ fn activity_log_env() -> Option<bool> {
         "off" | "0" | "false" => Some(false),
         other => {
             eprintln!("vdrep: ignoring VDREP_ACTIVITY_LOG={other:?} (give on or off)");
+            None
+        }
+    }
+}
+
+/// `VDREP_WATCHDOG=30s|off` (over the configuration's `watchdog`); a
+/// value that is neither refuses the mount (exit code 2).
+fn watchdog_env() -> Result<Option<Option<std::time::Duration>>, i32> {
+    let name = crate::fuse::supervisor::WATCHDOG_ENV;
+    let Ok(v) = std::env::var(name) else {
+        return Ok(None);
+    };
+    crate::config::parse_watchdog(&v).map(Some).map_err(|e| {
+        eprintln!("vdrep: {name}={v:?}: {e}");
+        2
+    })
+}
+
+/// `VDREP_ACTIVITY_AHEAD=N`: extents the activity log records ahead of a
+/// sequential writer (0: none), for the write-path benchmark's with/without.
+fn activity_ahead_env() -> Option<u32> {
+    let v = std::env::var("VDREP_ACTIVITY_AHEAD")
+        .ok()
+        .filter(|v| !v.is_empty())?;
+    match v.parse() {
+        Ok(n) => Some(n),
+        Err(_) => {
+            eprintln!("vdrep: ignoring VDREP_ACTIVITY_AHEAD={v:?} (give a number of extents)");
             None
         }
     }
@@ -113,13 +149,20 @@ pub fn umount(dir: PathBuf, lazy: bool) -> i32 {
         }
         Err(DaemonError::Control(e)) if e.kind() == CallErrorKind::NotRunning => {
             // A daemon that died leaves a dead mount behind: remove it.
-            match daemon::unmount(&dir, lazy) {
-                Ok(()) => {
+            match daemon::remove_dead_mount(&dir, lazy) {
+                Ok(done) => {
+                    let aborted = done.aborted.map_or(String::new(), |n| {
+                        format!("aborted its FUSE connection ({n}: waiting I/O failed) and ")
+                    });
                     eprintln!(
-                        "vdrep: no daemon was running for {}; removed the stale mount (its disks will need a resync)",
+                        "vdrep: no daemon was running for {}; {aborted}removed the stale mount (its disks will need a resync)",
                         dir.display()
                     );
                     0
+                }
+                Err(e @ DaemonError::SupervisorAlive { .. }) => {
+                    eprintln!("vdrep: {e}");
+                    1
                 }
                 Err(e) => {
                     eprintln!(

@@ -69,6 +69,9 @@ pub struct MountCfg {
     pub metrics_listen: Option<SocketAddr>,
     /// Keep an activity log per disk (default on).
     pub activity_log: Option<bool>,
+    /// The supervisor's hung-worker watchdog (`watchdog = "30s"`);
+    /// `Some(None)`: `off`.
+    pub watchdog: Option<Option<Duration>>,
 }
 
 /// `[receiver]`: the secondary site's receiver and its retention.
@@ -361,6 +364,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, BadValue> {
         return Err(bad(format!("{s:?}: give a duration above zero")));
     }
     Ok(d)
+}
+
+/// The hung-worker watchdog's limit: a duration (`30s`), or `off` (`None`).
+pub fn parse_watchdog(s: &str) -> Result<Option<Duration>, BadValue> {
+    if s.trim().eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    parse_duration(s).map(Some).map_err(|e| e.or("`off`"))
 }
 
 /// An address to listen on: `IP:PORT` (e.g. 127.0.0.1:9477).
@@ -798,12 +809,16 @@ impl Cx<'_> {
                 self.value(&m.metrics_listen, "mount.metrics_listen", |s: &String| {
                     parse_listen(s)
                 });
+            let watchdog = self.value(&m.watchdog, "mount.watchdog", |s: &String| {
+                parse_watchdog(s)
+            });
             out.push(MountCfg {
                 path,
                 block_size,
                 patterns: m.patterns.clone().unwrap_or_default(),
                 metrics_listen,
                 activity_log: m.activity_log,
+                watchdog,
             });
         }
         out

@@ -426,3 +426,29 @@ fn receiver_on_an_object_store() {
     assert_eq!(p[0].key, "receiver.store");
     assert!(p[0].msg.contains("s3_endpoint"), "{}", p[0].msg);
 }
+
+#[test]
+fn mount_watchdog_is_a_duration_or_off() {
+    let with = |v: &str| {
+        GOOD.replace(
+            "path = \"/srv/vdrep-test-vms\"\n",
+            &format!("path = \"/srv/vdrep-test-vms\"\nwatchdog = \"{v}\"\n"),
+        )
+    };
+    assert_eq!(check(GOOD).unwrap().mounts[0].watchdog, None);
+    assert_eq!(
+        check(&with("45s")).unwrap().mounts[0].watchdog,
+        Some(Some(Duration::from_secs(45)))
+    );
+    assert_eq!(check(&with("off")).unwrap().mounts[0].watchdog, Some(None));
+    for bad in ["soon", "0s"] {
+        let p = problems(&with(bad));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(
+            (p[0].kind, p[0].key.as_str()),
+            (ProblemKind::BadDuration, "mount.watchdog"),
+            "{bad}"
+        );
+        assert!(p[0].msg.contains("`off`"), "{:?}", p[0].msg);
+    }
+}

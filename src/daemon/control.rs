@@ -188,7 +188,7 @@ pub fn socket_path(canonical_dir: &Path) -> PathBuf {
 
 /// Send one request to the daemon for `dir` (any path naming the folder).
 pub fn call(dir: &Path, req: &Request) -> Result<Response, CallError> {
-    let canon = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let canon = crate::fuse::fusectl::resolve_mount_point(dir);
     let server = Server::Mount {
         dir: canon.display().to_string(),
     };
@@ -198,7 +198,7 @@ pub fn call(dir: &Path, req: &Request) -> Result<Response, CallError> {
 /// [`call`], with an answer that is not `ok` as [`CallError::Refused`]
 /// (its reason, or `failed`).
 pub fn call_ok(dir: &Path, req: &Request) -> Result<Response, CallError> {
-    let canon = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let canon = crate::fuse::fusectl::resolve_mount_point(dir);
     let server = Server::Mount {
         dir: canon.display().to_string(),
     };

@@ -35,7 +35,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use self::control::{Request, Response};
 use crate::fs::FsOptions;
@@ -71,6 +71,14 @@ pub struct MountOptions {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// The command run on every event (`notify_command`).
     pub notify: Option<crate::events::notify::NotifySpec>,
+    /// The supervisor's hung-worker watchdog: no heartbeat from a live
+    /// worker for this long and it is killed and replaced (`None`: off).
+    #[serde(default = "default_watchdog")]
+    pub watchdog: Option<std::time::Duration>,
+}
+
+fn default_watchdog() -> Option<std::time::Duration> {
+    Some(crate::fuse::supervisor::WATCHDOG_DEFAULT)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +103,10 @@ pub enum DaemonError {
     /// A background `vdrep mount` could not be started or failed.
     #[error("{0}")]
     Spawn(String),
+    /// No worker answers for the folder but its supervisor (the holder of
+    /// the FUSE connection) is alive: a worker is being restarted.
+    #[error("{}: no worker answers, but its supervisor still holds the mount (a worker is restarting): try again in a few seconds; `vdrep status {}` shows when it serves again", dir.display(), dir.display())]
+    SupervisorAlive { dir: PathBuf },
 }
 
 /// The kinds of [`DaemonError`] callers decide on.
@@ -110,6 +122,8 @@ pub enum DaemonErrorKind {
     StillRunning,
     /// Starting a daemon failed.
     Start,
+    /// The mount's supervisor lives (a worker is restarting).
+    SupervisorAlive,
 }
 
 impl DaemonError {
@@ -120,6 +134,7 @@ impl DaemonError {
             DaemonError::Control(_) => DaemonErrorKind::Control,
             DaemonError::StillRunning { .. } => DaemonErrorKind::StillRunning,
             DaemonError::Msg(_) | DaemonError::Spawn(_) => DaemonErrorKind::Start,
+            DaemonError::SupervisorAlive { .. } => DaemonErrorKind::SupervisorAlive,
         }
     }
 }
@@ -276,6 +291,16 @@ fn supervise_inner(
         .thread_block()
         .map_err(|e| DaemonError::Msg(format!("cannot block signals: {e}")))?;
     crate::fs::check_not_mounted(dir, &opts.fs.fsname).map_err(ioe(dir, "cannot mount"))?;
+    // Held until this process is gone: `vdrep umount` aborts the FUSE
+    // connection of a mount only while nobody holds it.
+    let _alive = supervisor_lock(dir)
+        .map_err(ioe(dir, "cannot lock the supervisor's lock file"))?
+        .ok_or_else(|| {
+            DaemonError::Msg(format!(
+                "{}: another vdrep supervisor holds this folder",
+                dir.display()
+            ))
+        })?;
     let spec = crate::fuse::MountSpec {
         fsname: opts.fs.fsname.clone(),
         allow_other: opts.fs.allow_other,
@@ -316,6 +341,7 @@ fn supervise_inner(
         &args,
         &options,
         ready.take(),
+        opts.watchdog,
     ))
 }
 
@@ -634,6 +660,89 @@ pub fn unmount(dir: &Path, lazy: bool) -> io::Result<()> {
         nix::mount::MntFlags::empty()
     };
     nix::mount::umount2(dir, flags).map_err(io::Error::from)
+}
+
+/// The supervisor's lock of the folder `dir` (canonical): an exclusive
+/// `flock` on `run_dir()/<hash of dir>.lock` that its process holds for
+/// its whole life (close-on-exec: workers do not inherit it). `Ok(None)`:
+/// another process holds it.
+fn supervisor_lock(dir: &Path) -> io::Result<Option<nix::fcntl::Flock<File>>> {
+    let path = control::socket_path(dir).with_extension("lock");
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p)?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)?;
+    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(Some(l)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(io::Error::from(e)),
+    }
+}
+
+/// What [`remove_dead_mount`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeadMountRemoved {
+    /// The FUSE connection (its number under `/sys/fs/fuse/connections`)
+    /// was aborted: requests that waited on it failed with `ENOTCONN`.
+    pub aborted: Option<u64>,
+}
+
+/// How long an unmount after an abort retries while the processes whose
+/// files were open on the mount get their errors and close them.
+const DEAD_UNMOUNT_RETRY: Duration = Duration::from_secs(3);
+
+/// Remove the mount over `dir` whose daemon is gone (no control socket
+/// answers). Unless its supervisor still lives ([`DaemonError::SupervisorAlive`]),
+/// first abort its FUSE connection through fusectl, so that no process
+/// stays blocked on a request nobody will answer (a `close` in
+/// `fuse_flush`, a read), then unmount it (`lazy`: detach if files stay
+/// open). Never looks up `dir` through the dead mount.
+pub fn remove_dead_mount(dir: &Path, lazy: bool) -> Result<DeadMountRemoved, DaemonError> {
+    let dir = crate::fuse::fusectl::resolve_mount_point(dir);
+    let _nobody = supervisor_lock(&dir)
+        .map_err(ioe(&dir, "cannot check the supervisor's lock file"))?
+        .ok_or_else(|| DaemonError::SupervisorAlive { dir: dir.clone() })?;
+    let mut done = DeadMountRemoved { aborted: None };
+    let entry = crate::fuse::fusectl::mount_at(&dir).map_err(ioe(&dir, "cannot read mountinfo"))?;
+    if let Some(m) = entry.filter(|m| m.is_fuse()) {
+        match crate::fuse::fusectl::abort(&m) {
+            Ok(true) => done.aborted = Some(m.connection()),
+            Ok(false) => {}
+            // The unmount below may still work; say why waiters may stay.
+            Err(e) => tracing::warn!(
+                "{}: cannot abort FUSE connection {} through {}: {e}; processes waiting on it may hang",
+                dir.display(),
+                m.connection(),
+                crate::fuse::fusectl::CONNECTIONS
+            ),
+        }
+    }
+    let start = Instant::now();
+    loop {
+        match unmount(&dir, false) {
+            Ok(()) => return Ok(done),
+            Err(e)
+                if e.raw_os_error() == Some(libc::EBUSY)
+                    && start.elapsed() < DEAD_UNMOUNT_RETRY =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(_) if lazy => {
+                return unmount(&dir, true)
+                    .map(|()| done)
+                    .map_err(ioe(&dir, "cannot detach the dead mount"));
+            }
+            Err(e) => return Err(ioe(
+                &dir,
+                "cannot unmount the dead mount (files are still open on it; --lazy detaches it)",
+            )(e)),
+        }
+    }
 }
 
 /// Control requests being answered; the daemon waits for them at exit so

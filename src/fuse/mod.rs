@@ -8,7 +8,8 @@
 //! [`recv_fds`]), asking the kernel to resend the requests a dead worker
 //! had read but not answered ([`notify_resend`]), and telling whether the
 //! connection is still alive ([`connection_alive`]). [`supervisor`] is the
-//! process that holds them and restarts the worker.
+//! process that holds them and restarts the worker; [`fusectl`] aborts the
+//! connection of a mount whose server is gone.
 //!
 //! The request transport is fuser's read loop, one thread per held
 //! descriptor (`Session::from_fds` in `vendor/fuser`); an io_uring
@@ -16,6 +17,7 @@
 //! `kernel-notes/fuse-connection.md` for what each needs from the other.
 //! The request handlers themselves are [`crate::fs`]'s.
 
+pub mod fusectl;
 pub mod supervisor;
 
 use std::ffi::CString;

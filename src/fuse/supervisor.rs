@@ -18,7 +18,8 @@
 //! - the worker hung: once live, a worker reports [`WorkerMsg::Alive`]
 //!   every second, each after a liveness check that goes through the
 //!   mount (so a worker whose FUSE threads are stuck, or that is stopped,
-//!   reports nothing). After [`WATCHDOG_ENV`] (default 30 s) without a
+//!   reports nothing). After the watchdog limit (the `[[mount]]`
+//!   setting `watchdog`, [`WATCHDOG_ENV`] over it, default 30 s) without a
 //!   report (counted from `Ready`) the supervisor kills it (SIGKILL) and
 //!   treats it as a crash.
 //!
@@ -41,8 +42,9 @@ use super::{recv_fds, send_fds, Connection};
 /// its inherited socket descriptor.
 pub const WORKER_ENV: &str = "VDREP_SUPERVISOR_FD";
 
-/// Environment variable with the hung-worker watchdog's timeout: seconds
-/// (`20`, `20s`), or `0`/`off` for none. Default [`WATCHDOG_DEFAULT`].
+/// Environment variable with the hung-worker watchdog's timeout over the
+/// configuration's `watchdog`: a duration (`20s`) or `off`. Read by `vdrep
+/// mount` (`crate::config::parse_watchdog`). Default [`WATCHDOG_DEFAULT`].
 pub const WATCHDOG_ENV: &str = "VDREP_WATCHDOG";
 
 /// The watchdog's default timeout.
@@ -50,28 +52,6 @@ pub const WATCHDOG_DEFAULT: Duration = Duration::from_secs(30);
 
 /// How often a live worker reports [`WorkerMsg::Alive`].
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
-
-/// The watchdog timeout from [`WATCHDOG_ENV`]: `None` turns it off; an
-/// unreadable value keeps the default (and says so in the log).
-pub fn watchdog_timeout() -> Option<Duration> {
-    let Ok(v) = std::env::var(WATCHDOG_ENV) else {
-        return Some(WATCHDOG_DEFAULT);
-    };
-    let v = v.trim();
-    if v == "off" || v == "0" || v == "0s" {
-        return None;
-    }
-    match v.strip_suffix('s').unwrap_or(v).parse::<f64>() {
-        Ok(secs) if secs.is_finite() && secs > 0.0 => Some(Duration::from_secs_f64(secs)),
-        _ => {
-            tracing::warn!(
-                "{WATCHDOG_ENV}={v:?} is not a number of seconds (like 20s) or off; using {} s",
-                WATCHDOG_DEFAULT.as_secs()
-            );
-            Some(WATCHDOG_DEFAULT)
-        }
-    }
-}
 
 /// What the supervisor tells a new worker (the message's JSON payload).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -248,7 +228,8 @@ const BACKOFF_RESET: Duration = Duration::from_secs(10);
 
 /// Run the supervisor until the mount is gone; returns the exit code.
 /// `exe` and `args` start a worker (the arguments only show in `ps`), which
-/// gets `options`; `ready` goes to the first one.
+/// gets `options`; `ready` goes to the first one. `watchdog`: the limit
+/// without a heartbeat from a live worker (`None`: no watchdog).
 /// Call with SIGTERM, SIGINT and SIGHUP blocked and no other thread.
 pub fn run(
     held: &Held,
@@ -256,6 +237,7 @@ pub fn run(
     args: &[std::ffi::OsString],
     options: &serde_json::Value,
     ready: Option<OwnedFd>,
+    watchdog: Option<Duration>,
 ) -> i32 {
     let mut sigs = SigSet::empty();
     for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
@@ -271,7 +253,6 @@ pub fn run(
             return 1;
         }
     };
-    let watchdog = watchdog_timeout();
     let mut ready = ready;
     let mut restarts = 0u32;
     let mut initialized = false;

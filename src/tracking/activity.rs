@@ -158,6 +158,12 @@ impl ActivityLog {
         (f..=l).all(|e| hot.get(e))
     }
 
+    /// Is extent `e` hot?
+    #[inline]
+    pub fn is_hot(&self, e: u64) -> bool {
+        self.hot.read().get(e)
+    }
+
     /// Make the extents of bytes `lo..=hi` durable in the log (a no-op for
     /// hot ones); when this returns, a write into them may proceed.
     /// Group commit: writers to cold extents announce them, then queue on
