@@ -4,8 +4,8 @@
 //! committed again proves them, with no time measured. Nothing calls
 //! `vdrep sync` while a retry is pending (a sync retries at once and would
 //! hide the schedule). During a longer outage `status` (text and JSON) and
-//! the metrics show each wait of the schedule in order (1 s, 2 s, 5 s, then
-//! the 1-hour step), the next retry time and the retry count; the outage
+//! the metrics show each wait of the fast schedule in order (1 s, 2 s,
+//! 5 s), the next retry time and the retry count; the outage
 //! starts from the first step because the blip's committed point reset the
 //! schedule. Needs root and /dev/fuse (CI has both).
 
@@ -122,12 +122,13 @@ fn receiver_blip_is_retried_within_seconds_not_minutes() {
 
     // A longer outage: while the VM waits between tries, `status` (text
     // and JSON) and the metrics show each step of the schedule, in order,
-    // from the first one (the blip's point reset it): 1 s, 2 s, 5 s, then
-    // the long schedule's 1 hour.
+    // from the first one (the blip's point reset it): 1 s, 2 s, 5 s (the
+    // step after them is `src/sender/retry.rs`'s unit tests' business: one
+    // more step here costs ~10 s of CI).
     rx2.kill9();
     let mut seen: Vec<(u64, f64, u64)> = Vec::new();
     let mut shown = None;
-    while seen.len() < 4 {
+    while seen.len() < 3 {
         let st = wait_status(&m, "the next step of the retry schedule", |v| {
             v["retry_step"].as_u64() == Some(seen.len() as u64)
         });
@@ -144,11 +145,7 @@ fn receiver_blip_is_retried_within_seconds_not_minutes() {
         seen.push((n, delay, next));
     }
     let delays: Vec<f64> = seen.iter().map(|x| x.1).collect();
-    assert_eq!(
-        delays,
-        [1.0, 2.0, 5.0, 3600.0],
-        "waits of the schedule: {seen:?}"
-    );
+    assert_eq!(delays, [1.0, 2.0, 5.0], "waits of the schedule: {seen:?}");
     assert!(
         seen.windows(2).all(|w| w[1].0 == w[0].0 + 1),
         "each failed try counts one retry: {seen:?}"
