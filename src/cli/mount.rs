@@ -463,8 +463,18 @@ pub fn status(dir: Option<PathBuf>, json: bool) -> i32 {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_secs())
                     .unwrap_or(0);
+                let step = match (v.retry_step, v.retry_delay_secs) {
+                    (Some(n), Some(d)) => format!(
+                        "step {} of the schedule, a {} wait; ",
+                        n + 1,
+                        humantime::format_duration(std::time::Duration::from_millis(
+                            (d * 1000.0) as u64
+                        ))
+                    ),
+                    _ => String::new(),
+                };
                 println!(
-                    "    next retry in {}s (retries so far: {})",
+                    "    next retry in {}s ({step}retries so far: {})",
                     t.saturating_sub(now),
                     v.retries
                 );

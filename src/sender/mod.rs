@@ -167,6 +167,13 @@ pub struct VmStatus {
     pub link_max_rate: u64,
     pub last_error: Option<String>,
     pub next_retry_unix: Option<u64>,
+    /// While the VM waits to try again: the step of its retry schedule
+    /// (0-based: 0, 1, 2 are the fast retries of a continuous VM) and the
+    /// wait that step planned, seconds ([`retry::Backoff`]).
+    #[serde(default)]
+    pub retry_step: Option<u32>,
+    #[serde(default)]
+    pub retry_delay_secs: Option<f64>,
     /// Retries since protection started (each failed session that will be
     /// tried again).
     #[serde(default)]
@@ -622,6 +629,8 @@ impl Replicator {
                 link_max_rate: 0,
                 last_error: None,
                 next_retry_unix: None,
+                retry_step: None,
+                retry_delay_secs: None,
                 retries: 0,
                 every_secs: spec.every_secs,
                 resync: None,
@@ -889,7 +898,7 @@ impl Replicator {
         Ok(hello)
     }
     async fn worker(self: Arc<Self>, vm: Arc<Vm>) {
-        let mut failures = 0u32;
+        let mut backoff = retry::Backoff::default();
         let mut again = 0u32;
         loop {
             if vm.stop.load(std::sync::atomic::Ordering::SeqCst) {
@@ -907,11 +916,6 @@ impl Replicator {
             }
             let Err(e) = r else { return };
             vm.status.lock().health.count_error(e.kind());
-            // A session that reached steady state (Normal) ends an outage:
-            // the next failure starts the schedule from its first step.
-            if vm.status.lock().state == VmState::Normal {
-                failures = 0;
-            }
             match e.kind() {
                 ErrorKind::ResyncRequired if again < 3 => {
                     again += 1;
@@ -928,11 +932,17 @@ impl Replicator {
                 | ErrorKind::Retry
                 | ErrorKind::TimedOut
                 | ErrorKind::Unavailable => {
-                    let d = vm
-                        .spec
-                        .retry
-                        .delay(failures, self.retry_scale, vm.spec.every_secs);
-                    failures += 1;
+                    let progress = {
+                        let s = vm.status.lock();
+                        (s.last_point, s.initial_done)
+                    };
+                    let plan = backoff.failed(
+                        &vm.spec.retry,
+                        self.retry_scale,
+                        vm.spec.every_secs,
+                        progress,
+                    );
+                    let d = plan.delay;
                     tracing::warn!(vm = %vm.spec.vm, "replication interrupted: {e}; retry in {d:?}");
                     {
                         let mut s = vm.status.lock();
@@ -945,6 +955,8 @@ impl Replicator {
                         s.retries += 1;
                         s.next_retry_unix =
                             Some((now_ns() + d.as_nanos() as u64).div_ceil(1_000_000_000));
+                        s.retry_step = Some(plan.step);
+                        s.retry_delay_secs = Some(d.as_secs_f64());
                     }
                     // A `sync` request retries at once. Meanwhile the 50%
                     // rule is watched (changes pile up while the link is down).
@@ -962,7 +974,12 @@ impl Replicator {
                             self.tracker.enforce_log_limit(disk);
                         }
                     }
-                    vm.status.lock().next_retry_unix = None;
+                    {
+                        let mut s = vm.status.lock();
+                        s.next_retry_unix = None;
+                        s.retry_step = None;
+                        s.retry_delay_secs = None;
+                    }
                 }
                 ErrorKind::Fatal | ErrorKind::Invalid => {
                     tracing::error!(vm = %vm.spec.vm, "replication stopped (Critical): {e}");

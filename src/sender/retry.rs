@@ -8,8 +8,9 @@
 //! back to the long schedule. All three are settings of the VM
 //! (`retry_fast`, `retry_fast_max_every`, `retry_schedule` in the
 //! configuration, `--retry-*` on `vdrep protect`), with these defaults.
-//! The worker counts the failures of one outage; a session that reached
-//! steady state (`Normal`) starts the next outage from the first step.
+//! [`Backoff`] walks one VM through the schedule during an outage: a
+//! failure after progress (a point committed, or initial-copy bytes made
+//! durable, since the previous failure) starts again from the first step.
 
 use std::time::Duration;
 
@@ -109,6 +110,55 @@ impl RetrySchedule {
     }
 }
 
+/// What a VM has achieved at the receiver so far: its newest committed
+/// point and the initial-copy bytes done. A failure with a different
+/// mark than the previous one follows progress.
+pub type Progress = (Option<u64>, u64);
+
+/// One VM's position in its [`RetrySchedule`] during an outage: which step
+/// the next failure waits for. The worker asks it after every failed
+/// session; nothing else decides the wait.
+#[derive(Debug, Default)]
+pub struct Backoff {
+    /// Failures since the last progress.
+    step: u32,
+    /// The VM's progress at the previous failure (none: no failure yet).
+    seen: Option<Progress>,
+}
+
+/// A planned retry: which step of the schedule it is (0-based) and how
+/// long to wait.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Planned {
+    pub step: u32,
+    pub delay: Duration,
+}
+
+impl Backoff {
+    /// A session failed with the VM at `progress`: the wait before the next
+    /// try. Progress since the previous failure (a committed point, a
+    /// longer durable initial copy) restarts the schedule at its first
+    /// step, so every outage starts with the fast retries.
+    pub fn failed(
+        &mut self,
+        schedule: &RetrySchedule,
+        scale: f64,
+        every_secs: u64,
+        progress: Progress,
+    ) -> Planned {
+        if self.seen.is_some_and(|p| p != progress) {
+            self.step = 0;
+        }
+        self.seen = Some(progress);
+        let step = self.step;
+        self.step = self.step.saturating_add(1);
+        Planned {
+            step,
+            delay: schedule.delay(step, scale, every_secs),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,5 +222,37 @@ mod tests {
         }
         let o: Old = serde_json::from_str("{}").unwrap();
         assert_eq!(o.retry, RetrySchedule::default());
+    }
+
+    #[test]
+    fn backoff_walks_the_schedule_and_restarts_after_a_committed_point() {
+        let s = RetrySchedule {
+            long_secs: vec![3600.0],
+            ..RetrySchedule::default()
+        };
+        let mut b = Backoff::default();
+        let walk = |b: &mut Backoff, p: Progress, n: usize| -> Vec<(u32, f64)> {
+            (0..n)
+                .map(|_| b.failed(&s, 1.0, 0, p))
+                .map(|x| (x.step, x.delay.as_secs_f64()))
+                .collect()
+        };
+        // An outage with no progress: the fast steps, then the long one.
+        assert_eq!(
+            walk(&mut b, (Some(7), 0), 5),
+            [(0, 1.0), (1, 2.0), (2, 5.0), (3, 3600.0), (4, 3600.0)]
+        );
+        // A point was committed since: the next outage starts fast again.
+        assert_eq!(walk(&mut b, (Some(8), 0), 2), [(0, 1.0), (1, 2.0)]);
+        // Initial-copy bytes made durable count as progress too.
+        let mut b = Backoff::default();
+        assert_eq!(walk(&mut b, (None, 0), 2), [(0, 1.0), (1, 2.0)]);
+        assert_eq!(walk(&mut b, (None, 4096), 1), [(0, 1.0)]);
+        // A long interval: the long schedule from the first failure.
+        let mut b = Backoff::default();
+        assert_eq!(
+            b.failed(&s, 1.0, 900, (None, 0)).delay,
+            Duration::from_secs(3600)
+        );
     }
 }
