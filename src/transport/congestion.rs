@@ -1,8 +1,10 @@
 //! Congestion control of replication connections: which of quinn's
 //! controllers runs, chosen per link by [`Congestion`] (default:
 //! [`Congestion::Bbr`], see `kernel-notes/wan.md` for the measurements that
-//! chose it). The setting matters only to the side that sends bulk data (the
-//! sender; and the receiver during reverse replication).
+//! chose it), and the cap on its window ([`WindowCap`], through
+//! [`WrappedConfig`], which also carries lt-cubic's loss filter). The
+//! setting matters only to the side that sends bulk data (the sender; and
+//! the receiver during reverse replication).
 
 use std::str::FromStr;
 use std::sync::Arc;
