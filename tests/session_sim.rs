@@ -15,7 +15,9 @@
 //!   at that cut;
 //! - a checksum compare (verify) of a replica matches the cut it claims;
 //! - after the faults stop, everything converges (all logs applied, the
-//!   newest cut committed).
+//!   newest cut committed);
+//! - all of it also when the next cycle is cut and submitted the moment the
+//!   previous one is all sent, before its `Ack` (pipelined cycles).
 //!
 //! `VDREP_SIM_SCHEDULES=N` sets the number of schedules (default 2000),
 //! `VDREP_SIM_SEED=S` runs one seed and prints its trace.
@@ -72,6 +74,9 @@ struct Stats {
     recopies: u64,
     /// Initial copies resumed at the receiver's durable offset.
     resumes: u64,
+    /// Cycles cut the moment the previous ones were all sent, before their
+    /// `Ack` (the sender's pipelined cycles).
+    pipelined: u64,
 }
 
 /// The sender's host process: volatile per connection.
@@ -848,6 +853,17 @@ impl World {
         if !self.up && self.step >= self.reconnect_at {
             self.connect();
         }
+        // As the sender does when a sync or new writes arrive mid-cycle:
+        // cut the next cycle as soon as the previous one is all sent.
+        if self.chaos && self.sender.as_ref().is_some_and(Sender::all_sent) && self.rng.chance(400)
+        {
+            let before = self.vm.cycle;
+            self.vm.write(&mut self.rng);
+            self.cut();
+            if self.vm.cycle != before {
+                self.stats.pipelined += 1;
+            }
+        }
         let r = self.rng.below(1000);
         match r {
             0..=449 => self.deliver(),
@@ -978,6 +994,7 @@ fn simulated_schedules_keep_the_invariants() {
         total.verifies += s.verifies;
         total.recopies += s.recopies;
         total.resumes += s.resumes;
+        total.pipelined += s.pipelined;
     }
     eprintln!("{n} schedules in {:.1?}: {total:?}", t0.elapsed());
     if n >= 200 {
@@ -987,5 +1004,6 @@ fn simulated_schedules_keep_the_invariants() {
         assert!(total.mangled > 0 && total.refused > 0 && total.timeouts > 0);
         assert!(total.verifies > 0 && total.recopies > n);
         assert!(total.resumes > 0, "no copy resumed: {total:?}");
+        assert!(total.pipelined > n / 2, "too few pipelined cuts: {total:?}");
     }
 }

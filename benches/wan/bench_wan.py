@@ -93,17 +93,15 @@ def rcvbuf_errors():
 
 
 def daemon_pid(vmdir):
-    """The mount daemon serving `vmdir` (the sender)."""
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            argv = (d / "cmdline").read_bytes().split(b"\0")
-        except Exception:
-            continue
-        if b"mount" in argv and str(vmdir).encode() in argv and d.name != str(os.getpid()):
-            return int(d.name)
-    return None
+    """The mount's worker process serving `vmdir` (it runs the sender), from
+    `vdrep status --json`. Its supervisor has the same command line (it
+    only holds the FUSE connection), so a search by name finds the wrong
+    process: the one that uses no CPU."""
+    r = run(VDREP, "status", vmdir, "--json", check=False, timeout=30)
+    try:
+        return int(json.loads(r.stdout)["worker"]["pid"])
+    except Exception:
+        return None
 
 
 def pctl(xs, p):
@@ -144,6 +142,7 @@ class Site:
         self.addr = self.relay.stdout.readline().split()[2]
         self.vm = work / "vm"
         self.mounted = False
+        self.sender_pid = None
 
     def mount(self):
         run(VDREP, "mount", self.vm, "--keys", self.work / "ka", "--log-file", self.work / "sender.log",
@@ -168,7 +167,9 @@ class Site:
 
     def cpu(self):
         """CPU seconds so far of (sender daemon, receiver, relay)."""
-        snd = daemon_pid(self.vm) if self.mounted else None
+        if self.mounted and not self.sender_pid:
+            self.sender_pid = daemon_pid(self.vm)
+        snd = self.sender_pid if self.mounted else None
         return (cpu_secs(snd) if snd else 0.0, cpu_secs(self.rx.pid), cpu_secs(self.relay.pid))
 
     def close(self):

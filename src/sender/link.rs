@@ -245,6 +245,17 @@ impl Link {
         self.session.is_idle()
     }
 
+    /// Every byte submitted is sent; only acknowledgements are awaited
+    /// ([`crate::wire::session::Sender::all_sent`]).
+    pub(super) fn all_sent(&self) -> bool {
+        self.session.all_sent()
+    }
+
+    /// The log of `disk_id` at `cycle` is submitted and not yet applied.
+    pub(super) fn in_flight(&self, disk_id: &DiskId, cycle: u64) -> bool {
+        self.sources.contains_key(&(*disk_id, cycle))
+    }
+
     /// Remember when `cycle` was cut (the time its point stands for).
     pub(super) fn note_cut(&mut self, cycle: u64, cut_ns: u64) {
         self.cut_ns.insert(cycle, cut_ns);

@@ -354,6 +354,9 @@ const PROTECT_DIR: &str = "protect";
 
 /// Bytes of a sealed log per `LogChunk`.
 const LOG_CHUNK: usize = 1 << 20;
+/// How often a pipelined cycle that is all sent looks for new writes
+/// (continuous VMs) while it waits for its acknowledgement.
+const PIPELINE_POLL: Duration = Duration::from_millis(20);
 
 impl Replicator {
     /// `keys`: the mount's identity folder (`vdrep mount --keys`).
@@ -1252,6 +1255,9 @@ impl Replicator {
         let every = Duration::from_secs(spec.every_secs);
         let mut next_cut = Instant::now() + every;
         loop {
+            // A cycle still in flight (pipelined): finish it unless the
+            // next cut is due now.
+            self.drive(vm, link, true).await?;
             if vm.stop.load(std::sync::atomic::Ordering::SeqCst) {
                 link.close(b"unprotected");
                 return Ok(());
@@ -1284,7 +1290,7 @@ impl Replicator {
                 }
             }
             let started = Instant::now();
-            self.cut_and_ship(vm, link).await?;
+            self.cut_and_ship(vm, link, true).await?;
             if spec.every_secs > 0 {
                 next_cut = (started + every).max(next_cut);
             }
@@ -1317,7 +1323,7 @@ impl Replicator {
         };
         if kind == 0 {
             // Everything shipped first, then every disk compared.
-            self.cut_and_ship(vm, link).await?;
+            self.cut_and_ship(vm, link, false).await?;
             let replica = self.open_disks(vm, link).await?;
             let disks = vm.spec.disks.clone();
             self.resync(vm, link, &replica, &disks).await?;
@@ -1351,7 +1357,7 @@ impl Replicator {
         vm: &Arc<Vm>,
         link: &mut Link,
     ) -> Result<Vec<VerifyDisk>, SendError> {
-        self.cut_and_ship(vm, link).await?;
+        self.cut_and_ship(vm, link, false).await?;
         let replica = self.open_disks(vm, link).await?;
         let spec = vm.spec.clone();
         let tracker = self.tracker.clone();
@@ -1422,7 +1428,14 @@ impl Replicator {
 
     /// Flush the kernel cache, seal the VM's disks at one instant, write
     /// their logs and ship them.
-    async fn cut_and_ship(&self, vm: &Arc<Vm>, link: &mut Link) -> Result<(), SendError> {
+    /// With `pipeline`, it may return once the cycle is sent, before it is
+    /// acknowledged ([`Self::drive`]).
+    async fn cut_and_ship(
+        &self,
+        vm: &Arc<Vm>,
+        link: &mut Link,
+        pipeline: bool,
+    ) -> Result<(), SendError> {
         let spec = vm.spec.clone();
         let tracker = self.tracker.clone();
         let flush = self.flush.clone();
@@ -1509,11 +1522,14 @@ impl Replicator {
             self.note_domain(vm, link, cycle).await;
         }
         let replica: HashMap<String, wire::DiskState> = HashMap::new();
-        self.ship_pending(vm, link, &replica).await?;
-        // Committed: only the newest definition is still needed.
-        let mut defs = vm.definitions.lock();
-        if let Some(&newest) = defs.keys().next_back() {
-            *defs = defs.split_off(&newest);
+        self.ship_logs(vm, link, &replica, pipeline).await?;
+        // Committed: only the newest definition is still needed (a cycle
+        // still in flight may need its own again after a reconnect).
+        if link.is_idle() {
+            let mut defs = vm.definitions.lock();
+            if let Some(&newest) = defs.keys().next_back() {
+                *defs = defs.split_off(&newest);
+            }
         }
         Ok(())
     }
@@ -1560,16 +1576,30 @@ impl Replicator {
         });
     }
 
-    /// Ship every sealed log of the VM's disks, oldest cycle first (the
-    /// session runs one log per disk at a time, in order, and commits each
-    /// cycle that every disk reached), and wait until all are applied and
-    /// their points committed. A damaged log stops the submitting: what was
-    /// submitted before it still ships, then the disk is resynced.
+    /// [`Self::ship_logs`] without pipelining: return once all is applied
+    /// and committed.
     async fn ship_pending(
         &self,
         vm: &Arc<Vm>,
         link: &mut Link,
         replica: &HashMap<String, wire::DiskState>,
+    ) -> Result<(), SendError> {
+        self.ship_logs(vm, link, replica, false).await
+    }
+
+    /// Ship every sealed log of the VM's disks, oldest cycle first (the
+    /// session runs one log per disk at a time, in order, and commits each
+    /// cycle that every disk reached), and wait until all are applied and
+    /// their points committed (with `pipeline`, see [`Self::drive`]). Logs
+    /// already in flight on `link` are not submitted again. A damaged log
+    /// stops the submitting: what was submitted before it still ships, then
+    /// the disk is resynced.
+    async fn ship_logs(
+        &self,
+        vm: &Arc<Vm>,
+        link: &mut Link,
+        replica: &HashMap<String, wire::DiskState>,
+        pipeline: bool,
     ) -> Result<(), SendError> {
         let spec = &vm.spec;
         let mut by_cycle: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
@@ -1579,8 +1609,9 @@ impl Replicator {
                 // Already applied there: drop them.
                 self.tracker.discard_logs(d, Some(at));
             }
+            let (id, ..) = self.disk_id(d)?;
             for c in self.tracker.pending_cycles(d) {
-                if at == 0 || c > at {
+                if (at == 0 || c > at) && !link.in_flight(&id, c) {
                     by_cycle.entry(c).or_default().push(d.clone());
                 }
             }
@@ -1622,8 +1653,47 @@ impl Replicator {
                 link.submit_log(begin, log, app)?;
             }
         }
+        self.drive(vm, link, pipeline && damaged.is_none()).await?;
+        damaged.map_or(Ok(()), Err)
+    }
+
+    /// Whether the steady-state loop would cut the next cycle at once: a
+    /// `vdrep sync` asked for it, or (continuous) the disks have new
+    /// changes; never while the VM stops, changes disks or has a job.
+    fn cut_due_now(&self, vm: &Vm) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        if vm.stop.load(SeqCst) || vm.respec.lock().is_some() || !vm.jobs.lock().is_empty() {
+            return false;
+        }
+        vm.sync_requested.load(SeqCst)
+            || (vm.spec.every_secs == 0 && self.tracker.dirty_blocks_of(&vm.spec.disks) > 0)
+    }
+
+    /// Drive `link` until everything submitted is applied and its points
+    /// committed. With `pipeline`, return as soon as every submitted byte
+    /// is sent and the next cut is due ([`Self::cut_due_now`]): the caller
+    /// cuts that cycle and submits its logs behind these, so its transfer
+    /// starts when these are acknowledged instead of a cut later (the
+    /// session runs each disk's logs in order, one at a time, and commits
+    /// points in cycle order: consistency and the durability order are
+    /// those of one cycle at a time).
+    async fn drive(&self, vm: &Arc<Vm>, link: &mut Link, pipeline: bool) -> Result<(), SendError> {
         while !link.is_idle() {
-            match link.next().await? {
+            let waiting = pipeline && link.all_sent();
+            if waiting && self.cut_due_now(vm) {
+                return Ok(());
+            }
+            let action = if waiting {
+                // Look again when a sync arrives or writes may have.
+                tokio::select! {
+                    a = link.next() => a?,
+                    () = vm.wake.notified() => continue,
+                    () = tokio::time::sleep(PIPELINE_POLL) => continue,
+                }
+            } else {
+                link.next().await?
+            };
+            match action {
                 SenderAction::LogApplied { disk_id, .. } => {
                     // Its changes are at the receiver: logs again.
                     if let Some(d) = self.disk_of_id(&disk_id) {
@@ -1640,7 +1710,7 @@ impl Replicator {
                 _ => {}
             }
         }
-        damaged.map_or(Ok(()), Err)
+        Ok(())
     }
 
     /// What a failed transfer means: a log the receiver refused because it

@@ -153,6 +153,10 @@ pub struct Tuning {
     pub max_udp_payload: u16,
     /// Congestion controller ([`congestion::Congestion`]).
     pub congestion: congestion::Congestion,
+    /// Cap on the congestion window near a multiple of the path's
+    /// bandwidth-delay product ([`congestion::WindowCap`]); `None`: the
+    /// controller's own window.
+    pub window_cap: Option<congestion::CapConfig>,
 }
 
 impl Default for Tuning {
@@ -167,6 +171,7 @@ impl Default for Tuning {
             max_streams: 64,
             max_udp_payload: 1472,
             congestion: congestion::Congestion::from_env_or_default(),
+            window_cap: congestion::CapConfig::from_env_or_default(),
         }
     }
 }
@@ -187,7 +192,7 @@ impl Tuning {
         let mut mtu = quinn::MtuDiscoveryConfig::default();
         mtu.upper_bound(self.max_udp_payload.max(1200));
         t.mtu_discovery_config(Some(mtu));
-        self.congestion.apply(&mut t);
+        self.congestion.apply(&mut t, self.window_cap);
         Ok(t)
     }
 }

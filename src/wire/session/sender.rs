@@ -297,6 +297,16 @@ impl Sender {
         self.jobs_pending() == 0 && !self.point_busy
     }
 
+    /// Work is submitted and every byte of it is sent: no job is queued
+    /// and every running one is a log whose end is sent, waiting only for
+    /// its `Ack` (or a point for its `PointAck`). A driver may cut the next
+    /// cycle now and submit its logs: they run, in order, behind these.
+    pub fn all_sent(&self) -> bool {
+        !self.is_idle()
+            && self.queues.values().all(VecDeque::is_empty)
+            && self.active.keys().all(|id| self.sent_job(id).is_some())
+    }
+
     /// Jobs queued or running.
     pub fn jobs_pending(&self) -> usize {
         self.queues.values().map(VecDeque::len).sum::<usize>() + self.active.len()
