@@ -216,13 +216,15 @@ if ls /dev/input/event* >/dev/null 2>&1; then
     acpid -c /etc/acpi -l /tmp/acpid.log && say "ACPID UP"
 fi
 # The guest agent, if the host gave it its port.
-AGENT_PORT=""
+AGENT_PORT=""; AGENT_UP=""
 for n in /sys/class/virtio-ports/*/name; do
     [ "$(cat "$n" 2>/dev/null)" = org.qemu.guest_agent.0 ] && AGENT_PORT="/dev/$(basename "$(dirname "$n")")"
 done
 if [ -n "$AGENT_PORT" ] && [ "$AGENT" != 0 ]; then
+    # -d: its exit status says whether it started (its pid file is
+    # written by the daemon child, maybe after this returns).
     /usr/sbin/qemu-ga -m virtio-serial -p "$AGENT_PORT" -t /tmp -d -f /var/run/qemu-ga.pid \
-        && say "AGENT UP $AGENT_PORT"
+        && AGENT_UP=1 && say "AGENT UP $AGENT_PORT"
 fi
 
 if [ "$MODE" = probe ]; then say "PROBE OK"; finish; fi
@@ -320,7 +322,7 @@ appwrite)
     # cuts taken under guest-fsfreeze-freeze see a clean one.
     mount -t ext4 /dev/vda /mnt || fail "ERROR cannot mount the ext4 file system on /dev/vda"
     [ -n "$AGENT_PORT" ] || fail "ERROR no org.qemu.guest_agent.0 virtio-serial port"
-    [ -f /var/run/qemu-ga.pid ] || fail "ERROR qemu-ga did not start"
+    [ -n "$AGENT_UP" ] || fail "ERROR qemu-ga did not start"
     end=$(( $(cut -d. -f1 /proc/uptime) + COUNT ))
     n=0
     while [ "$(cut -d. -f1 /proc/uptime)" -lt "$end" ]; do
