@@ -10,8 +10,11 @@
 # prints "PREVIOUS TAG T" (the tag already on it) before writing its own; with
 # vdrep.stamps=N it then makes N stamped, flushed 4 KiB writes into the disk's
 # second half (the file system takes the first). See scripts/vm-run.sh to boot it.
-# appwrite also runs the QEMU guest agent (Debian's qemu-guest-agent binary with
-# the host's libraries) on the org.qemu.guest_agent.0 virtio-serial port.
+# Every mode runs the QEMU guest agent (Debian's qemu-guest-agent binary with
+# the host's libraries) when the org.qemu.guest_agent.0 virtio-serial port
+# exists (vdrep.agent=0: not), and powers off cleanly on the ACPI power button
+# (busybox acpid on the button's evdev device) or the agent's guest-shutdown.
+# idle waits for one of them (a VM that runs until it is shut down).
 #
 # Needs: apt-get (with working sources), dpkg-deb, busybox-static, cpio, gzip,
 # kmod (depmod). Idempotent: does nothing if OUTDIR is complete and current.
@@ -22,7 +25,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUTDIR="${1:-$REPO/.vm}"
 FORCE="${FORCE:-0}"
 # Bump when the initramfs content/layout changes, so caches get rebuilt.
-INIT_VERSION=7
+INIT_VERSION=8
 
 log() { printf '[build-tiny-vm] %s\n' "$*" >&2; }
 die() { printf '[build-tiny-vm] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -81,8 +84,9 @@ MODDIR="$KROOT/lib/modules/$KVER"
 [[ -f "$MODDIR/modules.dep" ]] || "$DEPMOD" -b "$KROOT" "$KVER"
 
 # 2. Modules: virtio-blk over PCI, ext4 (also mounts ext2), crc32c for ext4,
-# virtio_console for the guest agent's virtio-serial port.
-WANTED=(virtio_pci virtio_blk crc32c_generic ext4 virtio_console)
+# virtio_console for the guest agent's virtio-serial port, button + evdev for
+# the ACPI power button as an input device (KEY_POWER) that acpid reads.
+WANTED=(virtio_pci virtio_blk crc32c_generic ext4 virtio_console button evdev)
 declare -A SEEN=()
 ORDER=()
 modpath() { # module name -> relative path from modules.dep (or empty if builtin/absent)
@@ -123,7 +127,21 @@ for applet in $("$BUSYBOX" --list); do
     [[ "$applet" == busybox ]] && continue
     ln -sf busybox "$ROOT/bin/$applet"
 done
-for s in modprobe insmod poweroff mke2fs; do ln -sf ../bin/busybox "$ROOT/sbin/$s"; done
+for s in modprobe insmod poweroff mke2fs acpid; do ln -sf ../bin/busybox "$ROOT/sbin/$s"; done
+# A clean power-off, shared by the power button and the agent.
+cat > "$ROOT/sbin/vdrep-poweroff" <<'OFF'
+#!/bin/sh
+echo "VDREP-GUEST: SHUTDOWN $1" > /dev/console
+sync
+echo "VDREP-GUEST: POWEROFF" > /dev/console
+poweroff -f
+OFF
+# busybox acpid runs /etc/acpi/PWRF/00000080 (its default action for
+# KEY_POWER); qemu-ga's guest-shutdown runs /sbin/shutdown -h -P +0 ...
+mkdir -p "$ROOT/etc/acpi/PWRF"
+printf '#!/bin/sh\nexec /sbin/vdrep-poweroff power-button\n' > "$ROOT/etc/acpi/PWRF/00000080"
+printf '#!/bin/sh\nexec /sbin/vdrep-poweroff guest-agent\n' > "$ROOT/sbin/shutdown"
+chmod 755 "$ROOT/sbin/vdrep-poweroff" "$ROOT/etc/acpi/PWRF/00000080" "$ROOT/sbin/shutdown"
 
 # QEMU guest agent (vdrep.mode=appwrite: application-consistent points).
 # The binary comes from Debian's qemu-guest-agent package; its shared
@@ -179,7 +197,7 @@ for m in $(cat /etc/modules.order); do
     insmod "/lib/modules/$m" 2>/dev/null || true
 done
 
-MODE=""; TAG=""; COUNT=256; MB=1; STAMPS=0
+MODE=""; TAG=""; COUNT=256; MB=1; STAMPS=0; AGENT=1
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         vdrep.mode=*)  MODE="${arg#vdrep.mode=}" ;;
@@ -187,11 +205,34 @@ for arg in $(cat /proc/cmdline); do
         vdrep.count=*) COUNT="${arg#vdrep.count=}" ;;
         vdrep.mb=*)    MB="${arg#vdrep.mb=}" ;;
         vdrep.stamps=*) STAMPS="${arg#vdrep.stamps=}" ;;
+        vdrep.agent=*) AGENT="${arg#vdrep.agent=}" ;;
     esac
 done
 say "BOOTED mode=$MODE tag=$TAG uptime=$(cut -d' ' -f1 /proc/uptime)s kernel=$(uname -r)"
 
+# The ACPI power button (an input device once button + evdev are loaded).
+if ls /dev/input/event* >/dev/null 2>&1; then
+    # -l: its default log (/var/log/acpid.log) has no folder here.
+    acpid -c /etc/acpi -l /tmp/acpid.log && say "ACPID UP"
+fi
+# The guest agent, if the host gave it its port.
+AGENT_PORT=""; AGENT_UP=""
+for n in /sys/class/virtio-ports/*/name; do
+    [ "$(cat "$n" 2>/dev/null)" = org.qemu.guest_agent.0 ] && AGENT_PORT="/dev/$(basename "$(dirname "$n")")"
+done
+if [ -n "$AGENT_PORT" ] && [ "$AGENT" != 0 ]; then
+    # -d: its exit status says whether it started (its pid file is
+    # written by the daemon child, maybe after this returns).
+    /usr/sbin/qemu-ga -m virtio-serial -p "$AGENT_PORT" -t /tmp -d -f /var/run/qemu-ga.pid \
+        && AGENT_UP=1 && say "AGENT UP $AGENT_PORT"
+fi
+
 if [ "$MODE" = probe ]; then say "PROBE OK"; finish; fi
+if [ "$MODE" = idle ]; then
+    # Runs until the power button or the agent powers it off.
+    say "IDLE"
+    while :; do sleep 3600; done
+fi
 
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
@@ -280,13 +321,8 @@ appwrite)
     # crash-consistent cuts see a mounted, dirty file system and only the
     # cuts taken under guest-fsfreeze-freeze see a clean one.
     mount -t ext4 /dev/vda /mnt || fail "ERROR cannot mount the ext4 file system on /dev/vda"
-    PORT=""
-    for n in /sys/class/virtio-ports/*/name; do
-        [ "$(cat "$n" 2>/dev/null)" = org.qemu.guest_agent.0 ] && PORT="/dev/$(basename "$(dirname "$n")")"
-    done
-    [ -n "$PORT" ] || fail "ERROR no org.qemu.guest_agent.0 virtio-serial port"
-    /usr/sbin/qemu-ga -m virtio-serial -p "$PORT" -t /tmp -d -f /var/run/qemu-ga.pid || fail "ERROR qemu-ga did not start"
-    say "AGENT UP $PORT"
+    [ -n "$AGENT_PORT" ] || fail "ERROR no org.qemu.guest_agent.0 virtio-serial port"
+    [ -n "$AGENT_UP" ] || fail "ERROR qemu-ga did not start"
     end=$(( $(cut -d. -f1 /proc/uptime) + COUNT ))
     n=0
     while [ "$(cut -d. -f1 /proc/uptime)" -lt "$end" ]; do
@@ -318,7 +354,7 @@ stress)
     say "STRESS DONE n=$COUNT disk-sha256=$H"
     ;;
 *)
-    say "ERROR unknown vdrep.mode='$MODE' (write|check|stress|appwrite)"
+    say "ERROR unknown vdrep.mode='$MODE' (write|check|stress|appwrite|idle|probe)"
     ;;
 esac
 finish

@@ -1,11 +1,13 @@
 //! Small helpers every layer shares (a leaf: imports nothing of the crate):
 //! wall-clock nanoseconds, lower-case hex, random 128-bit identities, full
 //! positional reads, zeroing a range of a file, and
-//! one bounded run of an administrator's shell command ([`command`]).
+//! one bounded run of an administrator's shell command ([`command`]), and
+//! a stopwatch of named steps ([`steps`]).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub mod command;
+pub mod steps;
 
 /// Nanoseconds since the Unix epoch (0 if the clock is before it).
 pub fn now_ns() -> u64 {

@@ -216,9 +216,15 @@ fn disk_files(name: &str) -> Vec<String> {
 }
 
 /// `vdrep failover --planned --domain WEB1` run at the site whose tracking
-/// folder is `dir`; its stdout and stderr.
-fn planned(dir: &Path, store: &Path, reverse_to: &str, map: &str) -> (String, String) {
-    let o = vdrep(&[
+/// folder is `dir`, giving the guest `shutdown` seconds to power off.
+fn planned_run(
+    dir: &Path,
+    store: &Path,
+    reverse_to: &str,
+    map: &str,
+    shutdown: u64,
+) -> std::process::Output {
+    vdrep(&[
         "failover",
         "--planned",
         "--domain",
@@ -232,8 +238,19 @@ fn planned(dir: &Path, store: &Path, reverse_to: &str, map: &str) -> (String, St
         "--network-map",
         map,
         "--shutdown-timeout",
-        "2",
-    ]);
+        &shutdown.to_string(),
+    ])
+}
+
+/// [`planned_run`], which must succeed; its stdout and stderr.
+fn planned(
+    dir: &Path,
+    store: &Path,
+    reverse_to: &str,
+    map: &str,
+    shutdown: u64,
+) -> (String, String) {
+    let o = planned_run(dir, store, reverse_to, map, shutdown);
     let (out, err) = (
         String::from_utf8_lossy(&o.stdout).into_owned(),
         String::from_utf8_lossy(&o.stderr).into_owned(),
@@ -290,7 +307,7 @@ fn a_domain_is_protected_by_name_and_failed_over_as_a_vm() {
         .unwrap();
     let extra = s.p("vm/extra.img");
     let console = s.p("web1-console.log");
-    let xml = |tag: &str, with_extra: bool| {
+    let xml_for = |cmd: &str, with_extra: bool| {
         let mut disks = vec![
             (os.as_path(), "qcow2", "vda"),
             (data.as_path(), "raw", "vdb"),
@@ -301,12 +318,13 @@ fn a_domain_is_protected_by_name_and_failed_over_as_a_vm() {
         domain_xml(
             (WEB1, "6d1c3e0a-2f47-4b7e-9a51-0c9e8e2b7a01"),
             &vm_dir,
-            &cmdline(tag),
+            cmd,
             &disks,
             PROD,
             &console,
         )
     };
+    let xml = |tag: &str, with_extra: bool| xml_for(&cmdline(tag), with_extra);
     let boot = |tag: &str| {
         define(&xml(tag, true));
         libvirtutil::virsh_ok(&["start", WEB1]);
@@ -608,11 +626,14 @@ fn a_domain_is_protected_by_name_and_failed_over_as_a_vm() {
     assert!(pts.contains(&p3), "cancel brings every point back: {pts:?}");
     step("unplanned failover and cancel");
 
-    // 4. Planned failover of the running domain A -> B, then back. The
-    //    guest ignores the ACPI request (no acpid in the tiny VM), so each
-    //    stop is the timeout then destroy; the stamps are host writes
-    //    through the mount while the domain runs, made after the last
-    //    sync: only the planned failover's last cycle ships them.
+    // 4. Planned failover of the running domain A -> B, then back. At A
+    //    the guest idles without its agent (vdrep.agent=0), so libvirt's
+    //    shutdown is the ACPI power button, which the guest's acpid turns
+    //    into a clean power-off (idle mode never stops on its own: a clean
+    //    stop is the button's work); at B the guest is still booting, so
+    //    that stop is the timeout, then destroy. The stamps are host
+    //    writes through the mount while the domain runs, made after the
+    //    last sync: only the planned failover's last cycle ships them.
     std::fs::create_dir_all(s.p("store-a")).unwrap();
     let ra = mountutil::Receiver::spawn(
         "127.0.0.1:0",
@@ -622,8 +643,44 @@ fn a_domain_is_protected_by_name_and_failed_over_as_a_vm() {
         &[],
         &[],
     );
-    boot("p4");
-    assert!(lv.running(WEB1));
+    define(&xml_for(
+        "console=ttyS0 panic=-1 vdrep.mode=idle vdrep.agent=0",
+        true,
+    ));
+    libvirtutil::virsh_ok(&["start", WEB1]);
+    let t_boot = std::time::Instant::now();
+    while !text(&console).contains("VDREP-GUEST: IDLE") {
+        assert!(
+            lv.running(WEB1),
+            "the idle guest stopped: {}",
+            text(&console)
+        );
+        assert!(t_boot.elapsed() < BOOT, "no IDLE: {}", text(&console));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    step("idle guest up at A");
+    // A refusal at the other site (a map naming a network missing there)
+    // comes before anything changes here: typed (exit 2), the domain
+    // still running, the same boot (same domain id, one BOOTED line),
+    // the disks not fenced (the stamp below is a write through the mount).
+    let domid = libvirtutil::virsh_ok(&["domid", WEB1]);
+    let o = planned_run(
+        &s.p("vm"),
+        &s.p("store-a"),
+        &ra.addr,
+        &format!("{PROD}=vdrep-e2e-nosuchnet"),
+        60,
+    );
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(2), "refused at the other site: {err}");
+    assert!(
+        err.contains("refused") && err.contains("vdrep-e2e-nosuchnet"),
+        "{err}"
+    );
+    assert!(lv.running(WEB1), "a refusal there stopped the domain here");
+    assert_eq!(libvirtutil::virsh_ok(&["domid", WEB1]), domid, "rebooted");
+    assert_eq!(text(&console).matches("VDREP-GUEST: BOOTED").count(), 1);
+    step("refused by the other site, domain untouched");
     host_stamp(&data, "PLANNED-AT-A");
     let b_live = s.p("store/live/site-a").join(WEB1);
     let mut b_mount = mountutil::Mounted {
@@ -635,8 +692,12 @@ fn a_domain_is_protected_by_name_and_failed_over_as_a_vm() {
         &s.p("store-a"),
         &ra.addr,
         &format!("{PROD}={DR}"),
+        60,
     );
-    assert!(err.contains("destroyed"), "{err}");
+    assert!(
+        err.contains("shut down cleanly") && !err.contains("destroyed"),
+        "the power button must stop the guest cleanly: {err}"
+    );
     assert!(out.contains(&format!("domain {WEB1} started")), "{out}");
     assert!(lv.running(WEB1), "the domain runs at B");
     let files = disk_files(WEB1);
@@ -672,7 +733,7 @@ fn a_domain_is_protected_by_name_and_failed_over_as_a_vm() {
 
     // Failback B -> A, the same way, from the final point's definition.
     host_stamp(&b_live.join("data.img"), "PLANNED-AT-B");
-    let (out, _) = planned(&b_live, &s.p("store"), &rb.addr, &format!("{DR}={PROD}"));
+    let (out, _) = planned(&b_live, &s.p("store"), &rb.addr, &format!("{DR}={PROD}"), 2);
     b_mount.mounted = false;
     assert!(out.contains(&format!("domain {WEB1} started")), "{out}");
     assert!(lv.running(WEB1), "the domain runs at A again");

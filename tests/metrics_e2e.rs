@@ -580,6 +580,7 @@ fn metrics_parse_and_rpo_alert_fires_notifies_and_clears() {
             &vdrep::daemon::control::Request::Fence {
                 vm: "web".into(),
                 on,
+                peek: false,
             },
         );
         assert!(r.is_ok(), "fence {on}: {r:?}");

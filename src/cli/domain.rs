@@ -11,6 +11,7 @@ use crate::failover::domain::{self as fd, DefinitionFrom};
 use crate::failover::{role_change, FailoverError, FailoverErrorKind};
 use crate::libvirt::Virsh;
 use crate::testview::{format_utc, PointSel};
+use crate::util::steps::Steps;
 
 /// The exit code of a failed domain failover: 2 for a refusal or a bad
 /// argument (nothing changed), 1 otherwise.
@@ -31,6 +32,13 @@ fn fail(what: &str, e: &FailoverError) -> i32 {
 pub fn protect_disks(domain: &str) -> Result<(Vec<PathBuf>, Vec<String>), i32> {
     fd::protect_disks(&Virsh::new(), domain, &|f| control::mount_of(f).is_some())
         .map_err(|e| fail(&format!("cannot protect domain {domain}"), &e))
+}
+
+/// `timing` of a domain failover's `--json`: each step from the command's
+/// start to `virsh start` returning (the first step includes the start of
+/// the process and the parsing of the command line).
+fn timing(steps: &Steps) -> serde_json::Value {
+    serde_json::to_value(steps).unwrap_or_default()
 }
 
 fn definition_from(a: &FailoverArgs, domain: &str) -> DefinitionFrom {
@@ -63,7 +71,8 @@ pub fn test(a: &FailoverArgs, domain: &str) -> i32 {
         definition: &from,
         network: &a.test_network,
     };
-    let (view, t) = match fd::test_failover(&Virsh::new(), &o) {
+    let mut steps = Steps::since(super::started());
+    let (view, t) = match fd::test_failover(&Virsh::new(), &o, &mut steps) {
         Ok(v) => v,
         Err(e) => return fail(&format!("test failover of domain {domain}"), &e),
     };
@@ -74,6 +83,7 @@ pub fn test(a: &FailoverArgs, domain: &str) -> i32 {
                 "domain".into(),
                 serde_json::to_value(&t).unwrap_or_default(),
             );
+            o.insert("timing".into(), timing(&steps));
         }
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return 0;
@@ -160,12 +170,14 @@ pub fn unplanned(a: &FailoverArgs, domain: &str) -> i32 {
         definition: &from,
         network_map: &map,
     };
-    match fd::unplanned(&Virsh::new(), &o) {
+    let mut steps = Steps::since(super::started());
+    match fd::unplanned(&Virsh::new(), &o, &mut steps) {
         Ok((live, name)) => {
             if a.json {
                 let mut v = serde_json::to_value(&live).unwrap_or_default();
                 if let Some(o) = v.as_object_mut() {
                     o.insert("domain".into(), name.into());
+                    o.insert("timing".into(), timing(&steps));
                 }
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
                 return 0;

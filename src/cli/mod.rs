@@ -457,8 +457,17 @@ pub enum Cmd {
     },
 }
 
+/// When this command started (a `timing` in `--json` counts from here).
+static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+/// When this command started (first asked: now).
+pub fn started() -> std::time::Instant {
+    *STARTED.get_or_init(std::time::Instant::now)
+}
+
 /// Parse the command line and run it; the process exit code.
 pub fn main() -> i32 {
+    started();
     if let Some(code) = crate::daemon::worker_entry() {
         return code;
     }

@@ -52,9 +52,13 @@ pub enum Request {
     },
     /// Fence (`on`) or unfence a protected VM's disks for a planned
     /// failover; answers with what the failover needs ([`FenceReport`]).
+    /// With `peek`, nothing changes: only the report (a planned failover
+    /// asks the other site with it before it stops anything).
     Fence {
         vm: String,
         on: bool,
+        #[serde(default)]
+        peek: bool,
     },
     /// Resync a VM's disks by checksums now; wait unless `background`.
     Resync {

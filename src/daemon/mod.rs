@@ -933,14 +933,18 @@ fn handle(
                 Err(e) => Response::err(e),
             }
         }
-        Request::Fence { vm, on } => {
+        Request::Fence { vm, on, peek } => {
             let Some(spec) = rep.spec(vm) else {
                 return Response::err(format!(
                     "VM {vm} is not protected under {}",
                     dir.display()
                 ));
             };
-            let missing = tracker.fence(&spec.disks, *on);
+            let missing = if *peek {
+                Vec::new()
+            } else {
+                tracker.fence(&spec.disks, *on)
+            };
             if !missing.is_empty() && *on {
                 tracker.fence(&spec.disks, false);
                 return Response::err(format!(

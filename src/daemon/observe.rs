@@ -39,7 +39,8 @@ pub(super) fn failover_event(req: &Request, resp: &Response, rep: &crate::sender
         return;
     }
     let (vm, step, disks) = match req {
-        Request::Fence { vm, on } => (
+        Request::Fence { peek: true, .. } => return,
+        Request::Fence { vm, on, .. } => (
             Some(vm.as_str()),
             if *on {
                 FailoverStep::Fenced

@@ -28,6 +28,7 @@ use crate::libvirt::{Definition, NetTarget, NicPlan, Rewrite, Virsh};
 use crate::replica::{LiveInfo, ReplicaFormat};
 use crate::roles::domain::{self as rd, disk_moves, file_name};
 use crate::testview::{PointSel, ViewInfo};
+use crate::util::steps::Steps;
 
 type Result<T> = std::result::Result<T, FailoverError>;
 
@@ -192,11 +193,20 @@ pub struct TestOptions<'a> {
 /// Test failover of a domain: expose the point, define `NAME-test` on it
 /// with every NIC on the isolated network, start it. Anything that fails
 /// after the expose is undone (the view and the copy are removed).
-pub fn test_failover(virsh: &Virsh, o: &TestOptions<'_>) -> Result<(ViewInfo, TestDomain)> {
+/// `steps` notes where the time went (definition, checks, expose,
+/// network, define, start).
+pub fn test_failover(
+    virsh: &Virsh,
+    o: &TestOptions<'_>,
+    steps: &mut Steps,
+) -> Result<(ViewInfo, TestDomain)> {
     let (def, point) = load_for(virsh, o.definition, o.store, o.site.clone(), o.vm, o.point)?;
+    steps.done("definition");
     check_no_test_copy(virsh, &def.name)?;
+    steps.done("checks");
     let view = testfo::expose(o.store, o.site.clone(), o.vm, point, o.at.clone())?;
-    match start_test_copy(virsh, &def, &view, o.network) {
+    steps.done("expose");
+    match start_test_copy(virsh, &def, &view, o.network, steps) {
         Ok(t) => Ok((view, t)),
         Err(e) => {
             let note = match testfo::cleanup(o.store, Some(view.site.clone()), o.vm) {
@@ -216,6 +226,7 @@ fn start_test_copy(
     def: &Definition,
     view: &ViewInfo,
     network: &str,
+    steps: &mut Steps,
 ) -> Result<TestDomain> {
     let files: Vec<(String, PathBuf)> = view
         .disks
@@ -229,6 +240,7 @@ fn start_test_copy(
     let name = test_name(&def.name);
     let console_log = view.scratch.join("console.log");
     let network_created = virsh.ensure_isolated_network(network)?;
+    steps.done("network");
     let rw = Rewrite {
         name: Some(name.clone()),
         new_identity: true,
@@ -254,10 +266,12 @@ fn start_test_copy(
     };
     let xml = rw.apply(def).map_err(|e| undo_network(e.into()))?;
     virsh.define(&xml).map_err(|e| undo_network(e.into()))?;
+    steps.done("define");
     if let Err(e) = virsh.start(&name) {
         let _ = virsh.undefine(&name);
         return Err(undo_network(e.into()));
     }
+    steps.done("start");
     Ok(TestDomain {
         domain: name,
         console_log,
@@ -328,7 +342,13 @@ pub struct UnplannedOptions<'a> {
 /// Unplanned failover of a domain: promote the point to live disks, then
 /// define the domain on them (its own UUID and MACs, NICs mapped) and
 /// start it. The definition and the network map are checked first.
-pub fn unplanned(virsh: &Virsh, o: &UnplannedOptions<'_>) -> Result<(LiveInfo, String)> {
+/// `steps` notes where the time went (definition, checks, promote,
+/// define, start).
+pub fn unplanned(
+    virsh: &Virsh,
+    o: &UnplannedOptions<'_>,
+    steps: &mut Steps,
+) -> Result<(LiveInfo, String)> {
     let sel = o
         .point
         .map_or(PointSel::Latest, |cycle| PointSel::Cycle { cycle });
@@ -340,13 +360,16 @@ pub fn unplanned(virsh: &Virsh, o: &UnplannedOptions<'_>) -> Result<(LiveInfo, S
         o.vm,
         sel,
     )?;
+    steps.done("definition");
     let point = match sel {
         PointSel::Cycle { cycle } => Some(cycle),
         _ => o.point,
     };
     let nics = rd::check_start(virsh, &def, o.network_map)?;
+    steps.done("checks");
     let live = role_change::unplanned(o.store, o.site, o.vm, point)?;
-    let started = rd::start_on_live(virsh, &def, &live, nics);
+    steps.done("promote");
+    let started = rd::start_on_live(virsh, &def, &live, nics, steps);
     match started {
         Ok(n) => Ok((live, n)),
         Err(e) => Err(FailoverError::from(e).noted(format!(
@@ -392,7 +415,9 @@ pub struct PlannedDomain {
     pub report: role_change::PlannedReport,
 }
 
-/// Planned failover of domain `o.domain` (which must be set): stop it
+/// Planned failover of domain `o.domain` (which must be set): ask the
+/// other site first ([`role_change::preflight`]: a refusal there changes
+/// nothing, the domain keeps running), stop it
 /// here (an ACPI shutdown, up to `shutdown_timeout`, then destroy), then
 /// the planned failover of its disks, at whose end the other site starts
 /// it. If the failover is abandoned while the VM is still active here
@@ -414,6 +439,9 @@ pub fn planned(
             d.name
         )));
     }
+    // The other site checks the definition and the map before anything
+    // stops here: its refusal leaves the domain running.
+    role_change::preflight(o)?;
     let was_running = virsh.domain_running(&d.name)?;
     let stopped = rd::stop(virsh, &d.name, shutdown_timeout)?;
     match stopped {
@@ -520,7 +548,7 @@ pub fn verify_boot(
         point,
         ..o.clone()
     };
-    let (verified, detail) = match test_failover(virsh, &run) {
+    let (verified, detail) = match test_failover(virsh, &run, &mut Steps::start()) {
         Err(e) => (false, format!("the test copy did not start: {e}")),
         Ok((view, t)) => {
             let outcome = loop {

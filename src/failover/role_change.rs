@@ -29,11 +29,16 @@ fn mount_of_vm(vm: &str, dir: Option<&Path>) -> Result<PathBuf> {
 }
 
 fn fence(dir: &Path, vm: &str, on: bool) -> Result<FenceReport> {
+    fence_request(dir, vm, on, false)
+}
+
+fn fence_request(dir: &Path, vm: &str, on: bool, peek: bool) -> Result<FenceReport> {
     call_ok(
         dir,
         &Request::Fence {
             vm: vm.to_string(),
             on,
+            peek,
         },
     )?
     .fence
@@ -128,6 +133,49 @@ pub struct PlannedReport {
     pub domain: Option<String>,
 }
 
+/// Ask the other site whether it can take `o` over, changing nothing at
+/// either site (the mount is asked with `peek`, not fenced): it must be
+/// reachable, the VM not live there and, with a domain, the domain
+/// startable there from the newest point's definition (every NIC on a
+/// network that exists there under the map; whether it already runs there
+/// is checked by the request after the stop, as the two sites may share
+/// one libvirt). A refusal there is [`FailoverError::Refused`], like one
+/// here. A domain's planned failover runs this before it shuts the
+/// domain down, so a refusal leaves it running.
+pub fn preflight(o: &Planned<'_>) -> Result<()> {
+    let vm = o.vm;
+    let dir = mount_of_vm(vm, o.dir)?;
+    let rep = fence_request(&dir, vm, true, true)?;
+    let Some(keys) = rep.keys.clone() else {
+        return Err(FailoverError::Refused(format!(
+            "{} was mounted without --keys: cannot talk to the other site",
+            dir.display()
+        )));
+    };
+    let (peer, live) = ask_peer(&keys, &rep, &live_request(o, true))?;
+    match live.live {
+        Some(l) => Err(already_live(vm, &peer, &l)),
+        None => Ok(()),
+    }
+}
+
+/// The question a planned failover asks the other site (`before_stop`:
+/// the pre-flight, see [`AdminRequest::Live`]).
+fn live_request(o: &Planned<'_>, before_stop: bool) -> AdminRequest {
+    AdminRequest::Live {
+        vm: o.vm.into(),
+        domain: o.domain.clone(),
+        before_stop,
+    }
+}
+
+fn already_live(vm: &str, peer: &str, l: &crate::replica::LiveInfo) -> FailoverError {
+    FailoverError::Refused(format!(
+        "{vm} is already live at {peer} ({}); fail it back from there",
+        l.dir.display()
+    ))
+}
+
 /// Planned failover from this (active) site to the other one. See the
 /// module docs of [`crate::roles`] for the steps.
 pub fn planned(o: &Planned<'_>, say: &dyn Fn(&str)) -> Result<PlannedReport> {
@@ -153,20 +201,10 @@ pub fn planned(o: &Planned<'_>, say: &dyn Fn(&str)) -> Result<PlannedReport> {
         "fenced {vm}: writes to its disks now fail (EROFS)"
     ));
     // The other site must be reachable and not already running the VM.
-    let (peer, live) = ask_peer(
-        &keys,
-        &rep,
-        &AdminRequest::Live {
-            vm: vm.into(),
-            domain: o.domain.clone(),
-        },
-    )
-    .map_err(|e| undo_fence(e.into()))?;
+    let (peer, live) =
+        ask_peer(&keys, &rep, &live_request(o, false)).map_err(|e| undo_fence(e.into()))?;
     if let Some(l) = live.live {
-        return Err(undo_fence(FailoverError::Refused(format!(
-            "{vm} is already live at {peer} ({}); fail it back from there",
-            l.dir.display()
-        ))));
+        return Err(undo_fence(already_live(vm, &peer, &l)));
     }
     // This site's receiver must be up to take the replica.
     rcall_ok(o.store, &rctl::Request::Ping).map_err(|e| undo_fence(e.into()))?;
@@ -413,6 +451,7 @@ pub fn reverse(o: &Reverse<'_>, say: &dyn Fn(&str)) -> Result<(String, crate::re
         &AdminRequest::Live {
             vm: vm.into(),
             domain: None,
+            before_stop: false,
         },
     )
     .map_err(|e| unfence(e.into()))?;

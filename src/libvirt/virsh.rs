@@ -91,15 +91,28 @@ impl Virsh {
             .collect()
     }
 
+    /// The names a listing prints. Only if it fails is the daemon asked
+    /// whether it answers at all ([`Self::check`]: then the error is
+    /// [`LibvirtError::Unavailable`]): one virsh process per listing, not
+    /// two (each costs 30-100 ms on a busy host, and a failover lists
+    /// several times before its domain starts).
+    fn list(&self, args: &[&str]) -> Result<Vec<String>, LibvirtError> {
+        match self.run(args) {
+            Ok(out) => Ok(Self::names(&out)),
+            Err(e) => {
+                self.check()?;
+                Err(e)
+            }
+        }
+    }
+
     /// Names of the domains: all defined ones, or only the running ones.
     pub fn domains(&self, running_only: bool) -> Result<Vec<String>, LibvirtError> {
-        self.check()?;
-        let args: &[&str] = if running_only {
+        self.list(if running_only {
             &["list", "--name"]
         } else {
             &["list", "--all", "--name"]
-        };
-        Ok(Self::names(&self.run(args)?))
+        })
     }
 
     /// Whether a domain `name` is defined (running or not).
@@ -158,13 +171,11 @@ impl Virsh {
 
     /// Names of the networks (all, or the active ones).
     pub fn networks(&self, active_only: bool) -> Result<Vec<String>, LibvirtError> {
-        self.check()?;
-        let args: &[&str] = if active_only {
+        self.list(if active_only {
             &["net-list", "--name"]
         } else {
             &["net-list", "--all", "--name"]
-        };
-        Ok(Self::names(&self.run(args)?))
+        })
     }
 
     /// Whether network `name` forwards traffic out of the host.
@@ -192,7 +203,8 @@ impl Virsh {
             self.run_in(&["net-define", "/dev/stdin"], Some(&xml))?;
             true
         };
-        if !self.networks(true)?.iter().any(|n| n == name) {
+        // A network defined just now is inactive: no need to list again.
+        if created || !self.networks(true)?.iter().any(|n| n == name) {
             self.run(&["net-start", name])?;
         }
         Ok(created)

@@ -945,12 +945,19 @@ fn admin(
         )
     })?;
     tracing::info!(%site, "administrative request: {req:?}");
+    // A refusal keeps its kind: the requester reports it as its own.
     crate::roles::handle_admin(roles, site, req)
-        .map_err(|e| e.to_string())
-        .and_then(|a| serde_json::to_string(&a).map_err(|e| e.to_string()))
         .map_err(|e| {
+            let code = match e.kind() {
+                crate::roles::RoleErrorKind::Refused => ErrorCode::Refused,
+                _ => ErrorCode::InvalidState,
+            };
+            (code, e.to_string())
+        })
+        .and_then(|a| serde_json::to_string(&a).map_err(|e| (ErrorCode::Internal, e.to_string())))
+        .map_err(|(code, e)| {
             tracing::warn!(%site, "administrative request failed: {e}");
-            refuse(ErrorCode::InvalidState, e)
+            refuse(code, e)
         })
 }
 

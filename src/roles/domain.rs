@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::{RoleError, RoleResult};
 use crate::libvirt::{virsh, Definition, DiskFormat, DiskMove, NetTarget, NicPlan, Rewrite, Virsh};
 use crate::replica::{LiveInfo, ReplicaFormat};
+use crate::util::steps::Steps;
 
 /// Start the VM's domain where its disks go live ([`super::AdminRequest`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -156,12 +157,13 @@ pub fn check_start<'a>(
 }
 
 /// Define `def` on the live disks `live` (same UUID and MACs, NICs as
-/// `nics` says) and start it; its name.
+/// `nics` says) and start it; its name. `steps` notes `define` and `start`.
 pub fn start_on_live(
     virsh: &Virsh,
     def: &Definition,
     live: &LiveInfo,
     nics: NicPlan,
+    steps: &mut Steps,
 ) -> RoleResult<String> {
     let files: Vec<(String, PathBuf)> = live
         .disks
@@ -178,7 +180,9 @@ pub fn start_on_live(
         metadata: vec![],
     };
     virsh.define(&rw.apply(def)?)?;
+    steps.done("define");
     virsh.start(&def.name)?;
+    steps.done("start");
     Ok(def.name.clone())
 }
 

@@ -47,6 +47,7 @@ use crate::libvirt::{Definition, LibvirtError, LibvirtErrorKind, Virsh};
 use crate::replica::{self, LiveInfo, Store, StoreError};
 use crate::sender::ProtectSpec;
 use crate::tracking::seed::{seed, SeedDisk, SeedError};
+use crate::util::steps::Steps;
 
 /// A request from one site to the other ([`crate::wire::Msg::Admin`]). The
 /// receiver answers for the namespace of the requesting site's
@@ -61,6 +62,12 @@ pub enum AdminRequest {
         vm: String,
         #[serde(default)]
         domain: Option<domain::DomainStart>,
+        /// Asked before the domain is stopped at the requesting site: its
+        /// definition and network map are checked, not whether it runs
+        /// here (both sites may be one host's libvirt; the request after
+        /// the stop checks that).
+        #[serde(default)]
+        before_stop: bool,
     },
     /// Make the receiver's replica of `vm` (at `point`; newest if `None`)
     /// the VM's live disks there, mount them and, with `reverse_to`,
@@ -228,9 +235,13 @@ fn peer(e: impl std::fmt::Display) -> RoleError {
 pub fn handle_admin(ctx: &ReceiverCtx, site: &str, req: AdminRequest) -> RoleResult<AdminReply> {
     let s = ctx.store.site(site).map_err(RoleError::from)?;
     match req {
-        AdminRequest::Live { vm, domain } => {
+        AdminRequest::Live {
+            vm,
+            domain,
+            before_stop,
+        } => {
             if let Some(d) = &domain {
-                domain_for(&s, &vm, None, d)?;
+                domain_for(&s, &vm, None, d, !before_stop)?;
             }
             Ok(AdminReply {
                 live: s.live(&vm).ok().flatten(),
@@ -274,14 +285,15 @@ pub fn handle_admin(ctx: &ReceiverCtx, site: &str, req: AdminRequest) -> RoleRes
 
 /// The definition and NIC plan to start domain `d` from point `point`
 /// (newest if `None`) of `vm`: the point's replicated definition, else
-/// the local libvirt's (a VM protected by its disk files); checked (not
-/// running here, every NIC lands on a network here) before anything
-/// changes.
+/// the local libvirt's (a VM protected by its disk files); checked
+/// (with `not_running`, not running here; every NIC lands on a network
+/// here) before anything changes.
 fn domain_for(
     s: &replica::Site<'_>,
     vm: &str,
     point: Option<u64>,
     d: &domain::DomainStart,
+    not_running: bool,
 ) -> RoleResult<(Definition, crate::libvirt::NicPlan)> {
     let virsh = Virsh::new();
     let cycle = match point {
@@ -302,7 +314,11 @@ fn domain_for(
             def.name, d.name
         )));
     }
-    let nics = domain::check_start(&virsh, &def, &d.network_map)?;
+    let nics = if not_running {
+        domain::check_start(&virsh, &def, &d.network_map)?
+    } else {
+        domain::plan_nics(&virsh, &def, &d.network_map)?
+    };
     Ok((def, nics))
 }
 
@@ -322,7 +338,9 @@ pub fn promote_local(
     let s = ctx.store.site(site).map_err(RoleError::from)?;
     // Read and check before anything changes (the point's definition
     // goes with the point).
-    let dom = start.map(|d| domain_for(&s, vm, point, d)).transpose()?;
+    let dom = start
+        .map(|d| domain_for(&s, vm, point, d, true))
+        .transpose()?;
     let origin: Option<Origin> = s
         .origin(vm)
         .map_err(RoleError::from)?
@@ -423,7 +441,7 @@ pub fn promote_local(
     // do).
     let mut started = None;
     if let Some((def, nics)) = dom {
-        match domain::start_on_live(&Virsh::new(), &def, &live, nics) {
+        match domain::start_on_live(&Virsh::new(), &def, &live, nics, &mut Steps::start()) {
             Ok(n) => started = Some(n),
             Err(e) => warnings.push(format!(
                 "{vm} is live in {} from point {}, but its domain {} was not started: {e}; define and start it by hand (`virsh define`, `virsh start {}`)",
@@ -781,6 +799,10 @@ pub fn admin_call(
                     .map_err(|e| peer(format!("{to}: unreadable answer: {e}")))?;
                 Ok((peer_id.cn, reply))
             }
+            // Refused there, nothing changed there: the same kind as here.
+            Some(Msg::Error(e)) if e.code == wire::ErrorCode::Refused => Err(RoleError::Refused(
+                format!("{} ({to}) refused: {}", peer_id.cn, e.message),
+            )),
             Some(Msg::Error(e)) => Err(peer(format!("{to} ({}): {}", peer_id.cn, e.message))),
             other => Err(peer(format!("{to}: unexpected answer: {other:?}"))),
         }

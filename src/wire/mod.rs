@@ -274,6 +274,10 @@ pub enum ErrorCode {
     /// New in protocol version 3 (earlier receivers said
     /// [`ErrorCode::InvalidState`]).
     ResyncRequired,
+    /// A request refused as it stands (e.g. a planned failover the other
+    /// site cannot take: its domain's network is missing there); nothing
+    /// changed. Earlier receivers said [`ErrorCode::InvalidState`].
+    Refused,
     Other(u16),
 }
 
@@ -292,6 +296,7 @@ impl ErrorCode {
             ErrorCode::Checksum => 10,
             ErrorCode::Internal => 11,
             ErrorCode::ResyncRequired => 12,
+            ErrorCode::Refused => 13,
             ErrorCode::Other(c) => c,
         }
     }
@@ -310,6 +315,7 @@ impl ErrorCode {
             10 => ErrorCode::Checksum,
             11 => ErrorCode::Internal,
             12 => ErrorCode::ResyncRequired,
+            13 => ErrorCode::Refused,
             c => ErrorCode::Other(c),
         }
     }
