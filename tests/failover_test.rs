@@ -9,7 +9,7 @@ mod skip;
 mod stamputil;
 
 use std::collections::HashMap;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -814,7 +814,7 @@ esac
     }
     assert!(expect_freeze, "a freeze was never thawed:\n{hl}");
 
-    let history = history(&log);
+    let mut history = history(&log);
     let pts_cli = points_consistency(&site);
     drop(r);
     let pts = check_all_points(&site, &history, APP_DISKS);
