@@ -257,12 +257,16 @@ pub enum Cmd {
         /// guest agent channel.
         #[arg(long, conflicts_with = "disks")]
         domain: Option<String>,
-        /// Receiver address HOST:PORT.
+        /// Receiver address HOST:PORT, or an object store
+        /// `s3://BUCKET/PREFIX` written directly, with no receiver (with
+        /// --s3-endpoint, --s3-credentials and --encryption-key).
         #[arg(long)]
         to: String,
-        /// The receiver's certificate (repeatable).
-        #[arg(long = "trust", required = true)]
+        /// The receiver's certificate (repeatable; not for an s3:// target).
+        #[arg(long = "trust")]
         trust: Vec<PathBuf>,
+        #[command(flatten)]
+        s3: objstore::S3Args,
         /// Replication interval: 30s, 5m, 15m, any N[s|m|h], or `continuous`.
         #[arg(long, default_value = "5m")]
         every: String,
@@ -555,6 +559,7 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
             domain,
             to,
             trust,
+            s3,
             every,
             max_rate,
             link_max_rate,
@@ -579,8 +584,7 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
             };
             replication::protect(
                 name,
-                to,
-                trust,
+                (to, trust, s3),
                 (every, max_rate, link_max_rate),
                 (
                     resync_threshold,

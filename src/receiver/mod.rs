@@ -18,6 +18,7 @@
 
 pub mod control;
 pub mod control_server;
+pub mod embedded;
 mod events;
 pub mod metrics;
 
@@ -303,20 +304,28 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), ReceiverError> {
             what: "service monitor thread",
             source,
         })?;
-        let fences = Arc::new(CopyFences::default());
-        while let Some(inc) = ep.accept().await {
-            let store = data.clone();
-            let me = id.name.clone();
-            let roles = roles.clone();
-            let fences = fences.clone();
-            tokio::spawn(async move {
-                if let Ok((conn, peer)) = transport::accept(inc).await {
-                    handle_conn(conn, peer, store, me, roles, fences).await;
-                }
-            });
-        }
+        serve(ep, data, id.name.clone(), roles).await;
         Ok(())
     })
+}
+
+/// Accept connections on `ep` until it closes, each served by its own
+/// [`handle_conn`] task over `store`.
+async fn serve(
+    ep: quinn::Endpoint,
+    store: Arc<dyn ReplicaStore>,
+    me: String,
+    roles: Arc<crate::roles::ReceiverCtx>,
+) {
+    let fences = Arc::new(CopyFences::default());
+    while let Some(inc) = ep.accept().await {
+        let (store, me, roles, fences) = (store.clone(), me.clone(), roles.clone(), fences.clone());
+        tokio::spawn(async move {
+            if let Ok((conn, peer)) = transport::accept(inc).await {
+                handle_conn(conn, peer, store, me, roles, fences).await;
+            }
+        });
+    }
 }
 
 /// What the quinn side of a connection hands its session.
