@@ -35,22 +35,26 @@ pub struct Embedded {
 
 impl Embedded {
     /// Recover `store`, then serve it on `127.0.0.1` to `sender` only.
-    /// `local` is a folder for the receiver's own small state (a directory
-    /// store holding no replica). Must be called inside a tokio runtime,
-    /// on a thread that may block (the recovery reads the bucket).
+    /// It keeps no state of its own: no folder, and site-to-site
+    /// administrative requests are refused (a directory store would have
+    /// to live outside the mount: the daemon's private paths go through
+    /// its pre-mount descriptor, which a directory store's canonical paths
+    /// leave, so its files would be open through the daemon's own mount,
+    /// and a killed worker then hangs in `fuse_flush` at exit). `spool` (the
+    /// store's local folder) names it in errors. Must be called inside a
+    /// tokio runtime, on a thread that may block (the recovery reads the
+    /// bucket).
     pub fn start(
         store: Arc<dyn ReplicaStore>,
-        local: &Path,
+        spool: &Path,
         sender: &Identity,
         retention: Option<(replica::RetentionPolicy, std::time::Duration)>,
     ) -> Result<Embedded, ReceiverError> {
-        let store_err = |source| ReceiverError::Store {
-            path: local.to_path_buf(),
+        let r = store.recover().map_err(|source| ReceiverError::Store {
+            path: spool.to_path_buf(),
             source,
-        };
-        let r = store.recover().map_err(store_err)?;
+        })?;
         tracing::info!("embedded receiver: object store recovered: {r:?}");
-        let dir = Arc::new(replica::Store::open(local).map_err(store_err)?);
         let id = Identity::generate("vdrep-direct")?;
         let mut trust = TrustStore::new();
         trust.add(sender.cert.clone());
@@ -64,11 +68,6 @@ impl Embedded {
             what: "embedded receiver endpoint",
             source,
         })?;
-        let roles = Arc::new(crate::roles::ReceiverCtx {
-            store: dir,
-            keys: local.to_path_buf(),
-            trust: Vec::new(),
-        });
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         if let Some((keep, every)) = retention {
             let (store, stop) = (store.clone(), stop.clone());
@@ -87,7 +86,7 @@ impl Embedded {
                     source,
                 })?;
         }
-        tokio::spawn(serve(ep.clone(), store, id.name.clone(), roles));
+        tokio::spawn(serve(ep.clone(), store, id.name.clone(), None));
         tracing::info!("embedded receiver for the object store on {addr}");
         Ok(Embedded {
             addr,

@@ -66,8 +66,13 @@ impl Replicator {
             ))
         })?;
         let key = format!("{url} {target:?}");
-        let mut direct = self.direct.lock();
-        if let Some(e) = direct.get(&key) {
+        // The map's lock is held only to find the store's slot; the slot's
+        // lock serialises the openers of that one store (two embedded
+        // receivers of one store would fence each other), never the others
+        // nor the map, and is taken on a thread that may block.
+        let slot = self.direct.lock().entry(key).or_default().clone();
+        let mut slot = slot.lock();
+        if let Some(e) = slot.as_ref() {
             return Ok(Some(e.clone()));
         }
         let id = self
@@ -75,19 +80,19 @@ impl Replicator {
             .as_ref()
             .ok_or_else(|| SendError::fatal("no identity (mount with --keys)"))?;
         let bucket = target.open(&url).map_err(|e| open_err(&e, e.retryable()))?;
-        let cache = self.direct_cache(&url);
-        let store = BucketStore::open(Arc::new(bucket), &cache.join("spool"))
+        let spool = self.direct_cache(&url).join("spool");
+        let store = BucketStore::open(Arc::new(bucket), &spool)
             .map_err(|e| open_err(format!("{url}: {e}"), e.retryable()))?;
         let _rt = self.rt.enter();
         let e = Embedded::start(
             Arc::new(store),
-            &cache.join("local"),
+            &spool,
             id,
             Some((retention(), PRUNE_EVERY)),
         )
         .map_err(|e| SendError::fatal(format!("{url}: {e}")))?;
         let e = Arc::new(e);
-        direct.insert(key, e.clone());
+        *slot = Some(e.clone());
         Ok(Some(e))
     }
 

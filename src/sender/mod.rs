@@ -348,7 +348,8 @@ pub struct Replicator {
     events: Arc<crate::events::Bus>,
     /// Embedded receivers of object stores written directly, by store
     /// ([`direct`]).
-    direct: Mutex<HashMap<String, Arc<crate::receiver::embedded::Embedded>>>,
+    #[allow(clippy::type_complexity)]
+    direct: Mutex<HashMap<String, Arc<Mutex<Option<Arc<crate::receiver::embedded::Embedded>>>>>>,
 }
 
 const PROTECT_DIR: &str = "protect";
