@@ -21,11 +21,6 @@ src = sys.argv[1]
 
 # (from_module, to_module): reason. Keep this list short and justified.
 ALLOWED_EDGES = {
-    # Direct protection to a bucket (issue 11) runs the receiver's connection
-    # driver inside the mount daemon (receiver::embedded). To remove: let the
-    # daemon hand the Replicator a factory for it (the daemon already sits
-    # above both).
-    ("sender", "receiver"): "embedded receiver of protect --to s3://",
 }
 
 ROOTS = {"lib.rs", "main.rs"}

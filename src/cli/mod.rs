@@ -463,7 +463,7 @@ pub enum Cmd {
 
 /// Parse the command line and run it; the process exit code.
 pub fn main() -> i32 {
-    if let Some(code) = crate::daemon::worker_entry() {
+    if let Some(code) = crate::daemon::worker_entry(crate::receiver::embedded::factory()) {
         return code;
     }
     let cli = Cli::parse();

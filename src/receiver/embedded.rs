@@ -104,3 +104,21 @@ impl Drop for Embedded {
             .close(0u32.into(), b"embedded receiver stopped");
     }
 }
+
+impl crate::sender::DirectReceiver for Embedded {
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    fn cert(&self) -> CertificateDer<'static> {
+        self.cert.clone()
+    }
+}
+
+/// The [`crate::sender::DirectFactory`] the mount daemon hands its
+/// replicator: an [`Embedded`] receiver per object store.
+pub fn factory() -> Arc<crate::sender::DirectFactory> {
+    Arc::new(|store, spool, sender, retention| {
+        let e = Embedded::start(store, spool, sender, Some(retention))?;
+        Ok(Box::new(e) as Box<dyn crate::sender::DirectReceiver>)
+    })
+}

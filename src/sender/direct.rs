@@ -19,8 +19,32 @@ use std::time::Duration;
 
 use super::{ProtectSpec, Replicator, SendError};
 use crate::objstore::{replica::BucketStore, StoreUrl};
-use crate::receiver::embedded::Embedded;
-use crate::replica::RetentionPolicy;
+use crate::replica::{ReplicaStore, RetentionPolicy};
+use crate::transport::keys::Identity;
+
+/// A receiver serving one object store inside this process, on loopback:
+/// where the VM's session connects and the certificate to trust. Dropped:
+/// it stops.
+pub trait DirectReceiver: Send + Sync {
+    /// Its loopback address.
+    fn addr(&self) -> std::net::SocketAddr;
+    /// Its certificate (the only one the session trusts).
+    fn cert(&self) -> rustls::pki_types::CertificateDer<'static>;
+}
+
+/// Starts a [`DirectReceiver`] over a recovered-on-start store, trusting
+/// only `sender`, keeping `retention` (applied every `Duration`); `spool`
+/// is the store's local folder, for error messages. The mount daemon hands
+/// one to the [`Replicator`] (the sender never names the receiver); it is
+/// called on a thread that may block, inside the replication runtime.
+pub type DirectFactory = dyn Fn(
+        Arc<dyn ReplicaStore>,
+        &std::path::Path,
+        &Identity,
+        (RetentionPolicy, Duration),
+    ) -> Result<Box<dyn DirectReceiver>, Box<dyn std::error::Error + Send + Sync>>
+    + Send
+    + Sync;
 
 /// How often the embedded receiver applies [`retention`].
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
@@ -56,7 +80,10 @@ impl Replicator {
     /// The embedded receiver of `spec`'s object store, started on first
     /// use (blocking: it opens and recovers the bucket); `None` if `spec`
     /// replicates to a receiver.
-    pub(super) fn direct(&self, spec: &ProtectSpec) -> Result<Option<Arc<Embedded>>, SendError> {
+    pub(super) fn direct(
+        &self,
+        spec: &ProtectSpec,
+    ) -> Result<Option<Arc<dyn DirectReceiver>>, SendError> {
         let Some(url) = url_of(spec)? else {
             return Ok(None);
         };
@@ -83,15 +110,16 @@ impl Replicator {
         let spool = self.direct_cache(&url).join("spool");
         let store = BucketStore::open(Arc::new(bucket), &spool)
             .map_err(|e| open_err(format!("{url}: {e}"), e.retryable()))?;
+        let start = self.direct_factory.as_ref().ok_or_else(|| {
+            SendError::fatal(format!(
+                "{url}: this process cannot replicate to an object store directly (no in-process receiver)"
+            ))
+        })?;
         let _rt = self.rt.enter();
-        let e = Embedded::start(
-            Arc::new(store),
-            &spool,
-            id,
-            Some((retention(), PRUNE_EVERY)),
-        )
-        .map_err(|e| SendError::fatal(format!("{url}: {e}")))?;
-        let e = Arc::new(e);
+        let e: Arc<dyn DirectReceiver> =
+            start(Arc::new(store), &spool, id, (retention(), PRUNE_EVERY))
+                .map_err(|e| SendError::fatal(format!("{url}: {e}")))?
+                .into();
         *slot = Some(e.clone());
         Ok(Some(e))
     }

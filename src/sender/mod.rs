@@ -52,6 +52,7 @@ use shaper::{LinkShare, Shaper};
 pub mod alert;
 pub mod app_hook;
 mod direct;
+pub use direct::{DirectFactory, DirectReceiver};
 mod error;
 pub mod flush;
 mod link;
@@ -349,7 +350,9 @@ pub struct Replicator {
     /// Embedded receivers of object stores written directly, by store
     /// ([`direct`]).
     #[allow(clippy::type_complexity)]
-    direct: Mutex<HashMap<String, Arc<Mutex<Option<Arc<crate::receiver::embedded::Embedded>>>>>>,
+    direct: Mutex<HashMap<String, Arc<Mutex<Option<Arc<dyn direct::DirectReceiver>>>>>>,
+    /// Starts the in-process receivers of [`direct`] (the daemon's).
+    direct_factory: Option<Arc<direct::DirectFactory>>,
 }
 
 const PROTECT_DIR: &str = "protect";
@@ -363,6 +366,7 @@ impl Replicator {
         tracker: Arc<Tracker>,
         mount_dir: &Path,
         keys: Option<&Path>,
+        direct_factory: Option<Arc<direct::DirectFactory>>,
     ) -> Result<Arc<Self>, SendError> {
         let identity = match keys {
             Some(k) => Some(Arc::new(
@@ -408,6 +412,7 @@ impl Replicator {
             ),
             events: Arc::default(),
             direct: Mutex::default(),
+            direct_factory,
         });
         r.rt.spawn(alert::watch(Arc::downgrade(&r)));
         // Resume every VM protected before.
@@ -835,8 +840,8 @@ impl Replicator {
             // An object store: its embedded receiver, on loopback.
             Some(e) => {
                 let mut trust = TrustStore::new();
-                trust.add(e.cert.clone());
-                (trust, e.addr)
+                trust.add(e.cert());
+                (trust, e.addr())
             }
             None => {
                 let trust = TrustStore::from_files(&spec.trust)
