@@ -6,9 +6,10 @@
 
 mod mountutil;
 mod skip;
+mod stamputil;
 
 use std::collections::HashMap;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mountutil::*;
+use stamputil::*;
 
 struct Site {
     _tmp: tempfile::TempDir,
@@ -427,144 +429,6 @@ fn test_failover_is_copy_on_write_and_replication_continues() {
 }
 
 const DISKS: usize = 3;
-const DISK_BYTES: u64 = 8 << 20;
-const BLK: usize = 4096;
-
-/// The content of a block written by write `seq` (fully determined).
-fn stamp(seq: u64, disk: usize, block: u64, out: &mut [u8]) {
-    out[..8].copy_from_slice(&seq.to_le_bytes());
-    out[8..16].copy_from_slice(&((disk as u64) << 32 | block).to_le_bytes());
-    let f = (seq.wrapping_mul(31) ^ block) as u8;
-    out[16..].fill(f);
-}
-
-/// The sequence number in a block read back (0: never written); panics on
-/// a torn or foreign block.
-fn read_stamp(b: &[u8], disk: usize, block: u64, what: &str) -> u64 {
-    if b.iter().all(|&x| x == 0) {
-        return 0;
-    }
-    let seq = u64::from_le_bytes(b[..8].try_into().unwrap());
-    let mut want = vec![0u8; BLK];
-    stamp(seq, disk, block, &mut want);
-    assert!(
-        b == &want[..],
-        "{what}: disk {disk} block {block} is torn or foreign (stamp {seq})"
-    );
-    seq
-}
-
-/// Consistent iff some s makes every block hold its last write with
-/// seq <= s; s can only be the largest stamp seen (see the argument in
-/// the function body). Returns it.
-fn check_consistent(
-    what: &str,
-    disks: &[Vec<u8>],
-    history: &HashMap<(usize, u64), Vec<u64>>,
-) -> u64 {
-    // If the point is the state after write s, every stamp is <= s, so the
-    // largest stamp M <= s; no write in (M, s] exists (it would be the last
-    // write <= s of its block, a stamp > M), so the state after s equals the
-    // state after M: checking s = M is necessary and sufficient.
-    let mut seen = HashMap::new();
-    let mut max = 0;
-    for (d, data) in disks.iter().enumerate() {
-        for (b, blk) in data.chunks(BLK).enumerate() {
-            let s = read_stamp(blk, d, b as u64, what);
-            max = max.max(s);
-            seen.insert((d, b as u64), s);
-        }
-    }
-    for ((d, b), s) in &seen {
-        let want = history
-            .get(&(*d, *b))
-            .and_then(|v| v.iter().rev().find(|&&x| x <= max).copied())
-            .unwrap_or(0);
-        assert_eq!(
-            *s, want,
-            "{what}: not crash-consistent: disk {d} block {b} holds write {s}, but the state after write {max} (the newest write in the point) has {want} there"
-        );
-    }
-    max
-}
-
-/// 4 KiB-aligned buffer for O_DIRECT.
-struct Aligned(*mut u8);
-impl Aligned {
-    fn new() -> Aligned {
-        let l = std::alloc::Layout::from_size_align(BLK, BLK).unwrap();
-        // SAFETY: non-zero size layout.
-        Aligned(unsafe { std::alloc::alloc_zeroed(l) })
-    }
-    fn buf(&mut self) -> &mut [u8] {
-        // SAFETY: allocated with BLK bytes, exclusively borrowed.
-        unsafe { std::slice::from_raw_parts_mut(self.0, BLK) }
-    }
-}
-impl Drop for Aligned {
-    fn drop(&mut self) {
-        let l = std::alloc::Layout::from_size_align(BLK, BLK).unwrap();
-        // SAFETY: allocated above with the same layout.
-        unsafe { std::alloc::dealloc(self.0, l) }
-    }
-}
-
-/// A writer thread: stamped 4 KiB direct-I/O writes to random blocks of
-/// `paths` (one VM's disks) until `stop`; returns (seq, disk, block) of
-/// every write. With `quiesce`, it behaves like a guest under fsfreeze:
-/// when `quiesce/freeze-req` appears it syncs, reports the last sequence
-/// number it wrote in `quiesce/frozen` and blocks until the request goes.
-fn stamp_writer(
-    paths: Vec<PathBuf>,
-    stop: Arc<AtomicBool>,
-    written: Arc<AtomicU64>,
-    seed: u64,
-    quiesce: Option<PathBuf>,
-) -> std::thread::JoinHandle<Vec<(u64, usize, u64)>> {
-    std::thread::spawn(move || {
-        let files: Vec<std::fs::File> = paths
-            .iter()
-            .map(|p| {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .custom_flags(libc::O_DIRECT)
-                    .open(p)
-                    .unwrap()
-            })
-            .collect();
-        let mut buf = Aligned::new();
-        let mut x = seed;
-        let mut log = Vec::new();
-        let mut seq = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            if let Some(q) = quiesce.as_ref().filter(|q| q.join("freeze-req").exists()) {
-                for f in &files {
-                    f.sync_all().unwrap();
-                }
-                std::fs::write(q.join("frozen.tmp"), seq.to_string()).unwrap();
-                std::fs::rename(q.join("frozen.tmp"), q.join("frozen")).unwrap();
-                while q.join("freeze-req").exists() && !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                continue;
-            }
-            seq += 1;
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let d = (x % files.len() as u64) as usize;
-            let b = (x >> 8) % (DISK_BYTES / BLK as u64);
-            stamp(seq, d, b, buf.buf());
-            files[d].write_all_at(buf.buf(), b * BLK as u64).unwrap();
-            log.push((seq, d, b));
-            written.store(seq, Ordering::Relaxed);
-            if seq % 8 == 0 {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        }
-        log
-    })
-}
 
 /// Must-show 5: a writer stamps a sequence number in every 4 KiB block it
 /// writes (direct I/O, random blocks of 3 disks of one VM) while the VM
@@ -607,12 +471,9 @@ fn every_point_is_crash_consistent_across_disks() {
         std::thread::sleep(Duration::from_millis(500));
     }
     stop.store(true, Ordering::Relaxed);
-    let log = writer.join().unwrap();
+    let log = writer.join().unwrap().all_ok();
     sync_ok(&site);
-    let mut history: HashMap<(usize, u64), Vec<u64>> = HashMap::new();
-    for &(s, d, b) in &log {
-        history.entry((d, b)).or_default().push(s);
-    }
+    let history = history(&log);
     let mut pts: Vec<u64> = site.points().iter().map(|p| p.0).collect();
     pts.sort();
     println!("{} writes, {} points", log.len(), pts.len());
@@ -922,7 +783,7 @@ esac
         std::thread::sleep(Duration::from_millis(500));
     }
     stop.store(true, Ordering::Relaxed);
-    let log = writer.join().unwrap();
+    let log = writer.join().unwrap().all_ok();
     sync_ok(&site);
     let status: serde_json::Value =
         serde_json::from_str(&vdrep_ok(&["status", "--json", &site.s("vm")])).unwrap();
@@ -953,10 +814,7 @@ esac
     }
     assert!(expect_freeze, "a freeze was never thawed:\n{hl}");
 
-    let mut history: HashMap<(usize, u64), Vec<u64>> = HashMap::new();
-    for &(s, d, b) in &log {
-        history.entry((d, b)).or_default().push(s);
-    }
+    let mut history = history(&log);
     let pts_cli = points_consistency(&site);
     drop(r);
     let pts = check_all_points(&site, &history, APP_DISKS);

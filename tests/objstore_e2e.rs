@@ -14,10 +14,8 @@ use garageutil::Garage;
 use mountutil::*;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::Arc;
-use vdrep::objstore::envelope::EncryptionKey;
 use vdrep::objstore::point::{points, ChunkedPoint};
-use vdrep::objstore::{Credentials, S3Client, SealedBucket, StoreUrl};
+use vdrep::objstore::{Credentials, S3Client, StoreUrl};
 use vdrep::replica::PointRead;
 
 fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
@@ -36,20 +34,7 @@ fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
 /// Every disk of the newest point of vm1, read from the bucket (nothing
 /// local), compared with the source files.
 fn newest_point_equals_sources(g: &Garage, url: &StoreUrl, key: &Path, sources: &[&Path]) -> u64 {
-    let creds = Credentials {
-        access_key_id: g.key_id.clone(),
-        secret_access_key: g.secret.clone(),
-        region: Some(garageutil::REGION.into()),
-    };
-    let client = S3Client::new(&g.endpoint(), url, &creds).unwrap();
-    let b = Arc::new(
-        SealedBucket::open(
-            Arc::new(client),
-            url.clone(),
-            EncryptionKey::from_file(key).unwrap(),
-        )
-        .unwrap(),
-    );
+    let b = g.sealed(url, key);
     let pts = points(&b, "site-a", "vm1").unwrap();
     let newest = pts.last().expect("a point in the bucket");
     assert_eq!(newest.disks.len(), sources.len(), "one cut over both disks");

@@ -257,12 +257,16 @@ pub enum Cmd {
         /// guest agent channel.
         #[arg(long, conflicts_with = "disks")]
         domain: Option<String>,
-        /// Receiver address HOST:PORT.
+        /// Receiver address HOST:PORT, or an object store
+        /// `s3://BUCKET/PREFIX` written directly, with no receiver (with
+        /// --s3-endpoint, --s3-credentials and --encryption-key).
         #[arg(long)]
         to: String,
-        /// The receiver's certificate (repeatable).
-        #[arg(long = "trust", required = true)]
+        /// The receiver's certificate (repeatable; not for an s3:// target).
+        #[arg(long = "trust")]
         trust: Vec<PathBuf>,
+        #[command(flatten)]
+        s3: objstore::S3Args,
         /// Replication interval: 30s, 5m, 15m, any N[s|m|h], or `continuous`.
         #[arg(long, default_value = "5m")]
         every: String,
@@ -468,7 +472,7 @@ pub fn started() -> std::time::Instant {
 /// Parse the command line and run it; the process exit code.
 pub fn main() -> i32 {
     started();
-    if let Some(code) = crate::daemon::worker_entry() {
+    if let Some(code) = crate::daemon::worker_entry(crate::receiver::embedded::factory()) {
         return code;
     }
     let cli = Cli::parse();
@@ -564,6 +568,7 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
             domain,
             to,
             trust,
+            s3,
             every,
             max_rate,
             link_max_rate,
@@ -588,8 +593,7 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
             };
             replication::protect(
                 name,
-                to,
-                trust,
+                (to, trust, s3),
                 (every, max_rate, link_max_rate),
                 (
                     resync_threshold,

@@ -5,9 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::objstore::envelope::EncryptionKey;
 use crate::objstore::replica::BucketStore;
-use crate::objstore::{Credentials, ObjectClient, S3Client, SealedBucket, StoreUrl};
+use crate::objstore::{S3Target, SealedBucket, StoreUrl};
 use crate::receiver::control::PointInfo;
 use crate::replica::ReplicaStore;
 
@@ -39,26 +38,26 @@ pub fn s3_url(store: &Path) -> Result<Option<StoreUrl>, String> {
 
 /// Open the bucket of `url` with `a` (every check of `SealedBucket::open`).
 pub fn open_bucket(url: &StoreUrl, a: &S3Args) -> Result<SealedBucket, String> {
-    let endpoint = a
-        .s3_endpoint
-        .as_deref()
-        .ok_or("an s3:// store needs --s3-endpoint URL")?;
-    let key_file = a
-        .encryption_key
-        .as_deref()
-        .ok_or("an s3:// store needs --encryption-key FILE (make one with `vdrep keys encryption-key --out FILE`)")?;
-    let key = EncryptionKey::from_file(key_file).map_err(|e| e.to_string())?;
-    let creds = Credentials::load(a.s3_credentials.as_deref()).map_err(|e| e.to_string())?;
-    let client = S3Client::new(endpoint, url, &creds).map_err(|e| e.to_string())?;
-    let client: Arc<dyn ObjectClient> = Arc::new(client);
-    SealedBucket::open(client, url.clone(), key).map_err(|e| {
-        let what = if e.retryable() {
-            ""
-        } else {
-            " (critical: fix the configuration)"
-        };
-        format!("{url}: {e}{what}")
-    })
+    a.target()?.open(url).map_err(|e| e.to_string())
+}
+
+impl S3Args {
+    /// The flags as an [`S3Target`]; an error names the missing flag.
+    pub fn target(&self) -> Result<S3Target, String> {
+        let endpoint = self
+            .s3_endpoint
+            .clone()
+            .ok_or("an s3:// store needs --s3-endpoint URL")?;
+        let encryption_key = self
+            .encryption_key
+            .clone()
+            .ok_or("an s3:// store needs --encryption-key FILE (make one with `vdrep keys encryption-key --out FILE`)")?;
+        Ok(S3Target {
+            endpoint,
+            credentials: self.s3_credentials.clone(),
+            encryption_key,
+        })
+    }
 }
 
 /// The local cache folder of an `s3://` store by default:

@@ -1,7 +1,7 @@
 //! `vdrep receive`, `protect`, `unprotect` and `sync`: replication, and
 //! the parsing of its intervals, rates and percentages.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::fmt::{control_err, with_progress};
@@ -351,8 +351,7 @@ pub fn parse_percent(s: &str) -> Result<f64, String> {
 #[allow(clippy::too_many_arguments)]
 pub fn protect(
     name: String,
-    to: String,
-    trust: Vec<PathBuf>,
+    (to, trust, s3): (String, Vec<PathBuf>, super::objstore::S3Args),
     (every, max_rate, link_max_rate): (String, Option<String>, Option<String>),
     (threshold, window, rpo_alert): (String, String, Option<String>),
     AppHookArgs {
@@ -366,6 +365,13 @@ pub fn protect(
 ) -> i32 {
     let retry = match retry.schedule() {
         Ok(r) => r,
+        Err(e) => {
+            eprintln!("vdrep: {e}");
+            return 2;
+        }
+    };
+    let s3 = match protect_target(&to, &trust, &s3) {
+        Ok(s3) => s3,
         Err(e) => {
             eprintln!("vdrep: {e}");
             return 2;
@@ -483,6 +489,7 @@ pub fn protect(
         vm: name.clone(),
         to,
         trust: trust_abs,
+        s3,
         every_secs,
         disks: rels,
         max_rate,
@@ -521,6 +528,36 @@ pub fn protect(
             1
         }
     }
+}
+
+/// `--to` with `--trust` (a receiver) or the object-store flags (an
+/// `s3://` target, files made absolute for the daemon).
+fn protect_target(
+    to: &str,
+    trust: &[PathBuf],
+    s3: &super::objstore::S3Args,
+) -> Result<Option<crate::objstore::S3Target>, String> {
+    let given =
+        s3.s3_endpoint.is_some() || s3.s3_credentials.is_some() || s3.encryption_key.is_some();
+    if super::objstore::s3_url(Path::new(to))?.is_none() {
+        if given {
+            return Err("--s3-endpoint, --s3-credentials and --encryption-key are for --to s3://BUCKET/PREFIX".into());
+        }
+        if trust.is_empty() {
+            return Err("name the receiver's certificate with --trust".into());
+        }
+        return Ok(None);
+    }
+    if !trust.is_empty() {
+        return Err(format!(
+            "--to {to} is an object store: --trust is for a receiver"
+        ));
+    }
+    let mut t = s3.target()?;
+    let abs = |p: &Path| std::fs::canonicalize(p).map_err(|e| format!("{}: {e}", p.display()));
+    t.encryption_key = abs(&t.encryption_key)?;
+    t.credentials = t.credentials.as_deref().map(abs).transpose()?;
+    Ok(Some(t))
 }
 
 /// `vdrep sync TARGET`.

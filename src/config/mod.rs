@@ -125,10 +125,14 @@ pub struct VmCfg {
     pub mount: PathBuf,
     /// The disks relative to `mount`.
     pub disks_rel: Vec<String>,
-    /// Receiver address `HOST:PORT`.
+    /// Receiver address `HOST:PORT`, or an object store `s3://BUCKET/PREFIX`
+    /// written directly (then `s3` says how).
     pub to: String,
-    /// Certificates of the receiver (default: `[site] trust`).
+    /// Certificates of the receiver (default: `[site] trust`; none for an
+    /// object store).
     pub trust: Vec<PathBuf>,
+    /// `s3_endpoint`, `s3_credentials`, `encryption_key` of an `s3://` `to`.
+    pub s3: Option<crate::objstore::S3Target>,
     pub every: Option<Every>,
     /// Bytes per second (`max_rate = "10MB/s"`).
     pub max_rate: Option<u64>,
@@ -955,6 +959,52 @@ impl Cx<'_> {
         out
     }
 
+    /// The object store of an `s3://` `to`: its endpoint and key are
+    /// required, and are a problem on a receiver address.
+    fn vm_s3(
+        &mut self,
+        v: &raw::Vm,
+        is_s3: bool,
+        k: &dyn Fn(&str) -> String,
+    ) -> Option<crate::objstore::S3Target> {
+        let credentials = v
+            .s3_credentials
+            .as_ref()
+            .and_then(|c| self.path(c, &k("s3_credentials")));
+        let encryption_key = v
+            .encryption_key
+            .as_ref()
+            .and_then(|c| self.path(c, &k("encryption_key")));
+        if !is_s3 {
+            let given = [&v.s3_endpoint, &v.s3_credentials, &v.encryption_key];
+            if let Some(at) = given.into_iter().flatten().next() {
+                self.problem(
+                    at,
+                    &k("to"),
+                    ProblemKind::BadValue,
+                    "s3_endpoint, s3_credentials and encryption_key are for `to = \"s3://BUCKET/PREFIX\"` only".into(),
+                );
+            }
+            return None;
+        }
+        match (&v.s3_endpoint, encryption_key) {
+            (Some(endpoint), Some(encryption_key)) => Some(crate::objstore::S3Target {
+                endpoint: endpoint.get_ref().clone(),
+                credentials,
+                encryption_key,
+            }),
+            _ => {
+                self.problem(
+                    &v.to,
+                    &k("to"),
+                    ProblemKind::BadValue,
+                    "an s3:// target needs s3_endpoint and encryption_key (and s3_credentials, or the AWS_* variables)".into(),
+                );
+                None
+            }
+        }
+    }
+
     fn vm(
         &mut self,
         i: usize,
@@ -1050,11 +1100,19 @@ impl Cx<'_> {
             );
             disks.push(p);
         }
+        let is_s3 = v.to.get_ref().starts_with("s3://");
         let to = self.value(&Some(v.to.clone()), &k("to"), |s: &String| {
-            check_host_port(s).map(|()| s.clone())
+            if is_s3 {
+                crate::objstore::StoreUrl::parse(s)
+                    .map(|_| s.clone())
+                    .map_err(|e| BadValue::new(ProblemKind::BadValue, e.to_string()))
+            } else {
+                check_host_port(s).map(|()| s.clone())
+            }
         });
+        let s3 = self.vm_s3(v, is_s3, &k);
         let mut trust = self.certs(&v.trust, &k("trust"), checks);
-        if v.trust.is_none() {
+        if v.trust.is_none() && !is_s3 {
             trust = site.trust.clone();
         }
         // Named but unreadable certificates are reported where they are.
@@ -1062,7 +1120,7 @@ impl Cx<'_> {
             Some(t) => !t.is_empty(),
             None => site_trust_named,
         };
-        if !named {
+        if !named && !is_s3 {
             self.problem(
                 &v.to,
                 &k("trust"),
@@ -1128,7 +1186,7 @@ impl Cx<'_> {
         let retry_schedule = self.value(&v.retry_schedule, &k("retry_schedule"), |s: &String| {
             parse_retry_steps(s, false)
         });
-        if trust.is_empty() {
+        if trust.is_empty() && !is_s3 {
             return None;
         }
         Some(VmCfg {
@@ -1139,6 +1197,7 @@ impl Cx<'_> {
             disks_rel: rels,
             to: to?,
             trust,
+            s3,
             every,
             max_rate,
             max_rate_schedule,

@@ -69,6 +69,9 @@ pub struct Vm {
     pub domain: Option<S>,
     pub to: S,
     pub trust: Option<Vec<S>>,
+    pub s3_endpoint: Option<S>,
+    pub s3_credentials: Option<S>,
+    pub encryption_key: Option<S>,
     pub every: Option<S>,
     /// A rate, or a list of `{ when, rate }` rules (checked by hand so
     /// that each problem names its rule).

@@ -452,3 +452,49 @@ fn mount_watchdog_is_a_duration_or_off() {
         assert!(p[0].msg.contains("`off`"), "{:?}", p[0].msg);
     }
 }
+
+/// `[[vm]] to = "s3://…"`: direct protection to an object store, with its
+/// endpoint, credentials and key; no trust needed. Missing keys, a bad
+/// URL and object-store keys on a receiver address are problems.
+#[test]
+fn vm_protected_directly_to_an_object_store() {
+    let s3 = "to = \"s3://dr-bucket/web\"\ns3_endpoint = \"http://127.0.0.1:3900\"\ns3_credentials = \"/etc/vdrep/s3.toml\"\nencryption_key = \"/etc/vdrep/enc.key\"\n";
+    let text = GOOD
+        .replace("trust = [\"/etc/vdrep/peers/dr.crt\"]\n", "")
+        .replace("to = \"dr.example.com:7700\"\n", s3)
+        .replace(
+            "to = \"10.0.0.2:7700\"\n",
+            "to = \"10.0.0.2:7700\"\ntrust = [\"/etc/vdrep/peers/dr.crt\"]\n",
+        );
+    let c = check(&text).unwrap();
+    let web = &c.vms[0];
+    assert_eq!(web.to, "s3://dr-bucket/web");
+    assert!(web.trust.is_empty());
+    let t = web.s3.as_ref().unwrap();
+    assert_eq!(t.endpoint, "http://127.0.0.1:3900");
+    assert_eq!(t.credentials, Some(PathBuf::from("/etc/vdrep/s3.toml")));
+    assert_eq!(t.encryption_key, PathBuf::from("/etc/vdrep/enc.key"));
+    assert!(c.vms[1].s3.is_none());
+    // No key: one problem on vm[web].to.
+    let p = problems(&text.replace("encryption_key = \"/etc/vdrep/enc.key\"\n", ""));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].key, "vm[web].to");
+    assert_eq!(p[0].kind, ProblemKind::BadValue);
+    // A bad bucket name.
+    let p = problems(&text.replace("s3://dr-bucket/web", "s3://X/web"));
+    assert!(
+        p.iter()
+            .any(|p| p.key == "vm[web].to" && p.kind == ProblemKind::BadValue),
+        "{p:?}"
+    );
+    // Object-store keys with a receiver address.
+    let p = problems(&text.replace(
+        "to = \"10.0.0.2:7700\"\n",
+        "to = \"10.0.0.2:7700\"\ns3_endpoint = \"http://x:1\"\n",
+    ));
+    assert!(
+        p.iter()
+            .any(|p| p.key == "vm[db].to" && p.kind == ProblemKind::BadValue),
+        "{p:?}"
+    );
+}

@@ -362,7 +362,10 @@ fn open_root(dir: &Path) -> io::Result<OwnedFd> {
 /// from its supervisor and parses no command line or configuration file
 /// (resolving a path under the mount before serving it would wait for
 /// itself).
-pub fn worker_entry() -> Option<i32> {
+/// `direct`: starts the in-process receivers of direct protection to an
+/// object store (the receiver's; handed in from above, the daemon sits
+/// below the receiver).
+pub fn worker_entry(direct: Arc<crate::sender::DirectFactory>) -> Option<i32> {
     let h = crate::fuse::supervisor::worker_handover()?;
     // stderr is the supervisor's: its log file, journald or a terminal.
     let h = match h {
@@ -380,11 +383,15 @@ pub fn worker_entry() -> Option<i32> {
         }
     };
     crate::service::init_logging(opts.log_format, crate::service::LogTarget::Stderr);
-    Some(worker(&opts, h))
+    Some(worker(&opts, h, direct))
 }
 
 /// A worker: serve the connection its supervisor handed over.
-fn worker(opts: &MountOptions, mut h: crate::fuse::supervisor::Handover) -> i32 {
+fn worker(
+    opts: &MountOptions,
+    mut h: crate::fuse::supervisor::Handover,
+    direct: Arc<crate::sender::DirectFactory>,
+) -> i32 {
     // Die with the supervisor (a supervisor killed with -9 takes the whole
     // daemon with it, as a host crash would).
     if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
@@ -397,7 +404,7 @@ fn worker(opts: &MountOptions, mut h: crate::fuse::supervisor::Handover) -> i32 
     }
     let dir = h.start.dir.clone();
     let mut ready = h.ready.take();
-    match serve_worker(&dir, opts, h, &mut ready) {
+    match serve_worker(&dir, opts, h, &mut ready, direct) {
         Ok(()) => 0,
         Err(e) => {
             tracing::error!("{e}");
@@ -418,6 +425,7 @@ fn serve_worker(
     opts: &MountOptions,
     h: crate::fuse::supervisor::Handover,
     ready: &mut Option<OwnedFd>,
+    direct: Arc<crate::sender::DirectFactory>,
 ) -> Result<(), DaemonError> {
     // Block termination signals in every thread; one thread waits for them.
     let sigs = crate::service::termination_signals();
@@ -489,16 +497,20 @@ fn serve_worker(
     let sock = control::socket_path(dir);
     let listener =
         crate::ipc::bind(&sock, dir).map_err(ioe(dir, "cannot bind the control socket"))?;
-    let replicator =
-        match crate::sender::Replicator::new(tracker.clone(), dir, opts.keys.as_deref()) {
-            Ok(r) => r,
-            Err(e) => {
-                return Err(DaemonError::Msg(format!(
-                    "cannot start replication for {}: {e}",
-                    dir.display()
-                )))
-            }
-        };
+    let replicator = match crate::sender::Replicator::new(
+        tracker.clone(),
+        dir,
+        opts.keys.as_deref(),
+        Some(direct),
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            return Err(DaemonError::Msg(format!(
+                "cannot start replication for {}: {e}",
+                dir.display()
+            )))
+        }
+    };
     observe::start(dir, opts, &replicator)?;
     let configured = Arc::new(reload::Configured::new(opts.config.clone()));
     configured.set_schedules(opts.rate_schedules.clone());

@@ -80,6 +80,7 @@ pub fn protect_spec(vm: &VmCfg) -> Result<ProtectSpec, ReloadError> {
         vm: vm.name.clone(),
         to: vm.to.clone(),
         trust,
+        s3: vm.s3.clone(),
         every_secs: secs(vm.every, DEFAULT_EVERY_SECS),
         disks: vm.disks_rel.clone(),
         max_rate: vm.rate_schedule().rate_now(),

@@ -132,6 +132,96 @@ impl Credentials {
     }
 }
 
+/// How to reach and open one `s3://` store: the endpoint, the credentials
+/// file (none: the `AWS_*` environment variables) and the encryption key
+/// file. The flags `--s3-endpoint`, `--s3-credentials`, `--encryption-key`
+/// of `receive`, `points` and `protect --to s3://…`, and their keys in the
+/// configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct S3Target {
+    pub endpoint: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<std::path::PathBuf>,
+    pub encryption_key: std::path::PathBuf,
+}
+
+/// Why an `s3://` store could not be opened ([`S3Target::open`]).
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The encryption key file is missing or not a key.
+    #[error(transparent)]
+    Key(#[from] super::EnvelopeError),
+    /// The endpoint or credentials are unusable, or the store refused.
+    #[error("{url}: {source}{}", critical(.source.retryable()))]
+    Object { url: String, source: ObjectError },
+    /// Opening the bucket's prefix failed (unreachable, denied, no such
+    /// bucket, a prefix of another key or not vdrep's).
+    #[error("{url}: {source}{}", critical(.source.retryable()))]
+    Bucket {
+        url: String,
+        source: super::BucketError,
+    },
+}
+
+fn critical(retryable: bool) -> &'static str {
+    if retryable {
+        ""
+    } else {
+        " (critical: fix the configuration)"
+    }
+}
+
+/// What kind of failure an [`OpenError`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenErrorKind {
+    /// The key file (see [`super::EnvelopeErrorKind`]).
+    Key(super::EnvelopeErrorKind),
+    /// The client or the store (see [`super::ObjectErrorKind`]).
+    Object(super::ObjectErrorKind),
+    /// The bucket or prefix (see [`super::BucketErrorKind`]).
+    Bucket(super::BucketErrorKind),
+}
+
+impl OpenError {
+    pub fn kind(&self) -> OpenErrorKind {
+        match self {
+            OpenError::Key(e) => OpenErrorKind::Key(e.kind()),
+            OpenError::Object { source, .. } => OpenErrorKind::Object(source.kind()),
+            OpenError::Bucket { source, .. } => OpenErrorKind::Bucket(source.kind()),
+        }
+    }
+
+    /// True if trying again later can succeed unchanged (an unreachable
+    /// endpoint, 5xx); the rest needs the configuration fixed (Critical).
+    pub fn retryable(&self) -> bool {
+        match self {
+            OpenError::Key(_) => false,
+            OpenError::Object { source, .. } => source.retryable(),
+            OpenError::Bucket { source, .. } => source.retryable(),
+        }
+    }
+}
+
+impl S3Target {
+    /// Open `url` (every check of [`super::SealedBucket::open`]: nothing is
+    /// written unless the store, the key and the prefix are all fine).
+    pub fn open(&self, url: &StoreUrl) -> Result<super::SealedBucket, OpenError> {
+        let key = super::EncryptionKey::from_file(&self.encryption_key)?;
+        let object = |source| OpenError::Object {
+            url: url.to_string(),
+            source,
+        };
+        let creds = Credentials::load(self.credentials.as_deref()).map_err(object)?;
+        let client = super::S3Client::new(&self.endpoint, url, &creds).map_err(object)?;
+        super::SealedBucket::open(std::sync::Arc::new(client), url.clone(), key).map_err(|source| {
+            OpenError::Bucket {
+                url: url.to_string(),
+                source,
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

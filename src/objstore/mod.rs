@@ -42,7 +42,7 @@ pub mod replica;
 mod s3;
 
 pub use bucket::{BucketError, BucketErrorKind, SealedBucket, MARKER};
-pub use config::{Credentials, StoreUrl};
+pub use config::{Credentials, OpenError, OpenErrorKind, S3Target, StoreUrl};
 pub use envelope::{EncryptionKey, EnvelopeError, EnvelopeErrorKind};
 pub use error::{ObjectError, ObjectErrorKind};
 pub use fail::{FailClient, ObjOp};

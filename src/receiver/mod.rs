@@ -18,6 +18,7 @@
 
 pub mod control;
 pub mod control_server;
+pub mod embedded;
 mod events;
 pub mod metrics;
 
@@ -303,20 +304,30 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), ReceiverError> {
             what: "service monitor thread",
             source,
         })?;
-        let fences = Arc::new(CopyFences::default());
-        while let Some(inc) = ep.accept().await {
-            let store = data.clone();
-            let me = id.name.clone();
-            let roles = roles.clone();
-            let fences = fences.clone();
-            tokio::spawn(async move {
-                if let Ok((conn, peer)) = transport::accept(inc).await {
-                    handle_conn(conn, peer, store, me, roles, fences).await;
-                }
-            });
-        }
+        serve(ep, data, id.name.clone(), Some(roles)).await;
         Ok(())
     })
+}
+
+/// Accept connections on `ep` until it closes, each served by its own
+/// [`handle_conn`] task over `store`. `roles`: where site-to-site
+/// administrative requests (planned failover, …) run; `None` refuses them
+/// (the embedded receiver of direct protection).
+async fn serve(
+    ep: quinn::Endpoint,
+    store: Arc<dyn ReplicaStore>,
+    me: String,
+    roles: Option<Arc<crate::roles::ReceiverCtx>>,
+) {
+    let fences = Arc::new(CopyFences::default());
+    while let Some(inc) = ep.accept().await {
+        let (store, me, roles, fences) = (store.clone(), me.clone(), roles.clone(), fences.clone());
+        tokio::spawn(async move {
+            if let Ok((conn, peer)) = transport::accept(inc).await {
+                handle_conn(conn, peer, store, me, roles, fences).await;
+            }
+        });
+    }
 }
 
 /// What the quinn side of a connection hands its session.
@@ -337,7 +348,7 @@ enum Write {
 struct Conn {
     site: String,
     store: Arc<dyn ReplicaStore>,
-    roles: Arc<crate::roles::ReceiverCtx>,
+    roles: Option<Arc<crate::roles::ReceiverCtx>>,
     done: mpsc::UnboundedSender<(OpId, StoreDone)>,
     /// Initial copies in progress, by disk: their writer threads.
     initials: HashMap<DiskId, InitialWriter>,
@@ -414,7 +425,7 @@ async fn handle_conn(
     peer: transport::PeerIdentity,
     store: Arc<dyn ReplicaStore>,
     me: String,
-    roles: Arc<crate::roles::ReceiverCtx>,
+    roles: Option<Arc<crate::roles::ReceiverCtx>>,
     fences: Arc<CopyFences>,
 ) {
     let addr = conn.remote_address();
@@ -801,7 +812,7 @@ impl Conn {
             ReceiverAction::Admin { op, body } => {
                 let roles = self.roles.clone();
                 self.spawn(op, move |_, site| {
-                    StoreDone::AdminDone(admin(&roles, site, &body))
+                    StoreDone::AdminDone(admin(roles.as_deref(), site, &body))
                 })
             }
             ReceiverAction::Refused { stream, error } => {
@@ -929,7 +940,7 @@ fn begin_initial(
 /// A site-to-site administrative request ([`crate::roles`]), for the
 /// requester's own namespace only: the JSON answer.
 fn admin(
-    roles: &crate::roles::ReceiverCtx,
+    roles: Option<&crate::roles::ReceiverCtx>,
     site: &str,
     body: &str,
 ) -> Result<String, StoreFailure> {
@@ -945,6 +956,12 @@ fn admin(
         )
     })?;
     tracing::info!(%site, "administrative request: {req:?}");
+    let Some(roles) = roles else {
+        return Err(refuse(
+            ErrorCode::Unauthorized,
+            "administrative requests (planned failover, failback) are not served for direct protection to an object store: fail over from the bucket with `vdrep failover --store s3://…`".into(),
+        ));
+    };
     // A refusal keeps its kind: the requester reports it as its own.
     crate::roles::handle_admin(roles, site, req)
         .map_err(|e| {

@@ -656,6 +656,7 @@ fn protect_live(
         vm: vm.to_string(),
         to: to.to_string(),
         trust: ctx.trust.clone(),
+        s3: None,
         every_secs,
         disks,
         max_rate,

@@ -51,6 +51,8 @@ use shaper::{LinkShare, Shaper};
 
 pub mod alert;
 pub mod app_hook;
+mod direct;
+pub use direct::{DirectFactory, DirectReceiver};
 mod error;
 pub mod flush;
 mod link;
@@ -74,10 +76,14 @@ pub(crate) fn default_threshold() -> f64 {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProtectSpec {
     pub vm: String,
-    /// Receiver address, `HOST:PORT`.
+    /// Receiver address, `HOST:PORT`; or an object store `s3://BUCKET/PREFIX`
+    /// written directly ([`direct`], with `s3`).
     pub to: String,
-    /// Certificates of the receiver(s) we trust.
+    /// Certificates of the receiver(s) we trust (none for an object store).
     pub trust: Vec<PathBuf>,
+    /// How to reach and open the object store of an `s3://` `to`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<crate::objstore::S3Target>,
     /// Seconds between cuts; 0 = continuous.
     pub every_secs: u64,
     /// Disk paths relative to the mounted folder.
@@ -348,6 +354,12 @@ pub struct Replicator {
     instance: String,
     /// State-change events of the VMs ([`alert::watch`]).
     events: Arc<crate::events::Bus>,
+    /// Embedded receivers of object stores written directly, by store
+    /// ([`direct`]).
+    #[allow(clippy::type_complexity)]
+    direct: Mutex<HashMap<String, Arc<Mutex<Option<Arc<dyn direct::DirectReceiver>>>>>>,
+    /// Starts the in-process receivers of [`direct`] (the daemon's).
+    direct_factory: Option<Arc<direct::DirectFactory>>,
 }
 
 const PROTECT_DIR: &str = "protect";
@@ -364,6 +376,7 @@ impl Replicator {
         tracker: Arc<Tracker>,
         mount_dir: &Path,
         keys: Option<&Path>,
+        direct_factory: Option<Arc<direct::DirectFactory>>,
     ) -> Result<Arc<Self>, SendError> {
         let identity = match keys {
             Some(k) => Some(Arc::new(
@@ -408,6 +421,8 @@ impl Replicator {
                 )
             ),
             events: Arc::default(),
+            direct: Mutex::default(),
+            direct_factory,
         });
         r.rt.spawn(alert::watch(Arc::downgrade(&r)));
         // Resume every VM protected before.
@@ -483,7 +498,8 @@ impl Replicator {
                 }
             }
         }
-        if spec.trust.is_empty() {
+        let direct = direct::url_of(&spec)?.is_some();
+        if spec.trust.is_empty() && !direct {
             return Err(SendError::invalid(
                 "name the receiver's certificate with --trust",
             ));
@@ -498,6 +514,9 @@ impl Replicator {
             crate::resync::Window::parse(&spec.resync_window)
                 .map_err(|e| SendError::invalid(format!("--resync-window: {e}")))?;
         }
+        // The object store opens (every check) before anything is written.
+        self.direct(&spec)
+            .map_err(|e| e.context(format!("object store {} is not usable", spec.to)))?;
         // Reachable and trusted: say Hello once.
         let probe = self.rt.block_on(self.probe(&spec));
         let hello = match probe {
@@ -828,13 +847,25 @@ impl Replicator {
             .identity
             .as_ref()
             .ok_or_else(|| SendError::fatal("no identity (mount with --keys)"))?;
-        let trust =
-            TrustStore::from_files(&spec.trust).map_err(|e| SendError::fatal(e.to_string()))?;
-        let addr: SocketAddr = tokio::net::lookup_host(&spec.to)
-            .await
-            .map_err(|e| retry(format!("cannot resolve {}: {e}", spec.to)))?
-            .next()
-            .ok_or_else(|| retry(format!("{} resolves to no address", spec.to)))?;
+        let direct = tokio::task::block_in_place(|| self.direct(spec))?;
+        let (trust, addr) = match direct {
+            // An object store: its embedded receiver, on loopback.
+            Some(e) => {
+                let mut trust = TrustStore::new();
+                trust.add(e.cert());
+                (trust, e.addr())
+            }
+            None => {
+                let trust = TrustStore::from_files(&spec.trust)
+                    .map_err(|e| SendError::fatal(e.to_string()))?;
+                let addr: SocketAddr = tokio::net::lookup_host(&spec.to)
+                    .await
+                    .map_err(|e| retry(format!("cannot resolve {}: {e}", spec.to)))?
+                    .next()
+                    .ok_or_else(|| retry(format!("{} resolves to no address", spec.to)))?;
+                (trust, addr)
+            }
+        };
         // Notice a dead receiver within seconds, not the default 30 s.
         let tuning = transport::Tuning {
             keep_alive: Duration::from_secs(1),

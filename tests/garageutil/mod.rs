@@ -254,6 +254,34 @@ impl Garage {
         p
     }
 
+    /// The fixture's key as [`vdrep::objstore::Credentials`].
+    pub fn credentials(&self) -> vdrep::objstore::Credentials {
+        vdrep::objstore::Credentials {
+            access_key_id: self.key_id.clone(),
+            secret_access_key: self.secret.clone(),
+            region: Some(REGION.into()),
+        }
+    }
+
+    /// `url` (`s3://…` of this cluster) opened with the key file `key`,
+    /// as a reader with no local state would.
+    pub fn sealed(
+        &self,
+        url: &vdrep::objstore::StoreUrl,
+        key: &Path,
+    ) -> std::sync::Arc<vdrep::objstore::SealedBucket> {
+        let client =
+            vdrep::objstore::S3Client::new(&self.endpoint(), url, &self.credentials()).unwrap();
+        std::sync::Arc::new(
+            vdrep::objstore::SealedBucket::open(
+                std::sync::Arc::new(client),
+                url.clone(),
+                vdrep::objstore::EncryptionKey::from_file(key).unwrap(),
+            )
+            .unwrap(),
+        )
+    }
+
     /// The data folder of node `i` (blocks as written: compression is off).
     pub fn data_dir(&self, i: usize) -> PathBuf {
         self.nodes[i].config.with_file_name("data")

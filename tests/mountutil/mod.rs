@@ -98,6 +98,19 @@ impl Mounted {
         self.mounted = false;
     }
 
+    /// The pid of the mount's worker (the process that serves the mount
+    /// and replicates), from `status --json`; `None` while no worker
+    /// answers. Killing it leaves the mount up: the supervisor starts
+    /// another. (Killing [`Mounted::daemon_pid`], the supervisor, ends the
+    /// mount.)
+    pub fn worker_pid(&self) -> Option<i32> {
+        let o = vdrep(&["status", "--json", self.dir.to_str()?]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+        i32::try_from(v["worker"]["pid"].as_i64()?).ok()
+    }
+
+    /// The pid of the mount's supervisor, which holds the FUSE connection
+    /// (`status`'s "daemon pid").
     pub fn daemon_pid(&self) -> i32 {
         let o = vdrep(&["status", self.dir.to_str().unwrap()]);
         let s = String::from_utf8_lossy(&o.stdout);
