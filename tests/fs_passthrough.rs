@@ -13,6 +13,7 @@ use std::process::Command;
 
 use fuser::BackgroundSession;
 use vdrep::fs::{mount_untracked, FsOptions};
+use vdrep::fuse::fusectl::PinnedMount;
 
 struct Mounted {
     dir: tempfile::TempDir,
@@ -880,4 +881,56 @@ fn concurrent_direct_and_buffered_writers() {
             "region {t}"
         );
     }
+}
+
+/// `vdrep umount` of a dead mount aborts its FUSE connection by number.
+/// The number is the super block's device number, which the kernel hands
+/// to the next mount once the super block is gone: a pin (an `O_PATH`
+/// descriptor of the root) must keep it, so that a mount detached by
+/// someone else meanwhile cannot pass its number to a healthy mount whose
+/// connection the abort would kill (CI saw a session end ECONNABORTED).
+#[test]
+fn a_pinned_mount_keeps_its_connection_number_and_only_it_is_aborted() {
+    let Some(mut a) = mount(|_| {}) else { return };
+    fs::write(a.p("f"), b"a").unwrap();
+    let pin = PinnedMount::at(a.path())
+        .expect("pin")
+        .expect("a FUSE mount is pinned");
+    assert!(PinnedMount::at(Path::new("/")).expect("pin /").is_none());
+    // Someone else detaches the mount; the pin keeps its super block.
+    let st = Command::new("umount")
+        .arg("-l")
+        .arg(a.path())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(!is_mounted(a.path()));
+    let Some(mut b) = mount(|_| {}) else { return };
+    let pb = PinnedMount::at(b.path()).expect("pin").expect("pinned");
+    assert_ne!(
+        pb.entry().connection(),
+        pin.entry().connection(),
+        "a new mount got the pinned mount's connection number"
+    );
+    drop(pb);
+    assert!(pin.abort().expect("abort"), "the connection was gone");
+    // A's session ends (the pin keeps its super block, so nothing but the
+    // abort can end it: ENODEV, or ECONNABORTED when FUSE_ABORT_ERROR was
+    // negotiated); B still serves.
+    let sa = a.sess.take().unwrap();
+    let t0 = std::time::Instant::now();
+    while !sa.guard.is_finished() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(30),
+            "the abort did not reach the pinned mount's session"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    if let Err(e) = sa.join() {
+        assert_eq!(e.raw_os_error(), Some(libc::ECONNABORTED), "{e}");
+    }
+    fs::write(b.p("g"), b"b").unwrap();
+    assert_eq!(fs::read(b.p("g")).unwrap(), b"b");
+    drop(pin);
+    b.unmount();
 }

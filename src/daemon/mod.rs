@@ -720,20 +720,23 @@ pub fn remove_dead_mount(dir: &Path, lazy: bool) -> Result<DeadMountRemoved, Dae
         .map_err(ioe(&dir, "cannot check the supervisor's lock file"))?
         .ok_or_else(|| DaemonError::SupervisorAlive { dir: dir.clone() })?;
     let mut done = DeadMountRemoved { aborted: None };
-    let entry = crate::fuse::fusectl::mount_at(&dir).map_err(ioe(&dir, "cannot read mountinfo"))?;
-    if let Some(m) = entry.filter(|m| m.is_fuse()) {
-        match crate::fuse::fusectl::abort(&m) {
-            Ok(true) => done.aborted = Some(m.connection()),
+    let pinned = crate::fuse::fusectl::PinnedMount::at(&dir)
+        .map_err(ioe(&dir, "cannot find the mount's FUSE connection"))?;
+    if let Some(m) = &pinned {
+        let n = m.entry().connection();
+        match m.abort() {
+            Ok(true) => done.aborted = Some(n),
             Ok(false) => {}
             // The unmount below may still work; say why waiters may stay.
             Err(e) => tracing::warn!(
-                "{}: cannot abort FUSE connection {} through {}: {e}; processes waiting on it may hang",
+                "{}: cannot abort FUSE connection {n} through {}: {e}; processes waiting on it may hang",
                 dir.display(),
-                m.connection(),
                 crate::fuse::fusectl::CONNECTIONS
             ),
         }
     }
+    // The pin keeps the mount busy: let go before unmounting.
+    drop(pinned);
     let start = Instant::now();
     loop {
         match unmount(&dir, false) {

@@ -10,9 +10,20 @@
 //! only hides the mount. Aborting the connection ends every waiting and
 //! future request with `ENOTCONN` (kernel-notes/fuse-connection.md).
 //!
-//! Nothing here touches the mount point by path: a `stat` of a dead
+//! Nothing here sends a request to the mount's server: a `stat` of a dead
 //! mount's root can wait for the dead server too. The mount is found in
 //! `/proc/self/mountinfo`, its connection by its device number.
+//!
+//! A connection's number is its super block's anonymous device number,
+//! which the kernel gives to the next new mount as soon as the old super
+//! block is gone. Between reading mountinfo and writing `abort`, the dead
+//! mount may be unmounted by someone else and its number handed to another
+//! FUSE mount, whose healthy connection the abort would then kill (seen in
+//! CI: an unrelated test's session ended with `ECONNABORTED`). So
+//! [`PinnedMount`] holds an `O_PATH` descriptor of the mount's root while
+//! it aborts: that keeps the super block, and so the number, alive, and the
+//! number is read from the pinned root itself (`statx` with
+//! `AT_STATX_DONT_SYNC`, answered from the inode cache without a request).
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -104,6 +115,71 @@ pub fn resolve_mount_point(dir: &Path) -> PathBuf {
     std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf())
 }
 
+/// A FUSE mount held by an `O_PATH` descriptor of its root: while this
+/// lives, its connection number cannot pass to another mount. Drop it
+/// before unmounting (the descriptor keeps the mount busy).
+#[derive(Debug)]
+pub struct PinnedMount {
+    _root: std::os::fd::OwnedFd,
+    entry: MountEntry,
+}
+
+impl PinnedMount {
+    /// The top FUSE mount at exactly `dir` (a resolved path), pinned;
+    /// `Ok(None)` when the top mount there is not FUSE (or there is none),
+    /// or changed while it was being pinned.
+    pub fn at(dir: &Path) -> io::Result<Option<PinnedMount>> {
+        use nix::fcntl::OFlag;
+        // O_PATH: the path walk ends on the mount's root without an open or
+        // a lookup sent to its server.
+        let root = match nix::fcntl::open(
+            dir,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ENOTDIR) => return Ok(None),
+            Err(e) => return Err(io::Error::from(e)),
+        };
+        let (major, minor) = cached_dev(&root)?;
+        Ok(mount_at(dir)?
+            .filter(|m| m.is_fuse() && m.major == major && m.minor == minor)
+            .map(|entry| PinnedMount { _root: root, entry }))
+    }
+
+    /// The mount as mountinfo lists it.
+    pub fn entry(&self) -> &MountEntry {
+        &self.entry
+    }
+
+    /// Abort its connection ([`abort`]).
+    pub fn abort(&self) -> io::Result<bool> {
+        abort(&self.entry)
+    }
+}
+
+/// The device number of the inode behind `fd`, from the inode cache
+/// (`AT_STATX_DONT_SYNC`: FUSE answers without asking its server).
+fn cached_dev(fd: &std::os::fd::OwnedFd) -> io::Result<(u32, u32)> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: statx writes into `stx`, a plain C struct we own; the path
+    // is an empty C string with AT_EMPTY_PATH, so `fd` itself is examined.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    let rc = unsafe {
+        libc::statx(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_STATX_DONT_SYNC | libc::AT_SYMLINK_NOFOLLOW,
+            0,
+            &mut stx,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((stx.stx_dev_major, stx.stx_dev_minor))
+}
+
 /// Mount the fuse control file system at [`CONNECTIONS`] unless it is.
 fn ensure_fusectl() -> io::Result<()> {
     if mount_at(Path::new(CONNECTIONS))?.is_some_and(|m| m.fstype == "fusectl") {
@@ -121,8 +197,9 @@ fn ensure_fusectl() -> io::Result<()> {
 
 /// Abort the connection of the FUSE mount `m`: every request waiting for
 /// an answer, and every later one, fails with `ENOTCONN`. `Ok(false)`: the
-/// kernel has no such connection (already gone).
-pub fn abort(m: &MountEntry) -> io::Result<bool> {
+/// kernel has no such connection (already gone). Callers hold a
+/// [`PinnedMount`] of `m` (its number may otherwise name another mount).
+fn abort(m: &MountEntry) -> io::Result<bool> {
     ensure_fusectl()?;
     let path = Path::new(CONNECTIONS)
         .join(m.connection().to_string())

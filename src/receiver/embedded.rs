@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use rustls::pki_types::CertificateDer;
 
-use super::{prune_all, serve, ReceiverError};
+use super::{serve, ReceiverError};
 use crate::replica::{self, ReplicaStore};
 use crate::transport::{self, keys::Identity, trust::TrustStore};
 
@@ -70,21 +70,13 @@ impl Embedded {
         })?;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         if let Some((keep, every)) = retention {
-            let (store, stop) = (store.clone(), stop.clone());
-            std::thread::Builder::new()
-                .name("vdrep-direct-prune".into())
-                .spawn(move || {
-                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        std::thread::sleep(every);
-                        for line in prune_all(store.as_ref(), &keep) {
-                            tracing::info!("retention: {line}");
-                        }
-                    }
-                })
-                .map_err(|source| ReceiverError::Start {
-                    what: "retention thread",
-                    source,
-                })?;
+            super::spawn_retention(
+                "vdrep-direct-prune",
+                store.clone(),
+                keep,
+                every,
+                stop.clone(),
+            )?;
         }
         tokio::spawn(serve(ep.clone(), store, id.name.clone(), None));
         tracing::info!("embedded receiver for the object store on {addr}");

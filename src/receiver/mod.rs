@@ -106,6 +106,41 @@ pub struct ReceiveOptions {
 /// over here and not yet committed (`vdrep failover --commit`): until then
 /// the failover may be cancelled and needs its history. Returns one line
 /// per VM that lost points.
+/// Apply `keep` to every VM of `store` every `every`, on a thread named
+/// `name`, until `stop` is set (looked at at least once a second, so a
+/// stopped receiver's store is not pruned behind its successor's back).
+pub(crate) fn spawn_retention(
+    name: &str,
+    store: Arc<dyn ReplicaStore>,
+    keep: replica::RetentionPolicy,
+    every: std::time::Duration,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<(), ReceiverError> {
+    use std::sync::atomic::Ordering::Relaxed;
+    const LOOK: std::time::Duration = std::time::Duration::from_secs(1);
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let mut next = std::time::Instant::now() + every;
+            while !stop.load(Relaxed) {
+                let now = std::time::Instant::now();
+                if now < next {
+                    std::thread::sleep(LOOK.min(next - now));
+                    continue;
+                }
+                next = now + every;
+                for line in prune_all(store.as_ref(), &keep) {
+                    tracing::info!("retention: {line}");
+                }
+            }
+        })
+        .map(drop)
+        .map_err(|source| ReceiverError::Start {
+            what: "retention thread",
+            source,
+        })
+}
+
 pub fn prune_all(store: &dyn ReplicaStore, keep: &replica::RetentionPolicy) -> Vec<String> {
     let mut out = Vec::new();
     for (name, vm) in store.vms() {
@@ -241,20 +276,14 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), ReceiverError> {
         metrics::serve(addr, data.clone(), &opts.store)?;
     }
     if let Some(every) = opts.prune_every {
-        let store = data.clone();
-        let keep = opts.retention.clone();
-        std::thread::Builder::new()
-            .name("vdrep-prune".into())
-            .spawn(move || loop {
-                std::thread::sleep(every);
-                for line in prune_all(store.as_ref(), &keep) {
-                    tracing::info!("retention: {line}");
-                }
-            })
-            .map_err(|source| ReceiverError::Start {
-                what: "retention thread",
-                source,
-            })?;
+        let never = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        spawn_retention(
+            "vdrep-prune",
+            data.clone(),
+            opts.retention.clone(),
+            every,
+            never,
+        )?;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
