@@ -11,6 +11,8 @@
 # $VDREP_QGA_SOCKET, else /run/vdrep-qga/VM.sock. It first syncs the
 # channel (guest-sync with a random id, discarding stale replies), then sends
 # guest-fsfreeze-freeze or guest-fsfreeze-thaw and fails on an error reply.
+# A freeze that froze no file system fails too: the point would hold
+# nothing quiesced, so vdrep records it crash-consistent (and still thaws).
 set -euo pipefail
 phase="${1:-}"; vm="${2:-}"
 case "$phase" in
@@ -51,5 +53,9 @@ send({"execute": cmd})
 r = reply()
 if "error" in r:
     sys.exit(f"app-hook-qga: {cmd}: {r['error'].get('desc', r['error'])}")
+if cmd == "guest-fsfreeze-freeze" and r.get("return") == 0:
+    sys.exit("app-hook-qga: the guest agent froze no file system (is the "
+             "guest's data on a mounted file system the agent can freeze?); "
+             "this point is not app-consistent")
 print(f"{cmd}: {r.get('return')}")
 PY
