@@ -547,8 +547,17 @@ fn receiver_disk_full_is_retried_until_space_is_freed() {
         !o.status.success(),
         "a 40 MiB replica fit in a 24 MiB store?"
     );
-    let st = m.status_json();
-    let rep = &st["replication"][0];
+    // `sync` may give up (4 s) before the copy reaches the store's limit on
+    // a loaded host: wait for the failed cycle to show.
+    let t0 = std::time::Instant::now();
+    let rep = loop {
+        let st = m.status_json();
+        let rep = st["replication"][0].clone();
+        if rep["state"] == "Warning" || t0.elapsed() > std::time::Duration::from_secs(90) {
+            break rep;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
     assert_eq!(rep["state"], "Warning", "{rep}");
     let e = rep["last_error"].as_str().unwrap_or("").to_lowercase();
     assert!(e.contains("space") || e.contains("full"), "{rep}");
