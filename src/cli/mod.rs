@@ -391,8 +391,11 @@ pub enum Cmd {
     ///
     /// With --boot (at the replica site): boot verification of a libvirt
     /// domain's recovery point: a test failover of it on the isolated
-    /// network, wait for --marker on its serial console, keep the result
-    /// with the point (`vdrep points` shows it), remove the test failover.
+    /// network, wait until it is ready (its guest agent answers
+    /// guest-ping; or --marker on its serial console, or --wait-for CMD
+    /// succeeds), keep the result with the point (`vdrep points` shows
+    /// it), remove the test failover. The receiver runs it on a schedule
+    /// with `verify_boot` in `[receiver]`.
     /// Exit status 1 if the point failed to boot.
     Verify {
         /// VM name (protected from a running mount); with --boot, the
@@ -413,11 +416,20 @@ pub enum Cmd {
         /// With --boot: the point (`latest` by default; as for failover).
         #[arg(long, requires = "boot")]
         point: Option<String>,
-        /// With --boot: the text the guest prints on its serial console
-        /// once it is up.
-        #[arg(long, requires = "boot", default_value = "login:")]
-        marker: String,
-        /// With --boot: seconds to wait for the marker.
+        /// With --boot: the sending site (needed only if several sites
+        /// replicate a VM of this name).
+        #[arg(long, requires = "boot")]
+        site: Option<String>,
+        /// With --boot: ready when the guest prints this text on its serial
+        /// console (default: when its guest agent answers guest-ping).
+        #[arg(long, requires = "boot", conflicts_with = "wait_for")]
+        marker: Option<String>,
+        /// With --boot: ready when `sh -c CMD` exits 0 (retried;
+        /// VDREP_READY_DOMAIN names the test copy), e.g. a probe of the
+        /// application inside the isolated network.
+        #[arg(long, requires = "boot", value_name = "CMD")]
+        wait_for: Option<String>,
+        /// With --boot: seconds the test copy gets to become ready.
         #[arg(long, requires = "boot", default_value_t = 300)]
         boot_timeout: u64,
     },
@@ -652,13 +664,21 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
             json,
             boot,
             store,
+            site,
             point,
             marker,
+            wait_for,
             boot_timeout,
         } => match (boot, store) {
-            (true, Some(store)) => {
-                domain::verify_boot(&name, &store, point.as_deref(), &marker, boot_timeout, json)
-            }
+            (true, Some(store)) => domain::verify_boot(
+                &name,
+                &store,
+                site,
+                point.as_deref(),
+                &domain::readiness(marker.as_deref(), wait_for.as_deref()),
+                boot_timeout,
+                json,
+            ),
             _ => points::verify(&name, timeout, json),
         },
         Cmd::Config {
