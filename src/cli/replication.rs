@@ -101,6 +101,16 @@ pub fn receive(
         reload_trust_from,
         metrics_listen: flags.metrics_listen.or(rcv.and_then(|r| r.metrics_listen)),
         notify: super::config::notify_spec(cfg),
+        verify_boot: rcv.and_then(|r| {
+            r.verify_boot
+                .map(|every| crate::receiver::boot_verify::BootVerify {
+                    every,
+                    timeout: r
+                        .verify_boot_timeout
+                        .unwrap_or(crate::receiver::boot_verify::DEFAULT_TIMEOUT),
+                    wait_for: r.verify_boot_wait_for.clone(),
+                })
+        }),
     }) {
         Ok(()) => 0,
         Err(e) => {
