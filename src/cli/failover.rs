@@ -26,7 +26,12 @@ pub enum PlanCmd {
     /// `pre = "CMD"` (a failing pre skips its group) and `post = "CMD"`
     /// (doc/CONFIG.md, Recovery plans); scripts get VDREP_PLAN_GROUP,
     /// VDREP_PLAN_VMS and VDREP_PLAN_MODE. A failed VM stops the plan
-    /// before the next group.
+    /// before the next group. A group's `domains = ["D"]` are failed over
+    /// as libvirt domains (`failover --domain D`), and the next group
+    /// starts only when they are ready: the guest agent answers
+    /// guest-ping, or the group's `wait_for = "CMD"` exits 0, within
+    /// `ready_timeout` seconds (default 300); otherwise the plan stops with
+    /// a not_ready step naming the domain.
     Failover {
         /// The plan file.
         plan: PathBuf,
