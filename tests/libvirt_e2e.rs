@@ -9,6 +9,13 @@
 //! other site with nothing lost, and back; and every refusal changes
 //! nothing.
 //!
+//! Boot verification and recovery plans wait until a started copy is
+//! ready: `verify --boot` by the guest agent's answer (a good point) or a
+//! console marker (a damaged point fails), a two-group plan whose second
+//! group starts only after the first group's domain answered `guest-ping`,
+//! a group whose `wait_for` never succeeds stopping the plan, and the
+//! receiver's scheduled check (`--verify-boot daily`) recording a point.
+//!
 //! The domain's definition travels with every point: a disk added to the
 //! domain is replicated from the next cut on (its own initial copy), and a
 //! failover to a point before the change gets the definition of then.
@@ -955,8 +962,76 @@ fn a_domain_is_protected_by_name_and_failed_over_as_a_vm() {
         table.contains("FAILED") && table.contains(" ok "),
         "{table}"
     );
-    lv.remove_domain(WEB1);
     step("verify --boot: good and damaged");
+
+    // 8. The receiver's scheduled boot verification (`--verify-boot daily`,
+    //    as `verify_boot = "daily"` in [receiver]): a domain VM never
+    //    checked is due at once (WEB1's checks are removed here to make it
+    //    one). Its newest point is the damaged one, so the scheduled check
+    //    fails fast (the copy does not start: no boot), is kept with the
+    //    point (`points`) and emitted as a `boot_verified` event.
+    let newest = points(&s, WEB1)[0];
+    assert_eq!(newest, bad, "no point after the damaged one");
+    std::fs::remove_dir_all(s.p("store/verify/site-a").join(WEB1)).unwrap();
+    drop(rb);
+    let _rb = mountutil::Receiver::spawn(
+        "127.0.0.1:0",
+        &s.p("store"),
+        &s.p("kb"),
+        &s.p("ka/site-a.crt"),
+        &["--verify-boot", "daily"],
+        &[],
+    );
+    let t_sched = std::time::Instant::now();
+    let check = loop {
+        let v: serde_json::Value =
+            serde_json::from_str(&vdrep_ok(&["points", WEB1, "--store", &store, "--json"]))
+                .unwrap();
+        let b = v["points"]
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["cycle"].as_u64() == Some(bad)))
+            .map(|p| p["boot"].clone())
+            .unwrap_or_default();
+        if !b.is_null() {
+            break b;
+        }
+        assert!(
+            t_sched.elapsed() < Duration::from_secs(120),
+            "the scheduled check did not run: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(check["verified"], false, "{check}");
+    assert!(
+        check["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("did not start"),
+        "{check}"
+    );
+    // (The event follows the record: the receiver emits it once the
+    // check's process has ended.)
+    let boot_ev = loop {
+        let ev = vdrep_ok(&["events", "--store", &store, "--json"]);
+        if let Some(l) = ev.lines().find(|l| l.contains("\"boot_verified\"")) {
+            break l.to_string();
+        }
+        assert!(
+            t_sched.elapsed() < Duration::from_secs(150),
+            "no boot_verified event: {ev}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let e: serde_json::Value = serde_json::from_str(&boot_ev).unwrap();
+    assert_eq!(e["vm"], WEB1, "{e}");
+    assert_eq!(e["cycle"].as_u64(), Some(bad), "{e}");
+    assert_eq!(e["verified"], false, "{e}");
+    assert!(
+        !lv.domain_exists(&test),
+        "the scheduled check left the test copy"
+    );
+    lv.remove_domain(WEB1);
+    step("scheduled boot verification");
     drop(ra);
     drop(c);
 }

@@ -245,6 +245,12 @@ pub enum Cmd {
         /// (e.g. 127.0.0.1:9478); overrides `[receiver] metrics_listen`.
         #[arg(long, value_name = "ADDR")]
         metrics_listen: Option<std::net::SocketAddr>,
+        /// Boot-verify the newest point of every libvirt domain VM once per
+        /// SCHEDULE (daily, hourly, weekly or a duration of at least 1m):
+        /// `vdrep verify --boot` run by the receiver; overrides `[receiver]
+        /// verify_boot`.
+        #[arg(long, value_name = "SCHEDULE", value_parser = parse_boot_schedule)]
+        verify_boot: Option<crate::replica::boot::BootSchedule>,
     },
     /// Protect a VM: replicate its disks (files under a `vdrep mount`) to a
     /// receiver. Checks prerequisites and starts initial replication.
@@ -557,6 +563,7 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
             s3,
             cache,
             metrics_listen,
+            verify_boot,
         } => {
             let cfg = match self::config::load(config) {
                 Ok(c) => c,
@@ -571,6 +578,7 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
                 metrics_listen,
                 s3,
                 cache,
+                verify_boot,
             };
             let log_format = service::log_format(log_format, cfg.as_ref());
             replication::receive(flags, cfg.as_ref(), log_format)
@@ -690,6 +698,11 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
         Cmd::Man { out } => service::man(&out),
         Cmd::HashBench { file, block_size } => points::hash_bench(&file, block_size),
     }
+}
+
+/// `--verify-boot SCHEDULE`.
+fn parse_boot_schedule(s: &str) -> Result<crate::replica::boot::BootSchedule, String> {
+    crate::replica::boot::BootSchedule::parse(s).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
