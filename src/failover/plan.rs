@@ -411,9 +411,11 @@ pub fn run(groups: &[Group], mode: &str, act: &dyn Actions, log: &dyn Fn(&Step))
                 started.push(vm);
             }
         }
-        // The group's domains, each until ready (one deadline for all).
+        // The group's domains, each until ready (one deadline for all);
+        // not if a failover of the group failed: the plan stops anyway.
         let deadline = Instant::now() + std::time::Duration::from_secs(g.ready_timeout);
-        for d in &started {
+        let wait = if all_ok { &started[..] } else { &[] };
+        for d in wait {
             let s = Step::new(g, d, Phase::Ready, t0, Instant::now());
             let left = deadline.saturating_duration_since(Instant::now());
             let s = match act.ready(g, d, left) {
