@@ -9,6 +9,13 @@
 //! other site with nothing lost, and back; and every refusal changes
 //! nothing.
 //!
+//! Boot verification and recovery plans wait until a started copy is
+//! ready: `verify --boot` by the guest agent's answer (a good point) or a
+//! console marker (a damaged point fails), a two-group plan whose second
+//! group starts only after the first group's domain answered `guest-ping`,
+//! a group whose `wait_for` never succeeds stopping the plan, and the
+//! receiver's scheduled check (`--verify-boot daily`) recording a point.
+//!
 //! The domain's definition travels with every point: a disk added to the
 //! domain is replicated from the next cut on (its own initial copy), and a
 //! failover to a point before the change gets the definition of then.
@@ -36,6 +43,7 @@ const PROD: &str = "vdrep-e2e-prod";
 const DR: &str = "vdrep-e2e-dr";
 const ISOLATED: &str = "vdrep-e2e-isolated";
 const OUTSIDE: &str = "vdrep-e2e-outside";
+const PLAIN: &str = "vdrep-e2e-plain";
 const BOOT: Duration = Duration::from_secs(300);
 
 fn libvirt_or_skip() -> Option<Libvirt> {
@@ -386,17 +394,13 @@ fn a_domain_is_protected_by_name_and_failed_over_as_a_vm() {
     // 1. web1 (stopped) holds p1; protected by name (both disks).
     define(&xml("p1", false));
     stamp(&os, "p1");
-    let o = vdrep(&[
-        "protect",
-        "--domain",
-        WEB1,
-        "--to",
-        &rb.addr,
-        "--trust",
-        &s.s("kb/site-b.crt"),
-        "--every",
-        "1h",
-    ]);
+    let trust_b = s.s("kb/site-b.crt");
+    // `protect WHAT... --to B --every 1h`.
+    let protect = |what: &[&str]| {
+        let to = ["--to", &rb.addr, "--trust", &trust_b, "--every", "1h"];
+        vdrep(&[&["protect"], what, &to[..]].concat())
+    };
+    let o = protect(&["--domain", WEB1]);
     let (out, err) = (
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr),
@@ -747,35 +751,176 @@ fn a_domain_is_protected_by_name_and_failed_over_as_a_vm() {
     );
     step("planned failback B -> A");
 
-    // 6. verify --boot: a good point is verified (the guest's first console
-    //    line is the marker); a point whose replica was damaged behind
+    // 6. verify --boot: a good point is verified (ready: the copy's guest
+    //    agent answers guest-ping; the domain's definition now runs the
+    //    guest idle with its agent, so the points from here on boot to an
+    //    agent that answers); a point whose replica was damaged behind
     //    vdrep's back (the qcow2 header zeroed in B's store) is marked
-    //    failed, and `points` shows both.
+    //    failed, and `points` shows both. A plain VM (a file of the same
+    //    folder) joins for the recovery plans of 7.
+    define(&xml_for("console=ttyS0 panic=-1 vdrep.mode=idle", true));
+    let plain = s.p("vm/plain.img");
+    std::fs::File::create(&plain)
+        .and_then(|f| f.set_len(1 << 20))
+        .unwrap();
+    let o = protect(&[PLAIN, plain.to_str().unwrap()]);
+    assert!(o.status.success(), "protect {PLAIN}: {o:?}");
     let good = sync_point(&s.s("vm"), WEB1);
-    let verify = |point: u64| {
-        vdrep(&[
+    let verify = |point: u64, marker: Option<&str>| {
+        let p = point.to_string();
+        let mut args = vec![
             "verify",
             WEB1,
             "--boot",
             "--store",
             &store,
             "--point",
-            &point.to_string(),
-            "--marker",
-            "VDREP-GUEST: BOOTED",
+            &p,
             "--boot-timeout",
             "300",
-        ])
+        ];
+        if let Some(m) = marker {
+            args.extend(["--marker", m]);
+        }
+        vdrep(&args)
     };
-    let o = verify(good);
+    let o = verify(good, None);
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(
         o.status.success(),
         "verify --boot of {good}: {out}{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    assert!(out.contains("booted"), "{out}");
+    assert!(
+        out.contains("booted") && out.contains("guest-ping"),
+        "{out}"
+    );
     assert!(!lv.domain_exists(&test), "verify left the test copy");
+    step("verify --boot: good point, agent ready");
+
+    // 7. Recovery plans that wait for readiness. Group "db" names the
+    //    domain: its test copy is started and the plan waits until its
+    //    guest agent answers; only then does group "app" start, whose pre
+    //    script asks that agent itself (so it fails, and the plan with it,
+    //    if "app" started before the agent was up: a TCG boot takes
+    //    15-60 s) and records that it ran.
+    let events = s.p("plan-events");
+    let plan = s.p("ready.plan");
+    // (Scripts run in every mode: the cleanup of the plan skips the ping.)
+    let pre = format!(
+        "test \"$VDREP_PLAN_MODE\" = cleanup || {{ virsh -q -c qemu:///system qemu-agent-command {test} '{{\"execute\":\"guest-ping\"}}' --timeout 5 && echo app-started-after-agent-answered >> {}; }}",
+        events.display()
+    );
+    std::fs::write(
+        &plan,
+        format!(
+            "[[group]]\nname = \"db\"\ndomains = [\"{WEB1}\"]\nready_timeout = 300\n\n[[group]]\nname = \"app\"\npre = \"{}\"\nvms = [\"{PLAIN}\"]\n",
+            pre.replace('\\', "\\\\").replace('"', "\\\"")
+        ),
+    )
+    .unwrap();
+    let plan_run = |plan: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "plan",
+            "failover",
+            plan.to_str().unwrap(),
+            "--test",
+            "--store",
+            &store,
+        ];
+        args.extend(extra);
+        vdrep(&args)
+    };
+    let o = plan_run(&plan, &["--json"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "the plan failed: {out}{err}");
+    assert_eq!(
+        text(&events),
+        "app-started-after-agent-answered\n",
+        "group app ran before db's agent answered (or not at all): {out}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let g = v["groups"].as_array().unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(g.len(), 2, "{v}");
+    assert_eq!(g[0]["domains"][0]["vm"], WEB1, "{v}");
+    assert_eq!(g[0]["domains"][0]["ready"], true, "{v}");
+    let ready_at = g[0]["ready_at"].as_f64().unwrap_or_else(|| panic!("{v}"));
+    assert!(
+        g[1]["started_at"].as_f64().unwrap_or(0.0) >= ready_at,
+        "app started before db was ready: {v}"
+    );
+    let kinds: Vec<(String, String)> = v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["phase"].as_str().unwrap_or("").to_string(),
+                s["what"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    let k = |a: &str, b: &str| (a.to_string(), b.to_string());
+    assert_eq!(
+        kinds,
+        vec![
+            k("failover", WEB1),
+            k("ready", WEB1),
+            k("pre", "pre"),
+            k("failover", PLAIN)
+        ],
+        "{v}"
+    );
+    assert!(lv.running(&test), "the plan's test copy runs");
+    let o = plan_run(&plan, &["--cleanup"]);
+    assert!(o.status.success(), "plan cleanup: {o:?}");
+    assert!(!lv.domain_exists(&test), "plan cleanup left the test copy");
+    step("plan: app started only after db's agent answered");
+    // A group whose wait_for never succeeds: a typed not_ready naming the
+    // domain, and the next group is not started.
+    let plan2 = s.p("notready.plan");
+    let events2 = s.p("plan-events-2");
+    std::fs::write(
+        &plan2,
+        format!(
+            "[[group]]\nname = \"db\"\ndomains = [\"{WEB1}\"]\nwait_for = \"false\"\nready_timeout = 2\n\n[[group]]\nname = \"app\"\npre = \"echo app >> {}\"\nvms = [\"{PLAIN}\"]\n",
+            events2.display()
+        ),
+    )
+    .unwrap();
+    let o = plan_run(&plan2, &["--json"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let r = v["steps"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["phase"] == "ready"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no ready step: {v}"));
+    assert_eq!(r["ok"], false, "{v}");
+    assert_eq!(r["error_kind"], "not_ready", "{v}");
+    let why = r["output"].as_str().unwrap_or_default();
+    assert!(
+        why.contains(&test) && why.contains("wait_for `false`"),
+        "the error names the domain and what failed: {why}"
+    );
+    assert!(
+        !events2.exists(),
+        "group app started after db was not ready"
+    );
+    assert!(
+        !v["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["group"] == "app"),
+        "{v}"
+    );
+    // (Its plan's cleanup would fail on the plain VM that never failed over.)
+    vdrep_ok(&["failover", "--cleanup", "--domain", WEB1, "--store", &store]);
+    assert!(!lv.domain_exists(&test), "cleanup left the test copy");
+    step("plan: wait_for failed, next group not started");
     {
         let f = std::fs::OpenOptions::new()
             .write(true)
@@ -785,7 +930,7 @@ fn a_domain_is_protected_by_name_and_failed_over_as_a_vm() {
         f.sync_all().unwrap();
     }
     let bad = sync_point(&s.s("vm"), WEB1);
-    let o = verify(bad);
+    let o = verify(bad, Some("VDREP-GUEST: BOOTED"));
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert_eq!(
         o.status.code(),
@@ -817,8 +962,76 @@ fn a_domain_is_protected_by_name_and_failed_over_as_a_vm() {
         table.contains("FAILED") && table.contains(" ok "),
         "{table}"
     );
-    lv.remove_domain(WEB1);
     step("verify --boot: good and damaged");
+
+    // 8. The receiver's scheduled boot verification (`--verify-boot daily`,
+    //    as `verify_boot = "daily"` in [receiver]): a domain VM never
+    //    checked is due at once (WEB1's checks are removed here to make it
+    //    one). Its newest point is the damaged one, so the scheduled check
+    //    fails fast (the copy does not start: no boot), is kept with the
+    //    point (`points`) and emitted as a `boot_verified` event.
+    let newest = points(&s, WEB1)[0];
+    assert_eq!(newest, bad, "no point after the damaged one");
+    std::fs::remove_dir_all(s.p("store/verify/site-a").join(WEB1)).unwrap();
+    drop(rb);
+    let _rb = mountutil::Receiver::spawn(
+        "127.0.0.1:0",
+        &s.p("store"),
+        &s.p("kb"),
+        &s.p("ka/site-a.crt"),
+        &["--verify-boot", "daily"],
+        &[],
+    );
+    let t_sched = std::time::Instant::now();
+    let check = loop {
+        let v: serde_json::Value =
+            serde_json::from_str(&vdrep_ok(&["points", WEB1, "--store", &store, "--json"]))
+                .unwrap();
+        let b = v["points"]
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["cycle"].as_u64() == Some(bad)))
+            .map(|p| p["boot"].clone())
+            .unwrap_or_default();
+        if !b.is_null() {
+            break b;
+        }
+        assert!(
+            t_sched.elapsed() < Duration::from_secs(120),
+            "the scheduled check did not run: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(check["verified"], false, "{check}");
+    assert!(
+        check["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("did not start"),
+        "{check}"
+    );
+    // (The event follows the record: the receiver emits it once the
+    // check's process has ended.)
+    let boot_ev = loop {
+        let ev = vdrep_ok(&["events", "--store", &store, "--json"]);
+        if let Some(l) = ev.lines().find(|l| l.contains("\"boot_verified\"")) {
+            break l.to_string();
+        }
+        assert!(
+            t_sched.elapsed() < Duration::from_secs(150),
+            "no boot_verified event: {ev}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let e: serde_json::Value = serde_json::from_str(&boot_ev).unwrap();
+    assert_eq!(e["vm"], WEB1, "{e}");
+    assert_eq!(e["cycle"].as_u64(), Some(bad), "{e}");
+    assert_eq!(e["verified"], false, "{e}");
+    assert!(
+        !lv.domain_exists(&test),
+        "the scheduled check left the test copy"
+    );
+    lv.remove_domain(WEB1);
+    step("scheduled boot verification");
     drop(ra);
     drop(c);
 }

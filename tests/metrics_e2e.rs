@@ -335,7 +335,8 @@ fn metrics_parse_and_rpo_alert_fires_notifies_and_clears() {
         &dr,
         format!(
             "[site]\nname = \"site-b\"\nkeys = \"{}\"\ntrust = [\"{}\"]\nnotify_command = \"sh {}\"\n\n\
-             [receiver]\nlisten = \"127.0.0.1:{port}\"\nstore = \"{}\"\nmetrics_listen = \"{maddr_b}\"\n",
+             [receiver]\nlisten = \"127.0.0.1:{port}\"\nstore = \"{}\"\nmetrics_listen = \"{maddr_b}\"\n\
+             verify_boot = \"daily\"\n",
             p("kb").display(),
             p("ka/site-a.crt").display(),
             rnotify.display(),
@@ -446,7 +447,31 @@ fn metrics_parse_and_rpo_alert_fires_notifies_and_clears() {
         ),
         writes
     );
+    // A boot check kept with a point (as `verify --boot` keeps it): the
+    // newest one per VM is in the receiver's metrics. (`web` is no libvirt
+    // domain, so the scheduled `verify_boot` leaves it alone.)
+    let checks = p("store/verify/site-a/web");
+    std::fs::create_dir_all(&checks).unwrap();
+    for (cycle, at, ok, secs) in [
+        (1, 1_000_000_000u64, true, 9.5),
+        (2, 2_000_000_000, false, 12.5),
+    ] {
+        std::fs::write(
+            checks.join(format!("{cycle}.json")),
+            format!(
+                "{{\"cycle\":{cycle},\"verified\":{ok},\"secs\":{secs},\"at_unix_ns\":{at},\"detail\":\"no answer\",\"ready\":\"guest agent (guest-ping)\"}}"
+            ),
+        )
+        .unwrap();
+    }
     let b = scrape(&maddr_b);
+    let web_b = [("site", "site-a"), ("vm", "web")];
+    assert_eq!(must(&b, "vdrep_receiver_boot_verified", &web_b), 0.0);
+    assert_eq!(must(&b, "vdrep_receiver_boot_ready_seconds", &web_b), 12.5);
+    assert_eq!(
+        must(&b, "vdrep_receiver_boot_check_timestamp_seconds", &web_b),
+        2.0
+    );
     assert!(
         must(
             &b,

@@ -8,7 +8,8 @@ use std::time::Duration;
 use clap::Subcommand;
 
 use super::fmt::human;
-use crate::failover::plan::{parse, run};
+use crate::failover::plan::{parse, run, Actions, Group, Phase, Step};
+use crate::failover::ready::Readiness;
 use crate::failover::test::{self, Accel, BootOptions};
 use crate::failover::{role_change, FailoverError, FailoverErrorKind};
 use crate::ipc::CallErrorKind;
@@ -25,7 +26,12 @@ pub enum PlanCmd {
     /// `pre = "CMD"` (a failing pre skips its group) and `post = "CMD"`
     /// (doc/CONFIG.md, Recovery plans); scripts get VDREP_PLAN_GROUP,
     /// VDREP_PLAN_VMS and VDREP_PLAN_MODE. A failed VM stops the plan
-    /// before the next group.
+    /// before the next group. A group's `domains = ["D"]` are failed over
+    /// as libvirt domains (`failover --domain D`), and the next group
+    /// starts only when they are ready: the guest agent answers
+    /// guest-ping, or the group's `wait_for = "CMD"` exits 0, within
+    /// `ready_timeout` seconds (default 300); otherwise the plan stops with
+    /// a not_ready step naming the domain.
     Failover {
         /// The plan file.
         plan: PathBuf,
@@ -237,28 +243,28 @@ impl FailoverArgs {
 /// What one failover command printed and its exit code: the command line
 /// shows it, and a recovery plan keeps it per VM.
 #[derive(Debug, Default)]
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
+pub(super) struct Out {
+    pub(super) code: i32,
+    pub(super) stdout: String,
+    pub(super) stderr: String,
 }
 
 impl Out {
-    fn line(&mut self, s: impl AsRef<str>) {
+    pub(super) fn line(&mut self, s: impl AsRef<str>) {
         self.stdout.push_str(s.as_ref());
         self.stdout.push('\n');
     }
-    fn err(&mut self, s: impl AsRef<str>) {
+    pub(super) fn err(&mut self, s: impl AsRef<str>) {
         self.stderr.push_str(s.as_ref());
         self.stderr.push('\n');
     }
-    fn fail(mut self, code: i32, s: impl AsRef<str>) -> Out {
+    pub(super) fn fail(mut self, code: i32, s: impl AsRef<str>) -> Out {
         self.err(s);
         self.code = code;
         self
     }
     /// Print it; the exit code.
-    fn show(self) -> i32 {
+    pub(super) fn show(self) -> i32 {
         print!("{}", self.stdout);
         eprint!("{}", self.stderr);
         self.code
@@ -721,23 +727,34 @@ pub fn reverse(vm: &str, dir: &Path, store: &Path, reverse_to: &str) -> i32 {
     }
 }
 
-/// `vdrep plan failover PLAN --store S (--test [--cleanup] | --unplanned)`:
-/// run and report; exit status 0 only if every group ran and every step
-/// succeeded. Each VM is failed over as `vdrep failover VM` with the same
-/// mode would, in this process; its step keeps what that prints on stdout
-/// (or on stderr if it failed).
-pub fn plan(plan: &Path, store: &Path, test: bool, cleanup: bool, json: bool) -> i32 {
-    let mode = if cleanup {
-        "cleanup"
-    } else if test {
-        "test"
-    } else {
-        "unplanned"
-    };
-    let fail_over = |vm: &str| -> (bool, String) {
-        let out = if cleanup {
+/// How `vdrep plan failover` fails a VM over (as `vdrep failover VM` with
+/// the same mode would, in this process; a domain as `--domain VM`) and
+/// waits for a domain (its guest agent, or the group's `wait_for`).
+struct PlanActions<'a> {
+    store: &'a Path,
+    test: bool,
+    cleanup: bool,
+}
+
+impl Actions for PlanActions<'_> {
+    fn fail_over(&self, vm: &str, domain: bool) -> (bool, String) {
+        let store = self.store;
+        let out = if domain {
+            let mut a = FailoverArgs::test_of(vm, store);
+            a.domain = Some(vm.to_string());
+            a.mode.test = self.test && !self.cleanup;
+            a.mode.cleanup = self.cleanup;
+            a.mode.unplanned = !self.test;
+            if self.cleanup {
+                super::domain::cleanup_out(&a, vm)
+            } else if self.test {
+                super::domain::test_out(&a, vm)
+            } else {
+                super::domain::unplanned_out(&a, vm)
+            }
+        } else if self.cleanup {
             self::cleanup(store, None, vm)
-        } else if test {
+        } else if self.test {
             test_failover(&FailoverArgs::test_of(vm, store))
         } else {
             unplanned(store, None, vm, None, false)
@@ -747,6 +764,86 @@ pub fn plan(plan: &Path, store: &Path, test: bool, cleanup: bool, json: bool) ->
         } else {
             (false, out.stderr)
         }
+    }
+
+    fn waits(&self) -> bool {
+        !self.cleanup
+    }
+
+    fn ready(&self, g: &Group, domain: &str, left: Duration) -> Result<String, FailoverError> {
+        let name = if self.test {
+            crate::failover::domain::test_name(domain)
+        } else {
+            domain.to_string()
+        };
+        let how = match &g.wait_for {
+            Some(c) => Readiness::Command(c.clone()),
+            None => Readiness::Agent,
+        };
+        crate::failover::ready::wait(&crate::libvirt::Virsh::new(), &name, &how, None, left)
+    }
+}
+
+/// Per group of a plan's report: when it started, when its domains were
+/// all ready, and each domain's ready time (seconds since the plan began).
+fn plan_groups(groups: &[Group], steps: &[Step]) -> serde_json::Value {
+    let mut out = Vec::new();
+    for g in groups {
+        let mine: Vec<&Step> = steps.iter().filter(|s| s.group == g.name).collect();
+        let Some(first) = mine.first() else { continue };
+        let ready: Vec<&&Step> = mine.iter().filter(|s| s.phase == Phase::Ready).collect();
+        let all_ready =
+            !g.domains.is_empty() && ready.len() == g.domains.len() && ready.iter().all(|s| s.ok);
+        let vms: Vec<serde_json::Value> = g
+            .domains
+            .iter()
+            .map(|d| {
+                let fo = mine
+                    .iter()
+                    .find(|s| s.phase == Phase::Failover && &s.what == d);
+                let r = ready.iter().find(|s| &s.what == d);
+                serde_json::json!({
+                    "vm": d,
+                    "started_at": fo.map(|s| s.ended_at),
+                    "ready": r.is_some_and(|s| s.ok),
+                    "ready_at": r.filter(|s| s.ok).map(|s| s.ended_at),
+                    "ready_seconds": r.filter(|s| s.ok).map(|s| s.seconds),
+                    "error_kind": r.and_then(|s| s.error_kind),
+                })
+            })
+            .collect();
+        out.push(serde_json::json!({
+            "group": g.name,
+            "started_at": first.started_at,
+            "ready_at": if all_ready {
+                ready.iter().map(|s| s.ended_at).reduce(f64::max)
+            } else {
+                None
+            },
+            "domains": vms,
+        }));
+    }
+    serde_json::Value::Array(out)
+}
+
+/// `vdrep plan failover PLAN --store S (--test [--cleanup] | --unplanned)`:
+/// run and report; exit status 0 only if every group ran and every step
+/// succeeded. Each VM is failed over as `vdrep failover VM` with the same
+/// mode would, in this process; its step keeps what that prints on stdout
+/// (or on stderr if it failed). A group's domains are waited for until
+/// ready before the next group starts.
+pub fn plan(plan: &Path, store: &Path, test: bool, cleanup: bool, json: bool) -> i32 {
+    let mode = if cleanup {
+        "cleanup"
+    } else if test {
+        "test"
+    } else {
+        "unplanned"
+    };
+    let act = PlanActions {
+        store,
+        test,
+        cleanup,
     };
     let text = match std::fs::read_to_string(plan) {
         Ok(t) => t,
@@ -762,13 +859,18 @@ pub fn plan(plan: &Path, store: &Path, test: bool, cleanup: bool, json: bool) ->
             return 2;
         }
     };
-    let total: usize = groups.iter().map(|g| g.vms.len()).sum();
-    let steps = run(&groups, mode, &fail_over, &|s| {
+    let total: usize = groups.iter().map(|g| g.all_vms().len()).sum();
+    let steps = run(&groups, mode, &act, &|s| {
         if !json {
             eprintln!(
-                "[{}] {} {} ({:.1}s){}",
+                "[{}] {}{} {} ({:.1}s){}",
                 s.group,
                 s.what,
+                if s.phase == Phase::Ready {
+                    " ready"
+                } else {
+                    ""
+                },
                 if s.ok { "ok" } else { "FAILED" },
                 s.seconds,
                 if s.ok {
@@ -781,26 +883,34 @@ pub fn plan(plan: &Path, store: &Path, test: bool, cleanup: bool, json: bool) ->
     });
     let vms_ok = steps
         .iter()
-        .filter(|s| s.ok && s.what != "pre" && s.what != "post")
+        .filter(|s| s.ok && s.phase == Phase::Failover)
         .count();
     let all = vms_ok == total && steps.iter().all(|s| s.ok);
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&serde_json::json!({"ok": all, "steps": steps}))
-                .unwrap_or_default()
+            serde_json::to_string_pretty(&serde_json::json!({
+                "ok": all,
+                "steps": steps,
+                "groups": plan_groups(&groups, &steps),
+            }))
+            .unwrap_or_default()
         );
     } else {
         println!(
             "plan {}: {vms_ok}/{total} VMs failed over ({mode})",
             plan.display()
         );
-        for s in steps
-            .iter()
-            .filter(|s| s.ok && s.what != "pre" && s.what != "post")
-        {
+        for s in steps.iter().filter(|s| s.ok && s.phase == Phase::Failover) {
             for l in s.output.lines() {
                 println!("{}: {l}", s.what);
+            }
+        }
+        for s in steps.iter().filter(|s| s.phase == Phase::Ready) {
+            if s.ok {
+                println!("{}: ready: {}", s.what, s.output);
+            } else {
+                println!("{}: NOT READY: {}", s.what, s.output);
             }
         }
         let skipped: Vec<&str> = groups

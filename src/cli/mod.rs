@@ -245,6 +245,12 @@ pub enum Cmd {
         /// (e.g. 127.0.0.1:9478); overrides `[receiver] metrics_listen`.
         #[arg(long, value_name = "ADDR")]
         metrics_listen: Option<std::net::SocketAddr>,
+        /// Boot-verify the newest point of every libvirt domain VM once per
+        /// SCHEDULE (daily, hourly, weekly or a duration of at least 1m):
+        /// `vdrep verify --boot` run by the receiver; overrides `[receiver]
+        /// verify_boot`.
+        #[arg(long, value_name = "SCHEDULE", value_parser = parse_boot_schedule)]
+        verify_boot: Option<crate::replica::boot::BootSchedule>,
     },
     /// Protect a VM: replicate its disks (files under a `vdrep mount`) to a
     /// receiver. Checks prerequisites and starts initial replication.
@@ -391,8 +397,11 @@ pub enum Cmd {
     ///
     /// With --boot (at the replica site): boot verification of a libvirt
     /// domain's recovery point: a test failover of it on the isolated
-    /// network, wait for --marker on its serial console, keep the result
-    /// with the point (`vdrep points` shows it), remove the test failover.
+    /// network, wait until it is ready (its guest agent answers
+    /// guest-ping; or --marker on its serial console, or --wait-for CMD
+    /// succeeds), keep the result with the point (`vdrep points` shows
+    /// it), remove the test failover. The receiver runs it on a schedule
+    /// with `verify_boot` in `[receiver]`.
     /// Exit status 1 if the point failed to boot.
     Verify {
         /// VM name (protected from a running mount); with --boot, the
@@ -413,11 +422,20 @@ pub enum Cmd {
         /// With --boot: the point (`latest` by default; as for failover).
         #[arg(long, requires = "boot")]
         point: Option<String>,
-        /// With --boot: the text the guest prints on its serial console
-        /// once it is up.
-        #[arg(long, requires = "boot", default_value = "login:")]
-        marker: String,
-        /// With --boot: seconds to wait for the marker.
+        /// With --boot: the sending site (needed only if several sites
+        /// replicate a VM of this name).
+        #[arg(long, requires = "boot")]
+        site: Option<String>,
+        /// With --boot: ready when the guest prints this text on its serial
+        /// console (default: when its guest agent answers guest-ping).
+        #[arg(long, requires = "boot", conflicts_with = "wait_for")]
+        marker: Option<String>,
+        /// With --boot: ready when `sh -c CMD` exits 0 (retried;
+        /// VDREP_READY_DOMAIN names the test copy), e.g. a probe of the
+        /// application inside the isolated network.
+        #[arg(long, requires = "boot", value_name = "CMD")]
+        wait_for: Option<String>,
+        /// With --boot: seconds the test copy gets to become ready.
         #[arg(long, requires = "boot", default_value_t = 300)]
         boot_timeout: u64,
     },
@@ -545,6 +563,7 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
             s3,
             cache,
             metrics_listen,
+            verify_boot,
         } => {
             let cfg = match self::config::load(config) {
                 Ok(c) => c,
@@ -559,6 +578,7 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
                 metrics_listen,
                 s3,
                 cache,
+                verify_boot,
             };
             let log_format = service::log_format(log_format, cfg.as_ref());
             replication::receive(flags, cfg.as_ref(), log_format)
@@ -652,13 +672,21 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
             json,
             boot,
             store,
+            site,
             point,
             marker,
+            wait_for,
             boot_timeout,
         } => match (boot, store) {
-            (true, Some(store)) => {
-                domain::verify_boot(&name, &store, point.as_deref(), &marker, boot_timeout, json)
-            }
+            (true, Some(store)) => domain::verify_boot(
+                &name,
+                &store,
+                site,
+                point.as_deref(),
+                &domain::readiness(marker.as_deref(), wait_for.as_deref()),
+                boot_timeout,
+                json,
+            ),
             _ => points::verify(&name, timeout, json),
         },
         Cmd::Config {
@@ -670,6 +698,11 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
         Cmd::Man { out } => service::man(&out),
         Cmd::HashBench { file, block_size } => points::hash_bench(&file, block_size),
     }
+}
+
+/// `--verify-boot SCHEDULE`.
+fn parse_boot_schedule(s: &str) -> Result<crate::replica::boot::BootSchedule, String> {
+    crate::replica::boot::BootSchedule::parse(s).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -21,6 +21,8 @@ pub struct ReceiveFlags {
     pub s3: super::objstore::S3Args,
     /// The local cache folder of an `s3://` store.
     pub cache: Option<PathBuf>,
+    /// `--verify-boot`: over `[receiver] verify_boot`.
+    pub verify_boot: Option<crate::replica::boot::BootSchedule>,
 }
 
 /// `vdrep receive ...` (foreground; logs to stderr): the flags over the
@@ -101,6 +103,16 @@ pub fn receive(
         reload_trust_from,
         metrics_listen: flags.metrics_listen.or(rcv.and_then(|r| r.metrics_listen)),
         notify: super::config::notify_spec(cfg),
+        verify_boot: flags
+            .verify_boot
+            .or(rcv.and_then(|r| r.verify_boot))
+            .map(|every| crate::receiver::boot_verify::BootVerify {
+                every,
+                timeout: rcv
+                    .and_then(|r| r.verify_boot_timeout)
+                    .unwrap_or(crate::receiver::boot_verify::DEFAULT_TIMEOUT),
+                wait_for: rcv.and_then(|r| r.verify_boot_wait_for.clone()),
+            }),
     }) {
         Ok(()) => 0,
         Err(e) => {

@@ -88,6 +88,13 @@ pub struct ReceiverCfg {
     pub prune_every: Option<Option<Duration>>,
     /// Where the receiver serves its Prometheus metrics.
     pub metrics_listen: Option<SocketAddr>,
+    /// Scheduled boot verification of every domain's newest point
+    /// (`verify_boot = "daily"`); `None`: never.
+    pub verify_boot: Option<crate::replica::boot::BootSchedule>,
+    /// Seconds a scheduled boot check's copy gets to become ready.
+    pub verify_boot_timeout: Option<Duration>,
+    /// Its readiness command (default: the guest agent answers).
+    pub verify_boot_wait_for: Option<String>,
     /// With `store = "s3://bucket/prefix"`: the S3 endpoint, the
     /// credentials file, the encryption key file and the local cache folder.
     pub s3_endpoint: Option<String>,
@@ -901,6 +908,36 @@ impl Cx<'_> {
             "receiver.metrics_listen",
             |s: &String| parse_listen(s),
         );
+        let verify_boot = self
+            .value(&r.verify_boot, "receiver.verify_boot", |s: &String| {
+                if s.trim().eq_ignore_ascii_case("never") {
+                    Ok(None)
+                } else {
+                    crate::replica::boot::BootSchedule::parse(s)
+                        .map(Some)
+                        .map_err(|e| BadValue::new(ProblemKind::BadValue, e.to_string()))
+                }
+            })
+            .flatten();
+        let verify_boot_timeout = self.value(
+            &r.verify_boot_timeout,
+            "receiver.verify_boot_timeout",
+            |s: &String| parse_duration(s),
+        );
+        let verify_boot_wait_for = self.value(
+            &r.verify_boot_wait_for,
+            "receiver.verify_boot_wait_for",
+            |s: &String| {
+                if s.trim().is_empty() {
+                    Err(BadValue::new(
+                        ProblemKind::BadValue,
+                        "an empty command: leave it out to wait for the guest agent",
+                    ))
+                } else {
+                    Ok(s.clone())
+                }
+            },
+        );
         Some(ReceiverCfg {
             listen: listen?,
             store: store?,
@@ -910,6 +947,9 @@ impl Cx<'_> {
             keep_last,
             prune_every,
             metrics_listen,
+            verify_boot,
+            verify_boot_timeout,
+            verify_boot_wait_for,
             s3_endpoint,
             s3_credentials,
             encryption_key,

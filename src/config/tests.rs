@@ -34,6 +34,8 @@ listen = "0.0.0.0:7700"
 store = "/srv/replicas"
 keep_for = "forever"
 prune_every = "1min"
+verify_boot = "daily"
+verify_boot_wait_for = "true"
 
 [[vm]]
 name = "web"
@@ -72,6 +74,9 @@ fn a_good_file_is_typed() {
     let r = c.receiver.clone().unwrap();
     assert_eq!(r.keep_for, Some(None));
     assert_eq!(r.prune_every, Some(Some(Duration::from_secs(60))));
+    assert_eq!(r.verify_boot.map(|b| b.every.as_secs()), Some(86_400));
+    assert_eq!(r.verify_boot_wait_for.as_deref(), Some("true"));
+    assert_eq!(r.verify_boot_timeout, None);
     assert_eq!(c.vms_under(Path::new("/srv/vdrep-test-vms")).len(), 2);
 }
 
@@ -102,8 +107,10 @@ fn bad_values_are_each_reported_with_their_key() {
         .replace("every = \"2h 30m\"", "every = \"2 fortnights\"")
         .replace("max_rate = \"10MB/s\"", "max_rate = \"fast\"")
         .replace("to = \"10.0.0.2:7700\"", "to = \"10.0.0.2\"")
-        .replace("/srv/vdrep-test-vms/db.raw", "/elsewhere/db.raw");
+        .replace("/srv/vdrep-test-vms/db.raw", "/elsewhere/db.raw")
+        .replace("verify_boot = \"daily\"", "verify_boot = \"nightly\"");
     let p = problems(&text);
+    assert!(p.iter().any(|p| p.key == "receiver.verify_boot"), "{p:?}");
     let kinds: Vec<(ProblemKind, &str)> = p.iter().map(|p| (p.kind, p.key.as_str())).collect();
     assert!(
         kinds.contains(&(ProblemKind::BadDuration, "vm[web].every")),

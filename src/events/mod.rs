@@ -105,6 +105,17 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         site: Option<String>,
     },
+    /// The receiver's scheduled boot verification (`verify_boot`) booted a
+    /// recovery point: it became ready (`verified`) after `secs`, or not
+    /// (`detail` says why, with the console's tail).
+    BootVerified {
+        site: String,
+        cycle: u64,
+        verified: bool,
+        secs: f64,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        detail: String,
+    },
 }
 
 /// The failover steps a mount daemon or a receiver takes.
@@ -169,6 +180,7 @@ impl EventKind {
             EventKind::ResyncStarted { .. } => "resync_started",
             EventKind::ResyncFinished { .. } => "resync_finished",
             EventKind::FailoverStep { .. } => "failover_step",
+            EventKind::BootVerified { .. } => "boot_verified",
         }
     }
 }
@@ -233,6 +245,18 @@ impl Event {
                 }
                 if !disks.is_empty() {
                     s += &format!(" disks:{}", disks.join(","));
+                }
+            }
+            EventKind::BootVerified {
+                site,
+                cycle,
+                verified,
+                secs,
+                detail,
+            } => {
+                s += &format!(" site:{site} cycle:{cycle} verified:{verified} secs:{secs:.1}");
+                if !detail.is_empty() {
+                    s += &format!(" detail:{:?}", detail.lines().next().unwrap_or_default());
                 }
             }
         }

@@ -22,6 +22,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use super::ready::{self, Readiness};
 use super::test as testfo;
 use super::{role_change, FailoverError};
 use crate::libvirt::{Definition, NetTarget, NicPlan, Rewrite, Virsh};
@@ -476,53 +477,19 @@ pub fn planned(
     }
 }
 
-/// The result of booting a recovery point ([`verify_boot`]), kept per
-/// point in `STORE/verify/SITE/VM/CYCLE.json` and shown by `points`.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct BootCheck {
-    pub cycle: u64,
-    /// The guest showed the marker.
-    pub verified: bool,
-    /// Seconds from the start of the test failover to the marker (or to
-    /// the failure).
-    pub secs: f64,
-    /// When the check ran (ns since the epoch).
-    pub at_unix_ns: u64,
-    /// Why it failed and the console's last lines (empty if verified).
-    pub detail: String,
-}
-
-fn boot_check_dir(store: &Path, site: &str, vm: &str) -> PathBuf {
-    store.join("verify").join(site).join(vm)
-}
-
-/// The boot checks kept for `vm` of `site`, by cycle (none if never run).
-pub fn boot_checks(store: &Path, site: &str, vm: &str) -> HashMap<u64, BootCheck> {
-    let Ok(rd) = std::fs::read_dir(boot_check_dir(store, site, vm)) else {
-        return HashMap::new();
-    };
-    rd.flatten()
-        .filter_map(|e| std::fs::read(e.path()).ok())
-        .filter_map(|b| serde_json::from_slice::<BootCheck>(&b).ok())
-        .map(|c| (c.cycle, c))
-        .collect()
-}
-
-/// The last `n` lines of `text`.
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
+pub use crate::replica::boot::{boot_checks, BootCheck};
 
 /// Boot verification of a point: a test failover of it on the isolated
-/// network, then wait (up to `timeout`) for `marker` on the copy's serial
-/// console; the result is kept with the point (verified, or failed with
+/// network, then wait (up to `timeout`) until the copy is ready by `how`
+/// (its guest agent, a command, a console marker: [`ready::wait`]); the
+/// result is kept with the point (verified, or failed with the reason and
 /// the console's tail) and the test failover removed again. A point whose
-/// copy cannot even start is recorded as failed too.
+/// copy cannot even start is recorded as failed too. Refused, recording
+/// nothing, while a test failover of the domain runs here.
 pub fn verify_boot(
     virsh: &Virsh,
     o: &TestOptions<'_>,
-    marker: &str,
+    how: &Readiness,
     timeout: std::time::Duration,
 ) -> Result<BootCheck> {
     let t0 = std::time::Instant::now();
@@ -543,6 +510,7 @@ pub fn verify_boot(
             o.vm
         )));
     };
+    check_no_test_copy(virsh, &def.name)?;
     let run = TestOptions {
         site: Some(site.clone()),
         point,
@@ -551,32 +519,16 @@ pub fn verify_boot(
     let (verified, detail) = match test_failover(virsh, &run, &mut Steps::start()) {
         Err(e) => (false, format!("the test copy did not start: {e}")),
         Ok((view, t)) => {
-            let outcome = loop {
-                let console = std::fs::read_to_string(&t.console_log).unwrap_or_default();
-                if console.contains(marker) {
-                    break (true, String::new());
-                }
-                let why = if !virsh.domain_running(&t.domain)? {
-                    "the guest stopped before showing the marker"
-                } else if t0.elapsed() > timeout {
-                    "no marker within the timeout"
-                } else {
-                    std::thread::sleep(std::time::Duration::from_millis(500));
-                    continue;
-                };
-                // Read again: the marker may have come with the stop.
-                let console = std::fs::read_to_string(&t.console_log).unwrap_or_default();
-                if console.contains(marker) {
-                    break (true, String::new());
-                }
-                break (
-                    false,
-                    format!("{why} ({marker:?}); console tail:\n{}", tail(&console, 15)),
-                );
-            };
+            let left = timeout.saturating_sub(t0.elapsed());
+            let waited = ready::wait(virsh, &t.domain, how, Some(&t.console_log), left);
+            // Removed whatever the wait found.
             cleanup_test_copy(virsh, &def.name)?;
             testfo::cleanup(o.store, Some(view.site.clone()), o.vm)?;
-            outcome
+            match waited {
+                Ok(_) => (true, String::new()),
+                Err(FailoverError::NotReady { why, .. }) => (false, why),
+                Err(e) => return Err(e),
+            }
         }
     };
     let check = BootCheck {
@@ -585,17 +537,12 @@ pub fn verify_boot(
         secs: t0.elapsed().as_secs_f64(),
         at_unix_ns: crate::util::now_ns(),
         detail,
+        ready: how.to_string(),
     };
-    let dir = boot_check_dir(o.store, &site, o.vm);
-    let saved = std::fs::create_dir_all(&dir).and_then(|()| {
-        let tmp = dir.join(format!(".{cycle}.json.tmp"));
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&check).unwrap_or_default())?;
-        std::fs::rename(&tmp, dir.join(format!("{cycle}.json")))
-    });
-    saved.map_err(|e| {
+    crate::replica::boot::save_boot_check(o.store, &site, o.vm, &check).map_err(|e| {
         FailoverError::Store(format!(
             "keeping the boot check of point {cycle} in {}: {e}",
-            dir.display()
+            crate::replica::boot::boot_check_dir(o.store, &site, o.vm).display()
         ))
     })?;
     Ok(check)

@@ -10,6 +10,8 @@
 //!   reverse: which site runs a VM (the steps each site takes itself are
 //!   [`crate::roles`]).
 //! - [`plan`]: recovery plans, VMs failed over in ordered groups.
+//! - [`ready`]: waiting until a started domain is ready (guest agent,
+//!   a command, a console marker).
 //! - [`domain`]: a libvirt domain's failover: the test copy on an isolated
 //!   network, the domain started on the live disks with its NICs mapped.
 //!
@@ -18,6 +20,7 @@
 
 pub mod domain;
 pub mod plan;
+pub mod ready;
 pub mod role_change;
 pub mod test;
 
@@ -60,6 +63,14 @@ pub enum FailoverError {
     /// The test VM did not start.
     #[error("{0}")]
     Boot(String),
+    /// A started domain did not become ready in time (its guest agent did
+    /// not answer, a `wait_for` command did not succeed, it stopped).
+    #[error("domain {domain} was not ready after {secs:.0} s: {why}")]
+    NotReady {
+        domain: String,
+        secs: f64,
+        why: String,
+    },
     /// An error and what state it left things in (the note, on the next
     /// line).
     #[error("{source}\n{note}")]
@@ -88,6 +99,25 @@ pub enum FailoverErrorKind {
     Differs,
     /// Partly done (see the message).
     Partial,
+    /// A started domain did not become ready in time.
+    NotReady,
+}
+
+impl FailoverErrorKind {
+    /// The kind's name in reports (`--json`), snake case.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailoverErrorKind::NotRunning => "not_running",
+            FailoverErrorKind::Transport => "transport",
+            FailoverErrorKind::Refused => "refused",
+            FailoverErrorKind::Invalid => "invalid",
+            FailoverErrorKind::Peer => "peer",
+            FailoverErrorKind::Local => "local",
+            FailoverErrorKind::Differs => "differs",
+            FailoverErrorKind::Partial => "partial",
+            FailoverErrorKind::NotReady => "not_ready",
+        }
+    }
 }
 
 impl FailoverError {
@@ -116,6 +146,7 @@ impl FailoverError {
             FailoverError::Invalid(_) => K::Invalid,
             FailoverError::Differs(_) => K::Differs,
             FailoverError::Store(_) | FailoverError::Boot(_) => K::Local,
+            FailoverError::NotReady { .. } => K::NotReady,
             FailoverError::Noted { source, .. } => source.kind(),
         }
     }

@@ -146,6 +146,21 @@ impl Virsh {
         self.run(&["start", name]).map(|_| ())
     }
 
+    /// Whether domain `name`'s guest agent answers `guest-ping` (through
+    /// `virsh qemu-agent-command`, waiting at most `secs` seconds). Any
+    /// failure is "no answer": a guest still booting, no agent channel, a
+    /// stopped domain; the caller decides with [`Self::domain_running`].
+    pub fn agent_ping(&self, name: &str, secs: u32) -> bool {
+        self.run(&[
+            "qemu-agent-command",
+            name,
+            r#"{"execute":"guest-ping"}"#,
+            "--timeout",
+            &secs.max(1).to_string(),
+        ])
+        .is_ok()
+    }
+
     /// Ask domain `name` to shut down (libvirt's default mode: the guest
     /// agent if it answers, else ACPI); returns at once.
     pub fn shutdown(&self, name: &str) -> Result<(), LibvirtError> {

@@ -22,8 +22,14 @@ pub(super) fn serve(
     crate::metrics::register(&mut registry, move |enc| {
         let mut points: Vec<(Labels, u64)> = Vec::new();
         let mut newest: Vec<(Labels, f64)> = Vec::new();
+        let (mut boot_ok, mut boot_at, mut boot_secs) = (Vec::new(), Vec::new(), Vec::new());
         for (site, vm) in store.vms() {
             let labels = vec![("site", site.clone()), ("vm", vm.clone())];
+            if let Some(c) = crate::replica::boot::last_boot_check(&dir, &site, &vm) {
+                boot_ok.push((labels.clone(), u64::from(c.verified)));
+                boot_at.push((labels.clone(), c.at_unix_ns as f64 / 1e9));
+                boot_secs.push((labels.clone(), c.secs));
+            }
             let Ok(p) = store.points(&site, &vm) else {
                 continue;
             };
@@ -45,6 +51,27 @@ pub(super) fn serve(
             "Cut time of the newest recovery point, Unix seconds",
             Some(&Unit::Seconds),
             newest,
+        )?;
+        gauge(
+            enc,
+            "vdrep_receiver_boot_verified",
+            "1 if the newest boot check (verify --boot, verify_boot) of the VM became ready, 0 if it failed",
+            None,
+            boot_ok,
+        )?;
+        gauge(
+            enc,
+            "vdrep_receiver_boot_check_timestamp",
+            "When the newest boot check of the VM ran, Unix seconds",
+            Some(&Unit::Seconds),
+            boot_at,
+        )?;
+        gauge(
+            enc,
+            "vdrep_receiver_boot_ready",
+            "Seconds from the newest boot check's test failover to ready (or to its failure)",
+            Some(&Unit::Seconds),
+            boot_secs,
         )?;
         gauge(
             enc,

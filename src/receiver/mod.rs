@@ -16,6 +16,7 @@
 //! against the [`ReplicaStore`] (a log streams into `store_log` while it
 //! arrives; an initial copy into `write_initial`).
 
+pub mod boot_verify;
 pub mod control;
 pub mod control_server;
 pub mod embedded;
@@ -100,6 +101,9 @@ pub struct ReceiveOptions {
     /// store of `--store s3://…`); `store` is then only the local cache
     /// folder (control socket state, failover views), holding no replica.
     pub remote: Option<Arc<dyn ReplicaStore>>,
+    /// Scheduled boot verification of every domain's newest point
+    /// (`verify_boot`); `None`: never.
+    pub verify_boot: Option<boot_verify::BootVerify>,
 }
 
 /// Apply `keep` to every VM of every site in `store`, except VMs failed
@@ -265,6 +269,21 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), ReceiverError> {
                 source,
             }
         })?;
+    }
+    if let Some(v) = &opts.verify_boot {
+        if opts.remote.is_some() {
+            tracing::warn!(
+                "verify_boot: not run for a store in a bucket (boot verification needs a local store)"
+            );
+        } else {
+            let seen: Arc<dyn ReplicaStore> = store.clone();
+            boot_verify::start(seen, opts.store.clone(), v.clone(), bus.clone()).map_err(
+                |source| ReceiverError::Start {
+                    what: "boot verification thread (verify_boot)",
+                    source,
+                },
+            )?;
+        }
     }
     control_server::start(store.clone(), views, roles.clone(), bus).map_err(|source| {
         ReceiverError::Start {

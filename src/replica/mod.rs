@@ -20,6 +20,7 @@
 //!     incoming/<cycle>.hrl                  durable, verified, not yet applied logs
 //!     incoming/<cycle>.<n>.hrl.tmp          a log being received
 //!     undo/<base>-<cycle>.undo              pre-images of what log <cycle> overwrote
+//! DIR/verify/<site>/<vm>/<cycle>.json       boot checks of points ([`boot`])
 //! ```
 //!
 //! Names from a peer (site, vm, disk file name) pass [`validate_name`]
@@ -82,6 +83,7 @@
 //! both hold a pre-image of a byte, the older one wins).
 
 mod api;
+pub mod boot;
 mod error;
 mod fault;
 mod names;
