@@ -24,6 +24,7 @@
 //! the objects they touch, through a bounded local cache).
 
 pub mod bucket;
+pub mod hydrate;
 pub mod view;
 
 use std::collections::HashMap;

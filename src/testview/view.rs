@@ -37,7 +37,9 @@ const GEN: Generation = Generation(0);
 /// One exposed disk.
 pub struct ViewFile {
     pub name: String,
-    reader: Box<dyn PointRead>,
+    /// The point's bytes; [`switch_base`](Self::switch_base) replaces it
+    /// with an equal source (a hydrated local copy) while the view runs.
+    reader: parking_lot::RwLock<Arc<dyn PointRead>>,
     /// Footer appended after the disk (raw sources kept as fixed VHDs).
     footer: Option<[u8; 512]>,
     /// Length of the exposed file. A file without a footer (a qcow2 or
@@ -69,7 +71,7 @@ impl ViewFile {
         let words = blocks.div_ceil(64) as usize;
         Ok(ViewFile {
             name,
-            reader,
+            reader: parking_lot::RwLock::new(Arc::from(reader)),
             footer,
             len: AtomicU64::new(len),
             overlay,
@@ -130,11 +132,48 @@ impl ViewFile {
         }
     }
 
+    /// The source of the point's disk bytes now.
+    pub fn base(&self) -> Arc<dyn PointRead> {
+        self.reader.read().clone()
+    }
+
+    /// Serve the point's bytes from `r` from now on. `r` must hold the
+    /// same bytes as the current source (a hydrated copy of it): readers
+    /// see no change.
+    pub fn switch_base(&self, r: Arc<dyn PointRead>) {
+        *self.reader.write() = r;
+    }
+
+    /// The VHD footer after the disk, for a raw source kept as a fixed VHD.
+    pub fn footer(&self) -> Option<&[u8; 512]> {
+        self.footer.as_ref()
+    }
+
+    /// Write every overlay block (what the VM wrote) into `dst` at its
+    /// offset, then fsync `dst`; the bytes written.
+    pub fn fold_overlay_into(&self, dst: &File) -> io::Result<u64> {
+        let _g = self.wlock.lock();
+        let mut buf = vec![0u8; OVERLAY_BLOCK as usize];
+        let mut n = 0;
+        for b in 0..self.len().div_ceil(OVERLAY_BLOCK) {
+            if self.in_overlay(b) {
+                let off = b * OVERLAY_BLOCK;
+                let k = (self.len() - off).min(OVERLAY_BLOCK) as usize;
+                self.read_overlay(&mut buf[..k], off)?;
+                dst.write_all_at(&buf[..k], off)?;
+                n += k as u64;
+            }
+        }
+        dst.sync_all()?;
+        Ok(n)
+    }
+
     /// The point's bytes (disk, then footer) without the overlay.
     fn read_base(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
-        let disk = self.reader.len();
+        let reader = self.base();
+        let disk = reader.len();
         let n_disk = disk.saturating_sub(off).min(buf.len() as u64) as usize;
-        self.reader.read_at(&mut buf[..n_disk], off)?;
+        reader.read_at(&mut buf[..n_disk], off)?;
         if n_disk < buf.len() {
             let rest = &mut buf[n_disk..];
             let foff = (off + n_disk as u64 - disk) as usize;
