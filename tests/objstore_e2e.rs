@@ -389,6 +389,22 @@ fn unplanned_from_the_bucket(url: &str, flags: &[String], at_c2: &[Vec<u8>; 2], 
         st["hydration"]["hydrated_bytes"].as_u64().unwrap_or(0) > 0
     });
     assert_eq!(st["hydration"]["total_bytes"].as_u64(), Some(total), "{st}");
+    // `vdrep status` shows the failover and its progress (text and JSON).
+    let sj: serde_json::Value = serde_json::from_str(&vdrep_ok(&["status", "--json"])).unwrap();
+    let bf = &sj["bucket_failovers"][0];
+    assert_eq!(bf["mode"], "unplanned", "{sj}");
+    assert_eq!(bf["view"]["vm"], "vm1", "{sj}");
+    assert_eq!(
+        bf["status"]["hydration"]["total_bytes"].as_u64(),
+        Some(total),
+        "{sj}"
+    );
+    let text = vdrep_ok(&["status"]);
+    assert!(
+        text.contains("failover unplanned of site-a/vm1 from the bucket")
+            && text.contains("hydrat"),
+        "{text}"
+    );
     let o = vdrep(&commit);
     assert!(!o.status.success(), "--commit before the copy is complete");
     assert!(

@@ -124,6 +124,55 @@ fn write_status(scratch: &Path, st: &BucketViewStatus) {
     }
 }
 
+/// The registration of a running view process: `RUN/bucketview-<pid>`
+/// holds its scratch folder, so `vdrep status` finds it.
+fn reg_path(pid: u32) -> PathBuf {
+    crate::ipc::run_dir().join(format!("bucketview-{pid}"))
+}
+
+/// A running failover from a bucket on this machine, as `vdrep status`
+/// shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunningView {
+    /// `test` or `unplanned`.
+    pub mode: &'static str,
+    pub view: ViewInfo,
+    pub status: BucketViewStatus,
+}
+
+/// Every failover from a bucket whose view process runs on this machine
+/// (registrations of dead processes are removed).
+pub fn running() -> Vec<RunningView> {
+    let dir = crate::ipc::run_dir();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("bucketview-")
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let scratch = std::fs::read_to_string(e.path()).map(PathBuf::from);
+        let Ok(scratch) = scratch else { continue };
+        if live_pid(&scratch) != Some(pid) {
+            let _ = std::fs::remove_file(e.path());
+            continue;
+        }
+        let (Some(view), Some(status)) = (read_state(&scratch), read_status(&scratch)) else {
+            continue;
+        };
+        let mode = if status.hydration.is_some() {
+            "unplanned"
+        } else {
+            "test"
+        };
+        out.push(RunningView { mode, view, status });
+    }
+    out.sort_by(|a, b| (&a.view.site, &a.view.vm).cmp(&(&b.view.site, &b.view.vm)));
+    out
+}
+
 /// The pid of the live view process of `scratch`, if any.
 fn live_pid(scratch: &Path) -> Option<i32> {
     let pid: i32 = std::fs::read_to_string(scratch.join(PID_FILE))
@@ -230,6 +279,8 @@ fn serve(
     }
     let pid = std::process::id();
     let _ = std::fs::write(scratch.join(PID_FILE), pid.to_string());
+    let _ = std::fs::create_dir_all(crate::ipc::run_dir());
+    let _ = std::fs::write(reg_path(pid), scratch.as_os_str().as_encoded_bytes());
     let hyd = match v.hydrate {
         None => None,
         Some(rate) => {
@@ -322,6 +373,7 @@ fn serve(
         last.cache.hits
     );
     write_status(&scratch, &last);
+    let _ = std::fs::remove_file(reg_path(pid));
     0
 }
 
