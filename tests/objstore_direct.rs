@@ -261,7 +261,83 @@ fn direct_to_a_bucket_consistent_points_and_sender_kill9() {
     }
     let st = m.status_json();
     assert_eq!(st["replication"][0]["state"], "Normal", "{st}");
+    access_revoked_while_running(&g, &m, &b, &paths);
     m.umount();
+}
+
+/// Errors while running: the key loses its rights on the bucket (`garage
+/// bucket deny`) while the VM replicates continuously. The VM goes
+/// `Warning` (retried with back-off, never `Critical`), its last error says
+/// access was denied and what to do, and no point appears meanwhile; once
+/// the rights are back (`garage bucket allow`), protection resumes by
+/// itself and the newest point equals the source.
+fn access_revoked_while_running(
+    g: &Garage,
+    m: &Mounted,
+    b: &Arc<SealedBucket>,
+    paths: &[std::path::PathBuf],
+) {
+    let rights = [
+        "--read",
+        "--write",
+        "--owner",
+        g.bucket.as_str(),
+        "--key",
+        "vdrep",
+    ];
+    let n_before = points(b, "site-a", "vm1").unwrap().len();
+    let mut deny = vec!["bucket", "deny"];
+    deny.extend(rights);
+    g.cli(0, &deny);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&paths[0])
+        .unwrap();
+    let t0 = Instant::now();
+    let st = loop {
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&[0xa5; 4096], 8192).unwrap();
+        let st = m.status_json();
+        let vm = &st["replication"][0];
+        assert_ne!(vm["state"], "Critical", "a revoked key is retried: {st}");
+        if vm["state"] == "Warning"
+            && vm["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("denied access"))
+        {
+            break st;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "no Warning: {st}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let err = st["replication"][0]["last_error"].as_str().unwrap();
+    println!("access revoked: {err}");
+    assert!(err.contains("retried") && err.contains("rights"), "{err}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        m.status_json()["replication"][0]["state"],
+        "Warning",
+        "still retrying"
+    );
+    let mut allow = vec!["bucket", "allow"];
+    allow.extend(rights);
+    g.cli(0, &allow);
+    vdrep_ok(&["sync", &m.dir.to_string_lossy(), "--timeout", "180"]);
+    let st = m.status_json();
+    assert_eq!(st["replication"][0]["state"], "Normal", "{st}");
+    let pts = points(b, "site-a", "vm1").unwrap();
+    assert!(
+        pts.len() > n_before,
+        "no new point after the rights came back"
+    );
+    let got = read_point(b, pts.last().unwrap());
+    for (p, g) in paths.iter().zip(&got) {
+        assert!(
+            &std::fs::read(p).unwrap() == g,
+            "{}: the newest point after the outage differs from the source",
+            p.display()
+        );
+    }
 }
 
 /// The lag of `vm` from `vdrep status --json` (seconds; none before its
