@@ -185,12 +185,20 @@ fn write_progress(p: &Path, pr: &Progress) -> io::Result<()> {
 fn run_disk(h: &Hydration, cycle: u64, d: &HydrateDisk, rate: Option<u64>) -> bool {
     let mut wait = Duration::from_secs(1);
     loop {
+        // Only this thread changes the counters: a failed attempt's share
+        // is taken back (the next one counts from the progress file).
+        let (done0, resumed0) = (
+            h.done.load(Ordering::Relaxed),
+            h.resumed.load(Ordering::Relaxed),
+        );
         match copy_disk(h, cycle, d, rate) {
             Ok(done) => {
                 *h.error.lock() = None;
                 return done;
             }
             Err(e) => {
+                h.done.store(done0, Ordering::Relaxed);
+                h.resumed.store(resumed0, Ordering::Relaxed);
                 let msg = format!(
                     "hydrating {} from the bucket: {e}; retrying in {} s",
                     d.file.name,
@@ -296,4 +304,130 @@ fn copy_disk(h: &Hydration, cycle: u64, d: &HydrateDisk, rate: Option<u64>) -> i
         fin.display()
     );
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Mem(Vec<u8>);
+    impl PointRead for Mem {
+        fn len(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            buf.fill(0);
+            let o = (offset as usize).min(self.0.len());
+            let n = buf.len().min(self.0.len() - o);
+            buf[..n].copy_from_slice(&self.0[o..o + n]);
+            Ok(())
+        }
+    }
+
+    fn data(n: usize) -> Vec<u8> {
+        let mut x = 0x9e3779b97f4a7c15u64;
+        (0..n)
+            .map(|i| {
+                if (i >> 20) % 3 == 1 {
+                    return 0; // some all-zero steps stay holes
+                }
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    fn view(dir: &Path, d: &[u8]) -> Arc<ViewFile> {
+        let ov = tempfile::tempfile_in(dir).unwrap();
+        Arc::new(
+            ViewFile::new(
+                "d.vhd".into(),
+                Box::new(Mem(d.to_vec())),
+                Some([7u8; 512]),
+                ov,
+            )
+            .unwrap(),
+        )
+    }
+
+    fn run(dir: &Path, f: &Arc<ViewFile>, cycle: u64) -> HydrationStatus {
+        let disks = vec![HydrateDisk {
+            file: f.clone(),
+            disk_id: "ab".into(),
+        }];
+        let h = start(dir, cycle, disks, None).unwrap();
+        let t0 = Instant::now();
+        while !h.is_complete() {
+            assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", h.status());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        h.status()
+    }
+
+    #[test]
+    fn resumes_only_the_same_point_and_switches_to_the_copy() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("h");
+        std::fs::create_dir_all(&dir).unwrap();
+        let d = data((10 << 20) + 123);
+        let len = d.len() as u64;
+        // A crash after 1.5 steps were synced: bytes past the step
+        // boundary are garbage in the .part file.
+        let mut part = d.clone();
+        part[(STEP as usize)..].fill(0xee);
+        std::fs::write(dir.join("d.vhd.part"), &part).unwrap();
+        let pr = |cycle| Progress {
+            cycle,
+            disk: "ab".into(),
+            len,
+            done: STEP + STEP / 2,
+        };
+        write_progress(&dir.join("d.vhd.progress"), &pr(5)).unwrap();
+        let f = view(tmp.path(), &d);
+        let st = run(&dir, &f, 5);
+        assert_eq!(
+            (st.resumed_bytes, st.hydrated_bytes, st.percent),
+            (STEP, len, 100.0)
+        );
+        let got = std::fs::read(dir.join("d.vhd")).unwrap();
+        assert_eq!(got.len() as u64, len + 512);
+        assert!(got[..d.len()] == d[..], "the copy differs from the point");
+        assert_eq!(&got[d.len()..], &[7u8; 512]);
+        // The view now reads the local copy: same bytes.
+        let mut buf = vec![0u8; d.len() + 512];
+        assert_eq!(f.read(&mut buf, 0).unwrap(), buf.len());
+        assert!(buf == got);
+        // Progress of another point: never reused, copied from scratch.
+        std::fs::remove_file(dir.join("d.vhd")).unwrap();
+        std::fs::write(dir.join("d.vhd.part"), &part).unwrap();
+        write_progress(&dir.join("d.vhd.progress"), &pr(4)).unwrap();
+        let st = run(&dir, &view(tmp.path(), &d), 5);
+        assert_eq!(st.resumed_bytes, 0);
+        assert!(std::fs::read(dir.join("d.vhd")).unwrap()[..d.len()] == d[..]);
+        // A finished copy is taken as it is.
+        let st = run(&dir, &view(tmp.path(), &d), 5);
+        assert_eq!(st.resumed_bytes, len);
+    }
+
+    #[test]
+    fn commit_folds_the_overlay_into_the_copy() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("h");
+        let d = data(3 << 20);
+        let f = view(tmp.path(), &d);
+        f.write(&[0x42; 100], 4000).unwrap();
+        run(&dir, &f, 1);
+        let dst = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dir.join("d.vhd"))
+            .unwrap();
+        assert_eq!(f.fold_overlay_into(&dst).unwrap(), 2 * 4096);
+        let got = std::fs::read(dir.join("d.vhd")).unwrap();
+        let mut want = d.clone();
+        want[4000..4100].fill(0x42);
+        assert!(got[..d.len()] == want[..]);
+    }
 }
