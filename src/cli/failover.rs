@@ -546,7 +546,7 @@ fn bucket_commit(a: &FailoverArgs, out: Out, root: &Path) -> Out {
     match bucket::stop(root, a.site.as_deref(), vm, true) {
         Err(e) => out.fail(1, format!("vdrep: commit of {vm}: {e}")),
         Ok((_, st, _)) => match st.committed {
-            Some(Ok(disks)) => {
+            Some(bucket::Committed { disks, error: None }) => {
                 let mut out = out;
                 if a.json {
                     out.line(serde_json::to_string_pretty(&serde_json::json!({ "disks": disks })).unwrap_or_default());
@@ -558,7 +558,7 @@ fn bucket_commit(a: &FailoverArgs, out: Out, root: &Path) -> Out {
                 }
                 out
             }
-            Some(Err(e)) => out.fail(1, format!("vdrep: commit of {vm}: {e}")),
+            Some(bucket::Committed { error: Some(e), .. }) => out.fail(1, format!("vdrep: commit of {vm}: {e}")),
             None => out.fail(1, format!("vdrep: commit of {vm}: the view process stopped without committing (see its view.log)")),
         },
     }

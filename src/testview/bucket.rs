@@ -88,7 +88,16 @@ pub struct BucketViewStatus {
     /// After `--commit`: the local disks (hydrated copies with the VM's
     /// writes folded in), or why the commit did not happen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub committed: Option<Result<Vec<PathBuf>, String>>,
+    pub committed: Option<Committed>,
+}
+
+/// How `--commit` of an unplanned failover went.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Committed {
+    /// The local disks (empty if it failed).
+    pub disks: Vec<PathBuf>,
+    /// Why nothing was committed.
+    pub error: Option<String>,
 }
 
 /// Scratch folder of a view of `site/vm`.
@@ -363,7 +372,13 @@ fn serve(
     let mut last = status(true);
     if let Some(h) = &hyd {
         if scratch.join(COMMIT_FILE).exists() {
-            last.committed = Some(commit(v, &active, h));
+            last.committed = Some(match commit(v, &active, h) {
+                Ok(disks) => Committed { disks, error: None },
+                Err(e) => Committed {
+                    disks: Vec::new(),
+                    error: Some(e.to_string()),
+                },
+            });
         }
     }
     tracing::info!(
@@ -381,29 +396,40 @@ fn serve(
 /// more writes): fold each file's overlay into its hydrated copy and move
 /// the copies to `ROOT/disks/SITE/VM/`. Refused before the hydration is
 /// complete (the VM's writes stay in the scratch overlays).
-fn commit(v: &BucketView, active: &super::Active, h: &Hydration) -> Result<Vec<PathBuf>, String> {
+fn commit(
+    v: &BucketView,
+    active: &super::Active,
+    h: &Hydration,
+) -> Result<Vec<PathBuf>, ViewError> {
     if !h.is_complete() {
         let st = h.status();
-        return Err(format!(
+        return Err(ViewError::Refused(format!(
             "the hydration is not complete ({} % of {} bytes): nothing committed",
             st.percent, st.total_bytes
-        ));
+        )));
     }
     let dest = disks_dir(&v.root, &active.info.site, &active.info.vm);
-    std::fs::create_dir_all(&dest).map_err(|e| format!("creating {}: {e}", dest.display()))?;
+    std::fs::create_dir_all(&dest)
+        .map_err(|e| ViewError::Io(format!("creating {}: {e}", dest.display())))?;
     let mut out = Vec::new();
     for f in active.files.iter() {
         let src = h.local_path(f);
         let file = std::fs::OpenOptions::new()
             .write(true)
             .open(&src)
-            .map_err(|e| format!("opening the hydrated copy {}: {e}", src.display()))?;
-        let n = f
-            .fold_overlay_into(&file)
-            .map_err(|e| format!("folding the VM's writes into {}: {e}", src.display()))?;
+            .map_err(|e| {
+                ViewError::Io(format!("opening the hydrated copy {}: {e}", src.display()))
+            })?;
+        let n = f.fold_overlay_into(&file).map_err(|e| {
+            ViewError::Io(format!(
+                "folding the VM's writes into {}: {e}",
+                src.display()
+            ))
+        })?;
         let to = dest.join(&f.name);
-        std::fs::rename(&src, &to)
-            .map_err(|e| format!("moving {} to {}: {e}", src.display(), to.display()))?;
+        std::fs::rename(&src, &to).map_err(|e| {
+            ViewError::Io(format!("moving {} to {}: {e}", src.display(), to.display()))
+        })?;
         let _ = std::fs::remove_file(src.with_file_name(format!("{}.progress", f.name)));
         tracing::info!(
             "committed {}: {n} bytes the VM wrote folded in",
