@@ -366,6 +366,8 @@ fn unplanned_from_the_bucket(url: &str, flags: &[String], at_c2: &[Vec<u8>; 2], 
         .collect();
     cleanup.extend(flags[..8].iter().cloned());
     let guard = ViewGuard(cleanup);
+    let t0 = std::time::Instant::now();
+    let phase = |what: &str| eprintln!("unplanned: {what} after {:?}", t0.elapsed());
     let view: serde_json::Value = serde_json::from_str(&vdrep_ok(&args)).unwrap();
     let scratch = Path::new(view["scratch"].as_str().unwrap()).to_path_buf();
     let path_of = |want: &[u8]| -> std::path::PathBuf {
@@ -422,11 +424,13 @@ fn unplanned_from_the_bucket(url: &str, flags: &[String], at_c2: &[Vec<u8>; 2], 
     while std::fs::metadata(format!("/proc/{pid}")).is_ok() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    phase("killed");
     let view2: serde_json::Value = serde_json::from_str(&vdrep_ok(&args)).unwrap();
     assert_eq!(view2["cycle"], view["cycle"]);
     let st = wait_status(&scratch, "hydration complete", |st| {
         st["hydration"]["complete"].as_bool() == Some(true)
     });
+    phase("hydrated");
     let resumed = st["hydration"]["resumed_bytes"].as_u64().unwrap();
     eprintln!("hydration resumed at {resumed} of {total} bytes after a kill -9");
     assert!(resumed > 0 && resumed < total, "{st}");
@@ -471,7 +475,9 @@ fn unplanned_from_the_bucket(url: &str, flags: &[String], at_c2: &[Vec<u8>; 2], 
         before, after,
         "reads after the hydration went to the bucket"
     );
+    phase("switched");
     let out: serde_json::Value = serde_json::from_str(&vdrep_ok(&commit)).unwrap();
+    phase("committed");
     std::mem::forget(guard);
     let disks: Vec<std::path::PathBuf> = out["disks"]
         .as_array()
