@@ -348,7 +348,8 @@ fn wait_status(
 /// background copy (throttled to 8 MiB/s here) hydrates both disks. The
 /// view process is killed -9 in the middle of the copy; the same command
 /// resumes it (`resumed_bytes` > 0), and the hydrated files equal the
-/// point byte for byte (the disk, then the fixed VHD footer). Once
+/// point byte for byte (the disk, then the fixed VHD footer); a block the
+/// VM wrote and flushed before the crash is still there. Once
 /// complete, reads fetch nothing more from the bucket (the view switched
 /// to the local copies). A write through the view (the VM's) is folded
 /// into the local disk by `--commit`, which is refused before the copy
@@ -414,7 +415,14 @@ fn unplanned_from_the_bucket(url: &str, flags: &[String], at_c2: &[Vec<u8>; 2], 
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    // Crash in the middle of the copy, then the same command again.
+    // The VM writes a block and flushes it; then the view process
+    // crashes in the middle of the copy, and the same command runs again.
+    let early = vec![0xc3u8; 4096];
+    {
+        let w = std::fs::OpenOptions::new().write(true).open(&fa).unwrap();
+        w.write_all_at(&early, 2 << 20).unwrap();
+        w.sync_all().unwrap();
+    }
     let pid = st["pid"].as_i64().unwrap() as i32;
     let done_before = view_status(&scratch)["hydration"]["hydrated_bytes"]
         .as_u64()
@@ -427,6 +435,15 @@ fn unplanned_from_the_bucket(url: &str, flags: &[String], at_c2: &[Vec<u8>; 2], 
     phase("killed");
     let view2: serde_json::Value = serde_json::from_str(&vdrep_ok(&args)).unwrap();
     assert_eq!(view2["cycle"], view["cycle"]);
+    let mut got = vec![0u8; 4096];
+    std::fs::File::open(&fa)
+        .unwrap()
+        .read_exact_at(&mut got, 2 << 20)
+        .unwrap();
+    assert!(
+        got == early,
+        "the VM's flushed write did not survive the crash"
+    );
     let st = wait_status(&scratch, "hydration complete", |st| {
         st["hydration"]["complete"].as_bool() == Some(true)
     });
@@ -456,7 +473,11 @@ fn unplanned_from_the_bucket(url: &str, flags: &[String], at_c2: &[Vec<u8>; 2], 
         .as_u64()
         .unwrap();
     for want in at_c2 {
-        let got = std::fs::read(path_of(want)).unwrap();
+        let mut want = want.clone();
+        if want.len() == at_c2[0].len() {
+            want[2 << 20..(2 << 20) + 4096].copy_from_slice(&early);
+        }
+        let got = std::fs::read(path_of(&want)).unwrap();
         assert!(got[..want.len()] == want[..]);
     }
     // The VM writes a block, then stops; --commit keeps it in the local disk.
@@ -496,6 +517,7 @@ fn unplanned_from_the_bucket(url: &str, flags: &[String], at_c2: &[Vec<u8>; 2], 
             .clone();
         if d.file_name() == Some(name_a) {
             want[1 << 20..(1 << 20) + 4096].copy_from_slice(&stamp);
+            want[2 << 20..(2 << 20) + 4096].copy_from_slice(&early);
         }
         assert!(got[..want.len()] == want[..], "{} differs", d.display());
     }

@@ -347,9 +347,20 @@ fn serve(
         let status = status.clone();
         let _ = std::thread::Builder::new()
             .name("view-status".into())
-            .spawn(move || loop {
-                std::thread::sleep(Duration::from_secs(1));
-                write_status(&scratch, &status(false));
+            .spawn({
+                let files = active.files.clone();
+                move || loop {
+                    std::thread::sleep(Duration::from_secs(1));
+                    // An unplanned failover's overlays: what the VM wrote
+                    // more than a second ago survives a crash even if it
+                    // never flushed (a no-op for a test view).
+                    for f in files.iter() {
+                        if let Err(e) = f.persist() {
+                            tracing::warn!("saving the VM's writes to {}: {e}", f.name);
+                        }
+                    }
+                    write_status(&scratch, &status(false));
+                }
             });
     }
     let sig = sigs.wait();
@@ -497,7 +508,16 @@ fn start(
     let mountpoint =
         v.at.clone()
             .unwrap_or_else(|| v.root.join(FAILOVER_DIR).join(&site).join(&v.vm));
-    let active = mount_at(&store, &site, &v.vm, &pt, &scratch, mountpoint).inspect_err(|_| {
+    let active = mount_at(
+        &store,
+        &site,
+        &v.vm,
+        &pt,
+        &scratch,
+        mountpoint,
+        v.hydrate.is_some(),
+    )
+    .inspect_err(|_| {
         let _ = std::fs::remove_dir_all(&cdir);
     })?;
     Ok((active, cache))

@@ -55,6 +55,9 @@ pub struct ViewFile {
     wlock: parking_lot::Mutex<()>,
     /// Bytes of blocks written to the overlay.
     overlay_bytes: AtomicU64,
+    /// Where the block map is kept across a crash (an unplanned failover's
+    /// view; none for a test view, whose overlay is scratch).
+    map: Option<File>,
 }
 
 impl ViewFile {
@@ -78,7 +81,64 @@ impl ViewFile {
             bits: parking_lot::RwLock::new((0..words).map(|_| AtomicU64::new(0)).collect()),
             wlock: parking_lot::Mutex::new(()),
             overlay_bytes: AtomicU64::new(0),
+            map: None,
         })
+    }
+
+    /// A file whose overlay outlives the process: `map` holds the block map
+    /// as of the last [`persist`](Self::persist) (empty: a new overlay),
+    /// loaded here; blocks written after it are not in the overlay.
+    pub fn durable(
+        name: String,
+        reader: Box<dyn PointRead>,
+        footer: Option<[u8; 512]>,
+        overlay: File,
+        map: File,
+    ) -> io::Result<ViewFile> {
+        let mut f = ViewFile::new(name, reader, footer, overlay)?;
+        let mut raw = Vec::new();
+        io::Read::read_to_end(&mut &map, &mut raw)?;
+        if !raw.is_empty() {
+            let want = f.bits.read().len() * 8;
+            if raw.len() != want {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "the overlay's block map has {} bytes, not {want}",
+                        raw.len()
+                    ),
+                ));
+            }
+            let bits = f.bits.get_mut();
+            let mut n = 0u64;
+            for (w, c) in bits.iter_mut().zip(raw.chunks_exact(8)) {
+                let v = u64::from_le_bytes(c.try_into().unwrap_or_default());
+                n += u64::from(v.count_ones());
+                *w.get_mut() = v;
+            }
+            *f.overlay_bytes.get_mut() = n * OVERLAY_BLOCK;
+        }
+        f.map = Some(map);
+        Ok(f)
+    }
+
+    /// Make every write acknowledged so far durable (a durable file only):
+    /// the block map is taken first, the overlay synced, then the map
+    /// written and synced, so the map never names a block whose data is
+    /// not on disk.
+    pub fn persist(&self) -> io::Result<()> {
+        let Some(map) = &self.map else {
+            return Ok(());
+        };
+        let snap: Vec<u8> = self
+            .bits
+            .read()
+            .iter()
+            .flat_map(|w| w.load(Ordering::Acquire).to_le_bytes())
+            .collect();
+        self.overlay.sync_data()?;
+        map.write_all_at(&snap, 0)?;
+        map.sync_data()
     }
 
     /// Length of the exposed file.
@@ -489,8 +549,12 @@ impl Filesystem for ViewFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // The overlay is scratch: it does not outlive the test failover.
-        reply.ok();
+        // A test view's overlay is scratch; an unplanned failover's is
+        // made durable (the guest's flush reaches here).
+        match self.file(_ino).map(|f| f.persist()) {
+            Some(Err(e)) => reply.error(Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))),
+            _ => reply.ok(),
+        }
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
