@@ -261,7 +261,105 @@ fn direct_to_a_bucket_consistent_points_and_sender_kill9() {
     }
     let st = m.status_json();
     assert_eq!(st["replication"][0]["state"], "Normal", "{st}");
+    access_revoked_while_running(&g, &m, &b, &paths);
     m.umount();
+}
+
+/// Errors while running, each while the VM replicates continuously: the
+/// key loses its rights on the bucket (`garage bucket deny`), then the
+/// bucket disappears (its name unaliased). Each time the VM goes `Warning`
+/// (retried with back-off, never `Critical`), its last error says what
+/// happened and what to do; once fixed
+/// (`bucket allow`, the alias back), protection resumes by itself and the
+/// newest point equals the source.
+fn access_revoked_while_running(
+    g: &Garage,
+    m: &Mounted,
+    b: &Arc<SealedBucket>,
+    paths: &[std::path::PathBuf],
+) {
+    let bucket = g.bucket.as_str();
+    let rights = ["--read", "--write", "--owner", bucket, "--key", "vdrep"];
+    let cmd = |verb: &[&str], rest: &[&str]| -> Vec<String> {
+        verb.iter().chain(rest).map(|s| s.to_string()).collect()
+    };
+    let cases = [
+        (
+            "access revoked",
+            vec![cmd(&["bucket", "deny"], &rights)],
+            vec![cmd(&["bucket", "allow"], &rights)],
+            "denied access",
+        ),
+        (
+            "bucket gone",
+            vec![
+                cmd(&["bucket", "alias", bucket, "vdrep-hidden"], &[]),
+                cmd(&["bucket", "unalias", bucket], &[]),
+            ],
+            vec![cmd(&["bucket", "alias", "vdrep-hidden", bucket], &[])],
+            "no longer has the bucket",
+        ),
+    ];
+    let run = |cmds: &[Vec<String>]| {
+        for c in cmds {
+            g.cli(0, &c.iter().map(String::as_str).collect::<Vec<_>>());
+        }
+    };
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&paths[0])
+        .unwrap();
+    for (what, break_it, fix_it, want) in cases {
+        let n_before = points(b, "site-a", "vm1").unwrap().len();
+        run(&break_it);
+        let t0 = Instant::now();
+        let st = loop {
+            use std::os::unix::fs::FileExt;
+            f.write_all_at(&[0xa5; 4096], 8192).unwrap();
+            let st = m.status_json();
+            let vm = &st["replication"][0];
+            assert_ne!(
+                vm["state"], "Critical",
+                "{what}: retried, not critical: {st}"
+            );
+            if vm["state"] == "Warning"
+                && vm["last_error"].as_str().is_some_and(|e| e.contains(want))
+            {
+                break st;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "{what}: no Warning: {st}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let err = st["replication"][0]["last_error"].as_str().unwrap();
+        println!("{what}: {err}");
+        assert!(
+            err.contains("retried") && err.contains("nothing is committed"),
+            "{err}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(
+            m.status_json()["replication"][0]["state"],
+            "Warning",
+            "{what}: still retrying"
+        );
+        run(&fix_it);
+        vdrep_ok(&["sync", &m.dir.to_string_lossy(), "--timeout", "180"]);
+        let st = m.status_json();
+        assert_eq!(st["replication"][0]["state"], "Normal", "{what}: {st}");
+        let pts = points(b, "site-a", "vm1").unwrap();
+        assert!(pts.len() > n_before, "{what}: no new point once fixed");
+        let got = read_point(b, pts.last().unwrap());
+        for (p, g) in paths.iter().zip(&got) {
+            assert!(
+                &std::fs::read(p).unwrap() == g,
+                "{what}: {}: the newest point after the outage differs from the source",
+                p.display()
+            );
+        }
+    }
 }
 
 /// The lag of `vm` from `vdrep status --json` (seconds; none before its

@@ -184,6 +184,14 @@ fn receive_from_a_bucket_and_take_over_without_resync() {
     let t = std::time::Instant::now();
     test_failover_from_the_bucket(&url_s, &flags, &lister, &at_c2, &site.p("dr"));
     eprintln!("the failover from the bucket took {:?}", t.elapsed());
+    let mut flags = s3_flags("dr2");
+    flags.extend(["--point".to_string(), c2.to_string()]);
+    let t = std::time::Instant::now();
+    unplanned_from_the_bucket(&url_s, &flags, &at_c2, &site.p("dr2"));
+    eprintln!(
+        "the unplanned failover from the bucket took {:?}",
+        t.elapsed()
+    );
     m.umount();
 }
 
@@ -310,4 +318,211 @@ fn test_failover_from_the_bucket(
         "the object cache is gone"
     );
     assert!(!fa.exists(), "the view is unmounted");
+}
+
+/// The view process's `status.json` in `scratch` (rewritten every second).
+fn view_status(scratch: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(scratch.join("status.json")).unwrap_or_default())
+        .unwrap_or_default()
+}
+
+/// Poll the view's status until `done` holds (60 s at most); the status.
+fn wait_status(
+    scratch: &Path,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let t0 = std::time::Instant::now();
+    loop {
+        let st = view_status(scratch);
+        if done(&st) {
+            return st;
+        }
+        assert!(t0.elapsed().as_secs() < 60, "{what}: {st}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// `failover --unplanned --store s3://…` of point c2 (sources `at_c2`)
+/// from the empty cache folder `dr`: the view serves reads lazily while a
+/// background copy (throttled to 8 MiB/s here) hydrates both disks. The
+/// view process is killed -9 in the middle of the copy; the same command
+/// resumes it (`resumed_bytes` > 0), and the hydrated files equal the
+/// point byte for byte (the disk, then the fixed VHD footer); a block the
+/// VM wrote and flushed before the crash is still there. Once
+/// complete, reads fetch nothing more from the bucket (the view switched
+/// to the local copies). A write through the view (the VM's) is folded
+/// into the local disk by `--commit`, which is refused before the copy
+/// is complete.
+fn unplanned_from_the_bucket(url: &str, flags: &[String], at_c2: &[Vec<u8>; 2], dr: &Path) {
+    assert!(!dr.exists(), "the second site starts with nothing");
+    let mut args: Vec<&str> = vec!["failover", "vm1", "--unplanned", "--store", url, "--json"];
+    args.extend(flags.iter().map(|s| s.as_str()));
+    args.extend(["--hydrate-rate", "8M"]);
+    let mut commit: Vec<&str> = vec!["failover", "vm1", "--commit", "--store", url, "--json"];
+    commit.extend(flags[..8].iter().map(|s| s.as_str()));
+    let mut cleanup: Vec<String> = ["failover", "vm1", "--cleanup", "--store", url]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    cleanup.extend(flags[..8].iter().cloned());
+    let guard = ViewGuard(cleanup);
+    let t0 = std::time::Instant::now();
+    let phase = |what: &str| eprintln!("unplanned: {what} after {:?}", t0.elapsed());
+    let view: serde_json::Value = serde_json::from_str(&vdrep_ok(&args)).unwrap();
+    let scratch = Path::new(view["scratch"].as_str().unwrap()).to_path_buf();
+    let path_of = |want: &[u8]| -> std::path::PathBuf {
+        view["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["size"].as_u64() == Some(want.len() as u64 + 512))
+            .map(|d| d["path"].as_str().unwrap().into())
+            .unwrap()
+    };
+    let fa = path_of(&at_c2[0]);
+    // Reads are served while the copy runs.
+    let f = std::fs::File::open(&fa).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    f.read_exact_at(&mut buf, 16 << 20).unwrap();
+    assert!(buf == at_c2[0][16 << 20..17 << 20]);
+    drop(f);
+    let total = (at_c2[0].len() + at_c2[1].len()) as u64;
+    let st = wait_status(&scratch, "hydration under way", |st| {
+        st["hydration"]["hydrated_bytes"].as_u64().unwrap_or(0) > 0
+    });
+    assert_eq!(st["hydration"]["total_bytes"].as_u64(), Some(total), "{st}");
+    // `vdrep status` shows the failover and its progress (text and JSON).
+    let sj: serde_json::Value = serde_json::from_str(&vdrep_ok(&["status", "--json"])).unwrap();
+    let bf = &sj["bucket_failovers"][0];
+    assert_eq!(bf["mode"], "unplanned", "{sj}");
+    assert_eq!(bf["view"]["vm"], "vm1", "{sj}");
+    assert_eq!(
+        bf["status"]["hydration"]["total_bytes"].as_u64(),
+        Some(total),
+        "{sj}"
+    );
+    let text = vdrep_ok(&["status"]);
+    assert!(
+        text.contains("failover unplanned of site-a/vm1 from the bucket")
+            && text.contains("hydrat"),
+        "{text}"
+    );
+    let o = vdrep(&commit);
+    assert!(!o.status.success(), "--commit before the copy is complete");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("hydrated"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // The VM writes a block and flushes it; then the view process
+    // crashes in the middle of the copy, and the same command runs again.
+    let early = vec![0xc3u8; 4096];
+    {
+        let w = std::fs::OpenOptions::new().write(true).open(&fa).unwrap();
+        w.write_all_at(&early, 2 << 20).unwrap();
+        w.sync_all().unwrap();
+    }
+    let pid = st["pid"].as_i64().unwrap() as i32;
+    let done_before = view_status(&scratch)["hydration"]["hydrated_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(done_before < total, "the copy finished before the kill");
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    while std::fs::metadata(format!("/proc/{pid}")).is_ok() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    phase("killed");
+    let view2: serde_json::Value = serde_json::from_str(&vdrep_ok(&args)).unwrap();
+    assert_eq!(view2["cycle"], view["cycle"]);
+    let mut got = vec![0u8; 4096];
+    std::fs::File::open(&fa)
+        .unwrap()
+        .read_exact_at(&mut got, 2 << 20)
+        .unwrap();
+    assert!(
+        got == early,
+        "the VM's flushed write did not survive the crash"
+    );
+    let st = wait_status(&scratch, "hydration complete", |st| {
+        st["hydration"]["complete"].as_bool() == Some(true)
+    });
+    phase("hydrated");
+    let resumed = st["hydration"]["resumed_bytes"].as_u64().unwrap();
+    eprintln!("hydration resumed at {resumed} of {total} bytes after a kill -9");
+    assert!(resumed > 0 && resumed < total, "{st}");
+    assert_eq!(
+        st["hydration"]["hydrated_bytes"].as_u64(),
+        Some(total),
+        "{st}"
+    );
+    let hdir = dr.join("failover/.hydrate/site-a/vm1");
+    for want in at_c2 {
+        let name = path_of(want).file_name().unwrap().to_owned();
+        let got = std::fs::read(hdir.join(&name)).unwrap();
+        assert_eq!(got.len(), want.len() + 512);
+        assert!(
+            got[..want.len()] == want[..],
+            "hydrated {name:?} differs from the point"
+        );
+        assert_eq!(&got[want.len()..want.len() + 8], b"conectix");
+    }
+    // Switched: reading both disks whole now fetches nothing.
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let before = view_status(&scratch)["cache"]["fetched_bytes"]
+        .as_u64()
+        .unwrap();
+    for want in at_c2 {
+        let mut want = want.clone();
+        if want.len() == at_c2[0].len() {
+            want[2 << 20..(2 << 20) + 4096].copy_from_slice(&early);
+        }
+        let got = std::fs::read(path_of(&want)).unwrap();
+        assert!(got[..want.len()] == want[..]);
+    }
+    // The VM writes a block, then stops; --commit keeps it in the local disk.
+    let stamp = vec![0x5au8; 4096];
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fa)
+        .unwrap()
+        .write_all_at(&stamp, 1 << 20)
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let after = view_status(&scratch)["cache"]["fetched_bytes"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        before, after,
+        "reads after the hydration went to the bucket"
+    );
+    phase("switched");
+    let out: serde_json::Value = serde_json::from_str(&vdrep_ok(&commit)).unwrap();
+    phase("committed");
+    std::mem::forget(guard);
+    let disks: Vec<std::path::PathBuf> = out["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap().into())
+        .collect();
+    assert_eq!(disks.len(), 2, "{out}");
+    let name_a = fa.file_name().unwrap();
+    for d in &disks {
+        let got = std::fs::read(d).unwrap();
+        let mut want = at_c2
+            .iter()
+            .find(|w| w.len() + 512 == got.len())
+            .unwrap()
+            .clone();
+        if d.file_name() == Some(name_a) {
+            want[1 << 20..(1 << 20) + 4096].copy_from_slice(&stamp);
+            want[2 << 20..(2 << 20) + 4096].copy_from_slice(&early);
+        }
+        assert!(got[..want.len()] == want[..], "{} differs", d.display());
+    }
+    assert!(
+        !scratch.exists() && !fa.exists(),
+        "the view is gone after --commit"
+    );
 }

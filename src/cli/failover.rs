@@ -151,6 +151,10 @@ pub struct FailoverArgs {
     /// and log segments kept in the cache (least recently used go first).
     #[arg(long, value_name = "SIZE", default_value = "2G", value_parser = parse_size)]
     pub cache_size: u64,
+    /// With --unplanned from an s3:// store: copy the disks to local files
+    /// at most this fast (bytes a second, e.g. 100M; default: no limit).
+    #[arg(long, value_name = "RATE", value_parser = parse_size, requires = "unplanned")]
+    pub hydrate_rate: Option<u64>,
 }
 
 /// `512M`, `2G`, `800K`, `12345` (bytes).
@@ -236,6 +240,7 @@ impl FailoverArgs {
             s3: Default::default(),
             cache: None,
             cache_size: 2 << 30,
+            hydrate_rate: None,
         }
     }
 }
@@ -445,11 +450,11 @@ fn exposed(a: &FailoverArgs, mut out: Out, view: &ViewInfo, cleanup: &str) -> Ou
 fn bucket_failover(a: &FailoverArgs, url: &StoreUrl) -> Out {
     let out = Out::default();
     let m = &a.mode;
-    if a.domain.is_some() || !(m.test || m.cleanup) {
+    if a.domain.is_some() || !(m.test || m.cleanup || m.unplanned || m.commit) {
         return out.fail(
             2,
             format!(
-                "vdrep: from an s3:// store, `failover --test` and `--cleanup` work (without --domain); for the rest, run it at a receiver's store folder ({url})"
+                "vdrep: from an s3:// store, `failover --test`, `--unplanned`, `--commit` and `--cleanup` work (without --domain); for the rest, run it at a receiver's store folder ({url})"
             ),
         );
     }
@@ -466,6 +471,9 @@ fn bucket_failover(a: &FailoverArgs, url: &StoreUrl) -> Out {
     if m.cleanup {
         return bucket_cleanup(a, out, &root);
     }
+    if m.commit {
+        return bucket_commit(a, out, &root);
+    }
     let (sel, at) = match point_and_place(a) {
         Ok(v) => v,
         Err(e) => return out.fail(2, e),
@@ -477,6 +485,7 @@ fn bucket_failover(a: &FailoverArgs, url: &StoreUrl) -> Out {
         sel,
         at,
         cache_bytes: a.cache_size,
+        hydrate: m.unplanned.then_some(a.hydrate_rate.unwrap_or(0)),
     };
     let t0 = std::time::Instant::now();
     let view = match bucket::expose(&v, || {
@@ -498,8 +507,67 @@ fn bucket_failover(a: &FailoverArgs, url: &StoreUrl) -> Out {
             "reads fetch from the bucket as they go: bytes fetched in {}",
             view.scratch.join(bucket::STATUS_FILE).display()
         ));
+        if m.unplanned {
+            out.err(format!(
+                "the disks are copied to {} in the background (progress: `hydration` in {}); once complete, stop the VM and run `vdrep failover {vm} --commit --store {url} --cache {}` for local disks",
+                bucket::hydrate_dir(&root, &view.site, vm).display(),
+                view.scratch.join(bucket::STATUS_FILE).display(),
+                root.display()
+            ));
+        }
     }
     out
+}
+
+/// `--commit --store s3://…` of an unplanned failover: once the hydration
+/// is complete, stop the view (the VM must be stopped) and keep the local
+/// disks with the VM's writes folded in.
+fn bucket_commit(a: &FailoverArgs, out: Out, root: &Path) -> Out {
+    let vm = a.vm();
+    let st = match bucket::find(root, a.site.as_deref(), vm) {
+        Ok((_, scratch)) => bucket::read_status(&scratch),
+        Err(e) => return out.fail(1, format!("vdrep: commit of {vm}: {e}")),
+    };
+    match st.as_ref().and_then(|s| s.hydration.as_ref()) {
+        None => {
+            return out.fail(
+                1,
+                format!("vdrep: commit of {vm}: no unplanned failover from a bucket runs from {} (a test failover is removed with --cleanup)", root.display()),
+            )
+        }
+        Some(h) if !h.complete => {
+            return out.fail(
+                1,
+                format!(
+                    "vdrep: commit of {vm}: refused: the disks are {} % hydrated ({} of {} bytes){}; wait until it is complete, nothing changed",
+                    h.percent,
+                    h.hydrated_bytes,
+                    h.total_bytes,
+                    h.error.as_ref().map(|e| format!(", last error: {e}")).unwrap_or_default()
+                ),
+            )
+        }
+        Some(_) => {}
+    }
+    match bucket::stop(root, a.site.as_deref(), vm, true) {
+        Err(e) => out.fail(1, format!("vdrep: commit of {vm}: {e}")),
+        Ok((_, st, _)) => match st.committed {
+            Some(bucket::Committed { disks, error: None }) => {
+                let mut out = out;
+                if a.json {
+                    out.line(serde_json::to_string_pretty(&serde_json::json!({ "disks": disks })).unwrap_or_default());
+                    return out;
+                }
+                out.err(format!("{vm}: unplanned failover committed: its local disks (start the VM on them):"));
+                for d in disks {
+                    out.line(d.display().to_string());
+                }
+                out
+            }
+            Some(bucket::Committed { error: Some(e), .. }) => out.fail(1, format!("vdrep: commit of {vm}: {e}")),
+            None => out.fail(1, format!("vdrep: commit of {vm}: the view process stopped without committing (see its view.log)")),
+        },
+    }
 }
 
 /// `--cleanup --store s3://…`.

@@ -295,8 +295,60 @@ pub(super) fn mounts_or_all(dir: Option<PathBuf>) -> Result<Vec<PathBuf>, i32> {
     Ok(mounts)
 }
 
+/// The failovers from a bucket running here, one line each (text status).
+fn bucket_failover_lines(views: &[crate::testview::bucket::RunningView]) {
+    for r in views {
+        let v = &r.view;
+        let c = &r.status.cache;
+        let mut line = format!(
+            "failover {} of {}/{} from the bucket: point {} at {}, {} fetched",
+            r.mode,
+            v.site,
+            v.vm,
+            v.cycle,
+            v.mountpoint.display(),
+            human(c.fetched_bytes)
+        );
+        if let Some(h) = &r.status.hydration {
+            line.push_str(&if h.complete {
+                format!(
+                    ", hydrated: {} local in {}",
+                    human(h.total_bytes),
+                    h.dir.display()
+                )
+            } else {
+                format!(
+                    ", hydrating {:.1} % ({} of {})",
+                    h.percent,
+                    human(h.hydrated_bytes),
+                    human(h.total_bytes)
+                )
+            });
+        }
+        println!("{line}");
+        if let Some(e) = r.status.hydration.as_ref().and_then(|h| h.error.as_ref()) {
+            println!("    last error: {e}");
+        }
+    }
+}
+
 /// `vdrep status [DIR] [--json]`.
 pub fn status(dir: Option<PathBuf>, json: bool) -> i32 {
+    // Failovers straight from a bucket run without a mount (DR site).
+    let views = if dir.is_none() {
+        crate::testview::bucket::running()
+    } else {
+        Vec::new()
+    };
+    if dir.is_none() && !views.is_empty() && control::running_mounts().is_empty() {
+        if json {
+            let v = serde_json::json!({ "bucket_failovers": views });
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        } else {
+            bucket_failover_lines(&views);
+        }
+        return 0;
+    }
     let mounts = match mounts_or_all(dir) {
         Ok(m) => m,
         Err(code) => return code,
@@ -338,6 +390,12 @@ pub fn status(dir: Option<PathBuf>, json: bool) -> i32 {
                         "warnings".into(),
                         serde_json::to_value(&r.warnings).unwrap_or_default(),
                     );
+                    if !views.is_empty() {
+                        o.insert(
+                            "bucket_failovers".into(),
+                            serde_json::to_value(&views).unwrap_or_default(),
+                        );
+                    }
                 }
                 v
             })
@@ -350,6 +408,7 @@ pub fn status(dir: Option<PathBuf>, json: bool) -> i32 {
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
         return 0;
     }
+    bucket_failover_lines(&views);
     for r in all {
         for w in &r.warnings {
             println!("warning: {w}");

@@ -29,12 +29,12 @@
 //! for the log being received. A store opened on another machine with the
 //! same bucket and key sees the same replicas.
 
-use super::bucket::{BucketError, SealedBucket};
+use super::bucket::{BucketError, BucketErrorKind, SealedBucket};
 use super::cache::ObjectCache;
 use super::fence::{FenceError, FenceErrorKind, Writer, WriterId};
 use super::layered::{IndexCache, Layered, Layers, LogIndex, LogRef, RecordRef, SEGMENT};
 use super::point::{self, DiskManifest, Manifest, CHUNK};
-use super::ObjectError;
+use super::{ObjectError, ObjectErrorKind};
 use crate::hrl::{HrlError, HrlReader};
 use crate::replica::{
     retention_keep, validate_name, ApplyOutcome, Consistency, Ctx, DigestCache, DiskInfo, DiskRef,
@@ -290,6 +290,21 @@ impl BucketStore {
     }
 
     fn obj_err(&self, ctx: &Ctx, doing: &str, e: BucketError) -> StoreError {
+        // The bucket opened (its start-up checks passed): a refusal now
+        // is a change at the object store, retried until it is undone.
+        let gone = match e.kind() {
+            BucketErrorKind::Object(ObjectErrorKind::Denied) => Some(false),
+            BucketErrorKind::Object(ObjectErrorKind::NoSuchBucket) => Some(true),
+            _ => None,
+        };
+        if let Some(bucket_gone) = gone {
+            return StoreError::Access {
+                ctx: ctx.clone(),
+                doing: doing.to_string(),
+                bucket_gone,
+                why: e.to_string(),
+            };
+        }
         let retryable = e.retryable();
         StoreError::Io {
             ctx: ctx.clone(),

@@ -642,6 +642,7 @@ fn code_of(e: &StoreError) -> ErrorCode {
         StoreError::InvalidName { .. } | StoreError::Escape { .. } => ErrorCode::InvalidName,
         StoreError::NoSpace { .. } => ErrorCode::NoSpace,
         StoreError::Io { .. } => ErrorCode::Io,
+        StoreError::Access { .. } => ErrorCode::Io,
         StoreError::OutOfOrder { .. }
         | StoreError::IdentityMismatch { .. }
         | StoreError::InUse { .. }

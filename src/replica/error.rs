@@ -133,6 +133,20 @@ pub enum StoreError {
     /// acknowledges nothing more.
     #[error("{ctx}: fenced: {what}")]
     Fenced { ctx: Ctx, what: String },
+    /// The object store behind the replica refused access, or lost the
+    /// bucket, after the store was opened (credentials revoked or rotated,
+    /// rights removed, bucket deleted). Someone can fix that without
+    /// touching vdrep, so it is retryable; the failed call committed
+    /// nothing (objects are written under new names, the point's manifest
+    /// last).
+    #[error("{ctx}: {doing}: the object store {} ({why}); restore the key's rights on the bucket (or the bucket itself), or give working --s3-credentials: retried with back-off, nothing is committed meanwhile", if *bucket_gone { "no longer has the bucket" } else { "denied access" })]
+    Access {
+        ctx: Ctx,
+        doing: String,
+        /// The bucket is gone (else: access denied).
+        bucket_gone: bool,
+        why: String,
+    },
     /// A failure injected by [`FailStore`](super::FailStore) (tests only):
     /// retryable unless the wrapper crashed (then the store must be reopened).
     #[error("injected failure in {op}{}", if *crashed { " (the store crashed: reopen it)" } else { "" })]
@@ -147,6 +161,7 @@ impl StoreError {
             StoreError::NoSpace { .. } => true,
             StoreError::Io { retryable, .. } => *retryable,
             StoreError::Locked { .. } | StoreError::Busy { .. } => true,
+            StoreError::Access { .. } => true,
             StoreError::NeedsResync { .. } => true,
             StoreError::Injected { crashed, .. } => !*crashed,
             _ => false,

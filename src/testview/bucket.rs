@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::hydrate::{self, HydrateDisk, Hydration, HydrationStatus};
 use super::{
     alive, detach, is_mountpoint, list, mount_at, read_state, select_point, stop_test_vm, PointSel,
     ViewError, ViewInfo, FAILOVER_DIR, SCRATCH,
@@ -44,6 +45,11 @@ use crate::replica::ReplicaStore;
 
 const CACHE: &str = ".cache";
 const PID_FILE: &str = "view.pid";
+const HYDRATE: &str = ".hydrate";
+/// Where `--commit` puts an unplanned failover's local disks.
+const DISKS: &str = "disks";
+/// Written by `--commit` before it stops the view process.
+pub const COMMIT_FILE: &str = "commit.request";
 /// The view process's counters, in the scratch folder.
 pub const STATUS_FILE: &str = "status.json";
 /// The view process's log, in the scratch folder.
@@ -61,6 +67,9 @@ pub struct BucketView {
     pub at: Option<PathBuf>,
     /// Bytes the object cache may hold.
     pub cache_bytes: u64,
+    /// An unplanned failover: hydrate the disks in the background (at
+    /// most this many bytes a second; `Some(0)`: no limit).
+    pub hydrate: Option<u64>,
 }
 
 /// What a view from a bucket cost so far (`status.json`).
@@ -73,11 +82,37 @@ pub struct BucketViewStatus {
     pub written_bytes: u64,
     /// The process stopped (the last write).
     pub stopped: bool,
+    /// An unplanned failover's background copy to local disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hydration: Option<HydrationStatus>,
+    /// After `--commit`: the local disks (hydrated copies with the VM's
+    /// writes folded in), or why the commit did not happen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committed: Option<Committed>,
+}
+
+/// How `--commit` of an unplanned failover went.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Committed {
+    /// The local disks (empty if it failed).
+    pub disks: Vec<PathBuf>,
+    /// Why nothing was committed.
+    pub error: Option<String>,
 }
 
 /// Scratch folder of a view of `site/vm`.
 pub fn scratch_dir(root: &Path, site: &str, vm: &str) -> PathBuf {
     root.join(FAILOVER_DIR).join(SCRATCH).join(site).join(vm)
+}
+
+/// Where an unplanned failover's hydrated copies of `site/vm` are made.
+pub fn hydrate_dir(root: &Path, site: &str, vm: &str) -> PathBuf {
+    root.join(FAILOVER_DIR).join(HYDRATE).join(site).join(vm)
+}
+
+/// Where `--commit` puts the local disks of `site/vm`.
+pub fn disks_dir(root: &Path, site: &str, vm: &str) -> PathBuf {
+    root.join(DISKS).join(site).join(vm)
 }
 
 fn cache_dir(root: &Path, site: &str, vm: &str) -> PathBuf {
@@ -96,6 +131,55 @@ fn write_status(scratch: &Path, st: &BucketViewStatus) {
             let _ = std::fs::rename(&tmp, scratch.join(STATUS_FILE));
         }
     }
+}
+
+/// The registration of a running view process: `RUN/bucketview-<pid>`
+/// holds its scratch folder, so `vdrep status` finds it.
+fn reg_path(pid: u32) -> PathBuf {
+    crate::ipc::run_dir().join(format!("bucketview-{pid}"))
+}
+
+/// A running failover from a bucket on this machine, as `vdrep status`
+/// shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunningView {
+    /// `test` or `unplanned`.
+    pub mode: &'static str,
+    pub view: ViewInfo,
+    pub status: BucketViewStatus,
+}
+
+/// Every failover from a bucket whose view process runs on this machine
+/// (registrations of dead processes are removed).
+pub fn running() -> Vec<RunningView> {
+    let dir = crate::ipc::run_dir();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("bucketview-")
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let scratch = std::fs::read_to_string(e.path()).map(PathBuf::from);
+        let Ok(scratch) = scratch else { continue };
+        if live_pid(&scratch) != Some(pid) {
+            let _ = std::fs::remove_file(e.path());
+            continue;
+        }
+        let (Some(view), Some(status)) = (read_state(&scratch), read_status(&scratch)) else {
+            continue;
+        };
+        let mode = if status.hydration.is_some() {
+            "unplanned"
+        } else {
+            "test"
+        };
+        out.push(RunningView { mode, view, status });
+    }
+    out.sort_by(|a, b| (&a.view.site, &a.view.vm).cmp(&(&b.view.site, &b.view.vm)));
+    out
 }
 
 /// The pid of the live view process of `scratch`, if any.
@@ -204,14 +288,45 @@ fn serve(
     }
     let pid = std::process::id();
     let _ = std::fs::write(scratch.join(PID_FILE), pid.to_string());
+    let _ = std::fs::create_dir_all(crate::ipc::run_dir());
+    let _ = std::fs::write(reg_path(pid), scratch.as_os_str().as_encoded_bytes());
+    let hyd = match v.hydrate {
+        None => None,
+        Some(rate) => {
+            let disks = active
+                .files
+                .iter()
+                .zip(&active.info.disks)
+                .map(|(f, d)| HydrateDisk {
+                    file: f.clone(),
+                    disk_id: d.disk_id.clone(),
+                })
+                .collect();
+            let dir = hydrate_dir(&v.root, &active.info.site, &active.info.vm);
+            match hydrate::start(&dir, active.info.cycle, disks, Some(rate)) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    let e = ViewError::Io(format!(
+                        "starting the hydration into {}: {e}",
+                        dir.display()
+                    ));
+                    notify(&mut ready, &refusal(&e));
+                    return 1;
+                }
+            }
+        }
+    };
     let status = {
         let files = active.files.clone();
         let cache = cache.clone();
+        let hyd = hyd.clone();
         move |stopped| BucketViewStatus {
             pid,
             cache: cache.stats(),
             written_bytes: files.iter().map(|f| f.overlay_bytes()).sum(),
             stopped,
+            hydration: hyd.as_ref().map(|h| h.status()),
+            committed: None,
         }
     };
     write_status(&scratch, &status(false));
@@ -232,13 +347,27 @@ fn serve(
         let status = status.clone();
         let _ = std::thread::Builder::new()
             .name("view-status".into())
-            .spawn(move || loop {
-                std::thread::sleep(Duration::from_secs(1));
-                write_status(&scratch, &status(false));
+            .spawn({
+                let files = active.files.clone();
+                move || loop {
+                    std::thread::sleep(Duration::from_secs(1));
+                    // An unplanned failover's overlays: what the VM wrote
+                    // more than a second ago survives a crash even if it
+                    // never flushed (a no-op for a test view).
+                    for f in files.iter() {
+                        if let Err(e) = f.persist() {
+                            tracing::warn!("saving the VM's writes to {}: {e}", f.name);
+                        }
+                    }
+                    write_status(&scratch, &status(false));
+                }
             });
     }
     let sig = sigs.wait();
     tracing::info!("stopping the view ({sig:?})");
+    if let Some(h) = &hyd {
+        h.stop();
+    }
     let mut notes = Vec::new();
     stop_test_vm(&scratch, &active.info.mountpoint, &mut notes);
     let mut active = active;
@@ -251,7 +380,18 @@ fn serve(
     for n in notes {
         tracing::info!("{n}");
     }
-    let last = status(true);
+    let mut last = status(true);
+    if let Some(h) = &hyd {
+        if scratch.join(COMMIT_FILE).exists() {
+            last.committed = Some(match commit(v, &active, h) {
+                Ok(disks) => Committed { disks, error: None },
+                Err(e) => Committed {
+                    disks: Vec::new(),
+                    error: Some(e.to_string()),
+                },
+            });
+        }
+    }
     tracing::info!(
         "view stopped: {} fetched from the bucket in {} objects, {} cache hits",
         last.cache.fetched_bytes,
@@ -259,7 +399,57 @@ fn serve(
         last.cache.hits
     );
     write_status(&scratch, &last);
+    let _ = std::fs::remove_file(reg_path(pid));
     0
+}
+
+/// `--commit` of an unplanned failover, once the view is unmounted (no
+/// more writes): fold each file's overlay into its hydrated copy and move
+/// the copies to `ROOT/disks/SITE/VM/`. Refused before the hydration is
+/// complete (the VM's writes stay in the scratch overlays).
+fn commit(
+    v: &BucketView,
+    active: &super::Active,
+    h: &Hydration,
+) -> Result<Vec<PathBuf>, ViewError> {
+    if !h.is_complete() {
+        let st = h.status();
+        return Err(ViewError::Refused(format!(
+            "the hydration is not complete ({} % of {} bytes): nothing committed",
+            st.percent, st.total_bytes
+        )));
+    }
+    let dest = disks_dir(&v.root, &active.info.site, &active.info.vm);
+    std::fs::create_dir_all(&dest)
+        .map_err(|e| ViewError::Io(format!("creating {}: {e}", dest.display())))?;
+    let mut out = Vec::new();
+    for f in active.files.iter() {
+        let src = h.local_path(f);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&src)
+            .map_err(|e| {
+                ViewError::Io(format!("opening the hydrated copy {}: {e}", src.display()))
+            })?;
+        let n = f.fold_overlay_into(&file).map_err(|e| {
+            ViewError::Io(format!(
+                "folding the VM's writes into {}: {e}",
+                src.display()
+            ))
+        })?;
+        let to = dest.join(&f.name);
+        std::fs::rename(&src, &to).map_err(|e| {
+            ViewError::Io(format!("moving {} to {}: {e}", src.display(), to.display()))
+        })?;
+        let _ = std::fs::remove_file(src.with_file_name(format!("{}.progress", f.name)));
+        tracing::info!(
+            "committed {}: {n} bytes the VM wrote folded in",
+            to.display()
+        );
+        out.push(to);
+    }
+    let _ = std::fs::File::open(&dest).and_then(|d| d.sync_all());
+    Ok(out)
 }
 
 /// Open the bucket, pick the point, mount the view.
@@ -301,6 +491,13 @@ fn start(
             v.vm, v.vm
         )));
     }
+    // A view process killed before (kill -9, a crash) left its mount:
+    // detach it so the view can be mounted again.
+    if let Some(info) = read_state(&scratch) {
+        if is_mountpoint(&info.mountpoint) || std::fs::metadata(&info.mountpoint).is_err() {
+            let _ = detach(&info.mountpoint);
+        }
+    }
     let points = store.points(&site, &v.vm)?;
     let pt = select_point(&points, v.sel, &v.vm)?;
     let cdir = cache_dir(&v.root, &site, &v.vm);
@@ -311,20 +508,24 @@ fn start(
     let mountpoint =
         v.at.clone()
             .unwrap_or_else(|| v.root.join(FAILOVER_DIR).join(&site).join(&v.vm));
-    let active = mount_at(&store, &site, &v.vm, &pt, &scratch, mountpoint).inspect_err(|_| {
+    let active = mount_at(
+        &store,
+        &site,
+        &v.vm,
+        &pt,
+        &scratch,
+        mountpoint,
+        v.hydrate.is_some(),
+    )
+    .inspect_err(|_| {
         let _ = std::fs::remove_dir_all(&cdir);
     })?;
     Ok((active, cache))
 }
 
-/// Remove the test failover of `vm` served from `root`: stop its process
-/// (which stops a `--boot` test VM and unmounts), delete the overlays and
-/// the object cache. Returns the view, its last counters and notes.
-pub fn cleanup(
-    root: &Path,
-    site: Option<&str>,
-    vm: &str,
-) -> Result<(ViewInfo, BucketViewStatus, Vec<String>), ViewError> {
+/// The site and scratch folder of the bucket view of `vm` served from
+/// `root` (`site` if given, else the only one).
+pub fn find(root: &Path, site: Option<&str>, vm: &str) -> Result<(String, PathBuf), ViewError> {
     let base = root.join(FAILOVER_DIR).join(SCRATCH);
     let sites: Vec<String> = match site {
         Some(s) => vec![s.to_string()],
@@ -337,30 +538,62 @@ pub fn cleanup(
         [one] => one.clone(),
         [] => {
             return Err(ViewError::NotFound(format!(
-                "no test failover of {vm} from the cache folder {}",
+                "no failover of {vm} from the cache folder {}",
                 root.display()
             )))
         }
         _ => {
             return Err(ViewError::Refused(format!(
-                "test failovers of {vm} from several sites ({}): say which with --site",
+                "failovers of {vm} from several sites ({}): say which with --site",
                 sites.join(", ")
             )))
         }
     };
     let scratch = scratch_dir(root, &site, vm);
+    Ok((site, scratch))
+}
+
+/// Remove the test failover of `vm` served from `root`: stop its process
+/// (which stops a `--boot` test VM and unmounts), delete the overlays and
+/// the object cache. Returns the view, its last counters and notes.
+pub fn cleanup(
+    root: &Path,
+    site: Option<&str>,
+    vm: &str,
+) -> Result<(ViewInfo, BucketViewStatus, Vec<String>), ViewError> {
+    stop(root, site, vm, false)
+}
+
+/// [`cleanup`]; with `commit`, the view process of an unplanned failover
+/// first folds the VM's writes into the hydrated copies and moves them to
+/// [`disks_dir`] (its last counters say how that went).
+pub fn stop(
+    root: &Path,
+    site: Option<&str>,
+    vm: &str,
+    commit: bool,
+) -> Result<(ViewInfo, BucketViewStatus, Vec<String>), ViewError> {
+    let (site, scratch) = find(root, site, vm)?;
     let info = read_state(&scratch).ok_or_else(|| {
         ViewError::NotFound(format!(
             "no test failover of {site}/{vm} from the cache folder {}",
             root.display()
         ))
     })?;
+    if commit {
+        std::fs::write(scratch.join(COMMIT_FILE), b"commit\n").map_err(|e| {
+            ViewError::Io(format!(
+                "writing {}: {e}",
+                scratch.join(COMMIT_FILE).display()
+            ))
+        })?;
+    }
     let mut notes = Vec::new();
     if let Some(pid) = live_pid(&scratch) {
         let p = nix::unistd::Pid::from_raw(pid);
         let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGTERM);
         let t0 = Instant::now();
-        while alive(pid) && t0.elapsed() < Duration::from_secs(15) {
+        while alive(pid) && t0.elapsed() < Duration::from_secs(if commit { 600 } else { 15 }) {
             std::thread::sleep(Duration::from_millis(20));
         }
         if alive(pid) {

@@ -24,6 +24,7 @@
 //! the objects they touch, through a bounded local cache).
 
 pub mod bucket;
+pub mod hydrate;
 pub mod view;
 
 use std::collections::HashMap;
@@ -439,6 +440,7 @@ impl Views {
             pt,
             &Self::scratch_dir(store, site, vm),
             mountpoint,
+            false,
         )
     }
 
@@ -549,6 +551,10 @@ impl Views {
 /// the view's state file is written before the mount. Any store: the
 /// directory store's replica and undo records, or a bucket's chunks and
 /// logs (fetched as reads touch them).
+/// `durable`: the overlays and their block maps (`<file>.overlay`,
+/// `<file>.overlay.map`) are kept across a crash and reused by the next
+/// mount of the same point (an unplanned failover: they hold the VM's
+/// writes); else the scratch folder starts empty.
 fn mount_at(
     store: &dyn ReplicaStore,
     site: &str,
@@ -556,9 +562,19 @@ fn mount_at(
     pt: &replica::Point,
     scratch: &Path,
     mountpoint: PathBuf,
+    durable: bool,
 ) -> Result<Active, ViewError> {
     let scratch = scratch.to_path_buf();
-    let _ = std::fs::remove_dir_all(&scratch);
+    let kept = durable && read_state(&scratch).is_some_and(|i| i.cycle == pt.cycle && i.vm == vm);
+    if durable && !kept && read_state(&scratch).is_some() {
+        return Err(ViewError::Refused(format!(
+            "{}: the VM's writes of an unplanned failover of another point are kept there: fail over to that point again, or remove them with --cleanup",
+            scratch.display()
+        )));
+    }
+    if !kept {
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
     std::fs::create_dir_all(&scratch).map_err(|e| {
         ViewError::Io(format!(
             "creating the scratch folder {}: {e}",
@@ -566,7 +582,9 @@ fn mount_at(
         ))
     })?;
     let fail = |e: ViewError| {
-        let _ = std::fs::remove_dir_all(&scratch);
+        if !kept {
+            let _ = std::fs::remove_dir_all(&scratch);
+        }
         e
     };
     if is_mountpoint(&mountpoint) {
@@ -610,21 +628,32 @@ fn mount_at(
             ReplicaFormat::Raw => None,
         };
         let ovp = scratch.join(format!("{}.overlay", st.replica_file));
-        let ov = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&ovp)
-            .map_err(|e| {
-                fail(ViewError::Io(format!(
-                    "creating the overlay {}: {e}",
-                    ovp.display()
-                )))
-            })?;
-        let f = ViewFile::new(st.replica_file.clone(), reader, footer, ov).map_err(|e| {
+        let open = |p: &Path| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(kept)
+                .create_new(!kept)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(p)
+                .map_err(|e| {
+                    fail(ViewError::Io(format!(
+                        "opening the overlay {}: {e}",
+                        p.display()
+                    )))
+                })
+        };
+        let ov = open(&ovp)?;
+        let name = st.replica_file.clone();
+        let f = if durable {
+            let map = open(&ovp.with_extension("overlay.map"))?;
+            ViewFile::durable(name, reader, footer, ov, map)
+        } else {
+            ViewFile::new(name, reader, footer, ov)
+        }
+        .map_err(|e| {
             fail(ViewError::Io(format!(
-                "sizing the overlay {}: {e}",
+                "setting up the overlay {}: {e}",
                 ovp.display()
             )))
         })?;

@@ -37,7 +37,9 @@ const GEN: Generation = Generation(0);
 /// One exposed disk.
 pub struct ViewFile {
     pub name: String,
-    reader: Box<dyn PointRead>,
+    /// The point's bytes; [`switch_base`](Self::switch_base) replaces it
+    /// with an equal source (a hydrated local copy) while the view runs.
+    reader: parking_lot::RwLock<Arc<dyn PointRead>>,
     /// Footer appended after the disk (raw sources kept as fixed VHDs).
     footer: Option<[u8; 512]>,
     /// Length of the exposed file. A file without a footer (a qcow2 or
@@ -53,6 +55,9 @@ pub struct ViewFile {
     wlock: parking_lot::Mutex<()>,
     /// Bytes of blocks written to the overlay.
     overlay_bytes: AtomicU64,
+    /// Where the block map is kept across a crash (an unplanned failover's
+    /// view; none for a test view, whose overlay is scratch).
+    map: Option<File>,
 }
 
 impl ViewFile {
@@ -69,14 +74,71 @@ impl ViewFile {
         let words = blocks.div_ceil(64) as usize;
         Ok(ViewFile {
             name,
-            reader,
+            reader: parking_lot::RwLock::new(Arc::from(reader)),
             footer,
             len: AtomicU64::new(len),
             overlay,
             bits: parking_lot::RwLock::new((0..words).map(|_| AtomicU64::new(0)).collect()),
             wlock: parking_lot::Mutex::new(()),
             overlay_bytes: AtomicU64::new(0),
+            map: None,
         })
+    }
+
+    /// A file whose overlay outlives the process: `map` holds the block map
+    /// as of the last [`persist`](Self::persist) (empty: a new overlay),
+    /// loaded here; blocks written after it are not in the overlay.
+    pub fn durable(
+        name: String,
+        reader: Box<dyn PointRead>,
+        footer: Option<[u8; 512]>,
+        overlay: File,
+        map: File,
+    ) -> io::Result<ViewFile> {
+        let mut f = ViewFile::new(name, reader, footer, overlay)?;
+        let mut raw = Vec::new();
+        io::Read::read_to_end(&mut &map, &mut raw)?;
+        if !raw.is_empty() {
+            let want = f.bits.read().len() * 8;
+            if raw.len() != want {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "the overlay's block map has {} bytes, not {want}",
+                        raw.len()
+                    ),
+                ));
+            }
+            let bits = f.bits.get_mut();
+            let mut n = 0u64;
+            for (w, c) in bits.iter_mut().zip(raw.chunks_exact(8)) {
+                let v = u64::from_le_bytes(c.try_into().unwrap_or_default());
+                n += u64::from(v.count_ones());
+                *w.get_mut() = v;
+            }
+            *f.overlay_bytes.get_mut() = n * OVERLAY_BLOCK;
+        }
+        f.map = Some(map);
+        Ok(f)
+    }
+
+    /// Make every write acknowledged so far durable (a durable file only):
+    /// the block map is taken first, the overlay synced, then the map
+    /// written and synced, so the map never names a block whose data is
+    /// not on disk.
+    pub fn persist(&self) -> io::Result<()> {
+        let Some(map) = &self.map else {
+            return Ok(());
+        };
+        let snap: Vec<u8> = self
+            .bits
+            .read()
+            .iter()
+            .flat_map(|w| w.load(Ordering::Acquire).to_le_bytes())
+            .collect();
+        self.overlay.sync_data()?;
+        map.write_all_at(&snap, 0)?;
+        map.sync_data()
     }
 
     /// Length of the exposed file.
@@ -130,11 +192,48 @@ impl ViewFile {
         }
     }
 
+    /// The source of the point's disk bytes now.
+    pub fn base(&self) -> Arc<dyn PointRead> {
+        self.reader.read().clone()
+    }
+
+    /// Serve the point's bytes from `r` from now on. `r` must hold the
+    /// same bytes as the current source (a hydrated copy of it): readers
+    /// see no change.
+    pub fn switch_base(&self, r: Arc<dyn PointRead>) {
+        *self.reader.write() = r;
+    }
+
+    /// The VHD footer after the disk, for a raw source kept as a fixed VHD.
+    pub fn footer(&self) -> Option<&[u8; 512]> {
+        self.footer.as_ref()
+    }
+
+    /// Write every overlay block (what the VM wrote) into `dst` at its
+    /// offset, then fsync `dst`; the bytes written.
+    pub fn fold_overlay_into(&self, dst: &File) -> io::Result<u64> {
+        let _g = self.wlock.lock();
+        let mut buf = vec![0u8; OVERLAY_BLOCK as usize];
+        let mut n = 0;
+        for b in 0..self.len().div_ceil(OVERLAY_BLOCK) {
+            if self.in_overlay(b) {
+                let off = b * OVERLAY_BLOCK;
+                let k = (self.len() - off).min(OVERLAY_BLOCK) as usize;
+                self.read_overlay(&mut buf[..k], off)?;
+                dst.write_all_at(&buf[..k], off)?;
+                n += k as u64;
+            }
+        }
+        dst.sync_all()?;
+        Ok(n)
+    }
+
     /// The point's bytes (disk, then footer) without the overlay.
     fn read_base(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
-        let disk = self.reader.len();
+        let reader = self.base();
+        let disk = reader.len();
         let n_disk = disk.saturating_sub(off).min(buf.len() as u64) as usize;
-        self.reader.read_at(&mut buf[..n_disk], off)?;
+        reader.read_at(&mut buf[..n_disk], off)?;
         if n_disk < buf.len() {
             let rest = &mut buf[n_disk..];
             let foff = (off + n_disk as u64 - disk) as usize;
@@ -450,8 +549,12 @@ impl Filesystem for ViewFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // The overlay is scratch: it does not outlive the test failover.
-        reply.ok();
+        // A test view's overlay is scratch; an unplanned failover's is
+        // made durable (the guest's flush reaches here).
+        match self.file(_ino).map(|f| f.persist()) {
+            Some(Err(e)) => reply.error(Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))),
+            _ => reply.ok(),
+        }
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
