@@ -4,8 +4,9 @@
 //! - [`keys`]: site identities (`vdrep keys init`), certificate fingerprints.
 //! - [`trust`]: pinned-certificate trust and the rustls verifiers.
 //! - this module: QUIC endpoints over mutual TLS 1.3 ([`server`], [`client`],
-//!   [`connect`], [`accept`]), the peer's identity on a connection
-//!   ([`peer_identity`]) and readable explanations of refusals
+//!   [`connect`], [`accept`]; one client endpoint shared by many
+//!   connections: [`client_endpoint`], [`client_config`], [`connect_with`]),
+//!   the peer's identity on a connection ([`peer_identity`]) and readable explanations of refusals
 //!   ([`explain_connection_error`]), and how a driver ends a send stream
 //!   ([`StreamEnd`]).
 //! - [`rate`]: the token bucket behind `--max-rate`.
@@ -359,18 +360,44 @@ pub fn client_tuned(
     tuning: &Tuning,
     bind: Option<SocketAddr>,
 ) -> Result<quinn::Endpoint, TransportError> {
-    let crypto = client_crypto(id, trust)?;
-    let mut cc = quinn::ClientConfig::new(Arc::new(crypto));
-    cc.transport_config(Arc::new(tuning.transport_config()?));
-    let mut ep = match bind {
-        Some(addr) => endpoint_on(addr, None, tuning, None)?,
+    let cc = client_config(id, trust, tuning)?;
+    let mut ep = client_endpoint(tuning, bind)?;
+    ep.set_default_client_config(cc);
+    Ok(ep)
+}
+
+/// A client endpoint with no default configuration: one UDP socket and one
+/// endpoint driver that many connections share, each with its own
+/// [`client_config`] ([`connect_with`]). quinn multiplexes the connections
+/// on the socket by connection ID; a connection that fails (a stateless
+/// reset, a timeout) ends alone. Binds `bind`, else dual-stack `[::]:0`
+/// (or `0.0.0.0:0` where IPv6 is disabled). Must be called inside a tokio
+/// runtime.
+pub fn client_endpoint(
+    tuning: &Tuning,
+    bind: Option<SocketAddr>,
+) -> Result<quinn::Endpoint, TransportError> {
+    match bind {
+        Some(addr) => endpoint_on(addr, None, tuning, None),
         // Dual-stack [::]:0 reaches IPv4 and IPv6 receivers; fall back to
         // 0.0.0.0:0 where IPv6 is disabled.
         None => endpoint_on(SocketAddr::from(([0u16; 8], 0)), None, tuning, None)
-            .or_else(|_| endpoint_on(SocketAddr::from(([0, 0, 0, 0], 0)), None, tuning, None))?,
-    };
-    ep.set_default_client_config(cc);
-    Ok(ep)
+            .or_else(|_| endpoint_on(SocketAddr::from(([0, 0, 0, 0], 0)), None, tuning, None)),
+    }
+}
+
+/// The configuration of one client connection: presenting `id`, accepting
+/// a server whose certificate is in `trust`, with `tuning`'s transport
+/// parameters.
+pub fn client_config(
+    id: &Identity,
+    trust: &TrustStore,
+    tuning: &Tuning,
+) -> Result<quinn::ClientConfig, TransportError> {
+    let crypto = client_crypto(id, trust)?;
+    let mut cc = quinn::ClientConfig::new(Arc::new(crypto));
+    cc.transport_config(Arc::new(tuning.transport_config()?));
+    Ok(cc)
 }
 
 /// The endpoint constructors under one name, for callers that prefer
@@ -411,17 +438,40 @@ pub async fn connect(
     addr: SocketAddr,
     server_name: &str,
 ) -> Result<quinn::Connection, TransportError> {
+    connect_on(endpoint, None, addr, server_name).await
+}
+
+/// [`connect`] with this connection's own configuration ([`client_config`])
+/// instead of the endpoint's default: many connections, each with its own
+/// trust, share one endpoint ([`client_endpoint`]).
+pub async fn connect_with(
+    endpoint: &quinn::Endpoint,
+    config: quinn::ClientConfig,
+    addr: SocketAddr,
+    server_name: &str,
+) -> Result<quinn::Connection, TransportError> {
+    connect_on(endpoint, Some(config), addr, server_name).await
+}
+
+async fn connect_on(
+    endpoint: &quinn::Endpoint,
+    config: Option<quinn::ClientConfig>,
+    addr: SocketAddr,
+    server_name: &str,
+) -> Result<quinn::Connection, TransportError> {
     let sni = if server_name.is_empty() {
         "vdrep"
     } else {
         server_name
     };
-    let connecting = endpoint
-        .connect(addr, sni)
-        .map_err(|e| TransportError::Connect {
-            addr,
-            what: e.to_string(),
-        })?;
+    let connecting = match config {
+        Some(c) => endpoint.connect_with(c, addr, sni),
+        None => endpoint.connect(addr, sni),
+    }
+    .map_err(|e| TransportError::Connect {
+        addr,
+        what: e.to_string(),
+    })?;
     connecting.await.map_err(|e| TransportError::Connection {
         explained: explain_connection_error(&e, addr),
         source: e,
