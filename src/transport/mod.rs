@@ -35,9 +35,10 @@
 //! # Throughput tuning
 //! quinn's defaults are sized for the web. [`Tuning::default`] raises the
 //! per-stream and per-connection receive windows and the send window to tens
-//! of MiB and asks the kernel for large UDP socket buffers (best effort:
-//! Linux caps them at `net.core.rmem_max`/`wmem_max`; smaller grants are
-//! logged at INFO with the sysctls to raise). Keep-alive every 1 s and a
+//! of MiB and asks the kernel for 32 MiB UDP socket buffers (best effort:
+//! Linux caps them at `net.core.rmem_max`/`wmem_max` unless the process
+//! may force them, as root may; smaller grants are logged at INFO with the
+//! sysctls to raise). Keep-alive every 1 s and a
 //! 30 s idle timeout make a dead peer visible as `ConnectionError::TimedOut`;
 //! a receiver that restarted answers the next keep-alive with a stateless
 //! reset (its reset key is derived from its identity, see
@@ -137,7 +138,12 @@ pub struct Tuning {
     pub receive_window: u32,
     /// Bytes the sender may have unacknowledged in flight on a connection.
     pub send_window: u64,
-    /// Requested `SO_RCVBUF` / `SO_SNDBUF` (bytes, best effort).
+    /// Requested `SO_RCVBUF` / `SO_SNDBUF` (bytes, best effort; past
+    /// `net.core.rmem_max`/`wmem_max` with `SO_RCVBUFFORCE` where the
+    /// process may). The receiver's one socket takes every sender's
+    /// datagrams: at 50 MB/s a 4 MiB buffer overflowed whenever its
+    /// endpoint task waited ~80 ms for a thread (256 VMs, issue 12:
+    /// ~800 drops/s, connections timed out).
     pub socket_buffer: usize,
     /// PING interval keeping the connection (and NAT bindings) alive.
     pub keep_alive: Duration,
@@ -166,7 +172,7 @@ impl Default for Tuning {
             stream_receive_window: STREAM_RECEIVE_WINDOW,
             receive_window: 64 << 20,
             send_window: 64 << 20,
-            socket_buffer: 8 << 20,
+            socket_buffer: 32 << 20,
             keep_alive: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(30),
             max_streams: 64,
@@ -252,6 +258,16 @@ fn bind_socket(addr: SocketAddr, tuning: &Tuning) -> Result<std::net::UdpSocket,
     }
     let _ = sock.set_recv_buffer_size(tuning.socket_buffer);
     let _ = sock.set_send_buffer_size(tuning.socket_buffer);
+    // Past the sysctl caps where the process may (root: CAP_NET_ADMIN).
+    // Linux reports twice the usable size.
+    if sock.recv_buffer_size().unwrap_or(0) < tuning.socket_buffer {
+        use nix::sys::socket::{setsockopt, sockopt::RcvBufForce};
+        let _ = setsockopt(&sock, RcvBufForce, &tuning.socket_buffer);
+    }
+    if sock.send_buffer_size().unwrap_or(0) < tuning.socket_buffer {
+        use nix::sys::socket::{setsockopt, sockopt::SndBufForce};
+        let _ = setsockopt(&sock, SndBufForce, &tuning.socket_buffer);
+    }
     let rcv = sock.recv_buffer_size().unwrap_or(0);
     let snd = sock.send_buffer_size().unwrap_or(0);
     tracing::debug!(%addr, rcvbuf = rcv, sndbuf = snd, "UDP socket buffers");
