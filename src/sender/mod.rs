@@ -349,8 +349,6 @@ pub struct Replicator {
     retry_scale: f64,
     /// The flush before a cut, shared by the VMs that cut together.
     flush: Arc<flush::FlushGate>,
-    /// The seal of a cut, shared the same way.
-    seals: Arc<flush::SealGate>,
     /// This daemon's identity (random): resync progress it saved can be
     /// resumed with its in-memory bitmap.
     instance: String,
@@ -414,7 +412,6 @@ impl Replicator {
             links: Mutex::new(HashMap::new()),
             retry_scale,
             flush: Arc::new(flush::FlushGate::new(mount_dir)),
-            seals: Arc::default(),
             instance: format!(
                 "{:032x}",
                 xxhash_rust::xxh3::xxh3_128(
@@ -1497,7 +1494,7 @@ impl Replicator {
     ) -> Result<(), SendError> {
         let spec = vm.spec.clone();
         let tracker = self.tracker.clone();
-        let (flush, seals) = (self.flush.clone(), self.seals.clone());
+        let flush = self.flush.clone();
         // Due when `every` passed since the last attempt (failed or not:
         // a broken hook must not stall every cut for its time limit).
         let mut hook = None;
@@ -1528,7 +1525,10 @@ impl Replicator {
                     for d in &spec.disks {
                         tracker.enforce_log_limit(d);
                     }
-                    seals.seal(&tracker, &spec.disks)
+                    tracker.seal(&CutSelect {
+                        disks: Some(spec.disks.clone()),
+                        ..Default::default()
+                    })
                 });
                 // Thaw whenever freeze was started, also when it failed
                 // (part of the guest may be frozen) or the cut failed.
