@@ -526,6 +526,7 @@ printf '%s\n' "[scale-load]" "directory=$VSRC" "nrfiles=$SCALE_VMS" 'filename_fo
 pidstat -u -h -t -p "$SENDER_PID,$RECV_PID" 1 >"$LOG/pidstat-scale.txt" 2>&1 &
 PIDSTAT_PID=$!
 cs0=$(cpu_secs "$SENDER_PID"); cr0=$(cpu_secs "$RECV_PID")
+failed0="$(grep -c 'replication interrupted' "$LOG/sender.log" || true)"
 fio --output-format=json --output="$LOG/fio-scale.json" "$W/scale.fio" >/dev/null 2>"$LOG/fio-scale.err" &
 FIO_PID=$!
 # One line per sample and VM: seconds, vm, lag (empty: no point yet).
@@ -536,12 +537,17 @@ t0 = time.time(); nxt = t0 + 1
 n = 0
 while time.time() < t0 + secs:
     time.sleep(max(0.0, nxt - time.time())); nxt += 1
+    ts = time.time()
     try:
         s = json.loads(subprocess.run([vdrep, "status", d, "--json"], capture_output=True, text=True, timeout=10).stdout)
     except Exception as e:
-        print(f"{time.time() - t0:.2f}\t\t\terror:{e}", flush=True); continue
+        print(f"{time.time() - t0:.2f}\t\t\terror:{e}", flush=True)
+        with open(res, "a") as out:
+            out.write(f"scale\tvdrep\t1\tstatus_secs\t{time.time() - ts:.3f}\n")
+        continue
     n += 1
     with open(res, "a") as out:
+        out.write(f"scale\tvdrep\t1\tstatus_secs\t{time.time() - ts:.3f}\n")
         for v in s.get("replication", []):
             lag = v.get("lag_secs")
             print(f"{time.time() - t0:.2f}\t{v['vm']}\t{'' if lag is None else f'{lag:.3f}'}\t{v.get('state')}")
@@ -557,6 +563,8 @@ read -r r_rss1 r_thr1 r_fd1 <<<"$(proc_mem "$RECV_PID")"
 wait "$FIO_PID" || say "warning: fio failed: $(tail -2 "$LOG/fio-scale.err")"
 FIO_PID=""
 cs1=$(cpu_secs "$SENDER_PID"); cr1=$(cpu_secs "$RECV_PID")
+failed1="$(grep -c 'replication interrupted' "$LOG/sender.log" || true)"
+rec scale vdrep 1 sessions_failed "$((failed1 - failed0))"
 wait "$SAMPLER_PID" || true; SAMPLER_PID=""
 kill "$PIDSTAT_PID" 2>/dev/null || true; wait "$PIDSTAT_PID" 2>/dev/null || true; PIDSTAT_PID=""
 rec scale vdrep 1 vms "$SCALE_VMS"
@@ -687,6 +695,7 @@ if any(k[0] == "blip" for k in d):
 if any(k[0] == "scale" for k in d):
     g = lambda k: med("scale", "vdrep", k)
     lags = d.get(("scale", "vdrep", "lag"), [])
+    st = d.get(("scale", "vdrep", "status_secs"), [])
     n = int(g("vms") or 0); secs = float(os.environ.get("SCALE_SECS", "60"))
     total = n * int(g("samples") or 0)
     p50, p99, mx = pctl(lags, 50), pctl(lags, 99), (max(lags) if lags else None)
@@ -695,9 +704,11 @@ if any(k[0] == "scale" for k in d):
     per = lambda a, b: "n/a" if g(a) is None or g(b) is None or not n else f"{(g(b) - g(a)) / n:,.1f}"
     table(f"5. Scale: {n} VMs x 1 disk, one mount, all --every continuous to one receiver; fio {os.environ.get('SCALE_RATE', '50m')}/s of 4 KiB random writes in total, {secs:.0f} s",
           ["lag samples with a point", "lag p50 s", "lag p99 s", "lag max s", "fio MB/s", "pending max MB",
-           "drain s", "target p99 <= 1 s"],
+           "drain s", "sessions failed", "status call p50 / max s", "target p99 <= 1 s"],
           [[f"{len(lags)}/{total}", f1(p50, 2), f1(p99, 2), f1(mx, 2), mb(g("fio_bw")),
-            mb(max(d.get(("scale", "vdrep", "pending"), [0]))), f1(g("drain_secs"), 1), verdict]])
+            mb(max(d.get(("scale", "vdrep", "pending"), [0]))), f1(g("drain_secs"), 1),
+            f"{int(g('sessions_failed') or 0)}",
+            f"{f1(pctl(st, 50), 2)} / {f1(max(st) if st else None, 2)}", verdict]])
     rows = []
     for side, name, cpu in (("s", "mount daemon (sender)", "cpu_sender"), ("r", "receiver", "cpu_receiver")):
         rows.append([name, f"{(g(side + '_rss0') or 0) / 1024:,.0f} -> {(g(side + '_rss1') or 0) / 1024:,.0f}",
@@ -712,7 +723,9 @@ if any(k[0] == "scale" for k in d):
     js["scale"] = {"vms": n, "p50": p50, "p99": p99, "max": mx, "samples": len(lags), "expected": total,
                    "fio_bw": g("fio_bw"), "cpu_sender_s": g("cpu_sender"), "cpu_receiver_s": g("cpu_receiver"),
                    "rss_kib": {k: g(k) for k in ("s_rss0", "s_rss1", "r_rss0", "r_rss1")},
-                   "setup_secs": g("setup_secs"), "protect_secs": g("protect_secs")}
+                   "setup_secs": g("setup_secs"), "protect_secs": g("protect_secs"),
+                   "sessions_failed": g("sessions_failed"),
+                   "status_secs": {"p50": pctl(st, 50), "max": max(st) if st else None}}
 text = "\n".join(out) + "\n"
 print(text)
 open(base + ".md", "w").write(text)

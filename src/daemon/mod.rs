@@ -622,20 +622,25 @@ fn serve_worker(
 }
 
 /// A worker's liveness (systemd's watchdog and the supervisor's): the
-/// tracker's state can be read, and the folder answers through the mount
-/// (a round trip through this worker's FUSE threads). Blocks while either
-/// is stuck.
+/// tracker's state can be read, cuts are not stuck, and the folder answers
+/// through the mount (a round trip through this worker's FUSE threads).
+/// Blocks while either is stuck.
 fn worker_alive(tracker: &Tracker, dir: &Path) -> bool {
     let _ = tracker.status();
+    tracker.wait_for_cuts();
     std::fs::metadata(dir).is_ok()
 }
 
 /// Certificates of this site (`keys`) and trusted by its VMs that expire
 /// within 30 days (or are unreadable), for `vdrep status`.
-fn cert_warnings(rep: &crate::sender::Replicator, keys: Option<&Path>) -> Vec<String> {
+fn cert_warnings(
+    rep: &crate::sender::Replicator,
+    vms: &[crate::sender::VmStatus],
+    keys: Option<&Path>,
+) -> Vec<String> {
     use crate::transport::keys::{certs_in, expiry_warnings};
     let mut certs: Vec<PathBuf> = keys.and_then(|k| certs_in(k).ok()).unwrap_or_default();
-    for v in rep.status() {
+    for v in vms {
         certs.extend(rep.spec(&v.vm).into_iter().flat_map(|s| s.trust));
     }
     certs.sort();
@@ -853,22 +858,28 @@ fn handle(
             )),
             ..Default::default()
         },
-        Request::Status => Response {
-            ok: true,
-            status: Some(tracker.status()),
-            pid: Some(ctx.status.supervisor_pid),
-            worker: Some(ctx.status.clone()),
-            replication: Some(rep.status()),
-            rates: Some({
-                let now = jiff::Zoned::now();
-                rep.status()
-                    .iter()
-                    .filter_map(|v| Some((v.vm.clone(), configured.rate_now(rep, &v.vm, &now)?)))
-                    .collect()
-            }),
-            warnings: cert_warnings(rep, keys),
-            ..Default::default()
-        },
+        Request::Status => {
+            // One look at the VMs (each costs a listing of every VM's
+            // logs: 256 with 256 VMs).
+            let vms = rep.status();
+            let now = jiff::Zoned::now();
+            Response {
+                ok: true,
+                status: Some(tracker.status()),
+                pid: Some(ctx.status.supervisor_pid),
+                worker: Some(ctx.status.clone()),
+                rates: Some(
+                    vms.iter()
+                        .filter_map(|v| {
+                            Some((v.vm.clone(), configured.rate_now(rep, &v.vm, &now)?))
+                        })
+                        .collect(),
+                ),
+                warnings: cert_warnings(rep, &vms, keys),
+                replication: Some(vms),
+                ..Default::default()
+            }
+        }
         Request::Protect { spec } => match rep.protect((**spec).clone()) {
             Ok(warnings) => Response {
                 ok: true,

@@ -360,6 +360,8 @@ pub struct Replicator {
     direct: Mutex<HashMap<String, Arc<Mutex<Option<Arc<dyn direct::DirectReceiver>>>>>>,
     /// Starts the in-process receivers of [`direct`] (the daemon's).
     direct_factory: Option<Arc<direct::DirectFactory>>,
+    /// The client endpoint every session shares ([`Replicator::client_endpoint`]).
+    endpoint: Mutex<Option<quinn::Endpoint>>,
 }
 
 const PROTECT_DIR: &str = "protect";
@@ -423,6 +425,7 @@ impl Replicator {
             events: Arc::default(),
             direct: Mutex::default(),
             direct_factory,
+            endpoint: Mutex::new(None),
         });
         r.rt.spawn(alert::watch(Arc::downgrade(&r)));
         // Resume every VM protected before.
@@ -872,12 +875,34 @@ impl Replicator {
             idle_timeout: Duration::from_secs(5),
             ..transport::Tuning::default()
         };
-        let ep =
-            transport::client_tuned(id, &trust, &tuning, None).map_err(|e| retry(e.to_string()))?;
-        let conn = transport::connect(&ep, addr, "vdrep")
+        let cc = transport::client_config(id, &trust, &tuning).map_err(|e| retry(e.to_string()))?;
+        let ep = self.client_endpoint(&tuning)?;
+        let conn = transport::connect_with(&ep, cc, addr, "vdrep")
             .await
             .map_err(|e| transport_err(&e, addr))?;
         Ok((conn, ep))
+    }
+
+    /// The QUIC endpoint this daemon's sessions connect from: one for all
+    /// of them (one UDP socket, one endpoint driver task), created at the
+    /// first connection. Each connection has its own configuration (its
+    /// VM's trust) and fails alone. Measured with 256 continuous VMs
+    /// (`kernel-notes/replication-speed.md`, "Issue 12, session s6"): an
+    /// endpoint per session meant 256 sockets and driver tasks on the
+    /// runtime's 2 threads. `VDREP_ENDPOINT_PER_SESSION=1` brings that back
+    /// (to measure).
+    fn client_endpoint(&self, tuning: &transport::Tuning) -> Result<quinn::Endpoint, SendError> {
+        let new = || transport::client_endpoint(tuning, None).map_err(|e| retry(e.to_string()));
+        if std::env::var("VDREP_ENDPOINT_PER_SESSION").is_ok_and(|v| v == "1") {
+            return new();
+        }
+        let mut shared = self.endpoint.lock();
+        if let Some(ep) = shared.as_ref() {
+            return Ok(ep.clone());
+        }
+        let ep = new()?;
+        *shared = Some(ep.clone());
+        Ok(ep)
     }
 
     /// The session of `spec`'s VM: every disk of it (none: a probe, which

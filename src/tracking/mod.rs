@@ -40,6 +40,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -265,6 +266,11 @@ pub struct Tracker {
     known: Mutex<HashMap<String, DiskMeta>>,
     /// Serialises cuts and shutdown.
     cut_serial: Mutex<MountMeta>,
+    /// `cut_serial`'s `cut_seq`, for readers that must not wait for a cut
+    /// ([`Tracker::status`]: a cut holds `cut_serial` across I/O, and
+    /// with 256 continuous VMs one always waits for it; issue 12).
+    /// Written under `cut_serial`.
+    cut_seq_seen: std::sync::atomic::AtomicU64,
     previous_stop_clean: bool,
     /// (dev, ino) of disks moved out of the folder by [`Tracker::release`]:
     /// the FS refuses to change them (a cached dentry could still reach them).
@@ -429,6 +435,7 @@ impl Tracker {
             root_path: root_path.to_path_buf(),
             disks: Mutex::new(HashMap::new()),
             known: Mutex::new(known),
+            cut_seq_seen: std::sync::atomic::AtomicU64::new(meta.cut_seq),
             cut_serial: Mutex::new(meta),
             previous_stop_clean,
             released: Mutex::new(Default::default()),
@@ -934,6 +941,7 @@ impl Tracker {
             mm.reserved = saved.cut_seq;
         }
         mm.cut_seq = cycle;
+        self.cut_seq_seen.store(cycle, SeqCst);
         Ok(Sealed {
             cycle,
             cut_unix_ns: cut_ns,
@@ -1582,6 +1590,7 @@ impl Tracker {
             let mut mm = self.cut_serial.lock();
             if mm.cut_seq < cycle {
                 mm.cut_seq = cycle;
+                self.cut_seq_seen.store(cycle, SeqCst);
                 self.state
                     .write_json(Path::new("mount.json"), &mm.durable())
                     .map_err(serr)?;
@@ -1673,8 +1682,17 @@ impl Tracker {
             .sum()
     }
 
+    /// Returns once no cut (or shutdown) holds the cut serialisation: a
+    /// liveness check's proof that cuts are not stuck ([`Tracker::status`]
+    /// no longer waits for them).
+    pub fn wait_for_cuts(&self) {
+        drop(self.cut_serial.lock());
+    }
+
+    /// Never waits for a cut in progress (which holds the cut lock across
+    /// I/O): `vdrep status` answers while replication is busy or stuck.
     pub fn status(&self) -> TrackerStatus {
-        let cut_seq = self.cut_serial.lock().cut_seq;
+        let cut_seq = self.cut_seq_seen.load(SeqCst);
         let disks = self.disks.lock();
         let mut out: Vec<DiskStatus> = disks
             .iter()

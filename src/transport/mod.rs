@@ -4,8 +4,9 @@
 //! - [`keys`]: site identities (`vdrep keys init`), certificate fingerprints.
 //! - [`trust`]: pinned-certificate trust and the rustls verifiers.
 //! - this module: QUIC endpoints over mutual TLS 1.3 ([`server`], [`client`],
-//!   [`connect`], [`accept`]), the peer's identity on a connection
-//!   ([`peer_identity`]) and readable explanations of refusals
+//!   [`connect`], [`accept`]; one client endpoint shared by many
+//!   connections: [`client_endpoint`], [`client_config`], [`connect_with`]),
+//!   the peer's identity on a connection ([`peer_identity`]) and readable explanations of refusals
 //!   ([`explain_connection_error`]), and how a driver ends a send stream
 //!   ([`StreamEnd`]).
 //! - [`rate`]: the token bucket behind `--max-rate`.
@@ -34,9 +35,10 @@
 //! # Throughput tuning
 //! quinn's defaults are sized for the web. [`Tuning::default`] raises the
 //! per-stream and per-connection receive windows and the send window to tens
-//! of MiB and asks the kernel for large UDP socket buffers (best effort:
-//! Linux caps them at `net.core.rmem_max`/`wmem_max`; smaller grants are
-//! logged at INFO with the sysctls to raise). Keep-alive every 1 s and a
+//! of MiB and asks the kernel for 32 MiB UDP socket buffers (best effort:
+//! Linux caps them at `net.core.rmem_max`/`wmem_max` unless the process
+//! may force them, as root may; smaller grants are logged at INFO with the
+//! sysctls to raise). Keep-alive every 1 s and a
 //! 30 s idle timeout make a dead peer visible as `ConnectionError::TimedOut`;
 //! a receiver that restarted answers the next keep-alive with a stateless
 //! reset (its reset key is derived from its identity, see
@@ -136,7 +138,12 @@ pub struct Tuning {
     pub receive_window: u32,
     /// Bytes the sender may have unacknowledged in flight on a connection.
     pub send_window: u64,
-    /// Requested `SO_RCVBUF` / `SO_SNDBUF` (bytes, best effort).
+    /// Requested `SO_RCVBUF` / `SO_SNDBUF` (bytes, best effort; past
+    /// `net.core.rmem_max`/`wmem_max` with `SO_RCVBUFFORCE` where the
+    /// process may). The receiver's one socket takes every sender's
+    /// datagrams: at 50 MB/s a 4 MiB buffer overflowed whenever its
+    /// endpoint task waited ~80 ms for a thread (256 VMs, issue 12:
+    /// ~800 drops/s, connections timed out).
     pub socket_buffer: usize,
     /// PING interval keeping the connection (and NAT bindings) alive.
     pub keep_alive: Duration,
@@ -165,7 +172,7 @@ impl Default for Tuning {
             stream_receive_window: STREAM_RECEIVE_WINDOW,
             receive_window: 64 << 20,
             send_window: 64 << 20,
-            socket_buffer: 8 << 20,
+            socket_buffer: 32 << 20,
             keep_alive: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(30),
             max_streams: 64,
@@ -251,6 +258,16 @@ fn bind_socket(addr: SocketAddr, tuning: &Tuning) -> Result<std::net::UdpSocket,
     }
     let _ = sock.set_recv_buffer_size(tuning.socket_buffer);
     let _ = sock.set_send_buffer_size(tuning.socket_buffer);
+    // Past the sysctl caps where the process may (root: CAP_NET_ADMIN).
+    // Linux reports twice the usable size.
+    if sock.recv_buffer_size().unwrap_or(0) < tuning.socket_buffer {
+        use nix::sys::socket::{setsockopt, sockopt::RcvBufForce};
+        let _ = setsockopt(&sock, RcvBufForce, &tuning.socket_buffer);
+    }
+    if sock.send_buffer_size().unwrap_or(0) < tuning.socket_buffer {
+        use nix::sys::socket::{setsockopt, sockopt::SndBufForce};
+        let _ = setsockopt(&sock, SndBufForce, &tuning.socket_buffer);
+    }
     let rcv = sock.recv_buffer_size().unwrap_or(0);
     let snd = sock.send_buffer_size().unwrap_or(0);
     tracing::debug!(%addr, rcvbuf = rcv, sndbuf = snd, "UDP socket buffers");
@@ -359,18 +376,44 @@ pub fn client_tuned(
     tuning: &Tuning,
     bind: Option<SocketAddr>,
 ) -> Result<quinn::Endpoint, TransportError> {
-    let crypto = client_crypto(id, trust)?;
-    let mut cc = quinn::ClientConfig::new(Arc::new(crypto));
-    cc.transport_config(Arc::new(tuning.transport_config()?));
-    let mut ep = match bind {
-        Some(addr) => endpoint_on(addr, None, tuning, None)?,
+    let cc = client_config(id, trust, tuning)?;
+    let mut ep = client_endpoint(tuning, bind)?;
+    ep.set_default_client_config(cc);
+    Ok(ep)
+}
+
+/// A client endpoint with no default configuration: one UDP socket and one
+/// endpoint driver that many connections share, each with its own
+/// [`client_config`] ([`connect_with`]). quinn multiplexes the connections
+/// on the socket by connection ID; a connection that fails (a stateless
+/// reset, a timeout) ends alone. Binds `bind`, else dual-stack `[::]:0`
+/// (or `0.0.0.0:0` where IPv6 is disabled). Must be called inside a tokio
+/// runtime.
+pub fn client_endpoint(
+    tuning: &Tuning,
+    bind: Option<SocketAddr>,
+) -> Result<quinn::Endpoint, TransportError> {
+    match bind {
+        Some(addr) => endpoint_on(addr, None, tuning, None),
         // Dual-stack [::]:0 reaches IPv4 and IPv6 receivers; fall back to
         // 0.0.0.0:0 where IPv6 is disabled.
         None => endpoint_on(SocketAddr::from(([0u16; 8], 0)), None, tuning, None)
-            .or_else(|_| endpoint_on(SocketAddr::from(([0, 0, 0, 0], 0)), None, tuning, None))?,
-    };
-    ep.set_default_client_config(cc);
-    Ok(ep)
+            .or_else(|_| endpoint_on(SocketAddr::from(([0, 0, 0, 0], 0)), None, tuning, None)),
+    }
+}
+
+/// The configuration of one client connection: presenting `id`, accepting
+/// a server whose certificate is in `trust`, with `tuning`'s transport
+/// parameters.
+pub fn client_config(
+    id: &Identity,
+    trust: &TrustStore,
+    tuning: &Tuning,
+) -> Result<quinn::ClientConfig, TransportError> {
+    let crypto = client_crypto(id, trust)?;
+    let mut cc = quinn::ClientConfig::new(Arc::new(crypto));
+    cc.transport_config(Arc::new(tuning.transport_config()?));
+    Ok(cc)
 }
 
 /// The endpoint constructors under one name, for callers that prefer
@@ -411,17 +454,40 @@ pub async fn connect(
     addr: SocketAddr,
     server_name: &str,
 ) -> Result<quinn::Connection, TransportError> {
+    connect_on(endpoint, None, addr, server_name).await
+}
+
+/// [`connect`] with this connection's own configuration ([`client_config`])
+/// instead of the endpoint's default: many connections, each with its own
+/// trust, share one endpoint ([`client_endpoint`]).
+pub async fn connect_with(
+    endpoint: &quinn::Endpoint,
+    config: quinn::ClientConfig,
+    addr: SocketAddr,
+    server_name: &str,
+) -> Result<quinn::Connection, TransportError> {
+    connect_on(endpoint, Some(config), addr, server_name).await
+}
+
+async fn connect_on(
+    endpoint: &quinn::Endpoint,
+    config: Option<quinn::ClientConfig>,
+    addr: SocketAddr,
+    server_name: &str,
+) -> Result<quinn::Connection, TransportError> {
     let sni = if server_name.is_empty() {
         "vdrep"
     } else {
         server_name
     };
-    let connecting = endpoint
-        .connect(addr, sni)
-        .map_err(|e| TransportError::Connect {
-            addr,
-            what: e.to_string(),
-        })?;
+    let connecting = match config {
+        Some(c) => endpoint.connect_with(c, addr, sni),
+        None => endpoint.connect(addr, sni),
+    }
+    .map_err(|e| TransportError::Connect {
+        addr,
+        what: e.to_string(),
+    })?;
     connecting.await.map_err(|e| TransportError::Connection {
         explained: explain_connection_error(&e, addr),
         source: e,
