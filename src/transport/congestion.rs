@@ -283,12 +283,14 @@ impl quinn::congestion::Controller for Wrapped {
     ) {
         self.srtt = Some(rtt.get());
         self.min_rtt = Some(rtt.min());
+        let inner_window = self.inner.window();
         if let Some(cap) = &mut self.cap {
             let rtts = Rtts {
                 min: rtt.min(),
                 smoothed: rtt.get(),
             };
-            cap.on_ack(now, sent, bytes, app_limited, rtts);
+            let binding = cap.cap(rtts.min).is_some_and(|c| c < inner_window);
+            cap.on_ack(now, sent, bytes, app_limited, binding, rtts);
         }
         self.inner.on_ack(now, sent, bytes, app_limited, rtt)
     }
@@ -426,6 +428,13 @@ pub struct WindowCap {
     last_ack: Option<std::time::Instant>,
     interval_bytes: u64,
     interval_app_limited: bool,
+    /// The interval's rate was held down by the sender itself: by the cap
+    /// (a window below the controller's), or by stream flow control with
+    /// a queue standing (an overruled app-limited flag). Such a sample
+    /// says nothing of a slower path: it raises the rate, never displaces
+    /// a higher sample (else the cap, at load where the RTT is inflated
+    /// by scheduling, shrinks itself: measured, s6-14).
+    interval_held: bool,
     /// Send times of the first and the latest packet acknowledged in the
     /// interval.
     interval_first_sent: Option<std::time::Instant>,
@@ -450,6 +459,7 @@ impl WindowCap {
             last_ack: None,
             interval_bytes: 0,
             interval_app_limited: false,
+            interval_held: false,
             interval_first_sent: None,
             interval_last_sent: None,
             samples: std::collections::VecDeque::with_capacity(RATE_SAMPLES),
@@ -462,14 +472,16 @@ impl WindowCap {
         }
     }
 
-    /// `bytes` of a packet sent at `sent` acknowledged at `now`; the
-    /// path's RTTs then.
+    /// `bytes` of a packet sent at `sent` acknowledged at `now`, while the
+    /// cap held the window below the controller's (`binding`); the path's
+    /// RTTs then.
     pub fn on_ack(
         &mut self,
         now: std::time::Instant,
         sent: std::time::Instant,
         bytes: u64,
         app_limited: bool,
+        binding: bool,
         rtt: Rtts,
     ) {
         if self.cfg.rate.is_some() {
@@ -491,7 +503,9 @@ impl WindowCap {
         self.interval_bytes += bytes;
         self.interval_last_sent = self.interval_last_sent.max(Some(sent));
         let queue = rtt.smoothed > rtt.min + rtt.min / 4;
-        self.interval_app_limited |= app_limited && !(self.cfg.robust && queue);
+        let overruled = app_limited && self.cfg.robust && queue;
+        self.interval_app_limited |= app_limited && !overruled;
+        self.interval_held |= self.cfg.robust && (overruled || binding);
         let len = now.saturating_duration_since(start);
         if len < span {
             return;
@@ -502,7 +516,7 @@ impl WindowCap {
         };
         let len = len.max(sending);
         let rate = (self.interval_bytes as u128 * 1_000_000_000 / len.as_nanos().max(1)) as u64;
-        self.sample(rate, self.interval_app_limited);
+        self.sample(rate, self.interval_app_limited, self.interval_held);
         self.restart(now, sent);
     }
 
@@ -513,18 +527,21 @@ impl WindowCap {
         self.interval_last_sent = Some(sent);
         self.interval_bytes = 0;
         self.interval_app_limited = false;
+        self.interval_held = false;
     }
 
-    fn sample(&mut self, rate: u64, app_limited: bool) {
+    fn sample(&mut self, rate: u64, app_limited: bool, held: bool) {
         self.taken += 1;
         self.taken_app_limited += u64::from(app_limited);
         if app_limited && rate <= self.rate() {
             return;
         }
-        if self.samples.len() == RATE_SAMPLES {
-            self.samples.pop_front();
+        if !held || rate > self.rate() {
+            if self.samples.len() == RATE_SAMPLES {
+                self.samples.pop_front();
+            }
+            self.samples.push_back(rate);
         }
-        self.samples.push_back(rate);
         if app_limited || self.filled {
             return;
         }
@@ -593,7 +610,7 @@ mod tests {
     fn feed(cap: &mut WindowCap, t: &mut Instant, ms: u64, per_ms: u64, app_limited: bool) {
         for _ in 0..ms {
             *t += Duration::from_millis(1);
-            cap.on_ack(*t, *t - RTT, per_ms, app_limited, NO_QUEUE);
+            cap.on_ack(*t, *t - RTT, per_ms, app_limited, false, NO_QUEUE);
         }
     }
 
@@ -638,7 +655,7 @@ mod tests {
             let mut t = Instant::now();
             for _ in 0..600 {
                 t += Duration::from_millis(1);
-                cap.on_ack(t, t - RTT * 2, 12_500, true, queue);
+                cap.on_ack(t, t - RTT * 2, 12_500, true, false, queue);
             }
             assert_eq!(cap.cap(RTT).is_some(), robust, "robust {robust}: {cap:?}");
         }
@@ -665,7 +682,7 @@ mod tests {
                     due
                 };
                 let at = |ms: u64| t0 + Duration::from_millis(ms);
-                cap.on_ack(at(now), at(sent_ms), link, false, NO_QUEUE);
+                cap.on_ack(at(now), at(sent_ms), link, false, false, NO_QUEUE);
             }
             let ratio = cap.rate() as f64 / (link * 1000) as f64;
             if robust {
@@ -677,6 +694,27 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The cap must not shrink itself: at load, scheduling inflates the
+    /// RTT, so a window of 1.5 x rate x min RTT delivers less than the
+    /// rate; those samples (taken while the cap binds) never displace the
+    /// higher ones.
+    #[test]
+    fn samples_held_down_by_the_cap_do_not_lower_it() {
+        let mut cap = learned(true);
+        let mut t = Instant::now();
+        feed(&mut cap, &mut t, 400, 12_500, false);
+        let before = cap.rate();
+        assert!(cap.cap(RTT).is_some());
+        for _ in 0..2000 {
+            t += Duration::from_millis(1);
+            cap.on_ack(t, t - RTT, 6_000, false, true, NO_QUEUE);
+        }
+        assert_eq!(cap.rate(), before);
+        // Without the cap binding, a slower path does lower it.
+        feed(&mut cap, &mut t, 2000, 6_000, false);
+        assert!(cap.rate() < before * 6 / 10, "{} vs {before}", cap.rate());
     }
 
     #[test]
