@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::overload::Rates;
 use super::{ErrorKind, Replicator, VmState, VmStatus};
 use crate::events::{Bus, EventKind};
 
@@ -34,6 +35,11 @@ const WATCH_EVERY: Duration = Duration::from_secs(1);
 pub enum Alert {
     /// The lag passed the VM's `rpo_alert` with changes waiting.
     RpoExceeded,
+    /// The VM's disks are written faster than its link sends the changes
+    /// and the sender never caught up over the last seconds
+    /// ([`super::overload`]; the rates are in [`Health::rates`]). Takes
+    /// precedence over [`Alert::RpoExceeded`]: it says why.
+    LinkOverloaded,
 }
 
 impl Alert {
@@ -41,6 +47,7 @@ impl Alert {
     pub fn name(self) -> &'static str {
         match self {
             Alert::RpoExceeded => "rpo_exceeded",
+            Alert::LinkOverloaded => "link_overloaded",
         }
     }
 
@@ -48,8 +55,14 @@ impl Alert {
     pub fn reason(self) -> &'static str {
         match self {
             Alert::RpoExceeded => "RPO exceeded",
+            Alert::LinkOverloaded => "changes arrive faster than the link sends them",
         }
     }
+}
+
+impl Alert {
+    /// Every alert, in label order (metrics).
+    pub const ALL: [Alert; 2] = [Alert::RpoExceeded, Alert::LinkOverloaded];
 }
 
 impl std::fmt::Display for Alert {
@@ -71,6 +84,13 @@ pub struct Health {
     /// ([`kind_label`]).
     #[serde(default)]
     pub errors: BTreeMap<String, u64>,
+    /// The VM's write and send rates over the last seconds (none until
+    /// the window spans a few seconds).
+    #[serde(default)]
+    pub rates: Option<Rates>,
+    /// Why the VM is not `Normal`, in words ([`reason`]).
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 impl Health {
@@ -92,17 +112,32 @@ pub fn kind_label(kind: ErrorKind) -> &'static str {
     }
 }
 
-/// Raise or clear the RPO alert of `s` (its lag and pending bytes are
-/// current) against `rpo_alert_secs` (0: none). A `Normal` VM with the
-/// alert raised shows as `Warning`.
+/// Raise or clear the alerts of `s` (its lag, pending bytes and rates are
+/// current): the RPO alert against `rpo_alert_secs` (0: none), the link
+/// overload from [`Health::rates`]. A `Normal` VM with an alert raised
+/// shows as `Warning`; [`Health::reason`] says why.
 pub(super) fn apply(s: &mut VmStatus, rpo_alert_secs: u64) {
     s.health.rpo_alert_secs = (rpo_alert_secs > 0).then_some(rpo_alert_secs);
     let exceeded = rpo_alert_secs > 0
         && s.bytes_pending > 0
         && s.lag_secs.is_some_and(|l| l > rpo_alert_secs as f64);
-    s.health.alert = exceeded.then_some(Alert::RpoExceeded);
-    if exceeded && s.state == VmState::Normal {
+    let overloaded = s.health.rates.is_some_and(|r| r.overloaded());
+    s.health.alert = if overloaded {
+        Some(Alert::LinkOverloaded)
+    } else {
+        exceeded.then_some(Alert::RpoExceeded)
+    };
+    if s.health.alert.is_some() && s.state == VmState::Normal {
         s.state = VmState::Warning;
+    }
+    s.health.reason = reason(s);
+}
+
+/// What alert `a` of `s` says, with its figures where it has some.
+pub fn alert_reason(s: &VmStatus, a: Alert) -> String {
+    match (a, s.health.rates) {
+        (Alert::LinkOverloaded, Some(r)) => r.describe(),
+        _ => a.reason().to_string(),
     }
 }
 
@@ -113,7 +148,7 @@ pub fn reason(s: &VmStatus) -> Option<String> {
     }
     match (&s.last_error, s.health.alert) {
         (Some(e), _) => Some(e.clone()),
-        (None, Some(a)) => Some(a.reason().to_string()),
+        (None, Some(a)) => Some(alert_reason(s, a)),
         (None, None) => None,
     }
 }
@@ -190,7 +225,7 @@ fn diff(bus: &Bus, seen: &mut HashMap<String, Seen>, now: &[VmStatus]) {
                     vm,
                     EventKind::AlertRaised {
                         alert: a.name().into(),
-                        reason: a.reason().into(),
+                        reason: alert_reason(s, a),
                         lag_secs,
                         threshold_secs,
                     },
