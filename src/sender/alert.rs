@@ -121,7 +121,14 @@ pub(super) fn apply(s: &mut VmStatus, rpo_alert_secs: u64) {
     let exceeded = rpo_alert_secs > 0
         && s.bytes_pending > 0
         && s.lag_secs.is_some_and(|l| l > rpo_alert_secs as f64);
-    let overloaded = s.health.rates.is_some_and(|r| r.overloaded());
+    // Only a VM that is sending: one that cannot reach its receiver is
+    // `Warning` for that reason (its churn outruns a link that sends
+    // nothing, but the link is not the cause).
+    let overloaded = s.state == VmState::Normal
+        && s.last_error.is_none()
+        && s.health
+            .rates
+            .is_some_and(|r| r.sent_bps > 0.0 && r.overloaded());
     s.health.alert = if overloaded {
         Some(Alert::LinkOverloaded)
     } else {
@@ -336,6 +343,39 @@ mod tests {
         apply(&mut s, 60);
         assert_eq!(s.health.alert, Some(Alert::RpoExceeded));
         assert_eq!(reason(&s).as_deref(), Some("connection lost"));
+    }
+
+    #[test]
+    fn link_overload_says_why_and_yields_to_an_outage() {
+        let rates = Rates {
+            churn_bps: 2.6e6,
+            sent_bps: 1.2e6,
+            pending_bytes: 12_900_000,
+            never_caught_up: true,
+            min_pending_bytes: 8_000_000,
+            looks: 4,
+            span_secs: 3.0,
+        };
+        let mut s = status(VmState::Normal, Some(61.0), 12_900_000);
+        s.health.rates = Some(rates);
+        apply(&mut s, 60);
+        assert_eq!(s.state, VmState::Warning);
+        assert_eq!(s.health.alert, Some(Alert::LinkOverloaded));
+        assert_eq!(
+            s.health.reason.as_deref(),
+            Some("changes arrive faster than the link sends them: 2.6 MB/s of churn, 1.2 MB/s sent, 12.9 MB waiting")
+        );
+        // The receiver is unreachable: nothing is sent, the worker's own
+        // reason stands and the RPO alert is the one raised.
+        let mut s = status(VmState::Warning, Some(61.0), 12_900_000);
+        s.last_error = Some("connection lost".into());
+        s.health.rates = Some(Rates {
+            sent_bps: 0.0,
+            ..rates
+        });
+        apply(&mut s, 60);
+        assert_eq!(s.health.alert, Some(Alert::RpoExceeded));
+        assert_eq!(s.health.reason.as_deref(), Some("connection lost"));
     }
 
     #[test]
