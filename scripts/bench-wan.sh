@@ -11,6 +11,11 @@
 #          rate_mbit:rtt_ms:loss (loss per direction, a fraction)
 #   CCS="bbr"            congestion controllers to compare (bbr cubic newreno)
 #   SECTIONS="initial delta rpo"  IDEAL_SECS=8 (initial copy size = link rate x this)
+#   SECTIONS=branch      two VMs on one link: a quiet VM (QUIET_FRAC=0.05 of the
+#                        link) alone, then beside a hot VM (HOT_FRAC=2, HOT_MIB=256)
+#                        for BRANCH_SECS=20 each; e.g. LINKS="10:150:0" SECTIONS=branch
+#   VDREP_LOG="info,vdrep::cwnd_cap=debug"  window-cap time-line: each copy
+#                        reports when the cap engaged
 #   RPO_SECS=30  CHURN_FRAC=0.333  DELTA_PCT=1  KEEP=1  NO_BUILD=1
 #   RUNS=3               runs per link and variant; the table shows medians
 #   VARIANTS="VDREP_COMMIT_AHEAD=0 -"   A/B in one run, runs interleaved

@@ -425,6 +425,14 @@ fn metrics_parse_and_rpo_alert_fires_notifies_and_clears() {
         ),
         0.0
     );
+    assert_eq!(
+        must(
+            &a,
+            "vdrep_vm_alert",
+            &[("vm", "web"), ("alert", "link_overloaded")]
+        ),
+        0.0
+    );
     assert!(must(&a, "vdrep_vm_sent_bytes_total", &[("vm", "web")]) > 0.0);
     must(&a, "vdrep_vm_pending_bytes", &[("vm", "web")]);
     must(&a, "vdrep_vm_retries_total", &[("vm", "web")]);

@@ -15,6 +15,17 @@ congestion controller, on loopback through examples/wan_relay:
    every 0.5 s from `vdrep status --json`. Target: p99 <= 2 s (on the
    branch-office link, where the churn exceeds the link, the target is
    graceful degradation: Warning with a reason, nothing lost, see the notes).
+4. (SECTIONS=branch) two VMs share the link: a quiet VM churning at
+   QUIET_FRAC of the link rate, measured alone for BRANCH_SECS, then beside a
+   hot VM churning at HOT_FRAC (above the link rate). Reported: both VMs' RPO
+   p99, the link's utilisation while both ran (relay bytes out), the hot VM's
+   state and status reason, and the drain; PASS/MISS for "the quiet VM's RPO
+   p99 stays <= 2 x its figure alone"; both replicas are compared with their
+   sources (nothing lost).
+
+With VDREP_LOG="info,vdrep::cwnd_cap=debug" the window cap's time-line is
+in sender.log, and each initial copy reports when the cap engaged (the cap
+was learned and below BBR's own window) and the share of the copy it bound.
 
 UDP bytes are the relay's counters (what really crossed the link), beside
 vdrep's payload counter. No assertion on time: the verdict column reports.
@@ -51,6 +62,10 @@ DELTA_PCT = float(os.environ.get("DELTA_PCT", "1"))
 RPO_SECS = int(os.environ.get("RPO_SECS", "30"))
 RUNS = int(os.environ.get("RUNS", "1"))                     # runs per link; the table shows medians
 CHURN_FRAC = float(os.environ.get("CHURN_FRAC", str(1 / 3)))
+BRANCH_SECS = int(os.environ.get("BRANCH_SECS", "20"))
+QUIET_FRAC = float(os.environ.get("QUIET_FRAC", "0.05"))
+HOT_FRAC = float(os.environ.get("HOT_FRAC", "2"))
+HOT_MIB = int(os.environ.get("HOT_MIB", "256"))
 STAMP = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
 
@@ -149,12 +164,18 @@ class Site:
             env=self.env)
         self.mounted = True
 
-    def protect(self, every, disks):
-        run(VDREP, "protect", "vm1", "--to", self.addr, "--trust", self.work / "kb/site-b.crt",
+    def protect(self, every, disks, name="vm1"):
+        run(VDREP, "protect", name, "--to", self.addr, "--trust", self.work / "kb/site-b.crt",
             "--every", every, *[self.vm / d for d in disks], env=self.env)
 
-    def sync(self, timeout=3600):
-        run(VDREP, "sync", self.vm, "--timeout", str(timeout), timeout=timeout + 30)
+    def sync(self, timeout=3600, name=None):
+        run(VDREP, "sync", name or self.vm, "--timeout", str(timeout), timeout=timeout + 30)
+
+    def replica(self, vm, disk):
+        """The replica file of `disk` (a raw image: `<stem>.vhd`) of `vm`."""
+        stem = Path(disk).stem
+        found = list((self.work / "store/sites/site-a/vms" / vm / "disks").glob(f"*/{stem}.vhd"))
+        return found[0] if found else None
 
     def udp_bytes(self):
         """(forward, reverse) bytes that left the relay, from its last stats line."""
@@ -181,6 +202,49 @@ class Site:
                 p.wait(5)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def kv_lines(path, marker):
+    """The key=value fields of the log lines of `path` containing `marker`."""
+    out = []
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        if marker not in line:
+            continue
+        d = {}
+        for tok in line.split():
+            if "=" in tok:
+                k, v = tok.split("=", 1)
+                d[k] = v
+        out.append(d)
+    return out
+
+
+def cap_summary(log):
+    """When the window cap engaged in one copy (from the vdrep::cwnd_cap
+    time-line): the first t_ms at which it was learned, the first at which
+    it was below BBR's own window (binding), the share of the later lines
+    it bound, and the rate samples taken / app limited / idle restarts."""
+    lines = kv_lines(log, "cwnd cap")
+    if not lines:
+        return {}
+    num = lambda d, k: float(d.get(k, "0").rstrip(","))
+    filled = [d for d in lines if d.get("cap_filled") == "true"]
+    binding = [d for d in filled if 0 < num(d, "cap_bytes") < num(d, "inner_cwnd")]
+    last = lines[-1]
+    return {
+        "cap_lines": len(lines),
+        "cap_filled_ms": num(filled[0], "t_ms") if filled else None,
+        "cap_binding_ms": num(binding[0], "t_ms") if binding else None,
+        "cap_binding_share": len(binding) / len(lines),
+        "cap_rate_mbit": num(last, "cap_rate_mbit"),
+        "cap_samples": num(last, "cap_samples"),
+        "cap_samples_app_limited": num(last, "cap_samples_app_limited"),
+        "cap_samples_idle": num(last, "cap_samples_idle"),
+    }
 
 
 def random_file(path, size, seed):
@@ -220,6 +284,12 @@ def bench_link(link, cc, results, run_no=0, variant="-"):
         row.update(initial_cpu_sender=c1[0] - c0[0], initial_cpu_receiver=c1[1] - c0[1],
                    initial_cpu_relay=c1[2] - c0[2])
         udp_fwd, udp_rev, lost, qdrop = site.udp_bytes()
+        row.update(cap_summary(work / "sender.log"))
+        if "cap_lines" in row:
+            say(f"{name}: cap learned at {row['cap_filled_ms']} ms, binding from {row['cap_binding_ms']} ms "
+                f"({row['cap_binding_share'] * 100:.0f} % of the copy), rate {row['cap_rate_mbit']:.1f} Mbit/s, "
+                f"samples {row['cap_samples']:.0f} (app limited {row['cap_samples_app_limited']:.0f}, "
+                f"idle restarts {row['cap_samples_idle']:.0f})")
         st = status(site.vm)
         row.update(initial_secs=t, initial_ideal=size / rate_Bps,
                    initial_util=size / t / rate_Bps, initial_udp=udp_fwd,
@@ -290,6 +360,138 @@ def bench_link(link, cc, results, run_no=0, variant="-"):
     results.append(row)
 
 
+def vm_status(vmdir, name):
+    r = run(VDREP, "status", vmdir, "--json", check=False, timeout=30)
+    try:
+        return next(v for v in json.loads(r.stdout)["replication"] if v["vm"] == name)
+    except Exception:
+        return {}
+
+
+def churn(path, rate, secs, out):
+    return subprocess.Popen(
+        ["fio", "--name=churn", f"--filename={path}", "--rw=randwrite", "--bs=4k",
+         "--direct=1", "--ioengine=libaio", "--iodepth=4", f"--rate={int(rate)}", "--time_based=1",
+         f"--runtime={secs}", "--randrepeat=0", "--refill_buffers=1",
+         "--output-format=json", f"--output={out}"],
+        stdout=subprocess.DEVNULL, stderr=open(str(out) + ".err", "w"))
+
+
+def fio_bw(out):
+    try:
+        return json.loads(Path(out).read_text())["jobs"][0]["write"]["bw_bytes"]
+    except Exception:
+        return 0
+
+
+def same_file(a, b):
+    """Whether replica `b` starts with the bytes of `a` (a VHD has a footer)."""
+    if b is None:
+        return False
+    r = subprocess.run(["cmp", "-n", str(os.path.getsize(a)), str(a), str(b)], capture_output=True)
+    return r.returncode == 0
+
+
+def bench_branch(link, cc, results, run_no=0, variant="-"):
+    """Two VMs on one link: the quiet VM alone, then beside a hot VM whose
+    churn exceeds the link rate (section 4 of the module doc)."""
+    rate, rtt, loss = link
+    rate_Bps = rate * 1e6 / 8
+    label = cc if variant == "-" else f"{cc} {variant}"
+    name = f"branch-{rate:g}Mbit-{rtt:g}ms-{loss * 100:g}%-{label.replace(' ', '-').replace(',', '-')}-r{run_no}"
+    work = ROOT / f"run-{STAMP}" / name
+    site = Site(work, link, cc, seed=hash(name) & 0xFFFF, variant=variant)
+    quiet_rate, hot_rate = rate_Bps * QUIET_FRAC, rate_Bps * HOT_FRAC
+    row = {"link": f"{rate:g} Mbit/s, {rtt:g} ms, {loss * 100:g} % loss", "cc": label, "branch": True,
+           "rate_mbit": rate, "quiet_rate": quiet_rate, "hot_rate": hot_rate}
+    try:
+        for disk, mib in (("quiet.img", 64), ("hot.img", HOT_MIB)):
+            with open(site.vm / disk, "wb") as f:
+                f.truncate(mib << 20)
+        site.mount()
+        for vm, disk in (("quiet", "quiet.img"), ("hot", "hot.img")):
+            site.protect("continuous", [disk], name=vm)
+            site.sync(name=vm)
+
+        def sample(secs, hot_too):
+            qf = churn(site.vm / "quiet.img", quiet_rate, secs, work / f"fio-quiet-{int(hot_too)}.json")
+            hf = churn(site.vm / "hot.img", hot_rate, secs, work / "fio-hot.json") if hot_too else None
+            q_lags, h_lags, h_states, h_reasons, h_rates = [], [], {}, {}, []
+            u0, t0 = site.udp_bytes()[0], time.time()
+            nxt = time.time()
+            while qf.poll() is None:
+                q = vm_status(site.vm, "quiet")
+                if q.get("lag_secs") is not None:
+                    q_lags.append(float(q["lag_secs"]))
+                if hot_too:
+                    h = vm_status(site.vm, "hot")
+                    if h.get("lag_secs") is not None:
+                        h_lags.append(float(h["lag_secs"]))
+                    h_states[h.get("state")] = h_states.get(h.get("state"), 0) + 1
+                    why = (h.get("health") or {}).get("reason")
+                    if why:
+                        h_reasons[why.split(":")[0]] = why
+                    if (h.get("health") or {}).get("rates"):
+                        h_rates.append(h["health"]["rates"])
+                nxt += 0.5
+                time.sleep(max(0.0, nxt - time.time()))
+            util = (site.udp_bytes()[0] - u0) / (time.time() - t0) / rate_Bps
+            if hf:
+                hf.wait()
+            return q_lags, h_lags, h_states, h_reasons, h_rates, util
+
+        say(f"{name}: quiet VM alone, {quiet_rate / 1e3:.0f} kB/s of 4 KiB writes for {BRANCH_SECS} s")
+        q_alone, *_ = sample(BRANCH_SECS, False)
+        site.sync(name="quiet")
+        say(f"{name}: quiet VM beside a hot VM at {hot_rate / 1e6:.2f} MB/s ({HOT_FRAC:g} x the link) for {BRANCH_SECS} s")
+        q_lags, h_lags, h_states, h_reasons, h_rates, util = sample(BRANCH_SECS, True)
+        t0 = time.time()
+        site.sync(name="quiet")
+        site.sync(name="hot")
+        drain = time.time() - t0
+        identical = all(same_file(site.vm / d, site.replica(vm, d))
+                        for vm, d in (("quiet", "quiet.img"), ("hot", "hot.img")))
+        row.update(quiet_alone_p99=pctl(q_alone, 99), quiet_alone_p50=pctl(q_alone, 50),
+                   quiet_shared_p99=pctl(q_lags, 99), quiet_shared_p50=pctl(q_lags, 50),
+                   hot_p50=pctl(h_lags, 50), hot_p99=pctl(h_lags, 99), hot_max=max(h_lags) if h_lags else None,
+                   hot_states=h_states, hot_reasons=sorted(h_reasons.values()),
+                   hot_churn=fio_bw(work / "fio-hot.json"), quiet_churn=fio_bw(work / "fio-quiet-1.json"),
+                   hot_last_rates=h_rates[-1] if h_rates else None,
+                   link_util=util, drain_secs=drain, identical=identical)
+        say(f"{name}: quiet p99 alone {row['quiet_alone_p99']} / shared {row['quiet_shared_p99']}, hot p50/p99 "
+            f"{row['hot_p50']}/{row['hot_p99']}, link util {util * 100:.0f} %, hot states {h_states}, "
+            f"reasons {row['hot_reasons']}, drain {drain:.1f} s, replicas identical {identical}")
+    except Exception as e:
+        row["error"] = str(e)[:300]
+        say(f"{name}: FAILED: {e}")
+    finally:
+        site.close()
+        if os.environ.get("KEEP", "0") != "1":
+            shutil.rmtree(work / "store", ignore_errors=True)
+            for d in ("quiet.img", "hot.img"):
+                (site.vm / d).unlink(missing_ok=True)
+    results.append(row)
+
+
+def branch_table(rows):
+    out = ["| link | cc | quiet churn | hot churn | quiet RPO p99 alone / shared | ≤ 2× alone | hot RPO p50 / p99 | link util | hot states | hot reason | drain | replicas |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    f = lambda x: "—" if x is None else f"{x:.1f}"
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['link']} | {r['cc']} | FAILED: {r['error']} |")
+            continue
+        ok = None
+        if r["quiet_alone_p99"] is not None and r["quiet_shared_p99"] is not None:
+            ok = r["quiet_shared_p99"] <= 2 * r["quiet_alone_p99"]
+        out.append(
+            f"| {r['link']} | {r['cc']} | {r['quiet_churn'] / 1e3:.0f} kB/s | {r['hot_churn'] / 1e6:.2f} MB/s "
+            f"| {f(r['quiet_alone_p99'])} / {f(r['quiet_shared_p99'])} s | {verdict(ok)} "
+            f"| {f(r['hot_p50'])} / {f(r['hot_p99'])} s | {r['link_util'] * 100:.0f} % | {r['hot_states']} "
+            f"| {'; '.join(r['hot_reasons']) or '—'} | {r['drain_secs']:.1f} s | {'identical' if r['identical'] else 'DIFFER'} |")
+    return "\n".join(out)
+
+
 def verdict(ok):
     return "—" if ok is None else ("PASS" if ok else "MISS")
 
@@ -337,11 +539,17 @@ def table(results):
 
 
 def main():
-    results = []
+    results, branch = [], []
     for spec in LINKS:
         rate, rtt, loss = (float(x) for x in spec.split(":"))
         for cc in CCS:
             # Runs interleave the variants, so each sees the same host load.
+            if "branch" in SECTIONS:
+                for i in range(RUNS):
+                    for v in VARIANTS:
+                        bench_branch((rate, rtt, loss), cc, branch, i, v)
+            if not {"initial", "delta", "rpo"} & set(SECTIONS):
+                continue
             rows = {v: [] for v in VARIANTS}
             for i in range(RUNS):
                 for v in VARIANTS:
@@ -349,7 +557,11 @@ def main():
             for v in VARIANTS:
                 results.append(median_row(rows[v]))
                 results[-1]["all_runs"] = rows[v]
-    t = table(results)
+    t = table(results) if results else ""
+    if branch:
+        t += "\n\nTwo VMs on one link (quiet VM alone, then beside a hot VM above the link rate):\n\n"
+        t += branch_table(branch)
+        results += branch
     print(t)
     outdir = REPO / "bench-results"
     outdir.mkdir(exist_ok=True)

@@ -8,6 +8,7 @@ use crate::daemon::control::{self, Request};
 use crate::daemon::{self, DaemonError, MountOptions};
 use crate::fs::FsOptions;
 use crate::ipc::{CallError, CallErrorKind};
+use crate::sender::alert::{alert_reason, Alert};
 use crate::tracking::{ResyncScope, TrackConfig, TrackState};
 
 /// `vdrep mount DIR ...`: the flags over the configuration's `[[mount]]`
@@ -511,8 +512,12 @@ pub fn status(dir: Option<PathBuf>, json: bool) -> i32 {
             for d in &v.bitmap_only {
                 println!("    {d}: bitmap-only (pending changes passed the threshold; shipped as one cycle when the receiver is reachable)");
             }
-            if let (Some(a), Some(t)) = (v.health.alert, v.health.rpo_alert_secs) {
-                println!("    {a}: lag above rpo_alert {t}s with changes waiting");
+            match (v.health.alert, v.health.rpo_alert_secs) {
+                (Some(a @ Alert::RpoExceeded), Some(t)) => {
+                    println!("    {a}: lag above rpo_alert {t}s with changes waiting")
+                }
+                (Some(a), _) => println!("    {}", alert_reason(&v, a)),
+                (None, _) => {}
             }
             if let Some(e) = v.last_error {
                 println!("    last error: {e}");

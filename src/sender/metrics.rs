@@ -81,16 +81,31 @@ pub fn encode_vms(enc: &mut DescriptorEncoder, vms: &[VmStatus]) -> fmt::Result 
     gauge(
         enc,
         "vdrep_vm_alert",
-        "1 while the alert is raised (alert=rpo_exceeded)",
+        "1 while the alert is raised (alert=rpo_exceeded, link_overloaded)",
         None,
-        vms.iter().map(|s| {
-            let mut l = vm(s);
-            l.push(("alert", alert::Alert::RpoExceeded.name().to_string()));
-            (
-                l,
-                i64::from(s.health.alert == Some(alert::Alert::RpoExceeded)),
-            )
+        vms.iter().flat_map(|s| {
+            alert::Alert::ALL.iter().map(move |a| {
+                let mut l = vm(s);
+                l.push(("alert", a.name().to_string()));
+                (l, i64::from(s.health.alert == Some(*a)))
+            })
         }),
+    )?;
+    gauge(
+        enc,
+        "vdrep_vm_churn_bytes_per_second",
+        "Bytes written to the VM's disks per second over the last seconds",
+        None,
+        vms.iter()
+            .filter_map(|s| Some((vm(s), s.health.rates?.churn_bps))),
+    )?;
+    gauge(
+        enc,
+        "vdrep_vm_send_bytes_per_second",
+        "Bytes the VM's connections sent (UDP) per second over the last seconds",
+        None,
+        vms.iter()
+            .filter_map(|s| Some((vm(s), s.health.rates?.sent_bps))),
     )?;
     gauge(
         enc,

@@ -57,6 +57,7 @@ mod error;
 pub mod flush;
 mod link;
 pub mod metrics;
+pub mod overload;
 mod resync;
 pub mod retry;
 pub mod shaper;
@@ -299,6 +300,8 @@ struct Vm {
     /// The domain's disk files changed: the worker restarts with this spec
     /// (added disks get their initial copy, removed ones stop).
     respec: Mutex<Option<ProtectSpec>>,
+    /// The looks at its write and send counters that give its rates.
+    rates: Mutex<overload::RateWindow>,
 }
 
 impl Vm {
@@ -681,6 +684,7 @@ impl Replicator {
             udp_sent_before: std::sync::atomic::AtomicU64::new(0),
             definitions: Mutex::new(Default::default()),
             respec: Mutex::new(None),
+            rates: Mutex::new(Default::default()),
         });
         for d in &vm.spec.disks {
             let limit = self
@@ -725,6 +729,18 @@ impl Replicator {
                 if let Some(t) = s.last_point_unix_ns {
                     s.lag_secs = Some(now_ns().saturating_sub(t) as f64 / 1e9);
                 }
+                let written = tstat
+                    .disks
+                    .iter()
+                    .filter(|d| v.spec.disks.contains(&d.name))
+                    .map(|d| d.written_bytes)
+                    .sum();
+                s.health.rates = v.rates.lock().observe(
+                    std::time::Instant::now(),
+                    written,
+                    s.wire_bytes_sent,
+                    s.bytes_pending,
+                );
                 alert::apply(&mut s, v.spec.rpo_alert_secs);
                 s
             })

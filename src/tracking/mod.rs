@@ -236,6 +236,11 @@ pub struct DiskStatus {
     /// since this daemon attached the disk (the write path's extra cost).
     #[serde(default)]
     pub activity_syncs: Option<u64>,
+    /// Bytes written to the disk through the mount since this daemon
+    /// attached it (rewrites included): the churn the sender measures its
+    /// link against (`sender::overload`).
+    #[serde(default)]
+    pub written_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -626,6 +631,7 @@ impl Tracker {
             log_limit: Mutex::new(None),
             al,
             preimage: Mutex::new(self.open_preimage(&meta.folder, &key)),
+            written: 0.into(),
         });
         self.save_meta(&meta)?;
         tracing::info!(disk = %key, state = ?meta.state, cycle = meta.cycle, "tracking disk");
@@ -1712,6 +1718,7 @@ impl Tracker {
                     resync_scope: m.resync_scope,
                     activity_extents: d.al.as_ref().map(|a| a.extents().len() as u64),
                     activity_syncs: d.al.as_ref().map(|a| a.syncs()),
+                    written_bytes: d.written.load(std::sync::atomic::Ordering::Relaxed),
                 }
             })
             .collect();
@@ -2024,6 +2031,8 @@ pub struct TrackedDisk {
     /// Armed by a promotion (see [`preimage`]): blocks are saved before
     /// their first change, so that the failover can be cancelled.
     preimage: Mutex<Option<preimage::Journal>>,
+    /// Bytes written through [`TrackedDisk::write_at`] since attached.
+    written: std::sync::atomic::AtomicU64,
 }
 
 impl TrackedDisk {
@@ -2205,6 +2214,10 @@ impl TrackedDisk {
         let r = file.write_at(data, offset);
         // Marked whatever the outcome: an over-approximation is always safe.
         self.mark(first, last);
+        if let Ok(n) = &r {
+            self.written
+                .fetch_add(*n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
         r
     }
 
