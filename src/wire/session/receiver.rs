@@ -191,10 +191,9 @@ enum Wait {
     },
     Stored(LogBegin),
     Applied(LogBegin),
-    Point {
-        vm: String,
-        cycle: u64,
-    },
+    /// The point asked for (kept to hold it again, see
+    /// [`Receiver::point_not_there`]).
+    Point(wire::PointCommit),
     Hashes {
         disk_id: DiskId,
         replica_cycle: u64,
@@ -412,12 +411,18 @@ impl Receiver {
         Ok(())
     }
 
-    /// The disk whose transfer `sid` carried is free again.
+    /// The disk whose transfer `sid` carried is free again (a point held
+    /// behind that transfer is asked for again: [`Self::point_not_there`]).
     fn release(&mut self, sid: StreamId) {
+        let mut freed = false;
         for d in self.disks.values_mut() {
             if d.busy == Some(sid) {
                 d.busy = None;
+                freed = true;
             }
+        }
+        if freed {
+            self.release_points();
         }
     }
 
@@ -626,10 +631,7 @@ impl Receiver {
 
     /// Ask the store to record the point (it checks the disks again).
     fn commit_point(&mut self, sid: StreamId, p: wire::PointCommit) {
-        let wait = Wait::Point {
-            vm: p.vm.clone(),
-            cycle: p.cycle,
-        };
+        let wait = Wait::Point(p.clone());
         let commit = |op| ReceiverAction::CommitPoint {
             op,
             vm: p.vm,
@@ -640,6 +642,31 @@ impl Receiver {
         };
         // `ask` only queues the action and sets the state: it cannot fail.
         let _ = self.ask(sid, commit, wait);
+    }
+
+    /// The store did not record `p`: some disk is not settled at its cycle.
+    /// While a later log of one of its disks is being stored or applied on
+    /// this connection (pipelined cycles: the next cycle's log overtakes
+    /// this point's commit, and the store will not record a point at a
+    /// cycle whose replica is mid-apply), hold it: the end of that transfer
+    /// releases it ([`Self::reached`], [`Self::release`]) and the store then
+    /// finds the cycle in the disk's history. Otherwise refuse it
+    /// (retryable).
+    fn point_not_there(&mut self, sid: StreamId, p: wire::PointCommit) -> Result<(), SessionError> {
+        let in_flight = p.disks.iter().any(|dc| {
+            self.disks
+                .get(&dc.disk_id)
+                .is_some_and(|d| d.busy.is_some_and(|b| b != sid))
+        });
+        if in_flight {
+            self.set(sid, RState::Held(p));
+            return Ok(());
+        }
+        Err(SessionError::Store {
+            code: ErrorCode::InvalidState,
+            retryable: true,
+            message: format!("not every disk of {} reached cycle {}", p.vm, p.cycle),
+        })
     }
 
     /// Commit the held points whose disks are all there now.
@@ -1091,15 +1118,12 @@ impl Receiver {
                 self.reached(&b.disk_id, b.cycle);
                 self.answer(sid, &ack(b.disk_id, b.cycle, true, true))
             }
-            (Wait::Point { vm, cycle }, StoreDone::PointCommitted(r)) => {
+            (Wait::Point(p), StoreDone::PointCommitted(r)) => {
                 if r.map_err(store)? {
+                    let (vm, cycle) = (p.vm, p.cycle);
                     self.answer(sid, &Msg::PointAck(PointAck { vm, cycle }))
                 } else {
-                    Err(SessionError::Store {
-                        code: ErrorCode::InvalidState,
-                        retryable: true,
-                        message: format!("not every disk of {vm} reached cycle {cycle}"),
-                    })
+                    self.point_not_there(sid, p)
                 }
             }
             (

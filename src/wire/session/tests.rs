@@ -1256,3 +1256,109 @@ fn a_sender_commits_with_the_last_bytes_and_withdraws_the_point_if_the_log_fails
     );
     assert!(s.is_idle());
 }
+
+/// Stream 2 carries log 6 (applied: the replica is at 6), stream 5 carries
+/// log 7, stored and being applied; the point of cycle 6 comes on stream 7
+/// behind it (pipelined cycles). Returns the receiver, the apply op of log
+/// 7 and the first commit op of point 6.
+fn point_behind_a_pipelined_apply() -> (Receiver, OpId, OpId) {
+    let mut r = opened(5);
+    let (_, msgs) = log_msgs(6, 5, b"0123456789");
+    let outs = feed(&mut r, &msgs);
+    r.complete(
+        NOW,
+        stored_op(&outs),
+        StoreDone::LogStored(Ok(LogStored::Stored)),
+    );
+    let outs = drain(|| r.poll());
+    let apply6 = apply_op(&outs).expect("apply 6");
+    r.complete(NOW, apply6, StoreDone::LogApplied(Ok(())));
+    let _ = drain(|| r.poll());
+    let (_, msgs) = log_msgs(7, 6, b"abcdefgh");
+    let b = bytes(&msgs);
+    r.handle(
+        NOW,
+        Event::Data {
+            stream: StreamId(5),
+            bytes: &b,
+        },
+    );
+    let outs = drain(|| r.poll());
+    r.complete(
+        NOW,
+        stored_op(&outs),
+        StoreDone::LogStored(Ok(LogStored::Stored)),
+    );
+    let outs = drain(|| r.poll());
+    let apply7 = apply_op(&outs).expect("apply 7");
+    let b = bytes(&[point_commit(6)]);
+    r.handle(
+        NOW,
+        Event::Data {
+            stream: StreamId(7),
+            bytes: &b,
+        },
+    );
+    let outs = drain(|| r.poll());
+    let commit = commit_op(&outs, 6).expect("point 6: its log is applied");
+    (r, apply7, commit)
+}
+
+#[test]
+fn a_point_the_store_refuses_behind_a_later_apply_is_held_then_committed() {
+    // Seen at 256 VMs: the store will not record point 6 while log 7 is
+    // mid-apply; the session refused the point (a lost session and a 1 s
+    // retry). It must wait for the apply and ask again.
+    let (mut r, apply7, commit) = point_behind_a_pipelined_apply();
+    r.complete(NOW, commit, StoreDone::PointCommitted(Ok(false)));
+    let outs = drain(|| r.poll());
+    assert_eq!(
+        refusal(&outs),
+        None,
+        "refused while log 7 applies: {outs:?}"
+    );
+    assert!(sent(&outs).is_empty(), "{outs:?}");
+    r.complete(NOW, apply7, StoreDone::LogApplied(Ok(())));
+    let outs = drain(|| r.poll());
+    let again = commit_op(&outs, 6).expect("asked again once log 7 is applied");
+    r.complete(NOW, again, StoreDone::PointCommitted(Ok(true)));
+    let outs = drain(|| r.poll());
+    assert!(
+        matches!(&sent(&outs)[..], [Msg::PointAck(p)] if p.cycle == 6),
+        "{outs:?}"
+    );
+}
+
+#[test]
+fn a_point_the_store_refuses_with_nothing_in_flight_is_refused_retryable() {
+    let (mut r, apply7, commit) = point_behind_a_pipelined_apply();
+    r.complete(NOW, apply7, StoreDone::LogApplied(Ok(())));
+    let _ = drain(|| r.poll());
+    r.complete(NOW, commit, StoreDone::PointCommitted(Ok(false)));
+    let outs = drain(|| r.poll());
+    assert_eq!(
+        refusal(&outs),
+        Some((ErrorCode::InvalidState, true)),
+        "{outs:?}"
+    );
+}
+
+#[test]
+fn a_point_held_behind_a_log_that_fails_is_asked_again_and_refused() {
+    // Log 7's apply fails: its disk is free again, the held point is asked
+    // for again, and the store's answer decides (never held forever).
+    let (mut r, apply7, commit) = point_behind_a_pipelined_apply();
+    r.complete(NOW, commit, StoreDone::PointCommitted(Ok(false)));
+    let _ = drain(|| r.poll());
+    r.handle(NOW, Event::Reset(StreamId(5)));
+    let outs = drain(|| r.poll());
+    let again = commit_op(&outs, 6).expect("asked again once log 7's stream is gone");
+    let _ = apply7;
+    r.complete(NOW, again, StoreDone::PointCommitted(Ok(false)));
+    let outs = drain(|| r.poll());
+    assert_eq!(
+        refusal(&outs),
+        Some((ErrorCode::InvalidState, true)),
+        "{outs:?}"
+    );
+}
