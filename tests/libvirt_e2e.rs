@@ -419,7 +419,16 @@ fn a_domain_is_protected_by_name_and_failed_over_as_a_vm() {
     let p2 = sync_point(&s.s("vm"), WEB1);
     assert!(p2 > p1);
     let pts = points(&s, WEB1);
-    assert!(pts.contains(&p1) && pts.contains(&p2), "{pts:?}");
+    assert!(
+        pts.contains(&p1) && pts.contains(&p2),
+        "p1 {p1}, p2 {p2}, points {pts:?}\npoints --json: {}\nstatus --json: {}",
+        vdrep(&["points", WEB1, "--store", &s.s("store"), "--json"])
+            .stdout
+            .escape_ascii(),
+        vdrep(&["status", "--json", &s.s("vm")])
+            .stdout
+            .escape_ascii()
+    );
     step("protected, p1 and p2");
 
     // 5. A disk added to the domain: the cut that sees the change is a
