@@ -772,3 +772,85 @@ fn receiver_dying_between_ack_and_point_commit_loses_no_point() {
     );
     m.umount();
 }
+
+/// The receiver dies in the middle of applying a log (its state says
+/// "applying"). The reconnecting sender must not take the disk for one
+/// without a replica: a full copy would end the VM's history. Before the
+/// fix the receiver answered cycle 0 for a disk mid-apply, the sender
+/// copied it whole and every earlier point was dropped (seen in
+/// libvirt_e2e after a quick reconnect).
+#[test]
+fn receiver_dying_in_the_middle_of_an_apply_keeps_the_history() {
+    require_fuse!();
+    std::env::set_var("VDREP_RETRY_SCALE", "0.005");
+    let site = Site::new();
+    std::fs::File::create(site.p("vm/data.img"))
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let mut m = site.mount();
+    let mut r = Receiver::start(&site, "127.0.0.1:0", &site.p("store"));
+    let addr = r.addr.clone();
+    protect(&site, &r, "1h", &["data.img"]);
+    sync_ok(&site);
+    let write = |round: u8| {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(site.p("vm/data.img"))
+            .unwrap();
+        for i in 0..64u64 {
+            f.write_all_at(&[round.wrapping_add(i as u8); 4096], i * 65536)
+                .unwrap();
+        }
+    };
+    write(1);
+    sync_ok(&site);
+    let before = points_of(&site);
+    assert!(before.len() >= 2, "{before:?}");
+    r.kill9();
+    let mut r = Receiver::start_env(
+        &site,
+        &addr,
+        &site.p("store"),
+        &[("VDREP_CRASH_AT", "replica-half")],
+    );
+    write(101);
+    let vmdir = site.s("vm");
+    let bg = std::thread::spawn(move || vdrep(&["sync", &vmdir, "--timeout", "90"]));
+    let t0 = std::time::Instant::now();
+    while r.child.try_wait().unwrap().is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the receiver never reached the middle of the apply"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _r = Receiver::start(&site, &addr, &site.p("store"));
+    let o = bg.join().unwrap();
+    assert!(
+        o.status.success(),
+        "sync: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    same(&site.p("vm/data.img"), "raw", &site.replica("data.vhd"));
+    let after = points_of(&site);
+    for c in &before {
+        assert!(
+            after.contains(c),
+            "point {c} was dropped by the reconnect: {before:?} -> {after:?}"
+        );
+    }
+    m.umount();
+}
+
+fn points_of(site: &Site) -> Vec<u64> {
+    let pts = vdrep_ok(&["points", "vm1", "--store", &site.s("store"), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&pts).unwrap();
+    let mut c: Vec<u64> = v["points"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p["cycle"].as_u64()).collect())
+        .unwrap_or_default();
+    c.sort();
+    c
+}

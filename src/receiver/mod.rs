@@ -930,11 +930,34 @@ fn load_disk(
             ),
         }));
     }
-    let st = match store.replica_state(disk(site, &o.vm, &o.disk_id)) {
+    let mut st = match store.replica_state(disk(site, &o.vm, &o.disk_id)) {
         Ok(st) => st,
         Err(StoreError::NotReady { .. }) => return Ok(DiskStatus::default()),
         Err(e) => return Err(failure(e)),
     };
+    if let Some(a) = st.applying {
+        // An apply is under way (a store thread of a connection that just
+        // ended still runs it) or was interrupted. Answering cycle 0 would
+        // read as "no replica" to the sender, which then copies the disk
+        // whole, and a full copy ends the VM's history: every recovery
+        // point was dropped (libvirt_e2e, a reconnect right after a
+        // `ResyncRequired` cut). Finish it first: `apply` waits for the
+        // running one (the disk's lock) or rolls the interrupted one forward.
+        store
+            .apply(disk(site, &o.vm, &o.disk_id), a)
+            .map_err(failure)?;
+        st = store
+            .replica_state(disk(site, &o.vm, &o.disk_id))
+            .map_err(failure)?;
+        if let Some(a) = st.applying {
+            return Err(failure(StoreError::NotReady {
+                ctx: replica::Ctx::new(site, &o.vm, &o.disk_name),
+                what: format!(
+                    "the apply of cycle {a} is still being finished: open the disk again"
+                ),
+            }));
+        }
+    }
     Ok(match st.applying {
         None => DiskStatus {
             replica_cycle: st.cycle.unwrap_or(0),
