@@ -760,8 +760,10 @@ impl Replicator {
             )));
         }
         let (tx, rx) = oneshot::channel();
-        // Any point sealed after this moment will do.
-        let want = self.tracker.status().cut_seq + 1;
+        // Any point sealed after this moment will do. Not `status()`: it
+        // does not wait for a cut in progress, whose seal may already be
+        // behind writes acknowledged before this call.
+        let want = self.tracker.cut_seq_settled() + 1;
         v.waiters.lock().push((want, tx));
         v.sync_requested
             .store(true, std::sync::atomic::Ordering::SeqCst);

@@ -1688,6 +1688,15 @@ impl Tracker {
             .sum()
     }
 
+    /// The newest cut's cycle, waiting for a cut in progress: every write
+    /// acknowledged before this call is in a cycle above the value returned
+    /// (`vdrep sync`'s "a point sealed after this moment"). [`Tracker::status`]
+    /// does not wait and may still show the cycle before a cut whose seal
+    /// already happened.
+    pub fn cut_seq_settled(&self) -> u64 {
+        self.cut_serial.lock().cut_seq
+    }
+
     /// Returns once no cut (or shutdown) holds the cut serialisation: a
     /// liveness check's proof that cuts are not stuck ([`Tracker::status`]
     /// no longer waits for them).
