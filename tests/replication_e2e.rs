@@ -735,26 +735,8 @@ fn receiver_dying_between_ack_and_point_commit_loses_no_point() {
         f.write_all_at(&[i as u8 + 1; 4096], i * 65536).unwrap();
     }
     drop(f);
-    let vmdir = site.s("vm");
-    let bg = std::thread::spawn(move || vdrep(&["sync", &vmdir, "--timeout", "90"]));
     // The receiver aborts at the point commit.
-    let t0 = std::time::Instant::now();
-    while r.child.try_wait().unwrap().is_none() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "the receiver never reached the point commit"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _r = Receiver::start(&site, &addr, &site.p("store"));
-    let o = bg.join().unwrap();
-    assert!(
-        o.status.success(),
-        "sync: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    same(&site.p("vm/data.img"), "raw", &site.replica("data.vhd"));
+    let _r = sync_through_a_receiver_abort(&site, &mut r, &addr, "the point commit");
     let pts = vdrep_ok(&["points", "vm1", "--store", &site.s("store"), "--json"]);
     let v: serde_json::Value = serde_json::from_str(&pts).unwrap();
     // The cycle whose commit was lost is a point: no gap in the history.
@@ -815,25 +797,7 @@ fn receiver_dying_in_the_middle_of_an_apply_keeps_the_history() {
         &[("VDREP_CRASH_AT", "replica-half")],
     );
     write(101);
-    let vmdir = site.s("vm");
-    let bg = std::thread::spawn(move || vdrep(&["sync", &vmdir, "--timeout", "90"]));
-    let t0 = std::time::Instant::now();
-    while r.child.try_wait().unwrap().is_none() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "the receiver never reached the middle of the apply"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _r = Receiver::start(&site, &addr, &site.p("store"));
-    let o = bg.join().unwrap();
-    assert!(
-        o.status.success(),
-        "sync: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    same(&site.p("vm/data.img"), "raw", &site.replica("data.vhd"));
+    let _r = sync_through_a_receiver_abort(&site, &mut r, &addr, "the middle of the apply");
     let after = points_of(&site);
     for c in &before {
         assert!(
@@ -842,6 +806,38 @@ fn receiver_dying_in_the_middle_of_an_apply_keeps_the_history() {
         );
     }
     m.umount();
+}
+
+/// `vdrep sync` while receiver `r` (started with a `VDREP_CRASH_AT` step
+/// named by `step`) aborts; a new receiver on `addr` takes over and the
+/// sync must succeed with the replica equal to the source. Returns the new
+/// receiver.
+fn sync_through_a_receiver_abort(
+    site: &Site,
+    r: &mut Receiver,
+    addr: &str,
+    step: &str,
+) -> Receiver {
+    let vmdir = site.s("vm");
+    let bg = std::thread::spawn(move || vdrep(&["sync", &vmdir, "--timeout", "90"]));
+    let t0 = std::time::Instant::now();
+    while r.child.try_wait().unwrap().is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the receiver never reached {step}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let next = Receiver::start(site, addr, &site.p("store"));
+    let o = bg.join().unwrap();
+    assert!(
+        o.status.success(),
+        "sync: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    same(&site.p("vm/data.img"), "raw", &site.replica("data.vhd"));
+    next
 }
 
 fn points_of(site: &Site) -> Vec<u64> {
