@@ -25,7 +25,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUTDIR="${1:-$REPO/.vm}"
 FORCE="${FORCE:-0}"
 # Bump when the initramfs content/layout changes, so caches get rebuilt.
-INIT_VERSION=9
+INIT_VERSION=10
 
 log() { printf '[build-tiny-vm] %s\n' "$*" >&2; }
 die() { printf '[build-tiny-vm] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -339,8 +339,20 @@ appwrite)
         head -c 65536 /dev/urandom > "$d/f$((n % 64))"
         echo "$n" > /mnt/last
     done
-    kill "$(cat /var/run/qemu-ga.pid)" 2>/dev/null
-    umount /mnt || fail "ERROR umount failed"
+    # Stop the agent and wait until it is gone: it thaws a file system the
+    # host froze when it exits, and a frozen one cannot be unmounted (seen
+    # in CI: umount right after `kill` said busy while a host cut had /mnt
+    # frozen).
+    GA=$(cat /var/run/qemu-ga.pid 2>/dev/null)
+    [ -n "$GA" ] && kill "$GA" 2>/dev/null
+    i=0
+    while [ -n "$GA" ] && [ -d "/proc/$GA" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+    i=0
+    until umount /mnt; do
+        i=$((i+1))
+        [ $i -lt 20 ] || fail "ERROR umount failed"
+        sleep 0.5
+    done
     sync
     say "APPWRITE DONE n=$n"
     ;;
