@@ -1117,6 +1117,7 @@ impl ReplicaStore for BucketStore {
                     if h.size == info.size && i.cycle == info.cycle {
                         return Ok(InitialState {
                             resume_offset: i.offset.min(info.size),
+                            dropped: None,
                         });
                     }
                 }
@@ -1160,7 +1161,10 @@ impl ReplicaStore for BucketStore {
             };
             self.write_head(&ctx, st, site, vm, &info.disk_id, h)?;
             self.check(&ctx, st)?;
-            Ok(InitialState { resume_offset: 0 })
+            Ok(InitialState {
+                resume_offset: 0,
+                dropped: None,
+            })
         })
     }
 
