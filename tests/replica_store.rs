@@ -897,25 +897,6 @@ fn definitions_are_kept_per_point_without_duplicates_and_pruned() {
     }
 }
 
-/// Disk `id` of [`VM`] (`name`), copied whole as `data` at cycle 1.
-fn disk_at_1(store: &Store, id: [u8; 16], name: &str, data: &[u8]) {
-    let i = vdrep::replica::DiskInfo {
-        disk_id: id,
-        name: name.into(),
-        size: data.len() as u64,
-        block_size: BS as u32,
-        cycle: 1,
-    };
-    let d = DiskRef {
-        disk_id: &id,
-        ..DISK
-    };
-    let st = ReplicaStore::begin_initial(store, SITE, VM, &i).unwrap();
-    assert_eq!(st.dropped, None, "a new disk ends no point");
-    ReplicaStore::write_initial(store, d, 0, InitialData::Data(data)).unwrap();
-    ReplicaStore::finish_initial(store, d, 1, 1).unwrap();
-}
-
 /// Issue (points refused "not every disk of VM reached cycle N" at 256
 /// VMs): the session commits point N once it saw every disk reach N, and
 /// the store looked at the disks without waiting for an apply of cycle
@@ -931,7 +912,7 @@ fn a_point_committed_while_the_next_cycle_is_applied_waits_for_the_apply() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&dir.path().join("store")).unwrap());
     let mut disk = vec![1u8; 16 * BS as usize];
-    disk_at_1(&store, ID, "disk0.img", &disk);
+    initial(store.as_ref(), &disk, 1);
     let old = disk.clone();
     disk[..BS as usize].fill(2);
     let logp = dir.path().join("2.hrl");
@@ -978,125 +959,49 @@ fn a_point_committed_while_the_next_cycle_is_applied_waits_for_the_apply() {
     assert_eq!(store_suite::read_point(store.as_ref(), DISK, 1), old);
 }
 
-/// A full copy of one disk ends only the points that include that disk
-/// (their history for it is gone), with a typed warning saying which and
-/// why; the VM's points from before the disk was added stay and read
-/// back as they were.
+/// The store suite's full-copy case, then what only the directory store
+/// can show: a disk whose replica folder is gone from the store is copied
+/// whole again, and the points over it go with a `ReplicaLost` reason.
 #[test]
 fn a_full_copy_of_one_disk_drops_only_the_points_that_include_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("store")).unwrap();
-    let (a, b) = ([0xa; 16], [0xb; 16]);
-    let da = DiskRef {
-        disk_id: &a,
-        ..DISK
-    };
-    let data_a = vec![3u8; 8 * BS as usize];
-    disk_at_1(&store, a, "a.img", &data_a);
-    let p1 = ReplicaStore::commit_point(&store, SITE, VM, 1, &[a], Consistency::Crash)
-        .unwrap()
+    for h in both() {
+        store_suite::a_full_copy_of_one_disk_drops_only_the_points_that_include_it(&h);
+        let store = h.open();
+        let (a, b) = store_suite::FULL_COPY_DISKS;
+        std::fs::remove_dir_all(h.disk_dir(DiskRef {
+            disk_id: &b,
+            ..DISK
+        }))
         .unwrap();
-    assert_eq!(p1.disks.len(), 1);
-    // Disk b is added to the VM (its first copy ends nothing), then a
-    // point over both.
-    let data_b = vec![4u8; 8 * BS as usize];
-    disk_at_1(&store, b, "b.img", &data_b);
-    let mut next_a = data_a.clone();
-    next_a[..BS as usize].fill(5);
-    let logp = dir.path().join("a2.hrl");
-    make_log(
-        &logp,
-        a,
-        1,
-        2,
-        data_a.len() as u64,
-        &next_a,
-        &BTreeSet::from([0]),
-    );
-    store_suite::ship(&store, da, &logp, 2);
-    let logp = dir.path().join("b2.hrl");
-    make_log(
-        &logp,
-        b,
-        1,
-        2,
-        data_b.len() as u64,
-        &data_b,
-        &BTreeSet::new(),
-    );
-    let db = DiskRef {
-        disk_id: &b,
-        ..DISK
-    };
-    store_suite::ship(&store, db, &logp, 2);
-    ReplicaStore::commit_point(&store, SITE, VM, 2, &[a, b], Consistency::Crash)
-        .unwrap()
-        .unwrap();
-    // b is copied whole again (the sender found no replica of it).
-    let i = vdrep::replica::DiskInfo {
-        disk_id: b,
-        name: "b.img".into(),
-        size: data_b.len() as u64,
-        block_size: BS as u32,
-        cycle: 3,
-    };
-    let st = ReplicaStore::begin_initial(&store, SITE, VM, &i).unwrap();
-    let d = st.dropped.expect("the points over b were dropped silently");
-    assert_eq!(d.cycles, vec![2]);
-    assert_eq!(
-        d.why,
-        vdrep::replica::DropReason::ReCopy { replica_cycle: 2 }
-    );
-    assert!(d.to_string().contains("[2]"), "{d}");
-    let left: Vec<u64> = ReplicaStore::points(&store, SITE, VM)
-        .unwrap()
-        .iter()
-        .map(|p| p.cycle)
-        .collect();
-    assert_eq!(left, vec![1], "point 1 (disk a alone) must stay");
-    assert_eq!(store_suite::read_point(&store, da, 1), data_a);
-    // The same when b's replica is gone from the store altogether.
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    ReplicaStore::write_initial(&store, db, 0, InitialData::Data(&data_b)).unwrap();
-    ReplicaStore::finish_initial(&store, db, 3, 3).unwrap();
-    let logp = dir.path().join("a3.hrl");
-    make_log(
-        &logp,
-        a,
-        2,
-        3,
-        data_a.len() as u64,
-        &next_a,
-        &BTreeSet::new(),
-    );
-    store_suite::ship(&store, da, &logp, 3);
-    ReplicaStore::commit_point(&store, SITE, VM, 3, &[a, b], Consistency::Crash)
-        .unwrap()
-        .unwrap();
-    std::fs::remove_dir_all(
-        dir.path()
-            .join("store/sites")
-            .join(SITE)
-            .join("vms")
-            .join(VM)
-            .join("disks")
-            .join(hex),
-    )
-    .unwrap();
-    let i = vdrep::replica::DiskInfo { cycle: 4, ..i };
-    let st = ReplicaStore::begin_initial(&store, SITE, VM, &i).unwrap();
-    let d = st
-        .dropped
-        .expect("the points over the lost replica were kept");
-    assert_eq!(
-        (d.cycles.clone(), d.why),
-        (vec![3], vdrep::replica::DropReason::ReplicaLost)
-    );
-    let left: Vec<u64> = ReplicaStore::points(&store, SITE, VM)
-        .unwrap()
-        .iter()
-        .map(|p| p.cycle)
-        .collect();
-    assert_eq!(left, vec![1]);
-    assert_eq!(store_suite::read_point(&store, da, 1), data_a);
+        let i = vdrep::replica::DiskInfo {
+            disk_id: b,
+            name: "b.img".into(),
+            size: 8 * BS,
+            block_size: BS as u32,
+            cycle: 4,
+        };
+        let st = store.begin_initial(SITE, VM, &i).unwrap();
+        let d = st
+            .dropped
+            .expect("the points over the lost replica were kept");
+        assert_eq!(
+            (d.cycles.clone(), d.why),
+            (vec![3], vdrep::replica::DropReason::ReplicaLost)
+        );
+        let left: Vec<u64> = store
+            .points(SITE, VM)
+            .unwrap()
+            .iter()
+            .map(|p| p.cycle)
+            .collect();
+        assert_eq!(left, vec![1]);
+        let da = DiskRef {
+            disk_id: &a,
+            ..DISK
+        };
+        assert_eq!(
+            store_suite::read_point(store.as_ref(), da, 1),
+            vec![3u8; 8 * BS as usize]
+        );
+    }
 }
