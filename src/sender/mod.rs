@@ -1261,10 +1261,22 @@ impl Replicator {
                 .iter()
                 .filter(|d| !have.contains_key(*d))
                 .collect();
-            tracing::info!(vm = %spec.vm,
+            let what = format!(
                 "initial copy of {copies:?} (no replica at the receiver); {} disk(s) keep their replica{}",
                 have.len(),
-                if later.is_empty() { String::new() } else { format!(", {later:?} resynced by checksums after the copy") });
+                if later.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {later:?} resynced by checksums after the copy")
+                }
+            );
+            if last_point > 0 {
+                // The VM had points: those that include a copied disk end
+                // (the receiver logs which).
+                tracing::warn!(vm = %spec.vm, "{what}: the recovery points that include these disks are dropped at the receiver");
+            } else {
+                tracing::info!(vm = %spec.vm, "{what}");
+            }
             self.initial_copy(vm, link, &replica, &later).await?;
             if later.is_empty() {
                 copied = true;
