@@ -1300,8 +1300,12 @@ impl Replicator {
                     // without it) start the resync outside the window too;
                     // so does a small one (only activity-log extents after
                     // an unclean stop): the window is for full resyncs.
+                    // So does one right after an initial copy of another
+                    // disk: until it ends the VM has no point over all its
+                    // disks (it costs less than the copy just made).
                     let manual = vm.jobs.lock().iter().any(|j| matches!(j, Job::Resync(_)))
-                        || !vm.waiters.lock().is_empty();
+                        || !vm.waiters.lock().is_empty()
+                        || need_initial;
                     let small = reasons.iter().all(|(d, _)| {
                         replica
                             .get(d)
