@@ -309,8 +309,17 @@ fn resident_anon_and_fuse_threads(pid: u64) -> (u64, usize) {
 
 /// The request buffers of the worker `pid` are resident: at least
 /// `max_write` (1 MiB by default) per FUSE thread.
+/// Each thread maps its buffer as it starts, which may still be under way
+/// when the worker first answers `status`: waits up to 10 s.
 fn assert_request_buffers_resident(pid: u64, what: &str) {
-    let (kb, threads) = resident_anon_and_fuse_threads(pid);
+    let t0 = Instant::now();
+    let (kb, threads) = loop {
+        let (kb, threads) = resident_anon_and_fuse_threads(pid);
+        if (threads > 0 && kb >= threads as u64 * 1024) || t0.elapsed() > Duration::from_secs(10) {
+            break (kb, threads);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert!(threads > 0, "{what}: worker {pid} runs no FUSE thread");
     assert!(
         kb >= threads as u64 * 1024,
