@@ -303,6 +303,10 @@ fn a_domain_is_protected_by_name_and_failed_over_as_a_vm() {
     let s = TwoSites::new();
     let rb = s.receiver("127.0.0.1:0");
     let _m = s.mount();
+    // Dropped before the mount (declared after it): a panicking run
+    // destroys its domains first, else unmounting a folder a running QEMU
+    // holds hangs the teardown.
+    let _domains_first = Cleanup(&lv);
     step("keys, receiver, mount");
     let os = s.p("vm/os.qcow2");
     let data = s.p("vm/data.img");
