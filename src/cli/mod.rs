@@ -263,6 +263,12 @@ pub enum Cmd {
         /// guest agent channel.
         #[arg(long, conflicts_with = "disks")]
         domain: Option<String>,
+        /// A consistency group: the VMs of this mount with the same group
+        /// share every recovery point (one cut of all their disks, on the
+        /// shortest --every of them); `vdrep points --group` and
+        /// `vdrep failover --group` pick one point for all of them.
+        #[arg(long, value_name = "NAME")]
+        group: Option<String>,
         /// Receiver address HOST:PORT, or an object store
         /// `s3://BUCKET/PREFIX` written directly, with no receiver (with
         /// --s3-endpoint, --s3-credentials and --encryption-key).
@@ -586,6 +592,7 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
         Cmd::Protect {
             name,
             domain,
+            group,
             to,
             trust,
             s3,
@@ -623,7 +630,7 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
                 app,
                 retry,
                 disks,
-                domain,
+                (domain, group),
             )
         }
         Cmd::Unprotect { name, dir } => replication::unprotect(name, dir),

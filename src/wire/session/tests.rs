@@ -1085,6 +1085,7 @@ fn point_commit(cycle: u64) -> Msg {
         app_consistent: false,
         disks: vec![wire::DiskCycle { disk_id: ID, cycle }],
         definition: None,
+        group: None,
     })
 }
 
