@@ -336,7 +336,13 @@ pub enum Cmd {
     /// time, id, history bytes, consistency, pinned (exposed).
     Points {
         /// VM name.
-        name: String,
+        #[arg(required_unless_present = "group", conflicts_with = "group")]
+        name: Option<String>,
+        /// List the group points of a consistency group instead: the
+        /// points every VM of the group has at one instant, each with the
+        /// VMs' point ids.
+        #[arg(long, value_name = "GROUP")]
+        group: Option<String>,
         /// The receiver's store folder (`vdrep receive --store`), or an
         /// object store `s3://BUCKET/PREFIX` (with --s3-endpoint,
         /// --s3-credentials and --encryption-key).
@@ -637,14 +643,23 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
         Cmd::Sync { target, timeout } => replication::sync(&target, timeout),
         Cmd::Points {
             name,
+            group: Some(group),
+            store,
+            site,
+            json,
+            ..
+        } if name.is_none() => points::group_points(&group, &store, site, json),
+        Cmd::Points {
+            name,
             store,
             site,
             json,
             s3,
-        } => match objstore::s3_url(&store) {
-            Ok(Some(url)) => objstore::points(&name, &url, site, &s3, json),
-            Ok(None) => points::points(&name, &store, site, json),
-            Err(e) => {
+            ..
+        } => match (objstore::s3_url(&store), name.unwrap_or_default()) {
+            (Ok(Some(url)), name) => objstore::points(&name, &url, site, &s3, json),
+            (Ok(None), name) => points::points(&name, &store, site, json),
+            (Err(e), name) => {
                 eprintln!("vdrep: points of {name}: {e}");
                 2
             }

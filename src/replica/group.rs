@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Consistency, Point};
+use super::{Consistency, Ctx, Point, StoreError};
 
 /// The group a point of a member VM was cut for (the sender's
 /// `PointCommit` says it; kept in `groups/CYCLE.json` of the VM).
@@ -170,6 +170,42 @@ pub fn group_keep(vm: &str, own: &[bool], all: &[VmPoints], others: &[Vec<bool>]
         }
     }
     keep
+}
+
+/// The group points of `group` in `store` (oldest first) and the site
+/// they belong to: `site`, else the one site with points of that group.
+/// An error says why (for the operator).
+pub fn site_group_points(
+    store: &super::Store,
+    site: Option<&str>,
+    group: &str,
+) -> Result<(String, Vec<GroupPoint>), StoreError> {
+    let refused = |what: String| StoreError::NotReady {
+        ctx: Ctx::new(site.unwrap_or_default(), "", ""),
+        what,
+    };
+    let sites = match site {
+        Some(s) => vec![s.to_string()],
+        None => store.site_names(),
+    };
+    let mut found = Vec::new();
+    for s in sites {
+        let pts = store.site(&s).and_then(|st| st.group_points(group))?;
+        if !pts.is_empty() || site.is_some() {
+            found.push((s, pts));
+        }
+    }
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(refused(format!(
+            "no group point of group {group:?} in the store {}: a group point exists once every VM of the group committed the same cut (see `vdrep status` at the sending site: `group_waiting` says why not)",
+            store.root().display()
+        ))),
+        _ => Err(refused(format!(
+            "group {group:?} has points from several sites ({}): say which with --site",
+            found.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>().join(", ")
+        ))),
+    }
 }
 
 #[cfg(test)]
