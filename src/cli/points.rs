@@ -167,7 +167,9 @@ pub fn group_points(group: &str, store: &Path, site: Option<String>, json: bool)
         return 0;
     }
     if pts.is_empty() {
-        println!("{site}/group {group}: no group points yet");
+        println!(
+            "group {group}: no group points yet (one exists once every VM of the group committed the same cut; `vdrep status` at the sending site says why not)"
+        );
         return 0;
     }
     println!(

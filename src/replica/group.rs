@@ -173,23 +173,20 @@ pub fn group_keep(vm: &str, own: &[bool], all: &[VmPoints], others: &[Vec<bool>]
 }
 
 /// The group points of `group` in `store` (oldest first) and the site
-/// they belong to: `site`, else the one site with points of that group.
-/// An error says why (for the operator).
+/// they belong to: `site`, else the one site with points of that group
+/// (none yet: the store's only site, with no points). Refused when
+/// several sites have points of the group and `site` is not given.
 pub fn site_group_points(
     store: &super::Store,
     site: Option<&str>,
     group: &str,
 ) -> Result<(String, Vec<GroupPoint>), StoreError> {
-    let refused = |what: String| StoreError::NotReady {
-        ctx: Ctx::new(site.unwrap_or_default(), "", ""),
-        what,
-    };
     let sites = match site {
         Some(s) => vec![s.to_string()],
         None => store.site_names(),
     };
     let mut found = Vec::new();
-    for s in sites {
+    for s in sites.clone() {
         let pts = store.site(&s).and_then(|st| st.group_points(group))?;
         if !pts.is_empty() || site.is_some() {
             found.push((s, pts));
@@ -197,14 +194,25 @@ pub fn site_group_points(
     }
     match found.len() {
         1 => Ok(found.remove(0)),
-        0 => Err(refused(format!(
-            "no group point of group {group:?} in the store {}: a group point exists once every VM of the group committed the same cut (see `vdrep status` at the sending site: `group_waiting` says why not)",
-            store.root().display()
-        ))),
-        _ => Err(refused(format!(
-            "group {group:?} has points from several sites ({}): say which with --site",
-            found.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>().join(", ")
-        ))),
+        0 => Ok((
+            if sites.len() == 1 {
+                sites[0].clone()
+            } else {
+                String::new()
+            },
+            Vec::new(),
+        )),
+        _ => Err(StoreError::NotReady {
+            ctx: Ctx::new(&found[0].0, "", ""),
+            what: format!(
+                "group {group:?} has points from several sites ({}): say which with --site",
+                found
+                    .iter()
+                    .map(|(s, _)| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }),
     }
 }
 

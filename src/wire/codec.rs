@@ -1114,6 +1114,57 @@ mod tests {
     }
 
     #[test]
+    fn point_group_round_trips_and_a_version_5_point_still_decodes() {
+        let group = PointGroup {
+            name: "erp".into(),
+            origin: "0123abcd".into(),
+            members: vec!["erp-app".into(), "erp-db".into()],
+        };
+        let point = |group: Option<PointGroup>, vm: &str| {
+            Msg::PointCommit(PointCommit {
+                vm: vm.into(),
+                cycle: 9,
+                app_consistent: true,
+                disks: vec![DiskCycle {
+                    disk_id: id(1),
+                    cycle: 9,
+                }],
+                definition: Some("<domain/>".into()),
+                group,
+            })
+        };
+        let m = point(Some(group.clone()), "erp-db");
+        let mut buf = Vec::new();
+        encode(&m, &mut buf).unwrap();
+        assert_eq!(decode(&buf).unwrap().unwrap().0, m);
+        // A version-5 sender's point ends after the definition.
+        let old = point(None, "erp-db");
+        let mut buf = Vec::new();
+        encode(&old, &mut buf).unwrap();
+        let n = buf.len();
+        buf.truncate(n - 1);
+        buf[..4].copy_from_slice(&((n - 1 - 4) as u32).to_le_bytes());
+        assert_eq!(decode(&buf).unwrap().unwrap().0, old);
+        // A VM that is not a member of its own group, or a bad name.
+        for g in [
+            PointGroup {
+                members: vec!["other".into()],
+                ..group.clone()
+            },
+            PointGroup {
+                name: "../x".into(),
+                ..group.clone()
+            },
+            PointGroup {
+                members: Vec::new(),
+                ..group.clone()
+            },
+        ] {
+            assert!(encode(&point(Some(g), "erp-db"), &mut Vec::new()).is_err());
+        }
+    }
+
+    #[test]
     fn point_definition_round_trips_and_is_capped() {
         let point = |definition: Option<String>| {
             Msg::PointCommit(PointCommit {
