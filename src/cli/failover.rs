@@ -357,7 +357,7 @@ fn group_failover(a: &FailoverArgs, group: &str) -> Out {
     {
         return out.fail(
             2,
-            format!("vdrep: failover --group works with --test, --cleanup and --unplanned at a receiver's store folder; fail the group's VMs over one by one for the rest (doc/CONSISTENCY-GROUPS.md)"),
+            "vdrep: failover --group works with --test, --cleanup and --unplanned at a receiver's store folder; fail the group's VMs over one by one for the rest (doc/CONSISTENCY-GROUPS.md)",
         );
     }
     let sel = match a.point.as_deref().map(PointSel::parse).transpose() {

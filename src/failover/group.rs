@@ -93,13 +93,16 @@ pub fn test(
     Ok((gp, views))
 }
 
-/// Remove the test failover of every VM of the group's newest group point:
-/// (VM, removed view or why not).
+/// What cleanup did for one VM: its removed view (if it had one), or why
+/// not.
+pub type Cleaned = (String, Result<Option<ViewInfo>, FailoverError>);
+
+/// Remove the test failover of every VM of the group's group points.
 pub fn cleanup(
     store: &Path,
     site: Option<String>,
     group: &str,
-) -> Result<Vec<(String, Result<Option<ViewInfo>, FailoverError>)>, FailoverError> {
+) -> Result<Vec<Cleaned>, FailoverError> {
     let (site, pts) = points(store, site, group)?;
     let mut vms: Vec<String> = pts
         .iter()

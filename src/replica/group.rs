@@ -96,7 +96,9 @@ pub fn standing(rec: &GroupRecord, cycle: u64, all: &[VmPoints]) -> Standing {
 /// The group points of `group` (oldest first) among the points of every
 /// VM of a site.
 pub fn group_points(group: &str, all: &[VmPoints]) -> Vec<GroupPoint> {
-    let mut by_cycle: BTreeMap<u64, (&GroupRecord, Vec<(&str, &Point)>)> = BTreeMap::new();
+    // cycle -> (the record, the VMs' points with it)
+    type AtCycle<'a> = (&'a GroupRecord, Vec<(&'a str, &'a Point)>);
+    let mut by_cycle: BTreeMap<u64, AtCycle<'_>> = BTreeMap::new();
     for (vm, pts) in all {
         for (p, rec) in pts {
             let Some(rec) = rec.as_ref().filter(|r| r.name == group) else {

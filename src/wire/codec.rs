@@ -605,11 +605,11 @@ pub(crate) fn decode_body(frame: &[u8]) -> Result<Msg, WireError> {
                 for _ in 0..m {
                     members.push(r.str(MAX_NAME, "group member")?);
                 }
-                Some(PointGroup {
+                Some(Box::new(PointGroup {
                     name: gname,
                     origin,
                     members,
-                })
+                }))
             } else {
                 None
             };
@@ -1130,7 +1130,7 @@ mod tests {
                     cycle: 9,
                 }],
                 definition: Some("<domain/>".into()),
-                group,
+                group: group.map(Box::new),
             })
         };
         let m = point(Some(group.clone()), "erp-db");

@@ -561,7 +561,7 @@ pub struct PointCommit {
     /// `None`: no group). The receiver keeps it with the point: a group
     /// point is a cycle every member has a point at, each saying the same
     /// group ([`crate::replica::group`]).
-    pub group: Option<PointGroup>,
+    pub group: Option<Box<PointGroup>>,
 }
 
 /// A VM's consistency group as its `PointCommit` states it: the cut of a

@@ -642,7 +642,7 @@ impl Receiver {
             app_consistent: p.app_consistent,
             disks: p.disks,
             definition: p.definition,
-            group: p.group,
+            group: p.group.map(|g| *g),
         };
         // `ask` only queues the action and sets the state: it cannot fail.
         let _ = self.ask(sid, commit, wait);

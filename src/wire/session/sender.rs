@@ -1159,7 +1159,7 @@ impl Sender {
             app_consistent: app,
             disks,
             definition: definition.map(|(_, x)| x),
-            group: self.groups.get(&cycle).cloned(),
+            group: self.groups.get(&cycle).cloned().map(Box::new),
         });
         // Points commit in cycle order: older groups are not needed.
         self.groups = self.groups.split_off(&cycle);
