@@ -710,23 +710,13 @@ impl Cx<'_> {
             let Some(vm) = self.vm(i, v, (&site, site_trust_named), &mounts, checks) else {
                 continue;
             };
-            if let (Some(g), Some(other)) = (
-                &vm.group,
-                vms.iter()
-                    .find(|x| x.group == vm.group && x.mount != vm.mount),
-            ) {
+            if let Some(why) = group_clash(&vm, &vms) {
                 let at = v.group.as_ref().unwrap_or(&v.name);
                 self.problem(
                     at,
                     &format!("vm[{}].group", vm.name),
                     ProblemKind::BadValue,
-                    format!(
-                        "VM {} of group {g} is under {}, not under {} like VM {}: one group's VMs must be under one [[mount]] (it cuts them all at one instant)",
-                        vm.name,
-                        vm.mount.display(),
-                        other.mount.display(),
-                        other.name
-                    ),
+                    why,
                 );
                 continue;
             }
@@ -1291,6 +1281,34 @@ impl Cx<'_> {
         })
         .filter(|_| name_ok)
     }
+}
+
+/// Why `vm` cannot join its group with the VMs before it (`None`: it can):
+/// one group's VMs replicate to one receiver (its group points are made
+/// there) from one mount (it cuts them all at one instant).
+fn group_clash(vm: &VmCfg, before: &[VmCfg]) -> Option<String> {
+    let g = vm.group.as_ref()?;
+    before
+        .iter()
+        .filter(|x| x.group == vm.group)
+        .find_map(|other| {
+            if other.to != vm.to {
+                Some(format!(
+                    "VM {} of group {g} replicates to {}, not to {} like VM {}: one group's VMs replicate to one receiver (its group points are made there)",
+                    vm.name, vm.to, other.to, other.name
+                ))
+            } else if other.mount != vm.mount {
+                Some(format!(
+                    "VM {} of group {g} is under {}, not under {} like VM {}: one group's VMs must be under one [[mount]] (it cuts them all at one instant)",
+                    vm.name,
+                    vm.mount.display(),
+                    other.mount.display(),
+                    other.name
+                ))
+            } else {
+                None
+            }
+        })
 }
 
 #[cfg(test)]

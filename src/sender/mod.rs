@@ -581,6 +581,15 @@ impl Replicator {
                     "--group: an s3:// target keeps no consistency groups; replicate the group's VMs to a receiver",
                 ));
             }
+            let other = self.vms.lock().values().find_map(|v| {
+                (v.spec.vm != spec.vm && v.spec.group == spec.group && v.spec.to != spec.to)
+                    .then(|| (v.spec.vm.clone(), v.spec.to.clone()))
+            });
+            if let Some((vm, to)) = other {
+                return Err(SendError::invalid(format!(
+                    "--group {g}: VM {vm} of the group replicates to {to}: a group's VMs replicate to one receiver (its group points are made there)"
+                )));
+            }
         }
         if spec.trust.is_empty() && !direct {
             return Err(SendError::invalid(
