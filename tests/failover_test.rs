@@ -1526,5 +1526,39 @@ fn group_points_are_consistent_across_the_vms() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+
+    // Unplanned failover of the group to the old group point (a receiver
+    // on the same store again): both VMs' live disks hold it, one instant.
+    let r2 = Receiver::start(&site, "127.0.0.1:0");
+    let out = vdrep_ok(&[
+        "failover",
+        "--group",
+        "erp",
+        "--unplanned",
+        "--point",
+        &old.to_string(),
+        "--store",
+        &site.s("store"),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["point"]["cycle"].as_u64(), Some(old));
+    let mut disks = vec![Vec::new(); names.len()];
+    for live in v["vms"].as_array().unwrap() {
+        assert_eq!(live["cycle"].as_u64(), Some(old));
+        for d in live["disks"].as_array().unwrap() {
+            let name = d["name"].as_str().unwrap();
+            let i: usize = name[1..name.len() - 4].parse().unwrap();
+            let mut b = std::fs::read(d["path"].as_str().unwrap()).unwrap();
+            b.truncate(DISK_BYTES as usize);
+            disks[i] = b;
+        }
+    }
+    let s = check_consistent("live disks after the group's failover", &disks, &history);
+    assert_eq!(s, seqs[1], "the live disks are group point {old}");
+    for vm in ["erp-db", "erp-app"] {
+        vdrep_ok(&["failover", vm, "--cancel", "--store", &site.s("store")]);
+    }
+    drop(r2);
     m.umount();
 }
