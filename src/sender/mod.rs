@@ -669,6 +669,7 @@ impl Replicator {
         if let Some(new) = self.vms.lock().get(&name).cloned() {
             new.waiters.lock().extend(old.waiters.lock().drain(..));
             *new.definitions.lock() = std::mem::take(&mut *old.definitions.lock());
+            *new.group_cycles.lock() = std::mem::take(&mut *old.group_cycles.lock());
             new.status.lock().last_point = old.status.lock().last_point;
             new.wake.notify_one();
         }
