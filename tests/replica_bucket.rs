@@ -103,6 +103,13 @@ fn forget_deletes_one_vm_only() {
 }
 
 #[test]
+fn a_full_copy_of_one_disk_drops_only_the_points_that_include_it() {
+    store_suite::a_full_copy_of_one_disk_drops_only_the_points_that_include_it(
+        &BucketHarness::mem(),
+    );
+}
+
+#[test]
 fn crash_between_operations() {
     store_suite::crash_between_operations(&|| Box::new(BucketHarness::mem()));
 }

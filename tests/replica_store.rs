@@ -896,3 +896,112 @@ fn definitions_are_kept_per_point_without_duplicates_and_pruned() {
         });
     }
 }
+
+/// Issue (points refused "not every disk of VM reached cycle N" at 256
+/// VMs): the session commits point N once it saw every disk reach N, and
+/// the store looked at the disks without waiting for an apply of cycle
+/// N+1 under way (pipelined on the same connection, or of a connection
+/// that just ended): it found the disk mid-apply and answered `None`,
+/// which the session refuses (retryable, a session lost) when the apply's
+/// end reached it first. `commit_point` now waits for the apply (the
+/// disk's lock) and finds N in the history. Deterministic: the apply is
+/// paused with its state saying `applying`; the commit must not answer
+/// until it is released (before the fix it answered `None` at once).
+#[test]
+fn a_point_committed_while_the_next_cycle_is_applied_waits_for_the_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("store")).unwrap());
+    let mut disk = vec![1u8; 16 * BS as usize];
+    initial(store.as_ref(), &disk, 1);
+    let old = disk.clone();
+    disk[..BS as usize].fill(2);
+    let logp = dir.path().join("2.hrl");
+    make_log(
+        &logp,
+        ID,
+        1,
+        2,
+        old.len() as u64,
+        &disk,
+        &BTreeSet::from([0]),
+    );
+    let out = ReplicaStore::store_log(
+        store.as_ref(),
+        DISK,
+        &mut std::fs::File::open(&logp).unwrap(),
+    )
+    .unwrap();
+    assert!(matches!(out, StoreOutcome::Stored { .. }), "{out:?}");
+    let pause = store.pause_at("state-applying");
+    let applier = {
+        let store = store.clone();
+        std::thread::spawn(move || ReplicaStore::apply(store.as_ref(), DISK, 2))
+    };
+    assert!(pause.wait_reached(std::time::Duration::from_secs(30)));
+    let committer = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            ReplicaStore::commit_point(store.as_ref(), SITE, VM, 1, &[ID], Consistency::Crash)
+        })
+    };
+    // Not answered while the apply holds the disk (the old code answered
+    // `None` here at once; a slow host only delays the verdict).
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let early = committer.is_finished();
+    pause.release();
+    applier.join().unwrap().unwrap();
+    let pt = committer.join().unwrap().unwrap();
+    assert!(!early, "the commit answered during the apply: {pt:?}");
+    let pt = pt.expect("point 1 refused although the disk reached it");
+    assert_eq!(pt.cycle, 1);
+    let st = ReplicaStore::replica_state(store.as_ref(), DISK).unwrap();
+    assert_eq!((st.cycle, st.applying), (Some(2), None));
+    assert_eq!(store_suite::read_point(store.as_ref(), DISK, 1), old);
+}
+
+/// The store suite's full-copy case, then what only the directory store
+/// can show: a disk whose replica folder is gone from the store is copied
+/// whole again, and the points over it go with a `ReplicaLost` reason.
+#[test]
+fn a_full_copy_of_one_disk_drops_only_the_points_that_include_it() {
+    for h in both() {
+        store_suite::a_full_copy_of_one_disk_drops_only_the_points_that_include_it(&h);
+        let store = h.open();
+        let (a, b) = store_suite::FULL_COPY_DISKS;
+        std::fs::remove_dir_all(h.disk_dir(DiskRef {
+            disk_id: &b,
+            ..DISK
+        }))
+        .unwrap();
+        let i = vdrep::replica::DiskInfo {
+            disk_id: b,
+            name: "b.img".into(),
+            size: 8 * BS,
+            block_size: BS as u32,
+            cycle: 4,
+        };
+        let st = store.begin_initial(SITE, VM, &i).unwrap();
+        let d = st
+            .dropped
+            .expect("the points over the lost replica were kept");
+        assert_eq!(
+            (d.cycles.clone(), d.why),
+            (vec![3], vdrep::replica::DropReason::ReplicaLost)
+        );
+        let left: Vec<u64> = store
+            .points(SITE, VM)
+            .unwrap()
+            .iter()
+            .map(|p| p.cycle)
+            .collect();
+        assert_eq!(left, vec![1]);
+        let da = DiskRef {
+            disk_id: &a,
+            ..DISK
+        };
+        assert_eq!(
+            store_suite::read_point(store.as_ref(), da, 1),
+            vec![3u8; 8 * BS as usize]
+        );
+    }
+}

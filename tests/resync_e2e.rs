@@ -856,3 +856,120 @@ fn host_crash_resyncs_only_the_activity_log_extents_at_once() {
     same(&site.p("vm/a.img"), "raw", &site.replica("a.vhd"));
     m.umount();
 }
+
+/// The disk ids (hex) of the points of `vm`, by cycle.
+fn point_disks(site: &Site) -> Vec<(u64, Vec<String>)> {
+    let v: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(site.p(&format!("store/sites/site-a/vms/{}/points.json", site.vm))).unwrap(),
+    )
+    .unwrap();
+    v["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let d = p["disks"].as_array().unwrap();
+            (
+                p["cycle"].as_u64().unwrap(),
+                d.iter().map(|x| x.as_str().unwrap().to_string()).collect(),
+            )
+        })
+        .collect()
+}
+
+/// A two-disk VM: the receiver lost the replica of one disk (its folder
+/// removed) while the other one is untrusted (one block damaged, marked
+/// for resync) and the mount daemon was killed (every disk needs a
+/// resync at the sender). Only the lost disk is copied whole (`initial_total` is its
+/// size, not both); the other keeps its replica and history (its undo
+/// records from before are still there, which a whole copy deletes) and
+/// is resynced by checksums (one block sent). Every point from before
+/// included the lost disk, so none of them survives (they cannot rebuild
+/// it); the first point after is over both disks. Before, both disks
+/// were copied whole.
+#[test]
+fn a_lost_replica_is_copied_whole_and_the_other_disk_only_resynced() {
+    require_fuse!();
+    let site = Site::new("rs-lost");
+    random_file(&site.p("vm/a.img"), 4 << 20, 21);
+    random_file(&site.p("vm/b.img"), 4 << 20, 22);
+    std::env::set_var("VDREP_RETRY_SCALE", "0.005");
+    let mut m = site.mount();
+    let mut r = Receiver::start(&site, "127.0.0.1:0");
+    let addr = r.addr.clone();
+    site.protect(&r, &["a.img", "b.img"], &["--resync-window", "always"]);
+    site.sync_ok();
+    for d in ["a.img", "b.img"] {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(site.p(&format!("vm/{d}")))
+            .unwrap()
+            .write_all_at(&[7u8; 8192], 1 << 20)
+            .unwrap();
+    }
+    site.sync_ok();
+    let before = site.point_cycles();
+    assert!(before.len() >= 2, "{before:?}");
+    r.kill9();
+    let (rep_a, rep_b) = (site.replica("a.vhd"), site.replica("b.vhd"));
+    let (dir_a, dir_b) = (rep_a.parent().unwrap(), rep_b.parent().unwrap());
+    let undo_b: Vec<_> = std::fs::read_dir(dir_b.join("undo"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(!undo_b.is_empty(), "b has no history to keep");
+    std::fs::remove_dir_all(dir_a).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&rep_b)
+        .unwrap()
+        .write_all_at(&[0xee; 100], 3 * 4096)
+        .unwrap();
+    {
+        let store = vdrep::replica::Store::open(&site.p("store")).unwrap();
+        let s = store.site("site-a").unwrap();
+        let id_hex = dir_b.file_name().unwrap().to_str().unwrap();
+        let mut id = [0u8; 16];
+        for (i, b) in id.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&id_hex[2 * i..2 * i + 2], 16).unwrap();
+        }
+        s.set_needs_resync(&site.vm, &id, Some("damaged by the test"))
+            .unwrap();
+    }
+    // The mount daemon stops uncleanly too (a host crash): every disk is
+    // `ResyncRequired` at the sender, which made the old code copy both
+    // disks whole.
+    kill_daemon(&mut m, &site);
+    let mut m = site.mount();
+    let _r = Receiver::start(&site, &addr);
+    site.sync_ok();
+    let st = m.status_json();
+    let v = &st["replication"][0];
+    assert_eq!(
+        v["initial_total"],
+        4 << 20,
+        "only a.img is copied whole: {st}"
+    );
+    assert_eq!(v["last_resync"]["mode"], "resync", "{st}");
+    assert_eq!(v["last_resync"]["disk"], "b.img", "{st}");
+    assert_eq!(v["last_resync"]["blocks_sent"], 1, "{st}");
+    for n in &undo_b {
+        assert!(
+            dir_b.join("undo").join(n).exists(),
+            "b.img's history record {n:?} is gone: it was copied whole"
+        );
+    }
+    same(&site.p("vm/a.img"), "raw", &site.replica("a.vhd"));
+    same(&site.p("vm/b.img"), "raw", &rep_b);
+    let after = point_disks(&site);
+    for c in &before {
+        assert!(
+            !after.iter().any(|(p, _)| p == c),
+            "point {c} includes the lost disk and cannot be rebuilt, yet it is listed: {after:?}"
+        );
+    }
+    let newest = after.last().expect("no point after the copy and resync");
+    assert_eq!(newest.1.len(), 2, "{after:?}");
+    m.umount();
+}

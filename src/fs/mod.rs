@@ -205,6 +205,16 @@ fn session_config(opts: &FsOptions) -> Config {
     };
     c.n_threads = Some(opts.n_threads.max(1) + DIRECT_IO_WORKERS);
     c.clone_fd = true;
+    // Every request buffer mapped up front: a kill -9 of the worker while
+    // the kernel copies a request into a page not yet faulted in ends that
+    // request with EIO instead of leaving it for the next worker
+    // (kernel-notes/fuse-connection.md). Costs max_write of memory per thread.
+    // VDREP_FUSE_PREFAULT=0 turns it off (to measure the difference).
+    c.prefault_bytes = if std::env::var_os("VDREP_FUSE_PREFAULT").is_some_and(|v| v == "0") {
+        0
+    } else {
+        opts.max_write.max(4096) as usize
+    };
     c
 }
 

@@ -40,6 +40,35 @@ macro_rules! tri {
 
 const GEN: Generation = Generation(0);
 
+/// A data request (write, fsync, fallocate) failed: the VM sees an I/O
+/// error. Counted (`vdrep_fuse_request_errors_total`) and logged, at most
+/// one line per second so a failing disk cannot flood the log.
+fn data_error(op: FuseOp, fh: u64, offset: u64, len: u64, e: &io::Error) {
+    static LAST_LOGGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let total = metrics::failed(op);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let last = LAST_LOGGED.load(std::sync::atomic::Ordering::Relaxed);
+    if now > last
+        && LAST_LOGGED
+            .compare_exchange(
+                last,
+                now,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            )
+            .is_ok()
+    {
+        tracing::warn!(
+            "{} of file handle {fh} at offset {offset} ({len} bytes) failed: {e}; the application (the VM) sees an I/O error ({total} {} errors since the worker started)",
+            op.name(),
+            op.name()
+        );
+    }
+}
+
 fn estale() -> io::Error {
     io::Error::from_raw_os_error(libc::ESTALE)
 }
@@ -861,9 +890,16 @@ impl Filesystem for VdrepFs {
                 }
             }
         }
-        let h = tri!(self.open_file(fh), reply);
-        let n = tri!(write_handle(&h, offset, data), reply);
-        reply.written(n as u32);
+        let r = self
+            .open_file(fh)
+            .and_then(|h| write_handle(&h, offset, data));
+        match r {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => {
+                data_error(FuseOp::Write, fh.0, offset, data.len() as u64, &e);
+                reply.error(Errno::from(e));
+            }
+        }
     }
 
     fn flush(
@@ -902,16 +938,20 @@ impl Filesystem for VdrepFs {
         reply: ReplyEmpty,
     ) {
         let _t = metrics::time(FuseOp::Fsync);
-        let h = tri!(self.open_file(fh), reply);
-        tri!(
+        let r = self.open_file(fh).and_then(|h| {
             if datasync {
                 h.file.sync_data()
             } else {
                 h.file.sync_all()
-            },
-            reply
-        );
-        reply.ok();
+            }
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => {
+                data_error(FuseOp::Fsync, fh.0, 0, 0, &e);
+                reply.error(Errno::from(e));
+            }
+        }
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -1114,15 +1154,20 @@ impl Filesystem for VdrepFs {
         reply: ReplyEmpty,
     ) {
         let _t = metrics::time(FuseOp::Fallocate);
-        let h = tri!(self.open_file(fh), reply);
-        tri!(
-            match &h.disk {
-                Some(d) => d.fallocate(&h.file, mode, offset, length),
-                None => sys::fallocate(h.file.as_raw_fd(), mode, offset, length),
-            },
-            reply
-        );
-        reply.ok();
+        let r = self.open_file(fh).and_then(|h| match &h.disk {
+            Some(d) => d.fallocate(&h.file, mode, offset, length),
+            None => sys::fallocate(h.file.as_raw_fd(), mode, offset, length),
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => {
+                // Not supported by the backing file system is an answer, not a failure.
+                if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                    data_error(FuseOp::Fallocate, fh.0, offset, length, &e);
+                }
+                reply.error(Errno::from(e));
+            }
+        }
     }
 
     fn lseek(

@@ -258,6 +258,13 @@ pub fn run(
     let mut initialized = false;
     let mut ever_ready = false;
     let mut backoff = BACKOFF_MIN;
+    // Tests that kill workers many times in a row cap the back-off
+    // (VDREP_TEST_RESTART_BACKOFF_MAX_MS) so they take seconds, not minutes.
+    let backoff_max = std::env::var("VDREP_TEST_RESTART_BACKOFF_MAX_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|ms| Duration::from_millis(ms).clamp(BACKOFF_MIN, BACKOFF_MAX))
+        .unwrap_or(BACKOFF_MAX);
     loop {
         let started = Instant::now();
         let start = WorkerStart {
@@ -308,7 +315,7 @@ pub fn run(
             backoff.as_millis()
         );
         std::thread::sleep(backoff);
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        backoff = (backoff * 2).min(backoff_max);
     }
 }
 

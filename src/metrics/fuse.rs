@@ -4,8 +4,11 @@
 //! it records the request. The counters are a process-wide static of
 //! atomics (one mount per daemon process), so the hot path takes no lock
 //! and allocates nothing: one `Instant::now()` at each end, two atomic adds.
+//! Data requests (write, fsync, fallocate) answered with an error are
+//! counted too ([`failed`]): the VM saw an I/O error from vdrep.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use prometheus_client::encoding::DescriptorEncoder;
@@ -77,6 +80,17 @@ impl FuseOp {
 /// One histogram per [`FuseOp`], indexed by its discriminant.
 static OPS: [Histogram; FuseOp::ALL.len()] = [const { Histogram::latency() }; FuseOp::ALL.len()];
 
+/// Requests answered with an error, per [`FuseOp`] (by discriminant).
+static FAILED: [AtomicU64; FuseOp::ALL.len()] = [const { AtomicU64::new(0) }; FuseOp::ALL.len()];
+
+/// Count one request of `op` answered with an error; the total so far.
+pub fn failed(op: FuseOp) -> u64 {
+    FAILED
+        .get(op as usize)
+        .map(|c| c.fetch_add(1, Ordering::Relaxed) + 1)
+        .unwrap_or(0)
+}
+
 /// Records one request of `op` when dropped.
 #[must_use = "the request is recorded when the timer is dropped"]
 pub struct OpTimer {
@@ -102,7 +116,8 @@ impl Drop for OpTimer {
     }
 }
 
-/// Encode `vdrep_fuse_requests_total{op}` and
+/// Encode `vdrep_fuse_requests_total{op}`,
+/// `vdrep_fuse_request_errors_total{op}` and
 /// `vdrep_fuse_request_duration_seconds{op}`.
 pub fn encode(enc: &mut DescriptorEncoder) -> fmt::Result {
     let snaps: Vec<(Labels, super::HistogramSnapshot)> = FuseOp::ALL
@@ -116,6 +131,17 @@ pub fn encode(enc: &mut DescriptorEncoder) -> fmt::Result {
         "FUSE requests answered, by operation",
         None,
         snaps.iter().map(|(l, s)| (l.clone(), s.count)),
+    )?;
+    counter(
+        enc,
+        "vdrep_fuse_request_errors",
+        "Data requests (write, fsync, fallocate) answered with an error: the application or VM saw an I/O error",
+        None,
+        FuseOp::ALL
+            .iter()
+            .zip(FAILED.iter())
+            .filter(|(op, _)| matches!(op, FuseOp::Write | FuseOp::Fsync | FuseOp::Fallocate))
+            .map(|(op, c)| (vec![("op", op.name().to_string())], c.load(Ordering::Relaxed))),
     )?;
     histogram(
         enc,

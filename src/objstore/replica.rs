@@ -38,9 +38,9 @@ use super::{ObjectError, ObjectErrorKind};
 use crate::hrl::{HrlError, HrlReader};
 use crate::replica::{
     retention_keep, validate_name, ApplyOutcome, Consistency, Ctx, DigestCache, DiskInfo, DiskRef,
-    ForgetReport, InitialData, InitialState, LiveInfo, Point, PointRead, PruneReport,
-    RecoveryReport, ReplicaFormat, ReplicaState, ReplicaStore, RetentionPolicy, StoreError,
-    StoreOutcome, INITIAL_SYNC_EVERY,
+    DropReason, ForgetReport, InitialData, InitialState, LiveInfo, Point, PointRead, PointsDropped,
+    PruneReport, RecoveryReport, ReplicaFormat, ReplicaState, ReplicaStore, RetentionPolicy,
+    StoreError, StoreOutcome, INITIAL_SYNC_EVERY,
 };
 use crate::util::{hex, now_ns, random_id};
 use parking_lot::Mutex;
@@ -1117,18 +1117,34 @@ impl ReplicaStore for BucketStore {
                     if h.size == info.size && i.cycle == info.cycle {
                         return Ok(InitialState {
                             resume_offset: i.offset.min(info.size),
+                            dropped: None,
                         });
                     }
                 }
-                if h.cycle.is_some() {
-                    // A full re-copy: history cannot chain through it.
-                    for (l, _) in self.manifests(vctx, site, vm)? {
-                        for name in &l.all {
-                            self.delete(vctx, name)?;
-                        }
+            }
+            // The points that include this disk cannot be rebuilt once a
+            // full copy starts (its history cannot chain through it, or is
+            // gone with its replica); the VM's other points stay whole.
+            let idh = hex(&info.disk_id);
+            let mut cycles = Vec::new();
+            for (l, m) in self.manifests(vctx, site, vm)? {
+                if m.disks.iter().any(|dm| dm.disk_id == idh) {
+                    for name in &l.all {
+                        self.delete(vctx, name)?;
                     }
+                    cycles.push(m.cycle);
                 }
             }
+            let dropped = (!cycles.is_empty()).then(|| PointsDropped {
+                vm: vm.to_string(),
+                disk_id: idh.clone(),
+                disk: info.name.clone(),
+                cycles,
+                why: match old.as_ref().and_then(|h| h.cycle) {
+                    Some(replica_cycle) => DropReason::ReCopy { replica_cycle },
+                    None => DropReason::ReplicaLost,
+                },
+            });
             self.put(vctx, &format!("vmreg/{site}/{vm}"), b"")?;
             self.put(
                 vctx,
@@ -1160,7 +1176,10 @@ impl ReplicaStore for BucketStore {
             };
             self.write_head(&ctx, st, site, vm, &info.disk_id, h)?;
             self.check(&ctx, st)?;
-            Ok(InitialState { resume_offset: 0 })
+            Ok(InitialState {
+                resume_offset: 0,
+                dropped,
+            })
         })
     }
 

@@ -1013,7 +1013,11 @@ fn begin_initial(
         block_size: o.block_size,
         cycle: info_cycle,
     };
-    let resume = store.begin_initial(site, &o.vm, &info)?.resume_offset;
+    let begun = store.begin_initial(site, &o.vm, &info)?;
+    if let Some(d) = &begun.dropped {
+        tracing::warn!(%site, vm = %o.vm, disk = %d.disk, "{d}");
+    }
+    let resume = begun.resume_offset;
     if b.start_offset > 0 && resume == b.start_offset {
         // Continue the interrupted copy as part of this newer cut.
         return store.rebase_initial(d, b.cycle);
@@ -1085,5 +1089,118 @@ impl Read for ChanReader {
         buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
         self.pos += n;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hrl::{HrlHeader, HrlWriter};
+    use crate::replica::{FailStore, Op};
+    use std::time::Duration;
+
+    const ID: DiskId = [0x5a; 16];
+    const BS: u64 = 4096;
+
+    /// A store with one disk at cycle 1 and the durable log of cycle 2.
+    fn disk_at_1_with_log_2(dir: &std::path::Path) -> Arc<replica::Store> {
+        let store = Arc::new(replica::Store::open(&dir.join("store")).unwrap());
+        let d = disk("site", "vm", &ID);
+        let info = replica::DiskInfo {
+            disk_id: ID,
+            name: "data.img".into(),
+            size: 16 * BS,
+            block_size: BS as u32,
+            cycle: 1,
+        };
+        store.begin_initial("site", "vm", &info).unwrap();
+        store
+            .write_initial(d, 0, replica::InitialData::Data(&[1u8; 16 * 4096]))
+            .unwrap();
+        store.finish_initial(d, 1, 0).unwrap();
+        let h = HrlHeader {
+            disk_id: ID,
+            disk_name: "data.img".into(),
+            cycle: 2,
+            base_cycle: 1,
+            block_size: BS as u32,
+            base_size: 16 * BS,
+            disk_size: 16 * BS,
+            cut_unix_ns: 1,
+            app_consistent: false,
+        };
+        let logp = dir.join("2.hrl");
+        let mut w = HrlWriter::create(&logp, &h).unwrap();
+        for b in 0..4u64 {
+            w.append(b * 2 * BS, &[2u8; 4096]).unwrap();
+        }
+        w.finish().unwrap();
+        let out = store
+            .store_log(d, &mut std::fs::File::open(&logp).unwrap())
+            .unwrap();
+        assert!(
+            matches!(out, replica::StoreOutcome::Stored { .. }),
+            "{out:?}"
+        );
+        store
+    }
+
+    /// c8bde70: a disk opened while a store thread (of a connection that
+    /// just ended) is in the middle of applying it must be answered with
+    /// the cycle that apply reaches, never with 0 ("no replica": the
+    /// sender then copies the disk whole and the VM's points are
+    /// dropped). Deterministic: the apply is paused with its state saying
+    /// `applying`, and released only once the opening either answered
+    /// (the old code answered 0 at once) or asked the store to finish the
+    /// apply (the fix: `apply` waits for the disk's lock).
+    #[test]
+    fn a_disk_opened_during_an_apply_of_a_dead_connection_reports_the_applied_cycle() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = disk_at_1_with_log_2(dir.path());
+        let fs = Arc::new(FailStore::new(store.clone(), Vec::new(), 0));
+        let pause = store.pause_at("state-applying");
+        // The dead connection's store thread.
+        let applier = {
+            let fs = fs.clone();
+            std::thread::spawn(move || fs.apply(disk("site", "vm", &ID), 2))
+        };
+        assert!(
+            pause.wait_reached(Duration::from_secs(30)),
+            "apply never paused"
+        );
+        let st = store.replica_state(disk("site", "vm", &ID)).unwrap();
+        assert_eq!((st.cycle, st.applying), (Some(1), Some(2)));
+        // The new connection's `OpenDisk`.
+        let opener = {
+            let fs = fs.clone();
+            std::thread::spawn(move || {
+                let o = OpenDisk {
+                    vm: "vm".into(),
+                    disk_name: "data.img".into(),
+                    disk_id: ID,
+                    block_size: BS as u32,
+                    disk_size: 16 * BS,
+                    kind: wire::DiskKind::Raw,
+                };
+                load_disk(fs.as_ref(), "site", &o)
+            })
+        };
+        let t0 = std::time::Instant::now();
+        while !opener.is_finished() && fs.calls(Op::Apply) < 2 {
+            assert!(t0.elapsed() < Duration::from_secs(30), "the opening hangs");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        pause.release();
+        let applied = applier.join().unwrap().unwrap();
+        assert!(
+            matches!(applied, replica::ApplyOutcome::Applied { cycle: 2, .. }),
+            "{applied:?}"
+        );
+        let status = opener.join().unwrap().unwrap();
+        assert_eq!(
+            status.replica_cycle, 2,
+            "the disk was reported without a replica while it was being applied: {status:?}"
+        );
+        assert_eq!(status.copy_cycle, 0);
     }
 }

@@ -55,6 +55,82 @@ pub(crate) fn crash_point(step: &str) {
     }
 }
 
+/// A test's pause at one step inside a store operation
+/// ([`Store::pause_at`](super::Store::pause_at)): the first call that
+/// reaches the step waits there (holding whatever the operation holds,
+/// e.g. the disk's lock in the middle of an apply) until the test
+/// releases it, so a test can run another operation against that exact
+/// moment. Dropping the `Pause` releases it.
+pub struct Pause {
+    pub(crate) inner: Arc<PauseState>,
+}
+
+/// The shared side of a [`Pause`].
+pub(crate) struct PauseState {
+    pub(crate) step: String,
+    /// (reached, released)
+    at: Mutex<(bool, bool)>,
+    cv: parking_lot::Condvar,
+}
+
+impl PauseState {
+    pub(crate) fn new(step: &str) -> Arc<PauseState> {
+        Arc::new(PauseState {
+            step: step.to_string(),
+            at: Mutex::new((false, false)),
+            cv: parking_lot::Condvar::new(),
+        })
+    }
+
+    /// Called by the store at `step`: the first arrival waits until
+    /// released; true if this call took the pause.
+    pub(crate) fn hold(&self, step: &str) -> bool {
+        if self.step != step {
+            return false;
+        }
+        let mut g = self.at.lock();
+        if g.0 || g.1 {
+            return false;
+        }
+        g.0 = true;
+        self.cv.notify_all();
+        while !g.1 {
+            self.cv.wait(&mut g);
+        }
+        true
+    }
+
+    fn release(&self) {
+        self.at.lock().1 = true;
+        self.cv.notify_all();
+    }
+}
+
+impl Pause {
+    /// Wait until an operation reached the step (false: not within `limit`).
+    pub fn wait_reached(&self, limit: std::time::Duration) -> bool {
+        let end = std::time::Instant::now() + limit;
+        let mut g = self.inner.at.lock();
+        while !g.0 {
+            if self.inner.cv.wait_until(&mut g, end).timed_out() {
+                return g.0;
+            }
+        }
+        true
+    }
+
+    /// Let the paused operation go on (and any later one pass the step).
+    pub fn release(&self) {
+        self.inner.release();
+    }
+}
+
+impl Drop for Pause {
+    fn drop(&mut self) {
+        self.inner.release();
+    }
+}
+
 /// Spread a seed over the generator's state (neighbouring seeds give
 /// unrelated sequences).
 fn splitmix64(seed: u64) -> u64 {
@@ -241,6 +317,12 @@ impl FailStore {
     /// The failures injected so far, oldest first.
     pub fn injected(&self) -> Vec<Injected> {
         self.state.lock().injected.clone()
+    }
+
+    /// How many calls of `op` began so far (for the test's bookkeeping).
+    pub fn calls(&self, op: Op) -> u64 {
+        let idx = Op::ALL.iter().position(|&o| o == op).unwrap_or(0);
+        self.state.lock().calls[idx]
     }
 
     /// True once a [`Fault::Crash`] happened.

@@ -94,15 +94,15 @@ mod undo;
 
 pub use api::{DigestCache, DiskRef, PointRead, ReplicaStore};
 pub use error::{Ctx, StoreError};
-pub use fault::{FailStore, Fault, Injected, Op, Rule, Trigger, When, CRASH_AT_ENV};
+pub use fault::{FailStore, Fault, Injected, Op, Pause, Rule, Trigger, When, CRASH_AT_ENV};
 pub use group::{GroupPoint, GroupRecord};
 pub use names::{validate_name, MAX_NAME_LEN};
 pub(crate) use store::parse_hex_id;
 pub use store::retention_keep;
 pub use store::{
-    AdoptDisk, ApplyOutcome, Consistency, DiskInfo, ForgetReport, InitialData, InitialState,
-    LiveDisk, LiveInfo, Point, PruneReport, RecoveryReport, ReplicaState, RetentionPolicy, Site,
-    Store, StoreOutcome, INITIAL_SYNC_EVERY,
+    AdoptDisk, ApplyOutcome, Consistency, DiskInfo, DropReason, ForgetReport, InitialData,
+    InitialState, LiveDisk, LiveInfo, Point, PointsDropped, PruneReport, RecoveryReport,
+    ReplicaState, RetentionPolicy, Site, Store, StoreOutcome, INITIAL_SYNC_EVERY,
 };
 pub use target::{
     open_target, vhd_fixed_footer, FixedVhd, MappedRange, RawFile, ReplicaFormat, ReplicaTarget,

@@ -2,7 +2,7 @@
 
 use super::api::DigestCache;
 use super::error::{hrl_err, io_err, Ctx, StoreError};
-use super::fault::crash_point;
+use super::fault::{crash_point, Pause, PauseState};
 use super::group::GroupRecord;
 use super::names::{check_inside, ensure_dir, validate_name};
 use super::target::{open_target, ReplicaFormat, ReplicaTarget, VHD_FOOTER_LEN};
@@ -58,10 +58,51 @@ pub struct DiskInfo {
 }
 
 /// Where an initial copy (re)starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InitialState {
     /// Everything below this offset is already in the replica (durably).
     pub resume_offset: u64,
+    /// The recovery points this copy ended (a warning to log), if any.
+    pub dropped: Option<PointsDropped>,
+}
+
+/// Recovery points a full copy of one disk ended: every point that
+/// includes the disk, and only those (the points of the VM from before
+/// the disk was part of it stay whole: their disks are untouched).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("recovery point(s) {cycles:?} of VM {vm} were dropped: {why}")]
+pub struct PointsDropped {
+    pub vm: String,
+    /// The disk copied whole (hex id) and its file name.
+    pub disk_id: String,
+    pub disk: String,
+    pub cycles: Vec<u64>,
+    pub why: DropReason,
+}
+
+/// Why a full copy ends the points that include its disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// The disk had a replica (at `replica_cycle`): a whole copy rewrites
+    /// it without pre-images, so its history cannot lead back through it.
+    ReCopy { replica_cycle: u64 },
+    /// The disk's replica is gone from the store (removed by hand, lost):
+    /// the points cannot rebuild it any more.
+    ReplicaLost,
+}
+
+impl std::fmt::Display for DropReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DropReason::ReCopy { replica_cycle } => write!(
+                f,
+                "they include a disk whose replica (at cycle {replica_cycle}) is being copied whole again, and history does not lead back through a whole copy"
+            ),
+            DropReason::ReplicaLost => f.write_str(
+                "they include a disk whose replica is no longer in the store (its history went with it); it is being copied whole",
+            ),
+        }
+    }
 }
 
 /// One piece of an initial copy.
@@ -283,6 +324,8 @@ pub struct Store {
     /// `(site, vm)` -> pinned point cycles (exposed by a test failover):
     /// [`Site::prune`] never drops them.
     pins: Mutex<HashMap<(String, String), Vec<u64>>>,
+    /// Test pauses at steps ([`Store::pause_at`]); empty in production.
+    pauses: Mutex<Vec<Arc<PauseState>>>,
 }
 
 /// One sending site's namespace in a [`Store`].
@@ -367,7 +410,37 @@ impl Store {
             tmp_seq: AtomicU64::new(0),
             readers: Mutex::new(HashMap::new()),
             pins: Mutex::new(HashMap::new()),
+            pauses: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Test hook: the first store operation that reaches `step` (one of
+    /// the crash steps of [`super::fault`]: `state-applying`,
+    /// `replica-half`, …) waits there until the returned [`Pause`] is
+    /// released or dropped. For deterministic tests of races (a new
+    /// connection meeting an apply of a connection that just ended).
+    pub fn pause_at(&self, step: &str) -> Pause {
+        let inner = PauseState::new(step);
+        self.pauses.lock().push(inner.clone());
+        Pause { inner }
+    }
+
+    /// A step inside a store operation: a crash step
+    /// (`VDREP_CRASH_AT`), and a test's [`Store::pause_at`].
+    fn step(&self, name: &str) {
+        crash_point(name);
+        let pauses: Vec<Arc<PauseState>> = {
+            let mut g = self.pauses.lock();
+            if g.is_empty() {
+                return;
+            }
+            // Pauses whose test is gone are forgotten.
+            g.retain(|p| Arc::strong_count(p) > 1);
+            g.iter().filter(|p| p.step == name).cloned().collect()
+        };
+        for p in pauses {
+            p.hold(name);
+        }
     }
 
     /// The store's root directory.
@@ -705,14 +778,18 @@ impl Site<'_> {
     /// Start (or resume) the initial copy of a disk of VM `vm`. Returns the
     /// offset to resume from: 0 for a new disk, the durable progress of an
     /// interrupted copy of the same cut and size. On a disk that is already
-    /// replicated this starts a full re-copy (a resync): its history and the
-    /// VM's recovery points are dropped.
+    /// replicated this starts a full re-copy: its history is dropped, and
+    /// so is every recovery point that includes the disk (the others stay:
+    /// see [`PointsDropped`], reported in the answer).
     pub fn begin_initial(&self, vm: &str, info: &DiskInfo) -> Result<InitialState> {
         validate_name("vm", vm)?;
         validate_name("disk", &info.name)?;
         let (format, replica_file) = ReplicaFormat::for_source(&info.name);
         validate_name("replica file", &replica_file)?;
         let p = self.disk(vm, &info.disk_id, true)?;
+        // VM lock (points.json), then the disk's (the order of commit_point).
+        let vmd = self.vm_dir(vm, false)?;
+        let _vg = self.store.lock(&vmd);
         let mut rt = self.store.lock(&p.dir);
         if !self.store.live_readers(&p.dir).is_empty() {
             return Err(StoreError::Busy {
@@ -735,11 +812,33 @@ impl Site<'_> {
             if let Some(off) = st.initial_offset {
                 if st.size == info.size && st.initial_cycle == Some(info.cycle) {
                     let off = off.min(info.size);
-                    return Ok(InitialState { resume_offset: off });
+                    return Ok(InitialState {
+                        resume_offset: off,
+                        dropped: None,
+                    });
                 }
             }
         }
         let resync = matches!(&old, Some(st) if st.cycle.is_some());
+        // The points that include this disk cannot be rebuilt once the copy
+        // starts (or already could not: its replica is gone).
+        let idh = hex(&info.disk_id);
+        let mut pf = self.read_points(vm)?;
+        let (gone, kept): (Vec<Point>, Vec<Point>) = std::mem::take(&mut pf.points)
+            .into_iter()
+            .partition(|pt| pt.disks.contains(&idh));
+        pf.points = kept;
+        let why = match old.as_ref().and_then(|st| st.cycle) {
+            Some(replica_cycle) => DropReason::ReCopy { replica_cycle },
+            None => DropReason::ReplicaLost,
+        };
+        let dropped = (!gone.is_empty()).then(|| PointsDropped {
+            vm: vm.to_string(),
+            disk_id: idh.clone(),
+            disk: info.name.clone(),
+            cycles: gone.iter().map(|pt| pt.cycle).collect(),
+            why,
+        });
         let st = ReplicaState {
             initial_offset: Some(0),
             initial_cycle: Some(info.cycle),
@@ -753,10 +852,13 @@ impl Site<'_> {
                 info.block_size,
             )
         };
+        if dropped.is_some() {
+            self.write_json(&p.ctx, &vmd, POINTS, &pf)?;
+            let cycles: Vec<u64> = pf.points.iter().map(|pt| pt.cycle).collect();
+            self.drop_definitions(&vmd, &cycles);
+        }
         if resync {
             // History cannot chain through a full re-copy.
-            let vmd = self.vm_dir(vm, false)?;
-            self.write_json(&p.ctx, &vmd, POINTS, &PointsFile::default())?;
             for f in list_dir(&p.undo) {
                 let _ = std::fs::remove_file(p.undo.join(f));
             }
@@ -775,7 +877,10 @@ impl Site<'_> {
             )
         })?;
         self.write_state(&p, &st)?;
-        Ok(InitialState { resume_offset: 0 })
+        Ok(InitialState {
+            resume_offset: 0,
+            dropped,
+        })
     }
 
     /// Write one piece of the initial copy at `offset`. Pieces should come
@@ -848,7 +953,7 @@ impl Site<'_> {
             let mut st = st;
             st.initial_offset = Some(progress);
             self.write_state(&p, &st)?;
-            crash_point("initial-progress");
+            self.store.step("initial-progress");
         }
         Ok(())
     }
@@ -1050,7 +1155,7 @@ impl Site<'_> {
             }
             f.sync_all()
                 .map_err(|e| self.io(&p.ctx, "storing a log", &tmp, e))?;
-            crash_point("log-tmp-synced");
+            self.store.step("log-tmp-synced");
             let len = f
                 .metadata()
                 .map_err(|e| self.io(&p.ctx, "storing a log", &tmp, e))?
@@ -1106,7 +1211,7 @@ impl Site<'_> {
             let _ = std::fs::remove_file(&tmp);
             return Err(self.io(&p.ctx, "storing a log", &fin, e));
         }
-        crash_point("log-renamed");
+        self.store.step("log-renamed");
         sync_dir(&p.incoming).map_err(|e| self.io(&p.ctx, "storing a log", &p.incoming, e))?;
         Ok(StoreOutcome::Stored {
             cycle,
@@ -1233,7 +1338,7 @@ impl Site<'_> {
                 e,
             )
         })?;
-        crash_point("undo-written");
+        self.store.step("undo-written");
         // Open point readers must not see the replica change under them:
         // give each the new undo layer (newest last: older layers win)
         // before anything is written. Each push waits for reads in progress.
@@ -1262,7 +1367,7 @@ impl Site<'_> {
             let _ = std::fs::remove_file(&undop);
             return Err(e);
         }
-        crash_point("state-applying");
+        self.store.step("state-applying");
         // 3. Write; on failure roll back from the undo record.
         let mut target = target;
         match self.write_records(p, &log, &logp, &header, target.as_mut()) {
@@ -1360,11 +1465,11 @@ impl Site<'_> {
             bytes += u64::from(rec.length);
             n += 1;
             if n == 2 {
-                crash_point("replica-half");
+                self.store.step("replica-half");
             }
         }
         target.flush().map_err(tio)?;
-        crash_point("replica-synced");
+        self.store.step("replica-synced");
         Ok(bytes)
     }
 
@@ -1378,7 +1483,7 @@ impl Site<'_> {
             st.needs_resync = None;
         }
         self.write_state(p, st)?;
-        crash_point("state-applied");
+        self.store.step("state-applied");
         let _ = std::fs::remove_file(p.log(h.cycle));
         let _ = sync_dir(&p.incoming);
         Ok(())
@@ -1716,6 +1821,13 @@ impl Site<'_> {
     /// Record a recovery point of `vm` at `cycle` over `disk_ids` if every
     /// one of them reached it. Returns `None` when some disk is still below
     /// `cycle` (call again once it got there). Idempotent.
+    ///
+    /// An apply of one of the disks that is under way (a log of a later
+    /// cycle, of this connection or of one that just ended) is waited for
+    /// (the disk's lock): the disk is then past `cycle` and its undo
+    /// record leads back to it. Without the wait the point was refused
+    /// while the session had seen every disk reach `cycle` (the point's
+    /// commit raced the next cycle's apply), which cost a session.
     pub fn commit_point(
         &self,
         vm: &str,
@@ -1728,7 +1840,11 @@ impl Site<'_> {
         let mut time = 0;
         for id in disk_ids {
             let p = self.disk(vm, id, false)?;
-            let st = self.state_or_unknown(&p)?;
+            // VM lock, then disk lock (the order of prune and begin_initial).
+            let st = {
+                let _dg = self.store.lock(&p.dir);
+                self.state_or_unknown(&p)?
+            };
             let Some(rc) = st.cycle.filter(|_| st.initial_offset.is_none()) else {
                 return Ok(None);
             };
@@ -1767,7 +1883,7 @@ impl Site<'_> {
             consistency,
             disks,
         };
-        crash_point("point-before-commit");
+        self.store.step("point-before-commit");
         pf.points.push(pt.clone());
         pf.points.sort_by_key(|p| p.cycle);
         self.write_json(&self.ctx(vm, ""), &vmd, POINTS, &pf)?;
@@ -2056,7 +2172,7 @@ impl Site<'_> {
                 let out = p.undo.join(undo::undo_name(a, c));
                 let bytes = undo::merge_undo(&p.undo.join(&na), &p.undo.join(&nb), &out)
                     .map_err(|e| hrl_err(&p.ctx, &self.store.root, "merging history", k, e))?;
-                crash_point("undo-merged");
+                self.store.step("undo-merged");
                 report.freed_bytes = report.freed_bytes.saturating_sub(bytes);
                 report.merged += 1;
                 links[i] = (a, c, undo::undo_name(a, c));

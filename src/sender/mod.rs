@@ -1331,20 +1331,56 @@ impl Replicator {
             link.note_definition(*c, x.clone());
         }
         let mut replica = Self::by_name(vm, link.ready().await?);
-        // No complete replica (or a copy under way): initial copy.
+        // No complete replica (or a copy under way): initial copy of the
+        // disks without one, and only of those. The disks with a replica
+        // keep it (and its history): those whose logs chain onto it
+        // continue by a log of the copy's cut; those that need a resync
+        // are left out of that cut and resynced by checksums right after
+        // it. (Copying them whole too, as before, threw their history
+        // away for nothing.)
         let need_initial = replica.values().any(|ds| ds.replica_cycle == 0);
+        let mut copied = false;
         if need_initial {
             vm.status.lock().state = VmState::InitialReplication;
-            // Disks with a replica that continues by logs (a disk added to
-            // the domain) keep it: only the new ones are copied whole.
             let have: HashMap<String, wire::DiskState> = replica
                 .iter()
                 .filter(|(_, ds)| ds.replica_cycle != 0)
                 .map(|(d, ds)| (d.clone(), ds.clone()))
                 .collect();
-            let keep = !have.is_empty() && self.resync_reasons(vm, &have).is_empty();
-            self.initial_copy(vm, link, &replica, keep).await?;
-        } else {
+            let later: Vec<String> = self
+                .resync_reasons(vm, &have)
+                .into_iter()
+                .map(|(d, _)| d)
+                .collect();
+            let copies: Vec<&String> = spec
+                .disks
+                .iter()
+                .filter(|d| !have.contains_key(*d))
+                .collect();
+            let what = format!(
+                "initial copy of {copies:?} (no replica at the receiver); {} disk(s) keep their replica{}",
+                have.len(),
+                if later.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {later:?} resynced by checksums after the copy")
+                }
+            );
+            if last_point > 0 {
+                // The VM had points: those that include a copied disk end
+                // (the receiver logs which).
+                tracing::warn!(vm = %spec.vm, "{what}: the recovery points that include these disks are dropped at the receiver");
+            } else {
+                tracing::info!(vm = %spec.vm, "{what}");
+            }
+            self.initial_copy(vm, link, &replica, &later).await?;
+            if later.is_empty() {
+                copied = true;
+            } else {
+                replica = self.open_disks(vm, link).await?;
+            }
+        }
+        if !copied {
             let mut resynced = false;
             let mut reasons = self.resync_reasons(vm, &replica);
             if !reasons.is_empty() {
@@ -1360,8 +1396,12 @@ impl Replicator {
                     // without it) start the resync outside the window too;
                     // so does a small one (only activity-log extents after
                     // an unclean stop): the window is for full resyncs.
+                    // So does one right after an initial copy of another
+                    // disk: until it ends the VM has no point over all its
+                    // disks (it costs less than the copy just made).
                     let manual = vm.jobs.lock().iter().any(|j| matches!(j, Job::Resync(_)))
-                        || !vm.waiters.lock().is_empty();
+                        || !vm.waiters.lock().is_empty()
+                        || need_initial;
                     let small = reasons.iter().all(|(d, _)| {
                         replica
                             .get(d)
@@ -1899,15 +1939,19 @@ impl Replicator {
     /// cycle range from the receiver's `resume_offset`. The session commits
     /// the point once the last disk is applied.
     ///
-    /// With `keep`, the disks that have a replica are cut with the others
-    /// but continue by a log of the same cycle: only the disks without one
-    /// (added to the domain) are copied whole.
+    /// Only the disks without a replica are copied whole: the disks that
+    /// have one are cut with them and continue by a log of the same cycle,
+    /// except `later` (disks with a replica that needs a checksum resync):
+    /// they are left out of the cut, and neither shipped nor committed
+    /// here; the caller resyncs them next (the point of the copy's cycle
+    /// then never exists, the resync's cycle is the first point over
+    /// every disk).
     async fn initial_copy(
         &self,
         vm: &Arc<Vm>,
         link: &mut Link,
         replica: &HashMap<String, wire::DiskState>,
-        keep: bool,
+        later: &[String],
     ) -> Result<(), SendError> {
         let spec = &vm.spec;
         let mut full_from = HashMap::new();
@@ -1917,7 +1961,7 @@ impl Replicator {
                 let ds = replica.get(d).ok_or_else(|| {
                     SendError::fatal(format!("{d} was not opened at the receiver"))
                 })?;
-                if keep && ds.replica_cycle != 0 {
+                if ds.replica_cycle != 0 {
                     continue;
                 }
                 let resume = match cc.get(d) {
@@ -1929,7 +1973,13 @@ impl Replicator {
         }
         let tracker = self.tracker.clone();
         let sel = CutSelect {
-            disks: Some(spec.disks.clone()),
+            disks: Some(
+                spec.disks
+                    .iter()
+                    .filter(|d| !later.contains(d))
+                    .cloned()
+                    .collect(),
+            ),
             full_from: full_from.clone(),
             ..Default::default()
         };
@@ -1991,7 +2041,9 @@ impl Replicator {
         for d in spec.disks.iter().filter(|d| full_from.contains_key(*d)) {
             self.tracker.discard_logs(d, Some(cycle));
         }
-        if full_from.len() < spec.disks.len() {
+        // The disks that keep their replica ship their logs (this cut's
+        // among them) here, or in the resync of `later` that follows.
+        if full_from.len() < spec.disks.len() && later.is_empty() {
             self.ship_pending(vm, link, replica).await?;
         }
         self.settle(link).await

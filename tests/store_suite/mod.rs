@@ -1134,3 +1134,114 @@ pub fn random_crashes_converge(h: &dyn Harness, seed: u64) {
     );
     println!("seed {seed}: converged through {crashes} crash(es)");
 }
+
+/// The two disks of [`a_full_copy_of_one_disk_drops_only_the_points_that_include_it`].
+pub const FULL_COPY_DISKS: ([u8; 16], [u8; 16]) = ([0xa; 16], [0xb; 16]);
+
+/// Disk `id` (`name`) of [`VM`], copied whole as `data` at `cycle`;
+/// returns what `begin_initial` reported.
+fn copy_whole(
+    store: &dyn ReplicaStore,
+    id: [u8; 16],
+    name: &str,
+    data: &[u8],
+    cycle: u64,
+) -> vdrep::replica::InitialState {
+    let i = DiskInfo {
+        disk_id: id,
+        name: name.into(),
+        size: data.len() as u64,
+        block_size: BS as u32,
+        cycle,
+    };
+    let d = DiskRef {
+        disk_id: &id,
+        ..DISK
+    };
+    let st = store.begin_initial(SITE, VM, &i).unwrap();
+    store.write_initial(d, 0, InitialData::Data(data)).unwrap();
+    store.finish_initial(d, cycle, cycle).unwrap();
+    st
+}
+
+/// A full copy of one disk (b, copied whole again) ends only the points
+/// that include that disk (its history cannot lead back through the
+/// copy), with a typed warning saying which and why; the VM's point from
+/// before b was added stays and reads back as it was. Leaves a point 3
+/// over both disks and point 1 over disk a alone.
+pub fn a_full_copy_of_one_disk_drops_only_the_points_that_include_it(h: &dyn Harness) {
+    let logs = tempfile::tempdir().unwrap();
+    let store = h.open();
+    let store = store.as_ref();
+    let (a, b) = FULL_COPY_DISKS;
+    let da = DiskRef {
+        disk_id: &a,
+        ..DISK
+    };
+    let db = DiskRef {
+        disk_id: &b,
+        ..DISK
+    };
+    let data_a = vec![3u8; 8 * BS as usize];
+    assert_eq!(copy_whole(store, a, "a.img", &data_a, 1).dropped, None);
+    let p1 = store
+        .commit_point(SITE, VM, 1, &[a], Consistency::Crash)
+        .unwrap()
+        .unwrap();
+    assert_eq!(p1.disks.len(), 1);
+    // Disk b is added to the VM (its first copy ends nothing), then a
+    // point over both.
+    let data_b = vec![4u8; 8 * BS as usize];
+    let st = copy_whole(store, b, "b.img", &data_b, 1);
+    assert_eq!(st.dropped, None, "a new disk ends no point");
+    let mut next_a = data_a.clone();
+    next_a[..BS as usize].fill(5);
+    let la = logs.path().join("a2.hrl");
+    make_log(
+        &la,
+        a,
+        1,
+        2,
+        data_a.len() as u64,
+        &next_a,
+        &BTreeSet::from([0]),
+    );
+    ship(store, da, &la, 2);
+    let lb = logs.path().join("b2.hrl");
+    make_log(&lb, b, 1, 2, data_b.len() as u64, &data_b, &BTreeSet::new());
+    ship(store, db, &lb, 2);
+    store
+        .commit_point(SITE, VM, 2, &[a, b], Consistency::Crash)
+        .unwrap()
+        .unwrap();
+    // b is copied whole again.
+    let st = copy_whole(store, b, "b.img", &data_b, 3);
+    let d = st.dropped.expect("the points over b were dropped silently");
+    assert_eq!(d.cycles, vec![2]);
+    assert_eq!(
+        d.why,
+        vdrep::replica::DropReason::ReCopy { replica_cycle: 2 }
+    );
+    assert!(d.to_string().contains("[2]"), "{d}");
+    let cycles = |store: &dyn ReplicaStore| -> Vec<u64> {
+        store
+            .points(SITE, VM)
+            .unwrap()
+            .iter()
+            .map(|p| p.cycle)
+            .collect()
+    };
+    assert_eq!(cycles(store), vec![1], "point 1 (disk a alone) must stay");
+    assert_eq!(read_point(store, da, 1), data_a);
+    // Both go on: a point over both disks after the copy.
+    let la = logs.path().join("a3.hrl");
+    make_log(&la, a, 2, 3, data_a.len() as u64, &next_a, &BTreeSet::new());
+    ship(store, da, &la, 3);
+    store
+        .commit_point(SITE, VM, 3, &[a, b], Consistency::Crash)
+        .unwrap()
+        .unwrap();
+    assert_eq!(cycles(store), vec![1, 3]);
+    assert_eq!(read_point(store, da, 1), data_a);
+    assert_eq!(read_point(store, db, 3), data_b);
+}

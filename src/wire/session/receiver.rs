@@ -195,8 +195,9 @@ enum Wait {
     Stored(LogBegin),
     Applied(LogBegin),
     /// The point asked for (kept to hold it again, see
-    /// [`Receiver::point_not_there`]).
-    Point(wire::PointCommit),
+    /// [`Receiver::point_not_there`]) and [`Receiver::progress`] when it
+    /// was asked.
+    Point(wire::PointCommit, u64),
     Hashes {
         disk_id: DiskId,
         replica_cycle: u64,
@@ -254,6 +255,9 @@ pub struct Receiver {
     disks: HashMap<DiskId, RDisk>,
     ops: HashMap<OpId, StreamId>,
     next_op: u64,
+    /// Counts transfers that ended (a disk reached a cycle, or was freed):
+    /// a point the store refused is asked again if one ended meanwhile.
+    progress: u64,
     out: VecDeque<Output<ReceiverAction>>,
 }
 
@@ -267,6 +271,7 @@ impl Receiver {
             disks: HashMap::new(),
             ops: HashMap::new(),
             next_op: 1,
+            progress: 0,
             out: VecDeque::new(),
         }
     }
@@ -425,6 +430,7 @@ impl Receiver {
             }
         }
         if freed {
+            self.progress += 1;
             self.release_points();
         }
     }
@@ -634,7 +640,7 @@ impl Receiver {
 
     /// Ask the store to record the point (it checks the disks again).
     fn commit_point(&mut self, sid: StreamId, p: wire::PointCommit) {
-        let wait = Wait::Point(p.clone());
+        let wait = Wait::Point(p.clone(), self.progress);
         let commit = |op| ReceiverAction::CommitPoint {
             op,
             vm: p.vm,
@@ -654,9 +660,16 @@ impl Receiver {
     /// this point's commit, and the store will not record a point at a
     /// cycle whose replica is mid-apply), hold it: the end of that transfer
     /// releases it ([`Self::reached`], [`Self::release`]) and the store then
-    /// finds the cycle in the disk's history. Otherwise refuse it
-    /// (retryable).
-    fn point_not_there(&mut self, sid: StreamId, p: wire::PointCommit) -> Result<(), SessionError> {
+    /// finds the cycle in the disk's history. If a transfer ended since the
+    /// point was asked for (`asked_at`: store completions arrive in any
+    /// order, so the end of the apply the store saw under way may have come
+    /// in first), ask again. Otherwise refuse it (retryable).
+    fn point_not_there(
+        &mut self,
+        sid: StreamId,
+        p: wire::PointCommit,
+        asked_at: u64,
+    ) -> Result<(), SessionError> {
         let in_flight = p.disks.iter().any(|dc| {
             self.disks
                 .get(&dc.disk_id)
@@ -664,6 +677,10 @@ impl Receiver {
         });
         if in_flight {
             self.set(sid, RState::Held(p));
+            return Ok(());
+        }
+        if asked_at != self.progress && self.point_ready(&p) {
+            self.commit_point(sid, p);
             return Ok(());
         }
         Err(SessionError::Store {
@@ -697,6 +714,7 @@ impl Receiver {
         if let Some(d) = self.disks.get_mut(disk_id) {
             d.reached = d.reached.max(cycle);
         }
+        self.progress += 1;
         self.release_points();
     }
 
@@ -1122,12 +1140,12 @@ impl Receiver {
                 self.reached(&b.disk_id, b.cycle);
                 self.answer(sid, &ack(b.disk_id, b.cycle, true, true))
             }
-            (Wait::Point(p), StoreDone::PointCommitted(r)) => {
+            (Wait::Point(p, asked_at), StoreDone::PointCommitted(r)) => {
                 if r.map_err(store)? {
                     let (vm, cycle) = (p.vm, p.cycle);
                     self.answer(sid, &Msg::PointAck(PointAck { vm, cycle }))
                 } else {
-                    self.point_not_there(sid, p)
+                    self.point_not_there(sid, p, asked_at)
                 }
             }
             (

@@ -1339,11 +1339,21 @@ fn a_point_the_store_refuses_behind_a_later_apply_is_held_then_committed() {
 }
 
 #[test]
-fn a_point_the_store_refuses_with_nothing_in_flight_is_refused_retryable() {
+fn a_point_the_store_refused_while_a_later_apply_ended_first_is_asked_again() {
+    // The store saw log 7 mid-apply and answered "not there", but the end
+    // of that apply reached the session before the answer (store threads
+    // complete in any order): nothing is in flight any more. The session
+    // refused the point here ("not every disk of VM reached cycle 6",
+    // retryable: a lost session). It asks again; refused only when the
+    // store says no with nothing having ended since the question.
     let (mut r, apply7, commit) = point_behind_a_pipelined_apply();
     r.complete(NOW, apply7, StoreDone::LogApplied(Ok(())));
     let _ = drain(|| r.poll());
     r.complete(NOW, commit, StoreDone::PointCommitted(Ok(false)));
+    let outs = drain(|| r.poll());
+    assert_eq!(refusal(&outs), None, "{outs:?}");
+    let again = commit_op(&outs, 6).expect("asked again: log 7 ended meanwhile");
+    r.complete(NOW, again, StoreDone::PointCommitted(Ok(false)));
     let outs = drain(|| r.poll());
     assert_eq!(
         refusal(&outs),

@@ -39,6 +39,29 @@ impl FuseReadBuf {
         }
     }
 
+    /// vdrep patch: write-touch the first `bytes` of the aligned portion
+    /// (plus the page holding the request header), so the kernel's copy of
+    /// a request into them never needs to fault a page in (see
+    /// `Config::prefault_bytes`).
+    pub(crate) fn prefault(&mut self, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        let region = self.as_mut();
+        let end = bytes.saturating_add(WRITE_PAYLOAD_OFFSET + PAYLOAD_ALIGN).min(region.len());
+        let mut i = 0;
+        while i < end {
+            // SAFETY: `i < region.len()`; a volatile write so the compiler
+            // cannot drop the store into freshly zeroed memory.
+            unsafe { std::ptr::write_volatile(region.as_mut_ptr().add(i), 0) };
+            i += PAYLOAD_ALIGN;
+        }
+        if end > 0 {
+            // SAFETY: `end - 1 < region.len()`.
+            unsafe { std::ptr::write_volatile(region.as_mut_ptr().add(end - 1), 0) };
+        }
+    }
+
     /// Returns a mutable reference to the aligned portion of the buffer.
     pub(crate) fn as_mut(&mut self) -> &mut [u8] {
         let base = self.buffer.as_ptr() as usize;

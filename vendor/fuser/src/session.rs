@@ -355,6 +355,7 @@ impl<FS: Filesystem> Session<FS> {
                 ch,
                 allowed,
                 session_owner,
+                prefault_bytes: config.prefault_bytes,
             };
             threads.push(
                 thread::Builder::new()
@@ -575,6 +576,8 @@ pub(crate) struct SessionEventLoop<FS: Filesystem> {
     pub(crate) filesystem: Arc<FilesystemHolder<FS>>,
     pub(crate) allowed: SessionACL,
     pub(crate) session_owner: Uid,
+    /// vdrep patch: see [`crate::Config::prefault_bytes`].
+    pub(crate) prefault_bytes: usize,
 }
 
 impl<FS: Filesystem> SessionEventLoop<FS> {
@@ -582,6 +585,7 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
         // Buffer for receiving requests from the kernel. Only one is allocated and
         // it is reused immediately after dispatching to conserve memory and allocations.
         let mut buf = FuseReadBuf::new();
+        buf.prefault(self.prefault_bytes);
         let buf = buf.as_mut();
         loop {
             // Read the next request from the given channel to kernel driver

@@ -18,6 +18,15 @@ pub struct Config {
     /// This enables more efficient request processing
     /// when multiple threads are used. Requires Linux 4.5+.
     pub clone_fd: bool,
+    /// vdrep patch: bytes of each event loop's request buffer to fault in
+    /// (write-touch) before the first read, normally the negotiated
+    /// `max_write`. The kernel copies a request into the buffer with
+    /// `get_user_pages`; for a page not yet mapped that takes the slow path,
+    /// which fails with `EINTR` when the process has a pending `SIGKILL`,
+    /// and the kernel then ends the request with `EIO` instead of leaving it
+    /// for `FUSE_NOTIFY_RESEND`. With the pages mapped, the copy takes the
+    /// fast path, which does not look at signals. 0: no prefault.
+    pub prefault_bytes: usize,
 }
 
 /// Mount options accepted by the FUSE filesystem type
