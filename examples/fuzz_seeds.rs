@@ -246,6 +246,11 @@ fn messages() -> Vec<Msg> {
                 cycle: 4,
             }],
             definition: Some("<domain type='kvm'><name>web1</name></domain>".into()),
+            group: Some(Box::new(vdrep::wire::PointGroup {
+                name: name("erp"),
+                origin: name("0a1b2c3d"),
+                members: vec![name("web1"), name("web2")],
+            })),
         }),
         Msg::PointAck(PointAck {
             vm: name("web1"),

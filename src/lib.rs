@@ -23,14 +23,16 @@
 //!   view process of its own: `testview::bucket`).
 //! - [`daemon`]: mount lifecycle (open the folder, mount over it, shut down
 //!   cleanly) and its control protocol and client (`daemon::control`).
-//! - [`sender`]: protected VMs at the primary: initial copy, deltas, points, retries.
+//! - [`sender`]: protected VMs at the primary: initial copy, deltas, points, retries,
+//!   consistency groups (one cut of every disk of a group's VMs: `sender::group`).
 //! - [`fs`]: the FUSE passthrough file system that feeds [`tracking`].
 //! - [`fuse`]: the FUSE connection as an object that outlives a worker:
 //!   `/dev/fuse` and its clones, the supervisor that holds them and
 //!   restarts the worker, descriptor handover, `FUSE_NOTIFY_RESEND`.
 //! - [`tracking`]: dirty-block bitmaps, cycles, copy-before-write, cuts,
 //!   seeding, the activity log and the sealed logs until they are shipped.
-//! - [`replica`]: the replica store (namespaces, durable logs, undo history).
+//! - [`replica`]: the replica store (namespaces, durable logs, undo history,
+//!   group points and their retention: `replica::group`).
 //! - [`objstore`]: object stores (S3 API) as replica targets: the object
 //!   client seam and its clients, the encryption envelope, the bounded
 //!   local cache of lazy reads.

@@ -352,6 +352,7 @@ fn one_of_each() -> Vec<Msg> {
                 cycle: 4,
             }],
             definition: Some("<domain><name>vm1</name></domain>".into()),
+            group: None,
         }),
         Msg::PointAck(wire::PointAck {
             vm: "vm1".into(),

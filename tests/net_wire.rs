@@ -240,6 +240,7 @@ fn msg() -> impl Strategy<Value = Msg> {
                         .map(|(disk_id, cycle)| DiskCycle { disk_id, cycle })
                         .collect(),
                     definition,
+                    group: None,
                 })
             ),
         (component(), any::<u64>()).prop_map(|(vm, cycle)| Msg::PointAck(PointAck { vm, cycle })),

@@ -61,8 +61,13 @@ pub enum PlanCmd {
 #[derive(clap::Args, Debug)]
 pub struct FailoverArgs {
     /// VM name (default: the --domain's name).
-    #[arg(required_unless_present = "domain")]
+    #[arg(required_unless_present_any = ["domain", "group"])]
     pub name: Option<String>,
+    /// A consistency group: one group point (`vdrep points --group`) for
+    /// every VM of the group. With --test (one view per VM), --cleanup and
+    /// --unplanned; --point names a group point.
+    #[arg(long, value_name = "GROUP", conflicts_with_all = ["name", "domain", "boot", "at"])]
+    pub group: Option<String>,
     /// A libvirt domain, failed over as a VM: --test defines and starts
     /// DOMAIN-test (new UUID and MACs) on the exposed point, every NIC on
     /// the isolated --test-network; --cleanup destroys and undefines it;
@@ -210,6 +215,7 @@ impl FailoverArgs {
     fn test_of(vm: &str, store: &Path) -> FailoverArgs {
         FailoverArgs {
             name: Some(vm.to_string()),
+            group: None,
             domain: None,
             definition: None,
             test_network: crate::failover::domain::TEST_NETWORK.into(),
@@ -293,6 +299,9 @@ fn recv_fail(out: Out, what: &str, e: FailoverError) -> Out {
 /// `vdrep failover NAME --store DIR MODE ...`.
 pub fn failover(a: FailoverArgs) -> i32 {
     let m = &a.mode;
+    if let Some(g) = a.group.clone() {
+        return group_failover(&a, &g).show();
+    }
     match super::objstore::s3_url(&a.store) {
         Err(e) => {
             eprintln!("vdrep: --store: {e}");
@@ -335,6 +344,103 @@ pub fn failover(a: FailoverArgs) -> i32 {
         return cleanup(&a.store, a.site.clone(), a.vm()).show();
     }
     test_failover(&a).show()
+}
+
+/// `--group GROUP` with --test, --cleanup or --unplanned: one group
+/// point for every VM of the group.
+fn group_failover(a: &FailoverArgs, group: &str) -> Out {
+    use crate::failover::group as fg;
+    let mut out = Out::default();
+    let m = &a.mode;
+    if !(m.test || m.cleanup || m.unplanned)
+        || !matches!(super::objstore::s3_url(&a.store), Ok(None))
+    {
+        return out.fail(
+            2,
+            "vdrep: failover --group works with --test, --cleanup and --unplanned at a receiver's store folder; fail the group's VMs over one by one for the rest (doc/CONSISTENCY-GROUPS.md)",
+        );
+    }
+    let sel = match a.point.as_deref().map(PointSel::parse).transpose() {
+        Ok(s) => s.unwrap_or(PointSel::Latest),
+        Err(e) => return out.fail(2, format!("vdrep: --point: {e}")),
+    };
+    if m.cleanup {
+        let done = match fg::cleanup(&a.store, a.site.clone(), group) {
+            Ok(d) => d,
+            Err(e) => return recv_fail(out, &format!("cleanup of group {group}"), e),
+        };
+        for (vm, r) in done {
+            match r {
+                Ok(Some(v)) => {
+                    out.line(format!("{vm}: test failover of point {} removed", v.cycle))
+                }
+                Ok(None) => {}
+                Err(e) => out.err(format!("{vm}: {e}")),
+            }
+        }
+        return out;
+    }
+    // (group point, JSON of each VM's view or live disks, a line per VM)
+    let (gp, shown, lines) = if m.test {
+        match fg::test(&a.store, a.site.clone(), group, sel) {
+            Ok((gp, views)) => {
+                let lines = views
+                    .iter()
+                    .map(|v| {
+                        let paths: Vec<String> = v
+                            .disks
+                            .iter()
+                            .map(|d| d.path.display().to_string())
+                            .collect();
+                        format!("{}: {}", v.vm, paths.join(" "))
+                    })
+                    .collect::<Vec<_>>();
+                (gp, serde_json::to_value(&views).unwrap_or_default(), lines)
+            }
+            Err(e) => return recv_fail(out, &format!("test failover of group {group}"), e),
+        }
+    } else {
+        match fg::unplanned(&a.store, a.site.clone(), group, sel) {
+            Ok((gp, live)) => {
+                let lines = gp
+                    .members
+                    .iter()
+                    .zip(&live)
+                    .map(|(m, l)| {
+                        format!(
+                            "{}: live (tracked, not yet protected) in {}",
+                            m.vm,
+                            l.dir.display()
+                        )
+                    })
+                    .collect::<Vec<_>>();
+                (gp, serde_json::to_value(&live).unwrap_or_default(), lines)
+            }
+            Err(e) => return recv_fail(out, &format!("unplanned failover of group {group}"), e),
+        }
+    };
+    if a.json {
+        let v = serde_json::json!({ "group": group, "point": gp, "vms": shown });
+        out.line(serde_json::to_string_pretty(&v).unwrap_or_default());
+        return out;
+    }
+    out.err(format!(
+        "group {group}: {} failover of group point {} ({} UTC) for {} VM(s)",
+        if m.test { "test" } else { "unplanned" },
+        gp.cycle,
+        format_utc(gp.time_unix_ns),
+        gp.members.len()
+    ));
+    for l in lines {
+        out.line(l);
+    }
+    if m.test {
+        out.err(format!(
+            "remove it with: vdrep failover --group {group} --cleanup --store {}",
+            a.store.display()
+        ));
+    }
+    out
 }
 
 /// `--cleanup`.

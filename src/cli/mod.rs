@@ -263,6 +263,12 @@ pub enum Cmd {
         /// guest agent channel.
         #[arg(long, conflicts_with = "disks")]
         domain: Option<String>,
+        /// A consistency group: the VMs of this mount with the same group
+        /// share every recovery point (one cut of all their disks, on the
+        /// shortest --every of them); `vdrep points --group` and
+        /// `vdrep failover --group` pick one point for all of them.
+        #[arg(long, value_name = "NAME")]
+        group: Option<String>,
         /// Receiver address HOST:PORT, or an object store
         /// `s3://BUCKET/PREFIX` written directly, with no receiver (with
         /// --s3-endpoint, --s3-credentials and --encryption-key).
@@ -330,7 +336,13 @@ pub enum Cmd {
     /// time, id, history bytes, consistency, pinned (exposed).
     Points {
         /// VM name.
-        name: String,
+        #[arg(required_unless_present = "group", conflicts_with = "group")]
+        name: Option<String>,
+        /// List the group points of a consistency group instead: the
+        /// points every VM of the group has at one instant, each with the
+        /// VMs' point ids.
+        #[arg(long, value_name = "GROUP")]
+        group: Option<String>,
         /// The receiver's store folder (`vdrep receive --store`), or an
         /// object store `s3://BUCKET/PREFIX` (with --s3-endpoint,
         /// --s3-credentials and --encryption-key).
@@ -586,6 +598,7 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
         Cmd::Protect {
             name,
             domain,
+            group,
             to,
             trust,
             s3,
@@ -623,21 +636,30 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
                 app,
                 retry,
                 disks,
-                domain,
+                (domain, group),
             )
         }
         Cmd::Unprotect { name, dir } => replication::unprotect(name, dir),
         Cmd::Sync { target, timeout } => replication::sync(&target, timeout),
         Cmd::Points {
             name,
+            group: Some(group),
+            store,
+            site,
+            json,
+            ..
+        } if name.is_none() => points::group_points(&group, &store, site, json),
+        Cmd::Points {
+            name,
             store,
             site,
             json,
             s3,
-        } => match objstore::s3_url(&store) {
-            Ok(Some(url)) => objstore::points(&name, &url, site, &s3, json),
-            Ok(None) => points::points(&name, &store, site, json),
-            Err(e) => {
+            ..
+        } => match (objstore::s3_url(&store), name.unwrap_or_default()) {
+            (Ok(Some(url)), name) => objstore::points(&name, &url, site, &s3, json),
+            (Ok(None), name) => points::points(&name, &store, site, json),
+            (Err(e), name) => {
                 eprintln!("vdrep: points of {name}: {e}");
                 2
             }

@@ -493,6 +493,12 @@ pub fn status(dir: Option<PathBuf>, json: bool) -> i32 {
             for w in &v.resync_pending {
                 println!("    resync required: {w} (window {})", v.resync_window);
             }
+            if let Some(g) = &v.group {
+                match &v.group_waiting {
+                    Some(w) => println!("    group {g}: {w}"),
+                    None => println!("    group {g}: every point is a group point"),
+                }
+            }
             if let Some(c) = v.last_app_point {
                 let age = v.last_app_point_unix_ns.map_or(String::new(), |t| {
                     let now = std::time::SystemTime::now()

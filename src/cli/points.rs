@@ -148,6 +148,54 @@ pub fn points(vm: &str, store: &Path, site: Option<String>, json: bool) -> i32 {
     print_points(&site, vm, pts, json, None, &boots)
 }
 
+/// `vdrep points --group GROUP --store DIR [--site S] [--json]`.
+pub fn group_points(group: &str, store: &Path, site: Option<String>, json: bool) -> i32 {
+    let (site, mut pts) = match crate::failover::group::points(store, site, group) {
+        Ok(v) => v,
+        Err(FailoverError::Control(e)) if e.kind() != CallErrorKind::Refused => {
+            return control_err(e)
+        }
+        Err(e) => {
+            eprintln!("vdrep: points of group {group}: {e}");
+            return 1;
+        }
+    };
+    pts.sort_by_key(|p| std::cmp::Reverse(p.cycle));
+    if json {
+        let v = serde_json::json!({ "site": site, "group": group, "points": pts });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return 0;
+    }
+    if pts.is_empty() {
+        println!(
+            "group {group}: no group points yet (one exists once every VM of the group committed the same cut; `vdrep status` at the sending site says why not)"
+        );
+        return 0;
+    }
+    println!(
+        "{:<21} {:>10} {:<12} VMS (POINT ID)",
+        "TIME (UTC)", "ID", "CONSISTENCY"
+    );
+    for p in &pts {
+        let vms: Vec<String> = p
+            .members
+            .iter()
+            .map(|m| format!("{} ({})", m.vm, m.point))
+            .collect();
+        println!(
+            "{:<21} {:>10} {:<12} {}",
+            format_utc(p.time_unix_ns),
+            p.cycle,
+            match p.consistency {
+                Consistency::Crash => "crash",
+                Consistency::App => "app",
+            },
+            vms.join(", ")
+        );
+    }
+    0
+}
+
 /// Print the points of `site/vm` (newest first), as a table or as JSON
 /// (with `"store"` if given), with each point's boot check (`verify --boot`).
 pub fn print_points(

@@ -373,7 +373,7 @@ pub fn protect(
     }: AppHookArgs,
     retry: RetryArgs,
     disks: Vec<PathBuf>,
-    domain: Option<String>,
+    (domain, group): (Option<String>, Option<String>),
 ) -> i32 {
     let retry = match retry.schedule() {
         Ok(r) => r,
@@ -511,6 +511,7 @@ pub fn protect(
         app_hook,
         rpo_alert_secs,
         domain,
+        group,
         retry,
     };
     match control::call(

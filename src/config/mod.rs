@@ -126,6 +126,9 @@ pub struct VmCfg {
     pub name: String,
     /// The libvirt domain whose disk files are `disks` (`domain = "web1"`).
     pub domain: Option<String>,
+    /// The consistency group (`group = "erp"`): the VMs of one group share
+    /// every recovery point; they must be under the same `[[mount]]`.
+    pub group: Option<String>,
     /// The disks, as written (absolute), or the domain's disk files.
     pub disks: Vec<PathBuf>,
     /// The `[[mount]]` folder holding them.
@@ -707,6 +710,16 @@ impl Cx<'_> {
             let Some(vm) = self.vm(i, v, (&site, site_trust_named), &mounts, checks) else {
                 continue;
             };
+            if let Some(why) = group_clash(&vm, &vms) {
+                let at = v.group.as_ref().unwrap_or(&v.name);
+                self.problem(
+                    at,
+                    &format!("vm[{}].group", vm.name),
+                    ProblemKind::BadValue,
+                    why,
+                );
+                continue;
+            }
             if vms.iter().any(|x| x.name == vm.name) {
                 self.problem(
                     &v.name,
@@ -1141,6 +1154,19 @@ impl Cx<'_> {
             disks.push(p);
         }
         let is_s3 = v.to.get_ref().starts_with("s3://");
+        let group = v.group.as_ref().filter(|g| {
+            let why = if is_s3 {
+                Some("an s3:// target keeps no consistency groups: replicate the group's VMs to a receiver".to_string())
+            } else {
+                crate::wire::safe_component(g.get_ref())
+                    .err()
+                    .map(|e| format!("{:?}: {e}", g.get_ref()))
+            };
+            if let Some(why) = &why {
+                self.problem(g, &k("group"), ProblemKind::BadValue, why.clone());
+            }
+            why.is_none()
+        });
         let to = self.value(&Some(v.to.clone()), &k("to"), |s: &String| {
             if is_s3 {
                 crate::objstore::StoreUrl::parse(s)
@@ -1232,6 +1258,7 @@ impl Cx<'_> {
         Some(VmCfg {
             name: v.name.get_ref().clone(),
             domain: v.domain.as_ref().map(|d| d.get_ref().clone()),
+            group: group.map(|g| g.get_ref().clone()),
             disks,
             mount: mount?,
             disks_rel: rels,
@@ -1254,6 +1281,34 @@ impl Cx<'_> {
         })
         .filter(|_| name_ok)
     }
+}
+
+/// Why `vm` cannot join its group with the VMs before it (`None`: it can):
+/// one group's VMs replicate to one receiver (its group points are made
+/// there) from one mount (it cuts them all at one instant).
+fn group_clash(vm: &VmCfg, before: &[VmCfg]) -> Option<String> {
+    let g = vm.group.as_ref()?;
+    before
+        .iter()
+        .filter(|x| x.group == vm.group)
+        .find_map(|other| {
+            if other.to != vm.to {
+                Some(format!(
+                    "VM {} of group {g} replicates to {}, not to {} like VM {}: one group's VMs replicate to one receiver (its group points are made there)",
+                    vm.name, vm.to, other.to, other.name
+                ))
+            } else if other.mount != vm.mount {
+                Some(format!(
+                    "VM {} of group {g} is under {}, not under {} like VM {}: one group's VMs must be under one [[mount]] (it cuts them all at one instant)",
+                    vm.name,
+                    vm.mount.display(),
+                    other.mount.display(),
+                    other.name
+                ))
+            } else {
+                None
+            }
+        })
 }
 
 #[cfg(test)]

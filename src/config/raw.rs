@@ -70,6 +70,7 @@ pub struct Vm {
     #[serde(default)]
     pub disks: Vec<S>,
     pub domain: Option<S>,
+    pub group: Option<S>,
     pub to: S,
     pub trust: Option<Vec<S>>,
     pub s3_endpoint: Option<S>,

@@ -505,3 +505,33 @@ fn vm_protected_directly_to_an_object_store() {
         "{p:?}"
     );
 }
+
+#[test]
+fn a_group_is_one_name_under_one_mount() {
+    let grouped = GOOD
+        .replace("name = \"web\"\n", "name = \"web\"\ngroup = \"shop\"\n")
+        .replace("name = \"db\"\n", "name = \"db\"\ngroup = \"shop\"\n")
+        .replace("to = \"10.0.0.2:7700\"", "to = \"dr.example.com:7700\"");
+    let c = check(&grouped).unwrap();
+    assert!(c.vms.iter().all(|v| v.group.as_deref() == Some("shop")));
+    // Not a plain name.
+    let p = problems(&grouped.replacen("group = \"shop\"", "group = \"a/b\"", 1));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].key, "vm[web].group");
+    // The second VM under another mount.
+    let text = grouped
+        .replace(
+            "[[mount]]\npath = \"/srv/vdrep-test-vms\"\n",
+            "[[mount]]\npath = \"/srv/vdrep-test-vms\"\n\n[[mount]]\npath = \"/srv/other\"\n",
+        )
+        .replace("\"/srv/vdrep-test-vms/db.raw\"", "\"/srv/other/db.raw\"");
+    let p = problems(&text);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].key, "vm[db].group");
+    assert!(p[0].msg.contains("one [[mount]]"), "{}", p[0].msg);
+    // To another receiver.
+    let p =
+        problems(&grouped.replacen("to = \"dr.example.com:7700\"", "to = \"10.0.0.3:7700\"", 1));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(p[0].msg.contains("one receiver"), "{}", p[0].msg);
+}

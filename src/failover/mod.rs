@@ -10,6 +10,7 @@
 //!   reverse: which site runs a VM (the steps each site takes itself are
 //!   [`crate::roles`]).
 //! - [`plan`]: recovery plans, VMs failed over in ordered groups.
+//! - [`group`](mod@group): a consistency group failed over to one group point.
 //! - [`ready`]: waiting until a started domain is ready (guest agent,
 //!   a command, a console marker).
 //! - [`domain`]: a libvirt domain's failover: the test copy on an isolated
@@ -19,6 +20,7 @@
 //! returned, for the command line ([`crate::cli`]) to show.
 
 pub mod domain;
+pub mod group;
 pub mod plan;
 pub mod ready;
 pub mod role_change;

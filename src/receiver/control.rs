@@ -32,6 +32,8 @@ pub enum Request {
     Ping,
     /// The recovery points of a VM (oldest first), with pins.
     Points { site: Option<String>, vm: String },
+    /// The group points of a consistency group (oldest first).
+    GroupPoints { site: Option<String>, group: String },
     /// Expose a point of a VM as VHD files (test failover).
     FailoverTest {
         site: Option<String>,
@@ -125,6 +127,9 @@ pub struct Response {
     pub site: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub points: Option<Vec<PointInfo>>,
+    /// The answer to [`Request::GroupPoints`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_points: Option<Vec<replica::GroupPoint>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub view: Option<ViewInfo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

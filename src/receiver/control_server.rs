@@ -114,6 +114,17 @@ impl Server {
                     },
                 }
             }
+            Request::GroupPoints { site, group } => {
+                match crate::replica::group::site_group_points(&self.store, site.as_deref(), &group)
+                {
+                    Err(e) => Response::err(e),
+                    Ok((site, pts)) => Response {
+                        group_points: Some(pts),
+                        site: Some(site),
+                        ..Response::ok()
+                    },
+                }
+            }
             Request::FailoverTest {
                 site,
                 vm,

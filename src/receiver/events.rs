@@ -19,9 +19,11 @@ pub(super) fn step_of(req: &Request) -> Option<(Option<String>, String, Failover
         Request::CommitFailover { site, vm } => (site.clone(), vm, FailoverStep::Committed),
         Request::Adopt(a) => (Some(a.site.clone()), &a.vm, FailoverStep::Adopted),
         Request::Forget { site, vm } => (site.clone(), vm, FailoverStep::Forgotten),
-        Request::Ping | Request::Points { .. } | Request::FailoverList | Request::Events { .. } => {
-            return None
-        }
+        Request::Ping
+        | Request::Points { .. }
+        | Request::GroupPoints { .. }
+        | Request::FailoverList
+        | Request::Events { .. } => return None,
     };
     Some((site, vm.clone(), step))
 }

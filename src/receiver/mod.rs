@@ -803,6 +803,7 @@ impl Conn {
                 app_consistent,
                 disks,
                 definition,
+                group,
             } => self.spawn(op, move |store, site| {
                 let ids: Vec<DiskId> = disks.iter().map(|d| d.disk_id).collect();
                 let consistency = if app_consistent {
@@ -813,6 +814,17 @@ impl Conn {
                 // The definition is durable before the point exists.
                 if let Some(x) = &definition {
                     if let Err(e) = store.save_definition(site, &vm, cycle, x) {
+                        return StoreDone::PointCommitted(Err(failure(e)));
+                    }
+                }
+                // So is its consistency group.
+                if let Some(g) = group {
+                    let rec = replica::GroupRecord {
+                        name: g.name,
+                        origin: g.origin,
+                        members: g.members,
+                    };
+                    if let Err(e) = store.save_group(site, &vm, cycle, &rec) {
                         return StoreDone::PointCommitted(Err(failure(e)));
                     }
                 }

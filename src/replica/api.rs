@@ -24,7 +24,8 @@
 //! ([`Site::replica_path`](super::Site::replica_path)): they move files the
 //! VM then boots from, which only makes sense on a local file system.
 
-use super::error::StoreError;
+use super::error::{Ctx, StoreError};
+use super::group::{GroupPoint, GroupRecord};
 use super::store::{
     ApplyOutcome, Consistency, DiskInfo, ForgetReport, InitialData, InitialState, LiveInfo, Point,
     PruneReport, RecoveryReport, ReplicaState, RetentionPolicy, Site, Store, StoreOutcome,
@@ -160,6 +161,22 @@ pub trait ReplicaStore: Send + Sync {
     /// `vm`'s domain definition as of point `cycle` (`None`: the point has
     /// none, e.g. a VM not protected by domain, or a dropped point).
     fn definition(&self, site: &str, vm: &str, cycle: u64) -> Result<Option<String>>;
+    /// Store the consistency group `vm`'s point of `cycle` was cut for,
+    /// before the point is committed. A store that keeps no group records
+    /// (the object store: senders refuse `--group` to one) refuses it.
+    fn save_group(&self, site: &str, vm: &str, cycle: u64, rec: &GroupRecord) -> Result<()> {
+        let _ = (cycle, rec);
+        Err(StoreError::NotReady {
+            ctx: Ctx::new(site, vm, ""),
+            what: "this store keeps no consistency groups: protect the VM without --group".into(),
+        })
+    }
+    /// The group points of `group` at `site`, oldest first (none in a
+    /// store that keeps no group records).
+    fn group_points(&self, site: &str, group: &str) -> Result<Vec<GroupPoint>> {
+        let _ = (site, group);
+        Ok(Vec::new())
+    }
     /// The points of `vm`, oldest first.
     fn points(&self, site: &str, vm: &str) -> Result<Vec<Point>>;
     /// One disk as of point `cycle`.
@@ -261,6 +278,12 @@ impl ReplicaStore for Store {
     }
     fn definition(&self, site: &str, vm: &str, cycle: u64) -> Result<Option<String>> {
         self.with_site(site, |s| s.definition(vm, cycle))
+    }
+    fn save_group(&self, site: &str, vm: &str, cycle: u64, rec: &GroupRecord) -> Result<()> {
+        self.with_site(site, |s| s.save_group(vm, cycle, rec))
+    }
+    fn group_points(&self, site: &str, group: &str) -> Result<Vec<GroupPoint>> {
+        self.with_site(site, |s| s.group_points(group))
     }
     fn points(&self, site: &str, vm: &str) -> Result<Vec<Point>> {
         self.with_site(site, |s| s.points(vm))

@@ -30,6 +30,7 @@
 
 use super::api::{DigestCache, DiskRef, PointRead, ReplicaStore};
 use super::error::StoreError;
+use super::group::{GroupPoint, GroupRecord};
 use super::store::{
     ApplyOutcome, Consistency, DiskInfo, ForgetReport, InitialData, InitialState, LiveInfo, Point,
     PruneReport, RecoveryReport, ReplicaState, RetentionPolicy, StoreOutcome,
@@ -483,6 +484,12 @@ impl ReplicaStore for FailStore {
     }
     fn definition(&self, site: &str, vm: &str, cycle: u64) -> Result<Option<String>> {
         self.call(Op::Points, |s| s.definition(site, vm, cycle))
+    }
+    fn save_group(&self, site: &str, vm: &str, cycle: u64, rec: &GroupRecord) -> Result<()> {
+        self.call(Op::CommitPoint, |s| s.save_group(site, vm, cycle, rec))
+    }
+    fn group_points(&self, site: &str, group: &str) -> Result<Vec<GroupPoint>> {
+        self.call(Op::Points, |s| s.group_points(site, group))
     }
     fn points(&self, site: &str, vm: &str) -> Result<Vec<Point>> {
         self.call(Op::Points, |s| s.points(site, vm))

@@ -3,6 +3,7 @@
 use super::api::DigestCache;
 use super::error::{hrl_err, io_err, Ctx, StoreError};
 use super::fault::{crash_point, Pause, PauseState};
+use super::group::GroupRecord;
 use super::names::{check_inside, ensure_dir, validate_name};
 use super::target::{open_target, ReplicaFormat, ReplicaTarget, VHD_FOOTER_LEN};
 use super::undo::{self, PointReader, ReaderShared, UndoLayer};
@@ -36,6 +37,9 @@ const INCOMING: &str = "incoming";
 const UNDO: &str = "undo";
 /// A VM's domain definitions, one `CYCLE.xml` per point that has one.
 const DEFINITIONS: &str = "definitions";
+/// A VM's consistency-group records, one `CYCLE.json` per point cut for
+/// its group ([`super::group`]).
+const GROUPS: &str = "groups";
 
 /// What the sender says about a disk when starting its initial copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -333,9 +337,14 @@ pub struct Site<'a> {
 
 /// The cycles of the definitions in `dir`, ascending.
 fn definition_cycles(dir: &Path) -> Vec<u64> {
+    cycle_files(dir, ".xml")
+}
+
+/// The cycles of the `CYCLE{ext}` files in `dir`, ascending.
+fn cycle_files(dir: &Path, ext: &str) -> Vec<u64> {
     let mut v: Vec<u64> = list_dir(dir)
         .iter()
-        .filter_map(|n| n.strip_suffix(".xml")?.parse().ok())
+        .filter_map(|n| n.strip_suffix(ext)?.parse().ok())
         .collect();
     v.sort_unstable();
     v
@@ -1931,17 +1940,61 @@ impl Site<'_> {
         }
     }
 
-    /// Delete the definitions of cycles below the newest point that are no
-    /// point (pruned, or never committed). Those above it may belong to a
-    /// point being committed.
+    /// Delete the definitions and group records of cycles below the newest
+    /// point that are no point (pruned, or never committed). Those above it
+    /// may belong to a point being committed.
     fn drop_definitions(&self, vmd: &Path, points: &[u64]) {
-        let dir = vmd.join(DEFINITIONS);
         let Some(&newest) = points.last() else { return };
-        for c in definition_cycles(&dir) {
-            if c < newest && !points.contains(&c) {
-                let _ = std::fs::remove_file(dir.join(format!("{c}.xml")));
+        for (sub, ext) in [(DEFINITIONS, ".xml"), (GROUPS, ".json")] {
+            let dir = vmd.join(sub);
+            for c in cycle_files(&dir, ext) {
+                if c < newest && !points.contains(&c) {
+                    let _ = std::fs::remove_file(dir.join(format!("{c}{ext}")));
+                }
             }
         }
+    }
+
+    /// Store the consistency group `vm`'s point of `cycle` was cut for,
+    /// durably, before the point is committed ([`Site::commit_point`]).
+    pub fn save_group(&self, vm: &str, cycle: u64, rec: &GroupRecord) -> Result<()> {
+        let vmd = self.vm_dir(vm, false)?;
+        let ctx = self.ctx(vm, "");
+        let dir = ensure_dir(&ctx, &self.store.root, &vmd, GROUPS, true)?;
+        self.write_json(&ctx, &dir, &format!("{cycle}.json"), rec)
+    }
+
+    /// The consistency group of `vm`'s point `cycle` (`None`: not cut for
+    /// a group).
+    pub fn group(&self, vm: &str, cycle: u64) -> Result<Option<GroupRecord>> {
+        let vmd = self.vm_dir(vm, false)?;
+        let dir = vmd.join(GROUPS);
+        read_json_opt(
+            &self.ctx(vm, ""),
+            &self.store.root,
+            &dir.join(format!("{cycle}.json")),
+        )
+    }
+
+    /// Every VM of the site that has points, each point with its group
+    /// record.
+    pub fn group_view(&self) -> Result<Vec<super::group::VmPoints>> {
+        let mut all = Vec::new();
+        for vm in self.vms() {
+            let pf = self.read_points(&vm)?;
+            let mut pts = Vec::new();
+            for p in pf.points {
+                let rec = self.group(&vm, p.cycle)?;
+                pts.push((p, rec));
+            }
+            all.push((vm, pts));
+        }
+        Ok(all)
+    }
+
+    /// The group points of `group` at this site, oldest first.
+    pub fn group_points(&self, group: &str) -> Result<Vec<super::group::GroupPoint>> {
+        Ok(super::group::group_points(group, &self.group_view()?))
     }
 
     /// The recovery points of `vm`, oldest first, with the bytes of history
@@ -2046,7 +2099,30 @@ impl Site<'_> {
             return Ok(report);
         }
         let pinned = self.store.pins(&self.name, vm);
-        let keep_flags = retention_keep(&pf.points, keep, now_ns(), &pinned);
+        let now = now_ns();
+        let mut keep_flags = retention_keep(&pf.points, keep, now, &pinned);
+        // A point cut for a consistency group stays whole or goes whole:
+        // the other members' policies are read at the same `now`.
+        if list_dir(&vmd.join(GROUPS))
+            .iter()
+            .any(|n| n.ends_with(".json"))
+        {
+            let all = self.group_view()?;
+            let others: Vec<Vec<bool>> = all
+                .iter()
+                .map(|(v, pts)| {
+                    let p: Vec<Point> = pts.iter().map(|(p, _)| p.clone()).collect();
+                    retention_keep(&p, keep, now, &self.store.pins(&self.name, v))
+                })
+                .collect();
+            keep_flags = super::group::group_keep(vm, &keep_flags, &all, &others);
+            if let Some(last) = keep_flags.last_mut() {
+                *last = true;
+            }
+            for (f, p) in keep_flags.iter_mut().zip(&pf.points) {
+                *f |= pinned.contains(&p.cycle);
+            }
+        }
         let all = std::mem::take(&mut pf.points);
         for (p, k) in all.into_iter().zip(keep_flags) {
             if k {

@@ -671,6 +671,9 @@ fn protect_live(
         // definition goes with every point of this direction, so a
         // failback starts it from the final point's definition too.
         domain,
+        // Reverse replication is per VM: a group is protected again by
+        // name (doc/CONSISTENCY-GROUPS.md).
+        group: None,
         retry: Default::default(),
     };
     let r = mount_ctl::call(

@@ -267,6 +267,11 @@ impl Link {
         self.session.note_definition(cycle, xml);
     }
 
+    /// The cut of `cycle` was its consistency group's: its point says so.
+    pub(super) fn note_group(&mut self, cycle: u64, group: crate::wire::PointGroup) {
+        self.session.note_group(cycle, group);
+    }
+
     /// Ship a sealed log (its `LogBegin` as `begin`); it is marked shipped
     /// once the receiver applied it.
     pub(super) fn submit_log(

@@ -55,6 +55,7 @@ mod direct;
 pub use direct::{DirectFactory, DirectReceiver};
 mod error;
 pub mod flush;
+mod group;
 mod link;
 pub mod metrics;
 pub mod overload;
@@ -119,6 +120,10 @@ pub struct ProtectSpec {
     /// is picked up at the next cut ([`domain_disks`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub domain: Option<String>,
+    /// The consistency group (`--group`): the VMs of this mount with the
+    /// same group share every recovery point ([`group`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     /// When to try again after a recoverable failure ([`retry`]).
     #[serde(default)]
     pub retry: RetrySchedule,
@@ -217,6 +222,13 @@ pub struct VmStatus {
     /// RPO alert and errors by kind ([`alert`]).
     #[serde(default)]
     pub health: alert::Health,
+    /// The VM's consistency group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Why the group is not cut now (a member is in its initial copy, a
+    /// resync, or not connected): no group point until it is back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_waiting: Option<String>,
 }
 
 /// What `vdrep verify` found on one disk.
@@ -302,9 +314,58 @@ struct Vm {
     respec: Mutex<Option<ProtectSpec>>,
     /// The looks at its write and send counters that give its rates.
     rates: Mutex<overload::RateWindow>,
+    /// Connected, in the steady loop, no job running: its group may cut it.
+    steady: std::sync::atomic::AtomicBool,
+    /// Its group's coordinator sealed a cycle of it to ship.
+    logs_ready: std::sync::atomic::AtomicBool,
+    /// Cycles cut for its group not yet known committed, with the group
+    /// their points name; given to every session.
+    group_cycles: Mutex<group::GroupCycles>,
+}
+
+/// Clears [`Vm::steady`] when a session ends.
+struct Steady<'a>(&'a Vm);
+
+impl Drop for Steady<'_> {
+    fn drop(&mut self) {
+        self.0
+            .steady
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Vm {
+    /// The app hook if it is due at this cut (`--app-every` passed since
+    /// the last try, failed or not: a broken hook must not stall every cut
+    /// for its time limit); the try counts from now.
+    fn app_hook_due(&self) -> Option<app_hook::AppHookSpec> {
+        let h = self.spec.app_hook.as_ref()?;
+        let mut last = self.last_app_try.lock();
+        if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(h.every_secs)) {
+            *last = Some(std::time::Instant::now());
+            return Some(h.clone());
+        }
+        None
+    }
+
+    /// Record how the app hook of a cut went.
+    fn note_app_cut(&self, app: &AppCut) {
+        if !app.tried {
+            return;
+        }
+        let mut s = self.status.lock();
+        match &app.error {
+            Some(e) => {
+                tracing::warn!(vm = %self.spec.vm, "{e}; this cut is crash-consistent only");
+                s.app_hook_error = Some(e.clone());
+            }
+            None => s.app_hook_error = None,
+        }
+        if app.frozen {
+            s.app_frozen_ms = app.frozen_ms;
+        }
+    }
+
     /// UDP bytes sent by every connection of this VM so far.
     fn wire_bytes_sent(&self) -> u64 {
         self.udp_sent_before
@@ -365,6 +426,11 @@ pub struct Replicator {
     direct_factory: Option<Arc<direct::DirectFactory>>,
     /// The client endpoint every session shares ([`Replicator::client_endpoint`]).
     endpoint: Mutex<Option<quinn::Endpoint>>,
+    /// The running consistency-group coordinators ([`group`]).
+    groups: Mutex<group::Groups>,
+    /// This mount's identity for its cycle numbers (random, kept in its
+    /// state folder): a group point's `origin`.
+    origin: String,
 }
 
 const PROTECT_DIR: &str = "protect";
@@ -399,6 +465,7 @@ impl Replicator {
             .enable_all()
             .build()
             .map_err(|e| SendError::fatal(format!("cannot start the replication runtime: {e}")))?;
+        let tracker_for_origin = tracker.clone();
         let retry_scale = std::env::var("VDREP_RETRY_SCALE")
             .ok()
             .and_then(|s| s.parse::<f64>().ok())
@@ -429,6 +496,8 @@ impl Replicator {
             direct: Mutex::default(),
             direct_factory,
             endpoint: Mutex::new(None),
+            groups: Mutex::default(),
+            origin: group::mount_origin(&tracker_for_origin),
         });
         r.rt.spawn(alert::watch(Arc::downgrade(&r)));
         // Resume every VM protected before.
@@ -505,6 +574,23 @@ impl Replicator {
             }
         }
         let direct = direct::url_of(&spec)?.is_some();
+        if let Some(g) = &spec.group {
+            wire::safe_component(g).map_err(|e| SendError::invalid(format!("--group: {e}")))?;
+            if direct {
+                return Err(SendError::invalid(
+                    "--group: an s3:// target keeps no consistency groups; replicate the group's VMs to a receiver",
+                ));
+            }
+            let other = self.vms.lock().values().find_map(|v| {
+                (v.spec.vm != spec.vm && v.spec.group == spec.group && v.spec.to != spec.to)
+                    .then(|| (v.spec.vm.clone(), v.spec.to.clone()))
+            });
+            if let Some((vm, to)) = other {
+                return Err(SendError::invalid(format!(
+                    "--group {g}: VM {vm} of the group replicates to {to}: a group's VMs replicate to one receiver (its group points are made there)"
+                )));
+            }
+        }
         if spec.trust.is_empty() && !direct {
             return Err(SendError::invalid(
                 "name the receiver's certificate with --trust",
@@ -583,6 +669,7 @@ impl Replicator {
         if let Some(new) = self.vms.lock().get(&name).cloned() {
             new.waiters.lock().extend(old.waiters.lock().drain(..));
             *new.definitions.lock() = std::mem::take(&mut *old.definitions.lock());
+            *new.group_cycles.lock() = std::mem::take(&mut *old.group_cycles.lock());
             new.status.lock().last_point = old.status.lock().last_point;
             new.wake.notify_one();
         }
@@ -671,6 +758,8 @@ impl Replicator {
                 app_hook_error: None,
                 app_frozen_ms: None,
                 health: alert::Health::default(),
+                group: spec.group.clone(),
+                group_waiting: None,
             }),
             spec,
             wake: Notify::new(),
@@ -685,6 +774,9 @@ impl Replicator {
             definitions: Mutex::new(Default::default()),
             respec: Mutex::new(None),
             rates: Mutex::new(Default::default()),
+            steady: false.into(),
+            logs_ready: false.into(),
+            group_cycles: Mutex::default(),
         });
         for d in &vm.spec.disks {
             let limit = self
@@ -694,6 +786,9 @@ impl Replicator {
             self.tracker.set_log_limit(d, limit);
         }
         self.vms.lock().insert(vm.spec.vm.clone(), vm.clone());
+        if let Some(g) = vm.spec.group.clone() {
+            self.join_group(&g);
+        }
         let me = self.clone();
         self.rt.spawn(async move { me.worker(vm).await });
     }
@@ -1231,6 +1326,7 @@ impl Replicator {
         // whose `PointAck` was lost (idempotent at the receiver).
         let mut link = Link::new(conn, ep, cfg, Some(vm.clone()), shaper);
         let link = &mut link;
+        let _steady = Steady(vm);
         for (c, x) in vm.definitions.lock().iter() {
             link.note_definition(*c, x.clone());
         }
@@ -1380,7 +1476,28 @@ impl Replicator {
                 link.close(b"the domain's disks changed");
                 return Ok(());
             }
+            vm.steady.store(false, std::sync::atomic::Ordering::SeqCst);
             if self.run_jobs(vm, link).await? {
+                continue;
+            }
+            if let Some(g) = &spec.group {
+                // A group member: its group's coordinator cuts it
+                // ([`group`]); it ships what was sealed.
+                vm.steady.store(true, std::sync::atomic::Ordering::SeqCst);
+                if vm
+                    .sync_requested
+                    .swap(false, std::sync::atomic::Ordering::SeqCst)
+                {
+                    self.group_sync(g);
+                }
+                if vm
+                    .logs_ready
+                    .swap(false, std::sync::atomic::Ordering::SeqCst)
+                {
+                    self.ship_group_cut(vm, link).await?;
+                    continue;
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(200), vm.wake.notified()).await;
                 continue;
             }
             let synced = vm
@@ -1550,77 +1667,21 @@ impl Replicator {
         link: &mut Link,
         pipeline: bool,
     ) -> Result<(), SendError> {
-        let spec = vm.spec.clone();
         let tracker = self.tracker.clone();
         let flush = self.flush.clone();
-        // Due when `every` passed since the last attempt (failed or not:
-        // a broken hook must not stall every cut for its time limit).
-        let mut hook = None;
-        if let Some(h) = &spec.app_hook {
-            let mut last = vm.last_app_try.lock();
-            if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(h.every_secs)) {
-                *last = Some(std::time::Instant::now());
-                hook = Some(h.clone());
-            }
-        }
-        let (entries, app) = tokio::task::spawn_blocking(
-            move || -> Result<(Vec<crate::tracking::CutEntry>, AppCut), crate::tracking::TrackError> {
-                // Quiesce the guest first: what it flushes must reach the
-                // mount (syncfs) before the cut.
-                let mut app = AppCut::default();
-                if let Some(h) = &hook {
-                    app.tried = true;
-                    match app_hook::run(h, "freeze", &spec.vm) {
-                        Ok(_) => app.frozen = true,
-                        Err(e) => app.error = Some(e.to_string()),
-                    }
-                }
-                let frozen_at = std::time::Instant::now();
-                // A failed flush skips the cut (the guest is still thawed).
-                let sealed = flush.flush().and_then(|()| {
-                    // Bitmap-only disks are sealed too: this cycle ships
-                    // all their changes at once.
-                    for d in &spec.disks {
-                        tracker.enforce_log_limit(d);
-                    }
-                    tracker.seal(&CutSelect {
-                        disks: Some(spec.disks.clone()),
-                        ..Default::default()
-                    })
-                });
-                // Thaw whenever freeze was started, also when it failed
-                // (part of the guest may be frozen) or the cut failed.
-                if let Some(h) = &hook {
-                    app.frozen_ms = Some(frozen_at.elapsed().as_secs_f64() * 1e3);
-                    if let Err(e) = app_hook::run(h, "thaw", &spec.vm) {
-                        tracing::error!(vm = %spec.vm, "{e}: the guest may still be frozen");
-                        app.error.get_or_insert(e.to_string());
-                    }
-                }
-                let sealed = sealed?;
-                let mut out = sealed.skipped;
-                for mut sc in sealed.cycles {
-                    sc.header.app_consistent = app.frozen;
-                    out.push(tracker.write_log(sc));
-                }
-                Ok((out, app))
-            },
-        )
+        let parts = [group::CutPart {
+            vm: vm.spec.vm.clone(),
+            hook: vm.app_hook_due(),
+            disks: vm.spec.disks.clone(),
+        }];
+        let (entries, apps) = tokio::task::spawn_blocking(move || {
+            group::freeze_seal_thaw(&tracker, &flush, &parts, true)
+        })
         .await
         .map_err(|e| retry(format!("cut task failed: {e}")))?
         .map_err(retry)?;
-        if app.tried {
-            let mut s = vm.status.lock();
-            match &app.error {
-                Some(e) => {
-                    tracing::warn!(vm = %vm.spec.vm, "{e}; this cut is crash-consistent only");
-                    s.app_hook_error = Some(e.clone());
-                }
-                None => s.app_hook_error = None,
-            }
-            if app.frozen {
-                s.app_frozen_ms = app.frozen_ms;
-            }
+        for app in &apps {
+            vm.note_app_cut(app);
         }
         if let Some(e) = entries.iter().find(|e| e.log.is_none()) {
             if e.kind == Some(CutErrorKind::ResyncRequired) {
@@ -1640,6 +1701,24 @@ impl Replicator {
         // Committed: only the newest definition is still needed (a cycle
         // still in flight may need its own again after a reconnect).
         if link.is_idle() {
+            let mut defs = vm.definitions.lock();
+            if let Some(&newest) = defs.keys().next_back() {
+                *defs = defs.split_off(&newest);
+            }
+        }
+        Ok(())
+    }
+
+    /// A group member ships the cycle(s) its group's coordinator sealed.
+    async fn ship_group_cut(&self, vm: &Arc<Vm>, link: &mut Link) -> Result<(), SendError> {
+        let newest = vm.group_cycles.lock().keys().next_back().copied();
+        if let Some(cycle) = newest {
+            self.note_domain(vm, link, cycle).await;
+        }
+        self.ship_logs(vm, link, &HashMap::new(), true).await?;
+        if link.is_idle() {
+            let done = vm.status.lock().last_point.unwrap_or(0);
+            vm.group_cycles.lock().retain(|c, _| *c > done);
             let mut defs = vm.definitions.lock();
             if let Some(&newest) = defs.keys().next_back() {
                 *defs = defs.split_off(&newest);
@@ -1742,6 +1821,9 @@ impl Replicator {
             let app = logs
                 .iter()
                 .all(|l| l.header().is_ok_and(|h| h.app_consistent));
+            if let Some(g) = vm.group_cycles.lock().get(&cycle) {
+                link.note_group(cycle, g.clone());
+            }
             for log in logs {
                 let (id, ..) = self.disk_id(log.disk())?;
                 // The header says what the log is; the receiver verifies
@@ -1778,6 +1860,10 @@ impl Replicator {
         use std::sync::atomic::Ordering::SeqCst;
         if vm.stop.load(SeqCst) || vm.respec.lock().is_some() || !vm.jobs.lock().is_empty() {
             return false;
+        }
+        if vm.spec.group.is_some() {
+            // Its group's coordinator cut it: ship that behind these.
+            return vm.logs_ready.load(SeqCst);
         }
         vm.sync_requested.load(SeqCst)
             || (vm.spec.every_secs == 0 && self.tracker.dirty_blocks_of(&vm.spec.disks) > 0)

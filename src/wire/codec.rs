@@ -244,6 +244,15 @@ fn encode_payload(msg: &Msg, o: &mut Vec<u8>) {
                 put_u32(o, x.len() as u32);
                 o.extend_from_slice(x.as_bytes());
             }
+            put_bool(o, p.group.is_some());
+            if let Some(g) = &p.group {
+                put_str(o, &g.name);
+                put_str(o, &g.origin);
+                put_u16(o, g.members.len() as u16);
+                for m in &g.members {
+                    put_str(o, m);
+                }
+            }
         }
         Msg::PointAck(p) => {
             put_str(o, &p.vm);
@@ -581,12 +590,36 @@ pub(crate) fn decode_body(frame: &[u8]) -> Result<Msg, WireError> {
             } else {
                 None
             };
+            // A version-5 sender's message ends here.
+            let group = if r.pos < r.b.len() && r.bool("has_group")? {
+                let gname = r.str(MAX_COMPONENT, "group")?;
+                let origin = r.str(MAX_COMPONENT, "group origin")?;
+                let m = r.u16("member count")? as usize;
+                if m == 0 || m > MAX_GROUP_MEMBERS {
+                    return Err(malformed(
+                        name,
+                        format!("{m} group members; 1..={MAX_GROUP_MEMBERS} are allowed"),
+                    ));
+                }
+                let mut members = Vec::with_capacity(m);
+                for _ in 0..m {
+                    members.push(r.str(MAX_NAME, "group member")?);
+                }
+                Some(Box::new(PointGroup {
+                    name: gname,
+                    origin,
+                    members,
+                }))
+            } else {
+                None
+            };
             Msg::PointCommit(PointCommit {
                 vm,
                 cycle,
                 app_consistent,
                 disks,
                 definition,
+                group,
             })
         }
         MsgType::PointAck => Msg::PointAck(PointAck {
@@ -879,6 +912,25 @@ pub(crate) fn validate(msg: &Msg) -> Result<(), WireError> {
                     ),
                 ));
             }
+            if let Some(g) = &p.group {
+                safe_component(&g.name)?;
+                safe_component(&g.origin)?;
+                if g.members.is_empty() || g.members.len() > MAX_GROUP_MEMBERS {
+                    return Err(malformed(
+                        name,
+                        format!(
+                            "{} group members; 1..={MAX_GROUP_MEMBERS} are allowed",
+                            g.members.len()
+                        ),
+                    ));
+                }
+                for m in &g.members {
+                    safe_component(m)?;
+                }
+                if !g.members.contains(&p.vm) {
+                    return Err(malformed(name, "the VM is not a member of its own group"));
+                }
+            }
         }
         Msg::PointAck(p) => {
             safe_component(&p.vm)?;
@@ -1062,6 +1114,57 @@ mod tests {
     }
 
     #[test]
+    fn point_group_round_trips_and_a_version_5_point_still_decodes() {
+        let group = PointGroup {
+            name: "erp".into(),
+            origin: "0123abcd".into(),
+            members: vec!["erp-app".into(), "erp-db".into()],
+        };
+        let point = |group: Option<PointGroup>, vm: &str| {
+            Msg::PointCommit(PointCommit {
+                vm: vm.into(),
+                cycle: 9,
+                app_consistent: true,
+                disks: vec![DiskCycle {
+                    disk_id: id(1),
+                    cycle: 9,
+                }],
+                definition: Some("<domain/>".into()),
+                group: group.map(Box::new),
+            })
+        };
+        let m = point(Some(group.clone()), "erp-db");
+        let mut buf = Vec::new();
+        encode(&m, &mut buf).unwrap();
+        assert_eq!(decode(&buf).unwrap().unwrap().0, m);
+        // A version-5 sender's point ends after the definition.
+        let old = point(None, "erp-db");
+        let mut buf = Vec::new();
+        encode(&old, &mut buf).unwrap();
+        let n = buf.len();
+        buf.truncate(n - 1);
+        buf[..4].copy_from_slice(&((n - 1 - 4) as u32).to_le_bytes());
+        assert_eq!(decode(&buf).unwrap().unwrap().0, old);
+        // A VM that is not a member of its own group, or a bad name.
+        for g in [
+            PointGroup {
+                members: vec!["other".into()],
+                ..group.clone()
+            },
+            PointGroup {
+                name: "../x".into(),
+                ..group.clone()
+            },
+            PointGroup {
+                members: Vec::new(),
+                ..group.clone()
+            },
+        ] {
+            assert!(encode(&point(Some(g), "erp-db"), &mut Vec::new()).is_err());
+        }
+    }
+
+    #[test]
     fn point_definition_round_trips_and_is_capped() {
         let point = |definition: Option<String>| {
             Msg::PointCommit(PointCommit {
@@ -1073,6 +1176,7 @@ mod tests {
                     cycle: 7,
                 }],
                 definition,
+                group: None,
             })
         };
         for def in [None, Some(String::new()), Some("<domain>é</domain>".into())] {

@@ -37,7 +37,7 @@
 //! | 0x21 | [`LogChunk`] | `disk_id:id cycle:u64 offset_in_log:u64 checksum:u64 data:bytes` |
 //! | 0x22 | [`LogEnd`] | `disk_id:id cycle:u64 total_len:u64 log_checksum:u128` |
 //! | 0x23 | [`Ack`] | `disk_id:id cycle:u64 durable:bool applied:bool` |
-//! | 0x30 | [`PointCommit`] | `vm:str cycle:u64 app_consistent:bool n:u16 (disk_id:id cycle:u64)*n has_def:bool [definition:bytes]` |
+//! | 0x30 | [`PointCommit`] | `vm:str cycle:u64 app_consistent:bool n:u16 (disk_id:id cycle:u64)*n has_def:bool [definition:bytes] [has_group:bool [group:str origin:str m:u16 member:str*m]]` |
 //! | 0x31 | [`PointAck`] | `vm:str cycle:u64` |
 //! | 0x40 | [`BlockHashReq`] | `disk_id:id replica_cycle:u64 block_size:u32 n:u32 (offset:u64 blocks:u32)*n` |
 //! | 0x41 | [`BlockHashes`] | `disk_id:id replica_cycle:u64 replica_size:u64 n:u32 (digest:u128)*n` |
@@ -133,7 +133,9 @@ pub use names::{safe_component, safe_name, MAX_COMPONENT, MAX_NAME};
 /// 5: a `PointCommit` may arrive before the transfers of its cycle are
 /// applied (the sender sends it with their last bytes); the receiver holds
 /// it until they are. An older receiver would refuse such a point.
-pub const PROTOCOL_VERSION: u16 = 5;
+/// 6: [`PointCommit::group`] (the consistency group of the point; absent
+/// in a version-5 sender's message, which a version-6 receiver accepts).
+pub const PROTOCOL_VERSION: u16 = 6;
 /// Largest data payload of one chunk.
 pub const MAX_DATA: usize = 16 << 20;
 /// Largest value of a frame's length field (type byte + payload).
@@ -148,6 +150,8 @@ pub const MAX_SOFTWARE_VERSION: usize = 64;
 pub const MAX_POINT_DISKS: usize = 4096;
 /// Largest domain definition in a `PointCommit` (libvirt XML is 3-10 KiB).
 pub const MAX_DEFINITION: usize = 1 << 20;
+/// Most VMs in one consistency group ([`PointGroup::members`]).
+pub const MAX_GROUP_MEMBERS: usize = 256;
 /// Largest administrative request or answer (JSON bytes).
 pub const MAX_ADMIN: usize = 60_000;
 /// Most blocks (digests) in one `BlockHashReq` / `BlockHashes`.
@@ -553,6 +557,27 @@ pub struct PointCommit {
     /// The VM's libvirt domain definition as of the cut (XML, at most
     /// [`MAX_DEFINITION`] bytes); `None` for a VM protected by its disks.
     pub definition: Option<String>,
+    /// The consistency group the VM belongs to (since protocol version 6;
+    /// `None`: no group). The receiver keeps it with the point: a group
+    /// point is a cycle every member has a point at, each saying the same
+    /// group ([`crate::replica::group`]).
+    pub group: Option<Box<PointGroup>>,
+}
+
+/// A VM's consistency group as its `PointCommit` states it: the cut of a
+/// point of cycle N holds every disk of every member at one instant when
+/// every member has a point N with the same `origin` (the cycle numbers of
+/// one mount, which cuts them all in one seal).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PointGroup {
+    /// The group's name (one path component).
+    pub name: String,
+    /// The cycle numbering the members share: the mount's identity
+    /// (random, kept in its state folder); cycles of another mount are
+    /// other instants.
+    pub origin: String,
+    /// Every VM of the group (sorted, 1..=[`MAX_GROUP_MEMBERS`]).
+    pub members: Vec<String>,
 }
 
 /// The recovery point is recorded durably.

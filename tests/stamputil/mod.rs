@@ -46,6 +46,16 @@ pub fn check_consistent(
     disks: &[Vec<u8>],
     history: &HashMap<(usize, u64), Vec<u64>>,
 ) -> u64 {
+    consistent(what, disks, history).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`check_consistent`], answering instead of panicking on an
+/// inconsistent state (a torn block still panics).
+pub fn consistent(
+    what: &str,
+    disks: &[Vec<u8>],
+    history: &HashMap<(usize, u64), Vec<u64>>,
+) -> Result<u64, String> {
     // If the point is the state after write s, every stamp is <= s, so the
     // largest stamp M <= s; no write in (M, s] exists (it would be the last
     // write <= s of its block, a stamp > M), so the state after s equals the
@@ -64,12 +74,13 @@ pub fn check_consistent(
             .get(&(*d, *b))
             .and_then(|v| v.iter().rev().find(|&&x| x <= max).copied())
             .unwrap_or(0);
-        assert_eq!(
-            *s, want,
-            "{what}: not crash-consistent: disk {d} block {b} holds write {s}, but the state after write {max} (the newest write in the point) has {want} there"
-        );
+        if *s != want {
+            return Err(format!(
+                "{what}: not crash-consistent: disk {d} block {b} holds write {s}, but the state after write {max} (the newest write in the point) has {want} there"
+            ));
+        }
     }
-    max
+    Ok(max)
 }
 
 /// 4 KiB-aligned buffer for O_DIRECT.

@@ -137,6 +137,9 @@ pub enum ReceiverAction {
         /// The VM's domain definition as of the cut, stored with the point
         /// (before it is recorded).
         definition: Option<String>,
+        /// The VM's consistency group, stored with the point (before it
+        /// is recorded).
+        group: Option<wire::PointGroup>,
     },
     /// Digest the requested blocks of the replica → [`StoreDone::Hashed`].
     HashBlocks {
@@ -645,6 +648,7 @@ impl Receiver {
             app_consistent: p.app_consistent,
             disks: p.disks,
             definition: p.definition,
+            group: p.group.map(|g| *g),
         };
         // `ask` only queues the action and sets the state: it cannot fail.
         let _ = self.ask(sid, commit, wait);

@@ -218,6 +218,9 @@ pub struct Sender {
     /// ([`Sender::note_definition`]); a point carries the newest one at or
     /// before its cycle.
     definitions: BTreeMap<u64, String>,
+    /// The consistency group of each cycle cut for one
+    /// ([`Sender::note_group`]).
+    groups: BTreeMap<u64, wire::PointGroup>,
     /// The receiver's `HelloOk`, once it answered.
     peer: Option<wire::HelloOk>,
     out: VecDeque<Output<SenderAction>>,
@@ -241,6 +244,7 @@ impl Sender {
             reached: HashMap::new(),
             point_busy: false,
             definitions: BTreeMap::new(),
+            groups: BTreeMap::new(),
             peer: None,
             out: VecDeque::new(),
         };
@@ -322,6 +326,13 @@ impl Sender {
     /// its `PointCommit`. Note it before the cycle's jobs are submitted.
     pub fn note_definition(&mut self, cycle: u64, xml: String) {
         self.definitions.insert(cycle, xml);
+    }
+
+    /// The cut of `cycle` was a consistency group's (every disk of every
+    /// member sealed at one instant): the point of `cycle` says so in its
+    /// `PointCommit`. Note it before the cycle's jobs are submitted.
+    pub fn note_group(&mut self, cycle: u64, group: wire::PointGroup) {
+        self.groups.insert(cycle, group);
     }
 
     /// Queue a transfer; jobs of one disk run in order, one at a time.
@@ -1148,7 +1159,10 @@ impl Sender {
             app_consistent: app,
             disks,
             definition: definition.map(|(_, x)| x),
+            group: self.groups.get(&cycle).cloned().map(Box::new),
         });
+        // Points commit in cycle order: older groups are not needed.
+        self.groups = self.groups.split_off(&cycle);
         let sid = self.open(SKind::Point(cycle, app));
         self.point_busy = true;
         match self.send(sid, &msg) {

@@ -575,9 +575,10 @@ fn a_pair_copies_ships_a_log_and_commits_both_points() {
                 op,
                 cycle,
                 definition,
+                group,
                 ..
             } => {
-                defs.push((*cycle, definition.clone()));
+                defs.push((*cycle, definition.clone(), group.clone()));
                 Some((*op, StoreDone::PointCommitted(Ok(true))))
             }
             _ => None,
@@ -631,6 +632,13 @@ fn a_pair_copies_ships_a_log_and_commits_both_points() {
         cycle: 3,
         app_consistent: false
     }));
+    // Cycle 4 was a consistency group's cut: its point (only) says so.
+    let group = wire::PointGroup {
+        name: "erp".into(),
+        origin: "m1".into(),
+        members: vec!["vm1".into(), "vm2".into()],
+    };
+    s.note_group(4, group.clone());
     let (begin, _) = log_msgs(4, 3, &log);
     s.submit(Job::Log {
         begin,
@@ -656,7 +664,7 @@ fn a_pair_copies_ships_a_log_and_commits_both_points() {
         ]
     );
     let v1 = Some("<domain>v1</domain>".to_string());
-    assert_eq!(defs, vec![(3, v1.clone()), (4, v1)]);
+    assert_eq!(defs, vec![(3, v1.clone(), None), (4, v1, Some(group))]);
     assert_eq!(s.last_point(), 4);
     assert_eq!(written, vec![(4096, b"data".to_vec())]);
 }
@@ -1085,6 +1093,7 @@ fn point_commit(cycle: u64) -> Msg {
         app_consistent: false,
         disks: vec![wire::DiskCycle { disk_id: ID, cycle }],
         definition: None,
+        group: None,
     })
 }
 
