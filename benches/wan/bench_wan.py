@@ -247,6 +247,28 @@ def cap_summary(log):
     }
 
 
+def link_summary(work):
+    """Flow control during one copy (from the vdrep::link_stats time-lines
+    of both ends, VDREP_LOG="info,vdrep::link_stats=debug"): the sender's
+    STREAM_DATA_BLOCKED / DATA_BLOCKED frames (it had data but the peer's
+    stream / connection window was full), the receiver's last window and
+    learned rate, and the share of samples in which it had stopped reading
+    a stream (its store was busy)."""
+    num = lambda d, k: float(d.get(k, "0").strip('",'))
+    out = {}
+    snd = [d for d in kv_lines(work / "sender.log", "vdrep::link_stats") if "cwnd" in d]
+    if snd:
+        out.update(stream_data_blocked=num(snd[-1], "stream_data_blocked"),
+                   data_blocked=num(snd[-1], "data_blocked"),
+                   sender_rtt_ms_median=statistics.median(num(d, "rtt_ms") for d in snd))
+    rcv = [d for d in kv_lines(work / "receiver.log", "vdrep::link_stats") if "window" in d]
+    busy = [d for d in rcv if num(d, "udp_rx_bytes") > 0]
+    if busy:
+        out.update(rx_window=num(busy[-1], "window"), rx_max_rate_mbit=num(busy[-1], "max_rate_mbit"),
+                   rx_paused_share=sum(1 for d in busy if num(d, "paused") > 0) / len(busy))
+    return out
+
+
 def random_file(path, size, seed):
     rnd = random.Random(seed)
     with open(path, "wb") as f:
@@ -285,6 +307,13 @@ def bench_link(link, cc, results, run_no=0, variant="-"):
                    initial_cpu_relay=c1[2] - c0[2])
         udp_fwd, udp_rev, lost, qdrop = site.udp_bytes()
         row.update(cap_summary(work / "sender.log"))
+        row.update(link_summary(work))
+        if "stream_data_blocked" in row or "rx_window" in row:
+            say(f"{name}: flow control: sender blocked by stream window {row.get('stream_data_blocked', 0):.0f} x, "
+                f"by connection window {row.get('data_blocked', 0):.0f} x, RTT median "
+                f"{row.get('sender_rtt_ms_median', 0):.1f} ms; receiver window {row.get('rx_window', 0) / 2**20:.1f} MiB, "
+                f"learned {row.get('rx_max_rate_mbit', 0):.0f} Mbit/s, a stream paused in "
+                f"{row.get('rx_paused_share', 0) * 100:.0f} % of samples")
         if "cap_lines" in row:
             say(f"{name}: cap learned at {row['cap_filled_ms']} ms, binding from {row['cap_binding_ms']} ms "
                 f"({row['cap_binding_share'] * 100:.0f} % of the copy), rate {row['cap_rate_mbit']:.1f} Mbit/s, "

@@ -655,7 +655,8 @@ impl Drop for Link {
 
 /// A time-line of the connection for diagnosing a link
 /// (`VDREP_LOG=info,vdrep::link_stats=debug`): every 100 ms the path's
-/// RTT, congestion window, losses and the UDP bytes sent so far.
+/// RTT, congestion window, losses, the UDP bytes sent so far and the
+/// flow-control frames (blocked by a stream's or the connection's window).
 async fn trace_stats(conn: quinn::Connection) {
     let t0 = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -665,12 +666,20 @@ async fn trace_stats(conn: quinn::Connection) {
         tracing::debug!(
             target: "vdrep::link_stats",
             t_ms = t0.elapsed().as_millis() as u64,
+            side = "sender",
             rtt_ms = s.path.rtt.as_secs_f64() * 1e3,
+            min_rtt_ms = s.path.min_rtt.as_secs_f64() * 1e3,
             cwnd = s.path.cwnd,
             congestion_events = s.path.congestion_events,
             lost_packets = s.path.lost_packets,
             udp_tx_bytes = s.udp_tx.bytes,
             udp_rx_bytes = s.udp_rx.bytes,
+            // Flow control: how often this side was blocked by the peer's
+            // stream / connection windows, and the credit it was given.
+            stream_data_blocked = s.frame_tx.stream_data_blocked,
+            data_blocked = s.frame_tx.data_blocked,
+            max_stream_data_rx = s.frame_rx.max_stream_data,
+            max_data_rx = s.frame_rx.max_data,
             "link"
         );
     }
