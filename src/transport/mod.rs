@@ -215,6 +215,7 @@ impl Default for Tuning {
             congestion: congestion::Congestion::from_env_or_default(),
             window_cap: congestion::CapConfig::from_env_or_default(),
             window_tune: tune.then(|| window::WindowConfig {
+                gain: window::gain_from_env(),
                 per_paused: u64::from(stream_window.unwrap_or(STREAM_RECEIVE_WINDOW)),
                 ..window::WindowConfig::default()
             }),

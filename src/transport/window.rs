@@ -25,7 +25,8 @@
 //! paused stream. Measured: `kernel-notes/wan.md` (issue 14, round 5).
 //!
 //! `VDREP_WINDOW_TUNE=0` turns it off (the fixed windows of before: 2 MiB
-//! per stream, 64 MiB per connection), for A/B runs.
+//! per stream, 64 MiB per connection), for A/B runs; `VDREP_WINDOW_GAIN`
+//! and `VDREP_STREAM_WINDOW` (bytes) change the gain and the stream window.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -46,6 +47,15 @@ pub fn enabled_by_env() -> bool {
         std::env::var("VDREP_WINDOW_TUNE").as_deref(),
         Ok("0") | Ok("off")
     )
+}
+
+/// [`GAIN`], or `VDREP_WINDOW_GAIN` (at least 1) for experiments.
+pub fn gain_from_env() -> f64 {
+    std::env::var("VDREP_WINDOW_GAIN")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|g| g.is_finite() && *g >= 1.0)
+        .unwrap_or(GAIN)
 }
 
 /// The sizes one tuner works with.
