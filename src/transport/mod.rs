@@ -128,14 +128,15 @@ pub enum TransportError {
 /// (before) capped one stream at 840 Mbit/s at 20 ms, below the RTT the
 /// queue adds. Not much larger: quinn-proto closes a connection with
 /// `INTERNAL_ERROR "too many gaps in stream buffer"` when a stream's
-/// unread data is split into more than 1024 pieces after compaction. Since
-/// 0.11.19 (quinn PR #2814) contiguous data is merged, so only real gaps
-/// count; a sender overshooting a drop-tail queue at BBR's startup gain
-/// (2.89) gets one packet in 2.89 through, one gap each: 1024 gaps span
-/// 4.1 MB of 1400-byte packets. quinn-proto 0.11.17–0.11.18 failed at
-/// ~2.8 MB of unread contiguous data (issue #2809; measured with 32 MiB
-/// windows: every connection on a 100 Mbit/s link died within a second,
-/// `kernel-notes/wan.md`).
+/// unread data is split into more than 1024 pieces after compaction. The
+/// quinn-proto in Cargo.lock (0.11.19) merges contiguous data there (quinn
+/// PR #2814; its test `ordered_lossless_stream_is_not_rejected`), so only
+/// real gaps count; a sender overshooting a drop-tail queue at BBR's
+/// startup gain (2.89) gets one packet in 2.89 through, one gap each: 1024
+/// gaps span 4.1 MB of 1400-byte packets. quinn-proto 0.11.17 failed at
+/// ~2.8 MB of unread contiguous data (quinn issue #2809; measured here with
+/// 32 MiB windows: every connection on a 100 Mbit/s link died within a
+/// second, `kernel-notes/wan.md`).
 pub const STREAM_RECEIVE_WINDOW: u32 = 4 << 20;
 
 /// The stream window before the windows were sized to the path (with
