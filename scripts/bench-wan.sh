@@ -14,6 +14,12 @@
 #   SECTIONS=branch      two VMs on one link: a quiet VM (QUIET_FRAC=0.05 of the
 #                        link) alone, then beside a hot VM (HOT_FRAC=2, HOT_MIB=256)
 #                        for BRANCH_SECS=20 each; e.g. LINKS="10:150:0" SECTIONS=branch
+#   SECTIONS=fleet       FLEET_VMS=16 VMs on one link (--link-max-rate FLEET_LINK_CAP=0.9,
+#                        --max-rate FLEET_VM_CAP=0.75 of the link): 15 continuous VMs churn
+#                        FLEET_CHURN_FRAC=0.25 of the link together, alone for FLEET_SECS=10,
+#                        then while the 16th copies FLEET_BIG_MIB (12 s of the link)
+#   VARIANTS="VDREP_WINDOW_TUNE=0 -"   fixed flow-control windows (before s7) vs sized
+#                        to the path
 #   VDREP_LOG="info,vdrep::cwnd_cap=debug"  window-cap time-line: each copy
 #                        reports when the cap engaged
 #   RPO_SECS=30  CHURN_FRAC=0.333  DELTA_PCT=1  KEEP=1  NO_BUILD=1

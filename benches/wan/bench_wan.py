@@ -15,6 +15,11 @@ congestion controller, on loopback through examples/wan_relay:
    every 0.5 s from `vdrep status --json`. Target: p99 <= 2 s (on the
    branch-office link, where the churn exceeds the link, the target is
    graceful degradation: Warning with a reason, nothing lost, see the notes).
+5. (SECTIONS=fleet) FLEET_VMS (16) VMs of one mount on one link with
+   `--link-max-rate` (FLEET_LINK_CAP of the link) and `--max-rate`
+   (FLEET_VM_CAP): the small continuous VMs churn alone, then while one VM
+   copies FLEET_BIG_MIB of random data; their RPO p99 (pooled and the worst
+   VM's) must stay <= 2 s, and the copy's share of the link is reported.
 4. (SECTIONS=branch) two VMs share the link: a quiet VM churning at
    QUIET_FRAC of the link rate, measured alone for BRANCH_SECS, then beside a
    hot VM churning at HOT_FRAC (above the link rate). Reported: both VMs' RPO
@@ -66,6 +71,13 @@ BRANCH_SECS = int(os.environ.get("BRANCH_SECS", "20"))
 QUIET_FRAC = float(os.environ.get("QUIET_FRAC", "0.05"))
 HOT_FRAC = float(os.environ.get("HOT_FRAC", "2"))
 HOT_MIB = int(os.environ.get("HOT_MIB", "256"))
+# SECTIONS=fleet: FLEET_VMS VMs on one link, one of them doing an initial copy
+FLEET_VMS = int(os.environ.get("FLEET_VMS", "16"))
+FLEET_SECS = int(os.environ.get("FLEET_SECS", "10"))          # the small VMs alone
+FLEET_CHURN_FRAC = float(os.environ.get("FLEET_CHURN_FRAC", "0.25"))  # all small VMs' churn, of the link
+FLEET_BIG_MIB = int(os.environ.get("FLEET_BIG_MIB", "0"))      # 0: 12 s of the link
+FLEET_LINK_CAP = float(os.environ.get("FLEET_LINK_CAP", "0.9"))  # --link-max-rate, of the link (0: none)
+FLEET_VM_CAP = float(os.environ.get("FLEET_VM_CAP", "0.75"))     # --max-rate of each VM, of the link (0: none)
 STAMP = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
 
@@ -164,9 +176,9 @@ class Site:
             env=self.env)
         self.mounted = True
 
-    def protect(self, every, disks, name="vm1"):
+    def protect(self, every, disks, name="vm1", caps=()):
         run(VDREP, "protect", name, "--to", self.addr, "--trust", self.work / "kb/site-b.crt",
-            "--every", every, *[self.vm / d for d in disks], env=self.env)
+            "--every", every, *caps, *[self.vm / d for d in disks], env=self.env)
 
     def sync(self, timeout=3600, name=None):
         run(VDREP, "sync", name or self.vm, "--timeout", str(timeout), timeout=timeout + 30)
@@ -247,6 +259,28 @@ def cap_summary(log):
     }
 
 
+def link_summary(work):
+    """Flow control during one copy (from the vdrep::link_stats time-lines
+    of both ends, VDREP_LOG="info,vdrep::link_stats=debug"): the sender's
+    STREAM_DATA_BLOCKED / DATA_BLOCKED frames (it had data but the peer's
+    stream / connection window was full), the receiver's last window and
+    learned rate, and the share of samples in which it had stopped reading
+    a stream (its store was busy)."""
+    num = lambda d, k: float(d.get(k, "0").strip('",'))
+    out = {}
+    snd = [d for d in kv_lines(work / "sender.log", "vdrep::link_stats") if "cwnd" in d]
+    if snd:
+        out.update(stream_data_blocked=num(snd[-1], "stream_data_blocked"),
+                   data_blocked=num(snd[-1], "data_blocked"),
+                   sender_rtt_ms_median=statistics.median(num(d, "rtt_ms") for d in snd))
+    rcv = [d for d in kv_lines(work / "receiver.log", "vdrep::link_stats") if "window" in d]
+    busy = [d for d in rcv if num(d, "udp_rx_bytes") > 0]
+    if busy:
+        out.update(rx_window=num(busy[-1], "window"), rx_max_rate_mbit=num(busy[-1], "max_rate_mbit"),
+                   rx_paused_share=sum(1 for d in busy if num(d, "paused") > 0) / len(busy))
+    return out
+
+
 def random_file(path, size, seed):
     rnd = random.Random(seed)
     with open(path, "wb") as f:
@@ -285,6 +319,13 @@ def bench_link(link, cc, results, run_no=0, variant="-"):
                    initial_cpu_relay=c1[2] - c0[2])
         udp_fwd, udp_rev, lost, qdrop = site.udp_bytes()
         row.update(cap_summary(work / "sender.log"))
+        row.update(link_summary(work))
+        if "stream_data_blocked" in row or "rx_window" in row:
+            say(f"{name}: flow control: sender blocked by stream window {row.get('stream_data_blocked', 0):.0f} x, "
+                f"by connection window {row.get('data_blocked', 0):.0f} x, RTT median "
+                f"{row.get('sender_rtt_ms_median', 0):.1f} ms; receiver window {row.get('rx_window', 0) / 2**20:.1f} MiB, "
+                f"learned {row.get('rx_max_rate_mbit', 0):.0f} Mbit/s, a stream paused in "
+                f"{row.get('rx_paused_share', 0) * 100:.0f} % of samples")
         if "cap_lines" in row:
             say(f"{name}: cap learned at {row['cap_filled_ms']} ms, binding from {row['cap_binding_ms']} ms "
                 f"({row['cap_binding_share'] * 100:.0f} % of the copy), rate {row['cap_rate_mbit']:.1f} Mbit/s, "
@@ -473,6 +514,132 @@ def bench_branch(link, cc, results, run_no=0, variant="-"):
     results.append(row)
 
 
+def bench_fleet(link, cc, results, run_no=0, variant="-"):
+    """FLEET_VMS VMs of one mount share one link (`--link-max-rate`, each
+    VM `--max-rate`): FLEET_VMS - 1 small continuous VMs churn together at
+    FLEET_CHURN_FRAC of the link, first alone for FLEET_SECS, then while
+    the last VM does the initial copy of FLEET_BIG_MIB of random data.
+    Reported: the small VMs' RPO (pooled p50/p99, and the worst VM's p99)
+    alone and during the copy, the copy's rate and share of the link, the
+    link's utilisation, and whether every replica equals its source."""
+    rate, rtt, loss = link
+    rate_Bps = rate * 1e6 / 8
+    label = cc if variant == "-" else f"{cc} {variant}"
+    name = f"fleet{FLEET_VMS}-{rate:g}Mbit-{rtt:g}ms-{loss * 100:g}%-{label.replace(' ', '-').replace(',', '-')}-r{run_no}"
+    work = ROOT / f"run-{STAMP}" / name
+    site = Site(work, link, cc, seed=hash(name) & 0xFFFF, variant=variant)
+    big_mib = FLEET_BIG_MIB or max(8, int(rate_Bps * 12) >> 20)
+    small = [f"v{i:02d}" for i in range(1, FLEET_VMS)]
+    caps = []
+    if FLEET_LINK_CAP > 0:
+        caps += ["--link-max-rate", f"{int(rate_Bps * FLEET_LINK_CAP)}"]
+    if FLEET_VM_CAP > 0:
+        caps += ["--max-rate", f"{int(rate_Bps * FLEET_VM_CAP)}"]
+    churn_each = rate_Bps * FLEET_CHURN_FRAC / len(small)
+    row = {"link": f"{rate:g} Mbit/s, {rtt:g} ms, {loss * 100:g} % loss", "cc": label, "fleet": True,
+           "vms": FLEET_VMS, "rate_mbit": rate, "big_mib": big_mib, "churn_each": churn_each,
+           "link_cap": FLEET_LINK_CAP, "vm_cap": FLEET_VM_CAP}
+    say(f"{name}: {len(small)} VMs churning {churn_each / 1e3:.0f} kB/s each, then one copying {big_mib} MiB; caps {' '.join(caps)}")
+    try:
+        for vm in small:
+            with open(site.vm / f"{vm}.img", "wb") as f:
+                f.truncate(32 << 20)
+        random_file(site.vm / "big.img", big_mib << 20, 11)
+        site.mount()
+        for vm in small:
+            site.protect("continuous", [f"{vm}.img"], name=vm, caps=caps)
+        for vm in small:
+            site.sync(name=vm)
+        secs = FLEET_SECS + int(big_mib * 2**20 / rate_Bps * 4) + 30
+        fio = subprocess.Popen(
+            ["fio", "--rw=randwrite", "--bs=4k", "--direct=1", "--ioengine=libaio", "--iodepth=2",
+             f"--rate={int(churn_each)}", "--time_based=1", f"--runtime={secs}", "--randrepeat=0",
+             "--refill_buffers=1", "--output-format=json", f"--output={work / 'fio-fleet.json'}"]
+            + [a for vm in small for a in (f"--name={vm}", f"--filename={site.vm / (vm + '.img')}")],
+            stdout=subprocess.DEVNULL, stderr=open(work / "fio-fleet.err", "w"))
+        lags = {"alone": {vm: [] for vm in small}, "copy": {vm: [] for vm in small}}
+
+        def sample(phase):
+            r = run(VDREP, "status", site.vm, "--json", check=False, timeout=30)
+            try:
+                reps = {v["vm"]: v for v in json.loads(r.stdout)["replication"]}
+            except Exception:
+                return {}
+            for vm in small:
+                lag = reps.get(vm, {}).get("lag_secs")
+                if lag is not None:
+                    lags[phase][vm].append(float(lag))
+            return reps
+
+        # The first seconds of churn measure the first cycles' start (writes
+        # in the page cache, the idle VMs' last point aging), not the link.
+        time.sleep(3)
+        t_end = time.time() + FLEET_SECS
+        while time.time() < t_end:
+            sample("alone")
+            time.sleep(0.5)
+        u0, t0 = site.udp_bytes()[0], time.time()
+        site.protect("continuous", ["big.img"], name="big", caps=caps)
+        done_at = None
+        while time.time() - t0 < secs - FLEET_SECS - 10:
+            reps = sample("copy")
+            big = reps.get("big", {})
+            if big.get("last_point") is not None:
+                done_at = time.time()
+                break
+            time.sleep(0.5)
+        copy_secs = (done_at or time.time()) - t0
+        util = (site.udp_bytes()[0] - u0) / copy_secs / rate_Bps
+        fio.send_signal(signal.SIGINT)
+        fio.wait(30)
+        t1 = time.time()
+        for vm in small + ["big"]:
+            site.sync(name=vm)
+        drain = time.time() - t1
+        identical = all(same_file(site.vm / f"{vm}.img", site.replica(vm, f"{vm}.img")) for vm in small + ["big"])
+        pooled = lambda ph: [x for v in lags[ph].values() for x in v]
+        worst = lambda ph: max((pctl(v, 99) or 0) for v in lags[ph].values())
+        row.update(alone_p50=pctl(pooled("alone"), 50), alone_p99=pctl(pooled("alone"), 99),
+                   alone_worst_p99=worst("alone"), copy_p50=pctl(pooled("copy"), 50),
+                   copy_p99=pctl(pooled("copy"), 99), copy_worst_p99=worst("copy"),
+                   copy_done=done_at is not None, copy_secs=copy_secs,
+                   copy_rate=(big_mib << 20) / copy_secs, link_util=util, drain_secs=drain,
+                   identical=identical, load=os.getloadavg()[0])
+        say(f"{name}: small VMs RPO p50/p99/worst p99 alone {row['alone_p50']}/{row['alone_p99']}/{row['alone_worst_p99']}, "
+            f"during the copy {row['copy_p50']}/{row['copy_p99']}/{row['copy_worst_p99']}; copy {copy_secs:.1f} s "
+            f"({row['copy_rate'] / rate_Bps * 100:.0f} % of the link), link used {util * 100:.0f} %, drain {drain:.1f} s, "
+            f"replicas identical {identical}")
+    except Exception as e:
+        row["error"] = str(e)[:300]
+        say(f"{name}: FAILED: {e}")
+    finally:
+        site.close()
+        if os.environ.get("KEEP", "0") != "1":
+            shutil.rmtree(work / "store", ignore_errors=True)
+            for f in site.vm.glob("*.img"):
+                f.unlink(missing_ok=True)
+    results.append(row)
+
+
+def fleet_table(rows):
+    out = ["| link | cc | VMs | load | caps: link / VM | small VMs' RPO p50 / p99 / worst p99 alone | same during the copy | p99 ≤ 2 s | copy: MiB / time / share of link | link used | drain | replicas |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    f = lambda x: "—" if x is None else f"{x:.1f}"
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['link']} | {r['cc']} | {r['vms']} | FAILED: {r['error']} |")
+            continue
+        ok = r["copy_worst_p99"] is not None and r["copy_worst_p99"] <= 2.0
+        out.append(
+            f"| {r['link']} | {r['cc']} | {r['vms']} | {r['load']:.1f} | {r['link_cap'] * 100:.0f} % / {r['vm_cap'] * 100:.0f} % "
+            f"| {f(r['alone_p50'])} / {f(r['alone_p99'])} / {f(r['alone_worst_p99'])} s "
+            f"| {f(r['copy_p50'])} / {f(r['copy_p99'])} / {f(r['copy_worst_p99'])} s | {verdict(ok)} "
+            f"| {r['big_mib']} / {r['copy_secs']:.1f} s{'' if r['copy_done'] else ' (not done)'} / "
+            f"{r['copy_rate'] * 8 / 1e6 / r['rate_mbit'] * 100:.0f} % | {r['link_util'] * 100:.0f} % "
+            f"| {r['drain_secs']:.1f} s | {'identical' if r['identical'] else 'DIFFER'} |")
+    return "\n".join(out)
+
+
 def branch_table(rows):
     out = ["| link | cc | quiet churn | hot churn | quiet RPO p99 alone / shared | ≤ 2× alone | hot RPO p50 / p99 | link util | hot states | hot reason | drain | replicas |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -539,7 +706,7 @@ def table(results):
 
 
 def main():
-    results, branch = [], []
+    results, branch, fleet = [], [], []
     for spec in LINKS:
         rate, rtt, loss = (float(x) for x in spec.split(":"))
         for cc in CCS:
@@ -548,6 +715,10 @@ def main():
                 for i in range(RUNS):
                     for v in VARIANTS:
                         bench_branch((rate, rtt, loss), cc, branch, i, v)
+            if "fleet" in SECTIONS:
+                for i in range(RUNS):
+                    for v in VARIANTS:
+                        bench_fleet((rate, rtt, loss), cc, fleet, i, v)
             if not {"initial", "delta", "rpo"} & set(SECTIONS):
                 continue
             rows = {v: [] for v in VARIANTS}
@@ -562,6 +733,10 @@ def main():
         t += "\n\nTwo VMs on one link (quiet VM alone, then beside a hot VM above the link rate):\n\n"
         t += branch_table(branch)
         results += branch
+    if fleet:
+        t += f"\n\n{FLEET_VMS} VMs on one link (small continuous VMs alone, then while one VM does its initial copy):\n\n"
+        t += fleet_table(fleet)
+        results += fleet
     print(t)
     outdir = REPO / "bench-results"
     outdir.mkdir(exist_ok=True)

@@ -516,6 +516,14 @@ async fn handle_conn(
     // for the store (flow control holds the peer back meanwhile).
     let mut readers: HashMap<StreamId, watch::Sender<bool>> = HashMap::new();
     let mut paused: Vec<StreamId> = Vec::new();
+    // The connection's window follows the path's BDP, plus a stream window
+    // per paused stream (`transport::window`).
+    let paused_n = transport::window::Paused::default();
+    tokio::spawn(transport::window::run(
+        conn.clone(),
+        transport::Tuning::default().window_tune,
+        paused_n.clone(),
+    ));
     let mut next_stream = 0u64;
     let start = std::time::Instant::now();
     let now = || start.elapsed().as_nanos() as u64;
@@ -559,7 +567,10 @@ async fn handle_conn(
                     if !session.wants_data(stream) {
                         if let Some(go) = readers.get(&stream) {
                             go.send_replace(false);
-                            paused.push(stream);
+                            if !paused.contains(&stream) {
+                                paused.push(stream);
+                            }
+                            paused_n.set(paused.len());
                         }
                     }
                 }
@@ -584,6 +595,7 @@ async fn handle_conn(
                     }
                     !resume
                 });
+                paused_n.set(paused.len());
             }
         }
     }

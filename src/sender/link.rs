@@ -660,7 +660,8 @@ impl Drop for Link {
 
 /// A time-line of the connection for diagnosing a link
 /// (`VDREP_LOG=info,vdrep::link_stats=debug`): every 100 ms the path's
-/// RTT, congestion window, losses and the UDP bytes sent so far.
+/// RTT, congestion window, losses, the UDP bytes sent so far and the
+/// flow-control frames (blocked by a stream's or the connection's window).
 async fn trace_stats(conn: quinn::Connection) {
     let t0 = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -670,12 +671,20 @@ async fn trace_stats(conn: quinn::Connection) {
         tracing::debug!(
             target: "vdrep::link_stats",
             t_ms = t0.elapsed().as_millis() as u64,
+            side = "sender",
             rtt_ms = s.path.rtt.as_secs_f64() * 1e3,
+            min_rtt_ms = s.path.min_rtt.as_secs_f64() * 1e3,
             cwnd = s.path.cwnd,
             congestion_events = s.path.congestion_events,
             lost_packets = s.path.lost_packets,
             udp_tx_bytes = s.udp_tx.bytes,
             udp_rx_bytes = s.udp_rx.bytes,
+            // Flow control: how often this side was blocked by the peer's
+            // stream / connection windows, and the credit it was given.
+            stream_data_blocked = s.frame_tx.stream_data_blocked,
+            data_blocked = s.frame_tx.data_blocked,
+            max_stream_data_rx = s.frame_rx.max_stream_data,
+            max_data_rx = s.frame_rx.max_data,
             "link"
         );
     }
@@ -749,11 +758,8 @@ async fn write_stream(
                 shape,
                 permit,
             } => {
-                if let Some((class, n)) = shape {
-                    shaper.take(class, n).await;
-                }
-                if tx.write_all(&bytes).await.is_err() {
-                    // Stopped by the receiver: its answer says why.
+                // Stopped by the receiver: its answer says why.
+                if !shaped_write(&mut tx, &bytes, shape, &shaper).await {
                     return;
                 }
                 drop(permit);
@@ -765,6 +771,57 @@ async fn write_stream(
         }
     }
 }
+
+/// Write `bytes` once the caps allow (`shape`). A bulk chunk (1 MiB) goes
+/// out in slices of [`BULK_SLICE`], each waiting for the link's accrued
+/// credit: taken whole, a chunk put the link's bucket ~0.75 MiB into debt,
+/// which every delta behind it waited out (0.7 s at 10 Mbit/s), and sat in
+/// the bottleneck queue ahead of the other VMs' deltas (`SECTIONS=fleet`
+/// of `scripts/bench-wan.sh`). False: the stream was stopped.
+async fn shaped_write(
+    tx: &mut quinn::SendStream,
+    bytes: &[u8],
+    shape: Option<(Class, u64)>,
+    shaper: &Shaper,
+) -> bool {
+    let slice = bulk_slice();
+    match shape {
+        Some((Class::Bulk, n)) if slice > 0 && bytes.len() > slice => {
+            let len = bytes.len() as u64;
+            for piece in bytes.chunks(slice) {
+                // The shaped count in proportion (a copy counts at least 64
+                // bytes per chunk: `Link::count`).
+                let share = (n * piece.len() as u64).div_ceil(len);
+                shaper.take(Class::Bulk, share).await;
+                if tx.write_all(piece).await.is_err() {
+                    return false;
+                }
+            }
+            true
+        }
+        _ => {
+            if let Some((class, n)) = shape {
+                shaper.take(class, n).await;
+            }
+            tx.write_all(bytes).await.is_ok()
+        }
+    }
+}
+
+/// The slice a bulk chunk is shaped and written in: 64 KiB, or
+/// `VDREP_BULK_SLICE` bytes (`0`: the whole chunk, as before; for A/B runs).
+fn bulk_slice() -> usize {
+    static SLICE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *SLICE.get_or_init(|| {
+        std::env::var("VDREP_BULK_SLICE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(BULK_SLICE)
+    })
+}
+
+/// See [`shaped_write`].
+const BULK_SLICE: usize = 64 << 10;
 
 /// Feed what the receiver sends on a stream to the driver.
 async fn read_stream(sid: StreamId, mut rx: quinn::RecvStream, to: mpsc::UnboundedSender<Input>) {

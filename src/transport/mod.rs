@@ -10,6 +10,8 @@
 //!   ([`explain_connection_error`]), and how a driver ends a send stream
 //!   ([`StreamEnd`]).
 //! - [`rate`]: the token bucket behind `--max-rate`.
+//! - [`window`]: the receiving end sizes a connection's flow-control
+//!   window to the path's bandwidth-delay product.
 //! - the `vdrep keys` commands live in `crate::cli::keys` (the CLI imports this module, never the reverse).
 //!
 //! # Security properties
@@ -33,9 +35,10 @@
 //! (and logs it at WARN).
 //!
 //! # Throughput tuning
-//! quinn's defaults are sized for the web. [`Tuning::default`] raises the
-//! per-stream and per-connection receive windows and the send window to tens
-//! of MiB and asks the kernel for 32 MiB UDP socket buffers (best effort:
+//! quinn's defaults are sized for the web. [`Tuning::default`] sets a
+//! 4 MiB stream window, starts the connection window at 2 MiB for the
+//! receiving end to size to the path ([`window`]; the receiver runs
+//! [`window::run`] per connection), a 64 MiB send window, and asks the kernel for 32 MiB UDP socket buffers (best effort:
 //! Linux caps them at `net.core.rmem_max`/`wmem_max` unless the process
 //! may force them, as root may; smaller grants are logged at INFO with the
 //! sysctls to raise). Keep-alive every 1 s and a
@@ -59,6 +62,7 @@ pub mod congestion;
 pub mod keys;
 pub mod rate;
 pub mod trust;
+pub mod window;
 
 pub use keys::{init, Fingerprint, Identity};
 pub use rate::RateLimiter;
@@ -117,24 +121,39 @@ pub enum TransportError {
     Refused { addr: SocketAddr, reason: String },
 }
 
-/// Flow-control window of one stream: 2 MiB. quinn-proto 0.11.17–0.11.19
-/// closes a connection with `INTERNAL_ERROR "too many gaps in stream
-/// buffer"` once a stream's reassembly buffer holds more than 2048 separate
-/// frames and defragmenting leaves more than 1024 (quinn issue #2809, fixed
-/// upstream by PR #2814, not yet released): about 2.4–2.9 MB of frames when
-/// the reader lags or packets were lost. A window below that can never hold
-/// that many frames. 2 MiB still allows 335 Mbit/s per stream at 50 ms RTT
-/// and 110 Mbit/s at 150 ms; logs and disks use a stream each. Measured:
-/// with 32 MiB, a 100 Mbit/s 50 ms link whose queue dropped BBR's excess
-/// killed every connection within a second (`kernel-notes/wan.md`).
-pub const STREAM_RECEIVE_WINDOW: u32 = 2 << 20;
+/// Flow-control window of one stream: 4 MiB, a ceiling; the connection's
+/// window, which the receiving end sizes to the path ([`window`]), is the
+/// limit in practice. 4 MiB carries 1.5 x the BDP of a 1 Gbit/s, 20 ms
+/// link (2.5 MB) and 2 x that of 100 Mbit/s at 150 ms (1.9 MB); 2 MiB
+/// (before) capped one stream at 840 Mbit/s at 20 ms, below the RTT the
+/// queue adds. Not much larger: quinn-proto closes a connection with
+/// `INTERNAL_ERROR "too many gaps in stream buffer"` when a stream's
+/// unread data is split into more than 1024 pieces after compaction. The
+/// quinn-proto in Cargo.lock (0.11.19) merges contiguous data there (quinn
+/// PR #2814; its test `ordered_lossless_stream_is_not_rejected`), so only
+/// real gaps count; a sender overshooting a drop-tail queue at BBR's
+/// startup gain (2.89) gets one packet in 2.89 through, one gap each: 1024
+/// gaps span 4.1 MB of 1400-byte packets. quinn-proto 0.11.17 failed at
+/// ~2.8 MB of unread contiguous data (quinn issue #2809; measured here with
+/// 32 MiB windows: every connection on a 100 Mbit/s link died within a
+/// second, `kernel-notes/wan.md`).
+pub const STREAM_RECEIVE_WINDOW: u32 = 4 << 20;
+
+/// The stream window before the windows were sized to the path (with
+/// `VDREP_WINDOW_TUNE=0`).
+pub const FIXED_STREAM_RECEIVE_WINDOW: u32 = 2 << 20;
+
+/// The connection window before the windows were sized to the path (with
+/// `VDREP_WINDOW_TUNE=0`).
+pub const FIXED_RECEIVE_WINDOW: u32 = 64 << 20;
 
 /// Transport parameters and socket sizes.
 #[derive(Debug, Clone)]
 pub struct Tuning {
     /// Flow-control window of one stream (bytes).
     pub stream_receive_window: u32,
-    /// Flow-control window of a whole connection (bytes).
+    /// Flow-control window of a whole connection (bytes); where
+    /// `window_tune` is set, the one it starts with.
     pub receive_window: u32,
     /// Bytes the sender may have unacknowledged in flight on a connection.
     pub send_window: u64,
@@ -164,13 +183,30 @@ pub struct Tuning {
     /// bandwidth-delay product ([`congestion::WindowCap`]); `None`: the
     /// controller's own window.
     pub window_cap: Option<congestion::CapConfig>,
+    /// How the receiving end of a replication connection sizes the
+    /// connection's window to the path ([`window::run`]); `None`: the
+    /// fixed `receive_window`.
+    pub window_tune: Option<window::WindowConfig>,
 }
 
 impl Default for Tuning {
     fn default() -> Self {
+        let tune = window::enabled_by_env();
+        let stream_window = std::env::var("VDREP_STREAM_WINDOW")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|&w| w >= 64 << 10);
         Tuning {
-            stream_receive_window: STREAM_RECEIVE_WINDOW,
-            receive_window: 64 << 20,
+            stream_receive_window: stream_window.unwrap_or(if tune {
+                STREAM_RECEIVE_WINDOW
+            } else {
+                FIXED_STREAM_RECEIVE_WINDOW
+            }),
+            receive_window: if tune {
+                window::FLOOR as u32
+            } else {
+                FIXED_RECEIVE_WINDOW
+            },
             send_window: 64 << 20,
             socket_buffer: 32 << 20,
             keep_alive: Duration::from_secs(1),
@@ -179,6 +215,11 @@ impl Default for Tuning {
             max_udp_payload: 1472,
             congestion: congestion::Congestion::from_env_or_default(),
             window_cap: congestion::CapConfig::from_env_or_default(),
+            window_tune: tune.then(|| window::WindowConfig {
+                gain: window::gain_from_env(),
+                per_paused: u64::from(stream_window.unwrap_or(STREAM_RECEIVE_WINDOW)),
+                ..window::WindowConfig::default()
+            }),
         }
     }
 }
