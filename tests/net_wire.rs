@@ -502,3 +502,34 @@ fn oversized_frames_are_refused_before_buffering() {
     assert!(encode(&Msg::LogChunk(too_big), &mut buf).is_err());
     assert!(buf.is_empty());
 }
+
+/// Inputs the `wire_decode` fuzz target failed on, run through the same
+/// checks (decode never panics; a decoded frame re-encodes to exactly its
+/// bytes).
+#[test]
+fn fuzz_finds_stay_fixed() {
+    // 2026-12-03: a PointCommit without a group ended after its definition
+    // (a version-5 point) but re-encoded with an explicit "no group" byte.
+    let finds: [&[u8]; 1] = [&[
+        43, 0, 0, 0, 48, 4, 0, 119, 101, 98, 49, 4, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 102, 117, 122,
+        122, 45, 115, 101, 101, 100, 45, 100, 105, 115, 107, 45, 48, 57, 4, 0, 0, 0, 0, 0, 0, 0, 1,
+        45, 0, 0, 0, 60, 100, 111, 109, 97, 105, 110, 32, 116, 121, 112, 101, 61, 39, 107, 118,
+        109, 39, 36, 60, 110, 97, 109, 101, 62, 119, 101, 98, 49, 60, 47, 126, 97, 109, 101, 62,
+        60, 122, 0, 0, 50, 0, 48, 4, 0, 119, 101, 98, 49, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 4, 1, 0, 0, 0, 0, 0, 0, 8, 0, 119, 101, 98, 50,
+    ]];
+    for data in finds {
+        let mut at = 0;
+        while at < data.len() {
+            match decode(&data[at..]) {
+                Ok(Some((msg, used))) => {
+                    let mut again = Vec::new();
+                    encode(&msg, &mut again).expect("a decoded message re-encodes");
+                    assert_eq!(&again[..], &data[at..at + used], "{msg:?}");
+                    at += used;
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+    }
+}

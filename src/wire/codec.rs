@@ -244,8 +244,11 @@ fn encode_payload(msg: &Msg, o: &mut Vec<u8>) {
                 put_u32(o, x.len() as u32);
                 o.extend_from_slice(x.as_bytes());
             }
-            put_bool(o, p.group.is_some());
+            // The group is a trailing field, present only for a group
+            // point: a point without one is byte for byte a version-5
+            // point (one encoding per message; old receivers accept it).
             if let Some(g) = &p.group {
+                put_bool(o, true);
                 put_str(o, &g.name);
                 put_str(o, &g.origin);
                 put_u16(o, g.members.len() as u16);
@@ -590,8 +593,16 @@ pub(crate) fn decode_body(frame: &[u8]) -> Result<Msg, WireError> {
             } else {
                 None
             };
-            // A version-5 sender's message ends here.
-            let group = if r.pos < r.b.len() && r.bool("has_group")? {
+            // A point without a group ends here (as a version-5 point);
+            // a group, when present, is flagged 1 (a 0 flag would be a
+            // second encoding of "no group").
+            let group = if r.pos < r.b.len() {
+                if !r.bool("has_group")? {
+                    return Err(malformed(
+                        name,
+                        "a point without a group ends after its definition (has_group 0 is not allowed)",
+                    ));
+                }
                 let gname = r.str(MAX_COMPONENT, "group")?;
                 let origin = r.str(MAX_COMPONENT, "group origin")?;
                 let m = r.u16("member count")? as usize;
@@ -1137,14 +1148,18 @@ mod tests {
         let mut buf = Vec::new();
         encode(&m, &mut buf).unwrap();
         assert_eq!(decode(&buf).unwrap().unwrap().0, m);
-        // A version-5 sender's point ends after the definition.
+        // A point without a group ends after the definition, as a
+        // version-5 sender's point: one encoding, which decodes.
         let old = point(None, "erp-db");
         let mut buf = Vec::new();
         encode(&old, &mut buf).unwrap();
+        assert_eq!(decode(&buf).unwrap().unwrap(), (old.clone(), buf.len()));
+        // An explicit "no group" flag would be a second encoding: refused
+        // (the fuzz target's canonical check found it).
         let n = buf.len();
-        buf.truncate(n - 1);
-        buf[..4].copy_from_slice(&((n - 1 - 4) as u32).to_le_bytes());
-        assert_eq!(decode(&buf).unwrap().unwrap().0, old);
+        buf.push(0);
+        buf[..4].copy_from_slice(&((n + 1 - 4) as u32).to_le_bytes());
+        assert!(decode(&buf).is_err());
         // A VM that is not a member of its own group, or a bad name.
         for g in [
             PointGroup {

@@ -37,7 +37,7 @@
 //! | 0x21 | [`LogChunk`] | `disk_id:id cycle:u64 offset_in_log:u64 checksum:u64 data:bytes` |
 //! | 0x22 | [`LogEnd`] | `disk_id:id cycle:u64 total_len:u64 log_checksum:u128` |
 //! | 0x23 | [`Ack`] | `disk_id:id cycle:u64 durable:bool applied:bool` |
-//! | 0x30 | [`PointCommit`] | `vm:str cycle:u64 app_consistent:bool n:u16 (disk_id:id cycle:u64)*n has_def:bool [definition:bytes] [has_group:bool [group:str origin:str m:u16 member:str*m]]` |
+//! | 0x30 | [`PointCommit`] | `vm:str cycle:u64 app_consistent:bool n:u16 (disk_id:id cycle:u64)*n has_def:bool [definition:bytes] [1:u8 group:str origin:str m:u16 member:str*m]` (the group part only for a group point: a point without one ends after its definition, byte for byte a version-5 point) |
 //! | 0x31 | [`PointAck`] | `vm:str cycle:u64` |
 //! | 0x40 | [`BlockHashReq`] | `disk_id:id replica_cycle:u64 block_size:u32 n:u32 (offset:u64 blocks:u32)*n` |
 //! | 0x41 | [`BlockHashes`] | `disk_id:id replica_cycle:u64 replica_size:u64 n:u32 (digest:u128)*n` |
