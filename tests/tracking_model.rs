@@ -678,6 +678,20 @@ fn activity_log_file(dir: &Path) -> PathBuf {
         .unwrap_or_else(|| panic!("no activity log under {}", disks.display()))
 }
 
+/// The extents named by the activity log file of the only disk under
+/// `dir` (after the 24-byte header, one bit per extent), ascending.
+fn named_extents(dir: &Path) -> Vec<u64> {
+    std::fs::read(activity_log_file(dir)).unwrap()[24..]
+        .iter()
+        .enumerate()
+        .flat_map(|(i, b)| {
+            (0..8)
+                .filter(move |k| b & (1 << k) != 0)
+                .map(move |k| i as u64 * 8 + k)
+        })
+        .collect()
+}
+
 /// `DIR/d.raw`, 16 MiB (sparse), opened read-write.
 fn disk_16m(dir: &Path) -> File {
     File::create(dir.join("d.raw"))
@@ -820,16 +834,7 @@ fn a_sequential_writer_records_extents_ahead() {
             t.status().disks[0].activity_syncs.unwrap()
             // dropped without a clean stop: a crash
         };
-        let named = std::fs::read(activity_log_file(dir)).unwrap()[24..]
-            .iter()
-            .enumerate()
-            .flat_map(|(i, b)| {
-                (0..8)
-                    .filter(move |k| b & (1 << k) != 0)
-                    .map(move |k| i as u64 * 8 + k)
-            })
-            .collect::<Vec<u64>>();
-        (syncs, named)
+        (syncs, named_extents(dir))
     };
     let mib = 1u64 << 20;
     let sweep: Vec<u64> = (0..64).map(|i| i * mib).collect();
@@ -847,4 +852,57 @@ fn a_sequential_writer_records_extents_ahead() {
     let scattered = [mib, 5 * mib, 9 * mib + 4096, 33 * mib];
     let (syncs, named) = syncs_and_named(3, &scattered);
     assert_eq!((syncs, named), (4, vec![0, 1, 2, 8]));
+}
+
+/// The activity log's budget (`activity_hot`): extents whose writes are
+/// durably tracked stay hot up to the budget, and above it the least
+/// recently written leave first, so a writer that comes back to an extent
+/// still hot pays no sync. With budget 0 every extent leaves at the next
+/// finished cycle. Whatever the budget, the file names every extent
+/// written since the last finished cycle.
+#[test]
+fn the_activity_log_keeps_recent_extents_up_to_its_budget() {
+    let mib = 1u64 << 20;
+    // (extent written, then a cut) ... ; the log's extents after each cut.
+    let run = |hot: u32| {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let file = disk_16m(dir);
+        let cfg = TrackConfig {
+            block_size: 4096,
+            activity_ahead: 0,
+            activity_hot: hot,
+            ..TrackConfig::default()
+        };
+        let t = Tracker::open(open_root(dir), dir, cfg).unwrap();
+        let disk = t.attach(Path::new("d.raw"), &file).unwrap().unwrap();
+        let mut after = Vec::new();
+        for e in [0u64, 1, 2, 1, 3] {
+            disk.write_at(&file, e * 4 * mib + 8192, &[e as u8 + 1; 4096])
+                .unwrap();
+            t.cut().unwrap();
+            after.push(named_extents(dir));
+        }
+        // Not cut: a crash now must find extent 0 in the log.
+        disk.write_at(&file, 4096, &[9; 4096]).unwrap();
+        let crash = named_extents(dir);
+        (t.status().disks[0].activity_syncs.unwrap(), after, crash)
+    };
+    let (syncs, after, crash) = run(2);
+    assert_eq!(
+        after,
+        vec![
+            vec![0],
+            vec![0, 1],
+            vec![1, 2], // 0 is the least recently written
+            vec![1, 2], // 1 was hot: no sync
+            vec![1, 3], // 2 is older than 1 (written again)
+        ]
+    );
+    assert_eq!(syncs, 5, "0, 1, 2, 3 and 0 again; not 1 again");
+    assert_eq!(crash, vec![0, 1, 3]);
+    let (syncs, after, crash) = run(0);
+    assert_eq!(after, vec![Vec::<u64>::new(); 5], "budget 0: all leave");
+    assert_eq!(syncs, 6, "every write entered a cold extent");
+    assert_eq!(crash, vec![0]);
 }

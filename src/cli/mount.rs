@@ -35,6 +35,9 @@ pub fn mount(
             .or(entry.and_then(|m| m.activity_log))
             .unwrap_or(true),
         activity_ahead: activity_ahead_env().unwrap_or(crate::tracking::DEFAULT_ACTIVITY_AHEAD),
+        activity_hot: activity_hot_env()
+            .or(entry.and_then(|m| m.activity_hot))
+            .unwrap_or(crate::tracking::DEFAULT_ACTIVITY_HOT),
         ..TrackConfig::default()
     };
     let watchdog = match watchdog_env() {
@@ -125,6 +128,21 @@ fn activity_ahead_env() -> Option<u32> {
         Ok(n) => Some(n),
         Err(_) => {
             eprintln!("vdrep: ignoring VDREP_ACTIVITY_AHEAD={v:?} (give a number of extents)");
+            None
+        }
+    }
+}
+
+/// `VDREP_ACTIVITY_HOT=SIZE` (over the configuration's `activity_hot`):
+/// the activity log's budget, for the write-path benchmark's with/without.
+fn activity_hot_env() -> Option<u32> {
+    let v = std::env::var("VDREP_ACTIVITY_HOT")
+        .ok()
+        .filter(|v| !v.is_empty())?;
+    match crate::config::parse_activity_hot(&v) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            eprintln!("vdrep: ignoring VDREP_ACTIVITY_HOT={v:?}: {e}");
             None
         }
     }

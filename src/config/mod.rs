@@ -69,6 +69,9 @@ pub struct MountCfg {
     pub metrics_listen: Option<SocketAddr>,
     /// Keep an activity log per disk (default on).
     pub activity_log: Option<bool>,
+    /// The activity log's budget of hot extents per disk
+    /// (`activity_hot = "1GiB"`, in 4 MiB extents, rounded up).
+    pub activity_hot: Option<u32>,
     /// The supervisor's hung-worker watchdog (`watchdog = "30s"`);
     /// `Some(None)`: `off`.
     pub watchdog: Option<Option<Duration>>,
@@ -386,6 +389,27 @@ pub fn parse_watchdog(s: &str) -> Result<Option<Duration>, BadValue> {
         return Ok(None);
     }
     parse_duration(s).map(Some).map_err(|e| e.or("`off`"))
+}
+
+/// The activity log's budget: a size (`1GiB`, `512MiB`, `0`) turned into
+/// 4 MiB extents, rounded up; at most 1 TiB (262,144 extents) per disk.
+pub fn parse_activity_hot(s: &str) -> Result<u32, BadValue> {
+    let bad = |why: String| {
+        BadValue::new(
+            ProblemKind::BadValue,
+            format!("{s:?} {why}; write a size per disk such as 1GiB, 512MiB or 0"),
+        )
+    };
+    let b: bytesize::ByteSize = s
+        .trim()
+        .parse()
+        .map_err(|e| bad(format!("is not a size ({e})")))?;
+    let extent = 1u64 << crate::tracking::activity::EXTENT_SHIFT;
+    let n = b.as_u64().div_ceil(extent);
+    match u32::try_from(n) {
+        Ok(n) if n <= 1 << 18 => Ok(n),
+        _ => Err(bad("is above 1TiB".into())),
+    }
 }
 
 /// An address to listen on: `IP:PORT` (e.g. 127.0.0.1:9477).
@@ -836,12 +860,16 @@ impl Cx<'_> {
             let watchdog = self.value(&m.watchdog, "mount.watchdog", |s: &String| {
                 parse_watchdog(s)
             });
+            let activity_hot = self.value(&m.activity_hot, "mount.activity_hot", |s: &String| {
+                parse_activity_hot(s)
+            });
             out.push(MountCfg {
                 path,
                 block_size,
                 patterns: m.patterns.clone().unwrap_or_default(),
                 metrics_listen,
                 activity_log: m.activity_log,
+                activity_hot,
                 watchdog,
             });
         }

@@ -40,6 +40,7 @@ pub struct Mount {
     pub patterns: Option<Vec<String>>,
     pub metrics_listen: Option<S>,
     pub activity_log: Option<bool>,
+    pub activity_hot: Option<S>,
     pub watchdog: Option<S>,
 }
 

@@ -460,6 +460,36 @@ fn mount_watchdog_is_a_duration_or_off() {
     }
 }
 
+/// `activity_hot`: a size per disk, in 4 MiB extents rounded up; `0`
+/// allowed; not a size or above 1 TiB is a problem naming the key.
+#[test]
+fn mount_activity_hot_is_a_size() {
+    let with = |v: &str| {
+        GOOD.replace(
+            "path = \"/srv/vdrep-test-vms\"\n",
+            &format!("path = \"/srv/vdrep-test-vms\"\nactivity_hot = \"{v}\"\n"),
+        )
+    };
+    assert_eq!(check(GOOD).unwrap().mounts[0].activity_hot, None);
+    for (v, extents) in [("1GiB", 256), ("0", 0), ("5MiB", 2), ("1TiB", 262_144)] {
+        assert_eq!(
+            check(&with(v)).unwrap().mounts[0].activity_hot,
+            Some(extents),
+            "{v}"
+        );
+    }
+    for bad in ["lots", "2TiB"] {
+        let p = problems(&with(bad));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(
+            (p[0].kind, p[0].key.as_str()),
+            (ProblemKind::BadValue, "mount.activity_hot"),
+            "{bad}"
+        );
+        assert!(p[0].msg.contains("1GiB"), "{:?}", p[0].msg);
+    }
+}
+
 /// `[[vm]] to = "s3://…"`: direct protection to an object store, with its
 /// endpoint, credentials and key; no trust needed. Missing keys, a bad
 /// URL and object-store keys on a receiver address are problems.

@@ -10,7 +10,13 @@
 //! extent leaves lazily, when a cycle of the disk finished well (its log is
 //! durable, or the receiver applied it) and no write since that cycle's cut
 //! touched it ([`ActivityLog::prune`], driven by the tracker under its cut
-//! lock, so no write is between its check here and its bitmap mark).
+//! lock, so no write is between its check here and its bitmap mark) **and**
+//! the log holds more than its budget of hot extents: the least recently
+//! written idle extents leave first ([`ActivityLog::victims`]), DRBD's
+//! `al-extents`. A random writer over a disk no larger than the budget then
+//! pays its syncs once, not again after every cut (with continuous cycles,
+//! that was one sync per write: `kernel-notes/activity-log.md`); an unclean
+//! stop compares at most the budget's extents more.
 //!
 //! So after any stop, clean or not, every block written since the disk's
 //! last finished cycle lies in an extent whose bit is set in the file: an
@@ -29,7 +35,8 @@
 //! (a crash leaves each byte old or new); clearing bits is a `pwrite`
 //! without a sync (a lost clear only over-approximates). A bitmap rather
 //! than DRBD's ring of transactions: bounded (32 KiB per TiB), no replay,
-//! no slot eviction: our set only shrinks at cuts, never under pressure.
+//! no slot eviction: the set shrinks only at cuts, and only the extents
+//! above the budget.
 
 use std::fs::File;
 use std::io;
@@ -58,6 +65,30 @@ pub struct ActivityLog {
     pending: Mutex<Vec<u64>>,
     /// `fdatasync`s made for new extents (the write path's extra cost).
     syncs: AtomicU64,
+    /// Recency: per extent, the prune round in which it was last recorded
+    /// or seen busy (in memory only: after a restart every hot extent is
+    /// as old as the others).
+    used: Mutex<Recency>,
+}
+
+#[derive(Default)]
+struct Recency {
+    round: u64,
+    used: Vec<u64>,
+}
+
+impl Recency {
+    fn touch(&mut self, e: u64) {
+        let i = e as usize;
+        if i >= self.used.len() {
+            self.used.resize(i + 1, 0);
+        }
+        self.used[i] = self.round;
+    }
+
+    fn of(&self, e: u64) -> u64 {
+        self.used.get(e as usize).copied().unwrap_or(0)
+    }
 }
 
 struct Inner {
@@ -128,6 +159,7 @@ impl ActivityLog {
             inner: Mutex::new(Inner { file, epoch, image }),
             pending: Mutex::new(Vec::new()),
             syncs: AtomicU64::new(0),
+            used: Mutex::new(Recency::default()),
         }
     }
 
@@ -217,6 +249,12 @@ impl ActivityLog {
             .write_all_at(&g.image[first..=last], HEADER + first as u64)?;
         g.file.sync_data()?;
         self.syncs.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut used = self.used.lock();
+            for &e in &new {
+                used.touch(e);
+            }
+        }
         let mut hot = self.hot.write();
         if let Some(&max) = new.iter().max() {
             hot.grow(max + 1);
@@ -256,6 +294,35 @@ impl ActivityLog {
     /// `fdatasync`s made for new extents since the log was opened.
     pub fn syncs(&self) -> u64 {
         self.syncs.load(Ordering::Relaxed)
+    }
+
+    /// One prune round's choice: every hot extent for which `used` holds
+    /// (written since the last round) is marked as used now; if more than
+    /// `budget` extents are hot, the least recently used ones (ties: lowest
+    /// first) are returned, as many as are above the budget. The caller
+    /// keeps those that are still busy (written since the last cut) when it
+    /// prunes, so fewer may leave. Empty:
+    /// nothing to let go, so no epoch change and no write is needed.
+    /// Called without the cut lock: a write that makes a victim busy
+    /// meanwhile is seen by [`ActivityLog::prune`]'s `keep`, which the
+    /// caller re-checks under the lock.
+    pub fn victims(&self, used_now: impl Fn(u64) -> bool, budget: u64) -> Vec<u64> {
+        let all = self.extents();
+        let mut used = self.used.lock();
+        used.round += 1;
+        for &e in &all {
+            if used_now(e) {
+                used.touch(e);
+            }
+        }
+        let excess = (all.len() as u64).saturating_sub(budget) as usize;
+        if excess == 0 {
+            return Vec::new();
+        }
+        let mut order = all;
+        order.sort_by_key(|&e| (used.of(e), e));
+        order.truncate(excess);
+        order
     }
 
     /// First step of a prune: durably move to a new epoch (a crash after it
@@ -377,6 +444,30 @@ mod tests {
         let l = ActivityLog::load(g).unwrap().unwrap();
         assert_eq!(l.extents(), vec![3, 9]);
         assert_eq!(l.epoch(), al.epoch());
+    }
+
+    /// The budget: nothing leaves while the log holds at most `budget`
+    /// extents; above it the least recently used extents are chosen first
+    /// (recorded, or reported used by the caller at a round).
+    #[test]
+    fn victims_are_the_least_recently_used_extents_above_the_budget() {
+        let al = ActivityLog::create(tmpfile("lru")).unwrap();
+        al.record_extents([0, 1, 2]).unwrap(); // round 0
+        assert!(al.victims(|_| false, 3).is_empty(), "at the budget");
+        // Round 2: extents 0 and 2 were used; 5 and 6 enter.
+        assert!(al.victims(|e| e == 0 || e == 2, 8).is_empty());
+        al.record_extents([5, 6]).unwrap();
+        // 5 hot, budget 3: the two least recently used: 1 (round 0), then
+        // 0 (round 2; ties go lowest first).
+        assert_eq!(al.victims(|_| false, 3), vec![1, 0]);
+        // Round 4: all but 6 used: 6 is now the oldest.
+        assert_eq!(al.victims(|e| e != 6, 4), vec![6]);
+        // Budget 0: every extent, oldest first.
+        assert_eq!(al.victims(|e| e == 2, 0), vec![6, 0, 1, 5, 2]);
+        let v = [0, 1, 5, 6];
+        al.advance_epoch().unwrap();
+        assert_eq!(al.prune(|e| !v.contains(&e)).unwrap(), 4);
+        assert_eq!(al.extents(), vec![2]);
     }
 
     /// Group commit: writers entering different cold extents at once share

@@ -91,6 +91,22 @@ pub struct TrackConfig {
     /// stop compares at most that many extents more per writer.
     #[serde(default = "default_ahead")]
     pub activity_ahead: u32,
+    /// Extents the activity log keeps hot after their writes are durably
+    /// tracked (its budget, DRBD's `al-extents`): idle extents leave only
+    /// above it, least recently written first. A writer returning to an
+    /// extent still hot pays no sync; an unclean stop compares at most this
+    /// many extents (× 4 MiB) more per disk. 0: every idle extent leaves at
+    /// the next finished cycle (the behaviour before the budget).
+    #[serde(default = "default_hot")]
+    pub activity_hot: u32,
+}
+
+/// Default of [`TrackConfig::activity_hot`]: 256 extents, 1 GiB per disk
+/// (`kernel-notes/activity-log.md`).
+pub const DEFAULT_ACTIVITY_HOT: u32 = 256;
+
+fn default_hot() -> u32 {
+    DEFAULT_ACTIVITY_HOT
 }
 
 /// Default of [`TrackConfig::activity_ahead`]: 15 extents (a sync per
@@ -115,6 +131,7 @@ impl Default for TrackConfig {
             block_size: 4096,
             activity_log: true,
             activity_ahead: DEFAULT_ACTIVITY_AHEAD,
+            activity_hot: DEFAULT_ACTIVITY_HOT,
         }
     }
 }
@@ -258,6 +275,8 @@ struct Shared {
     block_size: u64,
     /// [`TrackConfig::activity_ahead`].
     activity_ahead: u64,
+    /// [`TrackConfig::activity_hot`].
+    activity_hot: u64,
 }
 
 /// All tracked disks under one mounted folder.
@@ -434,6 +453,7 @@ impl Tracker {
                 cut_lock: RwLock::new(()),
                 block_size: u64::from(bs),
                 activity_ahead: u64::from(config.activity_ahead),
+                activity_hot: u64::from(config.activity_hot),
             }),
             config,
             state: Arc::new(state),
@@ -1007,7 +1027,12 @@ impl Tracker {
         // before the state says the resync is over: an extents-only resync
         // must find its extents again after a crash.
         if saved.is_ok() {
-            d.prune_activity();
+            let changed = sc
+                .sealing
+                .real_changes
+                .as_ref()
+                .unwrap_or(&sc.sealing.dirty);
+            d.prune_activity(changed);
         }
         saved
     }
@@ -2164,10 +2189,14 @@ impl TrackedDisk {
     }
 
     /// Let the activity log's extents go that hold no write since the last
-    /// finished cycle's cut: none of their blocks is dirty in the live
-    /// bitmap nor in a cycle still being sealed. A failure only leaves
-    /// extents in the log (an over-approximation).
-    fn prune_activity(&self) {
+    /// finished cycle's cut (none of their blocks is dirty in the live
+    /// bitmap nor in a cycle still being sealed), the least recently
+    /// written first, as many as the log holds above its budget
+    /// ([`TrackConfig::activity_hot`]). `finished`: the blocks the cycle
+    /// that just finished changed; their extents count as used now (a
+    /// write into a hot extent does not stop to say so). A failure only
+    /// leaves extents in the log (an over-approximation).
+    fn prune_activity(&self, finished: &Bitmap) {
         let Some(al) = &self.al else { return };
         let per = ((1u64 << activity::EXTENT_SHIFT) / self.bs()).max(1);
         let busy = |e: u64| {
@@ -2181,17 +2210,21 @@ impl TrackedDisk {
                 .is_some_and(|s| s.real_changes.as_ref().unwrap_or(&s.dirty).any_in(f, l))
         };
         // Nothing to let go (checked without the cut lock: a write can only
-        // make more extents busy).
-        if al.extents().into_iter().all(busy) {
+        // make more extents busy; `prune` checks again under it).
+        let used = |e: u64| busy(e) || finished.any_in(e * per, e * per + per - 1);
+        let mut victims = al.victims(used, self.shared.activity_hot);
+        victims.retain(|&e| !busy(e));
+        if victims.is_empty() {
             return;
         }
+        victims.sort_unstable();
         let name = || self.meta.lock().name.clone();
         if let Err(e) = al.advance_epoch() {
             tracing::warn!(disk = %name(), "cannot prune the activity log: {e}");
             return;
         }
         let _instant = self.shared.cut_lock.write();
-        if let Err(e) = al.prune(busy) {
+        if let Err(e) = al.prune(|e| busy(e) || victims.binary_search(&e).is_err()) {
             tracing::warn!(disk = %name(), "cannot write the pruned activity log: {e}");
         }
     }
