@@ -953,6 +953,24 @@ fn a_lost_replica_is_copied_whole_and_the_other_disk_only_resynced() {
         4 << 20,
         "only a.img is copied whole: {st}"
     );
+    // The receiver says so: a `points_dropped` event naming a.img and the
+    // points that included it (all of `before`: a.img was in every one).
+    let ev = vdrep_ok(&["events", "--store", &site.s("store"), "--json"]);
+    let dropped: Vec<serde_json::Value> = ev
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["event"] == "points_dropped")
+        .collect();
+    assert_eq!(dropped.len(), 1, "{ev}");
+    assert_eq!(dropped[0]["disk"], "a.img", "{ev}");
+    assert_eq!(dropped[0]["vm"], site.vm.as_str(), "{ev}");
+    let cycles: Vec<u64> = dropped[0]["cycles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_u64().unwrap())
+        .collect();
+    assert_eq!(cycles, before, "{ev}");
     assert_eq!(v["last_resync"]["mode"], "resync", "{st}");
     assert_eq!(v["last_resync"]["disk"], "b.img", "{st}");
     assert_eq!(v["last_resync"]["blocks_sent"], 1, "{st}");

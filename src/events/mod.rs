@@ -105,6 +105,15 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         site: Option<String>,
     },
+    /// Receiver: a full copy of a disk ended recovery points of the VM
+    /// (every point that includes the disk): its replica was lost from the
+    /// store, or the disk had to be copied whole again. `reason` says which.
+    PointsDropped {
+        site: String,
+        disk: String,
+        cycles: Vec<u64>,
+        reason: String,
+    },
     /// The receiver's scheduled boot verification (`verify_boot`) booted a
     /// recovery point: it became ready (`verified`) after `secs`, or not
     /// (`detail` says why, with the console's tail).
@@ -180,6 +189,7 @@ impl EventKind {
             EventKind::ResyncStarted { .. } => "resync_started",
             EventKind::ResyncFinished { .. } => "resync_finished",
             EventKind::FailoverStep { .. } => "failover_step",
+            EventKind::PointsDropped { .. } => "points_dropped",
             EventKind::BootVerified { .. } => "boot_verified",
         }
     }
@@ -246,6 +256,18 @@ impl Event {
                 if !disks.is_empty() {
                     s += &format!(" disks:{}", disks.join(","));
                 }
+            }
+            EventKind::PointsDropped {
+                site,
+                disk,
+                cycles,
+                reason,
+            } => {
+                let c: Vec<String> = cycles.iter().map(u64::to_string).collect();
+                s += &format!(
+                    " site:{site} disk:{disk} cycles:{} reason:{reason:?}",
+                    c.join(",")
+                );
             }
             EventKind::BootVerified {
                 site,

@@ -1,5 +1,5 @@
-//! The receiver's hot-path counters: connections open now and the time to
-//! apply a change log to a replica. Process-wide atomics (one receiver per
+//! The receiver's hot-path counters: connections open now, the time to
+//! apply a change log to a replica, and recovery points a full copy ended. Process-wide atomics (one receiver per
 //! process); the store's own figures (points, bytes) are read at scrape
 //! time by `receiver::metrics`.
 
@@ -13,6 +13,7 @@ use super::{counter, gauge, histogram, Histogram, Labels, Unit};
 static ACTIVE: AtomicI64 = AtomicI64::new(0);
 static ACCEPTED: AtomicU64 = AtomicU64::new(0);
 static APPLY: Histogram = Histogram::latency();
+static DROPPED: AtomicU64 = AtomicU64::new(0);
 
 /// Counts one connection as active while it lives.
 #[must_use = "the connection counts as active while the guard lives"]
@@ -39,6 +40,11 @@ pub fn time_apply<T>(f: impl FnOnce() -> T) -> T {
     r
 }
 
+/// A full copy ended `n` recovery points (see `replica::PointsDropped`).
+pub fn points_dropped(n: u64) {
+    DROPPED.fetch_add(n, Ordering::Relaxed);
+}
+
 /// Encode the connection gauges and the apply-latency histogram.
 pub fn encode(enc: &mut DescriptorEncoder) -> fmt::Result {
     gauge(
@@ -54,6 +60,13 @@ pub fn encode(enc: &mut DescriptorEncoder) -> fmt::Result {
         "Sender connections accepted since the receiver started",
         None,
         [(Labels::new(), ACCEPTED.load(Ordering::Relaxed))],
+    )?;
+    counter(
+        enc,
+        "vdrep_receiver_points_dropped",
+        "Recovery points ended by a full copy of one of their disks (replica lost, or copied whole again) since the receiver started",
+        None,
+        [(Labels::new(), DROPPED.load(Ordering::Relaxed))],
     )?;
     histogram(
         enc,

@@ -78,7 +78,7 @@ impl Embedded {
                 stop.clone(),
             )?;
         }
-        tokio::spawn(serve(ep.clone(), store, id.name.clone(), None));
+        tokio::spawn(serve(ep.clone(), store, id.name.clone(), None, None));
         tracing::info!("embedded receiver for the object store on {addr}");
         Ok(Embedded {
             addr,

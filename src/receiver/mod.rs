@@ -285,7 +285,7 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), ReceiverError> {
             )?;
         }
     }
-    control_server::start(store.clone(), views, roles.clone(), bus).map_err(|source| {
+    control_server::start(store.clone(), views, roles.clone(), bus.clone()).map_err(|source| {
         ReceiverError::Start {
             what: "control socket",
             source,
@@ -352,7 +352,7 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), ReceiverError> {
             what: "service monitor thread",
             source,
         })?;
-        serve(ep, data, id.name.clone(), Some(roles)).await;
+        serve(ep, data, id.name.clone(), Some(roles), Some(bus)).await;
         Ok(())
     })
 }
@@ -360,19 +360,27 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), ReceiverError> {
 /// Accept connections on `ep` until it closes, each served by its own
 /// [`handle_conn`] task over `store`. `roles`: where site-to-site
 /// administrative requests (planned failover, …) run; `None` refuses them
-/// (the embedded receiver of direct protection).
+/// (the embedded receiver of direct protection). `bus`: where store
+/// events (points a full copy dropped) go, if anywhere.
 async fn serve(
     ep: quinn::Endpoint,
     store: Arc<dyn ReplicaStore>,
     me: String,
     roles: Option<Arc<crate::roles::ReceiverCtx>>,
+    bus: Option<Arc<crate::events::Bus>>,
 ) {
     let fences = Arc::new(CopyFences::default());
     while let Some(inc) = ep.accept().await {
-        let (store, me, roles, fences) = (store.clone(), me.clone(), roles.clone(), fences.clone());
+        let (store, me, roles, fences, bus) = (
+            store.clone(),
+            me.clone(),
+            roles.clone(),
+            fences.clone(),
+            bus.clone(),
+        );
         tokio::spawn(async move {
             if let Ok((conn, peer)) = transport::accept(inc).await {
-                handle_conn(conn, peer, store, me, roles, fences).await;
+                handle_conn(conn, peer, store, me, roles, fences, bus).await;
             }
         });
     }
@@ -406,6 +414,8 @@ struct Conn {
     logs: HashMap<OpId, LogStager>,
     /// What a checksum compare keeps between its requests, by disk.
     digests: HashMap<DiskId, Arc<Mutex<replica::DigestCache>>>,
+    /// The receiver's events, if it has a bus.
+    bus: Option<Arc<crate::events::Bus>>,
 }
 
 /// Which writer may write a disk's initial copy. A copy that begins
@@ -475,6 +485,7 @@ async fn handle_conn(
     me: String,
     roles: Option<Arc<crate::roles::ReceiverCtx>>,
     fences: Arc<CopyFences>,
+    bus: Option<Arc<crate::events::Bus>>,
 ) {
     let addr = conn.remote_address();
     let site = match transport::keys::check_site_name(&peer.cn) {
@@ -510,6 +521,7 @@ async fn handle_conn(
         fences,
         logs: HashMap::new(),
         digests: HashMap::new(),
+        bus,
     };
     let mut writers: HashMap<StreamId, mpsc::UnboundedSender<Write>> = HashMap::new();
     // Readers may read on (true) or must pause while their stream waits
@@ -722,11 +734,12 @@ impl Conn {
             }),
             ReceiverAction::BeginInitial { op, open, begin } => {
                 let fence = self.start_initial(begin.disk_id, &open.vm);
+                let bus = self.bus.clone();
                 self.spawn(op, move |store, site| {
                     // No older writer of the disk writes after this.
                     fence.settle();
                     StoreDone::InitialBegun(
-                        begin_initial(store, site, &open, &begin).map_err(failure),
+                        begin_initial(store, site, &open, &begin, bus.as_deref()).map_err(failure),
                     )
                 })
             }
@@ -1004,6 +1017,7 @@ fn begin_initial(
     site: &str,
     o: &OpenDisk,
     b: &InitialBegin,
+    bus: Option<&crate::events::Bus>,
 ) -> Result<u64, StoreError> {
     let d = disk(site, &o.vm, &b.disk_id);
     // A resumed copy continues the store's interrupted copy (its cut is the
@@ -1028,6 +1042,18 @@ fn begin_initial(
     let begun = store.begin_initial(site, &o.vm, &info)?;
     if let Some(d) = &begun.dropped {
         tracing::warn!(%site, vm = %o.vm, disk = %d.disk, "{d}");
+        crate::metrics::receiver::points_dropped(d.cycles.len() as u64);
+        if let Some(bus) = bus {
+            bus.emit(
+                Some(&o.vm),
+                crate::events::EventKind::PointsDropped {
+                    site: site.to_string(),
+                    disk: d.disk.clone(),
+                    cycles: d.cycles.clone(),
+                    reason: d.why.to_string(),
+                },
+            );
+        }
     }
     let resume = begun.resume_offset;
     if b.start_offset > 0 && resume == b.start_offset {
