@@ -1296,7 +1296,15 @@ fn group_points_are_consistent_across_the_vms() {
             .set_len(DISK_BYTES)
             .unwrap();
     }
-    let mut m = Mounted::new(&site.p("vm"), &["--keys", &site.s("ka")]);
+    // `hold/hold-ship` stops the worker between a group cut and its
+    // shipping (the test hook of `VDREP_TEST_HOLD_CUT`).
+    let hold = site.p("hold");
+    std::fs::create_dir_all(&hold).unwrap();
+    let mut m = Mounted::with_env(
+        &site.p("vm"),
+        &["--keys", &site.s("ka")],
+        &[("VDREP_TEST_HOLD_CUT", &site.s("hold"))],
+    );
     let r = Receiver::start(&site, "127.0.0.1:0");
     for (vm, every, disks) in [
         ("erp-db", "continuous", &names[..2]),
@@ -1361,11 +1369,43 @@ fn group_points_are_consistent_across_the_vms() {
     {
         std::thread::sleep(Duration::from_millis(300));
     }
+    // A restart of the worker between a group cut and its shipping (the
+    // receiver went away meanwhile): the new worker ships that cut's logs
+    // as halves of a group point still (its record is kept with the
+    // sealed cycle, `.vdrep/cuts/`).
+    std::fs::write(hold.join("hold-ship"), "").unwrap();
+    let t0 = Instant::now();
+    let held = loop {
+        if let Ok(s) = std::fs::read_to_string(hold.join("held-ship")) {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no group cut reached the hold"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
     stop.store(true, Ordering::Relaxed);
     let log = writer.join().unwrap().all_ok();
+    let (pid, held_cycle) = held.split_once(' ').unwrap();
+    let (pid, held_cycle): (i32, u64) = (pid.parse().unwrap(), held_cycle.parse().unwrap());
+    assert_eq!(m.worker_pid(), Some(pid), "the worker holds the group cut");
+    let addr = r.addr.clone();
+    drop(r);
+    std::fs::remove_file(hold.join("hold-ship")).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    vdrep_ok(&["restart", &site.s("vm")]);
+    assert_ne!(m.worker_pid(), Some(pid), "a new worker");
+    let r = Receiver::start(&site, &addr);
     sync_ok(&site);
     let history = history(&log);
     let pts = group_points();
+    assert!(
+        pts.contains(&held_cycle),
+        "cycle {held_cycle}, cut for the group before the worker was restarted, is no group point: {pts:?}; erp-db: {}; erp-app: {}",
+        vdrep_ok(&["points", "erp-db", "--store", &site.s("store")]),
+        vdrep_ok(&["points", "erp-app", "--store", &site.s("store")])
+    );
     println!("{} writes, {} group points", log.len(), pts.len());
     assert!(pts.len() >= 8, "only {} group points", pts.len());
     let text = vdrep_ok(&["points", "--group", "erp", "--store", &site.s("store")]);

@@ -73,9 +73,27 @@ pub struct Mounted {
 
 impl Mounted {
     pub fn new(dir: &Path, extra: &[&str]) -> Mounted {
+        Mounted::with_env(dir, extra, &[])
+    }
+
+    /// [`Mounted::new`] with `env` added to the mount daemon's environment
+    /// (test hooks), and so to its workers'.
+    pub fn with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Mounted {
         let mut args = vec!["mount", dir.to_str().unwrap()];
         args.extend_from_slice(extra);
-        vdrep_ok(&args);
+        setup();
+        let o = Command::new(vdrep_bin())
+            .args(&args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap_or_else(|e| panic!("running vdrep {args:?}: {e}"));
+        assert!(
+            o.status.success(),
+            "vdrep {args:?} failed ({}): {}{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
         Mounted {
             dir: dir.to_path_buf(),
             mounted: true,
