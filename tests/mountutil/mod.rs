@@ -54,7 +54,11 @@ pub fn vdrep(args: &[&str]) -> Output {
 }
 
 pub fn vdrep_ok(args: &[&str]) -> String {
-    let o = vdrep(args);
+    ok_output(args, vdrep(args))
+}
+
+/// `o`'s standard output; fails the test if `vdrep ARGS` did not succeed.
+fn ok_output(args: &[&str], o: Output) -> String {
     assert!(
         o.status.success(),
         "vdrep {args:?} failed ({}): {}{}",
@@ -87,13 +91,7 @@ impl Mounted {
             .envs(env.iter().copied())
             .output()
             .unwrap_or_else(|e| panic!("running vdrep {args:?}: {e}"));
-        assert!(
-            o.status.success(),
-            "vdrep {args:?} failed ({}): {}{}",
-            o.status,
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
+        ok_output(&args, o);
         Mounted {
             dir: dir.to_path_buf(),
             mounted: true,
