@@ -1596,9 +1596,136 @@ fn group_points_are_consistent_across_the_vms() {
     }
     let s = check_consistent("live disks after the group's failover", &disks, &history);
     assert_eq!(s, seqs[1], "the live disks are group point {old}");
+    // Cancel acts on every member.
+    let out = vdrep_ok(&[
+        "failover",
+        "--group",
+        "erp",
+        "--cancel",
+        "--store",
+        &site.s("store"),
+    ]);
     for vm in ["erp-db", "erp-app"] {
-        vdrep_ok(&["failover", vm, "--cancel", "--store", &site.s("store")]);
+        assert!(out.contains(&format!("{vm}: failover cancelled")), "{out}");
     }
+
+    // Planned failover of the group while the stamped writer goes on
+    // (continuing the sequence) until just before it: site A's store and
+    // receiver take the replicas, B (its receiver back at the address the
+    // members replicate to) starts both VMs in one folder.
     drop(r2);
-    m.umount();
+    let r2 = Receiver::start(&site, &addr);
+    let ra = Receiver::spawn(
+        "127.0.0.1:0",
+        &site.p("store-a"),
+        &site.p("ka"),
+        &site.p("kb/site-b.crt"),
+        &[],
+        &[],
+    );
+    // Block 0 of d0 back to its stamped content (the write of 7s above
+    // is no stamped write).
+    let mut blk = vec![0u8; BLK];
+    if let Some(&last) = history.get(&(0, 0)).and_then(|v| v.last()) {
+        stamp(last, 0, 0, &mut blk);
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(site.p("vm/d0.img"))
+        .unwrap()
+        .write_all_at(&blk, 0)
+        .unwrap();
+    sync_ok(&site);
+    let stop = Arc::new(AtomicBool::new(false));
+    let paths: Vec<PathBuf> = names.iter().map(|n| site.p(&format!("vm/{n}"))).collect();
+    let writer = stamp_writer_after(
+        log.len() as u64,
+        paths,
+        stop.clone(),
+        Arc::new(AtomicU64::new(0)),
+        0xbb67_ae85_84ca_a73b,
+        None,
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::Relaxed);
+    let mut log = log;
+    log.extend(writer.join().unwrap().all_ok());
+    let history = stamputil::history(&log);
+    let out = vdrep_ok(&[
+        "failover",
+        "--group",
+        "erp",
+        "--planned",
+        "--dir",
+        &site.s("vm"),
+        "--store",
+        &site.s("store-a"),
+        "--reverse-to",
+        &ra.addr,
+        "--json",
+    ]);
+    m.mounted = false;
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let fin = v["cycle"].as_u64().unwrap();
+    let vms = v["vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 2, "{v}");
+    let mut disks = vec![Vec::new(); names.len()];
+    let mut live_dirs = Vec::new();
+    for vm in vms {
+        assert_eq!(
+            vm["cycle"].as_u64(),
+            Some(fin),
+            "one final group point: {v}"
+        );
+        live_dirs.push(PathBuf::from(vm["live_dir"].as_str().unwrap()));
+        for d in vm["live_disks"].as_array().unwrap() {
+            let p = PathBuf::from(d.as_str().unwrap());
+            let name = p.file_name().unwrap().to_str().unwrap().to_string();
+            let i: usize = name[1..name.len() - 4].parse().unwrap();
+            let mut b = std::fs::read(&p).unwrap();
+            b.truncate(DISK_BYTES as usize);
+            disks[i] = b;
+        }
+    }
+    assert_eq!(
+        live_dirs[0], live_dirs[1],
+        "the group is live in one folder"
+    );
+    let s = check_consistent("the group after its planned failover", &disks, &history);
+    assert_eq!(
+        s,
+        log.len() as u64,
+        "the final group point holds every acknowledged write of both VMs"
+    );
+    let gps = group_points();
+    assert!(gps.contains(&fin), "{fin} is no group point at B: {gps:?}");
+    // Reverse replication keeps the group: B's points reach A as group
+    // points of both VMs.
+    let b_dir = live_dirs[0].to_str().unwrap().to_string();
+    let mut b_mount = Mounted {
+        dir: live_dirs[0].clone(),
+        mounted: true,
+    };
+    let st = b_mount.status_json();
+    for v in st["replication"].as_array().unwrap() {
+        assert_eq!(v["group"], "erp", "{v}");
+    }
+    vdrep_ok(&["sync", &b_dir, "--timeout", "120"]);
+    let back = vdrep_ok(&[
+        "points",
+        "--group",
+        "erp",
+        "--store",
+        &site.s("store-a"),
+        "--json",
+    ]);
+    let back: serde_json::Value = serde_json::from_str(&back).unwrap();
+    let back = back["points"].as_array().unwrap();
+    assert!(!back.is_empty(), "no group point of the reverse direction");
+    assert!(back
+        .iter()
+        .all(|p| p["members"].as_array().unwrap().len() == 2));
+    b_mount.umount();
+    drop(ra);
+    drop(r2);
 }

@@ -65,7 +65,10 @@ pub struct FailoverArgs {
     pub name: Option<String>,
     /// A consistency group: one group point (`vdrep points --group`) for
     /// every VM of the group. With --test (one view per VM), --cleanup and
-    /// --unplanned; --point names a group point.
+    /// --unplanned (--point names a group point); --planned (at the active
+    /// site: every member fenced, one final group point, all handed over
+    /// and replicating back as the group); --commit and --cancel (every
+    /// member).
     #[arg(long, value_name = "GROUP", conflicts_with_all = ["name", "domain", "boot", "at"])]
     pub group: Option<String>,
     /// A libvirt domain, failed over as a VM: --test defines and starts
@@ -352,13 +355,17 @@ fn group_failover(a: &FailoverArgs, group: &str) -> Out {
     use crate::failover::group as fg;
     let mut out = Out::default();
     let m = &a.mode;
-    if !(m.test || m.cleanup || m.unplanned)
-        || !matches!(super::objstore::s3_url(&a.store), Ok(None))
-    {
+    if !matches!(super::objstore::s3_url(&a.store), Ok(None)) {
         return out.fail(
             2,
-            "vdrep: failover --group works with --test, --cleanup and --unplanned at a receiver's store folder; fail the group's VMs over one by one for the rest (doc/CONSISTENCY-GROUPS.md)",
+            "vdrep: failover --group works at a receiver's store folder, not an s3:// store (doc/CONSISTENCY-GROUPS.md)",
         );
+    }
+    if m.planned {
+        return group_planned(a, group, out);
+    }
+    if m.commit || m.cancel {
+        return group_commit_or_cancel(a, group, out);
     }
     let sel = match a.point.as_deref().map(PointSel::parse).transpose() {
         Ok(s) => s.unwrap_or(PointSel::Latest),
@@ -441,6 +448,83 @@ fn group_failover(a: &FailoverArgs, group: &str) -> Out {
         ));
     }
     out
+}
+
+/// `--group GROUP --planned --reverse-to ADDR [--dir DIR]`.
+fn group_planned(a: &FailoverArgs, group: &str, mut out: Out) -> Out {
+    let Some(reverse_to) = a.reverse_to.as_deref() else {
+        return out.fail(2, "vdrep: --planned needs --reverse-to HOST:PORT (this site's receiver, for replicating back)");
+    };
+    let o = crate::failover::group::PlannedGroup {
+        group,
+        dir: a.dir.as_deref(),
+        store: &a.store,
+        reverse_to,
+        timeout: Duration::from_secs(a.timeout),
+    };
+    match crate::failover::group::planned(&o, &say) {
+        Ok(r) => {
+            for w in r.vms.iter().flat_map(|v| &v.warnings) {
+                out.err(format!("vdrep: warning: {w}"));
+            }
+            if a.json {
+                out.line(serde_json::to_string_pretty(&r).unwrap_or_default());
+                return out;
+            }
+            out.line(format!(
+                "group {group}: planned failover done: nothing lost (group point {}, every member verified); {} VM(s) live at {}, replicating back to this site as group {group}",
+                r.cycle,
+                r.vms.len(),
+                r.vms.first().map_or("", |v| v.peer.as_str())
+            ));
+            for v in &r.vms {
+                out.line(format!("{}: live in {}", v.vm, v.live_dir.display()));
+            }
+            out
+        }
+        Err(e) => out.fail(1, format!("vdrep: planned failover of group {group}: {e}")),
+    }
+}
+
+/// `--group GROUP --commit` or `--cancel`: every member.
+fn group_commit_or_cancel(a: &FailoverArgs, group: &str, mut out: Out) -> Out {
+    use crate::failover::group as fg;
+    let lines = if a.mode.commit {
+        fg::commit(&a.store, a.site.clone(), group, &say).map(|done| {
+            done.iter()
+                .map(|(vm, l)| {
+                    format!(
+                        "{vm}: failover committed; live at {} from point {}",
+                        l.dir.display(),
+                        l.cycle
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+    } else {
+        fg::cancel(&a.store, a.site.clone(), group).map(|done| {
+            done.iter()
+                .map(|(vm, r)| {
+                    format!(
+                        "{vm}: failover cancelled: {} undone, {} stopped; the replica is back at point {}",
+                        human(r.undone_bytes),
+                        r.dir.display(),
+                        r.points.last().map_or(r.cycle, |p| p.cycle)
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+    };
+    let what = if a.mode.commit { "commit" } else { "cancel" };
+    match lines {
+        Ok(lines) => {
+            for l in lines {
+                out.line(l);
+            }
+            out
+        }
+        Err(e) => recv_fail(out, &format!("{what} of group {group}"), e),
+    }
 }
 
 /// `--cleanup`.
@@ -741,6 +825,7 @@ fn planned(a: &FailoverArgs) -> i32 {
         reverse_to,
         timeout: Duration::from_secs(a.timeout),
         domain,
+        group: None,
     };
     let done = match &o.domain {
         None => role_change::planned(&o, &say).map(|r| (r, None)),

@@ -162,6 +162,21 @@ impl Replicator {
 
     /// Why `members` cannot be cut together now (`None`: they can).
     fn group_blocked(members: &[Arc<Vm>]) -> Option<String> {
+        // A member protected back after a planned failover names the
+        // others: until they are protected here too, none is cut.
+        for m in members {
+            if let Some(missing) = m
+                .spec
+                .group_members
+                .iter()
+                .find(|w| !members.iter().any(|h| &h.spec.vm == *w))
+            {
+                return Some(format!(
+                    "no group point: VM {missing} of the group is not protected here yet ({} names it); the group is cut once it is",
+                    m.spec.vm
+                ));
+            }
+        }
         for m in members {
             if m.steady.load(SeqCst) {
                 continue;

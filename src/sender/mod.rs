@@ -124,6 +124,11 @@ pub struct ProtectSpec {
     /// same group share every recovery point ([`group`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// With `group`: VMs that must all be protected here before the group
+    /// is cut (a group protected back after its planned failover, one
+    /// member at a time: no point of the first alone is a group point).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub group_members: Vec<String>,
     /// When to try again after a recoverable failure ([`retry`]).
     #[serde(default)]
     pub retry: RetrySchedule,

@@ -118,6 +118,19 @@ pub fn stamp_writer(
     seed: u64,
     quiesce: Option<PathBuf>,
 ) -> std::thread::JoinHandle<Written> {
+    stamp_writer_after(0, paths, stop, written, seed, quiesce)
+}
+
+/// [`stamp_writer`] continuing the sequence of an earlier writer that
+/// wrote `after` writes (its first write is `after + 1`).
+pub fn stamp_writer_after(
+    after: u64,
+    paths: Vec<PathBuf>,
+    stop: Arc<AtomicBool>,
+    written: Arc<AtomicU64>,
+    seed: u64,
+    quiesce: Option<PathBuf>,
+) -> std::thread::JoinHandle<Written> {
     std::thread::spawn(move || {
         let files: Vec<std::fs::File> = paths
             .iter()
@@ -132,7 +145,7 @@ pub fn stamp_writer(
         let mut buf = Aligned::new();
         let mut x = seed;
         let mut log = Vec::new();
-        let mut seq = 0u64;
+        let mut seq = after;
         while !stop.load(Ordering::Relaxed) {
             if let Some(q) = quiesce.as_ref().filter(|q| q.join("freeze-req").exists()) {
                 for f in &files {
