@@ -805,28 +805,6 @@ fn points_consistency(site: &Site) -> Vec<(u64, bool)> {
 /// Read every point of vm1 from the store (the receiver must be stopped)
 /// and check each is crash-consistent: point cycle -> (newest write in it,
 /// app-consistent, cut time).
-/// Read every disk `dN.img` of `vm`'s point `p` from the store into
-/// `disks[N]`.
-fn read_point_disks(
-    st: &vdrep::replica::Site<'_>,
-    vm: &str,
-    p: &vdrep::replica::Point,
-    disks: &mut [Vec<u8>],
-) {
-    for idh in &p.disks {
-        let mut id = [0u8; 16];
-        for (i, o) in id.iter_mut().enumerate() {
-            *o = u8::from_str_radix(&idh[2 * i..2 * i + 2], 16).unwrap();
-        }
-        let name = st.disk_state(vm, &id).unwrap().name;
-        let i: usize = name[1..name.len() - 4].parse().unwrap();
-        let rd = st.read_point(vm, &id, p.cycle).unwrap();
-        let mut b = vec![0u8; DISK_BYTES as usize];
-        rd.read_at(&mut b, 0).unwrap();
-        disks[i] = b;
-    }
-}
-
 fn check_all_points(
     site: &Site,
     history: &HashMap<(usize, u64), Vec<u64>>,

@@ -13,6 +13,7 @@ use crate::failover::ready::Readiness;
 use crate::failover::test::{self, Accel, BootOptions};
 use crate::failover::{role_change, FailoverError, FailoverErrorKind};
 use crate::ipc::CallErrorKind;
+use crate::libvirt::Virsh;
 use crate::objstore::StoreUrl;
 use crate::testview::bucket::{self, BucketView};
 use crate::testview::{format_utc, PointSel, ViewInfo};
@@ -84,10 +85,11 @@ pub struct FailoverArgs {
     /// the definition of DOMAIN in this site's libvirt.
     #[arg(long, requires = "domain", value_name = "FILE")]
     pub definition: Option<PathBuf>,
-    /// With --domain --test: the isolated libvirt network of the test copy
+    /// With --domain --test (or --group --test, for members whose point
+    /// carries a domain definition): the isolated libvirt network of the test copy
     /// (created if missing: no forwarding, no addresses; removed by
     /// --cleanup if it created it and nothing else is attached).
-    #[arg(long, requires = "domain", default_value = crate::failover::domain::TEST_NETWORK)]
+    #[arg(long, default_value = crate::failover::domain::TEST_NETWORK)]
     pub test_network: String,
     /// With --domain --unplanned or --planned: FROM=TO,... — a NIC on the
     /// network or bridge FROM goes to the libvirt network (or host bridge)
@@ -372,7 +374,7 @@ fn group_failover(a: &FailoverArgs, group: &str) -> Out {
         Err(e) => return out.fail(2, format!("vdrep: --point: {e}")),
     };
     if m.cleanup {
-        let done = match fg::cleanup(&a.store, a.site.clone(), group) {
+        let done = match fg::cleanup(&a.store, a.site.clone(), group, &Virsh::new()) {
             Ok(d) => d,
             Err(e) => return recv_fail(out, &format!("cleanup of group {group}"), e),
         };
@@ -389,17 +391,28 @@ fn group_failover(a: &FailoverArgs, group: &str) -> Out {
     }
     // (group point, JSON of each VM's view or live disks, a line per VM)
     let (gp, shown, lines) = if m.test {
-        match fg::test(&a.store, a.site.clone(), group, sel) {
+        let lv = (&Virsh::new(), a.test_network.as_str());
+        match fg::test(&a.store, a.site.clone(), group, sel, lv) {
             Ok((gp, views)) => {
                 let lines = views
                     .iter()
-                    .map(|v| {
+                    .map(|t| {
+                        let v = &t.view;
                         let paths: Vec<String> = v
                             .disks
                             .iter()
                             .map(|d| d.path.display().to_string())
                             .collect();
-                        format!("{}: {}", v.vm, paths.join(" "))
+                        match &t.domain {
+                            Some((_, d)) => format!(
+                                "{}: {} (domain {} started on network {})",
+                                v.vm,
+                                paths.join(" "),
+                                d.domain,
+                                d.network
+                            ),
+                            None => format!("{}: {}", v.vm, paths.join(" ")),
+                        }
                     })
                     .collect::<Vec<_>>();
                 (gp, serde_json::to_value(&views).unwrap_or_default(), lines)

@@ -11,14 +11,17 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use super::domain::{self, TestDomain};
 use super::role_change::{self, Planned, PlannedReport};
 use super::{test, FailoverError};
 use crate::daemon::control as mount_ctl;
 use crate::ipc::CallErrorKind;
+use crate::libvirt::{Definition, Virsh};
 use crate::receiver::control::{self, Request};
 use crate::replica::{GroupPoint, LiveInfo};
 use crate::roles::{CancelReport, GroupBack};
 use crate::testview::{PointSel, ViewInfo};
+use crate::util::steps::Steps;
 
 /// The group points of `group` (oldest first) and their site: from the
 /// running receiver of `store`, or from the store itself when none runs.
@@ -68,24 +71,87 @@ pub fn choose(pts: &[GroupPoint], sel: PointSel, group: &str) -> Result<GroupPoi
     })
 }
 
-/// Test failover of every member at one group point: one view per VM.
-/// If a member cannot be exposed, the views already made are removed.
+/// One member's test failover: its view and, when its point carries a
+/// libvirt domain definition, the running test copy of that domain.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MemberTest {
+    #[serde(flatten)]
+    pub view: ViewInfo,
+    /// The domain (its name in the definition) and its test copy.
+    pub domain: Option<(String, TestDomain)>,
+}
+
+/// The libvirt domain definition kept with point `cycle` of `vm`, if any.
+fn point_definition(
+    store: &Path,
+    site: &str,
+    vm: &str,
+    cycle: u64,
+) -> Result<Option<Definition>, FailoverError> {
+    let (_, pts) = test::points(store, Some(site.to_string()), vm)?;
+    pts.iter()
+        .find(|p| p.point.cycle == cycle)
+        .and_then(|p| p.definition.as_deref())
+        .map(Definition::parse)
+        .transpose()
+        .map_err(FailoverError::from)
+}
+
+/// Remove one member's test failover: its domain's test copy, then its
+/// view.
+fn remove_member_test(
+    virsh: &Virsh,
+    store: &Path,
+    site: &str,
+    t: &MemberTest,
+) -> Result<(), FailoverError> {
+    if let Some((d, _)) = &t.domain {
+        domain::cleanup_test_copy(virsh, d)?;
+    }
+    test::cleanup(store, Some(site.to_string()), &t.view.vm).map(|_| ())
+}
+
+/// Test failover of every member at one group point: one view per VM,
+/// and for a member whose point carries a libvirt domain definition, its
+/// test copy `D-test` started on the isolated `network` (as `failover
+/// --domain D --test`). If a member cannot be exposed or started, what
+/// was made for the others is removed again.
 pub fn test(
     store: &Path,
     site: Option<String>,
     group: &str,
     sel: PointSel,
-) -> Result<(GroupPoint, Vec<ViewInfo>), FailoverError> {
+    (virsh, network): (&Virsh, &str),
+) -> Result<(GroupPoint, Vec<MemberTest>), FailoverError> {
     let (site, pts) = points(store, site, group)?;
     let gp = choose(&pts, sel, group)?;
-    let mut views = Vec::new();
+    let mut made: Vec<MemberTest> = Vec::new();
     for m in &gp.members {
         let at = PointSel::Cycle { cycle: m.point };
-        match test::expose(store, Some(site.clone()), &m.vm, at, None) {
-            Ok(v) => views.push(v),
+        let one = point_definition(store, &site, &m.vm, m.point).and_then(|def| match def {
+            Some(def) => {
+                let o = domain::TestOptions {
+                    store,
+                    site: Some(site.clone()),
+                    vm: &m.vm,
+                    point: at,
+                    at: None,
+                    definition: &domain::DefinitionFrom::Point(def.name.clone()),
+                    network,
+                };
+                domain::test_failover(virsh, &o, &mut Steps::start()).map(|(view, t)| MemberTest {
+                    view,
+                    domain: Some((def.name.clone(), t)),
+                })
+            }
+            None => test::expose(store, Some(site.clone()), &m.vm, at, None)
+                .map(|view| MemberTest { view, domain: None }),
+        });
+        match one {
+            Ok(t) => made.push(t),
             Err(e) => {
-                for v in &views {
-                    let _ = test::cleanup(store, Some(site.clone()), &v.vm);
+                for t in &made {
+                    let _ = remove_member_test(virsh, store, &site, t);
                 }
                 return Err(FailoverError::Noted {
                     source: Box::new(e),
@@ -97,27 +163,52 @@ pub fn test(
             }
         }
     }
-    Ok((gp, views))
+    Ok((gp, made))
 }
 
 /// What cleanup did for one VM: its removed view (if it had one), or why
 /// not.
 pub type Cleaned = (String, Result<Option<ViewInfo>, FailoverError>);
 
-/// Remove the test failover of every VM of the group's group points.
+/// Remove the test failover of every VM of the group's group points,
+/// and the test copy of every libvirt domain their points name.
 pub fn cleanup(
     store: &Path,
     site: Option<String>,
     group: &str,
+    virsh: &Virsh,
 ) -> Result<Vec<Cleaned>, FailoverError> {
     let (site, pts) = points(store, site, group)?;
     Ok(member_names(&pts)
         .into_iter()
         .map(|vm| {
-            let r = test::cleanup(store, Some(site.clone()), &vm).map(|(v, _)| v);
+            let r = remove_domain_copies(virsh, store, &site, &vm)
+                .and_then(|()| test::cleanup(store, Some(site.clone()), &vm).map(|(v, _)| v));
             (vm, r)
         })
         .collect())
+}
+
+/// Destroy and undefine the test copies of the domains `vm`'s points
+/// name (a domain renamed between points has one name per definition).
+fn remove_domain_copies(
+    virsh: &Virsh,
+    store: &Path,
+    site: &str,
+    vm: &str,
+) -> Result<(), FailoverError> {
+    let (_, pts) = test::points(store, Some(site.to_string()), vm)?;
+    let mut names: Vec<String> = pts
+        .iter()
+        .filter_map(|p| Definition::parse(p.definition.as_deref()?).ok())
+        .map(|d| d.name)
+        .collect();
+    names.sort();
+    names.dedup();
+    for d in names {
+        domain::cleanup_test_copy(virsh, &d)?;
+    }
+    Ok(())
 }
 
 /// Unplanned failover of every member to one group point. A member that
