@@ -1009,11 +1009,12 @@ struct PlanActions<'a> {
 }
 
 impl Actions for PlanActions<'_> {
-    fn fail_over(&self, vm: &str, domain: bool) -> (bool, String) {
+    fn fail_over(&self, g: &Group, vm: &str, domain: bool) -> (bool, String) {
         let store = self.store;
         let out = if domain {
             let mut a = FailoverArgs::test_of(vm, store);
             a.domain = Some(vm.to_string());
+            a.network_map = g.network_map.clone();
             a.mode.test = self.test && !self.cleanup;
             a.mode.cleanup = self.cleanup;
             a.mode.unplanned = !self.test;
