@@ -1142,6 +1142,37 @@ fn a_domain_is_protected_by_name_and_failed_over_as_a_vm() {
     let gps = group_points();
     assert!(gps.len() >= 4, "only {} group points", gps.len());
     step("group of two domains: stamped writes, group points");
+    // A planned failover of a group of domains is refused, nothing fenced.
+    let o = vdrep(&[
+        "failover",
+        "--group",
+        "erp",
+        "--planned",
+        "--dir",
+        &s.s("vm"),
+        "--store",
+        &s.s("store"),
+        "--reverse-to",
+        "127.0.0.1:9",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("libvirt domain") && err.contains(ERP[1]),
+        "{err}"
+    );
+    // (Its block 0 written again as it is: still writable, not fenced.)
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&gdisks[0])
+            .unwrap();
+        let mut b = vec![0u8; 4096];
+        f.read_exact_at(&mut b, 0).unwrap();
+        f.write_all_at(&b, 0)
+            .expect("the group's disks are not fenced");
+    }
     // The group's test failover starts both test copies, isolated.
     let mid = gps[gps.len() / 2];
     let out = vdrep_ok(&[

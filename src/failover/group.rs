@@ -329,6 +329,18 @@ pub fn planned(
             dir.display()
         )));
     }
+    // A domain would have to be shut down here and started there: not
+    // built for a group (nothing is fenced yet).
+    for vm in &members {
+        if let Some(d) = role_change::fence_request(&dir, vm, true, true)?
+            .spec
+            .domain
+        {
+            return Err(FailoverError::Refused(format!(
+                "{vm} of group {group} is protected as libvirt domain {d}: a planned failover of a group of domains is not supported; shut the domains down first and fail each over with `vdrep failover VM --domain D --planned`"
+            )));
+        }
+    }
     let back = GroupBack {
         name: group.to_string(),
         members: members.clone(),

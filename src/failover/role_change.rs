@@ -33,7 +33,7 @@ pub(super) fn fence(dir: &Path, vm: &str, on: bool) -> Result<FenceReport> {
     fence_request(dir, vm, on, false)
 }
 
-fn fence_request(dir: &Path, vm: &str, on: bool, peek: bool) -> Result<FenceReport> {
+pub(super) fn fence_request(dir: &Path, vm: &str, on: bool, peek: bool) -> Result<FenceReport> {
     call_ok(
         dir,
         &Request::Fence {
