@@ -805,28 +805,6 @@ fn points_consistency(site: &Site) -> Vec<(u64, bool)> {
 /// Read every point of vm1 from the store (the receiver must be stopped)
 /// and check each is crash-consistent: point cycle -> (newest write in it,
 /// app-consistent, cut time).
-/// Read every disk `dN.img` of `vm`'s point `p` from the store into
-/// `disks[N]`.
-fn read_point_disks(
-    st: &vdrep::replica::Site<'_>,
-    vm: &str,
-    p: &vdrep::replica::Point,
-    disks: &mut [Vec<u8>],
-) {
-    for idh in &p.disks {
-        let mut id = [0u8; 16];
-        for (i, o) in id.iter_mut().enumerate() {
-            *o = u8::from_str_radix(&idh[2 * i..2 * i + 2], 16).unwrap();
-        }
-        let name = st.disk_state(vm, &id).unwrap().name;
-        let i: usize = name[1..name.len() - 4].parse().unwrap();
-        let rd = st.read_point(vm, &id, p.cycle).unwrap();
-        let mut b = vec![0u8; DISK_BYTES as usize];
-        rd.read_at(&mut b, 0).unwrap();
-        disks[i] = b;
-    }
-}
-
 fn check_all_points(
     site: &Site,
     history: &HashMap<(usize, u64), Vec<u64>>,
@@ -1296,7 +1274,15 @@ fn group_points_are_consistent_across_the_vms() {
             .set_len(DISK_BYTES)
             .unwrap();
     }
-    let mut m = Mounted::new(&site.p("vm"), &["--keys", &site.s("ka")]);
+    // `hold/hold-ship` stops the worker between a group cut and its
+    // shipping (the test hook of `VDREP_TEST_HOLD_CUT`).
+    let hold = site.p("hold");
+    std::fs::create_dir_all(&hold).unwrap();
+    let mut m = Mounted::with_env(
+        &site.p("vm"),
+        &["--keys", &site.s("ka")],
+        &[("VDREP_TEST_HOLD_CUT", &site.s("hold"))],
+    );
     let r = Receiver::start(&site, "127.0.0.1:0");
     for (vm, every, disks) in [
         ("erp-db", "continuous", &names[..2]),
@@ -1361,11 +1347,43 @@ fn group_points_are_consistent_across_the_vms() {
     {
         std::thread::sleep(Duration::from_millis(300));
     }
+    // A restart of the worker between a group cut and its shipping (the
+    // receiver went away meanwhile): the new worker ships that cut's logs
+    // as halves of a group point still (its record is kept with the
+    // sealed cycle, `.vdrep/cuts/`).
+    std::fs::write(hold.join("hold-ship"), "").unwrap();
+    let t0 = Instant::now();
+    let held = loop {
+        if let Ok(s) = std::fs::read_to_string(hold.join("held-ship")) {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no group cut reached the hold"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
     stop.store(true, Ordering::Relaxed);
     let log = writer.join().unwrap().all_ok();
+    let (pid, held_cycle) = held.split_once(' ').unwrap();
+    let (pid, held_cycle): (i32, u64) = (pid.parse().unwrap(), held_cycle.parse().unwrap());
+    assert_eq!(m.worker_pid(), Some(pid), "the worker holds the group cut");
+    let addr = r.addr.clone();
+    drop(r);
+    std::fs::remove_file(hold.join("hold-ship")).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    vdrep_ok(&["restart", &site.s("vm")]);
+    assert_ne!(m.worker_pid(), Some(pid), "a new worker");
+    let r = Receiver::start(&site, &addr);
     sync_ok(&site);
     let history = history(&log);
     let pts = group_points();
+    assert!(
+        pts.contains(&held_cycle),
+        "cycle {held_cycle}, cut for the group before the worker was restarted, is no group point: {pts:?}; erp-db: {}; erp-app: {}",
+        vdrep_ok(&["points", "erp-db", "--store", &site.s("store")]),
+        vdrep_ok(&["points", "erp-app", "--store", &site.s("store")])
+    );
     println!("{} writes, {} group points", log.len(), pts.len());
     assert!(pts.len() >= 8, "only {} group points", pts.len());
     let text = vdrep_ok(&["points", "--group", "erp", "--store", &site.s("store")]);
@@ -1556,9 +1574,136 @@ fn group_points_are_consistent_across_the_vms() {
     }
     let s = check_consistent("live disks after the group's failover", &disks, &history);
     assert_eq!(s, seqs[1], "the live disks are group point {old}");
+    // Cancel acts on every member.
+    let out = vdrep_ok(&[
+        "failover",
+        "--group",
+        "erp",
+        "--cancel",
+        "--store",
+        &site.s("store"),
+    ]);
     for vm in ["erp-db", "erp-app"] {
-        vdrep_ok(&["failover", vm, "--cancel", "--store", &site.s("store")]);
+        assert!(out.contains(&format!("{vm}: failover cancelled")), "{out}");
     }
+
+    // Planned failover of the group while the stamped writer goes on
+    // (continuing the sequence) until just before it: site A's store and
+    // receiver take the replicas, B (its receiver back at the address the
+    // members replicate to) starts both VMs in one folder.
     drop(r2);
-    m.umount();
+    let r2 = Receiver::start(&site, &addr);
+    let ra = Receiver::spawn(
+        "127.0.0.1:0",
+        &site.p("store-a"),
+        &site.p("ka"),
+        &site.p("kb/site-b.crt"),
+        &[],
+        &[],
+    );
+    // Block 0 of d0 back to its stamped content (the write of 7s above
+    // is no stamped write).
+    let mut blk = vec![0u8; BLK];
+    if let Some(&last) = history.get(&(0, 0)).and_then(|v| v.last()) {
+        stamp(last, 0, 0, &mut blk);
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(site.p("vm/d0.img"))
+        .unwrap()
+        .write_all_at(&blk, 0)
+        .unwrap();
+    sync_ok(&site);
+    let stop = Arc::new(AtomicBool::new(false));
+    let paths: Vec<PathBuf> = names.iter().map(|n| site.p(&format!("vm/{n}"))).collect();
+    let writer = stamp_writer_after(
+        log.len() as u64,
+        paths,
+        stop.clone(),
+        Arc::new(AtomicU64::new(0)),
+        0xbb67_ae85_84ca_a73b,
+        None,
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::Relaxed);
+    let mut log = log;
+    log.extend(writer.join().unwrap().all_ok());
+    let history = stamputil::history(&log);
+    let out = vdrep_ok(&[
+        "failover",
+        "--group",
+        "erp",
+        "--planned",
+        "--dir",
+        &site.s("vm"),
+        "--store",
+        &site.s("store-a"),
+        "--reverse-to",
+        &ra.addr,
+        "--json",
+    ]);
+    m.mounted = false;
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let fin = v["cycle"].as_u64().unwrap();
+    let vms = v["vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 2, "{v}");
+    let mut disks = vec![Vec::new(); names.len()];
+    let mut live_dirs = Vec::new();
+    for vm in vms {
+        assert_eq!(
+            vm["cycle"].as_u64(),
+            Some(fin),
+            "one final group point: {v}"
+        );
+        live_dirs.push(PathBuf::from(vm["live_dir"].as_str().unwrap()));
+        for d in vm["live_disks"].as_array().unwrap() {
+            let p = PathBuf::from(d.as_str().unwrap());
+            let name = p.file_name().unwrap().to_str().unwrap().to_string();
+            let i: usize = name[1..name.len() - 4].parse().unwrap();
+            let mut b = std::fs::read(&p).unwrap();
+            b.truncate(DISK_BYTES as usize);
+            disks[i] = b;
+        }
+    }
+    assert_eq!(
+        live_dirs[0], live_dirs[1],
+        "the group is live in one folder"
+    );
+    let s = check_consistent("the group after its planned failover", &disks, &history);
+    assert_eq!(
+        s,
+        log.len() as u64,
+        "the final group point holds every acknowledged write of both VMs"
+    );
+    let gps = group_points();
+    assert!(gps.contains(&fin), "{fin} is no group point at B: {gps:?}");
+    // Reverse replication keeps the group: B's points reach A as group
+    // points of both VMs.
+    let b_dir = live_dirs[0].to_str().unwrap().to_string();
+    let mut b_mount = Mounted {
+        dir: live_dirs[0].clone(),
+        mounted: true,
+    };
+    let st = b_mount.status_json();
+    for v in st["replication"].as_array().unwrap() {
+        assert_eq!(v["group"], "erp", "{v}");
+    }
+    vdrep_ok(&["sync", &b_dir, "--timeout", "120"]);
+    let back = vdrep_ok(&[
+        "points",
+        "--group",
+        "erp",
+        "--store",
+        &site.s("store-a"),
+        "--json",
+    ]);
+    let back: serde_json::Value = serde_json::from_str(&back).unwrap();
+    let back = back["points"].as_array().unwrap();
+    assert!(!back.is_empty(), "no group point of the reverse direction");
+    assert!(back
+        .iter()
+        .all(|p| p["members"].as_array().unwrap().len() == 2));
+    b_mount.umount();
+    drop(ra);
+    drop(r2);
 }

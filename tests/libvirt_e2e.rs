@@ -31,6 +31,7 @@ mod common;
 mod libvirtutil;
 mod mountutil;
 mod skip;
+mod stamputil;
 
 use std::path::Path;
 use std::time::Duration;
@@ -44,6 +45,8 @@ const DR: &str = "vdrep-e2e-dr";
 const ISOLATED: &str = "vdrep-e2e-isolated";
 const OUTSIDE: &str = "vdrep-e2e-outside";
 const PLAIN: &str = "vdrep-e2e-plain";
+/// The two domains of the consistency group (part 9).
+const ERP: [&str; 2] = ["vdrep-e2e-erp-db", "vdrep-e2e-erp-app"];
 const BOOT: Duration = Duration::from_secs(300);
 
 fn libvirt_or_skip() -> Option<Libvirt> {
@@ -62,6 +65,10 @@ impl Cleanup<'_> {
     fn run(&self) {
         for d in [WEB1, &format!("{WEB1}-test"), OUTSIDE] {
             self.0.remove_domain(d);
+        }
+        for d in ERP {
+            self.0.remove_domain(d);
+            self.0.remove_domain(&format!("{d}-test"));
         }
         for n in [PROD, DR, ISOLATED] {
             self.0.remove_network(n);
@@ -1045,6 +1052,205 @@ fn a_domain_is_protected_by_name_and_failed_over_as_a_vm() {
     );
     lv.remove_domain(WEB1);
     step("scheduled boot verification");
+
+    // 9. A consistency group of two domains: one host-side stamped writer
+    //    through the mount stands in for both guests (no boot), writing to
+    //    either domain's disk in one global order; every group point holds
+    //    one prefix of that order across both domains' disks. `failover
+    //    --group --test` defines and starts both `*-test` copies on the
+    //    isolated network; `--cleanup` removes both. (Its own receiver:
+    //    the one above checks boots on a schedule.)
+    std::fs::create_dir_all(s.p("store-g")).unwrap();
+    let rg = mountutil::Receiver::spawn(
+        "127.0.0.1:0",
+        &s.p("store-g"),
+        &s.p("kb"),
+        &s.p("ka/site-a.crt"),
+        &[],
+        &[],
+    );
+    let gdisks = [s.p("vm/d0.img"), s.p("vm/d1.img")];
+    for (i, (name, uuid)) in ERP
+        .iter()
+        .zip([
+            "6d1c3e0a-2f47-4b7e-9a51-0c9e8e2b7a03",
+            "6d1c3e0a-2f47-4b7e-9a51-0c9e8e2b7a04",
+        ])
+        .enumerate()
+    {
+        std::fs::File::create(&gdisks[i])
+            .and_then(|f| f.set_len(stamputil::DISK_BYTES))
+            .unwrap();
+        define(&domain_xml(
+            (name, uuid),
+            &vm_dir,
+            &cmdline("g"),
+            &[(&gdisks[i], "raw", "vda")],
+            PROD,
+            &s.p(&format!("{name}-console.log")),
+        ));
+        vdrep_ok(&[
+            "protect",
+            "--domain",
+            name,
+            "--group",
+            "erp",
+            "--to",
+            &rg.addr,
+            "--trust",
+            &trust_b,
+            "--every",
+            "continuous",
+        ]);
+    }
+    let gstore = s.s("store-g");
+    let group_points = || -> Vec<u64> {
+        let v: serde_json::Value = serde_json::from_str(&vdrep_ok(&[
+            "points", "--group", "erp", "--store", &gstore, "--json",
+        ]))
+        .unwrap();
+        v["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["cycle"].as_u64().unwrap())
+            .collect()
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let writer = stamputil::stamp_writer(
+        gdisks.to_vec(),
+        stop.clone(),
+        written.clone(),
+        0x3c6e_f372_fe94_f82b,
+        None,
+    );
+    let t_group = std::time::Instant::now();
+    while (group_points().len() < 4 || written.load(std::sync::atomic::Ordering::Relaxed) < 500)
+        && t_group.elapsed() < Duration::from_secs(60)
+    {
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let log = writer.join().unwrap().all_ok();
+    // (Not `sync DIR`: other VMs of the folder replicate to the receiver
+    // part 8 replaced.)
+    for d in ERP {
+        vdrep_ok(&["sync", d, "--timeout", "120"]);
+    }
+    let history = stamputil::history(&log);
+    let gps = group_points();
+    assert!(gps.len() >= 4, "only {} group points", gps.len());
+    step("group of two domains: stamped writes, group points");
+    // A planned failover of a group of domains is refused, nothing fenced.
+    let o = vdrep(&[
+        "failover",
+        "--group",
+        "erp",
+        "--planned",
+        "--dir",
+        &s.s("vm"),
+        "--store",
+        &s.s("store"),
+        "--reverse-to",
+        "127.0.0.1:9",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("libvirt domain") && err.contains(ERP[1]),
+        "{err}"
+    );
+    // (Its block 0 written again as it is: still writable, not fenced.)
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&gdisks[0])
+            .unwrap();
+        let mut b = vec![0u8; 4096];
+        f.read_exact_at(&mut b, 0).unwrap();
+        f.write_all_at(&b, 0)
+            .expect("the group's disks are not fenced");
+    }
+    // The group's test failover starts both test copies, isolated.
+    let mid = gps[gps.len() / 2];
+    let out = vdrep_ok(&[
+        "failover",
+        "--group",
+        "erp",
+        "--test",
+        "--point",
+        &mid.to_string(),
+        "--test-network",
+        ISOLATED,
+        "--store",
+        &gstore,
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for d in ERP {
+        let t = format!("{d}-test");
+        assert!(lv.running(&t), "{t} is not running: {v}");
+        let nics = lv.nics(&t);
+        assert!(
+            !nics.is_empty() && nics.iter().all(|(net, _)| net == ISOLATED),
+            "{t}'s NICs: {nics:?}"
+        );
+        assert!(lv.domain_exists(d), "{d} is still defined");
+    }
+    step("group test failover: both test copies started");
+    vdrep_ok(&[
+        "failover",
+        "--group",
+        "erp",
+        "--cleanup",
+        "--store",
+        &gstore,
+    ]);
+    for d in ERP {
+        assert!(!lv.domain_exists(&format!("{d}-test")), "{d}-test left");
+    }
+    assert!(
+        !std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .contains(&gstore),
+        "a view of the group is still mounted"
+    );
+    step("group test failover cleaned up");
+    for d in ERP {
+        vdrep_ok(&["unprotect", d]);
+        lv.remove_domain(d);
+    }
+    // Every group point, both domains' disks (read from the store, its
+    // receiver stopped).
+    drop(rg);
+    {
+        let store = vdrep::replica::Store::open(&s.p("store-g")).unwrap();
+        let st = store.site("site-a").unwrap();
+        let mut seqs = Vec::new();
+        for g in st.group_points("erp").unwrap() {
+            let mut disks = vec![Vec::new(); 2];
+            for mb in &g.members {
+                let pts = st.points(&mb.vm).unwrap();
+                let p = pts.iter().find(|p| p.cycle == mb.point).unwrap();
+                stamputil::read_point_disks(&st, &mb.vm, p, &mut disks);
+            }
+            seqs.push(stamputil::check_consistent(
+                &format!("group point {} of the two domains", g.cycle),
+                &disks,
+                &history,
+            ));
+        }
+        assert!(seqs.windows(2).all(|w| w[0] <= w[1]), "{seqs:?}");
+        assert!(seqs.len() >= gps.len(), "{seqs:?} {gps:?}");
+        assert_eq!(
+            seqs.last().copied(),
+            Some(log.len() as u64),
+            "the newest group point holds every write"
+        );
+    }
+    step("every group point consistent across both domains");
     drop(ra);
     drop(c);
 }

@@ -13,6 +13,7 @@ use crate::failover::ready::Readiness;
 use crate::failover::test::{self, Accel, BootOptions};
 use crate::failover::{role_change, FailoverError, FailoverErrorKind};
 use crate::ipc::CallErrorKind;
+use crate::libvirt::Virsh;
 use crate::objstore::StoreUrl;
 use crate::testview::bucket::{self, BucketView};
 use crate::testview::{format_utc, PointSel, ViewInfo};
@@ -65,7 +66,10 @@ pub struct FailoverArgs {
     pub name: Option<String>,
     /// A consistency group: one group point (`vdrep points --group`) for
     /// every VM of the group. With --test (one view per VM), --cleanup and
-    /// --unplanned; --point names a group point.
+    /// --unplanned (--point names a group point); --planned (at the active
+    /// site: every member fenced, one final group point, all handed over
+    /// and replicating back as the group); --commit and --cancel (every
+    /// member).
     #[arg(long, value_name = "GROUP", conflicts_with_all = ["name", "domain", "boot", "at"])]
     pub group: Option<String>,
     /// A libvirt domain, failed over as a VM: --test defines and starts
@@ -81,10 +85,11 @@ pub struct FailoverArgs {
     /// the definition of DOMAIN in this site's libvirt.
     #[arg(long, requires = "domain", value_name = "FILE")]
     pub definition: Option<PathBuf>,
-    /// With --domain --test: the isolated libvirt network of the test copy
+    /// With --domain --test (or --group --test, for members whose point
+    /// carries a domain definition): the isolated libvirt network of the test copy
     /// (created if missing: no forwarding, no addresses; removed by
     /// --cleanup if it created it and nothing else is attached).
-    #[arg(long, requires = "domain", default_value = crate::failover::domain::TEST_NETWORK)]
+    #[arg(long, default_value = crate::failover::domain::TEST_NETWORK)]
     pub test_network: String,
     /// With --domain --unplanned or --planned: FROM=TO,... — a NIC on the
     /// network or bridge FROM goes to the libvirt network (or host bridge)
@@ -352,20 +357,24 @@ fn group_failover(a: &FailoverArgs, group: &str) -> Out {
     use crate::failover::group as fg;
     let mut out = Out::default();
     let m = &a.mode;
-    if !(m.test || m.cleanup || m.unplanned)
-        || !matches!(super::objstore::s3_url(&a.store), Ok(None))
-    {
+    if !matches!(super::objstore::s3_url(&a.store), Ok(None)) {
         return out.fail(
             2,
-            "vdrep: failover --group works with --test, --cleanup and --unplanned at a receiver's store folder; fail the group's VMs over one by one for the rest (doc/CONSISTENCY-GROUPS.md)",
+            "vdrep: failover --group works at a receiver's store folder, not an s3:// store (doc/CONSISTENCY-GROUPS.md)",
         );
+    }
+    if m.planned {
+        return group_planned(a, group, out);
+    }
+    if m.commit || m.cancel {
+        return group_commit_or_cancel(a, group, out);
     }
     let sel = match a.point.as_deref().map(PointSel::parse).transpose() {
         Ok(s) => s.unwrap_or(PointSel::Latest),
         Err(e) => return out.fail(2, format!("vdrep: --point: {e}")),
     };
     if m.cleanup {
-        let done = match fg::cleanup(&a.store, a.site.clone(), group) {
+        let done = match fg::cleanup(&a.store, a.site.clone(), group, &Virsh::new()) {
             Ok(d) => d,
             Err(e) => return recv_fail(out, &format!("cleanup of group {group}"), e),
         };
@@ -382,17 +391,28 @@ fn group_failover(a: &FailoverArgs, group: &str) -> Out {
     }
     // (group point, JSON of each VM's view or live disks, a line per VM)
     let (gp, shown, lines) = if m.test {
-        match fg::test(&a.store, a.site.clone(), group, sel) {
+        let lv = (&Virsh::new(), a.test_network.as_str());
+        match fg::test(&a.store, a.site.clone(), group, sel, lv) {
             Ok((gp, views)) => {
                 let lines = views
                     .iter()
-                    .map(|v| {
+                    .map(|t| {
+                        let v = &t.view;
                         let paths: Vec<String> = v
                             .disks
                             .iter()
                             .map(|d| d.path.display().to_string())
                             .collect();
-                        format!("{}: {}", v.vm, paths.join(" "))
+                        match &t.domain {
+                            Some((_, d)) => format!(
+                                "{}: {} (domain {} started on network {})",
+                                v.vm,
+                                paths.join(" "),
+                                d.domain,
+                                d.network
+                            ),
+                            None => format!("{}: {}", v.vm, paths.join(" ")),
+                        }
                     })
                     .collect::<Vec<_>>();
                 (gp, serde_json::to_value(&views).unwrap_or_default(), lines)
@@ -441,6 +461,83 @@ fn group_failover(a: &FailoverArgs, group: &str) -> Out {
         ));
     }
     out
+}
+
+/// `--group GROUP --planned --reverse-to ADDR [--dir DIR]`.
+fn group_planned(a: &FailoverArgs, group: &str, mut out: Out) -> Out {
+    let Some(reverse_to) = a.reverse_to.as_deref() else {
+        return out.fail(2, "vdrep: --planned needs --reverse-to HOST:PORT (this site's receiver, for replicating back)");
+    };
+    let o = crate::failover::group::PlannedGroup {
+        group,
+        dir: a.dir.as_deref(),
+        store: &a.store,
+        reverse_to,
+        timeout: Duration::from_secs(a.timeout),
+    };
+    match crate::failover::group::planned(&o, &say) {
+        Ok(r) => {
+            for w in r.vms.iter().flat_map(|v| &v.warnings) {
+                out.err(format!("vdrep: warning: {w}"));
+            }
+            if a.json {
+                out.line(serde_json::to_string_pretty(&r).unwrap_or_default());
+                return out;
+            }
+            out.line(format!(
+                "group {group}: planned failover done: nothing lost (group point {}, every member verified); {} VM(s) live at {}, replicating back to this site as group {group}",
+                r.cycle,
+                r.vms.len(),
+                r.vms.first().map_or("", |v| v.peer.as_str())
+            ));
+            for v in &r.vms {
+                out.line(format!("{}: live in {}", v.vm, v.live_dir.display()));
+            }
+            out
+        }
+        Err(e) => out.fail(1, format!("vdrep: planned failover of group {group}: {e}")),
+    }
+}
+
+/// `--group GROUP --commit` or `--cancel`: every member.
+fn group_commit_or_cancel(a: &FailoverArgs, group: &str, mut out: Out) -> Out {
+    use crate::failover::group as fg;
+    let lines = if a.mode.commit {
+        fg::commit(&a.store, a.site.clone(), group, &say).map(|done| {
+            done.iter()
+                .map(|(vm, l)| {
+                    format!(
+                        "{vm}: failover committed; live at {} from point {}",
+                        l.dir.display(),
+                        l.cycle
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+    } else {
+        fg::cancel(&a.store, a.site.clone(), group).map(|done| {
+            done.iter()
+                .map(|(vm, r)| {
+                    format!(
+                        "{vm}: failover cancelled: {} undone, {} stopped; the replica is back at point {}",
+                        human(r.undone_bytes),
+                        r.dir.display(),
+                        r.points.last().map_or(r.cycle, |p| p.cycle)
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+    };
+    let what = if a.mode.commit { "commit" } else { "cancel" };
+    match lines {
+        Ok(lines) => {
+            for l in lines {
+                out.line(l);
+            }
+            out
+        }
+        Err(e) => recv_fail(out, &format!("{what} of group {group}"), e),
+    }
 }
 
 /// `--cleanup`.
@@ -741,6 +838,7 @@ fn planned(a: &FailoverArgs) -> i32 {
         reverse_to,
         timeout: Duration::from_secs(a.timeout),
         domain,
+        group: None,
     };
     let done = match &o.domain {
         None => role_change::planned(&o, &say).map(|r| (r, None)),
@@ -911,11 +1009,12 @@ struct PlanActions<'a> {
 }
 
 impl Actions for PlanActions<'_> {
-    fn fail_over(&self, vm: &str, domain: bool) -> (bool, String) {
+    fn fail_over(&self, g: &Group, vm: &str, domain: bool) -> (bool, String) {
         let store = self.store;
         let out = if domain {
             let mut a = FailoverArgs::test_of(vm, store);
             a.domain = Some(vm.to_string());
+            a.network_map = g.network_map.clone();
             a.mode.test = self.test && !self.cleanup;
             a.mode.cleanup = self.cleanup;
             a.mode.unplanned = !self.test;

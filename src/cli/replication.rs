@@ -512,6 +512,7 @@ pub fn protect(
         rpo_alert_secs,
         domain,
         group,
+        group_members: Vec::new(),
         retry,
     };
     match control::call(

@@ -99,6 +99,7 @@ pub fn protect_spec(vm: &VmCfg) -> Result<ProtectSpec, ReloadError> {
         rpo_alert_secs: vm.rpo_alert.map_or(0, |d| d.as_secs().max(1)),
         domain: vm.domain.clone(),
         group: vm.group.clone(),
+        group_members: Vec::new(),
         retry: crate::sender::RetrySchedule::with(
             vm.retry_fast.as_deref(),
             vm.retry_fast_max_every.map(Every::secs),

@@ -3,15 +3,25 @@
 //! unplanned failover to that point. Refused, changing nothing, when the
 //! point is not a group point; a member that fails midway leaves the
 //! others as they are, and the error says which were done and how to undo
-//! them.
+//! them. A planned failover of the group ([`planned`]) fences every
+//! member first, ships one final group cut, verifies every member, then
+//! hands them over one after the other; commit and cancel act on every
+//! member.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use super::{role_change, test, FailoverError};
+use super::domain::{self, TestDomain};
+use super::role_change::{self, Planned, PlannedReport};
+use super::{test, FailoverError};
+use crate::daemon::control as mount_ctl;
 use crate::ipc::CallErrorKind;
+use crate::libvirt::{Definition, Virsh};
 use crate::receiver::control::{self, Request};
 use crate::replica::{GroupPoint, LiveInfo};
+use crate::roles::{CancelReport, GroupBack};
 use crate::testview::{PointSel, ViewInfo};
+use crate::util::steps::Steps;
 
 /// The group points of `group` (oldest first) and their site: from the
 /// running receiver of `store`, or from the store itself when none runs.
@@ -61,24 +71,87 @@ pub fn choose(pts: &[GroupPoint], sel: PointSel, group: &str) -> Result<GroupPoi
     })
 }
 
-/// Test failover of every member at one group point: one view per VM.
-/// If a member cannot be exposed, the views already made are removed.
+/// One member's test failover: its view and, when its point carries a
+/// libvirt domain definition, the running test copy of that domain.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MemberTest {
+    #[serde(flatten)]
+    pub view: ViewInfo,
+    /// The domain (its name in the definition) and its test copy.
+    pub domain: Option<(String, TestDomain)>,
+}
+
+/// The libvirt domain definition kept with point `cycle` of `vm`, if any.
+fn point_definition(
+    store: &Path,
+    site: &str,
+    vm: &str,
+    cycle: u64,
+) -> Result<Option<Definition>, FailoverError> {
+    let (_, pts) = test::points(store, Some(site.to_string()), vm)?;
+    pts.iter()
+        .find(|p| p.point.cycle == cycle)
+        .and_then(|p| p.definition.as_deref())
+        .map(Definition::parse)
+        .transpose()
+        .map_err(FailoverError::from)
+}
+
+/// Remove one member's test failover: its domain's test copy, then its
+/// view.
+fn remove_member_test(
+    virsh: &Virsh,
+    store: &Path,
+    site: &str,
+    t: &MemberTest,
+) -> Result<(), FailoverError> {
+    if let Some((d, _)) = &t.domain {
+        domain::cleanup_test_copy(virsh, d)?;
+    }
+    test::cleanup(store, Some(site.to_string()), &t.view.vm).map(|_| ())
+}
+
+/// Test failover of every member at one group point: one view per VM,
+/// and for a member whose point carries a libvirt domain definition, its
+/// test copy `D-test` started on the isolated `network` (as `failover
+/// --domain D --test`). If a member cannot be exposed or started, what
+/// was made for the others is removed again.
 pub fn test(
     store: &Path,
     site: Option<String>,
     group: &str,
     sel: PointSel,
-) -> Result<(GroupPoint, Vec<ViewInfo>), FailoverError> {
+    (virsh, network): (&Virsh, &str),
+) -> Result<(GroupPoint, Vec<MemberTest>), FailoverError> {
     let (site, pts) = points(store, site, group)?;
     let gp = choose(&pts, sel, group)?;
-    let mut views = Vec::new();
+    let mut made: Vec<MemberTest> = Vec::new();
     for m in &gp.members {
         let at = PointSel::Cycle { cycle: m.point };
-        match test::expose(store, Some(site.clone()), &m.vm, at, None) {
-            Ok(v) => views.push(v),
+        let one = point_definition(store, &site, &m.vm, m.point).and_then(|def| match def {
+            Some(def) => {
+                let o = domain::TestOptions {
+                    store,
+                    site: Some(site.clone()),
+                    vm: &m.vm,
+                    point: at,
+                    at: None,
+                    definition: &domain::DefinitionFrom::Point(def.name.clone()),
+                    network,
+                };
+                domain::test_failover(virsh, &o, &mut Steps::start()).map(|(view, t)| MemberTest {
+                    view,
+                    domain: Some((def.name.clone(), t)),
+                })
+            }
+            None => test::expose(store, Some(site.clone()), &m.vm, at, None)
+                .map(|view| MemberTest { view, domain: None }),
+        });
+        match one {
+            Ok(t) => made.push(t),
             Err(e) => {
-                for v in &views {
-                    let _ = test::cleanup(store, Some(site.clone()), &v.vm);
+                for t in &made {
+                    let _ = remove_member_test(virsh, store, &site, t);
                 }
                 return Err(FailoverError::Noted {
                     source: Box::new(e),
@@ -90,33 +163,52 @@ pub fn test(
             }
         }
     }
-    Ok((gp, views))
+    Ok((gp, made))
 }
 
 /// What cleanup did for one VM: its removed view (if it had one), or why
 /// not.
 pub type Cleaned = (String, Result<Option<ViewInfo>, FailoverError>);
 
-/// Remove the test failover of every VM of the group's group points.
+/// Remove the test failover of every VM of the group's group points,
+/// and the test copy of every libvirt domain their points name.
 pub fn cleanup(
     store: &Path,
     site: Option<String>,
     group: &str,
+    virsh: &Virsh,
 ) -> Result<Vec<Cleaned>, FailoverError> {
     let (site, pts) = points(store, site, group)?;
-    let mut vms: Vec<String> = pts
-        .iter()
-        .flat_map(|p| p.members.iter().map(|m| m.vm.clone()))
-        .collect();
-    vms.sort();
-    vms.dedup();
-    Ok(vms
+    Ok(member_names(&pts)
         .into_iter()
         .map(|vm| {
-            let r = test::cleanup(store, Some(site.clone()), &vm).map(|(v, _)| v);
+            let r = remove_domain_copies(virsh, store, &site, &vm)
+                .and_then(|()| test::cleanup(store, Some(site.clone()), &vm).map(|(v, _)| v));
             (vm, r)
         })
         .collect())
+}
+
+/// Destroy and undefine the test copies of the domains `vm`'s points
+/// name (a domain renamed between points has one name per definition).
+fn remove_domain_copies(
+    virsh: &Virsh,
+    store: &Path,
+    site: &str,
+    vm: &str,
+) -> Result<(), FailoverError> {
+    let (_, pts) = test::points(store, Some(site.to_string()), vm)?;
+    let mut names: Vec<String> = pts
+        .iter()
+        .filter_map(|p| Definition::parse(p.definition.as_deref()?).ok())
+        .map(|d| d.name)
+        .collect();
+    names.sort();
+    names.dedup();
+    for d in names {
+        domain::cleanup_test_copy(virsh, &d)?;
+    }
+    Ok(())
 }
 
 /// Unplanned failover of every member to one group point. A member that
@@ -157,4 +249,338 @@ pub fn unplanned(
         }
     }
     Ok((gp, live))
+}
+
+/// The VMs of `group` protected by the mount at `dir`, by name.
+fn members_at(dir: &Path, group: &str) -> Result<Vec<String>, FailoverError> {
+    let r = mount_ctl::call_ok(dir, &mount_ctl::Request::Status)?;
+    let mut v: Vec<String> = r
+        .replication
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|s| s.group.as_deref() == Some(group))
+        .map(|s| s.vm)
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// Each member's newest committed point, from the mount at `dir`.
+fn last_points(dir: &Path, members: &[String]) -> Result<Vec<Option<u64>>, FailoverError> {
+    let r = mount_ctl::call_ok(dir, &mount_ctl::Request::Status)?;
+    let st = r.replication.unwrap_or_default();
+    Ok(members
+        .iter()
+        .map(|m| st.iter().find(|s| &s.vm == m).and_then(|s| s.last_point))
+        .collect())
+}
+
+/// Options of a group's planned failover.
+pub struct PlannedGroup<'a> {
+    pub group: &'a str,
+    /// The group's tracking folder (found from the running mounts if `None`).
+    pub dir: Option<&'a Path>,
+    /// This site's store (its receiver takes the replicas).
+    pub store: &'a Path,
+    /// This site's receiver address as the other site reaches it.
+    pub reverse_to: &'a str,
+    pub timeout: Duration,
+}
+
+/// What a group's planned failover did: the final group point and each
+/// member's planned failover.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PlannedGroupReport {
+    pub group: String,
+    pub cycle: u64,
+    pub vms: Vec<PlannedReport>,
+}
+
+/// Planned failover of every member of `o.group` from this (active) site
+/// to the other one, zero loss across all of them: fence every member,
+/// one final group cut shipped by all, every member verified equal to its
+/// replica, then each handed over (the other site starts them in one
+/// folder and protects them back as the group). Refused before the
+/// hand-over starts: every member active here again. A member failing
+/// during the hand-over: the error names the members already live at the
+/// other site and those active here again, and how to finish or undo.
+pub fn planned(
+    o: &PlannedGroup<'_>,
+    say: &dyn Fn(&str),
+) -> Result<PlannedGroupReport, FailoverError> {
+    let group = o.group;
+    crate::replica::validate_name("group", group)
+        .map_err(|e| FailoverError::Invalid(e.to_string()))?;
+    let dir: PathBuf = match o.dir {
+        Some(d) => std::fs::canonicalize(d).unwrap_or_else(|_| d.to_path_buf()),
+        None => mount_ctl::running_mounts()
+            .into_iter()
+            .find(|m| members_at(m, group).is_ok_and(|v| !v.is_empty()))
+            .ok_or_else(|| {
+                FailoverError::Refused(format!(
+                    "no running vdrep mount protects a VM of group {group}: give the folder with --dir"
+                ))
+            })?,
+    };
+    let members = members_at(&dir, group)?;
+    if members.is_empty() {
+        return Err(FailoverError::Refused(format!(
+            "the mount of {} protects no VM of group {group}",
+            dir.display()
+        )));
+    }
+    // A domain would have to be shut down here and started there: not
+    // built for a group (nothing is fenced yet).
+    for vm in &members {
+        if let Some(d) = role_change::fence_request(&dir, vm, true, true)?
+            .spec
+            .domain
+        {
+            return Err(FailoverError::Refused(format!(
+                "{vm} of group {group} is protected as libvirt domain {d}: a planned failover of a group of domains is not supported; shut the domains down first and fail each over with `vdrep failover VM --domain D --planned`"
+            )));
+        }
+    }
+    let back = GroupBack {
+        name: group.to_string(),
+        members: members.clone(),
+    };
+    let unfence = |vms: &[String], e: FailoverError| -> FailoverError {
+        let failed: Vec<String> = vms
+            .iter()
+            .filter(|vm| role_change::fence(&dir, vm, false).is_err())
+            .cloned()
+            .collect();
+        if failed.is_empty() {
+            e.noted(format!("(the failover of group {group} was abandoned; every member is active here again, writes are allowed)"))
+        } else {
+            e.noted(format!("(the failover of group {group} was abandoned, but unfencing {} failed: run `vdrep failover --group {group} --planned` again or remount {})", failed.join(", "), dir.display()))
+        }
+    };
+    // 1. Fence every member: from here on no member's disk changes.
+    let mut fenced = Vec::new();
+    for vm in &members {
+        match role_change::fence(&dir, vm, true) {
+            Ok(rep) => fenced.push(rep),
+            Err(e) => return Err(unfence(&members, e)),
+        }
+    }
+    say(&format!(
+        "fenced group {group} ({}): writes to their disks now fail (EROFS)",
+        members.join(", ")
+    ));
+    let Some(keys) = fenced[0].keys.clone() else {
+        return Err(unfence(
+            &members,
+            FailoverError::Refused(format!(
+                "{} was mounted without --keys: cannot talk to the other site",
+                dir.display()
+            )),
+        ));
+    };
+    // The other site must be reachable and run none of them; this site's
+    // receiver must be up to take the replicas.
+    let mut peer = String::new();
+    for (vm, rep) in members.iter().zip(&fenced) {
+        let (p, live) = role_change::ask_peer(
+            &keys,
+            rep,
+            &role_change::live_request(&planned_of(vm, &dir, o, &back), false),
+        )
+        .map_err(|e| unfence(&members, e.into()))?;
+        if let Some(l) = live.live {
+            return Err(unfence(&members, role_change::already_live(vm, &p, &l)));
+        }
+        peer = p;
+    }
+    control::call_ok(o.store, &Request::Ping).map_err(|e| unfence(&members, e.into()))?;
+    // 2. One final group cut of every member, shipped by all.
+    let cycle = final_group_cut(&dir, &members, o.timeout).map_err(|e| unfence(&members, e))?;
+    say(&format!(
+        "shipped the last writes of every member: group point {cycle} at {peer}"
+    ));
+    // 3. Prove it: every block of every member equals its replica.
+    let mut verified = Vec::new();
+    for vm in &members {
+        let v = role_change::verify_equal(&dir, vm, o.timeout).map_err(|e| unfence(&members, e))?;
+        say(&format!(
+            "verified: {v} blocks of {vm} equal its replica at point {cycle}"
+        ));
+        verified.push(v);
+    }
+    // 4. Hand each over.
+    let mut vms = Vec::new();
+    for (i, vm) in members.iter().enumerate() {
+        match role_change::hand_over(
+            &planned_of(vm, &dir, o, &back),
+            &dir,
+            (&keys, &peer),
+            (cycle, verified[i]),
+            say,
+        ) {
+            Ok(r) => {
+                say(&format!("{vm} is live at {peer}"));
+                vms.push(r);
+            }
+            Err(e) => {
+                let rest = &members[i + 1..];
+                let _ = rest
+                    .iter()
+                    .map(|vm| role_change::fence(&dir, vm, false))
+                    .collect::<Vec<_>>();
+                let done: Vec<&str> = vms.iter().map(|r: &PlannedReport| r.vm.as_str()).collect();
+                return Err(e.noted(format!(
+                    "planned failover of group {group} stopped at {vm}: {} live at {peer} already (replicating back here); {} active here again. Finish: fix the cause and run `vdrep failover --group {group} --planned` again here (it moves the members still protected here); undo: fail {} back with `vdrep failover VM --planned` at {peer}",
+                    if done.is_empty() { "none".to_string() } else { done.join(", ") },
+                    if rest.is_empty() { "no other member is".to_string() } else { format!("{} are", rest.join(", ")) },
+                    if done.is_empty() { "nothing".to_string() } else { done.join(", ") },
+                )));
+            }
+        }
+    }
+    Ok(PlannedGroupReport {
+        group: group.to_string(),
+        cycle,
+        vms,
+    })
+}
+
+/// The planned failover of member `vm` of the group `back`.
+fn planned_of<'a>(
+    vm: &'a str,
+    dir: &'a Path,
+    o: &PlannedGroup<'a>,
+    back: &GroupBack,
+) -> Planned<'a> {
+    Planned {
+        vm,
+        dir: Some(dir),
+        store: o.store,
+        reverse_to: o.reverse_to,
+        timeout: o.timeout,
+        domain: None,
+        group: Some(back.clone()),
+    }
+}
+
+/// With every member fenced: cut the group (a sync of one member cuts
+/// all) and wait until every member's newest point is that same cycle,
+/// the group point that holds all of their writes.
+fn final_group_cut(
+    dir: &Path,
+    members: &[String],
+    timeout: Duration,
+) -> Result<u64, FailoverError> {
+    let synced = mount_ctl::call_ok(
+        dir,
+        &mount_ctl::Request::Sync {
+            vm: members.first().cloned(),
+            timeout_secs: timeout.as_secs(),
+        },
+    )?;
+    let want = synced
+        .synced
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(_, c)| c)
+        .max()
+        .ok_or_else(|| FailoverError::Answer("the sync reported no recovery point".into()))?;
+    let t0 = Instant::now();
+    loop {
+        let at = last_points(dir, members)?;
+        if let Some(Some(c)) = at.first() {
+            if *c >= want && at.iter().all(|p| *p == Some(*c)) {
+                return Ok(*c);
+            }
+        }
+        if t0.elapsed() > timeout {
+            let shown: Vec<String> = members
+                .iter()
+                .zip(&at)
+                .map(|(m, p)| format!("{m} at {}", p.map_or("no point".into(), |c| c.to_string())))
+                .collect();
+            return Err(FailoverError::Answer(format!(
+                "the members did not reach one final group point {want} within {} s ({})",
+                timeout.as_secs(),
+                shown.join(", ")
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Every VM of any of `pts`, by name.
+fn member_names(pts: &[GroupPoint]) -> Vec<String> {
+    let mut vms: Vec<String> = pts
+        .iter()
+        .flat_map(|p| p.members.iter().map(|m| m.vm.clone()))
+        .collect();
+    vms.sort();
+    vms.dedup();
+    vms
+}
+
+/// The VMs of `group` at this site (every member of its group points).
+fn store_members(
+    store: &Path,
+    site: Option<String>,
+    group: &str,
+) -> Result<(String, Vec<String>), FailoverError> {
+    let (site, pts) = points(store, site, group)?;
+    let vms = member_names(&pts);
+    if vms.is_empty() {
+        return Err(FailoverError::Invalid(format!(
+            "group {group} has no group point here: `vdrep points --group {group}` lists them"
+        )));
+    }
+    Ok((site, vms))
+}
+
+/// Run `each` for every member of `group` in order; the first that fails
+/// stops it, and the error names the members already done.
+fn every_member<T>(
+    store: &Path,
+    site: Option<String>,
+    group: &str,
+    what: &str,
+    each: &dyn Fn(&str, &str) -> Result<T, FailoverError>,
+) -> Result<Vec<(String, T)>, FailoverError> {
+    let (site, vms) = store_members(store, site, group)?;
+    let mut done = Vec::new();
+    for vm in &vms {
+        match each(&site, vm) {
+            Ok(t) => done.push((vm.clone(), t)),
+            Err(e) => {
+                let names: Vec<&str> = done.iter().map(|(v, _)| v.as_str()).collect();
+                return Err(e.noted(format!(
+                    "{what} of group {group} stopped at {vm}: {} done already; the others are as they were (fix the cause and run it again for the rest, or `vdrep failover VM --{what}` for each)",
+                    if names.is_empty() { "none".to_string() } else { names.join(", ") }
+                )));
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// Make the failover of every member of `group` at this site final.
+pub fn commit(
+    store: &Path,
+    site: Option<String>,
+    group: &str,
+    say: &dyn Fn(&str),
+) -> Result<Vec<(String, LiveInfo)>, FailoverError> {
+    every_member(store, site, group, "commit", &|site, vm| {
+        role_change::commit(store, Some(site), vm, say)
+    })
+}
+
+/// Cancel the uncommitted failover of every member of `group` here.
+pub fn cancel(
+    store: &Path,
+    site: Option<String>,
+    group: &str,
+) -> Result<Vec<(String, CancelReport)>, FailoverError> {
+    every_member(store, site, group, "cancel", &|site, vm| {
+        role_change::cancel(store, Some(site), vm)
+    })
 }

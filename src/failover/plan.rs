@@ -20,6 +20,7 @@
 //! domains = ["app1"]                    # libvirt domains: started, then waited for
 //! wait_for = "/etc/vdrep/app-up.sh"     # ready when this succeeds (default: guest-ping)
 //! ready_timeout = 300                   # seconds (default 300)
+//! network_map = "br0=br-dr"             # --unplanned: NICs of its domains remapped
 //! ```
 //!
 //! Unknown keys are refused; every problem names FILE:LINE: KEY.
@@ -99,6 +100,9 @@ pub struct Group {
     pub wait_for: Option<String>,
     /// Seconds the group's domains get to become ready.
     pub ready_timeout: u64,
+    /// The network map of its domains' unplanned failover (`FROM=TO,...`,
+    /// as `failover --network-map`); `None`: the point's networks.
+    pub network_map: Option<String>,
 }
 
 impl Group {
@@ -128,6 +132,7 @@ struct RawGroup {
     domains: Option<Spanned<Vec<Spanned<String>>>>,
     wait_for: Option<Spanned<String>>,
     ready_timeout: Option<Spanned<u64>>,
+    network_map: Option<Spanned<String>>,
 }
 
 /// 1-based line of byte `offset` of `text`.
@@ -220,15 +225,26 @@ pub fn parse(file: &Path, text: &str) -> Result<Vec<Group>, PlanError> {
         for (what, span) in [
             ("wait_for", g.wait_for.as_ref().map(Spanned::span)),
             ("ready_timeout", g.ready_timeout.as_ref().map(Spanned::span)),
+            ("network_map", g.network_map.as_ref().map(Spanned::span)),
         ] {
             if let (Some(span), true) = (span, domains.is_empty()) {
                 return Err(err(
                     span.start,
                     key(what),
                     PlanErrorKind::Invalid,
-                    format!("group {name:?} has no domains to wait for: {what} applies to domains = [...]"),
+                    format!("group {name:?} has no domains: {what} applies to domains = [...]"),
                 ));
             }
+        }
+        if let Some(m) = &g.network_map {
+            super::domain::parse_network_map(m.get_ref()).map_err(|e| {
+                err(
+                    m.span().start,
+                    key("network_map"),
+                    PlanErrorKind::Invalid,
+                    e.to_string().replace("--network-map: ", ""),
+                )
+            })?;
         }
         let wait_for = match g.wait_for {
             Some(w) if w.get_ref().trim().is_empty() => {
@@ -260,6 +276,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Vec<Group>, PlanError> {
             domains,
             wait_for,
             ready_timeout,
+            network_map: g.network_map.map(Spanned::into_inner),
         });
     }
     Ok(groups)
@@ -333,9 +350,10 @@ impl Step {
 /// How a plan fails one VM over and waits for a domain: the caller's
 /// ([`run`]).
 pub trait Actions {
-    /// Fail `vm` over (as a libvirt domain if `domain`): whether it worked,
-    /// and what it printed or why it failed.
-    fn fail_over(&self, vm: &str, domain: bool) -> (bool, String);
+    /// Fail `vm` of group `g` over (as a libvirt domain if `domain`, with
+    /// the group's `network_map`): whether it worked, and what it printed
+    /// or why it failed.
+    fn fail_over(&self, g: &Group, vm: &str, domain: bool) -> (bool, String);
     /// Whether started domains are waited for (not when removing test
     /// failovers).
     fn waits(&self) -> bool {
@@ -405,7 +423,7 @@ pub fn run(groups: &[Group], mode: &str, act: &dyn Actions, log: &dyn Fn(&Step))
         for vm in g.all_vms() {
             let domain = g.domains.contains(&vm);
             let s = Step::new(g, &vm, Phase::Failover, t0, Instant::now());
-            let (ok, output) = act.fail_over(&vm, domain);
+            let (ok, output) = act.fail_over(g, &vm, domain);
             all_ok &= push(s.ended(t0, ok, &output), &mut steps);
             if ok && domain && act.waits() {
                 started.push(vm);
@@ -509,6 +527,13 @@ mod tests {
         assert_eq!(g[0].ready_timeout, 60);
         assert_eq!(g[1].ready_timeout, READY_TIMEOUT);
         assert_eq!(g[1].all_vms(), vec!["w0", "w1"]);
+        assert_eq!(g[0].network_map, None);
+        let m = p("[[group]]\nname = \"db\"\ndomains = [\"db1\"]\nnetwork_map = \"br0=br-dr, default=dr-net\"\n")
+            .unwrap();
+        assert_eq!(
+            m[0].network_map.as_deref(),
+            Some("br0=br-dr, default=dr-net")
+        );
         use PlanErrorKind as K;
         let h = "[[group]]\nname = \"a\"\n";
         for (bad, kind, line, key) in [
@@ -554,6 +579,24 @@ mod tests {
                 4,
                 "",
             ),
+            (
+                format!("{h}vms = [\"a\"]\nnetwork_map = \"br0=dr\""),
+                K::Invalid,
+                4,
+                "group[0].network_map",
+            ),
+            (
+                format!("{h}domains = [\"a\"]\nnetwork_map = \"br0\""),
+                K::Invalid,
+                4,
+                "group[0].network_map",
+            ),
+            (
+                format!("{h}domains = [\"a\"]\nnetwork_map = \"br0=\""),
+                K::Invalid,
+                4,
+                "group[0].network_map",
+            ),
         ] {
             let e = p(&bad).unwrap_err();
             assert_eq!(
@@ -571,8 +614,12 @@ mod tests {
     }
 
     impl Actions for Fake {
-        fn fail_over(&self, vm: &str, domain: bool) -> (bool, String) {
+        fn fail_over(&self, g: &Group, vm: &str, domain: bool) -> (bool, String) {
             let what = if domain { "start" } else { "failover" };
+            let what = match (&g.network_map, domain) {
+                (Some(m), true) => format!("{what} [{m}]"),
+                _ => what.to_string(),
+            };
             self.events.lock().unwrap().push(format!("{what} {vm}"));
             (true, String::new())
         }
@@ -597,7 +644,7 @@ mod tests {
 
     #[test]
     fn a_group_starts_only_after_the_previous_groups_domains_are_ready() {
-        let g = p("[[group]]\nname = \"db\"\ndomains = [\"db1\", \"db2\"]\n[[group]]\nname = \"app\"\nvms = [\"v\"]\ndomains = [\"app1\"]\n[[group]]\nname = \"web\"\ndomains = [\"web1\"]\n")
+        let g = p("[[group]]\nname = \"db\"\ndomains = [\"db1\", \"db2\"]\n[[group]]\nname = \"app\"\nvms = [\"v\"]\ndomains = [\"app1\"]\nnetwork_map = \"br0=dr\"\n[[group]]\nname = \"web\"\ndomains = [\"web1\"]\n")
             .unwrap();
         let fake = Fake {
             events: Default::default(),
@@ -612,7 +659,7 @@ mod tests {
                 "ready? db1",
                 "ready? db2",
                 "failover v",
-                "start app1",
+                "start [br0=dr] app1",
                 "ready? app1"
             ],
             "web must not start: app1 never got ready"

@@ -11,13 +11,14 @@ use super::FailoverError;
 use crate::daemon::control::{self, call_ok, FenceReport, Request};
 use crate::receiver::control::{self as rctl, call_ok as rcall_ok};
 use crate::roles::domain::DomainStart;
+use crate::roles::GroupBack;
 use crate::roles::{admin_call, AdminReply, AdminRequest, Adoption, Origin};
 
 type Result<T> = std::result::Result<T, FailoverError>;
 use crate::util::now_ns;
 
 /// The running mount protecting `vm` (or `dir` if given).
-fn mount_of_vm(vm: &str, dir: Option<&Path>) -> Result<PathBuf> {
+pub(super) fn mount_of_vm(vm: &str, dir: Option<&Path>) -> Result<PathBuf> {
     if let Some(d) = dir {
         return Ok(std::fs::canonicalize(d).unwrap_or_else(|_| d.to_path_buf()));
     }
@@ -28,11 +29,11 @@ fn mount_of_vm(vm: &str, dir: Option<&Path>) -> Result<PathBuf> {
     })
 }
 
-fn fence(dir: &Path, vm: &str, on: bool) -> Result<FenceReport> {
+pub(super) fn fence(dir: &Path, vm: &str, on: bool) -> Result<FenceReport> {
     fence_request(dir, vm, on, false)
 }
 
-fn fence_request(dir: &Path, vm: &str, on: bool, peek: bool) -> Result<FenceReport> {
+pub(super) fn fence_request(dir: &Path, vm: &str, on: bool, peek: bool) -> Result<FenceReport> {
     call_ok(
         dir,
         &Request::Fence {
@@ -86,7 +87,7 @@ fn adoption(
 
 /// Ask the other site (the receiver `rep` replicates to), as the mount's
 /// identity `keys`.
-fn ask_peer(
+pub(super) fn ask_peer(
     keys: &Path,
     rep: &FenceReport,
     req: &AdminRequest,
@@ -117,6 +118,8 @@ pub struct Planned<'a> {
     /// Start this domain at the other site on the live disks, from the
     /// final point's definition (checked there before anything changes).
     pub domain: Option<DomainStart>,
+    /// A member of a group failed over together ([`super::group::planned`]).
+    pub group: Option<GroupBack>,
 }
 
 /// What a planned failover did.
@@ -161,7 +164,7 @@ pub fn preflight(o: &Planned<'_>) -> Result<()> {
 
 /// The question a planned failover asks the other site (`before_stop`:
 /// the pre-flight, see [`AdminRequest::Live`]).
-fn live_request(o: &Planned<'_>, before_stop: bool) -> AdminRequest {
+pub(super) fn live_request(o: &Planned<'_>, before_stop: bool) -> AdminRequest {
     AdminRequest::Live {
         vm: o.vm.into(),
         domain: o.domain.clone(),
@@ -169,7 +172,7 @@ fn live_request(o: &Planned<'_>, before_stop: bool) -> AdminRequest {
     }
 }
 
-fn already_live(vm: &str, peer: &str, l: &crate::replica::LiveInfo) -> FailoverError {
+pub(super) fn already_live(vm: &str, peer: &str, l: &crate::replica::LiveInfo) -> FailoverError {
     FailoverError::Refused(format!(
         "{vm} is already live at {peer} ({}); fail it back from there",
         l.dir.display()
@@ -188,9 +191,6 @@ pub fn planned(o: &Planned<'_>, say: &dyn Fn(&str)) -> Result<PlannedReport> {
             Err(u) => e.noted(format!("(unfencing {vm} failed too: {u}; run `vdrep failover {vm} --planned` again or remount)")),
         }
     };
-    // Other VMs' disks in the folder keep running: only this VM's disks
-    // leave it (fenced per VM), the mount stays.
-    let shared = !foreign_disks(&rep).is_empty();
     let Some(keys) = rep.keys.clone() else {
         return Err(undo_fence(FailoverError::Refused(format!(
             "{} was mounted without --keys: cannot talk to the other site",
@@ -236,13 +236,38 @@ pub fn planned(o: &Planned<'_>, say: &dyn Fn(&str)) -> Result<PlannedReport> {
     say(&format!(
         "verified: {verified} blocks of the source equal the replica at point {cycle}"
     ));
+    hand_over(o, &dir, (&keys, &peer), (cycle, verified), say)
+}
+
+/// The end of a planned failover of the fenced, shipped and verified
+/// `o.vm` (its final point `cycle`, `verified` blocks): stop replicating
+/// it, move its disks into this site's store (released from a folder
+/// other VMs keep running from, or the mount stopped), and have the other
+/// site (`peer`, reached as `keys`) take it over and replicate back.
+pub(super) fn hand_over(
+    o: &Planned<'_>,
+    dir: &Path,
+    (keys, peer): (&Path, &str),
+    (cycle, verified): (u64, u64),
+    say: &dyn Fn(&str),
+) -> Result<PlannedReport> {
+    let vm = o.vm;
+    let undo_fence = |e: FailoverError| -> FailoverError {
+        match fence(dir, vm, false) {
+            Ok(_) => e.noted(format!("(the failover was abandoned; {vm} is active here again, writes are allowed)")),
+            Err(u) => e.noted(format!("(unfencing {vm} failed too: {u}; run `vdrep failover {vm} --planned` again or remount)")),
+        }
+    };
     // 3. Stop replicating and unmount, then take the disks into our store.
-    let rep = fence(&dir, vm, true).map_err(undo_fence)?;
-    call_ok(&dir, &Request::Unprotect { vm: vm.into() }).map_err(|e| undo_fence(e.into()))?;
+    let rep = fence(dir, vm, true).map_err(undo_fence)?;
+    // Other VMs' disks in the folder keep running: only this VM's disks
+    // leave it (fenced per VM), the mount stays.
+    let shared = !foreign_disks(&rep).is_empty();
+    call_ok(dir, &Request::Unprotect { vm: vm.into() }).map_err(|e| undo_fence(e.into()))?;
     let staged = if shared {
         let to = o.store.join(".staging").join(vm);
         call_ok(
-            &dir,
+            dir,
             &Request::Release {
                 vm: vm.into(),
                 disks: rep.disks.iter().map(|(n, _, _)| n.clone()).collect(),
@@ -258,7 +283,7 @@ pub fn planned(o: &Planned<'_>, say: &dyn Fn(&str)) -> Result<PlannedReport> {
         ));
         Some(to)
     } else {
-        crate::daemon::stop(&dir, false).map_err(|e| {
+        crate::daemon::stop(dir, false).map_err(|e| {
             FailoverError::from(e).noted(format!("({vm} is fenced and unprotected; stop what holds {} open and run `vdrep umount {}`, then retry)", dir.display(), dir.display()))
         })?;
         None
@@ -267,7 +292,7 @@ pub fn planned(o: &Planned<'_>, say: &dyn Fn(&str)) -> Result<PlannedReport> {
         o.store,
         &rctl::Request::Adopt(Adoption {
             staged: staged.clone(),
-            ..adoption(&dir, &keys, &rep, &peer, vm, cycle, now_ns())
+            ..adoption(dir, keys, &rep, peer, vm, cycle, now_ns())
         }),
     )
     .map_err(|e| {
@@ -292,7 +317,7 @@ pub fn planned(o: &Planned<'_>, say: &dyn Fn(&str)) -> Result<PlannedReport> {
     ));
     // 4. The other site takes over and replicates back.
     let (_, ans) = ask_peer(
-        &keys,
+        keys,
         &rep,
         &AdminRequest::Promote {
             vm: vm.into(),
@@ -302,6 +327,7 @@ pub fn planned(o: &Planned<'_>, say: &dyn Fn(&str)) -> Result<PlannedReport> {
             max_rate: rep.spec.max_rate,
             policy: crate::roles::ResyncPolicy::of(&rep.spec),
             domain: o.domain.clone(),
+            group: o.group.clone(),
         },
     )
     .map_err(|e| {
@@ -313,7 +339,7 @@ pub fn planned(o: &Planned<'_>, say: &dyn Fn(&str)) -> Result<PlannedReport> {
     Ok(PlannedReport {
         vm: vm.into(),
         cycle,
-        peer,
+        peer: peer.to_string(),
         live_disks: live.disks.iter().map(|d| d.path.clone()).collect(),
         live_dir: live.dir,
         verified_blocks: verified,
@@ -325,7 +351,7 @@ pub fn planned(o: &Planned<'_>, say: &dyn Fn(&str)) -> Result<PlannedReport> {
 /// Compare every block of the VM's disks with the newest point at the
 /// receiver; the number of blocks compared, or an error naming the
 /// differing ranges.
-fn verify_equal(dir: &Path, vm: &str, timeout: Duration) -> Result<u64> {
+pub(super) fn verify_equal(dir: &Path, vm: &str, timeout: Duration) -> Result<u64> {
     let r = call_ok(
         dir,
         &Request::Verify {

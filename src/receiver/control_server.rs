@@ -169,7 +169,14 @@ impl Server {
                     Ok(s) => s,
                     Err(refused) => return *refused,
                 };
-                match crate::roles::promote_local(&self.roles, &site, &vm, point, None, None) {
+                match crate::roles::promote_local(
+                    &self.roles,
+                    &site,
+                    &vm,
+                    point,
+                    None,
+                    (None, None),
+                ) {
                     Ok(a) => Response {
                         site: Some(site),
                         live: a.live,

@@ -84,6 +84,11 @@ pub enum AdminRequest {
         /// promoted point's definition, and replicate its definition back.
         #[serde(default)]
         domain: Option<domain::DomainStart>,
+        /// A member of a consistency group failed over with the others
+        /// (`failover --group G --planned`): live in the group's one
+        /// folder, and protected back in the group.
+        #[serde(default)]
+        group: Option<GroupBack>,
     },
     /// Protect the live `vm` back to the receiver at `to`.
     Reverse {
@@ -94,6 +99,16 @@ pub enum AdminRequest {
         #[serde(default)]
         policy: ResyncPolicy,
     },
+}
+
+/// A consistency group a promoted VM belongs to: its members go live in
+/// one folder (`STORE/live/SITE/group-NAME` unless they came from one
+/// there), under one mount, and are protected back with `--group NAME`,
+/// none cut before all `members` are protected there.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupBack {
+    pub name: String,
+    pub members: Vec<String>,
 }
 
 /// The resync settings a protection carries over to the other direction.
@@ -256,9 +271,17 @@ pub fn handle_admin(ctx: &ReceiverCtx, site: &str, req: AdminRequest) -> RoleRes
             max_rate,
             policy,
             domain,
+            group,
         } => {
             let reverse = reverse_to.map(|to| (to, every_secs, max_rate, policy));
-            promote_local(ctx, site, &vm, point, reverse, domain.as_ref())
+            promote_local(
+                ctx,
+                site,
+                &vm,
+                point,
+                reverse,
+                (domain.as_ref(), group.as_ref()),
+            )
         }
         AdminRequest::Reverse {
             vm,
@@ -272,8 +295,14 @@ pub fn handle_admin(ctx: &ReceiverCtx, site: &str, req: AdminRequest) -> RoleRes
                     "{vm} is not live at this site: there is nothing to replicate back"
                 )));
             };
-            let warnings =
-                protect_live(ctx, &vm, &live, &to, (every_secs, max_rate, &policy), None)?;
+            let warnings = protect_live(
+                ctx,
+                &vm,
+                &live,
+                &to,
+                (every_secs, max_rate, &policy),
+                (None, None),
+            )?;
             Ok(AdminReply {
                 live: Some(live),
                 warnings,
@@ -333,7 +362,7 @@ pub fn promote_local(
     vm: &str,
     point: Option<u64>,
     reverse: Option<(String, u64, u64, ResyncPolicy)>,
-    start: Option<&domain::DomainStart>,
+    (start, group): (Option<&domain::DomainStart>, Option<&GroupBack>),
 ) -> RoleResult<AdminReply> {
     let s = ctx.store.site(site).map_err(RoleError::from)?;
     // Read and check before anything changes (the point's definition
@@ -345,14 +374,22 @@ pub fn promote_local(
         .origin(vm)
         .map_err(RoleError::from)?
         .and_then(|v| serde_json::from_value(v).ok());
-    let dest = origin
-        .as_ref()
-        .map(|o| o.dir.clone())
-        .unwrap_or_else(|| ctx.store.root().join("live").join(s.name()).join(vm));
-    // Failback into a folder that stays mounted for other VMs: the disks
-    // are staged next to the store, then the mount takes them in.
+    if let Some(g) = group {
+        crate::wire::safe_component(&g.name)
+            .map_err(|e| RoleError::Refused(format!("group name: {e}")))?;
+    }
+    let live_here = ctx.store.root().join("live").join(s.name());
+    let dest = match (&origin, group) {
+        (Some(o), _) => o.dir.clone(),
+        // A group's members share one folder (one mount cuts them all).
+        (None, Some(g)) => live_here.join(format!("group-{}", g.name)),
+        (None, None) => live_here.join(vm),
+    };
+    // Failback into a folder that stays mounted for other VMs (or a
+    // group's folder that has its first members): the disks are staged
+    // next to the store, then the mount takes them in.
     let into_mount = is_mounted(&dest) && s.live(vm).map_err(RoleError::from)?.is_none();
-    if into_mount && origin.is_none() {
+    if into_mount && origin.is_none() && group.is_none() {
         return Err(RoleError::Refused(format!(
             "{} is mounted by vdrep already (the VM is active there?): unmount it first",
             dest.display()
@@ -453,7 +490,14 @@ pub fn promote_local(
         }
     }
     if let Some((to, every, rate, policy)) = reverse {
-        let w = protect_live(ctx, vm, &live, &to, (every, rate, &policy), started.clone())?;
+        let w = protect_live(
+            ctx,
+            vm,
+            &live,
+            &to,
+            (every, rate, &policy),
+            (started.clone(), group),
+        )?;
         warnings.extend(w);
     }
     Ok(AdminReply {
@@ -645,7 +689,7 @@ fn protect_live(
     live: &LiveInfo,
     to: &str,
     (every_secs, max_rate, policy): (u64, u64, &ResyncPolicy),
-    domain: Option<String>,
+    (domain, group): (Option<String>, Option<&GroupBack>),
 ) -> RoleResult<Vec<String>> {
     let disks: Vec<String> = live
         .disks
@@ -671,9 +715,10 @@ fn protect_live(
         // definition goes with every point of this direction, so a
         // failback starts it from the final point's definition too.
         domain,
-        // Reverse replication is per VM: a group is protected again by
-        // name (doc/CONSISTENCY-GROUPS.md).
-        group: None,
+        // A group failed over together (planned) stays a group; other
+        // reverse replication is per VM (doc/CONSISTENCY-GROUPS.md).
+        group: group.map(|g| g.name.clone()),
+        group_members: group.map(|g| g.members.clone()).unwrap_or_default(),
         retry: Default::default(),
     };
     let r = mount_ctl::call(

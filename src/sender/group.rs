@@ -51,12 +51,16 @@ pub(super) struct CutPart {
 /// instant, thaw, and write the logs (a part's logs are app-consistent iff
 /// its freeze worked). Every disk is sealed or none: a skipped disk gives
 /// every sealed cycle back (unless `partial_ok`: a VM's own cut, whose
-/// caller reads the skipped entries). One [`AppCut`] per part.
+/// caller reads the skipped entries). With `note`, the sealed cycle gets
+/// it durably before any log is written ([`Tracker::note_cut`]: a group
+/// cut's record survives a restart with its logs). One [`AppCut`] per
+/// part.
 pub(super) fn freeze_seal_thaw(
     tracker: &Tracker,
     flush: &super::flush::FlushGate,
     parts: &[CutPart],
     partial_ok: bool,
+    note: Option<&[u8]>,
 ) -> Result<(Vec<CutEntry>, Vec<AppCut>), TrackError> {
     // Quiesce the guests first: what they flush must reach the mount
     // (syncfs) before the cut.
@@ -101,6 +105,14 @@ pub(super) fn freeze_seal_thaw(
             tracker.finish(sc, false)?;
         }
         return Ok((sealed.skipped, apps));
+    }
+    if let Some(note) = note {
+        if let Err(e) = tracker.note_cut(sealed.cycle, note) {
+            for sc in sealed.cycles {
+                tracker.finish(sc, false)?;
+            }
+            return Err(e);
+        }
     }
     let mut out = sealed.skipped;
     for mut sc in sealed.cycles {
@@ -150,6 +162,21 @@ impl Replicator {
 
     /// Why `members` cannot be cut together now (`None`: they can).
     fn group_blocked(members: &[Arc<Vm>]) -> Option<String> {
+        // A member protected back after a planned failover names the
+        // others: until they are protected here too, none is cut.
+        for m in members {
+            if let Some(missing) = m
+                .spec
+                .group_members
+                .iter()
+                .find(|w| !members.iter().any(|h| &h.spec.vm == *w))
+            {
+                return Some(format!(
+                    "no group point: VM {missing} of the group is not protected here yet ({} names it); the group is cut once it is",
+                    m.spec.vm
+                ));
+            }
+        }
         for m in members {
             if m.steady.load(SeqCst) {
                 continue;
@@ -252,13 +279,28 @@ impl Replicator {
                 disks: m.spec.disks.clone(),
             });
         }
+        let pg = wire::PointGroup {
+            name: group.to_string(),
+            origin: self.origin.clone(),
+            members: members.iter().map(|m| m.spec.vm.clone()).collect(),
+        };
+        let note = serde_json::to_vec(&pg).map_err(|e| retry(e.to_string()))?;
         let tracker = self.tracker.clone();
         let flush = self.flush.clone();
-        let (entries, apps) =
-            tokio::task::spawn_blocking(move || freeze_seal_thaw(&tracker, &flush, &parts, false))
-                .await
-                .map_err(|e| retry(format!("group cut task failed: {e}")))?
-                .map_err(retry)?;
+        let (entries, apps) = tokio::task::spawn_blocking(move || {
+            let cut = freeze_seal_thaw(&tracker, &flush, &parts, false, Some(&note));
+            if let Ok((entries, _)) = &cut {
+                if let Some(e) = entries.first().filter(|e| e.log.is_some()) {
+                    // Test hook: a worker killed between a group cut and
+                    // its shipping.
+                    crate::tracking::hold_for_test("hold-ship", "held-ship", &e.cycle.to_string());
+                }
+            }
+            cut
+        })
+        .await
+        .map_err(|e| retry(format!("group cut task failed: {e}")))?
+        .map_err(retry)?;
         for (m, app) in members.iter().zip(&apps) {
             m.note_app_cut(app);
         }
@@ -271,11 +313,6 @@ impl Replicator {
         }
         let Some(cycle) = entries.first().map(|e| e.cycle) else {
             return Err(retry("the group has no disk to cut"));
-        };
-        let pg = wire::PointGroup {
-            name: group.to_string(),
-            origin: self.origin.clone(),
-            members: members.iter().map(|m| m.spec.vm.clone()).collect(),
         };
         for m in members {
             m.group_cycles.lock().insert(cycle, pg.clone());
@@ -316,6 +353,26 @@ pub(super) fn mount_origin(tracker: &Tracker) -> String {
 
 /// A member's cycles cut for its group, not yet known committed.
 pub(super) type GroupCycles = BTreeMap<u64, wire::PointGroup>;
+
+/// The group cuts of `vm` (a member of `group`) whose logs wait on disk,
+/// from their durable notes: after a restart they still ship as halves of
+/// their group points.
+pub(super) fn sealed_group_cycles(tracker: &Tracker, group: &str, vm: &str) -> GroupCycles {
+    let mut out = GroupCycles::new();
+    for (cycle, note) in tracker.cut_notes() {
+        match serde_json::from_slice::<wire::PointGroup>(&note) {
+            Ok(pg) if pg.name == group && pg.members.iter().any(|m| m == vm) => {
+                out.insert(cycle, pg);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(
+                %vm,
+                "the group record of sealed cycle {cycle} cannot be read ({e}): that cycle's point is not a group point"
+            ),
+        }
+    }
+    out
+}
 
 /// The running coordinators, by group.
 pub(super) type Groups = HashMap<String, Arc<GroupCtl>>;

@@ -124,6 +124,11 @@ pub struct ProtectSpec {
     /// same group share every recovery point ([`group`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// With `group`: VMs that must all be protected here before the group
+    /// is cut (a group protected back after its planned failover, one
+    /// member at a time: no point of the first alone is a group point).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub group_members: Vec<String>,
     /// When to try again after a recoverable failure ([`retry`]).
     #[serde(default)]
     pub retry: RetrySchedule,
@@ -726,6 +731,7 @@ impl Replicator {
             old.wake.notify_one();
         }
         let spec_vm = spec.vm.clone();
+        let spec_group = spec.group.clone();
         let vm = Arc::new(Vm {
             status: Mutex::new(VmStatus {
                 vm: spec.vm.clone(),
@@ -776,7 +782,10 @@ impl Replicator {
             rates: Mutex::new(Default::default()),
             steady: false.into(),
             logs_ready: false.into(),
-            group_cycles: Mutex::default(),
+            group_cycles: Mutex::new(match &spec_group {
+                Some(g) => group::sealed_group_cycles(&self.tracker, g, &spec_vm),
+                None => Default::default(),
+            }),
         });
         for d in &vm.spec.disks {
             let limit = self
@@ -1675,7 +1684,7 @@ impl Replicator {
             disks: vm.spec.disks.clone(),
         }];
         let (entries, apps) = tokio::task::spawn_blocking(move || {
-            group::freeze_seal_thaw(&tracker, &flush, &parts, true)
+            group::freeze_seal_thaw(&tracker, &flush, &parts, true, None)
         })
         .await
         .map_err(|e| retry(format!("cut task failed: {e}")))?
@@ -1719,6 +1728,7 @@ impl Replicator {
         if link.is_idle() {
             let done = vm.status.lock().last_point.unwrap_or(0);
             vm.group_cycles.lock().retain(|c, _| *c > done);
+            self.tracker.prune_cut_notes(done);
             let mut defs = vm.definitions.lock();
             if let Some(&newest) = defs.keys().next_back() {
                 *defs = defs.split_off(&newest);

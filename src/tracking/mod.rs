@@ -2409,21 +2409,27 @@ fn keys_at_or_below<V>(disks: &HashMap<String, V>, path: &str) -> Vec<String> {
 /// holding the cut lock (guest writes wait too), until `hold` is removed,
 /// so a test can kill the worker at that exact moment.
 fn hold_cut_for_test() {
+    hold_for_test("hold", "held", "");
+}
+
+/// The test hook of [`hold_cut_for_test`] at another moment: with
+/// `VDREP_TEST_HOLD_CUT=DIR`, finding `DIR/HOLD` writes this process's id
+/// and `what` (`PID WHAT`) to `DIR/HELD` and waits until `HOLD` is
+/// removed. Without the variable (every real run) it does nothing.
+pub fn hold_for_test(hold: &str, held: &str, what: &str) {
     let Some(dir) = std::env::var_os("VDREP_TEST_HOLD_CUT") else {
         return;
     };
     let dir = std::path::PathBuf::from(dir);
-    if !dir.join("hold").exists() {
+    if !dir.join(hold).exists() {
         return;
     }
-    if let Err(e) = std::fs::write(dir.join("held"), std::process::id().to_string()) {
-        tracing::warn!(
-            "test hook: cannot write {}: {e}",
-            dir.join("held").display()
-        );
+    let text = format!("{} {what}", std::process::id());
+    if let Err(e) = std::fs::write(dir.join(held), text.trim_end()) {
+        tracing::warn!("test hook: cannot write {}: {e}", dir.join(held).display());
         return;
     }
-    while dir.join("hold").exists() {
+    while dir.join(hold).exists() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }

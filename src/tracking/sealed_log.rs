@@ -116,3 +116,94 @@ impl SealedLog {
         }
     }
 }
+
+/// Where the notes of sealed cycles live (relative to `.vdrep/`).
+const CUT_NOTES: &str = "cuts";
+
+/// Notes kept with sealed cycles: what the cutter must still know about a
+/// cycle when it ships the cycle's logs after a restart (a consistency
+/// group's record). One file per cycle, `.vdrep/cuts/CYCLE.note`, written
+/// durably before the cycle's logs, so a sealed log on disk always has its
+/// note; deleted once no disk has a sealed log of that cycle any more.
+impl super::Tracker {
+    /// Durably attach `note` to the sealed cycle `cycle`. Call it after
+    /// [`super::Tracker::seal`] and before the cycle's logs are written.
+    pub fn note_cut(&self, cycle: u64, note: &[u8]) -> Result<(), super::TrackError> {
+        let dir = Path::new(super::STATE_DIR).join(CUT_NOTES);
+        let name = Path::new(CUT_NOTES).join(note_name(cycle));
+        self.state
+            .mkdir(&dir)
+            // The folder's own entry is durable too (a no-op once it is).
+            .and_then(|()| self.state.fsync_dir(Path::new(super::STATE_DIR)))
+            .and_then(|()| self.state.write_atomic(&name, note))
+            .map_err(|e| {
+                let shown = self.root_path.join(super::STATE_DIR).join(&name);
+                super::TrackError::io(format!("writing {}", shown.display()), e)
+            })
+    }
+
+    /// The notes of every cycle that still has a sealed log (or a note
+    /// written since: a cycle being written), by cycle.
+    pub fn cut_notes(&self) -> std::collections::BTreeMap<u64, Vec<u8>> {
+        let mut out = std::collections::BTreeMap::new();
+        for cycle in self.note_cycles() {
+            match self
+                .state
+                .read(&Path::new(CUT_NOTES).join(note_name(cycle)))
+            {
+                Ok(Some(b)) => {
+                    out.insert(cycle, b);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!("cannot read the note of sealed cycle {cycle}: {e}"),
+            }
+        }
+        out
+    }
+
+    /// Delete the notes of cycles up to `upto` of which no disk has a
+    /// sealed log any more (every log of a cycle is written before any is
+    /// shipped, so for a cycle already shipped by one disk this is final).
+    pub fn prune_cut_notes(&self, upto: u64) {
+        let old: Vec<u64> = self
+            .note_cycles()
+            .into_iter()
+            .filter(|c| *c <= upto)
+            .collect();
+        if old.is_empty() {
+            return;
+        }
+        let pending: std::collections::BTreeSet<u64> = self
+            .disk_names()
+            .iter()
+            .flat_map(|d| self.pending_cycles(d))
+            .collect();
+        for c in old.into_iter().filter(|c| !pending.contains(c)) {
+            if let Err(e) = self.state.remove(&Path::new(CUT_NOTES).join(note_name(c))) {
+                tracing::warn!("cannot delete the note of shipped cycle {c}: {e}");
+            }
+        }
+    }
+
+    /// Cycles that have a note, oldest first.
+    fn note_cycles(&self) -> Vec<u64> {
+        let dir = Path::new(super::STATE_DIR).join(CUT_NOTES);
+        let Ok(d) = self
+            .state
+            .openat(&dir, libc::O_RDONLY | libc::O_DIRECTORY, 0)
+        else {
+            return Vec::new();
+        };
+        let mut v: Vec<u64> = super::state::list_dir(d)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|n| n.strip_suffix(".note")?.parse().ok())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+fn note_name(cycle: u64) -> String {
+    format!("{cycle:010}.note")
+}

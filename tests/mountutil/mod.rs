@@ -54,7 +54,11 @@ pub fn vdrep(args: &[&str]) -> Output {
 }
 
 pub fn vdrep_ok(args: &[&str]) -> String {
-    let o = vdrep(args);
+    ok_output(args, vdrep(args))
+}
+
+/// `o`'s standard output; fails the test if `vdrep ARGS` did not succeed.
+fn ok_output(args: &[&str], o: Output) -> String {
     assert!(
         o.status.success(),
         "vdrep {args:?} failed ({}): {}{}",
@@ -73,9 +77,21 @@ pub struct Mounted {
 
 impl Mounted {
     pub fn new(dir: &Path, extra: &[&str]) -> Mounted {
+        Mounted::with_env(dir, extra, &[])
+    }
+
+    /// [`Mounted::new`] with `env` added to the mount daemon's environment
+    /// (test hooks), and so to its workers'.
+    pub fn with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Mounted {
         let mut args = vec!["mount", dir.to_str().unwrap()];
         args.extend_from_slice(extra);
-        vdrep_ok(&args);
+        setup();
+        let o = Command::new(vdrep_bin())
+            .args(&args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap_or_else(|e| panic!("running vdrep {args:?}: {e}"));
+        ok_output(&args, o);
         Mounted {
             dir: dir.to_path_buf(),
             mounted: true,

@@ -118,6 +118,19 @@ pub fn stamp_writer(
     seed: u64,
     quiesce: Option<PathBuf>,
 ) -> std::thread::JoinHandle<Written> {
+    stamp_writer_after(0, paths, stop, written, seed, quiesce)
+}
+
+/// [`stamp_writer`] continuing the sequence of an earlier writer that
+/// wrote `after` writes (its first write is `after + 1`).
+pub fn stamp_writer_after(
+    after: u64,
+    paths: Vec<PathBuf>,
+    stop: Arc<AtomicBool>,
+    written: Arc<AtomicU64>,
+    seed: u64,
+    quiesce: Option<PathBuf>,
+) -> std::thread::JoinHandle<Written> {
     std::thread::spawn(move || {
         let files: Vec<std::fs::File> = paths
             .iter()
@@ -132,7 +145,7 @@ pub fn stamp_writer(
         let mut buf = Aligned::new();
         let mut x = seed;
         let mut log = Vec::new();
-        let mut seq = 0u64;
+        let mut seq = after;
         while !stop.load(Ordering::Relaxed) {
             if let Some(q) = quiesce.as_ref().filter(|q| q.join("freeze-req").exists()) {
                 for f in &files {
@@ -195,4 +208,26 @@ pub fn history(log: &[(u64, usize, u64)]) -> HashMap<(usize, u64), Vec<u64>> {
         h.entry((d, b)).or_default().push(s);
     }
     h
+}
+
+/// Read every disk `dN.img` of `vm`'s point `p` from the store into
+/// `disks[N]`.
+pub fn read_point_disks(
+    st: &vdrep::replica::Site<'_>,
+    vm: &str,
+    p: &vdrep::replica::Point,
+    disks: &mut [Vec<u8>],
+) {
+    for idh in &p.disks {
+        let mut id = [0u8; 16];
+        for (i, o) in id.iter_mut().enumerate() {
+            *o = u8::from_str_radix(&idh[2 * i..2 * i + 2], 16).unwrap();
+        }
+        let name = st.disk_state(vm, &id).unwrap().name;
+        let i: usize = name[1..name.len() - 4].parse().unwrap();
+        let rd = st.read_point(vm, &id, p.cycle).unwrap();
+        let mut b = vec![0u8; DISK_BYTES as usize];
+        rd.read_at(&mut b, 0).unwrap();
+        disks[i] = b;
+    }
 }
