@@ -360,6 +360,36 @@ fn the_bucket_holds_no_plaintext_and_refuses_tampering() {
     assert!(e.to_string().contains(&k), "{e}");
 }
 
+/// Points 1..=10 of a 6 MiB disk ([`DISK`]): a random initial copy, then
+/// `writes` random 4 KiB writes per cycle. Returns the disk as of point 10
+/// and its content at each point.
+fn ten_points(
+    store: &dyn ReplicaStore,
+    logs: &std::path::Path,
+    rng: &mut Rng,
+    writes: usize,
+) -> (Vec<u8>, Vec<Vec<u8>>) {
+    let mut disk = vec![0u8; 6 << 20];
+    rng.fill(&mut disk);
+    initial(store, &disk, 1);
+    store
+        .commit_point(SITE, VM, 1, &[ID], Consistency::Crash)
+        .unwrap();
+    let mut models = vec![disk.clone()];
+    for cycle in 2..=10u64 {
+        let old = disk.len() as u64;
+        let dirty = random_writes(rng, &mut disk, writes);
+        let lp = logs.join(format!("{cycle}.hrl"));
+        make_log(&lp, ID, cycle - 1, cycle, old, &disk, &dirty);
+        ship(store, DISK, &lp, cycle);
+        store
+            .commit_point(SITE, VM, cycle, &[ID], Consistency::Crash)
+            .unwrap();
+        models.push(disk.clone());
+    }
+    (disk, models)
+}
+
 /// After N cycles with retention of K points the bucket holds only what
 /// the K points need (older logs are folded into new chunk versions,
 /// everything unreferenced is deleted), and every kept point reads back.
@@ -370,24 +400,7 @@ fn retention_leaves_only_what_the_kept_points_need() {
     let h = BucketHarness::new(mem.clone(), "bkt");
     let store = h.open();
     let mut rng = Rng(21);
-    let mut disk = vec![0u8; 6 << 20];
-    rng.fill(&mut disk);
-    initial(store.as_ref(), &disk, 1);
-    store
-        .commit_point(SITE, VM, 1, &[ID], Consistency::Crash)
-        .unwrap();
-    let mut models = vec![disk.clone()];
-    for cycle in 2..=10u64 {
-        let old = disk.len() as u64;
-        let dirty = random_writes(&mut rng, &mut disk, 8);
-        let lp = logs.path().join(format!("{cycle}.hrl"));
-        make_log(&lp, ID, cycle - 1, cycle, old, &disk, &dirty);
-        ship(store.as_ref(), DISK, &lp, cycle);
-        store
-            .commit_point(SITE, VM, cycle, &[ID], Consistency::Crash)
-            .unwrap();
-        models.push(disk.clone());
-    }
+    let (mut disk, models) = ten_points(store.as_ref(), logs.path(), &mut rng, 8);
     let keep = RetentionPolicy {
         keep_last: Some(3),
         ..Default::default()
@@ -920,4 +933,71 @@ fn garage_compaction_killed_at_random_points() {
     println!("seed {seed} (VDREP_TEST_SEED={seed} repeats this run)");
     let longest = compaction_killed_at_random_points(&g, seed, None);
     compaction_killed_at_random_points(&g, seed.wrapping_add(1), Some(longest));
+}
+
+/// A point pinned by a failover (`objstore::pin`) is kept by a prune that
+/// another process runs (the still-running sender or receiver) while a
+/// reader uses it: retention keeps it whatever the policy, its manifest is
+/// not moved to the folded base, and every object it reads stays. An
+/// expired pin is not honoured; once released, the next prune drops the
+/// point and the bucket again holds only what the kept points need.
+#[test]
+fn a_pinned_point_is_kept_while_a_failover_reads_it() {
+    let logs = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemClient::new());
+    let h = BucketHarness::new(mem.clone(), "bkt");
+    let writer = h.open();
+    let (_, models) = ten_points(writer.as_ref(), logs.path(), &mut Rng(44), 30);
+    // The failover machine pins point 4 (and an expired pin of another
+    // pinner names point 6), then opens it.
+    let bucket = SealedBucket::open(h.client.clone(), h.url(), key()).unwrap();
+    let pinner = "ab".repeat(16);
+    let pin = vdrep::objstore::pin::put(&bucket, SITE, VM, 4, &pinner, "test failover").unwrap();
+    let stale = vdrep::objstore::pin::pin_name(
+        SITE,
+        VM,
+        6,
+        vdrep::objstore::pin::now_s() - 1,
+        &"cd".repeat(16),
+    );
+    bucket.put(&stale, b"{}").unwrap();
+    let view = h.open();
+    let reader = view.read_point(DISK, 4).unwrap();
+    // The sender's side prunes meanwhile (keep 3).
+    let rep = writer.prune(SITE, VM, &keep3()).unwrap();
+    assert_eq!(rep.dropped_points, [1, 2, 3, 5, 6, 7]);
+    assert_eq!(point_cycles(writer.as_ref()), [4, 8, 9, 10]);
+    let mut buf = vec![0u8; reader.len() as usize];
+    reader.read_at(&mut buf, 0).unwrap();
+    assert!(buf == models[3], "the pinned point no longer reads back");
+    let fresh = h.open();
+    for c in [4u64, 8, 9, 10] {
+        assert!(
+            read_point(fresh.as_ref(), DISK, c) == models[c as usize - 1],
+            "point {c}"
+        );
+    }
+    // Released (what --cleanup does): the next prune drops it and folds.
+    assert_eq!(
+        vdrep::objstore::pin::release(&bucket, SITE, VM, &pin.pinner).unwrap(),
+        1
+    );
+    let rep = writer.prune(SITE, VM, &keep3()).unwrap();
+    assert_eq!(rep.dropped_points, [4]);
+    assert_eq!(point_cycles(writer.as_ref()), [8, 9, 10]);
+    let fresh = h.open();
+    for c in 8..=10u64 {
+        assert!(
+            read_point(fresh.as_ref(), DISK, c) == models[c as usize - 1],
+            "point {c}"
+        );
+    }
+    let keys: Vec<String> = mem.snapshot().into_iter().map(|(k, _)| k).collect();
+    let logs_kept: BTreeSet<u64> = keys
+        .iter()
+        .filter(|k| k.ends_with(".done"))
+        .map(|k| u64::from_str_radix(&k.rsplit('/').next().unwrap()[..16], 16).unwrap())
+        .collect();
+    assert_eq!(logs_kept, [9, 10].into_iter().collect());
+    assert!(keys.iter().filter(|k| k.contains("/chunks/")).count() <= 2);
 }

@@ -23,6 +23,7 @@
 //!   conditional put needed): claims, start markers, who owns a cycle.
 //! - [`cache`]: the size-bounded local cache of opened objects that lazy
 //!   reads (a test failover straight from the bucket) go through.
+//! - [`pin`]: a point a failover uses, kept by every prune meanwhile.
 //! - [`point`]: recovery points in a bucket: sealed chunks, manifests
 //!   written last, fenced writers, chunk-by-chunk point reads.
 //! - [`StoreUrl`], [`Credentials`] (`config.rs`): `s3://bucket/prefix`, the
@@ -37,6 +38,7 @@ mod fail;
 pub mod fence;
 pub mod layered;
 mod mem;
+pub mod pin;
 pub mod point;
 pub mod replica;
 mod s3;

@@ -935,12 +935,14 @@ impl BucketStore {
     /// compaction folded (`folded_from`) at that head's base: a new
     /// manifest version (its logs up to the base's cycle dropped), put
     /// and fence-checked before the old versions are deleted. `kept` is
-    /// updated to the new versions.
+    /// updated to the new versions. A `pinned` point keeps its manifest
+    /// (a failover reads the objects it names).
     fn rebase_kept(
         &self,
         ctx: &Ctx,
         st: &mut VmState,
         kept: &mut [(point::Listed, Manifest)],
+        pinned: &[u64],
     ) -> Result<()> {
         let folded: HashMap<String, Base> = st
             .heads
@@ -953,7 +955,7 @@ impl BucketStore {
         if folded.is_empty() {
             return Ok(());
         }
-        for (l, m) in kept.iter_mut() {
+        for (l, m) in kept.iter_mut().filter(|(_, m)| !pinned.contains(&m.cycle)) {
             let mut nm = m.clone();
             let mut changed = false;
             for dm in &mut nm.disks {
@@ -986,6 +988,13 @@ impl BucketStore {
             *m = nm;
         }
         Ok(())
+    }
+
+    /// The cycles of `vm` that live pins hold ([`super::pin`]).
+    fn pinned(&self, ctx: &Ctx, site: &str, vm: &str) -> Result<Vec<u64>> {
+        let pins = super::pin::list(&self.bucket, site, vm)
+            .map_err(|e| self.obj_err(ctx, "listing the pins of failovers", e))?;
+        Ok(super::pin::live_cycles(&pins, super::pin::now_s()))
     }
 
     /// Delete every object of `vm` that neither a visible point, a disk
@@ -1805,7 +1814,9 @@ impl ReplicaStore for BucketStore {
                 return Ok(report);
             }
             let pts: Vec<Point> = ms.iter().map(|(_, m)| point_of(m, 0)).collect();
-            let flags = retention_keep(&pts, keep, now_ns(), &[]);
+            // Points a failover uses somewhere (objstore::pin) are kept.
+            let pinned = self.pinned(ctx, site, vm)?;
+            let flags = retention_keep(&pts, keep, now_ns(), &pinned);
             let mut kept = Vec::new();
             for ((l, m), k) in ms.into_iter().zip(flags) {
                 if k {
@@ -1831,7 +1842,7 @@ impl ReplicaStore for BucketStore {
             // oldest kept point into its base, then point the kept
             // manifests at the new bases (a new manifest version, put
             // before the old ones are deleted).
-            self.rebase_kept(ctx, st, &mut kept)?;
+            self.rebase_kept(ctx, st, &mut kept, &pinned)?;
             let ids: Vec<[u8; 16]> = st.heads.keys().copied().collect();
             for id in ids {
                 let d = DiskRef {
@@ -1841,7 +1852,9 @@ impl ReplicaStore for BucketStore {
                 };
                 self.compact(ctx, st, d, oldest)?;
             }
-            self.rebase_kept(ctx, st, &mut kept)?;
+            // Pins written since the start are honoured from here on.
+            let pinned = self.pinned(ctx, site, vm)?;
+            self.rebase_kept(ctx, st, &mut kept, &pinned)?;
             report.freed_bytes = self.collect(ctx, st, site, vm)?;
             let cycles: Vec<u64> = kept.iter().map(|(_, m)| m.cycle).collect();
             self.drop_definitions(ctx, site, vm, &cycles)?;
