@@ -582,15 +582,24 @@ fn bucket_failover(a: &FailoverArgs, url: &StoreUrl) -> Out {
             bucket_commit(a, out, &root)
         };
         if let Some((site, pinner)) = orphan {
-            // The view process died: release the pin it left.
+            // The view process died: release the pin it left, and on
+            // --cleanup (an abandoned unplanned failover) its failover
+            // record, which would hold the old primary off.
             let r = super::objstore::open_bucket(url, &a.s3)
                 .map_err(|e| e.to_string())
                 .and_then(|b| {
-                    crate::objstore::pin::release(&b, &site, vm, &pinner).map_err(|e| e.to_string())
+                    crate::objstore::pin::release(&b, &site, vm, &pinner)
+                        .and_then(|_| match m.cleanup {
+                            true => {
+                                crate::objstore::failedover::remove(&b, &site, vm, Some(&pinner))
+                            }
+                            false => Ok(0),
+                        })
+                        .map_err(|e| e.to_string())
                 });
             if let Err(e) = r {
                 out.err(format!(
-                    "vdrep: the pin of {vm}'s point in {url} was not released ({e}); it expires within {} h by itself",
+                    "vdrep: the pin (or failover record) of {vm} in {url} was not released ({e}); a pin expires within {} h by itself, a failover record goes with `vdrep failover {vm} --cleanup` or `vdrep forget`",
                     crate::objstore::pin::PIN_TTL.as_secs() / 3600
                 ));
             }

@@ -23,6 +23,8 @@
 //!   conditional put needed): claims, start markers, who owns a cycle.
 //! - [`cache`]: the size-bounded local cache of opened objects that lazy
 //!   reads (a test failover straight from the bucket) go through.
+//! - [`failedover`]: the record of an unplanned failover from the bucket
+//!   that stops the old primary's writers.
 //! - [`pin`]: a point a failover uses, kept by every prune meanwhile.
 //! - [`point`]: recovery points in a bucket: sealed chunks, manifests
 //!   written last, fenced writers, chunk-by-chunk point reads.
@@ -35,6 +37,7 @@ mod config;
 pub mod envelope;
 mod error;
 mod fail;
+pub mod failedover;
 pub mod fence;
 pub mod layered;
 mod mem;

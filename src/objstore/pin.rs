@@ -123,9 +123,7 @@ pub fn put(
     let expires = now_s() + PIN_TTL.as_secs();
     let name = pin_name(site, vm, cycle, expires, pinner);
     let body = serde_json::json!({
-        "host": std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .unwrap_or_default()
-            .trim(),
+        "host": crate::util::hostname(),
         "pid": std::process::id(),
         "purpose": purpose,
     });

@@ -328,6 +328,26 @@ impl BucketStore {
                 ctx: ctx.clone(),
                 what: format!("{e}; another receiver or sender now writes this VM"),
             },
+            FenceErrorKind::FailedOver => {
+                // Say where and when the VM went (the record's body).
+                let what = match &e {
+                    FenceError::FailedOver { dir, record } => {
+                        let prefix = self.bucket.url().key("");
+                        let name = format!("{}/{record}", dir.strip_prefix(&prefix).unwrap_or(dir));
+                        match self.bucket.get(&name).ok().and_then(|b| {
+                            serde_json::from_slice::<super::failedover::FailoverRecord>(&b).ok()
+                        }) {
+                            Some(r) => r.message(&self.bucket.url().to_string()),
+                            None => e.to_string(),
+                        }
+                    }
+                    _ => e.to_string(),
+                };
+                StoreError::Fenced {
+                    ctx: ctx.clone(),
+                    what,
+                }
+            }
             FenceErrorKind::Contended => StoreError::Busy {
                 ctx: ctx.clone(),
                 what: e.to_string(),
@@ -1873,6 +1893,10 @@ impl ReplicaStore for BucketStore {
                 what: format!("the store holds no replica of {vm} from this site"),
             });
         }
+        // A failover record would refuse the claim below; forgetting the
+        // VM ends that failover's hold on its history too.
+        super::failedover::remove(&self.bucket, site, vm, None)
+            .map_err(|e| self.obj_err(&ctx, "deleting the failover records", e))?;
         let r = self.with_vm(site, vm, |st, ctx| {
             let ms = self.manifests(ctx, site, vm)?;
             let mut report = ForgetReport {

@@ -41,9 +41,9 @@ use super::{
     ViewError, ViewInfo, FAILOVER_DIR, SCRATCH,
 };
 use crate::objstore::cache::{CacheStats, ObjectCache};
-use crate::objstore::pin;
 use crate::objstore::replica::BucketStore;
 use crate::objstore::SealedBucket;
+use crate::objstore::{failedover, pin};
 use crate::replica::ReplicaStore;
 
 const CACHE: &str = ".cache";
@@ -382,6 +382,9 @@ fn serve(
         let sig = sigs.wait();
         tracing::info!("stopping the view ({sig:?})");
         pinned.release();
+        if v.hydrate.is_some() && !scratch.join(COMMIT_FILE).exists() {
+            pinned.forget_failover();
+        }
     }
     if let Some(h) = &hyd {
         h.stop();
@@ -547,6 +550,27 @@ fn start(
             pt.cycle, v.vm
         ))));
     }
+    if v.hydrate.is_some() {
+        // Before the VM can run here: the old primary's writers stop at
+        // their next fence check (objstore::failedover).
+        let rec = failedover::FailoverRecord {
+            vm: v.vm.clone(),
+            host: Some(crate::util::hostname())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "the failover host".into()),
+            cycle: pt.cycle,
+            point_time_unix_ns: pt.time_unix_ns,
+            time_unix_ns: crate::util::now_ns(),
+        };
+        failedover::write(&bucket, &site, &rec, &pinned.pinner)
+            .map_err(|e| {
+                ViewError::Io(format!(
+                    "recording the failover of {} in the bucket (so the old primary stops writing it): {e}",
+                    v.vm
+                ))
+            })
+            .map_err(fail_unpin)?;
+    }
     let cdir = cache_dir(&v.root, &site, &v.vm);
     let cache = Arc::new(
         ObjectCache::new(&cdir, v.cache_bytes)
@@ -610,6 +634,18 @@ impl Pinned {
                 self.cycle, self.vm
             ))
         })
+    }
+
+    /// Delete the failover record of this view (an unplanned failover
+    /// abandoned by `--cleanup`: the old primary may write the VM again).
+    fn forget_failover(&self) {
+        if let Err(e) = failedover::remove(&self.bucket, &self.site, &self.vm, Some(&self.pinner)) {
+            tracing::warn!(
+                "deleting the failover record of {}: {e}; `vdrep failover {} --cleanup` again removes it",
+                self.vm,
+                self.vm
+            );
+        }
     }
 
     /// Delete the pin (logged if it fails: it expires by itself).
