@@ -262,7 +262,75 @@ fn direct_to_a_bucket_consistent_points_and_sender_kill9() {
     let st = m.status_json();
     assert_eq!(st["replication"][0]["state"], "Normal", "{st}");
     access_revoked_while_running(&g, &m, &b, &paths);
+    let flags: Vec<String> = args_of(&url_s, &g.endpoint(), &creds, &key)[4..10].to_vec();
+    failed_over_stops_the_old_primary(&m, &url_s, &flags, &lister, &paths, &site.p("dr"));
     m.umount();
+}
+
+/// Must-show of issue 11's failover record: `failover --unplanned --store
+/// s3://…` at another site while this one still replicates continuously
+/// (a primary that comes back, or never went away): the sender stops,
+/// `Critical`, saying where and when the VM went and from which point and
+/// what to run; `--cleanup` of that failover (abandoned) removes the
+/// record.
+fn failed_over_stops_the_old_primary(
+    m: &Mounted,
+    url: &str,
+    flags: &[String],
+    raw: &S3Client,
+    paths: &[std::path::PathBuf],
+    dr: &Path,
+) {
+    let records = || {
+        raw.list("direct/sites/site-a/vms/vm1/fence/failedover-")
+            .unwrap()
+            .len()
+    };
+    assert_eq!(records(), 0);
+    let mut args: Vec<&str> = vec!["failover", "vm1", "--unplanned", "--store", url, "--json"];
+    args.extend(flags.iter().map(String::as_str));
+    let cache = dr.to_str().unwrap();
+    args.extend(["--cache", cache, "--hydrate-rate", "1M"]);
+    let view: serde_json::Value = serde_json::from_str(&vdrep_ok(&args)).unwrap();
+    let cycle = view["cycle"].as_u64().unwrap();
+    assert_eq!(records(), 1, "the failover wrote its record");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&paths[0])
+        .unwrap();
+    let t0 = Instant::now();
+    let st = loop {
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&[0x3c; 4096], 16384).unwrap();
+        let st = m.status_json();
+        if st["replication"][0]["state"] == "Critical" {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the old primary goes on: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let err = st["replication"][0]["last_error"].as_str().unwrap_or("");
+    println!("after the failover: {err}");
+    for want in [
+        "vm1 was failed over to ",
+        &format!("from point {cycle}"),
+        "--cleanup",
+        "vdrep forget vm1",
+    ] {
+        assert!(err.contains(want), "{want:?} not in: {st}");
+    }
+    let mut cleanup: Vec<&str> = vec!["failover", "vm1", "--cleanup", "--store", url];
+    cleanup.extend(flags.iter().map(String::as_str));
+    cleanup.extend(["--cache", cache]);
+    vdrep_ok(&cleanup);
+    assert_eq!(
+        records(),
+        0,
+        "--cleanup of the abandoned failover removed its record"
+    );
 }
 
 /// Errors while running, each while the VM replicates continuously: the

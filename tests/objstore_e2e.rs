@@ -187,7 +187,7 @@ fn receive_from_a_bucket_and_take_over_without_resync() {
     let mut flags = s3_flags("dr2");
     flags.extend(["--point".to_string(), c2.to_string()]);
     let t = std::time::Instant::now();
-    unplanned_from_the_bucket(&url_s, &flags, &at_c2, &site.p("dr2"));
+    unplanned_from_the_bucket(&url_s, &flags, &lister, &at_c2, &site.p("dr2"));
     eprintln!(
         "the unplanned failover from the bucket took {:?}",
         t.elapsed()
@@ -221,8 +221,9 @@ fn test_failover_from_the_bucket(
 ) {
     use vdrep::objstore::{get_all, ObjectClient, PutMode};
     assert!(!dr.exists(), "the second site starts with nothing");
-    let mut args: Vec<&str> = vec!["failover", "vm1", "--test", "--store", url, "--json"];
-    args.extend(flags.iter().map(|s| s.as_str()));
+    let mut expose: Vec<&str> = vec!["failover", "vm1", "--test", "--store", url, "--json"];
+    expose.extend(flags.iter().map(|s| s.as_str()));
+    let args = expose.clone();
     let mut cleanup: Vec<String> = ["failover", "vm1", "--cleanup", "--store", url, "--json"]
         .iter()
         .map(|s| s.to_string())
@@ -237,6 +238,9 @@ fn test_failover_from_the_bucket(
     );
     let view: serde_json::Value = serde_json::from_str(&out).unwrap();
     let scratch = Path::new(view["scratch"].as_str().unwrap()).to_path_buf();
+    // The view pinned its point in the bucket (a prune elsewhere keeps it).
+    let cycle = view["cycle"].as_u64().unwrap();
+    assert_eq!(pins(raw), [cycle], "one pin, of the exposed point");
     let file_of = |want: &[u8]| -> std::path::PathBuf {
         let d = view["disks"]
             .as_array()
@@ -318,6 +322,37 @@ fn test_failover_from_the_bucket(
         "the object cache is gone"
     );
     assert!(!fa.exists(), "the view is unmounted");
+    assert_eq!(pins(raw), [0u64; 0], "--cleanup released the pin");
+    // A view process killed -9 leaves its pin: --cleanup releases it.
+    let view: serde_json::Value = serde_json::from_str(&vdrep_ok(&expose)).unwrap();
+    let scratch = Path::new(view["scratch"].as_str().unwrap()).to_path_buf();
+    assert_eq!(pins(raw), [cycle]);
+    let pid = view_status(&scratch)["pid"].as_i64().unwrap() as i32;
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    while std::fs::metadata(format!("/proc/{pid}")).is_ok() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(pins(raw), [cycle], "a killed view cannot release its pin");
+    let args: Vec<&str> = cleanup.iter().map(|s| s.as_str()).collect();
+    vdrep_ok(&args);
+    assert_eq!(
+        pins(raw),
+        [0u64; 0],
+        "--cleanup released the dead view's pin"
+    );
+}
+
+/// The cycles of vm1's pins in the bucket (`objstore::pin` names).
+fn pins(raw: &S3Client) -> Vec<u64> {
+    use vdrep::objstore::ObjectClient;
+    raw.list("e2e/sites/site-a/vms/vm1/pins/")
+        .unwrap()
+        .into_iter()
+        .map(|m| {
+            let leaf = m.key.rsplit('/').next().unwrap().to_string();
+            u64::from_str_radix(&leaf[..16], 16).unwrap()
+        })
+        .collect()
 }
 
 /// The view process's `status.json` in `scratch` (rewritten every second).
@@ -354,7 +389,13 @@ fn wait_status(
 /// to the local copies). A write through the view (the VM's) is folded
 /// into the local disk by `--commit`, which is refused before the copy
 /// is complete.
-fn unplanned_from_the_bucket(url: &str, flags: &[String], at_c2: &[Vec<u8>; 2], dr: &Path) {
+fn unplanned_from_the_bucket(
+    url: &str,
+    flags: &[String],
+    raw: &S3Client,
+    at_c2: &[Vec<u8>; 2],
+    dr: &Path,
+) {
     assert!(!dr.exists(), "the second site starts with nothing");
     let mut args: Vec<&str> = vec!["failover", "vm1", "--unplanned", "--store", url, "--json"];
     args.extend(flags.iter().map(|s| s.as_str()));
@@ -435,6 +476,9 @@ fn unplanned_from_the_bucket(url: &str, flags: &[String], at_c2: &[Vec<u8>; 2], 
     phase("killed");
     let view2: serde_json::Value = serde_json::from_str(&vdrep_ok(&args)).unwrap();
     assert_eq!(view2["cycle"], view["cycle"]);
+    // The restarted view renewed the same pin (one pinner per view).
+    let cycle = view["cycle"].as_u64().unwrap();
+    assert_eq!(pins(raw), [cycle]);
     let mut got = vec![0u8; 4096];
     std::fs::File::open(&fa)
         .unwrap()
@@ -499,6 +543,7 @@ fn unplanned_from_the_bucket(url: &str, flags: &[String], at_c2: &[Vec<u8>; 2], 
     phase("switched");
     let out: serde_json::Value = serde_json::from_str(&vdrep_ok(&commit)).unwrap();
     phase("committed");
+    assert_eq!(pins(raw), [0u64; 0], "--commit released the pin");
     std::mem::forget(guard);
     let disks: Vec<std::path::PathBuf> = out["disks"]
         .as_array()

@@ -671,11 +671,37 @@ fn bucket_failover(a: &FailoverArgs, url: &StoreUrl) -> Out {
         Err(e) => return out.fail(2, format!("vdrep: --cache {}: {e}", root.display())),
     };
     let vm = a.vm();
-    if m.cleanup {
-        return bucket_cleanup(a, out, &root);
-    }
-    if m.commit {
-        return bucket_commit(a, out, &root);
+    if m.cleanup || m.commit {
+        let orphan = bucket::orphan_pin(&root, a.site.as_deref(), vm);
+        let mut out = if m.cleanup {
+            bucket_cleanup(a, out, &root)
+        } else {
+            bucket_commit(a, out, &root)
+        };
+        if let Some((site, pinner)) = orphan {
+            // The view process died: release the pin it left, and on
+            // --cleanup (an abandoned unplanned failover) its failover
+            // record, which would hold the old primary off.
+            let r = super::objstore::open_bucket(url, &a.s3)
+                .map_err(|e| e.to_string())
+                .and_then(|b| {
+                    crate::objstore::pin::release(&b, &site, vm, &pinner)
+                        .and_then(|_| match m.cleanup {
+                            true => {
+                                crate::objstore::failedover::remove(&b, &site, vm, Some(&pinner))
+                            }
+                            false => Ok(0),
+                        })
+                        .map_err(|e| e.to_string())
+                });
+            if let Err(e) = r {
+                out.err(format!(
+                    "vdrep: the pin (or failover record) of {vm} in {url} was not released ({e}); a pin expires within {} h by itself, a failover record goes with `vdrep failover {vm} --cleanup` or `vdrep forget`",
+                    crate::objstore::pin::PIN_TTL.as_secs() / 3600
+                ));
+            }
+        }
+        return out;
     }
     let (sel, at) = match point_and_place(a) {
         Ok(v) => v,

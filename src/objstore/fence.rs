@@ -63,6 +63,9 @@ pub struct Claim {
 pub enum FenceErrorKind {
     /// A newer writer took over: stop, acknowledge nothing.
     Fenced,
+    /// The VM was failed over from the bucket (a failover record is in the
+    /// fence folder): no writer may continue its history.
+    FailedOver,
     /// Claiming kept losing races.
     Contended,
     /// The object store failed.
@@ -78,6 +81,8 @@ pub enum FenceError {
         gen: u64,
         newer: u64,
     },
+    #[error("{dir}: the VM was failed over from the bucket (record {record}); this writer stops (nothing more is acknowledged)")]
+    FailedOver { dir: String, record: String },
     #[error("{dir}: could not claim a generation after {attempts} attempts (other writers keep claiming); is another receiver or sender writing this VM?")]
     Contended { dir: String, attempts: u32 },
     #[error(transparent)]
@@ -88,6 +93,7 @@ impl FenceError {
     pub fn kind(&self) -> FenceErrorKind {
         match self {
             FenceError::Fenced { .. } => FenceErrorKind::Fenced,
+            FenceError::FailedOver { .. } => FenceErrorKind::FailedOver,
             FenceError::Contended { .. } => FenceErrorKind::Contended,
             FenceError::Store(_) => FenceErrorKind::Store,
         }
@@ -127,11 +133,17 @@ fn claim_name(dir: &str, gen: u64, writer: &WriterId) -> String {
     format!("{dir}/g{gen:016x}-{}", hex(writer))
 }
 
+/// The leaf-name prefix of a failover record in a fence folder
+/// (`objstore::failedover`): `failedover-<time ns:016x>-<id:32 hex>`.
+pub const FAILED_OVER: &str = "failedover-";
+
 /// Every claim in a fence folder, as one listing saw them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FenceView {
     /// Sorted by (gen, writer).
     pub claims: Vec<Claim>,
+    /// Leaf names of failover records, sorted (oldest first).
+    pub failovers: Vec<String>,
 }
 
 impl FenceView {
@@ -140,9 +152,14 @@ impl FenceView {
         let prefix = format!("{dir}/");
         let mut claims: Vec<Claim> = Vec::new();
         let mut starts = Vec::new();
+        let mut failovers = Vec::new();
         for m in c.list(&prefix)? {
-            let Some((gen, writer, start)) = m.key.strip_prefix(&prefix).and_then(parse_name)
-            else {
+            let leaf = m.key.strip_prefix(&prefix).unwrap_or("");
+            if leaf.starts_with(FAILED_OVER) {
+                failovers.push(leaf.to_string());
+                continue;
+            }
+            let Some((gen, writer, start)) = parse_name(leaf) else {
                 continue;
             };
             match start {
@@ -163,7 +180,20 @@ impl FenceView {
             }
         }
         claims.sort_by_key(|c| (c.gen, c.writer));
-        Ok(FenceView { claims })
+        failovers.sort();
+        Ok(FenceView { claims, failovers })
+    }
+
+    /// [`FenceErrorKind::FailedOver`] naming the newest failover record, if
+    /// there is one.
+    fn failed_over(&self, dir: &str) -> Result<(), FenceError> {
+        match self.failovers.last() {
+            Some(r) => Err(FenceError::FailedOver {
+                dir: dir.to_string(),
+                record: r.clone(),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// The highest generation claimed (valid or not); 0 if none.
@@ -223,7 +253,9 @@ impl Writer {
         start: impl Fn() -> Result<u64, ObjectError>,
     ) -> Result<Writer, FenceError> {
         for attempt in 0..ATTEMPTS {
-            let gen = FenceView::load(c, dir)?.max_gen() + 1;
+            let view = FenceView::load(c, dir)?;
+            view.failed_over(dir)?;
+            let gen = view.max_gen() + 1;
             let name = claim_name(dir, gen, &writer);
             c.put(&name, b"", super::PutMode::Overwrite)?;
             let after = FenceView::load(c, dir)?;
@@ -253,9 +285,11 @@ impl Writer {
     }
 
     /// Fail with [`FenceErrorKind::Fenced`] if a newer generation was
-    /// claimed (call after writing a manifest, before acknowledging it).
+    /// claimed, or [`FenceErrorKind::FailedOver`] if the VM was failed
+    /// over (call after writing a manifest, before acknowledging it).
     pub fn check(&self, c: &dyn ObjectClient) -> Result<(), FenceError> {
         let view = FenceView::load(c, &self.dir)?;
+        view.failed_over(&self.dir)?;
         let newer = view.max_gen();
         if newer > self.gen || view.valid(self.gen).map(|v| v.writer) != Some(self.writer) {
             return Err(FenceError::Fenced {

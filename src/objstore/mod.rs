@@ -23,6 +23,9 @@
 //!   conditional put needed): claims, start markers, who owns a cycle.
 //! - [`cache`]: the size-bounded local cache of opened objects that lazy
 //!   reads (a test failover straight from the bucket) go through.
+//! - [`failedover`]: the record of an unplanned failover from the bucket
+//!   that stops the old primary's writers.
+//! - [`pin`]: a point a failover uses, kept by every prune meanwhile.
 //! - [`point`]: recovery points in a bucket: sealed chunks, manifests
 //!   written last, fenced writers, chunk-by-chunk point reads.
 //! - [`StoreUrl`], [`Credentials`] (`config.rs`): `s3://bucket/prefix`, the
@@ -34,9 +37,11 @@ mod config;
 pub mod envelope;
 mod error;
 mod fail;
+pub mod failedover;
 pub mod fence;
 pub mod layered;
 mod mem;
+pub mod pin;
 pub mod point;
 pub mod replica;
 mod s3;

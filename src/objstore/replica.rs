@@ -59,6 +59,13 @@ struct Base {
     size: u64,
     time_unix_ns: u64,
     chunks: Vec<Option<String>>,
+    /// Set by a compaction: the chunks of the base it folded into this
+    /// one. Kept points still naming them are re-pointed here by the next
+    /// prune too, so a compaction killed between the new head and the
+    /// manifests' new versions is finished later (else those points would
+    /// keep the old chunks and the folded logs alive for good).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    folded_from: Option<Vec<Option<String>>>,
 }
 
 /// An initial copy in progress: chunks below `offset` are stored.
@@ -321,6 +328,26 @@ impl BucketStore {
                 ctx: ctx.clone(),
                 what: format!("{e}; another receiver or sender now writes this VM"),
             },
+            FenceErrorKind::FailedOver => {
+                // Say where and when the VM went (the record's body).
+                let what = match &e {
+                    FenceError::FailedOver { dir, record } => {
+                        let prefix = self.bucket.url().key("");
+                        let name = format!("{}/{record}", dir.strip_prefix(&prefix).unwrap_or(dir));
+                        match self.bucket.get(&name).ok().and_then(|b| {
+                            serde_json::from_slice::<super::failedover::FailoverRecord>(&b).ok()
+                        }) {
+                            Some(r) => r.message(&self.bucket.url().to_string()),
+                            None => e.to_string(),
+                        }
+                    }
+                    _ => e.to_string(),
+                };
+                StoreError::Fenced {
+                    ctx: ctx.clone(),
+                    what,
+                }
+            }
             FenceErrorKind::Contended => StoreError::Busy {
                 ctx: ctx.clone(),
                 what: e.to_string(),
@@ -858,26 +885,21 @@ impl BucketStore {
     }
 
     /// Fold the logs of a disk up to `k0` into new base chunks (only the
-    /// chunks those logs touched are written).
-    /// Returns the old base's chunks and the new base, if it folded.
-    fn compact(
-        &self,
-        ctx: &Ctx,
-        st: &mut VmState,
-        d: DiskRef<'_>,
-        k0: u64,
-    ) -> Result<Option<(Vec<Option<String>>, Base)>> {
+    /// chunks those logs touched are written): a new head whose base
+    /// names the old base's chunks (`folded_from`) for
+    /// [`rebase_kept`](Self::rebase_kept). Returns whether it folded.
+    fn compact(&self, ctx: &Ctx, st: &mut VmState, d: DiskRef<'_>, k0: u64) -> Result<bool> {
         let Some(h) = st.heads.get(d.disk_id).cloned() else {
-            return Ok(None);
+            return Ok(false);
         };
         let Some(base) = h.base.clone() else {
-            return Ok(None);
+            return Ok(false);
         };
         if base.cycle >= k0 || h.initial.is_some() || h.cycle.is_none_or(|c| c < k0) {
-            return Ok(None);
+            return Ok(false);
         }
         let Some(layers) = h.layers_at(k0) else {
-            return Ok(None);
+            return Ok(false);
         };
         let size = layers.size;
         let nchunks = size.div_ceil(CHUNK) as usize;
@@ -919,13 +941,80 @@ impl BucketStore {
             size,
             time_unix_ns: time,
             chunks,
+            folded_from: Some(base.chunks.clone()),
         };
         let mut nh = h.clone();
-        nh.base = Some(nb.clone());
+        nh.base = Some(nb);
         nh.logs.retain(|l| l.cycle > k0);
         self.write_head(ctx, st, d.site, d.vm, d.disk_id, nh)?;
         self.check(ctx, st)?;
-        Ok(Some((base.chunks, nb)))
+        Ok(true)
+    }
+
+    /// Point every kept manifest that still names the base a disk head's
+    /// compaction folded (`folded_from`) at that head's base: a new
+    /// manifest version (its logs up to the base's cycle dropped), put
+    /// and fence-checked before the old versions are deleted. `kept` is
+    /// updated to the new versions. A `pinned` point keeps its manifest
+    /// (a failover reads the objects it names).
+    fn rebase_kept(
+        &self,
+        ctx: &Ctx,
+        st: &mut VmState,
+        kept: &mut [(point::Listed, Manifest)],
+        pinned: &[u64],
+    ) -> Result<()> {
+        let folded: HashMap<String, Base> = st
+            .heads
+            .iter()
+            .filter_map(|(id, h)| {
+                let b = h.base.as_ref()?;
+                b.folded_from.as_ref().map(|_| (hex(id), b.clone()))
+            })
+            .collect();
+        if folded.is_empty() {
+            return Ok(());
+        }
+        for (l, m) in kept.iter_mut().filter(|(_, m)| !pinned.contains(&m.cycle)) {
+            let mut nm = m.clone();
+            let mut changed = false;
+            for dm in &mut nm.disks {
+                let Some(base) = folded.get(&dm.disk_id) else {
+                    continue;
+                };
+                if base.folded_from.as_ref() != Some(&dm.chunks) || m.cycle < base.cycle {
+                    continue; // another base (or older than the fold)
+                }
+                dm.chunks = base.chunks.clone();
+                dm.base_size = Some(base.size);
+                dm.logs.retain(|x| x.cycle > base.cycle);
+                changed = true;
+            }
+            if !changed {
+                continue;
+            }
+            let seq = Self::next_seq(st);
+            let name = point::manifest_version_name(&l.newest, (st.fence.gen, seq));
+            let body = self.to_json(&name, &nm)?;
+            self.put(ctx, &name, &body)?;
+            self.check(ctx, st)?;
+            self.manifests.lock().insert(name.clone(), nm.clone());
+            for old in &l.all {
+                self.delete(ctx, old)?;
+                self.manifests.lock().remove(old);
+            }
+            l.newest = name.clone();
+            l.all = vec![name];
+            *m = nm;
+        }
+        Ok(())
+    }
+
+    /// The cycles of `vm` that live pins hold ([`super::pin`]).
+    fn pinned(&self, ctx: &Ctx, site: &str, vm: &str) -> Result<Vec<u64>> {
+        let pins = super::pin::list(&self.bucket, site, vm)
+            .map_err(|e| self.obj_err(ctx, "listing the pins of failovers", e))?;
+        Ok(super::pin::live_cycles(&pins, super::pin::now_s()))
     }
 
     /// Delete every object of `vm` that neither a visible point, a disk
@@ -1328,6 +1417,7 @@ impl ReplicaStore for BucketStore {
                 size: nh.size,
                 time_unix_ns: time_ns,
                 chunks,
+                folded_from: None,
             });
             nh.logs.clear();
             nh.cycle = Some(cycle);
@@ -1744,7 +1834,9 @@ impl ReplicaStore for BucketStore {
                 return Ok(report);
             }
             let pts: Vec<Point> = ms.iter().map(|(_, m)| point_of(m, 0)).collect();
-            let flags = retention_keep(&pts, keep, now_ns(), &[]);
+            // Points a failover uses somewhere (objstore::pin) are kept.
+            let pinned = self.pinned(ctx, site, vm)?;
+            let flags = retention_keep(&pts, keep, now_ns(), &pinned);
             let mut kept = Vec::new();
             for ((l, m), k) in ms.into_iter().zip(flags) {
                 if k {
@@ -1765,50 +1857,24 @@ impl ReplicaStore for BucketStore {
                 .iter()
                 .filter(|&&c| c > oldest)
                 .count() as u64;
-            // Fold each disk's logs up to the oldest kept point into its
-            // base, then point the kept manifests at the new bases (a new
-            // manifest version, put before the old one is deleted).
+            // Finish a compaction a crash interrupted (kept points still on
+            // the base a head folded), fold each disk's logs up to the
+            // oldest kept point into its base, then point the kept
+            // manifests at the new bases (a new manifest version, put
+            // before the old ones are deleted).
+            self.rebase_kept(ctx, st, &mut kept, &pinned)?;
             let ids: Vec<[u8; 16]> = st.heads.keys().copied().collect();
-            let mut folded: HashMap<String, (Vec<Option<String>>, Base)> = HashMap::new();
             for id in ids {
                 let d = DiskRef {
                     site,
                     vm,
                     disk_id: &id,
                 };
-                if let Some(f) = self.compact(ctx, st, d, oldest)? {
-                    folded.insert(hex(&id), f);
-                }
+                self.compact(ctx, st, d, oldest)?;
             }
-            for (l, m) in &kept {
-                let mut nm = m.clone();
-                let mut changed = false;
-                for dm in &mut nm.disks {
-                    let Some((old_chunks, base)) = folded.get(&dm.disk_id) else {
-                        continue;
-                    };
-                    if dm.chunks != *old_chunks || m.cycle < base.cycle {
-                        continue; // another base (or older than the fold)
-                    }
-                    dm.chunks = base.chunks.clone();
-                    dm.base_size = Some(base.size);
-                    dm.logs.retain(|x| x.cycle > base.cycle);
-                    changed = true;
-                }
-                if !changed {
-                    continue;
-                }
-                let seq = Self::next_seq(st);
-                let name = point::manifest_version_name(&l.newest, (st.fence.gen, seq));
-                let body = self.to_json(&name, &nm)?;
-                self.put(ctx, &name, &body)?;
-                self.check(ctx, st)?;
-                self.manifests.lock().insert(name, nm);
-                for old in &l.all {
-                    self.delete(ctx, old)?;
-                    self.manifests.lock().remove(old);
-                }
-            }
+            // Pins written since the start are honoured from here on.
+            let pinned = self.pinned(ctx, site, vm)?;
+            self.rebase_kept(ctx, st, &mut kept, &pinned)?;
             report.freed_bytes = self.collect(ctx, st, site, vm)?;
             let cycles: Vec<u64> = kept.iter().map(|(_, m)| m.cycle).collect();
             self.drop_definitions(ctx, site, vm, &cycles)?;
@@ -1827,6 +1893,10 @@ impl ReplicaStore for BucketStore {
                 what: format!("the store holds no replica of {vm} from this site"),
             });
         }
+        // A failover record would refuse the claim below; forgetting the
+        // VM ends that failover's hold on its history too.
+        super::failedover::remove(&self.bucket, site, vm, None)
+            .map_err(|e| self.obj_err(&ctx, "deleting the failover records", e))?;
         let r = self.with_vm(site, vm, |st, ctx| {
             let ms = self.manifests(ctx, site, vm)?;
             let mut report = ForgetReport {

@@ -20,9 +20,11 @@
 //! ROOT/failover/.cache/<site>/<vm>/          the object cache
 //! ```
 //!
-//! Known limit: the point is not pinned in the bucket, so a receiver's
-//! prune of that point meanwhile makes reads of parts not yet cached fail
-//! (`EIO`, the missing object named in the log).
+//! The view pins its point in the bucket ([`crate::objstore::pin`]) before
+//! reading its manifest, renews the pin hourly and deletes it when it
+//! stops, so a prune by the sender or a receiver meanwhile keeps the point
+//! and every object it reads. The pinner id is in `SCRATCH/pin`, so
+//! `--cleanup`/`--commit` release it if the process died.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -41,10 +43,13 @@ use super::{
 use crate::objstore::cache::{CacheStats, ObjectCache};
 use crate::objstore::replica::BucketStore;
 use crate::objstore::SealedBucket;
+use crate::objstore::{failedover, pin};
 use crate::replica::ReplicaStore;
 
 const CACHE: &str = ".cache";
 const PID_FILE: &str = "view.pid";
+/// The pinner id of the view's pin in the bucket.
+const PIN_FILE: &str = "pin";
 const HYDRATE: &str = ".hydrate";
 /// Where `--commit` puts an unplanned failover's local disks.
 const DISKS: &str = "disks";
@@ -262,7 +267,7 @@ fn serve(
     let sigs = crate::service::termination_signals();
     let _ = sigs.thread_block();
     let t0 = Instant::now();
-    let (active, cache) = match start(v, open) {
+    let (active, cache, pinned) = match start(v, open) {
         Ok(a) => a,
         Err(e) => {
             notify(&mut ready, &refusal(&e));
@@ -363,8 +368,24 @@ fn serve(
                 }
             });
     }
-    let sig = sigs.wait();
-    tracing::info!("stopping the view ({sig:?})");
+    {
+        let pinned = Arc::new(pinned);
+        let renewer = pinned.clone();
+        let _ = std::thread::Builder::new()
+            .name("view-pin".into())
+            .spawn(move || loop {
+                std::thread::sleep(pin::PIN_RENEW);
+                if let Err(e) = renewer.renew() {
+                    tracing::warn!("{e} (retried in an hour; the pin holds until it expires)");
+                }
+            });
+        let sig = sigs.wait();
+        tracing::info!("stopping the view ({sig:?})");
+        pinned.release();
+        if v.hydrate.is_some() && !scratch.join(COMMIT_FILE).exists() {
+            pinned.forget_failover();
+        }
+    }
     if let Some(h) = &hyd {
         h.stop();
     }
@@ -456,11 +477,11 @@ fn commit(
 fn start(
     v: &BucketView,
     open: impl FnOnce() -> Result<Arc<SealedBucket>, ViewError>,
-) -> Result<(super::Active, Arc<ObjectCache>), ViewError> {
+) -> Result<(super::Active, Arc<ObjectCache>, Pinned), ViewError> {
     crate::replica::validate_name("vm", &v.vm).map_err(|e| ViewError::NotFound(e.to_string()))?;
     let bucket = open()?;
     let url = bucket.url().to_string();
-    let store = BucketStore::open(bucket, &v.root.join(FAILOVER_DIR).join(".spool"))?;
+    let store = BucketStore::open(bucket.clone(), &v.root.join(FAILOVER_DIR).join(".spool"))?;
     let site = match &v.site {
         Some(s) => s.clone(),
         None => {
@@ -500,10 +521,64 @@ fn start(
     }
     let points = store.points(&site, &v.vm)?;
     let pt = select_point(&points, v.sel, &v.vm)?;
+    // Pin the point before its manifest is read (a prune elsewhere keeps
+    // it and every object it names), then check it is still there. A
+    // restart of the same view renews its pin (same pinner).
+    let pinned = Pinned {
+        bucket: bucket.clone(),
+        site: site.clone(),
+        vm: v.vm.clone(),
+        cycle: pt.cycle,
+        pinner: pinner_of(&scratch).unwrap_or_else(|| crate::util::hex(&crate::util::random_id())),
+        purpose: if v.hydrate.is_some() {
+            "unplanned failover"
+        } else {
+            "test failover"
+        },
+    };
+    pinned.renew()?;
+    let fail_unpin = |e: ViewError| {
+        pinned.release();
+        e
+    };
+    let again = store
+        .points(&site, &v.vm)
+        .map_err(|e| fail_unpin(e.into()))?;
+    if !again.iter().any(|p| p.cycle == pt.cycle) {
+        return Err(fail_unpin(ViewError::BadPoint(format!(
+            "point {} of {} was pruned while it was being opened: choose another with `vdrep points --store {url}`",
+            pt.cycle, v.vm
+        ))));
+    }
+    if v.hydrate.is_some() {
+        // Before the VM can run here: the old primary's writers stop at
+        // their next fence check (objstore::failedover).
+        let rec = failedover::FailoverRecord {
+            vm: v.vm.clone(),
+            host: Some(crate::util::hostname())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "the failover host".into()),
+            cycle: pt.cycle,
+            point_time_unix_ns: pt.time_unix_ns,
+            time_unix_ns: crate::util::now_ns(),
+        };
+        failedover::write(&bucket, &site, &rec, &pinned.pinner)
+            .map_err(|e| {
+                ViewError::Io(format!(
+                    "recording the failover of {} in the bucket (so the old primary stops writing it): {e}",
+                    v.vm
+                ))
+            })
+            .map_err(fail_unpin)?;
+    }
     let cdir = cache_dir(&v.root, &site, &v.vm);
-    let cache = Arc::new(ObjectCache::new(&cdir, v.cache_bytes).map_err(|e| {
-        ViewError::Io(format!("creating the object cache {}: {e}", cdir.display()))
-    })?);
+    let cache = Arc::new(
+        ObjectCache::new(&cdir, v.cache_bytes)
+            .map_err(|e| {
+                ViewError::Io(format!("creating the object cache {}: {e}", cdir.display()))
+            })
+            .map_err(fail_unpin)?,
+    );
     let store = store.with_object_cache(cache.clone());
     let mountpoint =
         v.at.clone()
@@ -519,8 +594,90 @@ fn start(
     )
     .inspect_err(|_| {
         let _ = std::fs::remove_dir_all(&cdir);
-    })?;
-    Ok((active, cache))
+    })
+    .map_err(fail_unpin)?;
+    if let Err(e) = std::fs::write(scratch.join(PIN_FILE), &pinned.pinner) {
+        tracing::warn!(
+            "writing {}: {e} (a --cleanup after a crash of this process cannot release the pin; it expires by itself)",
+            scratch.join(PIN_FILE).display()
+        );
+    }
+    Ok((active, cache, pinned))
+}
+
+/// The pin a view holds on its point in the bucket ([`crate::objstore::pin`]).
+struct Pinned {
+    bucket: Arc<SealedBucket>,
+    site: String,
+    vm: String,
+    cycle: u64,
+    pinner: String,
+    purpose: &'static str,
+}
+
+impl Pinned {
+    /// Write the pin anew (expiry [`pin::PIN_TTL`] from now), the older
+    /// one deleted after.
+    fn renew(&self) -> Result<(), ViewError> {
+        pin::put(
+            &self.bucket,
+            &self.site,
+            &self.vm,
+            self.cycle,
+            &self.pinner,
+            self.purpose,
+        )
+        .map(drop)
+        .map_err(|e| {
+            ViewError::Io(format!(
+                "pinning point {} of {} in the bucket (so no prune removes it while it is used): {e}",
+                self.cycle, self.vm
+            ))
+        })
+    }
+
+    /// Delete the failover record of this view (an unplanned failover
+    /// abandoned by `--cleanup`: the old primary may write the VM again).
+    fn forget_failover(&self) {
+        if let Err(e) = failedover::remove(&self.bucket, &self.site, &self.vm, Some(&self.pinner)) {
+            tracing::warn!(
+                "deleting the failover record of {}: {e}; `vdrep failover {} --cleanup` again removes it",
+                self.vm,
+                self.vm
+            );
+        }
+    }
+
+    /// Delete the pin (logged if it fails: it expires by itself).
+    fn release(&self) {
+        if let Err(e) = pin::release(&self.bucket, &self.site, &self.vm, &self.pinner) {
+            tracing::warn!(
+                "releasing the pin of point {} of {}: {e}; it expires within {} h by itself",
+                self.cycle,
+                self.vm,
+                pin::PIN_TTL.as_secs() / 3600
+            );
+        }
+    }
+}
+
+/// The pinner id a view of this scratch folder used, if any.
+fn pinner_of(scratch: &Path) -> Option<String> {
+    let s = std::fs::read_to_string(scratch.join(PIN_FILE)).ok()?;
+    let s = s.trim();
+    (s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())).then(|| s.to_string())
+}
+
+/// A pin the view of `vm` served from `root` left behind: (site, pinner)
+/// if the view recorded one and its process is gone (a running view
+/// releases its pin itself when it stops). Read it before [`stop`], which
+/// removes the scratch folder; release it with [`pin::release`].
+pub fn orphan_pin(root: &Path, site: Option<&str>, vm: &str) -> Option<(String, String)> {
+    let (site, scratch) = find(root, site, vm).ok()?;
+    if live_pid(&scratch).is_some() {
+        return None;
+    }
+    Some((site, pinner_of(&scratch)?))
 }
 
 /// The site and scratch folder of the bucket view of `vm` served from

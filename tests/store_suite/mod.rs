@@ -299,6 +299,16 @@ pub fn ship(store: &dyn ReplicaStore, d: DiskRef<'_>, path: &Path, cycle: u64) {
     store.apply(d, cycle).unwrap();
 }
 
+/// The cycles of the visible points of [`VM`], oldest first.
+pub fn point_cycles(store: &dyn ReplicaStore) -> Vec<u64> {
+    store
+        .points(SITE, VM)
+        .unwrap()
+        .iter()
+        .map(|p| p.cycle)
+        .collect()
+}
+
 /// The whole disk as of point `cycle`.
 pub fn read_point(store: &dyn ReplicaStore, d: DiskRef<'_>, cycle: u64) -> Vec<u8> {
     let r = store.read_point(d, cycle).unwrap();
@@ -1223,15 +1233,11 @@ pub fn a_full_copy_of_one_disk_drops_only_the_points_that_include_it(h: &dyn Har
         vdrep::replica::DropReason::ReCopy { replica_cycle: 2 }
     );
     assert!(d.to_string().contains("[2]"), "{d}");
-    let cycles = |store: &dyn ReplicaStore| -> Vec<u64> {
-        store
-            .points(SITE, VM)
-            .unwrap()
-            .iter()
-            .map(|p| p.cycle)
-            .collect()
-    };
-    assert_eq!(cycles(store), vec![1], "point 1 (disk a alone) must stay");
+    assert_eq!(
+        point_cycles(store),
+        vec![1],
+        "point 1 (disk a alone) must stay"
+    );
     assert_eq!(read_point(store, da, 1), data_a);
     // Both go on: a point over both disks after the copy.
     let la = logs.path().join("a3.hrl");
@@ -1241,7 +1247,7 @@ pub fn a_full_copy_of_one_disk_drops_only_the_points_that_include_it(h: &dyn Har
         .commit_point(SITE, VM, 3, &[a, b], Consistency::Crash)
         .unwrap()
         .unwrap();
-    assert_eq!(cycles(store), vec![1, 3]);
+    assert_eq!(point_cycles(store), vec![1, 3]);
     assert_eq!(read_point(store, da, 1), data_a);
     assert_eq!(read_point(store, db, 3), data_b);
 }
