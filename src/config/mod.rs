@@ -72,6 +72,8 @@ pub struct MountCfg {
     /// The supervisor's hung-worker watchdog (`watchdog = "30s"`);
     /// `Some(None)`: `off`.
     pub watchdog: Option<Option<Duration>>,
+    /// How FUSE requests travel (`fuse_transport = "dev" | "uring"`).
+    pub fuse_transport: Option<crate::fuse::FuseTransport>,
 }
 
 /// `[receiver]`: the secondary site's receiver and its retention.
@@ -386,6 +388,18 @@ pub fn parse_watchdog(s: &str) -> Result<Option<Duration>, BadValue> {
         return Ok(None);
     }
     parse_duration(s).map(Some).map_err(|e| e.or("`off`"))
+}
+
+/// The FUSE transport: `dev` (`/dev/fuse`) or `uring` (FUSE over io_uring).
+pub fn parse_fuse_transport(s: &str) -> Result<crate::fuse::FuseTransport, BadValue> {
+    crate::fuse::FuseTransport::parse(s).ok_or_else(|| {
+        BadValue::new(
+            ProblemKind::BadValue,
+            format!(
+                "{s:?} is not a FUSE transport: give \"dev\" (/dev/fuse, survives a worker crash) or \"uring\" (FUSE over io_uring: a worker crash ends the mount)"
+            ),
+        )
+    })
 }
 
 /// An address to listen on: `IP:PORT` (e.g. 127.0.0.1:9477).
@@ -836,6 +850,10 @@ impl Cx<'_> {
             let watchdog = self.value(&m.watchdog, "mount.watchdog", |s: &String| {
                 parse_watchdog(s)
             });
+            let fuse_transport =
+                self.value(&m.fuse_transport, "mount.fuse_transport", |s: &String| {
+                    parse_fuse_transport(s)
+                });
             out.push(MountCfg {
                 path,
                 block_size,
@@ -843,6 +861,7 @@ impl Cx<'_> {
                 metrics_listen,
                 activity_log: m.activity_log,
                 watchdog,
+                fuse_transport,
             });
         }
         out

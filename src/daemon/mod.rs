@@ -475,6 +475,12 @@ fn serve_worker(
     });
     ctx.link
         .tell(crate::fuse::supervisor::WorkerMsg::Initialized);
+    if session.uring() {
+        // The rings die with this process: no successor can serve them.
+        RINGS.store(true, std::sync::atomic::Ordering::SeqCst);
+        ctx.link
+            .tell(crate::fuse::supervisor::WorkerMsg::NoHandover);
+    }
     if initialized {
         tracing::info!(
             "worker #{} took over {}: {} inodes, {} open files, {} open folders restored, {} lost",
@@ -769,6 +775,8 @@ pub fn remove_dead_mount(dir: &Path, lazy: bool) -> Result<DeadMountRemoved, Dae
 /// that `vdrep umount` gets its answer.
 static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// This worker serves FUSE over io_uring (its own rings): no handover.
+static RINGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 /// Set once a worker started handing over: control requests are refused.
 static HANDING_OVER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -787,6 +795,12 @@ fn flush_kernel_cache(dir: &Path) -> io::Result<()> {
 /// resent to the next one.
 fn restart(tracker: &Tracker, ctx: &WorkerCtx, dir: &Path) -> Response {
     use std::sync::atomic::Ordering::SeqCst;
+    if RINGS.load(SeqCst) {
+        return Response::err(format!(
+            "{} serves FUSE over io_uring, whose rings die with the worker: it cannot be handed to a new worker. Unmount and mount it again (or mount it with --fuse-transport dev to allow restarts)",
+            dir.display()
+        ));
+    }
     if HANDING_OVER.swap(true, SeqCst) {
         return Response::err("a restart is already under way");
     }

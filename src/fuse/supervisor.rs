@@ -84,6 +84,11 @@ pub enum WorkerMsg {
     Handover,
     /// The worker's liveness check passed (sent every [`HEARTBEAT`]).
     Alive,
+    /// The worker serves FUSE over io_uring with rings of its own
+    /// ([`super::uring`]): when it dies the requests they held are lost, so
+    /// no successor is started; the supervisor exits and the connection
+    /// ends (whole-daemon semantics).
+    NoHandover,
 }
 
 impl WorkerMsg {
@@ -93,6 +98,7 @@ impl WorkerMsg {
             WorkerMsg::Ready => b"ready",
             WorkerMsg::Handover => b"handover",
             WorkerMsg::Alive => b"alive",
+            WorkerMsg::NoHandover => b"no-handover",
         }
     }
     fn parse(b: &[u8]) -> Option<WorkerMsg> {
@@ -101,6 +107,7 @@ impl WorkerMsg {
             WorkerMsg::Ready,
             WorkerMsg::Handover,
             WorkerMsg::Alive,
+            WorkerMsg::NoHandover,
         ]
         .into_iter()
         .find(|m| m.as_bytes() == b)
@@ -300,6 +307,20 @@ pub fn run(
             let _ = nix::mount::umount2(&held.dir, nix::mount::MntFlags::MNT_DETACH);
             return 1;
         }
+        if run.no_handover {
+            // Its rings died with it; the requests they held are lost and a
+            // successor would leave them hanging. Closing every descriptor
+            // aborts the connection: waiting requests fail, the mount stays
+            // (dead) until `vdrep umount`, and the remount marks the disks
+            // resync required (the tracking state is unclean).
+            tracing::error!(
+                "supervisor: the worker of {} died ({}); it served FUSE over io_uring, which cannot be handed over: ending the mount (run `vdrep umount {}`, then mount again; its disks will need a resync)",
+                held.dir.display(),
+                run.how,
+                held.dir.display()
+            );
+            return 1;
+        }
         restarts += 1;
         if run.handover {
             tracing::info!("supervisor: handover; starting worker #{restarts}");
@@ -327,6 +348,8 @@ struct WorkerRun {
     handover: bool,
     /// The watchdog killed it (no heartbeat in time).
     hung: bool,
+    /// It served FUSE over io_uring ([`WorkerMsg::NoHandover`]).
+    no_handover: bool,
     /// Exit code, if it exited (not killed).
     code: Option<i32>,
     how: String,
@@ -447,6 +470,7 @@ fn watch(
                     }
                     Some(WorkerMsg::Handover) => run.handover = true,
                     Some(WorkerMsg::Alive) => last_alive = Some(Instant::now()),
+                    Some(WorkerMsg::NoHandover) => run.no_handover = true,
                     None => tracing::warn!("supervisor: unknown worker message"),
                 },
                 Err(e) => {
