@@ -499,8 +499,15 @@ pub fn status(dir: Option<PathBuf>, json: bool) -> i32 {
         );
         if let Some(w) = &r.worker {
             println!(
-                "worker pid {}, vdrep {}, {} restart(s)",
-                w.pid, w.version, w.restarts
+                "worker pid {}, vdrep {}, {} restart(s){}",
+                w.pid,
+                w.version,
+                w.restarts,
+                if w.transport == crate::fuse::FuseTransport::Uring {
+                    ", FUSE over io_uring (no worker handover)"
+                } else {
+                    ""
+                }
             );
         }
         println!(

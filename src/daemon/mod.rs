@@ -470,6 +470,11 @@ fn serve_worker(
                     format!("{}:{}", m.dev(), m.ino())
                 })
                 .unwrap_or_default(),
+            transport: if session.uring() {
+                crate::fuse::FuseTransport::Uring
+            } else {
+                crate::fuse::FuseTransport::Dev
+            },
         },
         link,
     });
