@@ -718,36 +718,6 @@ fn umount_of_a_dead_mount_aborts_its_connection() {
     assert!(!is_mountpoint(&vm));
 }
 
-/// `/sys/module/fuse/parameters/enable_uring` as the test found it, put
-/// back when dropped (other tests on this host must not see it changed).
-struct UringSwitch(String);
-
-const URING_PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
-
-impl UringSwitch {
-    /// `None` (a skip) when the kernel has no FUSE over io_uring.
-    fn take() -> Option<UringSwitch> {
-        match std::fs::read_to_string(URING_PARAM) {
-            Ok(v) => Some(UringSwitch(v.trim().to_string())),
-            Err(e) => {
-                skip::skip(&format!(
-                    "SKIP: this kernel has no FUSE over io_uring ({URING_PARAM}: {e})"
-                ));
-                None
-            }
-        }
-    }
-}
-
-impl Drop for UringSwitch {
-    fn drop(&mut self) {
-        let now = std::fs::read_to_string(URING_PARAM).unwrap_or_default();
-        if now.trim() != self.0 {
-            let _ = std::fs::write(URING_PARAM, &self.0);
-        }
-    }
-}
-
 /// Issue 12's must-show with the io_uring transport on: kill -9 of the
 /// worker while four stamped `O_DIRECT` writers and fio (QD16) keep both
 /// CPU queues' rings busy. The rings are the worker's, so the requests
@@ -772,12 +742,19 @@ fn uring_worker_kill9_under_load_loses_no_acknowledged_write() {
             .and_then(|f| f.set_len(stamputil::DISK_BYTES))
             .expect("stamp disk");
     }
-    let mut m = Mounted::new(&vm, &["--fuse-transport", "uring", "--enable-uring"]);
-    assert_eq!(
-        m.status_json()["worker"]["transport"],
-        "uring",
-        "the mount does not serve through io_uring rings"
+    let mut m = Mounted::new(&vm, URING_ARGS);
+    assert_uring(&m);
+    // No handover on this transport: `vdrep restart` is refused, and the
+    // worker goes on serving.
+    let first = m.worker_pid().expect("a worker");
+    let o = vdrep(&["restart", vm.to_str().expect("utf-8")]);
+    assert!(!o.status.success(), "vdrep restart of a uring mount was accepted");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("io_uring"),
+        "the refusal says why: {}",
+        String::from_utf8_lossy(&o.stderr)
     );
+    assert_eq!(m.worker_pid(), Some(first));
     let stop = Arc::new(AtomicBool::new(false));
     let counts: Vec<Arc<std::sync::atomic::AtomicU64>> =
         (0..WRITERS).map(|_| Arc::default()).collect();

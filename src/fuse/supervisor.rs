@@ -21,7 +21,10 @@
 //!   reports nothing). After the watchdog limit (the `[[mount]]`
 //!   setting `watchdog`, [`WATCHDOG_ENV`] over it, default 30 s) without a
 //!   report (counted from `Ready`) the supervisor kills it (SIGKILL) and
-//!   treats it as a crash.
+//!   treats it as a crash;
+//! - the worker served FUSE over io_uring ([`WorkerMsg::NoHandover`]):
+//!   its rings died with it, so no successor is started; the supervisor
+//!   exits, which aborts the connection.
 //!
 //! The supervisor never reads the device, so requests wait in the kernel
 //! while no worker runs; the next worker asks for the unanswered ones again

@@ -292,3 +292,45 @@ impl TwoSites {
             .unwrap_or_else(|| panic!("no replica {file} under {}", disks.display()))
     }
 }
+
+/// `/sys/module/fuse/parameters/enable_uring` as the test found it, put
+/// back when dropped (other tests on this host must not see it changed).
+pub struct UringSwitch(String);
+
+pub const URING_PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
+
+impl UringSwitch {
+    /// `None` (a skip) when the kernel has no FUSE over io_uring.
+    pub fn take() -> Option<UringSwitch> {
+        match std::fs::read_to_string(URING_PARAM) {
+            Ok(v) => Some(UringSwitch(v.trim().to_string())),
+            Err(e) => {
+                crate::skip::skip(&format!(
+                    "SKIP: this kernel has no FUSE over io_uring ({URING_PARAM}: {e})"
+                ));
+                None
+            }
+        }
+    }
+}
+
+impl Drop for UringSwitch {
+    fn drop(&mut self) {
+        let now = std::fs::read_to_string(URING_PARAM).unwrap_or_default();
+        if now.trim() != self.0 {
+            let _ = std::fs::write(URING_PARAM, &self.0);
+        }
+    }
+}
+
+/// `vdrep mount` arguments for the io_uring transport.
+pub const URING_ARGS: &[&str] = &["--fuse-transport", "uring", "--enable-uring"];
+
+/// Assert the mount's worker serves through io_uring rings.
+pub fn assert_uring(m: &Mounted) {
+    assert_eq!(
+        m.status_json()["worker"]["transport"],
+        "uring",
+        "the mount does not serve through io_uring rings"
+    );
+}
