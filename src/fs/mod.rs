@@ -313,9 +313,11 @@ fn rings_for(
         );
         return None;
     }
-    let threads = opts.n_threads.max(1) + DIRECT_IO_WORKERS;
+    // Every queue as deep as the /dev/fuse transport: one process's
+    // requests all go to its CPU's queue.
+    let per_queue = opts.n_threads.max(1) + DIRECT_IO_WORKERS;
     let payload = (opts.max_write.max(4096) as usize).max(1 << 20);
-    match uring::register(session.as_fd(), threads, payload) {
+    match uring::register(session.as_fd(), per_queue, payload) {
         Ok(r) => {
             tracing::info!(
                 "FUSE over io_uring: {} rings on {} queues",

@@ -14,8 +14,9 @@
 //! come through `/dev/fuse` (fuser's reader threads stay).
 //!
 //! One entry per thread: vdrep's handlers block on the backing file, so a
-//! thread serves one request at a time and the queue depth the kernel can
-//! use is the number of threads per queue (as with the `/dev/fuse` threads).
+//! thread serves one request at a time and the depth the kernel can use on
+//! a queue is that queue's thread count; every queue gets as many threads
+//! as the `/dev/fuse` transport has in all (up to [`MAX_RINGS`] rings).
 //!
 //! The rings belong to the worker process: when it dies the kernel cancels
 //! their commands and the requests they held are lost
@@ -206,6 +207,8 @@ struct ThreadRing {
     ring: IoUring<squeue::Entry128, cqueue::Entry>,
     qid: u16,
     ent: EntryMem,
+    /// A completion reaped during [`register`] (a request already there).
+    first: Option<i32>,
 }
 
 /// Rings registered on a connection, not serving yet.
@@ -236,16 +239,34 @@ pub fn queues() -> usize {
     max + 1
 }
 
-/// Create `threads` rings (at least one per queue), each with one entry of
+/// Most rings (serving threads) of one mount, whatever the CPU count.
+pub const MAX_RINGS: usize = 64;
+
+/// How many rings [`register`] makes for `per_queue` threads per queue:
+/// `per_queue` on every queue, at most [`MAX_RINGS`] in all (at least one
+/// per queue).
+pub fn ring_count(per_queue: usize) -> usize {
+    let nq = queues();
+    (per_queue.max(1) * nq).min(MAX_RINGS.max(nq))
+}
+
+/// Create [`ring_count`]`(per_queue)` rings, each with one entry of
 /// `payload` bytes registered on queue `i mod queues()` of the connection
 /// behind `dev` (its `FUSE_INIT`, with `FUSE_OVER_IO_URING`, must be
 /// answered). Once every queue has an entry the kernel sends every request
-/// but FORGET and INTERRUPT to the rings.
-pub fn register(dev: BorrowedFd<'_>, threads: usize, payload: usize) -> Result<Rings, UringError> {
+/// but FORGET and INTERRUPT to the rings: a request goes to the queue of
+/// the CPU its task runs on, so one process's requests (a VM's QEMU on one
+/// CPU, fio) can use only that queue's entries; hence `per_queue` is the
+/// depth one CPU's submitters get served at once.
+pub fn register(
+    dev: BorrowedFd<'_>,
+    per_queue: usize,
+    payload: usize,
+) -> Result<Rings, UringError> {
     let nq = queues();
     let dev = dev.try_clone_to_owned().map_err(UringError::Setup)?;
     let mut rings = Vec::new();
-    for i in 0..threads.max(nq) {
+    for i in 0..ring_count(per_queue) {
         let qid = (i % nq) as u16;
         let mut ring: IoUring<squeue::Entry128, cqueue::Entry> =
             IoUring::builder().build(4).map_err(UringError::Setup)?;
@@ -258,16 +279,30 @@ pub fn register(dev: BorrowedFd<'_>, threads: usize, payload: usize) -> Result<R
         ring.submit()
             .map_err(|source| UringError::Register { queue: qid, source })?;
         // A refused REGISTER completes at once; an accepted one completes
-        // only with the first request.
+        // only with the first request (kept for the serving loop).
+        let mut first = None;
         if let Some(c) = ring.completion().next() {
             if c.result() < 0 {
-                return Err(UringError::Register {
+                let e = UringError::Register {
                     queue: qid,
                     source: io::Error::from_raw_os_error(-c.result()),
-                });
+                };
+                if rings.len() >= nq {
+                    // Every queue has an entry: the kernel sends to the
+                    // rings already; serve with those.
+                    tracing::warn!("FUSE over io_uring: {e}; serving with {} rings", rings.len());
+                    break;
+                }
+                return Err(e);
             }
+            first = Some(c.result());
         }
-        rings.push(ThreadRing { ring, qid, ent });
+        rings.push(ThreadRing {
+            ring,
+            qid,
+            ent,
+            first,
+        });
     }
     Ok(Rings { dev, rings })
 }
@@ -343,20 +378,30 @@ fn serve_ring<FS: fuser::Filesystem>(
     let sink = Arc::new(Captured::default());
     let dyn_sink: Arc<dyn fuser::ReplySink> = sink.clone();
     loop {
-        match r.ring.submit_and_wait(1) {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-            Err(e) => return Err(e),
-        }
-        let Some(c) = r.ring.completion().next() else {
-            continue;
+        let res = match r.first.take() {
+            Some(res) => res,
+            None => {
+                match r.ring.submit_and_wait(1) {
+                    Ok(_) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                    Err(e) => {
+                        tracing::error!("FUSE ring on queue {}: io_uring_enter: {e}", r.qid);
+                        return Err(e);
+                    }
+                }
+                let Some(c) = r.ring.completion().next() else {
+                    continue;
+                };
+                c.result()
+            }
         };
-        let res = c.result();
         if res < 0 {
             if connection_over(-res) {
                 return Ok(());
             }
-            return Err(io::Error::from_raw_os_error(-res));
+            let e = io::Error::from_raw_os_error(-res);
+            tracing::error!("FUSE ring on queue {}: the entry failed ({e}); this thread stops serving", r.qid);
+            return Err(e);
         }
         let commit_id = rd64(r.ent.hdr(), ENT_COMMIT_ID);
         let reply = serve_entry(&mut r.ent, &d, &dyn_sink, &sink);
