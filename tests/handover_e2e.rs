@@ -748,7 +748,10 @@ fn uring_worker_kill9_under_load_loses_no_acknowledged_write() {
     // worker goes on serving.
     let first = m.worker_pid().expect("a worker");
     let o = vdrep(&["restart", vm.to_str().expect("utf-8")]);
-    assert!(!o.status.success(), "vdrep restart of a uring mount was accepted");
+    assert!(
+        !o.status.success(),
+        "vdrep restart of a uring mount was accepted"
+    );
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("io_uring"),
         "the refusal says why: {}",

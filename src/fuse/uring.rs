@@ -290,7 +290,10 @@ pub fn register(
                 if rings.len() >= nq {
                     // Every queue has an entry: the kernel sends to the
                     // rings already; serve with those.
-                    tracing::warn!("FUSE over io_uring: {e}; serving with {} rings", rings.len());
+                    tracing::warn!(
+                        "FUSE over io_uring: {e}; serving with {} rings",
+                        rings.len()
+                    );
                     break;
                 }
                 return Err(e);
@@ -400,7 +403,10 @@ fn serve_ring<FS: fuser::Filesystem>(
                 return Ok(());
             }
             let e = io::Error::from_raw_os_error(-res);
-            tracing::error!("FUSE ring on queue {}: the entry failed ({e}); this thread stops serving", r.qid);
+            tracing::error!(
+                "FUSE ring on queue {}: the entry failed ({e}); this thread stops serving",
+                r.qid
+            );
             return Err(e);
         }
         let commit_id = rd64(r.ent.hdr(), ENT_COMMIT_ID);
