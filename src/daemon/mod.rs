@@ -456,8 +456,15 @@ fn serve_worker(
         devs,
         initialized,
     };
-    let (session, restored) = crate::fs::serve_handed_over(handed, Some(tracker.clone()), &opts.fs)
-        .map_err(|e| DaemonError::Msg(format!("cannot serve {}: {e}", dir.display())))?;
+    // Before the first ring registers: from then on this worker's death
+    // would leave requests on its rings, which no successor can serve.
+    let announce = || {
+        RINGS.store(true, std::sync::atomic::Ordering::SeqCst);
+        link.tell(crate::fuse::supervisor::WorkerMsg::NoHandover);
+    };
+    let (session, restored) =
+        crate::fs::serve_handed_over(handed, Some(tracker.clone()), &opts.fs, announce)
+            .map_err(|e| DaemonError::Msg(format!("cannot serve {}: {e}", dir.display())))?;
     let ctx = Arc::new(WorkerCtx {
         status: control::WorkerStatus {
             pid: std::process::id(),
@@ -480,12 +487,6 @@ fn serve_worker(
     });
     ctx.link
         .tell(crate::fuse::supervisor::WorkerMsg::Initialized);
-    if session.uring() {
-        // The rings die with this process: no successor can serve them.
-        RINGS.store(true, std::sync::atomic::Ordering::SeqCst);
-        ctx.link
-            .tell(crate::fuse::supervisor::WorkerMsg::NoHandover);
-    }
     if initialized {
         tracing::info!(
             "worker #{} took over {}: {} inodes, {} open files, {} open folders restored, {} lost",

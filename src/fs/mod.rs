@@ -273,10 +273,15 @@ pub struct Restored {
 /// worker (if any) are rebuilt from the journal first, and every open
 /// tracked disk is attached to `tracker` again. With `h.initialized ==
 /// false` the session answers `FUSE_INIT` before returning.
+///
+/// With [`FuseTransport::Uring`] granted in INIT, `before_rings` runs just
+/// before the first ring is registered (from then on a dead worker would
+/// leave requests on its rings: the caller tells the supervisor).
 pub fn serve_handed_over(
     h: HandedOver,
     tracker: Option<Arc<Tracker>>,
     opts: &FsOptions,
+    before_rings: impl FnOnce(),
 ) -> Result<(Serving, Restored), HandoverError> {
     let (journal, tables) = journal::Journal::map(h.journal)?;
     let mut fs = VdrepFs::new(h.root, tracker, opts).map_err(HandoverError::Root)?;
@@ -291,7 +296,7 @@ pub fn serve_handed_over(
     let granted = fs.uring_granted.clone();
     let session = Session::from_fds(fs, h.devs, acl, config, h.initialized)
         .map_err(HandoverError::Session)?;
-    let rings = rings_for(&session, &granted, opts);
+    let rings = rings_for(&session, &granted, opts, before_rings);
     Ok((Serving { session, rings }, restored))
 }
 
@@ -302,6 +307,7 @@ fn rings_for(
     session: &Session<VdrepFs>,
     granted: &std::sync::atomic::AtomicBool,
     opts: &FsOptions,
+    before: impl FnOnce(),
 ) -> Option<uring::Rings> {
     use std::os::fd::AsFd;
     if opts.fuse_transport != FuseTransport::Uring {
@@ -317,6 +323,7 @@ fn rings_for(
     // requests all go to its CPU's queue.
     let per_queue = opts.n_threads.max(1) + DIRECT_IO_WORKERS;
     let payload = (opts.max_write.max(4096) as usize).max(1 << 20);
+    before();
     match uring::register(session.as_fd(), per_queue, payload) {
         Ok(r) => {
             tracing::info!(
@@ -327,7 +334,9 @@ fn rings_for(
             Some(r)
         }
         Err(e) => {
-            tracing::warn!("FUSE over io_uring: {e}; serving through /dev/fuse");
+            tracing::warn!(
+                "FUSE over io_uring: {e}; serving through /dev/fuse (still without a worker handover: some rings may have registered)"
+            );
             None
         }
     }
