@@ -37,7 +37,8 @@
 #   RUNTIME=10         seconds per fio job
 #   RUNS=3             repetitions per job and target (median reported)
 #   BENCH_ROOT=/var/tmp/vdrep-bench   work folder (needs SIZE free space; not tmpfs)
-#   TARGETS="native vdrep vdrep-nolog" targets to run (add bindfs, vdrep-noahead, vdrep-nohot)
+#   TARGETS="native vdrep vdrep-nolog" targets to run (add bindfs, vdrep-noahead,
+#                      vdrep-nohot, vdrep-uring)
 #   CUT_EVERY=0.1      seconds between cuts during the worst-* jobs (their
 #                      logs are deleted: nothing ships them here)
 #   JOBS="seq-write-1m-psync ..."     subset of job names (default: all)
@@ -47,6 +48,12 @@
 #   METRICS_PORT=19477 loopback port of the vdrep mount's metrics endpoint
 #   REPORT_FROM=dir    only re-make the report from an earlier run's raw fio
 #                      output folder (printed at the end of each run)
+#
+# Issue 12's io_uring transport: the target vdrep-uring is the vdrep mount
+# with `--fuse-transport uring` (FUSE over io_uring; the script sets
+# /sys/module/fuse/parameters/enable_uring to Y for it and puts the old
+# value back at exit); its columns (value, ratio, p99, CPU per request,
+# T1-T3) follow vdrep's, with uring/vdrep.
 #
 # Output: a table on stdout and bench-results/writepath-<UTC time>.{json,md}.
 set -euo pipefail
@@ -80,7 +87,11 @@ BINDMNT="$BENCH_ROOT/bindfs"   # bindfs view of DATA
 RAW="${REPORT_FROM:-$BENCH_ROOT/raw-$STAMP}"   # fio JSON outputs
 mkdir -p "$DATA" "$BINDMNT" "$RAW" "$RESULTS_DIR"
 
+URING_WAS="$(cat /sys/module/fuse/parameters/enable_uring 2>/dev/null || true)"
 cleanup() {
+    if [[ -n "$URING_WAS" && "$(cat /sys/module/fuse/parameters/enable_uring 2>/dev/null)" != "$URING_WAS" ]]; then
+        echo "$URING_WAS" > /sys/module/fuse/parameters/enable_uring 2>/dev/null || true
+    fi
     mountpoint -q "$BINDMNT" 2>/dev/null && { fusermount3 -u "$BINDMNT" 2>/dev/null || umount "$BINDMNT" || true; }
     if is_fuse_mounted "$DATA"; then
         "$VDREP" umount "$DATA" 2>/dev/null || fusermount3 -u "$DATA" 2>/dev/null || umount -l "$DATA" || true
@@ -130,7 +141,7 @@ daemon_snapshot() {
 
 if [[ -z "${REPORT_FROM:-}" ]]; then
 # --- build -----------------------------------------------------------------
-if [[ " $TARGETS " == *" vdrep "* && "${NO_BUILD:-0}" != 1 ]]; then
+if [[ " $TARGETS " == *" vdrep"* && "${NO_BUILD:-0}" != 1 ]]; then
     say "cargo build --release"
     if ! (cd "$REPO" && cargo build --release >&2); then
         say "warning: release build failed; vdrep column will be n/a"
@@ -156,14 +167,16 @@ setup_target() { # prints the directory fio should use, or fails
             bindfs "$DATA" "$BINDMNT" >&2 || return 1
             is_fuse_mounted "$BINDMNT" || { say "bindfs did not mount"; return 1; }
             echo "$BINDMNT" ;;
-        vdrep|vdrep-nolog|vdrep-noahead|vdrep-nohot)
+        vdrep|vdrep-nolog|vdrep-noahead|vdrep-nohot|vdrep-uring)
             [[ -x "$VDREP" ]] || { say "no vdrep binary at $VDREP"; return 1; }
-            local al=on ahead="${VDREP_ACTIVITY_AHEAD:-}"
+            local al=on ahead="${VDREP_ACTIVITY_AHEAD:-}" transport=dev
             [[ "$1" == vdrep-nolog ]] && al=off
             [[ "$1" == vdrep-noahead ]] && ahead=0
+            [[ "$1" == vdrep-uring ]] && transport=uring
             local hot="${VDREP_ACTIVITY_HOT:-}"
             [[ "$1" == vdrep-nohot ]] && hot=0
-            VDREP_ACTIVITY_LOG=$al VDREP_ACTIVITY_AHEAD="$ahead" VDREP_ACTIVITY_HOT="$hot" "$VDREP" mount "$DATA" --metrics-listen "127.0.0.1:$METRICS_PORT" "${MOUNT_ARGS[@]}" >&2 \
+            VDREP_ACTIVITY_LOG=$al VDREP_ACTIVITY_AHEAD="$ahead" VDREP_ACTIVITY_HOT="$hot" "$VDREP" mount "$DATA" --metrics-listen "127.0.0.1:$METRICS_PORT" \
+                --fuse-transport "$transport" $([[ $transport == uring ]] && echo --enable-uring) "${MOUNT_ARGS[@]}" >&2 \
                 || { say "vdrep mount failed"; return 1; }
             is_fuse_mounted "$DATA" || { say "vdrep mount returned but $DATA is not a FUSE mount"; return 1; }
             echo "$DATA" ;;
@@ -172,7 +185,7 @@ setup_target() { # prints the directory fio should use, or fails
 teardown_target() {
     case "$1" in
         bindfs) fusermount3 -u "$BINDMNT" 2>/dev/null || umount "$BINDMNT" ;;
-        vdrep|vdrep-nolog|vdrep-noahead|vdrep-nohot)  "$VDREP" umount "$DATA" || say "warning: vdrep umount failed" ;;
+        vdrep|vdrep-nolog|vdrep-noahead|vdrep-nohot|vdrep-uring)  "$VDREP" umount "$DATA" || say "warning: vdrep umount failed" ;;
         *) ;;
     esac
 }
@@ -292,7 +305,7 @@ for job in jobs:
     unit, rw, want_p99 = spec(job)
     row = {"unit": unit, "target_ratio": GOAL, "floor": FLOOR.get(job), "runs": {}, "median": {},
            "p99_us": {}, "cpu": None}
-    cpus, syncs, per_k = [], {}, {}
+    cpus, syncs, per_k, cpus_u = [], {}, {}, []
     for t in targets:
         vals, p99s = [], []
         for r in range(1, int(runs) + 1):
@@ -310,6 +323,8 @@ for job in jobs:
             if t.startswith("vdrep") and (c := cpu(p)):
                 if t == "vdrep":
                     cpus.append(c)
+                if t == "vdrep-uring":
+                    cpus_u.append(c)
                 syncs.setdefault(t, []).append(c["al_syncs"])
                 if c["writes"] > 0:
                     per_k.setdefault(t, []).append(c["al_syncs"] * 1000 / c["writes"])
@@ -321,6 +336,10 @@ for job in jobs:
     if cpus:
         row["cpu"] = {k: med([c[k] for c in cpus]) for k in cpus[0] if k != "states"}
         row["cpu"]["runs"] = cpus
+    row["cpu_uring"] = None
+    if cpus_u:
+        row["cpu_uring"] = {k: med([c[k] for c in cpus_u]) for k in cpus_u[0] if k != "states"}
+        row["cpu_uring"]["runs"] = cpus_u
     row["al_syncs"] = {t: med(v) for t, v in syncs.items()}
     row["al_syncs_per_1000_writes"] = {t: med(v) for t, v in per_k.items()}
     res[job] = row
@@ -339,6 +358,21 @@ meta = {"utc": os.path.basename(base).split("-", 1)[1], "git": rev, "kernel": pl
         "mount_args": os.environ.get("VDREP_MOUNT_ARGS", "")}
 NOLOG, NOAHEAD = "vdrep-nolog" in targets, "vdrep-noahead" in targets
 NOHOT = "vdrep-nohot" in targets
+URING = "vdrep-uring" in targets
+def verdicts(job, row, t, cpu_key):
+    """T1-T3 of target t: (cells, ratio, p99 ratio, verdict dict)."""
+    m, unit, floor = row["median"], row["unit"], row["floor"]
+    rv = ratio(m.get(t), m.get("native"))
+    t1 = "n/a" if rv is None else ("PASS" if rv >= GOAL and (floor is None or rv >= floor) else "MISS")
+    pn, pv = row["p99_us"].get("native"), row["p99_us"].get(t)
+    pr = ratio(pv, pn)
+    t2 = "-" if pn is None and pv is None else ("n/a" if pr is None else ("PASS" if pr <= P99_GOAL else "MISS"))
+    c = row[cpu_key]
+    cpu_s = "n/a" if c is None else f"{c['us_per_request']:.1f} ({c['worker_us']:.1f}+{c['supervisor_us']:.1f})"
+    t3 = "-" if job != CPU_JOB else ("n/a" if c is None else ("PASS" if c["us_per_request"] <= CPU_GOAL_US else "MISS"))
+    cells = [fmt(m.get(t), unit), rx(rv), t1, "-" if pv is None else f"{pv:,.0f}",
+             "-" if pr is None else f"{pr:.2f}x", t2, cpu_s, t3]
+    return cells, rv, pr, {"T1": t1, "T2": t2, "T3": t3}
 AL_WORST, AL_TYPICAL = 0.90, 0.97   # issue 15: log on/off, worst-* rows / the others
 failed = []
 def al_ratio(job, row, t):
@@ -361,7 +395,9 @@ hdr = ["job", "unit", "native"] + (["bindfs"] if "bindfs" in targets else []) + 
     ["no-ahead", "no-ahead/off", "no-ahead syncs"] if NOLOG and NOAHEAD else []) + (
     ["budget 0", "budget 0/off", "budget 0 syncs"] if NOLOG and NOHOT else []) + [
     "floor", "T1 >=0.95x", "p99 native us", "p99 vdrep us", "p99 ratio", "T2 <=1.5x",
-    "CPU us/req (worker+sup)", "T3 <=10us"]
+    "CPU us/req (worker+sup)", "T3 <=10us"] + (
+    ["uring", "uring ratio", "uring T1", "p99 uring us", "uring p99 ratio", "uring T2",
+     "uring CPU us/req", "uring T3", "uring/vdrep"] if URING else [])
 rows = []
 for job, row in res.items():
     m, unit = row["median"], row["unit"]
@@ -393,11 +429,18 @@ for job, row in res.items():
                           "vdrep-nolog": ro, "log_on_off": onoff},
                 "p99_ratio": pr, "verdict": {"T1": t1, "T2": t2, "T3": t3,
                                              "AL": al[4] if al else None}})
+    ur = []
+    if URING:
+        ur, urv, upr, uv = verdicts(job, row, "vdrep-uring", "cpu_uring")
+        ur.append(rx(ratio(m.get("vdrep-uring"), m.get("vdrep"))))
+        row["ratio"]["vdrep-uring"] = urv
+        row["p99_ratio_uring"] = upr
+        row["verdict_uring"] = uv
     rows.append([job, unit, fmt(m.get("native"), unit)] + ([fmt(m.get("bindfs"), unit)] if "bindfs" in targets else []) + [
         fmt(m.get("vdrep"), unit), rx(rv)] + al + [
         "-" if floor is None else f"{floor:.2f}x", t1,
         "-" if pn is None else f"{pn:,.0f}", "-" if pv is None else f"{pv:,.0f}", "-" if pr is None else f"{pr:.2f}x", t2,
-        cpu_s, t3])
+        cpu_s, t3] + ur)
 w = [max(len(str(x)) for x in col) for col in zip(hdr, *rows)]
 line = lambda r: "  ".join(str(x).ljust(w[i]) for i, x in enumerate(r))
 print(f"\nwrite-path benchmark  git={rev} kernel={meta['kernel']} size={size} runtime={runtime}s runs={runs} "

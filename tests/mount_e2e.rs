@@ -28,6 +28,21 @@ fn qemu_io(img: &Path, cmds: &[&str]) {
 #[test]
 fn qemu_io_and_fio_through_the_mount_are_reproduced_by_logs() {
     require_fuse!();
+    qemu_io_and_fio_reproduced(&[]);
+}
+
+/// The same through FUSE over io_uring (issue 12): every request but
+/// FORGET/INTERRUPT goes through the worker's rings.
+#[test]
+fn qemu_io_and_fio_through_the_mount_are_reproduced_by_logs_over_uring() {
+    require_fuse!();
+    let Some(_switch) = UringSwitch::take() else {
+        return;
+    };
+    qemu_io_and_fio_reproduced(URING_ARGS);
+}
+
+fn qemu_io_and_fio_reproduced(mount_args: &[&str]) {
     for t in ["qemu-io", "qemu-img", "fio"] {
         if !have(t) {
             panic!("{t} is missing: install qemu-utils and fio (.ci/run does)");
@@ -50,7 +65,10 @@ fn qemu_io_and_fio_through_the_mount_are_reproduced_by_logs() {
             "64M",
         ],
     );
-    let mut m = Mounted::new(&vm, &[]);
+    let mut m = Mounted::new(&vm, mount_args);
+    if !mount_args.is_empty() {
+        assert_uring(&m);
+    }
     let base0 = tmp.path().join("base0.vhd");
     std::fs::copy(&disk, &base0).unwrap();
 
@@ -188,7 +206,17 @@ fn stamp(writer: u64, seq: u64, blk: u64) -> Vec<u8> {
 #[test]
 fn concurrent_direct_writer_with_cuts_every_few_ms() {
     require_fuse!();
-    concurrent_writer(true);
+    concurrent_writer(true, &[]);
+}
+
+/// The same through FUSE over io_uring (issue 12).
+#[test]
+fn concurrent_direct_writer_with_cuts_every_few_ms_over_uring() {
+    require_fuse!();
+    let Some(_switch) = UringSwitch::take() else {
+        return;
+    };
+    concurrent_writer(true, URING_ARGS);
 }
 
 /// Same with buffered writes through the kernel's write-back cache: the cut
@@ -198,10 +226,10 @@ fn concurrent_direct_writer_with_cuts_every_few_ms() {
 #[test]
 fn concurrent_buffered_writer_with_cuts_every_few_ms() {
     require_fuse!();
-    concurrent_writer(false);
+    concurrent_writer(false, &[]);
 }
 
-fn concurrent_writer(direct: bool) {
+fn concurrent_writer(direct: bool, mount_args: &[&str]) {
     const BLOCKS: u64 = 1024;
     let tmp = tempfile::tempdir().unwrap();
     let vm = tmp.path().join("vm");
@@ -209,7 +237,10 @@ fn concurrent_writer(direct: bool) {
     std::fs::write(vm.join("d.raw"), vec![0u8; BLOCKS as usize * BS]).unwrap();
     let copy = tmp.path().join("copy");
     std::fs::copy(vm.join("d.raw"), &copy).unwrap();
-    let m = Mounted::new(&vm, &[]);
+    let m = Mounted::new(&vm, mount_args);
+    if !mount_args.is_empty() {
+        assert_uring(&m);
+    }
     let mut oo = OpenOptions::new();
     oo.read(true).write(true);
     if direct {

@@ -35,6 +35,15 @@ pub fn check(path: Option<&Path>, content_only: bool) -> i32 {
                     ""
                 }
             );
+            for m in &c.mounts {
+                if m.fuse_transport == Some(crate::fuse::FuseTransport::Uring) {
+                    println!(
+                        "note: {}: fuse_transport = \"uring\": no worker handover on this mount; a crash or a watchdog kill of its worker ends the mount (guests get I/O errors, disks need a resync after the remount), and `vdrep restart` is refused. Needs {} = Y (or `vdrep mount --enable-uring`).",
+                        m.path.display(),
+                        crate::fuse::uring::ENABLE_PARAM
+                    );
+                }
+            }
             0
         }
         Err(e) => report(&e),

@@ -138,6 +138,16 @@ pub enum Cmd {
         /// `metrics_listen`.
         #[arg(long, value_name = "ADDR")]
         metrics_listen: Option<std::net::SocketAddr>,
+        /// How FUSE requests travel: `dev` (/dev/fuse; a worker crash is
+        /// survived) or `uring` (FUSE over io_uring, faster; a worker crash
+        /// ends the mount). Overrides `VDREP_FUSE_TRANSPORT` and the
+        /// `[[mount]]` entry's `fuse_transport`; default `dev`.
+        #[arg(long, value_name = "dev|uring")]
+        fuse_transport: Option<String>,
+        /// With `uring`: switch the kernel's FUSE-over-io_uring on
+        /// (/sys/module/fuse/parameters/enable_uring = Y) if it is off.
+        #[arg(long)]
+        enable_uring: bool,
     },
     /// Print the state changes of the protected VMs of a running mount:
     /// protection started/stopped, state changes with their reason
@@ -523,6 +533,8 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
             no_writeback_cache,
             keys,
             metrics_listen,
+            fuse_transport,
+            enable_uring,
         } => {
             let cfg = match self::config::load(config) {
                 Ok(c) => c,
@@ -537,6 +549,7 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
                 threads,
                 no_writeback_cache,
                 (keys, metrics_listen),
+                (fuse_transport, enable_uring),
                 cfg.as_ref(),
             )
         }

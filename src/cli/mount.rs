@@ -23,6 +23,7 @@ pub fn mount(
     threads: usize,
     no_writeback_cache: bool,
     (keys, metrics_listen): (Option<PathBuf>, Option<std::net::SocketAddr>),
+    (fuse_transport, enable_uring): (Option<String>, bool),
     cfg: Option<&Config>,
 ) -> i32 {
     let canon = std::fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone());
@@ -51,9 +52,14 @@ pub fn mount(
     } else if let Some(m) = entry.filter(|m| !m.patterns.is_empty()) {
         track.patterns = m.patterns.clone();
     }
+    let fuse_transport = match fuse_transport_for(fuse_transport, entry, enable_uring) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
     let fs = FsOptions {
         n_threads: threads.max(1),
         writeback_cache: !no_writeback_cache,
+        fuse_transport,
         ..FsOptions::default()
     };
     let keys = keys.or(cfg.and_then(|c| c.site.keys.clone()));
@@ -90,6 +96,71 @@ pub fn mount(
         notify: super::config::notify_spec(cfg),
         watchdog,
     })
+}
+
+/// The FUSE transport: `--fuse-transport`, else `VDREP_FUSE_TRANSPORT`, else
+/// the `[[mount]]` entry's `fuse_transport`, else `dev`. For `uring` the
+/// kernel switch must be on (`--enable-uring` turns it on); a kernel
+/// without it serves `/dev/fuse` (one line says so).
+fn fuse_transport_for(
+    flag: Option<String>,
+    entry: Option<&crate::config::MountCfg>,
+    enable: bool,
+) -> Result<crate::fuse::FuseTransport, i32> {
+    use crate::fuse::uring::{self, EnableState};
+    use crate::fuse::FuseTransport;
+    let env = std::env::var("VDREP_FUSE_TRANSPORT")
+        .ok()
+        .filter(|v| !v.is_empty());
+    let (given, from) = match (flag, env) {
+        (Some(f), _) => (Some(f), "--fuse-transport"),
+        (None, Some(e)) => (Some(e), "VDREP_FUSE_TRANSPORT"),
+        (None, None) => (None, ""),
+    };
+    let t = match given {
+        Some(v) => match crate::config::parse_fuse_transport(&v) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("vdrep: {from}: {e}");
+                return Err(2);
+            }
+        },
+        None => entry.and_then(|m| m.fuse_transport).unwrap_or_default(),
+    };
+    if t != FuseTransport::Uring {
+        return Ok(t);
+    }
+    match uring::enable_state() {
+        EnableState::On => Ok(t),
+        EnableState::Missing => {
+            eprintln!(
+                "vdrep: this kernel has no FUSE over io_uring ({} is missing; Linux 6.14 or later): serving through /dev/fuse",
+                uring::ENABLE_PARAM
+            );
+            Ok(FuseTransport::Dev)
+        }
+        EnableState::Off if enable => match uring::set_enabled(true) {
+            Ok(()) => {
+                eprintln!("vdrep: set {} = Y", uring::ENABLE_PARAM);
+                Ok(t)
+            }
+            Err(e) => {
+                eprintln!(
+                    "vdrep: cannot switch FUSE over io_uring on ({}: {e}; needs root)",
+                    uring::ENABLE_PARAM
+                );
+                Err(2)
+            }
+        },
+        EnableState::Off => {
+            eprintln!(
+                "vdrep: fuse_transport = uring, but FUSE over io_uring is off in the kernel ({} = N): run `echo Y > {}` as root, or mount with --enable-uring, or use --fuse-transport dev",
+                uring::ENABLE_PARAM,
+                uring::ENABLE_PARAM
+            );
+            Err(2)
+        }
+    }
 }
 
 /// `VDREP_ACTIVITY_LOG=on|off` (over the configuration's `activity_log`):
@@ -446,8 +517,15 @@ pub fn status(dir: Option<PathBuf>, json: bool) -> i32 {
         );
         if let Some(w) = &r.worker {
             println!(
-                "worker pid {}, vdrep {}, {} restart(s)",
-                w.pid, w.version, w.restarts
+                "worker pid {}, vdrep {}, {} restart(s){}",
+                w.pid,
+                w.version,
+                w.restarts,
+                if w.transport == crate::fuse::FuseTransport::Uring {
+                    ", FUSE over io_uring (no worker handover)"
+                } else {
+                    ""
+                }
             );
         }
         println!(

@@ -75,6 +75,8 @@ pub struct MountCfg {
     /// The supervisor's hung-worker watchdog (`watchdog = "30s"`);
     /// `Some(None)`: `off`.
     pub watchdog: Option<Option<Duration>>,
+    /// How FUSE requests travel (`fuse_transport = "dev" | "uring"`).
+    pub fuse_transport: Option<crate::fuse::FuseTransport>,
 }
 
 /// `[receiver]`: the secondary site's receiver and its retention.
@@ -410,6 +412,18 @@ pub fn parse_activity_hot(s: &str) -> Result<u32, BadValue> {
         Ok(n) if n <= 1 << 18 => Ok(n),
         _ => Err(bad("is above 1TiB".into())),
     }
+}
+
+/// The FUSE transport: `dev` (`/dev/fuse`) or `uring` (FUSE over io_uring).
+pub fn parse_fuse_transport(s: &str) -> Result<crate::fuse::FuseTransport, BadValue> {
+    crate::fuse::FuseTransport::parse(s).ok_or_else(|| {
+        BadValue::new(
+            ProblemKind::BadValue,
+            format!(
+                "{s:?} is not a FUSE transport: give \"dev\" (/dev/fuse, survives a worker crash) or \"uring\" (FUSE over io_uring: a worker crash ends the mount)"
+            ),
+        )
+    })
 }
 
 /// An address to listen on: `IP:PORT` (e.g. 127.0.0.1:9477).
@@ -863,6 +877,10 @@ impl Cx<'_> {
             let activity_hot = self.value(&m.activity_hot, "mount.activity_hot", |s: &String| {
                 parse_activity_hot(s)
             });
+            let fuse_transport =
+                self.value(&m.fuse_transport, "mount.fuse_transport", |s: &String| {
+                    parse_fuse_transport(s)
+                });
             out.push(MountCfg {
                 path,
                 block_size,
@@ -871,6 +889,7 @@ impl Cx<'_> {
                 activity_log: m.activity_log,
                 activity_hot,
                 watchdog,
+                fuse_transport,
             });
         }
         out

@@ -42,6 +42,7 @@ pub struct Mount {
     pub activity_log: Option<bool>,
     pub activity_hot: Option<S>,
     pub watchdog: Option<S>,
+    pub fuse_transport: Option<S>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -490,6 +490,33 @@ fn mount_activity_hot_is_a_size() {
     }
 }
 
+#[test]
+fn mount_fuse_transport_is_dev_or_uring() {
+    use crate::fuse::FuseTransport;
+    let with = |v: &str| {
+        GOOD.replace(
+            "path = \"/srv/vdrep-test-vms\"\n",
+            &format!("path = \"/srv/vdrep-test-vms\"\nfuse_transport = \"{v}\"\n"),
+        )
+    };
+    assert_eq!(check(GOOD).unwrap().mounts[0].fuse_transport, None);
+    assert_eq!(
+        check(&with("uring")).unwrap().mounts[0].fuse_transport,
+        Some(FuseTransport::Uring)
+    );
+    assert_eq!(
+        check(&with("dev")).unwrap().mounts[0].fuse_transport,
+        Some(FuseTransport::Dev)
+    );
+    let p = problems(&with("io_uring"));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(
+        (p[0].kind, p[0].key.as_str()),
+        (ProblemKind::BadValue, "mount.fuse_transport")
+    );
+    assert!(p[0].msg.contains("\"uring\""), "{:?}", p[0].msg);
+}
+
 /// `[[vm]] to = "s3://…"`: direct protection to an object store, with its
 /// endpoint, credentials and key; no trust needed. Missing keys, a bad
 /// URL and object-store keys on a receiver address are problems.

@@ -109,6 +109,10 @@ pub struct WorkerStatus {
     /// the same path shows a new one after `vdrep restart`).
     #[serde(default)]
     pub binary: String,
+    /// How FUSE requests reach this worker (`uring` only while its rings
+    /// serve; a fallback to `/dev/fuse` shows `dev`).
+    #[serde(default)]
+    pub transport: crate::fuse::FuseTransport,
 }
 
 /// One disk for [`Request::Take`].

@@ -456,8 +456,15 @@ fn serve_worker(
         devs,
         initialized,
     };
-    let (session, restored) = crate::fs::serve_handed_over(handed, Some(tracker.clone()), &opts.fs)
-        .map_err(|e| DaemonError::Msg(format!("cannot serve {}: {e}", dir.display())))?;
+    // Before the first ring registers: from then on this worker's death
+    // would leave requests on its rings, which no successor can serve.
+    let announce = || {
+        RINGS.store(true, std::sync::atomic::Ordering::SeqCst);
+        link.tell(crate::fuse::supervisor::WorkerMsg::NoHandover);
+    };
+    let (session, restored) =
+        crate::fs::serve_handed_over(handed, Some(tracker.clone()), &opts.fs, announce)
+            .map_err(|e| DaemonError::Msg(format!("cannot serve {}: {e}", dir.display())))?;
     let ctx = Arc::new(WorkerCtx {
         status: control::WorkerStatus {
             pid: std::process::id(),
@@ -470,6 +477,11 @@ fn serve_worker(
                     format!("{}:{}", m.dev(), m.ino())
                 })
                 .unwrap_or_default(),
+            transport: if session.uring() {
+                crate::fuse::FuseTransport::Uring
+            } else {
+                crate::fuse::FuseTransport::Dev
+            },
         },
         link,
     });
@@ -769,6 +781,8 @@ pub fn remove_dead_mount(dir: &Path, lazy: bool) -> Result<DeadMountRemoved, Dae
 /// that `vdrep umount` gets its answer.
 static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// This worker serves FUSE over io_uring (its own rings): no handover.
+static RINGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 /// Set once a worker started handing over: control requests are refused.
 static HANDING_OVER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -787,6 +801,12 @@ fn flush_kernel_cache(dir: &Path) -> io::Result<()> {
 /// resent to the next one.
 fn restart(tracker: &Tracker, ctx: &WorkerCtx, dir: &Path) -> Response {
     use std::sync::atomic::Ordering::SeqCst;
+    if RINGS.load(SeqCst) {
+        return Response::err(format!(
+            "{} serves FUSE over io_uring, whose rings die with the worker: it cannot be handed to a new worker. Unmount and mount it again (or mount it with --fuse-transport dev to allow restarts)",
+            dir.display()
+        ));
+    }
     if HANDING_OVER.swap(true, SeqCst) {
         return Response::err("a restart is already under way");
     }

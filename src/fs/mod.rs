@@ -34,6 +34,7 @@ use std::time::Duration;
 
 use fuser::{Config, MountOption, Session, SessionACL};
 
+use crate::fuse::{uring, FuseTransport};
 use crate::tracking::{TrackedDisk, Tracker, STATE_DIR};
 
 use handle::Handles;
@@ -52,6 +53,10 @@ pub struct FsOptions {
     pub allow_other: bool,
     /// `fsname=` shown in the mount table.
     pub fsname: String,
+    /// How requests travel (`FUSE_OVER_IO_URING` is asked for in INIT
+    /// with `Uring`).
+    #[serde(default)]
+    pub fuse_transport: crate::fuse::FuseTransport,
 }
 
 impl Default for FsOptions {
@@ -62,6 +67,7 @@ impl Default for FsOptions {
             max_write: 1 << 20,
             allow_other: true,
             fsname: "vdrep".to_string(),
+            fuse_transport: crate::fuse::FuseTransport::Dev,
         }
     }
 }
@@ -76,6 +82,8 @@ pub struct VdrepFs {
     opts: FsOptions,
     entry_ttl: Duration,
     attr_ttl: Duration,
+    /// `FUSE_OVER_IO_URING` was asked for and granted in INIT.
+    uring_granted: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for VdrepFs {
@@ -112,6 +120,7 @@ impl VdrepFs {
             opts: opts.clone(),
             entry_ttl,
             attr_ttl,
+            uring_granted: Arc::default(),
         })
     }
 
@@ -264,11 +273,16 @@ pub struct Restored {
 /// worker (if any) are rebuilt from the journal first, and every open
 /// tracked disk is attached to `tracker` again. With `h.initialized ==
 /// false` the session answers `FUSE_INIT` before returning.
+///
+/// With [`FuseTransport::Uring`] granted in INIT, `before_rings` runs just
+/// before the first ring is registered (from then on a dead worker would
+/// leave requests on its rings: the caller tells the supervisor).
 pub fn serve_handed_over(
     h: HandedOver,
     tracker: Option<Arc<Tracker>>,
     opts: &FsOptions,
-) -> Result<(Session<VdrepFs>, Restored), HandoverError> {
+    before_rings: impl FnOnce(),
+) -> Result<(Serving, Restored), HandoverError> {
     let (journal, tables) = journal::Journal::map(h.journal)?;
     let mut fs = VdrepFs::new(h.root, tracker, opts).map_err(HandoverError::Root)?;
     let restored = fs.restore(&tables);
@@ -279,9 +293,95 @@ pub fn serve_handed_over(
     config.n_threads = Some(h.devs.len().max(1));
     config.clone_fd = false;
     let acl = config.acl;
+    let granted = fs.uring_granted.clone();
     let session = Session::from_fds(fs, h.devs, acl, config, h.initialized)
         .map_err(HandoverError::Session)?;
-    Ok((session, restored))
+    let rings = rings_for(&session, &granted, opts, before_rings);
+    Ok((Serving { session, rings }, restored))
+}
+
+/// The io_uring rings of a session whose INIT granted `FUSE_OVER_IO_URING`
+/// (asked for with [`FuseTransport::Uring`]); `None` (one log line says
+/// why) serves `/dev/fuse` only.
+fn rings_for(
+    session: &Session<VdrepFs>,
+    granted: &std::sync::atomic::AtomicBool,
+    opts: &FsOptions,
+    before: impl FnOnce(),
+) -> Option<uring::Rings> {
+    use std::os::fd::AsFd;
+    if opts.fuse_transport != FuseTransport::Uring {
+        return None;
+    }
+    if !granted.load(std::sync::atomic::Ordering::SeqCst) {
+        tracing::warn!(
+            "FUSE over io_uring: not offered on this connection (the kernel's INIT had no FUSE_OVER_IO_URING, or an earlier worker answered INIT); serving through /dev/fuse"
+        );
+        return None;
+    }
+    // Every queue as deep as the /dev/fuse transport: one process's
+    // requests all go to its CPU's queue.
+    let per_queue = opts.n_threads.max(1) + DIRECT_IO_WORKERS;
+    let payload = (opts.max_write.max(4096) as usize).max(1 << 20);
+    before();
+    match uring::register(session.as_fd(), per_queue, payload) {
+        Ok(r) => {
+            tracing::info!(
+                "FUSE over io_uring: {} rings on {} queues",
+                r.len(),
+                uring::queues()
+            );
+            Some(r)
+        }
+        Err(e) => {
+            tracing::warn!(
+                "FUSE over io_uring: {e}; serving through /dev/fuse (still without a worker handover: some rings may have registered)"
+            );
+            None
+        }
+    }
+}
+
+/// A worker's session with its transport chosen ([`serve_handed_over`]).
+pub struct Serving {
+    session: Session<VdrepFs>,
+    rings: Option<uring::Rings>,
+}
+
+impl std::fmt::Debug for Serving {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Serving")
+            .field("rings", &self.rings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `/dev/fuse` reader threads kept beside the rings: FORGET and INTERRUPT
+/// (and requests before every queue has an entry) still come that way.
+const DEV_THREADS_WITH_RINGS: usize = 2;
+
+impl Serving {
+    /// Requests come through io_uring rings owned by this process: the
+    /// connection cannot be handed to another worker.
+    pub fn uring(&self) -> bool {
+        self.rings.is_some()
+    }
+
+    /// Serve until the connection ends.
+    pub fn run(self) -> io::Result<()> {
+        match self.rings {
+            None => self.session.run(),
+            Some(rings) => self
+                .session
+                .run_with(Some(DEV_THREADS_WITH_RINGS), Some(move |d| rings.serve(d))),
+        }
+    }
+}
+
+impl std::os::fd::AsFd for Serving {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.session.as_fd()
+    }
 }
 
 /// Why a worker could not serve its handed-over connection.

@@ -669,6 +669,14 @@ impl Filesystem for VdrepFs {
         for flag in want.iter() {
             let _ = config.add_capabilities(flag);
         }
+        // Offered only while /sys/module/fuse/parameters/enable_uring = Y.
+        if self.opts.fuse_transport == crate::fuse::FuseTransport::Uring {
+            let ok = config
+                .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
+                .is_ok();
+            self.uring_granted
+                .store(ok, std::sync::atomic::Ordering::SeqCst);
+        }
         Ok(())
     }
 

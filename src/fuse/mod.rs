@@ -11,14 +11,48 @@
 //! process that holds them and restarts the worker; [`fusectl`] aborts the
 //! connection of a mount whose server is gone.
 //!
-//! The request transport is fuser's read loop, one thread per held
-//! descriptor (`Session::from_fds` in `vendor/fuser`); an io_uring
-//! transport (issue 12) plugs in at the same place: see
-//! `kernel-notes/fuse-connection.md` for what each needs from the other.
+//! The request transport ([`FuseTransport`]) is fuser's read loop, one
+//! thread per held descriptor (`Session::from_fds` in `vendor/fuser`), or
+//! FUSE over io_uring ([`uring`], issue 12): rings owned by the worker,
+//! which cannot be handed over (kernel-notes/fuse-uring.md).
 //! The request handlers themselves are [`crate::fs`]'s.
 
 pub mod fusectl;
 pub mod supervisor;
+pub mod uring;
+
+/// How requests travel between the kernel and the worker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FuseTransport {
+    /// `read(2)`/`writev(2)` on `/dev/fuse`, one thread per descriptor; a
+    /// crashed worker is replaced without a guest error.
+    #[default]
+    Dev,
+    /// FUSE over io_uring ([`uring`]); falls back to `Dev` when the kernel
+    /// does not offer it. A worker crash ends the mount (no handover).
+    Uring,
+}
+
+impl FuseTransport {
+    /// `dev` or `uring`.
+    pub fn parse(s: &str) -> Option<FuseTransport> {
+        match s.trim() {
+            "dev" => Some(FuseTransport::Dev),
+            "uring" => Some(FuseTransport::Uring),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for FuseTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FuseTransport::Dev => "dev",
+            FuseTransport::Uring => "uring",
+        })
+    }
+}
 
 use std::ffi::CString;
 use std::io::{self, IoSlice, IoSliceMut};

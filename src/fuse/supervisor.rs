@@ -21,7 +21,10 @@
 //!   reports nothing). After the watchdog limit (the `[[mount]]`
 //!   setting `watchdog`, [`WATCHDOG_ENV`] over it, default 30 s) without a
 //!   report (counted from `Ready`) the supervisor kills it (SIGKILL) and
-//!   treats it as a crash.
+//!   treats it as a crash;
+//! - the worker served FUSE over io_uring ([`WorkerMsg::NoHandover`]):
+//!   its rings died with it, so no successor is started; the supervisor
+//!   exits, which aborts the connection.
 //!
 //! The supervisor never reads the device, so requests wait in the kernel
 //! while no worker runs; the next worker asks for the unanswered ones again
@@ -84,6 +87,11 @@ pub enum WorkerMsg {
     Handover,
     /// The worker's liveness check passed (sent every [`HEARTBEAT`]).
     Alive,
+    /// The worker serves FUSE over io_uring with rings of its own
+    /// ([`super::uring`]): when it dies the requests they held are lost, so
+    /// no successor is started; the supervisor exits and the connection
+    /// ends (whole-daemon semantics).
+    NoHandover,
 }
 
 impl WorkerMsg {
@@ -93,6 +101,7 @@ impl WorkerMsg {
             WorkerMsg::Ready => b"ready",
             WorkerMsg::Handover => b"handover",
             WorkerMsg::Alive => b"alive",
+            WorkerMsg::NoHandover => b"no-handover",
         }
     }
     fn parse(b: &[u8]) -> Option<WorkerMsg> {
@@ -101,6 +110,7 @@ impl WorkerMsg {
             WorkerMsg::Ready,
             WorkerMsg::Handover,
             WorkerMsg::Alive,
+            WorkerMsg::NoHandover,
         ]
         .into_iter()
         .find(|m| m.as_bytes() == b)
@@ -300,6 +310,20 @@ pub fn run(
             let _ = nix::mount::umount2(&held.dir, nix::mount::MntFlags::MNT_DETACH);
             return 1;
         }
+        if run.no_handover {
+            // Its rings died with it; the requests they held are lost and a
+            // successor would leave them hanging. Closing every descriptor
+            // aborts the connection: waiting requests fail, the mount stays
+            // (dead) until `vdrep umount`, and the remount marks the disks
+            // resync required (the tracking state is unclean).
+            tracing::error!(
+                "supervisor: the worker of {} died ({}); it served FUSE over io_uring, which cannot be handed over: ending the mount (run `vdrep umount {}`, then mount again; its disks will need a resync)",
+                held.dir.display(),
+                run.how,
+                held.dir.display()
+            );
+            return 1;
+        }
         restarts += 1;
         if run.handover {
             tracing::info!("supervisor: handover; starting worker #{restarts}");
@@ -327,6 +351,8 @@ struct WorkerRun {
     handover: bool,
     /// The watchdog killed it (no heartbeat in time).
     hung: bool,
+    /// It served FUSE over io_uring ([`WorkerMsg::NoHandover`]).
+    no_handover: bool,
     /// Exit code, if it exited (not killed).
     code: Option<i32>,
     how: String,
@@ -447,6 +473,7 @@ fn watch(
                     }
                     Some(WorkerMsg::Handover) => run.handover = true,
                     Some(WorkerMsg::Alive) => last_alive = Some(Instant::now()),
+                    Some(WorkerMsg::NoHandover) => run.no_handover = true,
                     None => tracing::warn!("supervisor: unknown worker message"),
                 },
                 Err(e) => {

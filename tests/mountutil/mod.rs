@@ -308,3 +308,83 @@ impl TwoSites {
             .unwrap_or_else(|| panic!("no replica {file} under {}", disks.display()))
     }
 }
+
+/// `/sys/module/fuse/parameters/enable_uring` as found before the first
+/// of the tests that use it started, put back when the last of them (in
+/// any test process: they hold a shared `flock` on a file under the temp
+/// folder, which also records the value) is done, so that other tests on
+/// this host do not see it changed and concurrent ones do not switch it off
+/// under each other.
+pub struct UringSwitch(std::fs::File);
+
+pub const URING_PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
+
+fn flock(f: &std::fs::File, op: i32) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain system call on an open descriptor.
+    unsafe { libc::flock(f.as_raw_fd(), op) == 0 }
+}
+
+impl UringSwitch {
+    /// `None` (a skip) when the kernel has no FUSE over io_uring.
+    pub fn take() -> Option<UringSwitch> {
+        use std::io::{Read, Seek, Write};
+        let now = match std::fs::read_to_string(URING_PARAM) {
+            Ok(v) => v.trim().to_string(),
+            Err(e) => {
+                crate::skip::skip(&format!(
+                    "SKIP: this kernel has no FUSE over io_uring ({URING_PARAM}: {e})"
+                ));
+                return None;
+            }
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(std::env::temp_dir().join("vdrep-test-enable-uring"))
+            .expect("the enable_uring record");
+        assert!(flock(&f, libc::LOCK_EX), "flock the enable_uring record");
+        let mut was = String::new();
+        f.read_to_string(&mut was)
+            .expect("read the enable_uring record");
+        if was.trim().is_empty() {
+            f.rewind().expect("rewind");
+            f.write_all(now.as_bytes()).expect("record enable_uring");
+        }
+        assert!(flock(&f, libc::LOCK_SH), "flock the enable_uring record");
+        Some(UringSwitch(f))
+    }
+}
+
+impl Drop for UringSwitch {
+    fn drop(&mut self) {
+        use std::io::{Read, Seek};
+        // The last user (no other shared lock) puts the value back.
+        if !flock(&self.0, libc::LOCK_EX | libc::LOCK_NB) {
+            return;
+        }
+        let mut was = String::new();
+        let _ = self.0.rewind();
+        let _ = self.0.read_to_string(&mut was);
+        let was = was.trim();
+        let now = std::fs::read_to_string(URING_PARAM).unwrap_or_default();
+        if !was.is_empty() && now.trim() != was {
+            let _ = std::fs::write(URING_PARAM, was);
+        }
+        let _ = self.0.set_len(0);
+    }
+}
+
+/// `vdrep mount` arguments for the io_uring transport.
+pub const URING_ARGS: &[&str] = &["--fuse-transport", "uring", "--enable-uring"];
+
+/// Assert the mount's worker serves through io_uring rings.
+pub fn assert_uring(m: &Mounted) {
+    assert_eq!(
+        m.status_json()["worker"]["transport"],
+        "uring",
+        "the mount does not serve through io_uring rings"
+    );
+}

@@ -53,7 +53,20 @@ impl Channel {
     pub(crate) fn sender(&self) -> ChannelSender {
         // Since write/writev syscalls are threadsafe, we can simply create
         // a sender by using the same file and use it in other threads.
-        ChannelSender(self.0.clone())
+        ChannelSender {
+            dev: self.0.clone(),
+            sink: None,
+        }
+    }
+
+    /// vdrep patch: a sender whose replies go to `sink` instead of the
+    /// device (the io_uring transport); notifications and backing ids still
+    /// use the device.
+    pub(crate) fn sender_to(&self, sink: Arc<dyn ReplySink>) -> ChannelSender {
+        ChannelSender {
+            dev: self.0.clone(),
+            sink: Some(sink),
+        }
     }
 
     /// Clone the FUSE device fd using FUSE_DEV_IOC_CLONE ioctl.
@@ -79,12 +92,35 @@ impl Channel {
     }
 }
 
-#[derive(Clone, Debug)]
-pub(crate) struct ChannelSender(Arc<DevFuse>);
+/// vdrep patch: where a reply goes when it does not go to the device
+/// (`Dispatcher::dispatch`). `send` gets the whole reply: the
+/// `fuse_out_header` first, then the out-arguments.
+pub trait ReplySink: Send + Sync {
+    /// Deliver one reply.
+    fn send(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<()>;
+}
+
+#[derive(Clone)]
+pub(crate) struct ChannelSender {
+    dev: Arc<DevFuse>,
+    sink: Option<Arc<dyn ReplySink>>,
+}
+
+impl std::fmt::Debug for ChannelSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelSender")
+            .field("dev", &self.dev)
+            .field("sink", &self.sink.is_some())
+            .finish()
+    }
+}
 
 impl ChannelSender {
     pub(crate) fn send(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<()> {
-        let rc = nix::sys::uio::writev(&self.0, bufs)?;
+        if let Some(sink) = &self.sink {
+            return sink.send(bufs);
+        }
+        let rc = nix::sys::uio::writev(&self.dev, bufs)?;
         // writev is atomic, so do not need to check how many bytes are written.
         // libfuse does not do it either
         // https://github.com/libfuse/libfuse/blob/6278995cca991978abd25ebb2c20ebd3fc9e8a13/lib/fuse_lowlevel.c#L267
@@ -93,10 +129,10 @@ impl ChannelSender {
     }
 
     pub(crate) fn open_backing(&self, fd: BorrowedFd<'_>) -> std::io::Result<BackingId> {
-        BackingId::create(&self.0, fd)
+        BackingId::create(&self.dev, fd)
     }
 
     pub(crate) unsafe fn wrap_backing(&self, id: u32) -> BackingId {
-        unsafe { BackingId::wrap_raw(&self.0, id) }
+        unsafe { BackingId::wrap_raw(&self.dev, id) }
     }
 }

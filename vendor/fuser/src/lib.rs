@@ -77,6 +77,9 @@ pub use crate::request_param::Request;
 pub use crate::session::BackgroundSession;
 use crate::session::MAX_WRITE_SIZE;
 pub use crate::session::Session;
+pub use crate::session::Dispatched;
+pub use crate::session::Dispatcher;
+pub use crate::channel::ReplySink;
 pub use crate::session::SessionACL;
 pub use crate::session::SessionUnmounter;
 

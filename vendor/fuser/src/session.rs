@@ -32,6 +32,7 @@ use crate::ReplyEmpty;
 use crate::Request;
 use crate::channel::Channel;
 use crate::channel::ChannelSender;
+use crate::channel::ReplySink;
 use crate::dev_fuse::DevFuse;
 use crate::ll;
 use crate::ll::Operation;
@@ -294,6 +295,20 @@ impl<FS: Filesystem> Session<FS> {
     /// # Errors
     /// Returns any final error when the session comes to an end.
     pub fn run(self) -> io::Result<()> {
+        self.run_with(None, None::<fn(Dispatcher<FS>) -> io::Result<()>>)
+    }
+
+    /// vdrep patch: like [`Session::run`], but with `dev_threads` the
+    /// device is read by only that many threads (the first descriptors),
+    /// and with `transport` a further thread runs it with a [`Dispatcher`]
+    /// (a request transport other than `read(2)` on the device, e.g. FUSE
+    /// over io_uring). `destroy` is called once every thread and the
+    /// transport have returned; the transport must drop every clone of its
+    /// dispatcher before it returns.
+    pub fn run_with<T>(self, dev_threads: Option<usize>, transport: Option<T>) -> io::Result<()>
+    where
+        T: FnOnce(Dispatcher<FS>) -> io::Result<()> + Send + 'static,
+    {
         let Session {
             filesystem,
             ch,
@@ -344,8 +359,34 @@ impl<FS: Filesystem> Session<FS> {
             }
         }
         channels.push(ch);
+        if let Some(n) = dev_threads {
+            // The connection's own descriptor is last: keep it.
+            let keep = n.max(1).min(channels.len());
+            let drop = channels.len() - keep;
+            channels.drain(..drop);
+        }
 
-        let mut threads = Vec::with_capacity(n_threads);
+        let mut threads = Vec::with_capacity(n_threads + 1);
+        if let Some(transport) = transport {
+            let Some(first) = channels.first() else {
+                return Err(io::Error::other("no FUSE device channel"));
+            };
+            let dispatcher = Dispatcher {
+                el: Arc::new(SessionEventLoop {
+                    thread_name: "fuser-transport".to_string(),
+                    filesystem: filesystem.clone(),
+                    ch: first.clone(),
+                    allowed,
+                    session_owner,
+                    prefault_bytes: 0,
+                }),
+            };
+            threads.push(
+                thread::Builder::new()
+                    .name("fuser-transport".to_string())
+                    .spawn(move || transport(dispatcher))?,
+            );
+        }
 
         for (i, ch) in channels.into_iter().enumerate() {
             let thread_name = format!("fuser-{i}");
@@ -612,6 +653,58 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
                 Err(nix::errno::Errno::ENODEV) => return Ok(()),
                 Err(err) => return Err(err.into()),
             }
+        }
+    }
+}
+
+/// vdrep patch: runs requests that arrive by another transport than
+/// `read(2)` on the device ([`Session::run_with`]) through the same
+/// decoding, access check and [`Filesystem`] calls as the device loop.
+pub struct Dispatcher<FS: Filesystem> {
+    el: Arc<SessionEventLoop<FS>>,
+}
+
+impl<FS: Filesystem> Clone for Dispatcher<FS> {
+    fn clone(&self) -> Self {
+        Dispatcher {
+            el: self.el.clone(),
+        }
+    }
+}
+
+impl<FS: Filesystem> std::fmt::Debug for Dispatcher<FS> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher").finish_non_exhaustive()
+    }
+}
+
+/// What [`Dispatcher::dispatch`] did with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dispatched {
+    /// Decoded and run; its reply (if the operation has one) went to the sink.
+    Served,
+    /// `FUSE_DESTROY`: answered; the connection is ending.
+    Destroy,
+    /// The bytes are not a request (nothing was answered).
+    Invalid,
+}
+
+impl<FS: Filesystem> Dispatcher<FS> {
+    /// Decode `request` (the `/dev/fuse` layout: `fuse_in_header`, then the
+    /// arguments) and run it; the reply goes to `sink` (synchronously for
+    /// every reply made before the filesystem method returns).
+    pub fn dispatch(&self, request: &[u8], sink: Arc<dyn ReplySink>) -> Dispatched {
+        match RequestWithSender::new(self.el.ch.sender_to(sink), request) {
+            Some(req) => {
+                if let Ok(Operation::Destroy(_)) = req.request.operation() {
+                    req.reply::<ReplyEmpty>().ok();
+                    Dispatched::Destroy
+                } else {
+                    req.dispatch(&self.el);
+                    Dispatched::Served
+                }
+            }
+            None => Dispatched::Invalid,
         }
     }
 }
