@@ -885,3 +885,75 @@ fn planned_failover_of_one_vm_in_a_shared_folder_leaves_the_other_running() {
     drop(ra);
     drop(rb);
 }
+
+/// The old primary keeps running and shipping while an unplanned failover
+/// to an older point is active at the replica site: the store refuses its
+/// logs, applies and points with a retryable error (the VM is Warning with
+/// that reason, not Critical, and no disk needs a resync), the failed-over
+/// disks are untouched, and after `--cancel` the primary goes on by itself:
+/// the replica equals the primary again. (Before: the first apply hit the
+/// rolled-back replica and marked the disk ResyncRequired, the next session
+/// made the VM Critical for good.)
+#[test]
+fn primary_running_through_an_unplanned_failover_resumes_after_cancel() {
+    require_fuse!();
+    let s = Sites::new();
+    std::env::set_var("VDREP_RETRY_SCALE", "0.002");
+    fill(&s.p("a/vm1/disk0.img"), 32 << 20, 11);
+    let _c = Cleanup(vec![s.p("a/vm1"), s.b_live()]);
+    let rb = Receiver::start(&s, "b");
+    vdrep_ok(&["mount", &s.s("a/vm1"), "--keys", &s.s("ka")]);
+    s.protect_to(&rb, "vm1", &[&s.s("a/vm1/disk0.img")]);
+    sync(&s.p("a/vm1"));
+    for i in 0..4u64 {
+        write_blocks(&s.p("a/vm1/disk0.img"), 40, 0x70 + i as u8, i + 1);
+        sync(&s.p("a/vm1"));
+    }
+    let store = s.p("b/store");
+    let mut cycles = point_cycles(&points_json(&store));
+    cycles.sort();
+    let older = cycles[cycles.len() - 3];
+    vdrep_ok(&[
+        "failover",
+        "vm1",
+        "--unplanned",
+        "--point",
+        &older.to_string(),
+        "--store",
+        &s.s("b/store"),
+    ]);
+    let live = s.b_live().join("disk0.img");
+    let live_before = sha256(&live);
+    // The primary keeps writing and asking for points.
+    for i in 0..4u64 {
+        write_blocks(&s.p("a/vm1/disk0.img"), 20, 0x90 + i as u8, 20 + i);
+        let o = vdrep(&["sync", &s.s("a/vm1"), "--timeout", "2"]);
+        assert!(!o.status.success(), "a point was made during the failover");
+    }
+    let st = status(&s.p("a/vm1"));
+    let v = &st["replication"][0];
+    assert_eq!(v["state"], "Warning", "{st}");
+    assert!(
+        v["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("failed over to this site") && e.contains("--cancel")),
+        "{st}"
+    );
+    assert_eq!(st["disks"][0]["state"]["state"], "Normal", "{st}");
+    assert_eq!(sha256(&live), live_before, "the live disk changed");
+    assert_eq!(
+        point_cycles(&points_json(&store)).iter().max(),
+        Some(&older),
+        "a point was committed during the failover"
+    );
+    vdrep_ok(&["failover", "vm1", "--cancel", "--store", &s.s("b/store")]);
+    write_blocks(&s.p("a/vm1/disk0.img"), 10, 0xa0, 40);
+    sync(&s.p("a/vm1"));
+    let st = status(&s.p("a/vm1"));
+    assert_eq!(st["replication"][0]["state"], "Normal", "{st}");
+    assert_eq!(st["disks"][0]["state"]["state"], "Normal", "{st}");
+    let r0 = replica(&store, "site-a", "disk0.vhd");
+    compare(&s.p("a/vm1/disk0.img"), "raw", &r0, "vpc");
+    vdrep_ok(&["umount", &s.s("a/vm1")]);
+    drop(rb);
+}

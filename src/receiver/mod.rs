@@ -957,15 +957,10 @@ fn load_disk(
         });
     }
     if let Some(live) = store.failed_over(site, &o.vm).ok().flatten() {
-        return Err(failure(StoreError::NotReady {
-            ctx: replica::Ctx::new(site, &o.vm, &o.disk_name),
-            what: format!(
-                "this VM failed over to this site (live at {} since cycle {}): replication towards here is over; once the old primary is back run `vdrep reverse {}` there",
-                live.dir.display(),
-                live.cycle,
-                o.vm
-            ),
-        }));
+        return Err(failure(live.replication_refused(
+            replica::Ctx::new(site, &o.vm, &o.disk_name),
+            &o.vm,
+        )));
     }
     let mut st = match store.replica_state(disk(site, &o.vm, &o.disk_id)) {
         Ok(st) => st,

@@ -786,6 +786,7 @@ impl Site<'_> {
         validate_name("disk", &info.name)?;
         let (format, replica_file) = ReplicaFormat::for_source(&info.name);
         validate_name("replica file", &replica_file)?;
+        self.check_replicating(vm)?;
         let p = self.disk(vm, &info.disk_id, true)?;
         // VM lock (points.json), then the disk's (the order of commit_point).
         let vmd = self.vm_dir(vm, false)?;
@@ -1078,6 +1079,7 @@ impl Site<'_> {
         mut src: R,
     ) -> Result<StoreOutcome> {
         let p = self.disk(vm, disk_id, false)?;
+        self.check_replicating(vm)?;
         let rlabel = p.incoming.join("<received>");
         // Header first: it says which cycle this is.
         let mut head = Vec::new();
@@ -1265,6 +1267,7 @@ impl Site<'_> {
     pub fn apply(&self, vm: &str, disk_id: &[u8; 16], cycle: u64) -> Result<ApplyOutcome> {
         let p = self.disk(vm, disk_id, false)?;
         let _g = self.store.lock(&p.dir);
+        self.check_replicating(vm)?;
         self.apply_locked(&p, cycle)
     }
 
@@ -1626,6 +1629,7 @@ impl Site<'_> {
         cycle: u64,
     ) -> Result<()> {
         let (p, _g, mut st) = self.lock_disk(vm, disk_id)?;
+        self.check_replicating(vm)?;
         if st.cycle != Some(replica_cycle) || st.applying.is_some() {
             return Err(StoreError::NotReady {
                 ctx: p.ctx.clone(),
@@ -1837,6 +1841,7 @@ impl Site<'_> {
     ) -> Result<Option<Point>> {
         let vmd = self.vm_dir(vm, false)?;
         let _g = self.store.lock(&vmd);
+        self.check_replicating(vm)?;
         let mut time = 0;
         for id in disk_ids {
             let p = self.disk(vm, id, false)?;

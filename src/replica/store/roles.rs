@@ -5,8 +5,9 @@
 //!
 //! Both move files by `rename` (same file system), never copy: a failover
 //! costs the undo records rolled back, not the disk size. A promoted VM has
-//! `live.json` in its folder; while it is there the store refuses logs for
-//! the VM (it is no longer a replica here).
+//! `live.json` in its folder; while it is there (and while a promotion is
+//! being made) the store refuses logs, applies, copies and points for the
+//! VM ([`Site::check_replicating`]): it is no longer a replica here.
 
 use super::*;
 
@@ -59,7 +60,61 @@ pub struct AdoptDisk {
     pub block_size: u32,
 }
 
+impl LiveInfo {
+    /// Why replication of `vm` into this store is refused while it is live
+    /// here: retryable ([`StoreError::Busy`]) until the failover is
+    /// committed, since a cancel makes the store a replica again and the
+    /// sender then goes on by itself; once committed, not retryable.
+    pub fn replication_refused(&self, ctx: Ctx, vm: &str) -> StoreError {
+        if self.committed {
+            StoreError::NotReady {
+                ctx,
+                what: format!(
+                    "this VM failed over to this site (live at {} since cycle {}, committed): replication towards here is over; once the old primary is back run `vdrep reverse {vm}` there",
+                    self.dir.display(),
+                    self.cycle
+                ),
+            }
+        } else {
+            StoreError::Busy {
+                ctx,
+                what: format!(
+                    "this VM is failed over to this site (live at {} since cycle {}): replication towards here is paused; it goes on by itself after `vdrep failover {vm} --cancel` here, and after `--commit` it is over (then run `vdrep reverse {vm}` on the old primary)",
+                    self.dir.display(),
+                    self.cycle
+                ),
+            }
+        }
+    }
+}
+
 impl Site<'_> {
+    /// Refuse replication into `vm` (logs, applies, copies, points) while
+    /// it is failed over to this site ([`LiveInfo::replication_refused`]),
+    /// or while a failover to this site is being made: `promote` writes the
+    /// VM's pre-failover record before it takes any disk's lock, so a
+    /// writer that checks this under a disk's lock either finishes before
+    /// the promotion rolls that disk back or sees the record. A VM this
+    /// store does not know yet is not refused.
+    pub(super) fn check_replicating(&self, vm: &str) -> Result<()> {
+        let Ok(vmd) = self.vm_dir(vm, false) else {
+            return Ok(());
+        };
+        let vctx = self.ctx(vm, "");
+        if let Some(live) = read_json_opt::<LiveInfo>(&vctx, &self.store.root, &vmd.join(LIVE))? {
+            return Err(live.replication_refused(vctx, vm));
+        }
+        if vmd.join(KEEP).exists() {
+            return Err(StoreError::Busy {
+                ctx: vctx,
+                what: format!(
+                    "a failover of this VM to this site is under way (or was interrupted: run the same `vdrep failover {vm} --unplanned` again to finish it, then cancel or commit it)"
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// The live state of `vm` if it was promoted here.
     pub fn live(&self, vm: &str) -> Result<Option<LiveInfo>> {
         let vmd = self.vm_dir(vm, false)?;
@@ -164,10 +219,6 @@ impl Site<'_> {
             return Ok(live);
         }
         let mut pf = self.read_points(vm)?;
-        // What a cancel restores (kept until commit).
-        if !vmd.join(KEEP).exists() {
-            self.write_json(&vctx, &vmd, KEEP, &pf)?;
-        }
         let pt = match point {
             None => pf.points.last().cloned(),
             Some(c) => pf.points.iter().find(|p| p.cycle == c).cloned(),
@@ -177,6 +228,12 @@ impl Site<'_> {
             cycle: point.unwrap_or(0),
             what: "no such recovery point; list them with `vdrep points`".into(),
         })?;
+        // What a cancel restores (kept until commit). Written before any
+        // disk is locked: from here on the store refuses replication into
+        // the VM (`check_replicating`).
+        if !vmd.join(KEEP).exists() {
+            self.write_json(&vctx, &vmd, KEEP, &pf)?;
+        }
         let mut disks = Vec::new();
         for id in self.disk_ids(vm)? {
             if !pt.disks.contains(&hex(&id)) {
