@@ -416,21 +416,7 @@ for r in $(seq "$BLIP_RUNS"); do
     RECV_PID=$!
     for _ in $(seq 100); do grep -q '^listening on' "$LOG/receiver-blip-$r.out" 2>/dev/null && break; sleep 0.1; done
     grep -q '^listening on' "$LOG/receiver-blip-$r.out" || die "the receiver did not come back on $RECV_ADDR"
-    python3 - "$VDREP" "$VSRC" "$VM" "$BLIP_SECS" >"$LOG/lag-blip-$r.tsv" <<'PY'
-import json, subprocess, sys, time
-vdrep, d, vm, secs = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-t0 = time.time(); nxt = t0
-while time.time() < t0 + secs:
-    try:
-        s = json.loads(subprocess.run([vdrep, "status", d, "--json"], capture_output=True, text=True, timeout=5).stdout)
-        v = [r for r in s.get("replication", []) if r["vm"] == vm][0]
-        lag = v.get("lag_secs")
-        print(f"{time.time() - t0:.2f}\t{'' if lag is None else f'{lag:.3f}'}\t{v.get('state')}", flush=True)
-    except Exception as e:
-        print(f"{time.time() - t0:.2f}\t\terror:{e}", flush=True)
-    nxt += 0.5
-    time.sleep(max(0.0, nxt - time.time()))
-PY
+    python3 "$REPO/benches/replication/lag-sample.py" --relative "$VDREP" "$VSRC" "$VM" "$BLIP_SECS" >"$LOG/lag-blip-$r.tsv"
     wait "$FIO_PID" || say "warning: fio failed: $(tail -2 "$LOG/fio-blip-$r.err")"
     FIO_PID=""
     while IFS=$'\t' read -r _ lag _; do
@@ -439,7 +425,7 @@ PY
     rec blip continuous "$r" samples "$(wc -l <"$LOG/lag-blip-$r.tsv")"
     rec blip continuous "$r" retries "$(( $(vm_field retries) - retries0 ))"
     # the last sample (seconds after the restart) in which the VM was not Normal
-    warn_until="$(awk -F'\t' '$3 != "Normal" {t = $1} END {print t + 0}' "$LOG/lag-blip-$r.tsv")"
+    warn_until="$(awk -F'\t' '$4 != "Normal" {t = $1} END {print t + 0}' "$LOG/lag-blip-$r.tsv")"
     rec blip continuous "$r" recovered_secs "$warn_until"
     "$VDREP" sync "$VM" >>"$LOG/sync.log" 2>&1 || say "warning: sync after the blip failed"
 done
