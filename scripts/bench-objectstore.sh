@@ -33,7 +33,10 @@
 #   initial copy of the random image) under RPO_RATE (50m) of 4 KiB random
 #   writes (fio, O_DIRECT, through the mount) for RPO_SECS (60); lag_secs
 #   sampled every 0.5 s (benches/replication/lag-sample.py, the method of
-#   bench-replication.sh). Target: p99 <= 5 s.
+#   bench-replication.sh). Target: p99 <= 5 s. The same against a local
+#   receiver on loopback for reference (RPO_TARGETS="garage local"), with
+#   the CPU of the sender and of Garage / the receiver, and the lag every
+#   5 s (growing = the path ships less than the load writes).
 #
 #   scripts/bench-objectstore.sh                 # every section
 #   SECTIONS="initial rpo" VDREP=/path/to/release/vdrep scripts/bench-objectstore.sh
@@ -53,6 +56,7 @@ SECTIONS="${SECTIONS:-lazyboot store initial rpo}"
 SIZE="${SIZE:-2G}"
 RPO_SECS="${RPO_SECS:-60}"
 RPO_RATE="${RPO_RATE:-50m}"
+RPO_TARGETS="${RPO_TARGETS:-garage local}"
 BENCH_ROOT="${BENCH_ROOT:-/var/tmp/vdrep-rbench}"
 RUNS="${RUNS:-3}"
 LAZYBOOT_SIZES="${LAZYBOOT_SIZES:-256M 2G}"
@@ -325,47 +329,60 @@ if has initial; then
 fi
 
 if has rpo; then
-    say "rpo: fresh Garage; untimed initial copy of the $SIZE random image to it"
-    garage_start
-    src_mount "$PRISTINE/random.img"
-    protect garage:vdrep-rpo 1h
-    "$VDREP" sync "$VM" --timeout 1800 >>"$LOGS/sync.log" 2>&1 || die "vdrep sync failed (rpo setup)"
-    protect garage:vdrep-rpo continuous
-    "$VDREP" sync "$VM" --timeout 600 >>"$LOGS/sync.log" 2>&1 || die "vdrep sync failed (rpo continuous)"
-    l0="$(load1)"; c0="$(cpu_secs "$SENDER_PID")"
-    say "rpo: fio $RPO_RATE of 4 KiB random writes (O_DIRECT, through the mount) for ${RPO_SECS}s; lag sampled every 0.5 s"
-    fio --name=churn --filename="$VSRC/disk.img" --rw=randwrite --bs=4k --direct=1 --ioengine=libaio \
-        --iodepth=16 --rate="$RPO_RATE" --time_based --runtime="$RPO_SECS" --randrepeat=0 --refill_buffers \
-        --output-format=json --output="$LOGS/fio-rpo.json" >/dev/null 2>"$LOGS/fio-rpo.err" &
-    fio_pid=$!
-    python3 "$REPO/benches/replication/lag-sample.py" "$VDREP" "$VSRC" "$VM" "$RPO_SECS" >"$LOGS/lag.tsv"
-    wait "$fio_pid" || say "warning: fio failed: $(tail -2 "$LOGS/fio-rpo.err")"
-    cpu="$(awk -v a="$c0" -v b="$(cpu_secs "$SENDER_PID")" 'BEGIN { printf "%.1f", b - a }')"
-    l1="$(load1)"
-    t0="$(now)"
-    "$VDREP" sync "$VM" --timeout 600 >>"$LOGS/sync.log" 2>&1 || say "warning: sync after the rpo load failed"
-    drain="$(secs_since "$t0")"
-    bw="$(jq '.jobs[0].write.bw_bytes' "$LOGS/fio-rpo.json" 2>/dev/null || echo 0)"
-    read -r n p50 p99 max < <(cut -f2 "$LOGS/lag.tsv" | grep -v '^$' | sort -g | awk '{ v[NR] = $1 }
-        END { if (!NR) { print 0, "-", "-", "-"; exit }
-              i = int(NR * 0.99); if (i < 1) i = 1
-              print NR, v[int((NR + 1) / 2)], v[i], v[NR] }')
-    errs="$(grep -c 'error:' "$LOGS/lag.tsv" || true)"
-    verdict="$(awk -v p="$p99" 'BEGIN { print (p != "-" && p <= 5 ? "PASS" : "MISS") }')"
-    say "rpo: lag p50 $p50 s p99 $p99 s max $max s ($n samples, $errs failed): $verdict (target p99 <= 5 s); fio $bw B/s; sender CPU $cpu s; drain $drain s"
-    umount_src; garage_stop
     {
-        echo "## continuous RPO to Garage under churn ($SIZE random image, release build)"
+        echo "## continuous RPO under churn ($SIZE random image, release build)"
         echo
-        echo "fio 4 KiB random writes, O_DIRECT, iodepth 16, through the mount, rate $RPO_RATE for ${RPO_SECS} s; \`--every continuous\` to s3:// on a single-node Garage; lag_secs from \`vdrep status --json\` every 0.5 s."
+        echo "fio 4 KiB random writes, O_DIRECT, iodepth 16, through the mount, rate $RPO_RATE for ${RPO_SECS} s, \`--every continuous\` after an untimed initial copy; lag_secs from \`vdrep status --json\` every 0.5 s. Garage: s3:// on a fresh single node; local: a receiver on loopback (reference, same run). CPU in seconds over the load; the store's is Garage's or the receiver's."
         echo
-        echo "| figure | value | target | verdict |"
-        echo "|---|---|---|---|"
-        echo "| lag p99 ($n samples; p50 $p50 s, max $max s) | $p99 s | <= 5 s | $verdict |"
-        echo "| fio write rate reached | $((bw / 1000000)) MB/s | $RPO_RATE | - |"
-        echo "| sender CPU over the ${RPO_SECS} s | $cpu s | - | - |"
-        echo "| drain after the load (final sync) | $drain s | - | - |"
-        echo "| load (1-min) at start / end | $l0 / $l1 | - | - |"
+        echo "| target | lag p99 | p50 | max | samples | fio MB/s | sender CPU | store CPU | drain | load start/end | target | verdict |"
+        echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    } >>"$OUT"
+    timeline=""
+    for target in $RPO_TARGETS; do
+        say "rpo $target: untimed initial copy of the $SIZE random image"
+        if [[ "$target" == garage ]]; then
+            garage_start; to=garage:vdrep-rpo; store_pid="$G_PID"
+        else
+            recv_start; to=local; store_pid="$RECV_PID"
+        fi
+        src_mount "$PRISTINE/random.img"
+        protect "$to" 1h
+        "$VDREP" sync "$VM" --timeout 1800 >>"$LOGS/sync.log" 2>&1 || die "vdrep sync failed (rpo $target setup)"
+        protect "$to" continuous
+        "$VDREP" sync "$VM" --timeout 600 >>"$LOGS/sync.log" 2>&1 || die "vdrep sync failed (rpo $target continuous)"
+        l0="$(load1)"; c0="$(cpu_secs "$SENDER_PID")"; g0="$(cpu_secs "$store_pid")"
+        say "rpo $target: fio $RPO_RATE of 4 KiB random writes (O_DIRECT, through the mount) for ${RPO_SECS}s; lag sampled every 0.5 s"
+        fio --name=churn --filename="$VSRC/disk.img" --rw=randwrite --bs=4k --direct=1 --ioengine=libaio \
+            --iodepth=16 --rate="$RPO_RATE" --time_based --runtime="$RPO_SECS" --randrepeat=0 --refill_buffers \
+            --output-format=json --output="$LOGS/fio-rpo.json" >/dev/null 2>"$LOGS/fio-rpo.err" &
+        fio_pid=$!
+        python3 "$REPO/benches/replication/lag-sample.py" --relative "$VDREP" "$VSRC" "$VM" "$RPO_SECS" >"$LOGS/lag-$target.tsv"
+        wait "$fio_pid" || say "warning: fio failed: $(tail -2 "$LOGS/fio-rpo.err")"
+        cpu="$(awk -v a="$c0" -v b="$(cpu_secs "$SENDER_PID")" 'BEGIN { printf "%.1f", b - a }')"
+        gcpu="$(awk -v a="$g0" -v b="$(cpu_secs "$store_pid")" 'BEGIN { printf "%.1f", b - a }')"
+        l1="$(load1)"
+        t0="$(now)"
+        "$VDREP" sync "$VM" --timeout 600 >>"$LOGS/sync.log" 2>&1 || say "warning: sync after the rpo load failed"
+        drain="$(secs_since "$t0")"
+        bw="$(jq '.jobs[0].write.bw_bytes' "$LOGS/fio-rpo.json" 2>/dev/null || echo 0)"
+        read -r n p50 p99 max < <(cut -f2 "$LOGS/lag-$target.tsv" | grep -v '^$' | sort -g | awk '{ v[NR] = $1 }
+            END { if (!NR) { print 0, "-", "-", "-"; exit }
+                  i = int(NR * 0.99); if (i < 1) i = 1
+                  print NR, v[int((NR + 1) / 2)], v[i], v[NR] }')
+        errs="$(grep -c 'error:' "$LOGS/lag-$target.tsv" || true)"
+        verdict="$(awk -v p="$p99" 'BEGIN { print (p != "-" && p <= 5 ? "PASS" : "MISS") }')"
+        [[ "$target" == garage ]] || verdict="($verdict, reference)"
+        say "rpo $target: lag p50 $p50 s p99 $p99 s max $max s ($n samples, $errs failed): $verdict (target p99 <= 5 s); fio $bw B/s; CPU sender $cpu s, store $gcpu s; drain $drain s"
+        echo "| $target | $p99 s | $p50 s | $max s | $n ($errs failed) | $((bw / 1000000)) | $cpu s | $gcpu s | $drain s | $l0 / $l1 | <= 5 s | $verdict |" >>"$OUT"
+        # the lag every 5 s of the load: growing = the path ships less than the load writes
+        timeline+="- $target: $(awk -F'\t' '$2 != "" && $1 >= next_t { printf "%ds %.1f  ", $1, $2; next_t = int($1 / 5 + 1) * 5 }' "$LOGS/lag-$target.tsv")"$'\n'
+        umount_src; garage_stop; recv_stop
+    done
+    {
+        echo
+        echo "Lag (s) every 5 s of the load:"
+        echo
+        printf '%s' "$timeline"
         echo
     } >>"$OUT"
 fi
