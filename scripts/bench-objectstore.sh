@@ -35,8 +35,9 @@
 #   sampled every 0.5 s (benches/replication/lag-sample.py, the method of
 #   bench-replication.sh). Target: p99 <= 5 s. The same against a local
 #   receiver on loopback for reference (RPO_TARGETS="garage local"), with
-#   the CPU of the sender and of Garage / the receiver, and the lag every
-#   5 s (growing = the path ships less than the load writes).
+#   the CPU of the sender and of Garage / the receiver, the points made
+#   during the load with the payload each shipped (status bytes_sent), and
+#   the lag every 5 s (growing = the path ships less than the load writes).
 #
 #   scripts/bench-objectstore.sh                 # every section
 #   SECTIONS="initial rpo" VDREP=/path/to/release/vdrep scripts/bench-objectstore.sh
@@ -257,6 +258,9 @@ EOF
     # ("LoadCustomCABundleError ... unsupported transport"); Garage is plain
     # http on loopback here, so it needs no CA bundle.
     rcl() { env -u AWS_CA_BUNDLE rclone "$@"; }
+    vm_fields() { # the VM's newest point (cycle) and payload bytes sent
+        "$VDREP" status "$VSRC" --json | jq -r --arg vm "$VM" '.replication[] | select(.vm == $vm) | "\(.last_point // 0) \(.bytes_sent)"'
+    }
     bucket_bytes() { # bytes under PREFIX in the bucket, "?" if rclone cannot list them
         { rcl size --json "garage:vdrep-bench/$1" 2>>"$LOGS/rclone-size.log" || echo '{}'; } | jq -r '.bytes // "?"'
     }
@@ -334,8 +338,8 @@ if has rpo; then
         echo
         echo "fio 4 KiB random writes, O_DIRECT, iodepth 16, through the mount, rate $RPO_RATE for ${RPO_SECS} s, \`--every continuous\` after an untimed initial copy; lag_secs from \`vdrep status --json\` every 0.5 s. Garage: s3:// on a fresh single node; local: a receiver on loopback (reference, same run). CPU in seconds over the load; the store's is Garage's or the receiver's."
         echo
-        echo "| target | lag p99 | p50 | max | samples | fio MB/s | sender CPU | store CPU | drain | load start/end | target | verdict |"
-        echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
+        echo "| target | lag p99 | p50 | max | samples | fio MB/s | shipped MB/s | points (MB each) | sender CPU | store CPU | drain | load start/end | target | verdict |"
+        echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     } >>"$OUT"
     timeline=""
     for target in $RPO_TARGETS; do
@@ -351,6 +355,7 @@ if has rpo; then
         protect "$to" continuous
         "$VDREP" sync "$VM" --timeout 600 >>"$LOGS/sync.log" 2>&1 || die "vdrep sync failed (rpo $target continuous)"
         l0="$(load1)"; c0="$(cpu_secs "$SENDER_PID")"; g0="$(cpu_secs "$store_pid")"
+        read -r p0 b0 < <(vm_fields)
         say "rpo $target: fio $RPO_RATE of 4 KiB random writes (O_DIRECT, through the mount) for ${RPO_SECS}s; lag sampled every 0.5 s"
         fio --name=churn --filename="$VSRC/disk.img" --rw=randwrite --bs=4k --direct=1 --ioengine=libaio \
             --iodepth=16 --rate="$RPO_RATE" --time_based --runtime="$RPO_SECS" --randrepeat=0 --refill_buffers \
@@ -361,6 +366,11 @@ if has rpo; then
         cpu="$(awk -v a="$c0" -v b="$(cpu_secs "$SENDER_PID")" 'BEGIN { printf "%.1f", b - a }')"
         gcpu="$(awk -v a="$g0" -v b="$(cpu_secs "$store_pid")" 'BEGIN { printf "%.1f", b - a }')"
         l1="$(load1)"
+        read -r p1 b1 < <(vm_fields)
+        # points made during the load and what each shipped (payload after lz4)
+        cycles="$(awk -v a="$p0" -v b="$p1" 'BEGIN { print b - a }')"
+        per="$(awk -v n="$cycles" -v a="$b0" -v b="$b1" 'BEGIN { printf "%.1f", (n > 0 ? (b - a) / n / 1e6 : 0) }')"
+        sent="$(awk -v a="$b0" -v b="$b1" -v t="$RPO_SECS" 'BEGIN { printf "%.1f", (b - a) / t / 1e6 }')"
         t0="$(now)"
         "$VDREP" sync "$VM" --timeout 600 >>"$LOGS/sync.log" 2>&1 || say "warning: sync after the rpo load failed"
         drain="$(secs_since "$t0")"
@@ -372,8 +382,8 @@ if has rpo; then
         errs="$(grep -c 'error:' "$LOGS/lag-$target.tsv" || true)"
         verdict="$(awk -v p="$p99" 'BEGIN { print (p != "-" && p <= 5 ? "PASS" : "MISS") }')"
         [[ "$target" == garage ]] || verdict="($verdict, reference)"
-        say "rpo $target: lag p50 $p50 s p99 $p99 s max $max s ($n samples, $errs failed): $verdict (target p99 <= 5 s); fio $bw B/s; CPU sender $cpu s, store $gcpu s; drain $drain s"
-        echo "| $target | $p99 s | $p50 s | $max s | $n ($errs failed) | $((bw / 1000000)) | $cpu s | $gcpu s | $drain s | $l0 / $l1 | <= 5 s | $verdict |" >>"$OUT"
+        say "rpo $target: lag p50 $p50 s p99 $p99 s max $max s ($n samples, $errs failed): $verdict (target p99 <= 5 s); fio $bw B/s; CPU sender $cpu s, store $gcpu s; drain $drain s; $cycles points, $per MB each, $sent MB/s shipped"
+        echo "| $target | $p99 s | $p50 s | $max s | $n ($errs failed) | $((bw / 1000000)) | $sent | $cycles ($per) | $cpu s | $gcpu s | $drain s | $l0 / $l1 | <= 5 s | $verdict |" >>"$OUT"
         # the lag every 5 s of the load: growing = the path ships less than the load writes
         timeline+="- $target: $(awk -F'\t' '$2 != "" && $1 >= next_t { printf "%ds %.1f  ", $1, $2; next_t = int($1 / 5 + 1) * 5 }' "$LOGS/lag-$target.tsv")"$'\n'
         umount_src; garage_stop; recv_stop
