@@ -230,12 +230,8 @@ EOF
     }
     recv_start() { # a receiver on loopback into $W/store (the local-store reference)
         recv_stop; rm -rf "$W/store"; mkdir -p "$W/store"
-        "$VDREP" receive --listen 127.0.0.1:0 --store "$W/store" --keys "$W/kb" --trust "$W/ka/site-a.crt" \
-            >"$LOGS/receiver.out" 2>>"$LOGS/receiver.log" &
-        RECV_PID=$!
-        for _ in $(seq 100); do grep -q '^listening on' "$LOGS/receiver.out" 2>/dev/null && break; sleep 0.1; done
-        RECV_ADDR="$(sed -n 's/^listening on \([^ ]*\).*/\1/p' "$LOGS/receiver.out")"
-        [[ -n "$RECV_ADDR" ]] || die "receiver did not start (see $LOGS/receiver.log)"
+        vdrep_bench_receiver "$VDREP" "$W/store" "$W/kb" "$W/ka/site-a.crt" "$LOGS" \
+            || die "receiver did not start (see $LOGS/receiver.log)"
     }
     src_mount() { # IMAGE: a fresh mount folder holding a copy of IMAGE as disk.img
         umount_src; rm -rf "$VSRC"; mkdir -p "$VSRC"

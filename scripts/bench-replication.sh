@@ -62,6 +62,7 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+. "$REPO/scripts/lib.sh"
 SIZE="${SIZE:-2G}"
 RUNS="${RUNS:-3}"
 CHANGE_PCT="${CHANGE_PCT:-1}"
@@ -178,12 +179,8 @@ start_receiver() { # STORE
     stop_receiver
     rm -rf "$1"; mkdir -p "$1"
     RECV_STORE="$1"
-    "$VDREP" receive --listen 127.0.0.1:0 --store "$1" --keys "$KEYS_B" --trust "$KEYS_A/site-a.crt" \
-        >"$LOG/receiver.out" 2>>"$LOG/receiver.log" &
-    RECV_PID=$!
-    for _ in $(seq 100); do grep -q '^listening on' "$LOG/receiver.out" 2>/dev/null && break; sleep 0.1; done
-    RECV_ADDR="$(sed -n 's/^listening on \([^ ]*\).*/\1/p' "$LOG/receiver.out")"
-    [[ -n "$RECV_ADDR" ]] || die "receiver did not start (see $LOG/receiver.log)"
+    vdrep_bench_receiver "$VDREP" "$1" "$KEYS_B" "$KEYS_A/site-a.crt" "$LOG" \
+        || die "receiver did not start (see $LOG/receiver.log)"
 }
 mount_src() {
     "$VDREP" mount "$VSRC" --keys "$KEYS_A" --log-file "$LOG/sender.log" || die "vdrep mount failed"
