@@ -62,6 +62,7 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+. "$REPO/scripts/lib.sh"
 SIZE="${SIZE:-2G}"
 RUNS="${RUNS:-3}"
 CHANGE_PCT="${CHANGE_PCT:-1}"
@@ -99,7 +100,7 @@ rec() { printf '%s\t%s\t%s\t%s\t%s\n' "$@" >>"$RES"; }
 now() { date +%s.%N; }
 elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2])-float(sys.argv[1]):.3f}')" "$1" "$2"; }
 
-[[ "$(id -u)" == 0 ]] || die "run as root (loop mount of the ext4 image, drop_caches)"
+[[ "$(id -u)" == 0 ]] || die "run as root (loop mount of the ext4 image in scripts/bench-images.sh, drop_caches)"
 BENCH_PKGS="rsync fio python3 jq e2fsprogs util-linux sysstat qemu-utils fuse3"
 missing=()
 for t in rsync fio python3 jq mkfs.ext4 findmnt pidstat qemu-img fusermount3; do
@@ -117,7 +118,7 @@ done
 mkdir -p "$W" "$LOG" "$RESULTS_DIR" "$PRISTINE"
 : >"$RES"
 
-RECV_PID="" RSYNCD_PID="" LOOPMNT=""
+RECV_PID="" RSYNCD_PID=""
 is_fuse_mounted() { [[ "$(findmnt -n -o FSTYPE --mountpoint "$1" 2>/dev/null | tail -1 || true)" == fuse* ]]; }
 stop_receiver() {
     if [[ -n "$RECV_PID" ]]; then kill "$RECV_PID" 2>/dev/null || true; wait "$RECV_PID" 2>/dev/null || true; fi
@@ -137,7 +138,6 @@ cleanup() {
     umount_src
     stop_receiver
     [[ -n "$RSYNCD_PID" ]] && kill "$RSYNCD_PID" 2>/dev/null
-    [[ -n "$LOOPMNT" ]] && mountpoint -q "$LOOPMNT" && umount "$LOOPMNT"
     if [[ "${KEEP:-0}" != 1 ]]; then
         rm -rf "$W/site-a" "$W/cp-dst" "$W/rsyncd-mod" "$W/rsync-src" "$W"/store-*
     fi
@@ -162,44 +162,10 @@ if [[ "${NO_BUILD:-0}" != 1 ]]; then
 fi
 [[ -x "$VDREP" ]] || die "no vdrep binary at $VDREP"
 
-# --- test data (cached in $PRISTINE) ---------------------------------------
-if [[ " $SECTIONS " == *" "@(initial|delta|rpo|blip)" "* && ! -f "$PRISTINE/random.ok" ]]; then
-    say "creating $PRISTINE/random.img ($SIZE of random data)"
-    head -c "$SIZE_BYTES" /dev/urandom >"$PRISTINE/random.img"
-    touch "$PRISTINE/random.ok"
-fi
-if [[ " $SECTIONS " == *" initial "* && ! -f "$PRISTINE/ext4.ok" ]]; then
-    say "creating $PRISTINE/ext4.img (ext4, $SIZE, ~$FILL_PCT% full: half random, half compressible files)"
-    rm -f "$PRISTINE/ext4.img"
-    truncate -s "$SIZE_BYTES" "$PRISTINE/ext4.img"
-    mkfs.ext4 -q -F "$PRISTINE/ext4.img"
-    LOOPMNT="$W/loop"; mkdir -p "$LOOPMNT"
-    mount -o loop "$PRISTINE/ext4.img" "$LOOPMNT"
-    python3 - "$LOOPMNT" "$((SIZE_BYTES * FILL_PCT / 100))" <<'PY'
-import os, random, sys
-root, total = sys.argv[1], int(sys.argv[2])
-rnd = random.Random(42)
-words = ("vdrep cycle cut block dirty replica receiver sender quic tls ack apply fsync "
-         "vm disk image kernel fuse write read error warning info debug sector extent").split()
-done, i = 0, 0
-os.makedirs(f"{root}/bin", exist_ok=True); os.makedirs(f"{root}/log", exist_ok=True)
-while done < total:
-    n = min(rnd.randint(64 << 10, 16 << 20), total - done)
-    if i % 2 == 0:   # incompressible (binaries, media, compressed archives)
-        with open(f"{root}/bin/blob{i:05d}", "wb") as f:
-            f.write(os.urandom(n))
-    else:            # compressible (logs, text): lz4 gets ~3-4x
-        lines, size = [], 0
-        while size < n:
-            l = f"2026-11-22T{rnd.randint(0,23):02d}:{rnd.randint(0,59):02d}:{rnd.randint(0,59):02d}.{rnd.randint(0,999999):06d} " \
-                f"{rnd.choice(words).upper()} {' '.join(rnd.choice(words) for _ in range(rnd.randint(4,12)))} id={rnd.randint(0,1<<32)}\n"
-            lines.append(l); size += len(l)
-        with open(f"{root}/log/log{i:05d}.txt", "w") as f:
-            f.write("".join(lines)[:n])
-    done += n; i += 1
-PY
-    umount "$LOOPMNT"; LOOPMNT=""
-    touch "$PRISTINE/ext4.ok"
+# --- test data (cached in $PRISTINE, made by scripts/bench-images.sh) -------
+if [[ " $SECTIONS " == *" "@(initial|delta|rpo|blip)" "* ]]; then
+    kinds=random; [[ " $SECTIONS " == *" initial "* ]] && kinds="random ext4"
+    FILL_PCT="$FILL_PCT" "$REPO/scripts/bench-images.sh" "$PRISTINE" "$SIZE" $kinds || die "making the test images failed"
 fi
 
 # --- helpers: receiver, mount, rsync daemon --------------------------------
@@ -213,12 +179,8 @@ start_receiver() { # STORE
     stop_receiver
     rm -rf "$1"; mkdir -p "$1"
     RECV_STORE="$1"
-    "$VDREP" receive --listen 127.0.0.1:0 --store "$1" --keys "$KEYS_B" --trust "$KEYS_A/site-a.crt" \
-        >"$LOG/receiver.out" 2>>"$LOG/receiver.log" &
-    RECV_PID=$!
-    for _ in $(seq 100); do grep -q '^listening on' "$LOG/receiver.out" 2>/dev/null && break; sleep 0.1; done
-    RECV_ADDR="$(sed -n 's/^listening on \([^ ]*\).*/\1/p' "$LOG/receiver.out")"
-    [[ -n "$RECV_ADDR" ]] || die "receiver did not start (see $LOG/receiver.log)"
+    vdrep_bench_receiver "$VDREP" "$1" "$KEYS_B" "$KEYS_A/site-a.crt" "$LOG" \
+        || die "receiver did not start (see $LOG/receiver.log)"
 }
 mount_src() {
     "$VDREP" mount "$VSRC" --keys "$KEYS_A" --log-file "$LOG/sender.log" || die "vdrep mount failed"
@@ -400,22 +362,7 @@ for mode in ${RPO_MODES:-30s continuous}; do
         fio --output-format=json --output="$LOG/fio-rpo-$mode.json" "$REPO/benches/replication/rpo-load.fio" \
         >/dev/null 2>"$LOG/fio-rpo-$mode.err" &
     FIO_PID=$!
-    python3 - "$VDREP" "$VSRC" "$VM" "$RPO_SECS" >"$LOG/lag-$mode.tsv" <<'PY' &
-import json, subprocess, sys, time
-vdrep, d, vm, secs = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-t_end = time.time() + secs
-nxt = time.time()
-while time.time() < t_end:
-    try:
-        s = json.loads(subprocess.run([vdrep, "status", d, "--json"], capture_output=True, text=True, timeout=5).stdout)
-        v = [r for r in s.get("replication", []) if r["vm"] == vm][0]
-        lag = v.get("lag_secs")
-        print(f"{time.time():.2f}\t{'' if lag is None else f'{lag:.3f}'}\t{v.get('bytes_pending', 0)}\t{v.get('state')}", flush=True)
-    except Exception as e:
-        print(f"{time.time():.2f}\t\t\terror:{e}", flush=True)
-    nxt += 0.5
-    time.sleep(max(0.0, nxt - time.time()))
-PY
+    python3 "$REPO/benches/replication/lag-sample.py" "$VDREP" "$VSRC" "$VM" "$RPO_SECS" >"$LOG/lag-$mode.tsv" &
     SAMPLER_PID=$!
     wait "$FIO_PID" || say "warning: fio failed: $(tail -2 "$LOG/fio-rpo-$mode.err")"
     FIO_PID=""
@@ -466,21 +413,7 @@ for r in $(seq "$BLIP_RUNS"); do
     RECV_PID=$!
     for _ in $(seq 100); do grep -q '^listening on' "$LOG/receiver-blip-$r.out" 2>/dev/null && break; sleep 0.1; done
     grep -q '^listening on' "$LOG/receiver-blip-$r.out" || die "the receiver did not come back on $RECV_ADDR"
-    python3 - "$VDREP" "$VSRC" "$VM" "$BLIP_SECS" >"$LOG/lag-blip-$r.tsv" <<'PY'
-import json, subprocess, sys, time
-vdrep, d, vm, secs = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-t0 = time.time(); nxt = t0
-while time.time() < t0 + secs:
-    try:
-        s = json.loads(subprocess.run([vdrep, "status", d, "--json"], capture_output=True, text=True, timeout=5).stdout)
-        v = [r for r in s.get("replication", []) if r["vm"] == vm][0]
-        lag = v.get("lag_secs")
-        print(f"{time.time() - t0:.2f}\t{'' if lag is None else f'{lag:.3f}'}\t{v.get('state')}", flush=True)
-    except Exception as e:
-        print(f"{time.time() - t0:.2f}\t\terror:{e}", flush=True)
-    nxt += 0.5
-    time.sleep(max(0.0, nxt - time.time()))
-PY
+    python3 "$REPO/benches/replication/lag-sample.py" --relative "$VDREP" "$VSRC" "$VM" "$BLIP_SECS" >"$LOG/lag-blip-$r.tsv"
     wait "$FIO_PID" || say "warning: fio failed: $(tail -2 "$LOG/fio-blip-$r.err")"
     FIO_PID=""
     while IFS=$'\t' read -r _ lag _; do
@@ -489,7 +422,7 @@ PY
     rec blip continuous "$r" samples "$(wc -l <"$LOG/lag-blip-$r.tsv")"
     rec blip continuous "$r" retries "$(( $(vm_field retries) - retries0 ))"
     # the last sample (seconds after the restart) in which the VM was not Normal
-    warn_until="$(awk -F'\t' '$3 != "Normal" {t = $1} END {print t + 0}' "$LOG/lag-blip-$r.tsv")"
+    warn_until="$(awk -F'\t' '$4 != "Normal" {t = $1} END {print t + 0}' "$LOG/lag-blip-$r.tsv")"
     rec blip continuous "$r" recovered_secs "$warn_until"
     "$VDREP" sync "$VM" >>"$LOG/sync.log" 2>&1 || say "warning: sync after the blip failed"
 done

@@ -97,6 +97,19 @@ vdrep_install_garage() {
 
 vdrep_log() { printf '%s\n' "$*" >&2; }
 
+# The benchmarks' receiver (bench-replication.sh, bench-objectstore.sh) on a
+# free loopback port: vdrep_bench_receiver VDREP STORE KEYDIR TRUST LOGDIR.
+# Sets RECV_PID and RECV_ADDR; fails if it is not listening within 10 s.
+vdrep_bench_receiver() {
+    local vdrep="$1" store="$2" keys="$3" trust="$4" log="$5"
+    "$vdrep" receive --listen 127.0.0.1:0 --store "$store" --keys "$keys" --trust "$trust" \
+        >"$log/receiver.out" 2>>"$log/receiver.log" &
+    RECV_PID=$!
+    for _ in $(seq 100); do grep -q '^listening on' "$log/receiver.out" 2>/dev/null && break; sleep 0.1; done
+    RECV_ADDR="$(sed -n 's/^listening on \([^ ]*\).*/\1/p' "$log/receiver.out")"
+    [[ -n "$RECV_ADDR" ]]
+}
+
 # Prerequisites a caller does not need, by name (space-separated): the demo
 # sets VDREP_SKIP_PREREQS=garage (it uses the embedded local store, and
 # building Garage takes ~10 minutes where ../shared/bin/garage is absent).
