@@ -669,8 +669,13 @@ fn code_of(e: &StoreError) -> ErrorCode {
         StoreError::Access { .. } => ErrorCode::Io,
         StoreError::OutOfOrder { .. }
         | StoreError::IdentityMismatch { .. }
-        | StoreError::InUse { .. }
-        | StoreError::Fenced { .. } => ErrorCode::InvalidState,
+        | StoreError::InUse { .. } => ErrorCode::InvalidState,
+        // A newer writer (or a failover) owns the VM now: this writer stops.
+        // Not InvalidState, which the session reads as "this log cannot be
+        // applied in order" and answers with a resync of the disk (seen in
+        // CI: the old primary went ResyncRequired, not Critical, when the
+        // failover record fenced it during an apply).
+        StoreError::Fenced { .. } => ErrorCode::Refused,
         StoreError::BadState { .. } | StoreError::NeedsResync { .. } => ErrorCode::ResyncRequired,
         StoreError::CorruptLog { .. } => ErrorCode::Checksum,
         StoreError::Injected { .. } => ErrorCode::Io,
