@@ -182,6 +182,19 @@ fn sync(dir: &Path) {
     vdrep_ok(&["sync", dir.to_str().unwrap(), "--timeout", "180"]);
 }
 
+/// `vdrep failover vm1 --unplanned --point POINT` at site b; its output.
+fn unplanned_to(s: &Sites, point: u64) -> String {
+    vdrep_ok(&[
+        "failover",
+        "vm1",
+        "--unplanned",
+        "--point",
+        &point.to_string(),
+        "--store",
+        &s.s("b/store"),
+    ])
+}
+
 /// The replica file of `vm1`'s disk `name` in `store` for namespace `site`.
 fn replica(store: &Path, site: &str, name: &str) -> PathBuf {
     let disks = store.join(format!("sites/{site}/vms/vm1/disks"));
@@ -412,15 +425,7 @@ fn unplanned_failover_to_older_point_then_reverse_overwrites_unshipped_writes() 
     // Never shipped: the primary "dies" with these.
     write_blocks(&s.p("a/vm1/disk0.img"), 25, 0x63, 3);
 
-    let out = vdrep_ok(&[
-        "failover",
-        "vm1",
-        "--unplanned",
-        "--point",
-        &older.to_string(),
-        "--store",
-        &s.s("b/store"),
-    ]);
+    let out = unplanned_to(&s, older);
     println!("{out}");
     let live = s.b_live();
     assert!(is_mountpoint(&live));
@@ -601,15 +606,7 @@ fn unplanned_failover_cancel_restores_replica_and_points_then_primary_resumes() 
     let older = cycles[cycles.len() - 3];
 
     // Unplanned failover to a point two cycles old (rolls back over two).
-    let out = vdrep_ok(&[
-        "failover",
-        "vm1",
-        "--unplanned",
-        "--point",
-        &older.to_string(),
-        "--store",
-        &s.s("b/store"),
-    ]);
+    let out = unplanned_to(&s, older);
     println!("{out}");
     let live = s.b_live();
     assert!(is_mountpoint(&live));
@@ -913,15 +910,7 @@ fn primary_running_through_an_unplanned_failover_resumes_after_cancel() {
     let mut cycles = point_cycles(&points_json(&store));
     cycles.sort();
     let older = cycles[cycles.len() - 3];
-    vdrep_ok(&[
-        "failover",
-        "vm1",
-        "--unplanned",
-        "--point",
-        &older.to_string(),
-        "--store",
-        &s.s("b/store"),
-    ]);
+    unplanned_to(&s, older);
     let live = s.b_live().join("disk0.img");
     let live_before = sha256(&live);
     // The primary keeps writing and asking for points.
