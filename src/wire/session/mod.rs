@@ -333,7 +333,13 @@ fn frame(msg: &Msg) -> Result<Vec<u8>, SessionError> {
 /// sanitised by [`super::ErrorMsg::new`].
 fn error_frame(e: &SessionError) -> Vec<u8> {
     let (code, retryable) = e.wire_code();
-    let msg = Msg::Error(super::ErrorMsg::new(code, retryable, e.to_string()));
+    // The frame carries the code itself: the text does not repeat it (the
+    // sender prints it once, beside the text).
+    let text = match e {
+        SessionError::Store { message, .. } => format!("the store failed: {message}"),
+        other => other.to_string(),
+    };
+    let msg = Msg::Error(super::ErrorMsg::new(code, retryable, text));
     frame(&msg).unwrap_or_default()
 }
 
