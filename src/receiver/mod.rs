@@ -126,6 +126,10 @@ pub(crate) fn spawn_retention(
         .name(name.into())
         .spawn(move || {
             let mut next = std::time::Instant::now() + every;
+            // A lasting failure (a VM fenced by a failover record in the
+            // bucket, a denied key) fails the same way every pass: log a
+            // line when it first appears, not every pass.
+            let mut last_pass = std::collections::HashSet::new();
             while !stop.load(Relaxed) {
                 let now = std::time::Instant::now();
                 if now < next {
@@ -133,9 +137,12 @@ pub(crate) fn spawn_retention(
                     continue;
                 }
                 next = now + every;
-                for line in prune_all(store.as_ref(), &keep) {
+                let lines: std::collections::HashSet<String> =
+                    prune_all(store.as_ref(), &keep).into_iter().collect();
+                for line in lines.difference(&last_pass) {
                     tracing::info!("retention: {line}");
                 }
+                last_pass = lines;
             }
         })
         .map(drop)
