@@ -365,6 +365,24 @@ impl Rings {
     }
 }
 
+/// Restrict the calling thread to `cpu` (EINVAL when that CPU is offline
+/// or outside the process's cpuset).
+fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if cpu >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: `cpu` is below the set's bit count (checked above).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The connection is gone (unmounted or aborted): the ring's end.
 fn connection_over(errno: i32) -> bool {
     matches!(
@@ -378,6 +396,17 @@ fn serve_ring<FS: fuser::Filesystem>(
     dev: i32,
     d: fuser::Dispatcher<FS>,
 ) -> io::Result<()> {
+    // Run on the CPU whose queue this ring serves: the kernel queues a
+    // request on the submitting task's CPU, so the wake-up of this thread
+    // and, after COMMIT_AND_FETCH, of the waiting task stay on that CPU
+    // (no cross-CPU wake-up per request; kernel-notes/writepath.md).
+    if let Err(e) = pin_to_cpu(usize::from(r.qid)) {
+        tracing::debug!(
+            "FUSE ring on queue {}: not pinned to CPU {} ({e}); it runs on any CPU",
+            r.qid,
+            r.qid
+        );
+    }
     let sink = Arc::new(Captured::default());
     let dyn_sink: Arc<dyn fuser::ReplySink> = sink.clone();
     loop {

@@ -387,4 +387,59 @@ pub fn assert_uring(m: &Mounted) {
         "uring",
         "the mount does not serve through io_uring rings"
     );
+    assert_rings_pinned(m);
+}
+
+/// A kernel CPU list ("0-3,5") as CPU numbers.
+fn cpu_list(s: &str) -> Vec<usize> {
+    let mut v = Vec::new();
+    for part in s.trim().split(',').filter(|p| !p.is_empty()) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (usize, usize) = (a.parse().unwrap(), b.parse().unwrap());
+        v.extend(a..=b);
+    }
+    v
+}
+
+/// `Cpus_allowed_list` of `/proc/{path}/status`.
+fn allowed_cpus(path: &str) -> Vec<usize> {
+    let st = std::fs::read_to_string(format!("/proc/{path}/status")).unwrap();
+    let line = st
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap();
+    cpu_list(line)
+}
+
+/// Ring thread `fuse-ring-i` serves queue `i mod CPUs` and runs only on
+/// that CPU (when this process may use it; else it is left unpinned).
+fn assert_rings_pinned(m: &Mounted) {
+    let pid = m.worker_pid().expect("the worker answers");
+    let possible = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
+    let queues = cpu_list(&possible).into_iter().max().unwrap() + 1;
+    let usable = allowed_cpus("self");
+    let mut rings = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let tid = t.unwrap().file_name().into_string().unwrap();
+        let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")) else {
+            continue;
+        };
+        let Some(i) = comm.trim().strip_prefix("fuse-ring-") else {
+            continue;
+        };
+        rings += 1;
+        let cpu = i.parse::<usize>().unwrap() % queues;
+        if usable.contains(&cpu) {
+            assert_eq!(
+                allowed_cpus(&format!("{pid}/task/{tid}")),
+                vec![cpu],
+                "ring thread {} serves queue {cpu}: it must run on CPU {cpu} only",
+                comm.trim()
+            );
+        }
+    }
+    assert!(
+        rings >= queues,
+        "worker {pid} runs {rings} ring threads for {queues} queues"
+    );
 }
