@@ -1856,6 +1856,9 @@ impl Replicator {
                         break 'cycles;
                     }
                 };
+                // From here the receiver may apply it even if this
+                // session dies before the ack: the 50% rule keeps it.
+                self.tracker.note_submitted(log.disk(), cycle);
                 link.submit_log(begin, log, app)?;
             }
         }
