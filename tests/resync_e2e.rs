@@ -329,6 +329,8 @@ fn threshold_switches_to_bitmap_only_and_keeps_history() {
     // The second sync may have been answered by the cycle already in flight
     // (no write came between), leaving its own cut's log unshipped when the
     // receiver died (seen on a loaded host): count what the cut adds.
+    // If such a log was submitted before the kill, the receiver may hold
+    // it: the fold below keeps it (the cut's own logs are never kept).
     let before = logs(&site);
     let _ = vdrep(&["cut", &site.s("vm")]);
     assert_eq!(logs(&site), before + 1, "the first cut should write a log");
@@ -342,14 +344,17 @@ fn threshold_switches_to_bitmap_only_and_keeps_history() {
     assert!(err.contains("bitmap-only"), "{err}");
     let st = m.status_json();
     assert_eq!(st["disks"][0]["bitmap_only"], true, "{st}");
-    assert_eq!(logs(&site), 0, "logs must be folded into the bitmap");
+    assert!(
+        logs(&site) <= before,
+        "the cut's logs must be folded into the bitmap"
+    );
     assert!(
         st["disks"][0]["dirty_bytes"].as_u64().unwrap() >= 2 << 20,
         "{st}"
     );
     // Logs stop growing.
     let _ = vdrep(&["cut", &site.s("vm")]);
-    assert_eq!(logs(&site), 0);
+    assert!(logs(&site) <= before);
     let _r = Receiver::start(&site, &addr);
     site.sync_ok();
     let st = m.status_json();

@@ -42,6 +42,9 @@ pub enum ErrorKind {
 pub struct SendError {
     kind: ErrorKind,
     message: String,
+    /// The receiver answered with a stateless reset: it is up again (it
+    /// restarted, or forgot the connection), so a retry may go at once.
+    peer_back: bool,
 }
 
 impl SendError {
@@ -49,11 +52,18 @@ impl SendError {
         SendError {
             kind,
             message: message.into(),
+            peer_back: false,
         }
     }
 
     pub fn kind(&self) -> ErrorKind {
         self.kind
+    }
+
+    /// The session ended with the receiver's stateless reset: the
+    /// receiver answers again (see [`conn_err`]).
+    pub fn peer_back(&self) -> bool {
+        self.peer_back
     }
 
     pub(crate) fn retry(message: impl std::fmt::Display) -> Self {
@@ -74,19 +84,27 @@ impl SendError {
 
     /// The same failure with `context` in front of its message.
     pub(crate) fn context(self, context: impl std::fmt::Display) -> Self {
-        Self::new(self.kind, format!("{context}: {}", self.message))
+        Self {
+            message: format!("{context}: {}", self.message),
+            ..self
+        }
     }
 }
 
 /// A connection failure: refused certificates are fatal, anything else
-/// (timeouts, resets, other TLS failures) is retried.
+/// (timeouts, resets, other TLS failures) is retried. A stateless reset
+/// comes from a receiver that is up (a restarted one answers the old
+/// connection so): [`SendError::peer_back`].
 pub(crate) fn conn_err(e: &quinn::ConnectionError, addr: SocketAddr) -> SendError {
     let msg = transport::explain_connection_error(e, addr);
     match transport::handshake_failure(e) {
         Some((_, HandshakeFailure::Trust)) => {
             SendError::fatal(format!("authentication failed: {msg}"))
         }
-        _ => SendError::retry(msg),
+        _ => SendError {
+            peer_back: matches!(e, quinn::ConnectionError::Reset),
+            ..SendError::retry(msg)
+        },
     }
 }
 
@@ -132,6 +150,17 @@ pub(crate) fn session_err(e: &SessionError) -> SendError {
 mod tests {
     use super::*;
     use crate::wire::ErrorCode;
+
+    #[test]
+    fn only_a_stateless_reset_says_the_receiver_is_back() {
+        let addr: SocketAddr = "127.0.0.1:7700".parse().unwrap();
+        let reset = conn_err(&quinn::ConnectionError::Reset, addr);
+        assert_eq!(reset.kind(), ErrorKind::Retry);
+        assert!(reset.peer_back());
+        assert!(reset.context("recovery point 4").peer_back());
+        assert!(!conn_err(&quinn::ConnectionError::TimedOut, addr).peer_back());
+        assert!(!SendError::retry("x").peer_back());
+    }
 
     #[test]
     fn receiver_errors_follow_their_retryable_flag() {

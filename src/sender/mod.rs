@@ -1123,7 +1123,13 @@ impl Replicator {
                         vm.spec.every_secs,
                         progress,
                     );
-                    let d = plan.delay;
+                    // The first retry after progress goes at once when the
+                    // receiver answered with a stateless reset: it is up.
+                    let d = if e.peer_back() && plan.step == 0 {
+                        Duration::ZERO
+                    } else {
+                        plan.delay
+                    };
                     tracing::warn!(vm = %vm.spec.vm, "replication interrupted: {e}; retry in {d:?}");
                     {
                         let mut s = vm.status.lock();
@@ -1856,6 +1862,9 @@ impl Replicator {
                         break 'cycles;
                     }
                 };
+                // From here the receiver may apply it even if this
+                // session dies before the ack: the 50% rule keeps it.
+                self.tracker.note_submitted(log.disk(), cycle);
                 link.submit_log(begin, log, app)?;
             }
         }

@@ -649,6 +649,7 @@ impl Tracker {
             fenced: false.into(),
             bitmap_trusted: trusted.into(),
             log_limit: Mutex::new(None),
+            submitted: 0.into(),
             al,
             preimage: Mutex::new(self.open_preimage(&meta.folder, &key)),
             written: 0.into(),
@@ -1334,11 +1335,29 @@ impl Tracker {
             .sum()
     }
 
+    /// A session submitted the disk's log of `cycle` to a receiver: from
+    /// now on the receiver may hold it (applied, its acknowledgement lost
+    /// with the connection), so [`Tracker::enforce_log_limit`] keeps it.
+    pub fn note_submitted(&self, name: &str, cycle: u64) {
+        if let Some(d) = self.disks.lock().get(name) {
+            d.submitted
+                .fetch_max(cycle, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
     /// The 50% rule: if the disk's pending changes passed its limit, fold
     /// its sealed logs back into the bitmap (their blocks become dirty
-    /// again and the disk's base goes back to the oldest log's base), delete
-    /// them and mark the disk bitmap-only: no more logs for it until the
-    /// sender ships everything as one cycle. Returns what was done.
+    /// again and the disk's base goes back to the cycle before the first
+    /// folded log), delete them and mark the disk bitmap-only: no more logs
+    /// for it until the sender ships everything as one cycle. Returns what
+    /// was done.
+    ///
+    /// Logs a session already submitted ([`Tracker::note_submitted`]) are
+    /// kept and the fold starts after them: the receiver may have applied
+    /// them without the sender hearing of it (a receiver killed after the
+    /// apply, before the ack). Folding those too put the sender's base
+    /// behind the replica and cost a checksum resync of the whole disk
+    /// after every such blip (`kernel-notes/replication-speed.md`, s9).
     pub fn enforce_log_limit(&self, name: &str) -> Option<String> {
         let d = self.disks.lock().get(name).cloned()?;
         let limit = (*d.log_limit.lock())?;
@@ -1355,12 +1374,24 @@ impl Tracker {
         if d.sealing.lock().is_some() {
             return None; // a cycle is being written or shipped: next time
         }
-        let logs = self.log_files(name);
+        let sent = d.submitted.load(std::sync::atomic::Ordering::SeqCst);
+        let (kept, logs): (Vec<_>, Vec<_>) = self
+            .log_files(name)
+            .into_iter()
+            .partition(|(c, _)| *c <= sent);
+        // The base after the fold: the newest kept log's cycle (and the
+        // disk's size at it), else the base of the first folded log.
         let mut base: Option<(u64, u64)> = None;
         let mut folded: Vec<(u64, u64)> = Vec::new();
-        for (_, rel) in &logs {
-            let shown = self.root_path.join(rel);
-            let damaged = 'read: {
+        let mut damaged = None;
+        if let Some((_, rel)) = kept.last() {
+            match crate::hrl::HrlReader::open(&self.private(rel)) {
+                Ok(r) => base = Some((r.header().cycle, r.header().disk_size)),
+                Err(e) => damaged = Some((rel, e.to_string())),
+            }
+        }
+        for (_, rel) in logs.iter().filter(|_| damaged.is_none()) {
+            let why = 'read: {
                 let mut r = match crate::hrl::HrlReader::open(&self.private(rel)) {
                     Ok(r) => r,
                     Err(e) => break 'read Some(e.to_string()),
@@ -1382,15 +1413,20 @@ impl Tracker {
                     }
                 }
             };
-            if let Some(e) = damaged {
-                // Its blocks cannot be recovered: only a resync helps.
-                drop(_serial);
-                self.require_resync(
-                    name,
-                    &format!("sealed log {} is damaged: {e}", shown.display()),
-                );
-                return Some("a pending log is damaged: resync required".into());
+            if let Some(e) = why {
+                damaged = Some((rel, e));
+                break;
             }
+        }
+        if let Some((rel, e)) = damaged {
+            // Its blocks cannot be recovered: only a resync helps.
+            drop(_serial);
+            let shown = self.root_path.join(rel);
+            self.require_resync(
+                name,
+                &format!("sealed log {} is damaged: {e}", shown.display()),
+            );
+            return Some("a pending log is damaged: resync required".into());
         }
         // The logs' blocks are only in the live bitmap from now on: their
         // extents go back into the activity log before the logs are deleted.
@@ -1421,10 +1457,11 @@ impl Tracker {
             let _ = self.state.remove_at_root(rel);
         }
         let what = format!(
-            "{} MiB pending passed the limit of {} MiB: bitmap-only now ({} log(s) folded into the bitmap); the changes will be shipped as one cycle",
+            "{} MiB pending passed the limit of {} MiB: bitmap-only now ({} log(s) folded into the bitmap, {} already sent kept); the changes will be shipped as one cycle",
             pending >> 20,
             limit >> 20,
-            logs.len()
+            logs.len(),
+            kept.len()
         );
         tracing::warn!(disk = %name, "{what}");
         Some(what)
@@ -2060,6 +2097,9 @@ pub struct TrackedDisk {
     /// Pending changes (sealed logs + dirty bytes) above which the disk
     /// goes bitmap-only (set by the protection).
     log_limit: Mutex<Option<u64>>,
+    /// The newest cycle whose log a session submitted to a receiver
+    /// ([`Tracker::note_submitted`]); the 50% rule keeps the logs up to it.
+    submitted: std::sync::atomic::AtomicU64,
     /// The disk's activity log ([`activity`]; `None` when it is off).
     al: Option<ActivityLog>,
     /// Armed by a promotion (see [`preimage`]): blocks are saved before
