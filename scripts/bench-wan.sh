@@ -8,7 +8,8 @@
 #
 # Environment (see benches/wan/bench_wan.py for all):
 #   LINKS="100:50:0 100:50:0.0005 100:50:0.005 1000:20:0.0005 10:150:0"
-#          rate_mbit:rtt_ms:loss (loss per direction, a fraction)
+#          rate_mbit:rtt_ms:loss[:initial_MiB] (loss per direction, a fraction;
+#          the copy defaults to IDEAL_SECS of the link; issue 14 used 64 / 128 / 256 MiB)
 #   CCS="bbr"            congestion controllers to compare (bbr cubic newreno)
 #   SECTIONS="initial delta rpo branch"  IDEAL_SECS=8 (initial copy size = link rate x this)
 #                        the table ends with the issue's targets, one line each, PASS/MISS

@@ -312,11 +312,11 @@ def random_file(path, size, seed):
             left -= n
 
 
-def bench_link(link, cc, results, run_no=0, variant="-"):
+def bench_link(link, cc, results, run_no=0, variant="-", size_mib=None):
     rate, rtt, loss = link
     rate_Bps = rate * 1e6 / 8
     size = min(MAX_SIZE, int(rate_Bps * IDEAL_SECS) // (1 << 20) * (1 << 20))
-    size = max(size, 8 << 20)
+    size = max(size, 8 << 20) if size_mib is None else int(size_mib) << 20
     label = cc if variant == "-" else f"{cc} {variant}"
     name = f"{rate:g}Mbit-{rtt:g}ms-{loss * 100:g}%-{label.replace(' ', '-').replace(',', '-')}-r{run_no}"
     work = ROOT / f"run-{STAMP}" / name
@@ -798,7 +798,8 @@ def table(results):
 def main():
     results, branch, fleet = [], [], []
     for spec in LINKS:
-        rate, rtt, loss = (float(x) for x in spec.split(":"))
+        rate, rtt, loss, *size_mib = (float(x) for x in spec.split(":"))
+        size_mib = size_mib[0] if size_mib else None
         for cc in CCS:
             # Runs interleave the variants, so each sees the same host load.
             if "branch" in SECTIONS and (SECTIONS == ["branch"] or rate <= BRANCH_MAX_MBIT):
@@ -814,7 +815,7 @@ def main():
             rows = {v: [] for v in VARIANTS}
             for i in range(RUNS):
                 for v in VARIANTS:
-                    bench_link((rate, rtt, loss), cc, rows[v], i, v)
+                    bench_link((rate, rtt, loss), cc, rows[v], i, v, size_mib)
             for v in VARIANTS:
                 results.append(median_row(rows[v]))
                 results[-1]["all_runs"] = rows[v]
