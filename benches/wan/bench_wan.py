@@ -376,11 +376,15 @@ def bench_link(link, cc, results, run_no=0, variant="-", size_mib=None):
             site.sync()
             t = time.time() - t0
             ideal = n * 4096 / rate_Bps
+            time.sleep(0.3)  # the sync is answered before the commit's log line is written
             commits = commits_between(work / "sender.log", t0, t0 + t)
+            # The sync returned: every write before it is in the replica.
+            row["delta_identical"] = same_file(site.vm / "disk.img", site.replica("vm1", "disk.img"))
             row.update(delta_secs=t, delta_bytes=n * 4096, delta_ideal=ideal,
                        delta_target=2 * ideal + 2 * rtt / 1000, delta_udp=site.udp_bytes()[0] - u0,
                        delta_points=len(commits), delta_point_at=[round(x, 3) for x in commits])
-            say(f"{name}: load {row['load_delta']:.1f}, delta of {n} blocks {t:.2f} s (target {row['delta_target']:.2f} s); "
+            say(f"{name}: load {row['load_delta']:.1f}, delta of {n} blocks {t:.2f} s (target {row['delta_target']:.2f} s), "
+                f"replica {'identical' if row['delta_identical'] else 'DIFFERS'}; "
                 f"points committed during it at {row['delta_point_at']} s (a continuous VM cuts while the "
                 f"writes arrive: the sync then waits for that cycle and its own)")
         if "rpo" in SECTIONS:
