@@ -727,7 +727,7 @@ def issue_summary(results, branch):
             # The branch link's targets are the graceful degradation below.
             continue
         want = 0.8 if gig else 0.9
-        fig = (f"{r['initial_secs']:.1f} s, {r['initial_util'] * 100:.0f} % of the link "
+        fig = (f"{r['initial_secs']:.1f} s, {r['initial_util'] * 100:.1f} % of the link "
                f"(runs {', '.join(f'{x:.1f}' for x in r.get('initial_secs_runs', []))} s)")
         if gig:
             s_gb, r_gb, x_gb = cpu_per_gb(r)
