@@ -8,10 +8,12 @@
 #
 # Environment (see benches/wan/bench_wan.py for all):
 #   LINKS="100:50:0 100:50:0.0005 100:50:0.005 1000:20:0.0005 10:150:0"
-#          rate_mbit:rtt_ms:loss (loss per direction, a fraction)
+#          rate_mbit:rtt_ms:loss[:initial_MiB] (loss per direction, a fraction;
+#          the copy defaults to IDEAL_SECS of the link; issue 14 used 64 / 128 / 256 MiB)
 #   CCS="bbr"            congestion controllers to compare (bbr cubic newreno)
-#   SECTIONS="initial delta rpo"  IDEAL_SECS=8 (initial copy size = link rate x this)
-#   SECTIONS=branch      two VMs on one link: a quiet VM (QUIET_FRAC=0.05 of the
+#   SECTIONS="initial delta rpo branch"  IDEAL_SECS=8 (initial copy size = link rate x this)
+#                        the table ends with the issue's targets, one line each, PASS/MISS
+#   SECTIONS=branch      (on links up to BRANCH_MAX_MBIT=10 by default) two VMs on one link: a quiet VM (QUIET_FRAC=0.05 of the
 #                        link) alone, then beside a hot VM (HOT_FRAC=2, HOT_MIB=256)
 #                        for BRANCH_SECS=20 each; e.g. LINKS="10:150:0" SECTIONS=branch
 #   SECTIONS=fleet       FLEET_VMS=16 VMs on one link (--link-max-rate FLEET_LINK_CAP=0.9,

@@ -107,6 +107,11 @@ fn replication_converges_through_a_lossy_long_link() {
         fa.sync_all().unwrap();
         fb.sync_all().unwrap();
         vdrep_ok(&["sync", &s("vm"), "--timeout", "300"]);
+        // The sync returned: every write before it is in the replica,
+        // whether it waited for a cut of its own or (no change since the
+        // last cut) for the cycle already in flight.
+        assert_replica_equals(&root.join("vm/a.img"), &site.replica("vm1", "a.vhd"));
+        assert_replica_equals(&root.join("vm/b.img"), &site.replica("vm1", "b.vhd"));
     }
     println!(
         "initial copy and 4 delta rounds synced after {:?}",
