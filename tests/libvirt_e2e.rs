@@ -16,6 +16,11 @@
 //! a group whose `wait_for` never succeeds stopping the plan, and the
 //! receiver's scheduled check (`--verify-boot daily`) recording a point.
 //!
+//! A consistency group of two domains (part 9) shares every point, gets
+//! both test copies from one group point, and fails over planned as a
+//! group: both guests shut down cleanly at A, both started at B from the
+//! final group point, and back.
+//!
 //! The domain's definition travels with every point: a disk added to the
 //! domain is replicated from the next cut on (its own initial copy), and a
 //! failover to a point before the change gets the definition of then.
