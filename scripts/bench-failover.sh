@@ -23,6 +23,7 @@
 #   SECTIONS=domain scripts/bench-failover.sh
 #
 # Environment: SECTIONS="disks domain", SIZES="1G 16G", RUNS=5 (domain: 3),
+#   BASE_VDREP=path (domain: a baseline binary timed run by run beside it),
 #   CYCLES=100, DOMAIN_SIZES="64M 8G", DOMAIN_DATA_PCT=6,
 #   BENCH_ROOT=/var/tmp/vdrep-fobench, VDREP=target/release/vdrep
 set -euo pipefail
@@ -232,8 +233,22 @@ print(f"| {label} | {share:.3f} s (max {max(wall):.3f}) | {med(own):.3f} s | {me
 PY
 }
 
+# The binaries each domain run is timed with: $VDREP, and first
+# $BASE_VDREP (a baseline build, e.g. of main) if set, alternating run by
+# run so both see the same host load.
+DOMAIN_BINS=("$VDREP")
+[[ -n "${BASE_VDREP:-}" ]] && DOMAIN_BINS=("$BASE_VDREP" "$VDREP")
+runs_of() { [[ "$1" == "$VDREP" ]] && echo .runs || echo .base.runs; }
+# Rows of FILE-PREFIX.runs (and its baseline's, if one ran) into rows.
+domain_rows() { # LABEL FILE-PREFIX
+    if [[ -s "$2.base.runs" ]]; then
+        rows+=("$(domain_row "$1, baseline" "$2.base.runs")")
+    fi
+    rows+=("$(domain_row "$1" "$2.runs")")
+}
+
 bench_domain() {
-    local s f bytes k ext name xml t0 rows=()
+    local s f bytes k ext name xml t0 b rows=()
     "${VIRSH[@]}" net-destroy "$NET" >/dev/null 2>&1 || true
     "${VIRSH[@]}" net-undefine "$NET" >/dev/null 2>&1 || true
     printf "<network><name>%s</name><bridge stp='off' delay='0'/></network>\n" "$NET" > "$BENCH_ROOT/net.xml"
@@ -261,22 +276,28 @@ bench_domain() {
         say "$name: $s disk, $((ext * 8 / 1024)) MiB written, replicated in $(python3 -c "print(round($(now) - $t0, 1))") s"
 
         : > "$BENCH_ROOT/test-$s.runs"
+        : > "$BENCH_ROOT/test-$s.base.runs"
         for _ in $(seq "$DOMAIN_RUNS"); do
-            domain_run "$name-test" "$VDREP" failover "$name" --test --domain "$name" --store "$STORE" --json >> "$BENCH_ROOT/test-$s.runs"
-            "$VDREP" failover "$name" --cleanup --domain "$name" --store "$STORE" >/dev/null
-            say "$name --test: $(tail -1 "$BENCH_ROOT/test-$s.runs")"
+            for b in "${DOMAIN_BINS[@]}"; do
+                domain_run "$name-test" "$b" failover "$name" --test --domain "$name" --store "$STORE" --json >> "$BENCH_ROOT/test-$s$(runs_of "$b")"
+                "$VDREP" failover "$name" --cleanup --domain "$name" --store "$STORE" >/dev/null
+                say "$name --test ($b): $(tail -1 "$BENCH_ROOT/test-$s$(runs_of "$b")")"
+            done
         done
-        rows+=("$(domain_row "\`--test\`, $s disk ($((ext * 8 / 1024)) MiB data)" "$BENCH_ROOT/test-$s.runs")")
+        domain_rows "\`--test\`, $s disk ($((ext * 8 / 1024)) MiB data)" "$BENCH_ROOT/test-$s"
 
         : > "$BENCH_ROOT/unplanned-$s.runs"
+        : > "$BENCH_ROOT/unplanned-$s.base.runs"
         for _ in $(seq "$DOMAIN_RUNS"); do
-            domain_run "$name" "$VDREP" failover "$name" --unplanned --domain "$name" --store "$STORE" --json >> "$BENCH_ROOT/unplanned-$s.runs"
-            "$VDREP" failover "$name" --cancel --domain "$name" --store "$STORE" >/dev/null
-            # The same libvirtd is both sites: the primary's definition back.
-            "${VIRSH[@]}" define "$xml" >/dev/null
-            say "$name --unplanned: $(tail -1 "$BENCH_ROOT/unplanned-$s.runs")"
+            for b in "${DOMAIN_BINS[@]}"; do
+                domain_run "$name" "$b" failover "$name" --unplanned --domain "$name" --store "$STORE" --json >> "$BENCH_ROOT/unplanned-$s$(runs_of "$b")"
+                "$VDREP" failover "$name" --cancel --domain "$name" --store "$STORE" >/dev/null
+                # The same libvirtd is both sites: the primary's definition back.
+                "${VIRSH[@]}" define "$xml" >/dev/null
+                say "$name --unplanned ($b): $(tail -1 "$BENCH_ROOT/unplanned-$s$(runs_of "$b")")"
+            done
         done
-        rows+=("$(domain_row "\`--unplanned\`, $s disk ($((ext * 8 / 1024)) MiB data)" "$BENCH_ROOT/unplanned-$s.runs")")
+        domain_rows "\`--unplanned\`, $s disk ($((ext * 8 / 1024)) MiB data)" "$BENCH_ROOT/unplanned-$s"
     done
     REPORT+=("## Domain failover: time to guest-agent ready" ""
         "A libvirt domain running the tiny VM (TCG, 1 vCPU, direct kernel boot, idle mode), one raw disk. vdrep's share: the failover command's run (wall clock; its own \`timing\` from its --json alongside), ending when \`virsh start\` returned; the guest's share: from there to the first \`guest-ping\` answer (polled every 100 ms). Median of $DOMAIN_RUNS; step times in ms. Target: vdrep's share < 1 s at every size (PASS/MISS on the slowest run)."

@@ -60,6 +60,7 @@ pub enum PlanCmd {
 
 /// `vdrep failover NAME --store DIR MODE ...`.
 #[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("domain_or_group").args(["domain", "group"])))]
 pub struct FailoverArgs {
     /// VM name (default: the --domain's name).
     #[arg(required_unless_present_any = ["domain", "group"])]
@@ -91,15 +92,17 @@ pub struct FailoverArgs {
     /// --cleanup if it created it and nothing else is attached).
     #[arg(long, default_value = crate::failover::domain::TEST_NETWORK)]
     pub test_network: String,
-    /// With --domain --unplanned or --planned: FROM=TO,... — a NIC on the
+    /// With --domain --unplanned or --planned (or --group --planned, for
+    /// members protected as domains): FROM=TO,... — a NIC on the
     /// network or bridge FROM goes to the libvirt network (or host bridge)
     /// TO at the site that starts the domain, e.g. br0=br-dr,default=dr-net.
     /// Every NIC must land on one that exists there.
-    #[arg(long, requires = "domain", value_name = "MAP")]
+    #[arg(long, requires = "domain_or_group", value_name = "MAP")]
     pub network_map: Option<String>,
-    /// With --domain --planned: seconds the guest gets to power off after
-    /// the ACPI shutdown request before the domain is destroyed.
-    #[arg(long, requires = "domain", default_value_t = 120)]
+    /// With --domain --planned (or --group --planned): seconds each guest
+    /// gets to power off after the ACPI shutdown request before its domain
+    /// is destroyed (a group's domains are shut down at once).
+    #[arg(long, requires = "domain_or_group", default_value_t = 120)]
     pub shutdown_timeout: u64,
     /// The receiver's store folder (`vdrep receive --store`).
     #[arg(long)]
@@ -468,12 +471,27 @@ fn group_planned(a: &FailoverArgs, group: &str, mut out: Out) -> Out {
     let Some(reverse_to) = a.reverse_to.as_deref() else {
         return out.fail(2, "vdrep: --planned needs --reverse-to HOST:PORT (this site's receiver, for replicating back)");
     };
+    let network_map = match a
+        .network_map
+        .as_deref()
+        .map(crate::failover::domain::parse_network_map)
+        .transpose()
+    {
+        Ok(m) => m.unwrap_or_default().into_iter().collect(),
+        Err(e) => return out.fail(2, format!("vdrep: --network-map: {e}")),
+    };
+    let virsh = crate::libvirt::Virsh::new();
     let o = crate::failover::group::PlannedGroup {
         group,
         dir: a.dir.as_deref(),
         store: &a.store,
         reverse_to,
         timeout: Duration::from_secs(a.timeout),
+        domains: crate::failover::group::GroupDomains {
+            virsh: &virsh,
+            network_map,
+            shutdown_timeout: Duration::from_secs(a.shutdown_timeout),
+        },
     };
     match crate::failover::group::planned(&o, &say) {
         Ok(r) => {
@@ -492,6 +510,9 @@ fn group_planned(a: &FailoverArgs, group: &str, mut out: Out) -> Out {
             ));
             for v in &r.vms {
                 out.line(format!("{}: live in {}", v.vm, v.live_dir.display()));
+                if let Some(d) = &v.domain {
+                    out.line(format!("{}: domain {d} started at {}", v.vm, v.peer));
+                }
             }
             out
         }

@@ -21,11 +21,12 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use super::ready::{self, Readiness};
 use super::test as testfo;
 use super::{role_change, FailoverError};
-use crate::libvirt::{Definition, NetTarget, NicPlan, Rewrite, Virsh};
+use crate::libvirt::{Definition, LibvirtError, NetTarget, NicPlan, Rewrite, Virsh};
 use crate::replica::{LiveInfo, ReplicaFormat};
 use crate::roles::domain::{self as rd, disk_moves, file_name};
 use crate::testview::{PointSel, ViewInfo};
@@ -168,13 +169,24 @@ pub struct TestDomain {
 
 /// Refuse if a test copy of `domain` is defined here.
 pub fn check_no_test_copy(virsh: &Virsh, domain: &str) -> Result<()> {
+    no_test_copy_in(&virsh.domains(false)?, domain)
+}
+
+/// [`check_no_test_copy`] on a listing of the defined domains.
+fn no_test_copy_in(defined: &[String], domain: &str) -> Result<()> {
     let t = test_name(domain);
-    if virsh.domain_exists(&t)? {
+    if defined.contains(&t) {
         return Err(FailoverError::Refused(format!(
             "a test failover of {domain} is running here (domain {t}): remove it first with `vdrep failover ... --cleanup --domain {domain}`"
         )));
     }
     Ok(())
+}
+
+/// The result of work done on a scoped thread (a panic there is an error).
+fn joined<T>(r: std::thread::Result<std::result::Result<T, LibvirtError>>) -> Result<T> {
+    r.unwrap_or_else(|_| Err(LibvirtError::Failed("a libvirt call panicked".into())))
+        .map_err(FailoverError::from)
 }
 
 /// What a domain test failover needs besides the point.
@@ -193,9 +205,12 @@ pub struct TestOptions<'a> {
 
 /// Test failover of a domain: expose the point, define `NAME-test` on it
 /// with every NIC on the isolated network, start it. Anything that fails
-/// after the expose is undone (the view and the copy are removed).
-/// `steps` notes where the time went (definition, checks, expose,
-/// network, define, start).
+/// after the expose is undone (the view, the copy and a network made for
+/// it are removed). The isolated network is made ready on a thread of its
+/// own while the point is exposed and the copy defined (libvirt defines a
+/// domain whose network is not there yet; only the start needs it).
+/// `steps` notes where the time went (definition, checks, expose, define,
+/// network: the wait for the network beyond the define, start).
 pub fn test_failover(
     virsh: &Virsh,
     o: &TestOptions<'_>,
@@ -203,13 +218,48 @@ pub fn test_failover(
 ) -> Result<(ViewInfo, TestDomain)> {
     let (def, point) = load_for(virsh, o.definition, o.store, o.site.clone(), o.vm, o.point)?;
     steps.done("definition");
-    check_no_test_copy(virsh, &def.name)?;
+    // Both listings at once: no copy may exist; whether the network does
+    // is what the copy's metadata says about removing it at cleanup.
+    let (domains, networks) = std::thread::scope(|sc| {
+        let nets = sc.spawn(|| virsh.networks(false));
+        (virsh.domains(false), nets.join())
+    });
+    no_test_copy_in(&domains?, &def.name)?;
+    let network_exists = joined(networks)?.iter().any(|n| n == o.network);
     steps.done("checks");
-    let view = testfo::expose(o.store, o.site.clone(), o.vm, point, o.at.clone())?;
-    steps.done("expose");
-    match start_test_copy(virsh, &def, &view, o.network, steps) {
+    let (network, copy) = std::thread::scope(|sc| {
+        let net = sc.spawn(|| virsh.ensure_isolated_network(o.network, network_exists));
+        let copy = testfo::expose(o.store, o.site.clone(), o.vm, point, o.at.clone()).map(|view| {
+            steps.done("expose");
+            let defined = define_test_copy(virsh, &def, &view, o.network, !network_exists);
+            steps.done("define");
+            (view, defined)
+        });
+        (joined(net.join()), copy)
+    });
+    steps.done("network");
+    let network_created = *network.as_ref().unwrap_or(&false);
+    let undo_network = |e: FailoverError| -> FailoverError {
+        if network_created {
+            let _ = virsh.remove_network(o.network);
+        }
+        e
+    };
+    let (view, defined) = copy.map_err(undo_network)?;
+    let started = network.and_then(|created| {
+        let t = defined?;
+        virsh.start(&t.domain)?;
+        steps.done("start");
+        Ok(TestDomain {
+            network_created: created,
+            ..t
+        })
+    });
+    match started {
         Ok(t) => Ok((view, t)),
         Err(e) => {
+            let _ = virsh.undefine(&test_name(&def.name));
+            let e = undo_network(e);
             let note = match testfo::cleanup(o.store, Some(view.site.clone()), o.vm) {
                 Ok(_) => "the exposed point was removed again".to_string(),
                 Err(c) => format!(
@@ -222,12 +272,15 @@ pub fn test_failover(
     }
 }
 
-fn start_test_copy(
+/// Define the test copy of `def` on the exposed `view`, every NIC on
+/// `network` (`network_created`: this test failover makes that network,
+/// so its cleanup removes it).
+fn define_test_copy(
     virsh: &Virsh,
     def: &Definition,
     view: &ViewInfo,
     network: &str,
-    steps: &mut Steps,
+    network_created: bool,
 ) -> Result<TestDomain> {
     let files: Vec<(String, PathBuf)> = view
         .disks
@@ -240,8 +293,6 @@ fn start_test_copy(
     })?;
     let name = test_name(&def.name);
     let console_log = view.scratch.join("console.log");
-    let network_created = virsh.ensure_isolated_network(network)?;
-    steps.done("network");
     let rw = Rewrite {
         name: Some(name.clone()),
         new_identity: true,
@@ -259,20 +310,7 @@ fn start_test_copy(
             ),
         ],
     };
-    let undo_network = |e: FailoverError| -> FailoverError {
-        if network_created {
-            let _ = virsh.remove_network(network);
-        }
-        e
-    };
-    let xml = rw.apply(def).map_err(|e| undo_network(e.into()))?;
-    virsh.define(&xml).map_err(|e| undo_network(e.into()))?;
-    steps.done("define");
-    if let Err(e) = virsh.start(&name) {
-        let _ = virsh.undefine(&name);
-        return Err(undo_network(e.into()));
-    }
-    steps.done("start");
+    virsh.define(&rw.apply(def)?)?;
     Ok(TestDomain {
         domain: name,
         console_log,
@@ -445,19 +483,7 @@ pub fn planned(
     role_change::preflight(o)?;
     let was_running = virsh.domain_running(&d.name)?;
     let stopped = rd::stop(virsh, &d.name, shutdown_timeout)?;
-    match stopped {
-        rd::Stopped::NotRunning => say(&format!("domain {} was not running", d.name)),
-        rd::Stopped::Clean(t) => say(&format!(
-            "domain {} shut down cleanly in {:.1} s",
-            d.name,
-            t.as_secs_f64()
-        )),
-        rd::Stopped::Destroyed => say(&format!(
-            "domain {} did not shut down within {} s: destroyed (powered off)",
-            d.name,
-            shutdown_timeout.as_secs()
-        )),
-    }
+    say_stopped(&d.name, stopped, shutdown_timeout, say);
     match role_change::planned(o, say) {
         Ok(report) => Ok(PlannedDomain { stopped, report }),
         Err(e) => {
@@ -474,6 +500,116 @@ pub fn planned(
             };
             Err(e.noted(note))
         }
+    }
+}
+
+fn say_stopped(name: &str, stopped: rd::Stopped, timeout: Duration, say: &dyn Fn(&str)) {
+    match stopped {
+        rd::Stopped::NotRunning => say(&format!("domain {name} was not running")),
+        rd::Stopped::Clean(t) => say(&format!(
+            "domain {name} shut down cleanly in {:.1} s",
+            t.as_secs_f64()
+        )),
+        rd::Stopped::Destroyed => say(&format!(
+            "domain {name} did not shut down within {} s: destroyed (powered off)",
+            timeout.as_secs()
+        )),
+    }
+}
+
+/// A domain a group's planned failover stopped at this site.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StoppedDomain {
+    /// The VM (as vdrep names it) the domain is.
+    pub vm: String,
+    pub domain: String,
+    pub stopped: rd::Stopped,
+}
+
+/// Stop the domains `doms` (VM, domain name) at once for a group's
+/// planned failover: each gets an ACPI shutdown request and up to
+/// `timeout` to power off ([`rd::stop`]), all in parallel, so the group
+/// waits for its slowest guest, not for the sum. Refused, stopping
+/// nothing, if one is not defined here. If one cannot be stopped, those
+/// already stopped are started again and the error says so.
+pub fn stop_all(
+    virsh: &Virsh,
+    doms: &[(String, String)],
+    timeout: Duration,
+    say: &dyn Fn(&str),
+) -> Result<Vec<StoppedDomain>> {
+    let defined = virsh.domains(false)?;
+    if let Some((vm, d)) = doms.iter().find(|(_, d)| !defined.contains(d)) {
+        return Err(FailoverError::Refused(format!(
+            "{vm} is protected as libvirt domain {d:?}, which is not defined here (see `virsh list --all`): define it again, or unprotect {vm}"
+        )));
+    }
+    let results: Vec<_> = std::thread::scope(|sc| {
+        let hs: Vec<_> = doms
+            .iter()
+            .map(|(_, d)| sc.spawn(move || rd::stop(virsh, d, timeout)))
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(crate::roles::RoleError::Partial(
+                        "stopping a domain panicked".into(),
+                    ))
+                })
+            })
+            .collect()
+    });
+    let mut stopped = Vec::new();
+    let mut failed = None;
+    for ((vm, d), r) in doms.iter().zip(results) {
+        match r {
+            Ok(s) => {
+                say_stopped(d, s, timeout, say);
+                stopped.push(StoppedDomain {
+                    vm: vm.clone(),
+                    domain: d.clone(),
+                    stopped: s,
+                });
+            }
+            Err(e) => failed = failed.or(Some(FailoverError::from(e))),
+        }
+    }
+    match failed {
+        None => Ok(stopped),
+        Some(e) => {
+            let vms: Vec<String> = stopped.iter().map(|s| s.vm.clone()).collect();
+            Err(e.noted_if(restart(virsh, &stopped, &vms)))
+        }
+    }
+}
+
+/// Start again the domains of `stopped` that ran before [`stop_all`] and
+/// belong to one of `vms` (the members a group's failover left active
+/// here); a note saying what was done, for the error that caused it.
+pub fn restart(virsh: &Virsh, stopped: &[StoppedDomain], vms: &[String]) -> String {
+    let mut started = Vec::new();
+    let mut failed = Vec::new();
+    for s in stopped
+        .iter()
+        .filter(|s| s.stopped != rd::Stopped::NotRunning && vms.contains(&s.vm))
+    {
+        match virsh.start(&s.domain) {
+            Ok(()) => started.push(s.domain.as_str()),
+            Err(e) => failed.push(format!("{} ({e}; `virsh start {}`)", s.domain, s.domain)),
+        }
+    }
+    match (started.is_empty(), failed.is_empty()) {
+        (true, true) => String::new(),
+        (false, true) => format!("(domains started here again: {})", started.join(", ")),
+        _ => format!(
+            "(domains started here again: {}; starting failed for: {})",
+            if started.is_empty() {
+                "none".to_string()
+            } else {
+                started.join(", ")
+            },
+            failed.join(", ")
+        ),
     }
 }
 

@@ -3,15 +3,17 @@
 //! unplanned failover to that point. Refused, changing nothing, when the
 //! point is not a group point; a member that fails midway leaves the
 //! others as they are, and the error says which were done and how to undo
-//! them. A planned failover of the group ([`planned`]) fences every
-//! member first, ships one final group cut, verifies every member, then
-//! hands them over one after the other; commit and cancel act on every
+//! them. A planned failover of the group ([`planned`]) shuts down the
+//! members' libvirt domains, fences every member, ships one final group
+//! cut, verifies every member, then hands them over one after the other
+//! (the other site starts their domains); commit and cancel act on every
 //! member.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::domain::{self, TestDomain};
+use super::domain::{self, StoppedDomain, TestDomain};
 use super::role_change::{self, Planned, PlannedReport};
 use super::{test, FailoverError};
 use crate::daemon::control as mount_ctl;
@@ -19,6 +21,7 @@ use crate::ipc::CallErrorKind;
 use crate::libvirt::{Definition, Virsh};
 use crate::receiver::control::{self, Request};
 use crate::replica::{GroupPoint, LiveInfo};
+use crate::roles::domain::DomainStart;
 use crate::roles::{CancelReport, GroupBack};
 use crate::testview::{PointSel, ViewInfo};
 use crate::util::steps::Steps;
@@ -97,18 +100,21 @@ fn point_definition(
         .map_err(FailoverError::from)
 }
 
-/// Remove one member's test failover: its domain's test copy, then its
-/// view.
-fn remove_member_test(
-    virsh: &Virsh,
-    store: &Path,
-    site: &str,
-    t: &MemberTest,
-) -> Result<(), FailoverError> {
-    if let Some((d, _)) = &t.domain {
-        domain::cleanup_test_copy(virsh, d)?;
+/// Remove the members' test failovers: every domain's test copy first,
+/// then the views. (A QEMU started after another member's view was
+/// mounted may hold a copy of that mount in its own mount namespace:
+/// libvirt gives each QEMU one, and on a host whose mounts do not
+/// propagate (no systemd) the view's unmount does not reach it, so the
+/// view's FUSE session ends only when that QEMU does.)
+fn remove_member_tests(virsh: &Virsh, store: &Path, site: &str, made: &[MemberTest]) {
+    for t in made {
+        if let Some((d, _)) = &t.domain {
+            let _ = domain::cleanup_test_copy(virsh, d);
+        }
     }
-    test::cleanup(store, Some(site.to_string()), &t.view.vm).map(|_| ())
+    for t in made {
+        let _ = test::cleanup(store, Some(site.to_string()), &t.view.vm);
+    }
 }
 
 /// Test failover of every member at one group point: one view per VM,
@@ -150,9 +156,7 @@ pub fn test(
         match one {
             Ok(t) => made.push(t),
             Err(e) => {
-                for t in &made {
-                    let _ = remove_member_test(virsh, store, &site, t);
-                }
+                remove_member_tests(virsh, store, &site, &made);
                 return Err(FailoverError::Noted {
                     source: Box::new(e),
                     note: format!(
@@ -171,7 +175,9 @@ pub fn test(
 pub type Cleaned = (String, Result<Option<ViewInfo>, FailoverError>);
 
 /// Remove the test failover of every VM of the group's group points,
-/// and the test copy of every libvirt domain their points name.
+/// and the test copy of every libvirt domain their points name: every
+/// copy first, then the views (see [`remove_member_tests`]); a VM whose
+/// copy could not be removed keeps its view.
 pub fn cleanup(
     store: &Path,
     site: Option<String>,
@@ -179,11 +185,17 @@ pub fn cleanup(
     virsh: &Virsh,
 ) -> Result<Vec<Cleaned>, FailoverError> {
     let (site, pts) = points(store, site, group)?;
-    Ok(member_names(&pts)
+    let copies: Vec<(String, Result<(), FailoverError>)> = member_names(&pts)
         .into_iter()
         .map(|vm| {
-            let r = remove_domain_copies(virsh, store, &site, &vm)
-                .and_then(|()| test::cleanup(store, Some(site.clone()), &vm).map(|(v, _)| v));
+            let r = remove_domain_copies(virsh, store, &site, &vm);
+            (vm, r)
+        })
+        .collect();
+    Ok(copies
+        .into_iter()
+        .map(|(vm, r)| {
+            let r = r.and_then(|()| test::cleanup(store, Some(site.clone()), &vm).map(|(v, _)| v));
             (vm, r)
         })
         .collect())
@@ -285,23 +297,44 @@ pub struct PlannedGroup<'a> {
     /// This site's receiver address as the other site reaches it.
     pub reverse_to: &'a str,
     pub timeout: Duration,
+    /// Members protected as libvirt domains: the daemon here, the network
+    /// map of the other site, and how long each guest gets to power off.
+    pub domains: GroupDomains<'a>,
 }
 
-/// What a group's planned failover did: the final group point and each
-/// member's planned failover.
+/// How a group's planned failover treats members that are libvirt
+/// domains (`protect --domain D --group G`).
+pub struct GroupDomains<'a> {
+    pub virsh: &'a Virsh,
+    /// A NIC on the key's network or bridge lands on the value's at the
+    /// other site.
+    pub network_map: BTreeMap<String, String>,
+    pub shutdown_timeout: Duration,
+}
+
+/// What a group's planned failover did: the final group point, each
+/// member's planned failover, and the domains stopped here.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PlannedGroupReport {
     pub group: String,
     pub cycle: u64,
     pub vms: Vec<PlannedReport>,
+    /// The members' libvirt domains, as they were stopped here (each
+    /// member's `domain` says it was started at the other site).
+    pub stopped: Vec<StoppedDomain>,
 }
 
 /// Planned failover of every member of `o.group` from this (active) site
 /// to the other one, zero loss across all of them: fence every member,
 /// one final group cut shipped by all, every member verified equal to its
 /// replica, then each handed over (the other site starts them in one
-/// folder and protects them back as the group). Refused before the
-/// hand-over starts: every member active here again. A member failing
+/// folder and protects them back as the group). Members protected as
+/// libvirt domains are shut down here first (all at once: an ACPI
+/// request, a timeout, then destroy), after the other site said it can
+/// start each, and are started there on their live disks from the final
+/// point's definitions; failback is the same from the other site.
+/// Refused before the hand-over starts: every member active here again
+/// (its domain started again if it ran). A member failing
 /// during the hand-over: the error names the members already live at the
 /// other site and those active here again, and how to finish or undo.
 pub fn planned(
@@ -329,21 +362,37 @@ pub fn planned(
             dir.display()
         )));
     }
-    // A domain would have to be shut down here and started there: not
-    // built for a group (nothing is fenced yet).
-    for vm in &members {
-        if let Some(d) = role_change::fence_request(&dir, vm, true, true)?
-            .spec
-            .domain
-        {
-            return Err(FailoverError::Refused(format!(
-                "{vm} of group {group} is protected as libvirt domain {d}: a planned failover of a group of domains is not supported; shut the domains down first and fail each over with `vdrep failover VM --domain D --planned`"
-            )));
-        }
-    }
     let back = GroupBack {
         name: group.to_string(),
         members: members.clone(),
+    };
+    // Members that are libvirt domains: the other site must be able to
+    // start each (asked before anything changes here: a refusal leaves
+    // them running), then all are shut down here at once, before the
+    // fence, so the guests' last writes at shutdown still ship.
+    let mut plans = Vec::new();
+    for vm in &members {
+        let domain = role_change::fence_request(&dir, vm, true, true)?
+            .spec
+            .domain
+            .map(|name| DomainStart {
+                name,
+                network_map: o.domains.network_map.clone(),
+            });
+        plans.push(planned_of(vm, &dir, o, &back, domain));
+    }
+    let named: Vec<(String, String)> = plans
+        .iter()
+        .filter_map(|p| Some((p.vm.to_string(), p.domain.as_ref()?.name.clone())))
+        .collect();
+    for p in plans.iter().filter(|p| p.domain.is_some()) {
+        role_change::preflight(p)?;
+    }
+    let virsh = o.domains.virsh;
+    let stopped = if named.is_empty() {
+        Vec::new()
+    } else {
+        domain::stop_all(virsh, &named, o.domains.shutdown_timeout, say)?
     };
     let unfence = |vms: &[String], e: FailoverError| -> FailoverError {
         let failed: Vec<String> = vms
@@ -351,11 +400,12 @@ pub fn planned(
             .filter(|vm| role_change::fence(&dir, vm, false).is_err())
             .cloned()
             .collect();
-        if failed.is_empty() {
+        let e = if failed.is_empty() {
             e.noted(format!("(the failover of group {group} was abandoned; every member is active here again, writes are allowed)"))
         } else {
             e.noted(format!("(the failover of group {group} was abandoned, but unfencing {} failed: run `vdrep failover --group {group} --planned` again or remount {})", failed.join(", "), dir.display()))
-        }
+        };
+        e.noted_if(domain::restart(virsh, &stopped, vms))
     };
     // 1. Fence every member: from here on no member's disk changes.
     let mut fenced = Vec::new();
@@ -381,13 +431,9 @@ pub fn planned(
     // The other site must be reachable and run none of them; this site's
     // receiver must be up to take the replicas.
     let mut peer = String::new();
-    for (vm, rep) in members.iter().zip(&fenced) {
-        let (p, live) = role_change::ask_peer(
-            &keys,
-            rep,
-            &role_change::live_request(&planned_of(vm, &dir, o, &back), false),
-        )
-        .map_err(|e| unfence(&members, e.into()))?;
+    for ((vm, rep), plan) in members.iter().zip(&fenced).zip(&plans) {
+        let (p, live) = role_change::ask_peer(&keys, rep, &role_change::live_request(plan, false))
+            .map_err(|e| unfence(&members, e.into()))?;
         if let Some(l) = live.live {
             return Err(unfence(&members, role_change::already_live(vm, &p, &l)));
         }
@@ -411,13 +457,7 @@ pub fn planned(
     // 4. Hand each over.
     let mut vms = Vec::new();
     for (i, vm) in members.iter().enumerate() {
-        match role_change::hand_over(
-            &planned_of(vm, &dir, o, &back),
-            &dir,
-            (&keys, &peer),
-            (cycle, verified[i]),
-            say,
-        ) {
+        match role_change::hand_over(&plans[i], &dir, (&keys, &peer), (cycle, verified[i]), say) {
             Ok(r) => {
                 say(&format!("{vm} is live at {peer}"));
                 vms.push(r);
@@ -428,6 +468,7 @@ pub fn planned(
                     .iter()
                     .map(|vm| role_change::fence(&dir, vm, false))
                     .collect::<Vec<_>>();
+                let e = e.noted_if(domain::restart(virsh, &stopped, rest));
                 let done: Vec<&str> = vms.iter().map(|r: &PlannedReport| r.vm.as_str()).collect();
                 return Err(e.noted(format!(
                     "planned failover of group {group} stopped at {vm}: {} live at {peer} already (replicating back here); {} active here again. Finish: fix the cause and run `vdrep failover --group {group} --planned` again here (it moves the members still protected here); undo: fail {} back with `vdrep failover VM --planned` at {peer}",
@@ -442,15 +483,18 @@ pub fn planned(
         group: group.to_string(),
         cycle,
         vms,
+        stopped,
     })
 }
 
-/// The planned failover of member `vm` of the group `back`.
+/// The planned failover of member `vm` of the group `back` (with its
+/// libvirt domain, if it is one).
 fn planned_of<'a>(
     vm: &'a str,
     dir: &'a Path,
     o: &PlannedGroup<'a>,
     back: &GroupBack,
+    domain: Option<DomainStart>,
 ) -> Planned<'a> {
     Planned {
         vm,
@@ -458,7 +502,7 @@ fn planned_of<'a>(
         store: o.store,
         reverse_to: o.reverse_to,
         timeout: o.timeout,
-        domain: None,
+        domain,
         group: Some(back.clone()),
     }
 }

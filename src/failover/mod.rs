@@ -161,4 +161,13 @@ impl FailoverError {
             note,
         }
     }
+
+    /// [`Self::noted`], unless `note` is empty.
+    pub fn noted_if(self, note: String) -> FailoverError {
+        if note.is_empty() {
+            self
+        } else {
+            self.noted(note)
+        }
+    }
 }

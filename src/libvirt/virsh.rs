@@ -200,10 +200,12 @@ impl Virsh {
     }
 
     /// Make sure an isolated network `name` (a bridge with no forwarding and
-    /// no addresses) exists and is active. True if it was created here;
-    /// refused if a network of that name forwards traffic.
-    pub fn ensure_isolated_network(&self, name: &str) -> Result<bool, LibvirtError> {
-        let created = if self.networks(false)?.iter().any(|n| n == name) {
+    /// no addresses) exists and is active; `exists`: a listing just made
+    /// showed it defined (the caller lists it beside other checks). True
+    /// if it was created here; refused if a network of that name forwards
+    /// traffic.
+    pub fn ensure_isolated_network(&self, name: &str, exists: bool) -> Result<bool, LibvirtError> {
+        let created = if exists {
             if self.network_forwards(name)? {
                 return Err(LibvirtError::Refused(format!(
                     "the libvirt network {name:?} forwards traffic: a test failover needs an isolated one; name another with --test-network"

@@ -108,10 +108,18 @@ pub fn plan_nics<'a>(
     def: &Definition,
     map: impl IntoIterator<Item = (&'a String, &'a String)>,
 ) -> RoleResult<NicPlan> {
-    let networks = virsh.networks(false)?;
+    plan_nics_in(&virsh.networks(false)?, def, map)
+}
+
+/// [`plan_nics`] on a listing of this site's libvirt networks.
+fn plan_nics_in<'a>(
+    networks: &[String],
+    def: &Definition,
+    map: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> RoleResult<NicPlan> {
     let mut plan = HashMap::new();
     for (from, to) in map {
-        let t = net_target(&networks, to).ok_or_else(|| {
+        let t = net_target(networks, to).ok_or_else(|| {
             RoleError::Refused(format!(
                 "--network-map {from}={to}: there is no libvirt network or host bridge named {to:?} here (see `virsh net-list --all`)"
             ))
@@ -141,19 +149,29 @@ pub fn plan_nics<'a>(
 
 /// Everything that can refuse starting `def` here, checked before
 /// anything changes: the domain must not run here, and every NIC must
-/// land on a network that exists. The NIC plan.
+/// land on a network that exists. The NIC plan. (The two listings run at
+/// once: each is a virsh process and a connection.)
 pub fn check_start<'a>(
     virsh: &Virsh,
     def: &Definition,
     map: impl IntoIterator<Item = (&'a String, &'a String)>,
 ) -> RoleResult<NicPlan> {
-    if virsh.domain_running(&def.name)? {
+    let (running, networks) = std::thread::scope(|sc| {
+        let nets = sc.spawn(|| virsh.networks(false));
+        (virsh.domains(true), nets.join())
+    });
+    if running?.contains(&def.name) {
         return Err(RoleError::Refused(format!(
             "domain {} is running at this site: it cannot be started here twice",
             def.name
         )));
     }
-    plan_nics(virsh, def, map)
+    let networks = networks.unwrap_or_else(|_| {
+        Err(crate::libvirt::LibvirtError::Failed(
+            "listing the libvirt networks panicked".into(),
+        ))
+    })?;
+    plan_nics_in(&networks, def, map)
 }
 
 /// Define `def` on the live disks `live` (same UUID and MACs, NICs as

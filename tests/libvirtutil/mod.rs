@@ -92,6 +92,31 @@ fn kvm_device_for_libvirt() {
     let _ = std::fs::set_permissions(dev, std::fs::Permissions::from_mode(0o660));
 }
 
+/// Make `/` a shared mount (recursively), as systemd does at boot, when it
+/// is private (no systemd here). libvirt starts each QEMU in a mount
+/// namespace of its own, a copy of the host's mounts made a slave of
+/// them: with a private `/` no unmount reaches that copy, so a QEMU
+/// started while a vdrep FUSE mount (a test view, another VM's live
+/// folder) existed holds it, and that mount's daemon cannot end (its
+/// unmount waits until the QEMU exits). Seen in part 9 of libvirt_e2e: a
+/// group's failback hung on the folder the first member's QEMU held
+/// (kernel-notes/libvirt.md).
+fn shared_root_for_libvirt() {
+    let shared = std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|mi| {
+        mi.lines().any(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            f.get(4) == Some(&"/")
+                && f.iter()
+                    .skip(6)
+                    .take_while(|x| **x != "-")
+                    .any(|x| x.starts_with("shared:"))
+        })
+    });
+    if !shared {
+        let _ = Command::new("mount").args(["--make-rshared", "/"]).output();
+    }
+}
+
 /// The libvirt daemons, held for one test.
 pub struct Libvirt {
     _lock: nix::fcntl::Flock<File>,
@@ -115,6 +140,7 @@ impl Libvirt {
             return Err("not root (the system libvirtd needs root)".into());
         }
         kvm_device_for_libvirt();
+        shared_root_for_libvirt();
         let file = File::create(LOCK).map_err(|e| format!("{LOCK}: {e}"))?;
         let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
             .map_err(|(_, e)| format!("locking {LOCK}: {e}"))?;
