@@ -207,6 +207,38 @@ fn replica(store: &Path, site: &str, name: &str) -> PathBuf {
     panic!("no replica {name} under {}", disks.display());
 }
 
+/// An inotify watch on a file: the kernel keeps its inode (and its page
+/// cache) while the watch lives, without an open file.
+struct InodePin(i32);
+
+impl InodePin {
+    fn new(path: &Path) -> Self {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: plain syscalls on a descriptor this struct owns.
+        let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+        assert!(
+            fd >= 0,
+            "inotify_init1: {}",
+            std::io::Error::last_os_error()
+        );
+        let wd = unsafe { libc::inotify_add_watch(fd, c.as_ptr(), libc::IN_MODIFY) };
+        assert!(
+            wd >= 0,
+            "inotify_add_watch: {}",
+            std::io::Error::last_os_error()
+        );
+        InodePin(fd)
+    }
+}
+
+impl Drop for InodePin {
+    fn drop(&mut self) {
+        // SAFETY: the descriptor is ours and closed once.
+        unsafe { libc::close(self.0) };
+    }
+}
+
 fn copy(from: &Path, to: &Path) {
     run(
         "cp",
@@ -762,6 +794,13 @@ fn planned_failover_of_one_vm_in_a_shared_folder_leaves_the_other_running() {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let w = busy_writer(dir.join("other.img"), stop.clone());
     std::thread::sleep(std::time::Duration::from_millis(200));
+    // The kernel keeps vm1's disk's inode, and the pages it cached, over
+    // the round trip (as a QEMU's or another program's reference would):
+    // an inotify watch holds the inode without opening it. The failback
+    // brings the same file back, changed at B: reads through the mount
+    // must see B's writes, not the pages cached before the failover.
+    let _ = std::fs::read(dir.join("disk0.img")).unwrap();
+    let pin = InodePin::new(&dir.join("disk0.img"));
 
     // 1. Planned failover of vm1 only.
     let out = vdrep_ok(&[
@@ -822,6 +861,12 @@ fn planned_failover_of_one_vm_in_a_shared_folder_leaves_the_other_running() {
     ]);
     println!("{out}");
     assert!(!is_mountpoint(&live));
+    assert!(
+        std::fs::read(dir.join("disk0.img")).unwrap()
+            == std::fs::read(s.p("expect/disk0.img")).unwrap(),
+        "a buffered read through A's mount after the failback differs from the disk at B: stale cached pages"
+    );
+    drop(pin);
     compare(
         &dir.join("disk0.img"),
         "raw",

@@ -415,20 +415,29 @@ impl VdrepFs {
     fn finish_open(&self, inode: &Inode, file: File, bflags: i32) -> io::Result<(u64, FopenFlags)> {
         let (disk, state) = self.disk_and_state(inode, &file, bflags)?;
         let direct = bflags & libc::O_DIRECT != 0;
-        let fh = self
-            .handles
-            .add_file(OpenFile::new(inode.ino, file, bflags, disk));
         let fopen = if direct {
             FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
         } else if state {
             FopenFlags::FOPEN_DIRECT_IO
-        } else if self.opts.writeback_cache {
+        } else if self.opts.writeback_cache
+            // A disk a failback brought back behind the kernel: its first
+            // cached open drops the pages cached before it left (the kernel
+            // invalidates an inode's pages on an open without
+            // FOPEN_KEEP_CACHE).
+            && !self
+                .tracker
+                .as_ref()
+                .is_some_and(|t| t.drop_cached_pages(&file))
+        {
             // Only we change the backing files (the folder is hidden under
             // the mount), so cached pages stay valid across opens.
             FopenFlags::FOPEN_KEEP_CACHE
         } else {
             FopenFlags::empty()
         };
+        let fh = self
+            .handles
+            .add_file(OpenFile::new(inode.ino, file, bflags, disk));
         Ok((fh, fopen))
     }
 

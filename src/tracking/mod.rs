@@ -302,6 +302,12 @@ pub struct Tracker {
     /// Disks just taken in by [`Tracker::take`]: their seeded state is
     /// trusted whatever the previous stop was.
     taken: Mutex<std::collections::HashSet<String>>,
+    /// (dev, ino) of disks taken in by [`Tracker::take`] and not opened
+    /// since: the kernel may still cache pages of the same file from
+    /// before it left the folder (a failback brings back the same inode,
+    /// changed in the store), so its next open must drop them
+    /// ([`Tracker::drop_cached_pages`]).
+    stale_pages: Mutex<std::collections::HashSet<(u64, u64)>>,
 }
 
 /// Where a disk's activity log lives (relative to the folder root).
@@ -464,6 +470,7 @@ impl Tracker {
             cut_serial: Mutex::new(meta),
             previous_stop_clean,
             released: Mutex::new(Default::default()),
+            stale_pages: Mutex::new(Default::default()),
             taken: Mutex::new(Default::default()),
         };
         // Persist the resync-required marks right away.
@@ -1507,6 +1514,18 @@ impl Tracker {
             .is_ok_and(|m| self.released.lock().contains(&(m.dev(), m.ino())))
     }
 
+    /// Whether an open of `file` must drop the kernel's cached pages of it
+    /// (no `FOPEN_KEEP_CACHE`): true once after [`Tracker::take`] brought
+    /// the file back into the folder, changed behind the kernel.
+    pub fn drop_cached_pages(&self, file: &File) -> bool {
+        let mut stale = self.stale_pages.lock();
+        if stale.is_empty() {
+            return false;
+        }
+        file.metadata()
+            .is_ok_and(|m| stale.remove(&(m.dev(), m.ino())))
+    }
+
     /// Move the named disks (one VM's, fenced, closed) out of the folder
     /// into the folder `to` (same file system; created if missing) and stop
     /// tracking them; the other disks of the folder are untouched. Returns
@@ -1665,6 +1684,7 @@ impl Tracker {
             }
         }
         self.released.lock().remove(&(md.dev(), md.ino()));
+        self.stale_pages.lock().insert((md.dev(), md.ino()));
         self.known.lock().insert(rel.to_string(), m);
         self.taken.lock().insert(rel.to_string());
         self.attach(relp, &f)
