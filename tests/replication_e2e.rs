@@ -716,24 +716,16 @@ fn receiver_dying_between_ack_and_point_commit_loses_no_point() {
         .set_len(16 << 20)
         .unwrap();
     let mut m = site.mount();
-    let mut r = Receiver::start(&site, "127.0.0.1:0", &site.p("store"));
+    let r = Receiver::start(&site, "127.0.0.1:0", &site.p("store"));
     let addr = r.addr.clone();
     protect(&site, &r, "1h", &["data.img"]);
     sync_ok(&site);
-    r.kill9();
-    let mut r = Receiver::start_env(
-        &site,
-        &addr,
-        &site.p("store"),
-        &[("VDREP_CRASH_AT", "point-before-commit")],
-    );
+    let mut r = rearm_receiver(&site, r, &addr, "point-before-commit");
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(site.p("vm/data.img"))
         .unwrap();
-    for i in 0..64u64 {
-        f.write_all_at(&[i as u8 + 1; 4096], i * 65536).unwrap();
-    }
+    write_64_blocks(&f, 1);
     drop(f);
     // The receiver aborts at the point commit.
     let _r = sync_through_a_receiver_abort(&site, &mut r, &addr, "the point commit");
@@ -771,7 +763,7 @@ fn receiver_dying_in_the_middle_of_an_apply_keeps_the_history() {
         .set_len(16 << 20)
         .unwrap();
     let mut m = site.mount();
-    let mut r = Receiver::start(&site, "127.0.0.1:0", &site.p("store"));
+    let r = Receiver::start(&site, "127.0.0.1:0", &site.p("store"));
     let addr = r.addr.clone();
     protect(&site, &r, "1h", &["data.img"]);
     sync_ok(&site);
@@ -780,22 +772,13 @@ fn receiver_dying_in_the_middle_of_an_apply_keeps_the_history() {
             .write(true)
             .open(site.p("vm/data.img"))
             .unwrap();
-        for i in 0..64u64 {
-            f.write_all_at(&[round.wrapping_add(i as u8); 4096], i * 65536)
-                .unwrap();
-        }
+        write_64_blocks(&f, round);
     };
     write(1);
     sync_ok(&site);
     let before = points_of(&site);
     assert!(before.len() >= 2, "{before:?}");
-    r.kill9();
-    let mut r = Receiver::start_env(
-        &site,
-        &addr,
-        &site.p("store"),
-        &[("VDREP_CRASH_AT", "replica-half")],
-    );
+    let mut r = rearm_receiver(&site, r, &addr, "replica-half");
     write(101);
     let _r = sync_through_a_receiver_abort(&site, &mut r, &addr, "the middle of the apply");
     let after = points_of(&site);
@@ -822,7 +805,7 @@ fn changes_past_the_threshold_after_an_unacknowledged_apply_need_no_resync() {
     let site = Site::new();
     random_file(&site.p("vm/data.img"), 16 << 20, 21);
     let mut m = site.mount();
-    let mut r = Receiver::start(&site, "127.0.0.1:0", &site.p("store"));
+    let r = Receiver::start(&site, "127.0.0.1:0", &site.p("store"));
     let addr = r.addr.clone();
     protect_with(
         &site,
@@ -832,20 +815,12 @@ fn changes_past_the_threshold_after_an_unacknowledged_apply_need_no_resync() {
         &["--resync-threshold", "10%"],
     );
     sync_ok(&site);
-    r.kill9();
-    let mut r = Receiver::start_env(
-        &site,
-        &addr,
-        &site.p("store"),
-        &[("VDREP_CRASH_AT", "after-apply")],
-    );
+    let mut r = rearm_receiver(&site, r, &addr, "after-apply");
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(site.p("vm/data.img"))
         .unwrap();
-    for i in 0..64u64 {
-        f.write_all_at(&[i as u8 + 7; 4096], i * 65536).unwrap();
-    }
+    write_64_blocks(&f, 7);
     let vmdir = site.s("vm");
     let bg = std::thread::spawn(move || vdrep(&["sync", &vmdir, "--timeout", "90"]));
     let t0 = std::time::Instant::now();
@@ -885,6 +860,23 @@ fn changes_past_the_threshold_after_an_unacknowledged_apply_need_no_resync() {
         "the blip cost a checksum resync: {st}"
     );
     m.umount();
+}
+
+/// Kill receiver `r` (-9) and start it again at the same address and
+/// store, armed to abort at `VDREP_CRASH_AT` step `at`.
+fn rearm_receiver(site: &Site, r: Receiver, addr: &str, at: &str) -> Receiver {
+    let mut r = r;
+    r.kill9();
+    Receiver::start_env(site, addr, &site.p("store"), &[("VDREP_CRASH_AT", at)])
+}
+
+/// Write 64 blocks of 4 KiB, one every 64 KiB, each filled with
+/// `first + i`, into `f`.
+fn write_64_blocks(f: &std::fs::File, first: u8) {
+    for i in 0..64u64 {
+        f.write_all_at(&[first.wrapping_add(i as u8); 4096], i * 65536)
+            .unwrap();
+    }
 }
 
 /// `vdrep sync` while receiver `r` (started with a `VDREP_CRASH_AT` step
