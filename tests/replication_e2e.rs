@@ -800,6 +800,19 @@ fn receiver_dying_in_the_middle_of_an_apply_keeps_the_history() {
 /// behind the replica and every such blip ended in a resync of the disk.
 #[test]
 fn changes_past_the_threshold_after_an_unacknowledged_apply_need_no_resync() {
+    threshold_after_an_unacknowledged_apply(false);
+}
+
+/// The same with the mount's daemon restarted between the unacknowledged
+/// apply and the fold: the new worker cannot know which logs the old one
+/// submitted, so it must keep the oldest (the only one that can be in
+/// flight), not fold it.
+#[test]
+fn a_restart_between_an_unacknowledged_apply_and_the_fold_needs_no_resync() {
+    threshold_after_an_unacknowledged_apply(true);
+}
+
+fn threshold_after_an_unacknowledged_apply(restart: bool) {
     require_fuse!();
     std::env::set_var("VDREP_RETRY_SCALE", "0.005");
     let site = Site::new();
@@ -831,8 +844,13 @@ fn changes_past_the_threshold_after_an_unacknowledged_apply_need_no_resync() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    // Applied there, not acknowledged. 2 MiB more (incompressible): the
-    // pending changes pass 10% of 16 MiB and the cut folds the logs.
+    // Applied there, not acknowledged.
+    if restart {
+        // The sync in flight loses its daemon: only the later one counts.
+        vdrep_ok(&["restart", &site.s("vm")]);
+    }
+    // 2 MiB more (incompressible): the pending changes pass 10% of 16 MiB
+    // and the cut folds the logs.
     random_file(&site.p("scratch"), 2 << 20, 22);
     let noise = std::fs::read(site.p("scratch")).unwrap();
     f.write_all_at(&noise, 6 << 20).unwrap();
@@ -842,13 +860,17 @@ fn changes_past_the_threshold_after_an_unacknowledged_apply_need_no_resync() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("bitmap-only"), "{err}");
     let _next = Receiver::start(&site, &addr, &site.p("store"));
-    let o = bg.join().unwrap();
-    assert!(
-        o.status.success(),
-        "sync: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    // After a restart the sync started before it may have lost its daemon:
+    // only the sync below counts then.
+    if !restart {
+        let o = bg.join().unwrap();
+        assert!(
+            o.status.success(),
+            "sync: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
     sync_ok(&site);
     same(&site.p("vm/data.img"), "raw", &site.replica("data.vhd"));
     let st: serde_json::Value =

@@ -66,6 +66,13 @@ const CHUNK_BYTES: u64 = 1 << 20;
 /// ([`state::MountMeta::reserved`]).
 const CYCLE_RESERVE: u64 = 4096;
 
+/// How many of a disk's sealed logs a replication session may have
+/// submitted and not yet had acknowledged (the session runs a disk's logs
+/// in order, one at a time): after a restart, that many of the oldest
+/// pending logs may already be applied at the receiver, so the 50% rule
+/// must not fold them ([`Tracker::enforce_log_limit`]).
+pub const LOGS_IN_FLIGHT_PER_DISK: usize = 1;
+
 /// Copy-before-write memory cap per sealed cycle: past it the cycle is
 /// abandoned (its bits go back to the live bitmap) rather than eat RAM.
 const MAX_SAVED_BYTES: u64 = 512 << 20;
@@ -656,7 +663,16 @@ impl Tracker {
             fenced: false.into(),
             bitmap_trusted: trusted.into(),
             log_limit: Mutex::new(None),
-            submitted: 0.into(),
+            // Logs sealed by an earlier process (a restart, a crash handover)
+            // went out oldest first, so only the oldest
+            // `LOGS_IN_FLIGHT_PER_DISK` can have reached the receiver
+            // unacknowledged: the 50% rule keeps them, as this process's own
+            // sessions mark theirs (`note_submitted`).
+            submitted: {
+                let logs = self.log_files_in(&meta.folder);
+                let n = logs.len().min(LOGS_IN_FLIGHT_PER_DISK);
+                logs.get(n.wrapping_sub(1)).map_or(0, |(c, _)| *c).into()
+            },
             al,
             preimage: Mutex::new(self.open_preimage(&meta.folder, &key)),
             written: 0.into(),
@@ -1105,6 +1121,12 @@ impl Tracker {
             Some(d) => d.meta.lock().folder.clone(),
             None => return Vec::new(),
         };
+        self.log_files_in(&folder)
+    }
+
+    /// Sealed logs in state folder `folder`, oldest first (see
+    /// [`Tracker::log_files`]).
+    fn log_files_in(&self, folder: &str) -> Vec<(u64, PathBuf)> {
         let dir = Path::new(STATE_DIR).join("disks").join(&folder);
         let Ok(d) = self
             .state
@@ -1345,6 +1367,9 @@ impl Tracker {
     /// A session submitted the disk's log of `cycle` to a receiver: from
     /// now on the receiver may hold it (applied, its acknowledgement lost
     /// with the connection), so [`Tracker::enforce_log_limit`] keeps it.
+    /// The mark is in memory; a disk attached with logs left by an earlier
+    /// process starts marked at its oldest one (all that process can have
+    /// had in flight).
     pub fn note_submitted(&self, name: &str, cycle: u64) {
         if let Some(d) = self.disks.lock().get(name) {
             d.submitted
