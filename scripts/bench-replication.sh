@@ -56,6 +56,9 @@
 #   DROP_CACHES=0  keep the page cache between steps (warm source; default: drop)
 #   DIAG=1       strace -c -w the sender and receiver during the last delta round
 #                (that round is then left out of the medians)
+#   PHASES=1     log every cycle's phases (VDREP_LOG=info,vdrep::cycle_time=debug)
+#                and print where the time went during the scale and blip loads
+#                (benches/replication/phase-times.py; also LOG/phases-*.md)
 #
 # Output: tables on stdout and bench-results/replication-<UTC>.{md,json,tsv}.
 # Needs root (loop mount, drop_caches), rsync, fio, sysstat (pidstat), e2fsprogs.
@@ -161,6 +164,17 @@ if [[ "${NO_BUILD:-0}" != 1 ]]; then
     (cd "$REPO" && cargo build --release -q) || die "cargo build --release failed"
 fi
 [[ -x "$VDREP" ]] || die "no vdrep binary at $VDREP"
+if [[ "${PHASES:-0}" == 1 ]]; then
+    export VDREP_LOG="${VDREP_LOG:-info},vdrep::cycle_time=debug"
+fi
+iso() { date -u +%Y-%m-%dT%H:%M:%S; }
+phases() { # NAME SINCE UNTIL: the phase table of the sender's and receiver's logs
+    [[ "${PHASES:-0}" == 1 ]] || return 0
+    python3 "$REPO/benches/replication/phase-times.py" --since "$2" --until "$3" \
+        "$LOG/sender.log" "$LOG/receiver.log" >"$LOG/phases-$1.md" || return 0
+    say "where the $1 load's cycles spent their time (ms per event):"
+    cat "$LOG/phases-$1.md" >&2
+}
 
 # --- test data (cached in $PRISTINE, made by scripts/bench-images.sh) -------
 if [[ " $SECTIONS " == *" "@(initial|delta|rpo|blip)" "* ]]; then
@@ -413,7 +427,9 @@ for r in $(seq "$BLIP_RUNS"); do
     RECV_PID=$!
     for _ in $(seq 100); do grep -q '^listening on' "$LOG/receiver-blip-$r.out" 2>/dev/null && break; sleep 0.1; done
     grep -q '^listening on' "$LOG/receiver-blip-$r.out" || die "the receiver did not come back on $RECV_ADDR"
+    back_at="$(iso)"
     python3 "$REPO/benches/replication/lag-sample.py" --relative "$VDREP" "$VSRC" "$VM" "$BLIP_SECS" >"$LOG/lag-blip-$r.tsv"
+    phases "blip-$r" "$back_at" "$(iso)"
     wait "$FIO_PID" || say "warning: fio failed: $(tail -2 "$LOG/fio-blip-$r.err")"
     FIO_PID=""
     while IFS=$'\t' read -r _ lag _; do
@@ -460,6 +476,7 @@ pidstat -u -h -t -p "$SENDER_PID,$RECV_PID" 1 >"$LOG/pidstat-scale.txt" 2>&1 &
 PIDSTAT_PID=$!
 cs0=$(cpu_secs "$SENDER_PID"); cr0=$(cpu_secs "$RECV_PID")
 failed0="$(grep -c 'replication interrupted' "$LOG/sender.log" || true)"
+load_from="$(iso)"
 fio --output-format=json --output="$LOG/fio-scale.json" "$W/scale.fio" >/dev/null 2>"$LOG/fio-scale.err" &
 FIO_PID=$!
 # One line per sample and VM: seconds, vm, lag (empty: no point yet).
@@ -495,6 +512,7 @@ read -r s_rss1 s_thr1 s_fd1 <<<"$(proc_mem "$SENDER_PID")"
 read -r r_rss1 r_thr1 r_fd1 <<<"$(proc_mem "$RECV_PID")"
 wait "$FIO_PID" || say "warning: fio failed: $(tail -2 "$LOG/fio-scale.err")"
 FIO_PID=""
+phases scale "$load_from" "$(iso)"
 cs1=$(cpu_secs "$SENDER_PID"); cr1=$(cpu_secs "$RECV_PID")
 failed1="$(grep -c 'replication interrupted' "$LOG/sender.log" || true)"
 rec scale vdrep 1 sessions_failed "$((failed1 - failed0))"

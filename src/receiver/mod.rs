@@ -733,7 +733,9 @@ impl Conn {
         f: impl FnOnce(&dyn ReplicaStore, &str) -> StoreDone + Send + 'static,
     ) {
         let (store, site, done) = (self.store.clone(), self.site.clone(), self.done.clone());
+        let asked = std::time::Instant::now();
         tokio::task::spawn_blocking(move || {
+            crate::util::phase::done("recv_pool_wait", &site, asked);
             let _ = done.send((op, f(store.as_ref(), &site)));
         });
     }
@@ -790,7 +792,10 @@ impl Conn {
                         cur: Vec::new(),
                         pos: 0,
                     };
-                    store.store_log(disk(&site, &vm, &begin.disk_id), &mut r)
+                    let t = std::time::Instant::now();
+                    let stored = store.store_log(disk(&site, &vm, &begin.disk_id), &mut r);
+                    crate::util::phase::done("recv_store_log", &vm, t);
+                    stored
                 });
                 self.logs.insert(op, Pipe { tx, thread });
             }
@@ -827,9 +832,11 @@ impl Conn {
             } => {
                 self.digests.remove(&disk_id);
                 self.spawn(op, move |store, site| {
+                    let t = std::time::Instant::now();
                     let r = crate::metrics::receiver::time_apply(|| {
                         store.apply(disk(site, &vm, &disk_id), cycle)
                     });
+                    crate::util::phase::done("recv_apply", &vm, t);
                     StoreDone::LogApplied(r.map(|_| ()).map_err(failure))
                 })
             }
@@ -865,7 +872,9 @@ impl Conn {
                         return StoreDone::PointCommitted(Err(failure(e)));
                     }
                 }
+                let t = std::time::Instant::now();
                 let r = store.commit_point(site, &vm, cycle, &ids, consistency);
+                crate::util::phase::done("recv_commit_point", &vm, t);
                 StoreDone::PointCommitted(r.map(|p| p.is_some()).map_err(failure))
             }),
             ReceiverAction::HashBlocks { op, vm, req } => {

@@ -77,7 +77,10 @@ pub(super) fn freeze_seal_thaw(
     let frozen_at = Instant::now();
     let disks: Vec<String> = parts.iter().flat_map(|p| p.disks.clone()).collect();
     // A failed flush skips the cut (the guests are still thawed).
+    let asked = Instant::now();
+    let who = parts.first().map_or("", |p| p.vm.as_str());
     let sealed = flush.flush().and_then(|()| {
+        crate::util::phase::done("flush", who, asked);
         // Bitmap-only disks are sealed too: this cycle ships all their
         // changes at once.
         for d in &disks {

@@ -108,6 +108,13 @@ enum Input {
     Lost(quinn::ConnectionError),
 }
 
+/// Moments of one log's transfer, for its phase events.
+struct ShipMarks {
+    who: String,
+    first_read: Option<Instant>,
+    durable: Option<Instant>,
+}
+
 /// What a stream's writer is asked to do.
 enum Write {
     Bytes {
@@ -168,6 +175,10 @@ pub(super) struct Link {
     ship_later: Vec<Arc<SealedLog>>,
     /// Cut time of each cycle submitted (for the points' status).
     cut_ns: HashMap<u64, u64>,
+    /// When the newest log of each cycle was applied (`util::phase`).
+    applied_at: HashMap<u64, Instant>,
+    /// A log's first read and durable ack (`util::phase`, when enabled).
+    marks: HashMap<(DiskId, u64), ShipMarks>,
     copy: Option<CopyStats>,
     notes: VecDeque<SenderAction>,
     lost: Option<quinn::ConnectionError>,
@@ -212,6 +223,8 @@ impl Link {
             carry: None,
             ship_later: Vec::new(),
             cut_ns: HashMap::new(),
+            applied_at: HashMap::new(),
+            marks: HashMap::new(),
             copy: None,
             notes: VecDeque::new(),
             lost: None,
@@ -542,9 +555,21 @@ impl Link {
                 offset,
                 max,
             } => self.read(id, stream, what, offset, max),
-            SenderAction::LogDurable { .. } => {}
+            SenderAction::LogDurable { disk_id, cycle } => {
+                if let Some(t) = self.marks.get_mut(&(disk_id, cycle)) {
+                    if let Some(first) = t.first_read {
+                        crate::util::phase::done("ship_send_store", &t.who, first);
+                    }
+                    t.durable = Some(Instant::now());
+                }
+            }
             SenderAction::LogApplied { disk_id, cycle } => {
                 if let Some((Source::Log(log), since)) = self.sources.remove(&(disk_id, cycle)) {
+                    crate::util::phase::done("ship", log.disk(), since);
+                    if let Some(at) = self.marks.remove(&(disk_id, cycle)).and_then(|t| t.durable) {
+                        crate::util::phase::done("ship_apply", log.disk(), at);
+                    }
+                    self.applied_at.insert(cycle, Instant::now());
                     if let Some(vm) = &self.vm {
                         let len = log.len();
                         let mut s = vm.status.lock();
@@ -565,6 +590,7 @@ impl Link {
                     .push_back(SenderAction::InitialApplied { disk_id, cycle });
             }
             SenderAction::JobFailed { job, error, rest } => {
+                self.marks.clear();
                 self.sources.remove(&(job.disk_id(), job.cycle()));
                 for j in &rest {
                     self.sources.remove(&(j.disk_id(), j.cycle()));
@@ -597,6 +623,14 @@ impl Link {
     /// `vdrep sync` callers waiting for it are answered.
     fn committed(&mut self, cycle: u64, app_consistent: bool) {
         let Some(vm) = &self.vm else { return };
+        if let Some(at) = self.applied_at.get(&cycle) {
+            crate::util::phase::done("commit", &vm.spec.vm, *at);
+        }
+        self.applied_at.retain(|c, _| *c > cycle);
+        if let Some(cut) = self.cut_ns.get(&cycle) {
+            let age = now_ns().saturating_sub(*cut) as f64 / 1e6;
+            crate::util::phase::took("point_age", &vm.spec.vm, age);
+        }
         {
             let mut s = vm.status.lock();
             s.last_point = Some(cycle);
@@ -628,6 +662,19 @@ impl Link {
             ReadWhat::Initial { disk_id, cycle } => ((disk_id, cycle), Class::Bulk),
         };
         self.reads.insert(id, (class, stream));
+        if let (Some((Source::Log(log), since)), true) =
+            (self.sources.get(&key), crate::util::phase::enabled())
+        {
+            let t = self.marks.entry(key).or_insert_with(|| ShipMarks {
+                who: log.disk().to_string(),
+                first_read: None,
+                durable: None,
+            });
+            if t.first_read.is_none() {
+                crate::util::phase::done("ship_queue", &t.who, *since);
+                t.first_read = Some(Instant::now());
+            }
+        }
         let budget = self.writers.get(&stream).map(|w| w.budget.clone());
         let src = self.sources.get(&key).map(|(s, _)| s.clone());
         let to = self.tx.clone();

@@ -1479,6 +1479,7 @@ impl Replicator {
         // pause after each cycle, so the lag stays near N.
         let every = Duration::from_secs(spec.every_secs);
         let mut next_cut = Instant::now() + every;
+        let mut last_cut: Option<Instant> = None;
         loop {
             // A cycle still in flight (pipelined): finish it unless the
             // next cut is due now.
@@ -1536,6 +1537,9 @@ impl Replicator {
                 }
             }
             let started = Instant::now();
+            if let Some(prev) = last_cut.replace(started) {
+                crate::util::phase::done("cycle_period", &spec.vm, prev);
+            }
             self.cut_and_ship(vm, link, true).await?;
             if spec.every_secs > 0 {
                 next_cut = (started + every).max(next_cut);
@@ -1689,12 +1693,14 @@ impl Replicator {
             hook: vm.app_hook_due(),
             disks: vm.spec.disks.clone(),
         }];
+        let asked = Instant::now();
         let (entries, apps) = tokio::task::spawn_blocking(move || {
             group::freeze_seal_thaw(&tracker, &flush, &parts, true, None)
         })
         .await
         .map_err(|e| retry(format!("cut task failed: {e}")))?
         .map_err(retry)?;
+        crate::util::phase::done("cut", &vm.spec.vm, asked);
         for app in &apps {
             vm.note_app_cut(app);
         }

@@ -859,13 +859,22 @@ impl Tracker {
     /// swap bitmaps). Each returned [`SealedCycle`] must be handed back to
     /// [`Tracker::finish`] (or [`Tracker::write_log`]) once streamed.
     pub fn seal(&self, select: &CutSelect) -> Result<Sealed, TrackError> {
+        let asked = std::time::Instant::now();
+        let who = select
+            .disks
+            .as_ref()
+            .and_then(|d| d.first())
+            .map_or("mount", String::as_str);
         let mut mm = self.cut_serial.lock();
+        crate::util::phase::done("seal_wait", who, asked);
+        let held = std::time::Instant::now();
         let cycle = mm.cut_seq + 1;
         let cut_ns = now_ns();
         let mut cycles = Vec::new();
         let mut skipped = Vec::new();
         {
             let _instant = self.shared.cut_lock.write();
+            crate::util::phase::done("cut_lock_wait", who, held);
             hold_cut_for_test();
             let disks = self.disks.lock();
             let mut names: Vec<&String> = disks.keys().collect();
@@ -992,6 +1001,7 @@ impl Tracker {
         }
         mm.cut_seq = cycle;
         self.cut_seq_seen.store(cycle, SeqCst);
+        crate::util::phase::done("seal_hold", who, held);
         Ok(Sealed {
             cycle,
             cut_unix_ns: cut_ns,
@@ -1063,6 +1073,7 @@ impl Tracker {
 
     /// Write a sealed cycle as a `.hrl` in the disk's state folder.
     pub fn write_log(&self, sc: SealedCycle) -> CutEntry {
+        let started = std::time::Instant::now();
         let rel = StateDir::log_rel(&sc.folder, sc.header.cycle);
         let shown = self.root_path.join(&rel);
         let real = self.private(&rel);
@@ -1097,6 +1108,7 @@ impl Tracker {
         })();
         match result {
             Ok(bytes) => {
+                crate::util::phase::done("write_log", &entry.disk, started);
                 entry.log = Some(shown);
                 entry.log_bytes = bytes;
                 if let Err(e) = self.finish(sc, true) {
