@@ -176,6 +176,11 @@ struct RDisk {
     status: DiskStatus,
     /// The stream of the initial copy or log in progress.
     busy: Option<StreamId>,
+    /// A log the sender sent behind the log in progress (protocol 7): its
+    /// stream waits, undecoded, until that log is applied (then it is
+    /// handled as if it had just begun) or refused (then it is refused
+    /// too): logs of a disk are applied strictly one after the other.
+    next: Option<StreamId>,
     /// The log a finished resync compare announced.
     resync_cycle: Option<u64>,
     /// The newest cycle this connection saw the replica reach (a log
@@ -232,6 +237,16 @@ enum RState {
     /// committed once they are ([`Receiver::release_points`]), forgotten
     /// if the sender resets the stream (a transfer of the cycle failed).
     Held(wire::PointCommit),
+    /// An `OpenDisk` that arrived before the connection's `Hello` was
+    /// accepted (protocol 7: the sender opens its disks in the same flight
+    /// as its `Hello`, and QUIC does not order streams): handled once the
+    /// `Hello` is accepted, refused with the `Hello`'s error if it is not.
+    /// Nothing reaches the store before.
+    Early(OpenDisk),
+    /// A `LogBegin` behind the disk's log in progress ([`RDisk::next`]):
+    /// nothing of it is staged, decoded or acknowledged until that log is
+    /// applied.
+    Behind(LogBegin),
     /// Answered; whatever else arrives is ignored.
     Drain,
 }
@@ -250,6 +265,8 @@ struct RStream {
 pub struct Receiver {
     cfg: ReceiverConfig,
     hello: bool,
+    /// The `Hello` was refused: nothing else is handled on this connection.
+    refused: bool,
     closed: bool,
     streams: HashMap<StreamId, RStream>,
     disks: HashMap<DiskId, RDisk>,
@@ -266,6 +283,7 @@ impl Receiver {
         Receiver {
             cfg,
             hello: false,
+            refused: false,
             closed: false,
             streams: HashMap::new(),
             disks: HashMap::new(),
@@ -296,7 +314,7 @@ impl Receiver {
     pub fn wants_data(&self, stream: StreamId) -> bool {
         !matches!(
             self.streams.get(&stream).map(|s| &s.st),
-            Some(RState::Await(..))
+            Some(RState::Await(..) | RState::Behind(_) | RState::Early(_))
         )
     }
 
@@ -414,19 +432,53 @@ impl Receiver {
     fn answer(&mut self, sid: StreamId, msg: &Msg) -> Result<(), SessionError> {
         self.send(sid, msg)?;
         self.out.push_back(Output::Finish(sid));
-        self.release(sid);
         self.set(sid, RState::Drain);
+        self.release(sid, true);
         Ok(())
     }
 
     /// The disk whose transfer `sid` carried is free again (a point held
     /// behind that transfer is asked for again: [`Self::point_not_there`]).
-    fn release(&mut self, sid: StreamId) {
+    /// The log waiting behind it begins now if the transfer succeeded
+    /// (`ok`), else it is refused: it was based on the one that failed.
+    fn release(&mut self, sid: StreamId, ok: bool) {
         let mut freed = false;
+        let mut behind = Vec::new();
         for d in self.disks.values_mut() {
+            if d.next == Some(sid) {
+                d.next = None;
+            }
             if d.busy == Some(sid) {
                 d.busy = None;
                 freed = true;
+                behind.extend(d.next.take());
+            }
+        }
+        for n in behind {
+            let st = self
+                .streams
+                .get_mut(&n)
+                .map(|s| std::mem::replace(&mut s.st, RState::Start));
+            let Some(RState::Behind(l)) = st else {
+                continue;
+            };
+            if ok {
+                if let Err(e) = self.log_begin(n, l) {
+                    self.fail(n, e);
+                }
+                self.pump(n);
+                self.forget_if_done(n);
+            } else {
+                let e = SessionError::Store {
+                    code: ErrorCode::Busy,
+                    retryable: true,
+                    message: format!(
+                        "the log before log {} of disk {} failed; send both again",
+                        l.cycle,
+                        hexid(&l.disk_id)
+                    ),
+                };
+                self.fail(n, e);
             }
         }
         if freed {
@@ -445,7 +497,6 @@ impl Receiver {
         if let RState::Log { op, .. } = st {
             self.act(ReceiverAction::DiscardLog { op });
         }
-        self.release(sid);
         self.out.push_back(Output::Send {
             stream: sid,
             bytes: error_frame(&e),
@@ -455,6 +506,7 @@ impl Receiver {
             stream: sid,
             error: e,
         });
+        self.release(sid, false);
     }
 
     /// The stream is gone (reset, connection lost): discard its staging.
@@ -465,7 +517,7 @@ impl Receiver {
             }
         }
         self.ops.retain(|_, s| *s != sid);
-        self.release(sid);
+        self.release(sid, false);
     }
 
     /// Decode and handle what the stream holds, as far as it can go.
@@ -475,7 +527,11 @@ impl Receiver {
                 return;
             };
             match s.st {
-                RState::Await(..) | RState::Drain | RState::Held(_) => return,
+                RState::Await(..)
+                | RState::Drain
+                | RState::Held(_)
+                | RState::Early(_)
+                | RState::Behind(_) => return,
                 _ => {}
             }
             let msg = match s.inbox.next(sid) {
@@ -509,7 +565,11 @@ impl Receiver {
                 self.out.push_back(Output::Finish(sid));
                 self.set(sid, RState::Drain);
             }
-            RState::Await(..) | RState::Drain | RState::Held(_) => {}
+            RState::Await(..)
+            | RState::Drain
+            | RState::Held(_)
+            | RState::Early(_)
+            | RState::Behind(_) => {}
             _ => self.fail(sid, SessionError::Ended(sid)),
         }
     }
@@ -551,20 +611,32 @@ impl Receiver {
 
     /// The first message of a stream decides what the stream is.
     fn first(&mut self, sid: StreamId, msg: Msg) -> Result<(), SessionError> {
-        if !self.hello && !matches!(msg, Msg::Hello(_)) {
-            return Err(SessionError::Unexpected {
-                stream: sid,
-                expected: "Hello",
-                got: msg.name(),
-            });
+        if !self.hello {
+            match msg {
+                Msg::Hello(_) => {}
+                // Pipelined with the `Hello` (which may be refused): wait.
+                Msg::OpenDisk(o) if !self.refused => {
+                    self.set(sid, RState::Early(o));
+                    return Ok(());
+                }
+                other => {
+                    return Err(SessionError::Unexpected {
+                        stream: sid,
+                        expected: "Hello",
+                        got: other.name(),
+                    })
+                }
+            }
         }
         match msg {
             Msg::Hello(h) => {
                 if h.protocol_version != wire::PROTOCOL_VERSION {
-                    return Err(SessionError::Version {
+                    let e = SessionError::Version {
                         ours: wire::PROTOCOL_VERSION,
                         theirs: h.protocol_version,
-                    });
+                    };
+                    self.refuse_early(&e);
+                    return Err(e);
                 }
                 self.hello = true;
                 let ok = Msg::HelloOk(wire::HelloOk {
@@ -576,6 +648,7 @@ impl Receiver {
                 // The control stream stays open for the connection.
                 self.send(sid, &ok)?;
                 self.set(sid, RState::Drain);
+                self.handle_early();
                 Ok(())
             }
             Msg::OpenDisk(o) => {
@@ -625,6 +698,45 @@ impl Receiver {
                 expected: "a request",
                 got: other.name(),
             }),
+        }
+    }
+
+    /// The `Hello` was accepted: handle the `OpenDisk`s that came before it.
+    fn handle_early(&mut self) {
+        let mut early: Vec<StreamId> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| matches!(s.st, RState::Early(_)))
+            .map(|(sid, _)| *sid)
+            .collect();
+        early.sort_unstable();
+        for sid in early {
+            let st = self
+                .streams
+                .get_mut(&sid)
+                .map(|s| std::mem::replace(&mut s.st, RState::Start));
+            if let Some(RState::Early(o)) = st {
+                if let Err(e) = self.first(sid, Msg::OpenDisk(o)) {
+                    self.fail(sid, e);
+                }
+                self.pump(sid);
+            }
+        }
+    }
+
+    /// The `Hello` was refused (`e`): the `OpenDisk`s sent with it are
+    /// refused with the same error, never handed to the store; so is any
+    /// that arrives later.
+    fn refuse_early(&mut self, e: &SessionError) {
+        self.refused = true;
+        let early: Vec<StreamId> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| matches!(s.st, RState::Early(_)))
+            .map(|(sid, _)| *sid)
+            .collect();
+        for sid in early {
+            self.fail(sid, e.clone());
         }
     }
 
@@ -718,6 +830,16 @@ impl Receiver {
         self.release_points();
     }
 
+    /// The cycle of the log stream `sid` carries (being received, stored
+    /// or applied).
+    fn log_cycle(&self, sid: StreamId) -> Option<u64> {
+        match &self.streams.get(&sid)?.st {
+            RState::Log { begin, .. }
+            | RState::Await(_, Wait::Stored(begin) | Wait::Applied(begin)) => Some(begin.cycle),
+            _ => None,
+        }
+    }
+
     fn busy(&mut self, id: DiskId, sid: StreamId) {
         if let Some(d) = self.disks.get_mut(&id) {
             d.busy = Some(sid);
@@ -727,6 +849,15 @@ impl Receiver {
     fn log_begin(&mut self, sid: StreamId, l: LogBegin) -> Result<(), SessionError> {
         let d = self.opened(sid, &l.disk_id, "LogBegin")?;
         if let Some(other) = d.busy {
+            // Protocol 7: one log may wait behind the disk's log in
+            // progress if it is based on that log's cycle.
+            if d.next.is_none() && self.log_cycle(other) == Some(l.base_cycle) {
+                if let Some(d) = self.disks.get_mut(&l.disk_id) {
+                    d.next = Some(sid);
+                }
+                self.set(sid, RState::Behind(l));
+                return Ok(());
+            }
             return Err(busy(l.disk_id, other));
         }
         // 0: the store did not report a consistent cycle (no replica yet,
@@ -1050,13 +1181,17 @@ impl Receiver {
                         .map(|w| wire::ErrorMsg::new(ErrorCode::InvalidState, false, w).message)
                         .unwrap_or_default(),
                 });
-                let busy = self.disks.get(&o.disk_id).and_then(|d| d.busy);
+                let (busy, next) = self
+                    .disks
+                    .get(&o.disk_id)
+                    .map_or((None, None), |d| (d.busy, d.next));
                 self.disks.insert(
                     o.disk_id,
                     RDisk {
                         open: o,
                         status: st,
                         busy,
+                        next,
                         resync_cycle: None,
                         reached: 0,
                     },
