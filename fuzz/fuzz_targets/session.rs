@@ -3,9 +3,8 @@
 //! resets, and completions of its actions. Neither may panic, the receiver
 //! must never hand the store a log whose bytes do not match its checksum,
 //! never acknowledge a log that did not verify, and never apply a log
-//! before the one it is based on (protocol 7: a second log of a disk may
-//! wait behind the first); the sender must never report a log applied that
-//! it was not asked to send.
+//! before the one it is based on; the sender must never report a log
+//! applied that it was not asked to send.
 //!
 //! Input: byte 0 picks the end (even: receiver, odd: sender) and, for the
 //! receiver, whether the `OpenDisk` overtakes the `Hello` (bit 1); then
@@ -222,7 +221,7 @@ fn receiver(cmds: &[(u8, u64, &[u8])], open_first: bool) {
             // Well-formed log messages with fuzzed fields, so that the
             // fuzzer reaches logs that verify and logs that almost do.
             7 => {
-                // Mostly 6 (the replica is at 5) and 7 (behind it),
+                // Mostly 6 (the replica is at 5) and 7 (after it),
                 // sometimes a resend or a gap.
                 let cycle = [6, 6, 5, 7, 7, 8][usize::from(b(0) % 6)];
                 let base = if b(1) % 4 == 0 {
@@ -320,6 +319,7 @@ fn sender(cmds: &[(u8, u64, &[u8])]) {
             timeout_ns: 50,
             chunk_size: 7,
             commit_ahead: true,
+            open_with_hello: true,
         },
         0,
     );
@@ -334,7 +334,7 @@ fn sender(cmds: &[(u8, u64, &[u8])]) {
         cut_unix_ns: 0,
         total_len: LOG.len() as u64,
     };
-    // Two logs: the second goes behind the first once it is all sent.
+    // Two logs of the disk, one after the other.
     let next = LogBegin {
         cycle: 7,
         base_cycle: 6,

@@ -82,19 +82,7 @@
 //!    { durable: true, applied: false }` if it wants to apply later, and
 //!    `Ack { durable: true, applied: true }` once applied and fsynced. A log
 //!    for a cycle already applied is answered with `applied: true` at once
-//!    (resends after a crash are applied at most once). Since protocol
-//!    version 7 the sender may send a disk's next log (its `base_cycle` is
-//!    the running log's cycle) once all of the running log is sent,
-//!    without waiting for its `Ack`; at most one per disk. The receiver
-//!    leaves that stream undecoded (nothing staged, flow control holds the
-//!    rest) until the running log is applied and acknowledged, then handles
-//!    it as a log that just began; if the running log is refused or its
-//!    stream reset, the one behind it is refused too (`Error { Busy,
-//!    retryable }`) and both are sent again. Logs of a disk are so applied
-//!    strictly in order, an `Ack` still means stored (and applied)
-//!    durably, and a crash between the two leaves the replica at the last
-//!    log applied with both logs resendable. Any other transfer of a busy
-//!    disk is refused with `Busy`.
+//!    (resends after a crash are applied at most once).
 //! 5. `PointCommit { vm, cycle, app_consistent, disks, definition }` once every disk of the VM has been
 //!    acknowledged at its cycle, or (since protocol version 5) has sent
 //!    all of its transfer of that cycle → `PointAck`: the recovery point
@@ -156,12 +144,11 @@ pub use names::{safe_component, safe_name, MAX_COMPONENT, MAX_NAME};
 /// it until they are. An older receiver would refuse such a point.
 /// 6: [`PointCommit::group`] (the consistency group of the point; absent
 /// in a version-5 sender's message, which a version-6 receiver accepts).
-/// 7: the sender opens its disks in the same flight as its `Hello`, and
-/// sends a disk's next log behind the one the receiver is applying (the
-/// conversation, steps 1, 2 and 4). A version-6 receiver refuses the
-/// `Hello` (code [`ErrorCode::Version`]; it would refuse an early
-/// `OpenDisk` and a second log of a disk): no fallback, both ends upgrade
-/// together, and a mismatch is the same clear error at `Hello` as before.
+/// 7: the sender opens its disks in the same flight as its `Hello` (the
+/// conversation, steps 1 and 2). A version-6 receiver refuses the `Hello`
+/// (code [`ErrorCode::Version`]; it would also refuse an early `OpenDisk`):
+/// no fallback, both ends upgrade together, and a mismatch is the same
+/// clear error at `Hello` as before.
 pub const PROTOCOL_VERSION: u16 = 7;
 /// Largest data payload of one chunk.
 pub const MAX_DATA: usize = 16 << 20;

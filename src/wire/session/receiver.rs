@@ -176,11 +176,6 @@ struct RDisk {
     status: DiskStatus,
     /// The stream of the initial copy or log in progress.
     busy: Option<StreamId>,
-    /// A log the sender sent behind the log in progress (protocol 7): its
-    /// stream waits, undecoded, until that log is applied (then it is
-    /// handled as if it had just begun) or refused (then it is refused
-    /// too): logs of a disk are applied strictly one after the other.
-    next: Option<StreamId>,
     /// The log a finished resync compare announced.
     resync_cycle: Option<u64>,
     /// The newest cycle this connection saw the replica reach (a log
@@ -243,10 +238,6 @@ enum RState {
     /// `Hello` is accepted, refused with the `Hello`'s error if it is not.
     /// Nothing reaches the store before.
     Early(OpenDisk),
-    /// A `LogBegin` behind the disk's log in progress ([`RDisk::next`]):
-    /// nothing of it is staged, decoded or acknowledged until that log is
-    /// applied.
-    Behind(LogBegin),
     /// Answered; whatever else arrives is ignored.
     Drain,
 }
@@ -314,7 +305,7 @@ impl Receiver {
     pub fn wants_data(&self, stream: StreamId) -> bool {
         !matches!(
             self.streams.get(&stream).map(|s| &s.st),
-            Some(RState::Await(..) | RState::Behind(_) | RState::Early(_))
+            Some(RState::Await(..) | RState::Early(_))
         )
     }
 
@@ -432,53 +423,19 @@ impl Receiver {
     fn answer(&mut self, sid: StreamId, msg: &Msg) -> Result<(), SessionError> {
         self.send(sid, msg)?;
         self.out.push_back(Output::Finish(sid));
+        self.release(sid);
         self.set(sid, RState::Drain);
-        self.release(sid, true);
         Ok(())
     }
 
     /// The disk whose transfer `sid` carried is free again (a point held
     /// behind that transfer is asked for again: [`Self::point_not_there`]).
-    /// The log waiting behind it begins now if the transfer succeeded
-    /// (`ok`), else it is refused: it was based on the one that failed.
-    fn release(&mut self, sid: StreamId, ok: bool) {
+    fn release(&mut self, sid: StreamId) {
         let mut freed = false;
-        let mut behind = Vec::new();
         for d in self.disks.values_mut() {
-            if d.next == Some(sid) {
-                d.next = None;
-            }
             if d.busy == Some(sid) {
                 d.busy = None;
                 freed = true;
-                behind.extend(d.next.take());
-            }
-        }
-        for n in behind {
-            let st = self
-                .streams
-                .get_mut(&n)
-                .map(|s| std::mem::replace(&mut s.st, RState::Start));
-            let Some(RState::Behind(l)) = st else {
-                continue;
-            };
-            if ok {
-                if let Err(e) = self.log_begin(n, l) {
-                    self.fail(n, e);
-                }
-                self.pump(n);
-                self.forget_if_done(n);
-            } else {
-                let e = SessionError::Store {
-                    code: ErrorCode::Busy,
-                    retryable: true,
-                    message: format!(
-                        "the log before log {} of disk {} failed; send both again",
-                        l.cycle,
-                        hexid(&l.disk_id)
-                    ),
-                };
-                self.fail(n, e);
             }
         }
         if freed {
@@ -497,6 +454,7 @@ impl Receiver {
         if let RState::Log { op, .. } = st {
             self.act(ReceiverAction::DiscardLog { op });
         }
+        self.release(sid);
         self.out.push_back(Output::Send {
             stream: sid,
             bytes: error_frame(&e),
@@ -506,7 +464,6 @@ impl Receiver {
             stream: sid,
             error: e,
         });
-        self.release(sid, false);
     }
 
     /// The stream is gone (reset, connection lost): discard its staging.
@@ -517,7 +474,7 @@ impl Receiver {
             }
         }
         self.ops.retain(|_, s| *s != sid);
-        self.release(sid, false);
+        self.release(sid);
     }
 
     /// Decode and handle what the stream holds, as far as it can go.
@@ -527,11 +484,7 @@ impl Receiver {
                 return;
             };
             match s.st {
-                RState::Await(..)
-                | RState::Drain
-                | RState::Held(_)
-                | RState::Early(_)
-                | RState::Behind(_) => return,
+                RState::Await(..) | RState::Drain | RState::Held(_) | RState::Early(_) => return,
                 _ => {}
             }
             let msg = match s.inbox.next(sid) {
@@ -565,11 +518,7 @@ impl Receiver {
                 self.out.push_back(Output::Finish(sid));
                 self.set(sid, RState::Drain);
             }
-            RState::Await(..)
-            | RState::Drain
-            | RState::Held(_)
-            | RState::Early(_)
-            | RState::Behind(_) => {}
+            RState::Await(..) | RState::Drain | RState::Held(_) | RState::Early(_) => {}
             _ => self.fail(sid, SessionError::Ended(sid)),
         }
     }
@@ -830,16 +779,6 @@ impl Receiver {
         self.release_points();
     }
 
-    /// The cycle of the log stream `sid` carries (being received, stored
-    /// or applied).
-    fn log_cycle(&self, sid: StreamId) -> Option<u64> {
-        match &self.streams.get(&sid)?.st {
-            RState::Log { begin, .. }
-            | RState::Await(_, Wait::Stored(begin) | Wait::Applied(begin)) => Some(begin.cycle),
-            _ => None,
-        }
-    }
-
     fn busy(&mut self, id: DiskId, sid: StreamId) {
         if let Some(d) = self.disks.get_mut(&id) {
             d.busy = Some(sid);
@@ -849,15 +788,6 @@ impl Receiver {
     fn log_begin(&mut self, sid: StreamId, l: LogBegin) -> Result<(), SessionError> {
         let d = self.opened(sid, &l.disk_id, "LogBegin")?;
         if let Some(other) = d.busy {
-            // Protocol 7: one log may wait behind the disk's log in
-            // progress if it is based on that log's cycle.
-            if d.next.is_none() && self.log_cycle(other) == Some(l.base_cycle) {
-                if let Some(d) = self.disks.get_mut(&l.disk_id) {
-                    d.next = Some(sid);
-                }
-                self.set(sid, RState::Behind(l));
-                return Ok(());
-            }
             return Err(busy(l.disk_id, other));
         }
         // 0: the store did not report a consistent cycle (no replica yet,
@@ -1181,17 +1111,13 @@ impl Receiver {
                         .map(|w| wire::ErrorMsg::new(ErrorCode::InvalidState, false, w).message)
                         .unwrap_or_default(),
                 });
-                let (busy, next) = self
-                    .disks
-                    .get(&o.disk_id)
-                    .map_or((None, None), |d| (d.busy, d.next));
+                let busy = self.disks.get(&o.disk_id).and_then(|d| d.busy);
                 self.disks.insert(
                     o.disk_id,
                     RDisk {
                         open: o,
                         status: st,
                         busy,
-                        next,
                         resync_cycle: None,
                         reached: 0,
                     },

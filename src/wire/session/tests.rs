@@ -554,6 +554,7 @@ fn sender(timeout_ns: u64) -> Sender {
             timeout_ns,
             chunk_size: 4,
             commit_ahead: true,
+            open_with_hello: true,
         },
         NOW,
     )
@@ -888,6 +889,7 @@ fn ready_sender(chunk_size: usize, disks: Vec<OpenDisk>, state: DiskState) -> Se
             timeout_ns: 1 << 40,
             chunk_size,
             commit_ahead: true,
+            open_with_hello: true,
         },
         NOW,
     );
@@ -1507,6 +1509,33 @@ fn a_sender_opens_its_disks_with_the_hello_and_is_ready_once_both_are_answered()
 }
 
 #[test]
+fn without_open_with_hello_the_disks_are_opened_after_the_hellos_answer() {
+    let mut s = Sender::new(
+        SenderConfig {
+            site_name: "primary".into(),
+            software_version: "t".into(),
+            vm: "vm1".into(),
+            disks: vec![open()],
+            last_point: 0,
+            timeout_ns: 1 << 40,
+            chunk_size: 4,
+            commit_ahead: true,
+            open_with_hello: false,
+        },
+        NOW,
+    );
+    let outs = drain(|| s.poll());
+    assert!(matches!(&sent(&outs)[..], [Msg::Hello(_)]), "{outs:?}");
+    let outs = to_sender(&mut s, 0, &[hello_ok()]);
+    assert!(matches!(&sent(&outs)[..], [Msg::OpenDisk(_)]), "{outs:?}");
+    let outs = to_sender(&mut s, 1, &[Msg::DiskState(state(5, ""))]);
+    assert!(matches!(
+        &sender_actions(&outs)[..],
+        [SenderAction::Ready { .. }]
+    ));
+}
+
+#[test]
 fn an_old_receivers_refusal_of_the_early_open_disk_is_reported_as_the_version_mismatch() {
     let mut s = sender(1 << 40);
     drain(|| s.poll());
@@ -1552,184 +1581,8 @@ fn an_old_receivers_refusal_of_the_early_open_disk_is_reported_as_the_version_mi
     assert!(!s.is_ready());
 }
 
-/// A receiver with log 6 (base 5) on stream 2 and log 7 (base 6) behind
-/// it on stream 3, both complete; the store op of log 6.
-fn two_logs() -> (Receiver, OpId, Vec<Output<ReceiverAction>>) {
-    let mut r = opened(5);
-    let outs = on(&mut r, 2, &log_msgs(6, 5, b"0123456789").1);
-    let stored = stored_op(&outs);
-    let outs = on(&mut r, 3, &log_msgs(7, 6, b"abcdefghij").1);
-    (r, stored, outs)
-}
-
-fn staged(outs: &[Output<ReceiverAction>], cycle: u64) -> bool {
-    actions(outs)
-        .iter()
-        .any(|a| matches!(a, ReceiverAction::StageLog { begin, .. } if begin.cycle == cycle))
-}
-
 #[test]
-fn a_second_log_waits_behind_the_first_and_is_applied_after_it() {
-    let (mut r, stored, outs) = two_logs();
-    assert!(
-        outs.is_empty(),
-        "nothing of log 7 before log 6 is applied: {outs:?}"
-    );
-    assert!(!r.wants_data(StreamId(3)));
-    // A third log of the disk is refused (one waits at most).
-    let outs = on(&mut r, 4, &log_msgs(8, 7, b"klmnopqrst").1);
-    assert_eq!(refusal(&outs), Some((ErrorCode::Busy, true)));
-    r.complete(NOW, stored, StoreDone::LogStored(Ok(LogStored::Stored)));
-    let outs = drain(|| r.poll());
-    assert!(!staged(&outs, 7), "{outs:?}");
-    let apply = apply_op(&outs).expect("log 6 is applied");
-    r.complete(NOW, apply, StoreDone::LogApplied(Ok(())));
-    let outs = drain(|| r.poll());
-    let a = acks(&outs);
-    assert!(
-        matches!(
-            &a[..],
-            [Ack {
-                cycle: 6,
-                applied: true,
-                ..
-            }]
-        ),
-        "{outs:?}"
-    );
-    // Now log 7, as if it had just begun, after log 6's Ack.
-    let ack_at = outs
-        .iter()
-        .position(|o| matches!(o, Output::Send { stream, .. } if stream.0 == 2))
-        .expect("log 6's Ack");
-    let stage_at = outs
-        .iter()
-        .position(|o| matches!(o, Output::Action(ReceiverAction::StageLog { begin, .. }) if begin.cycle == 7))
-        .expect("log 7 staged");
-    assert!(ack_at < stage_at);
-    let stored = stored_op(&outs);
-    r.complete(NOW, stored, StoreDone::LogStored(Ok(LogStored::Stored)));
-    let outs = drain(|| r.poll());
-    let apply = apply_op(&outs).expect("log 7 is applied");
-    r.complete(NOW, apply, StoreDone::LogApplied(Ok(())));
-    let outs = drain(|| r.poll());
-    assert!(
-        matches!(
-            &acks(&outs)[..],
-            [Ack {
-                cycle: 7,
-                applied: true,
-                ..
-            }]
-        ),
-        "{outs:?}"
-    );
-}
-
-#[test]
-fn a_log_behind_one_of_another_cycle_or_behind_a_copy_is_refused_busy() {
-    let mut r = opened(5);
-    let stored = stored_op(&on(&mut r, 2, &log_msgs(6, 5, b"0123456789").1));
-    // Based on 5, not on the running log's 6.
-    let outs = on(&mut r, 3, &log_msgs(7, 5, b"abcdefghij").1);
-    assert_eq!(refusal(&outs), Some((ErrorCode::Busy, true)));
-    assert!(!staged(&outs, 7));
-    r.complete(NOW, stored, StoreDone::LogStored(Ok(LogStored::Stored)));
-    assert!(apply_op(&drain(|| r.poll())).is_some());
-}
-
-#[test]
-fn a_refused_first_log_refuses_the_one_behind_it_which_never_reaches_the_store() {
-    // The store fails the first log.
-    let (mut r, stored, _) = two_logs();
-    let fail = crate::wire::session::StoreFailure {
-        code: ErrorCode::Internal,
-        retryable: true,
-        message: "disk full".into(),
-    };
-    r.complete(NOW, stored, StoreDone::LogStored(Err(fail)));
-    let outs = drain(|| r.poll());
-    assert!(
-        matches!(&sent_on(&outs, 2)[..], [Msg::Error(e)] if e.code == ErrorCode::Internal),
-        "{outs:?}"
-    );
-    assert!(
-        matches!(&sent_on(&outs, 3)[..], [Msg::Error(e)] if e.code == ErrorCode::Busy && e.retryable),
-        "{outs:?}"
-    );
-    assert!(!staged(&outs, 7) && acks(&outs).is_empty(), "{outs:?}");
-    // The sender resets the first log's stream (or the connection dies).
-    let (mut r, _, _) = two_logs();
-    r.handle(NOW, Event::Reset(StreamId(2)));
-    let outs = drain(|| r.poll());
-    assert!(
-        matches!(&sent_on(&outs, 3)[..], [Msg::Error(_)]),
-        "{outs:?}"
-    );
-    assert!(!staged(&outs, 7), "{outs:?}");
-    // Then the disk takes log 6 again.
-    let outs = on(&mut r, 4, &log_msgs(6, 5, b"0123456789").1);
-    assert!(staged(&outs, 6), "{outs:?}");
-}
-
-#[test]
-fn a_sender_sends_the_next_log_behind_one_all_sent_and_hands_both_back_if_the_first_fails() {
-    let mut s = ready_sender(4, vec![open()], state(5, ""));
-    drain(|| s.poll());
-    for (cycle, base) in [(6, 5), (7, 6), (8, 7)] {
-        let (mut begin, _) = log_msgs(cycle, base, b"0123456789");
-        begin.total_len = 10;
-        s.submit(Job::Log {
-            begin,
-            app_consistent: false,
-        })
-        .expect("submit");
-    }
-    let outs = send_log(&mut s, 10);
-    let msgs = sent(&outs);
-    let ends: Vec<u64> = msgs
-        .iter()
-        .filter_map(|m| match m {
-            Msg::LogEnd(e) => Some(e.cycle),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(
-        ends,
-        vec![6, 7],
-        "one log behind the first, not two: {msgs:?}"
-    );
-    assert!(!s.all_sent() && s.jobs_pending() == 3, "log 8 waits here");
-    let stream_of = |cycle: u64| {
-        outs.iter()
-            .find_map(|o| match o {
-                Output::Send { stream, bytes } => match decode(bytes) {
-                    Ok(Some((Msg::LogBegin(b), _))) if b.cycle == cycle => Some(stream.0),
-                    _ => None,
-                },
-                _ => None,
-            })
-            .expect("the log's stream")
-    };
-    let (s6, s7) = (stream_of(6), stream_of(7));
-    let err = Msg::Error(wire::ErrorMsg::new(ErrorCode::Internal, true, "disk full"));
-    let outs = to_sender(&mut s, s6, &[err]);
-    assert!(outs.contains(&Output::Reset(StreamId(s7))), "{outs:?}");
-    let failed: Vec<(u64, Vec<u64>)> = sender_actions(&outs)
-        .iter()
-        .filter_map(|a| match a {
-            SenderAction::JobFailed { job, rest, .. } => {
-                Some((job.cycle(), rest.iter().map(Job::cycle).collect()))
-            }
-            _ => None,
-        })
-        .collect();
-    assert_eq!(failed, vec![(6, vec![7, 8])]);
-    assert_eq!(s.jobs_pending(), 0, "{outs:?}");
-}
-
-#[test]
-fn a_pair_ships_three_logs_of_a_disk_back_to_back_and_applies_them_in_order() {
+fn a_pair_ships_three_logs_of_a_disk_in_a_row_and_applies_them_in_order() {
     let mut s = sender(1 << 40);
     let mut r = receiver();
     let mut order = Vec::new();
