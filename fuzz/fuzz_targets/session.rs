@@ -386,7 +386,8 @@ fn sender(cmds: &[(u8, u64, &[u8])]) {
                     }),
                     // A refusal (of the `Hello`, an early `OpenDisk`, a log).
                     _ => Msg::Error(ErrorMsg::new(
-                        [ErrorCode::Version, ErrorCode::Protocol, ErrorCode::Busy][usize::from(b(2) % 3)],
+                        [ErrorCode::Version, ErrorCode::Protocol, ErrorCode::Busy]
+                            [usize::from(b(2) % 3)],
                         b(2) & 4 != 0,
                         "fuzz",
                     )),
@@ -417,7 +418,10 @@ fn sender(cmds: &[(u8, u64, &[u8])]) {
                     }
                     SenderAction::LogApplied { disk_id, cycle }
                     | SenderAction::LogDurable { disk_id, cycle } => {
-                        assert!(disk_id == ID && (cycle == 6 || cycle == 7), "a log nobody sent");
+                        assert!(
+                            disk_id == ID && (cycle == 6 || cycle == 7),
+                            "a log nobody sent"
+                        );
                     }
                     _ => {}
                 }
