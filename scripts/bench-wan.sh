@@ -28,7 +28,8 @@
 #   RUNS=3               runs per link and variant; the table shows medians
 #   VARIANTS="VDREP_COMMIT_AHEAD=0 -"   A/B in one run, runs interleaved
 #                        (each "VAR=VALUE,..." is added to vdrep's env;
-#                        RELAY_BIN=PATH swaps the relay)
+#                        RELAY_BIN=PATH swaps the relay, VDREP_BIN=PATH vdrep:
+#                        VARIANTS="VDREP_BIN=/tmp/base/vdrep -" is base vs this build)
 #   VDREP_LOG="info,vdrep::link_stats=debug"   link time-line in sender.log
 #   BENCH_ROOT=/var/tmp/vdrep-wanbench
 # Needs root (FUSE mount), fio, python3. Release build. Results in

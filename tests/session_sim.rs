@@ -214,6 +214,7 @@ impl World {
                 Some(v) => v != 0,
                 None => self.rng.below(4) != 0,
             },
+            open_with_hello: true,
         };
         self.receiver = Some(Receiver::new(ReceiverConfig {
             site_name: "secondary".into(),

@@ -158,8 +158,10 @@ class Site:
         if variant != "-":
             env.update(kv.split("=", 1) for kv in variant.split(","))
         self.env = env
+        # VARIANTS="VDREP_BIN=/path/to/base/vdrep -": A/B of two binaries.
+        self.bin = env.get("VDREP_BIN", VDREP)
         self.rx = subprocess.Popen(
-            [VDREP, "receive", "--listen", "127.0.0.1:0", "--store", work / "store", "--keys",
+            [self.bin, "receive", "--listen", "127.0.0.1:0", "--store", work / "store", "--keys",
              work / "kb", "--trust", work / "ka/site-a.crt"],
             stdout=subprocess.PIPE, stderr=open(work / "receiver.log", "w"), text=True, env=env)
         line = self.rx.stdout.readline()
@@ -176,16 +178,16 @@ class Site:
         self.sender_pid = None
 
     def mount(self):
-        run(VDREP, "mount", self.vm, "--keys", self.work / "ka", "--log-file", self.work / "sender.log",
+        run(self.bin, "mount", self.vm, "--keys", self.work / "ka", "--log-file", self.work / "sender.log",
             env=self.env)
         self.mounted = True
 
     def protect(self, every, disks, name="vm1", caps=()):
-        run(VDREP, "protect", name, "--to", self.addr, "--trust", self.work / "kb/site-b.crt",
+        run(self.bin, "protect", name, "--to", self.addr, "--trust", self.work / "kb/site-b.crt",
             "--every", every, *caps, *[self.vm / d for d in disks], env=self.env)
 
     def sync(self, timeout=3600, name=None):
-        run(VDREP, "sync", name or self.vm, "--timeout", str(timeout), timeout=timeout + 30)
+        run(self.bin, "sync", name or self.vm, "--timeout", str(timeout), timeout=timeout + 30)
 
     def replica(self, vm, disk):
         """The replica file of `disk` (a raw image: `<stem>.vhd`) of `vm`."""

@@ -2,11 +2,13 @@
 //! drive a receiver (or a sender) through stream data, stream ends and
 //! resets, and completions of its actions. Neither may panic, the receiver
 //! must never hand the store a log whose bytes do not match its checksum,
-//! and never acknowledge a log that did not verify; the sender must never
-//! report a log applied that it was not asked to send.
+//! never acknowledge a log that did not verify, and never apply a log
+//! before the one it is based on; the sender must never report a log
+//! applied that it was not asked to send.
 //!
-//! Input: byte 0 picks the end (even: receiver, odd: sender); then commands
-//! of `op:u8 stream:u8 len:u8 bytes[len]`.
+//! Input: byte 0 picks the end (even: receiver, odd: sender) and, for the
+//! receiver, whether the `OpenDisk` overtakes the `Hello` (bit 1); then
+//! commands of `op:u8 stream:u8 len:u8 bytes[len]`.
 #![no_main]
 
 use std::collections::{HashMap, HashSet};
@@ -17,8 +19,8 @@ use vdrep::wire::session::{
     ReceiverConfig, Sender, SenderAction, SenderConfig, StoreDone, StoreFailure, StreamId,
 };
 use vdrep::wire::{
-    decode, encode, Ack, DiskKind, DiskState, ErrorCode, Hello, HelloOk, LogBegin, LogChunk,
-    LogEnd, LogHasher, Msg, OpenDisk, PointAck, PROTOCOL_VERSION,
+    decode, encode, Ack, DiskKind, DiskState, ErrorCode, ErrorMsg, Hello, HelloOk, LogBegin,
+    LogChunk, LogEnd, LogHasher, Msg, OpenDisk, PointAck, PROTOCOL_VERSION,
 };
 
 const ID: [u8; 16] = [7; 16];
@@ -59,6 +61,8 @@ fn commands(data: &[u8]) -> Vec<(u8, u64, &[u8])> {
 #[derive(Default)]
 struct Store {
     staged: HashMap<OpId, (u64, Vec<u8>)>,
+    /// The base cycle of each log staged.
+    bases: HashMap<u64, u64>,
     /// Cycles whose log verified and was stored, or whose copy finished.
     good: HashSet<u64>,
     /// The replica's cycle as the store knows it.
@@ -92,6 +96,7 @@ impl Store {
                 self.pending.push((op, StoreDone::InitialFinished(Ok(()))));
             }
             ReceiverAction::StageLog { op, begin, .. } => {
+                self.bases.insert(begin.cycle, begin.base_cycle);
                 self.staged.insert(op, (begin.cycle, Vec::new()));
             }
             ReceiverAction::StageLogData { op, offset, data } => {
@@ -125,6 +130,12 @@ impl Store {
             }
             ReceiverAction::ApplyLog { op, cycle, .. } => {
                 assert!(self.good.contains(&cycle), "applying a log never stored");
+                let base = self.bases.get(&cycle).copied().unwrap_or(0);
+                assert!(
+                    self.at >= base,
+                    "log {cycle} applied before its base {base} (replica at {})",
+                    self.at
+                );
                 self.at = self.at.max(cycle);
                 self.pending.push((op, StoreDone::LogApplied(Ok(()))));
             }
@@ -150,7 +161,7 @@ impl Store {
     }
 }
 
-fn receiver(cmds: &[(u8, u64, &[u8])]) {
+fn receiver(cmds: &[(u8, u64, &[u8])], open_first: bool) {
     let mut r = Receiver::new(ReceiverConfig {
         site_name: "secondary".into(),
         software_version: "fuzz".into(),
@@ -160,30 +171,20 @@ fn receiver(cmds: &[(u8, u64, &[u8])]) {
         at: 5,
         ..Store::default()
     };
-    // A valid start, so that the fuzzer begins inside the conversation.
-    let mut start = Vec::new();
+    // A valid start, so that the fuzzer begins inside the conversation
+    // (the `OpenDisk` sent with the `Hello` may overtake it).
     let hello = Msg::Hello(Hello {
         protocol_version: PROTOCOL_VERSION,
         site_name: "primary".into(),
         software_version: "fuzz".into(),
     });
-    encode(&hello, &mut start).expect("hello encodes");
-    r.handle(
-        0,
-        Event::Data {
-            stream: StreamId(100),
-            bytes: &start,
-        },
-    );
-    start.clear();
-    encode(&Msg::OpenDisk(open()), &mut start).expect("open encodes");
-    r.handle(
-        0,
-        Event::Data {
-            stream: StreamId(101),
-            bytes: &start,
-        },
-    );
+    let mut start = [(100, hello), (101, Msg::OpenDisk(open()))];
+    if open_first {
+        start.reverse();
+    }
+    for (sid, m) in &start {
+        send(&mut r, 0, StreamId(*sid), m);
+    }
     while let Some(o) = r.poll() {
         if let Output::Action(a) = o {
             store.perform(a, false);
@@ -220,8 +221,9 @@ fn receiver(cmds: &[(u8, u64, &[u8])]) {
             // Well-formed log messages with fuzzed fields, so that the
             // fuzzer reaches logs that verify and logs that almost do.
             7 => {
-                // Mostly 6 (the replica is at 5), sometimes a resend or a gap.
-                let cycle = [6, 6, 5, 7][usize::from(b(0) % 4)];
+                // Mostly 6 (the replica is at 5) and 7 (after it),
+                // sometimes a resend or a gap.
+                let cycle = [6, 6, 5, 7, 7, 8][usize::from(b(0) % 6)];
                 let base = if b(1) % 4 == 0 {
                     u64::from(b(1))
                 } else {
@@ -317,6 +319,7 @@ fn sender(cmds: &[(u8, u64, &[u8])]) {
             timeout_ns: 50,
             chunk_size: 7,
             commit_ahead: true,
+            open_with_hello: true,
         },
         0,
     );
@@ -331,10 +334,18 @@ fn sender(cmds: &[(u8, u64, &[u8])]) {
         cut_unix_ns: 0,
         total_len: LOG.len() as u64,
     };
-    let _ = s.submit(Job::Log {
-        begin,
-        app_consistent: false,
-    });
+    // Two logs of the disk, one after the other.
+    let next = LogBegin {
+        cycle: 7,
+        base_cycle: 6,
+        ..begin.clone()
+    };
+    for begin in [begin, next] {
+        let _ = s.submit(Job::Log {
+            begin,
+            app_consistent: false,
+        });
+    }
     let mut now = 0;
     for &(op, stream, bytes) in cmds {
         now += 1;
@@ -348,7 +359,7 @@ fn sender(cmds: &[(u8, u64, &[u8])]) {
             // Well-formed answers with fuzzed fields.
             _ => {
                 let cycle = u64::from(b(1) % 8);
-                let msg = match b(0) % 4 {
+                let msg = match b(0) % 5 {
                     0 => Msg::HelloOk(HelloOk {
                         protocol_version: PROTOCOL_VERSION,
                         site_name: "secondary".into(),
@@ -369,10 +380,17 @@ fn sender(cmds: &[(u8, u64, &[u8])]) {
                         durable: b(2) & 1 != 0,
                         applied: b(2) & 2 != 0,
                     }),
-                    _ => Msg::PointAck(PointAck {
+                    3 => Msg::PointAck(PointAck {
                         vm: "vm1".into(),
                         cycle,
                     }),
+                    // A refusal (of the `Hello`, an early `OpenDisk`, a log).
+                    _ => Msg::Error(ErrorMsg::new(
+                        [ErrorCode::Version, ErrorCode::Protocol, ErrorCode::Busy]
+                            [usize::from(b(2) % 3)],
+                        b(2) & 4 != 0,
+                        "fuzz",
+                    )),
                 };
                 let mut e = Vec::new();
                 if encode(&msg, &mut e).is_ok() {
@@ -400,7 +418,10 @@ fn sender(cmds: &[(u8, u64, &[u8])]) {
                     }
                     SenderAction::LogApplied { disk_id, cycle }
                     | SenderAction::LogDurable { disk_id, cycle } => {
-                        assert!(disk_id == ID && cycle == 6, "a log nobody sent");
+                        assert!(
+                            disk_id == ID && (cycle == 6 || cycle == 7),
+                            "a log nobody sent"
+                        );
                     }
                     _ => {}
                 }
@@ -415,7 +436,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let cmds = commands(rest);
     if mode % 2 == 0 {
-        receiver(&cmds);
+        receiver(&cmds, mode & 2 != 0);
     } else {
         sender(&cmds);
     }

@@ -1062,6 +1062,9 @@ impl Replicator {
             chunk_size: LOG_CHUNK,
             // `VDREP_COMMIT_AHEAD=0`: commit after the last Ack (to measure).
             commit_ahead: std::env::var("VDREP_COMMIT_AHEAD").map_or(true, |v| v != "0"),
+            // `VDREP_OPEN_WITH_HELLO=0`: open the disks after the Hello's
+            // answer, as before protocol 7 (to measure).
+            open_with_hello: std::env::var("VDREP_OPEN_WITH_HELLO").map_or(true, |v| v != "0"),
         })
     }
 

@@ -56,6 +56,15 @@
 //!    `HelloOk` or `Error` (e.g. unsupported version, code
 //!    [`ErrorCode::Version`]). The receiver identifies the sender by its
 //!    certificate ([`crate::transport::peer_identity`]), not by `site`.
+//!    Since protocol version 7 the sender does not wait for the answer
+//!    before step 2: its `OpenDisk`s go in the same flight (one round trip
+//!    less before the first byte of data). QUIC does not order streams: the
+//!    receiver holds an `OpenDisk` that arrives before the `Hello` (nothing
+//!    reaches the store) until the `Hello` is accepted, and refuses it with
+//!    the `Hello`'s error if the `Hello` is refused. The sender decides on
+//!    the control stream's answer (a refused early `OpenDisk` waits for it):
+//!    a version mismatch is reported as such. Any other request before the
+//!    `Hello` is refused.
 //! 2. Per disk: `OpenDisk` → `DiskState`. `replica_cycle` is the cycle the
 //!    replica is consistent at (0: no complete replica); `copy_cycle` and
 //!    `resume_offset` describe an unfinished initial copy (0 if none):
@@ -135,7 +144,12 @@ pub use names::{safe_component, safe_name, MAX_COMPONENT, MAX_NAME};
 /// it until they are. An older receiver would refuse such a point.
 /// 6: [`PointCommit::group`] (the consistency group of the point; absent
 /// in a version-5 sender's message, which a version-6 receiver accepts).
-pub const PROTOCOL_VERSION: u16 = 6;
+/// 7: the sender opens its disks in the same flight as its `Hello` (the
+/// conversation, steps 1 and 2). A version-6 receiver refuses the `Hello`
+/// (code [`ErrorCode::Version`]; it would also refuse an early `OpenDisk`):
+/// no fallback, both ends upgrade together, and a mismatch is the same
+/// clear error at `Hello` as before.
+pub const PROTOCOL_VERSION: u16 = 7;
 /// Largest data payload of one chunk.
 pub const MAX_DATA: usize = 16 << 20;
 /// Largest value of a frame's length field (type byte + payload).

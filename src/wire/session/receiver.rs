@@ -232,6 +232,12 @@ enum RState {
     /// committed once they are ([`Receiver::release_points`]), forgotten
     /// if the sender resets the stream (a transfer of the cycle failed).
     Held(wire::PointCommit),
+    /// An `OpenDisk` that arrived before the connection's `Hello` was
+    /// accepted (protocol 7: the sender opens its disks in the same flight
+    /// as its `Hello`, and QUIC does not order streams): handled once the
+    /// `Hello` is accepted, refused with the `Hello`'s error if it is not.
+    /// Nothing reaches the store before.
+    Early(OpenDisk),
     /// Answered; whatever else arrives is ignored.
     Drain,
 }
@@ -250,6 +256,8 @@ struct RStream {
 pub struct Receiver {
     cfg: ReceiverConfig,
     hello: bool,
+    /// The `Hello` was refused: nothing else is handled on this connection.
+    refused: bool,
     closed: bool,
     streams: HashMap<StreamId, RStream>,
     disks: HashMap<DiskId, RDisk>,
@@ -266,6 +274,7 @@ impl Receiver {
         Receiver {
             cfg,
             hello: false,
+            refused: false,
             closed: false,
             streams: HashMap::new(),
             disks: HashMap::new(),
@@ -296,7 +305,7 @@ impl Receiver {
     pub fn wants_data(&self, stream: StreamId) -> bool {
         !matches!(
             self.streams.get(&stream).map(|s| &s.st),
-            Some(RState::Await(..))
+            Some(RState::Await(..) | RState::Early(_))
         )
     }
 
@@ -475,7 +484,7 @@ impl Receiver {
                 return;
             };
             match s.st {
-                RState::Await(..) | RState::Drain | RState::Held(_) => return,
+                RState::Await(..) | RState::Drain | RState::Held(_) | RState::Early(_) => return,
                 _ => {}
             }
             let msg = match s.inbox.next(sid) {
@@ -509,7 +518,7 @@ impl Receiver {
                 self.out.push_back(Output::Finish(sid));
                 self.set(sid, RState::Drain);
             }
-            RState::Await(..) | RState::Drain | RState::Held(_) => {}
+            RState::Await(..) | RState::Drain | RState::Held(_) | RState::Early(_) => {}
             _ => self.fail(sid, SessionError::Ended(sid)),
         }
     }
@@ -551,20 +560,32 @@ impl Receiver {
 
     /// The first message of a stream decides what the stream is.
     fn first(&mut self, sid: StreamId, msg: Msg) -> Result<(), SessionError> {
-        if !self.hello && !matches!(msg, Msg::Hello(_)) {
-            return Err(SessionError::Unexpected {
-                stream: sid,
-                expected: "Hello",
-                got: msg.name(),
-            });
+        if !self.hello {
+            match msg {
+                Msg::Hello(_) => {}
+                // Pipelined with the `Hello` (which may be refused): wait.
+                Msg::OpenDisk(o) if !self.refused => {
+                    self.set(sid, RState::Early(o));
+                    return Ok(());
+                }
+                other => {
+                    return Err(SessionError::Unexpected {
+                        stream: sid,
+                        expected: "Hello",
+                        got: other.name(),
+                    })
+                }
+            }
         }
         match msg {
             Msg::Hello(h) => {
                 if h.protocol_version != wire::PROTOCOL_VERSION {
-                    return Err(SessionError::Version {
+                    let e = SessionError::Version {
                         ours: wire::PROTOCOL_VERSION,
                         theirs: h.protocol_version,
-                    });
+                    };
+                    self.refuse_early(&e);
+                    return Err(e);
                 }
                 self.hello = true;
                 let ok = Msg::HelloOk(wire::HelloOk {
@@ -576,6 +597,7 @@ impl Receiver {
                 // The control stream stays open for the connection.
                 self.send(sid, &ok)?;
                 self.set(sid, RState::Drain);
+                self.handle_early();
                 Ok(())
             }
             Msg::OpenDisk(o) => {
@@ -625,6 +647,45 @@ impl Receiver {
                 expected: "a request",
                 got: other.name(),
             }),
+        }
+    }
+
+    /// The `Hello` was accepted: handle the `OpenDisk`s that came before it.
+    fn handle_early(&mut self) {
+        let mut early: Vec<StreamId> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| matches!(s.st, RState::Early(_)))
+            .map(|(sid, _)| *sid)
+            .collect();
+        early.sort_unstable();
+        for sid in early {
+            let st = self
+                .streams
+                .get_mut(&sid)
+                .map(|s| std::mem::replace(&mut s.st, RState::Start));
+            if let Some(RState::Early(o)) = st {
+                if let Err(e) = self.first(sid, Msg::OpenDisk(o)) {
+                    self.fail(sid, e);
+                }
+                self.pump(sid);
+            }
+        }
+    }
+
+    /// The `Hello` was refused (`e`): the `OpenDisk`s sent with it are
+    /// refused with the same error, never handed to the store; so is any
+    /// that arrives later.
+    fn refuse_early(&mut self, e: &SessionError) {
+        self.refused = true;
+        let early: Vec<StreamId> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| matches!(s.st, RState::Early(_)))
+            .map(|(sid, _)| *sid)
+            .collect();
+        for sid in early {
+            self.fail(sid, e.clone());
         }
     }
 

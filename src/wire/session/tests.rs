@@ -408,34 +408,107 @@ fn digests_name_the_cycle_the_sender_compared_against() {
     );
 }
 
-#[test]
-fn hello_comes_first_and_versions_must_match() {
-    let mut r = receiver();
-    let b = bytes(&[Msg::OpenDisk(open())]);
+fn on(r: &mut Receiver, stream: u64, msgs: &[Msg]) -> Vec<Output<ReceiverAction>> {
+    let b = bytes(msgs);
     r.handle(
         NOW,
         Event::Data {
-            stream: StreamId(0),
+            stream: StreamId(stream),
             bytes: &b,
         },
     );
-    let outs = drain(|| r.poll());
-    assert!(matches!(&sent(&outs)[..], [Msg::Error(_)]));
+    drain(|| r.poll())
+}
+
+/// The messages `outs` sends on `stream`.
+fn sent_on<A>(outs: &[Output<A>], stream: u64) -> Vec<Msg> {
+    let mine: Vec<Output<A>> = outs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Send { stream: s, bytes } if s.0 == stream => Some(Output::Send {
+                stream: *s,
+                bytes: bytes.clone(),
+            }),
+            _ => None,
+        })
+        .collect();
+    sent(&mine)
+}
+
+#[test]
+fn hello_comes_first_and_versions_must_match() {
+    // Only an `OpenDisk` may come before the `Hello` (protocol 7).
     let mut r = receiver();
-    let b = bytes(&[Msg::Hello(Hello {
+    let (_, log) = log_msgs(6, 5, b"0123456789");
+    let outs = on(&mut r, 0, &log[..1]);
+    assert!(matches!(&sent(&outs)[..], [Msg::Error(_)]), "{outs:?}");
+    let mut r = receiver();
+    let old = Msg::Hello(Hello {
         protocol_version: wire::PROTOCOL_VERSION + 1,
         site_name: "primary".into(),
         software_version: "t".into(),
-    })]);
-    r.handle(
-        NOW,
-        Event::Data {
-            stream: StreamId(0),
-            bytes: &b,
-        },
-    );
-    let outs = drain(|| r.poll());
+    });
+    let outs = on(&mut r, 0, &[old]);
     assert!(matches!(&sent(&outs)[..], [Msg::Error(e)] if e.code == ErrorCode::Version));
+}
+
+#[test]
+fn an_open_disk_sent_with_the_hello_waits_for_it() {
+    let mut r = receiver();
+    // Stream 1's `OpenDisk` overtook stream 0's `Hello`.
+    let outs = on(&mut r, 1, &[Msg::OpenDisk(open())]);
+    assert!(outs.is_empty(), "nothing before the Hello: {outs:?}");
+    assert!(!r.wants_data(StreamId(1)));
+    r.handle(NOW, Event::Finished(StreamId(1)));
+    assert!(drain(|| r.poll()).is_empty());
+    let outs = on(&mut r, 0, &[hello()]);
+    assert!(
+        matches!(&sent_on(&outs, 0)[..], [Msg::HelloOk(_)]),
+        "{outs:?}"
+    );
+    let op = op_of(&outs, "the held OpenDisk asks the store", |a| match a {
+        ReceiverAction::LoadDisk { op, .. } => Some(*op),
+        _ => None,
+    });
+    r.complete(NOW, op, StoreDone::DiskLoaded(Ok(DiskStatus::default())));
+    let outs = drain(|| r.poll());
+    assert!(
+        matches!(&sent_on(&outs, 1)[..], [Msg::DiskState(_)]),
+        "{outs:?}"
+    );
+}
+
+#[test]
+fn a_refused_hello_refuses_the_disks_opened_with_it_and_nothing_reaches_the_store() {
+    let mut r = receiver();
+    on(&mut r, 1, &[Msg::OpenDisk(open())]);
+    let old = Msg::Hello(Hello {
+        protocol_version: wire::PROTOCOL_VERSION - 1,
+        site_name: "primary".into(),
+        software_version: "t".into(),
+    });
+    let mut outs = on(&mut r, 0, &[old]);
+    // A later `OpenDisk` and a log are refused too.
+    outs.extend(on(&mut r, 2, &[Msg::OpenDisk(open())]));
+    outs.extend(on(&mut r, 3, &log_msgs(6, 5, b"0123456789").1));
+    for stream in [0, 1] {
+        assert!(
+            matches!(&sent_on(&outs, stream)[..], [Msg::Error(e)] if e.code == ErrorCode::Version),
+            "stream {stream}: {outs:?}"
+        );
+    }
+    for stream in [2, 3] {
+        assert!(
+            matches!(&sent_on(&outs, stream)[..], [Msg::Error(_)]),
+            "{outs:?}"
+        );
+    }
+    assert!(
+        actions(&outs)
+            .iter()
+            .all(|a| matches!(a, ReceiverAction::Refused { .. })),
+        "{outs:?}"
+    );
 }
 
 #[test]
@@ -481,6 +554,7 @@ fn sender(timeout_ns: u64) -> Sender {
             timeout_ns,
             chunk_size: 4,
             commit_ahead: true,
+            open_with_hello: true,
         },
         NOW,
     )
@@ -815,6 +889,7 @@ fn ready_sender(chunk_size: usize, disks: Vec<OpenDisk>, state: DiskState) -> Se
             timeout_ns: 1 << 40,
             chunk_size,
             commit_ahead: true,
+            open_with_hello: true,
         },
         NOW,
     );
@@ -1380,4 +1455,202 @@ fn a_point_held_behind_a_log_that_fails_is_asked_again_and_refused() {
         Some((ErrorCode::InvalidState, true)),
         "{outs:?}"
     );
+}
+
+fn hello_ok() -> Msg {
+    Msg::HelloOk(wire::HelloOk {
+        protocol_version: wire::PROTOCOL_VERSION,
+        site_name: "secondary".into(),
+        software_version: "t".into(),
+        store_free: 0,
+    })
+}
+
+fn to_sender(s: &mut Sender, stream: u64, msgs: &[Msg]) -> Vec<Output<SenderAction>> {
+    let b = bytes(msgs);
+    s.handle(
+        NOW,
+        Event::Data {
+            stream: StreamId(stream),
+            bytes: &b,
+        },
+    );
+    drain(|| s.poll())
+}
+
+#[test]
+fn a_sender_opens_its_disks_with_the_hello_and_is_ready_once_both_are_answered() {
+    let mut s = sender(1 << 40);
+    let outs = drain(|| s.poll());
+    assert!(
+        matches!(&sent(&outs)[..], [Msg::Hello(_), Msg::OpenDisk(o)] if o.disk_id == ID),
+        "one flight: {outs:?}"
+    );
+    // The disk's answer may come first (streams are not ordered).
+    let outs = to_sender(&mut s, 1, &[Msg::DiskState(state(5, ""))]);
+    assert!(
+        sender_actions(&outs).is_empty() && !s.is_ready(),
+        "{outs:?}"
+    );
+    let outs = to_sender(&mut s, 0, &[hello_ok()]);
+    assert!(
+        matches!(&sender_actions(&outs)[..], [SenderAction::Ready { states }] if states[0].replica_cycle == 5),
+        "{outs:?}"
+    );
+    // The other order.
+    let mut s = sender(1 << 40);
+    drain(|| s.poll());
+    assert!(sender_actions(&to_sender(&mut s, 0, &[hello_ok()])).is_empty());
+    let outs = to_sender(&mut s, 1, &[Msg::DiskState(state(5, ""))]);
+    assert!(matches!(
+        &sender_actions(&outs)[..],
+        [SenderAction::Ready { .. }]
+    ));
+}
+
+#[test]
+fn without_open_with_hello_the_disks_are_opened_after_the_hellos_answer() {
+    let mut s = Sender::new(
+        SenderConfig {
+            site_name: "primary".into(),
+            software_version: "t".into(),
+            vm: "vm1".into(),
+            disks: vec![open()],
+            last_point: 0,
+            timeout_ns: 1 << 40,
+            chunk_size: 4,
+            commit_ahead: true,
+            open_with_hello: false,
+        },
+        NOW,
+    );
+    let outs = drain(|| s.poll());
+    assert!(matches!(&sent(&outs)[..], [Msg::Hello(_)]), "{outs:?}");
+    let outs = to_sender(&mut s, 0, &[hello_ok()]);
+    assert!(matches!(&sent(&outs)[..], [Msg::OpenDisk(_)]), "{outs:?}");
+    let outs = to_sender(&mut s, 1, &[Msg::DiskState(state(5, ""))]);
+    assert!(matches!(
+        &sender_actions(&outs)[..],
+        [SenderAction::Ready { .. }]
+    ));
+}
+
+#[test]
+fn an_old_receivers_refusal_of_the_early_open_disk_is_reported_as_the_version_mismatch() {
+    let mut s = sender(1 << 40);
+    drain(|| s.poll());
+    // A version-6 receiver: the `OpenDisk` may be refused first ...
+    let early = Msg::Error(wire::ErrorMsg::new(
+        ErrorCode::Protocol,
+        false,
+        "stream 1: expected Hello, the peer sent OpenDisk",
+    ));
+    let outs = to_sender(&mut s, 1, &[early]);
+    assert!(!s.is_closed(), "{outs:?}");
+    // ... the `Hello`'s answer decides.
+    let version = Msg::Error(wire::ErrorMsg::new(
+        ErrorCode::Version,
+        false,
+        "protocol version mismatch: this side speaks 6, the peer 7",
+    ));
+    let outs = to_sender(&mut s, 0, &[version]);
+    assert!(
+        outs.iter().any(|o| matches!(
+            o,
+            Output::Close(e @ SessionError::Peer { code: ErrorCode::Version, .. })
+                if e.kind() == ErrorKind::Refused { retryable: false }
+        )),
+        "{outs:?}"
+    );
+    // Accepted `Hello`, refused `OpenDisk`: that refusal closes it.
+    let mut s = sender(1 << 40);
+    drain(|| s.poll());
+    let busy = Msg::Error(wire::ErrorMsg::new(ErrorCode::Internal, true, "no store"));
+    to_sender(&mut s, 1, &[busy]);
+    let outs = to_sender(&mut s, 0, &[hello_ok()]);
+    assert!(
+        outs.iter().any(|o| matches!(
+            o,
+            Output::Close(SessionError::Peer {
+                code: ErrorCode::Internal,
+                ..
+            })
+        )),
+        "{outs:?}"
+    );
+    assert!(!s.is_ready());
+}
+
+#[test]
+fn a_pair_ships_three_logs_of_a_disk_in_a_row_and_applies_them_in_order() {
+    let mut s = sender(1 << 40);
+    let mut r = receiver();
+    let mut order = Vec::new();
+    let mut store = |a: &ReceiverAction| -> Option<(OpId, StoreDone)> {
+        match a {
+            ReceiverAction::LoadDisk { op, .. } => Some((
+                *op,
+                StoreDone::DiskLoaded(Ok(DiskStatus {
+                    replica_cycle: 5,
+                    replica_size: 1 << 20,
+                    ..DiskStatus::default()
+                })),
+            )),
+            ReceiverAction::StageLog { begin, .. } => {
+                order.push(("stage", begin.cycle));
+                None
+            }
+            ReceiverAction::StoreLogDurably { op, .. } => {
+                Some((*op, StoreDone::LogStored(Ok(LogStored::Stored))))
+            }
+            ReceiverAction::ApplyLog { op, cycle, .. } => {
+                order.push(("apply", *cycle));
+                Some((*op, StoreDone::LogApplied(Ok(()))))
+            }
+            ReceiverAction::CommitPoint { op, .. } => {
+                Some((*op, StoreDone::PointCommitted(Ok(true))))
+            }
+            _ => None,
+        }
+    };
+    let log = b"a sealed log".to_vec();
+    let mut read = |_: ReadWhat, offset: u64, max: usize| {
+        let e = (offset as usize + max).min(log.len());
+        ReadData {
+            offset,
+            data: log[offset as usize..e].to_vec(),
+            end: e == log.len(),
+        }
+    };
+    pump(&mut s, &mut r, &mut store, &mut read);
+    for (cycle, base) in [(6, 5), (7, 6), (8, 7)] {
+        let (begin, _) = log_msgs(cycle, base, &log);
+        s.submit(Job::Log {
+            begin,
+            app_consistent: false,
+        })
+        .expect("submit");
+    }
+    let seen = pump(&mut s, &mut r, &mut store, &mut read);
+    assert_eq!(
+        order,
+        vec![
+            ("stage", 6),
+            ("apply", 6),
+            ("stage", 7),
+            ("apply", 7),
+            ("stage", 8),
+            ("apply", 8)
+        ]
+    );
+    let applied: Vec<u64> = seen
+        .iter()
+        .filter_map(|a| match a {
+            SenderAction::LogApplied { cycle, .. } => Some(*cycle),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(applied, vec![6, 7, 8]);
+    assert_eq!(s.last_point(), 8);
+    assert!(s.is_idle());
 }
