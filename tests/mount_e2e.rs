@@ -220,9 +220,10 @@ fn concurrent_direct_writer_with_cuts_every_few_ms_over_uring() {
 }
 
 /// Eight `O_DIRECT` writers at once through FUSE over io_uring, each on
-/// its own blocks, while cuts happen every few ms: a ring thread then has
-/// several requests with their backing writes in flight on its ring
-/// (issue 12, session 10), and a cut must wait for every write it counts.
+/// its own blocks, while cuts happen every few ms: with
+/// `VDREP_URING_ASYNC_WRITES=1` a ring thread has several requests with
+/// their backing writes in flight on its ring (issue 12, session 10), and a
+/// cut must wait for every write it counts.
 /// For each writer, each sealed log reproduces exactly a prefix of its
 /// writes, with every write acknowledged before the cut was requested and
 /// none started after it returned.
@@ -244,7 +245,16 @@ fn concurrent_writers(n: usize, mount_args: &[&str]) {
     std::fs::write(vm.join("d.raw"), vec![0u8; BLOCKS as usize * BS]).unwrap();
     let copy = tmp.path().join("copy");
     std::fs::copy(vm.join("d.raw"), &copy).unwrap();
-    let m = Mounted::new(&vm, mount_args);
+    // Four entries per ring thread, which submits the backing writes on
+    // its ring too (both off by default, see src/fuse/uring.rs).
+    let m = Mounted::with_env(
+        &vm,
+        mount_args,
+        &[
+            ("VDREP_URING_ASYNC_WRITES", "1"),
+            ("VDREP_URING_ENTRIES", "4"),
+        ],
+    );
     if !mount_args.is_empty() {
         assert_uring(&m);
     }

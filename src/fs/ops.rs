@@ -341,6 +341,7 @@ fn write_async(
         && !data.is_empty()
         && is_aligned(offset, data.len())
         && (data.as_ptr() as usize) % sys::DIO_ALIGN == 0
+        && uring::async_writes()
         && uring::async_io())
     {
         return Some((reply, timer));

@@ -14,8 +14,9 @@
 //! reader threads stay).
 //!
 //! Several entries per ring ([`entries_per_ring`]), and the backing I/O of
-//! an `O_DIRECT` READ or WRITE goes on the same ring ([`submit_read`],
-//! [`submit_write`], called by the handlers in `fs`): the thread sleeps
+//! an `O_DIRECT` READ (and WRITE with [`async_writes`]) goes on the same
+//! ring ([`submit_read`], [`submit_write`], called by the handlers in
+//! `fs`): the thread sleeps
 //! once in `io_uring_enter` for whichever completes first, a request or a
 //! backing I/O, instead of once for the request and once in `pwrite`; the
 //! completion makes the reply and commits the entry (the reply still goes
@@ -251,10 +252,15 @@ pub fn queues() -> usize {
 pub const MAX_RINGS: usize = 64;
 
 /// FUSE entries per ring (serving thread) unless `VDREP_URING_ENTRIES`
-/// says otherwise: a thread serves its entries' O_DIRECT reads and writes
-/// asynchronously on its own ring, so one wake-up reaps several requests
-/// and backing completions (kernel-notes/fuse-uring.md, session 10).
-pub const ENTRIES_PER_RING: usize = 4;
+/// says otherwise. With more than one, a thread serves its entries'
+/// `O_DIRECT` reads (and writes with [`async_writes`]) asynchronously on its
+/// own ring, so one wake-up reaps several requests and backing completions:
+/// 4 made direct 4 KiB reads at QD16 1.2-1.6× faster at half the CPU per
+/// request, but a thread blocked in a synchronous backing write then holds
+/// requests in its other entries, and fewer threads serve a queue; not
+/// measured that way, so 1 (the layout before, one thread per entry) stays
+/// the default (kernel-notes/fuse-uring.md, session 10).
+pub const ENTRIES_PER_RING: usize = 1;
 
 /// Most entries per ring.
 const MAX_ENTRIES_PER_RING: usize = 64;
@@ -544,6 +550,17 @@ impl Local {
 /// while it is taken).
 fn with_local<T>(f: impl FnOnce(&mut Local) -> T) -> Option<T> {
     LOCAL.with(|l| l.try_borrow_mut().ok()?.as_mut().map(f))
+}
+
+/// Whether `O_DIRECT` writes go to the ring as well (`VDREP_URING_ASYNC_WRITES=1`;
+/// reads always do). Off by default: measured 2026-12-03, the backing
+/// writes submitted on the ring made the tracking-only row 5× slower (ext4
+/// answers a `NOWAIT` direct write `EAGAIN`, e.g. when the file's mtime must
+/// be updated, and io_uring hands it to an io-wq worker: more wake-ups, not
+/// fewer; kernel-notes/fuse-uring.md, session 10).
+pub fn async_writes() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("VDREP_URING_ASYNC_WRITES").is_ok_and(|v| v.trim() == "1"))
 }
 
 /// Whether this thread is a ring thread dispatching a request: then its
