@@ -55,6 +55,12 @@
 # value back at exit); its columns (value, ratio, p99, CPU per request,
 # T1-T3) follow vdrep's, with uring/vdrep.
 #
+# A/B of two builds in one run: BASE_VDREP=path (e.g. main's release binary)
+# makes the targets base-vdrep and base-vdrep-uring available: vdrep and
+# vdrep-uring run with that binary, interleaved with the others round by
+# round; their columns (value, ratio to native, p99, CPU per request, T1-T3)
+# follow, with new/base (vdrep/base-vdrep, uring/base-uring).
+#
 # Output: a table on stdout and bench-results/writepath-<UTC time>.{json,md}.
 set -euo pipefail
 
@@ -66,6 +72,8 @@ BENCH_ROOT="${BENCH_ROOT:-/var/tmp/vdrep-bench}"
 TARGETS="${TARGETS:-native vdrep vdrep-nolog}"
 CUT_EVERY="${CUT_EVERY:-0.1}"
 VDREP="${VDREP:-$REPO/target/release/vdrep}"
+BASE_VDREP="${BASE_VDREP:-}"
+CUR_VDREP="$VDREP"   # the binary of the target being measured
 METRICS_PORT="${METRICS_PORT:-19477}"
 read -r -a MOUNT_ARGS <<<"${VDREP_MOUNT_ARGS:-}"
 JOBDIR="$REPO/benches/writepath"
@@ -136,7 +144,7 @@ print(json.dumps({"worker_pid": w.get("pid"), "worker": ticks(w.get("pid", 0)),
                   "al_syncs": syncs, "states": states, "hz": os.sysconf("SC_CLK_TCK")}))
 '
 daemon_snapshot() {
-    python3 -c "$DAEMON_SNAPSHOT_PY" "$("$VDREP" status "$DATA" --json 2>/dev/null || echo '{}')" "$METRICS_PORT"
+    python3 -c "$DAEMON_SNAPSHOT_PY" "$("$CUR_VDREP" status "$DATA" --json 2>/dev/null || echo '{}')" "$METRICS_PORT"
 }
 
 if [[ -z "${REPORT_FROM:-}" ]]; then
@@ -159,8 +167,12 @@ fi
 say "native folder: $DATA ($(findmnt -n -o FSTYPE --target "$DATA"), $(findmnt -n -o SOURCE --target "$DATA"))"
 
 # --- targets ---------------------------------------------------------------
+# The binary of target $1: base-* targets run BASE_VDREP.
+bin_for() { if [[ "$1" == base-* ]]; then echo "$BASE_VDREP"; else echo "$VDREP"; fi; }
 setup_target() { # prints the directory fio should use, or fails
-    case "$1" in
+    local bin kind="${1#base-}"
+    bin="$(bin_for "$1")"
+    case "$kind" in
         native) echo "$DATA" ;;
         bindfs)
             command -v bindfs >/dev/null || { say "bindfs not installed"; return 1; }
@@ -168,14 +180,14 @@ setup_target() { # prints the directory fio should use, or fails
             is_fuse_mounted "$BINDMNT" || { say "bindfs did not mount"; return 1; }
             echo "$BINDMNT" ;;
         vdrep|vdrep-nolog|vdrep-noahead|vdrep-nohot|vdrep-uring)
-            [[ -x "$VDREP" ]] || { say "no vdrep binary at $VDREP"; return 1; }
+            [[ -x "$bin" ]] || { say "no vdrep binary at '$bin'"; return 1; }
             local al=on ahead="${VDREP_ACTIVITY_AHEAD:-}" transport=dev
-            [[ "$1" == vdrep-nolog ]] && al=off
-            [[ "$1" == vdrep-noahead ]] && ahead=0
-            [[ "$1" == vdrep-uring ]] && transport=uring
+            [[ "$kind" == vdrep-nolog ]] && al=off
+            [[ "$kind" == vdrep-noahead ]] && ahead=0
+            [[ "$kind" == vdrep-uring ]] && transport=uring
             local hot="${VDREP_ACTIVITY_HOT:-}"
-            [[ "$1" == vdrep-nohot ]] && hot=0
-            VDREP_ACTIVITY_LOG=$al VDREP_ACTIVITY_AHEAD="$ahead" VDREP_ACTIVITY_HOT="$hot" "$VDREP" mount "$DATA" --metrics-listen "127.0.0.1:$METRICS_PORT" \
+            [[ "$kind" == vdrep-nohot ]] && hot=0
+            VDREP_ACTIVITY_LOG=$al VDREP_ACTIVITY_AHEAD="$ahead" VDREP_ACTIVITY_HOT="$hot" "$bin" mount "$DATA" --metrics-listen "127.0.0.1:$METRICS_PORT" \
                 --fuse-transport "$transport" $([[ $transport == uring ]] && echo --enable-uring) "${MOUNT_ARGS[@]}" >&2 \
                 || { say "vdrep mount failed"; return 1; }
             is_fuse_mounted "$DATA" || { say "vdrep mount returned but $DATA is not a FUSE mount"; return 1; }
@@ -183,9 +195,9 @@ setup_target() { # prints the directory fio should use, or fails
     esac
 }
 teardown_target() {
-    case "$1" in
+    case "${1#base-}" in
         bindfs) fusermount3 -u "$BINDMNT" 2>/dev/null || umount "$BINDMNT" ;;
-        vdrep|vdrep-nolog|vdrep-noahead|vdrep-nohot|vdrep-uring)  "$VDREP" umount "$DATA" || say "warning: vdrep umount failed" ;;
+        vdrep|vdrep-nolog|vdrep-noahead|vdrep-nohot|vdrep-uring)  "$(bin_for "$1")" umount "$DATA" || say "warning: vdrep umount failed" ;;
         *) ;;
     esac
 }
@@ -195,7 +207,7 @@ teardown_target() {
 cutter() {
     : > "$1"
     while sleep "$CUT_EVERY"; do
-        if logs="$("$VDREP" cut "$DATA" 2>/dev/null)"; then
+        if logs="$("$CUR_VDREP" cut "$DATA" 2>/dev/null)"; then
             [[ -z "$logs" ]] || xargs -r -d '\n' rm -f <<<"$logs"
             echo cut >> "$1"
         fi
@@ -207,7 +219,8 @@ cutter() {
 for run in $(seq 1 "$RUNS"); do
 for target in $TARGETS; do
     say "=== round $run/$RUNS, target: $target"
-    if [[ "$target" == vdrep* ]]; then
+    CUR_VDREP="$(bin_for "$target")"
+    if [[ "${target#base-}" == vdrep* ]]; then
         # Fresh tracking state each mount: a disk changed while unmounted
         # (by the native target) would come back ResyncRequired, and a
         # resyncing disk finishes no cycle, so no extent would leave the log.
@@ -223,24 +236,24 @@ for target in $TARGETS; do
         drop_caches
         out="$RAW/$target.$job.$run.json"
         say "$target $job run $run/$RUNS"
-        if [[ "$job" == worst-* && "$target" == vdrep* ]]; then
+        if [[ "$job" == worst-* && "${target#base-}" == vdrep* ]]; then
             # Cut away what the earlier jobs wrote (up to the whole file),
             # outside the measured window: the cuts during the job then
             # carry only its own writes, and the extents start cold.
             # (Retried: the previous job's last cut may still be running.)
             for _ in $(seq 1 60); do
-                if logs="$("$VDREP" cut "$DATA" 2>/dev/null)"; then
+                if logs="$("$CUR_VDREP" cut "$DATA" 2>/dev/null)"; then
                     [[ -z "$logs" ]] || xargs -r -d '\n' rm -f <<<"$logs"
                     break
                 fi
                 sleep 0.5
             done
         fi
-        if [[ "$target" == vdrep* ]]; then
+        if [[ "${target#base-}" == vdrep* ]]; then
             daemon_snapshot > "$out.cpu0" || say "warning: no daemon snapshot before the job"
         fi
         cutter_pid=""
-        if [[ "$job" == worst-* && "$target" == vdrep* ]]; then
+        if [[ "$job" == worst-* && "${target#base-}" == vdrep* ]]; then
             cutter "$out.cuts" & cutter_pid=$!
         fi
         if ! BENCH_DIR="$dir" SIZE="$SIZE" RUNTIME="$RUNTIME" \
@@ -253,7 +266,7 @@ for target in $TARGETS; do
             wait "$cutter_pid" 2>/dev/null || true
             say "$target $job run $run: $(wc -l < "$out.cuts") cuts"
         fi
-        if [[ "$target" == vdrep* ]]; then
+        if [[ "${target#base-}" == vdrep* ]]; then
             daemon_snapshot > "$out.cpu1" || say "warning: no daemon snapshot after the job"
         fi
     done
@@ -305,7 +318,7 @@ for job in jobs:
     unit, rw, want_p99 = spec(job)
     row = {"unit": unit, "target_ratio": GOAL, "floor": FLOOR.get(job), "runs": {}, "median": {},
            "p99_us": {}, "cpu": None}
-    cpus, syncs, per_k, cpus_u = [], {}, {}, []
+    cpus, syncs, per_k, cpus_u, cpus_b = [], {}, {}, [], {}
     for t in targets:
         vals, p99s = [], []
         for r in range(1, int(runs) + 1):
@@ -320,11 +333,13 @@ for job in jobs:
             vals.append(v)
             if p99 is not None:
                 p99s.append(p99)
-            if t.startswith("vdrep") and (c := cpu(p)):
+            if t.removeprefix("base-").startswith("vdrep") and (c := cpu(p)):
                 if t == "vdrep":
                     cpus.append(c)
                 if t == "vdrep-uring":
                     cpus_u.append(c)
+                if t in ("base-vdrep", "base-vdrep-uring"):
+                    cpus_b.setdefault(t, []).append(c)
                 syncs.setdefault(t, []).append(c["al_syncs"])
                 if c["writes"] > 0:
                     per_k.setdefault(t, []).append(c["al_syncs"] * 1000 / c["writes"])
@@ -340,6 +355,12 @@ for job in jobs:
     if cpus_u:
         row["cpu_uring"] = {k: med([c[k] for c in cpus_u]) for k in cpus_u[0] if k != "states"}
         row["cpu_uring"]["runs"] = cpus_u
+    for t in ("base-vdrep", "base-vdrep-uring"):
+        cb = cpus_b.get(t)
+        row["cpu_" + t] = None
+        if cb:
+            row["cpu_" + t] = {k: med([c[k] for c in cb]) for k in cb[0] if k != "states"}
+            row["cpu_" + t]["runs"] = cb
     row["al_syncs"] = {t: med(v) for t, v in syncs.items()}
     row["al_syncs_per_1000_writes"] = {t: med(v) for t, v in per_k.items()}
     res[job] = row
@@ -359,6 +380,7 @@ meta = {"utc": os.path.basename(base).split("-", 1)[1], "git": rev, "kernel": pl
 NOLOG, NOAHEAD = "vdrep-nolog" in targets, "vdrep-noahead" in targets
 NOHOT = "vdrep-nohot" in targets
 URING = "vdrep-uring" in targets
+BASES = [t for t in ("base-vdrep", "base-vdrep-uring") if t in targets]
 def verdicts(job, row, t, cpu_key):
     """T1-T3 of target t: (cells, ratio, p99 ratio, verdict dict)."""
     m, unit, floor = row["median"], row["unit"], row["floor"]
@@ -398,6 +420,10 @@ hdr = ["job", "unit", "native"] + (["bindfs"] if "bindfs" in targets else []) + 
     "CPU us/req (worker+sup)", "T3 <=10us"] + (
     ["uring", "uring ratio", "uring T1", "p99 uring us", "uring p99 ratio", "uring T2",
      "uring CPU us/req", "uring T3", "uring/vdrep"] if URING else [])
+for t in BASES:
+    short = t.removeprefix("base-vdrep").lstrip("-") or "dev"
+    hdr += [f"base {short}", "ratio", "T1", "p99 us", "p99 ratio", "T2", "CPU us/req", "T3",
+            f"new/base {short}"]
 rows = []
 for job, row in res.items():
     m, unit = row["median"], row["unit"]
@@ -436,6 +462,15 @@ for job, row in res.items():
         row["ratio"]["vdrep-uring"] = urv
         row["p99_ratio_uring"] = upr
         row["verdict_uring"] = uv
+    for t in BASES:
+        cells, brv, bpr, bv = verdicts(job, row, t, "cpu_" + t)
+        new = t.removeprefix("base-")
+        nb = ratio(m.get(new), m.get(t))
+        cells.append(rx(nb))
+        row["ratio"][t] = brv
+        row["ratio"][f"{new}/{t}"] = nb
+        row["verdict_" + t] = bv
+        ur = ur + cells
     rows.append([job, unit, fmt(m.get("native"), unit)] + ([fmt(m.get("bindfs"), unit)] if "bindfs" in targets else []) + [
         fmt(m.get("vdrep"), unit), rx(rv)] + al + [
         "-" if floor is None else f"{floor:.2f}x", t1,

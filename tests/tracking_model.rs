@@ -159,6 +159,64 @@ proptest! {
     }
 }
 
+/// A write whose backing I/O completes later (the io_uring transport's
+/// [`TrackedDisk::try_begin_write`]) holds off a cut until it is finished,
+/// lands in the cycle the cut seals, and no write starts without waiting
+/// once the cut waits for it.
+#[test]
+fn a_cut_waits_for_a_write_in_flight_and_seals_it_in_its_cycle() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(dir.join("d.raw"), vec![0u8; 1 << 20]).unwrap();
+    let t = tracker(dir, 4096);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("d.raw"))
+        .unwrap();
+    let disk = t.attach(Path::new("d.raw"), &file).unwrap().unwrap();
+    // The copy as of the first cut.
+    t.cut().unwrap();
+    std::fs::copy(dir.join("d.raw"), dir.join("base")).unwrap();
+    let w = disk
+        .try_begin_write(4096, 4096)
+        .unwrap()
+        .expect("no cut is running: the write starts at once");
+    // The backing write, in flight while the cut is asked for.
+    std::os::unix::fs::FileExt::write_all_at(&file, &[0x5a; 4096], 4096).unwrap();
+    std::thread::scope(|s| {
+        let cut = s.spawn(|| t.cut().unwrap());
+        // Until the cut waits for the lock, writes may start (each one
+        // marks its block whatever it wrote: block 0 stays zeros).
+        let mut held_off = false;
+        while !cut.is_finished() {
+            match disk.try_begin_write(0, 4096).unwrap() {
+                Some(w0) => drop(w0),
+                None => {
+                    held_off = true;
+                    break;
+                }
+            }
+            std::thread::yield_now();
+        }
+        assert!(
+            held_off && !cut.is_finished(),
+            "the cut sealed its cycle while a write it counts was in flight"
+        );
+        w.finish(4096);
+        let r = cut.join().unwrap();
+        let log = r.disks[0]
+            .log
+            .clone()
+            .unwrap_or_else(|| panic!("no log: {:?}", r.disks[0].error));
+        apply_all(&[log], &dir.join("base"));
+    });
+    assert!(
+        std::fs::read(dir.join("base")).unwrap() == std::fs::read(dir.join("d.raw")).unwrap(),
+        "the write in flight at the cut is missing from its cycle's log"
+    );
+}
+
 /// Writes during the materialisation of a cut land in the next cycle and
 /// do not leak into the sealed one (copy-before-write), with a disk large
 /// enough that materialisation takes a while.

@@ -327,8 +327,9 @@ fn rings_for(
     match uring::register(session.as_fd(), per_queue, payload) {
         Ok(r) => {
             tracing::info!(
-                "FUSE over io_uring: {} rings on {} queues",
+                "FUSE over io_uring: {} rings of {} entries on {} queues",
                 r.len(),
+                uring::entries_per_ring(),
                 uring::queues()
             );
             Some(r)

@@ -21,6 +21,7 @@ use fuser::{
 use super::handle::{DirEnt, OpenDir, OpenFile};
 use super::inode::{Inode, ROOT_INO};
 use super::VdrepFs;
+use crate::fuse::uring;
 use crate::metrics::fuse::{self as metrics, FuseOp};
 use crate::sys::{self, cstr, AlignedBuf};
 use crate::tracking::TrackedDisk;
@@ -260,6 +261,150 @@ fn serve_read(h: &OpenFile, offset: u64, size: usize, reply: ReplyData) {
             Err(e) => reply.error(Errno::from(e)),
         }
     });
+}
+
+/// On a ring thread of the io_uring transport: an aligned read of an
+/// `O_DIRECT` handle goes to the thread's own ring, straight into the ring
+/// entry's payload, and its completion replies (one sleep of the thread
+/// serves several requests). `Some`: not taken, serve it synchronously.
+fn read_async(
+    h: &Arc<OpenFile>,
+    offset: u64,
+    size: usize,
+    reply: ReplyData,
+    timer: metrics::OpTimer,
+) -> Option<(ReplyData, metrics::OpTimer)> {
+    if !(h.direct && size > 0 && is_aligned(offset, size) && uring::async_io()) {
+        return Some((reply, timer));
+    }
+    let h2 = h.clone();
+    let done: uring::ReadDone = Box::new(move |r, buf| {
+        let _timer = timer;
+        let Some(buf) = buf.get_mut(..size) else {
+            reply.error(Errno::from(io::Error::from_raw_os_error(libc::EIO)));
+            return;
+        };
+        // As read_full: until the buffer is full or end of file.
+        let r = r.and_then(|n| {
+            if n == 0 || n >= size {
+                Ok(n.min(size))
+            } else {
+                read_full(&h2.file, &mut buf[n..], offset + n as u64).map(|m| n + m)
+            }
+        });
+        match r {
+            Ok(n) => reply.data(&buf[..n]),
+            // The backing fs wants a larger alignment: the buffered twin.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                match h2.buffered().and_then(|f| read_full(f, buf, offset)) {
+                    Ok(n) => reply.data(&buf[..n]),
+                    Err(e) => reply.error(Errno::from(e)),
+                }
+            }
+            Err(e) => reply.error(Errno::from(e)),
+        }
+    });
+    if let Err(done) = uring::submit_read(h.file.as_raw_fd(), size, offset, done) {
+        // Not queued (the ring failed): read here, into the thread's
+        // aligned buffer.
+        DIO_BUF.with(|b| {
+            let mut b = b.borrow_mut();
+            match b.get(size) {
+                Ok(buf) => {
+                    let r = read_full(&h.file, buf, offset);
+                    done(r, buf);
+                }
+                Err(e) => done(Err(e), &mut []),
+            }
+        });
+    }
+    None
+}
+
+/// On a ring thread of the io_uring transport: the backing write of an
+/// aligned request on an `O_DIRECT` handle goes to the thread's own ring
+/// (its data stays in the ring entry until the reply) and its completion
+/// replies. The tracking steps before the write run here
+/// ([`TrackedDisk::try_begin_write`]); the write holds its share of the cut
+/// lock until it completed and is marked. `Some`: not taken, serve it
+/// synchronously (the thread's writes in flight are completed first when
+/// a cut is waiting for the cut lock).
+fn write_async(
+    h: &Arc<OpenFile>,
+    fh: u64,
+    offset: u64,
+    data: &[u8],
+    reply: ReplyWrite,
+    timer: metrics::OpTimer,
+) -> Option<(ReplyWrite, metrics::OpTimer)> {
+    if !(h.direct
+        && !data.is_empty()
+        && is_aligned(offset, data.len())
+        && (data.as_ptr() as usize) % sys::DIO_ALIGN == 0
+        && uring::async_writes()
+        && uring::async_io())
+    {
+        return Some((reply, timer));
+    }
+    let ticket = match &h.disk {
+        None => None,
+        Some(d) => match d.try_begin_write(offset, data.len()) {
+            Ok(Some(t)) => Some(t),
+            Ok(None) => {
+                // A cut holds or waits for the cut lock, and this thread's
+                // writes in flight hold it shared: complete them, then
+                // write synchronously (waiting for the cut).
+                uring::drain();
+                return Some((reply, timer));
+            }
+            Err(e) => {
+                data_error(FuseOp::Write, fh, offset, data.len() as u64, &e);
+                reply.error(Errno::from(e));
+                return None;
+            }
+        },
+    };
+    let h2 = h.clone();
+    let done: uring::WriteDone = Box::new(move |r, data| {
+        let _timer = timer;
+        let r = match r {
+            Ok(n) if n >= data.len() => Ok(n),
+            // Short: the rest as write_full would, under the same share
+            // of the cut lock (the blocks are already logged).
+            Ok(n) if n > 0 => write_full(None, &h2.file, &data[n..], offset + n as u64)
+                .map(|m| n + m)
+                .or(Ok(n)),
+            Ok(_) => Err(io::Error::from_raw_os_error(libc::EIO)),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => h2
+                .buffered()
+                .and_then(|f| write_full(None, f, data, offset)),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                write_full(None, &h2.file, data, offset)
+            }
+            Err(e) => Err(e),
+        };
+        // Marked (and the cut lock released) whatever the outcome, before
+        // the reply.
+        if let Some(t) = ticket {
+            t.finish(*r.as_ref().unwrap_or(&0));
+        }
+        match r {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => {
+                data_error(FuseOp::Write, fh, offset, data.len() as u64, &e);
+                reply.error(Errno::from(e));
+            }
+        }
+    });
+    // async_io() said this is a ring thread dispatching, and the data is
+    // the request's: submit_write takes it unless the ring failed.
+    if let Err(done) = uring::submit_write(h.file.as_raw_fd(), data, offset, done) {
+        // Not queued (the ring failed): write here, under the same share
+        // of the cut lock.
+        let r = write_full(None, &h.file, data, offset);
+        done(r, data);
+    }
+    None
 }
 
 /// Write `data` at `offset` through `h` (and its tracked disk, if any).
@@ -879,11 +1024,15 @@ impl Filesystem for VdrepFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let _t = metrics::time(FuseOp::Read);
+        let t = metrics::time(FuseOp::Read);
         // Direct requests are served here too, on the worker that read them:
         // the session has `DIRECT_IO_WORKERS` extra workers so the device
-        // queue depth is not capped by `n_threads`.
+        // queue depth is not capped by `n_threads`. On a ring thread of the
+        // io_uring transport they go to its ring.
         let h = tri!(self.open_file(fh), reply);
+        let Some((reply, _t)) = read_async(&h, offset, size as usize, reply, t) else {
+            return;
+        };
         serve_read(&h, offset, size as usize, reply);
     }
 
@@ -899,17 +1048,32 @@ impl Filesystem for VdrepFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let _t = metrics::time(FuseOp::Write);
+        let t = metrics::time(FuseOp::Write);
         if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            // On a ring thread: nothing of this thread's in flight while
+            // the mode changes.
+            uring::drain();
             if let Ok(h) = self.open_file(fh) {
                 if let Some(inode) = self.inodes.get(h.ino) {
                     tri!(self.kill_suidgid(&inode), reply);
                 }
             }
         }
-        let r = self
-            .open_file(fh)
-            .and_then(|h| write_handle(&h, offset, data));
+        let h = match self.open_file(fh) {
+            Ok(h) => h,
+            Err(e) => {
+                data_error(FuseOp::Write, fh.0, offset, data.len() as u64, &e);
+                reply.error(Errno::from(e));
+                return;
+            }
+        };
+        let Some((reply, _t)) = write_async(&h, fh.0, offset, data, reply, t) else {
+            return;
+        };
+        // Synchronously: on a ring thread, its writes in flight hold the
+        // cut lock shared and write_handle may wait for it.
+        uring::drain();
+        let r = write_handle(&h, offset, data);
         match r {
             Ok(n) => reply.written(n as u32),
             Err(e) => {

@@ -10,13 +10,21 @@
 //! by fuser's own [`fuser::Dispatcher`] (the same decoding and
 //! `Filesystem` calls as the `/dev/fuse` loop), its reply is written into
 //! the entry, and one `COMMIT_AND_FETCH` both answers it and waits for the
-//! next one (one `io_uring_enter` per request). FORGET and INTERRUPT still
-//! come through `/dev/fuse` (fuser's reader threads stay).
+//! next one. FORGET and INTERRUPT still come through `/dev/fuse` (fuser's
+//! reader threads stay).
 //!
-//! One entry per thread: vdrep's handlers block on the backing file, so a
-//! thread serves one request at a time and the depth the kernel can use on
-//! a queue is that queue's thread count; every queue gets as many threads
-//! as the `/dev/fuse` transport has in all (up to [`MAX_RINGS`] rings).
+//! Several entries per ring ([`entries_per_ring`]), and the backing I/O of
+//! an `O_DIRECT` READ (and WRITE with [`async_writes`]) goes on the same
+//! ring ([`submit_read`], [`submit_write`], called by the handlers in
+//! `fs`): the thread sleeps
+//! once in `io_uring_enter` for whichever completes first, a request or a
+//! backing I/O, instead of once for the request and once in `pwrite`; the
+//! completion makes the reply and commits the entry (the reply still goes
+//! only after the backing I/O completed). Any other request first waits
+//! for the thread's backing I/O in flight ([`drain`]): a handler may block
+//! on the cut lock, which those writes hold shared until they completed.
+//! A queue gets as many entries in all as the `/dev/fuse` transport has
+//! threads (up to [`MAX_RINGS`] rings).
 //!
 //! The rings belong to the worker process: when it dies the kernel cancels
 //! their commands and the requests they held are lost
@@ -202,13 +210,14 @@ fn cmd_sqe(dev: i32, op: u32, qid: u16, commit_id: u64, e: &EntryMem) -> squeue:
     unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(raw) }
 }
 
-/// One serving thread's ring with its registered entry.
+/// One serving thread's ring with its registered entries.
 struct ThreadRing {
     ring: IoUring<squeue::Entry128, cqueue::Entry>,
     qid: u16,
-    ent: EntryMem,
-    /// A completion reaped during [`register`] (a request already there).
-    first: Option<i32>,
+    ents: Vec<EntryMem>,
+    /// Completions reaped during [`register`] (requests already there):
+    /// (entry, result).
+    first: Vec<(usize, i32)>,
 }
 
 /// Rings registered on a connection, not serving yet.
@@ -242,15 +251,38 @@ pub fn queues() -> usize {
 /// Most rings (serving threads) of one mount, whatever the CPU count.
 pub const MAX_RINGS: usize = 64;
 
-/// How many rings [`register`] makes for `per_queue` threads per queue:
-/// `per_queue` on every queue, at most [`MAX_RINGS`] in all (at least one
-/// per queue).
-pub fn ring_count(per_queue: usize) -> usize {
-    let nq = queues();
-    (per_queue.max(1) * nq).min(MAX_RINGS.max(nq))
+/// FUSE entries per ring (serving thread) unless `VDREP_URING_ENTRIES`
+/// says otherwise. With more than one, a thread serves its entries'
+/// `O_DIRECT` reads (and writes with [`async_writes`]) asynchronously on its
+/// own ring, so one wake-up reaps several requests and backing completions:
+/// 4 made direct 4 KiB reads at QD16 1.2-1.6× faster at half the CPU per
+/// request, but a thread blocked in a synchronous backing write then holds
+/// requests in its other entries, and fewer threads serve a queue; not
+/// measured that way, so 1 (the layout before, one thread per entry) stays
+/// the default (kernel-notes/fuse-uring.md, session 10).
+pub const ENTRIES_PER_RING: usize = 1;
+
+/// Most entries per ring.
+const MAX_ENTRIES_PER_RING: usize = 64;
+
+/// [`ENTRIES_PER_RING`], or `VDREP_URING_ENTRIES` (1..=64) when set.
+pub fn entries_per_ring() -> usize {
+    std::env::var("VDREP_URING_ENTRIES")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .map(|n| n.clamp(1, MAX_ENTRIES_PER_RING))
+        .unwrap_or(ENTRIES_PER_RING)
 }
 
-/// Create [`ring_count`]`(per_queue)` rings, each with one entry of
+/// How many rings [`register`] makes for a depth of `per_queue` requests
+/// per queue with `entries` entries per ring: enough rings for that depth
+/// on every queue, at most [`MAX_RINGS`] in all (at least one per queue).
+pub fn ring_count(per_queue: usize, entries: usize) -> usize {
+    let nq = queues();
+    (per_queue.max(1).div_ceil(entries.max(1)) * nq).min(MAX_RINGS.max(nq))
+}
+
+/// Create [`ring_count`] rings, each with [`entries_per_ring`] entries of
 /// `payload` bytes registered on queue `i mod queues()` of the connection
 /// behind `dev` (its `FUSE_INIT`, with `FUSE_OVER_IO_URING`, must be
 /// answered). Once every queue has an entry the kernel sends every request
@@ -265,23 +297,31 @@ pub fn register(
 ) -> Result<Rings, UringError> {
     let nq = queues();
     let dev = dev.try_clone_to_owned().map_err(UringError::Setup)?;
-    let mut rings = Vec::new();
-    for i in 0..ring_count(per_queue) {
+    let per_ring = entries_per_ring();
+    let mut rings: Vec<ThreadRing> = Vec::new();
+    'rings: for i in 0..ring_count(per_queue, per_ring) {
         let qid = (i % nq) as u16;
+        // Room for every entry's command and one backing I/O per entry.
+        let sq = (2 * per_ring).next_power_of_two() as u32;
         let mut ring: IoUring<squeue::Entry128, cqueue::Entry> =
-            IoUring::builder().build(4).map_err(UringError::Setup)?;
-        let ent = EntryMem::new(payload).map_err(UringError::Buffers)?;
-        let sqe = cmd_sqe(dev.as_raw_fd(), CMD_REGISTER, qid, 0, &ent);
-        // SAFETY: the iovecs and buffers live as long as the ring (both in
-        // the ThreadRing; the ring is dropped first, cancelling the command).
-        unsafe { ring.submission().push(&sqe) }
-            .map_err(|_| UringError::Setup(io::Error::from_raw_os_error(libc::EBUSY)))?;
+            IoUring::builder().build(sq).map_err(UringError::Setup)?;
+        let mut ents = Vec::new();
+        for e in 0..per_ring {
+            let ent = EntryMem::new(payload).map_err(UringError::Buffers)?;
+            let sqe = cmd_sqe(dev.as_raw_fd(), CMD_REGISTER, qid, 0, &ent).user_data(e as u64);
+            // SAFETY: the iovecs and buffers live as long as the ring (both
+            // in the ThreadRing; the ring is dropped first, cancelling the
+            // commands).
+            unsafe { ring.submission().push(&sqe) }
+                .map_err(|_| UringError::Setup(io::Error::from_raw_os_error(libc::EBUSY)))?;
+            ents.push(ent);
+        }
         ring.submit()
             .map_err(|source| UringError::Register { queue: qid, source })?;
         // A refused REGISTER completes at once; an accepted one completes
         // only with the first request (kept for the serving loop).
-        let mut first = None;
-        if let Some(c) = ring.completion().next() {
+        let mut first = Vec::new();
+        for c in ring.completion() {
             if c.result() < 0 {
                 let e = UringError::Register {
                     queue: qid,
@@ -294,24 +334,25 @@ pub fn register(
                         "FUSE over io_uring: {e}; serving with {} rings",
                         rings.len()
                     );
-                    break;
+                    break 'rings;
                 }
                 return Err(e);
             }
-            first = Some(c.result());
+            first.push((c.user_data() as usize, c.result()));
         }
         rings.push(ThreadRing {
             ring,
             qid,
-            ent,
+            ents,
             first,
         });
     }
     Ok(Rings { dev, rings })
 }
 
-/// A reply made by fuser during [`fuser::Dispatcher::dispatch`], kept until
-/// the request's bytes (which alias the entry's payload) are released.
+/// A reply made by fuser during [`fuser::Dispatcher::dispatch`] or by a
+/// backing I/O's completion, kept until the request's bytes (which alias
+/// the entry's payload) are released.
 #[derive(Default)]
 struct Captured(Mutex<Option<Vec<u8>>>);
 
@@ -382,8 +423,377 @@ fn connection_over(errno: i32) -> bool {
     )
 }
 
+/// `user_data` of a backing I/O's SQE: this bit plus its slot in
+/// [`Local::ops`]; an entry's command carries the entry's index.
+const OP_BIT: u64 = 1 << 63;
+
+/// What runs when a backing write completes: its result and the request's
+/// data (still in the entry).
+pub type WriteDone = Box<dyn FnOnce(io::Result<usize>, &[u8])>;
+/// What runs when a backing read completes: its result (bytes read) and the
+/// entry's payload the data was read into (as long as the request asked).
+pub type ReadDone = Box<dyn FnOnce(io::Result<usize>, &mut [u8])>;
+
+enum Done {
+    Write(WriteDone),
+    Read(ReadDone),
+}
+
+/// A backing I/O in flight for an entry.
+struct Op {
+    entry: usize,
+    /// The request's data (write) or the payload's part read into (read).
+    off_in_payload: usize,
+    len: usize,
+    done: Done,
+}
+
+/// One entry of the serving thread's ring.
+struct Ent {
+    mem: EntryMem,
+    sink: Arc<Captured>,
+    dyn_sink: Arc<dyn fuser::ReplySink>,
+    /// Backing I/O of its request still in flight.
+    waiting: usize,
+    /// Its command is still registered (not ended by the connection's end).
+    live: bool,
+}
+
+/// A ring thread's state, reachable from the request handlers it runs
+/// ([`submit_write`], [`submit_read`], [`drain`]); never borrowed while a
+/// handler or a completion runs.
+struct Local {
+    ring: IoUring<squeue::Entry128, cqueue::Entry>,
+    qid: u16,
+    dev: i32,
+    ents: Vec<Ent>,
+    ops: Vec<Option<Op>>,
+    free_ops: Vec<usize>,
+    in_flight: usize,
+    /// Requests arrived (entry, CQE result), not served yet.
+    ready: std::collections::VecDeque<(usize, i32)>,
+    /// The entry whose request is being dispatched.
+    current: Option<usize>,
+}
+
+thread_local! {
+    static LOCAL: std::cell::RefCell<Option<Local>> = const { std::cell::RefCell::new(None) };
+}
+
+impl Local {
+    /// Queue `sqe`, submitting what is queued when the SQ is full.
+    fn push(&mut self, sqe: &squeue::Entry128) -> io::Result<()> {
+        loop {
+            // SAFETY: every SQE pushed refers to an entry's buffers or a
+            // request's data in them, which live as long as the ring; a
+            // backing I/O's descriptor is kept open by its completion.
+            if unsafe { self.ring.submission().push(sqe) }.is_ok() {
+                return Ok(());
+            }
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn add_op(&mut self, op: Op) -> usize {
+        self.in_flight += 1;
+        self.ents[op.entry].waiting += 1;
+        match self.free_ops.pop() {
+            Some(i) => {
+                self.ops[i] = Some(op);
+                i
+            }
+            None => {
+                self.ops.push(Some(op));
+                self.ops.len() - 1
+            }
+        }
+    }
+
+    /// The entry's request is answered: its reply into the entry, and one
+    /// COMMIT_AND_FETCH that hands it to the kernel and waits for the next.
+    fn commit(&mut self, idx: usize) -> io::Result<()> {
+        let e = &mut self.ents[idx];
+        let unique = rd64(e.mem.hdr(), 8);
+        let reply = match e.sink.0.lock().take() {
+            Some(r) if r.len() >= OUT_HEADER => r,
+            _ => fail_reply(unique, libc::EIO),
+        };
+        let commit_id = rd64(e.mem.hdr(), ENT_COMMIT_ID);
+        // The out header in the header area, every out-arg in the payload
+        // with its length in ent_in_out.payload_sz.
+        let body = reply.len().saturating_sub(OUT_HEADER).min(e.mem.payload);
+        let hdr = e.mem.hdr();
+        hdr[..OUT_HEADER].copy_from_slice(&reply[..OUT_HEADER]);
+        hdr[ENT_PAYLOAD_SZ..ENT_PAYLOAD_SZ + 4].copy_from_slice(&(body as u32).to_ne_bytes());
+        if body > 0 {
+            // SAFETY: the payload holds `payload` bytes and no reference
+            // into it is live (the request ended with its reply).
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    reply[OUT_HEADER..].as_ptr(),
+                    e.mem.base.add(PAGE),
+                    body,
+                )
+            };
+        }
+        let sqe = cmd_sqe(self.dev, CMD_COMMIT_AND_FETCH, self.qid, commit_id, &e.mem)
+            .user_data(idx as u64);
+        self.push(&sqe)
+    }
+}
+
+/// Take the thread's ring state for a moment (`None` off a ring thread or
+/// while it is taken).
+fn with_local<T>(f: impl FnOnce(&mut Local) -> T) -> Option<T> {
+    LOCAL.with(|l| l.try_borrow_mut().ok()?.as_mut().map(f))
+}
+
+/// Whether `O_DIRECT` writes go to the ring as well (`VDREP_URING_ASYNC_WRITES=1`;
+/// reads always do). Off by default: measured 2026-12-03, the backing
+/// writes submitted on the ring made the tracking-only row 5× slower (ext4
+/// answers a `NOWAIT` direct write `EAGAIN`, e.g. when the file's mtime must
+/// be updated, and io_uring hands it to an io-wq worker: more wake-ups, not
+/// fewer; kernel-notes/fuse-uring.md, session 10).
+pub fn async_writes() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("VDREP_URING_ASYNC_WRITES").is_ok_and(|v| v.trim() == "1"))
+}
+
+/// Whether this thread is a ring thread dispatching a request: then its
+/// O_DIRECT backing I/O can go through [`submit_write`] / [`submit_read`].
+pub fn async_io() -> bool {
+    with_local(|l| l.current.is_some()).unwrap_or(false)
+}
+
+/// Submit the backing write of the request being dispatched on this ring
+/// thread: `data` (which must be the request's data, in the entry's
+/// payload) to `fd` at `offset`, on the thread's own ring. The reply is
+/// left to `done`, which runs on this thread once the write completed;
+/// the entry is answered after it. `Err(done)` (not a ring thread, or
+/// `data` is not in the entry): nothing was submitted.
+pub fn submit_write(fd: i32, data: &[u8], offset: u64, done: WriteDone) -> Result<(), WriteDone> {
+    let r = with_local(|l| {
+        let idx = l.current?;
+        let (base, cap) = (
+            l.ents[idx].mem.base as usize + PAGE,
+            l.ents[idx].mem.payload,
+        );
+        let p = data.as_ptr() as usize;
+        if data.is_empty() || p < base || p + data.len() > base + cap {
+            return None;
+        }
+        Some((idx, p - base))
+    })
+    .flatten();
+    let Some((idx, off)) = r else {
+        return Err(done);
+    };
+    let sqe = opcode::Write::new(types::Fd(fd), data.as_ptr(), data.len() as u32)
+        .offset(offset)
+        .build();
+    let op = Op {
+        entry: idx,
+        off_in_payload: off,
+        len: data.len(),
+        done: Done::Write(done),
+    };
+    match submit_op(op, sqe.into()) {
+        Ok(()) => Ok(()),
+        Err(Done::Write(w)) => Err(w),
+        // submit_op hands back the `done` it was given.
+        Err(Done::Read(_)) => Ok(()),
+    }
+}
+
+/// Submit the backing read of the request being dispatched on this ring
+/// thread: `len` bytes of `fd` at `offset` into the entry's payload (page
+/// aligned: fit for `O_DIRECT`). `done` runs on this thread once the read
+/// completed and makes the reply. `Err(done)`: nothing was submitted.
+pub fn submit_read(fd: i32, len: usize, offset: u64, done: ReadDone) -> Result<(), ReadDone> {
+    let r = with_local(|l| {
+        let idx = l.current?;
+        if len == 0 || len > l.ents[idx].mem.payload {
+            return None;
+        }
+        // SAFETY: inside the entry's mapping.
+        Some((idx, unsafe { l.ents[idx].mem.base.add(PAGE) }))
+    })
+    .flatten();
+    let Some((idx, buf)) = r else {
+        return Err(done);
+    };
+    let sqe = opcode::Read::new(types::Fd(fd), buf, len as u32)
+        .offset(offset)
+        .build();
+    let op = Op {
+        entry: idx,
+        off_in_payload: 0,
+        len,
+        done: Done::Read(done),
+    };
+    match submit_op(op, sqe.into()) {
+        Ok(()) => Ok(()),
+        Err(Done::Read(r)) => Err(r),
+        // submit_op hands back the `done` it was given.
+        Err(Done::Write(_)) => Ok(()),
+    }
+}
+
+/// Queue `op` with its SQE on this thread's ring; `Err` hands its `done`
+/// back when nothing was queued.
+fn submit_op(op: Op, sqe: squeue::Entry128) -> Result<(), Done> {
+    let mut op = Some(op);
+    let r = with_local(|l| -> Result<(), Done> {
+        let Some(o) = op.take() else { return Ok(()) };
+        let slot = l.add_op(o);
+        let sqe = sqe.user_data(OP_BIT | slot as u64);
+        match l.push(&sqe) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::warn!(
+                    "FUSE ring on queue {}: cannot queue a backing I/O ({e}); served synchronously",
+                    l.qid
+                );
+                l.free_ops.push(slot);
+                l.in_flight -= 1;
+                match l.ops[slot].take() {
+                    Some(o) => {
+                        l.ents[o.entry].waiting -= 1;
+                        Err(o.done)
+                    }
+                    None => Ok(()),
+                }
+            }
+        }
+    });
+    match (r, op) {
+        (Some(r), _) => r,
+        (None, Some(o)) => Err(o.done),
+        (None, None) => Ok(()),
+    }
+}
+
+/// On a ring thread: wait until every backing I/O this thread submitted has
+/// completed and its request is answered. A handler calls this before it
+/// blocks on something a cut may hold (the cut lock): the writes in flight
+/// hold it shared, and only this thread completes them. Elsewhere: nothing.
+pub fn drain() {
+    loop {
+        let r = with_local(|l| {
+            if l.in_flight == 0 {
+                return Ok(false);
+            }
+            wait(l).map(|()| true)
+        });
+        match r {
+            Some(Ok(true)) => {
+                if let Err(e) = reap() {
+                    tracing::error!("FUSE ring: completing backing I/O: {e}");
+                    return;
+                }
+            }
+            Some(Ok(false)) | None => return,
+            Some(Err(e)) => {
+                tracing::error!("FUSE ring: waiting for backing I/O: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// Submit what is queued and wait for at least one completion.
+fn wait(l: &mut Local) -> io::Result<()> {
+    loop {
+        match l.ring.submit_and_wait(1) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {
+                if !l.ring.completion().is_empty() {
+                    return Ok(());
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Take every completion: requests go to `ready`, backing I/O completions
+/// run their `done` (outside the borrow) and answer their entry when it
+/// has nothing more in flight (not the entry being dispatched: its
+/// dispatch answers it).
+fn reap() -> io::Result<()> {
+    let cqes: Vec<(u64, i32)> = with_local(|l| {
+        let v: Vec<(u64, i32)> = l
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        v
+    })
+    .unwrap_or_default();
+    for (ud, res) in cqes {
+        if ud & OP_BIT == 0 {
+            with_local(|l| l.ready.push_back((ud as usize, res)));
+            continue;
+        }
+        let slot = (ud & !OP_BIT) as usize;
+        let taken = with_local(|l| {
+            let o = l.ops.get_mut(slot)?.take()?;
+            l.free_ops.push(slot);
+            let base = l.ents[o.entry].mem.base;
+            Some((o, base))
+        })
+        .flatten();
+        let Some((o, base)) = taken else { continue };
+        let r = if res < 0 {
+            Err(io::Error::from_raw_os_error(-res))
+        } else {
+            Ok(res as usize)
+        };
+        // SAFETY: the request's data / the read's buffer, inside the
+        // entry's payload, which nothing else refers to until the entry is
+        // committed (after this).
+        let buf =
+            unsafe { std::slice::from_raw_parts_mut(base.add(PAGE + o.off_in_payload), o.len) };
+        match o.done {
+            Done::Write(f) => f(r, buf),
+            Done::Read(f) => f(r, buf),
+        }
+        let commit = with_local(|l| {
+            l.in_flight -= 1;
+            let e = &mut l.ents[o.entry];
+            e.waiting -= 1;
+            if e.waiting == 0 && l.current != Some(o.entry) {
+                l.commit(o.entry)
+            } else {
+                Ok(())
+            }
+        });
+        if let Some(Err(e)) = commit {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+fn fail_reply(unique: u64, errno: i32) -> Vec<u8> {
+    let mut v = vec![0u8; OUT_HEADER];
+    v[0..4].copy_from_slice(&(OUT_HEADER as u32).to_ne_bytes());
+    v[4..8].copy_from_slice(&(-errno).to_ne_bytes());
+    v[8..16].copy_from_slice(&unique.to_ne_bytes());
+    v
+}
+
+/// FUSE opcodes whose handlers may submit their backing I/O to the ring
+/// (every other request first waits for the thread's I/O in flight).
+const FUSE_READ: u32 = 15;
+const FUSE_WRITE: u32 = 16;
+
 fn serve_ring<FS: fuser::Filesystem>(
-    mut r: ThreadRing,
+    r: ThreadRing,
     dev: i32,
     d: fuser::Dispatcher<FS>,
 ) -> io::Result<()> {
@@ -398,110 +808,164 @@ fn serve_ring<FS: fuser::Filesystem>(
             r.qid
         );
     }
-    let sink = Arc::new(Captured::default());
-    let dyn_sink: Arc<dyn fuser::ReplySink> = sink.clone();
+    let ThreadRing {
+        ring,
+        qid,
+        ents,
+        first,
+    } = r;
+    let ents = ents
+        .into_iter()
+        .map(|mem| {
+            let sink = Arc::new(Captured::default());
+            let dyn_sink: Arc<dyn fuser::ReplySink> = sink.clone();
+            Ent {
+                mem,
+                sink,
+                dyn_sink,
+                waiting: 0,
+                live: true,
+            }
+        })
+        .collect();
+    LOCAL.with(|l| {
+        *l.borrow_mut() = Some(Local {
+            ring,
+            qid,
+            dev,
+            ents,
+            ops: Vec::new(),
+            free_ops: Vec::new(),
+            in_flight: 0,
+            ready: first.into_iter().collect(),
+            current: None,
+        })
+    });
+    let res = serve_loop(&d);
+    // Wait for the backing I/O still in flight (its buffers and the write's
+    // cut-lock share), then drop the ring (cancelling its commands).
+    drain();
+    LOCAL.with(|l| l.borrow_mut().take());
+    res
+}
+
+fn serve_loop<FS: fuser::Filesystem>(d: &fuser::Dispatcher<FS>) -> io::Result<()> {
     loop {
-        let res = match r.first.take() {
-            Some(res) => res,
-            None => {
-                match r.ring.submit_and_wait(1) {
-                    Ok(_) => {}
-                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                    Err(e) => {
-                        tracing::error!("FUSE ring on queue {}: io_uring_enter: {e}", r.qid);
-                        return Err(e);
+        while let Some((idx, res)) = with_local(|l| l.ready.pop_front()).flatten() {
+            if res < 0 {
+                let qid = with_local(|l| {
+                    if let Some(e) = l.ents.get_mut(idx) {
+                        e.live = false;
                     }
-                }
-                let Some(c) = r.ring.completion().next() else {
+                    l.qid
+                })
+                .unwrap_or(0);
+                if connection_over(-res) {
                     continue;
-                };
-                c.result()
+                }
+                let e = io::Error::from_raw_os_error(-res);
+                tracing::error!(
+                    "FUSE ring on queue {qid}: the entry failed ({e}); this thread stops serving"
+                );
+                return Err(e);
             }
-        };
-        if res < 0 {
-            if connection_over(-res) {
-                return Ok(());
-            }
-            let e = io::Error::from_raw_os_error(-res);
-            tracing::error!(
-                "FUSE ring on queue {}: the entry failed ({e}); this thread stops serving",
-                r.qid
-            );
+            serve_request(idx, d)?;
+        }
+        let done =
+            with_local(|l| l.in_flight == 0 && l.ents.iter().all(|e| !e.live)).unwrap_or(true);
+        if done {
+            return Ok(());
+        }
+        if let Some(Err(e)) = with_local(wait) {
+            let qid = with_local(|l| l.qid).unwrap_or(0);
+            tracing::error!("FUSE ring on queue {qid}: io_uring_enter: {e}");
             return Err(e);
         }
-        let commit_id = rd64(r.ent.hdr(), ENT_COMMIT_ID);
-        let reply = serve_entry(&mut r.ent, &d, &dyn_sink, &sink);
-        // The reply: the out header in the header area, every out-arg in
-        // the payload with its length in ent_in_out.payload_sz.
-        let body = reply.len().saturating_sub(OUT_HEADER).min(r.ent.payload);
-        let hdr = r.ent.hdr();
-        hdr[..OUT_HEADER].copy_from_slice(&reply[..OUT_HEADER]);
-        hdr[ENT_PAYLOAD_SZ..ENT_PAYLOAD_SZ + 4].copy_from_slice(&(body as u32).to_ne_bytes());
-        if body > 0 {
-            // SAFETY: the payload holds `r.ent.payload` bytes and no
-            // reference into it is live (the request's ended with dispatch).
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    reply[OUT_HEADER..].as_ptr(),
-                    r.ent.base.add(PAGE),
-                    body,
-                )
-            };
-        }
-        let sqe = cmd_sqe(dev, CMD_COMMIT_AND_FETCH, r.qid, commit_id, &r.ent);
-        // SAFETY: the entry's buffers live as long as the ring.
-        if unsafe { r.ring.submission().push(&sqe) }.is_err() {
-            return Err(io::Error::other("FUSE ring: submission queue full"));
-        }
+        reap()?;
     }
 }
 
-/// Run the request in `e` through fuser; the reply's bytes (out header
-/// first). A request fuser could not decode, or one answered by nothing, is
-/// answered `EIO` so the entry goes on.
+/// Serve the request in entry `idx`: dispatch it (with the thread's state
+/// free for the handler), then answer it unless its backing I/O is in
+/// flight (its completion answers it).
+fn serve_request<FS: fuser::Filesystem>(idx: usize, d: &fuser::Dispatcher<FS>) -> io::Result<()> {
+    let opcode = with_local(|l| rd32(l.ents[idx].mem.hdr(), 4)).unwrap_or(0);
+    if opcode != FUSE_READ && opcode != FUSE_WRITE {
+        // Its handler may block on the cut lock, which this thread's
+        // writes in flight hold shared.
+        drain();
+    }
+    let Some((mem, sink, dyn_sink)) = with_local(|l| {
+        l.current = Some(idx);
+        let e = &l.ents[idx];
+        (
+            EntryRef {
+                base: e.mem.base,
+                payload: e.mem.payload,
+            },
+            e.sink.clone(),
+            e.dyn_sink.clone(),
+        )
+    }) else {
+        return Err(io::Error::other("FUSE ring: the thread's state is gone"));
+    };
+    serve_entry(&mem, d, &dyn_sink, &sink);
+    with_local(|l| {
+        l.current = None;
+        if l.ents[idx].waiting > 0 {
+            return Ok(());
+        }
+        // Not decodable, or nothing answered it: commit answers EIO.
+        l.commit(idx)
+    })
+    .unwrap_or_else(|| Err(io::Error::other("FUSE ring: the thread's state is gone")))
+}
+
+/// An entry's mapping, for [`serve_entry`] without the thread's state.
+struct EntryRef {
+    base: *mut u8,
+    payload: usize,
+}
+
+/// Run the request in the entry through fuser, its reply (if made during
+/// the dispatch) going to the entry's sink; returns the request's `unique`
+/// (the caller answers `EIO` when nothing answered it, so the entry goes
+/// on).
 fn serve_entry<FS: fuser::Filesystem>(
-    e: &mut EntryMem,
+    e: &EntryRef,
     d: &fuser::Dispatcher<FS>,
     dyn_sink: &Arc<dyn fuser::ReplySink>,
     sink: &Captured,
-) -> Vec<u8> {
+) -> u64 {
     let cap = e.payload;
     let base = e.base;
-    let hdr = e.hdr();
+    // SAFETY: the first page is mapped and belongs to this entry; nothing
+    // else refers to it while its request is dispatched.
+    let hdr = unsafe { std::slice::from_raw_parts_mut(base, PAGE) };
     let unique = rd64(hdr, 8);
     let len = rd32(hdr, 0) as usize;
     let payload_sz = rd32(hdr, ENT_PAYLOAD_SZ) as usize;
     let op_sz = len.wrapping_sub(IN_HEADER).wrapping_sub(payload_sz);
-    let fail = |errno: i32| {
-        let mut v = vec![0u8; OUT_HEADER];
-        v[0..4].copy_from_slice(&(OUT_HEADER as u32).to_ne_bytes());
-        v[4..8].copy_from_slice(&(-errno).to_ne_bytes());
-        v[8..16].copy_from_slice(&unique.to_ne_bytes());
-        v
-    };
+    *sink.0.lock() = None;
     if len < IN_HEADER || op_sz > 128 || payload_sz > cap {
         tracing::error!(
             "FUSE ring: a request of {len} bytes with {payload_sz} bytes of payload cannot be decoded: answered EIO"
         );
-        return fail(libc::EIO);
+        return unique;
     }
     // Contiguous request: in header and op struct just before the payload.
     let start = PAGE - IN_HEADER - op_sz;
     hdr.copy_within(0..IN_HEADER, start);
     hdr.copy_within(OP_OFF..OP_OFF + op_sz, start + IN_HEADER);
     // SAFETY: [start, PAGE + payload_sz) is inside the mapping; nothing
-    // else refers to it until dispatch returns.
+    // writes to it until the entry is committed.
     let req =
         unsafe { std::slice::from_raw_parts(base.add(start), IN_HEADER + op_sz + payload_sz) };
-    *sink.0.lock() = None;
     match d.dispatch(req, dyn_sink.clone()) {
         fuser::Dispatched::Served | fuser::Dispatched::Destroy => {}
         fuser::Dispatched::Invalid => {
             tracing::error!("FUSE ring: fuser could not decode a request: answered EIO");
         }
     }
-    match sink.0.lock().take() {
-        Some(r) if r.len() >= OUT_HEADER => r,
-        _ => fail(libc::EIO),
-    }
+    unique
 }

@@ -277,13 +277,43 @@ pub struct TrackerStatus {
 
 /// Shared between the tracker and its disks.
 struct Shared {
-    /// Held shared by every mutation, exclusively by the cut instant.
-    cut_lock: RwLock<()>,
+    /// Held shared by every mutation, exclusively by the cut instant. In an
+    /// `Arc` so a write whose backing I/O completes later can own its share
+    /// ([`InFlightWrite`]).
+    cut_lock: Arc<RwLock<()>>,
     block_size: u64,
     /// [`TrackConfig::activity_ahead`].
     activity_ahead: u64,
     /// [`TrackConfig::activity_hot`].
     activity_hot: u64,
+}
+
+/// A write through [`TrackedDisk::try_begin_write`] whose backing I/O is in
+/// flight: it holds the cut lock shared, so no cut seals the cycle before the
+/// write is on the disk and marked. Its blocks are marked when it is
+/// finished or dropped, whatever the outcome (an over-approximation is
+/// always safe).
+pub struct InFlightWrite {
+    disk: Arc<TrackedDisk>,
+    first: u64,
+    last: u64,
+    _cut: parking_lot::ArcRwLockReadGuard<parking_lot::RawRwLock, ()>,
+}
+
+impl InFlightWrite {
+    /// The backing write completed having written `written` bytes: mark the
+    /// blocks, count the bytes, release the cut lock.
+    pub fn finish(self, written: usize) {
+        self.disk
+            .written
+            .fetch_add(written as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for InFlightWrite {
+    fn drop(&mut self) {
+        self.disk.mark(self.first, self.last);
+    }
 }
 
 /// All tracked disks under one mounted folder.
@@ -463,7 +493,7 @@ impl Tracker {
             .map_err(|e| io_state(&state_path, e))?;
         let t = Tracker {
             shared: Arc::new(Shared {
-                cut_lock: RwLock::new(()),
+                cut_lock: Arc::new(RwLock::new(())),
                 block_size: u64::from(bs),
                 activity_ahead: u64::from(config.activity_ahead),
                 activity_hot: u64::from(config.activity_hot),
@@ -2358,6 +2388,39 @@ impl TrackedDisk {
                 .fetch_add(*n as u64, std::sync::atomic::Ordering::Relaxed);
         }
         r
+    }
+
+    /// Start a write of `len > 0` bytes at `offset` whose backing I/O the
+    /// caller submits asynchronously (the io_uring transport): the same steps
+    /// as [`TrackedDisk::write_at`] before its `pwrite` (fence, activity log,
+    /// pre-images, copy-before-write), with the cut lock's share taken and
+    /// kept in the returned [`InFlightWrite`] until the caller
+    /// [`finishes`](InFlightWrite::finish) it after the I/O completed: a cut
+    /// waits for every write it counts, as with `write_at`.
+    ///
+    /// `Ok(None)`: the cut lock is not free at once (a cut holds or waits for
+    /// it). The caller may already hold shares of its own (other writes in
+    /// flight), so it must not wait here: it completes those first, then
+    /// writes with [`TrackedDisk::write_at`].
+    pub fn try_begin_write(
+        self: &Arc<Self>,
+        offset: u64,
+        len: usize,
+    ) -> io::Result<Option<InFlightWrite>> {
+        self.check_fence()?;
+        let Some(cut) = self.shared.cut_lock.try_read_arc() else {
+            return Ok(None);
+        };
+        let (first, last) = self.span(offset, len.max(1) as u64);
+        self.log_activity(first, last)?;
+        self.save_preimages(first, last)?;
+        self.preserve(first, last);
+        Ok(Some(InFlightWrite {
+            disk: self.clone(),
+            first,
+            last,
+            _cut: cut,
+        }))
     }
 
     /// Truncate or extend to `len`.
