@@ -1169,7 +1169,7 @@ impl Tracker {
     /// Sealed logs in state folder `folder`, oldest first (see
     /// [`Tracker::log_files`]).
     fn log_files_in(&self, folder: &str) -> Vec<(u64, PathBuf)> {
-        let dir = Path::new(STATE_DIR).join("disks").join(&folder);
+        let dir = Path::new(STATE_DIR).join("disks").join(folder);
         let Ok(d) = self
             .state
             .openat(&dir, libc::O_RDONLY | libc::O_DIRECTORY, 0)
