@@ -3,13 +3,11 @@
 //! positional reads, zeroing a range of a file, and
 //! one bounded run of an administrator's shell command ([`command`]), and
 //! a stopwatch of named steps ([`steps`]), and the debug events of a
-//! replication cycle's phases ([`phase`]), and the replication threads'
-//! CPU priority ([`nice`]).
+//! replication cycle's phases ([`phase`]).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub mod command;
-pub mod nice;
 pub mod phase;
 pub mod steps;
 

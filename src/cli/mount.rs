@@ -95,7 +95,6 @@ pub fn mount(
         metrics_listen: metrics_listen.or(entry.and_then(|m| m.metrics_listen)),
         notify: super::config::notify_spec(cfg),
         watchdog,
-        replication_nice: replication_nice_env().or(entry.and_then(|m| m.replication_nice)),
     })
 }
 
@@ -215,21 +214,6 @@ fn activity_hot_env() -> Option<u32> {
         Ok(n) => Some(n),
         Err(e) => {
             eprintln!("vdrep: ignoring VDREP_ACTIVITY_HOT={v:?}: {e}");
-            None
-        }
-    }
-}
-
-/// `VDREP_REPLICATION_NICE` (over the file's `replication_nice`, for
-/// benchmarks); a bad value is reported and ignored.
-pub(super) fn replication_nice_env() -> Option<i32> {
-    let v = std::env::var("VDREP_REPLICATION_NICE")
-        .ok()
-        .filter(|v| !v.is_empty())?;
-    match crate::config::parse_nice_str(&v) {
-        Ok(n) => Some(n),
-        Err(e) => {
-            eprintln!("vdrep: ignoring VDREP_REPLICATION_NICE={v:?}: {e}");
             None
         }
     }

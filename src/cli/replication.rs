@@ -103,8 +103,6 @@ pub fn receive(
         reload_trust_from,
         metrics_listen: flags.metrics_listen.or(rcv.and_then(|r| r.metrics_listen)),
         notify: super::config::notify_spec(cfg),
-        replication_nice: super::mount::replication_nice_env()
-            .or(rcv.and_then(|r| r.replication_nice)),
         verify_boot: flags
             .verify_boot
             .or(rcv.and_then(|r| r.verify_boot))

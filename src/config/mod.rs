@@ -77,8 +77,6 @@ pub struct MountCfg {
     pub watchdog: Option<Option<Duration>>,
     /// How FUSE requests travel (`fuse_transport = "dev" | "uring"`).
     pub fuse_transport: Option<crate::fuse::FuseTransport>,
-    /// Nice value of the replication threads (`replication_nice = -10`).
-    pub replication_nice: Option<i32>,
 }
 
 /// `[receiver]`: the secondary site's receiver and its retention.
@@ -108,8 +106,6 @@ pub struct ReceiverCfg {
     pub s3_credentials: Option<PathBuf>,
     pub encryption_key: Option<PathBuf>,
     pub cache: Option<PathBuf>,
-    /// Nice value of the replication threads (`replication_nice = -10`).
-    pub replication_nice: Option<i32>,
 }
 
 /// How often a VM gets a recovery point.
@@ -416,22 +412,6 @@ pub fn parse_activity_hot(s: &str) -> Result<u32, BadValue> {
         Ok(n) if n <= 1 << 18 => Ok(n),
         _ => Err(bad("is above 1TiB".into())),
     }
-}
-
-/// `replication_nice`: a nice value, -20..=19.
-pub fn parse_nice(n: &i64) -> Result<i32, BadValue> {
-    crate::util::nice::check(*n).map_err(|e| BadValue::new(ProblemKind::BadValue, e.to_string()))
-}
-
-/// `VDREP_REPLICATION_NICE`: a nice value, -20..=19, as text.
-pub fn parse_nice_str(s: &str) -> Result<i32, BadValue> {
-    let n = s.trim().parse::<i64>().map_err(|_| {
-        BadValue::new(
-            ProblemKind::BadValue,
-            format!("{s:?}: give a whole number from -20 to 19"),
-        )
-    })?;
-    parse_nice(&n)
 }
 
 /// The FUSE transport: `dev` (`/dev/fuse`) or `uring` (FUSE over io_uring).
@@ -901,8 +881,6 @@ impl Cx<'_> {
                 self.value(&m.fuse_transport, "mount.fuse_transport", |s: &String| {
                     parse_fuse_transport(s)
                 });
-            let replication_nice =
-                self.value(&m.replication_nice, "mount.replication_nice", parse_nice);
             out.push(MountCfg {
                 path,
                 block_size,
@@ -912,7 +890,6 @@ impl Cx<'_> {
                 activity_hot,
                 watchdog,
                 fuse_transport,
-                replication_nice,
             });
         }
         out
@@ -1021,8 +998,6 @@ impl Cx<'_> {
                 }
             },
         );
-        let replication_nice =
-            self.value(&r.replication_nice, "receiver.replication_nice", parse_nice);
         Some(ReceiverCfg {
             listen: listen?,
             store: store?,
@@ -1039,7 +1014,6 @@ impl Cx<'_> {
             s3_credentials,
             encryption_key,
             cache,
-            replication_nice,
         })
     }
 

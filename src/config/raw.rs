@@ -43,7 +43,6 @@ pub struct Mount {
     pub activity_hot: Option<S>,
     pub watchdog: Option<S>,
     pub fuse_transport: Option<S>,
-    pub replication_nice: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -64,7 +63,6 @@ pub struct Receiver {
     pub s3_credentials: Option<S>,
     pub encryption_key: Option<S>,
     pub cache: Option<S>,
-    pub replication_nice: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

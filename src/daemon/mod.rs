@@ -75,10 +75,6 @@ pub struct MountOptions {
     /// worker for this long and it is killed and replaced (`None`: off).
     #[serde(default = "default_watchdog")]
     pub watchdog: Option<std::time::Duration>,
-    /// Nice value of the replication runtime's threads
-    /// (`replication_nice`; `None`: the process's).
-    #[serde(default)]
-    pub replication_nice: Option<i32>,
 }
 
 fn default_watchdog() -> Option<std::time::Duration> {
@@ -518,7 +514,6 @@ fn serve_worker(
         dir,
         opts.keys.as_deref(),
         Some(direct),
-        opts.replication_nice,
     ) {
         Ok(r) => r,
         Err(e) => {

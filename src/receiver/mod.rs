@@ -104,10 +104,6 @@ pub struct ReceiveOptions {
     /// Scheduled boot verification of every domain's newest point
     /// (`verify_boot`); `None`: never.
     pub verify_boot: Option<boot_verify::BootVerify>,
-    /// Nice value of the runtime's threads (async workers and blocking
-    /// pool: transport, log store, apply) (`replication_nice`; `None`:
-    /// the process's).
-    pub replication_nice: Option<i32>,
 }
 
 /// Apply `keep` to every VM of every site in `store`, except VMs failed
@@ -318,7 +314,6 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), ReceiverError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("vdrep-recv")
-        .on_thread_start(crate::util::nice::setter(opts.replication_nice))
         .enable_all()
         .build()
         .map_err(|source| ReceiverError::Start {

@@ -453,7 +453,6 @@ impl Replicator {
         mount_dir: &Path,
         keys: Option<&Path>,
         direct_factory: Option<Arc<direct::DirectFactory>>,
-        nice: Option<i32>,
     ) -> Result<Arc<Self>, SendError> {
         let identity = match keys {
             Some(k) => Some(Arc::new(
@@ -468,7 +467,6 @@ impl Replicator {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("vdrep-send")
-            .on_thread_start(crate::util::nice::setter(nice))
             .enable_all()
             .build()
             .map_err(|e| SendError::fatal(format!("cannot start the replication runtime: {e}")))?;
