@@ -38,7 +38,7 @@
 #   RUNS=3             repetitions per job and target (median reported)
 #   BENCH_ROOT=/var/tmp/vdrep-bench   work folder (needs SIZE free space; not tmpfs)
 #   TARGETS="native vdrep vdrep-nolog" targets to run (add bindfs, vdrep-noahead,
-#                      vdrep-nohot, vdrep-uring)
+#                      vdrep-nohot, vdrep-uring, vdrep-uring4)
 #   CUT_EVERY=0.1      seconds between cuts during the worst-* jobs (their
 #                      logs are deleted: nothing ships them here)
 #   JOBS="seq-write-1m-psync ..."     subset of job names (default: all)
@@ -53,7 +53,9 @@
 # with `--fuse-transport uring` (FUSE over io_uring; the script sets
 # /sys/module/fuse/parameters/enable_uring to Y for it and puts the old
 # value back at exit); its columns (value, ratio, p99, CPU per request,
-# T1-T3) follow vdrep's, with uring/vdrep.
+# T1-T3) follow vdrep's, with uring/vdrep. The target vdrep-uring4 is the
+# same mount with 4 FUSE entries per ring (VDREP_URING_ENTRIES=4; the
+# binary's default otherwise), its columns after uring's with uring4/uring.
 #
 # A/B of two builds in one run: BASE_VDREP=path (e.g. main's release binary)
 # makes the targets base-vdrep and base-vdrep-uring available: vdrep and
@@ -179,15 +181,18 @@ setup_target() { # prints the directory fio should use, or fails
             bindfs "$DATA" "$BINDMNT" >&2 || return 1
             is_fuse_mounted "$BINDMNT" || { say "bindfs did not mount"; return 1; }
             echo "$BINDMNT" ;;
-        vdrep|vdrep-nolog|vdrep-noahead|vdrep-nohot|vdrep-uring)
+        vdrep|vdrep-nolog|vdrep-noahead|vdrep-nohot|vdrep-uring|vdrep-uring4)
             [[ -x "$bin" ]] || { say "no vdrep binary at '$bin'"; return 1; }
             local al=on ahead="${VDREP_ACTIVITY_AHEAD:-}" transport=dev
+            local entries="${VDREP_URING_ENTRIES:-}"
             [[ "$kind" == vdrep-nolog ]] && al=off
             [[ "$kind" == vdrep-noahead ]] && ahead=0
-            [[ "$kind" == vdrep-uring ]] && transport=uring
+            [[ "$kind" == vdrep-uring* ]] && transport=uring
+            [[ "$kind" == vdrep-uring4 ]] && entries=4
             local hot="${VDREP_ACTIVITY_HOT:-}"
             [[ "$kind" == vdrep-nohot ]] && hot=0
-            VDREP_ACTIVITY_LOG=$al VDREP_ACTIVITY_AHEAD="$ahead" VDREP_ACTIVITY_HOT="$hot" "$bin" mount "$DATA" --metrics-listen "127.0.0.1:$METRICS_PORT" \
+            VDREP_ACTIVITY_LOG=$al VDREP_ACTIVITY_AHEAD="$ahead" VDREP_ACTIVITY_HOT="$hot" \
+                VDREP_URING_ENTRIES="$entries" "$bin" mount "$DATA" --metrics-listen "127.0.0.1:$METRICS_PORT" \
                 --fuse-transport "$transport" $([[ $transport == uring ]] && echo --enable-uring) "${MOUNT_ARGS[@]}" >&2 \
                 || { say "vdrep mount failed"; return 1; }
             is_fuse_mounted "$DATA" || { say "vdrep mount returned but $DATA is not a FUSE mount"; return 1; }
@@ -197,7 +202,7 @@ setup_target() { # prints the directory fio should use, or fails
 teardown_target() {
     case "${1#base-}" in
         bindfs) fusermount3 -u "$BINDMNT" 2>/dev/null || umount "$BINDMNT" ;;
-        vdrep|vdrep-nolog|vdrep-noahead|vdrep-nohot|vdrep-uring)  "$(bin_for "$1")" umount "$DATA" || say "warning: vdrep umount failed" ;;
+        vdrep|vdrep-nolog|vdrep-noahead|vdrep-nohot|vdrep-uring|vdrep-uring4)  "$(bin_for "$1")" umount "$DATA" || say "warning: vdrep umount failed" ;;
         *) ;;
     esac
 }
@@ -338,6 +343,8 @@ for job in jobs:
                     cpus.append(c)
                 if t == "vdrep-uring":
                     cpus_u.append(c)
+                if t == "vdrep-uring4":
+                    cpus_b.setdefault(t, []).append(c)
                 if t in ("base-vdrep", "base-vdrep-uring"):
                     cpus_b.setdefault(t, []).append(c)
                 syncs.setdefault(t, []).append(c["al_syncs"])
@@ -355,7 +362,7 @@ for job in jobs:
     if cpus_u:
         row["cpu_uring"] = {k: med([c[k] for c in cpus_u]) for k in cpus_u[0] if k != "states"}
         row["cpu_uring"]["runs"] = cpus_u
-    for t in ("base-vdrep", "base-vdrep-uring"):
+    for t in ("base-vdrep", "base-vdrep-uring", "vdrep-uring4"):
         cb = cpus_b.get(t)
         row["cpu_" + t] = None
         if cb:
@@ -380,6 +387,7 @@ meta = {"utc": os.path.basename(base).split("-", 1)[1], "git": rev, "kernel": pl
 NOLOG, NOAHEAD = "vdrep-nolog" in targets, "vdrep-noahead" in targets
 NOHOT = "vdrep-nohot" in targets
 URING = "vdrep-uring" in targets
+URING4 = "vdrep-uring4" in targets
 BASES = [t for t in ("base-vdrep", "base-vdrep-uring") if t in targets]
 def verdicts(job, row, t, cpu_key):
     """T1-T3 of target t: (cells, ratio, p99 ratio, verdict dict)."""
@@ -419,7 +427,9 @@ hdr = ["job", "unit", "native"] + (["bindfs"] if "bindfs" in targets else []) + 
     "floor", "T1 >=0.95x", "p99 native us", "p99 vdrep us", "p99 ratio", "T2 <=1.5x",
     "CPU us/req (worker+sup)", "T3 <=10us"] + (
     ["uring", "uring ratio", "uring T1", "p99 uring us", "uring p99 ratio", "uring T2",
-     "uring CPU us/req", "uring T3", "uring/vdrep"] if URING else [])
+     "uring CPU us/req", "uring T3", "uring/vdrep"] if URING else []) + (
+    ["uring4", "uring4 ratio", "uring4 T1", "p99 uring4 us", "uring4 p99 ratio", "uring4 T2",
+     "uring4 CPU us/req", "uring4 T3", "uring4/uring"] if URING4 else [])
 for t in BASES:
     short = t.removeprefix("base-vdrep").lstrip("-") or "dev"
     hdr += [f"base {short}", "ratio", "T1", "p99 us", "p99 ratio", "T2", "CPU us/req", "T3",
@@ -462,6 +472,13 @@ for job, row in res.items():
         row["ratio"]["vdrep-uring"] = urv
         row["p99_ratio_uring"] = upr
         row["verdict_uring"] = uv
+    if URING4:
+        cells, u4rv, u4pr, u4v = verdicts(job, row, "vdrep-uring4", "cpu_vdrep-uring4")
+        cells.append(rx(ratio(m.get("vdrep-uring4"), m.get("vdrep-uring"))))
+        row["ratio"]["vdrep-uring4"] = u4rv
+        row["ratio"]["vdrep-uring4/vdrep-uring"] = ratio(m.get("vdrep-uring4"), m.get("vdrep-uring"))
+        row["verdict_vdrep-uring4"] = u4v
+        ur = ur + cells
     for t in BASES:
         cells, brv, bpr, bv = verdicts(job, row, t, "cpu_" + t)
         new = t.removeprefix("base-")

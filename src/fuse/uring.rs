@@ -255,11 +255,12 @@ pub const MAX_RINGS: usize = 64;
 /// says otherwise. With more than one, a thread serves its entries'
 /// `O_DIRECT` reads (and writes with [`async_writes`]) asynchronously on its
 /// own ring, so one wake-up reaps several requests and backing completions:
-/// 4 made direct 4 KiB reads at QD16 1.2-1.6× faster at half the CPU per
-/// request, but a thread blocked in a synchronous backing write then holds
-/// requests in its other entries, and fewer threads serve a queue; not
-/// measured that way, so 1 (the layout before, one thread per entry) stays
-/// the default (kernel-notes/fuse-uring.md, session 10).
+/// 4 made direct 4 KiB reads at QD16 1.1× faster (−40 % CPU per request),
+/// but with synchronous backing writes a thread blocked in `pwrite` holds
+/// requests in its other entries and a queue has a quarter of the threads:
+/// 4 psync `O_DIRECT` writers ran at 0.49× of 1 entry (every round), 1 MiB
+/// direct writes at 0.59×. So 1 (one thread per entry) is the default
+/// (kernel-notes/fuse-uring.md, "Session 10, follow-up").
 pub const ENTRIES_PER_RING: usize = 1;
 
 /// Most entries per ring.
