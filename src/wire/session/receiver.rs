@@ -652,14 +652,7 @@ impl Receiver {
 
     /// The `Hello` was accepted: handle the `OpenDisk`s that came before it.
     fn handle_early(&mut self) {
-        let mut early: Vec<StreamId> = self
-            .streams
-            .iter()
-            .filter(|(_, s)| matches!(s.st, RState::Early(_)))
-            .map(|(sid, _)| *sid)
-            .collect();
-        early.sort_unstable();
-        for sid in early {
+        for sid in self.early_streams() {
             let st = self
                 .streams
                 .get_mut(&sid)
@@ -678,15 +671,22 @@ impl Receiver {
     /// that arrives later.
     fn refuse_early(&mut self, e: &SessionError) {
         self.refused = true;
-        let early: Vec<StreamId> = self
+        for sid in self.early_streams() {
+            self.fail(sid, e.clone());
+        }
+    }
+
+    /// The streams holding an `OpenDisk` sent before the `Hello`, in
+    /// stream order.
+    fn early_streams(&self) -> Vec<StreamId> {
+        let mut early: Vec<StreamId> = self
             .streams
             .iter()
             .filter(|(_, s)| matches!(s.st, RState::Early(_)))
             .map(|(sid, _)| *sid)
             .collect();
-        for sid in early {
-            self.fail(sid, e.clone());
-        }
+        early.sort_unstable();
+        early
     }
 
     /// Every disk `p` lists reached its cycle on this connection (or, if
