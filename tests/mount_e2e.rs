@@ -236,6 +236,190 @@ fn concurrent_direct_writers_with_cuts_every_few_ms_over_uring() {
     concurrent_writers(8, URING_ARGS);
 }
 
+/// Issue 12, session 11: with `VDREP_URING_ASYNC_WRITES=1` a backing
+/// write goes to the ring thread's io_uring; one the backing file system
+/// cannot start without blocking (ext4 and xfs: a write into a hole of a
+/// sparse image, which needs an allocation) is answered `EAGAIN` inside
+/// the kernel and done by an io-wq worker thread, completing on the ring
+/// like any other. Such a write must still be written (read back through
+/// the mount), tracked (the cut's log turns a copy of the sparse image
+/// into the disk) and acknowledged once with its full length (every
+/// `pwrite` returns the block size, the mount counts one answered WRITE
+/// per write and no failed one). The first pass writes only holes, the
+/// second (every other block again) overwrites allocated blocks.
+#[test]
+fn ring_submitted_direct_writes_into_holes_are_written_tracked_and_acknowledged_once() {
+    require_fuse!();
+    let Some(_switch) = UringSwitch::take() else {
+        return;
+    };
+    const BLOCKS: u64 = 1024;
+    const WRITERS: u64 = 4;
+    let per = BLOCKS / WRITERS;
+    // On the root disk (ext4 here): /tmp may be a tmpfs, which has no holes
+    // to refuse.
+    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+    let vm = tmp.path().join("vm");
+    std::fs::create_dir(&vm).unwrap();
+    let probe = vm.join("probe.bin");
+    if !nowait_write_into_hole_refused(&probe) {
+        skip::skip(&format!(
+            "SKIP: the file system of {} accepts RWF_NOWAIT writes into holes: the refused write cannot be provoked there",
+            vm.display()
+        ));
+        return;
+    }
+    std::fs::remove_file(&probe).unwrap();
+    let disk = vm.join("d.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(BLOCKS * BS as u64)
+        .unwrap();
+    let copy = tmp.path().join("copy");
+    std::fs::File::create(&copy)
+        .unwrap()
+        .set_len(BLOCKS * BS as u64)
+        .unwrap();
+    let maddr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let mut args = URING_ARGS.to_vec();
+    args.extend_from_slice(&["--metrics-listen", &maddr]);
+    let m = Mounted::with_env(
+        &vm,
+        &args,
+        &[
+            ("VDREP_URING_ASYNC_WRITES", "1"),
+            ("VDREP_URING_ENTRIES", "4"),
+        ],
+    );
+    assert_uring(&m);
+    let before = scrape_metrics(&maddr);
+    // Each writer: every block of its share once (each one a hole), then
+    // every other one again (allocated by then: the ring's own path).
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&disk)
+                .unwrap();
+            std::thread::spawn(move || {
+                let layout = std::alloc::Layout::from_size_align(BS, 4096).unwrap();
+                let p = unsafe { std::alloc::alloc(layout) };
+                let buf = unsafe { std::slice::from_raw_parts_mut(p, BS) };
+                let mut last = Vec::new();
+                let mut n = 0u64;
+                let blocks = (0..per).chain((0..per).step_by(2));
+                for (seq, i) in blocks.enumerate() {
+                    let blk = w * per + i;
+                    buf.copy_from_slice(&stamp(w + 1, seq as u64 + 1, blk));
+                    let r = f.write_at(buf, blk * BS as u64).unwrap();
+                    assert_eq!(r, BS, "writer {w}: block {blk} acknowledged {r} bytes");
+                    last.push((blk, seq as u64 + 1));
+                    n += 1;
+                }
+                unsafe { std::alloc::dealloc(p, layout) };
+                (last, n)
+            })
+        })
+        .collect();
+    let mut want = vec![(0u64, 0u64); BLOCKS as usize];
+    let mut writes = 0u64;
+    for (w, h) in writers.into_iter().enumerate() {
+        let (last, n) = h.join().unwrap();
+        for (blk, seq) in last {
+            want[blk as usize] = (w as u64 + 1, seq);
+        }
+        writes += n;
+    }
+    let after = scrape_metrics(&maddr);
+    let delta = |name: &str| metric(&after, name) - metric(&before, name);
+    assert_eq!(
+        delta("vdrep_fuse_requests_total{op=\"write\"}"),
+        writes as f64,
+        "answered WRITE requests"
+    );
+    assert_eq!(
+        delta("vdrep_fuse_request_errors_total{op=\"write\"}"),
+        0.0,
+        "WRITE requests answered with an error"
+    );
+    // Written: read back through the mount.
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&disk)
+        .unwrap();
+    let layout = std::alloc::Layout::from_size_align(BS, 4096).unwrap();
+    let p = unsafe { std::alloc::alloc(layout) };
+    let buf = unsafe { std::slice::from_raw_parts_mut(p, BS) };
+    for (b, &(w, seq)) in want.iter().enumerate() {
+        f.read_exact_at(buf, b as u64 * BS as u64).unwrap();
+        assert_eq!(buf, &stamp(w, seq, b as u64)[..], "block {b} read back");
+    }
+    unsafe { std::alloc::dealloc(p, layout) };
+    // Tracked: the cut's log makes the copy equal to the disk.
+    let logs = m.cut();
+    apply(&logs, &copy);
+    let img = std::fs::read(&copy).unwrap();
+    for (b, &(w, seq)) in want.iter().enumerate() {
+        assert_eq!(
+            &img[b * BS..(b + 1) * BS],
+            &stamp(w, seq, b as u64)[..],
+            "block {b} of the copy after the cut's log"
+        );
+    }
+}
+
+/// Whether a non-blocking (`RWF_NOWAIT`) `O_DIRECT` write into a hole of a
+/// fresh sparse file at `path` is refused with `EAGAIN`, as ext4 and xfs
+/// do (it needs an allocation).
+fn nowait_write_into_hole_refused(path: &Path) -> bool {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap();
+    f.set_len(1 << 20).unwrap();
+    let layout = std::alloc::Layout::from_size_align(BS, 4096).unwrap();
+    let p = unsafe { std::alloc::alloc_zeroed(layout) };
+    let iov = libc::iovec {
+        iov_base: p.cast(),
+        iov_len: BS,
+    };
+    use std::os::fd::AsRawFd;
+    let r = unsafe { libc::pwritev2(f.as_raw_fd(), &iov, 1, 4096, libc::RWF_NOWAIT) };
+    let e = std::io::Error::last_os_error();
+    unsafe { std::alloc::dealloc(p, layout) };
+    r < 0 && e.raw_os_error() == Some(libc::EAGAIN)
+}
+
+/// GET http://ADDR/metrics.
+fn scrape_metrics(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    resp
+}
+
+/// The value of the sample `name` (with its labels, as printed) in a
+/// metrics page; 0 when absent.
+fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 fn concurrent_writers(n: usize, mount_args: &[&str]) {
     const BLOCKS: u64 = 1024;
     let per = BLOCKS / n as u64;
