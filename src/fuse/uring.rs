@@ -554,11 +554,15 @@ fn with_local<T>(f: impl FnOnce(&mut Local) -> T) -> Option<T> {
 }
 
 /// Whether `O_DIRECT` writes go to the ring as well (`VDREP_URING_ASYNC_WRITES=1`;
-/// reads always do). Off by default: measured 2026-12-03, the backing
-/// writes submitted on the ring made the tracking-only row 5× slower (ext4
-/// answers a `NOWAIT` direct write `EAGAIN`, e.g. when the file's mtime must
-/// be updated, and io_uring hands it to an io-wq worker: more wake-ups, not
-/// fewer; kernel-notes/fuse-uring.md, session 10).
+/// reads always do). Off by default: on ext4 an asynchronous direct write
+/// completes through a kernel worker (`iomap_dio_complete_work` on the
+/// file system's `dio` workqueue: one more wake-up per write) where a
+/// synchronous `pwrite` completes in the waiting thread; measured
+/// 2026-12-03 natively (4 writers at QD1: io_uring/libaio 15-24 k IOPS,
+/// psync 32-46 k) and through the ring (no io-wq punt at all on a fully
+/// written disk, and still no faster than synchronous writes). Only
+/// writes into holes (sparse images) go to io-wq.
+/// kernel-notes/fuse-uring.md, session 11.
 pub fn async_writes() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("VDREP_URING_ASYNC_WRITES").is_ok_and(|v| v.trim() == "1"))
@@ -575,7 +579,11 @@ pub fn async_io() -> bool {
 /// payload) to `fd` at `offset`, on the thread's own ring. The reply is
 /// left to `done`, which runs on this thread once the write completed;
 /// the entry is answered after it. `Err(done)` (not a ring thread, or
-/// `data` is not in the entry): nothing was submitted.
+/// `data` is not in the entry): nothing was submitted. A write ext4
+/// cannot start without blocking (into a hole of a sparse image) is done
+/// by an io-wq worker: measured cheaper than refusing it (`RWF_NOWAIT`)
+/// and writing it on this thread, which meanwhile holds the requests of
+/// its other entries (kernel-notes/fuse-uring.md, session 11).
 pub fn submit_write(fd: i32, data: &[u8], offset: u64, done: WriteDone) -> Result<(), WriteDone> {
     let r = with_local(|l| {
         let idx = l.current?;
