@@ -55,7 +55,10 @@
 # value back at exit); its columns (value, ratio, p99, CPU per request,
 # T1-T3) follow vdrep's, with uring/vdrep. The target vdrep-uring4 is the
 # same mount with 4 FUSE entries per ring (VDREP_URING_ENTRIES=4; the
-# binary's default otherwise), its columns after uring's with uring4/uring.
+# binary's default otherwise), its columns after uring's with uring4/uring;
+# URING4_ASYNC_WRITES=1 also submits its O_DIRECT backing writes on the
+# rings (VDREP_URING_ASYNC_WRITES=1 for that target only), so the
+# defaults and "4 entries + writes on the ring" run in one run.
 #
 # A/B of two builds in one run: BASE_VDREP=path (e.g. main's release binary)
 # makes the targets base-vdrep and base-vdrep-uring available: vdrep and
@@ -184,15 +187,15 @@ setup_target() { # prints the directory fio should use, or fails
         vdrep|vdrep-nolog|vdrep-noahead|vdrep-nohot|vdrep-uring|vdrep-uring4)
             [[ -x "$bin" ]] || { say "no vdrep binary at '$bin'"; return 1; }
             local al=on ahead="${VDREP_ACTIVITY_AHEAD:-}" transport=dev
-            local entries="${VDREP_URING_ENTRIES:-}"
+            local entries="${VDREP_URING_ENTRIES:-}" asyncw="${VDREP_URING_ASYNC_WRITES:-}"
             [[ "$kind" == vdrep-nolog ]] && al=off
             [[ "$kind" == vdrep-noahead ]] && ahead=0
             [[ "$kind" == vdrep-uring* ]] && transport=uring
-            [[ "$kind" == vdrep-uring4 ]] && entries=4
+            [[ "$kind" == vdrep-uring4 ]] && entries=4 && asyncw="${URING4_ASYNC_WRITES:-$asyncw}"
             local hot="${VDREP_ACTIVITY_HOT:-}"
             [[ "$kind" == vdrep-nohot ]] && hot=0
             VDREP_ACTIVITY_LOG=$al VDREP_ACTIVITY_AHEAD="$ahead" VDREP_ACTIVITY_HOT="$hot" \
-                VDREP_URING_ENTRIES="$entries" "$bin" mount "$DATA" --metrics-listen "127.0.0.1:$METRICS_PORT" \
+                VDREP_URING_ENTRIES="$entries" VDREP_URING_ASYNC_WRITES="$asyncw" "$bin" mount "$DATA" --metrics-listen "127.0.0.1:$METRICS_PORT" \
                 --fuse-transport "$transport" $([[ $transport == uring ]] && echo --enable-uring) "${MOUNT_ARGS[@]}" >&2 \
                 || { say "vdrep mount failed"; return 1; }
             is_fuse_mounted "$DATA" || { say "vdrep mount returned but $DATA is not a FUSE mount"; return 1; }
