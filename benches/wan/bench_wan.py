@@ -424,6 +424,9 @@ def bench_link(link, cc, results, run_no=0, variant="-", size_mib=None):
         row["initial_rcvbuf_drops"] = rcvbuf_errors() - k0
         row.update(initial_cpu_sender=c1[0] - c0[0], initial_cpu_receiver=c1[1] - c0[1],
                    initial_cpu_relay=c1[2] - c0[2])
+        # The relay writes its counters every 0.5 s: let it write them
+        # once more after the copy (read at once, they missed its end).
+        time.sleep(0.6)
         udp_fwd, udp_rev, lost, qdrop = site.udp_bytes()
         row.update(cap_summary(work / "sender.log"))
         row.update(link_summary(work))
