@@ -31,6 +31,12 @@
 #                        RELAY_BIN=PATH swaps the relay, VDREP_BIN=PATH vdrep:
 #                        VARIANTS="VDREP_BIN=/tmp/base/vdrep -" is base vs this build)
 #   VDREP_LOG="info,vdrep::link_stats=debug"   link time-line in sender.log
+#   VDREP_LOG="info,vdrep::copy_time=debug"    each copy's steps on both ends, ms after
+#                        `protect` (the initial copy's time ends at the sender's log line
+#                        of the committed point; "protect + sync" is in the JSON)
+#   VARIANTS="VDREP_PROBE_REUSE=0 -"           the worker dials again after protect's probe
+#                        (before s11) vs running on the probe's session;
+#                        VDREP_INITIAL_WRITEBACK=0: the receiver only fsyncs a copy
 #   BENCH_ROOT=/var/tmp/vdrep-wanbench
 # Needs root (FUSE mount), fio, python3. Release build. Results in
 # bench-results/wan-<UTC>.{md,json}.

@@ -64,6 +64,11 @@ impl Site {
         }
         panic!("no replica {name} under {}", disks.display());
     }
+    /// The points file of vm1, if the receiver wrote one.
+    fn points_or_none(&self) -> Option<serde_json::Value> {
+        let b = std::fs::read(self.p("store/sites/site-a/vms/vm1/points.json")).ok()?;
+        serde_json::from_slice(&b).ok()
+    }
     fn points(&self) -> serde_json::Value {
         serde_json::from_slice(
             &std::fs::read(self.p("store/sites/site-a/vms/vm1/points.json")).unwrap(),
@@ -442,6 +447,108 @@ fn untrusted_peer_and_path_escapes_are_refused() {
         new.iter().all(|p| p.contains("store/sites/site-a")),
         "files created outside the namespace: {new:?}"
     );
+}
+
+/// `protect` checks the receiver (handshake, `Hello`, the disks opened)
+/// and the VM's worker runs its copy on that same connection: a receiver
+/// the sender does not trust and a receiver that does not trust the sender
+/// are still refused before `protect` returns, as typed errors (fatal
+/// authentication failures), with nothing protected; a trusted receiver
+/// accepts one connection in all, and the replica equals the source.
+#[test]
+fn protect_copies_over_its_checked_connection_and_still_refuses_bad_keys() {
+    require_fuse!();
+    let site = Site::new();
+    std::fs::create_dir_all(site.p("kc")).unwrap();
+    vdrep_ok(&["keys", "init", "--name", "site-c", "--out", &site.s("kc")]);
+    let maddr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let r = Receiver::spawn(
+        "127.0.0.1:0",
+        &site.p("store"),
+        &site.p("kb"),
+        &site.p("ka/site-a.crt"),
+        &["--metrics-listen", &maddr],
+        &[],
+    );
+    // A receiver that trusts only site-c.
+    std::fs::create_dir_all(site.p("store2")).unwrap();
+    let r2 = Receiver::spawn(
+        "127.0.0.1:0",
+        &site.p("store2"),
+        &site.p("kb"),
+        &site.p("kc/site-c.crt"),
+        &[],
+        &[],
+    );
+    random_file(&site.p("vm/d.img"), 3 << 20, 11);
+    let mut m = site.mount();
+    let refused = |to: &str, trust: &str, why: &str| {
+        let o = vdrep(&[
+            "protect",
+            "vm1",
+            "--to",
+            to,
+            "--trust",
+            trust,
+            &site.s("vm/d.img"),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("cannot protect vm1")
+                && err.contains("is not usable")
+                && err.contains("authentication failed")
+                && err.contains(why),
+            "{err}"
+        );
+    };
+    // The sender does not trust the receiver's certificate (it names
+    // site-c's), then the receiver does not trust the sender's.
+    refused(
+        &r.addr,
+        &site.s("kc/site-c.crt"),
+        "add its certificate with --trust",
+    );
+    refused(
+        &r2.addr,
+        &site.s("kb/site-b.crt"),
+        "refused our certificate",
+    );
+    let st = m.status_json();
+    assert!(
+        st["replication"].as_array().is_none_or(|v| v.is_empty()),
+        "a refused protect left a VM behind: {st}"
+    );
+    assert!(!site.p("store/sites").exists() || site.points_or_none().is_none());
+
+    protect(&site, &r, "1h", &["d.img"]);
+    sync_ok(&site);
+    same(&site.p("vm/d.img"), "raw", &site.replica("d.vhd"));
+    let metrics = scrape(&maddr);
+    let accepted = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("vdrep_receiver_connections_accepted_total "))
+        .unwrap_or_else(|| panic!("no connection counter in {metrics}"));
+    assert_eq!(
+        accepted.trim(),
+        "1",
+        "protect's check and the worker's copy should share one connection"
+    );
+    m.umount();
+}
+
+/// The receiver's metrics, as text.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    resp
 }
 
 /// OpenDisk frame built by hand (bypassing the encoder's name checks).

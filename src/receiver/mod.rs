@@ -752,9 +752,9 @@ impl Conn {
                 self.spawn(op, move |store, site| {
                     // No older writer of the disk writes after this.
                     fence.settle();
-                    StoreDone::InitialBegun(
-                        begin_initial(store, site, &open, &begin, bus.as_deref()).map_err(failure),
-                    )
+                    let r = begin_initial(store, site, &open, &begin, bus.as_deref());
+                    crate::util::phase::step("recv_copy_begun", &open.vm);
+                    StoreDone::InitialBegun(r.map_err(failure))
                 })
             }
             ReceiverAction::WriteInitial {
@@ -775,11 +775,13 @@ impl Conn {
                 cycle,
             } => {
                 let writer = self.initials.remove(&disk_id);
+                crate::util::phase::step("recv_copy_end", &vm);
                 self.spawn(op, move |store, site| {
                     let r = finish(writer, "write_initial").and_then(|()| {
                         let d = disk(site, &vm, &disk_id);
                         store.finish_initial(d, cycle, crate::util::now_ns())
                     });
+                    crate::util::phase::step("recv_copy_durable", &vm);
                     StoreDone::InitialFinished(r.map_err(failure))
                 })
             }
@@ -875,6 +877,9 @@ impl Conn {
                 let t = std::time::Instant::now();
                 let r = store.commit_point(site, &vm, cycle, &ids, consistency);
                 crate::util::phase::done("recv_commit_point", &vm, t);
+                if matches!(r, Ok(Some(_))) {
+                    crate::util::phase::step("recv_point_committed", &vm);
+                }
                 StoreDone::PointCommitted(r.map(|p| p.is_some()).map_err(failure))
             }),
             ReceiverAction::HashBlocks { op, vm, req } => {

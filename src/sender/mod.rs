@@ -311,6 +311,9 @@ struct Vm {
     /// connections before it.
     conn: Mutex<Option<quinn::Connection>>,
     udp_sent_before: std::sync::atomic::AtomicU64,
+    /// The session `protect` checked the receiver with: the worker's first
+    /// session runs on it.
+    probed: Mutex<Option<link::Probed>>,
     /// Domain definitions by cut cycle not yet known committed (the newest
     /// one stays: it holds for the next cuts too); given to every session.
     definitions: Mutex<std::collections::BTreeMap<u64, String>>,
@@ -544,6 +547,7 @@ impl Replicator {
     /// Check prerequisites, persist the spec and start replicating. Returns
     /// warnings (e.g. the receiver may be short of space).
     pub fn protect(self: &Arc<Self>, spec: ProtectSpec) -> Result<Vec<String>, SendError> {
+        crate::util::phase::step("protect_request", &spec.vm);
         wire::safe_component(&spec.vm).map_err(|e| SendError::invalid(format!("VM name: {e}")))?;
         if self.identity.is_none() {
             return Err(SendError::invalid(format!(
@@ -614,9 +618,10 @@ impl Replicator {
         // The object store opens (every check) before anything is written.
         self.direct(&spec)
             .map_err(|e| e.context(format!("object store {} is not usable", spec.to)))?;
-        // Reachable and trusted: say Hello once.
+        // Reachable and trusted: say Hello once (the worker goes on with
+        // that session).
         let probe = self.rt.block_on(self.probe(&spec));
-        let hello = match probe {
+        let (hello, probed) = match probe {
             Ok(h) => h,
             Err(e) => return Err(e.context(format!("receiver {} is not usable", spec.to))),
         };
@@ -636,10 +641,11 @@ impl Replicator {
             ));
         }
         self.save_spec(&spec)?;
-        self.start(spec);
+        self.start_with(spec, probed);
         for w in &warnings {
             tracing::warn!(vm = %spec_name, "{w}");
         }
+        crate::util::phase::step("protect_done", &spec_name);
         Ok(warnings)
     }
 
@@ -726,6 +732,11 @@ impl Replicator {
     }
 
     fn start(self: &Arc<Self>, spec: ProtectSpec) {
+        self.start_with(spec, None);
+    }
+
+    /// [`Self::start`], the worker's first session on `probed` if given.
+    fn start_with(self: &Arc<Self>, spec: ProtectSpec, probed: Option<link::Probed>) {
         if let Some(old) = self.vms.lock().remove(&spec.vm) {
             old.stop.store(true, std::sync::atomic::Ordering::SeqCst);
             old.wake.notify_one();
@@ -776,6 +787,7 @@ impl Replicator {
             jobs: Mutex::new(Default::default()),
             last_app_try: Mutex::new(None),
             conn: Mutex::new(None),
+            probed: Mutex::new(probed),
             udp_sent_before: std::sync::atomic::AtomicU64::new(0),
             definitions: Mutex::new(Default::default()),
             respec: Mutex::new(None),
@@ -1068,18 +1080,35 @@ impl Replicator {
         })
     }
 
-    /// Connect and say `Hello` (no disk opened): the receiver's answer.
-    async fn probe(&self, spec: &ProtectSpec) -> Result<wire::HelloOk, SendError> {
+    /// Connect, say `Hello` and open the VM's disks (one flight): the
+    /// receiver's answer, and the session if every disk answered too (the
+    /// worker's first session runs on it: no second handshake, no second
+    /// `OpenDisk`). A refused connection or `Hello` is the error; a disk the
+    /// receiver refuses is not (the worker meets the refusal and reports
+    /// it, as when the probe opened no disk). `VDREP_PROBE_REUSE=0`: say
+    /// only `Hello` and close, as before (to measure).
+    async fn probe(
+        &self,
+        spec: &ProtectSpec,
+    ) -> Result<(wire::HelloOk, Option<link::Probed>), SendError> {
+        let reuse = std::env::var("VDREP_PROBE_REUSE").map_or(true, |v| v != "0");
+        crate::util::phase::step("probe_dial", &spec.vm);
         let (conn, ep) = self.dial(spec).await?;
-        let cfg = self.session_config(spec, false, 0)?;
+        crate::util::phase::step("probe_connected", &spec.vm);
+        // The worker's first session would say the same (no point known).
+        let cfg = self.session_config(spec, reuse, 0)?;
         let mut link = Link::new(conn, ep, cfg, None, Arc::default());
-        link.ready().await?;
-        let hello = link
-            .peer()
-            .cloned()
-            .ok_or_else(|| SendError::fatal("the receiver did not answer Hello"))?;
-        link.close(b"probe done");
-        Ok(hello)
+        let ready = link.ready().await;
+        crate::util::phase::step("probe_ready", &spec.vm);
+        match (link.peer().cloned(), ready) {
+            (Some(hello), Ok(states)) if reuse => Ok((hello, Some(link::Probed { link, states }))),
+            (Some(hello), _) => {
+                link.close(b"probe done");
+                Ok((hello, None))
+            }
+            (None, Err(e)) => Err(e),
+            (None, Ok(_)) => Err(SendError::fatal("the receiver did not answer Hello")),
+        }
     }
     async fn worker(self: Arc<Self>, vm: Arc<Vm>) {
         let mut backoff = retry::Backoff::default();
@@ -1335,20 +1364,38 @@ impl Replicator {
     /// One connected session: sync up, then cut and ship until an error.
     async fn session(&self, vm: &Arc<Vm>) -> Result<(), SendError> {
         let spec = &vm.spec;
+        crate::util::phase::step("session_start", &spec.vm);
         let last_point = vm.status.lock().last_point.unwrap_or(0);
-        let cfg = self.session_config(spec, true, last_point)?;
-        let (conn, ep) = self.dial(spec).await?;
-        let _live = LiveConn::new(vm, &conn);
         let shaper = Arc::new(Shaper::new(spec.max_rate, self.link_share(spec)));
-        // The session commits again a point the replicas all reached but
-        // whose `PointAck` was lost (idempotent at the receiver).
-        let mut link = Link::new(conn, ep, cfg, Some(vm.clone()), shaper);
+        // `protect`'s session, if it is still up (it said what this one
+        // would: no point known).
+        let probed = vm.probed.lock().take();
+        let (mut link, states) = match probed.filter(|p| last_point == 0 && p.link.is_open()) {
+            Some(link::Probed { mut link, states }) => {
+                link.adopt(vm.clone(), shaper);
+                (link, Some(states))
+            }
+            None => {
+                // The session commits again a point the replicas all
+                // reached but whose `PointAck` was lost (idempotent at the
+                // receiver).
+                let cfg = self.session_config(spec, true, last_point)?;
+                let (conn, ep) = self.dial(spec).await?;
+                (Link::new(conn, ep, cfg, Some(vm.clone()), shaper), None)
+            }
+        };
+        let _live = LiveConn::new(vm, link.connection());
         let link = &mut link;
         let _steady = Steady(vm);
         for (c, x) in vm.definitions.lock().iter() {
             link.note_definition(*c, x.clone());
         }
-        let mut replica = Self::by_name(vm, link.ready().await?);
+        let states = match states {
+            Some(s) => s,
+            None => link.ready().await?,
+        };
+        crate::util::phase::step("session_ready", &spec.vm);
+        let mut replica = Self::by_name(vm, states);
         // No complete replica (or a copy under way): initial copy of the
         // disks without one, and only of those. The disks with a replica
         // keep it (and its history): those whose logs chain onto it
@@ -2012,6 +2059,7 @@ impl Replicator {
             ..Default::default()
         };
         let sealed = seal_vm(self.flush.clone(), tracker, move |t| t.seal_for_copy(&sel)).await?;
+        crate::util::phase::step("copy_sealed", &spec.vm);
         let cycle = sealed.cycle;
         link.note_cut(cycle, sealed.cut_unix_ns);
         self.note_domain(vm, link, cycle).await;

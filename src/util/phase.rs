@@ -3,6 +3,8 @@
 //! unless the log filter asks for it
 //! (`VDREP_LOG=info,vdrep::cycle_time=debug`). `scripts/bench-replication.sh`
 //! (`PHASES=1`) aggregates them with `benches/replication/phase-times.py`.
+//! Also the steps of a VM's start, from `protect` to its first point
+//! ([`step`], target `vdrep::copy_time`).
 
 use std::time::Instant;
 
@@ -24,4 +26,13 @@ pub fn done(phase: &'static str, who: &str, since: Instant) {
 /// Phase `phase` of `who` took `ms` milliseconds.
 pub fn took(phase: &'static str, who: &str, ms: f64) {
     tracing::debug!(target: "vdrep::cycle_time", phase, who, ms);
+}
+
+/// A step of protecting a VM, from the `protect` request to its first
+/// point (target `vdrep::copy_time`, fields `step`, `who`), off unless the
+/// log filter asks for it (`VDREP_LOG=info,vdrep::copy_time=debug`): the
+/// log line's timestamp is the moment. `scripts/bench-wan.sh` puts the
+/// steps of both ends on one time-line (`kernel-notes/wan.md`, round 8b).
+pub fn step(step: &'static str, who: &str) {
+    tracing::debug!(target: "vdrep::copy_time", step, who);
 }
