@@ -66,12 +66,13 @@ const CHUNK_BYTES: u64 = 1 << 20;
 /// ([`state::MountMeta::reserved`]).
 const CYCLE_RESERVE: u64 = 4096;
 
-/// How many of a disk's sealed logs a replication session may have
-/// submitted and not yet had acknowledged (the session runs a disk's logs
-/// in order, one at a time): after a restart, that many of the oldest
-/// pending logs may already be applied at the receiver, so the 50% rule
-/// must not fold them ([`Tracker::enforce_log_limit`]).
-pub const LOGS_IN_FLIGHT_PER_DISK: usize = 1;
+/// How many of a disk's sealed logs a replication session may have sent
+/// and not yet had acknowledged (the session sends a disk's next log
+/// behind the one in flight, protocol 8; the receiver applies them in
+/// order): after a restart, that many of the oldest pending logs may
+/// already be applied at the receiver, so the 50% rule must not fold them
+/// ([`Tracker::enforce_log_limit`]).
+pub const LOGS_IN_FLIGHT_PER_DISK: usize = 2;
 
 /// Copy-before-write memory cap per sealed cycle: past it the cycle is
 /// abandoned (its bits go back to the live bitmap) rather than eat RAM.
