@@ -1411,8 +1411,8 @@ impl Tracker {
     /// now on the receiver may hold it (applied, its acknowledgement lost
     /// with the connection), so [`Tracker::enforce_log_limit`] keeps it.
     /// The mark is in memory; a disk attached with logs left by an earlier
-    /// process starts marked at its oldest one (all that process can have
-    /// had in flight).
+    /// process starts marked at its oldest [`LOGS_IN_FLIGHT_PER_DISK`]
+    /// (all that process can have had in flight).
     pub fn note_submitted(&self, name: &str, cycle: u64) {
         if let Some(d) = self.disks.lock().get(name) {
             d.submitted
