@@ -218,6 +218,7 @@ fn messages() -> Vec<Msg> {
             disk_size: 1 << 30,
             cut_unix_ns: 1_700_000_000_000_000_000,
             total_len: 96,
+            behind: false,
         }),
         Msg::LogChunk(LogChunk {
             disk_id: DISK,
@@ -285,6 +286,20 @@ fn messages() -> Vec<Msg> {
             cycle: 4,
             blocks_compared: 3,
             blocks_differ: 1,
+        }),
+        // Protocol 8: a log sent behind the one before it (last: the
+        // older seeds keep their numbers).
+        Msg::LogBegin(LogBegin {
+            disk_id: DISK,
+            disk_name: name("web1/os.img"),
+            cycle: 5,
+            base_cycle: 4,
+            block_size: 65536,
+            base_size: 1 << 30,
+            disk_size: 1 << 30,
+            cut_unix_ns: 1_700_000_000_000_000_001,
+            total_len: 96,
+            behind: true,
         }),
     ]
 }

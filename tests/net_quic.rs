@@ -324,6 +324,7 @@ fn one_of_each() -> Vec<Msg> {
             disk_size: 1 << 30,
             cut_unix_ns: 1_700_000_000_000_000_000,
             total_len: 1000,
+            behind: false,
         }),
         Msg::LogChunk(wire::LogChunk {
             disk_id: id,

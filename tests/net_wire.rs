@@ -182,19 +182,23 @@ fn msg() -> impl Strategy<Value = Msg> {
             size(),
             size(),
             any::<u64>(),
-            1u64..=(1u64 << 60)
+            1u64..=(1u64 << 60),
+            any::<bool>()
         )
-            .prop_map(|(d, n, base, bs, s0, s1, t, len)| Msg::LogBegin(LogBegin {
-                disk_id: d,
-                disk_name: n,
-                cycle: base + 1,
-                base_cycle: base,
-                block_size: bs,
-                base_size: s0,
-                disk_size: s1,
-                cut_unix_ns: t,
-                total_len: len,
-            })),
+            .prop_map(
+                |(d, n, base, bs, s0, s1, t, len, behind)| Msg::LogBegin(LogBegin {
+                    disk_id: d,
+                    disk_name: n,
+                    cycle: base + 1,
+                    base_cycle: base,
+                    block_size: bs,
+                    base_size: s0,
+                    disk_size: s1,
+                    cut_unix_ns: t,
+                    total_len: len,
+                    behind,
+                })
+            ),
         (
             disk_id(),
             any::<u64>(),

@@ -3,8 +3,11 @@
 //! resets, and completions of its actions. Neither may panic, the receiver
 //! must never hand the store a log whose bytes do not match its checksum,
 //! never acknowledge a log that did not verify, and never apply a log
-//! before the one it is based on; the sender must never report a log
-//! applied that it was not asked to send.
+//! before the one it is based on (protocol 8: a log sent behind another,
+//! `LogBegin::behind`, may wait for it), and never refuse a log sent behind
+//! a base the store does not have yet as a diverged chain
+//! (`ResyncRequired`); the sender must never report a log applied that it
+//! was not asked to send.
 //!
 //! Input: byte 0 picks the end (even: receiver, odd: sender) and, for the
 //! receiver, whether the `OpenDisk` overtakes the `Hello` (bit 1); then
@@ -198,14 +201,25 @@ fn receiver(cmds: &[(u8, u64, &[u8])], open_first: bool) {
     // Per stream: the cycle and length of the log begun on it, and the
     // bytes sent of it.
     let mut logs: HashMap<u64, (u64, usize, Vec<u8>)> = HashMap::new();
+    // Per stream: the base of its first log if that was sent behind
+    // another.
+    let mut behind: HashMap<u64, Option<u64>> = HashMap::new();
     for &(op, sid, bytes) in cmds {
         now += 1;
         let stream = StreamId(sid);
         let b = |i: usize| bytes.get(i).copied().unwrap_or(0);
         match op % 10 {
             0..=2 => r.handle(now, Event::Data { stream, bytes }),
-            3 => r.handle(now, Event::Finished(stream)),
-            4 => r.handle(now, Event::Reset(stream)),
+            // A stream that ended may begin afresh: its next first
+            // message is no longer known here, not checked.
+            3 => {
+                behind.insert(sid, None);
+                r.handle(now, Event::Finished(stream));
+            }
+            4 => {
+                behind.insert(sid, None);
+                r.handle(now, Event::Reset(stream));
+            }
             5 => {
                 if !store.pending.is_empty() {
                     let i = b(0) as usize % store.pending.len();
@@ -221,7 +235,7 @@ fn receiver(cmds: &[(u8, u64, &[u8])], open_first: bool) {
             // Well-formed log messages with fuzzed fields, so that the
             // fuzzer reaches logs that verify and logs that almost do.
             7 => {
-                // Mostly 6 (the replica is at 5) and 7 (after it),
+                // Mostly 6 (the replica is at 5) and 7 (behind it),
                 // sometimes a resend or a gap.
                 let cycle = [6, 6, 5, 7, 7, 8][usize::from(b(0) % 6)];
                 let base = if b(1) % 4 == 0 {
@@ -239,7 +253,13 @@ fn receiver(cmds: &[(u8, u64, &[u8])], open_first: bool) {
                     disk_size: 1 << 20,
                     cut_unix_ns: 0,
                     total_len: 1 + u64::from(b(2) % 32),
+                    behind: b(2) & 0x80 != 0,
                 };
+                // The receiver decides on a stream's first message: only
+                // a first `LogBegin` sent behind is checked.
+                behind
+                    .entry(sid)
+                    .or_insert(begin.behind.then_some(begin.base_cycle));
                 logs.insert(sid, (cycle, begin.total_len as usize, Vec::new()));
                 send(&mut r, now, stream, &Msg::LogBegin(begin));
             }
@@ -283,7 +303,17 @@ fn receiver(cmds: &[(u8, u64, &[u8])], open_first: bool) {
         while let Some(o) = r.poll() {
             match o {
                 Output::Action(a) => store.perform(a, bytes.last() == Some(&0xee)),
-                Output::Send { bytes, .. } => {
+                Output::Send { stream, bytes } => {
+                    if let Ok(Some((Msg::Error(e), _))) = decode(&bytes) {
+                        if let Some(&Some(base)) = behind.get(&stream.0) {
+                            assert!(
+                                !(base > store.at && e.code == ErrorCode::ResyncRequired),
+                                "a log sent behind log {base}, which the replica (at {}) does not have yet, was refused as a diverged chain: {}",
+                                store.at,
+                                e.message
+                            );
+                        }
+                    }
                     if let Ok(Some((Msg::Ack(a), _))) = decode(&bytes) {
                         if a.durable {
                             assert!(
@@ -320,6 +350,7 @@ fn sender(cmds: &[(u8, u64, &[u8])]) {
             chunk_size: 7,
             commit_ahead: true,
             open_with_hello: true,
+            follow: true,
         },
         0,
     );
@@ -333,8 +364,9 @@ fn sender(cmds: &[(u8, u64, &[u8])]) {
         disk_size: 1 << 20,
         cut_unix_ns: 0,
         total_len: LOG.len() as u64,
+        behind: false,
     };
-    // Two logs of the disk, one after the other.
+    // Two logs: the second goes behind the first once it is all sent.
     let next = LogBegin {
         cycle: 7,
         base_cycle: 6,

@@ -1077,6 +1077,9 @@ impl Replicator {
             // `VDREP_OPEN_WITH_HELLO=0`: open the disks after the Hello's
             // answer, as before protocol 7 (to measure).
             open_with_hello: std::env::var("VDREP_OPEN_WITH_HELLO").map_or(true, |v| v != "0"),
+            // `VDREP_FOLLOW=0`: a disk's next log waits for the previous
+            // one's Ack, as before protocol 8 (to measure).
+            follow: std::env::var("VDREP_FOLLOW").map_or(true, |v| v != "0"),
         })
     }
 
@@ -1948,10 +1951,11 @@ impl Replicator {
     /// committed. With `pipeline`, return as soon as every submitted byte
     /// is sent and the next cut is due ([`Self::cut_due_now`]): the caller
     /// cuts that cycle and submits its logs behind these, so its transfer
-    /// starts when these are acknowledged instead of a cut later (the
-    /// session runs each disk's logs in order, one at a time, and commits
-    /// points in cycle order: consistency and the durability order are
-    /// those of one cycle at a time).
+    /// starts at once (protocol 7: the session sends a disk's next log
+    /// behind the one being applied) instead of a cut later (the receiver
+    /// applies each disk's logs in order, one at a time, and the session
+    /// commits points in cycle order: consistency and the durability order
+    /// are those of one cycle at a time).
     async fn drive(&self, vm: &Arc<Vm>, link: &mut Link, pipeline: bool) -> Result<(), SendError> {
         while !link.is_idle() {
             let waiting = pipeline && link.all_sent();

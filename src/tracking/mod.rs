@@ -66,12 +66,13 @@ const CHUNK_BYTES: u64 = 1 << 20;
 /// ([`state::MountMeta::reserved`]).
 const CYCLE_RESERVE: u64 = 4096;
 
-/// How many of a disk's sealed logs a replication session may have
-/// submitted and not yet had acknowledged (the session runs a disk's logs
-/// in order, one at a time): after a restart, that many of the oldest
-/// pending logs may already be applied at the receiver, so the 50% rule
-/// must not fold them ([`Tracker::enforce_log_limit`]).
-pub const LOGS_IN_FLIGHT_PER_DISK: usize = 1;
+/// How many of a disk's sealed logs a replication session may have sent
+/// and not yet had acknowledged (the session sends a disk's next log
+/// behind the one in flight, protocol 8; the receiver applies them in
+/// order): after a restart, that many of the oldest pending logs may
+/// already be applied at the receiver, so the 50% rule must not fold them
+/// ([`Tracker::enforce_log_limit`]).
+pub const LOGS_IN_FLIGHT_PER_DISK: usize = 2;
 
 /// Copy-before-write memory cap per sealed cycle: past it the cycle is
 /// abandoned (its bits go back to the live bitmap) rather than eat RAM.
@@ -1410,8 +1411,8 @@ impl Tracker {
     /// now on the receiver may hold it (applied, its acknowledgement lost
     /// with the connection), so [`Tracker::enforce_log_limit`] keeps it.
     /// The mark is in memory; a disk attached with logs left by an earlier
-    /// process starts marked at its oldest one (all that process can have
-    /// had in flight).
+    /// process starts marked at its oldest [`LOGS_IN_FLIGHT_PER_DISK`]
+    /// (all that process can have had in flight).
     pub fn note_submitted(&self, name: &str, cycle: u64) {
         if let Some(d) = self.disks.lock().get(name) {
             d.submitted

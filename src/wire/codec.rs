@@ -207,6 +207,10 @@ fn encode_payload(msg: &Msg, o: &mut Vec<u8>) {
             put_u64(o, b.disk_size);
             put_u64(o, b.cut_unix_ns);
             put_u64(o, b.total_len);
+            // Trailing, only when set: any other log is a version-7 one.
+            if b.behind {
+                o.push(1);
+            }
         }
         Msg::LogChunk(c) => {
             let fixed_start = o.len();
@@ -542,6 +546,18 @@ pub(crate) fn decode_body(frame: &[u8]) -> Result<Msg, WireError> {
             disk_size: r.u64("disk_size")?,
             cut_unix_ns: r.u64("cut_unix_ns")?,
             total_len: r.u64("total_len")?,
+            // Absent: not behind (a 0 flag would be a second encoding).
+            behind: if r.pos < r.b.len() {
+                if !r.bool("behind")? {
+                    return Err(malformed(
+                        name,
+                        "a log not sent behind another ends after total_len (behind 0 is not allowed)",
+                    ));
+                }
+                true
+            } else {
+                false
+            },
         }),
         MsgType::LogChunk => {
             let fixed_start = r.pos;
@@ -1176,6 +1192,46 @@ mod tests {
             },
         ] {
             assert!(encode(&point(Some(g), "erp-db"), &mut Vec::new()).is_err());
+        }
+    }
+
+    #[test]
+    fn log_begin_behind_round_trips_and_a_version_7_log_begin_still_decodes() {
+        let begin = |behind: bool| {
+            Msg::LogBegin(LogBegin {
+                disk_id: id(1),
+                disk_name: "d.qcow2".into(),
+                cycle: 7,
+                base_cycle: 6,
+                block_size: 4096,
+                base_size: 1 << 20,
+                disk_size: 1 << 20,
+                cut_unix_ns: 5,
+                total_len: 100,
+                behind,
+            })
+        };
+        let mut behind = Vec::new();
+        encode(&begin(true), &mut behind).unwrap();
+        assert_eq!(
+            decode(&behind).unwrap().unwrap(),
+            (begin(true), behind.len())
+        );
+        // Not behind: the flag is absent, the frame is a version-7 one
+        // (one byte shorter) and decodes as such.
+        let mut plain = Vec::new();
+        encode(&begin(false), &mut plain).unwrap();
+        assert_eq!(plain.len() + 1, behind.len());
+        assert_eq!(
+            decode(&plain).unwrap().unwrap(),
+            (begin(false), plain.len())
+        );
+        // An explicit 0 flag would be a second encoding, 2 is no bool.
+        for bad in [0u8, 2] {
+            let mut b = behind.clone();
+            let n = b.len();
+            b[n - 1] = bad;
+            assert!(decode(&b).is_err(), "flag {bad}");
         }
     }
 

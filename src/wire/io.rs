@@ -139,7 +139,8 @@ pub async fn client_hello(
 
 /// Receiver side of the opening exchange: accept the control stream, read
 /// `Hello`, answer `HelloOk` (or `Error` with code `Version` and return
-/// [`WireError::Version`] if the versions differ).
+/// [`WireError::Version`] if this build does not speak the sender's
+/// version, [`super::speaks`]).
 pub async fn accept_hello(
     conn: &quinn::Connection,
     site_name: &str,
@@ -153,7 +154,7 @@ pub async fn accept_hello(
         m => Err(m),
     })
     .await?;
-    if hello.protocol_version != super::PROTOCOL_VERSION {
+    if !super::speaks(hello.protocol_version) {
         let err = WireError::Version {
             ours: super::PROTOCOL_VERSION,
             theirs: hello.protocol_version,
@@ -171,8 +172,9 @@ pub async fn accept_hello(
         let _ = send.finish();
         return Err(err);
     }
+    // The connection speaks the sender's version.
     let ok = Msg::HelloOk(super::HelloOk {
-        protocol_version: super::PROTOCOL_VERSION,
+        protocol_version: hello.protocol_version,
         site_name: site_name.to_string(),
         software_version: env!("CARGO_PKG_VERSION").to_string(),
         store_free: 0,

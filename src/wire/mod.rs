@@ -33,7 +33,7 @@
 //! | 0x12 | [`InitialBegin`] | `disk_id:id cycle:u64 disk_size:u64 start_offset:u64` |
 //! | 0x13 | [`InitialChunk`] | `disk_id:id offset:u64 length:u32 enc checksum:u64 data:bytes` |
 //! | 0x14 | [`InitialEnd`] | `disk_id:id cycle:u64 disk_size:u64` |
-//! | 0x20 | [`LogBegin`] | `disk_id:id disk_name:str cycle:u64 base_cycle:u64 block_size:u32 base_size:u64 disk_size:u64 cut_unix_ns:u64 total_len:u64` |
+//! | 0x20 | [`LogBegin`] | `disk_id:id disk_name:str cycle:u64 base_cycle:u64 block_size:u32 base_size:u64 disk_size:u64 cut_unix_ns:u64 total_len:u64 [1:u8]` (the trailing `1`, since protocol 8, only for a log sent behind its base: [`LogBegin::behind`]) |
 //! | 0x21 | [`LogChunk`] | `disk_id:id cycle:u64 offset_in_log:u64 checksum:u64 data:bytes` |
 //! | 0x22 | [`LogEnd`] | `disk_id:id cycle:u64 total_len:u64 log_checksum:u128` |
 //! | 0x23 | [`Ack`] | `disk_id:id cycle:u64 durable:bool applied:bool` |
@@ -82,7 +82,25 @@
 //!    { durable: true, applied: false }` if it wants to apply later, and
 //!    `Ack { durable: true, applied: true }` once applied and fsynced. A log
 //!    for a cycle already applied is answered with `applied: true` at once
-//!    (resends after a crash are applied at most once).
+//!    (resends after a crash are applied at most once). Since protocol
+//!    version 8 the sender may send a disk's next log (its `base_cycle` is
+//!    the running log's cycle) once all of the running log is sent,
+//!    without waiting for its `Ack`, marked [`LogBegin::behind`]; at most
+//!    one per disk. The mark tells the receiver that the base is in flight
+//!    on this connection, not missing from the replica. The receiver leaves
+//!    such a stream undecoded (nothing staged, flow control holds the rest)
+//!    until its base is applied and acknowledged, then handles it as a log
+//!    that just began; this holds too when it arrives before its base
+//!    (QUIC does not order streams). If the base is refused or its stream
+//!    reset, the log behind it is refused with `Error { Busy, retryable }`
+//!    (before or after it arrives, never `ResyncRequired`) and both are
+//!    sent again; if the connection is lost, nothing of it reached the
+//!    store. Logs of a disk are so applied strictly in order, an `Ack`
+//!    still means stored (and applied) durably, and a crash between the
+//!    two leaves the replica at the last log applied with both logs
+//!    resendable. A log without the mark whose base is not the replica's
+//!    cycle is a diverged chain (`ResyncRequired`, as before). Any other
+//!    transfer of a busy disk is refused with `Busy`.
 //! 5. `PointCommit { vm, cycle, app_consistent, disks, definition }` once every disk of the VM has been
 //!    acknowledged at its cycle, or (since protocol version 5) has sent
 //!    all of its transfer of that cycle → `PointAck`: the recovery point
@@ -146,10 +164,22 @@ pub use names::{safe_component, safe_name, MAX_COMPONENT, MAX_NAME};
 /// in a version-5 sender's message, which a version-6 receiver accepts).
 /// 7: the sender opens its disks in the same flight as its `Hello` (the
 /// conversation, steps 1 and 2). A version-6 receiver refuses the `Hello`
-/// (code [`ErrorCode::Version`]; it would also refuse an early `OpenDisk`):
-/// no fallback, both ends upgrade together, and a mismatch is the same
-/// clear error at `Hello` as before.
-pub const PROTOCOL_VERSION: u16 = 7;
+/// (code [`ErrorCode::Version`]; it would also refuse an early `OpenDisk`).
+/// 8: the sender sends a disk's next log behind the one in flight, marked
+/// [`LogBegin::behind`] (step 4). A version-8 receiver accepts a version-7
+/// sender (answers `HelloOk` with 7; such a sender never sends a log
+/// behind another); a version-7 receiver refuses a version-8 `Hello` with
+/// code [`ErrorCode::Version`], and the sender then fails with that clear
+/// version error (no fallback: upgrade the receiver first; doc/SEMANTICS.md).
+pub const PROTOCOL_VERSION: u16 = 8;
+/// Oldest protocol version a receiver of this build accepts.
+pub const MIN_PROTOCOL_VERSION: u16 = 7;
+
+/// Whether this build speaks protocol `version` (as a receiver: every
+/// version from [`MIN_PROTOCOL_VERSION`] to [`PROTOCOL_VERSION`]).
+pub fn speaks(version: u16) -> bool {
+    (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version)
+}
 /// Largest data payload of one chunk.
 pub const MAX_DATA: usize = 16 << 20;
 /// Largest value of a frame's length field (type byte + payload).
@@ -518,6 +548,12 @@ pub struct LogBegin {
     pub cut_unix_ns: u64,
     /// Length of the log file in bytes.
     pub total_len: u64,
+    /// Sent behind the log of `base_cycle` while that one was still in
+    /// flight on this connection (protocol 8): its base may be arriving,
+    /// or may have been refused, not missing from the replica. Encoded as
+    /// a trailing flag only when set (a log without it is byte for byte a
+    /// version-7 `LogBegin`).
+    pub behind: bool,
 }
 
 /// A piece of the log file: bytes `offset_in_log .. + data.len()`.
@@ -802,6 +838,7 @@ impl LogBegin {
             disk_size: h.disk_size,
             cut_unix_ns: h.cut_unix_ns,
             total_len,
+            behind: false,
         }
     }
 }

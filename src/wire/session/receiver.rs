@@ -176,6 +176,20 @@ struct RDisk {
     status: DiskStatus,
     /// The stream of the initial copy or log in progress.
     busy: Option<StreamId>,
+    /// The cycle of the log in progress (`None`: an initial copy).
+    busy_log: Option<u64>,
+    /// A log the sender sent behind another one (protocol 8,
+    /// [`LogBegin::behind`]) whose base is not applied here yet: behind the
+    /// log in progress, or arrived before its base (QUIC does not order
+    /// streams). Its stream waits, undecoded, and is handled again as if it
+    /// had just begun whenever the disk is free (then it goes on once its
+    /// base is applied, is refused `Busy` if its base failed here, or
+    /// waits on): logs of a disk are applied strictly one after the other.
+    next: Option<StreamId>,
+    /// The newest log of this disk refused, failed or reset on this
+    /// connection: a log sent behind it is refused `Busy` (send both
+    /// again), never taken for a chain the replica lacks.
+    failed: Option<u64>,
     /// The log a finished resync compare announced.
     resync_cycle: Option<u64>,
     /// The newest cycle this connection saw the replica reach (a log
@@ -238,6 +252,10 @@ enum RState {
     /// `Hello` is accepted, refused with the `Hello`'s error if it is not.
     /// Nothing reaches the store before.
     Early(OpenDisk),
+    /// A `LogBegin` sent behind its base, which is not applied here yet
+    /// ([`RDisk::next`]): nothing of it is staged, decoded or acknowledged
+    /// until that log is applied.
+    Behind(LogBegin),
     /// Answered; whatever else arrives is ignored.
     Drain,
 }
@@ -305,7 +323,7 @@ impl Receiver {
     pub fn wants_data(&self, stream: StreamId) -> bool {
         !matches!(
             self.streams.get(&stream).map(|s| &s.st),
-            Some(RState::Await(..) | RState::Early(_))
+            Some(RState::Await(..) | RState::Behind(_) | RState::Early(_))
         )
     }
 
@@ -423,24 +441,62 @@ impl Receiver {
     fn answer(&mut self, sid: StreamId, msg: &Msg) -> Result<(), SessionError> {
         self.send(sid, msg)?;
         self.out.push_back(Output::Finish(sid));
-        self.release(sid);
         self.set(sid, RState::Drain);
+        self.release(sid, true);
         Ok(())
     }
 
     /// The disk whose transfer `sid` carried is free again (a point held
     /// behind that transfer is asked for again: [`Self::point_not_there`]).
-    fn release(&mut self, sid: StreamId) {
+    /// The log waiting behind it ([`RDisk::next`]) is handled again as if
+    /// it had just begun: it goes on if its base is applied now, is
+    /// refused if its base failed (not `ok`: noted in [`RDisk::failed`]),
+    /// else waits on.
+    fn release(&mut self, sid: StreamId, ok: bool) {
         let mut freed = false;
+        let mut behind = Vec::new();
         for d in self.disks.values_mut() {
+            if d.next == Some(sid) {
+                d.next = None;
+            }
             if d.busy == Some(sid) {
                 d.busy = None;
                 freed = true;
+                if let Some(c) = d.busy_log.take().filter(|_| !ok) {
+                    d.failed = Some(d.failed.map_or(c, |f| f.max(c)));
+                }
             }
+            if d.busy.is_none() {
+                behind.extend(d.next.take());
+            }
+        }
+        for n in behind {
+            let st = self
+                .streams
+                .get_mut(&n)
+                .map(|s| std::mem::replace(&mut s.st, RState::Start));
+            let Some(RState::Behind(l)) = st else {
+                continue;
+            };
+            let (disk_id, cycle) = (l.disk_id, l.cycle);
+            if let Err(e) = self.log_begin(n, l) {
+                self.log_failed_here(&disk_id, cycle);
+                self.fail(n, e);
+            }
+            self.pump(n);
+            self.forget_if_done(n);
         }
         if freed {
             self.progress += 1;
             self.release_points();
+        }
+    }
+
+    /// Log `cycle` of the disk was refused, failed or reset here
+    /// ([`RDisk::failed`]).
+    fn log_failed_here(&mut self, disk_id: &DiskId, cycle: u64) {
+        if let Some(d) = self.disks.get_mut(disk_id) {
+            d.failed = Some(d.failed.map_or(cycle, |c| c.max(cycle)));
         }
     }
 
@@ -454,7 +510,6 @@ impl Receiver {
         if let RState::Log { op, .. } = st {
             self.act(ReceiverAction::DiscardLog { op });
         }
-        self.release(sid);
         self.out.push_back(Output::Send {
             stream: sid,
             bytes: error_frame(&e),
@@ -464,6 +519,7 @@ impl Receiver {
             stream: sid,
             error: e,
         });
+        self.release(sid, false);
     }
 
     /// The stream is gone (reset, connection lost): discard its staging.
@@ -474,7 +530,7 @@ impl Receiver {
             }
         }
         self.ops.retain(|_, s| *s != sid);
-        self.release(sid);
+        self.release(sid, false);
     }
 
     /// Decode and handle what the stream holds, as far as it can go.
@@ -484,7 +540,11 @@ impl Receiver {
                 return;
             };
             match s.st {
-                RState::Await(..) | RState::Drain | RState::Held(_) | RState::Early(_) => return,
+                RState::Await(..)
+                | RState::Drain
+                | RState::Held(_)
+                | RState::Early(_)
+                | RState::Behind(_) => return,
                 _ => {}
             }
             let msg = match s.inbox.next(sid) {
@@ -518,7 +578,11 @@ impl Receiver {
                 self.out.push_back(Output::Finish(sid));
                 self.set(sid, RState::Drain);
             }
-            RState::Await(..) | RState::Drain | RState::Held(_) | RState::Early(_) => {}
+            RState::Await(..)
+            | RState::Drain
+            | RState::Held(_)
+            | RState::Early(_)
+            | RState::Behind(_) => {}
             _ => self.fail(sid, SessionError::Ended(sid)),
         }
     }
@@ -579,7 +643,7 @@ impl Receiver {
         }
         match msg {
             Msg::Hello(h) => {
-                if h.protocol_version != wire::PROTOCOL_VERSION {
+                if !wire::speaks(h.protocol_version) {
                     let e = SessionError::Version {
                         ours: wire::PROTOCOL_VERSION,
                         theirs: h.protocol_version,
@@ -588,8 +652,10 @@ impl Receiver {
                     return Err(e);
                 }
                 self.hello = true;
+                // The connection speaks the sender's version (a version-7
+                // sender never sends a log behind another).
                 let ok = Msg::HelloOk(wire::HelloOk {
-                    protocol_version: wire::PROTOCOL_VERSION,
+                    protocol_version: h.protocol_version,
                     site_name: self.cfg.site_name.clone(),
                     software_version: self.cfg.software_version.clone(),
                     store_free: self.cfg.store_free,
@@ -631,7 +697,16 @@ impl Receiver {
                     Wait::InitialBegin(b),
                 )
             }
-            Msg::LogBegin(l) => self.log_begin(sid, l),
+            Msg::LogBegin(l) => {
+                let (disk_id, cycle) = (l.disk_id, l.cycle);
+                let r = self.log_begin(sid, l);
+                if r.is_err() {
+                    // Refused before it began: a log behind it waits for
+                    // nothing.
+                    self.log_failed_here(&disk_id, cycle);
+                }
+                r
+            }
             Msg::PointCommit(p) => {
                 if !self.point_ready(&p) {
                     self.set(sid, RState::Held(p));
@@ -782,17 +857,58 @@ impl Receiver {
     fn busy(&mut self, id: DiskId, sid: StreamId) {
         if let Some(d) = self.disks.get_mut(&id) {
             d.busy = Some(sid);
+            d.busy_log = None;
         }
     }
 
     fn log_begin(&mut self, sid: StreamId, l: LogBegin) -> Result<(), SessionError> {
         let d = self.opened(sid, &l.disk_id, "LogBegin")?;
+        // The newest cycle known applied here (a log found already applied
+        // moves `reached`, not the status).
+        let applied = d.status.replica_cycle.max(d.reached);
+        if l.behind && l.base_cycle > applied {
+            // Protocol 8: sent behind its base, which is not applied here
+            // yet. Not a chain the replica lacks: the base is in progress,
+            // still arriving (QUIC does not order streams), or failed on
+            // this connection. It waits (one per disk) for the base, or is
+            // refused `Busy`: never `ResyncRequired`.
+            let base_running = d.busy.map(|_| d.busy_log == Some(l.base_cycle));
+            let base_failed = d.failed.is_some_and(|f| f >= l.base_cycle);
+            let wait = d.next.is_none()
+                && match base_running {
+                    Some(running) => running,
+                    None => !base_failed,
+                };
+            if wait {
+                if let Some(d) = self.disks.get_mut(&l.disk_id) {
+                    d.next = Some(sid);
+                }
+                self.set(sid, RState::Behind(l));
+                return Ok(());
+            }
+            let why = if base_running.is_none() && base_failed {
+                "which failed here"
+            } else {
+                "which is not applied here yet"
+            };
+            return Err(SessionError::Store {
+                code: ErrorCode::Busy,
+                retryable: true,
+                message: format!(
+                    "log {} of disk {} was sent behind log {}, {why}; send it again later",
+                    l.cycle,
+                    hexid(&l.disk_id),
+                    l.base_cycle
+                ),
+            });
+        }
         if let Some(other) = d.busy {
             return Err(busy(l.disk_id, other));
         }
         // 0: the store did not report a consistent cycle (no replica yet,
         // or an interrupted apply it rolls forward): the store decides.
         let at = d.status.replica_cycle;
+        let at = if l.behind { applied } else { at };
         if at != 0 && l.cycle <= at {
             // A resend of a log already applied: applied at most once.
             self.reached(&l.disk_id, l.cycle);
@@ -827,6 +943,9 @@ impl Receiver {
             return Err(needs_resync(&why));
         }
         self.busy(l.disk_id, sid);
+        if let Some(d) = self.disks.get_mut(&l.disk_id) {
+            d.busy_log = Some(l.cycle);
+        }
         let op = self.op(sid);
         self.act(ReceiverAction::StageLog {
             op,
@@ -1111,13 +1230,21 @@ impl Receiver {
                         .map(|w| wire::ErrorMsg::new(ErrorCode::InvalidState, false, w).message)
                         .unwrap_or_default(),
                 });
-                let busy = self.disks.get(&o.disk_id).and_then(|d| d.busy);
+                let (busy, busy_log, next, failed) = self
+                    .disks
+                    .get(&o.disk_id)
+                    .map_or((None, None, None, None), |d| {
+                        (d.busy, d.busy_log, d.next, d.failed)
+                    });
                 self.disks.insert(
                     o.disk_id,
                     RDisk {
                         open: o,
                         status: st,
                         busy,
+                        busy_log,
+                        next,
+                        failed,
                         resync_cycle: None,
                         reached: 0,
                     },

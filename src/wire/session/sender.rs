@@ -46,6 +46,11 @@ pub struct SenderConfig {
     /// not after its answer: one round trip less before the first byte.
     /// `false` only to measure the difference.
     pub open_with_hello: bool,
+    /// Send a disk's next log behind the one in flight once that one is
+    /// all sent, marked [`LogBegin::behind`] (protocol 8), not after its
+    /// `Ack`: one round trip and an apply less between a disk's logs.
+    /// `false` only to measure the difference.
+    pub follow: bool,
 }
 
 /// A transfer for one disk.
@@ -213,7 +218,12 @@ pub struct Sender {
     reads: HashMap<ReadId, StreamId>,
     states: HashMap<DiskId, DiskState>,
     queues: HashMap<DiskId, VecDeque<Job>>,
+    /// The job of each disk the receiver works on.
     active: HashMap<DiskId, StreamId>,
+    /// A log sent behind the disk's active log once that one is all sent
+    /// (protocol 8): based on its cycle, it waits at the receiver until the
+    /// active log is applied, instead of here for its `Ack`.
+    behind: HashMap<DiskId, StreamId>,
     /// Cycles each disk reached at the receiver (value: app-consistent).
     reached: HashMap<DiskId, BTreeMap<u64, bool>>,
     last_point: u64,
@@ -248,6 +258,7 @@ impl Sender {
             states: HashMap::new(),
             queues: HashMap::new(),
             active: HashMap::new(),
+            behind: HashMap::new(),
             reached: HashMap::new(),
             point_busy: false,
             definitions: BTreeMap::new(),
@@ -327,12 +338,18 @@ impl Sender {
     pub fn all_sent(&self) -> bool {
         !self.is_idle()
             && self.queues.values().all(VecDeque::is_empty)
-            && self.active.keys().all(|id| self.sent_job(id).is_some())
+            && self
+                .active
+                .values()
+                .chain(self.behind.values())
+                .all(|sid| self.sent_log(*sid).is_some())
     }
 
     /// Jobs queued or running.
     pub fn jobs_pending(&self) -> usize {
-        self.queues.values().map(VecDeque::len).sum::<usize>() + self.active.len()
+        self.queues.values().map(VecDeque::len).sum::<usize>()
+            + self.active.len()
+            + self.behind.len()
     }
 
     /// The newest point committed (by this session or before it).
@@ -657,9 +674,31 @@ impl Sender {
             SKind::Control | SKind::Open(_) => self.close(e),
             SKind::Job { job, .. } => {
                 let id = job.disk_id();
-                self.active.remove(&id);
+                let mut rest = Vec::new();
+                if self.active.get(&id) == Some(&sid) {
+                    self.active.remove(&id);
+                    // The log behind it was based on it: the receiver
+                    // refuses it too; it goes back with the queue.
+                    if let Some(b) = self.behind.remove(&id) {
+                        if let Some(SStream {
+                            kind: SKind::Job { job, read, .. },
+                            ..
+                        }) = self.streams.remove(&b)
+                        {
+                            if let Some(r) = read {
+                                self.reads.remove(&r);
+                            }
+                            if self.phase != Phase::Closed {
+                                self.out.push_back(Output::Reset(b));
+                            }
+                            rest.push(job);
+                        }
+                    }
+                } else if self.behind.get(&id) == Some(&sid) {
+                    self.behind.remove(&id);
+                }
                 self.withdraw_point(job.cycle());
-                let rest: Vec<Job> = self.queues.remove(&id).unwrap_or_default().into();
+                rest.extend(self.queues.remove(&id).unwrap_or_default());
                 self.act(SenderAction::JobFailed {
                     job,
                     error: e,
@@ -750,7 +789,15 @@ impl Sender {
                 );
                 let initial = matches!(job, Job::Initial(_));
                 self.streams.remove(&sid);
-                self.active.remove(&a.disk_id);
+                if self.active.get(&a.disk_id) == Some(&sid) {
+                    self.active.remove(&a.disk_id);
+                    // The log behind it is the one the receiver works on now.
+                    if let Some(b) = self.behind.remove(&a.disk_id) {
+                        self.active.insert(a.disk_id, b);
+                    }
+                } else if self.behind.get(&a.disk_id) == Some(&sid) {
+                    self.behind.remove(&a.disk_id);
+                }
                 self.act(if initial {
                     SenderAction::InitialApplied {
                         disk_id: a.disk_id,
@@ -891,41 +938,72 @@ impl Sender {
         self.try_commit();
     }
 
-    /// Start the next job of every idle disk.
+    /// Start the next job of every idle disk, and a log behind every
+    /// active log that is all sent (if the next job is a log based on it).
     fn start_jobs(&mut self) {
         if self.phase != Phase::Ready {
             return;
         }
         let ids: Vec<DiskId> = self.cfg.disks.iter().map(|d| d.disk_id).collect();
         for id in ids {
-            if self.active.contains_key(&id) {
+            if !self.active.contains_key(&id) {
+                if let Some(job) = self.queues.get_mut(&id).and_then(VecDeque::pop_front) {
+                    self.start_job(job, false);
+                }
+            }
+            if !self.cfg.follow || self.behind.contains_key(&id) {
                 continue;
             }
-            let Some(job) = self.queues.get_mut(&id).and_then(VecDeque::pop_front) else {
+            let Some(head) = self.active.get(&id).and_then(|sid| self.sent_log(*sid)) else {
                 continue;
             };
-            // A resumed copy is read from 0 too: below `start_offset` the
-            // driver returns only what changed since the interrupted copy.
-            let first = match &job {
-                Job::Log { begin, .. } => Msg::LogBegin(begin.clone()),
-                Job::Initial(b) => Msg::InitialBegin(b.clone()),
+            let head = head.cycle();
+            let Some(q) = self.queues.get_mut(&id) else {
+                continue;
             };
-            let sid = self.open(SKind::Job {
-                job,
-                sent: 0,
-                hasher: Hasher::default(),
-                read: None,
-                done: false,
-                chunks: 0,
-                incompressible: 0,
-            });
-            self.active.insert(id, sid);
-            if let Err(e) = self.send(sid, &first) {
-                self.stream_failed(sid, e);
+            if !matches!(q.front(), Some(Job::Log { begin, .. }) if begin.base_cycle == head) {
                 continue;
             }
-            self.read_next(sid);
+            let Some(job) = q.pop_front() else {
+                continue;
+            };
+            self.start_job(job, true);
         }
+    }
+
+    /// Open the stream of `job`, say its first message and start reading.
+    fn start_job(&mut self, job: Job, behind: bool) {
+        let id = job.disk_id();
+        // A resumed copy is read from 0 too: below `start_offset` the
+        // driver returns only what changed since the interrupted copy.
+        // The mark is the message's, not the job's: a log handed back and
+        // sent again later may run first.
+        let first = match &job {
+            Job::Log { begin, .. } => Msg::LogBegin(LogBegin {
+                behind,
+                ..begin.clone()
+            }),
+            Job::Initial(b) => Msg::InitialBegin(b.clone()),
+        };
+        let sid = self.open(SKind::Job {
+            job,
+            sent: 0,
+            hasher: Hasher::default(),
+            read: None,
+            done: false,
+            chunks: 0,
+            incompressible: 0,
+        });
+        if behind {
+            self.behind.insert(id, sid);
+        } else {
+            self.active.insert(id, sid);
+        }
+        if let Err(e) = self.send(sid, &first) {
+            self.stream_failed(sid, e);
+            return;
+        }
+        self.read_next(sid);
     }
 
     /// Ask the driver for the next bytes of the job on `sid`, or end it.
@@ -1089,6 +1167,7 @@ impl Sender {
                 self.out.push_back(Output::Finish(sid));
                 self.wait(sid);
                 self.try_commit();
+                self.start_jobs();
             }
             Err(e) => self.stream_failed(sid, e),
         }
@@ -1098,9 +1177,8 @@ impl Sender {
     /// too) and only its `Ack` is awaited. (Not an initial copy: a copy's
     /// point waits for its `Ack`, the round trip is nothing beside the
     /// copy, and an interrupted copy can be rebased to a newer cut.)
-    fn sent_job(&self, disk_id: &DiskId) -> Option<&Job> {
-        let sid = self.active.get(disk_id)?;
-        match &self.streams.get(sid)?.kind {
+    fn sent_log(&self, sid: StreamId) -> Option<&Job> {
+        match &self.streams.get(&sid)?.kind {
             SKind::Job {
                 job: job @ Job::Log { .. },
                 done: true,
@@ -1110,8 +1188,11 @@ impl Sender {
         }
     }
 
-    fn sent_cycle(&self, disk_id: &DiskId) -> Option<u64> {
-        self.sent_job(disk_id).map(Job::cycle)
+    /// The disk's running logs (active and behind) that are all sent.
+    fn sent_jobs(&self, disk_id: &DiskId) -> impl Iterator<Item = &Job> {
+        let a = self.active.get(disk_id).and_then(|s| self.sent_log(*s));
+        let b = self.behind.get(disk_id).and_then(|s| self.sent_log(*s));
+        a.into_iter().chain(b)
     }
 
     /// Withdraw a point sent ahead of its data whose cycle's transfer of a
@@ -1154,7 +1235,8 @@ impl Sender {
             .map(|r| r.range(self.last_point + 1..).map(|(c, _)| *c).collect())
             .unwrap_or_default();
         if self.cfg.commit_ahead {
-            cands.extend(self.sent_cycle(&first).filter(|c| *c > self.last_point));
+            let sent = self.sent_jobs(&first).map(Job::cycle);
+            cands.extend(sent.filter(|c| *c > self.last_point));
         }
         cands.sort_unstable();
         let pick = cands.into_iter().find_map(|c| {
@@ -1162,8 +1244,8 @@ impl Sender {
             for d in &self.cfg.disks {
                 match self.reached.get(&d.disk_id).and_then(|r| r.get(&c)) {
                     Some(a) => app &= *a,
-                    None => match self.sent_job(&d.disk_id) {
-                        Some(job) if self.cfg.commit_ahead && job.cycle() == c => {
+                    None => match self.sent_jobs(&d.disk_id).find(|j| j.cycle() == c) {
+                        Some(job) if self.cfg.commit_ahead => {
                             app &= matches!(
                                 job,
                                 Job::Log {

@@ -133,6 +133,7 @@ fn log_msgs(cycle: u64, base: u64, data: &[u8]) -> (LogBegin, Vec<Msg>) {
         disk_size: 1 << 20,
         cut_unix_ns: 0,
         total_len: data.len() as u64,
+        behind: false,
     };
     let mut h = LogHasher::new();
     h.update(data);
@@ -154,6 +155,16 @@ fn log_msgs(cycle: u64, base: u64, data: &[u8]) -> (LogBegin, Vec<Msg>) {
         log_checksum: h.digest128(),
     }));
     (begin, msgs)
+}
+
+/// [`log_msgs`] of a log sent behind its base (protocol 8).
+fn behind_msgs(cycle: u64, base: u64, data: &[u8]) -> Vec<Msg> {
+    let (begin, mut msgs) = log_msgs(cycle, base, data);
+    msgs[0] = Msg::LogBegin(LogBegin {
+        behind: true,
+        ..begin
+    });
+    msgs
 }
 
 fn acks(outs: &[Output<ReceiverAction>]) -> Vec<Ack> {
@@ -483,7 +494,7 @@ fn a_refused_hello_refuses_the_disks_opened_with_it_and_nothing_reaches_the_stor
     let mut r = receiver();
     on(&mut r, 1, &[Msg::OpenDisk(open())]);
     let old = Msg::Hello(Hello {
-        protocol_version: wire::PROTOCOL_VERSION - 1,
+        protocol_version: wire::MIN_PROTOCOL_VERSION - 1,
         site_name: "primary".into(),
         software_version: "t".into(),
     });
@@ -555,6 +566,7 @@ fn sender(timeout_ns: u64) -> Sender {
             chunk_size: 4,
             commit_ahead: true,
             open_with_hello: true,
+            follow: true,
         },
         NOW,
     )
@@ -878,6 +890,16 @@ fn a_replica_needing_resync_takes_only_the_log_its_compare_announced() {
 /// A sender driven by hand up to `Ready`: the receiver's answers are fed
 /// as bytes. `state` answers the `OpenDisk`.
 fn ready_sender(chunk_size: usize, disks: Vec<OpenDisk>, state: DiskState) -> Sender {
+    ready_sender_follow(chunk_size, disks, state, true)
+}
+
+/// [`ready_sender`] with [`SenderConfig::follow`] as given.
+fn ready_sender_follow(
+    chunk_size: usize,
+    disks: Vec<OpenDisk>,
+    state: DiskState,
+    follow: bool,
+) -> Sender {
     let n = disks.len();
     let mut s = Sender::new(
         SenderConfig {
@@ -890,6 +912,7 @@ fn ready_sender(chunk_size: usize, disks: Vec<OpenDisk>, state: DiskState) -> Se
             chunk_size,
             commit_ahead: true,
             open_with_hello: true,
+            follow,
         },
         NOW,
     );
@@ -1521,6 +1544,7 @@ fn without_open_with_hello_the_disks_are_opened_after_the_hellos_answer() {
             chunk_size: 4,
             commit_ahead: true,
             open_with_hello: false,
+            follow: true,
         },
         NOW,
     );
@@ -1581,8 +1605,382 @@ fn an_old_receivers_refusal_of_the_early_open_disk_is_reported_as_the_version_mi
     assert!(!s.is_ready());
 }
 
+/// A receiver with log 6 (base 5) on stream 2 and log 7 (base 6) behind
+/// it on stream 3, both complete; the store op of log 6.
+fn two_logs() -> (Receiver, OpId, Vec<Output<ReceiverAction>>) {
+    let mut r = opened(5);
+    let outs = on(&mut r, 2, &log_msgs(6, 5, b"0123456789").1);
+    let stored = stored_op(&outs);
+    let outs = on(&mut r, 3, &behind_msgs(7, 6, b"abcdefghij"));
+    (r, stored, outs)
+}
+
+fn staged(outs: &[Output<ReceiverAction>], cycle: u64) -> bool {
+    actions(outs)
+        .iter()
+        .any(|a| matches!(a, ReceiverAction::StageLog { begin, .. } if begin.cycle == cycle))
+}
+
 #[test]
-fn a_pair_ships_three_logs_of_a_disk_in_a_row_and_applies_them_in_order() {
+fn a_second_log_waits_behind_the_first_and_is_applied_after_it() {
+    let (mut r, stored, outs) = two_logs();
+    assert!(
+        outs.is_empty(),
+        "nothing of log 7 before log 6 is applied: {outs:?}"
+    );
+    assert!(!r.wants_data(StreamId(3)));
+    // A third log of the disk is refused (one waits at most), and a log
+    // without the mark does not wait at all.
+    let outs = on(&mut r, 4, &behind_msgs(8, 7, b"klmnopqrst"));
+    assert_eq!(refusal(&outs), Some((ErrorCode::Busy, true)));
+    let outs = on(&mut r, 5, &log_msgs(8, 7, b"klmnopqrst").1);
+    assert_eq!(refusal(&outs), Some((ErrorCode::Busy, true)));
+    r.complete(NOW, stored, StoreDone::LogStored(Ok(LogStored::Stored)));
+    let outs = drain(|| r.poll());
+    assert!(!staged(&outs, 7), "{outs:?}");
+    let apply = apply_op(&outs).expect("log 6 is applied");
+    r.complete(NOW, apply, StoreDone::LogApplied(Ok(())));
+    let outs = drain(|| r.poll());
+    let a = acks(&outs);
+    assert!(
+        matches!(
+            &a[..],
+            [Ack {
+                cycle: 6,
+                applied: true,
+                ..
+            }]
+        ),
+        "{outs:?}"
+    );
+    // Now log 7, as if it had just begun, after log 6's Ack.
+    let ack_at = outs
+        .iter()
+        .position(|o| matches!(o, Output::Send { stream, .. } if stream.0 == 2))
+        .expect("log 6's Ack");
+    let stage_at = outs
+        .iter()
+        .position(|o| matches!(o, Output::Action(ReceiverAction::StageLog { begin, .. }) if begin.cycle == 7))
+        .expect("log 7 staged");
+    assert!(ack_at < stage_at);
+    let stored = stored_op(&outs);
+    r.complete(NOW, stored, StoreDone::LogStored(Ok(LogStored::Stored)));
+    let outs = drain(|| r.poll());
+    let apply = apply_op(&outs).expect("log 7 is applied");
+    r.complete(NOW, apply, StoreDone::LogApplied(Ok(())));
+    let outs = drain(|| r.poll());
+    assert!(
+        matches!(
+            &acks(&outs)[..],
+            [Ack {
+                cycle: 7,
+                applied: true,
+                ..
+            }]
+        ),
+        "{outs:?}"
+    );
+}
+
+#[test]
+fn a_log_behind_one_of_another_cycle_or_behind_a_copy_is_refused_busy() {
+    let mut r = opened(5);
+    let stored = stored_op(&on(&mut r, 2, &log_msgs(6, 5, b"0123456789").1));
+    // Based on 5, not on the running log's 6.
+    let outs = on(&mut r, 3, &behind_msgs(7, 5, b"abcdefghij"));
+    assert_eq!(refusal(&outs), Some((ErrorCode::Busy, true)));
+    assert!(!staged(&outs, 7));
+    r.complete(NOW, stored, StoreDone::LogStored(Ok(LogStored::Stored)));
+    assert!(apply_op(&drain(|| r.poll())).is_some());
+}
+
+#[test]
+fn a_refused_first_log_refuses_the_one_behind_it_which_never_reaches_the_store() {
+    // The store fails the first log.
+    let (mut r, stored, _) = two_logs();
+    let fail = crate::wire::session::StoreFailure {
+        code: ErrorCode::Internal,
+        retryable: true,
+        message: "disk full".into(),
+    };
+    r.complete(NOW, stored, StoreDone::LogStored(Err(fail)));
+    let outs = drain(|| r.poll());
+    assert!(
+        matches!(&sent_on(&outs, 2)[..], [Msg::Error(e)] if e.code == ErrorCode::Internal),
+        "{outs:?}"
+    );
+    assert!(
+        matches!(&sent_on(&outs, 3)[..], [Msg::Error(e)] if e.code == ErrorCode::Busy && e.retryable),
+        "{outs:?}"
+    );
+    assert!(!staged(&outs, 7) && acks(&outs).is_empty(), "{outs:?}");
+    // The sender resets the first log's stream (or the connection dies).
+    let (mut r, _, _) = two_logs();
+    r.handle(NOW, Event::Reset(StreamId(2)));
+    let outs = drain(|| r.poll());
+    assert!(
+        matches!(&sent_on(&outs, 3)[..], [Msg::Error(_)]),
+        "{outs:?}"
+    );
+    assert!(!staged(&outs, 7), "{outs:?}");
+    // Then the disk takes log 6 again.
+    let outs = on(&mut r, 4, &log_msgs(6, 5, b"0123456789").1);
+    assert!(staged(&outs, 6), "{outs:?}");
+}
+
+#[test]
+fn a_sender_sends_the_next_log_behind_one_all_sent_and_hands_both_back_if_the_first_fails() {
+    let mut s = ready_sender(4, vec![open()], state(5, ""));
+    drain(|| s.poll());
+    for (cycle, base) in [(6, 5), (7, 6), (8, 7)] {
+        let (mut begin, _) = log_msgs(cycle, base, b"0123456789");
+        begin.total_len = 10;
+        s.submit(Job::Log {
+            begin,
+            app_consistent: false,
+        })
+        .expect("submit");
+    }
+    let outs = send_log(&mut s, 10);
+    let msgs = sent(&outs);
+    let ends: Vec<u64> = msgs
+        .iter()
+        .filter_map(|m| match m {
+            Msg::LogEnd(e) => Some(e.cycle),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        ends,
+        vec![6, 7],
+        "one log behind the first, not two: {msgs:?}"
+    );
+    assert!(!s.all_sent() && s.jobs_pending() == 3, "log 8 waits here");
+    let stream_of = |cycle: u64| {
+        outs.iter()
+            .find_map(|o| match o {
+                Output::Send { stream, bytes } => match decode(bytes) {
+                    Ok(Some((Msg::LogBegin(b), _))) if b.cycle == cycle => Some(stream.0),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .expect("the log's stream")
+    };
+    let (s6, s7) = (stream_of(6), stream_of(7));
+    // Only the log sent behind another carries the mark.
+    let marks: Vec<(u64, bool)> = msgs
+        .iter()
+        .filter_map(|m| match m {
+            Msg::LogBegin(b) => Some((b.cycle, b.behind)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(marks, vec![(6, false), (7, true)]);
+    let err = Msg::Error(wire::ErrorMsg::new(ErrorCode::Internal, true, "disk full"));
+    let outs = to_sender(&mut s, s6, &[err]);
+    assert!(outs.contains(&Output::Reset(StreamId(s7))), "{outs:?}");
+    let failed: Vec<(u64, Vec<u64>)> = sender_actions(&outs)
+        .iter()
+        .filter_map(|a| match a {
+            SenderAction::JobFailed { job, rest, .. } => {
+                Some((job.cycle(), rest.iter().map(Job::cycle).collect()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failed, vec![(6, vec![7, 8])]);
+    assert_eq!(s.jobs_pending(), 0, "{outs:?}");
+}
+
+#[test]
+fn without_follow_a_sender_sends_the_next_log_only_after_the_ack() {
+    let mut s = ready_sender_follow(4, vec![open()], state(5, ""), false);
+    drain(|| s.poll());
+    for (cycle, base) in [(6, 5), (7, 6)] {
+        let (mut begin, _) = log_msgs(cycle, base, b"0123456789");
+        begin.total_len = 10;
+        s.submit(Job::Log {
+            begin,
+            app_consistent: false,
+        })
+        .expect("submit");
+    }
+    let outs = send_log(&mut s, 10);
+    let begun: Vec<u64> = sent(&outs)
+        .iter()
+        .filter_map(|m| match m {
+            Msg::LogBegin(b) => Some(b.cycle),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(begun, vec![6], "{outs:?}");
+}
+
+#[test]
+fn a_log_sent_behind_that_arrives_before_its_base_waits_for_it() {
+    let mut r = opened(5);
+    // QUIC does not order streams: log 7 (behind 6) comes first.
+    let outs = on(&mut r, 3, &behind_msgs(7, 6, b"abcdefghij"));
+    assert!(outs.is_empty(), "no refusal, nothing staged: {outs:?}");
+    assert!(!r.wants_data(StreamId(3)));
+    let outs = on(&mut r, 2, &log_msgs(6, 5, b"0123456789").1);
+    assert!(staged(&outs, 6) && !staged(&outs, 7), "{outs:?}");
+    let stored = stored_op(&outs);
+    r.complete(NOW, stored, StoreDone::LogStored(Ok(LogStored::Stored)));
+    let outs = drain(|| r.poll());
+    assert!(!staged(&outs, 7), "{outs:?}");
+    let apply = apply_op(&outs).expect("log 6 is applied");
+    r.complete(NOW, apply, StoreDone::LogApplied(Ok(())));
+    let outs = drain(|| r.poll());
+    assert!(
+        matches!(
+            &acks(&outs)[..],
+            [Ack {
+                cycle: 6,
+                applied: true,
+                ..
+            }]
+        ),
+        "{outs:?}"
+    );
+    assert!(staged(&outs, 7), "log 7 begins once 6 is applied: {outs:?}");
+    let stored = stored_op(&outs);
+    r.complete(NOW, stored, StoreDone::LogStored(Ok(LogStored::Stored)));
+    let outs = drain(|| r.poll());
+    let apply = apply_op(&outs).expect("log 7 is applied");
+    r.complete(NOW, apply, StoreDone::LogApplied(Ok(())));
+    let outs = drain(|| r.poll());
+    assert!(
+        matches!(
+            &acks(&outs)[..],
+            [Ack {
+                cycle: 7,
+                applied: true,
+                ..
+            }]
+        ),
+        "{outs:?}"
+    );
+}
+
+/// A log 6 (base 5) whose chunk comes twice: refused.
+fn refused_log_6(r: &mut Receiver) {
+    let (_, mut msgs) = log_msgs(6, 5, b"0123456789");
+    let dup = msgs[1].clone();
+    msgs.insert(2, dup);
+    let outs = on(r, 2, &msgs);
+    assert!(
+        matches!(refusal(&outs), Some((code, _)) if code != ErrorCode::ResyncRequired),
+        "{outs:?}"
+    );
+}
+
+fn marked_for_resync(outs: &[Output<ReceiverAction>]) -> bool {
+    actions(outs)
+        .iter()
+        .any(|a| matches!(a, ReceiverAction::MarkNeedsResync { .. }))
+}
+
+#[test]
+fn a_log_sent_behind_a_refused_base_is_busy_never_a_resync() {
+    // tests/session_sim seed 3 of protocol 7: the base is refused, then
+    // the log sent behind it arrives, the disk idle, the replica at 5.
+    let mut r = opened(5);
+    refused_log_6(&mut r);
+    let outs = on(&mut r, 3, &behind_msgs(7, 6, b"abcdefghij"));
+    assert_eq!(refusal(&outs), Some((ErrorCode::Busy, true)), "{outs:?}");
+    assert!(!staged(&outs, 7) && !marked_for_resync(&outs), "{outs:?}");
+    // Both are sent again and go in order.
+    let outs = on(&mut r, 4, &log_msgs(6, 5, b"0123456789").1);
+    assert!(staged(&outs, 6), "{outs:?}");
+    // The same log without the mark is a chain the replica never had:
+    // what the mark tells apart.
+    let mut r = opened(5);
+    refused_log_6(&mut r);
+    let outs = on(&mut r, 3, &log_msgs(7, 6, b"abcdefghij").1);
+    assert_eq!(refusal(&outs), Some((ErrorCode::ResyncRequired, true)));
+    assert!(marked_for_resync(&outs));
+}
+
+#[test]
+fn a_log_waiting_for_a_base_that_fails_or_never_comes_never_reaches_the_store() {
+    // Log 7 waits for 6, then 6 arrives with a bad checksum.
+    let mut r = opened(5);
+    assert!(on(&mut r, 3, &behind_msgs(7, 6, b"abcdefghij")).is_empty());
+    let (_, mut msgs) = log_msgs(6, 5, b"0123456789");
+    if let Some(Msg::LogEnd(e)) = msgs.last_mut() {
+        e.log_checksum ^= 1;
+    }
+    let outs = on(&mut r, 2, &msgs);
+    assert!(
+        matches!(&sent_on(&outs, 3)[..], [Msg::Error(e)] if e.code == ErrorCode::Busy && e.retryable),
+        "{outs:?}"
+    );
+    assert!(!staged(&outs, 7) && !marked_for_resync(&outs), "{outs:?}");
+    // The connection is lost with log 6 applied and log 7 waiting: nothing
+    // of 7 reaches the store.
+    let mut r = opened(5);
+    assert!(on(&mut r, 3, &behind_msgs(7, 6, b"abcdefghij")).is_empty());
+    let stored = stored_op(&on(&mut r, 2, &log_msgs(6, 5, b"0123456789").1));
+    r.complete(NOW, stored, StoreDone::LogStored(Ok(LogStored::Stored)));
+    let apply = apply_op(&drain(|| r.poll())).expect("log 6 is applied");
+    r.handle(NOW, Event::ConnectionLost);
+    let mut outs = drain(|| r.poll());
+    r.complete(NOW, apply, StoreDone::LogApplied(Ok(())));
+    outs.extend(drain(|| r.poll()));
+    assert!(!staged(&outs, 7) && acks(&outs).is_empty(), "{outs:?}");
+    // The next connection finds the replica at 6 (or at 5 had the crash
+    // come before the apply): both logs are sent again, 6 is applied at
+    // most once and 7 goes on from it.
+    for at in [6, 5] {
+        let mut r = opened(at);
+        let outs = on(&mut r, 2, &log_msgs(6, 5, b"0123456789").1);
+        let outs = if at == 6 {
+            assert!(
+                matches!(
+                    &acks(&outs)[..],
+                    [Ack {
+                        cycle: 6,
+                        applied: true,
+                        ..
+                    }]
+                ),
+                "{outs:?}"
+            );
+            on(&mut r, 3, &behind_msgs(7, 6, b"abcdefghij"))
+        } else {
+            assert!(on(&mut r, 3, &behind_msgs(7, 6, b"abcdefghij")).is_empty());
+            r.complete(
+                NOW,
+                stored_op(&outs),
+                StoreDone::LogStored(Ok(LogStored::Stored)),
+            );
+            let apply = apply_op(&drain(|| r.poll())).expect("log 6 is applied");
+            r.complete(NOW, apply, StoreDone::LogApplied(Ok(())));
+            drain(|| r.poll())
+        };
+        assert!(staged(&outs, 7), "replica at {at}: {outs:?}");
+    }
+}
+
+#[test]
+fn a_version_7_sender_is_answered_in_version_7() {
+    let mut r = receiver();
+    let v7 = Msg::Hello(Hello {
+        protocol_version: 7,
+        site_name: "primary".into(),
+        software_version: "t".into(),
+    });
+    let outs = on(&mut r, 0, &[v7]);
+    assert!(
+        matches!(&sent(&outs)[..], [Msg::HelloOk(h)] if h.protocol_version == 7),
+        "{outs:?}"
+    );
+}
+
+#[test]
+fn a_pair_ships_three_logs_of_a_disk_back_to_back_and_applies_them_in_order() {
     let mut s = sender(1 << 40);
     let mut r = receiver();
     let mut order = Vec::new();
