@@ -45,6 +45,9 @@
 #   NO_BUILD=1         do not run `cargo build --release` (use existing binary)
 #   VDREP=path         vdrep binary (default target/release/vdrep)
 #   VDREP_MOUNT_ARGS=  extra arguments to `vdrep mount`
+#   URING4_MOUNT_ARGS= extra arguments to `vdrep mount` of target vdrep-uring4
+#                      only (e.g. `--threads 64`: as many rings of 4 entries
+#                      as the 1-entry default has rings)
 #   METRICS_PORT=19477 loopback port of the vdrep mount's metrics endpoint
 #   REPORT_FROM=dir    only re-make the report from an earlier run's raw fio
 #                      output folder (printed at the end of each run)
@@ -86,6 +89,7 @@ BASE_VDREP="${BASE_VDREP:-}"
 CUR_VDREP="$VDREP"   # the binary of the target being measured
 METRICS_PORT="${METRICS_PORT:-19477}"
 read -r -a MOUNT_ARGS <<<"${VDREP_MOUNT_ARGS:-}"
+read -r -a URING4_ARGS <<<"${URING4_MOUNT_ARGS:-}"
 JOBDIR="$REPO/benches/writepath"
 RESULTS_DIR="$REPO/bench-results"
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
@@ -198,11 +202,13 @@ setup_target() { # prints the directory fio should use, or fails
             [[ "$kind" == vdrep-uring* ]] && transport=uring
             [[ "$kind" == vdrep-uring4 ]] && entries=4 && asyncw="${URING4_ASYNC_WRITES:-$asyncw}"
             [[ "$kind" == vdrep-uring4r ]] && entries=4 && asyncw=1
+            local extra=()
+            [[ "$kind" == vdrep-uring4 ]] && extra=("${URING4_ARGS[@]}")
             local hot="${VDREP_ACTIVITY_HOT:-}"
             [[ "$kind" == vdrep-nohot ]] && hot=0
             VDREP_ACTIVITY_LOG=$al VDREP_ACTIVITY_AHEAD="$ahead" VDREP_ACTIVITY_HOT="$hot" \
                 VDREP_URING_ENTRIES="$entries" VDREP_URING_ASYNC_WRITES="$asyncw" "$bin" mount "$DATA" --metrics-listen "127.0.0.1:$METRICS_PORT" \
-                --fuse-transport "$transport" $([[ $transport == uring ]] && echo --enable-uring) "${MOUNT_ARGS[@]}" >&2 \
+                --fuse-transport "$transport" $([[ $transport == uring ]] && echo --enable-uring) "${MOUNT_ARGS[@]}" "${extra[@]}" >&2 \
                 || { say "vdrep mount failed"; return 1; }
             is_fuse_mounted "$DATA" || { say "vdrep mount returned but $DATA is not a FUSE mount"; return 1; }
             echo "$DATA" ;;
@@ -393,7 +399,8 @@ except Exception:
     rev = "?"
 meta = {"utc": os.path.basename(base).split("-", 1)[1], "git": rev, "kernel": platform.release(),
         "cpus": os.cpu_count(), "size": size, "runtime_s": int(runtime), "runs": int(runs),
-        "mount_args": os.environ.get("VDREP_MOUNT_ARGS", "")}
+        "mount_args": os.environ.get("VDREP_MOUNT_ARGS", ""),
+        "uring4_mount_args": os.environ.get("URING4_MOUNT_ARGS", "")}
 NOLOG, NOAHEAD = "vdrep-nolog" in targets, "vdrep-noahead" in targets
 NOHOT = "vdrep-nohot" in targets
 URING = "vdrep-uring" in targets
