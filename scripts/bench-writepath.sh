@@ -38,13 +38,16 @@
 #   RUNS=3             repetitions per job and target (median reported)
 #   BENCH_ROOT=/var/tmp/vdrep-bench   work folder (needs SIZE free space; not tmpfs)
 #   TARGETS="native vdrep vdrep-nolog" targets to run (add bindfs, vdrep-noahead,
-#                      vdrep-nohot, vdrep-uring, vdrep-uring4)
+#                      vdrep-nohot, vdrep-uring, vdrep-uring4, vdrep-uring4r)
 #   CUT_EVERY=0.1      seconds between cuts during the worst-* jobs (their
 #                      logs are deleted: nothing ships them here)
 #   JOBS="seq-write-1m-psync ..."     subset of job names (default: all)
 #   NO_BUILD=1         do not run `cargo build --release` (use existing binary)
 #   VDREP=path         vdrep binary (default target/release/vdrep)
 #   VDREP_MOUNT_ARGS=  extra arguments to `vdrep mount`
+#   URING4_MOUNT_ARGS= extra arguments to `vdrep mount` of target vdrep-uring4
+#                      only (e.g. `--threads 64`: as many rings of 4 entries
+#                      as the 1-entry default has rings)
 #   METRICS_PORT=19477 loopback port of the vdrep mount's metrics endpoint
 #   REPORT_FROM=dir    only re-make the report from an earlier run's raw fio
 #                      output folder (printed at the end of each run)
@@ -57,8 +60,13 @@
 # same mount with 4 FUSE entries per ring (VDREP_URING_ENTRIES=4; the
 # binary's default otherwise), its columns after uring's with uring4/uring;
 # URING4_ASYNC_WRITES=1 also submits its O_DIRECT backing writes on the
-# rings (VDREP_URING_ASYNC_WRITES=1 for that target only), so the
-# defaults and "4 entries + writes on the ring" run in one run.
+# rings (VDREP_URING_ASYNC_WRITES=1 for that target only; =auto: on the
+# ring only while the ring thread has other work), so the defaults and
+# "4 entries + writes on the ring" run in one run. The target
+# vdrep-uring4r is 4 entries with every write on the ring
+# (VDREP_URING_ASYNC_WRITES=1), its columns after uring4's with
+# uring4r/uring: with URING4_ASYNC_WRITES=auto one run compares the
+# defaults, adaptive and always-on-the-ring writes.
 #
 # A/B of two builds in one run: BASE_VDREP=path (e.g. main's release binary)
 # makes the targets base-vdrep and base-vdrep-uring available: vdrep and
@@ -81,6 +89,7 @@ BASE_VDREP="${BASE_VDREP:-}"
 CUR_VDREP="$VDREP"   # the binary of the target being measured
 METRICS_PORT="${METRICS_PORT:-19477}"
 read -r -a MOUNT_ARGS <<<"${VDREP_MOUNT_ARGS:-}"
+read -r -a URING4_ARGS <<<"${URING4_MOUNT_ARGS:-}"
 JOBDIR="$REPO/benches/writepath"
 RESULTS_DIR="$REPO/bench-results"
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
@@ -184,7 +193,7 @@ setup_target() { # prints the directory fio should use, or fails
             bindfs "$DATA" "$BINDMNT" >&2 || return 1
             is_fuse_mounted "$BINDMNT" || { say "bindfs did not mount"; return 1; }
             echo "$BINDMNT" ;;
-        vdrep|vdrep-nolog|vdrep-noahead|vdrep-nohot|vdrep-uring|vdrep-uring4)
+        vdrep|vdrep-nolog|vdrep-noahead|vdrep-nohot|vdrep-uring|vdrep-uring4|vdrep-uring4r)
             [[ -x "$bin" ]] || { say "no vdrep binary at '$bin'"; return 1; }
             local al=on ahead="${VDREP_ACTIVITY_AHEAD:-}" transport=dev
             local entries="${VDREP_URING_ENTRIES:-}" asyncw="${VDREP_URING_ASYNC_WRITES:-}"
@@ -192,11 +201,14 @@ setup_target() { # prints the directory fio should use, or fails
             [[ "$kind" == vdrep-noahead ]] && ahead=0
             [[ "$kind" == vdrep-uring* ]] && transport=uring
             [[ "$kind" == vdrep-uring4 ]] && entries=4 && asyncw="${URING4_ASYNC_WRITES:-$asyncw}"
+            [[ "$kind" == vdrep-uring4r ]] && entries=4 && asyncw=1
+            local extra=()
+            [[ "$kind" == vdrep-uring4 ]] && extra=("${URING4_ARGS[@]}")
             local hot="${VDREP_ACTIVITY_HOT:-}"
             [[ "$kind" == vdrep-nohot ]] && hot=0
             VDREP_ACTIVITY_LOG=$al VDREP_ACTIVITY_AHEAD="$ahead" VDREP_ACTIVITY_HOT="$hot" \
                 VDREP_URING_ENTRIES="$entries" VDREP_URING_ASYNC_WRITES="$asyncw" "$bin" mount "$DATA" --metrics-listen "127.0.0.1:$METRICS_PORT" \
-                --fuse-transport "$transport" $([[ $transport == uring ]] && echo --enable-uring) "${MOUNT_ARGS[@]}" >&2 \
+                --fuse-transport "$transport" $([[ $transport == uring ]] && echo --enable-uring) "${MOUNT_ARGS[@]}" "${extra[@]}" >&2 \
                 || { say "vdrep mount failed"; return 1; }
             is_fuse_mounted "$DATA" || { say "vdrep mount returned but $DATA is not a FUSE mount"; return 1; }
             echo "$DATA" ;;
@@ -205,7 +217,7 @@ setup_target() { # prints the directory fio should use, or fails
 teardown_target() {
     case "${1#base-}" in
         bindfs) fusermount3 -u "$BINDMNT" 2>/dev/null || umount "$BINDMNT" ;;
-        vdrep|vdrep-nolog|vdrep-noahead|vdrep-nohot|vdrep-uring|vdrep-uring4)  "$(bin_for "$1")" umount "$DATA" || say "warning: vdrep umount failed" ;;
+        vdrep|vdrep-nolog|vdrep-noahead|vdrep-nohot|vdrep-uring|vdrep-uring4|vdrep-uring4r)  "$(bin_for "$1")" umount "$DATA" || say "warning: vdrep umount failed" ;;
         *) ;;
     esac
 }
@@ -321,6 +333,7 @@ def cpu(path):
             "writes": (b.get("writes") or 0) - (a.get("writes") or 0),
             "states": b.get("states")}
 med = lambda xs: statistics.median(xs) if xs else None
+U4 = tuple(t for t in ("vdrep-uring4", "vdrep-uring4r") if t in targets)
 res = {}
 for job in jobs:
     unit, rw, want_p99 = spec(job)
@@ -346,7 +359,7 @@ for job in jobs:
                     cpus.append(c)
                 if t == "vdrep-uring":
                     cpus_u.append(c)
-                if t == "vdrep-uring4":
+                if t in U4:
                     cpus_b.setdefault(t, []).append(c)
                 if t in ("base-vdrep", "base-vdrep-uring"):
                     cpus_b.setdefault(t, []).append(c)
@@ -365,7 +378,7 @@ for job in jobs:
     if cpus_u:
         row["cpu_uring"] = {k: med([c[k] for c in cpus_u]) for k in cpus_u[0] if k != "states"}
         row["cpu_uring"]["runs"] = cpus_u
-    for t in ("base-vdrep", "base-vdrep-uring", "vdrep-uring4"):
+    for t in ("base-vdrep", "base-vdrep-uring") + U4:
         cb = cpus_b.get(t)
         row["cpu_" + t] = None
         if cb:
@@ -386,11 +399,11 @@ except Exception:
     rev = "?"
 meta = {"utc": os.path.basename(base).split("-", 1)[1], "git": rev, "kernel": platform.release(),
         "cpus": os.cpu_count(), "size": size, "runtime_s": int(runtime), "runs": int(runs),
-        "mount_args": os.environ.get("VDREP_MOUNT_ARGS", "")}
+        "mount_args": os.environ.get("VDREP_MOUNT_ARGS", ""),
+        "uring4_mount_args": os.environ.get("URING4_MOUNT_ARGS", "")}
 NOLOG, NOAHEAD = "vdrep-nolog" in targets, "vdrep-noahead" in targets
 NOHOT = "vdrep-nohot" in targets
 URING = "vdrep-uring" in targets
-URING4 = "vdrep-uring4" in targets
 BASES = [t for t in ("base-vdrep", "base-vdrep-uring") if t in targets]
 def verdicts(job, row, t, cpu_key):
     """T1-T3 of target t: (cells, ratio, p99 ratio, verdict dict)."""
@@ -431,8 +444,9 @@ hdr = ["job", "unit", "native"] + (["bindfs"] if "bindfs" in targets else []) + 
     "CPU us/req (worker+sup)", "T3 <=10us"] + (
     ["uring", "uring ratio", "uring T1", "p99 uring us", "uring p99 ratio", "uring T2",
      "uring CPU us/req", "uring T3", "uring/vdrep"] if URING else []) + (
-    ["uring4", "uring4 ratio", "uring4 T1", "p99 uring4 us", "uring4 p99 ratio", "uring4 T2",
-     "uring4 CPU us/req", "uring4 T3", "uring4/uring"] if URING4 else [])
+    [c for n in (t.removeprefix("vdrep-") for t in U4)
+     for c in [n, f"{n} ratio", f"{n} T1", f"p99 {n} us", f"{n} p99 ratio", f"{n} T2",
+               f"{n} CPU us/req", f"{n} T3", f"{n}/uring"]])
 for t in BASES:
     short = t.removeprefix("base-vdrep").lstrip("-") or "dev"
     hdr += [f"base {short}", "ratio", "T1", "p99 us", "p99 ratio", "T2", "CPU us/req", "T3",
@@ -475,12 +489,12 @@ for job, row in res.items():
         row["ratio"]["vdrep-uring"] = urv
         row["p99_ratio_uring"] = upr
         row["verdict_uring"] = uv
-    if URING4:
-        cells, u4rv, u4pr, u4v = verdicts(job, row, "vdrep-uring4", "cpu_vdrep-uring4")
-        cells.append(rx(ratio(m.get("vdrep-uring4"), m.get("vdrep-uring"))))
-        row["ratio"]["vdrep-uring4"] = u4rv
-        row["ratio"]["vdrep-uring4/vdrep-uring"] = ratio(m.get("vdrep-uring4"), m.get("vdrep-uring"))
-        row["verdict_vdrep-uring4"] = u4v
+    for t in U4:
+        cells, u4rv, u4pr, u4v = verdicts(job, row, t, "cpu_" + t)
+        cells.append(rx(ratio(m.get(t), m.get("vdrep-uring"))))
+        row["ratio"][t] = u4rv
+        row["ratio"][f"{t}/vdrep-uring"] = ratio(m.get(t), m.get("vdrep-uring"))
+        row["verdict_" + t] = u4v
         ur = ur + cells
     for t in BASES:
         cells, brv, bpr, bv = verdicts(job, row, t, "cpu_" + t)

@@ -233,7 +233,74 @@ fn concurrent_direct_writers_with_cuts_every_few_ms_over_uring() {
     let Some(_switch) = UringSwitch::take() else {
         return;
     };
-    concurrent_writers(8, URING_ARGS);
+    concurrent_writers(8, URING_ARGS, "1", None);
+}
+
+/// Issue 12, session 11 follow-up: with `VDREP_URING_ASYNC_WRITES=auto` a
+/// ring thread puts a backing write on its io_uring only while it has
+/// other work (a backing I/O in flight, a request waiting or a completion
+/// posted) and writes it with `pwrite` otherwise, so one thread mixes both
+/// kinds of writes and a cut meets both. Eight `O_DIRECT` writers with
+/// cuts every few ms: each sealed log is a prefix of each writer's writes
+/// holding every write acknowledged before the cut (as with every write on
+/// the ring); some writes went on the ring (the metric counts them), and
+/// afterwards a lone writer at queue depth 1 has every write done on the
+/// thread (the counter does not move while its writes are answered).
+#[test]
+fn concurrent_direct_writers_with_cuts_every_few_ms_over_uring_adaptive_writes() {
+    require_fuse!();
+    let Some(_switch) = UringSwitch::take() else {
+        return;
+    };
+    let maddr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let mut args = URING_ARGS.to_vec();
+    args.extend_from_slice(&["--metrics-listen", &maddr]);
+    const RING: &str = "vdrep_fuse_ring_writes_total";
+    const WRITES: &str = "vdrep_fuse_requests_total{op=\"write\"}";
+    let lone_writer = |disk: &Path| {
+        let at_depth = scrape_metrics(&maddr);
+        assert!(
+            metric(&at_depth, RING) > 0.0,
+            "no write of 8 concurrent writers went on the ring ({} writes)",
+            metric(&at_depth, WRITES)
+        );
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(disk)
+            .unwrap();
+        let layout = std::alloc::Layout::from_size_align(BS, 4096).unwrap();
+        let p = unsafe { std::alloc::alloc(layout) };
+        let buf = unsafe { std::slice::from_raw_parts_mut(p, BS) };
+        const LONE: u64 = 64;
+        for blk in 0..LONE {
+            buf.copy_from_slice(&stamp(99, blk + 1, blk));
+            assert_eq!(f.write_at(buf, blk * BS as u64).unwrap(), BS);
+        }
+        let mut back = vec![0u8; BS];
+        let fb = OpenOptions::new().read(true).open(disk).unwrap();
+        for blk in 0..LONE {
+            fb.read_exact_at(&mut back, blk * BS as u64).unwrap();
+            assert_eq!(back, stamp(99, blk + 1, blk), "lone write to block {blk}");
+        }
+        unsafe { std::alloc::dealloc(p, layout) };
+        let lone = scrape_metrics(&maddr);
+        assert_eq!(
+            metric(&lone, WRITES) - metric(&at_depth, WRITES),
+            LONE as f64,
+            "answered WRITE requests of the lone writer"
+        );
+        assert_eq!(
+            metric(&lone, RING),
+            metric(&at_depth, RING),
+            "a lone writer's write (nothing else in flight or waiting) went on the ring"
+        );
+    };
+    concurrent_writers(8, &args, "auto", Some(&lone_writer));
 }
 
 /// Issue 12, session 11: with `VDREP_URING_ASYNC_WRITES=1` a backing
@@ -420,7 +487,14 @@ fn metric(page: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn concurrent_writers(n: usize, mount_args: &[&str]) {
+/// `async_writes`: `VDREP_URING_ASYNC_WRITES` of the mount; `then` runs
+/// with the disk's path after the checks, still mounted.
+fn concurrent_writers(
+    n: usize,
+    mount_args: &[&str],
+    async_writes: &str,
+    then: Option<&dyn Fn(&Path)>,
+) {
     const BLOCKS: u64 = 1024;
     let per = BLOCKS / n as u64;
     let tmp = tempfile::tempdir().unwrap();
@@ -430,12 +504,13 @@ fn concurrent_writers(n: usize, mount_args: &[&str]) {
     let copy = tmp.path().join("copy");
     std::fs::copy(vm.join("d.raw"), &copy).unwrap();
     // Four entries per ring thread, which submits the backing writes on
-    // its ring too (both off by default, see src/fuse/uring.rs).
+    // its ring too as `async_writes` says (both off by default, see
+    // src/fuse/uring.rs).
     let m = Mounted::with_env(
         &vm,
         mount_args,
         &[
-            ("VDREP_URING_ASYNC_WRITES", "1"),
+            ("VDREP_URING_ASYNC_WRITES", async_writes),
             ("VDREP_URING_ENTRIES", "4"),
         ],
     );
@@ -562,6 +637,10 @@ fn concurrent_writers(n: usize, mount_args: &[&str]) {
             prev[w] = maxseq[w];
         }
     }
+    if let Some(then) = then {
+        then(&vm.join("d.raw"));
+    }
+    drop(m);
 }
 
 /// Same with buffered writes through the kernel's write-back cache: the cut

@@ -326,9 +326,11 @@ fn read_async(
 /// (its data stays in the ring entry until the reply) and its completion
 /// replies. The tracking steps before the write run here
 /// ([`TrackedDisk::try_begin_write`]); the write holds its share of the cut
-/// lock until it completed and is marked. `Some`: not taken, serve it
-/// synchronously (the thread's writes in flight are completed first when
-/// a cut is waiting for the cut lock).
+/// lock until it completed and is marked. `Some`: not taken (not a ring
+/// thread, or [`uring::write_on_ring`] says `pwrite` here: with the
+/// adaptive mode when the thread has nothing else in flight or waiting),
+/// serve it synchronously (the thread's writes in flight are completed
+/// first when a cut is waiting for the cut lock).
 fn write_async(
     h: &Arc<OpenFile>,
     fh: u64,
@@ -341,8 +343,7 @@ fn write_async(
         && !data.is_empty()
         && is_aligned(offset, data.len())
         && (data.as_ptr() as usize) % sys::DIO_ALIGN == 0
-        && uring::async_writes()
-        && uring::async_io())
+        && uring::write_on_ring())
     {
         return Some((reply, timer));
     }
@@ -396,13 +397,16 @@ fn write_async(
             }
         }
     });
-    // async_io() said this is a ring thread dispatching, and the data is
+    // write_on_ring() said this is a ring thread dispatching, and the data is
     // the request's: submit_write takes it unless the ring failed.
-    if let Err(done) = uring::submit_write(h.file.as_raw_fd(), data, offset, done) {
-        // Not queued (the ring failed): write here, under the same share
-        // of the cut lock.
-        let r = write_full(None, &h.file, data, offset);
-        done(r, data);
+    match uring::submit_write(h.file.as_raw_fd(), data, offset, done) {
+        Ok(()) => metrics::ring_write(),
+        Err(done) => {
+            // Not queued (the ring failed): write here, under the same
+            // share of the cut lock.
+            let r = write_full(None, &h.file, data, offset);
+            done(r, data);
+        }
     }
     None
 }

@@ -14,7 +14,7 @@
 //! reader threads stay).
 //!
 //! Several entries per ring ([`entries_per_ring`]), and the backing I/O of
-//! an `O_DIRECT` READ (and WRITE with [`async_writes`]) goes on the same
+//! an `O_DIRECT` READ (and WRITE as [`write_mode`] says) goes on the same
 //! ring ([`submit_read`], [`submit_write`], called by the handlers in
 //! `fs`): the thread sleeps
 //! once in `io_uring_enter` for whichever completes first, a request or a
@@ -253,7 +253,7 @@ pub const MAX_RINGS: usize = 64;
 
 /// FUSE entries per ring (serving thread) unless `VDREP_URING_ENTRIES`
 /// says otherwise. With more than one, a thread serves its entries'
-/// `O_DIRECT` reads (and writes with [`async_writes`]) asynchronously on its
+/// `O_DIRECT` reads (and writes as [`write_mode`] says) asynchronously on its
 /// own ring, so one wake-up reaps several requests and backing completions:
 /// 4 made direct 4 KiB reads at QD16 1.1× faster (−40 % CPU per request),
 /// but with synchronous backing writes a thread blocked in `pwrite` holds
@@ -553,19 +553,76 @@ fn with_local<T>(f: impl FnOnce(&mut Local) -> T) -> Option<T> {
     LOCAL.with(|l| l.try_borrow_mut().ok()?.as_mut().map(f))
 }
 
-/// Whether `O_DIRECT` writes go to the ring as well (`VDREP_URING_ASYNC_WRITES=1`;
-/// reads always do). Off by default: on ext4 an asynchronous direct write
-/// completes through a kernel worker (`iomap_dio_complete_work` on the
-/// file system's `dio` workqueue: one more wake-up per write) where a
-/// synchronous `pwrite` completes in the waiting thread; measured
-/// 2026-12-03 natively (4 writers at QD1: io_uring/libaio 15-24 k IOPS,
-/// psync 32-46 k) and through the ring (no io-wq punt at all on a fully
-/// written disk, and still no faster than synchronous writes). Only
-/// writes into holes (sparse images) go to io-wq.
-/// kernel-notes/fuse-uring.md, session 11.
-pub fn async_writes() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("VDREP_URING_ASYNC_WRITES").is_ok_and(|v| v.trim() == "1"))
+/// Where a ring thread does the backing `O_DIRECT` write of a WRITE request
+/// (reads always go on the ring): `VDREP_URING_ASYNC_WRITES` = `1`
+/// ([`WriteMode::Ring`]), `auto` ([`WriteMode::Adaptive`]), anything else
+/// or unset [`WriteMode::Sync`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteMode {
+    /// `pwrite` on the thread. The default: on ext4 an asynchronous direct
+    /// write completes through a kernel worker (`iomap_dio_complete_work`
+    /// on the file system's `dio` workqueue: one more wake-up per write)
+    /// where a synchronous `pwrite` completes in the waiting thread;
+    /// measured 2026-12-03 natively (4 writers at QD1: io_uring/libaio
+    /// 15-24 k IOPS, psync 32-46 k) and through the ring (no io-wq punt at
+    /// all on a fully written disk, and still no faster than synchronous
+    /// writes). Only writes into holes (sparse images) go to io-wq.
+    /// kernel-notes/fuse-uring.md, session 11.
+    Sync,
+    /// Every write on the thread's ring ([`submit_write`]).
+    Ring,
+    /// On the ring only while the thread has company ([`has_company`]),
+    /// `pwrite` on the thread otherwise: a lone request keeps the
+    /// synchronous write's latency, requests at depth overlap their writes.
+    /// Opt-in: with 4 entries per ring it kept the gain at depth (4 KiB
+    /// direct QD16 reads 1.85×, writes 1.48× of the defaults) but 4 psync
+    /// direct writers ran at 0.59× (78 % of their writes had company)
+    /// and 1 MiB writes at 0.8× (kernel-notes/fuse-uring.md, session 11
+    /// follow-up).
+    Adaptive,
+}
+
+/// The [`WriteMode`] of this process (`VDREP_URING_ASYNC_WRITES`, read once).
+pub fn write_mode() -> WriteMode {
+    static MODE: std::sync::OnceLock<WriteMode> = std::sync::OnceLock::new();
+    *MODE.get_or_init(|| {
+        match std::env::var("VDREP_URING_ASYNC_WRITES")
+            .unwrap_or_default()
+            .trim()
+        {
+            "1" => WriteMode::Ring,
+            "auto" => WriteMode::Adaptive,
+            _ => WriteMode::Sync,
+        }
+    })
+}
+
+/// Whether the backing write of the WRITE request being dispatched on this
+/// ring thread goes on its ring ([`submit_write`]) rather than `pwrite`
+/// here: never off a ring thread or with [`WriteMode::Sync`], always with
+/// [`WriteMode::Ring`], and with [`WriteMode::Adaptive`] when
+/// [`has_company`].
+pub fn write_on_ring() -> bool {
+    match write_mode() {
+        WriteMode::Sync => false,
+        WriteMode::Ring => async_io(),
+        WriteMode::Adaptive => async_io() && has_company(),
+    }
+}
+
+/// Whether this ring thread has other work than the request it is
+/// dispatching, seen without a system call: a backing I/O of its own in
+/// flight, a request already reaped and waiting to be served, or a
+/// completion (a request or a backing I/O) posted in its CQ ring and not
+/// reaped yet. Then a `pwrite` here would hold that work for the write's
+/// whole latency, so the write goes on the ring and the thread goes on to
+/// it; with nothing else to do (a lone request, queue depth 1) a `pwrite`
+/// is the faster way to the reply (no completion through a kernel worker,
+/// no second wake-up). A request that arrives during such a `pwrite` waits
+/// for it, as with [`WriteMode::Sync`]. Off a ring thread: false.
+pub fn has_company() -> bool {
+    with_local(|l| l.in_flight > 0 || !l.ready.is_empty() || !l.ring.completion().is_empty())
+        .unwrap_or(false)
 }
 
 /// Whether this thread is a ring thread dispatching a request: then its

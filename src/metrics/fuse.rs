@@ -5,7 +5,9 @@
 //! atomics (one mount per daemon process), so the hot path takes no lock
 //! and allocates nothing: one `Instant::now()` at each end, two atomic adds.
 //! Data requests (write, fsync, fallocate) answered with an error are
-//! counted too ([`failed`]): the VM saw an I/O error from vdrep.
+//! counted too ([`failed`]): the VM saw an I/O error from vdrep. With the
+//! io_uring transport, the backing writes submitted on a ring thread's
+//! io_uring rather than written on the thread are counted ([`ring_write`]).
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -91,6 +93,15 @@ pub fn failed(op: FuseOp) -> u64 {
         .unwrap_or(0)
 }
 
+/// `O_DIRECT` backing writes submitted on a FUSE ring thread's io_uring.
+static RING_WRITES: AtomicU64 = AtomicU64::new(0);
+
+/// Count one backing write submitted on a ring thread's io_uring (the
+/// others are written synchronously on the serving thread).
+pub fn ring_write() {
+    RING_WRITES.fetch_add(1, Ordering::Relaxed);
+}
+
 /// Records one request of `op` when dropped.
 #[must_use = "the request is recorded when the timer is dropped"]
 pub struct OpTimer {
@@ -117,7 +128,8 @@ impl Drop for OpTimer {
 }
 
 /// Encode `vdrep_fuse_requests_total{op}`,
-/// `vdrep_fuse_request_errors_total{op}` and
+/// `vdrep_fuse_request_errors_total{op}`,
+/// `vdrep_fuse_ring_writes_total` and
 /// `vdrep_fuse_request_duration_seconds{op}`.
 pub fn encode(enc: &mut DescriptorEncoder) -> fmt::Result {
     let snaps: Vec<(Labels, super::HistogramSnapshot)> = FuseOp::ALL
@@ -142,6 +154,13 @@ pub fn encode(enc: &mut DescriptorEncoder) -> fmt::Result {
             .zip(FAILED.iter())
             .filter(|(op, _)| matches!(op, FuseOp::Write | FuseOp::Fsync | FuseOp::Fallocate))
             .map(|(op, c)| (vec![("op", op.name().to_string())], c.load(Ordering::Relaxed))),
+    )?;
+    counter(
+        enc,
+        "vdrep_fuse_ring_writes",
+        "O_DIRECT backing writes submitted on a FUSE ring thread's io_uring (transport uring); the other writes were written on the serving thread",
+        None,
+        [(Labels::new(), RING_WRITES.load(Ordering::Relaxed))],
     )?;
     histogram(
         enc,
