@@ -942,30 +942,60 @@ impl Conn {
         let (fence, gen) = self.fences.begin(&site, disk_id);
         let mine = fence.clone();
         let thread = std::thread::spawn(move || {
-            while let Some((offset, data)) = rx.blocking_recv() {
-                // Held across the write: a newer copy's `settle` waits for it.
-                let writing = mine.write.lock();
-                if !mine.current(gen) {
-                    tracing::info!(
-                        disk = %crate::util::hex(&disk_id),
-                        "initial copy writer superseded by a newer copy of the disk"
-                    );
-                    break;
-                }
-                let d = disk(&site, &vm, &disk_id);
-                let what = if crate::hrl::format::is_all_zero(&data) {
-                    replica::InitialData::Zeroes(data.len() as u64)
-                } else {
-                    replica::InitialData::Data(&data)
-                };
-                store.write_initial(d, offset, what)?;
-                drop(writing);
-            }
-            Ok(())
+            write_initial_copy(&mut rx, &mine, gen, store.as_ref(), &site, &vm, disk_id)
         });
         self.initials.insert(disk_id, Pipe { tx, thread });
         fence
     }
+}
+
+/// The body of an initial copy's writer thread ([`Conn::start_initial`]):
+/// writes the copy's bytes until the stream ends, then says whether the
+/// copy may be finished. Superseded by a newer copy of the disk (checked
+/// before each write and at the end: `FinishInitial` joins this thread
+/// before it finishes the copy, and a newer copy moves the fence before its
+/// `begin_initial` reaches the store), it writes nothing more and fails:
+/// its bytes may be missing and the store's progress is the newer copy's,
+/// so finishing it would zero the bytes past the durable progress as holes
+/// (found by tests/session_sim.rs seed 3060).
+fn write_initial_copy(
+    rx: &mut mpsc::Receiver<(u64, Vec<u8>)>,
+    fence: &CopyFence,
+    gen: u64,
+    store: &dyn ReplicaStore,
+    site: &str,
+    vm: &str,
+    disk_id: DiskId,
+) -> Result<(), StoreError> {
+    while let Some((offset, data)) = rx.blocking_recv() {
+        // Held across the write: a newer copy's `settle` waits for it.
+        let writing = fence.write.lock();
+        if !fence.current(gen) {
+            break;
+        }
+        let d = disk(site, vm, &disk_id);
+        let what = if crate::hrl::format::is_all_zero(&data) {
+            replica::InitialData::Zeroes(data.len() as u64)
+        } else {
+            replica::InitialData::Data(&data)
+        };
+        store.write_initial(d, offset, what)?;
+        drop(writing);
+    }
+    if !fence.current(gen) {
+        tracing::info!(
+            disk = %crate::util::hex(&disk_id),
+            "initial copy superseded by a newer copy of the disk on another connection"
+        );
+        return Err(StoreError::BadState {
+            path: PathBuf::from("<write_initial>"),
+            what: "a newer copy of this disk began on another connection before this one \
+                   ended; it is not finished (the sender copies again from the replica's \
+                   saved progress)"
+                .into(),
+        });
+    }
+    Ok(())
 }
 
 /// Look up the replica of a disk a sender opens (refused if its names are
@@ -1160,6 +1190,58 @@ mod tests {
 
     const ID: DiskId = [0x5a; 16];
     const BS: u64 = 4096;
+
+    /// tests/session_sim.rs seed 3060, against the real store: a copy's
+    /// bytes are all written, then a newer copy of the disk begins on
+    /// another connection (the store drops the older one's unsynced
+    /// progress), then the older copy's `FinishInitial` runs. It must fail:
+    /// finishing it would zero everything past the durable progress (here
+    /// the whole disk) and call that replica cycle 2.
+    #[test]
+    fn a_copy_superseded_by_a_newer_one_is_not_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ReplicaStore> =
+            Arc::new(replica::Store::open(&dir.path().join("store")).unwrap());
+        let info = replica::DiskInfo {
+            disk_id: ID,
+            name: "data.img".into(),
+            size: 16 * BS,
+            block_size: BS as u32,
+            cycle: 2,
+        };
+        let fences = CopyFences::default();
+        let (fence, gen) = fences.begin("site", ID);
+        store.begin_initial("site", "vm", &info).unwrap();
+        let (tx, mut rx) = mpsc::channel::<(u64, Vec<u8>)>(4);
+        let (st, f) = (store.clone(), fence.clone());
+        let thread = std::thread::spawn(move || {
+            write_initial_copy(&mut rx, &f, gen, st.as_ref(), "site", "vm", ID)
+        });
+        for b in 0..16u64 {
+            tx.blocking_send((b * BS, vec![7u8; BS as usize])).unwrap();
+        }
+        // Every write received (the last may be in flight: `settle` below).
+        while tx.capacity() < tx.max_capacity() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The newer copy (same cycle: a resume) on another connection.
+        let (newer, _) = fences.begin("site", ID);
+        newer.settle();
+        store.begin_initial("site", "vm", &info).unwrap();
+        // The older connection's FinishInitial, as `Conn::perform` runs it.
+        let finished = finish(Some(Pipe { tx, thread }), "write_initial")
+            .and_then(|()| store.finish_initial(disk("site", "vm", &ID), 2, 0));
+        assert!(
+            finished.is_err(),
+            "a superseded copy was finished: the replica would be zeros past the durable progress"
+        );
+        let st = store.replica_state(disk("site", "vm", &ID)).unwrap();
+        assert_eq!(
+            st.cycle, None,
+            "no replica at cycle 2 from the superseded copy"
+        );
+        assert!(st.initial_offset.is_some(), "the copy stays resumable");
+    }
 
     /// A store with one disk at cycle 1 and the durable log of cycle 2.
     fn disk_at_1_with_log_2(dir: &std::path::Path) -> Arc<replica::Store> {

@@ -212,6 +212,11 @@ pub struct Store {
     pub applies: HashMap<(DiskId, u64), u32>,
     /// Invariant violations found while executing actions.
     pub violations: Vec<String>,
+    /// The connection whose `BeginInitial` of the disk came last (the
+    /// receiver's copy fence): a `FinishInitial` of an older connection
+    /// fails, as the real writer thread reports a copy a newer one
+    /// superseded (its progress is no longer the store's to finish).
+    pub copy_conn: HashMap<DiskId, u64>,
 }
 
 fn fail(code: ErrorCode, message: impl Into<String>) -> StoreFailure {
@@ -313,6 +318,7 @@ impl Store {
                 // the sender resumes (start_offset > 0, then it continues as
                 // the newer cut when the offsets agree) or restarts the same
                 // cycle; anything else starts over on a zeroed image.
+                self.copy_conn.insert(open.disk_id, conn);
                 let r = self.disks.entry(open.disk_id).or_default();
                 let size = begin.disk_size as usize;
                 let resumes = matches!(&r.copy, Some((c, img))
@@ -364,6 +370,10 @@ impl Store {
             ReceiverAction::FinishInitial {
                 op, disk_id, cycle, ..
             } => {
+                if self.copy_conn.get(&disk_id).is_some_and(|&c| c != conn) {
+                    let e = fail(ErrorCode::InvalidState, "superseded by a newer copy");
+                    return Some((op, StoreDone::InitialFinished(Err(e))));
+                }
                 let res = match self.disks.get_mut(&disk_id) {
                     Some(r) if r.copy.as_ref().is_some_and(|(c, _)| *c == cycle) => {
                         let (_, mut img) = r.copy.take().unwrap_or_default();
