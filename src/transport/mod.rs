@@ -10,6 +10,7 @@
 //!   ([`explain_connection_error`]), and how a driver ends a send stream
 //!   ([`StreamEnd`]).
 //! - [`rate`]: the token bucket behind `--max-rate`.
+//! - [`resume`]: a new connection resumes a known path's rate.
 //! - [`window`]: the receiving end sizes a connection's flow-control
 //!   window to the path's bandwidth-delay product.
 //! - the `vdrep keys` commands live in `crate::cli::keys` (the CLI imports this module, never the reverse).
@@ -61,6 +62,7 @@
 pub mod congestion;
 pub mod keys;
 pub mod rate;
+pub mod resume;
 pub mod trust;
 pub mod window;
 
@@ -187,6 +189,10 @@ pub struct Tuning {
     /// connection's window to the path ([`window::run`]); `None`: the
     /// fixed `receive_window`.
     pub window_tune: Option<window::WindowConfig>,
+    /// Where a sending connection goes: it resumes the path a previous
+    /// connection there measured, and saves its own ([`resume`]); `None`:
+    /// neither.
+    pub resume: Option<resume::Destination>,
 }
 
 impl Default for Tuning {
@@ -220,6 +226,7 @@ impl Default for Tuning {
                 per_paused: u64::from(stream_window.unwrap_or(STREAM_RECEIVE_WINDOW)),
                 ..window::WindowConfig::default()
             }),
+            resume: None,
         }
     }
 }
@@ -240,7 +247,8 @@ impl Tuning {
         let mut mtu = quinn::MtuDiscoveryConfig::default();
         mtu.upper_bound(self.max_udp_payload.max(1200));
         t.mtu_discovery_config(Some(mtu));
-        self.congestion.apply(&mut t, self.window_cap);
+        self.congestion
+            .apply(&mut t, self.window_cap, self.resume.clone());
         Ok(t)
     }
 }
