@@ -1004,17 +1004,9 @@ impl Replicator {
             }
         };
         // Notice a dead receiver within seconds, not the default 30 s.
-        // A reconnection resumes the path's rate (`transport::resume`):
-        // the destination is the address and the identities trusted there.
-        let resume = transport::resume::enabled_by_env().then(|| {
-            let mut ids: Vec<String> = trust.peers().map(|p| p.fingerprint.to_string()).collect();
-            ids.sort();
-            transport::resume::Destination(format!("{addr}/{}", ids.join(",")))
-        });
         let tuning = transport::Tuning {
             keep_alive: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(5),
-            resume,
             ..transport::Tuning::default()
         };
         let cc = transport::client_config(id, &trust, &tuning).map_err(|e| retry(e.to_string()))?;

@@ -2,15 +2,12 @@
 //! controllers runs, chosen per link by [`Congestion`] (default:
 //! [`Congestion::Bbr`], see `kernel-notes/wan.md` for the measurements that
 //! chose it), and the cap on its window ([`WindowCap`], through
-//! [`WrappedConfig`], which also carries lt-cubic's loss filter and the
-//! jump to a known path's rate of [`super::resume`]). The
+//! [`WrappedConfig`], which also carries lt-cubic's loss filter). The
 //! setting matters only to the side that sends bulk data (the sender; and
 //! the receiver during reverse replication).
 
 use std::str::FromStr;
 use std::sync::Arc;
-
-use super::resume::{self, Destination, Jump};
 
 /// A congestion controller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -81,19 +78,13 @@ impl Congestion {
     }
 
     /// Install this controller in `t`, its window capped by `cap` (BBR and
-    /// lt-cubic; CUBIC and NewReno stay quinn's own), resuming the path
-    /// saved for `to` (BBR with a cap, lt-cubic: [`super::resume`]).
-    pub fn apply(
-        self,
-        t: &mut quinn::TransportConfig,
-        cap: Option<CapConfig>,
-        to: Option<Destination>,
-    ) {
+    /// lt-cubic; CUBIC and NewReno stay quinn's own).
+    pub fn apply(self, t: &mut quinn::TransportConfig, cap: Option<CapConfig>) {
         match self {
             Congestion::Bbr => match cap {
-                Some(cap) => t.congestion_controller_factory(Arc::new(
-                    WrappedConfig::capped_bbr(cap).resuming(to),
-                )),
+                Some(cap) => {
+                    t.congestion_controller_factory(Arc::new(WrappedConfig::capped_bbr(cap)))
+                }
                 None => t.congestion_controller_factory(Arc::new(
                     quinn::congestion::BbrConfig::default(),
                 )),
@@ -104,9 +95,9 @@ impl Congestion {
             Congestion::NewReno => t.congestion_controller_factory(Arc::new(
                 quinn::congestion::NewRenoConfig::default(),
             )),
-            Congestion::LossTolerantCubic => t.congestion_controller_factory(Arc::new(
-                WrappedConfig::loss_tolerant_cubic(cap).resuming(to),
-            )),
+            Congestion::LossTolerantCubic => {
+                t.congestion_controller_factory(Arc::new(WrappedConfig::loss_tolerant_cubic(cap)))
+            }
         };
     }
 }
@@ -150,9 +141,6 @@ pub struct WrappedConfig {
     inner: Arc<dyn quinn::congestion::ControllerFactory + Send + Sync>,
     loss_tolerant: bool,
     cap: Option<CapConfig>,
-    /// Where the connection goes: its path is resumed from, and saved to,
-    /// [`resume::memory`].
-    resume: Option<Destination>,
 }
 
 impl std::fmt::Debug for WrappedConfig {
@@ -160,7 +148,6 @@ impl std::fmt::Debug for WrappedConfig {
         f.debug_struct("WrappedConfig")
             .field("loss_tolerant", &self.loss_tolerant)
             .field("cap", &self.cap)
-            .field("resume", &self.resume)
             .finish_non_exhaustive()
     }
 }
@@ -172,7 +159,6 @@ impl WrappedConfig {
             inner: Arc::new(quinn::congestion::CubicConfig::default()),
             loss_tolerant: true,
             cap,
-            resume: None,
         }
     }
 
@@ -182,13 +168,7 @@ impl WrappedConfig {
             inner: Arc::new(quinn::congestion::BbrConfig::default()),
             loss_tolerant: false,
             cap: Some(cap),
-            resume: None,
         }
-    }
-
-    /// The same, resuming the path saved for `to` and saving its own.
-    pub fn resuming(self, to: Option<Destination>) -> Self {
-        WrappedConfig { resume: to, ..self }
     }
 }
 
@@ -198,10 +178,6 @@ impl quinn::congestion::ControllerFactory for WrappedConfig {
         now: std::time::Instant,
         current_mtu: u16,
     ) -> Box<dyn quinn::congestion::Controller> {
-        let saved = self
-            .resume
-            .as_ref()
-            .and_then(|to| resume::memory().recall(to, now));
         Box::new(Wrapped {
             inner: self.inner.clone().build(now, current_mtu),
             srtt: None,
@@ -210,17 +186,14 @@ impl quinn::congestion::ControllerFactory for WrappedConfig {
             loss_tolerant: self.loss_tolerant,
             cap: self.cap.map(WindowCap::new),
             trace: CapTrace::new(now),
-            jump: Jump::new(saved),
-            resume: self.resume.clone(),
-            saved_at: None,
         })
     }
 }
 
 /// A controller that forwards everything to `inner`, except (when
 /// `loss_tolerant`) the loss events that come without a queueing-delay
-/// signal (see [`Congestion::LossTolerantCubic`]), whose window is at
-/// least its [`Jump`]'s while that lasts, and at most its [`WindowCap`]'s.
+/// signal (see [`Congestion::LossTolerantCubic`]), and whose window is at
+/// most its [`WindowCap`]'s.
 pub struct Wrapped {
     inner: Box<dyn quinn::congestion::Controller>,
     srtt: Option<std::time::Duration>,
@@ -229,11 +202,6 @@ pub struct Wrapped {
     loss_tolerant: bool,
     cap: Option<WindowCap>,
     trace: CapTrace,
-    jump: Jump,
-    /// Where the path learnt is saved ([`resume::memory`]), and when it
-    /// last was.
-    resume: Option<Destination>,
-    saved_at: Option<std::time::Instant>,
 }
 
 /// A time-line of the controller for diagnosing a link
@@ -283,34 +251,7 @@ impl Wrapped {
             cap_samples_app_limited = cap.map_or(0, |c| c.taken_app_limited),
             cap_samples_idle = cap.map_or(0, |c| c.idle_restarts),
             cap_bytes = cap.and_then(|c| c.cap(self.min_rtt?)).unwrap_or(0),
-            jump_bytes = self.jump.window().unwrap_or(0),
             "cwnd cap"
-        );
-    }
-
-    /// Leave the path learnt (the cap's rate, the minimum RTT) in
-    /// [`resume::memory`], at most every [`resume::SAVE_EVERY`].
-    fn save(&mut self, now: std::time::Instant) {
-        let (Some(to), Some(min_rtt)) = (&self.resume, self.min_rtt) else {
-            return;
-        };
-        if self
-            .saved_at
-            .is_some_and(|t| now.saturating_duration_since(t) < resume::SAVE_EVERY)
-        {
-            return;
-        }
-        let Some(rate) = self.cap.as_ref().and_then(WindowCap::known_rate) else {
-            return;
-        };
-        self.saved_at = Some(now);
-        resume::memory().remember(
-            to,
-            resume::Saved {
-                rate,
-                min_rtt,
-                at: now,
-            },
         );
     }
 
@@ -342,7 +283,6 @@ impl quinn::congestion::Controller for Wrapped {
     ) {
         self.srtt = Some(rtt.get());
         self.min_rtt = Some(rtt.min());
-        self.jump.on_rtt(now, rtt.get());
         let inner_window = self.inner.window();
         if let Some(cap) = &mut self.cap {
             let rtts = Rtts {
@@ -364,7 +304,6 @@ impl quinn::congestion::Controller for Wrapped {
     ) {
         self.inner
             .on_end_acks(now, in_flight, app_limited, largest_packet_num_acked);
-        self.save(now);
         self.trace(now, in_flight, app_limited);
     }
 
@@ -375,7 +314,6 @@ impl quinn::congestion::Controller for Wrapped {
         is_persistent_congestion: bool,
         lost_bytes: u64,
     ) {
-        self.jump.on_loss();
         if !self.loss_tolerant || is_persistent_congestion || self.queue_building() {
             self.inner
                 .on_congestion_event(now, sent, is_persistent_congestion, lost_bytes)
@@ -389,7 +327,7 @@ impl quinn::congestion::Controller for Wrapped {
     }
 
     fn window(&self) -> u64 {
-        let w = self.inner.window().max(self.jump.window().unwrap_or(0));
+        let w = self.inner.window();
         match self.cap.as_ref().and_then(|c| c.cap(self.min_rtt?)) {
             Some(cap) => w.min(cap.max(CAP_FLOOR)),
             None => w,
@@ -411,9 +349,6 @@ impl quinn::congestion::Controller for Wrapped {
             loss_tolerant: self.loss_tolerant,
             cap: self.cap.clone(),
             trace: self.trace.clone(),
-            jump: self.jump.clone(),
-            resume: self.resume.clone(),
-            saved_at: self.saved_at,
         })
     }
 
@@ -660,16 +595,6 @@ impl WindowCap {
         } else {
             self.rounds_without_growth += 1;
             self.filled = self.rounds_without_growth >= 3;
-        }
-    }
-
-    /// The path's rate as far as it is known, bytes/s: the configured one,
-    /// or the learned one once the startup is over.
-    pub fn known_rate(&self) -> Option<u64> {
-        match self.cfg.rate {
-            Some(r) => Some(r),
-            None if self.filled => Some(self.rate()),
-            None => None,
         }
     }
 

@@ -10,7 +10,6 @@
 //!   ([`explain_connection_error`]), and how a driver ends a send stream
 //!   ([`StreamEnd`]).
 //! - [`rate`]: the token bucket behind `--max-rate`.
-//! - [`resume`]: a new connection resumes a known path's rate.
 //! - [`window`]: the receiving end sizes a connection's flow-control
 //!   window to the path's bandwidth-delay product.
 //! - the `vdrep keys` commands live in `crate::cli::keys` (the CLI imports this module, never the reverse).
@@ -62,7 +61,6 @@
 pub mod congestion;
 pub mod keys;
 pub mod rate;
-pub mod resume;
 pub mod trust;
 pub mod window;
 
@@ -189,10 +187,6 @@ pub struct Tuning {
     /// connection's window to the path ([`window::run`]); `None`: the
     /// fixed `receive_window`.
     pub window_tune: Option<window::WindowConfig>,
-    /// Where a sending connection goes: it resumes the path a previous
-    /// connection there measured, and saves its own ([`resume`]); `None`:
-    /// neither.
-    pub resume: Option<resume::Destination>,
 }
 
 impl Default for Tuning {
@@ -226,7 +220,6 @@ impl Default for Tuning {
                 per_paused: u64::from(stream_window.unwrap_or(STREAM_RECEIVE_WINDOW)),
                 ..window::WindowConfig::default()
             }),
-            resume: None,
         }
     }
 }
@@ -247,8 +240,7 @@ impl Tuning {
         let mut mtu = quinn::MtuDiscoveryConfig::default();
         mtu.upper_bound(self.max_udp_payload.max(1200));
         t.mtu_discovery_config(Some(mtu));
-        self.congestion
-            .apply(&mut t, self.window_cap, self.resume.clone());
+        self.congestion.apply(&mut t, self.window_cap);
         Ok(t)
     }
 }
