@@ -37,6 +37,9 @@
 #   VARIANTS="VDREP_PROBE_REUSE=0 -"           the worker dials again after protect's probe
 #                        (before s11) vs running on the probe's session;
 #                        VDREP_INITIAL_WRITEBACK=0: the receiver only fsyncs a copy
+#   AGAIN=1              initial: after the copy, a second VM of the same mount copies as much
+#                        to the same receiver (the second connection to that destination in
+#                        the sending process; the first copy is always a first connection)
 #   BENCH_ROOT=/var/tmp/vdrep-wanbench
 # Needs root (FUSE mount), fio, python3. Release build. Results in
 # bench-results/wan-<UTC>.{md,json}.

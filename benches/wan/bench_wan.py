@@ -78,6 +78,7 @@ IDEAL_SECS = float(os.environ.get("IDEAL_SECS", "8"))      # initial copy sized 
 MAX_SIZE = int(os.environ.get("MAX_SIZE_MIB", "512")) << 20
 DELTA_PCT = float(os.environ.get("DELTA_PCT", "1"))
 RPO_SECS = int(os.environ.get("RPO_SECS", "30"))
+AGAIN = os.environ.get("AGAIN", "0") == "1"   # initial: also a second copy to the same receiver
 RUNS = int(os.environ.get("RUNS", "1"))                     # runs per link; the table shows medians
 CHURN_FRAC = float(os.environ.get("CHURN_FRAC", str(1 / 3)))
 BRANCH_SECS = int(os.environ.get("BRANCH_SECS", "20"))
@@ -450,6 +451,26 @@ def bench_link(link, cc, results, run_no=0, variant="-", size_mib=None):
             f"UDP {udp_fwd / 2**20:.1f} MiB, lost {lost}, queue drops {qdrop}, CPU s sender/receiver/relay "
             f"{row['initial_cpu_sender']:.1f}/{row['initial_cpu_receiver']:.1f}/{row['initial_cpu_relay']:.1f}, "
             f"kernel socket-buffer drops {row['initial_rcvbuf_drops']}")
+        if AGAIN:
+            # A second VM of the same mount copies to the same receiver: its
+            # connection is the second to this destination in the sending
+            # process (the path it resumes, `transport::resume`), where
+            # the first copy above is always a first connection.
+            random_file(site.vm / "disk2.img", size, 8)
+            u0, _, lost0, q0 = site.udp_bytes()
+            t0 = time.time()
+            site.protect("continuous", ["disk2.img"], name="vm2")
+            site.sync(name="vm2")
+            t_sync2 = time.time() - t0
+            at = first_point_at(work / "sender.log", t0, vm="vm2")
+            t2 = at - t0 if at is not None else t_sync2
+            time.sleep(0.6)
+            u1, _, lost1, q1 = site.udp_bytes()
+            row.update(again_secs=t2, again_util=size / t2 / rate_Bps, again_udp=u1 - u0,
+                       again_lost=lost1 - lost0, again_qdrop=q1 - q0,
+                       again_end="point" if at is not None else "sync")
+            say(f"{name}: second copy to the same receiver {t2:.2f} s to the point, utilisation "
+                f"{row['again_util'] * 100:.0f} %, lost {lost1 - lost0}, queue drops {q1 - q0}")
         if "delta" in SECTIONS:
             blocks = size // 4096
             n = max(1, int(blocks * DELTA_PCT / 100))
