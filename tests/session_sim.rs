@@ -302,7 +302,14 @@ impl World {
                 self.stats.refused += 1;
                 self.note(format!("receiver refused stream {}: {error}", stream.0));
             }
-            Output::Action(a) => self.store_q.push_back((self.conn, a)),
+            Output::Action(a) => {
+                if let ReceiverAction::BeginInitial { begin, .. } = &a {
+                    // The receiver's copy fence moves when the connection
+                    // hands the action over, not when the store runs it.
+                    self.store.copy_conn.insert(begin.disk_id, self.conn);
+                }
+                self.store_q.push_back((self.conn, a))
+            }
         }
     }
 
@@ -642,7 +649,9 @@ impl World {
         let Some((conn, a)) = self.store_q.remove(i) else {
             return;
         };
-        if let ReceiverAction::BeginInitial { begin, .. } = &a {
+        let current_begin = matches!(&a, ReceiverAction::BeginInitial { begin, .. }
+            if self.store.copy_conn.get(&begin.disk_id) == Some(&conn));
+        if let (true, ReceiverAction::BeginInitial { begin, .. }) = (current_begin, &a) {
             // As the receiver's copy fence: writes other connections still
             // have queued for this disk are dropped, not written over it.
             self.store_q.retain(|(c, q)| {
@@ -749,7 +758,12 @@ impl World {
                             self.net.insert(i, p.clone());
                         }
                         _ => {
-                            let at = 5 + self.rng.below(b.len() as u64 - 5) as usize;
+                            // Past the frame header when the chunk has more.
+                            let at = match b.len() {
+                                0 => return,
+                                n if n > 5 => 5 + self.rng.below(n as u64 - 5) as usize,
+                                n => n - 1,
+                            };
                             b[at] ^= 1 << self.rng.below(8);
                             self.note(format!(
                                 "flipped a bit of a log chunk on stream {}",

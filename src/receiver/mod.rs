@@ -747,11 +747,17 @@ impl Conn {
                 StoreDone::DiskLoaded(load_disk(store, site, &open))
             }),
             ReceiverAction::BeginInitial { op, open, begin } => {
-                let fence = self.start_initial(begin.disk_id, &open.vm);
+                let (fence, gen) = self.start_initial(begin.disk_id, &open.vm);
                 let bus = self.bus.clone();
                 self.spawn(op, move |store, site| {
                     // No older writer of the disk writes after this.
                     fence.settle();
+                    if !fence.current(gen) {
+                        // A newer copy of the disk began (on another
+                        // connection) before this one reached the store:
+                        // this begin must not reset that copy's state.
+                        return StoreDone::InitialBegun(Err(failure(superseded_copy())));
+                    }
                     let r = begin_initial(store, site, &open, &begin, bus.as_deref());
                     crate::util::phase::step("recv_copy_begun", &open.vm);
                     StoreDone::InitialBegun(r.map_err(failure))
@@ -936,7 +942,7 @@ impl Conn {
     /// A writer thread for the initial copy of `disk_id` (replacing one a
     /// dead stream left behind); older writers of the disk are fenced off
     /// before the store begins the copy.
-    fn start_initial(&mut self, disk_id: DiskId, vm: &str) -> Arc<CopyFence> {
+    fn start_initial(&mut self, disk_id: DiskId, vm: &str) -> (Arc<CopyFence>, u64) {
         let (tx, mut rx) = mpsc::channel::<(u64, Vec<u8>)>(4);
         let (store, site, vm) = (self.store.clone(), self.site.clone(), vm.to_string());
         let (fence, gen) = self.fences.begin(&site, disk_id);
@@ -945,7 +951,7 @@ impl Conn {
             write_initial_copy(&mut rx, &mine, gen, store.as_ref(), &site, &vm, disk_id)
         });
         self.initials.insert(disk_id, Pipe { tx, thread });
-        fence
+        (fence, gen)
     }
 }
 
@@ -987,15 +993,20 @@ fn write_initial_copy(
             disk = %crate::util::hex(&disk_id),
             "initial copy superseded by a newer copy of the disk on another connection"
         );
-        return Err(StoreError::BadState {
-            path: PathBuf::from("<write_initial>"),
-            what: "a newer copy of this disk began on another connection before this one \
-                   ended; it is not finished (the sender copies again from the replica's \
-                   saved progress)"
-                .into(),
-        });
+        return Err(superseded_copy());
     }
     Ok(())
+}
+
+/// An initial copy a newer copy of the same disk superseded.
+fn superseded_copy() -> StoreError {
+    StoreError::BadState {
+        path: PathBuf::from("<initial copy>"),
+        what: "a newer copy of this disk began on another connection before this one ended; \
+               this one is not begun or finished (the sender copies again from the \
+               replica's saved progress)"
+            .into(),
+    }
 }
 
 /// Look up the replica of a disk a sender opens (refused if its names are

@@ -212,10 +212,12 @@ pub struct Store {
     pub applies: HashMap<(DiskId, u64), u32>,
     /// Invariant violations found while executing actions.
     pub violations: Vec<String>,
-    /// The connection whose `BeginInitial` of the disk came last (the
-    /// receiver's copy fence): a `FinishInitial` of an older connection
-    /// fails, as the real writer thread reports a copy a newer one
-    /// superseded (its progress is no longer the store's to finish).
+    /// The connection whose `BeginInitial` of the disk was handed over
+    /// last (the receiver's copy fence, moved when the connection hands the
+    /// action over: `Conn::start_initial`). An older connection's copy is
+    /// superseded: its `BeginInitial` fails without touching the store, its
+    /// writes are dropped, its `FinishInitial` fails (as the receiver's
+    /// writer thread and begin do).
     pub copy_conn: HashMap<DiskId, u64>,
 }
 
@@ -318,7 +320,14 @@ impl Store {
                 // the sender resumes (start_offset > 0, then it continues as
                 // the newer cut when the offsets agree) or restarts the same
                 // cycle; anything else starts over on a zeroed image.
-                self.copy_conn.insert(open.disk_id, conn);
+                if self
+                    .copy_conn
+                    .get(&open.disk_id)
+                    .is_some_and(|&c| c != conn)
+                {
+                    let e = fail(ErrorCode::InvalidState, "superseded by a newer copy");
+                    return Some((op, StoreDone::InitialBegun(Err(e))));
+                }
                 let r = self.disks.entry(open.disk_id).or_default();
                 let size = begin.disk_size as usize;
                 let resumes = matches!(&r.copy, Some((c, img))
@@ -344,6 +353,9 @@ impl Store {
                 data,
                 ..
             } => {
+                if self.copy_conn.get(&disk_id).is_some_and(|&c| c != conn) {
+                    return None;
+                }
                 if let Some(r) = self.disks.get_mut(&disk_id) {
                     if let Some((_, img)) = r.copy.as_mut() {
                         // As the store: a gap above the progress is zeroed
