@@ -22,7 +22,7 @@
 //!   counted in `Stats::behind`; seed 3 found the flaw of the unmarked
 //!   version tried in protocol 7).
 //!
-//! `VDREP_SIM_SCHEDULES=N` sets the number of schedules (default 2000),
+//! `VDREP_SIM_SCHEDULES=N` sets the number of schedules (default 20,000: seeds 3060 and 78149 found replica corruptions that 2,000 missed; 100,000 ran clean in 216 s),
 //! `VDREP_SIM_SEED=S` runs one seed and prints its trace.
 
 #[path = "session_sim/model.rs"]
@@ -993,7 +993,7 @@ fn simulated_schedules_keep_the_invariants() {
         }
         return;
     }
-    let n = env_u64("VDREP_SIM_SCHEDULES").unwrap_or(2000);
+    let n = env_u64("VDREP_SIM_SCHEDULES").unwrap_or(20_000);
     let t0 = std::time::Instant::now();
     let mut total = Stats::default();
     for seed in 0..n {
