@@ -430,8 +430,18 @@ fn assert_rings_pinned(m: &Mounted) {
         rings += 1;
         let cpu = i.parse::<usize>().unwrap() % queues;
         if usable.contains(&cpu) {
+            // A ring thread pins itself as its first step, but a thread just
+            // spawned on a loaded host may not have run yet: wait for it
+            // (up to 10 s), then check.
+            let task = format!("{pid}/task/{tid}");
+            let t0 = std::time::Instant::now();
+            while allowed_cpus(&task) != vec![cpu]
+                && t0.elapsed() < std::time::Duration::from_secs(10)
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
             assert_eq!(
-                allowed_cpus(&format!("{pid}/task/{tid}")),
+                allowed_cpus(&task),
                 vec![cpu],
                 "ring thread {} serves queue {cpu}: it must run on CPU {cpu} only",
                 comm.trim()
