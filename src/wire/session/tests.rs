@@ -1213,6 +1213,21 @@ fn log_then_point_ahead() -> (Receiver, OpId) {
     (r, stored)
 }
 
+/// The log staged in `outs` is stored and applied: the receiver answers
+/// exactly one `Ack` of `cycle`, applied.
+fn store_apply_and_ack(r: &mut Receiver, outs: &[Output<ReceiverAction>], cycle: u64) {
+    let stored = stored_op(outs);
+    r.complete(NOW, stored, StoreDone::LogStored(Ok(LogStored::Stored)));
+    let outs = drain(|| r.poll());
+    let apply = apply_op(&outs).unwrap_or_else(|| panic!("log {cycle} is applied: {outs:?}"));
+    r.complete(NOW, apply, StoreDone::LogApplied(Ok(())));
+    let outs = drain(|| r.poll());
+    assert!(
+        matches!(&acks(&outs)[..], [Ack { cycle: c, applied: true, .. }] if *c == cycle),
+        "{outs:?}"
+    );
+}
+
 fn apply_op(outs: &[Output<ReceiverAction>]) -> Option<OpId> {
     actions(outs).iter().find_map(|a| match a {
         ReceiverAction::ApplyLog { op, .. } => Some(*op),
@@ -1663,23 +1678,7 @@ fn a_second_log_waits_behind_the_first_and_is_applied_after_it() {
         .position(|o| matches!(o, Output::Action(ReceiverAction::StageLog { begin, .. }) if begin.cycle == 7))
         .expect("log 7 staged");
     assert!(ack_at < stage_at);
-    let stored = stored_op(&outs);
-    r.complete(NOW, stored, StoreDone::LogStored(Ok(LogStored::Stored)));
-    let outs = drain(|| r.poll());
-    let apply = apply_op(&outs).expect("log 7 is applied");
-    r.complete(NOW, apply, StoreDone::LogApplied(Ok(())));
-    let outs = drain(|| r.poll());
-    assert!(
-        matches!(
-            &acks(&outs)[..],
-            [Ack {
-                cycle: 7,
-                applied: true,
-                ..
-            }]
-        ),
-        "{outs:?}"
-    );
+    store_apply_and_ack(&mut r, &outs, 7);
 }
 
 #[test]
@@ -1845,23 +1844,7 @@ fn a_log_sent_behind_that_arrives_before_its_base_waits_for_it() {
         "{outs:?}"
     );
     assert!(staged(&outs, 7), "log 7 begins once 6 is applied: {outs:?}");
-    let stored = stored_op(&outs);
-    r.complete(NOW, stored, StoreDone::LogStored(Ok(LogStored::Stored)));
-    let outs = drain(|| r.poll());
-    let apply = apply_op(&outs).expect("log 7 is applied");
-    r.complete(NOW, apply, StoreDone::LogApplied(Ok(())));
-    let outs = drain(|| r.poll());
-    assert!(
-        matches!(
-            &acks(&outs)[..],
-            [Ack {
-                cycle: 7,
-                applied: true,
-                ..
-            }]
-        ),
-        "{outs:?}"
-    );
+    store_apply_and_ack(&mut r, &outs, 7);
 }
 
 /// A log 6 (base 5) whose chunk comes twice: refused.
