@@ -456,12 +456,16 @@ impl Store {
             ReceiverAction::CommitPoint {
                 op, cycle, disks, ..
             } => {
+                // As the store (`replica::Site::commit_point`): a disk
+                // whose initial copy is under way is at no cycle (a point
+                // sent with a copy's last bytes waits for its
+                // `FinishInitial`).
                 let all = disks.iter().all(|d| {
                     d.cycle == cycle
                         && self
                             .disks
                             .get(&d.disk_id)
-                            .is_some_and(|r| r.history.contains_key(&cycle))
+                            .is_some_and(|r| r.copy.is_none() && r.history.contains_key(&cycle))
                 });
                 if all {
                     self.points

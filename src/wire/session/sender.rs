@@ -38,8 +38,9 @@ pub struct SenderConfig {
     /// Largest read asked of the driver (bytes, 1..=MAX_DATA).
     pub chunk_size: usize,
     /// Send a point's `PointCommit` as soon as every disk has sent all of
-    /// its transfer of the cycle (the receiver holds it until they are
-    /// applied), not after their `Ack`s: one round trip less per point.
+    /// its transfer of the cycle, a log or an initial copy (the receiver
+    /// holds it until they are applied, a copy finished and durable), not
+    /// after their `Ack`s: one round trip less per point.
     /// `false` only to measure the difference.
     pub commit_ahead: bool,
     /// Send the `OpenDisk`s in the same flight as the `Hello` (protocol 7),
@@ -1174,24 +1175,32 @@ impl Sender {
     }
 
     /// The running log of a disk if all of it is sent (its end message
-    /// too) and only its `Ack` is awaited. (Not an initial copy: a copy's
-    /// point waits for its `Ack`, the round trip is nothing beside the
-    /// copy, and an interrupted copy can be rebased to a newer cut.)
+    /// too) and only its `Ack` is awaited: the next log may follow it
+    /// (never a copy: the receiver refuses a log behind a copy).
     fn sent_log(&self, sid: StreamId) -> Option<&Job> {
+        self.sent_job(sid).filter(|j| matches!(j, Job::Log { .. }))
+    }
+
+    /// The running job (log, or initial copy, also a resumed one) on `sid`
+    /// if all of it is sent (its `LogEnd` or `InitialEnd` too) and only
+    /// its `Ack` is awaited.
+    fn sent_job(&self, sid: StreamId) -> Option<&Job> {
         match &self.streams.get(&sid)?.kind {
             SKind::Job {
-                job: job @ Job::Log { .. },
-                done: true,
-                ..
+                job, done: true, ..
             } => Some(job),
             _ => None,
         }
     }
 
-    /// The disk's running logs (active and behind) that are all sent.
+    /// The disk's running jobs (active and behind) that are all sent: a
+    /// point of their cycle may go ahead of their `Ack`s. A copy's point
+    /// too: the receiver holds it until the copy is finished and durable
+    /// there (`FinishInitial` done), and a copy that fails withdraws it
+    /// ([`Self::withdraw_point`]); its resumed copy commits it later.
     fn sent_jobs(&self, disk_id: &DiskId) -> impl Iterator<Item = &Job> {
-        let a = self.active.get(disk_id).and_then(|s| self.sent_log(*s));
-        let b = self.behind.get(disk_id).and_then(|s| self.sent_log(*s));
+        let a = self.active.get(disk_id).and_then(|s| self.sent_job(*s));
+        let b = self.behind.get(disk_id).and_then(|s| self.sent_job(*s));
         a.into_iter().chain(b)
     }
 

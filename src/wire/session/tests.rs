@@ -900,7 +900,25 @@ fn ready_sender_follow(
     state: DiskState,
     follow: bool,
 ) -> Sender {
-    let n = disks.len();
+    let states = disks
+        .iter()
+        .map(|d| DiskState {
+            disk_id: d.disk_id,
+            ..state.clone()
+        })
+        .collect();
+    ready_sender_with(chunk_size, disks, states, follow, true)
+}
+
+/// [`ready_sender`] with one state per disk (in disk order) and
+/// [`SenderConfig::follow`] and [`SenderConfig::commit_ahead`] as given.
+fn ready_sender_with(
+    chunk_size: usize,
+    disks: Vec<OpenDisk>,
+    states: Vec<DiskState>,
+    follow: bool,
+    commit_ahead: bool,
+) -> Sender {
     let mut s = Sender::new(
         SenderConfig {
             site_name: "primary".into(),
@@ -910,7 +928,7 @@ fn ready_sender_follow(
             last_point: 0,
             timeout_ns: 1 << 40,
             chunk_size,
-            commit_ahead: true,
+            commit_ahead,
             open_with_hello: true,
             follow,
         },
@@ -929,8 +947,8 @@ fn ready_sender_follow(
             bytes: &ok,
         },
     );
-    for i in 0..n {
-        let st = bytes(&[Msg::DiskState(state.clone())]);
+    for (i, state) in states.into_iter().enumerate() {
+        let st = bytes(&[Msg::DiskState(state)]);
         s.handle(
             NOW,
             Event::Data {
@@ -2034,4 +2052,321 @@ fn a_pair_ships_three_logs_of_a_disk_back_to_back_and_applies_them_in_order() {
     assert_eq!(applied, vec![6, 7, 8]);
     assert_eq!(s.last_point(), 8);
     assert!(s.is_idle());
+}
+
+/// The copy of cycle `cycle` of [`ID`], from `start_offset`.
+fn copy_job(cycle: u64, start_offset: u64) -> Job {
+    Job::Initial(wire::InitialBegin {
+        disk_id: ID,
+        cycle,
+        disk_size: 1 << 20,
+        start_offset,
+    })
+}
+
+/// Where the messages of `outs` go: (stream, message), in order.
+fn sent_with_streams<A>(outs: &[Output<A>]) -> Vec<(StreamId, Msg)> {
+    let mut v = Vec::new();
+    for o in outs {
+        if let Output::Send { stream, bytes } = o {
+            let mut at = 0;
+            while let Ok(Some((m, n))) = decode(&bytes[at..]) {
+                v.push((*stream, m));
+                at += n;
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn a_copys_point_leaves_with_its_end_before_its_ack() {
+    // A new copy and a resumed one (read from 0 too).
+    for start in [0u64, 8] {
+        let mut s = ready_sender(4, vec![open()], state(0, ""));
+        drain(|| s.poll());
+        s.submit(copy_job(3, start)).expect("submit");
+        let msgs = sent(&send_log(&mut s, 10));
+        let end = msgs.iter().position(|m| matches!(m, Msg::InitialEnd(_)));
+        let commit = msgs
+            .iter()
+            .position(|m| matches!(m, Msg::PointCommit(p) if p.cycle == 3 && !p.app_consistent));
+        assert!(
+            matches!((end, commit), (Some(e), Some(c)) if c > e),
+            "the commit follows the copy's end, before its Ack: {msgs:?}"
+        );
+        assert!(!s.is_idle());
+    }
+    // `commit_ahead: false` (the measurement switch): after the Ack only.
+    let mut s = ready_sender_with(4, vec![open()], vec![state(0, "")], true, false);
+    drain(|| s.poll());
+    s.submit(copy_job(3, 0)).expect("submit");
+    let outs = send_log(&mut s, 10);
+    assert!(
+        !sent(&outs).iter().any(|m| matches!(m, Msg::PointCommit(_))),
+        "{outs:?}"
+    );
+    let copy_stream = sent_with_streams(&outs)
+        .iter()
+        .find_map(|(sid, m)| matches!(m, Msg::InitialEnd(_)).then_some(*sid))
+        .expect("the copy's stream");
+    let outs = to_sender(
+        &mut s,
+        copy_stream.0,
+        &[Msg::Ack(wire::Ack {
+            disk_id: ID,
+            cycle: 3,
+            durable: true,
+            applied: true,
+        })],
+    );
+    assert!(
+        sent(&outs)
+            .iter()
+            .any(|m| matches!(m, Msg::PointCommit(p) if p.cycle == 3)),
+        "{outs:?}"
+    );
+}
+
+#[test]
+fn a_point_waits_for_a_copy_and_a_log_of_its_cycle_on_two_disks_and_is_not_app_consistent() {
+    // A disk added to the VM (no replica) is copied; the other keeps its
+    // replica (cycle 2) and sends the log of the copy's cut.
+    const ID2: DiskId = [8u8; 16];
+    let disk2 = OpenDisk {
+        disk_name: "d1.img".into(),
+        disk_id: ID2,
+        ..open()
+    };
+    let states = vec![
+        state(0, ""),
+        DiskState {
+            disk_id: ID2,
+            ..state(2, "")
+        },
+    ];
+    let mut s = ready_sender_with(4, vec![open(), disk2], states, true, true);
+    let outs = drain(|| s.poll());
+    assert!(!sent(&outs).iter().any(|m| matches!(m, Msg::PointCommit(_))));
+    s.submit(copy_job(3, 0)).expect("submit");
+    let outs = send_log(&mut s, 10);
+    assert!(
+        !sent(&outs).iter().any(|m| matches!(m, Msg::PointCommit(_))),
+        "the other disk has not sent cycle 3: {outs:?}"
+    );
+    let (mut begin, _) = log_msgs(3, 2, b"0123456789");
+    begin.disk_id = ID2;
+    s.submit(Job::Log {
+        begin,
+        app_consistent: true,
+    })
+    .expect("submit");
+    let msgs = sent(&send_log(&mut s, 10));
+    let end = msgs.iter().position(|m| matches!(m, Msg::LogEnd(_)));
+    let commit = msgs.iter().position(|m| {
+        matches!(m, Msg::PointCommit(p)
+            if p.cycle == 3 && !p.app_consistent && p.disks.len() == 2)
+    });
+    assert!(
+        matches!((end, commit), (Some(e), Some(c)) if c > e),
+        "the commit follows the last end of cycle 3, crash-consistent: {msgs:?}"
+    );
+}
+
+/// A receiver (replica at 0) that got the whole copy of cycle 9 on stream
+/// 2 and its point right behind it on stream 3; the op of the copy's
+/// `FinishInitial`.
+fn copy_then_point_ahead() -> (Receiver, OpId) {
+    let mut r = opened(0);
+    let outs = feed(&mut r, &[initial_begin(0)]);
+    r.complete(NOW, begin_op(&outs), StoreDone::InitialBegun(Ok(0)));
+    let outs = feed(
+        &mut r,
+        &[
+            chunk(0, 1),
+            Msg::InitialEnd(wire::InitialEnd {
+                disk_id: ID,
+                cycle: 9,
+                disk_size: 1 << 20,
+            }),
+        ],
+    );
+    let finish = op_of(&outs, "the copy is finished", |a| match a {
+        ReceiverAction::FinishInitial { op, cycle: 9, .. } => Some(*op),
+        _ => None,
+    });
+    let outs = on(&mut r, 3, &[point_commit(9)]);
+    r.handle(NOW, Event::Finished(StreamId(3)));
+    let outs = [outs, drain(|| r.poll())].concat();
+    assert_eq!(commit_op(&outs, 9), None, "held: the copy is not durable");
+    assert!(sent(&outs).is_empty(), "{outs:?}");
+    (r, finish)
+}
+
+#[test]
+fn a_point_sent_with_a_copys_end_is_held_until_the_copy_is_finished_and_durable() {
+    let (mut r, finish) = copy_then_point_ahead();
+    r.complete(NOW, finish, StoreDone::InitialFinished(Ok(())));
+    let outs = drain(|| r.poll());
+    assert!(
+        matches!(
+            &acks(&outs)[..],
+            [Ack {
+                cycle: 9,
+                applied: true,
+                ..
+            }]
+        ),
+        "{outs:?}"
+    );
+    let op = commit_op(&outs, 9).expect("committed once the copy is durable");
+    r.complete(NOW, op, StoreDone::PointCommitted(Ok(true)));
+    let outs = drain(|| r.poll());
+    assert!(
+        matches!(&sent(&outs)[..], [Msg::PointAck(p)] if p.cycle == 9),
+        "{outs:?}"
+    );
+}
+
+#[test]
+fn a_point_held_behind_a_copy_that_fails_or_is_superseded_is_never_committed() {
+    let superseded = StoreFailure {
+        code: ErrorCode::InvalidState,
+        retryable: true,
+        message: "a newer copy of this disk began on another connection".into(),
+    };
+    let disk_full = StoreFailure {
+        code: ErrorCode::Internal,
+        retryable: true,
+        message: "no space left".into(),
+    };
+    for f in [superseded, disk_full] {
+        let (mut r, finish) = copy_then_point_ahead();
+        r.complete(NOW, finish, StoreDone::InitialFinished(Err(f)));
+        let outs = drain(|| r.poll());
+        assert!(refusal(&outs).is_some(), "{outs:?}");
+        assert_eq!(commit_op(&outs, 9), None, "{outs:?}");
+        // The copy is resumed on the same connection before the sender's
+        // reset of the point arrives (streams are not ordered): finished
+        // at a newer cut, it does not commit the held point of cycle 9.
+        let outs = on(
+            &mut r,
+            4,
+            &[Msg::InitialBegin(wire::InitialBegin {
+                disk_id: ID,
+                cycle: 11,
+                disk_size: 1 << 20,
+                start_offset: 4096,
+            })],
+        );
+        r.complete(NOW, begin_op(&outs), StoreDone::InitialBegun(Ok(4096)));
+        let outs = on(
+            &mut r,
+            4,
+            &[Msg::InitialEnd(wire::InitialEnd {
+                disk_id: ID,
+                cycle: 11,
+                disk_size: 1 << 20,
+            })],
+        );
+        let finish = op_of(&outs, "the resumed copy is finished", |a| match a {
+            ReceiverAction::FinishInitial { op, cycle: 11, .. } => Some(*op),
+            _ => None,
+        });
+        r.complete(NOW, finish, StoreDone::InitialFinished(Ok(())));
+        let outs = drain(|| r.poll());
+        // The disk moved past 9, so the store is asked; it decides (the
+        // replica went from nothing to 11: no point at 9 can be made).
+        // (Asked once more: a transfer ended after the first ask.)
+        let mut outs = outs;
+        let mut asked = 0;
+        while let Some(op) = commit_op(&outs, 9) {
+            asked += 1;
+            assert!(asked <= 2, "asked again and again: {outs:?}");
+            r.complete(NOW, op, StoreDone::PointCommitted(Ok(false)));
+            outs = drain(|| r.poll());
+        }
+        assert!(
+            matches!(&sent_on(&outs, 3)[..], [Msg::Error(_)]),
+            "refused, never acknowledged: {outs:?}"
+        );
+        r.handle(NOW, Event::Reset(StreamId(3)));
+        let outs = on(&mut r, 5, &[point_commit(11)]);
+        let op = commit_op(&outs, 11).expect("the resumed copy's point");
+        r.complete(NOW, op, StoreDone::PointCommitted(Ok(true)));
+        let outs = drain(|| r.poll());
+        assert!(
+            matches!(&sent_on(&outs, 5)[..], [Msg::PointAck(p)] if p.cycle == 11),
+            "{outs:?}"
+        );
+    }
+}
+
+#[test]
+fn a_pair_withdraws_the_point_of_a_copy_that_fails_resumes_the_copy_and_commits_its_point() {
+    let mut s = sender(1 << 40);
+    let mut r = receiver();
+    let mut fail_first = true;
+    let mut commits = Vec::new();
+    let mut store = |a: &ReceiverAction| -> Option<(OpId, StoreDone)> {
+        match a {
+            ReceiverAction::LoadDisk { op, .. } => {
+                Some((*op, StoreDone::DiskLoaded(Ok(DiskStatus::default()))))
+            }
+            ReceiverAction::BeginInitial { op, begin, .. } => {
+                Some((*op, StoreDone::InitialBegun(Ok(begin.start_offset))))
+            }
+            ReceiverAction::FinishInitial { op, .. } if fail_first => {
+                fail_first = false;
+                let f = StoreFailure {
+                    code: ErrorCode::InvalidState,
+                    retryable: true,
+                    message: "superseded by a newer copy".into(),
+                };
+                Some((*op, StoreDone::InitialFinished(Err(f))))
+            }
+            ReceiverAction::FinishInitial { op, .. } => {
+                Some((*op, StoreDone::InitialFinished(Ok(()))))
+            }
+            ReceiverAction::CommitPoint { op, cycle, .. } => {
+                commits.push(*cycle);
+                Some((*op, StoreDone::PointCommitted(Ok(true))))
+            }
+            _ => None,
+        }
+    };
+    let mut read = |_: ReadWhat, offset: u64, max: usize| {
+        let e = (offset as usize + max).min(10);
+        ReadData {
+            offset,
+            data: vec![1u8; e - offset as usize],
+            end: e == 10,
+        }
+    };
+    pump(&mut s, &mut r, &mut store, &mut read);
+    s.submit(copy_job(3, 0)).expect("submit");
+    let seen = pump(&mut s, &mut r, &mut store, &mut read);
+    assert!(
+        matches!(&seen[..], [SenderAction::JobFailed { job, .. }] if job.cycle() == 3),
+        "{seen:?}"
+    );
+    assert!(s.is_idle(), "the point went with the copy");
+    // Resumed at a newer cut.
+    s.submit(copy_job(4, 8)).expect("submit");
+    let seen = pump(&mut s, &mut r, &mut store, &mut read);
+    assert_eq!(
+        seen,
+        vec![
+            SenderAction::InitialApplied {
+                disk_id: ID,
+                cycle: 4
+            },
+            SenderAction::PointCommitted {
+                cycle: 4,
+                app_consistent: false
+            },
+        ]
+    );
+    assert_eq!(commits, vec![4], "never a point of the failed copy");
+    assert_eq!(s.last_point(), 4);
 }
