@@ -2,9 +2,9 @@
 //! controllers runs, chosen per link by [`Congestion`] (default:
 //! [`Congestion::Bbr`], see `kernel-notes/wan.md` for the measurements that
 //! chose it), and the cap on its window ([`WindowCap`], through
-//! [`WrappedConfig`], which also carries lt-cubic's loss filter). The
-//! setting matters only to the side that sends bulk data (the sender; and
-//! the receiver during reverse replication).
+//! [`WrappedConfig`], which also carries lt-cubic's loss filter and BBR's
+//! [`StartupFloor`]). The setting matters only to the side that sends bulk
+//! data (the sender; and the receiver during reverse replication).
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -141,6 +141,9 @@ pub struct WrappedConfig {
     inner: Arc<dyn quinn::congestion::ControllerFactory + Send + Sync>,
     loss_tolerant: bool,
     cap: Option<CapConfig>,
+    /// Hold BBR's window at its initial window through its spurious first
+    /// ProbeRtt ([`StartupFloor`]).
+    startup_floor: bool,
 }
 
 impl std::fmt::Debug for WrappedConfig {
@@ -148,6 +151,7 @@ impl std::fmt::Debug for WrappedConfig {
         f.debug_struct("WrappedConfig")
             .field("loss_tolerant", &self.loss_tolerant)
             .field("cap", &self.cap)
+            .field("startup_floor", &self.startup_floor)
             .finish_non_exhaustive()
     }
 }
@@ -159,15 +163,20 @@ impl WrappedConfig {
             inner: Arc::new(quinn::congestion::CubicConfig::default()),
             loss_tolerant: true,
             cap,
+            startup_floor: false,
         }
     }
 
-    /// BBR with its window capped ([`Congestion::Bbr`] with a [`CapConfig`]).
+    /// BBR with its window capped ([`Congestion::Bbr`] with a [`CapConfig`])
+    /// and held up through its first ProbeRtt ([`StartupFloor`]; off with
+    /// `VDREP_BBR_FLOOR=0`, for A/B runs).
     pub fn capped_bbr(cap: CapConfig) -> Self {
+        let startup_floor = std::env::var("VDREP_BBR_FLOOR").map_or(true, |v| v.trim() != "0");
         WrappedConfig {
             inner: Arc::new(quinn::congestion::BbrConfig::default()),
             loss_tolerant: false,
             cap: Some(cap),
+            startup_floor,
         }
     }
 }
@@ -178,13 +187,18 @@ impl quinn::congestion::ControllerFactory for WrappedConfig {
         now: std::time::Instant,
         current_mtu: u16,
     ) -> Box<dyn quinn::congestion::Controller> {
+        let inner = self.inner.clone().build(now, current_mtu);
+        let floor = self
+            .startup_floor
+            .then(|| StartupFloor::new(inner.initial_window()));
         Box::new(Wrapped {
-            inner: self.inner.clone().build(now, current_mtu),
+            inner,
             srtt: None,
             min_rtt: None,
             ignored_events: 0,
             loss_tolerant: self.loss_tolerant,
             cap: self.cap.map(WindowCap::new),
+            floor,
             trace: CapTrace::new(now),
         })
     }
@@ -193,7 +207,8 @@ impl quinn::congestion::ControllerFactory for WrappedConfig {
 /// A controller that forwards everything to `inner`, except (when
 /// `loss_tolerant`) the loss events that come without a queueing-delay
 /// signal (see [`Congestion::LossTolerantCubic`]), and whose window is at
-/// most its [`WindowCap`]'s.
+/// least its [`StartupFloor`]'s while that holds, and at most its
+/// [`WindowCap`]'s.
 pub struct Wrapped {
     inner: Box<dyn quinn::congestion::Controller>,
     srtt: Option<std::time::Duration>,
@@ -201,13 +216,15 @@ pub struct Wrapped {
     ignored_events: u64,
     loss_tolerant: bool,
     cap: Option<WindowCap>,
+    floor: Option<StartupFloor>,
     trace: CapTrace,
 }
 
 /// A time-line of the controller for diagnosing a link
-/// (`VDREP_LOG=info,vdrep::cwnd_cap=debug`): every 100 ms the inner
-/// controller's window and pacing rate (BBR's bandwidth estimate x its
-/// gain), the RTTs and the [`WindowCap`]'s state.
+/// (`VDREP_LOG=info,vdrep::cwnd_cap=debug`): at every batch of acks in the
+/// connection's first second, then every 100 ms, the inner controller's
+/// window and pacing rate (BBR's bandwidth estimate x its gain), the RTTs
+/// and the [`StartupFloor`]'s and [`WindowCap`]'s states.
 #[derive(Debug, Clone)]
 struct CapTrace {
     t0: std::time::Instant,
@@ -216,6 +233,8 @@ struct CapTrace {
 
 impl CapTrace {
     const EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+    /// Every batch of acks is traced until then (the start-up ramp).
+    const DETAILED: std::time::Duration = std::time::Duration::from_secs(1);
 
     fn new(now: std::time::Instant) -> Self {
         CapTrace { t0: now, next: now }
@@ -229,7 +248,9 @@ impl Wrapped {
         {
             return;
         }
-        self.trace.next = now + CapTrace::EVERY;
+        if now.saturating_duration_since(self.trace.t0) >= CapTrace::DETAILED {
+            self.trace.next = now + CapTrace::EVERY;
+        }
         let m = self.inner.metrics();
         let ms = |d: Option<std::time::Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1e3);
         let cap = self.cap.as_ref();
@@ -243,6 +264,7 @@ impl Wrapped {
             cwnd = quinn::congestion::Controller::window(self),
             in_flight,
             app_limited,
+            floor = self.floor.as_ref().map_or("none", |f| f.state.name()),
             cap_filled = cap.is_some_and(|c| c.filled),
             cap_rate_mbit = cap.map_or(0.0, |c| c.rate() as f64 * 8.0 / 1e6),
             cap_full_rate_mbit = cap.map_or(0.0, |c| c.full_rate as f64 * 8.0 / 1e6),
@@ -253,6 +275,13 @@ impl Wrapped {
             cap_bytes = cap.and_then(|c| c.cap(self.min_rtt?)).unwrap_or(0),
             "cwnd cap"
         );
+    }
+
+    /// The inner controller's window, raised to the [`StartupFloor`] while
+    /// that holds.
+    fn floored_window(&self) -> u64 {
+        let w = self.inner.window();
+        self.floor.as_ref().map_or(w, |f| f.window(w))
     }
 
     /// Whether the path currently shows a queue: smoothed RTT above the
@@ -283,7 +312,7 @@ impl quinn::congestion::Controller for Wrapped {
     ) {
         self.srtt = Some(rtt.get());
         self.min_rtt = Some(rtt.min());
-        let inner_window = self.inner.window();
+        let inner_window = self.floored_window();
         if let Some(cap) = &mut self.cap {
             let rtts = Rtts {
                 min: rtt.min(),
@@ -302,8 +331,16 @@ impl quinn::congestion::Controller for Wrapped {
         app_limited: bool,
         largest_packet_num_acked: Option<u64>,
     ) {
+        let inner_in_flight = match &self.floor {
+            Some(f) => f.in_flight_for_inner(in_flight, self.inner.window()),
+            None => in_flight,
+        };
         self.inner
-            .on_end_acks(now, in_flight, app_limited, largest_packet_num_acked);
+            .on_end_acks(now, inner_in_flight, app_limited, largest_packet_num_acked);
+        if let Some(f) = &mut self.floor {
+            let m = self.inner.metrics();
+            f.observe(self.inner.window(), m.pacing_rate);
+        }
         self.trace(now, in_flight, app_limited);
     }
 
@@ -314,6 +351,9 @@ impl quinn::congestion::Controller for Wrapped {
         is_persistent_congestion: bool,
         lost_bytes: u64,
     ) {
+        if let Some(f) = &mut self.floor {
+            f.on_congestion();
+        }
         if !self.loss_tolerant || is_persistent_congestion || self.queue_building() {
             self.inner
                 .on_congestion_event(now, sent, is_persistent_congestion, lost_bytes)
@@ -327,7 +367,7 @@ impl quinn::congestion::Controller for Wrapped {
     }
 
     fn window(&self) -> u64 {
-        let w = self.inner.window();
+        let w = self.floored_window();
         match self.cap.as_ref().and_then(|c| c.cap(self.min_rtt?)) {
             Some(cap) => w.min(cap.max(CAP_FLOOR)),
             None => w,
@@ -348,6 +388,7 @@ impl quinn::congestion::Controller for Wrapped {
             ignored_events: self.ignored_events,
             loss_tolerant: self.loss_tolerant,
             cap: self.cap.clone(),
+            floor: self.floor.clone(),
             trace: self.trace.clone(),
         })
     }
@@ -358,6 +399,133 @@ impl quinn::congestion::Controller for Wrapped {
 
     fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
         self
+    }
+}
+
+/// BBR's window held at its initial window through its first ProbeRtt.
+///
+/// quinn-proto 0.11's BBR (a port of quiche's `bbr_sender.cc`) counts its
+/// min RTT as expired when it never ran ProbeRtt
+/// (`probe_rtt_last_started_at: None`), so the first batch of acks not
+/// flagged app limited, i.e. the first data after the handshake, puts a
+/// new connection into ProbeRtt: a window of 0.75 x its bandwidth estimate
+/// x min RTT, with an estimate from a few handshake packets, so its floor
+/// of 4 packets (5,616 B measured on the 100 Mbit/s, 50 ms link, from
+/// 241,200 B), for 200 ms after in flight fell below it plus a round
+/// trip. quiche counts the expiry from the min-RTT sample (10 s). A new
+/// path has no queue to drain, so that ProbeRtt measures nothing and
+/// costs the copy's first ~250 ms (`kernel-notes/wan.md`, s12-14b).
+///
+/// The floor: until BBR's first ProbeRtt is over, the window is at least
+/// BBR's initial window, the window BBR's startup starts from and never
+/// goes below. While it holds the window above BBR's, BBR is told no more
+/// in flight than its own window (the floor's extra bytes are the
+/// wrapper's), so its ProbeRtt ends on time. The floor ends for good at
+/// the first loss or persistent congestion, when BBR leaves its startup
+/// (its pacing rate falls: startup never lowers it), or when BBR's window
+/// is back at the floor after its ProbeRtt. Later ProbeRtts (every 10 s)
+/// are BBR's own.
+#[derive(Debug, Clone)]
+pub struct StartupFloor {
+    floor: u64,
+    state: FloorState,
+    /// The highest pacing rate BBR reported (its startup never lowers it).
+    max_pacing: u64,
+}
+
+/// Where a [`StartupFloor`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FloorState {
+    /// BBR has not entered its first ProbeRtt yet (its window is at least
+    /// the floor).
+    Armed,
+    /// BBR is in its first ProbeRtt: the floor sets the window.
+    Holding,
+    /// Over: the window is BBR's.
+    Off(FloorEnd),
+}
+
+/// Why a [`StartupFloor`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FloorEnd {
+    /// A loss or persistent congestion was reported.
+    Loss,
+    /// BBR left its startup (its pacing rate fell).
+    StartupOver,
+    /// BBR's window is back at the floor (its first ProbeRtt is over).
+    Recovered,
+}
+
+impl FloorState {
+    fn name(self) -> &'static str {
+        match self {
+            FloorState::Armed => "armed",
+            FloorState::Holding => "holding",
+            FloorState::Off(FloorEnd::Loss) => "off-loss",
+            FloorState::Off(FloorEnd::StartupOver) => "off-startup-over",
+            FloorState::Off(FloorEnd::Recovered) => "off-recovered",
+        }
+    }
+}
+
+impl StartupFloor {
+    /// A floor at `initial_window` bytes (BBR's initial window).
+    pub fn new(initial_window: u64) -> Self {
+        StartupFloor {
+            floor: initial_window,
+            state: FloorState::Armed,
+            max_pacing: 0,
+        }
+    }
+
+    /// Where the floor is.
+    pub fn state(&self) -> FloorState {
+        self.state
+    }
+
+    /// The window: `inner` (BBR's), at least the floor while it holds.
+    pub fn window(&self, inner: u64) -> u64 {
+        match self.state {
+            FloorState::Armed | FloorState::Holding => inner.max(self.floor),
+            FloorState::Off(_) => inner,
+        }
+    }
+
+    /// The bytes in flight to tell BBR at the end of a batch of acks:
+    /// while the floor holds the window above BBR's `inner_window`, at most
+    /// that (else BBR's ProbeRtt, which ends only after in flight fell
+    /// below its window, would last as long as the floor).
+    pub fn in_flight_for_inner(&self, in_flight: u64, inner_window: u64) -> u64 {
+        match self.state {
+            FloorState::Holding if inner_window < self.floor => in_flight.min(inner_window),
+            _ => in_flight,
+        }
+    }
+
+    /// BBR's window and pacing rate (bits/s) after a batch of acks.
+    pub fn observe(&mut self, inner_window: u64, pacing: Option<u64>) {
+        if let FloorState::Off(_) = self.state {
+            return;
+        }
+        if let Some(p) = pacing {
+            if p < self.max_pacing {
+                self.state = FloorState::Off(FloorEnd::StartupOver);
+                return;
+            }
+            self.max_pacing = p;
+        }
+        self.state = match (self.state, inner_window < self.floor) {
+            (FloorState::Armed, true) => FloorState::Holding,
+            (FloorState::Holding, false) => FloorState::Off(FloorEnd::Recovered),
+            (s, _) => s,
+        };
+    }
+
+    /// A loss or persistent congestion: the floor ends.
+    pub fn on_congestion(&mut self) {
+        if !matches!(self.state, FloorState::Off(_)) {
+            self.state = FloorState::Off(FloorEnd::Loss);
+        }
     }
 }
 
@@ -618,6 +786,7 @@ impl WindowCap {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use quinn::congestion::Controller;
     use std::time::{Duration, Instant};
 
     const RTT: Duration = Duration::from_millis(50);
@@ -773,6 +942,230 @@ mod tests {
         // Without the cap binding, a slower path does lower it.
         feed(&mut cap, &mut t, 3000, 6_000, false);
         assert!(cap.rate() < before * 6 / 10, "{} vs {before}", cap.rate());
+    }
+
+    /// quinn's BBR as far as the floor sees it: startup from a 240 kB
+    /// window growing by `grow` per batch of acks, pacing never lowered;
+    /// at the first batch not flagged app limited, ProbeRtt (a 4-packet
+    /// window) that ends at the first batch 200 ms after in flight fell
+    /// below its window plus a packet; leaves startup (pacing falls) at
+    /// `full_bw_at` batches.
+    #[derive(Debug, Clone)]
+    struct FakeBbr {
+        cwnd: u64,
+        grow: u64,
+        pacing: u64,
+        probed: bool,
+        probe_rtt: bool,
+        exit_at: Option<Instant>,
+        batches: u32,
+        full_bw_at: u32,
+        /// In flight as told at each batch.
+        told: Vec<u64>,
+    }
+
+    const INIT: u64 = 240_000;
+    const PROBE_CWND: u64 = 5_616;
+    const MTU: u64 = 1_404;
+
+    impl FakeBbr {
+        fn new(grow: u64, full_bw_at: u32) -> Self {
+            FakeBbr {
+                cwnd: INIT,
+                grow,
+                pacing: 38_000_000,
+                probed: false,
+                probe_rtt: false,
+                exit_at: None,
+                batches: 0,
+                full_bw_at,
+                told: Vec::new(),
+            }
+        }
+    }
+
+    impl quinn::congestion::Controller for FakeBbr {
+        fn on_sent(&mut self, _: Instant, _: u64, _: u64) {}
+        fn on_end_acks(&mut self, now: Instant, in_flight: u64, app_limited: bool, _: Option<u64>) {
+            self.batches += 1;
+            self.told.push(in_flight);
+            if self.batches >= self.full_bw_at {
+                self.pacing = 12_000_000; // drain: BBR left startup
+            } else {
+                self.pacing += 1_000_000;
+            }
+            if !app_limited && !self.probed {
+                self.probed = true;
+                self.probe_rtt = true;
+            }
+            if self.probe_rtt {
+                match self.exit_at {
+                    None if in_flight < PROBE_CWND + MTU => {
+                        self.exit_at = Some(now + Duration::from_millis(200))
+                    }
+                    Some(at) if now >= at => self.probe_rtt = false,
+                    _ => {}
+                }
+                return; // the window does not grow in ProbeRtt
+            }
+            self.cwnd += self.grow;
+        }
+        fn on_congestion_event(&mut self, _: Instant, _: Instant, _: bool, _: u64) {}
+        fn on_mtu_update(&mut self, _: u16) {}
+        fn window(&self) -> u64 {
+            if self.probe_rtt {
+                PROBE_CWND
+            } else {
+                self.cwnd
+            }
+        }
+        fn metrics(&self) -> quinn::congestion::ControllerMetrics {
+            let mut m = quinn::congestion::ControllerMetrics::default();
+            m.congestion_window = self.window();
+            m.pacing_rate = Some(self.pacing);
+            m
+        }
+        fn clone_box(&self) -> Box<dyn quinn::congestion::Controller> {
+            Box::new(self.clone())
+        }
+        fn initial_window(&self) -> u64 {
+            INIT
+        }
+        fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+            self
+        }
+    }
+
+    fn wrapped(inner: FakeBbr, floor: bool, now: Instant) -> Wrapped {
+        Wrapped {
+            floor: floor.then(|| StartupFloor::new(inner.initial_window())),
+            inner: Box::new(inner),
+            srtt: None,
+            min_rtt: None,
+            ignored_events: 0,
+            loss_tolerant: false,
+            cap: None,
+            trace: CapTrace::new(now),
+        }
+    }
+
+    /// The handshake's batch (app limited), then a batch every 5 ms with
+    /// the window full (in flight = the window); the windows seen.
+    fn drive(w: &mut Wrapped, t: &mut Instant, batches: u32, loss_at: Option<u32>) -> Vec<u64> {
+        let mut seen = Vec::new();
+        w.on_end_acks(*t, 1_200, true, Some(1));
+        seen.push(w.window());
+        for i in 0..batches {
+            *t += Duration::from_millis(5);
+            if loss_at == Some(i) {
+                w.on_congestion_event(*t, *t - RTT, false, 1_200);
+            }
+            let in_flight = w.window();
+            w.on_end_acks(*t, in_flight, false, Some(2 + u64::from(i)));
+            seen.push(w.window());
+        }
+        seen
+    }
+
+    fn inner(w: Wrapped) -> FakeBbr {
+        match Box::new(w).into_any().downcast::<Wrapped>() {
+            Ok(w) => match w.inner.into_any().downcast::<FakeBbr>() {
+                Ok(b) => *b,
+                Err(_) => panic!("not the fake"),
+            },
+            Err(_) => panic!("not a Wrapped"),
+        }
+    }
+
+    /// Without the floor, the first data after the handshake collapses the
+    /// window to 4 packets (the bug, as the fake models it); with it, the
+    /// window never falls below BBR's initial window during startup, BBR's
+    /// ProbeRtt still ends on time (it is told in flight within its own
+    /// window), and afterwards the window is BBR's again.
+    #[test]
+    fn the_floor_holds_the_window_through_bbrs_first_probe_rtt() {
+        let t0 = Instant::now();
+        let mut t = t0;
+        let mut bare = wrapped(FakeBbr::new(10_000, 1000), false, t0);
+        let seen = drive(&mut bare, &mut t, 100, None);
+        assert_eq!(
+            seen.iter().min(),
+            Some(&PROBE_CWND),
+            "the fake must collapse"
+        );
+
+        let mut t = t0;
+        let mut w = wrapped(FakeBbr::new(10_000, 1000), true, t0);
+        let seen = drive(&mut w, &mut t, 100, None);
+        assert!(
+            seen.iter().all(|&x| x >= INIT),
+            "window fell below the floor: {seen:?}"
+        );
+        let floor = w.floor.as_ref().map(|f| f.state());
+        assert_eq!(floor, Some(FloorState::Off(FloorEnd::Recovered)));
+        // BBR's ProbeRtt lasted ~200 ms (40 batches of 5 ms), not 100+.
+        let b = inner(w);
+        assert!(!b.probe_rtt, "BBR still in ProbeRtt");
+        assert!(b.told.iter().skip(2).take(40).all(|&x| x <= PROBE_CWND));
+        // After the floor: the window is BBR's, whatever it is.
+        let mut b2 = b.clone();
+        (b2.probed, b2.exit_at) = (false, None); // a second ProbeRtt is BBR's own
+        let mut w = wrapped(b2, true, t);
+        w.floor = Some(StartupFloor {
+            floor: INIT,
+            state: FloorState::Off(FloorEnd::Recovered),
+            max_pacing: 0,
+        });
+        w.on_end_acks(t, 0, false, Some(500));
+        assert_eq!(w.window(), PROBE_CWND);
+    }
+
+    /// A loss before or during the ProbeRtt ends the floor for good: the
+    /// window is BBR's (collapsed) from that batch on.
+    #[test]
+    fn a_loss_ends_the_floor() {
+        for loss_at in [0, 10] {
+            let t0 = Instant::now();
+            let mut t = t0;
+            let mut w = wrapped(FakeBbr::new(10_000, 1000), true, t0);
+            let seen = drive(&mut w, &mut t, 20, Some(loss_at));
+            let after = &seen[(loss_at as usize + 1)..];
+            assert_eq!(after[0], PROBE_CWND, "loss at {loss_at}: {seen:?}");
+            assert_eq!(
+                w.floor.as_ref().map(|f| f.state()),
+                Some(FloorState::Off(FloorEnd::Loss))
+            );
+        }
+    }
+
+    /// BBR leaving its startup (its pacing rate falls) ends the floor,
+    /// even in the middle of the ProbeRtt.
+    #[test]
+    fn bbr_leaving_startup_ends_the_floor() {
+        let t0 = Instant::now();
+        let mut t = t0;
+        let mut w = wrapped(FakeBbr::new(10_000, 5), true, t0);
+        let seen = drive(&mut w, &mut t, 10, None);
+        assert!(seen[..4].iter().all(|&x| x >= INIT), "{seen:?}");
+        assert_eq!(seen[4], PROBE_CWND, "{seen:?}");
+        assert_eq!(
+            w.floor.as_ref().map(|f| f.state()),
+            Some(FloorState::Off(FloorEnd::StartupOver))
+        );
+    }
+
+    /// The floor never lowers a window: BBR's own above it is kept.
+    #[test]
+    fn the_floor_only_raises() {
+        let mut f = StartupFloor::new(INIT);
+        assert_eq!(f.window(INIT * 3), INIT * 3);
+        f.observe(PROBE_CWND, Some(1));
+        assert_eq!(f.state(), FloorState::Holding);
+        assert_eq!(f.window(PROBE_CWND), INIT);
+        assert_eq!(f.in_flight_for_inner(INIT, PROBE_CWND), PROBE_CWND);
+        f.observe(INIT + 1, Some(2));
+        assert_eq!(f.window(PROBE_CWND), PROBE_CWND);
+        assert_eq!(f.in_flight_for_inner(INIT, PROBE_CWND), INIT);
     }
 
     #[test]
