@@ -3,7 +3,7 @@
 //! [`Congestion::Bbr`], see `kernel-notes/wan.md` for the measurements that
 //! chose it), and the cap on its window ([`WindowCap`], through
 //! [`WrappedConfig`], which also carries lt-cubic's loss filter and BBR's
-//! [`StartupFloor`]). The setting matters only to the side that sends bulk
+//! [`ProbeRttHold`]). The setting matters only to the side that sends bulk
 //! data (the sender; and the receiver during reverse replication).
 
 use std::str::FromStr;
@@ -141,9 +141,8 @@ pub struct WrappedConfig {
     inner: Arc<dyn quinn::congestion::ControllerFactory + Send + Sync>,
     loss_tolerant: bool,
     cap: Option<CapConfig>,
-    /// Hold BBR's window at its initial window through its spurious first
-    /// ProbeRtt ([`StartupFloor`]).
-    startup_floor: bool,
+    /// Keep BBR out of its spurious first ProbeRtt ([`ProbeRttHold`]).
+    probe_rtt_hold: bool,
 }
 
 impl std::fmt::Debug for WrappedConfig {
@@ -151,7 +150,7 @@ impl std::fmt::Debug for WrappedConfig {
         f.debug_struct("WrappedConfig")
             .field("loss_tolerant", &self.loss_tolerant)
             .field("cap", &self.cap)
-            .field("startup_floor", &self.startup_floor)
+            .field("probe_rtt_hold", &self.probe_rtt_hold)
             .finish_non_exhaustive()
     }
 }
@@ -163,20 +162,21 @@ impl WrappedConfig {
             inner: Arc::new(quinn::congestion::CubicConfig::default()),
             loss_tolerant: true,
             cap,
-            startup_floor: false,
+            probe_rtt_hold: false,
         }
     }
 
     /// BBR with its window capped ([`Congestion::Bbr`] with a [`CapConfig`])
-    /// and held up through its first ProbeRtt ([`StartupFloor`]; off with
-    /// `VDREP_BBR_FLOOR=0`, for A/B runs).
+    /// and kept out of its spurious first ProbeRtt ([`ProbeRttHold`]; off
+    /// with `VDREP_PROBE_RTT_HOLD=0`, for A/B runs).
     pub fn capped_bbr(cap: CapConfig) -> Self {
-        let startup_floor = std::env::var("VDREP_BBR_FLOOR").map_or(true, |v| v.trim() != "0");
+        let probe_rtt_hold =
+            std::env::var("VDREP_PROBE_RTT_HOLD").map_or(true, |v| v.trim() != "0");
         WrappedConfig {
             inner: Arc::new(quinn::congestion::BbrConfig::default()),
             loss_tolerant: false,
             cap: Some(cap),
-            startup_floor,
+            probe_rtt_hold,
         }
     }
 }
@@ -187,18 +187,14 @@ impl quinn::congestion::ControllerFactory for WrappedConfig {
         now: std::time::Instant,
         current_mtu: u16,
     ) -> Box<dyn quinn::congestion::Controller> {
-        let inner = self.inner.clone().build(now, current_mtu);
-        let floor = self
-            .startup_floor
-            .then(|| StartupFloor::new(inner.initial_window()));
         Box::new(Wrapped {
-            inner,
+            inner: self.inner.clone().build(now, current_mtu),
             srtt: None,
             min_rtt: None,
             ignored_events: 0,
             loss_tolerant: self.loss_tolerant,
             cap: self.cap.map(WindowCap::new),
-            floor,
+            hold: self.probe_rtt_hold.then(|| ProbeRttHold::new(now)),
             trace: CapTrace::new(now),
         })
     }
@@ -206,9 +202,9 @@ impl quinn::congestion::ControllerFactory for WrappedConfig {
 
 /// A controller that forwards everything to `inner`, except (when
 /// `loss_tolerant`) the loss events that come without a queueing-delay
-/// signal (see [`Congestion::LossTolerantCubic`]), and whose window is at
-/// least its [`StartupFloor`]'s while that holds, and at most its
-/// [`WindowCap`]'s.
+/// signal (see [`Congestion::LossTolerantCubic`]), and (with a
+/// [`ProbeRttHold`]) the end of batches of acks as "not app limited" until
+/// the hold ends; whose window is at most its [`WindowCap`]'s.
 pub struct Wrapped {
     inner: Box<dyn quinn::congestion::Controller>,
     srtt: Option<std::time::Duration>,
@@ -216,7 +212,7 @@ pub struct Wrapped {
     ignored_events: u64,
     loss_tolerant: bool,
     cap: Option<WindowCap>,
-    floor: Option<StartupFloor>,
+    hold: Option<ProbeRttHold>,
     trace: CapTrace,
 }
 
@@ -224,7 +220,7 @@ pub struct Wrapped {
 /// (`VDREP_LOG=info,vdrep::cwnd_cap=debug`): at every batch of acks in the
 /// connection's first second, then every 100 ms, the inner controller's
 /// window and pacing rate (BBR's bandwidth estimate x its gain), the RTTs
-/// and the [`StartupFloor`]'s and [`WindowCap`]'s states.
+/// and the [`ProbeRttHold`]'s and [`WindowCap`]'s states.
 #[derive(Debug, Clone)]
 struct CapTrace {
     t0: std::time::Instant,
@@ -264,7 +260,7 @@ impl Wrapped {
             cwnd = quinn::congestion::Controller::window(self),
             in_flight,
             app_limited,
-            floor = self.floor.as_ref().map_or("none", |f| f.state.name()),
+            probe_rtt_hold = self.hold.as_ref().map_or("none", |h| h.state.name()),
             cap_filled = cap.is_some_and(|c| c.filled),
             cap_rate_mbit = cap.map_or(0.0, |c| c.rate() as f64 * 8.0 / 1e6),
             cap_full_rate_mbit = cap.map_or(0.0, |c| c.full_rate as f64 * 8.0 / 1e6),
@@ -275,13 +271,6 @@ impl Wrapped {
             cap_bytes = cap.and_then(|c| c.cap(self.min_rtt?)).unwrap_or(0),
             "cwnd cap"
         );
-    }
-
-    /// The inner controller's window, raised to the [`StartupFloor`] while
-    /// that holds.
-    fn floored_window(&self) -> u64 {
-        let w = self.inner.window();
-        self.floor.as_ref().map_or(w, |f| f.window(w))
     }
 
     /// Whether the path currently shows a queue: smoothed RTT above the
@@ -312,7 +301,7 @@ impl quinn::congestion::Controller for Wrapped {
     ) {
         self.srtt = Some(rtt.get());
         self.min_rtt = Some(rtt.min());
-        let inner_window = self.floored_window();
+        let inner_window = self.inner.window();
         if let Some(cap) = &mut self.cap {
             let rtts = Rtts {
                 min: rtt.min(),
@@ -331,16 +320,20 @@ impl quinn::congestion::Controller for Wrapped {
         app_limited: bool,
         largest_packet_num_acked: Option<u64>,
     ) {
-        let inner_in_flight = match &self.floor {
-            Some(f) => f.in_flight_for_inner(in_flight, self.inner.window()),
-            None => in_flight,
+        let inner_app_limited = match &mut self.hold {
+            Some(h) => {
+                let capped = self
+                    .cap
+                    .as_ref()
+                    .zip(self.min_rtt)
+                    .is_some_and(|(c, m)| c.cap(m).is_some());
+                h.observe(now, capped);
+                app_limited || h.holding()
+            }
+            None => app_limited,
         };
         self.inner
-            .on_end_acks(now, inner_in_flight, app_limited, largest_packet_num_acked);
-        if let Some(f) = &mut self.floor {
-            let m = self.inner.metrics();
-            f.observe(self.inner.window(), m.pacing_rate);
-        }
+            .on_end_acks(now, in_flight, inner_app_limited, largest_packet_num_acked);
         self.trace(now, in_flight, app_limited);
     }
 
@@ -351,8 +344,8 @@ impl quinn::congestion::Controller for Wrapped {
         is_persistent_congestion: bool,
         lost_bytes: u64,
     ) {
-        if let Some(f) = &mut self.floor {
-            f.on_congestion();
+        if let Some(h) = &mut self.hold {
+            h.on_congestion();
         }
         if !self.loss_tolerant || is_persistent_congestion || self.queue_building() {
             self.inner
@@ -367,7 +360,7 @@ impl quinn::congestion::Controller for Wrapped {
     }
 
     fn window(&self) -> u64 {
-        let w = self.floored_window();
+        let w = self.inner.window();
         match self.cap.as_ref().and_then(|c| c.cap(self.min_rtt?)) {
             Some(cap) => w.min(cap.max(CAP_FLOOR)),
             None => w,
@@ -388,7 +381,7 @@ impl quinn::congestion::Controller for Wrapped {
             ignored_events: self.ignored_events,
             loss_tolerant: self.loss_tolerant,
             cap: self.cap.clone(),
-            floor: self.floor.clone(),
+            hold: self.hold.clone(),
             trace: self.trace.clone(),
         })
     }
@@ -402,129 +395,108 @@ impl quinn::congestion::Controller for Wrapped {
     }
 }
 
-/// BBR's window held at its initial window through its first ProbeRtt.
+/// BBR kept out of the ProbeRtt it enters on a new path's first data.
 ///
 /// quinn-proto 0.11's BBR (a port of quiche's `bbr_sender.cc`) counts its
 /// min RTT as expired when it never ran ProbeRtt
 /// (`probe_rtt_last_started_at: None`), so the first batch of acks not
 /// flagged app limited, i.e. the first data after the handshake, puts a
-/// new connection into ProbeRtt: a window of 0.75 x its bandwidth estimate
-/// x min RTT, with an estimate from a few handshake packets, so its floor
-/// of 4 packets (5,616 B measured on the 100 Mbit/s, 50 ms link, from
-/// 241,200 B), for 200 ms after in flight fell below it plus a round
-/// trip. quiche counts the expiry from the min-RTT sample (10 s). A new
-/// path has no queue to drain, so that ProbeRtt measures nothing and
-/// costs the copy's first ~250 ms (`kernel-notes/wan.md`, s12-14b).
+/// new connection into ProbeRtt: its window falls from 241,200 B to
+/// 0.75 x its bandwidth estimate x min RTT, from a few handshake packets,
+/// so to its floor of 4 packets (5,616 B), and its startup window stops
+/// growing until 200 ms after in flight fell below that plus a round trip
+/// (measured on the 100 Mbit/s, 50 ms link: ProbeRtt from 171 to 442 ms,
+/// the window back at 250 kB then; `kernel-notes/wan.md`, s12-14b).
+/// quiche counts the expiry from the min-RTT sample (10 s later). A new
+/// path has no queue to drain: that ProbeRtt measures nothing.
 ///
-/// The floor: until BBR's first ProbeRtt is over, the window is at least
-/// BBR's initial window, the window BBR's startup starts from and never
-/// goes below. While it holds the window above BBR's, BBR is told no more
-/// in flight than its own window (the floor's extra bytes are the
-/// wrapper's), so its ProbeRtt ends on time. The floor ends for good at
-/// the first loss or persistent congestion, when BBR leaves its startup
-/// (its pacing rate falls: startup never lowers it), or when BBR's window
-/// is back at the floor after its ProbeRtt. Later ProbeRtts (every 10 s)
-/// are BBR's own.
+/// BBR enters ProbeRtt only at the end of a batch of acks not flagged app
+/// limited; while the hold lasts, [`Wrapped`] flags every batch's end app
+/// limited (the acks themselves keep their flag, so BBR's bandwidth and
+/// min-RTT samples are its own). That also defers BBR's own check for the
+/// end of its startup (it runs on batches not app limited); the hold ends
+/// when startup is over by the [`WindowCap`]'s measure (the cap applies:
+/// the delivery rate stopped growing, or the link's rate is configured),
+/// at the first loss or persistent congestion (BBR's own loss response
+/// from then on), or [`HOLD_MAX`] after the connection began. BBR then
+/// runs its ProbeRtt at the next batch, with a bandwidth estimate from
+/// the data, and every 10 s after.
 #[derive(Debug, Clone)]
-pub struct StartupFloor {
-    floor: u64,
-    state: FloorState,
-    /// The highest pacing rate BBR reported (its startup never lowers it).
-    max_pacing: u64,
+pub struct ProbeRttHold {
+    state: HoldState,
+    began: std::time::Instant,
 }
 
-/// Where a [`StartupFloor`] is.
+/// The longest a [`ProbeRttHold`] lasts: quiche's min-RTT lifetime.
+pub const HOLD_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Where a [`ProbeRttHold`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FloorState {
-    /// BBR has not entered its first ProbeRtt yet (its window is at least
-    /// the floor).
-    Armed,
-    /// BBR is in its first ProbeRtt: the floor sets the window.
+pub enum HoldState {
+    /// BBR is kept out of ProbeRtt.
     Holding,
-    /// Over: the window is BBR's.
-    Off(FloorEnd),
+    /// Over: BBR sees quinn's flags.
+    Off(HoldEnd),
 }
 
-/// Why a [`StartupFloor`] ended.
+/// Why a [`ProbeRttHold`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FloorEnd {
+pub enum HoldEnd {
     /// A loss or persistent congestion was reported.
     Loss,
-    /// BBR left its startup (its pacing rate fell).
-    StartupOver,
-    /// BBR's window is back at the floor (its first ProbeRtt is over).
-    Recovered,
+    /// The [`WindowCap`] applies (the startup is over by its measure).
+    Capped,
+    /// [`HOLD_MAX`] passed.
+    Expired,
 }
 
-impl FloorState {
+impl HoldState {
     fn name(self) -> &'static str {
         match self {
-            FloorState::Armed => "armed",
-            FloorState::Holding => "holding",
-            FloorState::Off(FloorEnd::Loss) => "off-loss",
-            FloorState::Off(FloorEnd::StartupOver) => "off-startup-over",
-            FloorState::Off(FloorEnd::Recovered) => "off-recovered",
+            HoldState::Holding => "holding",
+            HoldState::Off(HoldEnd::Loss) => "off-loss",
+            HoldState::Off(HoldEnd::Capped) => "off-capped",
+            HoldState::Off(HoldEnd::Expired) => "off-expired",
         }
     }
 }
 
-impl StartupFloor {
-    /// A floor at `initial_window` bytes (BBR's initial window).
-    pub fn new(initial_window: u64) -> Self {
-        StartupFloor {
-            floor: initial_window,
-            state: FloorState::Armed,
-            max_pacing: 0,
+impl ProbeRttHold {
+    /// A hold for a connection that began at `now`.
+    pub fn new(now: std::time::Instant) -> Self {
+        ProbeRttHold {
+            state: HoldState::Holding,
+            began: now,
         }
     }
 
-    /// Where the floor is.
-    pub fn state(&self) -> FloorState {
+    /// Where the hold is.
+    pub fn state(&self) -> HoldState {
         self.state
     }
 
-    /// The window: `inner` (BBR's), at least the floor while it holds.
-    pub fn window(&self, inner: u64) -> u64 {
-        match self.state {
-            FloorState::Armed | FloorState::Holding => inner.max(self.floor),
-            FloorState::Off(_) => inner,
-        }
+    /// Whether BBR is still kept out of ProbeRtt.
+    pub fn holding(&self) -> bool {
+        self.state == HoldState::Holding
     }
 
-    /// The bytes in flight to tell BBR at the end of a batch of acks:
-    /// while the floor holds the window above BBR's `inner_window`, at most
-    /// that (else BBR's ProbeRtt, which ends only after in flight fell
-    /// below its window, would last as long as the floor).
-    pub fn in_flight_for_inner(&self, in_flight: u64, inner_window: u64) -> u64 {
-        match self.state {
-            FloorState::Holding if inner_window < self.floor => in_flight.min(inner_window),
-            _ => in_flight,
-        }
-    }
-
-    /// BBR's window and pacing rate (bits/s) after a batch of acks.
-    pub fn observe(&mut self, inner_window: u64, pacing: Option<u64>) {
-        if let FloorState::Off(_) = self.state {
+    /// The end of a batch of acks at `now`, the window cap applying
+    /// (`capped`) or not.
+    pub fn observe(&mut self, now: std::time::Instant, capped: bool) {
+        if !self.holding() {
             return;
         }
-        if let Some(p) = pacing {
-            if p < self.max_pacing {
-                self.state = FloorState::Off(FloorEnd::StartupOver);
-                return;
-            }
-            self.max_pacing = p;
+        if capped {
+            self.state = HoldState::Off(HoldEnd::Capped);
+        } else if now.saturating_duration_since(self.began) >= HOLD_MAX {
+            self.state = HoldState::Off(HoldEnd::Expired);
         }
-        self.state = match (self.state, inner_window < self.floor) {
-            (FloorState::Armed, true) => FloorState::Holding,
-            (FloorState::Holding, false) => FloorState::Off(FloorEnd::Recovered),
-            (s, _) => s,
-        };
     }
 
-    /// A loss or persistent congestion: the floor ends.
+    /// A loss or persistent congestion: the hold ends.
     pub fn on_congestion(&mut self) {
-        if !matches!(self.state, FloorState::Off(_)) {
-            self.state = FloorState::Off(FloorEnd::Loss);
+        if self.holding() {
+            self.state = HoldState::Off(HoldEnd::Loss);
         }
     }
 }
@@ -944,24 +916,22 @@ mod tests {
         assert!(cap.rate() < before * 6 / 10, "{} vs {before}", cap.rate());
     }
 
-    /// quinn's BBR as far as the floor sees it: startup from a 240 kB
-    /// window growing by `grow` per batch of acks, pacing never lowered;
-    /// at the first batch not flagged app limited, ProbeRtt (a 4-packet
-    /// window) that ends at the first batch 200 ms after in flight fell
-    /// below its window plus a packet; leaves startup (pacing falls) at
-    /// `full_bw_at` batches.
+    /// quinn's BBR as far as the hold sees it: startup from a 240 kB
+    /// window growing by `grow` per batch of acks; at the first batch not
+    /// flagged app limited, ProbeRtt (a 4-packet window, no growth) that
+    /// ends at the first batch 200 ms after in flight fell below its
+    /// window plus a packet; `full_bw_at` batches not app limited end its
+    /// startup (recorded in `left_startup`).
     #[derive(Debug, Clone)]
     struct FakeBbr {
         cwnd: u64,
         grow: u64,
-        pacing: u64,
         probed: bool,
         probe_rtt: bool,
         exit_at: Option<Instant>,
-        batches: u32,
+        not_app_limited: u32,
         full_bw_at: u32,
-        /// In flight as told at each batch.
-        told: Vec<u64>,
+        left_startup: bool,
     }
 
     const INIT: u64 = 240_000;
@@ -973,13 +943,12 @@ mod tests {
             FakeBbr {
                 cwnd: INIT,
                 grow,
-                pacing: 38_000_000,
                 probed: false,
                 probe_rtt: false,
                 exit_at: None,
-                batches: 0,
+                not_app_limited: 0,
                 full_bw_at,
-                told: Vec::new(),
+                left_startup: false,
             }
         }
     }
@@ -987,16 +956,13 @@ mod tests {
     impl quinn::congestion::Controller for FakeBbr {
         fn on_sent(&mut self, _: Instant, _: u64, _: u64) {}
         fn on_end_acks(&mut self, now: Instant, in_flight: u64, app_limited: bool, _: Option<u64>) {
-            self.batches += 1;
-            self.told.push(in_flight);
-            if self.batches >= self.full_bw_at {
-                self.pacing = 12_000_000; // drain: BBR left startup
-            } else {
-                self.pacing += 1_000_000;
-            }
-            if !app_limited && !self.probed {
-                self.probed = true;
-                self.probe_rtt = true;
+            if !app_limited {
+                self.not_app_limited += 1;
+                self.left_startup |= self.not_app_limited >= self.full_bw_at;
+                if !self.probed {
+                    self.probed = true;
+                    self.probe_rtt = true;
+                }
             }
             if self.probe_rtt {
                 match self.exit_at {
@@ -1006,7 +972,7 @@ mod tests {
                     Some(at) if now >= at => self.probe_rtt = false,
                     _ => {}
                 }
-                return; // the window does not grow in ProbeRtt
+                return;
             }
             self.cwnd += self.grow;
         }
@@ -1022,7 +988,6 @@ mod tests {
         fn metrics(&self) -> quinn::congestion::ControllerMetrics {
             let mut m = quinn::congestion::ControllerMetrics::default();
             m.congestion_window = self.window();
-            m.pacing_rate = Some(self.pacing);
             m
         }
         fn clone_box(&self) -> Box<dyn quinn::congestion::Controller> {
@@ -1036,21 +1001,22 @@ mod tests {
         }
     }
 
-    fn wrapped(inner: FakeBbr, floor: bool, now: Instant) -> Wrapped {
+    fn wrapped(inner: FakeBbr, hold: bool, cap: Option<CapConfig>, now: Instant) -> Wrapped {
         Wrapped {
-            floor: floor.then(|| StartupFloor::new(inner.initial_window())),
             inner: Box::new(inner),
-            srtt: None,
-            min_rtt: None,
+            srtt: Some(RTT),
+            min_rtt: Some(RTT),
             ignored_events: 0,
             loss_tolerant: false,
-            cap: None,
+            cap: cap.map(WindowCap::new),
+            hold: hold.then(|| ProbeRttHold::new(now)),
             trace: CapTrace::new(now),
         }
     }
 
     /// The handshake's batch (app limited), then a batch every 5 ms with
-    /// the window full (in flight = the window); the windows seen.
+    /// the window full; a loss reported before batch `loss_at`. The
+    /// windows after each batch.
     fn drive(w: &mut Wrapped, t: &mut Instant, batches: u32, loss_at: Option<u32>) -> Vec<u64> {
         let mut seen = Vec::new();
         w.on_end_acks(*t, 1_200, true, Some(1));
@@ -1067,26 +1033,27 @@ mod tests {
         seen
     }
 
-    fn inner(w: Wrapped) -> FakeBbr {
-        match Box::new(w).into_any().downcast::<Wrapped>() {
-            Ok(w) => match w.inner.into_any().downcast::<FakeBbr>() {
-                Ok(b) => *b,
-                Err(_) => panic!("not the fake"),
-            },
-            Err(_) => panic!("not a Wrapped"),
+    fn fake(w: Wrapped) -> FakeBbr {
+        match w.inner.into_any().downcast::<FakeBbr>() {
+            Ok(b) => *b,
+            Err(_) => panic!("not the fake"),
         }
     }
 
-    /// Without the floor, the first data after the handshake collapses the
-    /// window to 4 packets (the bug, as the fake models it); with it, the
-    /// window never falls below BBR's initial window during startup, BBR's
-    /// ProbeRtt still ends on time (it is told in flight within its own
-    /// window), and afterwards the window is BBR's again.
+    fn hold_state(w: &Wrapped) -> Option<HoldState> {
+        w.hold.as_ref().map(|h| h.state())
+    }
+
+    /// Without the hold, the first data after the handshake puts BBR in
+    /// ProbeRtt (the bug, as the fake models quinn's BBR): its window
+    /// falls to 4 packets and stops growing. With it, BBR stays in its
+    /// startup, the window never falls below the initial window and grows
+    /// from the first data; BBR's own startup check waits too.
     #[test]
-    fn the_floor_holds_the_window_through_bbrs_first_probe_rtt() {
+    fn the_hold_keeps_bbr_out_of_probe_rtt_on_a_new_path() {
         let t0 = Instant::now();
         let mut t = t0;
-        let mut bare = wrapped(FakeBbr::new(10_000, 1000), false, t0);
+        let mut bare = wrapped(FakeBbr::new(10_000, 50), false, None, t0);
         let seen = drive(&mut bare, &mut t, 100, None);
         assert_eq!(
             seen.iter().min(),
@@ -1095,77 +1062,71 @@ mod tests {
         );
 
         let mut t = t0;
-        let mut w = wrapped(FakeBbr::new(10_000, 1000), true, t0);
+        let mut w = wrapped(FakeBbr::new(10_000, 50), true, None, t0);
         let seen = drive(&mut w, &mut t, 100, None);
         assert!(
-            seen.iter().all(|&x| x >= INIT),
-            "window fell below the floor: {seen:?}"
+            seen.windows(2).all(|p| p[1] > p[0]) && seen[0] > INIT,
+            "window fell or stalled: {seen:?}"
         );
-        let floor = w.floor.as_ref().map(|f| f.state());
-        assert_eq!(floor, Some(FloorState::Off(FloorEnd::Recovered)));
-        // BBR's ProbeRtt lasted ~200 ms (40 batches of 5 ms), not 100+.
-        let b = inner(w);
-        assert!(!b.probe_rtt, "BBR still in ProbeRtt");
-        assert!(b.told.iter().skip(2).take(40).all(|&x| x <= PROBE_CWND));
-        // After the floor: the window is BBR's, whatever it is.
-        let mut b2 = b.clone();
-        (b2.probed, b2.exit_at) = (false, None); // a second ProbeRtt is BBR's own
-        let mut w = wrapped(b2, true, t);
-        w.floor = Some(StartupFloor {
-            floor: INIT,
-            state: FloorState::Off(FloorEnd::Recovered),
-            max_pacing: 0,
-        });
-        w.on_end_acks(t, 0, false, Some(500));
-        assert_eq!(w.window(), PROBE_CWND);
+        assert_eq!(hold_state(&w), Some(HoldState::Holding));
+        let b = fake(w);
+        assert!(!b.probed && !b.left_startup, "{b:?}");
     }
 
-    /// A loss before or during the ProbeRtt ends the floor for good: the
-    /// window is BBR's (collapsed) from that batch on.
+    /// Once the window cap applies (the startup is over by its measure),
+    /// the hold ends and the window is BBR's: its ProbeRtt, then its own
+    /// startup check.
     #[test]
-    fn a_loss_ends_the_floor() {
+    fn the_hold_ends_when_the_cap_applies_and_bbr_takes_over() {
+        let t0 = Instant::now();
+        let mut t = t0;
+        // A configured rate: the cap applies from the first RTT sample.
+        let cap = CapConfig {
+            gain: 1.5,
+            rate: Some(12_500_000),
+            robust: true,
+        };
+        let mut w = wrapped(FakeBbr::new(10_000, 5), true, Some(cap), t0);
+        let seen = drive(&mut w, &mut t, 10, None);
+        assert_eq!(hold_state(&w), Some(HoldState::Off(HoldEnd::Capped)));
+        assert_eq!(seen[1], PROBE_CWND, "{seen:?}");
+        assert!(fake(w).left_startup);
+    }
+
+    /// A loss ends the hold for good: from that batch on BBR sees quinn's
+    /// flags (and runs its ProbeRtt, and its loss response).
+    #[test]
+    fn a_loss_ends_the_hold() {
         for loss_at in [0, 10] {
             let t0 = Instant::now();
             let mut t = t0;
-            let mut w = wrapped(FakeBbr::new(10_000, 1000), true, t0);
+            let mut w = wrapped(FakeBbr::new(10_000, 1000), true, None, t0);
             let seen = drive(&mut w, &mut t, 20, Some(loss_at));
-            let after = &seen[(loss_at as usize + 1)..];
-            assert_eq!(after[0], PROBE_CWND, "loss at {loss_at}: {seen:?}");
-            assert_eq!(
-                w.floor.as_ref().map(|f| f.state()),
-                Some(FloorState::Off(FloorEnd::Loss))
+            let (before, after) = seen.split_at(loss_at as usize + 1);
+            assert!(
+                before.iter().all(|&x| x >= INIT),
+                "loss at {loss_at}: {seen:?}"
             );
+            assert_eq!(after[0], PROBE_CWND, "loss at {loss_at}: {seen:?}");
+            assert_eq!(hold_state(&w), Some(HoldState::Off(HoldEnd::Loss)));
+            // Later batches do not restart it.
+            w.on_end_acks(t + Duration::from_millis(5), 0, false, Some(99));
+            assert_eq!(hold_state(&w), Some(HoldState::Off(HoldEnd::Loss)));
         }
     }
 
-    /// BBR leaving its startup (its pacing rate falls) ends the floor,
-    /// even in the middle of the ProbeRtt.
+    /// Without a loss or a cap, the hold ends [`HOLD_MAX`] after the
+    /// connection began (BBR's min RTT would be that old in quiche).
     #[test]
-    fn bbr_leaving_startup_ends_the_floor() {
+    fn the_hold_expires() {
         let t0 = Instant::now();
-        let mut t = t0;
-        let mut w = wrapped(FakeBbr::new(10_000, 5), true, t0);
-        let seen = drive(&mut w, &mut t, 10, None);
-        assert!(seen[..4].iter().all(|&x| x >= INIT), "{seen:?}");
-        assert_eq!(seen[4], PROBE_CWND, "{seen:?}");
-        assert_eq!(
-            w.floor.as_ref().map(|f| f.state()),
-            Some(FloorState::Off(FloorEnd::StartupOver))
-        );
-    }
-
-    /// The floor never lowers a window: BBR's own above it is kept.
-    #[test]
-    fn the_floor_only_raises() {
-        let mut f = StartupFloor::new(INIT);
-        assert_eq!(f.window(INIT * 3), INIT * 3);
-        f.observe(PROBE_CWND, Some(1));
-        assert_eq!(f.state(), FloorState::Holding);
-        assert_eq!(f.window(PROBE_CWND), INIT);
-        assert_eq!(f.in_flight_for_inner(INIT, PROBE_CWND), PROBE_CWND);
-        f.observe(INIT + 1, Some(2));
-        assert_eq!(f.window(PROBE_CWND), PROBE_CWND);
-        assert_eq!(f.in_flight_for_inner(INIT, PROBE_CWND), INIT);
+        let mut h = ProbeRttHold::new(t0);
+        h.observe(t0 + HOLD_MAX - Duration::from_millis(1), false);
+        assert!(h.holding());
+        h.observe(t0 + HOLD_MAX, false);
+        assert_eq!(h.state(), HoldState::Off(HoldEnd::Expired));
+        h.on_congestion();
+        assert_eq!(h.state(), HoldState::Off(HoldEnd::Expired));
     }
 
     #[test]
