@@ -202,9 +202,9 @@ impl quinn::congestion::ControllerFactory for WrappedConfig {
 
 /// A controller that forwards everything to `inner`, except (when
 /// `loss_tolerant`) the loss events that come without a queueing-delay
-/// signal (see [`Congestion::LossTolerantCubic`]), and (with a
-/// [`ProbeRttHold`]) the end of batches of acks as "not app limited" until
-/// the hold ends; whose window is at most its [`WindowCap`]'s.
+/// signal (see [`Congestion::LossTolerantCubic`]), and that (with a
+/// [`ProbeRttHold`]) flags the end of every batch of acks app limited
+/// until the hold ends; whose window is at most its [`WindowCap`]'s.
 pub struct Wrapped {
     inner: Box<dyn quinn::congestion::Controller>,
     srtt: Option<std::time::Duration>,
