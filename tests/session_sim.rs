@@ -222,8 +222,6 @@ impl World {
             },
             open_with_hello: true,
             follow: true,
-            // `VDREP_SIM_NEWEST=0`: commit every cycle, oldest first.
-            commit_newest: env_u64("VDREP_SIM_NEWEST").is_none_or(|v| v != 0),
         };
         self.receiver = Some(Receiver::new(ReceiverConfig {
             site_name: "secondary".into(),

@@ -351,7 +351,6 @@ fn sender(cmds: &[(u8, u64, &[u8])]) {
             commit_ahead: true,
             open_with_hello: true,
             follow: true,
-            commit_newest: true,
         },
         0,
     );

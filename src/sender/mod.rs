@@ -1080,9 +1080,6 @@ impl Replicator {
             // `VDREP_FOLLOW=0`: a disk's next log waits for the previous
             // one's Ack, as before protocol 8 (to measure).
             follow: std::env::var("VDREP_FOLLOW").map_or(true, |v| v != "0"),
-            // `VDREP_COMMIT_NEWEST=0`: commit every cycle, oldest first, as
-            // before s12 (to measure).
-            commit_newest: std::env::var("VDREP_COMMIT_NEWEST").map_or(true, |v| v != "0"),
         })
     }
 

@@ -51,15 +51,6 @@ pub struct SenderConfig {
     /// `Ack`: one round trip and an apply less between a disk's logs.
     /// `false` only to measure the difference.
     pub follow: bool,
-    /// Commit the newest cycle every disk has sent or reached, not the
-    /// oldest: the cycles in between get no point of their own (an
-    /// app-consistent cycle or a group's cut is never passed over). One
-    /// commit is in flight at a time and takes a round trip; under churn
-    /// a cycle is cut faster than that, and committing them oldest first
-    /// let the points fall further behind with every cycle
-    /// (`kernel-notes/wan.md`, s12-14r). `false` only to measure the
-    /// difference.
-    pub commit_newest: bool,
 }
 
 /// A transfer for one disk.
@@ -1248,8 +1239,7 @@ impl Sender {
             cands.extend(sent.filter(|c| *c > self.last_point));
         }
         cands.sort_unstable();
-        cands.dedup();
-        let qualifies = |c: u64| {
+        let pick = cands.into_iter().find_map(|c| {
             let mut app = true;
             for d in &self.cfg.disks {
                 match self.reached.get(&d.disk_id).and_then(|r| r.get(&c)) {
@@ -1269,21 +1259,7 @@ impl Sender {
                 }
             }
             Some((c, app))
-        };
-        // Oldest first; the newest that qualifies unless one that must be
-        // a point comes first ([`SenderConfig::commit_newest`]).
-        let mut pick = None;
-        for c in cands {
-            let keep = self.groups.contains_key(&c);
-            if let Some((c, app)) = qualifies(c) {
-                pick = Some((c, app));
-                if !self.cfg.commit_newest || app || keep {
-                    break;
-                }
-            } else if keep {
-                break;
-            }
-        }
+        });
         let Some((cycle, app)) = pick else {
             return;
         };

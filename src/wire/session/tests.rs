@@ -567,7 +567,6 @@ fn sender(timeout_ns: u64) -> Sender {
             commit_ahead: true,
             open_with_hello: true,
             follow: true,
-            commit_newest: true,
         },
         NOW,
     )
@@ -901,18 +900,6 @@ fn ready_sender_follow(
     state: DiskState,
     follow: bool,
 ) -> Sender {
-    ready_sender_with(chunk_size, disks, state, follow, true)
-}
-
-/// [`ready_sender`] with [`SenderConfig::follow`] and
-/// [`SenderConfig::commit_newest`] as given.
-fn ready_sender_with(
-    chunk_size: usize,
-    disks: Vec<OpenDisk>,
-    state: DiskState,
-    follow: bool,
-    commit_newest: bool,
-) -> Sender {
     let n = disks.len();
     let mut s = Sender::new(
         SenderConfig {
@@ -926,7 +913,6 @@ fn ready_sender_with(
             commit_ahead: true,
             open_with_hello: true,
             follow,
-            commit_newest,
         },
         NOW,
     );
@@ -1393,55 +1379,6 @@ fn a_sender_commits_with_the_last_bytes_and_withdraws_the_point_if_the_log_fails
     assert!(s.is_idle());
 }
 
-/// A sender whose re-commit of point 5 (stream 2) is in flight while logs
-/// 6 and 7 are all sent (7 behind 6), `app` saying which are
-/// app-consistent: the cycles its next `PointCommit`s name once point 5
-/// is answered.
-fn commits_after_point_5(app: [bool; 2], newest: bool) -> Vec<u64> {
-    let mut s = ready_sender_with(4, vec![open()], state(5, ""), true, newest);
-    drain(|| s.poll());
-    for ((cycle, base), app_consistent) in [(6, 5), (7, 6)].into_iter().zip(app) {
-        let (mut begin, _) = log_msgs(cycle, base, b"0123456789");
-        begin.total_len = 10;
-        s.submit(Job::Log {
-            begin,
-            app_consistent,
-        })
-        .expect("submit");
-    }
-    let outs = send_log(&mut s, 10);
-    assert!(s.all_sent(), "{outs:?}");
-    assert!(
-        !sent(&outs).iter().any(|m| matches!(m, Msg::PointCommit(_))),
-        "one commit in flight at a time: {outs:?}"
-    );
-    let ack = Msg::PointAck(wire::PointAck {
-        vm: "vm1".into(),
-        cycle: 5,
-    });
-    sent(&to_sender(&mut s, 2, &[ack]))
-        .iter()
-        .filter_map(|m| match m {
-            Msg::PointCommit(p) => Some(p.cycle),
-            _ => None,
-        })
-        .collect()
-}
-
-#[test]
-fn a_sender_commits_the_newest_cycle_every_disk_sent_not_the_oldest() {
-    // Under churn cycles come faster than a commit's round trip: committing
-    // 6 first, then 7 a round trip later, fell further behind every cycle.
-    assert_eq!(commits_after_point_5([false, false], true), vec![7]);
-    assert_eq!(commits_after_point_5([false, false], false), vec![6]);
-}
-
-#[test]
-fn an_app_consistent_cycle_is_never_passed_over_for_a_newer_one() {
-    assert_eq!(commits_after_point_5([true, false], true), vec![6]);
-    assert_eq!(commits_after_point_5([false, true], true), vec![7]);
-}
-
 /// Stream 2 carries log 6 (applied: the replica is at 6), stream 5 carries
 /// log 7, stored and being applied; the point of cycle 6 comes on stream 7
 /// behind it (pipelined cycles). Returns the receiver, the apply op of log
@@ -1623,7 +1560,6 @@ fn without_open_with_hello_the_disks_are_opened_after_the_hellos_answer() {
             commit_ahead: true,
             open_with_hello: false,
             follow: true,
-            commit_newest: true,
         },
         NOW,
     );
