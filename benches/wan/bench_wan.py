@@ -331,6 +331,75 @@ def copy_timeline(work, t0):
     return sorted(out)
 
 
+def delta_timeline(work, t_ws, t0, t1):
+    """Where one delta's time went (`vdrep::cycle_time` events of both
+    ends, VDREP_LOG="info,vdrep::cycle_time=debug"; both logs are stamped
+    by the same host clock). `t_ws`: the bench's writes started,
+    `t0`..`t1`: the `vdrep sync` ran. Every cycle cut from `t_ws` on, in
+    order (one disk: the k-th cut is the k-th log stored, applied and
+    committed), as ms after `t0`: the cut (flush, seal, the sender's
+    `.hrl` and state fsyncs), the receiver's store (its first read of the
+    log's stream to the log durable: one-way delay, the bytes at the link
+    rate, the fsyncs), the apply (undo record, replica, state fsyncs), the
+    commit, and when the sender learnt the point. The last cycle (the one
+    the sync waited for) is split into CLI / cut / to the store / waiting
+    for the previous apply / apply / commit / back / sync's answer."""
+    ev = []
+    for side, name in (("S", "sender.log"), ("R", "receiver.log")):
+        try:
+            text = (work / name).read_text(errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if "vdrep::cycle_time" not in line and "recovery point committed at the receiver" not in line:
+                continue
+            at = stamp_of(line)
+            if at is None or at < t_ws or at > t1 + 0.3:
+                continue
+            d = dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
+            phase = d.get("phase", "point").strip('"')
+            try:
+                ms = float(d.get("ms", "0"))
+            except ValueError:
+                ms = 0.0
+            ev.append((at, side, phase, ms))
+    ev.sort()
+    pick = lambda side, phase: [(at, ms) for at, s, ph, ms in ev if s == side and ph == phase]
+    cuts = pick("S", "cut")
+    stores = pick("R", "recv_store_log")
+    applies = pick("R", "recv_apply")
+    commits = pick("R", "recv_commit_point")
+    points = [at for at, _ in pick("S", "point")]
+    rel = lambda at: round((at - t0) * 1e3, 1)
+    cycles = []
+    for k, (at, ms) in enumerate(cuts):
+        c = {"cut_start": rel(at - ms / 1e3), "cut_end": rel(at)}
+        if k < len(stores):
+            c.update(store_start=rel(stores[k][0] - stores[k][1] / 1e3), stored=rel(stores[k][0]))
+        if k < len(applies):
+            c.update(apply_start=rel(applies[k][0] - applies[k][1] / 1e3), applied=rel(applies[k][0]))
+        if k < len(commits):
+            c.update(committed=rel(commits[k][0]), commit_ms=round(commits[k][1], 1))
+        if k < len(points):
+            c["point_at_sender"] = rel(points[k])
+        cycles.append(c)
+    out = {"cycles": cycles}
+    last = cycles[-1] if cycles else {}
+    keys = ["cut_start", "cut_end", "stored", "apply_start", "applied", "committed", "point_at_sender"]
+    if all(k in last for k in keys):
+        out["split_ms"] = {
+            "cli_to_cut": last["cut_start"],
+            "cut": round(last["cut_end"] - last["cut_start"], 1),
+            "to_store_durable": round(last["stored"] - last["cut_end"], 1),
+            "wait_previous_apply": round(last["apply_start"] - last["stored"], 1),
+            "apply": round(last["applied"] - last["apply_start"], 1),
+            "commit": round(last["committed"] - last["applied"], 1),
+            "back": round(last["point_at_sender"] - last["committed"], 1),
+            "sync_answer": round((t1 - t0) * 1e3 - last["point_at_sender"], 1),
+        }
+    return out
+
+
 def cap_summary(log):
     """When the window cap engaged in one copy (from the vdrep::cwnd_cap
     time-line): the first t_ms at which it was learned, the first at which
@@ -476,11 +545,13 @@ def bench_link(link, cc, results, run_no=0, variant="-", size_mib=None):
             n = max(1, int(blocks * DELTA_PCT / 100))
             rnd = random.Random(3)
             picks = rnd.sample(range(blocks), n)
+            t_ws = time.time()
             fd = os.open(site.vm / "disk.img", os.O_WRONLY)
             for b in picks:
                 os.pwrite(fd, rnd.randbytes(4096), b * 4096)
             os.fsync(fd)
             os.close(fd)
+            t_we = time.time()
             u0 = site.udp_bytes()[0]
             row["load_delta"] = os.getloadavg()[0]
             t0 = time.time()
@@ -494,6 +565,14 @@ def bench_link(link, cc, results, run_no=0, variant="-", size_mib=None):
             row.update(delta_secs=t, delta_bytes=n * 4096, delta_ideal=ideal,
                        delta_target=2 * ideal + 2 * rtt / 1000, delta_udp=site.udp_bytes()[0] - u0,
                        delta_points=len(commits), delta_point_at=[round(x, 3) for x in commits])
+            tl = delta_timeline(work, t_ws, t0, t0 + t)
+            row["delta_writes_ms"] = round((t_we - t_ws) * 1e3, 1)
+            if tl["cycles"]:
+                row["delta_timeline"] = tl
+                say(f"{name}: delta time-line (ms after the sync started; cycles cut since the writes ended): "
+                    + "; ".join(" ".join(f"{k} {v}" for k, v in c.items()) for c in tl["cycles"]))
+            if "split_ms" in tl:
+                say(f"{name}: the last cycle, ms: " + ", ".join(f"{k} {v}" for k, v in tl["split_ms"].items()))
             say(f"{name}: load {row['load_delta']:.1f}, delta of {n} blocks {t:.2f} s (target {row['delta_target']:.2f} s), "
                 f"replica {'identical' if row['delta_identical'] else 'DIFFERS'}; "
                 f"points committed during it at {row['delta_point_at']} s (a continuous VM cuts while the "
