@@ -1050,3 +1050,51 @@ fn points_of(site: &Site) -> Vec<u64> {
     c.sort();
     c
 }
+
+/// A receiver of an older build (protocol 7: `VDREP_RECEIVER_PROTOCOL=7`
+/// makes this build's receiver refuse newer senders as that build did): the
+/// sender falls back to 7 at once, for `protect`'s check and for the
+/// continuous worker, sends no log behind another (the receiver would
+/// refuse it), says which protocol it speaks in its status, and the
+/// replica converges.
+#[test]
+fn a_sender_replicates_to_an_older_receiver_in_its_protocol() {
+    require_fuse!();
+    let site = Site::new();
+    let r = Receiver::spawn(
+        "127.0.0.1:0",
+        &site.p("store"),
+        &site.p("kb"),
+        &site.p("ka/site-a.crt"),
+        &[],
+        &[("VDREP_RECEIVER_PROTOCOL", "7")],
+    );
+    random_file(&site.p("vm/d.img"), 8 << 20, 21);
+    let mut m = site.mount();
+    protect(&site, &r, "continuous", &["d.img"]);
+    sync_ok(&site);
+    // Continuous churn: a disk's logs queue one behind another.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(site.p("vm/d.img"))
+        .unwrap();
+    let mut x = 5u64;
+    for n in 0..3000u64 {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        f.write_all_at(&[(n % 251) as u8; 4096], (x >> 20) % 2048 * 4096)
+            .unwrap();
+        if n % 300 == 0 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    sync_ok(&site);
+    same(&site.p("vm/d.img"), "raw", &site.replica("d.vhd"));
+    let st = m.status_json();
+    let vm = &st["replication"][0];
+    assert_eq!(vm["protocol"], 7, "{st}");
+    assert_eq!(vm["state"], "Normal", "{st}");
+    assert_eq!(vm["retries"], 0, "the fallback is not a retry: {st}");
+    m.umount();
+}

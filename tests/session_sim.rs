@@ -222,11 +222,13 @@ impl World {
             },
             open_with_hello: true,
             follow: true,
+            protocol_version: vdrep::wire::PROTOCOL_VERSION,
         };
         self.receiver = Some(Receiver::new(ReceiverConfig {
             site_name: "secondary".into(),
             software_version: "sim".into(),
             store_free: 0,
+            newest_version: vdrep::wire::PROTOCOL_VERSION,
         }));
         self.sender = Some(Sender::new(cfg, self.now));
         self.note(format!("connect #{}", self.conn));

@@ -169,6 +169,7 @@ fn receiver(cmds: &[(u8, u64, &[u8])], open_first: bool) {
         site_name: "secondary".into(),
         software_version: "fuzz".into(),
         store_free: 0,
+        newest_version: vdrep::wire::PROTOCOL_VERSION,
     });
     let mut store = Store {
         at: 5,
@@ -351,6 +352,7 @@ fn sender(cmds: &[(u8, u64, &[u8])]) {
             commit_ahead: true,
             open_with_hello: true,
             follow: true,
+            protocol_version: vdrep::wire::PROTOCOL_VERSION,
         },
         0,
     );

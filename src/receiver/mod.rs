@@ -516,6 +516,7 @@ async fn handle_conn(
         site_name: me,
         software_version: env!("CARGO_PKG_VERSION").into(),
         store_free,
+        newest_version: receiver_protocol(),
     });
     let (in_tx, mut in_rx) = mpsc::channel::<Input>(64);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
@@ -621,6 +622,34 @@ async fn handle_conn(
 }
 
 /// Hand `w` to the writer of `stream` (gone: the peer dropped it).
+/// The newest protocol version this receiver accepts: this build's
+/// ([`crate::wire::PROTOCOL_VERSION`]), unless `VDREP_RECEIVER_PROTOCOL`
+/// names an older one it also speaks: then it refuses newer senders as a
+/// receiver of that older build does (a compatibility test switch, not a
+/// setting: senders of this build fall back to it).
+fn receiver_protocol() -> u16 {
+    static NEWEST: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+    *NEWEST.get_or_init(|| {
+        let newest = crate::wire::PROTOCOL_VERSION;
+        match std::env::var("VDREP_RECEIVER_PROTOCOL") {
+            Err(_) => newest,
+            Ok(v) => match v.trim().parse::<u16>() {
+                Ok(n) if crate::wire::speaks(n) => {
+                    tracing::warn!("VDREP_RECEIVER_PROTOCOL={n}: accepting senders of protocol {n} and older only (a test switch)");
+                    n
+                }
+                _ => {
+                    tracing::warn!(
+                        "VDREP_RECEIVER_PROTOCOL={v:?} is not a protocol version this build speaks ({}..={newest}): ignored",
+                        crate::wire::MIN_PROTOCOL_VERSION
+                    );
+                    newest
+                }
+            },
+        }
+    })
+}
+
 fn send(writers: &HashMap<StreamId, mpsc::UnboundedSender<Write>>, stream: StreamId, w: Write) {
     if let Some(tx) = writers.get(&stream) {
         let _ = tx.send(w);

@@ -45,6 +45,9 @@ pub struct SendError {
     /// The receiver answered with a stateless reset: it is up again (it
     /// restarted, or forgot the connection), so a retry may go at once.
     peer_back: bool,
+    /// The receiver refused the protocol version our `Hello` said (this
+    /// one): it runs an older build ([`super::compat`]).
+    refused_version: Option<u16>,
 }
 
 impl SendError {
@@ -53,6 +56,7 @@ impl SendError {
             kind,
             message: message.into(),
             peer_back: false,
+            refused_version: None,
         }
     }
 
@@ -64,6 +68,19 @@ impl SendError {
     /// receiver answers again (see [`conn_err`]).
     pub fn peer_back(&self) -> bool {
         self.peer_back
+    }
+
+    /// The receiver refused our `Hello`'s protocol version (this one).
+    pub fn refused_version(&self) -> Option<u16> {
+        self.refused_version
+    }
+
+    /// The same failure, noted as a refusal of protocol `version`.
+    pub(crate) fn with_refused_version(self, version: u16) -> Self {
+        Self {
+            refused_version: Some(version),
+            ..self
+        }
     }
 
     pub(crate) fn retry(message: impl std::fmt::Display) -> Self {
@@ -114,6 +131,18 @@ pub(crate) fn transport_err(e: &transport::TransportError, addr: SocketAddr) -> 
         transport::TransportError::Connection { source, .. } => conn_err(source, addr),
         other => SendError::retry(other),
     }
+}
+
+/// The receiver refused our `Hello`'s protocol version (its code, not
+/// its text, says so).
+pub(crate) fn refuses_version(e: &SessionError) -> bool {
+    matches!(
+        e,
+        SessionError::Peer {
+            code: crate::wire::ErrorCode::Version,
+            ..
+        }
+    )
 }
 
 /// A failure of the replication session ([`SessionError`], decided on its

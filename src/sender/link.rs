@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-use super::error::{conn_err, session_err};
+use super::error::{conn_err, refuses_version, session_err};
 use super::shaper::{Class, Shaper};
 use super::{now_ns, SendError, Vm};
 use crate::tracking::{CycleBuf, SealedLog, StreamError};
@@ -399,6 +399,9 @@ impl Link {
     pub(super) fn error(&self, e: &SessionError) -> SendError {
         match (e.kind(), &self.lost) {
             (crate::wire::session::ErrorKind::Transport, Some(c)) => conn_err(c, self.addr),
+            _ if refuses_version(e) => {
+                session_err(e).with_refused_version(self.session.protocol_version())
+            }
             _ => session_err(e),
         }
     }

@@ -51,6 +51,7 @@ use shaper::{LinkShare, Shaper};
 
 pub mod alert;
 pub mod app_hook;
+pub(crate) mod compat;
 mod direct;
 pub use direct::{DirectFactory, DirectReceiver};
 mod error;
@@ -234,6 +235,11 @@ pub struct VmStatus {
     /// resync, or not connected): no group point until it is back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_waiting: Option<String>,
+    /// The protocol version of the newest session with the receiver: this
+    /// build's, or an older one when the receiver runs an older build
+    /// ([`compat`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<u16>,
 }
 
 /// What `vdrep verify` found on one disk.
@@ -434,6 +440,8 @@ pub struct Replicator {
     direct_factory: Option<Arc<direct::DirectFactory>>,
     /// The client endpoint every session shares ([`Replicator::client_endpoint`]).
     endpoint: Mutex<Option<quinn::Endpoint>>,
+    /// The protocol version to speak to each receiver ([`compat`]).
+    versions: compat::PeerVersions,
     /// The running consistency-group coordinators ([`group`]).
     groups: Mutex<group::Groups>,
     /// This mount's identity for its cycle numbers (random, kept in its
@@ -504,6 +512,7 @@ impl Replicator {
             direct: Mutex::default(),
             direct_factory,
             endpoint: Mutex::new(None),
+            versions: compat::PeerVersions::default(),
             groups: Mutex::default(),
             origin: group::mount_origin(&tracker_for_origin),
         });
@@ -777,6 +786,7 @@ impl Replicator {
                 health: alert::Health::default(),
                 group: spec.group.clone(),
                 group_waiting: None,
+                protocol: None,
             }),
             spec,
             wake: Notify::new(),
@@ -1080,6 +1090,7 @@ impl Replicator {
             // `VDREP_FOLLOW=0`: a disk's next log waits for the previous
             // one's Ack, as before protocol 8 (to measure).
             follow: std::env::var("VDREP_FOLLOW").map_or(true, |v| v != "0"),
+            protocol_version: self.versions.speak(&spec.to, Instant::now()),
         })
     }
 
@@ -1095,22 +1106,51 @@ impl Replicator {
         spec: &ProtectSpec,
     ) -> Result<(wire::HelloOk, Option<link::Probed>), SendError> {
         let reuse = std::env::var("VDREP_PROBE_REUSE").map_or(true, |v| v != "0");
-        crate::util::phase::step("probe_dial", &spec.vm);
-        let (conn, ep) = self.dial(spec).await?;
-        crate::util::phase::step("probe_connected", &spec.vm);
-        // The worker's first session would say the same (no point known).
-        let cfg = self.session_config(spec, reuse, 0)?;
-        let mut link = Link::new(conn, ep, cfg, None, Arc::default());
-        let ready = link.ready().await;
-        crate::util::phase::step("probe_ready", &spec.vm);
-        match (link.peer().cloned(), ready) {
-            (Some(hello), Ok(states)) if reuse => Ok((hello, Some(link::Probed { link, states }))),
-            (Some(hello), _) => {
-                link.close(b"probe done");
-                Ok((hello, None))
+        loop {
+            crate::util::phase::step("probe_dial", &spec.vm);
+            let (conn, ep) = self.dial(spec).await?;
+            crate::util::phase::step("probe_connected", &spec.vm);
+            // The worker's first session would say the same (no point known).
+            let cfg = self.session_config(spec, reuse, 0)?;
+            let mut link = Link::new(conn, ep, cfg, None, Arc::default());
+            let ready = link.ready().await;
+            crate::util::phase::step("probe_ready", &spec.vm);
+            return match (link.peer().cloned(), ready) {
+                (Some(hello), Ok(states)) if reuse => {
+                    Ok((hello, Some(link::Probed { link, states })))
+                }
+                (Some(hello), _) => {
+                    link.close(b"probe done");
+                    Ok((hello, None))
+                }
+                // An older receiver: say `Hello` again in its version.
+                (None, Err(e)) if self.older_protocol(spec, &e) => continue,
+                (None, Err(e)) => Err(e),
+                (None, Ok(_)) => Err(SendError::fatal("the receiver did not answer Hello")),
+            };
+        }
+    }
+
+    /// `e` is `spec`'s receiver refusing our protocol version (a receiver
+    /// of an older build): note the older version it may speak
+    /// ([`compat`]) and say so; true if there is one (try again at once).
+    fn older_protocol(&self, spec: &ProtectSpec, e: &SendError) -> bool {
+        let Some(refused) = e.refused_version() else {
+            return false;
+        };
+        match self.versions.refused(&spec.to, refused, Instant::now()) {
+            Some(older) => {
+                tracing::warn!(
+                    vm = %spec.vm,
+                    "the receiver at {} refused protocol {refused} (it runs an older vdrep): \
+                     replicating with protocol {older}, without what newer versions add \
+                     (version 8: a disk's next log sent behind the one in flight); \
+                     upgrade the receiver's site to get it back",
+                    spec.to
+                );
+                true
             }
-            (None, Err(e)) => Err(e),
-            (None, Ok(_)) => Err(SendError::fatal("the receiver did not answer Hello")),
+            None => false,
         }
     }
     async fn worker(self: Arc<Self>, vm: Arc<Vm>) {
@@ -1131,6 +1171,9 @@ impl Replicator {
                 return;
             }
             let Err(e) = r else { return };
+            if self.older_protocol(&vm.spec, &e) {
+                continue;
+            }
             vm.status.lock().health.count_error(e.kind());
             match e.kind() {
                 ErrorKind::ResyncRequired if again < 3 => {
@@ -1398,6 +1441,7 @@ impl Replicator {
             None => link.ready().await?,
         };
         crate::util::phase::step("session_ready", &spec.vm);
+        vm.status.lock().protocol = link.peer().map(|h| h.protocol_version);
         let mut replica = Self::by_name(vm, states);
         // No complete replica (or a copy under way): initial copy of the
         // disks without one, and only of those. The disks with a replica

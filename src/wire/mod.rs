@@ -168,9 +168,10 @@ pub use names::{safe_component, safe_name, MAX_COMPONENT, MAX_NAME};
 /// 8: the sender sends a disk's next log behind the one in flight, marked
 /// [`LogBegin::behind`] (step 4). A version-8 receiver accepts a version-7
 /// sender (answers `HelloOk` with 7; such a sender never sends a log
-/// behind another); a version-7 receiver refuses a version-8 `Hello` with
-/// code [`ErrorCode::Version`], and the sender then fails with that clear
-/// version error (no fallback: upgrade the receiver first; doc/SEMANTICS.md).
+/// behind another; a `behind` mark on such a connection is a violation); a
+/// version-7 receiver refuses a version-8 `Hello` with code
+/// [`ErrorCode::Version`], and the sender says `Hello` again in version 7
+/// (`crate::sender::compat`; doc/SEMANTICS.md).
 pub const PROTOCOL_VERSION: u16 = 8;
 /// Oldest protocol version a receiver of this build accepts.
 pub const MIN_PROTOCOL_VERSION: u16 = 7;

@@ -26,6 +26,10 @@ pub struct ReceiverConfig {
     pub software_version: String,
     /// Free bytes in the store, reported in `HelloOk` (0: unknown).
     pub store_free: u64,
+    /// The newest protocol version accepted: [`wire::PROTOCOL_VERSION`];
+    /// lower only to answer as a receiver of an older build does (the
+    /// compatibility tests: a newer sender must fall back to it).
+    pub newest_version: u16,
 }
 
 /// The store's view of one disk's replica (answers `LoadDisk`).
@@ -274,6 +278,9 @@ struct RStream {
 pub struct Receiver {
     cfg: ReceiverConfig,
     hello: bool,
+    /// The protocol version the connection speaks (the sender's, once its
+    /// `Hello` is accepted).
+    version: u16,
     /// The `Hello` was refused: nothing else is handled on this connection.
     refused: bool,
     closed: bool,
@@ -292,6 +299,7 @@ impl Receiver {
         Receiver {
             cfg,
             hello: false,
+            version: 0,
             refused: false,
             closed: false,
             streams: HashMap::new(),
@@ -643,15 +651,17 @@ impl Receiver {
         }
         match msg {
             Msg::Hello(h) => {
-                if !wire::speaks(h.protocol_version) {
+                if !wire::speaks(h.protocol_version) || h.protocol_version > self.cfg.newest_version
+                {
                     let e = SessionError::Version {
-                        ours: wire::PROTOCOL_VERSION,
+                        ours: self.cfg.newest_version,
                         theirs: h.protocol_version,
                     };
                     self.refuse_early(&e);
                     return Err(e);
                 }
                 self.hello = true;
+                self.version = h.protocol_version;
                 // The connection speaks the sender's version (a version-7
                 // sender never sends a log behind another).
                 let ok = Msg::HelloOk(wire::HelloOk {
@@ -862,6 +872,17 @@ impl Receiver {
     }
 
     fn log_begin(&mut self, sid: StreamId, l: LogBegin) -> Result<(), SessionError> {
+        if l.behind && self.version < 8 {
+            // A version-7 receiver could not read the mark: a sender that
+            // said 7 must not send it.
+            return Err(SessionError::Violation {
+                stream: sid,
+                what: format!(
+                    "log {} is marked as sent behind its base, which protocol {} does not have",
+                    l.cycle, self.version
+                ),
+            });
+        }
         let d = self.opened(sid, &l.disk_id, "LogBegin")?;
         // The newest cycle known applied here (a log found already applied
         // moves `reached`, not the status).

@@ -52,6 +52,11 @@ pub struct SenderConfig {
     /// `Ack`: one round trip and an apply less between a disk's logs.
     /// `false` only to measure the difference.
     pub follow: bool,
+    /// The protocol version this session speaks (its `Hello`): normally
+    /// [`wire::PROTOCOL_VERSION`]; an older one (down to
+    /// [`wire::MIN_PROTOCOL_VERSION`]) to a receiver that refused the
+    /// newest. Below 8 no log is sent behind another (`follow` is off).
+    pub protocol_version: u16,
 }
 
 /// A transfer for one disk.
@@ -245,6 +250,11 @@ pub struct Sender {
 }
 
 impl Sender {
+    /// The protocol version this session's `Hello` says.
+    pub fn protocol_version(&self) -> u16 {
+        self.cfg.protocol_version
+    }
+
     /// A session on a fresh connection: it says `Hello` at once.
     pub fn new(cfg: SenderConfig, now: u64) -> Self {
         let mut s = Sender {
@@ -268,8 +278,22 @@ impl Sender {
             early_failure: None,
             out: VecDeque::new(),
         };
+        if !wire::speaks(s.cfg.protocol_version) {
+            let e = SessionError::Misuse(format!(
+                "this build speaks protocol {} to {}, not {}",
+                wire::MIN_PROTOCOL_VERSION,
+                wire::PROTOCOL_VERSION,
+                s.cfg.protocol_version
+            ));
+            s.close(e);
+            return s;
+        }
+        // Protocol 8 added logs sent behind one another.
+        if s.cfg.protocol_version < 8 {
+            s.cfg.follow = false;
+        }
         let hello = Msg::Hello(wire::Hello {
-            protocol_version: wire::PROTOCOL_VERSION,
+            protocol_version: s.cfg.protocol_version,
             site_name: s.cfg.site_name.clone(),
             software_version: s.cfg.software_version.clone(),
         });
@@ -732,9 +756,9 @@ impl Sender {
         };
         match (&mut s.kind, msg) {
             (SKind::Control, Msg::HelloOk(h)) if self.phase == Phase::Hello => {
-                if h.protocol_version != wire::PROTOCOL_VERSION {
+                if h.protocol_version != self.cfg.protocol_version {
                     return Err(SessionError::Version {
-                        ours: wire::PROTOCOL_VERSION,
+                        ours: self.cfg.protocol_version,
                         theirs: h.protocol_version,
                     });
                 }

@@ -79,13 +79,23 @@ fn receiver() -> Receiver {
         site_name: "secondary".into(),
         software_version: "t".into(),
         store_free: 0,
+        newest_version: crate::wire::PROTOCOL_VERSION,
     })
 }
 
 /// A receiver after `Hello` and `OpenDisk` of [`ID`], replica at `at`.
 fn opened(at: u64) -> Receiver {
+    opened_in(at, wire::PROTOCOL_VERSION)
+}
+
+/// [`opened`], the sender speaking protocol `version`.
+fn opened_in(at: u64, version: u16) -> Receiver {
     let mut r = receiver();
-    let b = bytes(&[hello()]);
+    let b = bytes(&[Msg::Hello(Hello {
+        protocol_version: version,
+        site_name: "primary".into(),
+        software_version: "t".into(),
+    })]);
     r.handle(
         NOW,
         Event::Data {
@@ -555,21 +565,23 @@ fn garbage_is_refused_without_panicking() {
 }
 
 fn sender(timeout_ns: u64) -> Sender {
-    Sender::new(
-        SenderConfig {
-            site_name: "primary".into(),
-            software_version: "t".into(),
-            vm: "vm1".into(),
-            disks: vec![open()],
-            last_point: 0,
-            timeout_ns,
-            chunk_size: 4,
-            commit_ahead: true,
-            open_with_hello: true,
-            follow: true,
-        },
-        NOW,
-    )
+    Sender::new(sender_config(timeout_ns), NOW)
+}
+
+fn sender_config(timeout_ns: u64) -> SenderConfig {
+    SenderConfig {
+        site_name: "primary".into(),
+        software_version: "t".into(),
+        vm: "vm1".into(),
+        disks: vec![open()],
+        last_point: 0,
+        timeout_ns,
+        chunk_size: 4,
+        commit_ahead: true,
+        open_with_hello: true,
+        follow: true,
+        protocol_version: crate::wire::PROTOCOL_VERSION,
+    }
 }
 
 /// Hand `o` to the peer (`handle`) if it is stream traffic; otherwise
@@ -931,6 +943,7 @@ fn ready_sender_with(
             commit_ahead,
             open_with_hello: true,
             follow,
+            protocol_version: wire::PROTOCOL_VERSION,
         },
         NOW,
     );
@@ -1578,6 +1591,7 @@ fn without_open_with_hello_the_disks_are_opened_after_the_hellos_answer() {
             commit_ahead: true,
             open_with_hello: false,
             follow: true,
+            protocol_version: crate::wire::PROTOCOL_VERSION,
         },
         NOW,
     );
@@ -2369,4 +2383,158 @@ fn a_pair_withdraws_the_point_of_a_copy_that_fails_resumes_the_copy_and_commits_
     );
     assert_eq!(commits, vec![4], "never a point of the failed copy");
     assert_eq!(s.last_point(), 4);
+}
+
+/// A pair whose receiver accepts protocol `newest` at most, the sender
+/// speaking `version`: ships logs 6, 7 and 8 of one disk (each based on the
+/// one before) and gives, per log staged, whether it came marked behind
+/// another; and the sender's last point. Err: the sender's close.
+fn three_logs_between(version: u16, newest: u16) -> Result<(Vec<bool>, u64), SessionError> {
+    let mut s = Sender::new(
+        SenderConfig {
+            protocol_version: version,
+            ..sender_config(1 << 40)
+        },
+        NOW,
+    );
+    let mut r = Receiver::new(ReceiverConfig {
+        site_name: "secondary".into(),
+        software_version: "t".into(),
+        store_free: 0,
+        newest_version: newest,
+    });
+    // The hand-shake alone first: a refused `Hello` closes the sender.
+    loop {
+        let mut moved = false;
+        while let Some(o) = s.poll() {
+            moved = true;
+            if let Err(Err(e)) = deliver(o, |e| r.handle(NOW, e)) {
+                return Err(e);
+            }
+        }
+        while let Some(o) = r.poll() {
+            moved = true;
+            match deliver(o, |e| s.handle(NOW, e)) {
+                Err(Ok(ReceiverAction::LoadDisk { op, .. })) => r.complete(
+                    NOW,
+                    op,
+                    StoreDone::DiskLoaded(Ok(DiskStatus {
+                        replica_cycle: 5,
+                        replica_size: 1 << 20,
+                        ..DiskStatus::default()
+                    })),
+                ),
+                // The replicas' cycle is committed again (last point 0).
+                Err(Ok(ReceiverAction::CommitPoint { op, .. })) => {
+                    r.complete(NOW, op, StoreDone::PointCommitted(Ok(true)))
+                }
+                // The receiver reports what it refused (to its log).
+                Err(Ok(ReceiverAction::Refused { .. })) => {}
+                Err(Ok(a)) => panic!("unexpected before the logs: {a:?}"),
+                Ok(()) | Err(Err(_)) => {}
+            }
+        }
+        if !moved {
+            break;
+        }
+    }
+    if !s.is_ready() {
+        return Err(SessionError::Misuse("the pair did not get ready".into()));
+    }
+    let mut behind = Vec::new();
+    let mut store = |a: &ReceiverAction| -> Option<(OpId, StoreDone)> {
+        match a {
+            ReceiverAction::StageLog { begin, .. } => {
+                behind.push(begin.behind);
+                None
+            }
+            ReceiverAction::StoreLogDurably { op, .. } => {
+                Some((*op, StoreDone::LogStored(Ok(LogStored::Stored))))
+            }
+            ReceiverAction::ApplyLog { op, .. } => Some((*op, StoreDone::LogApplied(Ok(())))),
+            ReceiverAction::CommitPoint { op, .. } => {
+                Some((*op, StoreDone::PointCommitted(Ok(true))))
+            }
+            _ => None,
+        }
+    };
+    let log = b"a sealed log of a few chunks".to_vec();
+    let mut read = |_: ReadWhat, offset: u64, max: usize| {
+        let e = (offset as usize + max).min(log.len());
+        ReadData {
+            offset,
+            data: log[offset as usize..e].to_vec(),
+            end: e == log.len(),
+        }
+    };
+    for (cycle, base) in [(6, 5), (7, 6), (8, 7)] {
+        let (begin, _) = log_msgs(cycle, base, &log);
+        s.submit(Job::Log {
+            begin,
+            app_consistent: false,
+        })
+        .expect("submit");
+    }
+    pump(&mut s, &mut r, &mut store, &mut read);
+    Ok((behind, s.last_point()))
+}
+
+#[test]
+fn a_receiver_of_protocol_7_refuses_8_and_a_sender_speaking_7_sends_no_log_behind_another() {
+    // An older receiver refuses the newest `Hello` by its code.
+    match three_logs_between(wire::PROTOCOL_VERSION, 7) {
+        Err(SessionError::Peer {
+            code: ErrorCode::Version,
+            ..
+        }) => {}
+        other => panic!("expected the receiver's version refusal, got {other:?}"),
+    }
+    // Protocol 8 end to end sends logs behind one another ...
+    let (behind, last) = three_logs_between(wire::PROTOCOL_VERSION, wire::PROTOCOL_VERSION)
+        .expect("protocol 8 pair");
+    assert_eq!(behind.len(), 3);
+    assert!(behind.iter().any(|b| *b), "{behind:?}");
+    assert_eq!(last, 8);
+    // ... a sender speaking 7 (asked to follow) never does: a version-7
+    // receiver could not read the mark.
+    let (behind, last) = three_logs_between(7, 7).expect("protocol 7 pair");
+    assert_eq!(behind, vec![false, false, false]);
+    assert_eq!(last, 8);
+}
+
+#[test]
+fn a_sender_asked_for_a_protocol_it_does_not_speak_closes_at_once() {
+    for v in [wire::MIN_PROTOCOL_VERSION - 1, wire::PROTOCOL_VERSION + 1] {
+        let mut s = Sender::new(
+            SenderConfig {
+                protocol_version: v,
+                ..sender_config(1 << 40)
+            },
+            NOW,
+        );
+        let outs = drain(|| s.poll());
+        assert!(
+            matches!(&outs[..], [Output::Close(SessionError::Misuse(_))]),
+            "{v}: {outs:?}"
+        );
+    }
+}
+
+#[test]
+fn a_log_marked_behind_on_a_version_7_connection_is_a_violation() {
+    // Replica at 6: on a version-8 connection this log would be staged.
+    let mut r = opened_in(6, 7);
+    let outs = on(&mut r, 3, &behind_msgs(7, 6, b"abcdefghij"));
+    assert!(
+        !actions(&outs)
+            .iter()
+            .any(|a| matches!(a, ReceiverAction::StageLog { .. })),
+        "{outs:?}"
+    );
+    assert!(
+        outs.iter()
+            .any(|o| matches!(o, Output::Close(SessionError::Violation { .. })))
+            || sent(&outs).iter().any(|m| matches!(m, Msg::Error(_))),
+        "{outs:?}"
+    );
 }
