@@ -60,7 +60,6 @@ pub fn mount(
         n_threads: threads.max(1),
         writeback_cache: !no_writeback_cache,
         fuse_transport,
-        max_write: fuse_max_write_env().unwrap_or(crate::fs::DEFAULT_MAX_WRITE),
         ..FsOptions::default()
     };
     let keys = keys.or(cfg.and_then(|c| c.site.keys.clone()));
@@ -215,24 +214,6 @@ fn activity_hot_env() -> Option<u32> {
         Ok(n) => Some(n),
         Err(e) => {
             eprintln!("vdrep: ignoring VDREP_ACTIVITY_HOT={v:?}: {e}");
-            None
-        }
-    }
-}
-
-/// `VDREP_FUSE_MAX_WRITE`: the largest FUSE request in bytes (default
-/// [`crate::fs::DEFAULT_MAX_WRITE`]; `1048576` is the kernel's default
-/// limit, left untouched).
-fn fuse_max_write_env() -> Option<u32> {
-    let v = std::env::var("VDREP_FUSE_MAX_WRITE")
-        .ok()
-        .filter(|v| !v.is_empty())?;
-    match v.trim().parse::<u32>() {
-        Ok(n) if (4096..=(16 << 20)).contains(&n) => Some(n),
-        _ => {
-            eprintln!(
-                "vdrep: ignoring VDREP_FUSE_MAX_WRITE={v:?}: give bytes from 4096 to 16777216"
-            );
             None
         }
     }

@@ -306,19 +306,10 @@ fn supervise_inner(
         allow_other: opts.fs.allow_other,
         threads: opts.fs.n_threads.max(1) + crate::fs::DIRECT_IO_WORKERS,
     };
-    // Requests above 1 MiB need the kernel's global limit raised for this
-    // mount; the worker answers FUSE_INIT with what the connection got.
-    let mut opts = opts.clone();
-    let want = crate::fuse::max_pages::pages_for(opts.fs.max_write);
-    let conn = crate::fuse::max_pages::with_limit(want, |pages| {
-        opts.fs.max_write = crate::fuse::max_pages::max_write_for(opts.fs.max_write, pages);
-        crate::fuse::Connection::mount(dir, &spec)
-    })
-    .map_err(ioe(
+    let conn = crate::fuse::Connection::mount(dir, &spec).map_err(ioe(
         dir,
         "cannot mount the FUSE file system over the folder",
     ))?;
-    let opts = &opts;
     let journal = crate::fuse::memfd("vdrep-nodes", crate::fs::JOURNAL_BYTES)
         .map_err(ioe(dir, "cannot create the node journal"));
     let journal = match journal {

@@ -47,10 +47,7 @@ pub struct FsOptions {
     pub n_threads: usize,
     /// Let the kernel cache writes (`FUSE_WRITEBACK_CACHE`).
     pub writeback_cache: bool,
-    /// Largest single WRITE request, in bytes. Above 1 MiB (256 pages) the
-    /// mount raises `fs.fuse.max_pages_limit` for itself
-    /// ([`crate::fuse::max_pages`]); where the kernel refuses, the mount
-    /// lowers this to what it allows.
+    /// Largest single WRITE request, in bytes.
     pub max_write: u32,
     /// Mount with `allow_other` (VMs run as other users).
     pub allow_other: bool,
@@ -67,19 +64,13 @@ impl Default for FsOptions {
         FsOptions {
             n_threads: 4,
             writeback_cache: true,
-            max_write: DEFAULT_MAX_WRITE,
+            max_write: 1 << 20,
             allow_other: true,
             fsname: "vdrep".to_string(),
             fuse_transport: crate::fuse::FuseTransport::Dev,
         }
     }
 }
-
-/// [`FsOptions::max_write`]'s default: 4 MiB (1024 pages). Buffered
-/// sequential writes reach the worker as WRITE requests of this size
-/// (write-back), O_DIRECT writes up to it as one request
-/// (kernel-notes/writepath.md, session 12).
-pub const DEFAULT_MAX_WRITE: u32 = 4 << 20;
 
 /// The passthrough file system (implements [`fuser::Filesystem`]).
 pub struct VdrepFs {
@@ -539,13 +530,8 @@ fn mount_inner(
 ) -> io::Result<Session<VdrepFs>> {
     check_not_mounted(dir, &opts.fsname)?;
     let root = open_root(dir)?;
-    let want = crate::fuse::max_pages::pages_for(opts.max_write);
-    crate::fuse::max_pages::with_limit(want, |pages| {
-        let mut opts = opts.clone();
-        opts.max_write = crate::fuse::max_pages::max_write_for(opts.max_write, pages);
-        let fs = VdrepFs::new(root, tracker, &opts)?;
-        Session::new(fs, dir, &session_config(&opts))
-    })
+    let fs = VdrepFs::new(root, tracker, opts)?;
+    Session::new(fs, dir, &session_config(opts))
 }
 
 #[cfg(test)]

@@ -807,9 +807,7 @@ impl Filesystem for VdrepFs {
         if let Err(nearest) = config.set_max_write(max_write) {
             let _ = config.set_max_write(nearest);
         }
-        // Readahead stays at 1 MiB (unmeasured above it); only writes and
-        // direct I/O use the larger requests.
-        if let Err(nearest) = config.set_max_readahead(max_write.min(1 << 20)) {
+        if let Err(nearest) = config.set_max_readahead(max_write) {
             let _ = config.set_max_readahead(nearest);
         }
         let _ = config.set_max_background(64);

@@ -9,9 +9,7 @@
 //! had read but not answered ([`notify_resend`]), and telling whether the
 //! connection is still alive ([`connection_alive`]). [`supervisor`] is the
 //! process that holds them and restarts the worker; [`fusectl`] aborts the
-//! connection of a mount whose server is gone; [`max_pages`] lets one
-//! request carry more than 1 MiB (the kernel's global request-size cap,
-//! raised for the mount only).
+//! connection of a mount whose server is gone.
 //!
 //! The request transport ([`FuseTransport`]) is fuser's read loop, one
 //! thread per held descriptor (`Session::from_fds` in `vendor/fuser`), or
@@ -20,7 +18,6 @@
 //! The request handlers themselves are [`crate::fs`]'s.
 
 pub mod fusectl;
-pub mod max_pages;
 pub mod supervisor;
 pub mod uring;
 
