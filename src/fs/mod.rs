@@ -47,7 +47,8 @@ pub struct FsOptions {
     pub n_threads: usize,
     /// Let the kernel cache writes (`FUSE_WRITEBACK_CACHE`).
     pub writeback_cache: bool,
-    /// Largest single WRITE request, in bytes.
+    /// Largest single WRITE request, in bytes (at most 1 MiB: the kernel's
+    /// default `fs.fuse.max_pages_limit` of 256 pages).
     pub max_write: u32,
     /// Mount with `allow_other` (VMs run as other users).
     pub allow_other: bool,
@@ -64,13 +65,22 @@ impl Default for FsOptions {
         FsOptions {
             n_threads: 4,
             writeback_cache: true,
-            max_write: 1 << 20,
+            max_write: DEFAULT_MAX_WRITE,
             allow_other: true,
             fsname: "vdrep".to_string(),
             fuse_transport: crate::fuse::FuseTransport::Dev,
         }
     }
 }
+
+/// [`FsOptions::max_write`]'s default: 512 KiB. The kernel splits a larger
+/// O_DIRECT write into requests of this size and, with `FUSE_ASYNC_DIO`,
+/// sends them together, so the workers write its halves in parallel: 1 MiB
+/// direct writes at QD4 ran 1.25-1.5x faster than with 1 MiB requests, and
+/// buffered write-back was as fast; 4 MiB (raising the kernel's
+/// `max_pages_limit`) halved buffered 1 MiB writes
+/// (kernel-notes/writepath.md, session 12).
+pub const DEFAULT_MAX_WRITE: u32 = 512 << 10;
 
 /// The passthrough file system (implements [`fuser::Filesystem`]).
 pub struct VdrepFs {
