@@ -1037,7 +1037,7 @@ fn split_direct_write_tracked(env: Option<&str>, max_write: u64) {
     let p = unsafe { std::alloc::alloc(layout) };
     let buf = unsafe { std::slice::from_raw_parts_mut(p, LEN) };
     for (i, b) in buf.iter_mut().enumerate() {
-        *b = (i as u64 * 2_654_435_761 >> 13) as u8 | 1; // no zero block
+        *b = ((i as u64 * 2_654_435_761) >> 13) as u8 | 1; // no zero block
     }
     let want = buf.to_vec();
     let before = scrape_metrics(&maddr);
