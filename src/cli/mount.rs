@@ -60,6 +60,7 @@ pub fn mount(
         n_threads: threads.max(1),
         writeback_cache: !no_writeback_cache,
         fuse_transport,
+        max_write: fuse_max_write_env().unwrap_or(crate::fs::DEFAULT_MAX_WRITE),
         ..FsOptions::default()
     };
     let keys = keys.or(cfg.and_then(|c| c.site.keys.clone()));
@@ -214,6 +215,25 @@ fn activity_hot_env() -> Option<u32> {
         Ok(n) => Some(n),
         Err(e) => {
             eprintln!("vdrep: ignoring VDREP_ACTIVITY_HOT={v:?}: {e}");
+            None
+        }
+    }
+}
+
+/// `VDREP_FUSE_MAX_WRITE`: the largest FUSE WRITE request in bytes, 4096
+/// to 1048576 (default [`crate::fs::DEFAULT_MAX_WRITE`]; more than 1 MiB
+/// would need the kernel's global `fs.fuse.max_pages_limit` raised, which
+/// measured slower: kernel-notes/writepath.md).
+fn fuse_max_write_env() -> Option<u32> {
+    let v = std::env::var("VDREP_FUSE_MAX_WRITE")
+        .ok()
+        .filter(|v| !v.is_empty())?;
+    match v.trim().parse::<u32>() {
+        Ok(n) if (4096..=(1 << 20)).contains(&n) => Some(n),
+        _ => {
+            eprintln!(
+                "vdrep: ignoring VDREP_FUSE_MAX_WRITE={v:?}: give bytes from 4096 to 1048576"
+            );
             None
         }
     }

@@ -47,7 +47,8 @@ pub struct FsOptions {
     pub n_threads: usize,
     /// Let the kernel cache writes (`FUSE_WRITEBACK_CACHE`).
     pub writeback_cache: bool,
-    /// Largest single WRITE request, in bytes.
+    /// Largest single WRITE request, in bytes (at most 1 MiB: the kernel's
+    /// default `fs.fuse.max_pages_limit` of 256 pages).
     pub max_write: u32,
     /// Mount with `allow_other` (VMs run as other users).
     pub allow_other: bool,
@@ -64,13 +65,21 @@ impl Default for FsOptions {
         FsOptions {
             n_threads: 4,
             writeback_cache: true,
-            max_write: 1 << 20,
+            max_write: DEFAULT_MAX_WRITE,
             allow_other: true,
             fsname: "vdrep".to_string(),
             fuse_transport: crate::fuse::FuseTransport::Dev,
         }
     }
 }
+
+/// [`FsOptions::max_write`]'s default: 1 MiB (the kernel's default limit).
+/// 512 KiB (`VDREP_FUSE_MAX_WRITE=524288`) makes the kernel split a 1 MiB
+/// O_DIRECT write in two requests sent together (1.25-1.5x MB/s at QD4)
+/// but made buffered 1 MiB writes 15 % slower in 2 of 3 runs; 4 MiB
+/// (raising `max_pages_limit`) halved them (kernel-notes/writepath.md,
+/// session 12).
+pub const DEFAULT_MAX_WRITE: u32 = 1 << 20;
 
 /// The passthrough file system (implements [`fuser::Filesystem`]).
 pub struct VdrepFs {

@@ -807,7 +807,9 @@ impl Filesystem for VdrepFs {
         if let Err(nearest) = config.set_max_write(max_write) {
             let _ = config.set_max_write(nearest);
         }
-        if let Err(nearest) = config.set_max_readahead(max_write) {
+        // Readahead stays at 1 MiB whatever max_write is (not measured
+        // otherwise); the kernel's max_pages follows the larger of the two.
+        if let Err(nearest) = config.set_max_readahead(1 << 20) {
             let _ = config.set_max_readahead(nearest);
         }
         let _ = config.set_max_background(64);
