@@ -303,6 +303,21 @@ fn concurrent_direct_writers_with_cuts_every_few_ms_over_uring_adaptive_writes()
     concurrent_writers(8, &args, "auto", Some(&lone_writer));
 }
 
+/// The growth of counter `name` since `before` once it reached `expect`
+/// (a FUSE request is counted after its reply already woke the caller), or
+/// what it is after ~5 s.
+fn counted(maddr: &str, before: &str, name: &str, expect: f64) -> f64 {
+    let mut got = 0.0;
+    for _ in 0..100 {
+        got = metric(&scrape_metrics(maddr), name) - metric(before, name);
+        if got >= expect {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    got
+}
+
 /// Issue 12, session 11: with `VDREP_URING_ASYNC_WRITES=1` a backing
 /// write goes to the ring thread's io_uring; one the backing file system
 /// cannot start without blocking (ext4 and xfs: a write into a hole of a
@@ -402,13 +417,20 @@ fn ring_submitted_direct_writes_into_holes_are_written_tracked_and_acknowledged_
         }
         writes += n;
     }
-    let after = scrape_metrics(&maddr);
-    let delta = |name: &str| metric(&after, name) - metric(&before, name);
+    // A request is counted once its handler returns, just after its reply
+    // woke the writer: wait for the count (exact, or what it is).
     assert_eq!(
-        delta("vdrep_fuse_requests_total{op=\"write\"}"),
+        counted(
+            &maddr,
+            &before,
+            "vdrep_fuse_requests_total{op=\"write\"}",
+            writes as f64
+        ),
         writes as f64,
         "answered WRITE requests"
     );
+    let after = scrape_metrics(&maddr);
+    let delta = |name: &str| metric(&after, name) - metric(&before, name);
     assert_eq!(
         delta("vdrep_fuse_request_errors_total{op=\"write\"}"),
         0.0,
@@ -1047,15 +1069,12 @@ fn split_direct_write_tracked(env: Option<&str>, max_write: u64) {
     // woke the writer: wait for the count to reach the expected one (or
     // give up and report what it is).
     let expect = (LEN as u64).div_ceil(max_write) as f64;
-    const WRITES: &str = "vdrep_fuse_requests_total{op=\"write\"}";
-    let mut got = 0.0;
-    for _ in 0..100 {
-        got = metric(&scrape_metrics(&maddr), WRITES) - metric(&before, WRITES);
-        if got >= expect {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let got = counted(
+        &maddr,
+        &before,
+        "vdrep_fuse_requests_total{op=\"write\"}",
+        expect,
+    );
     assert_eq!(
         got, expect,
         "WRITE requests for one {LEN}-byte O_DIRECT write with max_write {max_write} (env {env:?})"

@@ -437,6 +437,37 @@ impl Link {
         }
     }
 
+    /// Run `work` (the driver's own step, e.g. a blocking task's handle)
+    /// while the session goes on: what arrives meanwhile is handled as
+    /// [`Link::next`] would (a committed point updates the status and
+    /// answers `sync` at once) and its notes wait for the next
+    /// [`Link::next`]. Measured: after an initial copy the tracker's
+    /// finish took 10–357 ms on a loaded host, during which the copy's
+    /// `PointAck`, already arrived, waited unread.
+    pub(super) async fn drive_while<T>(&mut self, work: impl std::future::Future<Output = T>) -> T {
+        tokio::pin!(work);
+        loop {
+            self.flush();
+            if self.failed.is_some() || self.closed.is_some() {
+                return work.await;
+            }
+            let deadline = self
+                .session
+                .poll_timeout()
+                .and_then(|t| self.t0.checked_add(Duration::from_nanos(t)));
+            let input = tokio::select! {
+                out = &mut work => return out,
+                i = self.rx.recv() => i,
+                () = sleep_until(deadline) => None,
+            };
+            let now = self.now();
+            match input {
+                Some(i) => self.input(now, i),
+                None => self.session.handle(now, Event::Tick),
+            }
+        }
+    }
+
     /// [`crate::util::phase::step`] of the VM (a probe has none).
     fn step(&self, step: &'static str) {
         if let Some(vm) = &self.vm {

@@ -2148,13 +2148,15 @@ impl Replicator {
                 rest.extend(cycles.by_ref());
             }
             let t = self.tracker.clone();
-            tokio::task::spawn_blocking(move || {
+            // The copy's point, sent with its end, may be acknowledged
+            // meanwhile: the session goes on while the tracker finishes.
+            link.drive_while(tokio::task::spawn_blocking(move || {
                 for sc in rest {
                     if let Err(e) = t.finish(sc, ok) {
                         tracing::error!("{e}");
                     }
                 }
-            })
+            }))
             .await
             .map_err(|e| retry(e.to_string()))?;
             r?;
@@ -2211,7 +2213,7 @@ impl Replicator {
         }
         // The reader stops once nothing reads its pieces.
         link.forget(begin.disk_id, begin.cycle);
-        match reader.await {
+        match link.drive_while(reader).await {
             Ok(sc) => (Some(sc), r),
             // The thread died with the cycle: nothing to finish.
             Err(e) => (None, Err(retry(format!("the disk reader failed: {e}")))),

@@ -329,15 +329,12 @@ impl UringSwitch {
     /// `None` (a skip) when the kernel has no FUSE over io_uring.
     pub fn take() -> Option<UringSwitch> {
         use std::io::{Read, Seek, Write};
-        let now = match std::fs::read_to_string(URING_PARAM) {
-            Ok(v) => v.trim().to_string(),
-            Err(e) => {
-                crate::skip::skip(&format!(
-                    "SKIP: this kernel has no FUSE over io_uring ({URING_PARAM}: {e})"
-                ));
-                return None;
-            }
-        };
+        if let Err(e) = std::fs::metadata(URING_PARAM) {
+            crate::skip::skip(&format!(
+                "SKIP: this kernel has no FUSE over io_uring ({URING_PARAM}: {e})"
+            ));
+            return None;
+        }
         let mut f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -350,6 +347,11 @@ impl UringSwitch {
         f.read_to_string(&mut was)
             .expect("read the enable_uring record");
         if was.trim().is_empty() {
+            // Read under the lock: read before it, a value another test
+            // had just set would be recorded as the host's.
+            let now = std::fs::read_to_string(URING_PARAM)
+                .map(|v| v.trim().to_string())
+                .expect("read enable_uring");
             f.rewind().expect("rewind");
             f.write_all(now.as_bytes()).expect("record enable_uring");
         }
