@@ -421,19 +421,25 @@ impl Link {
             if let Some(e) = &self.closed {
                 return Err(self.error(e));
             }
-            let deadline = self
-                .session
-                .poll_timeout()
-                .and_then(|t| self.t0.checked_add(Duration::from_nanos(t)));
-            let input = tokio::select! {
-                i = self.rx.recv() => i,
-                () = sleep_until(deadline) => None,
-            };
-            let now = self.now();
-            match input {
-                Some(i) => self.input(now, i),
-                None => self.session.handle(now, Event::Tick),
-            }
+            self.take_input().await;
+        }
+    }
+
+    /// Wait for the next input (or the session's timer) and hand it to
+    /// the session. Cancel-safe: nothing is taken until it is handled.
+    async fn take_input(&mut self) {
+        let deadline = self
+            .session
+            .poll_timeout()
+            .and_then(|t| self.t0.checked_add(Duration::from_nanos(t)));
+        let input = tokio::select! {
+            i = self.rx.recv() => i,
+            () = sleep_until(deadline) => None,
+        };
+        let now = self.now();
+        match input {
+            Some(i) => self.input(now, i),
+            None => self.session.handle(now, Event::Tick),
         }
     }
 
@@ -451,19 +457,9 @@ impl Link {
             if self.failed.is_some() || self.closed.is_some() {
                 return work.await;
             }
-            let deadline = self
-                .session
-                .poll_timeout()
-                .and_then(|t| self.t0.checked_add(Duration::from_nanos(t)));
-            let input = tokio::select! {
+            tokio::select! {
                 out = &mut work => return out,
-                i = self.rx.recv() => i,
-                () = sleep_until(deadline) => None,
-            };
-            let now = self.now();
-            match input {
-                Some(i) => self.input(now, i),
-                None => self.session.handle(now, Event::Tick),
+                () = self.take_input() => {}
             }
         }
     }
