@@ -608,14 +608,26 @@ fn pump(
     store: &mut dyn FnMut(&ReceiverAction) -> Option<(OpId, StoreDone)>,
     read: &mut dyn FnMut(ReadWhat, u64, usize) -> ReadData,
 ) -> Vec<SenderAction> {
+    try_pump(s, r, store, read).unwrap_or_else(|e| panic!("closed: {e}"))
+}
+
+/// [`pump`]; Err: the sender's close, or else the receiver's (once all
+/// that was sent before it is delivered).
+fn try_pump(
+    s: &mut Sender,
+    r: &mut Receiver,
+    store: &mut dyn FnMut(&ReceiverAction) -> Option<(OpId, StoreDone)>,
+    read: &mut dyn FnMut(ReadWhat, u64, usize) -> ReadData,
+) -> Result<Vec<SenderAction>, SessionError> {
     let mut seen = Vec::new();
+    let mut receiver_closed = None;
     loop {
         let mut moved = false;
         while let Some(o) = s.poll() {
             moved = true;
             match deliver(o, |e| r.handle(NOW, e)) {
                 Ok(()) => {}
-                Err(Err(e)) => panic!("sender closed: {e}"),
+                Err(Err(e)) => return Err(e),
                 Err(Ok(SenderAction::Read {
                     id,
                     what,
@@ -630,7 +642,9 @@ fn pump(
             moved = true;
             match deliver(o, |e| s.handle(NOW, e)) {
                 Ok(()) => {}
-                Err(Err(e)) => panic!("receiver closed: {e}"),
+                Err(Err(e)) => {
+                    receiver_closed.get_or_insert(e);
+                }
                 Err(Ok(a)) => {
                     if let Some((op, d)) = store(&a) {
                         r.complete(NOW, op, d);
@@ -639,7 +653,10 @@ fn pump(
             }
         }
         if !moved {
-            return seen;
+            return match receiver_closed {
+                Some(e) => Err(e),
+                None => Ok(seen),
+            };
         }
     }
 }
@@ -2403,47 +2420,17 @@ fn three_logs_between(version: u16, newest: u16) -> Result<(Vec<bool>, u64), Ses
         store_free: 0,
         newest_version: newest,
     });
-    // The hand-shake alone first: a refused `Hello` closes the sender.
-    loop {
-        let mut moved = false;
-        while let Some(o) = s.poll() {
-            moved = true;
-            if let Err(Err(e)) = deliver(o, |e| r.handle(NOW, e)) {
-                return Err(e);
-            }
-        }
-        while let Some(o) = r.poll() {
-            moved = true;
-            match deliver(o, |e| s.handle(NOW, e)) {
-                Err(Ok(ReceiverAction::LoadDisk { op, .. })) => r.complete(
-                    NOW,
-                    op,
-                    StoreDone::DiskLoaded(Ok(DiskStatus {
-                        replica_cycle: 5,
-                        replica_size: 1 << 20,
-                        ..DiskStatus::default()
-                    })),
-                ),
-                // The replicas' cycle is committed again (last point 0).
-                Err(Ok(ReceiverAction::CommitPoint { op, .. })) => {
-                    r.complete(NOW, op, StoreDone::PointCommitted(Ok(true)))
-                }
-                // The receiver reports what it refused (to its log).
-                Err(Ok(ReceiverAction::Refused { .. })) => {}
-                Err(Ok(a)) => panic!("unexpected before the logs: {a:?}"),
-                Ok(()) | Err(Err(_)) => {}
-            }
-        }
-        if !moved {
-            break;
-        }
-    }
-    if !s.is_ready() {
-        return Err(SessionError::Misuse("the pair did not get ready".into()));
-    }
     let mut behind = Vec::new();
     let mut store = |a: &ReceiverAction| -> Option<(OpId, StoreDone)> {
         match a {
+            ReceiverAction::LoadDisk { op, .. } => Some((
+                *op,
+                StoreDone::DiskLoaded(Ok(DiskStatus {
+                    replica_cycle: 5,
+                    replica_size: 1 << 20,
+                    ..DiskStatus::default()
+                })),
+            )),
             ReceiverAction::StageLog { begin, .. } => {
                 behind.push(begin.behind);
                 None
@@ -2452,6 +2439,8 @@ fn three_logs_between(version: u16, newest: u16) -> Result<(Vec<bool>, u64), Ses
                 Some((*op, StoreDone::LogStored(Ok(LogStored::Stored))))
             }
             ReceiverAction::ApplyLog { op, .. } => Some((*op, StoreDone::LogApplied(Ok(())))),
+            // The replicas' cycle 5 is committed again (last point 0),
+            // then the logs' points.
             ReceiverAction::CommitPoint { op, .. } => {
                 Some((*op, StoreDone::PointCommitted(Ok(true))))
             }
@@ -2467,6 +2456,9 @@ fn three_logs_between(version: u16, newest: u16) -> Result<(Vec<bool>, u64), Ses
             end: e == log.len(),
         }
     };
+    // The hand-shake first: a refused `Hello` closes the sender.
+    try_pump(&mut s, &mut r, &mut store, &mut read)?;
+    assert!(s.is_ready());
     for (cycle, base) in [(6, 5), (7, 6), (8, 7)] {
         let (begin, _) = log_msgs(cycle, base, &log);
         s.submit(Job::Log {
@@ -2475,7 +2467,7 @@ fn three_logs_between(version: u16, newest: u16) -> Result<(Vec<bool>, u64), Ses
         })
         .expect("submit");
     }
-    pump(&mut s, &mut r, &mut store, &mut read);
+    try_pump(&mut s, &mut r, &mut store, &mut read)?;
     Ok((behind, s.last_point()))
 }
 
