@@ -273,9 +273,8 @@ fn concurrent_direct_writers_with_cuts_every_few_ms_over_uring_adaptive_writes()
             .custom_flags(libc::O_DIRECT)
             .open(disk)
             .unwrap();
-        let layout = std::alloc::Layout::from_size_align(BS, 4096).unwrap();
-        let p = unsafe { std::alloc::alloc(layout) };
-        let buf = unsafe { std::slice::from_raw_parts_mut(p, BS) };
+        let mut direct = DirectBuf::new(BS);
+        let buf = &mut direct[..];
         const LONE: u64 = 64;
         for blk in 0..LONE {
             buf.copy_from_slice(&stamp(99, blk + 1, blk));
@@ -287,7 +286,6 @@ fn concurrent_direct_writers_with_cuts_every_few_ms_over_uring_adaptive_writes()
             fb.read_exact_at(&mut back, blk * BS as u64).unwrap();
             assert_eq!(back, stamp(99, blk + 1, blk), "lone write to block {blk}");
         }
-        unsafe { std::alloc::dealloc(p, layout) };
         let lone = scrape_metrics(&maddr);
         assert_eq!(
             metric(&lone, WRITES) - metric(&at_depth, WRITES),
@@ -389,9 +387,8 @@ fn ring_submitted_direct_writes_into_holes_are_written_tracked_and_acknowledged_
                 .open(&disk)
                 .unwrap();
             std::thread::spawn(move || {
-                let layout = std::alloc::Layout::from_size_align(BS, 4096).unwrap();
-                let p = unsafe { std::alloc::alloc(layout) };
-                let buf = unsafe { std::slice::from_raw_parts_mut(p, BS) };
+                let mut direct = DirectBuf::new(BS);
+                let buf = &mut direct[..];
                 let mut last = Vec::new();
                 let mut n = 0u64;
                 let blocks = (0..per).chain((0..per).step_by(2));
@@ -403,7 +400,6 @@ fn ring_submitted_direct_writes_into_holes_are_written_tracked_and_acknowledged_
                     last.push((blk, seq as u64 + 1));
                     n += 1;
                 }
-                unsafe { std::alloc::dealloc(p, layout) };
                 (last, n)
             })
         })
@@ -442,14 +438,12 @@ fn ring_submitted_direct_writes_into_holes_are_written_tracked_and_acknowledged_
         .custom_flags(libc::O_DIRECT)
         .open(&disk)
         .unwrap();
-    let layout = std::alloc::Layout::from_size_align(BS, 4096).unwrap();
-    let p = unsafe { std::alloc::alloc(layout) };
-    let buf = unsafe { std::slice::from_raw_parts_mut(p, BS) };
+    let mut direct = DirectBuf::new(BS);
+    let buf = &mut direct[..];
     for (b, &(w, seq)) in want.iter().enumerate() {
         f.read_exact_at(buf, b as u64 * BS as u64).unwrap();
         assert_eq!(buf, &stamp(w, seq, b as u64)[..], "block {b} read back");
     }
-    unsafe { std::alloc::dealloc(p, layout) };
     // Tracked: the cut's log makes the copy equal to the disk.
     let logs = m.cut();
     apply(&logs, &copy);
@@ -476,16 +470,14 @@ fn nowait_write_into_hole_refused(path: &Path) -> bool {
         .open(path)
         .unwrap();
     f.set_len(1 << 20).unwrap();
-    let layout = std::alloc::Layout::from_size_align(BS, 4096).unwrap();
-    let p = unsafe { std::alloc::alloc_zeroed(layout) };
+    let mut buf = DirectBuf::new(BS);
     let iov = libc::iovec {
-        iov_base: p.cast(),
+        iov_base: buf.as_mut_ptr().cast(),
         iov_len: BS,
     };
     use std::os::fd::AsRawFd;
     let r = unsafe { libc::pwritev2(f.as_raw_fd(), &iov, 1, 4096, libc::RWF_NOWAIT) };
     let e = std::io::Error::last_os_error();
-    unsafe { std::alloc::dealloc(p, layout) };
     r < 0 && e.raw_os_error() == Some(libc::EAGAIN)
 }
 
@@ -554,9 +546,8 @@ fn concurrent_writers(
             let (done, started, stop) = (done.clone(), started.clone(), stop.clone());
             std::thread::spawn(move || {
                 let mut blocks = Vec::new();
-                let layout = std::alloc::Layout::from_size_align(BS, 4096).unwrap();
-                let p = unsafe { std::alloc::alloc(layout) };
-                let buf = unsafe { std::slice::from_raw_parts_mut(p, BS) };
+                let mut direct = DirectBuf::new(BS);
+                let buf = &mut direct[..];
                 let mut x = 0x2545F4914F6CDD1Du64 ^ (w as u64 + 1).wrapping_mul(0x9E37_79B9);
                 let mut seq = 0u64;
                 while !stop.load(Ordering::SeqCst) && seq < 100_000 {
@@ -571,7 +562,6 @@ fn concurrent_writers(
                     blocks.push(blk);
                     done.store(seq, Ordering::SeqCst);
                 }
-                unsafe { std::alloc::dealloc(p, layout) };
                 blocks
             })
         };
@@ -701,9 +691,8 @@ fn concurrent_writer(direct: bool, mount_args: &[&str]) {
         std::thread::spawn(move || {
             let mut blocks = Vec::new();
             // Aligned buffer for O_DIRECT.
-            let layout = std::alloc::Layout::from_size_align(BS, 4096).unwrap();
-            let p = unsafe { std::alloc::alloc(layout) };
-            let buf = unsafe { std::slice::from_raw_parts_mut(p, BS) };
+            let mut direct = DirectBuf::new(BS);
+            let buf = &mut direct[..];
             let mut x = 0x2545F4914F6CDD1Du64;
             let mut seq = 0u64;
             while !stop.load(Ordering::SeqCst) && seq < 200_000 {
@@ -718,7 +707,6 @@ fn concurrent_writer(direct: bool, mount_args: &[&str]) {
                 blocks.push(blk);
                 done.store(seq, Ordering::SeqCst);
             }
-            unsafe { std::alloc::dealloc(p, layout) };
             blocks
         })
     };
@@ -1054,16 +1042,14 @@ fn split_direct_write_tracked(env: Option<&str>, max_write: u64) {
         .custom_flags(libc::O_DIRECT)
         .open(&disk)
         .unwrap();
-    let layout = std::alloc::Layout::from_size_align(LEN, 4096).unwrap();
-    let p = unsafe { std::alloc::alloc(layout) };
-    let buf = unsafe { std::slice::from_raw_parts_mut(p, LEN) };
+    let mut direct = DirectBuf::new(LEN);
+    let buf = &mut direct[..];
     for (i, b) in buf.iter_mut().enumerate() {
         *b = ((i as u64 * 2_654_435_761) >> 13) as u8 | 1; // no zero block
     }
     let want = buf.to_vec();
     let before = scrape_metrics(&maddr);
     let n = f.write_at(buf, AT).unwrap();
-    unsafe { std::alloc::dealloc(p, layout) };
     assert_eq!(n, LEN, "bytes acknowledged");
     // A request is counted once its handler returns, just after its reply
     // woke the writer: wait for the count to reach the expected one (or

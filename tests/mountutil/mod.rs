@@ -455,3 +455,42 @@ fn assert_rings_pinned(m: &Mounted) {
         "worker {pid} runs {rings} ring threads for {queues} queues"
     );
 }
+
+/// A zeroed, 4 KiB-aligned buffer of `len` bytes for O_DIRECT I/O (a
+/// slice through `Deref`), freed on drop.
+pub struct DirectBuf {
+    p: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+impl DirectBuf {
+    pub fn new(len: usize) -> DirectBuf {
+        let layout = std::alloc::Layout::from_size_align(len.max(1), 4096).unwrap();
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!p.is_null(), "allocating {len} aligned bytes");
+        DirectBuf { p, layout }
+    }
+}
+
+impl std::ops::Deref for DirectBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: allocated with this size; borrowed through self.
+        unsafe { std::slice::from_raw_parts(self.p, self.layout.size()) }
+    }
+}
+
+impl std::ops::DerefMut for DirectBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: allocated with this size; exclusively borrowed.
+        unsafe { std::slice::from_raw_parts_mut(self.p, self.layout.size()) }
+    }
+}
+
+impl Drop for DirectBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.p, self.layout) }
+    }
+}
