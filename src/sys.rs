@@ -380,3 +380,27 @@ impl Drop for AlignedBuf {
         self.free();
     }
 }
+
+/// A pipe (read end, write end) of at least `bytes`, non-blocking and
+/// close-on-exec. `EPERM` when `bytes` is above `fs.pipe-max-size` and the
+/// process lacks `CAP_SYS_RESOURCE`.
+pub fn sized_pipe(bytes: usize) -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded: both are open descriptors nobody else owns.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let want =
+        libc::c_int::try_from(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: F_SETPIPE_SZ on a pipe descriptor we own.
+    let got = unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, want) };
+    if got < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if (got as usize) < bytes {
+        return Err(io::Error::from_raw_os_error(libc::ENOMEM));
+    }
+    Ok((r, w))
+}

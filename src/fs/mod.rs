@@ -233,7 +233,73 @@ fn session_config(opts: &FsOptions) -> Config {
     } else {
         opts.max_write.max(4096) as usize
     };
+    let (min, always) = splice_setting(std::env::var("VDREP_FUSE_SPLICE").ok().as_deref());
+    // A slot per page of the largest WRITE plus one for its header page,
+    // rounded up to a power of two by the kernel (vendor/fuser splice.rs).
+    let pipe = splice_pipe_bytes(opts.max_write);
+    c.splice_write_min = if min > 0 && splice_pipe_possible(pipe) {
+        min
+    } else {
+        0
+    };
+    c.splice_always = always;
+    c.splice_pipe_bytes = pipe;
     c
+}
+
+/// Bytes of the splice pipe a WRITE of up to `max_write` bytes needs.
+pub fn splice_pipe_bytes(max_write: u32) -> usize {
+    (max_write.max(4096) as usize + 4096).next_power_of_two()
+}
+
+/// Whether this process may make pipes of `bytes` (above
+/// `fs.pipe-max-size`, 1 MiB by default, that takes `CAP_SYS_RESOURCE`).
+/// When not, large writes are copied as before and the log says why and
+/// what to change (once per process).
+fn splice_pipe_possible(bytes: usize) -> bool {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    match sys::sized_pipe(bytes) {
+        Ok(_) => true,
+        Err(e) => {
+            SAID.call_once(|| {
+                tracing::warn!(
+                    "large writes are copied through the daemon, not spliced: a {bytes}-byte \
+                     pipe is refused ({e}); allow it with `sysctl fs.pipe-max-size={bytes}` or \
+                     CAP_SYS_RESOURCE for the daemon, or use a max_write of at most half the \
+                     current fs.pipe-max-size (VDREP_FUSE_MAX_WRITE)"
+                )
+            });
+            false
+        }
+    }
+}
+
+/// WRITEs of at least this many bytes are received with `splice(2)` and
+/// written from the pipe (one copy of their data in the daemon instead of
+/// two, no pinning of a request buffer; kernel-notes/writepath.md, session
+/// 13). Smaller requests keep `read(2)`: splicing costs them a system call.
+pub const SPLICE_WRITE_MIN: usize = 64 << 10;
+
+/// `VDREP_FUSE_SPLICE`: unset = [`SPLICE_WRITE_MIN`]; `0`/`off` = never;
+/// `always` = splice every request (for measurements); a number = that
+/// many bytes. Returns (minimum WRITE size, splice every request). An
+/// unreadable value keeps the default, with a warning.
+fn splice_setting(v: Option<&str>) -> (usize, bool) {
+    match v.map(str::trim) {
+        None | Some("") => (SPLICE_WRITE_MIN, false),
+        Some("0") | Some("off") => (0, false),
+        Some("always") => (SPLICE_WRITE_MIN, true),
+        Some(n) => match n.parse::<usize>() {
+            Ok(b) => (b.max(4096), false),
+            Err(_) => {
+                tracing::warn!(
+                    "VDREP_FUSE_SPLICE={n:?} is not 0, off, always or a byte count: \
+                     splicing writes of {SPLICE_WRITE_MIN} bytes or more"
+                );
+                (SPLICE_WRITE_MIN, false)
+            }
+        },
+    }
 }
 
 fn open_root(dir: &Path) -> io::Result<OwnedFd> {

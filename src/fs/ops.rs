@@ -4,7 +4,7 @@ use std::cell::RefCell;
 use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::Path;
@@ -15,7 +15,7 @@ use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
     ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags, WritePayload,
 };
 
 use super::handle::{DirEnt, OpenDir, OpenFile};
@@ -433,6 +433,49 @@ fn write_handle(h: &OpenFile, offset: u64, data: &[u8]) -> io::Result<usize> {
         }
     }
     write_full(disk, h.buffered()?, data, offset)
+}
+
+/// [`write_handle`] for a WRITE whose data is still in its splice pipe:
+/// the same choice of backing descriptor, the data moved by `splice(2)`.
+fn write_handle_pipe(h: &OpenFile, offset: u64, data: &mut WritePayload<'_>) -> io::Result<usize> {
+    let disk = h.disk.as_deref();
+    let len = data.remaining();
+    if h.direct && is_aligned(offset, len) {
+        match splice_full(disk, &h.file, data, offset) {
+            // Nothing consumed (the backing fs wants a larger alignment):
+            // the buffered twin, as write_handle does.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && data.remaining() == len => {}
+            r => return r,
+        }
+    }
+    splice_full(disk, h.buffered()?, data, offset)
+}
+
+/// [`write_full`] from a splice pipe: every chunk tracked as
+/// [`TrackedDisk::write_at`] tracks it.
+fn splice_full(
+    disk: Option<&TrackedDisk>,
+    f: &File,
+    data: &mut WritePayload<'_>,
+    offset: u64,
+) -> io::Result<usize> {
+    let mut done = 0;
+    while data.remaining() > 0 {
+        let off = offset + done as u64;
+        let left = data.remaining();
+        let r = match disk {
+            Some(d) => d.write_with(off, left, || data.splice_to(f.as_fd(), off, left)),
+            None => data.splice_to(f.as_fd(), off, left),
+        };
+        match r {
+            Ok(0) => return Err(io::Error::from_raw_os_error(libc::EIO)),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) if done > 0 => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
 }
 
 impl VdrepFs {
@@ -1084,6 +1127,45 @@ impl Filesystem for VdrepFs {
             Ok(n) => reply.written(n as u32),
             Err(e) => {
                 data_error(FuseOp::Write, fh.0, offset, data.len() as u64, &e);
+                reply.error(Errno::from(e));
+            }
+        }
+    }
+
+    fn write_pipe(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut data: WritePayload<'_>,
+        write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let _t = metrics::time(FuseOp::Write);
+        let len = data.len() as u64;
+        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            if let Ok(h) = self.open_file(fh) {
+                if let Some(inode) = self.inodes.get(h.ino) {
+                    tri!(self.kill_suidgid(&inode), reply);
+                }
+            }
+        }
+        let h = match self.open_file(fh) {
+            Ok(h) => h,
+            Err(e) => {
+                data_error(FuseOp::Write, fh.0, offset, len, &e);
+                reply.error(Errno::from(e));
+                return;
+            }
+        };
+        metrics::spliced_write();
+        match write_handle_pipe(&h, offset, &mut data) {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => {
+                data_error(FuseOp::Write, fh.0, offset, len, &e);
                 reply.error(Errno::from(e));
             }
         }

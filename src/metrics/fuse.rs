@@ -7,7 +7,8 @@
 //! Data requests (write, fsync, fallocate) answered with an error are
 //! counted too ([`failed`]): the VM saw an I/O error from vdrep. With the
 //! io_uring transport, the backing writes submitted on a ring thread's
-//! io_uring rather than written on the thread are counted ([`ring_write`]).
+//! io_uring rather than written on the thread are counted ([`ring_write`]),
+//! and so are the WRITEs written from their splice pipe ([`spliced_write`]).
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -102,6 +103,15 @@ pub fn ring_write() {
     RING_WRITES.fetch_add(1, Ordering::Relaxed);
 }
 
+/// WRITEs whose data went from the FUSE request's pipe to the backing
+/// file with `splice(2)` (not copied through a request buffer).
+static SPLICED_WRITES: AtomicU64 = AtomicU64::new(0);
+
+/// Count one WRITE served from its splice pipe.
+pub fn spliced_write() {
+    SPLICED_WRITES.fetch_add(1, Ordering::Relaxed);
+}
+
 /// Records one request of `op` when dropped.
 #[must_use = "the request is recorded when the timer is dropped"]
 pub struct OpTimer {
@@ -129,7 +139,7 @@ impl Drop for OpTimer {
 
 /// Encode `vdrep_fuse_requests_total{op}`,
 /// `vdrep_fuse_request_errors_total{op}`,
-/// `vdrep_fuse_ring_writes_total` and
+/// `vdrep_fuse_ring_writes_total`, `vdrep_fuse_spliced_writes_total` and
 /// `vdrep_fuse_request_duration_seconds{op}`.
 pub fn encode(enc: &mut DescriptorEncoder) -> fmt::Result {
     let snaps: Vec<(Labels, super::HistogramSnapshot)> = FuseOp::ALL
@@ -161,6 +171,13 @@ pub fn encode(enc: &mut DescriptorEncoder) -> fmt::Result {
         "O_DIRECT backing writes submitted on a FUSE ring thread's io_uring (transport uring); the other writes were written on the serving thread",
         None,
         [(Labels::new(), RING_WRITES.load(Ordering::Relaxed))],
+    )?;
+    counter(
+        enc,
+        "vdrep_fuse_spliced_writes",
+        "WRITE requests whose data went from the kernel to the backing file through a pipe (splice), without a copy through the daemon's memory",
+        None,
+        [(Labels::new(), SPLICED_WRITES.load(Ordering::Relaxed))],
     )?;
     histogram(
         enc,

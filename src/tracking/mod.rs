@@ -2372,16 +2372,30 @@ impl TrackedDisk {
     /// Write `data` at `offset` through `file` (the FS's open handle, which
     /// may be O_DIRECT) and record it. Returns bytes written.
     pub fn write_at(&self, file: &File, offset: u64, data: &[u8]) -> io::Result<usize> {
-        self.check_fence()?;
         if data.is_empty() {
+            self.check_fence()?;
             return file.write_at(data, offset);
         }
+        self.write_with(offset, data.len(), || file.write_at(data, offset))
+    }
+
+    /// [`TrackedDisk::write_at`] of `len > 0` bytes at `offset` whose
+    /// backing write `io` makes (a `splice(2)` from the FUSE request's pipe,
+    /// say): the same fence, activity log, pre-images, copy-before-write and
+    /// cut lock around `io`, and the blocks marked whatever its outcome.
+    pub fn write_with(
+        &self,
+        offset: u64,
+        len: usize,
+        io: impl FnOnce() -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        self.check_fence()?;
         let _cut = self.shared.cut_lock.read();
-        let (first, last) = self.span(offset, data.len() as u64);
+        let (first, last) = self.span(offset, len.max(1) as u64);
         self.log_activity(first, last)?;
         self.save_preimages(first, last)?;
         self.preserve(first, last);
-        let r = file.write_at(data, offset);
+        let r = io();
         // Marked whatever the outcome: an over-approximation is always safe.
         self.mark(first, last);
         if let Ok(n) = &r {

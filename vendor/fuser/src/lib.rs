@@ -75,6 +75,7 @@ pub use crate::reply::ReplyWrite;
 pub use crate::reply::ReplyXattr;
 pub use crate::request_param::Request;
 pub use crate::session::BackgroundSession;
+pub use crate::splice::WritePayload;
 use crate::session::MAX_WRITE_SIZE;
 pub use crate::session::Session;
 pub use crate::session::Dispatched;
@@ -103,6 +104,7 @@ mod reply;
 mod request;
 mod request_param;
 mod session;
+mod splice;
 mod time;
 
 /// We generally support async reads
@@ -639,6 +641,42 @@ pub trait Filesystem: Send + Sync + 'static {
             data.len()
         );
         reply.error(Errno::ENOSYS);
+    }
+
+    /// vdrep patch (issue 12): a WRITE whose data is still in the pipe it
+    /// was spliced into (`Config::splice_write_min`). Move it to the
+    /// backing file with [`WritePayload::splice_to`] (or copy it out with
+    /// [`WritePayload::read_into`]); whatever is left is discarded when
+    /// `data` is dropped. The default copies the data out and calls
+    /// [`Filesystem::write`].
+    fn write_pipe(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut data: WritePayload<'_>,
+        write_flags: WriteFlags,
+        flags: OpenFlags,
+        lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let mut buf = vec![0; data.len()];
+        match data.read_into(&mut buf) {
+            Ok(n) if n == buf.len() => self.write(
+                req,
+                ino,
+                fh,
+                offset,
+                &buf,
+                write_flags,
+                flags,
+                lock_owner,
+                reply,
+            ),
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(Errno::from(e)),
+        }
     }
 
     /// Flush method.

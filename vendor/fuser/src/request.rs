@@ -29,6 +29,13 @@ use crate::reply::ReplySender;
 use crate::session::SessionACL;
 use crate::session::SessionEventLoop;
 
+/// vdrep patch: answer request `unique` with `errno` when it could not be
+/// decoded (its bytes were only partly received).
+pub(crate) fn reply_errno(ch: ChannelSender, unique: u64, errno: Errno) {
+    let reply: ReplyRaw = Reply::new(ll::RequestId(unique), ReplySender::Channel(ch));
+    reply.send_ll(&ResponseErrno(errno));
+}
+
 /// Request data structure
 #[derive(Debug)]
 pub(crate) struct RequestWithSender<'a> {
@@ -553,6 +560,43 @@ impl<'a> RequestWithSender<'a> {
     /// implementation and makes sure that a request is replied exactly once
     pub(crate) fn reply<T: Reply>(&self) -> T {
         Reply::new(self.request.unique(), ReplySender::Channel(self.ch.clone()))
+    }
+
+    /// vdrep patch: dispatch a WRITE whose data is in `payload` (this
+    /// request was built from its header alone, see
+    /// `SessionEventLoop::header_only_write`). WRITE is served for every
+    /// caller under each [`SessionACL`] (the kernel sends write-back
+    /// WRITEs without a caller), so there is no access check to repeat.
+    pub(crate) fn dispatch_write_pipe<FS: Filesystem>(
+        &self,
+        se: &SessionEventLoop<FS>,
+        payload: crate::splice::WritePayload<'_>,
+    ) {
+        debug!("{} (data in a pipe) thread={}", self.request, se.thread_name);
+        let (Some(filesystem), Ok(ll::Operation::Write(x))) =
+            (&se.filesystem.fs, self.request.operation())
+        else {
+            self.reply::<ReplyRaw>().send_ll(&ResponseErrno(Errno::EIO));
+            return;
+        };
+        let offset = match x.offset() {
+            Ok(o) => o,
+            Err(errno) => {
+                self.reply::<ReplyRaw>().send_ll(&ResponseErrno(errno));
+                return;
+            }
+        };
+        filesystem.write_pipe(
+            self.request_header(),
+            self.request.nodeid(),
+            x.file_handle(),
+            offset,
+            payload,
+            x.write_flags(),
+            x.flags(),
+            x.lock_owner(),
+            self.reply(),
+        );
     }
 
     /// Returns a Request reference for this request

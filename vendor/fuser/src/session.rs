@@ -20,6 +20,7 @@ use log::debug;
 use log::error;
 use log::info;
 use log::warn;
+use nix::errno::Errno as NixErrno;
 use nix::unistd::Uid;
 use nix::unistd::geteuid;
 use parking_lot::Mutex;
@@ -49,6 +50,9 @@ use crate::reply::Reply;
 use crate::reply::ReplyRaw;
 use crate::reply::ReplySender;
 use crate::request::RequestWithSender;
+use crate::splice::SplicePipe;
+use crate::splice::WRITE_HEADER;
+use crate::splice::WritePayload;
 
 /// The max size of write requests from the kernel. The absolute minimum is 4k,
 /// FUSE recommends at least 128k, max 16M. The FUSE default is 16M on macOS
@@ -379,6 +383,9 @@ impl<FS: Filesystem> Session<FS> {
                     allowed,
                     session_owner,
                     prefault_bytes: 0,
+                    splice_write_min: 0,
+                    splice_pipe_bytes: 0,
+                    splice_always: false,
                 }),
             };
             threads.push(
@@ -397,6 +404,9 @@ impl<FS: Filesystem> Session<FS> {
                 allowed,
                 session_owner,
                 prefault_bytes: config.prefault_bytes,
+                splice_write_min: config.splice_write_min,
+                splice_pipe_bytes: config.splice_pipe_bytes,
+                splice_always: config.splice_always,
             };
             threads.push(
                 thread::Builder::new()
@@ -619,6 +629,12 @@ pub(crate) struct SessionEventLoop<FS: Filesystem> {
     pub(crate) session_owner: Uid,
     /// vdrep patch: see [`crate::Config::prefault_bytes`].
     pub(crate) prefault_bytes: usize,
+    /// vdrep patch: see [`crate::Config::splice_write_min`] (0: off).
+    pub(crate) splice_write_min: usize,
+    /// vdrep patch: see [`crate::Config::splice_pipe_bytes`].
+    pub(crate) splice_pipe_bytes: usize,
+    /// vdrep patch: see [`crate::Config::splice_always`].
+    pub(crate) splice_always: bool,
 }
 
 impl<FS: Filesystem> SessionEventLoop<FS> {
@@ -628,33 +644,152 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
         let mut buf = FuseReadBuf::new();
         buf.prefault(self.prefault_bytes);
         let buf = buf.as_mut();
+        // vdrep patch: see `Config::splice_write_min` and src/splice.rs.
+        let mut pipe = self.splice_pipe();
+        let mut splicing = self.splice_always;
         loop {
+            if let (Some(p), true) = (&pipe, splicing) {
+                let n = match p.receive(self.ch.as_fd(), buf.len()) {
+                    Ok(n) => n,
+                    Err(NixErrno::ENOENT | NixErrno::EINTR | NixErrno::EAGAIN) => continue,
+                    Err(NixErrno::ENODEV) => return Ok(()),
+                    Err(err) => return Err(err.into()),
+                };
+                match self.serve_spliced(p, buf, n)? {
+                    Served::Destroy => return Ok(()),
+                    Served::LargeWrite => {}
+                    Served::Other => splicing = self.splice_always,
+                }
+                if p.is_broken() {
+                    warn!("{}: the splice pipe lost track of its contents; using a new one", self.thread_name);
+                    pipe = self.splice_pipe();
+                }
+                continue;
+            }
             // Read the next request from the given channel to kernel driver
             // The kernel driver makes sure that we get exactly one request per read
             match self.ch.receive_retrying(buf) {
-                Ok(size) => match RequestWithSender::new(self.ch.sender(), &buf[..size]) {
-                    // Dispatch request
-                    Some(req) => {
-                        if let Ok(Operation::Destroy(_)) = req.request.operation() {
-                            req.reply::<ReplyEmpty>().ok();
-                            return Ok(());
-                        } else {
-                            req.dispatch(self)
-                        }
+                Ok(size) => {
+                    let request = &buf[..size];
+                    if pipe.is_some() && self.large_write_len(request, size).is_some() {
+                        // More are likely to follow (write-back, a big copy).
+                        splicing = true;
                     }
-                    // Quit loop on illegal request
-                    None => {
-                        return Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            "Invalid request",
-                        ));
+                    if let Served::Destroy = self.serve(request)? {
+                        return Ok(());
                     }
-                },
+                }
                 Err(nix::errno::Errno::ENODEV) => return Ok(()),
                 Err(err) => return Err(err.into()),
             }
         }
     }
+
+    /// Decode and run one request received whole.
+    fn serve(&self, request: &[u8]) -> io::Result<Served> {
+        match RequestWithSender::new(self.ch.sender(), request) {
+            // Dispatch request
+            Some(req) => {
+                if let Ok(Operation::Destroy(_)) = req.request.operation() {
+                    req.reply::<ReplyEmpty>().ok();
+                    Ok(Served::Destroy)
+                } else {
+                    req.dispatch(self);
+                    Ok(Served::Other)
+                }
+            }
+            // Quit loop on illegal request
+            None => Err(io::Error::new(io::ErrorKind::InvalidData, "Invalid request")),
+        }
+    }
+
+    /// vdrep patch: the pipe of this event loop, or none when splicing is
+    /// off or the pipe cannot be sized (logged once per thread).
+    fn splice_pipe(&self) -> Option<SplicePipe> {
+        if self.splice_write_min == 0 {
+            return None;
+        }
+        match SplicePipe::new(self.splice_pipe_bytes) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                warn!("{}: large writes are copied, not spliced: {e}", self.thread_name);
+                None
+            }
+        }
+    }
+
+    /// vdrep patch: the data length of `request` (whose whole length is
+    /// `total`: it may hold only the first bytes) if it is a WRITE of at
+    /// least `splice_write_min` bytes whose data follows its 80-byte header
+    /// directly.
+    fn large_write_len(&self, request: &[u8], total: usize) -> Option<usize> {
+        let word = |at: usize| -> Option<u32> {
+            Some(u32::from_ne_bytes(request.get(at..at + 4)?.try_into().ok()?))
+        };
+        let len = word(0)? as usize;
+        let opcode = word(4)?;
+        let total_extlen = word(36)? & 0xffff;
+        let size = word(56)? as usize;
+        (opcode == abi::fuse_opcode::FUSE_WRITE as u32
+            && total_extlen == 0
+            && len == total
+            && size.checked_add(WRITE_HEADER) == Some(total)
+            && size >= self.splice_write_min)
+            .then_some(size)
+    }
+
+    /// vdrep patch: serve the request of `n` bytes just spliced into `p`
+    /// (empty before). A large WRITE goes to `Filesystem::write_pipe` with
+    /// its data left in the pipe; anything else is read out and served as
+    /// by `read(2)`.
+    fn serve_spliced(&self, p: &SplicePipe, buf: &mut [u8], n: usize) -> io::Result<Served> {
+        let head = n.min(WRITE_HEADER);
+        if n > buf.len() {
+            // Cannot happen: the splice asked for at most buf.len() bytes.
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "request larger than the buffer"));
+        }
+        // Failing here, the request cannot be answered (its id is unread):
+        // the loop ends and the connection's other loops go on.
+        p.read_exact(&mut buf[..head])?;
+        if let Some(size) = self.large_write_len(&buf[..head], n) {
+            // A header-only view of the request: its length and data size
+            // say "no data", so the common decoder accepts it; the data is
+            // the payload in the pipe.
+            buf[0..4].copy_from_slice(&(WRITE_HEADER as u32).to_ne_bytes());
+            buf[56..60].copy_from_slice(&0u32.to_ne_bytes());
+            let payload = WritePayload::new(p, size);
+            match RequestWithSender::new(self.ch.sender(), &buf[..WRITE_HEADER]) {
+                Some(req) => req.dispatch_write_pipe(self, payload),
+                None => {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "Invalid request"));
+                }
+            }
+            return Ok(Served::LargeWrite);
+        }
+        if n > head {
+            if let Err(e) = p.read_exact(&mut buf[head..n]) {
+                // The header is known: answer the request instead of leaving
+                // it without one.
+                if head >= std::mem::size_of::<abi::fuse_in_header>() {
+                    let unique = u64::from_ne_bytes(buf[8..16].try_into().map_err(io::Error::other)?);
+                    crate::request::reply_errno(self.ch.sender(), unique, Errno::EIO);
+                }
+                warn!("{}: reading a spliced request: {e}", self.thread_name);
+                return Ok(Served::Other);
+            }
+        }
+        self.serve(&buf[..n])
+    }
+}
+
+/// What an event loop did with one request (vdrep patch).
+enum Served {
+    /// A WRITE served from the splice pipe.
+    LargeWrite,
+    /// Any other request.
+    Other,
+    /// `FUSE_DESTROY`: the connection is ending.
+    Destroy,
 }
 
 /// vdrep patch: runs requests that arrive by another transport than

@@ -27,6 +27,20 @@ pub struct Config {
     /// for `FUSE_NOTIFY_RESEND`. With the pages mapped, the copy takes the
     /// fast path, which does not look at signals. 0: no prefault.
     pub prefault_bytes: usize,
+    /// vdrep patch (issue 12): receive requests with `splice(2)` and hand
+    /// WRITEs of at least this many bytes to
+    /// [`crate::Filesystem::write_pipe`] with their data still in the pipe
+    /// (`src/splice.rs`). 0: never splice. An event loop splices after it
+    /// saw such a WRITE and goes back to `read(2)` after a request that is
+    /// not one (unless `splice_always`), so small requests keep their one
+    /// system call.
+    pub splice_write_min: usize,
+    /// vdrep patch: bytes of each event loop's splice pipe: room for the
+    /// largest request (`max_write` plus a page for the header), see
+    /// `src/splice.rs`.
+    pub splice_pipe_bytes: usize,
+    /// vdrep patch: splice every request (for measurements).
+    pub splice_always: bool,
 }
 
 /// Mount options accepted by the FUSE filesystem type
