@@ -74,6 +74,13 @@
 # round; their columns (value, ratio to native, p99, CPU per request, T1-T3)
 # follow, with new/base (vdrep/base-vdrep, uring/base-uring).
 #
+# Splice (issue 12, session 13): the mount receives WRITEs of 64 KiB and
+# more with splice(2) when it may make pipes of 2 MiB (room for a 1 MiB
+# request): root with CAP_SYS_RESOURCE may (a systemd service has it); a
+# root without it (this dev VM's containers) needs fs.pipe-max-size raised.
+# PIPE_MAX_SIZE=2097152 (the default) raises it to that for the run if it
+# is lower and puts the old value back at exit; PIPE_MAX_SIZE=0 leaves it.
+#
 # Output: a table on stdout and bench-results/writepath-<UTC time>.{json,md}.
 set -euo pipefail
 
@@ -110,7 +117,19 @@ RAW="${REPORT_FROM:-$BENCH_ROOT/raw-$STAMP}"   # fio JSON outputs
 mkdir -p "$DATA" "$BINDMNT" "$RAW" "$RESULTS_DIR"
 
 URING_WAS="$(cat /sys/module/fuse/parameters/enable_uring 2>/dev/null || true)"
+PIPE_MAX_SIZE="${PIPE_MAX_SIZE:-2097152}"
+PIPE_MAX_WAS="$(cat /proc/sys/fs/pipe-max-size 2>/dev/null || true)"
+if [[ "$PIPE_MAX_SIZE" != 0 && -n "$PIPE_MAX_WAS" && "$PIPE_MAX_WAS" -lt "$PIPE_MAX_SIZE" ]]; then
+    if echo "$PIPE_MAX_SIZE" > /proc/sys/fs/pipe-max-size 2>/dev/null; then
+        say "fs.pipe-max-size $PIPE_MAX_WAS -> $PIPE_MAX_SIZE for this run (splice of 1 MiB WRITEs)"
+    else
+        say "warning: cannot raise fs.pipe-max-size to $PIPE_MAX_SIZE: 1 MiB WRITEs are copied, not spliced"
+    fi
+fi
 cleanup() {
+    if [[ -n "$PIPE_MAX_WAS" && "$(cat /proc/sys/fs/pipe-max-size 2>/dev/null)" != "$PIPE_MAX_WAS" ]]; then
+        echo "$PIPE_MAX_WAS" > /proc/sys/fs/pipe-max-size 2>/dev/null || true
+    fi
     if [[ -n "$URING_WAS" && "$(cat /sys/module/fuse/parameters/enable_uring 2>/dev/null)" != "$URING_WAS" ]]; then
         echo "$URING_WAS" > /sys/module/fuse/parameters/enable_uring 2>/dev/null || true
     fi

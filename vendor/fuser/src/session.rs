@@ -653,6 +653,15 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
                     Ok(n) => n,
                     Err(NixErrno::ENOENT | NixErrno::EINTR | NixErrno::EAGAIN) => continue,
                     Err(NixErrno::ENODEV) => return Ok(()),
+                    Err(err @ (NixErrno::EIO | NixErrno::ENOMEM | NixErrno::EINVAL)) => {
+                        // The pipe could not take a request (the kernel
+                        // answered that one itself): a fresh pipe, and
+                        // read(2) for the next request.
+                        warn!("{}: splicing a request: {err}; using a new pipe", self.thread_name);
+                        pipe = self.splice_pipe();
+                        splicing = false;
+                        continue;
+                    }
                     Err(err) => return Err(err.into()),
                 };
                 match self.serve_spliced(p, buf, n)? {
