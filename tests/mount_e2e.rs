@@ -1068,20 +1068,7 @@ fn split_direct_write_tracked(env: Option<&str>, max_write: u64) {
     drop(f);
     // Tracked exactly: the log's records cover [AT, AT + LEN) and nothing else.
     let logs = m.cut();
-    let log = log_for(&logs, "d.raw");
-    let mut r = vdrep::hrl::HrlReader::open(&log).unwrap();
-    let mut covered = Vec::new();
-    while let Some(rec) = r.next_record().unwrap() {
-        covered.push((rec.offset, rec.offset + rec.length as u64));
-    }
-    covered.sort_unstable();
-    let mut merged: Vec<(u64, u64)> = Vec::new();
-    for (a, b) in covered {
-        match merged.last_mut() {
-            Some(last) if a <= last.1 => last.1 = last.1.max(b),
-            _ => merged.push((a, b)),
-        }
-    }
+    let merged = logged_ranges(&log_for(&logs, "d.raw"));
     assert_eq!(
         merged,
         vec![(AT, AT + LEN as u64)],
@@ -1184,20 +1171,7 @@ fn buffered_writes_spliced(splice: Option<&str>, max_write: Option<&str>, splice
         assert_eq!(spliced, 0.0, "no WRITE spliced (env {env:?})");
     }
     let logs = m.cut();
-    let log = log_for(&logs, "d.raw");
-    let mut r = vdrep::hrl::HrlReader::open(&log).unwrap();
-    let mut merged: Vec<(u64, u64)> = Vec::new();
-    let mut covered = Vec::new();
-    while let Some(rec) = r.next_record().unwrap() {
-        covered.push((rec.offset, rec.offset + rec.length as u64));
-    }
-    covered.sort_unstable();
-    for (a, b) in covered {
-        match merged.last_mut() {
-            Some(last) if a <= last.1 => last.1 = last.1.max(b),
-            _ => merged.push((a, b)),
-        }
-    }
+    let merged = logged_ranges(&log_for(&logs, "d.raw"));
     assert_eq!(
         merged,
         vec![(AT, AT + LEN as u64)],
@@ -1357,4 +1331,22 @@ fn fuse_event_loops(pid: i32) -> usize {
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
         .filter(|c| c.starts_with("fuser-") && c.trim_end() != "fuser-transport")
         .count()
+}
+
+/// The byte ranges a log's records cover, sorted and merged.
+fn logged_ranges(log: &Path) -> Vec<(u64, u64)> {
+    let mut r = vdrep::hrl::HrlReader::open(log).unwrap();
+    let mut covered = Vec::new();
+    while let Some(rec) = r.next_record().unwrap() {
+        covered.push((rec.offset, rec.offset + rec.length as u64));
+    }
+    covered.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (a, b) in covered {
+        match merged.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => merged.push((a, b)),
+        }
+    }
+    merged
 }
