@@ -13,6 +13,7 @@
 use super::target::ReplicaTarget;
 use crate::hrl::format::{self, Frame, ParseError};
 use crate::hrl::{HrlError, HrlHeader, HrlReader, HrlWriter};
+use crate::util::readahead::ReadAhead;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
@@ -64,31 +65,37 @@ pub(crate) fn write_undo(
         app_consistent: false,
         ..h.clone()
     };
-    let mut w = HrlWriter::create(path, &uh)?;
     let old = h.base_size;
+    // Every range to keep, `(offset, len)` in log order: the ranges the log
+    // writes (clipped to the size at the base), then what a shrinking log
+    // cuts off, [disk_size, base_size). Known before the first read, so the
+    // reads below are hinted a window ahead (the disk serves many at once).
+    let mut ranges = Vec::new();
+    while let Some(rec) = r.next_record()? {
+        let start = rec.offset;
+        let end = (rec.offset + u64::from(rec.length)).min(old);
+        if start < end {
+            ranges.push((start, end - start));
+        }
+    }
+    let mut off = h.disk_size;
+    while off < old {
+        let n = (old - off).min(1 << 20);
+        ranges.push((off, n));
+        off += n;
+    }
+    let mut w = HrlWriter::create(path, &uh)?;
     let mut buf = Vec::new();
     let io = |e| HrlError::Io {
         path: path.to_path_buf(),
         source: e,
     };
-    while let Some(rec) = r.next_record()? {
-        let start = rec.offset;
-        let end = (rec.offset + u64::from(rec.length)).min(old);
-        if start >= end {
-            continue;
-        }
-        buf.resize((end - start) as usize, 0);
+    let mut ahead = ReadAhead::new();
+    for (k, &(start, n)) in ranges.iter().enumerate() {
+        target.read_ahead(&mut ahead, &ranges, k);
+        buf.resize(n as usize, 0);
         target.read_at(&mut buf, start).map_err(io)?;
         w.append(start, &buf)?;
-    }
-    // A shrinking log cuts [disk_size, base_size) off: keep it.
-    let mut off = h.disk_size;
-    while off < old {
-        let n = (old - off).min(1 << 20);
-        buf.resize(n as usize, 0);
-        target.read_at(&mut buf, off).map_err(io)?;
-        w.append(off, &buf)?;
-        off += n;
     }
     Ok(w.finish()?.file_bytes)
 }
