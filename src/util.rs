@@ -2,13 +2,15 @@
 //! wall-clock nanoseconds, lower-case hex, random 128-bit identities, full
 //! positional reads, zeroing a range of a file, and
 //! one bounded run of an administrator's shell command ([`command`]), and
-//! a stopwatch of named steps ([`steps`]), and the debug events of a
-//! replication cycle's phases ([`phase`]).
+//! a stopwatch of named steps ([`steps`]), the debug events of a
+//! replication cycle's phases ([`phase`]), and read-ahead hints for
+//! scattered reads ([`readahead`]).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub mod command;
 pub mod phase;
+pub mod readahead;
 pub mod steps;
 
 /// Nanoseconds since the Unix epoch (0 if the clock is before it).

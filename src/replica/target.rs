@@ -15,6 +15,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use crate::util::readahead::ReadAhead;
+
 /// How the replica file stores the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -68,6 +70,12 @@ pub trait ReplicaTarget: Send {
     /// Make everything written so far durable (fsync; container metadata
     /// included).
     fn flush(&mut self) -> io::Result<()>;
+    /// A reader is about to read `ranges[at]` of `ranges` (`(offset, len)`
+    /// of the virtual disk, in reading order): start reading the next ones
+    /// into the page cache without waiting ([`ReadAhead`]). A hint only:
+    /// what [`read_at`](Self::read_at) returns is the same without it.
+    /// Nothing by default.
+    fn read_ahead(&self, _ahead: &mut ReadAhead, _ranges: &[(u64, u64)], _at: usize) {}
     /// Where data starts at or after `offset` (`SEEK_DATA`; the disk's
     /// length if only holes follow), or `None` if the file cannot tell.
     fn next_data(&self, _offset: u64) -> Option<u64> {
@@ -214,6 +222,10 @@ impl ReplicaTarget for RawFile {
     fn start_writeback(&self) -> io::Result<()> {
         start_writeback(&self.file)
     }
+    fn read_ahead(&self, ahead: &mut ReadAhead, ranges: &[(u64, u64)], at: usize) {
+        use std::os::fd::AsRawFd;
+        ahead.before(self.file.as_raw_fd(), ranges, at);
+    }
     fn flush(&mut self) -> io::Result<()> {
         // fdatasync: the data and every piece of metadata needed to read it
         // back (size, block allocation) are durable; only timestamps may
@@ -284,6 +296,10 @@ impl ReplicaTarget for FixedVhd {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.raw.read_at(buf, offset)
+    }
+    fn read_ahead(&self, ahead: &mut ReadAhead, ranges: &[(u64, u64)], at: usize) {
+        // The disk's bytes are the file's from offset 0 on.
+        self.raw.read_ahead(ahead, ranges, at)
     }
     fn write_at(&mut self, data: &[u8], offset: u64) -> io::Result<()> {
         self.raw.write_at(data, offset)

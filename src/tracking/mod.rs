@@ -2504,9 +2504,27 @@ impl TrackedDisk {
         let nblocks = s.size.div_ceil(bs);
         let per_chunk = (CHUNK_BYTES / bs).max(1);
         let first_block = from / bs;
-        for (start, count) in s.dirty.runs(nblocks) {
-            let end = start + count;
-            let mut b = start.max(first_block);
+        // The runs to read, and their bytes: hinted a window ahead of the
+        // reads below so the disk serves many of them at once (a hint only:
+        // what each read returns, and the copy-before-write order under the
+        // state lock, are unchanged).
+        let runs: Vec<(u64, u64)> = s
+            .dirty
+            .runs(nblocks)
+            .into_iter()
+            .filter_map(|(start, count)| {
+                let b = start.max(first_block);
+                (b < start + count).then_some((b, start + count))
+            })
+            .collect();
+        let bytes: Vec<(u64, u64)> = runs
+            .iter()
+            .map(|&(b, end)| (b * bs, (end * bs).min(s.size) - b * bs))
+            .collect();
+        let mut ahead = crate::util::readahead::ReadAhead::new();
+        for (k, &(start, end)) in runs.iter().enumerate() {
+            ahead.before(self.reader.as_raw_fd(), &bytes, k);
+            let mut b = start;
             while b < end {
                 let ce = (b + per_chunk).min(end);
                 let off = b * bs;
