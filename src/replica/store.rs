@@ -1340,7 +1340,12 @@ impl Site<'_> {
             }
             Err(e) => return Err(self.io(&p.ctx, "opening a log", &logp, e)),
         };
-        let header = self.verify_log(p, &log, &logp, cycle)?;
+        // Only the header here: the log was checked completely as it was
+        // stored, and the undo record's pass below (`undo::write_undo` reads
+        // every record up to the seal) checks it again before the replica is
+        // touched; a bad log fails there and is never applied
+        // (`apply_rejects_a_log_damaged_after_it_was_stored`).
+        let header = self.log_header(p, &log, &logp, cycle)?;
         let out_of_order = |what: String| StoreError::OutOfOrder {
             ctx: p.ctx.clone(),
             cycle,
@@ -1451,6 +1456,14 @@ impl Site<'_> {
         let h = r.header().clone();
         r.finish()
             .map_err(|e| hrl_err(&p.ctx, &self.store.root, "verifying a log", cycle, e))?;
+        self.check_log_identity(p, logp, cycle, h)
+    }
+
+    /// The header of the log of `cycle`, checked to be this disk's log of
+    /// `cycle` (the records are not read).
+    fn log_header(&self, p: &DiskPaths, log: &File, logp: &Path, cycle: u64) -> Result<HrlHeader> {
+        let r = self.read_log(p, log, logp, cycle, "verifying a log")?;
+        let h = r.header().clone();
         self.check_log_identity(p, logp, cycle, h)
     }
 
