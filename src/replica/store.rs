@@ -1097,9 +1097,9 @@ impl Site<'_> {
 
     /// Receive a log for disk `disk_id` of `vm` from `src` and make it
     /// durable in `incoming/` (streamed to a temp file and verified
-    /// completely on the way, fsynced, renamed, directory fsynced). A log the replica already
-    /// holds is recognised from its header and acknowledged without being
-    /// stored (the rest of `src` is not read).
+    /// completely on the way, fsynced, renamed, directory fsynced). A log
+    /// the replica already holds is recognised from its header and
+    /// acknowledged without being stored (the rest of `src` is not read).
     pub fn store_log<R: Read>(
         &self,
         vm: &str,
