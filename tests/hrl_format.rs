@@ -715,8 +715,55 @@ proptest! {
         if b != orig {
             prop_assert!(res.is_err());
         }
+        // The receiver's streaming check (unknown length, 5-byte pieces)
+        // refuses exactly what the whole-file check refuses.
+        let streamed = HrlReader::streaming(Pieces(&b[..]), Path::new("<stream>"))
+            .and_then(HrlReader::finish);
+        prop_assert_eq!(streamed.is_ok(), res.is_ok());
         let mut out = Vec::new();
         let _ = dump_bytes(&b, false, &mut out);
         let _ = dump_bytes(&b, true, &mut out);
     }
+}
+
+/// Yields a slice at most 5 bytes per read (a log arriving in pieces).
+struct Pieces<'a>(&'a [u8]);
+impl std::io::Read for Pieces<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(self.0.len()).min(5);
+        buf[..n].copy_from_slice(&self.0[..n]);
+        self.0 = &self.0[n..];
+        Ok(n)
+    }
+}
+
+/// A good log streamed in pieces passes with the same summary as the
+/// whole-file check; every truncation of it and one byte more are refused.
+#[test]
+fn a_streamed_log_is_checked_like_the_whole_file() {
+    let orig = small_bytes();
+    let (_, whole) = verify_bytes(orig).unwrap();
+    let r = HrlReader::streaming(Pieces(orig), Path::new("<stream>")).unwrap();
+    let s = r.finish().unwrap();
+    assert_eq!(
+        (s.records, s.data_bytes, s.file_bytes, &s.log_checksum),
+        (
+            whole.records,
+            whole.data_bytes,
+            whole.file_bytes,
+            &whole.log_checksum
+        )
+    );
+    for cut in 0..orig.len() {
+        let e = HrlReader::streaming(Pieces(&orig[..cut]), Path::new("<stream>"))
+            .and_then(HrlReader::finish)
+            .unwrap_err();
+        assert!(matches!(e, HrlError::Corrupt { .. }), "cut at {cut}: {e}");
+    }
+    let mut longer = orig.to_vec();
+    longer.push(0);
+    let e = HrlReader::streaming(Pieces(&longer), Path::new("<stream>"))
+        .and_then(HrlReader::finish)
+        .unwrap_err();
+    assert!(e.to_string().contains("after the seal"), "{e}");
 }

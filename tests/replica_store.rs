@@ -1005,3 +1005,144 @@ fn a_full_copy_of_one_disk_drops_only_the_points_that_include_it() {
         );
     }
 }
+
+/// Feeds `bytes` a few at a time (the receiver's log arrives in pieces),
+/// then fails with a receive error at `fail_at` if given.
+struct Pieces<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    step: usize,
+    fail_at: Option<usize>,
+}
+
+impl std::io::Read for Pieces<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.fail_at.is_some_and(|f| self.pos >= f) {
+            return Err(std::io::Error::other("the connection was lost"));
+        }
+        let end = (self.pos + self.step).min(self.bytes.len());
+        let end = self.fail_at.map_or(end, |f| end.min(f));
+        let n = (end - self.pos).min(buf.len());
+        buf[..n].copy_from_slice(&self.bytes[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+fn pieces(bytes: &[u8], fail_at: Option<usize>) -> Pieces<'_> {
+    Pieces {
+        bytes,
+        pos: 0,
+        step: 7,
+        fail_at,
+    }
+}
+
+fn incoming_files(h: &DirHarness) -> Vec<String> {
+    std::fs::read_dir(h.disk_dir(DISK).join("incoming"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// A replica at cycle 1 and the bytes of a good log of cycle 2 for it.
+fn disk_and_log_2(h: &DirHarness) -> (Arc<dyn ReplicaStore>, Vec<u8>, Vec<u8>, Vec<u8>) {
+    let store = h.open();
+    let mut rng = Rng(0x5eed_0013);
+    let mut disk = vec![0u8; 256 << 10];
+    rng.fill(&mut disk);
+    initial(store.as_ref(), &disk, 1);
+    let mut d2 = disk.clone();
+    let dirty = random_writes(&mut rng, &mut d2, 12);
+    let logs = tempfile::tempdir().unwrap();
+    let lp = logs.path().join("2.hrl");
+    make_log(&lp, ID, 1, 2, disk.len() as u64, &d2, &dirty);
+    let bytes = std::fs::read(&lp).unwrap();
+    (store, disk, d2, bytes)
+}
+
+/// The log is checked as it streams into `incoming/` (no read-back): a
+/// damaged, truncated or overlong log, fed in small pieces, is refused,
+/// leaves nothing in `incoming/` and cannot be applied; a receive error is
+/// reported as one (not as a bad log); the good log in the same pieces is
+/// stored and applies.
+#[test]
+fn a_bad_log_is_refused_while_it_streams_in_and_never_applied() {
+    let h = DirHarness::new(false);
+    let (store, disk, d2, good) = disk_and_log_2(&h);
+    let n = good.len();
+    let flipped = |at: usize| {
+        let mut b = good.clone();
+        b[at] ^= 0x10;
+        b
+    };
+    let mut longer = good.clone();
+    longer.push(0);
+    let bad: Vec<(String, Vec<u8>)> = vec![
+        ("cut in the header".into(), good[..40].to_vec()),
+        ("cut in the first record".into(), good[..n / 4].to_vec()),
+        ("cut in the middle".into(), good[..n / 2].to_vec()),
+        ("cut in the trailer".into(), good[..n - 9].to_vec()),
+        ("one byte short".into(), good[..n - 1].to_vec()),
+        ("a payload byte flipped".into(), flipped(n / 2)),
+        ("a trailer byte flipped".into(), flipped(n - 5)),
+        ("a byte after the seal".into(), longer),
+    ];
+    for (what, bytes) in &bad {
+        let e = store.store_log(DISK, &mut pieces(bytes, None)).unwrap_err();
+        assert!(matches!(e, StoreError::CorruptLog { .. }), "{what}: {e}");
+        assert_eq!(incoming_files(&h), Vec::<String>::new(), "{what}");
+        let e = store.apply(DISK, 2).unwrap_err();
+        assert!(matches!(e, StoreError::NotReady { .. }), "{what}: {e}");
+        assert_eq!(store.replica_state(DISK).unwrap().cycle, Some(1), "{what}");
+    }
+    // The connection breaks mid-log: an I/O error, not a bad log.
+    let e = store
+        .store_log(DISK, &mut pieces(&good, Some(n / 2)))
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Io { .. }), "{e}");
+    assert!(e.to_string().contains("connection was lost"), "{e}");
+    assert_eq!(incoming_files(&h), Vec::<String>::new());
+    assert_eq!(store_suite::read_current(store.as_ref(), DISK), disk);
+    // The good log, in the same pieces.
+    let out = store.store_log(DISK, &mut pieces(&good, None)).unwrap();
+    assert!(
+        matches!(out, StoreOutcome::Stored { cycle: 2, bytes, .. } if bytes == n as u64),
+        "{out:?}"
+    );
+    assert_eq!(incoming_files(&h), vec!["2.hrl".to_string()]);
+    store.apply(DISK, 2).unwrap();
+    assert_eq!(store_suite::read_current(store.as_ref(), DISK), d2);
+    assert_eq!(store_suite::read_point(store.as_ref(), DISK, 1), disk);
+}
+
+/// Apply reads only the header of a stored log before the undo record's
+/// pass, which checks every record and the seal before the replica is
+/// touched: a log damaged in `incoming/` after it was stored is refused,
+/// with no undo record, the state and the replica unchanged.
+#[test]
+fn apply_rejects_a_log_damaged_after_it_was_stored() {
+    let h = DirHarness::new(false);
+    let (store, disk, _, good) = disk_and_log_2(&h);
+    let n = good.len();
+    // A payload byte, then the trailer's whole-log checksum: the records
+    // before the damage pass their own checks.
+    for at in [n / 2, n - 5] {
+        store.store_log(DISK, &mut &good[..]).unwrap();
+        let lp = h.disk_dir(DISK).join("incoming").join("2.hrl");
+        let mut b = std::fs::read(&lp).unwrap();
+        b[at] ^= 0x10;
+        std::fs::write(&lp, &b).unwrap();
+        let e = store.apply(DISK, 2).unwrap_err();
+        assert!(matches!(e, StoreError::CorruptLog { .. }), "at {at}: {e}");
+        let st = store.replica_state(DISK).unwrap();
+        assert_eq!((st.cycle, st.applying), (Some(1), None), "at {at}");
+        assert_eq!(h.history_records(DISK), Some(0), "at {at}");
+        assert_eq!(
+            store_suite::read_current(store.as_ref(), DISK),
+            disk,
+            "at {at}"
+        );
+        std::fs::remove_file(&lp).unwrap();
+    }
+}

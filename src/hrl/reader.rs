@@ -44,6 +44,9 @@ pub struct HrlReader<R> {
     summary: HrlSummary,
     sealed: bool,
     failed: bool,
+    /// The log's length is not known: it arrives as a stream
+    /// ([`HrlReader::streaming`]).
+    streaming: bool,
 }
 
 impl HrlReader<BufReader<File>> {
@@ -61,6 +64,10 @@ impl<'b> HrlReader<&'b [u8]> {
         HrlReader::new(bytes, bytes.len() as u64, label)
     }
 }
+
+/// The length a streamed log is read with until its seal: larger than any
+/// log, so that only the stream's end (a truncation) or the seal stops it.
+const STREAM_LEN: u64 = u64::MAX;
 
 fn truncated(path: &Path, file_len: u64, need: u64, what: &str) -> HrlError {
     HrlError::corrupt(
@@ -132,7 +139,19 @@ impl<R: Read> HrlReader<R> {
             path,
             sealed: false,
             failed: false,
+            streaming: false,
         })
+    }
+
+    /// Read a log of unknown length as it arrives from `inner` (the
+    /// receiver checks a log while it streams in, instead of reading it
+    /// back): the same checks as [`HrlReader::new`], the stream's end
+    /// anywhere before the seal is a truncation, and after the seal the
+    /// stream must end (a byte more is an error).
+    pub fn streaming(inner: R, label: &Path) -> Result<Self, HrlError> {
+        let mut r = HrlReader::new(inner, STREAM_LEN, label)?;
+        r.streaming = true;
+        Ok(r)
     }
 
     /// The log's header.
@@ -252,6 +271,11 @@ impl<R: Read> HrlReader<R> {
                         ),
                     ));
                 }
+                if self.streaming {
+                    self.end_of_stream()?;
+                    self.file_len = self.pos;
+                    self.summary.file_bytes = self.pos;
+                }
                 if self.pos != self.file_len {
                     return Err(HrlError::corrupt(
                         &self.path,
@@ -346,6 +370,23 @@ impl<R: Read> HrlReader<R> {
         }
     }
 
+    /// After the seal of a streamed log: the stream must end there.
+    fn end_of_stream(&mut self) -> Result<(), HrlError> {
+        let mut one = [0u8; 1];
+        loop {
+            return match self.inner.read(&mut one) {
+                Ok(0) => Ok(()),
+                Ok(_) => Err(HrlError::corrupt(
+                    &self.path,
+                    self.pos,
+                    "unexpected bytes after the seal",
+                )),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => Err(HrlError::io(&self.path, e)),
+            };
+        }
+    }
+
     /// Read to the end, checking everything; returns the summary.
     pub fn finish(mut self) -> Result<HrlSummary, HrlError> {
         while self.next_record()?.is_some() {}
@@ -361,7 +402,13 @@ fn read_exact<R: Read>(
     file_len: u64,
 ) -> Result<(), HrlError> {
     r.read_exact(buf).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof && file_len == STREAM_LEN {
+            HrlError::corrupt(
+                path,
+                at,
+                format!("log is truncated at offset {at}: the stream ended before the seal"),
+            )
+        } else if e.kind() == std::io::ErrorKind::UnexpectedEof {
             HrlError::corrupt(
                 path,
                 at,

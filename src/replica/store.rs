@@ -1096,10 +1096,10 @@ impl Site<'_> {
     }
 
     /// Receive a log for disk `disk_id` of `vm` from `src` and make it
-    /// durable in `incoming/` (streamed to a temp file, fsynced, verified
-    /// completely, renamed, directory fsynced). A log the replica already
-    /// holds is recognised from its header and acknowledged without being
-    /// stored (the rest of `src` is not read).
+    /// durable in `incoming/` (streamed to a temp file and verified
+    /// completely on the way, fsynced, renamed, directory fsynced). A log
+    /// the replica already holds is recognised from its header and
+    /// acknowledged without being stored (the rest of `src` is not read).
     pub fn store_log<R: Read>(
         &self,
         vm: &str,
@@ -1172,30 +1172,34 @@ impl Site<'_> {
                 create_nofollow(&tmp).map_err(|e| self.io(&p.ctx, "storing a log", &tmp, e))?;
             f.write_all(&head)
                 .map_err(|e| self.io(&p.ctx, "storing a log", &tmp, e))?;
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let k = match src.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(k) => k,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(self.io(&p.ctx, "receiving a log", &tmp, e)),
-                };
-                f.write_all(&buf[..k])
-                    .map_err(|e| self.io(&p.ctx, "storing a log", &tmp, e))?;
+            // Checked as it arrives (every record's checksum, order and
+            // bounds, the whole-log checksum, the counts, the seal, nothing
+            // after it), from the very bytes written to the temp file: no
+            // read-back. A bad or truncated log is never renamed into place.
+            let mut tee = Tee {
+                src: &mut src,
+                file: &mut f,
+                bytes: head.len() as u64,
+                read_err: None,
+                write_err: None,
+            };
+            let checked = HrlReader::streaming(
+                std::io::Read::chain(&head[..], BufReader::with_capacity(256 << 10, &mut tee)),
+                &tmp,
+            )
+            .and_then(HrlReader::finish);
+            if let Some(e) = tee.read_err.take() {
+                return Err(self.io(&p.ctx, "receiving a log", &tmp, e));
             }
-            f.sync_all()
+            if let Some(e) = tee.write_err.take() {
+                return Err(self.io(&p.ctx, "storing a log", &tmp, e));
+            }
+            checked.map_err(|e| hrl_err(&p.ctx, &self.store.root, "verifying a log", cycle, e))?;
+            let len = tee.bytes;
+            // fdatasync: the bytes and the size (all that reading needs).
+            f.sync_data()
                 .map_err(|e| self.io(&p.ctx, "storing a log", &tmp, e))?;
             self.store.step("log-tmp-synced");
-            let len = f
-                .metadata()
-                .map_err(|e| self.io(&p.ctx, "storing a log", &tmp, e))?
-                .len();
-            f.seek(SeekFrom::Start(0))
-                .map_err(|e| self.io(&p.ctx, "storing a log", &tmp, e))?;
-            let r = HrlReader::new(BufReader::with_capacity(256 << 10, &f), len, &tmp)
-                .map_err(|e| hrl_err(&p.ctx, &self.store.root, "verifying a log", cycle, e))?;
-            r.finish()
-                .map_err(|e| hrl_err(&p.ctx, &self.store.root, "verifying a log", cycle, e))?;
             Ok(len)
         })();
         let len = match res {
@@ -1336,7 +1340,12 @@ impl Site<'_> {
             }
             Err(e) => return Err(self.io(&p.ctx, "opening a log", &logp, e)),
         };
-        let header = self.verify_log(p, &log, &logp, cycle)?;
+        // Only the header here: the log was checked completely as it was
+        // stored, and the undo record's pass below (`undo::write_undo` reads
+        // every record up to the seal) checks it again before the replica is
+        // touched; a bad log fails there and is never applied
+        // (`apply_rejects_a_log_damaged_after_it_was_stored`).
+        let header = self.log_header(p, &log, &logp, cycle)?;
         let out_of_order = |what: String| StoreError::OutOfOrder {
             ctx: p.ctx.clone(),
             cycle,
@@ -1447,6 +1456,24 @@ impl Site<'_> {
         let h = r.header().clone();
         r.finish()
             .map_err(|e| hrl_err(&p.ctx, &self.store.root, "verifying a log", cycle, e))?;
+        self.check_log_identity(p, logp, cycle, h)
+    }
+
+    /// The header of the log of `cycle`, checked to be this disk's log of
+    /// `cycle` (the records are not read).
+    fn log_header(&self, p: &DiskPaths, log: &File, logp: &Path, cycle: u64) -> Result<HrlHeader> {
+        let r = self.read_log(p, log, logp, cycle, "verifying a log")?;
+        let h = r.header().clone();
+        self.check_log_identity(p, logp, cycle, h)
+    }
+
+    fn check_log_identity(
+        &self,
+        p: &DiskPaths,
+        logp: &Path,
+        cycle: u64,
+        h: HrlHeader,
+    ) -> Result<HrlHeader> {
         let want = parse_hex_id(p.ctx.disk()).unwrap_or_default();
         if h.disk_id != want || h.cycle != cycle {
             return Err(StoreError::IdentityMismatch {
@@ -1515,8 +1542,12 @@ impl Site<'_> {
         }
         self.write_state(p, st)?;
         self.store.step("state-applied");
+        // No fsync of `incoming/` for the removal: a log that comes back
+        // after a crash is for a cycle the durable state already has, and
+        // is dropped as such (by `recover_disk`, or by the next apply of
+        // it); the next stored log's fsync of the directory makes the
+        // removal durable anyway.
         let _ = std::fs::remove_file(p.log(h.cycle));
-        let _ = sync_dir(&p.incoming);
         Ok(())
     }
 
@@ -2229,6 +2260,40 @@ impl Site<'_> {
             let _ = sync_dir(&p.undo);
         }
         Ok(report)
+    }
+}
+
+/// The bytes of an arriving log on their way to the verifier, copied into
+/// the log's temp file as they pass. Keeps the first error of each side,
+/// so that a failed receive or write is reported as such, not as a bad log.
+struct Tee<'a, R> {
+    src: R,
+    file: &'a mut File,
+    bytes: u64,
+    read_err: Option<std::io::Error>,
+    write_err: Option<std::io::Error>,
+}
+
+impl<R: Read> Read for Tee<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let k = loop {
+            match self.src.read(buf) {
+                Ok(k) => break k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let why = std::io::Error::other(format!("receiving the log: {e}"));
+                    self.read_err = Some(e);
+                    return Err(why);
+                }
+            }
+        };
+        if let Err(e) = self.file.write_all(&buf[..k]) {
+            let why = std::io::Error::other(format!("storing the log: {e}"));
+            self.write_err = Some(e);
+            return Err(why);
+        }
+        self.bytes += k as u64;
+        Ok(k)
     }
 }
 
