@@ -48,8 +48,8 @@
 #      SCALE_RATE=50m SCALE_SECS=60)
 #   RPO_MODES="30s continuous"     subset of --every modes for the RPO section
 #   BENCH_ROOT=/var/tmp/vdrep-rbench   work folder (needs ~6x SIZE free; not tmpfs)
-#   NO_BUILD=1   do not run `cargo build --release`
-#   VDREP=path   binary (default target/release/vdrep)
+#   NO_BUILD=1   do not run `cargo build --release` (implied by VDREP=)
+#   VDREP=path   binary (default target/release/vdrep, built first)
 #   KEEP=1       also keep the disk copies and replicas (logs are always kept
 #                under BENCH_ROOT/run-<UTC>/log)
 #   NO_INSTALL=1 do not apt-get install missing tools
@@ -81,6 +81,9 @@ SCALE_RATE="${SCALE_RATE:-50m}"
 SCALE_SECS="${SCALE_SECS:-60}"
 export SCALE_SECS SCALE_RATE   # read by the report
 BENCH_ROOT="${BENCH_ROOT:-/var/tmp/vdrep-rbench}"
+# A binary given by path is used as it is (an A/B of two builds must not
+# rebuild one of them); the default one is built first.
+[[ -n "${VDREP:-}" ]] && NO_BUILD=1
 VDREP="${VDREP:-$REPO/target/release/vdrep}"
 RESULTS_DIR="$REPO/bench-results"
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"

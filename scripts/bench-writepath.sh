@@ -42,8 +42,9 @@
 #   CUT_EVERY=0.1      seconds between cuts during the worst-* jobs (their
 #                      logs are deleted: nothing ships them here)
 #   JOBS="seq-write-1m-psync ..."     subset of job names (default: all)
-#   NO_BUILD=1         do not run `cargo build --release` (use existing binary)
-#   VDREP=path         vdrep binary (default target/release/vdrep)
+#   NO_BUILD=1         do not run `cargo build --release` (use existing binary;
+#                      implied by VDREP=)
+#   VDREP=path         vdrep binary (default target/release/vdrep, built first)
 #   VDREP_MOUNT_ARGS=  extra arguments to `vdrep mount`
 #   URING4_MOUNT_ARGS= extra arguments to `vdrep mount` of target vdrep-uring4
 #                      only (e.g. `--threads 64`: as many rings of 4 entries
@@ -91,6 +92,7 @@ RUNS="${RUNS:-3}"
 BENCH_ROOT="${BENCH_ROOT:-/var/tmp/vdrep-bench}"
 TARGETS="${TARGETS:-native vdrep vdrep-nolog}"
 CUT_EVERY="${CUT_EVERY:-0.1}"
+[[ -n "${VDREP:-}" ]] && NO_BUILD=1   # a binary given by path is used as it is
 VDREP="${VDREP:-$REPO/target/release/vdrep}"
 BASE_VDREP="${BASE_VDREP:-}"
 CUR_VDREP="$VDREP"   # the binary of the target being measured

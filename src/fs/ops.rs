@@ -575,6 +575,33 @@ impl VdrepFs {
     }
 
     /// Clear set-user-ID (and group-executable set-group-ID) bits.
+    /// The open file a WRITE of `len` bytes at `offset` goes to, with the
+    /// set-user/group-ID bits dropped first when the kernel asks for it
+    /// (`FUSE_WRITE_KILL_SUIDGID`). The same for `write` and `write_pipe`;
+    /// an unknown handle is logged as a failed write.
+    fn write_target(
+        &self,
+        fh: FileHandle,
+        offset: u64,
+        len: u64,
+        write_flags: WriteFlags,
+    ) -> Result<Arc<OpenFile>, Errno> {
+        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            // On a ring thread: nothing of this thread's in flight while
+            // the mode changes (a no-op on a /dev/fuse thread).
+            uring::drain();
+            if let Ok(h) = self.open_file(fh) {
+                if let Some(inode) = self.inodes.get(h.ino) {
+                    self.kill_suidgid(&inode).map_err(Errno::from)?;
+                }
+            }
+        }
+        self.open_file(fh).map_err(|e| {
+            data_error(FuseOp::Write, fh.0, offset, len, &e);
+            Errno::from(e)
+        })
+    }
+
     fn kill_suidgid(&self, inode: &Inode) -> io::Result<()> {
         let st = sys::fstat(inode.raw())?;
         let mut m = st.st_mode & 0o7777;
@@ -1098,23 +1125,9 @@ impl Filesystem for VdrepFs {
         reply: ReplyWrite,
     ) {
         let t = metrics::time(FuseOp::Write);
-        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
-            // On a ring thread: nothing of this thread's in flight while
-            // the mode changes.
-            uring::drain();
-            if let Ok(h) = self.open_file(fh) {
-                if let Some(inode) = self.inodes.get(h.ino) {
-                    tri!(self.kill_suidgid(&inode), reply);
-                }
-            }
-        }
-        let h = match self.open_file(fh) {
+        let h = match self.write_target(fh, offset, data.len() as u64, write_flags) {
             Ok(h) => h,
-            Err(e) => {
-                data_error(FuseOp::Write, fh.0, offset, data.len() as u64, &e);
-                reply.error(Errno::from(e));
-                return;
-            }
+            Err(e) => return reply.error(e),
         };
         let Some((reply, _t)) = write_async(&h, fh.0, offset, data, reply, t) else {
             return;
@@ -1146,20 +1159,9 @@ impl Filesystem for VdrepFs {
     ) {
         let _t = metrics::time(FuseOp::Write);
         let len = data.len() as u64;
-        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
-            if let Ok(h) = self.open_file(fh) {
-                if let Some(inode) = self.inodes.get(h.ino) {
-                    tri!(self.kill_suidgid(&inode), reply);
-                }
-            }
-        }
-        let h = match self.open_file(fh) {
+        let h = match self.write_target(fh, offset, len, write_flags) {
             Ok(h) => h,
-            Err(e) => {
-                data_error(FuseOp::Write, fh.0, offset, len, &e);
-                reply.error(Errno::from(e));
-                return;
-            }
+            Err(e) => return reply.error(e),
         };
         metrics::spliced_write();
         match write_handle_pipe(&h, offset, &mut data) {
