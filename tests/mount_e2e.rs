@@ -1105,15 +1105,20 @@ fn large_buffered_writes_go_through_a_splice_pipe_and_are_tracked_exactly() {
     require_fuse!();
     // 512 KiB requests fit the 1 MiB pipe any process may make; 1 MiB ones
     // need a 2 MiB pipe (fs.pipe-max-size or CAP_SYS_RESOURCE): without
-    // it the mount must copy them (no WRITE spliced) and still be right.
+    // it a mount told to use 1 MiB must copy them (no WRITE spliced) and
+    // still be right, and a mount told nothing takes 512 KiB and splices.
     let big_pipes = vdrep::sys::sized_pipe(vdrep::fs::splice_pipe_bytes(1 << 20)).is_ok();
+    let pipes = vdrep::sys::sized_pipe(vdrep::fs::splice_pipe_bytes(512 << 10)).is_ok();
     let half = Some("524288");
+    let full = Some("1048576");
     for (splice, max_write, spliced) in [
         (None, half, true),
         (Some("0"), half, false),
         (Some("always"), half, true),
-        (None, None, big_pipes),
-        (Some("always"), None, big_pipes),
+        (None, None, pipes),
+        (Some("0"), None, false),
+        (None, full, big_pipes),
+        (Some("always"), full, big_pipes),
     ] {
         buffered_writes_spliced(splice, max_write, spliced);
     }

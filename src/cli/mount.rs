@@ -60,7 +60,7 @@ pub fn mount(
         n_threads: threads.max(1),
         writeback_cache: !no_writeback_cache,
         fuse_transport,
-        max_write: fuse_max_write_env().unwrap_or(crate::fs::DEFAULT_MAX_WRITE),
+        max_write: fuse_max_write_env().unwrap_or_else(crate::fs::default_max_write),
         ..FsOptions::default()
     };
     let keys = keys.or(cfg.and_then(|c| c.site.keys.clone()));
@@ -221,7 +221,8 @@ fn activity_hot_env() -> Option<u32> {
 }
 
 /// `VDREP_FUSE_MAX_WRITE`: the largest FUSE WRITE request in bytes, 4096
-/// to 1048576 (default [`crate::fs::DEFAULT_MAX_WRITE`]; more than 1 MiB
+/// to 1048576 (default [`crate::fs::default_max_write`]: 1 MiB, or 512 KiB
+/// where 1 MiB WRITEs could not be spliced; more than 1 MiB
 /// would need the kernel's global `fs.fuse.max_pages_limit` raised, which
 /// measured slower: kernel-notes/writepath.md).
 fn fuse_max_write_env() -> Option<u32> {
