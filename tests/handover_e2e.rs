@@ -316,21 +316,26 @@ fn resident_anon_and_fuse_threads(pid: u64) -> (u64, usize) {
 }
 
 /// The request buffers of the worker `pid` are resident: at least
-/// `max_write` (1 MiB by default) per FUSE thread.
+/// `max_write` per FUSE thread (the mounts here set none: 1 MiB, or
+/// 512 KiB where this host refuses the pipes splicing 1 MiB needs, as
+/// `vdrep::fs::default_max_write` decides in the mount's process).
 /// Each thread maps its buffer as it starts, which may still be under way
 /// when the worker first answers `status`: waits up to 10 s.
 fn assert_request_buffers_resident(pid: u64, what: &str) {
+    let per_thread_kb = u64::from(vdrep::fs::default_max_write()) / 1024;
     let t0 = Instant::now();
     let (kb, threads) = loop {
         let (kb, threads) = resident_anon_and_fuse_threads(pid);
-        if (threads > 0 && kb >= threads as u64 * 1024) || t0.elapsed() > Duration::from_secs(10) {
+        if (threads > 0 && kb >= threads as u64 * per_thread_kb)
+            || t0.elapsed() > Duration::from_secs(10)
+        {
             break (kb, threads);
         }
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(threads > 0, "{what}: worker {pid} runs no FUSE thread");
     assert!(
-        kb >= threads as u64 * 1024,
+        kb >= threads as u64 * per_thread_kb,
         "{what}: worker {pid} has {kb} kB of anonymous memory resident for {threads} FUSE threads: their request buffers are not mapped in, and a kill -9 while the kernel copies a request into one ends it with EIO"
     );
     println!("{what}: worker {pid}: {kb} kB resident for {threads} FUSE threads");

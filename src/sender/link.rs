@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::error::{conn_err, refuses_version, session_err};
 use super::shaper::{Class, Shaper};
-use super::{now_ns, SendError, Vm};
+use super::{now_ns, SendError, Vm, VmState};
 use crate::tracking::{CycleBuf, SealedLog, StreamError};
 use crate::transport::StreamEnd;
 use crate::wire::session::{
@@ -709,6 +709,14 @@ impl Link {
         }
         {
             let mut s = vm.status.lock();
+            // A point committed over this session: an interruption that
+            // made the VM `Warning` is over (before, it stayed `Warning`
+            // until the session had shipped all it had pending, after the
+            // `vdrep sync` it answered here had returned).
+            if s.state == VmState::Warning {
+                s.state = VmState::Normal;
+                s.last_error = None;
+            }
             s.last_point = Some(cycle);
             s.last_point_unix_ns = Some(self.cut_ns.get(&cycle).copied().unwrap_or_else(now_ns));
             if app_consistent {
