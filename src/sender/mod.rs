@@ -414,13 +414,15 @@ impl Drop for LiveConn<'_> {
 }
 
 /// The shared connection to one receiver (`vdrep-mux/1`), or that it
-/// speaks only `vdrep/1` (a connection per session).
+/// speaks only `vdrep/1` (a connection per session), or why the last dial
+/// failed and when.
 #[derive(Default)]
 enum PoolSlot {
     #[default]
     Empty,
     Mux(Arc<link::MuxConn>),
     Legacy,
+    Failed(Instant, SendError),
 }
 
 /// A connection for a session: its own, or a shared one (`mux`).
@@ -1017,8 +1019,13 @@ impl Replicator {
         }
         let key = format!("{} {:?}", spec.to, spec.trust);
         let shared = self.pool.lock().entry(key).or_default().clone();
+        let asked = Instant::now();
         let mut slot = shared.lock().await;
         match &*slot {
+            // The dial this session waited for failed: its error, not one
+            // more dial (256 sessions waiting for a receiver that is down
+            // would each wait out a handshake timeout in turn).
+            PoolSlot::Failed(at, e) if *at >= asked => return Err(e.clone()),
             PoolSlot::Mux(m) if m.is_open() => {
                 return Ok(Dialed {
                     conn: m.connection().clone(),
@@ -1038,7 +1045,13 @@ impl Replicator {
             }
             _ => {}
         }
-        let d = self.dial_new(spec).await?;
+        let d = match self.dial_new(spec).await {
+            Ok(d) => d,
+            Err(e) => {
+                *slot = PoolSlot::Failed(Instant::now(), e.clone());
+                return Err(e);
+            }
+        };
         *slot = match &d.mux {
             Some(m) => PoolSlot::Mux(m.clone()),
             None => PoolSlot::Legacy,
