@@ -214,7 +214,7 @@ fn malformed_mux_headers_are_reset_and_not_applied() {
         let trust = transport::trust::TrustStore::from_files(&[s.p("kb/site-b.crt")]).unwrap();
         let tuning = transport::Tuning::default();
         let ep = transport::client_endpoint(&tuning, None).unwrap();
-        let cc = transport::mux_client_config(&id, &trust, &tuning).unwrap();
+        let (cc, _shares) = transport::mux_client_config(&id, &trust, &tuning).unwrap();
         let conn = transport::connect_with(&ep, cc, r.addr.parse().unwrap(), "vdrep")
             .await
             .unwrap();

@@ -178,12 +178,17 @@ pub(super) struct MuxConn {
     /// Bytes the sessions wrote on their streams (to share the
     /// connection's UDP bytes among the VMs).
     written: Arc<AtomicU64>,
+    /// The sessions on it, for its congestion window's floor.
+    shares: crate::transport::congestion::Shares,
 }
 
 impl MuxConn {
     /// Share `conn` (it negotiated `vdrep-mux/1`): listen for the
     /// receiver's session ends.
-    pub(super) fn new(conn: quinn::Connection) -> Arc<Self> {
+    pub(super) fn new(
+        conn: quinn::Connection,
+        shares: crate::transport::congestion::Shares,
+    ) -> Arc<Self> {
         let sessions: Arc<parking_lot::Mutex<HashMap<u64, mpsc::UnboundedSender<Input>>>> =
             Arc::default();
         let (c, to) = (conn.clone(), sessions.clone());
@@ -217,6 +222,7 @@ impl MuxConn {
             next_tag: AtomicU64::new(0),
             sessions,
             written: Arc::default(),
+            shares,
         })
     }
 
@@ -323,6 +329,7 @@ impl Link {
         let part = mux.map(|mux| {
             let tag = mux.next_tag.fetch_add(1, Ordering::Relaxed);
             mux.sessions.lock().insert(tag, tx.clone());
+            mux.shares.add();
             Part {
                 mux,
                 tag,
@@ -403,6 +410,7 @@ impl Link {
         }
         p.ended = true;
         p.mux.sessions.lock().remove(&p.tag);
+        p.mux.shares.remove();
         // The writers reset their streams.
         self.writers.clear();
         let end = Control::End {

@@ -1096,13 +1096,14 @@ impl Replicator {
             }
         };
         let tuning = Self::dial_tuning();
-        let cc =
+        let (cc, shares) =
             transport::mux_client_config(id, &trust, &tuning).map_err(|e| retry(e.to_string()))?;
         let ep = self.client_endpoint(&tuning)?;
         let conn = transport::connect_with(&ep, cc, addr, "vdrep")
             .await
             .map_err(|e| transport_err(&e, addr))?;
-        let mux = transport::mux::negotiated(&conn).then(|| link::MuxConn::new(conn.clone()));
+        let mux =
+            transport::mux::negotiated(&conn).then(|| link::MuxConn::new(conn.clone(), shares));
         Ok(Dialed {
             conn,
             mux,

@@ -228,6 +228,13 @@ impl Default for Tuning {
 
 impl Tuning {
     fn transport_config(&self) -> Result<quinn::TransportConfig, TransportError> {
+        self.transport_config_shared(None)
+    }
+
+    fn transport_config_shared(
+        &self,
+        shares: Option<congestion::Shares>,
+    ) -> Result<quinn::TransportConfig, TransportError> {
         let mut t = quinn::TransportConfig::default();
         t.stream_receive_window(quinn::VarInt::from_u32(self.stream_receive_window));
         t.receive_window(quinn::VarInt::from_u32(self.receive_window));
@@ -242,7 +249,8 @@ impl Tuning {
         let mut mtu = quinn::MtuDiscoveryConfig::default();
         mtu.upper_bound(self.max_udp_payload.max(1200));
         t.mtu_discovery_config(Some(mtu));
-        self.congestion.apply(&mut t, self.window_cap);
+        self.congestion
+            .apply_shared(&mut t, self.window_cap, shares);
         Ok(t)
     }
 }
@@ -466,18 +474,21 @@ pub fn client_config(
     trust: &TrustStore,
     tuning: &Tuning,
 ) -> Result<quinn::ClientConfig, TransportError> {
-    client_config_alpn(id, trust, tuning, vec![ALPN.to_vec()])
+    client_config_alpn(id, trust, tuning, vec![ALPN.to_vec()], None)
 }
 
 /// [`client_config`] offering [`mux::ALPN_MUX`] first (unless
 /// `VDREP_MUX=0`), for a client that speaks it: check
-/// [`mux::negotiated`] on the connection.
+/// [`mux::negotiated`] on the connection. Count its sessions in the
+/// [`congestion::Shares`] returned: its window cap's floor is per session.
 pub fn mux_client_config(
     id: &Identity,
     trust: &TrustStore,
     tuning: &Tuning,
-) -> Result<quinn::ClientConfig, TransportError> {
-    client_config_alpn(id, trust, tuning, mux::alpns())
+) -> Result<(quinn::ClientConfig, congestion::Shares), TransportError> {
+    let shares = congestion::Shares::default();
+    let cc = client_config_alpn(id, trust, tuning, mux::alpns(), Some(shares.clone()))?;
+    Ok((cc, shares))
 }
 
 fn client_config_alpn(
@@ -485,10 +496,11 @@ fn client_config_alpn(
     trust: &TrustStore,
     tuning: &Tuning,
     alpns: Vec<Vec<u8>>,
+    shares: Option<congestion::Shares>,
 ) -> Result<quinn::ClientConfig, TransportError> {
     let crypto = client_crypto(id, trust, alpns)?;
     let mut cc = quinn::ClientConfig::new(Arc::new(crypto));
-    cc.transport_config(Arc::new(tuning.transport_config()?));
+    cc.transport_config(Arc::new(tuning.transport_config_shared(shares)?));
     Ok(cc)
 }
 
