@@ -325,7 +325,7 @@ mod tests {
         // A reason longer than allowed, and one that is not UTF-8.
         let mut big = b[..STREAM_HEADER_LEN + 4].to_vec();
         big.extend_from_slice(&((MAX_REASON + 1) as u16).to_be_bytes());
-        big.extend(std::iter::repeat(b'x').take(MAX_REASON + 1));
+        big.extend(std::iter::repeat_n(b'x', MAX_REASON + 1));
         assert!(matches!(Control::decode(&big), Err(MuxError::BadReason(_))));
         let mut bad = b[..STREAM_HEADER_LEN + 4].to_vec();
         bad.extend_from_slice(&2u16.to_be_bytes());
