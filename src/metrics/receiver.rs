@@ -14,6 +14,7 @@ static ACTIVE: AtomicI64 = AtomicI64::new(0);
 static ACCEPTED: AtomicU64 = AtomicU64::new(0);
 static APPLY: Histogram = Histogram::latency();
 static DROPPED: AtomicU64 = AtomicU64::new(0);
+static SESSIONS: AtomicI64 = AtomicI64::new(0);
 
 /// Counts one connection as active while it lives.
 #[must_use = "the connection counts as active while the guard lives"]
@@ -29,6 +30,23 @@ pub fn connection() -> ConnGuard {
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         ACTIVE.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts one session of a multiplexed connection (`vdrep-mux/1`) as
+/// active while it lives.
+#[must_use = "the session counts as active while the guard lives"]
+pub struct SessionGuard(());
+
+/// A session began on a multiplexed connection.
+pub fn session() -> SessionGuard {
+    SESSIONS.fetch_add(1, Ordering::Relaxed);
+    SessionGuard(())
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        SESSIONS.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -53,6 +71,13 @@ pub fn encode(enc: &mut DescriptorEncoder) -> fmt::Result {
         "Sender connections open now",
         None,
         [(Labels::new(), ACTIVE.load(Ordering::Relaxed))],
+    )?;
+    gauge(
+        enc,
+        "vdrep_receiver_mux_sessions",
+        "Sessions (one per VM) open now on multiplexed sender connections (vdrep-mux/1)",
+        None,
+        [(Labels::new(), SESSIONS.load(Ordering::Relaxed))],
     )?;
     counter(
         enc,

@@ -482,9 +482,10 @@ struct Pipe<T, R> {
     thread: std::thread::JoinHandle<R>,
 }
 
-/// The connection's driver: runs [`wire::session::Receiver`] against quinn
-/// (one reader and one writer task per accepted stream) and the store
-/// (blocking threads), until the connection is gone.
+/// The connection's driver: checks the sender's site name, then runs one
+/// session ([`run_session`]) on a `vdrep/1` connection, or every session
+/// the sender opens on a `vdrep-mux/1` one ([`serve_mux`]), until the
+/// connection is gone.
 async fn handle_conn(
     conn: quinn::Connection,
     peer: transport::PeerIdentity,
@@ -506,8 +507,230 @@ async fn handle_conn(
             return;
         }
     };
-    tracing::info!(%addr, %site, fingerprint = %peer.fingerprint.to_hex(), "sender connected");
+    let mux = transport::mux::negotiated(&conn);
+    tracing::info!(%addr, %site, fingerprint = %peer.fingerprint.to_hex(), mux, "sender connected");
     let _active = crate::metrics::receiver::connection();
+    // The connection's window follows the path's BDP, plus a stream window
+    // per paused stream of any of its sessions (`transport::window`).
+    let paused = transport::window::Paused::default();
+    tokio::spawn(transport::window::run(
+        conn.clone(),
+        transport::Tuning::default().window_tune,
+        paused.clone(),
+    ));
+    let ctx = SessionCtx {
+        addr,
+        site,
+        store,
+        me,
+        roles,
+        fences,
+        bus,
+    };
+    if mux {
+        serve_mux(conn, ctx, paused).await;
+    } else {
+        run_session(ctx, Streams::Own(conn), paused.part()).await;
+    }
+}
+
+/// What every session of a connection shares.
+#[derive(Clone)]
+struct SessionCtx {
+    addr: SocketAddr,
+    site: String,
+    store: Arc<dyn ReplicaStore>,
+    me: String,
+    roles: Option<Arc<crate::roles::ReceiverCtx>>,
+    fences: Arc<CopyFences>,
+    bus: Option<Arc<crate::events::Bus>>,
+}
+
+/// An accepted bidirectional stream.
+type BiStream = (quinn::SendStream, quinn::RecvStream);
+
+/// Where a session's streams come from, and how it ends.
+enum Streams {
+    /// `vdrep/1`: every stream of the connection; the session closes it.
+    Own(quinn::Connection),
+    /// `vdrep-mux/1`: the streams [`serve_mux`] hands this session (the
+    /// channel closes when the session or the connection ends); the session
+    /// ends alone, saying so to the sender ([`transport::mux::Control::End`]).
+    Shared {
+        conn: quinn::Connection,
+        tag: u64,
+        rx: mpsc::UnboundedReceiver<BiStream>,
+    },
+}
+
+impl Streams {
+    /// The next stream; `None`: the session's connection is gone (or, on a
+    /// shared one, the sender ended the session).
+    async fn next(&mut self, addr: SocketAddr) -> Option<BiStream> {
+        match self {
+            Streams::Own(conn) => match conn.accept_bi().await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::info!(%addr, "connection closed: {e}");
+                    None
+                }
+            },
+            Streams::Shared { rx, .. } => rx.recv().await,
+        }
+    }
+
+    /// End the session on a protocol error.
+    fn close(&self) {
+        match self {
+            Streams::Own(conn) => conn.close(1u32.into(), b"protocol error"),
+            Streams::Shared { conn, tag, .. } => {
+                let (conn, end) = (
+                    conn.clone(),
+                    transport::mux::Control::End {
+                        tag: *tag,
+                        code: 1,
+                        reason: "protocol error".into(),
+                    },
+                );
+                tokio::spawn(async move { transport::mux::send_control(&conn, &end).await });
+            }
+        }
+    }
+}
+
+/// A header that does not decode, a stream of a session that ended: the
+/// stream is reset and stopped with this code, nothing on it applied.
+const MUX_REFUSED: u32 = 0x4d;
+
+/// How long an accepted stream of a mux connection may take to send its
+/// header.
+const MUX_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// What [`serve_mux`]'s helpers report.
+enum MuxEvent {
+    /// A stream of session `tag` (its header read).
+    Stream(u64, BiStream),
+    /// The sender ended session `tag`.
+    End(u64, u32, String),
+    /// Session `tag` ended on its own.
+    Ended(u64),
+}
+
+/// A `vdrep-mux/1` connection: hand each accepted stream to the session its
+/// header names (started by its first stream), end a session when the
+/// sender says so, and every session when the connection is gone.
+async fn serve_mux(conn: quinn::Connection, ctx: SessionCtx, paused: transport::window::Paused) {
+    use transport::mux;
+    let addr = ctx.addr;
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<MuxEvent>();
+    let mut sessions: HashMap<u64, mpsc::UnboundedSender<BiStream>> = HashMap::new();
+    // Tags of sessions that ended: a late stream of one is not a new session.
+    let mut ended: std::collections::HashSet<u64> = std::collections::HashSet::new();
+    let refuse = |(mut tx, mut rx): BiStream| {
+        let _ = tx.reset(MUX_REFUSED.into());
+        let _ = rx.stop(MUX_REFUSED.into());
+    };
+    loop {
+        tokio::select! {
+            accepted = conn.accept_bi() => match accepted {
+                Ok((tx, mut rx)) => {
+                    let ev = ev_tx.clone();
+                    tokio::spawn(async move {
+                        let header = tokio::time::timeout(MUX_HEADER_TIMEOUT, mux::read_stream_header(&mut rx)).await;
+                        match header {
+                            Ok(Ok(h)) => {
+                                let _ = ev.send(MuxEvent::Stream(h.tag, (tx, rx)));
+                            }
+                            Ok(Err(e)) => {
+                                tracing::warn!(%addr, "refusing a stream: {e}; the stream is reset, nothing on it is applied");
+                                refuse((tx, rx));
+                            }
+                            Err(_) => {
+                                tracing::warn!(%addr, "refusing a stream: no mux header within {MUX_HEADER_TIMEOUT:?}; the stream is reset");
+                                refuse((tx, rx));
+                            }
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::info!(%addr, sessions = sessions.len(), "connection closed: {e}");
+                    break;
+                }
+            },
+            accepted = conn.accept_uni() => match accepted {
+                Ok(mut rx) => {
+                    let ev = ev_tx.clone();
+                    tokio::spawn(async move {
+                        match mux::read_control(&mut rx).await {
+                            Ok(mux::Control::End { tag, code, reason }) => {
+                                let _ = ev.send(MuxEvent::End(tag, code, reason));
+                            }
+                            Err(e) => {
+                                tracing::warn!(%addr, "refusing a control stream: {e}; ignored");
+                                let _ = rx.stop(MUX_REFUSED.into());
+                            }
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::info!(%addr, sessions = sessions.len(), "connection closed: {e}");
+                    break;
+                }
+            },
+            Some(ev) = ev_rx.recv() => match ev {
+                MuxEvent::Stream(tag, s) => {
+                    if ended.contains(&tag) {
+                        tracing::debug!(%addr, tag, "a stream of an ended session: reset");
+                        refuse(s);
+                        continue;
+                    }
+                    let to = sessions.entry(tag).or_insert_with(|| {
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        let (ctx, conn, ev, part) = (ctx.clone(), conn.clone(), ev_tx.clone(), paused.part());
+                        tokio::spawn(async move {
+                            let _live = crate::metrics::receiver::session();
+                            run_session(ctx, Streams::Shared { conn, tag, rx }, part).await;
+                            let _ = ev.send(MuxEvent::Ended(tag));
+                        });
+                        tx
+                    });
+                    if let Err(mpsc::error::SendError(s)) = to.send(s) {
+                        refuse(s);
+                    }
+                }
+                MuxEvent::End(tag, code, reason) => {
+                    ended.insert(tag);
+                    if sessions.remove(&tag).is_some() {
+                        tracing::debug!(%addr, tag, code, "the sender ended a session: {reason}");
+                    }
+                }
+                MuxEvent::Ended(tag) => {
+                    ended.insert(tag);
+                    sessions.remove(&tag);
+                }
+            },
+        }
+    }
+    // Every session sees its streams end: `Event::ConnectionLost`.
+}
+
+/// One session's driver: runs [`wire::session::Receiver`] against quinn
+/// (one reader and one writer task per stream) and the store (blocking
+/// threads), until the session or its connection is gone.
+async fn run_session(
+    ctx: SessionCtx,
+    mut streams: Streams,
+    mut paused_n: transport::window::PausedPart,
+) {
+    let SessionCtx {
+        addr: _,
+        site,
+        store,
+        me,
+        roles,
+        fences,
+        bus,
+    } = ctx.clone();
     let s2 = store.clone();
     let store_free = tokio::task::spawn_blocking(move || s2.free_bytes())
         .await
@@ -536,14 +759,6 @@ async fn handle_conn(
     // for the store (flow control holds the peer back meanwhile).
     let mut readers: HashMap<StreamId, watch::Sender<bool>> = HashMap::new();
     let mut paused: Vec<StreamId> = Vec::new();
-    // The connection's window follows the path's BDP, plus a stream window
-    // per paused stream (`transport::window`).
-    let paused_n = transport::window::Paused::default();
-    tokio::spawn(transport::window::run(
-        conn.clone(),
-        transport::Tuning::default().window_tune,
-        paused_n.clone(),
-    ));
     let mut next_stream = 0u64;
     let start = std::time::Instant::now();
     let now = || start.elapsed().as_nanos() as u64;
@@ -554,8 +769,8 @@ async fn handle_conn(
                 Output::Finish(stream) => send(&writers, stream, Write::End(StreamEnd::Finish)),
                 Output::Reset(stream) => send(&writers, stream, Write::End(StreamEnd::Reset)),
                 Output::Close(e) => {
-                    tracing::warn!(site = %c.site, "closing the connection: {e}");
-                    conn.close(1u32.into(), b"protocol error");
+                    tracing::warn!(site = %c.site, "closing the session: {e}");
+                    streams.close();
                     return;
                 }
                 Output::Action(a) => c.perform(a).await,
@@ -565,8 +780,8 @@ async fn handle_conn(
             return;
         }
         tokio::select! {
-            accepted = conn.accept_bi() => match accepted {
-                Ok((tx, rx)) => {
+            accepted = streams.next(ctx.addr) => match accepted {
+                Some((tx, rx)) => {
                     let sid = StreamId(next_stream);
                     next_stream += 1;
                     let (wtx, wrx) = mpsc::unbounded_channel();
@@ -576,10 +791,7 @@ async fn handle_conn(
                     readers.insert(sid, go);
                     tokio::spawn(read_stream(sid, rx, may_read, in_tx.clone()));
                 }
-                Err(e) => {
-                    tracing::info!(%addr, "connection closed: {e}");
-                    session.handle(now(), Event::ConnectionLost);
-                }
+                None => session.handle(now(), Event::ConnectionLost),
             },
             Some(input) = in_rx.recv() => match input {
                 Input::Data(stream, chunk) => {
@@ -680,7 +892,9 @@ async fn read_stream(
     }
 }
 
-/// Write what the session answers on a stream, in order.
+/// Write what the session answers on a stream, in order. A session that
+/// ends without ending the stream resets it (on a shared connection the
+/// stream outlives the session: a finish would pass a cut answer as whole).
 async fn write_stream(mut tx: quinn::SendStream, mut from: mpsc::UnboundedReceiver<Write>) {
     while let Some(w) = from.recv().await {
         match w {
@@ -695,6 +909,7 @@ async fn write_stream(mut tx: quinn::SendStream, mut from: mpsc::UnboundedReceiv
             }
         }
     }
+    StreamEnd::Reset.apply(&mut tx);
 }
 
 fn code_of(e: &StoreError) -> ErrorCode {

@@ -15,6 +15,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,7 @@ use super::error::{conn_err, refuses_version, session_err};
 use super::shaper::{Class, Shaper};
 use super::{now_ns, SendError, Vm, VmState};
 use crate::tracking::{CycleBuf, SealedLog, StreamError};
+use crate::transport::mux::{self, Control, StreamHeader};
 use crate::transport::StreamEnd;
 use crate::wire::session::{
     Event, Job, Output, ReadData, ReadId, ReadWhat, Sender, SenderAction, SenderConfig,
@@ -165,9 +167,117 @@ pub(super) struct Probed {
     pub(super) states: Vec<DiskState>,
 }
 
-/// One session over one connection.
+/// A connection every session to one receiver shares (`vdrep-mux/1`,
+/// [`crate::transport::mux`]): each [`Link`] on it is a session with its
+/// own tag and streams.
+pub(super) struct MuxConn {
+    conn: quinn::Connection,
+    next_tag: AtomicU64,
+    /// The sessions on it, by tag: where an end the receiver sends goes.
+    sessions: Arc<parking_lot::Mutex<HashMap<u64, mpsc::UnboundedSender<Input>>>>,
+    /// Bytes the sessions wrote on their streams (to share the
+    /// connection's UDP bytes among the VMs).
+    written: Arc<AtomicU64>,
+    /// The sessions on it, for its congestion window's floor.
+    shares: crate::transport::congestion::Shares,
+}
+
+impl MuxConn {
+    /// Share `conn` (it negotiated `vdrep-mux/1`): listen for the
+    /// receiver's session ends.
+    pub(super) fn new(
+        conn: quinn::Connection,
+        shares: crate::transport::congestion::Shares,
+    ) -> Arc<Self> {
+        let sessions: Arc<parking_lot::Mutex<HashMap<u64, mpsc::UnboundedSender<Input>>>> =
+            Arc::default();
+        let (c, to) = (conn.clone(), sessions.clone());
+        tokio::spawn(async move {
+            let addr = c.remote_address();
+            while let Ok(mut rx) = c.accept_uni().await {
+                match mux::read_control(&mut rx).await {
+                    Ok(Control::End { tag, code, reason }) => {
+                        if let Some(tx) = to.lock().remove(&tag) {
+                            // As the connection's close ended it before.
+                            let _ =
+                                tx.send(Input::Lost(quinn::ConnectionError::ApplicationClosed(
+                                    quinn::ApplicationClose {
+                                        error_code: code.into(),
+                                        reason: reason.into_bytes().into(),
+                                    },
+                                )));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(%addr, "ignoring a control stream of the receiver: {e}");
+                    }
+                }
+            }
+        });
+        if tracing::enabled!(target: "vdrep::link_stats", tracing::Level::DEBUG) {
+            tokio::spawn(trace_stats(conn.clone()));
+        }
+        Arc::new(MuxConn {
+            conn,
+            next_tag: AtomicU64::new(0),
+            sessions,
+            written: Arc::default(),
+            shares,
+        })
+    }
+
+    /// Neither side closed it.
+    pub(super) fn is_open(&self) -> bool {
+        self.conn.close_reason().is_none()
+    }
+
+    /// The connection.
+    pub(super) fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+}
+
+/// The UDP bytes a VM's session sent: its connection's, or on a shared
+/// one its share of them (by the bytes it wrote on its streams).
+pub(super) enum WireBytes {
+    Conn(quinn::Connection),
+    Share {
+        mine: Arc<AtomicU64>,
+        all: Arc<AtomicU64>,
+        conn: quinn::Connection,
+    },
+}
+
+impl WireBytes {
+    pub(super) fn udp_tx_bytes(&self) -> u64 {
+        match self {
+            WireBytes::Conn(c) => c.stats().udp_tx.bytes,
+            WireBytes::Share { mine, all, conn } => {
+                let (mine, all) = (mine.load(Ordering::Relaxed), all.load(Ordering::Relaxed));
+                if all == 0 {
+                    return 0;
+                }
+                let udp = conn.stats().udp_tx.bytes;
+                (u128::from(mine) * u128::from(udp) / u128::from(all)) as u64
+            }
+        }
+    }
+}
+
+/// This session's part of a shared connection.
+struct Part {
+    mux: Arc<MuxConn>,
+    tag: u64,
+    /// Bytes this session wrote on its streams.
+    written: Arc<AtomicU64>,
+    /// The session was ended (by either side).
+    ended: bool,
+}
+
+/// One session over one connection (its own, or a shared one: `part`).
 pub(super) struct Link {
     conn: quinn::Connection,
+    part: Option<Part>,
     _endpoint: quinn::Endpoint,
     addr: SocketAddr,
     session: Sender,
@@ -198,10 +308,12 @@ pub(super) struct Link {
 }
 
 impl Link {
-    /// Run a session on `conn` (it says `Hello` at once); [`Link::ready`]
-    /// waits for the replicas' states.
+    /// Run a session on `conn` (it says `Hello` at once), or, with `mux`,
+    /// on a new tag of that shared connection; [`Link::ready`] waits for
+    /// the replicas' states.
     pub(super) fn new(
         conn: quinn::Connection,
+        mux: Option<Arc<MuxConn>>,
         endpoint: quinn::Endpoint,
         cfg: SenderConfig,
         vm: Option<Arc<Vm>>,
@@ -214,12 +326,24 @@ impl Link {
             let e = watch.closed().await;
             let _ = lost.send(Input::Lost(e));
         });
-        if tracing::enabled!(target: "vdrep::link_stats", tracing::Level::DEBUG) {
+        let part = mux.map(|mux| {
+            let tag = mux.next_tag.fetch_add(1, Ordering::Relaxed);
+            mux.sessions.lock().insert(tag, tx.clone());
+            mux.shares.add();
+            Part {
+                mux,
+                tag,
+                written: Arc::default(),
+                ended: false,
+            }
+        });
+        if part.is_none() && tracing::enabled!(target: "vdrep::link_stats", tracing::Level::DEBUG) {
             tokio::spawn(trace_stats(conn.clone()));
         }
         Link {
             addr: conn.remote_address(),
             conn,
+            part,
             _endpoint: endpoint,
             session: Sender::new(cfg, 0),
             t0: Instant::now(),
@@ -251,9 +375,16 @@ impl Link {
         self.shaper = shaper;
     }
 
-    /// The connection (its UDP counters are the VM's).
-    pub(super) fn connection(&self) -> &quinn::Connection {
-        &self.conn
+    /// The UDP bytes this session sends (the VM's).
+    pub(super) fn wire_bytes(&self) -> WireBytes {
+        match &self.part {
+            None => WireBytes::Conn(self.conn.clone()),
+            Some(p) => WireBytes::Share {
+                mine: p.written.clone(),
+                all: p.mux.written.clone(),
+                conn: self.conn.clone(),
+            },
+        }
     }
 
     /// Neither the connection nor the session has ended (as far as this
@@ -263,6 +394,39 @@ impl Link {
             && self.lost.is_none()
             && self.closed.is_none()
             && !self.session.is_closed()
+            && !self.part.as_ref().is_some_and(|p| p.ended)
+    }
+
+    /// End the session: close its connection, or on a shared one tell the
+    /// receiver this session is over (its streams are reset) and leave the
+    /// connection to the others.
+    fn end(&mut self, code: u32, reason: &[u8]) {
+        let Some(p) = &mut self.part else {
+            self.conn.close(code.into(), reason);
+            return;
+        };
+        if p.ended {
+            return;
+        }
+        p.ended = true;
+        p.mux.sessions.lock().remove(&p.tag);
+        p.mux.shares.remove();
+        // The writers reset their streams.
+        self.writers.clear();
+        let end = Control::End {
+            tag: p.tag,
+            code,
+            reason: String::from_utf8_lossy(reason).into_owned(),
+        };
+        let conn = self.conn.clone();
+        // (Outside a runtime, a daemon shutting down: the connection ends.)
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { mux::send_control(&conn, &end).await });
+        }
+        // What the connection's close reported before.
+        let _ = self
+            .tx
+            .send(Input::Lost(quinn::ConnectionError::LocallyClosed));
     }
 
     /// Wait for every disk's state (in the order of the config's disks).
@@ -389,9 +553,9 @@ impl Link {
         r.map_err(|e| self.error(&e))
     }
 
-    /// Close the connection now, saying why.
+    /// End the session now (its connection, unless shared), saying why.
     pub(super) fn close(&mut self, reason: &[u8]) {
-        self.conn.close(0u32.into(), reason);
+        self.end(0, reason);
     }
 
     /// What a failure of the session means for the sender: the
@@ -542,8 +706,8 @@ impl Link {
                 }
                 Output::Close(e) => {
                     if self.lost.is_none() {
-                        tracing::warn!(addr = %self.addr, "closing the connection: {e}");
-                        self.conn.close(1u32.into(), b"protocol error");
+                        tracing::warn!(addr = %self.addr, "closing the session: {e}");
+                        self.end(1, b"protocol error");
                     }
                     self.closed = Some(e);
                 }
@@ -601,8 +765,14 @@ impl Link {
     fn writer(&mut self, stream: StreamId) -> &Writer {
         self.writers.entry(stream).or_insert_with(|| {
             let (tx, rx) = mpsc::unbounded_channel();
+            let mux = self.part.as_ref().map(|p| MuxStream {
+                header: StreamHeader { tag: p.tag },
+                written: p.written.clone(),
+                all: p.mux.written.clone(),
+            });
             tokio::spawn(write_stream(
                 self.conn.clone(),
+                mux,
                 stream,
                 rx,
                 self.shaper.clone(),
@@ -785,8 +955,8 @@ impl Link {
 
 impl Drop for Link {
     fn drop(&mut self) {
-        // The tasks of the connection end with it.
-        self.conn.close(0u32.into(), b"session over");
+        // The tasks of the connection (or of the session) end with it.
+        self.end(0, b"session over");
     }
 }
 
@@ -866,10 +1036,21 @@ async fn next_piece(
     }
 }
 
-/// Open the stream, start its reader, and write what the session sends,
-/// in order, within the caps.
+/// What a stream of a session on a shared connection starts with, and
+/// where its bytes are counted.
+struct MuxStream {
+    header: StreamHeader,
+    written: Arc<AtomicU64>,
+    all: Arc<AtomicU64>,
+}
+
+/// Open the stream (on a shared connection: write its session's header
+/// first), start its reader, and write what the session sends, in order,
+/// within the caps. A session that ends without ending the stream resets
+/// it.
 async fn write_stream(
     conn: quinn::Connection,
+    mux: Option<MuxStream>,
     sid: StreamId,
     mut from: mpsc::UnboundedReceiver<Write>,
     shaper: Arc<Shaper>,
@@ -882,6 +1063,12 @@ async fn write_stream(
             return;
         }
     };
+    if let Some(m) = &mux {
+        if tx.write_all(&m.header.encode()).await.is_err() {
+            let _ = to.send(Input::Reset(sid));
+            return;
+        }
+    }
     tokio::spawn(read_stream(sid, rx, to));
     while let Some(w) = from.recv().await {
         match w {
@@ -894,6 +1081,10 @@ async fn write_stream(
                 if !shaped_write(&mut tx, &bytes, shape, &shaper).await {
                     return;
                 }
+                if let Some(m) = &mux {
+                    m.written.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    m.all.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                }
                 drop(permit);
             }
             Write::End(end) => {
@@ -902,6 +1093,7 @@ async fn write_stream(
             }
         }
     }
+    StreamEnd::Reset.apply(&mut tx);
 }
 
 /// Write `bytes` once the caps allow (`shape`). A bulk chunk (1 MiB) goes

@@ -313,9 +313,9 @@ struct Vm {
     jobs: Mutex<std::collections::VecDeque<Job>>,
     /// When the app hook last ran (`--app-every` counts from there).
     last_app_try: Mutex<Option<std::time::Instant>>,
-    /// The live connection (for its UDP counters) and the UDP bytes of the
-    /// connections before it.
-    conn: Mutex<Option<quinn::Connection>>,
+    /// The live session's UDP counters (its connection's, or its share of
+    /// a shared one) and the UDP bytes of the sessions before it.
+    conn: Mutex<Option<link::WireBytes>>,
     udp_sent_before: std::sync::atomic::AtomicU64,
     /// The session `protect` checked the receiver with: the worker's first
     /// session runs on it.
@@ -388,17 +388,17 @@ impl Vm {
                 .conn
                 .lock()
                 .as_ref()
-                .map_or(0, |c| c.stats().udp_tx.bytes)
+                .map_or(0, link::WireBytes::udp_tx_bytes)
     }
 }
 
-/// Keeps [`Vm::conn`] for one session; on drop, folds the connection's UDP
+/// Keeps [`Vm::conn`] for one session; on drop, folds the session's UDP
 /// counters into the VM's total.
 struct LiveConn<'a>(&'a Vm);
 
 impl<'a> LiveConn<'a> {
-    fn new(vm: &'a Vm, conn: &quinn::Connection) -> Self {
-        *vm.conn.lock() = Some(conn.clone());
+    fn new(vm: &'a Vm, link: &Link) -> Self {
+        *vm.conn.lock() = Some(link.wire_bytes());
         LiveConn(vm)
     }
 }
@@ -408,9 +408,28 @@ impl Drop for LiveConn<'_> {
         if let Some(c) = self.0.conn.lock().take() {
             self.0
                 .udp_sent_before
-                .fetch_add(c.stats().udp_tx.bytes, std::sync::atomic::Ordering::Relaxed);
+                .fetch_add(c.udp_tx_bytes(), std::sync::atomic::Ordering::Relaxed);
         }
     }
+}
+
+/// The shared connection to one receiver (`vdrep-mux/1`), or that it
+/// speaks only `vdrep/1` (a connection per session), or why the last dial
+/// failed and when.
+#[derive(Default)]
+enum PoolSlot {
+    #[default]
+    Empty,
+    Mux(Arc<link::MuxConn>),
+    Legacy,
+    Failed(Instant, SendError),
+}
+
+/// A connection for a session: its own, or a shared one (`mux`).
+struct Dialed {
+    conn: quinn::Connection,
+    mux: Option<Arc<link::MuxConn>>,
+    endpoint: quinn::Endpoint,
 }
 
 /// All protected VMs of one mount.
@@ -440,6 +459,9 @@ pub struct Replicator {
     direct_factory: Option<Arc<direct::DirectFactory>>,
     /// The client endpoint every session shares ([`Replicator::client_endpoint`]).
     endpoint: Mutex<Option<quinn::Endpoint>>,
+    /// The connection every session to a receiver shares, by receiver
+    /// ([`Replicator::dial`]).
+    pool: Mutex<HashMap<String, Arc<tokio::sync::Mutex<PoolSlot>>>>,
     /// The protocol version to speak to each receiver ([`compat`]).
     versions: compat::PeerVersions,
     /// The running consistency-group coordinators ([`group`]).
@@ -512,6 +534,7 @@ impl Replicator {
             direct: Mutex::default(),
             direct_factory,
             endpoint: Mutex::new(None),
+            pool: Mutex::default(),
             versions: compat::PeerVersions::default(),
             groups: Mutex::default(),
             origin: group::mount_origin(&tracker_for_origin),
@@ -985,11 +1008,70 @@ impl Replicator {
         v
     }
 
-    /// A QUIC connection to the receiver of `spec` (mutual TLS).
-    async fn dial(
-        &self,
-        spec: &ProtectSpec,
-    ) -> Result<(quinn::Connection, quinn::Endpoint), SendError> {
+    /// A QUIC connection to the receiver of `spec` (mutual TLS) for one
+    /// session: the one every session to that receiver shares
+    /// (`vdrep-mux/1`, [`transport::mux`]), dialled by the first session
+    /// that finds none open (the others wait for it), or, with a receiver
+    /// that speaks only `vdrep/1` (or `VDREP_MUX=0`), the session's own.
+    async fn dial(&self, spec: &ProtectSpec) -> Result<Dialed, SendError> {
+        if !transport::mux::offered() {
+            return self.dial_new(spec).await;
+        }
+        let key = format!("{} {:?}", spec.to, spec.trust);
+        let shared = self.pool.lock().entry(key).or_default().clone();
+        let asked = Instant::now();
+        let mut slot = shared.lock().await;
+        match &*slot {
+            // The dial this session waited for failed: its error, not one
+            // more dial (256 sessions waiting for a receiver that is down
+            // would each wait out a handshake timeout in turn).
+            PoolSlot::Failed(at, e) if *at >= asked => return Err(e.clone()),
+            PoolSlot::Mux(m) if m.is_open() => {
+                return Ok(Dialed {
+                    conn: m.connection().clone(),
+                    mux: Some(m.clone()),
+                    endpoint: self.client_endpoint(&Self::dial_tuning())?,
+                })
+            }
+            PoolSlot::Legacy => {
+                // A connection per session: no need to wait for the others.
+                drop(slot);
+                let d = self.dial_new(spec).await?;
+                if let Some(m) = &d.mux {
+                    // The receiver was upgraded: share this one from now on.
+                    *shared.lock().await = PoolSlot::Mux(m.clone());
+                }
+                return Ok(d);
+            }
+            _ => {}
+        }
+        let d = match self.dial_new(spec).await {
+            Ok(d) => d,
+            Err(e) => {
+                *slot = PoolSlot::Failed(Instant::now(), e.clone());
+                return Err(e);
+            }
+        };
+        *slot = match &d.mux {
+            Some(m) => PoolSlot::Mux(m.clone()),
+            None => PoolSlot::Legacy,
+        };
+        Ok(d)
+    }
+
+    /// The tuning of the sender's connections: notice a dead receiver
+    /// within seconds, not the default 30 s.
+    fn dial_tuning() -> transport::Tuning {
+        transport::Tuning {
+            keep_alive: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(5),
+            ..transport::Tuning::default()
+        }
+    }
+
+    /// A new QUIC connection to the receiver of `spec`: shared
+    /// ([`link::MuxConn`]) if it negotiated `vdrep-mux/1`.
+    async fn dial_new(&self, spec: &ProtectSpec) -> Result<Dialed, SendError> {
         let id = self
             .identity
             .as_ref()
@@ -1013,18 +1095,20 @@ impl Replicator {
                 (trust, addr)
             }
         };
-        // Notice a dead receiver within seconds, not the default 30 s.
-        let tuning = transport::Tuning {
-            keep_alive: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(5),
-            ..transport::Tuning::default()
-        };
-        let cc = transport::client_config(id, &trust, &tuning).map_err(|e| retry(e.to_string()))?;
+        let tuning = Self::dial_tuning();
+        let (cc, shares) =
+            transport::mux_client_config(id, &trust, &tuning).map_err(|e| retry(e.to_string()))?;
         let ep = self.client_endpoint(&tuning)?;
         let conn = transport::connect_with(&ep, cc, addr, "vdrep")
             .await
             .map_err(|e| transport_err(&e, addr))?;
-        Ok((conn, ep))
+        let mux =
+            transport::mux::negotiated(&conn).then(|| link::MuxConn::new(conn.clone(), shares));
+        Ok(Dialed {
+            conn,
+            mux,
+            endpoint: ep,
+        })
     }
 
     /// The QUIC endpoint this daemon's sessions connect from: one for all
@@ -1108,11 +1192,11 @@ impl Replicator {
         let reuse = std::env::var("VDREP_PROBE_REUSE").map_or(true, |v| v != "0");
         loop {
             crate::util::phase::step("probe_dial", &spec.vm);
-            let (conn, ep) = self.dial(spec).await?;
+            let d = self.dial(spec).await?;
             crate::util::phase::step("probe_connected", &spec.vm);
             // The worker's first session would say the same (no point known).
             let cfg = self.session_config(spec, reuse, 0)?;
-            let mut link = Link::new(conn, ep, cfg, None, Arc::default());
+            let mut link = Link::new(d.conn, d.mux, d.endpoint, cfg, None, Arc::default());
             let ready = link.ready().await;
             crate::util::phase::step("probe_ready", &spec.vm);
             return match (link.peer().cloned(), ready) {
@@ -1426,11 +1510,12 @@ impl Replicator {
                 // reached but whose `PointAck` was lost (idempotent at the
                 // receiver).
                 let cfg = self.session_config(spec, true, last_point)?;
-                let (conn, ep) = self.dial(spec).await?;
-                (Link::new(conn, ep, cfg, Some(vm.clone()), shaper), None)
+                let d = self.dial(spec).await?;
+                let link = Link::new(d.conn, d.mux, d.endpoint, cfg, Some(vm.clone()), shaper);
+                (link, None)
             }
         };
-        let _live = LiveConn::new(vm, link.connection());
+        let _live = LiveConn::new(vm, &link);
         let link = &mut link;
         let _steady = Steady(vm);
         for (c, x) in vm.definitions.lock().iter() {

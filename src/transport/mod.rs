@@ -15,8 +15,9 @@
 //! - the `vdrep keys` commands live in `crate::cli::keys` (the CLI imports this module, never the reverse).
 //!
 //! # Security properties
-//! TLS 1.3 only (ring provider), ALPN [`ALPN`] required on both sides, client
-//! authentication mandatory, peers accepted only by pinned certificate (see
+//! TLS 1.3 only (ring provider), ALPN [`mux::ALPN_MUX`] (every session to
+//! a receiver on one connection, preferred) or [`ALPN`] required on both
+//! sides, client authentication mandatory, peers accepted only by pinned certificate (see
 //! [`trust`]). Session resumption and tickets are disabled, so every
 //! connection runs a full handshake against the *current* trust store (a
 //! removed peer cannot come back with an old ticket), and there is no 0-RTT.
@@ -60,6 +61,7 @@
 
 pub mod congestion;
 pub mod keys;
+pub mod mux;
 pub mod rate;
 pub mod trust;
 pub mod window;
@@ -226,6 +228,13 @@ impl Default for Tuning {
 
 impl Tuning {
     fn transport_config(&self) -> Result<quinn::TransportConfig, TransportError> {
+        self.transport_config_shared(None)
+    }
+
+    fn transport_config_shared(
+        &self,
+        shares: Option<congestion::Shares>,
+    ) -> Result<quinn::TransportConfig, TransportError> {
         let mut t = quinn::TransportConfig::default();
         t.stream_receive_window(quinn::VarInt::from_u32(self.stream_receive_window));
         t.receive_window(quinn::VarInt::from_u32(self.receive_window));
@@ -240,7 +249,8 @@ impl Tuning {
         let mut mtu = quinn::MtuDiscoveryConfig::default();
         mtu.upper_bound(self.max_udp_payload.max(1200));
         t.mtu_discovery_config(Some(mtu));
-        self.congestion.apply(&mut t, self.window_cap);
+        self.congestion
+            .apply_shared(&mut t, self.window_cap, shares);
         Ok(t)
     }
 }
@@ -260,7 +270,7 @@ fn server_crypto(
         .with_client_cert_verifier(verifier)
         .with_single_cert(vec![id.cert.clone()], id.key())
         .map_err(tls_err)?;
-    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.alpn_protocols = mux::alpns();
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     cfg.send_tls13_tickets = 0;
     cfg.max_early_data_size = 0;
@@ -271,6 +281,7 @@ fn server_crypto(
 fn client_crypto(
     id: &Identity,
     trust: &TrustStore,
+    alpns: Vec<Vec<u8>>,
 ) -> Result<quinn::crypto::rustls::QuicClientConfig, TransportError> {
     let verifier = Arc::new(trust::PinnedServerVerifier::new(trust.clone()));
     let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider()))
@@ -280,7 +291,7 @@ fn client_crypto(
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(vec![id.cert.clone()], id.key())
         .map_err(tls_err)?;
-    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.alpn_protocols = alpns;
     cfg.resumption = rustls::client::Resumption::disabled();
     cfg.enable_early_data = false;
     quinn::crypto::rustls::QuicClientConfig::try_from(cfg)
@@ -353,6 +364,18 @@ fn endpoint_on(
         .map_err(|source| TransportError::Socket { addr, source })
 }
 
+/// A server's tuning: where it offers [`mux::ALPN_MUX`], a client may
+/// open [`mux::MAX_STREAMS`] streams at once (every VM's of a site on one
+/// connection), not `max_streams`; the connection window bounds their data
+/// together.
+fn server_tuning(tuning: &Tuning) -> Tuning {
+    let mut t = tuning.clone();
+    if mux::offered() {
+        t.max_streams = t.max_streams.max(mux::MAX_STREAMS);
+    }
+    t
+}
+
 /// A server endpoint on `listen` presenting `id` and accepting clients whose
 /// certificate is in `trust`. Must be called inside a tokio runtime.
 pub fn server(
@@ -383,7 +406,7 @@ pub fn server_shared(
 ) -> Result<quinn::Endpoint, TransportError> {
     let crypto = server_crypto(id, trust.clone())?;
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    sc.transport_config(Arc::new(tuning.transport_config()?));
+    sc.transport_config(Arc::new(server_tuning(tuning).transport_config()?));
     endpoint_on(listen, Some(sc), tuning, Some(id))
 }
 
@@ -398,7 +421,7 @@ pub fn reload_server(
 ) -> Result<(), TransportError> {
     let crypto = server_crypto(id, SharedTrust::new(trust.clone()))?;
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    sc.transport_config(Arc::new(tuning.transport_config()?));
+    sc.transport_config(Arc::new(server_tuning(tuning).transport_config()?));
     endpoint.set_server_config(Some(sc));
     Ok(())
 }
@@ -445,15 +468,39 @@ pub fn client_endpoint(
 
 /// The configuration of one client connection: presenting `id`, accepting
 /// a server whose certificate is in `trust`, with `tuning`'s transport
-/// parameters.
+/// parameters. It offers [`ALPN`] only: one session per connection.
 pub fn client_config(
     id: &Identity,
     trust: &TrustStore,
     tuning: &Tuning,
 ) -> Result<quinn::ClientConfig, TransportError> {
-    let crypto = client_crypto(id, trust)?;
+    client_config_alpn(id, trust, tuning, vec![ALPN.to_vec()], None)
+}
+
+/// [`client_config`] offering [`mux::ALPN_MUX`] first (unless
+/// `VDREP_MUX=0`), for a client that speaks it: check
+/// [`mux::negotiated`] on the connection. Count its sessions in the
+/// [`congestion::Shares`] returned: its window cap's floor is per session.
+pub fn mux_client_config(
+    id: &Identity,
+    trust: &TrustStore,
+    tuning: &Tuning,
+) -> Result<(quinn::ClientConfig, congestion::Shares), TransportError> {
+    let shares = congestion::Shares::default();
+    let cc = client_config_alpn(id, trust, tuning, mux::alpns(), Some(shares.clone()))?;
+    Ok((cc, shares))
+}
+
+fn client_config_alpn(
+    id: &Identity,
+    trust: &TrustStore,
+    tuning: &Tuning,
+    alpns: Vec<Vec<u8>>,
+    shares: Option<congestion::Shares>,
+) -> Result<quinn::ClientConfig, TransportError> {
+    let crypto = client_crypto(id, trust, alpns)?;
     let mut cc = quinn::ClientConfig::new(Arc::new(crypto));
-    cc.transport_config(Arc::new(tuning.transport_config()?));
+    cc.transport_config(Arc::new(tuning.transport_config_shared(shares)?));
     Ok(cc)
 }
 

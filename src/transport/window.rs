@@ -153,6 +153,41 @@ impl Paused {
     pub fn get(&self) -> usize {
         self.0.load(Ordering::Relaxed)
     }
+
+    /// One session's share of the count, where many sessions share the
+    /// connection (`vdrep-mux/1`): the total is the sum of the parts.
+    pub fn part(&self) -> PausedPart {
+        PausedPart {
+            total: self.clone(),
+            mine: 0,
+        }
+    }
+}
+
+/// The paused streams of one session of a connection ([`Paused::part`]);
+/// dropped, its streams no longer count.
+#[derive(Debug)]
+pub struct PausedPart {
+    total: Paused,
+    mine: usize,
+}
+
+impl PausedPart {
+    /// This session has `n` paused streams now.
+    pub fn set(&mut self, n: usize) {
+        if n > self.mine {
+            self.total.0.fetch_add(n - self.mine, Ordering::Relaxed);
+        } else {
+            self.total.0.fetch_sub(self.mine - n, Ordering::Relaxed);
+        }
+        self.mine = n;
+    }
+}
+
+impl Drop for PausedPart {
+    fn drop(&mut self) {
+        self.set(0);
+    }
 }
 
 /// Tune `conn`'s receive window every [`EVERY`] until it closes (when
@@ -206,6 +241,22 @@ mod tests {
     use super::*;
 
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn the_paused_count_is_the_sum_of_the_sessions_parts() {
+        let total = Paused::default();
+        let mut a = total.part();
+        let mut b = total.part();
+        a.set(3);
+        b.set(2);
+        assert_eq!(total.get(), 5);
+        a.set(1);
+        assert_eq!(total.get(), 3);
+        drop(b);
+        assert_eq!(total.get(), 1, "a session that ends takes its streams out");
+        a.set(0);
+        assert_eq!(total.get(), 0);
+    }
 
     #[test]
     fn the_window_grows_to_twice_the_bdp_and_stays() {
