@@ -10,6 +10,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use mountutil::*;
 
@@ -1257,7 +1258,9 @@ fn a_spliced_write_that_fails_leaves_the_next_requests_intact() {
         ],
     );
     let worker = m.worker_pid().expect("the mount's worker pid");
-    let loops_before = fuse_event_loops(worker);
+    // The worker starts its event loops as it serves: count them once
+    // they are all up (seen at 3 of 20 right after the mount answered).
+    let loops_before = settled_fuse_event_loops(worker);
     assert!(
         loops_before > 1,
         "the worker's FUSE event loops ({loops_before})"
@@ -1337,6 +1340,23 @@ fn a_spliced_write_that_fails_leaves_the_next_requests_intact() {
 }
 
 /// Threads of process `pid` that run a FUSE event loop (named `fuser-N`).
+/// [`fuse_event_loops`] once the count has not changed for a second (at
+/// most 15 s after the first look).
+fn settled_fuse_event_loops(pid: i32) -> usize {
+    let t0 = Instant::now();
+    let mut n = fuse_event_loops(pid);
+    let mut since = Instant::now();
+    while since.elapsed() < Duration::from_secs(1) && t0.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = fuse_event_loops(pid);
+        if now != n {
+            n = now;
+            since = Instant::now();
+        }
+    }
+    n
+}
+
 fn fuse_event_loops(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
