@@ -1075,26 +1075,7 @@ fn split_direct_write_tracked(env: Option<&str>, max_write: u64) {
     );
     drop(f);
     // Tracked exactly: the log's records cover [AT, AT + LEN) and nothing else.
-    let logs = m.cut();
-    let merged = logged_ranges(&log_for(&logs, "d.raw"));
-    assert_eq!(
-        merged,
-        vec![(AT, AT + LEN as u64)],
-        "ranges in the cut's log (env {env:?})"
-    );
-    apply(&logs, &copy);
-    let img = std::fs::read(&copy).unwrap();
-    assert!(
-        img[AT as usize..AT as usize + LEN] == want[..],
-        "the copy after the cut's log holds the write (env {env:?})"
-    );
-    assert!(
-        img[..AT as usize]
-            .iter()
-            .chain(&img[AT as usize + LEN..])
-            .all(|&b| b == 0),
-        "the copy is untouched outside the write (env {env:?})"
-    );
+    let img = cut_reproduces_exactly(&m, &copy, AT, &want, &format!("env {env:?}"));
     let disk_now = std::fs::read(&disk).unwrap();
     assert!(disk_now == img, "the disk equals the copy (env {env:?})");
 }
@@ -1183,26 +1164,32 @@ fn buffered_writes_spliced(splice: Option<&str>, max_write: Option<&str>, splice
     } else {
         assert_eq!(spliced, 0.0, "no WRITE spliced (env {env:?})");
     }
+    cut_reproduces_exactly(&m, &copy, AT, &want, &format!("env {env:?}"));
+}
+
+/// Cut `m`: the log of `d.raw` covers exactly `[at, at + want.len())`, and
+/// applied to the zeroed `copy` it gives `want` there and zeros elsewhere.
+/// Returns the copy's bytes.
+fn cut_reproduces_exactly(m: &Mounted, copy: &Path, at: u64, want: &[u8], what: &str) -> Vec<u8> {
+    let (start, end) = (at as usize, at as usize + want.len());
     let logs = m.cut();
     let merged = logged_ranges(&log_for(&logs, "d.raw"));
     assert_eq!(
         merged,
-        vec![(AT, AT + LEN as u64)],
-        "ranges in the cut's log (env {env:?})"
+        vec![(at, end as u64)],
+        "ranges in the cut's log ({what})"
     );
-    apply(&logs, &copy);
-    let img = std::fs::read(&copy).unwrap();
+    apply(&logs, copy);
+    let img = std::fs::read(copy).unwrap();
     assert!(
-        img[AT as usize..AT as usize + LEN] == want[..],
-        "the copy after the cut's log holds the writes (env {env:?})"
+        img[start..end] == *want,
+        "the copy after the cut's log holds the writes ({what})"
     );
     assert!(
-        img[..AT as usize]
-            .iter()
-            .chain(&img[AT as usize + LEN..])
-            .all(|&b| b == 0),
-        "the copy is untouched outside the writes (env {env:?})"
+        img[..start].iter().chain(&img[end..]).all(|&b| b == 0),
+        "the copy is untouched outside the writes ({what})"
     );
+    img
 }
 
 /// A spliced WRITE that fails part-way (the backing file system fills up)
