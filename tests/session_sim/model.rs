@@ -4,7 +4,7 @@
 //! durable store (replica images with their history, durable logs,
 //! committed points), which executes the receiver session's actions.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use vdrep::wire::session::{DiskStatus, LogStored, OpId, ReceiverAction, StoreDone, StoreFailure};
 use vdrep::wire::{DiskId, ErrorCode};
@@ -204,12 +204,12 @@ pub struct Replica {
 /// The receiver's store: durable state plus the volatile staging of logs.
 #[derive(Default)]
 pub struct Store {
-    pub disks: HashMap<DiskId, Replica>,
+    pub disks: BTreeMap<DiskId, Replica>,
     /// Staged logs by (connection, op): lost on a crash.
-    pub staging: HashMap<(u64, OpId), (DiskId, Vec<u8>)>,
+    pub staging: BTreeMap<(u64, OpId), (DiskId, Vec<u8>)>,
     /// Committed points: cycle → the disks listed.
     pub points: BTreeMap<u64, Vec<DiskId>>,
-    pub applies: HashMap<(DiskId, u64), u32>,
+    pub applies: BTreeMap<(DiskId, u64), u32>,
     /// Invariant violations found while executing actions.
     pub violations: Vec<String>,
     /// The connection whose `BeginInitial` of the disk was handed over
@@ -218,7 +218,7 @@ pub struct Store {
     /// superseded: its `BeginInitial` fails without touching the store, its
     /// writes are dropped, its `FinishInitial` fails (as the receiver's
     /// writer thread and begin do).
-    pub copy_conn: HashMap<DiskId, u64>,
+    pub copy_conn: BTreeMap<DiskId, u64>,
 }
 
 fn fail(code: ErrorCode, message: impl Into<String>) -> StoreFailure {
@@ -303,8 +303,10 @@ impl Store {
         match a {
             ReceiverAction::LoadDisk { op, open } => {
                 let st = match self.disks.get(&open.disk_id) {
+                    // As the store: a replica a copy is overwriting is at
+                    // no cycle (`ReplicaState::replacing`).
                     Some(r) => DiskStatus {
-                        replica_cycle: r.cycle,
+                        replica_cycle: if r.copy.is_some() { 0 } else { r.cycle },
                         replica_size: r.size as u64,
                         copy_cycle: r.copy.as_ref().map_or(0, |(c, _)| *c),
                         resume_offset: r.copy.as_ref().map_or(0, |_| r.copy_durable),
@@ -345,6 +347,10 @@ impl Store {
                 r.copy = Some((begin.cycle, vec![0u8; size]));
                 r.copy_progress = 0;
                 r.copy_durable = 0;
+                // As the store (`Site::begin_initial`): the points that
+                // include the disk cannot be rebuilt once the copy starts.
+                let id = open.disk_id;
+                self.points.retain(|_, disks| !disks.contains(&id));
                 Some((op, StoreDone::InitialBegun(Ok(0))))
             }
             ReceiverAction::WriteInitial {

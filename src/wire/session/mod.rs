@@ -6,6 +6,9 @@
 //! exchange. [`Sender`] is the primary's end, [`Receiver`] the secondary's.
 //! Neither touches a socket, a clock, a file or a thread, and neither is
 //! async: bytes and time go in, bytes and [actions](SenderAction) come out.
+//! Neither keeps hash-ordered state (their maps are `BTreeMap`s): the same
+//! inputs give the same outputs in the same order, so a seed of the
+//! simulation replays exactly.
 //! This is quinn-proto's model, and what lets `tests/session_sim.rs` run
 //! both ends against a simulated network in one thread, and
 //! `fuzz/fuzz_targets/session.rs` feed them arbitrary bytes.

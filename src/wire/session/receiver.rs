@@ -8,7 +8,7 @@
 //! durably, acknowledged `durable`, applied and acknowledged `applied`; a
 //! log that does not verify is discarded and refused.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use super::{
     error_frame, frame, hexid, Event, Hasher, Inbox, OpId, Output, SessionError, StoreFailure,
@@ -284,9 +284,9 @@ pub struct Receiver {
     /// The `Hello` was refused: nothing else is handled on this connection.
     refused: bool,
     closed: bool,
-    streams: HashMap<StreamId, RStream>,
-    disks: HashMap<DiskId, RDisk>,
-    ops: HashMap<OpId, StreamId>,
+    streams: BTreeMap<StreamId, RStream>,
+    disks: BTreeMap<DiskId, RDisk>,
+    ops: BTreeMap<OpId, StreamId>,
     next_op: u64,
     /// Counts transfers that ended (a disk reached a cycle, or was freed):
     /// a point the store refused is asked again if one ended meanwhile.
@@ -302,9 +302,9 @@ impl Receiver {
             version: 0,
             refused: false,
             closed: false,
-            streams: HashMap::new(),
-            disks: HashMap::new(),
-            ops: HashMap::new(),
+            streams: BTreeMap::new(),
+            disks: BTreeMap::new(),
+            ops: BTreeMap::new(),
             next_op: 1,
             progress: 0,
             out: VecDeque::new(),

@@ -1071,6 +1071,117 @@ fn a_replica_the_receiver_does_not_trust_is_no_points_base() {
 }
 
 #[test]
+fn a_replica_a_copy_is_overwriting_is_no_points_base() {
+    // The receiver reports a copy of cycle 7 under way over the replica of
+    // cycle 5: the store would refuse a point at 5, and the session fail.
+    let mut s = ready_sender(
+        4,
+        vec![open()],
+        DiskState {
+            copy_cycle: 7,
+            resume_offset: 4096,
+            ..state(5, "")
+        },
+    );
+    let outs = drain(|| s.poll());
+    assert!(!sent(&outs).iter().any(|m| matches!(m, Msg::PointCommit(_))));
+    assert!(s.is_idle());
+}
+
+/// The stream of the `PointCommit` of `cycle` in `outs`.
+fn point_stream<A>(outs: &[Output<A>], cycle: u64) -> Option<StreamId> {
+    outs.iter().find_map(|o| match o {
+        Output::Send { stream, bytes } => match wire::decode(bytes) {
+            Ok(Some((Msg::PointCommit(p), _))) if p.cycle == cycle => Some(*stream),
+            _ => None,
+        },
+        _ => None,
+    })
+}
+
+#[test]
+fn a_copy_withdraws_the_point_of_an_earlier_cycle_and_commits_its_own() {
+    // Reconnected: the replica reached 5 but its point was never
+    // acknowledged, so the session commits it again. The driver then
+    // copies the disk again at 9 (its changes since 5 are lost): the
+    // store drops the disk's points when the copy begins, and would hold
+    // the point at 5 behind the whole copy (the session timed out on it,
+    // the copy started over, 113 times in seed 7798 of the simulation).
+    const CHUNK: usize = 4096;
+    let mut s = ready_sender(CHUNK, vec![open()], state(5, ""));
+    let outs = drain(|| s.poll());
+    let p5 = point_stream(&outs, 5).expect("the point at 5 is committed again");
+    s.submit(Job::Initial(wire::InitialBegin {
+        disk_id: ID,
+        cycle: 9,
+        disk_size: 2 * CHUNK as u64,
+        start_offset: 0,
+    }))
+    .expect("submit");
+    let mut outs = drain(|| s.poll());
+    assert!(
+        outs.iter()
+            .any(|o| matches!(o, Output::Reset(x) if *x == p5)),
+        "the point at 5 is withdrawn: {outs:?}"
+    );
+    // Its late answer is ignored, not taken for a violation or a point.
+    let late = bytes(&[Msg::PointAck(wire::PointAck {
+        vm: "vm1".into(),
+        cycle: 5,
+    })]);
+    s.handle(
+        NOW,
+        Event::Data {
+            stream: p5,
+            bytes: &late,
+        },
+    );
+    assert!(!s.is_closed());
+    assert_eq!(s.last_point(), 0);
+    let mut all = Vec::new();
+    for _ in 0..10 {
+        all.append(&mut outs);
+        let Some((id, offset)) = sender_actions(&all).iter().rev().find_map(|a| match a {
+            SenderAction::Read { id, offset, .. } => Some((*id, *offset)),
+            _ => None,
+        }) else {
+            break;
+        };
+        let end = offset + CHUNK as u64 >= 2 * CHUNK as u64;
+        s.complete_read(
+            NOW,
+            id,
+            Ok(ReadData {
+                offset,
+                data: vec![1; CHUNK],
+                end,
+            }),
+        );
+        outs = drain(|| s.poll());
+        if end {
+            all.append(&mut outs);
+            break;
+        }
+    }
+    assert!(
+        sent(&all)
+            .iter()
+            .any(|m| matches!(m, Msg::InitialEnd(e) if e.cycle == 9)),
+        "the copy is sent: {all:?}"
+    );
+    assert!(
+        point_stream(&all, 9).is_some(),
+        "the copy's point goes with its last bytes: {all:?}"
+    );
+    assert!(
+        !sent(&all)
+            .iter()
+            .any(|m| matches!(m, Msg::PointCommit(p) if p.cycle < 9)),
+        "no point below the copy is asked for again: {all:?}"
+    );
+}
+
+#[test]
 fn a_copy_is_read_from_zero_and_tries_lz4_on_every_16th_chunk_after_eight_that_did_not_compress() {
     const CHUNK: usize = 4096;
     let mut s = ready_sender(CHUNK, vec![open()], state(0, ""));
