@@ -24,7 +24,10 @@
 //!
 //! `VDREP_SIM_SCHEDULES=N` sets the number of schedules (default 20,000: seeds 3060 and 78149 found replica corruptions that 2,000 missed; 300,000 ran clean in 260 s),
 //! `VDREP_SIM_FIRST=F` starts at seed F (to explore past the default range:
-//! seed 191926 found a livelock that 0..191925 missed),
+//! seed 191926 found a livelock that 0..191925 missed); besides these,
+//! `VDREP_SIM_EXPLORE=N` seeds (default 5,000, none with `VDREP_SIM_FIRST`)
+//! from a start taken from the clock are run, so that every run searches
+//! new schedules (the start is printed, a failure names its seed),
 //! `VDREP_SIM_SEED=S` runs one seed and prints its trace. A seed replays
 //! exactly (checked every 500th): the sessions keep no hash-ordered state.
 
@@ -999,10 +1002,27 @@ fn simulated_schedules_keep_the_invariants() {
         return;
     }
     let n = env_u64("VDREP_SIM_SCHEDULES").unwrap_or(20_000);
-    let first = env_u64("VDREP_SIM_FIRST").unwrap_or(0);
+    let first = env_u64("VDREP_SIM_FIRST");
+    // Besides the fixed range, every run explores seeds no run tried
+    // before (from the clock, printed; a failure names its seed and
+    // replays): CI then searches further each time, reproducibly.
+    let explore = match (first, env_u64("VDREP_SIM_EXPLORE")) {
+        (Some(_), None) => 0,
+        (_, e) => e.unwrap_or(5_000),
+    };
+    let from = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64 % (1 << 40))
+        + (1 << 32);
+    let first = first.unwrap_or(0);
+    eprintln!(
+        "seeds {first}..{} and {from}..{}",
+        first + n,
+        from + explore
+    );
     let t0 = std::time::Instant::now();
     let mut total = Stats::default();
-    for seed in first..first + n {
+    for seed in (first..first + n).chain(from..from + explore) {
         let out = std::panic::catch_unwind(|| run(seed, false));
         let (r, s, trace) = match out {
             Ok(x) => x,
@@ -1039,6 +1059,7 @@ fn simulated_schedules_keep_the_invariants() {
         total.pipelined += s.pipelined;
         total.behind += s.behind;
     }
+    let n = n + explore;
     eprintln!("{n} schedules in {:.1?}: {total:?}", t0.elapsed());
     if n >= 200 {
         // The harness must actually exercise what it claims to.

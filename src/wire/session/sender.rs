@@ -1236,19 +1236,7 @@ impl Sender {
     /// disk failed: its stream is reset (the receiver forgets the point
     /// it held), and it is committed again once the cycle is there.
     fn withdraw_point(&mut self, failed_cycle: u64) {
-        let ahead: Vec<StreamId> = self
-            .streams
-            .iter()
-            .filter(|(_, s)| matches!(s.kind, SKind::Point(c, _) if c >= failed_cycle))
-            .map(|(sid, _)| *sid)
-            .collect();
-        for sid in ahead {
-            self.streams.remove(&sid);
-            self.point_busy = false;
-            if self.phase != Phase::Closed {
-                self.out.push_back(Output::Reset(sid));
-            }
-        }
+        self.withdraw_points(|c| c >= failed_cycle);
     }
 
     /// The copy of `disk_id` at `cycle` starts: the receiver's store drops
@@ -1264,13 +1252,19 @@ impl Sender {
         if let Some(r) = self.reached.get_mut(&disk_id) {
             *r = r.split_off(&cycle);
         }
-        let doomed: Vec<StreamId> = self
+        self.withdraw_points(|c| c < cycle);
+    }
+
+    /// Reset the stream of every point being committed whose cycle
+    /// `doomed` picks.
+    fn withdraw_points(&mut self, doomed: impl Fn(u64) -> bool) {
+        let sids: Vec<StreamId> = self
             .streams
             .iter()
-            .filter(|(_, s)| matches!(s.kind, SKind::Point(c, _) if c < cycle))
+            .filter(|(_, s)| matches!(s.kind, SKind::Point(c, _) if doomed(c)))
             .map(|(sid, _)| *sid)
             .collect();
-        for sid in doomed {
+        for sid in sids {
             self.streams.remove(&sid);
             self.point_busy = false;
             if self.phase != Phase::Closed {
