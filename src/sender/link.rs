@@ -195,23 +195,30 @@ impl MuxConn {
         tokio::spawn(async move {
             let addr = c.remote_address();
             while let Ok(mut rx) = c.accept_uni().await {
-                match mux::read_control(&mut rx).await {
-                    Ok(Control::End { tag, code, reason }) => {
-                        if let Some(tx) = to.lock().remove(&tag) {
-                            // As the connection's close ended it before.
-                            let _ =
-                                tx.send(Input::Lost(quinn::ConnectionError::ApplicationClosed(
-                                    quinn::ApplicationClose {
-                                        error_code: code.into(),
-                                        reason: reason.into_bytes().into(),
-                                    },
-                                )));
+                // Each control stream is read on its own (as the receiver
+                // reads the sender's): one whose bytes are late (a lost
+                // packet) does not hold back the ends behind it.
+                let to = to.clone();
+                tokio::spawn(async move {
+                    match mux::read_control(&mut rx).await {
+                        Ok(Control::End { tag, code, reason }) => {
+                            if let Some(tx) = to.lock().remove(&tag) {
+                                // As the connection's close ended it before.
+                                let _ = tx.send(Input::Lost(
+                                    quinn::ConnectionError::ApplicationClosed(
+                                        quinn::ApplicationClose {
+                                            error_code: code.into(),
+                                            reason: reason.into_bytes().into(),
+                                        },
+                                    ),
+                                ));
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(%addr, "ignoring a control stream of the receiver: {e}");
                         }
                     }
-                    Err(e) => {
-                        tracing::warn!(%addr, "ignoring a control stream of the receiver: {e}");
-                    }
-                }
+                });
             }
         });
         if tracing::enabled!(target: "vdrep::link_stats", tracing::Level::DEBUG) {
@@ -1160,5 +1167,67 @@ async fn read_stream(sid: StreamId, mut rx: quinn::RecvStream, to: mpsc::Unbound
         if to.send(input).is_err() || last {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::{self, Identity, TrustStore};
+
+    fn trusting(id: &Identity) -> TrustStore {
+        let mut t = TrustStore::new();
+        t.add(id.cert.clone());
+        t
+    }
+
+    #[tokio::test]
+    async fn a_stalled_control_stream_does_not_hold_back_the_next_sessions_end() {
+        let (snd, rcv) = (
+            Identity::generate("site-a").expect("identity"),
+            Identity::generate("site-b").expect("identity"),
+        );
+        let server = transport::server("127.0.0.1:0".parse().expect("addr"), &rcv, &trusting(&snd))
+            .expect("server");
+        let addr = server.local_addr().expect("addr");
+        let accept = tokio::spawn(async move {
+            let incoming = server.accept().await.expect("an incoming connection");
+            let (conn, _) = transport::accept(incoming).await.expect("accept");
+            (server, conn)
+        });
+        let client = transport::client(&snd, &trusting(&rcv)).expect("client");
+        let conn = transport::connect(&client, addr, "site-b")
+            .await
+            .expect("connect");
+        let (_server, peer) = accept.await.expect("accept task");
+        let mux = MuxConn::new(conn, crate::transport::congestion::Shares::default());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        mux.sessions.lock().insert(5, tx);
+        let end = Control::End {
+            tag: 5,
+            code: 3,
+            reason: "replica store full".into(),
+        }
+        .encode();
+        // The receiver's first control stream stops after 3 bytes (its
+        // next packet is late); the second ends session 5.
+        let mut stalled = peer.open_uni().await.expect("uni");
+        stalled.write_all(&end[..3]).await.expect("write");
+        let mut whole = peer.open_uni().await.expect("uni");
+        whole.write_all(&end).await.expect("write");
+        whole.finish().expect("finish");
+        // A bound for liveness, not a speed: without the fix the end
+        // never arrives.
+        let got = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await;
+        match got {
+            Ok(Some(Input::Lost(quinn::ConnectionError::ApplicationClosed(c)))) => {
+                assert_eq!(c.error_code, 3u32.into());
+                assert_eq!(&c.reason[..], b"replica store full");
+            }
+            Ok(Some(_)) => panic!("session 5 got something else than its end"),
+            Ok(None) => panic!("session 5's channel closed without its end"),
+            Err(_) => panic!("session 5's end was held back by the stalled control stream"),
+        }
+        drop(stalled);
     }
 }
