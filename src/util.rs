@@ -9,6 +9,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub mod command;
+pub mod durable;
 pub mod phase;
 pub mod readahead;
 pub mod steps;

@@ -21,21 +21,29 @@ use vdrep::replica::{
     Consistency, DiskRef, FailStore, InitialData, ReplicaStore, RetentionPolicy, Store, StoreError,
     StoreOutcome,
 };
+use vdrep::util::durable::SyncMode;
 
 /// The directory store rooted at `root`; `wrap` puts it in a pass-through
-/// [`FailStore`] (no rules), which must change nothing.
+/// [`FailStore`] (no rules), which must change nothing; `sync` is how it
+/// makes writes durable (`store_sync`: the shared `syncfs` must change
+/// nothing either).
 struct DirHarness {
     root: PathBuf,
     wrap: bool,
+    sync: SyncMode,
     _dir: Option<tempfile::TempDir>,
 }
 
 impl DirHarness {
     fn new(wrap: bool) -> DirHarness {
+        DirHarness::with_sync(wrap, SyncMode::File)
+    }
+    fn with_sync(wrap: bool, sync: SyncMode) -> DirHarness {
         let dir = tempfile::tempdir().unwrap();
         DirHarness {
             root: dir.path().join("store"),
             wrap,
+            sync,
             _dir: Some(dir),
         }
     }
@@ -43,6 +51,7 @@ impl DirHarness {
         DirHarness {
             root: root.to_path_buf(),
             wrap: false,
+            sync: SyncMode::File,
             _dir: None,
         }
     }
@@ -60,7 +69,9 @@ impl DirHarness {
 
 impl Harness for DirHarness {
     fn open(&self) -> Arc<dyn ReplicaStore> {
-        let s: Arc<dyn ReplicaStore> = Arc::new(Store::open(&self.root).unwrap());
+        let mut st = Store::open(&self.root).unwrap();
+        st.set_sync(self.sync);
+        let s: Arc<dyn ReplicaStore> = Arc::new(st);
         if self.wrap {
             Arc::new(FailStore::new(s, Vec::new(), 1))
         } else {
@@ -82,8 +93,14 @@ impl Harness for DirHarness {
     }
 }
 
-fn both() -> [DirHarness; 2] {
-    [DirHarness::new(false), DirHarness::new(true)]
+/// Bare, wrapped, and bare with every sync a shared `syncfs`
+/// (`store_sync = "fs"`).
+fn both() -> [DirHarness; 3] {
+    [
+        DirHarness::new(false),
+        DirHarness::new(true),
+        DirHarness::with_sync(false, SyncMode::Fs),
+    ]
 }
 
 #[test]
@@ -325,7 +342,14 @@ fn child_store_and_apply() {
     let cycle: u64 = it.next().unwrap().parse().unwrap();
     // As the receiver does: the store seen through the seam, wrapped to
     // crash between operations when VDREP_CRASH_AT names such a step.
-    let store = FailStore::from_env(Arc::new(Store::open(&root).unwrap()));
+    let mut st = Store::open(&root).unwrap();
+    if let Some(m) = std::env::var("VDREP_TEST_STORE_SYNC")
+        .ok()
+        .and_then(|v| SyncMode::parse(&v))
+    {
+        st.set_sync(m);
+    }
+    let store = FailStore::from_env(Arc::new(st));
     store
         .store_log(DISK, &mut std::fs::File::open(&log).unwrap())
         .unwrap();
@@ -344,7 +368,13 @@ fn check_dir_after_crash(root: &Path, log: &Path, m1: &[u8], m2: &[u8], durable:
     assert_eq!(std::fs::read_dir(incoming).unwrap().count(), 0, "{what}");
 }
 
-fn spawn_child(root: &Path, log: &Path, cycle: u64, crash_at: Option<&str>) -> std::process::Child {
+fn spawn_child(
+    root: &Path,
+    log: &Path,
+    cycle: u64,
+    crash_at: Option<&str>,
+    sync: SyncMode,
+) -> std::process::Child {
     let mut c = Command::new(std::env::current_exe().unwrap());
     c.args([
         "--exact",
@@ -356,6 +386,7 @@ fn spawn_child(root: &Path, log: &Path, cycle: u64, crash_at: Option<&str>) -> s
         "VDREP_TEST_CHILD",
         format!("{}|{}|{cycle}", root.display(), log.display()),
     )
+    .env("VDREP_TEST_STORE_SYNC", sync.as_str())
     .stdout(std::process::Stdio::piped())
     .stderr(std::process::Stdio::null());
     match crash_at {
@@ -423,27 +454,33 @@ fn crash_during_forget_is_finished_by_recovery() {
     }
 }
 
+/// Every crash step, with an fsync per file and with the shared `syncfs`
+/// (`store_sync = "fs"`).
 #[test]
 fn crash_at_every_apply_step() {
-    for (i, step) in STEPS.iter().enumerate() {
+    for (i, (step, sync)) in STEPS
+        .iter()
+        .flat_map(|s| [(s, SyncMode::File), (s, SyncMode::Fs)])
+        .enumerate()
+    {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("store");
         let (m1, m2, log) =
             crash_fixture(&Store::open(&root).unwrap(), dir.path(), 100 + i as u64, 1);
-        let child = spawn_child(&root, &log, 2, Some(step));
+        let child = spawn_child(&root, &log, 2, Some(step), sync);
         let out = child.wait_with_output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(
             out.status.signal(),
             Some(libc::SIGABRT),
-            "step {step}: the child did not reach the crash point ({:?}, {stdout})",
+            "step {step} sync {sync:?}: the child did not reach the crash point ({:?}, {stdout})",
             out.status
         );
-        assert!(!stdout.contains("ACK-APPLIED"), "step {step}");
+        assert!(!stdout.contains("ACK-APPLIED"), "step {step} sync {sync:?}");
         let durable = stdout.contains("ACK-DURABLE");
         let expect_durable = !matches!(*step, "log-tmp-synced" | "log-renamed" | "after-store-log");
-        assert_eq!(durable, expect_durable, "step {step}");
+        assert_eq!(durable, expect_durable, "step {step} sync {sync:?}");
         check_dir_after_crash(&root, &log, &m1, &m2, durable, step);
     }
 }
@@ -456,7 +493,13 @@ fn kill_9_at_random_times() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("store");
         let (m1, m2, log) = crash_fixture(&Store::open(&root).unwrap(), dir.path(), 500 + round, 8);
-        let mut child = spawn_child(&root, &log, 2, None);
+        // Odd rounds: every sync a shared syncfs.
+        let sync = if round % 2 == 1 {
+            SyncMode::Fs
+        } else {
+            SyncMode::File
+        };
+        let mut child = spawn_child(&root, &log, 2, None, sync);
         std::thread::sleep(std::time::Duration::from_millis(rng.below(400)));
         let _ = child.kill(); // SIGKILL
         let out = child.wait_with_output().unwrap();

@@ -261,6 +261,13 @@ pub enum Cmd {
         /// verify_boot`.
         #[arg(long, value_name = "SCHEDULE", value_parser = parse_boot_schedule)]
         verify_boot: Option<crate::replica::boot::BootSchedule>,
+        /// How the store makes each cycle durable: `auto` (default: an
+        /// fsync per file, one shared syncfs of the store's file system
+        /// for the disks that sync at the same time), `fs` (always the
+        /// shared syncfs) or `file` (always an fsync per file); overrides
+        /// `[receiver] store_sync`.
+        #[arg(long, value_name = "MODE", value_parser = parse_store_sync)]
+        store_sync: Option<crate::util::durable::SyncMode>,
     },
     /// Protect a VM: replicate its disks (files under a `vdrep mount`) to a
     /// receiver. Checks prerequisites and starts initial replication.
@@ -589,6 +596,7 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
             cache,
             metrics_listen,
             verify_boot,
+            store_sync,
         } => {
             let cfg = match self::config::load(config) {
                 Ok(c) => c,
@@ -604,6 +612,7 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
                 s3,
                 cache,
                 verify_boot,
+                store_sync,
             };
             let log_format = service::log_format(log_format, cfg.as_ref());
             replication::receive(flags, cfg.as_ref(), log_format)
@@ -736,6 +745,10 @@ pub fn run(cmd: Cmd, config: Option<&Path>, log_format: Option<service::LogForma
 }
 
 /// `--verify-boot SCHEDULE`.
+fn parse_store_sync(s: &str) -> Result<crate::util::durable::SyncMode, String> {
+    crate::config::parse_store_sync(s).map_err(|e| e.to_string())
+}
+
 fn parse_boot_schedule(s: &str) -> Result<crate::replica::boot::BootSchedule, String> {
     crate::replica::boot::BootSchedule::parse(s).map_err(|e| e.to_string())
 }

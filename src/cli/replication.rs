@@ -23,6 +23,8 @@ pub struct ReceiveFlags {
     pub cache: Option<PathBuf>,
     /// `--verify-boot`: over `[receiver] verify_boot`.
     pub verify_boot: Option<crate::replica::boot::BootSchedule>,
+    /// `--store-sync`: over `[receiver] store_sync`.
+    pub store_sync: Option<crate::util::durable::SyncMode>,
 }
 
 /// `vdrep receive ...` (foreground; logs to stderr): the flags over the
@@ -113,6 +115,11 @@ pub fn receive(
                     .unwrap_or(crate::receiver::boot_verify::DEFAULT_TIMEOUT),
                 wait_for: rcv.and_then(|r| r.verify_boot_wait_for.clone()),
             }),
+        store_sync: flags
+            .store_sync
+            .or(rcv.and_then(|r| r.store_sync))
+            .or_else(store_sync_from_env)
+            .unwrap_or_default(),
     }) {
         Ok(()) => 0,
         Err(e) => {
@@ -120,6 +127,18 @@ pub fn receive(
             1
         }
     }
+}
+
+/// `VDREP_STORE_SYNC` (`auto`, `fs` or `file`): for benchmark A/B runs
+/// that start receivers without a configuration file; a bad value is
+/// ignored with a warning.
+fn store_sync_from_env() -> Option<crate::util::durable::SyncMode> {
+    let v = std::env::var("VDREP_STORE_SYNC").ok()?;
+    let m = crate::util::durable::SyncMode::parse(&v);
+    if m.is_none() {
+        tracing::warn!("VDREP_STORE_SYNC={v:?} is not auto, fs or file: ignored");
+    }
+    m
 }
 
 /// `vdrep unprotect NAME [--dir DIR]`.

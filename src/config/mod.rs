@@ -100,6 +100,8 @@ pub struct ReceiverCfg {
     pub verify_boot_timeout: Option<Duration>,
     /// Its readiness command (default: the guest agent answers).
     pub verify_boot_wait_for: Option<String>,
+    /// How the store makes each cycle durable (`store_sync`).
+    pub store_sync: Option<crate::util::durable::SyncMode>,
     /// With `store = "s3://bucket/prefix"`: the S3 endpoint, the
     /// credentials file, the encryption key file and the local cache folder.
     pub s3_endpoint: Option<String>,
@@ -412,6 +414,18 @@ pub fn parse_activity_hot(s: &str) -> Result<u32, BadValue> {
         Ok(n) if n <= 1 << 18 => Ok(n),
         _ => Err(bad("is above 1TiB".into())),
     }
+}
+
+/// The receiver store's sync: `auto`, `fs` or `file`.
+pub fn parse_store_sync(s: &str) -> Result<crate::util::durable::SyncMode, BadValue> {
+    crate::util::durable::SyncMode::parse(s).ok_or_else(|| {
+        BadValue::new(
+            ProblemKind::BadValue,
+            format!(
+                "{s:?} is not a store sync mode: give \"auto\" (an fsync per file, shared syncfs when disks sync at the same time), \"fs\" (always one shared syncfs of the store's file system) or \"file\" (always an fsync per file)"
+            ),
+        )
+    })
 }
 
 /// The FUSE transport: `dev` (`/dev/fuse`) or `uring` (FUSE over io_uring).
@@ -998,6 +1012,9 @@ impl Cx<'_> {
                 }
             },
         );
+        let store_sync = self.value(&r.store_sync, "receiver.store_sync", |s: &String| {
+            parse_store_sync(s)
+        });
         Some(ReceiverCfg {
             listen: listen?,
             store: store?,
@@ -1010,6 +1027,7 @@ impl Cx<'_> {
             verify_boot,
             verify_boot_timeout,
             verify_boot_wait_for,
+            store_sync,
             s3_endpoint,
             s3_credentials,
             encryption_key,

@@ -59,6 +59,7 @@ pub struct Receiver {
     pub verify_boot: Option<S>,
     pub verify_boot_timeout: Option<S>,
     pub verify_boot_wait_for: Option<S>,
+    pub store_sync: Option<S>,
     pub s3_endpoint: Option<S>,
     pub s3_credentials: Option<S>,
     pub encryption_key: Option<S>,

@@ -517,6 +517,29 @@ fn mount_fuse_transport_is_dev_or_uring() {
     assert!(p[0].msg.contains("\"uring\""), "{:?}", p[0].msg);
 }
 
+#[test]
+fn receiver_store_sync_is_auto_fs_or_file() {
+    use crate::util::durable::SyncMode;
+    let with = |v: &str| {
+        GOOD.replace(
+            "store = \"/srv/replicas\"\n",
+            &format!("store = \"/srv/replicas\"\nstore_sync = \"{v}\"\n"),
+        )
+    };
+    let sync = |t: &str| check(t).unwrap().receiver.unwrap().store_sync;
+    assert_eq!(sync(GOOD), None);
+    assert_eq!(sync(&with("auto")), Some(SyncMode::Auto));
+    assert_eq!(sync(&with("fs")), Some(SyncMode::Fs));
+    assert_eq!(sync(&with("file")), Some(SyncMode::File));
+    let p = problems(&with("syncfs"));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(
+        (p[0].kind, p[0].key.as_str()),
+        (ProblemKind::BadValue, "receiver.store_sync")
+    );
+    assert!(p[0].msg.contains("\"file\""), "{:?}", p[0].msg);
+}
+
 /// `[[vm]] to = "s3://…"`: direct protection to an object store, with its
 /// endpoint, credentials and key; no trust needed. Missing keys, a bad
 /// URL and object-store keys on a receiver address are problems.

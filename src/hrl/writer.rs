@@ -2,6 +2,7 @@
 
 use super::format::{self, Encoding, RecordHeader, Trailer, MAX_RECORD_LEN};
 use super::{HrlError, HrlHeader, HrlSummary};
+use crate::util::durable::Durability;
 use crate::util::hex;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -25,6 +26,8 @@ pub struct HrlWriter {
     summary: HrlSummary,
     scratch: Vec<u8>,
     failed: bool,
+    /// How `finish` makes the log and its rename durable.
+    durability: Durability,
 }
 
 /// `.<name>.tmp` in the directory of `final_path`.
@@ -78,6 +81,7 @@ impl HrlWriter {
                 ..HrlSummary::default()
             },
             scratch: Vec::new(),
+            durability: Durability::PerFile,
             failed: false,
         };
         w.write_hashed(&head)?;
@@ -179,6 +183,12 @@ impl HrlWriter {
         Ok(())
     }
 
+    /// Make `finish` durable through `d` (a store's shared `syncfs`)
+    /// instead of an fsync of the file and of its directory.
+    pub fn set_durability(&mut self, d: Durability) {
+        self.durability = d;
+    }
+
     /// Seal, fsync, rename into place, fsync the directory.
     pub fn finish(mut self) -> Result<HrlSummary, HrlError> {
         if self.failed || self.out.is_none() {
@@ -202,14 +212,21 @@ impl HrlWriter {
             }
         };
         // From here on `out` is None; Drop removes the temp file on error.
-        file.sync_all()
+        self.durability
+            .sync_all(&file)
             .map_err(|e| HrlError::io(&self.tmp_path, e))?;
         drop(file);
         std::fs::rename(&self.tmp_path, &self.final_path)
             .map_err(|e| HrlError::io(&self.final_path, e))?;
         self.failed = false;
         self.tmp_path = PathBuf::new(); // published: nothing to clean up
-        sync_parent_dir(&self.final_path).map_err(|e| HrlError::io(&self.final_path, e))?;
+        let dir = match self.final_path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        self.durability
+            .sync_dir(dir)
+            .map_err(|e| HrlError::io(&self.final_path, e))?;
         let mut summary = std::mem::take(&mut self.summary);
         summary.file_bytes = self.pos;
         summary.log_checksum = hex(&log_hash.to_le_bytes());

@@ -1,5 +1,6 @@
 //! The receiver's hot-path counters: connections open now, the time to
-//! apply a change log to a replica, and recovery points a full copy ended. Process-wide atomics (one receiver per
+//! apply a change log to a replica, recovery points a full copy ended, and
+//! the store's syncs (read from [`crate::util::durable::counts`]). Process-wide atomics (one receiver per
 //! process); the store's own figures (points, bytes) are read at scrape
 //! time by `receiver::metrics`.
 
@@ -92,6 +93,28 @@ pub fn encode(enc: &mut DescriptorEncoder) -> fmt::Result {
         "Recovery points ended by a full copy of one of their disks (replica lost, or copied whole again) since the receiver started",
         None,
         [(Labels::new(), DROPPED.load(Ordering::Relaxed))],
+    )?;
+    let (passes, shared, alone) = crate::util::durable::counts();
+    counter(
+        enc,
+        "vdrep_receiver_store_syncfs",
+        "syncfs calls of the store's file system (store_sync auto or fs: one serves every disk syncing at the same time)",
+        None,
+        [(Labels::new(), passes)],
+    )?;
+    counter(
+        enc,
+        "vdrep_receiver_store_sync_shared",
+        "Store syncs served by a shared syncfs (store_sync auto or fs); divided by vdrep_receiver_store_syncfs_total: disks per flush",
+        None,
+        [(Labels::new(), shared)],
+    )?;
+    counter(
+        enc,
+        "vdrep_receiver_store_sync_alone",
+        "Store syncs done as an fsync of their own file because no other disk was syncing (store_sync auto)",
+        None,
+        [(Labels::new(), alone)],
     )?;
     histogram(
         enc,

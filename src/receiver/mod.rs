@@ -104,6 +104,8 @@ pub struct ReceiveOptions {
     /// Scheduled boot verification of every domain's newest point
     /// (`verify_boot`); `None`: never.
     pub verify_boot: Option<boot_verify::BootVerify>,
+    /// How the store makes a cycle durable (`store_sync`).
+    pub store_sync: crate::util::durable::SyncMode,
 }
 
 /// Apply `keep` to every VM of every site in `store`, except VMs failed
@@ -242,7 +244,10 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), ReceiverError> {
         path: opts.store.clone(),
         source,
     };
-    let store = Arc::new(replica::Store::open(&opts.store).map_err(store_err)?);
+    let mut store = replica::Store::open(&opts.store).map_err(store_err)?;
+    store.set_sync(opts.store_sync);
+    tracing::info!("store sync: {}", opts.store_sync.as_str());
+    let store = Arc::new(store);
     let r = store.recover().map_err(store_err)?;
     tracing::info!("store {} recovered: {r:?}", opts.store.display());
     // The replication data path sees the store through the seam (wrapped to

@@ -7,6 +7,7 @@ use super::group::GroupRecord;
 use super::names::{check_inside, ensure_dir, validate_name};
 use super::target::{open_target, ReplicaFormat, ReplicaTarget, VHD_FOOTER_LEN};
 use super::undo::{self, PointReader, ReaderShared, UndoLayer};
+use crate::util::durable::{Durability, SyncMode};
 use crate::util::{hex, now_ns, random_id};
 use crate::vhd::footer::vhd_timestamp_now;
 
@@ -341,6 +342,10 @@ pub struct Store {
     pins: Mutex<HashMap<(String, String), Vec<u64>>>,
     /// Test pauses at steps ([`Store::pause_at`]); empty in production.
     pauses: Mutex<Vec<Arc<PauseState>>>,
+    /// How a replication cycle's files are made durable: an fsync each,
+    /// or a `syncfs` of the store's file system shared by every disk
+    /// syncing at the same time ([`crate::util::durable`]).
+    sync: Durability,
 }
 
 /// One sending site's namespace in a [`Store`].
@@ -426,7 +431,21 @@ impl Store {
             readers: Mutex::new(HashMap::new()),
             pins: Mutex::new(HashMap::new()),
             pauses: Mutex::new(Vec::new()),
+            sync: Durability::PerFile,
         })
+    }
+
+    /// How the cycle path's writes (logs, undo records, replicas, state and
+    /// points files) become durable: an fsync per file and directory, or a
+    /// `syncfs` of the store's file system shared by the disks syncing at
+    /// the same time (group commit; [`crate::util::durable`]).
+    pub fn set_sync(&mut self, mode: SyncMode) {
+        self.sync = mode.durability(&self.root);
+    }
+
+    /// `(syncfs passes, callers)` of the shared sync, `None` per file.
+    pub fn sync_counts(&self) -> Option<(u64, u64)> {
+        self.sync.counts()
     }
 
     /// Test hook: the first store operation that reaches `step` (one of
@@ -753,10 +772,10 @@ impl Site<'_> {
             let mut f = create_nofollow(&tmp)?;
             f.write_all(&json)?;
             f.write_all(b"\n")?;
-            f.sync_all()?;
+            self.store.sync.sync_all(&f)?;
             drop(f);
             std::fs::rename(&tmp, &path)?;
-            sync_dir(dir)
+            self.store.sync.sync_dir(dir)
         })();
         if let Err(e) = res {
             let _ = std::fs::remove_file(&tmp);
@@ -1197,7 +1216,9 @@ impl Site<'_> {
             checked.map_err(|e| hrl_err(&p.ctx, &self.store.root, "verifying a log", cycle, e))?;
             let len = tee.bytes;
             // fdatasync: the bytes and the size (all that reading needs).
-            f.sync_data()
+            self.store
+                .sync
+                .sync_data(&f)
                 .map_err(|e| self.io(&p.ctx, "storing a log", &tmp, e))?;
             self.store.step("log-tmp-synced");
             Ok(len)
@@ -1246,7 +1267,10 @@ impl Site<'_> {
             return Err(self.io(&p.ctx, "storing a log", &fin, e));
         }
         self.store.step("log-renamed");
-        sync_dir(&p.incoming).map_err(|e| self.io(&p.ctx, "storing a log", &p.incoming, e))?;
+        self.store
+            .sync
+            .sync_dir(&p.incoming)
+            .map_err(|e| self.io(&p.ctx, "storing a log", &p.incoming, e))?;
         Ok(StoreOutcome::Stored {
             cycle,
             base_cycle: header.base_cycle,
@@ -1368,8 +1392,15 @@ impl Site<'_> {
         // 1. Undo record (pre-images), durable before anything changes.
         let target = self.open_replica(p, &st, false)?;
         let undop = p.undo.join(undo::undo_name(rc, cycle));
-        let undo_bytes = undo::write_undo(&undop, &log, &logp, target.as_ref(), st.cycle_time_ns)
-            .map_err(|e| {
+        let undo_bytes = undo::write_undo(
+            &undop,
+            &log,
+            &logp,
+            target.as_ref(),
+            st.cycle_time_ns,
+            &self.store.sync,
+        )
+        .map_err(|e| {
             hrl_err(
                 &p.ctx,
                 &self.store.root,
@@ -1526,7 +1557,7 @@ impl Site<'_> {
                 self.store.step("replica-half");
             }
         }
-        target.flush().map_err(tio)?;
+        target.flush_with(&self.store.sync).map_err(tio)?;
         self.store.step("replica-synced");
         Ok(bytes)
     }
@@ -1979,11 +2010,11 @@ impl Site<'_> {
                 None => {
                     let mut f = create_nofollow(&tmp)?;
                     f.write_all(xml.as_bytes())?;
-                    f.sync_all()?;
+                    self.store.sync.sync_all(&f)?;
                 }
             }
             std::fs::rename(&tmp, &path)?;
-            sync_dir(&dir)
+            self.store.sync.sync_dir(&dir)
         })();
         if let Err(e) = res {
             let _ = std::fs::remove_file(&tmp);

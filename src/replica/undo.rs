@@ -13,6 +13,7 @@
 use super::target::ReplicaTarget;
 use crate::hrl::format::{self, Frame, ParseError};
 use crate::hrl::{HrlError, HrlHeader, HrlReader, HrlWriter};
+use crate::util::durable::Durability;
 use crate::util::readahead::ReadAhead;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
@@ -41,6 +42,7 @@ pub(crate) fn write_undo(
     log_label: &Path,
     target: &dyn ReplicaTarget,
     base_time_ns: u64,
+    durability: &Durability,
 ) -> Result<u64, HrlError> {
     let len = log.metadata().map_err(|e| HrlError::Io {
         path: log_label.to_path_buf(),
@@ -85,6 +87,7 @@ pub(crate) fn write_undo(
         off += n;
     }
     let mut w = HrlWriter::create(path, &uh)?;
+    w.set_durability(durability.clone());
     let mut buf = Vec::new();
     let io = |e| HrlError::Io {
         path: path.to_path_buf(),
@@ -619,7 +622,7 @@ mod tests {
         w.finish().unwrap();
         let undop = d.path().join(undo_name(1, 2));
         let log = File::open(&logp).unwrap();
-        write_undo(&undop, &log, &logp, &target, 1).unwrap();
+        write_undo(&undop, &log, &logp, &target, 1, &Durability::PerFile).unwrap();
         // Exactly the old bytes of the log's ranges and of the cut-off tail.
         let mut want: Vec<u64> = ranges.iter().flat_map(|&(f, n)| f..f + n).collect();
         want.extend(NEW_BLOCKS..OLD_BLOCKS);
