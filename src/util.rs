@@ -3,8 +3,9 @@
 //! positional reads, zeroing a range of a file, and
 //! one bounded run of an administrator's shell command ([`command`]), and
 //! a stopwatch of named steps ([`steps`]), the debug events of a
-//! replication cycle's phases ([`phase`]), and read-ahead hints for
-//! scattered reads ([`readahead`]).
+//! replication cycle's phases ([`phase`]), read-ahead hints for
+//! scattered reads ([`readahead`]), and fsync per file or a shared
+//! `syncfs` (group commit, [`durable`]).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -10,6 +10,7 @@ mod skip;
 mod store_suite;
 use proptest::prelude::*;
 use std::collections::BTreeSet;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -1188,4 +1189,189 @@ fn apply_rejects_a_log_damaged_after_it_was_stored() {
         );
         std::fs::remove_file(&lp).unwrap();
     }
+}
+
+/// Commit `n` points after the initial copy at cycle 1 (cycles 2..=n+1),
+/// one 4 KiB block changed per cycle.
+fn commit_points(store: &Store, dir: &Path, disk: &mut [u8], first: u64, n: u64) {
+    for c in first..first + n {
+        let old = disk.to_vec();
+        let b = c % (disk.len() as u64 / BS);
+        disk[(b * BS) as usize] = c as u8;
+        let logp = dir.join("p.hrl");
+        make_log(
+            &logp,
+            ID,
+            c - 1,
+            c,
+            old.len() as u64,
+            disk,
+            &BTreeSet::from([b]),
+        );
+        ReplicaStore::store_log(store, DISK, &mut std::fs::File::open(&logp).unwrap()).unwrap();
+        ReplicaStore::apply(store, DISK, c).unwrap();
+        let pt = ReplicaStore::commit_point(store, SITE, VM, c, &[ID], Consistency::Crash)
+            .unwrap()
+            .unwrap();
+        assert_eq!(pt.cycle, c);
+    }
+}
+
+fn vm_dir(root: &Path) -> PathBuf {
+    root.join("sites").join(SITE).join("vms").join(VM)
+}
+
+fn journals(vmd: &Path) -> Vec<(String, usize)> {
+    let mut v: Vec<(String, usize)> = std::fs::read_dir(vmd)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("points-") && n.ends_with(".jsonl"))
+        .map(|n| {
+            let lines = std::fs::read(vmd.join(&n))
+                .unwrap()
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count();
+            (n, lines)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// A point is one line appended to the journal, not a rewrite of every
+/// point; the snapshot is rewritten every `POINTS_JOURNAL_MAX` points, and
+/// every point reads back, in order, through the store and offline.
+#[test]
+fn points_are_journaled_and_compacted() {
+    let max = vdrep::replica::POINTS_JOURNAL_MAX as u64;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let store = Store::open(&root).unwrap();
+    let mut disk = vec![1u8; 64 * BS as usize];
+    initial(&store, &disk, 1);
+    let vmd = vm_dir(&root);
+    commit_points(&store, dir.path(), &mut disk, 2, 3);
+    // Three points: no snapshot rewrite, three lines.
+    assert!(!vmd.join("points.json").exists());
+    assert_eq!(journals(&vmd), vec![("points-0.jsonl".to_string(), 3)]);
+    commit_points(&store, dir.path(), &mut disk, 5, 2 * max);
+    let n = 3 + 2 * max;
+    let cycles: Vec<u64> = ReplicaStore::points(&store, SITE, VM)
+        .unwrap()
+        .iter()
+        .map(|p| p.cycle)
+        .collect();
+    assert_eq!(cycles, (2..2 + n).collect::<Vec<_>>());
+    let offline: Vec<u64> = vdrep::replica::points_in(&vmd)
+        .unwrap()
+        .iter()
+        .map(|p| p.cycle)
+        .collect();
+    assert_eq!(offline, cycles);
+    // One journal, the snapshot's, never longer than the bound.
+    let j = journals(&vmd);
+    assert_eq!(j.len(), 1, "{j:?}");
+    assert!(j[0].1 <= max as usize, "{j:?}");
+    let snap: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(vmd.join("points.json")).unwrap()).unwrap();
+    assert_eq!(j[0].0, format!("points-{}.jsonl", snap["gen"]));
+    assert_eq!(
+        snap["points"].as_array().unwrap().len() + j[0].1,
+        n as usize
+    );
+    // A reopened store reads the same.
+    drop(store);
+    let store = Store::open(&root).unwrap();
+    let again: Vec<u64> = ReplicaStore::points(&store, SITE, VM)
+        .unwrap()
+        .iter()
+        .map(|p| p.cycle)
+        .collect();
+    assert_eq!(again, cycles);
+}
+
+/// A crash during an append leaves an incomplete last line: it was never
+/// acknowledged, so it is not a point, and the next append cuts it off. A
+/// damaged complete line is an error, never skipped.
+#[test]
+fn a_torn_last_point_line_is_ignored_and_a_damaged_one_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let store = Store::open(&root).unwrap();
+    let mut disk = vec![1u8; 16 * BS as usize];
+    initial(&store, &disk, 1);
+    commit_points(&store, dir.path(), &mut disk, 2, 2);
+    let jp = vm_dir(&root).join("points-0.jsonl");
+    let good = std::fs::read(&jp).unwrap();
+    let mut f = std::fs::OpenOptions::new().append(true).open(&jp).unwrap();
+    f.write_all(b"{\"cycle\":4,\"time_unix_ns\":1").unwrap();
+    drop(f);
+    let cycles = |s: &Store| -> Vec<u64> {
+        ReplicaStore::points(s, SITE, VM)
+            .unwrap()
+            .iter()
+            .map(|p| p.cycle)
+            .collect()
+    };
+    assert_eq!(cycles(&store), vec![2, 3]);
+    commit_points(&store, dir.path(), &mut disk, 4, 1);
+    assert_eq!(cycles(&store), vec![2, 3, 4]);
+    let now = std::fs::read(&jp).unwrap();
+    assert!(now.starts_with(&good) && now.ends_with(b"\n"));
+    assert_eq!(
+        now.iter().filter(|&&b| b == b'\n').count(),
+        3,
+        "the torn line was not cut off"
+    );
+    // Damage inside a complete line.
+    let mut bad = now.clone();
+    bad[good.len() / 2] = b'#';
+    std::fs::write(&jp, &bad).unwrap();
+    let err = ReplicaStore::points(&store, SITE, VM).unwrap_err();
+    assert!(matches!(err, StoreError::BadState { .. }), "{err:?}");
+    assert!(err.to_string().contains("line 1"), "{err}");
+}
+
+/// A snapshot rewrite (here: retention dropping points) starts a new
+/// journal; the old one, if a crash left it behind, is not read again, so
+/// a dropped point never comes back.
+#[test]
+fn a_journal_left_by_a_crash_does_not_bring_dropped_points_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let store = Store::open(&root).unwrap();
+    let mut disk = vec![1u8; 16 * BS as usize];
+    initial(&store, &disk, 1);
+    commit_points(&store, dir.path(), &mut disk, 2, 6);
+    let vmd = vm_dir(&root);
+    let old = std::fs::read(vmd.join("points-0.jsonl")).unwrap();
+    let keep = RetentionPolicy {
+        keep_last: Some(2),
+        ..RetentionPolicy::default()
+    };
+    let r = ReplicaStore::prune(&store, SITE, VM, &keep).unwrap();
+    assert_eq!(r.dropped_points, vec![2, 3, 4, 5]);
+    assert!(journals(&vmd).is_empty(), "{:?}", journals(&vmd));
+    // The crash: the old journal is still there.
+    std::fs::write(vmd.join("points-0.jsonl"), &old).unwrap();
+    let cycles: Vec<u64> = ReplicaStore::points(&store, SITE, VM)
+        .unwrap()
+        .iter()
+        .map(|p| p.cycle)
+        .collect();
+    assert_eq!(cycles, vec![6, 7]);
+    // New points go to the new snapshot's journal; the stale one goes at
+    // the next rewrite.
+    commit_points(&store, dir.path(), &mut disk, 8, 1);
+    let cycles: Vec<u64> = vdrep::replica::points_in(&vmd)
+        .unwrap()
+        .iter()
+        .map(|p| p.cycle)
+        .collect();
+    assert_eq!(cycles, vec![6, 7, 8]);
+    let r = ReplicaStore::prune(&store, SITE, VM, &keep).unwrap();
+    assert_eq!(r.dropped_points, vec![6]);
+    assert!(journals(&vmd).is_empty(), "{:?}", journals(&vmd));
 }

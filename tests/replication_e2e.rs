@@ -64,16 +64,14 @@ impl Site {
         }
         panic!("no replica {name} under {}", disks.display());
     }
-    /// The points file of vm1, if the receiver wrote one.
+    /// The points of vm1 (`points.json` and its journal), if it has any.
     fn points_or_none(&self) -> Option<serde_json::Value> {
-        let b = std::fs::read(self.p("store/sites/site-a/vms/vm1/points.json")).ok()?;
-        serde_json::from_slice(&b).ok()
+        let pts = vdrep::replica::points_in(&self.p("store/sites/site-a/vms/vm1")).ok()?;
+        (!pts.is_empty()).then(|| serde_json::json!({ "points": pts }))
     }
     fn points(&self) -> serde_json::Value {
-        serde_json::from_slice(
-            &std::fs::read(self.p("store/sites/site-a/vms/vm1/points.json")).unwrap(),
-        )
-        .unwrap()
+        let pts = vdrep::replica::points_in(&self.p("store/sites/site-a/vms/vm1")).unwrap();
+        serde_json::json!({ "points": pts })
     }
 }
 

@@ -77,11 +77,10 @@ impl Site {
         panic!("no replica {name} under {}", disks.display());
     }
     fn point_cycles(&self) -> Vec<u64> {
-        let v: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(self.p(&format!("store/sites/site-a/vms/{}/points.json", self.vm)))
-                .unwrap(),
-        )
-        .unwrap();
+        let v = serde_json::json!({
+            "points": vdrep::replica::points_in(&self.p(&format!("store/sites/site-a/vms/{}", self.vm)))
+                .unwrap()
+        });
         v["points"]
             .as_array()
             .unwrap()
@@ -876,10 +875,10 @@ fn host_crash_resyncs_only_the_activity_log_extents_at_once() {
 
 /// The disk ids (hex) of the points of `vm`, by cycle.
 fn point_disks(site: &Site) -> Vec<(u64, Vec<String>)> {
-    let v: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(site.p(&format!("store/sites/site-a/vms/{}/points.json", site.vm))).unwrap(),
-    )
-    .unwrap();
+    let v = serde_json::json!({
+        "points": vdrep::replica::points_in(&site.p(&format!("store/sites/site-a/vms/{}", site.vm)))
+            .unwrap()
+    });
     v["points"]
         .as_array()
         .unwrap()

@@ -11,11 +11,10 @@ use std::process::{Command, Stdio};
 use super::FailoverError;
 use crate::ipc::CallErrorKind;
 use crate::receiver::control::{self, PointInfo, Request};
-use crate::replica::Point;
 use crate::testview::{PointSel, ViewInfo, QEMU_PID_FILE};
 
-/// Read-only listing straight from the store (no receiver running):
-/// `points.json` plus the sizes of the undo records.
+/// Read-only listing straight from the store (no receiver running): the
+/// points (`points.json` and its journal) plus the sizes of the undo records.
 fn points_offline(
     store: &Path,
     site: Option<String>,
@@ -59,25 +58,8 @@ fn points_offline(
     crate::replica::validate_name("site", &site)
         .map_err(|e| FailoverError::Store(e.to_string()))?;
     let vmd = sites.join(&site).join("vms").join(vm);
-    #[derive(serde::Deserialize)]
-    struct Pf {
-        points: Vec<Point>,
-    }
-    let path = vmd.join("points.json");
-    let mut pts = match std::fs::read(&path) {
-        Ok(b) => {
-            serde_json::from_slice::<Pf>(&b)
-                .map_err(|e| FailoverError::Store(format!("{}: unreadable: {e}", path.display())))?
-                .points
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => {
-            return Err(FailoverError::Store(format!(
-                "reading {}: {e}",
-                path.display()
-            )))
-        }
-    };
+    let mut pts =
+        crate::replica::points_in(&vmd).map_err(|e| FailoverError::Store(e.to_string()))?;
     for p in &mut pts {
         p.bytes = 0;
         for d in &p.disks {

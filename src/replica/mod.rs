@@ -13,7 +13,8 @@
 //! ```text
 //! DIR/.lock                                 flock: one receiver per store
 //! DIR/sites/<site>/                         one namespace per sending site
-//!   vms/<vm>/points.json                    the VM's recovery points
+//!   vms/<vm>/points.json                    the VM's recovery points (snapshot)
+//!   vms/<vm>/points-<gen>.jsonl             points committed since (journal)
 //!   vms/<vm>/disks/<disk_id hex>/
 //!     state.json                            ReplicaState (atomic rewrite)
 //!     <name>.vhd | <name>                   the replica (see ReplicaFormat)
@@ -98,7 +99,7 @@ pub use fault::{FailStore, Fault, Injected, Op, Pause, Rule, Trigger, When, CRAS
 pub use group::{GroupPoint, GroupRecord};
 pub use names::{validate_name, MAX_NAME_LEN};
 pub(crate) use store::parse_hex_id;
-pub use store::retention_keep;
+pub use store::{points_in, retention_keep, POINTS_JOURNAL_MAX};
 pub use store::{
     AdoptDisk, ApplyOutcome, Consistency, DiskInfo, DropReason, ForgetReport, InitialData,
     InitialState, LiveDisk, LiveInfo, Point, PointsDropped, PruneReport, RecoveryReport,

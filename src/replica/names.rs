@@ -42,7 +42,7 @@ pub fn validate_name(kind: &'static str, name: &str) -> Result<(), StoreError> {
         Some("it contains NUL")
     } else if name.chars().any(char::is_control) {
         Some("it contains a control character")
-    } else if RESERVED.contains(&name) {
+    } else if RESERVED.contains(&name) || super::store::is_points_journal(name) {
         Some("the store reserves it")
     } else {
         None
@@ -168,6 +168,7 @@ mod tests {
             "a\x7fb",
             &"a".repeat(256),
             "state.json",
+            "points-12.jsonl",
             "incoming",
         ] {
             assert!(validate_name("vm", bad).is_err(), "{bad:?}");

@@ -12,11 +12,14 @@ use crate::util::{hex, now_ns, random_id};
 use crate::vhd::footer::vhd_timestamp_now;
 
 mod forget;
+mod points;
 mod roles;
 use crate::hrl::format::{self, ParseError};
 use crate::hrl::{HrlHeader, HrlReader};
 pub use forget::ForgetReport;
 use parking_lot::Mutex;
+pub(crate) use points::is_journal_name as is_points_journal;
+pub use points::{points_in, JOURNAL_MAX as POINTS_JOURNAL_MAX};
 pub use roles::{AdoptDisk, LiveDisk, LiveInfo};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -277,6 +280,13 @@ pub struct Point {
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct PointsFile {
     points: Vec<Point>,
+    /// Which journal (`points-<gen>.jsonl`) adds to this snapshot
+    /// ([`points`]); 0 in a store written before the journal.
+    #[serde(default)]
+    gen: u64,
+    /// Points of `points` read from the journal (not stored).
+    #[serde(skip)]
+    journaled: usize,
 }
 
 /// Which points [`Site::prune`] keeps. A point is dropped if it is beyond
@@ -346,6 +356,10 @@ pub struct Store {
     /// or a `syncfs` of the store's file system shared by every disk
     /// syncing at the same time ([`crate::util::durable`]).
     sync: Durability,
+    /// Points journals whose directory entry this process made durable.
+    synced_journals: Mutex<std::collections::HashSet<PathBuf>>,
+    /// Per VM folder, what a point commit needs ([`points`]).
+    points_meta: Mutex<HashMap<PathBuf, points::PointsMeta>>,
 }
 
 /// One sending site's namespace in a [`Store`].
@@ -432,6 +446,8 @@ impl Store {
             pins: Mutex::new(HashMap::new()),
             pauses: Mutex::new(Vec::new()),
             sync: Durability::PerFile,
+            synced_journals: Mutex::new(Default::default()),
+            points_meta: Mutex::new(HashMap::new()),
         })
     }
 
@@ -888,7 +904,7 @@ impl Site<'_> {
             )
         };
         if dropped.is_some() {
-            self.write_json(&p.ctx, &vmd, POINTS, &pf)?;
+            self.write_points(&p.ctx, &vmd, &mut pf)?;
             let cycles: Vec<u64> = pf.points.iter().map(|pt| pt.cycle).collect();
             self.drop_definitions(&vmd, &cycles);
         }
@@ -1904,14 +1920,6 @@ impl Site<'_> {
     // ---------------------------------------------------------------
     // Recovery points
 
-    fn read_points(&self, vm: &str) -> Result<PointsFile> {
-        let vmd = self.vm_dir(vm, false)?;
-        Ok(
-            read_json_opt(&self.ctx(vm, ""), &self.store.root, &vmd.join(POINTS))?
-                .unwrap_or_default(),
-        )
-    }
-
     /// Record a recovery point of `vm` at `cycle` over `disk_ids` if every
     /// one of them reached it. Returns `None` when some disk is still below
     /// `cycle` (call again once it got there). Idempotent.
@@ -1965,9 +1973,9 @@ impl Site<'_> {
                 time = time.max(l.header.cut_unix_ns);
             }
         }
-        let mut pf = self.read_points(vm)?;
-        if let Some(pt) = pf.points.iter().find(|pt| pt.cycle == cycle) {
-            return Ok(Some(pt.clone()));
+        let vctx = self.ctx(vm, "");
+        if let Some(pt) = self.find_point(&vctx, &vmd, cycle)? {
+            return Ok(Some(pt));
         }
         let mut disks: Vec<String> = disk_ids.iter().map(|d| hex(d)).collect();
         disks.sort();
@@ -1979,9 +1987,7 @@ impl Site<'_> {
             disks,
         };
         self.store.step("point-before-commit");
-        pf.points.push(pt.clone());
-        pf.points.sort_by_key(|p| p.cycle);
-        self.write_json(&self.ctx(vm, ""), &vmd, POINTS, &pf)?;
+        self.add_point(&vctx, &vmd, pt.clone())?;
         Ok(Some(pt))
     }
 
@@ -2227,7 +2233,7 @@ impl Site<'_> {
             }
         }
         if !report.dropped_points.is_empty() {
-            self.write_json(&self.ctx(vm, ""), &vmd, POINTS, &pf)?;
+            self.write_points(&self.ctx(vm, ""), &vmd, &mut pf)?;
         }
         let cycles: Vec<u64> = pf.points.iter().map(|p| p.cycle).collect();
         self.drop_definitions(&vmd, &cycles);

@@ -273,7 +273,7 @@ impl Site<'_> {
             });
         }
         pf.points.retain(|p| p.cycle <= pt.cycle);
-        self.write_json(&vctx, &vmd, POINTS, &pf)?;
+        self.write_points(&vctx, &vmd, &mut pf)?;
         std::fs::create_dir_all(dest)
             .map_err(|e| self.io(&vctx, "creating the live folder", dest, e))?;
         let live = LiveInfo {
@@ -479,7 +479,7 @@ impl Site<'_> {
                 what: "the failover was committed (the history from before it is gone): it cannot be cancelled; make the other site active again with a planned failover back".into(),
             });
         }
-        let Some(pf) = read_json_opt::<PointsFile>(&vctx, &self.store.root, &vmd.join(KEEP))?
+        let Some(mut pf) = read_json_opt::<PointsFile>(&vctx, &self.store.root, &vmd.join(KEEP))?
         else {
             return Err(StoreError::NotReady {
                 ctx: vctx,
@@ -576,7 +576,7 @@ impl Site<'_> {
             let _ = std::fs::remove_file(p.dir.join(KEEP));
             let _ = sync_dir(&p.dir);
         }
-        self.write_json(&vctx, &vmd, POINTS, &pf)?;
+        self.write_points(&vctx, &vmd, &mut pf)?;
         std::fs::remove_file(vmd.join(LIVE))
             .map_err(|e| self.io(&vctx, "removing live.json", &vmd.join(LIVE), e))?;
         let _ = std::fs::remove_file(vmd.join(KEEP));
@@ -608,7 +608,7 @@ impl Site<'_> {
         }
         let mut pf = self.read_points(vm)?;
         pf.points.retain(|p| p.cycle == live.cycle);
-        self.write_json(&vctx, &vmd, POINTS, &pf)?;
+        self.write_points(&vctx, &vmd, &mut pf)?;
         live.committed = true;
         self.write_json(&vctx, &vmd, LIVE, &live)?;
         Ok(live)
@@ -724,10 +724,11 @@ impl Site<'_> {
             consistency: Consistency::Crash,
             disks: hexes,
         };
-        let pf = PointsFile {
+        let mut pf = PointsFile {
             points: vec![pt.clone()],
+            ..PointsFile::default()
         };
-        self.write_json(&vctx, &vmd, POINTS, &pf)?;
+        self.write_points(&vctx, &vmd, &mut pf)?;
         let _ = sync_dir(&vmd);
         Ok(pt)
     }
