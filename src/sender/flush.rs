@@ -13,35 +13,20 @@
 //! cut it was to cover; each retries.
 
 use std::io;
-use std::path::{Path, PathBuf};
-
-use parking_lot::{Condvar, Mutex};
+use std::path::Path;
 
 use crate::tracking::TrackError;
+use crate::util::durable::SyncGate;
 
 /// One mount's shared flush.
 pub struct FlushGate {
-    dir: PathBuf,
-    state: Mutex<GateState>,
-    done: Condvar,
-}
-
-#[derive(Default)]
-struct GateState {
-    /// Flushes started so far (the running one included).
-    started: u64,
-    /// The newest flush that finished, and how.
-    finished: u64,
-    outcome: Option<(io::ErrorKind, String)>,
-    running: bool,
+    gate: SyncGate,
 }
 
 impl FlushGate {
     pub fn new(dir: &Path) -> Self {
         FlushGate {
-            dir: dir.to_path_buf(),
-            state: Mutex::new(GateState::default()),
-            done: Condvar::new(),
+            gate: SyncGate::new(dir),
         }
     }
 
@@ -49,38 +34,14 @@ impl FlushGate {
     /// started after this call finished (blocking; run it off the async
     /// threads).
     pub fn flush(&self) -> Result<(), TrackError> {
-        let mut g = self.state.lock();
-        // A flush already running may have missed our writes.
-        let need = g.started + 1;
-        loop {
-            if g.finished >= need {
-                let outcome = g.outcome.clone();
-                return outcome.map_or(Ok(()), |(kind, msg)| {
-                    Err(self.error(io::Error::new(kind, msg)))
-                });
-            }
-            if !g.running {
-                g.running = true;
-                g.started += 1;
-                let gen = g.started;
-                drop(g);
-                let r = syncfs(&self.dir);
-                let mut g = self.state.lock();
-                g.running = false;
-                g.finished = gen;
-                g.outcome = r.as_ref().err().map(|e| (e.kind(), e.to_string()));
-                self.done.notify_all();
-                return r.map_err(|e| self.error(e));
-            }
-            self.done.wait(&mut g);
-        }
+        self.gate.sync().map_err(|e| self.error(e))
     }
 
     fn error(&self, source: io::Error) -> TrackError {
         TrackError::Io {
             what: format!(
                 "flushing the cached writes of {} before the cut",
-                self.dir.display()
+                self.gate.dir().display()
             ),
             source,
             note:
@@ -88,11 +49,6 @@ impl FlushGate {
                     .into(),
         }
     }
-}
-
-fn syncfs(dir: &Path) -> io::Result<()> {
-    let d = std::fs::File::open(dir)?;
-    nix::unistd::syncfs(&d).map_err(io::Error::from)
 }
 
 #[cfg(test)]
@@ -117,12 +73,11 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-        let s = gate.state.lock();
-        assert!(!s.running);
-        assert_eq!(s.started, s.finished);
         // Each of the 320 calls was covered by a flush, and no flush ran
         // for nothing: at most one per call.
-        assert!(s.started >= 20 && s.started <= 320, "{}", s.started);
+        let (passes, callers) = gate.gate.counts();
+        assert_eq!(callers, 320);
+        assert!((20..=320).contains(&passes), "{passes}");
     }
 
     #[test]
@@ -135,6 +90,6 @@ mod tests {
         );
         // The next call tries again (a flush of its own).
         assert!(gate.flush().is_err());
-        assert_eq!(gate.state.lock().started, 2);
+        assert_eq!(gate.gate.counts().0, 2);
     }
 }

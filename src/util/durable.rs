@@ -70,16 +70,21 @@ impl SyncGate {
     /// starts, so every caller's writes are covered. A failed pass fails
     /// every caller it was to cover.
     pub fn sync(&self) -> io::Result<()> {
+        self.sync_ran().0
+    }
+
+    /// [`sync`](Self::sync), and whether this caller ran the pass.
+    fn sync_ran(&self) -> (io::Result<()>, bool) {
         let mut g = self.state.lock();
         g.callers += 1;
-        SHARED.fetch_add(1, Ordering::Relaxed);
         let need = g.started + 1;
         loop {
             if g.finished >= need {
-                return match &g.outcome {
+                let r = match &g.outcome {
                     None => Ok(()),
                     Some((kind, msg)) => Err(io::Error::new(*kind, msg.clone())),
                 };
+                return (r, false);
             }
             if !g.running {
                 g.running = true;
@@ -91,13 +96,17 @@ impl SyncGate {
                 g.running = false;
                 g.finished = gen;
                 g.passes += 1;
-                PASSES.fetch_add(1, Ordering::Relaxed);
                 g.outcome = r.as_ref().err().map(|e| (e.kind(), e.to_string()));
                 self.done.notify_all();
-                return r;
+                return (r, true);
             }
             self.done.wait(&mut g);
         }
+    }
+
+    /// The folder whose file system this gate flushes.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// `(syncfs passes, callers served)` so far.
@@ -156,9 +165,10 @@ impl SyncMode {
     }
 }
 
-/// Syncs of this process since it started, for the metrics: `syncfs`
-/// passes, callers a pass served, and fsyncs of single files or
-/// directories made by a store in shared mode (`auto` with no other caller).
+/// Syncs of this process's stores since it started ([`Durability::Shared`];
+/// the mount's cut flush, which uses a [`SyncGate`] too, is not counted),
+/// for the metrics: `syncfs` passes, callers a pass served, and fsyncs of
+/// single files or directories (`auto` with no other caller).
 static PASSES: AtomicU64 = AtomicU64::new(0);
 static SHARED: AtomicU64 = AtomicU64::new(0);
 static ALONE: AtomicU64 = AtomicU64::new(0);
@@ -194,7 +204,12 @@ impl Durability {
                     ALONE.fetch_add(1, Ordering::Relaxed);
                     alone()
                 } else {
-                    gate.sync()
+                    let (r, ran) = gate.sync_ran();
+                    SHARED.fetch_add(1, Ordering::Relaxed);
+                    if ran {
+                        PASSES.fetch_add(1, Ordering::Relaxed);
+                    }
+                    r
                 };
                 gate.active.fetch_sub(1, Ordering::AcqRel);
                 r
