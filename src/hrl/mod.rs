@@ -75,7 +75,7 @@ mod writer;
 pub use apply::{apply, read_state, state_path, ApplyOptions, ApplyReport, ImageState};
 pub use format::{Encoding, MAX_RECORD_LEN};
 pub use reader::{dump, dump_bytes, verify, verify_bytes, HrlReader, Record};
-pub use writer::HrlWriter;
+pub use writer::{HrlWriter, SealedLog};
 
 /// Errors reading, writing or applying a log. Every variant names the file
 /// (and the byte offset where it applies) so the operator can find it.

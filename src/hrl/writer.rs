@@ -190,7 +190,29 @@ impl HrlWriter {
     }
 
     /// Seal, fsync, rename into place, fsync the directory.
-    pub fn finish(mut self) -> Result<HrlSummary, HrlError> {
+    pub fn finish(self) -> Result<HrlSummary, HrlError> {
+        let durability = self.durability.clone();
+        let sealed = self.seal()?;
+        durability
+            .sync_all(sealed.file())
+            .map_err(|e| HrlError::io(&sealed.tmp_path, e))?;
+        let final_path = sealed.final_path.clone();
+        let summary = sealed.publish()?;
+        let dir = match final_path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        durability
+            .sync_dir(dir)
+            .map_err(|e| HrlError::io(&final_path, e))?;
+        Ok(summary)
+    }
+
+    /// Seal (trailer written, buffers flushed into the temp file) without
+    /// making it durable or publishing it: the caller syncs
+    /// [`SealedLog::file`] (with other files, in one pass), then
+    /// [`SealedLog::publish`]es it and syncs the directory.
+    pub fn seal(mut self) -> Result<SealedLog, HrlError> {
         if self.failed || self.out.is_none() {
             return Err(self.failed_error());
         }
@@ -211,26 +233,51 @@ impl HrlWriter {
                 return Err(HrlError::io(&self.tmp_path, e.into_error()));
             }
         };
-        // From here on `out` is None; Drop removes the temp file on error.
-        self.durability
-            .sync_all(&file)
-            .map_err(|e| HrlError::io(&self.tmp_path, e))?;
-        drop(file);
-        std::fs::rename(&self.tmp_path, &self.final_path)
-            .map_err(|e| HrlError::io(&self.final_path, e))?;
-        self.failed = false;
-        self.tmp_path = PathBuf::new(); // published: nothing to clean up
-        let dir = match self.final_path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        self.durability
-            .sync_dir(dir)
-            .map_err(|e| HrlError::io(&self.final_path, e))?;
         let mut summary = std::mem::take(&mut self.summary);
         summary.file_bytes = self.pos;
         summary.log_checksum = hex(&log_hash.to_le_bytes());
-        Ok(summary)
+        // The temp file is the sealed log's now (it removes it if dropped
+        // unpublished).
+        let tmp_path = std::mem::take(&mut self.tmp_path);
+        Ok(SealedLog {
+            file,
+            tmp_path,
+            final_path: self.final_path.clone(),
+            summary,
+        })
+    }
+}
+
+/// A sealed log still in its temp file ([`HrlWriter::seal`]); dropped
+/// unpublished, the temp file is removed.
+#[derive(Debug)]
+pub struct SealedLog {
+    file: File,
+    tmp_path: PathBuf,
+    final_path: PathBuf,
+    summary: HrlSummary,
+}
+
+impl SealedLog {
+    /// The temp file, to sync before [`publish`](Self::publish).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Rename into place (the directory is not synced: the caller's).
+    pub fn publish(mut self) -> Result<HrlSummary, HrlError> {
+        std::fs::rename(&self.tmp_path, &self.final_path)
+            .map_err(|e| HrlError::io(&self.final_path, e))?;
+        self.tmp_path = PathBuf::new();
+        Ok(std::mem::take(&mut self.summary))
+    }
+}
+
+impl Drop for SealedLog {
+    fn drop(&mut self) {
+        if !self.tmp_path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.tmp_path);
+        }
     }
 }
 

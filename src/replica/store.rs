@@ -362,6 +362,14 @@ pub struct Store {
     points_meta: Mutex<HashMap<PathBuf, points::PointsMeta>>,
 }
 
+/// A JSON state file written to its temp name, to be synced (possibly with
+/// other files in one pass) and then renamed ([`Site::stage_json`]).
+struct Staged {
+    file: File,
+    tmp: PathBuf,
+    path: PathBuf,
+}
+
 /// One sending site's namespace in a [`Store`].
 pub struct Site<'a> {
     store: &'a Store,
@@ -778,6 +786,27 @@ impl Site<'_> {
         name: &str,
         v: &T,
     ) -> Result<()> {
+        let staged = self.stage_json(ctx, dir, name, v)?;
+        self.store
+            .sync
+            .sync_all(&staged.file)
+            .map_err(|e| self.io(ctx, &format!("writing {name}"), &staged.path, e))?;
+        self.publish_json(ctx, staged)?;
+        self.store
+            .sync
+            .sync_dir(dir)
+            .map_err(|e| self.io(ctx, &format!("writing {name}"), &dir.join(name), e))
+    }
+
+    /// `v` written to `dir/name.tmp`, not yet synced nor renamed (see
+    /// [`Staged`]).
+    fn stage_json<T: serde::Serialize>(
+        &self,
+        ctx: &Ctx,
+        dir: &Path,
+        name: &str,
+        v: &T,
+    ) -> Result<Staged> {
         let path = dir.join(name);
         let tmp = dir.join(format!("{name}.tmp"));
         let json = serde_json::to_vec_pretty(v).map_err(|e| StoreError::BadState {
@@ -788,14 +817,25 @@ impl Site<'_> {
             let mut f = create_nofollow(&tmp)?;
             f.write_all(&json)?;
             f.write_all(b"\n")?;
-            self.store.sync.sync_all(&f)?;
-            drop(f);
-            std::fs::rename(&tmp, &path)?;
-            self.store.sync.sync_dir(dir)
+            Ok(f)
         })();
-        if let Err(e) = res {
+        match res {
+            Ok(file) => Ok(Staged { file, tmp, path }),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(self.io(ctx, &format!("writing {name}"), &path, e))
+            }
+        }
+    }
+
+    /// Rename a staged file into place (its data synced by the caller; the
+    /// directory is the caller's to sync).
+    fn publish_json(&self, ctx: &Ctx, s: Staged) -> Result<()> {
+        let Staged { file, tmp, path } = s;
+        drop(file);
+        if let Err(e) = std::fs::rename(&tmp, &path) {
             let _ = std::fs::remove_file(&tmp);
-            return Err(self.io(ctx, &format!("writing {name}"), &path, e));
+            return Err(self.io(ctx, "publishing a state file", &path, e));
         }
         Ok(())
     }
@@ -1405,26 +1445,24 @@ impl Site<'_> {
                 header.base_size, st.size
             )));
         }
-        // 1. Undo record (pre-images), durable before anything changes.
+        // 1. Undo record (pre-images) and the state marked `applying`,
+        //    both durable before anything changes: written, synced in one
+        //    pass, renamed, their folders synced in one pass.
         let target = self.open_replica(p, &st, false)?;
         let undop = p.undo.join(undo::undo_name(rc, cycle));
-        let undo_bytes = undo::write_undo(
-            &undop,
-            &log,
-            &logp,
-            target.as_ref(),
-            st.cycle_time_ns,
-            &self.store.sync,
-        )
-        .map_err(|e| {
-            hrl_err(
-                &p.ctx,
-                &self.store.root,
-                "saving pre-images (undo record)",
-                cycle,
-                e,
-            )
-        })?;
+        let undo_err = |what: &str, e| hrl_err(&p.ctx, &self.store.root, what, cycle, e);
+        let sealed = undo::prepare_undo(&undop, &log, &logp, target.as_ref(), st.cycle_time_ns)
+            .map_err(|e| undo_err("saving pre-images (undo record)", e))?;
+        st.applying = Some(cycle);
+        let staged = self.stage_json(&p.ctx, &p.dir, STATE, &st)?;
+        self.store
+            .sync
+            .sync_files(&[(sealed.file(), false), (&staged.file, false)])
+            .map_err(|e| self.io(&p.ctx, "saving pre-images (undo record)", &undop, e))?;
+        let undo_bytes = sealed
+            .publish()
+            .map_err(|e| undo_err("saving pre-images (undo record)", e))?
+            .file_bytes;
         self.store.step("undo-written");
         // Open point readers must not see the replica change under them:
         // give each the new undo layer (newest last: older layers win)
@@ -1435,13 +1473,7 @@ impl Site<'_> {
                 Ok(l) => Arc::new(l),
                 Err(e) => {
                     let _ = std::fs::remove_file(&undop);
-                    return Err(hrl_err(
-                        &p.ctx,
-                        &self.store.root,
-                        "indexing the undo record for exposed points",
-                        cycle,
-                        e,
-                    ));
+                    return Err(undo_err("indexing the undo record for exposed points", e));
                 }
             };
             for r in &readers {
@@ -1449,8 +1481,12 @@ impl Site<'_> {
             }
         }
         // 2. Mark applying.
-        st.applying = Some(cycle);
-        if let Err(e) = self.write_state(p, &st) {
+        if let Err(e) = self.publish_json(&p.ctx, staged).and_then(|()| {
+            self.store
+                .sync
+                .sync_dirs(&[&p.undo, &p.dir])
+                .map_err(|e| self.io(&p.ctx, "marking the apply", &p.dir, e))
+        }) {
             let _ = std::fs::remove_file(&undop);
             return Err(e);
         }
@@ -1459,7 +1495,7 @@ impl Site<'_> {
         let mut target = target;
         match self.write_records(p, &log, &logp, &header, target.as_mut()) {
             Ok(bytes) => {
-                self.finish_apply(p, &mut st, &header)?;
+                self.finish_apply(p, &mut st, &header, target.as_mut())?;
                 Ok(ApplyOutcome::Applied {
                     cycle,
                     bytes,
@@ -1573,12 +1609,20 @@ impl Site<'_> {
                 self.store.step("replica-half");
             }
         }
-        target.flush_with(&self.store.sync).map_err(tio)?;
-        self.store.step("replica-synced");
         Ok(bytes)
     }
 
-    fn finish_apply(&self, p: &DiskPaths, st: &mut ReplicaState, h: &HrlHeader) -> Result<()> {
+    /// The replica written by [`write_records`](Self::write_records) and
+    /// the state saying so, durable in one pass (the replica and the new
+    /// state's temp file synced together, then the rename, then the
+    /// folder), then the applied log removed.
+    fn finish_apply(
+        &self,
+        p: &DiskPaths,
+        st: &mut ReplicaState,
+        h: &HrlHeader,
+        target: &mut dyn ReplicaTarget,
+    ) -> Result<()> {
         st.cycle = Some(h.cycle);
         st.size = h.disk_size;
         st.cycle_time_ns = h.cut_unix_ns;
@@ -1587,7 +1631,27 @@ impl Site<'_> {
             st.resync_cycle = None;
             st.needs_resync = None;
         }
-        self.write_state(p, st)?;
+        let staged = self.stage_json(&p.ctx, &p.dir, STATE, &*st)?;
+        let rpath = p.dir.join("<replica>");
+        let synced = target.prepare_flush().and_then(|replica| {
+            self.store
+                .sync
+                .sync_files(&[(replica, true), (&staged.file, false)])
+        });
+        synced.map_err(|e| {
+            self.io(
+                &p.ctx,
+                &format!("applying cycle {} to the replica", h.cycle),
+                &rpath,
+                e,
+            )
+        })?;
+        self.store.step("replica-synced");
+        self.publish_json(&p.ctx, staged)?;
+        self.store
+            .sync
+            .sync_dir(&p.dir)
+            .map_err(|e| self.io(&p.ctx, "recording the applied cycle", &p.dir, e))?;
         self.store.step("state-applied");
         // No fsync of `incoming/` for the removal: a log that comes back
         // after a crash is for a cycle the durable state already has, and
@@ -1613,7 +1677,7 @@ impl Site<'_> {
             Ok(log) => {
                 let header = self.verify_log(p, &log, &logp, cycle)?;
                 let bytes = self.write_records(p, &log, &logp, &header, target.as_mut())?;
-                self.finish_apply(p, st, &header)?;
+                self.finish_apply(p, st, &header, target.as_mut())?;
                 let undo_bytes = std::fs::metadata(&undop).map(|m| m.len()).unwrap_or(0);
                 Ok(ApplyOutcome::Applied {
                     cycle,

@@ -15,7 +15,6 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use crate::util::durable::Durability;
 use crate::util::readahead::ReadAhead;
 
 /// How the replica file stores the disk.
@@ -71,12 +70,10 @@ pub trait ReplicaTarget: Send {
     /// Make everything written so far durable (fsync; container metadata
     /// included).
     fn flush(&mut self) -> io::Result<()>;
-    /// [`flush`](Self::flush), with the file's sync done through `d` (a
-    /// store's shared `syncfs`); a plain `flush` by default.
-    fn flush_with(&mut self, d: &Durability) -> io::Result<()> {
-        let _ = d;
-        self.flush()
-    }
+    /// What [`flush`](Self::flush) does before its sync (a container's
+    /// footer), returning the file whose fdatasync then makes the disk
+    /// durable: for a caller that syncs it with other files in one pass.
+    fn prepare_flush(&mut self) -> io::Result<&File>;
     /// A reader is about to read `ranges[at]` of `ranges` (`(offset, len)`
     /// of the virtual disk, in reading order): start reading the next ones
     /// into the page cache without waiting ([`ReadAhead`]). A hint only:
@@ -239,8 +236,8 @@ impl ReplicaTarget for RawFile {
         // lag, and nothing reads them.
         self.file.sync_data()
     }
-    fn flush_with(&mut self, d: &Durability) -> io::Result<()> {
-        d.sync_data(&self.file)
+    fn prepare_flush(&mut self) -> io::Result<&File> {
+        Ok(&self.file)
     }
     fn next_data(&self, offset: u64) -> Option<u64> {
         seek_data(&self.file, offset, self.len)
@@ -335,9 +332,9 @@ impl ReplicaTarget for FixedVhd {
         // See RawFile::flush: fdatasync keeps size and allocation durable.
         self.raw.file.sync_data()
     }
-    fn flush_with(&mut self, d: &Durability) -> io::Result<()> {
+    fn prepare_flush(&mut self) -> io::Result<&File> {
         self.write_footer()?;
-        d.sync_data(&self.raw.file)
+        Ok(&self.raw.file)
     }
     fn next_data(&self, offset: u64) -> Option<u64> {
         self.raw.next_data(offset)

@@ -12,8 +12,7 @@
 
 use super::target::ReplicaTarget;
 use crate::hrl::format::{self, Frame, ParseError};
-use crate::hrl::{HrlError, HrlHeader, HrlReader, HrlWriter};
-use crate::util::durable::Durability;
+use crate::hrl::{HrlError, HrlHeader, HrlReader, HrlWriter, SealedLog};
 use crate::util::readahead::ReadAhead;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
@@ -36,14 +35,13 @@ pub(crate) fn parse_undo_name(name: &str) -> Option<(u64, u64)> {
 /// Write the undo record for the log `log` (already verified) about to be
 /// applied to `target` (at the log's base). `base_time_ns` is the cut time
 /// of the base cycle.
-pub(crate) fn write_undo(
+pub(crate) fn prepare_undo(
     path: &Path,
     log: &File,
     log_label: &Path,
     target: &dyn ReplicaTarget,
     base_time_ns: u64,
-    durability: &Durability,
-) -> Result<u64, HrlError> {
+) -> Result<SealedLog, HrlError> {
     let len = log.metadata().map_err(|e| HrlError::Io {
         path: log_label.to_path_buf(),
         source: e,
@@ -87,7 +85,6 @@ pub(crate) fn write_undo(
         off += n;
     }
     let mut w = HrlWriter::create(path, &uh)?;
-    w.set_durability(durability.clone());
     let mut buf = Vec::new();
     let io = |e| HrlError::Io {
         path: path.to_path_buf(),
@@ -100,7 +97,7 @@ pub(crate) fn write_undo(
         target.read_at(&mut buf, start).map_err(io)?;
         w.append(start, &buf)?;
     }
-    Ok(w.finish()?.file_bytes)
+    w.seal()
 }
 
 /// Restore the pre-images of an undo record into `target` and give it the
@@ -622,7 +619,10 @@ mod tests {
         w.finish().unwrap();
         let undop = d.path().join(undo_name(1, 2));
         let log = File::open(&logp).unwrap();
-        write_undo(&undop, &log, &logp, &target, 1, &Durability::PerFile).unwrap();
+        prepare_undo(&undop, &log, &logp, &target, 1)
+            .unwrap()
+            .publish()
+            .unwrap();
         // Exactly the old bytes of the log's ranges and of the cut-off tail.
         let mut want: Vec<u64> = ranges.iter().flat_map(|&(f, n)| f..f + n).collect();
         want.extend(NEW_BLOCKS..OLD_BLOCKS);

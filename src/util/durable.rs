@@ -232,6 +232,31 @@ impl Durability {
         self.run(|| File::open(dir)?.sync_all())
     }
 
+    /// Several files at once, `(file, data only)`: one shared pass, or
+    /// an fdatasync/fsync of each.
+    pub fn sync_files(&self, files: &[(&File, bool)]) -> io::Result<()> {
+        self.run(|| {
+            for (f, data_only) in files {
+                if *data_only {
+                    f.sync_data()?;
+                } else {
+                    f.sync_all()?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Several directories at once: one shared pass, or an fsync of each.
+    pub fn sync_dirs(&self, dirs: &[&Path]) -> io::Result<()> {
+        self.run(|| {
+            for d in dirs {
+                File::open(d)?.sync_all()?;
+            }
+            Ok(())
+        })
+    }
+
     /// The shared gate's `(passes, callers)`, `None` per file.
     pub fn counts(&self) -> Option<(u64, u64)> {
         match self {
