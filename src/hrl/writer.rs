@@ -2,7 +2,6 @@
 
 use super::format::{self, Encoding, RecordHeader, Trailer, MAX_RECORD_LEN};
 use super::{HrlError, HrlHeader, HrlSummary};
-use crate::util::durable::Durability;
 use crate::util::hex;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -26,8 +25,6 @@ pub struct HrlWriter {
     summary: HrlSummary,
     scratch: Vec<u8>,
     failed: bool,
-    /// How `finish` makes the log and its rename durable.
-    durability: Durability,
 }
 
 /// `.<name>.tmp` in the directory of `final_path`.
@@ -81,7 +78,6 @@ impl HrlWriter {
                 ..HrlSummary::default()
             },
             scratch: Vec::new(),
-            durability: Durability::PerFile,
             failed: false,
         };
         w.write_hashed(&head)?;
@@ -183,28 +179,16 @@ impl HrlWriter {
         Ok(())
     }
 
-    /// Make `finish` durable through `d` (a store's shared `syncfs`)
-    /// instead of an fsync of the file and of its directory.
-    pub fn set_durability(&mut self, d: Durability) {
-        self.durability = d;
-    }
-
     /// Seal, fsync, rename into place, fsync the directory.
     pub fn finish(self) -> Result<HrlSummary, HrlError> {
-        let durability = self.durability.clone();
         let sealed = self.seal()?;
-        durability
-            .sync_all(sealed.file())
+        sealed
+            .file()
+            .sync_all()
             .map_err(|e| HrlError::io(&sealed.tmp_path, e))?;
         let final_path = sealed.final_path.clone();
         let summary = sealed.publish()?;
-        let dir = match final_path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        durability
-            .sync_dir(dir)
-            .map_err(|e| HrlError::io(&final_path, e))?;
+        sync_parent_dir(&final_path).map_err(|e| HrlError::io(&final_path, e))?;
         Ok(summary)
     }
 

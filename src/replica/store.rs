@@ -356,8 +356,6 @@ pub struct Store {
     /// or a `syncfs` of the store's file system shared by every disk
     /// syncing at the same time ([`crate::util::durable`]).
     sync: Durability,
-    /// Points journals whose directory entry this process made durable.
-    synced_journals: Mutex<std::collections::HashSet<PathBuf>>,
     /// Per VM folder, what a point commit needs ([`points`]).
     points_meta: Mutex<HashMap<PathBuf, points::PointsMeta>>,
 }
@@ -454,7 +452,6 @@ impl Store {
             pins: Mutex::new(HashMap::new()),
             pauses: Mutex::new(Vec::new()),
             sync: Durability::PerFile,
-            synced_journals: Mutex::new(Default::default()),
             points_meta: Mutex::new(HashMap::new()),
         })
     }
@@ -465,11 +462,6 @@ impl Store {
     /// the same time (group commit; [`crate::util::durable`]).
     pub fn set_sync(&mut self, mode: SyncMode) {
         self.sync = mode.durability(&self.root);
-    }
-
-    /// `(syncfs passes, callers)` of the shared sync, `None` per file.
-    pub fn sync_counts(&self) -> Option<(u64, u64)> {
-        self.sync.counts()
     }
 
     /// Test hook: the first store operation that reaches `step` (one of

@@ -69,7 +69,12 @@ pub trait ReplicaTarget: Send {
     }
     /// Make everything written so far durable (fsync; container metadata
     /// included).
-    fn flush(&mut self) -> io::Result<()>;
+    /// fdatasync: the data and every piece of metadata needed to read it
+    /// back (size, block allocation) are durable; only timestamps may lag,
+    /// and nothing reads them.
+    fn flush(&mut self) -> io::Result<()> {
+        self.prepare_flush()?.sync_data()
+    }
     /// What [`flush`](Self::flush) does before its sync (a container's
     /// footer), returning the file whose fdatasync then makes the disk
     /// durable: for a caller that syncs it with other files in one pass.
@@ -230,12 +235,6 @@ impl ReplicaTarget for RawFile {
         use std::os::fd::AsRawFd;
         ahead.before(self.file.as_raw_fd(), ranges, at);
     }
-    fn flush(&mut self) -> io::Result<()> {
-        // fdatasync: the data and every piece of metadata needed to read it
-        // back (size, block allocation) are durable; only timestamps may
-        // lag, and nothing reads them.
-        self.file.sync_data()
-    }
     fn prepare_flush(&mut self) -> io::Result<&File> {
         Ok(&self.file)
     }
@@ -326,11 +325,6 @@ impl ReplicaTarget for FixedVhd {
     }
     fn start_writeback(&self) -> io::Result<()> {
         start_writeback(&self.raw.file)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.write_footer()?;
-        // See RawFile::flush: fdatasync keeps size and allocation durable.
-        self.raw.file.sync_data()
     }
     fn prepare_flush(&mut self) -> io::Result<&File> {
         self.write_footer()?;

@@ -258,7 +258,8 @@ impl Durability {
     }
 
     /// The shared gate's `(passes, callers)`, `None` per file.
-    pub fn counts(&self) -> Option<(u64, u64)> {
+    #[cfg(test)]
+    fn counts(&self) -> Option<(u64, u64)> {
         match self {
             Durability::PerFile => None,
             Durability::Shared { gate, .. } => Some(gate.counts()),

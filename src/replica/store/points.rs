@@ -104,6 +104,8 @@ pub(super) struct PointsMeta {
     /// this was current (`None`: no such file).
     snapshot_id: Option<(u64, u64, i64)>,
     journal_id: Option<(u64, u64, i64)>,
+    /// This process made the journal's entry in the folder durable.
+    journal_dir_synced: bool,
 }
 
 fn file_id(path: &Path) -> Option<(u64, u64, i64)> {
@@ -124,6 +126,7 @@ impl PointsMeta {
             cycles: pf.points.iter().map(|p| p.cycle).collect(),
             snapshot_id: file_id(&vmd.join(POINTS)),
             journal_id: file_id(&vmd.join(journal_name(pf.gen))),
+            journal_dir_synced: false,
         }
     }
 
@@ -233,10 +236,10 @@ impl Site<'_> {
             }
             (&f).write_all(&line)?;
             self.store.sync.sync_data(&f)?;
-            // The journal's entry in the folder, once per journal and process.
-            if !self.store.synced_journals.lock().contains(&jp) {
+            // The journal's entry in the folder, once per journal (and
+            // again after the summary was read anew).
+            if !meta.journal_dir_synced {
                 self.store.sync.sync_dir(vmd)?;
-                self.store.synced_journals.lock().insert(jp.clone());
             }
             Ok(())
         })();
@@ -244,6 +247,7 @@ impl Site<'_> {
         meta.journaled += 1;
         meta.cycles.insert(pt.cycle);
         meta.journal_id = file_id(&jp);
+        meta.journal_dir_synced = true;
         self.store
             .points_meta
             .lock()
