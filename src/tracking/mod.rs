@@ -2529,6 +2529,7 @@ impl TrackedDisk {
                 let ce = (b + per_chunk).min(end);
                 let off = b * bs;
                 let len = ((ce * bs).min(s.size) - off) as usize;
+                ahead.within(self.reader.as_raw_fd(), bytes[k], off);
                 let buf = out.room(off, len)?;
                 {
                     let mut st = s.state.lock();
