@@ -1259,9 +1259,7 @@ impl Site<'_> {
             )
             .and_then(|mut r| {
                 while let Some(rec) = r.next_record()? {
-                    if let Some(h) = hints.as_mut() {
-                        h.note(rec.offset, rec.length);
-                    }
+                    hints.note(rec.offset, rec.length);
                 }
                 r.finish()
             });
@@ -1339,15 +1337,21 @@ impl Site<'_> {
     }
 
     /// Hints for the replica's pre-images of the log with `header`, given
-    /// as it arrives ([`undo::PreimageHints`]); `None` when the replica
-    /// cannot be opened (not copied yet, or any error: hints are optional).
-    fn preimage_hints(&self, p: &DiskPaths, header: &HrlHeader) -> Option<undo::PreimageHints> {
-        let st = self.read_state(p).ok()??;
-        if st.initial_offset.is_some() || st.cycle.is_none() {
-            return None;
-        }
-        let target = self.open_replica(p, &st, false).ok()?;
-        Some(undo::PreimageHints::new(target, header.base_size))
+    /// as it arrives ([`undo::PreimageHints`]). The replica is opened only
+    /// for a long log; none when it cannot be (not copied yet, or any
+    /// error: hints are optional).
+    fn preimage_hints<'a>(
+        &'a self,
+        p: &'a DiskPaths,
+        header: &HrlHeader,
+    ) -> undo::PreimageHints<'a> {
+        undo::PreimageHints::new(header.base_size, move || {
+            let st = self.read_state(p).ok()??;
+            if st.initial_offset.is_some() || st.cycle.is_none() {
+                return None;
+            }
+            self.open_replica(p, &st, false).ok()
+        })
     }
 
     /// Decide from the state whether a log with `h` is a resend (returns the

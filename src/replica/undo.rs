@@ -100,6 +100,9 @@ pub(crate) fn prepare_undo(
     w.seal()
 }
 
+/// Opens a replica for [`PreimageHints`] (`None`: no hints).
+type OpenReplica<'a> = Box<dyn FnOnce() -> Option<Box<dyn ReplicaTarget>> + 'a>;
+
 /// Read-ahead hints for the pre-images that the apply of a log will save
 /// ([`prepare_undo`] reads the replica at every range the log writes, cold
 /// and scattered), given while the log is still arriving
@@ -111,27 +114,40 @@ pub(crate) fn prepare_undo(
 /// allocates its pages and submits the read before it returns), and the
 /// storing slows by ~5–10 ms per 5,000 ranges while the apply gains
 /// ~20–25 ms. Given by a thread of their own, the hints did worse (the two
-/// cores are busy with the transfer; session 17, kernel-notes).
-pub(crate) struct PreimageHints {
-    target: Box<dyn ReplicaTarget>,
+/// cores are busy with the transfer; session 17, kernel-notes). The replica
+/// is opened only once a log has [`Self::MIN_RANGES`] ranges: a short log's
+/// apply hides its few reads in its own window, and the many short logs of
+/// continuous replication pay nothing.
+pub(crate) struct PreimageHints<'a> {
+    /// Opens the replica (once, when the log proves long enough).
+    open: Option<OpenReplica<'a>>,
+    target: Option<Box<dyn ReplicaTarget>>,
     /// The disk's size at the log's base: pre-images end there.
     base_size: u64,
-    /// Ranges hinted so far, in log order.
+    /// Ranges noted so far, in log order.
     ranges: Vec<(u64, u64)>,
     ahead: ReadAhead,
     bytes: u64,
 }
 
-impl PreimageHints {
+impl<'a> PreimageHints<'a> {
     /// Pre-image bytes hinted per log at most: a long log's apply may come
     /// much later (logs queue behind it), and pages read too early are
     /// evicted before use; the apply's own window hints the rest.
     pub(crate) const MAX_BYTES: u64 = 64 << 20;
 
-    /// Hints for a log that starts from a disk of `base_size` bytes.
-    pub(crate) fn new(target: Box<dyn ReplicaTarget>, base_size: u64) -> PreimageHints {
+    /// Ranges a log must have before the replica is opened and hinted.
+    pub(crate) const MIN_RANGES: usize = 64;
+
+    /// Hints for a log that starts from a disk of `base_size` bytes, on
+    /// the replica `open` returns (`None`: no hints).
+    pub(crate) fn new(
+        base_size: u64,
+        open: impl FnOnce() -> Option<Box<dyn ReplicaTarget>> + 'a,
+    ) -> PreimageHints<'a> {
         PreimageHints {
-            target,
+            open: Some(Box::new(open)),
+            target: None,
             base_size,
             ranges: Vec::new(),
             ahead: ReadAhead::new(),
@@ -147,8 +163,22 @@ impl PreimageHints {
         }
         self.ranges.push((offset, end - offset));
         self.bytes += end - offset;
-        let at = self.ranges.len() - 1;
-        self.target.read_ahead(&mut self.ahead, &self.ranges, at);
+        if self.target.is_none() {
+            if self.ranges.len() < Self::MIN_RANGES {
+                return;
+            }
+            match self.open.take() {
+                Some(open) => self.target = open(),
+                None => return,
+            }
+        }
+        if let Some(t) = &self.target {
+            // The first call hints every range noted so far (a window's
+            // worth), later ones the newest.
+            let at = self.ranges.len() - 1;
+            let first = at.saturating_sub(ReadAhead::window() - 1);
+            t.read_ahead(&mut self.ahead, &self.ranges, first);
+        }
     }
 
     /// Hints given (the ranges not too long for one).
@@ -618,30 +648,50 @@ mod tests {
     const BS: u64 = 4096;
 
     #[test]
-    fn preimage_hints_stop_at_the_base_size_and_the_cap() {
+    fn preimage_hints_start_at_a_long_log_and_stop_at_the_base_size_and_the_cap() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.img");
         let f = std::fs::File::create(&path).unwrap();
         f.set_len(1 << 30).unwrap();
-        let open = || Box::new(RawFile::open(&path, false).unwrap());
-        let mut h = PreimageHints::new(open(), 100 * BS);
-        h.note(0, BS as u32);
-        h.note(10 * BS, 2 * BS as u32);
-        assert_eq!(h.hints(), 2);
+        let opened = std::cell::Cell::new(0);
+        let open = || {
+            opened.set(opened.get() + 1);
+            Some(Box::new(RawFile::open(&path, false).unwrap()) as Box<dyn ReplicaTarget>)
+        };
+        let min = PreimageHints::MIN_RANGES as u64;
+        let base = 1000 * BS;
+        let mut h = PreimageHints::new(base, open);
+        // A short log: the replica is not even opened.
+        for i in 0..min - 1 {
+            h.note(i * 2 * BS, BS as u32);
+        }
+        assert_eq!((h.hints(), opened.get()), (0, 0));
+        // Long enough: every range so far is hinted at once, then each new one.
+        h.note((min - 1) * 2 * BS, BS as u32);
+        assert_eq!((h.hints(), opened.get()), (min, 1));
+        h.note(300 * BS, 2 * BS as u32);
+        assert_eq!(h.hints(), min + 1);
         // Past the base size (a log that grows the disk): nothing to save.
-        h.note(100 * BS, BS as u32);
+        h.note(base, BS as u32);
         // Straddling it: the part below.
-        h.note(99 * BS, 2 * BS as u32);
-        assert_eq!(h.hints(), 3);
-        assert_eq!(h.ranges.last(), Some(&(99 * BS, BS)));
+        h.note(base - BS, 2 * BS as u32);
+        assert_eq!(h.hints(), min + 2);
+        assert_eq!(h.ranges.last(), Some(&(base - BS, BS)));
+        assert_eq!(opened.get(), 1, "opened once");
         // The cap: once MAX_BYTES are hinted, no more.
-        let mut h = PreimageHints::new(open(), 1 << 30);
+        let mut h = PreimageHints::new(1 << 30, open);
         let per = 128 << 10;
         let n = PreimageHints::MAX_BYTES / per;
         for i in 0..n + 10 {
             h.note(i * 2 * per, per as u32);
         }
         assert_eq!(h.hints(), n);
+        // No replica to open: no hints, nothing fails.
+        let mut h = PreimageHints::new(1 << 30, || None);
+        for i in 0..2 * min {
+            h.note(i * 2 * BS, BS as u32);
+        }
+        assert_eq!(h.hints(), 0);
     }
 
     /// Block `b`'s content at generation `gen` (unique per pair).
