@@ -1316,5 +1316,15 @@ mod tests {
         let z = InitialChunk::from_block(id(4), 0, &[5u8; 4096]);
         z.decode_into(&mut out).unwrap();
         assert_eq!(out, vec![5u8; 4096]);
+        // `into_data`: the same bytes, RAW moved as it is.
+        assert_eq!(c.clone().into_data().unwrap(), noise);
+        assert_eq!(z.into_data().unwrap(), vec![5u8; 4096]);
+        let zero = InitialChunk::from_block(id(4), 0, &[0u8; 4096]);
+        assert_eq!(zero.encoding, Encoding::Zero);
+        assert_eq!(zero.into_data().unwrap(), vec![0u8; 4096]);
+        // RAW data that does not match its length is refused, not passed on.
+        let mut short = c;
+        short.length += 1;
+        assert!(short.into_data().is_err());
     }
 }

@@ -763,6 +763,21 @@ impl InitialChunk {
     pub fn decode_into(&self, out: &mut Vec<u8>) -> Result<(), WireError> {
         expand(self.encoding, self.length, &self.data, out)
     }
+
+    /// The disk bytes this chunk stands for, with the checks of
+    /// [`decode_into`](Self::decode_into); RAW data is moved, not copied
+    /// (a copy of every byte of an initial copy, ~5 % of the receiver's
+    /// CPU).
+    pub fn into_data(self) -> Result<Vec<u8>, WireError> {
+        match self.encoding {
+            Encoding::Raw if self.data.len() == self.length as usize => Ok(self.data),
+            _ => {
+                let mut out = Vec::new();
+                self.decode_into(&mut out)?;
+                Ok(out)
+            }
+        }
+    }
 }
 
 /// Choose the encoding of a run of disk bytes (as [`InitialChunk::new`]

@@ -1111,17 +1111,16 @@ impl Receiver {
                         ),
                     });
                 }
-                let mut data = Vec::new();
-                c.decode_into(&mut data)
-                    .map_err(|e| SessionError::Corrupt {
-                        stream: sid,
-                        what: e.to_string(),
-                    })?;
+                let offset = c.offset;
+                let data = c.into_data().map_err(|e| SessionError::Corrupt {
+                    stream: sid,
+                    what: e.to_string(),
+                })?;
                 let vm = self.vm_of(&disk_id);
                 self.act(ReceiverAction::WriteInitial {
                     vm,
                     disk_id,
-                    offset: c.offset,
+                    offset,
                     data,
                 });
                 self.set(
