@@ -876,11 +876,11 @@ fn send(writers: &HashMap<StreamId, mpsc::UnboundedSender<Write>>, stream: Strea
     }
 }
 
-/// Feed what arrives on a stream to the connection's driver, pausing while
-/// `may_read` says so.
 /// Chunks a stream's reader takes from quinn at once at most.
 const READ_CHUNKS: usize = 64;
 
+/// Feed what arrives on a stream to the connection's driver, pausing while
+/// `may_read` says so.
 async fn read_stream(
     sid: StreamId,
     mut rx: quinn::RecvStream,

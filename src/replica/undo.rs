@@ -176,7 +176,7 @@ impl<'a> PreimageHints<'a> {
             // The first call hints every range noted so far (a window's
             // worth), later ones the newest.
             let at = self.ranges.len() - 1;
-            let first = at.saturating_sub(ReadAhead::window() - 1);
+            let first = at.saturating_sub(crate::util::readahead::WINDOW - 1);
             t.read_ahead(&mut self.ahead, &self.ranges, first);
         }
     }

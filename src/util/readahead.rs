@@ -50,11 +50,6 @@ impl ReadAhead {
         ReadAhead::default()
     }
 
-    /// Ranges hinted ahead of the reader at most ([`WINDOW`]).
-    pub fn window() -> usize {
-        WINDOW
-    }
-
     /// The reader is about to read `ranges[at]` (`(offset, len)`, in
     /// reading order): hint every range of `ranges[at..at + WINDOW]` not
     /// hinted yet.

@@ -766,8 +766,7 @@ impl InitialChunk {
 
     /// The disk bytes this chunk stands for, with the checks of
     /// [`decode_into`](Self::decode_into); RAW data is moved, not copied
-    /// (a copy of every byte of an initial copy, ~5 % of the receiver's
-    /// CPU).
+    /// (the receiver of an initial copy copied every byte once more here).
     pub fn into_data(self) -> Result<Vec<u8>, WireError> {
         match self.encoding {
             Encoding::Raw if self.data.len() == self.length as usize => Ok(self.data),
