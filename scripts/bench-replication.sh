@@ -57,6 +57,8 @@
 #   DIAG=1       strace -c -w the sender and receiver during the last delta round
 #                (that round is then left out of the medians)
 #   PHASES=1     log every cycle's phases (VDREP_LOG=info,vdrep::cycle_time=debug)
+#   PERF_DIR=dir system-wide `perf record -F 999` of each timed initial copy
+#                (initial-KIND-RUN.perf): the transfer alone, not the setup
 #                and print where the time went during the scale and blip loads
 #                (benches/replication/phase-times.py; also LOG/phases-*.md)
 #
@@ -104,6 +106,19 @@ say() { printf '[bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 die() { printf '[bench] ERROR: %s\n' "$*" >&2; exit 1; }
 rec() { printf '%s\t%s\t%s\t%s\t%s\n' "$@" >>"$RES"; }
 now() { date +%s.%N; }
+# PERF_DIR: a system-wide profile of one timed step (perf_start NAME ... perf_stop).
+PERF_PID=""
+perf_start() {
+    [[ -n "${PERF_DIR:-}" ]] || return 0
+    command -v perf >/dev/null || die "PERF_DIR is set but perf is not installed (apt-get install linux-perf)"
+    mkdir -p "$PERF_DIR"
+    perf record -F 999 -a -o "$PERF_DIR/$1.perf" >/dev/null 2>&1 & PERF_PID=$!
+    sleep 0.5   # perf is sampling before the step starts
+}
+perf_stop() {
+    [[ -n "$PERF_PID" ]] || return 0
+    kill -INT "$PERF_PID"; wait "$PERF_PID" 2>/dev/null || true; PERF_PID=""
+}
 elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2])-float(sys.argv[1]):.3f}')" "$1" "$2"; }
 
 [[ "$(id -u)" == 0 ]] || die "run as root (loop mount of the ext4 image in scripts/bench-images.sh, drop_caches)"
@@ -260,10 +275,12 @@ for run in $(seq 1 "$RUNS"); do
         mount_src
         drop_caches
         cs0=$(cpu_secs "$SENDER_PID"); cr0=$(cpu_secs "$RECV_PID")
+        perf_start "initial-$kind-$run"
         t0=$(now)
         protect 1h
         "$VDREP" sync "$VM" >>"$LOG/sync.log" 2>&1 || die "vdrep sync failed (initial $kind run $run)"
         t1=$(now)
+        perf_stop
         cs1=$(cpu_secs "$SENDER_PID"); cr1=$(cpu_secs "$RECV_PID")
         rec initial "$kind/vdrep" "$run" secs "$(elapsed "$t0" "$t1")"
         rec initial "$kind/vdrep" "$run" wire "$(vm_field wire_bytes_sent)"

@@ -38,7 +38,8 @@
 #   RUNS=3             repetitions per job and target (median reported)
 #   BENCH_ROOT=/var/tmp/vdrep-bench   work folder (needs SIZE free space; not tmpfs)
 #   TARGETS="native vdrep vdrep-nolog" targets to run (add bindfs, vdrep-noahead,
-#                      vdrep-nohot, vdrep-uring, vdrep-uring4, vdrep-uring4r)
+#                      vdrep-nohot, vdrep-uring, vdrep-uring4, vdrep-uring4r,
+#                      vdrep-untracked, vdrep-uring-untracked)
 #   CUT_EVERY=0.1      seconds between cuts during the worst-* jobs (their
 #                      logs are deleted: nothing ships them here)
 #   JOBS="seq-write-1m-psync ..."     subset of job names (default: all)
@@ -68,6 +69,13 @@
 # (VDREP_URING_ASYNC_WRITES=1), its columns after uring4's with
 # uring4r/uring: with URING4_ASYNC_WRITES=auto one run compares the
 # defaults, adaptive and always-on-the-ring writes.
+#
+# The floor of FUSE itself: vdrep-untracked is the vdrep mount (same
+# transport, threads and options) with a --pattern that matches no file,
+# so bench.vhd is served untracked (no bitmap, activity log or cut);
+# vdrep-uring-untracked the same over io_uring. Their columns (value,
+# ratio to native, p99, CPU per request, T1-T3) follow, with
+# vdrep/untracked: what tracking costs on top of the FUSE round trip.
 #
 # A/B of two builds in one run: BASE_VDREP=path (e.g. main's release binary)
 # makes the targets base-vdrep and base-vdrep-uring available: vdrep and
@@ -214,7 +222,7 @@ setup_target() { # prints the directory fio should use, or fails
             bindfs "$DATA" "$BINDMNT" >&2 || return 1
             is_fuse_mounted "$BINDMNT" || { say "bindfs did not mount"; return 1; }
             echo "$BINDMNT" ;;
-        vdrep|vdrep-nolog|vdrep-noahead|vdrep-nohot|vdrep-uring|vdrep-uring4|vdrep-uring4r)
+        vdrep|vdrep-nolog|vdrep-noahead|vdrep-nohot|vdrep-uring|vdrep-uring4|vdrep-uring4r|vdrep-untracked|vdrep-uring-untracked)
             [[ -x "$bin" ]] || { say "no vdrep binary at '$bin'"; return 1; }
             local al=on ahead="${VDREP_ACTIVITY_AHEAD:-}" transport=dev
             local entries="${VDREP_URING_ENTRIES:-}" asyncw="${VDREP_URING_ASYNC_WRITES:-}"
@@ -225,6 +233,9 @@ setup_target() { # prints the directory fio should use, or fails
             [[ "$kind" == vdrep-uring4r ]] && entries=4 && asyncw=1
             local extra=()
             [[ "$kind" == vdrep-uring4 ]] && extra=("${URING4_ARGS[@]}")
+            # The same mount serving bench.vhd as an untracked file: no
+            # pattern matches it, so no bitmap, log or cut touches it.
+            [[ "$kind" == *-untracked ]] && extra=(--pattern '*.vdrep-bench-untracked')
             local hot="${VDREP_ACTIVITY_HOT:-}"
             [[ "$kind" == vdrep-nohot ]] && hot=0
             VDREP_ACTIVITY_LOG=$al VDREP_ACTIVITY_AHEAD="$ahead" VDREP_ACTIVITY_HOT="$hot" \
@@ -238,7 +249,7 @@ setup_target() { # prints the directory fio should use, or fails
 teardown_target() {
     case "${1#base-}" in
         bindfs) fusermount3 -u "$BINDMNT" 2>/dev/null || umount "$BINDMNT" ;;
-        vdrep|vdrep-nolog|vdrep-noahead|vdrep-nohot|vdrep-uring|vdrep-uring4|vdrep-uring4r)  "$(bin_for "$1")" umount "$DATA" || say "warning: vdrep umount failed" ;;
+        vdrep|vdrep-nolog|vdrep-noahead|vdrep-nohot|vdrep-uring|vdrep-uring4|vdrep-uring4r|vdrep-untracked|vdrep-uring-untracked)  "$(bin_for "$1")" umount "$DATA" || say "warning: vdrep umount failed" ;;
         *) ;;
     esac
 }
@@ -355,6 +366,9 @@ def cpu(path):
             "states": b.get("states")}
 med = lambda xs: statistics.median(xs) if xs else None
 U4 = tuple(t for t in ("vdrep-uring4", "vdrep-uring4r") if t in targets)
+# Untracked (the FUSE floor) and the tracked target each is compared with.
+UNTR = tuple((t, tr) for t, tr in (("vdrep-untracked", "vdrep"), ("vdrep-uring-untracked", "vdrep-uring"))
+             if t in targets)
 res = {}
 for job in jobs:
     unit, rw, want_p99 = spec(job)
@@ -380,14 +394,14 @@ for job in jobs:
                     cpus.append(c)
                 if t == "vdrep-uring":
                     cpus_u.append(c)
-                if t in U4:
+                if t in U4 or t in dict(UNTR):
                     cpus_b.setdefault(t, []).append(c)
                 if t in ("base-vdrep", "base-vdrep-uring"):
                     cpus_b.setdefault(t, []).append(c)
                 syncs.setdefault(t, []).append(c["al_syncs"])
                 if c["writes"] > 0:
                     per_k.setdefault(t, []).append(c["al_syncs"] * 1000 / c["writes"])
-                if c["states"] not in (["Normal"], None):
+                if c["states"] not in (["Normal"], None) and not t.endswith("-untracked"):
                     print(f"[bench] warning: {t} {job} run {r}: disk state {c['states']}", file=sys.stderr)
         row["runs"][t] = vals
         row["median"][t] = med(vals)
@@ -399,7 +413,7 @@ for job in jobs:
     if cpus_u:
         row["cpu_uring"] = {k: med([c[k] for c in cpus_u]) for k in cpus_u[0] if k != "states"}
         row["cpu_uring"]["runs"] = cpus_u
-    for t in ("base-vdrep", "base-vdrep-uring") + U4:
+    for t in ("base-vdrep", "base-vdrep-uring") + U4 + tuple(t for t, _ in UNTR):
         cb = cpus_b.get(t)
         row["cpu_" + t] = None
         if cb:
@@ -468,6 +482,10 @@ hdr = ["job", "unit", "native"] + (["bindfs"] if "bindfs" in targets else []) + 
     [c for n in (t.removeprefix("vdrep-") for t in U4)
      for c in [n, f"{n} ratio", f"{n} T1", f"p99 {n} us", f"{n} p99 ratio", f"{n} T2",
                f"{n} CPU us/req", f"{n} T3", f"{n}/uring"]])
+for t, tr in UNTR:
+    n = t.removeprefix("vdrep-")
+    hdr += [n, f"{n} ratio", f"{n} T1", f"p99 {n} us", f"{n} p99 ratio", f"{n} T2",
+            f"{n} CPU us/req", f"{n} T3", f"{tr.removeprefix('vdrep-') or 'vdrep'}/{n}"]
 for t in BASES:
     short = t.removeprefix("base-vdrep").lstrip("-") or "dev"
     hdr += [f"base {short}", "ratio", "T1", "p99 us", "p99 ratio", "T2", "CPU us/req", "T3",
@@ -516,6 +534,13 @@ for job, row in res.items():
         row["ratio"][t] = u4rv
         row["ratio"][f"{t}/vdrep-uring"] = ratio(m.get(t), m.get("vdrep-uring"))
         row["verdict_" + t] = u4v
+        ur = ur + cells
+    for t, tr in UNTR:
+        cells, nrv, npr, nv = verdicts(job, row, t, "cpu_" + t)
+        cells.append(rx(ratio(m.get(tr), m.get(t))))
+        row["ratio"][t] = nrv
+        row["ratio"][f"{tr}/{t}"] = ratio(m.get(tr), m.get(t))
+        row["verdict_" + t] = nv
         ur = ur + cells
     for t in BASES:
         cells, brv, bpr, bv = verdicts(job, row, t, "cpu_" + t)

@@ -325,6 +325,8 @@ impl World {
                 }
                 self.store_q.push_back((self.conn, a))
             }
+            // Only a sender's copy hands read buffers back.
+            Output::Spent { .. } => {}
         }
     }
 
@@ -345,6 +347,8 @@ impl World {
                 self.disconnect(&format!("sender closed: {e}"));
             }
             Output::Action(a) => self.sender_action(a),
+            // The simulated reader makes a new buffer per read.
+            Output::Spent { .. } => {}
         }
     }
 

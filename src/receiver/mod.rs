@@ -780,6 +780,8 @@ async fn run_session(
                     return;
                 }
                 Output::Action(a) => c.perform(a).await,
+                // Only a sender's copy hands read buffers back.
+                Output::Spent { .. } => {}
             }
         }
         if session.is_closed() {

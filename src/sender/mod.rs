@@ -2277,13 +2277,15 @@ impl Replicator {
         // The sealed cycle is read by a blocking thread (it takes locks and
         // preads); pieces come over a small channel so memory stays bounded.
         let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let pool = Arc::new(link::BufPool::default());
+        let to_sink = pool.clone();
         let reader = tokio::task::spawn_blocking(move || {
-            let mut out = link::PieceSink::new(tx);
+            let mut out = link::PieceSink::new(tx, to_sink);
             let r = sc.stream_into(0, &mut out);
             out.end(&r, &sc.header.disk_name);
             sc
         });
-        let mut r = link.submit_initial(begin.clone(), rx);
+        let mut r = link.submit_initial(begin.clone(), rx, pool);
         while r.is_ok() {
             match link.next().await {
                 Ok(SenderAction::InitialApplied { disk_id, .. }) if disk_id == begin.disk_id => {

@@ -125,6 +125,15 @@ pub enum Output<A> {
     Close(SessionError),
     /// Do something outside the protocol (store, tracking), or take note.
     Action(A),
+    /// A read buffer of the job of `disk_id` at `cycle` whose bytes are
+    /// framed: the driver may read that job's next piece into it (no new
+    /// allocation, no zeroing). Its content is stale; a driver with no use
+    /// for it drops it.
+    Spent {
+        disk_id: DiskId,
+        cycle: u64,
+        buf: Vec<u8>,
+    },
 }
 
 /// A store failure, as the receiver's driver reports it: what to answer

@@ -1108,6 +1108,7 @@ impl Sender {
             return Ok(());
         }
         *read = None;
+        let mut job_cycle = 0;
         let misuse = |what: String| Err(SessionError::Misuse(what));
         let msg = match job {
             Job::Log { begin, .. } => {
@@ -1137,6 +1138,7 @@ impl Sender {
                 }))
             }
             Job::Initial(b) => {
+                job_cycle = b.cycle;
                 let end = data.offset.saturating_add(data.data.len() as u64);
                 if data.offset < *sent || end > b.disk_size || data.data.len() > MAX_DATA {
                     return misuse(format!(
@@ -1161,6 +1163,17 @@ impl Sender {
         };
         if let Some(m) = msg {
             self.send(sid, &m)?;
+            // The read buffer itself travelled as the RAW chunk's data: it
+            // is free again once framed.
+            if let Msg::InitialChunk(c) = m {
+                if c.encoding == Encoding::Raw {
+                    self.out.push_back(Output::Spent {
+                        disk_id: c.disk_id,
+                        cycle: job_cycle,
+                        buf: c.data,
+                    });
+                }
+            }
         }
         self.read_next(sid);
         Ok(())

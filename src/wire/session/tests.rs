@@ -596,6 +596,8 @@ fn deliver<A>(o: Output<A>, handle: impl FnOnce(Event<'_>)) -> Result<(), Result
         Output::Reset(x) => handle(Event::Reset(x)),
         Output::Close(e) => return Err(Err(e)),
         Output::Action(a) => return Err(Ok(a)),
+        // A read buffer back to the reader: no traffic.
+        Output::Spent { .. } => {}
     }
     Ok(())
 }
@@ -1244,6 +1246,73 @@ fn a_copy_is_read_from_zero_and_tries_lz4_on_every_16th_chunk_after_eight_that_d
     // Compressible from chunk 20 on, but lz4 is only tried again at 32.
     assert!(encodings[20..32].iter().all(|e| *e == Raw), "{encodings:?}");
     assert!(encodings[32..].iter().all(|e| *e == Lz4), "{encodings:?}");
+}
+
+#[test]
+fn a_raw_chunks_read_buffer_is_handed_back_once_framed() {
+    const CHUNK: usize = 4096;
+    let mut s = ready_sender(CHUNK, vec![open()], state(0, ""));
+    drain(|| s.poll());
+    s.submit(Job::Initial(wire::InitialBegin {
+        disk_id: ID,
+        cycle: 3,
+        disk_size: 2 * CHUNK as u64,
+        start_offset: 0,
+    }))
+    .expect("submit");
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let noise: Vec<u8> = (0..CHUNK)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let mut outs = drain(|| s.poll());
+    let (mut spent, mut chunks) = (Vec::new(), Vec::new());
+    // Chunk 0 random (RAW), chunk 1 a repeated byte (LZ4).
+    for data in [noise.clone(), vec![7u8; CHUNK]] {
+        let (id, offset) = sender_actions(&outs)
+            .iter()
+            .find_map(|a| match a {
+                SenderAction::Read { id, offset, .. } => Some((*id, *offset)),
+                _ => None,
+            })
+            .expect("the copy asks for its next piece");
+        let ptr = data.as_ptr() as usize;
+        s.complete_read(
+            NOW,
+            id,
+            Ok(ReadData {
+                offset,
+                data,
+                end: false,
+            }),
+        );
+        outs = drain(|| s.poll());
+        for o in &outs {
+            if let Output::Spent {
+                disk_id,
+                cycle,
+                buf,
+            } = o
+            {
+                // The very buffer that was read into.
+                assert_eq!(buf.as_ptr() as usize, ptr);
+                spent.push((*disk_id, *cycle, buf.clone()));
+            }
+        }
+        chunks.extend(sent(&outs).into_iter().filter_map(|m| match m {
+            Msg::InitialChunk(c) => Some(c.encoding),
+            _ => None,
+        }));
+    }
+    use crate::hrl::Encoding::{Lz4, Raw};
+    assert_eq!(chunks, vec![Raw, Lz4]);
+    // Only the RAW chunk's buffer comes back (an LZ4 chunk sent a new
+    // one), tagged with its job.
+    assert_eq!(spent, vec![(ID, 3, noise)]);
 }
 
 /// The op of the `BeginInitial` in `outs`.
