@@ -350,6 +350,16 @@ def fio(path, unit, rw):
     v = j["bw_bytes"] / 1e6 if unit == "MB/s" else j["iops"]
     p99 = (j.get("clat_ns", {}).get("percentile") or {}).get("99.000000")
     return v, (p99 / 1e3 if p99 else None)
+def fio_cpu(path):
+    """fio's own CPU-µs per request (user + system, all its jobs): with
+    the daemon's, what a request costs the host, to set against native."""
+    try:
+        js = json.load(open(path))["jobs"]
+        secs = sum((j["usr_cpu"] + j["sys_cpu"]) / 100.0 * j["job_runtime"] / 1000.0 for j in js)
+        ios = sum(j["read"]["total_ios"] + j["write"]["total_ios"] for j in js)
+        return secs * 1e6 / ios if ios else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 def cpu(path):
     try:
         a, b = (json.load(open(path + s)) for s in (".cpu0", ".cpu1"))
@@ -373,10 +383,10 @@ res = {}
 for job in jobs:
     unit, rw, want_p99 = spec(job)
     row = {"unit": unit, "target_ratio": GOAL, "floor": FLOOR.get(job), "runs": {}, "median": {},
-           "p99_us": {}, "cpu": None}
+           "p99_us": {}, "cpu": None, "fio_cpu_us": {}}
     cpus, syncs, per_k, cpus_u, cpus_b = [], {}, {}, [], {}
     for t in targets:
-        vals, p99s = [], []
+        vals, p99s, fcs = [], [], []
         for r in range(1, int(runs) + 1):
             p = os.path.join(raw, f"{t}.{job}.{r}.json")
             if not os.path.exists(p):
@@ -389,6 +399,8 @@ for job in jobs:
             vals.append(v)
             if p99 is not None:
                 p99s.append(p99)
+            if (fc := fio_cpu(p)) is not None:
+                fcs.append(fc)
             if t.removeprefix("base-").startswith("vdrep") and (c := cpu(p)):
                 if t == "vdrep":
                     cpus.append(c)
@@ -406,6 +418,7 @@ for job in jobs:
         row["runs"][t] = vals
         row["median"][t] = med(vals)
         row["p99_us"][t] = med(p99s) if want_p99 else None
+        row["fio_cpu_us"][t] = med(fcs)
     if cpus:
         row["cpu"] = {k: med([c[k] for c in cpus]) for k in cpus[0] if k != "states"}
         row["cpu"]["runs"] = cpus
@@ -440,6 +453,16 @@ NOLOG, NOAHEAD = "vdrep-nolog" in targets, "vdrep-noahead" in targets
 NOHOT = "vdrep-nohot" in targets
 URING = "vdrep-uring" in targets
 BASES = [t for t in ("base-vdrep", "base-vdrep-uring") if t in targets]
+def net_cpu(row, t, c):
+    """Host CPU-µs per request above native: the daemon's plus fio's, less
+    native fio's (native pays the backing I/O in fio; vdrep in the daemon)."""
+    f, fn = row["fio_cpu_us"].get(t), row["fio_cpu_us"].get("native")
+    if c is None or f is None or fn is None:
+        return None
+    return c["us_per_request"] + f - fn
+def net_cell(row, t, c):
+    n = net_cpu(row, t, c)
+    return "n/a" if n is None else f"{n:.1f}"
 def verdicts(job, row, t, cpu_key):
     """T1-T3 of target t: (cells, ratio, p99 ratio, verdict dict)."""
     m, unit, floor = row["median"], row["unit"], row["floor"]
@@ -451,8 +474,9 @@ def verdicts(job, row, t, cpu_key):
     c = row[cpu_key]
     cpu_s = "n/a" if c is None else f"{c['us_per_request']:.1f} ({c['worker_us']:.1f}+{c['supervisor_us']:.1f})"
     t3 = "-" if job != CPU_JOB else ("n/a" if c is None else ("PASS" if c["us_per_request"] <= CPU_GOAL_US else "MISS"))
+    row.setdefault("net_cpu_us", {})[t] = net_cpu(row, t, c)
     cells = [fmt(m.get(t), unit), rx(rv), t1, "-" if pv is None else f"{pv:,.0f}",
-             "-" if pr is None else f"{pr:.2f}x", t2, cpu_s, t3]
+             "-" if pr is None else f"{pr:.2f}x", t2, cpu_s, net_cell(row, t, c), t3]
     return cells, rv, pr, {"T1": t1, "T2": t2, "T3": t3}
 AL_WORST, AL_TYPICAL = 0.90, 0.97   # issue 15: log on/off, worst-* rows / the others
 failed = []
@@ -476,19 +500,19 @@ hdr = ["job", "unit", "native"] + (["bindfs"] if "bindfs" in targets else []) + 
     ["no-ahead", "no-ahead/off", "no-ahead syncs"] if NOLOG and NOAHEAD else []) + (
     ["budget 0", "budget 0/off", "budget 0 syncs"] if NOLOG and NOHOT else []) + [
     "floor", "T1 >=0.95x", "p99 native us", "p99 vdrep us", "p99 ratio", "T2 <=1.5x",
-    "CPU us/req (worker+sup)", "T3 <=10us"] + (
+    "CPU us/req (worker+sup)", "net us/req", "T3 <=10us"] + (
     ["uring", "uring ratio", "uring T1", "p99 uring us", "uring p99 ratio", "uring T2",
-     "uring CPU us/req", "uring T3", "uring/vdrep"] if URING else []) + (
+     "uring CPU us/req", "uring net us/req", "uring T3", "uring/vdrep"] if URING else []) + (
     [c for n in (t.removeprefix("vdrep-") for t in U4)
      for c in [n, f"{n} ratio", f"{n} T1", f"p99 {n} us", f"{n} p99 ratio", f"{n} T2",
-               f"{n} CPU us/req", f"{n} T3", f"{n}/uring"]])
+               f"{n} CPU us/req", f"{n} net us/req", f"{n} T3", f"{n}/uring"]])
 for t, tr in UNTR:
     n = t.removeprefix("vdrep-")
     hdr += [n, f"{n} ratio", f"{n} T1", f"p99 {n} us", f"{n} p99 ratio", f"{n} T2",
-            f"{n} CPU us/req", f"{n} T3", f"{tr.removeprefix('vdrep-') or 'vdrep'}/{n}"]
+            f"{n} CPU us/req", f"{n} net us/req", f"{n} T3", f"{tr.removeprefix('vdrep-') or 'vdrep'}/{n}"]
 for t in BASES:
     short = t.removeprefix("base-vdrep").lstrip("-") or "dev"
-    hdr += [f"base {short}", "ratio", "T1", "p99 us", "p99 ratio", "T2", "CPU us/req", "T3",
+    hdr += [f"base {short}", "ratio", "T1", "p99 us", "p99 ratio", "T2", "CPU us/req", "net us/req", "T3",
             f"new/base {short}"]
 rows = []
 for job, row in res.items():
@@ -502,6 +526,7 @@ for job, row in res.items():
     c = row["cpu"]
     cpu_s = "n/a" if c is None else f"{c['us_per_request']:.1f} ({c['worker_us']:.1f}+{c['supervisor_us']:.1f})"
     t3 = "-" if job != CPU_JOB else ("n/a" if c is None else ("PASS" if c["us_per_request"] <= CPU_GOAL_US else "MISS"))
+    row.setdefault("net_cpu_us", {})["vdrep"] = net_cpu(row, "vdrep", c)
     ro = ratio(m.get("vdrep-nolog"), m.get("native"))
     al = []
     onoff = None
@@ -555,7 +580,7 @@ for job, row in res.items():
         fmt(m.get("vdrep"), unit), rx(rv)] + al + [
         "-" if floor is None else f"{floor:.2f}x", t1,
         "-" if pn is None else f"{pn:,.0f}", "-" if pv is None else f"{pv:,.0f}", "-" if pr is None else f"{pr:.2f}x", t2,
-        cpu_s, t3] + ur)
+        cpu_s, net_cell(row, "vdrep", c), t3] + ur)
 w = [max(len(str(x)) for x in col) for col in zip(hdr, *rows)]
 line = lambda r: "  ".join(str(x).ljust(w[i]) for i, x in enumerate(r))
 print(f"\nwrite-path benchmark  git={rev} kernel={meta['kernel']} size={size} runtime={runtime}s runs={runs} "
