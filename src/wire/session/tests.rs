@@ -1183,31 +1183,42 @@ fn a_copy_withdraws_the_point_of_an_earlier_cycle_and_commits_its_own() {
     );
 }
 
-#[test]
-fn a_copy_is_read_from_zero_and_tries_lz4_on_every_16th_chunk_after_eight_that_did_not_compress() {
-    const CHUNK: usize = 4096;
-    let mut s = ready_sender(CHUNK, vec![open()], state(0, ""));
+/// `n` bytes lz4 cannot shrink (xorshift from `seed`).
+fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A sender copying a disk of `chunks` chunks of `chunk` bytes from
+/// chunk `start` on, as cycle 3, its first outputs drained.
+fn copying_sender(chunk: usize, chunks: u64, start: u64) -> Sender {
+    let mut s = ready_sender(chunk, vec![open()], state(0, ""));
     drain(|| s.poll());
-    // Resumed at 64 KiB: what changed below is read (and sent) too.
     s.submit(Job::Initial(wire::InitialBegin {
         disk_id: ID,
         cycle: 3,
-        disk_size: 40 * CHUNK as u64,
-        start_offset: 16 * CHUNK as u64,
+        disk_size: chunks * chunk as u64,
+        start_offset: start * chunk as u64,
     }))
     .expect("submit");
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let mut chunk = |i: usize| -> Vec<u8> {
+    s
+}
+
+#[test]
+fn a_copy_is_read_from_zero_and_tries_lz4_on_every_16th_chunk_after_eight_that_did_not_compress() {
+    const CHUNK: usize = 4096;
+    // Resumed at 64 KiB: what changed below is read (and sent) too.
+    let mut s = copying_sender(CHUNK, 40, 16);
+    let chunk = |i: usize| -> Vec<u8> {
         if i < 20 {
-            // Random: lz4 cannot shrink it.
-            (0..CHUNK)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect()
+            noise(CHUNK, 0x9e37_79b9_7f4a_7c15 ^ i as u64)
         } else {
             b"abcd".repeat(CHUNK / 4)
         }
@@ -1251,24 +1262,8 @@ fn a_copy_is_read_from_zero_and_tries_lz4_on_every_16th_chunk_after_eight_that_d
 #[test]
 fn a_raw_chunks_read_buffer_is_handed_back_once_framed() {
     const CHUNK: usize = 4096;
-    let mut s = ready_sender(CHUNK, vec![open()], state(0, ""));
-    drain(|| s.poll());
-    s.submit(Job::Initial(wire::InitialBegin {
-        disk_id: ID,
-        cycle: 3,
-        disk_size: 2 * CHUNK as u64,
-        start_offset: 0,
-    }))
-    .expect("submit");
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let noise: Vec<u8> = (0..CHUNK)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let mut s = copying_sender(CHUNK, 2, 0);
+    let noise = noise(CHUNK, 0x2545_f491_4f6c_dd1d);
     let mut outs = drain(|| s.poll());
     let (mut spent, mut chunks) = (Vec::new(), Vec::new());
     // Chunk 0 random (RAW), chunk 1 a repeated byte (LZ4).
