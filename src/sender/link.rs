@@ -48,10 +48,10 @@ pub(super) enum Piece {
 
 /// Read buffers of one copy, handed back by the session once their bytes
 /// are framed ([`Output::Spent`]) and read into again: a fresh 1 MiB
-/// buffer cost a zeroing pass per piece, and fresh pages the kernel's
-/// (about 5 % of the sender's CPU in an initial copy, profiled). One pool
-/// per copy job: a buffer's stale bytes never leave the disk they were
-/// read from.
+/// buffer cost a zeroing pass per piece, plus the kernel's zeroing of its
+/// fresh pages (about 5 % of the sender's CPU in an initial copy,
+/// profiled). One pool per copy job: a buffer's stale bytes never leave
+/// the disk they were read from.
 #[derive(Default)]
 pub(super) struct BufPool(parking_lot::Mutex<Vec<Vec<u8>>>);
 
