@@ -90,6 +90,11 @@
 # PIPE_MAX_SIZE=2097152 (the default) raises it to that for the run if it
 # is lower and puts the old value back at exit; PIPE_MAX_SIZE=0 leaves it.
 #
+# CPU per request: "CPU us/req" is the mount daemon's CPU-µs per FUSE
+# request (issue 12's T3); "net us/req" is what the host pays above native:
+# the daemon's plus fio's own CPU per request, less native fio's (native
+# fio pays the backing I/O in its own context, vdrep's daemon pays it).
+#
 # Output: a table on stdout and bench-results/writepath-<UTC time>.{json,md}.
 set -euo pipefail
 
