@@ -888,7 +888,7 @@ fn concurrent_direct_and_buffered_writers() {
 /// to the next mount once the super block is gone: a pin (an `O_PATH`
 /// descriptor of the root) must keep it, so that a mount detached by
 /// someone else meanwhile cannot pass its number to a healthy mount whose
-/// connection the abort would kill (CI saw a session end ECONNABORTED).
+/// connection the abort would kill.
 #[test]
 fn a_pinned_mount_keeps_its_connection_number_and_only_it_is_aborted() {
     let Some(mut a) = mount(|_| {}) else { return };
@@ -933,4 +933,70 @@ fn a_pinned_mount_keeps_its_connection_number_and_only_it_is_aborted() {
     assert_eq!(fs::read(b.p("g")).unwrap(), b"b");
     drop(pin);
     b.unmount();
+}
+
+/// A plain unmount can end the session's `read(2)` of `/dev/fuse` with
+/// `ECONNABORTED` instead of `ENODEV`: the kernel (fs/fuse/dev.c,
+/// `fuse_dev_do_read`) answers so when it had already dequeued a request
+/// (here the asynchronous `RELEASE` of a file closed just before) and the
+/// unmount's `fuse_abort_conn` ran before it could queue it for the reply.
+/// No fusectl abort is involved; the session must still end cleanly (CI saw
+/// `umount_and_join` fail with `ECONNABORTED` after `forget_closes_inode_fds`).
+#[test]
+fn an_unmount_racing_a_close_ends_the_session_cleanly() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let rounds: usize = std::env::var("VDREP_UNMOUNT_RACE_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(150);
+    for round in 0..rounds {
+        let Some(mut m) = mount(|d| {
+            for i in 0..4 {
+                fs::write(d.join(format!("f{i}")), b"x").unwrap();
+            }
+        }) else {
+            return;
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let hammers: Vec<_> = (0..2)
+            .map(|t| {
+                let stop = stop.clone();
+                let dir = m.path().to_path_buf();
+                std::thread::spawn(move || {
+                    let mut i = t;
+                    while !stop.load(Ordering::Relaxed) {
+                        // Each close sends an asynchronous RELEASE.
+                        let _ = File::open(dir.join(format!("f{}", i % 4)));
+                        i += 1;
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(2 + (round % 5) as u64));
+        let sess = m.sess.take().unwrap();
+        // Detach (files are open right now); the super block, and with it
+        // the connection, goes when the last of them is closed.
+        let st = Command::new("umount")
+            .arg("-l")
+            .arg(m.path())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let t0 = std::time::Instant::now();
+        while !sess.guard.is_finished() {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(30),
+                "round {round}: the session did not end after the unmount"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        stop.store(true, Ordering::Relaxed);
+        for h in hammers {
+            h.join().unwrap();
+        }
+        if let Err(e) = sess.join() {
+            panic!("round {round}: the session ended with an error after a plain unmount: {e}");
+        }
+    }
 }

@@ -18,8 +18,7 @@
 //! which the kernel gives to the next new mount as soon as the old super
 //! block is gone. Between reading mountinfo and writing `abort`, the dead
 //! mount may be unmounted by someone else and its number handed to another
-//! FUSE mount, whose healthy connection the abort would then kill (seen in
-//! CI: an unrelated test's session ended with `ECONNABORTED`). So
+//! FUSE mount, whose healthy connection the abort would then kill. So
 //! [`PinnedMount`] holds an `O_PATH` descriptor of the mount's root while
 //! it aborts: that keeps the super block, and so the number, alive, and the
 //! number is read from the pinned root itself (`statx` with

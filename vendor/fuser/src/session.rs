@@ -637,6 +637,22 @@ pub(crate) struct SessionEventLoop<FS: Filesystem> {
     pub(crate) splice_always: bool,
 }
 
+/// vdrep patch: whether a read of the device that failed with `ECONNABORTED`
+/// means the connection was aborted (fusectl `abort` with `FUSE_ABORT_ERROR`
+/// negotiated), so the loop ends with that error, or only that a plain
+/// unmount raced the read: the kernel (`fuse_dev_do_read`) also answers
+/// `ECONNABORTED` when it had dequeued a request (an asynchronous `RELEASE`)
+/// and the unmount's `fuse_abort_conn` ran before the request was queued for
+/// its reply. Reading again tells them apart: the connection is already
+/// marked disconnected, so the next read returns at once, `ENODEV` after an
+/// unmount (the loop ends cleanly) and `ECONNABORTED` again after an abort.
+/// A few tries cover requests dequeued while the abort is still under way.
+fn ended_by_abort(aborted_reads: &mut u32) -> bool {
+    const TRIES: u32 = 8;
+    *aborted_reads += 1;
+    *aborted_reads > TRIES
+}
+
 impl<FS: Filesystem> SessionEventLoop<FS> {
     fn event_loop(&self) -> io::Result<()> {
         // Buffer for receiving requests from the kernel. Only one is allocated and
@@ -647,12 +663,15 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
         // vdrep patch: see `Config::splice_write_min` and src/splice.rs.
         let mut pipe = self.splice_pipe();
         let mut splicing = self.splice_always;
+        // vdrep patch: `ECONNABORTED` reads so far (see `ended_by_abort`).
+        let mut aborted_reads = 0u32;
         loop {
             if let (Some(p), true) = (&pipe, splicing) {
                 let n = match p.receive(self.ch.as_fd(), buf.len()) {
                     Ok(n) => n,
                     Err(NixErrno::ENOENT | NixErrno::EINTR | NixErrno::EAGAIN) => continue,
                     Err(NixErrno::ENODEV) => return Ok(()),
+                    Err(NixErrno::ECONNABORTED) if !ended_by_abort(&mut aborted_reads) => continue,
                     Err(err @ (NixErrno::EIO | NixErrno::ENOMEM | NixErrno::EINVAL)) => {
                         // The pipe could not take a request (the kernel
                         // answered that one itself): a fresh pipe, and
@@ -689,6 +708,9 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
                     }
                 }
                 Err(nix::errno::Errno::ENODEV) => return Ok(()),
+                Err(nix::errno::Errno::ECONNABORTED) if !ended_by_abort(&mut aborted_reads) => {
+                    continue
+                }
                 Err(err) => return Err(err.into()),
             }
         }
