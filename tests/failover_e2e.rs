@@ -201,6 +201,7 @@ fn replica(store: &Path, site: &str, name: &str) -> PathBuf {
     for d in std::fs::read_dir(&disks).unwrap().flatten() {
         let p = d.path().join(name);
         if p.exists() {
+            mountutil::wait_applied(&d.path());
             return p;
         }
     }
@@ -732,6 +733,7 @@ fn replica_of(store: &Path, site: &str, vm: &str, name: &str) -> PathBuf {
     for d in std::fs::read_dir(&disks).unwrap().flatten() {
         let p = d.path().join(name);
         if p.exists() {
+            mountutil::wait_applied(&d.path());
             return p;
         }
     }

@@ -55,6 +55,7 @@ impl Site {
         for d in std::fs::read_dir(&disks).unwrap().flatten() {
             let p = d.path().join(name);
             if p.exists() {
+                mountutil::wait_applied(&d.path());
                 return p;
             }
         }

@@ -943,16 +943,18 @@ fn definitions_are_kept_per_point_without_duplicates_and_pruned() {
 
 /// Issue (points refused "not every disk of VM reached cycle N" at 256
 /// VMs): the session commits point N once it saw every disk reach N, and
-/// the store looked at the disks without waiting for an apply of cycle
-/// N+1 under way (pipelined on the same connection, or of a connection
-/// that just ended): it found the disk mid-apply and answered `None`,
-/// which the session refuses (retryable, a session lost) when the apply's
-/// end reached it first. `commit_point` now waits for the apply (the
-/// disk's lock) and finds N in the history. Deterministic: the apply is
-/// paused with its state saying `applying`; the commit must not answer
-/// until it is released (before the fix it answered `None` at once).
+/// the store looked at the disks while an apply of cycle N+1 was under way
+/// (pipelined on the same connection, or of a connection that just ended):
+/// it found the disk mid-apply and answered `None`, which the session
+/// refuses (retryable, a session lost) when the apply's end reached it
+/// first. The fix of session 10 made `commit_point` wait for the apply
+/// (the disk's lock); since points are committed on durable logs (session
+/// 19) it does not wait: the undo record of N → N+1, published before the
+/// state says `applying`, keeps N readable. Deterministic: the apply is
+/// paused with its state saying `applying`; the commit must record N
+/// meanwhile, and N must read back after the apply.
 #[test]
-fn a_point_committed_while_the_next_cycle_is_applied_waits_for_the_apply() {
+fn a_point_committed_while_the_next_cycle_is_applied_is_recorded_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&dir.path().join("store")).unwrap());
     let mut disk = vec![1u8; 16 * BS as usize];
@@ -982,25 +984,19 @@ fn a_point_committed_while_the_next_cycle_is_applied_waits_for_the_apply() {
         std::thread::spawn(move || ReplicaStore::apply(store.as_ref(), DISK, 2))
     };
     assert!(pause.wait_reached(std::time::Duration::from_secs(30)));
-    let committer = {
-        let store = store.clone();
-        std::thread::spawn(move || {
-            ReplicaStore::commit_point(store.as_ref(), SITE, VM, 1, &[ID], Consistency::Crash)
-        })
-    };
-    // Not answered while the apply holds the disk (the old code answered
-    // `None` here at once; a slow host only delays the verdict).
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let early = committer.is_finished();
+    let st = ReplicaStore::replica_state(store.as_ref(), DISK).unwrap();
+    assert_eq!((st.cycle, st.applying), (Some(1), Some(2)), "mid-apply");
+    let pt = ReplicaStore::commit_point(store.as_ref(), SITE, VM, 1, &[ID], Consistency::Crash);
     pause.release();
     applier.join().unwrap().unwrap();
-    let pt = committer.join().unwrap().unwrap();
-    assert!(!early, "the commit answered during the apply: {pt:?}");
-    let pt = pt.expect("point 1 refused although the disk reached it");
+    let pt = pt
+        .unwrap()
+        .expect("point 1 refused although the disk reached it");
     assert_eq!(pt.cycle, 1);
     let st = ReplicaStore::replica_state(store.as_ref(), DISK).unwrap();
     assert_eq!((st.cycle, st.applying), (Some(2), None));
     assert_eq!(store_suite::read_point(store.as_ref(), DISK, 1), old);
+    assert_eq!(store_suite::read_current(store.as_ref(), DISK), disk);
 }
 
 /// The store suite's full-copy case, then what only the directory store
@@ -1374,4 +1370,177 @@ fn a_journal_left_by_a_crash_does_not_bring_dropped_points_back() {
     let r = ReplicaStore::prune(&store, SITE, VM, &keep).unwrap();
     assert_eq!(r.dropped_points, vec![6]);
     assert!(journals(&vmd).is_empty(), "{:?}", journals(&vmd));
+}
+
+/// The directory store commits a point once every disk's log up to it is
+/// durable, before the applies (`ReplicaStore::commits_durable_logs`):
+/// only over an unbroken chain from the replica's cycle; nothing is applied
+/// by the commit; a committed log is never replaced by a different one;
+/// reading the point applies what it needs and nothing newer; retention
+/// keeps the newest applied point beside pending ones; `drain` stops at a
+/// gap; a restart applies what was committed.
+#[test]
+fn points_are_committed_on_durable_logs_and_applied_when_read() {
+    for h in both() {
+        let logs = tempfile::tempdir().unwrap();
+        let store = h.open();
+        let s = store.as_ref();
+        assert!(s.commits_durable_logs());
+        let mut rng = Rng(11);
+        let mut disk = vec![0u8; 256 << 10];
+        rng.fill(&mut disk);
+        let size = disk.len() as u64;
+        initial(s, &disk, 1);
+        assert_eq!(store_suite::read_current(s, DISK), disk, "point 1");
+        let mut images = std::collections::BTreeMap::new();
+        images.insert(1u64, disk.clone());
+        let log = |c: u64| logs.path().join(format!("{c}.hrl"));
+        for c in 2..=4 {
+            let dirty = random_writes(&mut rng, &mut disk, 20);
+            make_log(&log(c), ID, c - 1, c, size, &disk, &dirty);
+            s.store_log(DISK, &mut std::fs::File::open(log(c)).unwrap())
+                .unwrap();
+            images.insert(c, disk.clone());
+        }
+        let commit = |c: u64| {
+            s.commit_point(SITE, VM, c, &[ID], Consistency::Crash)
+                .unwrap()
+        };
+        let pt = commit(3).expect("committed on the durable logs 2 and 3");
+        assert_eq!(
+            pt.time_unix_ns,
+            1_700_000_000_000_000_000 + 3 * 1_000_000_000,
+            "the cut time of log 3"
+        );
+        assert_eq!(
+            s.replica_state(DISK).unwrap().cycle,
+            Some(1),
+            "the commit applies nothing"
+        );
+        // A point of a disk with no log for it is not committed.
+        assert!(s
+            .commit_point(SITE, VM, 3, &[ID, [0x77; 16]], Consistency::Crash)
+            .is_err_or_none());
+        // A different log for cycle 3 is refused: a point includes it.
+        let other_dir = tempfile::tempdir().unwrap();
+        let mut other = images[&2].clone();
+        let dirty = random_writes(&mut rng, &mut other, 5);
+        let op = other_dir.path().join("3.hrl");
+        make_log(&op, ID, 2, 3, size, &other, &dirty);
+        assert!(
+            matches!(
+                s.store_log(DISK, &mut std::fs::File::open(&op).unwrap()),
+                Err(StoreError::IdentityMismatch { .. })
+            ),
+            "a committed log was replaced"
+        );
+        // The same log again is fine (a resend).
+        s.store_log(DISK, &mut std::fs::File::open(log(3)).unwrap())
+            .unwrap();
+        // Retention keeping one point keeps the newest applied one too.
+        let keep1 = RetentionPolicy {
+            keep_last: Some(1),
+            max_age: None,
+            thin_after: None,
+            thin_every: None,
+        };
+        s.prune(SITE, VM, &keep1).unwrap();
+        assert_eq!(store_suite::point_cycles(s), vec![1, 3]);
+        // Reading point 3 applies 2 and 3, and not 4.
+        assert_eq!(store_suite::read_point(s, DISK, 3), images[&3]);
+        assert_eq!(s.replica_state(DISK).unwrap().cycle, Some(3));
+        assert_eq!(store_suite::read_point(s, DISK, 1), images[&1]);
+        // A gap: log 6 (based on 5, which never came) commits nothing, and
+        // a drain stops before it.
+        let dirty = random_writes(&mut rng, &mut disk, 3);
+        make_log(&log(6), ID, 5, 6, size, &disk, &dirty);
+        s.store_log(DISK, &mut std::fs::File::open(log(6)).unwrap())
+            .unwrap();
+        assert!(commit(6).is_none(), "committed across a gap");
+        assert_eq!(s.drain(DISK, None).unwrap(), 4);
+        assert_eq!(store_suite::read_current(s, DISK), images[&4]);
+        // A restart applies the logs of a committed point (and log 6,
+        // which now chains on).
+        let mut d5 = images[&4].clone();
+        let dirty = random_writes(&mut rng, &mut d5, 10);
+        make_log(&log(5), ID, 4, 5, size, &d5, &dirty);
+        s.store_log(DISK, &mut std::fs::File::open(log(5)).unwrap())
+            .unwrap();
+        assert!(commit(5).is_some());
+        drop(store);
+        let store = reopen(&h, "after a commit on a durable log");
+        let s = store.as_ref();
+        assert_eq!(s.replica_state(DISK).unwrap().cycle, Some(6));
+        assert_eq!(store_suite::read_point(s, DISK, 5), d5);
+    }
+}
+
+trait ErrOrNone {
+    fn is_err_or_none(&self) -> bool;
+}
+
+impl<T, E> ErrOrNone for Result<Option<T>, E> {
+    fn is_err_or_none(&self) -> bool {
+        !matches!(self, Ok(Some(_)))
+    }
+}
+
+/// A failover to a point committed on durable logs applies them first (up
+/// to the point, nothing newer: a later log is dropped as before), so the
+/// promoted disk holds the point's bytes; a cancel brings the replica back
+/// at that point, ready for the sender's logs again.
+#[test]
+fn a_failover_applies_the_durable_logs_of_its_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let store = Store::open(&root).unwrap();
+    let mut rng = Rng(12);
+    let mut disk = vec![0u8; 128 << 10];
+    rng.fill(&mut disk);
+    let size = disk.len() as u64;
+    initial(&store, &disk, 1);
+    let mut images = vec![disk.clone(), disk.clone()];
+    for c in 2..=3u64 {
+        let dirty = random_writes(&mut rng, &mut disk, 15);
+        let p = logs.join(format!("{c}.hrl"));
+        make_log(&p, ID, c - 1, c, size, &disk, &dirty);
+        store
+            .store_log(DISK, &mut std::fs::File::open(&p).unwrap())
+            .unwrap();
+        images.push(disk.clone());
+    }
+    store
+        .commit_point(SITE, VM, 2, &[ID], Consistency::Crash)
+        .unwrap()
+        .expect("committed on the durable log 2");
+    assert_eq!(store.replica_state(DISK).unwrap().cycle, Some(1));
+    let site = store.site(SITE).unwrap();
+    let dest = dir.path().join("live");
+    let live = site
+        .promote(VM, Some(2), &dest, &std::collections::HashMap::new())
+        .unwrap();
+    assert_eq!(live.cycle, 2);
+    assert_eq!(
+        std::fs::read(&live.disks[0].path).unwrap(),
+        images[2],
+        "the promoted disk is point 2"
+    );
+    assert!(
+        !root
+            .join("sites")
+            .join(SITE)
+            .join("vms")
+            .join(VM)
+            .join("disks")
+            .join(ID.iter().map(|b| format!("{b:02x}")).collect::<String>())
+            .join("incoming")
+            .join("3.hrl")
+            .exists(),
+        "log 3 (past the point) is dropped"
+    );
+    site.cancel_failover(VM).unwrap();
+    assert_eq!(store.replica_state(DISK).unwrap().cycle, Some(2));
+    assert_eq!(store_suite::read_point(&store, DISK, 2), images[2]);
 }

@@ -59,6 +59,7 @@ impl Site {
         for d in std::fs::read_dir(&disks).unwrap().flatten() {
             let p = d.path().join(name);
             if p.exists() {
+                mountutil::wait_applied(&d.path());
                 return p;
             }
         }
@@ -671,14 +672,14 @@ fn receiver_disk_full_is_retried_until_space_is_freed() {
         &["-o", "remount,size=256m", store.to_str().unwrap()],
     );
     sync_ok(&site);
-    let replica = std::fs::read_dir(store.join("sites/site-a/vms/vm1/disks"))
+    let disk = std::fs::read_dir(store.join("sites/site-a/vms/vm1/disks"))
         .unwrap()
         .flatten()
         .next()
         .unwrap()
-        .path()
-        .join("f.vhd");
-    same(&site.p("vm/f.img"), "raw", &replica);
+        .path();
+    mountutil::wait_applied(&disk);
+    same(&site.p("vm/f.img"), "raw", &disk.join("f.vhd"));
     m.umount();
 }
 
@@ -993,6 +994,10 @@ fn threshold_after_an_unacknowledged_apply(restart: bool) {
 /// store, armed to abort at `VDREP_CRASH_AT` step `at`.
 fn rearm_receiver(site: &Site, r: Receiver, addr: &str, at: &str) -> Receiver {
     let mut r = r;
+    // The last `sync` returned once its point was committed on durable
+    // logs; let their apply end first, or the restarted receiver's
+    // recovery would apply them and meet the crash step itself.
+    let _ = site.replica("data.vhd");
     r.kill9();
     Receiver::start_env(site, addr, &site.p("store"), &[("VDREP_CRASH_AT", at)])
 }

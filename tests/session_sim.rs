@@ -96,6 +96,9 @@ struct Stats {
     /// Logs sent behind the disk's log in flight (protocol 8,
     /// `LogBegin::behind`).
     behind: u64,
+    /// Points the store committed on durable logs before their apply
+    /// (schedules with `Store::commit_stored`).
+    before_apply: u64,
 }
 
 /// The sender's host process: volatile per connection.
@@ -159,7 +162,12 @@ impl World {
             now: 0,
             chaos: true,
             vm,
-            store: Store::default(),
+            // Every other schedule: a store that commits a point once its
+            // logs are durable (the directory store), else once applied.
+            store: Store {
+                commit_stored: seed % 2 == 0,
+                ..Store::default()
+            },
             conn: 0,
             up: false,
             reconnect_at: 0,
@@ -242,6 +250,7 @@ impl World {
             software_version: "sim".into(),
             store_free: 0,
             newest_version: vdrep::wire::PROTOCOL_VERSION,
+            commit_stored: self.store.commit_stored,
         }));
         self.sender = Some(Sender::new(cfg, self.now));
         self.note(format!("connect #{}", self.conn));
@@ -705,7 +714,7 @@ impl World {
                 break;
             };
             for (d, id) in self.vm.ids.iter().enumerate() {
-                match self.store.disks.get(id).and_then(|r| r.history.get(c)) {
+                match self.store.image_at(id, *c).as_ref() {
                     None => {
                         bad = Some(format!(
                             "point {c} committed, but disk {d} never reached it"
@@ -994,6 +1003,32 @@ fn run(seed: u64, verbose: bool) -> (Result<(), String>, Stats, Vec<String>) {
     }
     w.check_points();
     w.check_acked("at the end");
+    if w.failure.is_none() && w.store.commit_stored {
+        // What a restart (or a failover's drain) makes of the points
+        // committed on durable logs: every one applied, equal to its cut.
+        w.store.crash_and_recover();
+        let unapplied: Vec<u64> = w
+            .store
+            .points
+            .keys()
+            .copied()
+            .filter(|c| {
+                w.vm.ids
+                    .iter()
+                    .any(|id| w.store.disks.get(id).is_none_or(|r| r.cycle < *c))
+            })
+            .collect();
+        if !unapplied.is_empty() {
+            w.failure = Some(format!(
+                "points {unapplied:?} committed on durable logs are not applied after recovery"
+            ));
+        }
+        w.check_points();
+        if let Some(v) = w.store.violations.first() {
+            w.failure.get_or_insert_with(|| v.clone());
+        }
+    }
+    w.stats.before_apply = w.store.before_apply;
     let trace = w.trace.iter().cloned().collect();
     (w.failure.map_or(Ok(()), Err), w.stats, trace)
 }
@@ -1069,6 +1104,7 @@ fn simulated_schedules_keep_the_invariants() {
         total.resumes += s.resumes;
         total.pipelined += s.pipelined;
         total.behind += s.behind;
+        total.before_apply += s.before_apply;
     }
     let n = n + explore;
     eprintln!("{n} schedules in {:.1?}: {total:?}", t0.elapsed());
@@ -1083,6 +1119,10 @@ fn simulated_schedules_keep_the_invariants() {
         assert!(
             total.behind > n / 4,
             "too few logs sent behind another: {total:?}"
+        );
+        assert!(
+            total.before_apply > n / 4,
+            "too few points committed before their logs were applied: {total:?}"
         );
     }
 }

@@ -420,6 +420,9 @@ fn check_stamps_everywhere(root: &Path, disk: &Path, sectors: u64) {
     data.truncate(bytes);
     assert_eq!(stamped_prefix("disk", &data, &writes), STAMPS);
     let store = vdrep::replica::Store::open(&root.join("b/store")).expect("open store");
+    // Points are committed once their logs are durable; the receiver
+    // applies them right after, and a restart (this recovery) would too.
+    store.recover().expect("recover the store");
     let site = store.site("site-a").expect("site-a");
     let replica = std::fs::read_dir(root.join("b/store/sites/site-a/vms/vm1/disks"))
         .expect("replica disks")

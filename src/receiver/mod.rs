@@ -746,6 +746,7 @@ async fn run_session(
         software_version: env!("CARGO_PKG_VERSION").into(),
         store_free,
         newest_version: receiver_protocol(),
+        commit_stored: store.commits_durable_logs(),
     });
     let (in_tx, mut in_rx) = mpsc::channel::<Input>(64);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
@@ -1289,6 +1290,19 @@ fn load_disk(
             replica::Ctx::new(site, &o.vm, &o.disk_name),
             &o.vm,
         )));
+    }
+    if store.commits_durable_logs() {
+        // Points may be committed on durable logs not applied yet (a
+        // connection that ended before its applies ran): apply them, so
+        // the cycle told to the sender (and compared by a verify or a
+        // resync) includes every committed point. A log that cannot be
+        // applied stays; the answer then gives the cycle reached, and the
+        // sender ships from there.
+        if let Err(e) = store.drain(disk(site, &o.vm, &o.disk_id), None) {
+            if !matches!(e, StoreError::NotReady { .. }) {
+                tracing::warn!(site, vm = %o.vm, disk = %o.disk_name, "applying the durable logs before answering OpenDisk: {e}");
+            }
+        }
     }
     let mut st = match store.replica_state(disk(site, &o.vm, &o.disk_id)) {
         Ok(st) => st,

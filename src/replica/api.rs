@@ -12,9 +12,11 @@
 //! - [`apply`](ReplicaStore::apply) is at most once and crash-atomic: after a
 //!   crash and [`recover`](ReplicaStore::recover) the replica is exactly at
 //!   the previous cycle or at the log's cycle, never in between;
-//! - a point is committed only when every disk of the VM reached it, and
-//!   [`read_point`](ReplicaStore::read_point) gives its exact bytes until
-//!   [`prune`](ReplicaStore::prune) drops it.
+//! - a point is committed only when every disk of the VM reached it (its
+//!   log applied, or, in a store that [commits durable
+//!   logs](ReplicaStore::commits_durable_logs), durable and chained onto the
+//!   replica), and [`read_point`](ReplicaStore::read_point) gives its exact
+//!   bytes until [`prune`](ReplicaStore::prune) drops it.
 //!
 //! What stays on the concrete [`Store`] (inherently local-directory, used by
 //! the failover and role code, not by the replication data path): failover
@@ -127,6 +129,23 @@ pub trait ReplicaStore: Send + Sync {
     fn store_log(&self, d: DiskRef<'_>, log: &mut dyn Read) -> Result<StoreOutcome>;
     /// Apply the durable log of `cycle` to the replica, at most once.
     fn apply(&self, d: DiskRef<'_>, cycle: u64) -> Result<ApplyOutcome>;
+
+    /// Whether [`commit_point`](Self::commit_point) records a point once
+    /// every disk's log up to it is durable, before it is applied (the
+    /// receiver then asks for the commit without waiting for the applies).
+    /// Such a store applies pending logs itself wherever a point is read or
+    /// handed over ([`read_point`](Self::read_point), failover) and in
+    /// [`drain`](Self::drain).
+    fn commits_durable_logs(&self) -> bool {
+        false
+    }
+    /// Apply the disk's durable logs that chain onto its replica, in order,
+    /// up to `upto` (all if `None`); returns the replica's cycle afterwards.
+    /// A store that applies each log at once has nothing to do.
+    fn drain(&self, d: DiskRef<'_>, upto: Option<u64>) -> Result<u64> {
+        let _ = upto;
+        Ok(self.replica_state(d)?.cycle.unwrap_or(0))
+    }
 
     /// Mark the replica untrusted until a checksum resync (or clear it).
     fn set_needs_resync(&self, d: DiskRef<'_>, reason: Option<&str>) -> Result<()>;
@@ -242,6 +261,12 @@ impl ReplicaStore for Store {
     }
     fn apply(&self, d: DiskRef<'_>, cycle: u64) -> Result<ApplyOutcome> {
         self.with_site(d.site, |s| s.apply(d.vm, d.disk_id, cycle))
+    }
+    fn commits_durable_logs(&self) -> bool {
+        true
+    }
+    fn drain(&self, d: DiskRef<'_>, upto: Option<u64>) -> Result<u64> {
+        self.with_site(d.site, |s| s.drain(d.vm, d.disk_id, upto))
     }
     fn set_needs_resync(&self, d: DiskRef<'_>, reason: Option<&str>) -> Result<()> {
         self.with_site(d.site, |s| s.set_needs_resync(d.vm, d.disk_id, reason))

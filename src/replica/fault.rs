@@ -152,6 +152,7 @@ pub enum Op {
     FinishInitial,
     StoreLog,
     Apply,
+    Drain,
     SetNeedsResync,
     ResyncPrepared,
     BlockHashes,
@@ -164,7 +165,7 @@ pub enum Op {
 
 impl Op {
     /// Every operation, in the order above.
-    pub const ALL: [Op; 17] = [
+    pub const ALL: [Op; 18] = [
         Op::Recover,
         Op::FailedOver,
         Op::ReplicaState,
@@ -174,6 +175,7 @@ impl Op {
         Op::FinishInitial,
         Op::StoreLog,
         Op::Apply,
+        Op::Drain,
         Op::SetNeedsResync,
         Op::ResyncPrepared,
         Op::BlockHashes,
@@ -196,6 +198,7 @@ impl Op {
             Op::FinishInitial => "finish-initial",
             Op::StoreLog => "store-log",
             Op::Apply => "apply",
+            Op::Drain => "drain",
             Op::SetNeedsResync => "set-needs-resync",
             Op::ResyncPrepared => "resync-prepared",
             Op::BlockHashes => "block-hashes",
@@ -440,6 +443,13 @@ impl ReplicaStore for FailStore {
     }
     fn apply(&self, d: DiskRef<'_>, cycle: u64) -> Result<ApplyOutcome> {
         self.call(Op::Apply, |s| s.apply(d, cycle))
+    }
+    fn commits_durable_logs(&self) -> bool {
+        let inner = self.state.lock().inner.clone();
+        inner.is_some_and(|s| s.commits_durable_logs())
+    }
+    fn drain(&self, d: DiskRef<'_>, upto: Option<u64>) -> Result<u64> {
+        self.call(Op::Drain, |s| s.drain(d, upto))
     }
     fn set_needs_resync(&self, d: DiskRef<'_>, reason: Option<&str>) -> Result<()> {
         self.call(Op::SetNeedsResync, |s| s.set_needs_resync(d, reason))

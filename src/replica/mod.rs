@@ -73,12 +73,18 @@
 //!
 //! # Recovery points
 //!
-//! The replica is always the newest point. Undo records are the history:
+//! The replica is the newest point, or the newest point is the replica plus
+//! durable logs not applied yet: [`Site::commit_point`] also records a point
+//! once each disk's logs up to it are durable and chain from its replica's
+//! cycle (the receiver applies them right after), and every reader of a
+//! point applies them first ([`Site::drain`], called by
+//! [`Site::read_point`], [`Site::promote`] and the receiver's `OpenDisk`).
+//! Undo records are the history:
 //! point `k` of a disk is the replica overlaid by the undo records of every
 //! later cycle, oldest first ([`PointReader`]), so a point costs only the
 //! blocks the next log changed. [`Site::commit_point`] records a VM point
-//! only when every disk of the VM reached the cycle (crash-consistent across
-//! disks). [`Site::prune`] drops the oldest points and their undo records
+//! only when every disk of the VM reached the cycle, applied or durable
+//! (crash-consistent across disks). [`Site::prune`] drops the oldest points and their undo records
 //! (by count and age) and thins older points out (one per interval),
 //! merging the two undo records around each dropped point into one (where
 //! both hold a pre-image of a byte, the older one wins).

@@ -1309,6 +1309,23 @@ impl Site<'_> {
                 let _ = std::fs::remove_file(&tmp);
                 return Ok(StoreOutcome::AlreadyStored { cycle });
             }
+            // A point may be committed on a durable log before it is
+            // applied: that log is then part of the point and stays.
+            let idh = hex(disk_id);
+            if self
+                .read_points(vm)?
+                .points
+                .iter()
+                .any(|pt| pt.cycle >= cycle && pt.disks.contains(&idh))
+            {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(StoreError::IdentityMismatch {
+                    ctx: p.ctx.clone(),
+                    what: format!(
+                        "a different log for cycle {cycle} is already part of a committed recovery point; the sender's log changed after it was sent: resync the disk"
+                    ),
+                });
+            }
             let st = self.read_state(&p)?;
             if st.and_then(|s| s.applying) == Some(cycle) {
                 let _ = std::fs::remove_file(&tmp);
@@ -1401,6 +1418,48 @@ impl Site<'_> {
         let _g = self.store.lock(&p.dir);
         self.check_replicating(vm)?;
         self.apply_locked(&p, cycle)
+    }
+
+    /// Apply the durable logs of a disk that chain onto its replica, in
+    /// order, up to cycle `upto` (all of them if `None`); returns the
+    /// replica's cycle afterwards. A recovery point may be committed once
+    /// every disk's log is durable ([`Site::commit_point`]), before it is
+    /// applied; whatever reads the replica as of a point or hands it over
+    /// drains first. Idempotent; stops quietly at a log that does not chain
+    /// on (a gap: nothing past it can be applied) and fails on a log that
+    /// chains on but cannot be applied (damaged at rest, the disk full).
+    pub fn drain(&self, vm: &str, disk_id: &[u8; 16], upto: Option<u64>) -> Result<u64> {
+        let p = self.disk(vm, disk_id, false)?;
+        let _g = self.store.lock(&p.dir);
+        self.check_replicating(vm)?;
+        self.drain_locked(&p, upto)
+    }
+
+    /// [`Site::drain`] with the disk's lock held.
+    fn drain_locked(&self, p: &DiskPaths, upto: Option<u64>) -> Result<u64> {
+        let st = self.state_or_unknown(p)?;
+        let Some(mut rc) = st.cycle.filter(|_| st.initial_offset.is_none()) else {
+            return Ok(st.cycle.unwrap_or(0));
+        };
+        if let Some(a) = st.applying {
+            // Finish (or roll back) the interrupted apply first.
+            let _ = self.apply_locked(p, a)?;
+            rc = self.state_or_unknown(p)?.cycle.unwrap_or(rc);
+        }
+        loop {
+            let next = self
+                .incoming_logs(p)
+                .into_iter()
+                .find(|(c, _)| *c > rc && upto.is_none_or(|u| *c <= u));
+            let Some((c, _)) = next else { break };
+            match self.apply_locked(p, c) {
+                Ok(_) => rc = c,
+                // The next log is not based on the replica's cycle: a gap.
+                Err(StoreError::OutOfOrder { .. }) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(rc)
     }
 
     fn apply_locked(&self, p: &DiskPaths, cycle: u64) -> Result<ApplyOutcome> {
@@ -2035,18 +2094,27 @@ impl Site<'_> {
         let mut time = 0;
         for id in disk_ids {
             let p = self.disk(vm, id, false)?;
-            // VM lock, then disk lock (the order of prune and begin_initial).
-            let st = {
-                let _dg = self.store.lock(&p.dir);
-                self.state_or_unknown(&p)?
-            };
+            // Not under the disk's lock: an apply holds it for its whole
+            // length, and a point whose logs are durable need not wait for
+            // it. `state.json` is replaced whole, so it reads consistent.
+            let st = self.state_or_unknown(&p)?;
             let Some(rc) = st.cycle.filter(|_| st.initial_offset.is_none()) else {
                 return Ok(None);
             };
-            if rc < cycle || st.applying.is_some() && rc == cycle {
-                return Ok(None);
+            if rc < cycle {
+                // Not applied yet: committed if the durable logs chain from
+                // the replica's cycle to `cycle`.
+                match self.durable_chain(&p, &st, rc, cycle)? {
+                    Some(t) => time = time.max(t),
+                    None => return Ok(None),
+                }
+                continue;
             }
             if rc == cycle {
+                // Also while the next cycle is being applied: its undo
+                // record, published before the state said `applying`, keeps
+                // this cycle readable, and the apply's end (or its roll
+                // back) leaves it so.
                 time = time.max(st.cycle_time_ns);
             } else {
                 let rec = self
@@ -2081,6 +2149,69 @@ impl Site<'_> {
         self.store.step("point-before-commit");
         self.add_point(&vctx, &vmd, pt.clone())?;
         Ok(Some(pt))
+    }
+
+    /// The cut time of `cycle` if the disk's durable logs in `incoming/`
+    /// chain from the replica's cycle `rc` (state `st`) to `cycle`: each
+    /// one this disk's, based on the cycle and size the previous one left.
+    /// `None` if they do not (a log still arriving, a gap). Read without the
+    /// disk's lock, so an apply may finish meanwhile and remove the first
+    /// log: the state is read again afterwards, and if it moved the check
+    /// is made again from the new cycle. Every log was verified whole as
+    /// it was stored; each is verified again before it is applied.
+    fn durable_chain(
+        &self,
+        p: &DiskPaths,
+        st: &ReplicaState,
+        rc: u64,
+        cycle: u64,
+    ) -> Result<Option<u64>> {
+        let (mut st, mut rc) = (st.clone(), rc);
+        for _ in 0..8 {
+            let found = self.chain_of_logs(p, &st, rc, cycle);
+            let again = self.state_or_unknown(p)?;
+            if again == st {
+                return found;
+            }
+            let Some(c) = again.cycle.filter(|_| again.initial_offset.is_none()) else {
+                return Ok(None);
+            };
+            if c >= cycle && again.applying.is_none() {
+                // Applied meanwhile.
+                return Ok(Some(again.cycle_time_ns));
+            }
+            (st, rc) = (again, c);
+        }
+        Ok(None)
+    }
+
+    fn chain_of_logs(
+        &self,
+        p: &DiskPaths,
+        st: &ReplicaState,
+        rc: u64,
+        cycle: u64,
+    ) -> Result<Option<u64>> {
+        let (mut at, mut size, mut time) = (rc, st.size, None);
+        for (c, _) in self.incoming_logs(p) {
+            if c <= rc || c > cycle {
+                continue;
+            }
+            let logp = p.log(c);
+            let Ok(log) = open_nofollow(&logp) else {
+                return Ok(None);
+            };
+            let h = match self.log_header(p, &log, &logp, c) {
+                Ok(h) => h,
+                Err(StoreError::Io { .. }) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            if h.base_cycle != at || h.base_size != size {
+                return Ok(None);
+            }
+            (at, size, time) = (c, h.disk_size, Some(h.cut_unix_ns));
+        }
+        Ok(time.filter(|_| at == cycle))
     }
 
     /// Store `vm`'s domain definition as of the cut of `cycle`, durably,
@@ -2232,13 +2363,19 @@ impl Site<'_> {
             });
         }
         let _g = self.store.lock(&p.dir);
-        let st = self.state_or_unknown(&p)?;
+        let mut st = self.state_or_unknown(&p)?;
+        if st.initial_offset.is_none() && (st.applying.is_some() || st.cycle.unwrap_or(0) < cycle) {
+            // A point is committed once its logs are durable: apply them
+            // (and nothing newer) before reading it.
+            self.drain_locked(&p, Some(cycle))?;
+            st = self.state_or_unknown(&p)?;
+        }
         let rc = st.cycle.unwrap_or(0);
         if st.applying.is_some() || st.initial_offset.is_some() || rc < cycle {
             return Err(StoreError::NotReady {
                 ctx: p.ctx.clone(),
                 what: format!(
-                    "the replica is not at a stable cycle at or after {cycle}: run recovery first"
+                    "the replica is not at a stable cycle at or after {cycle}, and its durable logs do not reach it: restart the receiver (it recovers) and retry"
                 ),
             });
         }
@@ -2282,6 +2419,29 @@ impl Site<'_> {
     /// deleted, and a point's chain of records never jumps over another
     /// point, so a crash leaves at worst redundant records, which the next
     /// prune deletes.
+    /// The index in `points` of the newest point every one of whose disks'
+    /// replicas is at or past it (applied, not only durable).
+    fn newest_applied(&self, vm: &str, points: &[Point]) -> Option<usize> {
+        let mut rc = HashMap::new();
+        for d in list_dir(&self.vm_dir(vm, false).ok()?.join("disks")) {
+            let Some(id) = parse_hex_id(&d) else { continue };
+            let Ok(p) = self.disk(vm, &id, false) else {
+                continue;
+            };
+            if let Ok(Some(st)) = self.read_state(&p) {
+                if let Some(c) = st.cycle.filter(|_| st.initial_offset.is_none()) {
+                    // Mid-apply: only the base is certain.
+                    rc.insert(d, c);
+                }
+            }
+        }
+        points.iter().rposition(|pt| {
+            pt.disks
+                .iter()
+                .all(|d| rc.get(d).is_some_and(|&c| c >= pt.cycle))
+        })
+    }
+
     pub fn prune(&self, vm: &str, keep: &RetentionPolicy) -> Result<PruneReport> {
         let vmd = self.vm_dir(vm, false)?;
         let _g = self.store.lock(&vmd);
@@ -2314,6 +2474,15 @@ impl Site<'_> {
             }
             for (f, p) in keep_flags.iter_mut().zip(&pf.points) {
                 *f |= pinned.contains(&p.cycle);
+            }
+        }
+        // Points may be committed on durable logs before they are applied:
+        // always keep the newest point the replicas have reached, so that a
+        // pending point whose logs then fail to apply leaves one to fall
+        // back to.
+        if let Some(i) = self.newest_applied(vm, &pf.points) {
+            if let Some(f) = keep_flags.get_mut(i) {
+                *f = true;
             }
         }
         let all = std::mem::take(&mut pf.points);
@@ -2349,8 +2518,15 @@ impl Site<'_> {
                 continue;
             }
             // Merge across every boundary of the oldest point's chain that is
-            // no longer a point (and lies below the newest point: a cycle
-            // above it may still be committed).
+            // no longer a point (and lies below the newest point this replica
+            // reached: a cycle above it may still be committed; points past
+            // `rc`, committed on durable logs, are not applied yet).
+            let newest_here = cycles
+                .iter()
+                .copied()
+                .filter(|&c| c <= rc)
+                .max()
+                .unwrap_or(newest);
             let Ok(mut links) = chain(&self.undo_records(&p), oldest, rc, &cycles) else {
                 continue; // a gap: leave this disk's history alone
             };
@@ -2358,7 +2534,7 @@ impl Site<'_> {
             while i + 1 < links.len() {
                 let (a, k, na) = links[i].clone();
                 let (_, c, nb) = links[i + 1].clone();
-                if cycles.contains(&k) || k >= newest {
+                if cycles.contains(&k) || k >= newest_here {
                     i += 1;
                     continue;
                 }

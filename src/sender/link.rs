@@ -864,6 +864,16 @@ impl Link {
                     }
                     t.durable = Some(Instant::now());
                 }
+                // Sent: the log is durable at the receiver (the point may
+                // be committed before it is applied there).
+                if let (Some((Source::Log(log), since)), Some(vm)) =
+                    (self.sources.get(&(disk_id, cycle)), &self.vm)
+                {
+                    let len = log.len();
+                    let mut s = vm.status.lock();
+                    s.bytes_sent += len;
+                    s.throughput_bps = len as f64 / since.elapsed().as_secs_f64().max(1e-6);
+                }
             }
             SenderAction::LogApplied { disk_id, cycle } => {
                 if let Some((Source::Log(log), since)) = self.sources.remove(&(disk_id, cycle)) {
@@ -872,12 +882,6 @@ impl Link {
                         crate::util::phase::done("ship_apply", log.disk(), at);
                     }
                     self.applied_at.insert(cycle, Instant::now());
-                    if let Some(vm) = &self.vm {
-                        let len = log.len();
-                        let mut s = vm.status.lock();
-                        s.bytes_sent += len;
-                        s.throughput_bps = len as f64 / since.elapsed().as_secs_f64().max(1e-6);
-                    }
                     if let Err(log) = Arc::try_unwrap(log).map(SealedLog::mark_shipped) {
                         self.ship_later.push(log);
                     }

@@ -106,7 +106,8 @@
 //!    all of its transfer of that cycle → `PointAck`: the recovery point
 //!    exists. The receiver holds a `PointCommit` until every listed disk
 //!    reached the cycle on this connection (its transfer applied and
-//!    durable), then records it durably, then answers; a sender that
+//!    durable; only durable with a store that commits durable logs,
+//!    `ReplicaStore::commits_durable_logs`), then records it durably, then answers; a sender that
 //!    resets the stream withdraws it (a transfer of the cycle failed).
 //!    Sending it with the last data saves the round trip after the last
 //!    `Ack`.

@@ -300,12 +300,16 @@ impl TwoSites {
     /// The replica file `file` of `vm` at site-b.
     pub fn replica(&self, vm: &str, file: &str) -> PathBuf {
         let disks = self.p(&format!("store/sites/site-a/vms/{vm}/disks"));
-        std::fs::read_dir(&disks)
+        let p = std::fs::read_dir(&disks)
             .unwrap()
             .flatten()
             .map(|d| d.path().join(file))
             .find(|p| p.exists())
-            .unwrap_or_else(|| panic!("no replica {file} under {}", disks.display()))
+            .unwrap_or_else(|| panic!("no replica {file} under {}", disks.display()));
+        if let Some(d) = p.parent() {
+            wait_applied(d);
+        }
+        p
     }
 }
 
@@ -492,5 +496,48 @@ impl Drop for DirectBuf {
     fn drop(&mut self) {
         // SAFETY: allocated in `new` with this layout.
         unsafe { std::alloc::dealloc(self.p, self.layout) }
+    }
+}
+
+/// Wait (at most 60 s) until the replica in the store's disk folder
+/// `disk_dir` has applied every recovery point committed over it. The
+/// receiver commits a point once its logs are durable and applies them
+/// right after (`ReplicaStore::commits_durable_logs`), so a test that
+/// reads the replica file itself right after `vdrep sync` waits for that.
+pub fn wait_applied(disk_dir: &Path) {
+    let Some(vm_dir) = disk_dir.parent().and_then(Path::parent) else {
+        return;
+    };
+    let id = disk_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let t0 = std::time::Instant::now();
+    loop {
+        let newest = vdrep::replica::points_in(vm_dir)
+            .ok()
+            .and_then(|pts| {
+                pts.iter()
+                    .filter(|p| p.disks.contains(&id))
+                    .map(|p| p.cycle)
+                    .max()
+            })
+            .unwrap_or(0);
+        let Some(st) = std::fs::read(disk_dir.join("state.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        else {
+            return;
+        };
+        let cycle = st["cycle"].as_u64().unwrap_or(0);
+        if cycle >= newest && st["applying"].is_null() {
+            return;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(60),
+            "{}: point {newest} is committed but the replica stays at {cycle} ({st})",
+            disk_dir.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }

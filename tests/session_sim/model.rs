@@ -219,6 +219,12 @@ pub struct Store {
     /// writes are dropped, its `FinishInitial` fails (as the receiver's
     /// writer thread and begin do).
     pub copy_conn: BTreeMap<DiskId, u64>,
+    /// As a store that commits a point once its logs are durable
+    /// (`ReplicaStore::commits_durable_logs`, the directory store): a point
+    /// may be committed on a chain of durable logs not applied yet.
+    pub commit_stored: bool,
+    /// Points committed while a disk had not applied them yet.
+    pub before_apply: u64,
 }
 
 fn fail(code: ErrorCode, message: impl Into<String>) -> StoreFailure {
@@ -230,6 +236,35 @@ fn fail(code: ErrorCode, message: impl Into<String>) -> StoreFailure {
 }
 
 impl Store {
+    /// Disk `id` as of `cycle`: the image it reached then, or (with
+    /// [`Store::commit_stored`]) its replica with the durable logs that
+    /// chain from the replica's cycle to `cycle` replayed on a copy, as
+    /// the real store checks them (every log in between, in order, based
+    /// on the one before). `None` if neither.
+    pub fn image_at(&self, id: &DiskId, cycle: u64) -> Option<Vec<u8>> {
+        let r = self.disks.get(id)?;
+        if let Some(img) = r.history.get(&cycle) {
+            return Some(img.clone());
+        }
+        if !self.commit_stored || r.copy.is_some() || cycle <= r.cycle {
+            return None;
+        }
+        let mut img = r.image.clone();
+        let mut at = r.cycle;
+        for (c, b) in r.logs.range(r.cycle + 1..=cycle) {
+            let (base, lc, writes) = decode_log(b)?;
+            if base != at || lc != *c {
+                return None;
+            }
+            for (off, data) in writes {
+                let off = off as usize;
+                img.get_mut(off..off + data.len())?.copy_from_slice(&data);
+            }
+            at = *c;
+        }
+        (at == cycle).then_some(img)
+    }
+
     /// A crash and restart: staging is gone; durable logs whose base is
     /// the replica's cycle are applied (as the real store's recovery).
     pub fn crash_and_recover(&mut self) {
@@ -468,12 +503,17 @@ impl Store {
                 // `FinishInitial`).
                 let all = disks.iter().all(|d| {
                     d.cycle == cycle
-                        && self
-                            .disks
-                            .get(&d.disk_id)
-                            .is_some_and(|r| r.copy.is_none() && r.history.contains_key(&cycle))
+                        && self.disks.get(&d.disk_id).is_some_and(|r| r.copy.is_none())
+                        && self.image_at(&d.disk_id, cycle).is_some()
                 });
                 if all {
+                    if disks.iter().any(|d| {
+                        self.disks
+                            .get(&d.disk_id)
+                            .is_some_and(|r| !r.history.contains_key(&cycle))
+                    }) {
+                        self.before_apply += 1;
+                    }
                     self.points
                         .insert(cycle, disks.iter().map(|d| d.disk_id).collect());
                 }

@@ -232,6 +232,28 @@ impl Site<'_> {
         // disk is locked: from here on the store refuses replication into
         // the VM (`check_replicating`).
         if !vmd.join(KEEP).exists() {
+            // The point may have been committed on durable logs not yet
+            // applied: apply them (up to the point, nothing newer) while
+            // replication is still allowed, so that KEEP, and a cancel,
+            // restore the replica with them. A disk whose logs cannot be
+            // applied fails the promotion here, before anything changed.
+            for id in self.disk_ids(vm)? {
+                if !pt.disks.contains(&hex(&id)) {
+                    continue;
+                }
+                let p = self.disk(vm, &id, false)?;
+                let _g = self.store.lock(&p.dir);
+                let rc = self.drain_locked(&p, Some(pt.cycle))?;
+                if rc < pt.cycle {
+                    return Err(StoreError::NotReady {
+                        ctx: p.ctx.clone(),
+                        what: format!(
+                            "point {} was committed, but this disk's logs reach only cycle {rc}: fail over to an older point (`vdrep points`)",
+                            pt.cycle
+                        ),
+                    });
+                }
+            }
             self.write_json(&vctx, &vmd, KEEP, &pf)?;
         }
         let mut disks = Vec::new();
@@ -248,8 +270,9 @@ impl Site<'_> {
                     what: "the replica is between cycles: restart the receiver (it recovers) and retry".into(),
                 });
             }
-            // Logs not applied yet belong to the discarded future (they were
-            // never acknowledged: the sender ships them again after a cancel).
+            // Logs not applied yet (the point's own were applied above)
+            // belong to the discarded future (no point includes them: the
+            // sender ships them again after a cancel).
             for (_, n) in self.incoming_logs(&p) {
                 let _ = std::fs::remove_file(p.incoming.join(n));
             }

@@ -30,6 +30,13 @@ pub struct ReceiverConfig {
     /// lower only to answer as a receiver of an older build does (the
     /// compatibility tests: a newer sender must fall back to it).
     pub newest_version: u16,
+    /// The store commits a point once every disk's log up to it is
+    /// durable ([`ReplicaStore::commits_durable_logs`]): a held point is
+    /// asked for as soon as its logs are stored, not when they are
+    /// applied, so that `vdrep sync` and the lag do not wait for the apply.
+    ///
+    /// [`ReplicaStore::commits_durable_logs`]: crate::replica::ReplicaStore::commits_durable_logs
+    pub commit_stored: bool,
 }
 
 /// The store's view of one disk's replica (answers `LoadDisk`).
@@ -199,6 +206,9 @@ struct RDisk {
     /// The newest cycle this connection saw the replica reach (a log
     /// applied, or found already applied): what a held point waits for.
     reached: u64,
+    /// The newest cycle whose log this connection stored durably: what a
+    /// held point waits for with [`ReceiverConfig::commit_stored`].
+    stored: u64,
 }
 
 /// What a stream waits for.
@@ -778,9 +788,10 @@ impl Receiver {
     /// one is not known here, the store decides).
     fn point_ready(&self, p: &wire::PointCommit) -> bool {
         p.disks.iter().all(|dc| {
-            self.disks
-                .get(&dc.disk_id)
-                .is_none_or(|d| d.status.replica_cycle.max(d.reached) >= dc.cycle)
+            self.disks.get(&dc.disk_id).is_none_or(|d| {
+                let stored = if self.cfg.commit_stored { d.stored } else { 0 };
+                d.status.replica_cycle.max(d.reached).max(stored) >= dc.cycle
+            })
         })
     }
 
@@ -1267,6 +1278,7 @@ impl Receiver {
                         failed,
                         resync_cycle: None,
                         reached: 0,
+                        stored: 0,
                     },
                 );
                 self.answer(sid, &reply)
@@ -1323,6 +1335,15 @@ impl Receiver {
                     }
                     LogStored::Stored => {
                         self.send(sid, &ack(b.disk_id, b.cycle, true, false))?;
+                        if self.cfg.commit_stored {
+                            if let Some(d) = self.disks.get_mut(&b.disk_id) {
+                                d.stored = d.stored.max(b.cycle);
+                            }
+                            // A point held for this log may go now (the
+                            // apply below runs beside its commit).
+                            self.progress += 1;
+                            self.release_points();
+                        }
                         let vm = self.vm_of(&b.disk_id);
                         let (disk_id, cycle) = (b.disk_id, b.cycle);
                         let apply = |op| ReceiverAction::ApplyLog {

@@ -75,11 +75,17 @@ fn actions(outs: &[Output<ReceiverAction>]) -> Vec<&ReceiverAction> {
 }
 
 fn receiver() -> Receiver {
+    receiver_with(false)
+}
+
+/// A receiver for a store that commits points on durable logs or not.
+fn receiver_with(commit_stored: bool) -> Receiver {
     Receiver::new(ReceiverConfig {
         site_name: "secondary".into(),
         software_version: "t".into(),
         store_free: 0,
         newest_version: crate::wire::PROTOCOL_VERSION,
+        commit_stored,
     })
 }
 
@@ -90,7 +96,10 @@ fn opened(at: u64) -> Receiver {
 
 /// [`opened`], the sender speaking protocol `version`.
 fn opened_in(at: u64, version: u16) -> Receiver {
-    let mut r = receiver();
+    opened_with(receiver(), at, version)
+}
+
+fn opened_with(mut r: Receiver, at: u64, version: u16) -> Receiver {
     let b = bytes(&[Msg::Hello(Hello {
         protocol_version: version,
         site_name: "primary".into(),
@@ -1421,7 +1430,10 @@ fn point_commit(cycle: u64) -> Msg {
 /// A receiver that got a cycle-6 log on stream 3 and, right behind its last
 /// bytes, the cycle's point (commit-ahead); and the op of the log's store.
 fn log_then_point_ahead() -> (Receiver, OpId) {
-    let mut r = opened(5);
+    log_then_point_ahead_in(opened(5))
+}
+
+fn log_then_point_ahead_in(mut r: Receiver) -> (Receiver, OpId) {
     let (_, msgs) = log_msgs(6, 5, b"0123456789");
     let outs = feed(&mut r, &msgs);
     let stored = stored_op(&outs);
@@ -1486,6 +1498,84 @@ fn a_point_sent_with_its_log_is_held_until_the_log_is_applied_then_committed() {
     assert!(
         matches!(&sent(&outs)[..], [Msg::PointAck(p)] if p.cycle == 6),
         "acknowledged only after the store recorded it: {outs:?}"
+    );
+}
+
+/// With a store that commits points on durable logs, the point sent with
+/// a log's last bytes is asked for as soon as the log is stored, beside
+/// its apply, and acknowledged before the apply ends.
+#[test]
+fn a_point_is_committed_once_its_log_is_durable_when_the_store_allows_it() {
+    let (mut r, stored) =
+        log_then_point_ahead_in(opened_with(receiver_with(true), 5, wire::PROTOCOL_VERSION));
+    r.handle(NOW, Event::Finished(StreamId(3)));
+    let outs = drain(|| r.poll());
+    assert_eq!(
+        commit_op(&outs, 6),
+        None,
+        "held: the log is not durable yet"
+    );
+    r.complete(NOW, stored, StoreDone::LogStored(Ok(LogStored::Stored)));
+    let outs = drain(|| r.poll());
+    assert!(
+        matches!(
+            &acks(&outs)[..],
+            [Ack {
+                cycle: 6,
+                durable: true,
+                applied: false,
+                ..
+            }]
+        ),
+        "{outs:?}"
+    );
+    let apply = apply_op(&outs).expect("the log is still applied");
+    let op = commit_op(&outs, 6).expect("asked once the log is durable");
+    r.complete(NOW, op, StoreDone::PointCommitted(Ok(true)));
+    let outs = drain(|| r.poll());
+    assert!(
+        matches!(&sent(&outs)[..], [Msg::PointAck(p)] if p.cycle == 6),
+        "acknowledged before the apply ended: {outs:?}"
+    );
+    r.complete(NOW, apply, StoreDone::LogApplied(Ok(())));
+    let outs = drain(|| r.poll());
+    assert!(
+        matches!(
+            &acks(&outs)[..],
+            [Ack {
+                cycle: 6,
+                applied: true,
+                ..
+            }]
+        ),
+        "{outs:?}"
+    );
+    assert_eq!(commit_op(&outs, 6), None, "committed once");
+}
+
+/// The same store refusing the point (a log between the replica and the
+/// point is missing): it is held while the disk's log is applied and asked
+/// again when the apply ends, not refused.
+#[test]
+fn a_point_the_store_does_not_find_durable_is_asked_again_after_the_apply() {
+    let (mut r, stored) =
+        log_then_point_ahead_in(opened_with(receiver_with(true), 5, wire::PROTOCOL_VERSION));
+    r.handle(NOW, Event::Finished(StreamId(3)));
+    r.complete(NOW, stored, StoreDone::LogStored(Ok(LogStored::Stored)));
+    let outs = drain(|| r.poll());
+    let apply = apply_op(&outs).expect("apply");
+    let op = commit_op(&outs, 6).expect("asked once durable");
+    r.complete(NOW, op, StoreDone::PointCommitted(Ok(false)));
+    let outs = drain(|| r.poll());
+    assert_eq!(refusal(&outs), None, "held, not refused: {outs:?}");
+    r.complete(NOW, apply, StoreDone::LogApplied(Ok(())));
+    let outs = drain(|| r.poll());
+    let op = commit_op(&outs, 6).expect("asked again once applied");
+    r.complete(NOW, op, StoreDone::PointCommitted(Ok(true)));
+    let outs = drain(|| r.poll());
+    assert!(
+        matches!(&sent(&outs)[..], [Msg::PointAck(p)] if p.cycle == 6),
+        "{outs:?}"
     );
 }
 
@@ -2594,6 +2684,7 @@ fn three_logs_between(version: u16, newest: u16) -> Result<(Vec<bool>, u64), Ses
         software_version: "t".into(),
         store_free: 0,
         newest_version: newest,
+        commit_stored: false,
     });
     let mut behind = Vec::new();
     let mut store = |a: &ReceiverAction| -> Option<(OpId, StoreDone)> {
