@@ -85,14 +85,13 @@ fn read_whole(data: &[u8]) {
     // The piece size varies with the input so that frame boundaries fall
     // inside reads at different places.
     let piece = 1 + data.first().map_or(0, |&b| b as usize % 13);
-    let streamed = vdrep::hrl::HrlReader::streaming(
-        Pieces { data, piece },
-        std::path::Path::new("<stream>"),
-    )
-    .and_then(vdrep::hrl::HrlReader::finish)
-    .is_ok();
+    let streamed =
+        vdrep::hrl::HrlReader::streaming(Pieces { data, piece }, std::path::Path::new("<stream>"))
+            .and_then(vdrep::hrl::HrlReader::finish)
+            .is_ok();
     assert_eq!(
-        whole, streamed,
+        whole,
+        streamed,
         "the streaming check and verify_bytes disagree on a {}-byte log",
         data.len()
     );

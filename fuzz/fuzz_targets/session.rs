@@ -164,12 +164,13 @@ impl Store {
     }
 }
 
-fn receiver(cmds: &[(u8, u64, &[u8])], open_first: bool) {
+fn receiver(cmds: &[(u8, u64, &[u8])], open_first: bool, commit_stored: bool) {
     let mut r = Receiver::new(ReceiverConfig {
         site_name: "secondary".into(),
         software_version: "fuzz".into(),
         store_free: 0,
         newest_version: vdrep::wire::PROTOCOL_VERSION,
+        commit_stored,
     });
     let mut store = Store {
         at: 5,
@@ -470,7 +471,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let cmds = commands(rest);
     if mode % 2 == 0 {
-        receiver(&cmds, mode & 2 != 0);
+        receiver(&cmds, mode & 2 != 0, mode & 4 != 0);
     } else {
         sender(&cmds);
     }
