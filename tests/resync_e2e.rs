@@ -357,7 +357,9 @@ fn threshold_switches_to_bitmap_only_and_keeps_history() {
     assert!(logs(&site) <= before);
     let _r = Receiver::start(&site, &addr);
     site.sync_ok();
-    let st = m.status_json();
+    let st = m.status_once(|st| {
+        st["disks"][0]["bitmap_only"] == false && st["replication"][0]["state"] == "Normal"
+    });
     assert_eq!(st["disks"][0]["bitmap_only"], false, "{st}");
     assert_eq!(st["replication"][0]["state"], "Normal", "{st}");
     same(&site.p("vm/t.img"), "raw", &site.replica("t.vhd"));
@@ -631,10 +633,11 @@ fn receiver_side_needs_resync_leads_to_checksum_resync() {
     site.sync_ok();
     site.sync_ok();
     let points_before = site.point_cycles();
+    // The last point's apply ends before the kill (`replica` waits for it).
+    let rep = site.replica("n.vhd");
     r.kill9();
     // Damage one block and mark the replica untrusted, as the failover
     // code does, through the store API (the receiver is down: its lock is free).
-    let rep = site.replica("n.vhd");
     std::fs::OpenOptions::new()
         .write(true)
         .open(&rep)

@@ -225,7 +225,7 @@ fn receiver_blip_is_retried_within_seconds_not_minutes() {
     stop.store(true, Ordering::Relaxed);
     assert!(writer.join().unwrap() > 0);
     vdrep_ok(&["sync", &s("vm"), "--timeout", "60"]);
-    let st = m.status_json();
+    let st = m.status_once(|st| st["replication"][0]["state"] == "Normal");
     assert_eq!(st["replication"][0]["state"], "Normal", "{st}");
     assert!(st["replication"][0]["retry_step"].is_null(), "{st}");
     assert_eq!(

@@ -428,7 +428,13 @@ fn churn_above_a_branch_link_rate_starves_no_vm_and_loses_nothing() {
     println!("hot drained in {:?}", t.elapsed());
     drop((hot, quiet));
     for (vm, disk) in [("hot", "hot"), ("quiet", "quiet")] {
-        let st = vm_status(&m, vm);
+        let by_vm = |st: &serde_json::Value| {
+            st["replication"]
+                .as_array()
+                .and_then(|a| a.iter().find(|v| v["vm"] == vm).cloned())
+                .unwrap_or_default()
+        };
+        let st = by_vm(&m.status_once(|st| by_vm(st)["state"] == "Normal"));
         assert_eq!(st["state"], "Normal", "the alert did not clear: {st}");
         let replica = site.replica(vm, &format!("{disk}.vhd"));
         assert_replica_equals(&root.join(format!("vm/{disk}.img")), &replica);

@@ -1613,7 +1613,9 @@ mod tests {
             })
         };
         let t0 = std::time::Instant::now();
-        while !opener.is_finished() && fs.calls(Op::Apply) < 2 {
+        // The opening reaches the store (its drain, or an apply, waits
+        // for the paused one's lock) or answers.
+        while !opener.is_finished() && fs.calls(Op::Apply) < 2 && fs.calls(Op::Drain) < 1 {
             assert!(t0.elapsed() < Duration::from_secs(30), "the opening hangs");
             std::thread::sleep(Duration::from_millis(2));
         }

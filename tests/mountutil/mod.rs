@@ -109,6 +109,22 @@ impl Mounted {
         serde_json::from_str(&vdrep_ok(&["status", "--json", self.dir.to_str().unwrap()])).unwrap()
     }
 
+    /// `status --json` once `settled` holds for it (asked again for at
+    /// most 30 s; the last one is returned either way, for the caller's
+    /// assertion). `vdrep sync` returns once the receiver committed its
+    /// point, on durable logs; the sender counts a log as pending until
+    /// the receiver's `applied` acknowledgement, a moment later.
+    pub fn status_once(&self, settled: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let t0 = std::time::Instant::now();
+        loop {
+            let st = self.status_json();
+            if settled(&st) || t0.elapsed() > std::time::Duration::from_secs(30) {
+                return st;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     pub fn umount(&mut self) {
         vdrep_ok(&["umount", self.dir.to_str().unwrap()]);
         self.mounted = false;
@@ -424,13 +440,32 @@ fn assert_rings_pinned(m: &Mounted) {
     let possible = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
     let queues = cpu_list(&possible).into_iter().max().unwrap() + 1;
     let usable = allowed_cpus("self");
+    // The status says `uring` once the rings are registered; their threads
+    // are spawned when the session starts serving, which a loaded host may
+    // delay (CI saw 0 threads): wait for them (up to 10 s), then check.
+    let ring_threads = || -> Vec<(String, String)> {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|t| {
+                        let tid = t.file_name().into_string().ok()?;
+                        let comm =
+                            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok()?;
+                        comm.trim()
+                            .starts_with("fuse-ring-")
+                            .then(|| (tid, comm.trim().to_string()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let t0 = std::time::Instant::now();
+    while ring_threads().len() < queues && t0.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let mut rings = 0;
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let tid = t.unwrap().file_name().into_string().unwrap();
-        let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")) else {
-            continue;
-        };
-        let Some(i) = comm.trim().strip_prefix("fuse-ring-") else {
+    for (tid, comm) in ring_threads() {
+        let Some(i) = comm.strip_prefix("fuse-ring-") else {
             continue;
         };
         rings += 1;
@@ -449,8 +484,7 @@ fn assert_rings_pinned(m: &Mounted) {
             assert_eq!(
                 allowed_cpus(&task),
                 vec![cpu],
-                "ring thread {} serves queue {cpu}: it must run on CPU {cpu} only",
-                comm.trim()
+                "ring thread {comm} serves queue {cpu}: it must run on CPU {cpu} only"
             );
         }
     }
