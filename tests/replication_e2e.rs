@@ -251,7 +251,7 @@ fn sync_makes_replicas_equal_to_sources() {
         &[site.s("vm/disk.vhd").as_str(), rv.to_str().unwrap()],
     );
     same(&site.p("vm/data.img"), "raw", &site.replica("data.vhd"));
-    let st = m.status_json();
+    let st = m.status_once(|st| st["replication"][0]["state"] == "Normal");
     assert_eq!(st["replication"][0]["state"], "Normal", "{st}");
     // Every point holds both disks (one cut per point).
     for p in site.points()["points"].as_array().unwrap() {
@@ -979,8 +979,7 @@ fn threshold_after_an_unacknowledged_apply(restart: bool) {
     }
     sync_ok(&site);
     same(&site.p("vm/data.img"), "raw", &site.replica("data.vhd"));
-    let st: serde_json::Value =
-        serde_json::from_str(&vdrep_ok(&["status", &site.s("vm"), "--json"])).unwrap();
+    let st = m.status_once(|st| st["replication"][0]["state"] == "Normal");
     let vm = &st["replication"][0];
     assert_eq!(vm["state"], "Normal", "{st}");
     assert!(
@@ -1094,7 +1093,7 @@ fn a_sender_replicates_to_an_older_receiver_in_its_protocol() {
     drop(f);
     sync_ok(&site);
     same(&site.p("vm/d.img"), "raw", &site.replica("d.vhd"));
-    let st = m.status_json();
+    let st = m.status_once(|st| st["replication"][0]["state"] == "Normal");
     let vm = &st["replication"][0];
     assert_eq!(vm["protocol"], 7, "{st}");
     assert_eq!(vm["state"], "Normal", "{st}");

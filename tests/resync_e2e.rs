@@ -273,7 +273,7 @@ fn verify_reports_and_resync_repairs_exactly_the_damaged_blocks() {
         assert!(points_after.contains(p), "point {p} lost: {points_after:?}");
     }
     assert!(points_after.len() > points_before.len());
-    let st = m.status_json();
+    let st = m.status_once(|st| st["replication"][0]["state"] == "Normal");
     assert_eq!(st["replication"][0]["state"], "Normal", "{st}");
     m.umount();
 }
@@ -518,7 +518,9 @@ fn resync_interrupted_by_mount_daemon_kill_resumes() {
     write_block((30 << 20) + 4096, 0x53);
     write_block(100 << 20, 0x54);
     site.sync_ok();
-    let st = m.status_json();
+    let st = m.status_once(|st| {
+        !st["replication"][0]["last_resync"].is_null() && st["replication"][0]["state"] == "Normal"
+    });
     let rs = &st["replication"][0]["last_resync"];
     let total = 65536u64;
     let compared = rs["blocks_compared"].as_u64().unwrap_or(0);
@@ -591,7 +593,9 @@ fn unclean_stop_is_healed_by_checksum_resync() {
     assert_eq!(st["disks"][0]["state"]["state"], "ResyncRequired", "{st}");
     site.sync_ok();
     same(&site.p("vm/u.img"), "raw", &site.replica("u.vhd"));
-    let st = m.status_json();
+    let st = m.status_once(|st| {
+        !st["replication"][0]["last_resync"].is_null() && st["replication"][0]["state"] == "Normal"
+    });
     let rep = &st["replication"][0];
     assert_eq!(st["disks"][0]["state"]["state"], "Normal", "{st}");
     assert_eq!(rep["state"], "Normal", "{st}");
@@ -658,7 +662,9 @@ fn receiver_side_needs_resync_leads_to_checksum_resync() {
     }
     let _r = Receiver::start(&site, &addr);
     site.sync_ok();
-    let st = m.status_json();
+    let st = m.status_once(|st| {
+        !st["replication"][0]["last_resync"].is_null() && st["replication"][0]["state"] == "Normal"
+    });
     let rs = &st["replication"][0]["last_resync"];
     assert_eq!(rs["mode"], "resync", "{st}");
     assert_eq!(rs["blocks_sent"], 1, "{st}");
@@ -930,8 +936,9 @@ fn a_lost_replica_is_copied_whole_and_the_other_disk_only_resynced() {
     site.sync_ok();
     let before = site.point_cycles();
     assert!(before.len() >= 2, "{before:?}");
-    r.kill9();
+    // The last point's applies end before the kill (`replica` waits).
     let (rep_a, rep_b) = (site.replica("a.vhd"), site.replica("b.vhd"));
+    r.kill9();
     let (dir_a, dir_b) = (rep_a.parent().unwrap(), rep_b.parent().unwrap());
     let undo_b: Vec<_> = std::fs::read_dir(dir_b.join("undo"))
         .unwrap()
@@ -964,7 +971,9 @@ fn a_lost_replica_is_copied_whole_and_the_other_disk_only_resynced() {
     let mut m = site.mount();
     let _r = Receiver::start(&site, &addr);
     site.sync_ok();
-    let st = m.status_json();
+    let st = m.status_once(|st| {
+        !st["replication"][0]["last_resync"].is_null() && st["replication"][0]["state"] == "Normal"
+    });
     let v = &st["replication"][0];
     assert_eq!(
         v["initial_total"],

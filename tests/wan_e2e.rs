@@ -118,7 +118,7 @@ fn replication_converges_through_a_lossy_long_link() {
         started.elapsed()
     );
     drop((fa, fb));
-    let st = m.status_json();
+    let st = m.status_once(|st| st["replication"][0]["state"] == "Normal");
     assert_eq!(st["replication"][0]["state"], "Normal", "{st}");
     assert_replica_equals(&root.join("vm/a.img"), &site.replica("vm1", "a.vhd"));
     assert_replica_equals(&root.join("vm/b.img"), &site.replica("vm1", "b.vhd"));
