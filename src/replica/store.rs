@@ -2110,28 +2110,7 @@ impl Site<'_> {
                 }
                 continue;
             }
-            if rc == cycle {
-                // Also while the next cycle is being applied: its undo
-                // record, published before the state said `applying`, keeps
-                // this cycle readable, and the apply's end (or its roll
-                // back) leaves it so.
-                time = time.max(st.cycle_time_ns);
-            } else {
-                let rec = self
-                    .undo_records(&p)
-                    .into_iter()
-                    .find(|(b, _, _)| *b == cycle);
-                let Some((_, _, n)) = rec else {
-                    return Err(StoreError::NoSuchPoint {
-                        ctx: p.ctx.clone(),
-                        cycle,
-                        what: format!("this disk went from an earlier cycle past {cycle} (replica at {rc}): no consistent point can be made there"),
-                    });
-                };
-                let l = UndoLayer::open(&p.undo.join(n))
-                    .map_err(|e| hrl_err(&p.ctx, &self.store.root, "reading history", cycle, e))?;
-                time = time.max(l.header.cut_unix_ns);
-            }
+            time = time.max(self.reached_time(&p, &st, rc, cycle)?);
         }
         let vctx = self.ctx(vm, "");
         if let Some(pt) = self.find_point(&vctx, &vmd, cycle)? {
@@ -2149,6 +2128,32 @@ impl Site<'_> {
         self.store.step("point-before-commit");
         self.add_point(&vctx, &vmd, pt.clone())?;
         Ok(Some(pt))
+    }
+
+    /// The cut time of `cycle` for a disk whose replica reached it (state
+    /// `st` at cycle `rc >= cycle`): at `cycle` itself (also while the next
+    /// cycle is being applied: its undo record, published before the state
+    /// said `applying`, keeps this cycle readable, and the apply's end, or
+    /// its roll back, leaves it so), or past it with an undo record based
+    /// on it.
+    fn reached_time(&self, p: &DiskPaths, st: &ReplicaState, rc: u64, cycle: u64) -> Result<u64> {
+        if rc == cycle {
+            return Ok(st.cycle_time_ns);
+        }
+        let rec = self
+            .undo_records(p)
+            .into_iter()
+            .find(|(b, _, _)| *b == cycle);
+        let Some((_, _, n)) = rec else {
+            return Err(StoreError::NoSuchPoint {
+                ctx: p.ctx.clone(),
+                cycle,
+                what: format!("this disk went from an earlier cycle past {cycle} (replica at {rc}): no consistent point can be made there"),
+            });
+        };
+        let l = UndoLayer::open(&p.undo.join(n))
+            .map_err(|e| hrl_err(&p.ctx, &self.store.root, "reading history", cycle, e))?;
+        Ok(l.header.cut_unix_ns)
     }
 
     /// The cut time of `cycle` if the disk's durable logs in `incoming/`
@@ -2176,9 +2181,9 @@ impl Site<'_> {
             let Some(c) = again.cycle.filter(|_| again.initial_offset.is_none()) else {
                 return Ok(None);
             };
-            if c >= cycle && again.applying.is_none() {
+            if c >= cycle {
                 // Applied meanwhile.
-                return Ok(Some(again.cycle_time_ns));
+                return self.reached_time(p, &again, c, cycle).map(Some);
             }
             (st, rc) = (again, c);
         }
