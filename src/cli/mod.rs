@@ -340,7 +340,8 @@ pub enum Cmd {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
-    /// Force a cut now and wait until the receiver durably applied it.
+    /// Force a cut now and wait until the receiver holds it durably as a
+    /// recovery point (its logs stored; the receiver applies them right after).
     /// TARGET is a VM name or a mounted folder (all its VMs).
     Sync {
         /// A VM name, or a mounted folder (every VM protected from it).

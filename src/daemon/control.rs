@@ -45,7 +45,7 @@ pub enum Request {
     Unprotect {
         vm: String,
     },
-    /// Cut now and wait until the receiver applied it (all VMs if `None`).
+    /// Cut now and wait until the receiver committed its point (all VMs if `None`).
     Sync {
         vm: Option<String>,
         timeout_secs: u64,

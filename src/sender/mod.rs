@@ -898,8 +898,10 @@ impl Replicator {
         out
     }
 
-    /// Cut now and wait until the receiver has durably applied a point at
-    /// least that new (or `timeout` passes, or the VM is Critical).
+    /// Cut now and wait until the receiver has committed a point at least
+    /// that new, durably (its logs stored; a store that commits durable
+    /// logs applies them right after), or `timeout` passes, or the VM is
+    /// Critical.
     pub fn sync(&self, vm: &str, timeout: Duration) -> Result<u64, SendError> {
         let v = self.vm(vm)?;
         if v.status.lock().state == VmState::Critical {

@@ -9,7 +9,8 @@
 //! [`SenderAction::InitialApplied`]. Once every disk of the VM reached a
 //! cycle, or sent all of its transfer of it, the session commits that
 //! recovery point by itself ([`SenderAction::PointCommitted`]; the
-//! receiver holds the commit until every disk is applied there): a point
+//! receiver holds the commit until every disk is applied there, or only
+//! durable with a store that commits durable logs): a point
 //! is never committed for only some of the VM's disks. A request unanswered for `timeout_ns` closes the
 //! session.
 
@@ -39,7 +40,8 @@ pub struct SenderConfig {
     pub chunk_size: usize,
     /// Send a point's `PointCommit` as soon as every disk has sent all of
     /// its transfer of the cycle, a log or an initial copy (the receiver
-    /// holds it until they are applied, a copy finished and durable), not
+    /// holds it until they are applied, or only durable with a store that
+    /// commits durable logs, a copy finished and durable), not
     /// after their `Ack`s: one round trip less per point.
     /// `false` only to measure the difference.
     pub commit_ahead: bool,
