@@ -1432,11 +1432,17 @@ impl Site<'_> {
         let p = self.disk(vm, disk_id, false)?;
         let _g = self.store.lock(&p.dir);
         self.check_replicating(vm)?;
-        self.drain_locked(&p, upto)
+        self.drain_locked(&p, upto, &mut |_| {})
     }
 
-    /// [`Site::drain`] with the disk's lock held.
-    fn drain_locked(&self, p: &DiskPaths, upto: Option<u64>) -> Result<u64> {
+    /// [`Site::drain`] with the disk's lock held; `applied` hears each
+    /// cycle applied (also when a later one fails).
+    fn drain_locked(
+        &self,
+        p: &DiskPaths,
+        upto: Option<u64>,
+        applied: &mut dyn FnMut(u64),
+    ) -> Result<u64> {
         let st = self.state_or_unknown(p)?;
         let Some(mut rc) = st.cycle.filter(|_| st.initial_offset.is_none()) else {
             return Ok(st.cycle.unwrap_or(0));
@@ -1453,7 +1459,10 @@ impl Site<'_> {
                 .find(|(c, _)| *c > rc && upto.is_none_or(|u| *c <= u));
             let Some((c, _)) = next else { break };
             match self.apply_locked(p, c) {
-                Ok(_) => rc = c,
+                Ok(_) => {
+                    applied(c);
+                    rc = c;
+                }
                 // The next log is not based on the replica's cycle: a gap.
                 Err(StoreError::OutOfOrder { .. }) => break,
                 Err(e) => return Err(e),
@@ -1837,18 +1846,19 @@ impl Site<'_> {
             }
         }
         // Apply the durable logs that chain on.
-        loop {
-            let next = self.incoming_logs(&p).into_iter().find(|(c, _)| *c > rc);
-            let Some((c, _)) = next else { break };
-            match self.apply_locked(&p, c) {
-                Ok(_) => {
-                    rep.actions
-                        .push(format!("{what}: applied durable log of cycle {c}"));
-                    rc = c;
-                }
-                Err(e) => {
-                    rep.errors.push(e.to_string());
-                    break;
+        let mut applied = Vec::new();
+        let drained = self.drain_locked(&p, None, &mut |c| applied.push(c));
+        for c in applied {
+            rep.actions
+                .push(format!("{what}: applied durable log of cycle {c}"));
+        }
+        match drained {
+            Err(e) => rep.errors.push(e.to_string()),
+            Ok(rc) => {
+                if let Some((c, _)) = self.incoming_logs(&p).into_iter().find(|(c, _)| *c > rc) {
+                    rep.errors.push(format!(
+                        "{what}: the durable log of cycle {c} does not chain onto the replica's cycle {rc}; it stays until the sender sends the cycles between, or the disk is resynced"
+                    ));
                 }
             }
         }
@@ -2372,7 +2382,7 @@ impl Site<'_> {
         if st.initial_offset.is_none() && (st.applying.is_some() || st.cycle.unwrap_or(0) < cycle) {
             // A point is committed once its logs are durable: apply them
             // (and nothing newer) before reading it.
-            self.drain_locked(&p, Some(cycle))?;
+            self.drain_locked(&p, Some(cycle), &mut |_| {})?;
             st = self.state_or_unknown(&p)?;
         }
         let rc = st.cycle.unwrap_or(0);

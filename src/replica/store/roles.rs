@@ -243,7 +243,7 @@ impl Site<'_> {
                 }
                 let p = self.disk(vm, &id, false)?;
                 let _g = self.store.lock(&p.dir);
-                let rc = self.drain_locked(&p, Some(pt.cycle))?;
+                let rc = self.drain_locked(&p, Some(pt.cycle), &mut |_| {})?;
                 if rc < pt.cycle {
                     return Err(StoreError::NotReady {
                         ctx: p.ctx.clone(),
