@@ -1035,3 +1035,97 @@ fn saved_resync_progress(dir: &Path) -> u64 {
         .max()
         .unwrap_or(0)
 }
+
+/// The replica's applied cycle, from its `state.json` (read directly: a
+/// test's view of what the store applied, not of what it committed).
+fn applied_cycle(disk_dir: &Path) -> u64 {
+    let b = std::fs::read(disk_dir.join("state.json")).unwrap();
+    let st: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    st["cycle"].as_u64().unwrap_or(0)
+}
+
+/// Every apply at the receiver waits 10 s (`VDREP_STALL_AT=before-apply`,
+/// a slow replica disk): a recovery point is committed once its logs are
+/// durable, so neither a resync, nor a `sync`, nor the sender's status
+/// waits for the apply. The resync returns with its point committed and
+/// its log not applied yet (it used to wait for the apply), and right
+/// after either, the status counts nothing pending (the log is at the
+/// receiver; the sender keeps it until applied, to resend it). Then the
+/// applies finish and the replica is verified equal to the source.
+#[test]
+fn a_slow_apply_holds_neither_resync_nor_sync_nor_the_status() {
+    require_fuse!();
+    let site = Site::new("rs-slow-apply");
+    random_file(&site.p("vm/s.img"), 16 << 20, 31);
+    let mut m = site.mount();
+    let r = Receiver::spawn(
+        "127.0.0.1:0",
+        &site.p("store"),
+        &site.p("kb"),
+        &site.p("ka/site-a.crt"),
+        &[],
+        &[
+            ("VDREP_STALL_AT", "before-apply"),
+            ("VDREP_STALL_MS", "10000"),
+        ],
+    );
+    site.protect(&r, &["s.img"], &[]);
+    // The initial copy is finished without an apply.
+    site.sync_ok();
+    let rep = site.replica("s.vhd");
+    let disk_dir = rep.parent().unwrap().to_path_buf();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&rep)
+        .unwrap();
+    for b in [7u64, 300, 3001] {
+        f.write_all_at(&[0xa5; 64], b * 4096 + 100).unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    let before = site.point_cycles();
+    let rs = site.resync();
+    assert_eq!(rs["blocks_sent"], 3, "{rs}");
+    let after = site.point_cycles();
+    let newest = *after.iter().max().unwrap();
+    assert!(
+        newest > *before.iter().max().unwrap(),
+        "no point for the resync: {before:?} -> {after:?}"
+    );
+    let at = applied_cycle(&disk_dir);
+    assert!(
+        at < newest,
+        "the resync returned only after its log was applied (replica at {at}, point {newest})"
+    );
+    let st = m.status_json();
+    let rep_st = &st["replication"][0];
+    assert_eq!(rep_st["last_resync"]["mode"], "resync", "{st}");
+    assert_eq!(rep_st["bytes_pending"], 0, "{st}");
+    // New writes through the mount, then a sync: right after it, nothing
+    // is pending though the apply of its log is still to come.
+    let src = std::fs::OpenOptions::new()
+        .write(true)
+        .open(site.p("vm/s.img"))
+        .unwrap();
+    src.write_all_at(&vec![0x3c; 1 << 20], 4 << 20).unwrap();
+    src.sync_all().unwrap();
+    drop(src);
+    site.sync_ok();
+    let newest = *site.point_cycles().iter().max().unwrap();
+    let at = applied_cycle(&disk_dir);
+    assert!(
+        at < newest,
+        "the sync's log was applied already ({at}, {newest}): the check below proves nothing"
+    );
+    let st = m.status_json();
+    let rep_st = &st["replication"][0];
+    assert_eq!(rep_st["bytes_pending"], 0, "{st}");
+    assert_eq!(rep_st["state"], "Normal", "{st}");
+    assert!(rep_st["bitmap_only"].as_array().unwrap().is_empty(), "{st}");
+    // The applies finish; the replica is the source.
+    let (code, v) = site.verify();
+    assert_eq!(code, 0, "differs after the applies: {v}");
+    same(&site.p("vm/s.img"), "raw", &site.replica("s.vhd"));
+    m.umount();
+}

@@ -44,6 +44,14 @@ type Result<T> = std::result::Result<T, StoreError>;
 /// The environment variable naming a crash step (tests only).
 pub const CRASH_AT_ENV: &str = "VDREP_CRASH_AT";
 
+/// The environment variable naming a step `before-<op>` / `after-<op>` at
+/// which every call waits [`STALL_MS_ENV`] milliseconds (tests only: an
+/// apply that takes long, without timing anything).
+pub const STALL_AT_ENV: &str = "VDREP_STALL_AT";
+
+/// How long a [`STALL_AT_ENV`] step waits, in milliseconds (default 60 s).
+pub const STALL_MS_ENV: &str = "VDREP_STALL_MS";
+
 /// The hook for crash steps inside one store operation (see the module
 /// documentation): aborts the process if `VDREP_CRASH_AT` equals `step`.
 pub(crate) fn crash_point(step: &str) {
@@ -251,6 +259,9 @@ pub enum Fault {
     Crash,
     /// Abort the process (what `kill -9` does), for process-level tests.
     Abort,
+    /// Wait this many milliseconds, then go on (a slow disk or a long
+    /// apply, for process-level tests: `VDREP_STALL_AT`).
+    Stall(u64),
 }
 
 /// One failure rule of a [`FailStore`].
@@ -301,20 +312,33 @@ impl FailStore {
     /// `inner` as is, or wrapped to abort at the `before-<op>` /
     /// `after-<op>` step `VDREP_CRASH_AT` names (the first such call).
     pub fn from_env(inner: Arc<dyn ReplicaStore>) -> Arc<dyn ReplicaStore> {
+        let mut rules = Vec::new();
         let step = std::env::var(CRASH_AT_ENV).ok();
-        match step.as_deref().and_then(When::parse_step) {
-            Some((when, op)) => Arc::new(FailStore::new(
-                inner,
-                vec![Rule {
-                    op,
-                    when,
-                    trigger: Trigger::Nth(1),
-                    fault: Fault::Abort,
-                }],
-                0,
-            )),
-            None => inner,
+        if let Some((when, op)) = step.as_deref().and_then(When::parse_step) {
+            rules.push(Rule {
+                op,
+                when,
+                trigger: Trigger::Nth(1),
+                fault: Fault::Abort,
+            });
         }
+        let stall = std::env::var(STALL_AT_ENV).ok();
+        if let Some((when, op)) = stall.as_deref().and_then(When::parse_step) {
+            let ms = std::env::var(STALL_MS_ENV)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(60_000);
+            rules.push(Rule {
+                op,
+                when,
+                trigger: Trigger::PerMillion(1_000_000),
+                fault: Fault::Stall(ms),
+            });
+        }
+        if rules.is_empty() {
+            return inner;
+        }
+        Arc::new(FailStore::new(inner, rules, 0))
     }
 
     /// The failures injected so far, oldest first.
@@ -390,6 +414,11 @@ impl FailStore {
                 };
                 eprintln!("vdrep: {CRASH_AT_ENV}={w}-{}: aborting", op.name());
                 std::process::abort();
+            }
+            Fault::Stall(ms) => {
+                drop(st);
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                Ok(inner)
             }
         }
     }

@@ -505,6 +505,15 @@ impl Link {
         self.session.all_sent()
     }
 
+    /// Every log submitted is durable at the receiver and every point of
+    /// their cycles committed; only applies are outstanding
+    /// ([`crate::wire::session::Sender::settled`]), and the driver has
+    /// taken every note (a `LogDurable` it must count).
+    pub(super) fn settled(&mut self) -> bool {
+        self.flush();
+        self.notes.is_empty() && self.session.settled()
+    }
+
     /// The log of `disk_id` at `cycle` is submitted and not yet applied.
     pub(super) fn in_flight(&self, disk_id: &DiskId, cycle: u64) -> bool {
         self.sources.contains_key(&(*disk_id, cycle))
@@ -874,6 +883,9 @@ impl Link {
                     s.bytes_sent += len;
                     s.throughput_bps = len as f64 / since.elapsed().as_secs_f64().max(1e-6);
                 }
+                // The driver counts it delivered (no longer pending).
+                self.notes
+                    .push_back(SenderAction::LogDurable { disk_id, cycle });
             }
             SenderAction::LogApplied { disk_id, cycle } => {
                 if let Some((Source::Log(log), since)) = self.sources.remove(&(disk_id, cycle)) {

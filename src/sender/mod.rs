@@ -1409,6 +1409,10 @@ impl Replicator {
         vm: &Arc<Vm>,
         link: &mut Link,
     ) -> Result<HashMap<String, wire::DiskState>, SendError> {
+        // What the receiver holds is what it says now.
+        for d in &vm.spec.disks {
+            self.tracker.forget_delivered(d);
+        }
         Ok(Self::by_name(vm, link.reopen().await?))
     }
 
@@ -1497,6 +1501,10 @@ impl Replicator {
     async fn session(&self, vm: &Arc<Vm>) -> Result<(), SendError> {
         let spec = &vm.spec;
         crate::util::phase::step("session_start", &spec.vm);
+        // A new connection: the receiver says what it holds.
+        for d in &spec.disks {
+            self.tracker.forget_delivered(d);
+        }
         let last_point = vm.status.lock().last_point.unwrap_or(0);
         let shaper = Arc::new(Shaper::new(spec.max_rate, self.link_share(spec)));
         // `protect`'s session, if it is still up (it said what this one
@@ -1667,7 +1675,7 @@ impl Replicator {
         loop {
             // A cycle still in flight (pipelined): finish it unless the
             // next cut is due now.
-            self.drive(vm, link, true).await?;
+            self.drive(vm, link, Until::NextCut).await?;
             if vm.stop.load(std::sync::atomic::Ordering::SeqCst) {
                 link.close(b"unprotected");
                 return Ok(());
@@ -1724,7 +1732,7 @@ impl Replicator {
             if let Some(prev) = last_cut.replace(started) {
                 crate::util::phase::done("cycle_period", &spec.vm, prev);
             }
-            self.cut_and_ship(vm, link, true).await?;
+            self.cut_and_ship(vm, link, Until::NextCut).await?;
             if spec.every_secs > 0 {
                 next_cut = (started + every).max(next_cut);
             }
@@ -1757,7 +1765,7 @@ impl Replicator {
         };
         if kind == 0 {
             // Everything shipped first, then every disk compared.
-            self.cut_and_ship(vm, link, false).await?;
+            self.cut_and_ship(vm, link, Until::Applied).await?;
             let replica = self.open_disks(vm, link).await?;
             let disks = vm.spec.disks.clone();
             self.resync(vm, link, &replica, &disks).await?;
@@ -1791,7 +1799,7 @@ impl Replicator {
         vm: &Arc<Vm>,
         link: &mut Link,
     ) -> Result<Vec<VerifyDisk>, SendError> {
-        self.cut_and_ship(vm, link, false).await?;
+        self.cut_and_ship(vm, link, Until::Applied).await?;
         let replica = self.open_disks(vm, link).await?;
         let spec = vm.spec.clone();
         let tracker = self.tracker.clone();
@@ -1862,13 +1870,12 @@ impl Replicator {
 
     /// Flush the kernel cache, seal the VM's disks at one instant, write
     /// their logs and ship them.
-    /// With `pipeline`, it may return once the cycle is sent, before it is
-    /// acknowledged ([`Self::drive`]).
+    /// It returns as `until` says ([`Self::drive`]).
     async fn cut_and_ship(
         &self,
         vm: &Arc<Vm>,
         link: &mut Link,
-        pipeline: bool,
+        until: Until,
     ) -> Result<(), SendError> {
         let tracker = self.tracker.clone();
         let flush = self.flush.clone();
@@ -1902,7 +1909,7 @@ impl Replicator {
             self.note_domain(vm, link, cycle).await;
         }
         let replica: HashMap<String, wire::DiskState> = HashMap::new();
-        self.ship_logs(vm, link, &replica, pipeline).await?;
+        self.ship_logs(vm, link, &replica, until).await?;
         // Committed: only the newest definition is still needed (a cycle
         // still in flight may need its own again after a reconnect).
         if link.is_idle() {
@@ -1920,7 +1927,8 @@ impl Replicator {
         if let Some(cycle) = newest {
             self.note_domain(vm, link, cycle).await;
         }
-        self.ship_logs(vm, link, &HashMap::new(), true).await?;
+        self.ship_logs(vm, link, &HashMap::new(), Until::NextCut)
+            .await?;
         if link.is_idle() {
             let done = vm.status.lock().last_point.unwrap_or(0);
             vm.group_cycles.lock().retain(|c, _| *c > done);
@@ -1983,13 +1991,13 @@ impl Replicator {
         link: &mut Link,
         replica: &HashMap<String, wire::DiskState>,
     ) -> Result<(), SendError> {
-        self.ship_logs(vm, link, replica, false).await
+        self.ship_logs(vm, link, replica, Until::Applied).await
     }
 
     /// Ship every sealed log of the VM's disks, oldest cycle first (the
     /// session runs one log per disk at a time, in order, and commits each
-    /// cycle that every disk reached), and wait until all are applied and
-    /// their points committed (with `pipeline`, see [`Self::drive`]). Logs
+    /// cycle that every disk reached), and wait as `until` says
+    /// ([`Self::drive`]). Logs
     /// already in flight on `link` are not submitted again. A damaged log
     /// stops the submitting: what was submitted before it still ships, then
     /// the disk is resynced.
@@ -1998,7 +2006,7 @@ impl Replicator {
         vm: &Arc<Vm>,
         link: &mut Link,
         replica: &HashMap<String, wire::DiskState>,
-        pipeline: bool,
+        until: Until,
     ) -> Result<(), SendError> {
         let spec = &vm.spec;
         let mut by_cycle: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
@@ -2058,7 +2066,12 @@ impl Replicator {
                 link.submit_log(begin, log, app)?;
             }
         }
-        self.drive(vm, link, pipeline && damaged.is_none()).await?;
+        let until = if damaged.is_some() {
+            Until::Applied
+        } else {
+            until
+        };
+        self.drive(vm, link, until).await?;
         damaged.map_or(Ok(()), Err)
     }
 
@@ -2079,16 +2092,22 @@ impl Replicator {
     }
 
     /// Drive `link` until everything submitted is applied and its points
-    /// committed. With `pipeline`, return as soon as every submitted byte
-    /// is sent and the next cut is due ([`Self::cut_due_now`]): the caller
+    /// committed ([`Until::Applied`]), or only durable and committed
+    /// ([`Until::Committed`]). With [`Until::NextCut`], return as soon as
+    /// every submitted byte is sent and the next cut is due
+    /// ([`Self::cut_due_now`]): the caller
     /// cuts that cycle and submits its logs behind these, so its transfer
     /// starts at once (protocol 7: the session sends a disk's next log
     /// behind the one being applied) instead of a cut later (the receiver
     /// applies each disk's logs in order, one at a time, and the session
     /// commits points in cycle order: consistency and the durability order
     /// are those of one cycle at a time).
-    async fn drive(&self, vm: &Arc<Vm>, link: &mut Link, pipeline: bool) -> Result<(), SendError> {
+    async fn drive(&self, vm: &Arc<Vm>, link: &mut Link, until: Until) -> Result<(), SendError> {
+        let pipeline = until == Until::NextCut;
         while !link.is_idle() {
+            if until == Until::Committed && link.settled() {
+                return Ok(());
+            }
             let waiting = pipeline && link.all_sent();
             if waiting && self.cut_due_now(vm) {
                 return Ok(());
@@ -2104,6 +2123,19 @@ impl Replicator {
                 link.next().await?
             };
             match action {
+                SenderAction::LogDurable { disk_id, cycle } => {
+                    // At the receiver: no longer pending here, and once
+                    // all of a bitmap-only disk's backlog is there, logs
+                    // again (the logs stay until applied, to be resent).
+                    if let Some(d) = self.disk_of_id(&disk_id) {
+                        self.tracker.note_delivered(&d, cycle);
+                        if self.tracker.bitmap_only(&d)
+                            && self.tracker.pending_cycles(&d).iter().all(|c| *c <= cycle)
+                        {
+                            self.tracker.clear_bitmap_only(&d);
+                        }
+                    }
+                }
                 SenderAction::LogApplied { disk_id, .. } => {
                     // Its changes are at the receiver: logs again.
                     if let Some(d) = self.disk_of_id(&disk_id) {
@@ -2319,6 +2351,21 @@ impl Replicator {
         }
         Ok(())
     }
+}
+
+/// How long [`Sender::drive`] drives a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Until {
+    /// Every job submitted ended (applied at the receiver) and the points
+    /// due are committed.
+    Applied,
+    /// Every log submitted is durable at the receiver and the points due
+    /// are committed (with a store that commits durable logs; else as
+    /// [`Until::Applied`]): what a resync waits for, as `vdrep sync` does.
+    Committed,
+    /// As [`Until::Applied`], or sooner: once every byte is sent and the
+    /// next cut is due (pipelined cycles).
+    NextCut,
 }
 
 /// What the app hook did around one cut.

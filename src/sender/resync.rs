@@ -313,11 +313,14 @@ impl super::Replicator {
         }
         result?;
         let compare_secs = t_compare.elapsed().as_secs_f64();
-        // 6. Ship the cycle (and commit the point).
+        // 6. Ship the cycle and commit its point: the resync is done once
+        // the point is (its logs durable there; applied next, by the
+        // steady loop, as after a `vdrep sync`).
         let t_ship = Instant::now();
-        self.ship_pending(vm, link, &HashMap::new()).await?;
+        self.ship_logs(vm, link, &HashMap::new(), super::Until::Committed)
+            .await?;
         tracing::info!(vm = %spec.vm, cycle,
-            "resync timing: prepare (ship pending, cut) {prepare_secs:.3}s, compare {compare_secs:.3}s, ship+apply+commit {:.3}s",
+            "resync timing: prepare (ship pending, cut) {prepare_secs:.3}s, compare {compare_secs:.3}s, ship+store+commit {:.3}s",
             t_ship.elapsed().as_secs_f64());
         let mut s = vm.status.lock();
         if let Some(r) = s.resync.take() {

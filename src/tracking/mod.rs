@@ -704,6 +704,7 @@ impl Tracker {
                 let n = logs.len().min(LOGS_IN_FLIGHT_PER_DISK);
                 logs.get(n.wrapping_sub(1)).map_or(0, |(c, _)| *c).into()
             },
+            delivered: 0.into(),
             al,
             preimage: Mutex::new(self.open_preimage(&meta.folder, &key)),
             written: 0.into(),
@@ -1398,10 +1399,14 @@ impl Tracker {
             .is_some_and(|d| d.meta.lock().bitmap_only)
     }
 
-    /// Bytes of sealed logs of the disk not yet shipped.
+    /// Bytes of sealed logs of the disk the receiver does not hold yet
+    /// (logs it stored durably, [`Tracker::note_delivered`], are not
+    /// counted, though kept until applied).
     pub fn pending_log_bytes(&self, name: &str) -> u64 {
+        let delivered = self.delivered(name);
         self.log_files(name)
             .iter()
+            .filter(|(c, _)| *c > delivered)
             .filter_map(|(_, rel)| std::fs::metadata(self.private(rel)).ok())
             .map(|m| m.len())
             .sum()
@@ -1418,6 +1423,35 @@ impl Tracker {
             d.submitted
                 .fetch_max(cycle, std::sync::atomic::Ordering::SeqCst);
         }
+    }
+
+    /// The receiver holds the disk's logs up to `cycle` durably (its point
+    /// may be committed; the apply is still to come): they are kept until
+    /// applied, so that they can be sent again, but no longer count as
+    /// pending ([`Tracker::pending_log_bytes`]). In memory, for this
+    /// connection: [`Tracker::forget_delivered`] when a session opens the
+    /// disk again (the receiver then says where its replica is).
+    pub fn note_delivered(&self, name: &str, cycle: u64) {
+        if let Some(d) = self.disks.lock().get(name) {
+            d.delivered
+                .fetch_max(cycle, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Forget what [`Tracker::note_delivered`] recorded for the disk.
+    pub fn forget_delivered(&self, name: &str) {
+        if let Some(d) = self.disks.lock().get(name) {
+            d.delivered.store(0, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// The newest cycle whose log the receiver holds durably, as far as
+    /// [`Tracker::note_delivered`] heard (0: none).
+    pub fn delivered(&self, name: &str) -> u64 {
+        self.disks
+            .lock()
+            .get(name)
+            .map_or(0, |d| d.delivered.load(std::sync::atomic::Ordering::SeqCst))
     }
 
     /// The 50% rule: if the disk's pending changes passed its limit, fold
@@ -2188,6 +2222,9 @@ pub struct TrackedDisk {
     /// The newest cycle whose log a session submitted to a receiver
     /// ([`Tracker::note_submitted`]); the 50% rule keeps the logs up to it.
     submitted: std::sync::atomic::AtomicU64,
+    /// The newest cycle whose log the receiver stored durably on the
+    /// current connection ([`Tracker::note_delivered`]).
+    delivered: std::sync::atomic::AtomicU64,
     /// The disk's activity log ([`activity`]; `None` when it is off).
     al: Option<ActivityLog>,
     /// Armed by a promotion (see [`preimage`]): blocks are saved before

@@ -189,6 +189,9 @@ enum SKind {
         read: Option<ReadId>,
         /// Everything is sent; waiting for the `Ack`.
         done: bool,
+        /// The receiver stored it durably (`Ack{durable}`); its apply is
+        /// awaited.
+        durable: bool,
         /// Copy: chunks sent, and how many of the last ones did not
         /// compress (after a run of them, lz4 is tried on every 16th only:
         /// it costs a tenth of a core on random data).
@@ -370,6 +373,27 @@ impl Sender {
                 .values()
                 .chain(self.behind.values())
                 .all(|sid| self.sent_log(*sid).is_some())
+    }
+
+    /// Every job submitted is a log the receiver stored durably (or has
+    /// ended) and every point of their cycles is committed: only the
+    /// applies and their acks are outstanding. With a store that commits
+    /// durable logs this is what a `sync` or a resync waits for; with one
+    /// that does not, a point is acknowledged only once applied, so this is
+    /// [`Self::is_idle`].
+    pub fn settled(&self) -> bool {
+        self.queues.values().all(VecDeque::is_empty)
+            && !self.point_busy
+            && self.active.values().chain(self.behind.values()).all(|sid| {
+                match self.streams.get(sid).map(|s| &s.kind) {
+                    Some(SKind::Job {
+                        job: job @ Job::Log { .. },
+                        durable: true,
+                        ..
+                    }) => job.cycle() <= self.last_point,
+                    _ => false,
+                }
+            })
     }
 
     /// Jobs queued or running.
@@ -783,9 +807,12 @@ impl Sender {
                 self.maybe_ready();
                 Ok(())
             }
-            (SKind::Job { job, done, .. }, Msg::Ack(a))
-                if a.disk_id == job.disk_id() && a.cycle == job.cycle() =>
-            {
+            (
+                SKind::Job {
+                    job, done, durable, ..
+                },
+                Msg::Ack(a),
+            ) if a.disk_id == job.disk_id() && a.cycle == job.cycle() => {
                 if !a.durable || (!*done && !a.applied) {
                     return Err(SessionError::Violation {
                         stream: sid,
@@ -799,6 +826,7 @@ impl Sender {
                 }
                 if !a.applied {
                     s.waiting = Some(self.now);
+                    *durable = true;
                     if matches!(job, Job::Log { .. }) {
                         self.act(SenderAction::LogDurable {
                             disk_id: a.disk_id,
@@ -1022,6 +1050,7 @@ impl Sender {
             hasher: Hasher::default(),
             read: None,
             done: false,
+            durable: false,
             chunks: 0,
             incompressible: 0,
         });

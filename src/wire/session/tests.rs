@@ -795,6 +795,68 @@ fn a_pair_copies_ships_a_log_and_commits_both_points() {
     assert_eq!(written, vec![(4096, b"data".to_vec())]);
 }
 
+/// `settled`: with a store that commits durable logs, a sender is settled
+/// once its log is durable and its point committed, while the apply is
+/// still running (what a resync and `vdrep sync` wait for); with one that
+/// commits only applied logs, not before the apply.
+#[test]
+fn a_sender_is_settled_once_its_logs_are_durable_and_points_committed() {
+    for commit_stored in [true, false] {
+        let mut s = sender(1 << 40);
+        let mut r = receiver_with(commit_stored);
+        let log = b"a sealed log".to_vec();
+        // The apply never completes here.
+        let mut store = |a: &ReceiverAction| -> Option<(OpId, StoreDone)> {
+            match a {
+                ReceiverAction::LoadDisk { op, .. } => Some((
+                    *op,
+                    StoreDone::DiskLoaded(Ok(DiskStatus {
+                        replica_cycle: 3,
+                        replica_size: 1 << 20,
+                        ..Default::default()
+                    })),
+                )),
+                ReceiverAction::StoreLogDurably { op, .. } => {
+                    Some((*op, StoreDone::LogStored(Ok(LogStored::Stored))))
+                }
+                ReceiverAction::CommitPoint { op, .. } => {
+                    Some((*op, StoreDone::PointCommitted(Ok(true))))
+                }
+                _ => None,
+            }
+        };
+        let mut read = |_: ReadWhat, offset: u64, max: usize| {
+            let e = (offset as usize + max).min(log.len());
+            ReadData {
+                offset,
+                data: log[offset as usize..e].to_vec(),
+                end: e == log.len(),
+            }
+        };
+        pump(&mut s, &mut r, &mut store, &mut read);
+        assert!(s.is_idle() && s.settled(), "nothing submitted yet");
+        let (begin, _) = log_msgs(4, 3, &log);
+        s.submit(Job::Log {
+            begin,
+            app_consistent: false,
+        })
+        .expect("submit");
+        assert!(!s.settled(), "queued");
+        let seen = pump(&mut s, &mut r, &mut store, &mut read);
+        assert!(!s.is_idle(), "the apply is not acknowledged");
+        assert!(seen.contains(&SenderAction::LogDurable {
+            disk_id: ID,
+            cycle: 4
+        }));
+        let committed = seen.contains(&SenderAction::PointCommitted {
+            cycle: 4,
+            app_consistent: false,
+        });
+        assert_eq!(committed, commit_stored, "{seen:?}");
+        assert_eq!(s.settled(), commit_stored, "{seen:?}");
+    }
+}
+
 #[test]
 fn a_sender_without_answers_times_out() {
     let mut s = sender(1_000);
