@@ -999,6 +999,89 @@ fn a_point_committed_while_the_next_cycle_is_applied_is_recorded_at_once() {
     assert_eq!(store_suite::read_current(store.as_ref(), DISK), disk);
 }
 
+/// A disk's next log is stored while the previous one is applied: the
+/// apply holds the disk's lock for its whole length, the store of a new
+/// log does not wait for it (the receiver stores log N+1 beside the apply
+/// of N, and commits N+1's point on the durable chain). Deterministic: the
+/// apply of 2 is paused with its state saying `applying`; log 3 must be
+/// stored and point 3 committed meanwhile (a store that waited would
+/// never return: the pause is released only after it did, or after 60 s,
+/// which fails the test); then 2 and 3 apply in order and read back.
+#[test]
+fn a_log_is_stored_while_the_previous_one_is_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("store")).unwrap());
+    let mut disk = vec![1u8; 16 * BS as usize];
+    initial(store.as_ref(), &disk, 1);
+    let size = disk.len() as u64;
+    let mut images = vec![disk.clone()];
+    for c in 2..=3u64 {
+        disk[(c as usize) * BS as usize..][..BS as usize].fill(c as u8);
+        make_log(
+            &dir.path().join(format!("{c}.hrl")),
+            ID,
+            c - 1,
+            c,
+            size,
+            &disk,
+            &BTreeSet::from([c]),
+        );
+        images.push(disk.clone());
+    }
+    let store_log = |c: u64| {
+        ReplicaStore::store_log(
+            store.as_ref(),
+            DISK,
+            &mut std::fs::File::open(dir.path().join(format!("{c}.hrl"))).unwrap(),
+        )
+    };
+    assert!(matches!(store_log(2).unwrap(), StoreOutcome::Stored { .. }));
+    let pause = store.pause_at("state-applying");
+    let applier = {
+        let store = store.clone();
+        std::thread::spawn(move || ReplicaStore::apply(store.as_ref(), DISK, 2))
+    };
+    assert!(pause.wait_reached(std::time::Duration::from_secs(30)));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let storer = {
+        let store = store.clone();
+        let logp = dir.path().join("3.hrl");
+        std::thread::spawn(move || {
+            let r = ReplicaStore::store_log(
+                store.as_ref(),
+                DISK,
+                &mut std::fs::File::open(logp).unwrap(),
+            );
+            let _ = tx.send(r);
+        })
+    };
+    let stored = rx.recv_timeout(std::time::Duration::from_secs(60));
+    let pt = ReplicaStore::commit_point(store.as_ref(), SITE, VM, 3, &[ID], Consistency::Crash);
+    pause.release();
+    storer.join().unwrap();
+    applier.join().unwrap().unwrap();
+    let stored = stored.expect("storing log 3 waited for the apply of log 2");
+    assert!(
+        matches!(stored, Ok(StoreOutcome::Stored { cycle: 3, .. })),
+        "{stored:?}"
+    );
+    assert_eq!(
+        pt.unwrap().map(|p| p.cycle),
+        Some(3),
+        "point 3 on the durable chain"
+    );
+    let st = ReplicaStore::replica_state(store.as_ref(), DISK).unwrap();
+    assert_eq!(st.cycle, Some(2), "2 applied, 3 not yet");
+    assert_eq!(
+        ReplicaStore::apply(store.as_ref(), DISK, 3)
+            .map(|_| ())
+            .ok(),
+        Some(())
+    );
+    assert_eq!(store_suite::read_point(store.as_ref(), DISK, 3), images[2]);
+    assert_eq!(store_suite::read_current(store.as_ref(), DISK), images[2]);
+}
+
 /// The store suite's full-copy case, then what only the directory store
 /// can show: a disk whose replica folder is gone from the store is copied
 /// whole again, and the points over it go with a `ReplicaLost` reason.

@@ -1288,8 +1288,18 @@ impl Site<'_> {
                 return Err(e);
             }
         };
-        let _g = self.store.lock(&p.dir);
-        // Re-check under the lock: an apply may have moved on meanwhile.
+        // Stores of this disk's logs go one at a time (`incoming/`'s own
+        // lock), but not behind the disk's lock: an apply holds that for
+        // its whole length, and the next cycle's log need not wait for it
+        // (the receiver stores a disk's next log while the previous one is
+        // applied). Nothing else creates files in `incoming/`, and an apply
+        // only removes the log it applied, at or below the replica's cycle.
+        // A log replacing one already here takes the disk's lock too: it
+        // must not change under an apply that reads it.
+        let _in = self.store.lock(&p.incoming);
+        let _g = fin.exists().then(|| self.store.lock(&p.dir));
+        // Re-check: an apply may have moved on meanwhile (`state.json` is
+        // replaced whole, so it reads consistent without the disk's lock).
         let again = self.check_log_fits(&p, &header);
         let done = match again {
             Ok(Some(done)) => Some(done),

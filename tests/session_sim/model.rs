@@ -225,6 +225,8 @@ pub struct Store {
     pub commit_stored: bool,
     /// Points committed while a disk had not applied them yet.
     pub before_apply: u64,
+    /// Logs stored while the replica had not applied their base yet.
+    pub stored_ahead: u64,
 }
 
 fn fail(code: ErrorCode, message: impl Into<String>) -> StoreFailure {
@@ -477,6 +479,9 @@ impl Store {
                         }
                         match self.disks.get_mut(&disk_id) {
                             Some(r) => {
+                                if decode_log(&b).is_some_and(|(base, _, _)| base > r.cycle) {
+                                    self.stored_ahead += 1;
+                                }
                                 r.logs.insert(cycle, b);
                                 Ok(LogStored::Stored)
                             }

@@ -34,6 +34,9 @@ pub struct ReceiverConfig {
     /// durable ([`ReplicaStore::commits_durable_logs`]): a held point is
     /// asked for as soon as its logs are stored, not when they are
     /// applied, so that `vdrep sync` and the lag do not wait for the apply.
+    /// A disk's log is then also free to be followed by the next one once
+    /// it is stored: the next log (sent behind it) is staged and stored
+    /// while it is applied, and applied after it ([`RDisk::applying`]).
     ///
     /// [`ReplicaStore::commits_durable_logs`]: crate::replica::ReplicaStore::commits_durable_logs
     pub commit_stored: bool,
@@ -194,8 +197,9 @@ struct RDisk {
     /// log in progress, or arrived before its base (QUIC does not order
     /// streams). Its stream waits, undecoded, and is handled again as if it
     /// had just begun whenever the disk is free (then it goes on once its
-    /// base is applied, is refused `Busy` if its base failed here, or
-    /// waits on): logs of a disk are applied strictly one after the other.
+    /// base is applied, or stored with [`ReceiverConfig::commit_stored`],
+    /// is refused `Busy` if its base failed here, or waits on): logs of a
+    /// disk are applied strictly one after the other.
     next: Option<StreamId>,
     /// The newest log of this disk refused, failed or reset on this
     /// connection: a log sent behind it is refused `Busy` (send both
@@ -209,6 +213,15 @@ struct RDisk {
     /// The newest cycle whose log this connection stored durably: what a
     /// held point waits for with [`ReceiverConfig::commit_stored`].
     stored: u64,
+    /// With [`ReceiverConfig::commit_stored`], a trusted replica: the log
+    /// stored here whose apply is under way (its stream and cycle). The
+    /// disk is not `busy` meanwhile: the log behind it is staged and
+    /// stored beside the apply.
+    applying: Option<(StreamId, u64)>,
+    /// A log stored while [`RDisk::applying`]'s apply runs: its apply is
+    /// asked once that one ends (logs of a disk are applied strictly one
+    /// after the other), and refused `Busy` if that one failed.
+    apply_next: Option<StreamId>,
 }
 
 /// What a stream waits for.
@@ -268,8 +281,12 @@ enum RState {
     Early(OpenDisk),
     /// A `LogBegin` sent behind its base, which is not applied here yet
     /// ([`RDisk::next`]): nothing of it is staged, decoded or acknowledged
-    /// until that log is applied.
+    /// until that log is applied (or stored, with
+    /// [`ReceiverConfig::commit_stored`]).
     Behind(LogBegin),
+    /// A log stored durably (acknowledged so) whose apply waits for the
+    /// disk's apply under way ([`RDisk::apply_next`]).
+    ApplyNext(LogBegin),
     /// Answered; whatever else arrives is ignored.
     Drain,
 }
@@ -341,7 +358,7 @@ impl Receiver {
     pub fn wants_data(&self, stream: StreamId) -> bool {
         !matches!(
             self.streams.get(&stream).map(|s| &s.st),
-            Some(RState::Await(..) | RState::Behind(_) | RState::Early(_))
+            Some(RState::Await(..) | RState::Behind(_) | RState::Early(_) | RState::ApplyNext(_))
         )
     }
 
@@ -473,9 +490,13 @@ impl Receiver {
     fn release(&mut self, sid: StreamId, ok: bool) {
         let mut freed = false;
         let mut behind = Vec::new();
+        let mut apply_next = Vec::new();
         for d in self.disks.values_mut() {
             if d.next == Some(sid) {
                 d.next = None;
+            }
+            if d.apply_next == Some(sid) {
+                d.apply_next = None;
             }
             if d.busy == Some(sid) {
                 d.busy = None;
@@ -484,10 +505,85 @@ impl Receiver {
                     d.failed = Some(d.failed.map_or(c, |f| f.max(c)));
                 }
             }
+            if let Some((_, c)) = d.applying.filter(|(a, _)| *a == sid) {
+                d.applying = None;
+                freed = true;
+                if !ok {
+                    d.failed = Some(d.failed.map_or(c, |f| f.max(c)));
+                }
+                apply_next.extend(d.apply_next.take().map(|n| (n, ok)));
+            }
             if d.busy.is_none() {
                 behind.extend(d.next.take());
             }
         }
+        for (n, ok) in apply_next {
+            self.apply_after(n, ok);
+        }
+        self.resume_behind(behind);
+        if freed {
+            self.progress += 1;
+            self.release_points();
+        }
+    }
+
+    /// The log on `n` waited for the disk's previous apply
+    /// ([`RDisk::apply_next`]), which ended (`ok`) or failed: ask for its
+    /// apply now, or refuse it (`Busy`: it is durable here, and the sender
+    /// sends both again).
+    fn apply_after(&mut self, n: StreamId, ok: bool) {
+        let st = self
+            .streams
+            .get_mut(&n)
+            .map(|s| std::mem::replace(&mut s.st, RState::Drain));
+        let Some(RState::ApplyNext(b)) = st else {
+            if let Some(st) = st {
+                self.set(n, st);
+            }
+            return;
+        };
+        if ok {
+            self.start_apply(n, b);
+        } else {
+            let e = SessionError::Store {
+                code: ErrorCode::Busy,
+                retryable: true,
+                message: format!(
+                    "log {} of disk {} is stored, but the log before it was not applied here; send both again",
+                    b.cycle,
+                    hexid(&b.disk_id)
+                ),
+            };
+            self.fail(n, e);
+        }
+        self.pump(n);
+        self.forget_if_done(n);
+    }
+
+    /// Ask for the apply of the stored log `b` of stream `sid`; with
+    /// [`ReceiverConfig::commit_stored`] it is the disk's apply under way
+    /// ([`RDisk::applying`]).
+    fn start_apply(&mut self, sid: StreamId, b: LogBegin) {
+        if let Some(d) = self.disks.get_mut(&b.disk_id) {
+            if d.busy != Some(sid) {
+                d.applying = Some((sid, b.cycle));
+            }
+        }
+        let vm = self.vm_of(&b.disk_id);
+        let (disk_id, cycle) = (b.disk_id, b.cycle);
+        let apply = |op| ReceiverAction::ApplyLog {
+            op,
+            vm,
+            disk_id,
+            cycle,
+        };
+        // `ask` only queues the action and sets the state: it cannot fail.
+        let _ = self.ask(sid, apply, Wait::Applied(b));
+    }
+
+    /// Handle again, as if they had just begun, the logs that waited behind
+    /// a transfer that ended ([`RDisk::next`]).
+    fn resume_behind(&mut self, behind: Vec<StreamId>) {
         for n in behind {
             let st = self
                 .streams
@@ -503,10 +599,6 @@ impl Receiver {
             }
             self.pump(n);
             self.forget_if_done(n);
-        }
-        if freed {
-            self.progress += 1;
-            self.release_points();
         }
     }
 
@@ -562,7 +654,8 @@ impl Receiver {
                 | RState::Drain
                 | RState::Held(_)
                 | RState::Early(_)
-                | RState::Behind(_) => return,
+                | RState::Behind(_)
+                | RState::ApplyNext(_) => return,
                 _ => {}
             }
             let msg = match s.inbox.next(sid) {
@@ -600,7 +693,8 @@ impl Receiver {
             | RState::Drain
             | RState::Held(_)
             | RState::Early(_)
-            | RState::Behind(_) => {}
+            | RState::Behind(_)
+            | RState::ApplyNext(_) => {}
             _ => self.fail(sid, SessionError::Ended(sid)),
         }
     }
@@ -828,9 +922,9 @@ impl Receiver {
         asked_at: u64,
     ) -> Result<(), SessionError> {
         let in_flight = p.disks.iter().any(|dc| {
-            self.disks
-                .get(&dc.disk_id)
-                .is_some_and(|d| d.busy.is_some_and(|b| b != sid))
+            self.disks.get(&dc.disk_id).is_some_and(|d| {
+                d.busy.is_some_and(|b| b != sid) || d.applying.is_some_and(|(a, _)| a != sid)
+            })
         });
         if in_flight {
             self.set(sid, RState::Held(p));
@@ -898,7 +992,19 @@ impl Receiver {
         // The newest cycle known applied here (a log found already applied
         // moves `reached`, not the status).
         let applied = d.status.replica_cycle.max(d.reached);
-        if l.behind && l.base_cycle > applied {
+        // With a store that commits durable logs, a trusted replica's
+        // next log goes on once its base is stored here (the base's apply
+        // may still run: this one is applied after it).
+        // One such log at a time ([`RDisk::apply_next`]), and never behind
+        // a base whose apply failed here.
+        let base_stored = self.cfg.commit_stored
+            && d.status.needs_resync.is_none()
+            && d.busy.is_none()
+            && d.apply_next.is_none()
+            && !d.failed.is_some_and(|f| f >= l.base_cycle)
+            && l.base_cycle > applied
+            && l.base_cycle == d.stored;
+        if l.behind && l.base_cycle > applied && !base_stored {
             // Protocol 8: sent behind its base, which is not applied here
             // yet. Not a chain the replica lacks: the base is in progress,
             // still arriving (QUIC does not order streams), or failed on
@@ -940,7 +1046,11 @@ impl Receiver {
         // 0: the store did not report a consistent cycle (no replica yet,
         // or an interrupted apply it rolls forward): the store decides.
         let at = d.status.replica_cycle;
-        let at = if l.behind { applied } else { at };
+        let at = match (l.behind, base_stored) {
+            (true, true) => l.base_cycle,
+            (true, false) => applied,
+            (false, _) => at,
+        };
         if at != 0 && l.cycle <= at {
             // A resend of a log already applied: applied at most once.
             self.reached(&l.disk_id, l.cycle);
@@ -1261,11 +1371,18 @@ impl Receiver {
                         .map(|w| wire::ErrorMsg::new(ErrorCode::InvalidState, false, w).message)
                         .unwrap_or_default(),
                 });
-                let (busy, busy_log, next, failed) = self
+                let (busy, busy_log, next, failed, applying, apply_next) = self
                     .disks
                     .get(&o.disk_id)
-                    .map_or((None, None, None, None), |d| {
-                        (d.busy, d.busy_log, d.next, d.failed)
+                    .map_or((None, None, None, None, None, None), |d| {
+                        (
+                            d.busy,
+                            d.busy_log,
+                            d.next,
+                            d.failed,
+                            d.applying,
+                            d.apply_next,
+                        )
                     });
                 self.disks.insert(
                     o.disk_id,
@@ -1279,6 +1396,8 @@ impl Receiver {
                         resync_cycle: None,
                         reached: 0,
                         stored: 0,
+                        applying,
+                        apply_next,
                     },
                 );
                 self.answer(sid, &reply)
@@ -1335,24 +1454,42 @@ impl Receiver {
                     }
                     LogStored::Stored => {
                         self.send(sid, &ack(b.disk_id, b.cycle, true, false))?;
-                        if self.cfg.commit_stored {
-                            if let Some(d) = self.disks.get_mut(&b.disk_id) {
-                                d.stored = d.stored.max(b.cycle);
-                            }
-                            // A point held for this log may go now (the
-                            // apply below runs beside its commit).
-                            self.progress += 1;
-                            self.release_points();
+                        if !self.cfg.commit_stored {
+                            self.start_apply(sid, b);
+                            return Ok(());
                         }
-                        let vm = self.vm_of(&b.disk_id);
-                        let (disk_id, cycle) = (b.disk_id, b.cycle);
-                        let apply = |op| ReceiverAction::ApplyLog {
-                            op,
-                            vm,
-                            disk_id,
-                            cycle,
-                        };
-                        self.ask(sid, apply, Wait::Applied(b))
+                        let mut overlap = false;
+                        let mut after = false;
+                        if let Some(d) = self.disks.get_mut(&b.disk_id) {
+                            d.stored = d.stored.max(b.cycle);
+                            if d.status.needs_resync.is_none() && d.busy == Some(sid) {
+                                // Free for the next log while this one is
+                                // applied.
+                                d.busy = None;
+                                d.busy_log = None;
+                                overlap = true;
+                                if d.applying.is_some() {
+                                    d.apply_next = Some(sid);
+                                    after = true;
+                                }
+                            }
+                        }
+                        let disk_id = b.disk_id;
+                        // A point held for this log may go now (the apply
+                        // runs beside its commit), and the log behind it
+                        // may begin.
+                        self.progress += 1;
+                        self.release_points();
+                        if after {
+                            self.set(sid, RState::ApplyNext(b));
+                        } else {
+                            self.start_apply(sid, b);
+                        }
+                        if overlap {
+                            let next = self.disks.get_mut(&disk_id).and_then(|d| d.next.take());
+                            self.resume_behind(next.into_iter().collect());
+                        }
+                        Ok(())
                     }
                 }
             }

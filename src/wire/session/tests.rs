@@ -2012,6 +2012,125 @@ fn staged(outs: &[Output<ReceiverAction>], cycle: u64) -> bool {
         .any(|a| matches!(a, ReceiverAction::StageLog { begin, .. } if begin.cycle == cycle))
 }
 
+/// The log of `cycle`'s `ApplyLog` op in `outs`.
+fn apply_of(outs: &[Output<ReceiverAction>], want: u64) -> Option<OpId> {
+    actions(outs).iter().find_map(|a| match a {
+        ReceiverAction::ApplyLog { op, cycle, .. } if *cycle == want => Some(*op),
+        _ => None,
+    })
+}
+
+/// With a store that commits durable logs, the log behind a stored log is
+/// staged and stored while that one is applied, acknowledged durable, and
+/// applied only after it: never two applies of a disk at once.
+#[test]
+fn with_durable_commits_a_log_behind_is_stored_while_its_base_is_applied() {
+    let mut r = opened_with(receiver_with(true), 5, wire::PROTOCOL_VERSION);
+    let outs = on(&mut r, 2, &log_msgs(6, 5, b"0123456789").1);
+    let stored6 = stored_op(&outs);
+    let outs = on(&mut r, 3, &behind_msgs(7, 6, b"abcdefghij"));
+    assert!(
+        outs.is_empty(),
+        "log 7 waits while log 6 is stored: {outs:?}"
+    );
+    r.complete(NOW, stored6, StoreDone::LogStored(Ok(LogStored::Stored)));
+    let outs = drain(|| r.poll());
+    let apply6 = apply_of(&outs, 6).expect("log 6 is applied");
+    assert!(
+        staged(&outs, 7),
+        "log 7 is staged beside log 6's apply: {outs:?}"
+    );
+    // Everything of log 7 was there already: it is handed to the store.
+    let stored7 = stored_op(&outs);
+    r.complete(NOW, stored7, StoreDone::LogStored(Ok(LogStored::Stored)));
+    let outs = drain(|| r.poll());
+    assert!(
+        matches!(
+            &acks(&outs)[..],
+            [Ack {
+                cycle: 7,
+                durable: true,
+                applied: false,
+                ..
+            }]
+        ),
+        "{outs:?}"
+    );
+    assert_eq!(apply_of(&outs, 7), None, "not while log 6 is applied");
+    assert!(!r.wants_data(StreamId(3)));
+    // A third log waits until one of the two is applied.
+    let outs = on(&mut r, 4, &behind_msgs(8, 7, b"klmnopqrst"));
+    assert!(!staged(&outs, 8), "{outs:?}");
+    r.complete(NOW, apply6, StoreDone::LogApplied(Ok(())));
+    let outs = drain(|| r.poll());
+    let a = acks(&outs);
+    assert!(
+        matches!(
+            &a[..],
+            [Ack {
+                cycle: 6,
+                applied: true,
+                ..
+            }]
+        ),
+        "{outs:?}"
+    );
+    let apply7 = apply_of(&outs, 7).expect("log 7 is applied after log 6");
+    assert!(staged(&outs, 8), "log 8 goes on: {outs:?}");
+    r.complete(NOW, apply7, StoreDone::LogApplied(Ok(())));
+    let outs = drain(|| r.poll());
+    assert!(
+        matches!(
+            &acks(&outs)[..],
+            [Ack {
+                cycle: 7,
+                applied: true,
+                ..
+            }]
+        ),
+        "{outs:?}"
+    );
+}
+
+/// When the apply of the stored base fails, the log stored behind it is
+/// refused `Busy` (retryable: the sender sends both again), never applied
+/// out of order (which would mark the replica for a resync).
+#[test]
+fn with_durable_commits_a_log_stored_behind_a_failed_apply_is_refused_busy() {
+    let mut r = opened_with(receiver_with(true), 5, wire::PROTOCOL_VERSION);
+    let outs = on(&mut r, 2, &log_msgs(6, 5, b"0123456789").1);
+    let stored6 = stored_op(&outs);
+    on(&mut r, 3, &behind_msgs(7, 6, b"abcdefghij"));
+    r.complete(NOW, stored6, StoreDone::LogStored(Ok(LogStored::Stored)));
+    let outs = drain(|| r.poll());
+    let apply6 = apply_of(&outs, 6).expect("log 6 is applied");
+    let stored7 = stored_op(&outs);
+    r.complete(NOW, stored7, StoreDone::LogStored(Ok(LogStored::Stored)));
+    drain(|| r.poll());
+    let full = StoreFailure {
+        code: ErrorCode::NoSpace,
+        retryable: true,
+        message: "the disk is full".into(),
+    };
+    r.complete(NOW, apply6, StoreDone::LogApplied(Err(full)));
+    let outs = drain(|| r.poll());
+    assert_eq!(apply_of(&outs, 7), None, "{outs:?}");
+    assert!(
+        !actions(&outs)
+            .iter()
+            .any(|a| matches!(a, ReceiverAction::MarkNeedsResync { .. })),
+        "{outs:?}"
+    );
+    let err = |stream| {
+        sent_on(&outs, stream).into_iter().find_map(|m| match m {
+            Msg::Error(e) => Some((e.code, e.retryable)),
+            _ => None,
+        })
+    };
+    assert_eq!(err(2), Some((ErrorCode::NoSpace, true)), "{outs:?}");
+    assert_eq!(err(3), Some((ErrorCode::Busy, true)), "{outs:?}");
+}
+
 #[test]
 fn a_second_log_waits_behind_the_first_and_is_applied_after_it() {
     let (mut r, stored, outs) = two_logs();
