@@ -1001,7 +1001,7 @@ impl Receiver {
             && d.status.needs_resync.is_none()
             && d.busy.is_none()
             && d.apply_next.is_none()
-            && !d.failed.is_some_and(|f| f >= l.base_cycle)
+            && d.failed.is_none_or(|f| f < l.base_cycle)
             && l.base_cycle > applied
             && l.base_cycle == d.stored;
         if l.behind && l.base_cycle > applied && !base_stored {
