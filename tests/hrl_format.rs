@@ -185,6 +185,54 @@ fn writer_encodings_and_splitting() {
     assert!(encs[6].3 <= (1 << 20) * 7 / 8);
 }
 
+/// After 8 records in a row that lz4 did not shrink, the writer tries lz4
+/// on every 16th record only (random data costs it CPU for nothing), and
+/// as soon as one compresses, on every record again: compressible data
+/// after a random stretch is compressed again within 16 records. The log
+/// reads back the same either way.
+#[test]
+fn writer_stops_trying_lz4_on_random_data_and_resumes_when_it_compresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("c.hrl");
+    let mut rng = Rng(7);
+    // 65 random 4 KiB records, then 40 compressible ones (gaps between
+    // runs keep each its own record).
+    let mut runs = Vec::new();
+    for i in 0..65u64 {
+        runs.push((i * 8192, rng.bytes(4096)));
+    }
+    let pattern: Vec<u8> = (0..4096).map(|i| (i / 64) as u8).collect();
+    for i in 65..105u64 {
+        runs.push((i * 8192, pattern.clone()));
+    }
+    let h = header(0, 1 << 20, 1 << 20);
+    let s = write_log(&log, &h, &runs);
+    assert_eq!(s.records, 105);
+    let mut r = HrlReader::open(&log).unwrap();
+    let mut encs = Vec::new();
+    while let Some(rec) = r.next_record().unwrap() {
+        encs.push(rec.encoding);
+    }
+    assert!(encs[..65].iter().all(|e| *e == Encoding::Raw));
+    // Compressible from record 65 on: lz4 is not tried on it (not a probe),
+    // the next probe is record 80, from which every one is compressed.
+    let first = encs[65..]
+        .iter()
+        .position(|e| *e == Encoding::Lz4)
+        .expect("compressible records are compressed again");
+    assert_eq!(65 + first, 80, "lz4 tried again at record {}", 65 + first);
+    assert!(encs[80..].iter().all(|e| *e == Encoding::Lz4));
+    assert_eq!(s.lz4_records, 25);
+    let base = vec![0u8; 1 << 20];
+    let image = dir.path().join("img");
+    std::fs::write(&image, &base).unwrap();
+    apply(&log, &image, &ApplyOptions::default()).unwrap();
+    assert_eq!(
+        std::fs::read(&image).unwrap(),
+        reference(&base, 1 << 20, &runs)
+    );
+}
+
 #[test]
 fn writer_refuses_bad_appends_and_cleans_up() {
     let dir = tempfile::tempdir().unwrap();

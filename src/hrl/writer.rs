@@ -24,8 +24,17 @@ pub struct HrlWriter {
     prev_end: u64,
     summary: HrlSummary,
     scratch: Vec<u8>,
+    /// Records in a row that lz4 did not shrink: after [`LZ4_GIVE_UP`] of
+    /// them only every [`LZ4_PROBE_EVERY`]th record is tried (random data,
+    /// the usual payload of a busy VM's disk, costs lz4 a share of the
+    /// sender's CPU for nothing), until one compresses again.
+    incompressible: u32,
     failed: bool,
 }
+
+/// See [`HrlWriter`]'s `incompressible` (as the session's initial copy).
+const LZ4_GIVE_UP: u32 = 8;
+const LZ4_PROBE_EVERY: u64 = 16;
 
 /// `.<name>.tmp` in the directory of `final_path`.
 pub(crate) fn tmp_path_for(final_path: &Path) -> PathBuf {
@@ -78,6 +87,7 @@ impl HrlWriter {
                 ..HrlSummary::default()
             },
             scratch: Vec::new(),
+            incompressible: 0,
             failed: false,
         };
         w.write_hashed(&head)?;
@@ -150,16 +160,24 @@ impl HrlWriter {
     fn append_record(&mut self, offset: u64, chunk: &[u8]) -> Result<(), HrlError> {
         let length = chunk.len() as u32;
         let mut scratch = std::mem::take(&mut self.scratch);
+        let try_lz4 =
+            self.incompressible < LZ4_GIVE_UP || self.summary.records % LZ4_PROBE_EVERY == 0;
         let (encoding, payload): (Encoding, &[u8]) = if format::is_all_zero(chunk) {
             (Encoding::Zero, &[])
+        } else if !try_lz4 {
+            (Encoding::Raw, chunk)
         } else {
             scratch.clear();
             scratch.resize(lz4_flex::block::get_maximum_output_size(chunk.len()), 0);
             match lz4_flex::block::compress_into(chunk, &mut scratch) {
                 Ok(n) if n > 0 && n <= chunk.len() - chunk.len() / 8 && n < chunk.len() => {
+                    self.incompressible = 0;
                     (Encoding::Lz4, &scratch[..n])
                 }
-                _ => (Encoding::Raw, chunk),
+                _ => {
+                    self.incompressible = self.incompressible.saturating_add(1);
+                    (Encoding::Raw, chunk)
+                }
             }
         };
         let rec = RecordHeader::new(encoding, offset, length, payload);
