@@ -111,9 +111,10 @@ impl Mounted {
 
     /// `status --json` once `settled` holds for it (asked again for at
     /// most 30 s; the last one is returned either way, for the caller's
-    /// assertion). `vdrep sync` returns once the receiver committed its
-    /// point, on durable logs; the sender counts a log as pending until
-    /// the receiver's `applied` acknowledgement, a moment later.
+    /// assertion), for what settles after `vdrep sync` returned (it
+    /// returns once the receiver committed its point, on durable logs): a
+    /// state the sender's worker sets after its next steps (a retry, a
+    /// resync's answer), or a cut the sender made right after.
     pub fn status_once(&self, settled: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
         let t0 = std::time::Instant::now();
         loop {
