@@ -108,10 +108,6 @@ pub struct ReceiveOptions {
     pub store_sync: crate::util::durable::SyncMode,
 }
 
-/// Apply `keep` to every VM of every site in `store`, except VMs failed
-/// over here and not yet committed (`vdrep failover --commit`): until then
-/// the failover may be cancelled and needs its history. Returns one line
-/// per VM that lost points.
 /// Apply `keep` to every VM of `store` every `every`, on a thread named
 /// `name`, until `stop` is set (looked at at least once a second, so a
 /// stopped receiver's store is not pruned behind its successor's back).
@@ -154,6 +150,10 @@ pub(crate) fn spawn_retention(
         })
 }
 
+/// Apply `keep` to every VM of every site in `store`, except VMs failed
+/// over here and not yet committed (`vdrep failover --commit`): until then
+/// the failover may be cancelled and needs its history. Returns one line
+/// per VM that lost points.
 pub fn prune_all(store: &dyn ReplicaStore, keep: &replica::RetentionPolicy) -> Vec<String> {
     let mut out = Vec::new();
     for (name, vm) in store.vms() {
@@ -178,6 +178,106 @@ pub fn prune_all(store: &dyn ReplicaStore, keep: &replica::RetentionPolicy) -> V
         }
     }
     out
+}
+
+/// How often the receiver looks for committed logs that no connection
+/// applies ([`Drainer`]).
+pub(crate) const DRAIN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Applies the committed logs no connection is applying. A point is
+/// committed once its logs are durable, and the connection asks for their
+/// apply right after; one that ended in between (the sender unprotected
+/// the VM, the link was cut for good) left them for the next `OpenDisk`,
+/// read or failover, and the replica file behind its newest point.
+///
+/// Each [`Drainer::pass`] looks at every VM of the store not failed over
+/// here: a disk of its newest point whose replica is not at that point is
+/// noted; if the previous pass noted the same (disk, point), no connection
+/// applied it in between, and the disk is brought to the point
+/// (`ReplicaStore::drain`: in order, under the disk's lock, beside any
+/// connection's own applies, which then find them applied). Nothing past
+/// the newest point is applied, so a failover to it has nothing to roll
+/// back.
+#[derive(Default)]
+pub struct Drainer {
+    /// (site, vm, disk, point) not applied at the previous pass.
+    noted: std::collections::HashSet<(String, String, String, u64)>,
+}
+
+impl Drainer {
+    /// One pass; one line per disk whose logs could not be applied.
+    pub fn pass(&mut self, store: &dyn ReplicaStore) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut noted = std::collections::HashSet::new();
+        for (site, vm) in store.vms() {
+            if !matches!(store.failed_over(&site, &vm), Ok(None)) {
+                continue;
+            }
+            let newest = match store.points(&site, &vm) {
+                Ok(p) => p.into_iter().max_by_key(|p| p.cycle),
+                Err(e) => {
+                    out.push(format!("{site}/{vm}: cannot list its points: {e}"));
+                    continue;
+                }
+            };
+            let Some(newest) = newest else { continue };
+            for hex in &newest.disks {
+                let Some(id) = replica::parse_hex_id(hex) else {
+                    continue;
+                };
+                let d = disk(&site, &vm, &id);
+                if store
+                    .replica_state(d)
+                    .is_ok_and(|st| st.applying.is_none() && st.cycle >= Some(newest.cycle))
+                {
+                    continue;
+                }
+                let key = (site.clone(), vm.clone(), hex.clone(), newest.cycle);
+                if !self.noted.contains(&key) {
+                    noted.insert(key);
+                    continue;
+                }
+                if let Err(e) = store.drain(d, Some(newest.cycle)) {
+                    out.push(format!(
+                        "{site}/{vm}: disk {hex}: the logs of point {} are durable but cannot be applied yet: {e}",
+                        newest.cycle
+                    ));
+                    noted.insert(key);
+                }
+            }
+        }
+        self.noted = noted;
+        out
+    }
+}
+
+/// Run a [`Drainer`] pass on `store` every `every`, on a thread named
+/// `name` (a failure is logged when it first appears, not on every pass).
+pub(crate) fn spawn_drainer(
+    name: &str,
+    store: Arc<dyn ReplicaStore>,
+    every: std::time::Duration,
+) -> Result<(), ReceiverError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let mut drainer = Drainer::default();
+            let mut last_pass = std::collections::HashSet::new();
+            loop {
+                std::thread::sleep(every);
+                let lines: std::collections::HashSet<String> =
+                    drainer.pass(store.as_ref()).into_iter().collect();
+                for line in lines.difference(&last_pass) {
+                    tracing::warn!("{line}");
+                }
+                last_pass = lines;
+            }
+        })
+        .map(drop)
+        .map_err(|source| ReceiverError::Start {
+            what: "drainer thread",
+            source,
+        })
 }
 
 /// SIGHUP: trust the `[site] trust` certificates of the configuration at
@@ -305,6 +405,9 @@ pub fn run(opts: &ReceiveOptions) -> Result<(), ReceiverError> {
     })?;
     if let Some(addr) = opts.metrics_listen {
         metrics::serve(addr, data.clone(), &opts.store)?;
+    }
+    if data.commits_durable_logs() {
+        spawn_drainer("vdrep-drain", data.clone(), DRAIN_EVERY)?;
     }
     if let Some(every) = opts.prune_every {
         let never = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1570,6 +1673,54 @@ mod tests {
             "{out:?}"
         );
         store
+    }
+
+    /// A point committed on a durable log whose connection ended before
+    /// asking for its apply: the drainer applies it once two passes in a
+    /// row found it unapplied (no connection applied it in between), and
+    /// nothing past the newest point; a pass with nothing to do changes
+    /// nothing.
+    #[test]
+    fn the_drainer_applies_committed_logs_no_connection_applies() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = disk_at_1_with_log_2(dir.path());
+        let d = disk("site", "vm", &ID);
+        let mut drainer = Drainer::default();
+        for _ in 0..2 {
+            assert!(drainer.pass(store.as_ref()).is_empty());
+        }
+        assert_eq!(
+            store.replica_state(d).unwrap().cycle,
+            Some(1),
+            "log 2 is in no point: not applied"
+        );
+        let pt = store
+            .commit_point("site", "vm", 2, &[ID], replica::Consistency::Crash)
+            .unwrap();
+        assert_eq!(pt.map(|p| p.cycle), Some(2), "committed on the durable log");
+        assert!(drainer.pass(store.as_ref()).is_empty());
+        assert_eq!(
+            store.replica_state(d).unwrap().cycle,
+            Some(1),
+            "a connection may still apply it: left for one pass"
+        );
+        assert!(drainer.pass(store.as_ref()).is_empty());
+        let st = store.replica_state(d).unwrap();
+        assert_eq!(
+            (st.cycle, st.applying),
+            (Some(2), None),
+            "applied by the drainer"
+        );
+        let mut buf = vec![0u8; 16 * BS as usize];
+        store
+            .read_point(d, 2)
+            .unwrap()
+            .read_at(&mut buf, 0)
+            .unwrap();
+        assert_eq!(&buf[..4096], &[2u8; 4096][..]);
+        assert_eq!(&buf[4096..8192], &[1u8; 4096][..]);
+        assert!(drainer.pass(store.as_ref()).is_empty());
+        assert_eq!(store.replica_state(d).unwrap().cycle, Some(2));
     }
 
     /// c8bde70: a disk opened while a store thread (of a connection that
