@@ -67,12 +67,17 @@ pub fn zero_digest(len: usize) -> u128 {
     xxh3_128(&vec![0u8; len])
 }
 
-/// Threads used for hashing: every core the process may use.
+/// Threads used for hashing: every core the process may use, as found
+/// the first time (each `available_parallelism` call reads the affinity
+/// mask and three cgroup files: a 2 GiB compare asked 512 times).
 pub fn hash_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, 16)
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, 16)
+    })
 }
 
 /// Pad `out` with [`MISSING`] for the whole blocks of a `span`-byte range
