@@ -545,16 +545,7 @@ impl Receiver {
         if ok {
             self.start_apply(n, b);
         } else {
-            let e = SessionError::Store {
-                code: ErrorCode::Busy,
-                retryable: true,
-                message: format!(
-                    "log {} of disk {} is stored, but the log before it was not applied here; send both again",
-                    b.cycle,
-                    hexid(&b.disk_id)
-                ),
-            };
-            self.fail(n, e);
+            self.fail(n, stored_behind_failed(&b));
         }
         self.pump(n);
         self.forget_if_done(n);
@@ -1480,6 +1471,16 @@ impl Receiver {
                         // may begin.
                         self.progress += 1;
                         self.release_points();
+                        // Its base's apply failed here while it was stored
+                        // (the sender resets it too): never applied out of
+                        // order; durable, it is sent again with its base.
+                        let base_failed = self.disks.get(&disk_id).is_some_and(|d| {
+                            b.base_cycle > d.status.replica_cycle.max(d.reached)
+                                && d.failed.is_some_and(|f| f >= b.base_cycle)
+                        });
+                        if base_failed {
+                            return Err(stored_behind_failed(&b));
+                        }
                         if after {
                             self.set(sid, RState::ApplyNext(b));
                         } else {
@@ -1574,6 +1575,20 @@ fn needs_resync(why: &str) -> SessionError {
         code: ErrorCode::ResyncRequired,
         retryable: true,
         message: format!("the replica needs a resync: {why}"),
+    }
+}
+
+/// A log stored here behind one whose apply failed: refused `Busy`
+/// (retryable), never applied out of order.
+fn stored_behind_failed(b: &LogBegin) -> SessionError {
+    SessionError::Store {
+        code: ErrorCode::Busy,
+        retryable: true,
+        message: format!(
+            "log {} of disk {} is stored, but the log before it was not applied here; send both again",
+            b.cycle,
+            hexid(&b.disk_id)
+        ),
     }
 }
 

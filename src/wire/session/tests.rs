@@ -2131,6 +2131,39 @@ fn with_durable_commits_a_log_stored_behind_a_failed_apply_is_refused_busy() {
     assert_eq!(err(3), Some((ErrorCode::Busy, true)), "{outs:?}");
 }
 
+/// The same, with the base's apply failing while the log behind it is
+/// still being stored: once stored it is refused `Busy`, not applied (the
+/// store would find it out of order and the replica be marked for a
+/// resync).
+#[test]
+fn with_durable_commits_a_log_stored_after_its_base_failed_is_refused_busy() {
+    let mut r = opened_with(receiver_with(true), 5, wire::PROTOCOL_VERSION);
+    let outs = on(&mut r, 2, &log_msgs(6, 5, b"0123456789").1);
+    let stored6 = stored_op(&outs);
+    on(&mut r, 3, &behind_msgs(7, 6, b"abcdefghij"));
+    r.complete(NOW, stored6, StoreDone::LogStored(Ok(LogStored::Stored)));
+    let outs = drain(|| r.poll());
+    let apply6 = apply_of(&outs, 6).expect("log 6 is applied");
+    let stored7 = stored_op(&outs);
+    let full = StoreFailure {
+        code: ErrorCode::NoSpace,
+        retryable: true,
+        message: "the disk is full".into(),
+    };
+    r.complete(NOW, apply6, StoreDone::LogApplied(Err(full)));
+    drain(|| r.poll());
+    r.complete(NOW, stored7, StoreDone::LogStored(Ok(LogStored::Stored)));
+    let outs = drain(|| r.poll());
+    assert_eq!(apply_of(&outs, 7), None, "{outs:?}");
+    assert!(
+        !actions(&outs)
+            .iter()
+            .any(|a| matches!(a, ReceiverAction::MarkNeedsResync { .. })),
+        "{outs:?}"
+    );
+    assert_eq!(refusal(&outs), Some((ErrorCode::Busy, true)), "{outs:?}");
+}
+
 #[test]
 fn a_second_log_waits_behind_the_first_and_is_applied_after_it() {
     let (mut r, stored, outs) = two_logs();
