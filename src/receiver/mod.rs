@@ -135,12 +135,9 @@ pub(crate) fn spawn_retention(
                     continue;
                 }
                 next = now + every;
-                let lines: std::collections::HashSet<String> =
-                    prune_all(store.as_ref(), &keep).into_iter().collect();
-                for line in lines.difference(&last_pass) {
+                for line in new_lines(&mut last_pass, prune_all(store.as_ref(), &keep)) {
                     tracing::info!("retention: {line}");
                 }
-                last_pass = lines;
             }
         })
         .map(drop)
@@ -148,6 +145,16 @@ pub(crate) fn spawn_retention(
             what: "retention thread",
             source,
         })
+}
+
+/// The lines of this pass of a periodic job that the previous pass
+/// (`last`, replaced by this one) did not have: a lasting failure is
+/// logged when it first appears, not on every pass.
+fn new_lines(last: &mut std::collections::HashSet<String>, lines: Vec<String>) -> Vec<String> {
+    let now: std::collections::HashSet<String> = lines.into_iter().collect();
+    let fresh = now.difference(last).cloned().collect();
+    *last = now;
+    fresh
 }
 
 /// Apply `keep` to every VM of every site in `store`, except VMs failed
@@ -265,12 +272,9 @@ pub(crate) fn spawn_drainer(
             let mut last_pass = std::collections::HashSet::new();
             loop {
                 std::thread::sleep(every);
-                let lines: std::collections::HashSet<String> =
-                    drainer.pass(store.as_ref()).into_iter().collect();
-                for line in lines.difference(&last_pass) {
+                for line in new_lines(&mut last_pass, drainer.pass(store.as_ref())) {
                     tracing::warn!("{line}");
                 }
-                last_pass = lines;
             }
         })
         .map(drop)

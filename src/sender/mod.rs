@@ -2124,26 +2124,16 @@ impl Replicator {
             };
             match action {
                 SenderAction::LogDurable { disk_id, cycle } => {
-                    // At the receiver: no longer pending here, and once
-                    // all of a bitmap-only disk's backlog is there, logs
-                    // again (the logs stay until applied, to be resent).
+                    // At the receiver: no longer pending here (the log
+                    // stays until applied, to be resent).
                     if let Some(d) = self.disk_of_id(&disk_id) {
                         self.tracker.note_delivered(&d, cycle);
-                        if self.tracker.bitmap_only(&d)
-                            && self.tracker.pending_cycles(&d).iter().all(|c| *c <= cycle)
-                        {
-                            self.tracker.clear_bitmap_only(&d);
-                        }
+                        self.logs_again_if_delivered(&d);
                     }
                 }
                 SenderAction::LogApplied { disk_id, .. } => {
-                    // Its changes are at the receiver: logs again.
                     if let Some(d) = self.disk_of_id(&disk_id) {
-                        if self.tracker.bitmap_only(&d)
-                            && self.tracker.pending_cycles(&d).is_empty()
-                        {
-                            self.tracker.clear_bitmap_only(&d);
-                        }
+                        self.logs_again_if_delivered(&d);
                     }
                 }
                 SenderAction::JobFailed { job, error, .. } => {
@@ -2153,6 +2143,22 @@ impl Replicator {
             }
         }
         Ok(())
+    }
+
+    /// A bitmap-only disk whose backlog is all at the receiver (every
+    /// sealed log left is durable there, or none is left) writes logs
+    /// again.
+    fn logs_again_if_delivered(&self, d: &str) {
+        let delivered = self.tracker.delivered(d);
+        if self.tracker.bitmap_only(d)
+            && self
+                .tracker
+                .pending_cycles(d)
+                .iter()
+                .all(|c| *c <= delivered)
+        {
+            self.tracker.clear_bitmap_only(d);
+        }
     }
 
     /// What a failed transfer means: a log the receiver refused because it
@@ -2353,7 +2359,7 @@ impl Replicator {
     }
 }
 
-/// How long [`Sender::drive`] drives a link.
+/// How long [`Replicator::drive`] drives a link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Until {
     /// Every job submitted ended (applied at the receiver) and the points
