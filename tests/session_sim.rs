@@ -16,6 +16,9 @@
 //! - a checksum compare (verify) of a replica matches the cut it claims;
 //! - after the faults stop, everything converges (all logs applied, the
 //!   newest cut committed);
+//! - all of it also when the store fails an action whole now and then (a
+//!   full disk, an I/O error: [`model::Store::refuse`]), an apply with the
+//!   disk's next log already stored behind it too;
 //! - all of it also when the next cycle is cut and submitted the moment the
 //!   previous one is all sent, before its `Ack` (pipelined cycles), and
 //!   a disk's next log is sent behind the one in flight (protocol 8,
@@ -53,6 +56,9 @@ const CHAOS_STEPS: u64 = 700;
 /// converged at step 25,665 with every point in order (a slow schedule,
 /// not a livelock; a livelock never converges).
 const CALM_STEPS: u64 = 150_000;
+/// Chance (per mille) that the store fails an action it could fail in
+/// the chaos phase ([`model::Store::refuse`]).
+const STORE_FAIL_PER_MILLE: u64 = 50;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Dir {
@@ -103,6 +109,11 @@ struct Stats {
     /// (the receiver stores a disk's next log beside the previous one's
     /// apply).
     stored_ahead: u64,
+    /// Store actions that failed (full, I/O error) in the chaos phase.
+    store_failures: u64,
+    /// Of those, applies that failed with the disk's next log already
+    /// stored behind them.
+    failed_before_next: u64,
 }
 
 /// The sender's host process: volatile per connection.
@@ -709,7 +720,31 @@ impl World {
                         if *disk_id == begin.disk_id)
             });
         }
-        let done = self.store.perform(conn, a);
+        // Now and then the store fails an action whole (a full disk, an
+        // I/O error): the session must neither lose nor reorder anything
+        // (a log stored behind a failed apply must not be applied).
+        // An apply with the disk's next log stored behind it is the case
+        // the session must order with care: fail it more often.
+        let per_mille = match &a {
+            ReceiverAction::ApplyLog { disk_id, cycle, .. }
+                if self.store.next_stored(disk_id, *cycle) =>
+            {
+                STORE_FAIL_PER_MILLE * 6
+            }
+            _ => STORE_FAIL_PER_MILLE,
+        };
+        let injected = if self.chaos && self.rng.chance(per_mille) {
+            self.store.refuse(conn, &a)
+        } else {
+            None
+        };
+        if let Some((_, done)) = &injected {
+            self.note(format!("the store failed an action of #{conn}: {done:?}"));
+        }
+        let done = match injected {
+            Some(d) => Some(d),
+            None => self.store.perform(conn, a),
+        };
         if let Some(v) = self.store.violations.first() {
             let v = v.clone();
             self.violate(v);
@@ -1051,6 +1086,8 @@ fn run(seed: u64, verbose: bool) -> (Result<(), String>, Stats, Vec<String>) {
     }
     w.stats.before_apply = w.store.before_apply;
     w.stats.stored_ahead = w.store.stored_ahead;
+    w.stats.store_failures = w.store.refused;
+    w.stats.failed_before_next = w.store.refused_before_next;
     let trace = w.trace.iter().cloned().collect();
     (w.failure.map_or(Ok(()), Err), w.stats, trace)
 }
@@ -1128,6 +1165,8 @@ fn simulated_schedules_keep_the_invariants() {
         total.behind += s.behind;
         total.before_apply += s.before_apply;
         total.stored_ahead += s.stored_ahead;
+        total.store_failures += s.store_failures;
+        total.failed_before_next += s.failed_before_next;
     }
     let n = n + explore;
     eprintln!("{n} schedules in {:.1?}: {total:?}", t0.elapsed());
@@ -1146,6 +1185,10 @@ fn simulated_schedules_keep_the_invariants() {
         assert!(
             total.before_apply > n / 4,
             "too few points committed before their logs were applied: {total:?}"
+        );
+        assert!(
+            total.store_failures > n / 4 && total.failed_before_next > n / 400,
+            "too few store actions failed: {total:?}"
         );
         assert!(
             total.stored_ahead > n / 4,

@@ -227,6 +227,10 @@ pub struct Store {
     pub before_apply: u64,
     /// Logs stored while the replica had not applied their base yet.
     pub stored_ahead: u64,
+    /// Actions failed on purpose ([`Store::refuse`]).
+    pub refused: u64,
+    /// Of those, applies that failed with the disk's next log stored.
+    pub refused_before_next: u64,
 }
 
 fn fail(code: ErrorCode, message: impl Into<String>) -> StoreFailure {
@@ -333,6 +337,43 @@ impl Store {
                 .push(format!("log {cycle} of disk {} applied {n} times", id[15]));
         }
         Ok(())
+    }
+
+    /// Is a log of the disk newer than `cycle` stored (durable)?
+    pub fn next_stored(&self, id: &DiskId, cycle: u64) -> bool {
+        self.disks
+            .get(id)
+            .is_some_and(|r| r.logs.range(cycle + 1..).next().is_some())
+    }
+
+    /// Fail action `a` as a store that refuses it whole (a full disk, an
+    /// I/O error): retryable, and nothing it would change is changed (as
+    /// the real store: a failed apply is rolled back from its undo record,
+    /// a failed store leaves no log behind). `None` for an action that has
+    /// no completion or cannot fail this way.
+    pub fn refuse(&mut self, conn: u64, a: &ReceiverAction) -> Option<(OpId, StoreDone)> {
+        let full = || fail(ErrorCode::NoSpace, "injected: the store is full");
+        let io = || fail(ErrorCode::Io, "injected: an I/O error");
+        let done = match a {
+            ReceiverAction::ApplyLog {
+                op, disk_id, cycle, ..
+            } => {
+                if self.next_stored(disk_id, *cycle) {
+                    self.refused_before_next += 1;
+                }
+                (*op, StoreDone::LogApplied(Err(full())))
+            }
+            ReceiverAction::StoreLogDurably { op, .. } => {
+                self.staging.remove(&(conn, *op));
+                (*op, StoreDone::LogStored(Err(full())))
+            }
+            ReceiverAction::CommitPoint { op, .. } => (*op, StoreDone::PointCommitted(Err(io()))),
+            ReceiverAction::HashBlocks { op, .. } => (*op, StoreDone::Hashed(Err(io()))),
+            ReceiverAction::BeginInitial { op, .. } => (*op, StoreDone::InitialBegun(Err(full()))),
+            _ => return None,
+        };
+        self.refused += 1;
+        Some(done)
     }
 
     /// Execute one action of connection `conn`; the completion, if any.
