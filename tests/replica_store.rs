@@ -18,6 +18,7 @@ use store_suite::{
     check_after_crash, crash_fixture, info, initial, make_log, random_writes, reopen, Harness, Rng,
     BS, DISK, ID, SITE, VM,
 };
+use vdrep::receiver::control::PointInfo;
 use vdrep::replica::{
     Consistency, DiskRef, FailStore, InitialData, ReplicaStore, RetentionPolicy, Store, StoreError,
     StoreOutcome,
@@ -730,6 +731,57 @@ fn disk_full_is_retryable_and_harmless() {
     std::fs::remove_file(&filler).unwrap();
     site.apply(VM, &ID, 3).unwrap();
     assert!(read_replica(&store) == disk);
+}
+
+/// `vdrep points` says which points are committed on durable logs not
+/// applied yet (commit before apply), as the running receiver lists them
+/// (`PointInfo::list`) and as read from the store when none runs.
+#[test]
+fn points_list_which_are_applied_online_and_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let logs = tempfile::tempdir().unwrap();
+    let store = Store::open(&root).unwrap();
+    let mut rng = Rng(7);
+    let mut disk = vec![0u8; 1 << 20];
+    rng.fill(&mut disk);
+    initial(&store, &disk, 1);
+    let site = store.site(SITE).unwrap();
+    site.commit_point(VM, 1, &[ID], Consistency::Crash)
+        .unwrap()
+        .unwrap();
+    rng.fill(&mut disk[..64 << 10]);
+    let dirty: BTreeSet<u64> = (0..(64 << 10) / BS).collect();
+    let lp = logs.path().join("2.hrl");
+    make_log(&lp, ID, 1, 2, disk.len() as u64, &disk, &dirty);
+    site.store_log(VM, &ID, std::fs::File::open(&lp).unwrap())
+        .unwrap();
+    assert!(store.commits_durable_logs());
+    site.commit_point(VM, 2, &[ID], Consistency::Crash)
+        .unwrap()
+        .expect("committed on its durable log");
+    let online = |site: &vdrep::replica::Site<'_>| -> Vec<(u64, bool)> {
+        PointInfo::list(site, VM, &[])
+            .unwrap()
+            .iter()
+            .map(|p| (p.point.cycle, p.applied))
+            .collect()
+    };
+    let offline = || -> Vec<(u64, bool)> {
+        let (_, pts) = vdrep::failover::test::points(&root, Some(SITE.into()), VM).unwrap();
+        pts.iter().map(|p| (p.point.cycle, p.applied)).collect()
+    };
+    assert_eq!(online(&site), vec![(1, true), (2, false)]);
+    assert_eq!(offline(), vec![(1, true), (2, false)]);
+    site.apply(VM, &ID, 2).unwrap();
+    assert_eq!(online(&site), vec![(1, true), (2, true)]);
+    assert_eq!(offline(), vec![(1, true), (2, true)]);
+    // A receiver that predates the field listed applied points only.
+    let old: PointInfo = serde_json::from_value(serde_json::json!({
+        "cycle": 3, "time_unix_ns": 1, "consistency": "crash", "disks": []
+    }))
+    .unwrap();
+    assert!(old.applied);
 }
 
 #[test]

@@ -115,6 +115,8 @@ pub fn points(vm: &str, url: &StoreUrl, site: Option<String>, a: &S3Args, json: 
         for p in st.points(&site, vm).map_err(|e| e.to_string())? {
             out.push(PointInfo {
                 pinned: false,
+                // The bucket commits a point once its logs are applied.
+                applied: true,
                 definition: st
                     .definition(&site, vm, p.cycle)
                     .map_err(|e| e.to_string())?,

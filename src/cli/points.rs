@@ -228,12 +228,12 @@ pub fn print_points(
         return 0;
     }
     println!(
-        "{:<21} {:>10} {:>12} {:<12} {:<6} {:<5} {:<6} DISKS",
-        "TIME (UTC)", "ID", "CHANGED", "CONSISTENCY", "PINNED", "DEF", "BOOT"
+        "{:<21} {:>10} {:>12} {:<12} {:<8} {:<6} {:<5} {:<6} DISKS",
+        "TIME (UTC)", "ID", "CHANGED", "CONSISTENCY", "APPLIED", "PINNED", "DEF", "BOOT"
     );
     for p in &pts {
         println!(
-            "{:<21} {:>10} {:>12} {:<12} {:<6} {:<5} {:<6} {}",
+            "{:<21} {:>10} {:>12} {:<12} {:<8} {:<6} {:<5} {:<6} {}",
             format_utc(p.point.time_unix_ns),
             p.point.cycle,
             if p.point.bytes == 0 {
@@ -245,6 +245,7 @@ pub fn print_points(
                 Consistency::Crash => "crash",
                 Consistency::App => "app",
             },
+            if p.applied { "yes" } else { "pending" },
             if p.pinned { "yes" } else { "" },
             if p.definition.is_some() { "yes" } else { "" },
             match boots.get(&p.point.cycle) {
@@ -253,6 +254,11 @@ pub fn print_points(
                 None => "",
             },
             p.point.disks.len()
+        );
+    }
+    if pts.iter().any(|p| !p.applied) {
+        println!(
+            "APPLIED pending: the point's logs are durable here and are being applied to the replicas; a failover to it applies them first."
         );
     }
     0

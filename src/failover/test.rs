@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 use super::FailoverError;
 use crate::ipc::CallErrorKind;
 use crate::receiver::control::{self, PointInfo, Request};
+use crate::replica::ReplicaState;
 use crate::testview::{PointSel, ViewInfo, QEMU_PID_FILE};
 
 /// Read-only listing straight from the store (no receiver running): the
@@ -86,6 +87,14 @@ fn points_offline(
                 vmd.join("definitions").join(format!("{}.xml", point.cycle)),
             )
             .ok(),
+            // As `PointInfo::list`: every disk's replica (its
+            // `state.json`) reached the point.
+            applied: point.disks.iter().all(|d| {
+                std::fs::read(vmd.join("disks").join(d).join("state.json"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<ReplicaState>(&b).ok())
+                    .is_some_and(|st| st.cycle >= Some(point.cycle))
+            }),
             point,
         })
         .collect();

@@ -88,6 +88,17 @@ pub struct PointInfo {
     /// was protected as a domain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub definition: Option<String>,
+    /// Every disk of the point holds it in its replica. `false`: the point
+    /// is committed on logs durable here that are still being applied (a
+    /// failover to it applies them first; see SEMANTICS.md, commit before
+    /// apply). A receiver that predates the field only listed applied
+    /// points.
+    #[serde(default = "applied_by_default")]
+    pub applied: bool,
+}
+
+fn applied_by_default() -> bool {
+    true
 }
 
 impl PointInfo {
@@ -100,9 +111,15 @@ impl PointInfo {
     ) -> Result<Vec<PointInfo>, replica::StoreError> {
         let mut out = Vec::new();
         for p in site.points(vm)? {
+            let applied = p.disks.iter().all(|hex| {
+                replica::parse_hex_id(hex)
+                    .and_then(|id| site.disk_state(vm, &id).ok())
+                    .is_some_and(|st| st.cycle >= Some(p.cycle))
+            });
             out.push(PointInfo {
                 pinned: pins.contains(&p.cycle),
                 definition: site.definition(vm, p.cycle)?,
+                applied,
                 point: p,
             });
         }

@@ -1702,6 +1702,17 @@ mod tests {
             .commit_point("site", "vm", 2, &[ID], replica::Consistency::Crash)
             .unwrap();
         assert_eq!(pt.map(|p| p.cycle), Some(2), "committed on the durable log");
+        // `vdrep points` shows which points are still being applied
+        // (tests/replica_store.rs checks the offline reading too).
+        let applied = |store: &replica::Store| -> Vec<(u64, bool)> {
+            let site = store.site("site").unwrap();
+            control::PointInfo::list(&site, "vm", &[])
+                .unwrap()
+                .iter()
+                .map(|p| (p.point.cycle, p.applied))
+                .collect()
+        };
+        assert_eq!(applied(&store), vec![(2, false)]);
         assert!(drainer.pass(store.as_ref()).is_empty());
         assert_eq!(
             store.replica_state(d).unwrap().cycle,
@@ -1715,6 +1726,7 @@ mod tests {
             (Some(2), None),
             "applied by the drainer"
         );
+        assert_eq!(applied(&store), vec![(2, true)]);
         let mut buf = vec![0u8; 16 * BS as usize];
         store
             .read_point(d, 2)
