@@ -499,6 +499,32 @@ fn metrics_parse_and_rpo_alert_fires_notifies_and_clears() {
         (newest - last).abs() < 5.0,
         "receiver {newest}, sender {last}"
     );
+    // Points committed on durable logs not applied yet: counted, and the
+    // newest point every replica holds. Once none is pending (the apply
+    // after the commit is done), that is the newest point.
+    let web = [("site", "site-a"), ("vm", "web")];
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let b = scrape(&maddr_b);
+        let pending = must(&b, "vdrep_receiver_points_pending_apply", &web);
+        let newest = must(&b, "vdrep_receiver_last_point_timestamp_seconds", &web);
+        let applied = value(
+            &b,
+            "vdrep_receiver_last_applied_point_timestamp_seconds",
+            &web,
+        );
+        assert!(pending >= 0.0);
+        assert!(applied.is_none_or(|a| a <= newest), "{applied:?} {newest}");
+        if pending == 0.0 {
+            assert_eq!(applied, Some(newest));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{pending} point(s) still not applied after 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // The receiver stops; a writer keeps changing the disk.
     let follow = Follower::start(&vm);

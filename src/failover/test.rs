@@ -89,11 +89,11 @@ fn points_offline(
             .ok(),
             // As `PointInfo::list`: every disk's replica (its
             // `state.json`) reached the point.
-            applied: point.disks.iter().all(|d| {
+            applied: point.applied(|d| {
                 std::fs::read(vmd.join("disks").join(d).join("state.json"))
                     .ok()
                     .and_then(|b| serde_json::from_slice::<ReplicaState>(&b).ok())
-                    .is_some_and(|st| st.cycle >= Some(point.cycle))
+                    .and_then(|st| st.cycle)
             }),
             point,
         })

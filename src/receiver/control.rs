@@ -111,10 +111,10 @@ impl PointInfo {
     ) -> Result<Vec<PointInfo>, replica::StoreError> {
         let mut out = Vec::new();
         for p in site.points(vm)? {
-            let applied = p.disks.iter().all(|hex| {
+            let applied = p.applied(|hex| {
                 replica::parse_hex_id(hex)
                     .and_then(|id| site.disk_state(vm, &id).ok())
-                    .is_some_and(|st| st.cycle >= Some(p.cycle))
+                    .and_then(|st| st.cycle)
             });
             out.push(PointInfo {
                 pinned: pins.contains(&p.cycle),

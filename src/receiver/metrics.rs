@@ -2,6 +2,7 @@
 //! points per VM and the store's size, read at scrape time, with the
 //! connection and apply-latency counters of [`crate::metrics::receiver`].
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -22,6 +23,8 @@ pub(super) fn serve(
     crate::metrics::register(&mut registry, move |enc| {
         let mut points: Vec<(Labels, u64)> = Vec::new();
         let mut newest: Vec<(Labels, f64)> = Vec::new();
+        let mut pending: Vec<(Labels, u64)> = Vec::new();
+        let mut newest_applied: Vec<(Labels, f64)> = Vec::new();
         let (mut boot_ok, mut boot_at, mut boot_secs) = (Vec::new(), Vec::new(), Vec::new());
         for (site, vm) in store.vms() {
             let labels = vec![("site", site.clone()), ("vm", vm.clone())];
@@ -35,6 +38,26 @@ pub(super) fn serve(
             };
             if let Some(t) = p.iter().map(|p| p.time_unix_ns).max() {
                 newest.push((labels.clone(), t as f64 / 1e9));
+            }
+            // Committed on durable logs, not applied yet (commit before
+            // apply): one state read per disk.
+            let mut cycles: HashMap<String, Option<u64>> = HashMap::new();
+            let mut replica_cycle = |hex: &str| {
+                *cycles.entry(hex.to_string()).or_insert_with(|| {
+                    let id = crate::replica::parse_hex_id(hex)?;
+                    let d = crate::replica::DiskRef {
+                        site: &site,
+                        vm: &vm,
+                        disk_id: &id,
+                    };
+                    store.replica_state(d).ok()?.cycle
+                })
+            };
+            let applied: Vec<&crate::replica::Point> =
+                p.iter().filter(|p| p.applied(&mut replica_cycle)).collect();
+            pending.push((labels.clone(), (p.len() - applied.len()) as u64));
+            if let Some(t) = applied.iter().map(|p| p.time_unix_ns).max() {
+                newest_applied.push((labels.clone(), t as f64 / 1e9));
             }
             points.push((labels, p.len() as u64));
         }
@@ -51,6 +74,20 @@ pub(super) fn serve(
             "Cut time of the newest recovery point, Unix seconds",
             Some(&Unit::Seconds),
             newest,
+        )?;
+        gauge(
+            enc,
+            "vdrep_receiver_points_pending_apply",
+            "Recovery points committed on change logs durable here that are not applied to every replica yet (a failover to one applies them first)",
+            None,
+            pending,
+        )?;
+        gauge(
+            enc,
+            "vdrep_receiver_last_applied_point_timestamp",
+            "Cut time of the newest recovery point every replica file holds, Unix seconds (behind vdrep_receiver_last_point_timestamp_seconds while logs are applied; a gap that grows: an apply keeps failing)",
+            Some(&Unit::Seconds),
+            newest_applied,
         )?;
         gauge(
             enc,

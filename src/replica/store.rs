@@ -279,6 +279,18 @@ pub struct Point {
     pub disks: Vec<String>,
 }
 
+impl Point {
+    /// Is the point in every one of its disks' replicas? `replica_cycle`
+    /// gives the cycle a disk's replica file is at (its `state.json`;
+    /// `None`: unknown). `false` for a point committed on durable logs not
+    /// applied yet (row 10 of SEMANTICS.md).
+    pub fn applied(&self, mut replica_cycle: impl FnMut(&str) -> Option<u64>) -> bool {
+        self.disks
+            .iter()
+            .all(|hex| replica_cycle(hex).is_some_and(|c| c >= self.cycle))
+    }
+}
+
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct PointsFile {
     points: Vec<Point>,
