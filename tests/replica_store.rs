@@ -784,6 +784,89 @@ fn points_list_which_are_applied_online_and_offline() {
     assert!(old.applied);
 }
 
+/// A log damaged at rest in `incoming/` (a flipped bit, after it was
+/// stored and its point committed): the apply refuses it (`CorruptLog`,
+/// the replica untouched), and the sender's resend of the same log (same
+/// trailer: same content hash) replaces the damaged copy instead of being
+/// answered "already stored" (which left the point unappliable forever),
+/// and the point applies.
+#[test]
+fn a_committed_log_damaged_at_rest_is_replaced_by_its_resend() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let logs = tempfile::tempdir().unwrap();
+    let store = Store::open(&root).unwrap();
+    let mut rng = Rng(11);
+    let mut disk = vec![0u8; 1 << 20];
+    rng.fill(&mut disk);
+    initial(&store, &disk, 1);
+    let m1 = disk.clone();
+    let site = store.site(SITE).unwrap();
+    rng.fill(&mut disk[..256 << 10]);
+    let dirty: BTreeSet<u64> = (0..(256 << 10) / BS).collect();
+    let lp = logs.path().join("2.hrl");
+    make_log(&lp, ID, 1, 2, disk.len() as u64, &disk, &dirty);
+    site.store_log(VM, &ID, std::fs::File::open(&lp).unwrap())
+        .unwrap();
+    site.commit_point(VM, 2, &[ID], Consistency::Crash)
+        .unwrap()
+        .expect("committed on its durable log");
+    // Damage the stored copy in the middle of its records.
+    let hex: String = ID.iter().map(|b| format!("{b:02x}")).collect();
+    let stored = root
+        .join("sites")
+        .join(SITE)
+        .join("vms")
+        .join(VM)
+        .join("disks")
+        .join(&hex)
+        .join("incoming")
+        .join("2.hrl");
+    let mut bytes = std::fs::read(&stored).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&stored, &bytes).unwrap();
+    let e = site.apply(VM, &ID, 2).unwrap_err();
+    assert!(matches!(e, StoreError::CorruptLog { .. }), "{e}");
+    assert_eq!(site.disk_state(VM, &ID).unwrap().cycle, Some(1));
+    assert!(read_replica(&store) == m1, "replica untouched");
+    // The resend replaces the damaged copy.
+    let again = site
+        .store_log(VM, &ID, std::fs::File::open(&lp).unwrap())
+        .unwrap();
+    assert!(
+        matches!(again, StoreOutcome::Stored { cycle: 2, .. }),
+        "{again:?}"
+    );
+    site.apply(VM, &ID, 2).unwrap();
+    assert!(read_replica(&store) == disk, "the point applies");
+    // An intact stored copy is still answered "already stored", and a
+    // different log for a committed cycle is still refused.
+    let lp3 = logs.path().join("3.hrl");
+    rng.fill(&mut disk[..4096]);
+    make_log(&lp3, ID, 2, 3, disk.len() as u64, &disk, &[0].into());
+    site.store_log(VM, &ID, std::fs::File::open(&lp3).unwrap())
+        .unwrap();
+    site.commit_point(VM, 3, &[ID], Consistency::Crash)
+        .unwrap()
+        .unwrap();
+    let dup = site
+        .store_log(VM, &ID, std::fs::File::open(&lp3).unwrap())
+        .unwrap();
+    assert!(
+        matches!(dup, StoreOutcome::AlreadyStored { cycle: 3 }),
+        "{dup:?}"
+    );
+    let mut other = disk.clone();
+    other[..4096].fill(9);
+    let lp3b = logs.path().join("3b.hrl");
+    make_log(&lp3b, ID, 2, 3, other.len() as u64, &other, &[0].into());
+    let e = site
+        .store_log(VM, &ID, std::fs::File::open(&lp3b).unwrap())
+        .unwrap_err();
+    assert!(matches!(e, StoreError::IdentityMismatch { .. }), "{e}");
+}
+
 #[test]
 fn store_is_send_and_sync() {
     fn f<T: Send + Sync>() {}

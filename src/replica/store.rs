@@ -1325,8 +1325,17 @@ impl Site<'_> {
             let _ = std::fs::remove_file(&tmp);
             return Ok(done);
         }
-        if fin.exists() {
-            let same = same_trailer(&fin, &tmp).unwrap_or(false);
+        // A resend of a log already here with the same trailer (the hash
+        // of its whole content) is the same log: kept, unless the stored
+        // copy no longer verifies (damaged at rest: its apply fails with
+        // `CorruptLog`, and only this resend can heal it). The stored copy
+        // is read whole for that, on a resend only.
+        let same = fin.exists() && same_trailer(&fin, &tmp).unwrap_or(false);
+        let damaged = same && crate::hrl::verify(&fin).is_err();
+        if damaged {
+            tracing::warn!(vm, disk = %hex(disk_id), cycle,
+                "the stored log of cycle {cycle} is damaged; replacing it with the copy the sender sent again");
+        } else if fin.exists() {
             if same {
                 let _ = std::fs::remove_file(&tmp);
                 return Ok(StoreOutcome::AlreadyStored { cycle });
