@@ -827,7 +827,10 @@ fn a_committed_log_damaged_at_rest_is_replaced_by_its_resend() {
     bytes[mid] ^= 0x40;
     std::fs::write(&stored, &bytes).unwrap();
     let e = site.apply(VM, &ID, 2).unwrap_err();
-    assert!(matches!(e, StoreError::CorruptLog { .. }), "{e}");
+    assert!(
+        matches!(e, StoreError::CorruptLog { .. }) && e.retryable(),
+        "the sender must send it again: {e}"
+    );
     assert_eq!(site.disk_state(VM, &ID).unwrap().cycle, Some(1));
     assert!(read_replica(&store) == m1, "replica untouched");
     // The resend replaces the damaged copy.

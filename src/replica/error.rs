@@ -163,6 +163,8 @@ impl StoreError {
             StoreError::Locked { .. } | StoreError::Busy { .. } => true,
             StoreError::Access { .. } => true,
             StoreError::NeedsResync { .. } => true,
+            // Sent again, the log replaces the damaged copy (`store_log`).
+            StoreError::CorruptLog { .. } => true,
             StoreError::Injected { crashed, .. } => !*crashed,
             _ => false,
         }
