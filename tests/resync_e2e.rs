@@ -1129,3 +1129,85 @@ fn a_slow_apply_holds_neither_resync_nor_sync_nor_the_status() {
     same(&site.p("vm/s.img"), "raw", &site.replica("s.vhd"));
     m.umount();
 }
+
+/// A log damaged at rest at the receiver after it was stored (its point
+/// committed, its apply not run yet: every apply waits 3 s here): the
+/// apply refuses it (`CorruptLog`, retryable), the sender sends it again,
+/// the resend replaces the damaged copy (same trailer, the copy no longer
+/// verifies), and the point applies: the replica ends equal to the source,
+/// with no resync and no intervention. Before, the resend was answered
+/// "already stored" and the error was fatal at the sender.
+#[test]
+fn a_log_damaged_at_rest_before_its_apply_is_sent_again_and_applied() {
+    require_fuse!();
+    let site = Site::new("rs-damaged-at-rest");
+    random_file(&site.p("vm/d.img"), 16 << 20, 41);
+    let mut m = site.mount_env(&[("VDREP_RETRY_SCALE", "0.005")]);
+    let r = Receiver::spawn(
+        "127.0.0.1:0",
+        &site.p("store"),
+        &site.p("kb"),
+        &site.p("ka/site-a.crt"),
+        &[],
+        &[
+            ("VDREP_STALL_AT", "before-apply"),
+            ("VDREP_STALL_MS", "3000"),
+        ],
+    );
+    site.protect(&r, &["d.img"], &[]);
+    site.sync_ok();
+    let disk_dir = site.replica("d.vhd").parent().unwrap().to_path_buf();
+    let src = std::fs::OpenOptions::new()
+        .write(true)
+        .open(site.p("vm/d.img"))
+        .unwrap();
+    let mut rng = 99u64;
+    let data: Vec<u8> = (0..(2 << 20))
+        .map(|_| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng as u8
+        })
+        .collect();
+    src.write_all_at(&data, 5 << 20).unwrap();
+    src.sync_all().unwrap();
+    drop(src);
+    site.sync_ok();
+    let newest = *site.point_cycles().iter().max().unwrap();
+    // The sync returned at the commit; its log waits for its apply.
+    let log = disk_dir.join("incoming").join(format!("{newest}.hrl"));
+    let mut bytes = std::fs::read(&log).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (applied already? replica at {})",
+            log.display(),
+            applied_cycle(&disk_dir)
+        )
+    });
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x10;
+    std::fs::write(&log, &bytes).unwrap();
+    assert!(
+        applied_cycle(&disk_dir) < newest,
+        "applied before the damage: the test proves nothing"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while applied_cycle(&disk_dir) < newest {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "point {newest} not applied 120 s after its log was damaged (replica at {}); status: {}",
+            applied_cycle(&disk_dir),
+            m.status_json()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let st = m.status_json();
+    assert_ne!(
+        st["replication"][0]["state"], "Critical",
+        "the sender gave up: {st}"
+    );
+    let (code, v) = site.verify();
+    assert_eq!(code, 0, "differs after the resend: {v}");
+    same(&site.p("vm/d.img"), "raw", &site.replica("d.vhd"));
+    m.umount();
+}
