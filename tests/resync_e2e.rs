@@ -1206,6 +1206,17 @@ fn a_log_damaged_at_rest_before_its_apply_is_sent_again_and_applied() {
         st["replication"][0]["state"], "Critical",
         "the sender gave up: {st}"
     );
+    // The receiver said so once (an event for the pager), not per retry.
+    let ev = vdrep_ok(&["events", "--store", &site.s("store"), "--json"]);
+    let failed: Vec<serde_json::Value> = ev
+        .lines()
+        .filter(|l| l.contains("\"apply_failed\""))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(failed.len(), 1, "{ev}");
+    assert_eq!(failed[0]["cycle"].as_u64(), Some(newest), "{ev}");
+    assert_eq!(failed[0]["retryable"], true, "{ev}");
+    assert_eq!(failed[0]["vm"], "rs-damaged-at-rest", "{ev}");
     let (code, v) = site.verify();
     assert_eq!(code, 0, "differs after the resend: {v}");
     same(&site.p("vm/d.img"), "raw", &site.replica("d.vhd"));

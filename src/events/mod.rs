@@ -114,6 +114,18 @@ pub enum EventKind {
         cycles: Vec<u64>,
         reason: String,
     },
+    /// Receiver: a change log of the VM could not be applied to its
+    /// replica (a full store, a log damaged at rest, an I/O error). Once
+    /// per disk and cycle, not per retry; `retryable`: the sender sends it
+    /// again by itself. Its point, if committed, stays unreadable until
+    /// the apply succeeds.
+    ApplyFailed {
+        site: String,
+        disk: String,
+        cycle: u64,
+        error: String,
+        retryable: bool,
+    },
     /// The receiver's scheduled boot verification (`verify_boot`) booted a
     /// recovery point: it became ready (`verified`) after `secs`, or not
     /// (`detail` says why, with the console's tail).
@@ -190,6 +202,7 @@ impl EventKind {
             EventKind::ResyncFinished { .. } => "resync_finished",
             EventKind::FailoverStep { .. } => "failover_step",
             EventKind::PointsDropped { .. } => "points_dropped",
+            EventKind::ApplyFailed { .. } => "apply_failed",
             EventKind::BootVerified { .. } => "boot_verified",
         }
     }
@@ -267,6 +280,17 @@ impl Event {
                 s += &format!(
                     " site:{site} disk:{disk} cycles:{} reason:{reason:?}",
                     c.join(",")
+                );
+            }
+            EventKind::ApplyFailed {
+                site,
+                disk,
+                cycle,
+                error,
+                retryable,
+            } => {
+                s += &format!(
+                    " site:{site} disk:{disk} cycle:{cycle} retryable:{retryable} error:{error:?}"
                 );
             }
             EventKind::BootVerified {

@@ -1208,12 +1208,14 @@ impl Conn {
                 cycle,
             } => {
                 self.digests.remove(&disk_id);
+                let bus = self.bus.clone();
                 self.spawn(op, move |store, site| {
                     let t = std::time::Instant::now();
                     let r = crate::metrics::receiver::time_apply(|| {
                         store.apply(disk(site, &vm, &disk_id), cycle)
                     });
                     crate::util::phase::done("recv_apply", &vm, t);
+                    report_apply(bus.as_deref(), disk(site, &vm, &disk_id), cycle, &r);
                     StoreDone::LogApplied(r.map(|_| ()).map_err(failure))
                 })
             }
@@ -1455,6 +1457,50 @@ fn load_disk(
     })
 }
 
+/// Apply failures already reported, by (site, vm, disk): the cycle. One
+/// `apply_failed` event per disk and failing cycle, not one per retry of
+/// the sender (a pager behind `notify_command` hears it once); forgotten
+/// when an apply of the disk succeeds. Process-wide, as the receiver's
+/// metrics: one receiver per process.
+static APPLY_FAILED: std::sync::LazyLock<Mutex<HashMap<ApplyKey, u64>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// A replica: site, VM, disk.
+type ApplyKey = (String, String, DiskId);
+
+/// Note the outcome of an apply: an `apply_failed` event the first time a
+/// cycle of the disk fails.
+fn report_apply(
+    bus: Option<&crate::events::Bus>,
+    d: DiskRef<'_>,
+    cycle: u64,
+    r: &Result<replica::ApplyOutcome, StoreError>,
+) {
+    let key = (d.site.to_string(), d.vm.to_string(), *d.disk_id);
+    let e = match r {
+        Ok(_) => {
+            APPLY_FAILED.lock().remove(&key);
+            return;
+        }
+        Err(e) => e,
+    };
+    if APPLY_FAILED.lock().insert(key, cycle) == Some(cycle) {
+        return;
+    }
+    if let Some(bus) = bus {
+        bus.emit(
+            Some(d.vm),
+            crate::events::EventKind::ApplyFailed {
+                site: d.site.to_string(),
+                disk: crate::util::hex(d.disk_id),
+                cycle,
+                error: e.to_string(),
+                retryable: e.retryable(),
+            },
+        );
+    }
+}
+
 /// Start or resume an initial copy; the offset it resumes at.
 fn begin_initial(
     store: &dyn ReplicaStore,
@@ -1684,6 +1730,49 @@ mod tests {
     /// row found it unapplied (no connection applied it in between), and
     /// nothing past the newest point; a pass with nothing to do changes
     /// nothing.
+    /// One `apply_failed` event per disk and failing cycle: not per retry,
+    /// again for a new cycle, and again for the same cycle once an apply
+    /// of the disk succeeded in between.
+    #[test]
+    fn an_apply_failure_is_an_event_once_per_disk_and_cycle() {
+        let bus = crate::events::Bus::default();
+        let id = [0x5a; 16];
+        let d = disk("site-ev", "vm-ev", &id);
+        let full = || -> Result<replica::ApplyOutcome, StoreError> {
+            Err(StoreError::Busy {
+                ctx: replica::Ctx::default(),
+                what: "injected".into(),
+            })
+        };
+        let ok = || -> Result<replica::ApplyOutcome, StoreError> {
+            Ok(replica::ApplyOutcome::AlreadyApplied {
+                cycle: 1,
+                replica_cycle: 1,
+            })
+        };
+        let cycles = |bus: &crate::events::Bus| -> Vec<u64> {
+            bus.since(0, Duration::ZERO)
+                .events
+                .iter()
+                .filter_map(|e| match &e.kind {
+                    crate::events::EventKind::ApplyFailed { cycle, disk, .. } => {
+                        assert_eq!(disk, &crate::util::hex(&id));
+                        Some(*cycle)
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        report_apply(Some(&bus), d, 2, &full());
+        report_apply(Some(&bus), d, 2, &full());
+        assert_eq!(cycles(&bus), vec![2], "once per retry of the same cycle");
+        report_apply(Some(&bus), d, 3, &full());
+        assert_eq!(cycles(&bus), vec![2, 3]);
+        report_apply(Some(&bus), d, 3, &ok());
+        report_apply(Some(&bus), d, 3, &full());
+        assert_eq!(cycles(&bus), vec![2, 3, 3], "again after a success");
+    }
+
     #[test]
     fn the_drainer_applies_committed_logs_no_connection_applies() {
         let dir = tempfile::tempdir().unwrap();
