@@ -733,33 +733,64 @@ fn disk_full_is_retryable_and_harmless() {
     assert!(read_replica(&store) == disk);
 }
 
-/// `vdrep points` says which points are committed on durable logs not
-/// applied yet (commit before apply), as the running receiver lists them
-/// (`PointInfo::list`) and as read from the store when none runs.
-#[test]
-fn points_list_which_are_applied_online_and_offline() {
+/// A store whose disk was copied at cycle 1 (1 MiB of seeded random data)
+/// and whose point 2 is committed on log 2 (the first `changed` bytes
+/// rewritten), stored and not applied yet (commit before apply).
+struct CommittedBeforeApply {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    store: Store,
+    logs: tempfile::TempDir,
+    /// Log 2, as the sender keeps it.
+    log: PathBuf,
+    at_1: Vec<u8>,
+    at_2: Vec<u8>,
+}
+
+fn committed_before_apply(seed: u64, changed: usize) -> CommittedBeforeApply {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("store");
     let logs = tempfile::tempdir().unwrap();
     let store = Store::open(&root).unwrap();
-    let mut rng = Rng(7);
+    let mut rng = Rng(seed);
     let mut disk = vec![0u8; 1 << 20];
     rng.fill(&mut disk);
     initial(&store, &disk, 1);
+    let at_1 = disk.clone();
     let site = store.site(SITE).unwrap();
     site.commit_point(VM, 1, &[ID], Consistency::Crash)
         .unwrap()
         .unwrap();
-    rng.fill(&mut disk[..64 << 10]);
-    let dirty: BTreeSet<u64> = (0..(64 << 10) / BS).collect();
-    let lp = logs.path().join("2.hrl");
-    make_log(&lp, ID, 1, 2, disk.len() as u64, &disk, &dirty);
-    site.store_log(VM, &ID, std::fs::File::open(&lp).unwrap())
+    rng.fill(&mut disk[..changed]);
+    let dirty: BTreeSet<u64> = (0..changed as u64 / BS).collect();
+    let log = logs.path().join("2.hrl");
+    make_log(&log, ID, 1, 2, disk.len() as u64, &disk, &dirty);
+    site.store_log(VM, &ID, std::fs::File::open(&log).unwrap())
         .unwrap();
     assert!(store.commits_durable_logs());
     site.commit_point(VM, 2, &[ID], Consistency::Crash)
         .unwrap()
         .expect("committed on its durable log");
+    drop(site);
+    CommittedBeforeApply {
+        _dir: dir,
+        root,
+        store,
+        logs,
+        log,
+        at_1,
+        at_2: disk,
+    }
+}
+
+/// `vdrep points` says which points are committed on durable logs not
+/// applied yet (commit before apply), as the running receiver lists them
+/// (`PointInfo::list`) and as read from the store when none runs.
+#[test]
+fn points_list_which_are_applied_online_and_offline() {
+    let c = committed_before_apply(7, 64 << 10);
+    let (root, store) = (&c.root, &c.store);
+    let site = store.site(SITE).unwrap();
     let online = |site: &vdrep::replica::Site<'_>| -> Vec<(u64, bool)> {
         PointInfo::list(site, VM, &[])
             .unwrap()
@@ -768,7 +799,7 @@ fn points_list_which_are_applied_online_and_offline() {
             .collect()
     };
     let offline = || -> Vec<(u64, bool)> {
-        let (_, pts) = vdrep::failover::test::points(&root, Some(SITE.into()), VM).unwrap();
+        let (_, pts) = vdrep::failover::test::points(root, Some(SITE.into()), VM).unwrap();
         pts.iter().map(|p| (p.point.cycle, p.applied)).collect()
     };
     assert_eq!(online(&site), vec![(1, true), (2, false)]);
@@ -792,25 +823,11 @@ fn points_list_which_are_applied_online_and_offline() {
 /// and the point applies.
 #[test]
 fn a_committed_log_damaged_at_rest_is_replaced_by_its_resend() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("store");
-    let logs = tempfile::tempdir().unwrap();
-    let store = Store::open(&root).unwrap();
-    let mut rng = Rng(11);
-    let mut disk = vec![0u8; 1 << 20];
-    rng.fill(&mut disk);
-    initial(&store, &disk, 1);
-    let m1 = disk.clone();
+    let c = committed_before_apply(11, 256 << 10);
+    let (root, store, lp, logs, m1) = (&c.root, &c.store, &c.log, c.logs.path(), &c.at_1);
+    let mut disk = c.at_2.clone();
+    let mut rng = Rng(12);
     let site = store.site(SITE).unwrap();
-    rng.fill(&mut disk[..256 << 10]);
-    let dirty: BTreeSet<u64> = (0..(256 << 10) / BS).collect();
-    let lp = logs.path().join("2.hrl");
-    make_log(&lp, ID, 1, 2, disk.len() as u64, &disk, &dirty);
-    site.store_log(VM, &ID, std::fs::File::open(&lp).unwrap())
-        .unwrap();
-    site.commit_point(VM, 2, &[ID], Consistency::Crash)
-        .unwrap()
-        .expect("committed on its durable log");
     // Damage the stored copy in the middle of its records.
     let hex: String = ID.iter().map(|b| format!("{b:02x}")).collect();
     let stored = root
@@ -832,20 +849,20 @@ fn a_committed_log_damaged_at_rest_is_replaced_by_its_resend() {
         "the sender must send it again: {e}"
     );
     assert_eq!(site.disk_state(VM, &ID).unwrap().cycle, Some(1));
-    assert!(read_replica(&store) == m1, "replica untouched");
+    assert!(read_replica(store) == *m1, "replica untouched");
     // The resend replaces the damaged copy.
     let again = site
-        .store_log(VM, &ID, std::fs::File::open(&lp).unwrap())
+        .store_log(VM, &ID, std::fs::File::open(lp).unwrap())
         .unwrap();
     assert!(
         matches!(again, StoreOutcome::Stored { cycle: 2, .. }),
         "{again:?}"
     );
     site.apply(VM, &ID, 2).unwrap();
-    assert!(read_replica(&store) == disk, "the point applies");
+    assert!(read_replica(store) == disk, "the point applies");
     // An intact stored copy is still answered "already stored", and a
     // different log for a committed cycle is still refused.
-    let lp3 = logs.path().join("3.hrl");
+    let lp3 = logs.join("3.hrl");
     rng.fill(&mut disk[..4096]);
     make_log(&lp3, ID, 2, 3, disk.len() as u64, &disk, &[0].into());
     site.store_log(VM, &ID, std::fs::File::open(&lp3).unwrap())
@@ -862,7 +879,7 @@ fn a_committed_log_damaged_at_rest_is_replaced_by_its_resend() {
     );
     let mut other = disk.clone();
     other[..4096].fill(9);
-    let lp3b = logs.path().join("3b.hrl");
+    let lp3b = logs.join("3b.hrl");
     make_log(&lp3b, ID, 2, 3, other.len() as u64, &other, &[0].into());
     let e = site
         .store_log(VM, &ID, std::fs::File::open(&lp3b).unwrap())

@@ -1044,6 +1044,19 @@ fn applied_cycle(disk_dir: &Path) -> u64 {
     st["cycle"].as_u64().unwrap_or(0)
 }
 
+/// The site's receiver, each apply of which first waits `ms` milliseconds
+/// (`VDREP_STALL_AT=before-apply`: a slow replica disk).
+fn receiver_with_slow_applies(site: &Site, ms: &str) -> Receiver {
+    Receiver::spawn(
+        "127.0.0.1:0",
+        &site.p("store"),
+        &site.p("kb"),
+        &site.p("ka/site-a.crt"),
+        &[],
+        &[("VDREP_STALL_AT", "before-apply"), ("VDREP_STALL_MS", ms)],
+    )
+}
+
 /// Every apply at the receiver waits 10 s (`VDREP_STALL_AT=before-apply`,
 /// a slow replica disk): a recovery point is committed once its logs are
 /// durable, so neither a resync, nor a `sync`, nor the sender's status
@@ -1058,17 +1071,7 @@ fn a_slow_apply_holds_neither_resync_nor_sync_nor_the_status() {
     let site = Site::new("rs-slow-apply");
     random_file(&site.p("vm/s.img"), 16 << 20, 31);
     let mut m = site.mount();
-    let r = Receiver::spawn(
-        "127.0.0.1:0",
-        &site.p("store"),
-        &site.p("kb"),
-        &site.p("ka/site-a.crt"),
-        &[],
-        &[
-            ("VDREP_STALL_AT", "before-apply"),
-            ("VDREP_STALL_MS", "10000"),
-        ],
-    );
+    let r = receiver_with_slow_applies(&site, "10000");
     site.protect(&r, &["s.img"], &[]);
     // The initial copy is finished without an apply.
     site.sync_ok();
@@ -1143,17 +1146,7 @@ fn a_log_damaged_at_rest_before_its_apply_is_sent_again_and_applied() {
     let site = Site::new("rs-damaged-at-rest");
     random_file(&site.p("vm/d.img"), 16 << 20, 41);
     let mut m = site.mount_env(&[("VDREP_RETRY_SCALE", "0.005")]);
-    let r = Receiver::spawn(
-        "127.0.0.1:0",
-        &site.p("store"),
-        &site.p("kb"),
-        &site.p("ka/site-a.crt"),
-        &[],
-        &[
-            ("VDREP_STALL_AT", "before-apply"),
-            ("VDREP_STALL_MS", "3000"),
-        ],
-    );
+    let r = receiver_with_slow_applies(&site, "3000");
     site.protect(&r, &["d.img"], &[]);
     site.sync_ok();
     let disk_dir = site.replica("d.vhd").parent().unwrap().to_path_buf();
