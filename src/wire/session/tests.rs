@@ -2092,11 +2092,10 @@ fn with_durable_commits_a_log_behind_is_stored_while_its_base_is_applied() {
     );
 }
 
-/// When the apply of the stored base fails, the log stored behind it is
-/// refused `Busy` (retryable: the sender sends both again), never applied
-/// out of order (which would mark the replica for a resync).
-#[test]
-fn with_durable_commits_a_log_stored_behind_a_failed_apply_is_refused_busy() {
+/// Directory store, trusted replica: log 6 stored and its apply asked
+/// for, log 7 sent behind it and being stored. The receiver, the apply's
+/// op and log 7's store op.
+fn log_6_applying_with_7_behind() -> (Receiver, OpId, OpId) {
     let mut r = opened_with(receiver_with(true), 5, wire::PROTOCOL_VERSION);
     let outs = on(&mut r, 2, &log_msgs(6, 5, b"0123456789").1);
     let stored6 = stored_op(&outs);
@@ -2105,22 +2104,39 @@ fn with_durable_commits_a_log_stored_behind_a_failed_apply_is_refused_busy() {
     let outs = drain(|| r.poll());
     let apply6 = apply_of(&outs, 6).expect("log 6 is applied");
     let stored7 = stored_op(&outs);
-    r.complete(NOW, stored7, StoreDone::LogStored(Ok(LogStored::Stored)));
-    drain(|| r.poll());
-    let full = StoreFailure {
+    (r, apply6, stored7)
+}
+
+fn disk_full() -> StoreFailure {
+    StoreFailure {
         code: ErrorCode::NoSpace,
         retryable: true,
         message: "the disk is full".into(),
-    };
-    r.complete(NOW, apply6, StoreDone::LogApplied(Err(full)));
-    let outs = drain(|| r.poll());
-    assert_eq!(apply_of(&outs, 7), None, "{outs:?}");
+    }
+}
+
+/// Log `cycle` was not applied, and no replica was marked for a resync.
+fn assert_neither_applied_nor_resynced(outs: &[Output<ReceiverAction>], cycle: u64) {
+    assert_eq!(apply_of(outs, cycle), None, "{outs:?}");
     assert!(
-        !actions(&outs)
+        !actions(outs)
             .iter()
             .any(|a| matches!(a, ReceiverAction::MarkNeedsResync { .. })),
         "{outs:?}"
     );
+}
+
+/// When the apply of the stored base fails, the log stored behind it is
+/// refused `Busy` (retryable: the sender sends both again), never applied
+/// out of order (which would mark the replica for a resync).
+#[test]
+fn with_durable_commits_a_log_stored_behind_a_failed_apply_is_refused_busy() {
+    let (mut r, apply6, stored7) = log_6_applying_with_7_behind();
+    r.complete(NOW, stored7, StoreDone::LogStored(Ok(LogStored::Stored)));
+    drain(|| r.poll());
+    r.complete(NOW, apply6, StoreDone::LogApplied(Err(disk_full())));
+    let outs = drain(|| r.poll());
+    assert_neither_applied_nor_resynced(&outs, 7);
     let err = |stream| {
         sent_on(&outs, stream).into_iter().find_map(|m| match m {
             Msg::Error(e) => Some((e.code, e.retryable)),
@@ -2137,30 +2153,12 @@ fn with_durable_commits_a_log_stored_behind_a_failed_apply_is_refused_busy() {
 /// resync).
 #[test]
 fn with_durable_commits_a_log_stored_after_its_base_failed_is_refused_busy() {
-    let mut r = opened_with(receiver_with(true), 5, wire::PROTOCOL_VERSION);
-    let outs = on(&mut r, 2, &log_msgs(6, 5, b"0123456789").1);
-    let stored6 = stored_op(&outs);
-    on(&mut r, 3, &behind_msgs(7, 6, b"abcdefghij"));
-    r.complete(NOW, stored6, StoreDone::LogStored(Ok(LogStored::Stored)));
-    let outs = drain(|| r.poll());
-    let apply6 = apply_of(&outs, 6).expect("log 6 is applied");
-    let stored7 = stored_op(&outs);
-    let full = StoreFailure {
-        code: ErrorCode::NoSpace,
-        retryable: true,
-        message: "the disk is full".into(),
-    };
-    r.complete(NOW, apply6, StoreDone::LogApplied(Err(full)));
+    let (mut r, apply6, stored7) = log_6_applying_with_7_behind();
+    r.complete(NOW, apply6, StoreDone::LogApplied(Err(disk_full())));
     drain(|| r.poll());
     r.complete(NOW, stored7, StoreDone::LogStored(Ok(LogStored::Stored)));
     let outs = drain(|| r.poll());
-    assert_eq!(apply_of(&outs, 7), None, "{outs:?}");
-    assert!(
-        !actions(&outs)
-            .iter()
-            .any(|a| matches!(a, ReceiverAction::MarkNeedsResync { .. })),
-        "{outs:?}"
-    );
+    assert_neither_applied_nor_resynced(&outs, 7);
     assert_eq!(refusal(&outs), Some((ErrorCode::Busy, true)), "{outs:?}");
 }
 
