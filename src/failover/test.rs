@@ -79,22 +79,22 @@ fn points_offline(
             }
         }
     }
+    // As `PointInfo::list`: every disk's replica (its `state.json`)
+    // reached the point.
+    let applied = crate::replica::applied_flags(&pts, |d| {
+        let b = std::fs::read(vmd.join("disks").join(d).join("state.json")).ok()?;
+        serde_json::from_slice::<ReplicaState>(&b).ok()?.cycle
+    });
     let pts = pts
         .into_iter()
-        .map(|point| PointInfo {
+        .zip(applied)
+        .map(|(point, applied)| PointInfo {
             pinned: false,
             definition: std::fs::read_to_string(
                 vmd.join("definitions").join(format!("{}.xml", point.cycle)),
             )
             .ok(),
-            // As `PointInfo::list`: every disk's replica (its
-            // `state.json`) reached the point.
-            applied: point.applied(|d| {
-                std::fs::read(vmd.join("disks").join(d).join("state.json"))
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<ReplicaState>(&b).ok())
-                    .and_then(|st| st.cycle)
-            }),
+            applied,
             point,
         })
         .collect();

@@ -110,12 +110,12 @@ impl PointInfo {
         pins: &[u64],
     ) -> Result<Vec<PointInfo>, replica::StoreError> {
         let mut out = Vec::new();
-        for p in site.points(vm)? {
-            let applied = p.applied(|hex| {
-                replica::parse_hex_id(hex)
-                    .and_then(|id| site.disk_state(vm, &id).ok())
-                    .and_then(|st| st.cycle)
-            });
+        let points = site.points(vm)?;
+        let applied = replica::applied_flags(&points, |hex| {
+            let id = replica::parse_hex_id(hex)?;
+            site.disk_state(vm, &id).ok()?.cycle
+        });
+        for (p, applied) in points.into_iter().zip(applied) {
             out.push(PointInfo {
                 pinned: pins.contains(&p.cycle),
                 definition: site.definition(vm, p.cycle)?,

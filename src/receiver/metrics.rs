@@ -2,7 +2,6 @@
 //! points per VM and the store's size, read at scrape time, with the
 //! connection and apply-latency counters of [`crate::metrics::receiver`].
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -40,21 +39,21 @@ pub(super) fn serve(
                 newest.push((labels.clone(), t as f64 / 1e9));
             }
             // Committed on durable logs, not applied yet (commit before
-            // apply): one state read per disk.
-            let mut cycles: HashMap<String, Option<u64>> = HashMap::new();
-            let mut replica_cycle = |hex: &str| {
-                *cycles.entry(hex.to_string()).or_insert_with(|| {
-                    let id = crate::replica::parse_hex_id(hex)?;
-                    let d = crate::replica::DiskRef {
-                        site: &site,
-                        vm: &vm,
-                        disk_id: &id,
-                    };
-                    store.replica_state(d).ok()?.cycle
-                })
-            };
-            let applied: Vec<&crate::replica::Point> =
-                p.iter().filter(|p| p.applied(&mut replica_cycle)).collect();
+            // apply).
+            let flags = crate::replica::applied_flags(&p, |hex| {
+                let id = crate::replica::parse_hex_id(hex)?;
+                let d = crate::replica::DiskRef {
+                    site: &site,
+                    vm: &vm,
+                    disk_id: &id,
+                };
+                store.replica_state(d).ok()?.cycle
+            });
+            let applied: Vec<&crate::replica::Point> = p
+                .iter()
+                .zip(flags)
+                .filter_map(|(p, a)| a.then_some(p))
+                .collect();
             pending.push((labels.clone(), (p.len() - applied.len()) as u64));
             if let Some(t) = applied.iter().map(|p| p.time_unix_ns).max() {
                 newest_applied.push((labels.clone(), t as f64 / 1e9));

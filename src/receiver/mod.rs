@@ -1725,11 +1725,6 @@ mod tests {
         store
     }
 
-    /// A point committed on a durable log whose connection ended before
-    /// asking for its apply: the drainer applies it once two passes in a
-    /// row found it unapplied (no connection applied it in between), and
-    /// nothing past the newest point; a pass with nothing to do changes
-    /// nothing.
     /// One `apply_failed` event per disk and failing cycle: not per retry,
     /// again for a new cycle, and again for the same cycle once an apply
     /// of the disk succeeded in between.
@@ -1738,7 +1733,7 @@ mod tests {
         let bus = crate::events::Bus::default();
         let id = [0x5a; 16];
         let d = disk("site-ev", "vm-ev", &id);
-        let full = || -> Result<replica::ApplyOutcome, StoreError> {
+        let failed = || -> Result<replica::ApplyOutcome, StoreError> {
             Err(StoreError::Busy {
                 ctx: replica::Ctx::default(),
                 what: "injected".into(),
@@ -1763,16 +1758,21 @@ mod tests {
                 })
                 .collect()
         };
-        report_apply(Some(&bus), d, 2, &full());
-        report_apply(Some(&bus), d, 2, &full());
+        report_apply(Some(&bus), d, 2, &failed());
+        report_apply(Some(&bus), d, 2, &failed());
         assert_eq!(cycles(&bus), vec![2], "once per retry of the same cycle");
-        report_apply(Some(&bus), d, 3, &full());
+        report_apply(Some(&bus), d, 3, &failed());
         assert_eq!(cycles(&bus), vec![2, 3]);
         report_apply(Some(&bus), d, 3, &ok());
-        report_apply(Some(&bus), d, 3, &full());
+        report_apply(Some(&bus), d, 3, &failed());
         assert_eq!(cycles(&bus), vec![2, 3, 3], "again after a success");
     }
 
+    /// A point committed on a durable log whose connection ended before
+    /// asking for its apply: the drainer applies it once two passes in a
+    /// row found it unapplied (no connection applied it in between), and
+    /// nothing past the newest point; a pass with nothing to do changes
+    /// nothing.
     #[test]
     fn the_drainer_applies_committed_logs_no_connection_applies() {
         let dir = tempfile::tempdir().unwrap();

@@ -291,6 +291,25 @@ impl Point {
     }
 }
 
+/// [`Point::applied`] of each of `points`, asking `replica_cycle` once per
+/// disk (a `state.json` read), not once per point.
+pub fn applied_flags(
+    points: &[Point],
+    mut replica_cycle: impl FnMut(&str) -> Option<u64>,
+) -> Vec<bool> {
+    let mut cycles: HashMap<String, Option<u64>> = HashMap::new();
+    points
+        .iter()
+        .map(|p| {
+            p.applied(|hex| {
+                *cycles
+                    .entry(hex.to_string())
+                    .or_insert_with(|| replica_cycle(hex))
+            })
+        })
+        .collect()
+}
+
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct PointsFile {
     points: Vec<Point>,
