@@ -154,8 +154,9 @@ pub enum Cmd {
     /// (Warning, Critical and back), recovery points committed, alerts
     /// raised and cleared (RPO exceeded), resyncs started and finished,
     /// failover steps (fence, release, failback, commit). With --store, the
-    /// failover steps of the running receiver instead (test failover,
-    /// promote, cancel, commit, adopt). Without --follow, the recent events
+    /// running receiver's instead (failover steps: test failover, promote,
+    /// cancel, commit, adopt; boot checks, points dropped, logs that could
+    /// not be applied). Without --follow, the recent events
     /// the daemon kept, then exit.
     Events {
         /// A mounted folder (default: the only running mount).
@@ -351,7 +352,8 @@ pub enum Cmd {
         timeout: u64,
     },
     /// List a VM's recovery points at the secondary site, newest first:
-    /// time, id, history bytes, consistency, pinned (exposed).
+    /// time, id, history bytes, consistency, applied (or pending: its
+    /// logs are durable and still being applied), pinned (exposed).
     Points {
         /// VM name.
         #[arg(required_unless_present = "group", conflicts_with = "group")]
