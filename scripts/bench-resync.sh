@@ -17,7 +17,7 @@
 # No time is asserted.
 #
 # Environment: SIZE=2G RUNS=3 CHANGE_PCT=1 BENCH_ROOT=/var/tmp/vdrep-rsbench
-#   NO_BUILD=1 VDREP=target/release/vdrep KEEP=1 DROP_CACHES=0
+#   NO_BUILD=1 VDREP=target/release/vdrep KEEP=1 DROP_CACHES=0 NO_INSTALL=1
 #   SKIP_RSYNC=1 (vdrep only)  PERF=1 (perf record -a -g of each vdrep run
 #   into $LOG/perf-N.data; `perf report -i ... --comm vdrep`)
 set -euo pipefail
@@ -29,7 +29,18 @@ BENCH_ROOT=${BENCH_ROOT:-/var/tmp/vdrep-rsbench}
 VDREP=${VDREP:-target/release/vdrep}
 RSYNC_PORT=${RSYNC_PORT:-18873}
 [ "$(id -u)" = 0 ] || { echo "needs root (FUSE mount)"; exit 2; }
-for t in rsync python3 jq qemu-img; do command -v "$t" >/dev/null || { echo "missing $t"; exit 2; }; done
+# The baseline (rsync) and the helpers are installed when missing, as
+# bench-replication.sh does (NO_INSTALL=1 to refuse).
+BENCH_PKGS="rsync python3 jq qemu-utils"
+missing=()
+for t in rsync python3 jq qemu-img; do command -v "$t" >/dev/null || missing+=("$t"); done
+if [ ${#missing[@]} -gt 0 ] && [ "${NO_INSTALL:-0}" != 1 ] && command -v apt-get >/dev/null; then
+    echo "missing ${missing[*]}: apt-get install $BENCH_PKGS" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $BENCH_PKGS >&2 \
+        || { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $BENCH_PKGS >&2; } \
+        || { echo "apt-get install $BENCH_PKGS failed"; exit 2; }
+fi
+for t in rsync python3 jq qemu-img; do command -v "$t" >/dev/null || { echo "missing $t (apt-get install $BENCH_PKGS)"; exit 2; }; done
 [ -n "${NO_BUILD:-}" ] || cargo build --release --quiet
 VDREP=$(realpath "$VDREP")
 W="$BENCH_ROOT/run-$(date -u +%Y%m%dT%H%M%SZ)"
@@ -176,4 +187,24 @@ for tool in vdrep rsync-b4096 rsync-default; do
     printf "%-16s %10s %14s\n" "$tool" "$s" "$b"
 done
 echo "changed data: $((NCHANGE * 4096)) bytes; 1% of the disk: $((BYTES / 100)) bytes"
+# Targets (issue 12, T5): time <= 0.2x rsync -B4096's from the same run;
+# (issue 5) wire bytes <= changed data + 1% of the disk.
+vs=$(awk -F, '$2=="vdrep"{print $3}' "$LOG/results.csv" | median)
+vb=$(awk -F, '$2=="vdrep"{print $4}' "$LOG/results.csv" | median)
+rs=$(awk -F, '$2=="rsync-b4096"{print $3}' "$LOG/results.csv" | median)
+if [ -n "$rs" ] && [ -n "$vs" ]; then
+    python3 - "$vs" "$rs" <<'PY'
+import sys
+v, r = float(sys.argv[1]), float(sys.argv[2])
+ratio = v / r if r > 0 else float("inf")
+print(f"target resync time <= 0.2x rsync -B4096: {v:.3f} s vs {r:.3f} s = {ratio:.2f}x {'PASS' if ratio <= 0.2 else 'MISS'}")
+PY
+else
+    echo "target resync time <= 0.2x rsync -B4096: no rsync run (SKIP_RSYNC=1)"
+fi
+if [ -n "$vb" ]; then
+    lim=$((NCHANGE * 4096 + BYTES / 100))
+    if [ "${vb%.*}" -le "$lim" ]; then v=PASS; else v=MISS; fi
+    echo "target resync wire bytes <= changed + 1% of the disk: $vb vs $lim $v"
+fi
 echo "logs: $LOG"

@@ -1117,3 +1117,183 @@ fn scattered_dirty_blocks_stream_as_of_the_cut_while_overwritten_ahead_of_the_re
         panic!("block {} differs after the next cycle's log", i as u64 / BS);
     }
 }
+
+/// The compare of a checksum resync ([`vdrep::tracking::CycleJudge`]): a
+/// whole-disk cycle is hashed as of its cut without being passed on, judged
+/// some pieces behind the hash pass (as the receiver's digests come back),
+/// and only the blocks that differ from a damaged replica are taken, while
+/// the VM overwrites blocks ahead of the hash pass, blocks hashed but not
+/// judged yet, blocks already judged, and punches a hole. Every digest must
+/// be the block's digest at the cut, every taken block its content at the
+/// cut, and the next cycle's log must take the repaired replica to the
+/// disk as it is now. Several seeds move the overwrites around.
+#[test]
+fn a_judged_compare_hashes_and_takes_blocks_as_of_the_cut_while_the_vm_writes() {
+    use std::collections::{BTreeMap, HashMap, VecDeque};
+    use vdrep::resync::block_digest;
+    use vdrep::tracking::CutSelect;
+    const BS: u64 = 4096;
+    const NBLOCKS: u64 = 6144; // 24 MiB
+    for seed in [0x9e37_79b9_7f4a_7c15u64, 7, 0xdead_beef] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let img = dir.join("d.raw");
+        let mut model: Vec<u8> = (0..NBLOCKS).flat_map(|b| gen_block(b, 0)).collect();
+        std::fs::write(&img, &model).unwrap();
+        let t = tracker(dir, BS as u32);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&img)
+            .unwrap();
+        let disk = t.attach(Path::new("d.raw"), &file).unwrap().unwrap();
+        let mut rng = seed;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        // The replica: the disk with ~1 % of its blocks damaged.
+        let mut replica = model.clone();
+        let mut damaged = std::collections::BTreeSet::new();
+        for _ in 0..NBLOCKS / 100 {
+            let b = next() % NBLOCKS;
+            replica[(b * BS) as usize + 100] ^= 0x5a;
+            damaged.insert(b);
+        }
+        let at_cut = model.clone();
+        let mut sealed = t
+            .seal(&CutSelect {
+                disks: Some(vec!["d.raw".into()]),
+                full_from: HashMap::from([("d.raw".to_string(), 0)]),
+                ..Default::default()
+            })
+            .unwrap();
+        let sc = sealed.cycles.pop().unwrap();
+        let judge = sc.judge();
+        let write = |b: u64, gen: u8, model: &mut Vec<u8>| {
+            disk.write_at(&file, b * BS, &gen_block(b, gen)).unwrap();
+            let o = (b * BS) as usize;
+            model[o..o + BS as usize].copy_from_slice(&gen_block(b, gen));
+        };
+        // Pieces hashed, waiting for their judgment (the receiver's digests).
+        let mut unjudged: VecDeque<(u64, Vec<u128>)> = VecDeque::new();
+        let mut taken: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        let mut buf = Vec::new();
+        let (mut hashed_to, mut judged_to, mut gen) = (0u64, 0u64, 1u8);
+        let (mut into_unjudged, mut into_judged, mut ahead) = (0u64, 0u64, 0u64);
+        let mut into_damaged = 0u64;
+        let judge_one = |first: u64,
+                         digests: Vec<u128>,
+                         taken: &mut BTreeMap<u64, Vec<u8>>,
+                         buf: &mut Vec<u8>| {
+            for (i, d) in digests.iter().enumerate() {
+                let b = first + i as u64;
+                let o = (b * BS) as usize;
+                assert_eq!(
+                    *d,
+                    block_digest(&at_cut[o..o + BS as usize]),
+                    "seed {seed:#x}: block {b} hashed other than its content at the cut"
+                );
+                if *d != block_digest(&replica[o..o + BS as usize]) {
+                    let n = judge.take(b, 1, buf).unwrap();
+                    assert_eq!(n, BS as usize);
+                    taken.insert(b, buf[..n].to_vec());
+                }
+            }
+            judge.release(first, digests.len() as u64);
+        };
+        judge
+            .digests(0, &block_digest, &mut |off, len, d| {
+                assert_eq!(off, hashed_to * BS, "pieces come in order, without gaps");
+                assert_eq!(d.len() as u64, (len as u64).div_ceil(BS));
+                unjudged.push_back((off / BS, d.to_vec()));
+                hashed_to = off / BS + d.len() as u64;
+                // The receiver answers about three pieces behind.
+                while unjudged.len() > 3 {
+                    let (first, d) = unjudged.pop_front().unwrap();
+                    judged_to = first + d.len() as u64;
+                    judge_one(first, d, &mut taken, &mut buf);
+                }
+                gen = if gen == 250 { 1 } else { gen + 1 };
+                let r = next();
+                // Hashed, not judged yet: a damaged block (one the judgment
+                // will take) when the window has one.
+                if hashed_to > judged_to {
+                    let hit: Vec<u64> = damaged.range(judged_to..hashed_to).copied().collect();
+                    let b = match hit.len() {
+                        0 => judged_to + r % (hashed_to - judged_to),
+                        n => hit[(r % n as u64) as usize],
+                    };
+                    write(b, gen, &mut model);
+                    into_unjudged += 1;
+                    into_damaged += u64::from(!hit.is_empty());
+                }
+                // Judged already.
+                if judged_to > 0 {
+                    write((r >> 20) % judged_to, gen, &mut model);
+                    into_judged += 1;
+                }
+                // Ahead of the hash pass.
+                if hashed_to + 2 < NBLOCKS {
+                    write(
+                        hashed_to + (r >> 40) % (NBLOCKS - hashed_to),
+                        gen,
+                        &mut model,
+                    );
+                    ahead += 1;
+                }
+                if hashed_to == 64 * 2 {
+                    // A hole punched across hashed and unhashed blocks.
+                    let (o, l) = (60 * BS, 16 * BS);
+                    disk.fallocate(
+                        &file,
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        o,
+                        l,
+                    )
+                    .unwrap();
+                    model[o as usize..(o + l) as usize].fill(0);
+                }
+                Ok(())
+            })
+            .unwrap();
+        while let Some((first, d)) = unjudged.pop_front() {
+            judge_one(first, d, &mut taken, &mut buf);
+        }
+        assert_eq!(hashed_to, NBLOCKS, "seed {seed:#x}: every block hashed");
+        assert!(into_unjudged > 20 && into_judged > 20 && ahead > 20);
+        assert!(
+            into_damaged > 10,
+            "seed {seed:#x}: only {into_damaged} damaged blocks overwritten between hash and judgment"
+        );
+        // The taken blocks repair the replica to the disk at the cut.
+        for (b, data) in &taken {
+            let o = (*b * BS) as usize;
+            assert!(
+                data[..] == at_cut[o..o + BS as usize],
+                "seed {seed:#x}: block {b} taken other than its content at the cut"
+            );
+            replica[o..o + BS as usize].copy_from_slice(data);
+        }
+        assert!(
+            replica == at_cut,
+            "seed {seed:#x}: the replica is not the disk at the cut"
+        );
+        t.finish(sc, true).unwrap();
+        // The next cycle takes it to the disk as it is now.
+        let base = dir.join("base");
+        std::fs::write(&base, &replica).unwrap();
+        let r2 = t.cut().unwrap();
+        apply_all(&[r2.disks[0].log.clone().unwrap()], &base);
+        assert!(
+            std::fs::read(&img).unwrap() == model,
+            "seed {seed:#x}: the disk differs from the model of its writes"
+        );
+        assert!(
+            std::fs::read(&base).unwrap() == model,
+            "seed {seed:#x}: the next cycle's log does not take the repaired replica to the disk"
+        );
+    }
+}

@@ -1,12 +1,15 @@
 //! Checksum resync and online verify, on the sender's side.
 //!
 //! A resync seals every disk of the VM at one instant (the disks to resync
-//! whole, the others as ordinary deltas), reads the resync disks **as of
-//! that cut** while the VM keeps writing, and compares the digest of every
-//! block with the receiver's digest of the same block of its newest point
-//! ([`crate::wire::BlockHashReq`] / [`crate::wire::BlockHashes`], batches of
-//! [`BATCH_BYTES`], two requests in flight, both sides hashing on every
-//! core). The blocks that differ go into an ordinary `.hrl` of that cycle
+//! whole, the others as ordinary deltas), hashes the resync disks **as of
+//! that cut** while the VM keeps writing ([`CycleJudge`]: one pass through
+//! a small scratch buffer, the bytes not kept), and compares the digest of
+//! every block with the receiver's digest of the same block of its newest
+//! point ([`crate::wire::BlockHashReq`] / [`crate::wire::BlockHashes`],
+//! batches of [`BATCH_BYTES`], two requests in flight, the receiver hashing
+//! on every core). Until a block is judged, the VM's writes to it save its
+//! pre-image, so the blocks that differ are read as of the cut once the
+//! receiver's digests are in. They go into an ordinary `.hrl` of that cycle
 //! (base: the replica's cycle) in the disk's state folder, which is shipped
 //! and applied like any log: with an undo record, so the receiver keeps its
 //! history and the resync becomes a recovery point.
@@ -22,69 +25,43 @@ use std::time::{Duration, Instant};
 use super::link::Link;
 use super::{now_ns, retry, SendError, Vm, VmState};
 use crate::resync::{self, Progress, ResyncProgress, BATCH_BYTES};
-use crate::tracking::{CutSelect, SealedCycle, StreamError};
+use crate::tracking::{CutSelect, CycleJudge, SealedCycle, StreamError};
 use crate::wire;
 use crate::wire::session::{SenderAction, StreamId};
 
-/// Blocks read as of the cut, grouped for one digest request. The disk is
-/// read straight into `buf` (allocated and zeroed once, then recycled
-/// through the [`Filler`]'s pool): no intermediate copy, no zero-fill.
+/// Digests of blocks as of the cut, grouped for one digest request. The
+/// reader hashes the disk piece by piece ([`CycleJudge::digests`]) without
+/// keeping the bytes: the blocks that differ are read again once judged.
 struct Batch {
-    /// `(first block, blocks, offset of its bytes in buf)`.
-    runs: Vec<(u64, u32, usize)>,
-    buf: Vec<u8>,
-    /// Bytes of `buf` in use.
-    used: usize,
-    /// Digests of the blocks of `buf[..hashed]`, computed by the reader
-    /// right after each piece was read (while it is still in the cache).
+    /// `(first block, blocks)`.
+    runs: Vec<(u64, u32)>,
     digests: Vec<u128>,
-    hashed: usize,
+    /// Disk bytes covered, and the end offset of the last piece.
+    bytes: u64,
+    end: u64,
     bs: u64,
 }
 
-/// Room in a batch buffer: the batch target plus the largest piece the
-/// tracker hands out (1 MiB).
-const BATCH_ROOM: usize = (BATCH_BYTES + (1 << 20)) as usize;
-
 impl Batch {
-    fn new(bs: u64, buf: Option<Vec<u8>>) -> Batch {
-        let buf = match buf {
-            Some(b) if b.len() >= BATCH_ROOM => b,
-            _ => vec![0u8; BATCH_ROOM],
-        };
+    fn new(bs: u64) -> Batch {
         Batch {
             runs: Vec::new(),
-            buf,
-            used: 0,
             digests: Vec::new(),
-            hashed: 0,
+            bytes: 0,
+            end: 0,
             bs,
         }
     }
 
-    /// Hash what was read since the last call.
-    fn hash_new(&mut self) {
-        let bs = self.bs.max(1) as usize;
-        for b in self.buf[self.hashed..self.used].chunks(bs) {
-            self.digests.push(resync::block_digest(b));
-        }
-        self.hashed = self.used;
-    }
-
-    /// Reserve `len` bytes for the disk bytes at `off`.
-    fn push(&mut self, off: u64, len: usize) -> &mut [u8] {
-        let first = off / self.bs;
-        let n = (len as u64).div_ceil(self.bs) as u32;
-        let at = self.used;
-        if self.buf.len() < at + len {
-            self.buf.resize(at + len, 0);
-        }
-        self.used += len;
+    /// Add the digests of the piece of `len` bytes at `off`.
+    fn push(&mut self, off: u64, len: usize, digests: &[u128]) {
+        let bs = self.bs.max(1);
+        let first = off / bs;
+        let n = digests.len() as u32;
         let merged = match self.runs.last_mut() {
             Some(last)
                 if last.0 + u64::from(last.1) == first
-                    && u64::from(last.1) + u64::from(n) <= wire::MAX_HASHES as u64
-                    && (at - last.2) as u64 == u64::from(last.1) * self.bs =>
+                    && u64::from(last.1) + u64::from(n) <= wire::MAX_HASHES as u64 =>
             {
                 last.1 += n;
                 true
@@ -92,53 +69,22 @@ impl Batch {
             _ => false,
         };
         if !merged {
-            self.runs.push((first, n, at));
+            self.runs.push((first, n));
         }
-        &mut self.buf[at..at + len]
+        self.digests.extend_from_slice(digests);
+        self.bytes += len as u64;
+        self.end = off + len as u64;
     }
     fn blocks(&self) -> u64 {
         self.runs.iter().map(|r| u64::from(r.1)).sum()
     }
     fn full(&self) -> bool {
-        self.used as u64 >= BATCH_BYTES
+        self.bytes >= BATCH_BYTES
             || self.runs.len() >= 4096
             || self.blocks() + (1 << 20) / self.bs.max(1) > wire::MAX_HASHES as u64
     }
     fn end(&self) -> u64 {
-        self.runs
-            .last()
-            .map(|r| r.0 * self.bs + (self.used - r.2) as u64)
-            .unwrap_or(0)
-    }
-}
-
-/// Fills batches from the sealed cycle ([`crate::tracking::CycleBuf`]) and
-/// hands each full one to the network side; buffers come back through
-/// `pool` once compared.
-struct Filler {
-    cur: Batch,
-    tx: tokio::sync::mpsc::Sender<Batch>,
-    pool: std::sync::mpsc::Receiver<Vec<u8>>,
-}
-
-impl Filler {
-    fn send_current(&mut self) -> Result<(), StreamError> {
-        self.cur.hash_new();
-        let buf = self.pool.try_recv().ok();
-        let bs = self.cur.bs;
-        let b = std::mem::replace(&mut self.cur, Batch::new(bs, buf));
-        self.tx.blocking_send(b).map_err(|_| StreamError::Stopped)
-    }
-}
-
-impl crate::tracking::CycleBuf for Filler {
-    fn room(&mut self, off: u64, len: usize) -> Result<&mut [u8], StreamError> {
-        if self.cur.full() {
-            self.send_current()?;
-        } else {
-            self.cur.hash_new();
-        }
-        Ok(self.cur.push(off, len))
+        self.end
     }
 }
 
@@ -427,24 +373,29 @@ impl super::Replicator {
             Ok(s) => s,
             Err(e) => return (Some(sc), Err(e)),
         };
-        // Reader: the cycle as of its cut, in batches.
+        // Reader: digests of the cycle as of its cut, in batches.
         let (btx, brx) = tokio::sync::mpsc::channel::<Batch>(2);
-        let (pool_tx, pool_rx) = std::sync::mpsc::channel::<Vec<u8>>();
-        let reader = tokio::task::spawn_blocking(move || {
-            let mut f = Filler {
-                cur: Batch::new(bs, None),
-                tx: btx,
-                pool: pool_rx,
-            };
-            let r = sc.stream_into(0, &mut f);
-            let r = r.and_then(|()| {
-                if f.cur.runs.is_empty() {
-                    return Ok(());
-                }
-                f.send_current()
-            });
-            (sc, r)
-        });
+        let judge = sc.judge();
+        let reader = {
+            let judge = judge.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut cur = Batch::new(bs);
+                let r = judge.digests(0, &resync::block_digest, &mut |off, len, d| {
+                    if cur.full() {
+                        let b = std::mem::replace(&mut cur, Batch::new(bs));
+                        btx.blocking_send(b).map_err(|_| StreamError::Stopped)?;
+                    }
+                    cur.push(off, len, d);
+                    Ok(())
+                });
+                r.and_then(|()| {
+                    if cur.runs.is_empty() {
+                        return Ok(());
+                    }
+                    btx.blocking_send(cur).map_err(|_| StreamError::Stopped)
+                })
+            })
+        };
         let mut cmp = Comparing {
             vm,
             link,
@@ -457,7 +408,8 @@ impl super::Replicator {
             mode,
             prior,
             progress_file,
-            pool: pool_tx,
+            judge,
+            take_buf: Vec::new(),
             batches: brx,
         };
         let net = cmp.run(self).await;
@@ -468,9 +420,9 @@ impl super::Replicator {
             ..
         } = cmp;
         drop(batches);
-        let (sc, read) = match reader.await {
+        let read = match reader.await {
             Ok(x) => x,
-            Err(e) => return (None, Err(retry(format!("the disk reader failed: {e}")))),
+            Err(e) => return (Some(sc), Err(retry(format!("the disk reader failed: {e}")))),
         };
         let compared = match net {
             Ok(c) => c,
@@ -557,7 +509,10 @@ struct Comparing<'a> {
     prior: Option<Progress>,
     progress_file: Option<PathBuf>,
     /// Buffers go back to the reader through this.
-    pool: std::sync::mpsc::Sender<Vec<u8>>,
+    /// The cycle being judged (the reader hashes through a clone).
+    judge: CycleJudge,
+    /// The bytes of the differing blocks on their way into the log.
+    take_buf: Vec<u8>,
     batches: tokio::sync::mpsc::Receiver<Batch>,
 }
 
@@ -610,8 +565,10 @@ impl Comparing<'_> {
             let theirs = self.hashes().await?;
             let ours = std::mem::take(&mut b.digests);
             digest_bytes += theirs.len() as u64 * 16;
+            // The blocks that differ, in runs `(first, count)`.
+            let mut found: Vec<(u64, u64)> = Vec::new();
             let mut k = 0usize;
-            for &(first, n, at) in &b.runs {
+            for &(first, n) in &b.runs {
                 for j in 0..u64::from(n) {
                     let blk = first + j;
                     let same = ours.get(k).is_some_and(|o| *o == theirs[k])
@@ -620,28 +577,42 @@ impl Comparing<'_> {
                     if same {
                         continue;
                     }
-                    match &mut self.mode {
-                        Mode::Verify { skip } => {
-                            if !in_runs(skip, blk) {
-                                differ.push(blk);
-                            }
+                    if let Mode::Verify { skip } = &self.mode {
+                        if in_runs(skip, blk) {
+                            continue;
                         }
-                        Mode::Resync { log } => {
-                            differ.push(blk);
-                            let s = at + (j * bs) as usize;
-                            let e = (s + bs as usize).min(b.used);
-                            tokio::task::block_in_place(|| log.append(blk * bs, &b.buf[s..e]))
-                                .map_err(|e| {
-                                    retry(format!("writing the resync log of {}: {e}", self.name))
-                                })?;
-                        }
+                    }
+                    differ.push(blk);
+                    match found.last_mut() {
+                        Some(r) if r.0 + r.1 == blk => r.1 += 1,
+                        _ => found.push((blk, 1)),
                     }
                 }
             }
+            if let Mode::Resync { log } = &mut self.mode {
+                // Read the differing blocks as of the cut (their pre-images
+                // if the VM changed them since) into the resync log.
+                let (judge, name, buf) = (&self.judge, self.name, &mut self.take_buf);
+                tokio::task::block_in_place(|| -> Result<(), SendError> {
+                    for &(first, n) in &found {
+                        let len = judge
+                            .take(first, n, buf)
+                            .map_err(|e| retry(format!("reading {name} as of its cut: {e}")))?;
+                        for (j, block) in buf[..len].chunks(bs as usize).enumerate() {
+                            log.append((first + j as u64) * bs, block).map_err(|e| {
+                                retry(format!("writing the resync log of {name}: {e}"))
+                            })?;
+                        }
+                    }
+                    Ok(())
+                })?;
+            }
+            // Judged: the VM's writes to these blocks no longer save them.
+            for &(first, n) in &b.runs {
+                self.judge.release(first, u64::from(n));
+            }
             compared += b.blocks();
             let offset = b.end();
-            // The buffer goes back to the reader (it may be gone).
-            let _ = self.pool.send(b.buf);
             let secs = t0.elapsed().as_secs_f64().max(1e-6);
             {
                 let mut s = self.vm.status.lock();
