@@ -2270,7 +2270,14 @@ impl CycleJudge {
         }
         let last = first.saturating_add(n - 1);
         let mut st = self.sealing.state.lock();
-        if !st.saved.is_empty() {
+        if (st.saved.len() as u64) > n {
+            // Fewer blocks judged than pre-images kept: look each one up.
+            for b in first..=last {
+                if let Some(v) = st.saved.remove(&b) {
+                    st.saved_bytes = st.saved_bytes.saturating_sub(v.len() as u64);
+                }
+            }
+        } else if !st.saved.is_empty() {
             let mut freed = 0u64;
             st.saved.retain(|b, v| {
                 let keep = *b < first || *b > last;
