@@ -974,6 +974,36 @@ fn gen_block(b: u64, gen: u8) -> Vec<u8> {
     v
 }
 
+/// A tracked 4 KiB-block disk `d.raw` of `nblocks` blocks at generation 0
+/// ([`gen_block`]), and the model of its content.
+struct GenDisk {
+    img: PathBuf,
+    model: Vec<u8>,
+    t: Tracker,
+    file: File,
+    disk: Arc<TrackedDisk>,
+}
+
+fn gen_disk(dir: &Path, nblocks: u64) -> GenDisk {
+    let img = dir.join("d.raw");
+    let model: Vec<u8> = (0..nblocks).flat_map(|b| gen_block(b, 0)).collect();
+    std::fs::write(&img, &model).unwrap();
+    let t = tracker(dir, 4096);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let disk = t.attach(Path::new("d.raw"), &file).unwrap().unwrap();
+    GenDisk {
+        img,
+        model,
+        t,
+        file,
+        disk,
+    }
+}
+
 /// A sealed cycle of many scattered dirty blocks (single blocks and short
 /// runs) is read cold, with read-ahead hints a window ahead of the reader,
 /// while blocks inside that window (hinted, not read yet), blocks already
@@ -989,16 +1019,13 @@ fn scattered_dirty_blocks_stream_as_of_the_cut_while_overwritten_ahead_of_the_re
     const NBLOCKS: u64 = 8192; // 32 MiB
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let img = dir.join("d.raw");
-    let mut model: Vec<u8> = (0..NBLOCKS).flat_map(|b| gen_block(b, 0)).collect();
-    std::fs::write(&img, &model).unwrap();
-    let t = tracker(dir, BS as u32);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&img)
-        .unwrap();
-    let disk = t.attach(Path::new("d.raw"), &file).unwrap().unwrap();
+    let GenDisk {
+        img,
+        mut model,
+        t,
+        file,
+        disk,
+    } = gen_disk(dir, NBLOCKS);
     // The VM's handle: O_DIRECT when the file system allows it.
     let direct = OpenOptions::new()
         .read(true)
@@ -1137,16 +1164,13 @@ fn a_judged_compare_hashes_and_takes_blocks_as_of_the_cut_while_the_vm_writes() 
     for seed in [0x9e37_79b9_7f4a_7c15u64, 7, 0xdead_beef] {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
-        let img = dir.join("d.raw");
-        let mut model: Vec<u8> = (0..NBLOCKS).flat_map(|b| gen_block(b, 0)).collect();
-        std::fs::write(&img, &model).unwrap();
-        let t = tracker(dir, BS as u32);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&img)
-            .unwrap();
-        let disk = t.attach(Path::new("d.raw"), &file).unwrap().unwrap();
+        let GenDisk {
+            img,
+            mut model,
+            t,
+            file,
+            disk,
+        } = gen_disk(dir, NBLOCKS);
         let mut rng = seed;
         let mut next = move || {
             rng ^= rng << 13;
