@@ -67,8 +67,10 @@ impl Drop for Receiver {
     }
 }
 
-/// Stamped writes the guest makes during the first boot.
-const STAMPS: u64 = 300;
+/// Stamped writes the guest makes during the first boot: enough that the
+/// kills (each followed by a new worker and a `sync`) land while it writes
+/// on a quiet host too (300 let a quiet CI run's guest finish after two).
+const STAMPS: u64 = 800;
 /// Worker kills while the guest writes (the second one mid-cut).
 const KILLS: usize = 4;
 
