@@ -335,6 +335,9 @@ fn test_failover_is_copy_on_write_and_replication_continues() {
         );
         qemu("qemu-io", &["-f", "vpc", "-c", &pat, &site.s("vm/os.vhd")]);
         sync_ok(&site);
+        // `sync` returns once the point is durable; the replica files are
+        // read once it is applied too (`Site::replica` waits for that).
+        let (ros, rdata) = (site.replica("os.vhd"), site.replica("data.vhd"));
         assert!(compare(&site.p("vm/data.img"), "raw", &rdata, "vpc"));
         assert!(compare(&site.p("vm/os.vhd"), "vpc", &ros, "vpc"));
         // The view still shows the point (plus the test writes only).
