@@ -494,8 +494,8 @@ async fn finish_compare(
     }
 }
 
-/// One disk's compare under way: batches read as of the cut go out as
-/// digest requests (two in flight), and each answer is judged.
+/// One disk's compare under way: batches of digests as of the cut go out
+/// as digest requests (two in flight), and each answer is judged.
 struct Comparing<'a> {
     vm: &'a Arc<Vm>,
     link: &'a mut Link,
@@ -508,7 +508,6 @@ struct Comparing<'a> {
     mode: Mode,
     prior: Option<Progress>,
     progress_file: Option<PathBuf>,
-    /// Buffers go back to the reader through this.
     /// The cycle being judged (the reader hashes through a clone).
     judge: CycleJudge,
     /// The bytes of the differing blocks on their way into the log.

@@ -2718,17 +2718,21 @@ impl TrackedDisk {
         while i < ce {
             let o = ((i - b) * bs) as usize;
             let oe1 = (o + bs as usize).min(len);
-            let saved = if consume {
-                st.saved
-                    .remove(&i)
-                    .inspect(|v| st.saved_bytes -= v.len() as u64)
-            } else {
-                st.saved.get(&i).cloned()
-            };
-            if let Some(saved) = saved {
+            let put = |buf: &mut [u8], saved: &[u8]| {
                 let n = saved.len().min(oe1 - o);
                 buf[o..o + n].copy_from_slice(&saved[..n]);
                 buf[o + n..oe1].fill(0);
+            };
+            if consume {
+                if let Some(saved) = st.saved.remove(&i) {
+                    st.saved_bytes -= saved.len() as u64;
+                    put(buf, &saved);
+                    i += 1;
+                    continue;
+                }
+            } else if let Some(saved) = st.saved.get(&i) {
+                // Kept for the judgment (no copy of the map's entry).
+                put(buf, saved);
                 i += 1;
                 continue;
             }
