@@ -10,6 +10,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub mod command;
+pub mod direct;
 pub mod durable;
 pub mod phase;
 pub mod readahead;

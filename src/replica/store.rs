@@ -1048,7 +1048,7 @@ impl Site<'_> {
                 s.target.write_zeroes(s.progress, offset - s.progress)?;
             }
             match data {
-                InitialData::Data(d) => s.target.write_at(d, offset),
+                InitialData::Data(d) => s.target.write_bulk(d, offset),
                 InitialData::Zeroes(n) => s.target.write_zeroes(offset, n),
             }
         })();

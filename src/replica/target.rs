@@ -56,6 +56,13 @@ pub trait ReplicaTarget: Send {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Write `data` at `offset` (must lie within [`len`](Self::len)).
     fn write_at(&mut self, data: &[u8], offset: u64) -> io::Result<()>;
+    /// [`write_at`](Self::write_at) for a long sequential copy (the initial
+    /// copy): where the format stores the disk as plain file bytes, long
+    /// aligned pieces bypass the page cache ([`crate::util::direct`]);
+    /// durable, as any write, after [`flush`](Self::flush).
+    fn write_bulk(&mut self, data: &[u8], offset: u64) -> io::Result<()> {
+        self.write_at(data, offset)
+    }
     /// Make `len` bytes at `offset` read as zeros (holes where possible).
     fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()>;
     /// Resize the virtual disk (new bytes read as zeros).
@@ -175,6 +182,8 @@ pub(crate) fn zero_file_range(file: &File, offset: u64, len: u64) -> io::Result<
 pub struct RawFile {
     file: File,
     len: u64,
+    /// Opened at the first [`ReplicaTarget::write_bulk`].
+    direct: Option<crate::util::direct::DirectWriter>,
 }
 
 impl RawFile {
@@ -182,7 +191,11 @@ impl RawFile {
     pub fn open(path: &Path, create: bool) -> io::Result<RawFile> {
         let file = open_file(path, create)?;
         let len = file.metadata()?.len();
-        Ok(RawFile { file, len })
+        Ok(RawFile {
+            file,
+            len,
+            direct: None,
+        })
     }
 }
 
@@ -216,6 +229,15 @@ impl ReplicaTarget for RawFile {
             return Err(out_of_range(offset, data.len() as u64, self.len));
         }
         self.file.write_all_at(data, offset)
+    }
+    fn write_bulk(&mut self, data: &[u8], offset: u64) -> io::Result<()> {
+        if offset.saturating_add(data.len() as u64) > self.len {
+            return Err(out_of_range(offset, data.len() as u64, self.len));
+        }
+        let file = &self.file;
+        self.direct
+            .get_or_insert_with(|| crate::util::direct::DirectWriter::open(file))
+            .write_at(file, data, offset)
     }
     fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
         if offset.saturating_add(len) > self.len {
@@ -280,6 +302,7 @@ impl FixedVhd {
             raw: RawFile {
                 file,
                 len: virtual_size,
+                direct: None,
             },
             unique_id,
             timestamp,
@@ -309,6 +332,10 @@ impl ReplicaTarget for FixedVhd {
     }
     fn write_at(&mut self, data: &[u8], offset: u64) -> io::Result<()> {
         self.raw.write_at(data, offset)
+    }
+    fn write_bulk(&mut self, data: &[u8], offset: u64) -> io::Result<()> {
+        // The disk's bytes are the file's from offset 0 on.
+        self.raw.write_bulk(data, offset)
     }
     fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
         self.raw.write_zeroes(offset, len)

@@ -2166,13 +2166,17 @@ impl SealedCycle {
             buf: Vec::new(),
             pending: None,
         };
-        self.disk.stream_sealed(&self.sealing, from, &mut out)?;
+        self.disk
+            .stream_sealed(&self.sealing, from, &mut out, false)?;
         out.flush()
     }
 
-    /// [`SealedCycle::stream`] straight into the caller's memory.
+    /// [`SealedCycle::stream`] straight into the caller's memory, for a
+    /// copy of the whole disk (the initial copy): long runs are read past
+    /// the page cache ([`crate::util::direct`]: a whole disk read once
+    /// gains nothing from the cache and costs ~8x the CPU through it).
     pub fn stream_into(&self, from: u64, out: &mut dyn CycleBuf) -> Result<(), StreamError> {
-        self.disk.stream_sealed(&self.sealing, from, out)
+        self.disk.stream_sealed(&self.sealing, from, out, true)
     }
 
     /// A handle for comparing the cycle block by block ([`CycleJudge`]).
@@ -2227,17 +2231,23 @@ impl CycleJudge {
         let bs = self.disk.bs().max(1) as usize;
         let mut scratch = vec![0u8; (DIGEST_PIECE as usize).max(bs)];
         let mut digests: Vec<u128> = Vec::with_capacity(scratch.len() / bs);
-        self.disk
-            .walk_sealed(&self.sealing, from, DIGEST_PIECE, &mut |b, ce, off, len| {
+        self.disk.walk_sealed(
+            &self.sealing,
+            from,
+            DIGEST_PIECE,
+            true,
+            &mut |b, ce, off, len| {
                 let buf = &mut scratch[..len];
                 {
                     let mut st = self.sealing.state.lock();
-                    self.disk.fill_as_of_cut(&mut st, b, ce, len, buf, false)?;
+                    self.disk
+                        .fill_as_of_cut(&mut st, b, ce, len, buf, false, None)?;
                 }
                 digests.clear();
                 digests.extend(buf.chunks(bs).map(digest));
                 out(off, len, &digests)
-            })
+            },
+        )
     }
 
     /// The content as of the cut of blocks `first..first + n` (clipped to
@@ -2258,7 +2268,7 @@ impl CycleJudge {
         }
         let mut st = self.sealing.state.lock();
         self.disk
-            .fill_as_of_cut(&mut st, first, end, len, &mut buf[..len], true)?;
+            .fill_as_of_cut(&mut st, first, end, len, &mut buf[..len], true, None)?;
         Ok(len)
     }
 
@@ -2649,13 +2659,15 @@ impl TrackedDisk {
 
     /// Walk the blocks of the sealed cycle at or after `from`, in ascending
     /// order, in pieces of at most `piece` bytes (never across a run of the
-    /// cycle), with read-ahead hints a window ahead: `visit(first block,
-    /// end block, offset, bytes)`.
+    /// cycle), with read-ahead hints a window ahead (`hint_long`: also
+    /// within long runs; not when they are read past the page cache):
+    /// `visit(first block, end block, offset, bytes)`.
     fn walk_sealed(
         &self,
         s: &Sealing,
         from: u64,
         piece: u64,
+        hint_long: bool,
         visit: &mut dyn FnMut(u64, u64, u64, usize) -> Result<(), StreamError>,
     ) -> Result<(), StreamError> {
         let bs = self.bs();
@@ -2687,7 +2699,9 @@ impl TrackedDisk {
                 let ce = (b + per_piece).min(end);
                 let off = b * bs;
                 let len = ((ce * bs).min(s.size) - off) as usize;
-                ahead.within(self.reader.as_raw_fd(), bytes[k], off);
+                if hint_long {
+                    ahead.within(self.reader.as_raw_fd(), bytes[k], off);
+                }
                 visit(b, ce, off, len)?;
                 b = ce;
             }
@@ -2701,6 +2715,9 @@ impl TrackedDisk {
     /// good (their saved pre-images dropped, the blocks marked captured, so
     /// writers no longer save them); otherwise they stay as they are (a
     /// later writer still saves the pre-image: the hash pass of a compare).
+    /// `direct`: reads of [`MIN_DIRECT`](crate::util::direct::MIN_DIRECT)
+    /// bytes or more go past the page cache.
+    #[allow(clippy::too_many_arguments)]
     fn fill_as_of_cut(
         &self,
         st: &mut SealState,
@@ -2709,6 +2726,7 @@ impl TrackedDisk {
         len: usize,
         buf: &mut [u8],
         consume: bool,
+        mut direct: Option<&mut crate::util::direct::DirectReader>,
     ) -> Result<(), StreamError> {
         let bs = self.bs();
         if let Some(f) = &st.failed {
@@ -2752,8 +2770,13 @@ impl TrackedDisk {
             if self.is_hole(i * bs, (j + 1 - i) * bs) {
                 buf[o..oe].fill(0);
             } else {
-                let n = read_full_at(&self.reader, &mut buf[o..oe], i * bs)
-                    .map_err(|source| StreamError::Read { block: i, source })?;
+                let n = match direct.as_deref_mut() {
+                    Some(d) if oe - o >= crate::util::direct::MIN_DIRECT => {
+                        d.read_at(&mut buf[o..oe], i * bs)
+                    }
+                    _ => read_full_at(&self.reader, &mut buf[o..oe], i * bs),
+                }
+                .map_err(|source| StreamError::Read { block: i, source })?;
                 // Past the file's end (shrunk since): zeros.
                 buf[o + n..oe].fill(0);
             }
@@ -2765,16 +2788,23 @@ impl TrackedDisk {
         Ok(())
     }
 
+    /// Pass the sealed cycle on, as of the cut, piece by piece; `direct`:
+    /// long runs are read past the page cache.
     fn stream_sealed(
         &self,
         s: &Sealing,
         from: u64,
         out: &mut dyn CycleBuf,
+        direct: bool,
     ) -> Result<(), StreamError> {
-        self.walk_sealed(s, from, CHUNK_BYTES, &mut |b, ce, off, len| {
+        let mut reader = direct
+            .then(|| crate::util::direct::DirectReader::open(&self.reader))
+            .flatten();
+        let hint_long = !reader.as_ref().is_some_and(|r| r.is_direct());
+        self.walk_sealed(s, from, CHUNK_BYTES, hint_long, &mut |b, ce, off, len| {
             let buf = out.room(off, len)?;
             let mut st = s.state.lock();
-            self.fill_as_of_cut(&mut st, b, ce, len, buf, true)
+            self.fill_as_of_cut(&mut st, b, ce, len, buf, true, reader.as_mut())
         })
     }
 

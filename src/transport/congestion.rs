@@ -138,10 +138,14 @@ impl CapConfig {
         let rate = num("VDREP_LINK_MBIT")
             .filter(|&m| m > 0.0)
             .map(|m| (m * 1e6 / 8.0) as u64);
+        let min_span = num("VDREP_CAP_MIN_SPAN_US").map_or(CAP_MIN_SPAN, |us| {
+            std::time::Duration::from_secs_f64(us / 1e6)
+        });
         Some(CapConfig {
             gain: gain.max(1.0),
             rate,
             robust: num("VDREP_CAP_ROBUST") != Some(0.0),
+            min_span,
         })
     }
 }
@@ -578,6 +582,10 @@ pub struct CapConfig {
     /// as to be acknowledged, and quinn's app-limited flag is overruled
     /// while the path shows a queue. See [`WindowCap`].
     pub robust: bool,
+    /// The window never falls below what the rate delivers in this long
+    /// ([`CAP_MIN_SPAN`]; `VDREP_CAP_MIN_SPAN_US`, `0` for the cap of
+    /// before, for A/B runs).
+    pub min_span: std::time::Duration,
 }
 
 /// The default [`CapConfig::gain`]: room for BBR's 1.25 probing phase and
@@ -600,6 +608,17 @@ pub struct Rtts {
 /// queue stood full (RTT 150 -> 370 ms, 1.8 k drops) and a quiet VM sharing
 /// the link saw its RPO p99 double (measured, s6-14).
 pub const CAP_FLOOR: u64 = 64 << 10;
+
+/// The shortest time whose worth of the rate the cap leaves in flight.
+/// On loopback or a LAN the minimum RTT (30-200 µs) is shorter than the
+/// gaps in which a busy host hands over acknowledgements: `gain x rate x
+/// min RTT` was below [`CAP_FLOOR`], and a 2 GiB initial copy on loopback
+/// moved at 64 KiB per smoothed RTT, the window stuck at the floor
+/// (`kernel-notes/replication-speed.md`, session 23: 5.7 s with the floor,
+/// 4.7-5.0 s with 1-3 ms of the rate, 4.7 s without a cap). 2 ms of the
+/// rate bounds the queue a LAN's bottleneck can see to 2 ms; a path of
+/// 1.4 ms or more (every WAN) is capped by its BDP as before.
+pub const CAP_MIN_SPAN: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Rate samples the learned rate is the maximum of (one per round trip).
 const RATE_SAMPLES: usize = 10;
@@ -806,14 +825,16 @@ impl WindowCap {
     }
 
     /// The window cap for a path of minimum RTT `min_rtt`, if one applies
-    /// yet.
+    /// yet: `gain` x rate x `min_rtt`, and at least the rate's worth of
+    /// [`CapConfig::min_span`].
     pub fn cap(&self, min_rtt: std::time::Duration) -> Option<u64> {
         let rate = match self.cfg.rate {
             Some(r) => r,
             None if self.filled => self.rate(),
             None => return None,
         };
-        Some((rate as f64 * min_rtt.as_secs_f64() * self.cfg.gain) as u64)
+        let span = (min_rtt.as_secs_f64() * self.cfg.gain).max(self.cfg.min_span.as_secs_f64());
+        Some((rate as f64 * span) as u64)
     }
 }
 
@@ -848,6 +869,7 @@ mod tests {
             gain: 1.5,
             rate: None,
             robust,
+            min_span: CAP_MIN_SPAN,
         })
     }
 
@@ -1161,6 +1183,7 @@ mod tests {
             gain: 1.5,
             rate: Some(12_500_000),
             robust: true,
+            min_span: CAP_MIN_SPAN,
         };
         let mut w = wrapped(FakeBbr::new(10_000, 5), true, Some(cap), t0);
         let seen = drive(&mut w, &mut t, 10, None);
@@ -1211,7 +1234,41 @@ mod tests {
             gain: 2.0,
             rate: Some(125_000_000 / 8),
             robust: true,
+            min_span: CAP_MIN_SPAN,
         });
         assert_eq!(cap.cap(Duration::from_millis(20)), Some(625_000));
+    }
+
+    #[test]
+    fn a_sub_millisecond_path_keeps_the_min_span_of_its_rate_in_flight() {
+        // Loopback at 500 MB/s, min RTT 30 us: 1.5 x BDP is 22.5 kB, below
+        // the floor; the cap leaves 2 ms of the rate (1 MB) instead.
+        let rate = 500_000_000;
+        let cfg = |min_span| CapConfig {
+            gain: 1.5,
+            rate: Some(rate),
+            robust: true,
+            min_span,
+        };
+        let lo = Duration::from_micros(30);
+        assert_eq!(WindowCap::new(cfg(CAP_MIN_SPAN)).cap(lo), Some(1_000_000));
+        assert_eq!(WindowCap::new(cfg(Duration::ZERO)).cap(lo), Some(22_500));
+        // A WAN path is capped by its BDP as before: 1.5 x 500 MB/s x 20 ms.
+        let wan = Duration::from_millis(20);
+        assert_eq!(WindowCap::new(cfg(CAP_MIN_SPAN)).cap(wan), Some(15_000_000));
+        // Through the controller: the window at loopback is 1 MB, not the
+        // 64 KiB floor.
+        let t0 = Instant::now();
+        let big = || {
+            let mut b = FakeBbr::new(0, 5);
+            b.cwnd = 100_000_000;
+            b
+        };
+        let mut w = wrapped(big(), false, Some(cfg(CAP_MIN_SPAN)), t0);
+        w.min_rtt = Some(lo);
+        assert_eq!(w.window(), 1_000_000);
+        let mut old = wrapped(big(), false, Some(cfg(Duration::ZERO)), t0);
+        old.min_rtt = Some(lo);
+        assert_eq!(old.window(), CAP_FLOOR);
     }
 }
