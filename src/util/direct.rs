@@ -32,37 +32,48 @@ pub const MIN_DIRECT: usize = 256 << 10;
 
 /// A reader of long ranges of one file through its own `O_DIRECT`
 /// descriptor (see the module's documentation).
+/// Scratch memory whose usable part starts on an [`ALIGN`] boundary (the
+/// memory of a direct read or write must be aligned; the callers' is not).
+#[derive(Debug, Default)]
+struct Aligned {
+    buf: Vec<u8>,
+    at: usize,
+}
+
+impl Aligned {
+    /// `len` bytes of aligned memory (contents unspecified).
+    fn get(&mut self, len: usize) -> &mut [u8] {
+        if self.buf.len() < self.at + len {
+            self.buf = vec![0u8; len + ALIGN];
+            self.at = self.buf.as_ptr().align_offset(ALIGN);
+        }
+        &mut self.buf[self.at..self.at + len]
+    }
+}
+
 #[derive(Debug)]
 pub struct DirectReader {
     file: File,
-    /// Scratch memory; the aligned part starts at `at`.
-    buf: Vec<u8>,
-    at: usize,
+    scratch: Aligned,
     /// `O_DIRECT` is set on `file` (false once the file system refused it).
     direct: bool,
 }
 
 impl DirectReader {
     /// A direct reader of the file behind `file`, or `None` if it cannot be
-    /// reopened (the caller reads buffered).
+    /// opened with `O_DIRECT` (the caller reads buffered).
     pub fn open(file: &File) -> Option<DirectReader> {
-        let fd = file.as_raw_fd();
-        let (file, direct) = match crate::sys::reopen(fd, libc::O_RDONLY | libc::O_DIRECT) {
-            Ok(f) => (f, true),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                (crate::sys::reopen(fd, libc::O_RDONLY).ok()?, false)
-            }
+        match crate::sys::reopen(file.as_raw_fd(), libc::O_RDONLY | libc::O_DIRECT) {
+            Ok(file) => Some(DirectReader {
+                file,
+                scratch: Aligned::default(),
+                direct: true,
+            }),
             Err(e) => {
                 tracing::debug!("no direct reader ({e}); reading through the page cache");
-                return None;
+                None
             }
-        };
-        Some(DirectReader {
-            file,
-            buf: Vec::new(),
-            at: 0,
-            direct,
-        })
+        }
     }
 
     /// Whether reads bypass the page cache (false once the file system
@@ -93,8 +104,7 @@ impl DirectReader {
         let start = offset / a * a;
         let head = (offset - start) as usize;
         let total = (head + out.len()).div_ceil(ALIGN) * ALIGN;
-        self.reserve(total);
-        let scratch = &mut self.buf[self.at..self.at + total];
+        let scratch = self.scratch.get(total);
         let mut got = 0;
         while got < total {
             match self
@@ -117,14 +127,6 @@ impl DirectReader {
         let n = got.saturating_sub(head).min(out.len());
         out[..n].copy_from_slice(&scratch[head..head + n]);
         Ok(n)
-    }
-
-    /// Room for `len` bytes of aligned scratch memory at `self.at`.
-    fn reserve(&mut self, len: usize) {
-        if self.buf.len() < self.at + len {
-            self.buf = vec![0u8; len + ALIGN];
-            self.at = self.buf.as_ptr().align_offset(ALIGN);
-        }
     }
 
     fn clear_direct(&mut self) -> io::Result<()> {
@@ -151,8 +153,7 @@ impl DirectReader {
 pub struct DirectWriter {
     /// `None` once the file system refused `O_DIRECT`.
     file: Option<File>,
-    buf: Vec<u8>,
-    at: usize,
+    scratch: Aligned,
 }
 
 impl DirectWriter {
@@ -168,8 +169,7 @@ impl DirectWriter {
         };
         DirectWriter {
             file: direct,
-            buf: Vec::new(),
-            at: 0,
+            scratch: Aligned::default(),
         }
     }
 
@@ -184,11 +184,7 @@ impl DirectWriter {
         let aligned = offset % ALIGN as u64 == 0 && data.len() % ALIGN == 0;
         match &self.file {
             Some(f) if aligned && data.len() >= MIN_DIRECT => {
-                if self.buf.len() < self.at + data.len() {
-                    self.buf = vec![0u8; data.len() + ALIGN];
-                    self.at = self.buf.as_ptr().align_offset(ALIGN);
-                }
-                let scratch = &mut self.buf[self.at..self.at + data.len()];
+                let scratch = self.scratch.get(data.len());
                 scratch.copy_from_slice(data);
                 match f.write_all_at(scratch, offset) {
                     Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
