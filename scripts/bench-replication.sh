@@ -10,6 +10,11 @@
 #    full (mix of random and compressible files): vdrep (mount + protect + sync,
 #    timed from `protect` to `sync` success) vs `cp` + sync vs an rsync daemon
 #    on 127.0.0.1 (`rsync -a --inplace`, then sync). Median of RUNS.
+# 1b. copylat (not in the default set): fio writes COPYLAT_IOPS 4 KiB random
+#    O_DIRECT writes (QD1) to the random file through the mount for
+#    COPYLAT_SECS; after 5 s the VM is protected and synced (its initial
+#    copy). Completion latency p50/p99/p99.9/max of the writes before the
+#    copy (tracked only) and during it; the replica is compared after.
 # 2. delta after changing CHANGE_PCT% of the 4 KiB blocks of the random file
 #    (random blocks, random data): `vdrep sync` vs
 #    `rsync -I --inplace --no-whole-file -B4096` to the synced copy. RUNS rounds,
@@ -44,6 +49,8 @@
 # Environment:
 #   SIZE=2G  RUNS=3  CHANGE_PCT=1  FILL_PCT=20  RPO_SECS=60  RPO_RATE=50m
 #   SECTIONS="initial delta rpo blip"   subset to run   BLIP_SECS=30  BLIP_RUNS=$RUNS
+#     (add "copylat": the VM's write latency before and during an initial
+#      copy of the random file; COPYLAT_IOPS=500 COPYLAT_SECS=20)
 #     (add "scale", or SECTIONS=scale alone: SCALE_VMS=256 SCALE_DISK=16M
 #      SCALE_RATE=50m SCALE_SECS=60)
 #   RPO_MODES="30s continuous"     subset of --every modes for the RPO section
@@ -81,7 +88,9 @@ SCALE_VMS="${SCALE_VMS:-256}"
 SCALE_DISK="${SCALE_DISK:-16M}"
 SCALE_RATE="${SCALE_RATE:-50m}"
 SCALE_SECS="${SCALE_SECS:-60}"
-export SCALE_SECS SCALE_RATE   # read by the report
+COPYLAT_IOPS="${COPYLAT_IOPS:-500}"
+COPYLAT_SECS="${COPYLAT_SECS:-20}"
+export SCALE_SECS SCALE_RATE COPYLAT_IOPS   # read by the report
 BENCH_ROOT="${BENCH_ROOT:-/var/tmp/vdrep-rbench}"
 # A binary given by path is used as it is (an A/B of two builds must not
 # rebuild one of them); the default one is built first.
@@ -195,7 +204,7 @@ phases() { # NAME SINCE UNTIL: the phase table of the sender's and receiver's lo
 }
 
 # --- test data (cached in $PRISTINE, made by scripts/bench-images.sh) -------
-if [[ " $SECTIONS " == *" "@(initial|delta|rpo|blip)" "* ]]; then
+if [[ " $SECTIONS " == *" "@(initial|copylat|delta|rpo|blip)" "* ]]; then
     kinds=random; [[ " $SECTIONS " == *" initial "* ]] && kinds="random ext4"
     FILL_PCT="$FILL_PCT" "$REPO/scripts/bench-images.sh" "$PRISTINE" "$SIZE" $kinds || die "making the test images failed"
 fi
@@ -300,6 +309,66 @@ for run in $(seq 1 "$RUNS"); do
     done
 done
 rm -rf "${RMOD:?}"/*
+fi
+
+# =============================================================================
+# 1b. the VM's write latency before and during an initial copy
+if [[ " $SECTIONS " == *" copylat "* ]]; then
+for run in $(seq 1 "$RUNS"); do
+    umount_src; rm -rf "$VSRC"; mkdir -p "$VSRC"
+    cp --sparse=always "$PRISTINE/random.img" "$VSRC/disk.img"
+    start_receiver "$W/store-copylat"
+    mount_src
+    drop_caches
+    say "copylat run $run/$RUNS: fio ${COPYLAT_IOPS} IOPS of 4 KiB random O_DIRECT writes (QD1) for ${COPYLAT_SECS}s; the initial copy starts after 5 s"
+    rm -f "$LOG/copylat-$run"_*.log
+    fio --name=copylat --filename="$VSRC/disk.img" --rw=randwrite --bs=4k --direct=1 --ioengine=psync \
+        --rate_iops="$COPYLAT_IOPS" --time_based=1 --runtime="$COPYLAT_SECS" --randrepeat=0 --refill_buffers=1 \
+        --write_lat_log="$LOG/copylat-$run" --log_unix_epoch=1 \
+        --output-format=json --output="$LOG/fio-copylat-$run.json" >/dev/null 2>"$LOG/fio-copylat-$run.err" &
+    FIO_PID=$!
+    sleep 5
+    t0=$(now)
+    protect 1h
+    "$VDREP" sync "$VM" >>"$LOG/sync.log" 2>&1 || die "vdrep sync failed (copylat run $run)"
+    t1=$(now)
+    wait "$FIO_PID" || die "fio failed during the initial copy: $(tail -2 "$LOG/fio-copylat-$run.err")"
+    FIO_PID=""
+    rec copylat vdrep "$run" copy_secs "$(elapsed "$t0" "$t1")"
+    # Every write's completion latency, split at protect (t0) and at the
+    # end of the sync (t1): before = tracked, not replicating.
+    python3 - "$LOG/copylat-${run}_clat.1.log" "$t0" "$t1" "$run" >>"$RES" <<'PY'
+import sys
+path, t0, t1, run = sys.argv[1], float(sys.argv[2]) * 1000, float(sys.argv[3]) * 1000, sys.argv[4]
+for line in open(path):
+    f = line.split(",")
+    if len(f) < 2:
+        continue
+    t, ns = float(f[0]), float(f[1])
+    key = "before" if t < t0 else ("during" if t <= t1 else None)
+    if key:
+        print(f"copylat\t{key}\t{run}\tclat_us\t{ns / 1000:.1f}")
+PY
+    if [[ "$run" == 1 ]]; then   # the copy plus what was written during it, checked (untimed)
+        "$VDREP" sync "$VM" >>"$LOG/sync.log" 2>&1 || die "vdrep sync failed (copylat check)"
+        rep="$(find "$W/store-copylat/sites/site-a/vms/$VM/disks" -name disk.vhd | head -1)"
+        # `sync` returns once the point is stored; the receiver applies it
+        # to the replica right after: give the apply up to 30 s.
+        same=0
+        for try in $(seq 30); do
+            if [[ -n "$rep" ]] && qemu-img compare -q -f raw -F vpc "$VSRC/disk.img" "$rep"; then same=1; break; fi
+            sleep 1
+        done
+        if [[ "$same" == 1 ]]; then
+            say "copylat: replica equals source after the writes during the copy (compare $try)"
+        else
+            say "WARNING: copylat: replica differs from source ($rep)"
+            rec copylat vdrep "$run" compare_failed 1
+        fi
+    fi
+    umount_src; stop_receiver; rm -rf "$W/store-copylat"
+    say "copylat run $run/$RUNS: copy $(elapsed "$t0" "$t1") s"
+done
 fi
 
 # =============================================================================
@@ -643,6 +712,22 @@ if any(k[0] == "rpo" for k in d):
     table(f"3. RPO under load: fio {rpo_rate}/s random writes 4k-64k O_DIRECT through the mount, {rpo_secs} s per mode, lag_secs sampled every 0.5 s",
           ["mode", "samples with a point", "lag p50 s", "lag p99 s", "lag max s", "pending p50 MB", "pending max MB",
            "fio MB/s achieved", "sent MB/s", "CPU sender / receiver", "drain s (sync after load)", "target p99 <= 5 s"], rows)
+if any(k[0] == "copylat" for k in d):
+    # every write of every run, pooled: before = tracked only, during = the initial copy
+    rows = []
+    lat = {w: [float(v) for sec, subj, _, k, v in lines if sec == "copylat" and subj == w and k == "clat_us"]
+           for w in ("before", "during")}
+    for w in ("before", "during"):
+        xs = lat[w]
+        rows.append([w, f"{len(xs):,}", f1(pctl(xs, 50), 0), f1(pctl(xs, 99), 0), f1(pctl(xs, 99.9), 0),
+                     f1(max(xs) if xs else None, 0)])
+    b99, d99 = pctl(lat["before"], 99), pctl(lat["during"], 99)
+    rows.append(["during / before", "", "", "n/a" if not b99 or d99 is None else f"{d99 / b99:.2f}x", "", ""])
+    table(f"1b. The VM's 4 KiB O_DIRECT write latency (QD1, {os.environ.get('COPYLAT_IOPS', '500')} IOPS) before and during the initial copy "
+          f"(copy median {f1(med('copylat', 'vdrep', 'copy_secs'))} s; all runs pooled)",
+          ["window", "writes", "p50 us", "p99 us", "p99.9 us", "max us"], rows)
+    js["copylat"] = {w: {"n": len(lat[w]), "p50": pctl(lat[w], 50), "p99": pctl(lat[w], 99),
+                         "p999": pctl(lat[w], 99.9), "max": max(lat[w]) if lat[w] else None} for w in lat}
 if any(k[0] == "blip" for k in d):
     # one row per run (its own p50/p99/max), then the medians over runs
     rows, per = [], []
