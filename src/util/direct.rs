@@ -30,8 +30,6 @@ pub const ALIGN: usize = 4096;
 /// one by one).
 pub const MIN_DIRECT: usize = 256 << 10;
 
-/// A reader of long ranges of one file through its own `O_DIRECT`
-/// descriptor (see the module's documentation).
 /// Scratch memory whose usable part starts on an [`ALIGN`] boundary (the
 /// memory of a direct read or write must be aligned; the callers' is not).
 #[derive(Debug, Default)]
@@ -51,6 +49,8 @@ impl Aligned {
     }
 }
 
+/// A reader of long ranges of one file through its own `O_DIRECT`
+/// descriptor (see the module's documentation).
 #[derive(Debug)]
 pub struct DirectReader {
     file: File,
