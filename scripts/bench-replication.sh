@@ -335,6 +335,9 @@ for run in $(seq 1 "$RUNS"); do
     wait "$FIO_PID" || die "fio failed during the initial copy: $(tail -2 "$LOG/fio-copylat-$run.err")"
     FIO_PID=""
     rec copylat vdrep "$run" copy_secs "$(elapsed "$t0" "$t1")"
+    # fio stops COPYLAT_SECS after its start; a longer copy is only partly under load
+    awk -v a="$(elapsed "$t0" "$t1")" -v b="$((COPYLAT_SECS - 5))" 'BEGIN {exit !(a > b)}' \
+        && say "WARNING: copylat run $run: the copy outlasted the load; 'during' covers only its first $((COPYLAT_SECS - 5)) s (raise COPYLAT_SECS)"
     # Every write's completion latency, split at protect (t0) and at the
     # end of the sync (t1): before = tracked, not replicating.
     python3 - "$LOG/copylat-${run}_clat.1.log" "$t0" "$t1" "$run" >>"$RES" <<'PY'
