@@ -73,7 +73,12 @@ median() { sort -g | awk '{a[NR]=$1} END{print (NR%2)? a[(NR+1)/2] : (a[NR/2]+a[
 "$VDREP" keys init --name site-a --out "$W/ka" >/dev/null
 "$VDREP" keys init --name site-b --out "$W/kb" >/dev/null
 echo "== making a $SIZE random disk"
-head -c "$SIZE" /dev/urandom >"$W/vm/disk.img"
+# Written in 4 MiB writes, as `cp` writes rsync's copies below: the page
+# cache then holds every tool's input in folios of the same (large) size.
+# (`head -c` writes 8 KiB at a time, which left vdrep's disk alone in 4 KiB
+# folios: mapping or copying it cost ~4x more CPU per byte than the 2 MiB
+# folios of rsync's source; kernel-notes/resync.md, session 25.)
+head -c "$SIZE" /dev/urandom | dd of="$W/vm/disk.img" bs=4M iflag=fullblock status=none
 BYTES=$(stat -c %s "$W/vm/disk.img")
 BLOCKS=$((BYTES / 4096))
 NCHANGE=$((BLOCKS * CHANGE_PCT / 100))
@@ -135,7 +140,12 @@ done
 # CPU seconds (user+system) a process used so far.
 cpu() { awk -v t="$(getconf CLK_TCK)" '{print ($14+$15)/t}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 for run in $(seq "$RUNS"); do
-    # vdrep: damage the replica, resync.
+    # vdrep: damage the replica, resync. The replica is read into the
+    # cache first, as rsync's target is (written by `cp`) when it is
+    # damaged: the damage's scattered reads of an uncached replica (the
+    # initial copy writes it past the cache) filled the cache with 4 KiB
+    # folios around which the warm-up's read-ahead built no large ones.
+    drop "$REPLICA"
     damage "$REPLICA" "$run"
     drop "$W/vm/disk.img" ${BACKING:+"$BACKING"} "$REPLICA"
     c0s=$(cpu "$MOUNT_PID"); c0r=$(cpu "$RECV_PID")

@@ -4,14 +4,16 @@
 //! one bounded run of an administrator's shell command ([`command`]), and
 //! a stopwatch of named steps ([`steps`]), the debug events of a
 //! replication cycle's phases ([`phase`]), read-ahead hints for
-//! scattered reads ([`readahead`]), and fsync per file or a shared
-//! `syncfs` (group commit, [`durable`]).
+//! scattered reads ([`readahead`]), read-only mappings for hashing a file
+//! where it lies in the page cache ([`mapped`]), and fsync per file or a
+//! shared `syncfs` (group commit, [`durable`]).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub mod command;
 pub mod direct;
 pub mod durable;
+pub mod mapped;
 pub mod phase;
 pub mod readahead;
 pub mod steps;

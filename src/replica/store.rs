@@ -2087,13 +2087,14 @@ impl Site<'_> {
                     if len % bs as usize != 0 {
                         out.push(crate::resync::zero_digest(len % bs as usize));
                     }
-                } else if let Some(Ok(m)) = target.map(at, len) {
-                    // Hashed straight from the page cache (no copy).
-                    out.extend(crate::resync::digest_blocks(
-                        &m,
-                        block_size as usize,
-                        threads,
-                    ));
+                } else if let Some(parts) = map_parts(target, at, len, bs, threads) {
+                    // Hashed straight from the page cache (no copy), one
+                    // part per thread.
+                    let d =
+                        crate::resync::digest_mapped(parts, block_size as usize).map_err(|e| {
+                            self.io(&p.ctx, "reading the replica for a resync", &open.rpath, e)
+                        })?;
+                    out.extend(d);
                 } else {
                     if buf.len() < len {
                         buf.resize(len, 0);
@@ -2733,6 +2734,37 @@ pub fn retention_keep(
         }
     }
     keep_flags
+}
+
+/// `len` bytes of `target` at `offset` mapped in up to `threads` parts
+/// of whole blocks (split at 2 MiB boundaries where the length allows, so
+/// large folios map whole), for [`crate::resync::digest_mapped`]; `None`
+/// when the format cannot be mapped or a mapping fails (the caller reads
+/// instead).
+fn map_parts(
+    target: &dyn ReplicaTarget,
+    offset: u64,
+    len: usize,
+    bs: u64,
+    threads: usize,
+) -> Option<Vec<super::target::MappedRange>> {
+    const ALIGN: u64 = 2 << 20;
+    let len = len as u64;
+    let threads = threads.max(1) as u64;
+    let mut step = len.div_ceil(threads);
+    step = if step >= ALIGN {
+        step.div_ceil(ALIGN) * ALIGN
+    } else {
+        step.div_ceil(bs.max(1)) * bs.max(1)
+    };
+    let mut parts = Vec::new();
+    let mut at = 0;
+    while at < len {
+        let n = step.min(len - at);
+        parts.push(target.map(offset + at, n as usize)?.ok()?);
+        at += n;
+    }
+    Some(parts)
 }
 
 /// The undo records that take the replica at `rc` back to `from`, oldest

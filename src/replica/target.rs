@@ -99,7 +99,9 @@ pub trait ReplicaTarget: Send {
     }
     /// The disk bytes `offset..offset + len` mapped read-only, without
     /// copying them (for hashing), when the format stores them as plain
-    /// file bytes; `None` otherwise. Only while nothing shrinks the file.
+    /// file bytes; `None` otherwise. Not populated (the reader faults its
+    /// part in: [`crate::util::mapped::populate`]). Only while nothing
+    /// shrinks the file.
     fn map(&self, _offset: u64, _len: usize) -> Option<io::Result<MappedRange>> {
         None
     }
@@ -110,7 +112,7 @@ pub trait ReplicaTarget: Send {
 /// bytes (memmap2 aligns the mapping to pages and hides the slack).
 pub type MappedRange = memmap2::Mmap;
 
-/// Map `len` bytes of `file` at `offset` read-only (pre-faulted).
+/// Map `len` bytes of `file` at `offset` read-only (not populated).
 fn map_range(file: &File, offset: u64, len: usize) -> io::Result<MappedRange> {
     // The file must hold every mapped byte: a page past its end would
     // fault (SIGBUS) when read.
@@ -128,7 +130,6 @@ fn map_range(file: &File, offset: u64, len: usize) -> io::Result<MappedRange> {
         memmap2::MmapOptions::new()
             .offset(offset)
             .len(len)
-            .populate()
             .map(file)
     }
 }

@@ -122,6 +122,49 @@ pub fn digest_blocks(buf: &[u8], bs: usize, threads: usize) -> Vec<u128> {
     out
 }
 
+/// Digests of the consecutive `bs`-byte blocks of `parts` taken end to
+/// end (read-only file mappings, not yet populated; every part but the
+/// last a whole number of blocks), one thread per part: each thread faults
+/// its part in ([`crate::util::mapped::populate`]), hashes it and unmaps
+/// it, so mapping and unmapping the pages (more than the hashing when the
+/// page cache holds 4 KiB folios) run on every core too. A part that
+/// cannot be populated (past the file's end) is an error, never a `SIGBUS`.
+pub fn digest_mapped(parts: Vec<memmap2::Mmap>, bs: usize) -> std::io::Result<Vec<u128>> {
+    let bs = bs.max(1);
+    let hash = |m: memmap2::Mmap| -> std::io::Result<Vec<u128>> {
+        if let Err(e) = crate::util::mapped::populate(&m) {
+            // EINVAL: a kernel before 5.14; the reads fault the pages in.
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                return Err(e);
+            }
+        }
+        Ok(m.chunks(bs).map(block_digest).collect())
+    };
+    if parts.len() <= 1 {
+        return Ok(match parts.into_iter().next() {
+            Some(m) => hash(m)?,
+            None => Vec::new(),
+        });
+    }
+    let done: Vec<std::io::Result<Vec<u128>>> = std::thread::scope(|s| {
+        let hs: Vec<_> = parts
+            .into_iter()
+            .map(|m| s.spawn(move || hash(m)))
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("a hashing thread panicked")))
+            })
+            .collect()
+    });
+    let mut out = Vec::new();
+    for d in done {
+        out.extend(d?);
+    }
+    Ok(out)
+}
+
 /// Indices where `ours` and `theirs` differ (missing digests count as
 /// different).
 pub fn differing(ours: &[u128], theirs: &[u128]) -> Vec<usize> {
@@ -253,6 +296,32 @@ mod tests {
         assert_eq!(a.len(), buf.len().div_ceil(4096));
         assert_eq!(block_digest(&[0u8; 4096]), xxh3_128(&[0u8; 4096]));
         assert_eq!(block_digest(&[0u8; 100]), xxh3_128(&[0u8; 100]));
+    }
+
+    #[test]
+    fn mapped_digests_equal_digests_of_the_bytes() {
+        use std::io::Write;
+        let buf: Vec<u8> = (0..(5 << 20) + 1000).map(|i| (i * 7 % 251) as u8).collect();
+        let mut f = tempfile::tempfile().expect("temp");
+        f.write_all(&buf).expect("write");
+        let map = |off: usize, len: usize| {
+            // SAFETY: test file, not shrunk while mapped.
+            unsafe {
+                memmap2::MmapOptions::new()
+                    .offset(off as u64)
+                    .len(len)
+                    .map(&f)
+                    .expect("map")
+            }
+        };
+        let want = digest_blocks(&buf, 4096, 1);
+        let split = 3 << 20;
+        let parts = vec![map(0, split), map(split, buf.len() - split)];
+        assert_eq!(digest_mapped(parts, 4096).expect("digests"), want);
+        assert_eq!(
+            digest_mapped(vec![map(0, buf.len())], 4096).expect("digests"),
+            want
+        );
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //!
 //! A resync seals every disk of the VM at one instant (the disks to resync
 //! whole, the others as ordinary deltas), hashes the resync disks **as of
-//! that cut** while the VM keeps writing ([`CycleJudge`]: one pass through
-//! a small scratch buffer, the bytes not kept), and compares the digest of
+//! that cut** while the VM keeps writing ([`CycleJudge`]: one pass that
+//! hashes the blocks where they lie in the page cache, through a mapping,
+//! the bytes not copied), and compares the digest of
 //! every block with the receiver's digest of the same block of its newest
 //! point ([`crate::wire::BlockHashReq`] / [`crate::wire::BlockHashes`],
 //! batches of [`BATCH_BYTES`], two requests in flight, the receiver hashing

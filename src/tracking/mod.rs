@@ -708,6 +708,7 @@ impl Tracker {
             al,
             preimage: Mutex::new(self.open_preimage(&meta.folder, &key)),
             written: 0.into(),
+            map_guard: RwLock::new(()),
         });
         self.save_meta(&meta)?;
         tracing::info!(disk = %key, state = ?meta.state, cycle = meta.cycle, "tracking disk");
@@ -2188,11 +2189,10 @@ impl SealedCycle {
     }
 }
 
-/// Bytes the hash pass of [`CycleJudge::digests`] reads at once: small
-/// enough that the digest reads the piece back from the CPU's cache, large
-/// enough that the state lock and the syscall are paid rarely (2 GiB,
-/// warm, one core: 1 MiB pieces into 9 MiB batch buffers 0.48–0.53
-/// CPU-s, 1 MiB into one scratch 0.37, 128 KiB 0.33; kernel-notes/resync.md).
+/// Bytes the hash pass of [`CycleJudge::digests`] judges at once (one
+/// state-lock pass before and after hashing them from the mapping): small
+/// enough that a writer's copy-before-write waits little for that lock,
+/// large enough that the lock and the populate call are paid rarely.
 pub const DIGEST_PIECE: u64 = 256 << 10;
 
 /// Receives the hash pass of [`CycleJudge::digests`]: `(offset, bytes,
@@ -2229,19 +2229,27 @@ impl CycleJudge {
         out: &mut DigestSink<'_>,
     ) -> Result<(), StreamError> {
         let bs = self.disk.bs().max(1) as usize;
-        let mut scratch = vec![0u8; (DIGEST_PIECE as usize).max(bs)];
-        let mut digests: Vec<u128> = Vec::with_capacity(scratch.len() / bs);
+        let mut scratch = vec![0u8; bs];
+        let mut digests: Vec<u128> = Vec::with_capacity(DIGEST_PIECE as usize / bs + 1);
+        let mut win = crate::util::mapped::Window::default();
+        // No read-ahead hints inside long runs: the kernel's read-ahead of
+        // the mapping builds large folios, `WILLNEED` 4 KiB ones.
         self.disk.walk_sealed(
             &self.sealing,
             from,
             DIGEST_PIECE,
-            true,
+            false,
             &mut |b, ce, off, len| {
-                let buf = &mut scratch[..len];
-                self.disk
-                    .fill_as_of_cut(&self.sealing, b, ce, len, buf, false, None)?;
-                digests.clear();
-                digests.extend(buf.chunks(bs).map(digest));
+                self.disk.digest_as_of_cut(
+                    &self.sealing,
+                    b,
+                    ce,
+                    len,
+                    digest,
+                    &mut win,
+                    &mut scratch,
+                    &mut digests,
+                )?;
                 out(off, len, &digests)
             },
         )
@@ -2354,6 +2362,10 @@ pub struct TrackedDisk {
     preimage: Mutex<Option<preimage::Journal>>,
     /// Bytes written through [`TrackedDisk::write_at`] since attached.
     written: std::sync::atomic::AtomicU64,
+    /// Held shared while a hash pass reads a mapping of the backing file
+    /// ([`CycleJudge::digests`]), exclusively while the file shrinks (a
+    /// mapped page past the file's end would be a `SIGBUS`).
+    map_guard: RwLock<()>,
 }
 
 impl TrackedDisk {
@@ -2607,7 +2619,7 @@ impl TrackedDisk {
             self.log_activity(first, last)?;
             self.save_preimages(first, last)?;
             self.preserve(first, last);
-            let r = file.set_len(len);
+            let r = self.shrinking(|| file.set_len(len));
             self.mark(first, last);
             r
         } else {
@@ -2637,11 +2649,22 @@ impl TrackedDisk {
             self.save_preimages(f, l)?;
             self.preserve(f, l);
         }
-        let res = sys::fallocate(file.as_raw_fd(), mode, offset, len);
+        let res = if mode & libc::FALLOC_FL_COLLAPSE_RANGE != 0 {
+            self.shrinking(|| sys::fallocate(file.as_raw_fd(), mode, offset, len))
+        } else {
+            sys::fallocate(file.as_raw_fd(), mode, offset, len)
+        };
         if let Some((f, l)) = range {
             self.mark(f, l);
         }
         res
+    }
+
+    /// Run `f`, which may shrink the backing file, while no hash pass reads
+    /// a mapping of it (see `map_guard`).
+    fn shrinking<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _g = self.map_guard.write();
+        f()
     }
 
     /// Is `[off, off+len)` entirely a hole of the backing file right now?
@@ -2741,26 +2764,7 @@ impl TrackedDisk {
             (o, (((j - b) * bs) as usize).min(len))
         };
         // 1. Which blocks the file must give (not captured yet).
-        let mut reads: Vec<(u64, u64)> = Vec::new();
-        {
-            let st = s.state.lock();
-            if let Some(f) = &st.failed {
-                return Err(StreamError::Abandoned(f.clone()));
-            }
-            let mut i = b;
-            while i < ce {
-                if st.captured.get(i) {
-                    i += 1;
-                    continue;
-                }
-                let mut j = i + 1;
-                while j < ce && !st.captured.get(j) {
-                    j += 1;
-                }
-                reads.push((i, j));
-                i = j;
-            }
-        }
+        let reads = Self::uncaptured(s, b, ce)?;
         #[cfg(test)]
         stream_tests::before_read(b, ce);
         // 2. Read them, the lock free.
@@ -2812,6 +2816,134 @@ impl TrackedDisk {
         }
         if consume && b < ce {
             st.captured.set_range(b, ce - 1);
+        }
+        Ok(())
+    }
+
+    /// Runs `(first, end)` of blocks `b..ce` not captured yet (under the
+    /// sealing's state lock): the file gives their content as of the cut
+    /// unless a writer captures them before the caller looks again.
+    fn uncaptured(s: &Sealing, b: u64, ce: u64) -> Result<Vec<(u64, u64)>, StreamError> {
+        let st = s.state.lock();
+        if let Some(f) = &st.failed {
+            return Err(StreamError::Abandoned(f.clone()));
+        }
+        let mut reads = Vec::new();
+        let mut i = b;
+        while i < ce {
+            if st.captured.get(i) {
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < ce && !st.captured.get(j) {
+                j += 1;
+            }
+            reads.push((i, j));
+            i = j;
+        }
+        Ok(reads)
+    }
+
+    /// The digests (`digest` of each block) of blocks `b..ce` (`len` bytes
+    /// from block `b`; the last block may be short) as of the cut, into
+    /// `out`, without copying the file's bytes: the blocks are hashed where
+    /// they lie in the page cache, through `win` (a mapping kept from piece
+    /// to piece; [`crate::util::mapped`]). The same three steps as
+    /// [`fill_as_of_cut`](Self::fill_as_of_cut) (which see for why it is
+    /// as of the cut): choose the uncaptured blocks under the lock, hash
+    /// them with the lock free, then replace the digest of every block
+    /// captured by then with that of its saved pre-image (or zeros).
+    /// `scratch`: at least one block, for the blocks hashed from a copy.
+    #[allow(clippy::too_many_arguments)]
+    fn digest_as_of_cut(
+        &self,
+        s: &Sealing,
+        b: u64,
+        ce: u64,
+        len: usize,
+        digest: &dyn Fn(&[u8]) -> u128,
+        win: &mut crate::util::mapped::Window,
+        scratch: &mut [u8],
+        out: &mut Vec<u128>,
+    ) -> Result<(), StreamError> {
+        let bs = self.bs();
+        let ubs = bs as usize;
+        // Length of block `i` (the last one may be short).
+        let blen = |i: u64| (len - ((i - b) as usize) * ubs).min(ubs);
+        out.clear();
+        out.resize((ce - b) as usize, 0);
+        // 1. Which blocks the file must give.
+        let reads = Self::uncaptured(s, b, ce)?;
+        #[cfg(test)]
+        stream_tests::before_read(b, ce);
+        // 2. Hash them, the lock free; the file cannot shrink meanwhile.
+        {
+            let _g = self.map_guard.read();
+            let file_len = match self.reader.metadata() {
+                Ok(m) => m.len(),
+                Err(source) => return Err(StreamError::Read { block: b, source }),
+            };
+            for &(i, j) in &reads {
+                let off = i * bs;
+                let n: usize = (i..j).map(blen).sum();
+                if self.is_hole(off, n as u64) {
+                    for k in i..j {
+                        scratch[..blen(k)].fill(0);
+                        out[(k - b) as usize] = digest(&scratch[..blen(k)]);
+                    }
+                    continue;
+                }
+                // What the file holds of the run (shrunk since the cut: the
+                // rest reads as zeros).
+                let have = (file_len.saturating_sub(off) as usize).min(n);
+                let whole = have / ubs * ubs;
+                let mapped = win
+                    .get(&self.reader, file_len, off, whole)
+                    .map_err(|source| StreamError::Read { block: i, source })?;
+                if let Some(m) = mapped {
+                    if let Err(source) = crate::util::mapped::populate(m) {
+                        if source.raw_os_error() != Some(libc::EINVAL) {
+                            win.clear();
+                            return Err(StreamError::Read { block: i, source });
+                        }
+                    }
+                    for (k, blk) in m.chunks(ubs).enumerate() {
+                        out[(i - b) as usize + k] = digest(blk);
+                    }
+                }
+                // The block the file's end cuts, and those past it.
+                for k in i + (whole / ubs) as u64..j {
+                    let at = k * bs;
+                    let l = blen(k);
+                    let got = if at < file_len {
+                        let want = ((file_len - at) as usize).min(l);
+                        read_full_at(&self.reader, &mut scratch[..want], at)
+                            .map_err(|source| StreamError::Read { block: k, source })?
+                    } else {
+                        0
+                    };
+                    scratch[got..l].fill(0);
+                    out[(k - b) as usize] = digest(&scratch[..l]);
+                }
+            }
+        }
+        // 3. Under the lock: blocks captured meanwhile, or before (step 1
+        //    left them out), take their saved pre-image, or zeros.
+        let st = s.state.lock();
+        if let Some(f) = &st.failed {
+            return Err(StreamError::Abandoned(f.clone()));
+        }
+        for i in b..ce {
+            if !st.captured.get(i) {
+                continue;
+            }
+            let l = blen(i);
+            let saved = st.saved.get(&i).map(Vec::as_slice).unwrap_or_default();
+            let n = saved.len().min(l);
+            scratch[..n].copy_from_slice(&saved[..n]);
+            scratch[n..l].fill(0);
+            out[(i - b) as usize] = digest(&scratch[..l]);
         }
         Ok(())
     }

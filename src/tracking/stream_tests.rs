@@ -143,6 +143,34 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<u64> {
         .map(|p| p as u64)
 }
 
+fn digest(d: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(d)
+}
+
+/// `(block, digest)` of every block of the judged cycle.
+fn all_digests(judge: &super::CycleJudge) -> Vec<(u64, u128)> {
+    let mut digests = Vec::new();
+    judge
+        .digests(0, &digest, &mut |off, _len, ds| {
+            digests.extend(
+                ds.iter()
+                    .enumerate()
+                    .map(|(i, d)| (off / BS + i as u64, *d)),
+            );
+            Ok(())
+        })
+        .expect("digests");
+    digests
+}
+
+fn assert_as_of_the_cut(digests: &[(u64, u128)], before: &[u8]) {
+    assert_eq!(digests.len() as u64, SIZE / BS);
+    for (b, d) in digests {
+        let want = digest(&before[(b * BS) as usize..((b + 1) * BS) as usize]);
+        assert_eq!(*d, want, "digest of block {b} is not as of the cut");
+    }
+}
+
 #[test]
 fn a_write_just_before_the_read_leaves_the_initial_copy_as_of_the_cut() {
     let s = setup();
@@ -190,30 +218,49 @@ fn a_write_just_before_the_read_leaves_the_compare_as_of_the_cut() {
     let s = setup();
     let sc = seal_whole(&s);
     let judge = sc.judge();
-    let digest = |d: &[u8]| xxhash_rust::xxh3::xxh3_128(d);
-    let mut digests: Vec<(u64, u128)> = Vec::new();
+    let digests;
     {
         let _h = overwrite_each_piece(s.disk.clone(), s.file.clone());
-        judge
-            .digests(0, &digest, &mut |off, _len, ds| {
-                digests.extend(
-                    ds.iter()
-                        .enumerate()
-                        .map(|(i, d)| (off / BS + i as u64, *d)),
-                );
-                Ok(())
-            })
-            .expect("digests");
+        digests = all_digests(&judge);
     }
-    assert_eq!(digests.len() as u64, SIZE / BS);
-    for (b, d) in &digests {
-        let want = digest(&s.before[(b * BS) as usize..((b + 1) * BS) as usize]);
-        assert_eq!(*d, want, "digest of block {b} is not as of the cut");
-    }
+    assert_as_of_the_cut(&digests, &s.before);
     // The blocks the VM overwrote are taken as of the cut too.
     let mut buf = Vec::new();
     let n = judge.take(0, SIZE / BS, &mut buf).expect("take");
     assert_eq!(n as u64, SIZE);
     assert_eq!(first_difference(&buf[..n], &s.before), None);
+    s.t.finish(sc, true).expect("finish");
+}
+
+/// The VM shrinks its disk to the middle of a block of the piece being
+/// hashed, right after the hash pass chose the blocks to read (and after it
+/// mapped the file for an earlier piece): the pass reads no page past the
+/// new end (that would be a `SIGBUS`, killing the test), and every digest is
+/// still of the disk as of the cut (the blocks cut off are saved first).
+#[test]
+fn a_shrink_just_before_the_read_leaves_the_compare_as_of_the_cut() {
+    let s = setup();
+    let sc = seal_whole(&s);
+    let judge = sc.judge();
+    let digests;
+    let shrink_in = SIZE / BS / 2; // the piece holding this block
+    let new_len = (shrink_in + 10) * BS + 100;
+    {
+        let (disk, file) = (s.disk.clone(), s.file.clone());
+        let _h = Hooked::set(move |b, ce| {
+            if (b..ce).contains(&shrink_in) {
+                disk.set_len(&file, new_len).expect("VM shrink");
+            }
+        });
+        digests = all_digests(&judge);
+    }
+    assert_eq!(
+        std::fs::metadata(s.tmp.path().join("v.img"))
+            .expect("stat")
+            .len(),
+        new_len,
+        "the shrink happened"
+    );
+    assert_as_of_the_cut(&digests, &s.before);
     s.t.finish(sc, true).expect("finish");
 }
