@@ -2854,7 +2854,8 @@ impl TrackedDisk {
     /// as of the cut): choose the uncaptured blocks under the lock, hash
     /// them with the lock free, then replace the digest of every block
     /// captured by then with that of its saved pre-image (or zeros).
-    /// `scratch`: at least one block, for the blocks hashed from a copy.
+    /// `scratch`: at least one block, for the blocks hashed from a copy
+    /// (grown to the run when the file cannot be mapped).
     #[allow(clippy::too_many_arguments)]
     fn digest_as_of_cut(
         &self,
@@ -2864,7 +2865,7 @@ impl TrackedDisk {
         len: usize,
         digest: &dyn Fn(&[u8]) -> u128,
         win: &mut crate::util::mapped::Window,
-        scratch: &mut [u8],
+        scratch: &mut Vec<u8>,
         out: &mut Vec<u128>,
     ) -> Result<(), StreamError> {
         let bs = self.bs();
@@ -2898,17 +2899,32 @@ impl TrackedDisk {
                 // rest reads as zeros).
                 let have = (file_len.saturating_sub(off) as usize).min(n);
                 let whole = have / ubs * ubs;
-                let mapped = win
-                    .get(&self.reader, file_len, off, whole)
-                    .map_err(|source| StreamError::Read { block: i, source })?;
-                if let Some(m) = mapped {
-                    if let Err(source) = crate::util::mapped::populate(m) {
-                        if source.raw_os_error() != Some(libc::EINVAL) {
-                            win.clear();
-                            return Err(StreamError::Read { block: i, source });
+                let mut hashed = false;
+                if let Ok(Some(m)) = win.get(&self.reader, file_len, off, whole) {
+                    // EINVAL: a kernel without MADV_POPULATE_READ (the
+                    // reads fault the pages in).
+                    let ok = match crate::util::mapped::populate(m) {
+                        Ok(()) => true,
+                        Err(e) => e.raw_os_error() == Some(libc::EINVAL),
+                    };
+                    if ok {
+                        for (k, blk) in m.chunks(ubs).enumerate() {
+                            out[(i - b) as usize + k] = digest(blk);
                         }
+                        hashed = true;
                     }
-                    for (k, blk) in m.chunks(ubs).enumerate() {
+                }
+                if !hashed && whole > 0 {
+                    // Not mappable (a file system without mmap), or a page
+                    // gone (shrunk from outside the mount): read instead.
+                    win.clear();
+                    if scratch.len() < whole {
+                        scratch.resize(whole, 0);
+                    }
+                    let got = read_full_at(&self.reader, &mut scratch[..whole], off)
+                        .map_err(|source| StreamError::Read { block: i, source })?;
+                    scratch[got..whole].fill(0);
+                    for (k, blk) in scratch[..whole].chunks(ubs).enumerate() {
                         out[(i - b) as usize + k] = digest(blk);
                     }
                 }
