@@ -132,12 +132,7 @@ pub fn digest_blocks(buf: &[u8], bs: usize, threads: usize) -> Vec<u128> {
 pub fn digest_mapped(parts: Vec<memmap2::Mmap>, bs: usize) -> std::io::Result<Vec<u128>> {
     let bs = bs.max(1);
     let hash = |m: memmap2::Mmap| -> std::io::Result<Vec<u128>> {
-        if let Err(e) = crate::util::mapped::populate(&m) {
-            // EINVAL: a kernel before 5.14; the reads fault the pages in.
-            if e.raw_os_error() != Some(libc::EINVAL) {
-                return Err(e);
-            }
-        }
+        crate::util::mapped::populate(&m)?;
         Ok(m.chunks(bs).map(block_digest).collect())
     };
     if parts.len() <= 1 {

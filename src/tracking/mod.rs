@@ -2796,22 +2796,15 @@ impl TrackedDisk {
                 continue;
             }
             let (o, oe1) = span(i, i + 1);
-            // No pre-image: already passed on by an earlier stream (zeros).
-            let put = |buf: &mut [u8], saved: Option<&[u8]>| {
-                let saved = saved.unwrap_or_default();
-                let n = saved.len().min(oe1 - o);
-                buf[o..o + n].copy_from_slice(&saved[..n]);
-                buf[o + n..oe1].fill(0);
-            };
             if consume {
                 let saved = st.saved.remove(&i);
                 if let Some(v) = &saved {
                     st.saved_bytes -= v.len() as u64;
                 }
-                put(buf, saved.as_deref());
+                put_pre_image(saved.as_deref(), &mut buf[o..oe1]);
             } else {
                 // Kept for the judgment (no copy of the map's entry).
-                put(buf, st.saved.get(&i).map(Vec::as_slice));
+                put_pre_image(st.saved.get(&i).map(Vec::as_slice), &mut buf[o..oe1]);
             }
         }
         if consume && b < ce {
@@ -2901,13 +2894,7 @@ impl TrackedDisk {
                 let whole = have / ubs * ubs;
                 let mut hashed = false;
                 if let Ok(Some(m)) = win.get(&self.reader, file_len, off, whole) {
-                    // EINVAL: a kernel without MADV_POPULATE_READ (the
-                    // reads fault the pages in).
-                    let ok = match crate::util::mapped::populate(m) {
-                        Ok(()) => true,
-                        Err(e) => e.raw_os_error() == Some(libc::EINVAL),
-                    };
-                    if ok {
+                    if crate::util::mapped::populate(m).is_ok() {
                         for (k, blk) in m.chunks(ubs).enumerate() {
                             out[(i - b) as usize + k] = digest(blk);
                         }
@@ -2955,10 +2942,7 @@ impl TrackedDisk {
                 continue;
             }
             let l = blen(i);
-            let saved = st.saved.get(&i).map(Vec::as_slice).unwrap_or_default();
-            let n = saved.len().min(l);
-            scratch[..n].copy_from_slice(&saved[..n]);
-            scratch[n..l].fill(0);
+            put_pre_image(st.saved.get(&i).map(Vec::as_slice), &mut scratch[..l]);
             out[(i - b) as usize] = digest(&scratch[..l]);
         }
         Ok(())
@@ -2986,6 +2970,16 @@ impl TrackedDisk {
     pub fn name(&self) -> String {
         self.meta.lock().name.clone()
     }
+}
+
+/// A captured block's content as of the cut into `dst` (its length): the
+/// saved pre-image, zero-padded; no pre-image means the block was already
+/// passed on by an earlier stream (zeros).
+fn put_pre_image(saved: Option<&[u8]>, dst: &mut [u8]) {
+    let saved = saved.unwrap_or_default();
+    let n = saved.len().min(dst.len());
+    dst[..n].copy_from_slice(&saved[..n]);
+    dst[n..].fill(0);
 }
 
 /// The disks (by name) at `path` or below it (a renamed or swapped folder).

@@ -91,8 +91,8 @@ impl Window {
 /// Fault every page of `bytes` (a slice of a read-only file mapping) in at
 /// once: read from the disk if needed, mapped without a fault per page. An
 /// error (`EFAULT`) instead of a `SIGBUS` if a page lies past the file's
-/// end; `EINVAL` on kernels before 5.14 (the caller may go on: the reads
-/// then fault the pages in one by one).
+/// end. On kernels before 5.14 (no `MADV_POPULATE_READ`: `EINVAL`) it does
+/// nothing and succeeds: the reads then fault the pages in one by one.
 pub fn populate(bytes: &[u8]) -> io::Result<()> {
     if bytes.is_empty() {
         return Ok(());
@@ -106,9 +106,13 @@ pub fn populate(bytes: &[u8]) -> io::Result<()> {
     // faults pages in.
     let r = unsafe { libc::madvise(start as *mut libc::c_void, len, MADV_POPULATE_READ) };
     if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EINVAL) {
         Ok(())
     } else {
-        Err(io::Error::last_os_error())
+        Err(e)
     }
 }
 
