@@ -7,7 +7,7 @@ use super::group::GroupRecord;
 use super::names::{check_inside, ensure_dir, validate_name};
 use super::target::{open_target, ReplicaFormat, ReplicaTarget, VHD_FOOTER_LEN};
 use super::undo::{self, PointReader, ReaderShared, UndoLayer};
-use crate::util::durable::{Durability, SyncMode};
+use crate::util::durable::{Durability, StoreDurability, SyncMode};
 use crate::util::{hex, now_ns, phase, random_id};
 use crate::vhd::footer::vhd_timestamp_now;
 
@@ -387,8 +387,10 @@ pub struct Store {
     pauses: Mutex<Vec<Arc<PauseState>>>,
     /// How a replication cycle's files are made durable: an fsync each,
     /// or a `syncfs` of the store's file system shared by every disk
-    /// syncing at the same time ([`crate::util::durable`]).
-    sync: Durability,
+    /// syncing at the same time; one way for what a point waits for
+    /// (`commit`), another for what only an apply waits for (`apply`)
+    /// ([`crate::util::durable`]).
+    sync: StoreDurability,
     /// Per VM folder, what a point commit needs ([`points`]).
     points_meta: Mutex<HashMap<PathBuf, points::PointsMeta>>,
 }
@@ -484,7 +486,7 @@ impl Store {
             readers: Mutex::new(HashMap::new()),
             pins: Mutex::new(HashMap::new()),
             pauses: Mutex::new(Vec::new()),
-            sync: Durability::PerFile,
+            sync: StoreDurability::default(),
             points_meta: Mutex::new(HashMap::new()),
         })
     }
@@ -804,6 +806,8 @@ impl Site<'_> {
         Ok((p, rt, st))
     }
 
+    /// `v` written whole to `dir/name` and made durable on the apply path
+    /// (state and role files: no point waits for them).
     fn write_json<T: serde::Serialize>(
         &self,
         ctx: &Ctx,
@@ -811,15 +815,24 @@ impl Site<'_> {
         name: &str,
         v: &T,
     ) -> Result<()> {
+        self.write_json_on(&self.store.sync.apply, ctx, dir, name, v)
+    }
+
+    /// [`Site::write_json`] made durable by `sync` (the commit path for
+    /// what a point waits for).
+    fn write_json_on<T: serde::Serialize>(
+        &self,
+        sync: &Durability,
+        ctx: &Ctx,
+        dir: &Path,
+        name: &str,
+        v: &T,
+    ) -> Result<()> {
         let staged = self.stage_json(ctx, dir, name, v)?;
-        self.store
-            .sync
-            .sync_all(&staged.file)
+        sync.sync_all(&staged.file)
             .map_err(|e| self.io(ctx, &format!("writing {name}"), &staged.path, e))?;
         self.publish_json(ctx, staged)?;
-        self.store
-            .sync
-            .sync_dir(dir)
+        sync.sync_dir(dir)
             .map_err(|e| self.io(ctx, &format!("writing {name}"), &dir.join(name), e))
     }
 
@@ -1306,6 +1319,7 @@ impl Site<'_> {
             let t_sync = std::time::Instant::now();
             self.store
                 .sync
+                .commit
                 .sync_data(&f)
                 .map_err(|e| self.io(&p.ctx, "storing a log", &tmp, e))?;
             phase::done("recv_store_log_sync", p.ctx.vm(), t_sync);
@@ -1394,6 +1408,7 @@ impl Site<'_> {
         self.store.step("log-renamed");
         self.store
             .sync
+            .commit
             .sync_dir(&p.incoming)
             .map_err(|e| self.io(&p.ctx, "storing a log", &p.incoming, e))?;
         Ok(StoreOutcome::Stored {
@@ -1598,6 +1613,7 @@ impl Site<'_> {
         let staged = self.stage_json(&p.ctx, &p.dir, STATE, &st)?;
         self.store
             .sync
+            .apply
             .sync_files(&[(sealed.file(), false), (&staged.file, false)])
             .map_err(|e| self.io(&p.ctx, "saving pre-images (undo record)", &undop, e))?;
         let undo_bytes = sealed
@@ -1625,6 +1641,7 @@ impl Site<'_> {
         if let Err(e) = self.publish_json(&p.ctx, staged).and_then(|()| {
             self.store
                 .sync
+                .apply
                 .sync_dirs(&[&p.undo, &p.dir])
                 .map_err(|e| self.io(&p.ctx, "marking the apply", &p.dir, e))
         }) {
@@ -1782,6 +1799,7 @@ impl Site<'_> {
         let synced = target.prepare_flush().and_then(|replica| {
             self.store
                 .sync
+                .apply
                 .sync_files(&[(replica, true), (&staged.file, false)])
         });
         synced.map_err(|e| {
@@ -1796,6 +1814,7 @@ impl Site<'_> {
         self.publish_json(&p.ctx, staged)?;
         self.store
             .sync
+            .apply
             .sync_dir(&p.dir)
             .map_err(|e| self.io(&p.ctx, "recording the applied cycle", &p.dir, e))?;
         self.store.step("state-applied");
@@ -2305,11 +2324,11 @@ impl Site<'_> {
                 None => {
                     let mut f = create_nofollow(&tmp)?;
                     f.write_all(xml.as_bytes())?;
-                    self.store.sync.sync_all(&f)?;
+                    self.store.sync.commit.sync_all(&f)?;
                 }
             }
             std::fs::rename(&tmp, &path)?;
-            self.store.sync.sync_dir(&dir)
+            self.store.sync.commit.sync_dir(&dir)
         })();
         if let Err(e) = res {
             let _ = std::fs::remove_file(&tmp);
@@ -2351,7 +2370,13 @@ impl Site<'_> {
         let vmd = self.vm_dir(vm, false)?;
         let ctx = self.ctx(vm, "");
         let dir = ensure_dir(&ctx, &self.store.root, &vmd, GROUPS, true)?;
-        self.write_json(&ctx, &dir, &format!("{cycle}.json"), rec)
+        self.write_json_on(
+            &self.store.sync.commit,
+            &ctx,
+            &dir,
+            &format!("{cycle}.json"),
+            rec,
+        )
     }
 
     /// The consistency group of `vm`'s point `cycle` (`None`: not cut for

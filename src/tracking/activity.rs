@@ -338,7 +338,7 @@ impl ActivityLog {
     }
 
     /// Remove every hot extent for which `keep` is false. The caller holds
-    /// the tracker's cut lock exclusively (no write is between its check
+    /// its disk's cut lock exclusively (no write is between its check
     /// here and its bitmap mark) and called [`ActivityLog::advance_epoch`]
     /// first. The cleared bits are written without a sync. Returns how many
     /// extents left.

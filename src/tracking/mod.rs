@@ -3,11 +3,15 @@
 //!
 //! Every mutation of a tracked disk (write, truncate, fallocate) goes through
 //! [`TrackedDisk`], which marks the touched blocks in the disk's bitmap for
-//! the current cycle. [`Tracker::cut`] seals the current cycle of **every**
-//! tracked disk at one instant: it takes the cut lock exclusively (writes
-//! hold it shared for the whole copy-before-write + pwrite + mark sequence,
-//! so every write is entirely before or entirely after the cut), swaps in
-//! fresh bitmaps and releases it. It then materialises each sealed cycle as
+//! the current cycle. [`Tracker::seal`] seals the current cycle of the
+//! disks it is given (one VM's, a consistency group's, or every tracked
+//! disk for [`Tracker::cut`]) at one instant: it takes each of those
+//! disks' cut locks exclusively, in a fixed order (writes hold their disk's
+//! shared for the whole copy-before-write + pwrite + mark sequence, so
+//! every write is entirely before or entirely after the cut), swaps in
+//! fresh bitmaps and releases them. The other disks of the mount are
+//! written meanwhile: with 256 continuous VMs a mount-wide lock stalled
+//! every VM's writes at every VM's cut (session 26). It then materialises each sealed cycle as
 //! a `.hrl` log while the VM keeps writing: the first write after the cut to
 //! a block that is dirty in the sealed cycle and not yet copied into the log
 //! first saves the block's old content (copy-before-write), so the log holds
@@ -278,10 +282,12 @@ pub struct TrackerStatus {
 
 /// Shared between the tracker and its disks.
 struct Shared {
-    /// Held shared by every mutation, exclusively by the cut instant. In an
-    /// `Arc` so a write whose backing I/O completes later can own its share
-    /// ([`InFlightWrite`]).
-    cut_lock: Arc<RwLock<()>>,
+    /// Held shared by every mutation of any disk (after its disk's
+    /// [`TrackedDisk::cut_lock`]), exclusively only by a freeze for a
+    /// handover ([`Tracker::freeze_clean`]), which must also stop the disks
+    /// attached after it. In an `Arc` so a write whose backing I/O
+    /// completes later can own its share ([`InFlightWrite`]).
+    changes: Arc<RwLock<()>>,
     block_size: u64,
     /// [`TrackConfig::activity_ahead`].
     activity_ahead: u64,
@@ -290,15 +296,23 @@ struct Shared {
 }
 
 /// A write through [`TrackedDisk::try_begin_write`] whose backing I/O is in
-/// flight: it holds the cut lock shared, so no cut seals the cycle before the
-/// write is on the disk and marked. Its blocks are marked when it is
+/// flight: it holds its disk's cut lock shared, so no cut seals the cycle
+/// before the write is on the disk and marked. Its blocks are marked when it is
 /// finished or dropped, whatever the outcome (an over-approximation is
 /// always safe).
 pub struct InFlightWrite {
     disk: Arc<TrackedDisk>,
     first: u64,
     last: u64,
-    _cut: parking_lot::ArcRwLockReadGuard<parking_lot::RawRwLock, ()>,
+    _cut: Shares,
+}
+
+/// The shares a change to a disk holds while it runs: its disk's cut lock
+/// (a cut of that disk waits for it), then the mount's change lock (a
+/// freeze waits for it), taken in that order.
+struct Shares {
+    _disk: parking_lot::ArcRwLockReadGuard<parking_lot::RawRwLock, ()>,
+    _mount: parking_lot::ArcRwLockReadGuard<parking_lot::RawRwLock, ()>,
 }
 
 impl InFlightWrite {
@@ -494,7 +508,7 @@ impl Tracker {
             .map_err(|e| io_state(&state_path, e))?;
         let t = Tracker {
             shared: Arc::new(Shared {
-                cut_lock: Arc::new(RwLock::new(())),
+                changes: Arc::new(RwLock::new(())),
                 block_size: u64::from(bs),
                 activity_ahead: u64::from(config.activity_ahead),
                 activity_hot: u64::from(config.activity_hot),
@@ -683,6 +697,7 @@ impl Tracker {
         let al = self.open_activity(&mut meta, &key, &bitmap)?;
         let disk = Arc::new(TrackedDisk {
             shared: self.shared.clone(),
+            cut_lock: Arc::new(RwLock::new(())),
             id,
             ino: md.ino(),
             dev: md.dev(),
@@ -888,8 +903,9 @@ impl Tracker {
         })
     }
 
-    /// Seal the selected disks at one instant (the cut lock is held only to
-    /// swap bitmaps). Each returned [`SealedCycle`] must be handed back to
+    /// Seal the selected disks at one instant (their cut locks are held
+    /// only to swap bitmaps; the mount's other disks are written
+    /// meanwhile). Each returned [`SealedCycle`] must be handed back to
     /// [`Tracker::finish`] (or [`Tracker::write_log`]) once streamed.
     pub fn seal(&self, select: &CutSelect) -> Result<Sealed, TrackError> {
         let asked = std::time::Instant::now();
@@ -898,25 +914,44 @@ impl Tracker {
             .as_ref()
             .and_then(|d| d.first())
             .map_or("mount", String::as_str);
+        let chosen = |name: &String| {
+            select
+                .disks
+                .as_ref()
+                .is_none_or(|sel| sel.iter().any(|s| s == name))
+        };
+        // The disks to seal, in the order every cut takes their locks (by
+        // id), so two cuts of overlapping sets never wait for each other in
+        // a circle. A disk attached after this is not in this cut.
+        let mut sealed_disks: Vec<Arc<TrackedDisk>> = self
+            .disks
+            .lock()
+            .iter()
+            .filter(|(name, _)| chosen(name))
+            .map(|(_, d)| d.clone())
+            .collect();
+        sealed_disks.sort_by_key(|d| (d.id, Arc::as_ptr(d) as usize));
+        // The instant: no change to these disks is in flight, and none
+        // starts until every one of them is sealed. Taken before
+        // `cut_serial`, which other cuts hold only for their swap.
+        let instant: Vec<_> = sealed_disks.iter().map(|d| d.cut_lock.write()).collect();
+        crate::util::phase::done("cut_lock_wait", who, asked);
+        hold_cut_for_test();
+        let locked = std::time::Instant::now();
         let mut mm = self.cut_serial.lock();
-        crate::util::phase::done("seal_wait", who, asked);
+        crate::util::phase::done("seal_wait", who, locked);
         let held = std::time::Instant::now();
         let cycle = mm.cut_seq + 1;
         let cut_ns = now_ns();
         let mut cycles = Vec::new();
         let mut skipped = Vec::new();
         {
-            let _instant = self.shared.cut_lock.write();
-            crate::util::phase::done("cut_lock_wait", who, held);
-            hold_cut_for_test();
             let disks = self.disks.lock();
-            let mut names: Vec<&String> = disks.keys().collect();
+            let mut names: Vec<&String> = disks.keys().filter(|n| chosen(n)).collect();
             names.sort();
             for name in names {
-                if let Some(sel) = &select.disks {
-                    if !sel.iter().any(|s| s == name) {
-                        continue;
-                    }
+                if !sealed_disks.iter().any(|d| Arc::ptr_eq(d, &disks[name])) {
+                    continue;
                 }
                 let d = &disks[name];
                 let meta = d.meta.lock().clone();
@@ -1014,6 +1049,7 @@ impl Tracker {
                 });
             }
         }
+        drop(instant);
         if cycle > mm.reserved {
             // Make this cycle number and the next CYCLE_RESERVE - 1 durable
             // at once.
@@ -1048,7 +1084,9 @@ impl Tracker {
     /// bitmap so the next cycle (same base) still carries all changes.
     pub fn finish(&self, sc: SealedCycle, ok: bool) -> Result<(), TrackError> {
         let d = &sc.disk;
-        *d.sealing.lock() = None;
+        if !ok {
+            *d.sealing.lock() = None;
+        }
         if ok {
             // The live bitmap started empty at this cut: it holds every
             // write since.
@@ -1089,6 +1127,10 @@ impl Tracker {
         let saved = self
             .save_meta(&m)
             .map_err(|e| io_state(&self.root_path.join(STATE_DIR), e));
+        // Only now may the disk be sealed again: a cut before would take
+        // the previous cycle as its base, and its own meta could be saved
+        // before this one (older over newer).
+        *d.sealing.lock() = None;
         // The cycle's blocks are durable (its log, or the replica): the
         // extents written only before its cut leave the activity log. Not
         // before the state says the resync is over: an extents-only resync
@@ -1941,7 +1983,7 @@ impl Tracker {
     /// handing-over process exits holding it.
     pub fn freeze_clean(&self) -> Result<Frozen<'_>, TrackError> {
         let mut mm = self.cut_serial.lock();
-        let cut = self.shared.cut_lock.write();
+        let cut = self.shared.changes.write();
         self.save_clean(&mut mm)?;
         Ok(Frozen {
             _serial: mm,
@@ -2331,6 +2373,11 @@ struct Sealing {
 /// One tracked disk. Every mutation of the backing file goes through here.
 pub struct TrackedDisk {
     shared: Arc<Shared>,
+    /// Held shared by every change to this disk (write, truncate,
+    /// fallocate) until its blocks are marked, exclusively by a cut of it
+    /// ([`Tracker::seal`]) and by an activity-log prune. In an `Arc` so a
+    /// write whose backing I/O completes later can own its share.
+    cut_lock: Arc<RwLock<()>>,
     id: [u8; 16],
     ino: u64,
     dev: u64,
@@ -2371,6 +2418,26 @@ pub struct TrackedDisk {
 impl TrackedDisk {
     fn bs(&self) -> u64 {
         self.shared.block_size
+    }
+
+    /// The shares a change holds ([`Shares`]), waiting for a cut of this
+    /// disk or a freeze.
+    fn shares(&self) -> Shares {
+        Shares {
+            _disk: self.cut_lock.read_arc(),
+            _mount: self.shared.changes.read_arc(),
+        }
+    }
+
+    /// [`TrackedDisk::shares`] if neither lock is held or awaited
+    /// exclusively; nothing taken otherwise.
+    fn try_shares(&self) -> Option<Shares> {
+        let disk = self.cut_lock.try_read_arc()?;
+        let mount = self.shared.changes.try_read_arc()?;
+        Some(Shares {
+            _disk: disk,
+            _mount: mount,
+        })
     }
 
     /// Blocks `first..=last` covering `[offset, offset+len)`; `len > 0`.
@@ -2522,7 +2589,7 @@ impl TrackedDisk {
             tracing::warn!(disk = %name(), "cannot prune the activity log: {e}");
             return;
         }
-        let _instant = self.shared.cut_lock.write();
+        let _instant = self.cut_lock.write();
         if let Err(e) = al.prune(|e| busy(e) || victims.binary_search(&e).is_err()) {
             tracing::warn!(disk = %name(), "cannot write the pruned activity log: {e}");
         }
@@ -2561,7 +2628,7 @@ impl TrackedDisk {
         io: impl FnOnce() -> io::Result<usize>,
     ) -> io::Result<usize> {
         self.check_fence()?;
-        let _cut = self.shared.cut_lock.read();
+        let _cut = self.shares();
         let (first, last) = self.span(offset, len.max(1) as u64);
         self.log_activity(first, last)?;
         self.save_preimages(first, last)?;
@@ -2594,7 +2661,7 @@ impl TrackedDisk {
         len: usize,
     ) -> io::Result<Option<InFlightWrite>> {
         self.check_fence()?;
-        let Some(cut) = self.shared.cut_lock.try_read_arc() else {
+        let Some(cut) = self.try_shares() else {
             return Ok(None);
         };
         let (first, last) = self.span(offset, len.max(1) as u64);
@@ -2612,7 +2679,7 @@ impl TrackedDisk {
     /// Truncate or extend to `len`.
     pub fn set_len(&self, file: &File, len: u64) -> io::Result<()> {
         self.check_fence()?;
-        let _cut = self.shared.cut_lock.read();
+        let _cut = self.shares();
         let old = file.metadata()?.len();
         if len < old {
             let (first, last) = self.span(len, old - len);
@@ -2631,7 +2698,7 @@ impl TrackedDisk {
     /// fallocate(2) with `mode` (incl. PUNCH_HOLE / ZERO_RANGE).
     pub fn fallocate(&self, file: &File, mode: i32, offset: u64, len: u64) -> io::Result<()> {
         self.check_fence()?;
-        let _cut = self.shared.cut_lock.read();
+        let _cut = self.shares();
         let size = file.metadata()?.len();
         let shifts = mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0;
         let changes = mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0;
@@ -2995,7 +3062,8 @@ fn keys_at_or_below<V>(disks: &HashMap<String, V>, path: &str) -> Vec<String> {
 /// Test hook (issue 15, a worker killed mid-cut): with
 /// `VDREP_TEST_HOLD_CUT=DIR` (a folder outside the mount), a seal that
 /// finds `DIR/hold` writes this process's id to `DIR/held` and waits,
-/// holding the cut lock (guest writes wait too), until `hold` is removed,
+/// holding the cut locks of the disks it seals (their writes wait too),
+/// until `hold` is removed,
 /// so a test can kill the worker at that exact moment.
 fn hold_cut_for_test() {
     hold_for_test("hold", "held", "");
@@ -3022,6 +3090,9 @@ pub fn hold_for_test(hold: &str, held: &str, what: &str) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+#[cfg(test)]
+mod cut_lock_tests;
 
 #[cfg(test)]
 mod stream_tests;

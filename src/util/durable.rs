@@ -7,15 +7,28 @@
 //! flushes the device cache, so it makes durable everything an `fsync` of
 //! any file or directory on it would, for every caller whose writes
 //! finished before it started. With many disks applying cycles at once
-//! (256 continuous VMs to one receiver), each cycle's ~11 fsyncs become a
-//! share of a few `syncfs` calls. The cost: a `syncfs` also writes back
-//! whatever else is dirty on that file system (other programs' buffered
-//! writes), which a store on a file system of its own does not have.
+//! (256 continuous VMs to one receiver), each apply's syncs become a share
+//! of a few `syncfs` calls. The cost: a `syncfs` also writes back whatever
+//! else is dirty on that file system: other programs' buffered writes, and
+//! above all the replicas' own applied blocks, scattered 4 KiB writes.
 //!
-//! [`SyncMode::Auto`] (the default) uses the shared `syncfs` only for a
-//! caller that arrives while another caller of the same store is syncing;
-//! a caller alone fsyncs its own file, so one VM's cycle never waits for a
-//! file-system-wide flush.
+//! A store therefore has two paths ([`StoreDurability`]):
+//! - the **commit** path, what a recovery point waits for (a log stored in
+//!   `incoming/`, the points journal, a definition saved with a point):
+//!   small files written front to back. With `auto` each is an `fsync` of
+//!   its own file: under the 256-VM load a stored log's `fdatasync` took
+//!   15 ms (median) where waiting for a shared `syncfs` took 640 ms, the
+//!   pass being busy writing back the replicas' applies (session 26,
+//!   kernel-notes/replication-speed.md);
+//! - the **apply** path (undo records, the replica, state files): its
+//!   latency is no point's (a point is committed on durable logs), so it
+//!   takes the shared `syncfs` under load.
+//!
+//! [`SyncMode::Auto`] (the default) uses the shared `syncfs` only on the
+//! apply path and only for a caller that arrives while another caller of
+//! the same store is syncing; a caller alone fsyncs its own file, so one
+//! VM's cycle never waits for a file-system-wide flush. `fs` sends both
+//! paths through the gate, `file` neither.
 //!
 //! Ordering is the caller's, as with fsync: data that must be durable
 //! before a rename is synced (one gate pass), then renamed, then the
@@ -154,15 +167,39 @@ impl SyncMode {
     }
 
     /// The durability of a store whose file system holds `dir`.
-    pub fn durability(self, dir: &Path) -> Durability {
+    pub fn durability(self, dir: &Path) -> StoreDurability {
         match self {
-            SyncMode::File => Durability::PerFile,
-            SyncMode::Fs | SyncMode::Auto => Durability::Shared {
-                gate: Arc::new(SyncGate::new(dir)),
-                auto: self == SyncMode::Auto,
+            SyncMode::File => StoreDurability::default(),
+            SyncMode::Fs => {
+                let shared = Durability::Shared {
+                    gate: Arc::new(SyncGate::new(dir)),
+                    auto: false,
+                };
+                StoreDurability {
+                    commit: shared.clone(),
+                    apply: shared,
+                }
+            }
+            SyncMode::Auto => StoreDurability {
+                commit: Durability::PerFile,
+                apply: Durability::Shared {
+                    gate: Arc::new(SyncGate::new(dir)),
+                    auto: true,
+                },
             },
         }
     }
+}
+
+/// A store's two durability paths (see the module documentation).
+#[derive(Debug, Clone, Default)]
+pub struct StoreDurability {
+    /// What a recovery point waits for: a log stored in `incoming/`, the
+    /// points journal, a definition or group saved with a point.
+    pub commit: Durability,
+    /// What only an apply waits for: undo records, the replica, the
+    /// disk's state files.
+    pub apply: Durability,
 }
 
 /// Syncs of this process's stores since it started ([`Durability::Shared`];
@@ -336,9 +373,12 @@ mod tests {
     fn auto_fsyncs_alone_and_shares_a_pass_when_another_caller_syncs() {
         let dir = std::env::temp_dir().join(format!("vdrep-gate3-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let d = SyncMode::Auto.durability(&dir);
+        let both = SyncMode::Auto.durability(&dir);
+        // What a point waits for is never behind a file-system-wide flush.
+        assert!(matches!(both.commit, Durability::PerFile), "{both:?}");
+        let d = both.apply;
         let Durability::Shared { gate, auto: true } = &d else {
-            panic!("auto is a shared gate: {d:?}");
+            panic!("auto's apply path is a shared gate: {d:?}");
         };
         let f = File::create(dir.join("f")).unwrap();
         // Alone: its own fsync, no pass of the gate.
@@ -351,11 +391,13 @@ mod tests {
         assert_eq!(gate.counts(), (1, 1));
         gate.active.fetch_sub(1, Ordering::AcqRel);
         assert_eq!(gate.active.load(Ordering::Acquire), 0);
-        // fs: always the gate; file: never.
+        // fs: always the gate, one gate for both paths; file: never.
         let fs = SyncMode::Fs.durability(&dir);
-        fs.sync_data(&f).unwrap();
-        assert_eq!(fs.counts(), Some((1, 1)));
-        assert!(SyncMode::File.durability(&dir).counts().is_none());
+        fs.commit.sync_data(&f).unwrap();
+        fs.apply.sync_data(&f).unwrap();
+        assert_eq!(fs.apply.counts(), Some((2, 2)));
+        let file = SyncMode::File.durability(&dir);
+        assert!(file.commit.counts().is_none() && file.apply.counts().is_none());
         for m in ["auto", "fs", "file"] {
             assert_eq!(SyncMode::parse(m).map(SyncMode::as_str), Some(m));
         }

@@ -181,7 +181,7 @@ impl Site<'_> {
         pf.gen = pf.gen.max(newest) + 1;
         pf.journaled = 0;
         self.store.points_meta.lock().remove(vmd);
-        self.write_json(ctx, vmd, POINTS, &*pf)?;
+        self.write_json_on(&self.store.sync.commit, ctx, vmd, POINTS, &*pf)?;
         for (g, n) in journals {
             if g < pf.gen {
                 let _ = std::fs::remove_file(vmd.join(n));
@@ -235,11 +235,11 @@ impl Site<'_> {
                 }
             }
             (&f).write_all(&line)?;
-            self.store.sync.sync_data(&f)?;
+            self.store.sync.commit.sync_data(&f)?;
             // The journal's entry in the folder, once per journal (and
             // again after the summary was read anew).
             if !meta.journal_dir_synced {
-                self.store.sync.sync_dir(vmd)?;
+                self.store.sync.commit.sync_dir(vmd)?;
             }
             Ok(())
         })();
