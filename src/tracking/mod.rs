@@ -47,7 +47,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use serde::Serialize;
 
 use crate::hrl::{HrlHeader, HrlWriter};
@@ -282,12 +282,6 @@ pub struct TrackerStatus {
 
 /// Shared between the tracker and its disks.
 struct Shared {
-    /// Held shared by every mutation of any disk (after its disk's
-    /// [`TrackedDisk::cut_lock`]), exclusively only by a freeze for a
-    /// handover ([`Tracker::freeze_clean`]), which must also stop the disks
-    /// attached after it. In an `Arc` so a write whose backing I/O
-    /// completes later can own its share ([`InFlightWrite`]).
-    changes: Arc<RwLock<()>>,
     block_size: u64,
     /// [`TrackConfig::activity_ahead`].
     activity_ahead: u64,
@@ -304,16 +298,14 @@ pub struct InFlightWrite {
     disk: Arc<TrackedDisk>,
     first: u64,
     last: u64,
-    _cut: Shares,
+    _cut: CutShare,
 }
 
-/// The shares a change to a disk holds while it runs: its disk's cut lock
-/// (a cut of that disk waits for it), then the mount's change lock (a
-/// freeze waits for it), taken in that order.
-struct Shares {
-    _disk: parking_lot::ArcRwLockReadGuard<parking_lot::RawRwLock, ()>,
-    _mount: parking_lot::ArcRwLockReadGuard<parking_lot::RawRwLock, ()>,
-}
+/// A share of a disk's cut lock that a write in flight owns.
+type CutShare = parking_lot::ArcRwLockReadGuard<parking_lot::RawRwLock, ()>;
+
+/// A disk's cut lock held exclusively (a freeze for a handover).
+type CutHeld = parking_lot::ArcRwLockWriteGuard<parking_lot::RawRwLock, ()>;
 
 impl InFlightWrite {
     /// The backing write completed having written `written` bytes: mark the
@@ -342,6 +334,10 @@ pub struct Tracker {
     known: Mutex<HashMap<String, DiskMeta>>,
     /// Serialises cuts and shutdown.
     cut_serial: Mutex<MountMeta>,
+    /// `Some` while tracking is frozen for a handover
+    /// ([`Tracker::freeze_clean`]): the cut locks of the disks attached
+    /// since, held exclusively. Taken under the `disks` lock.
+    frozen: Mutex<Option<Vec<CutHeld>>>,
     /// `cut_serial`'s `cut_seq`, for readers that must not wait for a cut
     /// ([`Tracker::status`]: a cut holds `cut_serial` across I/O, and
     /// with 256 continuous VMs one always waits for it; issue 12).
@@ -508,7 +504,6 @@ impl Tracker {
             .map_err(|e| io_state(&state_path, e))?;
         let t = Tracker {
             shared: Arc::new(Shared {
-                changes: Arc::new(RwLock::new(())),
                 block_size: u64::from(bs),
                 activity_ahead: u64::from(config.activity_ahead),
                 activity_hot: u64::from(config.activity_hot),
@@ -520,6 +515,7 @@ impl Tracker {
             known: Mutex::new(known),
             cut_seq_seen: std::sync::atomic::AtomicU64::new(meta.cut_seq),
             cut_serial: Mutex::new(meta),
+            frozen: Mutex::new(None),
             previous_stop_clean,
             released: Mutex::new(Default::default()),
             stale_pages: Mutex::new(Default::default()),
@@ -632,7 +628,10 @@ impl Tracker {
         let reader = reopen_ro(file)?;
         let size = md.len();
         let known = self.known.lock().remove(&key);
-        let cut_seq = self.cut_serial.lock().cut_seq;
+        // Not `cut_serial`: a cut holds it and then takes `disks`, which
+        // this holds (that order the other way round deadlocked an open
+        // against a cut). A cut under way seals no disk attached now.
+        let cut_seq = self.cut_seq_seen.load(SeqCst);
         let (meta, bitmap, trusted) = match known {
             Some(mut m) if m.block_size as u64 == bs => {
                 let mut bm = None;
@@ -727,6 +726,11 @@ impl Tracker {
         });
         self.save_meta(&meta)?;
         tracing::info!(disk = %key, state = ?meta.state, cycle = meta.cycle, "tracking disk");
+        if let Some(held) = self.frozen.lock().as_mut() {
+            // Tracking is frozen for a handover: no change to this disk
+            // either (the next worker gets the request again).
+            held.push(disk.cut_lock.write_arc());
+        }
         disks.insert(key, disk.clone());
         Ok(Some(disk))
     }
@@ -1982,13 +1986,24 @@ impl Tracker {
     /// saved bitmaps. Changes stay stopped while the guard lives; the
     /// handing-over process exits holding it.
     pub fn freeze_clean(&self) -> Result<Frozen<'_>, TrackError> {
+        // From here a disk attached is frozen as it is attached; the ones
+        // already here are frozen below, in the order cuts lock them.
+        let mut disks: Vec<Arc<TrackedDisk>> = {
+            let map = self.disks.lock();
+            *self.frozen.lock() = Some(Vec::new());
+            map.values().cloned().collect()
+        };
+        disks.sort_by_key(|d| (d.id, Arc::as_ptr(d) as usize));
+        let mut frozen = Frozen {
+            tracker: self,
+            _cut: disks.iter().map(|d| d.cut_lock.write_arc()).collect(),
+            serial: None,
+        };
         let mut mm = self.cut_serial.lock();
-        let cut = self.shared.changes.write();
+        // On an error `frozen` drops: changes resume.
         self.save_clean(&mut mm)?;
-        Ok(Frozen {
-            _serial: mm,
-            _cut: cut,
-        })
+        frozen.serial = Some(mm);
+        Ok(frozen)
     }
 
     fn save_clean(&self, mm: &mut MountMeta) -> Result<(), TrackError> {
@@ -2028,8 +2043,18 @@ impl Tracker {
 /// Tracking stopped for a handover ([`Tracker::freeze_clean`]).
 #[must_use = "changes resume when the guard is dropped"]
 pub struct Frozen<'a> {
-    _serial: parking_lot::MutexGuard<'a, MountMeta>,
-    _cut: parking_lot::RwLockWriteGuard<'a, ()>,
+    tracker: &'a Tracker,
+    /// Every disk's cut lock, held exclusively (disks attached meanwhile
+    /// are in [`Tracker::frozen`]).
+    _cut: Vec<CutHeld>,
+    serial: Option<parking_lot::MutexGuard<'a, MountMeta>>,
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        self.serial = None;
+        *self.tracker.frozen.lock() = None;
+    }
 }
 
 /// Writing a sealed cycle's log failed.
@@ -2375,8 +2400,10 @@ pub struct TrackedDisk {
     shared: Arc<Shared>,
     /// Held shared by every change to this disk (write, truncate,
     /// fallocate) until its blocks are marked, exclusively by a cut of it
-    /// ([`Tracker::seal`]) and by an activity-log prune. In an `Arc` so a
-    /// write whose backing I/O completes later can own its share.
+    /// ([`Tracker::seal`]), an activity-log prune and a handover's freeze
+    /// ([`Tracker::freeze_clean`]). The only lock a write takes: there is
+    /// no mount-wide one. In an `Arc` so a write whose backing I/O
+    /// completes later can own its share.
     cut_lock: Arc<RwLock<()>>,
     id: [u8; 16],
     ino: u64,
@@ -2420,24 +2447,16 @@ impl TrackedDisk {
         self.shared.block_size
     }
 
-    /// The shares a change holds ([`Shares`]), waiting for a cut of this
-    /// disk or a freeze.
-    fn shares(&self) -> Shares {
-        Shares {
-            _disk: self.cut_lock.read_arc(),
-            _mount: self.shared.changes.read_arc(),
-        }
+    /// The share of the cut lock a synchronous change holds, waiting for
+    /// a cut of this disk or a freeze (no reference count touched).
+    fn shares(&self) -> RwLockReadGuard<'_, ()> {
+        self.cut_lock.read()
     }
 
-    /// [`TrackedDisk::shares`] if neither lock is held or awaited
-    /// exclusively; nothing taken otherwise.
-    fn try_shares(&self) -> Option<Shares> {
-        let disk = self.cut_lock.try_read_arc()?;
-        let mount = self.shared.changes.try_read_arc()?;
-        Some(Shares {
-            _disk: disk,
-            _mount: mount,
-        })
+    /// An owned share ([`InFlightWrite`]) if the lock is neither held nor
+    /// awaited exclusively.
+    fn try_shares(&self) -> Option<CutShare> {
+        self.cut_lock.try_read_arc()
     }
 
     /// Blocks `first..=last` covering `[offset, offset+len)`; `len > 0`.
