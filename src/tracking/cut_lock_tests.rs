@@ -15,15 +15,13 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::os::fd::OwnedFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use super::bitmap::Bitmap;
-use super::{CutSelect, TrackConfig, TrackedDisk, Tracker};
+use super::{CutSelect, TrackedDisk, Tracker};
 
 const BS: u64 = 4096;
 const BLOCKS: u64 = 2048;
@@ -44,13 +42,7 @@ fn mount(names: &[&str]) -> Mount {
             .and_then(|f| f.set_len(BLOCKS * BS))
             .expect("disk");
     }
-    let root: OwnedFd = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
-        .open(dir)
-        .expect("root")
-        .into();
-    let t = Arc::new(Tracker::open(root, dir, TrackConfig::default()).expect("tracker"));
+    let t = Arc::new(super::stream_tests::tracker_at(dir));
     let disks = names
         .iter()
         .map(|n| {

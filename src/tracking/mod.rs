@@ -47,7 +47,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 
-use parking_lot::{Mutex, RwLock, RwLockReadGuard};
+use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 
 use crate::hrl::{HrlHeader, HrlWriter};
@@ -303,6 +303,13 @@ pub struct InFlightWrite {
 
 /// A share of a disk's cut lock that a write in flight owns.
 type CutShare = parking_lot::ArcRwLockReadGuard<parking_lot::RawRwLock, ()>;
+
+/// `disks` in the order every cut and freeze takes their cut locks (by
+/// id), so two of them over overlapping sets never wait in a circle.
+fn in_lock_order(mut disks: Vec<Arc<TrackedDisk>>) -> Vec<Arc<TrackedDisk>> {
+    disks.sort_by_key(|d| (d.id, Arc::as_ptr(d) as usize));
+    disks
+}
 
 /// A disk's cut lock held exclusively (a freeze for a handover).
 type CutHeld = parking_lot::ArcRwLockWriteGuard<parking_lot::RawRwLock, ()>;
@@ -927,14 +934,14 @@ impl Tracker {
         // The disks to seal, in the order every cut takes their locks (by
         // id), so two cuts of overlapping sets never wait for each other in
         // a circle. A disk attached after this is not in this cut.
-        let mut sealed_disks: Vec<Arc<TrackedDisk>> = self
-            .disks
-            .lock()
-            .iter()
-            .filter(|(name, _)| chosen(name))
-            .map(|(_, d)| d.clone())
-            .collect();
-        sealed_disks.sort_by_key(|d| (d.id, Arc::as_ptr(d) as usize));
+        let sealed_disks = in_lock_order(
+            self.disks
+                .lock()
+                .iter()
+                .filter(|(name, _)| chosen(name))
+                .map(|(_, d)| d.clone())
+                .collect(),
+        );
         // The instant: no change to these disks is in flight, and none
         // starts until every one of them is sealed. Taken before
         // `cut_serial`, which other cuts hold only for their swap.
@@ -1988,12 +1995,11 @@ impl Tracker {
     pub fn freeze_clean(&self) -> Result<Frozen<'_>, TrackError> {
         // From here a disk attached is frozen as it is attached; the ones
         // already here are frozen below, in the order cuts lock them.
-        let mut disks: Vec<Arc<TrackedDisk>> = {
+        let disks = in_lock_order({
             let map = self.disks.lock();
             *self.frozen.lock() = Some(Vec::new());
             map.values().cloned().collect()
-        };
-        disks.sort_by_key(|d| (d.id, Arc::as_ptr(d) as usize));
+        });
         let mut frozen = Frozen {
             tracker: self,
             _cut: disks.iter().map(|d| d.cut_lock.write_arc()).collect(),
@@ -2447,18 +2453,6 @@ impl TrackedDisk {
         self.shared.block_size
     }
 
-    /// The share of the cut lock a synchronous change holds, waiting for
-    /// a cut of this disk or a freeze (no reference count touched).
-    fn shares(&self) -> RwLockReadGuard<'_, ()> {
-        self.cut_lock.read()
-    }
-
-    /// An owned share ([`InFlightWrite`]) if the lock is neither held nor
-    /// awaited exclusively.
-    fn try_shares(&self) -> Option<CutShare> {
-        self.cut_lock.try_read_arc()
-    }
-
     /// Blocks `first..=last` covering `[offset, offset+len)`; `len > 0`.
     fn span(&self, offset: u64, len: u64) -> (u64, u64) {
         let bs = self.bs();
@@ -2647,7 +2641,7 @@ impl TrackedDisk {
         io: impl FnOnce() -> io::Result<usize>,
     ) -> io::Result<usize> {
         self.check_fence()?;
-        let _cut = self.shares();
+        let _cut = self.cut_lock.read();
         let (first, last) = self.span(offset, len.max(1) as u64);
         self.log_activity(first, last)?;
         self.save_preimages(first, last)?;
@@ -2680,7 +2674,7 @@ impl TrackedDisk {
         len: usize,
     ) -> io::Result<Option<InFlightWrite>> {
         self.check_fence()?;
-        let Some(cut) = self.try_shares() else {
+        let Some(cut) = self.cut_lock.try_read_arc() else {
             return Ok(None);
         };
         let (first, last) = self.span(offset, len.max(1) as u64);
@@ -2698,7 +2692,7 @@ impl TrackedDisk {
     /// Truncate or extend to `len`.
     pub fn set_len(&self, file: &File, len: u64) -> io::Result<()> {
         self.check_fence()?;
-        let _cut = self.shares();
+        let _cut = self.cut_lock.read();
         let old = file.metadata()?.len();
         if len < old {
             let (first, last) = self.span(len, old - len);
@@ -2717,7 +2711,7 @@ impl TrackedDisk {
     /// fallocate(2) with `mode` (incl. PUNCH_HOLE / ZERO_RANGE).
     pub fn fallocate(&self, file: &File, mode: i32, offset: u64, len: u64) -> io::Result<()> {
         self.check_fence()?;
-        let _cut = self.shares();
+        let _cut = self.cut_lock.read();
         let size = file.metadata()?.len();
         let shifts = mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0;
         let changes = mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0;

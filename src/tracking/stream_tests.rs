@@ -63,18 +63,23 @@ struct Setup {
     before: Vec<u8>,
 }
 
-fn setup() -> Setup {
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let dir = tmp.path();
-    let before: Vec<u8> = (0..SIZE / BS).flat_map(|b| block(b, 1)).collect();
-    std::fs::write(dir.join("v.img"), &before).expect("disk");
+/// A tracker of the folder `dir` (its root opened as the mount opens it).
+pub(super) fn tracker_at(dir: &Path) -> Tracker {
     let root: OwnedFd = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
         .open(dir)
         .expect("root")
         .into();
-    let t = Tracker::open(root, dir, TrackConfig::default()).expect("tracker");
+    Tracker::open(root, dir, TrackConfig::default()).expect("tracker")
+}
+
+fn setup() -> Setup {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path();
+    let before: Vec<u8> = (0..SIZE / BS).flat_map(|b| block(b, 1)).collect();
+    std::fs::write(dir.join("v.img"), &before).expect("disk");
+    let t = tracker_at(dir);
     let file = Arc::new(
         OpenOptions::new()
             .read(true)
