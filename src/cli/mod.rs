@@ -262,11 +262,12 @@ pub enum Cmd {
         /// verify_boot`.
         #[arg(long, value_name = "SCHEDULE", value_parser = parse_boot_schedule)]
         verify_boot: Option<crate::replica::boot::BootSchedule>,
-        /// How the store makes each cycle durable: `auto` (default: an
-        /// fsync per file, one shared syncfs of the store's file system
-        /// for the disks that sync at the same time), `fs` (always the
-        /// shared syncfs) or `file` (always an fsync per file); overrides
-        /// `[receiver] store_sync`.
+        /// How the store makes each cycle durable: `auto` (default: what a
+        /// recovery point waits for, the stored log and the points, an
+        /// fsync per file; the apply, one shared syncfs of the store's
+        /// file system for the disks that sync at the same time), `fs`
+        /// (always the shared syncfs) or `file` (always an fsync per
+        /// file); overrides `[receiver] store_sync`.
         #[arg(long, value_name = "MODE", value_parser = parse_store_sync)]
         store_sync: Option<crate::util::durable::SyncMode>,
     },
