@@ -335,6 +335,10 @@ pub struct Tracker {
     shared: Arc<Shared>,
     config: TrackConfig,
     state: Arc<StateDir>,
+    /// Test hook: called by [`Tracker::save_disk`] once it copied the meta
+    /// it is about to write.
+    #[cfg(test)]
+    meta_copied: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
     root_path: PathBuf,
     disks: Mutex<HashMap<String, Arc<TrackedDisk>>>,
     /// Metas found on disk but whose file is not attached yet.
@@ -517,6 +521,8 @@ impl Tracker {
             }),
             config,
             state: Arc::new(state),
+            #[cfg(test)]
+            meta_copied: Mutex::new(None),
             root_path: root_path.to_path_buf(),
             disks: Mutex::new(HashMap::new()),
             known: Mutex::new(known),
@@ -628,7 +634,7 @@ impl Tracker {
             }
             // Another file now lives at this path: the old disk is gone.
             if let Some(old) = disks.remove(&key) {
-                self.save_detached(old.detach("replaced by another file"));
+                self.save_detached(&old, "replaced by another file");
             }
         }
         let bs = self.shared.block_size;
@@ -730,8 +736,9 @@ impl Tracker {
             preimage: Mutex::new(self.open_preimage(&meta.folder, &key)),
             written: 0.into(),
             map_guard: RwLock::new(()),
+            meta_save: Mutex::new(()),
         });
-        self.save_meta(&meta)?;
+        self.save_disk(&disk)?;
         tracing::info!(disk = %key, state = ?meta.state, cycle = meta.cycle, "tracking disk");
         if let Some(held) = self.frozen.lock().as_mut() {
             // Tracking is frozen for a handover: no change to this disk
@@ -826,12 +833,32 @@ impl Tracker {
         Ok(Some(al))
     }
 
-    fn save_detached(&self, m: DiskMeta) {
+    /// Mark `d` detached (`why` in the log) and save its meta.
+    fn save_detached(&self, d: &TrackedDisk, why: &str) {
+        let _one = d.meta_save.lock();
+        let m = d.detach(why);
         if let Err(e) = self.save_meta(&m) {
             tracing::warn!(disk = %m.name, "cannot record that the disk is gone: {e}");
         }
     }
 
+    /// Save `d`'s meta as it is now. Saves of one disk go one at a time
+    /// and each copies the meta once it is its turn, so the last save
+    /// written is never older than the last change made (two callers that
+    /// changed the meta in turn and saved at once could otherwise land the
+    /// older copy last: a required resync lost on the next start).
+    fn save_disk(&self, d: &TrackedDisk) -> io::Result<()> {
+        let _one = d.meta_save.lock();
+        let m = d.meta.lock().clone();
+        #[cfg(test)]
+        if let Some(hook) = self.meta_copied.lock().clone() {
+            hook();
+        }
+        self.save_meta(&m)
+    }
+
+    /// Write `m` as its disk's `meta.json`: only for a disk that is not
+    /// attached ([`Tracker::save_disk`] otherwise).
     fn save_meta(&self, m: &DiskMeta) -> io::Result<()> {
         self.state
             .write_json(&PathBuf::from(format!("disks/{}/meta.json", m.folder)), m)
@@ -844,23 +871,19 @@ impl Tracker {
         let mut disks = self.disks.lock();
         // Whatever was at `to` has been replaced.
         if let Some(old) = disks.remove(&to_s) {
-            self.save_detached(old.detach("replaced by a rename"));
+            self.save_detached(&old, "replaced by a rename");
         }
         for k in keys_at_or_below(&disks, &from_s) {
             if let Some(d) = disks.remove(&k) {
                 let new_key = format!("{to_s}{}", &k[from_s.len()..]);
                 if self.is_disk_name(Path::new(&new_key)) {
-                    let m = {
-                        let mut m = d.meta.lock();
-                        m.name = new_key.clone();
-                        m.clone()
-                    };
-                    if let Err(e) = self.save_meta(&m) {
+                    d.meta.lock().name = new_key.clone();
+                    if let Err(e) = self.save_disk(&d) {
                         tracing::warn!("{new_key}: cannot record rename: {e}");
                     }
                     disks.insert(new_key, d);
                 } else {
-                    self.save_detached(d.detach("renamed to a name that is not tracked"));
+                    self.save_detached(&d, "renamed to a name that is not tracked");
                 }
             }
         }
@@ -876,7 +899,7 @@ impl Tracker {
             let ps = p.to_string_lossy().into_owned();
             for k in keys_at_or_below(&disks, &ps) {
                 if let Some(d) = disks.remove(&k) {
-                    self.save_detached(d.detach("swapped with another file (RENAME_EXCHANGE)"));
+                    self.save_detached(&d, "swapped with another file (RENAME_EXCHANGE)");
                 }
             }
         }
@@ -886,7 +909,7 @@ impl Tracker {
     pub fn on_unlink(&self, rel: &Path) {
         let key = rel.to_string_lossy().into_owned();
         if let Some(d) = self.disks.lock().remove(&key) {
-            self.save_detached(d.detach("deleted"));
+            self.save_detached(&d, "deleted");
         }
     }
 
@@ -1108,10 +1131,10 @@ impl Tracker {
             .full_copy_pending
             .swap(false, std::sync::atomic::Ordering::SeqCst);
         if !ok && was_resync {
-            let mut m = d.meta.lock();
-            m.require_full_resync("an earlier full copy did not finish");
-            let m = m.clone();
-            let _ = self.save_meta(&m);
+            d.meta
+                .lock()
+                .require_full_resync("an earlier full copy did not finish");
+            let _ = self.save_disk(d);
         }
         if !ok {
             let give_back = sc
@@ -1122,7 +1145,7 @@ impl Tracker {
             d.dirty.write().merge_from(give_back);
             return Ok(());
         }
-        let m = {
+        {
             let mut m = d.meta.lock();
             m.cycle = sc.header.cycle;
             m.size = sc.header.disk_size;
@@ -1133,10 +1156,9 @@ impl Tracker {
                 m.state = TrackState::Normal;
                 m.resync_scope = ResyncScope::Full;
             }
-            m.clone()
-        };
+        }
         let saved = self
-            .save_meta(&m)
+            .save_disk(d)
             .map_err(|e| io_state(&self.root_path.join(STATE_DIR), e));
         // Only now may the disk be sealed again: a cut before would take
         // the previous cycle as its base, and its own meta could be saved
@@ -1426,13 +1448,9 @@ impl Tracker {
         let Some(d) = self.disks.lock().get(name).cloned() else {
             return;
         };
-        let m = {
-            let mut m = d.meta.lock();
-            m.require_full_resync(why);
-            m.clone()
-        };
+        d.meta.lock().require_full_resync(why);
         tracing::warn!(disk = %name, "resync required: {why}");
-        if let Err(e) = self.save_meta(&m) {
+        if let Err(e) = self.save_disk(&d) {
             tracing::error!(disk = %name, "cannot save that the disk needs a resync: {e}");
         }
     }
@@ -1604,16 +1622,15 @@ impl Tracker {
                 return None;
             }
         }
-        let m = {
+        {
             let mut m = d.meta.lock();
             if let Some((c, size)) = base {
                 m.cycle = c;
                 m.size = size;
             }
             m.bitmap_only = true;
-            m.clone()
-        };
-        if let Err(e) = self.save_meta(&m) {
+        }
+        if let Err(e) = self.save_disk(&d) {
             tracing::error!(disk = %name, "cannot save the bitmap-only state: {e}");
         }
         for (_, rel) in &logs {
@@ -1635,16 +1652,15 @@ impl Tracker {
         let Some(d) = self.disks.lock().get(name).cloned() else {
             return;
         };
-        let m = {
+        {
             let mut m = d.meta.lock();
             if !m.bitmap_only {
                 return;
             }
             m.bitmap_only = false;
-            m.clone()
-        };
+        }
         tracing::info!(disk = %name, "changes shipped: back to Normal (logs again)");
-        let _ = self.save_meta(&m);
+        let _ = self.save_disk(&d);
     }
 
     /// Names of the tracked disks.
@@ -1746,7 +1762,7 @@ impl Tracker {
             }
             if let Some(d) = disks.remove(&n) {
                 self.released.lock().insert((d.dev, d.ino));
-                self.save_detached(d.detach("moved out of the folder (failover)"));
+                self.save_detached(&d, "moved out of the folder (failover)");
             }
             done.push((n, dst));
         }
@@ -2016,6 +2032,7 @@ impl Tracker {
         let spath = self.root_path.join(STATE_DIR);
         let disks = self.disks.lock();
         for d in disks.values() {
+            let _one = d.meta_save.lock();
             let mut m = d.meta.lock().clone();
             if let Ok(md) = d.reader.metadata() {
                 m.ino = md.ino();
@@ -2446,6 +2463,9 @@ pub struct TrackedDisk {
     /// ([`CycleJudge::digests`]), exclusively while the file shrinks (a
     /// mapped page past the file's end would be a `SIGBUS`).
     map_guard: RwLock<()>,
+    /// Held across a save of `meta` ([`Tracker::save_disk`]): one at a
+    /// time, the newest copy last. Taken before `meta`, never under it.
+    meta_save: Mutex<()>,
 }
 
 impl TrackedDisk {
@@ -3106,6 +3126,8 @@ pub fn hold_for_test(hold: &str, held: &str, what: &str) {
 
 #[cfg(test)]
 mod cut_lock_tests;
+#[cfg(test)]
+mod meta_save_tests;
 
 #[cfg(test)]
 mod stream_tests;

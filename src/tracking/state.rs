@@ -151,6 +151,10 @@ pub struct StateDir {
     root: OwnedFd,
     /// How the state folder is seen by users (through the mount).
     pub display: PathBuf,
+    /// Files being replaced by [`StateDir::write_atomic`] (all through one
+    /// temp name each): a second writer of the same file waits.
+    writing: parking_lot::Mutex<std::collections::HashSet<PathBuf>>,
+    written: parking_lot::Condvar,
 }
 
 impl StateDir {
@@ -159,6 +163,8 @@ impl StateDir {
         let s = StateDir {
             root,
             display: display_root.join(super::STATE_DIR),
+            writing: Default::default(),
+            written: Default::default(),
         };
         s.mkdir(Path::new(super::STATE_DIR))?;
         s.mkdir(&Path::new(super::STATE_DIR).join("disks"))?;
@@ -219,8 +225,25 @@ impl StateDir {
     }
 
     /// Durably replace a state file: temp file, fsync, rename, fsync dir.
+    /// Writers of the same file go one at a time (they share the temp
+    /// name: two at once could rename a mix of both, or fail `ENOENT`);
+    /// which content lands last is the callers' order.
     pub fn write_atomic(&self, rel: &Path, data: &[u8]) -> io::Result<()> {
         let full = Self::rel(rel);
+        {
+            let mut w = self.writing.lock();
+            while w.contains(&full) {
+                self.written.wait(&mut w);
+            }
+            w.insert(full.clone());
+        }
+        let r = self.replace(&full, data);
+        self.writing.lock().remove(&full);
+        self.written.notify_all();
+        r
+    }
+
+    fn replace(&self, full: &Path, data: &[u8]) -> io::Result<()> {
         let parent = full.parent().unwrap_or(Path::new(super::STATE_DIR));
         let name = full
             .file_name()
@@ -236,7 +259,7 @@ impl StateDir {
             f.write_all(data)?;
             f.sync_all()?;
         }
-        let (ct, cf) = (cpath(&tmp)?, cpath(&full)?);
+        let (ct, cf) = (cpath(&tmp)?, cpath(full)?);
         let fd = self.root.as_raw_fd();
         // SAFETY: valid dirfd and NUL-terminated paths.
         if unsafe { libc::renameat(fd, ct.as_ptr(), fd, cf.as_ptr()) } != 0 {
