@@ -2,7 +2,8 @@
 //! is whole (the writers of one file share its temp name, so they go one
 //! at a time), and the copy saved last is the newest (a save copies the
 //! meta when its turn comes, not before it waits). Without either, a
-//! required resync could be missing from `meta.json` after a restart.
+//! required resync could be missing from `meta.json`, and lost if the
+//! daemon then died (a clean stop saves every meta from memory again).
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};

@@ -846,7 +846,9 @@ impl Tracker {
     /// and each copies the meta once it is its turn, so the last save
     /// written is never older than the last change made (two callers that
     /// changed the meta in turn and saved at once could otherwise land the
-    /// older copy last: a required resync lost on the next start).
+    /// older copy last: a required resync missing from `meta.json`, lost if
+    /// the daemon then dies; a clean stop or handover saves every meta from
+    /// memory again).
     fn save_disk(&self, d: &TrackedDisk) -> io::Result<()> {
         let _one = d.meta_save.lock();
         let m = d.meta.lock().clone();
