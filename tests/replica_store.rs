@@ -1154,6 +1154,44 @@ fn a_point_committed_while_the_next_cycle_is_applied_is_recorded_at_once() {
     assert_eq!(store_suite::read_current(store.as_ref(), DISK), disk);
 }
 
+/// A point's `bytes` are the undo records based on its cycle (those that
+/// keep it reachable), over every disk; the newest point has none.
+#[test]
+fn point_bytes_are_the_undo_records_based_on_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let store = Store::open(&root).unwrap();
+    let mut disk = vec![1u8; 64 * BS as usize];
+    initial(&store, &disk, 1);
+    ReplicaStore::commit_point(&store, SITE, VM, 1, &[ID], Consistency::Crash)
+        .unwrap()
+        .unwrap();
+    let mut rng = Rng(11);
+    for (cycle, writes) in [(2u64, 3usize), (3, 20)] {
+        let old = disk.len() as u64;
+        let dirty = random_writes(&mut rng, &mut disk, writes);
+        let logp = dir.path().join(format!("{cycle}.hrl"));
+        make_log(&logp, ID, cycle - 1, cycle, old, &disk, &dirty);
+        store_suite::ship(&store, DISK, &logp, cycle);
+        ReplicaStore::commit_point(&store, SITE, VM, cycle, &[ID], Consistency::Crash)
+            .unwrap()
+            .unwrap();
+    }
+    // Undo record sizes by base cycle, from the files themselves.
+    let mut by_base = std::collections::HashMap::<u64, u64>::new();
+    for (p, len) in tree(&root) {
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if let Some(stem) = name.strip_suffix(".undo") {
+            let base: u64 = stem.split_once('-').unwrap().0.parse().unwrap();
+            *by_base.entry(base).or_default() += len;
+        }
+    }
+    let pts = ReplicaStore::points(&store, SITE, VM).unwrap();
+    let got: Vec<(u64, u64)> = pts.iter().map(|p| (p.cycle, p.bytes)).collect();
+    assert_eq!(got, [(1, by_base[&1]), (2, by_base[&2]), (3, 0)]);
+    assert!(by_base[&1] > 0 && by_base[&2] > by_base[&1], "{by_base:?}");
+}
+
 /// A disk's next log is stored while the previous one is applied: the
 /// apply holds the disk's lock for its whole length, the store of a new
 /// log does not wait for it (the receiver stores log N+1 beside the apply

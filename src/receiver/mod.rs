@@ -220,8 +220,8 @@ impl Drainer {
             if !matches!(store.failed_over(&site, &vm), Ok(None)) {
                 continue;
             }
-            let newest = match store.points(&site, &vm) {
-                Ok(p) => p.into_iter().max_by_key(|p| p.cycle),
+            let newest = match store.newest_point(&site, &vm) {
+                Ok(p) => p,
                 Err(e) => {
                     out.push(format!("{site}/{vm}: cannot list its points: {e}"));
                     continue;

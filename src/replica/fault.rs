@@ -533,6 +533,9 @@ impl ReplicaStore for FailStore {
     fn points(&self, site: &str, vm: &str) -> Result<Vec<Point>> {
         self.call(Op::Points, |s| s.points(site, vm))
     }
+    fn newest_point(&self, site: &str, vm: &str) -> Result<Option<Point>> {
+        self.call(Op::Points, |s| s.newest_point(site, vm))
+    }
     fn read_point(&self, d: DiskRef<'_>, cycle: u64) -> Result<Box<dyn PointRead>> {
         self.call(Op::ReadPoint, |s| s.read_point(d, cycle))
     }

@@ -2416,24 +2416,38 @@ impl Site<'_> {
     /// each one costs.
     pub fn points(&self, vm: &str) -> Result<Vec<Point>> {
         let mut pf = self.read_points(vm)?;
+        // Each disk's undo records are listed once (bytes by base cycle),
+        // not once per point.
+        let mut undo_bytes: HashMap<String, HashMap<u64, u64>> = HashMap::new();
         for pt in &mut pf.points {
             let mut bytes = 0;
             for d in &pt.disks {
-                let Some(id) = parse_hex_id(d) else { continue };
-                let Ok(p) = self.disk(vm, &id, false) else {
-                    continue;
-                };
-                for (b, _, n) in self.undo_records(&p) {
-                    if b == pt.cycle {
-                        bytes += std::fs::metadata(p.undo.join(n))
-                            .map(|m| m.len())
-                            .unwrap_or(0);
+                let by_base = undo_bytes.entry(d.clone()).or_insert_with(|| {
+                    let mut m = HashMap::new();
+                    let Some(p) = parse_hex_id(d).and_then(|id| self.disk(vm, &id, false).ok())
+                    else {
+                        return m;
+                    };
+                    for (b, _, n) in self.undo_records(&p) {
+                        let len = std::fs::metadata(p.undo.join(n)).map_or(0, |m| m.len());
+                        *m.entry(b).or_insert(0) += len;
                     }
-                }
+                    m
+                });
+                bytes += by_base.get(&pt.cycle).copied().unwrap_or(0);
             }
             pt.bytes = bytes;
         }
         Ok(pf.points)
+    }
+
+    /// The newest point of `vm` (its `bytes` not counted: 0), or none.
+    pub fn newest_point(&self, vm: &str) -> Result<Option<Point>> {
+        Ok(self
+            .read_points(vm)?
+            .points
+            .into_iter()
+            .max_by_key(|p| p.cycle))
     }
 
     /// A reader presenting disk `disk_id` of `vm` as of recovery point

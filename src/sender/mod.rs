@@ -1377,11 +1377,10 @@ impl Replicator {
     }
 
     /// The tracked disk with this identity.
-    fn disk_of_id(&self, id: &[u8; 16]) -> Option<String> {
-        self.tracker
-            .disk_names()
-            .into_iter()
-            .find(|n| self.disk_id(n).is_ok_and(|(i, ..)| &i == id))
+    /// The disk named by a receiver's message about `id`: one of `vm`'s
+    /// (else any tracked disk with that id).
+    fn disk_of_id(&self, vm: &Vm, id: &[u8; 16]) -> Option<String> {
+        self.tracker.disk_with_id(&vm.spec.disks, id)
     }
 
     fn disk_id(&self, name: &str) -> Result<([u8; 16], u64, u32, TrackState), SendError> {
@@ -2126,18 +2125,18 @@ impl Replicator {
                 SenderAction::LogDurable { disk_id, cycle } => {
                     // At the receiver: no longer pending here (the log
                     // stays until applied, to be resent).
-                    if let Some(d) = self.disk_of_id(&disk_id) {
+                    if let Some(d) = self.disk_of_id(vm, &disk_id) {
                         self.tracker.note_delivered(&d, cycle);
                         self.logs_again_if_delivered(&d);
                     }
                 }
                 SenderAction::LogApplied { disk_id, .. } => {
-                    if let Some(d) = self.disk_of_id(&disk_id) {
+                    if let Some(d) = self.disk_of_id(vm, &disk_id) {
                         self.logs_again_if_delivered(&d);
                     }
                 }
                 SenderAction::JobFailed { job, error, .. } => {
-                    return Err(self.job_failed(link, &job, &error))
+                    return Err(self.job_failed(vm, link, &job, &error))
                 }
                 _ => {}
             }
@@ -2163,7 +2162,7 @@ impl Replicator {
 
     /// What a failed transfer means: a log the receiver refused because it
     /// no longer trusts the replica marks the disk for a checksum resync.
-    fn job_failed(&self, link: &Link, job: &SessionJob, e: &SessionError) -> SendError {
+    fn job_failed(&self, vm: &Vm, link: &Link, job: &SessionJob, e: &SessionError) -> SendError {
         if let (
             SessionJob::Log { .. },
             SessionError::Peer {
@@ -2174,7 +2173,7 @@ impl Replicator {
         ) = (job, e)
         {
             let why = format!("receiver: {message}");
-            if let Some(d) = self.disk_of_id(&job.disk_id()) {
+            if let Some(d) = self.disk_of_id(vm, &job.disk_id()) {
                 self.tracker.require_resync(&d, &why);
             }
             return SendError::new(ErrorKind::ResyncRequired, why);
@@ -2266,7 +2265,7 @@ impl Replicator {
             let name = sc.header.disk_name.clone();
             vm.copy_cycle.lock().insert(name.clone(), cycle);
             self.save_copy_cycles(vm);
-            let (sc, r) = self.copy_disk(link, sc).await;
+            let (sc, r) = self.copy_disk(vm, link, sc).await;
             let ok = r.is_ok();
             let mut rest: Vec<SealedCycle> = sc.into_iter().collect();
             if !ok {
@@ -2297,7 +2296,7 @@ impl Replicator {
         if full_from.len() < spec.disks.len() && later.is_empty() {
             self.ship_pending(vm, link, replica).await?;
         }
-        self.settle(link).await
+        self.settle(vm, link).await
     }
 
     /// Copy one disk as of its cut (from `full_from`, and what changed
@@ -2305,6 +2304,7 @@ impl Replicator {
     /// with the outcome (the caller finishes it either way).
     async fn copy_disk(
         &self,
+        vm: &Vm,
         link: &mut Link,
         sc: SealedCycle,
     ) -> (Option<SealedCycle>, Result<(), SendError>) {
@@ -2332,7 +2332,7 @@ impl Replicator {
                     break
                 }
                 Ok(SenderAction::JobFailed { job, error, .. }) => {
-                    r = Err(self.job_failed(link, &job, &error))
+                    r = Err(self.job_failed(vm, link, &job, &error))
                 }
                 Ok(_) => {}
                 Err(e) => r = Err(e),
@@ -2349,10 +2349,10 @@ impl Replicator {
 
     /// Wait until every job submitted ended and the points due are
     /// committed.
-    async fn settle(&self, link: &mut Link) -> Result<(), SendError> {
+    async fn settle(&self, vm: &Vm, link: &mut Link) -> Result<(), SendError> {
         while !link.is_idle() {
             if let SenderAction::JobFailed { job, error, .. } = link.next().await? {
-                return Err(self.job_failed(link, &job, &error));
+                return Err(self.job_failed(vm, link, &job, &error));
             }
         }
         Ok(())

@@ -543,6 +543,22 @@ pub fn points_need_every_disk_and_age_retention(h: &dyn Harness) {
     let pts = store.points(SITE, VM).unwrap();
     assert_eq!(pts.iter().map(|p| p.cycle).collect::<Vec<_>>(), [1, 2, 3]);
     assert_eq!(pts[0].consistency, Consistency::App);
+    // The newest point alone (what the receiver's drainer asks of every
+    // VM on every pass) is the last of the list.
+    let newest = store
+        .newest_point(SITE, VM)
+        .unwrap()
+        .expect("a newest point");
+    let last = &pts[2];
+    assert_eq!(
+        (
+            newest.cycle,
+            newest.time_unix_ns,
+            &newest.disks,
+            newest.consistency
+        ),
+        (last.cycle, last.time_unix_ns, &last.disks, last.consistency)
+    );
     for (k, m) in models.iter().enumerate() {
         let c = k as u64 + 1;
         for (d, want) in [(da, &m[0]), (db, &m[1])] {
