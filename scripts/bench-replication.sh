@@ -577,6 +577,7 @@ import json, subprocess, sys, time
 vdrep, d, secs, res = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
 t0 = time.time(); nxt = t0 + 1
 n = 0
+first, last = {}, {}   # vm -> (time, points committed): the VM-cycles per second
 while time.time() < t0 + secs:
     time.sleep(max(0.0, nxt - time.time())); nxt += 1
     ts = time.time()
@@ -591,12 +592,18 @@ while time.time() < t0 + secs:
     with open(res, "a") as out:
         out.write(f"scale\tvdrep\t1\tstatus_secs\t{time.time() - ts:.3f}\n")
         for v in s.get("replication", []):
+            if v.get("points_committed") is not None:
+                first.setdefault(v["vm"], (ts, v["points_committed"]))
+                last[v["vm"]] = (ts, v["points_committed"])
             lag = v.get("lag_secs")
             print(f"{time.time() - t0:.2f}\t{v['vm']}\t{'' if lag is None else f'{lag:.3f}'}\t{v.get('state')}")
             out.write(f"scale\tvdrep\t1\tlag\t{'' if lag is None else f'{lag:.3f}'}\n")
             out.write(f"scale\tvdrep\t1\tpending\t{v.get('bytes_pending', 0)}\n")
 with open(res, "a") as out:
     out.write(f"scale\tvdrep\t1\tsamples\t{n}\n")
+    span = max((last[v][0] - first[v][0] for v in last), default=0)
+    if span > 0:
+        out.write(f"scale\tvdrep\t1\tvm_cycles_per_sec\t{sum(last[v][1] - first[v][1] for v in last) / span:.1f}\n")
 PY
 SAMPLER_PID=$!
 sleep "$((SCALE_SECS / 2))"
@@ -761,10 +768,16 @@ if any(k[0] == "scale" for k in d):
     # a sample without a point counts as a miss too
     verdict = "PASS" if p99 is not None and p99 <= 1 and len(lags) == total else "MISS"
     per = lambda a, b: "n/a" if g(a) is None or g(b) is None or not n else f"{(g(b) - g(a)) / n:,.1f}"
+    # Points committed per second over all VMs (each VM's turn comes every
+    # VMs / this seconds), and the CPU of both processes per point.
+    vcs = g("vm_cycles_per_sec")
+    cpu_both = (g("cpu_sender") or 0) + (g("cpu_receiver") or 0)
+    per_cycle = "n/a" if not vcs else f"{cpu_both / (vcs * secs) * 1e3:.1f}"
     table(f"5. Scale: {n} VMs x 1 disk, one mount, all --every continuous to one receiver; fio {os.environ.get('SCALE_RATE', '50m')}/s of 4 KiB random writes in total, {secs:.0f} s",
-          ["lag samples with a point", "lag p50 s", "lag p99 s", "lag max s", "fio MB/s", "pending max MB",
+          ["lag samples with a point", "lag p50 s", "lag p99 s", "lag max s", "VM-cycles/s", "CPU ms per cycle (both)",
+           "fio MB/s", "pending max MB",
            "drain s", "sessions failed", "status call p50 / max s", "target p99 <= 1 s"],
-          [[f"{len(lags)}/{total}", f1(p50, 2), f1(p99, 2), f1(mx, 2), mb(g("fio_bw")),
+          [[f"{len(lags)}/{total}", f1(p50, 2), f1(p99, 2), f1(mx, 2), f1(vcs, 0), per_cycle, mb(g("fio_bw")),
             mb(max(d.get(("scale", "vdrep", "pending"), [0]))), f1(g("drain_secs"), 1),
             f"{int(g('sessions_failed') or 0)}",
             f"{f1(pctl(st, 50), 2)} / {f1(max(st) if st else None, 2)}", verdict]])
@@ -780,6 +793,7 @@ if any(k[0] == "scale" for k in d):
           ["process", "RSS MiB", "RSS KiB per VM", "threads", "descriptors", "CPU (of one core)",
            "CPU ms per second per VM"], rows)
     js["scale"] = {"vms": n, "p50": p50, "p99": p99, "max": mx, "samples": len(lags), "expected": total,
+                   "vm_cycles_per_sec": vcs,
                    "fio_bw": g("fio_bw"), "cpu_sender_s": g("cpu_sender"), "cpu_receiver_s": g("cpu_receiver"),
                    "rss_kib": {k: g(k) for k in ("s_rss0", "s_rss1", "r_rss0", "r_rss1")},
                    "setup_secs": g("setup_secs"), "protect_secs": g("protect_secs"),

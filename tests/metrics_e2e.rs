@@ -434,6 +434,15 @@ fn metrics_parse_and_rpo_alert_fires_notifies_and_clears() {
         0.0
     );
     assert!(must(&a, "vdrep_vm_sent_bytes_total", &[("vm", "web")]) > 0.0);
+    // Every point committed counts: one more write and sync, one more point.
+    let points = must(&a, "vdrep_vm_points_committed_total", &[("vm", "web")]);
+    assert!(points >= 1.0, "points committed {points}");
+    f.write_all_at(&[0xa5; 4096], 2 << 20).unwrap();
+    f.sync_all().unwrap();
+    vdrep_ok(&["sync", "web", "--timeout", "120"]);
+    let a = scrape(&maddr_a);
+    let more = must(&a, "vdrep_vm_points_committed_total", &[("vm", "web")]);
+    assert!(more > points, "points committed {points} then {more}");
     must(&a, "vdrep_vm_pending_bytes", &[("vm", "web")]);
     must(&a, "vdrep_vm_retries_total", &[("vm", "web")]);
     must(&a, "vdrep_disk_dirty_bytes", &[("disk", "web.raw")]);

@@ -961,6 +961,7 @@ impl Link {
                 s.last_error = None;
             }
             s.last_point = Some(cycle);
+            s.points_committed += 1;
             s.last_point_unix_ns = Some(self.cut_ns.get(&cycle).copied().unwrap_or_else(now_ns));
             if app_consistent {
                 s.last_app_point = Some(cycle);

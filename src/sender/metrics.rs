@@ -122,6 +122,13 @@ pub fn encode_vms(enc: &mut DescriptorEncoder, vms: &[VmStatus]) -> fmt::Result 
         None,
         vms.iter().filter_map(|s| Some((vm(s), s.last_point?))),
     )?;
+    counter(
+        enc,
+        "vdrep_vm_points_committed",
+        "Recovery points committed since the mount daemon started",
+        None,
+        vms.iter().map(|s| (vm(s), s.points_committed)),
+    )?;
     gauge(
         enc,
         "vdrep_vm_pending",

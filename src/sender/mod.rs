@@ -165,6 +165,11 @@ pub struct VmStatus {
     pub disks: Vec<String>,
     /// Cycle of the newest recovery point at the receiver.
     pub last_point: Option<u64>,
+    /// Recovery points committed for this VM since the mount daemon
+    /// started (one per cycle shipped: with `--every continuous`, how
+    /// often the VM is cut).
+    #[serde(default)]
+    pub points_committed: u64,
     pub last_point_unix_ns: Option<u64>,
     /// Now minus the cut time of the newest point, seconds (the RPO).
     pub lag_secs: Option<f64>,
@@ -713,7 +718,11 @@ impl Replicator {
             new.waiters.lock().extend(old.waiters.lock().drain(..));
             *new.definitions.lock() = std::mem::take(&mut *old.definitions.lock());
             *new.group_cycles.lock() = std::mem::take(&mut *old.group_cycles.lock());
-            new.status.lock().last_point = old.status.lock().last_point;
+            {
+                let (o, mut n) = (old.status.lock(), new.status.lock());
+                n.last_point = o.last_point;
+                n.points_committed = o.points_committed;
+            }
             new.wake.notify_one();
         }
     }
@@ -782,6 +791,7 @@ impl Replicator {
                 state: VmState::InitialReplication,
                 disks: spec.disks.clone(),
                 last_point: None,
+                points_committed: 0,
                 last_point_unix_ns: None,
                 lag_secs: None,
                 bytes_pending: 0,
