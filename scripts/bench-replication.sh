@@ -34,7 +34,9 @@
 #    (50m) of 4 KiB random writes in total (O_DIRECT, spread over every disk)
 #    for SCALE_SECS; every VM's lag_secs sampled every second. Target: lag
 #    p99 <= 1 s over all VMs and samples. Also the daemon's and the
-#    receiver's RSS, threads, descriptors and CPU per VM.
+#    receiver's RSS, threads, descriptors and CPU per VM, and the host's
+#    capacity: VM-cycles/s (points committed per second over all VMs, from
+#    each VM's `points_committed` in the status) and CPU ms per cycle.
 #
 # "On the wire" is what each tool's sockets carried: for vdrep the UDP
 # payload bytes its QUIC connections sent (status `wire_bytes_sent`: data,

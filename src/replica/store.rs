@@ -2423,16 +2423,16 @@ impl Site<'_> {
             let mut bytes = 0;
             for d in &pt.disks {
                 let by_base = undo_bytes.entry(d.clone()).or_insert_with(|| {
-                    let mut m = HashMap::new();
+                    let mut sums = HashMap::new();
                     let Some(p) = parse_hex_id(d).and_then(|id| self.disk(vm, &id, false).ok())
                     else {
-                        return m;
+                        return sums;
                     };
                     for (b, _, n) in self.undo_records(&p) {
-                        let len = std::fs::metadata(p.undo.join(n)).map_or(0, |m| m.len());
-                        *m.entry(b).or_insert(0) += len;
+                        let len = std::fs::metadata(p.undo.join(n)).map_or(0, |md| md.len());
+                        *sums.entry(b).or_insert(0) += len;
                     }
-                    m
+                    sums
                 });
                 bytes += by_base.get(&pt.cycle).copied().unwrap_or(0);
             }

@@ -1386,7 +1386,6 @@ impl Replicator {
         links.get(&spec.to).cloned()
     }
 
-    /// The tracked disk with this identity.
     /// The disk named by a receiver's message about `id`: one of `vm`'s
     /// (else any tracked disk with that id).
     fn disk_of_id(&self, vm: &Vm, id: &[u8; 16]) -> Option<String> {

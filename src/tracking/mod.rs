@@ -1926,14 +1926,13 @@ impl Tracker {
 
     /// The tracked disk whose id is `id`: one of `prefer` (a VM's own
     /// disks, looked up by name) if it is there, else the first by name of
-    /// all. No `stat`, no copy of any meta: a sender asks this for every
+    /// all. No `stat`, no lock of any meta: a sender asks this for every
     /// acknowledgement, and with 256 VMs a scan of every disk's
     /// [`disk_info`](Self::disk_info) (a `statx` each) was a fifth of the
     /// mount daemon's CPU (kernel-notes/replication-speed.md, session 28).
     pub fn disk_with_id(&self, prefer: &[String], id: &[u8; 16]) -> Option<String> {
-        let want = hex(id);
         let disks = self.disks.lock();
-        let is = |d: &Arc<TrackedDisk>| d.meta.lock().id.eq_ignore_ascii_case(&want);
+        let is = |d: &Arc<TrackedDisk>| d.id == *id;
         if let Some(n) = prefer.iter().find(|n| disks.get(*n).is_some_and(is)) {
             return Some(n.clone());
         }
