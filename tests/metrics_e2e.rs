@@ -443,6 +443,15 @@ fn metrics_parse_and_rpo_alert_fires_notifies_and_clears() {
     let a = scrape(&maddr_a);
     let more = must(&a, "vdrep_vm_points_committed_total", &[("vm", "web")]);
     assert!(more > points, "points committed {points} then {more}");
+    // That 4 KiB block was logged from the copy the mount kept of the write
+    // (cuts every second keep copies), not read back from the disk.
+    let from_memory = must(&a, "vdrep_logged_blocks_total", &[("from", "memory")]);
+    assert!(
+        from_memory >= 1.0,
+        "blocks logged from memory {from_memory}"
+    );
+    must(&a, "vdrep_logged_blocks_total", &[("from", "disk")]);
+    must(&a, "vdrep_kept_writes_bytes", &[]);
     must(&a, "vdrep_vm_pending_bytes", &[("vm", "web")]);
     must(&a, "vdrep_vm_retries_total", &[("vm", "web")]);
     must(&a, "vdrep_disk_dirty_bytes", &[("disk", "web.raw")]);

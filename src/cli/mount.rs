@@ -39,6 +39,9 @@ pub fn mount(
         activity_hot: activity_hot_env()
             .or(entry.and_then(|m| m.activity_hot))
             .unwrap_or(crate::tracking::DEFAULT_ACTIVITY_HOT),
+        keep_writes: keep_writes_env()
+            .or(entry.and_then(|m| m.keep_writes))
+            .unwrap_or(crate::tracking::kept::DEFAULT_KEEP_WRITES),
         ..TrackConfig::default()
     };
     let watchdog = match watchdog_env() {
@@ -215,6 +218,21 @@ fn activity_hot_env() -> Option<u32> {
         Ok(n) => Some(n),
         Err(e) => {
             eprintln!("vdrep: ignoring VDREP_ACTIVITY_HOT={v:?}: {e}");
+            None
+        }
+    }
+}
+
+/// `VDREP_KEEP_WRITES=SIZE` (over the configuration's `keep_writes`): the
+/// mount's memory for kept writes, for the benchmarks' with/without.
+fn keep_writes_env() -> Option<u64> {
+    let v = std::env::var("VDREP_KEEP_WRITES")
+        .ok()
+        .filter(|v| !v.is_empty())?;
+    match crate::config::parse_keep_writes(&v) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            eprintln!("vdrep: ignoring VDREP_KEEP_WRITES={v:?}: {e}");
             None
         }
     }

@@ -72,6 +72,9 @@ pub struct MountCfg {
     /// The activity log's budget of hot extents per disk
     /// (`activity_hot = "1GiB"`, in 4 MiB extents, rounded up).
     pub activity_hot: Option<u32>,
+    /// Memory for the running cycles' whole-block writes, over the mount's
+    /// disks (`keep_writes = "256MiB"`; `0`: none).
+    pub keep_writes: Option<u64>,
     /// The supervisor's hung-worker watchdog (`watchdog = "30s"`);
     /// `Some(None)`: `off`.
     pub watchdog: Option<Option<Duration>>,
@@ -393,6 +396,25 @@ pub fn parse_watchdog(s: &str) -> Result<Option<Duration>, BadValue> {
         return Ok(None);
     }
     parse_duration(s).map(Some).map_err(|e| e.or("`off`"))
+}
+
+/// The mount's memory for kept writes (`keep_writes`): a size (`256MiB`,
+/// `1GiB`, `0`), at most 64 GiB.
+pub fn parse_keep_writes(s: &str) -> Result<u64, BadValue> {
+    let bad = |why: String| {
+        BadValue::new(
+            ProblemKind::BadValue,
+            format!("{s:?} {why}; write a size such as 256MiB, 1GiB or 0 (off)"),
+        )
+    };
+    let b: bytesize::ByteSize = s
+        .trim()
+        .parse()
+        .map_err(|e| bad(format!("is not a size ({e})")))?;
+    if b.as_u64() > 64 << 30 {
+        return Err(bad("is above 64GiB".into()));
+    }
+    Ok(b.as_u64())
 }
 
 /// The activity log's budget: a size (`1GiB`, `512MiB`, `0`) turned into
@@ -891,6 +913,9 @@ impl Cx<'_> {
             let activity_hot = self.value(&m.activity_hot, "mount.activity_hot", |s: &String| {
                 parse_activity_hot(s)
             });
+            let keep_writes = self.value(&m.keep_writes, "mount.keep_writes", |s: &String| {
+                parse_keep_writes(s)
+            });
             let fuse_transport =
                 self.value(&m.fuse_transport, "mount.fuse_transport", |s: &String| {
                     parse_fuse_transport(s)
@@ -902,6 +927,7 @@ impl Cx<'_> {
                 metrics_listen,
                 activity_log: m.activity_log,
                 activity_hot,
+                keep_writes,
                 watchdog,
                 fuse_transport,
             });

@@ -41,6 +41,7 @@ pub struct Mount {
     pub metrics_listen: Option<S>,
     pub activity_log: Option<bool>,
     pub activity_hot: Option<S>,
+    pub keep_writes: Option<S>,
     pub watchdog: Option<S>,
     pub fuse_transport: Option<S>,
 }

@@ -490,6 +490,36 @@ fn mount_activity_hot_is_a_size() {
     }
 }
 
+/// `keep_writes`: a size for the whole mount; `0` (off) allowed; not a
+/// size or above 64 GiB is a problem naming the key.
+#[test]
+fn mount_keep_writes_is_a_size() {
+    let with = |v: &str| {
+        GOOD.replace(
+            "path = \"/srv/vdrep-test-vms\"\n",
+            &format!("path = \"/srv/vdrep-test-vms\"\nkeep_writes = \"{v}\"\n"),
+        )
+    };
+    assert_eq!(check(GOOD).unwrap().mounts[0].keep_writes, None);
+    for (v, bytes) in [("256MiB", 256u64 << 20), ("0", 0), ("1GiB", 1 << 30)] {
+        assert_eq!(
+            check(&with(v)).unwrap().mounts[0].keep_writes,
+            Some(bytes),
+            "{v}"
+        );
+    }
+    for bad in ["plenty", "65GiB"] {
+        let p = problems(&with(bad));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(
+            (p[0].kind, p[0].key.as_str()),
+            (ProblemKind::BadValue, "mount.keep_writes"),
+            "{bad}"
+        );
+        assert!(p[0].msg.contains("256MiB"), "{:?}", p[0].msg);
+    }
+}
+
 #[test]
 fn mount_fuse_transport_is_dev_or_uring() {
     use crate::fuse::FuseTransport;

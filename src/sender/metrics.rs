@@ -218,6 +218,24 @@ pub fn encode_disks(enc: &mut DescriptorEncoder, t: &TrackerStatus) -> fmt::Resu
     let disk = |name: &str| -> Labels { vec![("disk", name.to_string())] };
     gauge(
         enc,
+        "vdrep_kept_writes",
+        "Memory held by copies of the running cycles' whole-block writes (mount.keep_writes), over every disk",
+        Some(&Unit::Bytes),
+        [(Labels::new(), t.kept_bytes)],
+    )?;
+    let (from_copies, read_back) = crate::tracking::kept::counts();
+    counter(
+        enc,
+        "vdrep_logged_blocks",
+        "Changed blocks the cuts passed on, by where their bytes came from: memory (a kept copy of the write) or disk (read back)",
+        None,
+        [
+            (vec![("from", "memory".to_string())], from_copies),
+            (vec![("from", "disk".to_string())], read_back),
+        ],
+    )?;
+    gauge(
+        enc,
         "vdrep_disk_dirty",
         "Bytes written since the last cut",
         Some(&Unit::Bytes),

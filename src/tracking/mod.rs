@@ -33,6 +33,7 @@
 
 pub mod activity;
 pub mod bitmap;
+pub mod kept;
 pub mod preimage;
 mod sealed_log;
 pub mod seed;
@@ -111,6 +112,15 @@ pub struct TrackConfig {
     /// the next finished cycle (the behaviour before the budget).
     #[serde(default = "default_hot")]
     pub activity_hot: u32,
+    /// Bytes of the running cycles' whole-block writes the mount keeps in
+    /// memory for the cut's log writer ([`kept`]), over every disk; 0: none
+    /// (every changed block is read back from the disk at the cut).
+    #[serde(default = "default_keep_writes")]
+    pub keep_writes: u64,
+}
+
+fn default_keep_writes() -> u64 {
+    kept::DEFAULT_KEEP_WRITES
 }
 
 /// Default of [`TrackConfig::activity_hot`]: 256 extents, 1 GiB per disk
@@ -144,6 +154,7 @@ impl Default for TrackConfig {
             activity_log: true,
             activity_ahead: DEFAULT_ACTIVITY_AHEAD,
             activity_hot: DEFAULT_ACTIVITY_HOT,
+            keep_writes: kept::DEFAULT_KEEP_WRITES,
         }
     }
 }
@@ -278,6 +289,11 @@ pub struct TrackerStatus {
     pub cut_seq: u64,
     pub previous_stop_clean: bool,
     pub disks: Vec<DiskStatus>,
+    /// Bytes of kept write copies held now ([`kept`]), and the budget.
+    #[serde(default)]
+    pub kept_bytes: u64,
+    #[serde(default)]
+    pub kept_limit: u64,
 }
 
 /// Shared between the tracker and its disks.
@@ -287,6 +303,8 @@ struct Shared {
     activity_ahead: u64,
     /// [`TrackConfig::activity_hot`].
     activity_hot: u64,
+    /// [`TrackConfig::keep_writes`], shared by every disk.
+    keep_budget: Arc<kept::Budget>,
 }
 
 /// A write through [`TrackedDisk::try_begin_write`] whose backing I/O is in
@@ -298,6 +316,9 @@ pub struct InFlightWrite {
     disk: Arc<TrackedDisk>,
     first: u64,
     last: u64,
+    /// Its blocks lose their kept copies when it ends ([`kept`]: this
+    /// write's bytes are not kept).
+    kept: Option<kept::Ticket>,
     _cut: CutShare,
 }
 
@@ -326,6 +347,9 @@ impl InFlightWrite {
 
 impl Drop for InFlightWrite {
     fn drop(&mut self) {
+        if let Some(t) = self.kept.take() {
+            self.disk.kept.end(t, None, self.disk.bs());
+        }
         self.disk.mark(self.first, self.last);
     }
 }
@@ -518,6 +542,7 @@ impl Tracker {
                 block_size: u64::from(bs),
                 activity_ahead: u64::from(config.activity_ahead),
                 activity_hot: u64::from(config.activity_hot),
+                keep_budget: kept::Budget::new(config.keep_writes),
             }),
             config,
             state: Arc::new(state),
@@ -737,6 +762,8 @@ impl Tracker {
             written: 0.into(),
             map_guard: RwLock::new(()),
             meta_save: Mutex::new(()),
+            kept: kept::Kept::new(self.shared.keep_budget.clone()),
+            last_seal_ns: 0.into(),
         });
         self.save_disk(&disk)?;
         tracing::info!(disk = %key, state = ?meta.state, cycle = meta.cycle, "tracking disk");
@@ -1035,6 +1062,26 @@ impl Tracker {
                 let bs = self.shared.block_size;
                 let nblocks = size.div_ceil(bs);
                 let sealed = std::mem::replace(&mut *d.dirty.write(), Bitmap::new(nblocks));
+                // The running cycle's copies go with its bits; the next
+                // cycle keeps copies if this disk is cut often.
+                let now = kept::mono_ns();
+                let before = d.last_seal_ns.swap(now, SeqCst);
+                let keep_next = self.shared.keep_budget.limit() > 0
+                    && before > 0
+                    && now - before <= kept::KEEP_IF_CUT_WITHIN.as_nanos() as u64;
+                let copies = d.kept.take(keep_next);
+                let captured = Bitmap::new(nblocks);
+                let copies = (!copies.is_empty()).then(|| {
+                    let mut copies = copies;
+                    let beyond: Vec<u64> = copies.blocks().filter(|&b| b >= nblocks).collect();
+                    for b in beyond {
+                        copies.remove(b);
+                    }
+                    for b in copies.blocks() {
+                        captured.set_range(b, b);
+                    }
+                    copies
+                });
                 let full_from = select.full_from.get(name).copied();
                 // What really changed, to give back if the cycle fails (the
                 // artificial whole-disk range is the caller's to resume).
@@ -1060,7 +1107,8 @@ impl Tracker {
                     real_changes,
                     size,
                     state: Mutex::new(SealState {
-                        captured: Bitmap::new(nblocks),
+                        captured,
+                        kept: copies,
                         ..SealState::default()
                     }),
                 });
@@ -2013,6 +2061,8 @@ impl Tracker {
             cut_seq,
             previous_stop_clean: self.previous_stop_clean,
             disks: out,
+            kept_bytes: self.shared.keep_budget.used(),
+            kept_limit: self.shared.keep_budget.limit(),
         }
     }
 
@@ -2414,6 +2464,9 @@ impl CycleJudge {
             });
             st.saved_bytes = st.saved_bytes.saturating_sub(freed);
         }
+        if let Some(k) = st.kept.as_mut() {
+            k.remove_range(first, last);
+        }
         st.captured.set_range(first, last);
     }
 }
@@ -2426,8 +2479,31 @@ struct SealState {
     /// Pre-images saved by writers, consumed by the materialiser.
     saved: HashMap<u64, Vec<u8>>,
     saved_bytes: u64,
+    /// The running cycle's copies of its last whole-block writes, moved in
+    /// at the cut ([`kept`]): their blocks are captured from the start, so
+    /// neither the materialiser nor a copy-before-write reads them back.
+    kept: Option<kept::Copies>,
     /// A copy-before-write read failed: this cycle cannot be materialised.
     failed: Option<String>,
+}
+
+impl SealState {
+    /// A captured block's content as of the cut: its saved pre-image or
+    /// its kept copy (neither: passed on already, zeros).
+    fn as_of_cut(&self, block: u64) -> Option<&[u8]> {
+        match self.saved.get(&block) {
+            Some(v) => Some(v),
+            None => self.kept.as_ref().and_then(|k| k.get(block)),
+        }
+    }
+
+    /// The cycle is abandoned: let its memory go.
+    fn abandon(&mut self, why: String) {
+        self.failed = Some(why);
+        self.saved.clear();
+        self.saved_bytes = 0;
+        self.kept = None;
+    }
 }
 
 /// A sealed cycle being written into its log.
@@ -2488,6 +2564,11 @@ pub struct TrackedDisk {
     /// Held across a save of `meta` ([`Tracker::save_disk`]): one at a
     /// time, the newest copy last. Taken before `meta`, never under it.
     meta_save: Mutex<()>,
+    /// Copies of the running cycle's whole-block writes ([`kept`]).
+    kept: kept::Kept,
+    /// When this disk was last sealed (monotonic ns, [`Tracker::seal`]):
+    /// whether its next cycle keeps copies.
+    last_seal_ns: std::sync::atomic::AtomicU64,
 }
 
 impl TrackedDisk {
@@ -2546,7 +2627,7 @@ impl TrackedDisk {
             }
             let mut buf = vec![0u8; ((e - b + 1) * bs) as usize];
             if let Err(err) = read_full_at(&self.reader, &mut buf, b * bs) {
-                st.failed = Some(format!("copy-before-write read failed: {err}"));
+                st.abandon(format!("copy-before-write read failed: {err}"));
                 return;
             }
             st.captured.set_range(b, e);
@@ -2555,11 +2636,10 @@ impl TrackedDisk {
                 st.saved.insert(b + i as u64, chunk.to_vec());
             }
             if st.saved_bytes > MAX_SAVED_BYTES {
-                st.failed = Some(format!(
+                st.abandon(format!(
                     "more than {} MiB changed while the cycle was being read; it will be retried",
                     MAX_SAVED_BYTES >> 20
                 ));
-                st.saved.clear();
                 return;
             }
             b = e + 1;
@@ -2669,7 +2749,9 @@ impl TrackedDisk {
             self.check_fence()?;
             return file.write_at(data, offset);
         }
-        self.write_with(offset, data.len(), || file.write_at(data, offset))
+        self.change(offset, data.len(), Some(data), || {
+            file.write_at(data, offset)
+        })
     }
 
     /// [`TrackedDisk::write_at`] of `len > 0` bytes at `offset` whose
@@ -2682,13 +2764,33 @@ impl TrackedDisk {
         len: usize,
         io: impl FnOnce() -> io::Result<usize>,
     ) -> io::Result<usize> {
+        self.change(offset, len, None, io)
+    }
+
+    /// A write of `len` bytes at `offset` made by `io`; `data`: its bytes,
+    /// when the caller has them (their whole blocks may be kept, [`kept`]).
+    fn change(
+        &self,
+        offset: u64,
+        len: usize,
+        data: Option<&[u8]>,
+        io: impl FnOnce() -> io::Result<usize>,
+    ) -> io::Result<usize> {
         self.check_fence()?;
         let _cut = self.cut_lock.read();
         let (first, last) = self.span(offset, len.max(1) as u64);
         self.log_activity(first, last)?;
         self.save_preimages(first, last)?;
         self.preserve(first, last);
+        let ticket = self.kept.begin(first, last);
         let r = io();
+        if let Some(t) = ticket {
+            let whole = match (&r, data) {
+                (Ok(n), Some(d)) if *n == d.len() => Some((offset, d)),
+                _ => None,
+            };
+            self.kept.end(t, whole, self.bs());
+        }
         // Marked whatever the outcome: an over-approximation is always safe.
         self.mark(first, last);
         if let Ok(n) = &r {
@@ -2727,6 +2829,7 @@ impl TrackedDisk {
             disk: self.clone(),
             first,
             last,
+            kept: self.kept.begin(first, last),
             _cut: cut,
         }))
     }
@@ -2741,7 +2844,11 @@ impl TrackedDisk {
             self.log_activity(first, last)?;
             self.save_preimages(first, last)?;
             self.preserve(first, last);
+            let ticket = self.kept.begin(first, last);
             let r = self.shrinking(|| file.set_len(len));
+            if let Some(t) = ticket {
+                self.kept.end(t, None, self.bs());
+            }
             self.mark(first, last);
             r
         } else {
@@ -2771,11 +2878,15 @@ impl TrackedDisk {
             self.save_preimages(f, l)?;
             self.preserve(f, l);
         }
+        let ticket = range.and_then(|(f, l)| self.kept.begin(f, l));
         let res = if mode & libc::FALLOC_FL_COLLAPSE_RANGE != 0 {
             self.shrinking(|| sys::fallocate(file.as_raw_fd(), mode, offset, len))
         } else {
             sys::fallocate(file.as_raw_fd(), mode, offset, len)
         };
+        if let Some(t) = ticket {
+            self.kept.end(t, None, self.bs());
+        }
         if let Some((f, l)) = range {
             self.mark(f, l);
         }
@@ -2828,10 +2939,22 @@ impl TrackedDisk {
                 (b < start + count).then_some((b, start + count))
             })
             .collect();
-        let bytes: Vec<(u64, u64)> = runs
+        let mut bytes: Vec<(u64, u64)> = runs
             .iter()
             .map(|&(b, end)| (b * bs, (end * bs).min(s.size) - b * bs))
             .collect();
+        {
+            // Runs whose every block is captured already (kept copies,
+            // [`kept`]) are not read: no hint for them.
+            let st = s.state.lock();
+            if st.kept.is_some() {
+                for (k, &(b, end)) in runs.iter().enumerate() {
+                    if (b..end).all(|i| st.captured.get(i)) {
+                        bytes[k].1 = 0;
+                    }
+                }
+            }
+        }
         let mut ahead = crate::util::readahead::ReadAhead::new();
         for (k, &(start, end)) in runs.iter().enumerate() {
             ahead.before(self.reader.as_raw_fd(), &bytes, k);
@@ -2908,6 +3031,7 @@ impl TrackedDisk {
         }
         // 3. Under the lock: what writers captured meanwhile, and what was
         //    captured before (step 1 did not read it).
+        let mut from_copies = 0u64;
         let mut st = s.state.lock();
         if let Some(f) = &st.failed {
             return Err(StreamError::Abandoned(f.clone()));
@@ -2922,15 +3046,24 @@ impl TrackedDisk {
                 let saved = st.saved.remove(&i);
                 if let Some(v) = &saved {
                     st.saved_bytes -= v.len() as u64;
+                    put_pre_image(Some(v), &mut buf[o..oe1]);
+                } else {
+                    let kept = st.kept.as_mut().and_then(|k| k.remove(i));
+                    from_copies += u64::from(kept.is_some());
+                    put_pre_image(kept.as_deref(), &mut buf[o..oe1]);
                 }
-                put_pre_image(saved.as_deref(), &mut buf[o..oe1]);
             } else {
                 // Kept for the judgment (no copy of the map's entry).
-                put_pre_image(st.saved.get(&i).map(Vec::as_slice), &mut buf[o..oe1]);
+                put_pre_image(st.as_of_cut(i), &mut buf[o..oe1]);
             }
         }
         if consume && b < ce {
             st.captured.set_range(b, ce - 1);
+        }
+        drop(st);
+        if consume {
+            kept::note_from_copies(from_copies);
+            kept::note_read_back(reads.iter().map(|&(i, j)| j - i).sum());
         }
         Ok(())
     }
@@ -3064,7 +3197,7 @@ impl TrackedDisk {
                 continue;
             }
             let l = blen(i);
-            put_pre_image(st.saved.get(&i).map(Vec::as_slice), &mut scratch[..l]);
+            put_pre_image(st.as_of_cut(i), &mut scratch[..l]);
             out[(i - b) as usize] = digest(&scratch[..l]);
         }
         Ok(())
