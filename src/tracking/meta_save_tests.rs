@@ -1,8 +1,7 @@
-//! Saves of a disk's `meta.json` from several threads at once: each save
-//! is whole (the writers of one file share its temp name, so they go one
-//! at a time), and the copy saved last is the newest (a save copies the
+//! Saves of a disk's meta from several threads at once: each save
+//! is whole (the writers of one file go one at a time), and the copy saved last is the newest (a save copies the
 //! meta when its turn comes, not before it waits). Without either, a
-//! required resync could be missing from `meta.json`, and lost if the
+//! required resync could be missing from the saved meta, and lost if the
 //! daemon then died (a clean stop saves every meta from memory again).
 
 use std::fs::{File, OpenOptions};
@@ -34,10 +33,12 @@ fn tracker_with_disk() -> (tempfile::TempDir, Arc<Tracker>, Arc<super::TrackedDi
     (tmp, t, d)
 }
 
-fn saved(dir: &Path, d: &super::TrackedDisk) -> DiskMeta {
+fn saved(t: &Tracker, d: &super::TrackedDisk) -> DiskMeta {
     let folder = d.meta.lock().folder.clone();
-    let p = dir.join(".vdrep/disks").join(folder).join("meta.json");
-    serde_json::from_slice(&std::fs::read(&p).expect("meta.json")).expect("whole meta.json")
+    t.state
+        .read_meta(&folder)
+        .expect("whole meta")
+        .expect("a saved meta")
 }
 
 /// A save that copied the meta and is slow to write it (paused by the
@@ -46,7 +47,7 @@ fn saved(dir: &Path, d: &super::TrackedDisk) -> DiskMeta {
 /// turn, the paused save would land its older copy last.)
 #[test]
 fn a_slow_save_never_lands_an_older_meta_last() {
-    let (tmp, t, d) = tracker_with_disk();
+    let (_tmp, t, d) = tracker_with_disk();
     let (copied_tx, copied_rx) = std::sync::mpsc::channel::<()>();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
     let first = std::sync::atomic::AtomicBool::new(true);
@@ -79,15 +80,15 @@ fn a_slow_save_never_lands_an_older_meta_last() {
     newer.join().expect("newer save");
     let live = d.meta.lock().state.clone();
     assert_eq!(live, TrackState::ResyncRequired("newer".into()));
-    assert_eq!(saved(tmp.path(), &d).state, live);
+    assert_eq!(saved(&t, &d).state, live);
 }
 
 /// Two threads mark the disk resync-required with different reasons at
-/// once, round after round: `meta.json` always ends with the reason the
+/// once, round after round: the saved meta always ends with the reason the
 /// disk holds in memory.
 #[test]
 fn concurrent_saves_of_a_disk_leave_its_newest_meta() {
-    let (tmp, t, d) = tracker_with_disk();
+    let (_tmp, t, d) = tracker_with_disk();
     let gate = Arc::new(Barrier::new(2));
     for round in 0..500 {
         let threads: Vec<_> = (0..2)
@@ -104,7 +105,7 @@ fn concurrent_saves_of_a_disk_leave_its_newest_meta() {
         }
         let live = d.meta.lock().state.clone();
         assert!(matches!(live, TrackState::ResyncRequired(_)), "{live:?}");
-        assert_eq!(saved(tmp.path(), &d).state, live, "round {round}");
+        assert_eq!(saved(&t, &d).state, live, "round {round}");
     }
 }
 

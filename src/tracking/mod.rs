@@ -493,8 +493,8 @@ impl Tracker {
         let cut_seq = mm.as_ref().map_or(0, |m| m.cut_seq);
         let mut known = HashMap::new();
         for folder in state.disk_folders().map_err(|e| io_state(&state_path, e))? {
-            let rel = PathBuf::from(format!("disks/{folder}/meta.json"));
-            match state.read_json::<DiskMeta>(&rel) {
+            let rel = PathBuf::from(format!("disks/{folder}/meta"));
+            match state.read_meta(&folder) {
                 Ok(Some(m)) if m.detached => {}
                 Ok(Some(mut m)) => {
                     if !previous_stop_clean && m.state == TrackState::Normal {
@@ -562,9 +562,7 @@ impl Tracker {
         // Persist the resync-required marks right away.
         for m in t.known.lock().values() {
             if m.state != TrackState::Normal {
-                let _ = t
-                    .state
-                    .write_json(&PathBuf::from(format!("disks/{}/meta.json", m.folder)), m);
+                let _ = t.state.write_meta(m);
             }
         }
         t.scan().map_err(|e| io_state(root_path, e))?;
@@ -886,11 +884,10 @@ impl Tracker {
         self.save_meta(&m)
     }
 
-    /// Write `m` as its disk's `meta.json`: only for a disk that is not
-    /// attached ([`Tracker::save_disk`] otherwise).
+    /// Save `m` as its disk's meta ([`StateDir::write_meta`]): only for a
+    /// disk that is not attached ([`Tracker::save_disk`] otherwise).
     fn save_meta(&self, m: &DiskMeta) -> io::Result<()> {
-        self.state
-            .write_json(&PathBuf::from(format!("disks/{}/meta.json", m.folder)), m)
+        self.state.write_meta(m)
     }
 
     /// A file (or directory) at `from` was renamed to `to` (relative paths).

@@ -65,11 +65,10 @@ pub fn seed(dir: &Path, disks: &[SeedDisk]) -> Result<(), SeedError> {
         .map_err(|e| io(&spath, e))?;
     // Detach earlier identities of these names.
     for folder in st.disk_folders().map_err(|e| io(&spath, e))? {
-        let rel = PathBuf::from(format!("disks/{folder}/meta.json"));
-        if let Ok(Some(mut m)) = st.read_json::<DiskMeta>(&rel) {
+        if let Ok(Some(mut m)) = st.read_meta(&folder) {
             if !m.detached && disks.iter().any(|d| d.name == m.name) {
                 m.detached = true;
-                st.write_json(&rel, &m).map_err(|e| io(&spath, e))?;
+                st.write_meta(&m).map_err(|e| io(&spath, e))?;
             }
         }
     }
@@ -115,8 +114,7 @@ pub fn seed(dir: &Path, disks: &[SeedDisk]) -> Result<(), SeedError> {
             d.cycle,
             &md,
         );
-        st.write_json(&PathBuf::from(format!("disks/{folder}/meta.json")), &m)
-            .map_err(|e| io(&spath, e))?;
+        st.write_meta(&m).map_err(|e| io(&spath, e))?;
         cut_seq = cut_seq.max(d.cycle);
     }
     let meta = MountMeta {

@@ -10,8 +10,15 @@
 //!   with `cut_seq` 4096 cycles ahead, so after a crash the next cycle
 //!   number skips the unused rest (numbers only ever grow); a clean
 //!   shutdown saves the exact last number.
-//! - `disks/<folder>/meta.json`: identity, name, last sealed cycle and the
-//!   disk's size, inode and mtime at the last clean shutdown, and its state.
+//! - `disks/<folder>/meta.slots`: identity, name, last sealed cycle and the
+//!   disk's size, inode and mtime at the last clean shutdown, and its state,
+//!   as JSON in one of two fixed slots ([`StateDir::write_meta`]): a save
+//!   overwrites the older slot in place and `fdatasync`s it (every cycle
+//!   saves it, and an atomic replace cost 4–5× the time and CPU here,
+//!   `kernel-notes/replication-speed.md`, session 29); a torn save leaves
+//!   the other slot, the save before. `meta.json` (the same JSON, replaced
+//!   whole) is read when there is no slot file (a folder tracked by an
+//!   older vdrep) and removed at the first save.
 //! - `disks/<folder>/bitmap`: the unsealed cycle's dirty bitmap, saved at a
 //!   clean shutdown (magic `VDREPBM1`, block size, bit count, xxh3-64, words).
 //! - `disks/<folder>/<cycle>.hrl`: sealed change logs.
@@ -23,6 +30,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -318,10 +326,169 @@ impl StateDir {
         self.write_atomic(rel, &b)
     }
 
+    /// A disk's meta (see the module docs): the newest whole slot of
+    /// `disks/<folder>/meta.slots`, else `meta.json`; `None` if neither
+    /// exists. Both slots damaged (or a slot file with no slot written) is
+    /// `InvalidData`.
+    pub fn read_meta(&self, folder: &str) -> io::Result<Option<DiskMeta>> {
+        let rel = Self::rel(&meta_slots_rel(folder));
+        let f = match self.openat(&rel, libc::O_RDONLY | libc::O_NOFOLLOW, 0) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return self.read_json(&PathBuf::from(format!("disks/{folder}/meta.json")));
+            }
+            Err(e) => return Err(e),
+        };
+        let shown = || self.display.join(meta_slots_rel(folder));
+        let newest = read_slots(&f)?
+            .into_iter()
+            .flatten()
+            .max_by_key(|(seq, _)| *seq)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: neither slot holds a whole meta", shown().display()),
+                )
+            })?;
+        serde_json::from_slice(&newest.1).map(Some).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", shown().display()),
+            )
+        })
+    }
+
+    /// Save a disk's meta durably: into the slot of `meta.slots` that does
+    /// not hold the newest whole save, then `fdatasync`. The first save
+    /// creates the file (temp file, fsync, rename, folder fsync) and
+    /// removes a `meta.json`. Saves of one disk go one at a time.
+    pub fn write_meta(&self, m: &DiskMeta) -> io::Result<()> {
+        let body = serde_json::to_vec(m).map_err(io::Error::other)?;
+        if body.len() > SLOT_BYTES - SLOT_HEADER {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "the meta of disk {} is {} bytes, more than a slot holds ({})",
+                    m.name,
+                    body.len(),
+                    SLOT_BYTES - SLOT_HEADER
+                ),
+            ));
+        }
+        let rel = meta_slots_rel(&m.folder);
+        let full = Self::rel(&rel);
+        {
+            let mut w = self.writing.lock();
+            while w.contains(&full) {
+                self.written.wait(&mut w);
+            }
+            w.insert(full.clone());
+        }
+        let r = self.put_slot(&m.folder, &full, &body);
+        self.writing.lock().remove(&full);
+        self.written.notify_all();
+        r
+    }
+
+    fn put_slot(&self, folder: &str, full: &Path, body: &[u8]) -> io::Result<()> {
+        let f = match self.openat(full, libc::O_RDWR | libc::O_NOFOLLOW, 0) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let mut first = encode_slot(1, body);
+                first.resize(2 * SLOT_BYTES, 0);
+                self.replace(full, &first)?;
+                let _ = self.remove(&PathBuf::from(format!("disks/{folder}/meta.json")));
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let slots = read_slots(&f)?;
+        // Overwrite the slot without the newest whole save (a torn or
+        // empty slot first); the new save is one newer than any.
+        let newest = slots
+            .iter()
+            .flatten()
+            .map(|(seq, _)| *seq)
+            .max()
+            .unwrap_or(0);
+        let at = match (&slots[0], &slots[1]) {
+            (None, _) => 0,
+            (_, None) => 1,
+            (Some((a, _)), Some((b, _))) => usize::from(a > b),
+        };
+        f.write_all_at(&encode_slot(newest + 1, body), (at * SLOT_BYTES) as u64)?;
+        f.sync_data()
+    }
+
     /// The `.hrl` path of `cycle` for a disk folder, relative to the root.
     pub fn log_rel(folder: &str, cycle: u64) -> PathBuf {
         Self::rel(&PathBuf::from(format!("disks/{folder}/{cycle:010}.hrl")))
     }
+}
+
+/// A disk's meta slot file, relative to `.vdrep/`.
+fn meta_slots_rel(folder: &str) -> PathBuf {
+    PathBuf::from(format!("disks/{folder}/meta.slots"))
+}
+
+/// Bytes per slot of a slot file (the file holds two).
+const SLOT_BYTES: usize = 64 << 10;
+/// A slot: magic, sequence number (u64), body length (u32), xxh3-64 of
+/// the sequence number, length and body; then the body.
+const SLOT_HEADER: usize = 28;
+const SLOT_MAGIC: &[u8; 8] = b"VDREPMS1";
+
+fn slot_sum(seq_len: &[u8], body: &[u8]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(seq_len);
+    h.update(body);
+    h.digest()
+}
+
+fn encode_slot(seq: u64, body: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(SLOT_HEADER + body.len());
+    v.extend_from_slice(SLOT_MAGIC);
+    v.extend_from_slice(&seq.to_le_bytes());
+    v.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    let sum = slot_sum(&v[8..20], body);
+    v.extend_from_slice(&sum.to_le_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+/// A whole slot: its sequence number and body.
+type Slot = (u64, Vec<u8>);
+
+/// Both slots of a slot file (`None`: torn, damaged or never written).
+fn read_slots(f: &File) -> io::Result<[Option<Slot>; 2]> {
+    let mut out = [None, None];
+    for (k, o) in out.iter_mut().enumerate() {
+        let base = (k * SLOT_BYTES) as u64;
+        let mut h = [0u8; SLOT_HEADER];
+        if crate::util::read_full_at(f, &mut h, base)? < SLOT_HEADER || &h[..8] != SLOT_MAGIC {
+            continue;
+        }
+        let (mut seq, mut len, mut sum) = ([0u8; 8], [0u8; 4], [0u8; 8]);
+        seq.copy_from_slice(&h[8..16]);
+        len.copy_from_slice(&h[16..20]);
+        sum.copy_from_slice(&h[20..28]);
+        let (seq, len, sum) = (
+            u64::from_le_bytes(seq),
+            u32::from_le_bytes(len) as usize,
+            u64::from_le_bytes(sum),
+        );
+        if len > SLOT_BYTES - SLOT_HEADER {
+            continue;
+        }
+        let mut body = vec![0u8; len];
+        if crate::util::read_full_at(f, &mut body, base + SLOT_HEADER as u64)? < len {
+            continue;
+        }
+        if slot_sum(&h[8..20], &body) == sum {
+            *o = Some((seq, body));
+        }
+    }
+    Ok(out)
 }
 
 /// List a directory's entry names (without `.` and `..`).
@@ -403,5 +570,110 @@ mod tests {
             }
         }
         assert_eq!(decode_bitmap(&enc[..enc.len() - 1], 4096), None);
+    }
+
+    fn state_dir(dir: &Path) -> StateDir {
+        let root: OwnedFd = File::open(dir).expect("folder").into();
+        StateDir::open(root, dir).expect("state dir")
+    }
+
+    fn meta(cycle: u64) -> DiskMeta {
+        DiskMeta {
+            id: "00".repeat(16),
+            name: "v.img".into(),
+            folder: "v.img-00".into(),
+            block_size: 4096,
+            cycle,
+            size: 1 << 20,
+            state: TrackState::Normal,
+            ino: 7,
+            shutdown_size: 0,
+            shutdown_mtime_ns: 0,
+            detached: false,
+            bitmap_only: false,
+            resync_scope: ResyncScope::Full,
+        }
+    }
+
+    /// Saves alternate between the two slots; the newest whole one is
+    /// read. A torn newest slot (any byte of it damaged, or cut short)
+    /// gives the save before; the next save overwrites the torn slot, so
+    /// the whole one is never the one written over.
+    #[test]
+    fn meta_slots_give_the_newest_whole_save_and_survive_a_torn_one() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let st = state_dir(tmp.path());
+        st.mkdir(&Path::new(".vdrep/disks").join("v.img-00"))
+            .expect("folder");
+        assert!(st.read_meta("v.img-00").expect("read").is_none());
+        for c in 1..=5 {
+            st.write_meta(&meta(c)).expect("save");
+            assert_eq!(
+                st.read_meta("v.img-00").expect("read").map(|m| m.cycle),
+                Some(c)
+            );
+        }
+        let path = tmp.path().join(".vdrep/disks/v.img-00/meta.slots");
+        let whole = std::fs::read(&path).expect("slots");
+        // Save 5 is in slot 0 (saves 1, 3, 5), save 4 in slot 1.
+        let len = encode_slot(5, &serde_json::to_vec(&meta(5)).expect("json")).len();
+        for i in (0..len).step_by(7) {
+            let mut torn = whole.clone();
+            torn[i] ^= 0x10;
+            std::fs::write(&path, &torn).expect("write");
+            assert_eq!(
+                st.read_meta("v.img-00").expect("read").map(|m| m.cycle),
+                Some(4),
+                "byte {i} damaged"
+            );
+        }
+        // A save after a torn one goes into the torn slot.
+        let mut torn = whole.clone();
+        torn[SLOT_HEADER + 3] ^= 0x01;
+        std::fs::write(&path, &torn).expect("write");
+        st.write_meta(&meta(6)).expect("save");
+        assert_eq!(
+            st.read_meta("v.img-00").expect("read").map(|m| m.cycle),
+            Some(6)
+        );
+        let f = File::open(&path).expect("open");
+        let slots = read_slots(&f).expect("slots");
+        assert_eq!(
+            slots
+                .iter()
+                .map(|s| s.as_ref().map(|(q, _)| *q))
+                .collect::<Vec<_>>(),
+            vec![Some(5), Some(4)],
+            "the torn slot 0 was written (sequence 5: one above the newest whole save)"
+        );
+        // Both damaged: a clear error, not a default.
+        let mut both = std::fs::read(&path).expect("slots");
+        both[SLOT_HEADER + 1] ^= 0x01;
+        both[SLOT_BYTES + SLOT_HEADER + 1] ^= 0x01;
+        std::fs::write(&path, &both).expect("write");
+        let e = st.read_meta("v.img-00").expect_err("both slots damaged");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+    }
+
+    /// A folder tracked by an older vdrep has `meta.json`: it is read, and
+    /// the first save moves the meta into the slot file and removes it.
+    #[test]
+    fn a_legacy_meta_json_is_read_and_replaced_at_the_first_save() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let st = state_dir(tmp.path());
+        st.mkdir(&Path::new(".vdrep/disks").join("v.img-00"))
+            .expect("folder");
+        st.write_json(Path::new("disks/v.img-00/meta.json"), &meta(9))
+            .expect("legacy");
+        assert_eq!(
+            st.read_meta("v.img-00").expect("read").map(|m| m.cycle),
+            Some(9)
+        );
+        st.write_meta(&meta(10)).expect("save");
+        assert!(!tmp.path().join(".vdrep/disks/v.img-00/meta.json").exists());
+        assert_eq!(
+            st.read_meta("v.img-00").expect("read").map(|m| m.cycle),
+            Some(10)
+        );
     }
 }
