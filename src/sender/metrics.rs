@@ -227,7 +227,7 @@ pub fn encode_disks(enc: &mut DescriptorEncoder, t: &TrackerStatus) -> fmt::Resu
     counter(
         enc,
         "vdrep_logged_blocks",
-        "Changed blocks the cuts passed on, by where their bytes came from: memory (a kept copy of the write) or disk (read back)",
+        "Changed blocks the cuts passed on, by where their bytes came from: memory (a kept copy of the write) or disk (read from the disk file, holes included)",
         None,
         [
             (vec![("from", "memory".to_string())], from_copies),

@@ -166,13 +166,6 @@ impl Copies {
         }
     }
 
-    /// Drop every copy.
-    pub fn clear(&mut self) {
-        self.budget.free(self.bytes);
-        self.bytes = 0;
-        self.blocks.clear();
-    }
-
     /// Put a copy reserved by the caller in (an older copy of the block
     /// goes).
     fn put(&mut self, block: u64, data: Box<[u8]>) {
@@ -313,12 +306,6 @@ impl Kept {
         let out = std::mem::replace(&mut st.copies, Copies::new(self.budget.clone()));
         self.on.store(keep, Ordering::Relaxed);
         out
-    }
-
-    /// Drop every copy (the file changed behind the tracker's back, or a
-    /// cycle's bits went back to the live bitmap without their bytes).
-    pub fn clear(&self) {
-        self.state.lock().copies.clear();
     }
 
     /// Copies held for the running cycle.
