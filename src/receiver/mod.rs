@@ -1168,6 +1168,7 @@ impl Conn {
                         rx,
                         cur: Vec::new(),
                         pos: 0,
+                        first: Some((std::time::Instant::now(), vm.clone())),
                     };
                     let t = std::time::Instant::now();
                     let stored = store.store_log(disk(&site, &vm, &begin.disk_id), &mut r);
@@ -1179,7 +1180,12 @@ impl Conn {
             ReceiverAction::StageLogData { op, data, .. } => {
                 if let Some(p) = self.logs.get(&op) {
                     // Closed: the store has what it needs (a resend).
+                    let t = std::time::Instant::now();
                     let _ = p.tx.send(Ok(data)).await;
+                    // The session's driver waited for the store's thread.
+                    if t.elapsed() > std::time::Duration::from_millis(1) {
+                        crate::util::phase::done("recv_stage_stall", &self.site, t);
+                    }
                 }
             }
             ReceiverAction::StoreLogDurably { op, .. } => {
@@ -1600,6 +1606,9 @@ struct ChanReader {
     rx: mpsc::Receiver<std::io::Result<Vec<u8>>>,
     cur: Vec<u8>,
     pos: usize,
+    /// Until the first bytes arrive: since when the store waits, and for
+    /// which VM (phase `recv_first_chunk`).
+    first: Option<(std::time::Instant, String)>,
 }
 
 impl Read for ChanReader {
@@ -1607,6 +1616,9 @@ impl Read for ChanReader {
         while self.pos == self.cur.len() {
             match self.rx.blocking_recv() {
                 Some(v) => {
+                    if let Some((t, vm)) = self.first.take() {
+                        crate::util::phase::done("recv_first_chunk", &vm, t);
+                    }
                     self.cur = v?;
                     self.pos = 0;
                 }

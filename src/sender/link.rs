@@ -335,6 +335,8 @@ pub(super) struct Link {
     rx: mpsc::UnboundedReceiver<Input>,
     sources: HashMap<(DiskId, u64), (Source, Instant)>,
     reads: HashMap<ReadId, (Class, StreamId)>,
+    /// When each read was asked for (with phase events on: `ship_read_turn`).
+    read_asked: HashMap<ReadId, Instant>,
     carry: Option<Carry>,
     /// Applied logs still read by a finishing read: marked shipped after.
     ship_later: Vec<Arc<SealedLog>>,
@@ -399,6 +401,7 @@ impl Link {
             rx,
             sources: HashMap::new(),
             reads: HashMap::new(),
+            read_asked: HashMap::new(),
             carry: None,
             ship_later: Vec::new(),
             cut_ns: HashMap::new(),
@@ -715,6 +718,9 @@ impl Link {
                 self.session.handle(now, Event::ConnectionLost)
             }
             Input::Read { id, result, permit } => {
+                if let Some(t) = self.read_asked.remove(&id) {
+                    crate::util::phase::done("ship_read_turn", "link", t);
+                }
                 if let (Some((class, stream)), Ok(d)) = (self.reads.remove(&id), &result) {
                     if class == Class::Bulk && d.end {
                         self.step("copy_read_end");
@@ -991,6 +997,9 @@ impl Link {
             ReadWhat::Initial { disk_id, cycle } => ((disk_id, cycle), Class::Bulk),
         };
         self.reads.insert(id, (class, stream));
+        if crate::util::phase::enabled() {
+            self.read_asked.insert(id, Instant::now());
+        }
         if let (Some((Source::Log(log), since)), true) =
             (self.sources.get(&key), crate::util::phase::enabled())
         {
@@ -1152,9 +1161,14 @@ async fn write_stream(
                 permit,
             } => {
                 let n = bytes.len() as u64;
+                let t = Instant::now();
                 // Stopped by the receiver: its answer says why.
                 if !shaped_write(&mut tx, bytes, shape, &shaper).await {
                     return;
+                }
+                // quinn held the write back (its send buffer full, or a cap).
+                if t.elapsed() > Duration::from_millis(1) {
+                    crate::util::phase::done("ship_write_block", "link", t);
                 }
                 if let Some(m) = &mux {
                     m.written.fetch_add(n, Ordering::Relaxed);
