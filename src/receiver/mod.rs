@@ -1168,7 +1168,8 @@ impl Conn {
                         rx,
                         cur: Vec::new(),
                         pos: 0,
-                        first: Some((std::time::Instant::now(), vm.clone())),
+                        first: crate::util::phase::enabled()
+                            .then(|| (std::time::Instant::now(), vm.clone())),
                     };
                     let t = std::time::Instant::now();
                     let stored = store.store_log(disk(&site, &vm, &begin.disk_id), &mut r);
