@@ -315,7 +315,11 @@ check)
     if [ -n "$TAG" ] && [ "$FTAG" != "$TAG" ]; then fail "CHECK FAIL tag mismatch: disk has '$FTAG', expected '$TAG'"; fi
     [ "$H" = "$STORED" ] || fail "CHECK FAIL hash $H != stored $STORED"
     if [ -n "$TAG" ]; then
-        E=$(gen_proof | sha256sum | cut -d' ' -f1)
+        # Through a file in the initramfs, not a pipe: busybox awk into a
+        # pipe made a check boot take 33 s under TCG instead of 12 s.
+        gen_proof > /tmp/expected.txt || fail "ERROR generating the expected proof"
+        E=$(sha256sum /tmp/expected.txt | cut -d' ' -f1)
+        rm -f /tmp/expected.txt
         [ "$H" = "$E" ] || fail "CHECK FAIL content hash $H != expected $E"
     fi
     say "CHECK OK $H"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Run vdrep's tests: `cargo build` (so the vdrep binary exists for the
-# integration tests), then every test with cargo-nextest
-# (`cargo nextest run --all-targets --no-fail-fast`, settings in
+# Run vdrep's tests: `cargo build --all-targets` (the vdrep binary the
+# integration tests run and the test binaries, in one build), then every test
+# with cargo-nextest (`cargo nextest run --all-targets --no-fail-fast`,
+# settings in
 # .config/nextest.toml: test binaries overlap, VM and libvirt tests run one at
 # a time) and the doc tests; without cargo-nextest, or with
 # VDREP_TEST_RUNNER=cargo, `cargo test --all-targets --no-fail-fast`.
@@ -39,8 +40,17 @@ START="$(date +%s)"
 LOG="$REPO/target/test-output.log"
 mkdir -p "$REPO/target"
 
-echo "==> cargo build"
-cargo build
+# The whole suite: one cargo invocation builds the binary, the library's
+# unit tests and every test target together (the library and its test build
+# overlap on the two cores; the runner below then builds nothing). With
+# arguments (one test target), only the binary first.
+if [[ $# == 0 ]]; then
+    echo "==> cargo build --all-targets"
+    cargo build --all-targets
+else
+    echo "==> cargo build"
+    cargo build
+fi
 
 runner="${VDREP_TEST_RUNNER:-nextest}"
 if [[ "$runner" == nextest ]] && ! cargo nextest --version >/dev/null 2>&1; then
