@@ -258,7 +258,7 @@ EOF
 rsync_bytes() { sed -n 's/^Total bytes sent: *//p' "$1" | tr -d ',' | head -1; }
 
 keys
-say "work folder $W; vdrep $("$VDREP" --version 2>/dev/null || echo '?'); SIZE=$SIZE RUNS=$RUNS"
+say "work folder $W ($(vdrep_fs_desc "$BENCH_ROOT")); vdrep $("$VDREP" --version 2>/dev/null || echo '?'); SIZE=$SIZE RUNS=$RUNS"
 
 # =============================================================================
 # 1. initial replication

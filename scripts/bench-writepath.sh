@@ -99,6 +99,8 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/lib.sh
+. "$REPO/scripts/lib.sh"
 SIZE="${SIZE:-1G}"
 RUNTIME="${RUNTIME:-10}"
 RUNS="${RUNS:-3}"
@@ -212,7 +214,7 @@ if [[ "$(stat -c %s "$DATA/bench.vhd" 2>/dev/null || echo 0)" != "$SIZE_BYTES" ]
     head -c "$SIZE_BYTES" /dev/urandom > "$DATA/bench.vhd"
     sync
 fi
-say "native folder: $DATA ($(findmnt -n -o FSTYPE --target "$DATA"), $(findmnt -n -o SOURCE --target "$DATA"))"
+say "native folder: $DATA ($(vdrep_fs_desc "$DATA"))"
 
 # --- targets ---------------------------------------------------------------
 # The binary of target $1: base-* targets run BASE_VDREP.

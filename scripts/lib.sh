@@ -95,6 +95,23 @@ vdrep_install_garage() {
     }
 }
 
+# The file system under folder $1, for a benchmark's header: type, device
+# and, for ext4, whether it has a journal (the receiver's cost per created
+# file differs by a third between the two: kernel-notes/replication-speed.md).
+vdrep_fs_desc() {
+    local fstype src dev journal=""
+    fstype="$(findmnt -n -o FSTYPE --target "$1" 2>/dev/null | tail -n 1)"
+    src="$(findmnt -n -o SOURCE --target "$1" 2>/dev/null | tail -n 1)"
+    if [[ "$fstype" == ext4 ]]; then
+        dev="${src##*/}"
+        if compgen -G "/proc/fs/jbd2/$dev-*" >/dev/null; then
+            journal=", with a journal"
+        else
+            journal=", no journal"
+        fi
+    fi
+    printf '%s on %s%s\n' "${fstype:-?}" "${src:-?}" "$journal"
+}
 vdrep_log() { printf '%s\n' "$*" >&2; }
 
 # The benchmarks' receiver (bench-replication.sh, bench-objectstore.sh) on a
