@@ -41,9 +41,14 @@ LOG="$REPO/target/test-output.log"
 mkdir -p "$REPO/target"
 
 # The whole suite: one cargo invocation builds the binary, the library's
-# unit tests and every test target together (the library and its test build
-# overlap on the two cores; the runner below then builds nothing). With
-# arguments (one test target), only the binary first.
+# unit tests and every test target together, with one feature set (the
+# dev-dependencies turn on features of bitflags and regex-syntax, so a
+# plain `cargo build` before the tests compiled vdrep a second time); the
+# library and its test build overlap on the two cores and the runner below
+# builds nothing. (Naming those features in [dependencies] so that every
+# build shares them made the release binary slower at scale: session 31,
+# kernel-notes/replication-speed.md.) With arguments (one test target),
+# only the binary first.
 if [[ $# == 0 ]]; then
     echo "==> cargo build --all-targets"
     cargo build --all-targets
