@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run every fuzz target in fuzz/fuzz_targets for SECONDS each (default 60),
-# one per CPU at a time, on the stable toolchain (kernel-notes/fuzzing.md says how).
+# as many at once as there are CPUs, on the stable toolchain
+# (kernel-notes/fuzzing.md says how).
 # Prints each target's executions and executions per second; exits 1 if any
 # target crashed, hung or ran out of memory, and prints the input's path.
 #

@@ -96,8 +96,9 @@ vdrep_install_garage() {
 }
 
 # The file system under folder $1, for a benchmark's header: type, device
-# and, for ext4, whether it has a journal (the receiver's cost per created
-# file differs by a third between the two: kernel-notes/replication-speed.md).
+# and, for ext4, whether it has a journal (the receiver creates files every
+# cycle; one run in session 30 cost 0.70x the CPU per cycle on a journaled
+# ext4: kernel-notes/replication-speed.md).
 vdrep_fs_desc() {
     local fstype src dev journal=""
     fstype="$(findmnt -n -o FSTYPE --target "$1" 2>/dev/null | tail -n 1)"
@@ -112,6 +113,7 @@ vdrep_fs_desc() {
     fi
     printf '%s on %s%s\n' "${fstype:-?}" "${src:-?}" "$journal"
 }
+
 vdrep_log() { printf '%s\n' "$*" >&2; }
 
 # The benchmarks' receiver (bench-replication.sh, bench-objectstore.sh) on a

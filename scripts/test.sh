@@ -2,9 +2,8 @@
 # Run vdrep's tests: `cargo build --all-targets` (the vdrep binary the
 # integration tests run and the test binaries, in one build), then every test
 # with cargo-nextest (`cargo nextest run --all-targets --no-fail-fast`,
-# settings in
-# .config/nextest.toml: test binaries overlap, VM and libvirt tests run one at
-# a time) and the doc tests; without cargo-nextest, or with
+# settings in .config/nextest.toml: test binaries overlap, VM and libvirt
+# tests run one at a time) and the doc tests; without cargo-nextest, or with
 # VDREP_TEST_RUNNER=cargo, `cargo test --all-targets --no-fail-fast`.
 # Extra arguments go to the runner (e.g. scripts/test.sh --test vm_guest).
 # On a clean machine, as root, it first installs the missing prerequisites
