@@ -6,7 +6,8 @@
 //! replication cycle's phases ([`phase`]), read-ahead hints for
 //! scattered reads ([`readahead`]), read-only mappings for hashing a file
 //! where it lies in the page cache ([`mapped`]), and fsync per file or a
-//! shared `syncfs` (group commit, [`durable`]).
+//! shared `syncfs` (group commit, [`durable`]), and files reused instead
+//! of created and deleted ([`recycle`]).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -16,6 +17,7 @@ pub mod durable;
 pub mod mapped;
 pub mod phase;
 pub mod readahead;
+pub mod recycle;
 pub mod steps;
 
 /// Nanoseconds since the Unix epoch (0 if the clock is before it).

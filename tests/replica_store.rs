@@ -367,7 +367,12 @@ fn check_dir_after_crash(root: &Path, log: &Path, m1: &[u8], m2: &[u8], durable:
     let store = reopen(&h, what);
     check_after_crash(&h, store.as_ref(), log, m1, m2, durable, what);
     let incoming = h.disk_dir(DISK).join("incoming");
-    assert_eq!(std::fs::read_dir(incoming).unwrap().count(), 0, "{what}");
+    let left: Vec<String> = std::fs::read_dir(incoming)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !vdrep::util::recycle::is_spare(n))
+        .collect();
+    assert!(left.is_empty(), "{what}: left in incoming/: {left:?}");
 }
 
 fn spawn_child(
@@ -1819,4 +1824,130 @@ fn a_failover_applies_the_durable_logs_of_its_point() {
     site.cancel_failover(VM).unwrap();
     assert_eq!(store.replica_state(DISK).unwrap().cycle, Some(2));
     assert_eq!(store_suite::read_point(&store, DISK, 2), images[2]);
+}
+
+/// A steady run of cycles reuses its files instead of creating and
+/// deleting them (`util::recycle`): `state.json` alternates between two
+/// inodes (itself and its spare), every stored log after the first comes
+/// from the pool of applied logs' files, and nothing is left behind but
+/// the spares. The replica and every point still read as the model.
+#[test]
+fn cycles_reuse_the_state_and_log_files() {
+    use std::os::unix::fs::MetadataExt;
+    let h = DirHarness::new(false);
+    let store = h.open();
+    let logs = tempfile::tempdir().unwrap();
+    let mut rng = Rng(0x5eed_0032);
+    let mut disk = vec![0u8; 64 * BS as usize];
+    rng.fill(&mut disk);
+    initial(store.as_ref(), &disk, 1);
+    let dd = h.disk_dir(DISK);
+    let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+    let (mut state_inos, mut log_inos) = (BTreeSet::new(), BTreeSet::new());
+    let mut images = Vec::new();
+    for c in 2..=12u64 {
+        let before = disk.clone();
+        let dirty = random_writes(&mut rng, &mut disk, 5);
+        let lp = logs.path().join(format!("{c}.hrl"));
+        make_log(&lp, ID, c - 1, c, before.len() as u64, &disk, &dirty);
+        let out = store
+            .store_log(DISK, &mut std::fs::File::open(&lp).unwrap())
+            .unwrap();
+        assert!(matches!(out, StoreOutcome::Stored { .. }), "{out:?}");
+        if c > 2 {
+            log_inos.insert(ino(&dd.join("incoming").join(format!("{c}.hrl"))));
+        }
+        store.apply(DISK, c).unwrap();
+        let pt = store
+            .commit_point(SITE, VM, c, &[ID], Consistency::Crash)
+            .unwrap();
+        assert_eq!(pt.map(|p| p.cycle), Some(c));
+        images.push((c, disk.clone()));
+        if c > 3 {
+            state_inos.insert(ino(&dd.join("state.json")));
+            state_inos.insert(ino(&dd.join(".state.json.spare")));
+        }
+    }
+    assert_eq!(
+        state_inos.len(),
+        2,
+        "state.json must swap with its spare, not take a new inode per save"
+    );
+    assert!(
+        log_inos.len() <= vdrep::util::recycle::POOL,
+        "stored logs must reuse the applied logs' files: {} inodes for 10 logs",
+        log_inos.len()
+    );
+    let mut names: Vec<String> = std::fs::read_dir(dd.join("incoming"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert!(
+        !names.is_empty() && names.iter().all(|n| vdrep::util::recycle::is_spare(n)),
+        "incoming/ holds only spares after every log applied: {names:?}"
+    );
+    let top: Vec<String> = std::fs::read_dir(&dd)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!top.iter().any(|n| n.ends_with(".tmp")), "{top:?}");
+    assert!(top.iter().any(|n| n == ".state.json.spare"), "{top:?}");
+    // Reopened (recovery runs): the spares are not logs nor temp files.
+    drop(store);
+    let store = h.open();
+    assert_eq!(store_suite::read_current(store.as_ref(), DISK), disk);
+    for (c, img) in &images {
+        assert_eq!(
+            &store_suite::read_point(store.as_ref(), DISK, *c),
+            img,
+            "point {c}"
+        );
+    }
+}
+
+/// `state.json` is read without the disk's lock (point commits, stores,
+/// status) while applies swap it with its spare: a reader that opened it
+/// just before a swap may find it rewritten under it by the next save.
+/// Readers racing a run of applies must never see a damaged state.
+#[test]
+fn state_reads_racing_applies_never_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("store")).unwrap());
+    let mut rng = Rng(0x5eed_0033);
+    let mut disk = vec![0u8; 16 * BS as usize];
+    rng.fill(&mut disk);
+    initial(store.as_ref(), &disk, 1);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..3)
+        .map(|_| {
+            let (store, stop) = (store.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let (mut reads, mut last) = (0u64, 0u64);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let st = ReplicaStore::replica_state(store.as_ref(), DISK)
+                        .unwrap_or_else(|e| panic!("state read failed after {reads} reads: {e}"));
+                    let c = st.cycle.unwrap_or(0);
+                    assert!(c >= last, "the state went back from {last} to {c}: {st:?}");
+                    last = c;
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+    let logs = tempfile::tempdir().unwrap();
+    for c in 2..=150u64 {
+        let before = disk.clone();
+        let dirty = random_writes(&mut rng, &mut disk, 2);
+        let lp = logs.path().join("next.hrl");
+        make_log(&lp, ID, c - 1, c, before.len() as u64, &disk, &dirty);
+        ReplicaStore::store_log(store.as_ref(), DISK, &mut std::fs::File::open(&lp).unwrap())
+            .unwrap();
+        ReplicaStore::apply(store.as_ref(), DISK, c).unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reads: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
+    assert!(reads > 0);
+    assert_eq!(store_suite::read_current(store.as_ref(), DISK), disk);
 }

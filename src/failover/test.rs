@@ -82,8 +82,13 @@ fn points_offline(
     // As `PointInfo::list`: every disk's replica (its `state.json`)
     // reached the point.
     let applied = crate::replica::applied_flags(&pts, |d| {
-        let b = std::fs::read(vmd.join("disks").join(d).join("state.json")).ok()?;
-        serde_json::from_slice::<ReplicaState>(&b).ok()?.cycle
+        let path = vmd.join("disks").join(d).join("state.json");
+        let st = crate::util::recycle::read_published(
+            &path,
+            |p: &Path| std::fs::File::open(p),
+            |b| serde_json::from_slice::<ReplicaState>(b),
+        );
+        st.ok()?.ok()?.cycle
     });
     let pts = pts
         .into_iter()

@@ -17,9 +17,11 @@
 //!   vms/<vm>/points-<gen>.jsonl             points committed since (journal)
 //!   vms/<vm>/disks/<disk_id hex>/
 //!     state.json                            ReplicaState (atomic rewrite)
+//!     .state.json.spare                     the previous state.json, rewritten next
 //!     <name>.vhd | <name>                   the replica (see ReplicaFormat)
 //!     incoming/<cycle>.hrl                  durable, verified, not yet applied logs
 //!     incoming/<cycle>.<n>.hrl.tmp          a log being received
+//!     incoming/.spare-<i>                   applied logs' files, reused for the next
 //!     undo/<base>-<cycle>.undo              pre-images of what log <cycle> overwrote
 //! DIR/verify/<site>/<vm>/<cycle>.json       boot checks of points ([`boot`])
 //! ```
@@ -37,7 +39,11 @@
 //! # Crash safety
 //!
 //! Every state file is replaced atomically (temp file, fsync, rename, fsync
-//! of the directory). The chain for a delta:
+//! of the directory). `state.json`, saved twice per cycle, is written to
+//! its spare and swapped with it (`RENAME_EXCHANGE`), and an applied log's
+//! file becomes a spare for the next stored log: no inode is allocated or
+//! freed per cycle for either ([`crate::util::recycle`]). The chain for a
+//! delta:
 //!
 //! 1. [`Site::store_log`] streams the log to `incoming/<cycle>.<n>.hrl.tmp`,
 //!    fsyncs it, verifies it completely (every record checksum, the seal),

@@ -8,7 +8,7 @@ use super::names::{check_inside, ensure_dir, validate_name};
 use super::target::{open_target, ReplicaFormat, ReplicaTarget, VHD_FOOTER_LEN};
 use super::undo::{self, PointReader, ReaderShared, UndoLayer};
 use crate::util::durable::{Durability, StoreDurability, SyncMode};
-use crate::util::{hex, now_ns, phase, random_id};
+use crate::util::{hex, now_ns, phase, random_id, recycle};
 use crate::vhd::footer::vhd_timestamp_now;
 
 mod forget;
@@ -51,6 +51,9 @@ fn initial_writeback() -> bool {
 }
 
 const STATE: &str = "state.json";
+/// State files saved through a spare swapped in ([`recycle::replace`])
+/// instead of a new temp file renamed over them: written every cycle.
+const REUSED: &[&str] = &[STATE];
 const POINTS: &str = "points.json";
 const INCOMING: &str = "incoming";
 const UNDO: &str = "undo";
@@ -682,16 +685,13 @@ fn read_json_opt<T: serde::de::DeserializeOwned>(
     root: &Path,
     path: &Path,
 ) -> Result<Option<T>> {
-    match open_nofollow(path).and_then(|mut f| {
-        let mut v = Vec::new();
-        f.read_to_end(&mut v).map(|_| v)
-    }) {
-        Ok(b) => serde_json::from_slice(&b)
-            .map(Some)
-            .map_err(|e| StoreError::BadState {
-                path: path.to_path_buf(),
-                what: e.to_string(),
-            }),
+    // `state.json` is replaced by swapping it with its spare
+    // (`recycle::replace`): only what the name holds after the read counts.
+    match recycle::read_published(path, open_nofollow, |b| serde_json::from_slice::<T>(b)) {
+        Ok(parsed) => parsed.map(Some).map_err(|e| StoreError::BadState {
+            path: path.to_path_buf(),
+            what: e.to_string(),
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => {
             let name = path
@@ -846,7 +846,13 @@ impl Site<'_> {
         v: &T,
     ) -> Result<Staged> {
         let path = dir.join(name);
-        let tmp = dir.join(format!("{name}.tmp"));
+        // A file rewritten every cycle is written to its spare and swapped
+        // in: no inode allocated or freed per save ([`recycle`]).
+        let tmp = if REUSED.contains(&name) {
+            recycle::spare_of(&path)
+        } else {
+            dir.join(format!("{name}.tmp"))
+        };
         let json = serde_json::to_vec_pretty(v).map_err(|e| StoreError::BadState {
             path: path.clone(),
             what: e.to_string(),
@@ -871,7 +877,16 @@ impl Site<'_> {
     fn publish_json(&self, ctx: &Ctx, s: Staged) -> Result<()> {
         let Staged { file, tmp, path } = s;
         drop(file);
-        if let Err(e) = std::fs::rename(&tmp, &path) {
+        let reused = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| REUSED.contains(&n));
+        let moved = if reused {
+            recycle::replace(&tmp, &path)
+        } else {
+            std::fs::rename(&tmp, &path)
+        };
+        if let Err(e) = moved {
             let _ = std::fs::remove_file(&tmp);
             return Err(self.io(ctx, "publishing a state file", &path, e));
         }
@@ -1281,6 +1296,9 @@ impl Site<'_> {
             .join(format!("{cycle}.{}-{n}.hrl.tmp", std::process::id()));
         let fin = p.log(cycle);
         let res = (|| -> Result<u64> {
+            // An applied log's file if one is spare (truncated on open):
+            // no inode allocated per cycle ([`recycle`]).
+            recycle::take(&p.incoming, &tmp);
             let mut f =
                 create_nofollow(&tmp).map_err(|e| self.io(&p.ctx, "storing a log", &tmp, e))?;
             f.write_all(&head)
@@ -1554,7 +1572,7 @@ impl Site<'_> {
         }
         let rc = st.cycle.unwrap_or(rc);
         if cycle <= rc {
-            let _ = std::fs::remove_file(p.log(cycle));
+            recycle::give(&p.incoming, &p.log(cycle));
             return Ok(ApplyOutcome::AlreadyApplied {
                 cycle,
                 replica_cycle: rc,
@@ -1822,8 +1840,9 @@ impl Site<'_> {
         // after a crash is for a cycle the durable state already has, and
         // is dropped as such (by `recover_disk`, or by the next apply of
         // it); the next stored log's fsync of the directory makes the
-        // removal durable anyway.
-        let _ = std::fs::remove_file(p.log(h.cycle));
+        // removal durable anyway. The file is kept as a spare for the
+        // next stored log ([`recycle`]).
+        recycle::give(&p.incoming, &p.log(h.cycle));
         Ok(())
     }
 
