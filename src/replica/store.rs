@@ -404,6 +404,8 @@ struct Staged {
     file: File,
     tmp: PathBuf,
     path: PathBuf,
+    /// `tmp` is `path`'s spare, swapped in ([`recycle::replace`]).
+    reused: bool,
 }
 
 /// One sending site's namespace in a [`Store`].
@@ -848,7 +850,8 @@ impl Site<'_> {
         let path = dir.join(name);
         // A file rewritten every cycle is written to its spare and swapped
         // in: no inode allocated or freed per save ([`recycle`]).
-        let tmp = if REUSED.contains(&name) {
+        let reused = REUSED.contains(&name);
+        let tmp = if reused {
             recycle::spare_of(&path)
         } else {
             dir.join(format!("{name}.tmp"))
@@ -864,7 +867,12 @@ impl Site<'_> {
             Ok(f)
         })();
         match res {
-            Ok(file) => Ok(Staged { file, tmp, path }),
+            Ok(file) => Ok(Staged {
+                file,
+                tmp,
+                path,
+                reused,
+            }),
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
                 Err(self.io(ctx, &format!("writing {name}"), &path, e))
@@ -875,12 +883,13 @@ impl Site<'_> {
     /// Rename a staged file into place (its data synced by the caller; the
     /// directory is the caller's to sync).
     fn publish_json(&self, ctx: &Ctx, s: Staged) -> Result<()> {
-        let Staged { file, tmp, path } = s;
+        let Staged {
+            file,
+            tmp,
+            path,
+            reused,
+        } = s;
         drop(file);
-        let reused = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| REUSED.contains(&n));
         let moved = if reused {
             recycle::replace(&tmp, &path)
         } else {

@@ -27,35 +27,17 @@
 //! Where the file system refuses the flags (`EINVAL`: not supported), both
 //! fall back to what they replace: rename over, create, delete.
 
-use std::ffi::CString;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
 
 /// Spare files a directory's pool holds at most.
 pub const POOL: usize = 2;
 
-fn cpath(p: &Path) -> io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
-}
-
-fn renameat2(from: &Path, to: &Path, flags: libc::c_uint) -> io::Result<()> {
-    let (f, t) = (cpath(from)?, cpath(to)?);
-    // SAFETY: two valid NUL-terminated paths, resolved from the cwd.
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            f.as_ptr(),
-            libc::AT_FDCWD,
-            t.as_ptr(),
-            flags,
-        )
-    };
-    if r == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+fn rename_flags(from: &Path, to: &Path, flags: RenameFlags) -> io::Result<()> {
+    renameat2(AT_FDCWD, from, AT_FDCWD, to, flags).map_err(io::Error::from)
 }
 
 fn unsupported(e: &io::Error) -> bool {
@@ -80,7 +62,7 @@ pub fn spare_of(path: &Path) -> PathBuf {
 /// system cannot swap. Atomic either way; the directory is the caller's
 /// to sync.
 pub fn replace(spare: &Path, path: &Path) -> io::Result<()> {
-    match renameat2(spare, path, libc::RENAME_EXCHANGE) {
+    match rename_flags(spare, path, RenameFlags::RENAME_EXCHANGE) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound && spare.exists() => {
             std::fs::rename(spare, path)
@@ -94,12 +76,11 @@ fn pool_name(dir: &Path, i: usize) -> PathBuf {
     dir.join(format!(".spare-{i}"))
 }
 
-/// Is `name` one of the pool's spare names (skipped by whoever lists the
+/// Is `name` one of a pool's spare names (for whoever lists the
 /// directory)?
 pub fn is_spare(name: &str) -> bool {
     name.strip_prefix(".spare-")
         .is_some_and(|n| n.parse::<usize>().is_ok())
-        || (name.starts_with('.') && name.ends_with(".spare"))
 }
 
 /// Rename a spare file of `dir`'s pool to `to` (in `dir`); `true` if there
@@ -118,14 +99,17 @@ pub fn take(dir: &Path, to: &Path) -> bool {
 /// deleted file keeps its content for such a reader, a spare is rewritten
 /// by its next user.
 pub fn give(dir: &Path, file: &Path) {
-    let emptied = cpath(file).is_ok_and(|c| {
-        // SAFETY: a valid NUL-terminated path.
-        unsafe { libc::truncate(c.as_ptr(), 0) == 0 }
-    });
+    let emptied = nix::unistd::truncate(file, 0).is_ok();
     for i in (0..POOL).filter(|_| emptied) {
-        match renameat2(file, &pool_name(dir, i), libc::RENAME_NOREPLACE) {
+        match renameat2(
+            AT_FDCWD,
+            file,
+            AT_FDCWD,
+            &pool_name(dir, i),
+            RenameFlags::RENAME_NOREPLACE,
+        ) {
             Ok(()) => return,
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => continue,
+            Err(Errno::EEXIST) => continue,
             Err(_) => break,
         }
     }
@@ -249,7 +233,7 @@ mod tests {
         let mut kept = inos[..POOL].to_vec();
         kept.sort();
         assert_eq!(got, kept);
-        assert!(!is_spare("12.hrl") && !is_spare(".spare-x") && is_spare(".state.json.spare"));
+        assert!(!is_spare("12.hrl") && !is_spare(".spare-x") && !is_spare(".state.json.spare"));
     }
 
     #[test]
