@@ -994,6 +994,28 @@ fn thin_all() -> RetentionPolicy {
     }
 }
 
+/// `writes` random block writes to `disk`, shipped to `site` as `cycle`
+/// (stored, applied) and committed as a point.
+fn write_cycle(
+    site: &vdrep::replica::Site<'_>,
+    dir: &Path,
+    rng: &mut Rng,
+    disk: &mut [u8],
+    writes: usize,
+    cycle: u64,
+) {
+    let old = disk.len() as u64;
+    let dirty = random_writes(rng, disk, writes);
+    let lp = dir.join(format!("{cycle}.hrl"));
+    make_log(&lp, ID, cycle - 1, cycle, old, disk, &dirty);
+    site.store_log(VM, &ID, std::fs::File::open(&lp).unwrap())
+        .unwrap();
+    site.apply(VM, &ID, cycle).unwrap();
+    site.commit_point(VM, cycle, &[ID], Consistency::Crash)
+        .unwrap()
+        .unwrap();
+}
+
 #[test]
 fn crash_while_merging_history() {
     let dir = tempfile::tempdir().unwrap();
@@ -1010,16 +1032,7 @@ fn crash_while_merging_history() {
             .unwrap()
             .unwrap();
         for cycle in 2..=6u64 {
-            let old = disk.len() as u64;
-            let dirty = random_writes(&mut rng, &mut disk, 20);
-            let lp = dir.path().join(format!("{cycle}.hrl"));
-            make_log(&lp, ID, cycle - 1, cycle, old, &disk, &dirty);
-            site.store_log(VM, &ID, std::fs::File::open(&lp).unwrap())
-                .unwrap();
-            site.apply(VM, &ID, cycle).unwrap();
-            site.commit_point(VM, cycle, &[ID], Consistency::Crash)
-                .unwrap()
-                .unwrap();
+            write_cycle(&site, dir.path(), &mut rng, &mut disk, 20, cycle);
             models.push(disk.clone());
         }
     }
@@ -1059,8 +1072,11 @@ fn crash_while_merging_history() {
         }
     };
     check(&site);
+    // The run 1..6 is merged in one pass (history::merge_levels), and the
+    // crash came after that record was published: the prune after
+    // recovery finds the chain 1-6 whole and only deletes what it replaced.
     let rep = site.prune(VM, &thin_all()).unwrap();
-    assert_eq!(rep.merged, 3);
+    assert_eq!(rep.merged, 0);
     assert_eq!(
         std::fs::read_dir(&undo).unwrap().count(),
         1,
@@ -1068,6 +1084,67 @@ fn crash_while_merging_history() {
     );
     check(&site);
     assert!(read_replica(&store) == models[5]);
+}
+
+/// Thinning a long history merges runs longer than one merge takes
+/// (`history::FAN_IN`), in levels, and the second prune merges the record
+/// the first one made with the cycles that aged out since: every kept
+/// point still reads back as the disk was at its cycle, and only the
+/// records of the kept points' chains are left.
+#[test]
+fn thinning_a_long_history_merges_in_levels() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let site = store.site(SITE).unwrap();
+    let mut rng = Rng(4242);
+    let mut disk = vec![0u8; 256 << 10];
+    rng.fill(&mut disk);
+    // Cycle c is cut at 1.7e9 + c s (make_log): 100 s intervals hold
+    // cycles 2-99, 100-199, 200-299; the initial copy's point (cut time 0)
+    // has an interval of its own.
+    let mut models = vec![Vec::new(), disk.clone()];
+    initial(&store, &disk, 1);
+    site.commit_point(VM, 1, &[ID], Consistency::Crash).unwrap();
+    let keep = RetentionPolicy {
+        thin_after: Some(std::time::Duration::ZERO),
+        thin_every: Some(std::time::Duration::from_secs(100)),
+        ..Default::default()
+    };
+    let undo = site
+        .replica_path(VM, &ID)
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("undo");
+    let mut cycle = 1u64;
+    for (upto, kept, records) in [
+        (150u64, vec![1u64, 99, 150], 2usize),
+        (300, vec![1, 99, 199, 299, 300], 4),
+    ] {
+        while cycle < upto {
+            cycle += 1;
+            write_cycle(&site, dir.path(), &mut rng, &mut disk, 3, cycle);
+            models.push(disk.clone());
+        }
+        let rep = site.prune(VM, &keep).unwrap();
+        let points: Vec<u64> = site.points(VM).unwrap().iter().map(|p| p.cycle).collect();
+        assert_eq!(points, kept);
+        assert!(rep.merged > 0, "{rep:?}");
+        for &c in &kept {
+            let r = site.read_point(VM, &ID, c).unwrap();
+            let mut buf = vec![0u8; disk.len()];
+            r.read_at(&mut buf, 0).unwrap();
+            assert!(
+                buf == models[c as usize],
+                "point {c} after pruning to {upto}"
+            );
+        }
+        assert_eq!(
+            std::fs::read_dir(&undo).unwrap().count(),
+            records,
+            "one record between each two kept points"
+        );
+    }
 }
 
 /// A domain definition is stored with each point (issue 10), the shared

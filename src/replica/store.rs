@@ -10,8 +10,10 @@ use super::undo::{self, PointReader, ReaderShared, UndoLayer};
 use crate::util::durable::{Durability, StoreDurability, SyncMode};
 use crate::util::{hex, now_ns, phase, random_id, recycle};
 use crate::vhd::footer::vhd_timestamp_now;
+use history::History;
 
 mod forget;
+mod history;
 mod points;
 mod roles;
 use crate::hrl::format::{self, ParseError};
@@ -2513,7 +2515,8 @@ impl Site<'_> {
             });
         }
         let cycles: Vec<u64> = pf.points.iter().map(|p| p.cycle).collect();
-        let links = chain(&self.undo_records(&p), cycle, rc, &cycles).map_err(|at| {
+        let recs = self.undo_records(&p);
+        let links = History::new(&recs, &cycles).chain(cycle, rc).map_err(|at| {
             StoreError::NoSuchPoint {
                 ctx: p.ctx.clone(),
                 cycle,
@@ -2660,34 +2663,49 @@ impl Site<'_> {
                 .filter(|&c| c <= rc)
                 .max()
                 .unwrap_or(newest);
-            let Ok(mut links) = chain(&self.undo_records(&p), oldest, rc, &cycles) else {
+            let recs = self.undo_records(&p);
+            let Ok(links) = History::new(&recs, &cycles).chain(oldest, rc) else {
                 continue; // a gap: leave this disk's history alone
             };
-            let mut i = 0;
-            while i + 1 < links.len() {
-                let (a, k, na) = links[i].clone();
-                let (_, c, nb) = links[i + 1].clone();
-                if cycles.contains(&k) || k >= newest_here {
-                    i += 1;
-                    continue;
+            // Each run is merged level by level, up to `FAN_IN` records
+            // into one ([`history::merge_levels`]). Every merged record
+            // (the intermediate ones too) is published before anything is
+            // deleted, and is a valid record of its own; the ones no chain
+            // uses go below.
+            for run in history::merge_runs(&links, &cycles, newest_here) {
+                let mut level: Vec<history::Record> = links[run].to_vec();
+                for groups in history::merge_levels(level.len()) {
+                    let mut next = Vec::with_capacity(groups.len());
+                    for g in groups {
+                        let recs = &level[g];
+                        let (Some(older), Some(newer)) = (recs.first(), recs.last()) else {
+                            continue;
+                        };
+                        if recs.len() == 1 {
+                            next.push(older.clone());
+                            continue;
+                        }
+                        let name = undo::undo_name(older.0, newer.1);
+                        let inputs: Vec<PathBuf> = recs.iter().map(|r| p.undo.join(&r.2)).collect();
+                        let bytes =
+                            undo::merge_undo(&inputs, &p.undo.join(&name)).map_err(|e| {
+                                hrl_err(&p.ctx, &self.store.root, "merging history", older.1, e)
+                            })?;
+                        self.store.step("undo-merged");
+                        report.freed_bytes = report.freed_bytes.saturating_sub(bytes);
+                        report.merged += recs.len() as u64 - 1;
+                        next.push((older.0, newer.1, name));
+                    }
+                    level = next;
                 }
-                let out = p.undo.join(undo::undo_name(a, c));
-                let bytes = undo::merge_undo(&p.undo.join(&na), &p.undo.join(&nb), &out)
-                    .map_err(|e| hrl_err(&p.ctx, &self.store.root, "merging history", k, e))?;
-                self.store.step("undo-merged");
-                report.freed_bytes = report.freed_bytes.saturating_sub(bytes);
-                report.merged += 1;
-                links[i] = (a, c, undo::undo_name(a, c));
-                links.remove(i + 1);
             }
             // Keep only what some point's chain uses.
             let recs = self.undo_records(&p);
-            let mut needed = std::collections::HashSet::new();
-            for &pc in &cycles {
-                if let Ok(ch) = chain(&recs, pc.min(rc), rc, &cycles) {
-                    needed.extend(ch.into_iter().map(|x| x.2));
-                }
-            }
+            let needed: std::collections::HashSet<String> = History::new(&recs, &cycles)
+                .needed(rc)
+                .into_iter()
+                .map(str::to_string)
+                .collect();
             for (_, _, name) in recs {
                 if !needed.contains(&name) {
                     let f = p.undo.join(&name);
@@ -2832,40 +2850,6 @@ fn map_parts(
         at += n;
     }
     Some(parts)
-}
-
-/// The undo records that take the replica at `rc` back to `from`, oldest
-/// first: from `from`, repeatedly the record starting there that reaches
-/// furthest without passing over a point in `points`. `Err(cycle)` names
-/// where the history has a gap.
-fn chain(
-    recs: &[(u64, u64, String)],
-    from: u64,
-    rc: u64,
-    points: &[u64],
-) -> std::result::Result<Vec<(u64, u64, String)>, u64> {
-    let mut out = Vec::new();
-    let mut at = from;
-    while at < rc {
-        let next_point = points
-            .iter()
-            .copied()
-            .filter(|&p| p > at)
-            .min()
-            .unwrap_or(u64::MAX);
-        let best = recs
-            .iter()
-            .filter(|(b, c, _)| *b == at && *c <= rc && *c <= next_point)
-            .max_by_key(|(_, c, _)| *c);
-        match best {
-            Some(r) => {
-                out.push(r.clone());
-                at = r.1;
-            }
-            None => return Err(at),
-        }
-    }
-    Ok(out)
 }
 
 fn unreachable_short(ctx: &Ctx, label: &Path) -> Result<()> {

@@ -558,85 +558,100 @@ fn emit(w: &mut HrlWriter, offset: u64, data: Option<&[u8]>, len: u64) -> Result
     }
 }
 
-/// Merge two consecutive undo records, `older` (a→b) and `newer` (b→c),
-/// into one (a→c) published at `out`: where both cover a byte, the older
-/// pre-image wins (it is the content at a); bytes only the newer covers
-/// keep its pre-image (the content at b, equal to the content at a since
-/// the a→b log did not write them), clipped to the size at a. Streams both
-/// inputs; nothing is published unless both are intact.
-pub(crate) fn merge_undo(older: &Path, newer: &Path, out: &Path) -> Result<u64, HrlError> {
-    let mut a = HrlReader::open(older)?;
-    let mut b = HrlReader::open(newer)?;
-    let (ha, hb) = (a.header().clone(), b.header().clone());
-    if ha.cycle != hb.base_cycle || ha.disk_id != hb.disk_id {
-        return Err(HrlError::Mismatch(format!(
-            "{} and {} are not consecutive undo records of one disk",
-            older.display(),
-            newer.display()
-        )));
+/// Merge consecutive undo records `records` (a→b, b→c, …, y→z, oldest
+/// first) into one (a→z) published at `out`: at each byte the oldest
+/// pre-image wins (it is the content at a; a newer record's bytes that no
+/// older one covers are the content at its base, equal to the content at
+/// a since no log in between wrote them), clipped to the size at a.
+/// Streams every input (one piece of each in memory); nothing is
+/// published unless every input is intact to its seal. Returns the bytes
+/// of the merged record.
+pub(crate) fn merge_undo(records: &[PathBuf], out: &Path) -> Result<u64, HrlError> {
+    if records.is_empty() {
+        return Err(HrlError::InvalidInput {
+            path: out.to_path_buf(),
+            what: "no undo record to merge".into(),
+        });
     }
+    let mut readers = Vec::with_capacity(records.len());
+    for p in records {
+        readers.push(HrlReader::open(p)?);
+    }
+    for (i, pair) in readers.windows(2).enumerate() {
+        let (ha, hb) = (pair[0].header(), pair[1].header());
+        if ha.cycle != hb.base_cycle || ha.disk_id != hb.disk_id {
+            return Err(HrlError::Mismatch(format!(
+                "{} and {} are not consecutive undo records of one disk",
+                records[i].display(),
+                records[i + 1].display()
+            )));
+        }
+    }
+    let ha = readers[0].header().clone();
+    let hz = readers[readers.len() - 1].header().clone();
     let limit = ha.disk_size;
     let mh = HrlHeader {
         disk_id: ha.disk_id,
         disk_name: ha.disk_name.clone(),
-        cycle: hb.cycle,
+        cycle: hz.cycle,
         base_cycle: ha.base_cycle,
         block_size: ha.block_size,
-        base_size: hb.base_size,
+        base_size: hz.base_size,
         disk_size: ha.disk_size,
         cut_unix_ns: ha.cut_unix_ns,
         app_consistent: false,
     };
     let mut w = HrlWriter::create(out, &mh)?;
-    let mut pa = next_piece(&mut a)?;
-    let mut pb = next_piece(&mut b)?;
-    let mut a_end = 0u64; // end of the last older record emitted
-    loop {
-        // Drop what of the newer piece the older records already covered.
-        if let Some(p) = &mut pb {
-            p.cut_front(a_end);
-            if p.length == 0 || p.offset >= limit {
-                pb = next_piece(&mut b)?;
-                continue;
-            }
-        }
-        let take_older = match (&pa, &pb) {
-            (None, None) => break,
-            (Some(_), None) => true,
-            (None, Some(_)) => false,
-            (Some(x), Some(p)) => x.offset <= p.offset,
-        };
-        if take_older {
-            if let Some(x) = pa.take() {
-                emit(&mut w, x.offset, x.data.as_deref(), x.length)?;
-                a_end = x.end();
-            }
-            pa = next_piece(&mut a)?;
-        } else if let Some(p) = pb.as_mut() {
-            let next_a = pa.as_ref().map_or(u64::MAX, |x| x.offset);
-            let stop = next_a.min(p.end()).min(limit);
-            let n = stop.saturating_sub(p.offset);
-            if n == 0 {
-                // Cannot happen (the older record would have been taken);
-                // never spin.
-                return Err(HrlError::InvalidInput {
-                    path: newer.to_path_buf(),
-                    what: "undo merge made no progress".into(),
-                });
-            }
-            emit(
-                &mut w,
-                p.offset,
-                p.data.as_ref().map(|d| &d[..n as usize]),
-                n,
-            )?;
-            p.cut_front(stop);
-            if p.length == 0 || stop == limit {
-                pb = next_piece(&mut b)?;
-            }
-        }
+    let mut cur = Vec::with_capacity(readers.len());
+    for r in &mut readers {
+        cur.push(next_piece(r)?);
     }
-    // Both inputs were read to their seals by next_record returning None.
+    // Everything below `pos` is written.
+    let mut pos = 0u64;
+    loop {
+        // Cut what is below `pos` off every input's piece; a piece at or
+        // past the limit is skipped (its input is still read to its seal).
+        let mut start = u64::MAX;
+        for (c, r) in cur.iter_mut().zip(readers.iter_mut()) {
+            while let Some(p) = c {
+                p.cut_front(pos);
+                if p.length == 0 || p.offset >= limit {
+                    *c = next_piece(r)?;
+                    continue;
+                }
+                start = start.min(p.offset);
+                break;
+            }
+        }
+        if start == u64::MAX {
+            break; // every input read to its seal
+        }
+        // The oldest input with a piece at `start` wins, up to the end of
+        // its piece, the next piece of an older input, or the limit.
+        let stuck = || HrlError::InvalidInput {
+            path: out.to_path_buf(),
+            what: format!("undo merge made no progress at offset {start}"),
+        };
+        // `start` is some piece's offset: never publish a partial merge.
+        let win = cur
+            .iter()
+            .position(|c| c.as_ref().is_some_and(|p| p.offset == start))
+            .ok_or_else(stuck)?;
+        let older = cur[..win]
+            .iter()
+            .flatten()
+            .map(|p| p.offset)
+            .min()
+            .unwrap_or(u64::MAX);
+        let p = cur[win].as_ref().ok_or_else(stuck)?;
+        let stop = p.end().min(older).min(limit);
+        if stop <= start {
+            return Err(stuck());
+        }
+        let n = stop - start;
+        emit(&mut w, start, p.data.as_ref().map(|d| &d[..n as usize]), n)?;
+        pos = stop;
+    }
     Ok(w.finish()?.file_bytes)
 }
 

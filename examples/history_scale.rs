@@ -1,0 +1,187 @@
+//! `history_scale`: how a replica's history costs grow with its length.
+//! Run by `scripts/bench-history.sh` (release build).
+//!
+//! For each history length N it builds a directory store holding one disk
+//! with N cycles, a point at each, 1 s apart and ending now (a continuous
+//! VM's last N seconds), then times, on that store:
+//! - **prune, nothing to drop**: the default retention (every point for
+//!   2 h) when every point is younger: what the receiver's retention pass
+//!   does every minute for every VM;
+//! - **read the oldest point**: open it and read the whole disk (part of a
+//!   failover's RTO);
+//! - **thinning prune**: of the points older than N/2 s, one per N/4 s
+//!   is kept: the undo records between two kept points (about N/4 of
+//!   them) are merged into one.
+//!
+//! Prints one JSON line per N on stdout; the script makes the table.
+//!
+//! ```text
+//! cargo run --release --example history_scale -- DIR 500 1000 2000 4000
+//! ```
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use vdrep::hrl::{HrlHeader, HrlWriter};
+use vdrep::replica::{
+    Consistency, DiskInfo, DiskRef, InitialData, ReplicaStore, RetentionPolicy, Store,
+};
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+const BS: u64 = 4096;
+/// The disk: 16 MiB; each cycle rewrites 8 random blocks of it.
+const DISK_BLOCKS: u64 = 4096;
+const BLOCKS_PER_CYCLE: usize = 8;
+const ID: [u8; 16] = [0x5a; 16];
+const SITE: &str = "site";
+const VM: &str = "vm";
+const DISK: DiskRef<'static> = DiskRef {
+    site: SITE,
+    vm: VM,
+    disk_id: &ID,
+};
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn write_log(path: &Path, cycle: u64, cut_ns: u64, disk: &[u8], dirty: &BTreeSet<u64>) -> Res<()> {
+    let h = HrlHeader {
+        disk_id: ID,
+        disk_name: "disk.img".into(),
+        cycle,
+        base_cycle: cycle - 1,
+        block_size: BS as u32,
+        base_size: disk.len() as u64,
+        disk_size: disk.len() as u64,
+        cut_unix_ns: cut_ns,
+        app_consistent: false,
+    };
+    let mut w = HrlWriter::create(path, &h)?;
+    for &b in dirty {
+        let s = (b * BS) as usize;
+        w.append(b * BS, &disk[s..s + BS as usize])?;
+    }
+    w.finish()?;
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn one(dir: &Path, n: u64) -> Res<String> {
+    let root = dir.join(format!("store-{n}"));
+    let _ = std::fs::remove_dir_all(&root);
+    let store = Store::open(&root)?;
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ n);
+    let mut disk = vec![0u8; (DISK_BLOCKS * BS) as usize];
+    let t0 = now_ns() - n * 1_000_000_000;
+    let info = DiskInfo {
+        disk_id: ID,
+        name: "disk.img".into(),
+        size: disk.len() as u64,
+        block_size: BS as u32,
+        cycle: 1,
+    };
+    store.begin_initial(SITE, VM, &info)?;
+    store.write_initial(DISK, 0, InitialData::Zeroes(disk.len() as u64))?;
+    store.finish_initial(DISK, 1, t0)?;
+    store.commit_point(SITE, VM, 1, &[ID], Consistency::Crash)?;
+    let log = dir.join("cycle.hrl");
+    let built = Instant::now();
+    for c in 2..=n {
+        let mut dirty = BTreeSet::new();
+        while dirty.len() < BLOCKS_PER_CYCLE {
+            let b = rng.next() % DISK_BLOCKS;
+            let v = rng.next().to_le_bytes();
+            let s = (b * BS) as usize;
+            for (i, x) in disk[s..s + BS as usize].iter_mut().enumerate() {
+                *x = v[i % 8] ^ (i as u8);
+            }
+            dirty.insert(b);
+        }
+        write_log(&log, c, t0 + (c - 1) * 1_000_000_000, &disk, &dirty)?;
+        store.store_log(DISK, &mut std::fs::File::open(&log)?)?;
+        store.apply(DISK, c)?;
+        store.commit_point(SITE, VM, c, &[ID], Consistency::Crash)?;
+    }
+    let build_s = built.elapsed().as_secs_f64();
+
+    // The receiver's default retention; every point is younger than 2 h.
+    let default = RetentionPolicy {
+        keep_last: None,
+        max_age: Some(Duration::from_secs(72 * 3600)),
+        thin_after: Some(Duration::from_secs(2 * 3600)),
+        thin_every: Some(Duration::from_secs(3600)),
+    };
+    let t = Instant::now();
+    let r = store.prune(SITE, VM, &default)?;
+    let prune_keep = t.elapsed();
+    if !r.dropped_points.is_empty() {
+        return Err(format!("the default retention dropped {:?}", r.dropped_points).into());
+    }
+
+    let t = Instant::now();
+    let reader = store.read_point(DISK, 1)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < reader.len() {
+        let k = (reader.len() - off).min(buf.len() as u64) as usize;
+        reader.read_at(&mut buf[..k], off)?;
+        off += k as u64;
+    }
+    drop(reader);
+    let read_oldest = t.elapsed();
+
+    let thin = RetentionPolicy {
+        thin_after: Some(Duration::from_secs(n / 2)),
+        thin_every: Some(Duration::from_secs(n / 4)),
+        ..default
+    };
+    let t = Instant::now();
+    let r = store.prune(SITE, VM, &thin)?;
+    let prune_thin = t.elapsed();
+    let left = store.points(SITE, VM)?.len();
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(format!(
+        "{{\"points\": {n}, \"build_s\": {build_s:.1}, \"prune_keep_ms\": {:.2}, \"read_oldest_ms\": {:.1}, \"prune_thin_ms\": {:.1}, \"dropped\": {}, \"merged\": {}, \"left\": {left}}}",
+        ms(prune_keep),
+        ms(read_oldest),
+        ms(prune_thin),
+        r.dropped_points.len(),
+        r.merged
+    ))
+}
+
+fn main() -> Res<()> {
+    let mut args = std::env::args().skip(1);
+    let dir = args
+        .next()
+        .ok_or("usage: history_scale DIR N [N ...] (history lengths)")?;
+    let dir = Path::new(&dir);
+    std::fs::create_dir_all(dir)?;
+    for a in args {
+        let n: u64 = a
+            .parse()
+            .map_err(|_| format!("not a history length: {a}"))?;
+        if n < 4 {
+            return Err(format!("a history length must be at least 4: {a}").into());
+        }
+        println!("{}", one(dir, n)?);
+    }
+    Ok(())
+}
