@@ -7,6 +7,8 @@
 //! - **prune, nothing to drop**: the default retention (every point for
 //!   2 h) when every point is younger: what the receiver's retention pass
 //!   does every minute for every VM;
+//! - **newest point** and **list the points**: what the receiver's
+//!   drainer asks of every VM every 10 s, and a metrics scrape;
 //! - **read the oldest point**: open it and read the whole disk (part of a
 //!   failover's RTO);
 //! - **thinning prune**: of the points older than N/2 s, one per N/4 s
@@ -135,6 +137,21 @@ fn one(dir: &Path, n: u64) -> Res<String> {
         return Err(format!("the default retention dropped {:?}", r.dropped_points).into());
     }
 
+    // What the receiver's drainer asks of every VM every 10 s, and what
+    // a metrics scrape asks (every point of every VM).
+    let t = Instant::now();
+    let newest = store.newest_point(SITE, VM)?.map(|p| p.cycle);
+    let newest_ms = ms(t.elapsed());
+    if newest != Some(n) {
+        return Err(format!("the newest point is {newest:?}, not {n}").into());
+    }
+    let t = Instant::now();
+    let listed = store.points(SITE, VM)?.len();
+    let points_ms = ms(t.elapsed());
+    if listed as u64 != n {
+        return Err(format!("{listed} points listed, not {n}").into());
+    }
+
     let t = Instant::now();
     let reader = store.read_point(DISK, 1)?;
     let mut buf = vec![0u8; 1 << 20];
@@ -158,7 +175,7 @@ fn one(dir: &Path, n: u64) -> Res<String> {
     let left = store.points(SITE, VM)?.len();
     let _ = std::fs::remove_dir_all(&root);
     Ok(format!(
-        "{{\"points\": {n}, \"build_s\": {build_s:.1}, \"prune_keep_ms\": {:.2}, \"read_oldest_ms\": {:.1}, \"prune_thin_ms\": {:.1}, \"dropped\": {}, \"merged\": {}, \"left\": {left}}}",
+        "{{\"points\": {n}, \"build_s\": {build_s:.1}, \"prune_keep_ms\": {:.2}, \"newest_ms\": {newest_ms:.2}, \"points_ms\": {points_ms:.2}, \"read_oldest_ms\": {:.1}, \"prune_thin_ms\": {:.1}, \"dropped\": {}, \"merged\": {}, \"left\": {left}}}",
         ms(prune_keep),
         ms(read_oldest),
         ms(prune_thin),

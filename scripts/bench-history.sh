@@ -65,8 +65,8 @@ sizes = sorted({r["r"]["points"] for r in rows})
 has_base = any(r["which"] == "base" for r in rows)
 lines = ["# History at scale (examples/history_scale.rs)", "",
          f"Medians of {max(r['run'] for r in rows)} runs; one disk of 16 MiB, 8 random 4 KiB blocks per cycle, a point per cycle.", ""]
-head = "| points | retention pass ms | x per doubling | read oldest point ms | thinning prune ms | records merged |"
-sep = "|---|---|---|---|---|---|"
+head = "| points | retention pass ms | x per doubling | newest point ms | list points ms | read oldest point ms | thinning prune ms | records merged |"
+sep = "|---|---|---|---|---|---|---|---|"
 if has_base:
     head += " base retention pass ms | base thinning ms | retention base/new | thinning base/new |"
     sep += "---|---|---|---|"
@@ -79,7 +79,10 @@ for n in sizes:
     growth = "" if prev is None else f"{k / prev[1]:.2f}x" if prev[1] > 0 else ""
     if prev is not None and prev[1] > 0:
         verdict.append(k / prev[1] <= 2.5 * (n / prev[0]) / 2)
-    row = f"| {n:,} | {k:.2f} | {growth} | {rd:.1f} | {th:.1f} | {mg:.0f} |"
+    nw, ls = med("new", n, "newest_ms"), med("new", n, "points_ms")
+    nw = "" if nw is None else f"{nw:.2f}"
+    ls = "" if ls is None else f"{ls:.2f}"
+    row = f"| {n:,} | {k:.2f} | {growth} | {nw} | {ls} | {rd:.1f} | {th:.1f} | {mg:.0f} |"
     if has_base:
         bk, bth = med("base", n, "prune_keep_ms"), med("base", n, "prune_thin_ms")
         row += f" {bk:.2f} | {bth:.1f} | {bk / k:,.1f}x | {bth / th:,.1f}x |"

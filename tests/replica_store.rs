@@ -1125,11 +1125,18 @@ fn thinning_a_long_history_merges_in_levels() {
             cycle += 1;
             write_cycle(&site, dir.path(), &mut rng, &mut disk, 3, cycle);
             models.push(disk.clone());
+            // From the cached summary (the drainer's question), updated by
+            // each commit.
+            let newest = site.newest_point(VM).unwrap().map(|p| p.cycle);
+            assert_eq!(newest, Some(cycle));
         }
         let rep = site.prune(VM, &keep).unwrap();
         let points: Vec<u64> = site.points(VM).unwrap().iter().map(|p| p.cycle).collect();
         assert_eq!(points, kept);
         assert!(rep.merged > 0, "{rep:?}");
+        let newest = site.newest_point(VM).unwrap().map(|p| p.cycle);
+        assert_eq!(newest, Some(upto), "newest point after the prune");
+
         for &c in &kept {
             let r = site.read_point(VM, &ID, c).unwrap();
             let mut buf = vec![0u8; disk.len()];

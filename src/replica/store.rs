@@ -2473,11 +2473,7 @@ impl Site<'_> {
 
     /// The newest point of `vm` (its `bytes` not counted: 0), or none.
     pub fn newest_point(&self, vm: &str) -> Result<Option<Point>> {
-        Ok(self
-            .read_points(vm)?
-            .points
-            .into_iter()
-            .max_by_key(|p| p.cycle))
+        self.newest_point_of(vm)
     }
 
     /// A reader presenting disk `disk_id` of `vm` as of recovery point

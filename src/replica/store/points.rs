@@ -65,6 +65,7 @@ pub(super) fn load(ctx: &Ctx, root: &Path, vmd: &Path) -> Result<PointsFile> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(pf),
         Err(e) => return Err(io_err(ctx, root, "reading the recovery points", &jp, e)),
     };
+    let mut seen: std::collections::HashSet<u64> = pf.points.iter().map(|p| p.cycle).collect();
     // Only complete lines: a torn last line was never acknowledged.
     let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
     for (n, line) in bytes[..complete].split(|&b| b == b'\n').enumerate() {
@@ -79,7 +80,7 @@ pub(super) fn load(ctx: &Ctx, root: &Path, vmd: &Path) -> Result<PointsFile> {
             ),
         })?;
         pf.journaled += 1;
-        if !pf.points.iter().any(|p| p.cycle == pt.cycle) {
+        if seen.insert(pt.cycle) {
             pf.points.push(pt);
         }
     }
@@ -100,6 +101,8 @@ pub(super) struct PointsMeta {
     gen: u64,
     journaled: usize,
     cycles: std::collections::BTreeSet<u64>,
+    /// The point of the highest cycle.
+    newest: Option<Point>,
     /// `(inode, size, mtime ns)` of the snapshot and of the journal when
     /// this was current (`None`: no such file).
     snapshot_id: Option<(u64, u64, i64)>,
@@ -124,6 +127,7 @@ impl PointsMeta {
             gen: pf.gen,
             journaled: pf.journaled,
             cycles: pf.points.iter().map(|p| p.cycle).collect(),
+            newest: pf.points.iter().max_by_key(|p| p.cycle).cloned(),
             snapshot_id: file_id(&vmd.join(POINTS)),
             journal_id: file_id(&vmd.join(journal_name(pf.gen))),
             journal_dir_synced: false,
@@ -162,6 +166,16 @@ impl Site<'_> {
         }
         let pf = load(ctx, &self.store.root, vmd)?;
         Ok(pf.points.into_iter().find(|p| p.cycle == cycle))
+    }
+
+    /// The point of `vm` with the highest cycle: from the cached summary
+    /// while the files are unchanged (one `stat` each), under the VM's
+    /// lock. The receiver's drainer asks it of every VM every 10 s; read
+    /// whole, a continuous VM's 2 h of points are ~1.7 MB of JSON.
+    pub(super) fn newest_point_of(&self, vm: &str) -> Result<Option<Point>> {
+        let vmd = self.vm_dir(vm, false)?;
+        let _g = self.store.lock(&vmd);
+        Ok(self.points_meta(&self.ctx(vm, ""), &vmd)?.newest)
     }
 
     pub(super) fn read_points(&self, vm: &str) -> Result<PointsFile> {
@@ -246,6 +260,9 @@ impl Site<'_> {
         res.map_err(|e| self.io(ctx, "recording a recovery point", &jp, e))?;
         meta.journaled += 1;
         meta.cycles.insert(pt.cycle);
+        if meta.newest.as_ref().is_none_or(|n| n.cycle < pt.cycle) {
+            meta.newest = Some(pt);
+        }
         meta.journal_id = file_id(&jp);
         meta.journal_dir_synced = true;
         self.store
