@@ -6,14 +6,16 @@
 //! replication cycle's phases ([`phase`]), read-ahead hints for
 //! scattered reads ([`readahead`]), read-only mappings for hashing a file
 //! where it lies in the page cache ([`mapped`]), and fsync per file or a
-//! shared `syncfs` (group commit, [`durable`]), and files reused instead
-//! of created and deleted ([`recycle`]).
+//! shared `syncfs` (group commit, [`durable`]), files reused instead
+//! of created and deleted ([`recycle`]), and the open-files limit raised
+//! at start ([`limits`]).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub mod command;
 pub mod direct;
 pub mod durable;
+pub mod limits;
 pub mod mapped;
 pub mod phase;
 pub mod readahead;

@@ -523,6 +523,13 @@ pub fn started() -> std::time::Instant {
 /// Parse the command line and run it; the process exit code.
 pub fn main() -> i32 {
     started();
+    // Before any thread or descriptor: reading an old point holds one
+    // descriptor per cycle of its history.
+    if let Err(e) = crate::util::limits::raise_open_files() {
+        eprintln!(
+            "vdrep: cannot raise the limit of open files ({e}): reading a recovery point far back may fail with \"Too many open files\"; raise it with `ulimit -n` or LimitNOFILE="
+        );
+    }
     if let Some(code) = crate::daemon::worker_entry(crate::receiver::embedded::factory()) {
         return code;
     }
