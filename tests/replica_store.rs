@@ -994,6 +994,23 @@ fn thin_all() -> RetentionPolicy {
     }
 }
 
+/// The undo folder of [`ID`]'s replica.
+fn undo_dir(site: &vdrep::replica::Site<'_>) -> PathBuf {
+    site.replica_path(VM, &ID)
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("undo")
+}
+
+/// Point `cycle` of [`ID`] reads back whole as `model` (`what`: when).
+fn assert_point(site: &vdrep::replica::Site<'_>, cycle: u64, model: &[u8], what: &str) {
+    let r = site.read_point(VM, &ID, cycle).unwrap();
+    let mut buf = vec![0u8; model.len()];
+    r.read_at(&mut buf, 0).unwrap();
+    assert!(buf == model, "point {cycle} {what}");
+}
+
 /// `writes` random block writes to `disk`, shipped to `site` as `cycle`
 /// (stored, applied) and committed as a point.
 fn write_cycle(
@@ -1054,21 +1071,12 @@ fn crash_while_merging_history() {
     let site = store.site(SITE).unwrap();
     let kept: Vec<u64> = site.points(VM).unwrap().iter().map(|p| p.cycle).collect();
     assert_eq!(kept, [1, 6]);
-    let undo = site
-        .replica_path(VM, &ID)
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("undo");
+    let undo = undo_dir(&site);
     let n_before = std::fs::read_dir(&undo).unwrap().count();
     assert_eq!(n_before, 6, "5 records + 1 merged one, redundant");
     let check = |site: &vdrep::replica::Site<'_>| {
         for c in [1u64, 6] {
-            let m = &models[c as usize - 1];
-            let r = site.read_point(VM, &ID, c).unwrap();
-            let mut buf = vec![0u8; m.len()];
-            r.read_at(&mut buf, 0).unwrap();
-            assert!(buf == *m, "point {c}");
+            assert_point(site, c, &models[c as usize - 1], "");
         }
     };
     check(&site);
@@ -1110,12 +1118,7 @@ fn thinning_a_long_history_merges_in_levels() {
         thin_every: Some(std::time::Duration::from_secs(100)),
         ..Default::default()
     };
-    let undo = site
-        .replica_path(VM, &ID)
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("undo");
+    let undo = undo_dir(&site);
     let mut cycle = 1u64;
     for (upto, kept, records) in [
         (150u64, vec![1u64, 99, 150], 2usize),
@@ -1138,12 +1141,11 @@ fn thinning_a_long_history_merges_in_levels() {
         assert_eq!(newest, Some(upto), "newest point after the prune");
 
         for &c in &kept {
-            let r = site.read_point(VM, &ID, c).unwrap();
-            let mut buf = vec![0u8; disk.len()];
-            r.read_at(&mut buf, 0).unwrap();
-            assert!(
-                buf == models[c as usize],
-                "point {c} after pruning to {upto}"
+            assert_point(
+                &site,
+                c,
+                &models[c as usize],
+                &format!("after pruning to {upto}"),
             );
         }
         assert_eq!(

@@ -2673,23 +2673,24 @@ impl Site<'_> {
                 for groups in history::merge_levels(level.len()) {
                     let mut next = Vec::with_capacity(groups.len());
                     for g in groups {
-                        let recs = &level[g];
-                        let (Some(older), Some(newer)) = (recs.first(), recs.last()) else {
+                        let group = &level[g];
+                        let (Some(older), Some(newer)) = (group.first(), group.last()) else {
                             continue;
                         };
-                        if recs.len() == 1 {
+                        if group.len() == 1 {
                             next.push(older.clone());
                             continue;
                         }
                         let name = undo::undo_name(older.0, newer.1);
-                        let inputs: Vec<PathBuf> = recs.iter().map(|r| p.undo.join(&r.2)).collect();
+                        let inputs: Vec<PathBuf> =
+                            group.iter().map(|r| p.undo.join(&r.2)).collect();
                         let bytes =
                             undo::merge_undo(&inputs, &p.undo.join(&name)).map_err(|e| {
                                 hrl_err(&p.ctx, &self.store.root, "merging history", older.1, e)
                             })?;
                         self.store.step("undo-merged");
                         report.freed_bytes = report.freed_bytes.saturating_sub(bytes);
-                        report.merged += recs.len() as u64 - 1;
+                        report.merged += group.len() as u64 - 1;
                         next.push((older.0, newer.1, name));
                     }
                     level = next;
