@@ -6,7 +6,7 @@ use super::fault::{crash_point, Pause, PauseState};
 use super::group::GroupRecord;
 use super::names::{check_inside, ensure_dir, validate_name};
 use super::target::{open_target, ReplicaFormat, ReplicaTarget, VHD_FOOTER_LEN};
-use super::undo::{self, PointReader, ReaderShared, UndoLayer};
+use super::undo::{self, PointReader, ReaderBuilder, ReaderShared, UndoLayer};
 use crate::util::durable::{Durability, StoreDurability, SyncMode};
 use crate::util::{hex, now_ns, phase, random_id, recycle};
 use crate::vhd::footer::vhd_timestamp_now;
@@ -2521,17 +2521,17 @@ impl Site<'_> {
                 ),
             }
         })?;
-        let mut layers = Vec::new();
+        let mut layers = ReaderBuilder::default();
         for (_, _, n) in links {
             let l = UndoLayer::open(&p.undo.join(&n))
                 .map_err(|e| hrl_err(&p.ctx, &self.store.root, "reading history", cycle, e))?;
-            layers.push(l);
+            layers.add(l);
         }
         let rpath = p.dir.join(&st.replica_file);
         let replica =
             open_nofollow(&rpath).map_err(|e| self.io(&p.ctx, "opening the replica", &rpath, e))?;
-        let size = layers.first().map_or(st.size, |l| l.header.disk_size);
-        let (reader, shared) = PointReader::new(cycle, size, layers, replica);
+        let size = layers.first_disk_size().unwrap_or(st.size);
+        let (reader, shared) = layers.finish(cycle, size, replica);
         self.store
             .readers
             .lock()

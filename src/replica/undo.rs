@@ -354,19 +354,89 @@ impl UndoLayer {
 
 type CachedRecord = (usize, usize, Arc<Vec<u8>>);
 
+/// A range of the disk that one undo layer supplies at a point: `end`
+/// (exclusive; the start is the map key), the layer's index in
+/// [`Overlay::layers`] and the entry of that layer holding the bytes.
+#[derive(Debug, Clone, Copy)]
+struct Seg {
+    end: u64,
+    layer: u32,
+    entry: u32,
+}
+
+/// Which layer supplies each byte of a point: the oldest undo layer whose
+/// record covers it, else the replica. Built once when the reader opens
+/// and extended by each push, so a read looks its range up in one map
+/// (O(log n) and no recursion, whatever the history's length: a reader
+/// that walked the layers one by one overflowed a 2 MiB thread stack at
+/// ~7,000 layers, a continuous VM's point of two hours back).
+#[derive(Default)]
+struct Overlay {
+    /// The layers that supply at least one byte, oldest first. A layer
+    /// every byte of which an older one covers is not kept (nor its open
+    /// file): no later layer can change that.
+    layers: Vec<Arc<UndoLayer>>,
+    /// Disjoint ranges, by start.
+    segs: std::collections::BTreeMap<u64, Seg>,
+    /// Layers given, kept or not.
+    given: usize,
+}
+
+impl Overlay {
+    /// Add `layer` as the newest: it supplies only the bytes no older
+    /// layer covers. Entries may come in any order and overlap; within a
+    /// layer the first one that covers a byte supplies it (overlapping
+    /// entries of one undo record hold the same pre-image).
+    fn add(&mut self, layer: Arc<UndoLayer>) {
+        self.given += 1;
+        let idx = self.layers.len() as u32;
+        let mut kept = false;
+        for (i, e) in layer.entries.iter().enumerate() {
+            let (mut pos, end) = (e.offset, e.offset.saturating_add(e.length));
+            while pos < end {
+                // A range covering `pos` already: skip past it.
+                if let Some((_, s)) = self.segs.range(..=pos).next_back() {
+                    if s.end > pos {
+                        pos = s.end;
+                        continue;
+                    }
+                }
+                // A gap up to the next range (or the entry's end).
+                let next = self
+                    .segs
+                    .range(pos..)
+                    .next()
+                    .map_or(end, |(&start, _)| start.min(end));
+                self.segs.insert(
+                    pos,
+                    Seg {
+                        end: next,
+                        layer: idx,
+                        entry: i as u32,
+                    },
+                );
+                kept = true;
+                pos = next;
+            }
+        }
+        if kept {
+            self.layers.push(layer);
+        }
+    }
+}
+
 /// The part of a [`PointReader`] the store keeps a handle on: its undo
 /// layers, which an apply extends (under the write lock) before it writes
 /// the replica.
 pub(crate) struct ReaderShared {
-    /// Oldest first: layer 0 is the undo of the log right after the point.
-    layers: parking_lot::RwLock<Vec<Arc<UndoLayer>>>,
+    overlay: parking_lot::RwLock<Overlay>,
 }
 
 impl ReaderShared {
     /// Add the undo record of an apply about to run as the newest layer.
     /// Waits for reads in progress; later reads see the layer.
     pub(crate) fn push(&self, layer: Arc<UndoLayer>) {
-        self.layers.write().push(layer);
+        self.overlay.write().add(layer);
     }
 }
 
@@ -375,17 +445,19 @@ impl ReaderShared {
 /// the oldest one (the first later log that wrote the byte) holds its
 /// content at the point; bytes no later log wrote come from the replica.
 /// Nothing is copied: opening costs one pass over the undo records'
-/// record headers.
+/// record headers, and builds the map of which record supplies each byte
+/// ([`Overlay`]).
 ///
 /// Consistent while applies run: the store registers every reader of a
 /// disk, and [`Site::apply`](super::Site::apply), once its undo record is
 /// durable and before it writes the replica, appends that record as the
 /// newest layer of every registered reader (older layers win, so the new
 /// one only supplies bytes no older layer covers, whose content at the
-/// point is the replica's before this apply). A read holds the layers'
+/// point is the replica's before this apply). A read holds the overlay's
 /// read lock across layers and replica, the push takes the write lock, so
 /// a read sees either the replica before the apply, or the new layer.
-/// Open descriptors keep undo records readable after prune deletes them.
+/// Open descriptors keep undo records readable after prune deletes them:
+/// one per record that supplies a byte.
 pub struct PointReader {
     shared: Arc<ReaderShared>,
     /// The replica file, read-only (its data starts at offset 0 for every
@@ -397,15 +469,38 @@ pub struct PointReader {
     cache: parking_lot::Mutex<Option<CachedRecord>>,
 }
 
-impl PointReader {
-    pub(crate) fn new(
+/// Builds a [`PointReader`] one undo layer at a time, oldest first: a
+/// layer that supplies no byte (older ones cover all of it) is closed at
+/// once, so building holds open only the records the reader will keep.
+#[derive(Default)]
+pub(crate) struct ReaderBuilder {
+    overlay: Overlay,
+    first_disk_size: Option<u64>,
+}
+
+impl ReaderBuilder {
+    /// Add `layer` as the newest so far.
+    pub(crate) fn add(&mut self, layer: UndoLayer) {
+        self.first_disk_size.get_or_insert(layer.header.disk_size);
+        self.overlay.add(Arc::new(layer));
+    }
+
+    /// The disk's size at the point: the oldest layer's `disk_size` (what
+    /// undoing restores), `None` with no layer (the replica's own size).
+    pub(crate) fn first_disk_size(&self) -> Option<u64> {
+        self.first_disk_size
+    }
+
+    /// The reader of the point `cycle` (`size` bytes) over `replica`, and
+    /// the handle through which applies push their undo layers.
+    pub(crate) fn finish(
+        self,
         cycle: u64,
         size: u64,
-        layers: Vec<UndoLayer>,
         replica: File,
     ) -> (PointReader, Arc<ReaderShared>) {
         let shared = Arc::new(ReaderShared {
-            layers: parking_lot::RwLock::new(layers.into_iter().map(Arc::new).collect()),
+            overlay: parking_lot::RwLock::new(self.overlay),
         });
         (
             PointReader {
@@ -418,7 +513,9 @@ impl PointReader {
             shared,
         )
     }
+}
 
+impl PointReader {
     /// Size of the disk at the point.
     pub fn len(&self) -> u64 {
         self.size
@@ -436,7 +533,13 @@ impl PointReader {
 
     /// Number of undo layers over the replica (grows while applies run).
     pub fn layer_count(&self) -> usize {
-        self.shared.layers.read().len()
+        self.shared.overlay.read().given
+    }
+
+    /// Number of undo records this reader keeps open: those that supply
+    /// at least one byte of the point.
+    pub fn open_layers(&self) -> usize {
+        self.shared.overlay.read().layers.len()
     }
 
     /// Fill `buf` with the disk's bytes at `offset` as of the point; bytes
@@ -444,72 +547,88 @@ impl PointReader {
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let avail = self.size.saturating_sub(offset).min(buf.len() as u64) as usize;
         buf[avail..].fill(0);
-        let layers = self.shared.layers.read();
-        self.fill(&layers, &mut buf[..avail], offset, 0)
+        let ov = self.shared.overlay.read();
+        let buf = &mut buf[..avail];
+        let end = offset + buf.len() as u64;
+        let mut pos = offset;
+        // The range covering `offset`, if any, then every one that starts
+        // before `end`.
+        let first = ov
+            .segs
+            .range(..=offset)
+            .next_back()
+            .filter(|(_, s)| s.end > offset)
+            .map(|(&k, _)| k)
+            .unwrap_or(offset);
+        for (&start, seg) in ov.segs.range(first..end) {
+            if start > pos {
+                self.read_replica(
+                    &mut buf[(pos - offset) as usize..(start - offset) as usize],
+                    pos,
+                )?;
+                pos = start;
+            }
+            let stop = end.min(seg.end);
+            self.copy_from(
+                &ov,
+                seg,
+                &mut buf[(pos - offset) as usize..(stop - offset) as usize],
+                pos,
+            )?;
+            pos = stop;
+        }
+        if pos < end {
+            self.read_replica(&mut buf[(pos - offset) as usize..], pos)?;
+        }
+        Ok(())
     }
 
     fn read_replica(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
         crate::util::read_at_zero_filled(&self.replica, buf, off)
     }
 
-    fn fill(
-        &self,
-        layers: &[Arc<UndoLayer>],
-        buf: &mut [u8],
-        off: u64,
-        idx: usize,
-    ) -> io::Result<()> {
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let Some(layer) = layers.get(idx) else {
-            return self.read_replica(buf, off);
-        };
-        let end = off + buf.len() as u64;
-        let mut i = layer
-            .entries
-            .partition_point(|e| e.offset + e.length <= off);
-        let mut pos = off;
-        while pos < end {
-            let e = match layer.entries.get(i) {
-                Some(e) if e.offset < end => *e,
-                _ => {
-                    return self.fill(layers, &mut buf[(pos - off) as usize..], pos, idx + 1);
-                }
-            };
-            if e.offset > pos {
-                self.fill(
-                    layers,
-                    &mut buf[(pos - off) as usize..(e.offset - off) as usize],
-                    pos,
-                    idx + 1,
-                )?;
-                pos = e.offset;
+    /// Copy `buf.len()` bytes at disk offset `pos` (inside `seg`) from the
+    /// record that supplies them.
+    fn copy_from(&self, ov: &Overlay, seg: &Seg, buf: &mut [u8], pos: u64) -> io::Result<()> {
+        let (li, ei) = (seg.layer as usize, seg.entry as usize);
+        let layer = ov.layers.get(li).ok_or_else(|| {
+            io::Error::other(format!(
+                "point overlay names layer {li} of {}",
+                ov.layers.len()
+            ))
+        })?;
+        let e = layer.entries[ei];
+        let data = {
+            let cache = self.cache.lock();
+            match &*cache {
+                Some((l, j, d)) if *l == li && *j == ei => Some(d.clone()),
+                _ => None,
             }
-            let stop = end.min(e.offset + e.length);
-            let data = {
-                let cache = self.cache.lock();
-                match &*cache {
-                    Some((l, j, d)) if *l == idx && *j == i => Some(d.clone()),
-                    _ => None,
-                }
-            };
-            let data = match data {
-                Some(d) => d,
-                None => {
-                    let mut d = Vec::new();
-                    layer.record(i, &mut d)?;
-                    let d = Arc::new(d);
-                    *self.cache.lock() = Some((idx, i, d.clone()));
-                    d
-                }
-            };
-            let from = (pos - e.offset) as usize;
-            let to = (stop - e.offset) as usize;
-            buf[(pos - off) as usize..(stop - off) as usize].copy_from_slice(&data[from..to]);
-            pos = stop;
-            i += 1;
-        }
+        };
+        let data = match data {
+            Some(d) => d,
+            None => {
+                let mut d = Vec::new();
+                layer.record(ei, &mut d)?;
+                let d = Arc::new(d);
+                *self.cache.lock() = Some((li, ei, d.clone()));
+                d
+            }
+        };
+        let from = (pos - e.offset) as usize;
+        let src = data.get(from..from + buf.len()).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: undo record at byte {} holds {} bytes, fewer than its header's {}",
+                    layer.path.display(),
+                    e.at,
+                    data.len(),
+                    e.length
+                ),
+            )
+        })?;
+        buf.copy_from_slice(src);
         Ok(())
     }
 }
@@ -810,6 +929,171 @@ mod tests {
         assert!(
             std::fs::read(&rp).unwrap() == orig,
             "undo did not restore the replica"
+        );
+    }
+
+    /// Write an undo layer of a `blocks`-block disk at `path` holding
+    /// `runs` (first block, blocks; ascending, apart): block `b` of layer
+    /// `gen` is `block(b, gen)`, or zeros when `(b + gen) % 5 == 0` (a ZERO
+    /// record).
+    fn write_layer(path: &Path, blocks: u64, gen: u8, runs: &[(u64, u64)]) {
+        let h = HrlHeader {
+            disk_id: [7; 16],
+            disk_name: "d.img".into(),
+            cycle: u64::from(gen) + 1,
+            base_cycle: u64::from(gen),
+            block_size: BS as u32,
+            base_size: blocks * BS,
+            disk_size: blocks * BS,
+            cut_unix_ns: 1,
+            app_consistent: false,
+        };
+        let mut w = HrlWriter::create(path, &h).unwrap();
+        for &(f, n) in runs {
+            let data: Vec<u8> = (f..f + n)
+                .flat_map(|b| {
+                    if (b + u64::from(gen)) % 5 == 0 {
+                        vec![0; BS as usize]
+                    } else {
+                        block(b, gen)
+                    }
+                })
+                .collect();
+            w.append(f * BS, &data).unwrap();
+        }
+        w.seal().unwrap().publish().unwrap();
+    }
+
+    /// Runs from a set of blocks: ascending, merged where they touch.
+    fn runs_of(blocks: &std::collections::BTreeSet<u64>) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for &b in blocks {
+            match runs.last_mut() {
+                Some((f, n)) if *f + *n == b => *n += 1,
+                _ => runs.push((b, 1)),
+            }
+        }
+        runs
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// A point read through the overlay equals the byte-by-byte model
+        /// of its definition: the oldest layer that covers a byte supplies
+        /// it, else the replica (zeros past the replica's end), zeros past
+        /// the point's size; layers pushed after the reader opened (an
+        /// apply's) supply only what no older layer covers. The reader
+        /// keeps open exactly the layers that supply a byte.
+        #[test]
+        fn point_reads_equal_the_oldest_layer_model(
+            layers in proptest::collection::vec(
+                proptest::collection::btree_set(0u64..48, 0..10), 1..10),
+            pushed in 0usize..4,
+            size_blocks in 1u64..48,
+            replica_blocks in 0u64..48,
+            reads in proptest::collection::vec((0u64..50 * BS, 0usize..10 * BS as usize), 1..12),
+        ) {
+            const BLOCKS: u64 = 48;
+            let d = tempfile::tempdir().unwrap();
+            let rp = d.path().join("replica");
+            let replica: Vec<u8> = (0..replica_blocks).flat_map(|b| block(b, 200)).collect();
+            std::fs::write(&rp, &replica).unwrap();
+            // The model, and which layers supply a byte.
+            let size = (size_blocks * BS) as usize;
+            let mut model: Vec<u8> = replica.clone();
+            model.resize(size.max(model.len()), 0);
+            model.truncate(size);
+            let mut owner = vec![None; BLOCKS as usize];
+            for (g, set) in layers.iter().enumerate() {
+                for &b in set {
+                    owner[b as usize].get_or_insert(g);
+                }
+            }
+            for (b, o) in owner.iter().enumerate() {
+                let (b, o) = (b as u64, o.map(|g| g as u8));
+                let Some(g) = o else { continue };
+                let at = (b * BS) as usize;
+                if at >= size {
+                    continue;
+                }
+                let content = if (b + u64::from(g)) % 5 == 0 { vec![0; BS as usize] } else { block(b, g) };
+                model[at..at + BS as usize].copy_from_slice(&content);
+            }
+            let supplying = {
+                let mut s: Vec<usize> = owner.iter().flatten().copied().collect();
+                s.sort_unstable();
+                s.dedup();
+                s.len()
+            };
+            let given = layers.len() - pushed.min(layers.len() - 1);
+            let mut builder = ReaderBuilder::default();
+            let mut paths = Vec::new();
+            for (g, set) in layers.iter().enumerate() {
+                let p = d.path().join(undo_name(g as u64, g as u64 + 1));
+                write_layer(&p, BLOCKS, g as u8, &runs_of(set));
+                paths.push(p);
+            }
+            for p in &paths[..given] {
+                builder.add(UndoLayer::open(p).unwrap());
+            }
+            let (reader, shared) = builder.finish(9, size as u64, File::open(&rp).unwrap());
+            for p in &paths[given..] {
+                shared.push(Arc::new(UndoLayer::open(p).unwrap()));
+            }
+            proptest::prop_assert_eq!(reader.layer_count(), layers.len());
+            proptest::prop_assert_eq!(reader.open_layers(), supplying);
+            for (off, len) in reads {
+                let mut buf = vec![0xeeu8; len];
+                reader.read_at(&mut buf, off).unwrap();
+                let want: Vec<u8> = (0..len as u64)
+                    .map(|i| model.get((off + i) as usize).copied().unwrap_or(0))
+                    .collect();
+                proptest::prop_assert!(buf == want, "read of {} bytes at {} differs from the model", len, off);
+            }
+        }
+    }
+
+    /// A point thousands of cycles back reads on a thread with a small
+    /// stack (a reader that recursed once per layer overflowed a 2 MiB
+    /// stack at ~7,000 layers and aborted the process), and building it
+    /// keeps open only the layers that supply a byte: here the oldest,
+    /// which covers block 0 that every later cycle rewrote.
+    #[test]
+    fn a_point_thousands_of_cycles_back_reads_in_a_small_stack() {
+        const LAYERS: u64 = 5_000;
+        let d = tempfile::tempdir().unwrap();
+        let rp = d.path().join("replica");
+        std::fs::write(&rp, (0..4).flat_map(|b| block(b, 200)).collect::<Vec<u8>>()).unwrap();
+        let p = d.path().join("layer.undo");
+        let mut builder = ReaderBuilder::default();
+        for g in 0..LAYERS {
+            // Block 0 in every layer; the oldest also holds block 2.
+            let runs: &[(u64, u64)] = if g == 0 { &[(0, 1), (2, 1)] } else { &[(0, 1)] };
+            write_layer(&p, 4, (g % 251) as u8 + 1, runs);
+            builder.add(UndoLayer::open(&p).unwrap());
+        }
+        let (reader, _shared) = builder.finish(1, 4 * BS, File::open(&rp).unwrap());
+        assert_eq!(
+            (reader.layer_count(), reader.open_layers()),
+            (LAYERS as usize, 1)
+        );
+        let got = std::thread::Builder::new()
+            .stack_size(64 << 10)
+            .spawn(move || {
+                let mut buf = vec![0u8; 4 * BS as usize];
+                reader.read_at(&mut buf, 0).map(|()| buf)
+            })
+            .unwrap()
+            .join()
+            .unwrap()
+            .unwrap();
+        let mut want = block(0, 1);
+        want.extend(block(1, 200));
+        want.extend(block(2, 1));
+        want.extend(block(3, 200));
+        assert!(
+            got == want,
+            "the point's bytes are not the oldest layer's over the replica"
         );
     }
 }
