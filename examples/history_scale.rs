@@ -10,7 +10,9 @@
 //! - **newest point** and **list the points**: what the receiver's
 //!   drainer asks of every VM every 10 s, and a metrics scrape;
 //! - **read the oldest point**: open it and read the whole disk (part of a
-//!   failover's RTO);
+//!   failover's RTO), on a thread with the default 2 MiB stack (as a test
+//!   failover's FUSE threads read it), and count the files its reader
+//!   keeps open;
 //! - **thinning prune**: of the points older than N/2 s, one per N/4 s
 //!   is kept: the undo records between two kept points (about N/4 of
 //!   them) are merged into one.
@@ -152,17 +154,31 @@ fn one(dir: &Path, n: u64) -> Res<String> {
         return Err(format!("{listed} points listed, not {n}").into());
     }
 
+    // On a thread of its own, with the default 2 MiB stack, as the FUSE
+    // threads of a test failover's view read it; the files it keeps open
+    // counted in /proc/self/fd.
+    let fds = || std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+    let fds_before = fds();
     let t = Instant::now();
-    let reader = store.read_point(DISK, 1)?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut off = 0;
-    while off < reader.len() {
-        let k = (reader.len() - off).min(buf.len() as u64) as usize;
-        reader.read_at(&mut buf[..k], off)?;
-        off += k as u64;
-    }
-    drop(reader);
-    let read_oldest = t.elapsed();
+    let (read_oldest, reader_fds) = std::thread::scope(|s| {
+        s.spawn(|| -> Result<(Duration, usize), String> {
+            let reader = store.read_point(DISK, 1).map_err(|e| e.to_string())?;
+            let open = fds().saturating_sub(fds_before);
+            let mut buf = vec![0u8; 1 << 20];
+            let mut off = 0;
+            while off < reader.len() {
+                let k = (reader.len() - off).min(buf.len() as u64) as usize;
+                reader
+                    .read_at(&mut buf[..k], off)
+                    .map_err(|e| e.to_string())?;
+                off += k as u64;
+            }
+            drop(reader);
+            Ok((t.elapsed(), open))
+        })
+        .join()
+        .map_err(|_| "the reading thread panicked".to_string())?
+    })?;
 
     let thin = RetentionPolicy {
         thin_after: Some(Duration::from_secs(n / 2)),
@@ -175,7 +191,7 @@ fn one(dir: &Path, n: u64) -> Res<String> {
     let left = store.points(SITE, VM)?.len();
     let _ = std::fs::remove_dir_all(&root);
     Ok(format!(
-        "{{\"points\": {n}, \"build_s\": {build_s:.1}, \"prune_keep_ms\": {:.2}, \"newest_ms\": {newest_ms:.2}, \"points_ms\": {points_ms:.2}, \"read_oldest_ms\": {:.1}, \"prune_thin_ms\": {:.1}, \"dropped\": {}, \"merged\": {}, \"left\": {left}}}",
+        "{{\"points\": {n}, \"build_s\": {build_s:.1}, \"prune_keep_ms\": {:.2}, \"newest_ms\": {newest_ms:.2}, \"points_ms\": {points_ms:.2}, \"read_oldest_ms\": {:.1}, \"reader_fds\": {reader_fds}, \"prune_thin_ms\": {:.1}, \"dropped\": {}, \"merged\": {}, \"left\": {left}}}",
         ms(prune_keep),
         ms(read_oldest),
         ms(prune_thin),

@@ -65,8 +65,8 @@ sizes = sorted({r["r"]["points"] for r in rows})
 has_base = any(r["which"] == "base" for r in rows)
 lines = ["# History at scale (examples/history_scale.rs)", "",
          f"Medians of {max(r['run'] for r in rows)} runs; one disk of 16 MiB, 8 random 4 KiB blocks per cycle, a point per cycle.", ""]
-head = "| points | retention pass ms | x per doubling | newest point ms | list points ms | read oldest point ms | thinning prune ms | records merged |"
-sep = "|---|---|---|---|---|---|---|---|"
+head = "| points | retention pass ms | x per doubling | newest point ms | list points ms | read oldest point ms | its open files | thinning prune ms | records merged |"
+sep = "|---|---|---|---|---|---|---|---|---|"
 if has_base:
     head += " base retention pass ms | base thinning ms | retention base/new | thinning base/new |"
     sep += "---|---|---|---|"
@@ -82,7 +82,9 @@ for n in sizes:
     nw, ls = med("new", n, "newest_ms"), med("new", n, "points_ms")
     nw = "" if nw is None else f"{nw:.2f}"
     ls = "" if ls is None else f"{ls:.2f}"
-    row = f"| {n:,} | {k:.2f} | {growth} | {nw} | {ls} | {rd:.1f} | {th:.1f} | {mg:.0f} |"
+    fd = med("new", n, "reader_fds")
+    fd = "" if fd is None else f"{fd:.0f}"
+    row = f"| {n:,} | {k:.2f} | {growth} | {nw} | {ls} | {rd:.1f} | {fd} | {th:.1f} | {mg:.0f} |"
     if has_base:
         bk, bth = med("base", n, "prune_keep_ms"), med("base", n, "prune_thin_ms")
         row += f" {bk:.2f} | {bth:.1f} | {bk / k:,.1f}x | {bth / th:,.1f}x |"

@@ -1033,6 +1033,158 @@ fn write_cycle(
         .unwrap();
 }
 
+/// A point far back reads the same when its reader merges its undo
+/// records a chunk at a time into private records (a reader of a point two
+/// hours back on a continuous VM needs 7,000–14,400 records, one open file
+/// each): every point byte for byte, the files it keeps open bounded by
+/// the chunks, no merge left behind in `undo/`, and an apply while a
+/// reader is open does not change what that reader reads.
+#[test]
+fn a_reader_far_back_merges_its_records_in_chunks() {
+    const CHUNK: usize = 8;
+    const CYCLES: u64 = 120;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    store.set_reader_chunk(CHUNK);
+    let site = store.site(SITE).unwrap();
+    let mut rng = Rng(9_001);
+    // 1 MiB: 256 blocks, so most cycles' blocks are not rewritten later
+    // and most records supply bytes of the oldest points.
+    let mut disk = vec![0u8; 1 << 20];
+    rng.fill(&mut disk);
+    let mut models = vec![Vec::new(), disk.clone()];
+    initial(&store, &disk, 1);
+    site.commit_point(VM, 1, &[ID], Consistency::Crash).unwrap();
+    for cycle in 2..=CYCLES {
+        write_cycle(&site, dir.path(), &mut rng, &mut disk, 3, cycle);
+        models.push(disk.clone());
+    }
+    let undo = undo_dir(&site);
+    let names = |d: &Path| -> std::collections::BTreeSet<String> {
+        std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let before = names(&undo);
+    let mut merged_somewhere = false;
+    for c in [1u64, 2, 9, 10, 11, 30, 64, 100, 112, 113, 119, 120] {
+        let r = site.read_point(VM, &ID, c).unwrap();
+        let records = (CYCLES - c) as usize;
+        assert_eq!(r.layer_count(), records, "point {c}: records in its chain");
+        let bound = records / CHUNK + CHUNK - 1;
+        assert!(
+            r.open_layers() <= bound,
+            "point {c}: {} records open, more than {bound}",
+            r.open_layers()
+        );
+        merged_somewhere |= records >= CHUNK;
+        let mut buf = vec![0u8; disk.len()];
+        r.read_at(&mut buf, 0).unwrap();
+        assert!(
+            buf == models[c as usize],
+            "point {c} read through merged chunks"
+        );
+    }
+    assert!(merged_somewhere);
+    assert_eq!(
+        names(&undo),
+        before,
+        "a reader's merges left files in undo/"
+    );
+    // Open, then more cycles applied: the reader still reads its point.
+    let r = site.read_point(VM, &ID, 1).unwrap();
+    for cycle in CYCLES + 1..=CYCLES + 10 {
+        write_cycle(&site, dir.path(), &mut rng, &mut disk, 3, cycle);
+        models.push(disk.clone());
+    }
+    assert_eq!(r.layer_count(), (CYCLES + 9) as usize);
+    let mut buf = vec![0u8; disk.len()];
+    r.read_at(&mut buf, 0).unwrap();
+    assert!(
+        buf == models[1],
+        "point 1 after applies while its reader was open"
+    );
+    assert_point(
+        &site,
+        CYCLES + 10,
+        &models[(CYCLES + 10) as usize],
+        "newest",
+    );
+}
+
+/// Under a low open-files limit a reader of a point far back still opens
+/// when it merges its records in chunks; when it cannot (every record
+/// kept open), the error is the open-files one: retryable, and telling
+/// the admin to raise `LimitNOFILE`, not a generic I/O error.
+#[test]
+fn a_reader_under_a_low_open_files_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let mut rng = Rng(31_337);
+    let mut disk = vec![0u8; 1 << 20];
+    rng.fill(&mut disk);
+    let first = disk.clone();
+    {
+        let store = Store::open(&root).unwrap();
+        initial(&store, &disk, 1);
+        let site = store.site(SITE).unwrap();
+        site.commit_point(VM, 1, &[ID], Consistency::Crash).unwrap();
+        for cycle in 2..=150u64 {
+            write_cycle(&site, dir.path(), &mut rng, &mut disk, 3, cycle);
+        }
+    }
+    std::fs::write(dir.path().join("point1"), &first).unwrap();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_low_nofile", "--nocapture"])
+        .env("VDREP_TEST_NOFILE", dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && stdout.contains("chunked: read")
+            && stdout.contains("whole: open files"),
+        "child: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Child of [`a_reader_under_a_low_open_files_limit`]; does nothing
+/// normally.
+#[test]
+fn child_low_nofile() {
+    let Ok(dir) = std::env::var("VDREP_TEST_NOFILE") else {
+        return;
+    };
+    let dir = Path::new(&dir);
+    let want = std::fs::read(dir.join("point1")).unwrap();
+    let store = Store::open(&dir.join("store")).unwrap();
+    let site = store.site(SITE).unwrap();
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, 64, hard).unwrap();
+    // 149 records, most supplying bytes of point 1: in chunks of 8 the
+    // reader keeps about 25 open.
+    store.set_reader_chunk(8);
+    let r = site.read_point(VM, &ID, 1).unwrap();
+    let mut buf = vec![0u8; want.len()];
+    r.read_at(&mut buf, 0).unwrap();
+    assert!(buf == want, "point 1 under the low limit");
+    println!("chunked: read, {} records open", r.open_layers());
+    drop(r);
+    store.set_reader_chunk(usize::MAX);
+    match site.read_point(VM, &ID, 1) {
+        Err(e @ StoreError::OpenFiles { .. }) => {
+            assert!(e.retryable());
+            assert!(e.to_string().contains("LimitNOFILE"), "{e}");
+            println!("whole: open files: {e}");
+        }
+        Err(e) => panic!("not the open-files error: {e:?}"),
+        Ok(r) => panic!("{} records open under a limit of 64", r.open_layers()),
+    }
+}
+
 #[test]
 fn crash_while_merging_history() {
     let dir = tempfile::tempdir().unwrap();

@@ -1041,7 +1041,7 @@ fn code_of(e: &StoreError) -> ErrorCode {
     match e {
         StoreError::InvalidName { .. } | StoreError::Escape { .. } => ErrorCode::InvalidName,
         StoreError::NoSpace { .. } => ErrorCode::NoSpace,
-        StoreError::Io { .. } => ErrorCode::Io,
+        StoreError::Io { .. } | StoreError::OpenFiles { .. } => ErrorCode::Io,
         StoreError::Access { .. } => ErrorCode::Io,
         StoreError::OutOfOrder { .. }
         | StoreError::IdentityMismatch { .. }

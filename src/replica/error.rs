@@ -70,6 +70,17 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// The process reached its open-files limit (EMFILE) or the system
+    /// its file table (ENFILE). Retryable: closing files (a test
+    /// failover's view, a point read) frees them.
+    #[error("{ctx}: out of open files while {doing} ({path}): {source}; raise the receiver's open-files limit (LimitNOFILE= in its systemd unit, `ulimit -n` when started by hand; each point read or exposed by a test failover keeps undo records open, about {} per disk for a point far back) or end test failovers; the sender retries", crate::replica::READER_CHUNK)]
+    OpenFiles {
+        ctx: Ctx,
+        doing: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// Any other I/O error. `retryable` for transient ones (ENOMEM, EIO,
     /// EAGAIN, EINTR, ETIMEDOUT).
     #[error("{ctx}: I/O error while {doing} ({path}): {source}{}", if *retryable { "; the sender retries" } else { "; check the receiver's store, then restart the receiver" })]
@@ -159,6 +170,7 @@ impl StoreError {
     pub fn retryable(&self) -> bool {
         match self {
             StoreError::NoSpace { .. } => true,
+            StoreError::OpenFiles { .. } => true,
             StoreError::Io { retryable, .. } => *retryable,
             StoreError::Locked { .. } | StoreError::Busy { .. } => true,
             StoreError::Access { .. } => true,
@@ -190,6 +202,14 @@ pub(crate) fn io_err(
             doing: doing.to_string(),
             path: path.to_path_buf(),
             store: store.to_path_buf(),
+            source,
+        };
+    }
+    if matches!(errno, Some(libc::EMFILE) | Some(libc::ENFILE)) {
+        return StoreError::OpenFiles {
+            ctx: ctx.clone(),
+            doing: doing.to_string(),
+            path: path.to_path_buf(),
             source,
         };
     }

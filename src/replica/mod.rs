@@ -111,7 +111,7 @@ pub use fault::{FailStore, Fault, Injected, Op, Pause, Rule, Trigger, When, CRAS
 pub use group::{GroupPoint, GroupRecord};
 pub use names::{validate_name, MAX_NAME_LEN};
 pub(crate) use store::parse_hex_id;
-pub use store::{applied_flags, points_in, retention_keep, POINTS_JOURNAL_MAX};
+pub use store::{applied_flags, points_in, retention_keep, POINTS_JOURNAL_MAX, READER_CHUNK};
 pub use store::{
     AdoptDisk, ApplyOutcome, Consistency, DiskInfo, DropReason, ForgetReport, InitialData,
     InitialState, LiveDisk, LiveInfo, Point, PointsDropped, PruneReport, RecoveryReport,

@@ -398,7 +398,28 @@ pub struct Store {
     sync: StoreDurability,
     /// Per VM folder, what a point commit needs ([`points`]).
     points_meta: Mutex<HashMap<PathBuf, points::PointsMeta>>,
+    /// Undo records a point reader indexes before it merges them into one
+    /// ([`Store::set_reader_chunk`]).
+    reader_chunk: std::sync::atomic::AtomicUsize,
 }
+
+/// Files deleted when dropped (a point reader's private merges).
+#[derive(Default)]
+struct TempFiles(Vec<PathBuf>);
+
+impl Drop for TempFiles {
+    fn drop(&mut self) {
+        for f in &self.0 {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+/// Undo records a point reader keeps open before it merges them: one
+/// file each, and a point two hours back on a continuous VM has ~7,000–
+/// 14,400 of them (the open-files limit is often 1,024, 65,536 in the
+/// systemd units).
+pub const READER_CHUNK: usize = 512;
 
 /// A JSON state file written to its temp name, to be synced (possibly with
 /// other files in one pass) and then renamed ([`Site::stage_json`]).
@@ -495,7 +516,16 @@ impl Store {
             pauses: Mutex::new(Vec::new()),
             sync: StoreDurability::default(),
             points_meta: Mutex::new(HashMap::new()),
+            reader_chunk: std::sync::atomic::AtomicUsize::new(READER_CHUNK),
         })
+    }
+
+    /// How many undo records a point reader keeps open before it merges
+    /// them into one private record ([`READER_CHUNK`] by default; at
+    /// least 2). Lower: fewer open files per reader, more merging when it
+    /// opens.
+    pub fn set_reader_chunk(&self, records: usize) {
+        self.reader_chunk.store(records, Ordering::Relaxed);
     }
 
     /// How the cycle path's writes (logs, undo records, replicas, state and
@@ -2521,12 +2551,32 @@ impl Site<'_> {
                 ),
             }
         })?;
+        // The records are indexed a chunk at a time; a chunk that keeps
+        // `reader_chunk` records open (each supplies a byte no older one
+        // of the chunk covers) is merged into one private record, so a
+        // reader holds at most one file per chunk plus the last chunk's,
+        // however far back the point is.
+        let history_err = |e| hrl_err(&p.ctx, &self.store.root, "reading history", cycle, e);
+        let chunk_max = self.store.reader_chunk.load(Ordering::Relaxed).max(2);
+        let mut temps = TempFiles::default();
         let mut layers = ReaderBuilder::default();
+        let mut chunk = ReaderBuilder::default();
+        let mut chunk_paths = Vec::new();
         for (_, _, n) in links {
-            let l = UndoLayer::open(&p.undo.join(&n))
-                .map_err(|e| hrl_err(&p.ctx, &self.store.root, "reading history", cycle, e))?;
-            layers.add(l);
+            let path = p.undo.join(&n);
+            chunk.add(UndoLayer::open(&path).map_err(history_err)?);
+            chunk_paths.push(path);
+            if chunk.open_layers() >= chunk_max {
+                let merged = self
+                    .merge_for_reader(&p, &chunk_paths, &mut temps)
+                    .map_err(history_err)?;
+                layers.add_merged(merged, chunk_paths.len());
+                chunk = ReaderBuilder::default();
+                chunk_paths.clear();
+            }
         }
+        layers.append(chunk);
+        drop(temps);
         let rpath = p.dir.join(&st.replica_file);
         let replica =
             open_nofollow(&rpath).map_err(|e| self.io(&p.ctx, "opening the replica", &rpath, e))?;
@@ -2539,6 +2589,49 @@ impl Site<'_> {
             .or_default()
             .push(Arc::downgrade(&shared));
         Ok(reader)
+    }
+
+    /// Merge `records` (consecutive, oldest first) into one private undo
+    /// record for a point reader, level by level ([`history::merge_levels`]),
+    /// and open it. The files are made in the disk's `undo/` under temp
+    /// names (`.reader-….tmp`: never taken for history, removed by
+    /// recovery after a crash) that `temps` deletes once the reader is
+    /// built; its open descriptor keeps the record readable. Not synced:
+    /// nothing survives the reader.
+    fn merge_for_reader(
+        &self,
+        p: &DiskPaths,
+        records: &[PathBuf],
+        temps: &mut TempFiles,
+    ) -> std::result::Result<UndoLayer, crate::hrl::HrlError> {
+        let mut level = records.to_vec();
+        for groups in history::merge_levels(level.len()) {
+            let mut next = Vec::with_capacity(groups.len());
+            for g in groups {
+                let group = &level[g];
+                if group.len() == 1 {
+                    next.extend(group.iter().cloned());
+                    continue;
+                }
+                let out = p.undo.join(format!(
+                    ".reader-{}-{}.undo.tmp",
+                    std::process::id(),
+                    self.store.tmp_seq.fetch_add(1, Ordering::Relaxed)
+                ));
+                temps.0.push(out.clone());
+                undo::merge_undo(group, &out, false)?;
+                next.push(out);
+            }
+            level = next;
+        }
+        match level.as_slice() {
+            [one] => UndoLayer::open(one),
+            _ => Err(crate::hrl::HrlError::Mismatch(format!(
+                "merging {} undo records for a point reader left {} records",
+                records.len(),
+                level.len()
+            ))),
+        }
     }
 
     /// Apply the retention policy `keep` to the points of `vm`: drop the
@@ -2685,7 +2778,7 @@ impl Site<'_> {
                         let inputs: Vec<PathBuf> =
                             group.iter().map(|r| p.undo.join(&r.2)).collect();
                         let bytes =
-                            undo::merge_undo(&inputs, &p.undo.join(&name)).map_err(|e| {
+                            undo::merge_undo(&inputs, &p.undo.join(&name), true).map_err(|e| {
                                 hrl_err(&p.ctx, &self.store.root, "merging history", older.1, e)
                             })?;
                         self.store.step("undo-merged");

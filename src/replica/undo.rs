@@ -485,6 +485,30 @@ impl ReaderBuilder {
         self.overlay.add(Arc::new(layer));
     }
 
+    /// Layers kept so far (each an open file).
+    pub(crate) fn open_layers(&self) -> usize {
+        self.overlay.layers.len()
+    }
+
+    /// Add the layers `newer` kept, as newer than every layer so far.
+    pub(crate) fn append(&mut self, newer: ReaderBuilder) {
+        if self.first_disk_size.is_none() {
+            self.first_disk_size = newer.first_disk_size;
+        }
+        let kept = newer.overlay.layers.len();
+        for l in newer.overlay.layers {
+            self.overlay.add(l);
+        }
+        self.overlay.given += newer.overlay.given - kept;
+    }
+
+    /// Add `layer`, the merge of `records` consecutive undo records
+    /// ([`merge_undo`]), as the newest so far.
+    pub(crate) fn add_merged(&mut self, layer: UndoLayer, records: usize) {
+        self.add(layer);
+        self.overlay.given += records.saturating_sub(1);
+    }
+
     /// The disk's size at the point: the oldest layer's `disk_size` (what
     /// undoing restores), `None` with no layer (the replica's own size).
     pub(crate) fn first_disk_size(&self) -> Option<u64> {
@@ -684,8 +708,10 @@ fn emit(w: &mut HrlWriter, offset: u64, data: Option<&[u8]>, len: u64) -> Result
 /// a since no log in between wrote them), clipped to the size at a.
 /// Streams every input (one piece of each in memory); nothing is
 /// published unless every input is intact to its seal. Returns the bytes
-/// of the merged record.
-pub(crate) fn merge_undo(records: &[PathBuf], out: &Path) -> Result<u64, HrlError> {
+/// of the merged record. `durable`: fsync the record and its folder (a
+/// record of the history); else only published (a point reader's private
+/// merge, deleted once open).
+pub(crate) fn merge_undo(records: &[PathBuf], out: &Path, durable: bool) -> Result<u64, HrlError> {
     if records.is_empty() {
         return Err(HrlError::InvalidInput {
             path: out.to_path_buf(),
@@ -771,7 +797,11 @@ pub(crate) fn merge_undo(records: &[PathBuf], out: &Path) -> Result<u64, HrlErro
         emit(&mut w, start, p.data.as_ref().map(|d| &d[..n as usize]), n)?;
         pos = stop;
     }
-    Ok(w.finish()?.file_bytes)
+    if durable {
+        Ok(w.finish()?.file_bytes)
+    } else {
+        Ok(w.seal()?.publish()?.file_bytes)
+    }
 }
 
 #[cfg(test)]
