@@ -9,6 +9,11 @@
 //!   does every minute for every VM;
 //! - **newest point** and **list the points**: what the receiver's
 //!   drainer asks of every VM every 10 s, and a metrics scrape;
+//! - **a metrics scrape's work per VM**, as it was (every point, and
+//!   `applied_flags` over them) and as it is (the points summary, and
+//!   which of them are applied), medians of [`SCRAPE_REPS`] alternating
+//!   runs, the results compared, and the first scrape after the store
+//!   is opened again (the summary read from the files);
 //! - **read the oldest point**: open it and read the whole disk (part of a
 //!   failover's RTO), on a thread with the default 2 MiB stack (as a test
 //!   failover's FUSE threads read it), and count the files its reader
@@ -18,18 +23,28 @@
 //!   them) are merged into one.
 //!
 //! Prints one JSON line per N on stdout; the script makes the table.
+//! With `--walk N` instead of history lengths, it times the walk that
+//! measures the store's size (`allocated_bytes`) over N small files in
+//! folders of 1,000 (undo records), median of 3 walks after a first one
+//! (warm caches), and deletes them.
 //!
 //! ```text
 //! cargo run --release --example history_scale -- DIR 500 1000 2000 4000
+//! cargo run --release --example history_scale -- DIR --walk 200000
 //! ```
 
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use vdrep::hrl::{HrlHeader, HrlWriter};
+use vdrep::receiver::store_size::allocated_bytes;
 use vdrep::replica::{
-    Consistency, DiskInfo, DiskRef, InitialData, ReplicaStore, RetentionPolicy, Store,
+    applied_flags, Consistency, DiskInfo, DiskRef, InitialData, ReplicaStore, RetentionPolicy,
+    Store,
 };
+
+/// Timed runs of each way of a scrape's work, alternating.
+const SCRAPE_REPS: usize = 7;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -85,6 +100,49 @@ fn write_log(path: &Path, cycle: u64, cut_ns: u64, disk: &[u8], dirty: &BTreeSet
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// (points, newest cut, pending apply, newest applied cut): what the
+/// metrics scrape reports of a VM.
+type Scraped = (usize, Option<u64>, usize, Option<u64>);
+
+/// The replica cycle of the disk of hex id `hex`, as the scrape asks it.
+fn replica_cycle(store: &Store, hex: &str) -> Option<u64> {
+    let id: String = ID.iter().map(|b| format!("{b:02x}")).collect();
+    if hex != id {
+        return None;
+    }
+    store.replica_state(DISK).ok()?.cycle
+}
+
+/// The scrape's work per VM before session 34: every point, and
+/// `applied_flags` over them.
+fn scrape_by_points(store: &Store) -> Res<Scraped> {
+    let p = store.points(SITE, VM)?;
+    let flags = applied_flags(&p, |hex| replica_cycle(store, hex));
+    let applied: Vec<&vdrep::replica::Point> = p
+        .iter()
+        .zip(flags)
+        .filter_map(|(p, a)| a.then_some(p))
+        .collect();
+    Ok((
+        p.len(),
+        p.iter().map(|p| p.time_unix_ns).max(),
+        p.len() - applied.len(),
+        applied.iter().map(|p| p.time_unix_ns).max(),
+    ))
+}
+
+/// The scrape's work per VM now: the points summary.
+fn scrape_by_summary(store: &Store) -> Res<Scraped> {
+    let s = store.points_summary(SITE, VM)?;
+    let a = s.applied(|hex| replica_cycle(store, hex));
+    Ok((s.len(), s.newest_time_ns(), a.pending, a.newest_time_ns))
 }
 
 fn one(dir: &Path, n: u64) -> Res<String> {
@@ -154,6 +212,31 @@ fn one(dir: &Path, n: u64) -> Res<String> {
         return Err(format!("{listed} points listed, not {n}").into());
     }
 
+    // A metrics scrape's work for this VM, old and new, alternating.
+    let (mut old, mut new) = (Vec::new(), Vec::new());
+    for _ in 0..SCRAPE_REPS {
+        let t = Instant::now();
+        let o = scrape_by_points(&store)?;
+        old.push(ms(t.elapsed()));
+        let t = Instant::now();
+        let s = scrape_by_summary(&store)?;
+        new.push(ms(t.elapsed()));
+        if o != s || o.0 as u64 != n {
+            return Err(format!("the scrape differs: by points {o:?}, by summary {s:?}").into());
+        }
+    }
+    let (scrape_old_ms, scrape_new_ms) = (median(old), median(new));
+    // The first scrape after the receiver starts: nothing cached, the
+    // summary is read from the files (and cached).
+    drop(store);
+    let store = Store::open(&root)?;
+    let t = Instant::now();
+    let cold = scrape_by_summary(&store)?;
+    let scrape_cold_ms = ms(t.elapsed());
+    if cold.0 as u64 != n {
+        return Err(format!("the first scrape after opening says {cold:?}").into());
+    }
+
     // On a thread of its own, with the default 2 MiB stack, as the FUSE
     // threads of a test failover's view read it; the files it keeps open
     // counted in /proc/self/fd.
@@ -191,7 +274,7 @@ fn one(dir: &Path, n: u64) -> Res<String> {
     let left = store.points(SITE, VM)?.len();
     let _ = std::fs::remove_dir_all(&root);
     Ok(format!(
-        "{{\"points\": {n}, \"build_s\": {build_s:.1}, \"prune_keep_ms\": {:.2}, \"newest_ms\": {newest_ms:.2}, \"points_ms\": {points_ms:.2}, \"read_oldest_ms\": {:.1}, \"reader_fds\": {reader_fds}, \"prune_thin_ms\": {:.1}, \"dropped\": {}, \"merged\": {}, \"left\": {left}}}",
+        "{{\"points\": {n}, \"build_s\": {build_s:.1}, \"prune_keep_ms\": {:.2}, \"newest_ms\": {newest_ms:.2}, \"points_ms\": {points_ms:.2}, \"scrape_old_ms\": {scrape_old_ms:.3}, \"scrape_new_ms\": {scrape_new_ms:.4}, \"scrape_cold_ms\": {scrape_cold_ms:.2}, \"read_oldest_ms\": {:.1}, \"reader_fds\": {reader_fds}, \"prune_thin_ms\": {:.1}, \"dropped\": {}, \"merged\": {}, \"left\": {left}}}",
         ms(prune_keep),
         ms(read_oldest),
         ms(prune_thin),
@@ -200,14 +283,52 @@ fn one(dir: &Path, n: u64) -> Res<String> {
     ))
 }
 
+/// Time [`allocated_bytes`] over `n` files of 1 KiB, 1,000 per folder.
+fn walk(dir: &Path, n: u64) -> Res<String> {
+    let root = dir.join(format!("walk-{n}"));
+    let _ = std::fs::remove_dir_all(&root);
+    let made = Instant::now();
+    for i in 0..n {
+        let d = root.join(format!("d{}", i / 1000));
+        if i % 1000 == 0 {
+            std::fs::create_dir_all(&d)?;
+        }
+        std::fs::write(d.join(format!("{i}.undo")), [0u8; 1024])?;
+    }
+    let make_s = made.elapsed().as_secs_f64();
+    let first = allocated_bytes(&root);
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let b = allocated_bytes(&root);
+        times.push(ms(t.elapsed()));
+        if b != first || b < n * 1024 {
+            return Err(format!("walks say {first} then {b} bytes for {n} files").into());
+        }
+    }
+    std::fs::remove_dir_all(&root)?;
+    Ok(format!(
+        "{{\"walk_files\": {n}, \"make_s\": {make_s:.1}, \"bytes\": {first}, \"walk_ms\": {:.1}}}",
+        median(times)
+    ))
+}
+
 fn main() -> Res<()> {
     let mut args = std::env::args().skip(1);
     let dir = args
         .next()
-        .ok_or("usage: history_scale DIR N [N ...] (history lengths)")?;
+        .ok_or("usage: history_scale DIR N [N ...] (history lengths) | DIR --walk N")?;
     let dir = Path::new(&dir);
     std::fs::create_dir_all(dir)?;
-    for a in args {
+    let args: Vec<String> = args.collect();
+    if let [flag, n] = &args[..] {
+        if flag == "--walk" {
+            let n: u64 = n.parse().map_err(|_| format!("not a file count: {n}"))?;
+            println!("{}", walk(dir, n)?);
+            return Ok(());
+        }
+    }
+    for a in &args {
         let n: u64 = a
             .parse()
             .map_err(|_| format!("not a history length: {a}"))?;

@@ -2,7 +2,8 @@
 //! receiver on loopback, both driven by their configuration files with
 //! `metrics_listen`. Both endpoints are scraped over HTTP and parsed by a
 //! real OpenMetrics parser (Debian's python3-prometheus-client); the lag
-//! and state series must be there with sane values. Then the receiver is
+//! and state series must be there with sane values (the store's size with
+//! the time of the walk that measured it). Then the receiver is
 //! stopped while a writer keeps writing through the mount: `rpo_alert`
 //! drives the VM to Warning "RPO exceeded", the `notify_command` gets the
 //! event on stdin, `vdrep events --json` lists it and a running
@@ -141,6 +142,8 @@ impl Receiver {
             .arg("--config")
             .arg(config)
             .arg("receive")
+            // Walk the store for its size every 200 ms, not every minute.
+            .env("VDREP_TEST_STORE_WALK_MIN_MS", "200")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(log).unwrap())
             .spawn()
@@ -507,7 +510,19 @@ fn metrics_parse_and_rpo_alert_fires_notifies_and_clears() {
     );
     assert!(must(&b, "vdrep_receiver_connections", &[]) >= 1.0);
     assert!(must(&b, "vdrep_receiver_apply_duration_seconds_count", &[]) >= 1.0);
-    assert!(must(&b, "vdrep_receiver_store_bytes", &[]) >= (64 << 10) as f64);
+    // The store is walked in the background (every 200 ms here, see
+    // `Receiver::start`), and the time the walk began is reported beside
+    // the size: a walk begun now counts the copy and the write above.
+    let copied = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let store_bytes = wait_for(30, "a walk of the store begun after the copy", || {
+        let b = scrape(&maddr_b);
+        let at = value(&b, "vdrep_receiver_store_measured_timestamp_seconds", &[])?;
+        (at >= copied).then(|| must(&b, "vdrep_receiver_store_bytes", &[]))
+    });
+    assert!(store_bytes >= (64 << 10) as f64, "store {store_bytes}");
     let newest = must(
         &b,
         "vdrep_receiver_last_point_timestamp_seconds",

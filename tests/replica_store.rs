@@ -2189,3 +2189,227 @@ fn state_reads_racing_applies_never_fail() {
     assert!(reads > 0);
     assert_eq!(store_suite::read_current(store.as_ref(), DISK), disk);
 }
+
+/// One step of [`the_points_summary_says_what_the_points_say`]; the masks
+/// are over the two disks `ID` (bit 0) and `ID_B` (bit 1).
+#[derive(Debug, Clone)]
+enum SumStep {
+    /// The next cycle: a log (stored, durable) for each disk of `logs`,
+    /// cut at `time` s (out of cycle order); the disks of `apply` apply
+    /// their logs up to it (the others keep theirs pending: commit before
+    /// apply); a point over the disks of `point` among them.
+    Cycle {
+        logs: u8,
+        apply: u8,
+        point: u8,
+        time: u64,
+        app: bool,
+    },
+    /// Apply every pending log of a disk.
+    Drain(usize),
+    /// Keep the newest `n` points.
+    KeepLast(usize),
+    /// Of all points, one per `s` seconds (undo records merged).
+    Thin(u64),
+    /// Close the store and open it again (nothing cached).
+    Reopen,
+}
+
+fn sum_step() -> impl Strategy<Value = SumStep> {
+    prop_oneof![
+        6 => (1u8..4, 0u8..4, 0u8..4, 0u64..40, any::<bool>()).prop_map(
+            |(logs, apply, point, time, app)| SumStep::Cycle { logs, apply, point, time, app }
+        ),
+        2 => (0usize..2).prop_map(SumStep::Drain),
+        1 => (1usize..8).prop_map(SumStep::KeepLast),
+        1 => (2u64..10).prop_map(SumStep::Thin),
+        1 => Just(SumStep::Reopen),
+    ]
+}
+
+const ID_B: [u8; 16] = [0x43; 16];
+
+/// What the metrics scrape computed before the points summary, from every
+/// point: (points, newest cut, pending apply, newest applied cut).
+fn scrape_by_points(store: &dyn ReplicaStore) -> (usize, Option<u64>, usize, Option<u64>) {
+    let p = store.points(SITE, VM).unwrap();
+    let flags = vdrep::replica::applied_flags(&p, |hex| scrape_replica_cycle(store, hex));
+    let applied: Vec<&vdrep::replica::Point> = p
+        .iter()
+        .zip(flags)
+        .filter_map(|(p, a)| a.then_some(p))
+        .collect();
+    (
+        p.len(),
+        p.iter().map(|p| p.time_unix_ns).max(),
+        p.len() - applied.len(),
+        applied.iter().map(|p| p.time_unix_ns).max(),
+    )
+}
+
+fn scrape_replica_cycle(store: &dyn ReplicaStore, hex: &str) -> Option<u64> {
+    let id = [ID, ID_B]
+        .into_iter()
+        .find(|id| id.iter().map(|b| format!("{b:02x}")).collect::<String>() == hex)?;
+    let d = DiskRef {
+        site: SITE,
+        vm: VM,
+        disk_id: &id,
+    };
+    store.replica_state(d).ok()?.cycle
+}
+
+fn scrape_by_summary(
+    s: &vdrep::replica::PointsSummary,
+    store: &dyn ReplicaStore,
+) -> (usize, Option<u64>, usize, Option<u64>) {
+    let a = s.applied(|hex| scrape_replica_cycle(store, hex));
+    (s.len(), s.newest_time_ns(), a.pending, a.newest_time_ns)
+}
+
+/// The directory store's points summary (cached per VM, kept by each
+/// commit, rebuilt by each rewrite of the points) says what every point
+/// says, as the metrics scrape read it before: after commits over
+/// changing sets of disks, points committed before their logs are applied
+/// and applied later, count retention, thinning merges, and a reopened
+/// store (read anew); so does the trait's default, built from `points()`.
+/// The newest point, read from the same cache, is the last point.
+fn points_summary_says_what_the_points_say(
+    steps: &[SumStep],
+    wrap: bool,
+) -> Result<(), TestCaseError> {
+    let h = DirHarness::new(wrap);
+    let logs = tempfile::tempdir().unwrap();
+    let mut store = h.open();
+    let mut rng = Rng(5);
+    let ids = [ID, ID_B];
+    let mut disks = [vec![0u8; 4 * BS as usize], vec![0u8; 4 * BS as usize]];
+    // The last cycle each disk has a durable log (or its copy) of.
+    let mut last = [1u64, 1];
+    for (d, id) in ids.iter().enumerate() {
+        rng.fill(&mut disks[d]);
+        store_suite::initial_of(
+            store.as_ref(),
+            DiskRef {
+                site: SITE,
+                vm: VM,
+                disk_id: id,
+            },
+            &disks[d],
+            1,
+        );
+    }
+    store
+        .commit_point(SITE, VM, 1, &ids, Consistency::Crash)
+        .unwrap()
+        .unwrap();
+    let check = |store: &dyn ReplicaStore, what: &str| -> Result<(), TestCaseError> {
+        let want = scrape_by_points(store);
+        let fast = store.points_summary(SITE, VM).unwrap();
+        prop_assert_eq!(scrape_by_summary(&fast, store), want, "{}", what);
+        let points = store.points(SITE, VM).unwrap();
+        let default = vdrep::replica::PointsSummary::from_points(&points);
+        prop_assert_eq!(
+            scrape_by_summary(&default, store),
+            want,
+            "{} (default)",
+            what
+        );
+        let newest = points.last().cloned().map(|mut p| {
+            p.bytes = 0;
+            p
+        });
+        prop_assert_eq!(store.newest_point(SITE, VM).unwrap(), newest, "{}", what);
+        Ok(())
+    };
+    check(store.as_ref(), "after the initial copy")?;
+    let mut cycle = 1;
+    for (k, step) in steps.iter().enumerate() {
+        let what = format!("step {k}: {step:?}");
+        match *step {
+            SumStep::Cycle {
+                logs: lm,
+                apply,
+                point,
+                time,
+                app,
+            } => {
+                cycle += 1;
+                for d in (0..2).filter(|d| lm & (1 << d) != 0) {
+                    let dirty = random_writes(&mut rng, &mut disks[d], 2);
+                    let lp = logs.path().join(format!("{d}-{cycle}.hrl"));
+                    let size = disks[d].len() as u64;
+                    let cut = 1_700_000_000_000_000_000 + time * 1_000_000_000;
+                    store_suite::make_log_at(
+                        &lp, ids[d], last[d], cycle, size, &disks[d], &dirty, cut,
+                    );
+                    let dr = DiskRef {
+                        site: SITE,
+                        vm: VM,
+                        disk_id: &ids[d],
+                    };
+                    store
+                        .store_log(dr, &mut std::fs::File::open(&lp).unwrap())
+                        .unwrap();
+                    last[d] = cycle;
+                    if apply & (1 << d) != 0 {
+                        store.drain(dr, Some(cycle)).unwrap();
+                    }
+                }
+                let over = if point & lm == 0 { lm } else { point & lm };
+                let over: Vec<[u8; 16]> = (0..2)
+                    .filter(|d| over & (1 << d) != 0)
+                    .map(|d| ids[d])
+                    .collect();
+                let c = if app {
+                    Consistency::App
+                } else {
+                    Consistency::Crash
+                };
+                let pt = store.commit_point(SITE, VM, cycle, &over, c).unwrap();
+                prop_assert!(pt.is_some(), "{}: not committed", what);
+            }
+            SumStep::Drain(d) => {
+                store
+                    .drain(
+                        DiskRef {
+                            site: SITE,
+                            vm: VM,
+                            disk_id: &ids[d],
+                        },
+                        None,
+                    )
+                    .unwrap();
+            }
+            SumStep::KeepLast(n) => {
+                let keep = RetentionPolicy {
+                    keep_last: Some(n),
+                    ..Default::default()
+                };
+                store.prune(SITE, VM, &keep).unwrap();
+            }
+            SumStep::Thin(s) => {
+                let keep = RetentionPolicy {
+                    thin_after: Some(std::time::Duration::ZERO),
+                    thin_every: Some(std::time::Duration::from_secs(s)),
+                    ..Default::default()
+                };
+                store.prune(SITE, VM, &keep).unwrap();
+            }
+            SumStep::Reopen => {
+                drop(store);
+                store = h.open();
+            }
+        }
+        check(store.as_ref(), &what)?;
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, .. ProptestConfig::default() })]
+    #[test]
+    fn the_points_summary_says_what_the_points_say(steps in proptest::collection::vec(sum_step(), 1..24), wrap in any::<bool>()) {
+        points_summary_says_what_the_points_say(&steps, wrap)?;
+    }
+}

@@ -1,12 +1,15 @@
 //! The receiver's metrics endpoint (`[receiver] metrics_listen`): recovery
-//! points per VM and the store's size, read at scrape time, with the
-//! connection and apply-latency counters of [`crate::metrics::receiver`].
+//! points per VM, read at scrape time from each VM's points summary
+//! ([`ReplicaStore::points_summary`]: not every point), the store's size,
+//! from a background walk ([`StoreSize`]), and the connection and
+//! apply-latency counters of [`crate::metrics::receiver`].
 
 use std::net::SocketAddr;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
+use super::store_size::{StoreSize, WALK_EVERY, WALK_EVERY_ENV};
 use super::ReceiverError;
 use crate::metrics::{gauge, Labels, Registry, Unit};
 use crate::replica::ReplicaStore;
@@ -19,6 +22,14 @@ pub(super) fn serve(
 ) -> Result<(), ReceiverError> {
     let mut registry = Registry::default();
     let dir = dir.to_path_buf();
+    let every = std::env::var(WALK_EVERY_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(WALK_EVERY, Duration::from_millis);
+    let size = StoreSize::start(dir.clone(), every).map_err(|source| ReceiverError::Start {
+        what: "store size thread (metrics_listen)",
+        source,
+    })?;
     crate::metrics::register(&mut registry, move |enc| {
         let mut points: Vec<(Labels, u64)> = Vec::new();
         let mut newest: Vec<(Labels, f64)> = Vec::new();
@@ -32,15 +43,15 @@ pub(super) fn serve(
                 boot_at.push((labels.clone(), c.at_unix_ns as f64 / 1e9));
                 boot_secs.push((labels.clone(), c.secs));
             }
-            let Ok(p) = store.points(&site, &vm) else {
+            let Ok(p) = store.points_summary(&site, &vm) else {
                 continue;
             };
-            if let Some(t) = p.iter().map(|p| p.time_unix_ns).max() {
+            if let Some(t) = p.newest_time_ns() {
                 newest.push((labels.clone(), t as f64 / 1e9));
             }
             // Committed on durable logs, not applied yet (commit before
             // apply).
-            let flags = crate::replica::applied_flags(&p, |hex| {
+            let applied = p.applied(|hex| {
                 let id = crate::replica::parse_hex_id(hex)?;
                 let d = crate::replica::DiskRef {
                     site: &site,
@@ -49,13 +60,8 @@ pub(super) fn serve(
                 };
                 store.replica_state(d).ok()?.cycle
             });
-            let applied: Vec<&crate::replica::Point> = p
-                .iter()
-                .zip(flags)
-                .filter_map(|(p, a)| a.then_some(p))
-                .collect();
-            pending.push((labels.clone(), (p.len() - applied.len()) as u64));
-            if let Some(t) = applied.iter().map(|p| p.time_unix_ns).max() {
+            pending.push((labels.clone(), applied.pending as u64));
+            if let Some(t) = applied.newest_time_ns {
                 newest_applied.push((labels.clone(), t as f64 / 1e9));
             }
             points.push((labels, p.len() as u64));
@@ -109,12 +115,27 @@ pub(super) fn serve(
             Some(&Unit::Seconds),
             boot_secs,
         )?;
+        // Walked in the background: none until the first walk ends.
+        let measured = size.last();
         gauge(
             enc,
             "vdrep_receiver_store",
             "Bytes the store folder takes on disk (replicas, history, logs)",
             Some(&Unit::Bytes),
-            [(Labels::new(), allocated_bytes(&dir))],
+            measured.map(|m| (Labels::new(), m.bytes)),
+        )?;
+        gauge(
+            enc,
+            "vdrep_receiver_store_measured_timestamp",
+            "When vdrep_receiver_store_bytes was measured (the walk of the store folder began), Unix seconds; the store is walked in the background every minute, or every 10 times the last walk's length if longer",
+            Some(&Unit::Seconds),
+            measured.map(|m| {
+                let at = m
+                    .at
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                (Labels::new(), at)
+            }),
         )?;
         gauge(
             enc,
@@ -133,36 +154,4 @@ pub(super) fn serve(
     })?;
     tracing::info!("metrics on http://{}/metrics", srv.addr);
     Ok(())
-}
-
-/// Bytes allocated to the files under `dir` on its file system (sparse
-/// replicas count what they use, not their size); unreadable entries and
-/// other mounts are skipped.
-fn allocated_bytes(dir: &Path) -> u64 {
-    let Ok(root) = dir.metadata() else {
-        return 0;
-    };
-    let mut total = 0;
-    let mut todo: Vec<PathBuf> = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let Ok(md) = e.path().symlink_metadata() else {
-                continue;
-            };
-            if md.dev() != root.dev() {
-                // A mount under the store (a test failover's view): not
-                // the store's bytes.
-                continue;
-            }
-            if md.is_dir() {
-                todo.push(e.path());
-            } else {
-                total += md.blocks() * 512;
-            }
-        }
-    }
-    total
 }

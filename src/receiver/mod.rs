@@ -22,6 +22,7 @@ pub mod control_server;
 pub mod embedded;
 mod events;
 pub mod metrics;
+pub mod store_size;
 
 use std::collections::HashMap;
 use std::io::Read;

@@ -32,6 +32,7 @@ use super::store::{
     ApplyOutcome, Consistency, DiskInfo, ForgetReport, InitialData, InitialState, LiveInfo, Point,
     PruneReport, RecoveryReport, ReplicaState, RetentionPolicy, Site, Store, StoreOutcome,
 };
+use super::summary::PointsSummary;
 use super::undo::PointReader;
 use std::any::Any;
 use std::io::Read;
@@ -99,6 +100,7 @@ impl DigestCache {
 /// ([`block_hashes`](Self::block_hashes), [`resync_prepared`](Self::resync_prepared),
 /// [`set_needs_resync`](Self::set_needs_resync)), points
 /// ([`commit_point`](Self::commit_point), [`points`](Self::points),
+/// [`points_summary`](Self::points_summary),
 /// [`read_point`](Self::read_point)) and retention ([`vms`](Self::vms),
 /// [`prune`](Self::prune)). Names from a peer are validated by the store.
 pub trait ReplicaStore: Send + Sync {
@@ -203,6 +205,14 @@ pub trait ReplicaStore: Send + Sync {
     /// answer it without [`points`](Self::points)' accounting.
     fn newest_point(&self, site: &str, vm: &str) -> Result<Option<Point>> {
         Ok(self.points(site, vm)?.into_iter().max_by_key(|p| p.cycle))
+    }
+    /// What the receiver's metrics scrape needs of `vm`'s points (how
+    /// many, the newest cut, which every replica holds), asked of every VM
+    /// on every scrape: a store can answer it without
+    /// [`points`](Self::points)' accounting and without reading every
+    /// point. Must say what [`points`](Self::points) says.
+    fn points_summary(&self, site: &str, vm: &str) -> Result<PointsSummary> {
+        Ok(PointsSummary::from_points(&self.points(site, vm)?))
     }
     /// One disk as of point `cycle`.
     fn read_point(&self, d: DiskRef<'_>, cycle: u64) -> Result<Box<dyn PointRead>>;
@@ -321,6 +331,9 @@ impl ReplicaStore for Store {
     }
     fn newest_point(&self, site: &str, vm: &str) -> Result<Option<Point>> {
         self.with_site(site, |s| s.newest_point(vm))
+    }
+    fn points_summary(&self, site: &str, vm: &str) -> Result<PointsSummary> {
+        self.with_site(site, |s| s.points_summary(vm))
     }
     fn read_point(&self, d: DiskRef<'_>, cycle: u64) -> Result<Box<dyn PointRead>> {
         self.with_site(d.site, |s| {

@@ -35,6 +35,7 @@ use super::store::{
     ApplyOutcome, Consistency, DiskInfo, ForgetReport, InitialData, InitialState, LiveInfo, Point,
     PruneReport, RecoveryReport, ReplicaState, RetentionPolicy, StoreOutcome,
 };
+use super::summary::PointsSummary;
 use parking_lot::Mutex;
 use std::io::Read;
 use std::sync::Arc;
@@ -535,6 +536,9 @@ impl ReplicaStore for FailStore {
     }
     fn newest_point(&self, site: &str, vm: &str) -> Result<Option<Point>> {
         self.call(Op::Points, |s| s.newest_point(site, vm))
+    }
+    fn points_summary(&self, site: &str, vm: &str) -> Result<PointsSummary> {
+        self.call(Op::Points, |s| s.points_summary(site, vm))
     }
     fn read_point(&self, d: DiskRef<'_>, cycle: u64) -> Result<Box<dyn PointRead>> {
         self.call(Op::ReadPoint, |s| s.read_point(d, cycle))

@@ -94,6 +94,9 @@
 //! (by count and age) and thins older points out (one per interval),
 //! merging the two undo records around each dropped point into one (where
 //! both hold a pre-image of a byte, the older one wins).
+//! [`PointsSummary`] (`summary.rs`) is what the receiver's metrics need of
+//! a VM's points; the directory store keeps one per VM beside what a
+//! commit needs, so a scrape does not read every point.
 
 mod api;
 pub mod boot;
@@ -102,6 +105,7 @@ mod fault;
 pub mod group;
 mod names;
 mod store;
+mod summary;
 mod target;
 mod undo;
 
@@ -117,6 +121,7 @@ pub use store::{
     InitialState, LiveDisk, LiveInfo, Point, PointsDropped, PruneReport, RecoveryReport,
     ReplicaState, RetentionPolicy, Site, Store, StoreOutcome, INITIAL_SYNC_EVERY,
 };
+pub use summary::{AppliedSummary, PointsSummary};
 pub use target::{
     open_target, vhd_fixed_footer, FixedVhd, MappedRange, RawFile, ReplicaFormat, ReplicaTarget,
     VHD_FOOTER_LEN,

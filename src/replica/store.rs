@@ -5,6 +5,7 @@ use super::error::{hrl_err, io_err, Ctx, StoreError};
 use super::fault::{crash_point, Pause, PauseState};
 use super::group::GroupRecord;
 use super::names::{check_inside, ensure_dir, validate_name};
+use super::summary::PointsSummary;
 use super::target::{open_target, ReplicaFormat, ReplicaTarget, VHD_FOOTER_LEN};
 use super::undo::{self, PointReader, ReaderBuilder, ReaderShared, UndoLayer};
 use crate::util::durable::{Durability, StoreDurability, SyncMode};
@@ -649,6 +650,17 @@ impl Store {
             .or_default()
             .clone();
         rt.lock_arc()
+    }
+
+    /// [`lock`](Self::lock) if no one holds it, without waiting.
+    fn try_lock(&self, key: &Path) -> Option<RuntimeGuard> {
+        let rt = self
+            .locks
+            .lock()
+            .entry(key.to_path_buf())
+            .or_default()
+            .clone();
+        rt.try_lock_arc()
     }
 
     /// Bring every disk to a clean state after a crash: remove temp files,
@@ -2504,6 +2516,12 @@ impl Site<'_> {
     /// The newest point of `vm` (its `bytes` not counted: 0), or none.
     pub fn newest_point(&self, vm: &str) -> Result<Option<Point>> {
         self.newest_point_of(vm)
+    }
+
+    /// What the receiver's metrics scrape needs of `vm`'s points, without
+    /// reading them while the files are unchanged.
+    pub fn points_summary(&self, vm: &str) -> Result<PointsSummary> {
+        self.points_summary_of(vm)
     }
 
     /// A reader presenting disk `disk_id` of `vm` as of recovery point

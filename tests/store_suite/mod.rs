@@ -77,6 +77,22 @@ pub fn make_log(
     new: &[u8],
     dirty: &BTreeSet<u64>,
 ) {
+    let cut = 1_700_000_000_000_000_000 + cycle * 1_000_000_000;
+    make_log_at(path, id, base, cycle, old_size, new, dirty, cut)
+}
+
+/// [`make_log`] with the cut at `cut_unix_ns`.
+#[allow(clippy::too_many_arguments)]
+pub fn make_log_at(
+    path: &Path,
+    id: [u8; 16],
+    base: u64,
+    cycle: u64,
+    old_size: u64,
+    new: &[u8],
+    dirty: &BTreeSet<u64>,
+    cut_unix_ns: u64,
+) {
     let h = HrlHeader {
         disk_id: id,
         disk_name: "disk0.img".into(),
@@ -85,7 +101,7 @@ pub fn make_log(
         block_size: BS as u32,
         base_size: old_size,
         disk_size: new.len() as u64,
-        cut_unix_ns: 1_700_000_000_000_000_000 + cycle * 1_000_000_000,
+        cut_unix_ns,
         app_consistent: false,
     };
     let mut w = HrlWriter::create(path, &h).unwrap();

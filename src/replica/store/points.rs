@@ -22,7 +22,11 @@
 //! cycles present) with the identity of the two files it was read from
 //! (inode, size, modification time), checked by one `stat` each per
 //! commit; any other change to them (a failover moving folders, a forget)
-//! makes the next commit read them again.
+//! makes the next commit read them again. The same summary answers the
+//! receiver's drainer (the newest point) and its metrics scrape (a
+//! [`PointsSummary`]) without waiting for the VM's lock and without
+//! reading the points; a reader that finds it stale reads the files, and
+//! caches what it read only if it got the VM's lock without waiting.
 //!
 //! A crash during an append leaves at most one incomplete last line (its
 //! point was never acknowledged): it is ignored when read and cut off
@@ -100,7 +104,8 @@ pub fn points_in(vm_dir: &Path) -> std::result::Result<Vec<Point>, StoreError> {
 pub(super) struct PointsMeta {
     gen: u64,
     journaled: usize,
-    cycles: std::collections::BTreeSet<u64>,
+    /// The cycles present, and what a metrics scrape needs of the points.
+    summary: PointsSummary,
     /// The point of the highest cycle.
     newest: Option<Point>,
     /// `(inode, size, mtime ns)` of the snapshot and of the journal when
@@ -126,7 +131,7 @@ impl PointsMeta {
         PointsMeta {
             gen: pf.gen,
             journaled: pf.journaled,
-            cycles: pf.points.iter().map(|p| p.cycle).collect(),
+            summary: PointsSummary::from_points(&pf.points),
             newest: pf.points.iter().max_by_key(|p| p.cycle).cloned(),
             snapshot_id: file_id(&vmd.join(POINTS)),
             journal_id: file_id(&vmd.join(journal_name(pf.gen))),
@@ -161,7 +166,7 @@ impl Site<'_> {
     /// Whether `vmd` has a point at `cycle` (its record if so); the VM's
     /// lock must be held.
     pub(super) fn find_point(&self, ctx: &Ctx, vmd: &Path, cycle: u64) -> Result<Option<Point>> {
-        if !self.points_meta(ctx, vmd)?.cycles.contains(&cycle) {
+        if !self.points_meta(ctx, vmd)?.summary.contains(cycle) {
             return Ok(None);
         }
         let pf = load(ctx, &self.store.root, vmd)?;
@@ -176,14 +181,33 @@ impl Site<'_> {
     /// reads the summary, which commits write under the VM's lock with
     /// the identity of the files it describes.
     pub(super) fn newest_point_of(&self, vm: &str) -> Result<Option<Point>> {
+        Ok(self.meta_unlocked(vm)?.newest)
+    }
+
+    /// [`PointsSummary`] of `vm`'s points, like
+    /// [`newest_point_of`](Self::newest_point_of): what the receiver's
+    /// metrics scrape asks of every VM.
+    pub(super) fn points_summary_of(&self, vm: &str) -> Result<PointsSummary> {
+        Ok(self.meta_unlocked(vm)?.summary)
+    }
+
+    /// The cached summary of `vm`'s points if the files did not change
+    /// since, else read from them. Never waits for the VM's lock: read
+    /// under it if it is free (and cached, as a commit does), else (a
+    /// commit or a failover holds it) read without it and not cached.
+    fn meta_unlocked(&self, vm: &str) -> Result<PointsMeta> {
         let vmd = self.vm_dir(vm, false)?;
         if let Some(m) = self.store.points_meta.lock().get(&vmd) {
             if m.current(&vmd) {
-                return Ok(m.newest.clone());
+                return Ok(m.clone());
             }
         }
-        let pf = load(&self.ctx(vm, ""), &self.store.root, &vmd)?;
-        Ok(pf.points.into_iter().max_by_key(|p| p.cycle))
+        let ctx = self.ctx(vm, "");
+        if let Some(_g) = self.store.try_lock(&vmd) {
+            return self.points_meta(&ctx, &vmd);
+        }
+        let pf = load(&ctx, &self.store.root, &vmd)?;
+        Ok(PointsMeta::of(&pf, &vmd))
     }
 
     pub(super) fn read_points(&self, vm: &str) -> Result<PointsFile> {
@@ -267,7 +291,7 @@ impl Site<'_> {
         })();
         res.map_err(|e| self.io(ctx, "recording a recovery point", &jp, e))?;
         meta.journaled += 1;
-        meta.cycles.insert(pt.cycle);
+        meta.summary.insert(&pt);
         if meta.newest.as_ref().is_none_or(|n| n.cycle < pt.cycle) {
             meta.newest = Some(pt);
         }
