@@ -2,8 +2,9 @@
 //! Run by `scripts/bench-history.sh` (release build).
 //!
 //! For each history length N it builds a directory store holding one disk
-//! with N cycles, a point at each, 1 s apart and ending now (a continuous
-//! VM's last N seconds), then times, on that store:
+//! with N cycles, a point at each, 1 s apart (closer past 7,000 points,
+//! so that all are inside 2 h) and ending now (a continuous VM's last N
+//! seconds), then times, on that store:
 //! - **prune, nothing to drop**: the default retention (every point for
 //!   2 h) when every point is younger: what the receiver's retention pass
 //!   does every minute for every VM;
@@ -17,10 +18,11 @@
 //! - **read the oldest point**: open it and read the whole disk (part of a
 //!   failover's RTO), on a thread with the default 2 MiB stack (as a test
 //!   failover's FUSE threads read it), and count the files its reader
-//!   keeps open;
-//! - **thinning prune**: of the points older than N/2 s, one per N/4 s
-//!   is kept: the undo records between two kept points (about N/4 of
-//!   them) are merged into one.
+//!   keeps open (`READER_CHUNK=N` in the environment: the records a
+//!   reader keeps open before it merges them);
+//! - **thinning prune**: of the older half of the points, one per
+//!   quarter of the history is kept: the undo records between two kept
+//!   points (about N/4 of them) are merged into one.
 //!
 //! Prints one JSON line per N on stdout; the script makes the table.
 //! With `--walk N` instead of history lengths, it times the walk that
@@ -151,7 +153,10 @@ fn one(dir: &Path, n: u64) -> Res<String> {
     let store = Store::open(&root)?;
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ n);
     let mut disk = vec![0u8; (DISK_BLOCKS * BS) as usize];
-    let t0 = now_ns() - n * 1_000_000_000;
+    // 1 s apart, closer for histories longer than 7,000 points: all of
+    // them inside the default retention's 2 h.
+    let step_ns = 1_000_000_000u64.min(7_000_000_000_000 / n);
+    let t0 = now_ns() - n * step_ns;
     let info = DiskInfo {
         disk_id: ID,
         name: "disk.img".into(),
@@ -176,7 +181,7 @@ fn one(dir: &Path, n: u64) -> Res<String> {
             }
             dirty.insert(b);
         }
-        write_log(&log, c, t0 + (c - 1) * 1_000_000_000, &disk, &dirty)?;
+        write_log(&log, c, t0 + (c - 1) * step_ns, &disk, &dirty)?;
         store.store_log(DISK, &mut std::fs::File::open(&log)?)?;
         store.apply(DISK, c)?;
         store.commit_point(SITE, VM, c, &[ID], Consistency::Crash)?;
@@ -230,6 +235,14 @@ fn one(dir: &Path, n: u64) -> Res<String> {
     // summary is read from the files (and cached).
     drop(store);
     let store = Store::open(&root)?;
+    // READER_CHUNK=N: how many undo records the point reader keeps open
+    // before it merges them (the store's default otherwise).
+    if let Some(k) = std::env::var("READER_CHUNK")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        store.set_reader_chunk(k);
+    }
     let t = Instant::now();
     let cold = scrape_by_summary(&store)?;
     let scrape_cold_ms = ms(t.elapsed());
@@ -264,8 +277,8 @@ fn one(dir: &Path, n: u64) -> Res<String> {
     })?;
 
     let thin = RetentionPolicy {
-        thin_after: Some(Duration::from_secs(n / 2)),
-        thin_every: Some(Duration::from_secs(n / 4)),
+        thin_after: Some(Duration::from_nanos(n / 2 * step_ns)),
+        thin_every: Some(Duration::from_nanos(n / 4 * step_ns)),
         ..default
     };
     let t = Instant::now();
