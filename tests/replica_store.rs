@@ -1011,6 +1011,20 @@ fn assert_point(site: &vdrep::replica::Site<'_>, cycle: u64, model: &[u8], what:
     assert!(buf == model, "point {cycle} {what}");
 }
 
+/// A disk of `bytes` random bytes (from `rng`) copied to `store` as
+/// cycle 1 and committed as point 1; returns the disk.
+fn first_point(store: &Store, rng: &mut Rng, bytes: usize) -> Vec<u8> {
+    let mut disk = vec![0u8; bytes];
+    rng.fill(&mut disk);
+    initial(store, &disk, 1);
+    store
+        .site(SITE)
+        .unwrap()
+        .commit_point(VM, 1, &[ID], Consistency::Crash)
+        .unwrap();
+    disk
+}
+
 /// `writes` random block writes to `disk`, shipped to `site` as `cycle`
 /// (stored, applied) and committed as a point.
 fn write_cycle(
@@ -1050,11 +1064,8 @@ fn a_reader_far_back_merges_its_records_in_chunks() {
     let mut rng = Rng(9_001);
     // 1 MiB: 256 blocks, so most cycles' blocks are not rewritten later
     // and most records supply bytes of the oldest points.
-    let mut disk = vec![0u8; 1 << 20];
-    rng.fill(&mut disk);
+    let mut disk = first_point(&store, &mut rng, 1 << 20);
     let mut models = vec![Vec::new(), disk.clone()];
-    initial(&store, &disk, 1);
-    site.commit_point(VM, 1, &[ID], Consistency::Crash).unwrap();
     for cycle in 2..=CYCLES {
         write_cycle(&site, dir.path(), &mut rng, &mut disk, 3, cycle);
         models.push(disk.clone());
@@ -1122,14 +1133,12 @@ fn a_reader_under_a_low_open_files_limit() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("store");
     let mut rng = Rng(31_337);
-    let mut disk = vec![0u8; 1 << 20];
-    rng.fill(&mut disk);
-    let first = disk.clone();
+    let first;
     {
         let store = Store::open(&root).unwrap();
-        initial(&store, &disk, 1);
+        let mut disk = first_point(&store, &mut rng, 1 << 20);
+        first = disk.clone();
         let site = store.site(SITE).unwrap();
-        site.commit_point(VM, 1, &[ID], Consistency::Crash).unwrap();
         for cycle in 2..=150u64 {
             write_cycle(&site, dir.path(), &mut rng, &mut disk, 3, cycle);
         }
@@ -1257,14 +1266,11 @@ fn thinning_a_long_history_merges_in_levels() {
     let store = Store::open(&dir.path().join("store")).unwrap();
     let site = store.site(SITE).unwrap();
     let mut rng = Rng(4242);
-    let mut disk = vec![0u8; 256 << 10];
-    rng.fill(&mut disk);
     // Cycle c is cut at 1.7e9 + c s (make_log): 100 s intervals hold
     // cycles 2-99, 100-199, 200-299; the initial copy's point (cut time 0)
     // has an interval of its own.
+    let mut disk = first_point(&store, &mut rng, 256 << 10);
     let mut models = vec![Vec::new(), disk.clone()];
-    initial(&store, &disk, 1);
-    site.commit_point(VM, 1, &[ID], Consistency::Crash).unwrap();
     let keep = RetentionPolicy {
         thin_after: Some(std::time::Duration::ZERO),
         thin_every: Some(std::time::Duration::from_secs(100)),

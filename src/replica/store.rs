@@ -643,24 +643,21 @@ impl Store {
     /// the guard drops; one apply, copy or role change at a time.
     fn lock(&self, key: &Path) -> RuntimeGuard {
         // The map's lock is released before waiting for the runtime's.
-        let rt = self
-            .locks
-            .lock()
-            .entry(key.to_path_buf())
-            .or_default()
-            .clone();
-        rt.lock_arc()
+        self.runtime(key).lock_arc()
     }
 
     /// [`lock`](Self::lock) if no one holds it, without waiting.
     fn try_lock(&self, key: &Path) -> Option<RuntimeGuard> {
-        let rt = self
-            .locks
+        self.runtime(key).try_lock_arc()
+    }
+
+    /// The runtime of `key`, made on first use.
+    fn runtime(&self, key: &Path) -> Arc<Mutex<Runtime>> {
+        self.locks
             .lock()
             .entry(key.to_path_buf())
             .or_default()
-            .clone();
-        rt.try_lock_arc()
+            .clone()
     }
 
     /// Bring every disk to a clean state after a crash: remove temp files,
