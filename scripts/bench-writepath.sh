@@ -39,7 +39,8 @@
 #   BENCH_ROOT=/var/tmp/vdrep-bench   work folder (needs SIZE free space; not tmpfs)
 #   TARGETS="native vdrep vdrep-nolog" targets to run (add bindfs, vdrep-noahead,
 #                      vdrep-nohot, vdrep-uring, vdrep-uring4, vdrep-uring4r,
-#                      vdrep-untracked, vdrep-uring-untracked)
+#                      vdrep-untracked, vdrep-uring-untracked, fuse-min,
+#                      fuse-passthrough)
 #   CUT_EVERY=0.1      seconds between cuts during the worst-* jobs (their
 #                      logs are deleted: nothing ships them here)
 #   JOBS="seq-write-1m-psync ..."     subset of job names (default: all)
@@ -77,6 +78,16 @@
 # ratio to native, p99, CPU per request, T1-T3) follow, with
 # vdrep/untracked: what tracking costs on top of the FUSE round trip.
 #
+# The floor of FUSE on this host, apart from vdrep: fuse-min is
+# examples/fuse_floor.rs, the smallest server of the folder (pread/pwrite in
+# the worker that got the request, vdrep's INIT choices and worker count, no
+# tracking, metrics or locks); fuse-passthrough is the same server answering
+# opens with FOPEN_PASSTHROUGH, so the kernel serves reads and writes itself
+# and no server could see (or track) them. Their CPU per request is the
+# server's CPU over fio's I/O count (exact for the 4 KiB O_DIRECT rows).
+# Columns follow the others, with vdrep/min. FLOOR_BIN=path uses a built
+# example (default target/release/examples/fuse_floor, built first).
+#
 # A/B of two builds in one run: BASE_VDREP=path (e.g. main's release binary)
 # makes the targets base-vdrep and base-vdrep-uring available: vdrep and
 # vdrep-uring run with that binary, interleaved with the others round by
@@ -110,6 +121,8 @@ CUT_EVERY="${CUT_EVERY:-0.1}"
 [[ -n "${VDREP:-}" ]] && NO_BUILD=1   # a binary given by path is used as it is
 VDREP="${VDREP:-$REPO/target/release/vdrep}"
 BASE_VDREP="${BASE_VDREP:-}"
+FLOOR_BIN="${FLOOR_BIN:-$REPO/target/release/examples/fuse_floor}"
+floor_pid() { cat "$RAW/floor.pid" 2>/dev/null; }   # set in setup_target's subshell
 CUR_VDREP="$VDREP"   # the binary of the target being measured
 METRICS_PORT="${METRICS_PORT:-19477}"
 read -r -a MOUNT_ARGS <<<"${VDREP_MOUNT_ARGS:-}"
@@ -154,6 +167,7 @@ cleanup() {
     if is_fuse_mounted "$DATA"; then
         "$VDREP" umount "$DATA" 2>/dev/null || fusermount3 -u "$DATA" 2>/dev/null || umount -l "$DATA" || true
     fi
+    if [[ -n "$(floor_pid)" ]]; then kill "$(floor_pid)" 2>/dev/null || true; rm -f "$RAW/floor.pid"; fi
 }
 is_fuse_mounted() { # DIR is itself a mount point of a FUSE file system
     local fstype
@@ -206,6 +220,12 @@ if [[ " $TARGETS " == *" vdrep"* && "${NO_BUILD:-0}" != 1 ]]; then
     fi
 fi
 
+if [[ " $TARGETS " == *" fuse-"* && "${NO_BUILD:-0}" != 1 ]]; then
+    say "cargo build --release --example fuse_floor"
+    (cd "$REPO" && cargo build --release --example fuse_floor >&2) \
+        || say "warning: fuse_floor build failed; its columns will be n/a"
+fi
+
 # --- the disk file ---------------------------------------------------------
 SIZE_BYTES="$(numfmt --from=iec "${SIZE%B}")"
 if [[ "$(stat -c %s "$DATA/bench.vhd" 2>/dev/null || echo 0)" != "$SIZE_BYTES" ]]; then
@@ -251,12 +271,47 @@ setup_target() { # prints the directory fio should use, or fails
                 || { say "vdrep mount failed"; return 1; }
             is_fuse_mounted "$DATA" || { say "vdrep mount returned but $DATA is not a FUSE mount"; return 1; }
             echo "$DATA" ;;
+        fuse-min|fuse-passthrough)
+            [[ -x "$FLOOR_BIN" ]] || { say "no fuse_floor binary at '$FLOOR_BIN'"; return 1; }
+            local mode=()
+            [[ "$kind" == fuse-passthrough ]] && mode=(--passthrough)
+            "$FLOOR_BIN" "$DATA" "${mode[@]}" >"$RAW/$kind.server.log" 2>&1 &
+            echo $! > "$RAW/floor.pid"
+            for _ in $(seq 1 100); do
+                is_fuse_mounted "$DATA" && break
+                kill -0 "$(floor_pid)" 2>/dev/null || break
+                sleep 0.1
+            done
+            is_fuse_mounted "$DATA" || { say "fuse_floor did not mount: $(tail -2 "$RAW/$kind.server.log")"; return 1; }
+            echo "$DATA" ;;
     esac
+}
+# The fuse_floor server's CPU clock ticks, as one JSON object.
+floor_snapshot() {
+    python3 -c '
+import json, os, sys
+pid = int(sys.argv[1])
+f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+print(json.dumps({"pid": pid, "ticks": int(f[11]) + int(f[12]), "hz": os.sysconf("SC_CLK_TCK")}))' "$(floor_pid)"
 }
 teardown_target() {
     case "${1#base-}" in
         bindfs) fusermount3 -u "$BINDMNT" 2>/dev/null || umount "$BINDMNT" ;;
         vdrep|vdrep-nolog|vdrep-noahead|vdrep-nohot|vdrep-uring|vdrep-uring4|vdrep-uring4r|vdrep-untracked|vdrep-uring-untracked)  "$(bin_for "$1")" umount "$DATA" || say "warning: vdrep umount failed" ;;
+        fuse-min|fuse-passthrough)
+            fusermount3 -u "$DATA" 2>/dev/null || umount "$DATA" || say "warning: fuse_floor umount failed"
+            local pid; pid="$(floor_pid)"
+            for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+            kill "$pid" 2>/dev/null || true
+            rm -f "$RAW/floor.pid"
+            # The server says at unmount how many READs and WRITEs reached it:
+            # none may with passthrough, or the column measured something else.
+            local served; served="$(grep -o 'served .*' "$RAW/${1}.server.log" || true)"
+            say "$1: $served"
+            if [[ "$1" == fuse-passthrough && "$served" != "served 0 reads, 0 writes" ]]; then
+                say "ERROR: fuse-passthrough: the server saw requests ('$served'): passthrough was not in effect"
+                touch "$RAW/fuse-passthrough.invalid"
+            fi ;;
         *) ;;
     esac
 }
@@ -311,6 +366,9 @@ for target in $TARGETS; do
         if [[ "${target#base-}" == vdrep* ]]; then
             daemon_snapshot > "$out.cpu0" || say "warning: no daemon snapshot before the job"
         fi
+        if [[ "$target" == fuse-* ]]; then
+            floor_snapshot > "$out.fcpu0" || say "warning: no server snapshot before the job"
+        fi
         cutter_pid=""
         if [[ "$job" == worst-* && "${target#base-}" == vdrep* ]]; then
             cutter "$out.cuts" & cutter_pid=$!
@@ -327,6 +385,9 @@ for target in $TARGETS; do
         fi
         if [[ "${target#base-}" == vdrep* ]]; then
             daemon_snapshot > "$out.cpu1" || say "warning: no daemon snapshot after the job"
+        fi
+        if [[ "$target" == fuse-* ]]; then
+            floor_snapshot > "$out.fcpu1" || say "warning: no server snapshot after the job"
         fi
     done
     teardown_target "$target"
@@ -386,6 +447,26 @@ U4 = tuple(t for t in ("vdrep-uring4", "vdrep-uring4r") if t in targets)
 # Untracked (the FUSE floor) and the tracked target each is compared with.
 UNTR = tuple((t, tr) for t, tr in (("vdrep-untracked", "vdrep"), ("vdrep-uring-untracked", "vdrep-uring"))
              if t in targets)
+# The FUSE floor apart from vdrep (examples/fuse_floor.rs).
+FLOORS = tuple(t for t in ("fuse-min", "fuse-passthrough") if t in targets)
+if "fuse-passthrough" in FLOORS and os.path.exists(os.path.join(raw, "fuse-passthrough.invalid")):
+    print("[bench] fuse-passthrough: passthrough was not in effect; its column is dropped", file=sys.stderr)
+    targets.remove("fuse-passthrough")
+    FLOORS = tuple(t for t in FLOORS if t != "fuse-passthrough")
+def floor_cpu(path):
+    """The fuse_floor server's CPU-µs per fio I/O (one FUSE request each on
+    the 4 KiB O_DIRECT rows), in cpu()'s shape."""
+    try:
+        a, b = (json.load(open(path + s)) for s in (".fcpu0", ".fcpu1"))
+        js = json.load(open(path))["jobs"]
+        ios = sum(j["read"]["total_ios"] + j["write"]["total_ios"] for j in js)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if ios <= 0 or a["pid"] != b["pid"]:
+        return None
+    us = (b["ticks"] - a["ticks"]) / a["hz"] * 1e6 / ios
+    return {"requests": ios, "worker_us": us, "supervisor_us": 0.0, "us_per_request": us,
+            "al_syncs": 0, "writes": 0, "states": None}
 res = {}
 for job in jobs:
     unit, rw, want_p99 = spec(job)
@@ -408,6 +489,8 @@ for job in jobs:
                 p99s.append(p99)
             if (fc := fio_cpu(p)) is not None:
                 fcs.append(fc)
+            if t in FLOORS and (c := floor_cpu(p)):
+                cpus_b.setdefault(t, []).append(c)
             if t.removeprefix("base-").startswith("vdrep") and (c := cpu(p)):
                 if t == "vdrep":
                     cpus.append(c)
@@ -433,7 +516,7 @@ for job in jobs:
     if cpus_u:
         row["cpu_uring"] = {k: med([c[k] for c in cpus_u]) for k in cpus_u[0] if k != "states"}
         row["cpu_uring"]["runs"] = cpus_u
-    for t in ("base-vdrep", "base-vdrep-uring") + U4 + tuple(t for t, _ in UNTR):
+    for t in ("base-vdrep", "base-vdrep-uring") + U4 + tuple(t for t, _ in UNTR) + FLOORS:
         cb = cpus_b.get(t)
         row["cpu_" + t] = None
         if cb:
@@ -517,6 +600,10 @@ for t, tr in UNTR:
     n = t.removeprefix("vdrep-")
     hdr += [n, f"{n} ratio", f"{n} T1", f"p99 {n} us", f"{n} p99 ratio", f"{n} T2",
             f"{n} CPU us/req", f"{n} net us/req", f"{n} T3", f"{tr.removeprefix('vdrep-') or 'vdrep'}/{n}"]
+for t in FLOORS:
+    n = t.removeprefix("fuse-")
+    hdr += [n, f"{n} ratio", f"{n} T1", f"p99 {n} us", f"{n} p99 ratio", f"{n} T2",
+            f"{n} CPU us/req", f"{n} net us/req", f"{n} T3", f"vdrep/{n}"]
 for t in BASES:
     short = t.removeprefix("base-vdrep").lstrip("-") or "dev"
     hdr += [f"base {short}", "ratio", "T1", "p99 us", "p99 ratio", "T2", "CPU us/req", "net us/req", "T3",
@@ -573,6 +660,13 @@ for job, row in res.items():
         row["ratio"][t] = nrv
         row["ratio"][f"{tr}/{t}"] = ratio(m.get(tr), m.get(t))
         row["verdict_" + t] = nv
+        ur = ur + cells
+    for t in FLOORS:
+        cells, frv, fpr, fv = verdicts(job, row, t, "cpu_" + t)
+        cells.append(rx(ratio(m.get("vdrep"), m.get(t))))
+        row["ratio"][t] = frv
+        row["ratio"][f"vdrep/{t}"] = ratio(m.get("vdrep"), m.get(t))
+        row["verdict_" + t] = fv
         ur = ur + cells
     for t in BASES:
         cells, brv, bpr, bv = verdicts(job, row, t, "cpu_" + t)
