@@ -404,3 +404,51 @@ pub fn sized_pipe(bytes: usize) -> io::Result<(OwnedFd, OwnedFd)> {
     }
     Ok((r, w))
 }
+
+/// `ioprio_set`/`ioprio_get`'s "which" for one task (a thread here).
+const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+/// The idle I/O class: served only when no other class wants the disk.
+pub const IOPRIO_CLASS_IDLE: u32 = 3;
+const IOPRIO_CLASS_SHIFT: u32 = 13;
+
+/// Make the calling thread a background one: CPU nice 19 and the idle I/O
+/// class, so housekeeping (the receiver's walk of its store) gives way to
+/// replication and to the VMs on a busy host. Affects this thread only.
+pub fn background_priority() -> io::Result<()> {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    let who = libc::id_t::try_from(tid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+    // SAFETY: setpriority on the calling thread's own id.
+    cvt(unsafe { libc::setpriority(libc::PRIO_PROCESS, who, 19) })?;
+    let prio = libc::c_long::from(IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT);
+    // SAFETY: ioprio_set with integer arguments only, on the calling thread.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_ioprio_set,
+            IOPRIO_WHO_PROCESS,
+            libc::c_long::from(tid),
+            prio,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The I/O class of thread `tid` (`IOPRIO_CLASS_*`; 0: none set, it
+/// follows its CPU nice).
+pub fn io_class(tid: libc::pid_t) -> io::Result<u32> {
+    // SAFETY: ioprio_get with integer arguments only.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_ioprio_get,
+            IOPRIO_WHO_PROCESS,
+            libc::c_long::from(tid),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    u32::try_from(r >> IOPRIO_CLASS_SHIFT).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}

@@ -65,20 +65,13 @@ impl StoreSize {
         let sh = shared.clone();
         let thread = std::thread::Builder::new()
             .name("vdrep-store-size".into())
-            .spawn(move || loop {
-                let at = SystemTime::now();
-                let t = Instant::now();
-                let stop = || sh.stopping.load(Ordering::Relaxed);
-                let Some(bytes) = walk(&dir, &stop) else {
-                    return;
-                };
-                let took = t.elapsed();
-                *sh.last.lock() = Some(Measured { bytes, at, took });
-                match asleep.recv_timeout(every.max(took.saturating_mul(10))) {
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    // Dropped: stop.
-                    Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            .spawn(move || {
+                // A walk of millions of files must not take CPU or disk
+                // from replication and the VMs on a busy host.
+                if let Err(e) = crate::sys::background_priority() {
+                    tracing::debug!("the store walk keeps its priority: {e}");
                 }
+                walk_loop(&dir, &sh, &asleep, every)
             })?;
         Ok(StoreSize {
             shared,
@@ -90,6 +83,25 @@ impl StoreSize {
     /// The last walk's result (`None` until the first one ends).
     pub fn last(&self) -> Option<Measured> {
         *self.shared.last.lock()
+    }
+}
+
+/// The thread's body: walk, keep the result, wait, until stopped.
+fn walk_loop(dir: &Path, sh: &Shared, asleep: &mpsc::Receiver<()>, every: Duration) {
+    loop {
+        let at = SystemTime::now();
+        let t = Instant::now();
+        let stop = || sh.stopping.load(Ordering::Relaxed);
+        let Some(bytes) = walk(dir, &stop) else {
+            return;
+        };
+        let took = t.elapsed();
+        *sh.last.lock() = Some(Measured { bytes, at, took });
+        match asleep.recv_timeout(every.max(took.saturating_mul(10))) {
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            // Dropped: stop.
+            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
     }
 }
 
@@ -181,6 +193,52 @@ mod tests {
         drop(size);
         // Joined: the thread's reference is gone with it.
         assert!(shared.upgrade().is_none());
+    }
+
+    /// (nice, I/O class) of every walk thread of this process, by name
+    /// (the kernel keeps 15 bytes of it).
+    fn walk_threads() -> Vec<(i64, u32)> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+            if comm.trim_end() != "vdrep-store-siz" {
+                continue;
+            }
+            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+                continue; // ended meanwhile
+            };
+            let after = stat.rsplit_once(')').unwrap().1;
+            let nice: i64 = after.split_whitespace().nth(16).unwrap().parse().unwrap();
+            let tid: libc::pid_t = e.file_name().to_str().unwrap().parse().unwrap();
+            let Ok(class) = crate::sys::io_class(tid) else {
+                continue;
+            };
+            out.push((nice, class));
+        }
+        out
+    }
+
+    /// The walk runs at the lowest CPU priority and in the idle I/O class
+    /// (other tests' walk threads, if any, settle at spawn as well).
+    #[test]
+    fn the_walk_gives_way_to_everything_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = StoreSize::start(dir.path().to_path_buf(), Duration::from_secs(3600)).unwrap();
+        wait_for("a first walk", || size.last());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let threads = walk_threads();
+            let background = (19, crate::sys::IOPRIO_CLASS_IDLE);
+            if !threads.is_empty() && threads.iter().all(|t| *t == background) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "walk threads (nice, I/O class): {threads:?}, want all {background:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(size);
     }
 
     /// A sparse file counts the blocks it uses, not its length.
