@@ -37,7 +37,7 @@
 #   RUNTIME=10         seconds per fio job
 #   RUNS=3             repetitions per job and target (median reported)
 #   BENCH_ROOT=/var/tmp/vdrep-bench   work folder (needs SIZE free space; not tmpfs)
-#   TARGETS="native vdrep vdrep-nolog" targets to run (add bindfs, vdrep-noahead,
+#   TARGETS="native vdrep vdrep-nolog fuse-min" targets to run (add bindfs, vdrep-noahead,
 #                      vdrep-nohot, vdrep-uring, vdrep-uring4, vdrep-uring4r,
 #                      vdrep-untracked, vdrep-uring-untracked, fuse-min,
 #                      fuse-passthrough)
@@ -116,7 +116,7 @@ SIZE="${SIZE:-1G}"
 RUNTIME="${RUNTIME:-10}"
 RUNS="${RUNS:-3}"
 BENCH_ROOT="${BENCH_ROOT:-/var/tmp/vdrep-bench}"
-TARGETS="${TARGETS:-native vdrep vdrep-nolog}"
+TARGETS="${TARGETS:-native vdrep vdrep-nolog fuse-min}"
 CUT_EVERY="${CUT_EVERY:-0.1}"
 [[ -n "${VDREP:-}" ]] && NO_BUILD=1   # a binary given by path is used as it is
 VDREP="${VDREP:-$REPO/target/release/vdrep}"
