@@ -408,7 +408,7 @@ pub fn sized_pipe(bytes: usize) -> io::Result<(OwnedFd, OwnedFd)> {
 /// `ioprio_set`/`ioprio_get`'s "which" for one task (a thread here).
 const IOPRIO_WHO_PROCESS: libc::c_long = 1;
 /// The idle I/O class: served only when no other class wants the disk.
-pub const IOPRIO_CLASS_IDLE: u32 = 3;
+pub(crate) const IOPRIO_CLASS_IDLE: u32 = 3;
 const IOPRIO_CLASS_SHIFT: u32 = 13;
 
 /// Make the calling thread a background one: CPU nice 19 and the idle I/O
@@ -437,8 +437,9 @@ pub fn background_priority() -> io::Result<()> {
 }
 
 /// The I/O class of thread `tid` (`IOPRIO_CLASS_*`; 0: none set, it
-/// follows its CPU nice).
-pub fn io_class(tid: libc::pid_t) -> io::Result<u32> {
+/// follows its CPU nice). Tests check [`background_priority`] with it.
+#[cfg(test)]
+pub(crate) fn io_class(tid: libc::pid_t) -> io::Result<u32> {
     // SAFETY: ioprio_get with integer arguments only.
     let r = unsafe {
         libc::syscall(
